@@ -1,0 +1,281 @@
+"""Per-token log-probabilities and entropies from logits: float32, temperature-aware, optionally chunked.
+
+This module is the one place log-probs are computed: the sampler, the old/reference policies and the
+training step all call it, so importance ratios compare like with like. Logits of any dtype are
+upcast to float32 *before* the softmax, then divided by the sampling temperature.
+
+The chunked variants take the final hidden states and the LM head weight and never build the full
+`[B, T, V]` logits: they map over chunks of `chunk_size` tokens, each chunk's body under
+`jax.checkpoint`, so the backward pass recomputes one `[chunk_size, V]` block at a time too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import _checks
+
+__all__ = [
+    "token_logprobs",
+    "token_entropy",
+    "next_token_targets",
+    "sequence_logprobs",
+    "chunked_token_logprobs",
+    "chunked_token_entropy",
+    "chunked_logprobs_and_entropy",
+]
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _scaled_logits(fn: str, logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
+    _checks.check_floating(fn, "logits", logits)
+    _checks.check_positive(fn, "temperature", temperature)
+    z = _checks.f32(logits)
+    if _checks.is_number(temperature) and temperature == 1:
+        return z
+    return z / _checks.f32(temperature)
+
+
+def _check_labels(fn: str, logits_shape: tuple[int, ...], labels: jax.Array) -> None:
+    _checks.check_integer(fn, "labels", labels)
+    if tuple(jnp.shape(labels)) != tuple(logits_shape[:-1]):
+        raise ValueError(
+            f"{fn}: labels shape {jnp.shape(labels)} must equal the logits shape without its last "
+            f"(vocab) axis, {tuple(logits_shape[:-1])}"
+        )
+
+
+def _gather(z: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(z, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def _entropy_from_scaled(z: jax.Array, lse: jax.Array) -> jax.Array:
+    logp = z - lse[..., None]
+    p = jnp.exp(logp)
+    # Vocab entries with probability exactly 0 (e.g. -inf logits) contribute 0, not 0 * -inf.
+    return -jnp.sum(p * jnp.where(p > 0, logp, 0.0), axis=-1)
+
+
+def token_logprobs(logits: jax.Array, labels: jax.Array, *, temperature: float | jax.Array = 1.0) -> jax.Array:
+    """Log-probability of each label under `softmax(logits / temperature)`, in float32.
+
+    `log p_t = z_t[y_t] - logsumexp(z_t)` with `z_t = float32(logits_t) / temperature`.
+
+    Args:
+      logits: `[..., V]` floating logits (any dtype; upcast to float32 first). `logits[b, t]` must
+        already be aligned with `labels[b, t]` (see `next_token_targets`).
+      labels: `[...]` integer token ids, the logits' shape without the vocab axis.
+      temperature: sampling temperature (> 0); use the sampler's so ratios are consistent.
+
+    Returns:
+      float32 `[...]` log-probabilities (<= 0).
+
+    Example:
+      >>> inputs, labels = next_token_targets(tokens)
+      >>> logps = token_logprobs(model(inputs), labels, temperature=0.7)
+    """
+    fn = "token_logprobs"
+    z = _scaled_logits(fn, logits, temperature)
+    _check_labels(fn, jnp.shape(logits), labels)
+    return _gather(z, labels) - jax.nn.logsumexp(z, axis=-1)
+
+
+def token_entropy(logits: jax.Array, *, temperature: float | jax.Array = 1.0) -> jax.Array:
+    """Entropy of `softmax(logits / temperature)` at every position, in float32 nats.
+
+    `H_t = -sum_v p_t(v) log p_t(v)`, `p_t = softmax(float32(logits_t) / temperature)`.
+
+    Args:
+      logits: `[..., V]` floating logits (any dtype; upcast to float32 first).
+      temperature: sampling temperature (> 0).
+
+    Returns:
+      float32 `[...]` entropies in `[0, log V]`.
+    """
+    z = _scaled_logits("token_entropy", logits, temperature)
+    return _entropy_from_scaled(z, jax.nn.logsumexp(z, axis=-1))
+
+
+def next_token_targets(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split a token batch into model inputs and next-token labels (the usual causal-LM shift).
+
+    `inputs = tokens[:, :-1]`, `labels = tokens[:, 1:]`, so `model(inputs)[:, t]` predicts
+    `labels[:, t]`. Shift a `[B, T]` loss mask the same way: `mask[:, 1:]`.
+
+    Args:
+      tokens: `[B, T]` integer token ids, `T >= 2`.
+
+    Returns:
+      `(inputs, labels)`, both `[B, T - 1]`.
+    """
+    fn = "next_token_targets"
+    _checks.check_integer(fn, "tokens", tokens)
+    _checks.check_rank(fn, "tokens", tokens, 2)
+    if tokens.shape[1] < 2:
+        raise ValueError(f"{fn}: tokens needs at least 2 positions, got shape {tokens.shape}")
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def sequence_logprobs(token_logps: jax.Array, mask: jax.Array, *, average: bool = False) -> jax.Array:
+    """Sum (or mean) of the masked token log-probs of each sequence.
+
+    `sum_t m_t log p_t`, or divided by `sum_t m_t` when `average` (an empty row gives 0).
+    DPO/KTO take the summed form; SimPO, ORPO and IPO take the averaged form.
+
+    Args:
+      token_logps: `[B, T]` per-token log-probs (e.g. from `token_logprobs`).
+      mask: `[B, T]` bool or 0/1 completion mask.
+      average: divide by the number of masked tokens (length normalisation).
+
+    Returns:
+      float32 `[B]`.
+    """
+    fn = "sequence_logprobs"
+    _checks.check_rank(fn, "token_logps", token_logps, 2)
+    _checks.check_same_shape(fn, token_logps=token_logps, mask=mask)
+    x = _checks.f32(token_logps)
+    if average:
+        return _checks.masked_mean(x, mask, axis=-1)
+    return _checks.masked_sum(x, mask, axis=-1)
+
+
+def _check_chunked(fn: str, hidden: jax.Array, lm_head_weight: jax.Array, chunk_size: int) -> None:
+    _checks.check_floating(fn, "hidden", hidden)
+    _checks.check_floating(fn, "lm_head_weight", lm_head_weight)
+    _checks.check_rank(fn, "lm_head_weight", lm_head_weight, 2)
+    if hidden.ndim < 1 or hidden.shape[-1] != lm_head_weight.shape[0]:
+        raise ValueError(
+            f"{fn}: hidden's last axis ({jnp.shape(hidden)}) must equal lm_head_weight's first axis "
+            f"({lm_head_weight.shape}); the weight is [E, V] (transpose a tied [V, E] embedding)"
+        )
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _chunked(
+    fn: str,
+    hidden: jax.Array,
+    lm_head_weight: jax.Array,
+    labels: jax.Array | None,
+    temperature: float | jax.Array,
+    chunk_size: int,
+    with_logps: bool,
+    with_entropy: bool,
+) -> tuple[jax.Array, jax.Array]:
+    _check_chunked(fn, hidden, lm_head_weight, chunk_size)
+    _checks.check_positive(fn, "temperature", temperature)
+    lead = hidden.shape[:-1]
+    if labels is not None:
+        _checks.check_integer(fn, "labels", labels)
+        if tuple(labels.shape) != tuple(lead):
+            raise ValueError(f"{fn}: labels shape {labels.shape} must equal hidden's leading shape {lead}")
+    n = math.prod(lead)
+    size = max(1, min(chunk_size, n))
+    n_chunks = max(1, -(-n // size))
+    pad = n_chunks * size - n
+    h = jnp.pad(hidden.reshape(n, hidden.shape[-1]), ((0, pad), (0, 0)))
+    h = h.reshape(n_chunks, size, hidden.shape[-1])
+    y = jnp.zeros((n,), jnp.int32) if labels is None else labels.reshape(n).astype(jnp.int32)
+    y = jnp.pad(y, (0, pad)).reshape(n_chunks, size)
+    temp = _checks.f32(temperature)
+
+    @jax.checkpoint
+    def body(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        hc, yc = args
+        z = jnp.einsum("ce,ev->cv", hc, lm_head_weight, preferred_element_type=jnp.float32) / temp
+        lse = jax.nn.logsumexp(z, axis=-1)
+        logp = _gather(z, yc) - lse if with_logps else jnp.zeros_like(lse)
+        ent = _entropy_from_scaled(z, lse) if with_entropy else jnp.zeros_like(lse)
+        return logp, ent
+
+    logp, ent = jax.lax.map(body, (h, y))
+    unflat = lambda a: a.reshape(n_chunks * size)[:n].reshape(lead)  # noqa: E731
+    return unflat(logp), unflat(ent)
+
+
+def chunked_logprobs_and_entropy(
+    hidden: jax.Array,
+    lm_head_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+    """Token log-probs and entropies from final hidden states, one vocab matmul per chunk.
+
+    Equals `(token_logprobs(h @ W, labels), token_entropy(h @ W))` with the matmul accumulated in
+    float32, but holds at most `[chunk_size, V]` logits at once, forward and backward.
+
+    Args:
+      hidden: `[..., E]` final (post-norm) hidden states.
+      lm_head_weight: `[E, V]` output projection (pass `embedding.T` for tied embeddings).
+      labels: `[...]` integer targets aligned with `hidden`.
+      temperature: sampling temperature (> 0).
+      chunk_size: tokens per chunk (the flattened `B * T` tokens are split into chunks).
+
+    Returns:
+      `(logps, entropy)`, both float32 `[...]`.
+    """
+    return _chunked(
+        "chunked_logprobs_and_entropy", hidden, lm_head_weight, labels, temperature, chunk_size, True, True
+    )
+
+
+def chunked_token_logprobs(
+    hidden: jax.Array,
+    lm_head_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """`token_logprobs(hidden @ lm_head_weight, labels)` without materialising `[B, T, V]` logits.
+
+    `log p_t = z_t[y_t] - logsumexp(z_t)`, `z_t = (h_t W) / temperature` computed `chunk_size`
+    tokens at a time under `jax.checkpoint` (differentiable in `hidden` and `lm_head_weight`).
+
+    Args:
+      hidden: `[..., E]` final hidden states.
+      lm_head_weight: `[E, V]` LM head weight.
+      labels: `[...]` integer targets.
+      temperature: sampling temperature (> 0).
+      chunk_size: tokens per chunk.
+
+    Returns:
+      float32 `[...]` log-probabilities.
+    """
+    logp, _ = _chunked(
+        "chunked_token_logprobs", hidden, lm_head_weight, labels, temperature, chunk_size, True, False
+    )
+    return logp
+
+
+def chunked_token_entropy(
+    hidden: jax.Array,
+    lm_head_weight: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """`token_entropy(hidden @ lm_head_weight)` without materialising `[B, T, V]` logits.
+
+    `H_t = -sum_v p_t(v) log p_t(v)` with `p_t = softmax((h_t W) / temperature)`, chunked as in
+    `chunked_token_logprobs`.
+
+    Args:
+      hidden: `[..., E]` final hidden states.
+      lm_head_weight: `[E, V]` LM head weight.
+      temperature: sampling temperature (> 0).
+      chunk_size: tokens per chunk.
+
+    Returns:
+      float32 `[...]` entropies.
+    """
+    _, ent = _chunked(
+        "chunked_token_entropy", hidden, lm_head_weight, None, temperature, chunk_size, False, True
+    )
+    return ent

@@ -1,0 +1,114 @@
+"""Model configuration: one decoder-only transformer family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, get_args
+
+import jax.numpy as jnp
+
+ModelType = Literal["llama", "mistral", "qwen2", "qwen3"]
+DType = Literal["float32", "bfloat16"]
+Remat = Literal["none", "full", "dots"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Llama 3 RoPE frequency scaling (`rope_type: "llama3"` in Hugging Face configs).
+
+    Wavelengths longer than `original_max_position_embeddings / low_freq_factor` are divided by
+    `factor`; shorter than `original_max_position_embeddings / high_freq_factor` are kept; the band in
+    between is interpolated smoothly. Reference: Llama 3 (Grattafiori et al., 2024).
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.factor <= 0:
+            raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(
+                "RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
+                f"{self.low_freq_factor} and {self.high_freq_factor}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shapes and numerics of a decoder-only transformer.
+
+    `param_dtype` is the storage dtype of parameters and `dtype` the compute dtype of activations;
+    logits, softmax statistics and RMSNorm statistics are always float32.
+    `scan_layers` runs the (always stacked) layers with `lax.scan` instead of a Python loop, and
+    `remat` rematerializes each layer in the backward pass ("dots" saves matmul outputs only).
+    """
+
+    model_type: ModelType = "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    param_dtype: DType = "float32"
+    dtype: DType = "float32"
+    scan_layers: bool = True
+    remat: Remat = "none"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        _check_literal("model_type", self.model_type, ModelType)
+        _check_literal("param_dtype", self.param_dtype, DType)
+        _check_literal("dtype", self.dtype, DType)
+        _check_literal("remat", self.remat, Remat)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per key/value head (GQA group size)."""
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_literal(name, value, literal):
+    allowed = get_args(literal)
+    if value not in allowed:
+        raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {value!r}")

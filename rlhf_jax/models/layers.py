@@ -1,0 +1,167 @@
+"""Transformer building blocks in Flax NNX, every parameter annotated with logical axis names.
+
+Logical axes (mapped to mesh axes by `rlhf_jax.sharding`, never here): `vocab`, `embed`, `mlp`,
+`q_heads`, `kv_heads`, `head_dim`, and `layers` for the stacked layer dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+
+_F32 = jnp.float32
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, config: ModelConfig, *, init="normal", std=None):
+    """A parameter with logical axis names `axes` (placed later by a sharding rule table)."""
+    dtype = config.jnp_param_dtype
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        std = config.initializer_range if std is None else std
+        value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, _F32)).astype(dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def rms_norm(x, scale, eps):
+    """y = x / sqrt(mean(x²) + eps) · scale, statistics in float32 (Zhang & Sennrich, 2019)."""
+    x32 = x.astype(_F32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, axis_name: str, config: ModelConfig):
+        self.scale = param(None, (dim,), (axis_name,), config, init="ones")
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x):
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+def rope_inverse_frequencies(config: ModelConfig):
+    """inv_freq_i = θ^(-2i/d), with Llama 3 frequency scaling when `config.rope_scaling` is set."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=_F32) / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    interpolated = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, interpolated, scaled)
+
+
+def rope_angles(positions, config: ModelConfig):
+    """(cos, sin) of shape [B, T, head_dim] for integer positions [B, T] (Su et al., 2021)."""
+    freqs = positions.astype(_F32)[..., None] * rope_inverse_frequencies(config)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate halves: x·cos + rotate_half(x)·sin on x [B, T, H, D], computed in float32."""
+    x32 = x.astype(_F32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = param(rngs, (e, h, d), ("embed", "q_heads", "head_dim"), c)
+        self.k_proj = param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), c)
+        self.v_proj = param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), c)
+        self.o_proj = param(rngs, (h, d, e), ("q_heads", "head_dim", "embed"), c)
+        if c.attention_bias:
+            self.q_bias = param(None, (h, d), ("q_heads", "head_dim"), c, init="zeros")
+            self.k_bias = param(None, (k, d), ("kv_heads", "head_dim"), c, init="zeros")
+            self.v_bias = param(None, (k, d), ("kv_heads", "head_dim"), c, init="zeros")
+        if c.qk_norm:
+            self.q_norm = RMSNorm(d, "head_dim", c)
+            self.k_norm = RMSNorm(d, "head_dim", c)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None):
+        """x [B, T, E]; mask bool [B, T, S]; kv_cache (k, v) each [B, S, Hkv, D] or None."""
+        c = self.config
+        dt = c.jnp_dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
+        if c.attention_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if c.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        if kv_cache is not None:
+            cache_k, cache_v = kv_cache
+            write = jax.vmap(lambda buf, pos, new: buf.at[pos].set(new.astype(buf.dtype)))
+            cache_k = write(cache_k, cache_positions, k)
+            cache_v = write(cache_v, cache_positions, v)
+            k, v = cache_k.astype(dt), cache_v.astype(dt)
+            kv_cache = (cache_k, cache_v)
+
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=_F32)
+        scores = scores / math.sqrt(c.head_dim)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(_F32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt)), kv_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(x·W_gate) ⊙ x·W_up) (Shazeer, 2020)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        e, f = config.hidden_size, config.intermediate_size
+        self.config = config
+        self.gate_proj = param(rngs, (e, f), ("embed", "mlp"), config)
+        self.up_proj = param(rngs, (e, f), ("embed", "mlp"), config)
+        self.down_proj = param(rngs, (f, e), ("mlp", "embed"), config)
+
+    def __call__(self, x):
+        dt = self.config.jnp_dtype
+        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
+        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: h += attn(norm(h)); h += mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config.hidden_size, "embed", config)
+        self.attn = Attention(config, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, "embed", config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None):
+        attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_positions)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, kv_cache

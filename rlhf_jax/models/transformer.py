@@ -1,0 +1,239 @@
+"""The decoder-only transformer and its pure, trainer-facing surface `CausalLM`.
+
+`Transformer` is a Flax NNX module. `CausalLM` splits it once into a static graph and a parameter
+pytree (a plain nested dict of arrays), so that training, sampling and sharding code only ever sees
+pure functions: `lm.forward(params, tokens, positions, segment_ids) -> ModelOutput`.
+
+KV cache: a fixed-size `KVCache` pytree with one slot per position. A forward pass with a cache
+writes each token's key/value at slot `positions[b, t]` and lets it attend to the slots
+`<= positions[b, t]`. Right-padded prompts of different lengths therefore prefill together: a
+row's padding lands in slots its own later tokens overwrite before any query can see them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.layers import Block, RMSNorm, param, rope_angles
+
+_F32 = jnp.float32
+Head = Literal["lm", "scalar"]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: k, v each [layers, batch, max_len, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class ModelOutput(NamedTuple):
+    """logits f32[B, T, V] (LM head) or None; values f32[B, T] (scalar head) or None;
+    hidden [B, T, E] final-normed hidden states; cache the updated KVCache or None."""
+
+    logits: jax.Array | None
+    values: jax.Array | None
+    hidden: jax.Array
+    cache: KVCache | None
+
+
+def attention_mask(positions, segment_ids=None, *, cache_len=None, sliding_window=None):
+    """Boolean [B, T, S] mask of which keys each query may attend to.
+
+    Without a cache, S = T: causal by index within a row, and, when `segment_ids` are given, never
+    across segments (packing). With a cache, S = cache_len slots, slot s holding position s: a query
+    at position p sees slots s <= p. A sliding window further requires p - p_key < window.
+    """
+    if cache_len is None:
+        t = positions.shape[1]
+        idx = jnp.arange(t)
+        mask = (idx[None, :] <= idx[:, None])[None]
+        key_positions = positions[:, None, :]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    else:
+        key_positions = jnp.arange(cache_len)[None, None, :]
+        mask = key_positions <= positions[:, :, None]
+    if sliding_window is not None:
+        mask = mask & (positions[:, :, None] - key_positions < sliding_window)
+    return mask
+
+
+class Transformer(nnx.Module):
+    """Llama-family decoder: embed → N pre-norm blocks (stacked on a `layers` axis) → RMSNorm → head.
+
+    `head="lm"` ends in the LM head (tied to the embedding when `tie_word_embeddings`);
+    `head="scalar"` ends in a scalar `score` head instead (values per token, rewards at the last
+    token), as Hugging Face's `*ForSequenceClassification` with one label.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, head: Head = "lm"):
+        if head not in ("lm", "scalar"):
+            raise ValueError(f"head must be 'lm' or 'scalar', got {head!r}")
+        c = config
+        self.config = c
+        self.head = head
+        self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c)
+
+        @nnx.split_rngs(splits=c.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return Block(c, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(c.hidden_size, "embed", c)
+        if head == "lm" and not c.tie_word_embeddings:
+            self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c)
+        if head == "scalar":
+            self.score = param(rngs, (c.hidden_size,), ("embed",), c)
+
+    def lm_head_weight(self):
+        """The [E, V] output projection (the transposed embedding when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
+
+    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None):
+        c = self.config
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(c.jnp_dtype)
+        cos, sin = rope_angles(positions, c)
+        mask = attention_mask(
+            positions, segment_ids,
+            cache_len=None if cache is None else cache.max_len,
+            sliding_window=c.sliding_window,
+        )
+        layer_graph, layer_params = nnx.split(self.layers)
+
+        def layer(x, xs):
+            params, kv = xs
+            x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions)
+            return x, kv
+
+        if c.remat != "none":
+            policy = None if c.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            layer = jax.checkpoint(layer, policy=policy)
+
+        kv_stack = None if cache is None else (cache.k, cache.v)
+        if c.scan_layers:
+            x, kv_stack = jax.lax.scan(layer, x, (layer_params, kv_stack))
+        else:
+            new_kv = []
+            for i in range(c.num_layers):
+                x, kv = layer(x, jax.tree.map(lambda a: a[i], (layer_params, kv_stack)))
+                new_kv.append(kv)
+            if cache is not None:
+                kv_stack = tuple(jnp.stack(parts) for parts in zip(*new_kv))
+        new_cache = None if cache is None else KVCache(*kv_stack)
+
+        hidden = self.final_norm(x)
+        logits = values = None
+        if self.head == "lm":
+            w = self.lm_head_weight().astype(c.jnp_dtype)
+            logits = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=_F32)
+        else:
+            values = jnp.einsum("bte,e->bt", hidden, self.score[...].astype(c.jnp_dtype),
+                                preferred_element_type=_F32)
+        return ModelOutput(logits, values, hidden, new_cache)
+
+
+class CausalLM:
+    """Pure functional surface of a `Transformer`: params are a plain nested dict of arrays.
+
+    Example:
+        >>> lm = CausalLM(rlhf_jax.testing.tiny_config())
+        >>> params = lm.init(jax.random.key(0))
+        >>> out = jax.jit(lm.forward)(params, tokens)          # out.logits: f32[B, T, V]
+    """
+
+    def __init__(self, config: ModelConfig, *, head: Head = "lm"):
+        self.config = config
+        self.head = head
+        abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), head=head))
+        self.graphdef, abstract_state = nnx.split(abstract)
+        self._abstract_params = nnx.to_pure_dict(abstract_state)
+        self.logical_axes = _logical_axes(abstract_state)
+
+    def init(self, rng) -> dict:
+        """Random parameters (truncated normal, std `initializer_range`; norms at one)."""
+        model = Transformer(self.config, rngs=nnx.Rngs(params=rng), head=self.head)
+        return nnx.to_pure_dict(nnx.state(model))
+
+    def abstract_params(self) -> dict:
+        """`jax.ShapeDtypeStruct`s of the parameters, without allocating them."""
+        return self._abstract_params
+
+    def num_params(self) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(self._abstract_params))
+
+    def module(self, params) -> Transformer:
+        """The NNX module holding `params` (for notebook use; the trainer calls `forward`)."""
+        return nnx.merge(self.graphdef, nnx.State(params))
+
+    def forward(self, params, tokens, positions=None, segment_ids=None, *, cache=None) -> ModelOutput:
+        """Run the model on right-padded `tokens` [B, T].
+
+        Args:
+          params: the parameter dict of `init`.
+          tokens: int [B, T].
+          positions: int [B, T]; defaults to arange(T). With packing, restart at 0 per segment;
+            with a cache, the absolute position (= cache slot) of each token.
+          segment_ids: int [B, T] for packed rows (0 = padding); attention stays within a segment.
+          cache: a `KVCache` from `init_cache` to read and update (prefill or decode).
+        Returns:
+          `ModelOutput(logits, values, hidden, cache)`.
+        """
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        elif jnp.shape(positions) != tokens.shape:
+            raise ValueError(f"positions shape {jnp.shape(positions)} != tokens shape {tokens.shape}")
+        if segment_ids is not None and jnp.shape(segment_ids) != tokens.shape:
+            raise ValueError(f"segment_ids shape {jnp.shape(segment_ids)} != tokens shape {tokens.shape}")
+        return self.module(params)(tokens, positions, segment_ids, cache)
+
+    def lm_head_weight(self, params):
+        """The [E, V] output projection, for chunked log-probs from hidden states."""
+        if self.config.tie_word_embeddings:
+            return params["embed"].T
+        return params["lm_head"]
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache of `max_len` slots (default dtype: the compute dtype)."""
+        c = self.config
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        dtype = c.jnp_dtype if dtype is None else dtype
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @functools.cached_property
+    def cache_logical_axes(self) -> KVCache:
+        """Logical axis names of a KVCache (for placing it on a mesh)."""
+        axes = ("layers", "batch", "cache_len", "kv_heads", "head_dim")
+        return KVCache(axes, axes)
+
+
+def _logical_axes(abstract_state) -> dict:
+    """Nested dict like the params whose leaves are tuples of logical axis names."""
+    axes = {}
+    for path, variable in nnx.to_flat_state(abstract_state):
+        node = axes
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        names = variable.get_metadata().get("out_sharding")
+        if names is None or len(names) != variable.get_value().ndim:
+            raise ValueError(f"parameter {'/'.join(map(str, path))} lacks logical axis names")
+        node[path[-1]] = tuple(names)
+    return axes

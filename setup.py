@@ -1,0 +1,43 @@
+"""rlhf_jax: JAX-native post-training of language models with human feedback."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.6",
+    "flax>=0.12",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "chex>=0.1.90",
+    "transformers>=5.0",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "tensorflow-datasets>=4.9.9",
+    "array_record>=0.7",
+    "numpy>=1.26",
+    "pyarrow>=15",
+    # tensorflow-datasets and chat templates import these without declaring them.
+    "importlib_resources>=6",
+    "jinja2>=3.1",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    # torch is a test-time reference only (logit parity with transformers); never imported at runtime.
+    "test": ["pytest>=8", "datasets>=3"],
+    "tpu": ["libtpu"],
+    "wandb": ["wandb"],
+}
+
+setup(
+    name="rlhf_jax",
+    version="0.1.0",
+    description="JAX-native post-training (SFT, reward models, PPO, GRPO, DPO) for language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["rlhf-jax=rlhf_jax.cli:main"]},
+)
