@@ -1,0 +1,280 @@
+"""Advantage estimators and reward shaping for policy-gradient RLHF.
+
+Per-token quantities are `[B, T]` with an explicit completion mask; masked positions are skipped by
+the recursions (they pass values through, so interleaved tool/observation tokens are handled too)
+and are 0 in every output. Group estimators take `[N]` rewards with the `group_size` samples of a
+prompt stored contiguously. Everything returns float32. The KL controllers live in
+`rlhf_jax.kl_control` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import _checks
+from rlhf_jax.kl_control import (
+    KLController,
+    KLControllerState,
+    adaptive_kl_controller,
+    fixed_kl_controller,
+)
+
+__all__ = [
+    "GroupScale",
+    "gae",
+    "discounted_returns",
+    "group_normalized",
+    "leave_one_out",
+    "reinforce_plus_plus",
+    "whiten",
+    "per_token_rewards",
+    "KLController",
+    "KLControllerState",
+    "fixed_kl_controller",
+    "adaptive_kl_controller",
+]
+
+GroupScale = Literal["group", "batch", "none"]
+
+
+def gae(
+    rewards: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[jax.Array, jax.Array]:
+    """Generalized Advantage Estimation by a reverse `lax.scan` over time.
+
+    Over the valid (masked-in) positions `t < t' < ...` of a row, with `t'` the next valid one:
+    `delta_t = r_t + gamma V_t' - V_t`, `A_t = delta_t + gamma lam A_t'`, `R_t = A_t + V_t`;
+    after the last valid token `V = A = 0` (the completion is terminal). Masked positions are
+    skipped and set to 0 in the outputs.
+
+    Args:
+      rewards: `[B, T]` per-token rewards (e.g. from `per_token_rewards`).
+      values: `[B, T]` value estimates at rollout time.
+      mask: `[B, T]` completion mask.
+      gamma: discount in [0, 1].
+      lam: GAE lambda in [0, 1]; `lam = 1` gives Monte-Carlo returns minus values.
+
+    Returns:
+      `(advantages, returns)`, both float32 `[B, T]`. Reference: Schulman et al. 2016,
+      "High-Dimensional Continuous Control Using Generalized Advantage Estimation".
+    """
+    fn = "gae"
+    _checks.check_rank(fn, "rewards", rewards, 2)
+    _checks.check_same_shape(fn, rewards=rewards, values=values, mask=mask)
+    _checks.check_range(fn, "gamma", gamma, 0.0, 1.0)
+    _checks.check_range(fn, "lam", lam, 0.0, 1.0)
+    m = _checks.mask_f32(mask)
+    r = _checks.apply_mask(_checks.f32(rewards), m)
+    v = _checks.apply_mask(_checks.f32(values), m)
+
+    def step(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, ...]):
+        next_value, next_adv = carry
+        r_t, v_t, m_t = xs
+        adv = r_t + gamma * next_value - v_t + gamma * lam * next_adv
+        valid = m_t != 0
+        carry = (jnp.where(valid, v_t, next_value), jnp.where(valid, adv, next_adv))
+        return carry, jnp.where(valid, adv, 0.0)
+
+    zeros = jnp.zeros(r.shape[0], jnp.float32)
+    _, adv_t = jax.lax.scan(step, (zeros, zeros), (r.T, v.T, m.T), reverse=True)
+    advantages = adv_t.T
+    return advantages, _checks.apply_mask(advantages + v, m)
+
+
+def discounted_returns(rewards: jax.Array, mask: jax.Array, *, gamma: float = 1.0) -> jax.Array:
+    """Reward-to-go over the valid tokens: `G_t = r_t + gamma G_t'` (`t'` the next valid token).
+
+    Equal to `gae(rewards, 0, mask, gamma=gamma, lam=1)[0]`, which is how it is computed.
+
+    Args:
+      rewards: `[B, T]` per-token rewards.
+      mask: `[B, T]` completion mask.
+      gamma: discount in [0, 1].
+
+    Returns:
+      float32 `[B, T]`, 0 where the mask is 0.
+    """
+    _checks.check_rank("discounted_returns", "rewards", rewards, 2)
+    returns, _ = gae(rewards, jnp.zeros(jnp.shape(rewards), jnp.float32), mask, gamma=gamma, lam=1.0)
+    return returns
+
+
+def _grouped(fn: str, rewards: jax.Array, group_size: int) -> jax.Array:
+    """Validate and reshape `[N]` rewards to `[N / G, G]`, shifted by each group's first reward.
+
+    The shift makes identical rewards give exactly 0 (no rounding residue from the mean).
+    """
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"{fn}: group_size must be a Python int, got {group_size!r}")
+    if group_size < 2:
+        raise ValueError(
+            f"{fn}: group_size must be >= 2 (a group baseline needs at least two samples per prompt), "
+            f"got {group_size}"
+        )
+    _checks.check_rank(fn, "rewards", rewards, 1)
+    n = jnp.shape(rewards)[0]
+    if n % group_size:
+        raise ValueError(f"{fn}: rewards length {n} is not divisible by group_size {group_size}")
+    r = _checks.f32(rewards).reshape(n // group_size, group_size)
+    return r - r[:, :1]
+
+
+def group_normalized(
+    rewards: jax.Array, group_size: int, *, scale: GroupScale = "group", eps: float = 1e-4
+) -> jax.Array:
+    """Group-relative advantages: each reward minus its group's mean, optionally scaled by a std.
+
+    `A_i = (r_i - mean_g(r)) / (std + eps)` with `std` the unbiased standard deviation of the
+    group (`scale="group"`, GRPO) or of the whole batch (`"batch"`), or `A_i = r_i - mean_g(r)`
+    (`"none"`, Dr.GRPO). A group of identical rewards gets exactly 0.
+
+    Args:
+      rewards: `[N]` scalar rewards, the `group_size` completions of each prompt contiguous.
+      group_size: samples per prompt `G >= 2` (static Python int).
+      scale: `"group"`, `"batch"` or `"none"`.
+      eps: added to the std, >= 0.
+
+    Returns:
+      float32 `[N]` per-sequence advantages (pass to `ppo_policy_loss` as `[B]`).
+
+    References: Shao et al. 2024, "DeepSeekMath" (GRPO); Liu et al. 2025, "Understanding R1-Zero-Like
+    Training: A Critical Perspective" (Dr.GRPO).
+    """
+    fn = "group_normalized"
+    _checks.check_choice(fn, "scale", scale, get_args(GroupScale))
+    _checks.check_nonnegative(fn, "eps", eps)
+    d = _grouped(fn, rewards, group_size)
+    centered = d - jnp.mean(d, axis=1, keepdims=True)
+    if scale == "group":
+        std = jnp.sqrt(jnp.sum(jnp.square(centered), axis=1, keepdims=True) / (group_size - 1))
+        centered = centered / (std + eps)
+    elif scale == "batch":
+        centered = centered / (jnp.std(_checks.f32(rewards), ddof=1) + eps)
+    return centered.reshape(-1)
+
+
+def leave_one_out(rewards: jax.Array, group_size: int) -> jax.Array:
+    """RLOO advantages: each reward minus the mean of the *other* rewards of its group.
+
+    `A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j = G / (G - 1) (r_i - mean_g(r))`.
+
+    Args:
+      rewards: `[N]` scalar rewards, groups of `group_size` contiguous.
+      group_size: samples per prompt `G >= 2`.
+
+    Returns:
+      float32 `[N]`. Reference: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
+      Optimization for Learning from Human Feedback in LLMs" (Kool et al. 2019 for the estimator).
+    """
+    d = _grouped("leave_one_out", rewards, group_size)
+    others = (jnp.sum(d, axis=1, keepdims=True) - d) / (group_size - 1)
+    return (d - others).reshape(-1)
+
+
+def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+    """Normalise to zero mean and unit variance over the masked entries of the whole batch.
+
+    `(x - mu) / sqrt(sigma^2 + eps)` with the masked mean `mu` and (population) variance `sigma^2`;
+    with `shift_mean=False` the mean is added back (only the scale changes).
+
+    Args:
+      x: `[...]` values, e.g. advantages `[B, T]`.
+      mask: `[...]` mask of the same shape.
+      shift_mean: keep the result centred (True) or restore the mean (False).
+      eps: variance floor, >= 0.
+
+    Returns:
+      float32, shaped like `x`, 0 where the mask is 0.
+    """
+    fn = "whiten"
+    _checks.check_same_shape(fn, x=x, mask=mask)
+    _checks.check_nonnegative(fn, "eps", eps)
+    v = _checks.f32(x)
+    mean = _checks.masked_mean(v, mask)
+    var = _checks.masked_mean(jnp.square(v - mean), mask)
+    out = (v - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return _checks.apply_mask(out, mask)
+
+
+def per_token_rewards(
+    scores: jax.Array,
+    mask: jax.Array,
+    *,
+    kl: jax.Array | None = None,
+    kl_coef: float | jax.Array = 0.0,
+) -> jax.Array:
+    """PPO's per-token reward: the sequence score at the last valid token, minus beta * KL everywhere.
+
+    `r_t = -beta KL_t m_t + [t = last valid token] score`. A row with an empty mask gets 0.
+
+    Args:
+      scores: `[B]` sequence-level rewards (reward model, verifier).
+      mask: `[B, T]` completion mask (right padded, or with masked holes: the last 1 counts).
+      kl: `[B, T]` per-token KL estimates (`kl_divergence(logps, ref_logps)`), or None.
+      kl_coef: `beta >= 0`, a number or a traced scalar (e.g. `KLControllerState.kl_coef`).
+
+    Returns:
+      float32 `[B, T]`. Reference: Ziegler et al. 2019; Ouyang et al. 2022 (InstructGPT).
+    """
+    fn = "per_token_rewards"
+    _checks.check_rank(fn, "mask", mask, 2)
+    _checks.check_rank(fn, "scores", scores, 1)
+    if scores.shape[0] != mask.shape[0]:
+        raise ValueError(f"{fn}: scores {list(scores.shape)} must have one entry per mask row, mask {list(mask.shape)}")
+    _checks.check_nonnegative(fn, "kl_coef", kl_coef)
+    m = _checks.mask_f32(mask)
+    t = m.shape[1]
+    present = m != 0
+    last = t - 1 - jnp.argmax(present[:, ::-1], axis=1)
+    at_last = (jnp.arange(t)[None, :] == last[:, None]) & jnp.any(present, axis=1, keepdims=True)
+    rewards = jnp.where(at_last, _checks.f32(scores)[:, None], 0.0)
+    if kl is not None:
+        _checks.check_same_shape(fn, kl=kl, mask=mask)
+        rewards = rewards - _checks.f32(kl_coef) * _checks.apply_mask(_checks.f32(kl), m)
+    return rewards
+
+
+def reinforce_plus_plus(
+    scores: jax.Array,
+    mask: jax.Array,
+    *,
+    kl: jax.Array | None = None,
+    kl_coef: float | jax.Array = 0.0,
+    gamma: float = 1.0,
+    group_size: int | None = None,
+    eps: float = 1e-8,
+) -> jax.Array:
+    """REINFORCE++ advantages: reward-to-go of KL-shaped token rewards, whitened over the batch.
+
+    1. (with `group_size`, "REINFORCE++-baseline") `score_i -= mean of its group`;
+    2. `r = per_token_rewards(score, mask, kl=kl, kl_coef=beta)`;
+    3. `G = discounted_returns(r, mask, gamma)`;
+    4. `A = whiten(G, mask)` over every valid token of the batch (global, not per group).
+
+    Args:
+      scores: `[B]` sequence rewards.
+      mask: `[B, T]` completion mask.
+      kl: optional `[B, T]` per-token KL estimates folded into the reward.
+      kl_coef: `beta >= 0`.
+      gamma: discount in [0, 1].
+      group_size: subtract a per-prompt group mean first (groups contiguous), or None.
+      eps: whitening variance floor.
+
+    Returns:
+      float32 `[B, T]` per-token advantages. Reference: Hu 2025, "REINFORCE++: A Simple and
+      Efficient Approach for Aligning Large Language Models".
+    """
+    if group_size is not None:
+        scores = group_normalized(scores, group_size, scale="none")
+    rewards = per_token_rewards(scores, mask, kl=kl, kl_coef=kl_coef)
+    return whiten(discounted_returns(rewards, mask, gamma=gamma), mask, eps=eps)

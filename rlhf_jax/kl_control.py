@@ -1,0 +1,87 @@
+"""KL-penalty coefficient controllers as pure `(init, update)` pairs over a NamedTuple state.
+
+Both controllers share `KLControllerState`, so a training state can hold either and a step calls
+`controller.update(state, observed_kl, n_steps)` inside `jit` without knowing which one it is:
+
+    ctl = adaptive_kl_controller(init_kl_coef=0.2, target=6.0, horizon=10_000)
+    kl_state = ctl.init()
+    kl_state = ctl.update(kl_state, metrics["kl"], batch_size)   # jittable; kl_state.kl_coef is f32[]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import _checks
+
+__all__ = ["KLControllerState", "KLController", "fixed_kl_controller", "adaptive_kl_controller"]
+
+
+class KLControllerState(NamedTuple):
+    """The current KL-penalty coefficient `beta` (float32 scalar)."""
+
+    kl_coef: jax.Array
+
+
+class KLController(NamedTuple):
+    """`init() -> state` and `update(state, observed_kl, n_steps) -> state`, both pure and jittable."""
+
+    init: Callable[[], KLControllerState]
+    update: Callable[[KLControllerState, jax.Array, jax.Array | int], KLControllerState]
+
+
+def fixed_kl_controller(*, kl_coef: float) -> KLController:
+    """A constant KL coefficient: `beta_{t+1} = beta_t`.
+
+    Args:
+      kl_coef: `beta >= 0`.
+
+    Returns:
+      A `KLController` whose `update` ignores the observed KL.
+    """
+    _checks.check_nonnegative("fixed_kl_controller", "kl_coef", kl_coef)
+
+    def init() -> KLControllerState:
+        return KLControllerState(kl_coef=jnp.asarray(kl_coef, jnp.float32))
+
+    def update(state: KLControllerState, observed_kl: jax.Array, n_steps: jax.Array | int) -> KLControllerState:
+        del observed_kl, n_steps
+        return state
+
+    return KLController(init=init, update=update)
+
+
+def adaptive_kl_controller(*, init_kl_coef: float = 0.2, target: float = 6.0, horizon: float = 10_000) -> KLController:
+    """Proportional controller that steers the observed KL towards a target (Ziegler et al. 2019).
+
+    `e = clip(KL_obs / KL_target - 1, -0.2, 0.2)`, `beta_{t+1} = beta_t (1 + e n / H)` where `n` is
+    the number of samples (or steps) the observation covers and `H` the horizon, i.e. the paper's
+    `K_beta = n / H`.
+
+    Args:
+      init_kl_coef: initial `beta > 0`.
+      target: target KL per sequence (nats), > 0.
+      horizon: `H > 0`; larger is slower.
+
+    Returns:
+      A `KLController`. Reference: Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+      Preferences", section 2.2.
+    """
+    fn = "adaptive_kl_controller"
+    _checks.check_positive(fn, "init_kl_coef", init_kl_coef)
+    _checks.check_positive(fn, "target", target)
+    _checks.check_positive(fn, "horizon", horizon)
+
+    def init() -> KLControllerState:
+        return KLControllerState(kl_coef=jnp.asarray(init_kl_coef, jnp.float32))
+
+    def update(state: KLControllerState, observed_kl: jax.Array, n_steps: jax.Array | int) -> KLControllerState:
+        error = jnp.clip(_checks.f32(observed_kl) / target - 1.0, -0.2, 0.2)
+        mult = 1.0 + error * _checks.f32(n_steps) / horizon
+        return KLControllerState(kl_coef=state.kl_coef * mult)
+
+    return KLController(init=init, update=update)

@@ -1,0 +1,58 @@
+"""Per-token estimators of KL(pi || pi_ref) from sampled tokens."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import _checks
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def kl_divergence(
+    logps: jax.Array,
+    ref_logps: jax.Array,
+    *,
+    estimator: KLEstimator = "k1",
+    clamp: float | None = None,
+) -> jax.Array:
+    """Single-sample estimate of KL(pi || pi_ref) at each sampled token.
+
+    With `d = log pi(y_t) - log pi_ref(y_t)` for `y_t ~ pi`:
+    - `k1 = d` (unbiased, high variance, can be negative),
+    - `k2 = d^2 / 2` (biased, low variance; its gradient is the KL gradient on-policy),
+    - `k3 = exp(-d) - 1 + d` (unbiased, non-negative, low variance; GRPO's penalty).
+    Each is exactly 0 where `logps == ref_logps`. With `clamp = c`, the result is clipped to
+    `[-c, c]` (k3 is evaluated with `d` clipped to +-20 first so that `exp` cannot overflow).
+
+    Args:
+      logps: `[...]` log-probs of the sampled tokens under the policy.
+      ref_logps: `[...]` same under the reference policy.
+      estimator: `"k1"`, `"k2"` or `"k3"`.
+      clamp: optional bound `c > 0` on the estimate.
+
+    Returns:
+      float32 `[...]` per-token estimates (unmasked: reduce with `aggregate`).
+
+    Reference: J. Schulman, "Approximating KL Divergence" (2020); Shao et al. 2024 (DeepSeekMath,
+    GRPO) for k3 as a loss.
+    """
+    fn = "kl_divergence"
+    _checks.check_choice(fn, "estimator", estimator, get_args(KLEstimator))
+    _checks.check_same_shape(fn, logps=logps, ref_logps=ref_logps)
+    if clamp is not None:
+        _checks.check_positive(fn, "clamp", clamp)
+    d = _checks.f32(logps) - _checks.f32(ref_logps)
+    if estimator == "k1":
+        kl = d
+    elif estimator == "k2":
+        kl = 0.5 * jnp.square(d)
+    else:
+        d = jnp.clip(d, -20.0, 20.0)
+        kl = jnp.expm1(-d) + d
+    if clamp is not None:
+        kl = jnp.clip(kl, -clamp, clamp)
+    return kl

@@ -1,0 +1,274 @@
+"""Offline preference losses: the DPO family, SimPO, ORPO's odds-ratio term and KTO.
+
+Inputs are per-example sequence log-probs (`rlhf_jax.logprobs.sequence_logprobs`): summed for
+DPO (sigmoid/robust/hinge/APO) and KTO, length-averaged for SimPO, ORPO and IPO, as their papers
+define them. Metrics are batch means with TRL's names, computed under `stop_gradient`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import _checks
+
+DPOLossType = Literal["sigmoid", "robust", "hinge", "ipo", "apo_zero", "apo_down"]
+Metrics = dict[str, jax.Array]
+
+# log(1 - p) is -inf at p = 1; ORPO clamps log p below this (a row whose average log-prob rounds
+# to 0, e.g. a fully masked one, stays finite with zero gradient).
+_MAX_AVG_LOGP = -1e-6
+
+
+def _check_pairs(fn: str, **arrays: jax.Array | None) -> None:
+    first = next(iter(arrays))
+    _checks.check_rank(fn, first, arrays[first], 1)
+    _checks.check_same_shape(fn, **arrays)
+
+
+def _preference_metrics(
+    chosen_logps: jax.Array, rejected_logps: jax.Array, chosen_rewards: jax.Array, rejected_rewards: jax.Array
+) -> Metrics:
+    sg = jax.lax.stop_gradient
+    c, r = sg(chosen_rewards), sg(rejected_rewards)
+    return {
+        "rewards/chosen": jnp.mean(c),
+        "rewards/rejected": jnp.mean(r),
+        "rewards/accuracies": jnp.mean((c > r).astype(jnp.float32)),
+        "rewards/margins": jnp.mean(c - r),
+        "logps/chosen": jnp.mean(sg(chosen_logps)),
+        "logps/rejected": jnp.mean(sg(rejected_logps)),
+    }
+
+
+def dpo_loss(
+    chosen_logps: jax.Array,
+    rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array | None,
+    ref_rejected_logps: jax.Array | None,
+    *,
+    beta: float = 0.1,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, Metrics]:
+    """Direct Preference Optimization and its variants, per preference pair.
+
+    With log-ratios `c = log pi(y_w) - log pi_ref(y_w)`, `r = log pi(y_l) - log pi_ref(y_l)` and
+    `h = c - r` (reference terms are 0 when both ref arguments are None: reference-free DPO):
+
+    - `sigmoid`:  `-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)` (Rafailov et al. 2023;
+      `eps > 0` is conservative DPO, Mitchell 2023)
+    - `robust`:   `[-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps)`, unbiased
+      under label-flip rate `eps` (Chowdhury et al. 2024, "Provably Robust DPO")
+    - `hinge`:    `max(0, 1 - beta h)` (SLiC-HF, Zhao et al. 2023)
+    - `ipo`:      `(h - 1 / (2 beta))^2` (Azar et al. 2023); pass length-averaged log-probs
+    - `apo_zero`: `1 - sigmoid(beta c) + sigmoid(beta r)` (D'Oosterlinck et al. 2024, "Anchored
+      Preference Optimization"): raise chosen, lower rejected likelihood
+    - `apo_down`: `sigmoid(beta c) + 1 - sigmoid(beta (c - r))`: lower both, rejected more
+
+    Args:
+      chosen_logps: `[B]` summed completion log-probs of the chosen responses under the policy.
+      rejected_logps: `[B]` same for the rejected responses.
+      ref_chosen_logps: `[B]` under the frozen reference policy, or None (reference-free).
+      ref_rejected_logps: `[B]` or None; must be None exactly when `ref_chosen_logps` is.
+      beta: inverse temperature of the implicit reward, > 0.
+      loss_type: one of `DPOLossType`.
+      label_smoothing: assumed label-flip probability in `[0, 0.5)`; `sigmoid` and `robust` only.
+
+    Returns:
+      `(losses, metrics)`: float32 `[B]` and TRL's `rewards/chosen`, `rewards/rejected`,
+      `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected` (batch means; the
+      rewards are `beta * c` and `beta * r`).
+    """
+    fn = "dpo_loss"
+    _checks.check_choice(fn, "loss_type", loss_type, get_args(DPOLossType))
+    _checks.check_positive(fn, "beta", beta)
+    _checks.check_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5, high_open=True)
+    if loss_type not in ("sigmoid", "robust") and not (_checks.is_number(label_smoothing) and label_smoothing == 0):
+        raise ValueError(f"{fn}: label_smoothing applies to loss_type 'sigmoid' and 'robust' only, got {loss_type!r}")
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError(
+            f"{fn}: ref_chosen_logps and ref_rejected_logps must both be arrays or both be None "
+            "(reference-free), got one of each"
+        )
+    _check_pairs(
+        fn,
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    pc, pr = _checks.f32(chosen_logps), _checks.f32(rejected_logps)
+    if ref_chosen_logps is None:
+        c, r = pc, pr
+    else:
+        c, r = pc - _checks.f32(ref_chosen_logps), pr - _checks.f32(ref_rejected_logps)
+    h = c - r
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * jax.nn.log_sigmoid(beta * h) + eps * jax.nn.log_sigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        losses = jnp.square(h - 1 / (2 * beta))
+    elif loss_type == "apo_zero":
+        losses = 1 - jax.nn.sigmoid(beta * c) + jax.nn.sigmoid(beta * r)
+    else:  # apo_down
+        losses = jax.nn.sigmoid(beta * c) + 1 - jax.nn.sigmoid(beta * h)
+    return losses, _preference_metrics(pc, pr, beta * c, beta * r)
+
+
+def simpo_loss(
+    chosen_avg_logps: jax.Array, rejected_avg_logps: jax.Array, *, beta: float = 2.0, gamma: float = 0.5
+) -> jax.Array:
+    """Simple Preference Optimization: a reference-free, length-normalised margin loss.
+
+    `l = -log sigmoid(beta (a_w - a_l) - gamma)` with `a = (1/|y|) log pi(y | x)`; `gamma` is the
+    target reward margin (TRL's `gamma_beta_ratio` is `gamma / beta`).
+
+    Args:
+      chosen_avg_logps: `[B]` length-averaged log-probs of the chosen responses
+        (`sequence_logprobs(..., average=True)`).
+      rejected_avg_logps: `[B]` same for the rejected responses.
+      beta: reward scale, > 0 (the paper uses 2.0-2.5).
+      gamma: target margin (the paper uses 0.3-1.6).
+
+    Returns:
+      float32 `[B]`. Reference: Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a
+      Reference-Free Reward".
+    """
+    fn = "simpo_loss"
+    _checks.check_positive(fn, "beta", beta)
+    _check_pairs(fn, chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
+    diff = _checks.f32(chosen_avg_logps) - _checks.f32(rejected_avg_logps)
+    return jax.nn.softplus(-(beta * diff - gamma))
+
+
+def _log1m_exp(x: jax.Array) -> jax.Array:
+    """`log(1 - exp(x))` for `x < 0`, accurate on both sides of `-log 2`."""
+    return jnp.where(x > -jnp.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def orpo_loss(
+    chosen_avg_logps: jax.Array, rejected_avg_logps: jax.Array, *, beta: float = 0.1
+) -> tuple[jax.Array, Metrics]:
+    """ORPO's odds-ratio term (add the SFT loss on the chosen response to get the full ORPO loss).
+
+    With odds `o(y) = p / (1 - p)`, `p = exp(a)`, `a = (1/|y|) log pi(y | x)`:
+    `l = -beta log sigmoid(log o(y_w) - log o(y_l))`,
+    `log o(y_w) - log o(y_l) = (a_w - a_l) - (log(1 - e^{a_w}) - log(1 - e^{a_l}))`.
+    Average log-probs are clamped to <= -1e-6 so that `log(1 - p)` stays finite.
+
+    Args:
+      chosen_avg_logps: `[B]` length-averaged chosen log-probs (`sequence_logprobs(average=True)`).
+      rejected_avg_logps: `[B]` length-averaged rejected log-probs.
+      beta: weight of the odds-ratio term (the paper's lambda), > 0.
+
+    Returns:
+      `(losses, metrics)`: float32 `[B]`; metrics `rewards/*` and `logps/*` as in `dpo_loss` with
+      rewards `beta * a`, plus `log_odds_ratio` (mean `log sigmoid(.)`) and `log_odds_chosen`
+      (mean log-odds difference), as TRL logs them.
+
+    Reference: Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model".
+    """
+    fn = "orpo_loss"
+    _checks.check_positive(fn, "beta", beta)
+    _check_pairs(fn, chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
+    a_w = jnp.minimum(_checks.f32(chosen_avg_logps), _MAX_AVG_LOGP)
+    a_l = jnp.minimum(_checks.f32(rejected_avg_logps), _MAX_AVG_LOGP)
+    log_odds = (a_w - a_l) - (_log1m_exp(a_w) - _log1m_exp(a_l))
+    log_ratio = jax.nn.log_sigmoid(log_odds)
+    metrics = _preference_metrics(a_w, a_l, beta * a_w, beta * a_l)
+    metrics["log_odds_ratio"] = jnp.mean(jax.lax.stop_gradient(log_ratio))
+    metrics["log_odds_chosen"] = jnp.mean(jax.lax.stop_gradient(log_odds))
+    return -beta * log_ratio, metrics
+
+
+def kto_reference_point(mismatched_logps: jax.Array, ref_mismatched_logps: jax.Array) -> jax.Array:
+    """KTO's reference point `z0`: a batch estimate of KL(pi || pi_ref), clamped at 0, no gradient.
+
+    `z0 = max(0, mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)])` over mismatched pairs
+    (each prompt paired with another example's completion, as in the paper).
+
+    Args:
+      mismatched_logps: `[B]` summed log-probs of mismatched completions under the policy.
+      ref_mismatched_logps: `[B]` same under the reference.
+
+    Returns:
+      float32 scalar. Reference: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
+      Theoretic Optimization".
+    """
+    fn = "kto_reference_point"
+    _check_pairs(fn, mismatched_logps=mismatched_logps, ref_mismatched_logps=ref_mismatched_logps)
+    kl = jnp.mean(_checks.f32(mismatched_logps) - _checks.f32(ref_mismatched_logps))
+    return jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
+
+
+def kto_loss(
+    logps: jax.Array,
+    ref_logps: jax.Array,
+    desirable: jax.Array,
+    kl_ref_point: jax.Array | float,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[jax.Array, Metrics]:
+    """Kahneman-Tversky Optimization on unpaired desirable / undesirable examples.
+
+    With `r = log pi(y|x) - log pi_ref(y|x)` and reference point `z0` (no gradient, clamped >= 0):
+    `l = lambda_D (1 - sigmoid(beta (r - z0)))` for desirable examples,
+    `l = lambda_U (1 - sigmoid(beta (z0 - r)))` for undesirable ones.
+
+    Args:
+      logps: `[B]` summed completion log-probs under the policy.
+      ref_logps: `[B]` same under the reference.
+      desirable: `[B]` bool, True for desirable (thumbs-up) examples.
+      kl_ref_point: scalar `z0`, e.g. `kto_reference_point(...)` or a running estimate.
+      beta: > 0.
+      desirable_weight: `lambda_D >= 0`.
+      undesirable_weight: `lambda_U >= 0`; the paper keeps
+        `lambda_D n_D / (lambda_U n_U)` in `[1, 4/3]`.
+
+    Returns:
+      `(losses, metrics)`: float32 `[B]`; metrics `rewards/chosen`, `rewards/rejected` (means of
+      `beta r` over desirable / undesirable examples), `rewards/margins`, `logps/chosen`,
+      `logps/rejected`, `count/chosen`, `count/rejected` and `kl` (= z0).
+
+    Reference: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization".
+    """
+    fn = "kto_loss"
+    _checks.check_positive(fn, "beta", beta)
+    _checks.check_nonnegative(fn, "desirable_weight", desirable_weight)
+    _checks.check_nonnegative(fn, "undesirable_weight", undesirable_weight)
+    _check_pairs(fn, logps=logps, ref_logps=ref_logps, desirable=desirable)
+    if jnp.ndim(kl_ref_point) != 0:
+        raise ValueError(f"{fn}: kl_ref_point must be a scalar, got shape {jnp.shape(kl_ref_point)}")
+    z0 = jax.lax.stop_gradient(jnp.maximum(_checks.f32(kl_ref_point), 0.0))
+    p = _checks.f32(logps)
+    r = p - _checks.f32(ref_logps)
+    good = jnp.asarray(desirable).astype(bool)
+    losses = jnp.where(
+        good,
+        desirable_weight * (1 - jax.nn.sigmoid(beta * (r - z0))),
+        undesirable_weight * (1 - jax.nn.sigmoid(beta * (z0 - r))),
+    )
+    sg = jax.lax.stop_gradient
+    rewards, bad = sg(beta * r), ~good
+    chosen_reward, rejected_reward = _checks.masked_mean(rewards, good), _checks.masked_mean(rewards, bad)
+    metrics = {
+        "rewards/chosen": chosen_reward,
+        "rewards/rejected": rejected_reward,
+        "rewards/margins": chosen_reward - rejected_reward,
+        "logps/chosen": _checks.masked_mean(sg(p), good),
+        "logps/rejected": _checks.masked_mean(sg(p), bad),
+        "count/chosen": jnp.sum(good.astype(jnp.float32)),
+        "count/rejected": jnp.sum(bad.astype(jnp.float32)),
+        "kl": z0,
+    }
+    return losses, metrics

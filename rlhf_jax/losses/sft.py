@@ -1,0 +1,36 @@
+"""Supervised fine-tuning (next-token cross-entropy) loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import _checks
+from rlhf_jax.logprobs import token_logprobs
+
+
+def sft_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood of the labels, zero where `mask` is 0.
+
+    `l_t = -m_t log softmax(logits_t)[y_t]` (float32, temperature 1). Reduce with `aggregate`
+    (`token_mean` is the usual SFT objective). Labels at masked positions may hold any value
+    (e.g. -100); they are never gathered.
+
+    With the chunked head the same loss is `-chunked_token_logprobs(hidden, w, labels) * mask`.
+
+    Args:
+      logits: `[B, T, V]` logits aligned with `labels` (see `next_token_targets`).
+      labels: `[B, T]` integer targets.
+      mask: `[B, T]` bool or 0/1 loss mask (completion tokens only, for chat SFT).
+
+    Returns:
+      float32 `[B, T]` per-token losses.
+
+    Reference: standard maximum-likelihood training; for chat data the mask covers assistant
+    turns only (Ouyang et al. 2022, "Training language models to follow instructions").
+    """
+    fn = "sft_loss"
+    _checks.check_rank(fn, "logits", logits, 3)
+    _checks.check_same_shape(fn, labels=labels, mask=mask)
+    safe_labels = jnp.where(_checks.mask_f32(mask) != 0, labels, 0)
+    return -_checks.apply_mask(token_logprobs(logits, safe_labels), mask)
