@@ -1,0 +1,35 @@
+"""Rewards for online RL: host-side verifiable functions and reward-model scoring, combined by weight."""
+
+from rlhf_jax.rewards.base import (
+    OnError,
+    PythonReward,
+    RewardFunctionError,
+    RewardInputs,
+    RewardResult,
+    RewardSource,
+    combine_rewards,
+    reward_metrics,
+)
+from rlhf_jax.rewards.verifiable import (
+    even_fraction_reward,
+    exact_match,
+    format_reward,
+    missing_eos_penalty,
+    overlong_penalty,
+)
+
+__all__ = [
+    "OnError",
+    "PythonReward",
+    "RewardFunctionError",
+    "RewardInputs",
+    "RewardResult",
+    "RewardSource",
+    "combine_rewards",
+    "even_fraction_reward",
+    "exact_match",
+    "format_reward",
+    "missing_eos_penalty",
+    "overlong_penalty",
+    "reward_metrics",
+]

@@ -1,0 +1,317 @@
+"""Reward sources and their weighted combination, with per-sample failure handling.
+
+A *reward source* maps one batch of rollouts (`RewardInputs`) to one float per completion. Two kinds
+exist and share that interface:
+
+- `PythonReward` wraps a host-side Python function written the way TRL users write them:
+  `fn(prompts, completions, completion_ids, prompt_ids, truncated, **columns) -> list[float]`, where
+  `columns` are the prompt's extra dataset columns (e.g. the reference `answer`), repeated per sample.
+  Every function must accept `**kwargs`, so it can ignore what it does not need.
+- `rlhf_jax.rewards.model.RewardModelReward` scores prompt + completion with a jitted, sharded reward
+  model.
+
+`combine_rewards(sources, inputs, weights=...)` calls each source, checks its output, and returns the
+weighted sum `r = sum_k w_k r_k` together with every source's own rewards (logged as
+`rewards/{name}/mean`, TRL's name). A source that raises, returns the wrong length or returns a
+non-finite value either stops the run with an error naming the source and the sample, or, with
+`on_error="penalty"`, gives the offending samples `error_penalty` and counts them
+(`rewards/{name}/num_errors`). When a batched call raises in penalty mode, the source is re-run one
+sample at a time to find the samples at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol, get_args
+
+import numpy as np
+
+__all__ = [
+    "RewardInputs",
+    "RewardSource",
+    "PythonReward",
+    "RewardResult",
+    "RewardFunctionError",
+    "OnError",
+    "combine_rewards",
+    "reward_metrics",
+]
+
+OnError = Literal["raise", "penalty"]
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward source failed (raised, wrong output length, or a non-finite value)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardInputs:
+    """One batch of `N` rollouts as reward sources see them (host side).
+
+    Attributes:
+      prompt_tokens: int32 `[N, P]` right-padded prompt ids (one row per completion: a prompt sampled
+        `n` times appears `n` times, contiguously).
+      prompt_lengths: int32 `[N]` real prompt lengths.
+      completion_tokens: int32 `[N, C]` completion ids, right-padded after the first EOS.
+      completion_mask: bool `[N, C]`, True up to and including the first EOS.
+      truncated: bool `[N]`, True where the completion hit `max_new_tokens` without an EOS.
+      prompts: decoded prompt texts, or None when no tokenizer is at hand.
+      completions: decoded completion texts (without padding), or None.
+      columns: the prompts' extra dataset columns, each a length-`N` sequence.
+    """
+
+    prompt_tokens: np.ndarray
+    prompt_lengths: np.ndarray
+    completion_tokens: np.ndarray
+    completion_mask: np.ndarray
+    truncated: np.ndarray
+    prompts: Sequence[str] | None = None
+    completions: Sequence[str] | None = None
+    columns: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.prompt_tokens)
+        sized = dict(
+            prompt_lengths=self.prompt_lengths,
+            completion_tokens=self.completion_tokens,
+            completion_mask=self.completion_mask,
+            truncated=self.truncated,
+            prompts=self.prompts,
+            completions=self.completions,
+            **{f"columns[{k!r}]": v for k, v in self.columns.items()},
+        )
+        for name, value in sized.items():
+            if value is not None and len(value) != n:
+                raise ValueError(
+                    f"RewardInputs.{name} has {len(value)} rows but prompt_tokens has {n}"
+                )
+        if np.shape(self.completion_mask) != np.shape(self.completion_tokens):
+            raise ValueError(
+                f"RewardInputs.completion_mask shape {np.shape(self.completion_mask)} != "
+                f"completion_tokens shape {np.shape(self.completion_tokens)}"
+            )
+        reserved = {"prompts", "completions", "completion_ids", "prompt_ids", "truncated"}
+        clash = reserved & set(self.columns)
+        if clash:
+            raise ValueError(f"RewardInputs.columns uses reserved keyword names {sorted(clash)}")
+
+    def __len__(self) -> int:
+        return len(self.prompt_tokens)
+
+    @property
+    def completion_lengths(self) -> np.ndarray:
+        """int32 `[N]` number of completion tokens (EOS included)."""
+        return np.asarray(self.completion_mask).sum(axis=1).astype(np.int32)
+
+    def prompt_ids(self) -> list[list[int]]:
+        """Each prompt's real token ids, as Python lists."""
+        return [row[:n].tolist() for row, n in zip(np.asarray(self.prompt_tokens), self.prompt_lengths)]
+
+    def completion_ids(self) -> list[list[int]]:
+        """Each completion's token ids up to and including the first EOS, as Python lists."""
+        return [row[:n].tolist() for row, n in zip(np.asarray(self.completion_tokens), self.completion_lengths)]
+
+    def select(self, index: Sequence[int] | np.ndarray) -> "RewardInputs":
+        """The rows `index`, in that order (every field, columns included)."""
+        idx = np.asarray(index, dtype=np.int64)
+        pick = lambda seq: None if seq is None else [seq[i] for i in idx]  # noqa: E731
+        return RewardInputs(
+            prompt_tokens=np.asarray(self.prompt_tokens)[idx],
+            prompt_lengths=np.asarray(self.prompt_lengths)[idx],
+            completion_tokens=np.asarray(self.completion_tokens)[idx],
+            completion_mask=np.asarray(self.completion_mask)[idx],
+            truncated=np.asarray(self.truncated)[idx],
+            prompts=pick(self.prompts),
+            completions=pick(self.completions),
+            columns={k: pick(v) for k, v in self.columns.items()},
+        )
+
+
+class RewardSource(Protocol):
+    """Anything with a `name` that maps `RewardInputs` of N rows to N floats."""
+
+    name: str
+
+    def __call__(self, inputs: RewardInputs) -> Sequence[float] | np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PythonReward:
+    """A host-side reward function with TRL's calling convention.
+
+    The function is called as
+    `fn(prompts=..., completions=..., completion_ids=..., prompt_ids=..., truncated=..., **columns)`
+    and returns one float per completion. Texts are None when the driver has no tokenizer.
+
+    Example:
+      >>> def exact(completions, answer, **kwargs):
+      ...     return [float(c.strip() == a) for c, a in zip(completions, answer)]
+      >>> source = PythonReward(exact)            # name "exact"
+    """
+
+    fn: Callable[..., Sequence[float]]
+    name: str = ""
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"PythonReward.fn must be callable, got {type(self.fn).__name__}")
+        if not self.name:
+            object.__setattr__(self, "name", getattr(self.fn, "__name__", type(self.fn).__name__))
+
+    def __call__(self, inputs: RewardInputs) -> Sequence[float]:
+        return self.fn(
+            prompts=None if inputs.prompts is None else list(inputs.prompts),
+            completions=None if inputs.completions is None else list(inputs.completions),
+            completion_ids=inputs.completion_ids(),
+            prompt_ids=inputs.prompt_ids(),
+            truncated=np.asarray(inputs.truncated, bool).tolist(),
+            **{k: list(v) for k, v in inputs.columns.items()},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+    """Rewards of one batch.
+
+    Attributes:
+      total: float32 `[N]` weighted sum over sources.
+      per_source: name -> float32 `[N]` unweighted rewards of that source (penalties included).
+      num_errors: name -> number of samples that got `error_penalty` from that source.
+    """
+
+    total: np.ndarray
+    per_source: dict[str, np.ndarray]
+    num_errors: dict[str, int]
+
+
+def _as_rewards(name: str, raw: Any, n: int) -> np.ndarray:
+    """Check a source's output: `n` numbers in a list, tuple or 1-D array (None becomes NaN)."""
+    values = np.asarray(raw, dtype=object) if isinstance(raw, (list, tuple, np.ndarray)) else None
+    if values is None or values.ndim != 1:
+        shape = "" if values is None else f" of shape {values.shape}"
+        raise RewardFunctionError(
+            f"reward source {name!r} must return a list or 1-D array of {n} floats, "
+            f"got {type(raw).__name__}{shape}"
+        )
+    if len(values) != n:
+        raise RewardFunctionError(f"reward source {name!r} returned {len(values)} rewards for {n} completions")
+    out = np.empty(n, np.float64)
+    for i, value in enumerate(values):
+        try:
+            out[i] = np.nan if value is None else float(value)
+        except (TypeError, ValueError) as e:
+            raise RewardFunctionError(
+                f"reward source {name!r} returned a non-numeric reward {value!r} for sample {i}"
+            ) from e
+    return out
+
+
+def _call_source(source: RewardSource, inputs: RewardInputs, on_error: OnError) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards of one source and a bool mask of samples at fault (NaN where at fault)."""
+    n = len(inputs)
+    try:
+        rewards = _as_rewards(source.name, source(inputs), n)
+    except RewardFunctionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of user code is reported with its name.
+        if on_error == "raise" or n == 1:
+            raise RewardFunctionError(
+                f"reward source {source.name!r} raised {type(e).__name__}: {e}"
+            ) from e
+        rewards = np.empty(n, np.float64)
+        for i in range(n):
+            rewards[i] = _call_one(source, inputs, i)
+    bad = ~np.isfinite(rewards)
+    if bad.any() and on_error == "raise":
+        i = int(np.flatnonzero(bad)[0])
+        snippet = "" if inputs.completions is None else f" (completion {inputs.completions[i][:80]!r})"
+        raise RewardFunctionError(
+            f"reward source {source.name!r} returned {rewards[i]} for sample {i}{snippet}; "
+            f"{int(bad.sum())} of {n} rewards are not finite"
+        )
+    return rewards, bad
+
+
+def _call_one(source: RewardSource, inputs: RewardInputs, i: int) -> float:
+    """Re-run a source on sample `i` alone; NaN where it raises or returns a bad value."""
+    try:
+        return float(_as_rewards(source.name, source(inputs.select([i])), 1)[0])
+    except Exception:  # noqa: BLE001 - the sample is at fault; it gets the penalty.
+        return np.nan
+
+
+def combine_rewards(
+    sources: Sequence[RewardSource],
+    inputs: RewardInputs,
+    *,
+    weights: Sequence[float] | None = None,
+    on_error: OnError = "raise",
+    error_penalty: float = 0.0,
+) -> RewardResult:
+    """Weighted sum of several reward sources over one batch.
+
+    `r_i = sum_k w_k r_{k,i}`, where a failing sample's `r_{k,i}` is `error_penalty` in penalty mode.
+
+    Args:
+      sources: reward sources (`PythonReward`, `RewardModelReward`, ...), names unique.
+      inputs: the rollouts.
+      weights: one weight per source (default all 1).
+      on_error: "raise" stops on the first failure with an error naming the source and sample;
+        "penalty" assigns `error_penalty` to failing samples and counts them.
+      error_penalty: the reward of a failing sample in penalty mode.
+
+    Returns:
+      `RewardResult(total, per_source, num_errors)`.
+
+    Raises:
+      RewardFunctionError: a source failed (always for a wrong output length on a full batch).
+    """
+    if on_error not in get_args(OnError):
+        raise ValueError(f"combine_rewards: on_error must be one of {get_args(OnError)}, got {on_error!r}")
+    if not sources:
+        raise ValueError("combine_rewards: sources is empty; give at least one reward source")
+    names = [s.name for s in sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"combine_rewards: reward source names must be unique, repeated: {dupes}")
+    weights = [1.0] * len(sources) if weights is None else list(weights)
+    if len(weights) != len(sources):
+        raise ValueError(f"combine_rewards: {len(weights)} weights for {len(sources)} sources {names}")
+    if not np.isfinite(error_penalty):
+        raise ValueError(f"combine_rewards: error_penalty must be finite, got {error_penalty}")
+    total = np.zeros(len(inputs), np.float64)
+    per_source, num_errors = {}, {}
+    for source, weight in zip(sources, weights):
+        rewards, bad = _call_source(source, inputs, on_error)
+        rewards = np.where(bad, error_penalty, rewards)
+        per_source[source.name] = rewards.astype(np.float32)
+        num_errors[source.name] = int(bad.sum())
+        total += float(weight) * rewards
+    return RewardResult(total.astype(np.float32), per_source, num_errors)
+
+
+def reward_metrics(result: RewardResult, *, group_size: int = 1) -> dict[str, float]:
+    """Reward metrics of one batch with TRL's names.
+
+    `reward` is the mean total reward; with groups (`group_size > 1`, groups contiguous)
+    `reward_std` is the mean within-group standard deviation and `frac_reward_zero_std` the fraction
+    of groups whose rewards are all equal (no learning signal for group estimators); with
+    `group_size == 1`, `reward_std` is the batch standard deviation. Per source:
+    `rewards/{name}/mean`, `rewards/{name}/std`, `rewards/{name}/num_errors`.
+    """
+    total = result.total.astype(np.float64)
+    metrics = {"reward": float(total.mean())}
+    if group_size > 1:
+        if len(total) % group_size:
+            raise ValueError(f"reward_metrics: {len(total)} rewards do not split into groups of {group_size}")
+        std = total.reshape(-1, group_size).std(axis=1)
+        metrics["reward_std"] = float(std.mean())
+        metrics["frac_reward_zero_std"] = float(np.mean(std < 1e-6))
+    else:
+        metrics["reward_std"] = float(total.std())
+    for name, r in result.per_source.items():
+        metrics[f"rewards/{name}/mean"] = float(r.mean())
+        metrics[f"rewards/{name}/std"] = float(r.std())
+        metrics[f"rewards/{name}/num_errors"] = float(result.num_errors[name])
+    return metrics

@@ -1,0 +1,166 @@
+"""Reward sources: the TRL calling convention, weighted combination, failures, built-in functions."""
+
+import numpy as np
+import pytest
+
+from rlhf_jax.rewards import (
+    PythonReward,
+    RewardFunctionError,
+    RewardInputs,
+    combine_rewards,
+    even_fraction_reward,
+    exact_match,
+    format_reward,
+    missing_eos_penalty,
+    overlong_penalty,
+    reward_metrics,
+)
+
+
+def _inputs(completions=("1+1=2", "2+2=5", "<a>x</a>", "oops"), answers=("2", "4", "x", "3")):
+    n = len(completions)
+    comp = np.array([[4, 5, 2, 0], [6, 7, 8, 9], [10, 2, 0, 0], [11, 12, 13, 14]], np.int32)[:n]
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], bool)[:n]
+    return RewardInputs(
+        prompt_tokens=np.array([[1, 20, 21], [1, 22, 0], [1, 0, 0], [1, 23, 24]], np.int32)[:n],
+        prompt_lengths=np.array([3, 2, 1, 3], np.int32)[:n],
+        completion_tokens=comp,
+        completion_mask=mask,
+        truncated=np.array([False, True, False, True])[:n],
+        prompts=[f"p{i}" for i in range(n)],
+        completions=list(completions),
+        columns={"answer": list(answers)},
+    )
+
+
+def test_python_reward_receives_trl_keywords_and_columns():
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, prompt_ids, truncated, answer, **kwargs):
+        seen.update(prompts=prompts, completion_ids=completion_ids, prompt_ids=prompt_ids,
+                    truncated=truncated, answer=answer, extra=kwargs)
+        return [0.0] * len(completions)
+
+    combine_rewards([PythonReward(spy)], _inputs())
+    assert seen["completion_ids"] == [[4, 5, 2], [6, 7, 8, 9], [10, 2], [11, 12, 13, 14]]
+    assert seen["prompt_ids"] == [[1, 20, 21], [1, 22], [1], [1, 23, 24]]
+    assert seen["truncated"] == [False, True, False, True]
+    assert seen["answer"] == ["2", "4", "x", "3"]
+    assert seen["prompts"] == ["p0", "p1", "p2", "p3"]
+    assert seen["extra"] == {}
+
+
+def test_weighted_combination_and_metrics():
+    inputs = _inputs()
+    result = combine_rewards(
+        [exact_match(), missing_eos_penalty(0.5), PythonReward(even_fraction_reward)],
+        inputs,
+        weights=[2.0, 1.0, 0.25],
+    )
+    # "1+1=2" -> "2" matches; "2+2=5" -> "5" does not; "<a>x</a>" has no "=" so the whole text is compared.
+    np.testing.assert_array_equal(result.per_source["exact_match"], [1, 0, 0, 0])
+    np.testing.assert_array_equal(result.per_source["missing_eos"], [0, -0.5, 0, -0.5])
+    # even ids: [4,5,2] -> 2/3, [6,7,8,9] -> 1/2, [10,2] -> 1, [11,12,13,14] -> 1/2
+    even = np.array([2 / 3, 0.5, 1.0, 0.5], np.float32)
+    np.testing.assert_allclose(result.per_source["even_fraction_reward"], even, rtol=1e-6)
+    expected = 2 * np.array([1, 0, 0, 0]) + np.array([0, -0.5, 0, -0.5]) + 0.25 * even
+    np.testing.assert_allclose(result.total, expected, rtol=1e-6)
+    metrics = reward_metrics(result, group_size=2)
+    assert metrics["reward"] == pytest.approx(expected.mean(), rel=1e-6)
+    group_std = np.array([np.std(expected[:2]), np.std(expected[2:])])
+    assert metrics["reward_std"] == pytest.approx(group_std.mean(), rel=1e-6)
+    assert metrics["frac_reward_zero_std"] == 0.0
+    assert metrics["rewards/exact_match/mean"] == 0.25
+    assert metrics["rewards/missing_eos/num_errors"] == 0.0
+
+
+def test_frac_reward_zero_std_counts_constant_groups():
+    inputs = _inputs()
+    result = combine_rewards([PythonReward(lambda **kw: [1.0, 1.0, 0.0, 1.0], name="r")], inputs)
+    metrics = reward_metrics(result, group_size=2)
+    assert metrics["frac_reward_zero_std"] == 0.5
+    assert metrics["reward_std"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="groups of 3"):
+        reward_metrics(result, group_size=3)
+
+
+def test_raising_function_is_named_in_the_error():
+    def broken_grader(completions, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    with pytest.raises(RewardFunctionError, match=r"'broken_grader' raised ZeroDivisionError: boom"):
+        combine_rewards([PythonReward(broken_grader)], _inputs())
+
+
+def test_nan_reward_names_function_and_sample():
+    def nan_on_third(completions, **kwargs):
+        return [1.0, 1.0, float("nan"), 1.0]
+
+    with pytest.raises(RewardFunctionError, match=r"'nan_on_third' returned nan for sample 2 .*'<a>x</a>'"):
+        combine_rewards([PythonReward(nan_on_third)], _inputs())
+
+
+def test_penalty_mode_finds_failing_samples_and_counts_them():
+    def fragile(completions, answer, **kwargs):
+        # Fails on any batch containing "oops"; returns NaN for "2+2=5".
+        if "oops" in completions:
+            raise ValueError("cannot parse")
+        return [float("nan") if c == "2+2=5" else 1.0 for c in completions]
+
+    result = combine_rewards(
+        [PythonReward(fragile), PythonReward(lambda **kw: [0.5] * 4, name="half")],
+        _inputs(), on_error="penalty", error_penalty=-1.0,
+    )
+    np.testing.assert_array_equal(result.per_source["fragile"], [1.0, -1.0, 1.0, -1.0])
+    assert result.num_errors == {"fragile": 2, "half": 0}
+    np.testing.assert_allclose(result.total, [1.5, -0.5, 1.5, -0.5])
+    assert reward_metrics(result)["rewards/fragile/num_errors"] == 2.0
+
+
+def test_bad_outputs_and_arguments():
+    inputs = _inputs()
+    with pytest.raises(RewardFunctionError, match=r"'short' returned 3 rewards for 4 completions"):
+        combine_rewards([PythonReward(lambda **kw: [1.0] * 3, name="short")], inputs, on_error="penalty")
+    with pytest.raises(RewardFunctionError, match=r"'scalar' must return a list or 1-D array"):
+        combine_rewards([PythonReward(lambda **kw: 1.0, name="scalar")], inputs)
+    with pytest.raises(RewardFunctionError, match=r"non-numeric reward 'yes' for sample 0"):
+        combine_rewards([PythonReward(lambda **kw: ["yes"] * 4, name="text")], inputs)
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        combine_rewards([PythonReward(even_fraction_reward)], inputs, on_error="ignore")
+    with pytest.raises(ValueError, match=r"unique, repeated: \['r'\]"):
+        r = PythonReward(even_fraction_reward, name="r")
+        combine_rewards([r, r], inputs)
+    with pytest.raises(ValueError, match="2 weights for 1 sources"):
+        combine_rewards([PythonReward(even_fraction_reward)], inputs, weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"RewardInputs.truncated has 3 rows but prompt_tokens has 4"):
+        RewardInputs(
+            prompt_tokens=inputs.prompt_tokens, prompt_lengths=inputs.prompt_lengths,
+            completion_tokens=inputs.completion_tokens, completion_mask=inputs.completion_mask,
+            truncated=inputs.truncated[:3],
+        )
+    with pytest.raises(RewardFunctionError, match=r"'exact_match' raised KeyError.*no column 'solution'; columns: \['answer'\]"):
+        combine_rewards([exact_match(column="solution")], inputs)
+
+
+def test_format_reward_and_overlong_penalty():
+    inputs = _inputs()
+    fmt = combine_rewards([format_reward(r"<a>.*</a>")], inputs).total
+    np.testing.assert_array_equal(fmt, [0, 0, 1, 0])
+    with pytest.raises(ValueError, match="invalid pattern"):
+        format_reward("(")
+    # lengths 3, 4, 2, 4 with L_max = 4, L_buf = 2: 0 up to 2, then (2 - L) / 2, -1 beyond 4.
+    over = combine_rewards([overlong_penalty(max_length=4, buffer_length=2)], inputs).total
+    np.testing.assert_allclose(over, [-0.5, -1.0, 0.0, -1.0])
+    over3 = combine_rewards([overlong_penalty(max_length=3, buffer_length=2)], inputs).total
+    # L_max = 3, L_buf = 2: L = 3 sits at the end of the linear zone, (1 - 3) / 2 = -1; L = 2 gives -0.5.
+    np.testing.assert_allclose(over3, [-1.0, -1.0, -0.5, -1.0])
+    with pytest.raises(ValueError, match="buffer_length"):
+        overlong_penalty(max_length=4, buffer_length=5)
+
+
+def test_select_keeps_rows_aligned():
+    inputs = _inputs()
+    sub = inputs.select([3, 0])
+    assert sub.completions == ["oops", "1+1=2"]
+    assert sub.columns["answer"] == ["3", "2"]
+    assert sub.completion_ids() == [[11, 12, 13, 14], [4, 5, 2]]
