@@ -1,0 +1,423 @@
+"""Experiment configuration: frozen, typed, keyword-only dataclasses per concern, composed into one.
+
+An experiment's config is a tree of small frozen dataclasses (model, data, mesh, optim, algorithm,
+sampling, train loop, checkpoint, logging). This module holds the sections that belong to runs
+(`TrainConfig`, `CheckpointConfig`, `LoggingConfig`) and the generic machinery every section shares:
+
+- `override(config, ["optim.learning_rate=3e-4", "algorithm.loss_type=ipo"])` parses each value by
+  the field's type annotation, rebuilds the frozen tree with `dataclasses.replace` (so every
+  section's `__post_init__` validation runs again), and raises `ConfigError` naming the key, the
+  expected type and the valid keys when a key is unknown or a value does not parse.
+- `to_dict` / `from_dict` round-trip a config through JSON-compatible dicts (the `config.json` a
+  run writes beside its checkpoints).
+- `flat_keys(config)` lists every overridable dotted key with its type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "override",
+    "parse_assignment",
+    "flat_keys",
+    "to_dict",
+    "from_dict",
+    "check_choice",
+]
+
+NonFinitePolicy = Literal["skip", "halt"]
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the key and what was expected."""
+
+
+def check_choice(owner: str, name: str, value: Any, literal: Any) -> None:
+    """Raise ConfigError naming `owner.name` when `value` is not one of the `Literal`'s choices."""
+    allowed = get_args(literal)
+    if value not in allowed:
+        raise ConfigError(f"{owner}.{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_positive_int(owner: str, name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{owner}.{name} must be a positive int, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop: how long, how often to evaluate, what to do with a non-finite update.
+
+    Attributes:
+      steps: optimizer updates in the whole run (a resumed run continues up to this number).
+      eval_every: run the evaluation every this many steps (and after the last step); 0 = never.
+      eval_batches: held-out batches per evaluation.
+      micro_batches: gradient-accumulation micro-batches per step (the batch is split evenly).
+      nonfinite: the step's NaN/Inf guard: "skip" drops the update and continues, "halt" stops the
+        run with a message naming the step.
+    """
+
+    steps: int = 100
+    eval_every: int = 0
+    eval_batches: int = 4
+    micro_batches: int = 1
+    nonfinite: NonFinitePolicy = "skip"
+
+    def __post_init__(self):
+        _check_positive_int("train", "steps", self.steps)
+        _check_positive_int("train", "eval_batches", self.eval_batches)
+        _check_positive_int("train", "micro_batches", self.micro_batches)
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be an int >= 0, got {self.eval_every!r}")
+        check_choice("train", "nonfinite", self.nonfinite, NonFinitePolicy)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Where checkpoints go, how often, how many to keep, and what to initialize from.
+
+    Attributes:
+      every: save every this many steps (and always at the end and on SIGTERM/SIGINT); 0 = only then.
+      keep: keep the latest this many checkpoints.
+      keep_best: additionally keep this many best checkpoints by `best_metric` (0 = none).
+      best_metric: an eval metric name, e.g. "eval/rewards/accuracies".
+      best_mode: "max" or "min" for `best_metric`.
+      async_save: write checkpoints in a background thread while training continues.
+      init_from: initial weights: a Hugging Face model directory or an rlhf-jax checkpoint
+        directory (a run's `checkpoints/`); None = random init. Ignored when the run resumes from
+        its own checkpoints.
+      resume: resume from the latest checkpoint in the run's directory when there is one.
+    """
+
+    every: int = 0
+    keep: int = 2
+    keep_best: int = 0
+    best_metric: str | None = None
+    best_mode: Literal["max", "min"] = "max"
+    async_save: bool = True
+    init_from: str | None = None
+    resume: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.every, int) or self.every < 0:
+            raise ConfigError(f"checkpoint.every must be an int >= 0, got {self.every!r}")
+        _check_positive_int("checkpoint", "keep", self.keep)
+        if not isinstance(self.keep_best, int) or self.keep_best < 0:
+            raise ConfigError(f"checkpoint.keep_best must be an int >= 0, got {self.keep_best!r}")
+        if self.keep_best and not self.best_metric:
+            raise ConfigError("checkpoint.keep_best > 0 needs checkpoint.best_metric (an eval metric name)")
+        check_choice("checkpoint", "best_mode", self.best_mode, Literal["max", "min"])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """Where metrics go: console progress bar, JSONL, TensorBoard, optionally Weights & Biases.
+
+    Attributes:
+      every: fetch metrics from the device and log them every this many steps (the step itself
+        never waits on the host in between).
+      console: show a progress bar (step/s, ETA, key metrics) on stderr.
+      jsonl: write `metrics.jsonl` in the run directory.
+      tensorboard: write TensorBoard event files under `tb/` in the run directory.
+      wandb: log to Weights & Biases (needs `pip install wandb`); `wandb_project` names the project.
+    """
+
+    every: int = 1
+    console: bool = True
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "rlhf_jax"
+
+    def __post_init__(self):
+        _check_positive_int("logging", "every", self.every)
+
+
+# ------------------------------------------------------------------------------ type-driven parsing
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fields(obj_or_cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj_or_cls) if f.init}
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"tuple[{_type_name(args[0])}, ...]"
+        return f"tuple[{', '.join(_type_name(a) for a in args)}]"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_NONE = {"none", "null"}
+
+
+def _parse(text: str, tp: Any) -> Any:
+    """Parse `text` as a value of type `tp`; raise ValueError when it does not fit."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return text
+    if origin is Literal:
+        for choice in get_args(tp):
+            if str(choice) == text:
+                return choice
+        raise ValueError(f"expected one of {get_args(tp)}")
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if type(None) in args and text.strip().lower() in _NONE:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _parse(text, arg)
+            except ValueError:
+                continue
+        raise ValueError(f"expected {_type_name(tp)}")
+    if origin is tuple:
+        args = get_args(tp)
+        body = text.strip().strip("()[]").strip()
+        parts = [p.strip() for p in body.split(",") if p.strip()] if body else []
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse(p, args[0]) for p in parts)
+        if len(parts) != len(args):
+            raise ValueError(f"expected {len(args)} comma-separated values")
+        return tuple(_parse(p, a) for p, a in zip(parts, args))
+    if tp is bool:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError("expected a bool (true/false)")
+    if tp is int:
+        try:
+            return int(text.strip().replace("_", ""))
+        except ValueError:
+            raise ValueError("expected an int") from None
+    if tp is float:
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise ValueError("expected a float") from None
+    if tp is str:
+        return text
+    if dataclasses.is_dataclass(tp):
+        raise ValueError(f"{_type_name(tp)} is a section: set its fields with a longer key")
+    raise ValueError(f"cannot parse a value of type {_type_name(tp)} from the command line")
+
+
+def _check_value(value: Any, tp: Any) -> bool:
+    """Whether an already-typed Python value fits `tp` (used for dict round trips)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_check_value(value, a) for a in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, tuple)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+# ----------------------------------------------------------------------------------- key listing
+
+
+def flat_keys(config: Any, prefix: str = "") -> dict[str, str]:
+    """Every overridable dotted key of `config` mapped to the name of its type.
+
+    Sections (nested dataclass values) are walked into; their own keys are not listed.
+    """
+    out: dict[str, str] = {}
+    hints = _hints(type(config))
+    for name in _fields(config):
+        value = getattr(config, name)
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(flat_keys(value, key + "."))
+        else:
+            out[key] = _type_name(hints[name])
+    return out
+
+
+def _valid_keys_message(config: Any, key: str) -> str:
+    keys = flat_keys(config)
+    close = difflib.get_close_matches(key, list(keys), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    listed = "\n".join(f"  {k}: {t}" for k, t in keys.items())
+    return f"{hint}\nValid keys:\n{listed}"
+
+
+# ---------------------------------------------------------------------------------------- override
+
+
+def parse_assignment(assignment: str) -> tuple[str, str]:
+    """Split `"a.b=value"` into `("a.b", "value")`; raise ConfigError when there is no `=`."""
+    key, sep, value = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optim.learning_rate=1e-4")
+    return key, value
+
+
+def _replace_path(node: Any, parts: list[str], text: str, *, full_key: str, root: Any, assignment: str) -> Any:
+    name = parts[0]
+    fields = _fields(node)
+    if name not in fields:
+        raise ConfigError(f"--set {assignment}: unknown key {full_key!r}.{_valid_keys_message(root, full_key)}")
+    current = getattr(node, name)
+    if len(parts) > 1:
+        if not (dataclasses.is_dataclass(current) and not isinstance(current, type)):
+            raise ConfigError(
+                f"--set {assignment}: {'.'.join(full_key.split('.')[:-len(parts) + 1])!r} is a value "
+                f"of type {_type_name(_hints(type(node))[name])}, not a section; unknown key {full_key!r}."
+                f"{_valid_keys_message(root, full_key)}"
+            )
+        value = _replace_path(current, parts[1:], text, full_key=full_key, root=root, assignment=assignment)
+    else:
+        tp = _hints(type(node))[name]
+        if dataclasses.is_dataclass(current) and not isinstance(current, type) and text.strip().lower() not in _NONE:
+            raise ConfigError(
+                f"--set {assignment}: {full_key!r} is a section; set one of its keys: "
+                + ", ".join(k for k in flat_keys(current, full_key + "."))
+            )
+        try:
+            value = _parse(text, tp)
+        except ValueError as e:
+            raise ConfigError(
+                f"--set {assignment}: wrong type for {full_key!r}: {e}; the key has type "
+                f"{_type_name(tp)}, got {text!r}"
+            ) from None
+    try:
+        return dataclasses.replace(node, **{name: value})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--set {assignment}: {e}") from None
+
+
+def override(config: Any, assignments: list[str] | tuple[str, ...]) -> Any:
+    """Apply `KEY=VALUE` overrides (dotted keys) to a frozen dataclass config tree, in order.
+
+    Each value is parsed by the annotated type of its field (bool, int, float, str, `Literal`,
+    `X | None` with "none", `tuple[int, ...]` as "1,2,3"), and the changed sections are rebuilt with
+    `dataclasses.replace`, so their `__post_init__` checks run.
+
+    Args:
+      config: the root config (a frozen dataclass instance).
+      assignments: strings like `"optim.learning_rate=3e-4"`.
+    Returns:
+      A new config; `config` is unchanged.
+    Raises:
+      ConfigError: unknown key (the message lists the valid keys), a value of the wrong type, or a
+        value rejected by a section's validation.
+    """
+    for assignment in assignments:
+        key, text = parse_assignment(assignment)
+        config = _replace_path(config, key.split("."), text, full_key=key, root=config, assignment=assignment)
+    return config
+
+
+# ----------------------------------------------------------------------------------- dict round trip
+
+
+def to_dict(config: Any) -> Any:
+    """A JSON-compatible nested dict of a dataclass config (tuples become lists)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
+    if isinstance(config, (tuple, list)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {str(k): to_dict(v) for k, v in config.items()}
+    return config
+
+
+def _from_value(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(get_args(tp)):
+            return None
+        if isinstance(value, dict):
+            errors = []
+            for arg in args:
+                if dataclasses.is_dataclass(arg):
+                    try:
+                        return from_dict(arg, value, prefix=key + ".")
+                    except ConfigError as e:
+                        errors.append(str(e))
+            raise ConfigError(f"{key}: no section type of {_type_name(tp)} accepts {value!r}: {errors}")
+        for arg in args:
+            if _check_value(value, arg) or (get_origin(arg) is tuple and isinstance(value, list)):
+                return _from_value(value, arg, key)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a {tp.__name__} section (a dict), got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list for {_type_name(tp)}, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_value(v, args[0], key) for v in value)
+        return tuple(_from_value(v, a, key) for v, a in zip(value, args))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not _check_value(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
+    """Rebuild a dataclass of type `cls` from `to_dict` output, checking keys and types.
+
+    Nested sections are rebuilt by their annotated dataclass type; a union of sections is resolved
+    by the first member whose fields accept the dict.
+    """
+    fields = _fields(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix or cls.__name__ + ': '}unknown keys {unknown}; valid: {sorted(fields)}")
+    hints = _hints(cls)
+    kwargs = {name: _from_value(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
