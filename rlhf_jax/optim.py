@@ -1,0 +1,171 @@
+"""Optimizers from a config: optax transforms with learning-rate schedules and gradient clipping.
+
+`make_optimizer(OptimizerConfig(...))` returns one `optax.GradientTransformation`:
+`chain(clip_by_global_norm(max_grad_norm), <optimizer>(learning_rate=schedule))`.
+
+Example:
+    >>> config = OptimizerConfig(name="adamw", learning_rate=1e-5, warmup_steps=100,
+    ...                          schedule="cosine", decay_steps=10_000, max_grad_norm=1.0)
+    >>> tx = make_optimizer(config)
+    >>> lr_at = make_schedule(config)                    # lr_at(step) -> f32[]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, get_args
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["OptimizerName", "ScheduleName", "OptimizerConfig", "make_schedule", "make_optimizer", "decay_mask"]
+
+OptimizerName = Literal["adamw", "adam", "sgd", "lion", "adafactor"]
+ScheduleName = Literal["constant", "linear", "cosine"]
+DecayMask = Literal["all", "no_norms_or_biases"]
+
+
+def _fail(field: str, message: str):
+    raise ValueError(f"OptimizerConfig.{field} {message}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """Optimizer, learning-rate schedule and clipping of a training run.
+
+    The learning rate rises linearly from 0 to `learning_rate` over `warmup_steps`, then follows
+    `schedule` for `decay_steps` steps (counted after warm-up) down to
+    `learning_rate * end_learning_rate_ratio`, and stays there.
+
+    Attributes:
+      name: `adamw` (Loshchilov & Hutter 2019), `adam` (Kingma & Ba 2015), `sgd` (with
+        `momentum`, optionally `nesterov`), `lion` (Chen et al. 2023), `adafactor` (Shazeer &
+        Stern 2018).
+      learning_rate: peak learning rate, > 0.
+      schedule: shape after warm-up: `constant`, `linear` decay or `cosine` decay.
+      warmup_steps: linear warm-up length (0 = none).
+      decay_steps: length of the linear / cosine decay; required by those schedules.
+      end_learning_rate_ratio: final learning rate as a fraction of the peak.
+      b1, b2, eps: Adam / Lion moment coefficients and Adam's epsilon.
+      weight_decay: decoupled weight decay (adamw, lion, adafactor).
+      weight_decay_mask: `all` parameters, or `no_norms_or_biases` (skip leaves named `scale` or
+        ending in `bias`, as the Hugging Face Trainer does).
+      momentum, nesterov: SGD's momentum (0 = plain SGD).
+      max_grad_norm: clip the global gradient norm to this value; None = no clipping.
+    """
+
+    name: OptimizerName = "adamw"
+    learning_rate: float = 1e-5
+    schedule: ScheduleName = "constant"
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+    end_learning_rate_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    weight_decay_mask: DecayMask = "all"
+    momentum: float = 0.0
+    nesterov: bool = False
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self):
+        for field, literal in (("name", OptimizerName), ("schedule", ScheduleName), ("weight_decay_mask", DecayMask)):
+            if getattr(self, field) not in get_args(literal):
+                _fail(field, f"must be one of {get_args(literal)}, got {getattr(self, field)!r}")
+        if not self.learning_rate > 0:
+            _fail("learning_rate", f"must be > 0, got {self.learning_rate!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            _fail("warmup_steps", f"must be an int >= 0, got {self.warmup_steps!r}")
+        if self.schedule != "constant":
+            if not isinstance(self.decay_steps, int) or self.decay_steps <= 0:
+                _fail("decay_steps", f"must be a positive int for schedule {self.schedule!r}, got {self.decay_steps!r}")
+        if not 0.0 <= self.end_learning_rate_ratio <= 1.0:
+            _fail("end_learning_rate_ratio", f"must be in [0, 1], got {self.end_learning_rate_ratio!r}")
+        for field in ("b1", "b2"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                _fail(field, f"must be in [0, 1), got {getattr(self, field)!r}")
+        if not self.eps >= 0:
+            _fail("eps", f"must be >= 0, got {self.eps!r}")
+        if not self.weight_decay >= 0:
+            _fail("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        if self.weight_decay and self.name in ("adam", "sgd"):
+            _fail("weight_decay", f"is not applied by {self.name!r}; use 'adamw' (or set it to 0)")
+        if not 0.0 <= self.momentum < 1.0:
+            _fail("momentum", f"must be in [0, 1), got {self.momentum!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            _fail("max_grad_norm", f"must be > 0 or None, got {self.max_grad_norm!r}")
+
+
+def make_schedule(config: OptimizerConfig) -> optax.Schedule:
+    """The learning rate as a function of the optimizer step: warm-up, then the configured decay.
+
+    `lr(s) = peak * s / W` for `s < W`; then constant, linear or cosine from `peak` to
+    `peak * end_learning_rate_ratio` over `decay_steps`.
+
+    Args:
+      config: the optimizer config.
+
+    Returns:
+      An optax schedule `step -> f32[]`.
+    """
+    peak = config.learning_rate
+    end = peak * config.end_learning_rate_ratio
+    if config.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif config.schedule == "linear":
+        after = optax.linear_schedule(peak, end, config.decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(peak, config.decay_steps, alpha=config.end_learning_rate_ratio)
+    if config.warmup_steps == 0:
+        return after
+    warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+    return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for leaves that get weight decay under `no_norms_or_biases`: not `scale`, not `*bias`."""
+
+    def keep(path, _):
+        key = path[-1]
+        name = str(getattr(key, "key", getattr(key, "name", key)))
+        return not (name == "scale" or name.endswith("bias"))
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """The optax transform of `config`: optional global-norm clipping, then the optimizer.
+
+    Clipping (Pascanu et al. 2013): `g <- g * min(1, max_grad_norm / ||g||_2)` over all leaves.
+
+    Args:
+      config: the optimizer config.
+
+    Returns:
+      An `optax.GradientTransformation`; the learning rate follows `make_schedule(config)`.
+    """
+    lr = make_schedule(config)
+    mask: Callable[[Any], Any] | None = decay_mask if config.weight_decay_mask == "no_norms_or_biases" else None
+    if config.name == "adamw":
+        opt = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
+                          weight_decay=config.weight_decay, mask=mask)
+    elif config.name == "adam":
+        opt = optax.adam(lr, b1=config.b1, b2=config.b2, eps=config.eps)
+    elif config.name == "sgd":
+        opt = optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov)
+    elif config.name == "lion":
+        opt = optax.lion(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=mask)
+    else:
+        opt = optax.adafactor(lr, weight_decay_rate=config.weight_decay or None,
+                              weight_decay_mask=mask, clipping_threshold=None)
+    if config.max_grad_norm is None:
+        return opt
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), opt)
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """`sqrt(sum of squares)` over every leaf, accumulated in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

@@ -1,0 +1,555 @@
+"""Device meshes, sharding strategies as data, parameter / batch placement, and a sharding lint.
+
+A *strategy* is a rule table: for each logical axis name a model annotates its parameters with
+(`vocab`, `embed`, `mlp`, `q_heads`, `kv_heads`, `head_dim`, `layers`), the mesh axes that dimension
+is split over; plus the mesh axes the batch dimension is split over. Nothing in the model or the
+steps changes between strategies (MaxText's logical-axis rules; GSPMD, Xu et al. 2021).
+
+Built-in strategies on the standard mesh axes `data`, `fsdp`, `tensor`:
+
+| strategy  | batch split over | parameters split over                                       |
+|-----------|------------------|-------------------------------------------------------------|
+| `dp`      | data, fsdp       | replicated                                                  |
+| `fsdp`    | data, fsdp       | `embed` over fsdp (ZeRO-3 style; Rajbhandari et al. 2020)  |
+| `tp`      | data, fsdp       | heads, `mlp`, `vocab` over tensor (Megatron; Shoeybi et al. 2019) |
+| `fsdp_tp` | data, fsdp       | `embed` over fsdp and heads, `mlp`, `vocab` over tensor     |
+
+Example:
+    >>> mesh = make_mesh({"fsdp": 4, "tensor": 2})          # data=1 filled in
+    >>> shardings = param_shardings(lm.abstract_params(), lm.logical_axes, mesh=mesh, strategy="fsdp_tp")
+    >>> params = jax.jit(lm.init, out_shardings=shardings)(jax.random.key(0))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "STANDARD_AXES",
+    "MeshConfig",
+    "Strategy",
+    "ShardingError",
+    "LintIssue",
+    "make_mesh",
+    "register_strategy",
+    "get_strategy",
+    "strategy_names",
+    "partition_spec",
+    "param_shardings",
+    "replicated",
+    "batch_sharding",
+    "batch_axis_size",
+    "check_batch",
+    "shard_batch",
+    "lint",
+    "format_lint",
+    "check_strategy",
+]
+
+STANDARD_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+LOGICAL_AXES: frozenset[str] = frozenset(
+    {"vocab", "embed", "mlp", "q_heads", "kv_heads", "head_dim", "layers"}
+)
+
+
+class ShardingError(ValueError):
+    """A mesh, strategy, parameter tree or batch cannot be placed; the message names the culprit."""
+
+
+# ------------------------------------------------------------------------------------------ meshes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Shape of the device mesh and the sharding strategy, as an experiment config section.
+
+    Attributes:
+      data: size of the `data` axis; -1 = all devices not used by the other axes.
+      fsdp: size of the `fsdp` axis (parameters and batch both split over it under `fsdp`).
+      tensor: size of the `tensor` axis (tensor parallelism).
+      strategy: a registered strategy name (`dp`, `fsdp`, `tp`, `fsdp_tp`, or user-registered).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    strategy: str = "fsdp"
+
+    def __post_init__(self):
+        for name in STANDARD_AXES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
+                raise ShardingError(f"MeshConfig.{name} must be a positive int or -1, got {value!r}")
+        if sum(getattr(self, n) == -1 for n in STANDARD_AXES) > 1:
+            raise ShardingError("MeshConfig: at most one of data, fsdp, tensor may be -1")
+        get_strategy(self.strategy)
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in STANDARD_AXES}
+
+    def make_mesh(self, devices: Sequence[Any] | None = None) -> Mesh:
+        """The mesh over `devices` (default: all of `jax.devices()`)."""
+        return make_mesh(self.shape, devices=devices)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, *, devices: Sequence[Any] | None = None) -> Mesh:
+    """A device mesh with `Auto` axis types; the standard axes data/fsdp/tensor are always present.
+
+    Axes missing from `shape` get size 1 (so every built-in strategy applies to every mesh made
+    here); one axis may be -1 and takes the remaining devices. Extra user-defined axes follow the
+    standard ones, in the order given.
+
+    Args:
+      shape: mesh axis name -> size, e.g. `{"data": 2, "fsdp": 4}`; default `{"data": -1}`.
+      devices: the devices to lay out (default `jax.devices()`); e.g. a TPU topology's
+        compile-only devices for ahead-of-time compilation.
+
+    Returns:
+      A `jax.sharding.Mesh` whose device count equals `len(devices)`.
+
+    Raises:
+      ShardingError: a non-positive size, more than one -1, or sizes whose product is not the
+        device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = dict({"data": -1} if shape is None else shape)
+    for name, size in shape.items():
+        if not isinstance(name, str) or not name:
+            raise ShardingError(f"make_mesh: axis names must be non-empty strings, got {name!r}")
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ShardingError(f"make_mesh: axis {name!r} must have a positive size or -1, got {size!r}")
+    names = list(STANDARD_AXES) + [n for n in shape if n not in STANDARD_AXES]
+    sizes = {n: int(shape.get(n, 1)) for n in names}
+    free = [n for n, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ShardingError(f"make_mesh: at most one axis may be -1, got {free}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ShardingError(
+                f"make_mesh: {len(devices)} devices cannot fill axis {free[0]!r}: the other axes "
+                f"{ {n: s for n, s in sizes.items() if s != -1} } need a multiple of {fixed} devices"
+            )
+        sizes[free[0]] = len(devices) // fixed
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ShardingError(
+            f"make_mesh: mesh shape {sizes} has {total} devices but {len(devices)} are available "
+            f"({devices[0].platform if devices else 'none'}); make the product of the axis sizes "
+            f"equal the device count, or use -1 for one axis"
+        )
+    return jax.make_mesh(
+        tuple(sizes[n] for n in names),
+        tuple(names),
+        axis_types=(AxisType.Auto,) * len(names),
+        devices=devices,
+    )
+
+
+# -------------------------------------------------------------------------------------- strategies
+
+MeshAxes = tuple[str, ...]
+
+
+def _as_axes(where: str, value: str | Sequence[str] | None) -> MeshAxes:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    axes = tuple(value)
+    if not all(isinstance(a, str) and a for a in axes):
+        raise ShardingError(f"{where}: mesh axes must be strings, got {value!r}")
+    if len(set(axes)) != len(axes):
+        raise ShardingError(f"{where}: mesh axes repeat in {value!r}")
+    return axes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Strategy:
+    """A sharding strategy: logical axis -> mesh axes rules, and the mesh axes of the batch.
+
+    Attributes:
+      name: registry name.
+      rules: logical axis name -> mesh axis name(s) (a string, a tuple, or None = replicated).
+        Logical axes not listed are replicated. Within one tensor a mesh axis is used at most
+        once: a later dimension whose rule repeats an axis already used stays unsplit over it.
+      batch_axes: mesh axes the leading (batch) dimension of every batch array is split over.
+      description: one line for reports.
+
+    Example:
+        >>> register_strategy(Strategy(name="vocab_fsdp", rules={"vocab": "fsdp", "embed": "fsdp"}))
+    """
+
+    name: str
+    rules: Mapping[str, str | Sequence[str] | None] = dataclasses.field(default_factory=dict)
+    batch_axes: Sequence[str] = ("data", "fsdp")
+    description: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ShardingError(f"Strategy.name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.rules, Mapping):
+            raise ShardingError(f"Strategy {self.name!r}: rules must be a mapping, got {type(self.rules).__name__}")
+        rules = tuple(
+            (str(k), _as_axes(f"Strategy {self.name!r} rule {k!r}", v)) for k, v in self.rules.items()
+        )
+        object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "batch_axes", _as_axes(f"Strategy {self.name!r} batch_axes", self.batch_axes))
+
+    @property
+    def rule_table(self) -> dict[str, MeshAxes]:
+        return dict(self.rules)
+
+    @property
+    def param_axes(self) -> frozenset[str]:
+        """Mesh axes that some rule splits parameters over."""
+        return frozenset(a for _, axes in self.rules for a in axes)
+
+    @property
+    def mesh_axes(self) -> frozenset[str]:
+        """Every mesh axis this strategy names (rules and batch)."""
+        return self.param_axes | frozenset(self.batch_axes)
+
+
+_REGISTRY: dict[str, Strategy] = {}
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+    """Add `strategy` to the registry under its name; a duplicate name is an error."""
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"register_strategy: expected a Strategy, got {type(strategy).__name__}")
+    if strategy.name in _REGISTRY:
+        raise ShardingError(f"register_strategy: a strategy named {strategy.name!r} is already registered")
+    _REGISTRY[strategy.name] = strategy
+    return strategy
+
+
+def get_strategy(strategy: str | Strategy) -> Strategy:
+    """The registered strategy of that name (a `Strategy` passes through)."""
+    if isinstance(strategy, Strategy):
+        return strategy
+    if strategy not in _REGISTRY:
+        raise ShardingError(f"unknown sharding strategy {strategy!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[strategy]
+
+
+def strategy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+_TENSOR_RULES = {"q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+
+register_strategy(Strategy(name="dp", rules={}, description="data parallel: parameters replicated"))
+register_strategy(Strategy(name="fsdp", rules={"embed": "fsdp"}, description="fully sharded data parallel"))
+register_strategy(Strategy(name="tp", rules=_TENSOR_RULES, description="tensor parallel over heads / mlp / vocab"))
+register_strategy(
+    Strategy(name="fsdp_tp", rules={"embed": "fsdp", **_TENSOR_RULES}, description="fsdp x tensor parallel")
+)
+
+
+def check_strategy(strategy: str | Strategy, mesh: Mesh) -> Strategy:
+    """The strategy, after checking that every mesh axis it names exists in `mesh`."""
+    strategy = get_strategy(strategy)
+    unknown = sorted(strategy.mesh_axes - set(mesh.axis_names))
+    if unknown:
+        raise ShardingError(
+            f"strategy {strategy.name!r} names mesh axes {unknown} that the mesh lacks; "
+            f"mesh axes: {dict(mesh.shape)}"
+        )
+    return strategy
+
+
+# --------------------------------------------------------------------------------- parameter specs
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def partition_spec(
+    logical: Sequence[str | None], shape: Sequence[int], *, mesh: Mesh, strategy: str | Strategy
+) -> tuple[PartitionSpec, list[str]]:
+    """The `PartitionSpec` of one array from its logical axis names, and its divisibility problems.
+
+    Each dimension takes the mesh axes of its logical name's rule, minus axes of size 1 and axes an
+    earlier dimension of the same array already uses.
+
+    Args:
+      logical: one logical axis name (or None) per dimension.
+      shape: the array's shape.
+      mesh: the device mesh.
+      strategy: a `Strategy` or registered name.
+
+    Returns:
+      `(spec, problems)`: problems lists, per dimension whose size is not a multiple of its mesh
+      axes' total size, a sentence naming the dimension and the axes.
+    """
+    strategy = get_strategy(strategy)
+    if len(logical) != len(shape):
+        raise ShardingError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
+    table = strategy.rule_table
+    used: set[str] = set()
+    spec, problems = [], []
+    for dim, (name, size) in enumerate(zip(logical, shape)):
+        axes = tuple(
+            a for a in (table.get(name, ()) if name is not None else ())
+            if a not in used and mesh.shape.get(a, 1) > 1
+        )
+        used.update(axes)
+        split = math.prod(mesh.shape[a] for a in axes)
+        if axes and size % split:
+            problems.append(
+                f"dimension {dim} ({name}, size {size}) is not divisible by mesh axes "
+                f"{axes} (total size {split})"
+            )
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec), problems
+
+
+def _specs(abstract_params, logical_axes, mesh: Mesh, strategy: Strategy):
+    """(tree of PartitionSpec, list of (path, problem)) for a parameter tree."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    axes_leaves = treedef.flatten_up_to(logical_axes) if leaves else []
+    specs, problems = [], []
+    for (path, leaf), names in zip(leaves, axes_leaves):
+        names = tuple(names)
+        unknown_names = [n for n in names if n is not None and not isinstance(n, str)]
+        if unknown_names:
+            raise ShardingError(f"parameter {_path_str(path)}: logical axes must be strings, got {names}")
+        if len(names) != len(leaf.shape):
+            raise ShardingError(
+                f"parameter {_path_str(path)} has shape {tuple(leaf.shape)} but logical axes {names}"
+            )
+        spec, bad = partition_spec(names, leaf.shape, mesh=mesh, strategy=strategy)
+        specs.append(spec)
+        problems.extend((_path_str(path), p) for p in bad)
+    return jax.tree_util.tree_unflatten(treedef, specs), problems
+
+
+def _check_trees(abstract_params, logical_axes) -> None:
+    p_struct = jax.tree_util.tree_structure(abstract_params)
+    a_struct = jax.tree_util.tree_structure(logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+    if p_struct != a_struct:
+        raise ShardingError(
+            "logical_axes must have the same tree structure as the parameters (one tuple of axis "
+            f"names per array); got {a_struct} for parameters {p_struct}"
+        )
+
+
+def param_shardings(abstract_params, logical_axes, *, mesh: Mesh, strategy: str | Strategy):
+    """`NamedSharding`s for every parameter, from its logical axis names and the strategy's rules.
+
+    Args:
+      abstract_params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s).
+      logical_axes: the same tree with a tuple of logical axis names per array
+        (`CausalLM.logical_axes`).
+      mesh: the device mesh.
+      strategy: a `Strategy` or registered name.
+
+    Returns:
+      A tree like `abstract_params` of `NamedSharding`.
+
+    Raises:
+      ShardingError: the strategy names an axis the mesh lacks, the trees differ, or a dimension is
+        not divisible by the mesh axes it is split over (all such dimensions are listed).
+    """
+    strategy = check_strategy(strategy, mesh)
+    _check_trees(abstract_params, logical_axes)
+    specs, problems = _specs(abstract_params, logical_axes, mesh, strategy)
+    if problems:
+        lines = "\n  ".join(f"{path}: {p}" for path, p in problems)
+        raise ShardingError(
+            f"strategy {strategy.name!r} on mesh {dict(mesh.shape)} cannot split these parameters "
+            f"evenly:\n  {lines}\nChoose mesh sizes that divide them, or a strategy that leaves "
+            "these logical axes unsplit."
+        )
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The fully replicated sharding on `mesh` (scalars, step counters, rng keys)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def _present_batch_axes(mesh: Mesh, strategy: Strategy) -> MeshAxes:
+    return tuple(a for a in strategy.batch_axes if mesh.shape.get(a, 1) > 1)
+
+
+def batch_axis_size(mesh: Mesh, strategy: str | Strategy) -> int:
+    """How many ways the batch dimension is split: the product of the strategy's batch axes."""
+    strategy = check_strategy(strategy, mesh)
+    return math.prod(mesh.shape[a] for a in _present_batch_axes(mesh, strategy))
+
+
+def batch_sharding(mesh: Mesh, strategy: str | Strategy) -> NamedSharding:
+    """The sharding of batch arrays: leading dimension split over the strategy's batch axes."""
+    strategy = check_strategy(strategy, mesh)
+    axes = _present_batch_axes(mesh, strategy)
+    return NamedSharding(mesh, PartitionSpec(axes if len(axes) > 1 else (axes[0] if axes else None)))
+
+
+def check_batch(batch: Mapping[str, Any], *, mesh: Mesh, strategy: str | Strategy, micro_batches: int = 1) -> int:
+    """Check that every batch array has one leading size divisible by the data split; return it.
+
+    Args:
+      batch: mapping of name -> array (numpy, jax or ShapeDtypeStruct), each `[B, ...]`.
+      mesh: the device mesh.
+      strategy: a `Strategy` or registered name.
+      micro_batches: gradient-accumulation micro-batches (each must also split evenly).
+
+    Returns:
+      The batch size `B`.
+
+    Raises:
+      ShardingError: naming the key whose shape is wrong.
+    """
+    if not isinstance(batch, Mapping) or not batch:
+        raise ShardingError(f"batch must be a non-empty mapping of arrays, got {type(batch).__name__}")
+    ways = batch_axis_size(mesh, strategy)
+    need = ways * micro_batches
+    size = None
+    for key, value in batch.items():
+        shape = tuple(np.shape(value)) if not hasattr(value, "shape") else tuple(value.shape)
+        if not shape:
+            raise ShardingError(f"batch[{key!r}] is a scalar; every batch array needs a leading batch dimension")
+        if size is None:
+            size, first = shape[0], key
+        elif shape[0] != size:
+            raise ShardingError(
+                f"batch[{key!r}] has leading size {shape[0]} but batch[{first!r}] has {size}; all "
+                "batch arrays share the batch dimension"
+            )
+    if size % need:
+        raise ShardingError(
+            f"batch size {size} (batch[{first!r}]) is not divisible by {need} = {ways} data-parallel "
+            f"shards (mesh {dict(mesh.shape)}, strategy {get_strategy(strategy).name!r} batch axes "
+            f"{tuple(get_strategy(strategy).batch_axes)}) x {micro_batches} micro-batches"
+        )
+    return size
+
+
+def shard_batch(batch: Mapping[str, Any], *, mesh: Mesh, strategy: str | Strategy, micro_batches: int = 1):
+    """Place a host batch (numpy arrays) on the mesh, each device receiving only its rows.
+
+    In a multi-process run each process passes its own rows, and the global batch is their
+    concatenation (`jax.make_array_from_process_local_data`).
+    """
+    check_batch(batch, mesh=mesh, strategy=strategy, micro_batches=micro_batches)
+    sharding = batch_sharding(mesh, strategy)
+    if jax.process_count() == 1:
+        return jax.device_put(dict(batch), sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------- lint
+
+
+@dataclasses.dataclass(frozen=True)
+class LintIssue:
+    """One finding of `lint`: `severity` "error" blocks compilation, "warning" is advice."""
+
+    severity: Literal["error", "warning"]
+    kind: Literal["indivisible", "replicated", "unused_axis", "unknown_axis", "unknown_logical_axis"]
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.where}: {self.message}"
+
+
+def lint(
+    abstract_params,
+    logical_axes,
+    *,
+    mesh: Mesh,
+    strategy: str | Strategy,
+    replicated_threshold_bytes: int = 1 << 20,
+) -> list[LintIssue]:
+    """Check a placement before compiling: what would fail, and what would waste memory or devices.
+
+    Findings:
+    - error `unknown_axis`: the strategy names a mesh axis the mesh lacks;
+    - error `indivisible`: a parameter dimension is not a multiple of its mesh axes' total size;
+    - warning `replicated`: a parameter of at least `replicated_threshold_bytes` is left whole on
+      every device although the strategy splits parameters over a mesh axis of size > 1;
+    - warning `unused_axis`: a mesh axis of size > 1 splits neither parameters nor the batch, so
+      its devices repeat each other's work;
+    - warning `unknown_logical_axis`: a parameter's logical axis name has no rule and is not one
+      of the model's standard names (likely a typo in a user rule table's counterpart).
+
+    Args:
+      abstract_params: parameter tree of arrays or ShapeDtypeStructs.
+      logical_axes: same tree of logical-axis-name tuples.
+      mesh: the device mesh.
+      strategy: a `Strategy` or registered name.
+      replicated_threshold_bytes: size from which a replicated parameter is reported.
+
+    Returns:
+      A list of `LintIssue`, errors first.
+    """
+    strategy = get_strategy(strategy)
+    issues: list[LintIssue] = []
+    unknown = sorted(strategy.mesh_axes - set(mesh.axis_names))
+    if unknown:
+        return [LintIssue("error", "unknown_axis", f"strategy {strategy.name}",
+                          f"names mesh axes {unknown} that mesh {dict(mesh.shape)} lacks")]
+    _check_trees(abstract_params, logical_axes)
+    specs, problems = _specs(abstract_params, logical_axes, mesh, strategy)
+    issues += [LintIssue("error", "indivisible", path, p) for path, p in problems]
+    param_split = any(mesh.shape[a] > 1 for a in strategy.param_axes)
+    table = strategy.rule_table
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    axes_leaves = treedef.flatten_up_to(logical_axes)
+    spec_leaves = treedef.flatten_up_to(specs)
+    for (path, leaf), names, spec in zip(leaves, axes_leaves, spec_leaves):
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        if param_split and not any(s is not None for s in spec) and nbytes >= replicated_threshold_bytes:
+            issues.append(LintIssue(
+                "warning", "replicated", _path_str(path),
+                f"{nbytes / 2**20:.1f} MiB {tuple(leaf.shape)} with logical axes {tuple(names)} is "
+                f"replicated on every device; add a rule for one of its axes to split it",
+            ))
+        for n in names:
+            if n is not None and n not in table and n not in LOGICAL_AXES and n != "batch":
+                issues.append(LintIssue(
+                    "warning", "unknown_logical_axis", _path_str(path),
+                    f"logical axis {n!r} has no rule in strategy {strategy.name!r} and is not a standard name",
+                ))
+    used = set(strategy.batch_axes) | strategy.param_axes
+    for axis, size in mesh.shape.items():
+        if size > 1 and axis not in used:
+            issues.append(LintIssue(
+                "warning", "unused_axis", f"mesh axis {axis}",
+                f"size {size} splits neither parameters nor the batch under strategy "
+                f"{strategy.name!r}: its devices repeat the same work",
+            ))
+    return sorted(issues, key=lambda i: i.severity != "error")
+
+
+def format_lint(issues: Sequence[LintIssue]) -> str:
+    """One line per finding, or 'sharding lint: clean'."""
+    if not issues:
+        return "sharding lint: clean"
+    return "\n".join(str(i) for i in issues)
+
+
+def warn_lint(issues: Sequence[LintIssue]) -> None:
+    """Emit each warning-level finding as a Python warning (errors are raised elsewhere)."""
+    for issue in issues:
+        if issue.severity == "warning":
+            warnings.warn(str(issue), stacklevel=3)
