@@ -41,6 +41,8 @@ __all__ = [
     "is_checkpoint_dir",
     "read_model_config",
     "load_params",
+    "export_hf",
+    "import_hf",
 ]
 
 _META = "meta"
@@ -150,6 +152,9 @@ class Checkpointer:
         """The step whose saved metrics are best by `metric` (default: the config's best_metric)."""
         metric = metric or self.config.best_metric
         mode = mode or self.config.best_mode
+        if metric is None and self.latest_step() is not None:
+            meta = self._read_json_item(self.latest_step(), _META)
+            metric, mode = meta.get("best_metric"), meta.get("best_mode", mode)
         if metric is None:
             return None
         scored = []
@@ -164,6 +169,15 @@ class Checkpointer:
     def metrics(self, step: int) -> dict | None:
         """The metrics saved with checkpoint `step` (None when it was saved without)."""
         return self._read_json_item(int(step), _META).get("metrics")
+
+    def item_shapes(self, name: str, step: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+        """`{dotted path: (shape, dtype name)}` of item `name` in checkpoint `step` (metadata only)."""
+        step = self.latest_step() if step is None else int(step)
+        item_dir = os.path.join(self.directory, str(step), name)
+        if step is None or not os.path.isdir(item_dir):
+            raise FileNotFoundError(f"no item {name!r} in checkpoint {step} of {self.directory}")
+        tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)).tree
+        return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in dict(tree).items()}
 
     # ---------------------------------------------------------------------------------------- save
 
@@ -199,6 +213,8 @@ class Checkpointer:
             "model_config": None if self.model_config is None else to_dict(self.model_config),
             "key_impls": key_impls,
             "metrics": None if metrics is None else {k: float(v) for k, v in metrics.items()},
+            "best_metric": self.config.best_metric,
+            "best_mode": self.config.best_mode,
         }
         items[_META] = ocp.args.JsonSave(meta)
         items[_EXTRAS] = ocp.args.JsonSave(_jsonable(dict(extras or {})))
@@ -253,7 +269,7 @@ class Checkpointer:
             if not os.path.isdir(item_dir):
                 problems.append(f"item {name!r}: missing from the checkpoint")
                 continue
-            saved = dict(ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)).tree)
+            saved = self.item_shapes(name, step)
             impls = meta.get("key_impls", {}).get(name, {})
             want = flatten_tree(tree)
             for key in sorted(set(saved) - set(want)):
@@ -264,14 +280,13 @@ class Checkpointer:
                 target = want[key]
                 if _is_key(target):
                     target_shape = tuple(jax.eval_shape(jax.random.key_data, target).shape)
-                    if key not in impls or tuple(saved[key].shape) != target_shape:
-                        problems.append(f"{name}.{key}: checkpoint {tuple(saved[key].shape)} key data, "
+                    if key not in impls or saved[key][0] != target_shape:
+                        problems.append(f"{name}.{key}: checkpoint {saved[key][0]} key data, "
                                         f"this run a PRNG key {tuple(target.shape)} {target.dtype}")
                     continue
-                s, t = saved[key], target
-                if tuple(s.shape) != tuple(t.shape) or np.dtype(s.dtype) != np.dtype(t.dtype):
-                    problems.append(f"{name}.{key}: checkpoint {tuple(s.shape)} {np.dtype(s.dtype).name}, "
-                                    f"this run {_describe(t)}")
+                (shape, dtype), t = saved[key], target
+                if shape != tuple(t.shape) or dtype != np.dtype(t.dtype).name:
+                    problems.append(f"{name}.{key}: checkpoint {shape} {dtype}, this run {_describe(t)}")
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -371,3 +386,76 @@ def load_params(directory: str | os.PathLike, abstract_params: Any, *, model_con
     with Checkpointer(directory, config=CheckpointConfig(async_save=False), model_config=model_config) as ckpt:
         state, _ = ckpt.restore({item: abstract_params}, step=step)
     return state[item]
+
+
+# ------------------------------------------------------------------------------ Hugging Face interop
+
+
+def _model_from_checkpoint(ckpt: Checkpointer, step: int, item: str):
+    """(ModelConfig, head, abstract params) of the model whose weights are item `item` of `step`."""
+    from rlhf_jax.config import from_dict  # noqa: PLC0415
+    from rlhf_jax.models import CausalLM, ModelConfig  # noqa: PLC0415
+
+    saved = ckpt._read_json_item(step, _META).get("model_config")
+    if saved is None:
+        raise CheckpointMismatchError(f"checkpoint {ckpt.directory}/{step} does not record its model config")
+    config = from_dict(ModelConfig, saved)
+    head = "scalar" if "score" in ckpt.item_shapes(item, step) else "lm"
+    return config, head, CausalLM(config, head=head).abstract_params()
+
+
+def export_hf(directory: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | str | None = None,
+              item: str = "params", tokenizer: Any = None, overwrite: bool = False) -> str:
+    """Write the weights of an rlhf-jax checkpoint as a Hugging Face model directory.
+
+    Args:
+      directory: a checkpoint root (e.g. `runs/NAME/checkpoints`).
+      out_dir: the Hugging Face directory to create (config.json + safetensors).
+      step: a step number, "latest" / None, or "best" (by the best metric saved with checkpoints).
+      item: the state item holding the parameters.
+      tokenizer: an object with `save_pretrained` written beside the weights (optional).
+      overwrite: replace an existing `out_dir`.
+    Returns:
+      `out_dir` as a string. A reward model (scalar head) is written as `*ForSequenceClassification`.
+    """
+    from rlhf_jax.models.hf import save_hf  # noqa: PLC0415
+
+    with Checkpointer(directory, config=CheckpointConfig(async_save=False)) as ckpt:
+        resolved = _resolve_step(ckpt, step)
+        config, _, abstract = _model_from_checkpoint(ckpt, resolved, item)
+        ckpt.model_config = config
+        state, _ = ckpt.restore({item: abstract}, step=resolved)
+    save_hf(out_dir, config, state[item], tokenizer, overwrite=overwrite)
+    return os.fspath(out_dir)
+
+
+def import_hf(hf_dir: str | os.PathLike, directory: str | os.PathLike, *, dtype: str | None = None,
+              item: str = "params") -> int:
+    """Write a Hugging Face model directory as an rlhf-jax checkpoint (step 0, params only).
+
+    The result can be given to `checkpoint.init_from` or exported back with `export_hf`.
+    Returns the step written (0).
+    """
+    from rlhf_jax.models.hf import load_hf  # noqa: PLC0415
+
+    config, params = load_hf(hf_dir, dtype=dtype)
+    with Checkpointer(directory, config=CheckpointConfig(async_save=False), model_config=config) as ckpt:
+        if ckpt.all_steps():
+            raise FileExistsError(f"{os.fspath(directory)} already holds checkpoints {ckpt.all_steps()}")
+        ckpt.save(0, {item: params})
+    return 0
+
+
+def _resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:
+    if step in (None, "latest"):
+        resolved = ckpt.latest_step()
+    elif step == "best":
+        resolved = ckpt.best_step()
+        if resolved is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory} was saved with the best metric")
+    else:
+        resolved = int(step)
+    if resolved is None or resolved not in ckpt.all_steps():
+        raise FileNotFoundError(f"no checkpoint {step if step is not None else ''} in {ckpt.directory}; "
+                                f"available steps: {ckpt.all_steps()}")
+    return resolved

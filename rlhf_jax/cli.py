@@ -1,0 +1,214 @@
+"""The `rlhf-jax` command line: run experiments, compile ahead of time, convert and export checkpoints.
+
+    rlhf-jax run experiments/NAME.py[:ARG] [--set KEY=VALUE ...] [--print-config]
+    rlhf-jax compile experiments/NAME.py[:ARG] [--set KEY=VALUE ...] [--topology NAME] [--json FILE]
+    rlhf-jax convert SRC DST [--dtype float32|bfloat16] [--step N|latest|best]
+    rlhf-jax export RUN_DIR OUT_DIR [--step N|latest|best] [--overwrite]
+
+An experiment is a Python file with `get_config(arg=None)` returning a frozen config and
+`main(config)` running it (big_vision style; `:ARG` is passed to `get_config`, e.g. `:tiny`).
+`--set` overrides any config key with a value parsed by the key's type; a bad key or value is
+reported with the list of valid keys before anything is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+__all__ = ["main", "load_experiment", "experiment_config"]
+
+_DESCRIPTION = "rlhf_jax: JAX-native post-training (SFT, reward models, DPO, PPO, GRPO) of language models."
+
+
+class CLIError(Exception):
+    """A user error the CLI reports in one line (exit status 2), without a traceback."""
+
+
+def load_experiment(spec: str) -> tuple[ModuleType, str | None]:
+    """Import `path/to/NAME.py[:ARG]` as a module; return it and ARG (None when absent).
+
+    Raises:
+      CLIError: the file does not exist, is not a .py file, or lacks `get_config` / `main`.
+    """
+    path, sep, arg = spec.partition(":")
+    if not path.endswith(".py"):
+        raise CLIError(f"experiment {spec!r}: expected a path to a .py file, e.g. experiments/sft_tiny.py")
+    if not os.path.isfile(path):
+        raise CLIError(f"experiment file not found: {path}")
+    name = "rlhf_jax_experiment_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    for attr in ("get_config", "main"):
+        if not callable(getattr(module, attr, None)):
+            raise CLIError(f"experiment {path} must define {attr}(...)")
+    return module, (arg if sep else None)
+
+
+def experiment_config(module: ModuleType, arg: str | None, assignments: Sequence[str]) -> Any:
+    """`module.get_config(arg)` (or `get_config()` without ARG) with `--set` overrides applied."""
+    from rlhf_jax.config import override  # noqa: PLC0415
+
+    config = module.get_config() if arg is None else module.get_config(arg)
+    return override(config, list(assignments))
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rlhf_jax.config import to_dict  # noqa: PLC0415
+
+    module, arg = load_experiment(args.experiment)
+    config = experiment_config(module, arg, args.set)
+    if args.print_config:
+        print(json.dumps(to_dict(config), indent=2))
+        return 0
+    result = module.main(config)
+    if isinstance(result, dict) and result:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from rlhf_jax.train.compile import compile_experiment  # noqa: PLC0415
+
+    module, arg = load_experiment(args.experiment)
+    config = experiment_config(module, arg, args.set)
+    report = compile_experiment(config, topology=args.topology)
+    print(report.format() if hasattr(report, "format") else report)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict() if hasattr(report, "to_dict") else report, f, indent=2, default=str)
+    return 0 if getattr(report, "fits", True) else 1
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from rlhf_jax.checkpoint import export_hf, import_hf, is_checkpoint_dir  # noqa: PLC0415
+
+    src = args.src
+    if not os.path.isdir(src):
+        raise CLIError(f"convert: source directory not found: {src}")
+    if os.path.isfile(os.path.join(src, "config.json")) and not is_checkpoint_dir(src):
+        import_hf(src, args.dst, dtype=args.dtype)
+        print(f"wrote rlhf-jax checkpoint {args.dst} (step 0) from Hugging Face directory {src}")
+    elif is_checkpoint_dir(src):
+        export_hf(src, args.dst, step=args.step, overwrite=args.overwrite)
+        print(f"wrote Hugging Face directory {args.dst} from checkpoint {src}")
+    else:
+        raise CLIError(f"convert: {src} is neither a Hugging Face model directory (config.json) nor an "
+                       "rlhf-jax checkpoint directory (numbered step directories)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from rlhf_jax.checkpoint import export_hf, is_checkpoint_dir  # noqa: PLC0415
+
+    run_dir = args.run_dir
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not is_checkpoint_dir(ckpt_dir):
+        raise CLIError(f"export: no checkpoints in {ckpt_dir} (is {run_dir} a run directory?)")
+    tokenizer = None
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    if os.path.isdir(tok_dir):
+        from rlhf_jax.data.tokenize import load_tokenizer  # noqa: PLC0415
+
+        tokenizer = load_tokenizer(tok_dir)
+    export_hf(ckpt_dir, args.out_dir, step=args.step, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"exported {ckpt_dir} (step {args.step}) to {args.out_dir}"
+          + (" with its tokenizer" if tokenizer is not None else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def _add_experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="path to an experiment module, optionally with :ARG for get_config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.learning_rate=1e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `rlhf-jax` argument parser with its four sub-commands."""
+    parser = argparse.ArgumentParser(prog="rlhf-jax", description=_DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run an experiment module",
+                         description="Run experiments/NAME.py: get_config(ARG), apply --set overrides, main(config). "
+                                     "Re-running the same command resumes from the run's latest checkpoint.")
+    _add_experiment_args(run)
+    run.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    run.set_defaults(func=_cmd_run)
+
+    comp = sub.add_parser("compile", help="ahead-of-time compile an experiment's training step and report memory",
+                          description="Lower and compile the experiment's step for its mesh (or a TPU topology) "
+                                      "without running it; report per-device memory, FLOPs and whether it fits.")
+    _add_experiment_args(comp)
+    comp.add_argument("--topology", default=None,
+                      help="a TPU topology to compile for from this machine (needs libtpu), e.g. v5e-8")
+    comp.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    comp.set_defaults(func=_cmd_compile)
+
+    conv = sub.add_parser("convert", help="convert between a Hugging Face directory and an rlhf-jax checkpoint",
+                          description="SRC a Hugging Face model directory -> DST an rlhf-jax checkpoint (step 0); "
+                                      "SRC an rlhf-jax checkpoint directory -> DST a Hugging Face directory.")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                      help="parameter dtype when importing from Hugging Face (default: the checkpoint's)")
+    conv.add_argument("--step", default="latest", help="checkpoint step to export: N, latest or best")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing Hugging Face DST")
+    conv.set_defaults(func=_cmd_convert)
+
+    exp = sub.add_parser("export", help="export a run's trained policy as a Hugging Face directory",
+                         description="Write RUN_DIR/checkpoints (step N, latest or best) and the run's tokenizer "
+                                     "as a Hugging Face model directory.")
+    exp.add_argument("run_dir")
+    exp.add_argument("out_dir")
+    exp.add_argument("--step", default="latest", help="N, latest or best (by the run's best metric)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    exp.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `rlhf-jax` and `python -m rlhf_jax`; returns the exit status.
+
+    User errors (bad config keys or values, missing files, mismatched checkpoints, bad data) print
+    one `error:` line and return 2; anything else raises with its traceback.
+    """
+    from rlhf_jax.checkpoint import CheckpointMismatchError  # noqa: PLC0415
+    from rlhf_jax.config import ConfigError  # noqa: PLC0415
+
+    args = build_parser().parse_args(argv)
+    user_errors: tuple[type[BaseException], ...] = (CLIError, ConfigError, CheckpointMismatchError,
+                                                    FileNotFoundError, FileExistsError) + _library_errors()
+    try:
+        return args.func(args)
+    except user_errors as e:
+        print(f"rlhf-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """Error types of the data, sharding and Hugging Face layers that describe user input."""
+    errors = []
+    for module, name in (("rlhf_jax.data.formats", "DataError"), ("rlhf_jax.sharding", "ShardingError"),
+                         ("rlhf_jax.models.hf", "HFCheckpointError")):
+        spec = importlib.util.find_spec(module)
+        if spec is not None:
+            errors.append(getattr(importlib.import_module(module), name))
+    return tuple(errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
