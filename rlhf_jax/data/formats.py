@@ -1,0 +1,343 @@
+"""Row formats: the dataset schemas users already have (TRL / Hugging Face hub), validated.
+
+A *row* is one record of a source (a JSON object, a table row). `parse_row(row, kind, ref)` checks it
+and returns a typed example; a bad row raises `DataError` naming the file, the line (or row) and the
+problem. Four kinds exist, each accepting the layouts TRL documents:
+
+- `"sft"`: `{"prompt", "completion"}` (both strings, or both message lists), `{"messages": [...]}`
+  (every assistant turn is trained on), or `{"text"}` (language modelling: every token trained on).
+- `"preference"`: `{"prompt", "chosen", "rejected"}` with strings or message lists, an optional
+  `margin` (number; absent means 0). Also the implicit-prompt layout of UltraFeedback-style data:
+  `chosen` / `rejected` are whole conversations that agree up to their final assistant message,
+  which is the completion (a `prompt` column is then not read).
+- `"unpaired"` (KTO): `{"prompt", "completion", "label"}`; `label` is a bool (also 0/1 or the strings
+  "true"/"false", as CSV files store it).
+- `"prompt"` (online RL): `{"prompt", ...}`; every other column (e.g. `answer`) is kept as is and
+  reaches the reward functions.
+
+A string prompt with message-list completions is read as one user message. Messages are
+`{"role", "content"}` objects with a role from `roles` and string content; other keys are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+__all__ = [
+    "Kind",
+    "KINDS",
+    "DEFAULT_ROLES",
+    "RowRef",
+    "DataError",
+    "Plain",
+    "Chat",
+    "SequenceSpec",
+    "SFTExample",
+    "PreferenceExample",
+    "UnpairedExample",
+    "PromptExample",
+    "Example",
+    "parse_row",
+]
+
+Kind = Literal["sft", "preference", "unpaired", "prompt"]
+KINDS: tuple[str, ...] = ("sft", "preference", "unpaired", "prompt")
+DEFAULT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowRef:
+    """Where a row came from, for error messages: `data.jsonl line 3`, `train.parquet row 7`.
+
+    Attributes:
+      source: the file (or a description such as `<rows>` for in-memory data).
+      index: 1-based line number for text files (JSONL, CSV), 0-based row index otherwise.
+      unit: "line" or "row".
+    """
+
+    source: str
+    index: int
+    unit: Literal["line", "row"] = "row"
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.unit} {self.index}"
+
+
+class DataError(ValueError):
+    """A row is unusable; the message names the file, the line (or row) and the problem."""
+
+    def __init__(self, ref: RowRef, problem: str):
+        super().__init__(f"{ref}: {problem}")
+        self.ref = ref
+        self.problem = problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Plain:
+    """Raw text, no chat template: BOS (when the tokenizer has one) + prompt, then the completion.
+
+    `completion` is None for a prompt-only sequence; `prompt` is "" for the `text` layout.
+    """
+
+    prompt: str
+    completion: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Chat:
+    """A conversation rendered with the chat template.
+
+    Attributes:
+      messages: the conversation.
+      num_context: the first `num_context` messages are context (never trained on); every assistant
+        message after them is trained on. Equal to `len(messages)` for a prompt-only conversation,
+        which is rendered with the generation prompt.
+    """
+
+    messages: tuple[Mapping[str, Any], ...]
+    num_context: int
+
+
+SequenceSpec = Union[Plain, Chat]
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTExample:
+    sequence: SequenceSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceExample:
+    chosen: SequenceSpec
+    rejected: SequenceSpec
+    margin: float
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpairedExample:
+    sequence: SequenceSpec
+    label: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptExample:
+    prompt: SequenceSpec
+    columns: Mapping[str, Any]
+
+
+Example = Union[SFTExample, PreferenceExample, UnpairedExample, PromptExample]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _require(row: Mapping[str, Any], ref: RowRef, *names: str) -> None:
+    missing = [n for n in names if n not in row or row[n] is None]
+    if missing:
+        raise DataError(ref, f"missing column {', '.join(repr(m) for m in missing)}; found columns {sorted(row)}")
+
+
+def _messages(value: Any, ref: RowRef, column: str, roles: Sequence[str]) -> tuple[Mapping[str, Any], ...]:
+    """Validate a message list: non-empty, each a {"role", "content"} object with a known role."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(ref, f"column {column!r} must be a non-empty list of messages, got {_describe(value)}")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise DataError(ref, f"{column}[{i}] must be a message object with 'role' and 'content', got {_describe(message)}")
+        role = message.get("role")
+        if role not in roles:
+            raise DataError(ref, f"{column}[{i}] has unknown role {role!r}; expected one of {list(roles)}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise DataError(ref, f"{column}[{i}] ({role}) content must be a string, got {_describe(content)}")
+        out.append(dict(message))
+    return tuple(out)
+
+
+def _text(value: Any, ref: RowRef, column: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise DataError(ref, f"column {column!r} must be a string, got {_describe(value)}")
+    if not allow_empty and not value.strip():
+        raise DataError(ref, f"column {column!r} is empty")
+    return value
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def _check_trained(messages: Sequence[Mapping[str, Any]], start: int, ref: RowRef, column: str) -> None:
+    """The trained part (messages[start:]) ends with an assistant turn and has no empty turn."""
+    if not messages[start:] or messages[-1]["role"] != "assistant":
+        last = messages[-1]["role"] if messages else None
+        raise DataError(ref, f"column {column!r} must end with an assistant message, got role {last!r}")
+    for i in range(start, len(messages)):
+        if messages[i]["role"] == "assistant" and not messages[i]["content"].strip():
+            raise DataError(ref, f"{column}[{i}] (assistant) content is empty")
+
+
+def _prompt_messages(value: Any, ref: RowRef, roles: Sequence[str]) -> tuple[Mapping[str, Any], ...]:
+    """A prompt as messages: a message list, or a string read as one user message."""
+    if isinstance(value, str):
+        return ({"role": "user", "content": _text(value, ref, "prompt")},)
+    return _messages(value, ref, "prompt", roles)
+
+
+def _prompt_completion(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str], column: str = "completion") -> SequenceSpec:
+    """`{"prompt", column}`: both strings (plain text), or a message-list completion (chat)."""
+    _require(row, ref, "prompt", column)
+    completion = row[column]
+    if isinstance(completion, str):
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):
+            raise DataError(
+                ref, f"column 'prompt' is {_describe(prompt)} but {column!r} is a string: use strings for both, or message lists"
+            )
+        return Plain(_text(prompt, ref, "prompt", allow_empty=True), _text(completion, ref, column))
+    if not isinstance(completion, (list, tuple)):
+        raise DataError(ref, f"column {column!r} must be a string or a list of messages, got {_describe(completion)}")
+    prompt = _prompt_messages(row["prompt"], ref, roles)
+    completion = _messages(completion, ref, column, roles)
+    _check_trained(completion, 0, ref, column)
+    return Chat(prompt + completion, len(prompt))
+
+
+def _label(value: Any, ref: RowRef) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise DataError(ref, f"column 'label' must be a bool (or 0/1, 'true'/'false'), got {_describe(value)}")
+
+
+def _margin(value: Any, ref: RowRef) -> float:
+    if value is None:
+        return 0.0
+    try:
+        margin = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        margin = math.nan
+    if not math.isfinite(margin):
+        raise DataError(ref, f"column 'margin' must be a finite number, got {_describe(value)}")
+    return margin
+
+
+# ---------------------------------------------------------------------------------------- parsers
+
+
+def _parse_sft(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> SFTExample:
+    if row.get("messages") is not None:
+        messages = _messages(row["messages"], ref, "messages", roles)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(ref, "column 'messages' has no assistant message to train on")
+        _check_trained(messages, 0, ref, "messages")
+        return SFTExample(Chat(messages, 0))
+    if row.get("completion") is not None or row.get("prompt") is not None:
+        return SFTExample(_prompt_completion(row, ref, roles))
+    if row.get("text") is not None:
+        return SFTExample(Plain("", _text(row["text"], ref, "text")))
+    raise DataError(
+        ref, f"missing column: an SFT row needs 'prompt' and 'completion', 'messages', or 'text'; found columns {sorted(row)}"
+    )
+
+
+def _parse_preference(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> PreferenceExample:
+    _require(row, ref, "chosen", "rejected")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise DataError(ref, "columns 'chosen' and 'rejected' must both be strings or both message lists")
+    implicit = (
+        isinstance(chosen, (list, tuple))
+        and any(isinstance(m, Mapping) and m.get("role") != "assistant" for m in chosen)
+    )
+    if implicit:
+        chosen_m = _messages(chosen, ref, "chosen", roles)
+        rejected_m = _messages(rejected, ref, "rejected", roles)
+        _check_trained(chosen_m, len(chosen_m) - 1, ref, "chosen")
+        _check_trained(rejected_m, len(rejected_m) - 1, ref, "rejected")
+        if list(chosen_m[:-1]) != list(rejected_m[:-1]):
+            raise DataError(ref, "conversations 'chosen' and 'rejected' differ before their final assistant message")
+        context = len(chosen_m) - 1
+        chosen_seq, rejected_seq = Chat(chosen_m, context), Chat(rejected_m, context)
+    else:
+        chosen_seq = _prompt_completion(row, ref, roles, "chosen")
+        rejected_seq = _prompt_completion(row, ref, roles, "rejected")
+    if chosen_seq == rejected_seq:
+        raise DataError(ref, "'chosen' and 'rejected' are identical")
+    return PreferenceExample(chosen_seq, rejected_seq, _margin(row.get("margin"), ref))
+
+
+def _parse_unpaired(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> UnpairedExample:
+    sequence = _prompt_completion(row, ref, roles)
+    _require(row, ref, "label")
+    return UnpairedExample(sequence, _label(row["label"], ref))
+
+
+def _parse_prompt(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> PromptExample:
+    _require(row, ref, "prompt")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        sequence: SequenceSpec = Plain(_text(prompt, ref, "prompt"), None)
+    else:
+        messages = _messages(prompt, ref, "prompt", roles)
+        sequence = Chat(messages, len(messages))
+    return PromptExample(sequence, {k: v for k, v in row.items() if k != "prompt"})
+
+
+_PARSERS = {"sft": _parse_sft, "preference": _parse_preference, "unpaired": _parse_unpaired, "prompt": _parse_prompt}
+
+
+def parse_row(
+    row: Any, kind: Kind, ref: RowRef, *, roles: Sequence[str] = DEFAULT_ROLES, string_format: Literal["plain", "chat"] = "plain"
+) -> Example:
+    """Validate one row of a dataset of `kind` and return its typed example.
+
+    Args:
+      row: a mapping from column name to value (one JSON object / table row).
+      kind: "sft", "preference", "unpaired" or "prompt" (layouts in the module docstring).
+      ref: where the row came from (named in errors).
+      roles: the message roles the chat template accepts.
+      string_format: "plain" keeps string prompts/completions as raw text (TRL's standard format);
+        "chat" turns them into a user message and an assistant message rendered with the template.
+
+    Returns:
+      An `SFTExample`, `PreferenceExample`, `UnpairedExample` or `PromptExample`.
+
+    Raises:
+      DataError: naming `ref` and the problem (missing column, wrong type, empty completion, unknown
+        role, chosen identical to rejected, ...).
+    """
+    if kind not in _PARSERS:
+        raise ValueError(f"parse_row: kind must be one of {KINDS}, got {kind!r}")
+    if string_format not in ("plain", "chat"):
+        raise ValueError(f"parse_row: string_format must be 'plain' or 'chat', got {string_format!r}")
+    if not isinstance(row, Mapping):
+        raise DataError(ref, f"a row must be an object mapping column names to values, got {_describe(row)}")
+    example = _PARSERS[kind](row, ref, roles)
+    return _as_chat(example) if string_format == "chat" else example
+
+
+def _plain_to_chat(sequence: SequenceSpec) -> SequenceSpec:
+    if not isinstance(sequence, Plain):
+        return sequence
+    if sequence.completion is None:
+        return Chat(({"role": "user", "content": sequence.prompt},), 1)
+    if not sequence.prompt:  # the `text` layout: one assistant turn with no prompt
+        return Chat(({"role": "assistant", "content": sequence.completion},), 0)
+    messages = ({"role": "user", "content": sequence.prompt}, {"role": "assistant", "content": sequence.completion})
+    return Chat(messages, 1)
+
+
+def _as_chat(example: Example) -> Example:
+    if isinstance(example, PreferenceExample):
+        return dataclasses.replace(example, chosen=_plain_to_chat(example.chosen), rejected=_plain_to_chat(example.rejected))
+    if isinstance(example, PromptExample):
+        return dataclasses.replace(example, prompt=_plain_to_chat(example.prompt))
+    return dataclasses.replace(example, sequence=_plain_to_chat(example.sequence))

@@ -1,0 +1,208 @@
+"""One batch iterator for every kind and source: shuffling by seed, epochs, hosts, exact resume.
+
+The *global stream* is the concatenation of epochs; epoch e visits the dataset's N examples in the
+order `permutation(seed, e)` (identity without shuffling). With P hosts, host h takes stream
+positions h, h + P, h + 2P, ... (round robin), so within every window of P consecutive positions
+each host gets one example: the hosts' shards of an epoch are disjoint and together complete, and
+every host sees the same number of examples per epoch to within one. Epochs run into each other
+without a gap; `num_epochs=None` iterates forever (what training loops use: they stop by step).
+
+A batch takes examples from the host's stream in order: one per row, or, packed, as many as fit
+(`packing.RowPacker`, which never reads ahead). The iterator's whole state is therefore the number
+of examples this host has consumed, exposed as `{"seed", "epoch", "position", ...}`: `epoch` and
+`position` locate the next example in the global stream. `set_state(get_state())` on a fresh
+iterator over the same dataset and config continues with exactly the batches the saved one would
+have produced next, mid-epoch or at an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from rlhf_jax.data.batches import collate
+from rlhf_jax.data.dataset import TokenizedDataset
+from rlhf_jax.data.packing import RowPacker
+
+__all__ = ["BatchConfig", "BatchIterator"]
+
+_STATE_KEYS = ("seed", "epoch", "position", "process_index", "process_count", "num_examples")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """How examples become batches.
+
+    Attributes:
+      batch_size: rows per batch on this host.
+      seq_len: tokens per row (T); every sequence of the dataset must fit.
+      pack: place several examples per row (SFT and preference kinds only).
+      max_segments: with `pack`, the most examples per row (S).
+      shuffle: visit each epoch in a seeded random order (else in dataset order).
+      seed: the shuffling seed.
+      num_epochs: stop after this many epochs (None: never stop).
+      drop_remainder: with `num_epochs`, drop the last batch when the stream ends inside it (else it
+        is returned with padding rows).
+    """
+
+    batch_size: int
+    seq_len: int
+    pack: bool = False
+    max_segments: int = 8
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None
+    drop_remainder: bool = False
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "max_segments"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"BatchConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"BatchConfig.seed must be an int >= 0, got {self.seed!r}")
+        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
+            raise ValueError(f"BatchConfig.num_epochs must be None or a positive int, got {self.num_epochs!r}")
+
+    @property
+    def num_segments(self) -> int:
+        """S: segment slots per row (`max_segments` when packing, else 1)."""
+        return self.max_segments if self.pack else 1
+
+
+class BatchIterator:
+    """Fixed-shape batches (`batches.collate`) from a `TokenizedDataset`, resumable exactly.
+
+    Args:
+      dataset: the tokenized examples.
+      config: batch size, row length, packing, shuffling, epochs.
+      process_index: this host (default `jax.process_index()`).
+      process_count: the number of hosts (default `jax.process_count()`).
+
+    Example:
+      >>> it = BatchIterator(dataset, BatchConfig(batch_size=8, seq_len=64, pack=True))
+      >>> batch = next(it)
+      >>> saved = it.get_state()          # store with the checkpoint
+      >>> it2 = BatchIterator(dataset, BatchConfig(batch_size=8, seq_len=64, pack=True))
+      >>> it2.set_state(saved)            # next(it2) == next(it)
+    """
+
+    def __init__(self, dataset: TokenizedDataset, config: BatchConfig, *, process_index: int | None = None, process_count: int | None = None):
+        if not isinstance(dataset, TokenizedDataset):
+            raise TypeError(f"BatchIterator: dataset must be a TokenizedDataset, got {type(dataset).__name__}")
+        if config.pack and dataset.kind not in ("sft", "preference"):
+            raise ValueError(f"BatchIterator: BatchConfig.pack applies to sft and preference data, not {dataset.kind!r}")
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"BatchIterator: need 0 <= process_index < process_count, got {process_index} and {process_count}")
+        self.dataset, self.config = dataset, config
+        self.process_index, self.process_count = process_index, process_count
+        self._lengths = dataset.lengths()
+        longest = int(self._lengths.max())
+        if longest > config.seq_len:
+            raise ValueError(
+                f"BatchIterator: {dataset.source} has a sequence of {longest} tokens but BatchConfig.seq_len="
+                f"{config.seq_len}; raise seq_len or lower TokenizeConfig.max_len"
+            )
+        self._n = len(dataset)
+        self._consumed = 0  # examples this host has taken from its stream
+        self._order_epoch = -1
+        self._order = np.arange(self._n)
+
+    # ------------------------------------------------------------------------------ stream
+    def _stream_position(self, k: int) -> int:
+        return k * self.process_count + self.process_index
+
+    def _example(self, k: int) -> int | None:
+        """The dataset index of this host's k-th example, or None past the last epoch."""
+        g = self._stream_position(k)
+        epoch, position = divmod(g, self._n)
+        if self.config.num_epochs is not None and epoch >= self.config.num_epochs:
+            return None
+        if epoch != self._order_epoch:
+            self._order = self.epoch_order(epoch)
+            self._order_epoch = epoch
+        return int(self._order[position])
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The dataset indices in the order epoch `epoch` visits them (all hosts together)."""
+        if not self.config.shuffle:
+            return np.arange(self._n)
+        return np.random.default_rng([self.config.seed, epoch]).permutation(self._n)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next example."""
+        return self._stream_position(self._consumed) // self._n
+
+    # --------------------------------------------------------------------------- batches
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict:
+        cfg = self.config
+        packer = RowPacker(
+            batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_segments=cfg.num_segments, num_tracks=self._lengths.shape[1]
+        )
+        ended = False
+        while not packer.full:
+            item = self._example(self._consumed)
+            if item is None:
+                ended = True
+                break
+            if not packer.add(item, self._lengths[item]):
+                break
+            self._consumed += 1
+        if packer.num_items == 0 or (ended and cfg.drop_remainder):
+            raise StopIteration
+        return collate(self.dataset, packer.rows, seq_len=cfg.seq_len, num_segments=cfg.num_segments)
+
+    # ----------------------------------------------------------------------------- state
+    def get_state(self) -> dict[str, int]:
+        """The position of the next example: `{"seed", "epoch", "position", "process_index",
+        "process_count", "num_examples"}` (plain ints, JSON-serializable)."""
+        epoch, position = divmod(self._stream_position(self._consumed), self._n)
+        return {
+            "seed": self.config.seed,
+            "epoch": epoch,
+            "position": position,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "num_examples": self._n,
+        }
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        """Continue from a state of `get_state()` saved by an iterator over the same data and config.
+
+        Raises:
+          ValueError: naming the key when the state is incomplete or belongs to another seed,
+            dataset size, host or host count.
+        """
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"BatchIterator.set_state: state lacks {missing}; got keys {sorted(state)}")
+        expected = {
+            "seed": self.config.seed,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "num_examples": self._n,
+        }
+        for key, value in expected.items():
+            if int(state[key]) != value:
+                raise ValueError(f"BatchIterator.set_state: state[{key!r}] = {state[key]} but this iterator has {key} = {value}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self._n:
+            raise ValueError(f"BatchIterator.set_state: need epoch >= 0 and 0 <= position < {self._n}, got {epoch}, {position}")
+        offset = epoch * self._n + position - self.process_index
+        if offset % self.process_count:
+            raise ValueError(
+                f"BatchIterator.set_state: epoch {epoch}, position {position} is not a stream position of host "
+                f"{self.process_index} of {self.process_count}"
+            )
+        self._consumed = offset // self.process_count

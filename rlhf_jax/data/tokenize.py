@@ -1,0 +1,341 @@
+"""Tokenization with the tokenizer's chat template: loss masks, EOS, truncation; batched fast calls.
+
+A sequence spec (`formats.Plain` or `formats.Chat`) becomes token ids and a loss mask marking the
+tokens that are trained on:
+
+- `Plain(prompt, completion)`: `[BOS] + ids(prompt)` (BOS when the tokenizer has one) untrained,
+  then `ids(completion) + [EOS]` trained.
+- `Chat(messages, num_context)`: for each trained assistant turn `i`, the template renders the
+  conversation up to turn `i` with the generation prompt (`A_i`) and up to and including turn `i`
+  (`B_i`); `B_i[len(A_i):]` is trained, the text between turns is not. Every render must extend the
+  previous one (a "prefix-stable" template); otherwise the row is rejected with that reason.
+  A prompt-only conversation renders once, with the generation prompt.
+
+Pieces are tokenized separately, all pieces of a chunk of rows in one batched call of the fast
+(Rust) tokenizer, and concatenated; chunks also share identical renders and texts (a preference
+pair's prompt is rendered and tokenized once).
+
+EOS exactly once: the last trained turn ends with exactly one EOS; template text after it (e.g. a
+newline) is dropped, a missing EOS is appended, and a completion whose text already contains the EOS
+token is rejected. The first token of a sequence is never trained on (nothing precedes it), which
+also keeps packed segments from predicting across their boundary.
+
+Truncation (`TokenizeConfig.truncation`), as TRL defines it:
+
+1. A prompt (the tokens before the first trained token) longer than `max_prompt_len` keeps its
+   first (`keep_start`) or last (`keep_end`) `max_prompt_len` tokens.
+2. A prompt that leaves no room for a completion (`>= max_len` tokens) is an error (or a skipped row).
+3. A sequence longer than `max_len` keeps its first (`keep_start`: the completion's end and its EOS
+   are cut) or last (`keep_end`: the prompt's start is cut) `max_len` tokens.
+
+`keep_end` never cuts a leading BOS: the kept tokens follow it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from rlhf_jax.data.formats import DEFAULT_ROLES, Chat, Plain, SequenceSpec
+
+if TYPE_CHECKING:  # transformers is imported on first use: it is slow to import
+    from transformers import PreTrainedTokenizerFast
+
+__all__ = [
+    "Truncation",
+    "TokenizeConfig",
+    "TokenizedSequence",
+    "load_tokenizer",
+    "tokenize_sequences",
+]
+
+Truncation = Literal["keep_start", "keep_end"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenizeConfig:
+    """How rows become token ids.
+
+    Attributes:
+      max_len: the most tokens in one sequence (prompt + completion).
+      max_prompt_len: prompts longer than this are truncated (None: only `max_len` bounds them).
+      truncation: "keep_start" or "keep_end" (see the module docstring).
+      string_format: "plain": string prompts/completions are raw text without the chat template
+        (TRL's standard format); "chat": they become a user and an assistant message rendered with
+        the template. Message lists always use the template.
+      roles: the message roles accepted (an unknown role is a bad row).
+      chunk_size: rows per batched tokenizer call.
+    """
+
+    max_len: int
+    max_prompt_len: int | None = None
+    truncation: Truncation = "keep_end"
+    string_format: Literal["plain", "chat"] = "plain"
+    roles: tuple[str, ...] = DEFAULT_ROLES
+    chunk_size: int = 4096
+
+    def __post_init__(self):
+        if not isinstance(self.max_len, int) or self.max_len < 2:
+            raise ValueError(f"TokenizeConfig.max_len must be an int >= 2, got {self.max_len!r}")
+        if self.max_prompt_len is not None and (
+            not isinstance(self.max_prompt_len, int) or not 1 <= self.max_prompt_len < self.max_len
+        ):
+            raise ValueError(
+                f"TokenizeConfig.max_prompt_len must be None or an int in [1, max_len={self.max_len}), "
+                f"got {self.max_prompt_len!r}"
+            )
+        if self.truncation not in ("keep_start", "keep_end"):
+            raise ValueError(f"TokenizeConfig.truncation must be 'keep_start' or 'keep_end', got {self.truncation!r}")
+        if self.string_format not in ("plain", "chat"):
+            raise ValueError(f"TokenizeConfig.string_format must be 'plain' or 'chat', got {self.string_format!r}")
+        if not self.roles or not all(isinstance(r, str) for r in self.roles):
+            raise ValueError(f"TokenizeConfig.roles must be a non-empty tuple of strings, got {self.roles!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"TokenizeConfig.chunk_size must be a positive int, got {self.chunk_size!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedSequence:
+    """One tokenized sequence.
+
+    Attributes:
+      ids: int32 [L] token ids, L <= max_len.
+      mask: bool [L], True on trained tokens (the completion / assistant turns and their EOS).
+      prompt_len: tokens before the first trained token (L for a prompt-only sequence).
+      truncated: True when `max_len` or `max_prompt_len` cut tokens.
+    """
+
+    ids: np.ndarray
+    mask: np.ndarray
+    prompt_len: int
+    truncated: bool
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """Load a fast Hugging Face tokenizer from a local directory (never from the network).
+
+    Args:
+      path: a directory written by `save_pretrained` (tokenizer.json, tokenizer_config.json, ...).
+
+    Returns:
+      The `PreTrainedTokenizerFast`.
+
+    Raises:
+      FileNotFoundError: naming `path` when it is not a local directory.
+      TypeError: when the directory holds only a slow (Python) tokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"load_tokenizer reads local directories only: {path!r} is not a directory "
+            "(download the tokenizer once and pass its directory)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise OSError(f"load_tokenizer: no usable tokenizer in {path!r}: {err}") from err
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise TypeError(f"load_tokenizer: {path!r} holds a slow {type(tokenizer).__name__}; a fast tokenizer (tokenizer.json) is needed")
+    return tokenizer
+
+
+# -------------------------------------------------------------------------------------- rendering
+
+
+def _key(messages: Sequence[Mapping[str, Any]]) -> Hashable:
+    """A hashable key of a conversation (an unshareable object when some value is unhashable)."""
+    try:
+        key = tuple(tuple(sorted(m.items())) for m in messages)
+        hash(key)
+        return key
+    except TypeError:
+        return object()
+
+
+def _render_all(
+    requests: dict[tuple[Hashable, bool], tuple[Sequence[Mapping[str, Any]], bool]], tokenizer
+) -> dict[tuple[Hashable, bool], str | Exception]:
+    """Render each distinct (conversation, add_generation_prompt) once, batched per flag."""
+    out: dict[tuple[Hashable, bool], str | Exception] = {}
+    for generation in (False, True):
+        keys = [k for k, (_, g) in requests.items() if g == generation]
+        if not keys:
+            continue
+        convs = [list(requests[k][0]) for k in keys]
+        try:
+            texts = tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=generation)
+        except Exception:  # noqa: BLE001 -- find the conversations at fault one by one
+            texts = []
+            for conv in convs:
+                try:
+                    texts.append(tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=generation))
+                except Exception as err:  # noqa: BLE001 -- reported as the row's problem
+                    texts.append(err)
+        out.update(zip(keys, texts))
+    return out
+
+
+# Pieces of one sequence: (text or token-id list, trained).
+_Piece = tuple[Any, bool]
+
+
+def _chat_pieces(spec: Chat, rendered, keys) -> list[_Piece] | str:
+    """Split a conversation's renders into untrained / trained text pieces."""
+    messages = spec.messages
+    turns = [i for i in range(spec.num_context, len(messages)) if messages[i]["role"] == "assistant"]
+    if not turns:
+        text = rendered[(keys[len(messages)], True)]
+        return f"the chat template failed: {text}" if isinstance(text, Exception) else [(text, False)]
+    pieces: list[_Piece] = []
+    done = ""
+    for turn in turns:
+        before, after = rendered[(keys[turn], True)], rendered[(keys[turn + 1], False)]
+        for text in (before, after):
+            if isinstance(text, Exception):
+                return f"the chat template failed: {text}"
+        if not before.startswith(done) or not after.startswith(before):
+            return (
+                f"the chat template is not prefix-stable at message {turn}: rendering the conversation "
+                "turn by turn does not extend the earlier render, so the trained tokens cannot be located"
+            )
+        pieces.append((before[len(done):], False))
+        pieces.append((after[len(before):], True))
+        done = after
+    return pieces
+
+
+def _truncate(ids: list[int], mask: list[bool], prompt_len: int, bos: int | None, config: TokenizeConfig):
+    """Apply max_prompt_len and max_len (module docstring); returns (ids, mask, prompt_len, cut) or a problem."""
+    cut = False
+    keep_bos = bos is not None and bool(ids) and ids[0] == bos
+    limit = config.max_prompt_len
+    if limit is not None and prompt_len > limit:
+        cut = True
+        if config.truncation == "keep_start":
+            drop = slice(limit, prompt_len)
+        else:
+            start = 1 if keep_bos else 0
+            drop = slice(start, start + prompt_len - limit)
+        del ids[drop], mask[drop]
+        prompt_len = limit
+    if prompt_len >= config.max_len:
+        return f"the prompt has {prompt_len} tokens, leaving no room for a completion within max_len={config.max_len}"
+    if len(ids) > config.max_len:
+        cut = True
+        if config.truncation == "keep_start":
+            del ids[config.max_len:], mask[config.max_len:]
+        else:
+            start = 1 if keep_bos else 0
+            drop = slice(start, start + len(ids) - config.max_len)
+            del ids[drop], mask[drop]
+            mask[0] = False
+            prompt_len = mask.index(True)
+    return ids, mask, prompt_len, cut
+
+
+def tokenize_sequences(
+    specs: Sequence[SequenceSpec], tokenizer: PreTrainedTokenizerFast, config: TokenizeConfig
+) -> list[TokenizedSequence | str]:
+    """Tokenize sequence specs with masks, EOS handling and truncation (module docstring).
+
+    One batched render per `add_generation_prompt` flag and one batched fast-tokenizer call for all
+    specs; identical renders and texts are computed once.
+
+    Args:
+      specs: `Plain` / `Chat` sequences (from `formats.parse_row`).
+      tokenizer: a fast tokenizer with an EOS token (and a chat template for `Chat` specs).
+      config: lengths and truncation.
+
+    Returns:
+      Per spec, a `TokenizedSequence`, or a string describing why the spec is unusable (a prompt
+      with no room for a completion, EOS inside the text, a template failure).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise TypeError(f"tokenize_sequences needs a fast tokenizer (PreTrainedTokenizerFast), got {type(tokenizer).__name__}")
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if eos is None:
+        raise ValueError("tokenize_sequences: the tokenizer has no eos_token; set tokenizer.eos_token first")
+    if any(isinstance(s, Chat) for s in specs) and not tokenizer.chat_template:
+        raise ValueError("tokenize_sequences: message-list rows need a tokenizer with a chat_template")
+
+    # 1. Render every distinct conversation prefix the chat specs need.
+    requests: dict[tuple[Hashable, bool], tuple[Sequence[Mapping[str, Any]], bool]] = {}
+    chat_keys: dict[int, list[Hashable]] = {}
+    for n, spec in enumerate(specs):
+        if not isinstance(spec, Chat):
+            continue
+        messages = spec.messages
+        keys = [_key(messages[:i]) for i in range(len(messages) + 1)]
+        chat_keys[n] = keys
+        turns = [i for i in range(spec.num_context, len(messages)) if messages[i]["role"] == "assistant"]
+        if not turns:
+            requests[(keys[-1], True)] = (messages, True)
+        for i in turns:
+            requests[(keys[i], True)] = (messages[:i], True)
+            requests[(keys[i + 1], False)] = (messages[: i + 1], False)
+    rendered = _render_all(requests, tokenizer)
+
+    # 2. Cut each spec into pieces; collect the distinct texts.
+    all_pieces: list[list[_Piece] | str] = []
+    texts: dict[str, int] = {}
+    for n, spec in enumerate(specs):
+        if isinstance(spec, Plain):
+            pieces: list[_Piece] | str = [([bos] if bos is not None else [], False), (spec.prompt, False)]
+            if spec.completion is not None:
+                pieces.append((spec.completion, True))
+        else:
+            pieces = _chat_pieces(spec, rendered, chat_keys[n])
+        if not isinstance(pieces, str):
+            for piece, _ in pieces:
+                if isinstance(piece, str) and piece not in texts:
+                    texts[piece] = len(texts)
+        all_pieces.append(pieces)
+    text_list = list(texts)
+    encoded = tokenizer.backend_tokenizer.encode_batch_fast(text_list, add_special_tokens=False) if text_list else []
+    text_ids = [e.ids for e in encoded]
+
+    # 3. Assemble ids and masks; EOS exactly once; truncate.
+    out: list[TokenizedSequence | str] = []
+    for spec, pieces in zip(specs, all_pieces):
+        if isinstance(pieces, str):
+            out.append(pieces)
+            continue
+        parts = [(piece if isinstance(piece, list) else text_ids[texts[piece]], trained) for piece, trained in pieces]
+        last_trained = max((k for k, (_, t) in enumerate(parts) if t), default=None)
+        problem = None
+        for k, (part, trained) in enumerate(parts):
+            if not trained:
+                continue
+            count = part.count(eos)
+            if count > (0 if isinstance(spec, Plain) else 1):
+                problem = f"the completion text contains the EOS token {tokenizer.eos_token!r}"
+                break
+            if k == last_trained:
+                part = part[: part.index(eos) + 1] if count else part + [eos]
+                parts[k] = (part, trained)
+        if problem is not None:
+            out.append(problem)
+            continue
+        ids: list[int] = []
+        mask: list[bool] = []
+        for part, trained in parts:
+            ids.extend(part)
+            mask.extend([trained] * len(part))
+        if mask:
+            mask[0] = False
+        prompt_len = mask.index(True) if True in mask else len(mask)
+        result = _truncate(ids, mask, prompt_len, bos, config)
+        if isinstance(result, str):
+            out.append(result)
+            continue
+        ids, mask, prompt_len, cut = result
+        out.append(TokenizedSequence(np.asarray(ids, np.int32), np.asarray(mask, bool), prompt_len, cut))
+    return out
