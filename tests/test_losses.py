@@ -1,0 +1,445 @@
+"""rlhf_jax.losses: golden values (by hand and from float64 NumPy written here), gradients, bad input."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.losses import (
+    aggregate,
+    bradley_terry_loss,
+    cispo_loss,
+    count_sequences,
+    count_tokens,
+    dpo_loss,
+    entropy_bonus,
+    kl_divergence,
+    kto_loss,
+    kto_reference_point,
+    orpo_loss,
+    ppo_policy_loss,
+    sft_loss,
+    simpo_loss,
+    value_loss,
+)
+
+RNG = np.random.default_rng(0)
+B, T, V = 4, 6, 11
+
+
+def _np_log_sigmoid(x):
+    return -np.logaddexp(0.0, -np.asarray(x, np.float64))
+
+
+def _np_sigmoid(x):
+    return np.exp(_np_log_sigmoid(x))
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+def _grad_check(f, *args, eps=1e-3):
+    """Reverse-mode gradient of `sum(f(*args))` against a central finite difference along a random direction.
+
+    (jax.test_util.check_grads picks its step for float64; these losses compute in float32, where a
+    step of 1e-3 balances truncation against rounding.)
+    """
+    loss = jax.jit(lambda *a: jnp.sum(f(*a)))
+    grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+    rng = np.random.default_rng(1)
+    for i, (x, g) in enumerate(zip(args, grads)):
+        u = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+        plus = [a + eps * u if j == i else a for j, a in enumerate(args)]
+        minus = [a - eps * u if j == i else a for j, a in enumerate(args)]
+        fd = (float(loss(*plus)) - float(loss(*minus))) / (2 * eps)
+        np.testing.assert_allclose(fd, float(jnp.sum(g * u)), rtol=1e-2, atol=1e-2, err_msg=f"argument {i}")
+
+
+# Per-example preference inputs, away from kinks of hinge/clip terms.
+PC = np.array([-10.2, -35.0, -7.7, -22.1])
+PR = np.array([-12.9, -30.5, -9.1, -21.0])
+RC = np.array([-11.0, -33.3, -8.0, -20.2])
+RR = np.array([-11.5, -31.0, -8.6, -22.9])
+
+
+# --------------------------------------------------------------------------- SFT
+def test_sft_loss_matches_numpy_and_ignores_masked_labels():
+    logits = RNG.standard_normal((B, T, V)) * 2
+    labels = RNG.integers(0, V, (B, T))
+    mask = (np.arange(T)[None] < np.array([6, 3, 1, 0])[:, None]).astype(np.float32)
+    labels_with_ignore = np.where(mask > 0, labels, -100)
+    got = sft_loss(_f32(logits), jnp.asarray(labels_with_ignore), jnp.asarray(mask))
+    z = np.asarray(_f32(logits), np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ref = -np.take_along_axis(logp, labels[..., None], -1)[..., 0] * mask
+    np.testing.assert_allclose(got, ref, atol=2e-6)
+    assert got.dtype == jnp.float32
+    _grad_check(lambda z: sft_loss(z, jnp.asarray(labels), jnp.asarray(mask)), _f32(logits))
+
+
+# --------------------------------------------------------------------------- Bradley-Terry
+def test_bradley_terry_hand_computed():
+    c, r = _f32([2.0, 0.0]), _f32([1.0, 0.0])
+    np.testing.assert_allclose(bradley_terry_loss(c, r), [np.log1p(np.exp(-1.0)), np.log(2.0)], rtol=1e-6)
+    # margin 0.5: softplus(-(2 - 1 - 0.5)); centering 0.01 * (2 + 1)^2 = 0.09.
+    got = bradley_terry_loss(c, r, margin=_f32([0.5, 0.0]), center_rewards_coefficient=0.01)
+    np.testing.assert_allclose(got, [np.log1p(np.exp(-0.5)) + 0.09, np.log(2.0)], rtol=1e-6)
+    # d/dc of -log sigmoid(c - r) is -sigmoid(r - c); the centering adds 2 eta (c + r).
+    g = jax.grad(lambda c: bradley_terry_loss(c, r, center_rewards_coefficient=0.01).sum())(c)
+    np.testing.assert_allclose(g, [-_np_sigmoid(-1.0) + 0.06, -0.5], rtol=1e-5)
+    _grad_check(lambda c, r: bradley_terry_loss(c, r, margin=0.3, center_rewards_coefficient=0.1), c, r)
+
+
+# --------------------------------------------------------------------------- DPO family
+def _np_dpo(pc, pr, rc, rr, beta, loss_type, eps=0.0):
+    c = pc - (0.0 if rc is None else rc)
+    r = pr - (0.0 if rr is None else rr)
+    h = c - r
+    if loss_type == "sigmoid":
+        return -(1 - eps) * _np_log_sigmoid(beta * h) - eps * _np_log_sigmoid(-beta * h)
+    if loss_type == "robust":
+        return (-(1 - eps) * _np_log_sigmoid(beta * h) + eps * _np_log_sigmoid(-beta * h)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return np.maximum(0.0, 1 - beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "apo_zero":
+        return 1 - _np_sigmoid(beta * c) + _np_sigmoid(beta * r)
+    if loss_type == "apo_down":
+        return _np_sigmoid(beta * c) + 1 - _np_sigmoid(beta * h)
+    raise AssertionError(loss_type)
+
+
+def test_dpo_sigmoid_hand_computed():
+    # h = (-1 - -2) - (-3 - -2) = 2, beta h = 1: loss = log(1 + e^-1) = 0.3132617.
+    losses, metrics = dpo_loss(_f32([-1.0]), _f32([-3.0]), _f32([-2.0]), _f32([-2.0]), beta=0.5)
+    np.testing.assert_allclose(losses, [0.31326169], rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/chosen"], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/rejected"], -0.5, rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/margins"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/accuracies"], 1.0)
+    np.testing.assert_allclose(metrics["logps/chosen"], -1.0)
+    np.testing.assert_allclose(metrics["logps/rejected"], -3.0)
+
+
+@pytest.mark.parametrize(
+    "loss_type,eps",
+    [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0)],
+)
+def test_dpo_matches_numpy(loss_type, eps):
+    beta = 0.3
+    losses, metrics = dpo_loss(_f32(PC), _f32(PR), _f32(RC), _f32(RR), beta=beta, loss_type=loss_type, label_smoothing=eps)
+    np.testing.assert_allclose(losses, _np_dpo(PC, PR, RC, RR, beta, loss_type, eps), rtol=2e-5, atol=1e-6)
+    c_rew, r_rew = beta * (PC - RC), beta * (PR - RR)
+    np.testing.assert_allclose(metrics["rewards/chosen"], c_rew.mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["rewards/rejected"], r_rew.mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["rewards/accuracies"], (c_rew > r_rew).mean())
+    np.testing.assert_allclose(metrics["rewards/margins"], (c_rew - r_rew).mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["logps/chosen"], PC.mean(), rtol=1e-6)
+    f = functools.partial(dpo_loss, beta=beta, loss_type=loss_type, label_smoothing=eps)
+    _grad_check(lambda *a: f(*a)[0], _f32(PC), _f32(PR), _f32(RC), _f32(RR))
+
+
+def test_dpo_reference_free_equals_zero_reference():
+    free, m_free = dpo_loss(_f32(PC), _f32(PR), None, None, beta=0.2)
+    zero, _ = dpo_loss(_f32(PC), _f32(PR), jnp.zeros(4), jnp.zeros(4), beta=0.2)
+    np.testing.assert_array_equal(free, zero)
+    np.testing.assert_allclose(free, _np_dpo(PC, PR, None, None, 0.2, "sigmoid"), rtol=1e-5)
+    np.testing.assert_allclose(m_free["rewards/chosen"], 0.2 * PC.mean(), rtol=1e-6)
+
+
+def test_dpo_gradient_direction_and_robust_label_smoothing_identity():
+    # sigmoid DPO: dL/d(chosen) = -beta sigmoid(-beta h) < 0, dL/d(rejected) = +beta sigmoid(-beta h).
+    g_c, g_r = jax.grad(lambda c, r: dpo_loss(c, r, _f32(RC), _f32(RR), beta=0.3)[0].sum(), (0, 1))(_f32(PC), _f32(PR))
+    h = (PC - RC) - (PR - RR)
+    np.testing.assert_allclose(g_c, -0.3 * _np_sigmoid(-0.3 * h), rtol=1e-5)
+    np.testing.assert_allclose(g_r, 0.3 * _np_sigmoid(-0.3 * h), rtol=1e-5)
+    # With eps = 0 robust and conservative DPO both reduce to plain sigmoid DPO.
+    for loss_type in ("robust", "sigmoid"):
+        a, _ = dpo_loss(_f32(PC), _f32(PR), _f32(RC), _f32(RR), beta=0.3, loss_type=loss_type)
+        np.testing.assert_allclose(a, _np_dpo(PC, PR, RC, RR, 0.3, "sigmoid"), rtol=2e-5)
+
+
+def test_simpo_hand_computed_and_numpy():
+    # beta (a_w - a_l) - gamma = 2 * 1 - 0.5 = 1.5: loss = log(1 + e^-1.5) = 0.2014133.
+    np.testing.assert_allclose(simpo_loss(_f32([-1.0]), _f32([-2.0])), [0.20141328], rtol=1e-6)
+    aw, al = PC / 20, PR / 20
+    got = simpo_loss(_f32(aw), _f32(al), beta=2.5, gamma=0.8)
+    np.testing.assert_allclose(got, -_np_log_sigmoid(2.5 * (aw - al) - 0.8), rtol=1e-5)
+    _grad_check(functools.partial(simpo_loss, beta=2.5, gamma=0.8), _f32(aw), _f32(al))
+
+
+def test_orpo_matches_numpy():
+    aw, al = np.array([-0.3, -1.2, -0.05, -2.0]), np.array([-0.9, -0.4, -0.5, -2.5])
+    losses, metrics = orpo_loss(_f32(aw), _f32(al), beta=0.25)
+    log_odds = (aw - al) - (np.log1p(-np.exp(aw)) - np.log1p(-np.exp(al)))
+    np.testing.assert_allclose(losses, -0.25 * _np_log_sigmoid(log_odds), rtol=1e-5)
+    np.testing.assert_allclose(metrics["log_odds_chosen"], log_odds.mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["log_odds_ratio"], _np_log_sigmoid(log_odds).mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["rewards/chosen"], 0.25 * aw.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/accuracies"], 0.75)
+    _grad_check(lambda a, b: orpo_loss(a, b, beta=0.25)[0], _f32(aw), _f32(al))
+    # An average log-prob of exactly 0 (p = 1, e.g. an empty row) stays finite.
+    edge, _ = orpo_loss(_f32([0.0]), _f32([-1.0]))
+    assert np.isfinite(np.asarray(edge)).all()
+
+
+def test_kto_matches_numpy_and_reference_point():
+    logps, ref = _f32(PC), _f32(RC)
+    desirable = jnp.array([True, False, True, False])
+    mismatched, ref_mismatched = _f32([-20.0, -25.0, -30.0, -10.0]), _f32([-21.0, -24.0, -31.5, -10.5])
+    z0 = kto_reference_point(mismatched, ref_mismatched)
+    np.testing.assert_allclose(z0, 0.5, rtol=1e-6)  # mean(1, -1, 1.5, 0.5) = 0.5
+    assert float(kto_reference_point(ref_mismatched, mismatched)) == 0.0  # clamped at 0
+    losses, metrics = kto_loss(logps, ref, desirable, z0, beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
+    r = PC - RC
+    ref_losses = np.where([True, False, True, False], 1 - _np_sigmoid(0.2 * (r - 0.5)), 1.5 * (1 - _np_sigmoid(0.2 * (0.5 - r))))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(metrics["rewards/chosen"], 0.2 * r[[0, 2]].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["rewards/rejected"], 0.2 * r[[1, 3]].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["count/chosen"], 2.0)
+    np.testing.assert_allclose(metrics["kl"], 0.5, rtol=1e-6)
+    # z0 is a constant: no gradient reaches the mismatched log-probs.
+    g = jax.grad(lambda m: kto_loss(logps, ref, desirable, kto_reference_point(m, ref_mismatched))[0].sum())(mismatched)
+    np.testing.assert_array_equal(g, np.zeros(4))
+    _grad_check(lambda lp: kto_loss(lp, ref, desirable, 0.5, undesirable_weight=1.5)[0], logps)
+
+
+# --------------------------------------------------------------------------- policy losses
+def _policy_inputs(adv_rank=1):
+    lp = np.log(RNG.uniform(0.05, 0.95, (B, T)))
+    old = lp + RNG.normal(0, 0.25, (B, T))
+    mask = (np.arange(T)[None] < np.array([6, 4, 2, 5])[:, None]).astype(np.float64)
+    adv = RNG.standard_normal((B,) if adv_rank == 1 else (B, T))
+    return lp, old, adv, mask
+
+
+def _np_ppo(lp, old, adv, mask, eps_low, eps_high, dual=None, sequence=False):
+    adv = adv[:, None] * np.ones_like(lp) if adv.ndim == 1 else adv
+    log_ratio = lp - old
+    if sequence:
+        seq = (log_ratio * mask).sum(1) / np.maximum(mask.sum(1), 1)
+        log_ratio = np.repeat(seq[:, None], lp.shape[1], 1)
+    ratio = np.exp(log_ratio)
+    loss = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps_low, 1 + eps_high))
+    if dual is not None:
+        loss = np.where(adv < 0, np.minimum(loss, -adv * dual), loss)
+    low = (ratio < 1 - eps_low) & (adv < 0)
+    high = (ratio > 1 + eps_high) & (adv > 0)
+    mean = lambda x: (x * mask).sum() / mask.sum()  # noqa: E731
+    tok = np.exp(lp - old)
+    metrics = {
+        "clip_ratio/low_mean": mean(low),
+        "clip_ratio/high_mean": mean(high),
+        "clip_ratio/region_mean": mean(low | high),
+        "approx_kl": mean(tok - 1 - np.log(tok)),
+    }
+    return loss * mask, metrics
+
+
+def test_ppo_hand_computed_clip_and_dual_clip():
+    lp = _f32([[np.log(5.0), np.log(1.5), np.log(0.5), 0.0]])
+    old = jnp.zeros((1, 4))
+    mask = jnp.ones((1, 4))
+    adv = _f32([[-1.0, 2.0, -1.0, 1.0]])
+    loss, m = ppo_policy_loss(lp, old, adv, mask, clip_eps=0.2)
+    # ratio 5, A=-1: max(5, 1.2) = 5 | ratio 1.5, A=2: max(-3, -2.4) = -2.4 | ratio .5, A=-1: max(.5, .8) = .8 | 0 - 1
+    np.testing.assert_allclose(loss, [[5.0, -2.4, 0.8, -1.0]], rtol=1e-6)
+    np.testing.assert_allclose(m["clip_ratio/high_mean"], 0.25)  # token 2 (ratio 1.5 > 1.2, A > 0)
+    np.testing.assert_allclose(m["clip_ratio/low_mean"], 0.25)  # token 3 (ratio .5 < .8, A < 0)
+    np.testing.assert_allclose(m["clip_ratio/region_mean"], 0.5)
+    loss_dual, m_dual = ppo_policy_loss(lp, old, adv, mask, clip_eps=0.2, dual_clip=3.0)
+    np.testing.assert_allclose(loss_dual, [[3.0, -2.4, 0.8, -1.0]], rtol=1e-6)  # min(5, 3 * 1) = 3
+    np.testing.assert_allclose(m_dual["clip_ratio/dual_mean"], 0.25)
+    # clip-higher: with eps_high = 0.6 the ratio 1.5 is inside the region: -2 * 1.5 = -3.
+    loss_high, _ = ppo_policy_loss(lp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.6)
+    np.testing.assert_allclose(loss_high[0, 1], -3.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("adv_rank,eps_high,dual", [(1, None, None), (2, 0.28, None), (2, None, 2.0)])
+def test_ppo_token_matches_numpy(adv_rank, eps_high, dual):
+    lp, old, adv, mask = _policy_inputs(adv_rank)
+    loss, metrics = ppo_policy_loss(_f32(lp), _f32(old), _f32(adv), _f32(mask), clip_eps=0.2, clip_eps_high=eps_high, dual_clip=dual)
+    ref, ref_metrics = _np_ppo(lp, old, adv, mask, 0.2, 0.2 if eps_high is None else eps_high, dual)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    for name, value in ref_metrics.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    f = functools.partial(ppo_policy_loss, clip_eps=0.2, clip_eps_high=eps_high, dual_clip=dual)
+    _grad_check(lambda x: f(x, _f32(old), _f32(adv), _f32(mask))[0], _f32(lp))
+
+
+def test_gspo_value_and_gradient_equal_the_sequence_objective():
+    lp, old, adv, mask = _policy_inputs(1)
+    old = lp + RNG.normal(0, 0.05, (B, T))  # sequence ratios inside and outside [1 - eps, 1 + eps]
+    loss, _ = ppo_policy_loss(_f32(lp), _f32(old), _f32(adv), _f32(mask), clip_eps=0.01, ratio_level="sequence")
+    ref, _ = _np_ppo(lp, old, adv, mask, 0.01, 0.01, sequence=True)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5, atol=1e-6)
+
+    def token_form(x):
+        per_token, _ = ppo_policy_loss(x, _f32(old), _f32(adv), _f32(mask), clip_eps=0.01, ratio_level="sequence")
+        return aggregate(per_token, _f32(mask), mode="seq_mean_token_mean")
+
+    def paper_form(x):  # GSPO eq. (5): mean_i min(s_i A_i, clip(s_i) A_i), s_i from length-normalised log-ratios
+        m = _f32(mask)
+        s = jnp.exp(jnp.sum((x - _f32(old)) * m, 1) / jnp.sum(m, 1))
+        a = _f32(adv)
+        return jnp.mean(jnp.maximum(-a * s, -a * jnp.clip(s, 0.99, 1.01)))
+
+    np.testing.assert_allclose(token_form(_f32(lp)), paper_form(_f32(lp)), rtol=1e-5)
+    g_token, g_paper = jax.grad(token_form)(_f32(lp)), jax.grad(paper_form)(_f32(lp))
+    np.testing.assert_allclose(g_token, g_paper, rtol=1e-4, atol=1e-7)
+    assert np.abs(np.asarray(g_paper)).max() > 0
+
+
+def test_cispo_value_gradient_and_metrics():
+    lp, old, adv, mask = _policy_inputs(2)
+    loss, metrics = cispo_loss(_f32(lp), _f32(old), _f32(adv), _f32(mask), clip_eps_high=0.1, clip_eps_low=0.1)
+    ratio = np.exp(lp - old)
+    weight = np.clip(ratio, 0.9, 1.1)
+    np.testing.assert_allclose(loss, -weight * adv * lp * mask, rtol=1e-5, atol=1e-6)
+    # The weight is a constant: dL/dlogp = -clip(ratio) A, even for clipped tokens (unlike PPO).
+    g = jax.grad(lambda x: cispo_loss(x, _f32(old), _f32(adv), _f32(mask), clip_eps_high=0.1, clip_eps_low=0.1)[0].sum())(_f32(lp))
+    np.testing.assert_allclose(g, -weight * adv * mask, rtol=1e-5, atol=1e-7)
+    mean = lambda x: (x * mask).sum() / mask.sum()  # noqa: E731
+    np.testing.assert_allclose(metrics["clip_ratio/high_mean"], mean(ratio > 1.1), rtol=1e-6)
+    np.testing.assert_allclose(metrics["clip_ratio/low_mean"], mean(ratio < 0.9), rtol=1e-6)
+    # No lower bound by default: a tiny ratio keeps its tiny weight.
+    loss_nolow, m = cispo_loss(_f32([[np.log(0.1)]]), jnp.zeros((1, 1)), _f32([1.0]), jnp.ones((1, 1)))
+    np.testing.assert_allclose(loss_nolow, [[-0.1 * np.log(0.1)]], rtol=1e-5)
+    np.testing.assert_allclose(m["clip_ratio/low_mean"], 0.0)
+
+
+def test_value_loss_hand_computed_and_numpy():
+    v, old, ret = _f32([[1.5, 0.5]]), _f32([[1.0, 0.6]]), _f32([[2.0, 0.0]])
+    # token 0: unclipped (1.5 - 2)^2 = .25, clipped v = 1.2: (1.2 - 2)^2 = .64 -> .5 * .64 = .32
+    # token 1: v - old = -.1 is inside the range: .5 * .25 = .125
+    got = value_loss(v, old, ret, jnp.ones((1, 2)), clip_range=0.2)
+    np.testing.assert_allclose(got, [[0.32, 0.125]], rtol=1e-6)
+    np.testing.assert_allclose(value_loss(v, old, ret, jnp.ones((1, 2)), clip_range=None), [[0.125, 0.125]], rtol=1e-6)
+    vals, olds, rets = RNG.standard_normal((3, B, T))
+    mask = np.ones((B, T))
+    mask[1, 3:] = 0
+    ref = 0.5 * np.maximum((vals - rets) ** 2, (olds + np.clip(vals - olds, -0.3, 0.3) - rets) ** 2) * mask
+    np.testing.assert_allclose(value_loss(_f32(vals), _f32(olds), _f32(rets), _f32(mask), clip_range=0.3), ref, rtol=1e-5)
+    _grad_check(lambda x: value_loss(x, _f32(olds), _f32(rets), _f32(mask), clip_range=0.3), _f32(vals))
+
+
+# --------------------------------------------------------------------------- KL and entropy
+def test_kl_estimators_match_numpy_and_are_exactly_zero_on_equal_inputs():
+    lp, ref = np.log(RNG.uniform(0.01, 1, (B, T))), np.log(RNG.uniform(0.01, 1, (B, T)))
+    d = lp - ref
+    expected = {"k1": d, "k2": 0.5 * d**2, "k3": np.exp(-d) - 1 + d}
+    for name, value in expected.items():
+        np.testing.assert_allclose(kl_divergence(_f32(lp), _f32(ref), estimator=name), value, rtol=1e-5, atol=1e-6)
+        same = kl_divergence(_f32(lp), _f32(lp), estimator=name)
+        assert np.all(np.asarray(same) == 0.0), name
+        _grad_check(lambda x: kl_divergence(x, _f32(ref), estimator=name), _f32(lp))
+    clamped = kl_divergence(_f32([[5.0, -5.0]]), jnp.zeros((1, 2)), estimator="k1", clamp=1.0)
+    np.testing.assert_array_equal(clamped, [[1.0, -1.0]])
+    # k3 on an extreme log-ratio stays finite.
+    assert np.isfinite(np.asarray(kl_divergence(_f32([[-200.0]]), _f32([[0.0]]), estimator="k3"))).all()
+
+
+def test_entropy_bonus_is_negative_masked_entropy():
+    logits = RNG.standard_normal((B, T, V))
+    mask = np.ones((B, T))
+    mask[2] = 0
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    ref = (np.exp(logp) * logp).sum(-1) * mask
+    np.testing.assert_allclose(entropy_bonus(_f32(logits), _f32(mask)), ref, rtol=1e-5, atol=1e-6)
+    _grad_check(lambda x: entropy_bonus(x, _f32(mask)), _f32(logits))
+
+
+# --------------------------------------------------------------------------- aggregate
+def _np_aggregate(x, m, mode, max_len=None):
+    n = m.sum(1)
+    rows = n > 0
+    if mode == "token_mean":
+        return (x * m).sum() / m.sum()
+    if mode == "seq_mean_token_mean":
+        return ((x * m).sum(1)[rows] / n[rows]).mean()
+    if mode == "seq_mean_token_sum":
+        return (x * m).sum(1)[rows].mean()
+    return (x * m).sum(1)[rows].mean() / (max_len or x.shape[1])
+
+
+MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+
+
+def test_aggregate_matches_numpy_and_hand_example():
+    x = np.array([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0], [7.0, 7.0, 7.0]])
+    m = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]], np.float64)
+    hand = {"token_mean": 10 / 4, "seq_mean_token_mean": (2 + 4) / 2, "seq_mean_token_sum": (6 + 4) / 2, "seq_mean_token_sum_norm": (6 + 4) / 2 / 3}
+    for mode, value in hand.items():
+        np.testing.assert_allclose(aggregate(_f32(x), _f32(m), mode=mode), value, rtol=1e-6)
+    np.testing.assert_allclose(aggregate(_f32(x), _f32(m), mode="seq_mean_token_sum_norm", max_len=10), 10 / 2 / 10, rtol=1e-6)
+    xs, ms = RNG.standard_normal((8, 5)), (RNG.uniform(size=(8, 5)) > 0.4).astype(np.float64)
+    for mode in MODES:
+        np.testing.assert_allclose(aggregate(_f32(xs), _f32(ms), mode=mode), _np_aggregate(xs, ms, mode), rtol=1e-5)
+    # An empty batch gives 0, never NaN.
+    for mode in MODES:
+        assert float(aggregate(jnp.ones((2, 3)), jnp.zeros((2, 3)), mode=mode)) == 0.0
+
+
+def test_aggregate_micro_batches_sum_to_full_batch():
+    x = _f32(RNG.standard_normal((16, 7)))
+    lengths = RNG.integers(0, 8, 16)
+    m = _f32(np.arange(7)[None] < lengths[:, None])
+    for mode in MODES:
+        full = aggregate(x, m, mode=mode)
+        kwargs = {"num_tokens": count_tokens(m)} if mode == "token_mean" else {"num_sequences": count_sequences(m)}
+        parts = sum(aggregate(x[i : i + 4], m[i : i + 4], mode=mode, **kwargs) for i in range(0, 16, 4))
+        np.testing.assert_allclose(parts, full, atol=1e-6, err_msg=mode)
+        # Gradients accumulate the same way.
+        g_full = jax.grad(lambda y: aggregate(y, m, mode=mode))(x)
+        g_parts = jax.grad(lambda y: sum(aggregate(y[i : i + 4], m[i : i + 4], mode=mode, **kwargs) for i in range(0, 16, 4)))(x)
+        np.testing.assert_allclose(g_parts, g_full, atol=1e-7, err_msg=mode)
+
+
+# --------------------------------------------------------------------------- bad input
+def _raises(match, f, *args, **kwargs):
+    with pytest.raises((ValueError, TypeError), match=match):
+        f(*args, **kwargs)
+    # The same check fires at trace time under jit.
+    with pytest.raises((ValueError, TypeError), match=match):
+        jax.jit(lambda *a: f(*a, **kwargs))(*args)
+
+
+def test_bad_input_names_the_argument():
+    b4, b3 = jnp.zeros(4), jnp.zeros(3)
+    bt, mask = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    _raises("loss_type", dpo_loss, b4, b4, b4, b4, loss_type="nope")
+    _raises("beta", dpo_loss, b4, b4, b4, b4, beta=0.0)
+    _raises("beta", dpo_loss, b4, b4, b4, b4, beta=-1.0)
+    _raises("label_smoothing", dpo_loss, b4, b4, b4, b4, loss_type="hinge", label_smoothing=0.1)
+    _raises("label_smoothing", dpo_loss, b4, b4, b4, b4, loss_type="robust", label_smoothing=0.5)
+    _raises(r"rejected_logps\[3\]", dpo_loss, b4, b3, b4, b4)
+    with pytest.raises(ValueError, match="ref_chosen_logps and ref_rejected_logps"):
+        dpo_loss(b4, b4, b4, None)
+    _raises("beta", simpo_loss, b4, b4, beta=0.0)
+    _raises("beta", orpo_loss, b4, b4, beta=-0.1)
+    _raises("beta", kto_loss, b4, b4, b4 > 0, 0.0, beta=0.0)
+    _raises("kl_ref_point", kto_loss, b4, b4, b4 > 0, b4)
+    _raises("rejected_rewards", bradley_terry_loss, b4, b3)
+    _raises("margin", bradley_terry_loss, b4, b4, margin=b3)
+    _raises("ratio_level", ppo_policy_loss, bt, bt, bt, mask, ratio_level="seq")
+    _raises("advantages", ppo_policy_loss, bt, bt, jnp.zeros(3), mask)
+    _raises("old_logps", ppo_policy_loss, bt, jnp.zeros((2, 4)), bt, mask)
+    _raises("clip_eps", ppo_policy_loss, bt, bt, bt, mask, clip_eps=0.0)
+    _raises("dual_clip", ppo_policy_loss, bt, bt, bt, mask, dual_clip=1.0)
+    _raises("clip_eps_high", cispo_loss, bt, bt, bt, mask, clip_eps_high=0.0)
+    _raises("clip_range", value_loss, bt, bt, bt, mask, clip_range=-0.2)
+    _raises("returns", value_loss, bt, bt, jnp.zeros((2, 4)), mask)
+    _raises("estimator", kl_divergence, bt, bt, estimator="k4")
+    _raises("clamp", kl_divergence, bt, bt, clamp=0.0)
+    _raises("mode", aggregate, bt, mask, mode="sum")
+    _raises("mask", aggregate, bt, jnp.ones((2, 4)))
+    _raises("num_tokens", aggregate, bt, mask, mode="seq_mean_token_mean", num_tokens=3.0)
+    _raises("max_len", aggregate, bt, mask, mode="token_mean", max_len=3)
+    _raises("mask", sft_loss, jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4)))
+    _raises("mask", entropy_bonus, jnp.zeros((2, 3, 5)), jnp.ones((2, 4)))
