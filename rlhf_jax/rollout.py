@@ -1,0 +1,181 @@
+"""Trainer-side views of sampled completions: joined sequences, completion log-probs, values, scores.
+
+The sampler returns right-padded prompts `[N, P]` (real lengths `prompt_lengths`) and completions
+`[N, C]` (masked up to and including the first EOS). The trainer, the reference policy, the value
+model and the reward model all read the same *joined* sequence per row,
+
+    joined[b] = prompt[b, :len_b] ++ completion[b] ++ padding          (length P + C),
+
+so right padding holds and positions are `arange(P + C)`. The token `completion[b, i]` sits at
+index `len_b + i` of the joined row and is predicted by the hidden state at `len_b - 1 + i`; the
+helpers below gather those `C` hidden states, so every per-token result comes back in the sampler's
+`[N, C]` layout, aligned with its log-probs and masks. Only the completion positions go through the
+LM head (chunked, via `rlhf_jax.logprobs`), never a `[N, P + C, V]` logits array.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import _checks
+from rlhf_jax.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs_and_entropy, chunked_token_logprobs
+from rlhf_jax.models.heads import scalar_head
+
+__all__ = [
+    "join_sequences",
+    "completion_index",
+    "completion_hidden",
+    "completion_logprobs",
+    "completion_values",
+    "sequence_scores",
+]
+
+
+def _check_rollout(fn: str, prompt_tokens, prompt_lengths, completion_tokens) -> None:
+    _checks.check_rank(fn, "prompt_tokens", prompt_tokens, 2)
+    _checks.check_rank(fn, "completion_tokens", completion_tokens, 2)
+    _checks.check_rank(fn, "prompt_lengths", prompt_lengths, 1)
+    _checks.check_integer(fn, "prompt_tokens", prompt_tokens)
+    _checks.check_integer(fn, "completion_tokens", completion_tokens)
+    n = prompt_tokens.shape[0]
+    if completion_tokens.shape[0] != n or prompt_lengths.shape[0] != n:
+        raise ValueError(
+            f"{fn}: prompt_tokens {list(prompt_tokens.shape)}, prompt_lengths {list(prompt_lengths.shape)} "
+            f"and completion_tokens {list(completion_tokens.shape)} must have the same number of rows"
+        )
+
+
+def join_sequences(
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    completion_tokens: jax.Array,
+    *,
+    pad_id: int = 0,
+) -> jax.Array:
+    """Concatenate each row's real prompt tokens with its completion, right-padded.
+
+    `joined[b, j] = prompt[b, j]` for `j < len_b`, `completion[b, j - len_b]` for
+    `len_b <= j < len_b + C`, and `pad_id` after.
+
+    Args:
+      prompt_tokens: int `[N, P]` right-padded prompts.
+      prompt_lengths: int `[N]` real prompt lengths, in `[1, P]`.
+      completion_tokens: int `[N, C]` completions.
+      pad_id: id written after each row's completion.
+
+    Returns:
+      int32 `[N, P + C]`.
+    """
+    _check_rollout("join_sequences", prompt_tokens, prompt_lengths, completion_tokens)
+    p, c = prompt_tokens.shape[1], completion_tokens.shape[1]
+    j = jnp.arange(p + c, dtype=jnp.int32)[None, :]
+    lengths = prompt_lengths.astype(jnp.int32)[:, None]
+    from_prompt = j < lengths
+    ci = j - lengths
+    prompt_part = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), jnp.clip(j, 0, p - 1), axis=1)
+    completion_part = jnp.take_along_axis(completion_tokens.astype(jnp.int32), jnp.clip(ci, 0, c - 1), axis=1)
+    joined = jnp.where(from_prompt, prompt_part, completion_part)
+    return jnp.where(from_prompt | (ci < c), joined, jnp.int32(pad_id))
+
+
+def completion_index(prompt_lengths: jax.Array, num_completion_tokens: int) -> jax.Array:
+    """Index of the hidden state that predicts each completion token: `len_b - 1 + i`, int32 `[N, C]`."""
+    return prompt_lengths.astype(jnp.int32)[:, None] - 1 + jnp.arange(num_completion_tokens, dtype=jnp.int32)[None, :]
+
+
+def completion_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens) -> jax.Array:
+    """Final hidden states at the positions that predict each completion token.
+
+    `h[b, i] = hidden(joined[b, : len_b + i])[-1]`, i.e. the state after reading the prompt and the
+    first `i` completion tokens (the state in which token `i` is chosen).
+
+    Args:
+      model: a `CausalLM` (LM or scalar head; only its hidden states are read).
+      params: its parameters.
+      prompt_tokens: int `[N, P]`; prompt_lengths: int `[N]` (>= 1); completion_tokens: int `[N, C]`.
+
+    Returns:
+      `[N, C, E]` hidden states in the model's compute dtype.
+    """
+    joined = join_sequences(prompt_tokens, prompt_lengths, completion_tokens)
+    hidden = model.forward(params, joined[:, :-1]).hidden
+    index = completion_index(prompt_lengths, completion_tokens.shape[1])
+    return jnp.take_along_axis(hidden, index[:, :, None], axis=1)
+
+
+def completion_logprobs(
+    model,
+    params,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    completion_tokens: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Log-probs (and optionally entropies) of the completion tokens under a policy.
+
+    `log pi(y_i | x, y_<i)` with `pi = softmax(logits / temperature)`, computed by
+    `rlhf_jax.logprobs` exactly as the sampler computes its own, in the `[N, C]` completion layout.
+
+    Args:
+      model: a `CausalLM` with an LM head.
+      params: its parameters (policy, old policy or reference).
+      prompt_tokens, prompt_lengths, completion_tokens: the rollout (see `join_sequences`).
+      temperature: the sampling temperature.
+      with_entropy: also return the entropy of each predictive distribution.
+      chunk_size: tokens per LM-head chunk.
+
+    Returns:
+      `(logps, entropy)`: float32 `[N, C]` each; `entropy` is None unless asked for. Positions past
+      a completion's end hold the log-prob of whatever token is there; mask them.
+    """
+    hidden = completion_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens)
+    weight = model.lm_head_weight(params)
+    labels = completion_tokens.astype(jnp.int32)
+    if with_entropy:
+        return chunked_logprobs_and_entropy(hidden, weight, labels, temperature=temperature, chunk_size=chunk_size)
+    return chunked_token_logprobs(hidden, weight, labels, temperature=temperature, chunk_size=chunk_size), None
+
+
+def completion_values(value_model, value_params, prompt_tokens, prompt_lengths, completion_tokens) -> jax.Array:
+    """A scalar-head model's value of the state in which each completion token is chosen.
+
+    `V[b, i] = w . h[b, i]` with `h` from `completion_hidden` and `w` the model's `score` kernel.
+
+    Args:
+      value_model: a `CausalLM(config, head="scalar")` (a reward model's copy by default).
+      value_params: its parameters.
+      prompt_tokens, prompt_lengths, completion_tokens: the rollout.
+
+    Returns:
+      float32 `[N, C]`.
+    """
+    hidden = completion_hidden(value_model, value_params, prompt_tokens, prompt_lengths, completion_tokens)
+    return scalar_head(value_params["score"], hidden)
+
+
+def sequence_scores(
+    reward_model, reward_params, prompt_tokens, prompt_lengths, completion_tokens, completion_mask
+) -> jax.Array:
+    """A reward model's score of each prompt + completion, read at the last real token.
+
+    `r_b = w . hidden(joined_b)[len_b + n_b - 1]` with `n_b = sum_i completion_mask[b, i]`
+    (the EOS token when the completion has one); an empty completion is scored at the prompt's end.
+
+    Args:
+      reward_model: a `CausalLM(config, head="scalar")`.
+      reward_params: its parameters.
+      prompt_tokens, prompt_lengths, completion_tokens: the rollout; completion_mask: `[N, C]`.
+
+    Returns:
+      float32 `[N]`.
+    """
+    _check_rollout("sequence_scores", prompt_tokens, prompt_lengths, completion_tokens)
+    _checks.check_same_shape("sequence_scores", completion_tokens=completion_tokens, completion_mask=completion_mask)
+    joined = join_sequences(prompt_tokens, prompt_lengths, completion_tokens)
+    values = reward_model.forward(reward_params, joined).values
+    last = prompt_lengths.astype(jnp.int32) + jnp.sum(completion_mask != 0, axis=1, dtype=jnp.int32) - 1
+    return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
