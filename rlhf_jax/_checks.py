@@ -103,9 +103,9 @@ def masked_sum(x: jax.Array, mask: jax.Array, axis: int | tuple[int, ...] | None
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
     """Mean of `x` weighted by `mask`; 0 where the mask is empty (never NaN)."""
-    return masked_sum(x, mask, axis) / safe_count(jnp.sum(mask_f32(mask), axis=axis))
+    return masked_sum(x, mask, axis) / safe_denominator(jnp.sum(mask_f32(mask), axis=axis))
 
 
-def safe_count(count: jax.Array) -> jax.Array:
-    """A denominator that is `count` where positive and 1 elsewhere (an empty sum then gives 0)."""
-    return jnp.where(count > 0, count, 1.0)
+def safe_denominator(denom: jax.Array) -> jax.Array:
+    """`denom` where positive, 1 elsewhere: an empty sum (or an all-zero numerator) then gives 0, not NaN."""
+    return jnp.where(denom > 0, denom, 1.0)

@@ -153,12 +153,14 @@ def group_normalized(
     _checks.check_nonnegative(fn, "eps", eps)
     d = _grouped(fn, rewards, group_size)
     centered = d - jnp.mean(d, axis=1, keepdims=True)
+    if scale == "none":
+        return centered.reshape(-1)
     if scale == "group":
         std = jnp.sqrt(jnp.sum(jnp.square(centered), axis=1, keepdims=True) / (group_size - 1))
-        centered = centered / (std + eps)
-    elif scale == "batch":
-        centered = centered / (jnp.std(_checks.f32(rewards), ddof=1) + eps)
-    return centered.reshape(-1)
+    else:
+        std = jnp.std(_checks.f32(rewards), ddof=1)
+    # A zero std means every centred value is exactly 0: divide by 1 rather than 0 (eps may be 0).
+    return (centered / _checks.safe_denominator(std + eps)).reshape(-1)
 
 
 def leave_one_out(rewards: jax.Array, group_size: int) -> jax.Array:

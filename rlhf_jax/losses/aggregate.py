@@ -64,16 +64,16 @@ def aggregate(
     x = _checks.f32(per_token)
     m = _checks.mask_f32(mask)
     if mode == "token_mean":
-        denom = _checks.safe_count(jnp.sum(m)) if num_tokens is None else _checks.f32(num_tokens)
+        denom = _checks.safe_denominator(jnp.sum(m)) if num_tokens is None else _checks.f32(num_tokens)
         return _checks.masked_sum(x, m) / denom
     row_tokens = jnp.sum(m, axis=-1)
     if num_sequences is None:
-        n_seq = _checks.safe_count(jnp.sum((row_tokens > 0).astype(jnp.float32)))
+        n_seq = _checks.safe_denominator(jnp.sum((row_tokens > 0).astype(jnp.float32)))
     else:
         n_seq = _checks.f32(num_sequences)
     row_sums = _checks.masked_sum(x, m, axis=-1)
     if mode == "seq_mean_token_mean":
-        return jnp.sum(row_sums / _checks.safe_count(row_tokens)) / n_seq
+        return jnp.sum(row_sums / _checks.safe_denominator(row_tokens)) / n_seq
     if mode == "seq_mean_token_sum":
         return jnp.sum(row_sums) / n_seq
     length = x.shape[-1] if max_len is None else max_len
