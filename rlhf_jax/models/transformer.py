@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.heads import SCALAR_HEAD_AXES, init_scalar_head, scalar_head
 from rlhf_jax.models.layers import Block, RMSNorm, param, rope_angles
 
 _F32 = jnp.float32
@@ -95,7 +96,8 @@ class Transformer(nnx.Module):
         if head == "lm" and not c.tie_word_embeddings:
             self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c)
         if head == "scalar":
-            self.score = param(rngs, (c.hidden_size,), ("embed",), c)
+            self.score = nnx.Param(init_scalar_head(c, rngs.params()), out_sharding=SCALAR_HEAD_AXES,
+                                   eager_sharding=False)
 
     def lm_head_weight(self):
         """The [E, V] output projection (the transposed embedding when tied)."""
@@ -143,8 +145,7 @@ class Transformer(nnx.Module):
             w = self.lm_head_weight().astype(c.jnp_dtype)
             logits = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=_F32)
         else:
-            values = jnp.einsum("bte,e->bt", hidden, self.score[...].astype(c.jnp_dtype),
-                                preferred_element_type=_F32)
+            values = scalar_head(self.score[...], hidden)
         return ModelOutput(logits, values, hidden, new_cache)
 
 

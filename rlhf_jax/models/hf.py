@@ -1,0 +1,787 @@
+"""Hugging Face checkpoints <-> (`ModelConfig`, params), with numpy and safetensors only (no torch).
+
+A Hugging Face directory holds `config.json` and the weights in `model.safetensors`, or in several
+`*.safetensors` shards listed by `model.safetensors.index.json`. `load_hf` reads such a directory
+into our config and parameter tree; `save_hf` writes one that
+`transformers.AutoModelForCausalLM.from_pretrained` (or `AutoModelForSequenceClassification` for
+a scalar head) loads.
+
+Layouts. Hugging Face stores each `nn.Linear` weight as [out, in]; our kernels are einsum-shaped
+[in, ...out] (`q_proj` [E, H, D], `o_proj` [H, D, E], `gate_proj` [E, F], `lm_head` [E, V]), and
+every per-layer parameter is stacked on a leading `layers` axis. The mapping is a transpose and a
+reshape, so a round trip is exact bit for bit, in float32 and bfloat16 alike.
+
+Supported `model_type`s: llama (incl. Llama 3 `rope_type: "llama3"`), mistral (sliding window),
+qwen2 (q/k/v bias, sliding window when every layer uses it), qwen3 (q/k RMSNorm, explicit
+`head_dim`). `*ForSequenceClassification` checkpoints with one label (`score.weight` [1, E]) load
+as the scalar head (`CausalLM(config, head="scalar")`); their params carry `score` instead of
+`lm_head`. Old Llama checkpoints that still store `rotary_emb.inv_freq` buffers load (the buffers
+are recomputed from the config, never read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from rlhf_jax.models.config import ModelConfig, RopeScaling
+from rlhf_jax.models.transformer import CausalLM, Head
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_ARCH_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# Defaults of the transformers config classes, for keys a config.json may omit.
+_DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+_DEFAULT_ROPE_THETA = 10000.0
+_DEFAULT_MAX_WINDOW_LAYERS = 28
+# safetensors dtype names; floating ones may be converted to the requested parameter dtype.
+_FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
+_DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# Buffers that old checkpoints stored and that we recompute from the config.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class HFCheckpointError(ValueError):
+    """A Hugging Face config or checkpoint this package cannot read or write faithfully."""
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf_config: Mapping[str, Any] | str | os.PathLike) -> ModelConfig:
+    """Translate a Hugging Face `config.json` (a dict, the file, or its directory) to a `ModelConfig`.
+
+    Reads both the transformers 5 layout (`rope_parameters`) and the older one (`rope_theta` +
+    `rope_scaling`). The parameter dtype is the config's `dtype`/`torch_dtype` (float16 becomes
+    float32, a lossless upcast); the compute dtype equals it. Runtime fields Hugging Face does not
+    describe (`scan_layers`, `remat`) keep their defaults.
+
+    Args:
+      hf_config: a config dict (e.g. `PretrainedConfig.to_dict()`), a path to `config.json`, or a
+        checkpoint directory containing it.
+    Returns:
+      The `ModelConfig`.
+    Raises:
+      FileNotFoundError: no config.json at the path.
+      HFCheckpointError: an unsupported `model_type`, rope type, activation, bias or layer layout,
+        naming the file and the key.
+    """
+    if isinstance(hf_config, Mapping):
+        return _config_from_dict(dict(hf_config), "<config dict>")
+    path = Path(hf_config)
+    file = path / CONFIG_FILE if path.is_dir() else path
+    return _config_from_dict(_read_json(file), str(file))
+
+
+def _config_from_dict(d: dict, source: str) -> ModelConfig:
+    def fail(message):
+        raise HFCheckpointError(f"{source}: {message}")
+
+    def required(key):
+        if d.get(key) is None:
+            fail(f"missing required key {key!r}")
+        return d[key]
+
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        fail(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        fail(f"hidden_act {act!r} is not supported (only 'silu', i.e. SwiGLU)")
+    if d.get("mlp_bias"):
+        fail("mlp_bias=true is not supported (the MLP has no biases)")
+    if d.get("attention_bias") and model_type in ("llama", "qwen3"):
+        fail(f"attention_bias=true is not supported for {model_type} (it adds an o_proj bias)")
+
+    num_heads = required("num_attention_heads")
+    hidden = required("hidden_size")
+    head_dim = d.get("head_dim")
+    if head_dim is None:
+        if hidden % num_heads:
+            fail(f"head_dim is absent and hidden_size {hidden} is not a multiple of num_attention_heads {num_heads}")
+        head_dim = hidden // num_heads
+    num_layers = required("num_hidden_layers")
+    max_positions = d.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[model_type]
+    rope_theta, rope_scaling = _rope_from_hf(d, max_positions, fail)
+
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=required("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=required("intermediate_size"),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=d.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        sliding_window=_sliding_window_from_hf(d, model_type, num_layers, fail),
+        param_dtype=_param_dtype_from_hf(d, fail),
+        dtype=_param_dtype_from_hf(d, fail),
+        initializer_range=float(d.get("initializer_range", 0.02)),
+        bos_token_id=_token_id(d.get("bos_token_id")),
+        eos_token_id=_token_id(d.get("eos_token_id")),
+        pad_token_id=_token_id(d.get("pad_token_id")),
+    )
+
+
+def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, RopeScaling or None); `rope_scaling` takes precedence, as in transformers."""
+    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if any(isinstance(v, Mapping) for v in params.values()):
+        fail(f"per-layer-type rope parameters are not supported: {params}")
+    theta = params.get("rope_theta", d.get("rope_theta", _DEFAULT_ROPE_THETA))
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial is not None and partial != 1.0:
+        fail(f"partial_rotary_factor {partial} is not supported (RoPE covers the whole head)")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        fail(f"rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')")
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if key not in params:
+            fail(f"llama3 rope scaling lacks {key!r}")
+    return theta, RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings") or max_positions),
+    )
+
+
+def _sliding_window_from_hf(d: dict, model_type: str, num_layers: int, fail) -> int | None:
+    """The one window every layer uses, or None; a mix of full and windowed layers is an error."""
+    if model_type == "llama":
+        return None
+    window = d.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return None
+    layer_types = d.get("layer_types")
+    if layer_types is None:
+        if model_type == "mistral":
+            return window
+        start = d.get("max_window_layers", _DEFAULT_MAX_WINDOW_LAYERS)
+        layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
+    kinds = set(layer_types)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"}:
+        return window
+    fail(f"layer_types mixes full and sliding-window attention ({layer_types}); only one kind for all "
+         "layers is supported")
+
+
+def _param_dtype_from_hf(d: dict, fail) -> str:
+    name = d.get("dtype") or d.get("torch_dtype") or "float32"
+    if name in ("float32", "float16"):
+        return "float32"
+    if name == "bfloat16":
+        return "bfloat16"
+    fail(f"dtype {name!r} is not supported (float32, bfloat16 or float16)")
+
+
+def _token_id(value):
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def config_to_hf(config: ModelConfig, *, head: Head = "lm") -> dict:
+    """The Hugging Face `config.json` dict of a `ModelConfig` (transformers 5 and 4 both read it).
+
+    Writes `rope_parameters` (transformers 5) and the older `rope_theta`/`rope_scaling` keys, and
+    `dtype`/`torch_dtype` from `param_dtype`.
+
+    Args:
+      config: the model configuration.
+      head: "lm" for `*ForCausalLM`, "scalar" for `*ForSequenceClassification` with one label.
+    Returns:
+      A JSON-serializable dict.
+    Raises:
+      HFCheckpointError: the config uses a feature its `model_type` cannot express in transformers
+        (e.g. q/k norm outside qwen3, q/k/v bias outside qwen2, a sliding window in llama).
+    """
+    c = config
+    if head not in ("lm", "scalar"):
+        raise ValueError(f"config_to_hf: head must be 'lm' or 'scalar', got {head!r}")
+
+    def need(field, value, why):
+        if getattr(c, field) != value:
+            raise HFCheckpointError(
+                f"config_to_hf: model_type {c.model_type!r} requires {field}={value!r} ({why}), got "
+                f"{getattr(c, field)!r}"
+            )
+
+    need("qk_norm", c.model_type == "qwen3", "q/k RMSNorm is qwen3's alone")
+    need("attention_bias", c.model_type == "qwen2", "q/k/v bias without o_proj bias is qwen2's alone")
+    if c.model_type == "llama":
+        need("sliding_window", None, "transformers' llama has no sliding window")
+
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    legacy_scaling = None
+    if c.rope_scaling is not None:
+        legacy_scaling = {"rope_type": "llama3", **dataclasses.asdict(c.rope_scaling)}
+        rope = {**legacy_scaling, "rope_theta": c.rope_theta}
+    suffix = "ForCausalLM" if head == "lm" else "ForSequenceClassification"
+    out = {
+        "model_type": c.model_type,
+        "architectures": [_ARCH_PREFIX[c.model_type] + suffix],
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_position_embeddings,
+        "initializer_range": c.initializer_range,
+        "rms_norm_eps": c.rms_norm_eps,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "rope_parameters": rope,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": legacy_scaling,
+        "bos_token_id": _json_token_id(c.bos_token_id),
+        "eos_token_id": _json_token_id(c.eos_token_id),
+        "pad_token_id": _json_token_id(c.pad_token_id),
+        "dtype": c.param_dtype,
+        "torch_dtype": c.param_dtype,
+        "use_cache": True,
+    }
+    if c.model_type in ("llama", "qwen3"):
+        out["attention_bias"] = False
+    if c.model_type == "llama":
+        out["mlp_bias"] = False
+    if c.model_type == "mistral":
+        out["sliding_window"] = c.sliding_window
+    if c.model_type in ("qwen2", "qwen3"):
+        windowed = c.sliding_window is not None
+        out["use_sliding_window"] = windowed
+        out["sliding_window"] = c.sliding_window
+        out["max_window_layers"] = 0 if windowed else c.num_layers
+        out["layer_types"] = ["sliding_attention" if windowed else "full_attention"] * c.num_layers
+    if head == "scalar":
+        out["id2label"] = {"0": "LABEL_0"}
+        out["label2id"] = {"LABEL_0": 0}
+    return out
+
+
+def _json_token_id(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+# --------------------------------------------------------------------------------- tensor names
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorSpec:
+    """One Hugging Face tensor and the parameter (or the layer slice of one) it fills.
+
+    `transpose`: HF stores the 2-D [out, in] matrix whose transpose, reshaped, is our kernel.
+    """
+
+    hf_name: str
+    path: tuple[str, ...]
+    layer: int | None
+    hf_shape: tuple[int, ...]
+    transpose: bool
+
+    def from_hf(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return (array.T if self.transpose else array).reshape(shape)
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            return np.ascontiguousarray(array.reshape(self.hf_shape[::-1]).T)
+        return np.ascontiguousarray(array.reshape(self.hf_shape))
+
+
+def _tensor_specs(config: ModelConfig, head: Head) -> list[_TensorSpec]:
+    """Every tensor of a checkpoint of `config`, in Hugging Face's order."""
+    c = config
+    e, h, k, d, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    specs = [_TensorSpec("model.embed_tokens.weight", ("embed",), None, (c.vocab_size, e), False)]
+    per_layer = [
+        ("input_layernorm.weight", ("input_norm", "scale"), (e,), False),
+        ("self_attn.q_proj.weight", ("attn", "q_proj"), (h * d, e), True),
+        ("self_attn.k_proj.weight", ("attn", "k_proj"), (k * d, e), True),
+        ("self_attn.v_proj.weight", ("attn", "v_proj"), (k * d, e), True),
+        ("self_attn.o_proj.weight", ("attn", "o_proj"), (e, h * d), True),
+    ]
+    if c.attention_bias:
+        per_layer += [
+            ("self_attn.q_proj.bias", ("attn", "q_bias"), (h * d,), False),
+            ("self_attn.k_proj.bias", ("attn", "k_bias"), (k * d,), False),
+            ("self_attn.v_proj.bias", ("attn", "v_bias"), (k * d,), False),
+        ]
+    if c.qk_norm:
+        per_layer += [
+            ("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), (d,), False),
+            ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), (d,), False),
+        ]
+    per_layer += [
+        ("post_attention_layernorm.weight", ("post_attn_norm", "scale"), (e,), False),
+        ("mlp.gate_proj.weight", ("mlp", "gate_proj"), (f, e), True),
+        ("mlp.up_proj.weight", ("mlp", "up_proj"), (f, e), True),
+        ("mlp.down_proj.weight", ("mlp", "down_proj"), (e, f), True),
+    ]
+    for i in range(c.num_layers):
+        for name, path, shape, transpose in per_layer:
+            specs.append(_TensorSpec(f"model.layers.{i}.{name}", ("layers",) + path, i, shape, transpose))
+    specs.append(_TensorSpec("model.norm.weight", ("final_norm", "scale"), None, (e,), False))
+    if head == "scalar":
+        specs.append(_TensorSpec("score.weight", ("score",), None, (1, e), False))
+    elif not c.tie_word_embeddings:
+        specs.append(_TensorSpec("lm_head.weight", ("lm_head",), None, (c.vocab_size, e), True))
+    return specs
+
+
+def _checked_specs(config: ModelConfig, head: Head) -> tuple[list[_TensorSpec], dict]:
+    """The specs and the flat abstract params {path: ShapeDtypeStruct}; they must cover each other."""
+    abstract = _flatten(CausalLM(config, head=head).abstract_params())
+    specs = _tensor_specs(config, head)
+    covered = {s.path for s in specs}
+    if covered != set(abstract):
+        raise AssertionError(
+            f"hf.py maps {sorted(covered ^ set(abstract))} inconsistently with the model's parameters"
+        )
+    return specs, abstract
+
+
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def _unflatten(flat: Mapping) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+# ------------------------------------------------------------------------------------------ load
+
+
+def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None) -> tuple[ModelConfig, dict]:
+    """Read a local Hugging Face checkpoint directory into `(ModelConfig, params)`.
+
+    Every tensor's name, shape and dtype is checked against the config from the safetensors
+    headers before any data is read, so a bad checkpoint raises and nothing half-loaded is returned.
+    Each parameter is assembled on the host (layers stacked) and then put on device, one at a time.
+
+    Args:
+      path: a directory with config.json and model.safetensors, or shards listed by
+        model.safetensors.index.json (any *.safetensors files when there is no index).
+      dtype: parameter dtype, "float32" or "bfloat16" (any floating checkpoint converts). None keeps
+        the checkpoint's dtype: every tensor must then have the dtype config.json declares (float16
+        is upcast to float32 exactly).
+      shardings: optional tree like the params of `jax.sharding.Sharding`s to place each parameter
+        directly (e.g. from `rlhf_jax.sharding`); default: the default device.
+    Returns:
+      (config, params): `config.param_dtype` and `config.dtype` equal the loaded dtype; `params` is
+      the nested dict of `CausalLM(config, head=...).init`, with `score` instead of `lm_head` for a
+      `*ForSequenceClassification` checkpoint (load it with `head="scalar"`).
+    Raises:
+      FileNotFoundError: the directory, config.json or a shard is missing.
+      HFCheckpointError: an unsupported config, or missing, extra, mis-shaped or wrongly typed
+        tensors, naming the file and the tensor.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"load_hf: {root} is not a directory")
+    config_file = root / CONFIG_FILE
+    raw = _read_json(config_file)
+    config = _config_from_dict(raw, str(config_file))
+    if dtype is not None and dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"load_hf: dtype must be 'float32', 'bfloat16' or None, got {dtype!r}")
+    target = dtype or config.param_dtype
+    config = config.replace(param_dtype=target, dtype=target)
+
+    with _Checkpoint(root) as ckpt:
+        head = _head_of(raw, ckpt.names, config_file)
+        specs, abstract = _checked_specs(config, head)
+        declared = None if dtype is not None else _declared_dtype(raw, specs[0], ckpt)
+        ckpt.check(specs, declared, tied=config.tie_word_embeddings and head == "lm")
+        flat_shardings = None if shardings is None else _flat_shardings(shardings, abstract)
+        by_path: dict[tuple, list[_TensorSpec]] = {}
+        for spec in specs:
+            by_path.setdefault(spec.path, []).append(spec)
+        flat = {}
+        for leaf_path, leaf_specs in by_path.items():
+            shape = abstract[leaf_path].shape
+            host = np.empty(shape, jnp.dtype(target))
+            for spec in leaf_specs:
+                slot = host if spec.layer is None else host[spec.layer]
+                slot[...] = spec.from_hf(ckpt.read(spec.hf_name), slot.shape).astype(host.dtype)
+            place = None if flat_shardings is None else flat_shardings[leaf_path]
+            flat[leaf_path] = jax.device_put(host, place)
+        if config.tie_word_embeddings and head == "lm" and "lm_head.weight" in ckpt.names:
+            _check_tied_copy(ckpt, flat[("embed",)])
+    return config, _unflatten(flat)
+
+
+def _head_of(raw: dict, names, config_file: Path) -> Head:
+    archs = raw.get("architectures") or []
+    scalar = any(a.endswith("ForSequenceClassification") for a in archs) or (
+        not archs and "score.weight" in names
+    )
+    if scalar:
+        labels = raw.get("id2label") or {"0": "LABEL_0"}
+        num_labels = raw.get("num_labels", len(labels))
+        if num_labels != 1:
+            raise HFCheckpointError(
+                f"{config_file}: a scalar head needs num_labels == 1 (score.weight [1, E]), got {num_labels}"
+            )
+    return "scalar" if scalar else "lm"
+
+
+def _declared_dtype(raw: dict, first: _TensorSpec, ckpt: "_Checkpoint") -> str:
+    """The safetensors dtype every tensor must have when loading without a dtype override."""
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    if name is None:
+        return ckpt.dtype_of(first.hf_name)
+    return _DTYPE_NAMES[name]
+
+
+def _check_tied_copy(ckpt: "_Checkpoint", embed) -> None:
+    """A tied checkpoint may still store lm_head.weight; it must then equal the embedding."""
+    lm_head = ckpt.read("lm_head.weight")
+    if not np.array_equal(lm_head.astype(np.float32), np.asarray(embed).astype(np.float32)):
+        raise HFCheckpointError(
+            f"{ckpt.file_of('lm_head.weight')}: tensor 'lm_head.weight' differs from "
+            "'model.embed_tokens.weight' although tie_word_embeddings is true"
+        )
+
+
+def _flat_shardings(shardings, abstract: dict) -> dict:
+    flat = _flatten(shardings)
+    if set(flat) != set(abstract):
+        diff = sorted("/".join(p) for p in set(flat) ^ set(abstract))
+        raise ValueError(f"load_hf: shardings tree does not match the parameters at {diff}")
+    return flat
+
+
+class _Checkpoint:
+    """The safetensors files of a directory, opened lazily for reading headers and tensors."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.source: str  # what a missing tensor is reported against
+        self._handles: dict[str, Any] = {}
+        try:
+            self._index(root)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def _index(self, root: Path) -> None:
+        """Map every tensor name to its file; the index and the files' headers must agree."""
+        index_file = root / INDEX_FILE
+        if index_file.exists():
+            self.source = str(index_file)
+            weight_map = _read_json(index_file).get("weight_map")
+            if not isinstance(weight_map, Mapping):
+                raise HFCheckpointError(f"{index_file}: no 'weight_map' mapping tensor names to files")
+            self._file_of = dict(weight_map)
+            for file in sorted(set(self._file_of.values())):
+                if not (root / file).exists():
+                    raise FileNotFoundError(f"load_hf: shard {root / file} (listed in {index_file}) is missing")
+        else:
+            files = sorted(p.name for p in root.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"load_hf: no {SINGLE_FILE} or {INDEX_FILE} in {root}")
+            self.source = str(root / files[0]) if len(files) == 1 else f"{root}/*.safetensors"
+            self._file_of = {}
+            for file in files:
+                for name in self._open(file).keys():
+                    if name in self._file_of:
+                        raise HFCheckpointError(
+                            f"{root / file}: tensor {name!r} is also in {root / self._file_of[name]}"
+                        )
+                    self._file_of[name] = file
+        for file in sorted(set(self._file_of.values())):
+            handle = self._open(file)
+            stored = set(handle.keys())
+            for name in sorted(stored):
+                if self._file_of.get(name) != file:
+                    raise HFCheckpointError(
+                        f"{root / file}: unexpected tensor {name!r} (not listed for this file in {INDEX_FILE})"
+                    )
+            for name, listed in sorted(self._file_of.items()):
+                if listed == file and name not in stored:
+                    raise HFCheckpointError(
+                        f"{root / file}: missing tensor {name!r} (listed in {self.source})"
+                    )
+        self.names = {n for n in self._file_of if not n.endswith(_IGNORED_SUFFIXES)}
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            full = self.root / file
+            try:
+                self._handles[file] = safe_open(str(full), framework="np")
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                raise HFCheckpointError(f"{full}: not a readable safetensors file ({err})") from err
+        return self._handles[file]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    def file_of(self, name: str) -> Path:
+        return self.root / self._file_of[name]
+
+    def dtype_of(self, name: str) -> str:
+        return self._handles[self._file_of[name]].get_slice(name).get_dtype()
+
+    def check(self, specs: list[_TensorSpec], declared: str | None, *, tied: bool) -> None:
+        """Names, shapes and dtypes against `specs`, from the headers alone."""
+        expected = {s.hf_name for s in specs}
+        for name in sorted(self.names - expected):
+            if tied and name == "lm_head.weight":
+                continue
+            raise HFCheckpointError(f"{self.file_of(name)}: unexpected tensor {name!r} for this config")
+        for spec in specs:
+            if spec.hf_name not in self.names:
+                raise HFCheckpointError(f"{self.source}: missing tensor {spec.hf_name!r}")
+        checked = list(specs)
+        if tied and "lm_head.weight" in self.names:
+            checked.append(dataclasses.replace(specs[0], hf_name="lm_head.weight"))
+        for spec in checked:
+            piece = self._handles[self._file_of[spec.hf_name]].get_slice(spec.hf_name)
+            shape, kind = tuple(piece.get_shape()), piece.get_dtype()
+            where = f"{self.file_of(spec.hf_name)}: tensor {spec.hf_name!r}"
+            if shape != spec.hf_shape:
+                raise HFCheckpointError(f"{where} has shape {list(shape)}, expected {list(spec.hf_shape)}")
+            if kind not in _FLOAT_DTYPES:
+                raise HFCheckpointError(f"{where} has dtype {kind}, expected a floating dtype")
+            if declared is not None and kind != declared:
+                raise HFCheckpointError(
+                    f"{where} has dtype {kind}, but the checkpoint declares {declared} "
+                    "(pass dtype= to convert)"
+                )
+
+    def read(self, name: str) -> np.ndarray:
+        return self._handles[self._file_of[name]].get_tensor(name)
+
+
+# ------------------------------------------------------------------------------------------ save
+
+
+def save_hf(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    params: Mapping,
+    tokenizer=None,
+    *,
+    max_shard_size: int | str = "2GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write `(config, params)` as a Hugging Face checkpoint directory, atomically.
+
+    Tensors keep the dtype of `params` (all leaves must share one), which config.json declares.
+    Above `max_shard_size` bytes the weights are split into `model-0000i-of-0000n.safetensors`
+    shards with a `model.safetensors.index.json`, as transformers writes them. The directory is
+    assembled under a temporary name beside `path` and renamed into place, so `path` is either
+    absent, the old directory (`overwrite=True`) or the complete new one, never half-written.
+
+    Args:
+      path: the directory to create.
+      config: the model configuration (`config_to_hf` must be able to express it).
+      params: the nested parameter dict of `CausalLM(config, head=...)`; one with `score` is written
+        as `*ForSequenceClassification` with one label.
+      tokenizer: optional object with `save_pretrained(directory)` (a transformers tokenizer).
+      max_shard_size: bytes per shard, an int or a string like "2GB" (10^9) or "500MiB" (2^20).
+      overwrite: replace an existing `path`; otherwise an existing `path` is an error.
+    Returns:
+      The directory written.
+    Raises:
+      FileExistsError: `path` exists and `overwrite` is false.
+      HFCheckpointError: params that do not match the config, naming the parameter.
+    """
+    target = Path(path)
+    limit = _parse_size(max_shard_size)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"save_hf: {target} exists (pass overwrite=True to replace it)")
+    head: Head = "scalar" if "score" in params else "lm"
+    specs, abstract = _checked_specs(config, head)
+    flat = _check_params(params, abstract)
+    param_dtype = _common_dtype(flat)
+    hf_config = config_to_hf(config.replace(param_dtype=param_dtype), head=head)
+    itemsize = jnp.dtype(param_dtype).itemsize
+    shards = _plan_shards(specs, itemsize, limit)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _write_json(staging / CONFIG_FILE, hf_config)
+        host_cache: dict[tuple, np.ndarray] = {}
+        weight_map = {}
+        for number, shard in enumerate(shards, start=1):
+            file = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for spec in shard:
+                array = _host_leaf(flat, spec.path, host_cache, shard)
+                tensors[spec.hf_name] = spec.to_hf(array if spec.layer is None else array[spec.layer])
+                weight_map[spec.hf_name] = file
+            save_file(tensors, str(staging / file), metadata={"format": "pt"})
+        if len(shards) > 1:
+            total = sum(int(np.prod(s.hf_shape)) for s in specs) * itemsize
+            _write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _check_params(params: Mapping, abstract: dict) -> dict:
+    flat = _flatten(params)
+    for leaf_path in sorted(set(abstract) - set(flat)):
+        raise HFCheckpointError(f"save_hf: params lack {'/'.join(leaf_path)} required by the config")
+    for leaf_path in sorted(set(flat) - set(abstract)):
+        raise HFCheckpointError(f"save_hf: params have {'/'.join(leaf_path)}, which the config does not define")
+    for leaf_path, want in abstract.items():
+        got = np.shape(flat[leaf_path])
+        if got != want.shape:
+            raise HFCheckpointError(
+                f"save_hf: param {'/'.join(leaf_path)} has shape {got}, the config needs {want.shape}"
+            )
+    return flat
+
+
+def _common_dtype(flat: dict) -> str:
+    dtypes = {leaf_path: jnp.dtype(leaf.dtype).name for leaf_path, leaf in flat.items()}
+    first_path, first = next(iter(dtypes.items()))
+    if first not in ("float32", "bfloat16"):
+        raise HFCheckpointError(f"save_hf: param {'/'.join(first_path)} has dtype {first}, need float32 or bfloat16")
+    for leaf_path, name in dtypes.items():
+        if name != first:
+            raise HFCheckpointError(
+                f"save_hf: param {'/'.join(leaf_path)} has dtype {name} but {'/'.join(first_path)} has "
+                f"{first}; cast all params to one dtype"
+            )
+    return first
+
+
+def _plan_shards(specs: list[_TensorSpec], itemsize: int, limit: int) -> list[list[_TensorSpec]]:
+    """Greedy split in order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[_TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = int(np.prod(spec.hf_shape)) * itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def _host_leaf(flat: dict, leaf_path: tuple, cache: dict, shard: list[_TensorSpec]) -> np.ndarray:
+    """The leaf as a numpy array, kept only while the current shard still needs it."""
+    for stale in [p for p in cache if p != leaf_path and all(s.path != p for s in shard)]:
+        del cache[stale]
+    if leaf_path not in cache:
+        cache[leaf_path] = np.asarray(flat[leaf_path])
+    return cache[leaf_path]
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename the finished staging directory to `target`, replacing an old one if present.
+
+    The staging directory (and safetensors' files) are created private; the published checkpoint
+    gets the permissions the process umask gives ordinary new files and directories.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in staging.rglob("*"):
+        os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~umask)
+    os.chmod(staging, 0o777 & ~umask)
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rmdir(retired)
+    os.rename(target, retired)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(retired, target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", str(size))
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"save_hf: max_shard_size must be bytes or like '2GB'/'500MiB', got {size!r}")
+        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"save_hf: max_shard_size must be positive, got {size!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------ json
+
+
+def _read_json(file: Path) -> dict:
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found (a Hugging Face checkpoint needs it)")
+    try:
+        with open(file, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise HFCheckpointError(f"{file}: invalid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise HFCheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _write_json(file: Path, data: dict) -> None:
+    with open(file, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")

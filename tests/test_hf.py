@@ -1,0 +1,572 @@
+"""Hugging Face interop: logit parity with transformers' PyTorch models, exact round trips, bad input.
+
+The parity tests build tiny random transformers models in PyTorch (skipped cleanly without torch);
+the config, round-trip and bad-input tests need numpy and safetensors only.
+"""
+
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from rlhf_jax.models import CausalLM, ModelConfig, RopeScaling
+from rlhf_jax.models.heads import gather_last
+from rlhf_jax.models.hf import HFCheckpointError, config_from_hf, config_to_hf, load_hf, save_hf
+from rlhf_jax.testing import tiny_config
+
+B, T = 3, 12
+LENGTHS = (12, 8, 5)  # right padding: row b has LENGTHS[b] real tokens
+POSITION_OFFSET = 300  # beyond Llama 3's original context in the scaled case, so the scaling matters
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              rms_norm_eps=1e-6)
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=256)
+# name: (transformers config class, overrides, overrides that switch the family's feature off)
+HF_CASES = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False), None),
+    "llama-tied-mha": ("LlamaConfig", dict(tie_word_embeddings=True, num_key_value_heads=4), None),
+    "llama3-rope": ("LlamaConfig", dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE),
+                    dict(rope_parameters=dict(rope_type="default", rope_theta=500000.0))),
+    "mistral-window": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=4),
+                       dict(sliding_window=None)),
+    "qwen2-tied": ("Qwen2Config", dict(tie_word_embeddings=True), None),
+    "qwen2-window": ("Qwen2Config", dict(tie_word_embeddings=False, use_sliding_window=True,
+                                         sliding_window=4, max_window_layers=0),
+                     dict(use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=32), None),
+    "qwen3-tied": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=32), None),
+}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _batch(seed=0, pad_id=0):
+    rng = np.random.default_rng(seed)
+    mask = np.arange(T)[None, :] < np.array(LENGTHS)[:, None]
+    tokens = np.where(mask, rng.integers(1, COMMON["vocab_size"], (B, T)), pad_id).astype(np.int32)
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32) + POSITION_OFFSET, (B, T))
+    return tokens, mask, positions
+
+
+def _randomize(model, torch, seed):
+    """Random weights everywhere, norms around 1 and biases nonzero, so every tensor matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def _hf_logits(model, torch, tokens, mask, positions=None):
+    kwargs = {} if positions is None else {"position_ids": torch.tensor(positions, dtype=torch.long)}
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                    attention_mask=torch.tensor(mask, dtype=torch.long), **kwargs)
+    return out.logits.float().numpy()
+
+
+def _our_logits(config, params, tokens, positions):
+    return np.asarray(jax.jit(CausalLM(config).forward)(params, tokens, positions).logits)
+
+
+def _assert_trees_bit_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+def _assert_state_dicts_equal(m1, m2, torch):
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert sorted(s1) == sorted(s2)
+    for key in s1:
+        assert s1[key].dtype == s2[key].dtype, key
+        assert torch.equal(s1[key], s2[key]), key
+
+
+def _random_params(config, seed=0, head="lm"):
+    """Random values for every parameter (norms too), straight from the abstract shapes."""
+    rng = np.random.default_rng(seed)
+    abstract = CausalLM(config, head=head).abstract_params()
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape).astype(s.dtype)), abstract)
+
+
+# -------------------------------------------------------------------------------- torch parity
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CASES))
+def hf_case(request, tmp_path_factory):
+    """A tiny random transformers model of one family, saved with save_pretrained (safetensors)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    name = request.param
+    cls, overrides, feature_off = HF_CASES[name]
+
+    def build(**changes):
+        hf_config = getattr(transformers, cls)(**{**COMMON, **overrides, **changes})
+        return transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+
+    torch.manual_seed(0)
+    model = build()
+    _randomize(model, torch, seed=sorted(HF_CASES).index(name))
+    directory = tmp_path_factory.mktemp(name) / "hf"
+    model.save_pretrained(directory)
+    tokens, mask, positions = _batch()
+    ref = _hf_logits(model, torch, tokens, mask, positions)
+    ref_feature_off = None
+    if feature_off is not None:
+        plain = build(**feature_off)
+        plain.load_state_dict(model.state_dict())
+        ref_feature_off = _hf_logits(plain, torch, tokens, mask, positions)
+    return types.SimpleNamespace(name=name, torch=torch, transformers=transformers, model=model,
+                                 directory=directory, tokens=tokens, mask=mask, positions=positions, ref=ref,
+                                 ref_feature_off=ref_feature_off)
+
+
+def test_logit_parity_with_transformers(hf_case):
+    config, params = load_hf(hf_case.directory)
+    logits = _our_logits(config, params, hf_case.tokens, hf_case.positions)
+    assert logits.dtype == np.float32 and logits.shape == (B, T, COMMON["vocab_size"])
+    assert np.abs(hf_case.ref).max() > 1.0  # the comparison is not between near-zero logits
+    delta = np.abs(logits - hf_case.ref)[hf_case.mask]
+    assert delta.max() <= 1e-4, f"{hf_case.name}: max |Δ logit| = {delta.max()}"
+
+    # The case is discriminative: without its feature (rope scaling, sliding window) the reference
+    # logits move by far more than the tolerance.
+    if hf_case.ref_feature_off is not None:
+        assert np.abs(hf_case.ref_feature_off - hf_case.ref)[hf_case.mask].max() > 1e-2
+
+
+def test_loaded_config_matches_family(hf_case):
+    config, params = load_hf(hf_case.directory)
+    _, overrides, _ = HF_CASES[hf_case.name]
+    assert config.model_type == hf_case.model.config.model_type
+    assert config.tie_word_embeddings == overrides["tie_word_embeddings"]
+    assert ("lm_head" in params) != config.tie_word_embeddings
+    assert config.attention_bias == (config.model_type == "qwen2")
+    assert config.qk_norm == (config.model_type == "qwen3")
+    assert config.head_dim == overrides.get("head_dim", 16)
+    assert config.sliding_window == (4 if "window" in hf_case.name else None)
+    assert (config.rope_scaling is not None) == (hf_case.name == "llama3-rope")
+
+
+def test_save_hf_round_trip_through_transformers(hf_case, tmp_path):
+    config, params = load_hf(hf_case.directory)
+    out = save_hf(tmp_path / "ours", config, params)
+    again_config, again_params = load_hf(out)
+    assert again_config == config
+    _assert_trees_bit_equal(again_params, params)
+
+    reloaded = hf_case.transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(reloaded) is type(hf_case.model)
+    _assert_state_dicts_equal(hf_case.model, reloaded, hf_case.torch)
+    np.testing.assert_array_equal(
+        _hf_logits(reloaded, hf_case.torch, hf_case.tokens, hf_case.mask, hf_case.positions), hf_case.ref
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """One tiny untied GQA Llama in float32 and bfloat16 for the dtype and sharding tests."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON)).eval()
+    _randomize(model, torch, seed=11)
+    root = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(root / "f32")
+    model_bf16 = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON)).to(torch.bfloat16)
+    model_bf16.load_state_dict(model.state_dict())
+    model_bf16.save_pretrained(root / "bf16")
+    return types.SimpleNamespace(torch=torch, transformers=transformers, model=model, model_bf16=model_bf16,
+                                 root=root)
+
+
+def test_bf16_checkpoint_loads_bit_exact(hf_llama, tmp_path):
+    torch = hf_llama.torch
+    config, params = load_hf(hf_llama.root / "bf16")
+    assert config.param_dtype == "bfloat16" and config.dtype == "bfloat16"
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
+    # Layout check on raw bits: our q_proj [E, H, D] is HF's [H*D, E] transposed.
+    hf_q = hf_llama.model_bf16.model.layers[1].self_attn.q_proj.weight.detach().view(torch.int16).numpy()
+    ours_q = np.asarray(params["layers"]["attn"]["q_proj"][1]).view(np.int16)
+    np.testing.assert_array_equal(ours_q.reshape(64, 64).T, hf_q)
+
+    out = save_hf(tmp_path / "bf16", config, params)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    _assert_trees_bit_equal(load_hf(out)[1], params)
+    reloaded = hf_llama.transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    _assert_state_dicts_equal(hf_llama.model_bf16, reloaded, torch)
+
+
+def test_load_converts_dtype_on_request(hf_llama):
+    _, f32 = load_hf(hf_llama.root / "f32")
+    config, bf16 = load_hf(hf_llama.root / "f32", dtype="bfloat16")
+    assert config.param_dtype == "bfloat16"
+    _assert_trees_bit_equal(bf16, jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), f32))
+    _, up = load_hf(hf_llama.root / "bf16", dtype="float32")
+    _assert_trees_bit_equal(up, jax.tree.map(lambda x: np.asarray(x).astype(np.float32), bf16))
+
+
+def test_sharded_save_and_load(hf_llama, tmp_path):
+    config, params = load_hf(hf_llama.root / "f32")
+    out = save_hf(tmp_path / "sharded", config, params, max_shard_size=100_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and not (out / "model.safetensors").exists()
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    stored = {}
+    for file in files:
+        stored.update(load_file(out / file))
+    assert set(stored) == set(index["weight_map"]) == set(hf_llama.model.state_dict())
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in stored.values())
+    # Every shard stays under the limit unless it holds a single larger tensor.
+    for file in files:
+        shard = load_file(out / file)
+        assert sum(a.nbytes for a in shard.values()) <= 100_000 or len(shard) == 1
+
+    _assert_trees_bit_equal(load_hf(out)[1], params)
+    reloaded = hf_llama.transformers.AutoModelForCausalLM.from_pretrained(out)
+    _assert_state_dicts_equal(hf_llama.model, reloaded, hf_llama.torch)
+
+
+def test_load_checkpoint_sharded_by_transformers(hf_llama, tmp_path):
+    hf_llama.model.save_pretrained(tmp_path / "hf_sharded", max_shard_size="100KB")
+    assert (tmp_path / "hf_sharded" / "model.safetensors.index.json").exists()
+    _, sharded = load_hf(tmp_path / "hf_sharded")
+    _assert_trees_bit_equal(sharded, load_hf(hf_llama.root / "f32")[1])
+
+
+def test_sequence_classification_scalar_head(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen3Config(**COMMON, head_dim=32, num_labels=1, pad_token_id=0)
+    model = transformers.AutoModelForSequenceClassification.from_config(
+        hf_config, attn_implementation="eager").eval()
+    _randomize(model, torch, seed=5)
+    model.save_pretrained(tmp_path / "rm")
+    tokens, mask, _ = _batch(seed=3, pad_id=0)  # HF pools at the last token that is not pad_token_id
+    ref = _hf_logits(model, torch, tokens, mask)[:, 0]
+
+    config, params = load_hf(tmp_path / "rm")
+    assert "score" in params and "lm_head" not in params and params["score"].shape == (64,)
+    out = jax.jit(CausalLM(config, head="scalar").forward)(params, tokens)
+    rewards = np.asarray(gather_last(out.values, mask))
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(rewards, ref, atol=1e-4, rtol=0)
+
+    saved = save_hf(tmp_path / "ours", config, params)
+    assert json.loads((saved / "config.json").read_text())["architectures"] == ["Qwen3ForSequenceClassification"]
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(saved)
+    assert reloaded.config.num_labels == 1
+    _assert_state_dicts_equal(model, reloaded, torch)
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+ROUND_TRIP_CONFIGS = {
+    "llama3": tiny_config(rope_theta=500000.0, rope_scaling=RopeScaling(original_max_position_embeddings=256),
+                          eos_token_id=(5, 6), bos_token_id=1),
+    "mistral": tiny_config(model_type="mistral", sliding_window=8, param_dtype="bfloat16", dtype="bfloat16"),
+    "qwen2": tiny_config(model_type="qwen2", attention_bias=True, tie_word_embeddings=True, pad_token_id=0),
+    "qwen2-window": tiny_config(model_type="qwen2", attention_bias=True, sliding_window=16),
+    "qwen3": tiny_config(model_type="qwen3", qk_norm=True, head_dim=32, rms_norm_eps=1e-5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_CONFIGS))
+def test_config_round_trip(name):
+    config = ROUND_TRIP_CONFIGS[name]
+    hf = config_to_hf(config)
+    assert config_from_hf(hf) == config
+    assert config_from_hf(json.loads(json.dumps(hf))) == config
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_CONFIGS))
+def test_transformers_reads_config_as_we_do(name):
+    """transformers' own config class, given our dict, serializes back to the same ModelConfig."""
+    transformers = pytest.importorskip("transformers")
+    config = ROUND_TRIP_CONFIGS[name]
+    hf = config_to_hf(config)
+    kwargs = {k: v for k, v in hf.items() if k != "model_type"}
+    theirs = transformers.AutoConfig.for_model(hf["model_type"], **kwargs).to_dict()
+    assert config_from_hf(theirs) == config
+
+
+def test_config_from_legacy_llama31_json(tmp_path):
+    """A Llama 3.1 config.json in the transformers 4 layout (rope_theta + rope_scaling, torch_dtype)."""
+    legacy = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "hidden_act": "silu", "mlp_bias": False,
+        "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    expected = ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+        rms_norm_eps=1e-5, param_dtype="bfloat16", dtype="bfloat16", bos_token_id=128000,
+        eos_token_id=(128001, 128008, 128009),
+    )
+    assert config_from_hf(tmp_path) == expected
+    assert config_from_hf(tmp_path / "config.json") == expected
+
+
+def test_config_qwen25_ignores_unused_sliding_window():
+    """Qwen2.5 configs carry sliding_window with use_sliding_window=false: no window, q/k/v bias."""
+    d = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+         "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+         "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 21,
+         "rope_theta": 1000000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    config = config_from_hf(d)
+    assert config.sliding_window is None and config.attention_bias and config.head_dim == 64
+    assert config.rope_theta == 1e6 and config.tie_word_embeddings
+
+
+def test_config_float16_checkpoint_upcasts():
+    d = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+         "num_hidden_layers": 1, "num_attention_heads": 2, "torch_dtype": "float16"}
+    config = config_from_hf(d)
+    assert config.param_dtype == "float32" and config.num_kv_heads == 2 and config.head_dim == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type 'linear' is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"attention_bias": True}, "attention_bias=true is not supported for llama"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    ({"vocab_size": None}, "missing required key 'vocab_size'"),
+])
+def test_config_errors_name_file_and_key(tmp_path, change, message):
+    d = {**config_to_hf(tiny_config()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(HFCheckpointError) as err:
+        config_from_hf(tmp_path)
+    assert message in str(err.value) and str(tmp_path / "config.json") in str(err.value)
+
+
+def test_config_mixed_sliding_layers_rejected():
+    d = {**config_to_hf(tiny_config(model_type="qwen2", attention_bias=True)),
+         "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+    d.pop("layer_types")
+    with pytest.raises(HFCheckpointError, match="mixes full and sliding-window"):
+        config_from_hf(d)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(qk_norm=True), "qk_norm"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(sliding_window=8), "sliding_window"),
+    (dict(model_type="qwen2"), "attention_bias"),
+    (dict(model_type="qwen3"), "qk_norm"),
+])
+def test_config_to_hf_refuses_inexpressible(change, field):
+    with pytest.raises(HFCheckpointError, match=field):
+        config_to_hf(tiny_config(**change))
+
+
+# ------------------------------------------------------------------------- checkpoint errors
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A valid tiny untied float32 checkpoint written by save_hf."""
+    config = tiny_config()
+    params = _random_params(config)
+    directory = save_hf(tmp_path / "ckpt", config, params)
+    return types.SimpleNamespace(config=config, params=params, dir=directory,
+                                 file=directory / "model.safetensors")
+
+
+def _rewrite(file, edit):
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_load_round_trip_without_torch(ckpt):
+    config, params = load_hf(ckpt.dir)
+    assert config == ckpt.config
+    _assert_trees_bit_equal(params, ckpt.params)
+    o_proj = load_file(ckpt.file)["model.layers.1.self_attn.o_proj.weight"]  # HF [E, H*D]
+    np.testing.assert_array_equal(o_proj, np.asarray(params["layers"]["attn"]["o_proj"][1]).reshape(64, 64).T)
+
+
+def test_missing_config_json(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(tmp_path)
+
+
+def test_missing_weights(ckpt):
+    ckpt.file.unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_hf(ckpt.dir)
+
+
+@pytest.mark.parametrize("edit, tensor, message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight", "missing tensor"),
+    (lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((128, 64), np.float32)}),
+     "model.layers.2.mlp.up_proj.weight", "unexpected tensor"),
+    (lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}),
+     "model.layers.0.self_attn.k_proj.weight", "has shape [64, 64], expected [32, 64]"),
+    (lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}), "model.norm.weight",
+     "has dtype I32, expected a floating dtype"),
+    (lambda t: t.update({"lm_head.weight": t["lm_head.weight"].astype(np.float16)}), "lm_head.weight",
+     "has dtype F16, but the checkpoint declares F32"),
+])
+def test_bad_tensors_name_file_and_tensor(ckpt, edit, tensor, message):
+    _rewrite(ckpt.file, edit)
+    with pytest.raises(HFCheckpointError) as err:
+        load_hf(ckpt.dir)
+    text = str(err.value)
+    assert message in text and repr(tensor) in text and "model.safetensors" in text
+
+
+def test_explicit_dtype_converts_mixed_float_tensors(ckpt):
+    _rewrite(ckpt.file, lambda t: t.update({"lm_head.weight": t["lm_head.weight"].astype(np.float16)}))
+    _, params = load_hf(ckpt.dir, dtype="float32")
+    expected = np.asarray(ckpt.params["lm_head"]).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]), expected)
+
+
+def test_sharded_index_errors(ckpt, tmp_path):
+    directory = save_hf(tmp_path / "sharded", ckpt.config, ckpt.params, max_shard_size="60kB")
+    index_file = directory / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = index["weight_map"]["model.layers.1.self_attn.q_proj.weight"]
+
+    # A tensor the index lists for a shard that does not hold it.
+    _rewrite(directory / shard, lambda t: t.pop("model.layers.1.self_attn.q_proj.weight"))
+    with pytest.raises(HFCheckpointError) as err:
+        load_hf(directory)
+    assert shard in str(err.value) and "'model.layers.1.self_attn.q_proj.weight'" in str(err.value)
+
+    # A tensor in a shard that the index does not list.
+    del index["weight_map"]["model.layers.1.self_attn.q_proj.weight"]
+    index["weight_map"]["model.norm.weight"] = shard
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(HFCheckpointError, match="(missing|unexpected) tensor 'model.norm.weight'"):
+        load_hf(directory)
+
+    # A shard that does not exist.
+    index["weight_map"]["model.norm.weight"] = "model-00099-of-00099.safetensors"
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="model-00099-of-00099.safetensors"):
+        load_hf(directory)
+
+
+def test_tied_checkpoint_with_stored_lm_head(tmp_path):
+    config = tiny_config(tie_word_embeddings=True)
+    params = _random_params(config)
+    directory = save_hf(tmp_path / "tied", config, params)
+    file = directory / "model.safetensors"
+    assert "lm_head.weight" not in load_file(file)
+    _rewrite(file, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    _assert_trees_bit_equal(load_hf(directory)[1], params)  # an identical copy is accepted
+    _rewrite(file, lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1.0}))
+    with pytest.raises(HFCheckpointError, match="'lm_head.weight' differs from 'model.embed_tokens.weight'"):
+        load_hf(directory)
+
+
+def test_legacy_rotary_buffers_are_ignored(ckpt):
+    _rewrite(ckpt.file, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
+    _assert_trees_bit_equal(load_hf(ckpt.dir)[1], ckpt.params)
+
+
+def test_load_with_shardings(ckpt):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_vocab = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+    shardings = jax.tree.map(lambda _: replicated, ckpt.params)
+    shardings["embed"] = by_vocab
+    _, params = load_hf(ckpt.dir, shardings=shardings)
+    assert params["embed"].sharding == by_vocab and params["lm_head"].sharding == replicated
+    _assert_trees_bit_equal(params, ckpt.params)
+    del shardings["lm_head"]
+    with pytest.raises(ValueError, match="lm_head"):
+        load_hf(ckpt.dir, shardings=shardings)
+
+
+# ---------------------------------------------------------------------------------- save_hf
+
+
+def test_save_refuses_existing_directory_and_overwrites_on_request(ckpt):
+    before = ckpt.file.read_bytes()
+    other = _random_params(ckpt.config, seed=1)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_hf(ckpt.dir, ckpt.config, other)
+    assert ckpt.file.read_bytes() == before
+    save_hf(ckpt.dir, ckpt.config, other, overwrite=True)
+    _assert_trees_bit_equal(load_hf(ckpt.dir)[1], other)
+    assert sorted(os.listdir(ckpt.dir.parent)) == ["ckpt"]  # no staging or retired directories left
+
+
+def test_save_failure_leaves_nothing(tmp_path):
+    class BrokenTokenizer:
+        def save_pretrained(self, directory):
+            with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+                f.write("{}")
+            raise RuntimeError("disk full")
+
+    config = tiny_config()
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_hf(tmp_path / "out", config, _random_params(config), BrokenTokenizer())
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_writes_tokenizer_and_readable_permissions(tmp_path):
+    class Tokenizer:
+        def save_pretrained(self, directory):
+            with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+                f.write("{}")
+
+    config = tiny_config()
+    out = save_hf(tmp_path / "out", config, _random_params(config), Tokenizer())
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer_config.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.pop("lm_head"), "params lack lm_head"),
+    (lambda p: p["layers"]["attn"].update(q_bias=np.zeros((2, 4, 16), np.float32)), "params have layers/attn/q_bias"),
+    (lambda p: p["layers"]["mlp"].update(up_proj=np.zeros((2, 64, 64), np.float32)), "param layers/mlp/up_proj has shape"),
+    (lambda p: p.update(embed=np.asarray(p["embed"]).astype(jnp.bfloat16)), "cast all params to one dtype"),
+])
+def test_save_rejects_mismatched_params(tmp_path, edit, message):
+    config = tiny_config()
+    params = _random_params(config)
+    edit(params)
+    with pytest.raises(HFCheckpointError, match=message):
+        save_hf(tmp_path / "out", config, params)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_rejects_bad_shard_size(tmp_path):
+    config = tiny_config()
+    with pytest.raises(ValueError, match="max_shard_size"):
+        save_hf(tmp_path / "out", config, _random_params(config), max_shard_size="lots")
