@@ -1,5 +1,7 @@
 """Reward sources: the TRL calling convention, weighted combination, failures, built-in functions."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -164,3 +166,68 @@ def test_select_keeps_rows_aligned():
     assert sub.completions == ["oops", "1+1=2"]
     assert sub.columns["answer"] == ["3", "2"]
     assert sub.completion_ids() == [[11, 12, 13, 14], [4, 5, 2]]
+
+
+# ----------------------------------------------------------------------------- reward model
+
+
+@functools.lru_cache(maxsize=None)
+def _reward_model(vocab_size=None):
+    import jax
+
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.testing import tiny_config
+
+    config = tiny_config() if vocab_size is None else tiny_config(vocab_size=vocab_size)
+    model = CausalLM(config, head="scalar")
+    return model, jax.jit(model.init)(jax.random.key(3))
+
+
+def test_reward_model_scores_the_last_real_token_in_chunks():
+    import jax
+
+    from rlhf_jax.rewards import RewardModelReward
+
+    model, params = _reward_model()
+    inputs = _inputs()
+    # Reference: each row's real prompt and completion tokens alone (right-padded to a common
+    # width, which a causal model ignores), read at the row's last real token.
+    rows = np.zeros((len(inputs), 8), np.int32)
+    last = []
+    for b in range(len(inputs)):
+        n_p, n_c = inputs.prompt_lengths[b], inputs.completion_lengths[b]
+        real = np.concatenate([inputs.prompt_tokens[b, :n_p], inputs.completion_tokens[b, :n_c]])
+        rows[b, : len(real)] = real
+        last.append(len(real) - 1)
+    values = jax.jit(model.forward)(params, rows).values
+    expected = np.asarray(values)[np.arange(len(inputs)), last]
+    for batch_size in (3, 8):
+        rm = RewardModelReward(model, params, policy_vocab_size=model.config.vocab_size, batch_size=batch_size)
+        result = combine_rewards([rm, missing_eos_penalty(1.0)], inputs)
+        np.testing.assert_allclose(result.per_source["reward_model"], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.total, expected - [0, 1, 0, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_reward_model_with_another_vocabulary_is_refused():
+    from rlhf_jax.rewards import RewardModelReward, check_same_vocabulary
+    from rlhf_jax.testing.tokenizer import offline_tokenizer
+
+    model, params = _reward_model(vocab_size=128)
+    assert isinstance(model.config.vocab_size, int)
+    with pytest.raises(ValueError, match=r"reward model vocabulary differs from the policy's: vocab_size 128 vs 256"):
+        RewardModelReward(model, params, policy_vocab_size=256)
+    tok = offline_tokenizer()
+
+    class Shuffled:
+        def get_vocab(self):
+            vocab = dict(tok.get_vocab())
+            vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+            return vocab
+
+    with pytest.raises(ValueError, match=r"tokenizer differs from the policy's .*\('a', "):
+        check_same_vocabulary(256, 256, policy_tokenizer=tok, reward_tokenizer=Shuffled())
+    lm_model, lm_params = _reward_model()
+    from rlhf_jax.models import CausalLM
+
+    with pytest.raises(ValueError, match="needs head='scalar'"):
+        RewardModelReward(CausalLM(lm_model.config), lm_params, policy_vocab_size=256)

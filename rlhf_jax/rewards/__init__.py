@@ -10,6 +10,7 @@ from rlhf_jax.rewards.base import (
     combine_rewards,
     reward_metrics,
 )
+from rlhf_jax.rewards.model import RewardModelReward, check_same_vocabulary
 from rlhf_jax.rewards.verifiable import (
     even_fraction_reward,
     exact_match,
@@ -23,8 +24,10 @@ __all__ = [
     "PythonReward",
     "RewardFunctionError",
     "RewardInputs",
+    "RewardModelReward",
     "RewardResult",
     "RewardSource",
+    "check_same_vocabulary",
     "combine_rewards",
     "even_fraction_reward",
     "exact_match",

@@ -1,0 +1,126 @@
+"""Reward-model scoring as a reward source: jitted, batched in fixed-size chunks, optionally sharded.
+
+A reward model is a `CausalLM(config, head="scalar")` trained with a Bradley-Terry loss; it reads
+the prompt + completion joined as the policy sees it (`rlhf_jax.rollout.join_sequences`) and scores
+it at the last real token (the EOS when there is one). It must share the policy's vocabulary: the
+token ids are passed as they are, so a different vocabulary would silently score other text, and
+`RewardModelReward` refuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding as sh
+from rlhf_jax.rewards.base import RewardInputs
+from rlhf_jax.rollout import sequence_scores
+from rlhf_jax.state import place_params
+
+__all__ = ["RewardModelReward", "check_same_vocabulary"]
+
+
+def check_same_vocabulary(
+    policy_vocab_size: int,
+    reward_vocab_size: int,
+    *,
+    policy_tokenizer: Any | None = None,
+    reward_tokenizer: Any | None = None,
+) -> None:
+    """Raise ValueError when a reward model cannot read the policy's token ids.
+
+    The sizes of the embedding tables must match; when both tokenizers are given, their
+    token -> id maps (`get_vocab()`) must be identical too (same size but shuffled ids is caught).
+
+    Args:
+      policy_vocab_size: the policy's `ModelConfig.vocab_size`.
+      reward_vocab_size: the reward model's `ModelConfig.vocab_size`.
+      policy_tokenizer, reward_tokenizer: optional Hugging Face tokenizers.
+    """
+    if policy_vocab_size != reward_vocab_size:
+        raise ValueError(
+            f"reward model vocabulary differs from the policy's: vocab_size {reward_vocab_size} vs "
+            f"{policy_vocab_size}; train the reward model with the policy's tokenizer"
+        )
+    if policy_tokenizer is not None and reward_tokenizer is not None:
+        pv, rv = policy_tokenizer.get_vocab(), reward_tokenizer.get_vocab()
+        if pv != rv:
+            diff = sorted(set(pv.items()) ^ set(rv.items()))[:5]
+            raise ValueError(
+                f"reward model tokenizer differs from the policy's ({len(rv)} vs {len(pv)} entries; "
+                f"first differing (token, id) pairs: {diff})"
+            )
+
+
+class RewardModelReward:
+    """A reward source that scores rollouts with a scalar-head reward model.
+
+    Rows are scored `batch_size` at a time by one jitted program (the last chunk is padded, so
+    only one program is ever compiled per prompt/completion width). With a `mesh`, the parameters
+    are placed by `strategy` and each chunk is split over the strategy's batch axes.
+
+    Example:
+      >>> rm = RewardModelReward(rm_model, rm_params, policy_vocab_size=policy_config.vocab_size)
+      >>> result = combine_rewards([rm, missing_eos_penalty(1.0)], inputs)
+    """
+
+    def __init__(
+        self,
+        model,
+        params,
+        *,
+        policy_vocab_size: int,
+        policy_tokenizer: Any | None = None,
+        reward_tokenizer: Any | None = None,
+        batch_size: int = 64,
+        name: str = "reward_model",
+        mesh: Mesh | None = None,
+        strategy: str = "dp",
+    ):
+        if model.head != "scalar":
+            raise ValueError(f"RewardModelReward: the reward model needs head='scalar', got head={model.head!r}")
+        check_same_vocabulary(policy_vocab_size, model.config.vocab_size,
+                              policy_tokenizer=policy_tokenizer, reward_tokenizer=reward_tokenizer)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"RewardModelReward: batch_size must be a positive int, got {batch_size!r}")
+        self.model = model
+        self.name = name
+        self.batch_size = batch_size
+        self._data_sharding = None
+        if mesh is not None:
+            ways = sh.batch_axis_size(mesh, strategy)
+            if batch_size % ways:
+                raise ValueError(f"RewardModelReward: batch_size {batch_size} is not divisible by the {ways} "
+                                 f"data-parallel shards of mesh {dict(mesh.shape)}")
+            params = place_params(params, model.logical_axes, mesh=mesh, strategy=strategy)
+            self._data_sharding = sh.batch_sharding(mesh, strategy)
+        self.params = params
+        self._score = jax.jit(lambda p, *rollout: sequence_scores(model, p, *rollout))
+
+    def score(self, prompt_tokens, prompt_lengths, completion_tokens, completion_mask) -> np.ndarray:
+        """float32 `[N]` scores of the rollout arrays (host or device), chunk by chunk.
+
+        `r_b = w . hidden(prompt_b ++ completion_b)[last real token]` (see
+        `rlhf_jax.rollout.sequence_scores`).
+        """
+        arrays = [np.asarray(a) for a in (prompt_tokens, prompt_lengths, completion_tokens, completion_mask)]
+        n = arrays[0].shape[0]
+        pad = (-n) % self.batch_size
+        if pad:
+            # Padding rows repeat row 0 (valid lengths); their scores are dropped.
+            arrays = [np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) for a in arrays]
+        out = []
+        for start in range(0, n + pad, self.batch_size):
+            chunk = [jnp.asarray(a[start:start + self.batch_size]) for a in arrays]
+            if self._data_sharding is not None:
+                chunk = jax.device_put(chunk, self._data_sharding)
+            out.append(self._score(self.params, *chunk))
+        return np.asarray(jnp.concatenate(out))[:n].astype(np.float32)
+
+    def __call__(self, inputs: RewardInputs) -> np.ndarray:
+        return self.score(inputs.prompt_tokens, inputs.prompt_lengths, inputs.completion_tokens,
+                          inputs.completion_mask)
