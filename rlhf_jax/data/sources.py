@@ -73,7 +73,7 @@ def _read_jsonl(path: str) -> Iterator[tuple[RowRef, Any]]:
                 continue
             ref = RowRef(path, lineno, "line")
             try:
-                yield ref, json.loads(line)
+                yield ref, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 yield ref, DataError(ref, f"malformed JSON: {err.msg} at column {err.colno}")
 

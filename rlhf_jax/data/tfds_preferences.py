@@ -67,7 +67,6 @@ def preference_builder_class():
 
         VERSION = tfds.core.Version("1.0.0")
         RELEASE_NOTES = {"1.0.0": "JSON-encoded prompt / chosen / rejected, float32 margin."}
-        disable_shuffling = True
 
         def __init__(self, *, split_sources: Mapping[str, Source] | None = None, **kwargs):
             self._split_sources = dict(split_sources or {})
@@ -78,6 +77,7 @@ def preference_builder_class():
             return tfds.core.DatasetInfo(
                 builder=self,
                 description="Preference pairs written by rlhf_jax.data.write_tfds_preferences.",
+                disable_shuffling=True,
                 features=tfds.features.FeaturesDict(
                     {
                         "prompt": tfds.features.Text(doc=text + " (null: implicit prompt)"),

@@ -1,0 +1,172 @@
+"""Packing and batch layouts: first-fit goldens, segment helpers, and packed == unpacked with the model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.data import (
+    BatchConfig,
+    BatchIterator,
+    RowPacker,
+    TokenizeConfig,
+    batch_spec,
+    collate,
+    load_dataset,
+    pack_rows,
+    segment_last_index,
+    segment_sums,
+)
+from rlhf_jax.testing.tokenizer import offline_tokenizer
+
+BOS, EOS = 1, 2
+
+
+def ids(text):
+    return [9 + ord(c) - 32 for c in text]
+
+
+def _load(rows, kind, max_len=32):
+    return load_dataset(rows, kind=kind, tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=max_len))
+
+
+def test_row_packer_first_fit_stops_at_the_first_misfit():
+    packer = RowPacker(batch_size=2, seq_len=8, max_segments=3)
+    assert [packer.add(i, [n]) for i, n in enumerate([5, 3, 4, 2])] == [True] * 4
+    assert not packer.add(4, [6])  # row 0 holds 8, row 1 holds 6: no room, the batch is closed
+    assert packer.rows == [[0, 1], [2, 3]] and not packer.full
+    packer = RowPacker(batch_size=2, seq_len=8, max_segments=2)
+    assert [packer.add(i, [1]) for i in range(4)] == [True] * 4 and packer.full and packer.rows == [[0, 1], [2, 3]]
+    # Two tracks: both must fit in the same row.
+    packer = RowPacker(batch_size=2, seq_len=8, max_segments=4, num_tracks=2)
+    assert packer.add(0, [6, 2]) and packer.add(1, [2, 6]) and packer.add(2, [1, 1])
+    assert packer.rows == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="length 9 exceeds seq_len=8"):
+        packer.add(3, [9, 1])
+
+
+def test_pack_rows_keeps_every_example_once_in_order():
+    lengths = np.random.default_rng(0).integers(1, 9, size=50)
+    batches = pack_rows(lengths, batch_size=3, seq_len=10, max_segments=4)
+    flat = [i for batch in batches for row in batch for i in row]
+    assert sorted(flat) == list(range(50))
+    for batch in batches:
+        for row in batch:
+            assert lengths[row].sum() <= 10 and len(row) <= 4
+
+
+def test_packed_sft_row_layout():
+    ds = _load([{"prompt": "a", "completion": "bc"}, {"prompt": "de", "completion": "f"}, {"prompt": "g", "completion": "h"}], "sft")
+    batch = collate(ds, [[0, 1, 2], []], seq_len=16, num_segments=4)
+    np.testing.assert_array_equal(
+        batch["tokens"][0], [BOS, *ids("abc"), EOS, BOS, *ids("def"), EOS, BOS, *ids("gh"), EOS, 0, 0]
+    )
+    np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 5 + [2] * 5 + [3] * 4 + [0, 0])
+    np.testing.assert_array_equal(batch["positions"][0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0])
+    np.testing.assert_array_equal(batch["loss_mask"][0], [0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(batch["example_mask"], [[1, 1, 1, 0], [0, 0, 0, 0]])
+    assert not batch["loss_mask"][1].any() and not batch["segment_ids"][1].any()
+
+
+def test_packed_preference_pairs_share_row_and_slot():
+    rows = [
+        {"prompt": "p", "chosen": "long answer", "rejected": "x", "margin": 1.0},
+        {"prompt": "q", "chosen": "y", "rejected": "another long", "margin": 2.0},
+        {"prompt": "r", "chosen": "zz", "rejected": "w"},
+    ]
+    ds = _load(rows, "preference")
+    it = BatchIterator(ds, BatchConfig(batch_size=2, seq_len=20, pack=True, max_segments=3, shuffle=False, num_epochs=1), process_index=0, process_count=1)
+    batch = next(it)
+    # Pair 0 (14/4 tokens) and pair 1 (4/15) fit together on both tracks; pair 2 (5/4) overflows the
+    # rejected track of row 0 (4+15+4 > 20) and goes to row 1.
+    np.testing.assert_array_equal(batch["example_mask"], [[1, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(batch["margin"], [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    for track, texts in (("chosen", ["long answer", "y", "zz"]), ("rejected", ["x", "another long", "w"])):
+        tokens, seg = batch[f"{track}_tokens"], batch[f"{track}_segment_ids"]
+        for (b, s), text in zip([(0, 1), (0, 2), (1, 1)], texts):
+            assert tokens[b][seg[b] == s].tolist()[2:] == ids(text) + [EOS]
+
+
+def test_unpaired_batch_builds_kto_mismatched_pairs():
+    rows = [{"prompt": "a", "completion": "xx", "label": True}, {"prompt": "bb", "completion": "y", "label": False}]
+    ds = _load(rows, "unpaired")
+    batch = collate(ds, [[0], [1], []], seq_len=8)
+    np.testing.assert_array_equal(batch["label"], [True, False, False])
+    np.testing.assert_array_equal(batch["example_mask"], [True, True, False])
+    # KL row b: prompt of b + completion of (b+1) mod 2.
+    np.testing.assert_array_equal(batch["kl_tokens"][0], [BOS, *ids("a"), *ids("y"), EOS, 0, 0, 0, 0])
+    np.testing.assert_array_equal(batch["kl_loss_mask"][0], [0, 0, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(batch["kl_tokens"][1], [BOS, *ids("bb"), *ids("xx"), EOS, 0, 0])
+    np.testing.assert_array_equal(batch["kl_loss_mask"][1], [0, 0, 0, 1, 1, 1, 0, 0])
+    assert not batch["kl_segment_ids"][2].any()
+
+
+@pytest.mark.parametrize("kind, pack", [("sft", False), ("sft", True), ("preference", False), ("preference", True), ("unpaired", False), ("prompt", False)])
+def test_batch_spec_matches_collate(kind, pack):
+    rows = {
+        "sft": [{"prompt": "a", "completion": "b"}] * 3,
+        "preference": [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 3,
+        "unpaired": [{"prompt": "a", "completion": "b", "label": True}] * 3,
+        "prompt": [{"prompt": "a", "answer": "1"}] * 3,
+    }[kind]
+    config = BatchConfig(batch_size=2, seq_len=12, pack=pack, max_segments=3)
+    batch = next(BatchIterator(_load(rows, kind), config, process_index=0, process_count=1))
+    spec = batch_spec(kind, batch_size=2, seq_len=12, num_segments=config.num_segments)
+    arrays = {k: v for k, v in batch.items() if k != "columns"}
+    assert set(arrays) == set(spec)
+    for name, s in spec.items():
+        assert (arrays[name].shape, arrays[name].dtype) == (s.shape, s.dtype), name
+    if kind == "prompt":
+        assert batch["columns"] == {"answer": ["1", "1"]}
+
+
+def test_segment_helpers_golden_and_reference():
+    seg = jnp.array([[1, 1, 2, 2, 2, 0], [1, 0, 0, 0, 0, 0]])
+    vals = jnp.array([[1.0, 2.0, 4.0, 8.0, 16.0, 32.0], [5.0, 7.0, 0.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(segment_sums(vals, seg, num_segments=3), [[3.0, 28.0, 0.0], [5.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(segment_last_index(seg, num_segments=3), [[1, 4, 0], [0, 0, 0]])
+    rng = np.random.default_rng(1)
+    seg = np.sort(rng.integers(0, 5, size=(4, 20)), axis=1)[:, ::-1].copy()
+    vals = rng.normal(size=(4, 20)).astype(np.float32)
+    got = jax.jit(segment_sums, static_argnames="num_segments")(vals, seg, num_segments=4)
+    want = np.array([[vals[b][seg[b] == s + 1].sum() for s in range(4)] for b in range(4)])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_and_unpacked_logprobs_agree_with_the_model():
+    """Per-sequence log-probs and last-token hidden states of a packed batch equal the unpacked ones."""
+    from rlhf_jax.logprobs import token_logprobs
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.testing.models import tiny_config
+
+    rows = [{"prompt": f"{i}+{i}=", "completion": "x" * (1 + i % 5)} for i in range(7)]
+    ds = _load(rows, "sft", max_len=16)
+    model = CausalLM(tiny_config())
+    # Random parameters straight from the abstract tree (any values serve an invariance test).
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.1, a.shape), a.dtype), model.abstract_params())
+
+    @jax.jit
+    def per_segment(tokens, positions, segment_ids, loss_mask):
+        out = model.forward(params, tokens, positions, segment_ids)
+        lp = token_logprobs(out.logits[:, :-1], tokens[:, 1:])
+        logps = segment_sums(lp * loss_mask[:, 1:], segment_ids[:, 1:], num_segments=4)
+        last = segment_last_index(segment_ids, num_segments=4)
+        hidden = jnp.take_along_axis(out.hidden, last[..., None], axis=1)
+        return logps, hidden
+
+    packed_rows = [[0, 1, 2], [3, 4], [5, 6], [], [], [], []]  # same shapes as unpacked: one compile
+    packed = collate(ds, packed_rows, seq_len=40, num_segments=4)
+    assert packed["segment_ids"].max() == 3 and (packed["segment_ids"] > 0).sum() == ds.lengths().sum()
+    p_logps, p_hidden = per_segment(packed["tokens"], packed["positions"], packed["segment_ids"], packed["loss_mask"])
+    single = collate(ds, [[i] for i in range(7)], seq_len=40, num_segments=4)
+    u_logps, u_hidden = per_segment(single["tokens"], single["positions"], single["segment_ids"], single["loss_mask"])
+    for b, row in enumerate(packed_rows):
+        for s, i in enumerate(row):
+            np.testing.assert_allclose(p_logps[b, s], u_logps[i, 0], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(p_hidden[b, s], u_hidden[i, 0], atol=1e-5, rtol=0)
+    assert np.all(np.asarray(u_logps[:, 0]) < 0)
+    # Unpacked rows without segment ids (plain right padding) give the same numbers too.
+    logits = jax.jit(lambda tokens: model.forward(params, tokens).logits)(single["tokens"])
+    lp = token_logprobs(logits[:, :-1], single["tokens"][:, 1:])
+    np.testing.assert_allclose(np.sum(lp * single["loss_mask"][:, 1:], axis=1), u_logps[:, 0], atol=1e-5, rtol=0)

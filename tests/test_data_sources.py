@@ -1,0 +1,150 @@
+"""Sources: JSONL, JSON, Parquet, CSV, HF datasets on disk, TFDS (no TensorFlow), Python lists."""
+
+import csv
+import gzip
+import json
+import sys
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rlhf_jax.data import DataError, TFDSSource, TokenizeConfig, load_dataset, read_rows, write_tfds_preferences
+from rlhf_jax.data.tfds_preferences import PREFERENCE_BUILDER_NAME
+from rlhf_jax.testing.tokenizer import offline_tokenizer
+
+STRING_ROWS = [
+    {"prompt": "1+1=", "chosen": "2", "rejected": "3", "margin": 0.5},
+    {"prompt": "2+2=", "chosen": "4", "rejected": "5", "margin": 1.0},
+    {"prompt": "3+3=", "chosen": "6", "rejected": "66", "margin": 0.0},
+]
+U = {"role": "user", "content": "hi"}
+MESSAGE_ROWS = [
+    {"prompt": [U], "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [{"role": "assistant", "content": "go"}], "margin": 0.0},
+    {"prompt": [U], "chosen": [{"role": "assistant", "content": "hey"}], "rejected": [{"role": "assistant", "content": "no"}], "margin": 2.0},
+]
+CONFIG = TokenizeConfig(max_len=32)
+
+
+def _load(source, **kw):
+    return load_dataset(source, kind="preference", tokenizer=offline_tokenizer(), config=CONFIG, **kw)
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for name in ("chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask"):
+        np.testing.assert_array_equal(a.arrays[name].values, b.arrays[name].values)
+        np.testing.assert_array_equal(a.arrays[name].offsets, b.arrays[name].offsets)
+    np.testing.assert_array_equal(a.arrays["margin"], b.arrays["margin"])
+
+
+@pytest.fixture(params=["strings", "messages"])
+def rows(request):
+    return STRING_ROWS if request.param == "strings" else MESSAGE_ROWS
+
+
+def test_in_memory_rows_give_the_expected_tokens():
+    ds = _load(STRING_ROWS)
+    assert ds.arrays["chosen_tokens"][2].tolist() == [1, *[9 + ord(c) - 32 for c in "3+3=6"], 2]
+    np.testing.assert_array_equal(ds.arrays["margin"], [0.5, 1.0, 0.0])
+
+
+def test_jsonl_and_gzip(tmp_path, rows):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gz = tmp_path / "p.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write(path.read_text())
+    _assert_same(_load(path), _load(rows))
+    _assert_same(_load(gz), _load(rows))
+    assert [ref.index for ref, _ in read_rows(path)] == list(range(1, len(rows) + 1))
+
+
+def test_json_array(tmp_path, rows):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(rows, indent=1))
+    _assert_same(_load(path), _load(rows))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    with pytest.raises(DataError, match="bad.json line 1: a .json file must hold an array of row objects"):
+        _load(bad)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n{"prompt": "q",\n')
+    with pytest.raises(DataError, match="broken.json line 3: malformed JSON"):
+        _load(broken)
+
+
+def test_parquet(tmp_path, rows):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    _assert_same(_load(path), _load(rows))
+
+
+def test_csv(tmp_path):
+    path = tmp_path / "p.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected", "margin"])
+        writer.writeheader()
+        writer.writerows(STRING_ROWS)
+    _assert_same(_load(path), _load(STRING_ROWS))  # margins come back from the strings "0.5", ...
+    with open(path, "a") as f:
+        f.write('4+4=,8,9,0,extra\n"5+5=",10,10,0\n')
+    ds = _load(path, on_error="skip")
+    assert len(ds) == 3
+    assert [str(e) for e in ds.skipped] == [
+        f"{path} line 5: the row has more fields than the header ['prompt', 'chosen', 'rejected', 'margin']",
+        f"{path} line 6: 'chosen' and 'rejected' are identical",
+    ]
+
+
+def test_hf_dataset_saved_to_disk(tmp_path, rows):
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "one")
+    _assert_same(_load(tmp_path / "one"), _load(rows))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(
+        tmp_path / "dict"
+    )
+    _assert_same(_load(tmp_path / "dict", split="test"), _load(rows[:1]))
+    with pytest.raises(ValueError, match="DatasetDict with splits \\['test', 'train'\\]: pass split="):
+        _load(tmp_path / "dict")
+    _assert_same(_load(datasets.Dataset.from_list(rows)), _load(rows))  # in memory
+
+
+def test_tfds_round_trip_without_tensorflow(tmp_path):
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in STRING_ROWS + MESSAGE_ROWS))
+    implicit = [{"chosen": [U, {"role": "assistant", "content": "yo"}], "rejected": [U, {"role": "assistant", "content": "no"}]}]
+    version_dir = write_tfds_preferences({"train": jsonl, "test": implicit}, tmp_path / "tfds")
+    assert version_dir == str(tmp_path / "tfds" / PREFERENCE_BUILDER_NAME / "1.0.0")
+    # Rows come back exactly, in order (an absent margin reads as 0).
+    assert [row for _, row in read_rows(version_dir)] == STRING_ROWS + MESSAGE_ROWS
+    assert [row for _, row in read_rows(version_dir, split="test")] == [{**implicit[0], "margin": 0.0}]
+    # The same data through tfds.data_source by name, and through load_dataset.
+    by_name = TFDSSource(PREFERENCE_BUILDER_NAME, data_dir=str(tmp_path / "tfds"), split="train")
+    assert [row for _, row in read_rows(by_name)] == STRING_ROWS + MESSAGE_ROWS
+    _assert_same(_load(version_dir), _load(STRING_ROWS + MESSAGE_ROWS))
+    _assert_same(_load(by_name), _load(STRING_ROWS + MESSAGE_ROWS))
+    assert "tensorflow" not in sys.modules
+    with pytest.raises(FileExistsError, match="already prepared"):
+        write_tfds_preferences({"train": jsonl}, tmp_path / "tfds")
+
+
+def test_tfds_writer_names_bad_rows(tmp_path):
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text(json.dumps(STRING_ROWS[0]) + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl line 2: missing column 'rejected'"):
+        write_tfds_preferences({"train": jsonl}, tmp_path / "tfds")
+
+
+def test_source_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        _load(tmp_path / "nope.jsonl")
+    (tmp_path / "p.txt").write_text("x")
+    with pytest.raises(ValueError, match="unknown file type '.txt' of .*p.txt"):
+        _load(tmp_path / "p.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a saved Hugging Face dataset"):
+        _load(tmp_path / "empty")
+    with pytest.raises(TypeError, match="unsupported source int"):
+        _load(3)

@@ -1,0 +1,177 @@
+"""Tokenization: loss masks token by token, EOS exactly once, truncation, batched == one by one."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from rlhf_jax.data import BatchConfig, BatchIterator, TokenizeConfig, load_dataset, tokenize_sequences
+from rlhf_jax.data.formats import Chat, Plain
+from rlhf_jax.testing.tokenizer import offline_tokenizer
+
+BOS, EOS, SYS, USER, ASSIST = 1, 2, 4, 5, 6
+
+
+def ids(text):
+    """Offline-tokenizer ids of printable ASCII text, computed independently of the tokenizer."""
+    return [7 if c == "\n" else 9 + ord(c) - 32 for c in text]
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+def one(spec, tokenizer=None, **config):
+    config.setdefault("max_len", 64)
+    (out,) = tokenize_sequences([spec], tokenizer or offline_tokenizer(), TokenizeConfig(**config))
+    return out
+
+
+def test_chat_masks_token_by_token_in_a_batch():
+    rows = [{"prompt": [user("12+7=")], "completion": [assistant("19")]}]
+    dataset = load_dataset(rows, kind="sft", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=16))
+    batch = next(BatchIterator(dataset, BatchConfig(batch_size=1, seq_len=16, shuffle=False), process_index=0, process_count=1))
+    expected = [BOS, USER, *ids("12+7="), ASSIST, *ids("19"), EOS]
+    assert len(expected) == 11
+    np.testing.assert_array_equal(batch["tokens"][0], expected + [0] * 5)
+    # Prompt (incl. BOS, role markers) masked; completion and EOS unmasked; padding masked.
+    np.testing.assert_array_equal(batch["loss_mask"][0], [0] * 8 + [1, 1, 1] + [0] * 5)
+    np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 11 + [0] * 5)
+    np.testing.assert_array_equal(batch["positions"][0], list(range(11)) + [0] * 5)
+    assert batch["loss_mask"].dtype == np.float32 and batch["tokens"].dtype == np.int32
+
+
+def test_plain_strings_use_no_template():
+    out = one(Plain("12+7=", "19"))
+    assert out.ids.tolist() == [BOS, *ids("12+7="), *ids("19"), EOS]
+    assert out.mask.tolist() == [False] * 6 + [True] * 3
+    assert out.prompt_len == 6 and not out.truncated
+
+
+def test_text_layout_trains_everything_but_the_first_token():
+    out = one(Plain("", "hi"))
+    assert out.ids.tolist() == [BOS, *ids("hi"), EOS]
+    assert out.mask.tolist() == [False, True, True, True]
+
+
+def test_multi_turn_masks_every_assistant_turn():
+    messages = ({"role": "system", "content": "s"}, user("a"), assistant("bc"), user("d"), assistant("e"))
+    out = one(Chat(messages, 0))
+    assert out.ids.tolist() == [BOS, SYS, *ids("s"), USER, *ids("a"), ASSIST, *ids("bc"), EOS, USER, *ids("d"), ASSIST, *ids("e"), EOS]
+    assert out.mask.astype(int).tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1]
+    # Context turns before num_context are never trained on, even the assistant ones.
+    out = one(Chat(messages, 3))
+    assert out.mask.astype(int).tolist() == [0] * 12 + [1, 1]
+
+
+def test_prompt_only_chat_gets_the_generation_prompt():
+    out = one(Chat((user("hi"),), 1))
+    assert out.ids.tolist() == [BOS, USER, *ids("hi"), ASSIST]
+    assert not out.mask.any() and out.prompt_len == 5
+
+
+def _with_template(template):
+    tok = copy.deepcopy(offline_tokenizer())
+    tok.chat_template = template
+    return tok
+
+
+def test_eos_exactly_once_whatever_the_template_does():
+    conv = Chat((user("q"), assistant("a")), 1)
+    # A template that never writes EOS: it is appended.
+    no_eos = _with_template(
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}>{% endif %}{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}>{% endif %}"
+    )
+    out = one(conv, no_eos)
+    assert out.ids.tolist() == [*ids("q\n>"), *ids("a\n"), EOS]
+    assert out.mask.tolist() == [False] * 3 + [True] * 3
+    # A template that writes text after EOS (like "<|im_end|>\n"): the tail is dropped.
+    tail = _with_template(
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}>{{ m['content'] }}{{ eos_token }}\n"
+        "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}>{% endif %}"
+    )
+    out = one(conv, tail)
+    assert out.ids.tolist() == [*ids("q>"), *ids("a"), EOS]
+    for spec in (conv, Plain("q", "a"), Chat((user("q"), assistant("a"), user("r"), assistant("b")), 0)):
+        out = one(spec)
+        turns = sum(m["role"] == "assistant" for m in spec.messages) if isinstance(spec, Chat) else 1
+        assert (out.ids == EOS).sum() == turns and out.ids[-1] == EOS
+
+
+def test_eos_inside_the_completion_text_is_rejected():
+    assert "contains the EOS token '<eos>'" in one(Plain("q", "a<eos>b"))
+    assert "contains the EOS token" in one(Chat((user("q"), assistant("a<eos>")), 1))
+
+
+def test_template_problems_are_reported():
+    assert "unknown role 'tool'" in one(Chat(({"role": "tool", "content": "x"}, assistant("a")), 1))
+    # A template that renders the latest message first is not prefix-stable.
+    reverse = _with_template("{% for m in messages|reverse %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}")
+    assert "not prefix-stable at message 1" in one(Chat((user("q"), assistant("a")), 1), reverse)
+
+
+@pytest.mark.parametrize(
+    "config, expected_ids, expected_mask, truncated",
+    [
+        # prompt = BOS abcdefgh (9 tokens), completion = xyz EOS (4 tokens)
+        (dict(max_len=64), [BOS, *ids("abcdefgh"), *ids("xyz"), EOS], [0] * 9 + [1] * 4, False),
+        (dict(max_len=64, max_prompt_len=5, truncation="keep_end"), [BOS, *ids("efgh"), *ids("xyz"), EOS], [0] * 5 + [1] * 4, True),
+        (dict(max_len=64, max_prompt_len=5, truncation="keep_start"), [BOS, *ids("abcd"), *ids("xyz"), EOS], [0] * 5 + [1] * 4, True),
+        (dict(max_len=11, truncation="keep_start"), [BOS, *ids("abcdefgh"), *ids("xy")], [0] * 9 + [1] * 2, True),
+        (dict(max_len=11, truncation="keep_end"), [BOS, *ids("cdefgh"), *ids("xyz"), EOS], [0] * 7 + [1] * 4, True),
+        (dict(max_len=9, max_prompt_len=4, truncation="keep_end"), [BOS, *ids("fgh"), *ids("xyz"), EOS], [0] * 4 + [1] * 4, True),
+    ],
+)
+def test_truncation(config, expected_ids, expected_mask, truncated):
+    out = one(Plain("abcdefgh", "xyz"), **config)
+    assert out.ids.tolist() == expected_ids
+    assert out.mask.astype(int).tolist() == expected_mask
+    assert out.truncated == truncated and out.prompt_len == expected_mask.index(1)
+
+
+def test_keep_end_can_cut_into_a_long_completion():
+    out = one(Plain("ab", "0123456789"), max_len=6, truncation="keep_end")
+    assert out.ids.tolist() == [BOS, *ids("6789"), EOS]
+    assert out.mask.tolist() == [False] + [True] * 5 and out.prompt_len == 1
+
+
+def test_prompt_without_room_for_a_completion():
+    assert one(Plain("abcdefgh", "xyz"), max_len=9) == (
+        "the prompt has 9 tokens, leaving no room for a completion within max_len=9"
+    )
+
+
+def test_batched_equals_one_by_one_and_shares_work():
+    specs = [
+        Plain("p", "a"),
+        Chat((user("q"), assistant("a")), 1),
+        Chat((user("q"), assistant("b")), 1),  # shares its prompt render with the previous one
+        Chat((user("q"), assistant("a"), user("r"), assistant("c")), 0),
+        Plain("p", "a"),
+        Chat((user("q"),), 1),
+    ]
+    together = tokenize_sequences(specs, offline_tokenizer(), TokenizeConfig(max_len=32))
+    for spec, joint in zip(specs, together):
+        alone = one(spec, max_len=32)
+        assert joint.ids.tolist() == alone.ids.tolist() and joint.mask.tolist() == alone.mask.tolist()
+
+
+def test_string_format_chat_wraps_strings_in_the_template():
+    rows = [{"prompt": "12+7=", "completion": "19"}]
+    dataset = load_dataset(rows, kind="sft", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=16, string_format="chat"))
+    assert dataset.arrays["tokens"][0].tolist() == [BOS, USER, *ids("12+7="), ASSIST, *ids("19"), EOS]
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="max_prompt_len"):
+        TokenizeConfig(max_len=8, max_prompt_len=8)
+    with pytest.raises(ValueError, match="truncation"):
+        TokenizeConfig(max_len=8, truncation="left")
+    with pytest.raises(ValueError, match="max_len"):
+        TokenizeConfig(max_len=1)
