@@ -47,14 +47,15 @@ def _grad_check(f, *args, eps=1e-3):
     (jax.test_util.check_grads picks its step for float64; these losses compute in float32, where a
     step of 1e-3 balances truncation against rounding.)
     """
-    loss = jax.jit(lambda *a: jnp.sum(f(*a)))
-    grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+    value_and_grad = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a)), argnums=tuple(range(len(args)))))
+    loss = lambda *a: float(value_and_grad(*a)[0])  # noqa: E731  (one compile serves values and gradients)
+    _, grads = value_and_grad(*args)
     rng = np.random.default_rng(1)
     for i, (x, g) in enumerate(zip(args, grads)):
         u = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
         plus = [a + eps * u if j == i else a for j, a in enumerate(args)]
         minus = [a - eps * u if j == i else a for j, a in enumerate(args)]
-        fd = (float(loss(*plus)) - float(loss(*minus))) / (2 * eps)
+        fd = (loss(*plus) - loss(*minus)) / (2 * eps)
         np.testing.assert_allclose(fd, float(jnp.sum(g * u)), rtol=1e-2, atol=1e-2, err_msg=f"argument {i}")
 
 
