@@ -19,7 +19,6 @@ compute.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -217,7 +216,7 @@ class Checkpointer:
             "best_mode": self.config.best_mode,
         }
         items[_META] = ocp.args.JsonSave(meta)
-        items[_EXTRAS] = ocp.args.JsonSave(_jsonable(dict(extras or {})))
+        items[_EXTRAS] = ocp.args.JsonSave(to_dict(dict(extras or {})))
         ranking = None
         if metrics is not None and self.config.best_metric and self.config.best_metric in metrics:
             ranking = {self.config.best_metric: float(metrics[self.config.best_metric])}
@@ -348,19 +347,6 @@ def _restore_target(leaf: Any, is_key: bool) -> jax.ShapeDtypeStruct:
 
 def _default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-
-def _jsonable(x: Any) -> Any:
-    """Host state as JSON values (numpy scalars/arrays become numbers/lists)."""
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _jsonable(dataclasses.asdict(x))
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.generic, np.ndarray, jax.Array)):
-        return np.asarray(x).tolist()
-    return x
 
 
 def read_model_config(directory: str | os.PathLike, step: int | None = None) -> dict | None:

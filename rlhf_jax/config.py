@@ -20,7 +20,10 @@ import difflib
 import functools
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
+
+import numpy as np
 
 __all__ = [
     "ConfigError",
@@ -358,13 +361,19 @@ def override(config: Any, assignments: list[str] | tuple[str, ...]) -> Any:
 
 
 def to_dict(config: Any) -> Any:
-    """A JSON-compatible nested dict of a dataclass config (tuples become lists)."""
+    """JSON-compatible values of a dataclass config or host state.
+
+    Dataclasses become dicts of their init fields, tuples lists, and NumPy / JAX arrays and
+    scalars (e.g. in a data iterator's state) Python numbers or nested lists.
+    """
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
     if isinstance(config, (tuple, list)):
         return [to_dict(v) for v in config]
-    if isinstance(config, dict):
+    if isinstance(config, Mapping):
         return {str(k): to_dict(v) for k, v in config.items()}
+    if hasattr(config, "__array__") and not isinstance(config, (str, bytes)):
+        return np.asarray(config).tolist()
     return config
 
 

@@ -1,0 +1,238 @@
+"""The loop every driver shares: step, log, evaluate, checkpoint, stop cleanly on a signal.
+
+    for s in start+1 .. total:
+        state, metrics = step(state, next_batch())      # jitted, asynchronous
+        buffer metrics                                  # no host sync
+        every logging.every steps: fetch, write, check the NaN/Inf guard's flags
+        every train.eval_every steps: evaluate(state) -> "eval/..." metrics
+        every checkpoint.every steps: save (asynchronously)
+        on SIGTERM / SIGINT: finish this step, save, return
+
+A driver builds the model, data and jitted step, restores or creates its state with `start_run`,
+and hands the rest to `fit`. Everything a resumed run needs to continue bit for bit (the state
+pytrees and the data iterator's position) goes into each checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from rlhf_jax.checkpoint import Checkpointer, is_checkpoint_dir
+from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig, to_dict
+from rlhf_jax.metrics import MetricsBuffer, MetricsLogger
+from rlhf_jax.train.results import write_json
+
+__all__ = ["TrainingHalted", "StopSignal", "RunDir", "FitResult", "fit", "open_run"]
+
+
+class TrainingHalted(RuntimeError):
+    """The NaN/Inf guard stopped the run (`train.nonfinite="halt"`); the message names the step."""
+
+
+class StopSignal:
+    """Turns SIGTERM and SIGINT into a flag the loop polls between steps (TPU preemption notice).
+
+    Used as a context manager; the previous handlers come back on exit. A second SIGINT while a
+    stop is pending raises `KeyboardInterrupt` as usual, so a stuck run can still be interrupted.
+    Outside the main thread (where handlers cannot be installed) it is an inert flag.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+
+@dataclasses.dataclass
+class RunDir:
+    """A run's directory, checkpointer, metrics logger and the step it starts from.
+
+    Attributes:
+      path: the run directory (`config.json`, `metrics.jsonl`, `tb/`, `checkpoints/`, results).
+      checkpointer: the run's `Checkpointer` on `path/checkpoints`.
+      restore_step: the checkpoint to resume from, or None for a fresh start.
+    """
+
+    path: str
+    checkpointer: Checkpointer
+    restore_step: int | None
+
+    def file(self, name: str) -> str:
+        """A path inside the run directory."""
+        return os.path.join(self.path, name)
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.checkpointer.close()
+
+
+def open_run(workdir: str, *, run_config: Any, checkpoint: CheckpointConfig, model_config: Any) -> RunDir:
+    """Create (or reopen) a run directory, write its `config.json`, find the checkpoint to resume.
+
+    Raises:
+      ConfigError: the directory already holds checkpoints but `checkpoint.resume` is false (a
+        fresh run would collide with them), naming the directory.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if is_checkpoint_dir(ckpt_dir) and not checkpoint.resume:
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints and checkpoint.resume=false: choose another "
+                          "workdir (--set workdir=...) or delete the old run")
+    checkpointer = Checkpointer(ckpt_dir, config=checkpoint, model_config=model_config)
+    write_json(os.path.join(workdir, "config.json"), to_dict(run_config))
+    restore_step = checkpointer.latest_step() if checkpoint.resume else None
+    return RunDir(os.path.abspath(workdir), checkpointer, restore_step)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` ends with.
+
+    Attributes:
+      state: the final state.
+      step: the last completed step.
+      stopped_by: the signal name that stopped the run early ("SIGTERM", "SIGINT"), or None.
+      last_eval: the last evaluation's metrics (empty when none ran).
+      last_metrics: the last logged training metrics.
+    """
+
+    state: Any
+    step: int
+    stopped_by: str | None
+    last_eval: dict[str, float]
+    last_metrics: dict[str, float]
+
+
+def fit(
+    *,
+    state: Any,
+    step_fn: Callable[[Any, Mapping[str, Any]], tuple[Any, Mapping[str, Any]]],
+    batches: Iterator[Mapping[str, Any]],
+    start_step: int,
+    train: TrainConfig,
+    checkpoint: CheckpointConfig,
+    logging: LoggingConfig,
+    run: RunDir,
+    save_items: Callable[[Any], Mapping[str, Any]],
+    extras: Callable[[], Mapping[str, Any]],
+    evaluate: Callable[[Any], Mapping[str, float]] | None = None,
+    progress_keys: tuple[str, ...] = ("loss",),
+    run_config: Mapping[str, Any] | None = None,
+    evaluate_at_start: bool = True,
+) -> FitResult:
+    """Train from `start_step` to `train.steps`, logging, evaluating and checkpointing.
+
+    Args:
+      state: the (restored or fresh) state the step takes.
+      step_fn: the jitted `(state, batch) -> (state, metrics)`.
+      batches: an iterator of host batches, positioned after `start_step` batches; its state is
+        read through `extras()` for checkpoints.
+      start_step: the step `state` is at (0 for a fresh run).
+      train: loop settings: steps, eval interval, NaN/Inf policy.
+      checkpoint: save interval and retention.
+      logging: logging interval and sinks.
+      run: the run directory from `open_run`.
+      save_items: `state -> {item name: pytree}` for the checkpoint.
+      extras: `() -> JSON host state` (data iterator state, ...) for the checkpoint, read right
+        after the step whose state is saved.
+      evaluate: `state -> metrics` (named "eval/..."), run every `train.eval_every` steps and at
+        the end.
+      progress_keys: metrics shown on the progress bar.
+      run_config: the config dict for wandb.
+      evaluate_at_start: on a fresh run, evaluate the initial state and log it as step 0 (the
+        baseline every later evaluation is compared with).
+    Returns:
+      A `FitResult`.
+    Raises:
+      TrainingHalted: a non-finite loss or gradient under `train.nonfinite="halt"`.
+    """
+    logger = MetricsLogger(run.path, config=logging, total_steps=train.steps, start_step=start_step,
+                           keys=progress_keys, run_config=run_config, run_name=os.path.basename(run.path))
+    buffer = MetricsBuffer()
+    last_eval: dict[str, float] = {}
+    last_metrics: dict[str, float] = {}
+    step = start_step
+
+    def flush() -> None:
+        nonlocal last_metrics
+        for s, metrics in buffer.flush():
+            if metrics.get("halt", 0):
+                logger.log(s, metrics)
+                logger.flush()
+                raise TrainingHalted(
+                    f"step {s}: non-finite loss or gradient (loss={metrics.get('loss')}, "
+                    f"grad_norm={metrics.get('grad_norm')}); the update was not applied and the run halts "
+                    "(train.nonfinite='halt'). The last checkpoint is before this step."
+                )
+            if metrics.get("nonfinite", 0):
+                logger.message(f"step {s}: non-finite loss or gradient; update skipped (train.nonfinite='skip')")
+            logger.log(s, metrics)
+            last_metrics = metrics
+        logger.flush()
+
+    def run_eval() -> dict[str, float]:
+        start = time.perf_counter()
+        metrics = {k: float(v) for k, v in evaluate(state).items()}
+        logger.log(step, metrics, progress=False)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        logger.message(f"eval @ step {step} ({time.perf_counter() - start:.1f}s): {shown}")
+        return metrics
+
+    def save(metrics: Mapping[str, float] | None = None) -> None:
+        run.checkpointer.save(step, save_items(state), extras=extras(), metrics=metrics)
+
+    try:
+        with StopSignal() as stop:
+            if evaluate is not None and evaluate_at_start and start_step == 0 and train.steps > 0:
+                last_eval = run_eval()
+            while step < train.steps and not stop.requested:
+                state, metrics = step_fn(state, next(batches))
+                step += 1
+                buffer.append(step, metrics)
+                final = step == train.steps
+                if step % logging.every == 0 or final or stop.requested:
+                    flush()
+                evaluated = None
+                if evaluate is not None and ((train.eval_every and step % train.eval_every == 0) or final):
+                    flush()
+                    last_eval = evaluated = run_eval()
+                due = checkpoint.every and step % checkpoint.every == 0
+                if due or final or stop.requested or (evaluated is not None and checkpoint.keep_best):
+                    flush()
+                    save(evaluated)
+            flush()
+            if stop.requested:
+                logger.message(f"{stop.received}: saved checkpoint at step {step}; exiting")
+            stopped_by = stop.received
+        run.checkpointer.wait()
+    finally:
+        logger.close()
+    return FitResult(state, step, stopped_by, last_eval, last_metrics)
