@@ -832,7 +832,7 @@ def make_ppo_step(
         policy, value, kl_coef = carry
         context = {**_normalisers(mb["completion_mask"]), "kl_coef": kl_coef}
         if "ptx_mask" in mb:
-            context["ptx_tokens"] = _checks.safe_count(jnp.sum(_checks.mask_f32(mb["ptx_mask"][:, 1:])))
+            context["ptx_tokens"] = _checks.safe_denominator(jnp.sum(_checks.mask_f32(mb["ptx_mask"][:, 1:])))
         rng = jax.random.fold_in(policy.rng, policy.step)
         loss, grads, metrics = accumulate_gradients(policy_loss_fn, policy.params, mb, context, rng,
                                                     micro_batches=config.micro_batches)

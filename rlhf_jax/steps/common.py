@@ -1,0 +1,322 @@
+"""Pieces every training step shares: micro-batching, gradient accumulation, the guarded update, jit.
+
+A step is assembled from three parts (big_vision's `update_fn`, purejaxrl's `make_train`):
+
+1. a *loss function* `loss_fn(params, batch, context, rng) -> (loss, metrics)` on one micro-batch,
+   whose loss is normalised by *global* counts found in `context` (e.g. the number of target tokens
+   of the whole batch), so that the micro-batch losses and gradients add up to the full batch's;
+2. `make_update(loss_fn, optimizer, ...)`: a pure `update(state, batch, *frozen) -> (state,
+   metrics)` that derives the step key `fold_in(state.rng, state.step)`, runs an optional
+   `prepare(params, batch, frozen, rng) -> (batch, context)` on the full batch (global counts, reference
+   log-probs), accumulates gradients over micro-batches with `lax.scan`, and applies the optimizer
+   behind a NaN/Inf guard;
+3. `jit_step(update, ...)`: `jax.jit` with the state's and batch's shardings and the state donated,
+   wrapped in a `Step` that checks every batch against the mesh before anything is compiled.
+
+The RL steps reuse `accumulate_gradients`, `apply_gradients` and `jit_step` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, get_args
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding as sh
+from rlhf_jax.optim import OptimizerConfig, global_norm, make_optimizer, make_schedule
+from rlhf_jax.state import TrainState, abstract_train_state, train_state_shardings
+
+__all__ = [
+    "Metrics",
+    "Batch",
+    "NonFinitePolicy",
+    "LossFn",
+    "PrepareFn",
+    "split_micro_batches",
+    "accumulate_gradients",
+    "apply_gradients",
+    "make_update",
+    "Step",
+    "jit_step",
+    "resolve_optimizer",
+    "model_state_shardings",
+    "micro_share",
+]
+
+Metrics = dict[str, jax.Array]
+Batch = Mapping[str, jax.Array]
+NonFinitePolicy = Literal["skip", "halt", "off"]
+LossFn = Callable[[Any, Batch, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Metrics]]
+PrepareFn = Callable[[Any, Batch, tuple, jax.Array], tuple[Batch, Mapping[str, jax.Array]]]
+
+
+def _check_positive_int(fn: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+
+
+def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+    """Reshape every `[B, ...]` array to `[micro_batches, B / micro_batches, ...]`, interleaved.
+
+    Micro-batch `k` holds rows `k, k + n, k + 2n, ...` (n = `micro_batches`): with the batch split
+    contiguously over data-parallel devices, every micro-batch then takes the same number of rows
+    from every device and the split moves no data between devices.
+
+    Args:
+      batch: mapping of `[B, ...]` arrays, `B` divisible by `micro_batches`.
+      micro_batches: number of micro-batches `n`.
+
+    Returns:
+      The same mapping with `[n, B / n, ...]` arrays.
+    """
+    _check_positive_int("split_micro_batches", "micro_batches", micro_batches)
+
+    def split(key, x):
+        b = x.shape[0]
+        if b % micro_batches:
+            raise ValueError(
+                f"split_micro_batches: batch[{key!r}] has {b} rows, not divisible by {micro_batches} micro-batches"
+            )
+        return jnp.swapaxes(x.reshape((b // micro_batches, micro_batches) + x.shape[1:]), 0, 1)
+
+    return {k: split(k, v) for k, v in batch.items()}
+
+
+def _zeros_f32(tree):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+
+def accumulate_gradients(loss_fn: LossFn, params: Any, batch: Batch, context: Mapping[str, jax.Array],
+                         rng: jax.Array, *, micro_batches: int = 1) -> tuple[jax.Array, Any, Metrics]:
+    """Loss, gradients and metrics of the whole batch, one micro-batch at a time.
+
+    `L = sum_k loss_fn(params, batch_k)` and `g = sum_k grad loss_fn(params, batch_k)`: each
+    micro-batch loss must already be normalised by the global count in `context`, so these sums
+    equal the full-batch loss and gradient. Gradients accumulate in float32 inside a `lax.scan`
+    and are cast back to the parameters' dtypes. Metrics are averaged over micro-batches (equal
+    sized, so per-example means are exact). Micro-batch `k` gets the key `fold_in(rng, k)`.
+
+    Args:
+      loss_fn: `(params, micro_batch, context, rng) -> (scalar loss, metrics)`.
+      params: the parameter tree.
+      batch: mapping of `[B, ...]` arrays.
+      context: full-batch values the loss needs (global token counts, ...).
+      rng: this step's key.
+      micro_batches: number of micro-batches (1 = the whole batch at once).
+
+    Returns:
+      `(loss, grads, metrics)`.
+    """
+    _check_positive_int("accumulate_gradients", "micro_batches", micro_batches)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        (loss, metrics), grads = grad_fn(params, batch, context, jax.random.fold_in(rng, 0))
+        return loss, grads, metrics
+    micro = split_micro_batches(batch, micro_batches)
+    first = jax.tree.map(lambda x: x[0], micro)
+    metric_shapes = jax.eval_shape(lambda: grad_fn(params, first, context, rng)[0][1])
+
+    def body(carry, xs):
+        loss_sum, grad_sum, metric_sum = carry
+        k, mb = xs
+        (loss, metrics), grads = grad_fn(params, mb, context, jax.random.fold_in(rng, k))
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        metric_sum = jax.tree.map(lambda a, m: a + m.astype(jnp.float32), metric_sum, metrics)
+        return (loss_sum + loss.astype(jnp.float32), grad_sum, metric_sum), None
+
+    init = (jnp.zeros((), jnp.float32), _zeros_f32(params), _zeros_f32(metric_shapes))
+    (loss, grads, metric_sum), _ = jax.lax.scan(body, init, (jnp.arange(micro_batches), micro))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    metrics = jax.tree.map(lambda m: m / micro_batches, metric_sum)
+    return loss, grads, metrics
+
+
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: optax.GradientTransformation, *,
+                    nonfinite: NonFinitePolicy = "skip",
+                    learning_rate: optax.Schedule | None = None) -> tuple[TrainState, Metrics]:
+    """One optimizer update behind a NaN/Inf guard, without a host round trip.
+
+    With `nonfinite` = "skip" or "halt", a non-finite loss or gradient norm keeps the parameters and
+    optimizer state unchanged (`jnp.where`, no branch on the host) and sets the metric `nonfinite`
+    to 1; "halt" also sets `halt` to 1, which the driver reads with the metrics and stops on,
+    naming the step. "off" applies every update. The step counter always advances.
+
+    Args:
+      state: the `TrainState` before the update.
+      grads: gradients shaped like `state.params`.
+      loss: the scalar loss the gradients came from.
+      optimizer: the optax transform.
+      nonfinite: "skip", "halt" or "off".
+      learning_rate: the schedule, for the `learning_rate` metric (evaluated at `state.step`).
+
+    Returns:
+      `(new_state, metrics)` with `grad_norm` (before clipping), `learning_rate` (when given),
+      `nonfinite` and, for "halt", `halt`.
+    """
+    if nonfinite not in get_args(NonFinitePolicy):
+        raise ValueError(f"apply_gradients: nonfinite must be one of {get_args(NonFinitePolicy)}, got {nonfinite!r}")
+    grad_norm = global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics: Metrics = {"grad_norm": grad_norm}
+    if learning_rate is not None:
+        metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
+    if nonfinite != "off":
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        metrics["nonfinite"] = (~ok).astype(jnp.float32)
+        if nonfinite == "halt":
+            metrics["halt"] = metrics["nonfinite"]
+    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+
+def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                prepare: PrepareFn | None = None, micro_batches: int = 1, nonfinite: NonFinitePolicy = "skip",
+                learning_rate: optax.Schedule | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
+    """A pure `update(state, batch, *frozen) -> (state, metrics)` from a micro-batch loss.
+
+    `rng = fold_in(state.rng, state.step)`; `batch, context = prepare(params, batch, frozen, rng)` (default:
+    unchanged batch, empty context); gradients by `accumulate_gradients`; update by
+    `apply_gradients`. Metrics: the loss function's, plus `loss`, `grad_norm`, `learning_rate`,
+    `nonfinite` (and `halt`).
+
+    Args:
+      loss_fn: `(params, micro_batch, context, rng) -> (loss, metrics)`.
+      optimizer: the optax transform.
+      prepare: `(params, batch, frozen, rng) -> (batch, context)` run once on the full batch,
+        outside the gradient (global token counts, reference log-probs from frozen parameters).
+      micro_batches: gradient-accumulation micro-batches.
+      nonfinite: the NaN/Inf policy of `apply_gradients`.
+      learning_rate: the schedule reported as `learning_rate`.
+
+    Returns:
+      The pure update function (jit it with `jit_step`).
+    """
+    _check_positive_int("make_update", "micro_batches", micro_batches)
+    if nonfinite not in get_args(NonFinitePolicy):
+        raise ValueError(f"make_update: nonfinite must be one of {get_args(NonFinitePolicy)}, got {nonfinite!r}")
+
+    def update(state: TrainState, batch: Batch, *frozen) -> tuple[TrainState, Metrics]:
+        prepare_rng, loss_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        batch = dict(batch)
+        if prepare is None:
+            context = {}
+        else:
+            batch, context = prepare(state.params, batch, frozen, prepare_rng)
+        loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, context, loss_rng,
+                                                    micro_batches=micro_batches)
+        state, opt_metrics = apply_gradients(state, grads, loss, optimizer, nonfinite=nonfinite,
+                                             learning_rate=learning_rate)
+        return state, {"loss": loss.astype(jnp.float32), **metrics, **opt_metrics}
+
+    return update
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A jitted step that checks its batch against the mesh first: `step(state, batch, *frozen)`.
+
+    Attributes:
+      jitted: the `jax.jit`-wrapped update (for `.lower(...)`, e.g. `rlhf_jax.compile`).
+      mesh: the device mesh.
+      strategy: the sharding strategy.
+      micro_batches: gradient-accumulation micro-batches (the batch must split into them evenly
+        on every data-parallel shard).
+      state_shardings: the `NamedSharding`s of the state.
+      batch_keys: the keys a batch must have (None = not checked).
+    """
+
+    jitted: Any
+    mesh: Mesh
+    strategy: sh.Strategy
+    micro_batches: int
+    state_shardings: Any
+    batch_keys: tuple[str, ...] | None = None
+    name: str = "step"
+
+    def check_batch(self, batch: Mapping[str, Any]) -> int:
+        """Raise a clear error for a batch this step cannot take; return its batch size."""
+        if self.batch_keys is not None and isinstance(batch, Mapping):
+            missing = [k for k in self.batch_keys if k not in batch]
+            if missing:
+                raise KeyError(f"{self.name}: batch lacks keys {missing}; it has {sorted(batch)}")
+        return sh.check_batch(batch, mesh=self.mesh, strategy=self.strategy, micro_batches=self.micro_batches)
+
+    def __call__(self, state, batch, *frozen):
+        self.check_batch(batch)
+        return self.jitted(state, batch, *frozen)
+
+    def lower(self, state, batch, *frozen):
+        """`jax.jit(...).lower` on concrete or abstract (`ShapeDtypeStruct`) arguments."""
+        self.check_batch(batch)
+        return self.jitted.lower(state, batch, *frozen)
+
+
+def jit_step(update: Callable[..., tuple[Any, Metrics]], *, mesh: Mesh, strategy: str | sh.Strategy,
+             state_shardings: Any, frozen_shardings: Sequence[Any] = (), micro_batches: int = 1,
+             donate: bool = True, batch_keys: Sequence[str] | None = None, name: str = "step") -> Step:
+    """Jit `update(state, batch, *frozen)` with shardings and state donation.
+
+    The state keeps `state_shardings` in and out (so it can be donated and updated in place), every
+    batch array is split over the strategy's batch axes on its leading dimension, frozen arguments
+    (e.g. reference parameters) keep `frozen_shardings`, and metrics come back replicated.
+
+    Args:
+      update: the pure update (`make_update`).
+      mesh: the device mesh.
+      strategy: a `Strategy` or registered name (checked against the mesh now).
+      state_shardings: the state's `NamedSharding` tree (`train_state_shardings`).
+      frozen_shardings: one sharding tree per frozen argument.
+      micro_batches: checked against each batch's size.
+      donate: donate the state's buffers (`donate_argnums=(0,)`).
+      batch_keys: keys every batch must have (checked before compiling).
+      name: used in error messages.
+
+    Returns:
+      A `Step`.
+    """
+    strategy = sh.check_strategy(strategy, mesh)
+    _check_positive_int("jit_step", "micro_batches", micro_batches)
+    rep = sh.replicated(mesh)
+    data = sh.batch_sharding(mesh, strategy)
+    jitted = jax.jit(
+        update,
+        in_shardings=(state_shardings, data, *frozen_shardings),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,) if donate else (),
+    )
+    return Step(jitted, mesh, strategy, micro_batches, state_shardings,
+                None if batch_keys is None else tuple(batch_keys), name)
+
+
+def resolve_optimizer(optimizer: OptimizerConfig | optax.GradientTransformation
+                      ) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
+    """`(transform, schedule)` from an `OptimizerConfig` (schedule known) or an optax transform (None)."""
+    if isinstance(optimizer, OptimizerConfig):
+        return make_optimizer(optimizer), make_schedule(optimizer)
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer, None
+    raise TypeError(f"optimizer must be an OptimizerConfig or an optax.GradientTransformation, got {type(optimizer).__name__}")
+
+
+def model_state_shardings(model, optimizer: optax.GradientTransformation, *, mesh: Mesh,
+                          strategy: str | sh.Strategy) -> TrainState:
+    """The `TrainState` shardings of `model` (a `CausalLM`) trained with `optimizer`."""
+    abstract = abstract_train_state(model.init, optimizer)
+    return train_state_shardings(abstract, model.logical_axes, optimizer, mesh=mesh, strategy=strategy)
+
+
+def micro_share(total: jax.Array, count: jax.Array, micro_batches: int) -> jax.Array:
+    """A micro-batch's contribution to a full-batch mean, scaled for averaging over micro-batches.
+
+    `total / count * micro_batches`, with `count` the *global* count: averaging these over the
+    micro-batches (as `accumulate_gradients` does with metrics) gives `sum of totals / count`.
+    """
+    return total.astype(jnp.float32) / jnp.maximum(count, 1.0) * micro_batches

@@ -1,0 +1,529 @@
+"""Offline preference steps: every DPO loss type, SimPO, ORPO (paired) and KTO (unpaired).
+
+An *objective* is a small frozen config with the loss's hyperparameters; `make_dpo_step` runs any
+of them. The step computes each completion's summed target log-prob and token count under the
+policy (and under the frozen reference when the objective needs one), and the objective turns
+those into per-example losses and implicit rewards through `rlhf_jax.losses`.
+
+Reference log-probs come either from a reference forward pass in every step
+(`reference="model"`: `step(state, batch, reference_params)`), or from the batch
+(`reference="precomputed"`: keys `ref_chosen_logps` / `ref_rejected_logps`, or `ref_logps` /
+`ref_kl_logps` for KTO, made once over the dataset by `make_reference_logps_fn`).
+
+Paired batch: `chosen_tokens`, `chosen_loss_mask`, `rejected_tokens`, `rejected_loss_mask`,
+optional `*_positions` / `*_segment_ids` (packed rows: a pair's two sequences share row and
+segment slot). Unpaired (KTO) batch: `tokens`, `loss_mask`, `label` (True = desirable), and the
+mismatched completions `kl_tokens`, `kl_loss_mask` for KTO's reference point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Literal, NamedTuple, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding as sh
+from rlhf_jax.losses import dpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
+from rlhf_jax.losses.preference import DPOLossType
+from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.steps import common
+from rlhf_jax.steps.sequences import causal_targets, deinterleave, forward_token_logps, segment_sums, side
+from rlhf_jax.steps.supervised import PAIR_KEYS, pair_inputs
+
+__all__ = [
+    "SequenceLogps",
+    "PreferenceTerms",
+    "DPO",
+    "SimPO",
+    "ORPO",
+    "KTO",
+    "Objective",
+    "ReferenceMode",
+    "make_dpo_loss",
+    "make_dpo_step",
+    "make_reference_logps_fn",
+    "precompute_reference_logps",
+]
+
+ReferenceMode = Literal["model", "precomputed"]
+UNPAIRED_KEYS = ("tokens", "loss_mask", "label")
+
+
+class SequenceLogps(NamedTuple):
+    """Summed target log-probs and target counts of a set of completions, float32 `[N]`."""
+
+    sum: jax.Array
+    count: jax.Array
+
+    def value(self, average: bool) -> jax.Array:
+        """The summed log-prob, or the length-averaged one (`sum / count`, 0 for empty)."""
+        return self.sum / jnp.maximum(self.count, 1.0) if average else self.sum
+
+
+class PreferenceTerms(NamedTuple):
+    """What an objective returns per example: the loss and what the metrics report.
+
+    losses `[N]`; chosen_rewards / rejected_rewards `[N]` implicit rewards; chosen_logps /
+    rejected_logps `[N]` the log-probs the loss consumed; extra: more per-example metrics.
+    """
+
+    losses: jax.Array
+    chosen_rewards: jax.Array
+    rejected_rewards: jax.Array
+    chosen_logps: jax.Array
+    rejected_logps: jax.Array
+    extra: dict[str, jax.Array]
+
+
+def _positive(owner: str, name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
+
+
+def _nonnegative(owner: str, name: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{owner}.{name} must be >= 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPO:
+    """Direct Preference Optimization (Rafailov et al. 2023) and its loss variants (`dpo_loss`).
+
+    Attributes:
+      beta: implicit-reward scale.
+      loss_type: `sigmoid`, `robust`, `hinge`, `ipo` (on length-averaged log-probs, as the IPO
+        paper), `apo_zero`, `apo_down`.
+      label_smoothing: conservative / robust DPO's label-flip rate.
+      reference_free: drop the reference model (log-ratios against a uniform reference).
+      nll_weight: add `nll_weight x` the chosen responses' token-mean NLL (RPO; Pang et al. 2024).
+    """
+
+    beta: float = 0.1
+    loss_type: DPOLossType = "sigmoid"
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    nll_weight: float = 0.0
+    paired = True
+
+    def __post_init__(self):
+        if self.loss_type not in get_args(DPOLossType):
+            raise ValueError(f"DPO.loss_type must be one of {get_args(DPOLossType)}, got {self.loss_type!r}")
+        _positive("DPO", "beta", self.beta)
+        _nonnegative("DPO", "nll_weight", self.nll_weight)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPO.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return not self.reference_free
+
+    def __call__(self, chosen: SequenceLogps, rejected: SequenceLogps,
+                 ref_chosen: SequenceLogps | None, ref_rejected: SequenceLogps | None) -> PreferenceTerms:
+        avg = self.loss_type == "ipo"
+        pc, pr = chosen.value(avg), rejected.value(avg)
+        rc = None if ref_chosen is None else ref_chosen.value(avg)
+        rr = None if ref_rejected is None else ref_rejected.value(avg)
+        losses, _ = dpo_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type,
+                             label_smoothing=self.label_smoothing)
+        c = pc if rc is None else pc - rc
+        r = pr if rr is None else pr - rr
+        return PreferenceTerms(losses, self.beta * c, self.beta * r, pc, pr, {})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimPO:
+    """SimPO (Meng et al. 2024): reference-free margin loss on length-averaged log-probs.
+
+    Attributes:
+      beta: reward scale; gamma: target margin; nll_weight: chosen-NLL weight (CPO-SimPO).
+    """
+
+    beta: float = 2.0
+    gamma: float = 0.5
+    nll_weight: float = 0.0
+    paired = True
+    needs_reference = False
+
+    def __post_init__(self):
+        _positive("SimPO", "beta", self.beta)
+        _nonnegative("SimPO", "nll_weight", self.nll_weight)
+
+    def __call__(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceTerms:
+        del ref_chosen, ref_rejected
+        a_w, a_l = chosen.value(True), rejected.value(True)
+        losses = simpo_loss(a_w, a_l, beta=self.beta, gamma=self.gamma)
+        return PreferenceTerms(losses, self.beta * a_w, self.beta * a_l, a_w, a_l, {})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ORPO:
+    """ORPO (Hong et al. 2024): chosen NLL + `beta x` the odds-ratio term, no reference model.
+
+    Attributes:
+      beta: weight of the odds-ratio term (the paper's lambda).
+    """
+
+    beta: float = 0.1
+    paired = True
+    needs_reference = False
+    nll_weight = 1.0
+
+    def __post_init__(self):
+        _positive("ORPO", "beta", self.beta)
+
+    def __call__(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceTerms:
+        del ref_chosen, ref_rejected
+        a_w, a_l = chosen.value(True), rejected.value(True)
+        losses, _ = orpo_loss(a_w, a_l, beta=self.beta)
+        extra = {"log_odds_ratio": jax.lax.stop_gradient(-losses / self.beta)}
+        return PreferenceTerms(losses, self.beta * a_w, self.beta * a_l, a_w, a_l, extra)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KTO:
+    """KTO (Ethayarajh et al. 2024) on unpaired desirable / undesirable completions.
+
+    Attributes:
+      beta: implicit-reward scale.
+      desirable_weight, undesirable_weight: the paper's lambda_D, lambda_U.
+      reference_point: `mismatched` estimates z0 = max(0, KL) from the batch's mismatched
+        completions (`kl_tokens`, `kl_loss_mask`); `zero` uses z0 = 0.
+    """
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    reference_point: Literal["mismatched", "zero"] = "mismatched"
+    paired = False
+    needs_reference = True
+    nll_weight = 0.0
+
+    def __post_init__(self):
+        _positive("KTO", "beta", self.beta)
+        _nonnegative("KTO", "desirable_weight", self.desirable_weight)
+        _nonnegative("KTO", "undesirable_weight", self.undesirable_weight)
+        if self.reference_point not in ("mismatched", "zero"):
+            raise ValueError(f"KTO.reference_point must be 'mismatched' or 'zero', got {self.reference_point!r}")
+
+
+Objective = DPO | SimPO | ORPO | KTO
+
+
+# ------------------------------------------------------------------------------- sequence log-probs
+
+
+def _side_logps(model, params, tokens, loss_mask, positions, segment_ids, *, max_segments: int,
+                chunk_size: int | None):
+    """(SequenceLogps [B, S], token logps [B, T-1], target mask [B, T-1]) of one forward batch."""
+    targets = causal_targets(tokens, loss_mask, segment_ids)
+    logps, _ = forward_token_logps(model, params, tokens, targets.labels, positions=positions,
+                                   segment_ids=segment_ids, chunk_size=chunk_size)
+    masked = jnp.where(targets.mask > 0, logps, 0.0)
+    seq = SequenceLogps(segment_sums(masked, targets.segments, max_segments),
+                        segment_sums(targets.mask, targets.segments, max_segments))
+    return seq, masked, targets.mask
+
+
+def _pair_logps(model, params, batch, *, max_segments, chunk_size):
+    """Chosen and rejected `SequenceLogps` `[B, S]` (one interleaved forward), and the chosen NLL sum."""
+    inputs = pair_inputs(batch)
+    seq, masked, _ = _side_logps(model, params, inputs["tokens"], inputs["loss_mask"], inputs["positions"],
+                                 inputs["segment_ids"], max_segments=max_segments, chunk_size=chunk_size)
+    (cs, rs), (cc, rc) = deinterleave(seq.sum), deinterleave(seq.count)
+    chosen_nll = -jnp.sum(deinterleave(masked)[0])
+    return SequenceLogps(cs, cc), SequenceLogps(rs, rc), chosen_nll
+
+
+def _unpaired_logps(model, params, batch, prefix, *, max_segments, chunk_size):
+    s = side(batch, prefix)
+    seq, _, _ = _side_logps(model, params, s["tokens"], s["loss_mask"], s["positions"], s["segment_ids"],
+                            max_segments=max_segments, chunk_size=chunk_size)
+    return seq
+
+
+def _map_micro(fn, batch, micro_batches: int):
+    """`fn(batch)` on micro-batches with `lax.map`, results re-joined to full-batch rows."""
+    if micro_batches == 1:
+        return fn(batch)
+    out = jax.lax.map(fn, common.split_micro_batches(batch, micro_batches))
+    # [n, B/n, ...] -> [B, ...], undoing the interleaved split.
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), out)
+
+
+def _reference_fn(model, objective: Objective, *, max_segments: int, chunk_size: int | None):
+    """`(ref_params, batch) -> dict of [B, S] reference summed log-probs` (no gradient)."""
+
+    def fn(params, batch):
+        params = jax.lax.stop_gradient(params)
+        if objective.paired:
+            chosen, rejected, _ = _pair_logps(model, params, batch, max_segments=max_segments, chunk_size=chunk_size)
+            return {"ref_chosen_logps": chosen.sum, "ref_rejected_logps": rejected.sum}
+        out = {"ref_logps": _unpaired_logps(model, params, batch, "", max_segments=max_segments,
+                                            chunk_size=chunk_size).sum}
+        if objective.reference_point == "mismatched":
+            out["ref_kl_logps"] = _unpaired_logps(model, params, batch, "kl_", max_segments=max_segments,
+                                                  chunk_size=chunk_size).sum
+        return out
+
+    return fn
+
+
+def _as_slots(x: jax.Array, key: str, b: int, max_segments: int) -> jax.Array:
+    if x.shape == (b,) and max_segments == 1:
+        return x[:, None]
+    if x.shape == (b, max_segments):
+        return x
+    raise ValueError(f"batch[{key!r}] must have shape {(b,) if max_segments == 1 else (b, max_segments)}, got {x.shape}")
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+def _seq_counts(batch, prefix: str, max_segments: int) -> jax.Array:
+    """Target tokens of each sequence slot `[B, S]` on one side of a batch."""
+    s = side(batch, prefix)
+    t = causal_targets(s["tokens"], s["loss_mask"], s["segment_ids"])
+    return segment_sums(t.mask, t.segments, max_segments)
+
+
+def _counts(batch, objective: Objective, max_segments: int) -> dict[str, jax.Array]:
+    """Global normalisers: present examples (and chosen tokens for the NLL term, KTO subsets)."""
+    if objective.paired:
+        cc, rc = _seq_counts(batch, "chosen_", max_segments), _seq_counts(batch, "rejected_", max_segments)
+        present = (cc > 0) & (rc > 0)
+        return {"num_pairs": jnp.sum(present.astype(jnp.float32)), "num_chosen_tokens": jnp.sum(cc)}
+    present = _seq_counts(batch, "", max_segments) > 0
+    label = _as_slots(jnp.asarray(batch["label"]).astype(bool), "label", present.shape[0], max_segments)
+    return {
+        "num_examples": jnp.sum(present.astype(jnp.float32)),
+        "num_desirable": jnp.sum((present & label).astype(jnp.float32)),
+        "num_undesirable": jnp.sum((present & ~label).astype(jnp.float32)),
+    }
+
+
+def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_segments: int = 1,
+                  logits_chunk_size: int | None = None) -> common.LossFn:
+    """The micro-batch loss of a preference objective (reference log-probs already in the batch).
+
+    Paired: `L_k = sum_{pairs in k} l_i / P + w_nll sum_{chosen targets in k} (-log pi) / N_c`, with
+    `P` the pairs and `N_c` the chosen target tokens of the full batch. KTO:
+    `L_k = sum_{examples in k} l_i / E`. Metrics (TRL's names, means over the batch):
+    `rewards/chosen`, `rewards/rejected`, `rewards/accuracies` (paired), `rewards/margins`,
+    `logps/chosen`, `logps/rejected`, `nll_loss` (with an NLL term), ORPO's `log_odds_ratio`,
+    KTO's `kl`.
+
+    Args:
+      model: a `CausalLM` with an LM head (the policy).
+      objective: `DPO`, `SimPO`, `ORPO` or `KTO`.
+      micro_batches: the step's micro-batch count (for the metrics' shares).
+      max_segments: examples per row of packed batches (1 = unpacked).
+      logits_chunk_size: chunked log-probs from hidden states (see `make_sft_loss`).
+
+    Returns:
+      `loss_fn(params, batch, context, rng) -> (loss, metrics)`.
+    """
+    share = lambda total, n: common.micro_share(total, n, micro_batches)  # noqa: E731
+    sg = jax.lax.stop_gradient
+
+    def paired_loss(params, batch, context, rng):
+        del rng
+        chosen, rejected, chosen_nll = _pair_logps(model, params, batch, max_segments=max_segments,
+                                                   chunk_size=logits_chunk_size)
+        b = chosen.sum.shape[0]
+        ref_c = ref_r = None
+        if objective.needs_reference:
+            cc = _as_slots(batch["ref_chosen_logps"], "ref_chosen_logps", b, max_segments)
+            rr = _as_slots(batch["ref_rejected_logps"], "ref_rejected_logps", b, max_segments)
+            ref_c = SequenceLogps(cc.reshape(-1), chosen.count.reshape(-1))
+            ref_r = SequenceLogps(rr.reshape(-1), rejected.count.reshape(-1))
+        flat = lambda s: SequenceLogps(s.sum.reshape(-1), s.count.reshape(-1))  # noqa: E731
+        fc, fr = flat(chosen), flat(rejected)
+        terms = objective(fc, fr, ref_c, ref_r)
+        w = ((fc.count > 0) & (fr.count > 0)).astype(jnp.float32)
+        n = context["num_pairs"]
+        loss = jnp.sum(terms.losses * w) / jnp.maximum(n, 1.0)
+        cr, rr_ = sg(terms.chosen_rewards), sg(terms.rejected_rewards)
+        metrics = {
+            "rewards/chosen": share(jnp.sum(cr * w), n),
+            "rewards/rejected": share(jnp.sum(rr_ * w), n),
+            "rewards/accuracies": share(jnp.sum((cr > rr_) * w), n),
+            "rewards/margins": share(jnp.sum((cr - rr_) * w), n),
+            "logps/chosen": share(jnp.sum(sg(terms.chosen_logps) * w), n),
+            "logps/rejected": share(jnp.sum(sg(terms.rejected_logps) * w), n),
+        }
+        for key, value in terms.extra.items():
+            metrics[key] = share(jnp.sum(value * w), n)
+        if objective.nll_weight:
+            nll = chosen_nll / jnp.maximum(context["num_chosen_tokens"], 1.0)
+            loss = loss + objective.nll_weight * nll
+            metrics["nll_loss"] = sg(nll) * micro_batches
+        return loss, metrics
+
+    def kto_loss_fn(params, batch, context, rng):
+        del rng
+        seq = _unpaired_logps(model, params, batch, "", max_segments=max_segments, chunk_size=logits_chunk_size)
+        b = seq.sum.shape[0]
+        label = _as_slots(jnp.asarray(batch["label"]).astype(bool), "label", b, max_segments).reshape(-1)
+        ref = _as_slots(batch["ref_logps"], "ref_logps", b, max_segments).reshape(-1)
+        logps = seq.sum.reshape(-1)
+        losses, _ = kto_loss(logps, ref, label, context["kl"], beta=objective.beta,
+                             desirable_weight=objective.desirable_weight,
+                             undesirable_weight=objective.undesirable_weight)
+        w = (seq.count.reshape(-1) > 0).astype(jnp.float32)
+        loss = jnp.sum(losses * w) / jnp.maximum(context["num_examples"], 1.0)
+        rewards = sg(objective.beta * (logps - ref))
+        good, bad = w * label, w * ~label
+        nd, nu = context["num_desirable"], context["num_undesirable"]
+        chosen_reward, rejected_reward = share(jnp.sum(rewards * good), nd), share(jnp.sum(rewards * bad), nu)
+        metrics = {
+            "rewards/chosen": chosen_reward,
+            "rewards/rejected": rejected_reward,
+            "rewards/margins": chosen_reward - rejected_reward,
+            "logps/chosen": share(jnp.sum(sg(logps) * good), nd),
+            "logps/rejected": share(jnp.sum(sg(logps) * bad), nu),
+            "kl": context["kl"],
+        }
+        return loss, metrics
+
+    return paired_loss if objective.paired else kto_loss_fn
+
+
+def _dpo_prepare(model, objective: Objective, reference: ReferenceMode, *, micro_batches: int, max_segments: int,
+                 chunk_size: int | None):
+    ref_fn = _reference_fn(model, objective, max_segments=max_segments, chunk_size=chunk_size)
+
+    def prepare(params, batch, frozen, rng):
+        del rng
+        context = _counts(batch, objective, max_segments)
+        if objective.needs_reference and reference == "model":
+            (ref_params,) = frozen
+            batch = {**batch, **_map_micro(lambda mb: ref_fn(ref_params, mb), batch, micro_batches)}
+        if not objective.paired:
+            if objective.reference_point == "zero":
+                context["kl"] = jnp.zeros((), jnp.float32)
+            else:
+                policy_kl = _map_micro(
+                    lambda mb: _unpaired_logps(model, jax.lax.stop_gradient(params), mb, "kl_",
+                                               max_segments=max_segments, chunk_size=chunk_size).sum,
+                    batch, micro_batches)
+                ref_kl = _as_slots(batch["ref_kl_logps"], "ref_kl_logps", policy_kl.shape[0], max_segments)
+                present = (_seq_counts(batch, "kl_", max_segments) > 0).astype(jnp.float32)
+                # z0 = max(0, mean KL) over the present mismatched completions (empty packed slots
+                # are left out): kto_reference_point on the one-element batch of that mean.
+                kl = jnp.sum((policy_kl - ref_kl) * present) / jnp.maximum(jnp.sum(present), 1.0)
+                context["kl"] = kto_reference_point(kl[None], jnp.zeros((1,), jnp.float32))
+        return batch, context
+
+    return prepare
+
+
+def _batch_keys(objective: Objective, reference: ReferenceMode) -> tuple[str, ...]:
+    if objective.paired:
+        keys = PAIR_KEYS
+        if objective.needs_reference and reference == "precomputed":
+            keys += ("ref_chosen_logps", "ref_rejected_logps")
+        return keys
+    keys = UNPAIRED_KEYS
+    if objective.reference_point == "mismatched":
+        keys += ("kl_tokens", "kl_loss_mask")
+    if reference == "precomputed":
+        keys += ("ref_logps",) + (("ref_kl_logps",) if objective.reference_point == "mismatched" else ())
+    return keys
+
+
+def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformation, *, mesh: Mesh,
+                  objective: Objective | None = None, reference: ReferenceMode = "model",
+                  strategy: str | sh.Strategy = "fsdp", micro_batches: int = 1, max_segments: int = 1,
+                  logits_chunk_size: int | None = None, nonfinite: common.NonFinitePolicy = "skip",
+                  donate: bool = True) -> common.Step:
+    """A jitted preference-optimisation step for any objective of this module.
+
+    With `reference="model"` and an objective that needs a reference, the step is
+    `step(state, batch, reference_params)`: the frozen reference runs forward on the whole batch
+    (micro-batch by micro-batch, no gradient) before the policy's gradient pass. Otherwise it is
+    `step(state, batch)`, with precomputed reference log-probs in the batch when needed.
+
+    Args:
+      model: the policy `CausalLM` (the reference has the same architecture).
+      optimizer: an `OptimizerConfig` or an optax transform.
+      mesh: the device mesh.
+      objective: `DPO(...)` (default), `SimPO(...)`, `ORPO(...)` or `KTO(...)`.
+      reference: "model" or "precomputed" (ignored by reference-free objectives).
+      strategy: a sharding strategy name or `Strategy`.
+      micro_batches: gradient-accumulation micro-batches per step.
+      max_segments: examples per row of packed batches (1 = unpacked).
+      logits_chunk_size: chunked log-probs from hidden states instead of full logits.
+      nonfinite: NaN/Inf policy.
+      donate: donate the state's buffers.
+
+    Returns:
+      A `Step` whose metrics are those of `make_dpo_loss` plus `loss`, `grad_norm`,
+      `learning_rate`, `nonfinite`.
+    """
+    objective = DPO() if objective is None else objective
+    if not isinstance(objective, (DPO, SimPO, ORPO, KTO)):
+        raise TypeError(f"make_dpo_step: objective must be DPO, SimPO, ORPO or KTO, got {type(objective).__name__}")
+    if reference not in get_args(ReferenceMode):
+        raise ValueError(f"make_dpo_step: reference must be one of {get_args(ReferenceMode)}, got {reference!r}")
+    tx, schedule = common.resolve_optimizer(optimizer)
+    loss_fn = make_dpo_loss(model, objective, micro_batches=micro_batches, max_segments=max_segments,
+                            logits_chunk_size=logits_chunk_size)
+    prepare = _dpo_prepare(model, objective, reference, micro_batches=micro_batches, max_segments=max_segments,
+                           chunk_size=logits_chunk_size)
+    update = common.make_update(loss_fn, tx, prepare=prepare, micro_batches=micro_batches, nonfinite=nonfinite,
+                                learning_rate=schedule)
+    shardings = common.model_state_shardings(model, tx, mesh=mesh, strategy=strategy)
+    frozen = ()
+    if objective.needs_reference and reference == "model":
+        frozen = (shardings.params,)
+    return common.jit_step(update, mesh=mesh, strategy=strategy, state_shardings=shardings,
+                           frozen_shardings=frozen, micro_batches=micro_batches, donate=donate,
+                           batch_keys=_batch_keys(objective, reference), name="dpo_step")
+
+
+def make_reference_logps_fn(model, *, mesh: Mesh, objective: Objective | None = None,
+                            strategy: str | sh.Strategy = "fsdp", max_segments: int = 1,
+                            logits_chunk_size: int | None = None):
+    """A jitted `(reference_params, batch) -> dict of summed reference log-probs` for precomputing.
+
+    Paired objectives get `ref_chosen_logps`, `ref_rejected_logps`; KTO gets `ref_logps` (and
+    `ref_kl_logps` for its mismatched completions); each `[B]` (or `[B, S]` when packed). Add them
+    to the batches (`precompute_reference_logps`) and build the step with `reference="precomputed"`.
+    """
+    objective = DPO() if objective is None else objective
+    strategy = sh.check_strategy(strategy, mesh)
+    fn = _reference_fn(model, objective, max_segments=max_segments, chunk_size=logits_chunk_size)
+
+    def squeeze(out):
+        return {k: v[:, 0] for k, v in out.items()} if max_segments == 1 else out
+
+    param_shardings = sh.param_shardings(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
+    jitted = jax.jit(lambda p, b: squeeze(fn(p, b)),
+                     in_shardings=(param_shardings, sh.batch_sharding(mesh, strategy)),
+                     out_shardings=sh.batch_sharding(mesh, strategy))
+
+    def reference_logps(params, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        sh.check_batch(batch, mesh=mesh, strategy=strategy)
+        return jitted(params, dict(batch))
+
+    return reference_logps
+
+
+def precompute_reference_logps(reference_logps, reference_params, batches: Iterable[Mapping[str, Any]]
+                               ) -> Iterator[dict[str, Any]]:
+    """Yield each batch with its reference log-probs added as host (numpy) arrays.
+
+    Args:
+      reference_logps: the function of `make_reference_logps_fn`.
+      reference_params: the frozen reference parameters.
+      batches: host batches (e.g. one pass over the dataset, then cached by the caller).
+    """
+    for batch in batches:
+        out = reference_logps(reference_params, batch)
+        yield {**batch, **{k: np.asarray(v) for k, v in out.items()}}

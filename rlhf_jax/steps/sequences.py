@@ -1,0 +1,148 @@
+"""From a batch of token rows to per-token and per-sequence log-probs, for any step.
+
+Conventions (`rlhf_jax.data`): rows are right padded; `loss_mask[b, t]` marks token `t` as a
+*target* (completion / assistant tokens and their EOS); packed rows carry `segment_ids` (0 =
+padding, segments 1..S) and per-segment `positions`. The logit at position `t` predicts token
+`t + 1`, so targets are `tokens[:, 1:]` under `loss_mask[:, 1:]`, never across a segment boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.logprobs import chunked_token_logprobs, token_logprobs
+from rlhf_jax.models.heads import last_token_index
+
+__all__ = [
+    "Targets",
+    "causal_targets",
+    "forward_token_logps",
+    "segment_sums",
+    "segment_last_index",
+    "interleave",
+    "deinterleave",
+    "pad_time",
+    "side",
+]
+
+
+class Targets(NamedTuple):
+    """Next-token targets of a `[B, T]` batch: all `[B, T - 1]`.
+
+    labels: int token to predict at each position; mask: float32 1 where it is trained on;
+    segments: int segment of the target (1 for unpacked rows, 0 where there is none).
+    """
+
+    labels: jax.Array
+    mask: jax.Array
+    segments: jax.Array
+
+
+def causal_targets(tokens: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array | None = None) -> Targets:
+    """Shift a batch into next-token targets, never predicting across segments.
+
+    `labels = tokens[:, 1:]`; `mask_t = loss_mask_{t+1} * [seg_{t+1} = seg_t != 0]`.
+
+    Args:
+      tokens: int `[B, T]`.
+      loss_mask: `[B, T]`, nonzero on target tokens.
+      segment_ids: int `[B, T]` of packed rows, or None (one sequence per row).
+
+    Returns:
+      `Targets(labels, mask, segments)`, each `[B, T - 1]`.
+    """
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"causal_targets: tokens must be [B, T] with T >= 2, got shape {tokens.shape}")
+    if jnp.shape(loss_mask) != tokens.shape:
+        raise ValueError(f"causal_targets: loss_mask shape {jnp.shape(loss_mask)} != tokens shape {tokens.shape}")
+    mask = jnp.asarray(loss_mask)[:, 1:] != 0
+    if segment_ids is None:
+        segments = jnp.ones(mask.shape, jnp.int32)
+    else:
+        seg = jnp.asarray(segment_ids)
+        segments = seg[:, 1:].astype(jnp.int32)
+        mask = mask & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    return Targets(tokens[:, 1:], mask.astype(jnp.float32), jnp.where(mask, segments, 0))
+
+
+def forward_token_logps(model, params, tokens: jax.Array, labels: jax.Array, *, positions=None, segment_ids=None,
+                        chunk_size: int | None = None, temperature: float = 1.0):
+    """Run the model and return `(token_logps [B, T-1], output)` for `labels = tokens[:, 1:]`.
+
+    With `chunk_size`, log-probs come from the final hidden states and the LM head weight chunk by
+    chunk (`chunked_token_logprobs`: no `[B, T, V]` logits; XLA drops the unused full logits);
+    otherwise from the full logits (`token_logprobs`). Both are float32.
+    """
+    out = model.forward(params, tokens, positions, segment_ids)
+    if chunk_size is None:
+        logps = token_logprobs(out.logits[:, :-1], labels, temperature=temperature)
+    else:
+        logps = chunked_token_logprobs(out.hidden[:, :-1], model.lm_head_weight(params), labels,
+                                       temperature=temperature, chunk_size=chunk_size)
+    return logps, out
+
+
+def segment_sums(x: jax.Array, segments: jax.Array, num_segments: int) -> jax.Array:
+    """`out[b, k] = sum_t x[b, t] [segments[b, t] = k + 1]`: per-sequence sums of packed rows.
+
+    Args:
+      x: `[B, T]` values (e.g. masked token log-probs).
+      segments: int `[B, T]`, 0 where nothing is summed.
+      num_segments: `S`, the most segments a row holds (1 when unpacked).
+
+    Returns:
+      float32 `[B, S]`.
+    """
+    one_hot = jax.nn.one_hot(segments - 1, num_segments, dtype=jnp.float32)
+    return jnp.einsum("bt,bts->bs", x.astype(jnp.float32), one_hot)
+
+
+def segment_last_index(segment_ids: jax.Array, num_segments: int) -> tuple[jax.Array, jax.Array]:
+    """Index of the last token of each segment, and whether the segment exists.
+
+    Args:
+      segment_ids: int `[B, T]` (0 = padding).
+      num_segments: `S`.
+
+    Returns:
+      `(index int32 [B, S], present bool [B, S])`.
+    """
+    b, t = segment_ids.shape
+    member = segment_ids[:, None, :] == jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)[None, :, None]
+    index = last_token_index(member.reshape(b * num_segments, t)).reshape(b, num_segments)
+    return index, jnp.any(member, axis=-1)
+
+
+def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`[B, ...]`, `[B, ...]` -> `[2B, ...]` with rows a0, b0, a1, b1, ... (keeps data-parallel rows local)."""
+    return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def deinterleave(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `interleave`."""
+    pairs = x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
+    return pairs[:, 0], pairs[:, 1]
+
+
+def pad_time(x: jax.Array, length: int, value=0) -> jax.Array:
+    """Right-pad the time axis (axis 1) of `x` to `length`."""
+    extra = length - x.shape[1]
+    if extra < 0:
+        raise ValueError(f"pad_time: array of length {x.shape[1]} is longer than {length}")
+    if extra == 0:
+        return x
+    return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
+
+
+def side(batch: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array | None]:
+    """The `tokens`, `loss_mask`, `positions`, `segment_ids` of one side of a batch (`"chosen_"`, `""`, ...)."""
+    return {
+        "tokens": batch[prefix + "tokens"],
+        "loss_mask": batch[prefix + "loss_mask"],
+        "positions": batch.get(prefix + "positions"),
+        "segment_ids": batch.get(prefix + "segment_ids"),
+    }

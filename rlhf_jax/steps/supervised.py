@@ -1,0 +1,255 @@
+"""Supervised steps: SFT (next-token cross-entropy) and reward-model training (Bradley-Terry).
+
+Both are `make_*` closures returning a jitted `Step`: `step(state, batch) -> (state, metrics)`.
+
+SFT batch: `tokens` int [B, T], `loss_mask` [B, T] (1 on trained tokens), optional `positions`
+and `segment_ids` (packed rows). Reward-model batch: `chosen_*` and `rejected_*` versions of those
+keys (a pair's chosen and rejected sequences in the same row and segment slot of their arrays) and
+an optional `margin` ([B], or [B, S] for packed rows).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding as sh
+from rlhf_jax.losses import bradley_terry_loss, sft_loss
+from rlhf_jax.models.heads import gather_last
+from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.steps import common
+from rlhf_jax.steps.sequences import (
+    causal_targets,
+    deinterleave,
+    forward_token_logps,
+    interleave,
+    pad_time,
+    segment_last_index,
+    side,
+)
+
+__all__ = ["make_sft_loss", "make_sft_step", "make_reward_model_loss", "make_reward_model_step"]
+
+SFT_KEYS = ("tokens", "loss_mask")
+PAIR_KEYS = ("chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask")
+
+
+def _sft_prepare(params, batch, frozen, rng):
+    del params, frozen, rng
+    targets = causal_targets(batch["tokens"], batch["loss_mask"], batch.get("segment_ids"))
+    return batch, {"num_tokens": jnp.sum(targets.mask)}
+
+
+def make_sft_loss(model, *, micro_batches: int = 1, logits_chunk_size: int | None = None) -> common.LossFn:
+    """The SFT micro-batch loss: token-mean negative log-likelihood over the whole batch's targets.
+
+    `L_k = sum_{(b,t) in micro-batch k} m_bt (-log pi(x_{b,t+1} | x_{b,<=t})) / N`, `N` = target
+    tokens of the full batch (`context["num_tokens"]`), so `sum_k L_k` is the batch's token mean.
+
+    Metrics (TRL's names): `mean_token_accuracy` (argmax = label; only with full logits, i.e.
+    `logits_chunk_size=None`) and `num_tokens` (target tokens in the batch).
+
+    Args:
+      model: a `CausalLM` with an LM head.
+      micro_batches: the step's micro-batch count (to scale the metrics' micro-batch shares).
+      logits_chunk_size: compute log-probs from hidden states `chunk_size` tokens at a time
+        instead of materialising `[B, T, V]` logits (for large vocabularies).
+
+    Returns:
+      `loss_fn(params, batch, context, rng) -> (loss, metrics)`.
+    """
+
+    def loss_fn(params, batch, context, rng):
+        del rng
+        targets = causal_targets(batch["tokens"], batch["loss_mask"], batch.get("segment_ids"))
+        n = context["num_tokens"]
+        metrics = {"num_tokens": n}
+        if logits_chunk_size is None:
+            out = model.forward(params, batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+            logits = out.logits[:, :-1]
+            per_token = sft_loss(logits, targets.labels, targets.mask)
+            correct = (jnp.argmax(logits, axis=-1) == targets.labels).astype(jnp.float32) * targets.mask
+            metrics["mean_token_accuracy"] = common.micro_share(jnp.sum(correct), n, micro_batches)
+        else:
+            logps, _ = forward_token_logps(model, params, batch["tokens"], targets.labels,
+                                           positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                                           chunk_size=logits_chunk_size)
+            per_token = -logps * targets.mask
+        loss = jnp.sum(per_token) / jnp.maximum(n, 1.0)
+        return loss, metrics
+
+    return loss_fn
+
+
+def make_sft_step(model, optimizer: OptimizerConfig | optax.GradientTransformation, *, mesh: Mesh,
+                  strategy: str | sh.Strategy = "fsdp", micro_batches: int = 1,
+                  nonfinite: common.NonFinitePolicy = "skip", logits_chunk_size: int | None = None,
+                  donate: bool = True) -> common.Step:
+    """A jitted supervised fine-tuning step `step(state, batch) -> (state, metrics)`.
+
+    Loss: token-mean cross-entropy over `loss_mask` targets (Ouyang et al. 2022 for chat SFT),
+    normalised by the whole batch's target count however it is split into micro-batches.
+
+    Args:
+      model: a `CausalLM` with an LM head.
+      optimizer: an `OptimizerConfig` (then `learning_rate` is logged) or an optax transform.
+      mesh: the device mesh.
+      strategy: a sharding strategy name or `Strategy`.
+      micro_batches: gradient-accumulation micro-batches per step.
+      nonfinite: NaN/Inf policy: "skip", "halt" or "off".
+      logits_chunk_size: see `make_sft_loss`.
+      donate: donate the state's buffers.
+
+    Returns:
+      A `Step`; create its state with `create_train_state(model.init, make_optimizer(config), ...)`
+      on the same mesh and strategy. Metrics: `loss`, `grad_norm`, `learning_rate`,
+      `mean_token_accuracy`, `num_tokens`, `nonfinite`.
+    """
+    tx, schedule = common.resolve_optimizer(optimizer)
+    loss_fn = make_sft_loss(model, micro_batches=micro_batches, logits_chunk_size=logits_chunk_size)
+    update = common.make_update(loss_fn, tx, prepare=_sft_prepare, micro_batches=micro_batches,
+                                nonfinite=nonfinite, learning_rate=schedule)
+    shardings = common.model_state_shardings(model, tx, mesh=mesh, strategy=strategy)
+    return common.jit_step(update, mesh=mesh, strategy=strategy, state_shardings=shardings,
+                           micro_batches=micro_batches, donate=donate, batch_keys=SFT_KEYS, name="sft_step")
+
+
+# ------------------------------------------------------------------------------------- reward model
+
+
+def pair_inputs(batch) -> dict[str, jax.Array | None]:
+    """Chosen and rejected sides interleaved into one `[2B, T]` forward batch (padded to one T)."""
+    c, r = side(batch, "chosen_"), side(batch, "rejected_")
+    for key in ("positions", "segment_ids"):
+        if (c[key] is None) != (r[key] is None):
+            raise KeyError(f"batch has {'chosen' if c[key] is not None else 'rejected'}_{key} but not the other side's")
+    t = max(c["tokens"].shape[1], r["tokens"].shape[1])
+    out = {}
+    for key in ("tokens", "loss_mask", "positions", "segment_ids"):
+        if c[key] is None:
+            out[key] = None
+        else:
+            out[key] = interleave(pad_time(c[key], t), pad_time(r[key], t))
+    return out
+
+
+def _pair_presence(batch, max_segments: int):
+    """bool [B, S] pairs present in the batch (both completions have a target token)."""
+    present = []
+    for prefix in ("chosen_", "rejected_"):
+        s = side(batch, prefix)
+        targets = causal_targets(s["tokens"], s["loss_mask"], s["segment_ids"])
+        counts = jax.nn.one_hot(targets.segments - 1, max_segments, dtype=jnp.float32).sum(axis=1)
+        present.append(counts > 0)
+    return present[0] & present[1]
+
+
+def _rm_prepare(max_segments: int):
+    def prepare(params, batch, frozen, rng):
+        del params, frozen, rng
+        return batch, {"num_pairs": jnp.sum(_pair_presence(batch, max_segments).astype(jnp.float32))}
+
+    return prepare
+
+
+def _check_margin(margin, b: int, max_segments: int):
+    if margin is None:
+        return None
+    if margin.shape == (b,) and max_segments == 1:
+        return margin[:, None]
+    if margin.shape == (b, max_segments):
+        return margin
+    raise ValueError(f"batch['margin'] must have shape {(b,) if max_segments == 1 else (b, max_segments)}, "
+                     f"got {margin.shape}")
+
+
+def make_reward_model_loss(model, *, micro_batches: int = 1, max_segments: int = 1,
+                           center_rewards_coefficient: float = 0.0) -> common.LossFn:
+    """The reward-model micro-batch loss: mean Bradley-Terry loss over the batch's pairs.
+
+    Each sequence's reward is the scalar head's value at its last token (the last target token of
+    an unpacked row, the last token of its segment in a packed row). Per pair
+    `l = -log sigmoid(r_c - r_r - margin) + eta (r_c + r_r)^2`, summed and divided by the pair count
+    of the full batch (`context["num_pairs"]`).
+
+    Metrics: `accuracy` (r_c > r_r), `margin` (mean r_c - r_r), `rewards/chosen`, `rewards/rejected`.
+
+    Args:
+      model: a `CausalLM(config, head="scalar")`.
+      micro_batches: the step's micro-batch count (for the metrics' shares).
+      max_segments: pairs per row of packed batches (1 = unpacked).
+      center_rewards_coefficient: `eta` (Eisenstein et al. 2023).
+
+    Returns:
+      `loss_fn(params, batch, context, rng) -> (loss, metrics)`.
+    """
+
+    def loss_fn(params, batch, context, rng):
+        del rng
+        inputs = pair_inputs(batch)
+        out = model.forward(params, inputs["tokens"], inputs["positions"], inputs["segment_ids"])
+        if out.values is None:
+            raise ValueError("make_reward_model_step needs a scalar-head model: CausalLM(config, head='scalar')")
+        if inputs["segment_ids"] is None:
+            if max_segments != 1:
+                raise ValueError(f"max_segments={max_segments} needs chosen_/rejected_segment_ids in the batch")
+            rewards = gather_last(out.values, inputs["loss_mask"])[:, None]
+        else:
+            index, _ = segment_last_index(inputs["segment_ids"], max_segments)
+            rewards = jnp.take_along_axis(out.values, index, axis=1)
+        chosen, rejected = deinterleave(rewards)
+        present = _pair_presence(batch, max_segments)
+        margin = _check_margin(batch.get("margin"), present.shape[0], max_segments)
+        flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
+        losses = bradley_terry_loss(flat(chosen), flat(rejected), margin=flat(margin),
+                                    center_rewards_coefficient=center_rewards_coefficient)
+        w = flat(present).astype(jnp.float32)
+        n = context["num_pairs"]
+        share = lambda x: common.micro_share(jnp.sum(x * w), n, micro_batches)  # noqa: E731
+        c, r = jax.lax.stop_gradient(flat(chosen)), jax.lax.stop_gradient(flat(rejected))
+        metrics = {
+            "accuracy": share((c > r).astype(jnp.float32)),
+            "margin": share(c - r),
+            "rewards/chosen": share(c),
+            "rewards/rejected": share(r),
+        }
+        return jnp.sum(losses * w) / jnp.maximum(n, 1.0), metrics
+
+    return loss_fn
+
+
+def make_reward_model_step(model, optimizer: OptimizerConfig | optax.GradientTransformation, *, mesh: Mesh,
+                           strategy: str | sh.Strategy = "fsdp", micro_batches: int = 1, max_segments: int = 1,
+                           center_rewards_coefficient: float = 0.0, nonfinite: common.NonFinitePolicy = "skip",
+                           donate: bool = True) -> common.Step:
+    """A jitted reward-model step on preference pairs (Bradley-Terry; Ouyang et al. 2022).
+
+    Chosen and rejected sequences go through the model in one `[2B, T]` forward pass (rows
+    interleaved so that data-parallel shards stay local).
+
+    Args:
+      model: a `CausalLM(config, head="scalar")`.
+      optimizer: an `OptimizerConfig` or an optax transform.
+      mesh: the device mesh.
+      strategy: a sharding strategy name or `Strategy`.
+      micro_batches: gradient-accumulation micro-batches per step.
+      max_segments: pairs per row of packed batches (1 = unpacked).
+      center_rewards_coefficient: reward-centering weight (TRL's `center_rewards_coefficient`).
+      nonfinite: NaN/Inf policy.
+      donate: donate the state's buffers.
+
+    Returns:
+      A `Step`; metrics `loss`, `accuracy`, `margin`, `rewards/chosen`, `rewards/rejected`,
+      `grad_norm`, `learning_rate`, `nonfinite`.
+    """
+    tx, schedule = common.resolve_optimizer(optimizer)
+    loss_fn = make_reward_model_loss(model, micro_batches=micro_batches, max_segments=max_segments,
+                                     center_rewards_coefficient=center_rewards_coefficient)
+    update = common.make_update(loss_fn, tx, prepare=_rm_prepare(max_segments), micro_batches=micro_batches,
+                                nonfinite=nonfinite, learning_rate=schedule)
+    shardings = common.model_state_shardings(model, tx, mesh=mesh, strategy=strategy)
+    return common.jit_step(update, mesh=mesh, strategy=strategy, state_shardings=shardings,
+                           micro_batches=micro_batches, donate=donate, batch_keys=PAIR_KEYS,
+                           name="reward_model_step")
