@@ -101,7 +101,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, "head_dim", c)
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None):
-        """x [B, T, E]; mask bool [B, T, S]; kv_cache (k, v) each [B, S, Hkv, D] or None."""
+        """x [B, T, E]; mask bool [B, T, S]; kv_cache (k, v) each [B, Hkv, S, D] or None.
+
+        The cache keeps heads before slots so that attention over it is a plain batched matmul
+        (batch dims b, k leading) with no per-step transpose of the cache.
+        """
         c = self.config
         dt = c.jnp_dtype
         q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
@@ -117,21 +121,24 @@ class Attention(nnx.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
+        kv_axes = "bskd"
         if kv_cache is not None:
             cache_k, cache_v = kv_cache
-            write = jax.vmap(lambda buf, pos, new: buf.at[pos].set(new.astype(buf.dtype)))
+            # Row b's token t goes to slot cache_positions[b, t] (an in-place scatter in a loop).
+            write = jax.vmap(lambda buf, pos, new: buf.at[:, pos].set(jnp.swapaxes(new, 0, 1).astype(buf.dtype)))
             cache_k = write(cache_k, cache_positions, k)
             cache_v = write(cache_v, cache_positions, v)
             k, v = cache_k.astype(dt), cache_v.astype(dt)
             kv_cache = (cache_k, cache_v)
+            kv_axes = "bksd"
 
         b, t = q.shape[:2]
         q = q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=_F32)
+        scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", q, k, preferred_element_type=_F32)
         scores = scores / math.sqrt(c.head_dim)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(_F32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+        out = jnp.einsum(f"bkgts,{kv_axes}->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
         return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt)), kv_cache
 
 

@@ -28,14 +28,17 @@ Head = Literal["lm", "scalar"]
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: k, v each [layers, batch, max_len, kv_heads, head_dim]."""
+    """Keys and values of every layer: k, v each [layers, batch, kv_heads, max_len, head_dim].
+
+    Heads come before slots so that decoding attends over the cache with a plain batched matmul.
+    """
 
     k: jax.Array
     v: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 class ModelOutput(NamedTuple):
@@ -215,14 +218,14 @@ class CausalLM:
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty KV cache of `max_len` slots (default dtype: the compute dtype)."""
         c = self.config
-        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
         dtype = c.jnp_dtype if dtype is None else dtype
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @functools.cached_property
     def cache_logical_axes(self) -> KVCache:
         """Logical axis names of a KVCache (for placing it on a mesh)."""
-        axes = ("layers", "batch", "cache_len", "kv_heads", "head_dim")
+        axes = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
         return KVCache(axes, axes)
 
 
