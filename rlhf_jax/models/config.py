@@ -68,7 +68,7 @@ class ModelConfig:
     remat: Remat = "none"
     initializer_range: float = 0.02
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # several ids stop generation (e.g. Llama 3.1 Instruct)
     pad_token_id: int | None = None
 
     def __post_init__(self):

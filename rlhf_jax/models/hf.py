@@ -118,6 +118,7 @@ def _config_from_dict(d: dict, source: str) -> ModelConfig:
     num_layers = required("num_hidden_layers")
     max_positions = d.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[model_type]
     rope_theta, rope_scaling = _rope_from_hf(d, max_positions, fail)
+    dtype = _param_dtype_from_hf(d, fail)
 
     return ModelConfig(
         model_type=model_type,
@@ -136,8 +137,8 @@ def _config_from_dict(d: dict, source: str) -> ModelConfig:
         attention_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
         sliding_window=_sliding_window_from_hf(d, model_type, num_layers, fail),
-        param_dtype=_param_dtype_from_hf(d, fail),
-        dtype=_param_dtype_from_hf(d, fail),
+        param_dtype=dtype,
+        dtype=dtype,
         initializer_range=float(d.get("initializer_range", 0.02)),
         bos_token_id=_token_id(d.get("bos_token_id")),
         eos_token_id=_token_id(d.get("eos_token_id")),
@@ -497,7 +498,7 @@ class _Checkpoint:
 
     def __init__(self, root: Path):
         self.root = root
-        self.source: str  # what a missing tensor is reported against
+        self.source = str(root)  # what a missing tensor is reported against (set by _index)
         self._handles: dict[str, Any] = {}
         try:
             self._index(root)
@@ -649,14 +650,13 @@ def save_hf(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _write_json(staging / CONFIG_FILE, hf_config)
-        host_cache: dict[tuple, np.ndarray] = {}
         weight_map = {}
         for number, shard in enumerate(shards, start=1):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
-            for spec in shard:
-                array = _host_leaf(flat, spec.path, host_cache, shard)
-                tensors[spec.hf_name] = spec.to_hf(array if spec.layer is None else array[spec.layer])
+            for spec in shard:  # one layer at a time: the host holds at most one shard
+                leaf = flat[spec.path]
+                tensors[spec.hf_name] = spec.to_hf(np.asarray(leaf if spec.layer is None else leaf[spec.layer]))
                 weight_map[spec.hf_name] = file
             save_file(tensors, str(staging / file), metadata={"format": "pt"})
         if len(shards) > 1:
@@ -712,15 +712,6 @@ def _plan_shards(specs: list[_TensorSpec], itemsize: int, limit: int) -> list[li
         shards[-1].append(spec)
         size += nbytes
     return shards
-
-
-def _host_leaf(flat: dict, leaf_path: tuple, cache: dict, shard: list[_TensorSpec]) -> np.ndarray:
-    """The leaf as a numpy array, kept only while the current shard still needs it."""
-    for stale in [p for p in cache if p != leaf_path and all(s.path != p for s in shard)]:
-        del cache[stale]
-    if leaf_path not in cache:
-        cache[leaf_path] = np.asarray(flat[leaf_path])
-    return cache[leaf_path]
 
 
 def _publish(staging: Path, target: Path) -> None:
