@@ -554,7 +554,8 @@ def test_save_writes_tokenizer_and_readable_permissions(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p.pop("lm_head"), "params lack lm_head"),
     (lambda p: p["layers"]["attn"].update(q_bias=np.zeros((2, 4, 16), np.float32)), "params have layers/attn/q_bias"),
-    (lambda p: p["layers"]["mlp"].update(up_proj=np.zeros((2, 64, 64), np.float32)), "param layers/mlp/up_proj has shape"),
+    (lambda p: p["layers"]["mlp"].update(up_proj=np.zeros((2, 64, 64), np.float32)),
+     "param layers/mlp/up_proj has shape"),
     (lambda p: p.update(embed=np.asarray(p["embed"]).astype(jnp.bfloat16)), "cast all params to one dtype"),
 ])
 def test_save_rejects_mismatched_params(tmp_path, edit, message):

@@ -310,8 +310,12 @@ class _TensorSpec:
     hf_shape: tuple[int, ...]
     transpose: bool
 
-    def from_hf(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        return (array.T if self.transpose else array).reshape(shape)
+    def read_into(self, array: np.ndarray, out: np.ndarray) -> None:
+        """Write the HF tensor `array` into `out` (our layout, C-contiguous) with a single copy."""
+        if self.transpose:
+            out.reshape(array.shape[::-1])[...] = array.T
+        else:
+            out.reshape(array.shape)[...] = array
 
     def to_hf(self, array: np.ndarray) -> np.ndarray:
         if self.transpose:
@@ -443,8 +447,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None
             shape = abstract[leaf_path].shape
             host = np.empty(shape, jnp.dtype(target))
             for spec in leaf_specs:
-                slot = host if spec.layer is None else host[spec.layer]
-                slot[...] = spec.from_hf(ckpt.read(spec.hf_name), slot.shape).astype(host.dtype)
+                spec.read_into(ckpt.read(spec.hf_name), host if spec.layer is None else host[spec.layer])
             place = None if flat_shardings is None else flat_shardings[leaf_path]
             flat[leaf_path] = jax.device_put(host, place)
         if config.tie_word_embeddings and head == "lm" and "lm_head.weight" in ckpt.names:
