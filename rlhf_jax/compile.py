@@ -1,0 +1,416 @@
+"""Ahead-of-time compilation of a training step for a mesh here or a TPU topology, with a memory report.
+
+Lower and compile any `Step` on abstract arguments (`jax.ShapeDtypeStruct`s with shardings), for
+the devices of this machine or for the compile-only devices of a TPU topology described by libtpu
+(`pip install rlhf_jax[tpu]`; no TPU needed), and report per-device memory (arguments, outputs,
+temporaries, peak), FLOPs and whether the step fits in a device's memory (MaxText's
+`train_compile.py`). A configuration that does not fit is a report, never a crash.
+
+    rlhf-jax compile --model w1 --step sft --strategy fsdp --mesh fsdp=8 --batch 8 --seq 256 --cpu-devices 8
+    rlhf-jax compile --model llama-3.1-8b --step dpo --strategy fsdp_tp --mesh fsdp=16,tensor=4 --topology v5p:4x4x4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from rlhf_jax import sharding as sh
+from rlhf_jax.models import CausalLM, ModelConfig
+from rlhf_jax.models.presets import PRESETS, get_config
+from rlhf_jax.optim import OptimizerConfig, make_optimizer
+from rlhf_jax.state import abstract_train_state
+
+__all__ = [
+    "CompileReport",
+    "TPU_MEMORY_GIB",
+    "tpu_topology_devices",
+    "abstract_batch",
+    "aot_compile",
+    "compile_training_step",
+    "format_report",
+    "step_flops",
+    "main",
+]
+
+StepKind = Literal["sft", "reward_model", "dpo"]
+
+# High-bandwidth memory per TPU chip by `device_kind` (longest matching name wins), GiB.
+TPU_MEMORY_GIB = {"tpu v4": 32.0, "tpu v5 lite": 16.0, "tpu v5e": 16.0, "tpu v5": 95.0, "tpu v5p": 95.0,
+                  "tpu v6 lite": 32.0, "tpu v6e": 32.0}
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What compiling a step for a target tells: memory per device, FLOPs, fits or not and why.
+
+    Byte counts are per device, from XLA's memory analysis of the compiled program. `peak_bytes`
+    is XLA's peak when it reports one, else `arguments + outputs - aliased + temporaries`.
+    `state_bytes` is the per-device size of the train state (parameters + optimizer state).
+    `flops` is XLA's cost analysis of the per-device program (it counts a `lax.scan` body once,
+    so scanned layers are under-counted); `model_flops` is the analytic count of the whole step,
+    `6 N D` for the trained forward + backward (`N` non-embedding parameters incl. the LM head,
+    `D` tokens) plus attention, plus `2 N D` per frozen forward (DPO's reference).
+    """
+
+    target: str
+    num_devices: int
+    mesh: dict[str, int]
+    strategy: str
+    ok: bool
+    fits: bool
+    reason: str
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    peak_bytes: int = 0
+    state_bytes: int = 0
+    device_memory_bytes: int | None = None
+    flops: float | None = None
+    model_flops: float | None = None
+    compile_seconds: float = 0.0
+    lint: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _gib(n: float | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.3f} GiB"
+
+
+def format_report(report: CompileReport) -> str:
+    """A human-readable multi-line summary."""
+    lines = [
+        f"target: {report.target}  devices: {report.num_devices}  mesh: {report.mesh}  strategy: {report.strategy}",
+        f"compiled: {'yes' if report.ok else 'no'} ({report.compile_seconds:.1f} s)",
+        f"per device: arguments {_gib(report.argument_bytes)}, outputs {_gib(report.output_bytes)}, "
+        f"aliased {_gib(report.alias_bytes)}, temporaries {_gib(report.temp_bytes)}, peak {_gib(report.peak_bytes)}",
+        f"train state per device: {_gib(report.state_bytes)}",
+        f"device memory: {_gib(report.device_memory_bytes)}",
+        f"FLOPs per step: model {'?' if report.model_flops is None else f'{report.model_flops:.3e}'} (all devices), "
+        f"XLA {'?' if report.flops is None else f'{report.flops:.3e}'} (per device program, scan bodies once)",
+        f"fits: {'yes' if report.fits else 'NO'} - {report.reason}",
+    ]
+    lines += [f"lint: {x}" for x in report.lint]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+def tpu_topology_devices(topology: str, **kwargs) -> list:
+    """Compile-only devices of a TPU topology (e.g. "v5e:4x4", "v4:2x2x2", "v5p:4x4x4") via libtpu.
+
+    The name is `<generation>:<chip grid>`, the form libtpu's topology description takes; extra
+    keyword arguments (e.g. `num_slices=2`) go to `jax.experimental.topologies.get_topology_desc`.
+
+    Raises:
+      RuntimeError: libtpu is not installed (install the `[tpu]` extra) or the name is unknown.
+    """
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
+    except Exception as e:  # libtpu missing or the topology unknown: explain both
+        raise RuntimeError(
+            f"cannot describe TPU topology {topology!r}: {e}. It needs libtpu (pip install 'rlhf_jax[tpu]') "
+            "and a name such as 'v5e:4x4', 'v4:2x2x2' or 'v5p:4x4x4'."
+        ) from e
+
+
+def _device_memory(devices: Sequence[Any]) -> int | None:
+    """Memory per device: TPU HBM from the device kind, CPU host RAM split over the devices."""
+    d = devices[0]
+    if d.platform == "tpu":
+        kind = d.device_kind.lower().strip()
+        for name, gib in sorted(TPU_MEMORY_GIB.items(), key=lambda kv: -len(kv[0])):
+            if kind.startswith(name):
+                return int(gib * 2**30)
+        return None
+    try:
+        stats = d.memory_stats()
+    except Exception:
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if d.platform == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total // max(1, len([x for x in devices if x.process_index == d.process_index]))
+    return None
+
+
+# ------------------------------------------------------------------------------------ abstract args
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_batch(kind: Literal["sft", "pairs"], *, batch_size: int, seq_len: int, mesh: Mesh,
+                   strategy: str | sh.Strategy) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of a batch of `kind`, placed over the strategy's batch axes."""
+    data = sh.batch_sharding(mesh, strategy)
+    tok = lambda: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=data)  # noqa: E731
+    if kind == "sft":
+        return {"tokens": tok(), "loss_mask": tok()}
+    return {f"{p}_{k}": tok() for p in ("chosen", "rejected") for k in ("tokens", "loss_mask")}
+
+
+def _state_bytes_per_device(abstract_state, shardings) -> int:
+    total = 0
+    for leaf, s in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)):
+        shard = s.shard_shape(leaf.shape) if isinstance(s, NamedSharding) else leaf.shape
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
+                device_memory_bytes: int | None = None, lint_lines: Sequence[str] = (),
+                model_flops: float | None = None, compiler_options: Mapping[str, Any] | None = None
+                ) -> CompileReport:
+    """Lower and compile `step` on (abstract) `args`; report memory, FLOPs and fit, never raise.
+
+    Args:
+      step: a `Step` (or anything with `.lower(*args)`).
+      args: the step's arguments, concrete or `jax.ShapeDtypeStruct`s with shardings.
+      target: a label for the report ("cpu x8", "v5e-16", ...).
+      state_bytes: per-device train-state bytes, for the report.
+      device_memory_bytes: memory per device; default from the devices (TPU kind table, CPU RAM).
+      lint_lines: sharding-lint findings to carry in the report.
+      model_flops: the analytic FLOPs of one step, for the report.
+      compiler_options: XLA options for this compilation (e.g. `{"xla_backend_optimization_level": 0}`).
+
+    Returns:
+      A `CompileReport`; a compilation failure (e.g. RESOURCE_EXHAUSTED on TPU) has `ok=False`,
+      `fits=False` and the compiler's message as the reason.
+    """
+    mesh = step.mesh
+    devices = list(mesh.devices.flat)
+    memory = device_memory_bytes if device_memory_bytes is not None else _device_memory(devices)
+    base = dict(target=target, num_devices=len(devices), mesh=dict(mesh.shape), strategy=step.strategy.name,
+                state_bytes=state_bytes, device_memory_bytes=memory, lint=tuple(lint_lines), model_flops=model_flops)
+    t0 = time.perf_counter()
+    try:
+        compiled = step.lower(*args).compile(compiler_options=dict(compiler_options or {}))
+    except sh.ShardingError:
+        raise
+    except Exception as e:  # the compiler refusing (out of memory, unsupported): a report, not a crash
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return CompileReport(ok=False, fits=False, reason=f"compilation failed: {message}",
+                             compile_seconds=time.perf_counter() - t0, **base)
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+    alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
+    # XLA:CPU's peak can be below its own temporaries: take the larger of it and the live sum.
+    peak = max(int(getattr(mem, "peak_memory_in_bytes", 0) or 0), arg + out - alias + temp)
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops")) if cost and cost.get("flops") is not None else None
+    except Exception:
+        flops = None
+    if memory is None:
+        fits, reason = True, "device memory unknown; pass device_memory_bytes to check the fit"
+    elif peak <= memory:
+        fits, reason = True, f"peak {_gib(peak)} <= {_gib(memory)} per device ({peak / memory:.0%})"
+    else:
+        fits, reason = False, (
+            f"peak {_gib(peak)} > {_gib(memory)} per device: arguments {_gib(arg)} (train state "
+            f"{_gib(state_bytes)}) + temporaries {_gib(temp)}; shard more (fsdp), use more devices, "
+            "a smaller batch or micro-batches, or remat"
+        )
+    return CompileReport(ok=True, fits=fits, reason=reason, argument_bytes=arg, output_bytes=out,
+                         alias_bytes=alias, temp_bytes=temp, peak_bytes=peak, flops=flops,
+                         compile_seconds=seconds, **base)
+
+
+def compile_training_step(config: ModelConfig, *, step: StepKind = "sft", mesh: Mesh,
+                          strategy: str | sh.Strategy = "fsdp", batch_size: int, seq_len: int,
+                          optimizer: OptimizerConfig | None = None, micro_batches: int = 1,
+                          target: str | None = None, device_memory_bytes: int | None = None,
+                          compiler_options: Mapping[str, Any] | None = None) -> CompileReport:
+    """Build the model's step of `kind` for `mesh` and compile it on abstract arguments only.
+
+    Nothing of model size is allocated: the state's shapes come from `jax.eval_shape`.
+
+    Args:
+      config: the model's shapes.
+      step: "sft", "reward_model" or "dpo" (sigmoid DPO with a reference model).
+      mesh: the device mesh (this machine's devices or a TPU topology's).
+      strategy: the sharding strategy.
+      batch_size, seq_len: sequences (pairs for reward_model / dpo) per step and their length.
+      optimizer: the optimizer config (default AdamW).
+      micro_batches: gradient-accumulation micro-batches.
+      target: report label (default from the devices).
+      device_memory_bytes: memory per device (default from the devices).
+      compiler_options: XLA options for this compilation.
+
+    Returns:
+      A `CompileReport`.
+
+    Raises:
+      ShardingError: an invalid mesh / strategy / batch combination, before compiling.
+    """
+    from rlhf_jax.steps import make_dpo_step, make_reward_model_step, make_sft_step
+
+    optimizer = OptimizerConfig(name="adamw", learning_rate=1e-5) if optimizer is None else optimizer
+    strategy = sh.check_strategy(strategy, mesh)
+    head = "scalar" if step == "reward_model" else "lm"
+    model = CausalLM(config, head=head)
+    issues = sh.lint(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
+    errors = [i for i in issues if i.severity == "error"]
+    if errors:
+        raise sh.ShardingError("sharding lint found errors:\n" + sh.format_lint(errors))
+    makers = {"sft": make_sft_step, "reward_model": make_reward_model_step, "dpo": make_dpo_step}
+    if step not in makers:
+        raise ValueError(f"compile_training_step: step must be one of {sorted(makers)}, got {step!r}")
+    built = makers[step](model, optimizer, mesh=mesh, strategy=strategy, micro_batches=micro_batches)
+    tx = make_optimizer(optimizer)
+    abstract = abstract_train_state(model.init, tx)
+    state = _abstract(abstract, built.state_shardings)
+    batch = abstract_batch("sft" if step == "sft" else "pairs", batch_size=batch_size, seq_len=seq_len,
+                           mesh=mesh, strategy=strategy)
+    args = [state, batch]
+    if step == "dpo":
+        args.append(_abstract(abstract.params, built.state_shardings.params))
+    devices = list(mesh.devices.flat)
+    label = target or f"{devices[0].platform} x{len(devices)}"
+    return aot_compile(built, args, target=label,
+                       state_bytes=_state_bytes_per_device(abstract, built.state_shardings),
+                       device_memory_bytes=device_memory_bytes, lint_lines=[str(i) for i in issues],
+                       model_flops=step_flops(config, step=step, batch_size=batch_size, seq_len=seq_len),
+                       compiler_options=compiler_options)
+
+
+def step_flops(config: ModelConfig, *, step: StepKind, batch_size: int, seq_len: int) -> float:
+    """Analytic FLOPs of one training step (Kaplan et al. 2020's `6 N D`, plus attention).
+
+    Per token: `2 N` forward and `4 N` backward for the `N` non-embedding parameters (layers and LM
+    head; the embedding lookup is a gather), and `4 L T H d` forward attention FLOPs per token
+    (scores and weighted values over the `T` positions), times 3 with the backward pass. Pair steps
+    run `2 x batch_size` sequences; DPO adds a reference forward (one third of the trained cost).
+    """
+    c = config
+    layer = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * c.hidden_size
+    layer += 3 * c.hidden_size * c.intermediate_size
+    head = c.hidden_size * (1 if step == "reward_model" else c.vocab_size)
+    n = c.num_layers * layer + head
+    sequences = batch_size * (1 if step == "sft" else 2)
+    tokens = sequences * seq_len
+    attention = 4 * c.num_layers * seq_len * c.num_heads * c.head_dim * tokens
+    trained = 3 * (2 * n * tokens + attention)
+    frozen = (2 * n * tokens + attention) if step == "dpo" else 0
+    return float(trained + frozen)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+    shape = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, size = part.partition("=")
+        if not name or not size.lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"--mesh expects name=size[,name=size...], got {text!r}")
+        shape[name] = int(size)
+    return shape
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected a ModelConfig field=value; fields: {sorted(fields)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlhf-jax compile",
+        description="Compile a training step ahead of time for a mesh of this machine or a TPU topology, "
+                    "and report per-device memory, FLOPs and whether it fits.",
+    )
+    p.add_argument("--model", default="w1", help=f"model preset: tiny, {', '.join(sorted(PRESETS))} (default w1)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ModelConfig field, e.g. --set num_layers=2 --set dtype=bfloat16")
+    p.add_argument("--step", default="sft", choices=["sft", "reward_model", "dpo"])
+    p.add_argument("--strategy", default="fsdp", help=f"sharding strategy: {sh.strategy_names()}")
+    p.add_argument("--mesh", type=_parse_mesh, default=None, help="mesh shape, e.g. data=2,fsdp=4 (default: data=all)")
+    p.add_argument("--batch", type=int, default=8, help="sequences (or pairs) per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--topology", default=None, help="TPU topology to compile for, e.g. v5e:4x4 or v5p:4x4x4 (needs libtpu)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="simulate this many CPU devices (must come before JAX starts its backend)")
+    p.add_argument("--device-memory-gib", type=float, default=None, help="memory per device for the fit check")
+    p.add_argument("--compiler-option", dest="compiler_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an XLA compiler option, e.g. xla_backend_optimization_level=0 (faster CPU compiles)")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`rlhf-jax compile ...`: print the compile report; exit 0 if it fits, 1 if not, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    if args.cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    overrides = _parse_overrides(args.overrides)
+    if args.model == "tiny":
+        from rlhf_jax.testing import tiny_config
+
+        config = tiny_config(**overrides)
+    elif args.model in PRESETS:
+        config = get_config(args.model, **overrides)
+    else:
+        print(f"unknown --model {args.model!r}; presets: tiny, {', '.join(sorted(PRESETS))}", file=sys.stderr)
+        return 2
+    try:
+        if args.topology:
+            devices = tpu_topology_devices(args.topology)
+            target = args.topology
+        else:
+            devices = jax.devices("cpu") if args.cpu_devices is not None else jax.devices()
+            target = None
+        mesh = sh.make_mesh(args.mesh, devices=devices)
+        memory = None if args.device_memory_gib is None else int(args.device_memory_gib * 2**30)
+        options = {}
+        for item in args.compiler_options:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--compiler-option expects KEY=VALUE, got {item!r}")
+            options[key] = value
+        report = compile_training_step(config, step=args.step, mesh=mesh, strategy=args.strategy,
+                                       batch_size=args.batch, seq_len=args.seq, micro_batches=args.micro_batches,
+                                       target=target, device_memory_bytes=memory, compiler_options=options)
+    except (sh.ShardingError, RuntimeError, ValueError) as e:
+        print(f"rlhf-jax compile: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0 if report.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

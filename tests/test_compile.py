@@ -1,0 +1,95 @@
+"""Ahead-of-time compilation: memory report, FSDP really shards W1, too-large reported, bad input, TPU."""
+
+import importlib.util
+import json
+
+import jax
+import pytest
+
+from rlhf_jax import compile as aot
+from rlhf_jax import sharding as sh
+from rlhf_jax.models.presets import get_config
+from rlhf_jax.testing import tiny_config
+
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def _mesh(shape):
+    n = 1
+    for v in shape.values():
+        n *= v
+    return sh.make_mesh(shape, devices=jax.devices()[:n])
+
+
+@pytest.fixture(scope="module")
+def w1_reports():
+    """W1's SFT step on 1 device and FSDP over 8 (sequence length cut to 32: state size is what counts)."""
+    out = {}
+    for n in (1, 8):
+        out[n] = aot.compile_training_step(get_config("w1"), step="sft", mesh=_mesh({"fsdp": n}), strategy="fsdp",
+                                           batch_size=8, seq_len=32, device_memory_bytes=64 * 2**20,
+                                           compiler_options=FAST)
+    return out
+
+
+def test_fsdp_shards_w1_state_and_arguments(w1_reports):
+    one, eight = w1_reports[1], w1_reports[8]
+    assert one.ok and eight.ok
+    # 7,358,720 f32 parameters + Adam's mu and nu = 88.3 MB on one device.
+    assert one.state_bytes == pytest.approx(7_358_720 * 4 * 3, rel=1e-3)
+    assert eight.state_bytes <= 0.2 * one.state_bytes
+    # XLA's own figure for the parameters + optimizer state it receives (plus the small batch).
+    assert eight.argument_bytes <= 0.2 * one.argument_bytes
+    assert one.argument_bytes >= one.state_bytes
+    assert one.peak_bytes >= one.argument_bytes
+    assert one.flops and one.flops > 0
+    assert one.model_flops == pytest.approx(aot.step_flops(get_config("w1"), step="sft", batch_size=8, seq_len=32))
+
+
+def test_too_large_is_reported_with_figures(w1_reports):
+    report = w1_reports[1]
+    assert not report.fits
+    assert "GiB" in report.reason and "> 0.062 GiB per device" in report.reason
+    text = aot.format_report(report)
+    assert "fits: NO" in text and "train state per device: 0.082 GiB" in text
+
+
+def test_bad_input_fails_before_compiling():
+    with pytest.raises(sh.ShardingError, match="has 3 devices but 8 are available"):
+        sh.make_mesh({"data": 3})
+    expert = sh.Strategy(name="expert_parallel", rules={"mlp": "expert"})
+    with pytest.raises(sh.ShardingError, match=r"names mesh axes \['expert'\] that the mesh lacks"):
+        aot.compile_training_step(tiny_config(), step="sft", mesh=_mesh({"data": 8}), strategy=expert,
+                                  batch_size=8, seq_len=16)
+    with pytest.raises(sh.ShardingError, match="batch size 6 .* not divisible by 8"):
+        aot.compile_training_step(tiny_config(), step="sft", mesh=_mesh({"fsdp": 8}), strategy="fsdp",
+                                  batch_size=6, seq_len=16)
+    with pytest.raises(sh.ShardingError, match="kv_heads, size 2"):
+        aot.compile_training_step(tiny_config(), step="dpo", mesh=_mesh({"data": 2, "tensor": 4}), strategy="tp",
+                                  batch_size=8, seq_len=16)
+
+
+def test_cli_main_writes_json_report(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    code = aot.main(["--model", "tiny", "--step", "reward_model", "--strategy", "fsdp_tp",
+                     "--mesh", "fsdp=4,tensor=2", "--batch", "8", "--seq", "16", "--json", str(path),
+                     "--compiler-option", "xla_backend_optimization_level=0"])
+    assert code == 0
+    report = json.loads(path.read_text())
+    assert report["ok"] and report["fits"] and report["num_devices"] == 8
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert "fits: yes" in capsys.readouterr().out
+    assert aot.main(["--model", "tiny", "--mesh", "data=3"]) == 2
+    assert "has 3 devices" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the [tpu] extra)")
+def test_tpu_topology_compile():
+    devices = aot.tpu_topology_devices("v5e:2x4")
+    assert len(devices) == 8 and devices[0].platform == "tpu"
+    mesh = sh.make_mesh({"fsdp": 4, "tensor": 2}, devices=devices)
+    report = aot.compile_training_step(tiny_config(), step="dpo", mesh=mesh, strategy="fsdp_tp", batch_size=8,
+                                       seq_len=64, target="v5e:2x4")
+    assert report.ok and report.fits
+    assert report.device_memory_bytes == 16 * 2**30
+    assert report.target == "v5e:2x4" and report.num_devices == 8
