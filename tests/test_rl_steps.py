@@ -1,0 +1,383 @@
+"""RL steps: each configuration's loss and update equal the pure core's on the same arrays.
+
+The reference log-probs here come from full-logit forward passes of each joined row
+(`token_logprobs` on `model.forward(...).logits`), independent of `rlhf_jax.rollout`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import advantages as adv_core
+from rlhf_jax import losses
+from rlhf_jax.logprobs import token_entropy, token_logprobs
+from rlhf_jax.models import CausalLM
+from rlhf_jax.models.heads import init_scalar_head
+from rlhf_jax.rollout import join_sequences
+from rlhf_jax.state import RLState, init_train_state
+from rlhf_jax.steps.rl import (
+    GRPO_PRESETS,
+    GRPOConfig,
+    PPOConfig,
+    grpo_advantages,
+    grpo_config,
+    grpo_objective,
+    make_grpo_step,
+    make_ppo_step,
+)
+from rlhf_jax.testing import tiny_config
+
+N, P, C, G = 8, 5, 6, 4
+LR = 0.05
+
+
+@functools.lru_cache(maxsize=None)
+def _model(head="lm"):
+    model = CausalLM(tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                 num_kv_heads=1, head_dim=16), head=head)
+    return model, jax.jit(model.init)(jax.random.key(0 if head == "lm" else 1))
+
+
+def _batch(seed=0, *, noisy_old=0.0):
+    """A rollout with ragged prompts and completions; sampler log-probs = exact ones + noise."""
+    rng = np.random.default_rng(seed)
+    model, params = _model()
+    batch = {
+        "prompt_tokens": rng.integers(3, 200, (N, P)).astype(np.int32),
+        "prompt_lengths": rng.integers(1, P + 1, N).astype(np.int32),
+        "completion_tokens": rng.integers(3, 200, (N, C)).astype(np.int32),
+        "completion_mask": np.arange(C)[None] < rng.integers(1, C + 1, N)[:, None],
+        "scores": rng.normal(size=N).astype(np.float32),
+    }
+    logps, _ = _reference_logps(model, params, batch)
+    batch["sampler_logps"] = (logps + noisy_old * rng.normal(size=(N, C))).astype(np.float32)
+    batch["ref_logps"] = (logps + 0.3 * rng.normal(size=(N, C))).astype(np.float32)
+    return batch
+
+
+@functools.lru_cache(maxsize=None)
+def _full_forward(model):
+    return jax.jit(lambda p, t: model.forward(p, t).logits)
+
+
+def _reference_logps(model, params, batch, temperature=1.0):
+    """Per-row full forward: log-probs and entropies of the completion tokens, `[N, C]` numpy."""
+    joined = np.zeros((N, P + C), np.int32)
+    for b in range(N):
+        n = batch["prompt_lengths"][b]
+        joined[b, : n + C] = np.concatenate([batch["prompt_tokens"][b, :n], batch["completion_tokens"][b]])
+    logits = _full_forward(model)(params, joined)
+    logps = np.asarray(token_logprobs(logits[:, :-1], joined[:, 1:], temperature=temperature))
+    ent = np.asarray(token_entropy(logits[:, :-1], temperature=temperature))
+    idx = batch["prompt_lengths"][:, None] - 1 + np.arange(C)[None]
+    return np.take_along_axis(logps, idx, 1), np.take_along_axis(ent, idx, 1)
+
+
+def _grpo_state(params):
+    tx = optax.sgd(LR)
+    return RLState(init_train_state(lambda k: params, tx, 0), params, None, None), tx
+
+
+def _core_grpo_loss(config, logps, old, batch, entropy):
+    """The family's objective from the pure core only."""
+    mask = batch["completion_mask"]
+    s = jnp.asarray(batch["scores"])
+    kl_in_reward = config.kl_mode == "reward"
+    k_old = losses.kl_divergence(batch["sampler_logps"], batch["ref_logps"], estimator=config.kl_estimator)
+    if config.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
+        group = G if config.advantage == "reinforce_pp_baseline" else None
+        a = adv_core.reinforce_plus_plus(s, mask, kl=k_old if kl_in_reward else None,
+                                         kl_coef=config.kl_coef if kl_in_reward else 0.0, group_size=group)
+    else:
+        if kl_in_reward:
+            s = s - config.kl_coef * jnp.sum(jnp.where(mask, k_old, 0.0), axis=1)
+        a = {
+            "grpo": lambda: adv_core.group_normalized(s, G, scale="group", eps=config.adv_eps),
+            "dr_grpo": lambda: adv_core.group_normalized(s, G, scale="none"),
+            "rloo": lambda: adv_core.leave_one_out(s, G),
+        }[config.advantage]()
+    if config.policy_loss == "cispo":
+        per_token, m = losses.cispo_loss(logps, old, a, mask, clip_eps_high=config.clip_eps_high)
+    else:
+        per_token, m = losses.ppo_policy_loss(
+            logps, old, a, mask, clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
+            ratio_level="sequence" if config.policy_loss == "gspo" else "token")
+    if config.kl_mode == "loss":
+        per_token = per_token + config.kl_coef * jnp.where(
+            mask, losses.kl_divergence(logps, batch["ref_logps"], estimator=config.kl_estimator), 0.0)
+    per_token = per_token - config.entropy_coef * jnp.where(mask, entropy, 0.0)
+    max_len = {"max_len": C} if config.loss_aggregation == "seq_mean_token_sum_norm" else {}
+    return losses.aggregate(per_token, mask, mode=config.loss_aggregation, **max_len), m
+
+
+def _random_rollout_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.arange(C)[None] < rng.integers(1, C + 1, N)[:, None]
+    logps = -rng.uniform(0.1, 3.0, (N, C)).astype(np.float32)
+    return dict(
+        logps=logps,
+        old=(logps + 0.2 * rng.normal(size=(N, C))).astype(np.float32),
+        ref=(logps + 0.3 * rng.normal(size=(N, C))).astype(np.float32),
+        entropy=rng.uniform(0.0, 4.0, (N, C)).astype(np.float32),
+        mask=mask,
+        scores=rng.normal(size=N).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("preset", sorted(GRPO_PRESETS))
+def test_grpo_family_objective_equals_the_core(preset):
+    """Advantages and loss of every preset against the pure core on the same arrays."""
+    a = _random_rollout_arrays()
+    config = grpo_config(preset, group_size=G, entropy_coef=0.01)
+    if preset == "gspo":
+        config = config.replace(clip_eps=0.05, clip_eps_high=0.08)  # wide enough that some rows pass
+    batch = {"completion_mask": a["mask"], "scores": a["scores"], "sampler_logps": a["old"], "ref_logps": a["ref"]}
+
+    def ours(logps):
+        advantages = grpo_advantages(a["scores"], a["mask"], config=config, old_logps=a["old"], ref_logps=a["ref"])
+        return grpo_objective(logps, a["old"], advantages, a["mask"], config=config, ref_logps=a["ref"],
+                              entropy=a["entropy"])
+
+    def core(logps):
+        return _core_grpo_loss(config, logps, a["old"], batch, a["entropy"])
+
+    (loss, metrics), grad = jax.value_and_grad(ours, has_aux=True)(a["logps"])
+    (core_value, core_metrics), core_grad = jax.value_and_grad(core, has_aux=True)(a["logps"])
+    np.testing.assert_allclose(loss, core_value, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad, core_grad, rtol=1e-5, atol=1e-7)
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "approx_kl"):
+        np.testing.assert_allclose(metrics[key], core_metrics[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    assert float(core_metrics["clip_ratio/region_mean"]) > 0  # the clip is exercised
+
+
+@functools.lru_cache(maxsize=None)
+def _grpo_step(config):
+    model, _ = _model()
+    return jax.jit(make_grpo_step(model, optax.sgd(LR), config=config))
+
+
+# "auto" old log-probs (ratio 1, KL in the loss) and sampler old log-probs with the KL in the reward.
+_STEP_CONFIGS = {
+    "grpo": grpo_config("grpo", group_size=G, entropy_coef=0.01),
+    "rloo": grpo_config("rloo", group_size=G, old_logprobs="sampler"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_STEP_CONFIGS))
+def test_grpo_step_loss_and_update_equal_the_core(name):
+    """The jitted step's loss and SGD update equal the core's on the model's own log-probs."""
+    model, params = _model()
+    batch = _batch(noisy_old=0.2)
+    config = _STEP_CONFIGS[name]
+    state, _ = _grpo_state(params)
+    new_state, metrics = _grpo_step(config)(state, batch)
+
+    @jax.jit
+    def core_loss_and_grad(p):
+        def core_loss(p):
+            logps, ent = _logps_entropy_traced(model, p, batch)
+            old = jax.lax.stop_gradient(logps) if config.old_logprobs == "auto" else batch["sampler_logps"]
+            return _core_grpo_loss(config, logps, old, batch, ent)
+        return jax.value_and_grad(core_loss, has_aux=True)(p)
+
+    (loss, core_metrics), grads = core_loss_and_grad(params)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["clip_ratio/region_mean"], core_metrics["clip_ratio/region_mean"], rtol=1e-6)
+    expected = jax.tree.map(lambda p, g: p - LR * g, params, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_state.policy.params,
+                 expected)
+    assert int(new_state.policy.step) == 1
+
+
+def _logps_entropy_traced(model, params, batch):
+    """Like `_reference_logps` but traceable in `params` (for gradients)."""
+    joined = np.zeros((N, P + C), np.int32)
+    for b in range(N):
+        n = batch["prompt_lengths"][b]
+        joined[b, : n + C] = np.concatenate([batch["prompt_tokens"][b, :n], batch["completion_tokens"][b]])
+    logits = model.forward(params, joined).logits
+    idx = batch["prompt_lengths"][:, None] - 1 + np.arange(C)[None]
+    logps = token_logprobs(logits[:, :-1], joined[:, 1:])
+    ent = token_entropy(logits[:, :-1])
+    return jnp.take_along_axis(logps, idx, 1), jnp.take_along_axis(ent, idx, 1)
+
+
+def test_join_sequences_matches_per_row_concatenation():
+    batch = _batch()
+    joined = np.asarray(join_sequences(batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"]))
+    for b in range(N):
+        n = batch["prompt_lengths"][b]
+        row = np.concatenate([batch["prompt_tokens"][b, :n], batch["completion_tokens"][b]])
+        np.testing.assert_array_equal(joined[b, : n + C], row)
+        assert (joined[b, n + C:] == 0).all()
+
+
+def test_on_policy_first_update_has_ratio_one():
+    model, params = _model()
+    batch = _batch(noisy_old=0.0)
+    for config in (_STEP_CONFIGS["grpo"], _STEP_CONFIGS["grpo"].replace(old_logprobs="sampler")):
+        state, _ = _grpo_state(params)
+        _, metrics = _grpo_step(config)(state, batch)
+        for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+            assert float(metrics[key]) == 0.0, (config.old_logprobs, key)
+        assert abs(float(metrics["approx_kl"])) < 1e-6
+        assert float(metrics["sampler_logprob_diff/max"]) <= 1e-5
+
+
+def test_epochs_minibatches_and_micro_batches():
+    """3 epochs x 2 minibatches = 6 updates, deterministic; micro-batching leaves them unchanged."""
+    model, params = _model()
+    batch = _batch(noisy_old=0.1)
+    results = []
+    for micro in (1, 2):
+        config = grpo_config("dapo", group_size=G, num_epochs=3, num_minibatches=2, micro_batches=micro)
+        state, _ = _grpo_state(params)
+        results.append(_grpo_step(config)(state, batch))
+    (s1, m1), (s2, m2) = results
+    assert int(s1.policy.step) == 6
+    assert float(m1["approx_kl"]) > 0  # later updates move away from the sampling policy
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s1.policy.params,
+                 s2.policy.params)
+    config = grpo_config("dapo", group_size=G, num_epochs=3, num_minibatches=2)  # cached: no recompile
+    again, _ = _grpo_step(config)(_grpo_state(params)[0], batch)
+    jax.tree.map(np.testing.assert_array_equal, again.policy.params, s1.policy.params)
+
+
+def test_nonfinite_scores_skip_the_update():
+    model, params = _model()
+    batch = _batch()
+    batch["scores"] = batch["scores"].copy()
+    batch["scores"][0] = np.nan
+    state, _ = _grpo_state(params)
+    new_state, metrics = _grpo_step(_STEP_CONFIGS["grpo"])(state, batch)
+    assert float(metrics["nonfinite"]) == 1.0
+    jax.tree.map(np.testing.assert_array_equal, new_state.policy.params, params)
+
+
+def test_bad_configurations_and_batches_are_named():
+    with pytest.raises(ValueError, match=r"GRPOConfig.group_size must be >= 2 for advantage 'grpo'"):
+        grpo_config("grpo", group_size=1)
+    with pytest.raises(ValueError, match=r"GRPOConfig.group_size must be >= 2 for advantage 'rloo'"):
+        grpo_config("rloo", group_size=1)
+    grpo_config("reinforce_pp", group_size=1)  # no group baseline: fine
+    with pytest.raises(ValueError, match="unknown preset 'ppo2'"):
+        grpo_config("ppo2")
+    with pytest.raises(ValueError, match=r"GRPOConfig.kl_mode must be one of"):
+        GRPOConfig(kl_mode="both")
+    with pytest.raises(ValueError, match=r"PPOConfig.lam must be in \[0, 1\]"):
+        PPOConfig(lam=1.5)
+    model, params = _model()
+    state, tx = _grpo_state(params)
+    step = make_grpo_step(model, tx, config=grpo_config("grpo", group_size=3))
+    with pytest.raises(ValueError, match="does not split into groups of group_size=3"):
+        step(state, _batch())
+    batch = _batch()
+    del batch["ref_logps"]
+    with pytest.raises(KeyError, match=r"kl_mode='loss' with kl_coef=0.04 needs batch\['ref_logps'\]"):
+        make_grpo_step(model, tx, config=grpo_config("grpo", group_size=G))(state, batch)
+    with pytest.raises(KeyError, match=r"unknown batch keys \['reward'\]"):
+        make_grpo_step(model, tx, config=grpo_config("dapo", group_size=G))(state, {**_batch(), "reward": 1})
+    bad = _batch()
+    bad["scores"] = bad["scores"][:4]
+    with pytest.raises(ValueError, match=r"batch\['scores'\] must have shape \[8\], got \[4\]"):
+        make_grpo_step(model, tx, config=grpo_config("dapo", group_size=G))(state, bad)
+
+
+# ----------------------------------------------------------------------------------------- PPO
+
+
+def _ppo_states(params, *, shared):
+    tx = optax.sgd(LR)
+    if shared:
+        model, _ = _model()
+        full = {"lm": params, "value_head": init_scalar_head(model.config, jax.random.key(5))}
+        return init_train_state(lambda k: full, tx, 0), None, tx
+    vmodel, vparams = _model("scalar")
+    return init_train_state(lambda k: params, tx, 0), init_train_state(lambda k: vparams, tx, 1), tx
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ppo_loss_and_update_equal_the_core(shared):
+    model, params = _model()
+    vmodel, _ = _model("scalar")
+    batch = _batch(noisy_old=0.2)
+    batch["ptx_tokens"] = batch["completion_tokens"]
+    batch["ptx_mask"] = batch["completion_mask"]
+    config = PPOConfig(num_epochs=1, num_minibatches=1, old_logprobs="sampler", kl_coef=0.1, kl_target=2.0,
+                       entropy_coef=0.01, ptx_coef=0.5, vf_coef=0.3, value_clip=0.05, lam=0.9, gamma=0.99)
+    policy, value, tx = _ppo_states(params, shared=shared)
+    kl_state = config.kl_controller().init()
+    step = make_ppo_step(model, tx, config=config, value_model=None if shared else vmodel,
+                         value_optimizer=None if shared else tx)
+    new, metrics = jax.jit(step)(RLState(policy, params, value, kl_state), batch)
+
+    mask = batch["completion_mask"]
+    old, ref = batch["sampler_logps"], batch["ref_logps"]
+
+    joined = np.asarray(join_sequences(batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"]))
+    idx = batch["prompt_lengths"][:, None] - 1 + np.arange(C)[None]
+
+    def values_of(vp, lm_hidden_params=None):
+        if shared:
+            v = jnp.einsum("bte,e->bt", model.forward(lm_hidden_params, joined).hidden, vp)
+        else:
+            v = vmodel.forward(vp, joined).values
+        return jnp.take_along_axis(v, idx, 1)
+
+    v_old = values_of(policy.params["value_head"], params) if shared else values_of(value.params)
+    v_old = jnp.where(mask, v_old, 0.0)
+    kl_tok = jnp.where(mask, old - ref, 0.0)
+    rewards = adv_core.per_token_rewards(batch["scores"], mask, kl=kl_tok, kl_coef=0.1)
+    a, ret = adv_core.gae(rewards, v_old, mask, gamma=0.99, lam=0.9)
+    a = adv_core.whiten(a, mask)
+
+    def value_part(v):
+        return 0.3 * losses.aggregate(losses.value_loss(v, v_old, ret, mask, clip_range=0.05), mask)
+
+    def policy_loss(p):
+        lm = p["lm"] if shared else p
+        logps, ent = _logps_entropy_traced(model, lm, batch)
+        per_token, m = losses.ppo_policy_loss(logps, old, a, mask, clip_eps=0.2)
+        per_token = per_token - 0.01 * jnp.where(mask, ent, 0.0)
+        loss = losses.aggregate(per_token, mask)
+        toks = batch["ptx_tokens"]
+        ptx_logps = token_logprobs(model.forward(lm, toks).logits[:, :-1], toks[:, 1:])
+        loss = loss + 0.5 * -losses.aggregate(ptx_logps, batch["ptx_mask"][:, 1:])
+        if shared:
+            loss = loss + value_part(values_of(p["value_head"], lm))
+        return loss, m
+
+    (loss, m), grads = jax.jit(jax.value_and_grad(policy_loss, has_aux=True))(policy.params)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["clip_ratio/region_mean"], m["clip_ratio/region_mean"], rtol=1e-6)
+    expected = jax.tree.map(lambda p, g: p - LR * g, policy.params, grads)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), new.policy.params, expected)
+    if not shared:
+        vl, vgrads = jax.jit(jax.value_and_grad(lambda vp: value_part(values_of(vp))))(value.params)
+        np.testing.assert_allclose(metrics["value_loss"] * 0.3, vl, rtol=1e-5, atol=1e-7)
+        expected_v = jax.tree.map(lambda p, g: p - LR * g, value.params, vgrads)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), new.value.params,
+                     expected_v)
+    # The adaptive controller saw the rollout's summed k1 over N sequences.
+    seq_kl = jnp.mean(jnp.sum(kl_tok, axis=1))
+    expected_kl = config.kl_controller().update(kl_state, seq_kl, N)
+    np.testing.assert_allclose(new.kl.kl_coef, expected_kl.kl_coef, rtol=1e-6)
+    ev = 1 - np.var(np.asarray(ret - v_old)[mask]) / np.var(np.asarray(ret)[mask])
+    np.testing.assert_allclose(metrics["explained_variance"], ev, rtol=1e-4, atol=1e-6)
+
+
+def test_ppo_state_mismatch_is_named():
+    model, params = _model()
+    policy, value, tx = _ppo_states(params, shared=False)
+    step = make_ppo_step(model, tx, config=PPOConfig())
+    with pytest.raises(ValueError, match="state.value must be None exactly when"):
+        step(RLState(policy, params, value, PPOConfig().kl_controller().init()), _batch())
+    with pytest.raises(ValueError, match="state.kl is None"):
+        step(RLState(policy, params, None, None), _batch())
+    with pytest.raises(ValueError, match="needs a value_optimizer"):
+        make_ppo_step(model, tx, config=PPOConfig(), value_model=_model("scalar")[0])
