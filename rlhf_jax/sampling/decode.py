@@ -1,0 +1,210 @@
+"""The pure sampling program: prefill once, then decode one token per step inside `lax.while_loop`.
+
+    state = prefill(model, params, prompts, lengths, max_new_tokens=C, num_samples=n, rng=key)
+    state = decode(model, params, state, method=TopP(p=0.9), stop_ids=(eos,))
+    out = finalize(state, prompts, lengths, num_samples=n)
+
+Prefill runs the model once over the `B` right-padded prompts, filling a KV cache of
+`P + C - 1` slots, and then repeats that cache `n` times for the `N = B * n` rows: a group of `n`
+samples shares one prefill. Its logits are never used (XLA drops the LM head and the last layer's
+MLP): every completion token, the first included, is sampled by the decode step, which feeds a
+row's last token at its own slot (`positions[b]`), so right-padded prompts of different lengths
+decode together and each row continues from its own length.
+
+Decode layout: the loop carries one cache buffer per layer (`SamplingState.cache_k/cache_v`) and the
+parameters may come with `params["layers"]` as a tuple of per-layer trees (`unstack_layers`). The
+step re-stacks both before calling the model and unstacks the returned cache; with a model built
+with `scan_layers=False` (whose layer loop indexes the stacks with constants), XLA folds every
+stack/slice pair away, so each step updates each layer's cache in place and reads the weights where
+they are. With stacked arrays XLA:CPU copies each layer's weights and cache slice before its
+matmuls, at every step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.logprobs import token_logprobs
+from rlhf_jax.sampling.methods import SamplingMethod
+from rlhf_jax.sampling.state import SampleOutput, SamplingState
+
+__all__ = ["unstack_layers", "stack_layers", "prefill", "decode_step", "decode", "finalize"]
+
+
+def unstack_layers(params: dict) -> dict:
+    """Parameters with `params["layers"]` split into a tuple of per-layer trees (the decode layout).
+
+    `unstack_layers(p)["layers"][i] = tree_map(lambda a: a[i], p["layers"])`; `stack_layers` inverts
+    it. Already unstacked parameters are returned as they are.
+    """
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return params
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers))}
+
+
+def stack_layers(params: dict) -> dict:
+    """Parameters with per-layer trees stacked back on a leading `layers` axis (the model's layout)."""
+    layers = params["layers"]
+    if not isinstance(layers, tuple):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
+
+
+def prefill(
+    model,
+    params: dict,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    *,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    rng: jax.Array,
+    pad_id: int = 0,
+) -> SamplingState:
+    """Run the prompts through the model once and return the decode loop's initial state.
+
+    The cache has `P + max_new_tokens - 1` slots (the last sampled token is never fed back). Row
+    `b * n + j` is sample `j` of prompt `b`; all `n` rows of a prompt start from one copy of its cache.
+
+    Args:
+      model: a `CausalLM` with an LM head (use `scan_layers=False` for the fast decode layout).
+      params: its parameters, stacked or in the decode layout (`unstack_layers`).
+      prompt_tokens: int `[B, P]` right-padded prompts.
+      prompt_lengths: int `[B]` real lengths, each in `[1, P]`.
+      max_new_tokens: completion tokens to sample per row (`C >= 1`).
+      num_samples: samples per prompt (`n >= 1`).
+      rng: PRNG key of the whole call.
+      pad_id: token written after a row stops.
+
+    Returns:
+      A `SamplingState` with `N = B * n` rows at step 0.
+    """
+    b, p = prompt_tokens.shape
+    n = num_samples
+    cache = model.init_cache(b, p + max_new_tokens - 1)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    filled = model.forward(stack_layers(params), prompt_tokens, positions, cache=cache).cache
+    lengths = prompt_lengths.astype(jnp.int32)
+    last = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), (lengths - 1)[:, None], axis=1)[:, 0]
+    group = lambda a, axis: a if n == 1 else jnp.repeat(a, n, axis=axis)  # noqa: E731
+    num_layers = filled.k.shape[0]
+    rows = b * n
+    return SamplingState(
+        step=jnp.zeros((), jnp.int32),
+        last_tokens=group(last, 0),
+        positions=group(lengths - 1, 0),
+        tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
+        done=jnp.zeros((rows,), bool),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        cache_k=tuple(group(filled.k[i], 0) for i in range(num_layers)),
+        cache_v=tuple(group(filled.v[i], 0) for i in range(num_layers)),
+        rng=rng,
+    )
+
+
+def decode_step(
+    model,
+    params: dict,
+    state: SamplingState,
+    *,
+    method: SamplingMethod,
+    stop_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+) -> SamplingState:
+    """Feed each row's last token, sample the next one, and record it: one step of the loop.
+
+    `logits = model(last_tokens at positions | cache)`, `token ~ method(fold_in(rng, step), logits)`,
+    `logprob = log softmax(logits / T)[token]` (`rlhf_jax.logprobs.token_logprobs`, the trainer's
+    function). Rows already done record `pad_id` and 0; a row becomes done when it samples a stop id.
+
+    Args:
+      model: the `CausalLM` of `prefill`.
+      params: its parameters (stacked or decode layout).
+      state: the loop state.
+      method: a sampling method (`rlhf_jax.sampling.methods`).
+      stop_ids: token ids that end a row (EOS and any others); empty = run to `max_new_tokens`.
+      pad_id: token recorded for rows that are done.
+
+    Returns:
+      The state after one more token.
+    """
+    out = model.forward(
+        stack_layers(params), state.last_tokens[:, None], state.positions[:, None], cache=state.kv_cache()
+    )
+    logits = out.logits[:, 0]
+    token = method.sample(jax.random.fold_in(state.rng, state.step), logits)
+    logprob = token_logprobs(logits, token, temperature=method.temperature)
+    active = ~state.done
+    token = jnp.where(active, token, jnp.int32(pad_id))
+    logprob = jnp.where(active, logprob, 0.0)
+    column = (jnp.int32(0), state.step)
+    stopped = jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)) if stop_ids else jnp.zeros_like(active)
+    num_layers = out.cache.k.shape[0]
+    return state.replace(
+        step=state.step + 1,
+        last_tokens=token,
+        positions=state.positions + 1,
+        tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], column),
+        logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], column),
+        done=state.done | (active & stopped),
+        lengths=state.lengths + active.astype(jnp.int32),
+        cache_k=tuple(out.cache.k[i] for i in range(num_layers)),
+        cache_v=tuple(out.cache.v[i] for i in range(num_layers)),
+    )
+
+
+def decode(
+    model,
+    params: dict,
+    state: SamplingState,
+    *,
+    method: SamplingMethod,
+    stop_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+) -> SamplingState:
+    """Run `decode_step` in a `lax.while_loop` until every row is done or has `max_new_tokens` tokens.
+
+    Args and returns as `decode_step`; the loop stops early once all rows have stopped.
+    """
+
+    def cond(s: SamplingState):
+        return (s.step < s.max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: SamplingState):
+        return decode_step(model, params, s, method=method, stop_ids=stop_ids, pad_id=pad_id)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def finalize(
+    state: SamplingState, prompt_tokens: jax.Array, prompt_lengths: jax.Array, *, num_samples: int = 1
+) -> SampleOutput:
+    """Package a finished state with its prompts: masks, lengths and truncation flags.
+
+    `completion_mask[r, t] = t < lengths[r]` (through the first stop token);
+    `truncated[r] = no stop token in the row`.
+
+    Args:
+      state: the state after `decode`.
+      prompt_tokens: int `[B, P]` the prompts given to `prefill`.
+      prompt_lengths: int `[B]` their lengths.
+      num_samples: `n` of `prefill`.
+
+    Returns:
+      A `SampleOutput` with `N = B * n` rows.
+    """
+    group = lambda a: a if num_samples == 1 else jnp.repeat(a, num_samples, axis=0)  # noqa: E731
+    mask = jnp.arange(state.max_new_tokens, dtype=jnp.int32)[None, :] < state.lengths[:, None]
+    return SampleOutput(
+        prompt_tokens=group(prompt_tokens.astype(jnp.int32)),
+        prompt_lengths=group(prompt_lengths.astype(jnp.int32)),
+        completion_tokens=state.tokens,
+        completion_mask=mask,
+        logprobs=state.logprobs,
+        lengths=state.lengths,
+        truncated=~state.done,
+    )

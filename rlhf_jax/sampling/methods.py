@@ -1,0 +1,258 @@
+"""Sampling methods: small frozen dataclasses that turn one step's logits into next tokens.
+
+Every method maps `logits f32[B, V]` and a PRNG key to `int32[B]` tokens:
+
+| method        | draws from                                                                 |
+|---------------|----------------------------------------------------------------------------|
+| `Greedy`      | `argmax_v logits[v]` (no randomness)                                       |
+| `Categorical` | `softmax(logits / T)` (plain temperature sampling)                         |
+| `TopK`        | the tempered distribution restricted to the `k` most likely tokens         |
+| `TopP`        | ... restricted to the smallest set of most likely tokens with mass >= `p`  |
+|               | (nucleus sampling; Holtzman et al., 2020)                                   |
+| `MinP`        | ... restricted to tokens with `p(v) >= p * max_v' p(v')` (Nguyen et al., 2024) |
+
+Log-probabilities: the sampler reports `log softmax(logits / T)[token]` of the **untruncated**
+tempered distribution (`method.temperature`, 1 for `Greedy`), computed by
+`rlhf_jax.logprobs.token_logprobs`, because that is what the trainer recomputes from the same
+logits (`rlhf_jax.rollout.completion_logprobs(..., temperature=T)`), so on-policy importance ratios
+are exactly 1. With `TopK`/`TopP`/`MinP` the token was actually drawn from the truncated,
+renormalised distribution, whose log-prob is higher by `-log(kept mass)` for every kept token; the
+reported value is the one the policy-gradient objective differentiates (as in TRL and verl).
+
+Sampling is exact inverse-CDF sampling with one uniform number per row (two-level: a block of 128
+tokens, then the token inside it), which costs one pass over the vocabulary, unlike Gumbel-max
+sampling that draws `V` random numbers per row and step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import _checks
+
+__all__ = [
+    "Greedy",
+    "Categorical",
+    "TopK",
+    "TopP",
+    "MinP",
+    "SamplingMethod",
+    "make_method",
+    "sample_from_logits",
+]
+
+_BLOCK = 128  # vocabulary block of the two-level inverse CDF
+_NEG_INF = -jnp.inf
+
+
+def _check_temperature(owner: str, temperature) -> None:
+    if not _checks.is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"{owner}.temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _check_unit_interval(owner: str, name: str, value) -> None:
+    if not _checks.is_number(value) or not 0 < value <= 1:
+        raise ValueError(f"{owner}.{name} must be in (0, 1], got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Greedy:
+    """Pick the most likely token: `argmax_v logits[v]` (ties: lowest id). Log-probs at T = 1."""
+
+    @property
+    def temperature(self) -> float:
+        return 1.0
+
+    def sample(self, rng: jax.Array, logits: jax.Array) -> jax.Array:
+        """int32 `[B]` argmax tokens of `logits [B, V]` (`rng` is unused)."""
+        del rng
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Tempered:
+    """Base of the random methods: temper, truncate (subclass), then inverse-CDF sample."""
+
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _check_temperature(type(self).__name__, self.temperature)
+
+    def truncate(self, z: jax.Array) -> jax.Array:
+        """Tempered logits `z [B, V]` with tokens outside the support set to -inf."""
+        return z
+
+    def sample(self, rng: jax.Array, logits: jax.Array) -> jax.Array:
+        """int32 `[B]` tokens drawn from `softmax(truncate(logits / T))`."""
+        z = _checks.f32(logits)
+        if self.temperature != 1:
+            z = z / jnp.float32(self.temperature)
+        z = self.truncate(z)
+        u = jax.random.uniform(rng, z.shape[:1], jnp.float32)
+        return sample_from_logits(z, u)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Categorical(_Tempered):
+    """Sample from `softmax(logits / temperature)` over the full vocabulary."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopK(_Tempered):
+    """Sample among the `k` highest logits (tokens tied with the k-th are kept too).
+
+    `k >= V` keeps the whole vocabulary.
+    """
+
+    k: int
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"TopK.k must be an int >= 1, got {self.k!r}")
+
+    def truncate(self, z: jax.Array) -> jax.Array:
+        if self.k >= z.shape[-1]:
+            return z
+        kth = jax.lax.top_k(z, self.k)[0][:, -1:]
+        return jnp.where(z >= kth, z, _NEG_INF)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopP(_Tempered):
+    """Nucleus sampling: keep the most likely tokens until their mass reaches `p` (Holtzman et al., 2020).
+
+    A token is kept when the mass of the tokens strictly more likely than it is `< p`, so the most
+    likely token is always kept; `p = 1` keeps the whole vocabulary.
+    """
+
+    p: float
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_unit_interval("TopP", "p", self.p)
+
+    def truncate(self, z: jax.Array) -> jax.Array:
+        if self.p == 1:
+            return z
+        sorted_z = -jnp.sort(-z, axis=-1)
+        probs = jax.nn.softmax(sorted_z, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = mass_before < jnp.float32(self.p)
+        threshold = jnp.min(jnp.where(kept, sorted_z, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(z >= threshold, z, _NEG_INF)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MinP(_Tempered):
+    """Keep tokens whose probability is at least `p` times the top token's (Nguyen et al., 2024).
+
+    `p(v) >= p * max p  <=>  z_v >= max z + log p` on tempered logits `z`; `p = 1` keeps only the
+    most likely token(s).
+    """
+
+    p: float
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_unit_interval("MinP", "p", self.p)
+
+    def truncate(self, z: jax.Array) -> jax.Array:
+        threshold = jnp.max(z, axis=-1, keepdims=True) + jnp.float32(math.log(self.p))
+        return jnp.where(z >= threshold, z, _NEG_INF)
+
+
+SamplingMethod = Union[Greedy, Categorical, TopK, TopP, MinP]
+
+
+def make_method(
+    *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False
+) -> SamplingMethod:
+    """The method for the usual Hugging Face-style knobs (0 / 1.0 / 0.0 switch a filter off).
+
+    At most one of `top_k`, `top_p`, `min_p` may be active.
+
+    Args:
+      temperature: > 0.
+      top_k: keep the `top_k` most likely tokens; 0 = off.
+      top_p: nucleus mass in (0, 1]; 1.0 = off.
+      min_p: relative probability floor in [0, 1]; 0.0 = off.
+      greedy: argmax decoding (all other knobs must be off).
+
+    Returns:
+      A `Greedy`, `Categorical`, `TopK`, `TopP` or `MinP`.
+
+    Example:
+      >>> make_method(temperature=0.7, top_p=0.9)
+      TopP(temperature=0.7, p=0.9)
+    """
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"make_method: top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not _checks.is_number(min_p) or not 0 <= min_p <= 1:
+        raise ValueError(f"make_method: min_p must be in [0, 1] (0 = off), got {min_p!r}")
+    _check_unit_interval("make_method", "top_p", top_p)
+    active = [name for name, on in (("top_k", top_k > 0), ("top_p", top_p < 1), ("min_p", min_p > 0)) if on]
+    if greedy:
+        if active or temperature != 1.0:
+            raise ValueError(f"make_method: greedy=True takes no temperature or filters, got {active or 'temperature'}")
+        return Greedy()
+    if len(active) > 1:
+        raise ValueError(f"make_method: use at most one of top_k, top_p, min_p; got {active}")
+    if top_k > 0:
+        return TopK(k=top_k, temperature=temperature)
+    if top_p < 1:
+        return TopP(p=top_p, temperature=temperature)
+    if min_p > 0:
+        return MinP(p=min_p, temperature=temperature)
+    return Categorical(temperature=temperature)
+
+
+def sample_from_logits(z: jax.Array, u: jax.Array) -> jax.Array:
+    """Exact inverse-CDF sample of `softmax(z)` per row, from one uniform number per row.
+
+    With `p = exp(z - max z)` and `F` its running sum over the vocabulary, returns the first token
+    `v` with `F(v) > u * F(V)`. Two levels keep it one pass: blocks of 128 tokens pick the block,
+    then the running sum inside that block picks the token. A token with `z = -inf` (zero mass) is
+    never returned, including when float rounding puts `u * F(V)` at the very end.
+
+    Args:
+      z: float32 `[B, V]` logits; `-inf` marks excluded tokens (at least one finite per row).
+      u: float32 `[B]` uniform numbers in `[0, 1)`.
+
+    Returns:
+      int32 `[B]` token ids.
+    """
+    b, v = z.shape
+    nblocks = -(-v // _BLOCK)
+    pad = nblocks * _BLOCK - v
+    if pad:
+        z = jnp.pad(z, ((0, 0), (0, pad)), constant_values=_NEG_INF)
+    p = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True)).reshape(b, nblocks, _BLOCK)
+    block_mass = jnp.sum(p, axis=-1)                                   # [B, nblocks]
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    total = block_cdf[:, -1:]
+    # Strictly below the total, so some block's running sum exceeds it.
+    target = jnp.minimum(u[:, None] * total, jnp.nextafter(total, jnp.float32(0)))
+    block = _first_exceeding(block_cdf, target, block_mass)
+    before = jnp.take_along_axis(block_cdf - block_mass, block[:, None], axis=-1)
+    inner_p = jnp.take_along_axis(p, block[:, None, None], axis=1)[:, 0]  # [B, _BLOCK]
+    inner_cdf = before + jnp.cumsum(inner_p, axis=-1)
+    inner = _first_exceeding(inner_cdf, target, inner_p)
+    return (block * _BLOCK + inner).astype(jnp.int32)
+
+
+def _first_exceeding(cdf: jax.Array, target: jax.Array, mass: jax.Array) -> jax.Array:
+    """Per row, the first index with `cdf > target` and positive mass (else the last positive one).
+
+    Requiring positive mass keeps a zero-mass entry from being chosen when rounding makes the running
+    sum step at it.
+    """
+    ok = (cdf > target) & (mass > 0)
+    positions = jnp.arange(cdf.shape[-1], dtype=jnp.int32)
+    last_positive = jnp.max(jnp.where(mass > 0, positions, 0), axis=-1)
+    return jnp.where(jnp.any(ok, axis=-1), jnp.argmax(ok, axis=-1), last_positive).astype(jnp.int32)

@@ -1,0 +1,439 @@
+"""`Sampler`: the user-facing rollout engine around the pure prefill/decode program.
+
+    sampler = Sampler(lm, max_len=512)                      # optionally mesh=..., strategy="tp"
+    out = sampler.generate(params, [[1, 17, 4], [1, 9]], max_new_tokens=64,
+                           method=TopP(p=0.9, temperature=0.7), num_samples=8, eos_id=2, rng=0)
+    out.completion_tokens, out.completion_mask, out.logprobs    # [16, 64] each
+    texts, out = sampler.generate_text(params, ["12+7="], tokenizer=tok, max_new_tokens=8)
+
+What the class adds to `rlhf_jax.sampling.decode`:
+
+- Prompt handling on the host: ragged lists or right-padded arrays, checked (empty prompt, prompt
+  plus `max_new_tokens` longer than `max_len`, ids outside the vocabulary), padded to the smallest
+  *prompt bucket* that fits, so a run compiles one prefill and one decode program per bucket and
+  sampling configuration, however many calls it makes (`num_compiled()`).
+- Two jitted programs per call: prefill over the `B` distinct prompts (one call per `generate`,
+  counted in `stats.prefill_calls`, whatever `num_samples` is) and the decode loop over the
+  `N = B * n` rows, which takes the prefill's state as a donated buffer so the cache is updated in
+  place.
+- Parameter hand-off: `load_params` casts the trainer's parameters to the sampler's dtype, places
+  them with the sampler's own mesh and strategy (e.g. tensor-parallel weights, data-parallel rows)
+  and splits the layers for the decode layout, all on device; `stats.handoff_seconds` times it.
+- A deterministic key per call: an int seed or a PRNG key.
+
+Ready for continuous batching and a paged KV cache (not done here): the decode step already reads
+each row's own position and length, so a row could be refilled by prefilling a new prompt into its
+cache slot and resetting its `done`/`lengths`/`positions` between `decode_step` calls; the tokens
+column index would become per-row (`lengths`) instead of the shared `step`. A paged cache replaces
+the per-row `[kv_heads, S, head_dim]` buffers by a page pool plus a per-row page table, behind the
+same `positions` contract (slot = absolute position), and would let the `n` samples of a group
+share the prompt's pages instead of copying them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rlhf_jax import sharding as shd
+from rlhf_jax.models import CausalLM
+from rlhf_jax.sampling.decode import decode, finalize, prefill, unstack_layers
+from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP
+from rlhf_jax.sampling.state import SampleOutput, SamplingState
+
+__all__ = ["SamplingConfig", "SamplerStats", "SamplerParams", "Sampler", "default_prompt_buckets"]
+
+_METHODS = (Greedy, Categorical, TopK, TopP, MinP)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """What to sample in one call (the RL driver's `sampling` config section).
+
+    Attributes:
+      max_new_tokens: completion tokens per sample (`>= 1`); rows stop earlier at a stop id.
+      method: `Greedy()`, `Categorical(temperature=...)`, `TopK`, `TopP` or `MinP`.
+      num_samples: samples per prompt (`n`, a GRPO group); the prompt is prefilled once.
+      eos_id: end-of-sequence id (a stop id), or None.
+      stop_ids: further ids that end a sample.
+    """
+
+    max_new_tokens: int
+    method: SamplingMethod = Categorical()
+    num_samples: int = 1
+    eos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        _check_int("SamplingConfig.max_new_tokens", self.max_new_tokens, low=1)
+        _check_int("SamplingConfig.num_samples", self.num_samples, low=1)
+        if not isinstance(self.method, _METHODS):
+            raise TypeError(
+                f"SamplingConfig.method must be one of {[m.__name__ for m in _METHODS]}, got {self.method!r}"
+            )
+        if self.eos_id is not None:
+            _check_int("SamplingConfig.eos_id", self.eos_id, low=0)
+        if not isinstance(self.stop_ids, tuple):
+            raise TypeError(f"SamplingConfig.stop_ids must be a tuple of ints, got {self.stop_ids!r}")
+        for i in self.stop_ids:
+            _check_int("SamplingConfig.stop_ids[...]", i, low=0)
+
+    @property
+    def all_stop_ids(self) -> tuple[int, ...]:
+        """EOS and the other stop ids, sorted and without repeats."""
+        ids = set(self.stop_ids) | ({self.eos_id} if self.eos_id is not None else set())
+        return tuple(sorted(ids))
+
+
+@dataclasses.dataclass
+class SamplerStats:
+    """Counters of a `Sampler` (host side): calls of each program and the last hand-off time."""
+
+    prefill_calls: int = 0
+    decode_calls: int = 0
+    handoffs: int = 0
+    handoff_seconds: float | None = None
+
+
+class SamplerParams(NamedTuple):
+    """Parameters already in the sampler's layout (dtype, shardings, per-layer split): `load_params`."""
+
+    tree: dict
+
+
+def default_prompt_buckets(max_len: int, *, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` below `max_len`, then `max_len`: at most ~log2(max_len) shapes."""
+    _check_int("default_prompt_buckets max_len", max_len, low=2)
+    buckets, size = [], smallest
+    while size < max_len:
+        buckets.append(size)
+        size *= 2
+    return tuple(buckets) + (max_len,)
+
+
+class Sampler:
+    """Generates completions for batches of prompts with a KV cache, jitted once per shape.
+
+    Args:
+      model: the policy's `CausalLM` (LM head). The sampler runs the same code and numerics with
+        `scan_layers=False` (its decode layout) and no rematerialization.
+      max_len: cache slots per row = longest prompt + `max_new_tokens` a call may use (default: the
+        model's `max_position_embeddings`).
+      prompt_buckets: increasing prompt lengths to pad to (default `default_prompt_buckets(max_len)`).
+      pad_id: token used to pad prompts and completions.
+      dtype: `"float32"` or `"bfloat16"` to run the sampler in (parameters cast on hand-off);
+        default: the model's own dtypes. A dtype other than the trainer's makes sampler and trainer
+        log-probs differ (see `logprob_mismatch`).
+      mesh: device mesh for the sampler (default: no sharding, one device).
+      strategy: sharding strategy on `mesh` (`rlhf_jax.sharding`): parameters follow its rules, rows
+        are split over its batch axes, the cache's kv heads over its `kv_heads` rule.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        *,
+        max_len: int | None = None,
+        prompt_buckets: Sequence[int] | None = None,
+        pad_id: int = 0,
+        dtype: Literal["float32", "bfloat16"] | None = None,
+        mesh: Mesh | None = None,
+        strategy: str | shd.Strategy = "dp",
+    ):
+        if not isinstance(model, CausalLM) or model.head != "lm":
+            raise TypeError(f"Sampler: model must be a CausalLM with head='lm', got {model!r}")
+        config = model.config.replace(scan_layers=False, remat="none")
+        if dtype is not None:
+            config = config.replace(param_dtype=dtype, dtype=dtype)
+        self.model = CausalLM(config)
+        self.max_len = config.max_position_embeddings if max_len is None else max_len
+        _check_int("Sampler max_len", self.max_len, low=2)
+        buckets = default_prompt_buckets(self.max_len) if prompt_buckets is None else tuple(prompt_buckets)
+        if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"Sampler: prompt_buckets must be increasing positive ints, got {prompt_buckets!r}")
+        self.prompt_buckets = buckets
+        _check_int("Sampler pad_id", pad_id, low=0)
+        self.pad_id = pad_id
+        self.mesh = mesh
+        self.strategy = None if mesh is None else shd.check_strategy(strategy, mesh)
+        self.stats = SamplerStats()
+        self._param_dtype = config.jnp_param_dtype
+        self._build_programs()
+
+    # ------------------------------------------------------------------------------ programs
+
+    def _build_programs(self) -> None:
+        model, pad_id = self.model, self.pad_id
+        stacked_shardings = decode_shardings = None
+        if self.mesh is not None:
+            stacked_shardings = shd.param_shardings(
+                model.abstract_params(), model.logical_axes, mesh=self.mesh, strategy=self.strategy
+            )
+            # A layer's sharding is its stack's without the leading `layers` dimension.
+            per_layer = jax.tree.map(
+                lambda s: NamedSharding(self.mesh, PartitionSpec(*s.spec[1:])),
+                stacked_shardings["layers"],
+                is_leaf=lambda x: isinstance(x, NamedSharding),
+            )
+            decode_shardings = {**stacked_shardings, "layers": (per_layer,) * model.config.num_layers}
+        self._stacked_shardings = stacked_shardings
+        dtype = self._param_dtype
+
+        def handoff(params):
+            return unstack_layers(jax.tree.map(lambda a: a.astype(dtype), params))
+
+        self._handoff = jax.jit(handoff) if self.mesh is None else jax.jit(handoff, out_shardings=decode_shardings)
+
+        def prefill_fn(params, prompt_tokens, prompt_lengths, rng, *, max_new_tokens, num_samples):
+            state = prefill(
+                model, params, prompt_tokens, prompt_lengths,
+                max_new_tokens=max_new_tokens, num_samples=num_samples, rng=rng, pad_id=pad_id,
+            )
+            return self._constrain(state)
+
+        self._prefill = jax.jit(prefill_fn, static_argnames=("max_new_tokens", "num_samples"))
+
+        def decode_fn(params, state, prompt_tokens, prompt_lengths, *, method, stop_ids, num_samples):
+            state = decode(model, params, state, method=method, stop_ids=stop_ids, pad_id=pad_id)
+            return finalize(state, prompt_tokens, prompt_lengths, num_samples=num_samples), state
+
+        self._decode = jax.jit(
+            decode_fn, static_argnames=("method", "stop_ids", "num_samples"), donate_argnums=(1,)
+        )
+
+    def _constrain(self, state: SamplingState) -> SamplingState:
+        """Place the loop state: rows over the batch axes, cache heads over the kv_heads rule."""
+        if self.mesh is None:
+            return state
+        rows = shd.batch_sharding(self.mesh, self.strategy)
+        row_axes = rows.spec[0] if rows.spec else None
+        head_spec, problems = shd.partition_spec(
+            (None, "kv_heads", None, None), state.cache_k[0].shape, mesh=self.mesh, strategy=self.strategy
+        )
+        head_axes = None if problems or len(head_spec) < 2 else head_spec[1]
+        cache = NamedSharding(self.mesh, PartitionSpec(row_axes, head_axes))
+        whole = shd.replicated(self.mesh)
+        c = jax.lax.with_sharding_constraint
+        return state.replace(
+            step=c(state.step, whole),
+            last_tokens=c(state.last_tokens, rows),
+            positions=c(state.positions, rows),
+            tokens=c(state.tokens, rows),
+            logprobs=c(state.logprobs, rows),
+            done=c(state.done, rows),
+            lengths=c(state.lengths, rows),
+            cache_k=tuple(c(a, cache) for a in state.cache_k),
+            cache_v=tuple(c(a, cache) for a in state.cache_v),
+        )
+
+    def num_compiled(self) -> int:
+        """Number of programs compiled so far (hand-off, prefill and decode, all shapes)."""
+        return self._handoff._cache_size() + self._prefill._cache_size() + self._decode._cache_size()
+
+    # ---------------------------------------------------------------------------- parameters
+
+    def load_params(self, params: dict) -> SamplerParams:
+        """Hand the trainer's parameters to the sampler: cast, reshard and split layers, on device.
+
+        Blocks until done and records the time in `stats.handoff_seconds` (the RL "weight handoff"
+        phase). The input is not modified; the result holds its own copy.
+
+        Args:
+          params: the model's parameter dict (stacked layers), any sharding.
+
+        Returns:
+          `SamplerParams` to pass to `generate` (raw params work too, handed off on every call).
+        """
+        start = time.perf_counter()
+        if self._stacked_shardings is not None:
+            params = jax.device_put(params, self._stacked_shardings)
+        tree = jax.block_until_ready(self._handoff(params))
+        self.stats.handoffs += 1
+        self.stats.handoff_seconds = time.perf_counter() - start
+        return SamplerParams(tree)
+
+    # ------------------------------------------------------------------------------ sampling
+
+    def generate(
+        self,
+        params: dict | SamplerParams,
+        prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
+        config: SamplingConfig | None = None,
+        *,
+        prompt_lengths: Sequence[int] | np.ndarray | None = None,
+        rng: int | jax.Array = 0,
+        **overrides: Any,
+    ) -> SampleOutput:
+        """Sample `num_samples` completions for every prompt.
+
+        Args:
+          params: `SamplerParams` from `load_params`, or the model's raw parameters.
+          prompts: a list of token-id lists (ragged), or an int array `[B, T]`, right-padded when
+            `prompt_lengths` is given and all real tokens otherwise.
+          config: a `SamplingConfig`; keyword `overrides` replace its fields (or build one alone:
+            `generate(params, prompts, max_new_tokens=32, method=Greedy())`).
+          prompt_lengths: real lengths of a padded `prompts` array.
+          rng: int seed or PRNG key; equal inputs and seed give equal outputs.
+
+        Returns:
+          `SampleOutput` with `N = B * num_samples` rows, samples of a prompt contiguous; device
+          arrays (fetch with `np.asarray`).
+
+        Raises:
+          ValueError: an empty prompt or batch, a prompt that with `max_new_tokens` exceeds
+            `max_len`, ids outside the vocabulary, a bad `SamplingConfig` field.
+        """
+        cfg = self._config(config, overrides)
+        tokens, lengths, num_prompts = self._prepare_prompts(prompts, prompt_lengths, cfg.max_new_tokens)
+        if not isinstance(params, SamplerParams):
+            params = self.load_params(params)
+        key = _as_key(rng)
+        if self.mesh is not None:
+            rows = shd.batch_sharding(self.mesh, self.strategy)
+            tokens, lengths = jax.device_put((tokens, lengths), rows)
+        n = cfg.num_samples
+        state = self._prefill(
+            params.tree, tokens, lengths, key, max_new_tokens=cfg.max_new_tokens, num_samples=n
+        )
+        self.stats.prefill_calls += 1
+        out, _ = self._decode(
+            params.tree, state, tokens, lengths, method=cfg.method, stop_ids=cfg.all_stop_ids, num_samples=n
+        )
+        self.stats.decode_calls += 1
+        if num_prompts * n != out.lengths.shape[0]:
+            out = SampleOutput(*(a[: num_prompts * n] for a in out))
+        return out
+
+    def generate_text(
+        self,
+        params: dict | SamplerParams,
+        texts: Sequence[str],
+        config: SamplingConfig | None = None,
+        *,
+        tokenizer,
+        rng: int | jax.Array = 0,
+        add_special_tokens: bool = False,
+        skip_special_tokens: bool = True,
+        **overrides: Any,
+    ) -> tuple[list[str], SampleOutput]:
+        """`generate` from text prompts with a Hugging Face tokenizer, returning decoded completions.
+
+        `eos_id` defaults to `tokenizer.eos_token_id` unless given in `config` or `overrides`.
+
+        Args:
+          params: as in `generate`.
+          texts: prompt strings (already chat-formatted if the model expects a template).
+          config, overrides, rng: as in `generate`.
+          tokenizer: a `transformers` tokenizer (`tokenizer(texts)["input_ids"]`, `batch_decode`).
+          add_special_tokens: passed to the tokenizer when encoding (default False: the text is
+            the exact prompt).
+          skip_special_tokens: drop special tokens (e.g. EOS) from the decoded completions.
+
+        Returns:
+          `(completions, output)`: `N = len(texts) * num_samples` strings and the `SampleOutput`.
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("generate_text: texts must be a sequence of strings")
+        if config is None and "eos_id" not in overrides:
+            overrides = {**overrides, "eos_id": tokenizer.eos_token_id}
+        ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+        out = self.generate(params, ids, config, rng=rng, **overrides)
+        tokens, lengths = np.asarray(out.completion_tokens), np.asarray(out.lengths)
+        rows = [row[:n].tolist() for row, n in zip(tokens, lengths)]
+        return tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens), out
+
+    # ------------------------------------------------------------------------- host helpers
+
+    def _config(self, config: SamplingConfig | None, overrides: dict) -> SamplingConfig:
+        if config is None:
+            if "max_new_tokens" not in overrides:
+                raise TypeError("generate: give a SamplingConfig or at least max_new_tokens=...")
+            return SamplingConfig(**overrides)
+        if not isinstance(config, SamplingConfig):
+            raise TypeError(f"generate: config must be a SamplingConfig, got {type(config).__name__}")
+        return dataclasses.replace(config, **overrides) if overrides else config
+
+    def bucket_for(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Padded prompt length for a batch whose longest prompt has `prompt_len` tokens."""
+        limit = self.max_len - max_new_tokens + 1
+        bucket = next((b for b in self.prompt_buckets if b >= prompt_len), limit)
+        return min(bucket, limit)
+
+    def _prepare_prompts(self, prompts, prompt_lengths, max_new_tokens: int):
+        """Right-padded int32 prompts at a bucketed length, rows padded to the data-parallel split."""
+        if isinstance(prompts, (np.ndarray, jax.Array)):
+            array = np.asarray(prompts)
+            if array.ndim != 2:
+                raise ValueError(f"generate: a prompts array must be [batch, length], got shape {array.shape}")
+            if not np.issubdtype(array.dtype, np.integer):
+                raise TypeError(f"generate: prompts must be integer token ids, got dtype {array.dtype}")
+            if prompt_lengths is None:
+                lengths = np.full((array.shape[0],), array.shape[1], np.int64)
+            else:
+                lengths = np.asarray(prompt_lengths).astype(np.int64).reshape(-1)
+                if lengths.shape != (array.shape[0],):
+                    raise ValueError(
+                        f"generate: prompt_lengths has shape {lengths.shape}, expected ({array.shape[0]},)"
+                    )
+                if np.any(lengths > array.shape[1]):
+                    bad = int(np.argmax(lengths > array.shape[1]))
+                    raise ValueError(
+                        f"generate: prompt_lengths[{bad}] = {lengths[bad]} exceeds the prompts' width {array.shape[1]}"
+                    )
+            rows = [array[i, : lengths[i]] for i in range(array.shape[0])]
+        else:
+            if prompt_lengths is not None:
+                raise ValueError("generate: prompt_lengths is only for a padded prompts array, not for lists")
+            if isinstance(prompts, (str, bytes)):
+                raise TypeError("generate: prompts must be token ids; use generate_text for strings")
+            rows = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+        if not rows:
+            raise ValueError("generate: the batch has no prompts")
+        vocab = self.model.config.vocab_size
+        for i, row in enumerate(rows):
+            if row.size == 0:
+                raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
+            if row.size + max_new_tokens - 1 > self.max_len:
+                raise ValueError(
+                    f"generate: prompt {i} has {row.size} tokens; with max_new_tokens={max_new_tokens} it "
+                    f"needs {row.size + max_new_tokens - 1} cache slots but the sampler's max_len is "
+                    f"{self.max_len}"
+                )
+            if row.min() < 0 or row.max() >= vocab:
+                raise ValueError(
+                    f"generate: prompt {i} has token ids outside [0, {vocab}) (min {row.min()}, max {row.max()})"
+                )
+        width = self.bucket_for(max(r.size for r in rows), max_new_tokens)
+        split = 1 if self.mesh is None else shd.batch_axis_size(self.mesh, self.strategy)
+        num_rows = -(-len(rows) // split) * split
+        tokens = np.full((num_rows, width), self.pad_id, np.int32)
+        lengths = np.ones((num_rows,), np.int32)
+        for i, row in enumerate(rows):
+            tokens[i, : row.size] = row
+            lengths[i] = row.size
+        return tokens, lengths, len(rows)
+
+
+def _as_key(rng: int | jax.Array) -> jax.Array:
+    """A typed PRNG key from an int seed, a typed key, or raw uint32 key data."""
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return jax.random.key(int(rng))
+    if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        if rng.shape != ():
+            raise ValueError(f"generate: rng must be a single key, got key array of shape {rng.shape}")
+        return rng
+    if isinstance(rng, (jax.Array, np.ndarray)) and rng.dtype == np.uint32:
+        return jax.random.wrap_key_data(jnp.asarray(rng))
+    raise TypeError(f"generate: rng must be an int seed or a PRNG key, got {type(rng).__name__}")
+
+
+def _check_int(name: str, value, *, low: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

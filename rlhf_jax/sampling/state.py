@@ -1,0 +1,91 @@
+"""The sampler's data: `SamplingState` (the decode loop's carry) and `SampleOutput` (what a call returns).
+
+Row layout: `N = B * n` rows for `B` prompts and `n` samples per prompt, the samples of prompt `b`
+contiguous (rows `b*n .. b*n + n - 1`), as GRPO-style group estimators expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models import KVCache
+
+__all__ = ["SamplingState", "SampleOutput"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingState:
+    """Everything the decode loop carries, as one pytree (advanced by `decode_step`).
+
+    Step `t` feeds `last_tokens` at cache slot `positions` (per row), samples completion token `t`
+    from the resulting logits, and writes it to column `t` of `tokens`. Rows that already emitted a
+    stop token keep running (a static batch) but record `pad_id` and log-prob 0.
+
+    Attributes:
+      step: int32 `[]`, completion tokens sampled so far (the same for every row).
+      last_tokens: int32 `[N]`, the token fed at the next step.
+      positions: int32 `[N]`, the cache slot (= absolute position) `last_tokens` is written to.
+      tokens: int32 `[N, C]` sampled completion tokens (`pad_id` after a row's stop token).
+      logprobs: float32 `[N, C]` their log-probs under the tempered, untruncated distribution.
+      done: bool `[N]`, the row has emitted a stop token.
+      lengths: int32 `[N]` completion tokens so far, the stop token included.
+      cache_k, cache_v: one `[N, kv_heads, S, head_dim]` array per layer (the unstacked form of a
+        `KVCache`, so the loop updates each layer's buffer in place and never slices a stack).
+      rng: PRNG key; step `t` draws with `fold_in(rng, t)`.
+    """
+
+    step: jax.Array
+    last_tokens: jax.Array
+    positions: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    done: jax.Array
+    lengths: jax.Array
+    cache_k: tuple[jax.Array, ...]
+    cache_v: tuple[jax.Array, ...]
+    rng: jax.Array
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def cache_len(self) -> int:
+        return self.cache_k[0].shape[2]
+
+    def kv_cache(self) -> KVCache:
+        """The cache as the model's stacked `KVCache` ([layers, N, kv_heads, S, head_dim])."""
+        return KVCache(jnp.stack(self.cache_k), jnp.stack(self.cache_v))
+
+    def replace(self, **changes) -> "SamplingState":
+        return dataclasses.replace(self, **changes)
+
+
+class SampleOutput(NamedTuple):
+    """Sampled completions with everything the trainer needs, one row per sample (`N = B * n`).
+
+    The field names match the RL batch keys (`rlhf_jax.steps.rl`): pass `logprobs` as
+    `sampler_logps`.
+
+    Attributes:
+      prompt_tokens: int32 `[N, P]` right-padded prompts (each prompt repeated for its `n` samples).
+      prompt_lengths: int32 `[N]` real prompt lengths.
+      completion_tokens: int32 `[N, C]` completions, `pad_id` after the stop token.
+      completion_mask: bool `[N, C]`, True up to and including the first stop token.
+      logprobs: float32 `[N, C]` log-probs of the tokens under `softmax(logits / T)` (0 off the mask).
+      lengths: int32 `[N]` completion lengths (stop token included).
+      truncated: bool `[N]`, no stop token within `max_new_tokens`.
+    """
+
+    prompt_tokens: jax.Array
+    prompt_lengths: jax.Array
+    completion_tokens: jax.Array
+    completion_mask: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    truncated: jax.Array
