@@ -1,0 +1,130 @@
+"""Step machinery on a toy linear model (fast to compile): accumulation, NaN guard, jit_step checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import sharding as sh
+from rlhf_jax.state import TrainState, train_state_from_params
+from rlhf_jax.steps import accumulate_gradients, apply_gradients, jit_step, make_update, split_micro_batches
+from rlhf_jax.steps.common import micro_share
+
+AXES = {"w": ("embed", "mlp")}
+TX = optax.sgd(0.1)
+
+
+def _make_loss(micro_batches=1):
+    def loss(params, batch, context, rng):
+        """Squared error summed over the masked rows of the micro-batch, / the global row count."""
+        del rng
+        err = (batch["x"] @ params["w"] - batch["y"]) ** 2
+        per_row = jnp.sum(err, axis=-1) * batch["m"]
+        share = micro_share(jnp.sum(batch["m"]), context["rows"], micro_batches)
+        return jnp.sum(per_row) / context["rows"], {"rows_here": share}
+
+    return loss
+
+
+_loss = _make_loss()
+
+
+def _prepare(params, batch, frozen, rng):
+    del params, frozen, rng
+    return batch, {"rows": jnp.sum(batch["m"])}
+
+
+def _batch(seed=0, n=8):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.normal(size=(n, 4)).astype(np.float32), "y": rng.normal(size=(n, 2)).astype(np.float32),
+            "m": (rng.random(n) > 0.3).astype(np.float32)}
+
+
+def test_split_micro_batches_interleaves_rows():
+    out = split_micro_batches({"a": jnp.arange(8)}, 4)["a"]
+    np.testing.assert_array_equal(np.asarray(out), [[0, 4], [1, 5], [2, 6], [3, 7]])
+    with pytest.raises(ValueError, match=r"batch\['a'\] has 6 rows, not divisible by 4"):
+        split_micro_batches({"a": jnp.arange(6)}, 4)
+
+
+def test_accumulated_gradients_equal_full_batch_gradients():
+    params = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(4, 2)), jnp.float32)}
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    _, context = _prepare(params, batch, (), None)
+    key = jax.random.key(0)
+    full = accumulate_gradients(_loss, params, batch, context, key, micro_batches=1)
+    acc = accumulate_gradients(_make_loss(4), params, batch, context, key, micro_batches=4)
+    np.testing.assert_allclose(float(acc[0]), float(full[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(acc[1]["w"]), np.asarray(full[1]["w"]), rtol=1e-6, atol=1e-7)
+    # Independent NumPy reference of the loss: mean over masked rows of the summed squared error.
+    b = _batch()
+    err = ((b["x"] @ np.asarray(params["w"]) - b["y"]) ** 2).sum(-1)
+    assert float(full[0]) == pytest.approx((err * b["m"]).sum() / b["m"].sum(), rel=1e-6)
+    # Metrics are averaged over micro-batches: micro-batch shares of a global mean add back up.
+    assert float(acc[2]["rows_here"]) == float(full[2]["rows_here"]) == pytest.approx(1.0)
+
+
+def _state(params):
+    return TrainState(jnp.zeros((), jnp.int32), params, TX.init(params), jax.random.key_data(jax.random.key(0)))
+
+
+@pytest.mark.parametrize("policy", ["skip", "halt"])
+def test_nonfinite_update_is_skipped_without_host_sync(policy):
+    params = {"w": jnp.ones((4, 2))}
+    state = _state(params)
+    grads = {"w": jnp.full((4, 2), jnp.nan)}
+    new, metrics = jax.jit(lambda s, g: apply_gradients(s, g, jnp.float32(1.0), TX, nonfinite=policy))(state, grads)
+    np.testing.assert_array_equal(np.asarray(new.params["w"]), np.ones((4, 2)))
+    assert int(new.step) == 1 and float(metrics["nonfinite"]) == 1.0
+    assert ("halt" in metrics) == (policy == "halt")
+    good, metrics = apply_gradients(state, {"w": jnp.ones((4, 2))}, jnp.float32(1.0), TX, nonfinite=policy,
+                                    learning_rate=optax.constant_schedule(0.1))
+    np.testing.assert_allclose(np.asarray(good.params["w"]), np.full((4, 2), 0.9))
+    assert float(metrics["nonfinite"]) == 0.0 and float(metrics["grad_norm"]) == pytest.approx(np.sqrt(8))
+    assert float(metrics["learning_rate"]) == pytest.approx(0.1)
+
+
+def test_nonfinite_off_applies_the_update_and_bad_policy_is_rejected():
+    state = _state({"w": jnp.ones((4, 2))})
+    new, metrics = apply_gradients(state, {"w": jnp.full((4, 2), jnp.inf)}, jnp.float32(1.0), TX, nonfinite="off")
+    assert not np.isfinite(np.asarray(new.params["w"])).any() and "nonfinite" not in metrics
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        make_update(_loss, TX, nonfinite="ignore")
+
+
+def test_jit_step_checks_batches_and_donates_state():
+    mesh = sh.make_mesh({"data": 4, "fsdp": 2})
+    params = {"w": np.ones((4, 2), np.float32)}
+    state = train_state_from_params(params, TX, rng=0, logical_axes=AXES, mesh=mesh, strategy="fsdp")
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    update = make_update(_loss, TX, prepare=_prepare, micro_batches=1)
+    step = jit_step(update, mesh=mesh, strategy="fsdp", state_shardings=shardings, batch_keys=("x", "y", "m"))
+    old = state.params["w"]
+    state, metrics = step(state, _batch())
+    assert old.is_deleted()  # donated
+    assert state.params["w"].sharding.spec == shardings.params["w"].spec
+    assert set(metrics) == {"loss", "rows_here", "grad_norm", "nonfinite"} and int(state.step) == 1
+    with pytest.raises(sh.ShardingError, match="batch size 4 .* not divisible by 8"):
+        step(state, _batch(n=4))
+    with pytest.raises(KeyError, match=r"lacks keys \['m'\]"):
+        step(state, {"x": _batch()["x"], "y": _batch()["y"]})
+    with pytest.raises(sh.ShardingError, match=r"names mesh axes \['expert'\]"):
+        jit_step(update, mesh=mesh, strategy=sh.Strategy(name="e", rules={"mlp": "expert"}),
+                 state_shardings=shardings)
+
+
+def test_step_rng_is_folded_from_the_step_counter():
+    seen = []
+
+    def loss(params, batch, context, rng):
+        return jnp.sum(params["w"]) * 0.0, {"r": jax.random.uniform(rng)}
+
+    update = jax.jit(make_update(loss, TX))
+    state = _state({"w": jnp.ones(2)})
+    for _ in range(2):
+        state, m = update(state, {"x": jnp.zeros((2, 1))})
+        seen.append(float(m["r"]))
+    assert seen[0] != seen[1]
+    again, m = update(_state({"w": jnp.ones(2)}), {"x": jnp.zeros((2, 1))})
+    assert float(m["r"]) == seen[0]
