@@ -87,7 +87,8 @@ def _np_group(r, g, scale, eps):
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_group_normalized_matches_numpy(scale):
     r = RNG.uniform(0, 1, 12)
-    np.testing.assert_allclose(group_normalized(_f32(r), 4, scale=scale), _np_group(r, 4, scale, 1e-4), rtol=1e-5, atol=1e-6)
+    got = group_normalized(_f32(r), 4, scale=scale)
+    np.testing.assert_allclose(got, _np_group(r, 4, scale, 1e-4), rtol=1e-5, atol=1e-6)
 
 
 def test_group_normalized_hand_computed_and_identical_rewards():
@@ -126,7 +127,8 @@ def test_leave_one_out():
     np.testing.assert_array_equal(got[3:], 0.0)
     r = RNG.uniform(0, 1, 12)
     x = r.reshape(3, 4)
-    np.testing.assert_allclose(leave_one_out(_f32(r), 4), (4 / 3 * (x - x.mean(1, keepdims=True))).reshape(-1), rtol=1e-5, atol=1e-6)
+    ref = (4 / 3 * (x - x.mean(1, keepdims=True))).reshape(-1)  # G / (G - 1) (r - mean)
+    np.testing.assert_allclose(leave_one_out(_f32(r), 4), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_whiten():
@@ -163,7 +165,9 @@ def test_reinforce_plus_plus_matches_numpy_composition():
     mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], np.float64)
     kl = RNG.uniform(0, 0.2, (4, 4))
     for group_size in (None, 2):
-        s = scores if group_size is None else (scores.reshape(-1, 2) - scores.reshape(-1, 2).mean(1, keepdims=True)).reshape(-1)
+        s = scores
+        if group_size is not None:
+            s = (scores.reshape(-1, 2) - scores.reshape(-1, 2).mean(1, keepdims=True)).reshape(-1)
         last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], 1)
         rewards = -0.05 * kl * mask
         rewards[np.arange(4), last] += s

@@ -179,7 +179,8 @@ def test_chunked_gradients_equal_unchunked():
 
     def full(h, w):
         z = _full_logits(h, w)
-        return jnp.sum(token_logprobs(z, labels, temperature=0.9) * cot) + 0.1 * jnp.sum(token_entropy(z, temperature=0.9))
+        lp, ent = token_logprobs(z, labels, temperature=0.9), token_entropy(z, temperature=0.9)
+        return jnp.sum(lp * cot) + 0.1 * jnp.sum(ent)
 
     g_chunked = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, weight)
     g_full = jax.jit(jax.grad(full, argnums=(0, 1)))(hidden, weight)

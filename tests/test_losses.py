@@ -7,23 +7,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.losses import (
-    aggregate,
-    bradley_terry_loss,
-    cispo_loss,
-    count_sequences,
-    count_tokens,
-    dpo_loss,
-    entropy_bonus,
-    kl_divergence,
-    kto_loss,
-    kto_reference_point,
-    orpo_loss,
-    ppo_policy_loss,
-    sft_loss,
-    simpo_loss,
-    value_loss,
-)
+import rlhf_jax.losses as L
+
+
+def _jitted(fn):
+    """`fn` called under `jax.jit` with its keyword hyperparameters bound: one compile per call
+    instead of one per primitive (eager mode), which keeps this file fast on a small CPU."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return jax.jit(functools.partial(fn, **kwargs))(*args)
+
+    return call
+
+
+aggregate = _jitted(L.aggregate)
+bradley_terry_loss = _jitted(L.bradley_terry_loss)
+cispo_loss = _jitted(L.cispo_loss)
+dpo_loss = _jitted(L.dpo_loss)
+entropy_bonus = _jitted(L.entropy_bonus)
+kl_divergence = _jitted(L.kl_divergence)
+kto_loss = _jitted(L.kto_loss)
+kto_reference_point = _jitted(L.kto_reference_point)
+orpo_loss = _jitted(L.orpo_loss)
+ppo_policy_loss = _jitted(L.ppo_policy_loss)
+sft_loss = _jitted(L.sft_loss)
+simpo_loss = _jitted(L.simpo_loss)
+value_loss = _jitted(L.value_loss)
+count_sequences, count_tokens = L.count_sequences, L.count_tokens
 
 RNG = np.random.default_rng(0)
 B, T, V = 4, 6, 11
@@ -129,11 +140,20 @@ def test_dpo_sigmoid_hand_computed():
 
 @pytest.mark.parametrize(
     "loss_type,eps",
-    [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0)],
+    [
+        ("sigmoid", 0.0),
+        ("sigmoid", 0.1),
+        ("robust", 0.2),
+        ("hinge", 0.0),
+        ("ipo", 0.0),
+        ("apo_zero", 0.0),
+        ("apo_down", 0.0),
+    ],
 )
 def test_dpo_matches_numpy(loss_type, eps):
     beta = 0.3
-    losses, metrics = dpo_loss(_f32(PC), _f32(PR), _f32(RC), _f32(RR), beta=beta, loss_type=loss_type, label_smoothing=eps)
+    inputs = (_f32(PC), _f32(PR), _f32(RC), _f32(RR))
+    losses, metrics = dpo_loss(*inputs, beta=beta, loss_type=loss_type, label_smoothing=eps)
     np.testing.assert_allclose(losses, _np_dpo(PC, PR, RC, RR, beta, loss_type, eps), rtol=2e-5, atol=1e-6)
     c_rew, r_rew = beta * (PC - RC), beta * (PR - RR)
     np.testing.assert_allclose(metrics["rewards/chosen"], c_rew.mean(), rtol=1e-5)
@@ -198,7 +218,8 @@ def test_kto_matches_numpy_and_reference_point():
     assert float(kto_reference_point(ref_mismatched, mismatched)) == 0.0  # clamped at 0
     losses, metrics = kto_loss(logps, ref, desirable, z0, beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
     r = PC - RC
-    ref_losses = np.where([True, False, True, False], 1 - _np_sigmoid(0.2 * (r - 0.5)), 1.5 * (1 - _np_sigmoid(0.2 * (0.5 - r))))
+    good, bad = 1 - _np_sigmoid(0.2 * (r - 0.5)), 1.5 * (1 - _np_sigmoid(0.2 * (0.5 - r)))
+    ref_losses = np.where([True, False, True, False], good, bad)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     np.testing.assert_allclose(metrics["rewards/chosen"], 0.2 * r[[0, 2]].mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["rewards/rejected"], 0.2 * r[[1, 3]].mean(), rtol=1e-5)
@@ -264,7 +285,8 @@ def test_ppo_hand_computed_clip_and_dual_clip():
 @pytest.mark.parametrize("adv_rank,eps_high,dual", [(1, None, None), (2, 0.28, None), (2, None, 2.0)])
 def test_ppo_token_matches_numpy(adv_rank, eps_high, dual):
     lp, old, adv, mask = _policy_inputs(adv_rank)
-    loss, metrics = ppo_policy_loss(_f32(lp), _f32(old), _f32(adv), _f32(mask), clip_eps=0.2, clip_eps_high=eps_high, dual_clip=dual)
+    kw = {"clip_eps": 0.2, "clip_eps_high": eps_high, "dual_clip": dual}
+    loss, metrics = ppo_policy_loss(_f32(lp), _f32(old), _f32(adv), _f32(mask), **kw)
     ref, ref_metrics = _np_ppo(lp, old, adv, mask, 0.2, 0.2 if eps_high is None else eps_high, dual)
     np.testing.assert_allclose(loss, ref, rtol=1e-5, atol=1e-6)
     for name, value in ref_metrics.items():
@@ -298,12 +320,13 @@ def test_gspo_value_and_gradient_equal_the_sequence_objective():
 
 def test_cispo_value_gradient_and_metrics():
     lp, old, adv, mask = _policy_inputs(2)
-    loss, metrics = cispo_loss(_f32(lp), _f32(old), _f32(adv), _f32(mask), clip_eps_high=0.1, clip_eps_low=0.1)
+    cispo = functools.partial(L.cispo_loss, clip_eps_high=0.1, clip_eps_low=0.1)
+    loss, metrics = jax.jit(cispo)(_f32(lp), _f32(old), _f32(adv), _f32(mask))
     ratio = np.exp(lp - old)
     weight = np.clip(ratio, 0.9, 1.1)
     np.testing.assert_allclose(loss, -weight * adv * lp * mask, rtol=1e-5, atol=1e-6)
     # The weight is a constant: dL/dlogp = -clip(ratio) A, even for clipped tokens (unlike PPO).
-    g = jax.grad(lambda x: cispo_loss(x, _f32(old), _f32(adv), _f32(mask), clip_eps_high=0.1, clip_eps_low=0.1)[0].sum())(_f32(lp))
+    g = jax.jit(jax.grad(lambda x: cispo(x, _f32(old), _f32(adv), _f32(mask))[0].sum()))(_f32(lp))
     np.testing.assert_allclose(g, -weight * adv * mask, rtol=1e-5, atol=1e-7)
     mean = lambda x: (x * mask).sum() / mask.sum()  # noqa: E731
     np.testing.assert_allclose(metrics["clip_ratio/high_mean"], mean(ratio > 1.1), rtol=1e-6)
@@ -325,7 +348,8 @@ def test_value_loss_hand_computed_and_numpy():
     mask = np.ones((B, T))
     mask[1, 3:] = 0
     ref = 0.5 * np.maximum((vals - rets) ** 2, (olds + np.clip(vals - olds, -0.3, 0.3) - rets) ** 2) * mask
-    np.testing.assert_allclose(value_loss(_f32(vals), _f32(olds), _f32(rets), _f32(mask), clip_range=0.3), ref, rtol=1e-5)
+    got = value_loss(_f32(vals), _f32(olds), _f32(rets), _f32(mask), clip_range=0.3)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
     _grad_check(lambda x: value_loss(x, _f32(olds), _f32(rets), _f32(mask), clip_range=0.3), _f32(vals))
 
 
@@ -375,10 +399,16 @@ MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_to
 def test_aggregate_matches_numpy_and_hand_example():
     x = np.array([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0], [7.0, 7.0, 7.0]])
     m = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]], np.float64)
-    hand = {"token_mean": 10 / 4, "seq_mean_token_mean": (2 + 4) / 2, "seq_mean_token_sum": (6 + 4) / 2, "seq_mean_token_sum_norm": (6 + 4) / 2 / 3}
+    hand = {
+        "token_mean": 10 / 4,  # four valid tokens: 1 + 2 + 3 + 4
+        "seq_mean_token_mean": (2 + 4) / 2,  # the empty row is not a sequence
+        "seq_mean_token_sum": (6 + 4) / 2,
+        "seq_mean_token_sum_norm": (6 + 4) / 2 / 3,  # L defaults to T = 3
+    }
     for mode, value in hand.items():
         np.testing.assert_allclose(aggregate(_f32(x), _f32(m), mode=mode), value, rtol=1e-6)
-    np.testing.assert_allclose(aggregate(_f32(x), _f32(m), mode="seq_mean_token_sum_norm", max_len=10), 10 / 2 / 10, rtol=1e-6)
+    dr_grpo = aggregate(_f32(x), _f32(m), mode="seq_mean_token_sum_norm", max_len=10)
+    np.testing.assert_allclose(dr_grpo, 10 / 2 / 10, rtol=1e-6)
     xs, ms = RNG.standard_normal((8, 5)), (RNG.uniform(size=(8, 5)) > 0.4).astype(np.float64)
     for mode in MODES:
         np.testing.assert_allclose(aggregate(_f32(xs), _f32(ms), mode=mode), _np_aggregate(xs, ms, mode), rtol=1e-5)
@@ -391,15 +421,23 @@ def test_aggregate_micro_batches_sum_to_full_batch():
     x = _f32(RNG.standard_normal((16, 7)))
     lengths = RNG.integers(0, 8, 16)
     m = _f32(np.arange(7)[None] < lengths[:, None])
-    for mode in MODES:
-        full = aggregate(x, m, mode=mode)
+    assert (lengths == 0).any()  # empty rows are part of the test
+
+    def full(mode, y):
+        return L.aggregate(y, m, mode=mode)
+
+    def parts(mode, y):  # 4 micro-batches normalised by the global count, summed
         kwargs = {"num_tokens": count_tokens(m)} if mode == "token_mean" else {"num_sequences": count_sequences(m)}
-        parts = sum(aggregate(x[i : i + 4], m[i : i + 4], mode=mode, **kwargs) for i in range(0, 16, 4))
-        np.testing.assert_allclose(parts, full, atol=1e-6, err_msg=mode)
-        # Gradients accumulate the same way.
-        g_full = jax.grad(lambda y: aggregate(y, m, mode=mode))(x)
-        g_parts = jax.grad(lambda y: sum(aggregate(y[i : i + 4], m[i : i + 4], mode=mode, **kwargs) for i in range(0, 16, 4)))(x)
-        np.testing.assert_allclose(g_parts, g_full, atol=1e-7, err_msg=mode)
+        return sum(L.aggregate(y[i : i + 4], m[i : i + 4], mode=mode, **kwargs) for i in range(0, 16, 4))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def values_and_grads(mode, y):
+        return tuple(jax.value_and_grad(functools.partial(f, mode))(y) for f in (full, parts))
+
+    for mode in MODES:
+        (v_full, g_full), (v_parts, g_parts) = values_and_grads(mode, x)
+        np.testing.assert_allclose(v_parts, v_full, atol=1e-6, err_msg=mode)
+        np.testing.assert_allclose(g_parts, g_full, atol=1e-7, err_msg=mode)  # gradients accumulate the same way
 
 
 # --------------------------------------------------------------------------- bad input
@@ -414,33 +452,33 @@ def _raises(match, f, *args, **kwargs):
 def test_bad_input_names_the_argument():
     b4, b3 = jnp.zeros(4), jnp.zeros(3)
     bt, mask = jnp.zeros((2, 3)), jnp.ones((2, 3))
-    _raises("loss_type", dpo_loss, b4, b4, b4, b4, loss_type="nope")
-    _raises("beta", dpo_loss, b4, b4, b4, b4, beta=0.0)
-    _raises("beta", dpo_loss, b4, b4, b4, b4, beta=-1.0)
-    _raises("label_smoothing", dpo_loss, b4, b4, b4, b4, loss_type="hinge", label_smoothing=0.1)
-    _raises("label_smoothing", dpo_loss, b4, b4, b4, b4, loss_type="robust", label_smoothing=0.5)
-    _raises(r"rejected_logps\[3\]", dpo_loss, b4, b3, b4, b4)
+    _raises("loss_type", L.dpo_loss, b4, b4, b4, b4, loss_type="nope")
+    _raises("beta", L.dpo_loss, b4, b4, b4, b4, beta=0.0)
+    _raises("beta", L.dpo_loss, b4, b4, b4, b4, beta=-1.0)
+    _raises("label_smoothing", L.dpo_loss, b4, b4, b4, b4, loss_type="hinge", label_smoothing=0.1)
+    _raises("label_smoothing", L.dpo_loss, b4, b4, b4, b4, loss_type="robust", label_smoothing=0.5)
+    _raises(r"rejected_logps\[3\]", L.dpo_loss, b4, b3, b4, b4)
     with pytest.raises(ValueError, match="ref_chosen_logps and ref_rejected_logps"):
-        dpo_loss(b4, b4, b4, None)
-    _raises("beta", simpo_loss, b4, b4, beta=0.0)
-    _raises("beta", orpo_loss, b4, b4, beta=-0.1)
-    _raises("beta", kto_loss, b4, b4, b4 > 0, 0.0, beta=0.0)
-    _raises("kl_ref_point", kto_loss, b4, b4, b4 > 0, b4)
-    _raises("rejected_rewards", bradley_terry_loss, b4, b3)
-    _raises("margin", bradley_terry_loss, b4, b4, margin=b3)
-    _raises("ratio_level", ppo_policy_loss, bt, bt, bt, mask, ratio_level="seq")
-    _raises("advantages", ppo_policy_loss, bt, bt, jnp.zeros(3), mask)
-    _raises("old_logps", ppo_policy_loss, bt, jnp.zeros((2, 4)), bt, mask)
-    _raises("clip_eps", ppo_policy_loss, bt, bt, bt, mask, clip_eps=0.0)
-    _raises("dual_clip", ppo_policy_loss, bt, bt, bt, mask, dual_clip=1.0)
-    _raises("clip_eps_high", cispo_loss, bt, bt, bt, mask, clip_eps_high=0.0)
-    _raises("clip_range", value_loss, bt, bt, bt, mask, clip_range=-0.2)
-    _raises("returns", value_loss, bt, bt, jnp.zeros((2, 4)), mask)
-    _raises("estimator", kl_divergence, bt, bt, estimator="k4")
-    _raises("clamp", kl_divergence, bt, bt, clamp=0.0)
-    _raises("mode", aggregate, bt, mask, mode="sum")
-    _raises("mask", aggregate, bt, jnp.ones((2, 4)))
-    _raises("num_tokens", aggregate, bt, mask, mode="seq_mean_token_mean", num_tokens=3.0)
-    _raises("max_len", aggregate, bt, mask, mode="token_mean", max_len=3)
-    _raises("mask", sft_loss, jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4)))
-    _raises("mask", entropy_bonus, jnp.zeros((2, 3, 5)), jnp.ones((2, 4)))
+        L.dpo_loss(b4, b4, b4, None)
+    _raises("beta", L.simpo_loss, b4, b4, beta=0.0)
+    _raises("beta", L.orpo_loss, b4, b4, beta=-0.1)
+    _raises("beta", L.kto_loss, b4, b4, b4 > 0, 0.0, beta=0.0)
+    _raises("kl_ref_point", L.kto_loss, b4, b4, b4 > 0, b4)
+    _raises("rejected_rewards", L.bradley_terry_loss, b4, b3)
+    _raises("margin", L.bradley_terry_loss, b4, b4, margin=b3)
+    _raises("ratio_level", L.ppo_policy_loss, bt, bt, bt, mask, ratio_level="seq")
+    _raises("advantages", L.ppo_policy_loss, bt, bt, jnp.zeros(3), mask)
+    _raises("old_logps", L.ppo_policy_loss, bt, jnp.zeros((2, 4)), bt, mask)
+    _raises("clip_eps", L.ppo_policy_loss, bt, bt, bt, mask, clip_eps=0.0)
+    _raises("dual_clip", L.ppo_policy_loss, bt, bt, bt, mask, dual_clip=1.0)
+    _raises("clip_eps_high", L.cispo_loss, bt, bt, bt, mask, clip_eps_high=0.0)
+    _raises("clip_range", L.value_loss, bt, bt, bt, mask, clip_range=-0.2)
+    _raises("returns", L.value_loss, bt, bt, jnp.zeros((2, 4)), mask)
+    _raises("estimator", L.kl_divergence, bt, bt, estimator="k4")
+    _raises("clamp", L.kl_divergence, bt, bt, clamp=0.0)
+    _raises("mode", L.aggregate, bt, mask, mode="sum")
+    _raises("mask", L.aggregate, bt, jnp.ones((2, 4)))
+    _raises("num_tokens", L.aggregate, bt, mask, mode="seq_mean_token_mean", num_tokens=3.0)
+    _raises("max_len", L.aggregate, bt, mask, mode="token_mean", max_len=3)
+    _raises("mask", L.sft_loss, jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4)))
+    _raises("mask", L.entropy_bonus, jnp.zeros((2, 3, 5)), jnp.ones((2, 4)))
