@@ -43,6 +43,10 @@ def test_row_packer_first_fit_stops_at_the_first_misfit():
     assert packer.rows == [[0, 1], [2]]
     with pytest.raises(ValueError, match="length 9 exceeds seq_len=8"):
         packer.add(3, [9, 1])
+    # With no example shorter than 3 tokens, a row with 2 tokens of room is closed.
+    packer = RowPacker(batch_size=2, seq_len=8, max_segments=4, min_length=3)
+    assert packer.add(0, [6]) and not packer.full and packer.add(1, [6]) and packer.full
+    assert packer.rows == [[0], [1]]
 
 
 def test_pack_rows_keeps_every_example_once_in_order():

@@ -103,8 +103,10 @@ class BatchIterator:
             raise ValueError(f"BatchIterator: need 0 <= process_index < process_count, got {process_index} and {process_count}")
         self.dataset, self.config = dataset, config
         self.process_index, self.process_count = process_index, process_count
-        self._lengths = dataset.lengths()
-        longest = int(self._lengths.max())
+        lengths = dataset.lengths()
+        self._lengths = lengths.tolist()
+        self._num_tracks, self._min_length = lengths.shape[1], int(lengths.min())
+        longest = int(lengths.max())
         if longest > config.seq_len:
             raise ValueError(
                 f"BatchIterator: {dataset.source} has a sequence of {longest} tokens but BatchConfig.seq_len="
@@ -148,7 +150,11 @@ class BatchIterator:
     def __next__(self) -> dict:
         cfg = self.config
         packer = RowPacker(
-            batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_segments=cfg.num_segments, num_tracks=self._lengths.shape[1]
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            max_segments=cfg.num_segments,
+            num_tracks=self._num_tracks,
+            min_length=self._min_length,
         )
         ended = False
         while not packer.full:

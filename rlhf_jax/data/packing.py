@@ -26,16 +26,21 @@ class RowPacker:
       seq_len: tokens per row and track.
       max_segments: the most examples per row (1 = no packing).
       num_tracks: sequences per example (1, or 2 for chosen / rejected).
+      min_length: no example is shorter (rows with less room are skipped; a speed hint, 1 is safe).
     """
 
-    def __init__(self, *, batch_size: int, seq_len: int, max_segments: int, num_tracks: int = 1):
-        for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_segments", max_segments), ("num_tracks", num_tracks)):
+    def __init__(self, *, batch_size: int, seq_len: int, max_segments: int, num_tracks: int = 1, min_length: int = 1):
+        for name, value in (
+            ("batch_size", batch_size), ("seq_len", seq_len), ("max_segments", max_segments),
+            ("num_tracks", num_tracks), ("min_length", min_length),
+        ):  # fmt: skip
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RowPacker: {name} must be a positive int, got {value!r}")
         self.batch_size, self.seq_len, self.max_segments = batch_size, seq_len, max_segments
-        self.fill = np.zeros((batch_size, num_tracks), np.int64)
         self.rows: list[list[int]] = [[] for _ in range(batch_size)]
-        self._open = 0  # rows before this index are full (max_segments reached)
+        self._fill = [[0] * num_tracks for _ in range(batch_size)]  # tokens used per row and track
+        self._closed_below = min(max(seq_len - min_length + 1, 0), seq_len)  # a fuller row takes nothing
+        self._open = 0  # rows before this index can take no more examples
 
     def add(self, item: int, lengths) -> bool:
         """Place `item` with per-track `lengths` in the first row with room; False when none has.
@@ -43,17 +48,22 @@ class RowPacker:
         Raises:
           ValueError: when one of `lengths` exceeds `seq_len` (it would never fit).
         """
+        lengths = [int(n) for n in lengths]
         if max(lengths) > self.seq_len:
             raise ValueError(f"RowPacker: an example of length {max(lengths)} exceeds seq_len={self.seq_len}")
         for b in range(self._open, self.batch_size):
-            row = self.rows[b]
-            if len(row) < self.max_segments and all(f + n <= self.seq_len for f, n in zip(self.fill[b], lengths)):
-                row.append(item)
-                self.fill[b] += lengths
-                while self._open < self.batch_size and len(self.rows[self._open]) == self.max_segments:
+            fill = self._fill[b]
+            if len(self.rows[b]) < self.max_segments and all(f + n <= self.seq_len for f, n in zip(fill, lengths)):
+                self.rows[b].append(item)
+                for j, n in enumerate(lengths):
+                    fill[j] += n
+                while self._open < self.batch_size and self._is_closed(self._open):
                     self._open += 1
                 return True
         return False
+
+    def _is_closed(self, b: int) -> bool:
+        return len(self.rows[b]) == self.max_segments or any(f >= self._closed_below for f in self._fill[b])
 
     @property
     def full(self) -> bool:

@@ -38,7 +38,6 @@ import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 
 from rlhf_jax.data.formats import DEFAULT_ROLES, Chat, Plain, SequenceSpec
 
@@ -103,14 +102,14 @@ class TokenizedSequence:
     """One tokenized sequence.
 
     Attributes:
-      ids: int32 [L] token ids, L <= max_len.
-      mask: bool [L], True on trained tokens (the completion / assistant turns and their EOS).
+      ids: the L <= max_len token ids.
+      mask: L bools, True on trained tokens (the completion / assistant turns and their EOS).
       prompt_len: tokens before the first trained token (L for a prompt-only sequence).
       truncated: True when `max_len` or `max_prompt_len` cut tokens.
     """
 
-    ids: np.ndarray
-    mask: np.ndarray
+    ids: list[int]
+    mask: list[bool]
     prompt_len: int
     truncated: bool
 
@@ -303,32 +302,31 @@ def tokenize_sequences(
     text_ids = [e.ids for e in encoded]
 
     # 3. Assemble ids and masks; EOS exactly once; truncate.
+    eos_problem = f"the completion text contains the EOS token {tokenizer.eos_token!r}"
     out: list[TokenizedSequence | str] = []
     for spec, pieces in zip(specs, all_pieces):
         if isinstance(pieces, str):
             out.append(pieces)
             continue
-        parts = [(piece if isinstance(piece, list) else text_ids[texts[piece]], trained) for piece, trained in pieces]
-        last_trained = max((k for k, (_, t) in enumerate(parts) if t), default=None)
+        allowed = 0 if isinstance(spec, Plain) else 1  # a template may end a turn with EOS itself
+        last = len(pieces) - 1  # the final trained piece, when there is one, is the last piece
+        ids: list[int] = []
+        mask: list[bool] = []
         problem = None
-        for k, (part, trained) in enumerate(parts):
-            if not trained:
-                continue
-            count = part.count(eos)
-            if count > (0 if isinstance(spec, Plain) else 1):
-                problem = f"the completion text contains the EOS token {tokenizer.eos_token!r}"
-                break
-            if k == last_trained:
-                part = part[: part.index(eos) + 1] if count else part + [eos]
-                parts[k] = (part, trained)
+        for k, (piece, trained) in enumerate(pieces):
+            part = piece if isinstance(piece, list) else text_ids[texts[piece]]
+            if trained:
+                count = part.count(eos)
+                if count > allowed:
+                    problem = eos_problem
+                    break
+                if k == last:
+                    part = part[: part.index(eos) + 1] if count else part + [eos]
+            ids += part
+            mask += [trained] * len(part)
         if problem is not None:
             out.append(problem)
             continue
-        ids: list[int] = []
-        mask: list[bool] = []
-        for part, trained in parts:
-            ids.extend(part)
-            mask.extend([trained] * len(part))
         if mask:
             mask[0] = False
         prompt_len = mask.index(True) if True in mask else len(mask)
@@ -336,6 +334,5 @@ def tokenize_sequences(
         if isinstance(result, str):
             out.append(result)
             continue
-        ids, mask, prompt_len, cut = result
-        out.append(TokenizedSequence(np.asarray(ids, np.int32), np.asarray(mask, bool), prompt_len, cut))
+        out.append(TokenizedSequence(*result))
     return out
