@@ -1,7 +1,8 @@
 """The `rlhf-jax` command line: run experiments, compile ahead of time, convert and export checkpoints.
 
     rlhf-jax run experiments/NAME.py[:ARG] [--set KEY=VALUE ...] [--print-config]
-    rlhf-jax compile experiments/NAME.py[:ARG] [--set KEY=VALUE ...] [--topology NAME] [--json FILE]
+    rlhf-jax compile experiments/NAME.py[:ARG] [--set KEY=VALUE ...] [--topology v5e:4x4] [--json FILE]
+    rlhf-jax compile --model PRESET --step dpo --strategy fsdp --mesh fsdp=8 ...   (rlhf_jax.compile)
     rlhf-jax convert SRC DST [--dtype float32|bfloat16] [--step N|latest|best]
     rlhf-jax export RUN_DIR OUT_DIR [--step N|latest|best] [--overwrite]
 
@@ -79,16 +80,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from rlhf_jax.train.compile import compile_experiment  # noqa: PLC0415
+    rest = list(args.rest)
+    if not rest or not rest[0].partition(":")[0].endswith(".py"):
+        raise CLIError("compile: give an experiment (experiments/NAME.py) or model-preset options (--model ...)")
+    parser = argparse.ArgumentParser(prog="rlhf-jax compile EXPERIMENT")
+    _add_experiment_args(parser)
+    parser.add_argument("--topology", default=None)
+    parser.add_argument("--device-memory-gib", type=float, default=None)
+    parser.add_argument("--json", default=None)
+    opts = parser.parse_args(rest)
+    from rlhf_jax.train.aot import compile_run, run_configs  # noqa: PLC0415
+    from rlhf_jax.compile import format_report  # noqa: PLC0415
 
-    module, arg = load_experiment(args.experiment)
-    config = experiment_config(module, arg, args.set)
-    report = compile_experiment(config, topology=args.topology)
-    print(report.format() if hasattr(report, "format") else report)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict() if hasattr(report, "to_dict") else report, f, indent=2, default=str)
-    return 0 if getattr(report, "fits", True) else 1
+    module, arg = load_experiment(opts.experiment)
+    config = experiment_config(module, arg, opts.set)
+    memory = None if opts.device_memory_gib is None else int(opts.device_memory_gib * 2**30)
+    reports = {}
+    for name, run in run_configs(config).items():
+        report = compile_run(run, topology=opts.topology, device_memory_bytes=memory)
+        print(f"== {name} ==\n{format_report(report)}")
+        reports[name] = report.to_dict()
+    if opts.json:
+        with open(opts.json, "w", encoding="utf-8") as f:
+            json.dump(reports, f, indent=2, default=str)
+    return 0 if all(r["fits"] for r in reports.values()) else 1
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -149,13 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     run.set_defaults(func=_cmd_run)
 
-    comp = sub.add_parser("compile", help="ahead-of-time compile an experiment's training step and report memory",
-                          description="Lower and compile the experiment's step for its mesh (or a TPU topology) "
-                                      "without running it; report per-device memory, FLOPs and whether it fits.")
-    _add_experiment_args(comp)
-    comp.add_argument("--topology", default=None,
-                      help="a TPU topology to compile for from this machine (needs libtpu), e.g. v5e-8")
-    comp.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    comp = sub.add_parser(
+        "compile", help="ahead-of-time compile a training step and report memory, FLOPs and fit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Lower and compile a training step without running it, for this machine's devices or a TPU "
+                    "topology, and report per-device memory, FLOPs and whether it fits (exit 1 if not).\n\n"
+                    "  rlhf-jax compile experiments/NAME.py[:ARG] [--set KEY=VALUE ...] [--topology v5e:4x4]\n"
+                    "      [--device-memory-gib G] [--json FILE]      the experiment's own step(s)\n"
+                    "  rlhf-jax compile --model PRESET --step sft|reward_model|dpo --strategy S --mesh fsdp=8 ...\n"
+                    "      a model preset; `rlhf-jax compile --model w1 --help` lists these options")
+    comp.add_argument("rest", nargs=argparse.REMAINDER, help="an experiment and its options, or model-preset options")
     comp.set_defaults(func=_cmd_compile)
 
     conv = sub.add_parser("convert", help="convert between a Hugging Face directory and an rlhf-jax checkpoint",
@@ -189,6 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlhf_jax.checkpoint import CheckpointMismatchError  # noqa: PLC0415
     from rlhf_jax.config import ConfigError  # noqa: PLC0415
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compile"] and len(argv) > 1 and argv[1].startswith("-") and argv[1:] != ["--help"] \
+            and argv[1:] != ["-h"]:
+        from rlhf_jax.compile import main as compile_main  # noqa: PLC0415 (the model-preset form)
+
+        return compile_main(argv[1:])
     args = build_parser().parse_args(argv)
     user_errors: tuple[type[BaseException], ...] = (CLIError, ConfigError, CheckpointMismatchError,
                                                     FileNotFoundError, FileExistsError) + _library_errors()

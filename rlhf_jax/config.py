@@ -134,7 +134,8 @@ class LoggingConfig:
     Attributes:
       every: fetch metrics from the device and log them every this many steps (the step itself
         never waits on the host in between).
-      console: show a progress bar (step/s, ETA, key metrics) on stderr.
+      console: show a progress bar (step/s, ETA, key metrics) on stderr (eval results and
+        warnings are printed there either way).
       jsonl: write `metrics.jsonl` in the run directory.
       tensorboard: write TensorBoard event files under `tb/` in the run directory.
       wandb: log to Weights & Biases (needs `pip install wandb`); `wandb_project` names the project.

@@ -188,6 +188,7 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter  # noqa: PLC0415 (slow import, only when asked for)
 
             self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"), purge_step=start_step + 1)
+        self._stream = stream if stream is not None else sys.stderr
         self.progress = ProgressBar(total_steps, start=start_step, keys=keys, stream=stream) if config.console else None
 
     def _truncate_after(self, step: int) -> None:
@@ -212,9 +213,12 @@ class MetricsLogger:
             self.progress.update(step, scalars)
 
     def message(self, text: str) -> None:
-        """A human-readable line on the console (nothing when the console is off)."""
+        """A human-readable line (eval results, warnings) on the console stream, bar or no bar."""
         if self.progress is not None:
             self.progress.message(text)
+        else:
+            self._stream.write(text + "\n")
+            self._stream.flush()
 
     def flush(self) -> None:
         if self._jsonl is not None:

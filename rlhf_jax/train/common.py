@@ -58,16 +58,15 @@ __all__ = [
 
 Kind = Literal["sft", "preference", "prompt"]
 
-SYNTHETIC_TASKS: dict[str, Any] = {"vowel": VowelTask(), "arithmetic": ArithmeticTask()}
+SYNTHETIC_TASKS = ("vowel", "arithmetic")
 
-# (task, kind) -> rows(n, seed, label_noise); the held-out split uses another seed.
-_SYNTHETIC_ROWS: dict[tuple[str, str], Callable[[int, int, float], list[dict]]] = {
-    ("vowel", "sft"): lambda n, seed, noise: SYNTHETIC_TASKS["vowel"].sft_rows(n, seed=seed),
-    ("vowel", "preference"): lambda n, seed, noise: SYNTHETIC_TASKS["vowel"].preference_rows(
-        n, seed=seed, label_noise=noise),
-    ("vowel", "prompt"): lambda n, seed, noise: SYNTHETIC_TASKS["vowel"].prompt_rows(n, seed=seed),
-    ("arithmetic", "sft"): lambda n, seed, noise: SYNTHETIC_TASKS["arithmetic"].sft_rows(n, seed=seed),
-    ("arithmetic", "prompt"): lambda n, seed, noise: SYNTHETIC_TASKS["arithmetic"].prompt_rows(n, seed=seed),
+# (task, kind) -> rows(task object, n, seed, label_noise); the held-out split uses another seed.
+_SYNTHETIC_ROWS: dict[tuple[str, str], Callable[[Any, int, int, float], list[dict]]] = {
+    ("vowel", "sft"): lambda task, n, seed, noise: task.sft_rows(n, seed=seed),
+    ("vowel", "preference"): lambda task, n, seed, noise: task.preference_rows(n, seed=seed, label_noise=noise),
+    ("vowel", "prompt"): lambda task, n, seed, noise: task.prompt_rows(n, seed=seed),
+    ("arithmetic", "sft"): lambda task, n, seed, noise: task.sft_rows(n, seed=seed),
+    ("arithmetic", "prompt"): lambda task, n, seed, noise: task.prompt_rows(n, seed=seed),
 }
 _EVAL_SEED_OFFSET = 1_000_003
 
@@ -94,6 +93,8 @@ class DataConfig:
       shuffle: visit each epoch in a seeded random order.
       seed: the shuffling seed (and the synthetic generator's).
       on_error: "raise" at the first bad row (naming file and line) or "skip" and report bad rows.
+      vowel: the knobs of the `synthetic:vowel` task (its gold reward and generators).
+      arithmetic: the knobs of the `synthetic:arithmetic` task.
     """
 
     train: str = "synthetic:vowel"
@@ -115,6 +116,8 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     on_error: Literal["raise", "skip"] = "raise"
+    vowel: VowelTask = VowelTask()
+    arithmetic: ArithmeticTask = ArithmeticTask()
 
     def __post_init__(self):
         for name in ("num_train", "num_eval", "batch_size", "max_segments"):
@@ -187,11 +190,11 @@ class RunConfig:
 
 
 
-def synthetic_task(source: str | None) -> Any:
-    """The task object of a `synthetic:NAME` source (None for file sources)."""
+def synthetic_task(data: DataConfig, source: str | None) -> Any:
+    """The task object (`data.vowel` or `data.arithmetic`) of a `synthetic:NAME` source; None for files."""
     if source is None or not source.startswith("synthetic:"):
         return None
-    return SYNTHETIC_TASKS[source[len("synthetic:"):]]
+    return {"vowel": data.vowel, "arithmetic": data.arithmetic}[source[len("synthetic:"):]]
 
 
 def make_tokenizer(spec: str):
@@ -215,7 +218,7 @@ def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"],
     if source is None:
         return None
     split = data.split if which == "train" else data.eval_split
-    task = synthetic_task(source)
+    task = synthetic_task(data, source)
     if task is not None:
         name = source[len("synthetic:"):]
         make = _SYNTHETIC_ROWS.get((name, kind))
@@ -223,7 +226,7 @@ def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"],
             raise ConfigError(f"data.{which}: {source} has no {kind!r} data; it has "
                               f"{sorted(k for t, k in _SYNTHETIC_ROWS if t == name)}")
         n, seed = (data.num_train, data.seed) if which == "train" else (data.num_eval, data.seed + _EVAL_SEED_OFFSET)
-        rows = make(n, seed, data.label_noise if which == "train" else 0.0)
+        rows = make(task, n, seed, data.label_noise if which == "train" else 0.0)
         return load_dataset(rows, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error)
     if not os.path.exists(source):
         raise FileNotFoundError(f"data.{which}: {source} does not exist")

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.config import ConfigError, check_choice, to_dict
+from rlhf_jax.data.synthetic import VowelTask
 from rlhf_jax.losses.preference import DPOLossType
 from rlhf_jax.models import CausalLM
 from rlhf_jax.optim import make_optimizer
@@ -38,8 +39,8 @@ from rlhf_jax.steps.sequences import causal_targets
 from rlhf_jax.train import common
 from rlhf_jax.train.loop import fit, open_run
 
-__all__ = ["DPOAlgorithm", "DPOConfig", "OBJECTIVES", "make_objective", "make_preference_eval",
-           "reference_params", "train"]
+__all__ = ["DPOAlgorithm", "DPOConfig", "SampleEvalConfig", "OBJECTIVES", "make_objective",
+           "make_preference_eval", "make_gold_eval", "reference_params", "train"]
 
 ObjectiveName = Literal["dpo", "simpo", "orpo"]
 
@@ -165,6 +166,55 @@ def make_preference_eval(model: CausalLM, objective, batches: list[dict], refere
     return evaluate
 
 
+def make_gold_eval(model: CausalLM, reference, *, task, prompts, tokenizer, sampling: SampleEvalConfig, mesh,
+                   strategy: str, seed: int):
+    """`params -> {"eval/gold_reward", "eval/gold_win_rate", "eval/completion_length"}` from samples.
+
+    One completion per held-out prompt is sampled (temperature `sampling.temperature`, the same key
+    at every evaluation) and scored with the synthetic task's gold reward. The reference policy's
+    samples for the same prompts and key are drawn once; the win rate is the share of prompts whose
+    policy sample has the higher gold reward (ties count half).
+
+    Args:
+      model: the policy `CausalLM`.
+      reference: the reference parameters (the policy the run started from).
+      task: a synthetic task with `gold_reward(completions, word=...)` (`VowelTask`).
+      prompts: a tokenized "prompt" dataset whose `columns` hold the gold reward's arguments.
+      tokenizer: decodes completions (special tokens dropped).
+      sampling: how many prompts, completion length, temperature.
+      mesh, strategy: where the sampler runs.
+      seed: the sampling key.
+    """
+    from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig  # noqa: PLC0415
+
+    n = min(sampling.num_prompts, len(prompts))
+    ids = [prompts.arrays["prompt_tokens"][i].tolist() for i in range(n)]
+    columns = {k: list(v[:n]) for k, v in prompts.columns.items()}
+    longest = max(len(x) for x in ids)
+    sampler = Sampler(model, max_len=longest + sampling.max_new_tokens, pad_id=prompts.pad_id, mesh=mesh,
+                      strategy=strategy)
+    sample_config = SamplingConfig(max_new_tokens=sampling.max_new_tokens,
+                                   method=Categorical(temperature=sampling.temperature),
+                                   eos_id=tokenizer.eos_token_id)
+
+    def gold(params) -> tuple[list[float], float]:
+        out = sampler.generate(params, ids, sample_config, rng=seed)
+        tokens, lengths = jax.device_get((out.completion_tokens, out.lengths))
+        texts = tokenizer.batch_decode([row[:k].tolist() for row, k in zip(tokens, lengths)],
+                                       skip_special_tokens=True)
+        return task.gold_reward(texts, **columns), float(lengths.mean())
+
+    reference_gold, _ = gold(reference)
+
+    def evaluate(params) -> dict[str, float]:
+        rewards, length = gold(params)
+        wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, reference_gold)]
+        return {"eval/gold_reward": sum(rewards) / n, "eval/gold_win_rate": sum(wins) / n,
+                "eval/completion_length": length}
+
+    return evaluate
+
+
 def train(config: DPOConfig) -> dict[str, Any]:
     """Run (or resume) DPO-family training as configured; return a summary.
 
@@ -195,6 +245,14 @@ def train(config: DPOConfig) -> dict[str, Any]:
             held_out = common.eval_batches(eval_data, config.data, max_batches=config.train.eval_batches)
             evaluators.append(make_preference_eval(model, objective, held_out, reference, mesh=mesh,
                                                    strategy=strategy, max_segments=segments))
+        task = common.synthetic_task(config.data, config.data.eval)
+        if isinstance(task, VowelTask) and config.sampling.num_prompts:
+            prompts = common.load_split(dataclasses.replace(config.data, num_eval=config.sampling.num_prompts),
+                                        kind="prompt", which="eval", tokenizer=tokenizer)
+            evaluators.append(make_gold_eval(
+                model, reference if reference is not None else reference_params(model, config, mesh), task=task,
+                prompts=prompts, tokenizer=tokenizer, sampling=config.sampling, mesh=mesh, strategy=strategy,
+                seed=config.seed))
         evaluate = None
         if evaluators:
             evaluate = lambda s: {k: v for e in evaluators for k, v in e(s.params).items()}  # noqa: E731

@@ -1,0 +1,139 @@
+"""The `rlhf-jax` command line: help, config overrides and bad input, convert and export round trips."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.cli import build_parser, main
+from rlhf_jax.config import CheckpointConfig
+from rlhf_jax.models import CausalLM
+from rlhf_jax.models.hf import load_hf, save_hf
+from rlhf_jax.testing import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT = os.path.join(ROOT, "experiments", "sft_tiny.py")
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["compile"], ["convert"], ["export"]])
+def test_help_everywhere(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: rlhf-jax")
+    if command:
+        assert f"rlhf-jax {command[0]}" in text
+
+
+def test_console_script_and_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "rlhf_jax", "--help"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert proc.returncode == 0 and "run" in proc.stdout and "convert" in proc.stdout
+
+
+def test_print_config_applies_overrides(capsys):
+    code, out, _ = _run(capsys, "run", SFT, "--set", "optim.learning_rate=0.01", "--set", "train.steps=7",
+                        "--print-config")
+    assert code == 0
+    config = json.loads(out)
+    assert config["optim"]["learning_rate"] == 0.01 and config["train"]["steps"] == 7
+    assert config["name"] == "sft_tiny" and config["model"]["num_layers"] == tiny_config().num_layers
+
+
+def test_unknown_key_and_wrong_type_fail_before_compute(capsys, tmp_path):
+    workdir = tmp_path / "run"
+    code, _, err = _run(capsys, "run", SFT, "--set", "optim.learnig_rate=1", "--set", f"workdir={workdir}")
+    assert code == 2
+    assert "unknown key 'optim.learnig_rate'" in err and "Did you mean optim.learning_rate" in err
+    assert "optim.weight_decay: float" in err  # the valid keys are listed
+    code, _, err = _run(capsys, "run", SFT, "--set", "train.steps=many")
+    assert code == 2 and "wrong type for 'train.steps'" in err and "got 'many'" in err
+    code, _, err = _run(capsys, "run", SFT, "--set", "steps")
+    assert code == 2 and "expected KEY=VALUE" in err
+    assert not workdir.exists()
+
+
+def test_missing_files_are_clear_errors(capsys, tmp_path):
+    code, _, err = _run(capsys, "run", str(tmp_path / "nope.py"))
+    assert code == 2 and "experiment file not found" in err
+    missing = tmp_path / "missing.jsonl"
+    code, _, err = _run(capsys, "run", SFT, "--set", f"data.train={missing}", "--set", f"workdir={tmp_path / 'w'}")
+    assert code == 2 and f"data.train: {missing} does not exist" in err
+    code, _, err = _run(capsys, "run", SFT, "--set", f"checkpoint.init_from={tmp_path / 'nothing'}",
+                        "--set", f"workdir={tmp_path / 'w2'}")
+    assert code == 2 and "checkpoint.init_from" in err and "does not exist" in err
+
+
+def test_checkpoint_of_another_model_shape_fails_before_compute(capsys, tmp_path):
+    workdir = tmp_path / "run"
+    other = tiny_config(hidden_size=32, head_dim=8)
+    params = jax.eval_shape(CausalLM(other).init, jax.random.key(0))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params)
+    with Checkpointer(workdir / "checkpoints", config=CheckpointConfig(async_save=False), model_config=other) as ck:
+        ck.save(5, {"params": params, "train": {"step": np.int32(5)}})
+    code, _, err = _run(capsys, "run", SFT, "--set", f"workdir={workdir}")
+    assert code == 2
+    assert "does not match this run's model/state" in err
+    assert "model.hidden_size: checkpoint 32, this run 64" in err
+    assert not (workdir / "metrics.jsonl").exists()  # nothing was trained or logged
+
+
+def _hf_dir(path, config, seed=0):
+    params = CausalLM(config).init(jax.random.key(seed))
+    save_hf(path, config, params)
+    return params
+
+
+def test_convert_round_trip(capsys, tmp_path):
+    config = tiny_config()
+    params = _hf_dir(tmp_path / "hf", config)
+    code, out, _ = _run(capsys, "convert", str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    assert code == 0 and "step 0" in out
+    code, _, _ = _run(capsys, "convert", str(tmp_path / "ckpt"), str(tmp_path / "hf2"))
+    assert code == 0
+    config2, params2 = load_hf(tmp_path / "hf2")
+    assert config2.hidden_size == config.hidden_size and config2.num_layers == config.num_layers
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    code, _, err = _run(capsys, "convert", str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    assert code == 2 and "already holds checkpoints" in err
+    code, _, err = _run(capsys, "convert", str(tmp_path), str(tmp_path / "x"))
+    assert code == 2 and "neither a Hugging Face model directory" in err
+
+
+def test_export_latest_and_best_with_tokenizer(capsys, tmp_path):
+    from rlhf_jax.testing.tokenizer import save_offline_tokenizer
+
+    config = tiny_config()
+    model = CausalLM(config)
+    run = tmp_path / "run"
+    cfg = CheckpointConfig(async_save=False, keep=3, keep_best=1, best_metric="eval/acc")
+    saved = {}
+    with Checkpointer(run / "checkpoints", config=cfg, model_config=config) as ck:
+        for step, acc in [(1, 0.9), (2, 0.5), (3, 0.6)]:
+            saved[step] = model.init(jax.random.key(step))
+            ck.save(step, {"params": saved[step], "train": {"step": np.int32(step)}}, metrics={"eval/acc": acc})
+    save_offline_tokenizer(run / "tokenizer")
+    for which, step in (("latest", 3), ("best", 1), ("2", 2)):
+        out_dir = tmp_path / f"hf_{which}"
+        code, out, _ = _run(capsys, "export", str(run), str(out_dir), "--step", which)
+        assert code == 0 and "with its tokenizer" in out
+        _, params = load_hf(out_dir)
+        np.testing.assert_array_equal(np.asarray(params["embed"]), np.asarray(saved[step]["embed"]))
+        assert os.path.exists(out_dir / "tokenizer.json")
+    code, _, err = _run(capsys, "export", str(run), str(tmp_path / "hf_latest"))
+    assert code == 2 and "exists" in err
+    code, _, err = _run(capsys, "export", str(tmp_path), str(tmp_path / "y"))
+    assert code == 2 and "no checkpoints in" in err

@@ -1,0 +1,120 @@
+"""Experiment modules: docstrings and configs, short runs through the CLI, real-size configs checked
+by `jax.eval_shape` at full size and an ahead-of-time compile at reduced size on the 8-device CPU mesh.
+
+The full-length tiny runs with their learning thresholds are in tests/test_experiments_full.py.
+"""
+
+import json
+import os
+
+import jax
+import pytest
+
+from rlhf_jax.cli import experiment_config, load_experiment, main
+from rlhf_jax.config import flat_keys, override
+from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.models import CausalLM
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.state import abstract_train_state
+from rlhf_jax.train.aot import compile_run, run_configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+TINY = ["sft_tiny", "reward_model_tiny", "dpo_tiny"]
+REAL = ["dpo_qwen2_5_0_5b", "dpo_llama3_8b"]
+
+
+def _path(name):
+    return os.path.join(EXPERIMENTS, f"{name}.py")
+
+
+@pytest.mark.parametrize("name", TINY + REAL)
+def test_docstring_states_command_and_modes_build(name):
+    module, _ = load_experiment(_path(name))
+    doc = module.__doc__
+    assert f"rlhf-jax run experiments/{name}.py" in doc
+    modes = [None, "tiny"] + (["full"] if name in REAL else [])
+    for mode in modes:
+        config = module.get_config() if mode is None else module.get_config(mode)
+        assert run_configs(config)  # every mode holds at least one run config
+    with pytest.raises(ValueError, match="mode|only the tiny mode"):
+        module.get_config("nonsense")
+
+
+def test_every_dpo_loss_type_and_objective_is_selectable():
+    module, _ = load_experiment(_path("dpo_tiny"))
+    keys = flat_keys(module.get_config())
+    assert keys["dpo.algorithm.loss_type"] == "'sigmoid' | 'robust' | 'hinge' | 'ipo' | 'apo_zero' | 'apo_down'"
+    assert keys["dpo.algorithm.objective"] == "'dpo' | 'simpo' | 'orpo'"
+    for loss_type in ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "apo_down"):
+        config = experiment_config(module, None, [f"dpo.algorithm.loss_type={loss_type}"])
+        assert config.dpo.algorithm.loss_type == loss_type
+    config = experiment_config(module, None, ["dpo.algorithm.objective=simpo", "dpo.algorithm.beta=2.0"])
+    assert config.dpo.algorithm.objective == "simpo"
+
+
+def _small(workdir, *, steps, stage=""):
+    return ["--set", f"workdir={workdir}", "--set", f"{stage}train.steps={steps}",
+            "--set", f"{stage}train.eval_every={steps}", "--set", f"{stage}data.num_train=256",
+            "--set", f"{stage}data.num_eval=32", "--set", f"{stage}train.eval_batches=1",
+            "--set", f"{stage}logging.tensorboard=false", "--set", f"{stage}logging.console=false"]
+
+
+def test_sft_and_reward_model_tiny_run_briefly_and_write_results(tmp_path, capsys):
+    for name in ("sft_tiny", "reward_model_tiny"):
+        workdir = tmp_path / name
+        assert main(["run", _path(name), *_small(workdir, steps=3)]) == 0
+        results = json.loads((workdir / "results.json").read_text())
+        assert results["steps"] == 3 and "passed" in results
+        assert (workdir / "results.png").stat().st_size > 1000
+        assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+        assert (workdir / "checkpoints" / "3").is_dir() and (workdir / "tokenizer" / "tokenizer.json").exists()
+        printed = capsys.readouterr().out
+        assert json.loads(printed)["steps"] == 3  # the CLI prints the experiment's summary
+
+
+def test_dpo_tiny_runs_both_stages_briefly(tmp_path):
+    workdir = tmp_path / "dpo"
+    args = ["run", _path("dpo_tiny"), "--set", f"workdir={workdir}"]
+    for stage in ("sft.", "dpo."):
+        args += _small(workdir, steps=2, stage=stage)[2:]
+    args += ["--set", "dpo.sampling.num_prompts=8", "--set", "dpo.sampling.max_new_tokens=8"]
+    assert main(args) == 0
+    results = json.loads((workdir / "dpo" / "results.json").read_text())
+    assert results["experiment"] == "DPO baseline" and results["steps"] == 2
+    evals = [r for r in read_jsonl(workdir / "dpo" / "metrics.jsonl") if "eval/gold_reward" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert evals[0]["eval/gold_win_rate"] == 0.5  # step 0 is the SFT policy against itself
+    assert {"eval/rewards/accuracies", "eval/rewards/margins", "eval/loss"} <= set(evals[-1])
+    assert (workdir / "dpo" / "results.png").exists()
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_size_config_eval_shape_at_full_size(name):
+    module, _ = load_experiment(_path(name))
+    config = module.get_config("full")
+    model = CausalLM(config.model)
+    state = abstract_train_state(model.init, make_optimizer(config.optim))
+    n = sum(x.size for x in jax.tree.leaves(state.params))
+    assert n == module.EXPECTED_PARAMS
+    # AdamW keeps two moments per parameter, all float32 like the parameters.
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert sum(x.size for x in moments) == 2 * n
+    assert config.mesh.strategy == "fsdp" and config.data.string_format == "chat"
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_size_config_compiles_at_reduced_size_on_cpu_mesh(name):
+    module, _ = load_experiment(_path(name))
+    config = override(module.get_config("full"), [
+        "model.num_layers=2", "data.batch_size=8", "data.max_len=64", "data.max_prompt_len=32",
+        "train.micro_batches=2"])
+    report = compile_run(config, device_memory_bytes=64 * 2**30)
+    assert report.ok, report.reason
+    assert report.num_devices == 8 and report.mesh["fsdp"] == 8 and report.strategy == "fsdp"
+    assert report.fits and report.peak_bytes > 0
+    # FSDP really splits the state: the per-device train state is about 1/8 of the whole.
+    model = CausalLM(config.model)
+    full = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_train_state(
+        model.init, make_optimizer(config.optim))))
+    assert report.state_bytes < 0.2 * full

@@ -1,0 +1,151 @@
+"""Driver pieces against independent NumPy references: evaluations, initial weights, data config checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.checkpoint import Checkpointer, CheckpointMismatchError
+from rlhf_jax.config import CheckpointConfig, ConfigError
+from rlhf_jax.models import CausalLM
+from rlhf_jax.sharding import make_mesh
+from rlhf_jax.steps import DPO
+from rlhf_jax.testing import tiny_config
+from rlhf_jax.testing.tokenizer import offline_tokenizer
+from rlhf_jax.train import common
+from rlhf_jax.train.dpo import DPOAlgorithm, make_objective, make_preference_eval
+from rlhf_jax.train.reward_model import make_reward_model_eval
+from rlhf_jax.train.sft import make_sft_eval
+
+CONFIG = tiny_config(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, vocab_size=128)
+DATA = common.DataConfig(max_len=32, batch_size=8, num_train=16, num_eval=16)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh({"data": -1})
+
+
+def _batches(kind, n_batches=2):
+    dataset = common.load_split(DATA, kind=kind, which="eval", tokenizer=offline_tokenizer())
+    return common.eval_batches(dataset, DATA, max_batches=n_batches)
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _token_logps(model, params, tokens):
+    logits = np.asarray(model.forward(params, jnp.asarray(tokens)).logits, np.float64)
+    return np.take_along_axis(_log_softmax(logits[:, :-1]), tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def test_sft_eval_is_the_token_weighted_nll(mesh):
+    model = CausalLM(CONFIG)
+    params = model.init(jax.random.key(0))
+    batches = _batches("sft")
+    got = make_sft_eval(model, batches, mesh=mesh, strategy="dp")(params)
+    nll = total = correct = 0.0
+    for b in batches:
+        mask = b["loss_mask"][:, 1:]
+        lp = _token_logps(model, params, b["tokens"])
+        logits = np.asarray(model.forward(params, jnp.asarray(b["tokens"])).logits)[:, :-1]
+        nll += -(lp * mask).sum()
+        correct += ((logits.argmax(-1) == b["tokens"][:, 1:]) * mask).sum()
+        total += mask.sum()
+    assert got["eval/loss"] == pytest.approx(nll / total, rel=1e-5)
+    assert got["eval/mean_token_accuracy"] == pytest.approx(correct / total, rel=1e-5)
+
+
+def _last(values, mask):
+    idx = np.array([np.nonzero(m)[0].max() for m in mask])
+    return values[np.arange(len(idx)), idx]
+
+
+def test_reward_model_eval_accuracy_against_direct_scores(mesh):
+    model = CausalLM(CONFIG, head="scalar")
+    params = model.init(jax.random.key(1))
+    batches = _batches("preference")
+    got = make_reward_model_eval(model, batches, mesh=mesh, strategy="dp")(params)
+    wins, margins, losses, n = [], [], [], 0
+    for b in batches:
+        keep = b["example_mask"][:, 0]
+        rc = _last(np.asarray(model.forward(params, jnp.asarray(b["chosen_tokens"])).values), b["chosen_loss_mask"])
+        rr = _last(np.asarray(model.forward(params, jnp.asarray(b["rejected_tokens"])).values),
+                   b["rejected_loss_mask"])
+        wins += list((rc > rr)[keep])
+        margins += list((rc - rr)[keep])
+        losses += list(np.logaddexp(0.0, -(rc - rr))[keep])
+        n += keep.sum()
+    assert n == DATA.num_eval
+    assert got["eval/accuracy"] == pytest.approx(np.mean(wins), abs=1e-6)
+    assert got["eval/margin"] == pytest.approx(np.mean(margins), rel=1e-4, abs=1e-6)
+    assert got["eval/loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_preference_eval_implicit_rewards(mesh):
+    model = CausalLM(CONFIG)
+    policy = model.init(jax.random.key(2))
+    reference = model.init(jax.random.key(3))
+    batches = _batches("preference", n_batches=1)
+    objective = make_objective(DPOAlgorithm(beta=0.5))
+    assert objective == DPO(beta=0.5)
+    got = make_preference_eval(model, objective, batches, reference, mesh=mesh, strategy="dp")(policy)
+    b = batches[0]
+
+    def seq(params, side):
+        return (_token_logps(model, params, b[f"{side}_tokens"]) * b[f"{side}_loss_mask"][:, 1:]).sum(-1)
+
+    rc = 0.5 * (seq(policy, "chosen") - seq(reference, "chosen"))
+    rr = 0.5 * (seq(policy, "rejected") - seq(reference, "rejected"))
+    keep = b["example_mask"][:, 0]
+    assert got["eval/rewards/chosen"] == pytest.approx(rc[keep].mean(), rel=1e-4, abs=1e-5)
+    assert got["eval/rewards/margins"] == pytest.approx((rc - rr)[keep].mean(), rel=1e-4, abs=1e-5)
+    assert got["eval/rewards/accuracies"] == pytest.approx((rc > rr)[keep].mean(), abs=1e-6)
+    assert got["eval/loss"] == pytest.approx(np.logaddexp(0.0, -(rc - rr))[keep].mean(), rel=1e-4)
+    # Against itself the policy has zero implicit rewards and loss log 2.
+    same = make_preference_eval(model, objective, batches, policy, mesh=mesh, strategy="dp")(policy)
+    assert same["eval/rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert same["eval/loss"] == pytest.approx(np.log(2.0), rel=1e-5)
+
+
+def test_reward_model_starts_from_a_policy_checkpoint(tmp_path):
+    lm = CausalLM(CONFIG)
+    params = lm.init(jax.random.key(4))
+    with Checkpointer(tmp_path, config=CheckpointConfig(async_save=False), model_config=CONFIG) as ckpt:
+        ckpt.save(7, {"params": params})
+    rm = CausalLM(CONFIG, head="scalar")
+    loaded = common.initial_params(rm, str(tmp_path), rng=jax.random.key(5))
+    assert set(loaded) == set(rm.abstract_params()) and "lm_head" not in loaded
+    np.testing.assert_array_equal(loaded["embed"], params["embed"])
+    for a, b in zip(jax.tree.leaves(loaded["layers"]), jax.tree.leaves(params["layers"])):
+        np.testing.assert_array_equal(a, b)
+    assert loaded["score"].shape == (CONFIG.hidden_size,) and 0 < float(jnp.std(loaded["score"])) < 0.05
+    with pytest.raises(CheckpointMismatchError, match="model.num_layers: .* has 2, this run 3"):
+        common.initial_params(CausalLM(CONFIG.replace(num_layers=3)), str(tmp_path), rng=jax.random.key(0))
+    with pytest.raises(FileNotFoundError, match="neither a Hugging Face model directory"):
+        common.initial_params(lm, str(tmp_path / "7"), rng=jax.random.key(0))
+
+
+def test_data_config_checks_and_vocab():
+    with pytest.raises(ConfigError, match="unknown synthetic task 'synthetic:chess'"):
+        common.DataConfig(train="synthetic:chess")
+    with pytest.raises(ConfigError, match=r"data.seq_len \(16\) must be >= data.max_len \(32\)"):
+        common.DataConfig(max_len=32, seq_len=16)
+    with pytest.raises(ConfigError, match="data.label_noise must be in"):
+        common.DataConfig(label_noise=0.7)
+    with pytest.raises(ConfigError, match="has no 'preference' data"):
+        common.load_split(common.DataConfig(train="synthetic:arithmetic"), kind="preference", which="train",
+                          tokenizer=offline_tokenizer())
+    with pytest.raises(ConfigError, match="the tokenizer has 104 ids but model.vocab_size is 64"):
+        common.check_vocab(offline_tokenizer(), CONFIG.replace(vocab_size=64))
+
+
+def test_synthetic_eval_split_differs_from_train():
+    tok = offline_tokenizer()
+    train = common.load_split(DATA, kind="sft", which="train", tokenizer=tok)
+    held_out = common.load_split(DATA, kind="sft", which="eval", tokenizer=tok)
+    rows = lambda d: {tuple(d.arrays["tokens"][i]) for i in range(len(d))}  # noqa: E731
+    assert len(train) == DATA.num_train and len(held_out) == DATA.num_eval
+    assert not rows(train) & rows(held_out)

@@ -1,0 +1,161 @@
+"""The shared training loop on a toy problem: logging, eval, checkpoints, signals, NaN/Inf policy."""
+
+import io
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig
+from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.train.loop import StopSignal, TrainingHalted, fit, open_run
+
+QUIET = LoggingConfig(console=False, tensorboard=False)
+CKPT = CheckpointConfig(every=2, keep=10, async_save=False)
+
+
+class Counter:
+    """A resumable batch iterator: batch k is {"x": [k, k]}."""
+
+    def __init__(self):
+        self.position = 0
+
+    def __next__(self):
+        self.position += 1
+        return {"x": np.full((2,), self.position, np.float32)}
+
+    def get_state(self):
+        return {"position": self.position}
+
+
+@jax.jit
+def _toy_step(state, batch):
+    w = state["w"] - 0.1 * (state["w"] - batch["x"].mean())
+    loss = jnp.mean((state["w"] - batch["x"]) ** 2)
+    return {"w": w, "step": state["step"] + 1}, {"loss": loss, "nonfinite": jnp.float32(0)}
+
+
+def _fit(run, *, steps, start=0, state=None, step_fn=_toy_step, evaluate=None, batches=None, train=None,
+         checkpoint=CKPT, logging=QUIET):
+    batches = batches or Counter()
+    state = state or {"w": jnp.zeros(()), "step": jnp.int32(0)}
+    return fit(state=state, step_fn=step_fn, batches=batches, start_step=start,
+               train=train or TrainConfig(steps=steps, eval_every=2), checkpoint=checkpoint, logging=logging,
+               run=run, save_items=lambda s: {"params": s}, extras=lambda: {"data": batches.get_state()},
+               evaluate=evaluate)
+
+
+def test_fit_logs_every_step_evaluates_and_checkpoints(tmp_path):
+    evals = []
+
+    def evaluate(state):
+        evals.append(float(state["w"]))
+        return {"eval/w": float(state["w"])}
+
+    with open_run(str(tmp_path), run_config={"a": 1}, checkpoint=CKPT, model_config=None) as run:
+        assert run.restore_step is None
+        result = _fit(run, steps=5, evaluate=evaluate)
+        assert run.checkpointer.all_steps() == [2, 4, 5]
+        _, extras = run.checkpointer.restore({"params": jax.eval_shape(lambda: result.state)}, step=4)
+    assert extras == {"data": {"position": 4}}
+    assert result.step == 5 and result.stopped_by is None
+    # w_k = 0.9 w_{k-1} + 0.1 k
+    w = 0.0
+    expected = []
+    for k in range(1, 6):
+        w = 0.9 * w + 0.1 * k
+        expected.append(w)
+    np.testing.assert_allclose(float(result.state["w"]), expected[-1], rtol=1e-6)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records if "eval/w" in r] == [0, 2, 4, 5]  # baseline at step 0, every 2, final
+    np.testing.assert_allclose(evals, [0.0, expected[1], expected[3], expected[4]], rtol=1e-6)
+    assert result.last_eval == {"eval/w": pytest.approx(expected[-1])}
+    assert os.path.exists(tmp_path / "config.json")
+
+
+def test_resume_continues_and_rewrites_later_metrics(tmp_path):
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        full = _fit(run, steps=4)
+    # Pretend the process died after logging step 4 but with only checkpoint 2 on disk.
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        restored, extras = run.checkpointer.restore({"params": jax.eval_shape(lambda: full.state)}, step=2)
+        batches = Counter()
+        batches.position = extras["data"]["position"]
+        resumed = _fit(run, steps=4, start=2, state=restored["params"], batches=batches)
+    assert float(resumed.state["w"]) == float(full.state["w"])
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_existing_checkpoints_without_resume_is_an_error(tmp_path):
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        _fit(run, steps=2)
+    with pytest.raises(ConfigError, match="already holds checkpoints and checkpoint.resume=false"):
+        open_run(str(tmp_path), run_config={}, checkpoint=CheckpointConfig(resume=False), model_config=None)
+
+
+def test_sigterm_finishes_the_step_saves_and_returns(tmp_path):
+    def step_fn(state, batch):
+        state, metrics = _toy_step(state, batch)
+        if int(batch["x"][0]) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return state, metrics
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        result = _fit(run, steps=10, step_fn=step_fn,
+                      checkpoint=CheckpointConfig(every=0, async_save=False))
+        assert run.checkpointer.all_steps() == [3]
+    assert result.stopped_by == "SIGTERM" and result.step == 3
+    assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
+
+
+def test_second_sigint_interrupts():
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _nan_at(k, policy_key):
+    def step_fn(state, batch):
+        state, metrics = _toy_step(state, batch)
+        bad = jnp.float32(int(batch["x"][0]) == k)
+        return state, {**metrics, "loss": jnp.where(bad > 0, jnp.nan, metrics["loss"]), "nonfinite": bad,
+                       **({"halt": bad} if policy_key == "halt" else {})}
+
+    return step_fn
+
+
+def test_halt_policy_names_the_step(tmp_path):
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        with pytest.raises(TrainingHalted, match=r"step 3: non-finite loss or gradient \(loss=nan"):
+            _fit(run, steps=6, step_fn=_nan_at(3, "halt"), train=TrainConfig(steps=6, nonfinite="halt"),
+                 logging=LoggingConfig(console=False, tensorboard=False, every=2))
+        assert run.checkpointer.all_steps() == [2]  # nothing saved after the bad step
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"] == 3
+
+
+def test_skip_policy_reports_and_continues(tmp_path):
+    stream = io.StringIO()
+    logging = LoggingConfig(tensorboard=False, jsonl=True)
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        from rlhf_jax import metrics as metrics_module
+
+        original = metrics_module.ProgressBar.__init__
+
+        def quiet_init(self, *args, **kwargs):
+            original(self, *args, **{**kwargs, "stream": stream})
+
+        metrics_module.ProgressBar.__init__ = quiet_init
+        try:
+            result = _fit(run, steps=4, step_fn=_nan_at(2, "skip"), logging=logging)
+        finally:
+            metrics_module.ProgressBar.__init__ = original
+    assert result.step == 4
+    assert "step 2: non-finite loss or gradient; update skipped" in stream.getvalue()

@@ -1,0 +1,94 @@
+"""Exact resume after a killed process, and SIGTERM handling, with the real SFT driver in subprocesses."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+
+from rlhf_jax.checkpoint import Checkpointer, load_params
+from rlhf_jax.cli import main
+from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.models import CausalLM
+from rlhf_jax.testing import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT = os.path.join(ROOT, "experiments", "sft_tiny.py")
+SMALL = ["--set", "data.num_train=256", "--set", "data.num_eval=32", "--set", "data.batch_size=8",
+         "--set", "train.eval_batches=1", "--set", "logging.tensorboard=false", "--set", "logging.console=false"]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+
+# Runs the CLI, but SIGKILLs the process as soon as checkpoint 3 is on disk.
+_KILL_AFTER_3 = textwrap.dedent("""
+    import os, signal, sys
+    from rlhf_jax import checkpoint
+    save = checkpoint.Checkpointer.save
+    def save_then_die(self, step, *args, **kwargs):
+        written = save(self, step, *args, **kwargs)
+        if step == 3:
+            self.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return written
+    checkpoint.Checkpointer.save = save_then_die
+    from rlhf_jax.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _args(workdir, steps=6):
+    return ["run", SFT, "--set", f"workdir={workdir}", "--set", f"train.steps={steps}", "--set", "train.eval_every=3",
+            "--set", "checkpoint.every=3", "--set", "checkpoint.keep=5", *SMALL]
+
+
+def _final_params(workdir):
+    abstract = CausalLM(tiny_config()).abstract_params()
+    return load_params(os.path.join(workdir, "checkpoints"), abstract, step=6)
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(_args(straight)) == 0
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_3, *_args(interrupted)], env=ENV, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    with Checkpointer(interrupted / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [3]
+    resumed = subprocess.run([sys.executable, "-m", "rlhf_jax", *_args(interrupted)], env=ENV, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a, b = _final_params(straight), _final_params(interrupted)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+    ra, rb = read_jsonl(straight / "metrics.jsonl"), read_jsonl(interrupted / "metrics.jsonl")
+    assert [r["step"] for r in ra] == [0, 1, 2, 3, 3, 4, 5, 6, 6]  # eval at 0, train 1..6, evals at 3 and 6
+    assert ra == rb  # every metric of every step, bit for bit
+    assert (straight / "results.json").exists() and (interrupted / "results.json").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    workdir = tmp_path / "run"
+    args = ["run", SFT, "--set", f"workdir={workdir}", "--set", "train.steps=100000", "--set", "train.eval_every=0",
+            "--set", "checkpoint.every=0", *SMALL]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax", *args], env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        records = read_jsonl(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
+        if any(r.get("step", 0) >= 2 for r in records):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    with Checkpointer(workdir / "checkpoints") as ckpt:
+        steps = ckpt.all_steps()
+    last = read_jsonl(workdir / "metrics.jsonl")[-1]["step"]
+    assert steps == [last] and last >= 2
+    assert f"SIGTERM: saved checkpoint at step {last}; exiting" in err
+    assert not (workdir / "results.json").exists()  # an interrupted run reports no results
