@@ -175,3 +175,12 @@ def test_config_validation_names_the_field():
         TokenizeConfig(max_len=8, truncation="left")
     with pytest.raises(ValueError, match="max_len"):
         TokenizeConfig(max_len=1)
+
+
+def test_tokenizer_without_bos():
+    tok = copy.deepcopy(offline_tokenizer())
+    tok.bos_token = None  # like Qwen: nothing is prepended to plain text
+    out = one(Plain("abcdefgh", "xyz"), tok, max_len=9, truncation="keep_end")
+    assert out.ids == [*ids("defgh"), *ids("xyz"), EOS] and out.prompt_len == 5
+    out = one(Plain("", "hi"), tok)  # the first token is never a target, even in the text layout
+    assert out.ids == [*ids("hi"), EOS] and out.mask == [False, True, True]

@@ -24,7 +24,8 @@ Kinds:
 - "unpaired" (KTO; never packed): the token row, `label` bool [B] (True = desirable),
   `example_mask` bool [B], and `kl_*` token rows: row b is the prompt of example b followed by the
   completion of example (b+1) mod n (n = real examples in the batch), cut to T, as KTO's reference
-  point needs mismatched pairs (KTO paper, Ethayarajh et al. 2024, Sec. 4).
+  point needs mismatched pairs (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic
+  Optimization").
 - "prompt" (online RL): `prompt_tokens` int32 [B, T] right-padded, `prompt_lengths` int32 [B],
   `example_mask` bool [B], and `columns`: a dict of Python lists of length B holding the dataset's
   extra columns (e.g. "answer") for the reward functions (None in padding rows). Only the arrays go

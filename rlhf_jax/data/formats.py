@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 Kind = Literal["sft", "preference", "unpaired", "prompt"]
-KINDS: tuple[str, ...] = ("sft", "preference", "unpaired", "prompt")
+KINDS: tuple[str, ...] = typing.get_args(Kind)
 DEFAULT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 
