@@ -58,6 +58,7 @@ from rlhf_jax.losses import (
 )
 from rlhf_jax.models.heads import scalar_head
 from rlhf_jax.rollout import completion_hidden, completion_logprobs, completion_values
+from rlhf_jax.sampling.metrics import logprob_mismatch
 from rlhf_jax.state import RLState, TrainState
 from rlhf_jax.steps.common import NonFinitePolicy, accumulate_gradients, apply_gradients
 
@@ -595,11 +596,7 @@ def _reduce_update_metrics(stacked: Metrics) -> Metrics:
 
 
 def _sampler_diff(logps: jax.Array, sampler_logps: jax.Array, mask: jax.Array) -> Metrics:
-    diff = jax.lax.stop_gradient(jnp.abs(_checks.f32(logps) - _checks.f32(sampler_logps)))
-    return {
-        "sampler_logprob_diff/mean": _checks.masked_mean(diff, mask),
-        "sampler_logprob_diff/max": jnp.max(_checks.apply_mask(diff, mask)),
-    }
+    return logprob_mismatch(sampler_logps, jax.lax.stop_gradient(logps), mask)
 
 
 def _normalisers(mask: jax.Array) -> dict[str, jax.Array]:
