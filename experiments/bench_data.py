@@ -58,7 +58,9 @@ def _timed(fn, repeats: int) -> tuple[float, float, float | None, object]:
     return statistics.median(walls), statistics.median(cpus), foreign, result
 
 
-def _line(name: str, n: int, wall: float, cpu: float, foreign: float | None, repeats: int, extra: str = "") -> str:
+def _line(
+    name: str, n: int, wall: float, cpu: float, foreign: float | None, repeats: int, extra: str = ""
+) -> str:
     shared = "n/a" if foreign is None else f"{foreign:.2f}"
     return (
         f"{name:>7}: {n / wall:10,.0f} examples/s{extra}  ({wall:.2f} s wall, median of {repeats}; "
@@ -110,7 +112,10 @@ def main(argv=None) -> dict:
     batch_config = BatchConfig(batch_size=64, seq_len=128, pack=True, max_segments=8, num_epochs=1)
 
     def batch_all():
-        return sum(int(b["example_mask"].sum()) for b in BatchIterator(dataset, batch_config, process_index=0, process_count=1))
+        return sum(
+            int(b["example_mask"].sum())
+            for b in BatchIterator(dataset, batch_config, process_index=0, process_count=1)
+        )
 
     wall, cpu, foreign, count = _timed(batch_all, args.repeats)
     assert count == n

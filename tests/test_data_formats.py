@@ -31,7 +31,11 @@ B = {"role": "assistant", "content": "b"}
         ("sft", {"prompt": [U], "completion": [A]}, SFTExample(Chat((U, A), 1))),
         ("sft", {"prompt": "q", "completion": [A]}, SFTExample(Chat((U, A), 1))),
         ("sft", {"text": "hello"}, SFTExample(Plain("", "hello"))),
-        ("preference", {"prompt": "q", "chosen": "a", "rejected": "b"}, PreferenceExample(Plain("q", "a"), Plain("q", "b"), 0.0)),
+        (
+            "preference",
+            {"prompt": "q", "chosen": "a", "rejected": "b"},
+            PreferenceExample(Plain("q", "a"), Plain("q", "b"), 0.0),
+        ),
         (
             "preference",
             {"prompt": [U], "chosen": [A], "rejected": [B], "margin": 1.5},
@@ -42,11 +46,27 @@ B = {"role": "assistant", "content": "b"}
             {"prompt": "q", "chosen": [U, A], "rejected": [U, B], "score_chosen": 8.0},
             PreferenceExample(Chat((U, A), 1), Chat((U, B), 1), 0.0),
         ),
-        ("preference", {"chosen": [U, A], "rejected": [U, B], "margin": "0.25"}, PreferenceExample(Chat((U, A), 1), Chat((U, B), 1), 0.25)),
-        ("unpaired", {"prompt": "q", "completion": "a", "label": True}, UnpairedExample(Plain("q", "a"), True)),
+        (
+            "preference",
+            {"chosen": [U, A], "rejected": [U, B], "margin": "0.25"},
+            PreferenceExample(Chat((U, A), 1), Chat((U, B), 1), 0.25),
+        ),
+        (
+            "unpaired",
+            {"prompt": "q", "completion": "a", "label": True},
+            UnpairedExample(Plain("q", "a"), True),
+        ),
         ("unpaired", {"prompt": "q", "completion": "a", "label": 0}, UnpairedExample(Plain("q", "a"), False)),
-        ("unpaired", {"prompt": "q", "completion": "a", "label": "True"}, UnpairedExample(Plain("q", "a"), True)),
-        ("prompt", {"prompt": "1+1=", "answer": "2", "id": 7}, PromptExample(Plain("1+1=", None), {"answer": "2", "id": 7})),
+        (
+            "unpaired",
+            {"prompt": "q", "completion": "a", "label": "True"},
+            UnpairedExample(Plain("q", "a"), True),
+        ),
+        (
+            "prompt",
+            {"prompt": "1+1=", "answer": "2", "id": 7},
+            PromptExample(Plain("1+1=", None), {"answer": "2", "id": 7}),
+        ),
         ("prompt", {"prompt": [U]}, PromptExample(Chat((U,), 1), {})),
     ],
 )
@@ -55,28 +75,70 @@ def test_layouts(kind, row, expected):
 
 
 def test_string_format_chat():
-    example = parse_row({"prompt": "q", "chosen": "a", "rejected": "b"}, "preference", REF, string_format="chat")
+    example = parse_row(
+        {"prompt": "q", "chosen": "a", "rejected": "b"}, "preference", REF, string_format="chat"
+    )
     assert example == PreferenceExample(Chat((U, A), 1), Chat((U, B), 1), 0.0)
 
 
 @pytest.mark.parametrize(
     "kind, row, problem",
     [
-        ("sft", {"question": "q"}, "missing column: an SFT row needs 'prompt' and 'completion', 'messages', or 'text'; found columns ['question']"),
+        (
+            "sft",
+            {"question": "q"},
+            "missing column: an SFT row needs 'prompt' and 'completion', 'messages', or 'text'; found columns ['question']",
+        ),
         ("sft", {"prompt": "q"}, "missing column 'completion'; found columns ['prompt']"),
         ("sft", {"prompt": "q", "completion": ""}, "column 'completion' is empty"),
-        ("sft", {"prompt": "q", "completion": 5}, "column 'completion' must be a string or a list of messages, got int 5"),
+        (
+            "sft",
+            {"prompt": "q", "completion": 5},
+            "column 'completion' must be a string or a list of messages, got int 5",
+        ),
         ("sft", {"prompt": [U], "completion": "a"}, "column 'prompt' is list"),
-        ("sft", {"messages": [U, {"role": "wizard", "content": "x"}]}, "messages[1] has unknown role 'wizard'; expected one of ['system', 'user', 'assistant']"),
-        ("sft", {"messages": [U, {"role": "assistant", "content": None}]}, "messages[1] (assistant) content must be a string, got NoneType None"),
-        ("sft", {"messages": [U, {"role": "assistant", "content": " "}]}, "messages[1] (assistant) content is empty"),
-        ("sft", {"messages": [A, U]}, "column 'messages' must end with an assistant message, got role 'user'"),
+        (
+            "sft",
+            {"messages": [U, {"role": "wizard", "content": "x"}]},
+            "messages[1] has unknown role 'wizard'; expected one of ['system', 'user', 'assistant']",
+        ),
+        (
+            "sft",
+            {"messages": [U, {"role": "assistant", "content": None}]},
+            "messages[1] (assistant) content must be a string, got NoneType None",
+        ),
+        (
+            "sft",
+            {"messages": [U, {"role": "assistant", "content": " "}]},
+            "messages[1] (assistant) content is empty",
+        ),
+        (
+            "sft",
+            {"messages": [A, U]},
+            "column 'messages' must end with an assistant message, got role 'user'",
+        ),
         ("sft", {"messages": []}, "column 'messages' must be a non-empty list of messages"),
         ("preference", {"prompt": "q", "chosen": "a"}, "missing column 'rejected'"),
-        ("preference", {"prompt": "q", "chosen": "a", "rejected": "a"}, "'chosen' and 'rejected' are identical"),
-        ("preference", {"prompt": "q", "chosen": "a", "rejected": [B]}, "must both be strings or both message lists"),
-        ("preference", {"chosen": [U, A], "rejected": [{"role": "user", "content": "z"}, B]}, "differ before their final assistant message"),
-        ("preference", {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "column 'margin' must be a finite number"),
+        (
+            "preference",
+            {"prompt": "q", "chosen": "a", "rejected": "a"},
+            "'chosen' and 'rejected' are identical",
+        ),
+        (
+            "preference",
+            {"prompt": "q", "chosen": "a", "rejected": [B]},
+            "must both be strings or both message lists",
+        ),
+        (
+            "preference",
+            {"chosen": [U, A], "rejected": [{"role": "user", "content": "z"}, B]},
+            "differ before their final assistant message",
+        ),
+        (
+            "preference",
+            {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"},
+            "column 'margin' must be a finite number",
+        ),
         ("unpaired", {"prompt": "q", "completion": "a"}, "missing column 'label'"),
         ("unpaired", {"prompt": "q", "completion": "a", "label": "maybe"}, "column 'label' must be a bool"),
         ("prompt", {"prompt": ""}, "column 'prompt' is empty"),
@@ -94,13 +156,25 @@ def test_bad_rows_name_the_row_and_the_problem(kind, row, problem):
 # The acceptance list, through a real file: every bad line is named with its number.
 GOOD = {"prompt": "q", "chosen": "a", "rejected": "b"}
 BAD_LINES = [
-    ('{"prompt": "q", "chosen": "a", ', "malformed JSON: Expecting property name enclosed in double quotes at column 32"),
+    (
+        '{"prompt": "q", "chosen": "a", ',
+        "malformed JSON: Expecting property name enclosed in double quotes at column 32",
+    ),
     (json.dumps({"prompt": "q", "chosen": "a"}), "missing column 'rejected'"),
     (json.dumps({"prompt": "q", "chosen": "", "rejected": "b"}), "column 'chosen' is empty"),
-    (json.dumps({"prompt": "q", "chosen": 3, "rejected": "b"}), "'chosen' and 'rejected' must both be strings"),
+    (
+        json.dumps({"prompt": "q", "chosen": 3, "rejected": "b"}),
+        "'chosen' and 'rejected' must both be strings",
+    ),
     (json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}), "'chosen' and 'rejected' are identical"),
-    (json.dumps({"prompt": [{"role": "bot", "content": "q"}], "chosen": [A], "rejected": [B]}), "unknown role 'bot'"),
-    (json.dumps({"prompt": "x" * 40, "chosen": "a", "rejected": "b"}), "chosen: the prompt has 41 tokens, leaving no room for a completion within max_len=32"),
+    (
+        json.dumps({"prompt": [{"role": "bot", "content": "q"}], "chosen": [A], "rejected": [B]}),
+        "unknown role 'bot'",
+    ),
+    (
+        json.dumps({"prompt": "x" * 40, "chosen": "a", "rejected": "b"}),
+        "chosen: the prompt has 41 tokens, leaving no room for a completion within max_len=32",
+    ),
 ]
 
 
@@ -113,7 +187,9 @@ def _write(path, lines):
 def test_bad_input_raises_with_file_and_line(tmp_path, bad, problem):
     path = _write(tmp_path / "prefs.jsonl", [json.dumps(GOOD), "", bad, json.dumps(GOOD)])
     with pytest.raises(DataError) as info:
-        load_dataset(path, kind="preference", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=32))
+        load_dataset(
+            path, kind="preference", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=32)
+        )
     assert str(info.value).startswith(f"{path} line 3: ")  # the blank line 2 is not a row but counts
     assert problem in str(info.value)
 
@@ -124,7 +200,13 @@ def test_skip_counts_and_reports_every_bad_row(tmp_path, caplog):
         lines += [json.dumps(GOOD), bad]
     path = _write(tmp_path / "prefs.jsonl", lines)
     with caplog.at_level(logging.WARNING, logger="rlhf_jax.data"):
-        dataset = load_dataset(path, kind="preference", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=32), on_error="skip")
+        dataset = load_dataset(
+            path,
+            kind="preference",
+            tokenizer=offline_tokenizer(),
+            config=TokenizeConfig(max_len=32),
+            on_error="skip",
+        )
     assert len(dataset) == len(BAD_LINES) and dataset.num_rows == 2 * len(BAD_LINES)
     assert [e.ref.index for e in dataset.skipped] == [2 * i + 2 for i in range(len(BAD_LINES))]
     for error, (_, problem) in zip(dataset.skipped, BAD_LINES):
@@ -135,13 +217,25 @@ def test_skip_counts_and_reports_every_bad_row(tmp_path, caplog):
 
 def test_nothing_usable_is_an_error(tmp_path):
     path = _write(tmp_path / "prefs.jsonl", [json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"})])
-    with pytest.raises(DataError, match="no usable preference rows \\(1 read, 1 skipped; first problem: .* identical"):
-        load_dataset(path, kind="preference", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=32), on_error="skip")
+    with pytest.raises(
+        DataError, match="no usable preference rows \\(1 read, 1 skipped; first problem: .* identical"
+    ):
+        load_dataset(
+            path,
+            kind="preference",
+            tokenizer=offline_tokenizer(),
+            config=TokenizeConfig(max_len=32),
+            on_error="skip",
+        )
 
 
 def test_rename_maps_columns():
     rows = [{"question": "1+1=", "solution": "2"}]
     dataset = load_dataset(
-        rows, kind="prompt", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=16), rename={"question": "prompt"}
+        rows,
+        kind="prompt",
+        tokenizer=offline_tokenizer(),
+        config=TokenizeConfig(max_len=16),
+        rename={"question": "prompt"},
     )
     assert dataset.columns == {"solution": ["2"]}

@@ -51,7 +51,13 @@ def test_epochs_are_seeded_permutations_without_gaps():
         order = np.random.default_rng([5, epoch]).permutation(10).tolist()
         assert flat[10 * epoch : 10 * (epoch + 1)] == order == it.epoch_order(epoch).tolist()
     assert flat[:10] != flat[10:20]
-    assert [i for _ in range(3) for i in _ids(ds, next(_iter(ds, shuffle=False, batch_size=5)))][:5] == [0, 1, 2, 3, 4]
+    assert [i for _ in range(3) for i in _ids(ds, next(_iter(ds, shuffle=False, batch_size=5)))][:5] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -63,7 +69,14 @@ def test_resume_yields_exactly_the_remaining_stream(pack):
         states.append(json.loads(json.dumps(reference.get_state())))  # what a checkpoint stores
         batches.append(next(reference))
     if not pack:  # 12 examples, 4 per batch: after 3 batches the next example starts epoch 1
-        assert states[1] == {"seed": 1, "epoch": 0, "position": 4, "process_index": 0, "process_count": 1, "num_examples": 12}
+        assert states[1] == {
+            "seed": 1,
+            "epoch": 0,
+            "position": 4,
+            "process_index": 0,
+            "process_count": 1,
+            "num_examples": 12,
+        }
         assert states[3]["epoch"] == 1 and states[3]["position"] == 0
     assert any(s["epoch"] == 1 for s in states)
     for k, state in enumerate(states):
@@ -86,7 +99,12 @@ def test_hosts_are_disjoint_and_complete_per_epoch():
         for k, i in enumerate(examples):
             g = k * hosts + h
             by_epoch.setdefault(g // n, {}).setdefault(h, []).append(i)
-            assert i == BatchIterator(ds, BatchConfig(batch_size=2, seq_len=16, seed=2), process_index=0, process_count=1).epoch_order(g // n)[g % n]
+            assert (
+                i
+                == BatchIterator(
+                    ds, BatchConfig(batch_size=2, seq_len=16, seed=2), process_index=0, process_count=1
+                ).epoch_order(g // n)[g % n]
+            )
     for epoch in (0, 1, 2):
         shards = by_epoch[epoch]
         flat = [i for h in range(hosts) for i in shards[h]]
@@ -104,7 +122,11 @@ def test_finite_epochs_pad_or_drop_the_last_batch(pack):
     if not pack:
         assert len(batches) == 3
         np.testing.assert_array_equal(last["example_mask"][:, 0], [True, True, False, False])
-        assert not last["loss_mask"][2:].any() and not last["segment_ids"][2:].any() and (last["tokens"][2:] == 0).all()
+        assert (
+            not last["loss_mask"][2:].any()
+            and not last["segment_ids"][2:].any()
+            and (last["tokens"][2:] == 0).all()
+        )
     dropped = list(_iter(ds, num_epochs=1, pack=pack, max_segments=2, seq_len=10, drop_remainder=True))
     assert len(dropped) == len(batches) - 1
     for a, b in zip(dropped, batches):
@@ -117,9 +139,13 @@ def test_state_mismatches_are_named():
     state = _iter(ds, seed=1).get_state()
     with pytest.raises(ValueError, match="state\\['seed'\\] = 1 but this iterator has seed = 2"):
         _iter(ds, seed=2).set_state(state)
-    with pytest.raises(ValueError, match="state\\['process_count'\\] = 1 but this iterator has process_count = 2"):
+    with pytest.raises(
+        ValueError, match="state\\['process_count'\\] = 1 but this iterator has process_count = 2"
+    ):
         _iter(ds, seed=1, process_count=2).set_state(state)
-    with pytest.raises(ValueError, match="state\\['num_examples'\\] = 10 but this iterator has num_examples = 9"):
+    with pytest.raises(
+        ValueError, match="state\\['num_examples'\\] = 10 but this iterator has num_examples = 9"
+    ):
         _iter(_dataset(9), seed=1).set_state(state)
     with pytest.raises(ValueError, match="state lacks \\['position'\\]"):
         _iter(ds, seed=1).set_state({k: v for k, v in state.items() if k != "position"})
@@ -129,7 +155,9 @@ def test_config_errors_are_named():
     ds = _dataset(4)
     with pytest.raises(ValueError, match="has a sequence of 8 tokens but BatchConfig.seq_len=6"):
         _iter(ds, seq_len=6)
-    prompts = load_dataset([{"prompt": "a"}], kind="prompt", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=8))
+    prompts = load_dataset(
+        [{"prompt": "a"}], kind="prompt", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=8)
+    )
     with pytest.raises(ValueError, match="pack applies to sft and preference data, not 'prompt'"):
         _iter(prompts, pack=True)
     with pytest.raises(ValueError, match="BatchConfig.batch_size must be a positive int"):

@@ -27,7 +27,9 @@ def ids(text):
 
 
 def _load(rows, kind, max_len=32):
-    return load_dataset(rows, kind=kind, tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=max_len))
+    return load_dataset(
+        rows, kind=kind, tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=max_len)
+    )
 
 
 def test_row_packer_first_fit_stops_at_the_first_misfit():
@@ -36,7 +38,11 @@ def test_row_packer_first_fit_stops_at_the_first_misfit():
     assert not packer.add(4, [6])  # row 0 holds 8, row 1 holds 6: no room, the batch is closed
     assert packer.rows == [[0, 1], [2, 3]] and not packer.full
     packer = RowPacker(batch_size=2, seq_len=8, max_segments=2)
-    assert [packer.add(i, [1]) for i in range(4)] == [True] * 4 and packer.full and packer.rows == [[0, 1], [2, 3]]
+    assert (
+        [packer.add(i, [1]) for i in range(4)] == [True] * 4
+        and packer.full
+        and packer.rows == [[0, 1], [2, 3]]
+    )
     # Two tracks: both must fit in the same row.
     packer = RowPacker(batch_size=2, seq_len=8, max_segments=4, num_tracks=2)
     assert packer.add(0, [6, 2]) and packer.add(1, [2, 6]) and packer.add(2, [1, 1])
@@ -60,7 +66,14 @@ def test_pack_rows_keeps_every_example_once_in_order():
 
 
 def test_packed_sft_row_layout():
-    ds = _load([{"prompt": "a", "completion": "bc"}, {"prompt": "de", "completion": "f"}, {"prompt": "g", "completion": "h"}], "sft")
+    ds = _load(
+        [
+            {"prompt": "a", "completion": "bc"},
+            {"prompt": "de", "completion": "f"},
+            {"prompt": "g", "completion": "h"},
+        ],
+        "sft",
+    )
     batch = collate(ds, [[0, 1, 2], []], seq_len=16, num_segments=4)
     np.testing.assert_array_equal(
         batch["tokens"][0], [BOS, *ids("abc"), EOS, BOS, *ids("def"), EOS, BOS, *ids("gh"), EOS, 0, 0]
@@ -79,7 +92,12 @@ def test_packed_preference_pairs_share_row_and_slot():
         {"prompt": "r", "chosen": "zz", "rejected": "w"},
     ]
     ds = _load(rows, "preference")
-    it = BatchIterator(ds, BatchConfig(batch_size=2, seq_len=20, pack=True, max_segments=3, shuffle=False, num_epochs=1), process_index=0, process_count=1)
+    it = BatchIterator(
+        ds,
+        BatchConfig(batch_size=2, seq_len=20, pack=True, max_segments=3, shuffle=False, num_epochs=1),
+        process_index=0,
+        process_count=1,
+    )
     batch = next(it)
     # Pair 0 (14/4 tokens) and pair 1 (4/15) fit together on both tracks; pair 2 (5/4) overflows the
     # rejected track of row 0 (4+15+4 > 20) and goes to row 1.
@@ -92,7 +110,10 @@ def test_packed_preference_pairs_share_row_and_slot():
 
 
 def test_unpaired_batch_builds_kto_mismatched_pairs():
-    rows = [{"prompt": "a", "completion": "xx", "label": True}, {"prompt": "bb", "completion": "y", "label": False}]
+    rows = [
+        {"prompt": "a", "completion": "xx", "label": True},
+        {"prompt": "bb", "completion": "y", "label": False},
+    ]
     ds = _load(rows, "unpaired")
     batch = collate(ds, [[0], [1], []], seq_len=8)
     np.testing.assert_array_equal(batch["label"], [True, False, False])
@@ -105,7 +126,17 @@ def test_unpaired_batch_builds_kto_mismatched_pairs():
     assert not batch["kl_segment_ids"][2].any()
 
 
-@pytest.mark.parametrize("kind, pack", [("sft", False), ("sft", True), ("preference", False), ("preference", True), ("unpaired", False), ("prompt", False)])
+@pytest.mark.parametrize(
+    "kind, pack",
+    [
+        ("sft", False),
+        ("sft", True),
+        ("preference", False),
+        ("preference", True),
+        ("unpaired", False),
+        ("prompt", False),
+    ],
+)
 def test_batch_spec_matches_collate(kind, pack):
     rows = {
         "sft": [{"prompt": "a", "completion": "b"}] * 3,
@@ -127,7 +158,9 @@ def test_batch_spec_matches_collate(kind, pack):
 def test_segment_helpers_golden_and_reference():
     seg = jnp.array([[1, 1, 2, 2, 2, 0], [1, 0, 0, 0, 0, 0]])
     vals = jnp.array([[1.0, 2.0, 4.0, 8.0, 16.0, 32.0], [5.0, 7.0, 0.0, 0.0, 0.0, 0.0]])
-    np.testing.assert_array_equal(segment_sums(vals, seg, num_segments=3), [[3.0, 28.0, 0.0], [5.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(
+        segment_sums(vals, seg, num_segments=3), [[3.0, 28.0, 0.0], [5.0, 0.0, 0.0]]
+    )
     np.testing.assert_array_equal(segment_last_index(seg, num_segments=3), [[1, 4, 0], [0, 0, 0]])
     rng = np.random.default_rng(1)
     seg = np.sort(rng.integers(0, 5, size=(4, 20)), axis=1)[:, ::-1].copy()
@@ -148,7 +181,9 @@ def test_packed_and_unpacked_logprobs_agree_with_the_model():
     model = CausalLM(tiny_config())
     # Random parameters straight from the abstract tree (any values serve an invariance test).
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.1, a.shape), a.dtype), model.abstract_params())
+    params = jax.tree.map(
+        lambda a: jnp.asarray(rng.normal(0.0, 0.1, a.shape), a.dtype), model.abstract_params()
+    )
 
     @jax.jit
     def per_segment(tokens, positions, segment_ids, loss_mask):
@@ -162,9 +197,13 @@ def test_packed_and_unpacked_logprobs_agree_with_the_model():
     packed_rows = [[0, 1, 2], [3, 4], [5, 6], [], [], [], []]  # same shapes as unpacked: one compile
     packed = collate(ds, packed_rows, seq_len=40, num_segments=4)
     assert packed["segment_ids"].max() == 3 and (packed["segment_ids"] > 0).sum() == ds.lengths().sum()
-    p_logps, p_hidden = per_segment(packed["tokens"], packed["positions"], packed["segment_ids"], packed["loss_mask"])
+    p_logps, p_hidden = per_segment(
+        packed["tokens"], packed["positions"], packed["segment_ids"], packed["loss_mask"]
+    )
     single = collate(ds, [[i] for i in range(7)], seq_len=40, num_segments=4)
-    u_logps, u_hidden = per_segment(single["tokens"], single["positions"], single["segment_ids"], single["loss_mask"])
+    u_logps, u_hidden = per_segment(
+        single["tokens"], single["positions"], single["segment_ids"], single["loss_mask"]
+    )
     for b, row in enumerate(packed_rows):
         for s, i in enumerate(row):
             np.testing.assert_allclose(p_logps[b, s], u_logps[i, 0], atol=1e-5, rtol=0)
@@ -173,4 +212,6 @@ def test_packed_and_unpacked_logprobs_agree_with_the_model():
     # Unpacked rows without segment ids (plain right padding) give the same numbers too.
     logits = jax.jit(lambda tokens: model.forward(params, tokens).logits)(single["tokens"])
     lp = token_logprobs(logits[:, :-1], single["tokens"][:, 1:])
-    np.testing.assert_allclose(np.sum(lp * single["loss_mask"][:, 1:], axis=1), u_logps[:, 0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.sum(lp * single["loss_mask"][:, 1:], axis=1), u_logps[:, 0], atol=1e-5, rtol=0
+    )

@@ -11,7 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlhf_jax.data import DataError, TFDSSource, TokenizeConfig, load_dataset, read_rows, write_tfds_preferences
+from rlhf_jax.data import (
+    DataError,
+    TFDSSource,
+    TokenizeConfig,
+    load_dataset,
+    read_rows,
+    write_tfds_preferences,
+)
 from rlhf_jax.data.tfds_preferences import PREFERENCE_BUILDER_NAME
 from rlhf_jax.testing.tokenizer import offline_tokenizer
 
@@ -22,8 +29,18 @@ STRING_ROWS = [
 ]
 U = {"role": "user", "content": "hi"}
 MESSAGE_ROWS = [
-    {"prompt": [U], "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [{"role": "assistant", "content": "go"}], "margin": 0.0},
-    {"prompt": [U], "chosen": [{"role": "assistant", "content": "hey"}], "rejected": [{"role": "assistant", "content": "no"}], "margin": 2.0},
+    {
+        "prompt": [U],
+        "chosen": [{"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "assistant", "content": "go"}],
+        "margin": 0.0,
+    },
+    {
+        "prompt": [U],
+        "chosen": [{"role": "assistant", "content": "hey"}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+        "margin": 2.0,
+    },
 ]
 CONFIG = TokenizeConfig(max_len=32)
 
@@ -102,9 +119,9 @@ def test_csv(tmp_path):
 def test_hf_dataset_saved_to_disk(tmp_path, rows):
     datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "one")
     _assert_same(_load(tmp_path / "one"), _load(rows))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(
-        tmp_path / "dict"
-    )
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])}
+    ).save_to_disk(tmp_path / "dict")
     _assert_same(_load(tmp_path / "dict", split="test"), _load(rows[:1]))
     with pytest.raises(ValueError, match="DatasetDict with splits \\['test', 'train'\\]: pass split="):
         _load(tmp_path / "dict")
@@ -114,7 +131,12 @@ def test_hf_dataset_saved_to_disk(tmp_path, rows):
 def test_tfds_round_trip_without_tensorflow(tmp_path):
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in STRING_ROWS + MESSAGE_ROWS))
-    implicit = [{"chosen": [U, {"role": "assistant", "content": "yo"}], "rejected": [U, {"role": "assistant", "content": "no"}]}]
+    implicit = [
+        {
+            "chosen": [U, {"role": "assistant", "content": "yo"}],
+            "rejected": [U, {"role": "assistant", "content": "no"}],
+        }
+    ]
     version_dir = write_tfds_preferences({"train": jsonl, "test": implicit}, tmp_path / "tfds")
     assert version_dir == str(tmp_path / "tfds" / PREFERENCE_BUILDER_NAME / "1.0.0")
     # Rows come back exactly, in order (an absent margin reads as 0).

@@ -24,7 +24,9 @@ def test_arithmetic_answers_are_correct_and_seeded():
 
 
 def test_arithmetic_grader():
-    rewards = ArithmeticTask.reward(completions=["19", " 19 ", "18", "19.0", ""], answer=["19"] * 5, prompts=["12+7="] * 5)
+    rewards = ArithmeticTask.reward(
+        completions=["19", " 19 ", "18", "19.0", ""], answer=["19"] * 5, prompts=["12+7="] * 5
+    )
     assert rewards == [1.0, 1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
         ArithmeticTask.reward(completions=["1", "2"], answer=["1"])
@@ -44,14 +46,19 @@ def test_arithmetic_grader():
 def test_vowel_gold_reward_goldens(word, completion, gold):
     task = VowelTask()
     assert task.gold(word, completion) == pytest.approx(gold)
-    assert task.gold_reward(completions=[completion], word=[word], prompts=["ignored"]) == [pytest.approx(gold)]
+    assert task.gold_reward(completions=[completion], word=[word], prompts=["ignored"]) == [
+        pytest.approx(gold)
+    ]
 
 
 def test_vowel_generators_are_seeded_and_stay_in_the_safe_region():
     task = VowelTask()
     sft = task.sft_rows(400, seed=0)
     assert sft == task.sft_rows(400, seed=0) and sft != task.sft_rows(400, seed=1)
-    assert task.sft_rows(9, seed=0) == sft[:9] and task.preference_rows(9, seed=3) == task.preference_rows(20, seed=3)[:9]
+    assert (
+        task.sft_rows(9, seed=0) == sft[:9]
+        and task.preference_rows(9, seed=3) == task.preference_rows(20, seed=3)[:9]
+    )
     shares, starts = [], []
     for row in sft:
         word, text = row["word"], row["completion"]

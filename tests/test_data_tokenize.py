@@ -34,7 +34,11 @@ def one(spec, tokenizer=None, **config):
 def test_chat_masks_token_by_token_in_a_batch():
     rows = [{"prompt": [user("12+7=")], "completion": [assistant("19")]}]
     dataset = load_dataset(rows, kind="sft", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=16))
-    batch = next(BatchIterator(dataset, BatchConfig(batch_size=1, seq_len=16, shuffle=False), process_index=0, process_count=1))
+    batch = next(
+        BatchIterator(
+            dataset, BatchConfig(batch_size=1, seq_len=16, shuffle=False), process_index=0, process_count=1
+        )
+    )
     expected = [BOS, USER, *ids("12+7="), ASSIST, *ids("19"), EOS]
     assert len(expected) == 11
     np.testing.assert_array_equal(batch["tokens"][0], expected + [0] * 5)
@@ -61,7 +65,21 @@ def test_text_layout_trains_everything_but_the_first_token():
 def test_multi_turn_masks_every_assistant_turn():
     messages = ({"role": "system", "content": "s"}, user("a"), assistant("bc"), user("d"), assistant("e"))
     out = one(Chat(messages, 0))
-    assert out.ids == [BOS, SYS, *ids("s"), USER, *ids("a"), ASSIST, *ids("bc"), EOS, USER, *ids("d"), ASSIST, *ids("e"), EOS]
+    assert out.ids == [
+        BOS,
+        SYS,
+        *ids("s"),
+        USER,
+        *ids("a"),
+        ASSIST,
+        *ids("bc"),
+        EOS,
+        USER,
+        *ids("d"),
+        ASSIST,
+        *ids("e"),
+        EOS,
+    ]
     assert [int(m) for m in out.mask] == [0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1]
     # Context turns before num_context are never trained on, even the assistant ones.
     out = one(Chat(messages, 3))
@@ -112,7 +130,9 @@ def test_eos_inside_the_completion_text_is_rejected():
 def test_template_problems_are_reported():
     assert "unknown role 'tool'" in one(Chat(({"role": "tool", "content": "x"}, assistant("a")), 1))
     # A template that renders the latest message first is not prefix-stable.
-    reverse = _with_template("{% for m in messages|reverse %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}")
+    reverse = _with_template(
+        "{% for m in messages|reverse %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
     assert "not prefix-stable at message 1" in one(Chat((user("q"), assistant("a")), 1), reverse)
 
 
@@ -121,11 +141,36 @@ def test_template_problems_are_reported():
     [
         # prompt = BOS abcdefgh (9 tokens), completion = xyz EOS (4 tokens)
         (dict(max_len=64), [BOS, *ids("abcdefgh"), *ids("xyz"), EOS], [0] * 9 + [1] * 4, False),
-        (dict(max_len=64, max_prompt_len=5, truncation="keep_end"), [BOS, *ids("efgh"), *ids("xyz"), EOS], [0] * 5 + [1] * 4, True),
-        (dict(max_len=64, max_prompt_len=5, truncation="keep_start"), [BOS, *ids("abcd"), *ids("xyz"), EOS], [0] * 5 + [1] * 4, True),
-        (dict(max_len=11, truncation="keep_start"), [BOS, *ids("abcdefgh"), *ids("xy")], [0] * 9 + [1] * 2, True),
-        (dict(max_len=11, truncation="keep_end"), [BOS, *ids("cdefgh"), *ids("xyz"), EOS], [0] * 7 + [1] * 4, True),
-        (dict(max_len=9, max_prompt_len=4, truncation="keep_end"), [BOS, *ids("fgh"), *ids("xyz"), EOS], [0] * 4 + [1] * 4, True),
+        (
+            dict(max_len=64, max_prompt_len=5, truncation="keep_end"),
+            [BOS, *ids("efgh"), *ids("xyz"), EOS],
+            [0] * 5 + [1] * 4,
+            True,
+        ),
+        (
+            dict(max_len=64, max_prompt_len=5, truncation="keep_start"),
+            [BOS, *ids("abcd"), *ids("xyz"), EOS],
+            [0] * 5 + [1] * 4,
+            True,
+        ),
+        (
+            dict(max_len=11, truncation="keep_start"),
+            [BOS, *ids("abcdefgh"), *ids("xy")],
+            [0] * 9 + [1] * 2,
+            True,
+        ),
+        (
+            dict(max_len=11, truncation="keep_end"),
+            [BOS, *ids("cdefgh"), *ids("xyz"), EOS],
+            [0] * 7 + [1] * 4,
+            True,
+        ),
+        (
+            dict(max_len=9, max_prompt_len=4, truncation="keep_end"),
+            [BOS, *ids("fgh"), *ids("xyz"), EOS],
+            [0] * 4 + [1] * 4,
+            True,
+        ),
     ],
 )
 def test_truncation(config, expected_ids, expected_mask, truncated):
@@ -164,7 +209,12 @@ def test_batched_equals_one_by_one_and_shares_work():
 
 def test_string_format_chat_wraps_strings_in_the_template():
     rows = [{"prompt": "12+7=", "completion": "19"}]
-    dataset = load_dataset(rows, kind="sft", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=16, string_format="chat"))
+    dataset = load_dataset(
+        rows,
+        kind="sft",
+        tokenizer=offline_tokenizer(),
+        config=TokenizeConfig(max_len=16, string_format="chat"),
+    )
     assert dataset.arrays["tokens"][0].tolist() == [BOS, USER, *ids("12+7="), ASSIST, *ids("19"), EOS]
 
 

@@ -40,7 +40,10 @@ def test_special_tokens_are_atomic_and_decode():
 
 def test_chat_template_renders_exactly():
     tok = offline_tokenizer()
-    assert tok.apply_chat_template(CONVERSATION, tokenize=False) == "<bos><|system|>be brief<|user|>12+7=<|assistant|>19<eos>"
+    assert (
+        tok.apply_chat_template(CONVERSATION, tokenize=False)
+        == "<bos><|system|>be brief<|user|>12+7=<|assistant|>19<eos>"
+    )
     assert (
         tok.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
         == "<bos><|system|>be brief<|user|>12+7=<|assistant|>"
@@ -60,10 +63,15 @@ def test_saved_directory_loads_with_auto_tokenizer(tmp_path):
     for loaded in (AutoTokenizer.from_pretrained(path), load_tokenizer(path)):
         text = "<bos><|user|>Hello, World!\n<|assistant|>x<eos>"
         assert loaded(text).input_ids == offline_tokenizer()(text).input_ids
-        assert loaded.apply_chat_template(CONVERSATION, tokenize=False) == offline_tokenizer().apply_chat_template(
+        assert loaded.apply_chat_template(
             CONVERSATION, tokenize=False
+        ) == offline_tokenizer().apply_chat_template(CONVERSATION, tokenize=False)
+        assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, len(loaded)) == (
+            0,
+            1,
+            2,
+            OFFLINE_VOCAB_SIZE,
         )
-        assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, len(loaded)) == (0, 1, 2, OFFLINE_VOCAB_SIZE)
 
 
 def test_load_tokenizer_only_reads_local_directories(tmp_path):

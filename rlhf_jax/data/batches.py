@@ -66,7 +66,9 @@ TOKEN_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
 _TOKEN_DTYPES = {"tokens": np.int32, "positions": np.int32, "segment_ids": np.int32, "loss_mask": np.float32}
 
 
-def batch_spec(kind: str, *, batch_size: int, seq_len: int, num_segments: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(
+    kind: str, *, batch_size: int, seq_len: int, num_segments: int = 1
+) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of the arrays of a batch of `kind` (the `columns` of prompt batches excluded).
 
     Args:
@@ -81,9 +83,13 @@ def batch_spec(kind: str, *, batch_size: int, seq_len: int, num_segments: int = 
     if kind not in KINDS:
         raise ValueError(f"batch_spec: kind must be one of {KINDS}, got {kind!r}")
     if kind in ("unpaired", "prompt") and num_segments != 1:
-        raise ValueError(f"batch_spec: {kind} batches are never packed; num_segments must be 1, got {num_segments}")
+        raise ValueError(
+            f"batch_spec: {kind} batches are never packed; num_segments must be 1, got {num_segments}"
+        )
     B, T, S = batch_size, seq_len, num_segments
-    row = lambda prefix="": {prefix + f: jax.ShapeDtypeStruct((B, T), _TOKEN_DTYPES[f]) for f in TOKEN_FIELDS}  # noqa: E731
+    row = lambda prefix="": {
+        prefix + f: jax.ShapeDtypeStruct((B, T), _TOKEN_DTYPES[f]) for f in TOKEN_FIELDS
+    }  # noqa: E731
     if kind == "sft":
         return {**row(), "example_mask": jax.ShapeDtypeStruct((B, S), np.bool_)}
     if kind == "preference":
@@ -107,7 +113,9 @@ def batch_spec(kind: str, *, batch_size: int, seq_len: int, num_segments: int = 
     }
 
 
-def _token_rows(seqs: list[list[tuple[np.ndarray, np.ndarray | None]]], seq_len: int, pad_id: int, prefix: str = "") -> dict:
+def _token_rows(
+    seqs: list[list[tuple[np.ndarray, np.ndarray | None]]], seq_len: int, pad_id: int, prefix: str = ""
+) -> dict:
     """Write rows of segments (ids, trained mask) into the four token arrays."""
     B = len(seqs)
     tokens = np.full((B, seq_len), pad_id, np.int32)
@@ -124,7 +132,12 @@ def _token_rows(seqs: list[list[tuple[np.ndarray, np.ndarray | None]]], seq_len:
             if mask is not None:
                 loss_mask[b, at : at + n] = mask
             at += n
-    return {prefix + "tokens": tokens, prefix + "positions": positions, prefix + "segment_ids": segment_ids, prefix + "loss_mask": loss_mask}
+    return {
+        prefix + "tokens": tokens,
+        prefix + "positions": positions,
+        prefix + "segment_ids": segment_ids,
+        prefix + "loss_mask": loss_mask,
+    }
 
 
 def _example_mask(rows: Sequence[Sequence[int]], num_segments: int) -> np.ndarray:
@@ -134,9 +147,15 @@ def _example_mask(rows: Sequence[Sequence[int]], num_segments: int) -> np.ndarra
     return mask
 
 
-def _kl_rows(dataset: TokenizedDataset, items: list[int], seq_len: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+def _kl_rows(
+    dataset: TokenizedDataset, items: list[int], seq_len: int
+) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     """KTO mismatched pairs: prompt of item i + completion of item (i+1) mod n, cut to seq_len."""
-    tokens, mask, plen = dataset.arrays["tokens"], dataset.arrays["loss_mask"], dataset.arrays["prompt_length"]
+    tokens, mask, plen = (
+        dataset.arrays["tokens"],
+        dataset.arrays["loss_mask"],
+        dataset.arrays["prompt_length"],
+    )
     out = []
     for i, item in enumerate(items):
         other = items[(i + 1) % len(items)]
@@ -147,7 +166,9 @@ def _kl_rows(dataset: TokenizedDataset, items: list[int], seq_len: int) -> list[
     return out
 
 
-def collate(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], *, seq_len: int, num_segments: int = 1) -> dict:
+def collate(
+    dataset: TokenizedDataset, rows: Sequence[Sequence[int]], *, seq_len: int, num_segments: int = 1
+) -> dict:
     """Build one batch: row b holds the examples `rows[b]` (indices into `dataset`) as segments 1, 2, ...
 
     Args:
@@ -169,14 +190,18 @@ def collate(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], *, seq_len
     if kind == "preference":
         batch = {}
         for track in ("chosen_", "rejected_"):
-            segs = [[(arrays[track + "tokens"][i], arrays[track + "loss_mask"][i]) for i in row] for row in rows]
+            segs = [
+                [(arrays[track + "tokens"][i], arrays[track + "loss_mask"][i]) for i in row] for row in rows
+            ]
             batch.update(_token_rows(segs, seq_len, pad, track))
         margin = np.zeros((len(rows), num_segments), np.float32)
         for b, row in enumerate(rows):
             margin[b, : len(row)] = arrays["margin"][list(row)]
         return {**batch, "margin": margin, "example_mask": _example_mask(rows, num_segments)}
     if num_segments != 1:
-        raise ValueError(f"collate: {kind} batches are never packed; num_segments must be 1, got {num_segments}")
+        raise ValueError(
+            f"collate: {kind} batches are never packed; num_segments must be 1, got {num_segments}"
+        )
     items = [row[0] for row in rows if row]
     valid = _example_mask(rows, 1)[:, 0]
     if kind == "unpaired":
@@ -184,14 +209,22 @@ def collate(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], *, seq_len
         kl = _kl_rows(dataset, items, seq_len) + [[] for _ in range(len(rows) - len(items))]
         label = np.zeros(len(rows), bool)
         label[: len(items)] = arrays["label"][items]
-        return {**_token_rows(segs, seq_len, pad), "label": label, "example_mask": valid, **_token_rows(kl, seq_len, pad, "kl_")}
+        return {
+            **_token_rows(segs, seq_len, pad),
+            "label": label,
+            "example_mask": valid,
+            **_token_rows(kl, seq_len, pad, "kl_"),
+        }
     prompts = arrays["prompt_tokens"]
     tokens = np.full((len(rows), seq_len), pad, np.int32)
     lengths = np.zeros(len(rows), np.int32)
     for b, i in enumerate(items):
         tokens[b, : len(prompts[i])] = prompts[i]
         lengths[b] = len(prompts[i])
-    columns = {name: [values[i] for i in items] + [None] * (len(rows) - len(items)) for name, values in dataset.columns.items()}
+    columns = {
+        name: [values[i] for i in items] + [None] * (len(rows) - len(items))
+        for name, values in dataset.columns.items()
+    }
     return {"prompt_tokens": tokens, "prompt_lengths": lengths, "example_mask": valid, "columns": columns}
 
 

@@ -107,7 +107,9 @@ class TokenizedDataset:
     def lengths(self) -> np.ndarray:
         """int64 [N, tracks] sequence lengths per example (2 tracks, chosen and rejected, for preference)."""
         if self.kind == "preference":
-            return np.stack([self.arrays["chosen_tokens"].lengths, self.arrays["rejected_tokens"].lengths], axis=1)
+            return np.stack(
+                [self.arrays["chosen_tokens"].lengths, self.arrays["rejected_tokens"].lengths], axis=1
+            )
         name = "prompt_tokens" if self.kind == "prompt" else "tokens"
         return self.arrays[name].lengths[:, None]
 
@@ -277,7 +279,9 @@ def load_dataset(
     skipped.sort(key=lambda e: (e.ref.source, e.ref.index))
     if builder.count == 0:
         first = f"; first problem: {skipped[0]}" if skipped else ""
-        raise DataError(RowRef(name, num_rows), f"no usable {kind} rows ({num_rows} read, {len(skipped)} skipped{first})")
+        raise DataError(
+            RowRef(name, num_rows), f"no usable {kind} rows ({num_rows} read, {len(skipped)} skipped{first})"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = TokenizedDataset(
         kind=kind,

@@ -138,17 +138,24 @@ Example = Union[SFTExample, PreferenceExample, UnpairedExample, PromptExample]
 def _require(row: Mapping[str, Any], ref: RowRef, *names: str) -> None:
     missing = [n for n in names if n not in row or row[n] is None]
     if missing:
-        raise DataError(ref, f"missing column {', '.join(repr(m) for m in missing)}; found columns {sorted(row)}")
+        raise DataError(
+            ref, f"missing column {', '.join(repr(m) for m in missing)}; found columns {sorted(row)}"
+        )
 
 
 def _messages(value: Any, ref: RowRef, column: str, roles: Sequence[str]) -> tuple[Mapping[str, Any], ...]:
     """Validate a message list: non-empty, each a {"role", "content"} object with a known role."""
     if not isinstance(value, (list, tuple)) or not value:
-        raise DataError(ref, f"column {column!r} must be a non-empty list of messages, got {_describe(value)}")
+        raise DataError(
+            ref, f"column {column!r} must be a non-empty list of messages, got {_describe(value)}"
+        )
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, Mapping):
-            raise DataError(ref, f"{column}[{i}] must be a message object with 'role' and 'content', got {_describe(message)}")
+            raise DataError(
+                ref,
+                f"{column}[{i}] must be a message object with 'role' and 'content', got {_describe(message)}",
+            )
         role = message.get("role")
         if role not in roles:
             raise DataError(ref, f"{column}[{i}] has unknown role {role!r}; expected one of {list(roles)}")
@@ -189,7 +196,9 @@ def _prompt_messages(value: Any, ref: RowRef, roles: Sequence[str]) -> tuple[Map
     return _messages(value, ref, "prompt", roles)
 
 
-def _prompt_completion(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str], column: str = "completion") -> SequenceSpec:
+def _prompt_completion(
+    row: Mapping[str, Any], ref: RowRef, roles: Sequence[str], column: str = "completion"
+) -> SequenceSpec:
     """`{"prompt", column}`: both strings (plain text), or a message-list completion (chat)."""
     _require(row, ref, "prompt", column)
     completion = row[column]
@@ -197,11 +206,15 @@ def _prompt_completion(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]
         prompt = row["prompt"]
         if not isinstance(prompt, str):
             raise DataError(
-                ref, f"column 'prompt' is {_describe(prompt)} but {column!r} is a string: use strings for both, or message lists"
+                ref,
+                f"column 'prompt' is {_describe(prompt)} but {column!r} is a string: "
+                "use strings for both, or message lists",
             )
         return Plain(_text(prompt, ref, "prompt", allow_empty=True), _text(completion, ref, column))
     if not isinstance(completion, (list, tuple)):
-        raise DataError(ref, f"column {column!r} must be a string or a list of messages, got {_describe(completion)}")
+        raise DataError(
+            ref, f"column {column!r} must be a string or a list of messages, got {_describe(completion)}"
+        )
     prompt = _prompt_messages(row["prompt"], ref, roles)
     completion = _messages(completion, ref, column, roles)
     _check_trained(completion, 0, ref, column)
@@ -245,7 +258,9 @@ def _parse_sft(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> SFT
     if row.get("text") is not None:
         return SFTExample(Plain("", _text(row["text"], ref, "text")))
     raise DataError(
-        ref, f"missing column: an SFT row needs 'prompt' and 'completion', 'messages', or 'text'; found columns {sorted(row)}"
+        ref,
+        "missing column: an SFT row needs 'prompt' and 'completion', 'messages', or 'text'; "
+        f"found columns {sorted(row)}",
     )
 
 
@@ -254,9 +269,8 @@ def _parse_preference(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str])
     chosen, rejected = row["chosen"], row["rejected"]
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise DataError(ref, "columns 'chosen' and 'rejected' must both be strings or both message lists")
-    implicit = (
-        isinstance(chosen, (list, tuple))
-        and any(isinstance(m, Mapping) and m.get("role") != "assistant" for m in chosen)
+    implicit = isinstance(chosen, (list, tuple)) and any(
+        isinstance(m, Mapping) and m.get("role") != "assistant" for m in chosen
     )
     if implicit:
         chosen_m = _messages(chosen, ref, "chosen", roles)
@@ -264,7 +278,9 @@ def _parse_preference(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str])
         _check_trained(chosen_m, len(chosen_m) - 1, ref, "chosen")
         _check_trained(rejected_m, len(rejected_m) - 1, ref, "rejected")
         if list(chosen_m[:-1]) != list(rejected_m[:-1]):
-            raise DataError(ref, "conversations 'chosen' and 'rejected' differ before their final assistant message")
+            raise DataError(
+                ref, "conversations 'chosen' and 'rejected' differ before their final assistant message"
+            )
         context = len(chosen_m) - 1
         chosen_seq, rejected_seq = Chat(chosen_m, context), Chat(rejected_m, context)
     else:
@@ -292,11 +308,21 @@ def _parse_prompt(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> 
     return PromptExample(sequence, {k: v for k, v in row.items() if k != "prompt"})
 
 
-_PARSERS = {"sft": _parse_sft, "preference": _parse_preference, "unpaired": _parse_unpaired, "prompt": _parse_prompt}
+_PARSERS = {
+    "sft": _parse_sft,
+    "preference": _parse_preference,
+    "unpaired": _parse_unpaired,
+    "prompt": _parse_prompt,
+}
 
 
 def parse_row(
-    row: Any, kind: Kind, ref: RowRef, *, roles: Sequence[str] = DEFAULT_ROLES, string_format: Literal["plain", "chat"] = "plain"
+    row: Any,
+    kind: Kind,
+    ref: RowRef,
+    *,
+    roles: Sequence[str] = DEFAULT_ROLES,
+    string_format: Literal["plain", "chat"] = "plain",
 ) -> Example:
     """Validate one row of a dataset of `kind` and return its typed example.
 
@@ -332,13 +358,18 @@ def _plain_to_chat(sequence: SequenceSpec) -> SequenceSpec:
         return Chat(({"role": "user", "content": sequence.prompt},), 1)
     if not sequence.prompt:  # the `text` layout: one assistant turn with no prompt
         return Chat(({"role": "assistant", "content": sequence.completion},), 0)
-    messages = ({"role": "user", "content": sequence.prompt}, {"role": "assistant", "content": sequence.completion})
+    messages = (
+        {"role": "user", "content": sequence.prompt},
+        {"role": "assistant", "content": sequence.completion},
+    )
     return Chat(messages, 1)
 
 
 def _as_chat(example: Example) -> Example:
     if isinstance(example, PreferenceExample):
-        return dataclasses.replace(example, chosen=_plain_to_chat(example.chosen), rejected=_plain_to_chat(example.rejected))
+        return dataclasses.replace(
+            example, chosen=_plain_to_chat(example.chosen), rejected=_plain_to_chat(example.rejected)
+        )
     if isinstance(example, PromptExample):
         return dataclasses.replace(example, prompt=_plain_to_chat(example.prompt))
     return dataclasses.replace(example, sequence=_plain_to_chat(example.sequence))

@@ -64,7 +64,9 @@ class BatchConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"BatchConfig.seed must be an int >= 0, got {self.seed!r}")
         if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
-            raise ValueError(f"BatchConfig.num_epochs must be None or a positive int, got {self.num_epochs!r}")
+            raise ValueError(
+                f"BatchConfig.num_epochs must be None or a positive int, got {self.num_epochs!r}"
+            )
 
     @property
     def num_segments(self) -> int:
@@ -89,18 +91,31 @@ class BatchIterator:
       >>> it2.set_state(saved)            # next(it2) == next(it)
     """
 
-    def __init__(self, dataset: TokenizedDataset, config: BatchConfig, *, process_index: int | None = None, process_count: int | None = None):
+    def __init__(
+        self,
+        dataset: TokenizedDataset,
+        config: BatchConfig,
+        *,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         if not isinstance(dataset, TokenizedDataset):
-            raise TypeError(f"BatchIterator: dataset must be a TokenizedDataset, got {type(dataset).__name__}")
+            raise TypeError(
+                f"BatchIterator: dataset must be a TokenizedDataset, got {type(dataset).__name__}"
+            )
         if config.pack and dataset.kind not in ("sft", "preference"):
-            raise ValueError(f"BatchIterator: BatchConfig.pack applies to sft and preference data, not {dataset.kind!r}")
+            raise ValueError(
+                f"BatchIterator: BatchConfig.pack applies to sft and preference data, not {dataset.kind!r}"
+            )
         if process_index is None or process_count is None:
             import jax
 
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if not 0 <= process_index < process_count:
-            raise ValueError(f"BatchIterator: need 0 <= process_index < process_count, got {process_index} and {process_count}")
+            raise ValueError(
+                f"BatchIterator: need 0 <= process_index < process_count, got {process_index} and {process_count}"
+            )
         self.dataset, self.config = dataset, config
         self.process_index, self.process_count = process_index, process_count
         lengths = dataset.lengths()
@@ -201,10 +216,14 @@ class BatchIterator:
         }
         for key, value in expected.items():
             if int(state[key]) != value:
-                raise ValueError(f"BatchIterator.set_state: state[{key!r}] = {state[key]} but this iterator has {key} = {value}")
+                raise ValueError(
+                    f"BatchIterator.set_state: state[{key!r}] = {state[key]} but this iterator has {key} = {value}"
+                )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self._n:
-            raise ValueError(f"BatchIterator.set_state: need epoch >= 0 and 0 <= position < {self._n}, got {epoch}, {position}")
+            raise ValueError(
+                f"BatchIterator.set_state: need epoch >= 0 and 0 <= position < {self._n}, got {epoch}, {position}"
+            )
         offset = epoch * self._n + position - self.process_index
         if offset % self.process_count:
             raise ValueError(

@@ -29,7 +29,9 @@ class RowPacker:
       min_length: no example is shorter (rows with less room are skipped; a speed hint, 1 is safe).
     """
 
-    def __init__(self, *, batch_size: int, seq_len: int, max_segments: int, num_tracks: int = 1, min_length: int = 1):
+    def __init__(
+        self, *, batch_size: int, seq_len: int, max_segments: int, num_tracks: int = 1, min_length: int = 1
+    ):
         for name, value in (
             ("batch_size", batch_size), ("seq_len", seq_len), ("max_segments", max_segments),
             ("num_tracks", num_tracks), ("min_length", min_length),
@@ -53,7 +55,9 @@ class RowPacker:
             raise ValueError(f"RowPacker: an example of length {max(lengths)} exceeds seq_len={self.seq_len}")
         for b in range(self._open, self.batch_size):
             fill = self._fill[b]
-            if len(self.rows[b]) < self.max_segments and all(f + n <= self.seq_len for f, n in zip(fill, lengths)):
+            if len(self.rows[b]) < self.max_segments and all(
+                f + n <= self.seq_len for f, n in zip(fill, lengths)
+            ):
                 self.rows[b].append(item)
                 for j, n in enumerate(lengths):
                     fill[j] += n
@@ -88,7 +92,9 @@ def pack_rows(lengths, *, batch_size: int, seq_len: int, max_segments: int) -> l
     lengths = np.asarray(lengths).reshape(len(lengths), -1)
     batches, i = [], 0
     while i < len(lengths):
-        packer = RowPacker(batch_size=batch_size, seq_len=seq_len, max_segments=max_segments, num_tracks=lengths.shape[1])
+        packer = RowPacker(
+            batch_size=batch_size, seq_len=seq_len, max_segments=max_segments, num_tracks=lengths.shape[1]
+        )
         while i < len(lengths) and packer.add(i, lengths[i]):
             i += 1
         batches.append(packer.rows)

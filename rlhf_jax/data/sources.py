@@ -83,11 +83,14 @@ def _read_json(path: str) -> Iterator[tuple[RowRef, Any]]:
         try:
             data = json.load(f)
         except json.JSONDecodeError as err:
-            raise DataError(RowRef(path, err.lineno, "line"), f"malformed JSON: {err.msg} at column {err.colno}") from None
+            raise DataError(
+                RowRef(path, err.lineno, "line"), f"malformed JSON: {err.msg} at column {err.colno}"
+            ) from None
     if not isinstance(data, list):
         raise DataError(
             RowRef(path, 1, "line"),
-            f"a .json file must hold an array of row objects, got a {type(data).__name__} (use .jsonl for one object per line)",
+            f"a .json file must hold an array of row objects, got a {type(data).__name__} "
+            "(use .jsonl for one object per line)",
         )
     for i, row in enumerate(data):
         yield RowRef(path, i), row
@@ -124,12 +127,19 @@ def _read_hf(dataset, name: str) -> Iterator[tuple[RowRef, Any]]:
 
 
 def _load_hf_dir(path: str, split: str | None):
-    import datasets
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            f"{path} is a saved Hugging Face dataset: reading it needs `pip install datasets`"
+        ) from err
 
     loaded = datasets.load_from_disk(path)
     if isinstance(loaded, datasets.DatasetDict):
         if split is None or split not in loaded:
-            raise ValueError(f"{path} is a DatasetDict with splits {sorted(loaded)}: pass split= one of them, got {split!r}")
+            raise ValueError(
+                f"{path} is a DatasetDict with splits {sorted(loaded)}: pass split= one of them, got {split!r}"
+            )
         return loaded[split], f"{path}[{split}]"
     if split is not None:
         raise ValueError(f"{path} is a single saved Dataset without splits; pass split=None, got {split!r}")
@@ -181,7 +191,9 @@ def read_rows(source: Source, *, split: str | None = None) -> Iterator[tuple[Row
             raise ValueError("read_rows: a TFDSSource carries its own split; pass split=None")
         import tensorflow_datasets as tfds
 
-        data_source = tfds.data_source(source.name, data_dir=source.data_dir, split=source.split, download=False)
+        data_source = tfds.data_source(
+            source.name, data_dir=source.data_dir, split=source.split, download=False
+        )
         yield from _read_tfds(data_source, describe_source(source), data_source.dataset_info.name)
         return
     if isinstance(source, (str, os.PathLike)):
@@ -192,7 +204,9 @@ def read_rows(source: Source, *, split: str | None = None) -> Iterator[tuple[Row
             yield from _read_dir(path, split)
             return
         if split is not None:
-            raise ValueError(f"read_rows: split= applies to directories (saved datasets, TFDS), not to the file {path!r}")
+            raise ValueError(
+                f"read_rows: split= applies to directories (saved datasets, TFDS), not to the file {path!r}"
+            )
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
         stem = path[:-3] if path.endswith(".gz") else path
         suffix = os.path.splitext(stem)[1].lower()
@@ -207,7 +221,9 @@ def read_rows(source: Source, *, split: str | None = None) -> Iterator[tuple[Row
         import datasets
 
         if isinstance(source, datasets.DatasetDict):
-            raise ValueError(f"read_rows: pass one split of the DatasetDict (splits {sorted(source)}), e.g. dataset['train']")
+            raise ValueError(
+                f"read_rows: pass one split of the DatasetDict (splits {sorted(source)}), e.g. dataset['train']"
+            )
         if isinstance(source, datasets.Dataset):
             if split is not None:
                 raise ValueError("read_rows: split= does not apply to an in-memory Dataset")
@@ -226,11 +242,15 @@ def read_rows(source: Source, *, split: str | None = None) -> Iterator[tuple[Row
 
 
 def _read_dir(path: str, split: str | None) -> Iterator[tuple[RowRef, Any]]:
-    if os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json")):
+    if os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(
+        os.path.join(path, "state.json")
+    ):
         dataset, name = _load_hf_dir(path, split)
         yield from _read_hf(dataset, name)
         return
-    if os.path.exists(os.path.join(path, "features.json")) and os.path.exists(os.path.join(path, "dataset_info.json")):
+    if os.path.exists(os.path.join(path, "features.json")) and os.path.exists(
+        os.path.join(path, "dataset_info.json")
+    ):
         import tensorflow_datasets as tfds
 
         builder = tfds.builder_from_directory(path)

@@ -89,7 +89,9 @@ class ArithmeticTask:
         if not isinstance(self.max_operand, int) or self.max_operand < 1:
             raise ValueError(f"ArithmeticTask.max_operand must be a positive int, got {self.max_operand!r}")
         if not self.ops or any(op not in _OPS for op in self.ops):
-            raise ValueError(f"ArithmeticTask.ops must be a non-empty tuple drawn from {tuple(_OPS)}, got {self.ops!r}")
+            raise ValueError(
+                f"ArithmeticTask.ops must be a non-empty tuple drawn from {tuple(_OPS)}, got {self.ops!r}"
+            )
 
     def problems(self, n: int, *, seed: int) -> list[tuple[str, str]]:
         """`n` (prompt, answer) pairs, e.g. ("12+7=", "19"); a seed's first k pairs are the same for any n >= k."""
@@ -125,7 +127,9 @@ class ArithmeticTask:
           1.0 or 0.0 per completion.
         """
         if len(completions) != len(answer):
-            raise ValueError(f"ArithmeticTask.reward: {len(completions)} completions but {len(answer)} answers")
+            raise ValueError(
+                f"ArithmeticTask.reward: {len(completions)} completions but {len(answer)} answers"
+            )
         return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
@@ -171,7 +175,9 @@ class VowelTask:
             if getattr(self, field) < 0:
                 raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)!r}")
         if not 1 <= self.min_good_len <= self.max_good_len:
-            raise ValueError(f"{name}: need 1 <= min_good_len <= max_good_len, got {self.min_good_len}, {self.max_good_len}")
+            raise ValueError(
+                f"{name}: need 1 <= min_good_len <= max_good_len, got {self.min_good_len}, {self.max_good_len}"
+            )
         _check_range(name, "prompt_len", self.prompt_len, 1, 32)
         _check_range(name, "completion_len", self.completion_len, 2, 64)
         _check_range(name, "sft_vowel_share", self.sft_vowel_share, 0.0, 1.0)
@@ -192,7 +198,9 @@ class VowelTask:
         n = len(text)
         distance = max(self.min_good_len - n, 0, n - self.max_good_len)
         runs = sum(len(m.group(0)) - 2 for m in re.finditer(r"(.)\1{2,}", text))
-        return tent + self.relevance_bonus * relevant - self.length_penalty * distance - self.run_penalty * runs
+        return (
+            tent + self.relevance_bonus * relevant - self.length_penalty * distance - self.run_penalty * runs
+        )
 
     def gold_reward(self, completions: Sequence[str], word: Sequence[str], **kwargs) -> list[float]:
         """The gold reward as a reward function (TRL calling convention; `word` is a prompt column).
@@ -267,7 +275,9 @@ class VowelTask:
           label_noise: probability in [0, 0.5] of swapping chosen and rejected.
         """
         if not 0 <= label_noise <= 0.5:
-            raise ValueError(f"VowelTask.preference_rows: label_noise must be in [0, 0.5], got {label_noise!r}")
+            raise ValueError(
+                f"VowelTask.preference_rows: label_noise must be in [0, 0.5], got {label_noise!r}"
+            )
         rng = np.random.default_rng([seed, 4])
         rows = []
         while len(rows) < n:
@@ -281,6 +291,13 @@ class VowelTask:
             if rng.random() < label_noise:
                 (chosen, gc), (rejected, gr) = (rejected, gr), (chosen, gc)
             rows.append(
-                {"prompt": self.prompt(word), "chosen": chosen, "rejected": rejected, "word": word, "gold_chosen": gc, "gold_rejected": gr}
+                {
+                    "prompt": self.prompt(word),
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "word": word,
+                    "gold_chosen": gc,
+                    "gold_rejected": gr,
+                }
             )
         return rows

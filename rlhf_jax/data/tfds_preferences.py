@@ -24,7 +24,12 @@ import numpy as np
 from rlhf_jax.data.formats import DataError
 from rlhf_jax.data.sources import Source, read_rows
 
-__all__ = ["PREFERENCE_BUILDER_NAME", "write_tfds_preferences", "decode_preference_row", "preference_builder_class"]
+__all__ = [
+    "PREFERENCE_BUILDER_NAME",
+    "write_tfds_preferences",
+    "decode_preference_row",
+    "preference_builder_class",
+]
 
 PREFERENCE_BUILDER_NAME = "rlhf_jax_preferences"
 _TEXT_FIELDS = ("prompt", "chosen", "rejected")
@@ -37,7 +42,9 @@ def _encode_row(ref, row: Any) -> dict[str, Any]:
         raise DataError(ref, f"a row must be an object, got {type(row).__name__}")
     missing = [c for c in ("chosen", "rejected") if row.get(c) is None]
     if missing:
-        raise DataError(ref, f"missing column {', '.join(repr(m) for m in missing)}; found columns {sorted(row)}")
+        raise DataError(
+            ref, f"missing column {', '.join(repr(m) for m in missing)}; found columns {sorted(row)}"
+        )
     margin = row.get("margin")
     try:
         margin = 0.0 if margin is None else float(margin)
@@ -90,7 +97,9 @@ def preference_builder_class():
 
         def _split_generators(self, dl_manager):
             if not self._split_sources:
-                raise ValueError(f"{PREFERENCE_BUILDER_NAME}: nothing to prepare; pass split_sources={{'train': source}}")
+                raise ValueError(
+                    f"{PREFERENCE_BUILDER_NAME}: nothing to prepare; pass split_sources={{'train': source}}"
+                )
             return {name: self._generate_examples(source) for name, source in self._split_sources.items()}
 
         def _generate_examples(self, source):
@@ -120,6 +129,8 @@ def write_tfds_preferences(split_sources: Mapping[str, Source], data_dir: str | 
     data_dir = os.fspath(data_dir)
     builder = builder_cls(split_sources=split_sources, data_dir=data_dir, file_format="array_record")
     if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-        raise FileExistsError(f"write_tfds_preferences: {builder.data_dir} is already prepared; delete it to rewrite")
+        raise FileExistsError(
+            f"write_tfds_preferences: {builder.data_dir} is already prepared; delete it to rewrite"
+        )
     builder.download_and_prepare(file_format="array_record")
     return os.fspath(builder.data_dir)

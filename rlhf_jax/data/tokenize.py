@@ -88,9 +88,13 @@ class TokenizeConfig:
                 f"got {self.max_prompt_len!r}"
             )
         if self.truncation not in ("keep_start", "keep_end"):
-            raise ValueError(f"TokenizeConfig.truncation must be 'keep_start' or 'keep_end', got {self.truncation!r}")
+            raise ValueError(
+                f"TokenizeConfig.truncation must be 'keep_start' or 'keep_end', got {self.truncation!r}"
+            )
         if self.string_format not in ("plain", "chat"):
-            raise ValueError(f"TokenizeConfig.string_format must be 'plain' or 'chat', got {self.string_format!r}")
+            raise ValueError(
+                f"TokenizeConfig.string_format must be 'plain' or 'chat', got {self.string_format!r}"
+            )
         if not self.roles or not all(isinstance(r, str) for r in self.roles):
             raise ValueError(f"TokenizeConfig.roles must be a non-empty tuple of strings, got {self.roles!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
@@ -140,7 +144,10 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     except (OSError, ValueError) as err:
         raise OSError(f"load_tokenizer: no usable tokenizer in {path!r}: {err}") from err
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise TypeError(f"load_tokenizer: {path!r} holds a slow {type(tokenizer).__name__}; a fast tokenizer (tokenizer.json) is needed")
+        raise TypeError(
+            f"load_tokenizer: {path!r} holds a slow {type(tokenizer).__name__}; "
+            "a fast tokenizer (tokenizer.json) is needed"
+        )
     return tokenizer
 
 
@@ -173,7 +180,9 @@ def _render_all(
             texts = []
             for conv in convs:
                 try:
-                    texts.append(tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=generation))
+                    texts.append(
+                        tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=generation)
+                    )
                 except Exception as err:  # noqa: BLE001 -- reported as the row's problem
                     texts.append(err)
         out.update(zip(keys, texts))
@@ -203,8 +212,8 @@ def _chat_pieces(spec: Chat, rendered, keys) -> list[_Piece] | str:
                 f"the chat template is not prefix-stable at message {turn}: rendering the conversation "
                 "turn by turn does not extend the earlier render, so the trained tokens cannot be located"
             )
-        pieces.append((before[len(done):], False))
-        pieces.append((after[len(before):], True))
+        pieces.append((before[len(done) :], False))
+        pieces.append((after[len(before) :], True))
         done = after
     return pieces
 
@@ -228,7 +237,7 @@ def _truncate(ids: list[int], mask: list[bool], prompt_len: int, bos: int | None
     if len(ids) > config.max_len:
         cut = True
         if config.truncation == "keep_start":
-            del ids[config.max_len:], mask[config.max_len:]
+            del ids[config.max_len :], mask[config.max_len :]
         else:
             start = 1 if keep_bos else 0
             drop = slice(start, start + len(ids) - config.max_len)
@@ -258,7 +267,9 @@ def tokenize_sequences(
     from transformers import PreTrainedTokenizerFast
 
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise TypeError(f"tokenize_sequences needs a fast tokenizer (PreTrainedTokenizerFast), got {type(tokenizer).__name__}")
+        raise TypeError(
+            f"tokenize_sequences needs a fast tokenizer (PreTrainedTokenizerFast), got {type(tokenizer).__name__}"
+        )
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if eos is None:
         raise ValueError("tokenize_sequences: the tokenizer has no eos_token; set tokenizer.eos_token first")
@@ -298,7 +309,11 @@ def tokenize_sequences(
                     texts[piece] = len(texts)
         all_pieces.append(pieces)
     text_list = list(texts)
-    encoded = tokenizer.backend_tokenizer.encode_batch_fast(text_list, add_special_tokens=False) if text_list else []
+    encoded = (
+        tokenizer.backend_tokenizer.encode_batch_fast(text_list, add_special_tokens=False)
+        if text_list
+        else []
+    )
     text_ids = [e.ids for e in encoded]
 
     # 3. Assemble ids and masks; EOS exactly once; truncate.

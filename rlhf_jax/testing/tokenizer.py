@@ -49,7 +49,7 @@ OFFLINE_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{- raise_exception(\"unknown role '\" ~ message['role'] ~ \"': the offline template knows "
-    "system, user and assistant\") -}}"
+    'system, user and assistant") -}}'
     "{%- endif -%}"
     "{{- '<|' ~ message['role'] ~ '|>' -}}"
     "{%- if message['role'] == 'assistant' -%}"
