@@ -109,21 +109,29 @@ def test_packed_preference_pairs_share_row_and_slot():
             assert tokens[b][seg[b] == s].tolist()[2:] == ids(text) + [EOS]
 
 
-def test_unpaired_batch_builds_kto_mismatched_pairs():
+def test_unpaired_and_prompt_batches_kto_pairs_and_padding_rows():
     rows = [
         {"prompt": "a", "completion": "xx", "label": True},
         {"prompt": "bb", "completion": "y", "label": False},
     ]
     ds = _load(rows, "unpaired")
-    batch = collate(ds, [[0], [1], []], seq_len=8)
+    batch = collate(ds, [[0], [], [1]], seq_len=8)  # an empty (padding) row between the two
     np.testing.assert_array_equal(batch["label"], [True, False, False])
-    np.testing.assert_array_equal(batch["example_mask"], [True, True, False])
-    # KL row b: prompt of b + completion of (b+1) mod 2.
+    np.testing.assert_array_equal(batch["example_mask"], [True, False, True])
+    # KL row b: prompt of its example + completion of the other one.
     np.testing.assert_array_equal(batch["kl_tokens"][0], [BOS, *ids("a"), *ids("y"), EOS, 0, 0, 0, 0])
     np.testing.assert_array_equal(batch["kl_loss_mask"][0], [0, 0, 1, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(batch["kl_tokens"][1], [BOS, *ids("bb"), *ids("xx"), EOS, 0, 0])
-    np.testing.assert_array_equal(batch["kl_loss_mask"][1], [0, 0, 0, 1, 1, 1, 0, 0])
-    assert not batch["kl_segment_ids"][2].any()
+    np.testing.assert_array_equal(batch["kl_tokens"][2], [BOS, *ids("bb"), *ids("xx"), EOS, 0, 0])
+    np.testing.assert_array_equal(batch["kl_loss_mask"][2], [0, 0, 0, 1, 1, 1, 0, 0])
+    assert not batch["kl_segment_ids"][1].any() and not batch["segment_ids"][1].any()
+    np.testing.assert_array_equal(batch["tokens"][2], [BOS, *ids("bb"), *ids("y"), EOS, 0, 0, 0])
+    prompts = _load([{"prompt": "a", "answer": "1"}, {"prompt": "bcd", "answer": "2"}], "prompt")
+    batch = collate(prompts, [[1], [], [0]], seq_len=5)
+    np.testing.assert_array_equal(
+        batch["prompt_tokens"], [[BOS, *ids("bcd"), 0], [0] * 5, [BOS, *ids("a"), 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(batch["prompt_lengths"], [4, 0, 2])
+    assert batch["columns"] == {"answer": ["2", None, "1"]}
 
 
 @pytest.mark.parametrize(

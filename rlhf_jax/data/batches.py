@@ -147,18 +147,22 @@ def _example_mask(rows: Sequence[Sequence[int]], num_segments: int) -> np.ndarra
     return mask
 
 
-def _kl_rows(
-    dataset: TokenizedDataset, items: list[int], seq_len: int
-) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    """KTO mismatched pairs: prompt of item i + completion of item (i+1) mod n, cut to seq_len."""
+def _kl_rows(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], seq_len: int) -> list[list[tuple]]:
+    """KTO mismatched pairs: row b = prompt of its example + completion of the next filled row's example
+    (cyclically), cut to seq_len; empty rows stay empty."""
     tokens, mask, plen = (
         dataset.arrays["tokens"],
         dataset.arrays["loss_mask"],
         dataset.arrays["prompt_length"],
     )
+    items = [row[0] for row in rows if row]
+    partner = dict(zip(items, items[1:] + items[:1]))
     out = []
-    for i, item in enumerate(items):
-        other = items[(i + 1) % len(items)]
+    for row in rows:
+        if not row:
+            out.append([])
+            continue
+        item, other = row[0], partner[row[0]]
         p, q = int(plen[item]), int(plen[other])
         ids = np.concatenate([tokens[item][:p], tokens[other][q:]])[:seq_len]
         m = np.concatenate([np.zeros(p, bool), mask[other][q:]])[:seq_len]
@@ -202,28 +206,25 @@ def collate(
         raise ValueError(
             f"collate: {kind} batches are never packed; num_segments must be 1, got {num_segments}"
         )
-    items = [row[0] for row in rows if row]
     valid = _example_mask(rows, 1)[:, 0]
     if kind == "unpaired":
         segs = [[(arrays["tokens"][i], arrays["loss_mask"][i]) for i in row] for row in rows]
-        kl = _kl_rows(dataset, items, seq_len) + [[] for _ in range(len(rows) - len(items))]
-        label = np.zeros(len(rows), bool)
-        label[: len(items)] = arrays["label"][items]
+        label = np.array([bool(arrays["label"][row[0]]) if row else False for row in rows], bool)
         return {
             **_token_rows(segs, seq_len, pad),
             "label": label,
             "example_mask": valid,
-            **_token_rows(kl, seq_len, pad, "kl_"),
+            **_token_rows(_kl_rows(dataset, rows, seq_len), seq_len, pad, "kl_"),
         }
     prompts = arrays["prompt_tokens"]
     tokens = np.full((len(rows), seq_len), pad, np.int32)
     lengths = np.zeros(len(rows), np.int32)
-    for b, i in enumerate(items):
-        tokens[b, : len(prompts[i])] = prompts[i]
-        lengths[b] = len(prompts[i])
+    for b, row in enumerate(rows):
+        if row:
+            tokens[b, : len(prompts[row[0]])] = prompts[row[0]]
+            lengths[b] = len(prompts[row[0]])
     columns = {
-        name: [values[i] for i in items] + [None] * (len(rows) - len(items))
-        for name, values in dataset.columns.items()
+        name: [values[row[0]] if row else None for row in rows] for name, values in dataset.columns.items()
     }
     return {"prompt_tokens": tokens, "prompt_lengths": lengths, "example_mask": valid, "columns": columns}
 
