@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import warnings
@@ -52,6 +54,8 @@ __all__ = [
     "lint",
     "format_lint",
     "check_strategy",
+    "activation_sharding",
+    "constrain_activations",
 ]
 
 STANDARD_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -553,3 +557,51 @@ def warn_lint(issues: Sequence[LintIssue]) -> None:
     for issue in issues:
         if issue.severity == "warning":
             warnings.warn(str(issue), stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------- activations
+
+_ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, Strategy] | None] = contextvars.ContextVar(
+    "rlhf_jax_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, strategy: str | Strategy):
+    """While tracing inside this context, `constrain_activations` splits activations over the batch axes.
+
+    The steps trace their update inside it, so the model's residual stream stays split like the
+    batch: XLA then all-gathers FSDP-sharded weights per layer instead of all-reducing whole
+    activations (GSPMD leaves that choice open without the constraint).
+    """
+    token = _ACTIVATIONS.set((mesh, check_strategy(strategy, mesh)))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain_activations(x: jax.Array, *, batch_dim: int = 0) -> jax.Array:
+    """Constrain `x`'s `batch_dim` to the active strategy's batch axes (identity outside a context).
+
+    Dimensions other than the batch stay unconstrained-replicated, as the residual stream is in
+    data, FSDP and Megatron tensor parallelism alike. A batch not divisible by the data split
+    (e.g. a single sequence while sampling) is left as it is.
+
+    Args:
+      x: an activation, e.g. the residual stream `[B, T, E]`.
+      batch_dim: the batch dimension of `x`.
+
+    Returns:
+      `x`, with a sharding constraint when an `activation_sharding` context is active.
+    """
+    active = _ACTIVATIONS.get()
+    if active is None:
+        return x
+    mesh, strategy = active
+    axes = _present_batch_axes(mesh, strategy)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if not axes or x.shape[batch_dim] % ways:
+        return x
+    spec = [None] * x.ndim
+    spec[batch_dim] = axes if len(axes) > 1 else axes[0]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))

@@ -125,3 +125,20 @@ def test_shard_batch_puts_only_its_rows_on_each_device():
     shards = sorted(placed.addressable_shards, key=lambda s: s.index[0].start)
     assert len(shards) == 8 and all(s.data.shape == (2, 3) for s in shards)
     np.testing.assert_array_equal(np.asarray(shards[3].data), tokens[6:8])
+
+
+def test_constrain_activations_splits_the_batch_only_inside_a_context():
+    mesh = sh.make_mesh({"data": 2, "fsdp": 4})
+    x = np.ones((8, 3, 4), np.float32)
+    f = jax.jit(lambda a: sh.constrain_activations(a) * 2)
+    with sh.activation_sharding(mesh, "fsdp"):
+        out = f(x)
+        odd = jax.jit(lambda a: sh.constrain_activations(a) * 2)(np.ones((6, 3), np.float32))
+    assert out.sharding.spec == P(("data", "fsdp"))
+    assert {s.data.shape for s in out.addressable_shards} == {(1, 3, 4)}
+    assert len(odd.sharding.device_set) == 1  # 6 rows do not split 8 ways: left on one device
+    y = np.ones((8, 2), np.float32)
+    assert sh.constrain_activations(y) is y  # no context: identity
+    with pytest.raises(sh.ShardingError, match="names mesh axes"):
+        with sh.activation_sharding(mesh, sh.Strategy(name="x", rules={}, batch_axes=("expert",))):
+            pass

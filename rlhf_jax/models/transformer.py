@@ -22,6 +22,7 @@ from flax import nnx
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import SCALAR_HEAD_AXES, init_scalar_head, scalar_head
 from rlhf_jax.models.layers import Block, RMSNorm, param, rope_angles
+from rlhf_jax.sharding import constrain_activations
 
 _F32 = jnp.float32
 Head = Literal["lm", "scalar"]
@@ -123,6 +124,7 @@ class Transformer(nnx.Module):
 
         def layer(x, xs):
             params, kv = xs
+            x = constrain_activations(x)  # batch-split residual stream under a step's sharding context
             x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions)
             return x, kv
 

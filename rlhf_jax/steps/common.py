@@ -19,6 +19,7 @@ The RL steps reuse `accumulate_gradients`, `apply_gradients` and `jit_step` dire
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
@@ -266,7 +267,9 @@ def jit_step(update: Callable[..., tuple[Any, Metrics]], *, mesh: Mesh, strategy
 
     The state keeps `state_shardings` in and out (so it can be donated and updated in place), every
     batch array is split over the strategy's batch axes on its leading dimension, frozen arguments
-    (e.g. reference parameters) keep `frozen_shardings`, and metrics come back replicated.
+    (e.g. reference parameters) keep `frozen_shardings`, and metrics come back replicated. The
+    update is traced inside `sharding.activation_sharding`, so the model's
+    `constrain_activations` keep activations split like the batch.
 
     Args:
       update: the pure update (`make_update`).
@@ -286,8 +289,14 @@ def jit_step(update: Callable[..., tuple[Any, Metrics]], *, mesh: Mesh, strategy
     _check_positive_int("jit_step", "micro_batches", micro_batches)
     rep = sh.replicated(mesh)
     data = sh.batch_sharding(mesh, strategy)
+
+    @functools.wraps(update)
+    def traced(*args):
+        with sh.activation_sharding(mesh, strategy):
+            return update(*args)
+
     jitted = jax.jit(
-        update,
+        traced,
         in_shardings=(state_shardings, data, *frozen_shardings),
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,) if donate else (),
