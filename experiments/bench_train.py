@@ -1,0 +1,232 @@
+"""Benchmark: W1 (SFT) and W2 (DPO) step time of rlhf_jax against a hand-written jax + optax step.
+
+    python experiments/bench_train.py                       # W1 + W2, f32 + bf16, 2 runs each
+    python experiments/bench_train.py --workloads w1 --dtypes float32 --runs 1
+
+Workloads are exactly those of ../shared/bench/WORKLOADS.md (data from its `workloads.py`): the
+7.36 M-parameter Llama, W1 = 8 x 256 tokens of SFT, W2 = 8 DPO pairs (64 + 192 tokens) with a
+reference forward every step, AdamW (clip 1.0), 13 steps of which the first 3 are warm-up.
+
+Each (workload, implementation, dtype) runs in its own process, `--runs` times; a step's time is
+measured from the previous step's completion to this step's completion (data slicing, transfer,
+forward, backward, optimizer and fetching the step's metrics to the host, as a trainer's per-step
+logging does). The reported value is the median over runs of the per-run median over steps 4-13.
+Implementations:
+
+- `plain`: a hand-written `jax.jit` step (same model forward, optax AdamW + clipping, full logits,
+  `optax.softmax_cross_entropy_with_integer_labels` / a direct DPO loss) on one device.
+- `rlhf_jax`: `make_sft_step` / `make_dpo_step` data parallel over 2 host devices
+  (`--xla_force_host_platform_device_count=2`, so XLA:CPU runs one program per core).
+- `rlhf_jax_1dev`: the same steps on one device (the framework's overhead against `plain`).
+
+bf16 rows use bf16 parameters, compute and optimizer state ("pure bf16", as WORKLOADS.md says).
+The machine load (1-minute load average, and CPU used by other processes during the timed window)
+is printed with every row: figures taken on a busy machine are not comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
+
+
+def _worker(args) -> dict:
+    """One (workload, impl, dtype) run in this process; returns the result dict."""
+    devices = 2 if args.impl == "rlhf_jax" else 1
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, args.bench_dir)
+    sys.path.insert(0, REPO)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import workloads as W
+
+    from rlhf_jax import sharding as sh
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.presets import get_config
+    from rlhf_jax.optim import OptimizerConfig, make_optimizer
+    from rlhf_jax.state import create_train_state
+    from rlhf_jax.steps import DPO, make_dpo_step, make_sft_step
+
+    spec = W.W1 if args.workload == "w1" else W.W2
+    config = get_config("w1", param_dtype=args.dtype, dtype=args.dtype)
+    lm = CausalLM(config)
+    steps = spec["warmup_steps"] + spec["timed_steps"]
+    opt_config = OptimizerConfig(name="adamw", learning_rate=spec["lr"], b1=0.9, b2=0.999, eps=1e-8,
+                                 weight_decay=0.0, max_grad_norm=spec["max_grad_norm"])
+    tx = make_optimizer(opt_config)
+
+    if args.workload == "w1":
+        data = W.sft_data(steps * spec["batch"]).astype(np.int32)
+
+        def batch_at(s):
+            tokens = data[s * spec["batch"]:(s + 1) * spec["batch"]]
+            return {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
+    else:
+        raw = W.dpo_data(steps * spec["batch_pairs"])
+        n_prompt, n_completion = spec["prompt_len"], spec["completion_len"]
+        eos = np.full((len(raw["prompt"]), 1), W.EOS_ID, np.int64)
+        seqs = {k: np.concatenate([raw["prompt"], raw[k][:, :n_completion - 1], eos], 1).astype(np.int32)
+                for k in ("chosen", "rejected")}
+        mask = np.zeros_like(seqs["chosen"])
+        mask[:, n_prompt:] = 1
+
+        def batch_at(s):
+            rows = slice(s * spec["batch_pairs"], (s + 1) * spec["batch_pairs"])
+            return {"chosen_tokens": seqs["chosen"][rows], "chosen_loss_mask": mask[rows],
+                    "rejected_tokens": seqs["rejected"][rows], "rejected_loss_mask": mask[rows]}
+
+    t_build = time.perf_counter()
+    if args.impl == "plain":
+        params = jax.jit(lm.init)(jax.random.key(W.MODEL_INIT_SEED))
+        ref = jax.tree.map(jnp.copy, params) if args.workload == "w2" else None
+        opt_state = jax.jit(tx.init)(params)
+
+        if args.workload == "w1":
+            def loss_fn(p, batch):
+                logits = lm.forward(p, batch["tokens"]).logits[:, :-1]
+                return optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:]).mean()
+        else:
+            def seq_logps(p, tokens, mask):
+                logits = lm.forward(p, tokens).logits[:, :-1]
+                logp = jax.nn.log_softmax(logits, axis=-1)
+                tok = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+                return jnp.sum(tok * mask[:, 1:], axis=-1)
+
+            def both(p, batch):
+                tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+                mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+                out = seq_logps(p, tokens, mask)
+                return out[:spec["batch_pairs"]], out[spec["batch_pairs"]:]
+
+            def loss_fn(p, batch, r):
+                pc, pr = both(p, batch)
+                rc, rr = both(jax.lax.stop_gradient(r), batch)
+                return -jax.nn.log_sigmoid(spec["beta"] * ((pc - rc) - (pr - rr))).mean()
+
+        @jax.jit
+        def plain_step(p, o, batch, *frozen):
+            loss, grads = jax.value_and_grad(loss_fn)(p, batch, *frozen)
+            updates, o = tx.update(grads, o, p)
+            return optax.apply_updates(p, updates), o, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+        carry = [params, opt_state]
+        frozen = (ref,) if ref is not None else ()
+
+        def run_step(batch):
+            carry[0], carry[1], metrics = plain_step(carry[0], carry[1], batch, *frozen)
+            return carry, metrics
+    else:
+        mesh = sh.make_mesh({"data": jax.device_count()})
+        strategy = "dp"
+        state = create_train_state(lm.init, tx, rng=W.MODEL_INIT_SEED, logical_axes=lm.logical_axes, mesh=mesh,
+                                   strategy=strategy)
+        kwargs = dict(mesh=mesh, strategy=strategy, logits_chunk_size=args.chunk)
+        if args.workload == "w1":
+            step = make_sft_step(lm, opt_config, **kwargs)
+            frozen = ()
+        else:
+            step = make_dpo_step(lm, opt_config, objective=DPO(beta=spec["beta"]), **kwargs)
+            frozen = (jax.tree.map(jnp.copy, state.params),)
+        holder = [state]
+
+        def run_step(batch):
+            holder[0], metrics = step(holder[0], batch, *frozen)
+            return holder[0], metrics
+    build_seconds = time.perf_counter() - t_build
+
+    times, losses = [], []
+    watch = None
+    last = time.perf_counter()
+    for s in range(steps):
+        if s == spec["warmup_steps"]:
+            watch = W.CpuWatch()
+            last = time.perf_counter()
+        state_out, metrics = run_step(batch_at(s))
+        host = jax.device_get(metrics)  # per-step logging
+        jax.block_until_ready(state_out)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+        losses.append(float(host["loss"]))
+    timed = times[spec["warmup_steps"]:]
+    med = statistics.median(timed)
+    units = spec["batch"] * spec["seq_len"] if args.workload == "w1" else spec["batch_pairs"]
+    return {
+        "workload": args.workload, "impl": args.impl, "dtype": args.dtype, "devices": jax.device_count(),
+        "median_s": med, "throughput": units / med,
+        "throughput_unit": "tokens/s" if args.workload == "w1" else "pairs/s",
+        "first_step_s": times[0], "build_s": build_seconds, "loss_first": losses[0], "loss_last": losses[-1],
+        "peak_rss_mib": round(W.peak_rss_mib(), 1), **watch.result(),
+        "loadavg": open("/proc/loadavg").read().split()[:3],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default="w1,w2")
+    p.add_argument("--impls", default="plain,rlhf_jax,rlhf_jax_1dev")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=None, help="logits_chunk_size of the rlhf_jax steps (default: full logits)")
+    p.add_argument("--bench-dir", default=os.environ.get("RLHF_JAX_BENCH_DIR", DEFAULT_BENCH_DIR),
+                   help="folder holding workloads.py")
+    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_train.json"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(_worker(args)), flush=True)
+        return 0
+    if not os.path.exists(os.path.join(args.bench_dir, "workloads.py")):
+        print(f"workloads.py not found in {args.bench_dir}; pass --bench-dir", file=sys.stderr)
+        return 2
+    rows = []
+    for workload in args.workloads.split(","):
+        for dtype in args.dtypes.split(","):
+            for impl in args.impls.split(","):
+                runs = []
+                for _ in range(args.runs):
+                    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--workload", workload, "--impl", impl,
+                           "--dtype", dtype, "--bench-dir", args.bench_dir]
+                    if args.chunk:
+                        cmd += ["--chunk", str(args.chunk)]
+                    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                    if out.returncode or not line:
+                        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                        return 1
+                    runs.append(json.loads(line[0][7:]))
+                row = dict(runs[0])
+                row["median_s"] = statistics.median(r["median_s"] for r in runs)
+                row["runs_s"] = [round(r["median_s"], 4) for r in runs]
+                row["throughput"] = (runs[0]["throughput"] * runs[0]["median_s"]) / row["median_s"]
+                row["foreign_cpu_cores"] = max(r["foreign_cpu_cores"] for r in runs)
+                rows.append(row)
+                print(f"{workload} {dtype:8s} {impl:14s} median {row['median_s']:.3f} s/step "
+                      f"(runs {row['runs_s']}), {row['throughput']:.0f} {row['throughput_unit']}, first step "
+                      f"{row['first_step_s']:.1f} s, rss {row['peak_rss_mib']:.0f} MiB, load {row['loadavg'][0]}, "
+                      f"foreign cpu {row['foreign_cpu_cores']:.2f}", flush=True)
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
