@@ -18,16 +18,53 @@ _F32 = jnp.float32
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, config: ModelConfig, *, init="normal", std=None):
-    """A parameter with logical axis names `axes` (placed later by a sharding rule table)."""
+    """A parameter with logical axis names `axes` (placed later by a sharding rule table).
+
+    `init` is "normal" (truncated at ±2σ, σ = `std` or `config.initializer_range`), "ones" or
+    "zeros"; it is kept in the variable's metadata (`init_std`, 0 for constants) so that
+    `init_params_from_metadata` can redraw all weights at once.
+    """
     dtype = config.jnp_param_dtype
     if init == "ones":
-        value = jnp.ones(shape, dtype)
+        value, std = jnp.ones(shape, dtype), 0.0
     elif init == "zeros":
-        value = jnp.zeros(shape, dtype)
+        value, std = jnp.zeros(shape, dtype), 0.0
     else:
         std = config.initializer_range if std is None else std
         value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, _F32)).astype(dtype)
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False, init=init, init_std=std)
+
+
+def init_params_from_metadata(abstract_state: nnx.State, rng) -> dict:
+    """Fresh parameters (a plain nested dict) for an abstract state, all random weights from ONE draw.
+
+    Each random op costs a threefry kernel to compile (~0.3 s on a CPU); a model has a dozen
+    parameter kinds, so one flat draw sliced per parameter compiles an order of magnitude faster
+    than per-parameter draws, with the same distribution (w = σ · z, z ~ N(0, 1) truncated at ±2).
+    """
+    flat = nnx.to_flat_state(abstract_state)
+    random = [v for _, v in flat if v.get_metadata().get("init") == "normal"]
+    total = sum(v.get_value().size for v in random)
+    draws = jax.random.truncated_normal(rng, -2.0, 2.0, (total,), _F32)
+    params, offset = {}, 0
+    for path, variable in flat:
+        meta = variable.get_metadata()
+        shape, dtype = variable.get_value().shape, variable.get_value().dtype
+        if meta.get("init") == "normal":
+            size = math.prod(shape)
+            value = meta["init_std"] * draws[offset:offset + size].reshape(shape)
+            offset += size
+        elif meta.get("init") == "ones":
+            value = jnp.ones(shape, _F32)
+        elif meta.get("init") == "zeros":
+            value = jnp.zeros(shape, _F32)
+        else:
+            raise ValueError(f"parameter {'/'.join(map(str, path))} has no init metadata")
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value.astype(dtype)
+    return params
 
 
 def rms_norm(x, scale, eps):

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.heads import SCALAR_HEAD_AXES, init_scalar_head, scalar_head
-from rlhf_jax.models.layers import Block, RMSNorm, param, rope_angles
+from rlhf_jax.models.heads import SCALAR_HEAD_AXES, scalar_head
+from rlhf_jax.models.layers import Block, RMSNorm, init_params_from_metadata, param, rope_angles
 from rlhf_jax.sharding import constrain_activations
 
 _F32 = jnp.float32
@@ -100,8 +100,7 @@ class Transformer(nnx.Module):
         if head == "lm" and not c.tie_word_embeddings:
             self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c)
         if head == "scalar":
-            self.score = nnx.Param(init_scalar_head(c, rngs.params()), out_sharding=SCALAR_HEAD_AXES,
-                                   eager_sharding=False)
+            self.score = param(rngs, (c.hidden_size,), SCALAR_HEAD_AXES, c)
 
     def lm_head_weight(self):
         """The [E, V] output projection (the transposed embedding when tied)."""
@@ -167,14 +166,17 @@ class CausalLM:
         self.config = config
         self.head = head
         abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), head=head))
-        self.graphdef, abstract_state = nnx.split(abstract)
-        self._abstract_params = nnx.to_pure_dict(abstract_state)
-        self.logical_axes = _logical_axes(abstract_state)
+        self.graphdef, self._abstract_state = nnx.split(abstract)
+        self._abstract_params = nnx.to_pure_dict(self._abstract_state)
+        self.logical_axes = _logical_axes(self._abstract_state)
 
     def init(self, rng) -> dict:
-        """Random parameters (truncated normal, std `initializer_range`; norms at one)."""
-        model = Transformer(self.config, rngs=nnx.Rngs(params=rng), head=self.head)
-        return nnx.to_pure_dict(nnx.state(model))
+        """Random parameters: weights ~ N(0, initializer_range²) truncated at ±2σ, norms at one.
+
+        Weights come from one flat draw (`init_params_from_metadata`), so `jax.jit(lm.init)`
+        compiles a single random kernel; jit it with `out_shardings` to materialize sharded.
+        """
+        return init_params_from_metadata(self._abstract_state, rng)
 
     def abstract_params(self) -> dict:
         """`jax.ShapeDtypeStruct`s of the parameters, without allocating them."""
