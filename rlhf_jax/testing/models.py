@@ -2,7 +2,7 @@
 
 from rlhf_jax.models.config import ModelConfig
 
-# The offline tokenizer of `rlhf_jax.testing.tokenizer` has at most this many ids.
+# Room for every id of the offline tokenizer (`OFFLINE_VOCAB_SIZE` = 104) and of small test vocabularies.
 TINY_VOCAB_SIZE = 256
 
 
