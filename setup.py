@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "array_record>=0.7",
     "numpy>=1.26",
     "pyarrow>=15",
+    "datasets>=3",  # Hugging Face datasets saved to disk (`save_to_disk`) as a data source
     # tensorflow-datasets and chat templates import these without declaring them.
     "importlib_resources>=6",
     "jinja2>=3.1",
@@ -24,7 +25,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch is a test-time reference only (logit parity with transformers); never imported at runtime.
-    "test": ["pytest>=8", "datasets>=3"],
+    "test": ["pytest>=8"],
     "tpu": ["libtpu"],
     "wandb": ["wandb"],
 }
