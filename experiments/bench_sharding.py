@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps per run (the first is dropped)")
     p.add_argument("--runs", nargs="+", default=["dp:data=8", "fsdp:fsdp=8", "tp:data=4,tensor=2",
                                                   "fsdp_tp:fsdp=4,tensor=2"], metavar="STRATEGY:MESH")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_sharding.json"))
+    p.add_argument("--json", default=os.path.join(REPO, "results", "bench_sharding.json"))
     args = p.parse_args(argv)
     print(f"model {args.model}, step {args.step}, batch {args.batch} x {args.seq}, {args.devices} CPU devices, "
           f"load {open('/proc/loadavg').read().split()[0]}")

@@ -21,7 +21,9 @@ Implementations:
 
 bf16 rows use bf16 parameters, compute and optimizer state ("pure bf16", as WORKLOADS.md says).
 The machine load (1-minute load average, and CPU used by other processes during the timed window)
-is printed with every row: figures taken on a busy machine are not comparable.
+is printed with every row: wall times taken on a busy machine are not comparable. `cpu` is the
+process's CPU time per step (all its threads), less sensitive to other processes: on a quiet machine
+a 2-device run's wall time is about half its CPU time.
 """
 
 from __future__ import annotations
@@ -146,19 +148,20 @@ def _worker(args) -> dict:
             return holder[0], metrics
     build_seconds = time.perf_counter() - t_build
 
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     watch = None
-    last = time.perf_counter()
+    last, last_cpu = time.perf_counter(), time.process_time()
     for s in range(steps):
         if s == spec["warmup_steps"]:
             watch = W.CpuWatch()
-            last = time.perf_counter()
+            last, last_cpu = time.perf_counter(), time.process_time()
         state_out, metrics = run_step(batch_at(s))
         host = jax.device_get(metrics)  # per-step logging
         jax.block_until_ready(state_out)
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         times.append(now - last)
-        last = now
+        cpu_times.append(now_cpu - last_cpu)
+        last, last_cpu = now, now_cpu
         losses.append(float(host["loss"]))
     timed = times[spec["warmup_steps"]:]
     med = statistics.median(timed)
@@ -166,6 +169,7 @@ def _worker(args) -> dict:
     return {
         "workload": args.workload, "impl": args.impl, "dtype": args.dtype, "devices": jax.device_count(),
         "median_s": med, "throughput": units / med,
+        "cpu_s": statistics.median(cpu_times[spec["warmup_steps"]:]),
         "throughput_unit": "tokens/s" if args.workload == "w1" else "pairs/s",
         "first_step_s": times[0], "build_s": build_seconds, "loss_first": losses[0], "loss_last": losses[-1],
         "peak_rss_mib": round(W.peak_rss_mib(), 1), **watch.result(),
@@ -182,7 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=None, help="logits_chunk_size of the rlhf_jax steps (default: full logits)")
     p.add_argument("--bench-dir", default=os.environ.get("RLHF_JAX_BENCH_DIR", DEFAULT_BENCH_DIR),
                    help="folder holding workloads.py")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_train.json"))
+    p.add_argument("--json", default=os.path.join(REPO, "results", "bench_train.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -216,9 +220,11 @@ def main(argv=None) -> int:
                 row["runs_s"] = [round(r["median_s"], 4) for r in runs]
                 row["throughput"] = (runs[0]["throughput"] * runs[0]["median_s"]) / row["median_s"]
                 row["foreign_cpu_cores"] = max(r["foreign_cpu_cores"] for r in runs)
+                row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
                 rows.append(row)
                 print(f"{workload} {dtype:8s} {impl:14s} median {row['median_s']:.3f} s/step "
-                      f"(runs {row['runs_s']}), {row['throughput']:.0f} {row['throughput_unit']}, first step "
+                      f"(runs {row['runs_s']}), cpu {row['cpu_s']:.3f} s/step, {row['throughput']:.0f} "
+                      f"{row['throughput_unit']}, first step "
                       f"{row['first_step_s']:.1f} s, rss {row['peak_rss_mib']:.0f} MiB, load {row['loadavg'][0]}, "
                       f"foreign cpu {row['foreign_cpu_cores']:.2f}", flush=True)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)

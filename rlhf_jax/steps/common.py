@@ -143,7 +143,7 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
     """One optimizer update behind a NaN/Inf guard, without a host round trip.
 
     With `nonfinite` = "skip" or "halt", a non-finite loss or gradient norm keeps the parameters and
-    optimizer state unchanged (`jnp.where`, no branch on the host) and sets the metric `nonfinite`
+    optimizer state unchanged (`lax.cond` on device, no host round trip) and sets the metric `nonfinite`
     to 1; "halt" also sets `halt` to 1, which the driver reads with the metrics and stops on,
     naming the step. "off" applies every update. The step counter always advances.
 
@@ -162,16 +162,19 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
     if nonfinite not in get_args(NonFinitePolicy):
         raise ValueError(f"apply_gradients: nonfinite must be one of {get_args(NonFinitePolicy)}, got {nonfinite!r}")
     grad_norm = global_norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+
+    def update(_):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
+
     metrics: Metrics = {"grad_norm": grad_norm}
     if learning_rate is not None:
         metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
-    if nonfinite != "off":
+    if nonfinite == "off":
+        params, opt_state = update(None)
+    else:
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        params = jax.tree.map(keep, params, state.params)
-        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        params, opt_state = jax.lax.cond(ok, update, lambda _: (state.params, state.opt_state), None)
         metrics["nonfinite"] = (~ok).astype(jnp.float32)
         if nonfinite == "halt":
             metrics["halt"] = metrics["nonfinite"]
