@@ -53,6 +53,7 @@ __all__ = [
     "shard_batch",
     "lint",
     "format_lint",
+    "warn_lint",
     "check_strategy",
     "activation_sharding",
     "constrain_activations",

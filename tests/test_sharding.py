@@ -142,3 +142,12 @@ def test_constrain_activations_splits_the_batch_only_inside_a_context():
     with pytest.raises(sh.ShardingError, match="names mesh axes"):
         with sh.activation_sharding(mesh, sh.Strategy(name="x", rules={}, batch_axes=("expert",))):
             pass
+
+
+def test_step_makers_warn_about_lint_findings():
+    from rlhf_jax.optim import OptimizerConfig
+    from rlhf_jax.steps import make_sft_step
+
+    strategy = sh.Strategy(name="mlp_only_warn", rules={"mlp": "tensor"}, batch_axes=("data",))
+    with pytest.warns(UserWarning, match="unused_axis|splits neither"):
+        make_sft_step(LM, OptimizerConfig(), mesh=sh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), strategy=strategy)

@@ -320,7 +320,12 @@ def resolve_optimizer(optimizer: OptimizerConfig | optax.GradientTransformation
 
 def model_state_shardings(model, optimizer: optax.GradientTransformation, *, mesh: Mesh,
                           strategy: str | sh.Strategy) -> TrainState:
-    """The `TrainState` shardings of `model` (a `CausalLM`) trained with `optimizer`."""
+    """The `TrainState` shardings of `model` (a `CausalLM`) trained with `optimizer`.
+
+    Runs the sharding lint first: errors (an axis the mesh lacks, indivisible dimensions) raise
+    `ShardingError`, warnings (large replicated parameters, idle mesh axes) become Python warnings.
+    """
+    sh.warn_lint(sh.lint(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy))
     abstract = abstract_train_state(model.init, optimizer)
     return train_state_shardings(abstract, model.logical_axes, optimizer, mesh=mesh, strategy=strategy)
 
