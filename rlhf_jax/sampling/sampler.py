@@ -32,7 +32,9 @@ share the prompt's pages instead of copying them.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
@@ -52,6 +54,21 @@ __all__ = ["SamplingConfig", "SamplerStats", "SamplerParams", "Sampler", "defaul
 
 _METHODS = (Greedy, Categorical, TopK, TopP, MinP)
 
+# XLA compilations per jitted function name, counted from JAX's compile events (a program served
+# again from the dispatch cache is not counted; a recompilation is).
+_COMPILES: collections.Counter = collections.Counter()
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_INSTANCES = itertools.count()
+
+
+def _count_compile(event: str, duration: float, **kwargs) -> None:
+    del duration
+    if event == _COMPILE_EVENT and kwargs.get("fun_name"):
+        _COMPILES[kwargs["fun_name"]] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
@@ -62,7 +79,7 @@ class SamplingConfig:
       method: `Greedy()`, `Categorical(temperature=...)`, `TopK`, `TopP` or `MinP`.
       num_samples: samples per prompt (`n`, a GRPO group); the prompt is prefilled once.
       eos_id: end-of-sequence id (a stop id), or None.
-      stop_ids: further ids that end a sample.
+      stop_ids: further ids that end a sample (any sequence; stored as a tuple).
     """
 
     max_new_tokens: int
@@ -80,8 +97,9 @@ class SamplingConfig:
             )
         if self.eos_id is not None:
             _check_int("SamplingConfig.eos_id", self.eos_id, low=0)
-        if not isinstance(self.stop_ids, tuple):
-            raise TypeError(f"SamplingConfig.stop_ids must be a tuple of ints, got {self.stop_ids!r}")
+        if isinstance(self.stop_ids, (str, bytes)) or not isinstance(self.stop_ids, Sequence):
+            raise TypeError(f"SamplingConfig.stop_ids must be a sequence of ints, got {self.stop_ids!r}")
+        object.__setattr__(self, "stop_ids", tuple(self.stop_ids))   # hashable: a jit static argument
         for i in self.stop_ids:
             _check_int("SamplingConfig.stop_ids[...]", i, low=0)
 
@@ -156,7 +174,8 @@ class Sampler:
         self.max_len = config.max_position_embeddings if max_len is None else max_len
         _check_int("Sampler max_len", self.max_len, low=2)
         buckets = default_prompt_buckets(self.max_len) if prompt_buckets is None else tuple(prompt_buckets)
-        if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        valid = all(isinstance(b, int) and b >= 1 for b in buckets) and list(buckets) == sorted(set(buckets))
+        if not buckets or not valid:
             raise ValueError(f"Sampler: prompt_buckets must be increasing positive ints, got {prompt_buckets!r}")
         self.prompt_buckets = buckets
         _check_int("Sampler pad_id", pad_id, low=0)
@@ -171,6 +190,7 @@ class Sampler:
 
     def _build_programs(self) -> None:
         model, pad_id = self.model, self.pad_id
+        self._names = tuple(f"rlhf_jax_sampler{next(_INSTANCES)}_{part}" for part in ("handoff", "prefill", "decode"))
         stacked_shardings = decode_shardings = None
         if self.mesh is not None:
             stacked_shardings = shd.param_shardings(
@@ -189,6 +209,7 @@ class Sampler:
         def handoff(params):
             return unstack_layers(jax.tree.map(lambda a: a.astype(dtype), params))
 
+        handoff.__name__ = self._names[0]
         self._handoff = jax.jit(handoff) if self.mesh is None else jax.jit(handoff, out_shardings=decode_shardings)
 
         def prefill_fn(params, prompt_tokens, prompt_lengths, rng, *, max_new_tokens, num_samples):
@@ -198,12 +219,14 @@ class Sampler:
             )
             return self._constrain(state)
 
+        prefill_fn.__name__ = self._names[1]
         self._prefill = jax.jit(prefill_fn, static_argnames=("max_new_tokens", "num_samples"))
 
         def decode_fn(params, state, prompt_tokens, prompt_lengths, *, method, stop_ids, num_samples):
             state = decode(model, params, state, method=method, stop_ids=stop_ids, pad_id=pad_id)
             return finalize(state, prompt_tokens, prompt_lengths, num_samples=num_samples), state
 
+        decode_fn.__name__ = self._names[2]
         self._decode = jax.jit(
             decode_fn, static_argnames=("method", "stop_ids", "num_samples"), donate_argnums=(1,)
         )
@@ -234,8 +257,11 @@ class Sampler:
         )
 
     def num_compiled(self) -> int:
-        """Number of programs compiled so far (hand-off, prefill and decode, all shapes)."""
-        return self._handoff._cache_size() + self._prefill._cache_size() + self._decode._cache_size()
+        """XLA compilations of this sampler's programs so far (hand-off, prefill, decode; all shapes).
+
+        Counted from JAX's compile events, so it grows only when a call really compiles.
+        """
+        return sum(count for name, count in _COMPILES.items() if any(n in name for n in self._names))
 
     # ---------------------------------------------------------------------------- parameters
 

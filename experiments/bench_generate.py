@@ -1,0 +1,253 @@
+"""Benchmark W3 (generation) of ../shared/bench/WORKLOADS.md with `rlhf_jax.sampling.Sampler`.
+
+    python experiments/bench_generate.py                           # 1 and 2 devices, f32 + bf16, 2 runs
+    python experiments/bench_generate.py --devices 2 --dtypes float32 --runs 1
+
+W3: the 7.36 M-parameter Llama (`presets.get_config("w1")`, seed 0), 16 prompts x 64 tokens
+(`workloads.gen_prompts()`), exactly 128 new tokens each, temperature 1 over the full vocabulary, no
+EOS stop, KV cache on. One warm-up call (its time, compilation included, is the "first call"), then
+5 timed calls; the reported figure is the median over `--runs` processes of each run's median call.
+A timed call is the user-facing API as a notebook uses it: `sampler.generate(params, prompts_array,
+max_new_tokens=128, rng=seed)` on host numpy prompts, plus fetching the completions and log-probs to
+host numpy. The text API (`generate_text` with the W3 word-level tokenizer, tokenize + detokenize
+included) is timed the same way and reported beside it.
+
+Also printed, per run:
+- the parameter hand-off (cast + reshard + layer split on device, `Sampler.load_params`), warm;
+- the prefill and the decode loop as separate programs, and the decode step = loop time / 128;
+- the FLOP floor of a decode step: its matmul FLOPs (`2 x rows x` the non-embedding weights, plus
+  attention over the cache) divided by the matmul throughput measured in the same process (a
+  2048^3 f32 matmul, on one device, and split over the devices when there are two);
+- the number of compiled programs after the warm-up and after all calls (it must not grow).
+
+`--devices 2` runs with `--xla_force_host_platform_device_count=2` and a data-parallel mesh, so
+XLA:CPU runs one program per core, each on 8 of the 16 rows (`--strategy tp`: tensor-parallel
+weights and heads instead, all 16 rows on both cores). The machine load and the CPU used by
+other processes during the timed window are printed with every row: numbers from a busy machine are
+not comparable (WORKLOADS.md re-runs when foreign CPU > 0.1 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _matmul_gflops(jax, jnp, mesh) -> float:
+    """f32 GFLOP/s of a 2048^3 matmul, rows split over all of `mesh`'s devices when given (median of 5)."""
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    b = jnp.full((n, n), 1e-3, jnp.float32)
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        split = tuple(name for name in mesh.axis_names if mesh.shape[name] > 1)
+        a = jax.device_put(a, NamedSharding(mesh, PartitionSpec(split)))
+        b = jax.device_put(b, NamedSharding(mesh, PartitionSpec()))
+    mm = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(mm(a, b))
+    seconds = statistics.median(_timed(lambda: jax.block_until_ready(mm(a, b)), 5))
+    return 2 * n**3 / seconds / 1e9
+
+
+def _wordlevel_tokenizer(W):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab=W.wordlevel_vocab(), unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(W.SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+def _worker(args) -> dict:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+    ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, args.bench_dir)
+    sys.path.insert(0, REPO)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import workloads as W
+
+    from rlhf_jax import sharding as shd
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.presets import get_config
+    from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig
+
+    spec = W.W3
+    rows, new, prompt_len = spec["num_prompts"], spec["new_tokens"], spec["prompt_len"]
+    t_build = time.perf_counter()
+    lm = CausalLM(get_config("w1"))
+    params = jax.jit(lm.init)(jax.random.key(W.MODEL_INIT_SEED))
+    axis = "tensor" if args.strategy == "tp" else "data"
+    mesh = shd.make_mesh({axis: args.devices}) if args.devices > 1 else None
+    sampler = Sampler(lm, max_len=prompt_len + new, mesh=mesh, strategy=args.strategy,
+                      dtype=None if args.dtype == "float32" else args.dtype)
+    prompts = W.gen_prompts()
+    config = SamplingConfig(max_new_tokens=new, method=Categorical(temperature=spec["temperature"]))
+    build_s = time.perf_counter() - t_build
+
+    sampler.load_params(params)                      # compiles the hand-off
+    handoff_first_s = sampler.stats.handoff_seconds
+    sp = sampler.load_params(params)
+    handoff_s = sampler.stats.handoff_seconds
+
+    seeds = iter(range(spec["sample_seed"], spec["sample_seed"] + 1000))
+
+    def call():
+        out = sampler.generate(sp, prompts, config, rng=next(seeds))
+        return np.asarray(out.completion_tokens), np.asarray(out.logprobs)
+
+    first_s = _timed(call, 1)[0]
+    compiled_after_warmup = sampler.num_compiled()
+    watch = W.CpuWatch()
+    times = _timed(call, spec["timed_calls"])
+    cpu = watch.result()
+    tokens, logps = call()
+    assert tokens.shape == (rows, new) and np.isfinite(logps).all() and (logps < 0).all()
+
+    tok = _wordlevel_tokenizer(W)
+    texts = [W.ids_to_text(p) for p in prompts]
+
+    def text_call():
+        return sampler.generate_text(sp, texts, config, tokenizer=tok, rng=next(seeds), eos_id=None)[0]
+
+    text_first_s = _timed(text_call, 1)[0]
+    text_times = _timed(text_call, spec["timed_calls"])
+    compiled_after_all = sampler.num_compiled()
+
+    # The two programs of a call, timed separately (warm).
+    prompt_tokens, lengths, _ = sampler._prepare_prompts(prompts, None, new)
+    if mesh is not None:
+        prompt_tokens, lengths = jax.device_put((prompt_tokens, lengths), shd.batch_sharding(mesh, args.strategy))
+    key = jax.random.key(0)
+
+    def run_prefill():
+        return jax.block_until_ready(
+            sampler._prefill(sp.tree, prompt_tokens, lengths, key, max_new_tokens=new, num_samples=1)
+        )
+
+    def run_decode(state):
+        return jax.block_until_ready(sampler._decode(sp.tree, state, prompt_tokens, lengths, method=config.method,
+                                                     stop_ids=(), num_samples=1))
+
+    prefill_s, decode_s = [], []
+    for _ in range(5):
+        start = time.perf_counter()
+        state = run_prefill()
+        mid = time.perf_counter()
+        run_decode(state)
+        prefill_s.append(mid - start)
+        decode_s.append(time.perf_counter() - mid)
+    step_s = statistics.median(decode_s) / new
+
+    c = lm.config
+    weights = lm.num_params() - c.vocab_size * c.hidden_size          # all but the embedding lookup
+    slots = prompt_len + new - 1
+    attention = 2 * 2 * c.num_layers * slots * c.num_heads * c.head_dim  # q.k and p.v over every slot
+    step_flops = rows * (2 * weights + attention)
+    gflops_1 = _matmul_gflops(jax, jnp, None)
+    gflops_all = _matmul_gflops(jax, jnp, mesh) if mesh is not None else gflops_1
+    floor_s = step_flops / (gflops_all * 1e9)
+    median = statistics.median(times)
+    return {
+        "workload": "w3", "impl": f"rlhf_jax_{args.strategy}" if args.devices > 1 else "rlhf_jax_1dev",
+        "dtype": args.dtype,
+        "devices": jax.device_count(), "median_s": median, "new_tokens_per_s": rows * new / median,
+        "times_s": [round(t, 4) for t in times], "first_call_s": first_s, "build_s": build_s,
+        "text_median_s": statistics.median(text_times), "text_first_call_s": text_first_s,
+        "handoff_first_s": handoff_first_s, "handoff_s": handoff_s,
+        "prefill_s": statistics.median(prefill_s), "decode_loop_s": statistics.median(decode_s),
+        "decode_step_ms": step_s * 1e3, "decode_step_gflop": step_flops / 1e9,
+        "matmul_gflops_1dev": gflops_1, "matmul_gflops_all": gflops_all, "decode_floor_ms": floor_s * 1e3,
+        "decode_vs_floor": step_s / floor_s,
+        "compiled_after_warmup": compiled_after_warmup, "compiled_after_all": compiled_after_all,
+        "peak_rss_mib": round(W.peak_rss_mib(), 1), **cpu, "loadavg": open("/proc/loadavg").read().split()[:3],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", default="2,1", help="comma list of host device counts to run")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--strategy", default="dp", choices=("dp", "tp"),
+                   help="sampler strategy with 2 devices: data-parallel rows or tensor-parallel weights")
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--bench-dir", default=os.environ.get("RLHF_JAX_BENCH_DIR", DEFAULT_BENCH_DIR),
+                   help="folder holding workloads.py")
+    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_generate.json"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        args.devices = int(args.devices)
+        print("RESULT " + json.dumps(_worker(args)), flush=True)
+        return 0
+    if not os.path.exists(os.path.join(args.bench_dir, "workloads.py")):
+        print(f"workloads.py not found in {args.bench_dir}; pass --bench-dir", file=sys.stderr)
+        return 2
+    results = []
+    for dtype in args.dtypes.split(","):
+        for devices in args.devices.split(","):
+            runs = []
+            for _ in range(args.runs):
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--devices", devices, "--dtype", dtype,
+                       "--strategy", args.strategy, "--bench-dir", args.bench_dir]
+                env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                if out.returncode or not line:
+                    print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                    return 1
+                runs.append(json.loads(line[0][7:]))
+            row = dict(runs[0])
+            for key in ("median_s", "text_median_s", "decode_step_ms", "prefill_s", "handoff_s", "first_call_s",
+                        "decode_vs_floor", "decode_floor_ms"):
+                row[key] = statistics.median(r[key] for r in runs)
+            row["runs_median_s"] = [round(r["median_s"], 4) for r in runs]
+            row["new_tokens_per_s"] = 16 * 128 / row["median_s"]
+            row["foreign_cpu_cores"] = max(r["foreign_cpu_cores"] for r in runs)
+            results.append(row)
+            print(
+                f"w3 {dtype:8s} {row['impl']:14s} {row['median_s']:.3f} s/call = "
+                f"{row['new_tokens_per_s']:,.0f} new tok/s "
+                f"(runs {row['runs_median_s']}); text API {row['text_median_s']:.3f} s; first call "
+                f"{row['first_call_s']:.1f} s; prefill {row['prefill_s'] * 1e3:.1f} ms; decode step "
+                f"{row['decode_step_ms']:.3f} ms = {row['decode_vs_floor']:.2f} x floor "
+                f"{row['decode_floor_ms']:.3f} ms "
+                f"({row['matmul_gflops_all']:.0f} GFLOP/s matmul); hand-off {row['handoff_s'] * 1e3:.1f} ms; "
+                f"compiled {row['compiled_after_warmup']} -> {row['compiled_after_all']}; rss "
+                f"{row['peak_rss_mib']:.0f} MiB; load {row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}",
+                flush=True,
+            )
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
