@@ -3,6 +3,7 @@
     rlhf-jax run experiments/dpo_tiny.py
     rlhf-jax run experiments/dpo_tiny.py --set dpo.algorithm.loss_type=ipo --set dpo.algorithm.beta=0.5
     rlhf-jax run experiments/dpo_tiny.py --set dpo.algorithm.objective=simpo --set dpo.algorithm.beta=2.0
+    rlhf-jax run experiments/dpo_tiny.py --set sft_checkpoint=runs/sft_tiny/checkpoints   # skip stage 1
 
 Two stages on the built-in vowel task (`rlhf_jax.data.synthetic.VowelTask`), tiny model, CPU:
 
@@ -38,6 +39,7 @@ from rlhf_jax.cli import load_experiment
 from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import dpo, sft
 from rlhf_jax.train.common import DataConfig
@@ -54,11 +56,14 @@ class DPOTinyConfig:
       workdir: the experiment's directory.
       sft: the SFT stage (its `workdir` is ignored).
       dpo: the DPO stage (its `workdir` and `checkpoint.init_from` are set from `workdir`).
+      sft_checkpoint: start DPO from this existing SFT checkpoint directory (e.g.
+        `runs/sft_tiny/checkpoints`) instead of running the SFT stage.
     """
 
     workdir: str = "runs/dpo_tiny"
     sft: sft.SFTConfig
     dpo: dpo.DPOConfig
+    sft_checkpoint: str | None = None
 
 
 def get_config(arg: str | None = None) -> DPOTinyConfig:
@@ -76,7 +81,8 @@ def get_config(arg: str | None = None) -> DPOTinyConfig:
             optim=OptimizerConfig(name="adamw", learning_rate=3e-4, warmup_steps=10),
             algorithm=dpo.DPOAlgorithm(objective="dpo", loss_type="sigmoid", beta=0.1, nll_weight=1.0),
             sampling=dpo.SampleEvalConfig(num_prompts=64, max_new_tokens=24, temperature=1.0),
-            train=TrainConfig(steps=150, eval_every=25, eval_batches=4),
+            mesh=MeshConfig(strategy="dp"),
+            train=TrainConfig(steps=100, eval_every=25, eval_batches=4),
             checkpoint=CheckpointConfig(every=50, keep=1),
             logging=LoggingConfig(every=10),
         ),
@@ -84,12 +90,14 @@ def get_config(arg: str | None = None) -> DPOTinyConfig:
 
 
 def main(config: DPOTinyConfig) -> dict:
-    """SFT (or resume it), DPO from it, then write `results.json` and `results.png` in the DPO run."""
-    sft_config = dataclasses.replace(config.sft, workdir=os.path.join(config.workdir, "sft"))
-    sft_summary = sft.train(sft_config)
-    if sft_summary["stopped_by"]:
-        return sft_summary
-    init = os.path.join(sft_summary["run_dir"], "checkpoints")
+    """SFT (or resume it, or take `sft_checkpoint`), DPO from it, then write results in the DPO run."""
+    sft_summary = {"eval": {}}
+    init = config.sft_checkpoint
+    if init is None:
+        sft_summary = sft.train(dataclasses.replace(config.sft, workdir=os.path.join(config.workdir, "sft")))
+        if sft_summary["stopped_by"]:
+            return sft_summary
+        init = os.path.join(sft_summary["run_dir"], "checkpoints")
     dpo_config = dataclasses.replace(
         config.dpo, workdir=os.path.join(config.workdir, "dpo"),
         checkpoint=dataclasses.replace(config.dpo.checkpoint, init_from=init))

@@ -27,6 +27,7 @@ from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
 from rlhf_jax.data.synthetic import VowelTask
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import reward_model
 from rlhf_jax.train.common import DataConfig
@@ -46,6 +47,7 @@ def get_config(arg: str | None = None) -> reward_model.RewardModelConfig:
                         label_noise=0.1, max_len=32, batch_size=32, vowel=VowelTask(relevance_bonus=0.0)),
         optim=OptimizerConfig(name="adamw", learning_rate=3e-3, warmup_steps=20, schedule="cosine",
                               decay_steps=230, end_learning_rate_ratio=0.1),
+        mesh=MeshConfig(strategy="dp"),
         train=TrainConfig(steps=250, eval_every=50, eval_batches=8),
         checkpoint=CheckpointConfig(every=50, keep=1, keep_best=1, best_metric="eval/accuracy", best_mode="max"),
         logging=LoggingConfig(every=10),

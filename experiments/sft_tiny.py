@@ -21,6 +21,7 @@ import dataclasses
 from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import sft
 from rlhf_jax.train.common import DataConfig
@@ -40,6 +41,7 @@ def get_config(arg: str | None = None) -> sft.SFTConfig:
                         max_len=32, batch_size=32),
         optim=OptimizerConfig(name="adamw", learning_rate=3e-3, warmup_steps=20, schedule="cosine",
                               decay_steps=280, end_learning_rate_ratio=0.1, weight_decay=0.0),
+        mesh=MeshConfig(strategy="dp"),
         train=TrainConfig(steps=300, eval_every=50, eval_batches=8),
         checkpoint=CheckpointConfig(every=100, keep=2),
         logging=LoggingConfig(every=10),

@@ -109,6 +109,8 @@ class Checkpointer:
       config: retention, async and best-metric settings (`CheckpointConfig`).
       model_config: the run's model config (any dataclass); saved with every checkpoint and
         compared on restore.
+      read_only: open another run's checkpoints for reading (initial weights, export): nothing is
+        created, written or cleaned up there (a save in progress elsewhere is left alone).
 
     Example:
       >>> ckpt = Checkpointer("runs/x/checkpoints", config=CheckpointConfig(keep=2))
@@ -117,10 +119,11 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, config: CheckpointConfig = CheckpointConfig(),
-                 model_config: Any = None):
+                 model_config: Any = None, read_only: bool = False):
         self.directory = os.path.abspath(os.fspath(directory))
         self.config = config
         self.model_config = model_config
+        self.read_only = read_only
         policies = [ocp_managers.LatestN(n=config.keep)]
         if config.keep_best:
             name = config.best_metric
@@ -130,10 +133,14 @@ class Checkpointer:
                 n=config.keep_best,
                 keep_checkpoints_without_metrics=False,
             ))
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"no checkpoint directory {self.directory}")
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=config.async_save,
-            cleanup_tmp_directories=True,
+            enable_async_checkpointing=config.async_save and not read_only,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -192,6 +199,8 @@ class Checkpointer:
         Returns:
           False when checkpoint `step` already exists (nothing is written), True otherwise.
         """
+        if self.read_only:
+            raise RuntimeError(f"Checkpointer({self.directory}) was opened read-only")
         step = int(step)
         if step in self._manager.all_steps():
             return False
@@ -351,7 +360,7 @@ def _default_sharding() -> jax.sharding.Sharding:
 
 def read_model_config(directory: str | os.PathLike, step: int | None = None) -> dict | None:
     """The model config dict saved with a checkpoint (latest step by default), or None."""
-    with Checkpointer(directory, config=CheckpointConfig(async_save=False)) as ckpt:
+    with Checkpointer(directory, read_only=True) as ckpt:
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {os.fspath(directory)}")
@@ -369,7 +378,7 @@ def load_params(directory: str | os.PathLike, abstract_params: Any, *, model_con
       step: which checkpoint (default: latest).
       item: the state item holding the parameters.
     """
-    with Checkpointer(directory, config=CheckpointConfig(async_save=False), model_config=model_config) as ckpt:
+    with Checkpointer(directory, model_config=model_config, read_only=True) as ckpt:
         state, _ = ckpt.restore({item: abstract_params}, step=step)
     return state[item]
 
@@ -406,7 +415,7 @@ def export_hf(directory: str | os.PathLike, out_dir: str | os.PathLike, *, step:
     """
     from rlhf_jax.models.hf import save_hf  # noqa: PLC0415
 
-    with Checkpointer(directory, config=CheckpointConfig(async_save=False)) as ckpt:
+    with Checkpointer(directory, read_only=True) as ckpt:
         resolved = _resolve_step(ckpt, step)
         config, _, abstract = _model_from_checkpoint(ckpt, resolved, item)
         ckpt.model_config = config

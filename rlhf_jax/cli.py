@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `rlhf-jax` and `python -m rlhf_jax`; returns the exit status.
 
     User errors (bad config keys or values, missing files, mismatched checkpoints, bad data) print
-    one `error:` line and return 2; anything else raises with its traceback.
+    one `error:` line and return 2; a run halted by the NaN/Inf guard prints the step and returns
+    1; anything else raises with its traceback.
     """
     from rlhf_jax.checkpoint import CheckpointMismatchError  # noqa: PLC0415
     from rlhf_jax.config import ConfigError  # noqa: PLC0415
@@ -214,24 +215,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return compile_main(argv[1:])
     args = build_parser().parse_args(argv)
-    user_errors: tuple[type[BaseException], ...] = (CLIError, ConfigError, CheckpointMismatchError,
-                                                    FileNotFoundError, FileExistsError) + _library_errors()
+    from rlhf_jax.data.formats import DataError  # noqa: PLC0415
+    from rlhf_jax.models.hf import HFCheckpointError  # noqa: PLC0415
+    from rlhf_jax.sharding import ShardingError  # noqa: PLC0415
+    from rlhf_jax.train.loop import TrainingHalted  # noqa: PLC0415
+
+    user_errors = (CLIError, ConfigError, CheckpointMismatchError, DataError, ShardingError, HFCheckpointError,
+                   FileNotFoundError, FileExistsError)
     try:
         return args.func(args)
     except user_errors as e:
         print(f"rlhf-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-
-
-def _library_errors() -> tuple[type[BaseException], ...]:
-    """Error types of the data, sharding and Hugging Face layers that describe user input."""
-    errors = []
-    for module, name in (("rlhf_jax.data.formats", "DataError"), ("rlhf_jax.sharding", "ShardingError"),
-                         ("rlhf_jax.models.hf", "HFCheckpointError")):
-        spec = importlib.util.find_spec(module)
-        if spec is not None:
-            errors.append(getattr(importlib.import_module(module), name))
-    return tuple(errors)
+    except TrainingHalted as e:
+        print(f"rlhf-jax {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ def flat_keys(config: Any, prefix: str = "") -> dict[str, str]:
     for name in _fields(config):
         value = getattr(config, name)
         key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if _is_section(value):
             out.update(flat_keys(value, key + "."))
         else:
             out[key] = _type_name(hints[name])
@@ -302,46 +302,53 @@ def parse_assignment(assignment: str) -> tuple[str, str]:
     return key, value
 
 
-def _replace_path(node: Any, parts: list[str], text: str, *, full_key: str, root: Any, assignment: str) -> Any:
-    name = parts[0]
-    fields = _fields(node)
-    if name not in fields:
-        raise ConfigError(f"--set {assignment}: unknown key {full_key!r}.{_valid_keys_message(root, full_key)}")
-    current = getattr(node, name)
-    if len(parts) > 1:
-        if not (dataclasses.is_dataclass(current) and not isinstance(current, type)):
+def _field_type(config: Any, parts: list[str], *, key: str, assignment: str) -> tuple[Any, Any]:
+    """(annotated type, current value) of the field at `parts`; ConfigError for an unknown key."""
+    node, parent = config, None
+    for i, name in enumerate(parts):
+        if not _is_section(node):
             raise ConfigError(
-                f"--set {assignment}: {'.'.join(full_key.split('.')[:-len(parts) + 1])!r} is a value "
-                f"of type {_type_name(_hints(type(node))[name])}, not a section; unknown key {full_key!r}."
-                f"{_valid_keys_message(root, full_key)}"
+                f"--set {assignment}: {'.'.join(parts[:i])!r} is a value of type "
+                f"{_type_name(_hints(type(parent))[parts[i - 1]])}, not a section; unknown key {key!r}."
+                f"{_valid_keys_message(config, key)}"
             )
-        value = _replace_path(current, parts[1:], text, full_key=full_key, root=root, assignment=assignment)
-    else:
-        tp = _hints(type(node))[name]
-        if dataclasses.is_dataclass(current) and not isinstance(current, type) and text.strip().lower() not in _NONE:
-            raise ConfigError(
-                f"--set {assignment}: {full_key!r} is a section; set one of its keys: "
-                + ", ".join(k for k in flat_keys(current, full_key + "."))
-            )
-        try:
-            value = _parse(text, tp)
-        except ValueError as e:
-            raise ConfigError(
-                f"--set {assignment}: wrong type for {full_key!r}: {e}; the key has type "
-                f"{_type_name(tp)}, got {text!r}"
-            ) from None
+        if name not in _fields(node):
+            raise ConfigError(f"--set {assignment}: unknown key {key!r}.{_valid_keys_message(config, key)}")
+        parent, node = node, getattr(node, name)
+    return _hints(type(parent))[parts[-1]], node
+
+
+def _is_section(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _apply(node: Any, changes: dict[tuple[str, ...], tuple[Any, str]]) -> Any:
+    """Rebuild `node` with `changes` (relative paths -> (value, assignment)), one replace per section."""
+    updates: dict[str, Any] = {}
+    nested: dict[str, dict[tuple[str, ...], tuple[Any, str]]] = {}
+    for path, change in changes.items():
+        if len(path) == 1:
+            updates[path[0]] = change[0]
+        else:
+            nested.setdefault(path[0], {})[path[1:]] = change
+    for name, sub in nested.items():
+        updates[name] = _apply(getattr(node, name), sub)
     try:
-        return dataclasses.replace(node, **{name: value})
+        return dataclasses.replace(node, **updates)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"--set {assignment}: {e}") from None
+        involved = ", ".join(a for _, a in changes.values())
+        raise ConfigError(f"--set {involved}: {e}") from None
 
 
 def override(config: Any, assignments: list[str] | tuple[str, ...]) -> Any:
-    """Apply `KEY=VALUE` overrides (dotted keys) to a frozen dataclass config tree, in order.
+    """Apply `KEY=VALUE` overrides (dotted keys) to a frozen dataclass config tree, all at once.
 
     Each value is parsed by the annotated type of its field (bool, int, float, str, `Literal`,
-    `X | None` with "none", `tuple[int, ...]` as "1,2,3"), and the changed sections are rebuilt with
-    `dataclasses.replace`, so their `__post_init__` checks run.
+    `X | None` with "none", `tuple[int, ...]` as "1,2,3"). All values are applied before any
+    section is validated, so fields checked together (e.g. `data.max_len` and
+    `data.max_prompt_len`) can change together: each changed section is rebuilt once with
+    `dataclasses.replace` and its `__post_init__` checks the final values. A key set twice takes its
+    last value.
 
     Args:
       config: the root config (a frozen dataclass instance).
@@ -349,13 +356,30 @@ def override(config: Any, assignments: list[str] | tuple[str, ...]) -> Any:
     Returns:
       A new config; `config` is unchanged.
     Raises:
-      ConfigError: unknown key (the message lists the valid keys), a value of the wrong type, or a
-        value rejected by a section's validation.
+      ConfigError: unknown key (the message lists the valid keys), a value of the wrong type, a
+        value rejected by a section's validation, or a key inside a section that is also set whole.
     """
+    changes: dict[tuple[str, ...], tuple[Any, str]] = {}
     for assignment in assignments:
         key, text = parse_assignment(assignment)
-        config = _replace_path(config, key.split("."), text, full_key=key, root=config, assignment=assignment)
-    return config
+        parts = key.split(".")
+        tp, current = _field_type(config, parts, key=key, assignment=assignment)
+        if _is_section(current) and text.strip().lower() not in _NONE:
+            raise ConfigError(f"--set {assignment}: {key!r} is a section; set one of its keys: "
+                              + ", ".join(flat_keys(current, key + ".")))
+        try:
+            value = _parse(text, tp)
+        except ValueError as e:
+            raise ConfigError(
+                f"--set {assignment}: wrong type for {key!r}: {e}; the key has type {_type_name(tp)}, got {text!r}"
+            ) from None
+        changes[tuple(parts)] = (value, assignment)
+    paths = sorted(changes)
+    for a, b in zip(paths, paths[1:]):
+        if b[: len(a)] == a:
+            raise ConfigError(f"--set {changes[a][1]} and --set {changes[b][1]}: the second sets a key inside "
+                              "the section the first replaces")
+    return _apply(config, changes) if changes else config
 
 
 # ----------------------------------------------------------------------------------- dict round trip

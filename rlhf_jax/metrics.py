@@ -108,7 +108,8 @@ class ProgressBar:
         eta = (self.total - step) / self.rate if self.rate > 0 else float("nan")
         rate = f"{self.rate:.2f} step/s" if math.isfinite(self.rate) else "- step/s"
         shown = " ".join(f"{k} {_fmt(metrics[k])}" for k in self.keys if k in metrics)
-        return f"[{bar}] {step}/{self.total} {100 * frac:3.0f}% {rate} ETA {format_duration(eta)} | {shown}".rstrip(" |")
+        line = f"[{bar}] {step}/{self.total} {100 * frac:3.0f}% {rate} ETA {format_duration(eta)} | {shown}"
+        return line.rstrip(" |")
 
     def update(self, step: int, metrics: Mapping[str, float | int]) -> None:
         """Record that `step` is done and redraw (or print) the line."""

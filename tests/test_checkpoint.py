@@ -32,7 +32,8 @@ class State(NamedTuple):
 
 
 def _params(scale=1.0):
-    return {"w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4) * scale, "b": {"x": jnp.full((4,), scale, jnp.float32)}}
+    w = jnp.arange(12, dtype=jnp.float32).reshape(3, 4) * scale
+    return {"w": w, "b": {"x": jnp.full((4,), scale, jnp.float32)}}
 
 
 def _state(params, step=5):
@@ -159,6 +160,11 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     listing = [line for line in proc.stdout.splitlines() if line.startswith("DIR")][0]
     assert "'1'" in listing and "'2'" not in listing and "tmp" in listing  # step 2 was mid-write
+    with Checkpointer(tmp_path, read_only=True) as ckpt:  # e.g. init_from another run: touches nothing
+        assert ckpt.all_steps() == [1]
+        with pytest.raises(RuntimeError, match="read-only"):
+            ckpt.save(3, {"params": {"w": jnp.ones((4, 4))}})
+    assert len(os.listdir(tmp_path)) == 2
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.all_steps() == [1]
         restored, extras = ckpt.restore({"params": {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}})

@@ -109,6 +109,32 @@ def test_section_validation_runs_and_is_reported():
         override(Root(), ["checkpoint.keep_best=1"])
 
 
+def test_overrides_are_validated_together():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Lengths:
+        max_len: int = 128
+        max_prompt_len: int = 64
+
+        def __post_init__(self):
+            if not self.max_prompt_len < self.max_len:
+                raise ValueError(f"max_prompt_len {self.max_prompt_len} must be < max_len {self.max_len}")
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Outer:
+        lengths: Lengths | None = Lengths()
+        seed: int = 0
+
+    # Each change alone would be invalid on the way; together they are fine.
+    assert override(Outer(), ["lengths.max_len=32", "lengths.max_prompt_len=16"]).lengths == Lengths(
+        max_len=32, max_prompt_len=16)
+    assert override(Outer(), ["seed=1", "seed=2"]).seed == 2
+    with pytest.raises(ConfigError, match="--set lengths.max_len=32: max_prompt_len 64 must be < max_len 32"):
+        override(Outer(), ["lengths.max_len=32"])
+    with pytest.raises(ConfigError, match="sets a key inside the section the first replaces"):
+        override(Outer(), ["lengths=none", "lengths.max_len=256"])
+    assert override(Outer(), ["lengths=none"]).lengths is None
+
+
 def test_parse_assignment_requires_equals():
     assert parse_assignment("a.b=c=d") == ("a.b", "c=d")
     assert parse_assignment("a=") == ("a", "")

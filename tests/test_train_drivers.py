@@ -36,8 +36,12 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def _forward(model, params, tokens):
+    return jax.jit(model.forward)(params, jnp.asarray(tokens))
+
+
 def _token_logps(model, params, tokens):
-    logits = np.asarray(model.forward(params, jnp.asarray(tokens)).logits, np.float64)
+    logits = np.asarray(_forward(model, params, tokens).logits, np.float64)
     return np.take_along_axis(_log_softmax(logits[:, :-1]), tokens[:, 1:, None], axis=-1)[..., 0]
 
 
@@ -50,7 +54,7 @@ def test_sft_eval_is_the_token_weighted_nll(mesh):
     for b in batches:
         mask = b["loss_mask"][:, 1:]
         lp = _token_logps(model, params, b["tokens"])
-        logits = np.asarray(model.forward(params, jnp.asarray(b["tokens"])).logits)[:, :-1]
+        logits = np.asarray(_forward(model, params, b["tokens"]).logits)[:, :-1]
         nll += -(lp * mask).sum()
         correct += ((logits.argmax(-1) == b["tokens"][:, 1:]) * mask).sum()
         total += mask.sum()
@@ -71,9 +75,8 @@ def test_reward_model_eval_accuracy_against_direct_scores(mesh):
     wins, margins, losses, n = [], [], [], 0
     for b in batches:
         keep = b["example_mask"][:, 0]
-        rc = _last(np.asarray(model.forward(params, jnp.asarray(b["chosen_tokens"])).values), b["chosen_loss_mask"])
-        rr = _last(np.asarray(model.forward(params, jnp.asarray(b["rejected_tokens"])).values),
-                   b["rejected_loss_mask"])
+        rc = _last(np.asarray(_forward(model, params, b["chosen_tokens"]).values), b["chosen_loss_mask"])
+        rr = _last(np.asarray(_forward(model, params, b["rejected_tokens"]).values), b["rejected_loss_mask"])
         wins += list((rc > rr)[keep])
         margins += list((rc - rr)[keep])
         losses += list(np.logaddexp(0.0, -(rc - rr))[keep])

@@ -9,9 +9,9 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from rlhf_jax.checkpoint import Checkpointer, load_params
-from rlhf_jax.cli import main
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.models import CausalLM
 from rlhf_jax.testing import tiny_config
@@ -20,7 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "experiments", "sft_tiny.py")
 SMALL = ["--set", "data.num_train=256", "--set", "data.num_eval=32", "--set", "data.batch_size=8",
          "--set", "train.eval_batches=1", "--set", "logging.tensorboard=false", "--set", "logging.console=false"]
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Subprocess environment sharing one persistent compilation cache: the runs of this module
+    compile the same programs, so only the first pays for compiling them."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 # Runs the CLI, but SIGKILLs the process as soon as checkpoint 3 is on disk.
 _KILL_AFTER_3 = textwrap.dedent("""
@@ -49,16 +57,20 @@ def _final_params(workdir):
     return load_params(os.path.join(workdir, "checkpoints"), abstract, step=6)
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+def _cli(env, args, code=None):
+    command = [sys.executable, "-m", "rlhf_jax"] if code is None else [sys.executable, "-c", code]
+    return subprocess.run([*command, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, env):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert main(_args(straight)) == 0
-    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_3, *_args(interrupted)], env=ENV, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    done = _cli(env, _args(straight))
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = _cli(env, _args(interrupted), code=_KILL_AFTER_3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     with Checkpointer(interrupted / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [3]
-    resumed = subprocess.run([sys.executable, "-m", "rlhf_jax", *_args(interrupted)], env=ENV, cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
+    resumed = _cli(env, _args(interrupted))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     a, b = _final_params(straight), _final_params(interrupted)
@@ -70,11 +82,11 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     assert (straight / "results.json").exists() and (interrupted / "results.json").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, env):
     workdir = tmp_path / "run"
     args = ["run", SFT, "--set", f"workdir={workdir}", "--set", "train.steps=100000", "--set", "train.eval_every=0",
             "--set", "checkpoint.every=0", *SMALL]
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax", *args], env=ENV, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax", *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

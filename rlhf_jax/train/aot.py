@@ -45,7 +45,8 @@ def run_configs(config: Any) -> dict[str, RunConfig]:
 
 
 def compile_run(config: RunConfig, *, devices: list | None = None, topology: str | None = None,
-                device_memory_bytes: int | None = None) -> CompileReport:
+                device_memory_bytes: int | None = None,
+                compiler_options: dict[str, Any] | None = None) -> CompileReport:
     """Compile `config`'s training step for its mesh on `devices` (default: this machine) or a TPU topology.
 
     Args:
@@ -53,6 +54,8 @@ def compile_run(config: RunConfig, *, devices: list | None = None, topology: str
       devices: the devices to lay the mesh over (default: `jax.devices()`).
       topology: a TPU topology such as "v5e:4x4" (compile-only devices from libtpu), instead of `devices`.
       device_memory_bytes: memory per device for the fit check (default: from the devices).
+      compiler_options: XLA options, e.g. `{"xla_backend_optimization_level": 0}` for a faster CPU
+        compile whose memory analysis is unchanged (buffers are assigned before code generation).
     Returns:
       The `CompileReport`.
     """
@@ -66,4 +69,5 @@ def compile_run(config: RunConfig, *, devices: list | None = None, topology: str
     return compile_training_step(config.model, step=kind, mesh=mesh, strategy=config.mesh.strategy,
                                  batch_size=config.data.batch_size, seq_len=config.data.row_len,
                                  optimizer=config.optim, micro_batches=config.train.micro_batches,
-                                 target=topology, device_memory_bytes=device_memory_bytes)
+                                 target=topology, device_memory_bytes=device_memory_bytes,
+                                 compiler_options=compiler_options)

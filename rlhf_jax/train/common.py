@@ -301,7 +301,7 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array) -> Any:
         saved = read_model_config(init_from)
         source_config = model.config if saved is None else from_dict(ModelConfig, saved)
         _check_same_shape(model.config, source_config, init_from)
-        with Checkpointer(init_from, config=CheckpointConfig(async_save=False)) as ckpt:
+        with Checkpointer(init_from, read_only=True) as ckpt:
             keys = ckpt.item_shapes("params")
         source_head = "scalar" if "score" in keys else "lm"
         source_model = CausalLM(model.config.replace(param_dtype=source_config.param_dtype), head=source_head)

@@ -1,0 +1,49 @@
+"""The tiny experiments at full length, asserting the learning each docstring states.
+
+Several CPU minutes in all, so opt-in: `RLHF_JAX_FULL_EXPERIMENTS=1 python -m pytest
+tests/test_experiments_full.py`. The default suite runs the same experiments for a few steps
+(tests/test_experiments.py, tests/test_train_resume.py).
+"""
+
+import json
+import os
+
+import pytest
+
+from rlhf_jax.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("RLHF_JAX_FULL_EXPERIMENTS") != "1",
+                       reason="full-length experiments are opt-in: set RLHF_JAX_FULL_EXPERIMENTS=1"),
+]
+
+
+def _run(name, workdir, *extra):
+    assert main(["run", os.path.join(ROOT, "experiments", f"{name}.py"), "--set", f"workdir={workdir}",
+                 *extra]) == 0
+
+
+def test_sft_tiny_loss_falls_below_threshold(tmp_path):
+    _run("sft_tiny", tmp_path, "--set", "logging.console=false")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["final_eval_loss"] < results["loss_threshold"] == 3.1
+    assert results["initial_eval_loss"] > 5.0  # ln(256) = 5.55 at initialization
+    assert results["passed"]
+
+
+def test_reward_model_tiny_reaches_90_percent_heldout_accuracy(tmp_path):
+    _run("reward_model_tiny", tmp_path, "--set", "logging.console=false")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["final_heldout_accuracy"] >= 0.90 and results["passed"]
+    assert results["initial_heldout_accuracy"] < 0.75
+
+
+def test_dpo_tiny_raises_gold_reward_over_the_sft_policy(tmp_path):
+    _run("dpo_tiny", tmp_path, "--set", "sft.logging.console=false", "--set", "dpo.logging.console=false")
+    results = json.loads((tmp_path / "dpo" / "results.json").read_text())
+    assert results["gold_reward_gain"] >= results["gold_margin_required"] == 0.1
+    assert results["final_gold_win_rate_vs_sft"] > 0.5
+    assert results["passed"]
