@@ -17,8 +17,8 @@ One training step (the phases are timed and logged as `time/<phase>`):
 
 Evaluation (every `train.eval_every` steps, and before the first): completions for the held-out
 prompts (`data.eval`), scored by the training rewards (`eval/reward`, the proxy when it is a
-reward model), by the synthetic task's gold function (`eval/gold`: accuracy for arithmetic, the gold
-reward for the vowel task), and the KL to the reference (`eval/kl`, summed k1 per completion).
+reward model), by the synthetic task's gold function (`eval/accuracy` for arithmetic,
+`eval/gold_reward` for the vowel task), and the KL to the reference (`eval/kl`, summed k1 per completion).
 
 Checkpoints hold the whole RL state (policy params and optimizer, reference, critic, KL
 controller) and the prompt iterator, so a restarted run resumes where it stopped.
@@ -54,7 +54,7 @@ from rlhf_jax.rewards import (
     reward_metrics,
 )
 from rlhf_jax.rollout import completion_logprobs
-from rlhf_jax.sampling import Sampler, SamplingConfig, make_method
+from rlhf_jax.sampling import Sampler, SamplingConfig, default_prompt_buckets, make_method
 from rlhf_jax.state import (
     RLState,
     TrainState,
@@ -76,6 +76,7 @@ __all__ = [
     "PPORunConfig",
     "REWARD_FUNCTIONS",
     "train",
+    "evaluate",
 ]
 
 
@@ -112,7 +113,7 @@ def _gold_source(task) -> tuple[str, RewardSource] | None:
     if isinstance(task, ArithmeticTask):
         return "eval/accuracy", PythonReward(task.reward, "gold")
     if isinstance(task, VowelTask):
-        return "eval/gold", PythonReward(task.gold_reward, "gold")
+        return "eval/gold_reward", PythonReward(task.gold_reward, "gold")
     return None
 
 
@@ -163,6 +164,8 @@ class RolloutConfig:
       max_sampling_rounds: generation rounds per step at most with dynamic sampling (then the batch
         is completed with zero-signal groups).
       eval_greedy: evaluate with greedy decoding (else with the training sampler and a fixed seed).
+      ignore_eos: do not stop at the tokenizer's EOS: every completion has `max_new_tokens` tokens
+        (benchmarks; vLLM's `ignore_eos`).
     """
 
     max_new_tokens: int = 16
@@ -173,6 +176,7 @@ class RolloutConfig:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
     eval_greedy: bool = False
+    ignore_eos: bool = False
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_sampling_rounds"):
@@ -408,7 +412,8 @@ class _Rollouts:
         self.group = group
         rollout, temperature = config.rollout, config.algorithm.temperature
         self.train_sampling = SamplingConfig(
-            max_new_tokens=rollout.max_new_tokens, num_samples=group, eos_id=tokenizer.eos_token_id,
+            max_new_tokens=rollout.max_new_tokens, num_samples=group,
+            eos_id=None if rollout.ignore_eos else tokenizer.eos_token_id,
             method=make_method(temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p, min_p=rollout.min_p),
         )
         eval_method = make_method(greedy=True) if rollout.eval_greedy else self.train_sampling.method
@@ -517,6 +522,100 @@ def _check_config(config, *, builtin_rewards: bool) -> None:
         raise ConfigError("value.init='reward_model' needs rewards.reward_model (or --set value.init=policy)")
 
 
+class _Setup:
+    """Everything a run builds before its state: tokenizer, data, mesh, models, sampler, rewards, programs."""
+
+    def __init__(self, config, *, reward_sources, reward_weights):
+        _check_config(config, builtin_rewards=reward_sources is None)
+        self.config = config
+        self.ppo = isinstance(config, PPORunConfig)
+        self.tokenizer = common.make_tokenizer(config.data.tokenizer)
+        common.check_vocab(self.tokenizer, config.model)
+        self.train_data = common.load_split(config.data, kind="prompt", which="train", tokenizer=self.tokenizer)
+        self.eval_data = common.load_split(config.data, kind="prompt", which="eval", tokenizer=self.tokenizer)
+        task = common.synthetic_task(config.data, config.data.train)
+        self.gold = _gold_source(common.synthetic_task(config.data, config.data.eval))
+        self.mesh = config.mesh.make_mesh()
+        self.strategy = config.mesh.strategy
+        if reward_sources is None:
+            reward_sources = [REWARD_FUNCTIONS[name](config, task, policy_config=config.model, mesh=self.mesh,
+                                                     strategy=self.strategy) for name in config.rewards.functions]
+            reward_weights = config.rewards.weights or None
+        self.policy_tx = make_optimizer(config.optim)
+        self.value_tx = make_optimizer(config.value.optim) if self.ppo and not config.value.shared_backbone else None
+        self.models = _Models(config, mesh=self.mesh, policy_tx=self.policy_tx, value_tx=self.value_tx)
+        algorithm = config.algorithm
+        prompt_len = config.data.max_prompt_len or config.data.row_len
+        self.sampler = Sampler(self.models.policy, max_len=prompt_len + config.rollout.max_new_tokens,
+                               prompt_buckets=default_prompt_buckets(prompt_len), mesh=self.mesh, strategy=self.strategy,
+                               dtype=config.rollout.sampler_dtype)
+        self.rollouts = _Rollouts(config, sampler=self.sampler, tokenizer=self.tokenizer, sources=list(reward_sources),
+                                  weights=reward_weights, group=1 if self.ppo else algorithm.group_size)
+        policy = self.models.policy
+        self.ref_logps = jax.jit(lambda params, pt, pl, ct: completion_logprobs(
+            policy, params, pt, pl, ct, temperature=algorithm.temperature, chunk_size=algorithm.chunk_size)[0],
+            out_shardings=sh.batch_sharding(self.mesh, self.strategy))
+        self.key = jax.random.key(config.seed)
+
+    def update_fn(self):
+        """The pure RL step of the configured algorithm."""
+        config, models = self.config, self.models
+        lr = make_schedule(config.optim)
+        if self.ppo:
+            return make_ppo_step(models.policy, self.policy_tx, config=config.algorithm, value_model=models.value,
+                                 value_optimizer=self.value_tx, nonfinite=config.train.nonfinite, learning_rate=lr)
+        return make_grpo_step(models.policy, self.policy_tx, config=config.algorithm,
+                              nonfinite=config.train.nonfinite, learning_rate=lr)
+
+    def make_eval(self) -> Callable[[RLState], dict[str, float]] | None:
+        """`state -> eval metrics` on the first `train.eval_batches` held-out prompt batches (None without)."""
+        if self.eval_data is None:
+            return None
+        config, rollouts = self.config, self.rollouts
+        held_out = common.eval_batches(self.eval_data, config.data, max_batches=config.train.eval_batches)
+
+        def evaluate(state: RLState) -> dict[str, float]:
+            params = self.sampler.load_params(self.models.lm_params(state.policy.params))
+            sums: dict[str, float] = {}
+            count = 0
+            for k, batch in enumerate(held_out):
+                arrays = rollouts.sample(params, batch, rollouts.eval_sampling,
+                                         jax.random.fold_in(self.key, 0x7FFFFFFF - k))
+                parts = {"eval/reward": rollouts.score(arrays).total,
+                         "eval/completions/mean_length": arrays["lengths"]}
+                if self.gold is not None:
+                    parts[self.gold[0]] = rollouts.score(arrays, sources=[self.gold[1]]).total
+                if state.reference is not None and not config.rollout.eval_greedy:
+                    ref = np.asarray(self.ref_logps(state.reference, arrays["prompt_tokens"],
+                                                    arrays["prompt_lengths"], arrays["completion_tokens"]))
+                    log_ratio = np.where(arrays["completion_mask"], arrays["sampler_logps"] - ref, 0.0)
+                    parts["eval/kl"] = log_ratio.sum(axis=1)
+                for key, values in parts.items():
+                    sums[key] = sums.get(key, 0.0) + float(np.sum(values))
+                count += len(arrays["lengths"])
+            return {k: v / max(count, 1) for k, v in sums.items()}
+
+        return evaluate
+
+
+def evaluate(
+    config: GRPORunConfig | PPORunConfig,
+    *,
+    reward_sources: Sequence[RewardSource] | None = None,
+    reward_weights: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """Evaluate the initial policy of `config` (`checkpoint.init_from`, or a random one) as `train` would.
+
+    The same held-out prompts, sampling and metrics as the driver's step-0 evaluation
+    (`eval/reward`, `eval/gold_reward` or `eval/accuracy`, `eval/kl`), without a run directory.
+    """
+    setup = _Setup(config, reward_sources=reward_sources, reward_weights=reward_weights)
+    evaluate_state = setup.make_eval()
+    if evaluate_state is None:
+        raise ConfigError("rl.evaluate needs held-out prompts (data.eval)")
+    return evaluate_state(setup.models.fresh())
+
+
 def train(
     config: GRPORunConfig | PPORunConfig,
     *,
@@ -534,103 +633,50 @@ def train(
     Returns:
       `{"run_dir", "step", "stopped_by", "eval": last eval metrics, "train": last train metrics}`.
     """
-    _check_config(config, builtin_rewards=reward_sources is None)
-    ppo = isinstance(config, PPORunConfig)
-    tokenizer = common.make_tokenizer(config.data.tokenizer)
-    common.check_vocab(tokenizer, config.model)
-    train_data = common.load_split(config.data, kind="prompt", which="train", tokenizer=tokenizer)
-    eval_data = common.load_split(config.data, kind="prompt", which="eval", tokenizer=tokenizer)
-    task = common.synthetic_task(config.data, config.data.train)
-    eval_task = common.synthetic_task(config.data, config.data.eval)
-    mesh = config.mesh.make_mesh()
-    strategy = config.mesh.strategy
-    if reward_sources is None:
-        reward_sources = [REWARD_FUNCTIONS[name](config, task, policy_config=config.model, mesh=mesh,
-                                                 strategy=strategy) for name in config.rewards.functions]
-        reward_weights = config.rewards.weights or None
-    group = 1 if ppo else config.algorithm.group_size
-    policy_tx = make_optimizer(config.optim)
-    value_tx = make_optimizer(config.value.optim) if ppo and not config.value.shared_backbone else None
-    models = _Models(config, mesh=mesh, policy_tx=policy_tx, value_tx=value_tx)
-    algorithm = config.algorithm
-    sampler = Sampler(models.policy, max_len=config.data.row_len + config.rollout.max_new_tokens,
-                      prompt_buckets=(config.data.row_len,), mesh=mesh, strategy=strategy,
-                      dtype=config.rollout.sampler_dtype)
-    rollouts = _Rollouts(config, sampler=sampler, tokenizer=tokenizer, sources=list(reward_sources),
-                         weights=reward_weights, group=group)
-    lr = make_schedule(config.optim)
-    if ppo:
-        update = make_ppo_step(models.policy, policy_tx, config=algorithm, value_model=models.value,
-                               value_optimizer=value_tx, nonfinite=config.train.nonfinite, learning_rate=lr)
-    else:
-        update = make_grpo_step(models.policy, policy_tx, config=algorithm, nonfinite=config.train.nonfinite,
-                                learning_rate=lr)
-    ref_logps = jax.jit(lambda params, pt, pl, ct: completion_logprobs(
-        models.policy, params, pt, pl, ct, temperature=algorithm.temperature, chunk_size=algorithm.chunk_size)[0])
-    base_key = jax.random.key(config.seed)
-
+    setup = _Setup(config, reward_sources=reward_sources, reward_weights=reward_weights)
+    models, sampler, rollouts, mesh, strategy = setup.models, setup.sampler, setup.rollouts, setup.mesh, setup.strategy
     with open_run(config.run_dir, run_config=config, checkpoint=config.checkpoint, model_config=config.model) as run:
-        tokenizer.save_pretrained(run.file("tokenizer"))
+        setup.tokenizer.save_pretrained(run.file("tokenizer"))
         if run.restore_step is not None:
             state, extras = models.restore(run)
             start = int(run.restore_step)
         else:
             state, extras, start = models.fresh(), {}, 0
-        step = jit_step(update, mesh=mesh, strategy=strategy, state_shardings=models.shardings(models.abstract()),
-                        name="ppo_step" if ppo else "grpo_step")
-        batches = common.batches_from(common.train_batches(train_data, config.data), extras)
+        step = jit_step(setup.update_fn(), mesh=mesh, strategy=strategy,
+                        state_shardings=models.shardings(models.abstract()),
+                        name="ppo_step" if setup.ppo else "grpo_step")
+        batches = common.batches_from(common.train_batches(setup.train_data, config.data), extras)
         counter = [start]
+        last_done = [None]
 
         def rl_step(state: RLState, prompt_batch) -> tuple[RLState, dict]:
             counter[0] += 1
             began = time.perf_counter()
             params = sampler.load_params(models.lm_params(state.policy.params))
             merged, _, metrics = rollouts.collect(params, prompt_batch, batches,
-                                                  rng=jax.random.fold_in(base_key, counter[0]))
+                                                  rng=jax.random.fold_in(setup.key, counter[0]))
             metrics["time/weight_handoff"] = sampler.stats.handoff_seconds
-            device = _device_batch({**merged, "scores": merged["scores"]}, _DEVICE_KEYS + ("scores",), mesh, strategy)
+            device = _device_batch(merged, _DEVICE_KEYS + ("scores",), mesh, strategy)
             start_ref = time.perf_counter()
             if state.reference is not None:
-                device["ref_logps"] = jax.block_until_ready(ref_logps(
+                device["ref_logps"] = jax.block_until_ready(setup.ref_logps(
                     state.reference, device["prompt_tokens"], device["prompt_lengths"], device["completion_tokens"]))
             metrics["time/reference"] = time.perf_counter() - start_ref
             start_update = time.perf_counter()
             state, step_metrics = step(state, device)
             step_metrics = jax.block_until_ready(step_metrics)
             metrics["time/update"] = time.perf_counter() - start_update
-            metrics["time/step"] = time.perf_counter() - began
+            done = time.perf_counter()
+            metrics["time/step"] = done - began
+            if last_done[0] is not None:  # completion to completion: the loop's own work included
+                metrics["time/between_steps"] = done - last_done[0]
+            last_done[0] = done
             metrics["tokens_per_second"] = metrics.pop("completions/generated_tokens") / metrics["time/step"]
             return state, {**step_metrics, **metrics}
 
-        evaluate = None
-        if eval_data is not None:
-            held_out = common.eval_batches(eval_data, config.data, max_batches=config.train.eval_batches)
-            gold = _gold_source(eval_task)
-
-            def evaluate(state: RLState) -> dict[str, float]:
-                params = sampler.load_params(models.lm_params(state.policy.params))
-                sums: dict[str, float] = {}
-                count = 0
-                for k, batch in enumerate(held_out):
-                    arrays = rollouts.sample(params, batch, rollouts.eval_sampling, jax.random.fold_in(base_key, -k - 1 & 0x7FFFFFFF))
-                    n = len(arrays["lengths"])
-                    parts = {"eval/reward": rollouts.score(arrays).total,
-                             "eval/completions/mean_length": arrays["lengths"]}
-                    if gold is not None:
-                        parts[gold[0]] = rollouts.score(arrays, sources=[gold[1]]).total
-                    if state.reference is not None and not config.rollout.eval_greedy:
-                        ref = np.asarray(ref_logps(state.reference, arrays["prompt_tokens"], arrays["prompt_lengths"],
-                                                   arrays["completion_tokens"]))
-                        log_ratio = np.where(arrays["completion_mask"], arrays["sampler_logps"] - ref, 0.0)
-                        parts["eval/kl"] = log_ratio.sum(axis=1)
-                    for key, values in parts.items():
-                        sums[key] = sums.get(key, 0.0) + float(np.sum(values))
-                    count += n
-                return {k: v / max(count, 1) for k, v in sums.items()}
-
         result = fit(state=state, step_fn=rl_step, batches=batches, start_step=start, train=config.train,
                      checkpoint=config.checkpoint, logging=config.logging, run=run, save_items=models.save_items,
-                     extras=lambda: {"data": batches.get_state()}, evaluate=evaluate,
+                     extras=lambda: {"data": batches.get_state()}, evaluate=setup.make_eval(),
                      progress_keys=("reward", "kl", "completions/mean_length"), run_config=to_dict(config))
     return {"run_dir": run.path, "step": result.step, "stopped_by": result.stopped_by, "eval": result.last_eval,
             "train": result.last_metrics}

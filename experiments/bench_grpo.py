@@ -1,0 +1,164 @@
+"""Benchmark W4 (GRPO step) of ../shared/bench/WORKLOADS.md with the online RL driver, and its phase split.
+
+    python experiments/bench_grpo.py                      # 2 devices (both cores), 2 runs
+    python experiments/bench_grpo.py --devices 1 --runs 1
+
+W4: the 7.36 M-parameter Llama (`presets.get_config("w1")`, seed 0); per step 4 prompts x 8
+generations = 32 completions of exactly 64 new tokens (no EOS stop, temperature 1 over the full
+vocabulary) for 64-token prompts (`workloads.grpo_prompts(13 * 4)`, in order, no shuffling); reward
+`even_fraction` (the share of even completion ids, a plain Python function); group-normalised
+advantages; GRPO loss with the k3 KL penalty (beta 0.04) against a frozen copy of the initial
+policy, clip 0.2, one iteration and one optimizer step per batch; AdamW lr 1e-6, clip 1.0.
+13 steps, the first 3 are warm-up (compilation); the figure is the median over `--runs` processes
+of each run's median step time over steps 4..13.
+
+The step is run exactly as `rlhf_jax.train.rl.train` runs it (the `fit` loop, data iterator,
+logging to JSONL), from a JSONL file of the W4 prompts written in the workloads' word-level
+vocabulary (id i <-> word "t{i}", no BOS) and that tokenizer saved to a temporary directory. Two
+step times are reported: `time/step` (weight hand-off + generation + reward + reference + update,
+each phase blocked on) and `time/between_steps` (completion of one step to completion of the next,
+the loop's own logging and data fetch included; WORKLOADS.md's definition, used for the headline).
+The phase split is the median of each `time/<phase>` metric. Target: <= 1.3 s/step (TRL 2.93 s,
+Tunix 2.89 s on this machine, PEERS.md).
+
+With `--devices 2` the mesh is data parallel over 2 host devices (`mesh.strategy=dp`), so sampling,
+the reference forward and the update each run one program per core on 16 of the 32 rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
+PHASES = ("weight_handoff", "generate", "reward", "reference", "update")
+STEPS, WARMUP = 13, 3
+
+
+def _wordlevel_tokenizer(W, directory: str) -> None:
+    """The workloads' word-level tokenizer (no BOS: prompts are exactly 64 ids), saved to `directory`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab=W.wordlevel_vocab(), unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(W.SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.save_pretrained(directory)
+
+
+def run_once(bench_dir: str, devices: int) -> dict:
+    """One W4 run in this process (XLA flags must already be set); returns the measured figures."""
+    sys.path.insert(0, bench_dir)
+    import workloads as W  # noqa: PLC0415
+
+    from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig  # noqa: PLC0415
+    from rlhf_jax.metrics import read_jsonl  # noqa: PLC0415
+    from rlhf_jax.models import presets  # noqa: PLC0415
+    from rlhf_jax.optim import OptimizerConfig  # noqa: PLC0415
+    from rlhf_jax.sharding import MeshConfig  # noqa: PLC0415
+    from rlhf_jax.steps.rl import grpo_config  # noqa: PLC0415
+    from rlhf_jax.train import rl  # noqa: PLC0415
+    from rlhf_jax.train.common import DataConfig  # noqa: PLC0415
+
+    w4 = W.W4
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = os.path.join(tmp, "tokenizer")
+        _wordlevel_tokenizer(W, tok_dir)
+        prompts = os.path.join(tmp, "prompts.jsonl")
+        with open(prompts, "w") as f:
+            for row in W.grpo_prompts(STEPS * w4["num_prompts"]):
+                f.write(json.dumps({"prompt": W.ids_to_text(row)}) + "\n")
+        config = rl.GRPORunConfig(
+            name="bench_grpo",
+            workdir=os.path.join(tmp, "run"),
+            seed=W.MODEL_INIT_SEED,
+            model=presets.get_config("w1"),
+            data=DataConfig(train=prompts, eval=None, tokenizer=tok_dir, max_prompt_len=w4["prompt_len"],
+                            max_len=w4["prompt_len"] + w4["new_tokens"],
+                            batch_size=w4["num_prompts"], shuffle=False),
+            mesh=MeshConfig(data=devices, strategy="dp"),
+            optim=OptimizerConfig(name="adamw", learning_rate=w4["lr"], max_grad_norm=w4["max_grad_norm"]),
+            algorithm=grpo_config("grpo", group_size=w4["num_generations"], kl_coef=w4["beta"], clip_eps=0.2,
+                                  num_epochs=w4["num_iterations"], temperature=w4["temperature"]),
+            rollout=rl.RolloutConfig(max_new_tokens=w4["new_tokens"], ignore_eos=True),
+            rewards=rl.RewardConfig(functions=("even_fraction",)),
+            train=TrainConfig(steps=STEPS),
+            checkpoint=CheckpointConfig(every=0, async_save=True),
+            logging=LoggingConfig(every=1, console=False, tensorboard=False),
+        )
+        watch = W.CpuWatch()
+        rl.train(config)
+        foreign = watch.result()
+        records = [r for r in read_jsonl(os.path.join(tmp, "run", "metrics.jsonl")) if "time/step" in r]
+    timed = [r for r in records if r["step"] > WARMUP]
+    median = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
+    between = median("time/between_steps")
+    return {
+        "devices": devices,
+        "step_s": between,
+        "step_s_inside": median("time/step"),
+        "first_step_s": records[0]["time/step"],
+        "completion_tokens_per_s": w4["num_prompts"] * w4["num_generations"] * w4["new_tokens"] / between,
+        "phases_s": {p: median(f"time/{p}") for p in PHASES},
+        "sampler_logprob_diff_max": max(r["sampler_logprob_diff/max"] for r in timed),
+        "peak_rss_mib": round(W.peak_rss_mib(), 1),
+        **foreign,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=2, help="host devices (1 or 2)")
+    parser.add_argument("--runs", type=int, default=2, help="processes to run; the median is reported")
+    parser.add_argument("--bench-dir", default=DEFAULT_BENCH_DIR, help="directory of workloads.py")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(run_once(args.bench_dir, args.devices)), flush=True)
+        return
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = []
+    for k in range(args.runs):
+        out = subprocess.run([sys.executable, __file__, "--child", "--devices", str(args.devices), "--bench-dir",
+                              args.bench_dir], env=env, capture_output=True, text=True, check=False)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
+            raise SystemExit(f"run {k} failed")
+        runs.append(json.loads(line[len("RESULT "):]))
+        r = runs[-1]
+        phases = " ".join(f"{p}={v:.3f}" for p, v in r["phases_s"].items())
+        print(f"run {k}: {r['step_s']:.3f} s/step ({r['completion_tokens_per_s']:.0f} completion tok/s), inside the "
+              f"step {r['step_s_inside']:.3f} s, first step {r['first_step_s']:.1f} s | {phases} | "
+              f"foreign CPU {r['foreign_cpu_cores']} cores, peak RSS {r['peak_rss_mib']} MiB", flush=True)
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    summary = {
+        "workload": "W4 GRPO 4x8x64",
+        "devices": args.devices,
+        "step_s": med("step_s"),
+        "completion_tokens_per_s": med("completion_tokens_per_s"),
+        "phases_s": {p: statistics.median(r["phases_s"][p] for r in runs) for p in PHASES},
+        "target_s": 1.3,
+        "peers_s": {"TRL": 2.932, "Tunix": 2.890, "EasyDeL": 3.958},
+        "runs": runs,
+    }
+    print(f"W4 median over {args.runs} runs: {summary['step_s']:.3f} s/step (target <= 1.3; TRL 2.93, Tunix 2.89), "
+          "phases: " + ", ".join(f"{p} {v:.3f} s" for p, v in summary["phases_s"].items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
