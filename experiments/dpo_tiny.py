@@ -15,14 +15,16 @@ What it shows: offline preference optimization improves the policy as judged by 
 reward. At every evaluation 64 held-out prompts are sampled (temperature 1, a fixed key) and scored
 with the gold reward: `eval/gold_reward` (mean) and `eval/gold_win_rate` (share of prompts where the
 policy's sample beats the SFT policy's sample for the same prompt and key). Step 0 is the SFT policy
-itself (gold reward about 0.5). Acceptance: the final gold reward exceeds the SFT policy's by at
-least 0.1 (`GOLD_MARGIN`); in our runs it gains about 0.25 and wins about 80% of the prompts.
+itself. Acceptance: the final gold reward exceeds the SFT policy's by at least 0.1 (`GOLD_MARGIN`).
+In our run: SFT policy 0.47, after 100 DPO steps 0.77 (+0.30), winning 80% of the prompts against
+the SFT policy; held-out reward accuracy 0.97 (about 2.5 minutes for both stages on this CPU).
 Held-out pairs give `eval/rewards/accuracies` and `eval/rewards/margins` (TRL's DPO metrics).
 
 The baseline is DPO (sigmoid loss, beta 0.1) with the chosen responses' NLL added (weight 1, the
-RPO variant of Pang et al. 2024): without it, the tiny policy lowers the likelihood of both
-responses, drifts off the data (longer, repetitive samples) and its gold reward falls after a brief
-rise (`--set dpo.algorithm.nll_weight=0` shows it). Every DPO loss type is selectable with
+RPO variant of Pang et al. 2024). Without it (`--set dpo.algorithm.nll_weight=0`) the tiny policy
+lowers the likelihood of both responses (held-out chosen log-prob -45.6 -> -55.3) and drifts off the
+data: in our run its gold reward rose to 0.71 at step 25, then fell to 0.20 at step 100 (win rate
+0.25), the over-optimization DPO is known for. Every DPO loss type is selectable with
 `--set dpo.algorithm.loss_type=sigmoid|robust|hinge|ipo|apo_zero|apo_down`, and SimPO / ORPO with
 `--set dpo.algorithm.objective=simpo|orpo`.
 

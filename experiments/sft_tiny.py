@@ -6,7 +6,8 @@ What it shows: the SFT driver learns. The tiny 2-layer model (`rlhf_jax.testing.
 character tokenizer) starts at the uniform NLL ln(256) = 5.55 nats per completion token; the
 demonstrations are random letter strings whose entropy is about 2.9 nats per character, so a model
 that has learned the format (vowel rate, word lengths, EOS) sits just above that. The acceptance
-threshold is held-out `eval/loss` < 3.1 (`LOSS_THRESHOLD`), reached in about 150 of the 300 steps.
+threshold is held-out `eval/loss` < 3.1 (`LOSS_THRESHOLD`). In our run: 5.54 at step 0, 2.99 at
+step 100, 2.96 after 300 steps (about 70 s on this 2-core CPU, 40 s of it compiling and starting).
 
 Writes to `runs/sft_tiny/`: `metrics.jsonl`, TensorBoard events, checkpoints, the tokenizer, and
 `results.json` + `results.png` (train and held-out loss against the threshold). Re-running the same

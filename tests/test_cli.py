@@ -91,7 +91,7 @@ def test_checkpoint_of_another_model_shape_fails_before_compute(capsys, tmp_path
 
 
 def _hf_dir(path, config, seed=0):
-    params = CausalLM(config).init(jax.random.key(seed))
+    params = jax.jit(CausalLM(config).init)(jax.random.key(seed))
     save_hf(path, config, params)
     return params
 
@@ -117,13 +117,13 @@ def test_export_latest_and_best_with_tokenizer(capsys, tmp_path):
     from rlhf_jax.testing.tokenizer import save_offline_tokenizer
 
     config = tiny_config()
-    model = CausalLM(config)
+    init = jax.jit(CausalLM(config).init)
     run = tmp_path / "run"
     cfg = CheckpointConfig(async_save=False, keep=3, keep_best=1, best_metric="eval/acc")
     saved = {}
     with Checkpointer(run / "checkpoints", config=cfg, model_config=config) as ck:
         for step, acc in [(1, 0.9), (2, 0.5), (3, 0.6)]:
-            saved[step] = model.init(jax.random.key(step))
+            saved[step] = init(jax.random.key(step))
             ck.save(step, {"params": saved[step], "train": {"step": np.int32(step)}}, metrics={"eval/acc": acc})
     save_offline_tokenizer(run / "tokenizer")
     for which, step in (("latest", 3), ("best", 1), ("2", 2)):

@@ -1,5 +1,7 @@
 """Driver pieces against independent NumPy references: evaluations, initial weights, data config checks."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,3 +154,22 @@ def test_synthetic_eval_split_differs_from_train():
     rows = lambda d: {tuple(d.arrays["tokens"][i]) for i in range(len(d))}  # noqa: E731
     assert len(train) == DATA.num_train and len(held_out) == DATA.num_eval
     assert not rows(train) & rows(held_out)
+
+
+def test_nonfinite_update_halts_the_run_naming_the_step(tmp_path, capsys):
+    from rlhf_jax.cli import main
+    from rlhf_jax.metrics import read_jsonl
+
+    sft = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "sft_tiny.py")
+    # A learning rate of 1e30 without clipping blows the weights up in step 1; step 2's loss is not finite.
+    code = main(["run", sft, "--set", f"workdir={tmp_path}", "--set", "train.nonfinite=halt",
+                 "--set", "train.steps=5", "--set", "train.eval_every=0", "--set", "optim.learning_rate=1e30",
+                 "--set", "optim.schedule=constant", "--set", "optim.warmup_steps=0",
+                 "--set", "optim.max_grad_norm=none", "--set", "data.num_train=64", "--set", "data.batch_size=8",
+                 "--set", "data.eval=none", "--set", "logging.console=false", "--set", "logging.tensorboard=false"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "step 2: non-finite loss or gradient" in err and "train.nonfinite='halt'" in err
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and records[1]["nonfinite"] == 1.0
+    assert not (tmp_path / "results.json").exists()

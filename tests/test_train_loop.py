@@ -91,6 +91,17 @@ def test_resume_continues_and_rewrites_later_metrics(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_finished_run_reports_its_last_logged_metrics(tmp_path):
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        first = _fit(run, steps=4, evaluate=lambda s: {"eval/w": float(s["w"])})
+    calls = []
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        again = _fit(run, steps=4, start=4, state=first.state, evaluate=lambda s: calls.append(1) or {})
+    assert calls == [] and again.step == 4 and again.stopped_by is None
+    assert again.last_eval == first.last_eval and again.last_metrics == first.last_metrics
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2, 2, 3, 4, 4]
+
+
 def test_existing_checkpoints_without_resume_is_an_error(tmp_path):
     with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
         _fit(run, steps=2)
@@ -112,6 +123,17 @@ def test_sigterm_finishes_the_step_saves_and_returns(tmp_path):
         assert run.checkpointer.all_steps() == [3]
     assert result.stopped_by == "SIGTERM" and result.step == 3
     assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
+
+
+def test_sigterm_before_the_first_step_saves_nothing(tmp_path):
+    def evaluate(state):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the baseline evaluation
+        return {"eval/w": 0.0}
+
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        result = _fit(run, steps=10, evaluate=evaluate)
+        assert run.checkpointer.all_steps() == []
+    assert result.stopped_by == "SIGTERM" and result.step == 0
 
 
 def test_second_sigint_interrupts():

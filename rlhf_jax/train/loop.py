@@ -25,7 +25,7 @@ from typing import Any
 
 from rlhf_jax.checkpoint import Checkpointer, is_checkpoint_dir
 from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig, to_dict
-from rlhf_jax.metrics import MetricsBuffer, MetricsLogger
+from rlhf_jax.metrics import MetricsBuffer, MetricsLogger, read_jsonl
 from rlhf_jax.train.results import write_json
 
 __all__ = ["TrainingHalted", "StopSignal", "RunDir", "FitResult", "fit", "open_run"]
@@ -206,12 +206,23 @@ def fit(
         logger.message(f"eval @ step {step} ({time.perf_counter() - start:.1f}s): {shown}")
         return metrics
 
+    saved_at = start_step
+
     def save(metrics: Mapping[str, float] | None = None) -> None:
+        nonlocal saved_at
         run.checkpointer.save(step, save_items(state), extras=extras(), metrics=metrics)
+        saved_at = step
+
+    if start_step >= train.steps:
+        logger.message(f"{run.path}: already trained to step {start_step} (train.steps={train.steps}); "
+                       "nothing to do")
+        logger.close()
+        last_eval, last_metrics = _last_logged(run.file("metrics.jsonl"), start_step)
+        return FitResult(state, start_step, None, last_eval, last_metrics)
 
     try:
         with StopSignal() as stop:
-            if evaluate is not None and evaluate_at_start and start_step == 0 and train.steps > 0:
+            if evaluate is not None and evaluate_at_start and start_step == 0:
                 last_eval = run_eval()
             while step < train.steps and not stop.requested:
                 state, metrics = step_fn(state, next(batches))
@@ -230,9 +241,27 @@ def fit(
                     save(evaluated)
             flush()
             if stop.requested:
-                logger.message(f"{stop.received}: saved checkpoint at step {step}; exiting")
+                if saved_at != step:
+                    save()
+                logger.message(f"{stop.received}: saved checkpoint at step {step}; exiting" if step > start_step
+                               else f"{stop.received}: stopped before the first step; nothing new to save")
             stopped_by = stop.received
         run.checkpointer.wait()
     finally:
         logger.close()
     return FitResult(state, step, stopped_by, last_eval, last_metrics)
+
+
+def _last_logged(path: str, step: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(last eval metrics, last train metrics) logged at or before `step` in a metrics JSONL file."""
+    last_eval: dict[str, float] = {}
+    last_train: dict[str, float] = {}
+    for record in read_jsonl(path):
+        if record.get("step", 0) > step:
+            continue
+        values = {k: v for k, v in record.items() if k != "step"}
+        if any(k.startswith("eval/") for k in values):
+            last_eval = values
+        else:
+            last_train = values
+    return last_eval, last_train
