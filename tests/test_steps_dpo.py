@@ -52,7 +52,8 @@ def test_sharded_equals_single_device(single_device, strategy):
     assert max_rel_diff(params, single_device[0]) <= 1e-5
     for got, want in zip(history, single_device[1]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-        assert got["rewards/margins"] == pytest.approx(want["rewards/margins"], rel=1e-4, abs=1e-7)
+        # margins are differences of ~-50 summed log-probs: f32 round-off is ~beta * 50 * 6e-8
+        assert got["rewards/margins"] == pytest.approx(want["rewards/margins"], rel=1e-4, abs=2e-6)
 
 
 def test_gradient_accumulation_4x2_equals_batch_of_8(single_device):
