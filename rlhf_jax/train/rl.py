@@ -301,13 +301,17 @@ class _Models:
     def lm_params(self, policy_params):
         return policy_params["lm"] if self.shared else policy_params
 
+    def initial_lm_params(self):
+        """The policy's starting weights: `checkpoint.init_from`, else a seeded random init."""
+        rng = jax.random.key(self.config.seed)
+        if self.config.checkpoint.init_from:
+            return common.initial_params(self.policy, self.config.checkpoint.init_from, rng=rng)
+        return jax.jit(self.policy.init)(jax.random.fold_in(rng, 0))
+
     def fresh(self) -> RLState:
         config = self.config
         rng = jax.random.key(config.seed)
-        if config.checkpoint.init_from:
-            lm = common.initial_params(self.policy, config.checkpoint.init_from, rng=rng)
-        else:
-            lm = jax.jit(self.policy.init)(jax.random.fold_in(rng, 0))
+        lm = self.initial_lm_params()
         params = {"lm": lm, "value_head": init_scalar_head(config.model, jax.random.fold_in(rng, 1))} \
             if self.shared else lm
         place = dict(mesh=self.mesh, strategy=self.strategy)
@@ -567,15 +571,16 @@ class _Setup:
         return make_grpo_step(models.policy, self.policy_tx, config=config.algorithm,
                               nonfinite=config.train.nonfinite, learning_rate=lr)
 
-    def make_eval(self) -> Callable[[RLState], dict[str, float]] | None:
-        """`state -> eval metrics` on the first `train.eval_batches` held-out prompt batches (None without)."""
+    def make_eval(self) -> Callable[[Any, Any], dict[str, float]] | None:
+        """`(policy LM params, reference params or None) -> eval metrics` on the first
+        `train.eval_batches` held-out prompt batches (None without held-out prompts)."""
         if self.eval_data is None:
             return None
         config, rollouts = self.config, self.rollouts
         held_out = common.eval_batches(self.eval_data, config.data, max_batches=config.train.eval_batches)
 
-        def evaluate(state: RLState) -> dict[str, float]:
-            params = self.sampler.load_params(self.models.lm_params(state.policy.params))
+        def evaluate(policy_params, reference) -> dict[str, float]:
+            params = self.sampler.load_params(policy_params)
             sums: dict[str, float] = {}
             count = 0
             for k, batch in enumerate(held_out):
@@ -585,9 +590,9 @@ class _Setup:
                          "eval/completions/mean_length": arrays["lengths"]}
                 if self.gold is not None:
                     parts[self.gold[0]] = rollouts.score(arrays, sources=[self.gold[1]]).total
-                if state.reference is not None and not config.rollout.eval_greedy:
-                    ref = np.asarray(self.ref_logps(state.reference, arrays["prompt_tokens"],
-                                                    arrays["prompt_lengths"], arrays["completion_tokens"]))
+                if reference is not None and not config.rollout.eval_greedy:
+                    ref = np.asarray(self.ref_logps(reference, arrays["prompt_tokens"], arrays["prompt_lengths"],
+                                                    arrays["completion_tokens"]))
                     log_ratio = np.where(arrays["completion_mask"], arrays["sampler_logps"] - ref, 0.0)
                     parts["eval/kl"] = log_ratio.sum(axis=1)
                 for key, values in parts.items():
@@ -607,13 +612,13 @@ def evaluate(
     """Evaluate the initial policy of `config` (`checkpoint.init_from`, or a random one) as `train` would.
 
     The same held-out prompts, sampling and metrics as the driver's step-0 evaluation
-    (`eval/reward`, `eval/gold_reward` or `eval/accuracy`, `eval/kl`), without a run directory.
+    (`eval/reward`, `eval/gold_reward` or `eval/accuracy`), without a run directory or a reference.
     """
     setup = _Setup(config, reward_sources=reward_sources, reward_weights=reward_weights)
-    evaluate_state = setup.make_eval()
-    if evaluate_state is None:
+    evaluate_params = setup.make_eval()
+    if evaluate_params is None:
         raise ConfigError("rl.evaluate needs held-out prompts (data.eval)")
-    return evaluate_state(setup.models.fresh())
+    return evaluate_params(setup.models.initial_lm_params(), None)
 
 
 def train(
@@ -674,9 +679,12 @@ def train(
             metrics["tokens_per_second"] = metrics.pop("completions/generated_tokens") / metrics["time/step"]
             return state, {**step_metrics, **metrics}
 
+        evaluate_params = setup.make_eval()
+        evaluate = None if evaluate_params is None else (
+            lambda state: evaluate_params(models.lm_params(state.policy.params), state.reference))
         result = fit(state=state, step_fn=rl_step, batches=batches, start_step=start, train=config.train,
                      checkpoint=config.checkpoint, logging=config.logging, run=run, save_items=models.save_items,
-                     extras=lambda: {"data": batches.get_state()}, evaluate=setup.make_eval(),
+                     extras=lambda: {"data": batches.get_state()}, evaluate=evaluate,
                      progress_keys=("reward", "kl", "completions/mean_length"), run_config=to_dict(config))
     return {"run_dir": run.path, "step": result.step, "stopped_by": result.stopped_by, "eval": result.last_eval,
             "train": result.last_metrics}
