@@ -129,6 +129,26 @@ def test_loop_stops_early_once_every_row_is_done(lm, params):
     np.testing.assert_array_equal(out.completion_mask, np.arange(8)[None, :] < np.array(expected)[:, None])
 
 
+def test_growing_cache_in_phases_equals_the_full_cache(lm, params):
+    model = CausalLM(lm.config.replace(scan_layers=False))
+    prompts, lengths = jnp.asarray([[5, 17, 33, 8], [12, 3, 0, 0]]), jnp.asarray([4, 2])
+    run = jax.jit(lambda chunk, stops: decode(
+        model, params, prefill(model, params, prompts, lengths, max_new_tokens=8, rng=jax.random.key(0),
+                               cache_chunk=chunk), method=Greedy(), stop_ids=stops), static_argnums=(0, 1))
+    full = run(None, ())
+    assert full.cache_len == 4 + 8 - 1
+    for chunk in (3, 5):   # phases of 3 (cache 6 -> 9 -> 11 slots) and of 5 (8 -> 11)
+        grown = run(chunk, ())
+        assert grown.cache_len == full.cache_len
+        np.testing.assert_array_equal(grown.tokens, full.tokens)
+        np.testing.assert_allclose(grown.logprobs, full.logprobs, atol=1e-6)
+    # Rows that all stop in the first phase pass through the later phases without a step.
+    stops = tuple(int(t) for t in np.asarray(full.tokens)[:, 0])
+    early = run(3, stops)
+    assert int(early.step) == 1 and np.asarray(early.done).all()
+    np.testing.assert_array_equal(early.lengths, [1, 1])
+
+
 def test_group_of_n_shares_one_prefill(params, sampler):
     calls = sampler.stats.prefill_calls
     out = sampler.generate(params, PROMPTS, max_new_tokens=8, num_samples=4, method=Categorical(temperature=0.7),

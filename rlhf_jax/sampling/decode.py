@@ -5,8 +5,8 @@
     out = finalize(state, prompts, lengths, num_samples=n)
 
 Prefill runs the model once over the `B` right-padded prompts, filling a KV cache of
-`P + C - 1` slots, and then repeats that cache `n` times for the `N = B * n` rows: a group of `n`
-samples shares one prefill. Its logits are never used (XLA drops the LM head and the last layer's
+`P + C - 1` slots (or fewer that `decode` grows in phases, see `decode`), and then repeats that
+cache `n` times for the `N = B * n` rows: a group of `n` samples shares one prefill. Its logits are never used (XLA drops the LM head and the last layer's
 MLP): every completion token, the first included, is sampled by the decode step, which feeds a
 row's last token at its own slot (`positions[b]`), so right-padded prompts of different lengths
 decode together and each row continues from its own length.
@@ -63,10 +63,13 @@ def prefill(
     num_samples: int = 1,
     rng: jax.Array,
     pad_id: int = 0,
+    cache_chunk: int | None = None,
 ) -> SamplingState:
     """Run the prompts through the model once and return the decode loop's initial state.
 
-    The cache has `P + max_new_tokens - 1` slots (the last sampled token is never fed back). Row
+    The call needs `P + max_new_tokens - 1` cache slots (the last sampled token is never fed back);
+    with `cache_chunk` the cache starts with the slots of the first `cache_chunk` steps only and
+    `decode` grows it by `cache_chunk` slots at a time, so early steps attend over fewer slots. Row
     `b * n + j` is sample `j` of prompt `b`; all `n` rows of a prompt start from one copy of its cache.
 
     Args:
@@ -78,13 +81,15 @@ def prefill(
       num_samples: samples per prompt (`n >= 1`).
       rng: PRNG key of the whole call.
       pad_id: token written after a row stops.
+      cache_chunk: grow the cache in steps of this many slots (None: allocate all slots now).
 
     Returns:
       A `SamplingState` with `N = B * n` rows at step 0.
     """
     b, p = prompt_tokens.shape
     n = num_samples
-    cache = model.init_cache(b, p + max_new_tokens - 1)
+    total = p + max_new_tokens - 1
+    cache = model.init_cache(b, total if cache_chunk is None else min(total, p + cache_chunk - 1))
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     filled = model.forward(stack_layers(params), prompt_tokens, positions, cache=cache).cache
     lengths = prompt_lengths.astype(jnp.int32)
@@ -103,6 +108,7 @@ def prefill(
         cache_k=tuple(group(filled.k[i], 0) for i in range(num_layers)),
         cache_v=tuple(group(filled.v[i], 0) for i in range(num_layers)),
         rng=rng,
+        max_cache_len=total,
     )
 
 
@@ -166,18 +172,33 @@ def decode(
     stop_ids: tuple[int, ...] = (),
     pad_id: int = 0,
 ) -> SamplingState:
-    """Run `decode_step` in a `lax.while_loop` until every row is done or has `max_new_tokens` tokens.
+    """Run `decode_step` in `lax.while_loop` until every row is done or has `max_new_tokens` tokens.
 
-    Args and returns as `decode_step`; the loop stops early once all rows have stopped.
+    When the state's cache is shorter than `max_cache_len` (`prefill(cache_chunk=k)`), the loop
+    runs in phases of `k` steps: a phase's loop also stops when the next slot of a row is past the
+    cache, the cache then grows by `k` slots (a copy), and the next phase continues; a finished state
+    passes through the remaining phases without a step. Attention reads the slots the cache holds, so
+    with `m` phases step `t` attends over about `P + t + k/2` slots on average instead of `P + C`.
+    Each phase is its own loop in the compiled program.
+
+    Args and returns as `decode_step`.
     """
-
-    def cond(s: SamplingState):
-        return (s.step < s.max_new_tokens) & ~jnp.all(s.done)
+    chunk = state.cache_len - (state.max_cache_len - state.max_new_tokens)   # steps of the first phase
 
     def body(s: SamplingState):
         return decode_step(model, params, s, method=method, stop_ids=stop_ids, pad_id=pad_id)
 
-    return jax.lax.while_loop(cond, body, state)
+    while True:
+        def cond(s: SamplingState):
+            running = (s.step < s.max_new_tokens) & ~jnp.all(s.done)
+            if s.cache_len == s.max_cache_len:
+                return running
+            return running & (jnp.max(s.positions) < s.cache_len)
+
+        state = jax.lax.while_loop(cond, body, state)
+        if state.cache_len == state.max_cache_len:
+            return state
+        state = state.grow_cache(min(state.cache_len + chunk, state.max_cache_len))
 
 
 def finalize(

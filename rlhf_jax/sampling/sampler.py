@@ -14,8 +14,8 @@ What the class adds to `rlhf_jax.sampling.decode`:
   sampling configuration, however many calls it makes (`num_compiled()`).
 - Two jitted programs per call: prefill over the `B` distinct prompts (one call per `generate`,
   counted in `stats.prefill_calls`, whatever `num_samples` is) and the decode loop over the
-  `N = B * n` rows, which takes the prefill's state as a donated buffer so the cache is updated in
-  place.
+  `N = B * n` rows, whose cache grows in `cache_phases` phases so early steps attend over fewer
+  slots (with one phase the prefill's state is donated and the cache updated in place).
 - Parameter hand-off: `load_params` casts the trainer's parameters to the sampler's dtype, places
   them with the sampler's own mesh and strategy (e.g. tensor-parallel weights, data-parallel rows)
   and splits the layers for the decode layout, all on device; `stats.handoff_seconds` times it.
@@ -146,6 +146,9 @@ class Sampler:
         model's `max_position_embeddings`).
       prompt_buckets: increasing prompt lengths to pad to (default `default_prompt_buckets(max_len)`).
       pad_id: token used to pad prompts and completions.
+      cache_phases: the decode loop runs in this many phases with a growing cache (`prefill`'s
+        `cache_chunk = ceil(max_new_tokens / cache_phases)`), so early steps attend over fewer
+        slots; each phase compiles its own loop body. 1 = the full cache from the start.
       dtype: `"float32"` or `"bfloat16"` to run the sampler in (parameters cast on hand-off);
         default: the model's own dtypes. A dtype other than the trainer's makes sampler and trainer
         log-probs differ (see `logprob_mismatch`).
@@ -161,6 +164,7 @@ class Sampler:
         max_len: int | None = None,
         prompt_buckets: Sequence[int] | None = None,
         pad_id: int = 0,
+        cache_phases: int = 2,
         dtype: Literal["float32", "bfloat16"] | None = None,
         mesh: Mesh | None = None,
         strategy: str | shd.Strategy = "dp",
@@ -180,6 +184,8 @@ class Sampler:
         self.prompt_buckets = buckets
         _check_int("Sampler pad_id", pad_id, low=0)
         self.pad_id = pad_id
+        _check_int("Sampler cache_phases", cache_phases, low=1)
+        self.cache_phases = cache_phases
         self.mesh = mesh
         self.strategy = None if mesh is None else shd.check_strategy(strategy, mesh)
         self.stats = SamplerStats()
@@ -212,10 +218,13 @@ class Sampler:
         handoff.__name__ = self._names[0]
         self._handoff = jax.jit(handoff) if self.mesh is None else jax.jit(handoff, out_shardings=decode_shardings)
 
+        phases = self.cache_phases
+
         def prefill_fn(params, prompt_tokens, prompt_lengths, rng, *, max_new_tokens, num_samples):
             state = prefill(
-                model, params, prompt_tokens, prompt_lengths,
-                max_new_tokens=max_new_tokens, num_samples=num_samples, rng=rng, pad_id=pad_id,
+                model, params, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+                num_samples=num_samples, rng=rng, pad_id=pad_id,
+                cache_chunk=None if phases == 1 else -(-max_new_tokens // phases),
             )
             return self._constrain(state)
 
@@ -227,8 +236,11 @@ class Sampler:
             return finalize(state, prompt_tokens, prompt_lengths, num_samples=num_samples), state
 
         decode_fn.__name__ = self._names[2]
+        # A donated state lets a single-phase loop update the prefill's cache in place; a growing
+        # cache ends in new buffers, so there is nothing to donate to.
         self._decode = jax.jit(
-            decode_fn, static_argnames=("method", "stop_ids", "num_samples"), donate_argnums=(1,)
+            decode_fn, static_argnames=("method", "stop_ids", "num_samples"),
+            donate_argnums=(1,) if phases == 1 else (),
         )
 
     def _constrain(self, state: SamplingState) -> SamplingState:

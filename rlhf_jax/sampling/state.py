@@ -7,6 +7,7 @@ contiguous (rows `b*n .. b*n + n - 1`), as GRPO-style group estimators expect.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -17,7 +18,10 @@ from rlhf_jax.models import KVCache
 __all__ = ["SamplingState", "SampleOutput"]
 
 
-@jax.tree_util.register_dataclass
+_DATA_FIELDS = ("step", "last_tokens", "positions", "tokens", "logprobs", "done", "lengths", "cache_k", "cache_v", "rng")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=_DATA_FIELDS, meta_fields=("max_cache_len",))
 @dataclasses.dataclass(frozen=True)
 class SamplingState:
     """Everything the decode loop carries, as one pytree (advanced by `decode_step`).
@@ -37,6 +41,8 @@ class SamplingState:
       cache_k, cache_v: one `[N, kv_heads, S, head_dim]` array per layer (the unstacked form of a
         `KVCache`, so the loop updates each layer's buffer in place and never slices a stack).
       rng: PRNG key; step `t` draws with `fold_in(rng, t)`.
+      max_cache_len: (static) slots the whole call needs, `P + C - 1`. The cache may start shorter
+        and grow to it (`grow_cache`) so that early steps attend over fewer slots.
     """
 
     step: jax.Array
@@ -49,6 +55,7 @@ class SamplingState:
     cache_k: tuple[jax.Array, ...]
     cache_v: tuple[jax.Array, ...]
     rng: jax.Array
+    max_cache_len: int
 
     @property
     def max_new_tokens(self) -> int:
@@ -56,7 +63,14 @@ class SamplingState:
 
     @property
     def cache_len(self) -> int:
+        """Slots the cache has now (<= `max_cache_len`)."""
         return self.cache_k[0].shape[2]
+
+    def grow_cache(self, cache_len: int) -> "SamplingState":
+        """The state with `cache_len` slots (new slots empty; they are written before being read)."""
+        pad = ((0, 0), (0, 0), (0, cache_len - self.cache_len), (0, 0))
+        return self.replace(cache_k=tuple(jnp.pad(a, pad) for a in self.cache_k),
+                            cache_v=tuple(jnp.pad(a, pad) for a in self.cache_v))
 
     def kv_cache(self) -> KVCache:
         """The cache as the model's stacked `KVCache` ([layers, N, kv_heads, S, head_dim])."""
