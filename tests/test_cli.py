@@ -137,3 +137,17 @@ def test_export_latest_and_best_with_tokenizer(capsys, tmp_path):
     assert code == 2 and "exists" in err
     code, _, err = _run(capsys, "export", str(tmp_path), str(tmp_path / "y"))
     assert code == 2 and "no checkpoints in" in err
+
+
+def test_compile_an_experiment_and_dispatch_the_preset_form(capsys, tmp_path):
+    report_file = tmp_path / "report.json"
+    code, out, _ = _run(capsys, "compile", SFT, "--set", "data.batch_size=16", "--json", str(report_file))
+    assert code == 0
+    assert "== sft_tiny ==" in out and "fits: yes" in out and "strategy: dp" in out
+    report = json.loads(report_file.read_text())["sft_tiny"]
+    assert report["ok"] and report["num_devices"] == len(jax.devices()) and report["peak_bytes"] > 0
+    # Without an experiment, the arguments go to rlhf_jax.compile's model-preset command line.
+    code, _, err = _run(capsys, "compile", "--model", "no-such-model")
+    assert code == 2 and "unknown --model 'no-such-model'" in err
+    code, _, err = _run(capsys, "compile", "not_an_experiment")
+    assert code == 2 and "give an experiment" in err

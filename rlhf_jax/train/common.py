@@ -253,7 +253,11 @@ def eval_batches(dataset: TokenizedDataset, data: DataConfig, *, max_batches: in
 
 
 def device_batch(batch: Mapping[str, Any], mesh, strategy: str) -> dict:
-    """The numpy arrays of a host batch placed on the mesh (non-array entries such as `columns` dropped)."""
+    """The numpy arrays of a host batch placed on the mesh (non-array entries such as `columns` dropped).
+
+    Each device receives only its rows; in a multi-host run every host passes its own rows and the
+    global batch is their concatenation (`rlhf_jax.sharding.shard_batch`).
+    """
     arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
     return sh.shard_batch(arrays, mesh=mesh, strategy=strategy)
 

@@ -238,7 +238,8 @@ def train(config: DPOConfig) -> dict[str, Any]:
         step = make_dpo_step(model, config.optim, mesh=mesh, objective=objective, strategy=strategy,
                              micro_batches=config.train.micro_batches, max_segments=segments,
                              nonfinite=config.train.nonfinite)
-        step_fn = step if reference is None else (lambda s, b: step(s, b, reference))
+        frozen = () if reference is None else (reference,)
+        step_fn = lambda s, b: step(s, common.device_batch(b, mesh, strategy), *frozen)  # noqa: E731
         batches = common.batches_from(common.train_batches(train_data, config.data), extras)
         evaluators = []
         if eval_data is not None:

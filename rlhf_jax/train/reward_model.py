@@ -103,7 +103,8 @@ def train(config: RewardModelConfig) -> dict[str, Any]:
             held_out = common.eval_batches(eval_data, config.data, max_batches=config.train.eval_batches)
             eval_params = make_reward_model_eval(model, held_out, mesh=mesh, strategy=strategy, max_segments=segments)
             evaluate = lambda s: eval_params(s.params)  # noqa: E731
-        result = fit(state=state, step_fn=step, batches=batches, start_step=start, train=config.train,
+        step_fn = lambda s, b: step(s, common.device_batch(b, mesh, strategy))  # noqa: E731
+        result = fit(state=state, step_fn=step_fn, batches=batches, start_step=start, train=config.train,
                      checkpoint=config.checkpoint, logging=config.logging, run=run, save_items=common.save_items,
                      extras=lambda: {"data": batches.get_state()}, evaluate=evaluate,
                      progress_keys=("loss", "accuracy"), run_config=to_dict(config))

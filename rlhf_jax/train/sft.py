@@ -98,7 +98,8 @@ def train(config: SFTConfig) -> dict[str, Any]:
             held_out = common.eval_batches(eval_data, config.data, max_batches=config.train.eval_batches)
             eval_params = make_sft_eval(model, held_out, mesh=mesh, strategy=strategy)
             evaluate = lambda s: eval_params(s.params)  # noqa: E731
-        result = fit(state=state, step_fn=step, batches=batches, start_step=start, train=config.train,
+        step_fn = lambda s, b: step(s, common.device_batch(b, mesh, strategy))  # noqa: E731
+        result = fit(state=state, step_fn=step_fn, batches=batches, start_step=start, train=config.train,
                      checkpoint=config.checkpoint, logging=config.logging, run=run, save_items=common.save_items,
                      extras=lambda: {"data": batches.get_state()}, evaluate=evaluate,
                      progress_keys=("loss", "mean_token_accuracy"), run_config=to_dict(config))
