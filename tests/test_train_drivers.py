@@ -117,7 +117,7 @@ def test_preference_eval_implicit_rewards(mesh):
 
 def test_reward_model_starts_from_a_policy_checkpoint(tmp_path):
     lm = CausalLM(CONFIG)
-    params = lm.init(jax.random.key(4))
+    params = jax.jit(lm.init)(jax.random.key(4))
     with Checkpointer(tmp_path, config=CheckpointConfig(async_save=False), model_config=CONFIG) as ckpt:
         ckpt.save(7, {"params": params})
     rm = CausalLM(CONFIG, head="scalar")
@@ -127,6 +127,18 @@ def test_reward_model_starts_from_a_policy_checkpoint(tmp_path):
     for a, b in zip(jax.tree.leaves(loaded["layers"]), jax.tree.leaves(params["layers"])):
         np.testing.assert_array_equal(a, b)
     assert loaded["score"].shape == (CONFIG.hidden_size,) and 0 < float(jnp.std(loaded["score"])) < 0.05
+    # Read straight into FSDP shardings on the 8-device mesh, from our checkpoint and from an HF directory.
+    mesh8 = make_mesh({"fsdp": -1})
+    sharded = common.initial_params(lm, str(tmp_path), rng=jax.random.key(5), mesh=mesh8, strategy="fsdp")
+    assert sharded["embed"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    np.testing.assert_array_equal(sharded["embed"], params["embed"])
+    from rlhf_jax.models.hf import save_hf
+
+    save_hf(tmp_path / "hf", CONFIG, params)
+    from_hf = common.initial_params(rm, str(tmp_path / "hf"), rng=jax.random.key(5), mesh=mesh8, strategy="fsdp")
+    assert "lm_head" not in from_hf and from_hf["score"].shape == (CONFIG.hidden_size,)
+    assert from_hf["embed"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    np.testing.assert_array_equal(from_hf["embed"], params["embed"])
     with pytest.raises(CheckpointMismatchError, match="model.num_layers: .* has 2, this run 3"):
         common.initial_params(CausalLM(CONFIG.replace(num_layers=3)), str(tmp_path), rng=jax.random.key(0))
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face model directory"):

@@ -284,13 +284,19 @@ def _check_same_shape(ours: ModelConfig, theirs: ModelConfig, source: str) -> No
                                       + "\n  ".join(diffs))
 
 
-def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array) -> Any:
+def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None, strategy: str | None = None) -> Any:
     """Parameters of `model` read from `init_from` (a Hugging Face directory or an rlhf-jax checkpoint).
 
     A reward model (`head="scalar"`) started from a language model keeps the backbone, drops the
     LM head and gets a fresh scalar head (`init_scalar_head`); the other direction keeps the
     backbone and needs `tie_word_embeddings`. Shapes are checked before any array is read.
 
+    Args:
+      model: the model the parameters are for.
+      init_from: a Hugging Face model directory or an rlhf-jax checkpoint root.
+      rng: key of a fresh scalar head.
+      mesh, strategy: when given, every parameter is read straight into its sharding on `mesh`
+        (no device ever holds a whole parameter it should hold a slice of).
     Raises:
       FileNotFoundError: `init_from` does not exist.
       CheckpointMismatchError: the source's architecture differs from `model.config`.
@@ -298,6 +304,14 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array) -> Any:
     from rlhf_jax.checkpoint import Checkpointer, read_model_config  # noqa: PLC0415
     from rlhf_jax.config import from_dict  # noqa: PLC0415
     from rlhf_jax.models.hf import config_from_hf, load_hf  # noqa: PLC0415
+
+    def placed(source_model: CausalLM):
+        abstract = source_model.abstract_params()
+        if mesh is None:
+            return abstract, None
+        shardings = sh.param_shardings(abstract, source_model.logical_axes, mesh=mesh, strategy=strategy)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                            shardings), shardings
 
     if not os.path.exists(init_from):
         raise FileNotFoundError(f"checkpoint.init_from: {init_from} does not exist")
@@ -308,11 +322,14 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array) -> Any:
         with Checkpointer(init_from, read_only=True) as ckpt:
             keys = ckpt.item_shapes("params")
         source_head = "scalar" if "score" in keys else "lm"
-        source_model = CausalLM(model.config.replace(param_dtype=source_config.param_dtype), head=source_head)
-        params = load_params(init_from, source_model.abstract_params(), model_config=model.config)
+        source = CausalLM(model.config.replace(param_dtype=source_config.param_dtype), head=source_head)
+        params = load_params(init_from, placed(source)[0], model_config=model.config)
     elif os.path.isfile(os.path.join(init_from, "config.json")):
-        _check_same_shape(model.config, config_from_hf(init_from), init_from)
-        _, params = load_hf(init_from, dtype=model.config.param_dtype)
+        source_config = config_from_hf(init_from)
+        _check_same_shape(model.config, source_config, init_from)
+        source_head = "scalar" if _hf_is_sequence_classifier(init_from) else "lm"
+        source = CausalLM(model.config, head=source_head)
+        _, params = load_hf(init_from, dtype=model.config.param_dtype, shardings=placed(source)[1])
     else:
         raise FileNotFoundError(f"checkpoint.init_from: {init_from} is neither a Hugging Face model directory "
                                 "(config.json) nor an rlhf-jax checkpoint directory")
@@ -326,7 +343,16 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array) -> Any:
             raise CheckpointMismatchError(f"checkpoint.init_from={init_from} is a reward model (no LM head); a "
                                           "policy can start from it only with tie_word_embeddings")
     dtype = model.config.jnp_param_dtype
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def _hf_is_sequence_classifier(path: str) -> bool:
+    """Whether a Hugging Face directory's config.json declares a `*ForSequenceClassification` model."""
+    import json  # noqa: PLC0415
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        architectures = json.load(f).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
 def save_items(state: TrainState) -> dict[str, Any]:
@@ -356,7 +382,8 @@ def init_or_restore(model: CausalLM, tx: optax.GradientTransformation, *, config
         state = TrainState(train["step"], items["params"], train["opt_state"], train["rng"])
         return state, int(jax.device_get(state.step)), extras
     if config.checkpoint.init_from:
-        params = initial_params(model, config.checkpoint.init_from, rng=jax.random.key(config.seed))
+        params = initial_params(model, config.checkpoint.init_from, rng=jax.random.key(config.seed), mesh=mesh,
+                                strategy=strategy)
         state = train_state_from_params(params, tx, rng=config.seed, logical_axes=model.logical_axes, mesh=mesh,
                                         strategy=strategy)
     else:

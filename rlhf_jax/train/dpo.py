@@ -130,7 +130,8 @@ def reference_params(model: CausalLM, config: DPOConfig, mesh) -> Any:
     strategy = config.mesh.strategy
     shardings = sh.param_shardings(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
     if config.checkpoint.init_from:
-        params = common.initial_params(model, config.checkpoint.init_from, rng=jax.random.key(config.seed))
+        params = common.initial_params(model, config.checkpoint.init_from, rng=jax.random.key(config.seed),
+                                       mesh=mesh, strategy=strategy)
         return jax.device_put(params, shardings)
     init = jax.jit(model.init, out_shardings=shardings)
     return init(jax.random.fold_in(as_raw_key(config.seed), 0))
