@@ -1,12 +1,10 @@
 """DPO step: log 2 at the start, sharded == single device, precomputed == model reference, accumulation."""
 
-import jax
 import numpy as np
 import pytest
 
 from step_fixtures import (
     STRATEGY_MESHES,
-    FAST_COMPILE,
     host_params,
     max_rel_diff,
     pair_batches,
@@ -14,7 +12,7 @@ from step_fixtures import (
     single_device_mesh,
     tiny_lm,
 )
-from rlhf_jax.steps import DPO, make_dpo_step, make_reference_logps_fn, precompute_reference_logps
+from rlhf_jax.steps import make_dpo_step, make_reference_logps_fn, precompute_reference_logps
 
 BATCHES = pair_batches(3)
 

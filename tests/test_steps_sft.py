@@ -1,6 +1,5 @@
 """SFT step: sharded == single device, micro-batched == full batch, loss == a NumPy reference."""
 
-import jax
 import numpy as np
 import pytest
 
