@@ -120,6 +120,7 @@ def decode_step(
     method: SamplingMethod,
     stop_ids: tuple[int, ...] = (),
     pad_id: int = 0,
+    logits_sharding: jax.sharding.Sharding | None = None,
 ) -> SamplingState:
     """Feed each row's last token, sample the next one, and record it: one step of the loop.
 
@@ -134,6 +135,9 @@ def decode_step(
       method: a sampling method (`rlhf_jax.sampling.methods`).
       stop_ids: token ids that end a row (EOS and any others); empty = run to `max_new_tokens`.
       pad_id: token recorded for rows that are done.
+      logits_sharding: where the step's logits `[N, V]` live before sampling, e.g. rows split and
+        the vocabulary whole, so a vocab-parallel LM head is gathered once instead of every
+        reduction of the sampler communicating (None: as the compiler propagates).
 
     Returns:
       The state after one more token.
@@ -142,6 +146,8 @@ def decode_step(
         stack_layers(params), state.last_tokens[:, None], state.positions[:, None], cache=state.kv_cache()
     )
     logits = out.logits[:, 0]
+    if logits_sharding is not None:
+        logits = jax.lax.with_sharding_constraint(logits, logits_sharding)
     token = method.sample(jax.random.fold_in(state.rng, state.step), logits)
     logprob = token_logprobs(logits, token, temperature=method.temperature)
     active = ~state.done
@@ -171,6 +177,7 @@ def decode(
     method: SamplingMethod,
     stop_ids: tuple[int, ...] = (),
     pad_id: int = 0,
+    logits_sharding: jax.sharding.Sharding | None = None,
 ) -> SamplingState:
     """Run `decode_step` in `lax.while_loop` until every row is done or has `max_new_tokens` tokens.
 
@@ -186,7 +193,8 @@ def decode(
     chunk = state.cache_len - (state.max_cache_len - state.max_new_tokens)   # steps of the first phase
 
     def body(s: SamplingState):
-        return decode_step(model, params, s, method=method, stop_ids=stop_ids, pad_id=pad_id)
+        return decode_step(model, params, s, method=method, stop_ids=stop_ids, pad_id=pad_id,
+                           logits_sharding=logits_sharding)
 
     while True:
         def cond(s: SamplingState):

@@ -231,8 +231,14 @@ class Sampler:
         prefill_fn.__name__ = self._names[1]
         self._prefill = jax.jit(prefill_fn, static_argnames=("max_new_tokens", "num_samples"))
 
+        logits_sharding = None
+        if self.mesh is not None:
+            rows = shd.batch_sharding(self.mesh, self.strategy)
+            logits_sharding = NamedSharding(self.mesh, PartitionSpec(rows.spec[0] if rows.spec else None, None))
+
         def decode_fn(params, state, prompt_tokens, prompt_lengths, *, method, stop_ids, num_samples):
-            state = decode(model, params, state, method=method, stop_ids=stop_ids, pad_id=pad_id)
+            state = decode(model, params, state, method=method, stop_ids=stop_ids, pad_id=pad_id,
+                           logits_sharding=logits_sharding)
             return finalize(state, prompt_tokens, prompt_lengths, num_samples=num_samples), state
 
         decode_fn.__name__ = self._names[2]
