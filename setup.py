@@ -26,7 +26,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch is a test-time reference only (logit parity with transformers); never imported at runtime.
     "test": ["pytest>=8"],
-    "tpu": ["libtpu"],
+    # jax's own extra pins the libtpu release that matches the installed jax.
+    "tpu": ["jax[tpu]>=0.6"],
     "wandb": ["wandb"],
 }
 
