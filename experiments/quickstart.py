@@ -132,13 +132,54 @@ def _evals(run_dir: str, key: str) -> list[float]:
     return [r[key] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if key in r]
 
 
-def _gold_eval(config, init_from: str | None, key: str) -> float:
-    """A policy's held-out metric `key` (gold reward or accuracy), sampled as the RL driver evaluates."""
+def gold_eval(config, init_from: str | None, key: str, *, reference: str | None = None) -> dict[str, float]:
+    """Held-out metrics of a policy (`init_from`), sampled and scored by the task as the RL driver does.
+
+    `config` supplies the model, data, sampling and eval size; `key` must be among the results
+    (`eval/gold_reward` or `eval/accuracy`); with `reference`, `eval/kl` to that policy is included.
+    """
     probe = rl.GRPORunConfig(name="probe", model=config.model, data=config.data, seed=config.seed,
                              rollout=config.rollout, rewards=rl.RewardConfig(functions=("task",)),
                              algorithm=grpo_config("dapo", group_size=2), train=config.train,
                              checkpoint=CheckpointConfig(init_from=init_from))
-    return rl.evaluate(probe)[key]
+    metrics = rl.evaluate(probe, reference=reference)[0]
+    if key not in metrics:
+        raise KeyError(f"{key} is not an evaluation metric of this task: {sorted(metrics)}")
+    return metrics
+
+
+def sft_and_reward_model(sft_config, rm_config, workdir: str, *, probe=None, log=print) -> dict:
+    """Stages 1 and 2 (resumed when already done): the SFT policy and the reward model.
+
+    Returns `{"sft": <checkpoints dir>, "reward_model": <checkpoints dir>, "sft_summary", "rm_summary",
+    "gold_before", "gold_after", "rm_accuracy"}`; gold figures only with a `probe` config.
+    """
+    out: dict = {}
+    start = time.perf_counter()
+    if probe is not None:
+        out["gold_before"] = gold_eval(probe, None, "eval/gold_reward")["eval/gold_reward"]
+    out["sft_summary"] = sft.train(dataclasses.replace(sft_config, workdir=os.path.join(workdir, "sft")))
+    out["sft"] = os.path.join(out["sft_summary"]["run_dir"], "checkpoints")
+    if probe is not None:
+        out["gold_after"] = gold_eval(probe, out["sft"], "eval/gold_reward")["eval/gold_reward"]
+        log(f"[1/5] {'sft':<15} gold reward {out['gold_before']:.3f} (random policy) -> {out['gold_after']:.3f}"
+            f"  ({time.perf_counter() - start:.0f} s)")
+    start = time.perf_counter()
+    out["rm_summary"] = reward_model.train(dataclasses.replace(rm_config, workdir=os.path.join(workdir, "reward_model")))
+    out["reward_model"] = os.path.join(out["rm_summary"]["run_dir"], "checkpoints")
+    out["rm_accuracy"] = _evals(out["rm_summary"]["run_dir"], "eval/accuracy")
+    if probe is not None:
+        log(f"[2/5] {'reward_model':<15} held-out accuracy vs gold labels {out['rm_accuracy'][0]:.3f} -> "
+            f"{out['rm_accuracy'][-1]:.3f}  ({time.perf_counter() - start:.0f} s)")
+    return out
+
+
+def ppo_from(ppo_config, stages: dict, workdir: str) -> rl.PPORunConfig:
+    """The PPO config started from the SFT policy, scored by (and its critic from) the reward model."""
+    return dataclasses.replace(
+        ppo_config, workdir=workdir,
+        rewards=dataclasses.replace(ppo_config.rewards, reward_model=stages["reward_model"]),
+        checkpoint=dataclasses.replace(ppo_config.checkpoint, init_from=stages["sft"]))
 
 
 def main(config: QuickstartConfig) -> dict:
@@ -152,33 +193,18 @@ def main(config: QuickstartConfig) -> dict:
     def report(k: int, stage: str, text: str, start: float) -> None:
         print(f"[{k}/5] {stage:<15} {text}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    # 1. SFT on the vowel task's demonstrations.
-    start = time.perf_counter()
+    # 1-2. SFT on the vowel task's demonstrations; reward model on gold-labelled pairs (10% flipped).
     ppo_probe = dataclasses.replace(config.ppo, rewards=rl.RewardConfig(functions=("task",)))
-    random_gold = _gold_eval(ppo_probe, None, "eval/gold_reward")
-    summary = sft.train(dataclasses.replace(config.sft, workdir=where("sft")))
-    if summary["stopped_by"]:
-        return summary
-    sft_gold = _gold_eval(ppo_probe, ckpt("sft"), "eval/gold_reward")
-    results["sft"] = {"gold_reward_before": random_gold, "gold_reward_after": sft_gold,
-                      "eval_loss": summary["eval"].get("eval/loss")}
-    report(1, "sft", f"gold reward {random_gold:.3f} (random policy) -> {sft_gold:.3f}", start)
-
-    # 2. Reward model on gold-labelled pairs (10% of the training labels flipped).
-    start = time.perf_counter()
-    summary = reward_model.train(dataclasses.replace(config.reward_model, workdir=where("reward_model")))
-    if summary["stopped_by"]:
-        return summary
-    accuracy = _evals(summary["run_dir"], "eval/accuracy")
-    results["reward_model"] = {"accuracy_before": accuracy[0], "accuracy_after": accuracy[-1]}
-    report(2, "reward_model", f"held-out accuracy vs gold labels {accuracy[0]:.3f} -> {accuracy[-1]:.3f}", start)
+    stages = sft_and_reward_model(config.sft, config.reward_model, config.workdir, probe=ppo_probe,
+                                  log=lambda text: print(text, flush=True))
+    if stages["sft_summary"]["stopped_by"] or stages["rm_summary"]["stopped_by"]:
+        return {"stopped_by": stages["sft_summary"]["stopped_by"] or stages["rm_summary"]["stopped_by"]}
+    results["sft"] = {"gold_reward_before": stages["gold_before"], "gold_reward_after": stages["gold_after"]}
+    results["reward_model"] = {"accuracy_before": stages["rm_accuracy"][0], "accuracy_after": stages["rm_accuracy"][-1]}
 
     # 3. PPO against the reward model.
     start = time.perf_counter()
-    ppo_config = dataclasses.replace(
-        config.ppo, workdir=where("ppo"),
-        rewards=dataclasses.replace(config.ppo.rewards, reward_model=ckpt("reward_model")),
-        checkpoint=dataclasses.replace(config.ppo.checkpoint, init_from=ckpt("sft")))
+    ppo_config = ppo_from(config.ppo, stages, where("ppo"))
     summary = rl.train(ppo_config)
     if summary["stopped_by"]:
         return summary
@@ -191,11 +217,11 @@ def main(config: QuickstartConfig) -> dict:
     # 4. SFT on arithmetic.
     start = time.perf_counter()
     grpo_probe = config.grpo
-    random_accuracy = _gold_eval(grpo_probe, None, "eval/accuracy")
+    random_accuracy = gold_eval(grpo_probe, None, "eval/accuracy")["eval/accuracy"]
     summary = sft.train(dataclasses.replace(config.sft_arithmetic, workdir=where("sft_arithmetic")))
     if summary["stopped_by"]:
         return summary
-    sft_accuracy = _gold_eval(grpo_probe, ckpt("sft_arithmetic"), "eval/accuracy")
+    sft_accuracy = gold_eval(grpo_probe, ckpt("sft_arithmetic"), "eval/accuracy")["eval/accuracy"]
     results["sft_arithmetic"] = {"accuracy_before": random_accuracy, "accuracy_after": sft_accuracy}
     report(4, "sft_arithmetic", f"accuracy {random_accuracy:.3f} (random policy) -> {sft_accuracy:.3f}", start)
 

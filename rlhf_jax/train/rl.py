@@ -301,17 +301,13 @@ class _Models:
     def lm_params(self, policy_params):
         return policy_params["lm"] if self.shared else policy_params
 
-    def initial_lm_params(self):
-        """The policy's starting weights: `checkpoint.init_from`, else a seeded random init."""
-        rng = jax.random.key(self.config.seed)
-        if self.config.checkpoint.init_from:
-            return common.initial_params(self.policy, self.config.checkpoint.init_from, rng=rng)
-        return jax.jit(self.policy.init)(jax.random.fold_in(rng, 0))
-
     def fresh(self) -> RLState:
         config = self.config
         rng = jax.random.key(config.seed)
-        lm = self.initial_lm_params()
+        if config.checkpoint.init_from:
+            lm = common.initial_params(self.policy, config.checkpoint.init_from, rng=rng)
+        else:
+            lm = jax.jit(self.policy.init)(jax.random.fold_in(rng, 0))
         params = {"lm": lm, "value_head": init_scalar_head(config.model, jax.random.fold_in(rng, 1))} \
             if self.shared else lm
         place = dict(mesh=self.mesh, strategy=self.strategy)
@@ -557,8 +553,7 @@ class _Setup:
                                   weights=reward_weights, group=1 if self.ppo else algorithm.group_size)
         policy = self.models.policy
         self.ref_logps = jax.jit(lambda params, pt, pl, ct: completion_logprobs(
-            policy, params, pt, pl, ct, temperature=algorithm.temperature, chunk_size=algorithm.chunk_size)[0],
-            out_shardings=sh.batch_sharding(self.mesh, self.strategy))
+            policy, params, pt, pl, ct, temperature=algorithm.temperature, chunk_size=algorithm.chunk_size)[0])
         self.key = jax.random.key(config.seed)
 
     def update_fn(self):
@@ -606,19 +601,43 @@ class _Setup:
 def evaluate(
     config: GRPORunConfig | PPORunConfig,
     *,
+    policies: Sequence[str | Mapping | None] | None = None,
+    reference: str | None = None,
     reward_sources: Sequence[RewardSource] | None = None,
     reward_weights: Sequence[float] | None = None,
-) -> dict[str, float]:
-    """Evaluate the initial policy of `config` (`checkpoint.init_from`, or a random one) as `train` would.
+) -> list[dict[str, float]]:
+    """Evaluate policies as `train` evaluates its own: held-out prompts, sampling, rewards, gold metric.
 
-    The same held-out prompts, sampling and metrics as the driver's step-0 evaluation
-    (`eval/reward`, `eval/gold_reward` or `eval/accuracy`), without a run directory or a reference.
+    Metrics: `eval/reward`, `eval/gold_reward` or `eval/accuracy` (synthetic tasks),
+    `eval/completions/mean_length`, and with `reference` `eval/kl`, the summed log-ratio to it per
+    completion. Any policy can be compared this way, e.g. a DPO run's against a PPO run's.
+
+    Args:
+      config: supplies the model, held-out data, sampling, rewards and evaluation size.
+      policies: checkpoint or Hugging Face directories, parameter trees, or None (the seeded random
+        init); default: `[config.checkpoint.init_from]`.
+      reference: a checkpoint or Hugging Face directory of the reference policy for `eval/kl`.
+      reward_sources, reward_weights: as in `train`.
+
+    Returns:
+      One metrics dict per policy.
     """
     setup = _Setup(config, reward_sources=reward_sources, reward_weights=reward_weights)
     evaluate_params = setup.make_eval()
     if evaluate_params is None:
         raise ConfigError("rl.evaluate needs held-out prompts (data.eval)")
-    return evaluate_params(setup.models.initial_lm_params(), None)
+    policy, key = setup.models.policy, jax.random.key(config.seed)
+    ref = None if reference is None else common.initial_params(policy, reference, rng=key)
+    out = []
+    for path in [config.checkpoint.init_from] if policies is None else policies:
+        if path is None:
+            params = jax.jit(policy.init)(jax.random.fold_in(key, 0))
+        elif isinstance(path, Mapping):
+            params = path
+        else:
+            params = common.initial_params(policy, path, rng=key)
+        out.append(evaluate_params(params, ref))
+    return out
 
 
 def train(
@@ -664,8 +683,9 @@ def train(
             device = _device_batch(merged, _DEVICE_KEYS + ("scores",), mesh, strategy)
             start_ref = time.perf_counter()
             if state.reference is not None:
-                device["ref_logps"] = jax.block_until_ready(setup.ref_logps(
-                    state.reference, device["prompt_tokens"], device["prompt_lengths"], device["completion_tokens"]))
+                ref = setup.ref_logps(state.reference, device["prompt_tokens"], device["prompt_lengths"],
+                                      device["completion_tokens"])
+                device["ref_logps"] = jax.block_until_ready(jax.device_put(ref, device["completion_mask"].sharding))
             metrics["time/reference"] = time.perf_counter() - start_ref
             start_update = time.perf_counter()
             state, step_metrics = step(state, device)

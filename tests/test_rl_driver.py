@@ -1,0 +1,148 @@
+"""The online RL driver end to end on the tiny model: metrics, resume, dynamic sampling, bad input."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig
+from rlhf_jax.data.synthetic import ArithmeticTask, VowelTask
+from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.rewards import PythonReward, RewardFunctionError
+from rlhf_jax.sharding import MeshConfig
+from rlhf_jax.steps.rl import PPOConfig, grpo_config
+from rlhf_jax.testing import tiny_config
+from rlhf_jax.train import rl
+from rlhf_jax.train.common import DataConfig
+
+MODEL = tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, head_dim=16)
+QUIET = LoggingConfig(every=1, console=False, tensorboard=False)
+
+
+def _grpo(tmp_path, name="grpo", **changes) -> rl.GRPORunConfig:
+    config = rl.GRPORunConfig(
+        name=name, workdir=str(tmp_path / name), model=MODEL, mesh=MeshConfig(data=-1, strategy="dp"),
+        data=DataConfig(train="synthetic:arithmetic", eval="synthetic:arithmetic", num_train=64, num_eval=8,
+                        max_len=16, batch_size=4, arithmetic=ArithmeticTask(max_operand=9)),
+        algorithm=grpo_config("grpo", group_size=4), rollout=rl.RolloutConfig(max_new_tokens=4),
+        optim=OptimizerConfig(learning_rate=1e-2), train=TrainConfig(steps=2, eval_every=2, eval_batches=1),
+        checkpoint=CheckpointConfig(every=1, async_save=False), logging=QUIET,
+    )
+    return dataclasses.replace(config, **changes)
+
+
+def _records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rl")
+    config = _grpo(tmp)
+    return config, rl.train(config)
+
+
+def test_grpo_run_logs_the_rl_metrics(grpo_run):
+    config, summary = grpo_run
+    assert summary["step"] == 2 and summary["stopped_by"] is None
+    train = summary["train"]
+    for key in ("reward", "reward_std", "rewards/task/mean", "frac_reward_zero_std", "kl", "entropy",
+                "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "approx_kl",
+                "completions/mean_length", "completions/clipped_ratio", "sampler_logprob_diff/mean",
+                "sampler_logprob_diff/max", "time/generate", "time/reward", "time/reference", "time/update",
+                "time/weight_handoff", "tokens_per_second", "loss", "grad_norm", "learning_rate"):
+        assert key in train, key
+    assert train["sampler_logprob_diff/max"] <= 1e-5  # the sampler's log-probs are the trainer's
+    assert 0 <= train["completions/clipped_ratio"] <= 1
+    evals = [r for r in _records(summary["run_dir"]) if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert abs(evals[0]["eval/kl"]) < 1e-5  # the policy is the reference at step 0
+
+
+def test_resume_continues_bit_for_bit(grpo_run, tmp_path):
+    config, summary = grpo_run
+    first = _grpo(tmp_path, name="resumed", train=TrainConfig(steps=1, eval_every=0, eval_batches=1))
+    rl.train(first)
+    resumed = rl.train(dataclasses.replace(first, train=config.train))
+    assert resumed["step"] == 2
+    ours = [r for r in _records(resumed["run_dir"]) if r["step"] == 2 and "loss" in r][0]
+    theirs = [r for r in _records(summary["run_dir"]) if r["step"] == 2 and "loss" in r][0]
+    for key in ("loss", "reward", "kl", "grad_norm", "entropy"):
+        assert ours[key] == theirs[key], key
+
+
+def test_ppo_run_with_a_value_model_from_the_policy(tmp_path):
+    config = rl.PPORunConfig(
+        name="ppo", workdir=str(tmp_path / "ppo"), model=MODEL, mesh=MeshConfig(data=-1, strategy="dp"),
+        data=DataConfig(train="synthetic:vowel", eval="synthetic:vowel", num_train=64, num_eval=8, max_len=16,
+                        batch_size=8, vowel=VowelTask()),
+        algorithm=PPOConfig(num_epochs=2, num_minibatches=2, kl_coef=0.1, kl_target=1.0),
+        rollout=rl.RolloutConfig(max_new_tokens=6),
+        rewards=rl.RewardConfig(functions=("task", "missing_eos"), weights=(1.0, 0.5)),
+        value=rl.ValueConfig(init="policy"),
+        train=TrainConfig(steps=2, eval_every=2, eval_batches=1),
+        checkpoint=CheckpointConfig(every=0, async_save=False), logging=QUIET,
+    )
+    summary = rl.train(config)
+    train = summary["train"]
+    for key in ("value_loss", "explained_variance", "kl_coef", "rewards/task/mean", "rewards/missing_eos/mean",
+                "value/grad_norm", "kl/rollout_sequence"):
+        assert key in train, key
+    assert train["kl_coef"] != 0.1  # the adaptive controller moved
+    assert "eval/gold_reward" in summary["eval"]
+
+
+def test_dynamic_sampling_refills_the_batch_with_informative_groups(tmp_path):
+    def half_constant(completions, answer, **kwargs):
+        # Prompts with an even answer get a constant reward: their groups carry no signal.
+        return [1.0 if int(a) % 2 == 0 else float(sum(map(ord, c)) % 2) for a, c in zip(answer, completions)]
+
+    config = _grpo(tmp_path, name="dapo", algorithm=grpo_config("dapo", group_size=4),
+                   rollout=rl.RolloutConfig(max_new_tokens=4, dynamic_sampling=True, max_sampling_rounds=6),
+                   train=TrainConfig(steps=2, eval_every=0), checkpoint=CheckpointConfig(every=0, async_save=False))
+    summary = rl.train(config, reward_sources=[PythonReward(half_constant)])
+    records = [r for r in _records(summary["run_dir"]) if "dynamic_sampling/rounds" in r]
+    assert len(records) == 2
+    assert any(r["dynamic_sampling/rounds"] > 1 for r in records)
+    assert sum(r["frac_reward_zero_std"] for r in records) > 0  # constant groups were generated ...
+    for r in records:  # ... and left out of the training batch unless the rounds ran out
+        assert r["dynamic_sampling/filled_with_zero_std"] > 0 or r["reward_std"] > 0
+
+
+def test_a_failing_reward_function_is_named_or_penalised(tmp_path):
+    def flaky(completions, **kwargs):
+        raise ZeroDivisionError("grader crashed")
+
+    config = _grpo(tmp_path, name="flaky", train=TrainConfig(steps=1, eval_every=0),
+                   checkpoint=CheckpointConfig(every=0, async_save=False))
+    with pytest.raises(RewardFunctionError, match=r"reward source 'flaky' raised ZeroDivisionError: grader crashed"):
+        rl.train(config, reward_sources=[PythonReward(flaky)])
+    penalised = dataclasses.replace(config, workdir=str(tmp_path / "flaky2"),
+                                    rewards=rl.RewardConfig(on_error="penalty", error_penalty=-1.0))
+    summary = rl.train(penalised, reward_sources=[PythonReward(flaky)])
+    assert summary["train"]["rewards/flaky/num_errors"] == 16
+    assert summary["train"]["reward"] == -1.0
+
+
+def test_bad_configurations_fail_before_compiling(tmp_path):
+    with pytest.raises(ConfigError, match=r"rewards.functions: unknown \['gold'\]"):
+        rl.RewardConfig(functions=("gold",))
+    with pytest.raises(ConfigError, match="rewards.reward_model is not set"):
+        rl.train(rl.PPORunConfig(name="p", workdir=str(tmp_path / "p"), model=MODEL))
+    with pytest.raises(ConfigError, match="set algorithm.micro_batches"):
+        rl.train(_grpo(tmp_path, train=TrainConfig(micro_batches=2)))
+    with pytest.raises(ValueError, match="group_size must be >= 2 for advantage 'grpo'"):
+        grpo_config("grpo", group_size=1)
+    with pytest.raises(FileNotFoundError, match="rewards.reward_model: /nonexistent does not exist"):
+        rl.train(rl.GRPORunConfig(name="g", workdir=str(tmp_path / "g"), model=MODEL,
+                                  rewards=rl.RewardConfig(functions=("reward_model",), reward_model="/nonexistent")))
+
+
+def test_evaluate_scores_any_policy_on_held_out_prompts(tmp_path):
+    metrics = rl.evaluate(_grpo(tmp_path), policies=[None, None])
+    assert metrics[0] == metrics[1]  # same policy, same prompts, same key
+    assert set(metrics[0]) == {"eval/reward", "eval/accuracy", "eval/completions/mean_length"}
+    assert np.isclose(metrics[0]["eval/reward"], metrics[0]["eval/accuracy"])
