@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     "flax>=0.12",
     "optax>=0.2.5",
     "orbax-checkpoint>=0.11",
+    "etils[epath]>=1.5",  # epath.Path for orbax checkpoint metadata (imported directly by checkpoint.py)
     "chex>=0.1.90",
     "transformers>=5.0",
     "tokenizers>=0.21",
