@@ -75,6 +75,9 @@ __all__ = [
     "GRPORunConfig",
     "PPORunConfig",
     "REWARD_FUNCTIONS",
+    "RolloutCollector",
+    "make_policy_eval",
+    "gold_source",
     "train",
     "evaluate",
 ]
@@ -108,7 +111,7 @@ REWARD_FUNCTIONS: dict[str, Callable[..., RewardSource]] = {
 }
 
 
-def _gold_source(task) -> tuple[str, RewardSource] | None:
+def gold_source(task) -> tuple[str, RewardSource] | None:
     """The synthetic task's gold metric for evaluation: (metric name, source)."""
     if isinstance(task, ArithmeticTask):
         return "eval/accuracy", PythonReward(task.reward, "gold")
@@ -400,8 +403,12 @@ def _concat_rows(parts: Sequence[dict[str, Any]], rows: Sequence[tuple[int, np.n
     return out
 
 
-class _Rollouts:
-    """Sampling and scoring of prompt batches on the host side of the loop."""
+class RolloutCollector:
+    """Sampling and scoring of prompt batches on the host side of the loop (shared by the RL drivers).
+
+    `config` needs `rollout` (`RolloutConfig`), `rewards` (`RewardConfig`) and
+    `algorithm.temperature`; `group` completions are sampled per prompt.
+    """
 
     def __init__(self, config, *, sampler: Sampler, tokenizer, sources, weights, group: int):
         self.config = config
@@ -534,7 +541,7 @@ class _Setup:
         self.train_data = common.load_split(config.data, kind="prompt", which="train", tokenizer=self.tokenizer)
         self.eval_data = common.load_split(config.data, kind="prompt", which="eval", tokenizer=self.tokenizer)
         task = common.synthetic_task(config.data, config.data.train)
-        self.gold = _gold_source(common.synthetic_task(config.data, config.data.eval))
+        self.gold = gold_source(common.synthetic_task(config.data, config.data.eval))
         self.mesh = config.mesh.make_mesh()
         self.strategy = config.mesh.strategy
         if reward_sources is None:
@@ -549,7 +556,7 @@ class _Setup:
         self.sampler = Sampler(self.models.policy, max_len=prompt_len + config.rollout.max_new_tokens,
                                prompt_buckets=default_prompt_buckets(prompt_len), mesh=self.mesh, strategy=self.strategy,
                                dtype=config.rollout.sampler_dtype)
-        self.rollouts = _Rollouts(config, sampler=self.sampler, tokenizer=self.tokenizer, sources=list(reward_sources),
+        self.rollouts = RolloutCollector(config, sampler=self.sampler, tokenizer=self.tokenizer, sources=list(reward_sources),
                                   weights=reward_weights, group=1 if self.ppo else algorithm.group_size)
         policy = self.models.policy
         self.ref_logps = jax.jit(lambda params, pt, pl, ct: completion_logprobs(
@@ -567,35 +574,43 @@ class _Setup:
                               nonfinite=config.train.nonfinite, learning_rate=lr)
 
     def make_eval(self) -> Callable[[Any, Any], dict[str, float]] | None:
-        """`(policy LM params, reference params or None) -> eval metrics` on the first
-        `train.eval_batches` held-out prompt batches (None without held-out prompts)."""
-        if self.eval_data is None:
-            return None
-        config, rollouts = self.config, self.rollouts
-        held_out = common.eval_batches(self.eval_data, config.data, max_batches=config.train.eval_batches)
+        """`(policy LM params, reference params or None) -> eval metrics` (None without held-out prompts)."""
+        return make_policy_eval(self.config, self.rollouts, self.eval_data, gold=self.gold, ref_logps=self.ref_logps,
+                                key=self.key)
 
-        def evaluate(policy_params, reference) -> dict[str, float]:
-            params = self.sampler.load_params(policy_params)
-            sums: dict[str, float] = {}
-            count = 0
-            for k, batch in enumerate(held_out):
-                arrays = rollouts.sample(params, batch, rollouts.eval_sampling,
-                                         jax.random.fold_in(self.key, 0x7FFFFFFF - k))
-                parts = {"eval/reward": rollouts.score(arrays).total,
-                         "eval/completions/mean_length": arrays["lengths"]}
-                if self.gold is not None:
-                    parts[self.gold[0]] = rollouts.score(arrays, sources=[self.gold[1]]).total
-                if reference is not None and not config.rollout.eval_greedy:
-                    ref = np.asarray(self.ref_logps(reference, arrays["prompt_tokens"], arrays["prompt_lengths"],
-                                                    arrays["completion_tokens"]))
-                    log_ratio = np.where(arrays["completion_mask"], arrays["sampler_logps"] - ref, 0.0)
-                    parts["eval/kl"] = log_ratio.sum(axis=1)
-                for key, values in parts.items():
-                    sums[key] = sums.get(key, 0.0) + float(np.sum(values))
-                count += len(arrays["lengths"])
-            return {k: v / max(count, 1) for k, v in sums.items()}
 
-        return evaluate
+def make_policy_eval(config, rollouts: RolloutCollector, eval_data, *, gold, ref_logps, key):
+    """`(policy LM params, reference params or None) -> eval metrics` on held-out prompts.
+
+    The first `train.eval_batches` prompt batches are sampled (one completion each, the training
+    sampler or greedy, a fixed key) and scored: `eval/reward` (the training rewards), the task's
+    gold metric (`gold` = (name, source)), `eval/completions/mean_length`, and with a reference
+    `eval/kl` (summed log-ratio to it per completion, from `ref_logps(reference, ...)`).
+    Returns None when there are no held-out prompts.
+    """
+    if eval_data is None:
+        return None
+    held_out = common.eval_batches(eval_data, config.data, max_batches=config.train.eval_batches)
+
+    def evaluate(policy_params, reference) -> dict[str, float]:
+        params = rollouts.sampler.load_params(policy_params)
+        sums: dict[str, float] = {}
+        count = 0
+        for k, batch in enumerate(held_out):
+            arrays = rollouts.sample(params, batch, rollouts.eval_sampling, jax.random.fold_in(key, 0x7FFFFFFF - k))
+            parts = {"eval/reward": rollouts.score(arrays).total, "eval/completions/mean_length": arrays["lengths"]}
+            if gold is not None:
+                parts[gold[0]] = rollouts.score(arrays, sources=[gold[1]]).total
+            if reference is not None and not config.rollout.eval_greedy:
+                ref = np.asarray(ref_logps(reference, arrays["prompt_tokens"], arrays["prompt_lengths"],
+                                           arrays["completion_tokens"]))
+                parts["eval/kl"] = np.where(arrays["completion_mask"], arrays["sampler_logps"] - ref, 0.0).sum(axis=1)
+            for name, values in parts.items():
+                sums[name] = sums.get(name, 0.0) + float(np.sum(values))
+            count += len(arrays["lengths"])
+        return {name: v / max(count, 1) for name, v in sums.items()}
+
+    return evaluate
 
 
 def evaluate(

@@ -1,0 +1,58 @@
+"""Best-of-n (rejection sampling) fine-tuning: winner selection, the SFT batch, a short run."""
+
+import numpy as np
+import pytest
+
+from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig
+from rlhf_jax.data.synthetic import ArithmeticTask
+from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.rewards import PythonReward, even_fraction_reward
+from rlhf_jax.sharding import MeshConfig
+from rlhf_jax.testing import tiny_config
+from rlhf_jax.train import rejection_sampling as rs
+from rlhf_jax.train.common import DataConfig
+from rlhf_jax.train.rl import RolloutConfig
+
+
+def test_select_best_takes_each_groups_first_maximum():
+    rewards = np.array([0.1, 0.9, 0.9, 0.2, 3.0, -1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(rs.select_best(rewards, 4), [1, 4])
+    np.testing.assert_array_equal(rs.select_best(rewards, 2), [1, 2, 4, 6])
+    with pytest.raises(ValueError, match="groups of 3"):
+        rs.select_best(rewards, 3)
+
+
+def test_best_of_n_batch_joins_prompt_and_completion_with_a_completion_mask():
+    arrays = {
+        "prompt_tokens": np.array([[1, 5, 6], [1, 7, 0], [1, 8, 0]], np.int32),
+        "prompt_lengths": np.array([3, 2, 2], np.int32),
+        "completion_tokens": np.array([[9, 2, 0], [10, 11, 2], [12, 2, 0]], np.int32),
+        "completion_mask": np.array([[1, 1, 0], [1, 1, 1], [1, 1, 0]], bool),
+    }
+    batch = rs.best_of_n_batch(arrays, np.array([1, 0]), np.array([True, False]), pad_id=0)
+    np.testing.assert_array_equal(batch["tokens"], [[1, 7, 10, 11, 2, 0], [1, 5, 6, 9, 2, 0]])
+    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]])
+
+
+def test_best_of_n_run_trains_on_winners(tmp_path):
+    config = rs.RejectionSamplingConfig(
+        name="bon", workdir=str(tmp_path / "bon"), model=tiny_config(num_layers=1, hidden_size=32,
+                                                                      intermediate_size=64, num_heads=2,
+                                                                      num_kv_heads=1, head_dim=16),
+        mesh=MeshConfig(data=-1, strategy="dp"),
+        data=DataConfig(train="synthetic:arithmetic", eval="synthetic:arithmetic", num_train=64, num_eval=8,
+                        max_len=16, batch_size=8, arithmetic=ArithmeticTask(max_operand=9)),
+        algorithm=rs.BestOfNConfig(samples_per_prompt=4, updates_per_batch=2),
+        rollout=RolloutConfig(max_new_tokens=4), optim=OptimizerConfig(learning_rate=1e-2),
+        train=TrainConfig(steps=2, eval_every=2, eval_batches=1),
+        checkpoint=CheckpointConfig(every=0, async_save=False),
+        logging=LoggingConfig(every=1, console=False, tensorboard=False),
+    )
+    summary = rs.train(config, reward_sources=[PythonReward(even_fraction_reward)])
+    train = summary["train"]
+    assert summary["step"] == 2
+    assert train["reward/best"] >= train["reward"]
+    assert train["frac_kept"] == 1.0 and np.isfinite(train["loss"]) and train["num_tokens"] > 0
+    assert "eval/accuracy" in summary["eval"]
+    with pytest.raises(ConfigError, match="samples_per_prompt must be an int >= 2"):
+        rs.BestOfNConfig(samples_per_prompt=1)
