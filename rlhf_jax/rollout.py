@@ -27,6 +27,7 @@ __all__ = [
     "completion_index",
     "completion_hidden",
     "completion_logprobs",
+    "head_logprobs",
     "completion_values",
     "sequence_scores",
 ]
@@ -133,11 +134,39 @@ def completion_logprobs(
       a completion's end hold the log-prob of whatever token is there; mask them.
     """
     hidden = completion_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens)
-    weight = model.lm_head_weight(params)
-    labels = completion_tokens.astype(jnp.int32)
+    return head_logprobs(hidden, model.lm_head_weight(params), completion_tokens, temperature=temperature,
+                         with_entropy=with_entropy, chunk_size=chunk_size)
+
+
+def head_logprobs(
+    hidden: jax.Array,
+    lm_head_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Per-token log-probs (and entropies) of `labels` from hidden states, row by row.
+
+    `rlhf_jax.logprobs.chunked_*` applied to each row (`vmap` over the batch), so chunks never mix
+    rows: a batch split over data-parallel devices stays split (no gather of the hidden states),
+    and at most `[N, chunk_size, V]` logits exist at once.
+
+    Args:
+      hidden: `[N, C, E]` hidden states; lm_head_weight: `[E, V]`; labels: int `[N, C]`.
+      temperature: the sampling temperature.
+      with_entropy: also return the entropies.
+      chunk_size: tokens per chunk within a row.
+
+    Returns:
+      `(logps, entropy or None)`, float32 `[N, C]`.
+    """
+    labels = labels.astype(jnp.int32)
+    kw = dict(temperature=temperature, chunk_size=chunk_size)
     if with_entropy:
-        return chunked_logprobs_and_entropy(hidden, weight, labels, temperature=temperature, chunk_size=chunk_size)
-    return chunked_token_logprobs(hidden, weight, labels, temperature=temperature, chunk_size=chunk_size), None
+        return jax.vmap(lambda h, y: chunked_logprobs_and_entropy(h, lm_head_weight, y, **kw))(hidden, labels)
+    return jax.vmap(lambda h, y: chunked_token_logprobs(h, lm_head_weight, y, **kw))(hidden, labels), None
 
 
 def completion_values(value_model, value_params, prompt_tokens, prompt_lengths, completion_tokens) -> jax.Array:

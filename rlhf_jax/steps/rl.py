@@ -44,7 +44,7 @@ from rlhf_jax.advantages import (
     whiten,
 )
 from rlhf_jax.kl_control import KLController, adaptive_kl_controller, fixed_kl_controller
-from rlhf_jax.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs_and_entropy, chunked_token_logprobs
+from rlhf_jax.logprobs import DEFAULT_CHUNK_SIZE
 from rlhf_jax.losses import (
     AggregateMode,
     KLEstimator,
@@ -57,7 +57,7 @@ from rlhf_jax.losses import (
     value_loss,
 )
 from rlhf_jax.models.heads import scalar_head
-from rlhf_jax.rollout import completion_hidden, completion_logprobs, completion_values
+from rlhf_jax.rollout import completion_hidden, completion_logprobs, completion_values, head_logprobs
 from rlhf_jax.sampling.metrics import logprob_mismatch
 from rlhf_jax.state import RLState, TrainState
 from rlhf_jax.steps.common import NonFinitePolicy, accumulate_gradients, apply_gradients
@@ -766,13 +766,9 @@ def make_ppo_step(
         """Log-probs, entropies and (shared backbone) values of a minibatch from one forward pass."""
         hidden = completion_hidden(policy_model, lm_params(params), mb["prompt_tokens"], mb["prompt_lengths"],
                                    mb["completion_tokens"])
-        weight = policy_model.lm_head_weight(lm_params(params))
-        labels = mb["completion_tokens"].astype(jnp.int32)
-        kw = dict(temperature=config.temperature, chunk_size=config.chunk_size)
-        if with_entropy:
-            logps, entropy = chunked_logprobs_and_entropy(hidden, weight, labels, **kw)
-        else:
-            logps, entropy = chunked_token_logprobs(hidden, weight, labels, **kw), None
+        logps, entropy = head_logprobs(hidden, policy_model.lm_head_weight(lm_params(params)), mb["completion_tokens"],
+                                       temperature=config.temperature, with_entropy=with_entropy,
+                                       chunk_size=config.chunk_size)
         values = scalar_head(params["value_head"], hidden) if shared else None
         return logps, entropy, values
 
@@ -793,8 +789,8 @@ def make_ppo_step(
     def ptx_term(params, mb, context, metrics):
         tokens, mask = mb["ptx_tokens"], mb["ptx_mask"]
         hidden = policy_model.forward(lm_params(params), tokens[:, :-1]).hidden
-        logps = chunked_token_logprobs(hidden, policy_model.lm_head_weight(lm_params(params)),
-                                       tokens[:, 1:].astype(jnp.int32), chunk_size=config.chunk_size)
+        logps, _ = head_logprobs(hidden, policy_model.lm_head_weight(lm_params(params)), tokens[:, 1:],
+                                 chunk_size=config.chunk_size)
         lm_loss = -aggregate(logps, mask[:, 1:], mode="token_mean", num_tokens=context["ptx_tokens"])
         metrics["loss/ptx"] = lm_loss
         return config.ptx_coef * lm_loss
