@@ -10,7 +10,11 @@ so right padding holds and positions are `arange(P + C)`. The token `completion[
 index `len_b + i` of the joined row and is predicted by the hidden state at `len_b - 1 + i`; the
 helpers below gather those `C` hidden states, so every per-token result comes back in the sampler's
 `[N, C]` layout, aligned with its log-probs and masks. Only the completion positions go through the
-LM head (chunked, via `rlhf_jax.logprobs`), never a `[N, P + C, V]` logits array.
+LM head (chunked within each row, via `rlhf_jax.logprobs`), never a `[N, P + C, V]` logits array.
+
+When the `G` samples of a prompt fill `G` contiguous rows (GRPO groups), `group_size=G` runs each
+prompt once into a KV cache and the completions on top of it (`completion_hidden`): the same
+numbers, with the prompt's share of the FLOPs divided by `G`, forward and backward.
 """
 
 from __future__ import annotations
@@ -85,24 +89,47 @@ def completion_index(prompt_lengths: jax.Array, num_completion_tokens: int) -> j
     return prompt_lengths.astype(jnp.int32)[:, None] - 1 + jnp.arange(num_completion_tokens, dtype=jnp.int32)[None, :]
 
 
-def completion_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens) -> jax.Array:
+def completion_hidden(
+    model, params, prompt_tokens, prompt_lengths, completion_tokens, *, group_size: int = 1
+) -> jax.Array:
     """Final hidden states at the positions that predict each completion token.
 
     `h[b, i] = hidden(joined[b, : len_b + i])[-1]`, i.e. the state after reading the prompt and the
     first `i` completion tokens (the state in which token `i` is chosen).
 
+    With `group_size = G > 1` the rows come in groups of `G` contiguous rows that share one prompt
+    (GRPO's samples of a prompt; only each group's first row's prompt is read): every prompt is run
+    once, its keys and values are written to a KV cache, the cache is repeated for the group's `G`
+    rows, and only the completions are run on top of it. Same result (up to float rounding), with
+    `N / G * P + N * C` instead of `N * (P + C)` token positions through the model, forward and
+    backward (gradients from all `G` completions meet in the shared prompt computation).
+
     Args:
       model: a `CausalLM` (LM or scalar head; only its hidden states are read).
       params: its parameters.
       prompt_tokens: int `[N, P]`; prompt_lengths: int `[N]` (>= 1); completion_tokens: int `[N, C]`.
+      group_size: rows per shared prompt (1 = no sharing).
 
     Returns:
       `[N, C, E]` hidden states in the model's compute dtype.
     """
-    joined = join_sequences(prompt_tokens, prompt_lengths, completion_tokens)
-    hidden = model.forward(params, joined[:, :-1]).hidden
-    index = completion_index(prompt_lengths, completion_tokens.shape[1])
-    return jnp.take_along_axis(hidden, index[:, :, None], axis=1)
+    if group_size == 1:
+        joined = join_sequences(prompt_tokens, prompt_lengths, completion_tokens)
+        hidden = model.forward(params, joined[:, :-1]).hidden
+        index = completion_index(prompt_lengths, completion_tokens.shape[1])
+        return jnp.take_along_axis(hidden, index[:, :, None], axis=1)
+    _check_rollout("completion_hidden", prompt_tokens, prompt_lengths, completion_tokens)
+    (n, p), c = prompt_tokens.shape, completion_tokens.shape[1]
+    if not isinstance(group_size, int) or group_size < 1 or n % group_size:
+        raise ValueError(f"completion_hidden: {n} rows do not split into groups of group_size={group_size}")
+    groups = n // group_size
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (groups, p))
+    prefill = model.forward(params, prompt_tokens[::group_size], positions, cache=model.init_cache(groups, p + c))
+    cache = jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=1), prefill.cache)  # [layers, N, ...]
+    lengths = prompt_lengths.astype(jnp.int32)[:, None]
+    last_prompt_token = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), lengths - 1, axis=1)
+    inputs = jnp.concatenate([last_prompt_token, completion_tokens[:, :-1].astype(jnp.int32)], axis=1)
+    return model.forward(params, inputs, completion_index(prompt_lengths, c), cache=cache).hidden
 
 
 def completion_logprobs(
@@ -115,6 +142,7 @@ def completion_logprobs(
     temperature: float | jax.Array = 1.0,
     with_entropy: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    group_size: int = 1,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs (and optionally entropies) of the completion tokens under a policy.
 
@@ -127,13 +155,14 @@ def completion_logprobs(
       prompt_tokens, prompt_lengths, completion_tokens: the rollout (see `join_sequences`).
       temperature: the sampling temperature.
       with_entropy: also return the entropy of each predictive distribution.
-      chunk_size: tokens per LM-head chunk.
+      chunk_size: tokens per LM-head chunk (within a row).
+      group_size: rows per shared prompt (see `completion_hidden`).
 
     Returns:
       `(logps, entropy)`: float32 `[N, C]` each; `entropy` is None unless asked for. Positions past
       a completion's end hold the log-prob of whatever token is there; mask them.
     """
-    hidden = completion_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens)
+    hidden = completion_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens, group_size=group_size)
     return head_logprobs(hidden, model.lm_head_weight(params), completion_tokens, temperature=temperature,
                          with_entropy=with_entropy, chunk_size=chunk_size)
 

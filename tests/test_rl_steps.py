@@ -17,7 +17,7 @@ from rlhf_jax import losses
 from rlhf_jax.logprobs import token_entropy, token_logprobs
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.heads import init_scalar_head
-from rlhf_jax.rollout import join_sequences
+from rlhf_jax.rollout import completion_logprobs, join_sequences
 from rlhf_jax.state import RLState, init_train_state
 from rlhf_jax.steps.rl import (
     GRPO_PRESETS,
@@ -46,9 +46,9 @@ def _batch(seed=0, *, noisy_old=0.0):
     """A rollout with ragged prompts and completions; sampler log-probs = exact ones + noise."""
     rng = np.random.default_rng(seed)
     model, params = _model()
-    batch = {
-        "prompt_tokens": rng.integers(3, 200, (N, P)).astype(np.int32),
-        "prompt_lengths": rng.integers(1, P + 1, N).astype(np.int32),
+    batch = {  # groups of G rows share a prompt, as the sampler returns them
+        "prompt_tokens": np.repeat(rng.integers(3, 200, (N // G, P)).astype(np.int32), G, axis=0),
+        "prompt_lengths": np.repeat(rng.integers(1, P + 1, N // G).astype(np.int32), G),
         "completion_tokens": rng.integers(3, 200, (N, C)).astype(np.int32),
         "completion_mask": np.arange(C)[None] < rng.integers(1, C + 1, N)[:, None],
         "scores": rng.normal(size=N).astype(np.float32),
@@ -204,6 +204,20 @@ def _logps_entropy_traced(model, params, batch):
     logps = token_logprobs(logits[:, :-1], joined[:, 1:])
     ent = token_entropy(logits[:, :-1])
     return jnp.take_along_axis(logps, idx, 1), jnp.take_along_axis(ent, idx, 1)
+
+
+def test_shared_prompt_forward_equals_the_joined_forward():
+    model, params = _model()
+    batch = _batch()
+    args = (batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"])
+    joined = jax.jit(lambda p: completion_logprobs(model, p, *args, with_entropy=True))(params)
+    shared = jax.jit(lambda p: completion_logprobs(model, p, *args, with_entropy=True, group_size=G))(params)
+    np.testing.assert_allclose(shared[0], joined[0], atol=1e-5)
+    np.testing.assert_allclose(shared[1], joined[1], atol=1e-5)
+    expected, _ = _reference_logps(model, params, batch)
+    np.testing.assert_allclose(shared[0], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="do not split into groups of group_size=3"):
+        completion_logprobs(model, params, *args, group_size=3)
 
 
 def test_join_sequences_matches_per_row_concatenation():

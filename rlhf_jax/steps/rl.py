@@ -165,7 +165,12 @@ class GRPOConfig:
       adv_eps: added to the std of `grpo`/`batch_std`.
       max_completion_length: Dr.GRPO's constant normaliser `L` for `seq_mean_token_sum_norm`
         (default: the batch's completion width).
-      chunk_size: tokens per LM-head chunk.
+      chunk_size: tokens per LM-head chunk (within a row).
+      share_prompt: run each group's prompt through the model once and its completions on top of
+        the shared KV cache (`rlhf_jax.rollout.completion_hidden`): same losses, fewer FLOPs.
+        Applies when each minibatch holds whole groups and `micro_batches` is 1 (minibatches are
+        shuffled by whole groups whenever a minibatch holds whole groups); the rows of a group must
+        share their prompt, as the sampler's do.
     """
 
     advantage: AdvantageName = "grpo"
@@ -187,6 +192,7 @@ class GRPOConfig:
     adv_eps: float = 1e-4
     max_completion_length: int | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    share_prompt: bool = True
 
     def __post_init__(self):
         o = "GRPOConfig"
@@ -224,6 +230,17 @@ class GRPOConfig:
     def uses_reference(self) -> bool:
         """Whether the step needs the reference's log-probs."""
         return self.kl_mode != "none" and self.kl_coef > 0
+
+    def shuffle_group(self, batch_size: int) -> int:
+        """Rows kept together when minibatches are shuffled: whole prompt groups when they fit."""
+        minibatch = batch_size // self.num_minibatches
+        return self.group_size if minibatch % self.group_size == 0 else 1
+
+    def prompt_group(self, batch_size: int) -> int:
+        """Rows per shared prompt forward for a batch of `batch_size` rows (1 = no sharing)."""
+        if self.share_prompt and self.micro_batches == 1:
+            return self.shuffle_group(batch_size)
+        return 1
 
     def replace(self, **changes) -> "GRPOConfig":
         return dataclasses.replace(self, **changes)
@@ -555,9 +572,10 @@ def _old_logprobs_source(config) -> Literal["current", "sampler", "recompute"]:
     return "recompute" if config.num_updates > 1 or in_reward else "current"
 
 
-def _run_updates(update, carry, data: dict, *, rng: jax.Array, num_epochs: int, num_minibatches: int):
+def _run_updates(update, carry, data: dict, *, rng: jax.Array, num_epochs: int, num_minibatches: int, group: int = 1):
     """`num_epochs` passes of `lax.scan(update)` over `num_minibatches` shuffled minibatches.
 
+    Rows are shuffled in blocks of `group` contiguous rows (whole prompt groups stay together).
     Returns the final carry and every update's metrics stacked on a leading `[U]` axis.
     """
     n = data["completion_tokens"].shape[0]
@@ -565,7 +583,8 @@ def _run_updates(update, carry, data: dict, *, rng: jax.Array, num_epochs: int, 
 
     def epoch(carry, key):
         if num_minibatches > 1:
-            perm = jax.random.permutation(key, n)
+            blocks = jax.random.permutation(key, n // group)
+            perm = (blocks[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)
             shuffled = jax.tree.map(lambda x: x[perm], data)
         else:
             shuffled = data
@@ -603,10 +622,11 @@ def _normalisers(mask: jax.Array) -> dict[str, jax.Array]:
     return {"num_tokens": count_tokens(mask), "num_sequences": count_sequences(mask)}
 
 
-def _mb_logprobs(model, params, mb, config, *, with_entropy: bool):
+def _mb_logprobs(model, params, mb, config, *, with_entropy: bool, group_size: int = 1):
     return completion_logprobs(
         model, params, mb["prompt_tokens"], mb["prompt_lengths"], mb["completion_tokens"],
         temperature=config.temperature, with_entropy=with_entropy, chunk_size=config.chunk_size,
+        group_size=group_size,
     )
 
 
@@ -647,29 +667,35 @@ def make_grpo_step(
         raise TypeError(f"make_grpo_step: config must be a GRPOConfig, got {type(config).__name__}")
     old_source = _old_logprobs_source(config)
 
-    def loss_fn(params, mb, context, rng):
-        del rng
-        logps, entropy = _mb_logprobs(model, params, mb, config, with_entropy=True)
-        old = jax.lax.stop_gradient(logps) if old_source == "current" else mb["old_logps"]
-        loss, metrics = grpo_objective(
-            logps, old, mb["advantages"], mb["completion_mask"], config=config,
-            ref_logps=mb.get("ref_logps"), entropy=entropy, **context,
-        )
-        if "sampler_logps" in mb:
-            metrics.update(_sampler_diff(logps, mb["sampler_logps"], mb["completion_mask"]))
-        return loss, metrics
+    def make_update(group: int):
+        """One minibatch update; `group` rows share each prompt's forward (static, from the batch shape)."""
 
-    def update(policy: TrainState, mb):
-        context = _normalisers(mb["completion_mask"])
-        rng = jax.random.fold_in(policy.rng, policy.step)
-        loss, grads, metrics = accumulate_gradients(loss_fn, policy.params, mb, context, rng,
-                                                    micro_batches=config.micro_batches)
-        policy, opt_metrics = apply_gradients(policy, grads, loss, optimizer, nonfinite=nonfinite,
-                                              learning_rate=learning_rate)
-        return policy, {"loss": loss, **metrics, **opt_metrics}
+        def loss_fn(params, mb, context, rng):
+            del rng
+            logps, entropy = _mb_logprobs(model, params, mb, config, with_entropy=True, group_size=group)
+            old = jax.lax.stop_gradient(logps) if old_source == "current" else mb["old_logps"]
+            loss, metrics = grpo_objective(
+                logps, old, mb["advantages"], mb["completion_mask"], config=config,
+                ref_logps=mb.get("ref_logps"), entropy=entropy, **context,
+            )
+            if "sampler_logps" in mb:
+                metrics.update(_sampler_diff(logps, mb["sampler_logps"], mb["completion_mask"]))
+            return loss, metrics
+
+        def update(policy: TrainState, mb):
+            context = _normalisers(mb["completion_mask"])
+            rng = jax.random.fold_in(policy.rng, policy.step)
+            loss, grads, metrics = accumulate_gradients(loss_fn, policy.params, mb, context, rng,
+                                                        micro_batches=config.micro_batches)
+            policy, opt_metrics = apply_gradients(policy, grads, loss, optimizer, nonfinite=nonfinite,
+                                                  learning_rate=learning_rate)
+            return policy, {"loss": loss, **metrics, **opt_metrics}
+
+        return update
 
     def step(state: RLState, batch) -> tuple[RLState, Metrics]:
-        check_rl_batch(batch, config, name="grpo_step")
+        n = check_rl_batch(batch, config, name="grpo_step")
+        group = config.prompt_group(n)
         policy = state.policy
         rng = jax.random.fold_in(policy.rng, policy.step)
         mask = batch["completion_mask"]
@@ -681,12 +707,12 @@ def make_grpo_step(
             data["old_logps"] = batch["sampler_logps"]
         elif old_source == "recompute":
             data["old_logps"] = jax.lax.stop_gradient(_mb_logprobs(model, policy.params, batch, config,
-                                                                   with_entropy=False)[0])
+                                                                   with_entropy=False, group_size=group)[0])
         advantages = grpo_advantages(batch["scores"], mask, config=config, old_logps=data.get("old_logps"),
                                      ref_logps=batch.get("ref_logps"))
         data["advantages"] = advantages
-        policy, stacked = _run_updates(update, policy, data, rng=rng, num_epochs=config.num_epochs,
-                                       num_minibatches=config.num_minibatches)
+        policy, stacked = _run_updates(make_update(group), policy, data, rng=rng, num_epochs=config.num_epochs,
+                                       num_minibatches=config.num_minibatches, group=config.shuffle_group(n))
         metrics = _reduce_update_metrics(stacked)
         adv_mask = mask if advantages.ndim == 2 else jnp.ones_like(advantages)
         metrics.update({

@@ -559,8 +559,9 @@ class _Setup:
         self.rollouts = RolloutCollector(config, sampler=self.sampler, tokenizer=self.tokenizer, sources=list(reward_sources),
                                   weights=reward_weights, group=1 if self.ppo else algorithm.group_size)
         policy = self.models.policy
-        self.ref_logps = jax.jit(lambda params, pt, pl, ct: completion_logprobs(
-            policy, params, pt, pl, ct, temperature=algorithm.temperature, chunk_size=algorithm.chunk_size)[0])
+        self.ref_logps = jax.jit(lambda params, pt, pl, ct, group_size=1: completion_logprobs(
+            policy, params, pt, pl, ct, temperature=algorithm.temperature, chunk_size=algorithm.chunk_size,
+            group_size=group_size)[0], static_argnames="group_size")
         self.key = jax.random.key(config.seed)
 
     def update_fn(self):
@@ -698,8 +699,9 @@ def train(
             device = _device_batch(merged, _DEVICE_KEYS + ("scores",), mesh, strategy)
             start_ref = time.perf_counter()
             if state.reference is not None:
+                group = config.algorithm.group_size if not setup.ppo and config.algorithm.share_prompt else 1
                 ref = setup.ref_logps(state.reference, device["prompt_tokens"], device["prompt_lengths"],
-                                      device["completion_tokens"])
+                                      device["completion_tokens"], group_size=group)
                 device["ref_logps"] = jax.block_until_ready(jax.device_put(ref, device["completion_mask"].sharding))
             metrics["time/reference"] = time.perf_counter() - start_ref
             start_update = time.perf_counter()
