@@ -79,6 +79,48 @@ def _wordlevel_tokenizer(W):
                                    eos_token="<eos>", unk_token="<unk>")
 
 
+def _hf_worker(args) -> dict:
+    """The same workload with Hugging Face transformers' `generate` (torch, its default 2 threads).
+
+    TRL's trainers call this `generate`; it calibrates this machine against PEERS.md, which was
+    measured on another CPU.
+    """
+    sys.path.insert(0, args.bench_dir)
+    import torch
+    import workloads as W
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m, spec = W.MODEL, W.W3
+    config = LlamaConfig(
+        vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+        num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
+        num_key_value_heads=m["num_key_value_heads"], head_dim=m["head_dim"],
+        max_position_embeddings=m["max_position_embeddings"], rope_theta=m["rope_theta"],
+        rms_norm_eps=m["rms_norm_eps"], tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        pad_token_id=W.PAD_ID, bos_token_id=W.BOS_ID, eos_token_id=m["vocab_size"],
+    )
+    torch.manual_seed(W.MODEL_INIT_SEED)
+    model = LlamaForCausalLM(config).eval()
+    prompts = torch.tensor(W.gen_prompts())
+    kwargs = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], do_sample=True,
+                  temperature=spec["temperature"], top_k=0, top_p=1.0, attention_mask=torch.ones_like(prompts),
+                  pad_token_id=W.PAD_ID)
+
+    def call():
+        with torch.no_grad():
+            return model.generate(prompts, **kwargs).numpy()
+
+    first_s = _timed(call, 1)[0]
+    watch = W.CpuWatch()
+    times = _timed(call, spec["timed_calls"])
+    median = statistics.median(times)
+    rows, new = spec["num_prompts"], spec["new_tokens"]
+    return {"workload": "w3", "impl": "hf_generate", "dtype": "float32", "devices": 1, "median_s": median,
+            "new_tokens_per_s": rows * new / median, "times_s": [round(t, 4) for t in times],
+            "first_call_s": first_s, "threads": torch.get_num_threads(), **watch.result(),
+            "peak_rss_mib": round(W.peak_rss_mib(), 1), "loadavg": open("/proc/loadavg").read().split()[:3]}
+
+
 def _worker(args) -> dict:
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
@@ -195,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--strategy", default="dp", choices=("dp", "tp"),
                    help="sampler strategy with 2 devices: data-parallel rows or tensor-parallel weights")
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--hf", action="store_true",
+                   help="also time Hugging Face transformers' generate (torch) on this machine, for calibration")
     p.add_argument("--bench-dir", default=os.environ.get("RLHF_JAX_BENCH_DIR", DEFAULT_BENCH_DIR),
                    help="folder holding workloads.py")
     p.add_argument("--json", default=os.path.join(HERE, "results", "bench_generate.json"))
@@ -203,45 +247,54 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         args.devices = int(args.devices)
-        print("RESULT " + json.dumps(_worker(args)), flush=True)
+        result = _hf_worker(args) if args.dtype == "hf" else _worker(args)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     if not os.path.exists(os.path.join(args.bench_dir, "workloads.py")):
         print(f"workloads.py not found in {args.bench_dir}; pass --bench-dir", file=sys.stderr)
         return 2
     results = []
-    for dtype in args.dtypes.split(","):
-        for devices in args.devices.split(","):
-            runs = []
-            for _ in range(args.runs):
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--devices", devices, "--dtype", dtype,
-                       "--strategy", args.strategy, "--bench-dir", args.bench_dir]
-                env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-                if out.returncode or not line:
-                    print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-                    return 1
-                runs.append(json.loads(line[0][7:]))
-            row = dict(runs[0])
-            for key in ("median_s", "text_median_s", "decode_step_ms", "prefill_s", "handoff_s", "first_call_s",
-                        "decode_vs_floor", "decode_floor_ms"):
+    configs = [(dtype, devices) for dtype in args.dtypes.split(",") for devices in args.devices.split(",")]
+    if args.hf:
+        configs.append(("hf", "1"))
+    for dtype, devices in configs:
+        runs = []
+        for _ in range(args.runs):
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--devices", devices, "--dtype", dtype,
+                   "--strategy", args.strategy, "--bench-dir", args.bench_dir]
+            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                return 1
+            runs.append(json.loads(line[0][7:]))
+        row = dict(runs[0])
+        for key in ("median_s", "text_median_s", "decode_step_ms", "prefill_s", "handoff_s", "first_call_s",
+                    "decode_vs_floor", "decode_floor_ms"):
+            if key in row:
                 row[key] = statistics.median(r[key] for r in runs)
-            row["runs_median_s"] = [round(r["median_s"], 4) for r in runs]
-            row["new_tokens_per_s"] = 16 * 128 / row["median_s"]
-            row["foreign_cpu_cores"] = max(r["foreign_cpu_cores"] for r in runs)
-            results.append(row)
-            print(
-                f"w3 {dtype:8s} {row['impl']:14s} {row['median_s']:.3f} s/call = "
-                f"{row['new_tokens_per_s']:,.0f} new tok/s "
-                f"(runs {row['runs_median_s']}); text API {row['text_median_s']:.3f} s; first call "
-                f"{row['first_call_s']:.1f} s; prefill {row['prefill_s'] * 1e3:.1f} ms; decode step "
-                f"{row['decode_step_ms']:.3f} ms = {row['decode_vs_floor']:.2f} x floor "
-                f"{row['decode_floor_ms']:.3f} ms "
-                f"({row['matmul_gflops_all']:.0f} GFLOP/s matmul); hand-off {row['handoff_s'] * 1e3:.1f} ms; "
-                f"compiled {row['compiled_after_warmup']} -> {row['compiled_after_all']}; rss "
-                f"{row['peak_rss_mib']:.0f} MiB; load {row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}",
-                flush=True,
-            )
+        row["runs_median_s"] = [round(r["median_s"], 4) for r in runs]
+        row["new_tokens_per_s"] = 16 * 128 / row["median_s"]
+        row["foreign_cpu_cores"] = max(r["foreign_cpu_cores"] for r in runs)
+        results.append(row)
+        if dtype == "hf":
+            print(f"w3 float32  hf_generate    {row['median_s']:.3f} s/call = {row['new_tokens_per_s']:,.0f} new "
+                  f"tok/s (runs {row['runs_median_s']}); first call {row['first_call_s']:.1f} s; load "
+                  f"{row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}", flush=True)
+            continue
+        print(
+            f"w3 {dtype:8s} {row['impl']:14s} {row['median_s']:.3f} s/call = "
+            f"{row['new_tokens_per_s']:,.0f} new tok/s "
+            f"(runs {row['runs_median_s']}); text API {row['text_median_s']:.3f} s; first call "
+            f"{row['first_call_s']:.1f} s; prefill {row['prefill_s'] * 1e3:.1f} ms; decode step "
+            f"{row['decode_step_ms']:.3f} ms = {row['decode_vs_floor']:.2f} x floor "
+            f"{row['decode_floor_ms']:.3f} ms "
+            f"({row['matmul_gflops_all']:.0f} GFLOP/s matmul); hand-off {row['handoff_s'] * 1e3:.1f} ms; "
+            f"compiled {row['compiled_after_warmup']} -> {row['compiled_after_all']}; rss "
+            f"{row['peak_rss_mib']:.0f} MiB; load {row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}",
+            flush=True,
+        )
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)

@@ -28,6 +28,8 @@ def test_sharded_sampler_equals_single_device(lm, params, shape, strategy):
     single = Sampler(lm, max_len=24, prompt_buckets=(8,))
     mesh = shd.make_mesh(shape, devices=jax.devices()[: int(np.prod(list(shape.values())))])
     sharded = Sampler(lm, max_len=24, prompt_buckets=(8,), mesh=mesh, strategy=strategy)
+    # Data parallelism runs one loop per device (no collective per step); tensor parallelism one SPMD loop.
+    assert sharded.per_device_loops == (strategy == "dp")
     sp = sharded.load_params(params)
     assert sharded.stats.handoffs == 1 and sharded.stats.handoff_seconds > 0
     # The hand-off placed the weights with the sampler's strategy, layer by layer, on its mesh.

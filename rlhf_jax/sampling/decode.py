@@ -29,7 +29,7 @@ from rlhf_jax.logprobs import token_logprobs
 from rlhf_jax.sampling.methods import SamplingMethod
 from rlhf_jax.sampling.state import SampleOutput, SamplingState
 
-__all__ = ["unstack_layers", "stack_layers", "prefill", "decode_step", "decode", "finalize"]
+__all__ = ["unstack_layers", "stack_layers", "row_uniforms", "prefill", "decode_step", "decode", "finalize"]
 
 
 def unstack_layers(params: dict) -> dict:
@@ -53,6 +53,15 @@ def stack_layers(params: dict) -> dict:
     return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
 
 
+def row_uniforms(rng: jax.Array, step: jax.Array, row_ids: jax.Array) -> jax.Array:
+    """One uniform number in [0, 1) per row for step `step`: `U(fold_in(fold_in(rng, step), row))`.
+
+    Keyed by the global row index, so a row's draws are the same whichever device holds it.
+    """
+    key = jax.random.fold_in(rng, step)
+    return jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), (), jnp.float32))(row_ids)
+
+
 def prefill(
     model,
     params: dict,
@@ -64,6 +73,7 @@ def prefill(
     rng: jax.Array,
     pad_id: int = 0,
     cache_chunk: int | None = None,
+    row_offset: int | jax.Array = 0,
 ) -> SamplingState:
     """Run the prompts through the model once and return the decode loop's initial state.
 
@@ -82,6 +92,7 @@ def prefill(
       rng: PRNG key of the whole call.
       pad_id: token written after a row stops.
       cache_chunk: grow the cache in steps of this many slots (None: allocate all slots now).
+      row_offset: global index of this batch's first row (when each device prefills its own rows).
 
     Returns:
       A `SamplingState` with `N = B * n` rows at step 0.
@@ -108,6 +119,7 @@ def prefill(
         cache_k=tuple(group(filled.k[i], 0) for i in range(num_layers)),
         cache_v=tuple(group(filled.v[i], 0) for i in range(num_layers)),
         rng=rng,
+        row_ids=row_offset + jnp.arange(rows, dtype=jnp.int32),
         max_cache_len=total,
     )
 
@@ -124,7 +136,8 @@ def decode_step(
 ) -> SamplingState:
     """Feed each row's last token, sample the next one, and record it: one step of the loop.
 
-    `logits = model(last_tokens at positions | cache)`, `token ~ method(fold_in(rng, step), logits)`,
+    `logits = model(last_tokens at positions | cache)`, `token = method.select(logits, u)` with
+    `u = row_uniforms(rng, step, row_ids)`,
     `logprob = log softmax(logits / T)[token]` (`rlhf_jax.logprobs.token_logprobs`, the trainer's
     function). Rows already done record `pad_id` and 0; a row becomes done when it samples a stop id.
 
@@ -148,7 +161,7 @@ def decode_step(
     logits = out.logits[:, 0]
     if logits_sharding is not None:
         logits = jax.lax.with_sharding_constraint(logits, logits_sharding)
-    token = method.sample(jax.random.fold_in(state.rng, state.step), logits)
+    token = method.select(logits, row_uniforms(state.rng, state.step, state.row_ids))
     logprob = token_logprobs(logits, token, temperature=method.temperature)
     active = ~state.done
     token = jnp.where(active, token, jnp.int32(pad_id))

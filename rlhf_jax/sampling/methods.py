@@ -1,6 +1,7 @@
 """Sampling methods: small frozen dataclasses that turn one step's logits into next tokens.
 
-Every method maps `logits f32[B, V]` and a PRNG key to `int32[B]` tokens:
+Every method maps `logits f32[B, V]` and one uniform number per row to `int32[B]` tokens
+(`select(logits, u)`; `sample(rng, logits)` draws `u` from a key):
 
 | method        | draws from                                                                 |
 |---------------|----------------------------------------------------------------------------|
@@ -68,10 +69,15 @@ class Greedy:
     def temperature(self) -> float:
         return 1.0
 
+    def select(self, logits: jax.Array, u: jax.Array) -> jax.Array:
+        """int32 `[B]` argmax tokens of `logits [B, V]` (`u` is unused)."""
+        del u
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
     def sample(self, rng: jax.Array, logits: jax.Array) -> jax.Array:
         """int32 `[B]` argmax tokens of `logits [B, V]` (`rng` is unused)."""
         del rng
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return self.select(logits, None)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,14 +93,16 @@ class _Tempered:
         """Tempered logits `z [B, V]` with tokens outside the support set to -inf."""
         return z
 
-    def sample(self, rng: jax.Array, logits: jax.Array) -> jax.Array:
-        """int32 `[B]` tokens drawn from `softmax(truncate(logits / T))`."""
+    def select(self, logits: jax.Array, u: jax.Array) -> jax.Array:
+        """int32 `[B]` tokens of `softmax(truncate(logits / T))` at uniform numbers `u [B]` (inverse CDF)."""
         z = _checks.f32(logits)
         if self.temperature != 1:
             z = z / jnp.float32(self.temperature)
-        z = self.truncate(z)
-        u = jax.random.uniform(rng, z.shape[:1], jnp.float32)
-        return sample_from_logits(z, u)
+        return sample_from_logits(self.truncate(z), u)
+
+    def sample(self, rng: jax.Array, logits: jax.Array) -> jax.Array:
+        """int32 `[B]` tokens drawn from `softmax(truncate(logits / T))` with a fresh key."""
+        return self.select(logits, jax.random.uniform(rng, logits.shape[:1], jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -195,58 +195,94 @@ class Sampler:
     # ------------------------------------------------------------------------------ programs
 
     def _build_programs(self) -> None:
-        model, pad_id = self.model, self.pad_id
+        model, pad_id, mesh = self.model, self.pad_id, self.mesh
         self._names = tuple(f"rlhf_jax_sampler{next(_INSTANCES)}_{part}" for part in ("handoff", "prefill", "decode"))
         stacked_shardings = decode_shardings = None
-        if self.mesh is not None:
+        row_axes: tuple[str, ...] = ()
+        if mesh is not None:
             stacked_shardings = shd.param_shardings(
-                model.abstract_params(), model.logical_axes, mesh=self.mesh, strategy=self.strategy
+                model.abstract_params(), model.logical_axes, mesh=mesh, strategy=self.strategy
             )
             # A layer's sharding is its stack's without the leading `layers` dimension.
             per_layer = jax.tree.map(
-                lambda s: NamedSharding(self.mesh, PartitionSpec(*s.spec[1:])),
+                lambda s: NamedSharding(mesh, PartitionSpec(*s.spec[1:])),
                 stacked_shardings["layers"],
                 is_leaf=lambda x: isinstance(x, NamedSharding),
             )
             decode_shardings = {**stacked_shardings, "layers": (per_layer,) * model.config.num_layers}
+            rows_spec = shd.batch_sharding(mesh, self.strategy).spec
+            row_axes = () if not rows_spec or rows_spec[0] is None else (
+                (rows_spec[0],) if isinstance(rows_spec[0], str) else tuple(rows_spec[0]))
         self._stacked_shardings = stacked_shardings
+        # Pure data parallelism (rows split, weights whole on every device): each device runs its
+        # own prefill and decode loop on its rows (`shard_map`), with no collective at any step.
+        self.per_device_loops = bool(row_axes) and all(
+            not s.spec for s in jax.tree.leaves(decode_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+        )
+        rows = PartitionSpec(row_axes if len(row_axes) > 1 else (row_axes[0] if row_axes else None))
         dtype = self._param_dtype
 
         def handoff(params):
             return unstack_layers(jax.tree.map(lambda a: a.astype(dtype), params))
 
         handoff.__name__ = self._names[0]
-        self._handoff = jax.jit(handoff) if self.mesh is None else jax.jit(handoff, out_shardings=decode_shardings)
+        self._handoff = jax.jit(handoff) if mesh is None else jax.jit(handoff, out_shardings=decode_shardings)
 
         phases = self.cache_phases
 
+        def state_specs(state: SamplingState) -> SamplingState:
+            return state.replace(**{f: rows for f in ("last_tokens", "positions", "tokens", "logprobs", "done",
+                                                        "lengths", "row_ids")},
+                                 step=PartitionSpec(), rng=PartitionSpec(),
+                                 cache_k=(rows,) * len(state.cache_k), cache_v=(rows,) * len(state.cache_v))
+
         def prefill_fn(params, prompt_tokens, prompt_lengths, rng, *, max_new_tokens, num_samples):
-            state = prefill(
-                model, params, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-                num_samples=num_samples, rng=rng, pad_id=pad_id,
-                cache_chunk=None if phases == 1 else -(-max_new_tokens // phases),
-            )
-            return self._constrain(state)
+            def run(params, prompt_tokens, prompt_lengths, rng, row_offset=0):
+                return prefill(
+                    model, params, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+                    num_samples=num_samples, rng=rng, pad_id=pad_id, row_offset=row_offset,
+                    cache_chunk=None if phases == 1 else -(-max_new_tokens // phases),
+                )
+
+            if not self.per_device_loops:
+                return self._constrain(run(params, prompt_tokens, prompt_lengths, rng))
+
+            def local(params, prompt_tokens, prompt_lengths, rng):
+                offset = jax.lax.axis_index(row_axes) * prompt_tokens.shape[0] * num_samples
+                return run(params, prompt_tokens, prompt_lengths, rng, offset)
+
+            out_specs = state_specs(jax.eval_shape(run, params, prompt_tokens, prompt_lengths, rng))
+            return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), rows, rows, PartitionSpec()),
+                                 out_specs=out_specs, check_vma=False)(params, prompt_tokens, prompt_lengths, rng)
 
         prefill_fn.__name__ = self._names[1]
         self._prefill = jax.jit(prefill_fn, static_argnames=("max_new_tokens", "num_samples"))
 
         logits_sharding = None
-        if self.mesh is not None:
-            rows = shd.batch_sharding(self.mesh, self.strategy)
-            logits_sharding = NamedSharding(self.mesh, PartitionSpec(rows.spec[0] if rows.spec else None, None))
+        if mesh is not None and not self.per_device_loops:
+            logits_sharding = NamedSharding(mesh, PartitionSpec(rows[0] if rows else None, None))
 
         def decode_fn(params, state, prompt_tokens, prompt_lengths, *, method, stop_ids, num_samples):
-            state = decode(model, params, state, method=method, stop_ids=stop_ids, pad_id=pad_id,
-                           logits_sharding=logits_sharding)
-            return finalize(state, prompt_tokens, prompt_lengths, num_samples=num_samples), state
+            def run(params, state, prompt_tokens, prompt_lengths):
+                state = decode(model, params, state, method=method, stop_ids=stop_ids, pad_id=pad_id,
+                               logits_sharding=logits_sharding)
+                return finalize(state, prompt_tokens, prompt_lengths, num_samples=num_samples), state
+
+            if not self.per_device_loops:
+                return run(params, state, prompt_tokens, prompt_lengths)
+            # Each device's loop ends at its own step: only the per-row outputs leave the map.
+            out = jax.shard_map(lambda *a: run(*a)[0], mesh=mesh,
+                                in_specs=(PartitionSpec(), state_specs(state), rows, rows),
+                                out_specs=SampleOutput(*(rows,) * len(SampleOutput._fields)),
+                                check_vma=False)(params, state, prompt_tokens, prompt_lengths)
+            return out, None
 
         decode_fn.__name__ = self._names[2]
         # A donated state lets a single-phase loop update the prefill's cache in place; a growing
-        # cache ends in new buffers, so there is nothing to donate to.
+        # cache, or per-device loops whose state stays inside, end in new buffers.
+        donate = phases == 1 and not self.per_device_loops
         self._decode = jax.jit(
-            decode_fn, static_argnames=("method", "stop_ids", "num_samples"),
-            donate_argnums=(1,) if phases == 1 else (),
+            decode_fn, static_argnames=("method", "stop_ids", "num_samples"), donate_argnums=(1,) if donate else (),
         )
 
     def _constrain(self, state: SamplingState) -> SamplingState:
@@ -270,6 +306,7 @@ class Sampler:
             logprobs=c(state.logprobs, rows),
             done=c(state.done, rows),
             lengths=c(state.lengths, rows),
+            row_ids=c(state.row_ids, rows),
             cache_k=tuple(c(a, cache) for a in state.cache_k),
             cache_v=tuple(c(a, cache) for a in state.cache_v),
         )

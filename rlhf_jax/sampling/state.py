@@ -18,7 +18,9 @@ from rlhf_jax.models import KVCache
 __all__ = ["SamplingState", "SampleOutput"]
 
 
-_DATA_FIELDS = ("step", "last_tokens", "positions", "tokens", "logprobs", "done", "lengths", "cache_k", "cache_v", "rng")
+_DATA_FIELDS = (
+    "step", "last_tokens", "positions", "tokens", "logprobs", "done", "lengths", "cache_k", "cache_v", "rng", "row_ids",
+)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=_DATA_FIELDS, meta_fields=("max_cache_len",))
@@ -40,7 +42,9 @@ class SamplingState:
       lengths: int32 `[N]` completion tokens so far, the stop token included.
       cache_k, cache_v: one `[N, kv_heads, S, head_dim]` array per layer (the unstacked form of a
         `KVCache`, so the loop updates each layer's buffer in place and never slices a stack).
-      rng: PRNG key; step `t` draws with `fold_in(rng, t)`.
+      rng: PRNG key of the call.
+      row_ids: int32 `[N]` global index of each row; row `r` draws its step-`t` uniform number from
+        `fold_in(fold_in(rng, t), r)`, so samples do not depend on how rows are split over devices.
       max_cache_len: (static) slots the whole call needs, `P + C - 1`. The cache may start shorter
         and grow to it (`grow_cache`) so that early steps attend over fewer slots.
     """
@@ -55,6 +59,7 @@ class SamplingState:
     cache_k: tuple[jax.Array, ...]
     cache_v: tuple[jax.Array, ...]
     rng: jax.Array
+    row_ids: jax.Array
     max_cache_len: int
 
     @property
