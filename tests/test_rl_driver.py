@@ -38,6 +38,9 @@ def _records(run_dir):
         return [json.loads(line) for line in f]
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rl")
@@ -112,7 +115,9 @@ def test_dynamic_sampling_refills_the_batch_with_informative_groups(tmp_path):
         assert r["dynamic_sampling/filled_with_zero_std"] > 0 or r["reward_std"] > 0
 
 
-def test_a_failing_reward_function_is_named_or_penalised(tmp_path):
+def test_a_failing_reward_function_is_named(tmp_path):
+    """The driver surfaces the error naming the function (penalty mode: `tests/test_rewards.py`)."""
+
     def flaky(completions, **kwargs):
         raise ZeroDivisionError("grader crashed")
 
@@ -120,11 +125,6 @@ def test_a_failing_reward_function_is_named_or_penalised(tmp_path):
                    checkpoint=CheckpointConfig(every=0, async_save=False))
     with pytest.raises(RewardFunctionError, match=r"reward source 'flaky' raised ZeroDivisionError: grader crashed"):
         rl.train(config, reward_sources=[PythonReward(flaky)])
-    penalised = dataclasses.replace(config, workdir=str(tmp_path / "flaky2"),
-                                    rewards=rl.RewardConfig(on_error="penalty", error_penalty=-1.0))
-    summary = rl.train(penalised, reward_sources=[PythonReward(flaky)])
-    assert summary["train"]["rewards/flaky/num_errors"] == 16
-    assert summary["train"]["reward"] == -1.0
 
 
 def test_bad_configurations_fail_before_compiling(tmp_path):
