@@ -457,7 +457,8 @@ def _aggregate(config, per_token: jax.Array, mask: jax.Array, *, num_tokens=None
         return aggregate(per_token, mask, mode=mode, num_tokens=num_tokens)
     max_len = None
     if mode == "seq_mean_token_sum_norm":
-        max_len = getattr(config, "max_completion_length", None) or per_token.shape[1]
+        fixed = config.max_completion_length if isinstance(config, GRPOConfig) else None
+        max_len = fixed or per_token.shape[1]
     return aggregate(per_token, mask, mode=mode, num_sequences=num_sequences, max_len=max_len)
 
 
@@ -550,7 +551,7 @@ def check_rl_batch(batch, config, *, name: str) -> int:
     if "ptx_tokens" in batch and (shape["ptx_tokens"][0] != n or shape["ptx_mask"] != shape["ptx_tokens"]):
         raise ValueError(f"{name}: ptx_tokens {list(shape['ptx_tokens'])} and ptx_mask {list(shape['ptx_mask'])} "
                          f"must both be [N={n}, L]")
-    group = getattr(config, "group_size", 1)
+    group = config.group_size if isinstance(config, GRPOConfig) else 1
     if n % group:
         raise ValueError(f"{name}: batch of {n} completions does not split into groups of group_size={group}")
     split = config.num_minibatches * config.micro_batches
