@@ -5,7 +5,15 @@ pure program it jits; the sampling methods are small frozen dataclasses. See `sa
 design and `methods.py` for what the returned log-probs are with top-k / top-p / min-p.
 """
 
-from rlhf_jax.sampling.decode import decode, decode_step, finalize, prefill, stack_layers, unstack_layers
+from rlhf_jax.sampling.decode import (
+    decode,
+    decode_step,
+    finalize,
+    prefill,
+    row_uniforms,
+    stack_layers,
+    unstack_layers,
+)
 from rlhf_jax.sampling.methods import (
     Categorical,
     Greedy,
@@ -38,6 +46,7 @@ __all__ = [
     "decode_step",
     "decode",
     "finalize",
+    "row_uniforms",
     "stack_layers",
     "unstack_layers",
     "Greedy",

@@ -154,7 +154,15 @@ class Sampler:
         log-probs differ (see `logprob_mismatch`).
       mesh: device mesh for the sampler (default: no sharding, one device).
       strategy: sharding strategy on `mesh` (`rlhf_jax.sharding`): parameters follow its rules, rows
-        are split over its batch axes, the cache's kv heads over its `kv_heads` rule.
+        are split over its batch axes, the cache's kv heads over its `kv_heads` rule. When the
+        parameters end up whole on every device (`"dp"`), each device runs its own prefill and
+        decode loop on its rows (`per_device_loops`): no collective per step, and a device whose
+        rows have all stopped finishes early. Otherwise one SPMD loop runs over the mesh.
+
+    On a CPU host, `XLA_FLAGS=--xla_force_host_platform_device_count=<cores>` with
+    `mesh=make_mesh({"data": <cores>})` puts one decode loop on each core (XLA:CPU runs one device's
+    program per core; its collectives cost hundreds of microseconds, so tensor parallelism does not
+    pay there).
     """
 
     def __init__(
