@@ -581,6 +581,9 @@ def _run_updates(update, carry, data: dict, *, rng: jax.Array, num_epochs: int, 
     """
     n = data["completion_tokens"].shape[0]
     size = n // num_minibatches
+    if num_epochs == 1 and num_minibatches == 1:  # one update: no loop (and no loop-carried state copies)
+        carry, metrics = update(carry, data)
+        return carry, jax.tree.map(lambda m: m[None], metrics)
 
     def epoch(carry, key):
         if num_minibatches > 1:
