@@ -82,7 +82,8 @@ def test_ppo_run_with_a_value_model_from_the_policy(tmp_path):
         name="ppo", workdir=str(tmp_path / "ppo"), model=MODEL, mesh=MeshConfig(data=-1, strategy="dp"),
         data=DataConfig(train="synthetic:vowel", eval="synthetic:vowel", num_train=64, num_eval=8, max_len=16,
                         batch_size=8, vowel=VowelTask()),
-        algorithm=PPOConfig(num_epochs=2, num_minibatches=2, kl_coef=0.1, kl_target=1.0),
+        algorithm=PPOConfig(num_epochs=2, num_minibatches=2, kl_coef=0.1, kl_target=1.0, ptx_coef=0.5),
+        ptx_data="synthetic:vowel",
         rollout=rl.RolloutConfig(max_new_tokens=6),
         rewards=rl.RewardConfig(functions=("task", "missing_eos"), weights=(1.0, 0.5)),
         value=rl.ValueConfig(init="policy"),
@@ -92,7 +93,7 @@ def test_ppo_run_with_a_value_model_from_the_policy(tmp_path):
     summary = rl.train(config)
     train = summary["train"]
     for key in ("value_loss", "explained_variance", "kl_coef", "rewards/task/mean", "rewards/missing_eos/mean",
-                "value/grad_norm", "kl/rollout_sequence"):
+                "value/grad_norm", "kl/rollout_sequence", "loss/ptx"):
         assert key in train, key
     assert train["kl_coef"] != 0.1  # the adaptive controller moved
     assert "eval/gold_reward" in summary["eval"]
@@ -132,6 +133,9 @@ def test_bad_configurations_fail_before_compiling(tmp_path):
         rl.RewardConfig(functions=("gold",))
     with pytest.raises(ConfigError, match="rewards.reward_model is not set"):
         rl.train(rl.PPORunConfig(name="p", workdir=str(tmp_path / "p"), model=MODEL))
+    with pytest.raises(ConfigError, match="PPO-ptx needs both ptx_data and algorithm.ptx_coef"):
+        rl.train(rl.PPORunConfig(name="p", workdir=str(tmp_path / "p"), model=MODEL, ptx_data="synthetic:vowel",
+                                 rewards=rl.RewardConfig(functions=("task",)), value=rl.ValueConfig(init="policy")))
     with pytest.raises(ConfigError, match="set algorithm.micro_batches"):
         rl.train(_grpo(tmp_path, train=TrainConfig(micro_batches=2)))
     with pytest.raises(ValueError, match="group_size must be >= 2 for advantage 'grpo'"):

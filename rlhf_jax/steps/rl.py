@@ -105,8 +105,9 @@ _TOKEN_KL_ADVANTAGES = frozenset({"reinforce_pp", "reinforce_pp_baseline"})
 #                                    the sampler/trainer log-prob difference metric)
 #   ref_logps          f32   [N, C]  the reference policy's log-probs (any KL term)
 #   ptx_tokens         int32 [N, L]  PPO-ptx pretraining sequences (as many rows as the rollout)
-#   ptx_mask           [N, L]        their mask (1 = real token); every real token after the first is
-#                                    a language-modelling target
+#   ptx_mask           [N, L]        their loss mask: 1 on the tokens that are language-modelling
+#                                    targets (an SFT batch's `loss_mask`; all real tokens but the first
+#                                    for plain text)
 RL_BATCH_KEYS = ("prompt_tokens", "prompt_lengths", "completion_tokens", "completion_mask", "scores")
 OPTIONAL_RL_BATCH_KEYS = ("sampler_logps", "ref_logps", "ptx_tokens", "ptx_mask")
 

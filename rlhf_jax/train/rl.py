@@ -267,12 +267,20 @@ class GRPORunConfig(common.RunConfig):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PPORunConfig(common.RunConfig):
-    """A PPO run: `RunConfig` plus the algorithm, sampling, reward and critic sections."""
+    """A PPO run: `RunConfig` plus the algorithm, sampling, reward and critic sections.
+
+    Attributes:
+      ptx_data: PPO-ptx's pretraining data (InstructGPT): an SFT-kind source (a file or
+        `synthetic:NAME`) whose batches, as many rows as the rollout batch and `data.max_len`
+        tokens each, add `algorithm.ptx_coef` times their language-modelling loss (over their
+        `loss_mask` targets) to every policy update. None = plain PPO.
+    """
 
     algorithm: PPOConfig = PPOConfig()
     rollout: RolloutConfig = RolloutConfig()
     rewards: RewardConfig = RewardConfig(functions=("reward_model", "missing_eos"))
     value: ValueConfig = ValueConfig()
+    ptx_data: str | None = None
 
 
 # ------------------------------------------------------------------------------------------- state
@@ -524,6 +532,9 @@ def _check_config(config, *, builtin_rewards: bool) -> None:
         raise ConfigError("data.pack must be false for RL prompt batches")
     if builtin_rewards and "reward_model" in config.rewards.functions and not config.rewards.reward_model:
         raise ConfigError("rewards.functions includes 'reward_model' but rewards.reward_model is not set")
+    if isinstance(config, PPORunConfig) and (config.ptx_data is None) != (config.algorithm.ptx_coef == 0):
+        raise ConfigError("PPO-ptx needs both ptx_data and algorithm.ptx_coef > 0 (or neither), got "
+                          f"ptx_data={config.ptx_data!r}, algorithm.ptx_coef={config.algorithm.ptx_coef}")
     if isinstance(config, PPORunConfig) and config.value.init == "reward_model" and not config.value.shared_backbone \
             and not config.rewards.reward_model:
         raise ConfigError("value.init='reward_model' needs rewards.reward_model (or --set value.init=policy)")
@@ -540,6 +551,10 @@ class _Setup:
         common.check_vocab(self.tokenizer, config.model)
         self.train_data = common.load_split(config.data, kind="prompt", which="train", tokenizer=self.tokenizer)
         self.eval_data = common.load_split(config.data, kind="prompt", which="eval", tokenizer=self.tokenizer)
+        self.ptx_data = None
+        if self.ppo and config.ptx_data is not None:
+            ptx = dataclasses.replace(config.data, train=config.ptx_data, eval=None, max_prompt_len=None)
+            self.ptx_data = (ptx, common.load_split(ptx, kind="sft", which="train", tokenizer=self.tokenizer))
         task = common.synthetic_task(config.data, config.data.train)
         self.gold = gold_source(common.synthetic_task(config.data, config.data.eval))
         self.mesh = config.mesh.make_mesh()
@@ -686,6 +701,12 @@ def train(
                         state_shardings=models.shardings(models.abstract()),
                         name="ppo_step" if setup.ppo else "grpo_step")
         batches = common.batches_from(common.train_batches(setup.train_data, config.data), extras)
+        ptx_batches = None
+        if setup.ptx_data is not None:
+            ptx_config, ptx_data = setup.ptx_data
+            ptx_batches = common.train_batches(ptx_data, ptx_config)
+            if "ptx" in extras:
+                ptx_batches.set_state(extras["ptx"])
         counter = [start]
         last_done = [None]
 
@@ -696,7 +717,13 @@ def train(
             merged, _, metrics = rollouts.collect(params, prompt_batch, batches,
                                                   rng=jax.random.fold_in(setup.key, counter[0]))
             metrics["time/weight_handoff"] = sampler.stats.handoff_seconds
-            device = _device_batch(merged, _DEVICE_KEYS + ("scores",), mesh, strategy)
+            arrays = dict(merged)
+            keys = _DEVICE_KEYS + ("scores",)
+            if ptx_batches is not None:
+                ptx = next(ptx_batches)
+                arrays.update(ptx_tokens=ptx["tokens"], ptx_mask=ptx["loss_mask"])
+                keys += ("ptx_tokens", "ptx_mask")
+            device = _device_batch(arrays, keys, mesh, strategy)
             start_ref = time.perf_counter()
             if state.reference is not None:
                 group = config.algorithm.group_size if not setup.ppo and config.algorithm.share_prompt else 1
@@ -721,7 +748,9 @@ def train(
             lambda state: evaluate_params(models.lm_params(state.policy.params), state.reference))
         result = fit(state=state, step_fn=rl_step, batches=batches, start_step=start, train=config.train,
                      checkpoint=config.checkpoint, logging=config.logging, run=run, save_items=models.save_items,
-                     extras=lambda: {"data": batches.get_state()}, evaluate=evaluate,
+                     extras=lambda: {"data": batches.get_state(),
+                                     **({} if ptx_batches is None else {"ptx": ptx_batches.get_state()})},
+                     evaluate=evaluate,
                      progress_keys=("reward", "kl", "completions/mean_length"), run_config=to_dict(config))
     return {"run_dir": run.path, "step": result.step, "stopped_by": result.stopped_by, "eval": result.last_eval,
             "train": result.last_metrics}
