@@ -410,3 +410,25 @@ def test_bad_inputs_raise_naming_the_argument():
         tiny_config(dtype="float16")
     with pytest.raises(TypeError):
         ModelConfig(vocab_size=8)
+
+
+def test_dense_gradient_equals_matmul_autodiff():
+    """`dense` (custom VJP with a materialised transpose) has x @ w's value and both gradients."""
+    from rlhf_jax.models.layers import dense
+
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (2, 5, 7))
+    w = jax.random.normal(kw, (7, 3))
+    probe = jax.random.normal(kg, (2, 5, 3))
+    np.testing.assert_allclose(dense(x, w), x @ w, rtol=1e-6)
+    got = jax.grad(lambda x, w: jnp.sum(jnp.sin(dense(x, w)) * probe), (0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w) * probe), (0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    # bf16 operands with float32 accumulation: f32 output, gradients in the operands' dtypes
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    assert dense(xb, wb, jnp.float32).dtype == jnp.float32
+    gx, gw = jax.grad(lambda x, w: jnp.sum(dense(x, w, jnp.float32)), (0, 1))(xb, wb)
+    assert gx.dtype == gw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(gw.astype(jnp.float32), jnp.broadcast_to(jnp.sum(x, (0, 1))[:, None], (7, 3)),
+                               rtol=2e-2, atol=2e-2)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import SCALAR_HEAD_AXES, scalar_head
-from rlhf_jax.models.layers import Block, RMSNorm, init_params_from_metadata, param, rope_angles
+from rlhf_jax.models.layers import Block, RMSNorm, dense, init_params_from_metadata, param, rope_angles
 from rlhf_jax.sharding import constrain_activations
 
 _F32 = jnp.float32
@@ -147,7 +147,7 @@ class Transformer(nnx.Module):
         logits = values = None
         if self.head == "lm":
             w = self.lm_head_weight().astype(c.jnp_dtype)
-            logits = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=_F32)
+            logits = dense(hidden, w, _F32)
         else:
             values = scalar_head(self.score[...], hidden)
         return ModelOutput(logits, values, hidden, new_cache)
