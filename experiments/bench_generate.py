@@ -20,9 +20,12 @@ Also printed, per run:
   2048^3 f32 matmul, on one device, and split over the devices when there are two);
 - the number of compiled programs after the warm-up and after all calls (it must not grow).
 
-`--devices 2` runs with `--xla_force_host_platform_device_count=2` and a data-parallel mesh, so
-XLA:CPU runs one program per core, each on 8 of the 16 rows (`--strategy tp`: tensor-parallel
-weights and heads instead, all 16 rows on both cores). The machine load and the CPU used by
+`--devices 2` runs with `--xla_force_host_platform_device_count=2` and a data-parallel mesh: each
+core runs its own prefill and decode loop on 8 of the 16 rows (`Sampler.per_device_loops`;
+`--strategy tp` runs tensor-parallel weights instead, one SPMD loop whose per-layer all-reduces are
+slow on XLA:CPU). `--hf` adds Hugging Face transformers' `generate` (what TRL calls) on the same
+workload, to calibrate this machine against PEERS.md, which was measured on another CPU. Before
+each run the script waits until fewer than `--quiet` cores are busy, as WORKLOADS.md's driver does. The machine load and the CPU used by
 other processes during the timed window are printed with every row: numbers from a busy machine are
 not comparable (WORKLOADS.md re-runs when foreign CPU > 0.1 cores).
 """
@@ -77,6 +80,26 @@ def _wordlevel_tokenizer(W):
     backend.add_special_tokens(W.SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", unk_token="<unk>")
+
+
+def _busy_cores(seconds: float = 3.0) -> float:
+    """Cores busy (all processes) over `seconds`, from /proc/stat."""
+    def sample():
+        values = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+        return sum(values) - values[3] - values[4], sum(values)
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def _wait_until_quiet(threshold: float, max_wait_s: float) -> float:
+    """Block until fewer than `threshold` cores are busy (or `max_wait_s` passed); return the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy = _busy_cores()
+        if busy < threshold or time.monotonic() > deadline:
+            return busy
 
 
 def _hf_worker(args) -> dict:
@@ -237,6 +260,9 @@ def main(argv=None) -> int:
     p.add_argument("--strategy", default="dp", choices=("dp", "tp"),
                    help="sampler strategy with 2 devices: data-parallel rows or tensor-parallel weights")
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--quiet", type=float, default=0.15,
+                   help="before each run, wait until fewer than this many cores are busy (WORKLOADS.md rule)")
+    p.add_argument("--max-wait", type=float, default=1800.0, help="longest wait for a quiet machine, seconds")
     p.add_argument("--hf", action="store_true",
                    help="also time Hugging Face transformers' generate (torch) on this machine, for calibration")
     p.add_argument("--bench-dir", default=os.environ.get("RLHF_JAX_BENCH_DIR", DEFAULT_BENCH_DIR),
@@ -260,6 +286,9 @@ def main(argv=None) -> int:
     for dtype, devices in configs:
         runs = []
         for _ in range(args.runs):
+            busy = _wait_until_quiet(args.quiet, args.max_wait)
+            if busy >= args.quiet:
+                print(f"warning: machine still busy ({busy:.2f} cores) after {args.max_wait:.0f} s", file=sys.stderr)
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--devices", devices, "--dtype", dtype,
                    "--strategy", args.strategy, "--bench-dir", args.bench_dir]
             env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -121,4 +121,7 @@ register("w1", ModelConfig(
     num_heads=4, num_kv_heads=4, head_dim=64, max_position_embeddings=1024, rope_theta=10000.0,
     rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02,
     bos_token_id=1, eos_token_id=2, pad_token_id=0, param_dtype="float32", dtype="float32",
+    # 4 layers: an unrolled loop compiles in seconds and runs ~10% faster than lax.scan on CPU
+    # (no stacked-residual buffers to fill and slice); deep models keep scan for compile time.
+    scan_layers=False,
 ))

@@ -21,6 +21,8 @@ __all__ = [
     "Targets",
     "causal_targets",
     "forward_token_logps",
+    "shifted_label_is_argmax",
+    "shifted_token_logprobs",
     "segment_sums",
     "segment_last_index",
     "interleave",
@@ -69,6 +71,27 @@ def causal_targets(tokens: jax.Array, loss_mask: jax.Array, segment_ids: jax.Arr
     return Targets(tokens[:, 1:], mask.astype(jnp.float32), jnp.where(mask, segments, 0))
 
 
+def shifted_token_logprobs(logits: jax.Array, labels: jax.Array, *, temperature: float = 1.0) -> jax.Array:
+    """`token_logprobs(logits[:, :-1], labels)` for `logits [B, T, V]` and next-token `labels [B, T-1]`.
+
+    Computed on all `T` positions (the last with a dummy label) and sliced afterwards: slicing the
+    `[B, T]` log-probs is free, while slicing the `[B, T, V]` logits makes the backward pass pad
+    the whole logits gradient (a full extra pass over `B·T·V` floats). Same values.
+    """
+    full = token_logprobs(logits, pad_time(labels, logits.shape[1]), temperature=temperature)
+    return full[:, :-1]
+
+
+def shifted_label_is_argmax(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Float `[B, T-1]`: 1 where the label's logit is the row's maximum (`argmax = label`, ties count).
+
+    Compares with the row max (which the log-softmax computes anyway) instead of an arg-max scan.
+    """
+    full_labels = pad_time(labels, logits.shape[1])
+    label_logit = jnp.take_along_axis(logits, full_labels[..., None], axis=-1)[..., 0]
+    return (label_logit >= jnp.max(logits, axis=-1))[:, :-1].astype(jnp.float32)
+
+
 def forward_token_logps(model, params, tokens: jax.Array, labels: jax.Array, *, positions=None, segment_ids=None,
                         chunk_size: int | None = None, temperature: float = 1.0):
     """Run the model and return `(token_logps [B, T-1], output)` for `labels = tokens[:, 1:]`.
@@ -79,7 +102,7 @@ def forward_token_logps(model, params, tokens: jax.Array, labels: jax.Array, *, 
     """
     out = model.forward(params, tokens, positions, segment_ids)
     if chunk_size is None:
-        logps = token_logprobs(out.logits[:, :-1], labels, temperature=temperature)
+        logps = shifted_token_logprobs(out.logits, labels, temperature=temperature)
     else:
         logps = chunked_token_logprobs(out.hidden[:, :-1], model.lm_head_weight(params), labels,
                                        temperature=temperature, chunk_size=chunk_size)

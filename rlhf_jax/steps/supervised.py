@@ -27,6 +27,7 @@ from rlhf_jax.steps.sequences import (
     interleave,
     pad_time,
     segment_last_index,
+    shifted_label_is_argmax,
     side,
 )
 
@@ -68,9 +69,10 @@ def make_sft_loss(model, *, micro_batches: int = 1, logits_chunk_size: int | Non
         metrics = {"num_tokens": n}
         if logits_chunk_size is None:
             out = model.forward(params, batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
-            logits = out.logits[:, :-1]
-            per_token = sft_loss(logits, targets.labels, targets.mask)
-            correct = (jnp.argmax(logits, axis=-1) == targets.labels).astype(jnp.float32) * targets.mask
+            # On all T positions, the last one masked (slicing [B, T, V] logits would pad their gradient).
+            t = out.logits.shape[1]
+            per_token = sft_loss(out.logits, pad_time(targets.labels, t), pad_time(targets.mask, t))
+            correct = shifted_label_is_argmax(out.logits, targets.labels) * targets.mask
             metrics["mean_token_accuracy"] = common.micro_share(jnp.sum(correct), n, micro_batches)
         else:
             logps, _ = forward_token_logps(model, params, batch["tokens"], targets.labels,
