@@ -40,6 +40,8 @@ import subprocess
 import sys
 import time
 
+from bench_common import hf_llama, wait_until_quiet
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
@@ -82,26 +84,6 @@ def _wordlevel_tokenizer(W):
                                    eos_token="<eos>", unk_token="<unk>")
 
 
-def _busy_cores(seconds: float = 3.0) -> float:
-    """Cores busy (all processes) over `seconds`, from /proc/stat."""
-    def sample():
-        values = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-        return sum(values) - values[3] - values[4], sum(values)
-    busy0, total0 = sample()
-    time.sleep(seconds)
-    busy1, total1 = sample()
-    return (os.cpu_count() or 1) * (busy1 - busy0) / max(total1 - total0, 1)
-
-
-def _wait_until_quiet(threshold: float, max_wait_s: float) -> float:
-    """Block until fewer than `threshold` cores are busy (or `max_wait_s` passed); return the last reading."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        busy = _busy_cores()
-        if busy < threshold or time.monotonic() > deadline:
-            return busy
-
-
 def _hf_worker(args) -> dict:
     """The same workload with Hugging Face transformers' `generate` (torch, its default 2 threads).
 
@@ -111,19 +93,9 @@ def _hf_worker(args) -> dict:
     sys.path.insert(0, args.bench_dir)
     import torch
     import workloads as W
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    m, spec = W.MODEL, W.W3
-    config = LlamaConfig(
-        vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
-        num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
-        num_key_value_heads=m["num_key_value_heads"], head_dim=m["head_dim"],
-        max_position_embeddings=m["max_position_embeddings"], rope_theta=m["rope_theta"],
-        rms_norm_eps=m["rms_norm_eps"], tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-        pad_token_id=W.PAD_ID, bos_token_id=W.BOS_ID, eos_token_id=m["vocab_size"],
-    )
-    torch.manual_seed(W.MODEL_INIT_SEED)
-    model = LlamaForCausalLM(config).eval()
+    spec = W.W3
+    model = hf_llama(W, eos_token_id=W.MODEL["vocab_size"]).eval()   # EOS can never be sampled
     prompts = torch.tensor(W.gen_prompts())
     kwargs = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], do_sample=True,
                   temperature=spec["temperature"], top_k=0, top_p=1.0, attention_mask=torch.ones_like(prompts),
@@ -286,7 +258,7 @@ def main(argv=None) -> int:
     for dtype, devices in configs:
         runs = []
         for _ in range(args.runs):
-            busy = _wait_until_quiet(args.quiet, args.max_wait)
+            busy = wait_until_quiet(args.quiet, args.max_wait)
             if busy >= args.quiet:
                 print(f"warning: machine still busy ({busy:.2f} cores) after {args.max_wait:.0f} s", file=sys.stderr)
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--devices", devices, "--dtype", dtype,

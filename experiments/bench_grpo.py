@@ -37,34 +37,14 @@ import subprocess
 import sys
 import tempfile
 
+from bench_common import wait_until_quiet
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
 PHASES = ("weight_handoff", "generate", "reward", "reference", "update")
 STEPS, WARMUP = 13, 3
 MAX_FOREIGN_CORES, RERUNS, QUIET_CORES = 0.1, 2, 0.15
-
-
-def _busy_cores(seconds: float = 2.0) -> float:
-    """Cores busy on the whole machine over `seconds` (from /proc/stat)."""
-    import time  # noqa: PLC0415
-
-    def sample():
-        v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return sum(v) - v[3] - v[4]
-
-    b0, t0 = sample(), time.perf_counter()
-    time.sleep(seconds)
-    return (sample() - b0) / os.sysconf("SC_CLK_TCK") / (time.perf_counter() - t0)
-
-
-def _wait_until_quiet(timeout: float = 300.0) -> None:
-    """Wait (up to `timeout` s) until fewer than QUIET_CORES cores are busy, as WORKLOADS.md's driver does."""
-    import time  # noqa: PLC0415
-
-    start = time.perf_counter()
-    while _busy_cores() > QUIET_CORES and time.perf_counter() - start < timeout:
-        pass
 
 
 def _wordlevel_tokenizer(W, directory: str) -> None:
@@ -156,7 +136,7 @@ def main(argv=None) -> None:
     runs = []
     for k in range(args.runs):
         for attempt in range(1 + RERUNS):  # WORKLOADS.md: re-run a run disturbed by other processes
-            _wait_until_quiet()
+            wait_until_quiet(QUIET_CORES)
             out = subprocess.run([sys.executable, __file__, "--child", "--devices", str(args.devices), "--bench-dir",
                                   args.bench_dir], env=env, capture_output=True, text=True, check=False)
             line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)

@@ -18,6 +18,9 @@ Implementations:
 - `rlhf_jax`: `make_sft_step` / `make_dpo_step` data parallel over 2 host devices
   (`--xla_force_host_platform_device_count=2`, so XLA:CPU runs one program per core).
 - `rlhf_jax_1dev`: the same steps on one device (the framework's overhead against `plain`).
+- `torch` (opt-in: `--impls ...,torch`): transformers' LlamaForCausalLM with torch AdamW, what TRL
+  runs; PEERS.md was measured on another CPU, so `rlhf_jax / torch` here against `0.45 / TRL` there
+  is the cross-machine comparison.
 
 bf16 rows use bf16 parameters, compute and optimizer state ("pure bf16", as WORKLOADS.md says).
 The machine load (1-minute load average, and CPU used by other processes during the timed window)
@@ -36,39 +39,18 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
+from bench_common import hf_llama
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
 
 
-def _worker(args) -> dict:
-    """One (workload, impl, dtype) run in this process; returns the result dict."""
-    devices = 2 if args.impl == "rlhf_jax" else 1
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, args.bench_dir)
-    sys.path.insert(0, REPO)
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    import workloads as W
-
-    from rlhf_jax import sharding as sh
-    from rlhf_jax.models import CausalLM
-    from rlhf_jax.models.presets import get_config
-    from rlhf_jax.optim import OptimizerConfig, make_optimizer
-    from rlhf_jax.state import create_train_state
-    from rlhf_jax.steps import DPO, make_dpo_step, make_sft_step
-
-    spec = W.W1 if args.workload == "w1" else W.W2
-    config = get_config("w1", param_dtype=args.dtype, dtype=args.dtype)
-    lm = CausalLM(config)
+def _batches(args, W, spec):
+    """`batch_at(step) -> dict of NumPy arrays`: the workload's rows for a step (WORKLOADS.md)."""
     steps = spec["warmup_steps"] + spec["timed_steps"]
-    opt_config = OptimizerConfig(name="adamw", learning_rate=spec["lr"], b1=0.9, b2=0.999, eps=1e-8,
-                                 weight_decay=0.0, max_grad_norm=spec["max_grad_norm"])
-    tx = make_optimizer(opt_config)
-
     if args.workload == "w1":
         data = W.sft_data(steps * spec["batch"]).astype(np.int32)
 
@@ -88,6 +70,37 @@ def _worker(args) -> dict:
             rows = slice(s * spec["batch_pairs"], (s + 1) * spec["batch_pairs"])
             return {"chosen_tokens": seqs["chosen"][rows], "chosen_loss_mask": mask[rows],
                     "rejected_tokens": seqs["rejected"][rows], "rejected_loss_mask": mask[rows]}
+
+    return batch_at
+
+
+def _worker(args) -> dict:
+    """One (workload, impl, dtype) run in this process; returns the result dict."""
+    devices = 2 if args.impl == "rlhf_jax" else 1
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, args.bench_dir)
+    sys.path.insert(0, REPO)
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import workloads as W
+
+    from rlhf_jax import sharding as sh
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.presets import get_config
+    from rlhf_jax.optim import OptimizerConfig, make_optimizer
+    from rlhf_jax.state import create_train_state
+    from rlhf_jax.steps import DPO, make_dpo_step, make_sft_step
+
+    spec = W.W1 if args.workload == "w1" else W.W2
+    config = get_config("w1", param_dtype=args.dtype, dtype=args.dtype)
+    lm = CausalLM(config)
+    opt_config = OptimizerConfig(name="adamw", learning_rate=spec["lr"], b1=0.9, b2=0.999, eps=1e-8,
+                                 weight_decay=0.0, max_grad_norm=spec["max_grad_norm"])
+    tx = make_optimizer(opt_config)
+
+    batch_at = _batches(args, W, spec)
 
     t_build = time.perf_counter()
     if args.impl == "plain":
@@ -128,7 +141,7 @@ def _worker(args) -> dict:
 
         def run_step(batch):
             carry[0], carry[1], metrics = plain_step(carry[0], carry[1], batch, *frozen)
-            return carry, metrics
+            return _fetch(carry, metrics)
     else:
         mesh = sh.make_mesh({"data": jax.device_count()})
         strategy = "dp"
@@ -145,9 +158,20 @@ def _worker(args) -> dict:
 
         def run_step(batch):
             holder[0], metrics = step(holder[0], batch, *frozen)
-            return holder[0], metrics
+            return _fetch(holder[0], metrics)
     build_seconds = time.perf_counter() - t_build
 
+    def _fetch(state, metrics) -> float:
+        host = jax.device_get(metrics)  # per-step logging
+        jax.block_until_ready(state)
+        return float(host["loss"])
+
+    return _measure(args, W, spec, run_step, batch_at, build_seconds, devices=jax.device_count())
+
+
+def _measure(args, W, spec, run_step, batch_at, build_seconds: float, *, devices: int) -> dict:
+    """Time `run_step(batch) -> loss (a host float)` over the workload's steps; the result row."""
+    steps = spec["warmup_steps"] + spec["timed_steps"]
     times, cpu_times, losses = [], [], []
     watch = None
     last, last_cpu = time.perf_counter(), time.process_time()
@@ -155,19 +179,16 @@ def _worker(args) -> dict:
         if s == spec["warmup_steps"]:
             watch = W.CpuWatch()
             last, last_cpu = time.perf_counter(), time.process_time()
-        state_out, metrics = run_step(batch_at(s))
-        host = jax.device_get(metrics)  # per-step logging
-        jax.block_until_ready(state_out)
+        losses.append(run_step(batch_at(s)))
         now, now_cpu = time.perf_counter(), time.process_time()
         times.append(now - last)
         cpu_times.append(now_cpu - last_cpu)
         last, last_cpu = now, now_cpu
-        losses.append(float(host["loss"]))
     timed = times[spec["warmup_steps"]:]
     med = statistics.median(timed)
     units = spec["batch"] * spec["seq_len"] if args.workload == "w1" else spec["batch_pairs"]
     return {
-        "workload": args.workload, "impl": args.impl, "dtype": args.dtype, "devices": jax.device_count(),
+        "workload": args.workload, "impl": args.impl, "dtype": args.dtype, "devices": devices,
         "median_s": med, "throughput": units / med,
         "cpu_s": statistics.median(cpu_times[spec["warmup_steps"]:]),
         "throughput_unit": "tokens/s" if args.workload == "w1" else "pairs/s",
@@ -175,6 +196,59 @@ def _worker(args) -> dict:
         "peak_rss_mib": round(W.peak_rss_mib(), 1), **watch.result(),
         "loadavg": open("/proc/loadavg").read().split()[:3],
     }
+
+
+def _torch_worker(args) -> dict:
+    """The workload as TRL runs it: transformers' LlamaForCausalLM, torch AdamW, `clip_grad_norm_`.
+
+    A hand-written torch step (no TRL trainer around it, so slightly faster than TRL) with torch's
+    default 2 threads; bf16 = autocast with float32 master weights (TRL's `bf16=True`). It calibrates
+    this machine against PEERS.md's TRL column, which was measured on another CPU.
+    """
+    sys.path.insert(0, args.bench_dir)
+    import torch
+    import torch.nn.functional as F
+    import workloads as W
+
+    spec = W.W1 if args.workload == "w1" else W.W2
+    t_build = time.perf_counter()
+    model = hf_llama(W).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    batch_at = _batches(args, W, spec)
+    if args.workload == "w2":
+        reference = hf_llama(W).eval()
+        reference.load_state_dict(model.state_dict())
+
+    def sequence_logps(net, tokens, mask):
+        logits = net(input_ids=tokens).logits[:, :-1].float()
+        logps = torch.gather(F.log_softmax(logits, -1), 2, tokens[:, 1:, None])[..., 0]
+        return (logps * mask[:, 1:]).sum(-1)
+
+    def loss_of(batch):
+        if args.workload == "w1":
+            tokens = torch.from_numpy(batch["tokens"]).long()
+            return model(input_ids=tokens, labels=tokens).loss
+        tokens = torch.from_numpy(np.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])).long()
+        mask = torch.from_numpy(np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])).float()
+        policy = sequence_logps(model, tokens, mask)
+        with torch.no_grad():
+            ref = sequence_logps(reference, tokens, mask)
+        n = spec["batch_pairs"]
+        margin = (policy[:n] - ref[:n]) - (policy[n:] - ref[n:])
+        return -F.logsigmoid(spec["beta"] * margin).mean()
+
+    def run_step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_of(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["max_grad_norm"])
+        optimizer.step()
+        return float(loss)
+
+    row = _measure(args, W, spec, run_step, batch_at, time.perf_counter() - t_build, devices=1)
+    return {**row, "threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> int:
@@ -193,7 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(_worker(args)), flush=True)
+        print("RESULT " + json.dumps(_torch_worker(args) if args.impl == "torch" else _worker(args)), flush=True)
         return 0
     if not os.path.exists(os.path.join(args.bench_dir, "workloads.py")):
         print(f"workloads.py not found in {args.bench_dir}; pass --bench-dir", file=sys.stderr)
