@@ -126,8 +126,8 @@ def get_config(arg: str | None = None) -> QuickstartConfig:
             algorithm=grpo_config("grpo", group_size=8),
             rollout=rl.RolloutConfig(max_new_tokens=4),
             rewards=rl.RewardConfig(functions=("task",)),
-            optim=OptimizerConfig(learning_rate=1e-3),
-            train=TrainConfig(steps=60, eval_every=20, eval_batches=8),
+            optim=OptimizerConfig(learning_rate=5e-4),
+            train=TrainConfig(steps=120, eval_every=20, eval_batches=8),
             checkpoint=CheckpointConfig(every=0, keep=1), logging=_LOG,
         ),
     )
