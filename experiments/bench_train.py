@@ -251,6 +251,22 @@ def _torch_worker(args) -> dict:
     return {**row, "threads": torch.get_num_threads()}
 
 
+def _summary_row(runs: list[dict]) -> dict:
+    """One implementation's row: the median over runs of each run's median step time; printed."""
+    row = dict(runs[0])
+    row["median_s"] = statistics.median(r["median_s"] for r in runs)
+    row["runs_s"] = [round(r["median_s"], 4) for r in runs]
+    row["throughput"] = (runs[0]["throughput"] * runs[0]["median_s"]) / row["median_s"]
+    row["foreign_cpu_cores"] = max(r["foreign_cpu_cores"] for r in runs)
+    row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
+    print(f"{row['workload']} {row['dtype']:8s} {row['impl']:14s} median {row['median_s']:.3f} s/step "
+          f"(runs {row['runs_s']}), cpu {row['cpu_s']:.3f} s/step, {row['throughput']:.0f} "
+          f"{row['throughput_unit']}, first step "
+          f"{row['first_step_s']:.1f} s, rss {row['peak_rss_mib']:.0f} MiB, load {row['loadavg'][0]}, "
+          f"foreign cpu {row['foreign_cpu_cores']:.2f}", flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workloads", default="w1,w2")
@@ -273,11 +289,14 @@ def main(argv=None) -> int:
         print(f"workloads.py not found in {args.bench_dir}; pass --bench-dir", file=sys.stderr)
         return 2
     rows = []
+    impls = args.impls.split(",")
     for workload in args.workloads.split(","):
         for dtype in args.dtypes.split(","):
-            for impl in args.impls.split(","):
-                runs = []
-                for _ in range(args.runs):
+            # Runs interleaved across implementations (run 1 of each, then run 2, ...): the machine's
+            # speed drifts over minutes, and back-to-back runs of one implementation would inherit it.
+            runs = {impl: [] for impl in impls}
+            for _ in range(args.runs):
+                for impl in impls:
                     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--workload", workload, "--impl", impl,
                            "--dtype", dtype, "--bench-dir", args.bench_dir]
                     if args.chunk:
@@ -288,19 +307,9 @@ def main(argv=None) -> int:
                     if out.returncode or not line:
                         print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
                         return 1
-                    runs.append(json.loads(line[0][7:]))
-                row = dict(runs[0])
-                row["median_s"] = statistics.median(r["median_s"] for r in runs)
-                row["runs_s"] = [round(r["median_s"], 4) for r in runs]
-                row["throughput"] = (runs[0]["throughput"] * runs[0]["median_s"]) / row["median_s"]
-                row["foreign_cpu_cores"] = max(r["foreign_cpu_cores"] for r in runs)
-                row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
-                rows.append(row)
-                print(f"{workload} {dtype:8s} {impl:14s} median {row['median_s']:.3f} s/step "
-                      f"(runs {row['runs_s']}), cpu {row['cpu_s']:.3f} s/step, {row['throughput']:.0f} "
-                      f"{row['throughput_unit']}, first step "
-                      f"{row['first_step_s']:.1f} s, rss {row['peak_rss_mib']:.0f} MiB, load {row['loadavg'][0]}, "
-                      f"foreign cpu {row['foreign_cpu_cores']:.2f}", flush=True)
+                    runs[impl].append(json.loads(line[0][7:]))
+            for impl in impls:
+                rows.append(_summary_row(runs[impl]))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=2)

@@ -72,3 +72,21 @@ def test_chunked_logprobs_equal_full_logits(single_device):
                                 logits_chunk_size=24)
     assert history[0]["loss"] == pytest.approx(single_device[1][0]["loss"], rel=1e-5)
     assert "mean_token_accuracy" not in history[0]
+
+
+def test_shifted_logprobs_and_accuracy_equal_the_sliced_forms():
+    """Log-probs on all T positions sliced afterwards == log-probs of the sliced [B, T-1] logits."""
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax.logprobs import token_logprobs
+    from rlhf_jax.steps.sequences import shifted_label_is_argmax, shifted_token_logprobs
+
+    logits = jax.random.normal(jax.random.key(0), (3, 6, 11)) * 3.0
+    labels = jax.random.randint(jax.random.key(1), (3, 5), 0, 11)
+    labels = labels.at[0, 0].set(jnp.argmax(logits[0, 0]))          # at least one correct prediction
+    np.testing.assert_allclose(shifted_token_logprobs(logits, labels, temperature=0.7),
+                               token_logprobs(logits[:, :-1], labels, temperature=0.7), rtol=1e-6)
+    want = (jnp.argmax(logits[:, :-1], axis=-1) == labels).astype(jnp.float32)
+    np.testing.assert_array_equal(shifted_label_is_argmax(logits, labels), want)
+    assert float(want.sum()) >= 1.0
