@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine quietness (WORKLOADS.md's rule) and the torch model.
+"""Helpers shared by the benchmark scripts: machine quietness (WORKLOADS.md's rule), the worker-process
+protocol (each measured run is its own process), result files, and the torch model.
 
 Imported by `bench_*.py` as a sibling module (`python experiments/bench_x.py` puts this directory
 on `sys.path`).
@@ -6,7 +7,9 @@ on `sys.path`).
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 
 
@@ -52,3 +55,32 @@ def hf_llama(W, *, eos_token_id: int | None = None):
     )
     torch.manual_seed(W.MODEL_INIT_SEED)
     return LlamaForCausalLM(config)
+
+
+RESULT_PREFIX = "RESULT "
+
+
+def report_result(result: dict) -> None:
+    """A worker process's last act: print its result row for `run_worker` to parse."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_worker(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run one benchmark worker process and return its result row (`report_result`).
+
+    Raises `RuntimeError` with the tail of the worker's output when it fails or reports nothing.
+    """
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    line = next((x for x in out.stdout.splitlines() if x.startswith(RESULT_PREFIX)), None)
+    if out.returncode or line is None:
+        raise RuntimeError(f"benchmark worker failed (exit {out.returncode}): {' '.join(cmd)}\n"
+                           f"{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return json.loads(line[len(RESULT_PREFIX):])
+
+
+def write_json(path: str, value) -> None:
+    """Write `value` as indented JSON to `path` (creating its folder) and say so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+    print(f"wrote {path}")

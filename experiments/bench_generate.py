@@ -33,14 +33,12 @@ not comparable (WORKLOADS.md re-runs when foreign CPU > 0.1 cores).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-from bench_common import hf_llama, wait_until_quiet
+from bench_common import hf_llama, report_result, run_worker, wait_until_quiet, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -246,7 +244,7 @@ def main(argv=None) -> int:
     if args.worker:
         args.devices = int(args.devices)
         result = _hf_worker(args) if args.dtype == "hf" else _worker(args)
-        print("RESULT " + json.dumps(result), flush=True)
+        report_result(result)
         return 0
     if not os.path.exists(os.path.join(args.bench_dir, "workloads.py")):
         print(f"workloads.py not found in {args.bench_dir}; pass --bench-dir", file=sys.stderr)
@@ -264,12 +262,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--devices", devices, "--dtype", dtype,
                    "--strategy", args.strategy, "--bench-dir", args.bench_dir]
             env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode or not line:
-                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-                return 1
-            runs.append(json.loads(line[0][7:]))
+            runs.append(run_worker(cmd, env))
         row = dict(runs[0])
         for key in ("median_s", "text_median_s", "decode_step_ms", "prefill_s", "handoff_s", "first_call_s",
                     "decode_vs_floor", "decode_floor_ms"):
@@ -296,10 +289,7 @@ def main(argv=None) -> int:
             f"{row['peak_rss_mib']:.0f} MiB; load {row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}",
             flush=True,
         )
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 

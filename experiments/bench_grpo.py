@@ -33,11 +33,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
-from bench_common import wait_until_quiet
+from bench_common import report_result, run_worker, wait_until_quiet, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -128,7 +127,7 @@ def main(argv=None) -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(run_once(args.bench_dir, args.devices)), flush=True)
+        report_result(run_once(args.bench_dir, args.devices))
         return
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}",
@@ -137,13 +136,8 @@ def main(argv=None) -> None:
     for k in range(args.runs):
         for attempt in range(1 + RERUNS):  # WORKLOADS.md: re-run a run disturbed by other processes
             wait_until_quiet(QUIET_CORES)
-            out = subprocess.run([sys.executable, __file__, "--child", "--devices", str(args.devices), "--bench-dir",
-                                  args.bench_dir], env=env, capture_output=True, text=True, check=False)
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
-                raise SystemExit(f"run {k} failed")
-            r = json.loads(line[len("RESULT "):])
+            r = run_worker([sys.executable, __file__, "--child", "--devices", str(args.devices), "--bench-dir",
+                            args.bench_dir], env)
             if r["foreign_cpu_cores"] <= MAX_FOREIGN_CORES:
                 break
             print(f"run {k}: other processes used {r['foreign_cpu_cores']} cores; "
@@ -167,8 +161,7 @@ def main(argv=None) -> None:
     print(f"W4 median over {args.runs} runs: {summary['step_s']:.3f} s/step (target <= 1.3; TRL 2.93, Tunix 2.89), "
           "phases: " + ", ".join(f"{p} {v:.3f} s" for p, v in summary["phases_s"].items()))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -32,16 +32,14 @@ a 2-device run's wall time is about half its CPU time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-from bench_common import hf_llama
+from bench_common import hf_llama, report_result, run_worker, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -283,7 +281,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(_torch_worker(args) if args.impl == "torch" else _worker(args)), flush=True)
+        report_result(_torch_worker(args) if args.impl == "torch" else _worker(args))
         return 0
     if not os.path.exists(os.path.join(args.bench_dir, "workloads.py")):
         print(f"workloads.py not found in {args.bench_dir}; pass --bench-dir", file=sys.stderr)
@@ -302,18 +300,10 @@ def main(argv=None) -> int:
                     if args.chunk:
                         cmd += ["--chunk", str(args.chunk)]
                     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-                    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-                    if out.returncode or not line:
-                        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-                        return 1
-                    runs[impl].append(json.loads(line[0][7:]))
+                    runs[impl].append(run_worker(cmd, env))
             for impl in impls:
                 rows.append(_summary_row(runs[impl]))
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, rows)
     return 0
 
 

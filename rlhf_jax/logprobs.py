@@ -186,6 +186,8 @@ def _chunked(
     @jax.checkpoint
     def body(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         hc, yc = args
+        # A plain einsum, not `models.layers.dense`: inside this checkpointed map dense's custom
+        # gradient measured slower (W4 update phase 0.78 s -> 1.32 s, same session).
         z = jnp.einsum("ce,ev->cv", hc, lm_head_weight, preferred_element_type=jnp.float32) / temp
         lse = jax.nn.logsumexp(z, axis=-1)
         logp = _gather(z, yc) - lse if with_logps else jnp.zeros_like(lse)
