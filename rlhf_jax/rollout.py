@@ -23,7 +23,15 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import _checks
-from rlhf_jax.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs_and_entropy, chunked_token_logprobs
+from rlhf_jax.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    _check_chunked,
+    chunked_logprobs_and_entropy,
+    chunked_token_logprobs,
+    token_entropy,
+    token_logprobs,
+)
+from rlhf_jax.models.layers import dense
 from rlhf_jax.models.heads import scalar_head
 
 __all__ = [
@@ -178,9 +186,11 @@ def head_logprobs(
 ) -> tuple[jax.Array, jax.Array | None]:
     """Per-token log-probs (and entropies) of `labels` from hidden states, row by row.
 
-    `rlhf_jax.logprobs.chunked_*` applied to each row (`vmap` over the batch), so chunks never mix
-    rows: a batch split over data-parallel devices stays split (no gather of the hidden states),
-    and at most `[N, chunk_size, V]` logits exist at once.
+    `log softmax(h W / T)[y]` at every position. Rows longer than `chunk_size` go through
+    `rlhf_jax.logprobs.chunked_*` row by row (`vmap` over the batch), so chunks never mix rows: a
+    batch split over data-parallel devices stays split (no gather of the hidden states), and at
+    most `[N, chunk_size, V]` logits exist at once. Rows of at most `chunk_size` tokens are one
+    chunk each, computed as a single `[N, C, V]` matmul without rematerialisation.
 
     Args:
       hidden: `[N, C, E]` hidden states; lm_head_weight: `[E, V]`; labels: int `[N, C]`.
@@ -192,6 +202,14 @@ def head_logprobs(
       `(logps, entropy or None)`, float32 `[N, C]`.
     """
     labels = labels.astype(jnp.int32)
+    if hidden.ndim == 3 and hidden.shape[1] <= chunk_size:
+        # One chunk per row: the [N, C, V] logits exist at once either way, so take them in one
+        # matmul (`dense`, whose weight gradient runs on the fast kernel) and skip the chunk loop's
+        # rematerialisation, which would run the head's forward a second time in the backward pass.
+        _check_chunked("head_logprobs", hidden, lm_head_weight, chunk_size)
+        z = dense(hidden, lm_head_weight.astype(hidden.dtype), jnp.float32)
+        logps = token_logprobs(z, labels, temperature=temperature)
+        return logps, (token_entropy(z, temperature=temperature) if with_entropy else None)
     kw = dict(temperature=temperature, chunk_size=chunk_size)
     if with_entropy:
         return jax.vmap(lambda h, y: chunked_logprobs_and_entropy(h, lm_head_weight, y, **kw))(hidden, labels)

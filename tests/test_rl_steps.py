@@ -17,7 +17,7 @@ from rlhf_jax import losses
 from rlhf_jax.logprobs import token_entropy, token_logprobs
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.heads import init_scalar_head
-from rlhf_jax.rollout import completion_logprobs, join_sequences
+from rlhf_jax.rollout import completion_logprobs, head_logprobs, join_sequences
 from rlhf_jax.state import RLState, init_train_state
 from rlhf_jax.steps.rl import (
     GRPO_PRESETS,
@@ -218,6 +218,31 @@ def test_shared_prompt_forward_equals_the_joined_forward():
     np.testing.assert_allclose(shared[0], expected, atol=1e-5)
     with pytest.raises(ValueError, match="do not split into groups of group_size=3"):
         completion_logprobs(model, params, *args, group_size=3)
+
+
+def test_head_logprobs_one_matmul_equals_the_chunked_rows():
+    """Rows within one chunk take one [N, C, V] matmul; longer rows the chunk loop. Same numbers,
+    same gradients (C = 6: chunk_size 6 is the one-matmul path, 4 and 1 the chunked one)."""
+    model, params = _model()
+    batch = _batch()
+    args = (batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"])
+
+    def loss(p, chunk_size):
+        logps, ent = completion_logprobs(model, p, *args, with_entropy=True, chunk_size=chunk_size)
+        return jnp.sum(logps * jnp.arange(C)) + 0.3 * jnp.sum(ent), (logps, ent)
+
+    results = {k: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, k) for k in (6, 4, 1)}
+    (_, (logps, ent)), grads = results[6]
+    expected_logps, expected_ent = _logps_entropy_traced(model, params, batch)
+    np.testing.assert_allclose(logps, expected_logps, atol=1e-5)
+    np.testing.assert_allclose(ent, expected_ent, atol=1e-5)
+    for k in (4, 1):
+        (_, (other_logps, other_ent)), other_grads = results[k]
+        np.testing.assert_allclose(other_logps, logps, atol=1e-5)
+        np.testing.assert_allclose(other_ent, ent, atol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), other_grads, grads)
+    with pytest.raises(ValueError, match="must equal lm_head_weight's first axis"):
+        head_logprobs(jnp.zeros((2, 3, 5)), jnp.zeros((4, 7)), jnp.zeros((2, 3), jnp.int32))
 
 
 def test_join_sequences_matches_per_row_concatenation():
