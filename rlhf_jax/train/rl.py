@@ -732,8 +732,9 @@ def train(
                 device["ref_logps"] = jax.block_until_ready(jax.device_put(ref, device["completion_mask"].sharding))
             metrics["time/reference"] = time.perf_counter() - start_ref
             start_update = time.perf_counter()
-            state, step_metrics = step(state, device)
-            step_metrics = jax.block_until_ready(step_metrics)
+            # Block on the new state too: the optimizer's writes can finish after the metrics, and
+            # would otherwise be charged to the next step's weight hand-off.
+            state, step_metrics = jax.block_until_ready(step(state, device))
             metrics["time/update"] = time.perf_counter() - start_update
             done = time.perf_counter()
             metrics["time/step"] = done - began
