@@ -237,7 +237,7 @@ def main(argv=None) -> int:
                    help="also time Hugging Face transformers' generate (torch) on this machine, for calibration")
     p.add_argument("--bench-dir", default=os.environ.get("RLHF_JAX_BENCH_DIR", DEFAULT_BENCH_DIR),
                    help="folder holding workloads.py")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_generate.json"))
+    p.add_argument("--json", default=os.path.join(REPO, "results", "bench_generate.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
