@@ -10,7 +10,8 @@ so right padding holds and positions are `arange(P + C)`. The token `completion[
 index `len_b + i` of the joined row and is predicted by the hidden state at `len_b - 1 + i`; the
 helpers below gather those `C` hidden states, so every per-token result comes back in the sampler's
 `[N, C]` layout, aligned with its log-probs and masks. Only the completion positions go through the
-LM head (chunked within each row, via `rlhf_jax.logprobs`), never a `[N, P + C, V]` logits array.
+LM head (one matmul, or chunked within each row when rows are longer than the chunk size), never
+a `[N, P + C, V]` logits array.
 
 When the `G` samples of a prompt fill `G` contiguous rows (GRPO groups), `group_size=G` runs each
 prompt once into a KV cache and the completions on top of it (`completion_hidden`): the same
@@ -31,8 +32,8 @@ from rlhf_jax.logprobs import (
     token_entropy,
     token_logprobs,
 )
-from rlhf_jax.models.layers import dense
 from rlhf_jax.models.heads import scalar_head
+from rlhf_jax.models.layers import dense
 
 __all__ = [
     "join_sequences",
