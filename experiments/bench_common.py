@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 
 
@@ -61,7 +62,14 @@ RESULT_PREFIX = "RESULT "
 
 
 def report_result(result: dict) -> None:
-    """A worker process's last act: print its result row for `run_worker` to parse."""
+    """A worker process's last act: print its result row for `run_worker` to parse.
+
+    Adds how rlhf_jax set up host memory in the worker (`rlhf_jax.host_memory.status()`), when the
+    worker imported it.
+    """
+    memory = sys.modules.get("rlhf_jax.host_memory")
+    if memory is not None:
+        result = {**result, "host_memory": memory.status()}
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 

@@ -146,7 +146,8 @@ def main(argv=None) -> None:
         phases = " ".join(f"{p}={v:.3f}" for p, v in r["phases_s"].items())
         print(f"run {k}: {r['step_s']:.3f} s/step ({r['completion_tokens_per_s']:.0f} completion tok/s), inside the "
               f"step {r['step_s_inside']:.3f} s, first step {r['first_step_s']:.1f} s | {phases} | "
-              f"foreign CPU {r['foreign_cpu_cores']} cores, peak RSS {r['peak_rss_mib']} MiB", flush=True)
+              f"foreign CPU {r['foreign_cpu_cores']} cores, peak RSS {r['peak_rss_mib']} MiB; "
+              f"host memory: {r.get('host_memory', '?')}", flush=True)
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
     summary = {
         "workload": "W4 GRPO 4x8x64",

@@ -6,7 +6,11 @@ The pure core is imported here; the heavier subpackages load on first use
 
 import importlib
 
-from rlhf_jax import advantages, logprobs, losses
+from rlhf_jax import host_memory
+
+host_memory.configure_from_env()   # before anything starts JAX's CPU client (see rlhf_jax.host_memory)
+
+from rlhf_jax import advantages, logprobs, losses  # noqa: E402
 from rlhf_jax.advantages import (
     adaptive_kl_controller,
     fixed_kl_controller,
