@@ -4,9 +4,9 @@ XLA:CPU allocates a program's temporaries and outputs with `malloc` at every exe
 defaults, those blocks come from per-thread arenas (or from `mmap`) and go back to the kernel when
 they are freed, so every step faults its whole working set in again, one zeroed page at a time.
 Measured on W4's policy gradient (16 rows, one device, 2-core CPU): about 55,000 page faults and
-0.17 s of kernel time per call. With one arena, no `mmap`'d chunks and no trimming, freed blocks are
-reused: about 5,700 faults and 0.02 s, and the call took 363 ms against 441 ms (same machine, back to
-back).
+0.16 s of kernel time per call. With one arena, no `mmap`'d chunks and no trimming, freed blocks are
+reused: about 6,300 faults and 0.017 s, and the call took 363 ms against 437 ms (same machine, back
+to back).
 
     RLHF_JAX_HOST_MEMORY=auto    (default) keep freed memory when JAX can only run on the CPU
     RLHF_JAX_HOST_MEMORY=keep    keep it whatever the platform
