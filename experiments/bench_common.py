@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: machine quietness (WORKLOADS.md's rule), the worker-process
-protocol (each measured run is its own process), result files, and the torch model.
+protocol (each measured run is its own process), result files, the torch model, and the matmul
+floor (a workload's matmul FLOPs over this machine's measured matmul throughput).
 
 Imported by `bench_*.py` as a sibling module (`python experiments/bench_x.py` puts this directory
 on `sys.path`).
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 
 def busy_cores(seconds: float = 2.0) -> float:
@@ -56,6 +58,114 @@ def hf_llama(W, *, eos_token_id: int | None = None):
     )
     torch.manual_seed(W.MODEL_INIT_SEED)
     return LlamaForCausalLM(config)
+
+
+def matmul_flops(config, *, tokens: int, head_positions: int, attended_pairs: int) -> float:
+    """Matmul FLOPs of one forward pass: `2 (L w tokens + E V head_positions) + 4 L H d attended_pairs`.
+
+    `w` is one layer's weights (q, k, v, o and the three MLP matrices), `tokens` the positions run
+    through the layers, `head_positions` those run through the LM head, and `attended_pairs` the
+    (query, key) pairs that attention scores and sums per layer and head group: `T (T + 1) / 2` per
+    causal row done exactly, `T^2` as a dense kernel computes it. A backward pass costs twice its
+    forward (input and weight gradients). The embedding lookup is a gather: no FLOPs.
+    """
+    c = config
+    layer = (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+             + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+    dense = 2 * (c.num_layers * layer * tokens + c.hidden_size * c.vocab_size * head_positions)
+    return float(dense + 4 * c.num_layers * c.num_heads * c.head_dim * attended_pairs)
+
+
+def causal_pairs(length: int, start: int = 0) -> int:
+    """(query, key) pairs of causal attention for queries at positions `start .. length - 1`."""
+    return sum(q + 1 for q in range(start, length))
+
+
+def workload_model(W):
+    """The workloads' model shapes (`W.MODEL`) under `matmul_flops`'s field names, without importing JAX."""
+    m = W.MODEL
+    return SimpleNamespace(hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+                           num_layers=m["num_hidden_layers"], num_heads=m["num_attention_heads"],
+                           num_kv_heads=m["num_key_value_heads"], head_dim=m["head_dim"], vocab_size=m["vocab_size"])
+
+
+def workload_flops(W, name: str) -> float:
+    """The fewest matmul FLOPs one step (W1, W2, W4) or call (W3) of a WORKLOADS.md workload needs.
+
+    Exact causal attention, the LM head only where a token is predicted, and a forward + backward of
+    3 forwards:
+    - W1: 8 x 256 tokens forward and backward; 255 predicted tokens per row.
+    - W2: 16 x 256 tokens forward and backward, plus the reference forward; 192 predicted per row.
+    - W3: 16 prompts of 64 prefilled, then 127 single-token steps for 16 rows (the last of the 128
+      sampled tokens is never fed back).
+    - W4: 4 prompts of 64 prefilled, 63 steps for 32 rows; then the reference forward and the policy
+      forward + backward, each with a group's prompt run once and 32 rows x 63 completion tokens
+      after it (a prompt shared by its 8 samples is the least any implementation must run).
+    """
+    m = workload_model(W)
+    if name == "w1":
+        b, t = W.W1["batch"], W.W1["seq_len"]
+        return 3 * matmul_flops(m, tokens=b * t, head_positions=b * (t - 1), attended_pairs=b * causal_pairs(t))
+    if name == "w2":
+        rows, t = 2 * W.W2["batch_pairs"], W.W2["prompt_len"] + W.W2["completion_len"]
+        forward = matmul_flops(m, tokens=rows * t, head_positions=rows * W.W2["completion_len"],
+                               attended_pairs=rows * causal_pairs(t))
+        return 4 * forward
+    if name in ("w3", "w4"):
+        spec = W.W3 if name == "w3" else W.W4
+        prompts, p, new = spec["num_prompts"], spec["prompt_len"], spec["new_tokens"]
+        rows = prompts * spec.get("num_generations", 1)
+        prefill = matmul_flops(m, tokens=prompts * p, head_positions=prompts, attended_pairs=prompts * causal_pairs(p))
+        steps = matmul_flops(m, tokens=rows * (new - 1), head_positions=rows * (new - 1),
+                             attended_pairs=rows * causal_pairs(p + new - 1, start=p))
+        generation = prefill + steps
+        # W4's reference forward reads what generation read (prompt once, then the completions),
+        # and the policy's forward + backward is three of those.
+        return generation if name == "w3" else 5 * generation
+    raise ValueError(f"workload_flops: unknown workload {name!r} (w1, w2, w3, w4)")
+
+
+def peak_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's f32 matmul throughput right now: a `n^3` NumPy (BLAS, all cores) matmul, median.
+
+    Run after a worker's timed window (BLAS threads are not XLA's), it says how fast the host was
+    at that time: shared hosts drift by +-25% over minutes.
+    """
+    import numpy as np
+
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).random((n, n), dtype=np.float32)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / sorted(times)[repeats // 2] / 1e9
+
+
+def floor_figures(flops: float, step_s: float, target_s: float | None = None) -> dict:
+    """A step's matmul floor: `flops / peak` with the peak measured now, and where the step and target sit.
+
+    `floor_s` is what the step would take if every FLOP ran at the large-matmul rate and nothing else
+    (norms, softmax, optimizer, data) took any time; a target below it cannot be met on this machine.
+    """
+    gflops = peak_matmul_gflops()
+    floor_s = flops / (gflops * 1e9)
+    out = {"step_gflop": round(flops / 1e9, 2), "peak_matmul_gflops": round(gflops, 1), "floor_s": floor_s,
+           "step_over_floor": step_s / floor_s}
+    if target_s is not None:
+        out["target_over_floor"] = target_s / floor_s
+    return out
+
+
+def floor_text(row: dict) -> str:
+    """`floor_figures` as one printed clause."""
+    text = (f"matmul floor {row['floor_s']:.3f} s ({row['step_gflop']:.1f} GFLOP at {row['peak_matmul_gflops']:.0f} "
+            f"GFLOP/s measured), step = {row['step_over_floor']:.2f}x floor")
+    if "target_over_floor" in row:
+        text += f", target = {row['target_over_floor']:.2f}x floor"
+    return text
 
 
 RESULT_PREFIX = "RESULT "

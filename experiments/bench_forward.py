@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import matmul_flops
 
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.presets import get_config
@@ -28,18 +29,11 @@ from rlhf_jax.models.presets import get_config
 BATCH, SEQ_LEN, DATA_SEED, FIRST_ID = 8, 256, 1001, 4
 
 
-def forward_flops(config, batch: int, seq_len: int) -> float:
-    """Matmul FLOPs of one forward pass: 2 * (weights used per token) * tokens + causal attention.
-
-    Attention scores and the weighted sum cost 2 * 2 * T² * H * D per layer and row for the full
-    square, of which the causal half is useful; the full square is what the kernel computes.
-    """
-    c = config
-    per_token = (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-                 + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
-    dense = 2 * batch * seq_len * (c.num_layers * per_token + c.hidden_size * c.vocab_size)
-    attention = 2 * 2 * batch * seq_len ** 2 * c.num_heads * c.head_dim * c.num_layers
-    return float(dense + attention)
+def _forward_flops(config) -> float:
+    """The call's matmul FLOPs as the kernels run them: every position through the head, and the
+    full `T x T` attention square (of which the causal half is useful)."""
+    return matmul_flops(config, tokens=BATCH * SEQ_LEN, head_positions=BATCH * SEQ_LEN,
+                        attended_pairs=BATCH * SEQ_LEN**2)
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
@@ -86,7 +80,7 @@ def bench(dtype: str, repeats: int) -> dict:
     median = statistics.median(times)
     return dict(dtype=dtype, params=lm.num_params(), compile_s=compile_s, median_s=median,
                 min_s=min(times), tokens_per_s=BATCH * SEQ_LEN / median,
-                gflops=forward_flops(config, BATCH, SEQ_LEN) / median / 1e9, foreign_cores=foreign)
+                gflops=_forward_flops(config) / median / 1e9, foreign_cores=foreign)
 
 
 def main(argv=None) -> list[dict]:

@@ -27,6 +27,12 @@ The machine load (1-minute load average, and CPU used by other processes during 
 is printed with every row: wall times taken on a busy machine are not comparable. `cpu` is the
 process's CPU time per step (all its threads), less sensitive to other processes: on a quiet machine
 a 2-device run's wall time is about half its CPU time.
+
+Every row also prints its matmul floor (`bench_common.workload_flops` / `floor_figures`): the
+fewest matmul FLOPs the step needs (W1 67.8, W2 163.8 GFLOP) over the f32 matmul rate a 2048^3
+BLAS matmul reaches in the same process right after the timed steps, and where the step and the
+target (W1 0.45 s, W2 1.0 s) sit as multiples of it. A target near 1x floor asks every FLOP of the
+step, the small matmuls included, to run at the large-matmul rate with nothing else costing time.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ import time
 
 import numpy as np
 
-from bench_common import hf_llama, report_result, run_worker, write_json
+from bench_common import floor_figures, floor_text, hf_llama, report_result, run_worker, workload_flops, write_json
 
+TARGET_S = {"w1": 0.45, "w2": 1.0}   # issue 5's targets on this machine
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
@@ -184,6 +191,7 @@ def _measure(args, W, spec, run_step, batch_at, build_seconds: float, *, devices
         last, last_cpu = now, now_cpu
     timed = times[spec["warmup_steps"]:]
     med = statistics.median(timed)
+    foreign = watch.result()   # before the floor's matmuls, which would count as this process's CPU
     units = spec["batch"] * spec["seq_len"] if args.workload == "w1" else spec["batch_pairs"]
     return {
         "workload": args.workload, "impl": args.impl, "dtype": args.dtype, "devices": devices,
@@ -191,8 +199,9 @@ def _measure(args, W, spec, run_step, batch_at, build_seconds: float, *, devices
         "cpu_s": statistics.median(cpu_times[spec["warmup_steps"]:]),
         "throughput_unit": "tokens/s" if args.workload == "w1" else "pairs/s",
         "first_step_s": times[0], "build_s": build_seconds, "loss_first": losses[0], "loss_last": losses[-1],
-        "peak_rss_mib": round(W.peak_rss_mib(), 1), **watch.result(),
+        "peak_rss_mib": round(W.peak_rss_mib(), 1), **foreign,
         "loadavg": open("/proc/loadavg").read().split()[:3],
+        **floor_figures(workload_flops(W, args.workload), med, TARGET_S[args.workload]),
     }
 
 
@@ -257,11 +266,15 @@ def _summary_row(runs: list[dict]) -> dict:
     row["throughput"] = (runs[0]["throughput"] * runs[0]["median_s"]) / row["median_s"]
     row["foreign_cpu_cores"] = max(r["foreign_cpu_cores"] for r in runs)
     row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
+    row["peak_matmul_gflops"] = statistics.median(r["peak_matmul_gflops"] for r in runs)
+    row["floor_s"] = statistics.median(r["floor_s"] for r in runs)
+    row["step_over_floor"] = statistics.median(r["step_over_floor"] for r in runs)
+    row["target_over_floor"] = statistics.median(r["target_over_floor"] for r in runs)
     print(f"{row['workload']} {row['dtype']:8s} {row['impl']:14s} median {row['median_s']:.3f} s/step "
           f"(runs {row['runs_s']}), cpu {row['cpu_s']:.3f} s/step, {row['throughput']:.0f} "
           f"{row['throughput_unit']}, first step "
           f"{row['first_step_s']:.1f} s, rss {row['peak_rss_mib']:.0f} MiB, load {row['loadavg'][0]}, "
-          f"foreign cpu {row['foreign_cpu_cores']:.2f}", flush=True)
+          f"foreign cpu {row['foreign_cpu_cores']:.2f}; {floor_text(row)}", flush=True)
     return row
 
 
