@@ -159,10 +159,10 @@ def floor_figures(flops: float, step_s: float, target_s: float | None = None) ->
     return out
 
 
-def floor_text(row: dict) -> str:
-    """`floor_figures` as one printed clause."""
+def floor_text(row: dict, what: str = "step") -> str:
+    """`floor_figures` as one printed clause; `what` names the timed unit (a step, a call)."""
     text = (f"matmul floor {row['floor_s']:.3f} s ({row['step_gflop']:.1f} GFLOP at {row['peak_matmul_gflops']:.0f} "
-            f"GFLOP/s measured), step = {row['step_over_floor']:.2f}x floor")
+            f"GFLOP/s measured), {what} = {row['step_over_floor']:.2f}x floor")
     if "target_over_floor" in row:
         text += f", target = {row['target_over_floor']:.2f}x floor"
     return text

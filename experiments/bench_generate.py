@@ -18,7 +18,9 @@ Also printed, per run:
 - the FLOP floor of a decode step: its matmul FLOPs (`2 x rows x` the non-embedding weights, plus
   attention over the cache) divided by the matmul throughput measured in the same process (a
   2048^3 f32 matmul, on one device, and split over the devices when there are two);
-- the number of compiled programs after the warm-up and after all calls (it must not grow).
+- the number of compiled programs after the warm-up and after all calls (it must not grow);
+- the whole call's matmul floor (`bench_common.workload_flops`, 29.1 GFLOP, over a BLAS matmul's
+  rate measured after the timed calls), with the call and the target (6,400 tok/s) as multiples of it.
 
 `--devices 2` runs with `--xla_force_host_platform_device_count=2` and a data-parallel mesh: each
 core runs its own prefill and decode loop on 8 of the 16 rows (`Sampler.per_device_loops`;
@@ -38,11 +40,13 @@ import statistics
 import sys
 import time
 
-from bench_common import hf_llama, report_result, run_worker, wait_until_quiet, write_json
+from bench_common import (floor_figures, floor_text, hf_llama, report_result, run_worker, wait_until_quiet,
+                          workload_flops, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
+TARGET_TOKENS_PER_S = 6400   # issue 6's target on this machine
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -69,6 +73,12 @@ def _matmul_gflops(jax, jnp, mesh) -> float:
     jax.block_until_ready(mm(a, b))
     seconds = statistics.median(_timed(lambda: jax.block_until_ready(mm(a, b)), 5))
     return 2 * n**3 / seconds / 1e9
+
+
+def _call_floor(W, call_s: float) -> dict:
+    """The whole call's matmul floor (`bench_common.workload_flops`), with the call and the target against it."""
+    spec = W.W3
+    return floor_figures(workload_flops(W, "w3"), call_s, spec["num_prompts"] * spec["new_tokens"] / TARGET_TOKENS_PER_S)
 
 
 def _wordlevel_tokenizer(W):
@@ -111,6 +121,7 @@ def _hf_worker(args) -> dict:
     return {"workload": "w3", "impl": "hf_generate", "dtype": "float32", "devices": 1, "median_s": median,
             "new_tokens_per_s": rows * new / median, "times_s": [round(t, 4) for t in times],
             "first_call_s": first_s, "threads": torch.get_num_threads(), **watch.result(),
+            **_call_floor(W, median),
             "peak_rss_mib": round(W.peak_rss_mib(), 1), "loadavg": open("/proc/loadavg").read().split()[:3]}
 
 
@@ -220,6 +231,7 @@ def _worker(args) -> dict:
         "decode_vs_floor": step_s / floor_s,
         "compiled_after_warmup": compiled_after_warmup, "compiled_after_all": compiled_after_all,
         "peak_rss_mib": round(W.peak_rss_mib(), 1), **cpu, "loadavg": open("/proc/loadavg").read().split()[:3],
+        **_call_floor(W, median),
     }
 
 
@@ -265,7 +277,7 @@ def main(argv=None) -> int:
             runs.append(run_worker(cmd, env))
         row = dict(runs[0])
         for key in ("median_s", "text_median_s", "decode_step_ms", "prefill_s", "handoff_s", "first_call_s",
-                    "decode_vs_floor", "decode_floor_ms"):
+                    "decode_vs_floor", "decode_floor_ms", "floor_s", "step_over_floor", "target_over_floor"):
             if key in row:
                 row[key] = statistics.median(r[key] for r in runs)
         row["runs_median_s"] = [round(r["median_s"], 4) for r in runs]
@@ -275,7 +287,7 @@ def main(argv=None) -> int:
         if dtype == "hf":
             print(f"w3 float32  hf_generate    {row['median_s']:.3f} s/call = {row['new_tokens_per_s']:,.0f} new "
                   f"tok/s (runs {row['runs_median_s']}); first call {row['first_call_s']:.1f} s; load "
-                  f"{row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}", flush=True)
+                  f"{row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}; {floor_text(row, 'call')}", flush=True)
             continue
         print(
             f"w3 {dtype:8s} {row['impl']:14s} {row['median_s']:.3f} s/call = "
@@ -286,7 +298,8 @@ def main(argv=None) -> int:
             f"{row['decode_floor_ms']:.3f} ms "
             f"({row['matmul_gflops_all']:.0f} GFLOP/s matmul); hand-off {row['handoff_s'] * 1e3:.1f} ms; "
             f"compiled {row['compiled_after_warmup']} -> {row['compiled_after_all']}; rss "
-            f"{row['peak_rss_mib']:.0f} MiB; load {row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}",
+            f"{row['peak_rss_mib']:.0f} MiB; load {row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}; "
+            f"{floor_text(row, 'call')}",
             flush=True,
         )
     write_json(args.json, results)
