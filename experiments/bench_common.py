@@ -92,8 +92,8 @@ def workload_model(W):
 def workload_flops(W, name: str) -> float:
     """The fewest matmul FLOPs one step (W1, W2, W4) or call (W3) of a WORKLOADS.md workload needs.
 
-    Exact causal attention, the LM head only where a token is predicted, and a forward + backward of
-    3 forwards:
+    Counted with exact causal attention, the LM head only where a token is predicted, and a forward +
+    backward as 3 forwards:
     - W1: 8 x 256 tokens forward and backward; 255 predicted tokens per row.
     - W2: 16 x 256 tokens forward and backward, plus the reference forward; 192 predicted per row.
     - W3: 16 prompts of 64 prefilled, then 127 single-token steps for 16 rows (the last of the 128

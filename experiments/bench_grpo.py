@@ -21,7 +21,7 @@ step times are reported: `time/step` (weight hand-off + generation + reward + re
 each phase blocked on) and `time/between_steps` (completion of one step to completion of the next,
 the loop's own logging and data fetch included; WORKLOADS.md's definition, used for the headline).
 The phase split is the median of each `time/<phase>` metric. Target: <= 1.3 s/step (TRL 2.93 s,
-Tunix 2.89 s on this machine, PEERS.md).
+Tunix 2.89 s on PEERS.md's machine).
 
 Each run also prints its matmul floor (`bench_common.workload_flops`, 118.3 GFLOP: generation, the
 reference forward and the policy's forward + backward, each group's prompt run once) over the matmul

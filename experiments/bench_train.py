@@ -191,7 +191,7 @@ def _measure(args, W, spec, run_step, batch_at, build_seconds: float, *, devices
         last, last_cpu = now, now_cpu
     timed = times[spec["warmup_steps"]:]
     med = statistics.median(timed)
-    foreign = watch.result()   # before the floor's matmuls, which would count as this process's CPU
+    foreign = watch.result()   # the timed steps only, not the floor's matmuls below
     units = spec["batch"] * spec["seq_len"] if args.workload == "w1" else spec["batch_pairs"]
     return {
         "workload": args.workload, "impl": args.impl, "dtype": args.dtype, "devices": devices,
