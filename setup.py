@@ -26,7 +26,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch is a test-time reference only (logit parity with transformers); never imported at runtime.
-    "test": ["pytest>=8"],
+    "test": ["pytest>=8", "pytest-xdist>=3"],
     # jax's own extra pins the libtpu release that matches the installed jax.
     "tpu": ["jax[tpu]>=0.6"],
     "wandb": ["wandb"],
