@@ -129,7 +129,7 @@ def peak_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     """This machine's f32 matmul throughput right now: a `n^3` NumPy (BLAS, all cores) matmul, median.
 
     Run after a worker's timed window (BLAS threads are not XLA's), it says how fast the host was
-    at that time: shared hosts drift by +-25% over minutes.
+    at that time: shared hosts drift over minutes (37 to 186 GFLOP/s on the 2-core machine).
     """
     import numpy as np
 
