@@ -15,9 +15,10 @@ included) is timed the same way and reported beside it.
 Also printed, per run:
 - the parameter hand-off (cast + reshard + layer split on device, `Sampler.load_params`), warm;
 - the prefill and the decode loop as separate programs, and the decode step = loop time / 128;
-- the FLOP floor of a decode step: its matmul FLOPs (`bench_common.matmul_flops` of one token per
-  row, attending over every cache slot) divided by the matmul throughput measured in the same process (a
-  2048^3 f32 matmul, on one device, and split over the devices when there are two);
+- the FLOP floor of the mean decode step: the loop's matmul FLOPs (`bench_common.matmul_flops` of
+  128 single-token steps per row, each attending the slots filled so far) / 128, divided by the
+  matmul throughput measured in the same process (a 2048^3 f32 matmul, on one device, and split
+  over the devices when there are two);
 - the number of compiled programs after the warm-up and after all calls (it must not grow);
 - the whole call's matmul floor (`bench_common.workload_flops`, 29.1 GFLOP, over a BLAS matmul's
   rate measured after the timed calls), with the call and the target (6,400 tok/s) as multiples of it.
@@ -40,8 +41,8 @@ import statistics
 import sys
 import time
 
-from bench_common import (floor_figures, floor_text, hf_llama, matmul_flops, report_result, run_worker,
-                          wait_until_quiet, workload_flops, write_json)
+from bench_common import (causal_pairs, floor_figures, floor_text, hf_llama, matmul_flops, report_result,
+                          run_worker, wait_until_quiet, workload_flops, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -209,8 +210,10 @@ def _worker(args) -> dict:
         decode_s.append(time.perf_counter() - mid)
     step_s = statistics.median(decode_s) / new
 
-    # One token per row through every layer and the head, attending over every slot of the cache.
-    step_flops = matmul_flops(lm.config, tokens=rows, head_positions=rows, attended_pairs=rows * (prompt_len + new - 1))
+    # The loop feeds each row's last prompt token, then its first 127 sampled tokens: step t attends
+    # the prompt_len + t slots filled so far. The mean step is what step_s measures.
+    loop_pairs = rows * causal_pairs(prompt_len + new - 1, start=prompt_len - 1)
+    step_flops = matmul_flops(lm.config, tokens=rows * new, head_positions=rows * new, attended_pairs=loop_pairs) / new
     gflops_1 = _matmul_gflops(jax, jnp, None)
     gflops_all = _matmul_gflops(jax, jnp, mesh) if mesh is not None else gflops_1
     floor_s = step_flops / (gflops_all * 1e9)
