@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: machine quietness (WORKLOADS.md's rule), the worker-process
-protocol (each measured run is its own process), result files, the torch model, and the matmul
-floor (a workload's matmul FLOPs over this machine's measured matmul throughput).
+protocol (each measured run is its own process), result files, the torch model and the workloads'
+tokenizer, and the matmul floor (a workload's matmul FLOPs over this machine's measured matmul
+throughput).
 
 Imported by `bench_*.py` as a sibling module (`python experiments/bench_x.py` puts this directory
 on `sys.path`).
@@ -123,6 +124,22 @@ def workload_flops(W, name: str) -> float:
         # and the policy's forward + backward is three of those.
         return generation if name == "w3" else 5 * generation
     raise ValueError(f"workload_flops: unknown workload {name!r} (w1, w2, w3, w4)")
+
+
+def wordlevel_tokenizer(W, *, bos_token: str | None = None):
+    """The workloads' word-level tokenizer (id i <-> word "t{i}", specials registered, no post-processor).
+
+    `bos_token` only names the special (nothing is ever prepended): W3's text API passes `"<bos>"`;
+    W4's prompts are exactly 64 ids, so its runs leave it unset.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab=W.wordlevel_vocab(), unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(W.SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token=bos_token,
+                                   eos_token="<eos>", unk_token="<unk>")
 
 
 def peak_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

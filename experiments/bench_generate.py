@@ -42,7 +42,7 @@ import sys
 import time
 
 from bench_common import (causal_pairs, floor_figures, floor_text, hf_llama, matmul_flops, report_result,
-                          run_worker, wait_until_quiet, workload_flops, write_json)
+                          run_worker, wait_until_quiet, wordlevel_tokenizer, workload_flops, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -80,17 +80,6 @@ def _call_floor(W, call_s: float) -> dict:
     """The whole call's matmul floor (`bench_common.workload_flops`), with the call and the target against it."""
     spec = W.W3
     return floor_figures(workload_flops(W, "w3"), call_s, spec["num_prompts"] * spec["new_tokens"] / TARGET_TOKENS_PER_S)
-
-
-def _wordlevel_tokenizer(W):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel(vocab=W.wordlevel_vocab(), unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens(W.SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>")
 
 
 def _hf_worker(args) -> dict:
@@ -175,7 +164,7 @@ def _worker(args) -> dict:
     tokens, logps = call()
     assert tokens.shape == (rows, new) and np.isfinite(logps).all() and (logps < 0).all()
 
-    tok = _wordlevel_tokenizer(W)
+    tok = wordlevel_tokenizer(W, bos_token="<bos>")
     texts = [W.ids_to_text(p) for p in prompts]
 
     def text_call():

@@ -28,6 +28,11 @@ reference forward and the policy's forward + backward, each group's prompt run o
 rate a 2048^3 BLAS matmul reaches in the same process after the run, with the step and the target as
 multiples of it.
 
+`--trl-python PYTHON` interleaves each run with a run of TRL's `GRPOTrainer` on the same workload
+(`bench_grpo_trl.py`, under `PYTHON`, an interpreter with `trl` installed) and prints the ratio of
+the two. PEERS.md was measured on another CPU, so that ratio is how the target is checked on any
+host: <= 1.3 s on PEERS.md's machine is a step at least 2.932 / 1.3 = 2.26 times faster than TRL's.
+
 With `--devices 2` the mesh is data parallel over 2 host devices (`mesh.strategy=dp`), so sampling,
 the reference forward and the update each run one program per core on 16 of the 32 rows.
 """
@@ -41,7 +46,8 @@ import statistics
 import sys
 import tempfile
 
-from bench_common import floor_figures, floor_text, report_result, run_worker, wait_until_quiet, workload_flops, write_json
+from bench_common import (floor_figures, floor_text, report_result, run_worker, wait_until_quiet, wordlevel_tokenizer,
+                          workload_flops, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -50,18 +56,7 @@ PHASES = ("weight_handoff", "generate", "reward", "reference", "update")
 STEPS, WARMUP = 13, 3
 MAX_FOREIGN_CORES, RERUNS, QUIET_CORES = 0.1, 2, 0.15
 TARGET_S = 1.3   # issue 8's target on this machine
-
-
-def _wordlevel_tokenizer(W, directory: str) -> None:
-    """The workloads' word-level tokenizer (no BOS: prompts are exactly 64 ids), saved to `directory`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel(vocab=W.wordlevel_vocab(), unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens(W.SPECIAL_TOKENS)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    tok.save_pretrained(directory)
+PEER_TRL_S = 2.932   # TRL on PEERS.md's machine
 
 
 def run_once(bench_dir: str, devices: int) -> dict:
@@ -81,7 +76,7 @@ def run_once(bench_dir: str, devices: int) -> dict:
     w4 = W.W4
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = os.path.join(tmp, "tokenizer")
-        _wordlevel_tokenizer(W, tok_dir)
+        wordlevel_tokenizer(W).save_pretrained(tok_dir)   # no BOS: prompts are exactly 64 ids
         prompts = os.path.join(tmp, "prompts.jsonl")
         with open(prompts, "w") as f:
             for row in W.grpo_prompts(STEPS * w4["num_prompts"]):
@@ -131,6 +126,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=2, help="processes to run; the median is reported")
     parser.add_argument("--bench-dir", default=DEFAULT_BENCH_DIR, help="directory of workloads.py")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--trl-python", help="a Python with trl installed: interleave TRL runs (bench_grpo_trl.py) "
+                                             "and print the same-session ratio")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -155,6 +152,14 @@ def main(argv=None) -> None:
               f"step {r['step_s_inside']:.3f} s, first step {r['first_step_s']:.1f} s | {phases} | "
               f"foreign CPU {r['foreign_cpu_cores']} cores, peak RSS {r['peak_rss_mib']} MiB; "
               f"host memory: {r.get('host_memory', '?')}; {floor_text(r)}", flush=True)
+        if args.trl_python:
+            wait_until_quiet(QUIET_CORES)
+            t = run_worker([args.trl_python, os.path.join(HERE, "bench_grpo_trl.py"), "--child", "--bench-dir",
+                            args.bench_dir])
+            r["trl"] = t
+            print(f"run {k}: TRL {t['step_s']:.3f} s/step (first step {t['first_step_s']:.1f} s, foreign CPU "
+                  f"{t['foreign_cpu_cores']} cores; {floor_text(t)}); TRL / rlhf_jax = "
+                  f"{t['step_s'] / r['step_s']:.2f}", flush=True)
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
     summary = {
         "workload": "W4 GRPO 4x8x64",
@@ -170,6 +175,13 @@ def main(argv=None) -> None:
     print(f"W4 median over {args.runs} runs: {summary['step_s']:.3f} s/step (target <= {TARGET_S}; TRL 2.93, "
           "Tunix 2.89), phases: " + ", ".join(f"{p} {v:.3f} s" for p, v in summary["phases_s"].items())
           + f"; matmul floor {summary['floor_s']:.3f} s (median of the runs')")
+    if args.trl_python:
+        ratio = statistics.median(r["trl"]["step_s"] / r["step_s"] for r in runs)
+        summary["trl_step_s"] = statistics.median(r["trl"]["step_s"] for r in runs)
+        summary["trl_over_rlhf_jax"] = ratio
+        print(f"same session: TRL {summary['trl_step_s']:.3f} s/step here, {ratio:.2f}x rlhf_jax's step (median of "
+              f"the runs' ratios); the target, {TARGET_S} s against TRL's {PEER_TRL_S} s on PEERS.md's machine, is "
+              f"{PEER_TRL_S / TARGET_S:.2f}x: {'met' if ratio >= PEER_TRL_S / TARGET_S else 'not met'}")
     if args.json:
         write_json(args.json, summary)
 

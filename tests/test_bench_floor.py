@@ -1,7 +1,9 @@
-"""The benchmarks' matmul floor (experiments/bench_common.py): the FLOP counts its verdicts rest on.
+"""The benchmarks' shared helpers (experiments/bench_common.py): the matmul floor and the tokenizer.
 
 `matmul_flops` is checked against XLA's own cost analysis of a compiled forward pass, and the
-workload totals of WORKLOADS.md are pinned, so a change to either count shows up here.
+workload totals of WORKLOADS.md are pinned, so a change to either count shows up here. The
+workloads' word-level tokenizer must map text to ids and back exactly and add no special tokens,
+or the peers' runs (TRL's trainer sees text) would not see the ids ours do.
 """
 
 import importlib.util
@@ -71,3 +73,17 @@ def test_workload_flops_pinned():
     assert bench_common.workload_flops(W, "w1") == by_hand
     with pytest.raises(ValueError, match="unknown workload 'w5'"):
         bench_common.workload_flops(W, "w5")
+
+
+def test_wordlevel_tokenizer_round_trips_ids_and_adds_nothing():
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)} | {f"t{i}": i for i in range(4, 40)}
+    W = SimpleNamespace(SPECIAL_TOKENS=specials, wordlevel_vocab=lambda: dict(vocab))
+    ids = [4, 39, 17, 6, 8]
+    text = " ".join(f"t{i}" for i in ids)
+    for bos in (None, "<bos>"):
+        tok = bench_common.wordlevel_tokenizer(W, bos_token=bos)
+        assert tok(text)["input_ids"] == ids                       # no BOS/EOS added
+        assert tok.decode(ids) == text
+        assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 2, None if bos is None else 1)
+    assert bench_common.wordlevel_tokenizer(W)("t5 t99")["input_ids"] == [5, 3]   # out of vocabulary -> <unk>
