@@ -19,6 +19,10 @@ Also printed, per run:
   128 single-token steps per row, each attending the slots filled so far) / 128, divided by the
   matmul throughput measured in the same process (a 2048^3 f32 matmul, on one device, and split
   over the devices when there are two);
+- the decode step's weight matmuls alone (`_weight_matmuls_step_s`: the same matmuls at the same
+  rows per device, in a loop of their own, no attention or sampling), against the step the target
+  leaves once this run's prefill is paid: when the matmuls alone take longer, no sampler built on
+  XLA:CPU's kernels reaches the target on this host at this time;
 - the number of compiled programs after the warm-up and after all calls (it must not grow);
 - the whole call's matmul floor (`bench_common.workload_flops`, 29.1 GFLOP, over a BLAS matmul's
   rate measured after the timed calls), with the call and the target (6,400 tok/s) as multiples of it.
@@ -74,6 +78,44 @@ def _matmul_gflops(jax, jnp, mesh) -> float:
     jax.block_until_ready(mm(a, b))
     seconds = statistics.median(_timed(lambda: jax.block_until_ready(mm(a, b)), 5))
     return 2 * n**3 / seconds / 1e9
+
+
+def _weight_matmuls_step_s(jax, jnp, config, rows: int, devices, steps: int) -> float:
+    """Seconds per decode step of the step's weight matmuls alone, on `rows` rows per device (median of 5).
+
+    Every decode step multiplies its rows by each layer's q, k, v, o, gate, up and down weights and
+    by the LM head. This loop does exactly those matmuls (plus RMS norms, SiLU and residual adds, so
+    each depends on the last) for `steps` steps, one loop per device at once, as the sampler's
+    per-device loops run: no attention, no KV cache, no sampling. It is what XLA:CPU's matmul kernels
+    allow a decode step at these shapes on this host now, before any of the sampler's own work.
+    """
+    import numpy as np
+
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    rng = np.random.default_rng(0)
+    host = {"layers": [[rng.normal(0, 0.02, s).astype(np.float32) for s in shapes] for _ in range(config.num_layers)],
+            "head": rng.normal(0, 0.02, (d, v)).astype(np.float32), "x": rng.normal(0, 1, (rows, d)).astype(np.float32)}
+
+    def rms(x):
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+    @jax.jit
+    def loop(tree):
+        def step(_, x):
+            for wq, wk, wv, wo, wg, wu, wd in tree["layers"]:
+                h = rms(x)
+                x = x + (h @ wq + jnp.pad(h @ wk + h @ wv, ((0, 0), (0, q - kv)))) @ wo
+                h = rms(x)
+                x = x + (jax.nn.silu(h @ wg) * (h @ wu)) @ wd
+            return x + jnp.max(rms(x) @ tree["head"], axis=-1, keepdims=True) * 1e-6
+        return jax.lax.fori_loop(0, steps, step, tree["x"])
+
+    trees = [jax.device_put(host, device) for device in devices]
+    run = lambda: jax.block_until_ready([loop(t) for t in trees])  # noqa: E731  (the devices run at once)
+    run()
+    return statistics.median(_timed(run, 5)) / steps
 
 
 def _call_floor(W, call_s: float) -> dict:
@@ -198,6 +240,10 @@ def _worker(args) -> dict:
         prefill_s.append(mid - start)
         decode_s.append(time.perf_counter() - mid)
     step_s = statistics.median(decode_s) / new
+    devices = list(mesh.devices.flat) if mesh is not None and sampler.per_device_loops else [jax.devices()[0]]
+    matmuls_step_s = _weight_matmuls_step_s(jax, jnp, lm.config, rows // len(devices), devices, new)
+    # The decode step the target leaves: the target call time less this run's prefill, over 128 steps.
+    budget_step_s = (rows * new / TARGET_TOKENS_PER_S - statistics.median(prefill_s)) / new
 
     # The loop feeds each row's last prompt token, then its first 127 sampled tokens: step t attends
     # the prompt_len + t slots filled so far. The mean step is what step_s measures.
@@ -218,6 +264,7 @@ def _worker(args) -> dict:
         "decode_step_ms": step_s * 1e3, "decode_step_gflop": step_flops / 1e9,
         "matmul_gflops_1dev": gflops_1, "matmul_gflops_all": gflops_all, "decode_floor_ms": floor_s * 1e3,
         "decode_vs_floor": step_s / floor_s,
+        "weight_matmuls_step_ms": matmuls_step_s * 1e3, "target_step_budget_ms": budget_step_s * 1e3,
         "compiled_after_warmup": compiled_after_warmup, "compiled_after_all": compiled_after_all,
         "peak_rss_mib": round(W.peak_rss_mib(), 1), **cpu, "loadavg": open("/proc/loadavg").read().split()[:3],
         **_call_floor(W, median),
@@ -266,7 +313,8 @@ def main(argv=None) -> int:
             runs.append(run_worker(cmd, env))
         row = dict(runs[0])
         for key in ("median_s", "text_median_s", "decode_step_ms", "prefill_s", "handoff_s", "first_call_s",
-                    "decode_vs_floor", "decode_floor_ms", "floor_s", "step_over_floor", "target_over_floor"):
+                    "decode_vs_floor", "decode_floor_ms", "floor_s", "step_over_floor", "target_over_floor",
+                    "weight_matmuls_step_ms", "target_step_budget_ms"):
             if key in row:
                 row[key] = statistics.median(r[key] for r in runs)
         row["runs_median_s"] = [round(r["median_s"], 4) for r in runs]
@@ -285,7 +333,8 @@ def main(argv=None) -> int:
             f"{row['first_call_s']:.1f} s; prefill {row['prefill_s'] * 1e3:.1f} ms; decode step "
             f"{row['decode_step_ms']:.3f} ms = {row['decode_vs_floor']:.2f} x floor "
             f"{row['decode_floor_ms']:.3f} ms "
-            f"({row['matmul_gflops_all']:.0f} GFLOP/s matmul); hand-off {row['handoff_s'] * 1e3:.1f} ms; "
+            f"({row['matmul_gflops_all']:.0f} GFLOP/s matmul), its weight matmuls alone "
+            f"{row['weight_matmuls_step_ms']:.3f} ms, the target's step budget {row['target_step_budget_ms']:.3f} ms; hand-off {row['handoff_s'] * 1e3:.1f} ms; "
             f"compiled {row['compiled_after_warmup']} -> {row['compiled_after_all']}; rss "
             f"{row['peak_rss_mib']:.0f} MiB; load {row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}; "
             f"{floor_text(row, 'call')}",
