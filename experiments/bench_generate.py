@@ -334,7 +334,8 @@ def main(argv=None) -> int:
             f"{row['decode_step_ms']:.3f} ms = {row['decode_vs_floor']:.2f} x floor "
             f"{row['decode_floor_ms']:.3f} ms "
             f"({row['matmul_gflops_all']:.0f} GFLOP/s matmul), its weight matmuls alone "
-            f"{row['weight_matmuls_step_ms']:.3f} ms, the target's step budget {row['target_step_budget_ms']:.3f} ms; hand-off {row['handoff_s'] * 1e3:.1f} ms; "
+            f"{row['weight_matmuls_step_ms']:.3f} ms, the target's step budget {row['target_step_budget_ms']:.3f} ms; "
+            f"hand-off {row['handoff_s'] * 1e3:.1f} ms; "
             f"compiled {row['compiled_after_warmup']} -> {row['compiled_after_all']}; rss "
             f"{row['peak_rss_mib']:.0f} MiB; load {row['loadavg'][0]}, foreign cpu {row['foreign_cpu_cores']:.2f}; "
             f"{floor_text(row, 'call')}",

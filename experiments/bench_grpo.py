@@ -48,6 +48,7 @@ import tempfile
 
 from bench_common import (floor_figures, floor_text, report_result, run_worker, wait_until_quiet, wordlevel_tokenizer,
                           workload_flops, write_json)
+from bench_grpo_trl import PEER_TRL_S
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -56,7 +57,6 @@ PHASES = ("weight_handoff", "generate", "reward", "reference", "update")
 STEPS, WARMUP = 13, 3
 MAX_FOREIGN_CORES, RERUNS, QUIET_CORES = 0.1, 2, 0.15
 TARGET_S = 1.3   # issue 8's target on this machine
-PEER_TRL_S = 2.932   # TRL on PEERS.md's machine
 
 
 def run_once(bench_dir: str, devices: int) -> dict:
@@ -169,7 +169,7 @@ def main(argv=None) -> None:
         "phases_s": {p: statistics.median(r["phases_s"][p] for r in runs) for p in PHASES},
         "target_s": TARGET_S,
         "floor_s": med("floor_s"),
-        "peers_s": {"TRL": 2.932, "Tunix": 2.890, "EasyDeL": 3.958},
+        "peers_s": {"TRL": PEER_TRL_S, "Tunix": 2.890, "EasyDeL": 3.958},
         "runs": runs,
     }
     print(f"W4 median over {args.runs} runs: {summary['step_s']:.3f} s/step (target <= {TARGET_S}; TRL 2.93, "

@@ -29,7 +29,8 @@ import sys
 import tempfile
 import time
 
-from bench_common import floor_figures, hf_llama, report_result, run_worker, wait_until_quiet, wordlevel_tokenizer, workload_flops
+from bench_common import (floor_figures, hf_llama, report_result, run_worker, wait_until_quiet, wordlevel_tokenizer,
+                          workload_flops)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "bench")
@@ -69,8 +70,8 @@ def run_once(bench_dir: str) -> dict:
         model_dir = os.path.join(tmp, "model")   # TRL builds its reference model from the policy's path
         hf_llama(W).save_pretrained(model_dir)
         config = GRPOConfig(
-            output_dir=os.path.join(tmp, "run"), use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1,
-            max_steps=STEPS, per_device_train_batch_size=completions, gradient_accumulation_steps=1,
+            output_dir=os.path.join(tmp, "run"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+            logging_steps=1, max_steps=STEPS, per_device_train_batch_size=completions, gradient_accumulation_steps=1,
             steps_per_generation=1, num_generations=group, max_completion_length=w4["new_tokens"],
             generation_kwargs={"min_new_tokens": w4["new_tokens"]}, temperature=w4["temperature"],
             top_k=w4["top_k"], top_p=w4["top_p"], loss_type="grpo", beta=w4["beta"], epsilon=0.2,
