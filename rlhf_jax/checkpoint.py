@@ -143,6 +143,12 @@ class Checkpointer:
             create=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Orbax removes the partial writes of an interrupted save in a background thread and only
+        # waits for it at the next save; wait now, so an opened writable checkpointer never leaves one
+        # on disk (e.g. a run that resumes, restores and exits before saving again).
+        wait_for_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if wait_for_cleanup is not None:
+            wait_for_cleanup()
 
     # ------------------------------------------------------------------------------------- queries
 

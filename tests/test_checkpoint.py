@@ -1,5 +1,6 @@
 """Checkpointer: whole-state round trip, retention, shape/model checks before restore, crash safety."""
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -153,7 +154,7 @@ _CRASH = textwrap.dedent("""
 """)
 
 
-def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _CRASH, str(tmp_path)], capture_output=True, text=True,
                           env=env, timeout=120)
@@ -165,6 +166,17 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path):
         with pytest.raises(RuntimeError, match="read-only"):
             ckpt.save(3, {"params": {"w": jnp.ones((4, 4))}})
     assert len(os.listdir(tmp_path)) == 2
+    # Orbax removes partial writes in a background thread; slow it down so that a checkpointer which
+    # did not wait for it would be closed with the partial write still on disk.
+    from orbax.checkpoint._src.path import async_path
+
+    rmtree = async_path.rmtree
+
+    async def slow_rmtree(*args, **kwargs):
+        await asyncio.sleep(1.0)
+        return await rmtree(*args, **kwargs)
+
+    monkeypatch.setattr(async_path, "rmtree", slow_rmtree)
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.all_steps() == [1]
         restored, extras = ckpt.restore({"params": {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}})
