@@ -172,7 +172,7 @@ def main(argv=None) -> None:
         "peers_s": {"TRL": PEER_TRL_S, "Tunix": 2.890, "EasyDeL": 3.958},
         "runs": runs,
     }
-    print(f"W4 median over {args.runs} runs: {summary['step_s']:.3f} s/step (target <= {TARGET_S}; TRL 2.93, "
+    print(f"W4 median over {args.runs} runs: {summary['step_s']:.3f} s/step (target <= {TARGET_S}; TRL {PEER_TRL_S}, "
           "Tunix 2.89), phases: " + ", ".join(f"{p} {v:.3f} s" for p, v in summary["phases_s"].items())
           + f"; matmul floor {summary['floor_s']:.3f} s (median of the runs')")
     if args.trl_python:
