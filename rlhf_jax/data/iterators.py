@@ -131,6 +131,7 @@ class BatchIterator:
         self._consumed = 0  # examples this host has taken from its stream
         self._order_epoch = -1
         self._order = np.arange(self._n)
+        self.last_rows: list[list[int]] = []  # the dataset indices of the last batch's rows (slot order)
 
     # ------------------------------------------------------------------------------ stream
     def _stream_position(self, k: int) -> int:
@@ -182,6 +183,7 @@ class BatchIterator:
             self._consumed += 1
         if packer.num_items == 0 or (ended and cfg.drop_remainder):
             raise StopIteration
+        self.last_rows = [list(row) for row in packer.rows]  # dataset indices per row, for per-example caches
         return collate(self.dataset, packer.rows, seq_len=cfg.seq_len, num_segments=cfg.num_segments)
 
     # ----------------------------------------------------------------------------- state
