@@ -24,9 +24,33 @@ from rlhf_jax.steps.preference import (
     make_reference_logps_fn,
     precompute_reference_logps,
 )
+from rlhf_jax.steps.rl import (
+    GRPO_PRESETS,
+    OPTIONAL_RL_BATCH_KEYS,
+    RL_BATCH_KEYS,
+    GRPOConfig,
+    PPOConfig,
+    check_rl_batch,
+    grpo_advantages,
+    grpo_config,
+    grpo_objective,
+    make_grpo_step,
+    make_ppo_step,
+)
 from rlhf_jax.steps.supervised import make_reward_model_loss, make_reward_model_step, make_sft_loss, make_sft_step
 
 __all__ = [
+    "GRPO_PRESETS",
+    "OPTIONAL_RL_BATCH_KEYS",
+    "RL_BATCH_KEYS",
+    "GRPOConfig",
+    "PPOConfig",
+    "check_rl_batch",
+    "grpo_advantages",
+    "grpo_config",
+    "grpo_objective",
+    "make_grpo_step",
+    "make_ppo_step",
     "DPO",
     "KTO",
     "ORPO",
