@@ -125,4 +125,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from rlhf_jax import host_memory
+
+    host_memory.configure_from_env()   # before JAX runs anything (importing rlhf_jax does not)
     main()

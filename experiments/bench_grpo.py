@@ -64,6 +64,9 @@ def run_once(bench_dir: str, devices: int) -> dict:
     sys.path.insert(0, bench_dir)
     import workloads as W  # noqa: PLC0415
 
+    from rlhf_jax import host_memory  # noqa: PLC0415
+
+    host_memory.configure_from_env()   # before JAX runs anything (importing rlhf_jax does not)
     from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig  # noqa: PLC0415
     from rlhf_jax.metrics import read_jsonl  # noqa: PLC0415
     from rlhf_jax.models import presets  # noqa: PLC0415

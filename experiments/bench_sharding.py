@@ -88,6 +88,9 @@ def _run(args) -> list[dict]:
     import jax
     import numpy as np
 
+    from rlhf_jax import host_memory  # noqa: PLC0415
+
+    host_memory.configure_from_env()   # before JAX runs anything (importing rlhf_jax does not)
     from rlhf_jax import compile as aot
     from rlhf_jax import sharding as sh
     from rlhf_jax.models import CausalLM

@@ -91,6 +91,9 @@ def _worker(args) -> dict:
     import optax
     import workloads as W
 
+    from rlhf_jax import host_memory  # noqa: PLC0415
+
+    host_memory.configure_from_env()   # before JAX runs anything (importing rlhf_jax does not)
     from rlhf_jax import sharding as sh
     from rlhf_jax.models import CausalLM
     from rlhf_jax.models.presets import get_config

@@ -2,15 +2,14 @@
 
 The pure core is imported here; the heavier subpackages load on first use
 (`rlhf_jax.models`, `rlhf_jax.data`, `rlhf_jax.sampling`, `rlhf_jax.steps`, ...).
+
+Importing the package changes nothing process-wide (allocator, log levels, JAX listeners): entry
+points do that, e.g. `rlhf_jax.host_memory.configure_from_env()` in the CLI and the benchmarks.
 """
 
 import importlib
 
-from rlhf_jax import host_memory
-
-host_memory.configure_from_env()   # before anything starts JAX's CPU client (see rlhf_jax.host_memory)
-
-from rlhf_jax import advantages, logprobs, losses  # noqa: E402
+from rlhf_jax import advantages, logprobs, losses
 from rlhf_jax.advantages import (
     adaptive_kl_controller,
     fixed_kl_controller,
@@ -31,8 +30,8 @@ from rlhf_jax.losses import aggregate, dpo_loss, kl_divergence, ppo_policy_loss,
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "checkpoint", "compile", "config", "data", "metrics", "models", "optim", "rewards", "sampling",
-    "sharding", "state", "steps", "testing", "train",
+    "checkpoint", "compile", "config", "data", "host_memory", "metrics", "models", "optim", "rewards",
+    "sampling", "sharding", "state", "steps", "testing", "train",
 )
 
 

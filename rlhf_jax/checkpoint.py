@@ -19,7 +19,6 @@ compute.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -47,8 +46,6 @@ __all__ = [
 _META = "meta"
 _EXTRAS = "extras"
 _RESERVED = (_META, _EXTRAS)
-
-logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 class CheckpointMismatchError(ValueError):

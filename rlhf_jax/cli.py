@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-__all__ = ["main", "load_experiment", "experiment_config"]
+__all__ = ["main", "load_experiment", "experiment_config", "setup_process"]
 
 _DESCRIPTION = "rlhf_jax: JAX-native post-training (SFT, reward models, DPO, PPO, GRPO) of language models."
 
@@ -198,13 +199,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of `prefixes` (known, harmless notices)."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# Notices of our dependencies that a normal run triggers and that tell the user nothing actionable:
+# transformers' advice when torch is absent (we never use torch), and orbax's remarks on opening a
+# checkpoint read-only (which we do on purpose for `init_from` and `export`).
+_QUIET = {
+    "transformers": ("PyTorch was not found",),
+    "absl": ("CheckpointManagerOptions.read_only=True", "Given directory is read only"),
+}
+
+
+def setup_process() -> str:
+    """The process-wide settings of a `rlhf-jax` command, made before anything runs JAX.
+
+    Importing `rlhf_jax` changes none of these; an entry point calls this first:
+    - the host allocator (`rlhf_jax.host_memory.configure_from_env`, `RLHF_JAX_HOST_MEMORY`);
+    - absl (orbax's logger) at WARNING, and the notices in `_QUIET` dropped by a filter on the
+      `transformers` and `absl` loggers (only those messages; every other warning still shows).
+
+    Returns:
+      The host-memory decision (`rlhf_jax.host_memory.status()`).
+    Raises:
+      ValueError: `RLHF_JAX_HOST_MEMORY` has a value other than auto, keep or system.
+    """
+    from rlhf_jax import host_memory  # noqa: PLC0415
+
+    decision = host_memory.configure_from_env()
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    for name, prefixes in _QUIET.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
+    return decision
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `rlhf-jax` and `python -m rlhf_jax`; returns the exit status.
 
     User errors (bad config keys or values, missing files, mismatched checkpoints, bad data) print
     one `error:` line and return 2; a run halted by the NaN/Inf guard prints the step and returns
-    1; anything else raises with its traceback.
+    1; anything else raises with its traceback. `setup_process()` runs first.
     """
+    try:
+        setup_process()
+    except ValueError as e:
+        print(f"rlhf-jax: error: {e}", file=sys.stderr)
+        return 2
     from rlhf_jax.checkpoint import CheckpointMismatchError  # noqa: PLC0415
     from rlhf_jax.config import ConfigError  # noqa: PLC0415
 

@@ -13,8 +13,16 @@ to back).
     RLHF_JAX_HOST_MEMORY=system  leave glibc's defaults alone
 
 The settings only take effect before JAX starts its CPU client: its threads pick their arenas at
-their first allocation. So `import rlhf_jax` applies them (`configure_from_env`) and does nothing
-once a JAX backend is running. The costs: the process keeps its peak heap (the resident size does
+their first allocation. Importing `rlhf_jax` changes nothing: entry points call `configure_from_env()`
+first thing, before anything runs JAX (the `rlhf-jax` CLI's `main` and the benchmark scripts do); it
+does nothing once a JAX backend is running. A script of your own that wants the setting does the
+same:
+
+    from rlhf_jax import host_memory
+    host_memory.configure_from_env()      # before the first JAX computation
+    ...
+
+The costs: the process keeps its peak heap (the resident size does
 not shrink after a step; W4's peak RSS went from about 2.0 to 2.4-3.5 GB), and processes that
 mostly compile many short programs run slower (the test suite: about 8% wall time, with 2.7x the
 kernel time), which is why the tests set `system`. Not glibc (macOS, musl): nothing is changed.
@@ -37,7 +45,7 @@ _STATUS = "not configured"
 
 
 def status() -> str:
-    """What `configure_from_env` decided in this process (for logs and benchmark reports)."""
+    """What `configure_from_env` decided in this process ("not configured" before it is called)."""
     return _STATUS
 
 
@@ -82,7 +90,7 @@ def configure_from_env() -> str:
     elif mode == "auto" and not _cpu_only():
         _STATUS = "system allocator (an accelerator platform is available)"
     elif _backend_running():
-        _STATUS = "system allocator (a JAX backend was already running when rlhf_jax was imported)"
+        _STATUS = "system allocator (a JAX backend was already running when configure_from_env was called)"
     elif keep_freed_memory():
         _STATUS = "keep freed memory (glibc: 1 arena, no mmap chunks, no trim)"
     else:
