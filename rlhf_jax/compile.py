@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile a training step ahead of time for a mesh of this machine or a TPU topology, "
                     "and report per-device memory, FLOPs and whether it fits.",
     )
-    p.add_argument("--model", default="w1", help=f"model preset: tiny, {', '.join(sorted(PRESETS))} (default w1)")
+    p.add_argument("--model", default="w1", help=f"model preset: {', '.join(sorted(PRESETS))} (default w1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a ModelConfig field, e.g. --set num_layers=2 --set dtype=bfloat16")
     p.add_argument("--step", default="sft", choices=["sft", "reward_model", "dpo"])
@@ -375,14 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     overrides = _parse_overrides(args.overrides)
-    if args.model == "tiny":
-        from rlhf_jax.testing import tiny_config
-
-        config = tiny_config(**overrides)
-    elif args.model in PRESETS:
+    if args.model in PRESETS:
         config = get_config(args.model, **overrides)
     else:
-        print(f"unknown --model {args.model!r}; presets: tiny, {', '.join(sorted(PRESETS))}", file=sys.stderr)
+        print(f"unknown --model {args.model!r}; presets: {', '.join(sorted(PRESETS))}", file=sys.stderr)
         return 2
     try:
         if args.topology:

@@ -36,7 +36,22 @@ def _count_by_hand(c) -> int:
 
 
 def test_every_preset_is_covered():
-    assert set(PRESETS) == set(PUBLISHED)
+    assert set(PRESETS) == set(PUBLISHED) | {"tiny"}
+
+
+def test_tiny_preset_is_the_test_model():
+    """`get_config("tiny")`: what `rlhf_jax.testing.tiny_config` returns, with room for the offline tokenizer."""
+    from rlhf_jax.data.offline_tokenizer import OFFLINE_VOCAB_SIZE
+    from rlhf_jax.testing import TINY_VOCAB_SIZE, tiny_config
+
+    c = get_config("tiny")
+    assert c == tiny_config() and c.vocab_size == TINY_VOCAB_SIZE == 256 >= OFFLINE_VOCAB_SIZE == 104
+    assert (c.model_type, c.hidden_size, c.intermediate_size, c.num_layers) == ("llama", 64, 128, 2)
+    assert (c.num_heads, c.num_kv_heads, c.head_dim, c.max_position_embeddings) == (4, 2, 16, 512)
+    assert (c.param_dtype, c.dtype) == ("float32", "float32")
+    # 2 x 256 x 64 embeddings and head, 2 layers of (attention 12,288 + MLP 24,576 + norms 128), final norm.
+    assert CausalLM(c).num_params() == _count_by_hand(c) == 106_816
+    assert get_config("tiny", model_type="qwen3", qk_norm=True) == tiny_config(model_type="qwen3", qk_norm=True)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

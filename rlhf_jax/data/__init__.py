@@ -11,6 +11,7 @@ from rlhf_jax.data.batches import batch_spec, collate, segment_last_index, segme
 from rlhf_jax.data.dataset import Ragged, TokenizedDataset, load_dataset
 from rlhf_jax.data.formats import DataError, RowRef, parse_row
 from rlhf_jax.data.iterators import BatchConfig, BatchIterator
+from rlhf_jax.data.offline_tokenizer import OFFLINE_VOCAB_SIZE, offline_tokenizer, save_offline_tokenizer
 from rlhf_jax.data.packing import RowPacker, pack_rows
 from rlhf_jax.data.sources import TFDSSource, read_rows
 from rlhf_jax.data.synthetic import ArithmeticTask, VowelTask
@@ -22,6 +23,7 @@ __all__ = [
     "BatchConfig",
     "BatchIterator",
     "DataError",
+    "OFFLINE_VOCAB_SIZE",
     "Ragged",
     "RowPacker",
     "RowRef",
@@ -34,9 +36,11 @@ __all__ = [
     "collate",
     "load_dataset",
     "load_tokenizer",
+    "offline_tokenizer",
     "pack_rows",
     "parse_row",
     "read_rows",
+    "save_offline_tokenizer",
     "segment_last_index",
     "segment_sums",
     "tokenize_sequences",

@@ -1,4 +1,5 @@
-"""Named model configurations: published architectures at full size, and the benchmark model W1.
+"""Named model configurations: published architectures at full size, the benchmark model W1, and
+`tiny`, a 2-layer model that runs in milliseconds on a CPU (tests, notebooks, the tiny experiments).
 
 Shapes follow each model's Hugging Face `config.json`. Real-size presets train in mixed precision
 (float32 parameters, bfloat16 compute); override any field with `get_config(name, **changes)`, e.g.
@@ -16,6 +17,8 @@ import types
 from collections.abc import Mapping
 
 from rlhf_jax.models.config import ModelConfig, RopeScaling
+
+__all__ = ["PRESETS", "TINY_VOCAB_SIZE", "get_config", "register"]
 
 _REGISTRY: dict[str, ModelConfig] = {}
 # Read-only view of every registered preset, by name.
@@ -124,4 +127,16 @@ register("w1", ModelConfig(
     # 4 layers: an unrolled loop compiles in seconds and runs ~10% faster than lax.scan on CPU
     # (no stacked-residual buffers to fill and slice); deep models keep scan for compile time.
     scan_layers=False,
+))
+
+# Room for every id of the offline tokenizer (`rlhf_jax.data.offline_tokenizer`, 104 ids) and of
+# small test vocabularies.
+TINY_VOCAB_SIZE = 256
+
+# A 2-layer GQA Llama (4 query heads, 2 kv heads), hidden 64: 106,816 parameters, float32.
+# `get_config("tiny", model_type="qwen3", qk_norm=True)` gives its other families.
+register("tiny", ModelConfig(
+    model_type="llama", vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
+    rms_norm_eps=1e-6,
 ))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
@@ -55,10 +56,13 @@ __all__ = ["SamplingConfig", "SamplerStats", "SamplerParams", "Sampler", "defaul
 _METHODS = (Greedy, Categorical, TopK, TopP, MinP)
 
 # XLA compilations per jitted function name, counted from JAX's compile events (a program served
-# again from the dispatch cache is not counted; a recompilation is).
+# again from the dispatch cache is not counted; a recompilation is). The listener is registered
+# when the first `Sampler` is built, never at import.
 _COMPILES: collections.Counter = collections.Counter()
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _INSTANCES = itertools.count()
+_LISTENING = threading.Lock()
+_listener_registered = False
 
 
 def _count_compile(event: str, duration: float, **kwargs) -> None:
@@ -67,7 +71,13 @@ def _count_compile(event: str, duration: float, **kwargs) -> None:
         _COMPILES[kwargs["fun_name"]] += 1
 
 
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
+def _count_compiles() -> None:
+    """Register the compile counter with `jax.monitoring` once per process (first `Sampler`)."""
+    global _listener_registered
+    with _LISTENING:
+        if not _listener_registered:
+            jax.monitoring.register_event_duration_secs_listener(_count_compile)
+            _listener_registered = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -198,6 +208,7 @@ class Sampler:
         self.strategy = None if mesh is None else shd.check_strategy(strategy, mesh)
         self.stats = SamplerStats()
         self._param_dtype = config.jnp_param_dtype
+        _count_compiles()          # before any of this sampler's programs can compile
         self._build_programs()
 
     # ------------------------------------------------------------------------------ programs

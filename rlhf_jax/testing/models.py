@@ -1,28 +1,14 @@
-"""Tiny model configurations that run in milliseconds on a CPU."""
+"""Tiny model configurations that run in milliseconds on a CPU (the `tiny` model preset)."""
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.presets import TINY_VOCAB_SIZE, get_config
 
-# Room for every id of the offline tokenizer (`OFFLINE_VOCAB_SIZE` = 104) and of small test vocabularies.
-TINY_VOCAB_SIZE = 256
+__all__ = ["TINY_VOCAB_SIZE", "tiny_config"]
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    """A 2-layer GQA Llama (4 query heads, 2 kv heads) with the offline tokenizer's vocabulary.
+    """`rlhf_jax.models.presets.get_config("tiny", **overrides)`: a 2-layer GQA Llama, hidden 64.
 
     Any `ModelConfig` field can be overridden, e.g. `tiny_config(model_type="qwen3", qk_norm=True)`.
     """
-    fields = dict(
-        model_type="llama",
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    return get_config("tiny", **overrides)

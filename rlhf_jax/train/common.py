@@ -36,7 +36,7 @@ from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.state import TrainState, abstract_train_state, create_train_state, train_state_from_params
 from rlhf_jax.steps.common import model_state_shardings
-from rlhf_jax.testing import tiny_config
+from rlhf_jax.models.presets import get_config
 from rlhf_jax.train.loop import RunDir
 
 __all__ = [
@@ -169,7 +169,7 @@ class RunConfig:
     name: str
     workdir: str | None = None
     seed: int = 0
-    model: ModelConfig = dataclasses.field(default_factory=tiny_config)
+    model: ModelConfig = dataclasses.field(default_factory=lambda: get_config("tiny"))
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     optim: OptimizerConfig = OptimizerConfig()
@@ -200,7 +200,7 @@ def synthetic_task(data: DataConfig, source: str | None) -> Any:
 def make_tokenizer(spec: str):
     """The tokenizer of `data.tokenizer`: "offline" or a local directory (FileNotFoundError otherwise)."""
     if spec == "offline":
-        from rlhf_jax.testing.tokenizer import offline_tokenizer  # noqa: PLC0415
+        from rlhf_jax.data.offline_tokenizer import offline_tokenizer  # noqa: PLC0415
 
         return offline_tokenizer()
     return load_tokenizer(spec)
