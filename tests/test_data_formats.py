@@ -239,3 +239,80 @@ def test_rename_maps_columns():
         rename={"question": "prompt"},
     )
     assert dataset.columns == {"solution": ["2"]}
+
+
+# Messages say what was found (issue 22): a null column is "null", not "missing" while listed as found.
+@pytest.mark.parametrize(
+    "kind, row, problem",
+    [
+        ("sft", {"prompt": None, "completion": "a"}, "column 'prompt' is null"),
+        ("preference", {"prompt": None, "chosen": "a", "rejected": "b"}, "column 'prompt' is null"),
+        ("preference", {"prompt": "q", "chosen": None, "rejected": None}, "column 'chosen', 'rejected' is null"),
+        (
+            "sft",
+            {"prompt": None, "completion": None},
+            "column 'prompt', 'completion' is null; an SFT row needs 'prompt' and 'completion', 'messages', "
+            "or 'text'",
+        ),
+        ("unpaired", {"prompt": "q", "completion": "a", "label": None}, "column 'label' is null"),
+        ("prompt", {"prompt": None, "answer": "2"}, "column 'prompt' is null"),
+    ],
+)
+def test_a_null_column_is_reported_as_null(kind, row, problem):
+    with pytest.raises(DataError) as info:
+        parse_row(row, kind, REF)
+    assert str(info.value) == f"d.jsonl line 3: {problem}"
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        (
+            {"prompt": "q", "chosen": 3, "rejected": "b"},
+            "columns 'chosen' and 'rejected' must both be strings or both message lists, got int 3 and str 'b'",
+        ),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": {"text": "x" * 60}},
+            "columns 'chosen' and 'rejected' must both be strings or both message lists, got str 'a' and "
+            "dict {'text': 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...",
+        ),
+        (
+            {"prompt": "q", "chosen": 1.5, "rejected": 2.5},
+            "columns 'chosen' and 'rejected' must both be strings or both message lists, got float 1.5 and float 2.5",
+        ),
+    ],
+)
+def test_a_non_string_completion_names_its_type_and_value(row, problem):
+    with pytest.raises(DataError) as info:
+        parse_row(row, "preference", REF)
+    assert str(info.value) == f"d.jsonl line 3: {problem}"
+
+
+def test_a_lone_surrogate_or_an_overflowing_margin_is_a_bad_row():
+    """JSON escapes can spell text no tokenizer takes, and integers no float holds: both are row errors."""
+    row = json.loads('{"prompt": "q\\ud800", "completion": "a"}')
+    with pytest.raises(DataError, match=r"d.jsonl line 3: column 'prompt' holds the lone surrogate '\\ud800' at "
+                                        r"character 1 \(not valid Unicode text\)"):
+        parse_row(row, "sft", REF)
+    row = json.loads('{"messages": [{"role": "user", "content": "q", "name": "\\udfff"}, '
+                     '{"role": "assistant", "content": "a"}]}')
+    with pytest.raises(DataError, match="messages\\[0\\].name holds the lone surrogate"):
+        parse_row(row, "sft", REF)
+    with pytest.raises(DataError, match="column 'margin' must be a finite number, got int 1000000"):
+        parse_row({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 10**400}, "preference", REF)
+
+
+def test_no_usable_rows_names_the_file_not_a_row(tmp_path):
+    path = _write(tmp_path / "prefs.jsonl", [json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"})] * 2)
+    with pytest.raises(DataError) as info:
+        load_dataset(path, kind="preference", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=32),
+                     on_error="skip")
+    assert str(info.value) == (
+        f"{path}: no usable preference rows (2 read, 2 skipped; first problem: "
+        f"{path} line 1: 'chosen' and 'rejected' are identical)"
+    )
+    assert info.value.ref == RowRef(str(path), None, "row")
+    empty = _write(tmp_path / "empty.jsonl", [""])
+    with pytest.raises(DataError) as info:
+        load_dataset(empty, kind="sft", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=32))
+    assert str(info.value) == f"{empty}: no usable sft rows (0 read, 0 skipped)"

@@ -170,3 +170,134 @@ def test_source_errors_name_the_path(tmp_path):
         _load(tmp_path / "empty")
     with pytest.raises(TypeError, match="unsupported source int"):
         _load(3)
+
+
+# Bad bytes and damaged files (issue 22): a DataError naming file, line and byte offset, never a bare
+# UnicodeDecodeError or EOFError.
+GOOD_LINE = json.dumps(STRING_ROWS[0]).encode() + b"\n"
+
+
+def test_a_bad_byte_in_jsonl_names_line_and_offset_and_is_skippable(tmp_path):
+    path = tmp_path / "p.jsonl"
+    bad = b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
+    data = GOOD_LINE + bad + GOOD_LINE
+    path.write_bytes(data)
+    offset = data.index(b"\xe9")
+    message = f"{path} line 2: invalid UTF-8 byte 0xe9 at byte offset {offset} (the file must be UTF-8 text)"
+    with pytest.raises(DataError) as info:
+        _load(path)
+    assert str(info.value) == message and offset == 81  # len(GOOD_LINE) + len(b'{"prompt": "caf')
+    ds = _load(path, on_error="skip")
+    assert len(ds) == 2 and ds.num_rows == 3
+    assert [str(e) for e in ds.skipped] == [message]
+    assert f"{path}: 3 rows read, 2 preference examples, 1 rows skipped ({message})" == ds.report()
+
+
+def test_a_bad_byte_in_csv_skips_the_record_holding_it(tmp_path):
+    path = tmp_path / "p.csv"
+    data = b'prompt,chosen,rejected\n1+1=,2,3\n"a\nb\xff",4,5\n2+2=,4,5\n'
+    path.write_bytes(data)
+    offset = data.index(b"\xff")
+    with pytest.raises(DataError, match=f"p.csv line 4: invalid UTF-8 byte 0xff at byte offset {offset} "):
+        _load(path)
+    ds = _load(path, on_error="skip")  # the quoted record spans lines 3-4; line 5 is read as before
+    assert [str(e) for e in ds.skipped] == [
+        f"{path} line 4: invalid UTF-8 byte 0xff at byte offset 36 (the file must be UTF-8 text)"
+    ]
+    _assert_same(ds, _load([{"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+                            {"prompt": "2+2=", "chosen": "4", "rejected": "5"}]))
+    header = tmp_path / "h.csv"
+    header.write_bytes(b"prompt,ch\xc3osen,rejected\n1+1=,2,3\n")
+    with pytest.raises(DataError, match="h.csv line 1: invalid UTF-8 byte 0xc3 at byte offset 9 "):
+        _load(header, on_error="skip")  # no header, no rows: not skippable
+
+
+def test_a_bad_byte_in_a_json_array_names_its_line(tmp_path):
+    path = tmp_path / "p.json"
+    data = b'[\n' + GOOD_LINE.rstrip() + b',\n{"prompt": "\x80", "chosen": "a", "rejected": "b"}\n]'
+    path.write_bytes(data)
+    with pytest.raises(DataError) as info:
+        _load(path)
+    offset = data.index(b"\x80")
+    assert str(info.value) == (
+        f"{path} line 3: invalid UTF-8 byte 0x80 at byte offset {offset} (the file must be UTF-8 text)"
+    )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".json"])
+def test_a_leading_bom_is_accepted(tmp_path, suffix):
+    path = tmp_path / f"p{suffix}"
+    if suffix == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in STRING_ROWS)
+    elif suffix == ".json":
+        text = json.dumps(STRING_ROWS)
+    else:
+        text = "prompt,chosen,rejected,margin\n" + "".join(
+            f"{r['prompt']},{r['chosen']},{r['rejected']},{r['margin']}\n" for r in STRING_ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    _assert_same(_load(path), _load(STRING_ROWS))
+    gz = tmp_path / f"p{suffix}.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    _assert_same(_load(gz), _load(STRING_ROWS))
+
+
+def test_a_truncated_gzip_names_the_file_and_the_last_good_line(tmp_path):
+    lines = [json.dumps({"prompt": f"{i}+{i}=", "chosen": "x" * 30 + str(i), "rejected": "y"}) for i in range(400)]
+    data = gzip.compress(("\n".join(lines) + "\n").encode())
+    path = tmp_path / "p.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    read = []
+    with pytest.raises(DataError) as info:
+        for ref, row in read_rows(path):
+            read.append((ref.index, row))
+    good = len(read)
+    assert 0 < good < 400 and read == [(i + 1, json.loads(lines[i])) for i in range(good)]
+    assert str(info.value) == (
+        f"{path} line {good + 1}: the compressed file is corrupt or truncated (EOFError: Compressed file ended "
+        f"before the end-of-stream marker was reached); the last good line is {good}"
+    )
+    with pytest.raises(DataError, match=f"the last good line is {good}"):
+        _load(path, on_error="skip")  # the rest of the file is lost: never skipped silently
+    not_gzip = tmp_path / "q.csv.gz"
+    not_gzip.write_bytes(b"prompt,chosen,rejected\n")
+    with pytest.raises(DataError, match="q.csv.gz line 1: the compressed file is corrupt or truncated "
+                                        "\\(BadGzipFile: Not a gzipped file \\(b'pr'\\)\\); no line could be read"):
+        _load(not_gzip)
+    json_gz = tmp_path / "p.json.gz"
+    json_gz.write_bytes(gzip.compress(json.dumps(STRING_ROWS, indent=1).encode())[:-12])
+    with pytest.raises(DataError, match="p.json.gz line .*: the compressed file is corrupt or truncated"):
+        _load(json_gz)
+
+
+def test_a_corrupt_parquet_file_names_the_file(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(STRING_ROWS), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 20])
+    with pytest.raises(DataError, match="p.parquet row 0: not a readable Parquet file .*; no row could be read"):
+        _load(path)
+
+
+def test_the_data_modules_import_no_circle():
+    """No module of rlhf_jax.data imports another that (directly or not) imports it back, at any depth."""
+    import ast
+    import pathlib
+
+    import rlhf_jax.data as data
+
+    root = pathlib.Path(data.__file__).parent
+    graph = {}
+    for file in root.glob("*.py"):
+        if file.name == "__init__.py":
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(file.read_text())):  # function-level imports included
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rlhf_jax.data."):
+                imported.add(node.module.rsplit(".", 1)[1])
+        graph[file.stem] = imported
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+
+    assert graph["sources"] and graph["tfds_preferences"]  # the graph was read
+    assert [m for m in sorted(graph) if reaches(m, m)] == []

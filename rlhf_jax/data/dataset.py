@@ -279,8 +279,8 @@ def load_dataset(
     skipped.sort(key=lambda e: (e.ref.source, e.ref.index))
     if builder.count == 0:
         first = f"; first problem: {skipped[0]}" if skipped else ""
-        raise DataError(
-            RowRef(name, num_rows), f"no usable {kind} rows ({num_rows} read, {len(skipped)} skipped{first})"
+        raise DataError(  # the whole source is at fault: the message names it, not a row
+            RowRef(name, None), f"no usable {kind} rows ({num_rows} read, {len(skipped)} skipped{first})"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = TokenizedDataset(

@@ -42,6 +42,8 @@ __all__ = [
     "PromptExample",
     "Example",
     "parse_row",
+    "describe_value",
+    "require_columns",
 ]
 
 Kind = Literal["sft", "preference", "unpaired", "prompt"]
@@ -55,16 +57,17 @@ class RowRef:
 
     Attributes:
       source: the file (or a description such as `<rows>` for in-memory data).
-      index: 1-based line number for text files (JSONL, CSV), 0-based row index otherwise.
+      index: 1-based line number for text files (JSONL, CSV), 0-based row index otherwise; None
+        for a problem of the whole source (e.g. no usable rows), which names the source alone.
       unit: "line" or "row".
     """
 
     source: str
-    index: int
+    index: int | None
     unit: Literal["line", "row"] = "row"
 
     def __str__(self) -> str:
-        return f"{self.source} {self.unit} {self.index}"
+        return self.source if self.index is None else f"{self.source} {self.unit} {self.index}"
 
 
 class DataError(ValueError):
@@ -135,12 +138,32 @@ Example = Union[SFTExample, PreferenceExample, UnpairedExample, PromptExample]
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _require(row: Mapping[str, Any], ref: RowRef, *names: str) -> None:
-    missing = [n for n in names if n not in row or row[n] is None]
+def require_columns(row: Mapping[str, Any], ref: RowRef, *names: str) -> None:
+    """`DataError` naming the columns of `names` that `row` lacks, or else those that are null."""
+    missing = [n for n in names if n not in row]
     if missing:
         raise DataError(
             ref, f"missing column {', '.join(repr(m) for m in missing)}; found columns {sorted(row)}"
         )
+    null = [n for n in names if row[n] is None]
+    if null:
+        raise DataError(ref, f"column {', '.join(repr(n) for n in null)} is null")
+
+
+_require = require_columns
+
+
+def _check_unicode(value: str, ref: RowRef, where: str) -> str:
+    """`value`, unless it holds a lone surrogate (a JSON escape such as \\ud800), which no tokenizer takes."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(
+                ref, f"{where} holds the lone surrogate {value[err.start]!r} at character {err.start} "
+                "(not valid Unicode text)"
+            ) from None
+    return value
 
 
 def _messages(value: Any, ref: RowRef, column: str, roles: Sequence[str]) -> tuple[Mapping[str, Any], ...]:
@@ -162,6 +185,9 @@ def _messages(value: Any, ref: RowRef, column: str, roles: Sequence[str]) -> tup
         content = message.get("content")
         if not isinstance(content, str):
             raise DataError(ref, f"{column}[{i}] ({role}) content must be a string, got {_describe(content)}")
+        for key, item in message.items():  # every string of a message may reach the chat template
+            if isinstance(item, str):
+                _check_unicode(item, ref, f"{column}[{i}].{key}")
         out.append(dict(message))
     return tuple(out)
 
@@ -171,12 +197,19 @@ def _text(value: Any, ref: RowRef, column: str, *, allow_empty: bool = False) ->
         raise DataError(ref, f"column {column!r} must be a string, got {_describe(value)}")
     if not allow_empty and not value.strip():
         raise DataError(ref, f"column {column!r} is empty")
-    return value
+    return _check_unicode(value, ref, f"column {column!r}")
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
+def describe_value(value: Any) -> str:
+    """A value for messages: its type and its repr, shortened to 40 characters (`int 5`, `str 'ab...'`)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = "(nested too deeply to show)"
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+_describe = describe_value
 
 
 def _check_trained(messages: Sequence[Mapping[str, Any]], start: int, ref: RowRef, column: str) -> None:
@@ -236,7 +269,7 @@ def _margin(value: Any, ref: RowRef) -> float:
         return 0.0
     try:
         margin = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         margin = math.nan
     if not math.isfinite(margin):
         raise DataError(ref, f"column 'margin' must be a finite number, got {_describe(value)}")
@@ -257,18 +290,22 @@ def _parse_sft(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> SFT
         return SFTExample(_prompt_completion(row, ref, roles))
     if row.get("text") is not None:
         return SFTExample(Plain("", _text(row["text"], ref, "text")))
-    raise DataError(
-        ref,
-        "missing column: an SFT row needs 'prompt' and 'completion', 'messages', or 'text'; "
-        f"found columns {sorted(row)}",
-    )
+    needs = "an SFT row needs 'prompt' and 'completion', 'messages', or 'text'"
+    null = [c for c in ("prompt", "completion", "messages", "text") if c in row]
+    if null:
+        raise DataError(ref, f"column {', '.join(repr(c) for c in null)} is null; {needs}")
+    raise DataError(ref, f"missing column: {needs}; found columns {sorted(row)}")
 
 
 def _parse_preference(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> PreferenceExample:
     _require(row, ref, "chosen", "rejected")
     chosen, rejected = row["chosen"], row["rejected"]
-    if isinstance(chosen, str) != isinstance(rejected, str):
-        raise DataError(ref, "columns 'chosen' and 'rejected' must both be strings or both message lists")
+    if isinstance(chosen, str) != isinstance(rejected, str) or not isinstance(chosen, (str, list, tuple)):
+        raise DataError(
+            ref,
+            "columns 'chosen' and 'rejected' must both be strings or both message lists, "
+            f"got {_describe(chosen)} and {_describe(rejected)}",
+        )
     implicit = isinstance(chosen, (list, tuple)) and any(
         isinstance(m, Mapping) and m.get("role") != "assistant" for m in chosen
     )

@@ -11,7 +11,10 @@ Sources:
 - a path to a file: `.jsonl` (one JSON object per line; blank lines are not rows), `.json` (a JSON
   array of objects), `.parquet`, `.csv` (a header row; every value is a string); `.jsonl.gz`,
   `.json.gz`, `.csv.gz` are read through gzip. Refs are 1-based lines for JSONL/CSV, 0-based rows
-  otherwise.
+  otherwise. Text is decoded as UTF-8 one line at a time and a leading BOM is ignored: a line holding
+  a byte that is not UTF-8 is a bad row (`DataError` naming the line and the byte offset, skipped
+  under `on_error="skip"`); in a `.json` file, one document, it raises. A corrupt or truncated
+  `.gz` or Parquet file raises a `DataError` naming the last good line (row).
 - a path to a directory: a Hugging Face `datasets` dataset written by `save_to_disk` (a
   `DatasetDict` needs `split=`), or a prepared TFDS dataset version directory (read with
   `as_data_source`, no TensorFlow needed; `split` defaults to "train").
@@ -25,16 +28,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
-import io
 import json
 import os
+import re
 import sys
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from rlhf_jax.data.formats import DataError, RowRef
+from rlhf_jax.data.preference_records import PREFERENCE_BUILDER_NAME, decode_preference_row
 
 __all__ = ["TFDSSource", "Source", "read_rows", "describe_source"]
 
@@ -60,32 +65,116 @@ def describe_source(source: Source) -> str:
     return "<rows>"
 
 
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+_BOM = b"\xef\xbb\xbf"
+# What a damaged compressed stream raises while it is read: a truncated stream (EOFError), a bad
+# header or CRC (gzip.BadGzipFile, an OSError), corrupt deflate data (zlib.error).
+_COMPRESSED_ERRORS = (EOFError, OSError, zlib.error)
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _where(path: str, offset: int) -> str:
+    return f"byte offset {offset}" + (" of the decompressed text" if path.endswith(".gz") else "")
+
+
+def _bad_byte(path: str, data: bytes, err: UnicodeDecodeError, base: int) -> str:
+    return (f"invalid UTF-8 byte 0x{data[err.start]:02x} at {_where(path, base + err.start)} "
+            "(the file must be UTF-8 text)")
+
+
+def _truncated(path: str, lines: int, err: BaseException) -> DataError:
+    last = f"the last good line is {lines}" if lines else "no line could be read"
+    return DataError(
+        RowRef(path, lines + 1, "line"),
+        f"the compressed file is corrupt or truncated ({type(err).__name__}: {err}); {last}",
+    )
+
+
+def _lines(path: str) -> Iterator[tuple[int, str, DataError | None]]:
+    """`(line number, text, error)` of every line (1-based, line ending kept), decoded one at a time.
+
+    A line that is not UTF-8 comes with a `DataError` naming its line and byte offset (so one bad
+    byte costs one row) and its text decoded with U+FFFD in place of the bad bytes (ASCII bytes,
+    hence line structure and CSV quoting, are kept); a leading UTF-8 BOM is dropped. A damaged
+    compressed file raises a `DataError` naming the last good line.
+    """
+    lineno, offset = 0, 0
+    with _open_binary(path) as f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except _COMPRESSED_ERRORS as err:
+                if not path.endswith(".gz"):
+                    raise
+                raise _truncated(path, lineno, err) from None
+            lineno += 1
+            start = offset
+            offset += len(raw)
+            if lineno == 1 and raw.startswith(_BOM):
+                raw, start = raw[len(_BOM):], start + len(_BOM)
+            try:
+                yield lineno, raw.decode("utf-8"), None
+            except UnicodeDecodeError as err:
+                error = DataError(RowRef(path, lineno, "line"), _bad_byte(path, raw, err, start))
+                yield lineno, raw.decode("utf-8", "replace"), error
+
+
+def _parse_json_line(line: str) -> Any:
+    """One JSON value; ValueError naming the problem (and column) when the line is not one."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"malformed JSON: {err.msg} at column {err.colno}") from None
+    except (ValueError, RecursionError) as err:  # e.g. an integer of over 4300 digits, deep nesting
+        raise ValueError(f"malformed JSON: {err}") from None
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[RowRef, Any]]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            ref = RowRef(path, lineno, "line")
-            try:
-                yield ref, json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                yield ref, DataError(ref, f"malformed JSON: {err.msg} at column {err.colno}")
+    for lineno, line, error in _lines(path):
+        ref = RowRef(path, lineno, "line")
+        if error is not None:
+            yield ref, error
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield ref, _parse_json_line(line.rstrip("\r\n"))
+        except ValueError as err:
+            yield ref, DataError(ref, str(err))
 
 
 def _read_json(path: str) -> Iterator[tuple[RowRef, Any]]:
-    with _open_text(path) as f:
+    chunks: list[bytes] = []
+    with _open_binary(path) as f:
         try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                RowRef(path, err.lineno, "line"), f"malformed JSON: {err.msg} at column {err.colno}"
-            ) from None
+            while chunk := f.read(1 << 24):
+                chunks.append(chunk)
+        except _COMPRESSED_ERRORS as err:
+            if not path.endswith(".gz"):
+                raise
+            raise _truncated(path, sum(c.count(b"\n") for c in chunks), err) from None
+    data = b"".join(chunks)
+    base = len(_BOM) if data.startswith(_BOM) else 0
+    try:
+        text = data[base:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, base + err.start) + 1
+        raise DataError(RowRef(path, line, "line"), _bad_byte(path, data[base:], err, base)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            RowRef(path, err.lineno, "line"), f"malformed JSON: {err.msg} at column {err.colno}"
+        ) from None
+    except (ValueError, RecursionError) as err:  # e.g. an integer of over 4300 digits, deep nesting
+        long_int = re.search(r"\d{4301,}", text) if isinstance(err, ValueError) else None
+        line = text.count("\n", 0, long_int.start()) + 1 if long_int else 1
+        raise DataError(RowRef(path, line, "line"), f"malformed JSON: {err}") from None
     if not isinstance(data, list):
         raise DataError(
             RowRef(path, 1, "line"),
@@ -97,24 +186,63 @@ def _read_json(path: str) -> Iterator[tuple[RowRef, Any]]:
 
 
 def _read_csv(path: str) -> Iterator[tuple[RowRef, Any]]:
-    with _open_text(path) as f:
-        reader = csv.DictReader(f)
-        for row in reader:
+    bad: dict[int, DataError] = {}
+
+    def text_lines() -> Iterator[str]:
+        for lineno, line, error in _lines(path):
+            if error is not None:  # read on (U+FFFD in place of the bad bytes) to find its record
+                bad[lineno] = error
+            yield line
+
+    reader = csv.reader(text_lines())
+    header: list[str] | None = None
+    last = 0  # the last line of the previous record
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
             ref = RowRef(path, reader.line_num, "line")
-            if None in row:
-                yield ref, DataError(ref, f"the row has more fields than the header {reader.fieldnames}")
-            else:
-                yield ref, row
+            if header is None:
+                raise DataError(ref, f"malformed CSV header: {err}") from None
+            yield ref, DataError(ref, f"malformed CSV: {err}")
+            last = reader.line_num
+            continue
+        ref = RowRef(path, reader.line_num, "line")
+        errors = [bad[n] for n in range(last + 1, reader.line_num + 1) if n in bad]
+        last = reader.line_num
+        if header is None:
+            if errors:
+                raise errors[0]
+            if record:  # blank lines before the header are not rows
+                header = record
+            continue
+        if errors:
+            yield errors[0].ref, errors[0]
+        elif not record:
+            continue  # a blank line is not a row
+        elif len(record) > len(header):
+            yield ref, DataError(ref, f"the row has more fields than the header {header}")
+        else:  # missing trailing fields are None, as csv.DictReader reads them
+            yield ref, dict(zip(header, record + [None] * (len(header) - len(record))))
 
 
 def _read_parquet(path: str) -> Iterator[tuple[RowRef, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            yield RowRef(path, index), row
-            index += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield RowRef(path, index), row
+                index += 1
+    except (pa.ArrowException, OSError) as err:  # not Parquet, truncated, a corrupt page
+        last = f"the last good row is {index - 1}" if index else "no row could be read"
+        raise DataError(
+            RowRef(path, index), f"not a readable Parquet file ({type(err).__name__}: {err}); {last}"
+        ) from None
 
 
 def _read_hf(dataset, name: str) -> Iterator[tuple[RowRef, Any]]:
@@ -162,8 +290,6 @@ def _plain_value(value: Any) -> Any:
 
 
 def _read_tfds(data_source, name: str, builder_name: str) -> Iterator[tuple[RowRef, Any]]:
-    from rlhf_jax.data.tfds_preferences import PREFERENCE_BUILDER_NAME, decode_preference_row
-
     ours = builder_name == PREFERENCE_BUILDER_NAME
     for i in range(len(data_source)):
         row = {k: _plain_value(v) for k, v in data_source[i].items()}

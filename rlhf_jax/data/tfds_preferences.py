@@ -14,14 +14,16 @@ they need: `load_dataset` validates them when it reads them back.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
-from rlhf_jax.data.formats import DataError
+from rlhf_jax.data.preference_records import (
+    PREFERENCE_BUILDER_NAME,
+    decode_preference_row,
+    encode_preference_row,
+)
 from rlhf_jax.data.sources import Source, read_rows
 
 __all__ = [
@@ -30,38 +32,6 @@ __all__ = [
     "decode_preference_row",
     "preference_builder_class",
 ]
-
-PREFERENCE_BUILDER_NAME = "rlhf_jax_preferences"
-_TEXT_FIELDS = ("prompt", "chosen", "rejected")
-
-
-def _encode_row(ref, row: Any) -> dict[str, Any]:
-    if isinstance(row, DataError):
-        raise row
-    if not isinstance(row, Mapping):
-        raise DataError(ref, f"a row must be an object, got {type(row).__name__}")
-    missing = [c for c in ("chosen", "rejected") if row.get(c) is None]
-    if missing:
-        raise DataError(
-            ref, f"missing column {', '.join(repr(m) for m in missing)}; found columns {sorted(row)}"
-        )
-    margin = row.get("margin")
-    try:
-        margin = 0.0 if margin is None else float(margin)
-    except (TypeError, ValueError):
-        raise DataError(ref, f"column 'margin' must be a number, got {margin!r}") from None
-    out = {name: json.dumps(row.get(name), ensure_ascii=False) for name in _TEXT_FIELDS}
-    out["margin"] = np.float32(margin)
-    return out
-
-
-def decode_preference_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored row (JSON text fields) back as `{"prompt"?, "chosen", "rejected", "margin"}`."""
-    out = {name: json.loads(row[name]) for name in _TEXT_FIELDS}
-    if out["prompt"] is None:
-        del out["prompt"]
-    out["margin"] = float(row["margin"])
-    return out
 
 
 @functools.cache
@@ -104,7 +74,7 @@ def preference_builder_class():
 
         def _generate_examples(self, source):
             for index, (ref, row) in enumerate(read_rows(source)):
-                yield index, _encode_row(ref, row)
+                yield index, encode_preference_row(ref, row)
 
     return RlhfJaxPreferences
 
