@@ -9,7 +9,7 @@
 An experiment is a Python file with `get_config(arg=None)` returning a frozen config and
 `main(config)` running it (big_vision style; `:ARG` is passed to `get_config`, e.g. `:tiny`).
 `--set` overrides any config key with a value parsed by the key's type; a bad key or value is
-reported with the list of valid keys before anything is computed.
+reported (with the closest key and the keys of its section) before anything is computed.
 """
 
 from __future__ import annotations

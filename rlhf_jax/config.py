@@ -7,7 +7,8 @@ sampling, train loop, checkpoint, logging). This module holds the sections that 
 - `override(config, ["optim.learning_rate=3e-4", "algorithm.loss_type=ipo"])` parses each value by
   the field's type annotation, rebuilds the frozen tree with `dataclasses.replace` (so every
   section's `__post_init__` validation runs again), and raises `ConfigError` naming the key, the
-  expected type and the valid keys when a key is unknown or a value does not parse.
+  expected type, the closest key and the keys of that section when a key is unknown or a value
+  does not parse. A float is finite unless its field allows otherwise (`ALLOW_NONFINITE`).
 - `to_dict` / `from_dict` round-trip a config through JSON-compatible dicts (the `config.json` a
   run writes beside its checkpoints).
 - `flat_keys(config)` lists every overridable dotted key with its type.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -26,6 +28,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import numpy as np
 
 __all__ = [
+    "ALLOW_NONFINITE",
     "ConfigError",
     "TrainConfig",
     "CheckpointConfig",
@@ -43,6 +46,12 @@ NonFinitePolicy = Literal["skip", "halt"]
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names the key and what was expected."""
+
+
+# Field metadata of a float field that may be set to inf or nan from the command line or a dict,
+# e.g. `clip: float = dataclasses.field(default=math.inf, metadata=ALLOW_NONFINITE)`. Without it,
+# `--set key=inf` (or nan, or 1e999) is refused at parse time.
+ALLOW_NONFINITE = types.MappingProxyType({"allow_nonfinite": True})
 
 
 def check_choice(owner: str, name: str, value: Any, literal: Any) -> None:
@@ -180,13 +189,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _NonFinite(ValueError):
+    """A float field was given inf or nan (not retried as another member of a union)."""
+
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
 
 
-def _parse(text: str, tp: Any) -> Any:
-    """Parse `text` as a value of type `tp`; raise ValueError when it does not fit."""
+def _parse(text: str, tp: Any, *, allow_nonfinite: bool = False) -> Any:
+    """Parse `text` as a value of type `tp`; raise ValueError when it does not fit.
+
+    Floats must be finite (no inf, nan or overflow to inf) unless `allow_nonfinite`.
+    """
     origin = get_origin(tp)
     if tp is Any:
         return text
@@ -203,7 +219,9 @@ def _parse(text: str, tp: Any) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _parse(text, arg)
+                return _parse(text, arg, allow_nonfinite=allow_nonfinite)
+            except _NonFinite:
+                raise
             except ValueError:
                 continue
         raise ValueError(f"expected {_type_name(tp)}")
@@ -212,10 +230,10 @@ def _parse(text: str, tp: Any) -> Any:
         body = text.strip().strip("()[]").strip()
         parts = [p.strip() for p in body.split(",") if p.strip()] if body else []
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_parse(p, args[0]) for p in parts)
+            return tuple(_parse(p, args[0], allow_nonfinite=allow_nonfinite) for p in parts)
         if len(parts) != len(args):
             raise ValueError(f"expected {len(args)} comma-separated values")
-        return tuple(_parse(p, a) for p, a in zip(parts, args))
+        return tuple(_parse(p, a, allow_nonfinite=allow_nonfinite) for p, a in zip(parts, args))
     if tp is bool:
         low = text.strip().lower()
         if low in _TRUE:
@@ -230,9 +248,12 @@ def _parse(text: str, tp: Any) -> Any:
             raise ValueError("expected an int") from None
     if tp is float:
         try:
-            return float(text.strip())
+            value = float(text.strip())
         except ValueError:
             raise ValueError("expected a float") from None
+        if not allow_nonfinite and not math.isfinite(value):
+            raise _NonFinite(f"must be a finite number, got {text.strip()!r}")
+        return value
     if tp is str:
         return text
     if dataclasses.is_dataclass(tp):
@@ -282,12 +303,29 @@ def flat_keys(config: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _valid_keys_message(config: Any, key: str) -> str:
-    keys = flat_keys(config)
-    close = difflib.get_close_matches(key, list(keys), n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    listed = "\n".join(f"  {k}: {t}" for k, t in keys.items())
-    return f"{hint}\nValid keys:\n{listed}"
+def section_keys(section: Any, prefix: str = "") -> dict[str, str]:
+    """The keys directly in `section`, with their types; a nested section shows as `name.*`."""
+    out: dict[str, str] = {}
+    hints = _hints(type(section))
+    for name in _fields(section):
+        value = getattr(section, name)
+        if _is_section(value):
+            out[f"{prefix}{name}.*"] = f"section ({type(value).__name__})"
+        else:
+            out[f"{prefix}{name}"] = _type_name(hints[name])
+    return out
+
+
+def _valid_keys_message(config: Any, key: str, section: Any, prefix: str) -> str:
+    """The closest keys of the whole config, then the keys of the section where `key` went wrong."""
+    every = list(flat_keys(config))
+    last = key.rsplit(".", 1)[-1]
+    close = [k for k in every if k.rsplit(".", 1)[-1] == last]   # the right name in another section
+    close = close or difflib.get_close_matches(key, every, n=1, cutoff=0.75)
+    hint = f" Did you mean {' or '.join(close[:3])}?" if close else ""
+    where = f"section {prefix[:-1]!r}" if prefix else "the top level"
+    listed = "\n".join(f"  {k}: {t}" for k, t in section_keys(section, prefix).items())
+    return f"{hint}\nKeys of {where}:\n{listed}"
 
 
 # ---------------------------------------------------------------------------------------- override
@@ -302,20 +340,23 @@ def parse_assignment(assignment: str) -> tuple[str, str]:
     return key, value
 
 
-def _field_type(config: Any, parts: list[str], *, key: str, assignment: str) -> tuple[Any, Any]:
-    """(annotated type, current value) of the field at `parts`; ConfigError for an unknown key."""
+def _field_type(config: Any, parts: list[str], *, key: str, assignment: str) -> tuple[Any, Any, dataclasses.Field]:
+    """(annotated type, current value, field) at `parts`; ConfigError for an unknown key."""
     node, parent = config, None
     for i, name in enumerate(parts):
         if not _is_section(node):
+            grand = ".".join(parts[: i - 1])
             raise ConfigError(
                 f"--set {assignment}: {'.'.join(parts[:i])!r} is a value of type "
                 f"{_type_name(_hints(type(parent))[parts[i - 1]])}, not a section; unknown key {key!r}."
-                f"{_valid_keys_message(config, key)}"
+                f"{_valid_keys_message(config, key, parent, grand + '.' if grand else '')}"
             )
         if name not in _fields(node):
-            raise ConfigError(f"--set {assignment}: unknown key {key!r}.{_valid_keys_message(config, key)}")
+            prefix = ".".join(parts[:i])
+            message = _valid_keys_message(config, key, node, prefix + "." if prefix else "")
+            raise ConfigError(f"--set {assignment}: unknown key {key!r}.{message}")
         parent, node = node, getattr(node, name)
-    return _hints(type(parent))[parts[-1]], node
+    return _hints(type(parent))[parts[-1]], node, _fields(parent)[parts[-1]]
 
 
 def _is_section(value: Any) -> bool:
@@ -356,19 +397,23 @@ def override(config: Any, assignments: list[str] | tuple[str, ...]) -> Any:
     Returns:
       A new config; `config` is unchanged.
     Raises:
-      ConfigError: unknown key (the message lists the valid keys), a value of the wrong type, a
-        value rejected by a section's validation, or a key inside a section that is also set whole.
+      ConfigError: unknown key (the message suggests the closest keys and lists the keys of the
+        section concerned), a value of the wrong type, a non-finite float (unless the field's
+        metadata is `ALLOW_NONFINITE`), a value rejected by a section's validation, or a key inside
+        a section that is also set whole.
     """
     changes: dict[tuple[str, ...], tuple[Any, str]] = {}
     for assignment in assignments:
         key, text = parse_assignment(assignment)
         parts = key.split(".")
-        tp, current = _field_type(config, parts, key=key, assignment=assignment)
+        tp, current, field = _field_type(config, parts, key=key, assignment=assignment)
         if _is_section(current) and text.strip().lower() not in _NONE:
             raise ConfigError(f"--set {assignment}: {key!r} is a section; set one of its keys: "
                               + ", ".join(flat_keys(current, key + ".")))
         try:
-            value = _parse(text, tp)
+            value = _parse(text, tp, allow_nonfinite=field.metadata.get("allow_nonfinite", False))
+        except _NonFinite as e:
+            raise ConfigError(f"--set {assignment}: {key} {e}") from None
         except ValueError as e:
             raise ConfigError(
                 f"--set {assignment}: wrong type for {key!r}: {e}; the key has type {_type_name(tp)}, got {text!r}"
@@ -402,7 +447,7 @@ def to_dict(config: Any) -> Any:
     return config
 
 
-def _from_value(value: Any, tp: Any, key: str) -> Any:
+def _from_value(value: Any, tp: Any, key: str, allow_nonfinite: bool = False) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
@@ -419,7 +464,7 @@ def _from_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: no section type of {_type_name(tp)} accepts {value!r}: {errors}")
         for arg in args:
             if _check_value(value, arg) or (get_origin(arg) is tuple and isinstance(value, list)):
-                return _from_value(value, arg, key)
+                return _from_value(value, arg, key, allow_nonfinite)
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -430,10 +475,12 @@ def _from_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list for {_type_name(tp)}, got {value!r}")
         args = get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_value(v, args[0], key) for v in value)
-        return tuple(_from_value(v, a, key) for v, a in zip(value, args))
+            return tuple(_from_value(v, args[0], key, allow_nonfinite) for v in value)
+        return tuple(_from_value(v, a, key, allow_nonfinite) for v, a in zip(value, args))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not allow_nonfinite and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if not _check_value(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -450,7 +497,8 @@ def from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
     if unknown:
         raise ConfigError(f"{prefix or cls.__name__ + ': '}unknown keys {unknown}; valid: {sorted(fields)}")
     hints = _hints(cls)
-    kwargs = {name: _from_value(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    kwargs = {name: _from_value(value, hints[name], f"{prefix}{name}", fields[name].metadata.get("allow_nonfinite"))
+              for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:

@@ -13,12 +13,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from rlhf_jax.config import ConfigError
 
 __all__ = ["OptimizerName", "ScheduleName", "OptimizerConfig", "make_schedule", "make_optimizer", "decay_mask"]
 
@@ -28,7 +32,14 @@ DecayMask = Literal["all", "no_norms_or_biases"]
 
 
 def _fail(field: str, message: str):
-    raise ValueError(f"OptimizerConfig.{field} {message}")
+    raise ConfigError(f"OptimizerConfig.{field} {message}")
+
+
+# Every float field must be a finite real number (max_grad_norm may also be None): an inf learning
+# rate or a nan epsilon would otherwise reach the first update (loss and gradient stay finite, so
+# the step's NaN guard cannot see it).
+_FLOAT_FIELDS = ("learning_rate", "end_learning_rate_ratio", "b1", "b2", "eps", "weight_decay", "momentum",
+                 "max_grad_norm")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,7 +54,7 @@ class OptimizerConfig:
       name: `adamw` (Loshchilov & Hutter 2019), `adam` (Kingma & Ba 2015), `sgd` (with
         `momentum`, optionally `nesterov`), `lion` (Chen et al. 2023), `adafactor` (Shazeer &
         Stern 2018).
-      learning_rate: peak learning rate, > 0.
+      learning_rate: peak learning rate, finite and > 0.
       schedule: shape after warm-up: `constant`, `linear` decay or `cosine` decay.
       warmup_steps: linear warm-up length (0 = none).
       decay_steps: length of the linear / cosine decay; required by those schedules.
@@ -54,6 +65,9 @@ class OptimizerConfig:
         ending in `bias`, as the Hugging Face Trainer does).
       momentum, nesterov: SGD's momentum (0 = plain SGD).
       max_grad_norm: clip the global gradient norm to this value; None = no clipping.
+
+    Every float is checked finite (and in its range) here; a bad value raises `ConfigError`
+    naming the field.
     """
 
     name: OptimizerName = "adamw"
@@ -75,6 +89,14 @@ class OptimizerConfig:
         for field, literal in (("name", OptimizerName), ("schedule", ScheduleName), ("weight_decay_mask", DecayMask)):
             if getattr(self, field) not in get_args(literal):
                 _fail(field, f"must be one of {get_args(literal)}, got {getattr(self, field)!r}")
+        for field in _FLOAT_FIELDS:
+            value = getattr(self, field)
+            if value is None and field == "max_grad_norm":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                _fail(field, f"must be a number, got {value!r}")
+            if not math.isfinite(value):
+                _fail(field, f"must be a finite number, got {value!r}")
         if not self.learning_rate > 0:
             _fail("learning_rate", f"must be > 0, got {self.learning_rate!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:

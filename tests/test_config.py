@@ -2,11 +2,14 @@
 
 import dataclasses
 import json
+import math
 from typing import Literal
 
+import numpy as np
 import pytest
 
 from rlhf_jax.config import (
+    ALLOW_NONFINITE,
     CheckpointConfig,
     ConfigError,
     LoggingConfig,
@@ -18,6 +21,7 @@ from rlhf_jax.config import (
     to_dict,
 )
 from rlhf_jax.models import ModelConfig
+from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.testing import tiny_config
 
 
@@ -71,18 +75,124 @@ def test_override_none_and_bool_spellings_and_order():
     assert isinstance(override(Root(), ["algorithm.beta=1"]).algorithm.beta, float)
 
 
-def test_unknown_key_lists_valid_keys_and_suggests():
+def test_unknown_key_suggests_the_close_match_and_lists_only_its_section():
     with pytest.raises(ConfigError) as e:
         override(Root(), ["algorithm.bta=0.2"])
-    msg = str(e.value)
-    assert "unknown key 'algorithm.bta'" in msg
-    assert "Did you mean algorithm.beta" in msg
-    assert "algorithm.loss_type: 'sigmoid' | 'ipo' | 'hinge'" in msg
-    assert "train.steps: int" in msg and "model.num_layers: int" in msg
-    with pytest.raises(ConfigError, match="unknown key 'nosuch'"):
+    assert str(e.value).splitlines() == [
+        "--set algorithm.bta=0.2: unknown key 'algorithm.bta'. Did you mean algorithm.beta?",
+        "Keys of section 'algorithm':",
+        "  algorithm.beta: float",
+        "  algorithm.loss_type: 'sigmoid' | 'ipo' | 'hinge'",
+        "  algorithm.reference_free: bool",
+        "  algorithm.mesh_shape: tuple[int, ...]",
+        "  algorithm.max_new_tokens: int | None",
+        "  algorithm.name: str",
+    ]
+    # A typo in the section name: the top level's keys, its sections shown as `name.*`.
+    with pytest.raises(ConfigError) as e:
+        override(Root(), ["trian.steps=5"])
+    assert str(e.value).splitlines() == [
+        "--set trian.steps=5: unknown key 'trian.steps'. Did you mean train.steps?",
+        "Keys of the top level:",
+        "  seed: int",
+        "  model.*: section (ModelConfig)",
+        "  algorithm.*: section (Algo)",
+        "  train.*: section (TrainConfig)",
+        "  checkpoint.*: section (CheckpointConfig)",
+        "  logging.*: section (LoggingConfig)",
+    ]
+    # The right name in the wrong section points at the section that has it.
+    with pytest.raises(ConfigError) as e:
+        override(Root(), ["train.beta=0.2"])
+    lines = str(e.value).splitlines()
+    assert lines[0] == "--set train.beta=0.2: unknown key 'train.beta'. Did you mean algorithm.beta?"
+    listed = [f"  {k}: {t}" for k, t in flat_keys(TrainConfig(), "train.").items()]
+    assert lines[1:] == ["Keys of section 'train':", *listed]
+    assert len(lines) == 2 + len(dataclasses.fields(TrainConfig)) and "  train.steps: int" in lines
+    # A nested section of 20 fields lists those 20 and nothing else.
+    with pytest.raises(ConfigError) as e:
+        override(Root(), ["model.num_layer=3"])
+    lines = str(e.value).splitlines()
+    assert "Did you mean model.num_layers?" in lines[0]
+    assert lines[1] == "Keys of section 'model':"
+    assert len(lines) == 2 + len(dataclasses.fields(ModelConfig))
+    assert all(line.startswith("  model.") for line in lines[2:])
+    with pytest.raises(ConfigError, match=r"unknown key 'nosuch'\.\nKeys of the top level:\n  seed: int\n"):
         override(Root(), ["nosuch=1"])
-    with pytest.raises(ConfigError, match="'seed' is a value of type int, not a section"):
+    with pytest.raises(ConfigError, match="'seed' is a value of type int, not a section.*Did you mean seed"):
         override(Root(), ["seed.x=1"])
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "NaN", "1e999", "-Infinity"])
+def test_non_finite_floats_are_refused_at_parse_time_naming_the_key(text):
+    with pytest.raises(ConfigError) as e:
+        override(Root(), [f"algorithm.beta={text}"])
+    assert str(e.value) == f"--set algorithm.beta={text}: algorithm.beta must be a finite number, got '{text}'"
+    with pytest.raises(ConfigError, match=f"'model.rope_theta' .*got '{text}'|model.rope_theta must be a finite"):
+        override(Root(), [f"model.rope_theta={text}"])
+
+
+def test_a_field_can_allow_non_finite_floats():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Clip:
+        low: float = dataclasses.field(default=-math.inf, metadata=ALLOW_NONFINITE)
+        high: float = 1.0
+        both: tuple[float, float] = dataclasses.field(default=(0.0, 1.0), metadata=ALLOW_NONFINITE)
+        bound: float | None = None
+
+    assert override(Clip(), ["low=-inf"]).low == -math.inf
+    assert math.isnan(override(Clip(), ["low=nan"]).low)
+    assert override(Clip(), ["both=-inf,inf"]).both == (-math.inf, math.inf)
+    with pytest.raises(ConfigError, match="high must be a finite number, got 'inf'"):
+        override(Clip(), ["high=inf"])
+    # In a union (`float | None`) the refusal is kept, not retried as another type.
+    with pytest.raises(ConfigError, match="bound must be a finite number, got 'inf'"):
+        override(Clip(), ["bound=inf"])
+    assert override(Clip(), ["bound=none"]).bound is None
+    # The dict round trip applies the same rule.
+    assert from_dict(Clip, {"low": -math.inf}).low == -math.inf
+    with pytest.raises(ConfigError, match="high must be a finite number, got inf"):
+        from_dict(Clip, {"high": math.inf})
+    with pytest.raises(ConfigError, match="bound must be a finite number, got nan"):
+        from_dict(Clip, {"bound": math.nan})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WithOptim:
+    optim: OptimizerConfig = OptimizerConfig()
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("optim.learning_rate=inf", "optim.learning_rate must be a finite number, got 'inf'"),
+    ("optim.learning_rate=nan", "optim.learning_rate must be a finite number, got 'nan'"),
+    ("optim.learning_rate=0", "OptimizerConfig.learning_rate must be > 0, got 0.0"),
+    ("optim.weight_decay=inf", "optim.weight_decay must be a finite number, got 'inf'"),
+    ("optim.weight_decay=-0.1", "OptimizerConfig.weight_decay must be >= 0, got -0.1"),
+    ("optim.max_grad_norm=inf", "optim.max_grad_norm must be a finite number, got 'inf'"),
+    ("optim.max_grad_norm=0", "OptimizerConfig.max_grad_norm must be > 0 or None, got 0.0"),
+    ("optim.b1=nan", "optim.b1 must be a finite number, got 'nan'"),
+    ("optim.b2=1", "OptimizerConfig.b2 must be in [0, 1), got 1.0"),
+    ("optim.eps=inf", "optim.eps must be a finite number, got 'inf'"),
+    ("optim.eps=-1e-8", "OptimizerConfig.eps must be >= 0, got -1e-08"),
+    ("optim.end_learning_rate_ratio=nan", "optim.end_learning_rate_ratio must be a finite number, got 'nan'"),
+])
+def test_optimizer_values_are_checked_in_one_line_naming_the_key(assignment, message):
+    with pytest.raises(ConfigError) as e:
+        override(WithOptim(), [assignment])
+    assert str(e.value) == f"--set {assignment}: {message}"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("learning_rate", math.inf), ("learning_rate", math.nan), ("weight_decay", math.inf), ("eps", math.nan),
+    ("max_grad_norm", math.inf), ("momentum", math.nan), ("b1", -math.inf),
+])
+def test_optimizer_config_refuses_non_finite_values_built_in_python(field, value):
+    with pytest.raises(ConfigError, match=f"^OptimizerConfig.{field} must be a finite number, got {value!r}$"):
+        OptimizerConfig(**{field: value})
+    with pytest.raises(ConfigError, match=f"^OptimizerConfig.{field} must be a number, got '1'$"):
+        OptimizerConfig(**{field: "1"})
+    assert OptimizerConfig(max_grad_norm=None).max_grad_norm is None
+    assert OptimizerConfig(learning_rate=np.float32(1e-3)).learning_rate == np.float32(1e-3)
 
 
 def test_wrong_type_names_key_type_and_value():
