@@ -72,7 +72,7 @@ def run_once(bench_dir: str, devices: int) -> dict:
     from rlhf_jax.models import presets  # noqa: PLC0415
     from rlhf_jax.optim import OptimizerConfig  # noqa: PLC0415
     from rlhf_jax.sharding import MeshConfig  # noqa: PLC0415
-    from rlhf_jax.steps.rl import grpo_config  # noqa: PLC0415
+    from rlhf_jax.steps import grpo_config  # noqa: PLC0415
     from rlhf_jax.train import rl  # noqa: PLC0415
     from rlhf_jax.train.common import DataConfig  # noqa: PLC0415
 

@@ -6,7 +6,7 @@
     rlhf-jax run experiments/grpo_tiny.py:rloo --set grpo.train.steps=100 --set grpo.algorithm.kl_coef=0.1
 
 The quickstart's stages 4 and 5 (`experiments/quickstart.py`) with the preset chosen by `:ARG`
-(`rlhf_jax.steps.rl.GRPO_PRESETS`; every field stays overridable with `--set grpo.algorithm.*`).
+(`rlhf_jax.steps.GRPO_PRESETS`; every field stays overridable with `--set grpo.algorithm.*`).
 DAPO also turns on dynamic sampling (groups whose 8 answers are all right or all wrong are dropped
 and more prompts are sampled). The policy is evaluated every 20 steps on 512 held-out problems
 (one sample each, temperature 1, fixed key): `eval/accuracy`.
@@ -27,7 +27,7 @@ import os
 
 from rlhf_jax.cli import load_experiment
 from rlhf_jax.metrics import read_jsonl
-from rlhf_jax.steps.rl import GRPO_PRESETS, grpo_config
+from rlhf_jax.steps import GRPO_PRESETS, grpo_config
 from rlhf_jax.train import rl, sft
 from rlhf_jax.train.results import Panel, plot_metrics, write_json
 

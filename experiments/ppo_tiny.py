@@ -5,7 +5,7 @@
     rlhf-jax run experiments/ppo_tiny.py --set ppo.value.shared_backbone=true    # value head on the policy
     rlhf-jax run experiments/ppo_tiny.py --set ppo.algorithm.kl_mode=loss --set ppo.algorithm.kl_coef=0.05
 
-InstructGPT-style PPO (`rlhf_jax.steps.rl.make_ppo_step`): a separate critic initialised from the
+InstructGPT-style PPO (`rlhf_jax.steps.make_ppo_step`): a separate critic initialised from the
 reward model, the k1 KL penalty in the per-token reward (beta 0.2), GAE (lambda 0.95), clipped
 policy and value losses, 4 epochs x 2 minibatches per rollout of 32 prompts, and a missing-EOS
 penalty. Every 5 steps 256 held-out prompts are sampled (temperature 1, fixed key) and scored by the

@@ -41,7 +41,7 @@ from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
 from rlhf_jax.data.synthetic import ArithmeticTask, VowelTask
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.steps.rl import PPOConfig, grpo_config
+from rlhf_jax.steps import PPOConfig, grpo_config
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import reward_model, rl, sft
 from rlhf_jax.train.common import DataConfig

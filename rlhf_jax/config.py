@@ -41,7 +41,8 @@ __all__ = [
     "check_choice",
 ]
 
-NonFinitePolicy = Literal["skip", "halt"]
+# The training step's NaN/Inf guard (the one definition; `rlhf_jax.steps.common` re-exports it).
+NonFinitePolicy = Literal["skip", "halt", "off"]
 
 
 class ConfigError(ValueError):
@@ -81,7 +82,7 @@ class TrainConfig:
       eval_batches: held-out batches per evaluation.
       micro_batches: gradient-accumulation micro-batches per step (the batch is split evenly).
       nonfinite: the step's NaN/Inf guard: "skip" drops the update and continues, "halt" stops the
-        run with a message naming the step.
+        run with a message naming the step, "off" applies every update unguarded.
     """
 
     steps: int = 100

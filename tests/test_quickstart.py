@@ -11,7 +11,7 @@ import pytest
 
 from rlhf_jax.cli import load_experiment, main
 from rlhf_jax.config import ConfigError, override
-from rlhf_jax.steps.rl import GRPO_PRESETS
+from rlhf_jax.steps import GRPO_PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RL_EXPERIMENTS = ["quickstart", "ppo_tiny", "grpo_tiny", "kl_ablation", "dpo_vs_ppo"]

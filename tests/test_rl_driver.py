@@ -12,7 +12,7 @@ from rlhf_jax.data.synthetic import ArithmeticTask, VowelTask
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rewards import PythonReward, RewardFunctionError
 from rlhf_jax.sharding import MeshConfig
-from rlhf_jax.steps.rl import PPOConfig, grpo_config
+from rlhf_jax.steps import PPOConfig, grpo_config
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import rl
 from rlhf_jax.train.common import DataConfig

@@ -20,7 +20,7 @@ from rlhf_jax.rewards import PythonReward, RewardInputs, combine_rewards, even_f
 from rlhf_jax.rollout import completion_logprobs
 from rlhf_jax.sampling import Sampler, SamplingConfig
 from rlhf_jax.state import RLState, init_train_state
-from rlhf_jax.steps.rl import GRPO_PRESETS, PPOConfig, grpo_config, make_grpo_step, make_ppo_step
+from rlhf_jax.steps import GRPO_PRESETS, PPOConfig, grpo_config, make_grpo_step, make_ppo_step
 from rlhf_jax.testing import tiny_config
 
 PROMPTS, GROUP, NEW_TOKENS, STEPS, LR = 8, 4, 8, 8, 0.1

@@ -14,12 +14,13 @@ import pytest
 
 from rlhf_jax import advantages as adv_core
 from rlhf_jax import losses
+from rlhf_jax.config import ConfigError
 from rlhf_jax.logprobs import token_entropy, token_logprobs
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.heads import init_scalar_head
 from rlhf_jax.rollout import completion_logprobs, head_logprobs, join_sequences
 from rlhf_jax.state import RLState, init_train_state
-from rlhf_jax.steps.rl import (
+from rlhf_jax.steps import (
     GRPO_PRESETS,
     GRPOConfig,
     PPOConfig,
@@ -28,6 +29,7 @@ from rlhf_jax.steps.rl import (
     grpo_objective,
     make_grpo_step,
     make_ppo_step,
+    ppo_objective,
 )
 from rlhf_jax.testing import tiny_config
 
@@ -299,16 +301,16 @@ def test_nonfinite_scores_skip_the_update():
 
 
 def test_bad_configurations_and_batches_are_named():
-    with pytest.raises(ValueError, match=r"GRPOConfig.group_size must be >= 2 for advantage 'grpo'"):
+    with pytest.raises(ConfigError, match=r"algorithm.group_size must be >= 2 for advantage 'grpo'"):
         grpo_config("grpo", group_size=1)
-    with pytest.raises(ValueError, match=r"GRPOConfig.group_size must be >= 2 for advantage 'rloo'"):
+    with pytest.raises(ConfigError, match=r"algorithm.group_size must be >= 2 for advantage 'rloo'"):
         grpo_config("rloo", group_size=1)
     grpo_config("reinforce_pp", group_size=1)  # no group baseline: fine
     with pytest.raises(ValueError, match="unknown preset 'ppo2'"):
         grpo_config("ppo2")
-    with pytest.raises(ValueError, match=r"GRPOConfig.kl_mode must be one of"):
+    with pytest.raises(ConfigError, match=r"algorithm.kl_mode must be one of"):
         GRPOConfig(kl_mode="both")
-    with pytest.raises(ValueError, match=r"PPOConfig.lam must be in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"algorithm.lam must be in \[0, 1\]"):
         PPOConfig(lam=1.5)
     model, params = _model()
     state, tx = _grpo_state(params)
@@ -328,6 +330,57 @@ def test_bad_configurations_and_batches_are_named():
 
 
 # ----------------------------------------------------------------------------------------- PPO
+
+
+def test_ppo_objective_equals_a_hand_computation():
+    """Every term of PPO's loss on 2 x 2 tokens (one padded), numbers worked out by hand.
+
+    Ratios rho = exp(logp - old) = [1, e^0.2 = 1.2214 | e^0.3 = 1.3499, pad], A = [1, 1 | -1]:
+    clip terms -min(rho A, clip(rho, 0.8, 1.2) A) = [-1, -1.2 | e^0.3] (the second clipped at 1.2,
+    the third kept: pessimistic for A < 0). k1 = logp - ref = [0.5, 0 | -0.1], beta = 0.1; entropy
+    bonus -0.01 H = [-0.02, -0.01 | -0.03]. Token mean over the 3 tokens:
+    L_pi = (-0.97 - 1.21 + e^0.3 - 0.04) / 3 = -0.2900471.
+    Values V = [0.5, 0.2 | 1.0], V_old = [0.3, 0.2 | 1.05], R = [1, 0 | 0], clip 0.1: clipped V =
+    [0.4, 0.2 | 1.0], 1/2 max(sq errors) = [0.18, 0.02 | 0.5], mean 0.2333333, x vf_coef 0.5.
+    ptx: -mean([-1, -3]) = 2, x ptx_coef 0.25. Total 0.3266196.
+    """
+    config = PPOConfig(clip_eps=0.2, kl_mode="loss", kl_coef=0.1, kl_estimator="k1", entropy_coef=0.01,
+                       vf_coef=0.5, value_clip=0.1, ptx_coef=0.25, loss_aggregation="token_mean")
+    mask = np.array([[True, True], [True, False]])
+    logps = np.array([[-1.0, -2.0], [-0.5, -3.0]], np.float32)
+    arrays = dict(
+        old_logps=np.array([[-1.0, -2.2], [-0.8, 0.0]], np.float32),
+        advantages=np.array([[1.0, 1.0], [-1.0, 0.0]], np.float32),
+        mask=mask,
+        values=np.array([[0.5, 0.2], [1.0, 7.0]], np.float32),
+        old_values=np.array([[0.3, 0.2], [1.05, 0.0]], np.float32),
+        returns=np.array([[1.0, 0.0], [0.0, 0.0]], np.float32),
+        ref_logps=np.array([[-1.5, -2.0], [-0.4, 0.0]], np.float32),
+        entropy=np.array([[2.0, 1.0], [3.0, 9.0]], np.float32),
+        ptx_logps=np.array([[-1.0, -3.0]], np.float32),
+        ptx_mask=np.array([[1, 1]], np.int32),
+    )
+
+    def loss(lp, **kw):
+        return ppo_objective(lp, config=config, **{**arrays, **kw})
+
+    (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(logps)
+    np.testing.assert_allclose(value, 0.3266196, rtol=1e-6)
+    expected = {
+        "loss/policy": -0.2833804, "kl": 0.4 / 3, "kl/sequence": 0.2, "entropy": 2.0,
+        "value_loss": 0.7 / 3, "value_clipfrac": 1 / 3, "loss/ptx": 2.0, "approx_kl": 0.02375386,
+        "clip_ratio/high_mean": 1 / 3, "clip_ratio/low_mean": 0.0, "clip_ratio/region_mean": 1 / 3,
+    }
+    for key, want in expected.items():
+        np.testing.assert_allclose(metrics[key], want, rtol=1e-6, atol=1e-7, err_msg=key)
+    # d/dlogp: -rho A where unclipped (t00, t10), 0 where clipped (t01), + beta (k1), / 3 tokens.
+    np.testing.assert_allclose(grad, [[-0.3, 0.1 / 3], [0.4832863, 0.0]], rtol=1e-6, atol=1e-7)
+    # A traced controller beta replaces config.kl_coef: 0.3 adds 0.2 x (0.5 - 0.1) / 3.
+    np.testing.assert_allclose(loss(logps, kl_coef=jnp.float32(0.3))[0], 0.3532863, rtol=1e-6)
+    # Without values and ptx data: the policy part alone, and no value / ptx metrics.
+    alone, m = loss(logps, values=None, ptx_logps=None)
+    np.testing.assert_allclose(alone, -0.2900471, rtol=1e-6)
+    assert not {"value_loss", "value_clipfrac", "loss/ptx"} & set(m)
 
 
 def _ppo_states(params, *, shared):

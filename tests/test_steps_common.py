@@ -85,6 +85,37 @@ def test_nonfinite_update_is_skipped_without_host_sync(policy):
     assert float(metrics["learning_rate"]) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("policy", ["skip", "halt"])
+def test_nonfinite_update_from_finite_gradients_is_skipped(policy):
+    """Loss and gradient finite, but the optimizer's update is not (learning_rate=inf, issue 22), or the
+    update is finite and the new parameters overflow float32: skipped like a non-finite gradient."""
+    params = {"w": jnp.ones((4, 2))}
+    grads = {"w": jnp.ones((4, 2))}
+    cases = [
+        (optax.adam(jnp.inf), params),  # Adam's update is -inf * m / (sqrt(v) + eps) = -inf
+        (optax.sgd(-3e38), {"w": jnp.full((4, 2), 3e38)}),  # 3e38 + 3e38 overflows to inf
+    ]
+    for tx, start in cases:
+        state = TrainState(jnp.zeros((), jnp.int32), start, tx.init(start), jax.random.key_data(jax.random.key(0)))
+        new, metrics = jax.jit(lambda s, g, tx=tx: apply_gradients(s, g, jnp.float32(1.0), tx, nonfinite=policy))(
+            state, grads)
+        np.testing.assert_array_equal(np.asarray(new.params["w"]), np.asarray(start["w"]))
+        jax.tree.map(np.testing.assert_array_equal, new.opt_state, state.opt_state)  # moments and count kept
+        assert int(new.step) == 1 and float(metrics["nonfinite"]) == 1.0
+        assert float(metrics["grad_norm"]) == pytest.approx(np.sqrt(8))
+        assert float(metrics.get("halt", 0.0)) == (1.0 if policy == "halt" else 0.0)
+    # The same transform with a finite rate applies: Adam's first step moves every weight by -lr.
+    tx = optax.adam(0.5)
+    state = _state(params)._replace(opt_state=tx.init(params))
+    new, metrics = apply_gradients(state, grads, jnp.float32(1.0), tx, nonfinite=policy)
+    np.testing.assert_allclose(np.asarray(new.params["w"]), np.full((4, 2), 0.5), rtol=1e-6)
+    assert float(metrics["nonfinite"]) == 0.0
+    # "off" applies the infinite update.
+    state = _state(params)._replace(opt_state=optax.adam(jnp.inf).init(params))
+    off, _ = apply_gradients(state, grads, jnp.float32(1.0), optax.adam(jnp.inf), nonfinite="off")
+    assert np.isneginf(np.asarray(off.params["w"])).all()
+
+
 def test_nonfinite_off_applies_the_update_and_bad_policy_is_rejected():
     state = _state({"w": jnp.ones((4, 2))})
     new, metrics = apply_gradients(state, {"w": jnp.full((4, 2), jnp.inf)}, jnp.float32(1.0), TX, nonfinite="off")

@@ -88,7 +88,7 @@ class SamplingState:
 class SampleOutput(NamedTuple):
     """Sampled completions with everything the trainer needs, one row per sample (`N = B * n`).
 
-    The field names match the RL batch keys (`rlhf_jax.steps.rl`): pass `logprobs` as
+    The field names match the RL batch keys (`rlhf_jax.steps.RL_BATCH_KEYS`): pass `logprobs` as
     `sampler_logps`.
 
     Attributes:

@@ -1,8 +1,12 @@
-"""Jitted, sharded training steps: `make_*` closures returning `step(state, batch) -> (state, metrics)`.
+"""Training steps: `make_*` closures returning a pure `update(state, batch[, frozen]) -> (state, metrics)`.
+
+Every `make_*_step` has the same contract: a pure update that the caller jits, with shardings and
+the state donated (`common.jit_step`, or `common.jit_model_step` for one-model steps).
 
 `common` holds the reusable pieces (gradient accumulation, the guarded update, `jit_step`),
 `sequences` the batch -> log-prob helpers, `supervised` SFT and reward-model steps, `preference`
-the DPO family, SimPO, ORPO and KTO.
+the DPO family, SimPO, ORPO and KTO, `policy_gradient` what the online RL steps share, `grpo` the
+GRPO family (`grpo_objective`) and `ppo` PPO with a critic (`ppo_objective`).
 """
 
 from rlhf_jax.steps.common import (
@@ -14,6 +18,21 @@ from rlhf_jax.steps.common import (
     make_update,
     split_micro_batches,
 )
+from rlhf_jax.steps.grpo import (
+    GRPO_PRESETS,
+    GRPOConfig,
+    grpo_advantages,
+    grpo_config,
+    grpo_objective,
+    make_grpo_step,
+)
+from rlhf_jax.steps.policy_gradient import (
+    OPTIONAL_RL_BATCH_KEYS,
+    RL_BATCH_KEYS,
+    PolicyGradientConfig,
+    check_rl_batch,
+)
+from rlhf_jax.steps.ppo import PPOConfig, make_ppo_step, ppo_objective
 from rlhf_jax.steps.preference import (
     DPO,
     KTO,
@@ -24,19 +43,6 @@ from rlhf_jax.steps.preference import (
     make_reference_logps_fn,
     precompute_reference_logps,
 )
-from rlhf_jax.steps.rl import (
-    GRPO_PRESETS,
-    OPTIONAL_RL_BATCH_KEYS,
-    RL_BATCH_KEYS,
-    GRPOConfig,
-    PPOConfig,
-    check_rl_batch,
-    grpo_advantages,
-    grpo_config,
-    grpo_objective,
-    make_grpo_step,
-    make_ppo_step,
-)
 from rlhf_jax.steps.supervised import make_reward_model_loss, make_reward_model_step, make_sft_loss, make_sft_step
 
 __all__ = [
@@ -45,12 +51,14 @@ __all__ = [
     "RL_BATCH_KEYS",
     "GRPOConfig",
     "PPOConfig",
+    "PolicyGradientConfig",
     "check_rl_batch",
     "grpo_advantages",
     "grpo_config",
     "grpo_objective",
     "make_grpo_step",
     "make_ppo_step",
+    "ppo_objective",
     "DPO",
     "KTO",
     "ORPO",

@@ -11,9 +11,13 @@ A step is assembled from three parts (big_vision's `update_fn`, purejaxrl's `mak
    log-probs), accumulates gradients over micro-batches with `lax.scan`, and applies the optimizer
    behind a NaN/Inf guard;
 3. `jit_step(update, ...)`: `jax.jit` with the state's and batch's shardings and the state donated,
-   wrapped in a `Step` that checks every batch against the mesh before anything is compiled.
+   wrapped in a `Step` that checks every batch against the mesh before anything is compiled
+   (`jit_model_step` derives the shardings from a model and an optimizer).
 
-The RL steps reuse `accumulate_gradients`, `apply_gradients` and `jit_step` directly.
+Every `make_*_step` of `rlhf_jax.steps` returns the pure update; the caller jits it, e.g.
+`jit_model_step(make_sft_step(model, optim), model, optim, mesh=mesh, strategy="fsdp",
+batch_keys=SFT_KEYS)`. The RL steps reuse `accumulate_gradients` and `apply_gradients` directly.
+Step keys are typed (`jax.random.key`): `step_key(state)` wraps the state's raw key data.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +33,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as sh
+from rlhf_jax.config import NonFinitePolicy
 from rlhf_jax.optim import OptimizerConfig, global_norm, make_optimizer, make_schedule
 from rlhf_jax.state import TrainState, abstract_train_state, train_state_shardings
 
@@ -38,12 +43,15 @@ __all__ = [
     "NonFinitePolicy",
     "LossFn",
     "PrepareFn",
+    "Update",
     "split_micro_batches",
     "accumulate_gradients",
     "apply_gradients",
     "make_update",
     "Step",
     "jit_step",
+    "jit_model_step",
+    "step_key",
     "resolve_optimizer",
     "model_state_shardings",
     "micro_share",
@@ -51,14 +59,36 @@ __all__ = [
 
 Metrics = dict[str, jax.Array]
 Batch = Mapping[str, jax.Array]
-NonFinitePolicy = Literal["skip", "halt", "off"]
 LossFn = Callable[[Any, Batch, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Metrics]]
 PrepareFn = Callable[[Any, Batch, tuple, jax.Array], tuple[Batch, Mapping[str, jax.Array]]]
+# What every `make_*_step` returns: `update(state, batch, *frozen) -> (state, metrics)`, pure.
+Update = Callable[..., tuple[Any, Metrics]]
 
 
 def _check_positive_int(fn: str, name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """This step's typed key `fold_in(key(state.rng), state.step)`.
+
+    `TrainState.rng` holds raw `uint32[2]` key data (what checkpoints store); it is wrapped as a
+    typed `jax.random.key` (default implementation, so the random bits are the raw key's), and a
+    state that already holds a typed key is used as is.
+    """
+    rng = state.rng
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
+    return jax.random.fold_in(rng, state.step)
+
+
+def _all_finite(tree) -> jax.Array:
+    """Scalar bool: every element of every leaf of `tree` is finite."""
+    ok = jnp.array(True)
+    for leaf in jax.tree.leaves(tree):
+        ok = ok & jnp.all(jnp.isfinite(leaf))
+    return ok
 
 
 def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
@@ -142,10 +172,11 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
                     learning_rate: optax.Schedule | None = None) -> tuple[TrainState, Metrics]:
     """One optimizer update behind a NaN/Inf guard, without a host round trip.
 
-    With `nonfinite` = "skip" or "halt", a non-finite loss or gradient norm keeps the parameters and
-    optimizer state unchanged (`lax.cond` on device, no host round trip) and sets the metric `nonfinite`
-    to 1; "halt" also sets `halt` to 1, which the driver reads with the metrics and stops on,
-    naming the step. "off" applies every update. The step counter always advances.
+    With `nonfinite` = "skip" or "halt", a non-finite loss or gradient norm, or finite ones whose
+    update makes a parameter non-finite (an infinite learning rate, an overflow), keeps the
+    parameters and optimizer state unchanged (`lax.cond` on device, no host round trip) and sets the
+    metric `nonfinite` to 1; "halt" also sets `halt` to 1, which the driver reads with the metrics
+    and stops on, naming the step. "off" applies every update. The step counter always advances.
 
     Args:
       state: the `TrainState` before the update.
@@ -167,6 +198,14 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         return optax.apply_updates(state.params, updates), opt_state
 
+    def keep():
+        return state.params, state.opt_state, jnp.array(False)
+
+    def guarded_update(_):
+        params, opt_state = update(None)
+        finite = _all_finite(params)  # an inf/NaN update always shows in the new parameters
+        return jax.lax.cond(finite, lambda: (params, opt_state, finite), keep)
+
     metrics: Metrics = {"grad_norm": grad_norm}
     if learning_rate is not None:
         metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
@@ -174,7 +213,7 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
         params, opt_state = update(None)
     else:
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.lax.cond(ok, update, lambda _: (state.params, state.opt_state), None)
+        params, opt_state, ok = jax.lax.cond(ok, guarded_update, lambda _: keep(), None)
         metrics["nonfinite"] = (~ok).astype(jnp.float32)
         if nonfinite == "halt":
             metrics["halt"] = metrics["nonfinite"]
@@ -186,7 +225,7 @@ def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                 learning_rate: optax.Schedule | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
     """A pure `update(state, batch, *frozen) -> (state, metrics)` from a micro-batch loss.
 
-    `rng = fold_in(state.rng, state.step)`; `batch, context = prepare(params, batch, frozen, rng)` (default:
+    `rng = step_key(state)` (typed); `batch, context = prepare(params, batch, frozen, rng)` (default:
     unchanged batch, empty context); gradients by `accumulate_gradients`; update by
     `apply_gradients`. Metrics: the loss function's, plus `loss`, `grad_norm`, `learning_rate`,
     `nonfinite` (and `halt`).
@@ -208,7 +247,7 @@ def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         raise ValueError(f"make_update: nonfinite must be one of {get_args(NonFinitePolicy)}, got {nonfinite!r}")
 
     def update(state: TrainState, batch: Batch, *frozen) -> tuple[TrainState, Metrics]:
-        prepare_rng, loss_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        prepare_rng, loss_rng = jax.random.split(step_key(state))
         batch = dict(batch)
         if prepare is None:
             context = {}
@@ -306,6 +345,44 @@ def jit_step(update: Callable[..., tuple[Any, Metrics]], *, mesh: Mesh, strategy
     )
     return Step(jitted, mesh, strategy, micro_batches, state_shardings,
                 None if batch_keys is None else tuple(batch_keys), name)
+
+
+def jit_model_step(update: Callable[..., tuple[Any, Metrics]], model,
+                   optimizer: OptimizerConfig | optax.GradientTransformation, *, mesh: Mesh,
+                   strategy: str | sh.Strategy, micro_batches: int = 1, batch_keys: Sequence[str] | None = None,
+                   frozen_params: int = 0, donate: bool = True, name: str = "step") -> Step:
+    """`jit_step` of a one-model update, its state shardings derived from `model` and `optimizer`.
+
+    Example (any of `make_sft_step`, `make_reward_model_step`, `make_dpo_step`):
+
+        update = make_dpo_step(model, optim, objective=DPO(beta=0.1))
+        step = jit_model_step(update, model, optim, mesh=mesh, strategy="fsdp",
+                              batch_keys=dpo_batch_keys(DPO(beta=0.1)), frozen_params=1)
+        state, metrics = step(state, batch, reference_params)
+
+    Args:
+      update: the pure `update(state, batch, *frozen) -> (state, metrics)`.
+      model: the trained `CausalLM` (its abstract params and logical axes give the shardings).
+      optimizer: the same `OptimizerConfig` or optax transform `update` was built with.
+      mesh: the device mesh.
+      strategy: a `Strategy` or registered name.
+      micro_batches: the update's micro-batches (checked against each batch's size).
+      batch_keys: keys every batch must have.
+      frozen_params: how many frozen parameter-tree arguments follow the batch (e.g. 1 for DPO's
+        reference parameters), each sharded like the trained parameters.
+      donate: donate the state's buffers.
+      name: used in error messages.
+
+    Returns:
+      A `Step` (its `state_shardings.params` place frozen parameters).
+    """
+    if not isinstance(frozen_params, int) or isinstance(frozen_params, bool) or frozen_params < 0:
+        raise ValueError(f"jit_model_step: frozen_params must be an int >= 0, got {frozen_params!r}")
+    tx, _ = resolve_optimizer(optimizer)
+    shardings = model_state_shardings(model, tx, mesh=mesh, strategy=strategy)
+    return jit_step(update, mesh=mesh, strategy=strategy, state_shardings=shardings,
+                    frozen_shardings=(shardings.params,) * frozen_params, micro_batches=micro_batches,
+                    donate=donate, batch_keys=batch_keys, name=name)
 
 
 def resolve_optimizer(optimizer: OptimizerConfig | optax.GradientTransformation

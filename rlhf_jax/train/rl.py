@@ -64,7 +64,7 @@ from rlhf_jax.state import (
     train_state_from_params,
 )
 from rlhf_jax.steps.common import jit_step
-from rlhf_jax.steps.rl import GRPOConfig, PPOConfig, make_grpo_step, make_ppo_step
+from rlhf_jax.steps import GRPOConfig, PPOConfig, make_grpo_step, make_ppo_step
 from rlhf_jax.train import common
 from rlhf_jax.train.loop import RunDir, fit, open_run
 

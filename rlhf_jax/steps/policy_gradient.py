@@ -1,0 +1,379 @@
+"""What the online policy-gradient steps (`grpo`, `ppo`) share: config fields, batch, update loop.
+
+One call of an RL step consumes one rollout batch (a dict, keys in `RL_BATCH_KEYS`: prompts,
+completions, scores, the sampler's and the reference's log-probs) and runs
+`num_epochs x num_minibatches` optimizer updates inside one jitted program: an outer `lax.scan`
+over epochs (each with a fresh permutation, keyed by `fold_in(rng, step)`) around an inner
+`lax.scan` over minibatches (`run_updates`).
+
+Old log-probs (`old_logprobs`): "sampler" uses the sampler's (the same numerics, see
+`rlhf_jax.rollout`); "recompute" runs one forward pass of the current policy before the updates;
+"auto" recomputes only when needed: with a single update and the KL not in the reward, the
+current log-probs under `stop_gradient` are the old ones (the ratio is exactly 1, as on-policy).
+
+Every per-token loss term is reduced by `aggregate_loss` in the configured `loss_aggregation`,
+normalised by minibatch-wide counts (`normalisers`), so micro-batches add up to the minibatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, get_args
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import _checks
+from rlhf_jax.config import ConfigError
+from rlhf_jax.logprobs import DEFAULT_CHUNK_SIZE
+from rlhf_jax.losses import (
+    AggregateMode,
+    KLEstimator,
+    aggregate,
+    cispo_loss,
+    count_sequences,
+    count_tokens,
+    kl_divergence,
+    ppo_policy_loss,
+)
+from rlhf_jax.rollout import completion_logprobs
+from rlhf_jax.sampling.metrics import logprob_mismatch
+
+__all__ = [
+    "KLMode",
+    "OldLogprobs",
+    "PolicyGradientConfig",
+    "RL_BATCH_KEYS",
+    "OPTIONAL_RL_BATCH_KEYS",
+    "check_rl_batch",
+    "old_logprobs_source",
+    "run_updates",
+    "reduce_update_metrics",
+    "normalisers",
+    "rollout_logprobs",
+    "rollout_stats",
+    "sampler_diff",
+    "policy_loss_terms",
+    "aggregate_loss",
+    "reference_and_entropy_terms",
+    "sequence_kl",
+]
+
+KLMode = Literal["loss", "reward", "none"]
+OldLogprobs = Literal["auto", "sampler", "recompute"]
+Metrics = dict[str, jax.Array]
+
+# The keys of an RL batch (a dict of arrays sharing the leading dimension N, like every batch of
+# `rlhf_jax.steps`). Required: the rollout and its scores.
+#   prompt_tokens      int32 [N, P]  right-padded prompts (a prompt sampled G times fills G
+#                                    contiguous rows)
+#   prompt_lengths     int32 [N]     real prompt lengths (>= 1)
+#   completion_tokens  int32 [N, C]  completions
+#   completion_mask    bool  [N, C]  True up to and including the first EOS
+#   scores             f32   [N]     sequence rewards (verifiers, reward model, penalties, combined)
+# Optional:
+#   sampler_logps      f32   [N, C]  the sampler's log-probs (old log-probs in "sampler" mode, and
+#                                    the sampler/trainer log-prob difference metric)
+#   ref_logps          f32   [N, C]  the reference policy's log-probs (any KL term)
+#   ptx_tokens         int32 [N, L]  PPO-ptx pretraining sequences (as many rows as the rollout)
+#   ptx_mask           [N, L]        their loss mask: 1 on the tokens that are language-modelling
+#                                    targets (an SFT batch's `loss_mask`; all real tokens but the first
+#                                    for plain text)
+RL_BATCH_KEYS = ("prompt_tokens", "prompt_lengths", "completion_tokens", "completion_mask", "scores")
+OPTIONAL_RL_BATCH_KEYS = ("sampler_logps", "ref_logps", "ptx_tokens", "ptx_mask")
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def fail(field: str, message: str):
+    """Raise `ConfigError("algorithm.<field> <message>")`."""
+    raise ConfigError(f"algorithm.{field} {message}")
+
+
+def check_literal(field: str, value: Any, literal: Any) -> None:
+    if value not in get_args(literal):
+        fail(field, f"must be one of {get_args(literal)}, got {value!r}")
+
+
+def check_int(field: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        fail(field, f"must be an int >= {low}, got {value!r}")
+
+
+def check_nonnegative(field: str, value: Any) -> None:
+    if not value >= 0:
+        fail(field, f"must be >= 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicyGradientConfig:
+    """The fields every clipped policy-gradient objective has (GRPO family and PPO).
+
+    The defaults are PPO's; `GRPOConfig` redeclares the fields whose default differs.
+
+    Attributes:
+      clip_eps, clip_eps_high, dual_clip: the trust region (`clip_eps_high` > `clip_eps` is DAPO's
+        clip-higher; `dual_clip` bounds the loss of negative advantages, Ye et al. 2020).
+      kl_mode: the KL to the reference in the `loss`, in the `reward`, or `none`.
+      kl_coef: `beta`.
+      kl_estimator: `k1`, `k2` or `k3` (Schulman's estimators).
+      entropy_coef: weight of an entropy bonus (0 = none).
+      loss_aggregation: how per-token losses become a scalar (`rlhf_jax.losses.aggregate`).
+      num_epochs: passes over each rollout batch (TRL's `num_iterations`).
+      num_minibatches: optimizer updates per pass (the batch must divide evenly).
+      micro_batches: gradient-accumulation micro-batches per minibatch (memory, not math: the
+        losses are normalised by minibatch-wide counts, so the update is the same).
+      temperature: the sampling temperature (log-probs are computed at it).
+      old_logprobs: `auto`, `sampler` or `recompute` (see the module docstring).
+      chunk_size: tokens per LM-head chunk (within a row).
+    """
+
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    kl_mode: KLMode = "reward"
+    kl_coef: float = 0.05
+    kl_estimator: KLEstimator = "k3"
+    entropy_coef: float = 0.0
+    loss_aggregation: AggregateMode = "token_mean"
+    num_epochs: int = 4
+    num_minibatches: int = 1
+    micro_batches: int = 1
+    temperature: float = 1.0
+    old_logprobs: OldLogprobs = "auto"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __post_init__(self):
+        if not 0 < self.clip_eps <= 1:
+            fail("clip_eps", f"must be in (0, 1], got {self.clip_eps!r}")
+        if self.clip_eps_high is not None and not self.clip_eps_high > 0:
+            fail("clip_eps_high", f"must be > 0 or None, got {self.clip_eps_high!r}")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            fail("dual_clip", f"must be > 1 or None, got {self.dual_clip!r}")
+        check_literal("kl_mode", self.kl_mode, KLMode)
+        check_nonnegative("kl_coef", self.kl_coef)
+        check_literal("kl_estimator", self.kl_estimator, KLEstimator)
+        check_nonnegative("entropy_coef", self.entropy_coef)
+        check_literal("loss_aggregation", self.loss_aggregation, AggregateMode)
+        check_int("num_epochs", self.num_epochs, 1)
+        check_int("num_minibatches", self.num_minibatches, 1)
+        check_int("micro_batches", self.micro_batches, 1)
+        if not self.temperature > 0:
+            fail("temperature", f"must be > 0, got {self.temperature!r}")
+        check_literal("old_logprobs", self.old_logprobs, OldLogprobs)
+        check_int("chunk_size", self.chunk_size, 1)
+
+    @property
+    def num_updates(self) -> int:
+        """Optimizer updates per rollout batch."""
+        return self.num_epochs * self.num_minibatches
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the step needs the reference's log-probs."""
+        return self.kl_mode != "none" and self.kl_coef > 0
+
+    @property
+    def kl_in_reward(self) -> bool:
+        """Whether the KL penalty enters the reward (and so the advantages)."""
+        return self.kl_mode == "reward" and self.kl_coef > 0
+
+    def replace(self, **changes):
+        """A copy with `changes` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------------------------- batch
+
+
+def check_rl_batch(batch, config: PolicyGradientConfig, *, group_size: int, name: str) -> int:
+    """Raise a clear error for an RL batch the step cannot take (before compiling); return N.
+
+    Checks the required keys, ranks, matching rows and widths, divisibility by `group_size` and by
+    `num_minibatches x micro_batches`, and the presence of `ref_logps` / `sampler_logps` when the
+    configuration needs them.
+
+    Args:
+      batch: the rollout batch (`RL_BATCH_KEYS`, optionally `OPTIONAL_RL_BATCH_KEYS`).
+      config: the step's configuration.
+      group_size: completions per prompt (1 = no groups).
+      name: the step's name, for the messages.
+    """
+    missing = [k for k in RL_BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"{name}: batch lacks keys {missing}; it has {sorted(batch)}")
+    unknown = sorted(set(batch) - set(RL_BATCH_KEYS) - set(OPTIONAL_RL_BATCH_KEYS))
+    if unknown:
+        raise KeyError(f"{name}: unknown batch keys {unknown}; known: {list(RL_BATCH_KEYS + OPTIONAL_RL_BATCH_KEYS)}")
+    shape = {k: tuple(jnp.shape(v)) for k, v in batch.items()}
+    n, c = shape["completion_tokens"] if len(shape["completion_tokens"]) == 2 else (None, None)
+    if n is None:
+        raise ValueError(f"{name}: batch['completion_tokens'] must be [N, C], got {shape['completion_tokens']}")
+    want = {"prompt_lengths": (n,), "completion_mask": (n, c), "scores": (n,),
+            "sampler_logps": (n, c), "ref_logps": (n, c)}
+    for key, expected in want.items():
+        if key in shape and shape[key] != expected:
+            raise ValueError(f"{name}: batch[{key!r}] must have shape {list(expected)}, got {list(shape[key])}")
+    if len(shape["prompt_tokens"]) != 2 or shape["prompt_tokens"][0] != n:
+        raise ValueError(f"{name}: batch['prompt_tokens'] must be [N={n}, P], got {list(shape['prompt_tokens'])}")
+    if ("ptx_tokens" in batch) != ("ptx_mask" in batch):
+        raise KeyError(f"{name}: give both ptx_tokens and ptx_mask, or neither")
+    if "ptx_tokens" in batch and (shape["ptx_tokens"][0] != n or shape["ptx_mask"] != shape["ptx_tokens"]):
+        raise ValueError(f"{name}: ptx_tokens {list(shape['ptx_tokens'])} and ptx_mask {list(shape['ptx_mask'])} "
+                         f"must both be [N={n}, L]")
+    if n % group_size:
+        raise ValueError(f"{name}: batch of {n} completions does not split into groups of group_size={group_size}")
+    split = config.num_minibatches * config.micro_batches
+    if n % split:
+        raise ValueError(f"{name}: batch of {n} completions does not split into num_minibatches="
+                         f"{config.num_minibatches} x micro_batches={config.micro_batches}")
+    if config.uses_reference and "ref_logps" not in batch:
+        raise KeyError(f"{name}: kl_mode={config.kl_mode!r} with kl_coef={config.kl_coef} needs batch['ref_logps']")
+    if config.old_logprobs == "sampler" and "sampler_logps" not in batch:
+        raise KeyError(f"{name}: old_logprobs='sampler' needs batch['sampler_logps']")
+    return n
+
+
+def old_logprobs_source(config: PolicyGradientConfig) -> Literal["current", "sampler", "recompute"]:
+    """Where the old log-probs come from: `current` means `stop_gradient` of the training forward."""
+    if config.old_logprobs != "auto":
+        return config.old_logprobs
+    return "recompute" if config.num_updates > 1 or config.kl_in_reward else "current"
+
+
+def rollout_logprobs(model, params, mb, config: PolicyGradientConfig, *, with_entropy: bool, group_size: int = 1):
+    """`(logps, entropy)` `[N, C]` of a (mini)batch's completions under `params` (entropy None unless asked)."""
+    return completion_logprobs(
+        model, params, mb["prompt_tokens"], mb["prompt_lengths"], mb["completion_tokens"],
+        temperature=config.temperature, with_entropy=with_entropy, chunk_size=config.chunk_size,
+        group_size=group_size,
+    )
+
+
+def normalisers(mask: jax.Array) -> dict[str, jax.Array]:
+    """Minibatch-wide `num_tokens` and `num_sequences` of a completion mask (for `aggregate_loss`)."""
+    return {"num_tokens": count_tokens(mask), "num_sequences": count_sequences(mask)}
+
+
+def rollout_stats(batch) -> Metrics:
+    """`completions/mean_length`: mean completion tokens per row."""
+    mask = _checks.mask_f32(batch["completion_mask"])
+    return {"completions/mean_length": jnp.mean(jnp.sum(mask, axis=1))}
+
+
+def sampler_diff(logps: jax.Array, sampler_logps: jax.Array, mask: jax.Array) -> Metrics:
+    """`sampler_logprob_diff/mean|max` between the sampler's and the trainer's log-probs."""
+    return logprob_mismatch(sampler_logps, jax.lax.stop_gradient(logps), mask)
+
+
+# --------------------------------------------------------------------------------------- updates
+
+
+def run_updates(update, carry, data: dict, *, rng: jax.Array, num_epochs: int, num_minibatches: int, group: int = 1):
+    """`num_epochs` passes of `lax.scan(update)` over `num_minibatches` shuffled minibatches.
+
+    Rows are shuffled in blocks of `group` contiguous rows (whole prompt groups stay together).
+    Returns the final carry and every update's metrics stacked on a leading `[U]` axis.
+    """
+    n = data["completion_tokens"].shape[0]
+    size = n // num_minibatches
+    if num_epochs == 1 and num_minibatches == 1:  # one update: no loop (and no loop-carried state copies)
+        carry, metrics = update(carry, data)
+        return carry, jax.tree.map(lambda m: m[None], metrics)
+
+    def epoch(carry, key):
+        if num_minibatches > 1:
+            blocks = jax.random.permutation(key, n // group)
+            perm = (blocks[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)
+            shuffled = jax.tree.map(lambda x: x[perm], data)
+        else:
+            shuffled = data
+        minibatches = jax.tree.map(lambda x: x.reshape((num_minibatches, size) + x.shape[1:]), shuffled)
+        return jax.lax.scan(update, carry, minibatches)
+
+    carry, metrics = jax.lax.scan(epoch, carry, jax.random.split(rng, num_epochs))
+    return carry, jax.tree.map(lambda m: m.reshape((-1,) + m.shape[2:]), metrics)
+
+
+# Reductions of per-update metrics: first update only (while the policy still is the sampler's),
+# sum, max; everything else is averaged over updates.
+_FIRST = ("sampler_logprob_diff/mean", "sampler_logprob_diff/max")
+
+
+def reduce_update_metrics(stacked: Metrics) -> Metrics:
+    """One value per metric from `[U]` per-update values: mean, but the first update's sampler
+    difference, the sum of `nonfinite` (updates skipped) and the max of `halt`."""
+    out = {}
+    for key, value in stacked.items():
+        if key in _FIRST:
+            out[key] = value[0]
+        elif key == "nonfinite":
+            out[key] = jnp.sum(value)
+        elif key == "halt":
+            out[key] = jnp.max(value)
+        else:
+            out[key] = jnp.mean(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------ loss terms
+
+
+def sequence_kl(kl_tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """`[N]` per-sequence sum of per-token KL terms over the mask."""
+    return _checks.masked_sum(kl_tokens, mask, axis=-1)
+
+
+def policy_loss_terms(name: str, config: PolicyGradientConfig, logps, old_logps, advantages, mask
+                      ) -> tuple[jax.Array, Metrics]:
+    """Per-token policy loss `[N, C]` and its metrics: `ppo` (token ratio), `gspo` (sequence
+    ratio) or `cispo` (clipped stop-gradient weights, bound `1 + (clip_eps_high or clip_eps)`)."""
+    if name == "cispo":
+        high = config.clip_eps if config.clip_eps_high is None else config.clip_eps_high
+        return cispo_loss(logps, old_logps, advantages, mask, clip_eps_high=high)
+    return ppo_policy_loss(
+        logps, old_logps, advantages, mask,
+        clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip,
+        ratio_level="sequence" if name == "gspo" else "token",
+    )
+
+
+def aggregate_loss(per_token: jax.Array, mask: jax.Array, *, mode: AggregateMode,
+                   max_completion_length: int | None = None, num_tokens=None, num_sequences=None) -> jax.Array:
+    """`aggregate` in `mode`, normalised by minibatch-wide counts when given.
+
+    `seq_mean_token_sum_norm` (Dr.GRPO) divides by `max_completion_length`, default the batch's
+    completion width `C`.
+    """
+    if mode == "token_mean":
+        return aggregate(per_token, mask, mode=mode, num_tokens=num_tokens)
+    max_len = None
+    if mode == "seq_mean_token_sum_norm":
+        max_len = max_completion_length or per_token.shape[1]
+    return aggregate(per_token, mask, mode=mode, num_sequences=num_sequences, max_len=max_len)
+
+
+def reference_and_entropy_terms(config: PolicyGradientConfig, logps, ref_logps, entropy, mask, metrics: Metrics,
+                                kl_coef=None) -> jax.Array:
+    """Per-token KL-in-loss and entropy-bonus terms `[N, C]` (0 where unused); fills `metrics`.
+
+    `+ beta k(logps, ref_logps)` when `kl_mode == "loss"` (`beta` = `kl_coef`, default
+    `config.kl_coef`), `- c_H H` when `entropy_coef > 0`. Metrics: `kl` (token mean of the
+    configured estimator) and `kl/sequence` (mean over sequences of the summed k1) when `ref_logps`
+    is given, `entropy` when `entropy` is.
+    """
+    extra = jnp.zeros(jnp.shape(logps), jnp.float32)
+    if ref_logps is not None:
+        kl_tokens = kl_divergence(logps, ref_logps, estimator=config.kl_estimator)
+        metrics["kl"] = jax.lax.stop_gradient(_checks.masked_mean(kl_tokens, mask))
+        k1 = jax.lax.stop_gradient(_checks.f32(logps) - _checks.f32(ref_logps))
+        metrics["kl/sequence"] = jnp.mean(sequence_kl(k1, mask))
+        if config.kl_mode == "loss" and config.kl_coef > 0:
+            beta = config.kl_coef if kl_coef is None else kl_coef
+            extra = extra + beta * _checks.apply_mask(kl_tokens, mask)
+    if entropy is not None:
+        metrics["entropy"] = jax.lax.stop_gradient(_checks.masked_mean(entropy, mask))
+        if config.entropy_coef > 0:
+            extra = extra - config.entropy_coef * _checks.apply_mask(entropy, mask)
+    return extra
