@@ -97,7 +97,15 @@ def _run(args) -> list[dict]:
     from rlhf_jax.models.presets import get_config
     from rlhf_jax.optim import OptimizerConfig, make_optimizer
     from rlhf_jax.state import create_train_state
-    from rlhf_jax.steps import make_dpo_step, make_reward_model_step, make_sft_step
+    from rlhf_jax.steps import (
+        PAIR_KEYS,
+        SFT_KEYS,
+        dpo_batch_keys,
+        jit_model_step,
+        make_dpo_step,
+        make_reward_model_step,
+        make_sft_step,
+    )
     from rlhf_jax.testing import tiny_config
 
     config = tiny_config() if args.model == "tiny" else get_config(args.model)
@@ -106,6 +114,7 @@ def _run(args) -> list[dict]:
     opt = OptimizerConfig(learning_rate=1e-5)
     tx = make_optimizer(opt)
     make = {"sft": make_sft_step, "reward_model": make_reward_model_step, "dpo": make_dpo_step}[args.step]
+    keys = {"sft": SFT_KEYS, "reward_model": PAIR_KEYS, "dpo": dpo_batch_keys()}[args.step]
     rng = np.random.default_rng(0)
 
     def batch():
@@ -125,7 +134,8 @@ def _run(args) -> list[dict]:
             issues = sh.lint(lm.abstract_params(), lm.logical_axes, mesh=mesh, strategy=strategy)
             row["mesh"] = dict(mesh.shape)
             row["lint"] = [str(i) for i in issues]
-            step = make(lm, opt, mesh=mesh, strategy=strategy)
+            step = jit_model_step(make(lm, opt), lm, opt, mesh=mesh, strategy=strategy, batch_keys=keys,
+                                  frozen_params=int(args.step == "dpo"), name=f"{args.step}_step")
             state = create_train_state(lm.init, tx, rng=0, logical_axes=lm.logical_axes, mesh=mesh, strategy=strategy)
             frozen = (jax.tree.map(lambda x: x.copy(), state.params),) if args.step == "dpo" else ()
             b = batch()

@@ -99,7 +99,7 @@ def _worker(args) -> dict:
     from rlhf_jax.models.presets import get_config
     from rlhf_jax.optim import OptimizerConfig, make_optimizer
     from rlhf_jax.state import create_train_state
-    from rlhf_jax.steps import DPO, make_dpo_step, make_sft_step
+    from rlhf_jax.steps import DPO, SFT_KEYS, dpo_batch_keys, jit_model_step, make_dpo_step, make_sft_step
 
     spec = W.W1 if args.workload == "w1" else W.W2
     config = get_config("w1", param_dtype=args.dtype, dtype=args.dtype)
@@ -155,12 +155,15 @@ def _worker(args) -> dict:
         strategy = "dp"
         state = create_train_state(lm.init, tx, rng=W.MODEL_INIT_SEED, logical_axes=lm.logical_axes, mesh=mesh,
                                    strategy=strategy)
-        kwargs = dict(mesh=mesh, strategy=strategy, logits_chunk_size=args.chunk)
+        jit = dict(mesh=mesh, strategy=strategy)
         if args.workload == "w1":
-            step = make_sft_step(lm, opt_config, **kwargs)
+            step = jit_model_step(make_sft_step(lm, opt_config, logits_chunk_size=args.chunk), lm, opt_config,
+                                  batch_keys=SFT_KEYS, **jit)
             frozen = ()
         else:
-            step = make_dpo_step(lm, opt_config, objective=DPO(beta=spec["beta"]), **kwargs)
+            objective = DPO(beta=spec["beta"])
+            step = jit_model_step(make_dpo_step(lm, opt_config, objective=objective, logits_chunk_size=args.chunk),
+                                  lm, opt_config, batch_keys=dpo_batch_keys(objective), frozen_params=1, **jit)
             frozen = (jax.tree.map(jnp.copy, state.params),)
         holder = [state]
 

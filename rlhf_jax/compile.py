@@ -265,7 +265,15 @@ def compile_training_step(config: ModelConfig, *, step: StepKind = "sft", mesh: 
     Raises:
       ShardingError: an invalid mesh / strategy / batch combination, before compiling.
     """
-    from rlhf_jax.steps import make_dpo_step, make_reward_model_step, make_sft_step
+    from rlhf_jax.steps import (
+        PAIR_KEYS,
+        SFT_KEYS,
+        dpo_batch_keys,
+        jit_model_step,
+        make_dpo_step,
+        make_reward_model_step,
+        make_sft_step,
+    )
 
     optimizer = OptimizerConfig(name="adamw", learning_rate=1e-5) if optimizer is None else optimizer
     strategy = sh.check_strategy(strategy, mesh)
@@ -278,7 +286,10 @@ def compile_training_step(config: ModelConfig, *, step: StepKind = "sft", mesh: 
     makers = {"sft": make_sft_step, "reward_model": make_reward_model_step, "dpo": make_dpo_step}
     if step not in makers:
         raise ValueError(f"compile_training_step: step must be one of {sorted(makers)}, got {step!r}")
-    built = makers[step](model, optimizer, mesh=mesh, strategy=strategy, micro_batches=micro_batches)
+    update = makers[step](model, optimizer, micro_batches=micro_batches)
+    keys = {"sft": SFT_KEYS, "reward_model": PAIR_KEYS, "dpo": dpo_batch_keys()}[step]
+    built = jit_model_step(update, model, optimizer, mesh=mesh, strategy=strategy, micro_batches=micro_batches,
+                           batch_keys=keys, frozen_params=int(step == "dpo"), name=f"{step}_step")
     tx = make_optimizer(optimizer)
     abstract = abstract_train_state(model.init, tx)
     state = _abstract(abstract, built.state_shardings)

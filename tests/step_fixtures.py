@@ -11,6 +11,15 @@ from rlhf_jax import sharding as sh
 from rlhf_jax.models import CausalLM
 from rlhf_jax.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.state import train_state_from_params
+from rlhf_jax.steps import (
+    PAIR_KEYS,
+    SFT_KEYS,
+    dpo_batch_keys,
+    dpo_takes_reference,
+    jit_model_step,
+    make_dpo_step,
+    make_sft_step,
+)
 from rlhf_jax.testing import tiny_config
 
 # Correctness tests only: skip LLVM's optimisation passes, which dominate compile time on CPU.
@@ -82,6 +91,20 @@ def pair_batches(n: int, seed: int = 1):
     return out
 
 
+def jit_for(make_step, lm, mesh, strategy: str, **kwargs):
+    """`make_step(lm, OPTIMIZER, **kwargs)` jitted with `jit_model_step` (batch keys and frozen
+    reference parameters as the step's module says)."""
+    update = make_step(lm, OPTIMIZER, **kwargs)
+    micro = kwargs.get("micro_batches", 1)
+    if make_step is make_dpo_step:
+        objective, reference = kwargs.get("objective"), kwargs.get("reference", "model")
+        keys, frozen = dpo_batch_keys(objective, reference), int(dpo_takes_reference(objective, reference))
+    else:
+        keys, frozen = (SFT_KEYS if make_step is make_sft_step else PAIR_KEYS), 0
+    return jit_model_step(update, lm, OPTIMIZER, mesh=mesh, strategy=strategy, micro_batches=micro,
+                          batch_keys=keys, frozen_params=frozen, name=make_step.__name__)
+
+
 def run_steps(make_step, *, head: str, shape, strategy: str, batches, with_reference: bool = False, **kwargs):
     """Run `len(batches)` steps from the shared initial params; return (host params, list of metrics)."""
     lm = tiny_lm(head)
@@ -89,7 +112,7 @@ def run_steps(make_step, *, head: str, shape, strategy: str, batches, with_refer
     tx = make_optimizer(OPTIMIZER)
     state = train_state_from_params(host_params(head), tx, rng=0, logical_axes=lm.logical_axes, mesh=mesh,
                                     strategy=strategy)
-    step = make_step(lm, OPTIMIZER, mesh=mesh, strategy=strategy, **kwargs)
+    step = jit_for(make_step, lm, mesh, strategy, **kwargs)
     frozen = ()
     if with_reference:
         frozen = (jax.device_put(host_params(head), step.state_shardings.params),)

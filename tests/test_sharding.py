@@ -146,8 +146,10 @@ def test_constrain_activations_splits_the_batch_only_inside_a_context():
 
 def test_step_makers_warn_about_lint_findings():
     from rlhf_jax.optim import OptimizerConfig
-    from rlhf_jax.steps import make_sft_step
+    from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_step
 
     strategy = sh.Strategy(name="mlp_only_warn", rules={"mlp": "tensor"}, batch_axes=("data",))
+    update = make_sft_step(LM, OptimizerConfig())
     with pytest.warns(UserWarning, match="unused_axis|splits neither"):
-        make_sft_step(LM, OptimizerConfig(), mesh=sh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), strategy=strategy)
+        jit_model_step(update, LM, OptimizerConfig(), mesh=sh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+                       strategy=strategy, batch_keys=SFT_KEYS)

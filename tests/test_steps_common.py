@@ -104,11 +104,12 @@ def test_nonfinite_update_from_finite_gradients_is_skipped(policy):
         assert int(new.step) == 1 and float(metrics["nonfinite"]) == 1.0
         assert float(metrics["grad_norm"]) == pytest.approx(np.sqrt(8))
         assert float(metrics.get("halt", 0.0)) == (1.0 if policy == "halt" else 0.0)
-    # The same transform with a finite rate applies: Adam's first step moves every weight by -lr.
+    # The same transform with a finite rate applies: Adam's first step moves every weight by -lr
+    # (up to float32 rounding of the bias corrections 1 - 0.9 and 1 - 0.999).
     tx = optax.adam(0.5)
     state = _state(params)._replace(opt_state=tx.init(params))
     new, metrics = apply_gradients(state, grads, jnp.float32(1.0), tx, nonfinite=policy)
-    np.testing.assert_allclose(np.asarray(new.params["w"]), np.full((4, 2), 0.5), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(new.params["w"]), np.full((4, 2), 0.5), rtol=1e-5)
     assert float(metrics["nonfinite"]) == 0.0
     # "off" applies the infinite update.
     state = _state(params)._replace(opt_state=optax.adam(jnp.inf).init(params))

@@ -13,6 +13,7 @@ from rlhf_jax.losses.preference import (
     kto_loss,
     kto_reference_point,
     orpo_loss,
+    preference_metrics,
     simpo_loss,
 )
 from rlhf_jax.losses.reward import bradley_terry_loss
@@ -36,6 +37,7 @@ __all__ = [
     "kto_reference_point",
     "orpo_loss",
     "ppo_policy_loss",
+    "preference_metrics",
     "sft_loss",
     "simpo_loss",
     "value_loss",

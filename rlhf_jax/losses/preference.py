@@ -2,7 +2,8 @@
 
 Inputs are per-example sequence log-probs (`rlhf_jax.logprobs.sequence_logprobs`): summed for
 DPO (sigmoid/robust/hinge/APO) and KTO, length-averaged for SimPO, ORPO and IPO, as their papers
-define them. Metrics are batch means with TRL's names, computed under `stop_gradient`.
+define them. Metrics are batch means with TRL's names, computed under `stop_gradient` by one
+reducer, `preference_metrics`, which the training steps call too (with weights and global counts).
 """
 
 from __future__ import annotations
@@ -28,19 +29,80 @@ def _check_pairs(fn: str, **arrays: jax.Array | None) -> None:
     _checks.check_same_shape(fn, **arrays)
 
 
-def _preference_metrics(
-    chosen_logps: jax.Array, rejected_logps: jax.Array, chosen_rewards: jax.Array, rejected_rewards: jax.Array
+def _weighted_mean(x: jax.Array, weights: jax.Array | None, count: jax.Array | None) -> jax.Array:
+    """`mean(x)`, or `sum(w x) / count` (`count` default `sum(w)`; 0 when there is nothing to average)."""
+    if weights is None:
+        return jnp.mean(x)
+    total = _checks.masked_sum(x, weights)
+    if count is None:
+        count = jnp.sum(_checks.mask_f32(weights))
+    return total / _checks.safe_denominator(count)
+
+
+def preference_metrics(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    chosen_logps: jax.Array,
+    rejected_logps: jax.Array,
+    *,
+    weights: jax.Array | None = None,
+    count: jax.Array | None = None,
+    rejected_weights: jax.Array | None = None,
+    rejected_count: jax.Array | None = None,
+    extra: dict[str, jax.Array] | None = None,
 ) -> Metrics:
+    """TRL's metrics of the DPO family from per-example values: the one place they are computed.
+
+    Paired (`rejected_weights` None): example `i` is a pair with weight `w_i` (default 1), and with
+    `n = count` (default `sum w`): `rewards/chosen = sum w c / n`, `rewards/rejected = sum w r / n`,
+    `rewards/accuracies = sum w [c > r] / n`, `rewards/margins = sum w (c - r) / n`,
+    `logps/chosen`, `logps/rejected` likewise; every `extra[k]` as `sum w extra[k] / n`.
+
+    Unpaired (KTO; `rejected_weights` given): the `chosen_*` means run over `weights` (the desirable
+    examples, count `count`), the `rejected_*` ones over `rejected_weights` (count
+    `rejected_count`), `rewards/margins = rewards/chosen - rewards/rejected`, and there is no
+    `rewards/accuracies` (no pairs to compare).
+
+    Pass global counts to make micro-batch values add up to the batch's (see
+    `rlhf_jax.steps.common.micro_share`).
+
+    Args:
+      chosen_rewards, rejected_rewards: `[N]` implicit rewards (e.g. `beta * (log pi - log pi_ref)`).
+      chosen_logps, rejected_logps: `[N]` the log-probs the loss consumed.
+      weights: `[N]` weights of the (chosen) examples, or None (all 1).
+      count: the normaliser of the (chosen) means, or None (`sum(weights)`).
+      rejected_weights, rejected_count: the rejected side's, for unpaired examples.
+      extra: more `[N]` per-example values to average like the chosen side.
+
+    Returns:
+      float32 scalars under `stop_gradient`: `rewards/chosen`, `rewards/rejected`,
+      `rewards/accuracies` (paired), `rewards/margins`, `logps/chosen`, `logps/rejected`, and `extra`'s.
+
+    Example:
+      >>> m = preference_metrics(jnp.array([0.5, -0.2]), jnp.array([0.1, 0.3]), jnp.array([-4.0, -6.0]),
+      ...                        jnp.array([-5.0, -5.0]))
+      >>> {k: round(float(v), 4) for k, v in m.items()}  # doctest: +NORMALIZE_WHITESPACE
+      {'rewards/chosen': 0.15, 'rewards/rejected': 0.2, 'rewards/accuracies': 0.5, 'rewards/margins': -0.05,
+       'logps/chosen': -5.0, 'logps/rejected': -5.0}
+    """
     sg = jax.lax.stop_gradient
-    c, r = sg(chosen_rewards), sg(rejected_rewards)
-    return {
-        "rewards/chosen": jnp.mean(c),
-        "rewards/rejected": jnp.mean(r),
-        "rewards/accuracies": jnp.mean((c > r).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(c - r),
-        "logps/chosen": jnp.mean(sg(chosen_logps)),
-        "logps/rejected": jnp.mean(sg(rejected_logps)),
+    c, r = sg(_checks.f32(chosen_rewards)), sg(_checks.f32(rejected_rewards))
+    paired = rejected_weights is None
+    r_weights, r_count = (weights, count) if paired else (rejected_weights, rejected_count)
+    metrics = {
+        "rewards/chosen": _weighted_mean(c, weights, count),
+        "rewards/rejected": _weighted_mean(r, r_weights, r_count),
     }
+    if paired:
+        metrics["rewards/accuracies"] = _weighted_mean((c > r).astype(jnp.float32), weights, count)
+        metrics["rewards/margins"] = _weighted_mean(c - r, weights, count)
+    else:
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    metrics["logps/chosen"] = _weighted_mean(sg(_checks.f32(chosen_logps)), weights, count)
+    metrics["logps/rejected"] = _weighted_mean(sg(_checks.f32(rejected_logps)), r_weights, r_count)
+    for key, value in (extra or {}).items():
+        metrics[key] = _weighted_mean(sg(_checks.f32(value)), weights, count)
+    return metrics
 
 
 def dpo_loss(
@@ -119,7 +181,7 @@ def dpo_loss(
         losses = 1 - jax.nn.sigmoid(beta * c) + jax.nn.sigmoid(beta * r)
     else:  # apo_down
         losses = jax.nn.sigmoid(beta * c) + 1 - jax.nn.sigmoid(beta * h)
-    return losses, _preference_metrics(pc, pr, beta * c, beta * r)
+    return losses, preference_metrics(beta * c, beta * r, pc, pr)
 
 
 def simpo_loss(
@@ -183,9 +245,8 @@ def orpo_loss(
     a_l = jnp.minimum(_checks.f32(rejected_avg_logps), _MAX_AVG_LOGP)
     log_odds = (a_w - a_l) - (_log1m_exp(a_w) - _log1m_exp(a_l))
     log_ratio = jax.nn.log_sigmoid(log_odds)
-    metrics = _preference_metrics(a_w, a_l, beta * a_w, beta * a_l)
-    metrics["log_odds_ratio"] = jnp.mean(jax.lax.stop_gradient(log_ratio))
-    metrics["log_odds_chosen"] = jnp.mean(jax.lax.stop_gradient(log_odds))
+    metrics = preference_metrics(beta * a_w, beta * a_l, a_w, a_l,
+                                 extra={"log_odds_ratio": log_ratio, "log_odds_chosen": log_odds})
     return -beta * log_ratio, metrics
 
 
@@ -258,17 +319,11 @@ def kto_loss(
         desirable_weight * (1 - jax.nn.sigmoid(beta * (r - z0))),
         undesirable_weight * (1 - jax.nn.sigmoid(beta * (z0 - r))),
     )
-    sg = jax.lax.stop_gradient
-    rewards, bad = sg(beta * r), ~good
-    chosen_reward, rejected_reward = _checks.masked_mean(rewards, good), _checks.masked_mean(rewards, bad)
-    metrics = {
-        "rewards/chosen": chosen_reward,
-        "rewards/rejected": rejected_reward,
-        "rewards/margins": chosen_reward - rejected_reward,
-        "logps/chosen": _checks.masked_mean(sg(p), good),
-        "logps/rejected": _checks.masked_mean(sg(p), bad),
+    bad = ~good
+    metrics = preference_metrics(beta * r, beta * r, p, p, weights=good, rejected_weights=bad)
+    metrics.update({
         "count/chosen": jnp.sum(good.astype(jnp.float32)),
         "count/rejected": jnp.sum(bad.astype(jnp.float32)),
         "kl": z0,
-    }
+    })
     return losses, metrics

@@ -12,11 +12,14 @@ GRPO family (`grpo_objective`) and `ppo` PPO with a critic (`ppo_objective`).
 from rlhf_jax.steps.common import (
     NonFinitePolicy,
     Step,
+    Update,
     accumulate_gradients,
     apply_gradients,
+    jit_model_step,
     jit_step,
     make_update,
     split_micro_batches,
+    step_key,
 )
 from rlhf_jax.steps.grpo import (
     GRPO_PRESETS,
@@ -38,12 +41,21 @@ from rlhf_jax.steps.preference import (
     KTO,
     ORPO,
     SimPO,
+    dpo_batch_keys,
+    dpo_takes_reference,
     make_dpo_loss,
     make_dpo_step,
     make_reference_logps_fn,
     precompute_reference_logps,
 )
-from rlhf_jax.steps.supervised import make_reward_model_loss, make_reward_model_step, make_sft_loss, make_sft_step
+from rlhf_jax.steps.supervised import (
+    PAIR_KEYS,
+    SFT_KEYS,
+    make_reward_model_loss,
+    make_reward_model_step,
+    make_sft_loss,
+    make_sft_step,
+)
 
 __all__ = [
     "GRPO_PRESETS",
@@ -64,9 +76,15 @@ __all__ = [
     "ORPO",
     "SimPO",
     "NonFinitePolicy",
+    "PAIR_KEYS",
+    "SFT_KEYS",
     "Step",
+    "Update",
     "accumulate_gradients",
     "apply_gradients",
+    "dpo_batch_keys",
+    "dpo_takes_reference",
+    "jit_model_step",
     "jit_step",
     "make_dpo_loss",
     "make_dpo_step",
@@ -78,4 +96,5 @@ __all__ = [
     "make_update",
     "precompute_reference_logps",
     "split_micro_batches",
+    "step_key",
 ]

@@ -5,8 +5,13 @@ of them. The step computes each completion's summed target log-prob and token co
 policy (and under the frozen reference when the objective needs one), and the objective turns
 those into per-example losses and implicit rewards through `rlhf_jax.losses`.
 
+`make_dpo_step` returns the pure update; jit it with `common.jit_model_step(update, model, optim,
+mesh=..., strategy=..., batch_keys=dpo_batch_keys(objective, reference),
+frozen_params=int(dpo_takes_reference(objective, reference)))`. Per-example losses and implicit
+rewards become TRL's metrics in one reducer, `rlhf_jax.losses.preference_metrics`.
+
 Reference log-probs come either from a reference forward pass in every step
-(`reference="model"`: `step(state, batch, reference_params)`), or from the batch
+(`reference="model"`: `update(state, batch, reference_params)`), or from the batch
 (`reference="precomputed"`: keys `ref_chosen_logps` / `ref_rejected_logps`, or `ref_logps` /
 `ref_kl_logps` for KTO, made once over the dataset by `make_reference_logps_fn`).
 
@@ -29,7 +34,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as sh
-from rlhf_jax.losses import dpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
+from rlhf_jax.losses import dpo_loss, kto_loss, kto_reference_point, orpo_loss, preference_metrics, simpo_loss
 from rlhf_jax.losses.preference import DPOLossType
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.steps import common
@@ -47,6 +52,8 @@ __all__ = [
     "ReferenceMode",
     "make_dpo_loss",
     "make_dpo_step",
+    "dpo_batch_keys",
+    "dpo_takes_reference",
     "make_reference_logps_fn",
     "precompute_reference_logps",
 ]
@@ -328,8 +335,11 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
     Returns:
       `loss_fn(params, batch, context, rng) -> (loss, metrics)`.
     """
-    share = lambda total, n: common.micro_share(total, n, micro_batches)  # noqa: E731
     sg = jax.lax.stop_gradient
+
+    def shares(metrics):
+        """Batch means -> this micro-batch's share (`common.micro_share`: they average back up)."""
+        return {k: v * micro_batches for k, v in metrics.items()}
 
     def paired_loss(params, batch, context, rng):
         del rng
@@ -348,17 +358,8 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
         w = ((fc.count > 0) & (fr.count > 0)).astype(jnp.float32)
         n = context["num_pairs"]
         loss = jnp.sum(terms.losses * w) / jnp.maximum(n, 1.0)
-        cr, rr_ = sg(terms.chosen_rewards), sg(terms.rejected_rewards)
-        metrics = {
-            "rewards/chosen": share(jnp.sum(cr * w), n),
-            "rewards/rejected": share(jnp.sum(rr_ * w), n),
-            "rewards/accuracies": share(jnp.sum((cr > rr_) * w), n),
-            "rewards/margins": share(jnp.sum((cr - rr_) * w), n),
-            "logps/chosen": share(jnp.sum(sg(terms.chosen_logps) * w), n),
-            "logps/rejected": share(jnp.sum(sg(terms.rejected_logps) * w), n),
-        }
-        for key, value in terms.extra.items():
-            metrics[key] = share(jnp.sum(value * w), n)
+        metrics = shares(preference_metrics(terms.chosen_rewards, terms.rejected_rewards, terms.chosen_logps,
+                                            terms.rejected_logps, weights=w, count=n, extra=terms.extra))
         if objective.nll_weight:
             nll = chosen_nll / jnp.maximum(context["num_chosen_tokens"], 1.0)
             loss = loss + objective.nll_weight * nll
@@ -377,18 +378,11 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
                              undesirable_weight=objective.undesirable_weight)
         w = (seq.count.reshape(-1) > 0).astype(jnp.float32)
         loss = jnp.sum(losses * w) / jnp.maximum(context["num_examples"], 1.0)
-        rewards = sg(objective.beta * (logps - ref))
-        good, bad = w * label, w * ~label
-        nd, nu = context["num_desirable"], context["num_undesirable"]
-        chosen_reward, rejected_reward = share(jnp.sum(rewards * good), nd), share(jnp.sum(rewards * bad), nu)
-        metrics = {
-            "rewards/chosen": chosen_reward,
-            "rewards/rejected": rejected_reward,
-            "rewards/margins": chosen_reward - rejected_reward,
-            "logps/chosen": share(jnp.sum(sg(logps) * good), nd),
-            "logps/rejected": share(jnp.sum(sg(logps) * bad), nu),
-            "kl": context["kl"],
-        }
+        rewards = objective.beta * (logps - ref)
+        metrics = shares(preference_metrics(rewards, rewards, logps, logps, weights=w * label,
+                                            count=context["num_desirable"], rejected_weights=w * ~label,
+                                            rejected_count=context["num_undesirable"]))
+        metrics["kl"] = context["kl"]
         return loss, metrics
 
     return paired_loss if objective.paired else kto_loss_fn
@@ -423,7 +417,9 @@ def _dpo_prepare(model, objective: Objective, reference: ReferenceMode, *, micro
     return prepare
 
 
-def _batch_keys(objective: Objective, reference: ReferenceMode) -> tuple[str, ...]:
+def dpo_batch_keys(objective: Objective | None = None, reference: ReferenceMode = "model") -> tuple[str, ...]:
+    """The keys every batch of `make_dpo_step(objective=..., reference=...)` must have."""
+    objective = DPO() if objective is None else objective
     if objective.paired:
         keys = PAIR_KEYS
         if objective.needs_reference and reference == "precomputed":
@@ -437,34 +433,39 @@ def _batch_keys(objective: Objective, reference: ReferenceMode) -> tuple[str, ..
     return keys
 
 
-def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformation, *, mesh: Mesh,
-                  objective: Objective | None = None, reference: ReferenceMode = "model",
-                  strategy: str | sh.Strategy = "fsdp", micro_batches: int = 1, max_segments: int = 1,
-                  logits_chunk_size: int | None = None, nonfinite: common.NonFinitePolicy = "skip",
-                  donate: bool = True) -> common.Step:
-    """A jitted preference-optimisation step for any objective of this module.
+def dpo_takes_reference(objective: Objective | None = None, reference: ReferenceMode = "model") -> bool:
+    """Whether the update is `update(state, batch, reference_params)` (else `update(state, batch)`)."""
+    objective = DPO() if objective is None else objective
+    return objective.needs_reference and reference == "model"
 
-    With `reference="model"` and an objective that needs a reference, the step is
-    `step(state, batch, reference_params)`: the frozen reference runs forward on the whole batch
-    (micro-batch by micro-batch, no gradient) before the policy's gradient pass. Otherwise it is
-    `step(state, batch)`, with precomputed reference log-probs in the batch when needed.
+
+def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformation, *,
+                  objective: Objective | None = None, reference: ReferenceMode = "model", micro_batches: int = 1,
+                  max_segments: int = 1, logits_chunk_size: int | None = None,
+                  nonfinite: common.NonFinitePolicy = "skip") -> common.Update:
+    """A preference-optimisation update for any objective of this module (pure; jit it).
+
+    With `reference="model"` and an objective that needs a reference (`dpo_takes_reference`), the
+    update is `update(state, batch, reference_params)`: the frozen reference runs forward on the
+    whole batch (micro-batch by micro-batch, no gradient) before the policy's gradient pass.
+    Otherwise it is `update(state, batch)`, with precomputed reference log-probs in the batch when
+    needed.
 
     Args:
       model: the policy `CausalLM` (the reference has the same architecture).
       optimizer: an `OptimizerConfig` or an optax transform.
-      mesh: the device mesh.
       objective: `DPO(...)` (default), `SimPO(...)`, `ORPO(...)` or `KTO(...)`.
       reference: "model" or "precomputed" (ignored by reference-free objectives).
-      strategy: a sharding strategy name or `Strategy`.
       micro_batches: gradient-accumulation micro-batches per step.
       max_segments: examples per row of packed batches (1 = unpacked).
       logits_chunk_size: chunked log-probs from hidden states instead of full logits.
       nonfinite: NaN/Inf policy.
-      donate: donate the state's buffers.
 
     Returns:
-      A `Step` whose metrics are those of `make_dpo_loss` plus `loss`, `grad_norm`,
-      `learning_rate`, `nonfinite`.
+      The pure update; jit it with `common.jit_model_step(update, model, optimizer, mesh=...,
+      strategy=..., micro_batches=..., batch_keys=dpo_batch_keys(objective, reference),
+      frozen_params=int(dpo_takes_reference(objective, reference)))`. Metrics: those of
+      `make_dpo_loss` plus `loss`, `grad_norm`, `learning_rate`, `nonfinite`.
     """
     objective = DPO() if objective is None else objective
     if not isinstance(objective, (DPO, SimPO, ORPO, KTO)):
@@ -476,15 +477,8 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
                             logits_chunk_size=logits_chunk_size)
     prepare = _dpo_prepare(model, objective, reference, micro_batches=micro_batches, max_segments=max_segments,
                            chunk_size=logits_chunk_size)
-    update = common.make_update(loss_fn, tx, prepare=prepare, micro_batches=micro_batches, nonfinite=nonfinite,
-                                learning_rate=schedule)
-    shardings = common.model_state_shardings(model, tx, mesh=mesh, strategy=strategy)
-    frozen = ()
-    if objective.needs_reference and reference == "model":
-        frozen = (shardings.params,)
-    return common.jit_step(update, mesh=mesh, strategy=strategy, state_shardings=shardings,
-                           frozen_shardings=frozen, micro_batches=micro_batches, donate=donate,
-                           batch_keys=_batch_keys(objective, reference), name="dpo_step")
+    return common.make_update(loss_fn, tx, prepare=prepare, micro_batches=micro_batches, nonfinite=nonfinite,
+                              learning_rate=schedule)
 
 
 def make_reference_logps_fn(model, *, mesh: Mesh, objective: Objective | None = None,

@@ -1,6 +1,8 @@
 """Supervised steps: SFT (next-token cross-entropy) and reward-model training (Bradley-Terry).
 
-Both are `make_*` closures returning a jitted `Step`: `step(state, batch) -> (state, metrics)`.
+Both are `make_*` closures returning the pure `update(state, batch) -> (state, metrics)`; jit it
+with `common.jit_model_step(update, model, optimizer, mesh=..., strategy=..., batch_keys=SFT_KEYS)`
+(`PAIR_KEYS` for the reward model).
 
 SFT batch: `tokens` int [B, T], `loss_mask` [B, T] (1 on trained tokens), optional `positions`
 and `segment_ids` (packed rows). Reward-model batch: `chosen_*` and `rejected_*` versions of those
@@ -13,9 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
 
-from rlhf_jax import sharding as sh
 from rlhf_jax.losses import bradley_terry_loss, sft_loss
 from rlhf_jax.models.heads import gather_last
 from rlhf_jax.optim import OptimizerConfig
@@ -31,7 +31,8 @@ from rlhf_jax.steps.sequences import (
     side,
 )
 
-__all__ = ["make_sft_loss", "make_sft_step", "make_reward_model_loss", "make_reward_model_step"]
+__all__ = ["SFT_KEYS", "PAIR_KEYS", "make_sft_loss", "make_sft_step", "make_reward_model_loss",
+           "make_reward_model_step"]
 
 SFT_KEYS = ("tokens", "loss_mask")
 PAIR_KEYS = ("chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask")
@@ -85,11 +86,9 @@ def make_sft_loss(model, *, micro_batches: int = 1, logits_chunk_size: int | Non
     return loss_fn
 
 
-def make_sft_step(model, optimizer: OptimizerConfig | optax.GradientTransformation, *, mesh: Mesh,
-                  strategy: str | sh.Strategy = "fsdp", micro_batches: int = 1,
-                  nonfinite: common.NonFinitePolicy = "skip", logits_chunk_size: int | None = None,
-                  donate: bool = True) -> common.Step:
-    """A jitted supervised fine-tuning step `step(state, batch) -> (state, metrics)`.
+def make_sft_step(model, optimizer: OptimizerConfig | optax.GradientTransformation, *, micro_batches: int = 1,
+                  nonfinite: common.NonFinitePolicy = "skip", logits_chunk_size: int | None = None) -> common.Update:
+    """A supervised fine-tuning update `update(state, batch) -> (state, metrics)` (pure; jit it).
 
     Loss: token-mean cross-entropy over `loss_mask` targets (Ouyang et al. 2022 for chat SFT),
     normalised by the whole batch's target count however it is split into micro-batches.
@@ -97,25 +96,20 @@ def make_sft_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
     Args:
       model: a `CausalLM` with an LM head.
       optimizer: an `OptimizerConfig` (then `learning_rate` is logged) or an optax transform.
-      mesh: the device mesh.
-      strategy: a sharding strategy name or `Strategy`.
       micro_batches: gradient-accumulation micro-batches per step.
       nonfinite: NaN/Inf policy: "skip", "halt" or "off".
       logits_chunk_size: see `make_sft_loss`.
-      donate: donate the state's buffers.
 
     Returns:
-      A `Step`; create its state with `create_train_state(model.init, make_optimizer(config), ...)`
-      on the same mesh and strategy. Metrics: `loss`, `grad_norm`, `learning_rate`,
-      `mean_token_accuracy`, `num_tokens`, `nonfinite`.
+      The pure update; jit it with `common.jit_model_step(update, model, optimizer, mesh=...,
+      strategy=..., micro_batches=..., batch_keys=SFT_KEYS)`, and create its state with
+      `create_train_state(model.init, make_optimizer(config), ...)` on the same mesh and strategy.
+      Metrics: `loss`, `grad_norm`, `learning_rate`, `mean_token_accuracy`, `num_tokens`, `nonfinite`.
     """
     tx, schedule = common.resolve_optimizer(optimizer)
     loss_fn = make_sft_loss(model, micro_batches=micro_batches, logits_chunk_size=logits_chunk_size)
-    update = common.make_update(loss_fn, tx, prepare=_sft_prepare, micro_batches=micro_batches,
-                                nonfinite=nonfinite, learning_rate=schedule)
-    shardings = common.model_state_shardings(model, tx, mesh=mesh, strategy=strategy)
-    return common.jit_step(update, mesh=mesh, strategy=strategy, state_shardings=shardings,
-                           micro_batches=micro_batches, donate=donate, batch_keys=SFT_KEYS, name="sft_step")
+    return common.make_update(loss_fn, tx, prepare=_sft_prepare, micro_batches=micro_batches,
+                              nonfinite=nonfinite, learning_rate=schedule)
 
 
 # ------------------------------------------------------------------------------------- reward model
@@ -222,11 +216,10 @@ def make_reward_model_loss(model, *, micro_batches: int = 1, max_segments: int =
     return loss_fn
 
 
-def make_reward_model_step(model, optimizer: OptimizerConfig | optax.GradientTransformation, *, mesh: Mesh,
-                           strategy: str | sh.Strategy = "fsdp", micro_batches: int = 1, max_segments: int = 1,
-                           center_rewards_coefficient: float = 0.0, nonfinite: common.NonFinitePolicy = "skip",
-                           donate: bool = True) -> common.Step:
-    """A jitted reward-model step on preference pairs (Bradley-Terry; Ouyang et al. 2022).
+def make_reward_model_step(model, optimizer: OptimizerConfig | optax.GradientTransformation, *,
+                           micro_batches: int = 1, max_segments: int = 1, center_rewards_coefficient: float = 0.0,
+                           nonfinite: common.NonFinitePolicy = "skip") -> common.Update:
+    """A reward-model update on preference pairs (Bradley-Terry; Ouyang et al. 2022), pure; jit it.
 
     Chosen and rejected sequences go through the model in one `[2B, T]` forward pass (rows
     interleaved so that data-parallel shards stay local).
@@ -234,24 +227,18 @@ def make_reward_model_step(model, optimizer: OptimizerConfig | optax.GradientTra
     Args:
       model: a `CausalLM(config, head="scalar")`.
       optimizer: an `OptimizerConfig` or an optax transform.
-      mesh: the device mesh.
-      strategy: a sharding strategy name or `Strategy`.
       micro_batches: gradient-accumulation micro-batches per step.
       max_segments: pairs per row of packed batches (1 = unpacked).
       center_rewards_coefficient: reward-centering weight (TRL's `center_rewards_coefficient`).
       nonfinite: NaN/Inf policy.
-      donate: donate the state's buffers.
 
     Returns:
-      A `Step`; metrics `loss`, `accuracy`, `margin`, `rewards/chosen`, `rewards/rejected`,
-      `grad_norm`, `learning_rate`, `nonfinite`.
+      The pure `update(state, batch) -> (state, metrics)`; jit it with `common.jit_model_step(...,
+      batch_keys=PAIR_KEYS)`. Metrics `loss`, `accuracy`, `margin`, `rewards/chosen`,
+      `rewards/rejected`, `grad_norm`, `learning_rate`, `nonfinite`.
     """
     tx, schedule = common.resolve_optimizer(optimizer)
     loss_fn = make_reward_model_loss(model, micro_batches=micro_batches, max_segments=max_segments,
                                      center_rewards_coefficient=center_rewards_coefficient)
-    update = common.make_update(loss_fn, tx, prepare=_rm_prepare(max_segments), micro_batches=micro_batches,
-                                nonfinite=nonfinite, learning_rate=schedule)
-    shardings = common.model_state_shardings(model, tx, mesh=mesh, strategy=strategy)
-    return common.jit_step(update, mesh=mesh, strategy=strategy, state_shardings=shardings,
-                           micro_batches=micro_batches, donate=donate, batch_keys=PAIR_KEYS,
-                           name="reward_model_step")
+    return common.make_update(loss_fn, tx, prepare=_rm_prepare(max_segments), micro_batches=micro_batches,
+                              nonfinite=nonfinite, learning_rate=schedule)
