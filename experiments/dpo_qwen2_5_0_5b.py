@@ -35,9 +35,9 @@ from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig, to_dic
 from rlhf_jax.models.presets import get_config as model_preset
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.sharding import MeshConfig
-from rlhf_jax.testing import tiny_config
+from rlhf_jax.steps import DPO
 from rlhf_jax.train import dpo
-from rlhf_jax.train.common import DataConfig
+from rlhf_jax.train.run_config import DataConfig
 from rlhf_jax.train.results import write_json
 
 PRESET = "qwen2.5-0.5b"
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> dpo.DPOConfig:
             mesh=MeshConfig(data=1, fsdp=-1, tensor=1, strategy="fsdp"),
             optim=OptimizerConfig(name="adamw", learning_rate=5e-7, warmup_steps=95, schedule="linear",
                                   decay_steps=855, weight_decay=0.0, max_grad_norm=1.0),
-            algorithm=dpo.DPOAlgorithm(objective="dpo", loss_type="sigmoid", beta=0.1),
+            algorithm=DPO(loss_type="sigmoid", beta=0.1),
             sampling=dpo.SampleEvalConfig(num_prompts=0),
             train=TrainConfig(steps=950, eval_every=100, eval_batches=16, micro_batches=4),
             checkpoint=CheckpointConfig(every=200, keep=2, keep_best=1, best_metric="eval/rewards/accuracies",
@@ -68,13 +68,13 @@ def get_config(arg: str | None = None) -> dpo.DPOConfig:
     if arg == "tiny":
         return dpo.DPOConfig(
             name="dpo_qwen2_5_0_5b_tiny",
-            model=tiny_config(model_type="qwen2", attention_bias=True, tie_word_embeddings=True,
+            model=model_preset("tiny", model_type="qwen2", attention_bias=True, tie_word_embeddings=True,
                               rope_theta=1000000.0),
             data=DataConfig(train="synthetic:vowel", eval="synthetic:vowel", num_train=2048, num_eval=64,
                             string_format="chat", max_len=40, batch_size=16),
             optim=OptimizerConfig(name="adamw", learning_rate=3e-4, warmup_steps=5, schedule="linear",
                                   decay_steps=55),
-            algorithm=dpo.DPOAlgorithm(objective="dpo", loss_type="sigmoid", beta=0.1),
+            algorithm=DPO(loss_type="sigmoid", beta=0.1),
             sampling=dpo.SampleEvalConfig(num_prompts=32, max_new_tokens=24),
             train=TrainConfig(steps=60, eval_every=30, eval_batches=2),
             checkpoint=CheckpointConfig(every=30, keep=1),

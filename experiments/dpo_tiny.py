@@ -2,14 +2,17 @@
 
     rlhf-jax run experiments/dpo_tiny.py
     rlhf-jax run experiments/dpo_tiny.py --set dpo.algorithm.loss_type=ipo --set dpo.algorithm.beta=0.5
-    rlhf-jax run experiments/dpo_tiny.py --set dpo.algorithm.objective=simpo --set dpo.algorithm.beta=2.0
+    rlhf-jax run experiments/dpo_tiny.py:simpo        # also :orpo, and :kto (unpaired data)
+    rlhf-jax run experiments/dpo_tiny.py:kto --set dpo.reference=precomputed
     rlhf-jax run experiments/dpo_tiny.py --set sft_checkpoint=runs/sft_tiny/checkpoints   # skip stage 1
 
 Two stages on the built-in vowel task (`rlhf_jax.data.synthetic.VowelTask`), tiny model, CPU:
 
 1. SFT on demonstrations (the configuration of `experiments/sft_tiny.py`) into `runs/dpo_tiny/sft`.
-2. DPO from that policy (also the frozen reference) on preference pairs labelled by the gold reward,
-   into `runs/dpo_tiny/dpo`.
+2. DPO (or the mode's objective) from that policy, also the frozen reference, on preference pairs
+   labelled by the gold reward, into `runs/dpo_tiny/dpo` (`runs/dpo_tiny_<mode>` for other modes).
+   KTO reads the same pairs split into unpaired rows (chosen = desirable, rejected = undesirable),
+   as TRL's `unpair_preference_dataset` does.
 
 What it shows: offline preference optimization improves the policy as judged by the hidden gold
 reward. At every evaluation 64 held-out prompts are sampled (temperature 1, a fixed key) and scored
@@ -25,8 +28,10 @@ RPO variant of Pang et al. 2024). Without it (`--set dpo.algorithm.nll_weight=0`
 lowers the likelihood of both responses (held-out chosen log-prob -45.6 -> -55.3) and drifts off the
 data: in our run its gold reward rose to 0.71 at step 25, then fell to 0.20 at step 100 (win rate
 0.25), the over-optimization DPO is known for. Every DPO loss type is selectable with
-`--set dpo.algorithm.loss_type=sigmoid|robust|hinge|ipo|apo_zero|apo_down`, and SimPO / ORPO with
-`--set dpo.algorithm.objective=simpo|orpo`.
+`--set dpo.algorithm.loss_type=sigmoid|robust|hinge|ipo|apo_zero|apo_down`, and SimPO, ORPO and
+KTO with the modes `:simpo`, `:orpo`, `:kto`; `--set dpo.reference=precomputed` computes the
+reference's log-probs once before training (TRL's `precompute_ref_log_probs`). Every mode asserts
+the same held-out margin on the gold reward.
 
 Results: `runs/dpo_tiny/dpo/results.json` and `results.png` (gold reward, win rate, reward accuracy
 and margins against the step), beside the DPO run's metrics.
@@ -37,17 +42,22 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from rlhf_jax.cli import load_experiment
-from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
 from rlhf_jax.metrics import read_jsonl
-from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.sharding import MeshConfig
-from rlhf_jax.testing import tiny_config
+from rlhf_jax.steps import DPO, KTO, ORPO, SimPO
 from rlhf_jax.train import dpo, sft
-from rlhf_jax.train.common import DataConfig
+from rlhf_jax.train import tiny_stages as tiny
 from rlhf_jax.train.results import Panel, plot_metrics, write_json
+from rlhf_jax.train.stages import Stage, run_stages
 
 GOLD_MARGIN = 0.1
+
+# Mode -> the objective (`dpo` is the default: sigmoid DPO with RPO's NLL term).
+OBJECTIVES = {
+    "dpo": DPO(loss_type="sigmoid", beta=0.1, nll_weight=1.0),
+    "simpo": SimPO(beta=2.0, gamma=0.5, nll_weight=1.0),
+    "orpo": ORPO(beta=0.1),
+    "kto": KTO(beta=0.1),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,50 +79,37 @@ class DPOTinyConfig:
 
 
 def get_config(arg: str | None = None) -> DPOTinyConfig:
-    """The tiny CPU configuration (the only mode of this experiment; `arg` must be None or "tiny")."""
-    if arg not in (None, "tiny"):
-        raise ValueError(f"dpo_tiny has only the tiny mode, got {arg!r}")
-    sft_stage, _ = load_experiment(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_tiny.py"))
-    return DPOTinyConfig(
-        sft=dataclasses.replace(sft_stage.get_config(), name="dpo_tiny_sft"),
-        dpo=dpo.DPOConfig(
-            name="dpo_tiny",
-            model=tiny_config(),
-            data=DataConfig(train="synthetic:vowel", eval="synthetic:vowel", num_train=8192, num_eval=128,
-                            label_noise=0.0, max_len=32, batch_size=32),
-            optim=OptimizerConfig(name="adamw", learning_rate=3e-4, warmup_steps=10),
-            algorithm=dpo.DPOAlgorithm(objective="dpo", loss_type="sigmoid", beta=0.1, nll_weight=1.0),
-            sampling=dpo.SampleEvalConfig(num_prompts=64, max_new_tokens=24, temperature=1.0),
-            mesh=MeshConfig(strategy="dp"),
-            train=TrainConfig(steps=100, eval_every=25, eval_batches=4),
-            checkpoint=CheckpointConfig(every=50, keep=1),
-            logging=LoggingConfig(every=10),
-        ),
-    )
+    """The tiny CPU configuration; `arg` is the objective's mode (`dpo`, `simpo`, `orpo`, `kto`; default dpo)."""
+    mode = "dpo" if arg in (None, "tiny") else arg
+    if mode not in OBJECTIVES:
+        raise ValueError(f"dpo_tiny: unknown mode {arg!r}; the modes are {sorted(OBJECTIVES)}")
+    suffix = "" if mode == "dpo" else f"_{mode}"
+    return DPOTinyConfig(workdir=f"runs/dpo_tiny{suffix}", sft=tiny.sft_tiny("dpo_tiny_sft"),
+                         dpo=tiny.vowel_dpo(f"dpo_tiny{suffix}", OBJECTIVES[mode]))
 
 
 def main(config: DPOTinyConfig) -> dict:
     """SFT (or resume it, or take `sft_checkpoint`), DPO from it, then write results in the DPO run."""
-    sft_summary = {"eval": {}}
-    init = config.sft_checkpoint
-    if init is None:
-        sft_summary = sft.train(dataclasses.replace(config.sft, workdir=os.path.join(config.workdir, "sft")))
-        if sft_summary["stopped_by"]:
-            return sft_summary
-        init = os.path.join(sft_summary["run_dir"], "checkpoints")
-    dpo_config = dataclasses.replace(
-        config.dpo, workdir=os.path.join(config.workdir, "dpo"),
-        checkpoint=dataclasses.replace(config.dpo.checkpoint, init_from=init))
-    summary = dpo.train(dpo_config)
+    stages = [Stage("dpo", config.dpo, init_from=None if config.sft_checkpoint else "sft")]
+    if config.sft_checkpoint:
+        stages[0] = dataclasses.replace(stages[0], config=dataclasses.replace(
+            config.dpo, checkpoint=dataclasses.replace(config.dpo.checkpoint, init_from=config.sft_checkpoint)))
+    else:
+        stages.insert(0, Stage("sft", config.sft))
+    summaries = run_stages(config.workdir, stages)
+    summary = list(summaries.values())[-1]
     if summary["stopped_by"]:
         return summary
+    sft_summary = summaries.get("sft", {"eval": {}})
     run_dir = summary["run_dir"]
     records = read_jsonl(f"{run_dir}/metrics.jsonl")
     gold = [r for r in records if "eval/gold_reward" in r]
     sft_gold = gold[0]["eval/gold_reward"] if gold else float("nan")
     final_gold = summary["eval"].get("eval/gold_reward", float("nan"))
+    objective = config.dpo.algorithm
     results = {
         "experiment": "DPO baseline",
+        "objective": type(objective).__name__,
         "steps": summary["step"],
         "sft_final_eval_loss": sft_summary["eval"].get("eval/loss"),
         "sft_policy_gold_reward": sft_gold,
@@ -133,8 +130,7 @@ def main(config: DPOTinyConfig) -> dict:
                         target_label="tie with SFT"),
                   Panel(title="implicit reward accuracy", keys=("rewards/accuracies", "eval/rewards/accuracies")),
                   Panel(title="implicit reward margin", keys=("rewards/margins", "eval/rewards/margins"))],
-                 title=f"DPO baseline ({config.dpo.algorithm.objective}, {config.dpo.algorithm.loss_type}, "
-                       f"beta {config.dpo.algorithm.beta})")
+                 title=f"{type(objective).__name__} baseline (beta {objective.beta})")
     return {k: v for k, v in results.items() if k != "config"}
 
 

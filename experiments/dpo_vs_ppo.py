@@ -3,7 +3,7 @@
     rlhf-jax run experiments/dpo_vs_ppo.py
     rlhf-jax run experiments/dpo_vs_ppo.py --set dpo.algorithm.beta=0.3 --set ppo.algorithm.kl_coef=0.1
 
-Both start from the quickstart's SFT policy on the vowel task (`experiments/quickstart.py`, stage 1)
+Both start from the quickstart's SFT policy on the vowel task (`rlhf_jax.train.tiny_stages`, stage 1)
 and learn from the same 4096 preference pairs (gold-labelled, 10% of the labels flipped):
 
 - DPO optimizes the policy on the pairs directly (sigmoid loss, beta 0.1, plus the chosen
@@ -31,20 +31,17 @@ policy updates, and gold against KL).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 
 from rlhf_jax.checkpoint import load_params
-from rlhf_jax.cli import load_experiment
 from rlhf_jax.config import CheckpointConfig, TrainConfig
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.steps import DPO
 from rlhf_jax.train import dpo, reward_model, rl, sft
-from rlhf_jax.train.common import DataConfig
+from rlhf_jax.train import tiny_stages as tiny
 from rlhf_jax.train.results import write_json
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from rlhf_jax.train.stages import Stage, checkpoints, run_stages
 UPDATES = 120
 EVAL_EVERY = 40
 
@@ -67,35 +64,24 @@ class DPOvsPPOConfig:
     ppo: rl.PPORunConfig
 
 
-def _quickstart():
-    module, _ = load_experiment(os.path.join(HERE, "quickstart.py"))
-    return module
-
-
 def get_config(arg: str | None = None) -> DPOvsPPOConfig:
     """The CPU configuration (the only mode; `arg` must be None or "tiny")."""
     if arg not in (None, "tiny"):
         raise ValueError(f"dpo_vs_ppo has only the tiny mode, got {arg!r}")
-    base = _quickstart().get_config()
-    rm_data = base.reward_model.data
-    updates_per_rollout = base.ppo.algorithm.num_epochs * base.ppo.algorithm.num_minibatches
-    ppo = dataclasses.replace(base.ppo, name="dpo_vs_ppo_ppo", train=dataclasses.replace(
-        base.ppo.train, steps=UPDATES // updates_per_rollout, eval_every=EVAL_EVERY // updates_per_rollout))
+    base_ppo, reward_model_config = tiny.vowel_ppo("dpo_vs_ppo_ppo"), tiny.vowel_reward_model()
+    updates_per_rollout = base_ppo.algorithm.num_epochs * base_ppo.algorithm.num_minibatches
+    ppo = dataclasses.replace(base_ppo, train=dataclasses.replace(
+        base_ppo.train, steps=UPDATES // updates_per_rollout, eval_every=EVAL_EVERY // updates_per_rollout))
+    # DPO on the reward model's own pairs (the same 10% label noise), evaluated afterwards from its checkpoints.
+    base_dpo = tiny.vowel_dpo("dpo_vs_ppo_dpo", DPO(loss_type="sigmoid", beta=0.1, nll_weight=1.0), steps=UPDATES)
     return DPOvsPPOConfig(
-        sft=base.sft,
-        reward_model=base.reward_model,
-        dpo=dpo.DPOConfig(
-            name="dpo_vs_ppo_dpo", model=base.sft.model,
-            data=DataConfig(train=rm_data.train, eval=rm_data.eval, num_train=rm_data.num_train, num_eval=128,
-                            label_noise=rm_data.label_noise, max_len=rm_data.max_len, batch_size=32,
-                            vowel=rm_data.vowel),
-            optim=OptimizerConfig(name="adamw", learning_rate=3e-4, warmup_steps=10),
-            algorithm=dpo.DPOAlgorithm(objective="dpo", loss_type="sigmoid", beta=0.1, nll_weight=1.0),
+        sft=tiny.vowel_sft(),
+        reward_model=reward_model_config,
+        dpo=dataclasses.replace(
+            base_dpo, data=dataclasses.replace(reward_model_config.data, num_eval=128),
             sampling=dpo.SampleEvalConfig(num_prompts=0),
             train=TrainConfig(steps=UPDATES, eval_every=0, eval_batches=4),
-            checkpoint=CheckpointConfig(every=EVAL_EVERY, keep=UPDATES // EVAL_EVERY + 1),
-            logging=base.ppo.logging,
-        ),
+            checkpoint=CheckpointConfig(every=EVAL_EVERY, keep=UPDATES // EVAL_EVERY + 1), logging=base_ppo.logging),
         ppo=ppo,
     )
 
@@ -126,26 +112,21 @@ def plot(path: str, curves: dict[str, dict[str, list[float]]]) -> None:
 
 def main(config: DPOvsPPOConfig) -> dict:
     """Shared stages, DPO, PPO, then a common evaluation of both; `results.json` and `results.png`."""
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    qs = _quickstart()
-    stages = qs.sft_and_reward_model(config.sft, config.reward_model, config.workdir)
-    dpo_config = dataclasses.replace(config.dpo, workdir=os.path.join(config.workdir, "dpo"),
-                                     checkpoint=dataclasses.replace(config.dpo.checkpoint, init_from=stages["sft"]))
-    dpo_run = dpo.train(dpo_config)
-    ppo_run = rl.train(qs.ppo_from(config.ppo, stages, os.path.join(config.workdir, "ppo")))
-    if dpo_run["stopped_by"] or ppo_run["stopped_by"]:
-        return {"stopped_by": dpo_run["stopped_by"] or ppo_run["stopped_by"]}
+    summaries = run_stages(config.workdir, [
+        Stage("sft", config.sft), Stage("reward_model", config.reward_model),
+        Stage("dpo", config.dpo, init_from="sft"),
+        Stage("ppo", config.ppo, init_from="sft", reward_model="reward_model")])
+    stopped = [s for s in summaries.values() if s["stopped_by"]]
+    if stopped:
+        return stopped[0]
+    dpo_run, ppo_run, sft_checkpoints = summaries["dpo"], summaries["ppo"], checkpoints(config.workdir, "sft")
 
     # DPO: evaluate each saved checkpoint (and the SFT policy as update 0) with the RL evaluation.
     ckpt_dir = os.path.join(dpo_run["run_dir"], "checkpoints")
     steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-    probe = dataclasses.replace(config.ppo, rewards=rl.RewardConfig(functions=("task",)))
-    probe = rl.GRPORunConfig(name="probe", model=probe.model, data=probe.data, seed=probe.seed, rollout=probe.rollout,
-                             rewards=probe.rewards, algorithm=rl.GRPOConfig(advantage="reinforce_pp", group_size=1),
-                             train=probe.train)
     model = CausalLM(config.dpo.model)
-    policies = [stages["sft"]] + [load_params(ckpt_dir, model.abstract_params(), step=s) for s in steps]
-    dpo_evals = rl.evaluate(probe, policies=policies, reference=stages["sft"])
+    policies = [sft_checkpoints] + [load_params(ckpt_dir, model.abstract_params(), step=s) for s in steps]
+    dpo_evals = rl.evaluate(tiny.task_probe(config.ppo), policies=policies, reference=sft_checkpoints)
     curves = {"DPO": {"updates": [0] + steps, "gold_reward": [m["eval/gold_reward"] for m in dpo_evals],
                       "kl": [m["eval/kl"] for m in dpo_evals]}}
     # PPO: its own evaluations (same prompts, sampling key and metrics).

@@ -22,16 +22,14 @@ Writes `runs/grpo_tiny_<preset>/sft` and `.../rl` (metrics, checkpoints) and `re
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 
-from rlhf_jax.cli import load_experiment
 from rlhf_jax.metrics import read_jsonl
-from rlhf_jax.steps import GRPO_PRESETS, grpo_config
+from rlhf_jax.steps import GRPO_PRESETS
 from rlhf_jax.train import rl, sft
+from rlhf_jax.train import tiny_stages as tiny
 from rlhf_jax.train.results import Panel, plot_metrics, write_json
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from rlhf_jax.train.stages import Stage, run_stages
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,23 +46,14 @@ def get_config(arg: str | None = None) -> GRPOTinyConfig:
     preset = arg or "grpo"
     if preset not in GRPO_PRESETS:
         raise ValueError(f"grpo_tiny: unknown mode {arg!r}; the modes are the presets {sorted(GRPO_PRESETS)}")
-    qs, _ = load_experiment(os.path.join(HERE, "quickstart.py"))
-    base = qs.get_config()
-    grpo = dataclasses.replace(base.grpo, name=f"grpo_tiny_{preset}", algorithm=grpo_config(preset, group_size=8),
-                               rollout=dataclasses.replace(base.grpo.rollout, dynamic_sampling=preset == "dapo"))
-    return GRPOTinyConfig(workdir=f"runs/grpo_tiny_{preset}", sft=base.sft_arithmetic, grpo=grpo)
+    return GRPOTinyConfig(workdir=f"runs/grpo_tiny_{preset}", sft=tiny.arithmetic_sft(),
+                          grpo=tiny.arithmetic_grpo(preset, name=f"grpo_tiny_{preset}"))
 
 
 def main(config: GRPOTinyConfig) -> dict:
     """SFT (or resume it), the RL run, then `results.json` and `results.png` in `workdir`."""
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    first = sft.train(dataclasses.replace(config.sft, workdir=os.path.join(config.workdir, "sft")))
-    if first["stopped_by"]:
-        return first
-    run = rl.train(dataclasses.replace(
-        config.grpo, workdir=os.path.join(config.workdir, "rl"),
-        checkpoint=dataclasses.replace(config.grpo.checkpoint,
-                                       init_from=os.path.join(first["run_dir"], "checkpoints"))))
+    summaries = run_stages(config.workdir, [Stage("sft", config.sft), Stage("rl", config.grpo, init_from="sft")])
+    run = list(summaries.values())[-1]
     if run["stopped_by"]:
         return run
     records = read_jsonl(os.path.join(run["run_dir"], "metrics.jsonl"))

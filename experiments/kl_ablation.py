@@ -5,7 +5,7 @@
 
 The setting of Gao et al. 2022 ("Scaling Laws for Reward Model Overoptimization") in miniature, on
 the vowel task (`rlhf_jax.data.synthetic.VowelTask`, hidden gold reward) with the quickstart's
-stages (`experiments/quickstart.py`): an SFT policy and a reward model trained on gold-labelled
+stages (`rlhf_jax.train.tiny_stages`): an SFT policy and a reward model trained on gold-labelled
 pairs (10% label noise) that only cover vowel shares below the gold optimum. PPO then optimizes the
 reward model (the proxy) with the KL penalty `beta * KL(pi || pi_SFT)` in the reward, for the same
 number of steps at each beta. Every 5 steps, 256 held-out prompts are sampled (temperature 1, fixed
@@ -25,16 +25,14 @@ values) and `results.png` (gold, proxy and KL against the step; gold and proxy a
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 
-from rlhf_jax.cli import load_experiment
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.train import reward_model, rl, sft
+from rlhf_jax.train import tiny_stages as tiny
 from rlhf_jax.train.results import write_json
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from rlhf_jax.train.stages import Stage, run_stages
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,19 +54,13 @@ class KLAblationConfig:
     ppo: rl.PPORunConfig
 
 
-def _quickstart():
-    module, _ = load_experiment(os.path.join(HERE, "quickstart.py"))
-    return module
-
-
 def get_config(arg: str | None = None) -> KLAblationConfig:
     """The CPU configuration (the only mode; `arg` must be None or "tiny")."""
     if arg not in (None, "tiny"):
         raise ValueError(f"kl_ablation has only the tiny mode, got {arg!r}")
-    base = _quickstart().get_config()
-    ppo = dataclasses.replace(base.ppo, name="kl_ablation_ppo",
-                              train=dataclasses.replace(base.ppo.train, steps=40, eval_every=5))
-    return KLAblationConfig(sft=base.sft, reward_model=base.reward_model, ppo=ppo)
+    ppo = tiny.vowel_ppo("kl_ablation_ppo")
+    ppo = dataclasses.replace(ppo, train=dataclasses.replace(ppo.train, steps=40, eval_every=5))
+    return KLAblationConfig(sft=tiny.vowel_sft(), reward_model=tiny.vowel_reward_model(), ppo=ppo)
 
 
 def _curve(run_dir: str) -> dict[str, list[float]]:
@@ -107,17 +99,19 @@ def plot(path: str, curves: dict[str, dict[str, list[float]]]) -> None:
 
 def main(config: KLAblationConfig) -> dict:
     """Shared stages, one PPO run per beta, then `results.json` and `results.png` in `workdir`."""
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    qs = _quickstart()
-    stages = qs.sft_and_reward_model(config.sft, config.reward_model, config.workdir)
+    stages = [Stage("sft", config.sft), Stage("reward_model", config.reward_model)]
+    for beta in config.betas:
+        ppo = dataclasses.replace(config.ppo, algorithm=dataclasses.replace(config.ppo.algorithm, kl_coef=beta))
+        stages.append(Stage(f"ppo_beta_{beta:g}", ppo, init_from="sft", reward_model="reward_model"))
+    summaries = run_stages(config.workdir, stages)
+    stopped = [s for s in summaries.values() if s["stopped_by"]]
+    if stopped:
+        return stopped[0]
+    rm_accuracy = [r["eval/accuracy"] for r in read_jsonl(os.path.join(summaries["reward_model"]["run_dir"],
+                                                                       "metrics.jsonl")) if "eval/accuracy" in r]
     curves, summary = {}, {}
     for beta in config.betas:
-        ppo = qs.ppo_from(config.ppo, stages, os.path.join(config.workdir, f"ppo_beta_{beta:g}"))
-        ppo = dataclasses.replace(ppo, algorithm=dataclasses.replace(ppo.algorithm, kl_coef=beta))
-        run = rl.train(ppo)
-        if run["stopped_by"]:
-            return run
-        c = curves[f"{beta:g}"] = _curve(run["run_dir"])
+        c = curves[f"{beta:g}"] = _curve(summaries[f"ppo_beta_{beta:g}"]["run_dir"])
         summary[f"{beta:g}"] = {
             "final_gold_reward": c["gold_reward"][-1], "peak_gold_reward": max(c["gold_reward"]),
             "peak_gold_step": c["step"][c["gold_reward"].index(max(c["gold_reward"]))],
@@ -127,7 +121,7 @@ def main(config: KLAblationConfig) -> dict:
               f"(peak {max(c['gold_reward']):.3f}), proxy {c['proxy_reward'][0]:.2f} -> {c['proxy_reward'][-1]:.2f}, "
               f"KL {c['kl'][-1]:.2f}", flush=True)
     results = {"experiment": "KL ablation", "sft_gold_reward": next(iter(curves.values()))["gold_reward"][0],
-               "reward_model_heldout_accuracy": stages["rm_accuracy"][-1], "summary": summary, "curves": curves,
+               "reward_model_heldout_accuracy": rm_accuracy[-1], "summary": summary, "curves": curves,
                "config": config}
     write_json(os.path.join(config.workdir, "results.json"), results)
     plot(os.path.join(config.workdir, "results.png"), curves)

@@ -22,15 +22,13 @@ Writes `runs/ppo_tiny/{sft,reward_model,ppo}` and `results.json` + `results.png`
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 
-from rlhf_jax.cli import load_experiment
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.train import reward_model, rl, sft
+from rlhf_jax.train import tiny_stages as tiny
 from rlhf_jax.train.results import Panel, plot_metrics, write_json
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from rlhf_jax.train.stages import Stage, run_stages
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,33 +41,28 @@ class PPOTinyConfig:
     ppo: rl.PPORunConfig
 
 
-def _quickstart():
-    module, _ = load_experiment(os.path.join(HERE, "quickstart.py"))
-    return module
-
-
 def get_config(arg: str | None = None) -> PPOTinyConfig:
     """The tiny CPU configuration (the only mode; `arg` must be None or "tiny")."""
     if arg not in (None, "tiny"):
         raise ValueError(f"ppo_tiny has only the tiny mode, got {arg!r}")
-    base = _quickstart().get_config()
-    return PPOTinyConfig(sft=base.sft, reward_model=base.reward_model,
-                         ppo=dataclasses.replace(base.ppo, name="ppo_tiny"))
+    return PPOTinyConfig(sft=tiny.vowel_sft(), reward_model=tiny.vowel_reward_model(), ppo=tiny.vowel_ppo("ppo_tiny"))
 
 
 def main(config: PPOTinyConfig) -> dict:
     """The stages (resumed when done), then `results.json` and `results.png` in `workdir`."""
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    qs = _quickstart()
-    stages = qs.sft_and_reward_model(config.sft, config.reward_model, config.workdir)
-    run = rl.train(qs.ppo_from(config.ppo, stages, os.path.join(config.workdir, "ppo")))
+    summaries = run_stages(config.workdir, [
+        Stage("sft", config.sft), Stage("reward_model", config.reward_model),
+        Stage("ppo", config.ppo, init_from="sft", reward_model="reward_model")])
+    run = list(summaries.values())[-1]
     if run["stopped_by"]:
         return run
+    rm_accuracy = [r["eval/accuracy"] for r in read_jsonl(os.path.join(summaries["reward_model"]["run_dir"],
+                                                                       "metrics.jsonl")) if "eval/accuracy" in r]
     records = read_jsonl(os.path.join(run["run_dir"], "metrics.jsonl"))
     evals = [r for r in records if "eval/gold_reward" in r]
     results = {"experiment": "ppo_tiny", "steps": run["step"], "sft_gold_reward": evals[0]["eval/gold_reward"],
                "final_gold_reward": evals[-1]["eval/gold_reward"], "final_proxy_reward": evals[-1]["eval/reward"],
-               "final_kl": evals[-1]["eval/kl"], "reward_model_heldout_accuracy": stages["rm_accuracy"][-1],
+               "final_kl": evals[-1]["eval/kl"], "reward_model_heldout_accuracy": rm_accuracy[-1],
                "config": config}
     write_json(os.path.join(config.workdir, "results.json"), results)
     plot_metrics(os.path.join(config.workdir, "results.png"), records,

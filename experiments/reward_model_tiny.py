@@ -28,9 +28,9 @@ from rlhf_jax.data.synthetic import VowelTask
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.sharding import MeshConfig
-from rlhf_jax.testing import tiny_config
+from rlhf_jax.models.presets import get_config as model_preset
 from rlhf_jax.train import reward_model
-from rlhf_jax.train.common import DataConfig
+from rlhf_jax.train.run_config import DataConfig
 from rlhf_jax.train.results import Panel, plot_metrics, write_json
 
 ACCURACY_THRESHOLD = 0.90
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> reward_model.RewardModelConfig:
         raise ValueError(f"reward_model_tiny has only the tiny mode, got {arg!r}")
     return reward_model.RewardModelConfig(
         name="reward_model_tiny",
-        model=tiny_config(),
+        model=model_preset("tiny"),
         data=DataConfig(train="synthetic:vowel", eval="synthetic:vowel", num_train=8192, num_eval=256,
                         label_noise=0.1, max_len=32, batch_size=32, vowel=VowelTask(relevance_bonus=0.0)),
         optim=OptimizerConfig(name="adamw", learning_rate=3e-3, warmup_steps=20, schedule="cosine",

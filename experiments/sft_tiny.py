@@ -2,7 +2,7 @@
 
     rlhf-jax run experiments/sft_tiny.py [--set train.steps=400 --set optim.learning_rate=1e-3 ...]
 
-What it shows: the SFT driver learns. The tiny 2-layer model (`rlhf_jax.testing.tiny_config`,
+What it shows: the SFT driver learns. The tiny 2-layer model (the "tiny" preset,
 character tokenizer) starts at the uniform NLL ln(256) = 5.55 nats per completion token; the
 demonstrations are random letter strings whose entropy is about 2.9 nats per character, so a model
 that has learned the format (vowel rate, word lengths, EOS) sits just above that. The acceptance
@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
 from rlhf_jax.metrics import read_jsonl
-from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.sharding import MeshConfig
-from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import sft
-from rlhf_jax.train.common import DataConfig
+from rlhf_jax.train import tiny_stages as tiny
 from rlhf_jax.train.results import Panel, plot_metrics, write_json
 
 LOSS_THRESHOLD = 3.1
@@ -35,18 +31,7 @@ def get_config(arg: str | None = None) -> sft.SFTConfig:
     """The tiny CPU configuration (the only mode of this experiment; `arg` must be None or "tiny")."""
     if arg not in (None, "tiny"):
         raise ValueError(f"sft_tiny has only the tiny mode, got {arg!r}")
-    return sft.SFTConfig(
-        name="sft_tiny",
-        model=tiny_config(),
-        data=DataConfig(train="synthetic:vowel", eval="synthetic:vowel", num_train=8192, num_eval=256,
-                        max_len=32, batch_size=32),
-        optim=OptimizerConfig(name="adamw", learning_rate=3e-3, warmup_steps=20, schedule="cosine",
-                              decay_steps=280, end_learning_rate_ratio=0.1, weight_decay=0.0),
-        mesh=MeshConfig(strategy="dp"),
-        train=TrainConfig(steps=300, eval_every=50, eval_batches=8),
-        checkpoint=CheckpointConfig(every=100, keep=2),
-        logging=LoggingConfig(every=10),
-    )
+    return tiny.sft_tiny()
 
 
 def main(config: sft.SFTConfig) -> dict:

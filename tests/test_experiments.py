@@ -46,12 +46,15 @@ def test_every_dpo_loss_type_and_objective_is_selectable():
     module, _ = load_experiment(_path("dpo_tiny"))
     keys = flat_keys(module.get_config())
     assert keys["dpo.algorithm.loss_type"] == "'sigmoid' | 'robust' | 'hinge' | 'ipo' | 'apo_zero' | 'apo_down'"
-    assert keys["dpo.algorithm.objective"] == "'dpo' | 'simpo' | 'orpo'"
+    assert keys["dpo.reference"] == "'model' | 'precomputed'"
     for loss_type in ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "apo_down"):
         config = experiment_config(module, None, [f"dpo.algorithm.loss_type={loss_type}"])
         assert config.dpo.algorithm.loss_type == loss_type
-    config = experiment_config(module, None, ["dpo.algorithm.objective=simpo", "dpo.algorithm.beta=2.0"])
-    assert config.dpo.algorithm.objective == "simpo"
+    objectives = {mode: type(module.get_config(mode).dpo.algorithm).__name__ for mode in ("dpo", "simpo", "orpo", "kto")}
+    assert objectives == {"dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO", "kto": "KTO"}
+    config = experiment_config(module, "simpo", ["dpo.algorithm.beta=2.5", "dpo.reference=precomputed"])
+    assert config.dpo.algorithm.beta == 2.5 and config.dpo.reference == "precomputed"
+    assert module.get_config("kto").workdir == "runs/dpo_tiny_kto"
 
 
 def _small(workdir, *, steps, stage=""):

@@ -10,7 +10,7 @@ from rlhf_jax.rewards import PythonReward, even_fraction_reward
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import rejection_sampling as rs
-from rlhf_jax.train.common import DataConfig
+from rlhf_jax.train.run_config import DataConfig
 from rlhf_jax.train.rl import RolloutConfig
 
 

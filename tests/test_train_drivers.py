@@ -14,13 +14,15 @@ from rlhf_jax.sharding import make_mesh
 from rlhf_jax.steps import DPO
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.testing.tokenizer import offline_tokenizer
-from rlhf_jax.train import common
-from rlhf_jax.train.dpo import DPOAlgorithm, make_objective, make_preference_eval
+from rlhf_jax.train import data as train_data
+from rlhf_jax.train.run_config import DataConfig
+from rlhf_jax.train.weights import initial_params
+from rlhf_jax.train.dpo import DPOConfig, make_preference_eval
 from rlhf_jax.train.reward_model import make_reward_model_eval
 from rlhf_jax.train.sft import make_sft_eval
 
 CONFIG = tiny_config(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, vocab_size=128)
-DATA = common.DataConfig(max_len=32, batch_size=8, num_train=16, num_eval=16)
+DATA = DataConfig(max_len=32, batch_size=8, num_train=16, num_eval=16)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,8 @@ def mesh():
 
 
 def _batches(kind, n_batches=2):
-    dataset = common.load_split(DATA, kind=kind, which="eval", tokenizer=offline_tokenizer())
-    return common.eval_batches(dataset, DATA, max_batches=n_batches)
+    dataset = train_data.load_split(DATA, kind=kind, which="eval", tokenizer=offline_tokenizer())
+    return train_data.eval_batches(dataset, DATA, max_batches=n_batches)
 
 
 def _log_softmax(x):
@@ -94,8 +96,7 @@ def test_preference_eval_implicit_rewards(mesh):
     policy = model.init(jax.random.key(2))
     reference = model.init(jax.random.key(3))
     batches = _batches("preference", n_batches=1)
-    objective = make_objective(DPOAlgorithm(beta=0.5))
-    assert objective == DPO(beta=0.5)
+    objective = DPOConfig(name="dpo", algorithm=DPO(beta=0.5)).algorithm
     got = make_preference_eval(model, objective, batches, reference, mesh=mesh, strategy="dp")(policy)
     b = batches[0]
 
@@ -121,7 +122,7 @@ def test_reward_model_starts_from_a_policy_checkpoint(tmp_path):
     with Checkpointer(tmp_path, config=CheckpointConfig(async_save=False), model_config=CONFIG) as ckpt:
         ckpt.save(7, {"params": params})
     rm = CausalLM(CONFIG, head="scalar")
-    loaded = common.initial_params(rm, str(tmp_path), rng=jax.random.key(5))
+    loaded = initial_params(rm, str(tmp_path), rng=jax.random.key(5))
     assert set(loaded) == set(rm.abstract_params()) and "lm_head" not in loaded
     np.testing.assert_array_equal(loaded["embed"], params["embed"])
     for a, b in zip(jax.tree.leaves(loaded["layers"]), jax.tree.leaves(params["layers"])):
@@ -129,40 +130,40 @@ def test_reward_model_starts_from_a_policy_checkpoint(tmp_path):
     assert loaded["score"].shape == (CONFIG.hidden_size,) and 0 < float(jnp.std(loaded["score"])) < 0.05
     # Read straight into FSDP shardings on the 8-device mesh, from our checkpoint and from an HF directory.
     mesh8 = make_mesh({"fsdp": -1})
-    sharded = common.initial_params(lm, str(tmp_path), rng=jax.random.key(5), mesh=mesh8, strategy="fsdp")
+    sharded = initial_params(lm, str(tmp_path), rng=jax.random.key(5), mesh=mesh8, strategy="fsdp")
     assert sharded["embed"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
     np.testing.assert_array_equal(sharded["embed"], params["embed"])
     from rlhf_jax.models.hf import save_hf
 
     save_hf(tmp_path / "hf", CONFIG, params)
-    from_hf = common.initial_params(rm, str(tmp_path / "hf"), rng=jax.random.key(5), mesh=mesh8, strategy="fsdp")
+    from_hf = initial_params(rm, str(tmp_path / "hf"), rng=jax.random.key(5), mesh=mesh8, strategy="fsdp")
     assert "lm_head" not in from_hf and from_hf["score"].shape == (CONFIG.hidden_size,)
     assert from_hf["embed"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
     np.testing.assert_array_equal(from_hf["embed"], params["embed"])
     with pytest.raises(CheckpointMismatchError, match="model.num_layers: .* has 2, this run 3"):
-        common.initial_params(CausalLM(CONFIG.replace(num_layers=3)), str(tmp_path), rng=jax.random.key(0))
+        initial_params(CausalLM(CONFIG.replace(num_layers=3)), str(tmp_path), rng=jax.random.key(0))
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face model directory"):
-        common.initial_params(lm, str(tmp_path / "7"), rng=jax.random.key(0))
+        initial_params(lm, str(tmp_path / "7"), rng=jax.random.key(0))
 
 
 def test_data_config_checks_and_vocab():
     with pytest.raises(ConfigError, match="unknown synthetic task 'synthetic:chess'"):
-        common.DataConfig(train="synthetic:chess")
+        DataConfig(train="synthetic:chess")
     with pytest.raises(ConfigError, match=r"data.seq_len \(16\) must be >= data.max_len \(32\)"):
-        common.DataConfig(max_len=32, seq_len=16)
+        DataConfig(max_len=32, seq_len=16)
     with pytest.raises(ConfigError, match="data.label_noise must be in"):
-        common.DataConfig(label_noise=0.7)
+        DataConfig(label_noise=0.7)
     with pytest.raises(ConfigError, match="has no 'preference' data"):
-        common.load_split(common.DataConfig(train="synthetic:arithmetic"), kind="preference", which="train",
+        train_data.load_split(DataConfig(train="synthetic:arithmetic"), kind="preference", which="train",
                           tokenizer=offline_tokenizer())
     with pytest.raises(ConfigError, match="the tokenizer has 104 ids but model.vocab_size is 64"):
-        common.check_vocab(offline_tokenizer(), CONFIG.replace(vocab_size=64))
+        train_data.check_vocab(offline_tokenizer(), CONFIG.replace(vocab_size=64))
 
 
 def test_synthetic_eval_split_differs_from_train():
     tok = offline_tokenizer()
-    train = common.load_split(DATA, kind="sft", which="train", tokenizer=tok)
-    held_out = common.load_split(DATA, kind="sft", which="eval", tokenizer=tok)
+    train = train_data.load_split(DATA, kind="sft", which="train", tokenizer=tok)
+    held_out = train_data.load_split(DATA, kind="sft", which="eval", tokenizer=tok)
     rows = lambda d: {tuple(d.arrays["tokens"][i]) for i in range(len(d))}  # noqa: E731
     assert len(train) == DATA.num_train and len(held_out) == DATA.num_eval
     assert not rows(train) & rows(held_out)

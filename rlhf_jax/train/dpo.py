@@ -1,92 +1,56 @@
-"""DPO-family driver: preference pairs -> jitted `make_dpo_step` -> reward accuracy, margins, gold reward.
+"""The DPO family: preference pairs (or KTO's unpaired examples) -> `steps.make_dpo_step`.
 
     config = DPOConfig(name="dpo", checkpoint=CheckpointConfig(init_from="runs/sft/checkpoints"),
-                       algorithm=DPOAlgorithm(beta=0.1, loss_type="sigmoid"))
+                       algorithm=DPO(beta=0.1, loss_type="sigmoid"))
     summary = train(config)
 
-The policy starts from `checkpoint.init_from` (usually an SFT checkpoint or a Hugging Face
-directory); the frozen reference is the same weights, reloaded from there on every (re)start. Any
-objective of `rlhf_jax.steps.preference` is selectable: `algorithm.objective` = `dpo` with every
-`loss_type` of `rlhf_jax.losses.dpo_loss` (sigmoid, robust, hinge, ipo, apo_zero, apo_down; optionally
-reference-free, with label smoothing or an RPO NLL term), `simpo` or `orpo`.
+`algorithm` is the objective itself, one of `rlhf_jax.steps`' `DPO` (every `loss_type` of
+`rlhf_jax.losses.dpo_loss`: sigmoid, robust, hinge, ipo, apo_zero, apo_down; reference-free,
+label smoothing, RPO's NLL term), `SimPO`, `ORPO` or `KTO` (unpaired data: `prompt`,
+`completion`, `label`). Their math: `losses.dpo_loss`, `simpo_loss`, `orpo_loss`, `kto_loss`.
+
+The policy starts from `checkpoint.init_from` (an SFT checkpoint or a Hugging Face directory); the
+frozen reference is the same weights, reloaded from there on every (re)start. `reference="model"`
+runs the reference forward in every step; `reference="precomputed"` computes its log-probs of
+every training example once before the first step (TRL's `precompute_ref_log_probs`) and frees it.
 
 Training metrics (TRL's names): `loss`, `rewards/chosen`, `rewards/rejected`,
-`rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `grad_norm`,
-`learning_rate`. Evaluation on held-out pairs: `eval/rewards/accuracies`, `eval/rewards/margins`,
-`eval/loss`, ...; and when the data is a synthetic task with a gold reward, samples from the policy
-on held-out prompts are scored: `eval/gold_reward` (mean gold reward) and `eval/gold_win_rate`
-(share of prompts where the policy's sample beats the reference policy's, ties counting half).
+`rewards/accuracies` (paired), `rewards/margins`, `logps/chosen`, `logps/rejected`, `kl` (KTO),
+`grad_norm`, `learning_rate`. Evaluation: on held-out pairs `eval/rewards/accuracies`,
+`eval/rewards/margins`, `eval/loss`, ...; when the data is a synthetic task with a gold reward,
+samples from the policy on held-out prompts: `eval/gold_reward` and `eval/gold_win_rate` (share
+of prompts where the policy's sample beats the reference policy's, ties counting half).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import sharding as sh
-from rlhf_jax.config import ConfigError, check_choice, to_dict
-from rlhf_jax.data.synthetic import VowelTask
-from rlhf_jax.losses.preference import DPOLossType
+from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.models import CausalLM
 from rlhf_jax.optim import make_optimizer
-from rlhf_jax.state import as_raw_key
-from rlhf_jax.steps import DPO, ORPO, SimPO, make_dpo_loss, make_dpo_step, make_reference_logps_fn
+from rlhf_jax.rewards import PythonReward
+from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig, default_prompt_buckets
+from rlhf_jax.steps import DPO, KTO, ORPO, SimPO, make_dpo_loss, make_dpo_step, make_reference_logps_fn
+from rlhf_jax.steps.preference import dpo_batch_keys
 from rlhf_jax.steps.sequences import causal_targets
-from rlhf_jax.train import common
-from rlhf_jax.train.loop import fit, open_run
+from rlhf_jax.data import BatchConfig, BatchIterator
+from rlhf_jax.train.data import device_batch, eval_batches, load_split
+from rlhf_jax.train.evals import make_policy_eval, make_weighted_eval
+from rlhf_jax.train.recipe import Context, Recipe, run
+from rlhf_jax.train.rollouts import RolloutCollector
+from rlhf_jax.train.run_config import RunConfig
+from rlhf_jax.train.supervised import ModelState, model_program, num_segments, supervised_trainer
 
-__all__ = ["DPOAlgorithm", "DPOConfig", "SampleEvalConfig", "OBJECTIVES", "make_objective",
-           "make_preference_eval", "make_gold_eval", "reference_params", "train"]
+__all__ = ["SampleEvalConfig", "DPOConfig", "RECIPE", "reference_params", "make_preference_eval", "train"]
 
-ObjectiveName = Literal["dpo", "simpo", "orpo"]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOAlgorithm:
-    """The preference objective and its hyperparameters.
-
-    Attributes:
-      objective: "dpo" (Rafailov et al. 2023), "simpo" (Meng et al. 2024) or "orpo" (Hong et al. 2024).
-      beta: DPO's implicit-reward scale, SimPO's reward scale, ORPO's odds-ratio weight.
-      loss_type: DPO's loss (`sigmoid`, `robust`, `hinge`, `ipo`, `apo_zero`, `apo_down`).
-      label_smoothing: conservative / robust DPO's label-flip rate.
-      reference_free: DPO against a uniform reference (no reference model).
-      nll_weight: RPO's weight of the chosen responses' NLL (DPO and SimPO).
-      gamma: SimPO's target margin.
-    """
-
-    objective: ObjectiveName = "dpo"
-    beta: float = 0.1
-    loss_type: DPOLossType = "sigmoid"
-    label_smoothing: float = 0.0
-    reference_free: bool = False
-    nll_weight: float = 0.0
-    gamma: float = 0.5
-
-    def __post_init__(self):
-        check_choice("algorithm", "objective", self.objective, ObjectiveName)
-        check_choice("algorithm", "loss_type", self.loss_type, DPOLossType)
-        try:
-            make_objective(self)
-        except ValueError as e:
-            raise ConfigError(f"algorithm: {e}") from None
-
-
-OBJECTIVES: dict[str, Callable[[DPOAlgorithm], Any]] = {
-    "dpo": lambda a: DPO(beta=a.beta, loss_type=a.loss_type, label_smoothing=a.label_smoothing,
-                         reference_free=a.reference_free, nll_weight=a.nll_weight),
-    "simpo": lambda a: SimPO(beta=a.beta, gamma=a.gamma, nll_weight=a.nll_weight),
-    "orpo": lambda a: ORPO(beta=a.beta),
-}
-
-
-def make_objective(algorithm: DPOAlgorithm):
-    """The `rlhf_jax.steps.preference` objective object an algorithm section describes."""
-    return OBJECTIVES[algorithm.objective](algorithm)
+ReferenceMode = Literal["model", "precomputed"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,153 +78,169 @@ class SampleEvalConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOConfig(common.RunConfig):
-    """A DPO-family run (the sections of `RunConfig` plus `algorithm` and `sampling`)."""
+class DPOConfig(RunConfig):
+    """A DPO-family run: `RunConfig` plus the objective, the reference mode and the gold evaluation.
 
-    algorithm: DPOAlgorithm = DPOAlgorithm()
+    Attributes:
+      algorithm: the objective, `DPO(...)`, `SimPO(...)`, `ORPO(...)` or `KTO(...)`.
+      reference: "model" (a reference forward per step) or "precomputed" (once, before training).
+      logits_chunk_size: log-probs from hidden states this many tokens at a time (large vocabularies).
+      sampling: the gold-reward evaluation's sampling.
+    """
+
+    algorithm: DPO | SimPO | ORPO | KTO = DPO()
+    reference: ReferenceMode = "model"
+    logits_chunk_size: int | None = None
     sampling: SampleEvalConfig = SampleEvalConfig()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.algorithm, (DPO, SimPO, ORPO, KTO)):
+            raise ConfigError(f"algorithm must be DPO, SimPO, ORPO or KTO, got {type(self.algorithm).__name__}")
+        check_choice("", "reference", self.reference, ReferenceMode)
+        if self.logits_chunk_size is not None and self.logits_chunk_size < 1:
+            raise ConfigError(f"logits_chunk_size must be a positive int or None, got {self.logits_chunk_size!r}")
+
+    @property
+    def uses_reference_model(self) -> bool:
+        """Whether each step takes the reference parameters (not precomputed, not reference-free)."""
+        return self.algorithm.needs_reference and self.reference == "model"
 
 
 def reference_params(model: CausalLM, config: DPOConfig, mesh) -> Any:
-    """The frozen reference: the weights the policy started from, placed like the policy's params.
+    """The frozen reference: the weights the policy started from, placed like the policy's params."""
+    return ModelState(model, make_optimizer(config.optim), mesh, config.mesh.strategy, config.seed,
+                      config.checkpoint.init_from).fresh().params
 
-    From `checkpoint.init_from` when set; otherwise the random initialization of `config.seed`
-    (the same values `create_train_state` gives the fresh policy).
-    """
-    strategy = config.mesh.strategy
-    shardings = sh.param_shardings(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
-    if config.checkpoint.init_from:
-        params = common.initial_params(model, config.checkpoint.init_from, rng=jax.random.key(config.seed),
-                                       mesh=mesh, strategy=strategy)
-        return jax.device_put(params, shardings)
-    init = jax.jit(model.init, out_shardings=shardings)
-    return init(jax.random.fold_in(as_raw_key(config.seed), 0))
+
+def _chosen_weight(batch):
+    n = jnp.sum(batch["example_mask"].astype(jnp.float32))
+    chosen = causal_targets(batch["chosen_tokens"], batch["chosen_loss_mask"], batch.get("chosen_segment_ids"))
+    return {"num_pairs": n, "num_chosen_tokens": jnp.sum(chosen.mask)}, n
 
 
 def make_preference_eval(model: CausalLM, objective, batches: list[dict], reference, *, mesh, strategy: str,
-                         max_segments: int = 1):
+                         max_segments: int = 1, logits_chunk_size: int | None = None):
     """`params -> {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", ...}` on held-out pairs.
 
-    Reference log-probs of the fixed batches are computed once; each evaluation runs the policy
-    through the objective's own loss function (`make_dpo_loss`) and averages over pairs.
+    The reference's log-probs of the fixed batches are computed once; each evaluation runs the
+    policy through the objective's own loss function (`make_dpo_loss`), pair-weighted.
     """
-    loss_fn = make_dpo_loss(model, objective, max_segments=max_segments)
-    device_batches = [common.device_batch(b, mesh, strategy) for b in batches]
+    prepare = None
     if objective.needs_reference:
         ref_fn = make_reference_logps_fn(model, mesh=mesh, objective=objective, strategy=strategy,
-                                         max_segments=max_segments)
-        device_batches = [{**b, **ref_fn(reference, b)} for b in device_batches]
-
-    @jax.jit
-    def totals(params, batch):
-        n = jnp.sum(batch["example_mask"].astype(jnp.float32))
-        chosen = causal_targets(batch["chosen_tokens"], batch["chosen_loss_mask"], batch.get("chosen_segment_ids"))
-        context = {"num_pairs": n, "num_chosen_tokens": jnp.sum(chosen.mask)}
-        loss, metrics = loss_fn(params, batch, context, jnp.zeros((2,), jnp.uint32))
-        return {"loss": loss * n, **{k: v * n for k, v in metrics.items()}}, n
-
-    def evaluate(params) -> dict[str, float]:
-        results = jax.device_get([totals(params, b) for b in device_batches])
-        n = max(sum(float(c) for _, c in results), 1.0)
-        return {f"eval/{k}": sum(float(t[k]) for t, _ in results) / n for k in results[0][0]}
-
-    return evaluate
+                                         max_segments=max_segments, logits_chunk_size=logits_chunk_size)
+        prepare = lambda batch, ref: {**batch, **ref_fn(ref, batch)}  # noqa: E731
+    loss_fn = make_dpo_loss(model, objective, max_segments=max_segments, logits_chunk_size=logits_chunk_size)
+    return make_weighted_eval(loss_fn, batches, weight=_chosen_weight, mesh=mesh, strategy=strategy,
+                              prepare=prepare, frozen=(reference,) if prepare else ())
 
 
-def make_gold_eval(model: CausalLM, reference, *, task, prompts, tokenizer, sampling: SampleEvalConfig, mesh,
-                   strategy: str, seed: int):
-    """`params -> {"eval/gold_reward", "eval/gold_win_rate", "eval/completion_length"}` from samples.
+def _precomputed_shapes(config: DPOConfig, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    b, s = config.data.batch_size, num_segments(config)
+    shape = (b,) if s == 1 else (b, s)
+    data = sh.batch_sharding(mesh, config.mesh.strategy)
+    keys = [k for k in dpo_batch_keys(config.algorithm, "precomputed") if k.startswith("ref_")]
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=data) for k in keys}
 
-    One completion per held-out prompt is sampled (temperature `sampling.temperature`, the same key
-    at every evaluation) and scored with the synthetic task's gold reward. The reference policy's
-    samples for the same prompts and key are drawn once; the win rate is the share of prompts whose
-    policy sample has the higher gold reward (ties count half).
 
-    Args:
-      model: the policy `CausalLM`.
-      reference: the reference parameters (the policy the run started from).
-      task: a synthetic task with `gold_reward(completions, word=...)` (`VowelTask`).
-      prompts: a tokenized "prompt" dataset whose `columns` hold the gold reward's arguments.
-      tokenizer: decodes completions (special tokens dropped).
-      sampling: how many prompts, completion length, temperature.
-      mesh, strategy: where the sampler runs.
-      seed: the sampling key.
+def _build(config: DPOConfig, mesh):
+    model = CausalLM(config.model)
+    objective = config.algorithm
+    segments = num_segments(config)
+    update = make_dpo_step(model, config.optim, objective=objective, reference=config.reference,
+                           micro_batches=config.train.micro_batches, max_segments=segments,
+                           logits_chunk_size=config.logits_chunk_size, nonfinite=config.train.nonfinite)
+    precomputed = objective.needs_reference and config.reference == "precomputed"
+    return model_program(config, mesh, model=model, update=update,
+                         kind="preference" if objective.paired else "unpaired",
+                         batch_keys=dpo_batch_keys(objective, config.reference), name="dpo_step",
+                         frozen_params=int(config.uses_reference_model),
+                         batch_extra=_precomputed_shapes(config, mesh) if precomputed else None)
+
+
+def precompute_reference(ref_fn, reference, dataset, config: DPOConfig, *, mesh) -> dict[str, np.ndarray]:
+    """The reference's summed log-probs of every example of `dataset`: `{key: f32[num_examples]}`.
+
+    One unshuffled pass in training-sized batches; each slot's value goes to the dataset index
+    the batch iterator put there (`BatchIterator.last_rows`), so any later batch can gather them.
     """
-    from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig  # noqa: PLC0415
+    it = BatchIterator(dataset, BatchConfig(batch_size=config.data.batch_size, seq_len=config.data.row_len,
+                                            pack=config.data.pack, max_segments=config.data.max_segments,
+                                            shuffle=False, num_epochs=1))
+    out: dict[str, np.ndarray] = {}
+    for batch in it:
+        values = jax.device_get(ref_fn(reference, device_batch(batch, mesh, config.mesh.strategy)))
+        for key, v in values.items():
+            table = out.setdefault(key, np.zeros(len(dataset), np.float32))
+            v = np.asarray(v).reshape(len(it.last_rows), -1)
+            for b, row in enumerate(it.last_rows):
+                table[row] = v[b, :len(row)]
+    return out
 
-    n = min(sampling.num_prompts, len(prompts))
-    ids = [prompts.arrays["prompt_tokens"][i].tolist() for i in range(n)]
-    columns = {k: list(v[:n]) for k, v in prompts.columns.items()}
-    longest = max(len(x) for x in ids)
-    sampler = Sampler(model, max_len=longest + sampling.max_new_tokens, pad_id=prompts.pad_id, mesh=mesh,
-                      strategy=strategy)
-    sample_config = SamplingConfig(max_new_tokens=sampling.max_new_tokens,
-                                   method=Categorical(temperature=sampling.temperature),
-                                   eos_id=tokenizer.eos_token_id)
 
-    def gold(params) -> tuple[list[float], float]:
-        out = sampler.generate(params, ids, sample_config, rng=seed)
-        tokens, lengths = jax.device_get((out.completion_tokens, out.lengths))
-        texts = tokenizer.batch_decode([row[:k].tolist() for row, k in zip(tokens, lengths)],
-                                       skip_special_tokens=True)
-        return task.gold_reward(texts, **columns), float(lengths.mean())
+def gather_precomputed(tables: dict[str, np.ndarray], rows: list[list[int]], num_segments: int) -> dict[str, np.ndarray]:
+    """Per-example values of `tables` laid out like a batch: `[B]` (unpacked) or `[B, S]` (0 in empty slots)."""
+    out = {}
+    for key, table in tables.items():
+        values = np.zeros((len(rows), num_segments), np.float32)
+        for b, row in enumerate(rows):
+            values[b, :len(row)] = table[row]
+        out[key] = values[:, 0] if num_segments == 1 else values
+    return out
 
-    reference_gold, _ = gold(reference)
 
-    def evaluate(params) -> dict[str, float]:
-        rewards, length = gold(params)
-        wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, reference_gold)]
-        return {"eval/gold_reward": sum(rewards) / n, "eval/gold_win_rate": sum(wins) / n,
-                "eval/completion_length": length}
+def _gold_eval(ctx: Context, reference):
+    """The sampled gold-reward evaluation (synthetic tasks with a gold reward), or None."""
+    config, data = ctx.config, ctx.config.data
+    task = data.task("eval")
+    if task is None or task.gold_metric != "eval/gold_reward" or not config.sampling.num_prompts:
+        return None
+    prompts = load_split(dataclasses.replace(data, num_eval=config.sampling.num_prompts), kind="prompt",
+                         which="eval", tokenizer=ctx.data.tokenizer)
+    prompt_len = data.max_prompt_len or data.row_len
+    sampler = Sampler(ctx.program.parts["model"], max_len=prompt_len + config.sampling.max_new_tokens,
+                      prompt_buckets=default_prompt_buckets(prompt_len), mesh=ctx.mesh, strategy=config.mesh.strategy)
+    sampling = SamplingConfig(max_new_tokens=config.sampling.max_new_tokens,
+                              method=Categorical(temperature=config.sampling.temperature),
+                              eos_id=ctx.data.tokenizer.eos_token_id)
+    collector = RolloutCollector(sampler=sampler, tokenizer=ctx.data.tokenizer, sources=[], weights=None,
+                                 train_sampling=sampling, eval_sampling=sampling)
+    batches = eval_batches(prompts, data, max_batches=-(-config.sampling.num_prompts // data.batch_size))
+    evaluate = make_policy_eval(collector, batches, key=jax.random.key(config.seed),
+                                gold=(task.gold_metric, PythonReward(task.reward, "gold")), baseline=reference)
+    return lambda params: evaluate(params, None)
 
-    return evaluate
+
+def _trainer(ctx: Context):
+    config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
+    objective, segments = config.algorithm, num_segments(config)
+    model = ctx.program.parts["model"]
+    reference = reference_params(model, config, mesh)
+    evaluators = []
+    if ctx.data.eval is not None and objective.paired:
+        held_out = eval_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
+        evaluators.append(make_preference_eval(model, objective, held_out, reference, mesh=mesh, strategy=strategy,
+                                               max_segments=segments, logits_chunk_size=config.logits_chunk_size))
+    gold = _gold_eval(ctx, reference)
+    if gold is not None:
+        evaluators.append(gold)
+    evaluate = (lambda params: {k: v for e in evaluators for k, v in e(params).items()}) if evaluators else None
+    prepare = None
+    if objective.needs_reference and config.reference == "precomputed":
+        ref_fn = make_reference_logps_fn(model, mesh=mesh, objective=objective, strategy=strategy,
+                                         max_segments=segments, logits_chunk_size=config.logits_chunk_size)
+        tables = precompute_reference(ref_fn, reference, ctx.data.train, config, mesh=mesh)
+        prepare = lambda batch, it: {**batch, **gather_precomputed(tables, it.last_rows, segments)}  # noqa: E731
+    frozen = (reference,) if config.uses_reference_model else ()
+    del reference  # precomputed or reference-free runs keep no second copy of the weights
+    return supervised_trainer(ctx, evaluate=evaluate, frozen=frozen, prepare=prepare)
+
+
+RECIPE = Recipe(name="dpo", data_kind=lambda config: "preference" if config.algorithm.paired else "unpaired",
+                build=_build, trainer=_trainer, progress_keys=("loss", "rewards/accuracies", "rewards/margins"))
 
 
 def train(config: DPOConfig) -> dict[str, Any]:
-    """Run (or resume) DPO-family training as configured; return a summary.
-
-    Returns:
-      `{"run_dir", "step", "stopped_by", "eval": last eval metrics, "train": last train metrics}`.
-    """
-    tokenizer = common.make_tokenizer(config.data.tokenizer)
-    common.check_vocab(tokenizer, config.model)
-    train_data = common.load_split(config.data, kind="preference", which="train", tokenizer=tokenizer)
-    eval_data = common.load_split(config.data, kind="preference", which="eval", tokenizer=tokenizer)
-    objective = make_objective(config.algorithm)
-    mesh = config.mesh.make_mesh()
-    model = CausalLM(config.model)
-    strategy = config.mesh.strategy
-    segments = config.data.max_segments if config.data.pack else 1
-    with open_run(config.run_dir, run_config=config, checkpoint=config.checkpoint, model_config=config.model) as run:
-        tokenizer.save_pretrained(run.file("tokenizer"))
-        state, start, extras = common.init_or_restore(model, make_optimizer(config.optim), config=config,
-                                                      mesh=mesh, run=run)
-        reference = reference_params(model, config, mesh) if objective.needs_reference else None
-        step = make_dpo_step(model, config.optim, mesh=mesh, objective=objective, strategy=strategy,
-                             micro_batches=config.train.micro_batches, max_segments=segments,
-                             nonfinite=config.train.nonfinite)
-        frozen = () if reference is None else (reference,)
-        step_fn = lambda s, b: step(s, common.device_batch(b, mesh, strategy), *frozen)  # noqa: E731
-        batches = common.batches_from(common.train_batches(train_data, config.data), extras)
-        evaluators = []
-        if eval_data is not None:
-            held_out = common.eval_batches(eval_data, config.data, max_batches=config.train.eval_batches)
-            evaluators.append(make_preference_eval(model, objective, held_out, reference, mesh=mesh,
-                                                   strategy=strategy, max_segments=segments))
-        task = common.synthetic_task(config.data, config.data.eval)
-        if isinstance(task, VowelTask) and config.sampling.num_prompts:
-            prompts = common.load_split(dataclasses.replace(config.data, num_eval=config.sampling.num_prompts),
-                                        kind="prompt", which="eval", tokenizer=tokenizer)
-            evaluators.append(make_gold_eval(
-                model, reference if reference is not None else reference_params(model, config, mesh), task=task,
-                prompts=prompts, tokenizer=tokenizer, sampling=config.sampling, mesh=mesh, strategy=strategy,
-                seed=config.seed))
-        evaluate = None
-        if evaluators:
-            evaluate = lambda s: {k: v for e in evaluators for k, v in e(s.params).items()}  # noqa: E731
-        result = fit(state=state, step_fn=step_fn, batches=batches, start_step=start, train=config.train,
-                     checkpoint=config.checkpoint, logging=config.logging, run=run, save_items=common.save_items,
-                     extras=lambda: {"data": batches.get_state()}, evaluate=evaluate,
-                     progress_keys=("loss", "rewards/accuracies", "rewards/margins"), run_config=to_dict(config))
-    return {"run_dir": run.path, "step": result.step, "stopped_by": result.stopped_by, "eval": result.last_eval,
-            "train": result.last_metrics}
+    """Run (or resume) DPO-family training as configured; return `run(RECIPE, config)`'s summary."""
+    return run(RECIPE, config)

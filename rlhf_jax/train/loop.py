@@ -8,8 +8,8 @@
         every checkpoint.every steps: save (asynchronously)
         on SIGTERM / SIGINT: finish this step, save, return
 
-A driver builds the model, data and jitted step, restores or creates its state with `start_run`,
-and hands the rest to `fit`. Everything a resumed run needs to continue bit for bit (the state
+`rlhf_jax.train.recipe.run` builds the model, data and jitted step of a recipe, restores or
+creates its state, and hands the rest to `fit`. Everything a resumed run needs to continue bit for bit (the state
 pytrees and the data iterator's position) goes into each checkpoint.
 """
 
@@ -220,6 +220,8 @@ def fit(
         last_eval, last_metrics = _last_logged(run.file("metrics.jsonl"), start_step)
         return FitResult(state, start_step, None, last_eval, last_metrics)
 
+    if start_step > 0:
+        logger.message(f"resuming from step {start_step} ({run.checkpointer.directory})")
     try:
         with StopSignal() as stop:
             if evaluate is not None and evaluate_at_start and start_step == 0:

@@ -28,16 +28,19 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhf_jax.config import ConfigError, to_dict
+from rlhf_jax.config import ConfigError
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import make_optimizer
-from rlhf_jax.sampling import Sampler, default_prompt_buckets
+from rlhf_jax.rewards.registry import RewardConfig
 from rlhf_jax.steps import make_sft_step
-from rlhf_jax.train import common
-from rlhf_jax.train.loop import fit, open_run
-from rlhf_jax.train.rl import REWARD_FUNCTIONS, RewardConfig, RolloutCollector, RolloutConfig, gold_source, make_policy_eval
+from rlhf_jax.steps.supervised import SFT_KEYS
+from rlhf_jax.train.data import device_batch
+from rlhf_jax.train.recipe import Context, Recipe, Trainer, run
+from rlhf_jax.train.rl import check_rewards, policy_eval, rollout_parts
+from rlhf_jax.train.rollouts import RolloutConfig
+from rlhf_jax.train.run_config import RunConfig
+from rlhf_jax.train.supervised import model_program, supervised_trainer
 
-__all__ = ["BestOfNConfig", "RejectionSamplingConfig", "select_best", "best_of_n_batch", "train"]
+__all__ = ["BestOfNConfig", "RejectionSamplingConfig", "RECIPE", "select_best", "best_of_n_batch", "train"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,12 +69,17 @@ class BestOfNConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RejectionSamplingConfig(common.RunConfig):
+class RejectionSamplingConfig(RunConfig):
     """A best-of-n fine-tuning run: `RunConfig` plus the algorithm, sampling and reward sections."""
 
     algorithm: BestOfNConfig = BestOfNConfig()
     rollout: RolloutConfig = RolloutConfig()
     rewards: RewardConfig = RewardConfig(functions=("reward_model",))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.train.micro_batches != 1:
+            raise ConfigError("train.micro_batches must be 1 for rejection sampling")
 
 
 def select_best(rewards: np.ndarray, group_size: int) -> np.ndarray:
@@ -106,74 +114,56 @@ def best_of_n_batch(arrays: dict[str, Any], rows: np.ndarray, keep: np.ndarray, 
     return {"tokens": tokens, "loss_mask": loss_mask}
 
 
+def _build(config: RejectionSamplingConfig, mesh):
+    model = CausalLM(config.model)
+    update = make_sft_step(model, config.optim, nonfinite=config.train.nonfinite)
+    row_len = (config.data.max_prompt_len or config.data.row_len) + config.rollout.max_new_tokens
+    return model_program(dataclasses.replace(config, data=dataclasses.replace(config.data, seq_len=row_len)), mesh,
+                         model=model, update=update, kind="sft", batch_keys=SFT_KEYS, name="best_of_n_sft_step")
+
+
+def _trainer(ctx: Context) -> Trainer:
+    config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
+    n = config.algorithm.samples_per_prompt
+    collector, gold = rollout_parts(config, ctx.data, mesh, ctx.program.parts["model"], n, ctx.hooks)
+    sampler, sft_step = collector.sampler, ctx.program.step
+    pad_id = ctx.data.tokenizer.pad_token_id or 0
+    key = jax.random.key(config.seed)
+    base = supervised_trainer(ctx)
+    batches, counter = base.batches, [ctx.run.restore_step or 0]
+
+    def step_fn(state, prompt_batch):
+        counter[0] += 1
+        params = sampler.load_params(state.params)
+        merged, result, metrics = collector.collect(params, prompt_batch, batches,
+                                                    rng=jax.random.fold_in(key, counter[0]))
+        metrics.pop("completions/generated_tokens")
+        rows = select_best(result.total, n)
+        best = result.total[rows]
+        keep = np.ones(len(rows), bool) if config.algorithm.min_reward is None else best >= config.algorithm.min_reward
+        sft_batch = device_batch(best_of_n_batch(merged, rows, keep, pad_id), mesh, strategy)
+        start_update = time.perf_counter()
+        for _ in range(config.algorithm.updates_per_batch):
+            state, step_metrics = sft_step(state, sft_batch)
+        step_metrics = jax.block_until_ready(step_metrics)
+        metrics["time/update"] = time.perf_counter() - start_update
+        metrics.update({"reward/best": float(best.mean()), "frac_kept": float(keep.mean())})
+        return state, {**step_metrics, **metrics}
+
+    evaluate_params = policy_eval(config, ctx.data, collector, gold)
+    evaluate = None if evaluate_params is None else (lambda s: evaluate_params(s.params, None))
+    return Trainer(step=step_fn, batches=batches, extras=base.extras, evaluate=evaluate)
+
+
+RECIPE = Recipe(name="rejection_sampling", data_kind=lambda config: "prompt", build=_build, trainer=_trainer,
+                progress_keys=("reward", "reward/best", "loss"), check=check_rewards)
+
+
 def train(config: RejectionSamplingConfig, *, reward_sources=None, reward_weights=None) -> dict[str, Any]:
-    """Run (or resume) best-of-n fine-tuning as configured; return a summary.
+    """Run (or resume) best-of-n fine-tuning as configured; return the run's summary.
 
     Args:
       config: the run configuration.
       reward_sources, reward_weights: reward sources instead of `config.rewards.functions`.
-
-    Returns:
-      `{"run_dir", "step", "stopped_by", "eval", "train"}` as the other drivers.
     """
-    if config.train.micro_batches != 1:
-        raise ConfigError("train.micro_batches must be 1 for rejection sampling")
-    tokenizer = common.make_tokenizer(config.data.tokenizer)
-    common.check_vocab(tokenizer, config.model)
-    train_data = common.load_split(config.data, kind="prompt", which="train", tokenizer=tokenizer)
-    eval_data = common.load_split(config.data, kind="prompt", which="eval", tokenizer=tokenizer)
-    task = common.synthetic_task(config.data, config.data.train)
-    mesh, strategy = config.mesh.make_mesh(), config.mesh.strategy
-    if reward_sources is None:
-        if "reward_model" in config.rewards.functions and not config.rewards.reward_model:
-            raise ConfigError("rewards.functions includes 'reward_model' but rewards.reward_model is not set")
-        reward_sources = [REWARD_FUNCTIONS[name](config, task, policy_config=config.model, mesh=mesh, strategy=strategy)
-                          for name in config.rewards.functions]
-        reward_weights = config.rewards.weights or None
-    model = CausalLM(config.model)
-    n = config.algorithm.samples_per_prompt
-    prompt_len = config.data.max_prompt_len or config.data.row_len
-    sampler = Sampler(model, max_len=prompt_len + config.rollout.max_new_tokens,
-                      prompt_buckets=default_prompt_buckets(prompt_len), mesh=mesh, strategy=strategy,
-                      dtype=config.rollout.sampler_dtype)
-    rollouts = RolloutCollector(config, sampler=sampler, tokenizer=tokenizer, sources=list(reward_sources),
-                                weights=reward_weights, group=n)
-    key = jax.random.key(config.seed)
-    pad_id = tokenizer.pad_token_id or 0
-
-    with open_run(config.run_dir, run_config=config, checkpoint=config.checkpoint, model_config=config.model) as run:
-        tokenizer.save_pretrained(run.file("tokenizer"))
-        state, start, extras = common.init_or_restore(model, make_optimizer(config.optim), config=config, mesh=mesh,
-                                                      run=run)
-        sft_step = make_sft_step(model, config.optim, mesh=mesh, strategy=strategy, nonfinite=config.train.nonfinite)
-        batches = common.batches_from(common.train_batches(train_data, config.data), extras)
-        counter = [start]
-
-        def step_fn(state, prompt_batch):
-            counter[0] += 1
-            params = sampler.load_params(state.params)
-            merged, result, metrics = rollouts.collect(params, prompt_batch, batches,
-                                                       rng=jax.random.fold_in(key, counter[0]))
-            metrics.pop("completions/generated_tokens")
-            rows = select_best(result.total, n)
-            best = result.total[rows]
-            keep = np.ones(len(rows), bool) if config.algorithm.min_reward is None else best >= config.algorithm.min_reward
-            sft_batch = common.device_batch(best_of_n_batch(merged, rows, keep, pad_id), mesh, strategy)
-            start_update = time.perf_counter()
-            for _ in range(config.algorithm.updates_per_batch):
-                state, step_metrics = sft_step(state, sft_batch)
-            step_metrics = jax.block_until_ready(step_metrics)
-            metrics["time/update"] = time.perf_counter() - start_update
-            metrics.update({"reward/best": float(best.mean()), "frac_kept": float(keep.mean())})
-            return state, {**step_metrics, **metrics}
-
-        policy_eval = make_policy_eval(config, rollouts, eval_data,
-                                       gold=gold_source(common.synthetic_task(config.data, config.data.eval)),
-                                       ref_logps=None, key=key)
-        evaluate = None if policy_eval is None else (lambda s: policy_eval(s.params, None))
-        result = fit(state=state, step_fn=step_fn, batches=batches, start_step=start, train=config.train,
-                     checkpoint=config.checkpoint, logging=config.logging, run=run, save_items=common.save_items,
-                     extras=lambda: {"data": batches.get_state()}, evaluate=evaluate,
-                     progress_keys=("reward", "reward/best", "loss"), run_config=to_dict(config))
-    return {"run_dir": run.path, "step": result.step, "stopped_by": result.stopped_by, "eval": result.last_eval,
-            "train": result.last_metrics}
+    return run(RECIPE, config, reward_sources=reward_sources, reward_weights=reward_weights)

@@ -1,0 +1,139 @@
+"""Reward sources by name: the `rewards` section of an RL config and the registry it selects from.
+
+`rewards.functions` lists built-in names (`REWARD_FUNCTIONS`) or import paths `module:function`
+of a function with TRL's reward-function signature (`fn(completions, **columns) -> list[float]`),
+combined by `rewards.weights` (`rlhf_jax.rewards.combine_rewards`). A builder gets a
+`RewardContext` (the section, the completion budget, the synthetic task's grader and a loader of
+the reward model), so a registry entry never reaches into the run's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rlhf_jax.config import ConfigError, check_choice
+from rlhf_jax.rewards.base import OnError, PythonReward, RewardSource
+from rlhf_jax.rewards.verifiable import even_fraction_reward, missing_eos_penalty, overlong_penalty
+
+__all__ = ["RewardConfig", "RewardContext", "REWARD_FUNCTIONS", "register_reward", "resolve_import",
+           "build_rewards"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """Which rewards train the policy, and what a failing reward function does.
+
+    Attributes:
+      functions: reward sources, each a built-in name of `REWARD_FUNCTIONS` — "task" (the synthetic
+        task's grader: arithmetic exact match, or the vowel task's gold reward), "reward_model"
+        (the scalar-head model at `reward_model`), "missing_eos" (`-missing_eos_penalty` without
+        EOS), "overlong" (DAPO's soft overlong punishment, buffer `overlong_buffer`),
+        "even_fraction" (the W4 benchmark reward) — or an import path `package.module:function`.
+        Ignored when the driver is given `reward_sources`.
+      weights: one weight per function (empty: all 1).
+      reward_model: a reward-model checkpoint (`runs/<rm>/checkpoints`) or Hugging Face directory.
+      reward_model_batch_size: rows scored per reward-model call.
+      missing_eos_penalty: the "missing_eos" amount.
+      overlong_buffer: the "overlong" linear zone `L_buf` (`L_max` = `rollout.max_new_tokens`).
+      on_error: "raise" on a failing reward function, or "penalty" (give `error_penalty`, count).
+      error_penalty: the reward of a failing sample in penalty mode.
+    """
+
+    functions: tuple[str, ...] = ("task",)
+    weights: tuple[float, ...] = ()
+    reward_model: str | None = None
+    reward_model_batch_size: int = 64
+    missing_eos_penalty: float = 1.0
+    overlong_buffer: int = 4
+    on_error: OnError = "raise"
+    error_penalty: float = 0.0
+
+    def __post_init__(self):
+        unknown = [f for f in self.functions if f not in REWARD_FUNCTIONS and ":" not in f]
+        if unknown:
+            raise ConfigError(f"rewards.functions: unknown {unknown}; built-in: {sorted(REWARD_FUNCTIONS)}, "
+                              "or an import path 'package.module:function'")
+        if self.weights and len(self.weights) != len(self.functions):
+            raise ConfigError(f"rewards.weights has {len(self.weights)} entries for {len(self.functions)} "
+                              f"functions {list(self.functions)}")
+        check_choice("rewards", "on_error", self.on_error, OnError)
+        if not isinstance(self.reward_model_batch_size, int) or self.reward_model_batch_size < 1:
+            raise ConfigError(f"rewards.reward_model_batch_size must be a positive int, got "
+                              f"{self.reward_model_batch_size!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardContext:
+    """What a reward builder may use.
+
+    Attributes:
+      rewards: the `rewards` section.
+      max_new_tokens: the completion budget (`rollout.max_new_tokens`).
+      task_reward: the synthetic task's grader, or None for file prompts.
+      load_reward_model: `() -> RewardSource` scoring with `rewards.reward_model`.
+    """
+
+    rewards: RewardConfig
+    max_new_tokens: int
+    task_reward: Callable[..., list[float]] | None = None
+    load_reward_model: Callable[[], RewardSource] | None = None
+
+
+def _task(ctx: RewardContext) -> RewardSource:
+    if ctx.task_reward is None:
+        raise ConfigError("rewards.functions 'task' needs a synthetic prompt source (data.train=synthetic:...)")
+    return PythonReward(ctx.task_reward, "task")
+
+
+def _reward_model(ctx: RewardContext) -> RewardSource:
+    if not ctx.rewards.reward_model:
+        raise ConfigError("rewards.functions includes 'reward_model' but rewards.reward_model is not set")
+    if ctx.load_reward_model is None:
+        raise ConfigError("rewards.functions 'reward_model' is not available in this run")
+    return ctx.load_reward_model()
+
+
+REWARD_FUNCTIONS: dict[str, Callable[[RewardContext], RewardSource]] = {
+    "task": _task,
+    "reward_model": _reward_model,
+    "missing_eos": lambda ctx: missing_eos_penalty(ctx.rewards.missing_eos_penalty),
+    "overlong": lambda ctx: overlong_penalty(max_length=ctx.max_new_tokens, buffer_length=ctx.rewards.overlong_buffer),
+    "even_fraction": lambda ctx: PythonReward(even_fraction_reward),
+}
+
+
+def register_reward(name: str, builder: Callable[[RewardContext], RewardSource]) -> None:
+    """Add a named reward builder; a name already taken is refused (no silent replacement)."""
+    if name in REWARD_FUNCTIONS:
+        raise ValueError(f"register_reward: {name!r} is already registered")
+    if ":" in name:
+        raise ValueError(f"register_reward: {name!r} contains ':' (reserved for import paths)")
+    REWARD_FUNCTIONS[name] = builder
+
+
+def resolve_import(path: str, *, key: str = "rewards.functions") -> Callable[..., Any]:
+    """The function named by `package.module:function` (ConfigError naming the key when it does not resolve)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import module {module_name!r} of {path!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{key}: {module_name!r} has no function {attr!r} (from {path!r})")
+    return fn
+
+
+def build_rewards(ctx: RewardContext) -> tuple[list[RewardSource], Sequence[float] | None]:
+    """The configured reward sources and their weights (None: all 1)."""
+    sources = []
+    for name in ctx.rewards.functions:
+        if name in REWARD_FUNCTIONS:
+            sources.append(REWARD_FUNCTIONS[name](ctx))
+        else:
+            sources.append(PythonReward(resolve_import(name), name.partition(":")[2]))
+    return sources, (ctx.rewards.weights or None)
+

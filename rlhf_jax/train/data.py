@@ -1,0 +1,120 @@
+"""A run's data: its tokenizer, tokenized train / eval splits and batch iterators, checked before
+anything is compiled."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+from rlhf_jax import sharding as sh
+from rlhf_jax.config import ConfigError
+from rlhf_jax.data import BatchConfig, BatchIterator, TokenizedDataset, load_dataset, load_tokenizer
+from rlhf_jax.data.formats import Kind
+from rlhf_jax.models import ModelConfig
+from rlhf_jax.train.run_config import DataConfig
+
+__all__ = ["RunData", "load_run_data", "make_tokenizer", "load_split", "train_batches", "eval_batches",
+           "batches_from", "device_batch", "check_vocab"]
+
+_EVAL_SEED_OFFSET = 1_000_003
+
+
+def make_tokenizer(spec: str):
+    """The tokenizer of `data.tokenizer`: "offline" or a local directory (FileNotFoundError otherwise)."""
+    if spec == "offline":
+        from rlhf_jax.data.offline_tokenizer import offline_tokenizer  # noqa: PLC0415
+
+        return offline_tokenizer()
+    return load_tokenizer(spec)
+
+
+def check_vocab(tokenizer, model_config: ModelConfig) -> None:
+    """Raise ConfigError when the tokenizer has ids the model's embedding cannot hold."""
+    n = len(tokenizer)
+    if n > model_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {n} ids but model.vocab_size is {model_config.vocab_size}; "
+                          "use a model whose vocabulary covers the tokenizer")
+
+
+def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"], tokenizer) -> TokenizedDataset | None:
+    """Read, validate and tokenize the train or eval source (None when `data.eval` is None).
+
+    Raises:
+      FileNotFoundError: the source path does not exist (named with its config key), raised before
+        any model is built.
+      DataError: a bad row (file, line and problem), unless `data.on_error="skip"`.
+    """
+    source = data.train if which == "train" else data.eval
+    if source is None:
+        return None
+    task = data.task(which)
+    if task is not None:
+        n, seed = (data.num_train, data.seed) if which == "train" else (data.num_eval, data.seed + _EVAL_SEED_OFFSET)
+        rows = task.rows(kind, n, seed=seed, label_noise=data.label_noise if which == "train" else 0.0)
+        if rows is None:
+            raise ConfigError(f"data.{which}: {source} has no {kind!r} data; it has {sorted(task.spec.rows)}")
+        return load_dataset(rows, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"data.{which}: {source} does not exist")
+    split = data.split if which == "train" else data.eval_split
+    return load_dataset(source, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error,
+                        split=split)
+
+
+def _batch_config(data: DataConfig, **changes) -> BatchConfig:
+    fields = dict(batch_size=data.batch_size, seq_len=data.row_len, pack=data.pack, max_segments=data.max_segments,
+                  shuffle=data.shuffle, seed=data.seed)
+    return BatchConfig(**{**fields, **changes})
+
+
+def train_batches(dataset: TokenizedDataset, data: DataConfig) -> BatchIterator:
+    """The endless, shuffled, resumable training iterator."""
+    return BatchIterator(dataset, _batch_config(data))
+
+
+def eval_batches(dataset: TokenizedDataset, data: DataConfig, *, max_batches: int) -> list[dict]:
+    """The first `max_batches` held-out batches in dataset order (one pass; padding rows masked)."""
+    out = []
+    for batch in BatchIterator(dataset, _batch_config(data, shuffle=False, num_epochs=1)):
+        out.append(batch)
+        if len(out) == max_batches:
+            break
+    return out
+
+
+def batches_from(iterator: BatchIterator, extras: Mapping[str, Any], key: str = "data") -> Iterator[dict]:
+    """`iterator` moved to the position saved in `extras[key]` (unchanged for a fresh run)."""
+    if key in extras:
+        iterator.set_state(extras[key])
+    return iterator
+
+
+def device_batch(batch: Mapping[str, Any], mesh, strategy: str) -> dict:
+    """The numpy arrays of a host batch placed on the mesh (non-array entries such as `columns` dropped).
+
+    Each device receives only its rows (`rlhf_jax.sharding.shard_batch`).
+    """
+    arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
+    return sh.shard_batch(arrays, mesh=mesh, strategy=strategy)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """A run's tokenizer and tokenized splits (eval None when `data.eval` is None)."""
+
+    tokenizer: Any
+    train: TokenizedDataset
+    eval: TokenizedDataset | None
+
+
+def load_run_data(config, kind: Kind) -> RunData:
+    """The tokenizer (checked against `config.model`) and both splits of `config.data`, as `kind`."""
+    tokenizer = make_tokenizer(config.data.tokenizer)
+    check_vocab(tokenizer, config.model)
+    return RunData(tokenizer,
+                   load_split(config.data, kind=kind, which="train", tokenizer=tokenizer),
+                   load_split(config.data, kind=kind, which="eval", tokenizer=tokenizer))

@@ -1,0 +1,124 @@
+"""The two evaluations every family builds from: a weighted loss over held-out batches, and the
+policy's samples on held-out prompts.
+
+- `make_weighted_eval`: a family's own training loss function on fixed held-out batches, every
+  metric averaged with the batch's weight (target tokens for SFT, pairs for reward models and the
+  DPO family), so the result is the held-out set's mean however it is batched.
+- `make_policy_eval`: one completion per held-out prompt (fixed key, so changes between
+  evaluations come from the policy alone), scored by the training rewards (`eval/reward`), the
+  synthetic task's grader (its gold metric), the KL to a reference (`eval/kl`, summed log-ratio per
+  completion) and the win rate of the gold reward against a baseline policy's samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax.sampling import Greedy
+from rlhf_jax.train.data import device_batch
+from rlhf_jax.train.rollouts import RolloutCollector
+
+__all__ = ["make_weighted_eval", "make_policy_eval"]
+
+
+def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight: Callable[[Mapping], tuple],
+                       mesh, strategy: str, keys: Sequence[str] | None = None, frozen: tuple = (),
+                       prepare: Callable[[dict], dict] | None = None) -> Callable[[Any], dict[str, float]]:
+    """`params -> {"eval/loss", "eval/<metric>", ...}`: weighted means of a loss function's outputs.
+
+    `eval/m = sum_b w_b m_b / sum_b w_b` over the held-out batches, where `m_b` is the loss (or a
+    metric) the training loss function reports for batch `b` when its global normalisers are that
+    batch's own counts, and `w_b` that count.
+
+    Args:
+      loss_fn: `loss_fn(params, batch, context, rng) -> (loss, metrics)` (`steps.make_*_loss`).
+      batches: fixed host batches.
+      weight: `device batch -> (context, w)`: the loss function's normalisers and the batch's weight.
+      mesh, strategy: where the batches go.
+      keys: the metrics reported besides `loss` (None: all of them).
+      frozen: extra arguments `prepare` needs (e.g. reference parameters), passed through jit.
+      prepare: `(device batch, *frozen) -> device batch` run once per batch before any evaluation
+        (e.g. adding reference log-probs).
+    """
+    device_batches = [device_batch(b, mesh, strategy) for b in batches]
+    if prepare is not None:
+        device_batches = [prepare(b, *frozen) for b in device_batches]
+    key = jax.random.key(0)
+
+    @jax.jit
+    def totals(params, batch):
+        context, w = weight(batch)
+        loss, metrics = loss_fn(params, batch, context, key)
+        chosen = {k: v for k, v in metrics.items() if keys is None or k in keys}
+        return {"loss": loss * w, **{k: v * w for k, v in chosen.items()}}, w
+
+    def evaluate(params) -> dict[str, float]:
+        results = jax.device_get([totals(params, b) for b in device_batches])
+        n = max(sum(float(w) for _, w in results), 1.0)
+        return {f"eval/{k}": sum(float(t[k]) for t, _ in results) / n for k in results[0][0]}
+
+    return evaluate
+
+
+def make_policy_eval(collector: RolloutCollector, batches: Sequence[Mapping[str, Any]], *, key: jax.Array,
+                     gold: tuple[str, Any] | None = None, ref_logps: Callable | None = None,
+                     baseline: Any | None = None) -> Callable[[Any, Any], dict[str, float]]:
+    """`(policy params, reference params or None) -> eval metrics` from samples on held-out prompts.
+
+    Batch `k` is sampled with `collector.eval_sampling` and key `fold_in(key, 0x7FFFFFFF - k)`.
+    Metrics, means over completions: `eval/reward` (the collector's training rewards, when it has
+    any), the gold metric `gold[0]` (scored by the reward source `gold[1]`),
+    `eval/completions/mean_length`, `eval/kl` (with a reference and `ref_logps(reference, prompt
+    tokens, prompt lengths, completion tokens) -> [N, C]`; not under greedy decoding), and with a
+    `baseline` policy `eval/gold_win_rate`: the share of prompts whose sample has a higher gold
+    reward than the baseline's sample for the same prompt and key (ties count half).
+
+    Args:
+      collector: samples and scores (its sampler takes parameters in the sampler's layout).
+      batches: fixed held-out prompt batches.
+      key: the evaluation key.
+      gold: `(metric name, reward source)` of the task's grader, or None.
+      ref_logps: the reference's completion log-probs, for `eval/kl`.
+      baseline: parameters of a baseline policy (e.g. the reference) for the win rate; its samples
+        are drawn once.
+    """
+    greedy = isinstance(collector.eval_sampling.method, Greedy)  # greedy samples have no KL estimate
+
+    def samples(policy_params) -> list[dict[str, Any]]:
+        params = collector.sampler.load_params(policy_params)
+        return [collector.sample(params, batch, collector.eval_sampling, jax.random.fold_in(key, 0x7FFFFFFF - k))
+                for k, batch in enumerate(batches)]
+
+    def gold_scores(arrays) -> np.ndarray:
+        return np.asarray(collector.score(arrays, sources=[gold[1]]).total)
+
+    baseline_gold = None
+    if baseline is not None and gold is not None:
+        baseline_gold = [gold_scores(a) for a in samples(baseline)]
+
+    def evaluate(policy_params, reference) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        count = 0
+        for k, arrays in enumerate(samples(policy_params)):
+            parts = {"eval/completions/mean_length": arrays["lengths"]}
+            if collector.sources:
+                parts["eval/reward"] = collector.score(arrays).total
+            if gold is not None:
+                parts[gold[0]] = scores = gold_scores(arrays)
+                if baseline_gold is not None:
+                    theirs = baseline_gold[k]
+                    parts["eval/gold_win_rate"] = np.where(scores > theirs, 1.0, np.where(scores == theirs, 0.5, 0.0))
+            if reference is not None and ref_logps is not None and not greedy:
+                ref = np.asarray(ref_logps(reference, arrays["prompt_tokens"], arrays["prompt_lengths"],
+                                           arrays["completion_tokens"]))
+                parts["eval/kl"] = np.where(arrays["completion_mask"], arrays["sampler_logps"] - ref, 0.0).sum(axis=1)
+            for name, values in parts.items():
+                sums[name] = sums.get(name, 0.0) + float(np.sum(values))
+            count += len(arrays["lengths"])
+        return {name: v / max(count, 1) for name, v in sums.items()}
+
+    return evaluate

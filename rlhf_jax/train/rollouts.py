@@ -1,0 +1,210 @@
+"""Rollouts: completions sampled for a batch of prompts and scored by the reward sources.
+
+`RolloutConfig` is the `rollout` section of the RL and best-of-n configs; `RolloutCollector`
+samples a prompt batch with the `Sampler` (G completions per prompt), decodes and scores them
+(`rlhf_jax.rewards.combine_rewards`), and with DAPO's dynamic sampling draws more prompt batches
+until enough groups carry a learning signal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from rlhf_jax.config import ConfigError, check_choice
+from rlhf_jax.rewards import OnError, RewardInputs, combine_rewards, reward_metrics
+from rlhf_jax.sampling import Sampler, SamplingConfig, make_method
+
+__all__ = ["RolloutConfig", "RolloutCollector", "DEVICE_KEYS"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """How completions are sampled for training and evaluation.
+
+    The sampling temperature is the algorithm's (`algorithm.temperature`), so the trainer's
+    log-probs are computed at the temperature the tokens were drawn at.
+
+    Prompts per step are `data.batch_size`; the training batch is that times the group size.
+
+    Attributes:
+      max_new_tokens: completion tokens at most (a completion stops at EOS).
+      top_k, top_p, min_p: truncation of the sampling distribution (0 / 1.0 / 0.0 = off).
+      sampler_dtype: run the sampler in "float32" or "bfloat16" (None: the model's dtype).
+      dynamic_sampling: DAPO's dynamic sampling: drop groups whose rewards are all equal and sample
+        more prompts until `data.batch_size` groups with a learning signal are collected.
+      max_sampling_rounds: generation rounds per step at most with dynamic sampling (then the batch
+        is completed with zero-signal groups).
+      eval_greedy: evaluate with greedy decoding (else with the training sampler and a fixed seed).
+      ignore_eos: do not stop at the tokenizer's EOS: every completion has `max_new_tokens` tokens
+        (benchmarks; vLLM's `ignore_eos`).
+    """
+
+    max_new_tokens: int = 16
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    sampler_dtype: Literal["float32", "bfloat16"] | None = None
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    eval_greedy: bool = False
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_sampling_rounds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"rollout.{name} must be a positive int, got {value!r}")
+        if self.sampler_dtype is not None:
+            check_choice("rollout", "sampler_dtype", self.sampler_dtype, Literal["float32", "bfloat16"])
+        make_method(top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)  # its own checks
+
+
+DEVICE_KEYS = ("prompt_tokens", "prompt_lengths", "completion_tokens", "completion_mask", "sampler_logps")
+
+
+def _pad_width(x: np.ndarray, width: int, value: int = 0) -> np.ndarray:
+    return x if x.shape[1] == width else np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+
+
+def _concat_rows(parts: Sequence[dict[str, Any]], rows: Sequence[tuple[int, np.ndarray]]) -> dict[str, Any]:
+    """Rows `idx` of part `k` for each `(k, idx)`, concatenated (prompt widths padded to the widest)."""
+    width = max(parts[k]["prompt_tokens"].shape[1] for k, _ in rows)
+    out: dict[str, Any] = {}
+    for key in parts[0]:
+        if key == "columns":
+            out[key] = {c: [parts[k][key][c][i] for k, idx in rows for i in idx] for c in parts[0][key]}
+        elif key == "prompt_tokens":
+            out[key] = np.concatenate([_pad_width(parts[k][key][idx], width) for k, idx in rows])
+        else:
+            out[key] = np.concatenate([parts[k][key][idx] for k, idx in rows])
+    return out
+
+
+class RolloutCollector:
+    """Sampling and scoring of prompt batches on the host side of a run (RL, best-of-n, evaluations).
+
+    Args:
+      sampler: the `Sampler` (its parameters are given per call, in its layout).
+      tokenizer: decodes prompts and completions for the reward functions.
+      sources, weights: the reward sources and their weights (None: all 1).
+      train_sampling: how training completions are drawn (`num_samples` = the group size).
+      eval_sampling: how evaluation completions are drawn (one per prompt).
+      on_error, error_penalty: what a failing reward function does (`combine_rewards`).
+      dynamic_sampling, max_sampling_rounds: DAPO's dynamic sampling (`collect`).
+    """
+
+    def __init__(self, *, sampler: Sampler, tokenizer, sources, weights, train_sampling: SamplingConfig,
+                 eval_sampling: SamplingConfig, on_error: OnError = "raise", error_penalty: float = 0.0,
+                 dynamic_sampling: bool = False, max_sampling_rounds: int = 1):
+        self.sampler = sampler
+        self.tokenizer = tokenizer
+        self.sources = list(sources)
+        self.weights = weights
+        self.group = train_sampling.num_samples
+        self.train_sampling = train_sampling
+        self.eval_sampling = eval_sampling
+        self.on_error, self.error_penalty = on_error, error_penalty
+        self.dynamic_sampling, self.max_sampling_rounds = dynamic_sampling, max_sampling_rounds
+
+    @classmethod
+    def from_config(cls, config, *, sampler: Sampler, tokenizer, sources, weights, group: int,
+                    temperature: float) -> "RolloutCollector":
+        """The collector of a run config with `rollout` (`RolloutConfig`) and `rewards` sections."""
+        rollout = config.rollout
+        train = SamplingConfig(
+            max_new_tokens=rollout.max_new_tokens, num_samples=group,
+            eos_id=None if rollout.ignore_eos else tokenizer.eos_token_id,
+            method=make_method(temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p,
+                               min_p=rollout.min_p),
+        )
+        method = make_method(greedy=True) if rollout.eval_greedy else train.method
+        return cls(sampler=sampler, tokenizer=tokenizer, sources=sources, weights=weights, train_sampling=train,
+                   eval_sampling=dataclasses.replace(train, num_samples=1, method=method),
+                   on_error=config.rewards.on_error, error_penalty=config.rewards.error_penalty,
+                   dynamic_sampling=rollout.dynamic_sampling, max_sampling_rounds=rollout.max_sampling_rounds)
+
+    def sample(self, params, batch: Mapping[str, Any], sampling: SamplingConfig, rng) -> dict[str, Any]:
+        """Completions of the batch's real prompts, as host arrays, with columns repeated per sample."""
+        valid = np.flatnonzero(np.asarray(batch["example_mask"]))
+        out = self.sampler.generate(params, np.asarray(batch["prompt_tokens"])[valid], sampling,
+                                    prompt_lengths=np.asarray(batch["prompt_lengths"])[valid], rng=rng)
+        arrays = {k: np.asarray(v) for k, v in out._asdict().items()}
+        arrays["sampler_logps"] = arrays.pop("logprobs")
+        n = sampling.num_samples
+        arrays["columns"] = {k: [v[i] for i in valid for _ in range(n)] for k, v in batch.get("columns", {}).items()}
+        return arrays
+
+    def reward_inputs(self, arrays: Mapping[str, Any]) -> RewardInputs:
+        decode = lambda tokens, lengths: self.tokenizer.batch_decode(  # noqa: E731
+            [row[:k].tolist() for row, k in zip(tokens, lengths)], skip_special_tokens=True)
+        return RewardInputs(
+            prompt_tokens=arrays["prompt_tokens"], prompt_lengths=arrays["prompt_lengths"],
+            completion_tokens=arrays["completion_tokens"], completion_mask=arrays["completion_mask"],
+            truncated=arrays["truncated"],
+            prompts=decode(arrays["prompt_tokens"], arrays["prompt_lengths"]),
+            completions=decode(arrays["completion_tokens"], arrays["lengths"]),
+            columns=arrays["columns"],
+        )
+
+    def score(self, arrays: Mapping[str, Any], sources=None):
+        """The rewards of sampled `arrays` under `sources` (default: the training rewards, weighted)."""
+        sources = self.sources if sources is None else sources
+        weights = self.weights if sources is self.sources else None
+        return combine_rewards(sources, self.reward_inputs(arrays), weights=weights, on_error=self.on_error,
+                               error_penalty=self.error_penalty)
+
+    def collect(self, params, first_batch, more_batches: Iterator, *, rng) -> tuple[dict[str, Any], Any, dict]:
+        """One training batch of rollouts with rewards; DAPO dynamic sampling when configured.
+
+        Returns `(arrays with "scores", RewardResult of the batch, host metrics)`.
+        """
+        g, dynamic = self.group, self.dynamic_sampling
+        want = int(np.sum(np.asarray(first_batch["example_mask"])))
+        parts, results, kept, spare = [], [], [], []
+        timings = {"generate": 0.0, "reward": 0.0}
+        generated_groups = zero_std_groups = 0
+        batch = first_batch
+        for r in range(self.max_sampling_rounds if dynamic else 1):
+            if r:
+                batch = next(more_batches)
+            start = time.perf_counter()
+            arrays = self.sample(params, batch, self.train_sampling, jax.random.fold_in(rng, r))
+            timings["generate"] += time.perf_counter() - start
+            start = time.perf_counter()
+            result = self.score(arrays)
+            timings["reward"] += time.perf_counter() - start
+            arrays["scores"] = result.total
+            parts.append(arrays)
+            results.append(result)
+            groups = len(result.total) // g
+            generated_groups += groups
+            signal = result.total.reshape(groups, g).std(axis=1) > 1e-6 if g > 1 else np.ones(groups, bool)
+            zero_std_groups += int(np.sum(~signal))
+            kept += [(r, i) for i in np.flatnonzero(signal)] if dynamic else [(r, i) for i in range(groups)]
+            spare += [(r, i) for i in np.flatnonzero(~signal)] if dynamic else []
+            if len(kept) >= want:
+                break
+        chosen = (kept + spare)[:want]
+        rows = [(k, np.arange(i * g, (i + 1) * g)) for k, i in chosen]
+        merged = _concat_rows(parts, rows)
+        total = merged["scores"]
+        per_source = {name: np.concatenate([results[k].per_source[name][idx] for k, idx in rows])
+                      for name in results[0].per_source}
+        errors = {name: sum(res.num_errors[name] for res in results) for name in results[0].num_errors}
+        result = type(results[0])(total.astype(np.float32), per_source, errors)
+        metrics = reward_metrics(result, group_size=g)
+        metrics["frac_reward_zero_std"] = zero_std_groups / max(generated_groups, 1)
+        metrics["completions/mean_length"] = float(np.mean(merged["lengths"]))
+        metrics["completions/clipped_ratio"] = float(np.mean(merged["truncated"]))
+        metrics["completions/generated_tokens"] = float(sum(np.sum(p["lengths"]) for p in parts))
+        if dynamic:
+            metrics["dynamic_sampling/rounds"] = float(len(parts))
+            metrics["dynamic_sampling/filled_with_zero_std"] = float(max(0, want - len(kept)))
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        return merged, result, metrics

@@ -1,0 +1,121 @@
+"""Initial weights of a run: a Hugging Face directory or an rlhf-jax checkpoint, read straight into
+the strategy's shardings after their shapes are checked against the run's model."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import sharding as sh
+from rlhf_jax.checkpoint import (
+    CheckpointMismatchError,
+    Checkpointer,
+    is_checkpoint_dir,
+    load_params,
+    read_model_config,
+)
+from rlhf_jax.config import from_dict
+from rlhf_jax.models import CausalLM, ModelConfig
+from rlhf_jax.models.heads import init_scalar_head
+from rlhf_jax.models.hf import config_from_hf, load_hf
+
+__all__ = ["initial_params", "load_reward_model"]
+
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
+
+
+def _check_same_shape(ours: ModelConfig, theirs: ModelConfig, source: str) -> None:
+    diffs = [f"model.{f}: {source} has {getattr(theirs, f)!r}, this run {getattr(ours, f)!r}"
+             for f in _SHAPE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
+    if diffs:
+        raise CheckpointMismatchError(f"checkpoint.init_from={source} does not match the run's model:\n  "
+                                      + "\n  ".join(diffs))
+
+
+def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None, strategy: str | None = None) -> Any:
+    """Parameters of `model` read from `init_from` (a Hugging Face directory or an rlhf-jax checkpoint).
+
+    A reward model (`head="scalar"`) started from a language model keeps the backbone, drops the
+    LM head and gets a fresh scalar head (`init_scalar_head`); the other direction keeps the
+    backbone and needs `tie_word_embeddings`. Shapes are checked before any array is read.
+
+    Args:
+      model: the model the parameters are for.
+      init_from: a Hugging Face model directory or an rlhf-jax checkpoint root.
+      rng: key of a fresh scalar head.
+      mesh, strategy: when given, every parameter is read straight into its sharding on `mesh`
+        (no device ever holds a whole parameter it should hold a slice of).
+    Raises:
+      FileNotFoundError: `init_from` does not exist.
+      CheckpointMismatchError: the source's architecture differs from `model.config`.
+    """
+    def placed(source_model: CausalLM):
+        abstract = source_model.abstract_params()
+        if mesh is None:
+            return abstract, None
+        shardings = sh.param_shardings(abstract, source_model.logical_axes, mesh=mesh, strategy=strategy)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                            shardings), shardings
+
+    if not os.path.exists(init_from):
+        raise FileNotFoundError(f"checkpoint.init_from: {init_from} does not exist")
+    if is_checkpoint_dir(init_from):
+        saved = read_model_config(init_from)
+        source_config = model.config if saved is None else from_dict(ModelConfig, saved)
+        _check_same_shape(model.config, source_config, init_from)
+        with Checkpointer(init_from, read_only=True) as ckpt:
+            keys = ckpt.item_shapes("params")
+        source_head = "scalar" if "score" in keys else "lm"
+        source = CausalLM(model.config.replace(param_dtype=source_config.param_dtype), head=source_head)
+        params = load_params(init_from, placed(source)[0], model_config=model.config)
+    elif os.path.isfile(os.path.join(init_from, "config.json")):
+        source_config = config_from_hf(init_from)
+        _check_same_shape(model.config, source_config, init_from)
+        source_head = "scalar" if _hf_is_sequence_classifier(init_from) else "lm"
+        source = CausalLM(model.config, head=source_head)
+        _, params = load_hf(init_from, dtype=model.config.param_dtype, shardings=placed(source)[1])
+    else:
+        raise FileNotFoundError(f"checkpoint.init_from: {init_from} is neither a Hugging Face model directory "
+                                "(config.json) nor an rlhf-jax checkpoint directory")
+    params = dict(params)
+    if model.head == "scalar" and "score" not in params:
+        params.pop("lm_head", None)
+        params["score"] = init_scalar_head(model.config, rng)
+    elif model.head == "lm" and "score" in params:
+        params.pop("score")
+        if not model.config.tie_word_embeddings:
+            raise CheckpointMismatchError(f"checkpoint.init_from={init_from} is a reward model (no LM head); a "
+                                          "policy can start from it only with tie_word_embeddings")
+    dtype = model.config.jnp_param_dtype
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def _hf_is_sequence_classifier(path: str) -> bool:
+    """Whether a Hugging Face directory's config.json declares a `*ForSequenceClassification` model."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        architectures = json.load(f).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def load_reward_model(path: str, policy_config, *, key: str = "rewards.reward_model") -> tuple[CausalLM, Any]:
+    """A scalar-head model and its parameters from a checkpoint or Hugging Face directory.
+
+    The architecture is read from the checkpoint (it may differ from the policy's), and the
+    vocabulary is checked against the policy's by `RewardModelReward`.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{key}: {path} does not exist")
+    saved = read_model_config(path) if is_checkpoint_dir(path) else None
+    if saved is not None:
+        rm_config = from_dict(ModelConfig, saved)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        rm_config = config_from_hf(path)
+    else:
+        rm_config = policy_config
+    model = CausalLM(rm_config, head="scalar")
+    return model, initial_params(model, path, rng=jax.random.key(0))

@@ -1,0 +1,153 @@
+"""Recipes and the one loop: `compile` lowers exactly what `run` runs; KTO and precomputed references.
+
+The HLO check captures the arguments the run's jitted step is actually called with (shapes, dtypes,
+shardings) and compares the text that lowering gives with the text of `rlhf-jax compile`'s path
+(`train.aot.build_program` + `Program.abstract_args`), for SFT with packing, SimPO with chunked
+log-probs, and GRPO.
+"""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax.cli import load_experiment, main
+from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
+from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.steps import KTO, SimPO
+from rlhf_jax.steps.common import Step
+from rlhf_jax.train import recipe_for, tiny_stages
+from rlhf_jax.train.aot import build_program, run_configs
+from rlhf_jax.train.recipe import run
+from rlhf_jax.train.stages import Stage, resolve_stages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = dict(train=TrainConfig(steps=1, eval_every=0), checkpoint=CheckpointConfig(every=0, async_save=False),
+             logging=LoggingConfig(console=False, tensorboard=False))
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Capturing(Step):
+    calls: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, state, batch, *frozen):
+        self.calls.append(_abstract((state, batch, *frozen)))
+        return super().__call__(state, batch, *frozen)
+
+
+def _run_capturing(config):
+    """Run `config` for one step; return the Step the run used and the arguments of its first call."""
+    recipe = recipe_for(config)
+    box = {}
+
+    def build(cfg, mesh):
+        program = recipe.build(cfg, mesh)
+        step = _Capturing(**{f.name: getattr(program.step, f.name) for f in dataclasses.fields(Step)})
+        box["step"] = step
+        return dataclasses.replace(program, step=step)
+
+    run(dataclasses.replace(recipe, build=build), config)
+    return box["step"], box["step"].calls[0]
+
+
+def _sft(tmp_path):
+    config = tiny_stages.sft_stage("hlo_sft", "synthetic:vowel", vowel=tiny_stages.VOWEL)
+    return dataclasses.replace(config, workdir=str(tmp_path / "sft"), **SHORT,
+                               data=dataclasses.replace(config.data, pack=True, seq_len=64, max_segments=4,
+                                                        batch_size=8, num_train=64, eval=None))
+
+
+def _simpo(tmp_path):
+    config = tiny_stages.vowel_dpo("hlo_simpo", SimPO(beta=2.0, gamma=0.5), steps=1)
+    return dataclasses.replace(config, workdir=str(tmp_path / "simpo"), logits_chunk_size=8, **SHORT,
+                               data=dataclasses.replace(config.data, batch_size=8, num_train=32, eval=None))
+
+
+def _grpo(tmp_path):
+    config = tiny_stages.arithmetic_grpo("grpo", name="hlo_grpo")
+    return dataclasses.replace(config, workdir=str(tmp_path / "grpo"), **SHORT,
+                               data=dataclasses.replace(config.data, batch_size=8, num_train=32, eval=None))
+
+
+@pytest.mark.parametrize("make", [_sft, _simpo, _grpo], ids=["sft_packed", "simpo_chunked", "grpo"])
+def test_compile_lowers_the_hlo_the_run_executes(tmp_path, make):
+    config = make(tmp_path)
+    ran, args = _run_capturing(config)
+    planned = build_program(config)
+    run_text = ran.jitted.lower(*args).as_text()
+    plan_text = planned.step.jitted.lower(*planned.abstract_args()).as_text()
+    assert run_text == plan_text
+    assert "tf.aliasing_output" in plan_text or "jax.buffer_donor" in plan_text  # the state is donated
+
+
+def test_every_experiment_resolves_to_recipes():
+    """`rlhf-jax compile` finds a recipe for every run config of every experiment module."""
+    for name in sorted(os.listdir(os.path.join(ROOT, "experiments"))):
+        if not name.endswith(".py"):
+            continue
+        module, _ = load_experiment(os.path.join(ROOT, "experiments", name))
+        for stage, config in run_configs(module.get_config()).items():
+            assert recipe_for(config).name, (name, stage)
+
+
+def test_stages_resolve_references_and_reject_unknown_ones(tmp_path):
+    sft, ppo = tiny_stages.vowel_sft(), tiny_stages.vowel_ppo()
+    resolved = resolve_stages(str(tmp_path), [Stage("sft", sft), Stage("rm", tiny_stages.vowel_reward_model()),
+                                              Stage("ppo", ppo, init_from="sft", reward_model="rm")])
+    assert resolved[2].config.checkpoint.init_from == str(tmp_path / "sft" / "checkpoints")
+    assert resolved[2].config.rewards.reward_model == str(tmp_path / "rm" / "checkpoints")
+    assert resolved[0].config.workdir == str(tmp_path / "sft")
+    with pytest.raises(ValueError, match=r"ppo.init_from='sft' names no earlier stage"):
+        resolve_stages(str(tmp_path), [Stage("ppo", ppo, init_from="sft"), Stage("sft", sft)])
+
+
+def test_a_later_stage_data_error_is_reported_before_the_first_stage_trains(tmp_path):
+    from rlhf_jax.train.stages import run_stages
+
+    bad = dataclasses.replace(tiny_stages.vowel_dpo(), data=dataclasses.replace(
+        tiny_stages.vowel_dpo().data, train=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(FileNotFoundError, match=r"stage 'dpo': data.train: .*missing.jsonl does not exist"):
+        run_stages(str(tmp_path), [Stage("sft", tiny_stages.vowel_sft()), Stage("dpo", bad, init_from="sft")])
+    assert not (tmp_path / "sft").exists()  # nothing trained
+
+
+def _dpo_losses(tmp_path, name, *, data=None, **changes):
+    config = tiny_stages.vowel_dpo(name, steps=3)
+    data = data or dataclasses.replace(config.data, batch_size=8, num_train=64, eval=None)
+    config = dataclasses.replace(config, workdir=str(tmp_path / name),
+                                 **{**SHORT, "train": TrainConfig(steps=3, eval_every=0)}, data=data, **changes)
+    run(recipe_for(config), config)
+    return [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r]
+
+
+def test_precomputed_reference_gives_the_losses_of_recomputing(tmp_path):
+    recomputed = _dpo_losses(tmp_path, "recomputed")
+    precomputed = _dpo_losses(tmp_path, "precomputed", reference="precomputed")
+    assert len(recomputed) == 3
+    np.testing.assert_allclose(precomputed, recomputed, rtol=0, atol=1e-6)
+    # Packed rows: each example's reference log-prob is looked up by the dataset index of its slot.
+    packed = dataclasses.replace(tiny_stages.vowel_dpo().data, batch_size=8, num_train=64, eval=None, pack=True,
+                                 seq_len=96, max_segments=3)
+    np.testing.assert_allclose(_dpo_losses(tmp_path, "packed_pre", data=packed, reference="precomputed"),
+                               _dpo_losses(tmp_path, "packed_model", data=packed), rtol=0, atol=1e-6)
+
+
+def test_kto_runs_from_the_cli_with_trl_metric_names(tmp_path):
+    args = ["run", os.path.join(ROOT, "experiments", "dpo_tiny.py") + ":kto", "--set", f"workdir={tmp_path}",
+            "--set", "sft.train.steps=2", "--set", "sft.train.eval_every=0", "--set", "sft.data.num_train=64",
+            "--set", "dpo.train.steps=2", "--set", "dpo.train.eval_every=2", "--set", "dpo.data.num_train=64",
+            "--set", "dpo.data.num_eval=16", "--set", "dpo.sampling.num_prompts=8", "--set",
+            "dpo.sampling.max_new_tokens=6", "--set", "dpo.reference=precomputed"]
+    assert main(args) == 0
+    records = read_jsonl(tmp_path / "dpo" / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+            "kl"} <= set(train[-1])
+    assert [r["step"] for r in records if "eval/gold_reward" in r] == [0, 2]
+    assert load_experiment(os.path.join(ROOT, "experiments", "dpo_tiny.py"))[0].get_config("kto").dpo.algorithm == KTO()
