@@ -15,7 +15,7 @@ from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.steps import PPOConfig, grpo_config
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import rl
-from rlhf_jax.train.common import DataConfig
+from rlhf_jax.train.run_config import DataConfig
 
 MODEL = tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, head_dim=16)
 QUIET = LoggingConfig(every=1, console=False, tensorboard=False)
