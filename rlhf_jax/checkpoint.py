@@ -15,10 +15,17 @@ Retention keeps the latest `keep` checkpoints plus the `keep_best` best by an ev
 Before restoring, every array's shape and dtype is compared with the target, and the saved model
 config with the run's, so a checkpoint of another model fails with a clear message before any
 compute.
+
+Integrity (`rlhf_jax.checkpoint_manifest`, which says more): each step's manifest of file sizes and
+SHA-256 is written before orbax commits the step; `latest_step()` and `restore()` verify it. A corrupt
+newest step is skipped with a one-line warning naming the step directory and the file
+(`on_corrupt="fallback"`; a writable checkpointer moves it aside to `<step>.corrupt`) or raises
+`CheckpointCorruptError` ("raise"). Steps written before manifests existed load unverified.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -29,27 +36,34 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from rlhf_jax.checkpoint_manifest import MANIFEST_NAME, Verdict, set_aside, verify_step, write_manifest
 from rlhf_jax.config import CheckpointConfig, to_dict
 
 __all__ = [
     "Checkpointer",
     "CheckpointMismatchError",
+    "CheckpointCorruptError",
     "flatten_tree",
     "unflatten_tree",
     "is_checkpoint_dir",
     "read_model_config",
     "load_params",
-    "export_hf",
-    "import_hf",
 ]
 
 _META = "meta"
 _EXTRAS = "extras"
 _RESERVED = (_META, _EXTRAS)
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes step s in <root>/<s>.orbax-checkpoint-tmp, then renames it
+logger = logging.getLogger("rlhf_jax.checkpoint")
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not match the run's model or state (shapes, dtypes, keys, model config)."""
+
+
+class CheckpointCorruptError(CheckpointMismatchError):
+    """A checkpoint's files differ from the integrity manifest saved with them (a file missing,
+    truncated or changed); the one-line message names the step directory and the file."""
 
 
 def _key_name(entry: Any) -> str:
@@ -132,9 +146,15 @@ class Checkpointer:
             ))
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoint directory {self.directory}")
+        self._saving: int | None = None  # the step being saved: its manifest is written at finalization
+        self._written: set[int] = set()  # steps saved by this checkpointer (trusted, never re-read)
+        self._verdicts: dict[int, Verdict] = {}
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=config.async_save and not read_only,
+            # Writable managers always save through orbax's async checkpointer, whose finalization hook
+            # writes the step's manifest before the step is committed; sync saves wait for it.
+            enable_async_checkpointing=not read_only,
+            async_options=None if read_only else ocp.AsyncOptions(post_finalization_callback=self._write_manifest),
             cleanup_tmp_directories=not read_only,
             read_only=read_only,
             create=not read_only,
@@ -154,8 +174,65 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
-        return self._manager.latest_step()
+        """The newest intact checkpoint's step, or None when there is none.
+
+        Steps are verified newest first (module docstring): a corrupt one raises
+        `CheckpointCorruptError` under `on_corrupt="raise"`; under "fallback" the newest intact step
+        is returned with a warning (and a writable checkpointer moves the corrupt ones aside). Raises
+        `CheckpointCorruptError` when checkpoints exist but none is intact.
+        """
+        corrupt: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            verdict = self.verify(step)
+            if verdict.status != "corrupt":
+                break
+            if self.config.on_corrupt == "raise":
+                raise CheckpointCorruptError(f"checkpoint {self.directory}/{step} is corrupt: {verdict.problem} (check"
+                                             "point.on_corrupt=raise; 'fallback' resumes from the newest intact step)")
+            corrupt.append((step, verdict.problem))
+        else:
+            if corrupt:
+                raise CheckpointCorruptError(f"checkpoint {self.directory}/{corrupt[0][0]} is corrupt: "
+                                             f"{corrupt[0][1]}; no older checkpoint there is intact")
+            return None
+        for bad, problem in corrupt:
+            moved = "" if self.read_only else f"; moved it to {self._set_aside(bad)}"
+            logger.warning("checkpoint %s/%d is corrupt: %s%s; using step %d, the newest intact checkpoint",
+                           self.directory, bad, problem, moved, step)
+        return step
+
+    def verify(self, step: int) -> Verdict:
+        """Checkpoint `step` against its integrity manifest (cached; steps saved here are trusted)."""
+        step = int(step)
+        if step in self._written:
+            return Verdict("intact")
+        if step not in self._verdicts:
+            verdict = verify_step(os.path.join(self.directory, str(step)))
+            if verdict.status == "unverified":  # written before manifests, or its manifest was lost?
+                try:
+                    if self._read_json_item(step, _META).get("manifest") == MANIFEST_NAME:
+                        verdict = Verdict("corrupt", f"{MANIFEST_NAME}: missing (the step was saved with one)")
+                except Exception as err:  # noqa: BLE001 -- whatever orbax raises, the step is unreadable
+                    verdict = Verdict("corrupt", f"{_META}: unreadable ({type(err).__name__}: {_first_line(err)})")
+            self._verdicts[step] = verdict
+        return self._verdicts[step]
+
+    def _set_aside(self, step: int) -> str:
+        """Move corrupt step `step` out of orbax's sight (to `<root>/<step>.corrupt`); the new path."""
+        self._manager.wait_until_finished()
+        src = os.path.join(self.directory, str(step))
+        dst = set_aside(src) if jax.process_index() == 0 else src + ".corrupt"
+        self._verdicts.pop(step, None)
+        self._manager.reload()
+        return dst
+
+    def _write_manifest(self) -> None:
+        """orbax's post-finalization hook: the step's files are complete and not yet committed."""
+        step = self._saving
+        if step is None or jax.process_index() != 0:
+            return
+        tmp = os.path.join(self.directory, f"{step}{_TMP_SUFFIX}")
+        write_manifest(tmp if os.path.isdir(tmp) else os.path.join(self.directory, str(step)))
 
     def best_step(self, metric: str | None = None, mode: str | None = None) -> int | None:
         """The step whose saved metrics are best by `metric` (default: the config's best_metric)."""
@@ -171,13 +248,23 @@ class Checkpointer:
             metrics = self.metrics(step)
             if metrics and metric in metrics:
                 scored.append((float(metrics[metric]), step))
-        if not scored:
-            return None
-        return (max if mode == "max" else min)(scored)[1]
+        for _, step in sorted(scored, reverse=mode == "max"):  # best first; a corrupt one is passed over
+            verdict = self.verify(step)
+            if verdict.status != "corrupt":
+                return step
+            if self.config.on_corrupt == "raise":
+                raise CheckpointCorruptError(f"checkpoint {self.directory}/{step} is corrupt: {verdict.problem}")
+            logger.warning("checkpoint %s/%d is corrupt: %s; trying the next best", self.directory, step,
+                           verdict.problem)
+        return None
 
     def metrics(self, step: int) -> dict | None:
         """The metrics saved with checkpoint `step` (None when it was saved without)."""
-        return self._read_json_item(int(step), _META).get("metrics")
+        return self.meta(step).get("metrics")
+
+    def meta(self, step: int) -> dict:
+        """The JSON saved with checkpoint `step`: `model_config`, `metrics`, `key_impls`, `best_metric`, ..."""
+        return self._read_json_item(int(step), _META)
 
     def item_shapes(self, name: str, step: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
         """`{dotted path: (shape, dtype name)}` of item `name` in checkpoint `step` (metadata only)."""
@@ -205,6 +292,7 @@ class Checkpointer:
         if self.read_only:
             raise RuntimeError(f"Checkpointer({self.directory}) was opened read-only")
         step = int(step)
+        self._manager.wait_until_finished()  # the previous save's manifest is written before this save starts
         if step in self._manager.all_steps():
             return False
         for name in state:
@@ -226,13 +314,21 @@ class Checkpointer:
             "metrics": None if metrics is None else {k: float(v) for k, v in metrics.items()},
             "best_metric": self.config.best_metric,
             "best_mode": self.config.best_mode,
+            "manifest": MANIFEST_NAME,
         }
         items[_META] = ocp.args.JsonSave(meta)
         items[_EXTRAS] = ocp.args.JsonSave(to_dict(dict(extras or {})))
         ranking = None
         if metrics is not None and self.config.best_metric and self.config.best_metric in metrics:
             ranking = {self.config.best_metric: float(metrics[self.config.best_metric])}
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), metrics=ranking))
+        self._saving = step
+        self._verdicts.pop(step, None)
+        saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), metrics=ranking))
+        if saved:
+            self._written.add(step)
+        if not self.config.async_save:
+            self._manager.wait_until_finished()
+        return saved
 
     def wait(self) -> None:
         """Block until every pending asynchronous save is on disk."""
@@ -319,8 +415,15 @@ class Checkpointer:
           `(state, extras)`: the pytrees, shaped like `abstract_state`, and the JSON extras.
         Raises:
           CheckpointMismatchError: before reading any array, when shapes/dtypes/keys differ.
+          CheckpointCorruptError: the step's files differ from its manifest (with `step=None`, only
+            when no step is intact or under `on_corrupt="raise"`: `latest_step()` falls back).
           FileNotFoundError: there is no such checkpoint.
         """
+        step = self.latest_step() if step is None else int(step)
+        verdict = self.verify(step) if step in self._manager.all_steps() else Verdict("unverified")
+        where = os.path.join(self.directory, str(step))
+        if verdict.status == "corrupt":
+            raise CheckpointCorruptError(f"checkpoint {where} is corrupt: {verdict.problem}")
         step = self.check_compatible(abstract_state, step)
         meta = self._read_json_item(step, _META)
         args = {}
@@ -329,7 +432,14 @@ class Checkpointer:
             flat = {k: _restore_target(v, k in impls) for k, v in flatten_tree(tree).items()}
             args[name] = ocp.args.StandardRestore(flat)
         args[_EXTRAS] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as err:
+            if verdict.status != "unverified":
+                raise
+            raise CheckpointCorruptError(f"checkpoint {where} could not be read ({type(err).__name__}: "
+                                         f"{_first_line(err)}); it has no integrity manifest to name the bad file"
+                                         ) from err
         state = {}
         for name, tree in abstract_state.items():
             impls = meta.get("key_impls", {}).get(name, {})
@@ -345,6 +455,10 @@ _SHAPE_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
     "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm",
 })
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def _restore_target(leaf: Any, is_key: bool) -> jax.ShapeDtypeStruct:
@@ -367,7 +481,7 @@ def read_model_config(directory: str | os.PathLike, step: int | None = None) -> 
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {os.fspath(directory)}")
-        return ckpt._read_json_item(step, _META).get("model_config")
+        return ckpt.meta(step).get("model_config")
 
 
 def load_params(directory: str | os.PathLike, abstract_params: Any, *, model_config: Any = None,
@@ -384,76 +498,3 @@ def load_params(directory: str | os.PathLike, abstract_params: Any, *, model_con
     with Checkpointer(directory, model_config=model_config, read_only=True) as ckpt:
         state, _ = ckpt.restore({item: abstract_params}, step=step)
     return state[item]
-
-
-# ------------------------------------------------------------------------------ Hugging Face interop
-
-
-def _model_from_checkpoint(ckpt: Checkpointer, step: int, item: str):
-    """(ModelConfig, head, abstract params) of the model whose weights are item `item` of `step`."""
-    from rlhf_jax.config import from_dict  # noqa: PLC0415
-    from rlhf_jax.models import CausalLM, ModelConfig  # noqa: PLC0415
-
-    saved = ckpt._read_json_item(step, _META).get("model_config")
-    if saved is None:
-        raise CheckpointMismatchError(f"checkpoint {ckpt.directory}/{step} does not record its model config")
-    config = from_dict(ModelConfig, saved)
-    head = "scalar" if "score" in ckpt.item_shapes(item, step) else "lm"
-    return config, head, CausalLM(config, head=head).abstract_params()
-
-
-def export_hf(directory: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | str | None = None,
-              item: str = "params", tokenizer: Any = None, overwrite: bool = False) -> str:
-    """Write the weights of an rlhf-jax checkpoint as a Hugging Face model directory.
-
-    Args:
-      directory: a checkpoint root (e.g. `runs/NAME/checkpoints`).
-      out_dir: the Hugging Face directory to create (config.json + safetensors).
-      step: a step number, "latest" / None, or "best" (by the best metric saved with checkpoints).
-      item: the state item holding the parameters.
-      tokenizer: an object with `save_pretrained` written beside the weights (optional).
-      overwrite: replace an existing `out_dir`.
-    Returns:
-      `out_dir` as a string. A reward model (scalar head) is written as `*ForSequenceClassification`.
-    """
-    from rlhf_jax.models.hf import save_hf  # noqa: PLC0415
-
-    with Checkpointer(directory, read_only=True) as ckpt:
-        resolved = _resolve_step(ckpt, step)
-        config, _, abstract = _model_from_checkpoint(ckpt, resolved, item)
-        ckpt.model_config = config
-        state, _ = ckpt.restore({item: abstract}, step=resolved)
-    save_hf(out_dir, config, state[item], tokenizer, overwrite=overwrite)
-    return os.fspath(out_dir)
-
-
-def import_hf(hf_dir: str | os.PathLike, directory: str | os.PathLike, *, dtype: str | None = None,
-              item: str = "params") -> int:
-    """Write a Hugging Face model directory as an rlhf-jax checkpoint (step 0, params only).
-
-    The result can be given to `checkpoint.init_from` or exported back with `export_hf`.
-    Returns the step written (0).
-    """
-    from rlhf_jax.models.hf import load_hf  # noqa: PLC0415
-
-    config, params = load_hf(hf_dir, dtype=dtype)
-    with Checkpointer(directory, config=CheckpointConfig(async_save=False), model_config=config) as ckpt:
-        if ckpt.all_steps():
-            raise FileExistsError(f"{os.fspath(directory)} already holds checkpoints {ckpt.all_steps()}")
-        ckpt.save(0, {item: params})
-    return 0
-
-
-def _resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:
-    if step in (None, "latest"):
-        resolved = ckpt.latest_step()
-    elif step == "best":
-        resolved = ckpt.best_step()
-        if resolved is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt.directory} was saved with the best metric")
-    else:
-        resolved = int(step)
-    if resolved is None or resolved not in ckpt.all_steps():
-        raise FileNotFoundError(f"no checkpoint {step if step is not None else ''} in {ckpt.directory}; "
-                                f"available steps: {ckpt.all_steps()}")
-    return resolved

@@ -10,6 +10,10 @@ An experiment is a Python file with `get_config(arg=None)` returning a frozen co
 `main(config)` running it (big_vision style; `:ARG` is passed to `get_config`, e.g. `:tiny`).
 `--set` overrides any config key with a value parsed by the key's type; a bad key or value is
 reported (with the closest key and the keys of its section) before anything is computed.
+
+Exit status: 0 when the command finished; `EXIT_PREEMPTED` = 75 (EX_TEMPFAIL) when `run` was stopped
+by SIGTERM/SIGINT after saving a checkpoint, so a scheduler reruns the same command to resume; 2 for
+a user error (one `error:` line); 1 when the NaN/Inf guard halted the run.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-__all__ = ["main", "load_experiment", "experiment_config", "setup_process"]
+__all__ = ["main", "load_experiment", "experiment_config", "setup_process", "EXIT_PREEMPTED"]
 
 _DESCRIPTION = "rlhf_jax: JAX-native post-training (SFT, reward models, DPO, PPO, GRPO) of language models."
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: `run` stopped by SIGTERM/SIGINT after saving; rerun the command to resume
 
 
 class CLIError(Exception):
@@ -77,6 +82,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = module.main(config)
     if isinstance(result, dict) and result:
         print(json.dumps(result, indent=2, default=str))
+    if isinstance(result, dict) and result.get("stopped_by"):  # the drivers' (and stages') summary
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -108,7 +115,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from rlhf_jax.checkpoint import export_hf, import_hf, is_checkpoint_dir  # noqa: PLC0415
+    from rlhf_jax.checkpoint import is_checkpoint_dir  # noqa: PLC0415
+    from rlhf_jax.checkpoint_hf import export_hf, import_hf  # noqa: PLC0415
 
     src = args.src
     if not os.path.isdir(src):
@@ -117,8 +125,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         import_hf(src, args.dst, dtype=args.dtype)
         print(f"wrote rlhf-jax checkpoint {args.dst} (step 0) from Hugging Face directory {src}")
     elif is_checkpoint_dir(src):
-        export_hf(src, args.dst, step=args.step, overwrite=args.overwrite)
-        print(f"wrote Hugging Face directory {args.dst} from checkpoint {src}")
+        if os.path.exists(args.dst) and not args.overwrite:
+            raise CLIError(f"convert: {args.dst} exists; pass --overwrite to replace it")
+        exported = export_hf(src, args.dst, step=args.step, overwrite=args.overwrite)
+        print(f"wrote Hugging Face directory {args.dst} from checkpoint {src} (step {exported.step})")
     else:
         raise CLIError(f"convert: {src} is neither a Hugging Face model directory (config.json) nor an "
                        "rlhf-jax checkpoint directory (numbered step directories)")
@@ -126,20 +136,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from rlhf_jax.checkpoint import export_hf, is_checkpoint_dir  # noqa: PLC0415
+    from rlhf_jax.checkpoint import is_checkpoint_dir  # noqa: PLC0415
+    from rlhf_jax.checkpoint_hf import export_hf  # noqa: PLC0415
 
     run_dir = args.run_dir
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not is_checkpoint_dir(ckpt_dir):
         raise CLIError(f"export: no checkpoints in {ckpt_dir} (is {run_dir} a run directory?)")
+    if os.path.exists(args.out_dir) and not args.overwrite:
+        raise CLIError(f"export: {args.out_dir} exists; pass --overwrite to replace it")
     tokenizer = None
     tok_dir = os.path.join(run_dir, "tokenizer")
     if os.path.isdir(tok_dir):
         from rlhf_jax.data.tokenize import load_tokenizer  # noqa: PLC0415
 
         tokenizer = load_tokenizer(tok_dir)
-    export_hf(ckpt_dir, args.out_dir, step=args.step, tokenizer=tokenizer, overwrite=args.overwrite)
-    print(f"exported {ckpt_dir} (step {args.step}) to {args.out_dir}"
+    exported = export_hf(ckpt_dir, args.out_dir, step=args.step, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"exported {ckpt_dir} (step {exported.step}) to {args.out_dir}"
           + (" with its tokenizer" if tokenizer is not None else ""))
     return 0
 

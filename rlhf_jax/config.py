@@ -115,6 +115,9 @@ class CheckpointConfig:
         directory (a run's `checkpoints/`); None = random init. Ignored when the run resumes from
         its own checkpoints.
       resume: resume from the latest checkpoint in the run's directory when there is one.
+      on_corrupt: a checkpoint whose files differ from its integrity manifest: "fallback" uses the
+        newest intact one with a warning (the corrupt step is moved aside to `<step>.corrupt`),
+        "raise" stops with one line naming the step directory and the bad file.
     """
 
     every: int = 0
@@ -125,6 +128,7 @@ class CheckpointConfig:
     async_save: bool = True
     init_from: str | None = None
     resume: bool = True
+    on_corrupt: Literal["fallback", "raise"] = "fallback"
 
     def __post_init__(self):
         if not isinstance(self.every, int) or self.every < 0:
@@ -135,6 +139,7 @@ class CheckpointConfig:
         if self.keep_best and not self.best_metric:
             raise ConfigError("checkpoint.keep_best > 0 needs checkpoint.best_metric (an eval metric name)")
         check_choice("checkpoint", "best_mode", self.best_mode, Literal["max", "min"])
+        check_choice("checkpoint", "on_corrupt", self.on_corrupt, Literal["fallback", "raise"])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,7 @@
 """Checkpointer: whole-state round trip, retention, shape/model checks before restore, crash safety."""
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import optax
 import pytest
 
 from rlhf_jax.checkpoint import (
+    CheckpointCorruptError,
     Checkpointer,
     CheckpointMismatchError,
     flatten_tree,
@@ -183,3 +185,181 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path, monkeyp
     np.testing.assert_array_equal(restored["params"]["w"], np.ones((4, 4)))
     assert extras == {"position": 1}
     assert sorted(os.listdir(tmp_path)) == ["1"]  # the partial write was cleaned up
+
+
+# ------------------------------------------------------------------------------ integrity (issue 22)
+
+
+def _weights(step):
+    return {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64) * step, "b": jnp.full((8,), step, jnp.float32)}
+
+
+def _three_steps(root, **config):
+    with Checkpointer(root, config=CheckpointConfig(keep=3, **config)) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"params": _weights(step)}, extras={"position": step})
+
+
+def _largest_weight_file(step_dir):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "params")) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def _restore(ckpt, step=None):
+    return ckpt.restore({"params": jax.eval_shape(lambda: _weights(1))}, step=step)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_every_step_has_a_manifest_of_its_files(tmp_path, async_save):
+    from rlhf_jax.checkpoint_manifest import MANIFEST_NAME, build_manifest
+
+    _three_steps(tmp_path, async_save=async_save)
+    for step in (1, 2, 3):
+        step_dir = tmp_path / str(step)
+        with open(step_dir / MANIFEST_NAME) as f:
+            manifest = json.load(f)
+        assert manifest == build_manifest(step_dir)  # written after the last file, nothing changed since
+        names = set(manifest["files"])
+        assert {"meta/metadata", "extras/metadata", "params/_METADATA"} <= names
+        assert not any("/" not in n for n in names)  # orbax's own top-level files are not listed
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 3 and [ckpt.verify(s).status for s in (1, 2, 3)] == ["intact"] * 3
+
+
+def test_a_truncated_file_in_the_latest_step_falls_back_to_the_previous_one(tmp_path, caplog):
+    _three_steps(tmp_path)
+    bad = _largest_weight_file(tmp_path / "3")
+    size = os.path.getsize(bad)
+    with open(bad, "r+b") as f:
+        f.truncate(size // 2)
+    rel = os.path.relpath(bad, tmp_path / "3")
+    with caplog.at_level("WARNING", logger="rlhf_jax.checkpoint"):
+        with Checkpointer(tmp_path, config=CheckpointConfig(keep=3)) as ckpt:
+            assert ckpt.latest_step() == 2
+            restored, extras = _restore(ckpt)
+            assert ckpt.all_steps() == [1, 2]
+            assert ckpt.save(3, {"params": _weights(30)})  # the step is saved again, not refused
+    _equal_trees(restored["params"], _weights(2))
+    assert extras == {"position": 2}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rlhf_jax.checkpoint"]
+    assert warnings == [
+        f"checkpoint {tmp_path}/3 is corrupt: {rel}: {size // 2} bytes, the manifest says {size}; moved it to "
+        f"{tmp_path}/3.corrupt; using step 2, the newest intact checkpoint"
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3", "3.corrupt"]  # kept for inspection
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 3
+        _equal_trees(_restore(ckpt)[0]["params"], _weights(30))
+
+
+def test_a_flipped_byte_in_a_weight_file_is_detected(tmp_path, caplog):
+    _three_steps(tmp_path)
+    bad = _largest_weight_file(tmp_path / "3")
+    with open(bad, "r+b") as f:
+        f.seek(os.path.getsize(bad) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    rel = os.path.relpath(bad, tmp_path / "3")
+    problem = f"{rel}: checksum differs from the manifest (the file's bytes changed)"
+    with Checkpointer(tmp_path, read_only=True) as ckpt:  # e.g. export or init_from: nothing is moved
+        assert ckpt.verify(3) == ("corrupt", problem)
+        with pytest.raises(CheckpointCorruptError) as info:
+            _restore(ckpt, step=3)  # the step asked for by number: no silent fallback
+        assert str(info.value) == f"checkpoint {tmp_path}/3 is corrupt: {problem}"
+        with caplog.at_level("WARNING", logger="rlhf_jax.checkpoint"):
+            assert ckpt.latest_step() == 2
+        _equal_trees(_restore(ckpt)[0]["params"], _weights(2))
+    assert f"checkpoint {tmp_path}/3 is corrupt: {problem}; using step 2" in caplog.text
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
+    only = load_params(tmp_path, jax.eval_shape(lambda: _weights(1)))  # the drivers' init_from path
+    _equal_trees(only, _weights(2))
+
+
+def test_on_corrupt_raise_is_one_line_naming_the_step_and_the_file(tmp_path):
+    _three_steps(tmp_path)
+    missing = _largest_weight_file(tmp_path / "3")
+    size = os.path.getsize(missing)
+    os.remove(missing)  # a partial step
+    rel = os.path.relpath(missing, tmp_path / "3")
+    with Checkpointer(tmp_path, config=CheckpointConfig(on_corrupt="raise")) as ckpt:
+        with pytest.raises(CheckpointCorruptError) as info:
+            ckpt.latest_step()
+        with pytest.raises(CheckpointCorruptError):
+            _restore(ckpt)
+    assert str(info.value) == (
+        f"checkpoint {tmp_path}/3 is corrupt: {rel}: missing ({size} bytes in the manifest) "
+        "(checkpoint.on_corrupt=raise; 'fallback' resumes from the newest intact step)"
+    )
+    assert "\n" not in str(info.value) and isinstance(info.value, CheckpointMismatchError)  # the CLI's one line
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
+    with pytest.raises(ValueError, match="checkpoint.on_corrupt must be one of"):
+        CheckpointConfig(on_corrupt="ignore")
+
+
+def test_a_lost_manifest_is_corrupt_and_no_intact_step_raises(tmp_path):
+    from rlhf_jax.checkpoint_manifest import MANIFEST_NAME
+
+    _three_steps(tmp_path)
+    os.remove(tmp_path / "3" / MANIFEST_NAME)
+    for step in (1, 2):
+        with open(tmp_path / str(step) / "meta" / "metadata", "a") as f:
+            f.write(" ")
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.verify(3) == ("corrupt", f"{MANIFEST_NAME}: missing (the step was saved with one)")
+        with pytest.raises(CheckpointCorruptError, match=f"checkpoint {tmp_path}/3 is corrupt: {MANIFEST_NAME}: "
+                                                         "missing .*; no older checkpoint there is intact"):
+            ckpt.latest_step()
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]  # nothing is moved when nothing is intact
+
+
+def test_a_step_without_manifest_loads_unverified_and_a_bad_one_is_one_line(tmp_path):
+    """Checkpoints written before manifests existed: no manifest and no 'manifest' key in their meta."""
+    from rlhf_jax.checkpoint_manifest import MANIFEST_NAME
+
+    _three_steps(tmp_path)
+    for step in (2, 3):
+        os.remove(tmp_path / str(step) / MANIFEST_NAME)
+        meta_file = tmp_path / str(step) / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text())
+        del meta["manifest"]
+        meta_file.write_text(json.dumps(meta))
+    with open(_largest_weight_file(tmp_path / "3"), "r+b") as f:
+        f.truncate(10)
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert ckpt.verify(2) == ("unverified", None) and ckpt.latest_step() == 3
+        _equal_trees(_restore(ckpt, step=2)[0]["params"], _weights(2))
+        with pytest.raises(CheckpointCorruptError) as info:
+            _restore(ckpt, step=3)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {tmp_path}/3 could not be read (")
+    assert message.endswith("); it has no integrity manifest to name the bad file") and "\n" not in message
+
+
+_KILL_AFTER_COMMIT = textwrap.dedent("""
+    import os, signal, sys, time
+    import jax.numpy as jnp
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.config import CheckpointConfig
+    root = sys.argv[1]
+    ckpt = Checkpointer(root, config=CheckpointConfig(async_save=True))
+    ckpt.save(1, {"params": {"w": jnp.ones((512, 512))}}, extras={"position": 1})
+    while not os.path.isdir(os.path.join(root, "1")):  # committed by orbax's background thread
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGKILL)  # before wait() or close()
+""")
+
+
+def test_an_async_step_is_committed_with_its_manifest(tmp_path):
+    from rlhf_jax.checkpoint_manifest import MANIFEST_NAME
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_COMMIT, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "1" / MANIFEST_NAME)
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert ckpt.verify(1) == ("intact", None)
+        restored, extras = ckpt.restore({"params": {"w": jax.ShapeDtypeStruct((512, 512), jnp.float32)}})
+    np.testing.assert_array_equal(restored["params"]["w"], np.ones((512, 512)))
+    assert extras == {"position": 1}

@@ -571,3 +571,85 @@ def test_save_rejects_bad_shard_size(tmp_path):
     config = tiny_config()
     with pytest.raises(ValueError, match="max_shard_size"):
         save_hf(tmp_path / "out", config, _random_params(config), max_shard_size="lots")
+
+
+# ------------------------------------------------------------------ export for generation (issue 22)
+
+
+def _successor_params(config, chain):
+    """Weights whose greedy next token after `chain[i]` is `chain[i + 1]`: the layers add nothing to the
+    residual stream, token `chain[i]` embeds as basis vector i, and the LM head maps basis i to `chain[i + 1]`."""
+    params = jax.tree.map(np.array, _random_params(config, seed=3))
+    params["layers"]["attn"]["o_proj"][:] = 0.0
+    params["layers"]["mlp"]["down_proj"][:] = 0.0
+    params["final_norm"]["scale"][:] = 1.0
+    params["lm_head"][:] = 0.0
+    for i, (token, successor) in enumerate(zip(chain, chain[1:])):
+        params["embed"][token] = 0.0
+        params["embed"][token, i] = 1.0
+        params["lm_head"][i, successor] = 10.0
+    return params
+
+
+def test_export_writes_token_ids_and_transformers_generate_stops_at_eos(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.cli import main
+    from rlhf_jax.config import CheckpointConfig
+    from rlhf_jax.data.offline_tokenizer import offline_tokenizer, save_offline_tokenizer
+
+    tok = offline_tokenizer()
+    config = tiny_config()  # no token ids of its own: they come from the run's tokenizer
+    a, b, c = tok.convert_tokens_to_ids(["a", "b", "c"])
+    eos = tok.eos_token_id
+    run = tmp_path / "run"
+    with Checkpointer(run / "checkpoints", config=CheckpointConfig(async_save=False), model_config=config) as ck:
+        ck.save(7, {"params": _successor_params(config, [a, b, c, eos])})
+    save_offline_tokenizer(run / "tokenizer")
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"exported {run}/checkpoints (step 7) to {out} with its tokenizer"
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    assert json.loads((out / "generation_config.json").read_text()) == ids
+    hf_config = json.loads((out / "config.json").read_text())
+    assert {k: hf_config[k] for k in ids} == ids
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.generation_config.eos_token_id == eos == 2
+    prompt = torch.tensor([[tok.bos_token_id, a]])
+    with torch.no_grad():
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False)
+    assert generated[0, 2:].tolist() == [b, c, eos]  # stopped at <eos>, 3 of the 10 tokens allowed
+    assert transformers.AutoTokenizer.from_pretrained(out).decode(generated[0, 2:]) == "bc<eos>"
+
+    # The overwrite refusal names the CLI flag (and is checked before the checkpoint is read).
+    capsys.readouterr()  # transformers' loading bar
+    assert main(["export", str(run), str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"rlhf-jax export: error: export: {out} exists; pass --overwrite to " \
+                                              "replace it"
+    assert main(["convert", str(run / "checkpoints"), str(out)]) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert main(["convert", str(run / "checkpoints"), str(out), "--overwrite"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"wrote Hugging Face directory {out} from checkpoint {run}/checkpoints (step 7)")
+    with pytest.raises(FileExistsError, match="pass overwrite=True, or --overwrite on the command line"):
+        save_hf(out, config, _successor_params(config, [a, b]))
+
+
+def test_generation_config_stops_at_every_eos_of_model_and_tokenizer(tmp_path):
+    from rlhf_jax.data.offline_tokenizer import offline_tokenizer
+
+    config = tiny_config(eos_token_id=5, bos_token_id=None)
+    out = save_hf(tmp_path / "out", config, _random_params(config), offline_tokenizer())
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "bos_token_id": 1, "eos_token_id": [5, 2], "pad_token_id": 0}
+    hf_config = json.loads((out / "config.json").read_text())
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"], hf_config["pad_token_id"]) == (1, 5, 0)
+    assert not os.path.exists(save_hf(tmp_path / "bare", tiny_config(), _random_params(tiny_config()))
+                              / "generation_config.json")  # nothing known: no file
+    small = tiny_config(vocab_size=2)
+    with pytest.raises(HFCheckpointError, match=r"save_hf: eos_token_id \[2\] \(model config or tokenizer\) is "
+                                                r"outside the model's vocabulary of 2 ids"):
+        save_hf(tmp_path / "small", small, _random_params(small), offline_tokenizer())
+    assert sorted(os.listdir(tmp_path)) == ["bare", "out"]

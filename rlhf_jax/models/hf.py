@@ -41,6 +41,7 @@ from rlhf_jax.models.config import ModelConfig, RopeScaling
 from rlhf_jax.models.transformer import CausalLM, Head
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -623,12 +624,17 @@ def save_hf(
     assembled under a temporary name beside `path` and renamed into place, so `path` is either
     absent, the old directory (`overwrite=True`) or the complete new one, never half-written.
 
+    Token ids: config.json's BOS/EOS/pad ids are the model config's, each unset one taken from
+    `tokenizer`; a causal LM also gets `generation_config.json` with those ids, its EOS being every
+    id the model config or the tokenizer stops at (as instruct models ship it), so that
+    `generate` stops at EOS.
+
     Args:
       path: the directory to create.
       config: the model configuration (`config_to_hf` must be able to express it).
       params: the nested parameter dict of `CausalLM(config, head=...)`; one with `score` is written
         as `*ForSequenceClassification` with one label.
-      tokenizer: optional object with `save_pretrained(directory)` (a transformers tokenizer).
+      tokenizer: optional transformers tokenizer (`save_pretrained(directory)`, `*_token_id`).
       max_shard_size: bytes per shard, an int or a string like "2GB" (10^9) or "500MiB" (2^20).
       overwrite: replace an existing `path`; otherwise an existing `path` is an error.
     Returns:
@@ -640,12 +646,14 @@ def save_hf(
     target = Path(path)
     limit = _parse_size(max_shard_size)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"save_hf: {target} exists (pass overwrite=True to replace it)")
+        raise FileExistsError(f"save_hf: {target} exists (pass overwrite=True, or --overwrite on the command "
+                              "line, to replace it)")
     head: Head = "scalar" if "score" in params else "lm"
     specs, abstract = _checked_specs(config, head)
     flat = _check_params(params, abstract)
     param_dtype = _common_dtype(flat)
-    hf_config = config_to_hf(config.replace(param_dtype=param_dtype), head=head)
+    ids, generation = _token_ids(config, tokenizer)
+    hf_config = config_to_hf(config.replace(param_dtype=param_dtype, **ids), head=head)
     itemsize = jnp.dtype(param_dtype).itemsize
     shards = _plan_shards(specs, itemsize, limit)
 
@@ -653,6 +661,8 @@ def save_hf(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _write_json(staging / CONFIG_FILE, hf_config)
+        if head == "lm" and generation:
+            _write_json(staging / GENERATION_CONFIG_FILE, generation)
         weight_map = {}
         for number, shard in enumerate(shards, start=1):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -672,6 +682,27 @@ def save_hf(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _as_ids(value) -> list[int]:
+    return [] if value is None else [int(v) for v in (value if isinstance(value, (tuple, list)) else (value,))]
+
+
+def _token_ids(config: ModelConfig, tokenizer) -> tuple[dict, dict]:
+    """(BOS/EOS/pad ids for config.json, the generation_config.json dict), as `save_hf` documents."""
+    ids = {}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ours = getattr(config, name)
+        ids[name] = ours if ours is not None else getattr(tokenizer, name, None)
+    stops = list(dict.fromkeys(_as_ids(config.eos_token_id) + _as_ids(getattr(tokenizer, "eos_token_id", None))))
+    for name, values in [*((n, _as_ids(v)) for n, v in ids.items()), ("eos_token_id", stops)]:
+        if any(not 0 <= v < config.vocab_size for v in values):
+            raise HFCheckpointError(f"save_hf: {name} {values} (model config or tokenizer) is outside the model's "
+                                    f"vocabulary of {config.vocab_size} ids")
+    generation = {k: _json_token_id(v) for k, v in ids.items() if v is not None}
+    if stops:
+        generation["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    return ids, generation
 
 
 def _check_params(params: Mapping, abstract: dict) -> dict:

@@ -1,0 +1,102 @@
+"""Hugging Face interop of rlhf-jax checkpoints: `export_hf` (checkpoint -> HF directory), `import_hf`.
+
+    export_hf("runs/sft_tiny/checkpoints", "out/", step="latest", tokenizer=tok)  # -> HFExport(out_dir, step)
+    import_hf("hf_model/", "runs/x/checkpoints")                                   # -> 0 (the step written)
+
+The exported directory is what transformers loads: `config.json`, safetensors weights, the tokenizer
+when given, and `generation_config.json` with the BOS/EOS/pad ids (from the model config, else the
+tokenizer), so `generate` stops at EOS (`rlhf_jax.models.hf.save_hf`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+from rlhf_jax.checkpoint import Checkpointer, CheckpointMismatchError
+from rlhf_jax.config import CheckpointConfig
+
+__all__ = ["HFExport", "export_hf", "import_hf"]
+
+
+class HFExport(NamedTuple):
+    """What `export_hf` wrote: the Hugging Face directory and the checkpoint step it holds."""
+
+    out_dir: str
+    step: int
+
+
+def _model_from_checkpoint(ckpt: Checkpointer, step: int, item: str):
+    """(ModelConfig, head, abstract params) of the model whose weights are item `item` of `step`."""
+    from rlhf_jax.config import from_dict  # noqa: PLC0415
+    from rlhf_jax.models import CausalLM, ModelConfig  # noqa: PLC0415
+
+    saved = ckpt.meta(step).get("model_config")
+    if saved is None:
+        raise CheckpointMismatchError(f"checkpoint {ckpt.directory}/{step} does not record its model config")
+    config = from_dict(ModelConfig, saved)
+    head = "scalar" if "score" in ckpt.item_shapes(item, step) else "lm"
+    return config, head, CausalLM(config, head=head).abstract_params()
+
+
+def export_hf(directory: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | str | None = None,
+              item: str = "params", tokenizer: Any = None, overwrite: bool = False) -> HFExport:
+    """Write the weights of an rlhf-jax checkpoint as a Hugging Face model directory.
+
+    Args:
+      directory: a checkpoint root (e.g. `runs/NAME/checkpoints`).
+      out_dir: the Hugging Face directory to create (config.json, generation_config.json, safetensors).
+      step: a step number, "latest" / None (the newest intact step: a corrupt newer one is skipped
+        with a warning), or "best" (by the best metric saved with checkpoints).
+      item: the state item holding the parameters.
+      tokenizer: a transformers tokenizer written beside the weights (optional); its BOS/EOS/pad
+        ids fill those the model config leaves unset.
+      overwrite: replace an existing `out_dir`.
+    Returns:
+      `HFExport(out_dir, step)`: the directory (a string) and the step exported. A reward model
+      (scalar head) is written as `*ForSequenceClassification`.
+    Raises:
+      FileExistsError: `out_dir` exists and `overwrite` is false.
+      CheckpointCorruptError: the step's files differ from its integrity manifest.
+    """
+    from rlhf_jax.models.hf import save_hf  # noqa: PLC0415
+
+    with Checkpointer(directory, read_only=True) as ckpt:
+        resolved = _resolve_step(ckpt, step)
+        config, _, abstract = _model_from_checkpoint(ckpt, resolved, item)
+        ckpt.model_config = config
+        state, _ = ckpt.restore({item: abstract}, step=resolved)
+    save_hf(out_dir, config, state[item], tokenizer, overwrite=overwrite)
+    return HFExport(os.fspath(out_dir), resolved)
+
+
+def import_hf(hf_dir: str | os.PathLike, directory: str | os.PathLike, *, dtype: str | None = None,
+              item: str = "params") -> int:
+    """Write a Hugging Face model directory as an rlhf-jax checkpoint (step 0, params only).
+
+    The result can be given to `checkpoint.init_from` or exported back with `export_hf`.
+    Returns the step written (0).
+    """
+    from rlhf_jax.models.hf import load_hf  # noqa: PLC0415
+
+    config, params = load_hf(hf_dir, dtype=dtype)
+    with Checkpointer(directory, config=CheckpointConfig(async_save=False), model_config=config) as ckpt:
+        if ckpt.all_steps():
+            raise FileExistsError(f"{os.fspath(directory)} already holds checkpoints {ckpt.all_steps()}")
+        ckpt.save(0, {item: params})
+    return 0
+
+
+def _resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:
+    if step in (None, "latest"):
+        resolved = ckpt.latest_step()
+    elif step == "best":
+        resolved = ckpt.best_step()
+        if resolved is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory} was saved with the best metric")
+    else:
+        resolved = int(step)
+    if resolved is None or resolved not in ckpt.all_steps():
+        raise FileNotFoundError(f"no checkpoint {step if step is not None else ''} in {ckpt.directory}; "
+                                f"available steps: {ckpt.all_steps()}")
+    return resolved
