@@ -8,7 +8,6 @@ INSTALL_REQUIRES = [
     "optax>=0.2.5",
     "orbax-checkpoint>=0.12",
     "etils[epath]>=1.5",  # epath.Path for orbax checkpoint metadata (imported directly by checkpoint.py)
-    "chex>=0.1.90",
     "transformers>=5.0",
     "tokenizers>=0.21",
     "safetensors>=0.4",
@@ -21,12 +20,14 @@ INSTALL_REQUIRES = [
     "importlib_resources>=6",
     "jinja2>=3.1",
     "tensorboardX>=2.6",
+    "tqdm>=4.66",  # the console progress bar (rlhf_jax.metrics)
     "matplotlib>=3.8",
 ]
 
 EXTRAS = {
     # torch is a test-time reference only (logit parity with transformers); never imported at runtime.
-    "test": ["pytest>=8", "pytest-xdist>=3"],
+    # chex: the tests' pytree assertions (trees equal, shapes and dtypes); the library does not import it.
+    "test": ["pytest>=8", "pytest-xdist>=3", "chex>=0.1.90"],
     # jax's own extra pins the libtpu release that matches the installed jax.
     "tpu": ["jax[tpu]>=0.6"],
     "wandb": ["wandb"],

@@ -15,17 +15,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import struct
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from rlhf_jax.config import ConfigError, LoggingConfig
 
-__all__ = ["MetricsBuffer", "MetricsLogger", "ProgressBar", "read_jsonl", "format_duration"]
+__all__ = ["MetricsBuffer", "MetricsLogger", "ProgressBar", "read_jsonl", "format_duration", "purge_events_after"]
 
 
 def _scalar(value: Any) -> float | int | None:
@@ -79,64 +82,131 @@ def _fmt(value: float | int) -> str:
     return f"{value:.4f}"
 
 
-class ProgressBar:
-    """A one-line progress bar: `step/total`, percent, steps per second, ETA and key metrics.
+_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{wall}<{remaining}, {rate_fmt}{postfix}]"
 
-    On a terminal the line is redrawn in place; otherwise (log files, CI) a line is printed at most
-    every `min_interval` seconds and at the end. Throughput is measured from the first update
-    onwards, so the first step's compilation does not distort the ETA.
+
+class ProgressBar:
+    """A one-line progress bar (drawn by tqdm's formatter): step/total, steps per second, ETA, key metrics.
+
+    Steps run asynchronously: the host dispatches step `s` (`tick(s)`) while the device may still
+    be `logging.every` steps behind, and learns that `s` finished only when its metrics are fetched
+    (`update(s, ...)`, called by `MetricsLogger.log` after each flush). The rate is therefore timed
+    between *sync points*, the moments a step is known to be finished: when ticks are used, the
+    first `update` after new ticks (the flush returned, so the highest ticked step is done); without
+    ticks, `update` of every `every`-th step. The rate is the steps between the first sync point
+    and the latest one over the seconds between them: the first step's compilation is excluded, and
+    evaluation and checkpoint pauses count, as they do for the ETA. Until two sync points exist
+    the rate and ETA show as unknown.
+
+    On a terminal the line is redrawn in place (at most every `redraw_interval` seconds between
+    sync points); otherwise (log files, CI) a line is printed at most every `min_interval` seconds
+    and at the end.
+
+    Args:
+      total: the run's last step.
+      start: the step the run starts from (a resumed run's checkpoint step).
+      keys: metrics shown after the bar, from the latest `update`.
+      stream: where to draw (default stderr).
+      width: the line's width in characters (default: the terminal's, or 100).
+      min_interval: seconds between printed lines when `stream` is not a terminal.
+      every: the logging interval (`LoggingConfig.every`): the sync points when nothing ticks.
+      clock: the time source (seconds), for tests.
     """
 
     def __init__(self, total: int, *, start: int = 0, keys: Sequence[str] = ("loss",), stream: TextIO | None = None,
-                 width: int = 24, min_interval: float = 5.0):
+                 width: int | None = None, min_interval: float = 5.0, every: int = 1,
+                 clock: Callable[[], float] = time.perf_counter, redraw_interval: float = 0.1):
         self.total = total
         self.keys = tuple(keys)
         self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self.min_interval = min_interval
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._t0: float | None = None
-        self._step0 = start
+        self.width = width if width is not None else (shutil.get_terminal_size((100, 20)).columns if self._tty else 100)
+        self.min_interval = min_interval
+        self.redraw_interval = redraw_interval
+        self.every = every
+        self._clock = clock
+        self._t0 = clock()
+        self._start = start
+        self._ticked = start              # highest step dispatched (`tick`)
+        self._done = start                # highest step known finished (`update`)
+        self._batch_t: float | None = None   # time of the first `update` since the last sync point
+        self._first_sync: tuple[int, float] | None = None
+        self._metrics: Mapping[str, float | int] = {}
+        self._last_draw = -math.inf
         self._last_print = -math.inf
+        self._unprinted = False           # not a terminal: the latest state is not printed yet
         self.rate = float("nan")
 
-    def line(self, step: int, metrics: Mapping[str, float | int]) -> str:
-        """The progress text for `step` (also used by tests)."""
-        frac = min(max(step / self.total, 0.0), 1.0) if self.total else 1.0
-        filled = int(frac * self.width)
-        bar = "#" * filled + "-" * (self.width - filled)
-        eta = (self.total - step) / self.rate if self.rate > 0 else float("nan")
-        rate = f"{self.rate:.2f} step/s" if math.isfinite(self.rate) else "- step/s"
+    def line(self, step: int, metrics: Mapping[str, float | int], *, now: float | None = None) -> str:
+        """The progress text at `step` with `metrics` shown (also used by tests)."""
+        now = self._clock() if now is None else now
+        known = math.isfinite(self.rate) and self.rate > 0
         shown = " ".join(f"{k} {_fmt(metrics[k])}" for k in self.keys if k in metrics)
-        line = f"[{bar}] {step}/{self.total} {100 * frac:3.0f}% {rate} ETA {format_duration(eta)} | {shown}"
-        return line.rstrip(" |")
+        # elapsed=0: tqdm must not derive a rate of its own (dispatch bursts); the wall clock is `wall`.
+        text = tqdm.format_meter(
+            min(step, self.total), self.total, 0, ncols=self.width, unit="step",
+            rate=self.rate if known else None, bar_format=_BAR_FORMAT, postfix=shown or None,
+            ascii=False if self._tty else "-#",
+            wall=tqdm.format_interval(now - self._t0), initial=self._start)
+        return text.rstrip()
+
+    def tick(self, step: int) -> None:
+        """Step `step` was dispatched (cheap: call it every step; redraws at most every `redraw_interval` s)."""
+        self._ticked = max(self._ticked, step)
+        if self._tty:
+            now = self._clock()
+            if now - self._last_draw >= self.redraw_interval:
+                self._draw(now)
 
     def update(self, step: int, metrics: Mapping[str, float | int]) -> None:
-        """Record that `step` is done and redraw (or print) the line."""
-        now = time.perf_counter()
-        if self._t0 is None:
-            self._t0, self._step0 = now, step
-        elif step > self._step0:
-            self.rate = (step - self._step0) / max(now - self._t0, 1e-9)
-        text = self.line(step, metrics)
+        """Step `step` is finished and these are its metrics: maybe a sync point; redraw or print."""
+        now = self._clock()
+        if self._batch_t is None:
+            self._batch_t = now
+        self._done = max(self._done, step)
+        self._metrics = metrics
+        if self._ticked > self._start:       # ticks: the flush that fetched `step` waited for every ticked step
+            synced, at = step >= self._ticked, self._batch_t
+        else:                                # no ticks: the last step of each `every`
+            synced, at = step % self.every == 0 or step >= self.total, now
+        if synced:
+            self._sync(step, at)
+            self._batch_t = None
+        self._draw(now, final=step >= self.total)
+
+    def _sync(self, step: int, at: float) -> None:
+        if self._first_sync is None:
+            self._first_sync = (step, at)
+        elif step > self._first_sync[0] and at > self._first_sync[1]:
+            self.rate = (step - self._first_sync[0]) / (at - self._first_sync[1])
+
+    def _draw(self, now: float, *, final: bool = False) -> None:
+        text = self.line(max(self._ticked, self._done), self._metrics, now=now)
         if self._tty:
             self.stream.write("\r\x1b[2K" + text)
             self.stream.flush()
-        elif now - self._last_print >= self.min_interval or step >= self.total:
+            self._last_draw = now
+        elif final or now - self._last_print >= self.min_interval:
             self.stream.write(text + "\n")
             self.stream.flush()
-            self._last_print = now
+            self._last_print, self._unprinted = now, False
+        else:
+            self._unprinted = True
 
     def message(self, text: str) -> None:
         """Print a line (e.g. an eval result) without breaking the bar."""
         prefix = "\r\x1b[2K" if self._tty else ""
         self.stream.write(prefix + text + "\n")
         self.stream.flush()
+        self._last_draw = -math.inf
 
     def close(self) -> None:
+        """End the line on a terminal; elsewhere print the latest state if it was rate-limited."""
         if self._tty:
             self.stream.write("\n")
             self.stream.flush()
+        elif self._unprinted:
+            self._draw(self._clock(), final=True)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -157,16 +227,26 @@ class MetricsLogger:
       start_step: the step the run starts or resumes from. Records of later steps already in
         `metrics.jsonl` (written after the checkpoint a resumed run restarts from) are dropped, so
         the file holds exactly one record per step after a resume.
-      keys: metrics shown on the progress bar.
+        TensorBoard events of those later steps are removed from the event files already in `tb/`
+        (so any reader sees each step once), and the new event file starts with tensorboardX's
+        `purge_step` marker at `start_step + 1` (TensorBoard's own way to hide them).
+      keys: metrics shown on the progress bar (e.g. `loss`, or an RL run's `time/generate`).
       run_config: the run's config as a dict (sent to wandb).
       run_name: the wandb run name.
+      stream: the console stream (default stderr).
+      clock: the progress bar's time source, for tests.
+
+    Call `tick(step)` after dispatching each step (cheap, no device sync) so the bar moves every
+    step and its rate is timed from finished steps; `log` each step's fetched metrics.
+
     Raises:
       ConfigError: wandb was asked for and is not installed (raised before any compute).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, config: LoggingConfig, total_steps: int, start_step: int = 0,
                  keys: Sequence[str] = ("loss",), run_config: Mapping[str, Any] | None = None,
-                 run_name: str | None = None, stream: TextIO | None = None):
+                 run_name: str | None = None, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.workdir = os.fspath(workdir)
         self.config = config
         os.makedirs(self.workdir, exist_ok=True)
@@ -188,9 +268,12 @@ class MetricsLogger:
         if config.tensorboard:
             from tensorboardX import SummaryWriter  # noqa: PLC0415 (slow import, only when asked for)
 
-            self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"), purge_step=start_step + 1)
+            tb_dir = os.path.join(self.workdir, "tb")
+            purge_events_after(tb_dir, start_step)
+            self._tb = SummaryWriter(logdir=tb_dir, purge_step=start_step + 1)
         self._stream = stream if stream is not None else sys.stderr
-        self.progress = ProgressBar(total_steps, start=start_step, keys=keys, stream=stream) if config.console else None
+        self.progress = (ProgressBar(total_steps, start=start_step, keys=keys, stream=stream, every=config.every,
+                                     clock=clock) if config.console else None)
 
     def _truncate_after(self, step: int) -> None:
         records = read_jsonl(self.jsonl_path)
@@ -199,6 +282,11 @@ class MetricsLogger:
             with open(self.jsonl_path, "w", encoding="utf-8") as f:
                 for r in kept:
                     f.write(json.dumps(r) + "\n")
+
+    def tick(self, step: int) -> None:
+        """Step `step` was dispatched: moves the progress bar (no device sync, no file I/O)."""
+        if self.progress is not None:
+            self.progress.tick(step)
 
     def log(self, step: int, metrics: Mapping[str, Any], *, progress: bool = True) -> None:
         """Write one step's scalar metrics everywhere (non-scalars are ignored)."""
@@ -247,6 +335,67 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _read_records(path: str) -> tuple[list[bytes], bool]:
+    """The TFRecord payloads of an event file, and whether it ended cleanly (no torn or corrupt record)."""
+    from tensorboardX.record_writer import masked_crc32c  # noqa: PLC0415
+
+    with open(path, "rb") as f:
+        data = f.read()
+    records, pos = [], 0
+    while pos + 12 <= len(data):
+        header = data[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        end = pos + 12 + length + 4
+        if end > len(data) or struct.unpack("<I", data[pos + 8:pos + 12])[0] != masked_crc32c(header):
+            return records, False
+        payload = data[pos + 12:end - 4]
+        if struct.unpack("<I", data[end - 4:end])[0] != masked_crc32c(payload):
+            return records, False
+        records.append(payload)
+        pos = end
+    return records, pos == len(data)
+
+
+def purge_events_after(tb_dir: str | os.PathLike, step: int) -> int:
+    """Remove the events of steps after `step` from the TensorBoard event files in `tb_dir`.
+
+    A resumed run restarts from its checkpoint at `step`; the events its previous attempt wrote
+    for later steps would otherwise be read twice by any reader that does not honour
+    tensorboardX's `purge_step` marker. Each affected file is rewritten atomically (a torn last
+    record, from a crash mid-write, is dropped too); the `file_version` header is kept.
+
+    Returns:
+      The number of events removed.
+    """
+    from tensorboardX.proto.event_pb2 import Event  # noqa: PLC0415
+    from tensorboardX.record_writer import RecordWriter  # noqa: PLC0415
+
+    tb_dir = os.fspath(tb_dir)
+    if not os.path.isdir(tb_dir):
+        return 0
+    removed = 0
+    for name in sorted(os.listdir(tb_dir)):
+        path = os.path.join(tb_dir, name)
+        if name.endswith(".purging"):          # left by a crash during a rewrite; the original is intact
+            os.remove(path)
+            continue
+        if not name.startswith("events.out.tfevents") or not os.path.isfile(path):
+            continue
+        records, clean = _read_records(path)
+        events = [Event.FromString(r) for r in records]
+        kept = [r for r, e in zip(records, events) if e.step <= step or e.file_version]
+        if len(kept) == len(records) and clean:
+            continue
+        tmp = os.path.join(tb_dir, "rewrite.purging")   # no "tfevents" in the name: no reader loads it
+        writer = RecordWriter(tmp)
+        for record in kept:
+            writer.write(record)
+        writer.close()
+        os.replace(tmp, path)
+        removed += len(records) - len(kept)
+    return removed
 
 
 def _stable_run_id(workdir: str) -> str:

@@ -147,3 +147,33 @@ def test_library_code_does_not_import_the_testing_package():
     # The scan does see such an import.
     assert "rlhf_jax.testing" in _imports(ast.parse("from rlhf_jax.testing import tiny_config"))
     assert "rlhf_jax.testing.tokenizer" in _imports(ast.parse("def f():\n    import rlhf_jax.testing.tokenizer"))
+
+
+# The CLI in a fresh interpreter where torch cannot be imported, as in a fresh `pip install rlhf_jax`.
+_CLI_WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; from rlhf_jax.cli import main; sys.exit(main())"
+
+
+@pytest.mark.slow
+def test_a_normal_run_and_export_print_no_dependency_warnings(tmp_path):
+    """transformers' "PyTorch was not found" and orbax's absl warnings on reading a checkpoint are ours to silence."""
+    quiet = ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY")
+    env = {k: v for k, v in os.environ.items() if k not in quiet}
+    env["JAX_PLATFORMS"] = "cpu"
+    run_dir = tmp_path / "run"
+    small = ["--set", f"workdir={run_dir}", "--set", "train.steps=2", "--set", "train.eval_every=0",
+             "--set", "data.num_train=64", "--set", "data.num_eval=16", "--set", "data.batch_size=8",
+             "--set", "train.eval_batches=1", "--set", "checkpoint.every=1", "--set", "logging.tensorboard=false"]
+    outs = []
+    for args in (["run", "experiments/sft_tiny.py", *small], ["export", str(run_dir), str(tmp_path / "hf")]):
+        out = subprocess.run([sys.executable, "-c", _CLI_WITHOUT_TORCH, *args], capture_output=True, text=True,
+                             env=env, cwd=REPO, check=False, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        outs.append(out)
+    stderr = "".join(o.stderr for o in outs)
+    assert "2/2" in outs[0].stderr and "exported" in outs[1].stdout    # the commands did run
+    assert "PyTorch was not found" not in stderr
+    assert "absl" not in stderr and "WARNING" not in stderr and "Warning" not in stderr, stderr
+    # Without the CLI's setup, the same process does print transformers' notice: the check can see it.
+    bare = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; import transformers"],
+                          capture_output=True, text=True, env=env, check=False)
+    assert "PyTorch was not found" in bare.stderr

@@ -1,5 +1,6 @@
 """Model presets: real-size parameter counts from shapes alone, and the registry's contract."""
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -60,8 +61,7 @@ def test_parameter_count_from_eval_shape(name):
     lm = CausalLM(config)
     shapes = jax.eval_shape(lm.init, jax.random.key(0))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
-    assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(
-        lambda s: (s.shape, s.dtype), lm.abstract_params())
+    chex.assert_trees_all_equal_shapes_and_dtypes(shapes, lm.abstract_params())
     count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
     assert count == lm.num_params() == _count_by_hand(config)
     assert abs(count - PUBLISHED[name]) <= 1e-3 * PUBLISHED[name]

@@ -7,8 +7,7 @@ import sys
 import textwrap
 import time
 
-import jax
-import numpy as np
+import chex
 import pytest
 
 from rlhf_jax.checkpoint import Checkpointer, load_params
@@ -74,8 +73,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, env):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     a, b = _final_params(straight), _final_params(interrupted)
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+    chex.assert_trees_all_equal(a, b, strict=True)  # same tree, shapes, dtypes and bits
     ra, rb = read_jsonl(straight / "metrics.jsonl"), read_jsonl(interrupted / "metrics.jsonl")
     assert [r["step"] for r in ra] == [0, 1, 2, 3, 3, 4, 5, 6, 6]  # eval at 0, train 1..6, evals at 3 and 6
     assert ra == rb  # every metric of every step, bit for bit
