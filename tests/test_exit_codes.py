@@ -1,5 +1,6 @@
 """`rlhf-jax run` exit status: 75 (EX_TEMPFAIL, `EXIT_PREEMPTED`) when a signal stopped the run after it
-saved a checkpoint, so that a scheduler can tell "preempted, rerun me" from "finished" (0)."""
+saved a checkpoint, so that a scheduler can tell "preempted, rerun me" from "finished" (0); the rerun
+resumes, from the newest intact checkpoint when the newest one is corrupt."""
 
 import json
 import os
@@ -9,9 +10,11 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
-from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.checkpoint import Checkpointer, load_params
 from rlhf_jax.cli import EXIT_PREEMPTED
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -20,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _command(workdir, steps):
     sets = [f"workdir={workdir}", f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1",
             "data.num_train=256", "data.num_eval=32", "checkpoint.every=1000", "logging.every=1"]
-    return [sys.executable, "-m", "rlhf_jax", "run", "experiments/sft_tiny.py", *(a for s in sets for a in ("--set", s))]
+    flags = [a for s in sets for a in ("--set", s)]
+    return [sys.executable, "-m", "rlhf_jax", "run", "experiments/sft_tiny.py", *flags]
 
 
 def _train_steps(workdir):
@@ -29,7 +33,7 @@ def _train_steps(workdir):
 
 
 @pytest.mark.slow
-def test_sigterm_exits_75_with_a_checkpoint_and_the_rerun_resumes(tmp_path):
+def test_sigterm_exits_75_and_reruns_resume_from_the_newest_intact_checkpoint(tmp_path):
     assert EXIT_PREEMPTED == 75
     workdir = tmp_path / "run"
     proc = subprocess.Popen(_command(workdir, 5000), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -59,3 +63,26 @@ def test_sigterm_exits_75_with_a_checkpoint_and_the_rerun_resumes(tmp_path):
     assert _train_steps(workdir) == list(range(1, stopped + 3))  # steps 1..stopped were not trained again
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         assert ckpt.latest_step() == stopped + 2
+        abstract = {k: jax.ShapeDtypeStruct(*v) for k, v in ckpt.item_shapes("params").items()}
+    final = load_params(workdir / "checkpoints", abstract)
+
+    # A flipped byte in the newest step: the same command falls back to the step before it (with a
+    # warning naming both), trains again from there and ends with bit-identical parameters.
+    step_dir = workdir / "checkpoints" / str(stopped + 2)
+    files = [pathlib.Path(r) / f for r, _, fs in os.walk(step_dir / "params") for f in fs]
+    weights = max(files, key=lambda f: f.stat().st_size)
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    weights.write_bytes(bytes(data))
+    rerun = subprocess.run(_command(workdir, stopped + 2), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    bad = weights.relative_to(step_dir)
+    assert (f"checkpoint {step_dir} is corrupt: {bad}: checksum differs from the manifest (the file's bytes "
+            f"changed); moved it to {step_dir}.corrupt; using step {stopped}, the newest intact checkpoint"
+            ) in rerun.stderr
+    assert sorted(os.listdir(workdir / "checkpoints")) == sorted([str(stopped), str(stopped + 2),
+                                                                  f"{stopped + 2}.corrupt"])
+    again = load_params(workdir / "checkpoints", abstract)
+    assert sorted(again) == sorted(final) and len(final) > 5
+    for name in final:
+        np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(final[name]), err_msg=name)
