@@ -292,33 +292,22 @@ def _check_value(value: Any, tp: Any) -> bool:
 # ----------------------------------------------------------------------------------- key listing
 
 
-def flat_keys(config: Any, prefix: str = "") -> dict[str, str]:
+def flat_keys(config: Any, prefix: str = "", *, nested: bool = True) -> dict[str, str]:
     """Every overridable dotted key of `config` mapped to the name of its type.
 
-    Sections (nested dataclass values) are walked into; their own keys are not listed.
+    Sections (nested dataclass values) are walked into, their own keys not listed; with
+    `nested=False` a section is listed as one `name.*` entry instead.
     """
     out: dict[str, str] = {}
     hints = _hints(type(config))
     for name in _fields(config):
-        value = getattr(config, name)
-        key = f"{prefix}{name}"
-        if _is_section(value):
+        value, key = getattr(config, name), f"{prefix}{name}"
+        if not _is_section(value):
+            out[key] = _type_name(hints[name])
+        elif nested:
             out.update(flat_keys(value, key + "."))
         else:
-            out[key] = _type_name(hints[name])
-    return out
-
-
-def section_keys(section: Any, prefix: str = "") -> dict[str, str]:
-    """The keys directly in `section`, with their types; a nested section shows as `name.*`."""
-    out: dict[str, str] = {}
-    hints = _hints(type(section))
-    for name in _fields(section):
-        value = getattr(section, name)
-        if _is_section(value):
-            out[f"{prefix}{name}.*"] = f"section ({type(value).__name__})"
-        else:
-            out[f"{prefix}{name}"] = _type_name(hints[name])
+            out[key + ".*"] = f"section ({type(value).__name__})"
     return out
 
 
@@ -330,7 +319,7 @@ def _valid_keys_message(config: Any, key: str, section: Any, prefix: str) -> str
     close = close or difflib.get_close_matches(key, every, n=1, cutoff=0.75)
     hint = f" Did you mean {' or '.join(close[:3])}?" if close else ""
     where = f"section {prefix[:-1]!r}" if prefix else "the top level"
-    listed = "\n".join(f"  {k}: {t}" for k, t in section_keys(section, prefix).items())
+    listed = "\n".join(f"  {k}: {t}" for k, t in flat_keys(section, prefix, nested=False).items())
     return f"{hint}\nKeys of {where}:\n{listed}"
 
 
