@@ -65,6 +65,12 @@ def gae(
     Returns:
       `(advantages, returns)`, both float32 `[B, T]`. Reference: Schulman et al. 2016,
       "High-Dimensional Continuous Control Using Generalized Advantage Estimation".
+
+    Example:
+      >>> rewards, values = jnp.array([[0.0, 0.0, 1.0]]), jnp.array([[0.5, 0.5, 0.5]])
+      >>> advantages, returns = gae(rewards, values, jnp.array([[1, 1, 1]]), gamma=1.0, lam=0.5)
+      >>> advantages.tolist(), returns.tolist()  # deltas 0, 0, 0.5 discounted by gamma * lam = 0.5
+      ([[0.125, 0.25, 0.5]], [[0.625, 0.75, 1.0]])
     """
     fn = "gae"
     _checks.check_rank(fn, "rewards", rewards, 2)
@@ -101,6 +107,10 @@ def discounted_returns(rewards: jax.Array, mask: jax.Array, *, gamma: float = 1.
 
     Returns:
       float32 `[B, T]`, 0 where the mask is 0.
+
+    Example:
+      >>> discounted_returns(jnp.array([[1.0, 0.0, 2.0, 5.0]]), jnp.array([[1, 1, 1, 0]]), gamma=0.5).tolist()
+      [[1.5, 1.0, 2.0, 0.0]]
     """
     _checks.check_rank("discounted_returns", "rewards", rewards, 2)
     returns, _ = gae(rewards, jnp.zeros(jnp.shape(rewards), jnp.float32), mask, gamma=gamma, lam=1.0)
@@ -147,6 +157,13 @@ def group_normalized(
 
     References: Shao et al. 2024, "DeepSeekMath" (GRPO); Liu et al. 2025, "Understanding R1-Zero-Like
     Training: A Critical Perspective" (Dr.GRPO).
+
+    Example:
+      >>> rewards = jnp.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])  # two groups of 3
+      >>> [round(v, 4) for v in group_normalized(rewards, 3, scale="none").tolist()]  # Dr.GRPO: minus the mean
+      [0.6667, -0.3333, -0.3333, 0.0, 0.0, 0.0]
+      >>> [round(v, 4) for v in group_normalized(rewards, 3, eps=0.0).tolist()]  # GRPO: / the std 0.5774; 0 if tied
+      [1.1547, -0.5774, -0.5774, 0.0, 0.0, 0.0]
     """
     fn = "group_normalized"
     _checks.check_choice(fn, "scale", scale, get_args(GroupScale))
@@ -175,6 +192,10 @@ def leave_one_out(rewards: jax.Array, group_size: int) -> jax.Array:
     Returns:
       float32 `[N]`. Reference: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
       Optimization for Learning from Human Feedback in LLMs" (Kool et al. 2019 for the estimator).
+
+    Example:
+      >>> leave_one_out(jnp.array([1.0, 0.0, 0.0, 4.0]), 2).tolist()  # each minus the other one of its pair
+      [1.0, -1.0, -4.0, 4.0]
     """
     d = _grouped("leave_one_out", rewards, group_size)
     others = (jnp.sum(d, axis=1, keepdims=True) - d) / (group_size - 1)
@@ -195,6 +216,10 @@ def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float
 
     Returns:
       float32, shaped like `x`, 0 where the mask is 0.
+
+    Example:
+      >>> [round(v, 4) for v in whiten(jnp.array([[1.0, 3.0, 100.0]]), jnp.array([[1, 1, 0]]))[0].tolist()]
+      [-1.0, 1.0, 0.0]
     """
     fn = "whiten"
     _checks.check_same_shape(fn, x=x, mask=mask)
@@ -227,6 +252,12 @@ def per_token_rewards(
 
     Returns:
       float32 `[B, T]`. Reference: Ziegler et al. 2019; Ouyang et al. 2022 (InstructGPT).
+
+    Example:
+      >>> mask, kl = jnp.array([[1, 1, 1, 0]]), jnp.array([[0.5, 1.0, 0.0, 0.0]])
+      >>> rewards = per_token_rewards(jnp.array([2.0]), mask, kl=kl, kl_coef=0.1)  # score at the last valid token
+      >>> [round(v, 4) for v in rewards[0].tolist()]
+      [-0.05, -0.1, 2.0, 0.0]
     """
     fn = "per_token_rewards"
     _checks.check_rank(fn, "mask", mask, 2)
@@ -275,6 +306,12 @@ def reinforce_plus_plus(
     Returns:
       float32 `[B, T]` per-token advantages. Reference: Hu 2025, "REINFORCE++: A Simple and
       Efficient Approach for Aligning Large Language Models".
+
+    Example:
+      >>> mask = jnp.array([[1, 1], [1, 1]])
+      >>> advantages = reinforce_plus_plus(jnp.array([1.0, 0.0]), mask)  # returns [1, 1 | 0, 0], whitened
+      >>> [[round(v, 4) for v in row] for row in advantages.tolist()]
+      [[1.0, 1.0], [-1.0, -1.0]]
     """
     if group_size is not None:
         scores = group_normalized(scores, group_size, scale="none")

@@ -3,9 +3,11 @@
 Both controllers share `KLControllerState`, so a training state can hold either and a step calls
 `controller.update(state, observed_kl, n_steps)` inside `jit` without knowing which one it is:
 
-    ctl = adaptive_kl_controller(init_kl_coef=0.2, target=6.0, horizon=10_000)
-    kl_state = ctl.init()
-    kl_state = ctl.update(kl_state, metrics["kl"], batch_size)   # jittable; kl_state.kl_coef is f32[]
+    >>> ctl = adaptive_kl_controller(init_kl_coef=0.2, target=6.0, horizon=10_000)
+    >>> kl_state = ctl.init()
+    >>> kl_state = jax.jit(ctl.update)(kl_state, 9.0, 1_000)  # observed KL 1.5x the target: error clipped to 0.2
+    >>> round(float(kl_state.kl_coef), 6)  # 0.2 * (1 + 0.2 * 1000 / 10000)
+    0.204
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def fixed_kl_controller(*, kl_coef: float) -> KLController:
 
     Returns:
       A `KLController` whose `update` ignores the observed KL.
+
+    Example:
+      >>> ctl = fixed_kl_controller(kl_coef=0.05)
+      >>> round(float(ctl.update(ctl.init(), 100.0, 64).kl_coef), 6)
+      0.05
     """
     _checks.check_nonnegative("fixed_kl_controller", "kl_coef", kl_coef)
 
@@ -70,6 +77,11 @@ def adaptive_kl_controller(*, init_kl_coef: float = 0.2, target: float = 6.0, ho
     Returns:
       A `KLController`. Reference: Ziegler et al. 2019, "Fine-Tuning Language Models from Human
       Preferences", section 2.2.
+
+    Example:
+      >>> ctl = adaptive_kl_controller(init_kl_coef=0.1, target=4.0, horizon=100)
+      >>> round(float(ctl.update(ctl.init(), 3.0, 10).kl_coef), 6)  # error 3/4 - 1 = -0.25, clipped to -0.2
+      0.098
     """
     fn = "adaptive_kl_controller"
     _checks.check_positive(fn, "init_kl_coef", init_kl_coef)

@@ -75,8 +75,11 @@ def token_logprobs(logits: jax.Array, labels: jax.Array, *, temperature: float |
       float32 `[...]` log-probabilities (<= 0).
 
     Example:
-      >>> inputs, labels = next_token_targets(tokens)
-      >>> logps = token_logprobs(model(inputs), labels, temperature=0.7)
+      >>> logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+      >>> [round(v, 4) for v in token_logprobs(logits, jnp.array([[0, 1]]))[0].tolist()]  # log 0.5, log 0.8
+      [-0.6931, -0.2231]
+      >>> round(float(token_logprobs(jnp.array([[2.0, 0.0]]), jnp.array([0]), temperature=2.0)[0]), 4)  # [1, 0]
+      -0.3133
     """
     fn = "token_logprobs"
     z = _scaled_logits(fn, logits, temperature)
@@ -95,6 +98,11 @@ def token_entropy(logits: jax.Array, *, temperature: float | jax.Array = 1.0) ->
 
     Returns:
       float32 `[...]` entropies in `[0, log V]`.
+
+    Example:
+      >>> probs = jnp.array([[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
+      >>> [round(v, 4) for v in token_entropy(jnp.log(probs)).tolist()]  # log 4, log 2
+      [1.3863, 0.6931]
     """
     z = _scaled_logits("token_entropy", logits, temperature)
     return _entropy_from_scaled(z, jax.nn.logsumexp(z, axis=-1))
@@ -111,6 +119,11 @@ def next_token_targets(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     Returns:
       `(inputs, labels)`, both `[B, T - 1]`.
+
+    Example:
+      >>> inputs, labels = next_token_targets(jnp.array([[5, 6, 7, 8]]))
+      >>> inputs.tolist(), labels.tolist()
+      ([[5, 6, 7]], [[6, 7, 8]])
     """
     fn = "next_token_targets"
     _checks.check_integer(fn, "tokens", tokens)
@@ -133,6 +146,11 @@ def sequence_logprobs(token_logps: jax.Array, mask: jax.Array, *, average: bool 
 
     Returns:
       float32 `[B]`.
+
+    Example:
+      >>> token_logps, mask = jnp.array([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]]), jnp.array([[1, 1, 0], [1, 1, 1]])
+      >>> sequence_logprobs(token_logps, mask).tolist(), sequence_logprobs(token_logps, mask, average=True).tolist()
+      ([-3.0, -1.5], [-1.5, -0.5])
     """
     fn = "sequence_logprobs"
     _checks.check_rank(fn, "token_logps", token_logps, 2)
@@ -221,6 +239,15 @@ def chunked_logprobs_and_entropy(
 
     Returns:
       `(logps, entropy)`, both float32 `[...]`.
+
+    Example:
+      >>> hidden, w = jnp.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]), jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> labels = jnp.array([[0, 1, 2]])
+      >>> logps, entropy = chunked_logprobs_and_entropy(hidden, w, labels, chunk_size=2)  # chunks of 2 tokens
+      >>> bool(jnp.allclose(logps, token_logprobs(hidden @ w, labels), atol=1e-6))
+      True
+      >>> bool(jnp.allclose(entropy, token_entropy(hidden @ w), atol=1e-6))
+      True
     """
     return _chunked(
         "chunked_logprobs_and_entropy", hidden, lm_head_weight, labels, temperature, chunk_size, True, True
@@ -249,6 +276,12 @@ def chunked_token_logprobs(
 
     Returns:
       float32 `[...]` log-probabilities.
+
+    Example:
+      >>> hidden, w = jnp.array([[[1.0, 0.0], [0.0, 1.0]]]), jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> logps = chunked_token_logprobs(hidden, w, jnp.array([[0, 1]]), chunk_size=1)  # logits [2, 0, 0], [0, 1, 0]
+      >>> [round(v, 4) for v in logps[0].tolist()]
+      [-0.2395, -0.5514]
     """
     logp, _ = _chunked(
         "chunked_token_logprobs", hidden, lm_head_weight, labels, temperature, chunk_size, True, False
@@ -276,6 +309,11 @@ def chunked_token_entropy(
 
     Returns:
       float32 `[...]` entropies.
+
+    Example:
+      >>> hidden, w = jnp.zeros((1, 2, 2)), jnp.ones((2, 4))  # all logits 0: uniform over 4 tokens
+      >>> [round(v, 4) for v in chunked_token_entropy(hidden, w)[0].tolist()]
+      [1.3863, 1.3863]
     """
     _, ent = _chunked(
         "chunked_token_entropy", hidden, lm_head_weight, None, temperature, chunk_size, False, True

@@ -47,6 +47,15 @@ def aggregate(
     Returns:
       float32 scalar. References: Yu et al. 2025 (DAPO, token-level mean); Shao et al. 2024
       (GRPO); Liu et al. 2025, "Understanding R1-Zero-Like Training" (Dr.GRPO).
+
+    Example:
+      >>> per_token = jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+      >>> mask = jnp.array([[1, 1, 1], [1, 0, 0]])
+      >>> modes = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+      >>> [round(float(aggregate(per_token, mask, mode=m)), 4) for m in modes]  # 10/4, (2+4)/2, 10/2, 10/(2*3)
+      [2.5, 3.0, 5.0, 1.6667]
+      >>> float(aggregate(per_token[:1], mask[:1], num_tokens=4.0))  # row 0's share of the 4-token batch: 6/4
+      1.5
     """
     fn = "aggregate"
     _checks.check_choice(fn, "mode", mode, get_args(AggregateMode))
@@ -81,10 +90,20 @@ def aggregate(
 
 
 def count_tokens(mask: jax.Array) -> jax.Array:
-    """The global normaliser of `token_mean`: `sum_bt m` over the full batch, float32."""
+    """The global normaliser of `token_mean`: `sum_bt m` over the full batch, float32.
+
+    Example:
+      >>> float(count_tokens(jnp.array([[1, 1, 0], [1, 0, 0]])))
+      3.0
+    """
     return jnp.sum(_checks.mask_f32(mask))
 
 
 def count_sequences(mask: jax.Array) -> jax.Array:
-    """The global normaliser of the seq modes: the number of rows with at least one masked-in token."""
+    """The global normaliser of the seq modes: the number of rows with at least one masked-in token.
+
+    Example:
+      >>> float(count_sequences(jnp.array([[1, 1, 0], [0, 0, 0]])))
+      1.0
+    """
     return jnp.sum((jnp.sum(_checks.mask_f32(mask), axis=-1) > 0).astype(jnp.float32))

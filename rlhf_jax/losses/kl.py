@@ -39,6 +39,11 @@ def kl_divergence(
 
     Reference: J. Schulman, "Approximating KL Divergence" (2020); Shao et al. 2024 (DeepSeekMath,
     GRPO) for k3 as a loss.
+
+    Example:
+      >>> logps, ref_logps = jnp.log(jnp.array([0.5, 0.25])), jnp.log(jnp.array([0.25, 0.5]))  # d = +-log 2
+      >>> [[round(v, 4) for v in kl_divergence(logps, ref_logps, estimator=e).tolist()] for e in ("k1", "k2", "k3")]
+      [[0.6931, -0.6931], [0.2402, 0.2402], [0.1931, 0.3069]]
     """
     fn = "kl_divergence"
     _checks.check_choice(fn, "estimator", estimator, get_args(KLEstimator))

@@ -91,6 +91,12 @@ def ppo_policy_loss(
     References: Schulman et al. 2017 (PPO); Yu et al. 2025 (DAPO, clip-higher); Ye et al. 2020,
     "Mastering Complex Control in MOBA Games with Deep RL" (dual clip); Zheng et al. 2025, "Group
     Sequence Policy Optimization" (GSPO).
+
+    Example:
+      >>> logps, old_logps = jnp.log(jnp.array([[0.6, 0.3]])), jnp.log(jnp.array([[0.4, 0.3]]))  # ratios 1.5, 1
+      >>> loss, metrics = ppo_policy_loss(logps, old_logps, jnp.array([1.0]), jnp.array([[1, 1]]), clip_eps=0.2)
+      >>> [round(v, 4) for v in loss[0].tolist()], float(metrics["clip_ratio/high_mean"])  # 1.5 clipped to 1.2
+      ([-1.2, -1.0], 0.5)
     """
     fn = "ppo_policy_loss"
     _checks.check_choice(fn, "ratio_level", ratio_level, get_args(RatioLevel))
@@ -161,6 +167,12 @@ def cispo_loss(
 
     Reference: MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning
     Attention" (section 3.1).
+
+    Example:
+      >>> logps, old_logps = jnp.log(jnp.array([[0.6, 0.3]])), jnp.log(jnp.array([[0.4, 0.3]]))  # ratios 1.5, 1
+      >>> loss, _ = cispo_loss(logps, old_logps, jnp.array([1.0]), jnp.array([[1, 1]]), clip_eps_high=0.2)
+      >>> [round(v, 4) for v in loss[0].tolist()]  # -1.2 log 0.6, -1 log 0.3
+      [0.613, 1.204]
     """
     fn = "cispo_loss"
     _checks.check_positive(fn, "clip_eps_high", clip_eps_high)

@@ -143,6 +143,12 @@ def dpo_loss(
       `(losses, metrics)`: float32 `[B]` and TRL's `rewards/chosen`, `rewards/rejected`,
       `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected` (batch means; the
       rewards are `beta * c` and `beta * r`).
+
+    Example:
+      >>> losses, metrics = dpo_loss(jnp.array([-10.0]), jnp.array([-12.0]), jnp.array([-11.0]),
+      ...                            jnp.array([-11.0]), beta=0.5)  # c = 1, r = -1
+      >>> round(float(losses[0]), 4), float(metrics["rewards/margins"])  # -log sigmoid(0.5 * 2)
+      (0.3133, 1.0)
     """
     fn = "dpo_loss"
     _checks.check_choice(fn, "loss_type", loss_type, get_args(DPOLossType))
@@ -202,6 +208,10 @@ def simpo_loss(
     Returns:
       float32 `[B]`. Reference: Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a
       Reference-Free Reward".
+
+    Example:
+      >>> round(float(simpo_loss(jnp.array([-1.0]), jnp.array([-1.5]), beta=2.0, gamma=0.5)[0]), 4)
+      0.4741
     """
     fn = "simpo_loss"
     _checks.check_positive(fn, "beta", beta)
@@ -237,6 +247,13 @@ def orpo_loss(
 
     Reference: Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
     Model".
+
+    Example:
+      >>> losses, metrics = orpo_loss(jnp.array([-0.5]), jnp.array([-1.0]), beta=0.1)
+      >>> round(float(metrics["log_odds_chosen"]), 4)  # log(e^-.5 / (1 - e^-.5)) - log(e^-1 / (1 - e^-1))
+      0.9741
+      >>> round(float(losses[0]), 4)  # -0.1 log sigmoid(0.9741)
+      0.032
     """
     fn = "orpo_loss"
     _checks.check_positive(fn, "beta", beta)
@@ -263,6 +280,12 @@ def kto_reference_point(mismatched_logps: jax.Array, ref_mismatched_logps: jax.A
     Returns:
       float32 scalar. Reference: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
       Theoretic Optimization".
+
+    Example:
+      >>> float(kto_reference_point(jnp.array([-5.0, -7.0]), jnp.array([-6.0, -7.0])))  # mean(1, 0)
+      0.5
+      >>> float(kto_reference_point(jnp.array([-5.0]), jnp.array([-4.0])))  # a negative estimate is clamped
+      0.0
     """
     fn = "kto_reference_point"
     _check_pairs(fn, mismatched_logps=mismatched_logps, ref_mismatched_logps=ref_mismatched_logps)
@@ -302,6 +325,12 @@ def kto_loss(
       `logps/rejected`, `count/chosen`, `count/rejected` and `kl` (= z0).
 
     Reference: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization".
+
+    Example:
+      >>> losses, metrics = kto_loss(jnp.array([-5.0, -8.0]), jnp.array([-6.0, -7.0]), jnp.array([True, False]),
+      ...                            0.0, beta=1.0)  # r = +1 (desirable), -1 (undesirable)
+      >>> [round(v, 4) for v in losses.tolist()], float(metrics["rewards/margins"])  # 1 - sigmoid(1) for both
+      ([0.2689, 0.2689], 2.0)
     """
     fn = "kto_loss"
     _checks.check_positive(fn, "beta", beta)

@@ -32,6 +32,12 @@ def bradley_terry_loss(
 
     Returns:
       float32 `[B]` per-pair losses. Reference: Bradley & Terry 1952; Ouyang et al. 2022.
+
+    Example:
+      >>> [round(v, 4) for v in bradley_terry_loss(jnp.array([2.0, 0.0]), jnp.array([0.0, 0.0])).tolist()]
+      [0.1269, 0.6931]
+      >>> round(float(bradley_terry_loss(jnp.array([2.0]), jnp.array([0.0]), margin=2.0)[0]), 4)  # gap 2 - 2: log 2
+      0.6931
     """
     fn = "bradley_terry_loss"
     _checks.check_rank(fn, "chosen_rewards", chosen_rewards, 1)

@@ -28,6 +28,11 @@ def sft_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array
 
     Reference: standard maximum-likelihood training; for chat data the mask covers assistant
     turns only (Ouyang et al. 2022, "Training language models to follow instructions").
+
+    Example:
+      >>> logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+      >>> [round(v, 4) for v in sft_loss(logits, jnp.array([[0, 1]]), jnp.array([[1, 1]]))[0].tolist()]
+      [0.6931, 0.2231]
     """
     fn = "sft_loss"
     _checks.check_rank(fn, "logits", logits, 3)

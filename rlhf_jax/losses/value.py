@@ -31,6 +31,12 @@ def value_loss(
     Returns:
       float32 `[B, T]`, zero where the mask is 0. Reference: Schulman et al. 2017 (PPO) as
       implemented in OpenAI baselines; Ziegler et al. 2019 for language models.
+
+    Example:
+      >>> values, old_values = jnp.array([[0.5, 2.0]]), jnp.array([[0.0, 2.0]])
+      >>> returns, mask = jnp.array([[1.0, 1.0]]), jnp.array([[1, 1]])
+      >>> [round(v, 4) for v in value_loss(values, old_values, returns, mask, clip_range=0.2)[0].tolist()]
+      [0.32, 0.5]
     """
     fn = "value_loss"
     _checks.check_rank(fn, "values", values, 2)

@@ -63,7 +63,12 @@ def _check_unit_interval(owner: str, name: str, value) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Greedy:
-    """Pick the most likely token: `argmax_v logits[v]` (ties: lowest id). Log-probs at T = 1."""
+    """Pick the most likely token: `argmax_v logits[v]` (ties: lowest id). Log-probs at T = 1.
+
+    Example:
+      >>> Greedy().select(jnp.log(jnp.array([[0.1, 0.6, 0.3], [0.4, 0.2, 0.4]])), None).tolist()
+      [1, 0]
+    """
 
     @property
     def temperature(self) -> float:
@@ -107,7 +112,16 @@ class _Tempered:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Categorical(_Tempered):
-    """Sample from `softmax(logits / temperature)` over the full vocabulary."""
+    """Sample from `softmax(logits / temperature)` over the full vocabulary.
+
+    Example (inverse CDF: the CDF of `[0.1, 0.6, 0.3]` is `[0.1, 0.7, 1.0]`):
+      >>> logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]] * 3))
+      >>> Categorical().select(logits, jnp.array([0.05, 0.5, 0.95])).tolist()
+      [0, 1, 2]
+      >>> tokens = Categorical(temperature=0.7).sample(jax.random.key(0), jnp.zeros((1000, 3)))
+      >>> tokens.shape, bool(jnp.all((tokens >= 0) & (tokens < 3)))
+      ((1000,), True)
+    """
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,6 +129,10 @@ class TopK(_Tempered):
     """Sample among the `k` highest logits (tokens tied with the k-th are kept too).
 
     `k >= V` keeps the whole vocabulary.
+
+    Example:
+      >>> jnp.isfinite(TopK(k=2).truncate(jnp.log(jnp.array([[0.1, 0.6, 0.3]])))).tolist()
+      [[False, True, True]]
     """
 
     k: int
@@ -137,6 +155,11 @@ class TopP(_Tempered):
 
     A token is kept when the mass of the tokens strictly more likely than it is `< p`, so the most
     likely token is always kept; `p = 1` keeps the whole vocabulary.
+
+    Example (masses before each token, most likely first: 0, 0.6, 0.9):
+      >>> logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]]))
+      >>> [jnp.isfinite(TopP(p=p).truncate(logits)).tolist() for p in (0.5, 0.65)]
+      [[[False, True, False]], [[False, True, True]]]
     """
 
     p: float
@@ -162,6 +185,11 @@ class MinP(_Tempered):
 
     `p(v) >= p * max p  <=>  z_v >= max z + log p` on tempered logits `z`; `p = 1` keeps only the
     most likely token(s).
+
+    Example (the floor is `p x 0.6`):
+      >>> logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]]))
+      >>> [jnp.isfinite(MinP(p=p).truncate(logits)).tolist() for p in (0.1, 0.4, 0.6)]
+      [[[True, True, True]], [[False, True, True]], [[False, True, False]]]
     """
 
     p: float
@@ -234,6 +262,11 @@ def sample_from_logits(z: jax.Array, u: jax.Array) -> jax.Array:
 
     Returns:
       int32 `[B]` token ids.
+
+    Example (a zero-mass token is skipped even at `u` on its CDF step):
+      >>> z = jnp.log(jnp.array([[0.25, 0.0, 0.75]] * 3))
+      >>> sample_from_logits(z, jnp.array([0.1, 0.25, 0.9])).tolist()
+      [0, 2, 2]
     """
     b, v = z.shape
     nblocks = -(-v // _BLOCK)
