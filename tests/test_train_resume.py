@@ -80,7 +80,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, env):
     assert (straight / "results.json").exists() and (interrupted / "results.json").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, env):
+def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path, env):
     workdir = tmp_path / "run"
     args = ["run", SFT, "--set", f"workdir={workdir}", "--set", "train.steps=100000", "--set", "train.eval_every=0",
             "--set", "checkpoint.every=0", *SMALL]
@@ -95,7 +95,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, env):
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 75, err[-3000:]  # EXIT_PREEMPTED: resume me
     with Checkpointer(workdir / "checkpoints") as ckpt:
         steps = ckpt.all_steps()
     last = read_jsonl(workdir / "metrics.jsonl")[-1]["step"]
