@@ -263,6 +263,31 @@ def _np_ppo(lp, old, adv, mask, eps_low, eps_high, dual=None, sequence=False):
     return loss * mask, metrics
 
 
+def test_preference_metrics_weighted_paired_and_unpaired_by_hand():
+    """The one reducer of TRL's DPO-family metrics, with the weights and global counts the steps pass."""
+    c, r = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.0, 3.0, jnp.nan])  # a NaN where the weight is 0 stays out
+    lc, lr = jnp.array([-1.0, -2.0, -3.0]), jnp.array([-4.0, -5.0, -6.0])
+    w = jnp.array([1.0, 1.0, 0.0])
+    m = L.preference_metrics(c, r, lc, lr, weights=w, count=4.0, extra={"x": jnp.array([2.0, 2.0, 100.0])})
+    want = {"rewards/chosen": 3 / 4, "rewards/rejected": 3 / 4, "rewards/accuracies": 1 / 4,
+            "rewards/margins": 0.0, "logps/chosen": -3 / 4, "logps/rejected": -9 / 4, "x": 1.0}
+    assert set(m) == set(want)
+    for key, value in want.items():
+        assert float(m[key]) == pytest.approx(value, abs=1e-7), key
+    # Unpaired (KTO): desirable and undesirable means over their own subsets; no accuracies.
+    rewards, logps = jnp.array([1.0, 2.0, 3.0, 4.0]), jnp.array([-1.0, -2.0, -3.0, -4.0])
+    good = jnp.array([True, False, True, False])
+    u = L.preference_metrics(rewards, rewards, logps, logps, weights=good, rejected_weights=~good)
+    assert "rewards/accuracies" not in u
+    assert [float(u[k]) for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                                  "logps/rejected")] == [2.0, 3.0, -1.0, -2.0, -3.0]
+    assert float(L.preference_metrics(rewards, rewards, logps, logps, weights=good, count=4.0,
+                                      rejected_weights=~good, rejected_count=1.0)["rewards/margins"]) == 1.0 - 6.0
+    # No weights: plain batch means, as dpo_loss reports them.
+    _, dpo = L.dpo_loss(lc, lr, None, None, beta=0.5)
+    assert float(dpo["rewards/margins"]) == pytest.approx(0.5 * 9 / 3)
+
+
 def test_ppo_hand_computed_clip_and_dual_clip():
     lp = _f32([[np.log(5.0), np.log(1.5), np.log(0.5), 0.0]])
     old = jnp.zeros((1, 4))

@@ -9,7 +9,7 @@ import pytest
 from rlhf_jax import sharding as sh
 from rlhf_jax.state import TrainState, train_state_from_params
 from rlhf_jax.steps import accumulate_gradients, apply_gradients, jit_step, make_update, split_micro_batches
-from rlhf_jax.steps.common import micro_share
+from rlhf_jax.steps.common import jit_model_step, micro_share, step_key
 
 AXES = {"w": ("embed", "mlp")}
 TX = optax.sgd(0.1)
@@ -144,6 +144,29 @@ def test_jit_step_checks_batches_and_donates_state():
     with pytest.raises(sh.ShardingError, match=r"names mesh axes \['expert'\]"):
         jit_step(update, mesh=mesh, strategy=sh.Strategy(name="e", rules={"mlp": "expert"}),
                  state_shardings=shardings)
+
+
+def test_step_keys_are_typed_and_draw_the_raw_keys_bits():
+    """`step_key` wraps the state's raw key data as a typed key; the loss sees typed keys only."""
+    state = _state({"w": jnp.ones(2)})._replace(step=jnp.asarray(3, jnp.int32))
+    key = step_key(state)
+    assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = jax.random.fold_in(state.rng, 3)  # the same stream as the raw-key API
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(key)), np.asarray(raw))
+    assert step_key(state._replace(rng=jax.random.wrap_key_data(state.rng))).dtype == key.dtype  # typed in: kept
+    seen = []
+
+    def loss(params, batch, context, rng):
+        seen.append(rng.dtype)
+        return jnp.sum(params["w"]) * 0.0, {}
+
+    make_update(loss, TX, micro_batches=2)(state, {"x": jnp.zeros((2, 1))})
+    assert seen and all(jax.dtypes.issubdtype(d, jax.dtypes.prng_key) for d in seen)
+
+
+def test_jit_model_step_rejects_a_bad_frozen_count():
+    with pytest.raises(ValueError, match="frozen_params must be an int >= 0, got -1"):
+        jit_model_step(lambda s, b: (s, {}), None, TX, mesh=sh.make_mesh({"data": 8}), strategy="dp", frozen_params=-1)
 
 
 def test_step_rng_is_folded_from_the_step_counter():
