@@ -17,12 +17,14 @@ qwen2 (q/k/v bias, sliding window when every layer uses it), qwen3 (q/k RMSNorm,
 as the scalar head (`CausalLM(config, head="scalar")`); their params carry `score` instead of
 `lm_head`. Old Llama checkpoints that still store `rotary_emb.inv_freq` buffers load (the buffers
 are recomputed from the config, never read).
+
+The config half (`config_from_hf`, `config_to_hf`, `HFCheckpointError`, the token ids of an export)
+lives in `rlhf_jax.models.hf_config`; this module re-exports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -37,262 +39,28 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from rlhf_jax.models.config import ModelConfig, RopeScaling
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.hf_config import (  # noqa: F401 -- re-exported: the public API of this module
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    SUPPORTED_MODEL_TYPES,
+    HFCheckpointError,
+    config_from_dict,
+    config_from_hf,
+    config_to_hf,
+    export_token_ids,
+    read_json,
+    write_json,
+)
 from rlhf_jax.models.transformer import CausalLM, Head
 
-CONFIG_FILE = "config.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_ARCH_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
-# Defaults of the transformers config classes, for keys a config.json may omit.
-_DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
-_DEFAULT_ROPE_THETA = 10000.0
-_DEFAULT_MAX_WINDOW_LAYERS = 28
 # safetensors dtype names; floating ones may be converted to the requested parameter dtype.
 _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
 _DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Buffers that old checkpoints stored and that we recompute from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class HFCheckpointError(ValueError):
-    """A Hugging Face config or checkpoint this package cannot read or write faithfully."""
-
-
-# ---------------------------------------------------------------------------------------- config
-
-
-def config_from_hf(hf_config: Mapping[str, Any] | str | os.PathLike) -> ModelConfig:
-    """Translate a Hugging Face `config.json` (a dict, the file, or its directory) to a `ModelConfig`.
-
-    Reads both the transformers 5 layout (`rope_parameters`) and the older one (`rope_theta` +
-    `rope_scaling`). The parameter dtype is the config's `dtype`/`torch_dtype` (float16 becomes
-    float32, a lossless upcast); the compute dtype equals it. Runtime fields Hugging Face does not
-    describe (`scan_layers`, `remat`) keep their defaults.
-
-    Args:
-      hf_config: a config dict (e.g. `PretrainedConfig.to_dict()`), a path to `config.json`, or a
-        checkpoint directory containing it.
-    Returns:
-      The `ModelConfig`.
-    Raises:
-      FileNotFoundError: no config.json at the path.
-      HFCheckpointError: an unsupported `model_type`, rope type, activation, bias or layer layout,
-        naming the file and the key.
-    """
-    if isinstance(hf_config, Mapping):
-        return _config_from_dict(dict(hf_config), "<config dict>")
-    path = Path(hf_config)
-    file = path / CONFIG_FILE if path.is_dir() else path
-    return _config_from_dict(_read_json(file), str(file))
-
-
-def _config_from_dict(d: dict, source: str) -> ModelConfig:
-    def fail(message):
-        raise HFCheckpointError(f"{source}: {message}")
-
-    def required(key):
-        if d.get(key) is None:
-            fail(f"missing required key {key!r}")
-        return d[key]
-
-    model_type = d.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        fail(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        fail(f"hidden_act {act!r} is not supported (only 'silu', i.e. SwiGLU)")
-    if d.get("mlp_bias"):
-        fail("mlp_bias=true is not supported (the MLP has no biases)")
-    if d.get("attention_bias") and model_type in ("llama", "qwen3"):
-        fail(f"attention_bias=true is not supported for {model_type} (it adds an o_proj bias)")
-
-    num_heads = required("num_attention_heads")
-    hidden = required("hidden_size")
-    head_dim = d.get("head_dim")
-    if head_dim is None:
-        if hidden % num_heads:
-            fail(f"head_dim is absent and hidden_size {hidden} is not a multiple of num_attention_heads {num_heads}")
-        head_dim = hidden // num_heads
-    num_layers = required("num_hidden_layers")
-    max_positions = d.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[model_type]
-    rope_theta, rope_scaling = _rope_from_hf(d, max_positions, fail)
-    dtype = _param_dtype_from_hf(d, fail)
-
-    return ModelConfig(
-        model_type=model_type,
-        vocab_size=required("vocab_size"),
-        hidden_size=hidden,
-        intermediate_size=required("intermediate_size"),
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=d.get("num_key_value_heads") or num_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_positions,
-        rope_theta=float(rope_theta),
-        rope_scaling=rope_scaling,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
-        sliding_window=_sliding_window_from_hf(d, model_type, num_layers, fail),
-        param_dtype=dtype,
-        dtype=dtype,
-        initializer_range=float(d.get("initializer_range", 0.02)),
-        bos_token_id=_token_id(d.get("bos_token_id")),
-        eos_token_id=_token_id(d.get("eos_token_id")),
-        pad_token_id=_token_id(d.get("pad_token_id")),
-    )
-
-
-def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, RopeScaling or None); `rope_scaling` takes precedence, as in transformers."""
-    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
-    if any(isinstance(v, Mapping) for v in params.values()):
-        fail(f"per-layer-type rope parameters are not supported: {params}")
-    theta = params.get("rope_theta", d.get("rope_theta", _DEFAULT_ROPE_THETA))
-    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
-    if partial is not None and partial != 1.0:
-        fail(f"partial_rotary_factor {partial} is not supported (RoPE covers the whole head)")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return theta, None
-    if rope_type != "llama3":
-        fail(f"rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')")
-    for key in ("factor", "low_freq_factor", "high_freq_factor"):
-        if key not in params:
-            fail(f"llama3 rope scaling lacks {key!r}")
-    return theta, RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings") or max_positions),
-    )
-
-
-def _sliding_window_from_hf(d: dict, model_type: str, num_layers: int, fail) -> int | None:
-    """The one window every layer uses, or None; a mix of full and windowed layers is an error."""
-    if model_type == "llama":
-        return None
-    window = d.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
-        window = None
-    if window is None:
-        return None
-    layer_types = d.get("layer_types")
-    if layer_types is None:
-        if model_type == "mistral":
-            return window
-        start = d.get("max_window_layers", _DEFAULT_MAX_WINDOW_LAYERS)
-        layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
-    kinds = set(layer_types)
-    if kinds == {"full_attention"}:
-        return None
-    if kinds == {"sliding_attention"}:
-        return window
-    fail(f"layer_types mixes full and sliding-window attention ({layer_types}); only one kind for all "
-         "layers is supported")
-
-
-def _param_dtype_from_hf(d: dict, fail) -> str:
-    name = d.get("dtype") or d.get("torch_dtype") or "float32"
-    if name in ("float32", "float16"):
-        return "float32"
-    if name == "bfloat16":
-        return "bfloat16"
-    fail(f"dtype {name!r} is not supported (float32, bfloat16 or float16)")
-
-
-def _token_id(value):
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-def config_to_hf(config: ModelConfig, *, head: Head = "lm") -> dict:
-    """The Hugging Face `config.json` dict of a `ModelConfig` (transformers 5 and 4 both read it).
-
-    Writes `rope_parameters` (transformers 5) and the older `rope_theta`/`rope_scaling` keys, and
-    `dtype`/`torch_dtype` from `param_dtype`.
-
-    Args:
-      config: the model configuration.
-      head: "lm" for `*ForCausalLM`, "scalar" for `*ForSequenceClassification` with one label.
-    Returns:
-      A JSON-serializable dict.
-    Raises:
-      HFCheckpointError: the config uses a feature its `model_type` cannot express in transformers
-        (e.g. q/k norm outside qwen3, q/k/v bias outside qwen2, a sliding window in llama).
-    """
-    c = config
-    if head not in ("lm", "scalar"):
-        raise ValueError(f"config_to_hf: head must be 'lm' or 'scalar', got {head!r}")
-
-    def need(field, value, why):
-        if getattr(c, field) != value:
-            raise HFCheckpointError(
-                f"config_to_hf: model_type {c.model_type!r} requires {field}={value!r} ({why}), got "
-                f"{getattr(c, field)!r}"
-            )
-
-    need("qk_norm", c.model_type == "qwen3", "q/k RMSNorm is qwen3's alone")
-    need("attention_bias", c.model_type == "qwen2", "q/k/v bias without o_proj bias is qwen2's alone")
-    if c.model_type == "llama":
-        need("sliding_window", None, "transformers' llama has no sliding window")
-
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-    legacy_scaling = None
-    if c.rope_scaling is not None:
-        legacy_scaling = {"rope_type": "llama3", **dataclasses.asdict(c.rope_scaling)}
-        rope = {**legacy_scaling, "rope_theta": c.rope_theta}
-    suffix = "ForCausalLM" if head == "lm" else "ForSequenceClassification"
-    out = {
-        "model_type": c.model_type,
-        "architectures": [_ARCH_PREFIX[c.model_type] + suffix],
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": c.max_position_embeddings,
-        "initializer_range": c.initializer_range,
-        "rms_norm_eps": c.rms_norm_eps,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "rope_parameters": rope,
-        "rope_theta": c.rope_theta,
-        "rope_scaling": legacy_scaling,
-        "bos_token_id": _json_token_id(c.bos_token_id),
-        "eos_token_id": _json_token_id(c.eos_token_id),
-        "pad_token_id": _json_token_id(c.pad_token_id),
-        "dtype": c.param_dtype,
-        "torch_dtype": c.param_dtype,
-        "use_cache": True,
-    }
-    if c.model_type in ("llama", "qwen3"):
-        out["attention_bias"] = False
-    if c.model_type == "llama":
-        out["mlp_bias"] = False
-    if c.model_type == "mistral":
-        out["sliding_window"] = c.sliding_window
-    if c.model_type in ("qwen2", "qwen3"):
-        windowed = c.sliding_window is not None
-        out["use_sliding_window"] = windowed
-        out["sliding_window"] = c.sliding_window
-        out["max_window_layers"] = 0 if windowed else c.num_layers
-        out["layer_types"] = ["sliding_attention" if windowed else "full_attention"] * c.num_layers
-    if head == "scalar":
-        out["id2label"] = {"0": "LABEL_0"}
-        out["label2id"] = {"LABEL_0": 0}
-    return out
-
-
-def _json_token_id(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 # --------------------------------------------------------------------------------- tensor names
@@ -427,8 +195,8 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None
     if not root.is_dir():
         raise FileNotFoundError(f"load_hf: {root} is not a directory")
     config_file = root / CONFIG_FILE
-    raw = _read_json(config_file)
-    config = _config_from_dict(raw, str(config_file))
+    raw = read_json(config_file)
+    config = config_from_dict(raw, str(config_file))
     if dtype is not None and dtype not in ("float32", "bfloat16"):
         raise ValueError(f"load_hf: dtype must be 'float32', 'bfloat16' or None, got {dtype!r}")
     target = dtype or config.param_dtype
@@ -515,7 +283,7 @@ class _Checkpoint:
         index_file = root / INDEX_FILE
         if index_file.exists():
             self.source = str(index_file)
-            weight_map = _read_json(index_file).get("weight_map")
+            weight_map = read_json(index_file).get("weight_map")
             if not isinstance(weight_map, Mapping):
                 raise HFCheckpointError(f"{index_file}: no 'weight_map' mapping tensor names to files")
             self._file_of = dict(weight_map)
@@ -652,7 +420,7 @@ def save_hf(
     specs, abstract = _checked_specs(config, head)
     flat = _check_params(params, abstract)
     param_dtype = _common_dtype(flat)
-    ids, generation = _token_ids(config, tokenizer)
+    ids, generation = export_token_ids(config, tokenizer)
     hf_config = config_to_hf(config.replace(param_dtype=param_dtype, **ids), head=head)
     itemsize = jnp.dtype(param_dtype).itemsize
     shards = _plan_shards(specs, itemsize, limit)
@@ -660,9 +428,9 @@ def save_hf(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        _write_json(staging / CONFIG_FILE, hf_config)
+        write_json(staging / CONFIG_FILE, hf_config)
         if head == "lm" and generation:
-            _write_json(staging / GENERATION_CONFIG_FILE, generation)
+            write_json(staging / GENERATION_CONFIG_FILE, generation)
         weight_map = {}
         for number, shard in enumerate(shards, start=1):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -674,7 +442,7 @@ def save_hf(
             save_file(tensors, str(staging / file), metadata={"format": "pt"})
         if len(shards) > 1:
             total = sum(int(np.prod(s.hf_shape)) for s in specs) * itemsize
-            _write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         _publish(staging, target)
@@ -682,27 +450,6 @@ def save_hf(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-def _as_ids(value) -> list[int]:
-    return [] if value is None else [int(v) for v in (value if isinstance(value, (tuple, list)) else (value,))]
-
-
-def _token_ids(config: ModelConfig, tokenizer) -> tuple[dict, dict]:
-    """(BOS/EOS/pad ids for config.json, the generation_config.json dict), as `save_hf` documents."""
-    ids = {}
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        ours = getattr(config, name)
-        ids[name] = ours if ours is not None else getattr(tokenizer, name, None)
-    stops = list(dict.fromkeys(_as_ids(config.eos_token_id) + _as_ids(getattr(tokenizer, "eos_token_id", None))))
-    for name, values in [*((n, _as_ids(v)) for n, v in ids.items()), ("eos_token_id", stops)]:
-        if any(not 0 <= v < config.vocab_size for v in values):
-            raise HFCheckpointError(f"save_hf: {name} {values} (model config or tokenizer) is outside the model's "
-                                    f"vocabulary of {config.vocab_size} ids")
-    generation = {k: _json_token_id(v) for k, v in ids.items() if v is not None}
-    if stops:
-        generation["eos_token_id"] = stops[0] if len(stops) == 1 else stops
-    return ids, generation
 
 
 def _check_params(params: Mapping, abstract: dict) -> dict:
@@ -790,23 +537,3 @@ def _parse_size(size: int | str) -> int:
     return value
 
 
-# ------------------------------------------------------------------------------------------ json
-
-
-def _read_json(file: Path) -> dict:
-    if not file.exists():
-        raise FileNotFoundError(f"{file} not found (a Hugging Face checkpoint needs it)")
-    try:
-        with open(file, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise HFCheckpointError(f"{file}: invalid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise HFCheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _write_json(file: Path, data: dict) -> None:
-    with open(file, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
