@@ -230,6 +230,7 @@ def fit(
                 state, metrics = step_fn(state, next(batches))
                 step += 1
                 buffer.append(step, metrics)
+                logger.tick(step)  # the progress bar's rate is per step, though metrics are fetched every few
                 final = step == train.steps
                 if step % logging.every == 0 or final or stop.requested:
                     flush()

@@ -267,7 +267,7 @@ def _trainer(ctx: Context) -> Trainer:
     return Trainer(step=rl_step, batches=batches, extras=extras, evaluate=evaluate)
 
 
-_PROGRESS = ("reward", "kl", "completions/mean_length", "time/generate", "time/update")
+_PROGRESS = ("reward", "kl", "time/generate", "time/reward", "time/reference", "time/update")
 GRPO_RECIPE = Recipe(name="grpo", data_kind=lambda config: "prompt", build=_builder(GRPO, "grpo_step"),
                      trainer=_trainer, progress_keys=_PROGRESS, check=check_rewards)
 PPO_RECIPE = Recipe(name="ppo", data_kind=lambda config: "prompt", build=_builder(PPO, "ppo_step"),
