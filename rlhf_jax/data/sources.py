@@ -100,28 +100,26 @@ def _lines(path: str) -> Iterator[tuple[int, str, DataError | None]]:
     hence line structure and CSV quoting, are kept); a leading UTF-8 BOM is dropped. A damaged
     compressed file raises a `DataError` naming the last good line.
     """
-    lineno, offset = 0, 0
+    lineno = offset = 0
     with _open_binary(path) as f:
-        lines = iter(f)
-        while True:
-            try:
-                raw = next(lines)
-            except StopIteration:
-                return
-            except _COMPRESSED_ERRORS as err:
-                if not path.endswith(".gz"):
-                    raise
-                raise _truncated(path, lineno, err) from None
-            lineno += 1
-            start = offset
-            offset += len(raw)
-            if lineno == 1 and raw.startswith(_BOM):
-                raw, start = raw[len(_BOM):], start + len(_BOM)
-            try:
-                yield lineno, raw.decode("utf-8"), None
-            except UnicodeDecodeError as err:
-                error = DataError(RowRef(path, lineno, "line"), _bad_byte(path, raw, err, start))
-                yield lineno, raw.decode("utf-8", "replace"), error
+        try:
+            for raw in f:
+                lineno += 1
+                start = offset
+                offset += len(raw)
+                if lineno == 1 and raw.startswith(_BOM):
+                    raw, start = raw[len(_BOM):], start + len(_BOM)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    error = DataError(RowRef(path, lineno, "line"), _bad_byte(path, raw, err, start))
+                    yield lineno, raw.decode("utf-8", "replace"), error
+                else:
+                    yield lineno, text, None
+        except _COMPRESSED_ERRORS as err:  # raised by the decompressor, never by the consumer of a line
+            if not path.endswith(".gz"):
+                raise
+            raise _truncated(path, lineno, err) from None
 
 
 def _parse_json_line(line: str) -> Any:
@@ -210,7 +208,7 @@ def _read_csv(path: str) -> Iterator[tuple[RowRef, Any]]:
             last = reader.line_num
             continue
         ref = RowRef(path, reader.line_num, "line")
-        errors = [bad[n] for n in range(last + 1, reader.line_num + 1) if n in bad]
+        errors = [bad[n] for n in range(last + 1, reader.line_num + 1) if n in bad] if bad else ()
         last = reader.line_num
         if header is None:
             if errors:
