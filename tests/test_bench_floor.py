@@ -1,4 +1,4 @@
-"""The benchmarks' shared helpers (experiments/bench_common.py): the matmul floor and the tokenizer.
+"""The benchmarks' shared helpers (benchmarks/bench_common.py): the matmul floor and the tokenizer.
 
 `matmul_flops` is checked against XLA's own cost analysis of a compiled forward pass, and the
 workload totals of WORKLOADS.md are pinned, so a change to either count shows up here. The
@@ -27,7 +27,7 @@ def _load(name: str, path: str):
     return module
 
 
-bench_common = _load("bench_common", os.path.join(ROOT, "experiments", "bench_common.py"))
+bench_common = _load("bench_common", os.path.join(ROOT, "benchmarks", "bench_common.py"))
 
 
 def _workloads_stand_in():

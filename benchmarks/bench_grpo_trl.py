@@ -1,7 +1,7 @@
 """W4 (GRPO step) with TRL's `GRPOTrainer` on this machine: the same-session baseline for `bench_grpo.py`.
 
     pip install trl==1.16.0        # in a separate venv; torch 2.13.0 (CPU) as for the tests
-    python experiments/bench_grpo_trl.py --runs 2
+    python benchmarks/bench_grpo_trl.py --runs 2
 
 PEERS.md's TRL figure (2.932 s/step) was measured on another CPU (an AVX-512 Xeon) than the one this
 repository's benchmarks may run on, so the issue's target (<= 1.3 s, 2.25x faster than TRL) is only

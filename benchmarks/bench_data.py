@@ -1,6 +1,6 @@
 """Data pipeline throughput: tokenized examples/s for 100,000 short preference pairs.
 
-    python experiments/bench_data.py [--pairs 100000] [--repeats 3]
+    python benchmarks/bench_data.py [--pairs 100000] [--repeats 3]
 
 The pairs are `VowelTask().preference_rows(n, seed=0)` (prompt ~5 characters, chosen and rejected
 10-18 characters each), tokenized with the offline character-level tokenizer

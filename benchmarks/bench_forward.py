@@ -1,6 +1,6 @@
 """Forward-pass time of the W1 benchmark model on 8 x 256 tokens, in float32 and bfloat16.
 
-    python experiments/bench_forward.py [--repeats 20] [--dtypes float32,bfloat16]
+    python benchmarks/bench_forward.py [--repeats 20] [--dtypes float32,bfloat16]
 
 The model is the `w1` preset (../shared/bench/WORKLOADS.md: 4-layer Llama, 7,358,720 parameters);
 the tokens are W1's first batch (uniform ids in [4, 8192), `np.random.default_rng(1001)`). Each

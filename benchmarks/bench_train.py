@@ -1,7 +1,7 @@
 """Benchmark: W1 (SFT) and W2 (DPO) step time of rlhf_jax against a hand-written jax + optax step.
 
-    python experiments/bench_train.py                       # W1 + W2, f32 + bf16, 2 runs each
-    python experiments/bench_train.py --workloads w1 --dtypes float32 --runs 1
+    python benchmarks/bench_train.py                       # W1 + W2, f32 + bf16, 2 runs each
+    python benchmarks/bench_train.py --workloads w1 --dtypes float32 --runs 1
 
 Workloads are exactly those of ../shared/bench/WORKLOADS.md (data from its `workloads.py`): the
 7.36 M-parameter Llama, W1 = 8 x 256 tokens of SFT, W2 = 8 DPO pairs (64 + 192 tokens) with a

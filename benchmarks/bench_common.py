@@ -3,7 +3,7 @@ protocol (each measured run is its own process), result files, the torch model a
 tokenizer, and the matmul floor (a workload's matmul FLOPs over this machine's measured matmul
 throughput).
 
-Imported by `bench_*.py` as a sibling module (`python experiments/bench_x.py` puts this directory
+Imported by `bench_*.py` as a sibling module (`python benchmarks/bench_x.py` puts this directory
 on `sys.path`).
 """
 

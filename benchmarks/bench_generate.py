@@ -1,7 +1,7 @@
 """Benchmark W3 (generation) of ../shared/bench/WORKLOADS.md with `rlhf_jax.sampling.Sampler`.
 
-    python experiments/bench_generate.py                           # 1 and 2 devices, f32 + bf16, 2 runs
-    python experiments/bench_generate.py --devices 2 --dtypes float32 --runs 1
+    python benchmarks/bench_generate.py                           # 1 and 2 devices, f32 + bf16, 2 runs
+    python benchmarks/bench_generate.py --devices 2 --dtypes float32 --runs 1
 
 W3: the 7.36 M-parameter Llama (`presets.get_config("w1")`, seed 0), 16 prompts x 64 tokens
 (`workloads.gen_prompts()`), exactly 128 new tokens each, temperature 1 over the full vocabulary, no

@@ -1,7 +1,7 @@
 """Benchmark W4 (GRPO step) of ../shared/bench/WORKLOADS.md with the online RL driver, and its phase split.
 
-    python experiments/bench_grpo.py                      # 2 devices (both cores), 2 runs
-    python experiments/bench_grpo.py --devices 1 --runs 1
+    python benchmarks/bench_grpo.py                      # 2 devices (both cores), 2 runs
+    python benchmarks/bench_grpo.py --devices 1 --runs 1
 
 W4: the 7.36 M-parameter Llama (`presets.get_config("w1")`, seed 0); per step 4 prompts x 8
 generations = 32 completions of exactly 64 new tokens (no EOS stop, temperature 1 over the full
@@ -74,7 +74,7 @@ def run_once(bench_dir: str, devices: int) -> dict:
     from rlhf_jax.sharding import MeshConfig  # noqa: PLC0415
     from rlhf_jax.steps import grpo_config  # noqa: PLC0415
     from rlhf_jax.train import rl  # noqa: PLC0415
-    from rlhf_jax.train.common import DataConfig  # noqa: PLC0415
+    from rlhf_jax.train.run_config import DataConfig  # noqa: PLC0415
 
     w4 = W.W4
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """Benchmark: one training step under several sharding strategies and mesh shapes.
 
-    python experiments/bench_sharding.py                                   # tiny model, 8 simulated CPU devices
-    python experiments/bench_sharding.py --model w1 --devices 8 --batch 8 --seq 256 \\
+    python benchmarks/bench_sharding.py                                   # tiny model, 8 simulated CPU devices
+    python benchmarks/bench_sharding.py --model w1 --devices 8 --batch 8 --seq 256 \\
         --runs "dp:data=8" "fsdp:fsdp=8" "tp:data=4,tensor=2" "fsdp_tp:fsdp=4,tensor=2"
 
 For each `strategy:mesh` it builds the step (`--step sft|reward_model|dpo`), compiles it, runs a
