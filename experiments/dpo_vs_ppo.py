@@ -126,7 +126,7 @@ def main(config: DPOvsPPOConfig) -> dict:
     steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
     model = CausalLM(config.dpo.model)
     policies = [sft_checkpoints] + [load_params(ckpt_dir, model.abstract_params(), step=s) for s in steps]
-    dpo_evals = rl.evaluate(tiny.task_probe(config.ppo), policies=policies, reference=sft_checkpoints)
+    dpo_evals = rl.evaluate(config.ppo, policies=policies, reference=sft_checkpoints, reward_sources=[])
     curves = {"DPO": {"updates": [0] + steps, "gold_reward": [m["eval/gold_reward"] for m in dpo_evals],
                       "kl": [m["eval/kl"] for m in dpo_evals]}}
     # PPO: its own evaluations (same prompts, sampling key and metrics).

@@ -43,7 +43,7 @@ class GRPOTinyConfig:
 
 def get_config(arg: str | None = None) -> GRPOTinyConfig:
     """The tiny CPU configuration; `arg` is a preset name of `GRPO_PRESETS` (default "grpo")."""
-    preset = arg or "grpo"
+    preset = "grpo" if arg in (None, "tiny") else arg
     if preset not in GRPO_PRESETS:
         raise ValueError(f"grpo_tiny: unknown mode {arg!r}; the modes are the presets {sorted(GRPO_PRESETS)}")
     return GRPOTinyConfig(workdir=f"runs/grpo_tiny_{preset}", sft=tiny.arithmetic_sft(),

@@ -35,6 +35,7 @@ import numpy as np
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.config import ConfigError, check_choice
+from rlhf_jax.models import CausalLM
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rewards import PythonReward, RewardModelReward, RewardSource
 from rlhf_jax.rewards.registry import RewardConfig, RewardContext, build_rewards
@@ -168,9 +169,11 @@ def _builder(algorithm_type: type[RLAlgorithm], name: str):
 
 # ------------------------------------------------------------------------------------------ trainer
 
-def _reference_logps(algorithm: RLAlgorithm):
-    """The jitted reference pass `(params, prompts, lengths, completions, group_size=1) -> [N, C]`."""
-    policy, config = algorithm.policy, algorithm.config.algorithm
+def _reference_logps(policy, config):
+    """The jitted reference pass `(params, prompts, lengths, completions, group_size=1) -> [N, C]`.
+
+    `config` is the algorithm section (its sampling `temperature` and LM-head `chunk_size`).
+    """
     return jax.jit(lambda params, pt, pl, ct, group_size=1: completion_logprobs(
         policy, params, pt, pl, ct, temperature=config.temperature, chunk_size=config.chunk_size,
         group_size=group_size)[0], static_argnames="group_size")
@@ -222,7 +225,8 @@ def _trainer(ctx: Context) -> Trainer:
     config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
     algorithm: RLAlgorithm = ctx.program.parts["algorithm"]
     collector, gold = rollout_parts(config, ctx.data, mesh, algorithm.policy, algorithm.group_size, ctx.hooks)
-    sampler, step, ref_logps = collector.sampler, ctx.program.step, _reference_logps(algorithm)
+    sampler, step = collector.sampler, ctx.program.step
+    ref_logps = _reference_logps(algorithm.policy, config.algorithm)
     batches = batches_from(train_batches(ctx.data.train, config.data), ctx.extras)
     ptx_batches = _ptx_batches(config, ctx.data, ctx.extras)
     key = jax.random.key(config.seed)
@@ -301,29 +305,33 @@ def evaluate(config: GRPORunConfig | PPORunConfig, *, policies: Sequence[str | M
              reward_weights: Sequence[float] | None = None) -> list[dict[str, float]]:
     """Evaluate policies as `train` evaluates its own: held-out prompts, sampling, rewards, gold metric.
 
-    Any policy can be compared this way, e.g. a DPO run's against a PPO run's.
+    Any policy can be compared this way, e.g. a DPO run's against a PPO run's. The config supplies
+    the model, held-out data (`data.eval`), sampling (`rollout`, `algorithm.temperature`), the
+    evaluation size (`train.eval_batches`) and seed; nothing of the algorithm's training is built.
 
     Args:
-      config: supplies the model, held-out data, sampling, rewards and evaluation size.
+      config: an RL run config.
       policies: checkpoint or Hugging Face directories, parameter trees, or None (the seeded random
         init); default: `[config.checkpoint.init_from]`.
       reference: a checkpoint or Hugging Face directory of the reference policy for `eval/kl`.
-      reward_sources, reward_weights: as in `train`.
+      reward_sources, reward_weights: as in `train`; `reward_sources=[]` scores with the synthetic
+        task's grader alone (no `eval/reward`).
 
     Returns:
-      One metrics dict per policy.
+      One metrics dict per policy: `eval/reward` (with reward sources), the task's gold metric,
+      `eval/completions/mean_length`, and with `reference` `eval/kl`.
     """
     hooks = {"reward_sources": reward_sources, "reward_weights": reward_weights}
-    recipe = recipe_of(config)
-    recipe.check(config, hooks)
+    if reward_sources is None and "reward_model" in config.rewards.functions and not config.rewards.reward_model:
+        raise ConfigError("rewards.functions includes 'reward_model' but rewards.reward_model is not set")
     data = load_run_data(config, "prompt")
     if data.eval is None:
         raise ConfigError("rl.evaluate needs held-out prompts (data.eval)")
     mesh = config.mesh.make_mesh()
-    algorithm = recipe.build(config, mesh).parts["algorithm"]
-    collector, gold = rollout_parts(config, data, mesh, algorithm.policy, algorithm.group_size, hooks)
-    evaluate_params = policy_eval(config, data, collector, gold, _reference_logps(algorithm))
-    policy, key = algorithm.policy, jax.random.key(config.seed)
+    policy = CausalLM(config.model)
+    collector, gold = rollout_parts(config, data, mesh, policy, 1, hooks)
+    evaluate_params = policy_eval(config, data, collector, gold, _reference_logps(policy, config.algorithm))
+    key = jax.random.key(config.seed)
     ref = None if reference is None else initial_params(policy, reference, rng=key)
     out = []
     for source in [config.checkpoint.init_from] if policies is None else policies:

@@ -20,7 +20,7 @@ from rlhf_jax.train.rollouts import RolloutConfig
 from rlhf_jax.train.run_config import DataConfig
 
 __all__ = ["VOWEL", "ARITHMETIC", "LOG", "sft_stage", "sft_tiny", "vowel_sft", "arithmetic_sft", "vowel_reward_model",
-           "vowel_ppo", "arithmetic_grpo", "vowel_dpo", "task_probe", "probe_metric"]
+           "vowel_ppo", "arithmetic_grpo", "vowel_dpo", "probe_metric"]
 
 VOWEL = VowelTask(relevance_bonus=0.0)
 ARITHMETIC = ArithmeticTask(max_operand=9)
@@ -123,26 +123,13 @@ def vowel_dpo(name: str = "dpo_tiny", algorithm=DPO(loss_type="sigmoid", beta=0.
     )
 
 
-def task_probe(config) -> rl.GRPORunConfig:
-    """A config that evaluates any policy on `config`'s held-out prompts with the task's grader.
-
-    `rl.evaluate(task_probe(config), policies=[...])` samples as the RL driver's evaluation does
-    (`config.rollout`, `config.train.eval_batches`), scoring only with the synthetic task.
-    """
-    rollout = getattr(config, "rollout", RolloutConfig(max_new_tokens=24))
-    return rl.GRPORunConfig(name="probe", model=config.model, data=config.data, seed=config.seed, rollout=rollout,
-                            rewards=RewardConfig(functions=("task",)), algorithm=grpo_config("dapo", group_size=2),
-                            train=config.train, checkpoint=CheckpointConfig())
-
-
 def probe_metric(config, policy: str | None, key: str, *, reference: str | None = None) -> dict[str, float]:
-    """`rl.evaluate` of one policy (a checkpoint, or None for the random init) on `task_probe(config)`.
+    """`rl.evaluate` of one policy (a checkpoint, or None for the random init) with the task's grader alone.
 
     Raises:
       KeyError: `key` is not among the metrics (e.g. `eval/accuracy` on the vowel task).
     """
-    metrics = rl.evaluate(task_probe(config), policies=[policy], reference=reference)[0]
+    metrics = rl.evaluate(config, policies=[policy], reference=reference, reward_sources=[])[0]
     if key not in metrics:
         raise KeyError(f"{key} is not an evaluation metric of this task: {sorted(metrics)}")
     return metrics
-
