@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from step_fixtures import host_params, max_rel_diff, pair_batches, run_steps, tiny_lm
+from rlhf_jax.config import ConfigError
 from rlhf_jax.steps import DPO, KTO, ORPO, SimPO, make_dpo_step
 from rlhf_jax.steps.preference import SequenceLogps
 
@@ -57,14 +58,14 @@ def test_simpo_and_orpo_golden():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: DPO(loss_type="kto"), "DPO.loss_type must be one of"),
-    (lambda: DPO(beta=0.0), "DPO.beta must be > 0"),
-    (lambda: DPO(label_smoothing=0.5), "DPO.label_smoothing"),
-    (lambda: SimPO(nll_weight=-1.0), "SimPO.nll_weight"),
-    (lambda: KTO(reference_point="batch"), "KTO.reference_point"),
+    (lambda: DPO(loss_type="kto"), r"algorithm.loss_type \(DPO\) must be one of"),
+    (lambda: DPO(beta=0.0), r"algorithm.beta \(DPO\) must be > 0, got 0.0"),
+    (lambda: DPO(label_smoothing=0.5), r"algorithm.label_smoothing \(DPO\) must be in \[0, 0.5\)"),
+    (lambda: SimPO(nll_weight=-1.0), r"algorithm.nll_weight \(SimPO\) must be >= 0"),
+    (lambda: KTO(reference_point="batch"), r"algorithm.reference_point \(KTO\)"),
 ])
 def test_objective_validation(make, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         make()
 
 
