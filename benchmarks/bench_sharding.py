@@ -93,6 +93,7 @@ def _run(args) -> list[dict]:
     host_memory.configure_from_env()   # before JAX runs anything (importing rlhf_jax does not)
     from rlhf_jax import compile as aot
     from rlhf_jax import sharding as sh
+    from rlhf_jax.sharding_lint import lint
     from rlhf_jax.models import CausalLM
     from rlhf_jax.models.presets import get_config
     from rlhf_jax.optim import OptimizerConfig, make_optimizer
@@ -131,7 +132,7 @@ def _run(args) -> list[dict]:
         row = {"strategy": strategy, "mesh": shape}
         try:
             mesh = sh.make_mesh(shape)
-            issues = sh.lint(lm.abstract_params(), lm.logical_axes, mesh=mesh, strategy=strategy)
+            issues = lint(lm.abstract_params(), lm.logical_axes, mesh=mesh, strategy=strategy)
             row["mesh"] = dict(mesh.shape)
             row["lint"] = [str(i) for i in issues]
             step = jit_model_step(make(lm, opt), lm, opt, mesh=mesh, strategy=strategy, batch_keys=keys,

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax import sharding as sh
+from rlhf_jax.sharding_lint import format_lint, lint
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.models.presets import PRESETS, get_config
 from rlhf_jax.optim import OptimizerConfig, make_optimizer
@@ -279,10 +280,10 @@ def compile_training_step(config: ModelConfig, *, step: StepKind = "sft", mesh: 
     strategy = sh.check_strategy(strategy, mesh)
     head = "scalar" if step == "reward_model" else "lm"
     model = CausalLM(config, head=head)
-    issues = sh.lint(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
+    issues = lint(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
     errors = [i for i in issues if i.severity == "error"]
     if errors:
-        raise sh.ShardingError("sharding lint found errors:\n" + sh.format_lint(errors))
+        raise sh.ShardingError("sharding lint found errors:\n" + format_lint(errors))
     makers = {"sft": make_sft_step, "reward_model": make_reward_model_step, "dpo": make_dpo_step}
     if step not in makers:
         raise ValueError(f"compile_training_step: step must be one of {sorted(makers)}, got {step!r}")

@@ -1,4 +1,4 @@
-"""Device meshes, sharding strategies as data, parameter / batch placement, and a sharding lint.
+"""Device meshes, sharding strategies as data, parameter / batch placement (the lint: `sharding_lint`).
 
 A *strategy* is a rule table: for each logical axis name a model annotates its parameters with
 (`vocab`, `embed`, `mlp`, `q_heads`, `kv_heads`, `head_dim`, `layers`), the mesh axes that dimension
@@ -26,9 +26,8 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,7 +38,6 @@ __all__ = [
     "MeshConfig",
     "Strategy",
     "ShardingError",
-    "LintIssue",
     "make_mesh",
     "register_strategy",
     "get_strategy",
@@ -51,9 +49,6 @@ __all__ = [
     "batch_axis_size",
     "check_batch",
     "shard_batch",
-    "lint",
-    "format_lint",
-    "warn_lint",
     "check_strategy",
     "activation_sharding",
     "constrain_activations",
@@ -459,105 +454,6 @@ def shard_batch(batch: Mapping[str, Any], *, mesh: Mesh, strategy: str | Strateg
     if jax.process_count() == 1:
         return jax.device_put(dict(batch), sharding)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
-# --------------------------------------------------------------------------------------------- lint
-
-
-@dataclasses.dataclass(frozen=True)
-class LintIssue:
-    """One finding of `lint`: `severity` "error" blocks compilation, "warning" is advice."""
-
-    severity: Literal["error", "warning"]
-    kind: Literal["indivisible", "replicated", "unused_axis", "unknown_axis", "unknown_logical_axis"]
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.severity}: {self.where}: {self.message}"
-
-
-def lint(
-    abstract_params,
-    logical_axes,
-    *,
-    mesh: Mesh,
-    strategy: str | Strategy,
-    replicated_threshold_bytes: int = 1 << 20,
-) -> list[LintIssue]:
-    """Check a placement before compiling: what would fail, and what would waste memory or devices.
-
-    Findings:
-    - error `unknown_axis`: the strategy names a mesh axis the mesh lacks;
-    - error `indivisible`: a parameter dimension is not a multiple of its mesh axes' total size;
-    - warning `replicated`: a parameter of at least `replicated_threshold_bytes` is left whole on
-      every device although the strategy splits parameters over a mesh axis of size > 1;
-    - warning `unused_axis`: a mesh axis of size > 1 splits neither parameters nor the batch, so
-      its devices repeat each other's work;
-    - warning `unknown_logical_axis`: a parameter's logical axis name has no rule and is not one
-      of the model's standard names (likely a typo in a user rule table's counterpart).
-
-    Args:
-      abstract_params: parameter tree of arrays or ShapeDtypeStructs.
-      logical_axes: same tree of logical-axis-name tuples.
-      mesh: the device mesh.
-      strategy: a `Strategy` or registered name.
-      replicated_threshold_bytes: size from which a replicated parameter is reported.
-
-    Returns:
-      A list of `LintIssue`, errors first.
-    """
-    strategy = get_strategy(strategy)
-    issues: list[LintIssue] = []
-    unknown = sorted(strategy.mesh_axes - set(mesh.axis_names))
-    if unknown:
-        return [LintIssue("error", "unknown_axis", f"strategy {strategy.name}",
-                          f"names mesh axes {unknown} that mesh {dict(mesh.shape)} lacks")]
-    _check_trees(abstract_params, logical_axes)
-    specs, problems = _specs(abstract_params, logical_axes, mesh, strategy)
-    issues += [LintIssue("error", "indivisible", path, p) for path, p in problems]
-    param_split = any(mesh.shape[a] > 1 for a in strategy.param_axes)
-    table = strategy.rule_table
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
-    axes_leaves = treedef.flatten_up_to(logical_axes)
-    spec_leaves = treedef.flatten_up_to(specs)
-    for (path, leaf), names, spec in zip(leaves, axes_leaves, spec_leaves):
-        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-        if param_split and not any(s is not None for s in spec) and nbytes >= replicated_threshold_bytes:
-            issues.append(LintIssue(
-                "warning", "replicated", _path_str(path),
-                f"{nbytes / 2**20:.1f} MiB {tuple(leaf.shape)} with logical axes {tuple(names)} is "
-                f"replicated on every device; add a rule for one of its axes to split it",
-            ))
-        for n in names:
-            if n is not None and n not in table and n not in LOGICAL_AXES and n != "batch":
-                issues.append(LintIssue(
-                    "warning", "unknown_logical_axis", _path_str(path),
-                    f"logical axis {n!r} has no rule in strategy {strategy.name!r} and is not a standard name",
-                ))
-    used = set(strategy.batch_axes) | strategy.param_axes
-    for axis, size in mesh.shape.items():
-        if size > 1 and axis not in used:
-            issues.append(LintIssue(
-                "warning", "unused_axis", f"mesh axis {axis}",
-                f"size {size} splits neither parameters nor the batch under strategy "
-                f"{strategy.name!r}: its devices repeat the same work",
-            ))
-    return sorted(issues, key=lambda i: i.severity != "error")
-
-
-def format_lint(issues: Sequence[LintIssue]) -> str:
-    """One line per finding, or 'sharding lint: clean'."""
-    if not issues:
-        return "sharding lint: clean"
-    return "\n".join(str(i) for i in issues)
-
-
-def warn_lint(issues: Sequence[LintIssue]) -> None:
-    """Emit each warning-level finding as a Python warning (errors are raised elsewhere)."""
-    for issue in issues:
-        if issue.severity == "warning":
-            warnings.warn(str(issue), stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------- activations

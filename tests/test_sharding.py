@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import sharding as sh
+from rlhf_jax.sharding_lint import format_lint, lint
 from rlhf_jax.models import CausalLM
 from rlhf_jax.testing import tiny_config
 
@@ -54,7 +55,7 @@ def test_strategy_naming_an_unknown_mesh_axis_is_an_error():
     strategy = sh.Strategy(name="experts", rules={"mlp": "expert"})
     with pytest.raises(sh.ShardingError, match=r"names mesh axes \['expert'\] that the mesh lacks"):
         sh.param_shardings(LM.abstract_params(), LM.logical_axes, mesh=sh.make_mesh(), strategy=strategy)
-    issues = sh.lint(LM.abstract_params(), LM.logical_axes, mesh=sh.make_mesh(), strategy=strategy)
+    issues = lint(LM.abstract_params(), LM.logical_axes, mesh=sh.make_mesh(), strategy=strategy)
     assert [i.kind for i in issues] == ["unknown_axis"]
 
 
@@ -96,14 +97,14 @@ def test_lint_reports_replicated_parameters_and_unused_axes():
     # Only the MLP is split: the 64 KiB embedding and LM head stay whole although tensor = 2.
     strategy = sh.Strategy(name="mlp_only", rules={"mlp": "tensor"}, batch_axes=("data",))
     mesh = sh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    issues = sh.lint(LM.abstract_params(), LM.logical_axes, mesh=mesh, strategy=strategy,
+    issues = lint(LM.abstract_params(), LM.logical_axes, mesh=mesh, strategy=strategy,
                      replicated_threshold_bytes=60 * 1024)
     found = {(i.kind, i.where) for i in issues}
     assert found == {("replicated", "embed"), ("replicated", "lm_head"), ("unused_axis", "mesh axis fsdp")}
     assert all(i.severity == "warning" for i in issues)
     assert "0.1 MiB (256, 64)" in str(next(i for i in issues if i.where == "embed"))
-    assert sh.lint(LM.abstract_params(), LM.logical_axes, mesh=mesh, strategy="fsdp_tp") == []
-    assert sh.format_lint([]) == "sharding lint: clean"
+    assert lint(LM.abstract_params(), LM.logical_axes, mesh=mesh, strategy="fsdp_tp") == []
+    assert format_lint([]) == "sharding lint: clean"
 
 
 def test_batch_sharding_and_divisibility():

@@ -33,6 +33,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as sh
+from rlhf_jax.sharding_lint import lint, warn_lint
 from rlhf_jax.config import NonFinitePolicy
 from rlhf_jax.optim import OptimizerConfig, global_norm, make_optimizer, make_schedule
 from rlhf_jax.state import TrainState, abstract_train_state, train_state_shardings
@@ -402,7 +403,7 @@ def model_state_shardings(model, optimizer: optax.GradientTransformation, *, mes
     Runs the sharding lint first: errors (an axis the mesh lacks, indivisible dimensions) raise
     `ShardingError`, warnings (large replicated parameters, idle mesh axes) become Python warnings.
     """
-    sh.warn_lint(sh.lint(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy))
+    warn_lint(lint(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy))
     abstract = abstract_train_state(model.init, optimizer)
     return train_state_shardings(abstract, model.logical_axes, optimizer, mesh=mesh, strategy=strategy)
 
