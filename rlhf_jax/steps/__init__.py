@@ -5,8 +5,9 @@ the state donated (`common.jit_step`, or `common.jit_model_step` for one-model s
 
 `common` holds the reusable pieces (gradient accumulation, the guarded update, `jit_step`),
 `sequences` the batch -> log-prob helpers, `supervised` SFT and reward-model steps, `preference`
-the DPO family, SimPO, ORPO and KTO, `policy_gradient` what the online RL steps share, `grpo` the
-GRPO family (`grpo_objective`) and `ppo` PPO with a critic (`ppo_objective`).
+the DPO-family step (its objectives DPO, SimPO, ORPO and KTO in `preference_objectives`),
+`policy_gradient` what the online RL steps share, `grpo` the GRPO family (`grpo_objective`) and
+`ppo` PPO with a critic (`ppo_objective`).
 """
 
 from rlhf_jax.steps.common import (
