@@ -4,7 +4,6 @@ resumes, from the newest intact checkpoint when the newest one is corrupt."""
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -13,12 +12,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from killed_runs import ROOT, flip_byte
 
 from rlhf_jax.checkpoint import Checkpointer, load_params
 from rlhf_jax.cli import EXIT_PREEMPTED
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def _command(workdir, steps):
     sets = [f"workdir={workdir}", f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1",
@@ -69,11 +66,7 @@ def test_sigterm_exits_75_and_reruns_resume_from_the_newest_intact_checkpoint(tm
     # A flipped byte in the newest step: the same command falls back to the step before it (with a
     # warning naming both), trains again from there and ends with bit-identical parameters.
     step_dir = workdir / "checkpoints" / str(stopped + 2)
-    files = [pathlib.Path(r) / f for r, _, fs in os.walk(step_dir / "params") for f in fs]
-    weights = max(files, key=lambda f: f.stat().st_size)
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    weights.write_bytes(bytes(data))
+    weights = flip_byte(step_dir)
     rerun = subprocess.run(_command(workdir, stopped + 2), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     bad = weights.relative_to(step_dir)

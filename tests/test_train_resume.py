@@ -4,46 +4,19 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import chex
-import pytest
+from killed_runs import ROOT, cli_env, run_cli  # noqa: F401 (cli_env is a fixture)
 
 from rlhf_jax.checkpoint import Checkpointer, load_params
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.models import CausalLM
 from rlhf_jax.testing import tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "experiments", "sft_tiny.py")
 SMALL = ["--set", "data.num_train=256", "--set", "data.num_eval=32", "--set", "data.batch_size=8",
          "--set", "train.eval_batches=1", "--set", "logging.tensorboard=false", "--set", "logging.console=false"]
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocess environment sharing one persistent compilation cache: the runs of this module
-    compile the same programs, so only the first pays for compiling them."""
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-# Runs the CLI, but SIGKILLs the process as soon as checkpoint 3 is on disk.
-_KILL_AFTER_3 = textwrap.dedent("""
-    import os, signal, sys
-    from rlhf_jax import checkpoint
-    save = checkpoint.Checkpointer.save
-    def save_then_die(self, step, *args, **kwargs):
-        written = save(self, step, *args, **kwargs)
-        if step == 3:
-            self.wait()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return written
-    checkpoint.Checkpointer.save = save_then_die
-    from rlhf_jax.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
 
 
 def _args(workdir, steps=6):
@@ -56,20 +29,15 @@ def _final_params(workdir):
     return load_params(os.path.join(workdir, "checkpoints"), abstract, step=6)
 
 
-def _cli(env, args, code=None):
-    command = [sys.executable, "-m", "rlhf_jax"] if code is None else [sys.executable, "-c", code]
-    return subprocess.run([*command, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, env):
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, cli_env):  # noqa: F811
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    done = _cli(env, _args(straight))
+    done = run_cli(_args(straight), env=cli_env)
     assert done.returncode == 0, done.stderr[-3000:]
-    killed = _cli(env, _args(interrupted), code=_KILL_AFTER_3)
+    killed = run_cli(_args(interrupted), env=cli_env, kill="saved:3")  # SIGKILL once checkpoint 3 is on disk
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     with Checkpointer(interrupted / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [3]
-    resumed = _cli(env, _args(interrupted))
+    resumed = run_cli(_args(interrupted), env=cli_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     a, b = _final_params(straight), _final_params(interrupted)
@@ -80,11 +48,11 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, env):
     assert (straight / "results.json").exists() and (interrupted / "results.json").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path, env):
+def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path, cli_env):  # noqa: F811
     workdir = tmp_path / "run"
     args = ["run", SFT, "--set", f"workdir={workdir}", "--set", "train.steps=100000", "--set", "train.eval_every=0",
             "--set", "checkpoint.every=0", *SMALL]
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax", *args], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax", *args], env=cli_env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
