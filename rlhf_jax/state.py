@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -30,6 +32,9 @@ from jax.sharding import Mesh, NamedSharding
 from rlhf_jax import sharding as sh
 
 __all__ = [
+    "Frozen",
+    "trainable_view",
+    "with_trainable",
     "TrainState",
     "RLState",
     "as_raw_key",
@@ -43,13 +48,44 @@ __all__ = [
 ]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """A parameter subtree that is carried and sharded like any other but never trained.
+
+    A pytree node (its arrays are leaves: they are placed, donated and checkpointed as usual);
+    `trainable_view` hides it from the gradient and the optimizer.
+    """
+
+    tree: Any
+
+
+def _is_frozen(x: Any) -> bool:
+    return isinstance(x, Frozen)
+
+
+def trainable_view(params: Any) -> Any:
+    """`params` with every `Frozen` subtree replaced by `optax.MaskedNode()` (a node without leaves).
+
+    What gradients, optimizer states and updates are shaped like: `optimizer.init(trainable_view(p))`
+    holds no state for frozen weights, and `jax.grad` with respect to the view never computes
+    their gradients. The identity for a tree without `Frozen` nodes.
+    """
+    return jax.tree.map(lambda x: optax.MaskedNode() if _is_frozen(x) else x, params, is_leaf=_is_frozen)
+
+
+def with_trainable(view: Any, params: Any) -> Any:
+    """The full parameter tree: trained leaves from `view`, `Frozen` subtrees from `params`."""
+    return jax.tree.map(lambda p, v: p if _is_frozen(p) else v, params, view, is_leaf=_is_frozen)
+
+
 class TrainState(NamedTuple):
     """One model's training state.
 
     Attributes:
       step: int32 scalar, the number of steps taken (skipped non-finite updates included).
-      params: the parameter tree.
-      opt_state: the optax state of those parameters.
+      params: the parameter tree (`Frozen` subtrees included).
+      opt_state: the optax state of `trainable_view(params)`.
       rng: uint32[2] base key; step `s` uses `jax.random.fold_in(rng, s)`.
     """
 
@@ -104,7 +140,8 @@ def init_train_state(init_params: Callable[[jax.Array], Any], optimizer: optax.G
     """
     key = as_raw_key(rng)
     params = init_params(jax.random.fold_in(key, 0))
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.random.fold_in(key, 1))
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(trainable_view(params)),
+                      jax.random.fold_in(key, 1))
 
 
 def abstract_train_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation) -> TrainState:
@@ -116,9 +153,10 @@ def _opt_state_shardings(optimizer, abstract_opt_state, abstract_params, param_s
     """Shard each optimizer leaf shaped like its parameter (Adam's mu, nu, ...) like that parameter.
 
     Leaves of other shapes (Adafactor's factored row / column statistics), counters and scalars
-    are replicated.
+    are replicated. Parameters and shardings are full trees; the optimizer sees their trainable views.
     """
     rep = sh.replicated(mesh)
+    abstract_params, param_shards = trainable_view(abstract_params), trainable_view(param_shards)
 
     def like_param(leaf, shard, param):
         same = tuple(getattr(leaf, "shape", ())) == tuple(param.shape)
@@ -193,10 +231,11 @@ def train_state_from_params(params: Any, optimizer: optax.GradientTransformation
     The optimizer state is created under `jit` directly in the parameters' shardings.
     """
     params = place_params(params, logical_axes, mesh=mesh, strategy=strategy)
-    abstract_opt = jax.eval_shape(optimizer.init, params)
+    init = lambda p: optimizer.init(trainable_view(p))  # noqa: E731
+    abstract_opt = jax.eval_shape(init, params)
     param_shards = jax.tree.map(lambda x: x.sharding, params)
     opt_shards = _opt_state_shardings(optimizer, abstract_opt, params, param_shards, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shards)(params)
+    opt_state = jax.jit(init, out_shardings=opt_shards)(params)
     rep = sh.replicated(mesh)
     key = jax.device_put(jax.random.fold_in(as_raw_key(rng), 1), rep)
     return TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params, opt_state, key)

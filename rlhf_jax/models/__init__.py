@@ -5,3 +5,4 @@ from rlhf_jax.models.transformer import CausalLM, KVCache, ModelOutput, Transfor
 from rlhf_jax.models.heads import gather_last, init_scalar_head, last_token_index, scalar_head
 from rlhf_jax.models.hf import HFCheckpointError, config_from_hf, config_to_hf, load_hf, save_hf
 from rlhf_jax.models.presets import PRESETS, get_config
+from rlhf_jax.models.lora import LoraConfig, LoraLM

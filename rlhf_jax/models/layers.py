@@ -148,10 +148,59 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
-def _project_heads(x, w):
-    """x [B, T, E] · w [E, H, D] -> [B, T, H, D] (one [E, H·D] matmul)."""
+def adapted_dense(x, w, adapter=None, dropout=None):
+    """y = x·W + (drop(x)·A)·B: a dense layer with an unmerged low-rank adapter (LoRA; Hu et al. 2021).
+
+    Args:
+      x: [..., K] activations.
+      w: [K, N] frozen kernel (compute dtype).
+      adapter: None (y = x·W) or a mapping with `a` [K, r] and `b` [r, N], the LoRA scale already
+        folded into `b` (`rlhf_jax.models.lora`); both are cast to `x`'s dtype.
+      dropout: None or `(rate, key)`: inverted dropout on the adapter's input only (PEFT's
+        `lora_dropout`); the frozen path always sees `x`.
+
+    Returns:
+      [..., N] in `x`'s dtype. Computing `x·W` and the rank-r path separately never forms
+      `W + A·B` and never needs the gradient of `W` (a frozen weight costs no `xᵀ·dy` matmul).
+    """
+    y = dense(x, w)
+    if adapter is None:
+        return y
+    return y + low_rank(x, adapter, dropout)
+
+
+def low_rank(x, adapter, dropout=None, out_dtype=None):
+    """The adapter's update alone: (drop(x)·A)·B, `adapter` = {`a` [K, r], `b` [r, N]} (scale in `b`)."""
+    if dropout is not None:
+        rate, key = dropout
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return dense(dense(x, adapter["a"].astype(x.dtype)), adapter["b"].astype(x.dtype), out_dtype)
+
+
+def _flat_adapter(adapter):
+    """An adapter of a multi-axis kernel (`a` [in..., r], `b` [r, out...]) as 2-D `a` [K, r], `b` [r, N]."""
+    if adapter is None:
+        return None
+    a, b = adapter["a"], adapter["b"]
+    return {"a": a.reshape(-1, a.shape[-1]), "b": b.reshape(b.shape[0], -1)}
+
+
+def _dropout(dropout, name: str):
+    """The `(rate, key)` of one adapted projection (an independent mask per projection, as PEFT)."""
+    if dropout is None:
+        return None
+    rate, key = dropout
+    return rate, jax.random.fold_in(key, _PROJECTIONS.index(name))
+
+
+_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _project_heads(x, w, adapter=None, dropout=None):
+    """x [B, T, E] · w [E, H, D] -> [B, T, H, D] (one [E, H·D] matmul), plus an adapter's update."""
     e, h, d = w.shape
-    return dense(x, w.reshape(e, h * d)).reshape(*x.shape[:-1], h, d)
+    return adapted_dense(x, w.reshape(e, h * d), _flat_adapter(adapter), dropout).reshape(*x.shape[:-1], h, d)
 
 
 class Attention(nnx.Module):
@@ -173,17 +222,19 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, "head_dim", c)
             self.k_norm = RMSNorm(d, "head_dim", c)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None, adapters=None, dropout=None):
         """x [B, T, E]; mask bool [B, T, S]; kv_cache (k, v) each [B, Hkv, S, D] or None.
 
         The cache keeps heads before slots so that attention over it is a plain batched matmul
-        (batch dims b, k leading) with no per-step transpose of the cache.
+        (batch dims b, k leading) with no per-step transpose of the cache. `adapters`: this layer's
+        LoRA adapters by projection name (`q`, `k`, `v`, `o`), see `adapted_dense`.
         """
         c = self.config
         dt = c.jnp_dtype
-        q = _project_heads(x, self.q_proj[...].astype(dt))
-        k = _project_heads(x, self.k_proj[...].astype(dt))
-        v = _project_heads(x, self.v_proj[...].astype(dt))
+        adapters = adapters or {}
+        q = _project_heads(x, self.q_proj[...].astype(dt), adapters.get("q"), _dropout(dropout, "q"))
+        k = _project_heads(x, self.k_proj[...].astype(dt), adapters.get("k"), _dropout(dropout, "k"))
+        v = _project_heads(x, self.v_proj[...].astype(dt), adapters.get("v"), _dropout(dropout, "v"))
         if c.attention_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -213,7 +264,8 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum(f"bkgts,{kv_axes}->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
         o_proj = self.o_proj[...].astype(dt)
-        return dense(out.reshape(b, t, -1), o_proj.reshape(-1, o_proj.shape[-1])), kv_cache
+        return adapted_dense(out.reshape(b, t, -1), o_proj.reshape(-1, o_proj.shape[-1]),
+                             _flat_adapter(adapters.get("o")), _dropout(dropout, "o")), kv_cache
 
 
 class MLP(nnx.Module):
@@ -226,10 +278,15 @@ class MLP(nnx.Module):
         self.up_proj = param(rngs, (e, f), ("embed", "mlp"), config)
         self.down_proj = param(rngs, (f, e), ("mlp", "embed"), config)
 
-    def __call__(self, x):
+    def __call__(self, x, adapters=None, dropout=None):
         dt = self.config.jnp_dtype
-        gate = jax.nn.silu(dense(x, self.gate_proj[...].astype(dt)))
-        return dense(gate * dense(x, self.up_proj[...].astype(dt)), self.down_proj[...].astype(dt))
+        adapters = adapters or {}
+
+        def proj(name, h):
+            w = getattr(self, f"{name}_proj")[...].astype(dt)
+            return adapted_dense(h, w, adapters.get(name), _dropout(dropout, name))
+
+        return proj("down", jax.nn.silu(proj("gate", x)) * proj("up", x))
 
 
 class Block(nnx.Module):
@@ -241,8 +298,10 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, "embed", config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None):
-        attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_positions)
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None, adapters=None, dropout=None):
+        """`adapters`: this layer's LoRA adapters by projection name; `dropout`: `(rate, key)` or None."""
+        attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_positions,
+                                       adapters, dropout)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x + self.mlp(self.post_attn_norm(x), adapters, dropout)
         return x, kv_cache

@@ -21,7 +21,7 @@ from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import SCALAR_HEAD_AXES, scalar_head
-from rlhf_jax.models.layers import Block, RMSNorm, dense, init_params_from_metadata, param, rope_angles
+from rlhf_jax.models.layers import Block, RMSNorm, dense, init_params_from_metadata, low_rank, param, rope_angles
 from rlhf_jax.sharding import constrain_activations
 
 _F32 = jnp.float32
@@ -108,11 +108,19 @@ class Transformer(nnx.Module):
             return self.embed[...].T
         return self.lm_head[...]
 
-    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None):
+    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None, adapters=None,
+                 dropout=None):
+        """`adapters`: LoRA adapters applied unmerged (`rlhf_jax.models.lora`): `layers` (per projection
+        name, stacked on the layer axis), `embed`, `lm_head`, each `{a, b}` with the scale in `b`;
+        `dropout`: `(rate, key)` of the adapters' input dropout, or None."""
         c = self.config
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+        adapters = adapters or {}
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.jnp_dtype)
+        if adapters.get("embed") is not None:  # PEFT's Embedding: x += A[tokens] · B, no dropout
+            a, b = adapters["embed"]["a"], adapters["embed"]["b"]
+            x = x + dense(jnp.take(a, tokens, axis=0).astype(x.dtype), b.astype(x.dtype))
         cos, sin = rope_angles(positions, c)
         mask = attention_mask(
             positions, segment_ids,
@@ -120,11 +128,14 @@ class Transformer(nnx.Module):
             sliding_window=c.sliding_window,
         )
         layer_graph, layer_params = nnx.split(self.layers)
+        layer_adapters = adapters.get("layers")
+        rate, layer_keys = (None, None) if dropout is None else (dropout[0], jax.random.split(dropout[1], c.num_layers))
 
         def layer(x, xs):
-            params, kv = xs
+            params, kv, ad, key = xs
             x = constrain_activations(x)  # batch-split residual stream under a step's sharding context
-            x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions)
+            x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions, ad,
+                                                   None if key is None else (rate, key))
             return x, kv
 
         if c.remat != "none":
@@ -133,11 +144,11 @@ class Transformer(nnx.Module):
 
         kv_stack = None if cache is None else (cache.k, cache.v)
         if c.scan_layers:
-            x, kv_stack = jax.lax.scan(layer, x, (layer_params, kv_stack))
+            x, kv_stack = jax.lax.scan(layer, x, (layer_params, kv_stack, layer_adapters, layer_keys))
         else:
             new_kv = []
             for i in range(c.num_layers):
-                x, kv = layer(x, jax.tree.map(lambda a: a[i], (layer_params, kv_stack)))
+                x, kv = layer(x, jax.tree.map(lambda a: a[i], (layer_params, kv_stack, layer_adapters, layer_keys)))
                 new_kv.append(kv)
             if cache is not None:
                 kv_stack = tuple(jnp.stack(parts) for parts in zip(*new_kv))
@@ -148,6 +159,9 @@ class Transformer(nnx.Module):
         if self.head == "lm":
             w = self.lm_head_weight().astype(c.jnp_dtype)
             logits = dense(hidden, w, _F32)
+            if adapters.get("lm_head") is not None:
+                head_dropout = None if dropout is None else (rate, jax.random.fold_in(dropout[1], c.num_layers))
+                logits = logits + low_rank(hidden, adapters["lm_head"], head_dropout, _F32)
         else:
             values = scalar_head(self.score[...], hidden)
         return ModelOutput(logits, values, hidden, new_cache)
@@ -189,7 +203,8 @@ class CausalLM:
         """The NNX module holding `params` (for notebook use; the trainer calls `forward`)."""
         return nnx.merge(self.graphdef, nnx.State(params))
 
-    def forward(self, params, tokens, positions=None, segment_ids=None, *, cache=None) -> ModelOutput:
+    def forward(self, params, tokens, positions=None, segment_ids=None, *, cache=None, adapters=None,
+                dropout=None) -> ModelOutput:
         """Run the model on right-padded `tokens` [B, T].
 
         Args:
@@ -199,6 +214,8 @@ class CausalLM:
             with a cache, the absolute position (= cache slot) of each token.
           segment_ids: int [B, T] for packed rows (0 = padding); attention stays within a segment.
           cache: a `KVCache` from `init_cache` to read and update (prefill or decode).
+          adapters: LoRA adapters applied unmerged (`rlhf_jax.models.lora.LoraLM` passes them).
+          dropout: `(rate, key)` of the adapters' input dropout, or None.
         Returns:
           `ModelOutput(logits, values, hidden, cache)`.
         """
@@ -211,7 +228,7 @@ class CausalLM:
             raise ValueError(f"positions shape {jnp.shape(positions)} != tokens shape {tokens.shape}")
         if segment_ids is not None and jnp.shape(segment_ids) != tokens.shape:
             raise ValueError(f"segment_ids shape {jnp.shape(segment_ids)} != tokens shape {tokens.shape}")
-        return self.module(params)(tokens, positions, segment_ids, cache)
+        return self.module(params)(tokens, positions, segment_ids, cache, adapters, dropout)
 
     def lm_head_weight(self, params):
         """The [E, V] output projection, for chunked log-probs from hidden states."""

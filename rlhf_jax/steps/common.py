@@ -36,7 +36,7 @@ from rlhf_jax import sharding as sh
 from rlhf_jax.sharding_lint import lint, warn_lint
 from rlhf_jax.config import NonFinitePolicy
 from rlhf_jax.optim import OptimizerConfig, global_norm, make_optimizer, make_schedule
-from rlhf_jax.state import TrainState, abstract_train_state, train_state_shardings
+from rlhf_jax.state import TrainState, abstract_train_state, train_state_shardings, trainable_view, with_trainable
 
 __all__ = [
     "Metrics",
@@ -132,6 +132,8 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: Batch, context: Ma
     equal the full-batch loss and gradient. Gradients accumulate in float32 inside a `lax.scan`
     and are cast back to the parameters' dtypes. Metrics are averaged over micro-batches (equal
     sized, so per-example means are exact). Micro-batch `k` gets the key `fold_in(rng, k)`.
+    Gradients are taken with respect to `trainable_view(params)` only: `Frozen` subtrees (LoRA's
+    base weights) get no gradient buffers and their weight gradients are never computed.
 
     Args:
       loss_fn: `(params, micro_batch, context, rng) -> (scalar loss, metrics)`.
@@ -142,10 +144,12 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: Batch, context: Ma
       micro_batches: number of micro-batches (1 = the whole batch at once).
 
     Returns:
-      `(loss, grads, metrics)`.
+      `(loss, grads, metrics)`; `grads` is shaped like `trainable_view(params)`.
     """
     _check_positive_int("accumulate_gradients", "micro_batches", micro_batches)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    full_params = params
+    params = trainable_view(full_params)
+    grad_fn = jax.value_and_grad(lambda view, *args: loss_fn(with_trainable(view, full_params), *args), has_aux=True)
     if micro_batches == 1:
         (loss, metrics), grads = grad_fn(params, batch, context, jax.random.fold_in(rng, 0))
         return loss, grads, metrics
@@ -181,7 +185,8 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
 
     Args:
       state: the `TrainState` before the update.
-      grads: gradients shaped like `state.params`.
+      grads: gradients shaped like `trainable_view(state.params)` (`accumulate_gradients`);
+        `Frozen` subtrees of the parameters are carried over unchanged.
       loss: the scalar loss the gradients came from.
       optimizer: the optax transform.
       nonfinite: "skip", "halt" or "off".
@@ -194,13 +199,14 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
     if nonfinite not in get_args(NonFinitePolicy):
         raise ValueError(f"apply_gradients: nonfinite must be one of {get_args(NonFinitePolicy)}, got {nonfinite!r}")
     grad_norm = global_norm(grads)
+    trained = trainable_view(state.params)
 
     def update(_):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return optax.apply_updates(state.params, updates), opt_state
+        updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+        return optax.apply_updates(trained, updates), opt_state
 
     def keep():
-        return state.params, state.opt_state, jnp.array(False)
+        return trained, state.opt_state, jnp.array(False)
 
     def guarded_update(_):
         params, opt_state = update(None)
@@ -218,7 +224,7 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
         metrics["nonfinite"] = (~ok).astype(jnp.float32)
         if nonfinite == "halt":
             metrics["halt"] = metrics["nonfinite"]
-    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+    return TrainState(state.step + 1, with_trainable(params, state.params), opt_state, state.rng), metrics
 
 
 def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,

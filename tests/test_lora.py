@@ -1,0 +1,196 @@
+"""LoRA adapters: PEFT's initialisation, the invariants of adapted training, sharding, bad configs.
+
+- zero-initialised adapters leave the model unchanged: the first LoRA loss equals the full model's
+  loss exactly (==);
+- only adapters train: the base is bit-identical after steps and the optimizer holds state for
+  the adapters alone;
+- after training, merged weights (W + s·A·B) give the unmerged forward's logits within 1e-5;
+- the reference (base with adapters off) gives the base model's log-probs bit for bit;
+- a step on every sharding strategy equals the single-device step.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from step_fixtures import FAST_COMPILE, OPTIMIZER, STRATEGY_MESHES, host_params, mesh_for, sft_batches, \
+    single_device_mesh
+
+from rlhf_jax.config import ConfigError
+from rlhf_jax.logprobs import token_logprobs
+from rlhf_jax.models import CausalLM
+from rlhf_jax.models.lora import TARGETS, LoraConfig, LoraLM, base_params, init_adapters
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.sharding_lint import lint
+from rlhf_jax.state import Frozen, train_state_from_params, trainable_view
+from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_step
+from rlhf_jax.testing import tiny_config
+
+ALL = LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
+BATCHES = sft_batches(3)
+
+
+def _lora_lm(lora=ALL):
+    return LoraLM(CausalLM(tiny_config()), lora)
+
+
+def _run(lm, params, *, shape=None, strategy="dp", batches=BATCHES):
+    """Steps of `make_sft_step` from `params`; returns (final TrainState, metrics per step)."""
+    mesh = single_device_mesh() if shape is None else mesh_for(shape)
+    state = train_state_from_params(params, make_optimizer(OPTIMIZER), rng=0, logical_axes=lm.logical_axes,
+                                    mesh=mesh, strategy=strategy)
+    step = jit_model_step(make_sft_step(lm, OPTIMIZER), lm, OPTIMIZER, mesh=mesh, strategy=strategy,
+                          batch_keys=SFT_KEYS)
+    compiled = step.lower(state, batches[0]).compile(compiler_options=FAST_COMPILE)
+    history = []
+    for batch in batches:
+        state, metrics = compiled(state, batch)
+        history.append({k: float(v) for k, v in metrics.items()})
+    return state, history
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Three LoRA SFT steps (all targets) from the shared tiny base, and the full model's first step."""
+    lm = _lora_lm()
+    start = jax.tree.map(np.asarray, lm.init_from_base(host_params(), jax.random.key(1)))  # host: never donated
+    state, history = _run(lm, start)
+    _, full_history = _run(CausalLM(tiny_config()), host_params(), batches=BATCHES[:1])
+    return lm, start, state, history, full_history
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+def test_config_validation_names_the_field_and_the_choices():
+    with pytest.raises(ConfigError, match=r"lora.rank must be a positive int, got 0"):
+        LoraConfig(rank=0)
+    with pytest.raises(ConfigError, match=r"lora.rank"):
+        LoraConfig(rank=-2)
+    with pytest.raises(ConfigError, match=r"\['q_proj', 'mlp'\] match no projection.*q, k, v, o, gate, up, down, "
+                                          r"embed, lm_head"):
+        LoraConfig(targets=("q_proj", "v", "mlp"))
+    with pytest.raises(ConfigError, match=r"lora.dropout must be in \[0, 1\)"):
+        LoraConfig(dropout=1.0)
+    with pytest.raises(ConfigError, match=r"lora.alpha"):
+        LoraConfig(alpha=0)
+    with pytest.raises(ConfigError, match=r"lm_head.*scalar head"):
+        LoraLM(CausalLM(tiny_config(), head="scalar"), LoraConfig(targets=("q", "lm_head")))
+    assert LoraConfig(targets=("v", "q")).targets == ("q", "v")  # canonical order
+    assert LoraConfig(rank=16, alpha=32).scale == 2.0  # alpha / r (Hu et al. 2021)
+    assert LoraConfig(rank=16, alpha=32, use_rslora=True).scale == 8.0  # alpha / sqrt(r) (rsLoRA)
+
+
+def test_init_is_peft_kaiming_uniform_and_zero_b():
+    torch = pytest.importorskip("torch")
+    config = tiny_config(hidden_size=256, intermediate_size=512)
+    adapters = init_adapters(config, LoraConfig(rank=64, targets=("q", "down", "embed")), jax.random.key(0))
+    for name, fan_in in (("q", 256), ("down", 512)):
+        a = np.asarray(adapters["layers"][name]["a"])
+        # PEFT: nn.init.kaiming_uniform_(lora_A.weight [r, fan_in], a=sqrt(5)), drawn here by torch.
+        ref = torch.empty(64, fan_in)
+        torch.nn.init.kaiming_uniform_(ref, a=math.sqrt(5))
+        bound = float(ref.abs().max())
+        assert abs(a).max() <= 1 / math.sqrt(fan_in) and abs(a).max() == pytest.approx(bound, rel=2e-3)
+        assert a.std() == pytest.approx(float(ref.std()), rel=0.02)  # U(-b, b): std = b / sqrt(3)
+        assert not np.any(np.asarray(adapters["layers"][name]["b"]))
+        assert not np.array_equal(a[0], a[1])  # every layer draws its own A
+    assert not np.any(np.asarray(adapters["embed"]["a"]))  # PEFT's embedding: A = 0, B ~ N(0, 1)
+    assert np.asarray(adapters["embed"]["b"]).std() == pytest.approx(1.0, rel=0.05)
+
+
+# ----------------------------------------------------------------------------------- invariants
+
+
+def test_first_lora_loss_equals_full_model_loss_exactly(trained):
+    lm, start, _, history, full_history = trained
+    assert history[0]["loss"] == full_history[0]["loss"]
+    tokens = BATCHES[0]["tokens"]
+    base_logits = CausalLM(tiny_config()).forward(host_params(), tokens).logits
+    np.testing.assert_array_equal(np.asarray(lm.forward(start, tokens).logits), np.asarray(base_logits))
+
+
+def test_only_adapters_get_gradients_and_optimizer_state(trained):
+    lm, start, state, history, _ = trained
+    # The base is carried bit for bit; every adapter moved.
+    for got, want in zip(jax.tree.leaves(base_params(state.params)), jax.tree.leaves(host_params())):
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+    moved = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), state.params["lora"],
+                         start["lora"])
+    assert min(jax.tree.leaves(moved)) > 0
+    # Adam's two moments for the adapters, nothing for the base.
+    adapter_size = sum(x.size for x in jax.tree.leaves(start["lora"]))
+    opt_size = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert opt_size == 2 * adapter_size == 2 * lm.num_trainable_params()
+    assert jax.tree.leaves(trainable_view(state.params)["base"]) == []
+    assert history[-1]["loss"] < history[0]["loss"] or history[-1]["grad_norm"] > 0
+
+
+def test_merged_equals_unmerged_after_training(trained):
+    lm, _, state, _, _ = trained
+    tokens = BATCHES[1]["tokens"]
+    unmerged = np.asarray(lm.forward(state.params, tokens).logits)
+    merged = np.asarray(CausalLM(tiny_config()).forward(lm.merge_params(state.params), tokens).logits)
+    base = np.asarray(CausalLM(tiny_config()).forward(host_params(), tokens).logits)
+    assert np.abs(unmerged - base).max() > 1e-3  # the adapters changed the model
+    assert np.abs(merged - unmerged).max() <= 1e-5
+    w = lm.lm_head_weight(state.params)  # the chunked log-prob path's merged head
+    np.testing.assert_allclose(np.asarray(w), np.asarray(lm.merge_params(state.params)["lm_head"]), atol=1e-6)
+
+
+def test_reference_logprobs_equal_the_base_model_bit_for_bit(trained):
+    _, _, state, _, _ = trained
+    base = CausalLM(tiny_config())
+    tokens = BATCHES[2]["tokens"]
+
+    def logps(params):
+        return token_logprobs(base.forward(params, tokens[:, :-1]).logits, tokens[:, 1:])
+
+    ref = jax.jit(logps)(base_params(state.params))
+    want = jax.jit(logps)(host_params())
+    assert np.asarray(ref).tobytes() == np.asarray(want).tobytes()
+
+
+def test_dropout_only_with_a_key():
+    lm = _lora_lm(LoraConfig(rank=4, targets=("q", "up"), dropout=0.5))
+    params = lm.init_from_base(host_params(), jax.random.key(1))
+    params["lora"] = jax.tree.map(lambda x: x + 0.1, params["lora"])  # B != 0: dropout shows
+    tokens = BATCHES[0]["tokens"]
+    plain = lm.forward(params, tokens).logits
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(lm.forward(params, tokens).logits))
+    dropped = lm.forward(params, tokens, rng=jax.random.key(3)).logits
+    assert np.abs(np.asarray(dropped) - np.asarray(plain)).max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------- sharding
+
+
+@pytest.mark.parametrize("strategy", ["fsdp_tp"])
+def test_sharded_lora_step_equals_single_device(trained, strategy):
+    lm, start, state, history, _ = trained
+    mesh = mesh_for(STRATEGY_MESHES[strategy])
+    issues = lint(lm.abstract_params(), lm.logical_axes, mesh=mesh, strategy=strategy)
+    assert not [i for i in issues if i.severity == "error" or i.kind == "unknown_logical_axis"], issues
+    sharded, sharded_history = _run(lm, start, shape=STRATEGY_MESHES[strategy], strategy=strategy)
+    assert isinstance(sharded.params["base"], Frozen)
+    for got, want in zip(jax.tree.leaves(sharded.params["lora"]), jax.tree.leaves(state.params["lora"])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    for got, want in zip(sharded_history, history):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_every_strategy_places_the_adapters():
+    lm = _lora_lm()
+    for strategy, shape in STRATEGY_MESHES.items():
+        mesh = mesh_for(shape)
+        issues = lint(lm.abstract_params(), lm.logical_axes, mesh=mesh, strategy=strategy)
+        assert not [i for i in issues if i.severity == "error" or i.kind == "unknown_logical_axis"], (strategy, issues)
+    from rlhf_jax.sharding import param_shardings
+    shardings = param_shardings(lm.abstract_params(), lm.logical_axes, mesh=mesh_for(STRATEGY_MESHES["fsdp_tp"]),
+                                strategy="fsdp_tp")
+    # A [L, E, r] follows the base kernel's input axis (embed over fsdp); B [L, r, H, D] its heads (tensor).
+    assert tuple(shardings["lora"]["layers"]["q"]["a"].spec) == (None, "fsdp")
+    assert tuple(shardings["lora"]["layers"]["q"]["b"].spec) == (None, None, "tensor")
+    assert jnp.dtype(lm.abstract_params()["lora"]["layers"]["q"]["a"].dtype) == jnp.float32

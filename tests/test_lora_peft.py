@@ -1,0 +1,126 @@
+"""LoRA adapters <-> PEFT: adapters trained here load into `peft.PeftModel` on the transformers model
+(and PEFT's into ours) with logits within 1e-4, on tiny Llama (untied) and Qwen2 (tied, q/k/v bias)
+models, every target (q, k, v, o, gate, up, down, embed, lm_head) adapted. PEFT and torch are
+test-time references only (`pip install -e '.[test]'`)."""
+
+import json
+import types
+
+import jax
+import numpy as np
+import pytest
+from step_fixtures import FAST_COMPILE, sft_batches, single_device_mesh
+
+from rlhf_jax.models import CausalLM
+from rlhf_jax.models.hf import HFCheckpointError, load_hf
+from rlhf_jax.models.lora import TARGETS, LoraConfig, LoraLM
+from rlhf_jax.models.lora_peft import ADAPTER_CONFIG, load_peft, save_peft
+from rlhf_jax.optim import OptimizerConfig, make_optimizer
+from rlhf_jax.state import train_state_from_params
+from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_step
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+CASES = {"llama": ("LlamaConfig", False), "qwen2-tied": ("Qwen2Config", True)}
+PEFT_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
+TOKENS = np.random.default_rng(0).integers(1, 256, (3, 12))
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    """A tiny random transformers model saved as a Hugging Face directory, and our copy of it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cls, tied = CASES[request.param]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, cls)(**COMMON, tie_word_embeddings=tied), attn_implementation="eager").eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen) + (1.0 if name.endswith("norm.weight") else 0.0))
+    root = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(root / "base")
+    config, params = load_hf(root / "base")
+    return types.SimpleNamespace(name=request.param, torch=torch, transformers=transformers, peft=peft, root=root,
+                                 config=config, params=params)
+
+
+def _fresh_hf(case):
+    return case.transformers.AutoModelForCausalLM.from_pretrained(case.root / "base",
+                                                                   attn_implementation="eager").eval()
+
+
+def _peft_logits(case, model):
+    with case.torch.no_grad():
+        return model(input_ids=case.torch.tensor(TOKENS)).logits.float().numpy()
+
+
+def _train_adapters(lm, params, steps=3):
+    """A few SFT steps (lr 1e-2) so that A and B both move away from their initial values."""
+    optim = OptimizerConfig(learning_rate=1e-2, max_grad_norm=None)
+    mesh = single_device_mesh()
+    state = train_state_from_params(params, make_optimizer(optim), rng=0, logical_axes=lm.logical_axes, mesh=mesh,
+                                    strategy="dp")
+    step = jit_model_step(make_sft_step(lm, optim), lm, optim, mesh=mesh, strategy="dp", batch_keys=SFT_KEYS)
+    batches = sft_batches(steps)
+    compiled = step.lower(state, batches[0]).compile(compiler_options=FAST_COMPILE)
+    for batch in batches:
+        state, _ = compiled(state, batch)
+    return state.params
+
+
+def test_adapters_trained_here_load_into_peft(case):
+    lora = LoraConfig(rank=4, alpha=8.0, targets=TARGETS, dropout=0.05)
+    lm = LoraLM(CausalLM(case.config), lora)
+    params = _train_adapters(lm, jax.tree.map(np.asarray, lm.init_from_base(case.params, jax.random.key(0))))
+    assert float(np.abs(np.asarray(params["lora"]["layers"]["q"]["b"])).max()) > 1e-3  # B trained
+    out = save_peft(case.root / "ours", case.config, lora, params["lora"], base_model_name_or_path=str(case.root))
+    saved = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert saved["r"] == 4 and saved["lora_alpha"] == 8.0 and sorted(saved["target_modules"]) == sorted(PEFT_NAMES)
+
+    model = case.peft.PeftModel.from_pretrained(_fresh_hf(case), out).eval()
+    ref = _peft_logits(case, model)
+    ours = np.asarray(jax.jit(lm.forward)(params, TOKENS).logits)
+    base = _peft_logits(case, _fresh_hf(case))
+    assert np.abs(ref - base).max() > 1e-2  # PEFT applied the adapters
+    assert np.abs(ours - ref).max() <= 1e-4, f"{case.name}: max |Δ logit| = {np.abs(ours - ref).max()}"
+    # Our own loader reads it back exactly.
+    found, adapters, head = load_peft(out, case.config, lora=lora)
+    assert found == lora and head is None
+    for got, want in zip(jax.tree.leaves(adapters), jax.tree.leaves(params["lora"])):
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_adapters_made_by_peft_load_here(case):
+    peft = case.peft
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_NAMES, use_rslora=True,
+                             init_lora_weights=False)  # random A and B, so every tensor matters
+    model = peft.get_peft_model(_fresh_hf(case), config).eval()
+    model.save_pretrained(case.root / "theirs")
+    ref = _peft_logits(case, model)
+
+    lora, adapters, _ = load_peft(case.root / "theirs", case.config)
+    assert lora == LoraConfig(rank=4, alpha=8.0, use_rslora=True, targets=TARGETS)
+    lm = LoraLM(CausalLM(case.config), lora)
+    ours = np.asarray(jax.jit(lm.forward)(lm.init_from_base(case.params, None, adapters), TOKENS).logits)
+    assert np.abs(ours - ref).max() <= 1e-4, f"{case.name}: max |Δ logit| = {np.abs(ours - ref).max()}"
+
+
+def test_bad_adapters_name_the_tensor_and_both_shapes(case, tmp_path):
+    lora = LoraConfig(rank=4, targets=("q", "down"))
+    lm = LoraLM(CausalLM(case.config), lora)
+    path = save_peft(tmp_path / "a", case.config, lora, lm.init_adapters(jax.random.key(0)))
+    other = case.config.replace(hidden_size=96)
+    with pytest.raises(HFCheckpointError, match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight: the file has shape "
+                                                r"\(4, 64\), the model expects \(4, 96\)"):
+        load_peft(path, other)
+    with pytest.raises(HFCheckpointError, match=r"layers\.2\.mlp\.down_proj\.lora_A\.weight: missing"):
+        load_peft(path, case.config.replace(num_layers=3))
+    with pytest.raises(HFCheckpointError, match=r"rank: .* has 4, this run 8"):
+        load_peft(path, case.config, lora=LoraConfig(rank=8, targets=("q", "down")))
+    raw = json.loads((path / ADAPTER_CONFIG).read_text())
+    (path / ADAPTER_CONFIG).write_text(json.dumps({**raw, "use_dora": True}))
+    with pytest.raises(HFCheckpointError, match=r"use_dora=True is not supported"):
+        load_peft(path, case.config)
