@@ -181,7 +181,9 @@ class ProgressBar:
             self.rate = (step - self._first_sync[0]) / (at - self._first_sync[1])
 
     def _draw(self, now: float, *, final: bool = False) -> None:
-        text = self.line(max(self._ticked, self._done), self._metrics, now=now)
+        # A terminal's bar moves with the dispatched steps; a printed line (log file, CI) stays as it
+        # was written, so it shows the step whose metrics it carries, never a step not yet finished.
+        text = self.line(max(self._ticked, self._done) if self._tty else self._done, self._metrics, now=now)
         if self._tty:
             self.stream.write("\r\x1b[2K" + text)
             self.stream.flush()

@@ -160,6 +160,21 @@ def test_progress_prints_lines_when_not_a_terminal():
     assert " 2/10 " in stream.getvalue().splitlines()[-1]
 
 
+def test_printed_lines_show_the_finished_step_not_the_dispatched_one():
+    """Not a terminal: a line is a record of the step whose metrics it shows. Both steps of a 2-step run
+    were dispatched before the first fetch; the first line must not say 2/2 (100%) with step 1's loss."""
+    stream = io.StringIO()
+    bar = ProgressBar(2, keys=("loss",), stream=stream, min_interval=3600)
+    bar.tick(1)
+    bar.tick(2)
+    bar.update(1, {"loss": 1.0})
+    bar.update(2, {"loss": 0.5})
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(" 50%|") and " 1/2 " in lines[0] and "loss 1.0000" in lines[0]
+    assert lines[1].startswith("100%|") and " 2/2 " in lines[1] and "loss 0.5000" in lines[1]
+
+
 def test_logger_rate_matches_steps_over_wall_time_of_a_sleep_loop(tmp_path):
     """A real clock: 40 steps of ~5 ms (the first 'compiles' for 0.2 s), metrics fetched every 8 steps.
 

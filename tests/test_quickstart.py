@@ -6,6 +6,7 @@ full-length experiments: `RLHF_JAX_FULL_EXPERIMENTS=1 python -m pytest tests/tes
 
 import json
 import os
+import re
 
 import pytest
 
@@ -59,9 +60,14 @@ def test_quickstart_runs_every_stage_briefly(tmp_path, capsys):
     for assignment in short:
         args += ["--set", assignment]
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     for k, stage in enumerate(("sft", "reward_model", "ppo", "sft_arithmetic", "grpo"), start=1):
         assert f"[{k}/5] {stage}" in out
+    # Every stage draws its progress bar on stderr (the README's first command shows them), the RL
+    # stages with their phase split.
+    finals = [line for line in err.splitlines() if line.startswith("100%|")]
+    assert [re.search(r"\| (\d+/\d+) \[", line).group(1) for line in finals] == ["25/25", "25/25", "2/2", "25/25", "2/2"]
+    assert [("time/generate" in line) for line in finals] == [False, False, True, False, True]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["passed"]) == {"ppo_gold_reward", "grpo_accuracy", "reward_model_accuracy"}
     for stage, key in (("sft", "gold_reward"), ("ppo", "gold_reward"), ("sft_arithmetic", "accuracy"),

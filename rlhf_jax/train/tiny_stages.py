@@ -24,7 +24,7 @@ __all__ = ["VOWEL", "ARITHMETIC", "LOG", "sft_stage", "sft_tiny", "vowel_sft", "
 
 VOWEL = VowelTask(relevance_bonus=0.0)
 ARITHMETIC = ArithmeticTask(max_operand=9)
-LOG = LoggingConfig(every=10, console=False, tensorboard=False)
+LOG = LoggingConfig(every=10, tensorboard=False)  # the progress bar on stderr, metrics.jsonl; no TensorBoard
 _ONE_CHECKPOINT = CheckpointConfig(every=0, keep=1)
 
 
