@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from rlhf_jax import distributed as _dist
+
 __all__ = ["main", "load_experiment", "experiment_config", "setup_process", "EXIT_PREEMPTED"]
 
 _DESCRIPTION = "rlhf_jax: JAX-native post-training (SFT, reward models, DPO, PPO, GRPO) of language models."
@@ -74,6 +76,7 @@ def experiment_config(module: ModuleType, arg: str | None, assignments: Sequence
 def _cmd_run(args: argparse.Namespace) -> int:
     from rlhf_jax.config import to_dict  # noqa: PLC0415
 
+    _join(args)
     module, arg = load_experiment(args.experiment)
     config = experiment_config(module, arg, args.set)
     if args.print_config:
@@ -97,6 +100,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     parser.add_argument("--device-memory-gib", type=float, default=None)
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(rest)
+    _join(opts)
     from rlhf_jax.train.aot import compile_run, run_configs  # noqa: PLC0415
     from rlhf_jax.compile import format_report  # noqa: PLC0415
 
@@ -164,6 +168,21 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="path to an experiment module, optionally with :ARG for get_config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.learning_rate=1e-4 (repeatable)")
+    multi = p.add_argument_group("multi-process (rlhf_jax.distributed; automatic on TPU pods)")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help=f"process 0's coordination address (or ${{{_dist.ENV_COORDINATOR}}})")
+    multi.add_argument("--num-processes", type=int, default=None, help=f"processes (or ${{{_dist.ENV_NUM_PROCESSES}}})")
+    multi.add_argument("--process-id", type=int, default=None, help=f"this process (or ${{{_dist.ENV_PROCESS_ID}}})")
+    multi.add_argument("--init-timeout", type=int, default=300, metavar="S",
+                       help="seconds to wait for every process to join (default 300)")
+    multi.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                       help="seconds without a heartbeat after which a process is declared dead (default 100)")
+
+
+def _join(args: argparse.Namespace) -> None:
+    """Start `jax.distributed` when the flags, the environment or the cluster say so (before any JAX work)."""
+    _dist.initialize(_dist.from_env(args.coordinator, args.num_processes, args.process_id,
+                                    timeout_s=args.init_timeout, heartbeat_s=args.heartbeat_timeout))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,15 +303,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlhf_jax.train.loop import TrainingHalted  # noqa: PLC0415
 
     user_errors = (CLIError, ConfigError, CheckpointMismatchError, DataError, ShardingError, HFCheckpointError,
-                   FileNotFoundError, FileExistsError)
+                   FileNotFoundError, FileExistsError, _dist.DistributedError)
     try:
         return args.func(args)
     except user_errors as e:
-        print(f"rlhf-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"rlhf-jax {args.command}{_process_label()}: error: {e}", file=sys.stderr)
         return 2
     except TrainingHalted as e:
-        print(f"rlhf-jax {args.command}: {e}", file=sys.stderr)
+        print(f"rlhf-jax {args.command}{_process_label()}: {e}", file=sys.stderr)
         return 1
+    except BaseException:
+        label = _process_label()
+        if label:  # a multi-process run: say which process failed before the traceback
+            print(f"rlhf-jax {args.command}{label}: failed; the other processes stop at their next collective",
+                  file=sys.stderr)
+        raise
+
+
+def _process_label() -> str:
+    """` (process i of n)` in a multi-process run, else empty."""
+    import jax  # noqa: PLC0415
+
+    try:
+        n = jax.process_count()
+    except RuntimeError:
+        return ""
+    return f" (process {jax.process_index()} of {n})" if n > 1 else ""
 
 
 if __name__ == "__main__":

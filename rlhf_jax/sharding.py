@@ -49,6 +49,11 @@ __all__ = [
     "batch_axis_size",
     "check_batch",
     "shard_batch",
+    "place_rows",
+    "local_rows",
+    "gather_rows",
+    "sum_over_processes",
+    "max_over_processes",
     "check_strategy",
     "activation_sharding",
     "constrain_activations",
@@ -449,11 +454,70 @@ def shard_batch(batch: Mapping[str, Any], *, mesh: Mesh, strategy: str | Strateg
     In a multi-process run each process passes its own rows, and the global batch is their
     concatenation (`jax.make_array_from_process_local_data`).
     """
-    check_batch(batch, mesh=mesh, strategy=strategy, micro_batches=micro_batches)
     sharding = batch_sharding(mesh, strategy)
     if jax.process_count() == 1:
+        check_batch(batch, mesh=mesh, strategy=strategy, micro_batches=micro_batches)
         return jax.device_put(dict(batch), sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    # Every process holds an equal block of rows; the checks are about the global batch.
+    n = jax.process_count()
+    global_shapes = {k: jax.ShapeDtypeStruct((np.shape(v)[0] * n, *np.shape(v)[1:]), np.asarray(v).dtype)
+                     for k, v in batch.items()}
+    check_batch(global_shapes, mesh=mesh, strategy=strategy, micro_batches=micro_batches)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), global_shapes[k].shape)
+            for k, v in batch.items()}
+
+
+def place_rows(arrays, mesh: Mesh, strategy: str | Strategy):
+    """Host arrays split over the batch axes by their first dimension (each process gives its own rows)."""
+    sharding = batch_sharding(mesh, strategy)
+    if jax.process_count() == 1:
+        return jax.device_put(arrays, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), arrays)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of an array split over the batch axes by its first dimension, as numpy.
+
+    The inverse of `place_rows` / `shard_batch`: one process gets the whole array, process p of a
+    multi-process run the block its devices hold (shards repeated over other mesh axes counted once).
+    """
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    blocks = {}
+    for shard in x.addressable_shards:
+        start = (shard.index[0].start or 0) if shard.index else 0
+        blocks.setdefault(start, shard.data)
+    return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
+
+
+def gather_rows(x) -> np.ndarray:
+    """Every process's rows of a host array, concatenated in process order (one process: `x`)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sum_over_processes(values) -> np.ndarray:
+    """The element-wise sum of a float vector over all processes (every process calls this)."""
+    values = np.asarray(values, np.float64)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.sum(multihost_utils.process_allgather(values[None]), axis=0).reshape(values.shape)
+
+
+def max_over_processes(values) -> np.ndarray:
+    """The element-wise maximum of an int vector over all processes (every process calls this)."""
+    values = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.max(multihost_utils.process_allgather(values[None]), axis=0).reshape(values.shape)
 
 
 # ------------------------------------------------------------------------------------- activations

@@ -69,14 +69,7 @@ def test_resume_yields_exactly_the_remaining_stream(pack):
         states.append(json.loads(json.dumps(reference.get_state())))  # what a checkpoint stores
         batches.append(next(reference))
     if not pack:  # 12 examples, 4 per batch: after 3 batches the next example starts epoch 1
-        assert states[1] == {
-            "seed": 1,
-            "epoch": 0,
-            "position": 4,
-            "process_index": 0,
-            "process_count": 1,
-            "num_examples": 12,
-        }
+        assert states[1] == {"seed": 1, "epoch": 0, "position": 4, "num_examples": 12}
         assert states[3]["epoch"] == 1 and states[3]["position"] == 0
     assert any(s["epoch"] == 1 for s in states)
     for k, state in enumerate(states):
@@ -87,29 +80,33 @@ def test_resume_yields_exactly_the_remaining_stream(pack):
             _same(next(restored), expected)
 
 
-def test_hosts_are_disjoint_and_complete_per_epoch():
-    ds, hosts, n = _dataset(10), 3, 10
-    per_host = []
-    for h in range(hosts):
-        it = _iter(ds, seed=2, batch_size=2, process_index=h, process_count=hosts)
-        per_host.append([i for _ in range(5) for i in _ids(ds, next(it))])
-    # Host h's k-th example is global stream position k * hosts + h.
-    by_epoch = {}
-    for h, examples in enumerate(per_host):
-        for k, i in enumerate(examples):
-            g = k * hosts + h
-            by_epoch.setdefault(g // n, {}).setdefault(h, []).append(i)
-            assert (
-                i
-                == BatchIterator(
-                    ds, BatchConfig(batch_size=2, seq_len=16, seed=2), process_index=0, process_count=1
-                ).epoch_order(g // n)[g % n]
-            )
-    for epoch in (0, 1, 2):
-        shards = by_epoch[epoch]
-        flat = [i for h in range(hosts) for i in shards[h]]
-        assert sorted(flat) == list(range(n))  # complete and disjoint
-        assert max(map(len, shards.values())) - min(map(len, shards.values())) <= 1
+@pytest.mark.parametrize("pack", [False, True])
+def test_processes_split_the_same_global_batches(pack):
+    """P processes collate consecutive row blocks of the one global batch: together they are the batch
+    a single process forms, for any process count, and a state saved under one count continues under another."""
+    ds = _dataset(10)
+    kw = dict(seed=2, batch_size=6, pack=pack, max_segments=2, seq_len=16)
+    single = _iter(ds, **kw)
+    expected = [next(single) for _ in range(4)]
+    for hosts in (2, 3):
+        its = [_iter(ds, process_index=h, process_count=hosts, **kw) for h in range(hosts)]
+        for k in range(4):
+            parts = [next(it) for it in its]
+            joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+            _same(joined, expected[k])
+            assert its[0].last_global_rows == its[1].last_global_rows
+            assert [r for h in range(hosts) for r in its[h].last_rows] == its[0].last_global_rows
+        # Resuming under another process count continues the same stream.
+        state = its[0].get_state()
+        assert all(it.get_state() == state for it in its)
+        other = _iter(ds, **kw)
+        other.set_state(state)
+        _same(next(other), next(single))
+        single = _iter(ds, **kw)
+        for _ in range(4):
+            next(single)
+    with pytest.raises(ValueError, match="global batch_size 6 does not split over 4 processes"):
+        _iter(ds, process_index=0, process_count=4, **kw)
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -139,10 +136,6 @@ def test_state_mismatches_are_named():
     state = _iter(ds, seed=1).get_state()
     with pytest.raises(ValueError, match="state\\['seed'\\] = 1 but this iterator has seed = 2"):
         _iter(ds, seed=2).set_state(state)
-    with pytest.raises(
-        ValueError, match="state\\['process_count'\\] = 1 but this iterator has process_count = 2"
-    ):
-        _iter(ds, seed=1, process_count=2).set_state(state)
     with pytest.raises(
         ValueError, match="state\\['num_examples'\\] = 10 but this iterator has num_examples = 9"
     ):

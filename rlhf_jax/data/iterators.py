@@ -1,18 +1,18 @@
-"""One batch iterator for every kind and source: shuffling by seed, epochs, hosts, exact resume.
+"""One batch iterator for every kind and source: shuffling by seed, epochs, processes, exact resume.
 
 The *global stream* is the concatenation of epochs; epoch e visits the dataset's N examples in the
-order `permutation(seed, e)` (identity without shuffling). With P hosts, host h takes stream
-positions h, h + P, h + 2P, ... (round robin), so within every window of P consecutive positions
-each host gets one example: the hosts' shards of an epoch are disjoint and together complete, and
-every host sees the same number of examples per epoch to within one. Epochs run into each other
-without a gap; `num_epochs=None` iterates forever (what training loops use: they stop by step).
+order `permutation(seed, e)` (identity without shuffling). Epochs run into each other without a
+gap; `num_epochs=None` iterates forever (what training loops use: they stop by step).
 
-A batch takes examples from the host's stream in order: one per row, or, packed, as many as fit
-(`packing.RowPacker`, which never reads ahead). The iterator's whole state is therefore the number
-of examples this host has consumed, exposed as `{"seed", "epoch", "position", ...}`: `epoch` and
-`position` locate the next example in the global stream. `set_state(get_state())` on a fresh
-iterator over the same dataset and config continues with exactly the batches the saved one would
-have produced next, mid-epoch or at an epoch boundary.
+A *global batch* takes `batch_size` rows from the stream in order: one example per row, or, packed,
+as many as fit (`packing.RowPacker`, which never reads ahead). With P processes every process forms
+the same global batch and collates only its block of `batch_size / P` consecutive rows (process p
+holds rows `p * B/P ...`, the rows its devices hold when the batch is split over the data-parallel
+axes), so for a fixed global batch the sequence of global batches is the same for any process
+count. The iterator's whole state is the number of stream examples consumed, the same on every
+process, exposed as `{"seed", "epoch", "position", "num_examples"}`: `set_state(get_state())` on a
+fresh iterator over the same dataset and config continues with exactly the batches the saved one
+would have produced next, mid-epoch or at an epoch boundary, with this or another process count.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from rlhf_jax.data.packing import RowPacker
 
 __all__ = ["BatchConfig", "BatchIterator"]
 
-_STATE_KEYS = ("seed", "epoch", "position", "process_index", "process_count", "num_examples")
+_STATE_KEYS = ("seed", "epoch", "position", "num_examples")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,7 +36,8 @@ class BatchConfig:
     """How examples become batches.
 
     Attributes:
-      batch_size: rows per batch on this host.
+      batch_size: rows per *global* batch (all processes together; each process collates its
+        `batch_size / process_count` rows of it).
       seq_len: tokens per row (T); every sequence of the dataset must fit.
       pack: place several examples per row (SFT and preference kinds only).
       max_segments: with `pack`, the most examples per row (S).
@@ -116,6 +117,11 @@ class BatchIterator:
             raise ValueError(
                 f"BatchIterator: need 0 <= process_index < process_count, got {process_index} and {process_count}"
             )
+        if config.batch_size % process_count:
+            raise ValueError(
+                f"BatchIterator: the global batch_size {config.batch_size} does not split over {process_count} "
+                "processes; use a multiple of the process count"
+            )
         self.dataset, self.config = dataset, config
         self.process_index, self.process_count = process_index, process_count
         lengths = dataset.lengths()
@@ -128,19 +134,16 @@ class BatchIterator:
                 f"{config.seq_len}; raise seq_len or lower TokenizeConfig.max_len"
             )
         self._n = len(dataset)
-        self._consumed = 0  # examples this host has taken from its stream
+        self._consumed = 0  # examples of the global stream taken so far (the same on every process)
         self._order_epoch = -1
         self._order = np.arange(self._n)
-        self.last_rows: list[list[int]] = []  # the dataset indices of the last batch's rows (slot order)
+        self.last_rows: list[list[int]] = []  # the dataset indices of this process's rows of the last batch
+        self.last_global_rows: list[list[int]] = []  # ... and of every row of the last global batch
 
     # ------------------------------------------------------------------------------ stream
-    def _stream_position(self, k: int) -> int:
-        return k * self.process_count + self.process_index
-
     def _example(self, k: int) -> int | None:
-        """The dataset index of this host's k-th example, or None past the last epoch."""
-        g = self._stream_position(k)
-        epoch, position = divmod(g, self._n)
+        """The dataset index of the global stream's k-th example, or None past the last epoch."""
+        epoch, position = divmod(k, self._n)
         if self.config.num_epochs is not None and epoch >= self.config.num_epochs:
             return None
         if epoch != self._order_epoch:
@@ -157,7 +160,7 @@ class BatchIterator:
     @property
     def epoch(self) -> int:
         """The epoch of the next example."""
-        return self._stream_position(self._consumed) // self._n
+        return self._consumed // self._n
 
     # --------------------------------------------------------------------------- batches
     def __iter__(self) -> "BatchIterator":
@@ -183,39 +186,33 @@ class BatchIterator:
             self._consumed += 1
         if packer.num_items == 0 or (ended and cfg.drop_remainder):
             raise StopIteration
-        self.last_rows = [list(row) for row in packer.rows]  # dataset indices per row, for per-example caches
-        return collate(self.dataset, packer.rows, seq_len=cfg.seq_len, num_segments=cfg.num_segments)
+        self.last_global_rows = [list(row) for row in packer.rows]
+        local = cfg.batch_size // self.process_count
+        self.last_rows = self.last_global_rows[self.process_index * local:(self.process_index + 1) * local]
+        return collate(self.dataset, self.last_rows, seq_len=cfg.seq_len, num_segments=cfg.num_segments)
 
     # ----------------------------------------------------------------------------- state
     def get_state(self) -> dict[str, int]:
-        """The position of the next example: `{"seed", "epoch", "position", "process_index",
-        "process_count", "num_examples"}` (plain ints, JSON-serializable)."""
-        epoch, position = divmod(self._stream_position(self._consumed), self._n)
-        return {
-            "seed": self.config.seed,
-            "epoch": epoch,
-            "position": position,
-            "process_index": self.process_index,
-            "process_count": self.process_count,
-            "num_examples": self._n,
-        }
+        """The position of the next example in the global stream: `{"seed", "epoch", "position",
+        "num_examples"}` (plain ints, JSON-serializable, the same on every process).
+
+        A state saved by a run with one process count continues exactly under another: every
+        process forms the same global batches and collates its share of their rows.
+        """
+        epoch, position = divmod(self._consumed, self._n)
+        return {"seed": self.config.seed, "epoch": epoch, "position": position, "num_examples": self._n}
 
     def set_state(self, state: Mapping[str, int]) -> None:
         """Continue from a state of `get_state()` saved by an iterator over the same data and config.
 
         Raises:
-          ValueError: naming the key when the state is incomplete or belongs to another seed,
-            dataset size, host or host count.
+          ValueError: naming the key when the state is incomplete or belongs to another seed or
+            dataset size.
         """
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"BatchIterator.set_state: state lacks {missing}; got keys {sorted(state)}")
-        expected = {
-            "seed": self.config.seed,
-            "process_index": self.process_index,
-            "process_count": self.process_count,
-            "num_examples": self._n,
-        }
+        expected = {"seed": self.config.seed, "num_examples": self._n}
         for key, value in expected.items():
             if int(state[key]) != value:
                 raise ValueError(
@@ -226,10 +223,4 @@ class BatchIterator:
             raise ValueError(
                 f"BatchIterator.set_state: need epoch >= 0 and 0 <= position < {self._n}, got {epoch}, {position}"
             )
-        offset = epoch * self._n + position - self.process_index
-        if offset % self.process_count:
-            raise ValueError(
-                f"BatchIterator.set_state: epoch {epoch}, position {position} is not a stream position of host "
-                f"{self.process_index} of {self.process_count}"
-            )
-        self._consumed = offset // self.process_count
+        self._consumed = epoch * self._n + position

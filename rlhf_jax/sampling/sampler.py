@@ -384,7 +384,9 @@ class Sampler:
 
         Returns:
           `SampleOutput` with `N = B * num_samples` rows, samples of a prompt contiguous; device
-          arrays (fetch with `np.asarray`).
+          arrays (fetch with `np.asarray`). In a multi-process run each process passes its own
+          prompts and the outputs are global arrays whose rows of this process (its prompts' samples
+          first, then padding) `rlhf_jax.sharding.local_rows` returns.
 
         Raises:
           ValueError: an empty prompt or batch, a prompt that with `max_new_tokens` exceeds
@@ -396,8 +398,7 @@ class Sampler:
             params = self.load_params(params)
         key = _as_key(rng)
         if self.mesh is not None:
-            rows = shd.batch_sharding(self.mesh, self.strategy)
-            tokens, lengths = jax.device_put((tokens, lengths), rows)
+            tokens, lengths = shd.place_rows((tokens, lengths), self.mesh, self.strategy)
         n = cfg.num_samples
         state = self._prefill(
             params.tree, tokens, lengths, key, max_new_tokens=cfg.max_new_tokens, num_samples=n
@@ -407,7 +408,7 @@ class Sampler:
             params.tree, state, tokens, lengths, method=cfg.method, stop_ids=cfg.all_stop_ids, num_samples=n
         )
         self.stats.decode_calls += 1
-        if num_prompts * n != out.lengths.shape[0]:
+        if num_prompts * n != out.lengths.shape[0] and jax.process_count() == 1:
             out = SampleOutput(*(a[: num_prompts * n] for a in out))
         return out
 
@@ -510,9 +511,15 @@ class Sampler:
                 raise ValueError(
                     f"generate: prompt {i} has token ids outside [0, {vocab}) (min {row.min()}, max {row.max()})"
                 )
-        width = self.bucket_for(max(r.size for r in rows), max_new_tokens)
+        longest = max(r.size for r in rows)
         split = 1 if self.mesh is None else shd.batch_axis_size(self.mesh, self.strategy)
         num_rows = -(-len(rows) // split) * split
+        if self.mesh is not None and jax.process_count() > 1:
+            # Every process pads its rows to the same count and width (its block of the global batch).
+            split //= jax.process_count()
+            num_rows = -(-len(rows) // split) * split
+            num_rows, longest = (int(v) for v in shd.max_over_processes([num_rows, longest]))
+        width = self.bucket_for(longest, max_new_tokens)
         tokens = np.full((num_rows, width), self.pad_id, np.int32)
         lengths = np.ones((num_rows,), np.int32)
         for i, row in enumerate(rows):

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.sampling import Greedy
+from rlhf_jax.sharding import sum_over_processes
 from rlhf_jax.train.data import device_batch
 from rlhf_jax.train.rollouts import RolloutCollector
 
@@ -119,6 +120,8 @@ def make_policy_eval(collector: RolloutCollector, batches: Sequence[Mapping[str,
             for name, values in parts.items():
                 sums[name] = sums.get(name, 0.0) + float(np.sum(values))
             count += len(arrays["lengths"])
-        return {name: v / max(count, 1) for name, v in sums.items()}
+        names = sorted(sums)  # each process scored its own prompts: the means are over all of them
+        totals = sum_over_processes([sums[name] for name in names] + [count])
+        return {name: float(v) / max(float(totals[-1]), 1.0) for name, v in zip(names, totals)}
 
     return evaluate

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from rlhf_jax.checkpoint import Checkpointer, is_checkpoint_dir
+from rlhf_jax.distributed import any_process, is_main
 from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig, to_dict
 from rlhf_jax.metrics import MetricsBuffer, MetricsLogger, read_jsonl
 from rlhf_jax.train.results import write_json
@@ -107,7 +108,8 @@ def open_run(workdir: str, *, run_config: Any, checkpoint: CheckpointConfig, mod
         raise ConfigError(f"{ckpt_dir} already holds checkpoints and checkpoint.resume=false: choose another "
                           "workdir (--set workdir=...) or delete the old run")
     checkpointer = Checkpointer(ckpt_dir, config=checkpoint, model_config=model_config)
-    write_json(os.path.join(workdir, "config.json"), to_dict(run_config))
+    if is_main():  # one process writes files (every process saves its shards of the checkpoints)
+        write_json(os.path.join(workdir, "config.json"), to_dict(run_config))
     restore_step = checkpointer.latest_step() if checkpoint.resume else None
     return RunDir(os.path.abspath(workdir), checkpointer, restore_step)
 
@@ -174,6 +176,8 @@ def fit(
     Raises:
       TrainingHalted: a non-finite loss or gradient under `train.nonfinite="halt"`.
     """
+    if not is_main():  # process 0 alone logs, writes metrics files and shows progress
+        logging = dataclasses.replace(logging, console=False, jsonl=False, tensorboard=False, wandb=False)
     logger = MetricsLogger(run.path, config=logging, total_steps=train.steps, start_step=start_step,
                            keys=progress_keys, run_config=run_config, run_name=os.path.basename(run.path))
     buffer = MetricsBuffer()
@@ -226,29 +230,32 @@ def fit(
         with StopSignal() as stop:
             if evaluate is not None and evaluate_at_start and start_step == 0:
                 last_eval = run_eval()
-            while step < train.steps and not stop.requested:
+            # Every process stops at the same step: a signal on any one of them counts for all.
+            stopping = any_process(stop.requested)
+            while step < train.steps and not stopping:
                 state, metrics = step_fn(state, next(batches))
                 step += 1
                 buffer.append(step, metrics)
                 logger.tick(step)  # the progress bar's rate is per step, though metrics are fetched every few
+                stopping = any_process(stop.requested)
                 final = step == train.steps
-                if step % logging.every == 0 or final or stop.requested:
+                if step % logging.every == 0 or final or stopping:
                     flush()
                 evaluated = None
                 if evaluate is not None and ((train.eval_every and step % train.eval_every == 0) or final):
                     flush()
                     last_eval = evaluated = run_eval()
                 due = checkpoint.every and step % checkpoint.every == 0
-                if due or final or stop.requested or (evaluated is not None and checkpoint.keep_best):
+                if due or final or stopping or (evaluated is not None and checkpoint.keep_best):
                     flush()
                     save(evaluated)
             flush()
-            if stop.requested:
+            stopped_by = stop.received or ("a signal to another process" if stopping else None)
+            if stopping:
                 if saved_at != step:
                     save()
-                logger.message(f"{stop.received}: saved checkpoint at step {step}; exiting" if step > start_step
-                               else f"{stop.received}: stopped before the first step; nothing new to save")
-            stopped_by = stop.received
+                logger.message(f"{stopped_by}: saved checkpoint at step {step}; exiting" if step > start_step
+                               else f"{stopped_by}: stopped before the first step; nothing new to save")
         run.checkpointer.wait()
     finally:
         logger.close()

@@ -27,6 +27,7 @@ import jax
 from jax.sharding import Mesh
 
 from rlhf_jax.config import to_dict
+from rlhf_jax.distributed import is_main
 from rlhf_jax.steps.common import Step
 from rlhf_jax.train.data import RunData, load_run_data
 from rlhf_jax.train.loop import RunDir, fit, open_run
@@ -167,7 +168,8 @@ def run(recipe: Recipe, config, **hooks) -> dict[str, Any]:
     mesh = config.mesh.make_mesh()
     program = recipe.build(config, mesh)
     with open_run(config.run_dir, run_config=config, checkpoint=config.checkpoint, model_config=config.model) as run_dir:
-        data.tokenizer.save_pretrained(run_dir.file("tokenizer"))
+        if is_main():
+            data.tokenizer.save_pretrained(run_dir.file("tokenizer"))
         if run_dir.restore_step is not None:
             target = with_shardings(program.state.abstract(), program.state.shardings())
             items, extras = run_dir.checkpointer.restore(program.state.save_items(target), step=run_dir.restore_step)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rlhf_jax.config import to_dict
+from rlhf_jax.distributed import is_main
 
 __all__ = ["Panel", "write_json", "plot_metrics", "series"]
 
@@ -31,8 +32,13 @@ def _finite(x: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> str:
-    """Write `data` as indented, key-sorted JSON atomically (temporary file, then rename)."""
+    """Write `data` as indented, key-sorted JSON atomically (temporary file, then rename).
+
+    In a multi-process run only process 0 writes (the others return the path).
+    """
     path = os.fspath(path)
+    if not is_main():
+        return path
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(_finite(to_dict(data)), f, indent=2, sort_keys=True)
@@ -74,8 +80,10 @@ def plot_metrics(path: str | os.PathLike, records: Sequence[Mapping[str, Any]], 
       panels: what to draw.
       title: the figure title (e.g. "DPO baseline").
     Returns:
-      `path` as a string.
+      `path` as a string (only process 0 of a multi-process run draws it).
     """
+    if not is_main():
+        return os.fspath(path)
     import matplotlib  # noqa: PLC0415 (slow import; only when plotting)
 
     matplotlib.use("Agg")

@@ -19,6 +19,8 @@ import numpy as np
 from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.rewards import OnError, RewardInputs, combine_rewards, reward_metrics
 from rlhf_jax.sampling import Sampler, SamplingConfig, make_method
+from rlhf_jax.distributed import any_process
+from rlhf_jax.sharding import gather_rows, local_rows, max_over_processes, sum_over_processes
 
 __all__ = ["RolloutConfig", "RolloutCollector", "DEVICE_KEYS"]
 
@@ -72,9 +74,9 @@ def _pad_width(x: np.ndarray, width: int, value: int = 0) -> np.ndarray:
     return x if x.shape[1] == width else np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
 
 
-def _concat_rows(parts: Sequence[dict[str, Any]], rows: Sequence[tuple[int, np.ndarray]]) -> dict[str, Any]:
-    """Rows `idx` of part `k` for each `(k, idx)`, concatenated (prompt widths padded to the widest)."""
-    width = max(parts[k]["prompt_tokens"].shape[1] for k, _ in rows)
+def _concat_rows(parts: Sequence[dict[str, Any]], rows: Sequence[tuple[int, np.ndarray]], *,
+                 width: int) -> dict[str, Any]:
+    """Rows `idx` of part `k` for each `(k, idx)`, concatenated (prompts padded to `width` tokens)."""
     out: dict[str, Any] = {}
     for key in parts[0]:
         if key == "columns":
@@ -134,7 +136,8 @@ class RolloutCollector:
         valid = np.flatnonzero(np.asarray(batch["example_mask"]))
         out = self.sampler.generate(params, np.asarray(batch["prompt_tokens"])[valid], sampling,
                                     prompt_lengths=np.asarray(batch["prompt_lengths"])[valid], rng=rng)
-        arrays = {k: np.asarray(v) for k, v in out._asdict().items()}
+        rows = len(valid) * sampling.num_samples  # this process's samples (padding rows dropped)
+        arrays = {k: local_rows(v)[:rows] for k, v in out._asdict().items()}
         arrays["sampler_logps"] = arrays.pop("logprobs")
         n = sampling.num_samples
         arrays["columns"] = {k: [v[i] for i in valid for _ in range(n)] for k, v in batch.get("columns", {}).items()}
@@ -188,21 +191,26 @@ class RolloutCollector:
             zero_std_groups += int(np.sum(~signal))
             kept += [(r, i) for i in np.flatnonzero(signal)] if dynamic else [(r, i) for i in range(groups)]
             spare += [(r, i) for i in np.flatnonzero(~signal)] if dynamic else []
-            if len(kept) >= want:
+            if not any_process(len(kept) < want):  # every process samples the same number of rounds
                 break
         chosen = (kept + spare)[:want]
         rows = [(k, np.arange(i * g, (i + 1) * g)) for k, i in chosen]
-        merged = _concat_rows(parts, rows)
+        merged = _concat_rows(parts, rows, width=int(max_over_processes([p["prompt_tokens"].shape[1] for p in parts]).max()))
         total = merged["scores"]
         per_source = {name: np.concatenate([results[k].per_source[name][idx] for k, idx in rows])
                       for name in results[0].per_source}
         errors = {name: sum(res.num_errors[name] for res in results) for name in results[0].num_errors}
         result = type(results[0])(total.astype(np.float32), per_source, errors)
-        metrics = reward_metrics(result, group_size=g)
-        metrics["frac_reward_zero_std"] = zero_std_groups / max(generated_groups, 1)
-        metrics["completions/mean_length"] = float(np.mean(merged["lengths"]))
-        metrics["completions/clipped_ratio"] = float(np.mean(merged["truncated"]))
-        metrics["completions/generated_tokens"] = float(sum(np.sum(p["lengths"]) for p in parts))
+        # The logged metrics are the global batch's (each process scored its own prompts' groups).
+        counts = sum_over_processes([zero_std_groups, generated_groups, *errors.values(),
+                                     sum(np.sum(p["lengths"]) for p in parts)])
+        everywhere = type(result)(gather_rows(result.total), {k: gather_rows(v) for k, v in per_source.items()},
+                                  dict(zip(errors, (int(c) for c in counts[2:-1]))))
+        metrics = reward_metrics(everywhere, group_size=g)
+        metrics["frac_reward_zero_std"] = float(counts[0]) / max(float(counts[1]), 1.0)
+        metrics["completions/mean_length"] = float(np.mean(gather_rows(merged["lengths"])))
+        metrics["completions/clipped_ratio"] = float(np.mean(gather_rows(merged["truncated"])))
+        metrics["completions/generated_tokens"] = float(counts[-1])
         if dynamic:
             metrics["dynamic_sampling/rounds"] = float(len(parts))
             metrics["dynamic_sampling/filled_with_zero_std"] = float(max(0, want - len(kept)))

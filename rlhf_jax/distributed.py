@@ -1,0 +1,153 @@
+"""One program on N processes: start JAX's multi-controller runtime, and the few agreements a run needs.
+
+Multi-host runs use `jax.distributed` (as MaxText and Levanter do): every process runs the same
+`rlhf-jax run`, holds the devices of its host, reads its share of each global batch and builds
+global arrays with `jax.make_array_from_process_local_data`. `initialize` starts the runtime before
+anything runs JAX:
+
+- explicitly, from `--coordinator HOST:PORT --num-processes N --process-id I` (or the environment
+  variables `RLHF_JAX_COORDINATOR`, `RLHF_JAX_NUM_PROCESSES`, `RLHF_JAX_PROCESS_ID`), for CPU and
+  GPU clusters (e.g. one Slurm task per host);
+- automatically on Cloud TPU pods and in the cluster environments JAX detects (`TPU_WORKER_HOSTNAMES`,
+  `SLURM_JOB_ID` with more than one task, ...), where `jax.distributed.initialize()` needs no
+  arguments;
+- not at all for a single process, which behaves exactly as without it.
+
+On CPU the cross-process collectives use gloo. Errors are `DistributedError`s with one line naming
+the value at fault; a coordinator that never answers fails after `timeout_s`, never hangs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+__all__ = ["DistributedConfig", "DistributedError", "from_env", "initialize", "is_main", "any_process",
+           "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
+
+ENV_COORDINATOR = "RLHF_JAX_COORDINATOR"
+ENV_NUM_PROCESSES = "RLHF_JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "RLHF_JAX_PROCESS_ID"
+# Environments in which `jax.distributed.initialize()` finds the cluster by itself (more than one process).
+_AUTO = {"TPU_WORKER_HOSTNAMES": lambda v: "," in v, "SLURM_NTASKS": lambda v: v.isdigit() and int(v) > 1,
+         "OMPI_COMM_WORLD_SIZE": lambda v: v.isdigit() and int(v) > 1}
+
+
+class DistributedError(RuntimeError):
+    """A multi-process start-up problem (bad flags, unreachable coordinator), in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How this process joins a multi-process run.
+
+    Attributes:
+      coordinator: `HOST:PORT` of process 0's coordination service (None: detected by JAX).
+      num_processes: the number of processes.
+      process_id: this process's index in `[0, num_processes)`.
+      timeout_s: how long to wait for every process to join.
+      heartbeat_s: after this long without a heartbeat a process is declared dead, and the others
+        fail instead of waiting.
+    """
+
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+    timeout_s: int = 300
+    heartbeat_s: int = 100
+
+    def __post_init__(self):
+        explicit = (self.coordinator, self.num_processes, self.process_id)
+        if any(v is not None for v in explicit) and any(v is None for v in explicit):
+            raise DistributedError("give --coordinator, --num-processes and --process-id together (or "
+                                   f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got coordinator="
+                                   f"{self.coordinator!r}, num_processes={self.num_processes!r}, "
+                                   f"process_id={self.process_id!r}")
+        if self.coordinator is not None:
+            host, sep, port = self.coordinator.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise DistributedError(f"--coordinator must be HOST:PORT, got {self.coordinator!r}")
+            if not isinstance(self.num_processes, int) or self.num_processes < 1:
+                raise DistributedError(f"--num-processes must be a positive int, got {self.num_processes!r}")
+            if not isinstance(self.process_id, int) or not 0 <= self.process_id < self.num_processes:
+                raise DistributedError(f"--process-id must be in [0, {self.num_processes}), got {self.process_id!r}")
+        for name in ("timeout_s", "heartbeat_s"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise DistributedError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+
+    @property
+    def explicit(self) -> bool:
+        return self.coordinator is not None
+
+
+def _int_or_none(text: str | None, name: str) -> int | None:
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise DistributedError(f"{name} must be an int, got {text!r}") from None
+
+
+def from_env(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, *,
+             timeout_s: int = 300, heartbeat_s: int = 100,
+             environ: Mapping[str, str] = os.environ) -> DistributedConfig:
+    """The `DistributedConfig` of flags, falling back to the `RLHF_JAX_*` environment variables."""
+    return DistributedConfig(
+        coordinator if coordinator is not None else (environ.get(ENV_COORDINATOR) or None),
+        num_processes if num_processes is not None else _int_or_none(environ.get(ENV_NUM_PROCESSES), ENV_NUM_PROCESSES),
+        process_id if process_id is not None else _int_or_none(environ.get(ENV_PROCESS_ID), ENV_PROCESS_ID),
+        timeout_s=timeout_s, heartbeat_s=heartbeat_s)
+
+
+def _auto_detected(environ: Mapping[str, str]) -> bool:
+    return any(check(environ[k]) for k, check in _AUTO.items() if k in environ)
+
+
+def initialize(config: DistributedConfig, *, environ: Mapping[str, str] = os.environ) -> bool:
+    """Join the multi-process run `config` describes (or the one JAX detects); return whether one was joined.
+
+    Must run before anything runs JAX. A single process without flags or a detected cluster does
+    nothing.
+
+    Raises:
+      DistributedError: the coordinator did not answer within `timeout_s`, or JAX refused the flags.
+    """
+    import jax  # noqa: PLC0415
+
+    if not config.explicit and not _auto_detected(environ):
+        return False
+    if config.explicit:  # the CPU client's cross-process collectives (GPUs and TPUs use their own)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = dict(initialization_timeout=config.timeout_s, heartbeat_timeout_seconds=config.heartbeat_s)
+    if config.explicit:
+        kwargs.update(coordinator_address=config.coordinator, num_processes=config.num_processes,
+                      process_id=config.process_id)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 (JAX raises several types; all mean "could not join")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"coordinator {config.coordinator}" if config.explicit else "the detected cluster"
+        raise DistributedError(f"could not join {where} as process {config.process_id} of "
+                               f"{config.num_processes} within {config.timeout_s} s: {first}") from None
+    return True
+
+
+def is_main() -> bool:
+    """Whether this is process 0, the one that writes files, logs and shows progress."""
+    import jax  # noqa: PLC0415
+
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (all processes call this; one process: `flag`)."""
+    import jax  # noqa: PLC0415
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    import numpy as np  # noqa: PLC0415
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
