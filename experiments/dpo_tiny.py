@@ -43,9 +43,11 @@ import dataclasses
 import os
 
 from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.models.lora import TARGETS, LoraConfig
 from rlhf_jax.steps import DPO, KTO, ORPO, SimPO
 from rlhf_jax.train import dpo, sft
 from rlhf_jax.train import tiny_stages as tiny
+from rlhf_jax.train.adapters import with_lora
 from rlhf_jax.train.results import Panel, plot_metrics, write_json
 from rlhf_jax.train.stages import Stage, run_stages
 
@@ -60,6 +62,10 @@ MODES = {
     "orpo": (ORPO(beta=0.1), 3e-4),
     "kto": (KTO(beta=0.1), 1e-4),
 }
+# The `lora` mode: rank-16 adapters on every projection, the embedding and the LM head, in both
+# stages; learning rates (SFT, DPO) ten times the full model's for DPO, as usual for LoRA.
+LORA = LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
+LORA_LEARNING_RATES = (3e-3, 3e-3)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,16 +87,21 @@ class DPOTinyConfig:
 
 
 def get_config(arg: str | None = None) -> DPOTinyConfig:
-    """The tiny CPU configuration; `arg` is the objective's mode (`dpo`, `simpo`, `orpo`, `kto`; default dpo)."""
+    """The tiny CPU configuration; `arg` is the objective's mode (`dpo`, `simpo`, `orpo`, `kto`; default
+    dpo), or `lora` (both stages train LoRA adapters, `LORA`; DPO's reference is the SFT stage's
+    merged weights, the DPO stage's base with adapters off)."""
     mode = "dpo" if arg in (None, "tiny") else arg
-    if mode not in MODES:
-        raise ValueError(f"dpo_tiny: unknown mode {arg!r}; the modes are {sorted(MODES)}")
+    if mode not in MODES and mode != "lora":
+        raise ValueError(f"dpo_tiny: unknown mode {arg!r}; the modes are {sorted(MODES) + ['lora']}")
     suffix = "" if mode == "dpo" else f"_{mode}"
-    objective, learning_rate = MODES[mode]
+    objective, learning_rate = MODES["dpo" if mode == "lora" else mode]
     dpo_config = tiny.vowel_dpo(f"dpo_tiny{suffix}", objective)
-    return DPOTinyConfig(workdir=f"runs/dpo_tiny{suffix}", sft=tiny.sft_tiny("dpo_tiny_sft"),
-                         dpo=dataclasses.replace(dpo_config, optim=dataclasses.replace(dpo_config.optim,
-                                                                                       learning_rate=learning_rate)))
+    dpo_config = dataclasses.replace(dpo_config, optim=dataclasses.replace(dpo_config.optim, learning_rate=learning_rate))
+    sft_config = tiny.sft_tiny("dpo_tiny_sft")
+    if mode == "lora":
+        sft_config = with_lora(sft_config, LORA, learning_rate=LORA_LEARNING_RATES[0])
+        dpo_config = with_lora(dpo_config, LORA, learning_rate=LORA_LEARNING_RATES[1])
+    return DPOTinyConfig(workdir=f"runs/dpo_tiny{suffix}", sft=sft_config, dpo=dpo_config)
 
 
 def main(config: DPOTinyConfig) -> dict:
@@ -115,6 +126,7 @@ def main(config: DPOTinyConfig) -> dict:
     results = {
         "experiment": "DPO baseline",
         "objective": type(objective).__name__,
+        "lora": config.dpo.lora,
         "steps": summary["step"],
         "sft_final_eval_loss": sft_summary["eval"].get("eval/loss"),
         "sft_policy_gold_reward": sft_gold,

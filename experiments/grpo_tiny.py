@@ -25,11 +25,18 @@ import dataclasses
 import os
 
 from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.models.lora import TARGETS, LoraConfig
 from rlhf_jax.steps import GRPO_PRESETS
 from rlhf_jax.train import rl, sft
 from rlhf_jax.train import tiny_stages as tiny
+from rlhf_jax.train.adapters import with_lora
 from rlhf_jax.train.results import Panel, plot_metrics, write_json
 from rlhf_jax.train.stages import Stage, run_stages
+
+
+# The `lora` mode: rank-16 adapters on every projection, the embedding and the LM head.
+LORA = LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
+LORA_LEARNING_RATE = 5e-4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,10 +49,16 @@ class GRPOTinyConfig:
 
 
 def get_config(arg: str | None = None) -> GRPOTinyConfig:
-    """The tiny CPU configuration; `arg` is a preset name of `GRPO_PRESETS` (default "grpo")."""
-    preset = "grpo" if arg in (None, "tiny") else arg
+    """The tiny CPU configuration; `arg` is a preset name of `GRPO_PRESETS` (default "grpo"), or `lora`
+    (the GRPO preset training LoRA adapters, `LORA`, on the same full SFT policy; its KL reference
+    is the base with adapters off)."""
+    preset = "grpo" if arg in (None, "tiny", "lora") else arg
     if preset not in GRPO_PRESETS:
-        raise ValueError(f"grpo_tiny: unknown mode {arg!r}; the modes are the presets {sorted(GRPO_PRESETS)}")
+        raise ValueError(f"grpo_tiny: unknown mode {arg!r}; the modes are the presets {sorted(GRPO_PRESETS)} "
+                         "and lora")
+    if arg == "lora":
+        grpo = with_lora(tiny.arithmetic_grpo(preset, name="grpo_tiny_lora"), LORA, learning_rate=LORA_LEARNING_RATE)
+        return GRPOTinyConfig(workdir="runs/grpo_tiny_lora", sft=tiny.arithmetic_sft(), grpo=grpo)
     return GRPOTinyConfig(workdir=f"runs/grpo_tiny_{preset}", sft=tiny.arithmetic_sft(),
                           grpo=tiny.arithmetic_grpo(preset, name=f"grpo_tiny_{preset}"))
 
@@ -58,7 +71,8 @@ def main(config: GRPOTinyConfig) -> dict:
         return run
     records = read_jsonl(os.path.join(run["run_dir"], "metrics.jsonl"))
     accuracy = [r["eval/accuracy"] for r in records if "eval/accuracy" in r]
-    results = {"experiment": "grpo_tiny", "preset": config.grpo.algorithm, "steps": run["step"],
+    results = {"experiment": "grpo_tiny" if config.grpo.lora is None else "grpo_tiny (lora)",
+               "preset": config.grpo.algorithm, "steps": run["step"],
                "sft_accuracy": accuracy[0], "final_accuracy": accuracy[-1], "accuracy_gain": accuracy[-1] - accuracy[0],
                "config": config}
     write_json(os.path.join(config.workdir, "results.json"), results)

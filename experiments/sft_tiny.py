@@ -20,18 +20,26 @@ from __future__ import annotations
 import dataclasses
 
 from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.models.lora import TARGETS, LoraConfig
 from rlhf_jax.train import sft
 from rlhf_jax.train import tiny_stages as tiny
+from rlhf_jax.train.adapters import with_lora
 from rlhf_jax.train.results import Panel, plot_metrics, write_json
 
 LOSS_THRESHOLD = 3.1
+# The `lora` mode: rank-16 adapters on every projection, the embedding and the LM head of the
+# randomly initialised tiny model (the base stays random; only the adapters learn).
+LORA = LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
+LORA_LEARNING_RATE = 3e-3
 
 
 def get_config(arg: str | None = None) -> sft.SFTConfig:
-    """The tiny CPU configuration (the only mode of this experiment; `arg` must be None or "tiny")."""
-    if arg not in (None, "tiny"):
-        raise ValueError(f"sft_tiny has only the tiny mode, got {arg!r}")
-    return tiny.sft_tiny()
+    """The tiny CPU configuration; `arg` is None / "tiny" (full fine-tuning) or "lora" (`LORA`)."""
+    if arg in (None, "tiny"):
+        return tiny.sft_tiny()
+    if arg == "lora":
+        return with_lora(tiny.sft_tiny("sft_tiny_lora"), LORA, learning_rate=LORA_LEARNING_RATE)
+    raise ValueError(f"sft_tiny: unknown mode {arg!r}; the modes are tiny (default) and lora")
 
 
 def main(config: sft.SFTConfig) -> dict:
@@ -44,7 +52,7 @@ def main(config: sft.SFTConfig) -> dict:
     evals = [r for r in records if "eval/loss" in r]
     final = summary["eval"].get("eval/loss", float("nan"))
     results = {
-        "experiment": "sft_tiny",
+        "experiment": "sft_tiny" if config.lora is None else "sft_tiny (lora)",
         "steps": summary["step"],
         "initial_eval_loss": evals[0]["eval/loss"] if evals else None,
         "final_eval_loss": final,

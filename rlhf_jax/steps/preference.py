@@ -13,7 +13,9 @@ rewards become TRL's metrics in one reducer, `rlhf_jax.losses.preference_metrics
 Reference log-probs come either from a reference forward pass in every step
 (`reference="model"`: `update(state, batch, reference_params)`), or from the batch
 (`reference="precomputed"`: keys `ref_chosen_logps` / `ref_rejected_logps`, or `ref_logps` /
-`ref_kl_logps` for KTO, made once over the dataset by `make_reference_logps_fn`).
+`ref_kl_logps` for KTO, made once over the dataset by `make_reference_logps_fn`), or, for a LoRA
+policy, from its own frozen base with the adapters off (`reference="base"`: `update(state,
+batch)`, no second copy of the weights).
 
 Paired batch: `chosen_tokens`, `chosen_loss_mask`, `rejected_tokens`, `rejected_loss_mask`,
 optional `*_positions` / `*_segment_ids` (packed rows: a pair's two sequences share row and
@@ -34,6 +36,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.losses import kto_loss, kto_reference_point, preference_metrics
+from rlhf_jax.models.lora import LoraLM, base_params
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.steps import common
 from rlhf_jax.steps.preference_objectives import DPO, KTO, ORPO, Objective, PreferenceTerms, SequenceLogps, SimPO
@@ -57,7 +60,7 @@ __all__ = [
     "precompute_reference_logps",
 ]
 
-ReferenceMode = Literal["model", "precomputed"]
+ReferenceMode = Literal["model", "precomputed", "base"]
 UNPAIRED_KEYS = ("tokens", "loss_mask", "label")
 
 
@@ -229,13 +232,14 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
 
 def _dpo_prepare(model, objective: Objective, reference: ReferenceMode, *, micro_batches: int, max_segments: int,
                  chunk_size: int | None):
-    ref_fn = _reference_fn(model, objective, max_segments=max_segments, chunk_size=chunk_size)
+    ref_model = model.base if reference == "base" else model
+    ref_fn = _reference_fn(ref_model, objective, max_segments=max_segments, chunk_size=chunk_size)
 
     def prepare(params, batch, frozen, rng):
         del rng
         context = _counts(batch, objective, max_segments)
-        if objective.needs_reference and reference == "model":
-            (ref_params,) = frozen
+        if objective.needs_reference and reference in ("model", "base"):
+            (ref_params,) = frozen if reference == "model" else (base_params(params),)
             batch = {**batch, **_map_micro(lambda mb: ref_fn(ref_params, mb), batch, micro_batches)}
         if not objective.paired:
             if objective.reference_point == "zero":
@@ -291,10 +295,11 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
     needed.
 
     Args:
-      model: the policy `CausalLM` (the reference has the same architecture).
+      model: the policy `CausalLM` (the reference has the same architecture), or a `LoraLM`.
       optimizer: an `OptimizerConfig` or an optax transform.
       objective: `DPO(...)` (default), `SimPO(...)`, `ORPO(...)` or `KTO(...)`.
-      reference: "model" or "precomputed" (ignored by reference-free objectives).
+      reference: "model", "precomputed" or, for a `LoraLM` policy, "base" (its frozen base with
+        adapters off; ignored by reference-free objectives).
       micro_batches: gradient-accumulation micro-batches per step.
       max_segments: examples per row of packed batches (1 = unpacked).
       logits_chunk_size: chunked log-probs from hidden states instead of full logits.
@@ -311,6 +316,9 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
         raise TypeError(f"make_dpo_step: objective must be DPO, SimPO, ORPO or KTO, got {type(objective).__name__}")
     if reference not in get_args(ReferenceMode):
         raise ValueError(f"make_dpo_step: reference must be one of {get_args(ReferenceMode)}, got {reference!r}")
+    if reference == "base" and not isinstance(model, LoraLM):
+        raise ValueError("make_dpo_step: reference='base' needs a LoraLM policy (the reference is its base with "
+                         f"the adapters off), got {type(model).__name__}")
     tx, schedule = common.resolve_optimizer(optimizer)
     loss_fn = make_dpo_loss(model, objective, micro_batches=micro_batches, max_segments=max_segments,
                             logits_chunk_size=logits_chunk_size)

@@ -13,6 +13,8 @@ The policy starts from `checkpoint.init_from` (an SFT checkpoint or a Hugging Fa
 frozen reference is the same weights, reloaded from there on every (re)start. `reference="model"`
 runs the reference forward in every step; `reference="precomputed"` computes its log-probs of
 every training example once before the first step (TRL's `precompute_ref_log_probs`) and frees it.
+With a `lora` section the policy trains adapters on the frozen starting weights, and the reference
+forward runs that base with the adapters off (`make_dpo_step(reference="base")`): no second copy.
 
 Training metrics (TRL's names): `loss`, `rewards/chosen`, `rewards/rejected`,
 `rewards/accuracies` (paired), `rewards/margins`, `logps/chosen`, `logps/rejected`, `kl` (KTO),
@@ -43,6 +45,8 @@ from rlhf_jax.steps.sequences import causal_targets
 from rlhf_jax.data import BatchConfig, BatchIterator
 from rlhf_jax.train.data import device_batch, eval_batches, load_split
 from rlhf_jax.train.evals import make_policy_eval, make_weighted_eval
+from rlhf_jax.models.lora import base_params
+from rlhf_jax.train.adapters import lora_of, make_model, plain_model, plain_params
 from rlhf_jax.train.recipe import Context, Recipe, run
 from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.run_config import RunConfig
@@ -103,14 +107,22 @@ class DPOConfig(RunConfig):
 
     @property
     def uses_reference_model(self) -> bool:
-        """Whether each step takes the reference parameters (not precomputed, not reference-free)."""
-        return self.algorithm.needs_reference and self.reference == "model"
+        """Whether each step takes the reference parameters (not precomputed, not reference-free, not
+        LoRA's base)."""
+        return self.algorithm.needs_reference and self.step_reference == "model"
+
+    @property
+    def step_reference(self) -> str:
+        """The step's reference mode: with `lora`, "model" is the policy's own base ("base")."""
+        return "base" if self.lora is not None and self.reference == "model" else self.reference
 
 
-def reference_params(model: CausalLM, config: DPOConfig, mesh) -> Any:
-    """The frozen reference: the weights the policy started from, placed like the policy's params."""
-    return ModelState(model, make_optimizer(config.optim), mesh, config.mesh.strategy, config.seed,
-                      config.checkpoint.init_from).fresh().params
+def reference_params(model, config: DPOConfig, mesh) -> Any:
+    """The frozen reference: the weights the policy started from, placed like the policy's params
+    (for LoRA the base alone, a plain `CausalLM` tree)."""
+    params = ModelState(model, make_optimizer(config.optim), mesh, config.mesh.strategy, config.seed,
+                        config.checkpoint.init_from).fresh().params
+    return params if lora_of(model) is None else base_params(params)
 
 
 def _chosen_weight(batch):
@@ -128,7 +140,7 @@ def make_preference_eval(model: CausalLM, objective, batches: list[dict], refere
     """
     prepare = None
     if objective.needs_reference:
-        ref_fn = make_reference_logps_fn(model, mesh=mesh, objective=objective, strategy=strategy,
+        ref_fn = make_reference_logps_fn(plain_model(model), mesh=mesh, objective=objective, strategy=strategy,
                                          max_segments=max_segments, logits_chunk_size=logits_chunk_size)
         prepare = lambda batch, ref: {**batch, **ref_fn(ref, batch)}  # noqa: E731
     loss_fn = make_dpo_loss(model, objective, max_segments=max_segments, logits_chunk_size=logits_chunk_size)
@@ -145,10 +157,10 @@ def _precomputed_shapes(config: DPOConfig, mesh) -> dict[str, jax.ShapeDtypeStru
 
 
 def _build(config: DPOConfig, mesh):
-    model = CausalLM(config.model)
+    model = make_model(config)
     objective = config.algorithm
     segments = num_segments(config)
-    update = make_dpo_step(model, config.optim, objective=objective, reference=config.reference,
+    update = make_dpo_step(model, config.optim, objective=objective, reference=config.step_reference,
                            micro_batches=config.train.micro_batches, max_segments=segments,
                            logits_chunk_size=config.logits_chunk_size, nonfinite=config.train.nonfinite)
     precomputed = objective.needs_reference and config.reference == "precomputed"
@@ -199,7 +211,8 @@ def _gold_eval(ctx: Context, reference):
     prompts = load_split(dataclasses.replace(data, num_eval=config.sampling.num_prompts), kind="prompt",
                          which="eval", tokenizer=ctx.data.tokenizer)
     prompt_len = data.max_prompt_len or data.row_len
-    sampler = Sampler(ctx.program.parts["model"], max_len=prompt_len + config.sampling.max_new_tokens,
+    model = ctx.program.parts["model"]
+    sampler = Sampler(plain_model(model), max_len=prompt_len + config.sampling.max_new_tokens,
                       prompt_buckets=default_prompt_buckets(prompt_len), mesh=ctx.mesh, strategy=config.mesh.strategy)
     sampling = SamplingConfig(max_new_tokens=config.sampling.max_new_tokens,
                               method=Categorical(temperature=config.sampling.temperature),
@@ -209,7 +222,7 @@ def _gold_eval(ctx: Context, reference):
     batches = eval_batches(prompts, data, max_batches=-(-config.sampling.num_prompts // data.batch_size))
     evaluate = make_policy_eval(collector, batches, key=jax.random.key(config.seed),
                                 gold=(task.gold_metric, PythonReward(task.reward, "gold")), baseline=reference)
-    return lambda params: evaluate(params, None)
+    return lambda params: evaluate(plain_params(model, params), None)
 
 
 def _trainer(ctx: Context):
@@ -228,7 +241,7 @@ def _trainer(ctx: Context):
     evaluate = (lambda params: {k: v for e in evaluators for k, v in e(params).items()}) if evaluators else None
     prepare = None
     if objective.needs_reference and config.reference == "precomputed":
-        ref_fn = make_reference_logps_fn(model, mesh=mesh, objective=objective, strategy=strategy,
+        ref_fn = make_reference_logps_fn(plain_model(model), mesh=mesh, objective=objective, strategy=strategy,
                                          max_segments=segments, logits_chunk_size=config.logits_chunk_size)
         tables = precompute_reference(ref_fn, reference, ctx.data.train, config, mesh=mesh)
         prepare = lambda batch, it: {**batch, **gather_precomputed(tables, it.last_rows, segments)}  # noqa: E731

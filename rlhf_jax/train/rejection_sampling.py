@@ -29,11 +29,11 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import ConfigError
-from rlhf_jax.models import CausalLM
 from rlhf_jax.rewards.registry import RewardConfig
 from rlhf_jax.steps import make_sft_step
 from rlhf_jax.steps.supervised import SFT_KEYS
 from rlhf_jax.train.data import device_batch
+from rlhf_jax.train.adapters import make_model, plain_model, plain_params
 from rlhf_jax.train.recipe import Context, Recipe, Trainer, run
 from rlhf_jax.train.rl import check_rewards, policy_eval, rollout_parts
 from rlhf_jax.train.rollouts import RolloutConfig
@@ -115,7 +115,7 @@ def best_of_n_batch(arrays: dict[str, Any], rows: np.ndarray, keep: np.ndarray, 
 
 
 def _build(config: RejectionSamplingConfig, mesh):
-    model = CausalLM(config.model)
+    model = make_model(config)
     update = make_sft_step(model, config.optim, nonfinite=config.train.nonfinite)
     row_len = (config.data.max_prompt_len or config.data.row_len) + config.rollout.max_new_tokens
     return model_program(dataclasses.replace(config, data=dataclasses.replace(config.data, seq_len=row_len)), mesh,
@@ -125,7 +125,8 @@ def _build(config: RejectionSamplingConfig, mesh):
 def _trainer(ctx: Context) -> Trainer:
     config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
     n = config.algorithm.samples_per_prompt
-    collector, gold = rollout_parts(config, ctx.data, mesh, ctx.program.parts["model"], n, ctx.hooks)
+    model = ctx.program.parts["model"]
+    collector, gold = rollout_parts(config, ctx.data, mesh, plain_model(model), n, ctx.hooks)
     sampler, sft_step = collector.sampler, ctx.program.step
     pad_id = ctx.data.tokenizer.pad_token_id or 0
     key = jax.random.key(config.seed)
@@ -134,7 +135,7 @@ def _trainer(ctx: Context) -> Trainer:
 
     def step_fn(state, prompt_batch):
         counter[0] += 1
-        params = sampler.load_params(state.params)
+        params = sampler.load_params(plain_params(model, state.params))
         merged, result, metrics = collector.collect(params, prompt_batch, batches,
                                                     rng=jax.random.fold_in(key, counter[0]))
         metrics.pop("completions/generated_tokens")
@@ -151,7 +152,7 @@ def _trainer(ctx: Context) -> Trainer:
         return state, {**step_metrics, **metrics}
 
     evaluate_params = policy_eval(config, ctx.data, collector, gold)
-    evaluate = None if evaluate_params is None else (lambda s: evaluate_params(s.params, None))
+    evaluate = None if evaluate_params is None else (lambda s: evaluate_params(plain_params(model, s.params), None))
     return Trainer(step=step_fn, batches=batches, extras=base.extras, evaluate=evaluate)
 
 

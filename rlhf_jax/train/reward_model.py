@@ -25,6 +25,7 @@ from rlhf_jax.steps.supervised import PAIR_KEYS
 from rlhf_jax.train.data import eval_batches
 from rlhf_jax.train.evals import make_weighted_eval
 from rlhf_jax.train.recipe import Context, Recipe, run
+from rlhf_jax.train.adapters import make_model
 from rlhf_jax.train.run_config import RunConfig
 from rlhf_jax.train.supervised import model_program, num_segments, supervised_trainer
 
@@ -72,7 +73,7 @@ def make_reward_model_eval(model: CausalLM, batches: list[dict], *, mesh, strate
 
 
 def _build(config: RewardModelConfig, mesh):
-    model = CausalLM(config.model, head="scalar")
+    model = make_model(config, head="scalar")
     update = make_reward_model_step(model, config.optim, micro_batches=config.train.micro_batches,
                                     max_segments=num_segments(config), nonfinite=config.train.nonfinite,
                                     center_rewards_coefficient=config.algorithm.center_rewards_coefficient)

@@ -224,9 +224,9 @@ def _ptx_batches(config, data, extras):
 def _trainer(ctx: Context) -> Trainer:
     config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
     algorithm: RLAlgorithm = ctx.program.parts["algorithm"]
-    collector, gold = rollout_parts(config, ctx.data, mesh, algorithm.policy, algorithm.group_size, ctx.hooks)
+    collector, gold = rollout_parts(config, ctx.data, mesh, algorithm.sampling_model, algorithm.group_size, ctx.hooks)
     sampler, step = collector.sampler, ctx.program.step
-    ref_logps = _reference_logps(algorithm.policy, config.algorithm)
+    ref_logps = _reference_logps(algorithm.sampling_model, config.algorithm)
     batches = batches_from(train_batches(ctx.data.train, config.data), ctx.extras)
     ptx_batches = _ptx_batches(config, ctx.data, ctx.extras)
     key = jax.random.key(config.seed)
@@ -235,7 +235,7 @@ def _trainer(ctx: Context) -> Trainer:
     def rl_step(state, prompt_batch):
         began = time.perf_counter()
         clock["step"] += 1
-        params = sampler.load_params(algorithm.lm_params(state.policy.params))
+        params = sampler.load_params(algorithm.sampling_params(state.policy.params))
         merged, _, metrics = collector.collect(params, prompt_batch, batches, rng=jax.random.fold_in(key, clock["step"]))
         metrics["time/weight_handoff"] = sampler.stats.handoff_seconds
         arrays, keys = dict(merged), DEVICE_KEYS + ("scores",)
@@ -245,8 +245,9 @@ def _trainer(ctx: Context) -> Trainer:
             keys += ("ptx_tokens", "ptx_mask")
         device = sh.shard_batch({k: np.asarray(arrays[k]) for k in keys}, mesh=mesh, strategy=strategy)
         start = time.perf_counter()
-        if state.reference is not None:
-            ref = ref_logps(state.reference, device["prompt_tokens"], device["prompt_lengths"],
+        reference = algorithm.reference_params(state)
+        if reference is not None:
+            ref = ref_logps(reference, device["prompt_tokens"], device["prompt_lengths"],
                             device["completion_tokens"], group_size=algorithm.reference_group)
             device["ref_logps"] = jax.block_until_ready(jax.device_put(ref, device["completion_mask"].sharding))
         metrics["time/reference"] = time.perf_counter() - start
@@ -265,7 +266,7 @@ def _trainer(ctx: Context) -> Trainer:
 
     evaluate_params = policy_eval(config, ctx.data, collector, gold, ref_logps)
     evaluate = None if evaluate_params is None else (
-        lambda state: evaluate_params(algorithm.lm_params(state.policy.params), state.reference))
+        lambda state: evaluate_params(algorithm.sampling_params(state.policy.params), algorithm.reference_params(state)))
     extras = lambda: {"data": batches.get_state(),  # noqa: E731
                       **({} if ptx_batches is None else {"ptx": ptx_batches.get_state()})}
     return Trainer(step=rl_step, batches=batches, extras=extras, evaluate=evaluate)

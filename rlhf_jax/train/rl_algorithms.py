@@ -5,6 +5,10 @@ no critic and no controller; `PPO` has a critic (a separate scalar-head model wi
 optimizer, or a value head on the policy's backbone) and a KL controller. Each object is the
 `StateSpec` of its state (abstract shapes, shardings, fresh init, checkpoint items) and knows its
 pure update (`steps.make_grpo_step` / `steps.make_ppo_step`) and how completions are grouped.
+
+With `config.lora` the policy (and a separate critic) is a `LoraLM`: only adapters (and value or
+score heads) train, and the reference is the policy's own base with adapters off, so the state
+holds no reference copy (`RLState.reference` is None; `reference_params` reads the base).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from rlhf_jax import sharding as sh
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.heads import SCALAR_HEAD_AXES, init_scalar_head
 from rlhf_jax.optim import make_optimizer, make_schedule
@@ -30,7 +35,9 @@ from rlhf_jax.state import (
     train_state_from_params,
 )
 from rlhf_jax.steps import make_grpo_step, make_ppo_step
-from rlhf_jax.train.weights import initial_params
+from rlhf_jax.models.lora import base_params
+from rlhf_jax.train.adapters import lora_of, make_model, params_from_items, params_items, plain_model, plain_params
+from rlhf_jax.train.weights import starting_params
 
 __all__ = ["RLAlgorithm", "GRPO", "PPO"]
 
@@ -54,7 +61,7 @@ class RLAlgorithm(abc.ABC):
 
     def __init__(self, config, mesh: Mesh):
         self.config, self.mesh, self.strategy = config, mesh, config.mesh.strategy
-        self.policy = CausalLM(config.model)
+        self.policy = make_model(config)
         self.policy_tx = make_optimizer(config.optim)
         self.value: CausalLM | None = None
         self.value_tx: optax.GradientTransformation | None = None
@@ -71,19 +78,42 @@ class RLAlgorithm(abc.ABC):
         """The language model's parameters inside the policy's (without a shared value head)."""
         return policy_params["lm"] if self.shared_value_head else policy_params
 
+    @property
+    def sampling_model(self) -> CausalLM:
+        """The plain model the sampler and the reference pass run (a LoRA policy's base)."""
+        return plain_model(self.policy)
+
+    def sampling_params(self, policy_params):
+        """The policy as plain `CausalLM` parameters for the sampler (LoRA: adapters merged)."""
+        return plain_params(self.policy, self.lm_params(policy_params))
+
+    def reference_params(self, state: RLState):
+        """The reference policy's parameters: the state's reference, or a LoRA policy's base (no copy)."""
+        if lora_of(self.policy) is None or not self.config.algorithm.uses_reference:
+            return state.reference
+        return base_params(self.lm_params(state.policy.params))
+
     def _policy_init(self, key):
         lm = self.policy.init(key)
         return {"lm": lm, "value_head": init_scalar_head(self.config.model, key)} if self.shared_value_head else lm
 
     def _initial_lm(self, rng):
+        """The policy's starting weights, each array created (or read) directly in its sharding."""
+        place = dict(mesh=self.mesh, strategy=self.strategy)
         if self.config.checkpoint.init_from:
-            return initial_params(self.policy, self.config.checkpoint.init_from, rng=rng)
-        return jax.jit(self.policy.init)(jax.random.fold_in(rng, 0))
+            return starting_params(self.policy, self.config.checkpoint.init_from, rng=rng, **place)
+        shardings = sh.param_shardings(self.policy.abstract_params(), self.policy.logical_axes, **place)
+        return jax.jit(self.policy.init, out_shardings=shardings)(jax.random.fold_in(rng, 0))
+
+    @property
+    def _keeps_reference(self) -> bool:
+        """Whether the state holds a reference copy (a KL term, and not LoRA's base)."""
+        return self.config.algorithm.uses_reference and lora_of(self.policy) is None
 
     # ------------------------------------------------------------------------- the state spec
     def abstract(self) -> RLState:
         policy = abstract_train_state(self._policy_init, self.policy_tx)
-        reference = self.policy.abstract_params() if self.config.algorithm.uses_reference else None
+        reference = self.policy.abstract_params() if self._keeps_reference else None
         value = abstract_train_state(self.value.init, self.value_tx) if self.value is not None else None
         return RLState(policy, reference, value, self._abstract_kl())
 
@@ -102,14 +132,15 @@ class RLAlgorithm(abc.ABC):
         policy = train_state_from_params(_copy(params), self.policy_tx, rng=self.config.seed,
                                          logical_axes=self.policy_axes, **place)
         reference = None
-        if self.config.algorithm.uses_reference:
+        if self._keeps_reference:
             reference = place_params(_copy(lm), self.policy.logical_axes, **place)
         return RLState(policy, reference, self._fresh_value(lm, rng), self._fresh_kl())
 
     def save_items(self, state: RLState) -> dict[str, Any]:
         """Checkpoint items; `params` is the policy's language model alone (exportable as is)."""
         p = state.policy
-        items = {"params": self.lm_params(p.params), "train": {"step": p.step, "opt_state": p.opt_state, "rng": p.rng}}
+        items = {**params_items(self.policy, self.lm_params(p.params)),
+                 "train": {"step": p.step, "opt_state": p.opt_state, "rng": p.rng}}
         if self.shared_value_head:
             items["value_head"] = p.params["value_head"]
         if state.reference is not None:
@@ -123,8 +154,8 @@ class RLAlgorithm(abc.ABC):
 
     def from_items(self, items: Mapping[str, Any]) -> RLState:
         train = items["train"]
-        params = {"lm": items["params"], "value_head": items["value_head"]} if self.shared_value_head \
-            else items["params"]
+        lm = params_from_items(self.policy, items)
+        params = {"lm": lm, "value_head": items["value_head"]} if self.shared_value_head else lm
         value = None
         if "value" in items:
             v = items["value"]
@@ -174,7 +205,7 @@ class PPO(RLAlgorithm):
         self.shared_value_head = config.value.shared_backbone
         super().__init__(config, mesh)
         if not self.shared_value_head:
-            self.value = CausalLM(config.model, head="scalar")
+            self.value = make_model(config, head="scalar")  # with lora: adapters and the score head train
             self.value_tx = make_optimizer(config.value.optim)
 
     def _abstract_kl(self):
@@ -188,12 +219,17 @@ class PPO(RLAlgorithm):
             return None
         config = self.config
         if config.value.init == "reward_model":
-            vparams = initial_params(self.value, config.rewards.reward_model, rng=rng)
+            vparams = starting_params(self.value, config.rewards.reward_model, rng=rng, mesh=self.mesh,
+                                      strategy=self.strategy)
         elif config.checkpoint.init_from:
-            vparams = initial_params(self.value, config.checkpoint.init_from, rng=rng)
+            vparams = starting_params(self.value, config.checkpoint.init_from, rng=rng, mesh=self.mesh,
+                                      strategy=self.strategy)
         else:
-            vparams = {k: v for k, v in lm.items() if k != "lm_head"}
+            backbone = lm if lora_of(self.policy) is None else base_params(lm)
+            vparams = {k: v for k, v in backbone.items() if k != "lm_head"}
             vparams["score"] = init_scalar_head(config.model, jax.random.fold_in(rng, 2))
+            if lora_of(self.value) is not None:
+                vparams = self.value.init_from_base(vparams, jax.random.fold_in(rng, 3))
         return train_state_from_params(_copy(vparams), self.value_tx, rng=config.seed + 1,
                                        logical_axes=self.value.logical_axes, mesh=self.mesh, strategy=self.strategy)
 

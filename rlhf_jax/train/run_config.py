@@ -19,6 +19,7 @@ from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainC
 from rlhf_jax.data import TokenizeConfig
 from rlhf_jax.data.synthetic import ArithmeticTask, VowelTask
 from rlhf_jax.models import ModelConfig
+from rlhf_jax.models.lora import LoraConfig
 from rlhf_jax.models.presets import get_config
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.sharding import MeshConfig
@@ -129,6 +130,9 @@ class RunConfig:
       train: steps, evaluation interval, NaN/Inf policy.
       checkpoint: save interval, retention, initial weights, resume.
       logging: console, JSONL, TensorBoard, wandb.
+      lora: train low-rank adapters on a frozen base instead of every weight
+        (`rlhf_jax.models.lora.LoraConfig`: rank, alpha, rsLoRA, dropout, targets); the reference of
+        DPO, GRPO and PPO is then the base with adapters off. None = full fine-tuning.
     """
 
     name: str
@@ -141,6 +145,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if not self.name or "/" in self.name:

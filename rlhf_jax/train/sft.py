@@ -23,6 +23,7 @@ from rlhf_jax.steps.supervised import SFT_KEYS
 from rlhf_jax.train.data import eval_batches
 from rlhf_jax.train.evals import make_weighted_eval
 from rlhf_jax.train.recipe import Context, Recipe, run
+from rlhf_jax.train.adapters import make_model
 from rlhf_jax.train.run_config import RunConfig
 from rlhf_jax.train.supervised import model_program, supervised_trainer
 
@@ -63,7 +64,7 @@ def make_sft_eval(model: CausalLM, batches: list[dict], *, mesh, strategy: str):
 
 
 def _build(config: SFTConfig, mesh):
-    model = CausalLM(config.model)
+    model = make_model(config)
     update = make_sft_step(model, config.optim, micro_batches=config.train.micro_batches,
                            nonfinite=config.train.nonfinite, logits_chunk_size=config.algorithm.logits_chunk_size)
     return model_program(config, mesh, model=model, update=update, kind="sft", batch_keys=SFT_KEYS, name="sft_step")

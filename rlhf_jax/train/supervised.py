@@ -13,13 +13,14 @@ from jax.sharding import Mesh
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.data.batches import batch_spec
-from rlhf_jax.models import CausalLM
+from rlhf_jax.models import CausalLM, LoraLM
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.state import TrainState, abstract_train_state, create_train_state, train_state_from_params
 from rlhf_jax.steps.common import jit_step, model_state_shardings
 from rlhf_jax.train.data import batches_from, device_batch, train_batches
 from rlhf_jax.train.recipe import Context, Program, Trainer
-from rlhf_jax.train.weights import initial_params
+from rlhf_jax.train.adapters import params_from_items, params_items
+from rlhf_jax.train.weights import starting_params
 
 __all__ = ["ModelState", "model_program", "abstract_batch", "num_segments", "supervised_trainer"]
 
@@ -30,10 +31,11 @@ class ModelState:
 
     A fresh state starts from `checkpoint.init_from` when set (a Hugging Face directory or an
     rlhf-jax checkpoint), else from the random initialization of `seed`; both are created
-    directly in the strategy's shardings.
+    directly in the strategy's shardings. A `LoraLM` starts from that base with fresh adapters,
+    and its checkpoints keep the base as `params` and the adapters as `lora` (`train.adapters`).
     """
 
-    model: CausalLM
+    model: CausalLM | LoraLM
     tx: optax.GradientTransformation
     mesh: Mesh
     strategy: str
@@ -49,18 +51,19 @@ class ModelState:
     def fresh(self) -> TrainState:
         place = dict(logical_axes=self.model.logical_axes, mesh=self.mesh, strategy=self.strategy)
         if self.init_from:
-            params = initial_params(self.model, self.init_from, rng=jax.random.key(self.seed), mesh=self.mesh,
-                                    strategy=self.strategy)
+            params = starting_params(self.model, self.init_from, rng=jax.random.key(self.seed), mesh=self.mesh,
+                                     strategy=self.strategy)
             return train_state_from_params(params, self.tx, rng=self.seed, **place)
         return create_train_state(self.model.init, self.tx, rng=self.seed, **place)
 
     def save_items(self, state: TrainState) -> dict[str, Any]:
         """`params` apart (they load alone, e.g. as the next stage's initial weights) and the rest."""
-        return {"params": state.params, "train": {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}}
+        return {**params_items(self.model, state.params),
+                "train": {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}}
 
     def from_items(self, items: Mapping[str, Any]) -> TrainState:
         train = items["train"]
-        return TrainState(train["step"], items["params"], train["opt_state"], train["rng"])
+        return TrainState(train["step"], params_from_items(self.model, items), train["opt_state"], train["rng"])
 
 
 def num_segments(config) -> int:
@@ -77,7 +80,7 @@ def abstract_batch(kind: str, config, mesh: Mesh, *, keys: Sequence[str] | None 
             if keys is None or k in keys}
 
 
-def model_program(config, mesh: Mesh, *, model: CausalLM, update: Callable, kind: str, batch_keys: Sequence[str],
+def model_program(config, mesh: Mesh, *, model: CausalLM | LoraLM, update: Callable, kind: str, batch_keys: Sequence[str],
                   name: str, frozen_params: int = 0, batch_extra: Mapping[str, jax.ShapeDtypeStruct] | None = None
                   ) -> Program:
     """The `Program` of a one-model family: its state spec and `update` jitted for the run's mesh.

@@ -1,5 +1,6 @@
 """Initial weights of a run: a Hugging Face directory or an rlhf-jax checkpoint, read straight into
-the strategy's shardings after their shapes are checked against the run's model."""
+the strategy's shardings after their shapes are checked against the run's model. A LoRA run's
+checkpoint reads as its adapted weights (base and adapters merged, `train.adapters`)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from rlhf_jax.config import from_dict
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.models.heads import init_scalar_head
 from rlhf_jax.models.hf import config_from_hf, load_hf
+from rlhf_jax.train.adapters import LORA_ITEM, lora_of, merge_items
 
-__all__ = ["initial_params", "load_reward_model"]
+__all__ = ["initial_params", "starting_params", "load_reward_model"]
 
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
@@ -73,6 +75,9 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
         source_head = "scalar" if "score" in keys else "lm"
         source = CausalLM(model.config.replace(param_dtype=source_config.param_dtype), head=source_head)
         params = load_params(init_from, placed(source)[0], model_config=model.config)
+        lora_item = _lora_item(init_from, mesh)
+        if lora_item is not None:  # a LoRA run's checkpoint: its base and adapters, merged
+            params = merge_items(source, params, lora_item)
     elif os.path.isfile(os.path.join(init_from, "config.json")):
         source_config = config_from_hf(init_from)
         _check_same_shape(model.config, source_config, init_from)
@@ -93,6 +98,33 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
                                           "policy can start from it only with tie_word_embeddings")
     dtype = model.config.jnp_param_dtype
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def starting_params(model, init_from: str, *, rng, mesh=None, strategy: str | None = None) -> Any:
+    """`model`'s parameters started from `init_from`: `initial_params`, and for a `LoraLM` its base
+    read there (placed in its shardings) with fresh adapters drawn from `fold_in(rng, 1)`."""
+    lora = lora_of(model)
+    if lora is None:
+        return initial_params(model, init_from, rng=rng, mesh=mesh, strategy=strategy)
+    base = initial_params(lora.base, init_from, rng=rng, mesh=mesh, strategy=strategy)
+    return lora.init_from_base(base, jax.random.fold_in(rng, 1))
+
+
+def _lora_item(root: str, mesh) -> Any | None:
+    """The `lora` item (adapters and scale) of a LoRA run's latest checkpoint, or None."""
+    with Checkpointer(root, read_only=True) as ckpt:
+        step = ckpt.latest_step()
+        if step is None or not os.path.isdir(os.path.join(root, str(step), LORA_ITEM)):
+            return None
+        shapes = ckpt.item_shapes(LORA_ITEM, step)
+    sharding = None if mesh is None else sh.replicated(mesh)
+    abstract: dict = {}
+    for key, (shape, dtype) in shapes.items():
+        node, parts = abstract, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    return load_params(root, abstract, step=step, item=LORA_ITEM)
 
 
 def _hf_is_sequence_classifier(path: str) -> bool:
