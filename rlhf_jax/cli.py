@@ -308,16 +308,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except user_errors as e:
         print(f"rlhf-jax {args.command}{_process_label()}: error: {e}", file=sys.stderr)
-        return 2
+        return _leave(2)
     except TrainingHalted as e:
         print(f"rlhf-jax {args.command}{_process_label()}: {e}", file=sys.stderr)
-        return 1
-    except BaseException:
+        return _leave(1)
+    except Exception:
         label = _process_label()
-        if label:  # a multi-process run: say which process failed before the traceback
-            print(f"rlhf-jax {args.command}{label}: failed; the other processes stop at their next collective",
-                  file=sys.stderr)
-        raise
+        if not label:
+            raise
+        # A multi-process run: name the process, print the traceback and leave at once. A normal exit
+        # would wait in jax.distributed's shutdown barrier for the others, which wait in a collective
+        # for this one; instead they lose its heartbeat (--heartbeat-timeout) and end too.
+        import traceback  # noqa: PLC0415
+
+        print(f"rlhf-jax {args.command}{label}: failed:", file=sys.stderr)
+        traceback.print_exc()
+        return _leave(1)
+
+
+def _leave(code: int) -> int:
+    """`code`, or in a multi-process run an immediate exit with it (no shutdown barrier to wait in)."""
+    if _process_label():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import jax  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        if jax.process_index() == 0:  # it hosts the coordination service: let peers report their own error
+            time.sleep(2.0)
+        os._exit(code)
+    return code
 
 
 def _process_label() -> str:

@@ -120,6 +120,8 @@ def initialize(config: DistributedConfig, *, environ: Mapping[str, str] = os.env
         return False
     if config.explicit:  # the CPU client's cross-process collectives (GPUs and TPUs use their own)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if config.explicit and config.process_id != 0:
+        _wait_for_coordinator(config)
     kwargs = dict(initialization_timeout=config.timeout_s, heartbeat_timeout_seconds=config.heartbeat_s)
     if config.explicit:
         kwargs.update(coordinator_address=config.coordinator, num_processes=config.num_processes,
@@ -132,6 +134,29 @@ def initialize(config: DistributedConfig, *, environ: Mapping[str, str] = os.env
         raise DistributedError(f"could not join {where} as process {config.process_id} of "
                                f"{config.num_processes} within {config.timeout_s} s: {first}") from None
     return True
+
+
+def _wait_for_coordinator(config: DistributedConfig) -> None:
+    """Wait until process 0's coordinator accepts connections, or raise one line after `timeout_s`.
+
+    JAX's client ends the process with a fatal error (no Python exception) when it cannot register;
+    probing the address first turns an unreachable coordinator into a `DistributedError`.
+    """
+    import socket  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    host, _, port = config.coordinator.rpartition(":")
+    deadline = time.monotonic() + config.timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DistributedError(f"could not join coordinator {config.coordinator} as process "
+                                       f"{config.process_id} of {config.num_processes} within {config.timeout_s} s: "
+                                       f"{e.strerror or e}") from None
+            time.sleep(0.5)
 
 
 def is_main() -> bool:
