@@ -99,7 +99,7 @@ def completion_index(prompt_lengths: jax.Array, num_completion_tokens: int) -> j
 
 
 def completion_hidden(
-    model, params, prompt_tokens, prompt_lengths, completion_tokens, *, group_size: int = 1
+    model, params, prompt_tokens, prompt_lengths, completion_tokens, *, group_size: int = 1, rng=None
 ) -> jax.Array:
     """Final hidden states at the positions that predict each completion token.
 
@@ -118,13 +118,14 @@ def completion_hidden(
       params: its parameters.
       prompt_tokens: int `[N, P]`; prompt_lengths: int `[N]` (>= 1); completion_tokens: int `[N, C]`.
       group_size: rows per shared prompt (1 = no sharing).
+      rng: the training key of the model's stochastic layers (LoRA dropout); None = deterministic.
 
     Returns:
       `[N, C, E]` hidden states in the model's compute dtype.
     """
     if group_size == 1:
         joined = join_sequences(prompt_tokens, prompt_lengths, completion_tokens)
-        hidden = model.forward(params, joined[:, :-1]).hidden
+        hidden = model.forward(params, joined[:, :-1], rng=rng).hidden
         index = completion_index(prompt_lengths, completion_tokens.shape[1])
         return jnp.take_along_axis(hidden, index[:, :, None], axis=1)
     _check_rollout("completion_hidden", prompt_tokens, prompt_lengths, completion_tokens)
@@ -133,12 +134,14 @@ def completion_hidden(
         raise ValueError(f"completion_hidden: {n} rows do not split into groups of group_size={group_size}")
     groups = n // group_size
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (groups, p))
-    prefill = model.forward(params, prompt_tokens[::group_size], positions, cache=model.init_cache(groups, p + c))
+    prefill = model.forward(params, prompt_tokens[::group_size], positions, cache=model.init_cache(groups, p + c),
+                            rng=rng)
     cache = jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=1), prefill.cache)  # [layers, N, ...]
     lengths = prompt_lengths.astype(jnp.int32)[:, None]
     last_prompt_token = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), lengths - 1, axis=1)
     inputs = jnp.concatenate([last_prompt_token, completion_tokens[:, :-1].astype(jnp.int32)], axis=1)
-    return model.forward(params, inputs, completion_index(prompt_lengths, c), cache=cache).hidden
+    return model.forward(params, inputs, completion_index(prompt_lengths, c), cache=cache,
+                         rng=None if rng is None else jax.random.fold_in(rng, 1)).hidden
 
 
 def completion_logprobs(
@@ -152,6 +155,7 @@ def completion_logprobs(
     with_entropy: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     group_size: int = 1,
+    rng=None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs (and optionally entropies) of the completion tokens under a policy.
 
@@ -166,12 +170,14 @@ def completion_logprobs(
       with_entropy: also return the entropy of each predictive distribution.
       chunk_size: tokens per LM-head chunk (within a row).
       group_size: rows per shared prompt (see `completion_hidden`).
+      rng: the training key of stochastic layers (LoRA dropout); None = deterministic.
 
     Returns:
       `(logps, entropy)`: float32 `[N, C]` each; `entropy` is None unless asked for. Positions past
       a completion's end hold the log-prob of whatever token is there; mask them.
     """
-    hidden = completion_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens, group_size=group_size)
+    hidden = completion_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens, group_size=group_size,
+                               rng=rng)
     return head_logprobs(hidden, model.lm_head_weight(params), completion_tokens, temperature=temperature,
                          with_entropy=with_entropy, chunk_size=chunk_size)
 
@@ -217,7 +223,8 @@ def head_logprobs(
     return jax.vmap(lambda h, y: chunked_token_logprobs(h, lm_head_weight, y, **kw))(hidden, labels), None
 
 
-def completion_values(value_model, value_params, prompt_tokens, prompt_lengths, completion_tokens) -> jax.Array:
+def completion_values(value_model, value_params, prompt_tokens, prompt_lengths, completion_tokens, *,
+                      rng=None) -> jax.Array:
     """A scalar-head model's value of the state in which each completion token is chosen.
 
     `V[b, i] = w . h[b, i]` with `h` from `completion_hidden` and `w` the model's `score` kernel.
@@ -230,7 +237,7 @@ def completion_values(value_model, value_params, prompt_tokens, prompt_lengths, 
     Returns:
       float32 `[N, C]`.
     """
-    hidden = completion_hidden(value_model, value_params, prompt_tokens, prompt_lengths, completion_tokens)
+    hidden = completion_hidden(value_model, value_params, prompt_tokens, prompt_lengths, completion_tokens, rng=rng)
     return scalar_head(value_params["score"], hidden)
 
 

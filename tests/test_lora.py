@@ -25,7 +25,7 @@ from rlhf_jax.models.lora import TARGETS, LoraConfig, LoraLM, base_params, init_
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.sharding_lint import lint
 from rlhf_jax.state import Frozen, train_state_from_params, trainable_view
-from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_step
+from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_loss, make_sft_step
 from rlhf_jax.testing import tiny_config
 
 ALL = LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
@@ -153,15 +153,21 @@ def test_reference_logprobs_equal_the_base_model_bit_for_bit(trained):
     assert np.asarray(ref).tobytes() == np.asarray(want).tobytes()
 
 
-def test_dropout_only_with_a_key():
+def test_dropout_only_in_training_passes_with_their_key():
+    """The training losses hand their key to the model: LoRA's dropout then draws masks from it
+    (reproducible per key); without a key (evaluation, reference, old log-probs) it is off."""
     lm = _lora_lm(LoraConfig(rank=4, targets=("q", "up"), dropout=0.5))
     params = lm.init_from_base(host_params(), jax.random.key(1))
     params["lora"] = jax.tree.map(lambda x: x + 0.1, params["lora"])  # B != 0: dropout shows
-    tokens = BATCHES[0]["tokens"]
-    plain = lm.forward(params, tokens).logits
-    np.testing.assert_array_equal(np.asarray(plain), np.asarray(lm.forward(params, tokens).logits))
-    dropped = lm.forward(params, tokens, rng=jax.random.key(3)).logits
-    assert np.abs(np.asarray(dropped) - np.asarray(plain)).max() > 1e-3
+    batch = {k: jnp.asarray(v) for k, v in BATCHES[0].items()}
+    loss = jax.jit(lambda p, rng: make_sft_loss(lm)(p, batch, {"num_tokens": jnp.float32(100)}, rng)[0])
+    plain = jax.jit(lambda p: make_sft_loss(_lora_lm(LoraConfig(rank=4, targets=("q", "up"))))(
+        p, batch, {"num_tokens": jnp.float32(100)}, None)[0])
+    key_a, key_b = jax.random.key(3), jax.random.key(4)
+    assert float(loss(params, None)) == float(plain(params))
+    assert float(loss(params, key_a)) == float(loss(params, key_a))
+    assert abs(float(loss(params, key_a)) - float(plain(params))) > 1e-4
+    assert float(loss(params, key_a)) != float(loss(params, key_b))
 
 
 # ------------------------------------------------------------------------------------- sharding
@@ -194,3 +200,4 @@ def test_every_strategy_places_the_adapters():
     assert tuple(shardings["lora"]["layers"]["q"]["a"].spec) == (None, "fsdp")
     assert tuple(shardings["lora"]["layers"]["q"]["b"].spec) == (None, None, "tensor")
     assert jnp.dtype(lm.abstract_params()["lora"]["layers"]["q"]["a"].dtype) == jnp.float32
+

@@ -204,7 +204,7 @@ class CausalLM:
         return nnx.merge(self.graphdef, nnx.State(params))
 
     def forward(self, params, tokens, positions=None, segment_ids=None, *, cache=None, adapters=None,
-                dropout=None) -> ModelOutput:
+                dropout=None, rng=None) -> ModelOutput:
         """Run the model on right-padded `tokens` [B, T].
 
         Args:
@@ -216,6 +216,8 @@ class CausalLM:
           cache: a `KVCache` from `init_cache` to read and update (prefill or decode).
           adapters: LoRA adapters applied unmerged (`rlhf_jax.models.lora.LoraLM` passes them).
           dropout: `(rate, key)` of the adapters' input dropout, or None.
+          rng: the training steps' key for stochastic layers; unused (this model has none; the
+            training losses pass it to any model, and `LoraLM` draws its adapters' dropout from it).
         Returns:
           `ModelOutput(logits, values, hidden, cache)`.
         """
@@ -228,6 +230,7 @@ class CausalLM:
             raise ValueError(f"positions shape {jnp.shape(positions)} != tokens shape {tokens.shape}")
         if segment_ids is not None and jnp.shape(segment_ids) != tokens.shape:
             raise ValueError(f"segment_ids shape {jnp.shape(segment_ids)} != tokens shape {tokens.shape}")
+        del rng
         return self.module(params)(tokens, positions, segment_ids, cache, adapters, dropout)
 
     def lm_head_weight(self, params):

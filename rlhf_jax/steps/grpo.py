@@ -307,8 +307,7 @@ def make_grpo_step(
         """One minibatch update; `group` rows share each prompt's forward (static, from the batch shape)."""
 
         def loss_fn(params, mb, context, rng):
-            del rng
-            logps, entropy = rollout_logprobs(model, params, mb, config, with_entropy=True, group_size=group)
+            logps, entropy = rollout_logprobs(model, params, mb, config, with_entropy=True, group_size=group, rng=rng)
             old = jax.lax.stop_gradient(logps) if old_source == "current" else mb["old_logps"]
             loss, metrics = grpo_objective(
                 logps, old, mb["advantages"], mb["completion_mask"], config=config,

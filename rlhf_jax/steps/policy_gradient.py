@@ -242,12 +242,14 @@ def old_logprobs_source(config: PolicyGradientConfig) -> Literal["current", "sam
     return "recompute" if config.num_updates > 1 or config.kl_in_reward else "current"
 
 
-def rollout_logprobs(model, params, mb, config: PolicyGradientConfig, *, with_entropy: bool, group_size: int = 1):
-    """`(logps, entropy)` `[N, C]` of a (mini)batch's completions under `params` (entropy None unless asked)."""
+def rollout_logprobs(model, params, mb, config: PolicyGradientConfig, *, with_entropy: bool, group_size: int = 1,
+                     rng=None):
+    """`(logps, entropy)` `[N, C]` of a (mini)batch's completions under `params` (entropy None unless asked);
+    `rng` keys the training pass's stochastic layers (LoRA dropout)."""
     return completion_logprobs(
         model, params, mb["prompt_tokens"], mb["prompt_lengths"], mb["completion_tokens"],
         temperature=config.temperature, with_entropy=with_entropy, chunk_size=config.chunk_size,
-        group_size=group_size,
+        group_size=group_size, rng=rng,
     )
 
 

@@ -264,34 +264,34 @@ def make_ppo_step(
     def lm_params(params):
         return params["lm"] if shared else params
 
-    def policy_forward(params, mb, *, with_entropy: bool):
+    def policy_forward(params, mb, *, with_entropy: bool, rng=None):
         """Log-probs, entropies and (shared backbone) values of a minibatch from one forward pass."""
         hidden = completion_hidden(policy_model, lm_params(params), mb["prompt_tokens"], mb["prompt_lengths"],
-                                   mb["completion_tokens"])
+                                   mb["completion_tokens"], rng=rng)
         logps, entropy = head_logprobs(hidden, policy_model.lm_head_weight(lm_params(params)), mb["completion_tokens"],
                                        temperature=config.temperature, with_entropy=with_entropy,
                                        chunk_size=config.chunk_size)
         values = scalar_head(params["value_head"], hidden) if shared else None
         return logps, entropy, values
 
-    def critic(vparams, mb):
+    def critic(vparams, mb, rng=None):
         return completion_values(value_model, vparams, mb["prompt_tokens"], mb["prompt_lengths"],
-                                 mb["completion_tokens"])
+                                 mb["completion_tokens"], rng=rng)
 
-    def ptx_logps(params, tokens):
-        hidden = policy_model.forward(lm_params(params), tokens[:, :-1]).hidden
+    def ptx_logps(params, tokens, rng):
+        hidden = policy_model.forward(lm_params(params), tokens[:, :-1], rng=rng).hidden
         logps, _ = head_logprobs(hidden, policy_model.lm_head_weight(lm_params(params)), tokens[:, 1:],
                                  chunk_size=config.chunk_size)
         return logps
 
     def policy_loss_fn(params, mb, context, rng):
-        del rng
         mask = mb["completion_mask"]
-        logps, entropy, values = policy_forward(params, mb, with_entropy=True)
+        logps, entropy, values = policy_forward(params, mb, with_entropy=True, rng=rng)
         value_args = dict(values=values, old_values=mb["old_values"], returns=mb["returns"]) if shared else {}
         ptx_args = {}
         if "ptx_tokens" in mb and config.ptx_coef > 0:
-            ptx_args = dict(ptx_logps=ptx_logps(params, mb["ptx_tokens"]), ptx_mask=mb["ptx_mask"][:, 1:],
+            ptx_args = dict(ptx_logps=ptx_logps(params, mb["ptx_tokens"], jax.random.fold_in(rng, 2)),
+                            ptx_mask=mb["ptx_mask"][:, 1:],
                             num_ptx_tokens=context["ptx_tokens"])
         loss, metrics = ppo_objective(
             logps, jax.lax.stop_gradient(logps) if old_source == "current" else mb["old_logps"],
@@ -304,8 +304,7 @@ def make_ppo_step(
         return loss, metrics
 
     def value_loss_fn(vparams, mb, context, rng):
-        del rng
-        return ppo_value_objective(critic(vparams, mb), mb["old_values"], mb["returns"], mb["completion_mask"],
+        return ppo_value_objective(critic(vparams, mb, jax.random.fold_in(rng, 3)), mb["old_values"], mb["returns"], mb["completion_mask"],
                                    config=config, num_tokens=context["num_tokens"],
                                    num_sequences=context["num_sequences"])
 

@@ -68,31 +68,31 @@ UNPAIRED_KEYS = ("tokens", "loss_mask", "label")
 
 
 def _side_logps(model, params, tokens, loss_mask, positions, segment_ids, *, max_segments: int,
-                chunk_size: int | None):
+                chunk_size: int | None, rng=None):
     """(SequenceLogps [B, S], token logps [B, T-1], target mask [B, T-1]) of one forward batch."""
     targets = causal_targets(tokens, loss_mask, segment_ids)
     logps, _ = forward_token_logps(model, params, tokens, targets.labels, positions=positions,
-                                   segment_ids=segment_ids, chunk_size=chunk_size)
+                                   segment_ids=segment_ids, chunk_size=chunk_size, rng=rng)
     masked = jnp.where(targets.mask > 0, logps, 0.0)
     seq = SequenceLogps(segment_sums(masked, targets.segments, max_segments),
                         segment_sums(targets.mask, targets.segments, max_segments))
     return seq, masked, targets.mask
 
 
-def _pair_logps(model, params, batch, *, max_segments, chunk_size):
+def _pair_logps(model, params, batch, *, max_segments, chunk_size, rng=None):
     """Chosen and rejected `SequenceLogps` `[B, S]` (one interleaved forward), and the chosen NLL sum."""
     inputs = pair_inputs(batch)
     seq, masked, _ = _side_logps(model, params, inputs["tokens"], inputs["loss_mask"], inputs["positions"],
-                                 inputs["segment_ids"], max_segments=max_segments, chunk_size=chunk_size)
+                                 inputs["segment_ids"], max_segments=max_segments, chunk_size=chunk_size, rng=rng)
     (cs, rs), (cc, rc) = deinterleave(seq.sum), deinterleave(seq.count)
     chosen_nll = -jnp.sum(deinterleave(masked)[0])
     return SequenceLogps(cs, cc), SequenceLogps(rs, rc), chosen_nll
 
 
-def _unpaired_logps(model, params, batch, prefix, *, max_segments, chunk_size):
+def _unpaired_logps(model, params, batch, prefix, *, max_segments, chunk_size, rng=None):
     s = side(batch, prefix)
     seq, _, _ = _side_logps(model, params, s["tokens"], s["loss_mask"], s["positions"], s["segment_ids"],
-                            max_segments=max_segments, chunk_size=chunk_size)
+                            max_segments=max_segments, chunk_size=chunk_size, rng=rng)
     return seq
 
 
@@ -184,9 +184,8 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
         return {k: v * micro_batches for k, v in metrics.items()}
 
     def paired_loss(params, batch, context, rng):
-        del rng
         chosen, rejected, chosen_nll = _pair_logps(model, params, batch, max_segments=max_segments,
-                                                   chunk_size=logits_chunk_size)
+                                                   chunk_size=logits_chunk_size, rng=rng)
         b = chosen.sum.shape[0]
         ref_c = ref_r = None
         if objective.needs_reference:
@@ -209,8 +208,8 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
         return loss, metrics
 
     def kto_loss_fn(params, batch, context, rng):
-        del rng
-        seq = _unpaired_logps(model, params, batch, "", max_segments=max_segments, chunk_size=logits_chunk_size)
+        seq = _unpaired_logps(model, params, batch, "", max_segments=max_segments, chunk_size=logits_chunk_size,
+                              rng=rng)
         b = seq.sum.shape[0]
         label = _as_slots(jnp.asarray(batch["label"]).astype(bool), "label", b, max_segments).reshape(-1)
         ref = _as_slots(batch["ref_logps"], "ref_logps", b, max_segments).reshape(-1)

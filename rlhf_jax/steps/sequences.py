@@ -93,14 +93,15 @@ def shifted_label_is_argmax(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def forward_token_logps(model, params, tokens: jax.Array, labels: jax.Array, *, positions=None, segment_ids=None,
-                        chunk_size: int | None = None, temperature: float = 1.0):
+                        chunk_size: int | None = None, temperature: float = 1.0, rng=None):
     """Run the model and return `(token_logps [B, T-1], output)` for `labels = tokens[:, 1:]`.
 
     With `chunk_size`, log-probs come from the final hidden states and the LM head weight chunk by
     chunk (`chunked_token_logprobs`: no `[B, T, V]` logits; XLA drops the unused full logits);
-    otherwise from the full logits (`token_logprobs`). Both are float32.
+    otherwise from the full logits (`token_logprobs`). Both are float32. `rng`: the training key of
+    the model's stochastic layers (LoRA dropout), None for a deterministic pass.
     """
-    out = model.forward(params, tokens, positions, segment_ids)
+    out = model.forward(params, tokens, positions, segment_ids, rng=rng)
     if chunk_size is None:
         logps = shifted_token_logprobs(out.logits, labels, temperature=temperature)
     else:

@@ -64,12 +64,11 @@ def make_sft_loss(model, *, micro_batches: int = 1, logits_chunk_size: int | Non
     """
 
     def loss_fn(params, batch, context, rng):
-        del rng
         targets = causal_targets(batch["tokens"], batch["loss_mask"], batch.get("segment_ids"))
         n = context["num_tokens"]
         metrics = {"num_tokens": n}
         if logits_chunk_size is None:
-            out = model.forward(params, batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+            out = model.forward(params, batch["tokens"], batch.get("positions"), batch.get("segment_ids"), rng=rng)
             # On all T positions, the last one masked (slicing [B, T, V] logits would pad their gradient).
             t = out.logits.shape[1]
             per_token = sft_loss(out.logits, pad_time(targets.labels, t), pad_time(targets.mask, t))
@@ -78,7 +77,7 @@ def make_sft_loss(model, *, micro_batches: int = 1, logits_chunk_size: int | Non
         else:
             logps, _ = forward_token_logps(model, params, batch["tokens"], targets.labels,
                                            positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                                           chunk_size=logits_chunk_size)
+                                           chunk_size=logits_chunk_size, rng=rng)
             per_token = -logps * targets.mask
         loss = jnp.sum(per_token) / jnp.maximum(n, 1.0)
         return loss, metrics
@@ -183,9 +182,8 @@ def make_reward_model_loss(model, *, micro_batches: int = 1, max_segments: int =
     """
 
     def loss_fn(params, batch, context, rng):
-        del rng
         inputs = pair_inputs(batch)
-        out = model.forward(params, inputs["tokens"], inputs["positions"], inputs["segment_ids"])
+        out = model.forward(params, inputs["tokens"], inputs["positions"], inputs["segment_ids"], rng=rng)
         if out.values is None:
             raise ValueError("make_reward_model_step needs a scalar-head model: CausalLM(config, head='scalar')")
         if inputs["segment_ids"] is None:
