@@ -14,7 +14,8 @@ machine, not a pod's speed; collective bytes and memory are what a pod would see
 
 Collective bytes count each collective instruction once, as it appears in the program text; a
 collective inside a scanned layer loop runs once per layer, so those are multiplied by the
-loop's trip count when XLA states it (`known_trip_count`), else counted once.
+loop's trip count when XLA states it (`known_trip_count`), else counted once. The measurement
+itself is `rlhf_jax.sharding_report` (shared with notebooks/03_sharding_strategies.ipynb).
 """
 
 from __future__ import annotations
@@ -22,62 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
-
-
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _DTYPE_BYTES.get(dtype, 4)
-    return total
-
-
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Bytes produced per collective kind in an HLO module's text (loop bodies x trip count).
-
-    Args:
-      hlo_text: `compiled.as_text()`.
-
-    Returns:
-      `{kind: bytes}` for the kinds present, plus `"total"`.
-    """
-    # Map computation name -> trip count of the while loops that call it as their body.
-    trips = {}
-    for m in re.finditer(r"while\(.*?body=%?([\w.\-]+).*?known_trip_count[^0-9]*(\d+)", hlo_text):
-        trips[m.group(1)] = int(m.group(2))
-    out: dict[str, int] = {}
-    current, factor = None, 1
-    for line in hlo_text.splitlines():
-        header = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?.*\{\s*$", line)
-        if header and "=" not in line.split("{")[0]:
-            current = header.group(1)
-            factor = trips.get(current, 1)
-            continue
-        if "=" not in line:
-            continue
-        lhs, rhs = line.split("=", 1)
-        op = re.match(r"\s*(\([^)]*\)|\S+)\s+([\w\-]+)\(", rhs)
-        if not op:
-            continue
-        kind = op.group(2).removesuffix("-start")
-        if kind in _COLLECTIVES and not op.group(2).endswith("-done"):
-            out[kind] = out.get(kind, 0) + _shape_bytes(op.group(1)) * factor
-    out["total"] = sum(out.values())
-    return out
 
 
 def _run(args) -> list[dict]:
@@ -85,83 +34,22 @@ def _run(args) -> list[dict]:
                                + f" --xla_force_host_platform_device_count={args.devices}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, REPO)
-    import jax
-    import numpy as np
-
     from rlhf_jax import host_memory  # noqa: PLC0415
 
     host_memory.configure_from_env()   # before JAX runs anything (importing rlhf_jax does not)
-    from rlhf_jax import compile as aot
-    from rlhf_jax import sharding as sh
-    from rlhf_jax.sharding_lint import lint
-    from rlhf_jax.models import CausalLM
     from rlhf_jax.models.presets import get_config
-    from rlhf_jax.optim import OptimizerConfig, make_optimizer
-    from rlhf_jax.state import create_train_state
-    from rlhf_jax.steps import (
-        PAIR_KEYS,
-        SFT_KEYS,
-        dpo_batch_keys,
-        jit_model_step,
-        make_dpo_step,
-        make_reward_model_step,
-        make_sft_step,
-    )
-    from rlhf_jax.testing import tiny_config
+    from rlhf_jax.sharding_report import measure_strategy
 
-    config = tiny_config() if args.model == "tiny" else get_config(args.model)
-    head = "scalar" if args.step == "reward_model" else "lm"
-    lm = CausalLM(config, head=head)
-    opt = OptimizerConfig(learning_rate=1e-5)
-    tx = make_optimizer(opt)
-    make = {"sft": make_sft_step, "reward_model": make_reward_model_step, "dpo": make_dpo_step}[args.step]
-    keys = {"sft": SFT_KEYS, "reward_model": PAIR_KEYS, "dpo": dpo_batch_keys()}[args.step]
-    rng = np.random.default_rng(0)
-
-    def batch():
-        tok = lambda: rng.integers(4, config.vocab_size, (args.batch, args.seq)).astype(np.int32)  # noqa: E731
-        mask = np.ones((args.batch, args.seq), np.int32)
-        if args.step == "sft":
-            return {"tokens": tok(), "loss_mask": mask}
-        return {"chosen_tokens": tok(), "chosen_loss_mask": mask, "rejected_tokens": tok(), "rejected_loss_mask": mask}
-
+    config = get_config(args.model)
     rows = []
     for spec in args.runs:
         strategy, _, mesh_text = spec.partition(":")
         shape = {k: int(v) for k, v in (p.split("=") for p in mesh_text.split(",") if p)} if mesh_text else None
-        row = {"strategy": strategy, "mesh": shape}
         try:
-            mesh = sh.make_mesh(shape)
-            issues = lint(lm.abstract_params(), lm.logical_axes, mesh=mesh, strategy=strategy)
-            row["mesh"] = dict(mesh.shape)
-            row["lint"] = [str(i) for i in issues]
-            step = jit_model_step(make(lm, opt), lm, opt, mesh=mesh, strategy=strategy, batch_keys=keys,
-                                  frozen_params=int(args.step == "dpo"), name=f"{args.step}_step")
-            state = create_train_state(lm.init, tx, rng=0, logical_axes=lm.logical_axes, mesh=mesh, strategy=strategy)
-            frozen = (jax.tree.map(lambda x: x.copy(), state.params),) if args.step == "dpo" else ()
-            b = batch()
-            t0 = time.perf_counter()
-            compiled = step.lower(state, b, *frozen).compile()
-            row["compile_s"] = time.perf_counter() - t0
-            mem = compiled.memory_analysis()
-            row["argument_mib"] = mem.argument_size_in_bytes / 2**20
-            row["temp_mib"] = mem.temp_size_in_bytes / 2**20
-            row["peak_mib"] = max(getattr(mem, "peak_memory_in_bytes", 0) or 0,
-                                  mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                  - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / 2**20
-            row["collective_bytes"] = collective_bytes(compiled.as_text())
-            row["model_flops"] = aot.step_flops(config, step=args.step, batch_size=args.batch, seq_len=args.seq)
-            times = []
-            for _ in range(args.steps):
-                b = batch()
-                t0 = time.perf_counter()
-                state, metrics = compiled(state, b, *frozen)
-                jax.block_until_ready((state, metrics))
-                times.append(time.perf_counter() - t0)
-            row["step_s"] = statistics.median(times[1:] if len(times) > 1 else times)
-            row["loss"] = float(metrics["loss"])
+            row = measure_strategy(config, step=args.step, strategy=strategy, mesh_shape=shape,
+                                   batch_size=args.batch, seq_len=args.seq, timed_steps=args.steps)
         except Exception as e:  # a strategy that does not apply to this model/mesh: report it, go on
-            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+            row = {"strategy": strategy, "mesh": shape, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
         rows.append(row)
         _print_row(row)
     return rows
@@ -173,7 +61,8 @@ def _print_row(row: dict) -> None:
         return
     coll = row["collective_bytes"]
     kinds = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in coll.items() if k != "total") or "none"
-    print(f"{row['strategy']:8s} {str(row['mesh']):40s} compile {row['compile_s']:6.1f} s  step {row['step_s']:7.3f} s  "
+    step = f"{row['step_s']:7.3f} s" if "step_s" in row else "      -  "
+    print(f"{row['strategy']:8s} {str(row['mesh']):40s} compile {row['compile_s']:6.1f} s  step {step}  "
           f"args {row['argument_mib']:8.1f} MiB  temp {row['temp_mib']:8.1f} MiB  peak {row['peak_mib']:8.1f} MiB  "
           f"collectives {coll['total'] / 2**20:8.1f} MiB ({kinds})", flush=True)
 
