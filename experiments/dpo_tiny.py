@@ -4,6 +4,7 @@
     rlhf-jax run experiments/dpo_tiny.py --set dpo.algorithm.loss_type=ipo --set dpo.algorithm.beta=0.5
     rlhf-jax run experiments/dpo_tiny.py:simpo        # also :orpo, and :kto (unpaired data)
     rlhf-jax run experiments/dpo_tiny.py:kto --set dpo.reference=precomputed
+    rlhf-jax run experiments/dpo_tiny.py:lora         # both stages train LoRA adapters
     rlhf-jax run experiments/dpo_tiny.py --set sft_checkpoint=runs/sft_tiny/checkpoints   # skip stage 1
 
 Two stages on the built-in vowel task (`rlhf_jax.data.synthetic.VowelTask`), tiny model, CPU:
@@ -32,6 +33,12 @@ data: in our run its gold reward rose to 0.71 at step 25, then fell to 0.20 at s
 KTO with the modes `:simpo`, `:orpo`, `:kto`; `--set dpo.reference=precomputed` computes the
 reference's log-probs once before training (TRL's `precompute_ref_log_probs`). Every mode asserts
 the same held-out margin on the gold reward.
+
+The `lora` mode trains rank-16 adapters in both stages (`LORA`): SFT adapters on the random base
+(held-out loss 2.97), then DPO adapters on the SFT stage's merged weights, whose base with the
+adapters off is the reference (no second copy). In our run: SFT policy 0.50, after 100 steps 0.77
+(+0.28, the margin 0.1 met; full fine-tuning +0.30), win rate 0.87, held-out reward accuracy 0.91
+(80 s for both stages).
 
 Results: `runs/dpo_tiny/dpo/results.json` and `results.png` (gold reward, win rate, reward accuracy
 and margins against the step), beside the DPO run's metrics.

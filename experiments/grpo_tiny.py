@@ -4,6 +4,7 @@
     rlhf-jax run experiments/grpo_tiny.py:dapo            # any preset: grpo, dr_grpo, dapo, gspo, cispo,
                                                           # rloo, reinforce_pp, reinforce_pp_baseline
     rlhf-jax run experiments/grpo_tiny.py:rloo --set grpo.train.steps=100 --set grpo.algorithm.kl_coef=0.1
+    rlhf-jax run experiments/grpo_tiny.py:lora            # GRPO training LoRA adapters (rank 16)
 
 The quickstart's stages 4 and 5 (`experiments/quickstart.py`) with the preset chosen by `:ARG`
 (`rlhf_jax.steps.GRPO_PRESETS`; every field stays overridable with `--set grpo.algorithm.*`).
@@ -14,6 +15,11 @@ and more prompts are sampled). The policy is evaluated every 20 steps on 512 hel
 What it shows: RL with a verifiable reward sharpens the SFT policy (sampled accuracy about 0.59)
 toward its mode (greedy accuracy 1.0): the GRPO preset reaches about 0.72 after 60 steps
 (`experiments/quickstart.py` asserts a gain of at least 0.06 for it).
+
+The `lora` mode runs the GRPO preset with rank-16 adapters on the same SFT policy, the KL term's
+reference being the base with adapters off. In one sitting: full GRPO 0.619 -> 0.838 (+0.219),
+LoRA 0.619 -> 0.834 (+0.215) after 120 steps, at the full run's learning rate 5e-4 (at 2e-3 the
+LoRA run first collapses to 0.12 at step 20, then recovers to 0.70).
 
 Writes `runs/grpo_tiny_<preset>/sft` and `.../rl` (metrics, checkpoints) and `results.json` +
 `results.png` (held-out accuracy, training reward, KL to the SFT policy).

@@ -1,6 +1,7 @@
 """SFT of the tiny model on the built-in vowel task's demonstrations, on CPU in about a minute.
 
     rlhf-jax run experiments/sft_tiny.py [--set train.steps=400 --set optim.learning_rate=1e-3 ...]
+    rlhf-jax run experiments/sft_tiny.py:lora     # LoRA adapters (rank 16) on the frozen random base
 
 What it shows: the SFT driver learns. The tiny 2-layer model (the "tiny" preset,
 character tokenizer) starts at the uniform NLL ln(256) = 5.55 nats per completion token; the
@@ -8,6 +9,11 @@ demonstrations are random letter strings whose entropy is about 2.9 nats per cha
 that has learned the format (vowel rate, word lengths, EOS) sits just above that. The acceptance
 threshold is held-out `eval/loss` < 3.1 (`LOSS_THRESHOLD`). In our run: 5.54 at step 0, 2.99 at
 step 100, 2.96 after 300 steps (about 70 s on this 2-core CPU, 40 s of it compiling and starting).
+
+The `lora` mode trains rank-16 adapters (alpha 32) on every projection, the embedding and the LM
+head while the randomly initialised base (107k parameters) stays frozen (`LORA`: 43k trained):
+held-out `eval/loss` 5.54 -> 2.97 after 300 steps, under the same threshold (full fine-tuning:
+2.96), in 28 s (`runs/sft_tiny_lora/`).
 
 Writes to `runs/sft_tiny/`: `metrics.jsonl`, TensorBoard events, checkpoints, the tokenizer, and
 `results.json` + `results.png` (train and held-out loss against the threshold). Re-running the same
