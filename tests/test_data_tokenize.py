@@ -234,3 +234,18 @@ def test_tokenizer_without_bos():
     assert out.ids == [*ids("defgh"), *ids("xyz"), EOS] and out.prompt_len == 5
     out = one(Plain("", "hi"), tok)  # the first token is never a target, even in the text layout
     assert out.ids == [*ids("hi"), EOS] and out.mask == [False, True, True]
+
+
+def test_a_tokenizer_left_padding_by_a_batch_call_does_not_pad_pieces():
+    """`tokenizer(texts, padding=True)` switches padding on in the shared backend; tokenizing still gives
+    the same ids, and the backend's padding setting is left as it was."""
+    tok = offline_tokenizer()
+    rows = [{"prompt": "ab", "completion": "cdefgh"}]
+    before = load_dataset(rows, kind="sft", tokenizer=tok, config=TokenizeConfig(max_len=32)).arrays["tokens"][0]
+    tok(["a", "abcdef"], padding=True)
+    assert tok.backend_tokenizer.padding is not None
+    after = load_dataset(rows, kind="sft", tokenizer=tok, config=TokenizeConfig(max_len=32)).arrays["tokens"][0]
+    np.testing.assert_array_equal(after, before)
+    assert tok.pad_token_id not in list(after)
+    assert tok.backend_tokenizer.padding is not None
+    tok.backend_tokenizer.no_padding()

@@ -309,12 +309,7 @@ def tokenize_sequences(
                     texts[piece] = len(texts)
         all_pieces.append(pieces)
     text_list = list(texts)
-    encoded = (
-        tokenizer.backend_tokenizer.encode_batch_fast(text_list, add_special_tokens=False)
-        if text_list
-        else []
-    )
-    text_ids = [e.ids for e in encoded]
+    text_ids = [e.ids for e in _encode_plain(tokenizer.backend_tokenizer, text_list)] if text_list else []
 
     # 3. Assemble ids and masks; EOS exactly once; truncate.
     eos_problem = f"the completion text contains the EOS token {tokenizer.eos_token!r}"
@@ -351,3 +346,24 @@ def tokenize_sequences(
             continue
         out.append(TokenizedSequence(*result))
     return out
+
+
+def _encode_plain(backend, texts: list[str]) -> list:
+    """`backend.encode_batch_fast(texts)` with no padding and no truncation, whatever the backend was left with.
+
+    A `transformers` call such as `tokenizer(texts, padding=True)` leaves padding switched on in the
+    shared backend tokenizer; encoding pieces with it would put pad tokens inside every sequence.
+    The backend's own settings are restored afterwards.
+    """
+    padding, truncation = backend.padding, backend.truncation
+    if padding is not None:
+        backend.no_padding()
+    if truncation is not None:
+        backend.no_truncation()
+    try:
+        return backend.encode_batch_fast(texts, add_special_tokens=False)
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
