@@ -24,7 +24,8 @@ import os
 from collections.abc import Mapping
 
 __all__ = ["DistributedConfig", "DistributedError", "from_env", "initialize", "is_main", "any_process",
-           "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
+           "gather_rows", "sum_over_processes",
+           "max_over_processes", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
 
 ENV_COORDINATOR = "RLHF_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "RLHF_JAX_NUM_PROCESSES"
@@ -176,3 +177,42 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
+def gather_rows(x):
+    """Every process's rows of a host array, concatenated in process order (one process: `x`)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sum_over_processes(values):
+    """The element-wise sum of a float vector over all processes (every process calls this)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    values = np.asarray(values, np.float64)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.sum(multihost_utils.process_allgather(values[None]), axis=0).reshape(values.shape)
+
+
+def max_over_processes(values):
+    """The element-wise maximum of an int vector over all processes (every process calls this)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    values = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.max(multihost_utils.process_allgather(values[None]), axis=0).reshape(values.shape)

@@ -51,9 +51,6 @@ __all__ = [
     "shard_batch",
     "place_rows",
     "local_rows",
-    "gather_rows",
-    "sum_over_processes",
-    "max_over_processes",
     "check_strategy",
     "activation_sharding",
     "constrain_activations",
@@ -488,36 +485,6 @@ def local_rows(x: jax.Array) -> np.ndarray:
         start = (shard.index[0].start or 0) if shard.index else 0
         blocks.setdefault(start, shard.data)
     return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
-
-
-def gather_rows(x) -> np.ndarray:
-    """Every process's rows of a host array, concatenated in process order (one process: `x`)."""
-    x = np.asarray(x)
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def sum_over_processes(values) -> np.ndarray:
-    """The element-wise sum of a float vector over all processes (every process calls this)."""
-    values = np.asarray(values, np.float64)
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    return np.sum(multihost_utils.process_allgather(values[None]), axis=0).reshape(values.shape)
-
-
-def max_over_processes(values) -> np.ndarray:
-    """The element-wise maximum of an int vector over all processes (every process calls this)."""
-    values = np.asarray(values, np.int64)
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    return np.max(multihost_utils.process_allgather(values[None]), axis=0).reshape(values.shape)
 
 
 # ------------------------------------------------------------------------------------- activations

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlhf_jax.distributed import max_over_processes
 from rlhf_jax import sharding as shd
 from rlhf_jax.models import CausalLM
 from rlhf_jax.sampling.decode import decode, finalize, prefill, unstack_layers
@@ -518,7 +519,7 @@ class Sampler:
             # Every process pads its rows to the same count and width (its block of the global batch).
             split //= jax.process_count()
             num_rows = -(-len(rows) // split) * split
-            num_rows, longest = (int(v) for v in shd.max_over_processes([num_rows, longest]))
+            num_rows, longest = (int(v) for v in max_over_processes([num_rows, longest]))
         width = self.bucket_for(longest, max_new_tokens)
         tokens = np.full((num_rows, width), self.pad_id, np.int32)
         lengths = np.ones((num_rows,), np.int32)

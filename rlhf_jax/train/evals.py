@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.sampling import Greedy
-from rlhf_jax.sharding import sum_over_processes
+from rlhf_jax.distributed import sum_over_processes
 from rlhf_jax.train.data import device_batch
 from rlhf_jax.train.rollouts import RolloutCollector
 

@@ -19,8 +19,8 @@ import numpy as np
 from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.rewards import OnError, RewardInputs, combine_rewards, reward_metrics
 from rlhf_jax.sampling import Sampler, SamplingConfig, make_method
-from rlhf_jax.distributed import any_process
-from rlhf_jax.sharding import gather_rows, local_rows, max_over_processes, sum_over_processes
+from rlhf_jax.distributed import any_process, gather_rows, max_over_processes, sum_over_processes
+from rlhf_jax.sharding import local_rows
 
 __all__ = ["RolloutConfig", "RolloutCollector", "DEVICE_KEYS"]
 
