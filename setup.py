@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "tqdm>=4.66",  # the console progress bar (rlhf_jax.metrics)
     "matplotlib>=3.8",
+    "qwix>=0.1.8",  # QLoRA's NF4 / int8 quantization of the frozen base (rlhf_jax.models.qlora)
 ]
 
 EXTRAS = {

@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,10 @@ class LoraConfig:
       dropout: dropout rate on each adapter's input during training (PEFT's `lora_dropout`).
       targets: the model's projection names to adapt: `q`, `k`, `v`, `o` (attention), `gate`,
         `up`, `down` (MLP), and optionally `embed` (token embedding) and `lm_head`.
+      quantize: store the frozen base's layer projections quantized (QLoRA, `models.qlora`): "nf4"
+        (4-bit NormalFloat, block-wise), "int8" (per output channel) or "none".
+      quant_block_size: NF4 block size B (weights per absmax along the input dimension; must divide it).
+      double_quant: quantize the NF4 absmaxes to int8 as well (QLoRA's double quantization).
     """
 
     rank: int = 8
@@ -85,6 +89,9 @@ class LoraConfig:
     use_rslora: bool = False
     dropout: float = 0.0
     targets: tuple[str, ...] = LAYER_TARGETS
+    quantize: Literal["none", "int8", "nf4"] = "none"
+    quant_block_size: int = 64
+    double_quant: bool = False
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
@@ -105,6 +112,13 @@ class LoraConfig:
         if len(set(targets)) != len(targets):
             raise ConfigError(f"lora.targets repeats a name: {targets}")
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))  # canonical order
+        if self.quantize not in ("none", "int8", "nf4"):
+            raise ConfigError(f"lora.quantize must be 'none', 'int8' or 'nf4', got {self.quantize!r}")
+        if isinstance(self.quant_block_size, bool) or not isinstance(self.quant_block_size, int) \
+                or self.quant_block_size <= 0:
+            raise ConfigError(f"lora.quant_block_size must be a positive int, got {self.quant_block_size!r}")
+        if self.double_quant and self.quantize != "nf4":
+            raise ConfigError("lora.double_quant applies to the NF4 base only (lora.quantize='nf4')")
 
     @property
     def scale(self) -> float:
@@ -219,6 +233,7 @@ class LoraLM:
             raise ConfigError("lora.targets names 'lm_head' but the model has a scalar head; available: "
                               + ", ".join(t for t in TARGETS if t != "lm_head"))
         self.base, self.lora = base, lora
+        self.plain_model = base  # the CausalLM that runs plain (merged) parameters; QLoRA's differs
         self.config, self.head = base.config, base.head
         self.specs = adapter_specs(base.config, lora)
         # A scalar head is new (random) weight: it trains beside the adapters (PEFT's modules_to_save).
@@ -292,6 +307,10 @@ class LoraLM:
     @property
     def cache_logical_axes(self) -> KVCache:
         return self.base.cache_logical_axes
+
+    def plain_base_params(self, params) -> dict:
+        """The base with adapters off as plain `CausalLM` parameters (the reference for a sampler)."""
+        return base_params(params)
 
     # -------------------------------------------------------------------------------------- merge
     def deltas(self, lora_params) -> dict[tuple[str, ...], jax.Array]:

@@ -109,10 +109,11 @@ class Transformer(nnx.Module):
         return self.lm_head[...]
 
     def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None, adapters=None,
-                 dropout=None):
+                 dropout=None, layer_weights=None):
         """`adapters`: LoRA adapters applied unmerged (`rlhf_jax.models.lora`): `layers` (per projection
         name, stacked on the layer axis), `embed`, `lm_head`, each `{a, b}` with the scale in `b`;
-        `dropout`: `(rate, key)` of the adapters' input dropout, or None."""
+        `dropout`: `(rate, key)` of the adapters' input dropout, or None; `layer_weights`: a function
+        of one layer's parameter state applied inside the layer loop (QLoRA's dequantization)."""
         c = self.config
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
@@ -133,6 +134,8 @@ class Transformer(nnx.Module):
 
         def layer(x, xs):
             params, kv, ad, key = xs
+            if layer_weights is not None:
+                params = layer_weights(params)
             x = constrain_activations(x)  # batch-split residual stream under a step's sharding context
             x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions, ad,
                                                    None if key is None else (rate, key))
@@ -204,7 +207,7 @@ class CausalLM:
         return nnx.merge(self.graphdef, nnx.State(params))
 
     def forward(self, params, tokens, positions=None, segment_ids=None, *, cache=None, adapters=None,
-                dropout=None, rng=None) -> ModelOutput:
+                dropout=None, rng=None, layer_weights=None) -> ModelOutput:
         """Run the model on right-padded `tokens` [B, T].
 
         Args:
@@ -218,6 +221,8 @@ class CausalLM:
           dropout: `(rate, key)` of the adapters' input dropout, or None.
           rng: the training steps' key for stochastic layers; unused (this model has none; the
             training losses pass it to any model, and `LoraLM` draws its adapters' dropout from it).
+          layer_weights: applied to each layer's parameters inside the layer loop, e.g. QLoRA's
+            dequantization (`rlhf_jax.models.qlora`), so that one layer at a time is in full precision.
         Returns:
           `ModelOutput(logits, values, hidden, cache)`.
         """
@@ -231,7 +236,7 @@ class CausalLM:
         if segment_ids is not None and jnp.shape(segment_ids) != tokens.shape:
             raise ValueError(f"segment_ids shape {jnp.shape(segment_ids)} != tokens shape {tokens.shape}")
         del rng
-        return self.module(params)(tokens, positions, segment_ids, cache, adapters, dropout)
+        return self.module(params)(tokens, positions, segment_ids, cache, adapters, dropout, layer_weights)
 
     def lm_head_weight(self, params):
         """The [E, V] output projection, for chunked log-probs from hidden states."""

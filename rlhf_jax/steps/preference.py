@@ -231,7 +231,7 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
 
 def _dpo_prepare(model, objective: Objective, reference: ReferenceMode, *, micro_batches: int, max_segments: int,
                  chunk_size: int | None):
-    ref_model = model.base if reference == "base" else model
+    ref_model = model.base if reference == "base" else model  # QLoRA: the base dequantizes in its forward
     ref_fn = _reference_fn(ref_model, objective, max_segments=max_segments, chunk_size=chunk_size)
 
     def prepare(params, batch, frozen, rng):

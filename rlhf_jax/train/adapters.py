@@ -24,14 +24,16 @@ import jax.numpy as jnp
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.lora import LoraConfig, LoraLM, adapters_of, base_params
 
-__all__ = ["make_model", "lora_of", "plain_model", "plain_params", "reference_params",
+__all__ = ["make_model", "lora_of", "plain_model", "plain_params", "reference_params", "reference_model",
+           "plain_reference_params",
            "params_items", "params_from_items", "merge_items", "with_lora", "LORA_ITEM"]
 
 LORA_ITEM = "lora"
 
 
 def make_model(config, *, head: str = "lm") -> CausalLM | LoraLM:
-    """The trained model of a run: `CausalLM(config.model)`, wrapped in `LoraLM` when `config.lora` is set.
+    """The trained model of a run: `CausalLM(config.model)`, wrapped in `LoraLM` when `config.lora` is set
+    (`QLoraLM`, the base quantized, when `lora.quantize` is "nf4" or "int8").
 
     A scalar-head model (reward model, PPO's critic) has no LM head: an `lm_head` target of the
     run's `lora` section applies to the policy only.
@@ -42,6 +44,10 @@ def make_model(config, *, head: str = "lm") -> CausalLM | LoraLM:
         return model
     if head == "scalar" and "lm_head" in lora.targets:
         lora = dataclasses.replace(lora, targets=tuple(t for t in lora.targets if t != "lm_head"))
+    if lora.quantize != "none":
+        from rlhf_jax.models.qlora import QLoraLM  # noqa: PLC0415 -- qwix loads only for QLoRA runs
+
+        return QLoraLM(model, lora)
     return LoraLM(model, lora)
 
 
@@ -53,7 +59,20 @@ def lora_of(model) -> LoraLM | None:
 def plain_model(model) -> CausalLM:
     """The `CausalLM` that runs plain parameters (the base of a `LoraLM`): what samplers take."""
     lora = lora_of(model)
+    return model if lora is None else lora.plain_model
+
+
+def reference_model(model):
+    """The model that runs the reference parameters: the policy itself, or a LoRA policy's base
+    (for QLoRA a `QuantizedLM`, which dequantizes inside its forward)."""
+    lora = lora_of(model)
     return model if lora is None else lora.base
+
+
+def plain_reference_params(model, reference) -> Any:
+    """Reference parameters (`reference_model`'s layout) as plain `CausalLM` ones, for a sampler."""
+    lora = lora_of(model)
+    return reference if lora is None or lora.base is lora.plain_model else lora.base.plain_params(reference)
 
 
 def plain_params(model, params) -> Any:

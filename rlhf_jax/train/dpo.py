@@ -46,7 +46,14 @@ from rlhf_jax.data import BatchConfig, BatchIterator
 from rlhf_jax.train.data import device_batch, eval_batches, load_split
 from rlhf_jax.train.evals import make_policy_eval, make_weighted_eval
 from rlhf_jax.models.lora import base_params
-from rlhf_jax.train.adapters import lora_of, make_model, plain_model, plain_params
+from rlhf_jax.train.adapters import (
+    lora_of,
+    make_model,
+    plain_model,
+    plain_params,
+    plain_reference_params,
+    reference_model,
+)
 from rlhf_jax.train.recipe import Context, Recipe, run
 from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.run_config import RunConfig
@@ -140,7 +147,7 @@ def make_preference_eval(model: CausalLM, objective, batches: list[dict], refere
     """
     prepare = None
     if objective.needs_reference:
-        ref_fn = make_reference_logps_fn(plain_model(model), mesh=mesh, objective=objective, strategy=strategy,
+        ref_fn = make_reference_logps_fn(reference_model(model), mesh=mesh, objective=objective, strategy=strategy,
                                          max_segments=max_segments, logits_chunk_size=logits_chunk_size)
         prepare = lambda batch, ref: {**batch, **ref_fn(ref, batch)}  # noqa: E731
     loss_fn = make_dpo_loss(model, objective, max_segments=max_segments, logits_chunk_size=logits_chunk_size)
@@ -221,7 +228,8 @@ def _gold_eval(ctx: Context, reference):
                                  train_sampling=sampling, eval_sampling=sampling)
     batches = eval_batches(prompts, data, max_batches=-(-config.sampling.num_prompts // data.batch_size))
     evaluate = make_policy_eval(collector, batches, key=jax.random.key(config.seed),
-                                gold=(task.gold_metric, PythonReward(task.reward, "gold")), baseline=reference)
+                                gold=(task.gold_metric, PythonReward(task.reward, "gold")),
+                                baseline=plain_reference_params(model, reference))
     return lambda params: evaluate(plain_params(model, params), None)
 
 
@@ -241,7 +249,7 @@ def _trainer(ctx: Context):
     evaluate = (lambda params: {k: v for e in evaluators for k, v in e(params).items()}) if evaluators else None
     prepare = None
     if objective.needs_reference and config.reference == "precomputed":
-        ref_fn = make_reference_logps_fn(plain_model(model), mesh=mesh, objective=objective, strategy=strategy,
+        ref_fn = make_reference_logps_fn(reference_model(model), mesh=mesh, objective=objective, strategy=strategy,
                                          max_segments=segments, logits_chunk_size=config.logits_chunk_size)
         tables = precompute_reference(ref_fn, reference, ctx.data.train, config, mesh=mesh)
         prepare = lambda batch, it: {**batch, **gather_precomputed(tables, it.last_rows, segments)}  # noqa: E731

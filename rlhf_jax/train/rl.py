@@ -226,7 +226,7 @@ def _trainer(ctx: Context) -> Trainer:
     algorithm: RLAlgorithm = ctx.program.parts["algorithm"]
     collector, gold = rollout_parts(config, ctx.data, mesh, algorithm.sampling_model, algorithm.group_size, ctx.hooks)
     sampler, step = collector.sampler, ctx.program.step
-    ref_logps = _reference_logps(algorithm.sampling_model, config.algorithm)
+    ref_logps = _reference_logps(algorithm.reference_model, config.algorithm)
     batches = batches_from(train_batches(ctx.data.train, config.data), ctx.extras)
     ptx_batches = _ptx_batches(config, ctx.data, ctx.extras)
     key = jax.random.key(config.seed)

@@ -36,7 +36,15 @@ from rlhf_jax.state import (
 )
 from rlhf_jax.steps import make_grpo_step, make_ppo_step
 from rlhf_jax.models.lora import base_params
-from rlhf_jax.train.adapters import lora_of, make_model, params_from_items, params_items, plain_model, plain_params
+from rlhf_jax.train.adapters import (
+    lora_of,
+    make_model,
+    params_from_items,
+    params_items,
+    plain_model,
+    plain_params,
+    reference_model,
+)
 from rlhf_jax.train.weights import starting_params
 
 __all__ = ["RLAlgorithm", "GRPO", "PPO"]
@@ -77,6 +85,11 @@ class RLAlgorithm(abc.ABC):
     def lm_params(self, policy_params):
         """The language model's parameters inside the policy's (without a shared value head)."""
         return policy_params["lm"] if self.shared_value_head else policy_params
+
+    @property
+    def reference_model(self):
+        """The model that runs `reference_params` (a LoRA policy's base; QLoRA's dequantizes inside)."""
+        return reference_model(self.policy)
 
     @property
     def sampling_model(self) -> CausalLM:

@@ -74,7 +74,10 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
             keys = ckpt.item_shapes("params")
         source_head = "scalar" if "score" in keys else "lm"
         source = CausalLM(model.config.replace(param_dtype=source_config.param_dtype), head=source_head)
-        params = load_params(init_from, placed(source)[0], model_config=model.config)
+        if any(k.endswith(".codes") for k in keys):  # a QLoRA run: its base is stored quantized
+            params = _quantized_base(init_from, source, mesh)
+        else:
+            params = load_params(init_from, placed(source)[0], model_config=model.config)
         lora_item = _lora_item(init_from, mesh)
         if lora_item is not None:  # a LoRA run's checkpoint: its base and adapters, merged
             params = merge_items(source, params, lora_item)
@@ -106,17 +109,18 @@ def starting_params(model, init_from: str, *, rng, mesh=None, strategy: str | No
     lora = lora_of(model)
     if lora is None:
         return initial_params(model, init_from, rng=rng, mesh=mesh, strategy=strategy)
-    base = initial_params(lora.base, init_from, rng=rng, mesh=mesh, strategy=strategy)
+    base = initial_params(lora.plain_model, init_from, rng=rng, mesh=mesh, strategy=strategy)
     return lora.init_from_base(base, jax.random.fold_in(rng, 1))
 
 
-def _lora_item(root: str, mesh) -> Any | None:
-    """The `lora` item (adapters and scale) of a LoRA run's latest checkpoint, or None."""
+def _restore_item(root: str, item: str, mesh) -> Any | None:
+    """Item `item` of the latest checkpoint as nested dicts (its layout read from the checkpoint's
+    metadata), replicated on `mesh`; None when the checkpoint has no such item."""
     with Checkpointer(root, read_only=True) as ckpt:
         step = ckpt.latest_step()
-        if step is None or not os.path.isdir(os.path.join(root, str(step), LORA_ITEM)):
+        if step is None or not os.path.isdir(os.path.join(root, str(step), item)):
             return None
-        shapes = ckpt.item_shapes(LORA_ITEM, step)
+        shapes = ckpt.item_shapes(item, step)
     sharding = None if mesh is None else sh.replicated(mesh)
     abstract: dict = {}
     for key, (shape, dtype) in shapes.items():
@@ -124,7 +128,26 @@ def _lora_item(root: str, mesh) -> Any | None:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-    return load_params(root, abstract, step=step, item=LORA_ITEM)
+    return load_params(root, abstract, step=step, item=item)
+
+
+def _lora_item(root: str, mesh) -> Any | None:
+    """The `lora` item (adapters and scale) of a LoRA run's latest checkpoint, or None."""
+    return _restore_item(root, LORA_ITEM, mesh)
+
+
+def _quantized_base(root: str, source: CausalLM, mesh) -> dict:
+    """A QLoRA checkpoint's quantized base, dequantized to `source`'s plain parameters."""
+    from rlhf_jax.models.qlora import KERNELS, QuantizedKernel, dequantize_params  # noqa: PLC0415
+
+    tree = _restore_item(root, "params", mesh)
+    abstract = source.abstract_params()
+    for (group, name) in KERNELS:
+        stored = tree["layers"][group][name]
+        kind = "nf4" if stored["codes"].dtype == jnp.uint8 else "int8"  # packed NF4 codes, or int8 values
+        tree["layers"][group][name] = QuantizedKernel(stored["codes"], stored["scale"], stored.get("scale_scale"),
+                                                      kind, tuple(abstract["layers"][group][name].shape[1:]))
+    return dequantize_params(tree, source.config.jnp_param_dtype)
 
 
 def _hf_is_sequence_classifier(path: str) -> bool:
