@@ -1,10 +1,51 @@
 #!/usr/bin/env bash
-# Run one experiment on every worker at once (JAX multi-host: each worker runs the same command and
-# jax.distributed.initialize() finds its peers from the TPU metadata). Output goes to ~/run.log.
-# Usage: TPU_NAME=... ZONE=... tpu/launch.sh experiments/dpo_qwen2_5_0_5b.py --set data.path=...
+# Start one experiment on every worker at once: each runs the same `python3 -m rlhf_jax run` in
+# ~/$REPO_DIR with the venv of setup.sh, in the background, appending to ~/run.log (which ends
+# with the exit status: 0 done, 75 stopped by a signal after saving a checkpoint, so relaunch the
+# same command to resume). JAX's multi-controller runtime joins the workers into one program.
+# Before anything is sent, the command is checked here: `rlhf-jax run EXPERIMENT ARGS --print-config`
+# must accept it (a bad --set key or value stops the launch), using $PYTHON (default python3) with
+# this checkout importable; --no-check skips that.
+# Usage: TPU_NAME=... ZONE=... tpu/launch.sh [--dry-run] [--no-check] experiments/NAME.py[:ARG] [--set KEY=VALUE ...]
+#   e.g. tpu/launch.sh experiments/dpo_qwen2_5_0_5b.py --set workdir=/mnt/shared/runs/dpo \
+#          --set data.train=data/ultrafeedback_binarized/train_prefs.jsonl
+# shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
-[ $# -ge 1 ] || { echo "usage: $0 experiments/NAME.py [--set key=value ...]" >&2; exit 2; }
-args=$(printf ' %q' "$@")
-on_all_workers "cd ~/$REPO_DIR && nohup python3 -m rlhf_jax run$args > ~/run.log 2>&1 &"
-echo "launched on all workers of $TPU_NAME; follow with:"
-echo "  gcloud compute tpus tpu-vm ssh $TPU_NAME --zone $ZONE --worker=0 --command 'tail -f ~/run.log'"
+parse_args "$@"
+check=1
+for opt in ${OPTS[@]+"${OPTS[@]}"}; do
+  case $opt in --no-check) check=0 ;; *) die "unknown option $opt" ;; esac
+done
+[ ${#ARGS[@]} -ge 1 ] || die "usage: $0 [--dry-run] [--no-check] experiments/NAME.py[:ARG] [--set KEY=VALUE ...]"
+experiment=${ARGS[0]%%:*}
+case $experiment in
+  /* | ../*) die "$experiment: give the experiment's path relative to the checkout (workers run it in ~/$REPO_DIR)" ;;
+esac
+[ -f "$REPO_ROOT/$experiment" ] || die "experiment file not found: $REPO_ROOT/$experiment"
+if [ "$check" = 1 ]; then
+  # A plain local process: no multi-process flags from this shell, no accelerator.
+  if ! (cd "$REPO_ROOT" && env -u RLHF_JAX_COORDINATOR -u RLHF_JAX_NUM_PROCESSES -u RLHF_JAX_PROCESS_ID \
+          JAX_PLATFORMS=cpu "${PYTHON:-python3}" -m rlhf_jax run "${ARGS[@]}" --print-config > /dev/null); then
+    die "the local check \`rlhf-jax run ${ARGS[*]} --print-config\` failed (above); nothing was launched" \
+      "(--no-check skips the check)"
+  fi
+fi
+has_workdir=0
+for arg in "${ARGS[@]}"; do
+  case $arg in workdir=* | --set=workdir=*) has_workdir=1 ;; esac
+done
+[ "$has_workdir" = 1 ] || note "note: no --set workdir=...: the run directory (checkpoints) is runs/NAME" \
+  "under ~/$REPO_DIR on each worker's own disk; a slice with several workers needs one directory they all" \
+  "share (README, \"Run on a TPU pod\")"
+# On each worker: refuse a second run, then start it in the background (immune to the ssh session's
+# end) with its output and final exit status appended to ~/run.log.
+remote="cd ~/$REPO_DIR || exit 1"
+remote+="; if pgrep -f $RUN_MATCH > /dev/null"
+remote+="; then echo \"rlhf-jax is already running on \$(hostname) (tpu/stop.sh stops it)\" >&2; exit 1; fi"
+remote+="; { trap \"\" HUP; echo \"== \$(date -u +%FT%TZ) launch\""
+remote+="; ~/$REPO_DIR/.venv/bin/python3 -m rlhf_jax run $(shell_quote "${ARGS[@]}")"
+remote+="; echo \"== rlhf-jax exit status \$? (75: stopped after saving a checkpoint; relaunch to resume)\""
+remote+="; } >> ~/run.log 2>&1 < /dev/null &"
+on_workers all "$remote"
+[ "$DRY_RUN" = 1 ] || note "launched on every worker of $TPU_NAME; follow process 0's log with:" \
+  "tpu/ssh.sh --worker=0 'tail -f ~/run.log'"
