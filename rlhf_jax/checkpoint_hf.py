@@ -6,6 +6,11 @@
 The exported directory is what transformers loads: `config.json`, safetensors weights, the tokenizer
 when given, and `generation_config.json` with the BOS/EOS/pad ids (from the model config, else the
 tokenizer), so `generate` stops at EOS (`rlhf_jax.models.hf.save_hf`).
+
+A LoRA run's checkpoint (items `params` = the base, `lora` = the adapters) exports either merged
+(`merge=True`: W + s·A·B, a QLoRA base dequantized first, as one plain Hugging Face model) or as
+its adapters alone in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`, for
+`peft.PeftModel.from_pretrained` on the base the run started from).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def _model_from_checkpoint(ckpt: Checkpointer, step: int, item: str):
 
 
 def export_hf(directory: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | str | None = None,
-              item: str = "params", tokenizer: Any = None, overwrite: bool = False) -> HFExport:
+              item: str = "params", tokenizer: Any = None, overwrite: bool = False, merge: bool = False) -> HFExport:
     """Write the weights of an rlhf-jax checkpoint as a Hugging Face model directory.
 
     Args:
@@ -52,6 +57,8 @@ def export_hf(directory: str | os.PathLike, out_dir: str | os.PathLike, *, step:
       tokenizer: a transformers tokenizer written beside the weights (optional); its BOS/EOS/pad
         ids fill those the model config leaves unset.
       overwrite: replace an existing `out_dir`.
+      merge: for a LoRA run, write the merged model (W + s·A·B); otherwise its adapters in PEFT's
+        format. Ignored for a full fine-tuning run (its weights are written as they are).
     Returns:
       `HFExport(out_dir, step)`: the directory (a string) and the step exported. A reward model
       (scalar head) is written as `*ForSequenceClassification`.
@@ -63,11 +70,48 @@ def export_hf(directory: str | os.PathLike, out_dir: str | os.PathLike, *, step:
 
     with Checkpointer(directory, read_only=True) as ckpt:
         resolved = _resolve_step(ckpt, step)
-        config, _, abstract = _model_from_checkpoint(ckpt, resolved, item)
+        config, head, abstract = _model_from_checkpoint(ckpt, resolved, item)
         ckpt.model_config = config
-        state, _ = ckpt.restore({item: abstract}, step=resolved)
-    save_hf(out_dir, config, state[item], tokenizer, overwrite=overwrite)
+        lora = item == "params" and os.path.isdir(os.path.join(ckpt.directory, str(resolved), "lora"))
+        if not lora:
+            state, _ = ckpt.restore({item: abstract}, step=resolved)
+    if not lora:
+        save_hf(out_dir, config, state[item], tokenizer, overwrite=overwrite)
+    elif merge:
+        _export_merged(directory, out_dir, config, head, resolved, tokenizer, overwrite)
+    else:
+        _export_adapters(directory, out_dir, config, head, resolved, tokenizer, overwrite)
     return HFExport(os.fspath(out_dir), resolved)
+
+
+def _export_merged(directory, out_dir, config, head, step: int, tokenizer, overwrite: bool) -> None:
+    """A LoRA checkpoint's merged weights (`train.weights.initial_params` merges base and adapters)."""
+    import jax  # noqa: PLC0415
+
+    from rlhf_jax.models import CausalLM  # noqa: PLC0415
+    from rlhf_jax.models.hf import save_hf  # noqa: PLC0415
+    from rlhf_jax.train.weights import initial_params  # noqa: PLC0415
+
+    params = initial_params(CausalLM(config, head=head), os.fspath(directory), rng=jax.random.key(0), step=step)
+    save_hf(out_dir, config, params, tokenizer, overwrite=overwrite)
+
+
+def _export_adapters(directory, out_dir, config, head, step: int, tokenizer, overwrite: bool) -> None:
+    """A LoRA checkpoint's adapters (and a scalar head's score) in PEFT's format."""
+    from rlhf_jax.models.lora import LoraConfig, adapters_of  # noqa: PLC0415
+    from rlhf_jax.models.lora_peft import save_peft  # noqa: PLC0415
+    from rlhf_jax.train.weights import lora_item_of, restore_item  # noqa: PLC0415
+
+    item = lora_item_of(os.fspath(directory), step=step)
+    adapters = adapters_of(item["adapters"])
+    rank = next(iter(adapters.values()))["a"].shape[-1]
+    lora = LoraConfig(rank=rank, alpha=float(item["scale"]) * rank, targets=tuple(adapters))
+    head_params = None
+    if head == "scalar":  # the trained score head: PEFT's modules_to_save
+        head_params = {"score": restore_item(os.fspath(directory), "params", None, step)["score"]}
+    save_peft(out_dir, config, lora, item["adapters"], head_params=head_params, overwrite=overwrite)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.fspath(out_dir))
 
 
 def import_hf(hf_dir: str | os.PathLike, directory: str | os.PathLike, *, dtype: str | None = None,

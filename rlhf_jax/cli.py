@@ -4,7 +4,7 @@
     rlhf-jax compile experiments/NAME.py[:ARG] [--set KEY=VALUE ...] [--topology v5e:4x4] [--json FILE]
     rlhf-jax compile --model PRESET --step dpo --strategy fsdp --mesh fsdp=8 ...   (rlhf_jax.compile)
     rlhf-jax convert SRC DST [--dtype float32|bfloat16] [--step N|latest|best]
-    rlhf-jax export RUN_DIR OUT_DIR [--step N|latest|best] [--overwrite]
+    rlhf-jax export RUN_DIR OUT_DIR [--step N|latest|best] [--overwrite] [--merge]
 
 An experiment is a Python file with `get_config(arg=None)` returning a frozen config and
 `main(config)` running it (big_vision style; `:ARG` is passed to `get_config`, e.g. `:tiny`).
@@ -155,8 +155,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from rlhf_jax.data.tokenize import load_tokenizer  # noqa: PLC0415
 
         tokenizer = load_tokenizer(tok_dir)
-    exported = export_hf(ckpt_dir, args.out_dir, step=args.step, tokenizer=tokenizer, overwrite=args.overwrite)
-    print(f"exported {ckpt_dir} (step {exported.step}) to {args.out_dir}"
+    exported = export_hf(ckpt_dir, args.out_dir, step=args.step, tokenizer=tokenizer, overwrite=args.overwrite,
+                         merge=args.merge)
+    lora = os.path.isdir(os.path.join(ckpt_dir, str(exported.step), "lora"))
+    what = "" if not lora else " (LoRA adapters merged)" if args.merge else " as PEFT adapters (--merge: one model)"
+    print(f"exported {ckpt_dir} (step {exported.step}) to {args.out_dir}{what}"
           + (" with its tokenizer" if tokenizer is not None else ""))
     return 0
 
@@ -227,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out_dir")
     exp.add_argument("--step", default="latest", help="N, latest or best (by the run's best metric)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    exp.add_argument("--merge", action="store_true",
+                     help="a LoRA run: write the merged model (W + s·A·B) instead of its PEFT adapters")
     exp.set_defaults(func=_cmd_export)
     return parser
 

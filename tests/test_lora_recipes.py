@@ -8,9 +8,12 @@ import shutil
 import chex
 import jax
 import numpy as np
+import pytest
 from step_fixtures import FAST_COMPILE, OPTIMIZER, host_params, pair_batches, single_device_mesh
 
 from rlhf_jax.checkpoint import Checkpointer, load_params
+from rlhf_jax.cli import main as cli_main
+from rlhf_jax.models.hf import save_hf
 from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.lora import TARGETS, LoraConfig, LoraLM, base_params
@@ -77,6 +80,29 @@ def test_lora_sft_resumes_bit_exactly_and_a_later_stage_reads_it_merged(tmp_path
     lm = LoraLM(CausalLM(config.model), SMALL_LORA)
     want = lm.merge_params(lm.init_from_base(items_a["params"], None, adapters))
     chex.assert_trees_all_close(merged, want, atol=0, rtol=0)
+    _check_exports(straight, config.model, lm.init_from_base(items_a["params"], None, adapters), lm)
+
+
+def _check_exports(run_dir, model_config, params, lm):
+    """`rlhf-jax export --merge` and the PEFT export both give our LoRA model's logits in transformers."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    assert cli_main(["export", str(run_dir), str(run_dir / "merged"), "--merge"]) == 0
+    assert cli_main(["export", str(run_dir), str(run_dir / "adapters")]) == 0
+    save_hf(run_dir / "base", model_config, base_params(params))
+    tokens = np.random.default_rng(0).integers(1, model_config.vocab_size, (2, 10))
+    ours = np.asarray(lm.forward(params, tokens).logits)
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=torch.tensor(tokens)).logits.float().numpy()
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "base").eval()
+    adapted = peft.PeftModel.from_pretrained(base, run_dir / "adapters").eval()
+    assert np.abs(logits(merged) - ours).max() <= 1e-4
+    assert np.abs(logits(adapted) - ours).max() <= 1e-4
 
 
 def test_dpo_reference_is_the_base_with_adapters_off():

@@ -25,7 +25,7 @@ from rlhf_jax.models.heads import init_scalar_head
 from rlhf_jax.models.hf import config_from_hf, load_hf
 from rlhf_jax.train.adapters import LORA_ITEM, lora_of, merge_items
 
-__all__ = ["initial_params", "starting_params", "load_reward_model"]
+__all__ = ["initial_params", "starting_params", "restore_item", "lora_item_of", "load_reward_model"]
 
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
@@ -39,7 +39,8 @@ def _check_same_shape(ours: ModelConfig, theirs: ModelConfig, source: str) -> No
                                       + "\n  ".join(diffs))
 
 
-def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None, strategy: str | None = None) -> Any:
+def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None, strategy: str | None = None,
+                   step: int | None = None) -> Any:
     """Parameters of `model` read from `init_from` (a Hugging Face directory or an rlhf-jax checkpoint).
 
     A reward model (`head="scalar"`) started from a language model keeps the backbone, drops the
@@ -52,6 +53,7 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
       rng: key of a fresh scalar head.
       mesh, strategy: when given, every parameter is read straight into its sharding on `mesh`
         (no device ever holds a whole parameter it should hold a slice of).
+      step: the checkpoint step of an rlhf-jax checkpoint (default: the latest).
     Raises:
       FileNotFoundError: `init_from` does not exist.
       CheckpointMismatchError: the source's architecture differs from `model.config`.
@@ -71,14 +73,15 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
         source_config = model.config if saved is None else from_dict(ModelConfig, saved)
         _check_same_shape(model.config, source_config, init_from)
         with Checkpointer(init_from, read_only=True) as ckpt:
-            keys = ckpt.item_shapes("params")
+            step = ckpt.latest_step() if step is None else int(step)
+            keys = ckpt.item_shapes("params", step)
         source_head = "scalar" if "score" in keys else "lm"
         source = CausalLM(model.config.replace(param_dtype=source_config.param_dtype), head=source_head)
         if any(k.endswith(".codes") for k in keys):  # a QLoRA run: its base is stored quantized
-            params = _quantized_base(init_from, source, mesh)
+            params = _quantized_base(init_from, source, mesh, step)
         else:
-            params = load_params(init_from, placed(source)[0], model_config=model.config)
-        lora_item = _lora_item(init_from, mesh)
+            params = load_params(init_from, placed(source)[0], model_config=model.config, step=step)
+        lora_item = lora_item_of(init_from, mesh, step)
         if lora_item is not None:  # a LoRA run's checkpoint: its base and adapters, merged
             params = merge_items(source, params, lora_item)
     elif os.path.isfile(os.path.join(init_from, "config.json")):
@@ -113,11 +116,11 @@ def starting_params(model, init_from: str, *, rng, mesh=None, strategy: str | No
     return lora.init_from_base(base, jax.random.fold_in(rng, 1))
 
 
-def _restore_item(root: str, item: str, mesh) -> Any | None:
-    """Item `item` of the latest checkpoint as nested dicts (its layout read from the checkpoint's
-    metadata), replicated on `mesh`; None when the checkpoint has no such item."""
+def restore_item(root: str, item: str, mesh, step: int | None = None) -> Any | None:
+    """Item `item` of checkpoint `step` (default latest) as nested dicts (its layout read from the
+    checkpoint's metadata), replicated on `mesh`; None when the checkpoint has no such item."""
     with Checkpointer(root, read_only=True) as ckpt:
-        step = ckpt.latest_step()
+        step = ckpt.latest_step() if step is None else step
         if step is None or not os.path.isdir(os.path.join(root, str(step), item)):
             return None
         shapes = ckpt.item_shapes(item, step)
@@ -131,16 +134,16 @@ def _restore_item(root: str, item: str, mesh) -> Any | None:
     return load_params(root, abstract, step=step, item=item)
 
 
-def _lora_item(root: str, mesh) -> Any | None:
-    """The `lora` item (adapters and scale) of a LoRA run's latest checkpoint, or None."""
-    return _restore_item(root, LORA_ITEM, mesh)
+def lora_item_of(root: str, mesh=None, step: int | None = None) -> Any | None:
+    """The `lora` item (`adapters`, `scale`) of a LoRA run's checkpoint `step` (default latest), or None."""
+    return restore_item(root, LORA_ITEM, mesh, step)
 
 
-def _quantized_base(root: str, source: CausalLM, mesh) -> dict:
+def _quantized_base(root: str, source: CausalLM, mesh, step: int | None = None) -> dict:
     """A QLoRA checkpoint's quantized base, dequantized to `source`'s plain parameters."""
     from rlhf_jax.models.qlora import KERNELS, QuantizedKernel, dequantize_params  # noqa: PLC0415
 
-    tree = _restore_item(root, "params", mesh)
+    tree = restore_item(root, "params", mesh, step)
     abstract = source.abstract_params()
     for (group, name) in KERNELS:
         stored = tree["layers"][group][name]
