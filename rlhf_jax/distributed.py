@@ -8,9 +8,10 @@ anything runs JAX:
 - explicitly, from `--coordinator HOST:PORT --num-processes N --process-id I` (or the environment
   variables `RLHF_JAX_COORDINATOR`, `RLHF_JAX_NUM_PROCESSES`, `RLHF_JAX_PROCESS_ID`), for CPU and
   GPU clusters (e.g. one Slurm task per host);
-- automatically on Cloud TPU pods and in the cluster environments JAX detects (`TPU_WORKER_HOSTNAMES`,
-  `SLURM_JOB_ID` with more than one task, ...), where `jax.distributed.initialize()` needs no
-  arguments;
+- automatically, with `jax.distributed.initialize()` and no arguments (JAX finds the slice from the
+  TPU metadata or the cluster's environment), when `RLHF_JAX_DISTRIBUTED=auto` (what `tpu/launch.sh`
+  sets on every worker of a TPU VM pod) or in the environments that announce several processes
+  (`TPU_WORKER_HOSTNAMES` on GKE, `SLURM_NTASKS` > 1, `OMPI_COMM_WORLD_SIZE` > 1);
 - not at all for a single process, which behaves exactly as without it.
 
 On CPU the cross-process collectives use gloo. Errors are `DistributedError`s with one line naming
@@ -31,8 +32,8 @@ ENV_COORDINATOR = "RLHF_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "RLHF_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "RLHF_JAX_PROCESS_ID"
 # Environments in which `jax.distributed.initialize()` finds the cluster by itself (more than one process).
-_AUTO = {"TPU_WORKER_HOSTNAMES": lambda v: "," in v, "SLURM_NTASKS": lambda v: v.isdigit() and int(v) > 1,
-         "OMPI_COMM_WORLD_SIZE": lambda v: v.isdigit() and int(v) > 1}
+_AUTO = {"RLHF_JAX_DISTRIBUTED": lambda v: v == "auto", "TPU_WORKER_HOSTNAMES": lambda v: "," in v,
+         "SLURM_NTASKS": lambda v: v.isdigit() and int(v) > 1, "OMPI_COMM_WORLD_SIZE": lambda v: v.isdigit() and int(v) > 1}
 
 
 class DistributedError(RuntimeError):

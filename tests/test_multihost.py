@@ -184,3 +184,17 @@ def test_a_global_batch_the_devices_do_not_divide_is_refused(experiment, tmp_pat
     code, _, err = results[0]  # process 0 names the problem in one line; every process ends
     assert code == 2 and "batch size 12" in err and "not divisible by 8" in err, err[-2000:]
     assert all(code != 0 for code, _, _ in results)
+
+
+def test_auto_start_is_chosen_by_the_environment():
+    from rlhf_jax import distributed
+
+    assert distributed._auto_detected({"RLHF_JAX_DISTRIBUTED": "auto"})
+    assert distributed._auto_detected({"SLURM_NTASKS": "4"}) and not distributed._auto_detected({"SLURM_NTASKS": "1"})
+    assert not distributed._auto_detected({})
+    assert distributed.initialize(distributed.from_env(environ={}), environ={}) is False  # one process: nothing
+    config = distributed.from_env(environ={"RLHF_JAX_COORDINATOR": "127.0.0.1:5", "RLHF_JAX_NUM_PROCESSES": "2",
+                                           "RLHF_JAX_PROCESS_ID": "1"})
+    assert (config.coordinator, config.num_processes, config.process_id) == ("127.0.0.1:5", 2, 1)
+    with pytest.raises(distributed.DistributedError, match="give --coordinator, --num-processes and --process-id together"):
+        distributed.from_env(coordinator="127.0.0.1:5", environ={})

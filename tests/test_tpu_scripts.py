@@ -216,7 +216,7 @@ def test_launch_runs_the_command_on_every_worker_and_stop_ends_it_with_75(env, t
     workdir = "/mnt/shared/my run's dir"
     command = _launch_command(env, "experiments/sft_tiny.py", "--set", "train.steps=3", "--set", f"workdir={workdir}")
     expected = ["run", "experiments/sft_tiny.py", "--set", "train.steps=3", "--set", f"workdir={workdir}"]
-    assert "~/rlhf_jax/.venv/bin/python3 -m rlhf_jax run experiments/sft_tiny.py --set train.steps=3 --set " in command
+    assert "RLHF_JAX_DISTRIBUTED=auto ~/rlhf_jax/.venv/bin/python3 -m rlhf_jax run experiments/sft_tiny.py --set train.steps=3 --set " in command
     assert ">> ~/run.log 2>&1 < /dev/null &" in command
 
     home = _fake_worker(tmp_path)
