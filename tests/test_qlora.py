@@ -122,6 +122,24 @@ def test_qlora_forward_trains_only_adapters_and_merges(kind):
     assert np.abs(merged - unmerged).max() <= 1e-5
 
 
+def test_quantized_embeddings_and_head():
+    lm = QLoraLM(CausalLM(tiny_config()), LoraConfig(rank=4, targets=("q", "embed", "lm_head"), quantize="nf4",
+                                                     quant_block_size=16, quantize_embeddings=True))
+    params = lm.init_from_base(host_params(), jax.random.key(1))
+    params["lora"] = jax.tree.map(lambda x: x + 0.05, params["lora"])
+    base = params["base"].tree
+    assert isinstance(base["embed"], QuantizedKernel) and base["embed"].codes.shape == (1, 32, 256)  # [1, E/2, V]
+    plain = dequantize_params(base, jnp.float32)
+    assert plain["embed"].shape == (256, 64) and plain["lm_head"].shape == (64, 256)
+    err = np.abs(np.asarray(plain["embed"]) - host_params()["embed"]).max()
+    assert 0 < err <= np.abs(host_params()["embed"]).max() * np.max(np.diff(NF4_CODES)) / 2  # within NF4's error
+    tokens = sft_batches(1)[0]["tokens"]
+    merged = CausalLM(tiny_config()).forward(lm.merge_params(params), tokens).logits
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(lm.forward(params, tokens).logits), atol=1e-5)
+    issues = lint(lm.abstract_params(), lm.logical_axes, mesh=mesh_for(STRATEGY_MESHES["fsdp_tp"]), strategy="fsdp_tp")
+    assert not [i for i in issues if i.severity == "error" or i.kind == "unknown_logical_axis"], issues
+
+
 def test_quantized_base_is_sharded_and_small():
     lm = QLoraLM(CausalLM(tiny_config()), LoraConfig(rank=4, quantize="nf4", quant_block_size=16))
     for strategy in ("fsdp", "fsdp_tp"):

@@ -7,8 +7,9 @@ N(0, 1) scaled to [-1, 1] (Appendix E); `w ≈ code · c`. Double quantization s
 themselves in 8 bits (here: symmetric int8 per group of 256 absmaxes of an output row, with a
 float32 scale per group), 4.127 instead of 4.5 bits per weight. `int8` is per-channel absmax
 quantization (one scale per output channel; Dettmers et al. 2022's vector-wise scheme without
-outliers). Only the seven layer projections are quantized; embeddings, the LM head, norms and
-biases keep the model's dtype, as bitsandbytes does.
+outliers). The seven layer projections are quantized; embeddings and the LM head keep the model's
+dtype, as bitsandbytes does, unless `quantize_embeddings` (then blocks run along the hidden
+dimension of each token's row, and of each vocabulary column of the head); norms and biases never.
 
 The quantized kernel is a pytree (`QuantizedKernel`: codes, scales, static kind and shape) placed
 and sharded like any parameter (its axes are the kernel's input / output axes, flattened). Inside
@@ -39,7 +40,7 @@ from rlhf_jax.models.transformer import CausalLM, KVCache, ModelOutput
 
 __all__ = ["QuantizedKernel", "KERNELS", "quantize_kernel", "dequantize_kernel", "dequantize_layer", "pack_nf4",
            "unpack_nf4",
-           "quantize_params", "dequantize_params", "QuantizedLM", "QLoraLM", "NF4_CODES"]
+           "quantize_params", "dequantize_params", "quantized_from_stored", "QuantizedLM", "QLoraLM", "NF4_CODES"]
 
 QuantKind = Literal["int8", "nf4"]
 DOUBLE_QUANT_GROUP = 256
@@ -167,38 +168,74 @@ def dequantize_layer(params, dtype=jnp.float32):
 
 
 def quantize_params(params: Mapping[str, Any], *, kind: QuantKind = "nf4", block_size: int = 64,
-                    double_quant: bool = False) -> dict:
-    """A model's parameters with the seven layer projections quantized (`KERNELS`); the rest as is."""
+                    double_quant: bool = False, embeddings: bool = False) -> dict:
+    """A model's parameters with the seven layer projections quantized (`KERNELS`), and with
+    `embeddings` the token embedding [V, E] and an untied LM head [E, V], both stored as one stacked
+    [1, E, V] kernel (the embedding transposed: blocks along E for every token, and the vocabulary as
+    the minor dimension, which TPU layouts tile without padding); never double-quantized."""
     params = jax.tree.map(lambda x: x, dict(params))  # new containers
     for (group, name), (in_dims, _, _) in KERNELS.items():
         node = params["layers"][group]
         node[name] = quantize_kernel(node[name], in_dims=in_dims, kind=kind, block_size=block_size,
                                      double_quant=double_quant, name=f"layers/{group}/{name}")
+    if embeddings:
+        params["embed"] = quantize_kernel(params["embed"].T[None], in_dims=1, kind=kind, block_size=block_size,
+                                          name="embed")
+        if "lm_head" in params:
+            params["lm_head"] = quantize_kernel(params["lm_head"][None], in_dims=1, kind=kind, block_size=block_size,
+                                                name="lm_head")
     return params
 
 
 def dequantize_params(params, dtype) -> dict:
     """Plain parameters (every quantized kernel dequantized to `dtype`)."""
+    params = dict(params)
+    if _is_kernel(params.get("lm_head")):  # stored as one stacked [1, E, V] kernel
+        params["lm_head"] = dequantize_kernel(params["lm_head"], dtype)[0]
+    if _is_kernel(params.get("embed")):  # stored transposed, as one stacked [1, E, V] kernel
+        params["embed"] = dequantize_kernel(params["embed"], dtype)[0].T
     return dequantize_layer(params, dtype)
 
 
-def _kernel_axes(kind: str, kernel_shape, in_name: str, out_name: str, double_quant: bool) -> QuantizedKernel:
+def quantized_from_stored(tree: Mapping[str, Any], plain_abstract: Mapping[str, Any]) -> dict:
+    """Quantized parameters from their checkpointed nested dicts (`codes`, `scale`, `scale_scale`),
+    the static kind and shapes recovered from the codes' dtype and the plain model's shapes."""
+    tree = jax.tree.map(lambda x: x, dict(tree))
+
+    def rebuild(stored, kernel_shape):
+        kind = "nf4" if stored["codes"].dtype == jnp.uint8 else "int8"  # packed NF4 codes, or int8 values
+        return QuantizedKernel(stored["codes"], stored["scale"], stored.get("scale_scale"), kind, tuple(kernel_shape))
+
+    for (group, name) in KERNELS:
+        tree["layers"][group][name] = rebuild(tree["layers"][group][name],
+                                              plain_abstract["layers"][group][name].shape[1:])
+    if isinstance(tree.get("embed"), Mapping):
+        tree["embed"] = rebuild(tree["embed"], plain_abstract["embed"].shape[::-1])
+    if isinstance(tree.get("lm_head"), Mapping):
+        tree["lm_head"] = rebuild(tree["lm_head"], plain_abstract["lm_head"].shape)
+    return tree
+
+
+def _kernel_axes(kind: str, kernel_shape, in_name: str, out_name: str | None, double_quant: bool,
+                 stacked: str | None = "layers") -> QuantizedKernel:
     scale_in = None if kind == "int8" else in_name
-    return QuantizedKernel(("layers", in_name, out_name), ("layers", scale_in, out_name),
-                           ("layers", in_name, None) if double_quant else None, kind, tuple(kernel_shape))
+    return QuantizedKernel((stacked, in_name, out_name), (stacked, scale_in, out_name),
+                           (stacked, in_name, None) if double_quant else None, kind, tuple(kernel_shape))
 
 
 class QuantizedLM:
     """A `CausalLM` whose layer projections are stored quantized: the same pure surface.
 
     `init` / `abstract_params` give quantized parameters, `forward` dequantizes each layer's
-    kernels inside the layer scan, `plain_params` gives the dequantized tree for a plain
-    `CausalLM` (the sampler, an export). The LM head and embeddings are not quantized.
+    kernels inside the layer scan (and quantized embeddings / LM head once, sharded, before it),
+    `plain_params` gives the dequantized tree for a plain `CausalLM` (the sampler, an export).
     """
 
-    def __init__(self, model: CausalLM, *, kind: QuantKind = "nf4", block_size: int = 64, double_quant: bool = False):
+    def __init__(self, model: CausalLM, *, kind: QuantKind = "nf4", block_size: int = 64, double_quant: bool = False,
+                 embeddings: bool = False):
         _check_quant(kind, block_size, double_quant)
         self.model, self.kind, self.block_size, self.double_quant = model, kind, block_size, double_quant
+        self.embeddings = embeddings
         self.config, self.head = model.config, model.head
         self.logical_axes = jax.tree.map(lambda x: x, dict(model.logical_axes),
                                          is_leaf=lambda x: isinstance(x, tuple))
@@ -206,13 +243,28 @@ class QuantizedLM:
         for (group, name), (_, in_name, out_name) in KERNELS.items():
             shape = abstract["layers"][group][name].shape[1:]
             self.logical_axes["layers"][group][name] = _kernel_axes(kind, shape, in_name, out_name, double_quant)
+        if embeddings:
+            e = self.config.hidden_size
+            self.logical_axes["embed"] = _kernel_axes(kind, (e, self.config.vocab_size), "embed", "vocab", False,
+                                                      stacked=None)
+            if "lm_head" in abstract:
+                self.logical_axes["lm_head"] = _kernel_axes(kind, (e, self.config.vocab_size), "embed", "vocab", False,
+                                                            stacked=None)
 
     def quantize(self, params) -> dict:
         """Plain parameters of the model, quantized."""
-        return quantize_params(params, kind=self.kind, block_size=self.block_size, double_quant=self.double_quant)
+        return quantize_params(params, kind=self.kind, block_size=self.block_size, double_quant=self.double_quant,
+                               embeddings=self.embeddings)
 
     def plain_params(self, params) -> dict:
         return dequantize_params(params, self.config.jnp_param_dtype)
+
+    def _top(self, params) -> dict:
+        """`params` with quantized embeddings and LM head dequantized (the layers stay quantized)."""
+        if not self.embeddings:
+            return params
+        top = {k: params[k] for k in ("embed", "lm_head") if k in params}
+        return {**params, **dequantize_params(top, self.config.jnp_param_dtype)}
 
     def init(self, rng) -> dict:
         return self.quantize(self.model.init(rng))
@@ -226,11 +278,11 @@ class QuantizedLM:
     def forward(self, params, tokens, positions=None, segment_ids=None, *, cache: KVCache | None = None,
                 adapters=None, dropout=None, rng=None) -> ModelOutput:
         dtype = self.config.jnp_param_dtype
-        return self.model.forward(params, tokens, positions, segment_ids, cache=cache, adapters=adapters,
+        return self.model.forward(self._top(params), tokens, positions, segment_ids, cache=cache, adapters=adapters,
                                   dropout=dropout, rng=rng, layer_weights=lambda p: dequantize_layer(p, dtype))
 
     def lm_head_weight(self, params):
-        return self.model.lm_head_weight(params)
+        return self.model.lm_head_weight(self._top(params))
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return self.model.init_cache(batch, max_len, dtype)
@@ -251,7 +303,7 @@ class QLoraLM(LoraLM):
         if lora.quantize == "none":
             raise ConfigError("QLoraLM needs lora.quantize = 'nf4' or 'int8'")
         super().__init__(QuantizedLM(base, kind=lora.quantize, block_size=lora.quant_block_size,
-                                     double_quant=lora.double_quant), lora)
+                                     double_quant=lora.double_quant, embeddings=lora.quantize_embeddings), lora)
         self.plain_model = base
 
     def init_from_base(self, base, rng, adapters=None) -> dict:

@@ -21,10 +21,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.config import ConfigError
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.lora import LoraConfig, LoraLM, adapters_of, base_params
 
-__all__ = ["make_model", "lora_of", "plain_model", "plain_params", "reference_params", "reference_model",
+__all__ = ["make_model", "check_mergeable", "lora_of", "plain_model", "plain_params", "reference_params", "reference_model",
            "plain_reference_params",
            "params_items", "params_from_items", "merge_items", "with_lora", "LORA_ITEM"]
 
@@ -49,6 +50,18 @@ def make_model(config, *, head: str = "lm") -> CausalLM | LoraLM:
 
         return QLoraLM(model, lora)
     return LoraLM(model, lora)
+
+
+def check_mergeable(config) -> None:
+    """A run whose sampler takes merged weights needs adapters that merge: not `embed` / `lm_head`
+    on tied embeddings (one shared table cannot hold both ends' updates)."""
+    lora = getattr(config, "lora", None)
+    if lora is None or not config.model.tie_word_embeddings:
+        return
+    tied = [t for t in ("embed", "lm_head") if t in lora.targets]
+    if tied:
+        raise ConfigError(f"lora.targets {tied} with model.tie_word_embeddings: the sampler runs merged weights, "
+                          "and an adapter of a tied embedding does not merge; drop these targets")
 
 
 def lora_of(model) -> LoraLM | None:

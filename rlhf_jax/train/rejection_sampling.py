@@ -33,7 +33,7 @@ from rlhf_jax.rewards.registry import RewardConfig
 from rlhf_jax.steps import make_sft_step
 from rlhf_jax.steps.supervised import SFT_KEYS
 from rlhf_jax.train.data import device_batch
-from rlhf_jax.train.adapters import make_model, plain_model, plain_params
+from rlhf_jax.train.adapters import check_mergeable, make_model, plain_model, plain_params
 from rlhf_jax.train.recipe import Context, Recipe, Trainer, run
 from rlhf_jax.train.rl import check_rewards, policy_eval, rollout_parts
 from rlhf_jax.train.rollouts import RolloutConfig
@@ -115,6 +115,7 @@ def best_of_n_batch(arrays: dict[str, Any], rows: np.ndarray, keep: np.ndarray, 
 
 
 def _build(config: RejectionSamplingConfig, mesh):
+    check_mergeable(config)
     model = make_model(config)
     update = make_sft_step(model, config.optim, nonfinite=config.train.nonfinite)
     row_len = (config.data.max_prompt_len or config.data.row_len) + config.rollout.max_new_tokens

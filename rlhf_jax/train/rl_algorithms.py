@@ -37,6 +37,7 @@ from rlhf_jax.state import (
 from rlhf_jax.steps import make_grpo_step, make_ppo_step
 from rlhf_jax.models.lora import base_params
 from rlhf_jax.train.adapters import (
+    check_mergeable,
     lora_of,
     make_model,
     params_from_items,
@@ -69,6 +70,7 @@ class RLAlgorithm(abc.ABC):
 
     def __init__(self, config, mesh: Mesh):
         self.config, self.mesh, self.strategy = config, mesh, config.mesh.strategy
+        check_mergeable(config)
         self.policy = make_model(config)
         self.policy_tx = make_optimizer(config.optim)
         self.value: CausalLM | None = None

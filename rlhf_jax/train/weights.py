@@ -141,15 +141,9 @@ def lora_item_of(root: str, mesh=None, step: int | None = None) -> Any | None:
 
 def _quantized_base(root: str, source: CausalLM, mesh, step: int | None = None) -> dict:
     """A QLoRA checkpoint's quantized base, dequantized to `source`'s plain parameters."""
-    from rlhf_jax.models.qlora import KERNELS, QuantizedKernel, dequantize_params  # noqa: PLC0415
+    from rlhf_jax.models.qlora import dequantize_params, quantized_from_stored  # noqa: PLC0415
 
-    tree = restore_item(root, "params", mesh, step)
-    abstract = source.abstract_params()
-    for (group, name) in KERNELS:
-        stored = tree["layers"][group][name]
-        kind = "nf4" if stored["codes"].dtype == jnp.uint8 else "int8"  # packed NF4 codes, or int8 values
-        tree["layers"][group][name] = QuantizedKernel(stored["codes"], stored["scale"], stored.get("scale_scale"),
-                                                      kind, tuple(abstract["layers"][group][name].shape[1:]))
+    tree = quantized_from_stored(restore_item(root, "params", mesh, step), source.abstract_params())
     return dequantize_params(tree, source.config.jnp_param_dtype)
 
 
