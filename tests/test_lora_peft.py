@@ -14,6 +14,7 @@ from step_fixtures import FAST_COMPILE, sft_batches, single_device_mesh
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.hf import HFCheckpointError, load_hf
 from rlhf_jax.models.lora import TARGETS, LoraConfig, LoraLM
+from rlhf_jax.models.lora import base_params as base_params_of
 from rlhf_jax.models.lora_peft import ADAPTER_CONFIG, load_peft, save_peft
 from rlhf_jax.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.state import train_state_from_params
@@ -124,3 +125,30 @@ def test_bad_adapters_name_the_tensor_and_both_shapes(case, tmp_path):
     (path / ADAPTER_CONFIG).write_text(json.dumps({**raw, "use_dora": True}))
     with pytest.raises(HFCheckpointError, match=r"use_dora=True is not supported"):
         load_peft(path, case.config)
+
+
+def test_reward_model_adapters_and_score_head_load_into_peft_seq_cls(tmp_path):
+    """A scalar-head model's adapters plus its trained score head: PEFT's SEQ_CLS adapter (score as a
+    module to save) on `AutoModelForSequenceClassification` gives our reward within 1e-4."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from rlhf_jax.models.hf import save_hf
+    from rlhf_jax.testing import tiny_config
+
+    config = tiny_config()
+    lm = LoraLM(CausalLM(config, head="scalar"), LoraConfig(rank=4, targets=("q", "v", "up", "down", "embed")))
+    params = lm.init(jax.random.key(0))
+    params["lora"] = jax.tree.map(lambda x: 0.2 * jax.random.normal(jax.random.key(x.size), x.shape), params["lora"])
+    params["score"] = params["score"] + 0.3  # trained beside the adapters
+    save_hf(tmp_path / "base", config, CausalLM(config, head="scalar").init(jax.random.key(0)))
+    save_peft(tmp_path / "adapters", config, lm.lora, params["lora"], head_params={"score": params["score"]})
+    model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base").eval(),
+        tmp_path / "adapters").eval()
+    tokens = TOKENS[:1]  # transformers' sequence classifier needs a pad id for batches > 1
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(tokens)).logits[:, 0].numpy()
+    ours = np.asarray(lm.forward(params, tokens).values)[:, -1]
+    base = np.asarray(CausalLM(config, head="scalar").forward(base_params_of(params), tokens).values)[:, -1]
+    assert abs(float(ref[0]) - float(ours[0])) <= 1e-4 and abs(float(ours[0]) - float(base[0])) > 1e-2
