@@ -335,10 +335,28 @@ def parse_assignment(assignment: str) -> tuple[str, str]:
     return key, value
 
 
+def _unset_section(parent: Any, name: str, value: Any) -> Any:
+    """The default instance of an optional section left None (`lora: LoraConfig | None = None`), so
+    that setting one of its keys turns it on; otherwise `value` unchanged."""
+    if value is not None or parent is None:
+        return value
+    args = get_args(_hints(type(parent))[name])
+    sections = [a for a in args if dataclasses.is_dataclass(a)]
+    if type(None) in args and len(sections) == 1:
+        try:
+            return sections[0]()
+        except TypeError:  # a section without defaults for every field stays unset
+            return value
+    return value
+
+
 def _field_type(config: Any, parts: list[str], *, key: str, assignment: str) -> tuple[Any, Any, dataclasses.Field]:
-    """(annotated type, current value, field) at `parts`; ConfigError for an unknown key."""
+    """(annotated type, current value, field) at `parts`; ConfigError for an unknown key. An optional
+    section left None is entered as its default instance (`--set lora.rank=16` turns LoRA on)."""
     node, parent = config, None
     for i, name in enumerate(parts):
+        if i > 0:
+            node = _unset_section(parent, parts[i - 1], node)
         if not _is_section(node):
             grand = ".".join(parts[: i - 1])
             raise ConfigError(
@@ -368,7 +386,7 @@ def _apply(node: Any, changes: dict[tuple[str, ...], tuple[Any, str]]) -> Any:
         else:
             nested.setdefault(path[0], {})[path[1:]] = change
     for name, sub in nested.items():
-        updates[name] = _apply(getattr(node, name), sub)
+        updates[name] = _apply(_unset_section(node, name, getattr(node, name)), sub)
     try:
         return dataclasses.replace(node, **updates)
     except (ValueError, TypeError) as e:

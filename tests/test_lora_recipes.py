@@ -185,3 +185,17 @@ def test_real_size_lora_config_plans_under_the_acceptance():
             assert config.lora.rank == 16 and model.num_trainable_params() == 41_943_040
     assert state["lora"] <= 0.3 * state["full"]          # 2.20 vs 14.96 GiB: 0.15x
     assert state["qlora_base"] <= 0.35 * state["lora_base"]  # 0.53 vs 1.87 GiB: 0.28x
+
+
+def test_setting_a_lora_key_turns_lora_on_from_the_command_line():
+    from rlhf_jax.config import ConfigError, override
+
+    config = tiny.sft_tiny()
+    assert config.lora is None
+    on = override(config, ["lora.rank=8", "lora.targets=q,v", "lora.quantize=nf4"])
+    assert on.lora == LoraConfig(rank=8, targets=("q", "v"), quantize="nf4")
+    assert override(on, ["lora=none"]).lora is None
+    with pytest.raises(ConfigError, match=r"lora.rank must be a positive int, got 0"):
+        override(config, ["lora.rank=0"])
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.rnk'"):
+        override(config, ["lora.rnk=3"])
