@@ -18,7 +18,8 @@ from rlhf_jax.models import ModelConfig
 from rlhf_jax.train.run_config import DataConfig
 
 __all__ = ["RunData", "load_run_data", "make_tokenizer", "load_split", "train_batches", "eval_batches",
-           "batches_from", "device_batch", "check_vocab"]
+           "batches_from", "device_batch", "check_vocab",
+           "one_pass"]
 
 _EVAL_SEED_OFFSET = 1_000_003
 
@@ -76,10 +77,15 @@ def train_batches(dataset: TokenizedDataset, data: DataConfig) -> BatchIterator:
     return BatchIterator(dataset, _batch_config(data))
 
 
+def one_pass(dataset: TokenizedDataset, data: DataConfig) -> BatchIterator:
+    """One unshuffled pass over `dataset` in `data`'s batches (the last one padded, rows masked)."""
+    return BatchIterator(dataset, _batch_config(data, shuffle=False, num_epochs=1))
+
+
 def eval_batches(dataset: TokenizedDataset, data: DataConfig, *, max_batches: int) -> list[dict]:
     """The first `max_batches` held-out batches in dataset order (one pass; padding rows masked)."""
     out = []
-    for batch in BatchIterator(dataset, _batch_config(data, shuffle=False, num_epochs=1)):
+    for batch in one_pass(dataset, data):
         out.append(batch)
         if len(out) == max_batches:
             break

@@ -42,8 +42,9 @@ from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig, default_prom
 from rlhf_jax.steps import DPO, KTO, ORPO, SimPO, make_dpo_loss, make_dpo_step, make_reference_logps_fn
 from rlhf_jax.steps.preference import dpo_batch_keys
 from rlhf_jax.steps.sequences import causal_targets
-from rlhf_jax.data import BatchConfig, BatchIterator
-from rlhf_jax.train.data import device_batch, eval_batches, load_split
+from rlhf_jax.distributed import gather_rows
+from rlhf_jax.sharding import local_rows
+from rlhf_jax.train.data import device_batch, eval_batches, load_split, one_pass
 from rlhf_jax.train.evals import make_policy_eval, make_weighted_eval
 from rlhf_jax.models.lora import base_params
 from rlhf_jax.train.adapters import (
@@ -182,18 +183,18 @@ def precompute_reference(ref_fn, reference, dataset, config: DPOConfig, *, mesh)
     """The reference's summed log-probs of every example of `dataset`: `{key: f32[num_examples]}`.
 
     One unshuffled pass in training-sized batches; each slot's value goes to the dataset index
-    the batch iterator put there (`BatchIterator.last_rows`), so any later batch can gather them.
+    the batch iterator put there (`BatchIterator.last_global_rows`), so any later batch can gather
+    them. In a multi-process run every process gets the whole table (its training batches hold
+    other examples than the ones it collated in this pass).
     """
-    it = BatchIterator(dataset, BatchConfig(batch_size=config.data.batch_size, seq_len=config.data.row_len,
-                                            pack=config.data.pack, max_segments=config.data.max_segments,
-                                            shuffle=False, num_epochs=1))
+    it = one_pass(dataset, config.data)
     out: dict[str, np.ndarray] = {}
     for batch in it:
-        values = jax.device_get(ref_fn(reference, device_batch(batch, mesh, config.mesh.strategy)))
+        values = ref_fn(reference, device_batch(batch, mesh, config.mesh.strategy))
         for key, v in values.items():
             table = out.setdefault(key, np.zeros(len(dataset), np.float32))
-            v = np.asarray(v).reshape(len(it.last_rows), -1)
-            for b, row in enumerate(it.last_rows):
+            v = gather_rows(local_rows(v)).reshape(len(it.last_global_rows), -1)
+            for b, row in enumerate(it.last_global_rows):
                 table[row] = v[b, :len(row)]
     return out
 
