@@ -13,7 +13,9 @@ problem. Four kinds exist, each accepting the layouts TRL documents:
 - `"unpaired"` (KTO): `{"prompt", "completion", "label"}`; `label` is a bool (also 0/1 or the strings
   "true"/"false", as CSV files store it).
 - `"prompt"` (online RL): `{"prompt", ...}`; every other column (e.g. `answer`) is kept as is and
-  reaches the reward functions.
+  reaches the reward functions. Without a `prompt` column, GSM8K's `{"question", "answer"}` (answer:
+  a solution ending in "#### 42") and MATH's `{"problem", "solution"}` (a `\\boxed{}` answer) are
+  read with `question` / `problem` as the prompt: the reward "math" checks against either column.
 
 A string prompt with message-list completions is read as one user message. Messages are
 `{"role", "content"}` objects with a role from `roles` and string content; other keys are kept.
@@ -334,15 +336,19 @@ def _parse_unpaired(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -
     return UnpairedExample(sequence, _label(row["label"], ref))
 
 
+_PROMPT_COLUMNS = ("prompt", "question", "problem")  # ours/TRL's, GSM8K's, MATH's
+
+
 def _parse_prompt(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> PromptExample:
-    _require(row, ref, "prompt")
-    prompt = row["prompt"]
+    column = next((c for c in _PROMPT_COLUMNS if isinstance(row, Mapping) and c in row), "prompt")
+    _require(row, ref, column)
+    prompt = row[column]
     if isinstance(prompt, str):
-        sequence: SequenceSpec = Plain(_text(prompt, ref, "prompt"), None)
+        sequence: SequenceSpec = Plain(_text(prompt, ref, column), None)
     else:
-        messages = _messages(prompt, ref, "prompt", roles)
+        messages = _messages(prompt, ref, column, roles)
         sequence = Chat(messages, len(messages))
-    return PromptExample(sequence, {k: v for k, v in row.items() if k != "prompt"})
+    return PromptExample(sequence, {k: v for k, v in row.items() if k != column})
 
 
 _PARSERS = {

@@ -7,9 +7,11 @@ from rlhf_jax.rewards.base import (
     RewardInputs,
     RewardResult,
     RewardSource,
+    ScoredRewards,
     combine_rewards,
     reward_metrics,
 )
+from rlhf_jax.rewards.math_answers import MathReward, math_equal, math_reward
 from rlhf_jax.rewards.model import RewardModelReward, check_same_vocabulary
 from rlhf_jax.rewards.verifiable import (
     even_fraction_reward,
@@ -20,6 +22,7 @@ from rlhf_jax.rewards.verifiable import (
 )
 
 __all__ = [
+    "MathReward",
     "OnError",
     "PythonReward",
     "RewardFunctionError",
@@ -27,11 +30,14 @@ __all__ = [
     "RewardModelReward",
     "RewardResult",
     "RewardSource",
+    "ScoredRewards",
     "check_same_vocabulary",
     "combine_rewards",
     "even_fraction_reward",
     "exact_match",
     "format_reward",
+    "math_equal",
+    "math_reward",
     "missing_eos_penalty",
     "overlong_penalty",
     "reward_metrics",

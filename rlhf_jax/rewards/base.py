@@ -17,13 +17,18 @@ non-finite value either stops the run with an error naming the source and the sa
 `on_error="penalty"`, gives the offending samples `error_penalty` and counts them
 (`rewards/{name}/num_errors`). When a batched call raises in penalty mode, the source is re-run one
 sample at a time to find the samples at fault.
+
+A source that guards its own samples (e.g. `rlhf_jax.rewards.math_answers.MathReward`, whose
+checker can raise or time out on one completion) scores those samples as failures itself and returns
+`ScoredRewards(rewards, counts)`; its counts are logged as `rewards/{name}/{key}` (e.g.
+`rewards/math/failures`, `rewards/math/timeouts`) and never stop the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, NamedTuple, Protocol, get_args
 
 import numpy as np
 
@@ -32,6 +37,7 @@ __all__ = [
     "RewardSource",
     "PythonReward",
     "RewardResult",
+    "ScoredRewards",
     "RewardFunctionError",
     "OnError",
     "combine_rewards",
@@ -170,6 +176,19 @@ class PythonReward:
         )
 
 
+class ScoredRewards(NamedTuple):
+    """What a self-guarding source returns: its rewards and the counts it reports for this batch.
+
+    Attributes:
+      rewards: one float per completion.
+      counts: counter name -> count (e.g. `{"failures": 2, "timeouts": 1}`), logged as
+        `rewards/{source name}/{counter name}`, summed over sampling rounds and processes.
+    """
+
+    rewards: Sequence[float] | np.ndarray
+    counts: Mapping[str, int]
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardResult:
     """Rewards of one batch.
@@ -178,11 +197,24 @@ class RewardResult:
       total: float32 `[N]` weighted sum over sources.
       per_source: name -> float32 `[N]` unweighted rewards of that source (penalties included).
       num_errors: name -> number of samples that got `error_penalty` from that source.
+      counts: metric name (`rewards/{name}/{counter}`) -> count, from sources returning
+        `ScoredRewards`.
     """
 
     total: np.ndarray
     per_source: dict[str, np.ndarray]
     num_errors: dict[str, int]
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _counted(name: str, raw: Any, counts: dict[str, int]) -> Any:
+    """The rewards of a source's output; a `ScoredRewards`' counts are added to `counts`."""
+    if isinstance(raw, ScoredRewards):
+        for key, value in raw.counts.items():
+            metric = f"rewards/{name}/{key}"
+            counts[metric] = counts.get(metric, 0) + int(value)
+        return raw.rewards
+    return raw
 
 
 def _as_rewards(name: str, raw: Any, n: int) -> np.ndarray:
@@ -207,11 +239,12 @@ def _as_rewards(name: str, raw: Any, n: int) -> np.ndarray:
     return out
 
 
-def _call_source(source: RewardSource, inputs: RewardInputs, on_error: OnError) -> tuple[np.ndarray, np.ndarray]:
+def _call_source(source: RewardSource, inputs: RewardInputs, on_error: OnError,
+                 counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """Rewards of one source and a bool mask of samples at fault (NaN where at fault)."""
     n = len(inputs)
     try:
-        rewards = _as_rewards(source.name, source(inputs), n)
+        rewards = _as_rewards(source.name, _counted(source.name, source(inputs), counts), n)
     except RewardFunctionError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of user code is reported with its name.
@@ -221,7 +254,7 @@ def _call_source(source: RewardSource, inputs: RewardInputs, on_error: OnError) 
             ) from e
         rewards = np.empty(n, np.float64)
         for i in range(n):
-            rewards[i] = _call_one(source, inputs, i)
+            rewards[i] = _call_one(source, inputs, i, counts)
     bad = ~np.isfinite(rewards)
     if bad.any() and on_error == "raise":
         i = int(np.flatnonzero(bad)[0])
@@ -233,10 +266,10 @@ def _call_source(source: RewardSource, inputs: RewardInputs, on_error: OnError) 
     return rewards, bad
 
 
-def _call_one(source: RewardSource, inputs: RewardInputs, i: int) -> float:
+def _call_one(source: RewardSource, inputs: RewardInputs, i: int, counts: dict[str, int]) -> float:
     """Re-run a source on sample `i` alone; NaN where it raises or returns a bad value."""
     try:
-        return float(_as_rewards(source.name, source(inputs.select([i])), 1)[0])
+        return float(_as_rewards(source.name, _counted(source.name, source(inputs.select([i])), counts), 1)[0])
     except Exception:  # noqa: BLE001 - the sample is at fault; it gets the penalty.
         return np.nan
 
@@ -281,14 +314,14 @@ def combine_rewards(
     if not np.isfinite(error_penalty):
         raise ValueError(f"combine_rewards: error_penalty must be finite, got {error_penalty}")
     total = np.zeros(len(inputs), np.float64)
-    per_source, num_errors = {}, {}
+    per_source, num_errors, counts = {}, {}, {}
     for source, weight in zip(sources, weights):
-        rewards, bad = _call_source(source, inputs, on_error)
+        rewards, bad = _call_source(source, inputs, on_error, counts)
         rewards = np.where(bad, error_penalty, rewards)
         per_source[source.name] = rewards.astype(np.float32)
         num_errors[source.name] = int(bad.sum())
         total += float(weight) * rewards
-    return RewardResult(total.astype(np.float32), per_source, num_errors)
+    return RewardResult(total.astype(np.float32), per_source, num_errors, counts)
 
 
 def reward_metrics(result: RewardResult, *, group_size: int = 1) -> dict[str, float]:
@@ -298,7 +331,8 @@ def reward_metrics(result: RewardResult, *, group_size: int = 1) -> dict[str, fl
     `reward_std` is the mean within-group standard deviation and `frac_reward_zero_std` the fraction
     of groups whose rewards are all equal (no learning signal for group estimators); with
     `group_size == 1`, `reward_std` is the batch standard deviation. Per source:
-    `rewards/{name}/mean`, `rewards/{name}/std`, `rewards/{name}/num_errors`.
+    `rewards/{name}/mean`, `rewards/{name}/std`, `rewards/{name}/num_errors`, and the counts of
+    sources returning `ScoredRewards` (`rewards/{name}/{counter}`).
     """
     total = result.total.astype(np.float64)
     metrics = {"reward": float(total.mean())}
@@ -314,4 +348,5 @@ def reward_metrics(result: RewardResult, *, group_size: int = 1) -> dict[str, fl
         metrics[f"rewards/{name}/mean"] = float(r.mean())
         metrics[f"rewards/{name}/std"] = float(r.std())
         metrics[f"rewards/{name}/num_errors"] = float(result.num_errors[name])
+    metrics.update({key: float(value) for key, value in result.counts.items()})
     return metrics

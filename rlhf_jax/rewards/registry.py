@@ -16,6 +16,7 @@ from typing import Any
 
 from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.rewards.base import OnError, PythonReward, RewardSource
+from rlhf_jax.rewards.math_answers import MathReward, answer_format, think_answer_format
 from rlhf_jax.rewards.verifiable import even_fraction_reward, missing_eos_penalty, overlong_penalty
 
 __all__ = ["RewardConfig", "RewardContext", "REWARD_FUNCTIONS", "register_reward", "resolve_import",
@@ -31,7 +32,10 @@ class RewardConfig:
         task's grader: arithmetic exact match, or the vowel task's gold reward), "reward_model"
         (the scalar-head model at `reward_model`), "missing_eos" (`-missing_eos_penalty` without
         EOS), "overlong" (DAPO's soft overlong punishment, buffer `overlong_buffer`),
-        "even_fraction" (the W4 benchmark reward) — or an import path `package.module:function`.
+        "even_fraction" (the W4 benchmark reward), "math" (final-answer equivalence with math-verify
+        against the prompts' `answer` or `solution` column: bare, GSM8K "#### x" or MATH `\\boxed{}`;
+        see `rlhf_jax.rewards.math_answers`), "think_format" (`<think>...</think><answer>...</answer>`),
+        "answer_format" (states a final answer) — or an import path `package.module:function`.
         Ignored when the driver is given `reward_sources`.
       weights: one weight per function (empty: all 1).
       reward_model: a reward-model checkpoint (`runs/<rm>/checkpoints`) or Hugging Face directory.
@@ -40,6 +44,8 @@ class RewardConfig:
       overlong_buffer: the "overlong" linear zone `L_buf` (`L_max` = `rollout.max_new_tokens`).
       on_error: "raise" on a failing reward function, or "penalty" (give `error_penalty`, count).
       error_penalty: the reward of a failing sample in penalty mode.
+      math_timeout_s: the "math" checker's seconds per parse / comparison; a sample past it scores 0
+        and is counted (`rewards/math/timeouts`).
     """
 
     functions: tuple[str, ...] = ("task",)
@@ -50,6 +56,7 @@ class RewardConfig:
     overlong_buffer: int = 4
     on_error: OnError = "raise"
     error_penalty: float = 0.0
+    math_timeout_s: int = 5
 
     def __post_init__(self):
         unknown = [f for f in self.functions if f not in REWARD_FUNCTIONS and ":" not in f]
@@ -63,6 +70,9 @@ class RewardConfig:
         if not isinstance(self.reward_model_batch_size, int) or self.reward_model_batch_size < 1:
             raise ConfigError(f"rewards.reward_model_batch_size must be a positive int, got "
                               f"{self.reward_model_batch_size!r}")
+        if not isinstance(self.math_timeout_s, int) or isinstance(self.math_timeout_s, bool) \
+                or self.math_timeout_s < 1:
+            raise ConfigError(f"rewards.math_timeout_s must be a positive int (seconds), got {self.math_timeout_s!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +112,9 @@ REWARD_FUNCTIONS: dict[str, Callable[[RewardContext], RewardSource]] = {
     "missing_eos": lambda ctx: missing_eos_penalty(ctx.rewards.missing_eos_penalty),
     "overlong": lambda ctx: overlong_penalty(max_length=ctx.max_new_tokens, buffer_length=ctx.rewards.overlong_buffer),
     "even_fraction": lambda ctx: PythonReward(even_fraction_reward),
+    "math": lambda ctx: MathReward(timeout_s=ctx.rewards.math_timeout_s),
+    "think_format": lambda ctx: PythonReward(think_answer_format, "think_format"),
+    "answer_format": lambda ctx: PythonReward(answer_format, "answer_format"),
 }
 
 
@@ -117,10 +130,13 @@ def register_reward(name: str, builder: Callable[[RewardContext], RewardSource])
 def resolve_import(path: str, *, key: str = "rewards.functions") -> Callable[..., Any]:
     """The function named by `package.module:function` (ConfigError naming the key when it does not resolve)."""
     module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{key}: {path!r} is not an import path 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"{key}: cannot import module {module_name!r} of {path!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - ImportError, or the module's own error on import
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise ConfigError(f"{key}: cannot import module {module_name!r} of {path!r}: {reason}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"{key}: {module_name!r} has no function {attr!r} (from {path!r})")

@@ -38,7 +38,7 @@ from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.models import CausalLM
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rewards import PythonReward, RewardModelReward, RewardSource
-from rlhf_jax.rewards.registry import RewardConfig, RewardContext, build_rewards
+from rlhf_jax.rewards.registry import REWARD_FUNCTIONS, RewardConfig, RewardContext, build_rewards, resolve_import
 from rlhf_jax.rollout import completion_logprobs
 from rlhf_jax.sampling import Sampler, default_prompt_buckets
 from rlhf_jax.steps import GRPOConfig, PPOConfig
@@ -128,6 +128,9 @@ def _check_rl(config) -> None:
 def check_rewards(config, hooks: Mapping[str, Any]) -> None:
     """Checks that need the run's hooks (given reward sources replace the configured ones)."""
     builtin = hooks.get("reward_sources") is None
+    for path in config.rewards.functions if builtin else ():
+        if path not in REWARD_FUNCTIONS:
+            resolve_import(path)  # a path that does not resolve stops the run before any model is built
     if builtin and "reward_model" in config.rewards.functions and not config.rewards.reward_model:
         raise ConfigError("rewards.functions includes 'reward_model' but rewards.reward_model is not set")
     value = getattr(config, "value", None)
@@ -224,7 +227,8 @@ def _ptx_batches(config, data, extras):
 def _trainer(ctx: Context) -> Trainer:
     config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
     algorithm: RLAlgorithm = ctx.program.parts["algorithm"]
-    collector, gold = rollout_parts(config, ctx.data, mesh, algorithm.sampling_model, algorithm.group_size, ctx.hooks)
+    parts = ctx.hooks.get("rollout_parts", rollout_parts)  # a recipe may bring its own collector (agentic)
+    collector, gold = parts(config, ctx.data, mesh, algorithm.sampling_model, algorithm.group_size, ctx.hooks)
     sampler, step = collector.sampler, ctx.program.step
     ref_logps = _reference_logps(algorithm.reference_model, config.algorithm)
     batches = batches_from(train_batches(ctx.data.train, config.data), ctx.extras)

@@ -200,12 +200,15 @@ class RolloutCollector:
         per_source = {name: np.concatenate([results[k].per_source[name][idx] for k, idx in rows])
                       for name in results[0].per_source}
         errors = {name: sum(res.num_errors[name] for res in results) for name in results[0].num_errors}
-        result = type(results[0])(total.astype(np.float32), per_source, errors)
+        reported = {k: sum(res.counts.get(k, 0) for res in results)  # sources' own counters (ScoredRewards)
+                    for k in sorted({k for res in results for k in res.counts})}
+        result = type(results[0])(total.astype(np.float32), per_source, errors, reported)
         # The logged metrics are the global batch's (each process scored its own prompts' groups).
-        counts = sum_over_processes([zero_std_groups, generated_groups, *errors.values(),
+        counts = sum_over_processes([zero_std_groups, generated_groups, *errors.values(), *reported.values(),
                                      sum(np.sum(p["lengths"]) for p in parts)])
+        summed = [int(c) for c in counts[2:-1]]
         everywhere = type(result)(gather_rows(result.total), {k: gather_rows(v) for k, v in per_source.items()},
-                                  dict(zip(errors, (int(c) for c in counts[2:-1]))))
+                                  dict(zip(errors, summed[:len(errors)])), dict(zip(reported, summed[len(errors):])))
         metrics = reward_metrics(everywhere, group_size=g)
         metrics["frac_reward_zero_std"] = float(counts[0]) / max(float(counts[1]), 1.0)
         metrics["completions/mean_length"] = float(np.mean(gather_rows(merged["lengths"])))

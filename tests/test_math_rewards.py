@@ -1,0 +1,211 @@
+"""The math checker (reward "math"), format rewards, GSM8K/MATH prompt rows, reward import paths.
+
+The equivalence table pins what `math_equal` accepts and rejects: GSM8K "#### x" solutions, MATH
+`\\boxed{}` solutions, fractions, decimals, LaTeX `\\frac`/`\\dfrac`, units and `\\text{}` stripped,
+symbolic equality, and wrong answers (off by one, swapped fraction, wrong sign, no answer).
+"""
+
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from rlhf_jax.config import ConfigError
+from rlhf_jax.data import formats
+from rlhf_jax.rewards import RewardInputs, ScoredRewards, combine_rewards, reward_metrics
+from rlhf_jax.rewards import math_answers as ma
+from rlhf_jax.rewards.registry import RewardConfig, RewardContext, build_rewards, resolve_import
+
+# (reference column, completion, equal?)
+EQUIVALENCE = [
+    # final-answer extraction
+    ("42", "The answer is 42.", True),
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "She sold 72 clips in all. #### 72", True),
+    ("#### 1,000", "1000", True),
+    ("#### 1,000", "So the total is\n#### 1000", True),
+    ("18", "#### 18\nCheck: 19", True),
+    ("3", "the final answer is $3$", True),
+    ("7", "2+5=7", True),
+    ("12", "$12$ apples", True),
+    ("The solution ... so it is \\boxed{\\frac{\\sqrt{2}}{2}}.", "\\boxed{\\frac{1}{\\sqrt{2}}}", True),
+    ("6", "\\boxed{\\frac{12}{2}}", True),
+    # fractions and decimals
+    ("\\frac{1}{2}", "0.5", True),
+    ("\\frac{1}{2}", "$\\frac12$", True),
+    ("\\frac{1}{2}", "\\boxed{\\dfrac{1}{2}}", True),
+    ("0.25", "\\boxed{1/4}", True),
+    ("1/3", "\\boxed{\\frac{1}{3}}", True),
+    ("3/4", "0.75", True),
+    ("1.5", "\\boxed{\\frac{3}{2}}", True),
+    ("10", "10.0", True),
+    ("-2", "\\boxed{-2}", True),
+    # units, currency, percent
+    ("10", "10.00 dollars", True),
+    ("5", "\\boxed{5 \\text{ cm}}", True),
+    ("5", "\\boxed{5\\text{ meters}}", True),
+    ("\\$18", "\\boxed{18}", True),
+    ("50\\%", "\\boxed{50\\%}", True),
+    # symbolic
+    ("x+1", "\\boxed{1+x}", True),
+    ("2x", "\\boxed{x\\cdot 2}", True),
+    ("\\sqrt{8}", "\\boxed{2\\sqrt{2}}", True),
+    ("\\pi", "\\boxed{\\pi}", True),
+    ("(1,2)", "\\boxed{(1, 2)}", True),
+    ("2^{10}", "\\boxed{1024}", True),
+    # wrong answers rejected
+    ("42", "The answer is 43.", False),
+    ("\\frac{1}{2}", "\\boxed{\\frac{1}{3}}", False),
+    ("0.5", "0.51", False),
+    ("#### 72", "#### 27", False),
+    ("x+1", "\\boxed{x-1}", False),
+    ("5", "\\boxed{-5}", False),
+    ("3/4", "\\boxed{4/3}", False),
+    ("10", "I don't know", False),
+    ("12", "", False),
+    ("\\sqrt{2}", "\\boxed{2}", False),
+    ("7", "\\boxed{7} but wait, \\boxed{8}", False),
+    ("100", "10", False),
+]
+
+
+def test_the_table_has_forty_cases_both_ways():
+    assert len(EQUIVALENCE) >= 40
+    assert sum(not want for *_, want in EQUIVALENCE) >= 10
+
+
+@pytest.mark.parametrize("gold,completion,want", EQUIVALENCE, ids=[f"{i}" for i in range(len(EQUIVALENCE))])
+def test_math_equal_table(gold, completion, want):
+    assert ma.math_equal(gold, completion) is want
+
+
+def test_gold_and_final_answer_extraction():
+    assert ma.gold_answer("Janet ... 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\n#### 1,234") == "1234"
+    assert ma.gold_answer("so $x = \\boxed{\\frac{a}{\\sqrt{b}}}$.") == "\\frac{a}{\\sqrt{b}}"
+    assert ma.gold_answer("  7 ") == "7"
+    assert ma.last_boxed("\\boxed{1} and \\fbox{{2}}") == "{2}"
+    assert ma.last_boxed("\\boxed{unclosed") is None
+    assert ma.final_answer("work #### 5\nmore") == "5"
+    assert ma.extract_answer("so the answer is 12.") == "12"
+    assert ma.extract_answer("Answer: $3/4$") == "3/4"
+    assert ma.extract_answer("#### 8") == "8"
+    assert ma.extract_answer("I think 5 maybe") is None
+
+
+def test_format_rewards():
+    texts = ["<think>2+2</think> <answer>4</answer>", "<answer>4</answer>", "<think>a</think><answer>4</answer> extra",
+             "\\boxed{4}", "#### 4", "the answer is 4", "four"]
+    assert ma.think_answer_format(texts) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert ma.answer_format(texts) == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def _inputs(completions, **columns):
+    n = len(completions)
+    return RewardInputs(prompt_tokens=np.ones((n, 2), np.int32), prompt_lengths=np.full(n, 2, np.int32),
+                        completion_tokens=np.ones((n, 3), np.int32), completion_mask=np.ones((n, 3), bool),
+                        truncated=np.zeros(n, bool), completions=completions, columns=columns)
+
+
+def test_failing_and_timed_out_samples_score_zero_and_are_counted(monkeypatch):
+    import math_verify
+
+    real = ma._Checker.equal
+
+    def flaky(self, gold, prediction):
+        if "slow" in prediction:
+            raise math_verify.errors.TimeoutException("Operation timed out!")
+        if "boom" in prediction:
+            raise RecursionError("sympy blew up")
+        return real(self, gold, prediction)
+
+    monkeypatch.setattr(ma._Checker, "equal", flaky)
+    inputs = _inputs(["#### 4", "slow 4", "boom 4", "#### 5"], answer=["4", "4", "4", "4"])
+    out = ma.MathReward()(inputs)
+    assert isinstance(out, ScoredRewards)
+    assert out.rewards == [1.0, 0.0, 0.0, 0.0] and out.counts == {"failures": 1, "timeouts": 1}
+    # Through the combination, in the default on_error="raise" mode: the run goes on, counts logged.
+    result = combine_rewards([ma.MathReward()], inputs)
+    np.testing.assert_array_equal(result.total, [1, 0, 0, 0])
+    metrics = reward_metrics(result)
+    assert metrics["rewards/math/failures"] == 1 and metrics["rewards/math/timeouts"] == 1
+    assert metrics["rewards/math/num_errors"] == 0 and metrics["rewards/math/mean"] == 0.25
+
+
+def test_math_verify_timeout_is_a_counted_timeout(monkeypatch):
+    import time
+
+    import math_verify.parser
+
+    real = math_verify.parser.extract_target_from_pred
+
+    def hang(pred, *args, **kwargs):
+        if "hang" in pred:
+            time.sleep(3)
+        return real(pred, *args, **kwargs)
+
+    monkeypatch.setattr(math_verify.parser, "extract_target_from_pred", hang)
+    out = ma.MathReward(timeout_s=1)(_inputs(["hang"], answer=["4"]))
+    assert out.rewards == [0.0] and out.counts == {"failures": 0, "timeouts": 1}
+
+
+def test_reference_columns_and_missing_column():
+    reward = ma.MathReward()
+    assert reward(_inputs(["\\boxed{2}"], solution=["$1+1=\\boxed{2}$"])).rewards == [1.0]
+    assert ma.math_reward(["#### 3"], answer=["#### 3"]) == [1.0]
+    with pytest.raises(KeyError, match=r"math: the prompts have none of the answer columns \['answer', 'solution'\]"):
+        reward(_inputs(["1"], gold=["1"]))
+    with pytest.raises(KeyError, match="no column 'gold'"):
+        ma.MathReward(column="gold")(_inputs(["1"], answer=["1"]))
+    with pytest.raises(ValueError, match="timeout_s"):
+        ma.MathReward(timeout_s=0.5)
+
+
+def test_missing_math_verify_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    with pytest.raises(ImportError, match=re.escape("pip install 'rlhf_jax[math]'")):
+        ma.math_equal("1", "1")
+
+
+def test_rewards_by_name_and_by_import_path():
+    config = RewardConfig(functions=("math", "think_format", "answer_format", "rlhf_jax.rewards.math_answers:math_reward"))
+    sources, weights = build_rewards(RewardContext(config, 16))
+    assert [s.name for s in sources] == ["math", "think_format", "answer_format", "math_reward"]
+    result = combine_rewards(sources, _inputs(["<think>1+1</think><answer>\\boxed{2}</answer>", "3"], answer=["2", "2"]))
+    np.testing.assert_array_equal(result.per_source["math"], [1, 0])
+    np.testing.assert_array_equal(result.per_source["think_format"], [1, 0])
+    np.testing.assert_array_equal(result.per_source["answer_format"], [1, 0])
+    np.testing.assert_array_equal(result.per_source["math_reward"], [1, 0])
+    with pytest.raises(ConfigError, match="math_timeout_s"):
+        RewardConfig(functions=("math",), math_timeout_s=0)
+
+
+@pytest.mark.parametrize("path,message", [
+    ("no_such_module_xyz:fn", "rewards.functions: cannot import module 'no_such_module_xyz' of 'no_such_module_xyz:fn'"),
+    ("rlhf_jax.rewards.math_answers:nope", "rewards.functions: 'rlhf_jax.rewards.math_answers' has no function 'nope'"),
+    ("rlhf_jax.rewards:", "rewards.functions: 'rlhf_jax.rewards:' is not an import path"),
+])
+def test_bad_import_path_is_one_line_naming_the_key(path, message):
+    with pytest.raises(ConfigError) as err:
+        resolve_import(path)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_bad_import_path_stops_an_rl_run_before_any_model():
+    from rlhf_jax.train import rl
+    from rlhf_jax.train.run_config import DataConfig as RunData
+
+    config = rl.GRPORunConfig(name="x", rewards=RewardConfig(functions=("math", "nowhere_xyz:score")),
+                              data=RunData(train="synthetic:arithmetic", eval=None))
+    with pytest.raises(ConfigError, match="^rewards.functions: cannot import module 'nowhere_xyz'"):
+        rl.check_rewards(config, {})
+
+
+def test_gsm8k_and_math_rows_are_prompt_rows():
+    ref = formats.RowRef("data.jsonl", 3, "line")
+    gsm = formats.parse_row({"question": "Tom has 2 apples...", "answer": "2+1=3\n#### 3"}, "prompt", ref)
+    assert gsm.prompt.prompt == "Tom has 2 apples..." and gsm.columns == {"answer": "2+1=3\n#### 3"}
+    math_row = formats.parse_row({"problem": "Compute $1+1$.", "solution": "$\\boxed{2}$", "level": "Level 1"},
+                                 "prompt", ref)
+    assert math_row.prompt.prompt == "Compute $1+1$." and set(math_row.columns) == {"solution", "level"}
+    with pytest.raises(formats.DataError, match="data.jsonl.*line 3.*missing column 'prompt'"):
+        formats.parse_row({"answer": "3"}, "prompt", ref)
