@@ -18,7 +18,11 @@ What the class adds to `rlhf_jax.sampling.decode`:
   slots (with one phase the prefill's state is donated and the cache updated in place).
 - Parameter hand-off: `load_params` casts the trainer's parameters to the sampler's dtype, places
   them with the sampler's own mesh and strategy (e.g. tensor-parallel weights, data-parallel rows)
-  and splits the layers for the decode layout, all on device; `stats.handoff_seconds` times it.
+  and splits the layers for the decode layout in ONE jitted program (input shardings taken from
+  the trainer's arrays, e.g. FSDP; output shardings the sampler's; XLA inserts the collectives), no
+  host round trip; `stats.handoff_seconds` times it. Weights on another device set of the same
+  size (a disjoint sampler mesh) go through the same program on their own devices, laid out as the
+  sampler's mesh there, then one device-to-device copy of every shard (`jax.device_put`).
 - A deterministic key per call: an int seed or a PRNG key.
 
 Ready for continuous batching and a paged KV cache (not done here): the decode step already reads
@@ -129,6 +133,7 @@ class SamplerStats:
     decode_calls: int = 0
     handoffs: int = 0
     handoff_seconds: float | None = None
+    handoff_path: str | None = None  # "program", "program+copy" (other devices) or "host" (see load_params)
 
 
 class SamplerParams(NamedTuple):
@@ -246,7 +251,9 @@ class Sampler:
             return unstack_layers(jax.tree.map(lambda a: a.astype(dtype), params))
 
         handoff.__name__ = self._names[0]
+        # Input shardings come from the trainer's arrays (one compilation per trainer layout).
         self._handoff = jax.jit(handoff) if mesh is None else jax.jit(handoff, out_shardings=decode_shardings)
+        self._handoff_fn, self._decode_shardings, self._mirrors = handoff, decode_shardings, {}
 
         phases = self.cache_phases
 
@@ -344,7 +351,11 @@ class Sampler:
         """Hand the trainer's parameters to the sampler: cast, reshard and split layers, on device.
 
         Blocks until done and records the time in `stats.handoff_seconds` (the RL "weight handoff"
-        phase). The input is not modified; the result holds its own copy.
+        phase) and the route in `stats.handoff_path`: "program" (the parameters are on the
+        sampler's devices, in any layout: one compiled program), "program+copy" (on as many other
+        devices: that program there, then each output shard copied device to device) or "host"
+        (another device count: `jax.device_put` gathers through the host). The input is not
+        modified; the result holds its own copy.
 
         Args:
           params: the model's parameter dict (stacked layers), any sharding.
@@ -353,12 +364,32 @@ class Sampler:
           `SamplerParams` to pass to `generate` (raw params work too, handed off on every call).
         """
         start = time.perf_counter()
-        if self._stacked_shardings is not None:
-            params = jax.device_put(params, self._stacked_shardings)
-        tree = jax.block_until_ready(self._handoff(params))
+        path, source = "program", _device_set(params)
+        if self.mesh is None or source is None or source == set(self.mesh.devices.flat):
+            tree = self._handoff(params)  # one program: cast, reshard (collectives), split layers
+        elif len(source) == self.mesh.devices.size:
+            # Another device set of the sampler's size (e.g. the trainer's half of the devices): the
+            # same program on those devices, laid out as the sampler's mesh, then shard-to-shard copies.
+            path = "program+copy"
+            tree = jax.device_put(self._mirror_handoff(tuple(sorted(source, key=lambda d: d.id)))(params),
+                                  self._decode_shardings)
+        else:  # a device count of its own: jax.device_put reshards through the host
+            path = "host"
+            tree = self._handoff(jax.device_put(params, self._stacked_shardings))
+        tree = jax.block_until_ready(tree)
+        self.stats.handoff_path = path
         self.stats.handoffs += 1
         self.stats.handoff_seconds = time.perf_counter() - start
         return SamplerParams(tree)
+
+    def _mirror_handoff(self, devices: tuple):
+        """The hand-off program on `devices` with the sampler's shardings mapped onto them (cached)."""
+        if devices not in self._mirrors:
+            mirror = Mesh(np.asarray(devices, dtype=object).reshape(self.mesh.devices.shape), self.mesh.axis_names)
+            out = jax.tree.map(lambda s: NamedSharding(mirror, s.spec), self._decode_shardings,
+                               is_leaf=lambda x: isinstance(x, NamedSharding))
+            self._mirrors[devices] = jax.jit(self._handoff_fn, out_shardings=out)
+        return self._mirrors[devices]
 
     # ------------------------------------------------------------------------------ sampling
 
@@ -527,6 +558,13 @@ class Sampler:
             tokens[i, : row.size] = row
             lengths[i] = row.size
         return tokens, lengths, len(rows)
+
+
+def _device_set(params) -> set | None:
+    """The devices holding `params`' committed arrays (one set for all), or None (host or uncommitted data)."""
+    sets = {frozenset(a.sharding.device_set) for a in jax.tree.leaves(params)
+            if isinstance(a, jax.Array) and getattr(a, "committed", True)}
+    return set(next(iter(sets))) if len(sets) == 1 else (None if not sets else set().union(*sets))
 
 
 def _as_key(rng: int | jax.Array) -> jax.Array:
