@@ -344,14 +344,18 @@ def make_reference_logps_fn(model, *, mesh: Mesh, objective: Objective | None = 
         return {k: v[:, 0] for k, v in out.items()} if max_segments == 1 else out
 
     param_shardings = sh.param_shardings(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
-    jitted = jax.jit(lambda p, b: squeeze(fn(p, b)),
-                     in_shardings=(param_shardings, sh.batch_sharding(mesh, strategy)),
+    def traced(p, b):
+        with sh.activation_sharding(mesh, strategy):  # activations split like the batch, as in the step
+            return squeeze(fn(p, b))
+
+    jitted = jax.jit(traced, in_shardings=(param_shardings, sh.batch_sharding(mesh, strategy)),
                      out_shardings=sh.batch_sharding(mesh, strategy))
 
     def reference_logps(params, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         sh.check_batch(batch, mesh=mesh, strategy=strategy)
         return jitted(params, dict(batch))
 
+    reference_logps.program = jitted  # what `rlhf-jax compile` lowers
     return reference_logps
 
 

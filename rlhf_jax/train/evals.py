@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from rlhf_jax import sharding as sh
 from rlhf_jax.sampling import Greedy
 from rlhf_jax.distributed import sum_over_processes
 from rlhf_jax.train.data import device_batch
@@ -52,8 +53,11 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
 
     @jax.jit
     def totals(params, batch):
-        context, w = weight(batch)
-        loss, metrics = loss_fn(params, batch, context, key)
+        # Traced in the activation-sharding context, as the training step is (activations split
+        # like the batch): without it GSPMD may replicate a layer's activations on every device.
+        with sh.activation_sharding(mesh, strategy):
+            context, w = weight(batch)
+            loss, metrics = loss_fn(params, batch, context, key)
         chosen = {k: v for k, v in metrics.items() if keys is None or k in keys}
         return {"loss": loss * w, **{k: v * w for k, v in chosen.items()}}, w
 
@@ -62,6 +66,7 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
         n = max(sum(float(w) for _, w in results), 1.0)
         return {f"eval/{k}": sum(float(t[k]) for t, _ in results) / n for k in results[0][0]}
 
+    evaluate.program = totals  # the jitted `(params, device batch)` program (`rlhf-jax compile` lowers it)
     return evaluate
 
 
