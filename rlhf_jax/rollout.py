@@ -135,7 +135,7 @@ def completion_hidden(
     groups = n // group_size
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (groups, p))
     prefill = model.forward(params, prompt_tokens[::group_size], positions, cache=model.init_cache(groups, p + c),
-                            rng=rng)
+                            rng=rng, prefill=True)
     cache = jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=1), prefill.cache)  # [layers, N, ...]
     lengths = prompt_lengths.astype(jnp.int32)[:, None]
     last_prompt_token = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), lengths - 1, axis=1)

@@ -508,6 +508,19 @@ def activation_sharding(mesh: Mesh, strategy: str | Strategy):
         _ACTIVATIONS.reset(token)
 
 
+def active_batch_split(batch: int) -> tuple[Mesh, MeshAxes] | None:
+    """(mesh, batch axes) of the active `activation_sharding` context when it splits a batch of `batch`
+    rows (a kernel that XLA cannot partition, e.g. a Pallas call, then runs per shard); else None."""
+    active = _ACTIVATIONS.get()
+    if active is None:
+        return None
+    mesh, strategy = active
+    axes = _present_batch_axes(mesh, strategy)
+    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+        return None
+    return mesh, axes
+
+
 def constrain_activations(x: jax.Array, *, batch_dim: int = 0) -> jax.Array:
     """Constrain `x`'s `batch_dim` to the active strategy's batch axes (identity outside a context).
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 ModelType = Literal["llama", "mistral", "qwen2", "qwen3"]
 DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots"]
+AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "splash"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,6 +45,9 @@ class ModelConfig:
     logits, softmax statistics and RMSNorm statistics are always float32.
     `scan_layers` runs the (always stacked) layers with `lax.scan` instead of a Python loop, and
     `remat` rematerializes each layer in the backward pass ("dots" saves matmul outputs only).
+    `attention_impl` picks the attention kernel (`rlhf_jax.models.attention`): "auto" = cuDNN flash
+    attention on GPU, Splash (Pallas) on TPU, the einsum "reference" on CPU; or name one of them
+    ("xla" = `jax.nn.dot_product_attention`'s XLA path).
     """
 
     model_type: ModelType = "llama"
@@ -66,6 +70,7 @@ class ModelConfig:
     dtype: DType = "float32"
     scan_layers: bool = True
     remat: Remat = "none"
+    attention_impl: AttentionImpl = "auto"
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None  # several ids stop generation (e.g. Llama 3.1 Instruct)
@@ -76,6 +81,7 @@ class ModelConfig:
         _check_literal("param_dtype", self.param_dtype, DType)
         _check_literal("dtype", self.dtype, DType)
         _check_literal("remat", self.remat, Remat)
+        _check_literal("attention_impl", self.attention_impl, AttentionImpl)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.models import attention
 from rlhf_jax.models.config import ModelConfig
 
 _F32 = jnp.float32
@@ -222,12 +223,17 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, "head_dim", c)
             self.k_norm = RMSNorm(d, "head_dim", c)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None, adapters=None, dropout=None):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None, adapters=None, dropout=None,
+                 segment_ids=None, prefill=False):
         """x [B, T, E]; mask bool [B, T, S]; kv_cache (k, v) each [B, Hkv, S, D] or None.
 
         The cache keeps heads before slots so that attention over it is a plain batched matmul
         (batch dims b, k leading) with no per-step transpose of the cache. `adapters`: this layer's
         LoRA adapters by projection name (`q`, `k`, `v`, `o`), see `adapted_dense`.
+        `config.attention_impl` picks the kernel (`rlhf_jax.models.attention`): the einsum over
+        `mask` ("reference"), or a fused kernel from `segment_ids` (no cache, or `prefill`: an empty
+        cache filled at positions 0..T-1, so the new tokens attend only to each other), or the
+        chunked decode over the cache (a cache and T = 1).
         """
         c = self.config
         dt = c.jnp_dtype
@@ -245,6 +251,11 @@ class Attention(nnx.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
+        b, t = q.shape[:2]
+        impl = attention.resolve_impl(c.attention_impl, dt)
+        out = None
+        if impl != "reference" and (kv_cache is None or prefill):
+            out = attention.fused_attention(q, k, v, segment_ids, impl=impl, sliding_window=c.sliding_window)
         kv_axes = "bskd"
         if kv_cache is not None:
             cache_k, cache_v = kv_cache
@@ -255,14 +266,11 @@ class Attention(nnx.Module):
             k, v = cache_k.astype(dt), cache_v.astype(dt)
             kv_cache = (cache_k, cache_v)
             kv_axes = "bksd"
-
-        b, t = q.shape[:2]
-        q = q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim)
-        scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", q, k, preferred_element_type=_F32)
-        scores = scores / math.sqrt(c.head_dim)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(_F32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum(f"bkgts,{kv_axes}->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+            if out is None and impl != "reference" and t == 1:
+                out = attention.chunked_cache_attention(q, cache_k, cache_v, cache_positions,
+                                                        sliding_window=c.sliding_window)
+        if out is None:
+            out = attention.reference_attention(q, k, v, mask, kv_axes=kv_axes)
         o_proj = self.o_proj[...].astype(dt)
         return adapted_dense(out.reshape(b, t, -1), o_proj.reshape(-1, o_proj.shape[-1]),
                              _flat_adapter(adapters.get("o")), _dropout(dropout, "o")), kv_cache
@@ -298,10 +306,12 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, "embed", config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None, adapters=None, dropout=None):
-        """`adapters`: this layer's LoRA adapters by projection name; `dropout`: `(rate, key)` or None."""
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_positions=None, adapters=None, dropout=None,
+                 segment_ids=None, prefill=False):
+        """`adapters`: this layer's LoRA adapters by projection name; `dropout`: `(rate, key)` or None;
+        `segment_ids`, `prefill`: for the fused attention kernels (see `Attention`)."""
         attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_positions,
-                                       adapters, dropout)
+                                       adapters, dropout, segment_ids, prefill)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x), adapters, dropout)
         return x, kv_cache

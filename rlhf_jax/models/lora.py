@@ -284,18 +284,18 @@ class LoraLM:
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, params, tokens, positions=None, segment_ids=None, *, cache: KVCache | None = None,
-                rng=None) -> ModelOutput:
+                rng=None, prefill=False) -> ModelOutput:
         """The base forward with every adapter applied unmerged: `x·W + s·(drop(x)·A)·B`.
 
         Args:
           params: `{"base": Frozen(base params), "lora": adapters}` (and a scalar head's `score`).
-          tokens, positions, segment_ids, cache: as `CausalLM.forward`.
+          tokens, positions, segment_ids, cache, prefill: as `CausalLM.forward`.
           rng: key of the adapters' dropout (training); None (or `dropout=0`) = deterministic.
         """
         base = jax.lax.stop_gradient(base_params(params))
         dropout = (self.lora.dropout, rng) if rng is not None and self.lora.dropout > 0 else None
         return self.base.forward(base, tokens, positions, segment_ids, cache=cache,
-                                 adapters=self.scaled_adapters(params["lora"]), dropout=dropout)
+                                 adapters=self.scaled_adapters(params["lora"]), dropout=dropout, prefill=prefill)
 
     def lm_head_weight(self, params):
         """The [E, V] output projection, `W + s·A·B` when the LM head is adapted."""

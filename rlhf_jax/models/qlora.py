@@ -276,10 +276,11 @@ class QuantizedLM:
         return self.model.num_params()
 
     def forward(self, params, tokens, positions=None, segment_ids=None, *, cache: KVCache | None = None,
-                adapters=None, dropout=None, rng=None) -> ModelOutput:
+                adapters=None, dropout=None, rng=None, prefill=False) -> ModelOutput:
         dtype = self.config.jnp_param_dtype
         return self.model.forward(self._top(params), tokens, positions, segment_ids, cache=cache, adapters=adapters,
-                                  dropout=dropout, rng=rng, layer_weights=lambda p: dequantize_layer(p, dtype))
+                                  dropout=dropout, rng=rng, layer_weights=lambda p: dequantize_layer(p, dtype),
+                                  prefill=prefill)
 
     def lm_head_weight(self, params):
         return self.model.lm_head_weight(self._top(params))

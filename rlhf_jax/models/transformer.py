@@ -109,11 +109,12 @@ class Transformer(nnx.Module):
         return self.lm_head[...]
 
     def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None, adapters=None,
-                 dropout=None, layer_weights=None):
+                 dropout=None, layer_weights=None, prefill=False):
         """`adapters`: LoRA adapters applied unmerged (`rlhf_jax.models.lora`): `layers` (per projection
         name, stacked on the layer axis), `embed`, `lm_head`, each `{a, b}` with the scale in `b`;
         `dropout`: `(rate, key)` of the adapters' input dropout, or None; `layer_weights`: a function
-        of one layer's parameter state applied inside the layer loop (QLoRA's dequantization)."""
+        of one layer's parameter state applied inside the layer loop (QLoRA's dequantization); `prefill`:
+        see `CausalLM.forward`."""
         c = self.config
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
@@ -138,7 +139,7 @@ class Transformer(nnx.Module):
                 params = layer_weights(params)
             x = constrain_activations(x)  # batch-split residual stream under a step's sharding context
             x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions, ad,
-                                                   None if key is None else (rate, key))
+                                                   None if key is None else (rate, key), segment_ids, prefill)
             return x, kv
 
         if c.remat != "none":
@@ -207,7 +208,7 @@ class CausalLM:
         return nnx.merge(self.graphdef, nnx.State(params))
 
     def forward(self, params, tokens, positions=None, segment_ids=None, *, cache=None, adapters=None,
-                dropout=None, rng=None, layer_weights=None) -> ModelOutput:
+                dropout=None, rng=None, layer_weights=None, prefill=False) -> ModelOutput:
         """Run the model on right-padded `tokens` [B, T].
 
         Args:
@@ -223,6 +224,9 @@ class CausalLM:
             training losses pass it to any model, and `LoraLM` draws its adapters' dropout from it).
           layer_weights: applied to each layer's parameters inside the layer loop, e.g. QLoRA's
             dequantization (`rlhf_jax.models.qlora`), so that one layer at a time is in full precision.
+          prefill: the `cache` is empty and `positions` are 0..T-1 in every row (a prompt prefill):
+            the new tokens then attend only to each other, so a fused attention kernel runs on them
+            (`config.attention_impl`) before they are written to the cache. The result is the same.
         Returns:
           `ModelOutput(logits, values, hidden, cache)`.
         """
@@ -236,7 +240,9 @@ class CausalLM:
         if segment_ids is not None and jnp.shape(segment_ids) != tokens.shape:
             raise ValueError(f"segment_ids shape {jnp.shape(segment_ids)} != tokens shape {tokens.shape}")
         del rng
-        return self.module(params)(tokens, positions, segment_ids, cache, adapters, dropout, layer_weights)
+        if prefill and cache is None:
+            raise ValueError("prefill=True needs a cache to fill")
+        return self.module(params)(tokens, positions, segment_ids, cache, adapters, dropout, layer_weights, prefill)
 
     def lm_head_weight(self, params):
         """The [E, V] output projection, for chunked log-probs from hidden states."""

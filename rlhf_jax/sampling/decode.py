@@ -102,7 +102,7 @@ def prefill(
     total = p + max_new_tokens - 1
     cache = model.init_cache(b, total if cache_chunk is None else min(total, p + cache_chunk - 1))
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    filled = model.forward(stack_layers(params), prompt_tokens, positions, cache=cache).cache
+    filled = model.forward(stack_layers(params), prompt_tokens, positions, cache=cache, prefill=True).cache
     lengths = prompt_lengths.astype(jnp.int32)
     last = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), (lengths - 1)[:, None], axis=1)[:, 0]
     group = lambda a, axis: a if n == 1 else jnp.repeat(a, n, axis=axis)  # noqa: E731
