@@ -70,3 +70,69 @@ def test_handoff_fsdp_to_tp_is_one_program_bit_exact(lm, monkeypatch, trainer, s
                                           err_msg=jax.tree_util.keystr(name))
     # The tensor-parallel layout really differs from the trainer's: q_proj split on its output heads.
     assert out["layers"][0]["attn"]["q_proj"].sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+
+
+# ------------------------------------------------------------------------------ truncated importance weights
+
+from rlhf_jax.config import ConfigError  # noqa: E402
+from rlhf_jax.steps import grpo_config, grpo_objective  # noqa: E402
+from rlhf_jax.steps.policy_gradient import truncated_importance_weights  # noqa: E402
+from rlhf_jax.train.off_policy import OffPolicyConfig, policy_staleness  # noqa: E402
+
+OLD = np.log(np.array([[0.5, 0.9, 0.2, 0.3], [0.05, 0.6, 0.6, 0.6]], np.float32))
+SAMPLER = np.log(np.array([[0.25, 0.9, 0.4, 0.1], [0.01, 0.3, 0.9, 0.6]], np.float32))
+MASK = np.array([[True, True, True, False], [True, True, True, True]])
+
+
+def test_truncated_importance_weights_by_hand():
+    # ratios pi_old / pi_sampler: [[2, 1, 0.5, (3, masked)], [5, 2, 2/3, 1]]; truncated at C = 1.5.
+    w, metrics = truncated_importance_weights(jnp.asarray(OLD), jnp.asarray(SAMPLER), jnp.asarray(MASK), cap=1.5)
+    want = np.array([[1.5, 1.0, 0.5, 0.0], [1.5, 1.5, 2 / 3, 1.0]], np.float32)
+    np.testing.assert_allclose(np.asarray(w), want, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["tis/weight_mean"]), want.sum() / 7, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["tis/clip_frac"]), 3 / 7, rtol=1e-6)   # 2, 5 and 2 exceed C
+    np.testing.assert_allclose(float(metrics["tis/ratio_max"]), 5.0, rtol=1e-5)
+    # No gradient flows through the weights.
+    grad = jax.grad(lambda o: jnp.sum(truncated_importance_weights(o, jnp.asarray(SAMPLER), jnp.asarray(MASK),
+                                                                   cap=1.5)[0]))(jnp.asarray(OLD))
+    assert not np.any(np.asarray(grad))
+
+
+def test_grpo_objective_weights_each_tokens_policy_gradient():
+    # dapo: token-mean loss, no KL; old = current log-probs (ratio 1, unclipped), so the per-token loss
+    # is -w A and its gradient with respect to each token's log-prob is -w A / (masked tokens).
+    config = grpo_config("dapo", group_size=2, tis_cap=1.5)
+    logps, advantages = jnp.asarray(OLD), jnp.array([0.5, -2.0])
+    w = np.array([[1.5, 1.0, 0.5, 0.0], [1.5, 1.5, 2 / 3, 1.0]], np.float32)
+
+    def loss(lp):
+        return grpo_objective(lp, jax.lax.stop_gradient(lp), advantages, jnp.asarray(MASK), config=config,
+                              sampler_logps=jnp.asarray(SAMPLER))
+
+    value, metrics = loss(logps)
+    want = -(w * np.asarray(advantages)[:, None]) * MASK
+    np.testing.assert_allclose(float(value), want.sum() / 7, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda lp: loss(lp)[0])(logps)), want / 7, rtol=1e-6, atol=1e-7)
+    assert "tis/weight_mean" in metrics
+    # Without tis_cap the objective is the plain one (weights 1), the default.
+    plain, _ = grpo_objective(logps, logps, advantages, jnp.asarray(MASK), config=grpo_config("dapo", group_size=2))
+    np.testing.assert_allclose(float(plain), float(-(np.asarray(advantages)[:, None] * MASK).sum() / 7), rtol=1e-6)
+
+
+def test_tis_and_off_policy_configs_are_checked():
+    with pytest.raises(ConfigError, match="tis_cap"):
+        grpo_config("grpo", tis_cap=0.0)
+    with pytest.raises(ConfigError, match="old_logprobs"):
+        grpo_config("grpo", tis_cap=2.0, old_logprobs="sampler")
+    with pytest.raises(ConfigError, match="max_staleness"):
+        OffPolicyConfig(max_staleness=0)
+
+
+def test_policy_staleness_bound_by_hand():
+    # Step t trains the weights of version t-1; one-step off-policy it trains on rollouts of version t-2.
+    assert [policy_staleness(t - 1, max(t - 2, 0), max_staleness=1) for t in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    assert policy_staleness(7, 5, max_staleness=2) == 2
+    with pytest.raises(ValueError, match="2 updates behind.*max_staleness=1"):
+        policy_staleness(7, 5, max_staleness=1)
+    with pytest.raises(ValueError, match="newer"):
+        policy_staleness(3, 4, max_staleness=1)

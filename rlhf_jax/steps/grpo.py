@@ -239,10 +239,13 @@ def grpo_objective(
     entropy: jax.Array | None = None,
     num_tokens: jax.Array | None = None,
     num_sequences: jax.Array | None = None,
+    sampler_logps: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """The scalar loss of the GRPO family on one minibatch, from per-token arrays.
 
-    `L = aggregate(policy_loss(logps, old, A, m) + beta k(logps, ref) [loss mode] - c_H H, m)`.
+    `L = aggregate(w * policy_loss(logps, old, A, m) + beta k(logps, ref) [loss mode] - c_H H, m)`,
+    `w = 1`, or with `config.tis_cap` the truncated importance weights `min(exp(old - sampler), C)`
+    (`policy_gradient.truncated_importance_weights`).
 
     Args:
       logps: `[N, C]` current log-probs (differentiated).
@@ -253,15 +256,18 @@ def grpo_objective(
       ref_logps: `[N, C]` reference log-probs (for the in-loss KL and the `kl` metric), or None.
       entropy: `[N, C]` per-token entropies (for the bonus and the `entropy` metric), or None.
       num_tokens, num_sequences: global normalisers for micro-batches (see `aggregate`).
+      sampler_logps: `[N, C]` the sampler's log-probs (needed with `config.tis_cap`).
 
     Returns:
       `(loss, metrics)`: metrics `loss/policy`, the policy loss's clip fractions and `approx_kl`,
+      `tis/*` (with `tis_cap`),
       `kl` (token mean of the configured estimator against the reference), `kl/sequence` (mean
       over sequences of the summed k1), `entropy`.
     """
     norm = dict(mode=config.loss_aggregation, max_completion_length=config.max_completion_length,
                 num_tokens=num_tokens, num_sequences=num_sequences)
-    per_token, metrics = policy_loss_terms(config.policy_loss, config, logps, old_logps, advantages, mask)
+    per_token, metrics = policy_loss_terms(config.policy_loss, config, logps, old_logps, advantages, mask,
+                                           sampler_logps=sampler_logps)
     metrics = dict(metrics)
     metrics["loss/policy"] = aggregate_loss(per_token, mask, **norm)
     per_token = per_token + reference_and_entropy_terms(config, logps, ref_logps, entropy, mask, metrics)
@@ -311,7 +317,7 @@ def make_grpo_step(
             old = jax.lax.stop_gradient(logps) if old_source == "current" else mb["old_logps"]
             loss, metrics = grpo_objective(
                 logps, old, mb["advantages"], mb["completion_mask"], config=config,
-                ref_logps=mb.get("ref_logps"), entropy=entropy, **context,
+                ref_logps=mb.get("ref_logps"), entropy=entropy, sampler_logps=mb.get("sampler_logps"), **context,
             )
             if "sampler_logps" in mb:
                 metrics.update(sampler_diff(logps, mb["sampler_logps"], mb["completion_mask"]))

@@ -54,6 +54,7 @@ __all__ = [
     "rollout_stats",
     "sampler_diff",
     "policy_loss_terms",
+    "truncated_importance_weights",
     "aggregate_loss",
     "reference_and_entropy_terms",
     "sequence_kl",
@@ -127,6 +128,10 @@ class PolicyGradientConfig:
       temperature: the sampling temperature (log-probs are computed at it).
       old_logprobs: `auto`, `sampler` or `recompute` (see the module docstring).
       chunk_size: tokens per LM-head chunk (within a row).
+      tis_cap: truncated importance sampling against the sampler's log-probs (`C` of
+        `truncated_importance_weights`; verl's `tis_imp_ratio_cap`, 2.0 there): every token's policy
+        loss is weighted by `min(pi_old / pi_sampler, C)`, correcting for rollouts drawn by another
+        policy (one-step off-policy RL, or a sampler of other numerics). None = no weights (default).
     """
 
     clip_eps: float = 0.2
@@ -143,6 +148,7 @@ class PolicyGradientConfig:
     temperature: float = 1.0
     old_logprobs: OldLogprobs = "auto"
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    tis_cap: float | None = None
 
     def __post_init__(self):
         if not 0 < self.clip_eps <= 1:
@@ -163,6 +169,12 @@ class PolicyGradientConfig:
             fail("temperature", f"must be > 0, got {self.temperature!r}")
         check_literal("old_logprobs", self.old_logprobs, OldLogprobs)
         check_int("chunk_size", self.chunk_size, 1)
+        if self.tis_cap is not None:
+            if isinstance(self.tis_cap, bool) or not isinstance(self.tis_cap, (int, float)) or not self.tis_cap > 0:
+                fail("tis_cap", f"must be a number > 0 or None, got {self.tis_cap!r}")
+            if self.old_logprobs == "sampler":
+                fail("tis_cap", "needs the trainer's old log-probs (old_logprobs 'auto' or 'recompute'); with "
+                     "old_logprobs='sampler' every weight would be 1")
 
     @property
     def num_updates(self) -> int:
@@ -232,6 +244,8 @@ def check_rl_batch(batch, config: PolicyGradientConfig, *, group_size: int, name
         raise KeyError(f"{name}: kl_mode={config.kl_mode!r} with kl_coef={config.kl_coef} needs batch['ref_logps']")
     if config.old_logprobs == "sampler" and "sampler_logps" not in batch:
         raise KeyError(f"{name}: old_logprobs='sampler' needs batch['sampler_logps']")
+    if config.tis_cap is not None and "sampler_logps" not in batch:
+        raise KeyError(f"{name}: tis_cap={config.tis_cap} (truncated importance weights) needs batch['sampler_logps']")
     return n
 
 
@@ -327,18 +341,74 @@ def sequence_kl(kl_tokens: jax.Array, mask: jax.Array) -> jax.Array:
     return _checks.masked_sum(kl_tokens, mask, axis=-1)
 
 
-def policy_loss_terms(name: str, config: PolicyGradientConfig, logps, old_logps, advantages, mask
-                      ) -> tuple[jax.Array, Metrics]:
+def truncated_importance_weights(old_logps: jax.Array, sampler_logps: jax.Array, mask: jax.Array, *,
+                                 cap: float) -> tuple[jax.Array, Metrics]:
+    """Truncated importance sampling (TIS) weights of rollout tokens drawn by another policy.
+
+        w_t = min( exp(logp_old,t - logp_sampler,t), C )   on the mask, 0 elsewhere (no gradient)
+
+    `logp_old` is the trainer's log-prob of the token under the policy the update starts from (the
+    proximal policy of decoupled PPO), `logp_sampler` the log-prob the sampler drew it with: an older
+    policy (one-step off-policy RL: the rollouts of step t+1 come from the weights of step t) and/or
+    other numerics (a bf16 sampler). Each token's policy-gradient loss is multiplied by `w_t`, so
+
+        grad = E_{a ~ pi_sampler}[ min(pi_old(a) / pi_sampler(a), C) * grad l_PPO(pi_theta / pi_old, A) ],
+
+    the PPO objective under `pi_old` again, with the importance ratio truncated at `C` to bound the
+    variance (as verl's `tis_imp_ratio_cap`, token level, truncate mode).
+
+    Reference: Yao, Liu, Zhang, Lu, Wang, Gao, "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training" (2025, fengyao.notion.site/off-policy-rl); Ionides 2008, "Truncated
+    Importance Sampling".
+
+    Args:
+      old_logps: `[N, C]` the trainer's old log-probs.
+      sampler_logps: `[N, C]` the sampler's log-probs of the same tokens.
+      mask: `[N, C]` completion mask.
+      cap: the truncation `C > 0`.
+
+    Returns:
+      `(weights f32 [N, C], metrics)`: `tis/weight_mean` (masked mean of the truncated weights),
+      `tis/clip_frac` (fraction of tokens whose ratio exceeded `C`), `tis/ratio_max` (untruncated).
+
+    Example:
+      >>> w, m = truncated_importance_weights(jnp.log(jnp.array([[0.5, 0.9, 0.2]])),
+      ...                                     jnp.log(jnp.array([[0.25, 0.9, 0.4]])),
+      ...                                     jnp.array([[True, True, False]]), cap=1.5)
+      >>> [round(float(x), 4) for x in w[0]], round(float(m["tis/clip_frac"]), 4)
+      ([1.5, 1.0, 0.0], 0.5)
+    """
+    _checks.check_rank("truncated_importance_weights", "old_logps", old_logps, 2)
+    ratio = jnp.exp(_checks.f32(jax.lax.stop_gradient(old_logps)) - _checks.f32(sampler_logps))
+    m = _checks.mask_f32(mask)
+    weights = jnp.minimum(ratio, jnp.float32(cap)) * m
+    metrics = {"tis/weight_mean": _checks.masked_mean(weights, mask),
+               "tis/clip_frac": _checks.masked_mean((ratio > cap).astype(jnp.float32), mask),
+               "tis/ratio_max": jnp.max(ratio * m)}
+    return jax.lax.stop_gradient(weights), metrics
+
+
+def policy_loss_terms(name: str, config: PolicyGradientConfig, logps, old_logps, advantages, mask,
+                      sampler_logps=None) -> tuple[jax.Array, Metrics]:
     """Per-token policy loss `[N, C]` and its metrics: `ppo` (token ratio), `gspo` (sequence
-    ratio) or `cispo` (clipped stop-gradient weights, bound `1 + (clip_eps_high or clip_eps)`)."""
+    ratio) or `cispo` (clipped stop-gradient weights, bound `1 + (clip_eps_high or clip_eps)`);
+    with `config.tis_cap` weighted per token by `truncated_importance_weights(old_logps,
+    sampler_logps)`."""
     if name == "cispo":
         high = config.clip_eps if config.clip_eps_high is None else config.clip_eps_high
-        return cispo_loss(logps, old_logps, advantages, mask, clip_eps_high=high)
-    return ppo_policy_loss(
-        logps, old_logps, advantages, mask,
-        clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip,
-        ratio_level="sequence" if name == "gspo" else "token",
-    )
+        per_token, metrics = cispo_loss(logps, old_logps, advantages, mask, clip_eps_high=high)
+    else:
+        per_token, metrics = ppo_policy_loss(
+            logps, old_logps, advantages, mask,
+            clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip,
+            ratio_level="sequence" if name == "gspo" else "token",
+        )
+    if config.tis_cap is None:
+        return per_token, metrics
+    if sampler_logps is None:
+        raise ValueError(f"policy loss: tis_cap={config.tis_cap} needs the sampler's log-probs (sampler_logps)")
+    weights, tis_metrics = truncated_importance_weights(old_logps, sampler_logps, mask, cap=config.tis_cap)
+    return per_token * weights, {**metrics, **tis_metrics}
 
 
 def aggregate_loss(per_token: jax.Array, mask: jax.Array, *, mode: AggregateMode,

@@ -145,6 +145,7 @@ def ppo_objective(
     num_ptx_tokens: jax.Array | None = None,
     num_tokens: jax.Array | None = None,
     num_sequences: jax.Array | None = None,
+    sampler_logps: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """PPO's scalar loss on one minibatch, from per-token arrays.
 
@@ -173,6 +174,8 @@ def ppo_objective(
       ptx_logps, ptx_mask: `[M, L]` log-probs of pretraining targets and their mask, or None.
       num_ptx_tokens: `N'`, the pretraining targets of the whole minibatch (default: of `ptx_mask`).
       num_tokens, num_sequences: global normalisers for micro-batches (see `aggregate`).
+      sampler_logps: `[N, C]` the sampler's log-probs; with `config.tis_cap` the policy term's tokens
+        are weighted by `policy_gradient.truncated_importance_weights` (metrics `tis/*`).
 
     Returns:
       `(loss, metrics)`: metrics `loss/policy` (`L_pi` without the KL and entropy terms), the
@@ -184,7 +187,8 @@ def ppo_objective(
     Details of RLHF with PPO".
     """
     norm = dict(num_tokens=num_tokens, num_sequences=num_sequences)
-    per_token, metrics = policy_loss_terms("ppo", config, logps, old_logps, advantages, mask)
+    per_token, metrics = policy_loss_terms("ppo", config, logps, old_logps, advantages, mask,
+                                           sampler_logps=sampler_logps)
     metrics = dict(metrics)
     metrics["loss/policy"] = aggregate_loss(per_token, mask, mode=config.loss_aggregation, **norm)
     per_token = per_token + reference_and_entropy_terms(config, logps, ref_logps, entropy, mask, metrics,
@@ -297,7 +301,7 @@ def make_ppo_step(
             logps, jax.lax.stop_gradient(logps) if old_source == "current" else mb["old_logps"],
             mb["advantages"], mask, config=config, ref_logps=mb.get("ref_logps"), entropy=entropy,
             kl_coef=context["kl_coef"], num_tokens=context["num_tokens"], num_sequences=context["num_sequences"],
-            **value_args, **ptx_args,
+            sampler_logps=mb.get("sampler_logps"), **value_args, **ptx_args,
         )
         if "sampler_logps" in mb:
             metrics.update(sampler_diff(logps, mb["sampler_logps"], mask))
