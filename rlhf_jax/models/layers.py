@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhf_jax.models import attention
+from rlhf_jax.models import attention, paged
 from rlhf_jax.models.config import ModelConfig
 
 _F32 = jnp.float32
@@ -257,7 +257,15 @@ class Attention(nnx.Module):
         if impl != "reference" and (kv_cache is None or prefill):
             out = attention.fused_attention(q, k, v, segment_ids, impl=impl, sliding_window=c.sliding_window)
         kv_axes = "bskd"
-        if kv_cache is not None:
+        if isinstance(kv_cache, paged.PagedLayerKV):
+            # Paged cache (rlhf_jax.models.paged): write through the block tables, read each row's view.
+            pool_k = paged.paged_write(kv_cache.k, kv_cache.block_tables, cache_positions, k)
+            pool_v = paged.paged_write(kv_cache.v, kv_cache.block_tables, cache_positions, v)
+            kv_cache = paged.PagedLayerKV(pool_k, pool_v, kv_cache.block_tables)
+            k = paged.paged_view(pool_k, kv_cache.block_tables).astype(dt)
+            v = paged.paged_view(pool_v, kv_cache.block_tables).astype(dt)
+            out = attention.reference_attention(q, k, v, mask, kv_axes="bksd")
+        elif kv_cache is not None:
             cache_k, cache_v = kv_cache
             # Row b's token t goes to slot cache_positions[b, t] (an in-place scatter in a loop).
             write = jax.vmap(lambda buf, pos, new: buf.at[:, pos].set(jnp.swapaxes(new, 0, 1).astype(buf.dtype)))

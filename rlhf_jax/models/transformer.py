@@ -21,6 +21,7 @@ from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import SCALAR_HEAD_AXES, scalar_head
+from rlhf_jax.models.paged import PagedKVCache, PagedLayerKV
 from rlhf_jax.models.layers import Block, RMSNorm, dense, init_params_from_metadata, low_rank, param, rope_angles
 from rlhf_jax.sharding import constrain_activations
 
@@ -133,14 +134,18 @@ class Transformer(nnx.Module):
         layer_adapters = adapters.get("layers")
         rate, layer_keys = (None, None) if dropout is None else (dropout[0], jax.random.split(dropout[1], c.num_layers))
 
+        tables = cache.block_tables if isinstance(cache, PagedKVCache) else None
+
         def layer(x, xs):
             params, kv, ad, key = xs
             if layer_weights is not None:
                 params = layer_weights(params)
+            if tables is not None:  # a paged cache: this layer's pools read through the block tables
+                kv = PagedLayerKV(*kv, tables)
             x = constrain_activations(x)  # batch-split residual stream under a step's sharding context
             x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions, ad,
                                                    None if key is None else (rate, key), segment_ids, prefill)
-            return x, kv
+            return x, kv if tables is None else (kv.k, kv.v)
 
         if c.remat != "none":
             policy = None if c.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -156,7 +161,7 @@ class Transformer(nnx.Module):
                 new_kv.append(kv)
             if cache is not None:
                 kv_stack = tuple(jnp.stack(parts) for parts in zip(*new_kv))
-        new_cache = None if cache is None else KVCache(*kv_stack)
+        new_cache = None if cache is None else (KVCache(*kv_stack) if tables is None else PagedKVCache(*kv_stack, tables))
 
         hidden = self.final_norm(x)
         logits = values = None

@@ -5,6 +5,7 @@ pure program it jits; the sampling methods are small frozen dataclasses. See `sa
 design and `methods.py` for what the returned log-probs are with top-k / top-p / min-p.
 """
 
+from rlhf_jax.sampling.continuous import ContinuousBatcher, ContinuousStats, Request, RequestOutput
 from rlhf_jax.sampling.decode import (
     decode,
     decode_step,
@@ -36,6 +37,10 @@ from rlhf_jax.sampling.state import SampleOutput, SamplingState
 
 __all__ = [
     "Sampler",
+    "Request",
+    "RequestOutput",
+    "ContinuousBatcher",
+    "ContinuousStats",
     "SamplerParams",
     "SamplerStats",
     "SamplingConfig",

@@ -444,6 +444,30 @@ class Sampler:
             out = SampleOutput(*(a[: num_prompts * n] for a in out))
         return out
 
+    def generate_requests(self, params: dict | SamplerParams, requests, *, num_slots: int = 16,
+                          block_size: int = 16, num_blocks: int | None = None, reserve_blocks: int = 1,
+                          rng: int | jax.Array = 0, **limits: int) -> list:
+        """Continuous batching over a paged KV cache, one `Request` each (`rlhf_jax.sampling.continuous`).
+
+        Returns a `RequestOutput` per request, in request order. The programs of each
+        `(num_slots, block_size, num_blocks, reserve_blocks, limits)` are built once per sampler;
+        `continuous_stats()` describes the last call (host round trips, preemptions, blocks).
+        """
+        from rlhf_jax.sampling.continuous import ContinuousBatcher
+
+        batchers = self.__dict__.setdefault("_batchers", {})
+        key = (num_slots, block_size, num_blocks, reserve_blocks, tuple(sorted(limits.items())))
+        if key not in batchers:
+            batchers[key] = ContinuousBatcher(self, num_slots=num_slots, block_size=block_size,
+                                              num_blocks=num_blocks, reserve_blocks=reserve_blocks, **limits)
+        self._last_batcher = batchers[key]
+        return batchers[key].run(params, requests, rng=rng)
+
+    def continuous_stats(self):
+        """`ContinuousStats` of the last `generate_requests` call (None before one)."""
+        batcher = self.__dict__.get("_last_batcher")
+        return None if batcher is None else batcher.stats
+
     def generate_text(
         self,
         params: dict | SamplerParams,

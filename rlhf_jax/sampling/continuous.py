@@ -1,0 +1,585 @@
+"""Continuous batching over a paged KV cache: the per-request sampling API.
+
+    from rlhf_jax.sampling import Request, Sampler, TopP, Greedy
+    sampler = Sampler(lm, max_len=576)
+    outs = sampler.generate_requests(params, [
+        Request(prompt=[1, 17, 4], max_new_tokens=64, method=TopP(p=0.9), stop_ids=(2,), seed=7),
+        Request(prompt=[1, 9], max_new_tokens=300, stop_sequences=((13, 14),), num_samples=8, seed=8),
+        Request(prompt=[1, 5, 6], max_new_tokens=20, method=Greedy()),
+    ], num_slots=16)
+    outs[i].tokens[j], outs[i].logprobs[j], outs[i].finish_reasons[j]   # request i, sample j (numpy)
+    sampler.continuous_stats()                                          # round trips, blocks, ...
+
+Contract (stable; multi-turn rollouts build on it):
+- `Request` (frozen): `prompt` token ids, `max_new_tokens`, `method` (`Greedy`, `Categorical`, `TopK`,
+  `TopP`, `MinP`: per request), `num_samples` (a group sharing the prompt's KV blocks), `stop_ids`
+  (any of them ends a sample), `stop_sequences` (token-id sequences; a sample ends when its
+  completion ends with one), `seed` (int or PRNG key; None: derived from the call's `rng` and the
+  request's index). A completion holds its stop token/sequence, as `Sampler.generate` does.
+- `RequestOutput`: per sample `tokens` int32 `[L_j]`, `logprobs` float32 `[L_j]` (log softmax of the
+  tempered, untruncated distribution, the trainer's `token_logprobs`), `finish_reasons` "stop" or
+  "length"; outputs come back in request order whatever order they finished in.
+- Sampling is keyed by request: sample `j`'s token `t` uses `U(fold_in(fold_in(key, t), j))`, the
+  same draw `Sampler.generate([prompt], num_samples=n, rng=key)` makes for row `j` at step `t`. So a
+  request's completions do not depend on the slot count, the other requests, when it was admitted,
+  or whether it was preempted, and equal the static call's under greedy decoding (log-probs within
+  float rounding: same model code, different batch shapes).
+
+How it runs (`ContinuousBatcher`):
+- `num_slots` decode rows. One jitted *segment* program runs decode steps in `lax.while_loop` until a
+  sample ends (EOS, stop sequence, its own `max_new_tokens`), a slot needs a KV block the pool cannot
+  give, or a slot outgrows the attention view; then the host (one round trip: a few small arrays)
+  collects finished samples, frees their blocks, preempts if the pool is exhausted, and admits
+  waiting requests in arrival order (a request waits while slots or blocks are short; no
+  reordering). Admission is one jitted *admit* program per request: the prompt's prefill written
+  straight into its blocks (one prefill per group), the group's per-sample copies of the block where
+  decoding starts, and the slots' state. Host round trips per call <= segments <= ends +
+  pool-exhaustion events + view growths (`stats`).
+- Paged cache (`rlhf_jax.models.paged`): a pool of `num_blocks` blocks of `block_size` positions per
+  layer, per-slot block tables; decode allocates a block when a slot crosses into a new one, inside
+  the loop (from a free stack the host passes). A group of `n` samples holds the prompt's full blocks
+  once (ref-counted); each sample owns a copy of the block where its decoding starts.
+  When blocks run out the newest running sample is preempted: its blocks are freed and it waits at
+  the front of the queue, to be resumed by a prefill of prompt + its tokens so far (vLLM's recompute
+  preemption); its output continues with the same keys. Admission keeps `reserve_blocks` blocks per
+  running slot free so that preemption stays rare.
+- Attention reads through the block tables (gather + the reference einsum) over a view of
+  `W` blocks per slot, `W` the smallest of a few widths that covers the running slots; one segment
+  program per (width, set of sampling-method kinds), one admit program per prompt bucket, compiled
+  once per process (`Sampler.num_compiled()`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.logprobs import token_logprobs
+from rlhf_jax.models.paged import PagedKVCache
+from rlhf_jax.sampling.decode import stack_layers
+from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP, sample_from_logits
+
+__all__ = ["Request", "RequestOutput", "ContinuousStats", "ContinuousBatcher", "select_per_row"]
+
+GREEDY, CATEGORICAL, TOP_K, TOP_P, MIN_P = range(5)
+_KIND = {Greedy: GREEDY, Categorical: CATEGORICAL, TopK: TOP_K, TopP: TOP_P, MinP: MIN_P}
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+    """One generation request (see the module docstring).
+
+    Attributes:
+      prompt: token ids (non-empty).
+      max_new_tokens: completion tokens at most (>= 1); the sample ends there with reason "length".
+      method: sampling method of this request (`rlhf_jax.sampling.methods`).
+      num_samples: completions of this prompt (a group; its prompt blocks are held once).
+      stop_ids: ids that end a sample (EOS included here if wanted).
+      stop_sequences: id sequences that end a sample when its completion ends with one.
+      seed: int seed or PRNG key of this request; None: `fold_in(key(rng), request index)`.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    method: SamplingMethod = Categorical()
+    num_samples: int = 1
+    stop_ids: Sequence[int] = ()
+    stop_sequences: Sequence[Sequence[int]] = ()
+    seed: Any = None
+
+    def __post_init__(self):
+        prompt = np.asarray(self.prompt).reshape(-1)
+        if prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
+            raise ValueError(f"Request.prompt must be a non-empty sequence of token ids, got {self.prompt!r}")
+        object.__setattr__(self, "prompt", tuple(int(i) for i in prompt))
+        for name in ("max_new_tokens", "num_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Request.{name} must be an int >= 1, got {value!r}")
+        if type(self.method) not in _KIND:
+            raise TypeError(f"Request.method must be one of {[m.__name__ for m in _KIND]}, got {self.method!r}")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        seqs = tuple(tuple(int(i) for i in s) for s in self.stop_sequences)
+        if any(len(s) == 0 for s in seqs):
+            raise ValueError("Request.stop_sequences: a stop sequence is empty")
+        object.__setattr__(self, "stop_sequences", seqs)
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """Completions of one request: lists over its `num_samples` samples (numpy arrays)."""
+
+    tokens: list[np.ndarray]
+    logprobs: list[np.ndarray]
+    finish_reasons: list[str]
+
+
+@dataclasses.dataclass
+class ContinuousStats:
+    """Host-side counters of the last `ContinuousBatcher.run` call."""
+
+    host_round_trips: int = 0      # segment programs whose results the host waited for
+    decode_steps: int = 0          # loop iterations (each decodes all slots)
+    admissions: int = 0            # admit programs (one prefill each)
+    preemptions: int = 0
+    peak_blocks_in_use: int = 0
+    num_blocks: int = 0            # pool size (blocks, the trash block excluded)
+    block_size: int = 0
+    useful_tokens: int = 0
+
+
+def select_per_row(logits, u, kind, temperature, top_k, top_p, log_min_p, *, kinds: tuple[int, ...]):
+    """Next tokens with a sampling method per row; bit-equal to each method's own `select`.
+
+    `kind[b]` in GREEDY..MIN_P picks row b's method; `kinds` (static) lists the kinds present, so
+    the sort of top-k / top-p is compiled only when a row uses one.
+    """
+    z = logits.astype(jnp.float32) / temperature[:, None]
+    trunc = z
+    vocab = z.shape[-1]
+    if TOP_K in kinds or TOP_P in kinds:
+        sorted_z = -jnp.sort(-z, axis=-1)
+    if TOP_K in kinds:
+        kth = jnp.take_along_axis(sorted_z, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+        cut = jnp.where((top_k[:, None] >= vocab) | (z >= kth), z, _NEG_INF)
+        trunc = jnp.where((kind == TOP_K)[:, None], cut, trunc)
+    if TOP_P in kinds:
+        probs = jax.nn.softmax(sorted_z, axis=-1)
+        kept = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+        threshold = jnp.min(jnp.where(kept, sorted_z, jnp.inf), axis=-1, keepdims=True)
+        cut = jnp.where((top_p[:, None] == 1) | (z >= threshold), z, _NEG_INF)
+        trunc = jnp.where((kind == TOP_P)[:, None], cut, trunc)
+    if MIN_P in kinds:
+        threshold = jnp.max(z, axis=-1, keepdims=True) + log_min_p[:, None]
+        trunc = jnp.where((kind == MIN_P)[:, None], jnp.where(z >= threshold, z, _NEG_INF), trunc)
+    token = sample_from_logits(trunc, u) if kinds != (GREEDY,) else jnp.zeros(z.shape[:1], jnp.int32)
+    if GREEDY in kinds:
+        token = jnp.where(kind == GREEDY, jnp.argmax(logits, axis=-1).astype(jnp.int32), token)
+    return token
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("pool_k", "pool_v", "last_token", "position", "t", "max_new", "active",
+                                "finished", "stopped", "keys", "sample_idx", "kind", "temperature", "top_k",
+                                "top_p", "log_min_p", "stop_ids", "stop_seqs", "stop_lens", "recent",
+                                "out_tokens", "out_logps", "steps"),
+                   meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """The decode slots and the block pools (device side; block tables and free blocks come from the host)."""
+
+    pool_k: tuple
+    pool_v: tuple
+    last_token: jax.Array      # int32 [S] token fed next
+    position: jax.Array        # int32 [S] its logical slot
+    t: jax.Array               # int32 [S] completion tokens so far (the token index of the next draw)
+    max_new: jax.Array         # int32 [S]
+    active: jax.Array          # bool [S] decoding
+    finished: jax.Array        # bool [S] ended in this segment
+    stopped: jax.Array         # bool [S] ended at a stop id / sequence
+    keys: jax.Array            # uint32 [S, *key] request key data
+    sample_idx: jax.Array      # int32 [S] sample j of its request
+    kind: jax.Array            # int32 [S]
+    temperature: jax.Array     # f32 [S]
+    top_k: jax.Array           # int32 [S]
+    top_p: jax.Array           # f32 [S]
+    log_min_p: jax.Array       # f32 [S]
+    stop_ids: jax.Array        # int32 [S, K] (-1 = none)
+    stop_seqs: jax.Array       # int32 [S, NS, LS] right-aligned
+    stop_lens: jax.Array       # int32 [S, NS] (0 = none)
+    recent: jax.Array          # int32 [S, LS] last completion tokens (-1 = none)
+    out_tokens: jax.Array      # int32 [S, C] column = token index
+    out_logps: jax.Array       # f32 [S, C]
+    steps: jax.Array           # int32 [] loop iterations of the last segment
+
+    def replace(self, **changes) -> "SlotState":
+        return dataclasses.replace(self, **changes)
+
+
+_SLOT_FIELDS = ("last_token", "position", "t", "max_new", "keys", "sample_idx", "kind", "temperature", "top_k",
+                "top_p", "log_min_p", "stop_ids", "stop_seqs", "stop_lens", "recent")
+
+
+class ContinuousBatcher:
+    """Continuous batching programs and scheduler for one `Sampler` (see the module docstring).
+
+    Args:
+      sampler: the `Sampler` whose model, `max_len`, prompt buckets and pad id are used.
+      num_slots: rows decoding at once.
+      block_size: positions per KV block.
+      num_blocks: blocks in the pool (default: enough for every slot at `max_len`, i.e. no waiting).
+      reserve_blocks: free blocks kept per running slot when admitting (fewer preemptions).
+      max_stop_ids, max_stop_sequences, max_stop_len: capacity of the per-slot stop tables.
+    """
+
+    def __init__(self, sampler, *, num_slots: int = 16, block_size: int = 16, num_blocks: int | None = None,
+                 reserve_blocks: int = 1, max_stop_ids: int = 8, max_stop_sequences: int = 4,
+                 max_stop_len: int = 8):
+        for name, value, low in (("num_slots", num_slots, 1), ("block_size", block_size, 1),
+                                 ("reserve_blocks", reserve_blocks, 0), ("max_stop_ids", max_stop_ids, 1),
+                                 ("max_stop_sequences", max_stop_sequences, 1), ("max_stop_len", max_stop_len, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"ContinuousBatcher: {name} must be an int >= {low}, got {value!r}")
+        if sampler.mesh is not None:
+            raise NotImplementedError("ContinuousBatcher: a Sampler with a mesh is not supported yet (one device)")
+        self.sampler = sampler
+        self.model = sampler.model
+        self.num_slots, self.block_size = num_slots, block_size
+        self.max_blocks = -(-sampler.max_len // block_size)          # table width: a slot at max_len
+        self.num_blocks = num_slots * self.max_blocks if num_blocks is None else num_blocks
+        if not isinstance(self.num_blocks, int) or self.num_blocks < self.max_blocks:
+            raise ValueError(
+                f"ContinuousBatcher: num_blocks must be an int >= {self.max_blocks} (one slot at max_len="
+                f"{sampler.max_len}), got {num_blocks!r}")
+        self.trash = self.num_blocks                                  # the pool's extra last block
+        self.reserve_blocks = reserve_blocks
+        self.max_completion = sampler.max_len
+        self.shapes = dict(K=max_stop_ids, NS=max_stop_sequences, LS=max_stop_len)
+        widths, w = [], 4
+        while w < self.max_blocks:
+            widths.append(w)
+            w *= 2
+        self.view_widths = tuple(widths) + (self.max_blocks,)
+        self.stats = ContinuousStats(num_blocks=self.num_blocks, block_size=block_size)
+        self._key_shape = jax.random.key_data(jax.random.key(0)).shape
+        self._names = tuple(f"{n}_cb{id(self)}_{part}" for n in sampler._names[:1] for part in ("segment", "admit"))
+        sampler._names = sampler._names + self._names                 # counted by sampler.num_compiled()
+        self._build()
+
+    # ----------------------------------------------------------------------------- programs
+
+    def _build(self) -> None:
+        model, bs, trash = self.model, self.block_size, self.trash
+        c = self.max_completion
+
+        def segment(params, state: SlotState, tables, free_stack, num_free, max_steps, *, kinds, width):
+            state = state.replace(finished=jnp.zeros_like(state.finished), steps=jnp.zeros((), jnp.int32))
+            rows = jnp.arange(self.num_slots)
+
+            def needs(s, tables):
+                logical = jnp.minimum(s.position // bs, self.max_blocks - 1)
+                return s.active & (tables[rows, logical] == trash), logical
+
+            def cond(carry):
+                s, tables, num_free = carry
+                need, _ = needs(s, tables)
+                fits = jnp.all(~s.active | (s.position < width * bs))
+                return (jnp.any(s.active) & ~jnp.any(s.finished) & (jnp.sum(need) <= num_free) & fits
+                        & (s.steps < max_steps))
+
+            def body(carry):
+                s, tables, num_free = carry
+                need, logical = needs(s, tables)
+                rank = jnp.cumsum(need) - 1
+                fresh = free_stack[jnp.clip(num_free - 1 - rank, 0, free_stack.shape[0] - 1)]
+                tables = tables.at[rows, logical].set(jnp.where(need, fresh, tables[rows, logical]))
+                num_free = num_free - jnp.sum(need)
+                cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables[:, :width])
+                out = model.forward(stack_layers(params), s.last_token[:, None], s.position[:, None], cache=cache)
+                logits = out.logits[:, 0]
+                keys = jax.random.wrap_key_data(s.keys)
+                u = jax.vmap(lambda k, t, j: jax.random.uniform(
+                    jax.random.fold_in(jax.random.fold_in(k, t), j), (), jnp.float32))(keys, s.t, s.sample_idx)
+                token = select_per_row(logits, u, s.kind, s.temperature, s.top_k, s.top_p, s.log_min_p, kinds=kinds)
+                logp = token_logprobs(logits, token, temperature=s.temperature[:, None])
+                act = s.active
+                column = jnp.where(act, s.t, c)                        # inactive rows: dropped
+                out_tokens = s.out_tokens.at[rows, column].set(token, mode="drop")
+                out_logps = s.out_logps.at[rows, column].set(logp, mode="drop")
+                recent = jnp.where(act[:, None], jnp.concatenate([s.recent[:, 1:], token[:, None]], 1), s.recent)
+                hit_id = jnp.any(token[:, None] == s.stop_ids, axis=-1)
+                ls = recent.shape[1]
+                in_seq = jnp.arange(ls)[None, None, :] >= ls - s.stop_lens[:, :, None]
+                match = jnp.all(~in_seq | (recent[:, None, :] == s.stop_seqs), axis=-1) & (s.stop_lens > 0)
+                stopped = act & (hit_id | jnp.any(match, axis=-1))
+                t = s.t + act.astype(jnp.int32)
+                finished = act & (stopped | (t >= s.max_new))
+                kv = out.cache
+                s = s.replace(
+                    pool_k=tuple(kv.k[i] for i in range(kv.k.shape[0])),
+                    pool_v=tuple(kv.v[i] for i in range(kv.v.shape[0])),
+                    last_token=jnp.where(act, token, s.last_token),
+                    position=s.position + act.astype(jnp.int32),
+                    t=t, active=act & ~finished, finished=s.finished | finished, stopped=s.stopped | stopped,
+                    recent=recent, out_tokens=out_tokens, out_logps=out_logps, steps=s.steps + 1,
+                )
+                return s, tables, num_free
+
+            return jax.lax.while_loop(cond, body, (state, tables, num_free))
+
+        def admit(params, state: SlotState, prompt, prefill_table, copy_src, copy_dst, reset, init):
+            cache = PagedKVCache(jnp.stack(state.pool_k), jnp.stack(state.pool_v), prefill_table[None])
+            positions = jnp.arange(prompt.shape[1], dtype=jnp.int32)[None]
+            kv = model.forward(stack_layers(params), prompt, positions, cache=cache).cache
+            # The group's other samples get copies of the block where decoding starts.
+            pool_k = tuple(kv.k[i].at[:, copy_dst].set(kv.k[i][:, copy_src]) for i in range(kv.k.shape[0]))
+            pool_v = tuple(kv.v[i].at[:, copy_dst].set(kv.v[i][:, copy_src]) for i in range(kv.v.shape[0]))
+            pick = lambda new, old: jnp.where(reset.reshape(reset.shape + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+            fields = {f: pick(init[f], getattr(state, f)) for f in _SLOT_FIELDS}
+            return state.replace(pool_k=pool_k, pool_v=pool_v, active=state.active | reset,
+                                 finished=state.finished & ~reset, stopped=state.stopped & ~reset, **fields)
+
+        segment.__name__, admit.__name__ = self._names
+        self._segment = jax.jit(segment, static_argnames=("kinds", "width"), donate_argnums=(1,))
+        self._admit = jax.jit(admit, donate_argnums=(1,))
+
+    def _empty_state(self) -> SlotState:
+        cfg = self.model.config
+        s, k = self.num_slots, self.shapes
+        pool_shape = (cfg.num_kv_heads, self.num_blocks + 1, self.block_size, cfg.head_dim)
+        dtype = cfg.jnp_dtype
+        zi = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
+        return SlotState(
+            pool_k=tuple(jnp.zeros(pool_shape, dtype) for _ in range(cfg.num_layers)),
+            pool_v=tuple(jnp.zeros(pool_shape, dtype) for _ in range(cfg.num_layers)),
+            last_token=zi(s), position=zi(s), t=zi(s), max_new=zi(s),
+            active=jnp.zeros((s,), bool), finished=jnp.zeros((s,), bool), stopped=jnp.zeros((s,), bool),
+            keys=jnp.zeros((s,) + self._key_shape, jnp.uint32), sample_idx=zi(s), kind=zi(s),
+            temperature=jnp.ones((s,), jnp.float32), top_k=zi(s), top_p=jnp.ones((s,), jnp.float32),
+            log_min_p=jnp.zeros((s,), jnp.float32), stop_ids=jnp.full((s, k["K"]), -1, jnp.int32),
+            stop_seqs=jnp.full((s, k["NS"], k["LS"]), -1, jnp.int32), stop_lens=zi(s, k["NS"]),
+            recent=jnp.full((s, k["LS"]), -1, jnp.int32),
+            out_tokens=jnp.full((s, self.max_completion), self.sampler.pad_id, jnp.int32),
+            out_logps=jnp.zeros((s, self.max_completion), jnp.float32), steps=jnp.zeros((), jnp.int32),
+        )
+
+    # ----------------------------------------------------------------------------- host side
+
+    def _request_arrays(self, i: int, req: Request, key_data: np.ndarray) -> dict:
+        """Per-slot init values of request `i` (numpy), checked against the sampler's limits."""
+        k = self.shapes
+        where = f"generate_requests: request {i}"
+        vocab = self.model.config.vocab_size
+        prompt = np.asarray(req.prompt)
+        if prompt.min() < 0 or prompt.max() >= vocab:
+            raise ValueError(f"{where}: prompt ids outside [0, {vocab})")
+        if len(prompt) + req.max_new_tokens - 1 > self.sampler.max_len:
+            raise ValueError(f"{where}: prompt of {len(prompt)} tokens + max_new_tokens={req.max_new_tokens} needs "
+                             f"{len(prompt) + req.max_new_tokens - 1} cache slots; the sampler's max_len is "
+                             f"{self.sampler.max_len}")
+        if req.num_samples > self.num_slots:
+            raise ValueError(f"{where}: num_samples={req.num_samples} exceeds num_slots={self.num_slots}")
+        if len(req.stop_ids) > k["K"]:
+            raise ValueError(f"{where}: {len(req.stop_ids)} stop_ids; at most {k['K']} (max_stop_ids)")
+        if len(req.stop_sequences) > k["NS"] or any(len(s) > k["LS"] for s in req.stop_sequences):
+            raise ValueError(f"{where}: stop_sequences exceed {k['NS']} sequences of {k['LS']} tokens "
+                             "(max_stop_sequences, max_stop_len)")
+        m = req.method
+        stop_ids = np.full((k["K"],), -1, np.int32)
+        stop_ids[: len(req.stop_ids)] = req.stop_ids
+        seqs = np.full((k["NS"], k["LS"]), -1, np.int32)
+        lens = np.zeros((k["NS"],), np.int32)
+        for j, seq in enumerate(req.stop_sequences):
+            seqs[j, k["LS"] - len(seq):] = seq
+            lens[j] = len(seq)
+        return dict(
+            keys=key_data, kind=np.int32(_KIND[type(m)]), max_new=np.int32(req.max_new_tokens),
+            temperature=np.float32(m.temperature), top_k=np.int32(getattr(m, "k", 0)),
+            top_p=np.float32(m.p if isinstance(m, TopP) else 1.0),
+            log_min_p=np.float32(math.log(m.p)) if isinstance(m, MinP) else np.float32(0.0),
+            stop_ids=stop_ids, stop_seqs=seqs, stop_lens=lens,
+        )
+
+    def run(self, params, requests: Sequence[Request], *, rng: int | jax.Array = 0,
+            max_segment_steps: int | None = None) -> list[RequestOutput]:
+        """Generate every request's completions (see the module docstring); `stats` describes the call."""
+        from rlhf_jax.sampling.sampler import SamplerParams, _as_key
+
+        if isinstance(requests, Request) or not all(isinstance(r, Request) for r in requests):
+            raise TypeError("generate_requests: requests must be a sequence of Request")
+        if not requests:
+            raise ValueError("generate_requests: no requests")
+        if not isinstance(params, SamplerParams):
+            params = self.sampler.load_params(params)
+        call_key = _as_key(rng)
+        bs, trash, s_count = self.block_size, self.trash, self.num_slots
+        kinds = tuple(sorted({_KIND[type(r.method)] for r in requests}))
+        arrays = []
+        for i, req in enumerate(requests):
+            key = call_key if req.seed is None else _as_key(req.seed)
+            if req.seed is None:
+                key = jax.random.fold_in(key, i)
+            arrays.append(self._request_arrays(i, req, np.asarray(jax.random.key_data(key))))
+
+        stats = self.stats = ContinuousStats(num_blocks=self.num_blocks, block_size=bs)
+        max_steps = np.int32(self.max_completion if max_segment_steps is None else max_segment_steps)
+        # A waiting entry: (request, samples, tokens so far per sample, log-probs so far).
+        Entry = collections.namedtuple("Entry", "req samples prefix_tokens prefix_logps")
+        waiting = collections.deque(Entry(i, tuple(range(r.num_samples)), None, None) for i, r in enumerate(requests))
+        results = [[None] * r.num_samples for r in requests]
+        slots: list = [None] * s_count                 # (request, sample, prefix tokens, prefix logps, order)
+        tables = np.full((s_count, self.max_blocks), trash, np.int32)
+        refcount = np.zeros((self.num_blocks + 1,), np.int64)
+        free = list(range(self.num_blocks - 1, -1, -1))     # a stack: free[-1] is taken first
+        position = np.zeros((s_count,), np.int64)
+        order = 0
+        state = self._empty_state()
+        p = params.tree
+
+        def release(slot):
+            for b in tables[slot]:
+                if b != trash:
+                    refcount[b] -= 1
+                    if refcount[b] == 0:
+                        free.append(int(b))
+            tables[slot] = trash
+            slots[slot] = None
+
+        def admit(entry) -> bool:
+            nonlocal state, order
+            req = requests[entry.req]
+            n = len(entry.samples)
+            prefix = [] if entry.prefix_tokens is None else list(entry.prefix_tokens)
+            tokens = np.asarray(list(req.prompt) + prefix, np.int32)
+            length = len(tokens)
+            open_slots = [i for i in range(s_count) if slots[i] is None]
+            shared = (length - 1) // bs if n > 1 else 0
+            own = -(-length // bs) - shared
+            needed = shared + n * own
+            running = s_count - len(open_slots)
+            if len(open_slots) < n:
+                return False
+            if len(free) < needed + (self.reserve_blocks * (running + n) if running else 0):
+                if not running:
+                    raise RuntimeError(f"generate_requests: request {entry.req} needs {needed} KV blocks; the "
+                                       f"pool has {self.num_blocks}")
+                return False
+            chosen = open_slots[:n]
+            shared_blocks = [free.pop() for _ in range(shared)]
+            for b in shared_blocks:
+                refcount[b] = n
+            copy_src = np.full((s_count,), trash, np.int32)
+            copy_dst = np.full((s_count,), trash, np.int32)
+            reset = np.zeros((s_count,), bool)
+            init = {f: np.array(getattr(state_host, f)) for f in _SLOT_FIELDS}
+            first_private = None
+            for j, slot in enumerate(chosen):
+                own_blocks = [free.pop() for _ in range(own)]
+                for b in own_blocks:
+                    refcount[b] = 1
+                row = shared_blocks + own_blocks
+                tables[slot] = trash
+                tables[slot, : len(row)] = row
+                if j == 0:
+                    first_private = own_blocks[-1]
+                else:
+                    copy_src[j], copy_dst[j] = first_private, own_blocks[-1]
+                t0 = len(prefix)
+                for f, v in arrays[entry.req].items():
+                    init[f][slot] = v
+                init["last_token"][slot] = tokens[-1]
+                init["position"][slot] = length - 1
+                init["t"][slot] = t0
+                init["sample_idx"][slot] = entry.samples[j]
+                recent = np.full((self.shapes["LS"],), -1, np.int32)
+                tail = prefix[-self.shapes["LS"]:]
+                if tail:
+                    recent[-len(tail):] = tail
+                init["recent"][slot] = recent
+                reset[slot] = True
+                slots[slot] = (entry.req, entry.samples[j], prefix, list(entry.prefix_logps or []), order)
+                order += 1
+                position[slot] = length - 1
+            width = self.sampler.bucket_for(length, 1)
+            prompt = np.full((1, width), self.sampler.pad_id, np.int32)
+            prompt[0, :length] = tokens
+            prefill_table = tables[chosen[0], : -(-width // bs)]
+            if prefill_table.shape[0] < -(-width // bs):
+                prefill_table = np.concatenate([prefill_table, np.full((-(-width // bs) - len(prefill_table),),
+                                                                        trash, np.int32)])
+            state = self._admit(p, state, prompt, prefill_table, copy_src, copy_dst, reset, init)
+            stats.admissions += 1
+            return True
+
+        # Host copies of the per-slot init fields (the device keeps the running values).
+        state_host = _HostFields(self, s_count)
+        while True:
+            while waiting and admit(waiting[0]):
+                waiting.popleft()
+            stats.peak_blocks_in_use = max(stats.peak_blocks_in_use, self.num_blocks - len(free))
+            running = [i for i in range(s_count) if slots[i] is not None]
+            if not running:
+                if waiting:
+                    raise RuntimeError("generate_requests: a request cannot be admitted (pool too small)")
+                break
+            top = max(position[i] for i in running)
+            width = next(w for w in self.view_widths if w * bs > top)
+            free_arr = np.zeros((self.num_blocks,), np.int32)
+            free_arr[: len(free)] = free
+            state, tables_dev, num_free = self._segment(p, state, tables, free_arr, np.int32(len(free)), max_steps,
+                                                        kinds=kinds, width=width)
+            fetched = jax.device_get((tables_dev, num_free, state.active, state.finished, state.stopped, state.t,
+                                      state.position, state.steps))
+            stats.host_round_trips += 1
+            new_tables, num_free, active, finished, stopped, t, pos, steps = fetched
+            stats.decode_steps += int(steps)
+            tables[:] = new_tables
+            for b in free[int(num_free):]:
+                refcount[b] = 1
+            del free[int(num_free):]
+            position[:] = pos
+            stats.peak_blocks_in_use = max(stats.peak_blocks_in_use, self.num_blocks - len(free))
+            if finished.any():
+                out_tokens, out_logps = jax.device_get((state.out_tokens, state.out_logps))
+                for slot in np.flatnonzero(finished):
+                    req_i, j, prefix, prefix_lp, _ = slots[slot]
+                    t0 = len(prefix)
+                    toks = np.concatenate([np.asarray(prefix, np.int32), out_tokens[slot, t0: t[slot]]])
+                    lps = np.concatenate([np.asarray(prefix_lp, np.float32), out_logps[slot, t0: t[slot]]])
+                    results[req_i][j] = (toks, lps, "stop" if stopped[slot] else "length")
+                    stats.useful_tokens += len(toks) - t0
+                    release(slot)
+            # Pool exhausted: preempt the newest running samples until the next step can allocate.
+            while True:
+                running = [i for i in range(s_count) if slots[i] is not None]
+                need = sum(1 for i in running if tables[i, min(position[i] // bs, self.max_blocks - 1)] == trash)
+                if not running or need <= len(free):
+                    break
+                victim = max(running, key=lambda i: slots[i][4])
+                req_i, j, prefix, prefix_lp, _ = slots[victim]
+                out_tokens, out_logps = jax.device_get((state.out_tokens[victim], state.out_logps[victim]))
+                t0 = len(prefix)
+                toks = list(prefix) + out_tokens[t0: t[victim]].tolist()
+                lps = list(prefix_lp) + out_logps[t0: t[victim]].tolist()
+                stats.useful_tokens += len(toks) - t0
+                release(victim)
+                state = state.replace(active=state.active.at[victim].set(False))
+                waiting.appendleft(Entry(req_i, (j,), toks, lps))
+                stats.preemptions += 1
+
+        outputs = []
+        for row in results:
+            outputs.append(RequestOutput(tokens=[r[0] for r in row], logprobs=[r[1] for r in row],
+                                         finish_reasons=[r[2] for r in row]))
+        return outputs
+
+
+class _HostFields:
+    """Default per-slot init arrays (numpy), copied by `admit` and overwritten for the reset slots."""
+
+    def __init__(self, batcher: ContinuousBatcher, s: int):
+        k = batcher.shapes
+        self.last_token = np.zeros((s,), np.int32)
+        self.position = np.zeros((s,), np.int32)
+        self.t = np.zeros((s,), np.int32)
+        self.max_new = np.zeros((s,), np.int32)
+        self.keys = np.zeros((s,) + batcher._key_shape, np.uint32)
+        self.sample_idx = np.zeros((s,), np.int32)
+        self.kind = np.zeros((s,), np.int32)
+        self.temperature = np.ones((s,), np.float32)
+        self.top_k = np.zeros((s,), np.int32)
+        self.top_p = np.ones((s,), np.float32)
+        self.log_min_p = np.zeros((s,), np.float32)
+        self.stop_ids = np.full((s, k["K"]), -1, np.int32)
+        self.stop_seqs = np.full((s, k["NS"], k["LS"]), -1, np.int32)
+        self.stop_lens = np.zeros((s, k["NS"]), np.int32)
+        self.recent = np.full((s, k["LS"]), -1, np.int32)
