@@ -6,8 +6,11 @@
 | reward model | `reward_model.RewardModelConfig` | `reward_model.RECIPE` | `losses.bradley_terry_loss` |
 | DPO, SimPO, ORPO, KTO | `dpo.DPOConfig` | `dpo.RECIPE` | `losses.dpo_loss`, `simpo_loss`, `orpo_loss`, `kto_loss` |
 | GRPO family | `rl.GRPORunConfig` | `rl.GRPO_RECIPE` | `steps.grpo_objective`, `steps.grpo_advantages` |
+| agentic GRPO (multi-turn, tools) | `agentic.AgenticGRPORunConfig` | `agentic.RECIPE` | the GRPO family on trajectories with action masks |
 | PPO | `rl.PPORunConfig` | `rl.PPO_RECIPE` | `steps.ppo_objective`, `advantages.gae` |
 | best-of-n | `rejection_sampling.RejectionSamplingConfig` | `rejection_sampling.RECIPE` | `rejection_sampling.select_best` |
+| process reward model | `prm.PRMConfig` | `prm.RECIPE` | `losses.process_reward.process_reward_loss` at step ends |
+| online DPO | `online_dpo.OnlineDPOConfig` | `online_dpo.RECIPE` | `losses.dpo_loss` on ranked samples (`online_dpo.rank_pairs`) |
 
 `recipe_for(config)` finds a config's recipe (what `rlhf-jax compile` uses), `stages.run_stages`
 chains the stages of a multi-stage experiment.
@@ -25,8 +28,11 @@ RECIPE_MODULES = {
     "RewardModelConfig": ("rlhf_jax.train.reward_model", "RECIPE"),
     "DPOConfig": ("rlhf_jax.train.dpo", "RECIPE"),
     "GRPORunConfig": ("rlhf_jax.train.rl", "GRPO_RECIPE"),
+    "AgenticGRPORunConfig": ("rlhf_jax.train.agentic", "RECIPE"),
     "PPORunConfig": ("rlhf_jax.train.rl", "PPO_RECIPE"),
     "RejectionSamplingConfig": ("rlhf_jax.train.rejection_sampling", "RECIPE"),
+    "PRMConfig": ("rlhf_jax.train.prm", "RECIPE"),
+    "OnlineDPOConfig": ("rlhf_jax.train.online_dpo", "RECIPE"),
 }
 
 
