@@ -19,14 +19,14 @@ prompt as their shared prefix, or TRL's explicit prompt/chosen/rejected messages
 Llama 3's chat template, prompts kept to 1024 tokens and sequences to 2048; malformed rows are
 skipped and reported.
 
-Recipe: sigmoid DPO, beta 0.1, learning rate 5e-7 (10% warm-up, linear decay), 128 pairs per step
-in 8 micro-batches, one epoch (about 480 steps), float32 parameters with bfloat16 compute, every layer
-rematerialized, FSDP over all chips: the policy's parameters and Adam moments (16 bytes per
-parameter, 128 GB) plus the frozen reference (32 GB) are spread over the slice, so 32 v5p chips
-(95 GB each) hold them with room for activations. It shows DPO at 8B scale: held-out
-`eval/rewards/accuracies` above chance and growing `eval/rewards/margins`. CI checks this config with
-`jax.eval_shape` at full size (8.03 B parameters) and an ahead-of-time compile at reduced depth on a
-CPU mesh (tests/test_experiments.py).
+Recipe: sigmoid DPO, beta 0.1, learning rate 5e-7 (10% warm-up, linear decay), 128 pairs per step in
+4 micro-batches (one pair per chip in each: 32 chips x 4 = 128), one epoch (about 480 steps),
+float32 parameters with bfloat16 compute, every layer rematerialized, FSDP over all chips: the
+policy's parameters and Adam moments (16 bytes per parameter, 128 GB) plus the frozen reference (32
+GB) are spread over the slice, so 32 v5p chips (95 GB each) hold them with room for activations. It
+shows DPO at 8B scale: held-out `eval/rewards/accuracies` above chance and growing
+`eval/rewards/margins`. CI checks this config with `jax.eval_shape` at full size (8.03 B parameters)
+and an ahead-of-time compile at reduced depth on a CPU mesh (tests/test_experiments.py).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> dpo.DPOConfig:
                                   decay_steps=432, weight_decay=0.0, max_grad_norm=1.0),
             algorithm=DPO(loss_type="sigmoid", beta=0.1),
             sampling=dpo.SampleEvalConfig(num_prompts=0),
-            train=TrainConfig(steps=480, eval_every=50, eval_batches=8, micro_batches=8),
+            train=TrainConfig(steps=480, eval_every=50, eval_batches=8, micro_batches=4),
             checkpoint=CheckpointConfig(every=100, keep=2, keep_best=1, best_metric="eval/rewards/accuracies",
                                         init_from="models/Llama-3.1-8B-Instruct"),
             logging=LoggingConfig(every=5),

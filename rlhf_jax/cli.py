@@ -96,26 +96,31 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise CLIError("compile: give an experiment (experiments/NAME.py) or model-preset options (--model ...)")
     parser = argparse.ArgumentParser(prog="rlhf-jax compile EXPERIMENT")
     _add_experiment_args(parser)
-    parser.add_argument("--topology", default=None)
+    parser.add_argument("--topology", default=None,
+                        help="TPU topology (v5e:2x4), accelerator type (v5litepod-16, v5p-64) or GPUs (h100-8)")
     parser.add_argument("--device-memory-gib", type=float, default=None)
+    parser.add_argument("--suggest", type=int, default=3, help="knobs to try by compiling when a run does not fit")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(rest)
-    _join(opts)
-    from rlhf_jax.train.aot import compile_run, run_configs  # noqa: PLC0415
-    from rlhf_jax.compile import format_report  # noqa: PLC0415
+    from rlhf_jax.targets import TargetError, gpu_device_count, parse_target_name  # noqa: PLC0415 (no JAX)
 
-    module, arg = load_experiment(opts.experiment)
-    config = experiment_config(module, arg, opts.set)
-    memory = None if opts.device_memory_gib is None else int(opts.device_memory_gib * 2**30)
-    reports = {}
-    for name, run in run_configs(config).items():
-        report = compile_run(run, topology=opts.topology, device_memory_bytes=memory)
-        print(f"== {name} ==\n{format_report(report)}")
-        reports[name] = report.to_dict()
-    if opts.json:
-        with open(opts.json, "w", encoding="utf-8") as f:
-            json.dump(reports, f, indent=2, default=str)
-    return 0 if all(r["fits"] for r in reports.values()) else 1
+    try:
+        if opts.topology is not None:
+            parse_target_name(opts.topology)  # a bad name fails before anything heavy is imported
+        _join(opts)
+        from rlhf_jax.train.aot import compile_command  # noqa: PLC0415
+
+        gpus = gpu_device_count(opts.topology)  # a GPU plan compiles for as many local devices (before JAX starts)
+        if gpus:
+            import jax  # noqa: PLC0415
+            from jax._src import xla_bridge  # noqa: PLC0415
+
+            if not xla_bridge.backends_are_initialized() and jax.config.jax_num_cpu_devices < gpus:
+                jax.config.update("jax_num_cpu_devices", gpus)
+        return compile_command(opts.experiment, sets=opts.set, topology=opts.topology,
+                               device_memory_gib=opts.device_memory_gib, json_path=opts.json, suggestions=opts.suggest)
+    except TargetError as e:
+        raise CLIError(str(e)) from e
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax import sharding as sh
+from rlhf_jax.targets import GPU_MEMORY_BYTES, TARGET_FORMS, TargetError, gpu_device_count, parse_target_name
 from rlhf_jax.sharding_lint import format_lint, lint
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.models.presets import PRESETS, get_config
@@ -36,6 +38,14 @@ from rlhf_jax.state import abstract_train_state
 
 __all__ = [
     "CompileReport",
+    "ProgramReport",
+    "Target",
+    "TargetError",
+    "gpu_device_count",
+    "resolve_target",
+    "compile_program",
+    "format_program",
+    "bytes_per_device",
     "TPU_MEMORY_GIB",
     "tpu_topology_devices",
     "abstract_batch",
@@ -47,6 +57,8 @@ __all__ = [
 ]
 
 StepKind = Literal["sft", "reward_model", "dpo"]
+
+EXIT_DOES_NOT_FIT = 3  # `rlhf-jax compile`: 0 fits, 3 does not fit, 2 bad input
 
 # High-bandwidth memory per TPU chip by `device_kind` (longest matching name wins), GiB.
 TPU_MEMORY_GIB = {"tpu v4": 32.0, "tpu v5 lite": 16.0, "tpu v5e": 16.0, "tpu v5": 95.0, "tpu v5p": 95.0,
@@ -88,6 +100,17 @@ class CompileReport:
         return dataclasses.asdict(self)
 
 
+def _size(n: float | None) -> str:
+    """Bytes in the unit that shows them: GiB from 0.1 GiB, else MiB (tiny runs), else KiB."""
+    if n is None:
+        return "?"
+    if abs(n) >= 0.1 * 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if abs(n) >= 0.1 * 2**20:
+        return f"{n / 2**20:.2f} MiB"
+    return f"{n / 2**10:.1f} KiB"
+
+
 def _gib(n: float | None) -> str:
     return "?" if n is None else f"{n / 2**30:.3f} GiB"
 
@@ -123,6 +146,7 @@ def tpu_topology_devices(topology: str, **kwargs) -> list:
     """
     from jax.experimental import topologies
 
+    _quiet_libtpu()
     try:
         return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
     except Exception as e:  # libtpu missing or the topology unknown: explain both
@@ -130,6 +154,81 @@ def tpu_topology_devices(topology: str, **kwargs) -> list:
             f"cannot describe TPU topology {topology!r}: {e}. It needs libtpu (pip install 'rlhf_jax[tpu]') "
             "and a name such as 'v5e:4x4', 'v4:2x2x2' or 'v5p:4x4x4'."
         ) from e
+
+
+def _quiet_libtpu() -> None:
+    """Settings for describing a TPU topology on a machine without TPUs (set before libtpu loads).
+
+    libtpu otherwise looks for the TPU VM's metadata and worker addresses and prints warnings, and
+    takes a lock file that lets one process at a time use it (compile-only devices need neither).
+    """
+    from jax._src import hardware_utils  # noqa: PLC0415
+
+    try:
+        on_tpu = hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:
+        on_tpu = False
+    if on_tpu:
+        return
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a plan is compiled for.
+
+    Attributes:
+      name: as given (e.g. "v5litepod-16").
+      label: what reports show (e.g. "v5e:4x4 (v5litepod-16)").
+      platform: "tpu", "gpu" or the local platform ("cpu").
+      devices: the devices the mesh is laid over (a TPU topology's compile-only devices, or local).
+      memory_bytes: memory per device for the fit check (None: unknown).
+      note: how the figures relate to the target (e.g. a GPU compiled for local shapes).
+    """
+
+    name: str
+    label: str
+    platform: str
+    devices: tuple
+    memory_bytes: int | None
+    note: str = ""
+
+
+def resolve_target(name: str | None, *, devices: Sequence[Any] | None = None) -> Target:
+    """The devices and per-device memory of a target name (`rlhf_jax.targets`), or of this machine.
+
+    Raises:
+      TargetError: an unknown or malformed name, no libtpu for a TPU name, or a GPU target needing
+        more local devices than there are (one line naming the value and the accepted forms).
+    """
+    if name is None:
+        local = list(devices) if devices is not None else jax.devices()
+        return Target("local", f"{local[0].platform} x{len(local)}", local[0].platform, tuple(local),
+                      _device_memory(local))
+    parsed = parse_target_name(name)
+    if parsed.kind == "gpu":
+        local = list(devices) if devices is not None else jax.devices()
+        if parsed.count > len(local):
+            raise TargetError(f"--topology {name!r} needs {parsed.count} devices but this process has {len(local)}; "
+                              f"pass --cpu-devices {parsed.count} (a GPU plan is compiled for this machine's platform)")
+        memory = GPU_MEMORY_BYTES[parsed.gpu]
+        return Target(name, parsed.label, "gpu", tuple(local[:parsed.count]), memory,
+                      note=f"compiled for {local[0].platform} devices (no GPU topology to compile for); memory "
+                           f"checked against {memory / 2**30:.1f} GiB per {parsed.gpu.upper()}")
+    if importlib.util.find_spec("libtpu") is None:
+        raise TargetError(f"--topology {name!r} needs libtpu to describe TPU chips: pip install 'rlhf_jax[tpu]'")
+    try:
+        tpu = tpu_topology_devices(parsed.topology)
+    except RuntimeError as e:
+        why = str(e.__cause__ or e).strip().splitlines()[0]
+        raise TargetError(f"unknown --topology {name!r}: {why}; accepted: {TARGET_FORMS}") from e
+    memory = _device_memory(tpu)
+    if memory is not None and len(tpu) > parsed.chips:  # v2-v4 list each TensorCore: they share the chip's HBM
+        memory = memory * parsed.chips // len(tpu)
+    return Target(name, parsed.label, "tpu", tuple(tpu), memory)
 
 
 def _device_memory(devices: Sequence[Any]) -> int | None:
@@ -151,6 +250,161 @@ def _device_memory(devices: Sequence[Any]) -> int | None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return total // max(1, len([x for x in devices if x.process_index == d.process_index]))
     return None
+
+
+# ------------------------------------------------------------------------------------------ programs
+
+
+def bytes_per_device(tree) -> int:
+    """Per-device bytes of a tree of arrays / ShapeDtypeStructs (each leaf's shard under its sharding)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if hasattr(sharding, "shard_shape") else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def largest_leaves(groups: Mapping[str, Any], top: int = 3) -> list[tuple[int, str, str]]:
+    """The `top` largest per-device argument arrays: `(bytes, "group/path", "dtype[shard shape]")`."""
+    out = []
+    for group, tree in groups.items():
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            sharding = getattr(leaf, "sharding", None)
+            shape = sharding.shard_shape(leaf.shape) if sharding is not None and hasattr(sharding, "shard_shape") \
+                else leaf.shape
+            n = math.prod(shape) * np.dtype(leaf.dtype).itemsize
+            out.append((n, f"{group}{jax.tree_util.keystr(path)}", f"{np.dtype(leaf.dtype).name}{list(shape)}"))
+    out.sort(key=lambda x: -x[0])
+    return out[:top]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramReport:
+    """One compiled program of a run, per device.
+
+    Attributes:
+      name: e.g. "update", "reference log-probs", "sampler decode".
+      ok: compiled; `error` holds the compiler's message when not (e.g. TPU RESOURCE_EXHAUSTED).
+      arguments: per-device argument bytes by kind ("parameters", "optimizer state", "reference",
+        "sampler weights", "KV cache", "batch", ...), from the arguments' shapes and shardings.
+      argument_bytes, output_bytes, alias_bytes, temp_bytes, peak_bytes: XLA's memory analysis
+        (peak: XLA's, or arguments + outputs - aliased + temporaries when larger).
+      required_bytes: the compiler's own figure when it ran out of memory (else 0).
+      flops: per-device FLOPs of one execution, loop bodies counted as often as they run
+        (`hlo_analysis`); xla_flops: XLA's cost analysis (loop bodies once).
+      collectives: per-device bytes by collective kind, and "total".
+      largest: the largest buffers: `(bytes, what, where)`.
+      compile_seconds: wall time of the compilation.
+      note: e.g. "x 1024 decode steps" or "figures from a v5p:2x2x2 compile (same mesh)".
+    """
+
+    name: str
+    ok: bool
+    error: str = ""
+    arguments: dict[str, int] = dataclasses.field(default_factory=dict)
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    peak_bytes: int = 0
+    required_bytes: int = 0
+    flops: float | None = None
+    xla_flops: float | None = None
+    collectives: dict[str, int] = dataclasses.field(default_factory=dict)
+    largest: tuple = ()
+    compile_seconds: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _oom_required(message: str) -> int:
+    """The bytes a TPU compiler said it needed ("... HLO temporaries (19.85G) exceeds ...")."""
+    import re  # noqa: PLC0415
+
+    m = re.search(r"(?:required|Used)[^()]*\(?\s*([\d.]+)\s*([KMGT])i?B?\)?", message)
+    if not m:
+        return 0
+    return int(float(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)])
+
+
+def compile_program(name: str, lower: Any, groups: Mapping[str, Any], *,
+                    compiler_options: Mapping[str, Any] | None = None, unknown_trip_count: int | None = None,
+                    note: str = "") -> ProgramReport:
+    """Lower and compile one program; report its per-device memory split, FLOPs and collectives.
+
+    Args:
+      name: the program's name in the report.
+      lower: `() -> jax.stages.Lowered` (e.g. `lambda: step.lower(*args)`).
+      groups: the program's arguments by kind (`{"parameters": tree, "batch": tree, ...}`, trees of
+        ShapeDtypeStructs with shardings): the argument split.
+      compiler_options: XLA options for this compilation.
+      unknown_trip_count: trips of loops XLA cannot count (a decode loop: max_new_tokens).
+      note: carried into the report.
+
+    Returns:
+      A `ProgramReport`; a compilation failure (out of memory) is `ok=False` with the message and,
+      when the compiler states it, the bytes it needed.
+    """
+    from rlhf_jax.hlo_analysis import analyze_hlo  # noqa: PLC0415
+
+    arguments = {k: bytes_per_device(v) for k, v in groups.items()}
+    largest = tuple((n, f"argument {path}", shape) for n, path, shape in largest_leaves(groups))
+    t0 = time.perf_counter()
+    try:
+        lowered = lower()
+        # `lower` may hand back a program it compiled itself (to read its output shardings).
+        compiled = lowered.compile(compiler_options=dict(compiler_options or {})) if hasattr(lowered, "compile") \
+            else lowered
+    except sh.ShardingError:
+        raise
+    except Exception as e:  # the compiler refusing (out of memory): a report, not a crash
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return ProgramReport(name, ok=False, error=message, arguments=arguments, argument_bytes=sum(arguments.values()),
+                             required_bytes=_oom_required(message), largest=largest,
+                             compile_seconds=time.perf_counter() - t0, note=note)
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+    alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
+    peak = max(int(getattr(mem, "peak_memory_in_bytes", 0) or 0), arg + out - alias + temp)
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        xla_flops = float(cost["flops"]) if cost and cost.get("flops") is not None else None
+    except Exception:
+        xla_flops = None
+    stats = analyze_hlo(compiled.as_text(), xla_flops=xla_flops, unknown_trip_count=unknown_trip_count)
+    buffers = tuple((n, f"temporary {shape}", where) for n, shape, where in stats.largest)
+    merged = tuple(sorted(largest + buffers, key=lambda b: -b[0])[:5])
+    return ProgramReport(name, ok=True, arguments=arguments, argument_bytes=arg, output_bytes=out, alias_bytes=alias,
+                         temp_bytes=temp, peak_bytes=peak, flops=stats.flops, xla_flops=xla_flops,
+                         collectives=stats.collectives, largest=merged, compile_seconds=seconds, note=note)
+
+
+def format_program(p: ProgramReport, memory: int | None = None) -> str:
+    """A program's lines in a plan: memory split, peak, FLOPs, collectives, largest buffers."""
+    split = ", ".join(f"{k} {_size(v)}" for k, v in p.arguments.items() if v)
+    lines = [f"-- {p.name}{'  (' + p.note + ')' if p.note else ''}",
+             f"   arguments {_size(p.argument_bytes)}" + (f" = {split}" if split else "")]
+    if p.ok:
+        share = f" ({p.peak_bytes / memory:.0%} of {_size(memory)})" if memory else ""
+        lines.append(f"   outputs {_size(p.output_bytes)} (aliased {_size(p.alias_bytes)}), temporaries "
+                     f"{_size(p.temp_bytes)}, peak {_size(p.peak_bytes)}{share}")
+        flops = "?" if p.flops is None else f"{p.flops:.3e}"
+        xla = "" if p.xla_flops is None or p.flops is None or abs(p.flops - p.xla_flops) < 1e-3 * max(p.flops, 1) \
+            else f" (XLA's count, loop bodies once: {p.xla_flops:.3e})"
+        lines.append(f"   FLOPs per device {flops}{xla}; compiled in {p.compile_seconds:.1f} s")
+        coll = {k: v for k, v in p.collectives.items() if k != "total" and v}
+        lines.append("   collectives per device: " + (", ".join(f"{k} {_size(v)}" for k, v in coll.items()) or "none"))
+    else:
+        need = f"; the compiler needed {_size(p.required_bytes)}" if p.required_bytes else ""
+        lines.append(f"   did not compile: {p.error}{need}")
+    if p.largest:
+        lines.append("   largest: " + "; ".join(f"{_size(n)} {what} ({where})" for n, what, where in p.largest[:3]))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ abstract args
@@ -371,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="sequences (or pairs) per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--micro-batches", type=int, default=1)
-    p.add_argument("--topology", default=None, help="TPU topology to compile for, e.g. v5e:4x4 or v5p:4x4x4 (needs libtpu)")
+    p.add_argument("--topology", default=None, help=f"target to compile for: {TARGET_FORMS}")
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="simulate this many CPU devices (must come before JAX starts its backend)")
     p.add_argument("--device-memory-gib", type=float, default=None, help="memory per device for the fit check")
@@ -382,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`rlhf-jax compile ...`: print the compile report; exit 0 if it fits, 1 if not, 2 on bad input."""
+    """`rlhf-jax compile ...`: print the compile report; exit 0 if it fits, 3 if not, 2 on bad input."""
     args = build_parser().parse_args(argv)
     if args.cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -393,14 +647,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown --model {args.model!r}; presets: {', '.join(sorted(PRESETS))}", file=sys.stderr)
         return 2
     try:
-        if args.topology:
-            devices = tpu_topology_devices(args.topology)
-            target = args.topology
-        else:
-            devices = jax.devices("cpu") if args.cpu_devices is not None else jax.devices()
-            target = None
+        resolved = resolve_target(args.topology)
+        devices = list(resolved.devices)
+        target = resolved.label if args.topology else None
         mesh = sh.make_mesh(args.mesh, devices=devices)
-        memory = None if args.device_memory_gib is None else int(args.device_memory_gib * 2**30)
+        memory = resolved.memory_bytes if args.topology else None
+        memory = memory if args.device_memory_gib is None else int(args.device_memory_gib * 2**30)
         options = {}
         for item in args.compiler_options:
             key, sep, value = item.partition("=")
@@ -417,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report.to_dict(), f, indent=2)
-    return 0 if report.fits else 1
+    return 0 if report.fits else EXIT_DOES_NOT_FIT
 
 
 if __name__ == "__main__":

@@ -17,13 +17,21 @@ import jax
 import numpy as np
 
 from rlhf_jax import sharding as sh
-from rlhf_jax.compile import CompileReport, aot_compile, tpu_topology_devices
+from rlhf_jax.compile import (
+    CompileReport,
+    ProgramReport,
+    Target,
+    aot_compile,
+    bytes_per_device,
+    resolve_target,
+    tpu_topology_devices,
+)
 from rlhf_jax.config import ConfigError
 from rlhf_jax.train import recipe_for
-from rlhf_jax.train.recipe import Program
+from rlhf_jax.train.recipe import Program, with_shardings
 from rlhf_jax.train.run_config import RunConfig
 
-__all__ = ["run_configs", "build_program", "compile_run"]
+__all__ = ["run_configs", "build_program", "compile_run", "RunPlan", "plan_run", "format_plan"]
 
 
 def run_configs(config: Any) -> dict[str, RunConfig]:
@@ -80,3 +88,363 @@ def _bytes_per_device(tree) -> int:
         shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
         total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+# ------------------------------------------------------------------------------------- run plans
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Every program a run compiles, per device, and the run's peak against the target's memory.
+
+    Attributes:
+      name: the run config's name.
+      target: the target's label; note: how figures relate to it.
+      memory_bytes: memory per device (None: unknown).
+      programs: one `ProgramReport` per program the run executes.
+      resident: per-device bytes that stay allocated between programs, by kind (the train state's
+        parameters and optimizer state, the reference, sampler weights, reward model).
+      peak_bytes: the run's peak per device: the largest over programs of the program's peak plus
+        the resident buffers it does not take as arguments; peak_program names it.
+      fits: the run's peak fits (and every program compiled).
+      suggestions: `(knob, verdict)` pairs, each from compiling the changed config.
+    """
+
+    name: str
+    target: str
+    memory_bytes: int | None
+    programs: tuple[ProgramReport, ...]
+    resident: dict[str, int]
+    peak_bytes: int
+    peak_program: str
+    fits: bool
+    note: str = ""
+    suggestions: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _split_state(state) -> dict[str, Any]:
+    """A train / RL state's arguments by kind: parameters, optimizer state, reference, other."""
+    groups: dict[str, list] = {"parameters": [], "optimizer state": [], "reference": [], "state (other)": []}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        names = [str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", "")))) for k in path]
+        if "opt_state" in names:
+            groups["optimizer state"].append(leaf)
+        elif "reference" in names[:1]:
+            groups["reference"].append(leaf)
+        elif "params" in names:
+            groups["parameters"].append(leaf)
+        else:
+            groups["state (other)"].append(leaf)
+    return {k: v for k, v in groups.items() if v}
+
+
+def _with(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _programs(config: RunConfig, program: Program, mesh, options) -> tuple[list[ProgramReport], dict[str, int], dict]:
+    """Compile every program a run of `config` executes; return them, the resident bytes and who uses what."""
+    from rlhf_jax.compile import compile_program  # noqa: PLC0415
+
+    state_abs = with_state(program)
+    args = program.abstract_args()
+    groups = {**_split_state(state_abs), "batch": args[1]}
+    if program.frozen:
+        groups["reference"] = list(program.frozen)
+    reports = [compile_program("update step", lambda: program.step.lower(*args), groups, compiler_options=options)]
+    resident = {k: bytes_per_device(v) for k, v in _split_state(state_abs).items()}
+    if program.frozen:
+        resident["reference"] = bytes_per_device(list(program.frozen))
+    uses = {"update step": set(resident)}
+    family = recipe_for(config).name
+    if family in ("sft", "reward_model", "dpo"):
+        reports_more, uses_more = _supervised_programs(config, program, mesh, state_abs, options)
+    elif family in ("grpo", "ppo"):
+        reports_more, uses_more, extra_resident = _rl_programs(config, program, mesh, state_abs, options)
+        resident.update(extra_resident)  # the sampler's weights and a reward model stay during the update
+    else:
+        reports_more, uses_more = [], {}
+    reports += reports_more
+    uses.update(uses_more)
+    return reports, resident, uses
+
+
+def with_state(program: Program):
+    return with_shardings(program.state.abstract(), program.state.shardings())
+
+
+def _supervised_programs(config, program: Program, mesh, state_abs, options):
+    """SFT / reward model / DPO family: the held-out loss eval and DPO's reference log-prob pass."""
+    from rlhf_jax.compile import compile_program  # noqa: PLC0415
+    from rlhf_jax.train import dpo as dpo_mod, reward_model as rm_mod, sft as sft_mod, supervised  # noqa: PLC0415
+
+    family = recipe_for(config).name
+    model, strategy = program.parts["model"], config.mesh.strategy
+    params = state_abs.params
+    batch = {k: v for k, v in program.batch.items() if not k.startswith("ref_")}
+    reports, uses = [], {}
+    if family == "dpo":
+        objective, segments = config.algorithm, dpo_mod.num_segments(config)
+        # The reference the run passes: the frozen copy, or the policy's own (LoRA: its base) weights.
+        reference = program.frozen[0] if program.frozen else (
+            params if dpo_mod.lora_of(model) is None else dpo_mod.base_params(params))
+        if objective.needs_reference:
+            ref_fn = dpo_mod.make_reference_logps_fn(dpo_mod.reference_model(model), mesh=mesh, objective=objective,
+                                                     strategy=strategy, max_segments=segments,
+                                                     logits_chunk_size=config.logits_chunk_size)
+            when = "precomputed once before training" if config.reference == "precomputed" else "eval batches, once"
+            reports.append(compile_program("reference log-probs", lambda: ref_fn.program.lower(reference, batch),
+                                           {"reference": reference, "batch": batch}, compiler_options=options,
+                                           note=when))
+            uses["reference log-probs"] = {"reference"} if program.frozen else {"parameters"}
+        if config.data.eval is not None and objective.paired:
+            evaluate = dpo_mod.make_preference_eval(model, objective, [], reference, mesh=mesh, strategy=strategy,
+                                                    max_segments=segments, logits_chunk_size=config.logits_chunk_size)
+            eval_batch = {**batch, **(dpo_mod._precomputed_shapes(config, mesh) if objective.needs_reference else {})}
+            reports.append(compile_program("eval (held-out loss)", lambda: evaluate.program.lower(params, eval_batch),
+                                           {"parameters": params, "batch": eval_batch}, compiler_options=options))
+            uses["eval (held-out loss)"] = {"parameters"}
+    elif config.data.eval is not None:
+        if family == "sft":
+            evaluate = sft_mod.make_sft_eval(model, [], mesh=mesh, strategy=strategy)
+        else:
+            evaluate = rm_mod.make_reward_model_eval(model, [], mesh=mesh, strategy=strategy,
+                                                     max_segments=supervised.num_segments(config))
+        reports.append(compile_program("eval (held-out loss)", lambda: evaluate.program.lower(params, batch),
+                                       {"parameters": params, "batch": batch}, compiler_options=options))
+        uses["eval (held-out loss)"] = {"parameters"}
+    return reports, uses
+
+
+def _rl_programs(config, program: Program, mesh, state_abs, options):
+    """Online RL: weight hand-off, sampler prefill and decode loop, reference pass, reward-model scoring."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from rlhf_jax.compile import compile_program  # noqa: PLC0415
+    from rlhf_jax.models import CausalLM  # noqa: PLC0415
+    from rlhf_jax.rollout import sequence_scores  # noqa: PLC0415
+    from rlhf_jax.sampling import Categorical, Sampler, default_prompt_buckets  # noqa: PLC0415
+    from rlhf_jax.models.lora import base_params  # noqa: PLC0415
+    from rlhf_jax.train import rl as rl_mod  # noqa: PLC0415
+    from rlhf_jax.train.adapters import lora_of  # noqa: PLC0415
+
+    algorithm = program.parts["algorithm"]
+    strategy = config.mesh.strategy
+    prompt_len, new = rl_mod._prompt_len(config), config.rollout.max_new_tokens
+    sampler = Sampler(algorithm.sampling_model, max_len=prompt_len + new,
+                      prompt_buckets=default_prompt_buckets(prompt_len), mesh=mesh, strategy=strategy,
+                      dtype=config.rollout.sampler_dtype)
+    reports, uses, resident = [], {}, {}
+    policy_params = algorithm.lm_params(state_abs.policy.params)
+    if lora_of(algorithm.policy) is None:
+        plain = policy_params  # what the trainer hands over, in the trainer's layout
+    else:  # LoRA: merged weights, laid out like the base
+        base = base_params(policy_params)
+        plain = _with(jax.eval_shape(algorithm.sampling_params, policy_params),
+                      jax.tree.map(lambda x: x.sharding, base))
+    handoff = compile_program("weight hand-off (trainer -> sampler layout)", lambda: sampler._handoff.lower(plain),
+                              {"parameters": plain}, compiler_options=options)
+    reports.append(handoff)
+    uses[handoff.name] = {"parameters"}
+    decode_params = _with(jax.eval_shape(sampler._handoff_fn, plain), sampler._decode_shardings)
+    resident["sampler weights"] = bytes_per_device(decode_params)
+    prompts = config.data.batch_size
+    split = sh.batch_axis_size(mesh, strategy)
+    prompts = -(-prompts // split) * split
+    width = sampler.bucket_for(prompt_len, new)
+    rows = sh.batch_sharding(mesh, strategy)
+    tokens = jax.ShapeDtypeStruct((prompts, width), jnp.int32, sharding=rows)
+    lengths = jax.ShapeDtypeStruct((prompts,), jnp.int32, sharding=rows)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sh.replicated(mesh))
+    group = algorithm.group_size
+    prefill = sampler._prefill.lower(decode_params, tokens, lengths, key, max_new_tokens=new, num_samples=group)
+    shape_note = f"{prompts} prompts x {group} samples, prompt {width} + {new} new tokens"
+    compiled = {}
+
+    def compile_prefill():
+        compiled["prefill"] = prefill.compile(compiler_options=dict(options or {}))
+        return compiled["prefill"]
+
+    reports.append(compile_program("sampler prefill", compile_prefill, {"sampler weights": decode_params,
+                                                                        "batch": (tokens, lengths)},
+                                   compiler_options=options, note=shape_note))
+    uses["sampler prefill"] = {"sampler weights"}
+    if "prefill" not in compiled:  # it did not compile: the decode loop cannot be laid out either
+        return reports, uses, resident
+    # The loop state as the compiled prefill lays it out (rows over the batch axes, cache heads split).
+    state_abs_s = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), prefill.out_info,
+                               compiled["prefill"].output_shardings)
+    kv = [state_abs_s.cache_k, state_abs_s.cache_v]
+    method = Categorical(temperature=config.algorithm.temperature)
+    stop = (config.model.vocab_size - 1,)
+    decode_groups = {"sampler weights": decode_params, "KV cache": kv, "batch": (tokens, lengths)}
+    reports.append(compile_program(
+        "sampler decode loop", lambda: sampler._decode.lower(decode_params, state_abs_s, tokens, lengths, method=method,
+                                                             stop_ids=stop, num_samples=group),
+        decode_groups, compiler_options=options, unknown_trip_count=new,
+        note=f"{shape_note}; FLOPs for all {new} steps, KV cache {bytes_per_device(kv) / 2**30:.3f} GiB per device"))
+    uses["sampler decode loop"] = {"sampler weights"}
+    batch = program.batch
+    if config.algorithm.uses_reference:
+        ref_fn = rl_mod._reference_logps(algorithm.reference_model, config.algorithm)
+        reference = state_abs.reference if state_abs.reference is not None else policy_params
+        args = (reference, batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"])
+        reports.append(compile_program(
+            "reference log-probs", lambda: ref_fn.lower(*args, group_size=algorithm.reference_group),
+            {"reference": reference, "batch": args[1:]}, compiler_options=options))
+        uses["reference log-probs"] = {"reference"} if state_abs.reference is not None else {"parameters"}
+    if "reward_model" in config.rewards.functions:
+        rm = CausalLM(config.model, head="scalar")
+        rm_params = _with(rm.abstract_params(), sh.param_shardings(rm.abstract_params(), rm.logical_axes, mesh=mesh,
+                                                                 strategy=strategy))
+        b = config.rewards.reward_model_batch_size
+        data = sh.batch_sharding(mesh, strategy)
+        rollout = (jax.ShapeDtypeStruct((b, width), jnp.int32, sharding=data),
+                   jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data),
+                   jax.ShapeDtypeStruct((b, new), jnp.int32, sharding=data),
+                   jax.ShapeDtypeStruct((b, new), jnp.float32, sharding=data))
+        score = jax.jit(lambda p, *r: sequence_scores(rm, p, *r))
+        reports.append(compile_program(
+            "reward-model scoring", lambda: score.lower(rm_params, *rollout), {"reward model": rm_params,
+                                                                                 "batch": rollout},
+            compiler_options=options, note=f"{b} rows per call; the policy's architecture (the checkpoint's "
+                                           "config when it exists at run time)"))
+        resident["reward model"] = bytes_per_device(rm_params)
+        uses["reward-model scoring"] = {"reward model"}
+    return reports, uses, resident
+
+
+def plan_run(config: RunConfig, *, target: Target | None = None, device_memory_bytes: int | None = None,
+             compiler_options: dict[str, Any] | None = None) -> RunPlan:
+    """Compile every program a run of `config` executes, for its mesh on `target`; the run's peak and fit.
+
+    The run's peak per device is, over its programs, the program's own peak plus the buffers that
+    stay allocated while it runs and are not among its arguments (the train state during an
+    evaluation or the sampler's loop, the sampler's weights and a reward model during the update).
+    """
+    target = target or resolve_target(None)
+    mesh = sh.make_mesh(config.mesh.shape, devices=list(target.devices))
+    program = recipe_for(config).build(config, mesh)
+    reports, resident, uses = _programs(config, program, mesh, compiler_options)
+    memory = device_memory_bytes if device_memory_bytes is not None else target.memory_bytes
+    peak, where = 0, ""
+    for p in reports:
+        own = p.peak_bytes if p.ok else max(p.required_bytes, p.argument_bytes)
+        total = own + sum(v for k, v in resident.items() if k not in uses.get(p.name, set()) and k not in p.arguments)
+        if total > peak:
+            peak, where = total, p.name
+    fits = all(p.ok for p in reports) and (memory is None or peak <= memory)
+    return RunPlan(config.name, target.label, memory, tuple(reports), resident, peak, where, fits, note=target.note)
+
+
+def format_plan(plan: RunPlan) -> str:
+    """The plan as text: each program, the resident buffers, the run's peak and the verdict."""
+    from rlhf_jax.compile import _size, format_program  # noqa: PLC0415
+
+    lines = [f"== {plan.name} on {plan.target}" + (f"  ({plan.note})" if plan.note else "")]
+    lines += [format_program(p, plan.memory_bytes) for p in plan.programs]
+    lines.append("resident between programs: " + ", ".join(f"{k} {_size(v)}" for k, v in plan.resident.items() if v))
+    share = f" = {plan.peak_bytes / plan.memory_bytes:.0%} of {_size(plan.memory_bytes)}" if plan.memory_bytes else ""
+    lines.append(f"run peak per device: {_size(plan.peak_bytes)} during {plan.peak_program!r}{share}")
+    failed = [p.name for p in plan.programs if not p.ok]
+    if plan.fits:
+        lines.append("verdict: FITS")
+    else:
+        why = f"{', '.join(failed)} did not compile" if failed else "the peak exceeds the device memory"
+        lines.append(f"verdict: DOES NOT FIT ({why})")
+        worst = max(plan.programs, key=lambda p: p.peak_bytes if p.ok else p.required_bytes)
+        lines += [f"  largest in {worst.name!r}: {_size(n)} {what} ({where})" for n, what, where in worst.largest[:5]]
+    for knob, verdict in plan.suggestions:
+        lines.append(f"  try --set {knob}: {verdict}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ suggestions
+
+
+def _knobs(config: RunConfig, ways: int) -> list[str]:
+    """Config changes that shrink the largest programs: remat, micro-batches, FSDP size, sampler batch, length."""
+    knobs = []
+    if getattr(config.model, "remat", "full") != "full":
+        knobs.append("model.remat=full")
+    mesh, m, b = config.mesh, config.train.micro_batches, config.data.batch_size
+    if b % (2 * m * ways) == 0:
+        knobs.append(f"train.micro_batches={2 * m}")
+    if mesh.strategy != "fsdp" or mesh.data != 1 or mesh.tensor != 1:
+        knobs.append("mesh.strategy=fsdp mesh.data=1 mesh.fsdp=-1 mesh.tensor=1")
+    rollout = getattr(config, "rollout", None)
+    if rollout is not None and b % (2 * ways) == 0:
+        knobs.append(f"data.batch_size={b // 2}")
+    if rollout is not None and rollout.max_new_tokens >= 64:
+        knobs.append(f"rollout.max_new_tokens={rollout.max_new_tokens // 2}")
+    elif getattr(config.data, "max_len", None) and config.data.max_len >= 128:
+        knobs.append(f"data.max_len={config.data.max_len // 2}")
+    return knobs
+
+
+def suggest(config: RunConfig, plan: RunPlan, *, target: Target, compiler_options=None, limit: int = 3
+            ) -> tuple[tuple[str, str], ...]:
+    """Try each knob of `_knobs` (up to `limit`) by planning the changed config; `(knob, verdict)` pairs."""
+    from rlhf_jax.compile import _size  # noqa: PLC0415
+    from rlhf_jax.config import override  # noqa: PLC0415
+
+    mesh = sh.make_mesh(config.mesh.shape, devices=list(target.devices))
+    out = []
+    for knob in _knobs(config, sh.batch_axis_size(mesh, config.mesh.strategy))[:limit]:
+        try:
+            changed = override(config, knob.split())
+            other = plan_run(changed, target=target, device_memory_bytes=plan.memory_bytes,
+                             compiler_options=compiler_options)
+        except (ConfigError, sh.ShardingError, ValueError) as e:
+            out.append((knob, f"not applicable: {str(e).splitlines()[0]}"))
+            continue
+        share = f" ({other.peak_bytes / other.memory_bytes:.0%})" if other.memory_bytes else ""
+        verdict = "fits" if other.fits else "still does not fit"
+        out.append((knob, f"{verdict}, run peak {_size(other.peak_bytes)}{share} during {other.peak_program!r}"))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------- command
+
+
+def compile_command(experiment: str, *, sets=(), topology: str | None = None, device_memory_gib: float | None = None,
+                    json_path: str | None = None, suggestions: int = 3, compiler_options=None) -> int:
+    """`rlhf-jax compile experiments/NAME.py[:ARG]`: plan every run of the experiment; 0 fits, 3 not, 2 bad input.
+
+    Raises:
+      CLIError-like user errors (`ConfigError`, `ShardingError`, `TargetError`) for the CLI's one line.
+    """
+    import json  # noqa: PLC0415
+
+    from rlhf_jax.cli import experiment_config, load_experiment  # noqa: PLC0415
+    from rlhf_jax.compile import EXIT_DOES_NOT_FIT  # noqa: PLC0415
+
+    target = resolve_target(topology)
+    module, arg = load_experiment(experiment)
+    config = experiment_config(module, arg, sets)
+    runs = run_configs(config)
+    for run in runs.values():  # every run's mesh and batch split, before anything compiles
+        mesh = sh.make_mesh(run.mesh.shape, devices=list(target.devices))
+        ways = sh.batch_axis_size(mesh, run.mesh.strategy) * run.train.micro_batches
+        if run.data.batch_size % ways:
+            raise sh.ShardingError(
+                f"{run.name}: data.batch_size {run.data.batch_size} is not divisible by the {ways} rows per step "
+                f"the mesh {dict(mesh.shape)} on {target.label} splits it into (data-parallel ways x "
+                f"train.micro_batches {run.train.micro_batches}); use a multiple of {ways} or fewer data axes")
+    memory = None if device_memory_gib is None else int(device_memory_gib * 2**30)
+    plans = {}
+    for name, run in runs.items():
+        plan = plan_run(run, target=target, device_memory_bytes=memory, compiler_options=compiler_options)
+        if not plan.fits and suggestions:
+            plan = dataclasses.replace(plan, suggestions=suggest(run, plan, target=target,
+                                                                 compiler_options=compiler_options, limit=suggestions))
+        print(format_plan(plan), flush=True)
+        plans[name] = plan
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump({k: p.to_dict() for k, p in plans.items()}, f, indent=2, default=str)
+    return 0 if all(p.fits for p in plans.values()) else EXIT_DOES_NOT_FIT
