@@ -139,6 +139,10 @@ class Recipe:
       progress_keys: metrics shown on the progress bar.
       check: `(config, hooks) -> None`, raising `ConfigError` for a combination the family cannot
         run, before any data is read.
+      mesh: `config -> Mesh` of the trainer (None: `config.mesh` over all devices); online RL
+        leaves the sampler's own devices out (`off_policy.sampler_devices`).
+      load_data: `config -> RunData` for a family whose data is none of the four kinds (e.g. the
+        step-labelled rows of process reward models); None: `load_run_data(config, data_kind)`.
     """
 
     name: str
@@ -147,6 +151,8 @@ class Recipe:
     trainer: Callable[[Context], Trainer]
     progress_keys: tuple[str, ...] = ("loss",)
     check: Callable[[Any, Mapping[str, Any]], None] = _no_check
+    mesh: Callable[[Any], Mesh] | None = None
+    load_data: Callable[[Any], RunData] | None = None
 
 
 def run(recipe: Recipe, config, **hooks) -> dict[str, Any]:
@@ -164,8 +170,8 @@ def run(recipe: Recipe, config, **hooks) -> dict[str, Any]:
       `{"run_dir", "step", "stopped_by", "eval": last eval metrics, "train": last train metrics}`.
     """
     recipe.check(config, hooks)
-    data = load_run_data(config, recipe.data_kind(config))
-    mesh = config.mesh.make_mesh()
+    data = load_run_data(config, recipe.data_kind(config)) if recipe.load_data is None else recipe.load_data(config)
+    mesh = config.mesh.make_mesh() if recipe.mesh is None else recipe.mesh(config)
     program = recipe.build(config, mesh)
     with open_run(config.run_dir, run_config=config, checkpoint=config.checkpoint, model_config=config.model) as run_dir:
         if is_main():

@@ -15,6 +15,11 @@ The math lives in `rlhf_jax.steps`: `grpo_objective` / `grpo_advantages` (GRPO f
 4. `reference`: the frozen reference policy's log-probs of the completions (one jitted forward);
 5. `update`: the algorithm's jitted step (epochs x minibatches inside).
 
+With `off_policy.enabled` (one-step off-policy, `rlhf_jax.train.off_policy`) a step trains on the
+rollouts the previous step sampled, and samples the next step's (`time/overlapped_rollouts`) while
+its update runs; `off_policy.sampler_devices` gives the sampler devices of its own (the trainer's
+mesh takes the rest), `off_policy.sampler_mesh` its layout (e.g. tensor parallel).
+
 Evaluation (every `train.eval_every` steps, and before the first): completions for the held-out
 prompts (`data.eval`), scored by the training rewards (`eval/reward`), by the synthetic task's
 grader (`eval/accuracy` for arithmetic, `eval/gold_reward` for the vowel task), and the KL to the
@@ -24,6 +29,7 @@ prompt iterator, so a restarted run resumes where it stopped.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
@@ -45,6 +51,8 @@ from rlhf_jax.steps import GRPOConfig, PPOConfig
 from rlhf_jax.steps.common import jit_step
 from rlhf_jax.train.data import batches_from, eval_batches, load_run_data, load_split, train_batches
 from rlhf_jax.train.evals import make_policy_eval
+from rlhf_jax.train.off_policy import (Lookahead, OffPolicyConfig, check_devices, check_off_policy, policy_staleness,
+                                       split_devices)
 from rlhf_jax.train.recipe import Context, Program, Recipe, Trainer, run
 from rlhf_jax.train.rl_algorithms import GRPO, PPO, RLAlgorithm
 from rlhf_jax.train.rollouts import DEVICE_KEYS, RolloutCollector, RolloutConfig
@@ -86,6 +94,7 @@ class GRPORunConfig(RunConfig):
     algorithm: GRPOConfig = GRPOConfig()
     rollout: RolloutConfig = RolloutConfig()
     rewards: RewardConfig = RewardConfig()
+    off_policy: OffPolicyConfig = OffPolicyConfig()
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,6 +117,7 @@ class PPORunConfig(RunConfig):
     rewards: RewardConfig = RewardConfig(functions=("reward_model", "missing_eos"))
     value: ValueConfig = ValueConfig()
     ptx_data: str | None = None
+    off_policy: OffPolicyConfig = OffPolicyConfig()
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,11 +133,14 @@ def _check_rl(config) -> None:
                           "algorithm.micro_batches (micro-batches per minibatch)")
     if config.data.pack:
         raise ConfigError("data.pack must be false for RL prompt batches")
+    check_off_policy(config)
 
 
 def check_rewards(config, hooks: Mapping[str, Any]) -> None:
     """Checks that need the run's hooks (given reward sources replace the configured ones)."""
     builtin = hooks.get("reward_sources") is None
+    if getattr(config, "off_policy", None) is not None:
+        check_devices(config)
     for path in config.rewards.functions if builtin else ():
         if path not in REWARD_FUNCTIONS:
             resolve_import(path)  # a path that does not resolve stops the run before any model is built
@@ -182,6 +195,20 @@ def _reference_logps(policy, config):
         group_size=group_size)[0], static_argnames="group_size")
 
 
+def _trainer_mesh(config):
+    """The trainer's mesh: all devices, or those `off_policy.sampler_devices` leaves it."""
+    return config.mesh.make_mesh(split_devices(config)[0])
+
+
+def _sampler_mesh(config, mesh):
+    """The sampler's mesh and strategy: the trainer's, or `off_policy`'s devices and `sampler_mesh` section."""
+    off = getattr(config, "off_policy", None)
+    if off is None or (not off.sampler_devices and off.sampler_mesh is None):
+        return mesh, config.mesh.strategy
+    section = off.sampler_mesh or config.mesh
+    return section.make_mesh(split_devices(config)[1] or list(mesh.devices.flat)), section.strategy
+
+
 def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[str, Any]):
     """The sampler and collector (training rewards, `group_size` samples per prompt) of a run, and its gold metric."""
     sources, weights = hooks.get("reward_sources"), hooks.get("reward_weights")
@@ -197,8 +224,9 @@ def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[st
             config.rewards, config.rollout.max_new_tokens, task_reward=None if task is None else task.reward,
             load_reward_model=reward_model))
     prompt_len = _prompt_len(config)
+    sampler_mesh, sampler_strategy = _sampler_mesh(config, mesh)
     sampler = Sampler(policy, max_len=prompt_len + config.rollout.max_new_tokens,
-                      prompt_buckets=default_prompt_buckets(prompt_len), mesh=mesh, strategy=config.mesh.strategy,
+                      prompt_buckets=default_prompt_buckets(prompt_len), mesh=sampler_mesh, strategy=sampler_strategy,
                       dtype=config.rollout.sampler_dtype)
     collector = RolloutCollector.from_config(config, sampler=sampler, tokenizer=data.tokenizer, sources=sources,
                                              weights=weights, group=group_size,
@@ -235,6 +263,9 @@ def _trainer(ctx: Context) -> Trainer:
     ptx_batches = _ptx_batches(config, ctx.data, ctx.extras)
     key = jax.random.key(config.seed)
     clock = {"step": ctx.run.restore_step or 0, "last_done": None}
+    off_policy = getattr(config, "off_policy", OffPolicyConfig())
+    if off_policy.enabled:
+        batches = Lookahead(batches)
 
     def rl_step(state, prompt_batch):
         began = time.perf_counter()
@@ -242,6 +273,40 @@ def _trainer(ctx: Context) -> Trainer:
         params = sampler.load_params(algorithm.sampling_params(state.policy.params))
         merged, _, metrics = collector.collect(params, prompt_batch, batches, rng=jax.random.fold_in(key, clock["step"]))
         metrics["time/weight_handoff"] = sampler.stats.handoff_seconds
+        return update(state, merged, metrics, began)
+
+    in_flight = collections.deque()  # off-policy: (policy version, prompt batch, rollouts, their metrics)
+
+    def off_policy_step(state, prompt_batch):
+        """Train on rollouts of the previous weights while sampling the next step's with these."""
+        began = time.perf_counter()
+        clock["step"] += 1
+        version = clock["step"] - 1  # optimizer steps applied to `state`'s weights
+        params = sampler.load_params(algorithm.sampling_params(state.policy.params))
+        handoff = sampler.stats.handoff_seconds
+        if not in_flight:  # the first step (of a run, or after a resume) samples its own rollouts
+            merged, _, metrics = collector.collect(params, prompt_batch, batches,
+                                                   rng=jax.random.fold_in(key, clock["step"]))
+            in_flight.append((version, prompt_batch, merged, metrics))
+        sampled_by, prompts, merged, metrics = in_flight.popleft()
+        assert prompts is prompt_batch, "off-policy: the rollouts in flight are not of this step's prompts"
+        metrics["off_policy/staleness"] = float(policy_staleness(version, sampled_by,
+                                                                 max_staleness=off_policy.max_staleness))
+        metrics["time/weight_handoff"] = handoff
+
+        def while_updating():  # the update runs on the trainer's devices meanwhile (asynchronous dispatch)
+            upcoming = batches.peek() if clock["step"] < config.train.steps else None
+            if upcoming is None:
+                return {}
+            start = time.perf_counter()
+            rollouts, _, rollout_metrics = collector.collect(params, upcoming, batches,
+                                                             rng=jax.random.fold_in(key, clock["step"] + 1))
+            in_flight.append((version, upcoming, rollouts, rollout_metrics))
+            return {"time/overlapped_rollouts": time.perf_counter() - start}
+
+        return update(state, merged, metrics, began, while_updating)
+
+    def update(state, merged, metrics, began, while_updating=None):
         arrays, keys = dict(merged), DEVICE_KEYS + ("scores",)
         if ptx_batches is not None:
             ptx = next(ptx_batches)
@@ -258,7 +323,10 @@ def _trainer(ctx: Context) -> Trainer:
         start = time.perf_counter()
         # Block on the new state too: the optimizer's writes can finish after the metrics, and
         # would otherwise be charged to the next step's weight hand-off.
-        state, step_metrics = jax.block_until_ready(step(state, device))
+        out = step(state, device)
+        if while_updating is not None:
+            metrics.update(while_updating())
+        state, step_metrics = jax.block_until_ready(out)
         done = time.perf_counter()
         metrics["time/update"] = done - start
         metrics["time/step"] = done - began
@@ -273,14 +341,15 @@ def _trainer(ctx: Context) -> Trainer:
         lambda state: evaluate_params(algorithm.sampling_params(state.policy.params), algorithm.reference_params(state)))
     extras = lambda: {"data": batches.get_state(),  # noqa: E731
                       **({} if ptx_batches is None else {"ptx": ptx_batches.get_state()})}
-    return Trainer(step=rl_step, batches=batches, extras=extras, evaluate=evaluate)
+    return Trainer(step=off_policy_step if off_policy.enabled else rl_step, batches=batches, extras=extras,
+                   evaluate=evaluate)
 
 
 _PROGRESS = ("reward", "kl", "time/generate", "time/reward", "time/reference", "time/update")
 GRPO_RECIPE = Recipe(name="grpo", data_kind=lambda config: "prompt", build=_builder(GRPO, "grpo_step"),
-                     trainer=_trainer, progress_keys=_PROGRESS, check=check_rewards)
+                     trainer=_trainer, progress_keys=_PROGRESS, check=check_rewards, mesh=_trainer_mesh)
 PPO_RECIPE = Recipe(name="ppo", data_kind=lambda config: "prompt", build=_builder(PPO, "ppo_step"),
-                    trainer=_trainer, progress_keys=_PROGRESS, check=check_rewards)
+                    trainer=_trainer, progress_keys=_PROGRESS, check=check_rewards, mesh=_trainer_mesh)
 _RECIPES = {GRPORunConfig: GRPO_RECIPE, PPORunConfig: PPO_RECIPE}
 
 
