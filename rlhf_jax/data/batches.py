@@ -51,7 +51,7 @@ segment; for S = 1 that is the last non-pad token).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -147,16 +147,17 @@ def _example_mask(rows: Sequence[Sequence[int]], num_segments: int) -> np.ndarra
     return mask
 
 
-def _kl_rows(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], seq_len: int) -> list[list[tuple]]:
+def _kl_rows(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], seq_len: int,
+             partners: Mapping[int, int] | None = None) -> list[list[tuple]]:
     """KTO mismatched pairs: row b = prompt of its example + completion of the next filled row's example
-    (cyclically), cut to seq_len; empty rows stay empty."""
+    (cyclically; or of `partners[example]`), cut to seq_len; empty rows stay empty."""
     tokens, mask, plen = (
         dataset.arrays["tokens"],
         dataset.arrays["loss_mask"],
         dataset.arrays["prompt_length"],
     )
     items = [row[0] for row in rows if row]
-    partner = dict(zip(items, items[1:] + items[:1]))
+    partner = dict(zip(items, items[1:] + items[:1])) if partners is None else partners
     out = []
     for row in rows:
         if not row:
@@ -171,7 +172,8 @@ def _kl_rows(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], seq_len: 
 
 
 def collate(
-    dataset: TokenizedDataset, rows: Sequence[Sequence[int]], *, seq_len: int, num_segments: int = 1
+    dataset: TokenizedDataset, rows: Sequence[Sequence[int]], *, seq_len: int, num_segments: int = 1,
+    partners: Mapping[int, int] | None = None,
 ) -> dict:
     """Build one batch: row b holds the examples `rows[b]` (indices into `dataset`) as segments 1, 2, ...
 
@@ -180,6 +182,9 @@ def collate(
       rows: B lists of example indices (empty lists are padding rows).
       seq_len: T; every row's examples must fit (the packer guarantees it).
       num_segments: S, the segment slots of per-example arrays (>= the longest row).
+      partners: unpaired kind: each row's example -> the example whose completion its KL row takes
+        (default: the next filled row's, cyclically; a process collating its block of a global
+        batch passes the global batch's pairs).
 
     Returns:
       The batch dict of `batch_spec(dataset.kind, batch_size=len(rows), seq_len=seq_len,
@@ -214,7 +219,7 @@ def collate(
             **_token_rows(segs, seq_len, pad),
             "label": label,
             "example_mask": valid,
-            **_token_rows(_kl_rows(dataset, rows, seq_len), seq_len, pad, "kl_"),
+            **_token_rows(_kl_rows(dataset, rows, seq_len, partners), seq_len, pad, "kl_"),
         }
     prompts = arrays["prompt_tokens"]
     tokens = np.full((len(rows), seq_len), pad, np.int32)

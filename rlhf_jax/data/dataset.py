@@ -179,6 +179,63 @@ class _Builder:
         return out
 
 
+class _Counted:
+    """`(index, ref, row)` of an iterator of `(ref, row)`, counting the rows it yields."""
+
+    def __init__(self, rows):
+        self._rows, self.count = rows, 0
+
+    def __iter__(self):
+        for ref, row in self._rows:
+            self.count += 1
+            yield self.count - 1, ref, row
+
+
+def tokenized_rows(rows, *, kind: Kind, tokenizer, config: TokenizeConfig, reject, rename=None):
+    """`(index, ref, example, sequences)` of every usable row of `rows`, an iterable of `(index, ref, row)`.
+
+    Rows are parsed one at a time and tokenized in chunks of `config.chunk_size` (one batched
+    tokenizer call each). An unusable row (a `DataError` from the source, a bad layout, a sequence
+    that cannot be tokenized) goes to `reject(error, index)`, which raises or records it.
+    """
+
+    def flush(chunk):
+        specs = [spec for _, _, example in chunk for spec in _specs(example)]
+        results = tokenize_sequences(specs, tokenizer, config)
+        at = 0
+        for index, ref, example in chunk:
+            seqs = results[at : at + len(_specs(example))]
+            at += len(seqs)
+            problems = [s for s in seqs if isinstance(s, str)]
+            if problems:
+                if kind == "preference":
+                    which = "chosen" if isinstance(seqs[0], str) else "rejected"
+                    reject(DataError(ref, f"{which}: {problems[0]}"), index)
+                else:
+                    reject(DataError(ref, problems[0]), index)
+                continue
+            yield index, ref, example, seqs
+
+    chunk: list = []
+    for index, ref, row in rows:
+        if isinstance(row, DataError):
+            reject(row, index)
+            continue
+        if rename and isinstance(row, Mapping):
+            row = {rename.get(k, k): v for k, v in row.items()}
+        try:
+            example = parse_row(row, kind, ref, roles=config.roles, string_format=config.string_format)
+        except DataError as error:
+            reject(error, index)
+            continue
+        chunk.append((index, ref, example))
+        if len(chunk) >= config.chunk_size:
+            yield from flush(chunk)
+            chunk = []
+    if chunk:
+        yield from flush(chunk)
+
+
 @contextlib.contextmanager
 def _gc_paused():
     """Pause Python's cyclic garbage collector: loading creates millions of small acyclic objects
@@ -230,50 +287,19 @@ def load_dataset(
     name = describe_source(source)
     builder = _Builder(kind)
     skipped: list[DataError] = []
-    num_rows = 0
 
-    def reject(error: DataError) -> None:
+    def reject(error: DataError, index: int) -> None:
         if on_error == "raise":
             raise error
         skipped.append(error)
 
-    def flush(chunk: list[tuple[RowRef, Any]]) -> None:
-        specs = [spec for _, example in chunk for spec in _specs(example)]
-        results = tokenize_sequences(specs, tokenizer, config)
-        at = 0
-        for ref, example in chunk:
-            seqs = results[at : at + len(_specs(example))]
-            at += len(seqs)
-            problems = [s for s in seqs if isinstance(s, str)]
-            if problems:
-                if kind == "preference":
-                    which = "chosen" if isinstance(seqs[0], str) else "rejected"
-                    reject(DataError(ref, f"{which}: {problems[0]}"))
-                else:
-                    reject(DataError(ref, problems[0]))
-                continue
-            builder.add(example, seqs)
-
     with _gc_paused():
-        chunk: list[tuple[RowRef, Any]] = []
-        for ref, row in read_rows(source, split=split):
-            num_rows += 1
-            if isinstance(row, DataError):
-                reject(row)
-                continue
-            if rename and isinstance(row, Mapping):
-                row = {rename.get(k, k): v for k, v in row.items()}
-            try:
-                example = parse_row(row, kind, ref, roles=config.roles, string_format=config.string_format)
-            except DataError as error:
-                reject(error)
-                continue
-            chunk.append((ref, example))
-            if len(chunk) >= config.chunk_size:
-                flush(chunk)
-                chunk = []
-        if chunk:
-            flush(chunk)
+        rows = read_rows(source, split=split)
+        counted = _Counted(rows)
+        for _, _, example, seqs in tokenized_rows(counted, kind=kind, tokenizer=tokenizer, config=config,
+                                                  reject=reject, rename=rename):
+            builder.add(example, seqs)
+        num_rows = counted.count
         arrays = builder.arrays()
 
     skipped.sort(key=lambda e: (e.ref.source, e.ref.index))

@@ -25,6 +25,7 @@ import numpy as np
 from rlhf_jax.data.batches import collate
 from rlhf_jax.data.dataset import TokenizedDataset
 from rlhf_jax.data.packing import RowPacker
+from rlhf_jax.data.sharded import ShardedDataset
 
 __all__ = ["BatchConfig", "BatchIterator"]
 
@@ -94,15 +95,15 @@ class BatchIterator:
 
     def __init__(
         self,
-        dataset: TokenizedDataset,
+        dataset: TokenizedDataset | ShardedDataset,
         config: BatchConfig,
         *,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        if not isinstance(dataset, TokenizedDataset):
+        if not isinstance(dataset, (TokenizedDataset, ShardedDataset)):
             raise TypeError(
-                f"BatchIterator: dataset must be a TokenizedDataset, got {type(dataset).__name__}"
+                f"BatchIterator: dataset must be a TokenizedDataset or ShardedDataset, got {type(dataset).__name__}"
             )
         if config.pack and dataset.kind not in ("sft", "preference"):
             raise ValueError(
@@ -166,7 +167,8 @@ class BatchIterator:
     def __iter__(self) -> "BatchIterator":
         return self
 
-    def __next__(self) -> dict:
+    def _pack(self, consumed: int) -> tuple[list[list[int]], int, bool]:
+        """`(rows, consumed after them, whether the stream ended)` of the global batch starting at `consumed`."""
         cfg = self.config
         packer = RowPacker(
             batch_size=cfg.batch_size,
@@ -177,19 +179,62 @@ class BatchIterator:
         )
         ended = False
         while not packer.full:
-            item = self._example(self._consumed)
+            item = self._example(consumed)
             if item is None:
                 ended = True
                 break
             if not packer.add(item, self._lengths[item]):
                 break
-            self._consumed += 1
-        if packer.num_items == 0 or (ended and cfg.drop_remainder):
+            consumed += 1
+        return [list(row) for row in packer.rows], consumed, ended
+
+    def _block(self, rows: list[list[int]]) -> list[list[int]]:
+        local = self.config.batch_size // self.process_count
+        return rows[self.process_index * local:(self.process_index + 1) * local]
+
+    def _partners(self, global_rows: list[list[int]], rows: list[list[int]]) -> dict[int, int] | None:
+        """KTO's mismatched pairs over the global batch: each row's example -> the next filled row's."""
+        if self.dataset.kind != "unpaired":
+            return None
+        items = [row[0] for row in global_rows if row]
+        partner = dict(zip(items, items[1:] + items[:1]))
+        return {row[0]: partner[row[0]] for row in rows if row}
+
+    def _needed(self, start: int) -> set[int]:
+        """The examples this process collates from the batch at stream position `start` to the end of
+        that batch's epoch (the batch that crosses into the next epoch included), with KTO partners."""
+        stop = (start // self._n + 1) * self._n
+        needed: set[int] = set()
+        while start < stop:
+            rows, after, ended = self._pack(start)
+            block = self._block(rows)
+            needed.update(i for row in block for i in row)
+            needed.update((self._partners(rows, block) or {}).values())
+            if ended or after == start:
+                break
+            start = after
+        return needed
+
+    def __next__(self) -> dict:
+        cfg = self.config
+        start = self._consumed
+        rows, self._consumed, ended = self._pack(start)
+        if sum(len(r) for r in rows) == 0 or (ended and cfg.drop_remainder):
             raise StopIteration
-        self.last_global_rows = [list(row) for row in packer.rows]
-        local = cfg.batch_size // self.process_count
-        self.last_rows = self.last_global_rows[self.process_index * local:(self.process_index + 1) * local]
-        return collate(self.dataset, self.last_rows, seq_len=cfg.seq_len, num_segments=cfg.num_segments)
+        self.last_global_rows = rows
+        self.last_rows = self._block(rows)
+        partners = self._partners(rows, self.last_rows)
+        if isinstance(self.dataset, TokenizedDataset):
+            return collate(self.dataset, self.last_rows, seq_len=cfg.seq_len, num_segments=cfg.num_segments,
+                           partners=partners)
+        # A sharded dataset holds the tokens of this process's examples for the rest of the epoch.
+        wanted = {i for row in self.last_rows for i in row} | set((partners or {}).values())
+        if not wanted <= self.dataset.held:
+            self.dataset.ensure(self._needed(start))
+        local, index = self.dataset.take(sorted(wanted))
+        return collate(local, [[index[i] for i in row] for row in self.last_rows], seq_len=cfg.seq_len,
+                       num_segments=cfg.num_segments,
+                       partners=None if partners is None else {index[a]: index[b] for a, b in partners.items()})
 
     # ----------------------------------------------------------------------------- state
     def get_state(self) -> dict[str, int]:

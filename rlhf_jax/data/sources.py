@@ -41,7 +41,10 @@ import numpy as np
 from rlhf_jax.data.formats import DataError, RowRef
 from rlhf_jax.data.preference_records import PREFERENCE_BUILDER_NAME, decode_preference_row
 
-__all__ = ["TFDSSource", "Source", "read_rows", "describe_source"]
+__all__ = ["TFDSSource", "Source", "read_rows", "describe_source", "NOT_READ"]
+
+# What `read_rows(..., keep=...)` yields in place of a row it was told not to read.
+NOT_READ = type("NotRead", (), {"__repr__": lambda self: "NOT_READ"})()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,13 +135,19 @@ def _parse_json_line(line: str) -> Any:
         raise ValueError(f"malformed JSON: {err}") from None
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[RowRef, Any]]:
+def _read_jsonl(path: str, keep=None) -> Iterator[tuple[RowRef, Any]]:
+    index = -1
     for lineno, line, error in _lines(path):
         ref = RowRef(path, lineno, "line")
         if error is not None:
+            index += 1
             yield ref, error
             continue
         if not line.strip():
+            continue
+        index += 1
+        if keep is not None and not keep(index):
+            yield ref, NOT_READ  # the line is a row, but its JSON is not parsed
             continue
         try:
             yield ref, _parse_json_line(line.rstrip("\r\n"))
@@ -287,20 +296,26 @@ def _plain_value(value: Any) -> Any:
     return value
 
 
-def _read_tfds(data_source, name: str, builder_name: str) -> Iterator[tuple[RowRef, Any]]:
+def _read_tfds(data_source, name: str, builder_name: str, keep=None) -> Iterator[tuple[RowRef, Any]]:
     ours = builder_name == PREFERENCE_BUILDER_NAME
     for i in range(len(data_source)):
+        if keep is not None and not keep(i):  # random access: a row not kept is never read
+            yield RowRef(name, i), NOT_READ
+            continue
         row = {k: _plain_value(v) for k, v in data_source[i].items()}
         yield RowRef(name, i), decode_preference_row(row) if ours else row
 
 
-def read_rows(source: Source, *, split: str | None = None) -> Iterator[tuple[RowRef, Any]]:
+def read_rows(source: Source, *, split: str | None = None, keep=None) -> Iterator[tuple[RowRef, Any]]:
     """Yield `(ref, row)` for every row of `source` (module docstring lists the sources).
 
     Args:
       source: a file or directory path, a `TFDSSource`, a `datasets.Dataset`, or a list of rows.
       split: the split of a saved `DatasetDict` (required there) or of a TFDS directory
         (default "train"); must be None for other sources.
+      keep: `row index -> bool` (0-based, counting every row this function yields): a row it
+        rejects is yielded as `(ref, NOT_READ)`, unparsed where the format allows (a JSONL line's
+        JSON, a TFDS record); a process of a multi-process run reads its shard this way.
 
     Yields:
       `(RowRef, row)`; `row` is a mapping (or any value a malformed source produced, which the
@@ -310,6 +325,15 @@ def read_rows(source: Source, *, split: str | None = None) -> Iterator[tuple[Row
       FileNotFoundError: naming a path that does not exist.
       ValueError: naming the path for an unknown file type or directory layout, or a bad `split`.
     """
+    rows = _read_any(source, split, keep)
+    if keep is None:
+        yield from rows
+        return
+    for i, (ref, row) in enumerate(rows):  # readers that cannot skip a row's parsing read it, unused
+        yield (ref, row) if row is NOT_READ or keep(i) else (ref, NOT_READ)
+
+
+def _read_any(source: Source, split: str | None, keep) -> Iterator[tuple[RowRef, Any]]:
     if isinstance(source, TFDSSource):
         if split is not None:
             raise ValueError("read_rows: a TFDSSource carries its own split; pass split=None")
@@ -318,14 +342,14 @@ def read_rows(source: Source, *, split: str | None = None) -> Iterator[tuple[Row
         data_source = tfds.data_source(
             source.name, data_dir=source.data_dir, split=source.split, download=False
         )
-        yield from _read_tfds(data_source, describe_source(source), data_source.dataset_info.name)
+        yield from _read_tfds(data_source, describe_source(source), data_source.dataset_info.name, keep)
         return
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
             raise FileNotFoundError(f"read_rows: no such file or directory: {path!r}")
         if os.path.isdir(path):
-            yield from _read_dir(path, split)
+            yield from _read_dir(path, split, keep)
             return
         if split is not None:
             raise ValueError(
@@ -339,7 +363,7 @@ def read_rows(source: Source, *, split: str | None = None) -> Iterator[tuple[Row
                 f"read_rows: unknown file type {suffix or '(none)'!r} of {path!r}; "
                 "expected .jsonl, .json, .csv (optionally .gz) or .parquet"
             )
-        yield from readers[suffix](path)
+        yield from (_read_jsonl(path, keep) if suffix == ".jsonl" else readers[suffix](path))
         return
     if "datasets" in sys.modules:
         import datasets
@@ -365,7 +389,7 @@ def read_rows(source: Source, *, split: str | None = None) -> Iterator[tuple[Row
     )
 
 
-def _read_dir(path: str, split: str | None) -> Iterator[tuple[RowRef, Any]]:
+def _read_dir(path: str, split: str | None, keep=None) -> Iterator[tuple[RowRef, Any]]:
     if os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(
         os.path.join(path, "state.json")
     ):
@@ -381,7 +405,7 @@ def _read_dir(path: str, split: str | None) -> Iterator[tuple[RowRef, Any]]:
         split = split or "train"
         if split not in builder.info.splits:
             raise ValueError(f"{path}: TFDS dataset has splits {sorted(builder.info.splits)}, not {split!r}")
-        yield from _read_tfds(builder.as_data_source(split=split), f"{path}[{split}]", builder.info.name)
+        yield from _read_tfds(builder.as_data_source(split=split), f"{path}[{split}]", builder.info.name, keep)
         return
     raise ValueError(
         f"read_rows: {path!r} is neither a saved Hugging Face dataset (state.json / dataset_dict.json) "

@@ -14,6 +14,7 @@ from rlhf_jax import sharding as sh
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import BatchConfig, BatchIterator, TokenizedDataset, load_dataset, load_tokenizer
 from rlhf_jax.data.formats import Kind
+from rlhf_jax.data.sharded import ShardedDataset, load_sharded
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.train.run_config import DataConfig
 
@@ -41,8 +42,13 @@ def check_vocab(tokenizer, model_config: ModelConfig) -> None:
                           "use a model whose vocabulary covers the tokenizer")
 
 
-def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"], tokenizer) -> TokenizedDataset | None:
+def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"],
+               tokenizer) -> TokenizedDataset | ShardedDataset | None:
     """Read, validate and tokenize the train or eval source (None when `data.eval` is None).
+
+    In a multi-process run every process tokenizes only its share (`rlhf_jax.data.sharded`: its
+    rows to validate them, then the examples its devices receive); the batches are those of one
+    process.
 
     Raises:
       FileNotFoundError: the source path does not exist (named with its config key), raised before
@@ -58,12 +64,21 @@ def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"],
         rows = task.rows(kind, n, seed=seed, label_noise=data.label_noise if which == "train" else 0.0)
         if rows is None:
             raise ConfigError(f"data.{which}: {source} has no {kind!r} data; it has {sorted(task.spec.rows)}")
-        return load_dataset(rows, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error)
+        return _load(rows, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error)
     if not os.path.exists(source):
         raise FileNotFoundError(f"data.{which}: {source} does not exist")
     split = data.split if which == "train" else data.eval_split
-    return load_dataset(source, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error,
-                        split=split)
+    return _load(source, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error, split=split)
+
+
+def _load(source, **kwargs) -> TokenizedDataset | ShardedDataset:
+    import jax  # noqa: PLC0415
+
+    if jax.process_count() == 1:
+        return load_dataset(source, **kwargs)
+    from rlhf_jax.distributed import gather_rows  # noqa: PLC0415
+
+    return load_sharded(source, index=jax.process_index(), count=jax.process_count(), allgather=gather_rows, **kwargs)
 
 
 def _batch_config(data: DataConfig, **changes) -> BatchConfig:
