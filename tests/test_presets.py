@@ -16,6 +16,7 @@ PUBLISHED = {
     "llama-3.2-1b": 1_235_814_400,
     "mistral-7b": 7_241_732_096,
     "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
     "qwen2.5-7b": 7_615_616_512,
     "qwen3-0.6b": 596_049_920,
     "qwen3-8b": 8_190_735_360,
@@ -94,10 +95,10 @@ def test_family_features():
     assert get_config("mistral-7b").sliding_window == 4096
     assert get_config("llama-3.1-8b").rope_scaling.factor == 8.0
     assert get_config("llama-3.2-1b").rope_scaling.factor == 32.0
-    assert all(get_config(n).attention_bias for n in ("qwen2.5-0.5b", "qwen2.5-7b"))
+    assert all(get_config(n).attention_bias for n in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"))
     assert all(get_config(n).qk_norm for n in ("qwen3-0.6b", "qwen3-8b"))
     assert [n for n in sorted(PRESETS) if get_config(n).tie_word_embeddings] == [
-        "llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b"]
+        "llama-3.2-1b", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen3-0.6b"]
 
 
 def test_get_config_overrides_and_errors():

@@ -1,0 +1,569 @@
+"""Benchmark on one accelerator (GPU or TPU), JAX against torch + transformers on the same chip, one command.
+
+    python benchmarks/bench_accelerator.py                  # full size: well inside 8 min on one H200
+    python benchmarks/bench_accelerator.py --smoke          # tiny shapes, any CPU, seconds (in the tests)
+    python benchmarks/bench_accelerator.py --parts sft,decode,torch --out results/accel.json
+
+Model: Qwen2.5-1.5B-shaped (`presets.get_config("qwen2.5-1.5b")`: 28 layers, hidden 1536, 12 query /
+2 KV heads of 128, vocabulary 151,936, tied embeddings), random init rounded to bfloat16 values,
+float32 master weights, bfloat16 compute, attention by `ModelConfig.attention_impl` (default "auto":
+cuDNN flash attention on GPU, Splash on TPU). Parts (`--parts`, all by default):
+
+1. `sft`: `make_sft_step`, AdamW (clip 1.0), 8 x 2,048 tokens: s/step, tokens/s and MFU = model
+   FLOPs (`bench_common.matmul_flops`, exact causal attention, forward + backward = 3 forwards) per
+   second over the bf16 matmul peak measured here (an 8192^3 bf16 matmul chain, median).
+2. `dpo`: `make_dpo_step` (sigmoid DPO, reference model pass every step), 8 pairs of 2 x 1,024 tokens
+   (256 prompt + 768 completion): s/step.
+3. `decode`: `Sampler.generate`, 64 prompts x 512 tokens prefilled, 512 new tokens each (categorical,
+   T = 1, no stop): new tokens/s of the decode loop (the call less a 1-token call's prefill) and the
+   fraction of the HBM floor: every step must read the bf16 weights once and each row's filled KV
+   slots, `Σ_steps (weights + rows · layers · 2 · kv_heads · head_dim · 2 B · filled) / copy bandwidth`,
+   the bandwidth measured here (a jitted copy of a 2 GiB array, read + write).
+4. `grpo`: `rlhf_jax.train.rl.train` (the real loop) for GRPO, 16 prompts x 8 samples, 128-token
+   prompts, 512 new tokens, reward `even_fraction`, k3 KL to a frozen reference: s/step and the phase
+   split (weight hand-off, generate, reward, reference, update), medians after 2 warm-up steps.
+5. `torch`: the same SFT step (same weights and batch: the JAX worker writes its initial weights as a
+   Hugging Face checkpoint) through transformers' `AutoModelForCausalLM` (SDPA attention, bf16 autocast,
+   float32 master weights, `torch.optim.AdamW` fused, clip 1.0) and the same decode through HF
+   `generate` (bf16 weights, static cache, `min_new_tokens` = 512): the baseline for the ratios. The
+   step-1 SFT losses of both must agree within bf16 tolerance (2e-2 relative).
+
+Each framework runs in its own process (the JAX worker first), so neither holds the other's memory;
+the parent prints one table last and writes `--out` (JSON). A part that fails is reported as a row
+with its error and the other parts still run. Figures taken are recorded in benchmarks/ACCELERATORS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+from bench_common import causal_pairs, matmul_flops, report_result, run_worker, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PARTS = ("sft", "dpo", "decode", "grpo", "torch")
+LOSS_RTOL = 2e-2   # JAX vs torch SFT loss at step 1, both bf16 compute
+
+FULL = dict(
+    sft=dict(batch=8, seq_len=2048), dpo=dict(pairs=8, seq_len=1024, prompt_len=256),
+    decode=dict(rows=64, prompt_len=512, new_tokens=512),
+    grpo=dict(prompts=16, group=8, prompt_len=128, new_tokens=512, steps=4, warmup=2),
+    warmup=2, timed=5, matmul_n=8192, copy_mib=2048, torch_decode_calls=1,
+)
+SMOKE = dict(
+    sft=dict(batch=2, seq_len=32), dpo=dict(pairs=2, seq_len=32, prompt_len=8),
+    decode=dict(rows=4, prompt_len=8, new_tokens=8),
+    grpo=dict(prompts=2, group=2, prompt_len=8, new_tokens=8, steps=2, warmup=1),
+    warmup=1, timed=1, matmul_n=256, copy_mib=8, torch_decode_calls=1,
+)
+
+
+def sizes(smoke: bool) -> dict:
+    return SMOKE if smoke else FULL
+
+
+def model_config(smoke: bool, attention_impl: str = "auto"):
+    """The benchmark model: Qwen2.5-1.5B's shapes, or a 2-layer miniature of them for `--smoke`."""
+    from rlhf_jax.models.presets import get_config
+    from rlhf_jax.testing import tiny_config
+
+    if smoke:
+        return tiny_config(model_type="qwen2", attention_bias=True, tie_word_embeddings=True, rope_theta=1e6,
+                           param_dtype="float32", dtype="bfloat16", attention_impl=attention_impl)
+    return get_config("qwen2.5-1.5b", attention_impl=attention_impl)
+
+
+def tokens_rng(shape, vocab: int, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(3, vocab, shape).astype(np.int32)
+
+
+def _timed_steps(run, warmup: int, timed: int) -> tuple[list[float], list]:
+    """Call `run(i) -> host value` warmup + timed times; each call's wall time (completion to completion)."""
+    times, values = [], []
+    for i in range(warmup + timed):
+        start = time.perf_counter()
+        values.append(run(i))
+        times.append(time.perf_counter() - start)
+    return times, values
+
+
+# ---------------------------------------------------------------------------------------- JAX worker
+
+
+def _peak_bf16_tflops(jax, jnp, n: int, repeats: int = 5) -> float:
+    """bf16 matmul throughput of this chip: a chain of 8 n^3 matmuls in one program, median of `repeats`."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16) / math.sqrt(n)
+
+    @jax.jit
+    def chain(x):
+        return jax.lax.fori_loop(0, 8, lambda _, y: y @ a, x)
+
+    jax.block_until_ready(chain(a))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(chain(a))
+        times.append(time.perf_counter() - start)
+    return 8 * 2 * n**3 / statistics.median(times) / 1e12
+
+
+def _copy_gbps(jax, jnp, mib: int, repeats: int = 5) -> float:
+    """Memory bandwidth: bytes read + written by a jitted `x + 1` over a `mib` MiB bf16 array, median."""
+    x = jnp.zeros((mib * 2**20 // 2,), jnp.bfloat16)
+    add = jax.jit(lambda x: x + 1)
+    jax.block_until_ready(add(x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(add(x))
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / statistics.median(times) / 1e9
+
+
+def _decode_floor_bytes(config, num_params: int, rows: int, prompt_len: int, new_tokens: int) -> float:
+    """Bytes the decode loop must read: bf16 weights once per step, plus each row's filled KV slots.
+
+    Step i (i = 1 .. new - 1; the first new token comes from the prefill) feeds one token per row that
+    attends over prompt_len + i slots, each `layers · 2 (k, v) · kv_heads · head_dim` bf16 values.
+    """
+    slot = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
+    kv = sum(rows * slot * (prompt_len + i) for i in range(1, new_tokens))
+    return (new_tokens - 1) * num_params * 2 + kv
+
+
+def _jax_worker(args) -> dict:
+    if args.smoke:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, REPO)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.attention import resolve_impl
+
+    S = sizes(args.smoke)
+    parts = set(args.parts.split(","))
+    config = model_config(args.smoke, args.attention)
+    lm = CausalLM(config)
+    device = jax.devices()[0]
+    out = {"platform": device.platform, "device_kind": device.device_kind, "jax": jax.__version__,
+           "attention_impl": resolve_impl(config.attention_impl, config.jnp_dtype),
+           "num_params": lm.num_params(), "rows": {}}
+    try:
+        import flax
+        out["flax"] = flax.__version__
+    except ImportError:
+        pass
+    out["peak_bf16_tflops"] = _peak_bf16_tflops(jax, jnp, S["matmul_n"])
+    out["copy_gbps"] = _copy_gbps(jax, jnp, S["copy_mib"])
+    # Initial weights: random, rounded to bf16 values (exactly representable in both frameworks).
+    params = jax.jit(lambda k: jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype), lm.init(k)))(
+        jax.random.key(0))
+    if "torch" in parts:
+        from rlhf_jax.models.hf import save_hf
+
+        start = time.perf_counter()
+        save_hf(os.path.join(args.dir, "weights"), config,
+                jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), overwrite=True)
+        out["save_weights_s"] = time.perf_counter() - start
+
+    for part in ("sft", "dpo", "decode", "grpo"):
+        if part not in parts:
+            continue
+        start = time.perf_counter()
+        try:
+            row = {"sft": _jax_sft, "dpo": _jax_dpo, "decode": _jax_decode, "grpo": _jax_grpo}[part](
+                args, S, lm, params, out)
+        except Exception as e:  # noqa: BLE001 - one failed part is a row, the others still run
+            row = {"error": f"{type(e).__name__}: {e}"[:600], "traceback": traceback.format_exc()[-3000:]}
+        row["part_wall_s"] = time.perf_counter() - start
+        out["rows"][part] = row
+    return out
+
+
+def _train_setup(lm, opt_config, params):
+    import jax
+
+    from rlhf_jax import sharding as sh
+    from rlhf_jax.optim import make_optimizer
+    from rlhf_jax.state import create_train_state
+
+    mesh = sh.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    tx = make_optimizer(opt_config)
+    state = create_train_state(lambda _: jax.tree.map(lambda x: x.copy(), params), tx, rng=0,
+                               logical_axes=lm.logical_axes, mesh=mesh, strategy="dp")
+    return mesh, state
+
+
+def _opt_config():
+    from rlhf_jax.optim import OptimizerConfig
+
+    return OptimizerConfig(name="adamw", learning_rate=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                           max_grad_norm=1.0)
+
+
+def _run_train_steps(step, state, batch, frozen, S):
+    import jax
+
+    holder = [state]
+
+    def run(_):
+        holder[0], metrics = step(holder[0], batch, *frozen)
+        loss = float(jax.device_get(metrics["loss"]))
+        jax.block_until_ready(holder[0])
+        return loss
+
+    times, losses = _timed_steps(run, S["warmup"], S["timed"])
+    return times, losses
+
+
+def _jax_sft(args, S, lm, params, info) -> dict:
+    import numpy as np
+
+    from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_step
+
+    b, t = S["sft"]["batch"], S["sft"]["seq_len"]
+    tokens = tokens_rng((b, t), lm.config.vocab_size, seed=1)
+    np.save(os.path.join(args.dir, "sft_tokens.npy"), tokens)
+    opt_config = _opt_config()
+    mesh, state = _train_setup(lm, opt_config, params)
+    step = jit_model_step(make_sft_step(lm, opt_config, logits_chunk_size=args.logits_chunk), lm, opt_config,
+                          batch_keys=SFT_KEYS, mesh=mesh, strategy="dp")
+    batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
+    times, losses = _run_train_steps(step, state, batch, (), S)
+    step_s = statistics.median(times[S["warmup"]:])
+    flops = 3 * matmul_flops(lm.config, tokens=b * t, head_positions=b * (t - 1), attended_pairs=b * causal_pairs(t))
+    tflops = flops / step_s / 1e12
+    return {"step_s": step_s, "tokens_per_s": b * t / step_s, "model_tflop_per_step": flops / 1e12,
+            "achieved_tflops": tflops, "mfu": tflops / info["peak_bf16_tflops"], "first_step_s": times[0],
+            "loss_step1": losses[0], "loss_last": losses[-1], "losses_finite": bool(np.isfinite(losses).all())}
+
+
+def _jax_dpo(args, S, lm, params, info) -> dict:
+    import jax
+    import numpy as np
+
+    from rlhf_jax.steps import DPO, dpo_batch_keys, jit_model_step, make_dpo_step
+
+    n, t, p = S["dpo"]["pairs"], S["dpo"]["seq_len"], S["dpo"]["prompt_len"]
+    prompt = tokens_rng((n, p), lm.config.vocab_size, seed=2)
+    chosen = np.concatenate([prompt, tokens_rng((n, t - p), lm.config.vocab_size, seed=3)], 1)
+    rejected = np.concatenate([prompt, tokens_rng((n, t - p), lm.config.vocab_size, seed=4)], 1)
+    mask = np.zeros_like(chosen)
+    mask[:, p:] = 1
+    batch = {"chosen_tokens": chosen, "chosen_loss_mask": mask, "rejected_tokens": rejected,
+             "rejected_loss_mask": mask}
+    opt_config = _opt_config()
+    mesh, state = _train_setup(lm, opt_config, params)
+    objective = DPO(beta=0.1)
+    step = jit_model_step(make_dpo_step(lm, opt_config, objective=objective, logits_chunk_size=args.logits_chunk),
+                          lm, opt_config, batch_keys=dpo_batch_keys(objective), frozen_params=1, mesh=mesh,
+                          strategy="dp")
+    frozen = (jax.tree.map(lambda x: x.copy(), params),)
+    times, losses = _run_train_steps(step, state, batch, frozen, S)
+    step_s = statistics.median(times[S["warmup"]:])
+    rows = 2 * n
+    forward = matmul_flops(lm.config, tokens=rows * t, head_positions=rows * (t - p), attended_pairs=rows * causal_pairs(t))
+    flops = 4 * forward   # policy forward + backward (3) and the reference forward (1)
+    tflops = flops / step_s / 1e12
+    return {"step_s": step_s, "pairs_per_s": n / step_s, "achieved_tflops": tflops,
+            "mfu": tflops / info["peak_bf16_tflops"], "first_step_s": times[0], "loss_step1": losses[0],
+            "losses_finite": bool(np.isfinite(losses).all())}
+
+
+def _jax_decode(args, S, lm, params, info) -> dict:
+    import numpy as np
+
+    from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig
+
+    rows, p, new = S["decode"]["rows"], S["decode"]["prompt_len"], S["decode"]["new_tokens"]
+    prompts = tokens_rng((rows, p), lm.config.vocab_size, seed=5)
+    np.save(os.path.join(args.dir, "decode_prompts.npy"), prompts)
+    sampler = Sampler(lm, max_len=p + new, prompt_buckets=(p,), dtype="bfloat16")
+    sp = sampler.load_params(params)
+    config = SamplingConfig(max_new_tokens=new, method=Categorical(temperature=1.0))
+    seeds = iter(range(10_000))
+
+    def call(new_tokens):
+        def run(_):
+            o = sampler.generate(sp, prompts, config, max_new_tokens=new_tokens, rng=next(seeds))
+            return np.asarray(o.completion_tokens), np.asarray(o.logprobs)
+        return run
+
+    prefill_times, _ = _timed_steps(call(1), 1, 2)
+    call_times, outs = _timed_steps(call(new), 1, 2)
+    prefill_s = statistics.median(prefill_times[1:])
+    call_s = statistics.median(call_times[1:])
+    decode_s = max(call_s - prefill_s, 1e-9)
+    tokens, logps = outs[-1]
+    floor_bytes = _decode_floor_bytes(lm.config, lm.num_params(), rows, p, new)
+    floor_s = floor_bytes / (info["copy_gbps"] * 1e9)
+    return {"call_s": call_s, "prefill_s": prefill_s, "decode_s": decode_s,
+            "decode_tokens_per_s": rows * (new - 1) / decode_s, "call_tokens_per_s": rows * new / call_s,
+            "hbm_floor_s": floor_s, "floor_fraction": floor_s / decode_s, "floor_gb_read": floor_bytes / 1e9,
+            "tokens_shape": list(tokens.shape), "logprobs_finite": bool(np.isfinite(logps).all()),
+            "first_call_s": call_times[0]}
+
+
+def _jax_grpo(args, S, lm, params, info) -> dict:
+    import numpy as np
+
+    from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
+    from rlhf_jax.metrics import read_jsonl
+    from rlhf_jax.optim import OptimizerConfig
+    from rlhf_jax.sharding import MeshConfig
+    from rlhf_jax.steps import grpo_config
+    from rlhf_jax.train import rl
+    from rlhf_jax.train.run_config import DataConfig
+
+    g = S["grpo"]
+    vocab = lm.config.vocab_size
+    tok_dir = os.path.join(args.dir, "tokenizer")
+    _wordlevel_tokenizer(vocab).save_pretrained(tok_dir)
+    prompts_file = os.path.join(args.dir, "grpo_prompts.jsonl")
+    rows = tokens_rng((g["steps"] * g["prompts"], g["prompt_len"]), vocab, seed=6)
+    with open(prompts_file, "w") as f:
+        for row in rows:
+            f.write(json.dumps({"prompt": " ".join(f"t{i}" for i in row)}) + "\n")
+    config = rl.GRPORunConfig(
+        name="bench_accelerator_grpo", workdir=os.path.join(args.dir, "grpo_run"), seed=0,
+        model=lm.config,
+        data=DataConfig(train=prompts_file, eval=None, tokenizer=tok_dir, max_prompt_len=g["prompt_len"],
+                        max_len=g["prompt_len"] + g["new_tokens"], batch_size=g["prompts"], shuffle=False),
+        mesh=MeshConfig(data=1, strategy="dp"),
+        optim=OptimizerConfig(name="adamw", learning_rate=1e-6, max_grad_norm=1.0),
+        algorithm=grpo_config("grpo", group_size=g["group"], kl_coef=0.04, clip_eps=0.2, num_epochs=1,
+                              temperature=1.0),
+        rollout=rl.RolloutConfig(max_new_tokens=g["new_tokens"], ignore_eos=True, sampler_dtype="bfloat16"),
+        rewards=rl.RewardConfig(functions=("even_fraction",)),
+        train=TrainConfig(steps=g["steps"]),
+        checkpoint=CheckpointConfig(every=0, async_save=True),
+        logging=LoggingConfig(every=1, console=False, tensorboard=False),
+    )
+    rl.train(config)
+    records = [r for r in read_jsonl(os.path.join(args.dir, "grpo_run", "metrics.jsonl")) if "time/step" in r]
+    timed = [r for r in records if r["step"] > g["warmup"]] or records[-1:]
+    med = lambda key: statistics.median(r[key] for r in timed if key in r)  # noqa: E731
+    phases = {p: med(f"time/{p}") for p in ("weight_handoff", "generate", "reward", "reference", "update")
+              if any(f"time/{p}" in r for r in timed)}
+    step_s = med("time/between_steps") if any("time/between_steps" in r for r in timed) else med("time/step")
+    completions = g["prompts"] * g["group"]
+    return {"step_s": step_s, "step_s_inside": med("time/step"), "first_step_s": records[0]["time/step"],
+            "completion_tokens_per_s": completions * g["new_tokens"] / step_s, "phases_s": phases,
+            "sampler_logprob_diff_max": max(r.get("sampler_logprob_diff/max", float("nan")) for r in timed),
+            "losses_finite": bool(np.isfinite([r.get("loss", 0.0) for r in records]).all())}
+
+
+def _wordlevel_tokenizer(vocab: int):
+    """A word-level tokenizer of `vocab` ids ("t{i}" <-> i; 0 <pad>, 1 <eos>, 2 <unk>): any sampled id decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    backend = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+# -------------------------------------------------------------------------------------- torch worker
+
+
+def _torch_worker(args) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    S = sizes(args.smoke)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    out = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "rows": {}}
+    import transformers
+    out["transformers"] = transformers.__version__
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(args.dir, "weights"), dtype=torch.float32,
+                                                 attn_implementation="sdpa").to(dev)
+    try:
+        start = time.perf_counter()
+        tokens = torch.from_numpy(np.load(os.path.join(args.dir, "sft_tokens.npy"))).long().to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                fused=dev == "cuda")
+        model.train()
+
+        def run(_):
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            value = loss.item()
+            sync()
+            return value
+
+        times, losses = _timed_steps(run, S["warmup"], S["timed"])
+        b, t = tokens.shape
+        step_s = statistics.median(times[S["warmup"]:])
+        out["rows"]["sft"] = {"step_s": step_s, "tokens_per_s": b * t / step_s, "loss_step1": losses[0],
+                              "first_step_s": times[0], "losses_finite": bool(np.isfinite(losses).all()),
+                              "part_wall_s": time.perf_counter() - start}
+        del opt
+    except Exception as e:  # noqa: BLE001
+        out["rows"]["sft"] = {"error": f"{type(e).__name__}: {e}"[:600], "traceback": traceback.format_exc()[-3000:]}
+    prompts_file = os.path.join(args.dir, "decode_prompts.npy")
+    if os.path.exists(prompts_file):
+        try:
+            start = time.perf_counter()
+            model = model.to(torch.bfloat16).eval()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+            prompts = torch.from_numpy(np.load(prompts_file)).long().to(dev)
+            rows, p = prompts.shape
+            new = S["decode"]["new_tokens"]
+
+            def gen(new_tokens):
+                def run(_):
+                    with torch.no_grad():
+                        o = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                                           top_k=0, top_p=1.0, temperature=1.0, cache_implementation="static",
+                                           pad_token_id=0)
+                    sync()
+                    return tuple(o.shape)
+                return run
+
+            prefill_times, _ = _timed_steps(gen(1), 1, 1)
+            call_times, shapes = _timed_steps(gen(new), 1, S["torch_decode_calls"])
+            call_s = statistics.median(call_times[1:])
+            decode_s = max(call_s - prefill_times[-1], 1e-9)
+            out["rows"]["decode"] = {"call_s": call_s, "prefill_s": prefill_times[-1], "decode_s": decode_s,
+                                     "decode_tokens_per_s": rows * (new - 1) / decode_s,
+                                     "call_tokens_per_s": rows * new / call_s, "shape": list(shapes[-1]),
+                                     "first_call_s": call_times[0], "part_wall_s": time.perf_counter() - start}
+        except Exception as e:  # noqa: BLE001
+            out["rows"]["decode"] = {"error": f"{type(e).__name__}: {e}"[:600],
+                                     "traceback": traceback.format_exc()[-3000:]}
+    return out
+
+
+# -------------------------------------------------------------------------------------------- parent
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def summarize(jax_out: dict, torch_out: dict | None) -> dict:
+    """The headline figures and acceptance checks from both workers' rows."""
+    rows = jax_out.get("rows", {})
+    trows = (torch_out or {}).get("rows", {})
+    s = {}
+    sft, tsft = rows.get("sft", {}), trows.get("sft", {})
+    if "step_s" in sft and "step_s" in tsft:
+        s["sft_speedup_vs_torch"] = tsft["step_s"] / sft["step_s"]
+        s["sft_loss_step1_jax"], s["sft_loss_step1_torch"] = sft["loss_step1"], tsft["loss_step1"]
+        s["sft_loss_rel_diff"] = abs(sft["loss_step1"] - tsft["loss_step1"]) / abs(tsft["loss_step1"])
+        s["sft_losses_equal"] = s["sft_loss_rel_diff"] <= LOSS_RTOL
+    dec, tdec = rows.get("decode", {}), trows.get("decode", {})
+    if "decode_tokens_per_s" in dec and "decode_tokens_per_s" in tdec:
+        s["decode_speedup_vs_hf"] = dec["decode_tokens_per_s"] / tdec["decode_tokens_per_s"]
+        s["call_speedup_vs_hf"] = dec["call_tokens_per_s"] / tdec["call_tokens_per_s"]
+    s["all_finite"] = all(r.get("losses_finite", r.get("logprobs_finite", True)) for r in rows.values()
+                          if "error" not in r)
+    s["errors"] = {f"{who}/{k}": r["error"] for who, rs in (("jax", rows), ("torch", trows))
+                   for k, r in rs.items() if "error" in r}
+    return s
+
+
+def table(jax_out: dict, torch_out: dict | None, summary: dict) -> str:
+    rows = jax_out.get("rows", {})
+    trows = (torch_out or {}).get("rows", {})
+    head = (f"{jax_out.get('device_kind')} ({jax_out.get('platform')}), jax {jax_out.get('jax')}, attention "
+            f"{jax_out.get('attention_impl')}, torch {(torch_out or {}).get('torch', '-')}, transformers "
+            f"{(torch_out or {}).get('transformers', '-')}; {jax_out.get('num_params', 0) / 1e9:.3f} B params; "
+            f"measured bf16 matmul {_fmt(jax_out.get('peak_bf16_tflops'))} TFLOP/s, copy "
+            f"{_fmt(jax_out.get('copy_gbps'))} GB/s")
+    lines = [head, f"{'part':<10} {'jax':>12} {'torch':>12} {'ratio':>7}  detail"]
+
+    def line(name, j, t, unit, detail, higher_better=False):
+        ratio = None if j is None or t is None else (j / t if higher_better else t / j)
+        lines.append(f"{name:<10} {_fmt(j):>12} {_fmt(t):>12} {_fmt(ratio, '.2f') if ratio else '-':>7}  {unit}; {detail}")
+
+    sft, tsft = rows.get("sft", {}), trows.get("sft", {})
+    line("sft", sft.get("step_s"), tsft.get("step_s"), "s/step",
+         f"{_fmt(sft.get('tokens_per_s'))} tok/s, MFU {_fmt(sft.get('mfu'), '.1%') if 'mfu' in sft else '-'}, "
+         f"loss@1 {_fmt(sft.get('loss_step1'), '.5g')} vs {_fmt(tsft.get('loss_step1'), '.5g')}")
+    dpo = rows.get("dpo", {})
+    line("dpo", dpo.get("step_s"), None, "s/step", f"MFU {_fmt(dpo.get('mfu'), '.1%') if 'mfu' in dpo else '-'}")
+    dec, tdec = rows.get("decode", {}), trows.get("decode", {})
+    line("decode", dec.get("decode_tokens_per_s"), tdec.get("decode_tokens_per_s"), "new tok/s",
+         f"{_fmt(dec.get('floor_fraction'), '.1%') if 'floor_fraction' in dec else '-'} of HBM floor, prefill "
+         f"{_fmt(dec.get('prefill_s'))} s", higher_better=True)
+    grpo = rows.get("grpo", {})
+    phases = ", ".join(f"{k} {v:.3g}" for k, v in grpo.get("phases_s", {}).items())
+    line("grpo", grpo.get("step_s"), None, "s/step", phases or "-")
+    for name, err in summary.get("errors", {}).items():
+        lines.append(f"ERROR {name}: {err.splitlines()[0][:200]}")
+    lines.append(f"checks: SFT loss@1 rel diff {_fmt(summary.get('sft_loss_rel_diff'))} (<= {LOSS_RTOL}: "
+                 f"{summary.get('sft_losses_equal', '-')}), all finite {summary.get('all_finite')}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, seconds)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--attention", default="auto", help="ModelConfig.attention_impl of the JAX model")
+    p.add_argument("--logits-chunk", type=int, default=None, help="logits_chunk_size of the SFT and DPO steps")
+    p.add_argument("--out", default=None, help="write all figures as JSON here")
+    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from {PARTS}")
+    if args.worker == "jax":
+        report_result(_jax_worker(args))
+        return 0
+    if args.worker == "torch":
+        report_result(_torch_worker(args))
+        return 0
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_accel_") as tmp:
+        base = [sys.executable, os.path.abspath(__file__), "--dir", tmp, "--parts", args.parts,
+                "--attention", args.attention] + (["--smoke"] if args.smoke else [])
+        if args.logits_chunk:
+            base += ["--logits-chunk", str(args.logits_chunk)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        try:
+            jax_out = run_worker(base + ["--worker", "jax"], env=env)
+        except RuntimeError as e:
+            jax_out = {"rows": {"worker": {"error": str(e)[-3000:]}}}
+        torch_out = None
+        if "torch" in args.parts.split(","):
+            try:
+                torch_out = run_worker(base + ["--worker", "torch"], env=env)
+            except RuntimeError as e:
+                torch_out = {"rows": {"worker": {"error": str(e)[-3000:]}}}
+    summary = summarize(jax_out, torch_out)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke,
+              "wall_s": time.perf_counter() - started, "jax": jax_out, "torch": torch_out, "summary": summary}
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(summary, indent=1, default=str))
+    print(table(jax_out, torch_out, summary))
+    return 0 if not summary["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""benchmarks/bench_accelerator.py at `--smoke` size on the CPU: both workers run, the JAX and torch
+SFT losses at step 1 agree (same weights, same batch), every part reports finite figures, the table is
+printed last; and the run imports nothing the device image lacks (those packages are made unimportable).
+The GRPO part (the RL loop, the slowest to compile) runs only with RLHF_JAX_FULL_EXPERIMENTS=1."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks", "bench_accelerator.py")
+# install_requires / extras that the H200 image (Python 3.12, JAX 0.11 CUDA, flax, optax, orbax, torch,
+# transformers, peft, chex) does not have: see benchmarks/ACCELERATORS.md.
+ABSENT_ON_DEVICE = ("tensorflow_datasets", "tensorflow", "array_record", "datasets", "importlib_resources",
+                    "tensorboardX", "qwix", "math_verify")
+# As if not installed: `import x` raises ModuleNotFoundError and importlib.util.find_spec("x") is None
+# (libraries probe optional packages that way, e.g. accelerate for tensorboardX).
+BLOCKER = f"""
+import importlib.abc, importlib.util, sys
+ABSENT = {ABSENT_ON_DEVICE!r}
+class _Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ABSENT:
+            raise ModuleNotFoundError("absent on the device image: " + name, name=name)
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split(".")[0] in ABSENT else _find_spec(name, package))
+sys.meta_path.insert(0, _Absent())
+"""
+
+
+def _load():
+    sys.path.insert(0, os.path.dirname(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_accelerator", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_floor_bytes_by_hand():
+    bench = _load()
+    config = bench.model_config(smoke=False)
+    # Qwen2.5-1.5B: 28 layers x (k, v) x 2 KV heads x 128 x 2 bytes = 28,672 bytes per cached token.
+    got = bench._decode_floor_bytes(config, 1_543_714_304, rows=64, prompt_len=512, new_tokens=512)
+    kv = 64 * 28_672 * sum(512 + i for i in range(1, 512))
+    assert got == 511 * 1_543_714_304 * 2 + kv
+    assert round(got / 1e9) == 2_298   # 1,578 GB of weights + 720 GB of KV over the 511 steps
+
+
+def test_smoke_run(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    parts = "sft,dpo,decode,grpo,torch" if os.environ.get("RLHF_JAX_FULL_EXPERIMENTS") else "sft,dpo,decode,torch"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), ROOT]), "JAX_PLATFORMS": "cpu"}
+    out_file = tmp_path / "accel.json"
+    proc = subprocess.run([sys.executable, BENCH, "--smoke", "--parts", parts, "--out", str(out_file)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out_file.read_text())
+    summary, jax_rows, torch_rows = result["summary"], result["jax"]["rows"], result["torch"]["rows"]
+    assert summary["errors"] == {} and summary["all_finite"]
+    assert set(jax_rows) == set(parts.split(",")) - {"torch"} and set(torch_rows) == {"sft", "decode"}
+    # Same bf16-valued weights and tokens, bf16 compute in both: losses agree far inside bf16 tolerance.
+    assert summary["sft_loss_rel_diff"] < 1e-3 and summary["sft_losses_equal"]
+    assert 4.5 < jax_rows["sft"]["loss_step1"] < 6.5   # ≈ ln(256) for a random model over 256 ids
+    assert jax_rows["decode"]["tokens_shape"] == [4, 8] and torch_rows["decode"]["shape"] == [4, 16]
+    for row in (jax_rows["sft"], jax_rows["dpo"], torch_rows["sft"]):
+        assert row["step_s"] > 0
+    assert result["jax"]["peak_bf16_tflops"] > 0 and result["jax"]["copy_gbps"] > 0
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("checks: SFT loss@1 rel diff") and lines[-7].startswith("cpu (cpu), jax")
