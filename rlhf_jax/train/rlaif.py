@@ -48,7 +48,8 @@ class JudgeConfig:
     """A pairwise judge: its model, tokenizer and prompt template.
 
     Attributes:
-      model: an rlhf-jax checkpoint (`runs/<judge>/checkpoints`) or a Hugging Face model directory.
+      model: an rlhf-jax checkpoint (`runs/<judge>/checkpoints`) or a Hugging Face model directory
+        (required; `--set judge.model=PATH` turns the judge on in an online DPO run).
       tokenizer: a tokenizer directory or "offline"; None = the model's own (the Hugging Face
         directory's, or the run's `tokenizer/` beside its `checkpoints/`), else "offline".
       template: the prompt, answer tokens and principles (`PairwiseTemplate`).
@@ -56,15 +57,13 @@ class JudgeConfig:
       max_len: prompt tokens kept (from the end); None = the model's context.
     """
 
-    model: str
+    model: str = ""
     tokenizer: str | None = None
     template: PairwiseTemplate = PairwiseTemplate()
     batch_size: int = 32
     max_len: int | None = None
 
     def __post_init__(self):
-        if not self.model:
-            raise ConfigError("judge.model must name a checkpoint or Hugging Face directory")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"judge.batch_size must be a positive int, got {self.batch_size!r}")
 
@@ -100,6 +99,8 @@ def load_policy(path: str, model_config: ModelConfig | None = None, *, key: str 
 
 def load_judge(config: JudgeConfig, model_config: ModelConfig | None = None) -> PairwiseJudge:
     """The `PairwiseJudge` of `config` (its model read from `config.model`, architecture from there)."""
+    if not config.model:
+        raise ConfigError("judge.model must name a checkpoint or Hugging Face directory (--set judge.model=PATH)")
     model, params = load_policy(config.model, model_config, key="judge.model")
     judge = JudgeModel(model, params, _tokenizer_of(config.model, config.tokenizer), batch_size=config.batch_size,
                        max_len=config.max_len)
