@@ -1,0 +1,264 @@
+"""Multi-turn rollouts: the policy acts, the environments answer on the host, decoding continues.
+
+    limits = AgentLimits(max_turns=4, max_tokens=64, turn_tokens=16)
+    trajectories = run_episodes(sampler, params, prompts, envs, renderer=RawRenderer(tok, fmt),
+                                sampling=SamplingConfig(max_new_tokens=16, eos_id=tok.eos_token_id),
+                                limits=limits, tokenizer=tok, rng=0)
+    metrics = trajectory_metrics(trajectories)
+
+Each turn, every unfinished trajectory's context (prompt + all tokens so far) is decoded with the
+`Sampler` until a stop: the EOS / stop ids, or the call format's stop strings (`</tool>`; a stop
+string of one token is a sampler stop id, a longer one is found on the host and the tokens after it
+are dropped). The turn's text goes to its environment's `step`; all environments of a turn step
+concurrently in a thread pool, and a tool call inside a step runs under its `ToolRunner` time
+limit, so a turn never waits longer than the slowest limit. The observation is rendered to tokens
+(`RawRenderer` / `ChatRenderer`) and appended as non-action tokens; the episode ends when the
+environment says so, after `max_turns` action turns, or at the `max_tokens` budget (truncated).
+
+The sampler's log-probs of every action token are kept: the trainer's recomputation over the whole
+trajectory (`rlhf_jax.rollout.completion_logprobs` with the observations as context) equals them.
+A turn's randomness is `fold_in(rng, turn)` and the sampler keys rows by their index, so equal
+inputs and seed give bit-identical trajectories.
+
+Batching: this drives the static-batch `Sampler.generate` (one call per turn over the trajectories
+still running), so a trajectory that finished early leaves its row empty until the turn's call
+ends; with a per-request sampler API the freed slots would be refilled.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from rlhf_jax.agents.environment import Environment, StepResult
+from rlhf_jax.agents.tools import ToolResult
+from rlhf_jax.agents.trajectory import Trajectory
+from rlhf_jax.sampling import Sampler, SamplingConfig
+
+__all__ = ["AgentLimits", "run_episodes", "trajectory_stats", "stats_metrics", "trajectory_metrics", "environment_reward",
+           "TOOL_STATUS_METRICS"]
+
+# Tool-call outcome -> metric (counted over a batch).
+TOOL_STATUS_METRICS = {
+    "error": "tool_calls/errors",
+    "timeout": "tool_calls/timeouts",
+    "truncated": "tool_calls/truncated",
+    "unknown_tool": "tool_calls/unknown_tool",
+    "malformed": "tool_calls/malformed",
+    "no_tool_role": "tool_calls/no_tool_role",
+    "env_error": "env/errors",
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AgentLimits:
+    """Limits of one episode.
+
+    Attributes:
+      max_turns: action turns at most.
+      max_tokens: tokens after the prompt at most (actions and observations; the RL batch's width).
+      turn_tokens: tokens of one action turn at most (the sampler's `max_new_tokens` per call).
+      concurrency: environments stepped at once (threads).
+    """
+
+    max_turns: int = 4
+    max_tokens: int = 64
+    turn_tokens: int = 16
+    concurrency: int = 16
+
+    def __post_init__(self):
+        for name in ("max_turns", "max_tokens", "turn_tokens", "concurrency"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"AgentLimits.{name} must be a positive int, got {value!r}")
+
+
+def _stop_tokens(tokenizer, stop_strings: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Stop strings of one token become stop ids; the others are matched on the host."""
+    ids, texts = [], []
+    for s in stop_strings:
+        enc = tokenizer(s, add_special_tokens=False)["input_ids"]
+        (ids if len(enc) == 1 else texts).append(enc[0] if len(enc) == 1 else s)
+    return tuple(ids), tuple(texts)
+
+
+def _cut_at_stop_string(tokenizer, ids: list[int], texts: Sequence[str]) -> int | None:
+    """The shortest prefix length of `ids` whose text contains a stop string, or None."""
+    if not texts or not any(s in tokenizer.decode(ids) for s in texts):
+        return None
+    for k in range(1, len(ids) + 1):
+        if any(s in tokenizer.decode(ids[:k]) for s in texts):
+            return k
+    return None
+
+
+def _safe_step(env: Environment, action: str) -> StepResult:
+    try:
+        result = env.step(action)
+    except Exception as e:  # noqa: BLE001 - an environment's failure ends its episode, not the run
+        return StepResult(None, 0.0, True, {"env_error": f"{type(e).__name__}: {e}"})
+    if not isinstance(result, tuple) or len(result) < 3:
+        return StepResult(None, 0.0, True, {"env_error": f"step returned {type(result).__name__}, not a StepResult"})
+    return StepResult(*result) if not isinstance(result, StepResult) else result
+
+
+def run_episodes(
+    sampler: Sampler,
+    params,
+    prompts: Sequence[Sequence[int]],
+    envs: Sequence[Environment],
+    *,
+    renderer,
+    sampling: SamplingConfig,
+    limits: AgentLimits,
+    tokenizer,
+    rng: int | jax.Array = 0,
+    stop_strings: Sequence[str] | None = None,
+) -> list[Trajectory]:
+    """Run one episode per prompt (environments already `reset`) and return the trajectories.
+
+    Args:
+      sampler: the policy's `Sampler`; its `max_len` must hold the longest prompt, `max_tokens` and
+        `turn_tokens`.
+      params: the sampler's parameters (`Sampler.load_params`).
+      prompts: token ids of each episode's prompt.
+      envs: one environment per prompt, reset on its task.
+      renderer: turns observations into token ids (`RawRenderer`, `ChatRenderer`).
+      sampling: method, EOS and stop ids (its `max_new_tokens` and `num_samples` are replaced by
+        `limits.turn_tokens` and 1: a group is `num_samples` copies of a prompt in `prompts`).
+      limits: turns and token budgets.
+      tokenizer: decodes actions for the environments.
+      rng: int seed or PRNG key.
+      stop_strings: texts that end a turn (default: the renderer's call format's).
+
+    Returns:
+      One `Trajectory` per prompt.
+    """
+    if len(prompts) != len(envs):
+        raise ValueError(f"run_episodes: {len(prompts)} prompts but {len(envs)} environments")
+    if stop_strings is None:
+        stop_strings = getattr(getattr(renderer, "call_format", None), "stop_strings", ())
+    stop_ids, stop_texts = _stop_tokens(tokenizer, stop_strings)
+    longest = max(len(p) for p in prompts) + limits.max_tokens + limits.turn_tokens - 1
+    if longest > sampler.max_len:
+        raise ValueError(f"run_episodes: the longest prompt ({max(len(p) for p in prompts)} tokens) + max_tokens "
+                         f"({limits.max_tokens}) + turn_tokens ({limits.turn_tokens}) - 1 = {longest} exceeds the "
+                         f"sampler's max_len {sampler.max_len}")
+    config = dataclasses.replace(sampling, max_new_tokens=limits.turn_tokens, num_samples=1,
+                                 stop_ids=tuple(sorted(set(sampling.stop_ids) | set(stop_ids))))
+    eos = sampling.eos_id
+    key = rng if isinstance(rng, jax.Array) else jax.random.key(int(rng))
+    trajectories = [Trajectory(prompt=[int(t) for t in p]) for p in prompts]
+    active = list(range(len(prompts)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=limits.concurrency,
+                                               thread_name_prefix="agent-env") as pool:
+        for turn in range(limits.max_turns):
+            if not active:
+                break
+            contexts = [trajectories[i].prompt + trajectories[i].tokens for i in active]
+            out = sampler.generate(params, contexts, config, rng=jax.random.fold_in(key, turn))
+            tokens, logps = np.asarray(out.completion_tokens), np.asarray(out.logprobs)
+            lengths, cut_short = np.asarray(out.lengths), np.asarray(out.truncated)
+            stepping, actions = [], []
+            for row, i in enumerate(active):
+                traj = trajectories[i]
+                n = int(lengths[row])
+                ids, lps = tokens[row, :n].tolist(), logps[row, :n].tolist()
+                stopped = not bool(cut_short[row])
+                k = _cut_at_stop_string(tokenizer, ids, stop_texts)
+                if k is not None:
+                    ids, lps, stopped = ids[:k], lps[:k], True
+                room = limits.max_tokens - len(traj.tokens)
+                if len(ids) > room:
+                    ids, lps, stopped = ids[:room], lps[:room], False
+                traj.add_action(ids, lps)
+                if not stopped:  # no stop within the turn's or the episode's budget
+                    traj.turn_rewards.append(0.0)
+                    traj.truncated = True
+                    continue
+                text_ids = ids[:-1] if ids and eos is not None and ids[-1] == eos else ids
+                stepping.append(i)
+                actions.append(tokenizer.decode(text_ids, skip_special_tokens=False))
+            results = list(pool.map(_safe_step, [envs[i] for i in stepping], actions))
+            still = []
+            for i, result in zip(stepping, results):
+                traj = trajectories[i]
+                traj.turn_rewards.append(float(result.reward))
+                info = result.info or {}
+                if "env_error" in info:
+                    traj.tool_statuses.append("env_error")
+                if result.done:
+                    traj.done = True
+                    continue
+                observation = result.observation if result.observation is not None else ""
+                rendered = renderer.observation(observation)
+                if isinstance(observation, ToolResult):
+                    traj.tool_statuses.append(rendered.status if rendered.status != "ok" else observation.status)
+                if turn + 1 >= limits.max_turns or len(rendered.ids) >= limits.max_tokens - len(traj.tokens):
+                    traj.truncated = True  # no room for another action turn
+                    continue
+                traj.add_observation(rendered.ids)
+                still.append(i)
+            active = still
+    return trajectories
+
+
+def trajectory_stats(trajectories: Sequence[Trajectory]) -> dict[str, np.ndarray]:
+    """Per-trajectory counters, `[N]` arrays named `stats/...` (they travel with the batch's rows)."""
+    rows = {
+        "stats/num_turns": [t.num_turns for t in trajectories],
+        "stats/tool_calls": [sum(s != "env_error" for s in t.tool_statuses) for t in trajectories],
+        **{f"stats/{status}": [t.tool_statuses.count(status) for t in trajectories] for status in TOOL_STATUS_METRICS},
+        "stats/generated_tokens": [t.generated_tokens for t in trajectories],
+        "stats/observed_tokens": [t.observed_tokens for t in trajectories],
+        "stats/trajectory_truncated": [t.truncated for t in trajectories],
+        "stats/turn_reward_sum": [sum(t.turn_rewards) for t in trajectories],
+        "stats/turn_count": [len(t.turn_rewards) for t in trajectories],
+    }
+    return {k: np.asarray(v, np.float64) for k, v in rows.items()}
+
+
+def stats_metrics(stats: dict[str, np.ndarray], *, prefix: str = "") -> dict[str, float]:
+    """Batch metrics from `trajectory_stats` rows (verl/Tunix-style names).
+
+    `num_turns/mean|min|max`, `tool_calls/mean` (calls per trajectory), `tool_calls/total`, the
+    failed-call counts of `TOOL_STATUS_METRICS` (`tool_calls/errors`, `tool_calls/timeouts`,
+    `tool_calls/truncated`, `tool_calls/unknown_tool`, `tool_calls/malformed`,
+    `tool_calls/no_tool_role`, `env/errors`), `trajectory/generated_tokens/mean`,
+    `trajectory/observed_tokens/mean`, `trajectory/truncated_ratio`, `reward/per_turn/mean` (over all
+    turns of the batch) and `reward/trajectory/mean`.
+    """
+    turns = stats["stats/num_turns"]
+    if turns.size == 0:
+        return {}
+    out = {
+        "num_turns/mean": float(turns.mean()), "num_turns/min": float(turns.min()), "num_turns/max": float(turns.max()),
+        "tool_calls/mean": float(stats["stats/tool_calls"].mean()),
+        "tool_calls/total": float(stats["stats/tool_calls"].sum()),
+        **{name: float(stats[f"stats/{status}"].sum()) for status, name in TOOL_STATUS_METRICS.items()},
+        "trajectory/generated_tokens/mean": float(stats["stats/generated_tokens"].mean()),
+        "trajectory/observed_tokens/mean": float(stats["stats/observed_tokens"].mean()),
+        "trajectory/truncated_ratio": float(stats["stats/trajectory_truncated"].mean()),
+        "reward/per_turn/mean": float(stats["stats/turn_reward_sum"].sum() / max(stats["stats/turn_count"].sum(), 1)),
+        "reward/trajectory/mean": float(stats["stats/turn_reward_sum"].mean()),
+    }
+    return {prefix + k: v for k, v in out.items()}
+
+
+def trajectory_metrics(trajectories: Sequence[Trajectory], *, prefix: str = "") -> dict[str, float]:
+    """`stats_metrics(trajectory_stats(trajectories))`: the batch metrics of trajectories."""
+    return stats_metrics(trajectory_stats(trajectories), prefix=prefix) if trajectories else {}
+
+
+def environment_reward(completions, env_reward, **kwargs) -> list[float]:
+    """The reward function of agentic runs: each trajectory's return from its environment.
+
+    Reads the `env_reward` column the trajectory collector adds (TRL calling convention), so the
+    usual reward plumbing (weights, metrics, evaluation) applies to environment returns.
+    """
+    del completions, kwargs
+    return [float(r) for r in env_reward]

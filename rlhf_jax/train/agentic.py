@@ -1,0 +1,207 @@
+"""Agentic GRPO: the GRPO family over multi-turn, tool-using trajectories.
+
+    config = AgenticGRPORunConfig(name="agentic", algorithm=grpo_config("grpo", group_size=8),
+                                  environment=EnvironmentConfig(name="calculator", max_turns=3),
+                                  rollout=RolloutConfig(max_new_tokens=48), ...)
+    rlhf_jax.train.recipe.run(RECIPE, config)       # or `rlhf-jax run` on an experiment
+
+Everything but the rollout is the GRPO recipe (`rlhf_jax.train.rl`): same state, same jitted step,
+same reference pass, evaluation and checkpoints. The rollout is a `TrajectoryCollector`: for every
+prompt of the batch, `group_size` environments (`environment.name` of
+`rlhf_jax.agents.ENVIRONMENTS`) each run one episode (`rlhf_jax.agents.run_episodes`), and each
+trajectory becomes one row of the usual RL batch with the *action mask* as its completion mask
+(`rlhf_jax.agents.trajectory`): loss, KL and entropy only on the policy's own tokens, observation
+tokens as context, whole trajectories grouped per prompt.
+
+Sizes: `rollout.max_new_tokens` is the token budget of a trajectory after its prompt (actions and
+observations; the batch's completion width) and `environment.turn_tokens` the budget of one turn.
+The reward is the environment's return (the `env_reward` column, read by the default reward
+function `rlhf_jax.agents.rollout:environment_reward`); evaluation reports it as `eval/accuracy` too
+(the built-in environments reward an exact final answer with 1).
+
+Training metrics add `num_turns/*`, `tool_calls/*` (calls, errors, timeouts, truncated results,
+unknown tools, malformed calls, templates without a tool role), `env/errors`,
+`trajectory/generated_tokens/mean`, `trajectory/observed_tokens/mean`, `trajectory/truncated_ratio`,
+`reward/per_turn/mean` and `reward/trajectory/mean` (`rlhf_jax.agents.rollout.stats_metrics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+from rlhf_jax.agents.environment import ENVIRONMENTS, make_environment
+from rlhf_jax.agents.render import ChatRenderer, RawRenderer
+from rlhf_jax.agents.rollout import AgentLimits, environment_reward, run_episodes, stats_metrics, trajectory_stats
+from rlhf_jax.agents.tools import TagCallFormat, ToolRunner
+from rlhf_jax.agents.trajectory import trajectory_batch
+from rlhf_jax.config import ConfigError, check_choice
+from rlhf_jax.rewards import PythonReward
+from rlhf_jax.rewards.registry import RewardConfig, RewardContext, build_rewards
+from rlhf_jax.sampling import Sampler, SamplingConfig
+from rlhf_jax.train import rl
+from rlhf_jax.train.recipe import Context, Recipe
+from rlhf_jax.train.rl_algorithms import GRPO
+from rlhf_jax.train.rollouts import RolloutCollector
+
+__all__ = ["EnvironmentConfig", "AgenticGRPORunConfig", "TrajectoryCollector", "RECIPE", "rollout_parts"]
+
+ENVIRONMENT_REWARD = "rlhf_jax.agents.rollout:environment_reward"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EnvironmentConfig:
+    """The environment of agentic rollouts (the `environment` config section).
+
+    Attributes:
+      name: an environment of `rlhf_jax.agents.ENVIRONMENTS` ("calculator", "arithmetic", ...).
+      max_turns: action turns per trajectory at most.
+      turn_tokens: tokens of one action turn at most.
+      tool_timeout_s: seconds a tool call may run (then a timeout observation).
+      max_observation_chars: characters of a tool's result kept (the rest cut, with a note).
+      concurrency: environments stepped at once (host threads).
+      renderer: "raw" (observations as text) or "chat" (through the tokenizer's chat template and its
+        tool role; calls in the template's own format).
+      call_open, call_close: the tags around a call in the raw format (`<tool>calc(1+2)</tool>`);
+        decoding stops at `call_close`.
+      result_open, result_close: the tags around a tool's result in the raw format.
+    """
+
+    name: str = "calculator"
+    max_turns: int = 4
+    turn_tokens: int = 16
+    tool_timeout_s: float = 5.0
+    max_observation_chars: int = 1024
+    concurrency: int = 16
+    renderer: Literal["raw", "chat"] = "raw"
+    call_open: str = "<tool>"
+    call_close: str = "</tool>"
+    result_open: str = "<result>"
+    result_close: str = "</result>"
+
+    def __post_init__(self):
+        if self.name not in ENVIRONMENTS:
+            raise ConfigError(f"environment.name: unknown environment {self.name!r}; available: {sorted(ENVIRONMENTS)}")
+        for name in ("max_turns", "turn_tokens", "max_observation_chars", "concurrency"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"environment.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.tool_timeout_s, (int, float)) or not self.tool_timeout_s > 0:
+            raise ConfigError(f"environment.tool_timeout_s must be > 0, got {self.tool_timeout_s!r}")
+        check_choice("environment", "renderer", self.renderer, Literal["raw", "chat"])
+        for name in ("call_open", "call_close"):
+            if not getattr(self, name):
+                raise ConfigError(f"environment.{name} must be a non-empty string")
+
+    @property
+    def call_format(self) -> TagCallFormat:
+        return TagCallFormat(open=self.call_open, close=self.call_close, result_open=self.result_open,
+                             result_close=self.result_close)
+
+    @property
+    def runner(self) -> ToolRunner:
+        return ToolRunner(timeout_s=float(self.tool_timeout_s), max_chars=self.max_observation_chars)
+
+    def limits(self, max_tokens: int) -> AgentLimits:
+        return AgentLimits(max_turns=self.max_turns, max_tokens=max_tokens, turn_tokens=self.turn_tokens,
+                           concurrency=self.concurrency)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AgenticGRPORunConfig(rl.GRPORunConfig):
+    """A GRPO-family run over multi-turn trajectories: `GRPORunConfig` plus the `environment` section.
+
+    `rollout.max_new_tokens` is the trajectory's token budget after the prompt; the default reward
+    is the environment's return.
+    """
+
+    environment: EnvironmentConfig = EnvironmentConfig()
+    rewards: RewardConfig = RewardConfig(functions=(ENVIRONMENT_REWARD,))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.environment.turn_tokens > self.rollout.max_new_tokens:
+            raise ConfigError(f"environment.turn_tokens ({self.environment.turn_tokens}) must be <= "
+                              f"rollout.max_new_tokens ({self.rollout.max_new_tokens}), the trajectory's budget")
+
+
+class TrajectoryCollector(RolloutCollector):
+    """A `RolloutCollector` whose samples are whole episodes (`rlhf_jax.agents.run_episodes`).
+
+    Each sampled row is a trajectory in the RL batch layout (`trajectory_batch`): completion =
+    everything after the prompt, completion mask = the action mask; the environment's return is the
+    `env_reward` column; per-row counters (`stats/...`) give the agent metrics of `collect`.
+    """
+
+    def setup(self, environment: EnvironmentConfig, *, max_tokens: int) -> "TrajectoryCollector":
+        self.environment = environment
+        self.limits = environment.limits(max_tokens)
+        options = dict(call_format=environment.call_format, runner=environment.runner)
+        probe = make_environment(environment.name, **options)
+        if environment.renderer == "chat":
+            self.renderer = ChatRenderer(self.tokenizer, tools=list(getattr(probe, "tools", {}).values()))
+            if hasattr(probe, "call_format"):
+                options["call_format"] = self.renderer.call_format
+        else:
+            self.renderer = RawRenderer(self.tokenizer, environment.call_format)
+        self.env_options = options
+        return self
+
+    def sample(self, params, batch: Mapping[str, Any], sampling: SamplingConfig, rng) -> dict[str, Any]:
+        """Episodes for the batch's real prompts (`num_samples` each, contiguous), as host arrays."""
+        valid = np.flatnonzero(np.asarray(batch["example_mask"]))
+        tokens, lengths = np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_lengths"])
+        columns = batch.get("columns", {})
+        n = sampling.num_samples
+        prompts, envs = [], []
+        for i in valid:
+            ids = tokens[i, : lengths[i]].tolist()
+            task = {k: v[i] for k, v in columns.items()}
+            task.setdefault("prompt", self.tokenizer.decode(ids, skip_special_tokens=True))
+            for _ in range(n):
+                env = make_environment(self.environment.name, **self.env_options)
+                env.reset(task)
+                envs.append(env)
+                prompts.append(ids)
+        trajectories = run_episodes(self.sampler, params, prompts, envs, renderer=self.renderer, sampling=sampling,
+                                    limits=self.limits, tokenizer=self.tokenizer, rng=rng)
+        arrays = trajectory_batch(trajectories, width=self.limits.max_tokens, prompt_width=tokens.shape[1],
+                                  pad_id=self.sampler.pad_id)
+        returns = arrays.pop("rewards")
+        arrays.update(trajectory_stats(trajectories))
+        arrays["columns"] = {k: [v[i] for i in valid for _ in range(n)] for k, v in columns.items()}
+        arrays["columns"]["env_reward"] = returns.tolist()
+        return arrays
+
+    def collect(self, params, first_batch, more_batches, *, rng):
+        merged, result, metrics = super().collect(params, first_batch, more_batches, rng=rng)
+        metrics.update(stats_metrics({k: v for k, v in merged.items() if k.startswith("stats/")}))
+        return merged, result, metrics
+
+
+def rollout_parts(config: AgenticGRPORunConfig, data, mesh, policy, group_size: int, hooks: Mapping[str, Any]):
+    """The sampler and trajectory collector of an agentic run, and its gold metric (`eval/accuracy`)."""
+    sources, weights = hooks.get("reward_sources"), hooks.get("reward_weights")
+    if sources is None:
+        sources, weights = build_rewards(RewardContext(config.rewards, config.rollout.max_new_tokens))
+    budget = config.rollout.max_new_tokens
+    sampler_mesh, sampler_strategy = rl._sampler_mesh(config, mesh)
+    sampler = Sampler(policy, max_len=rl._prompt_len(config) + budget + config.environment.turn_tokens,
+                      mesh=sampler_mesh, strategy=sampler_strategy, dtype=config.rollout.sampler_dtype)
+    collector = TrajectoryCollector.from_config(config, sampler=sampler, tokenizer=data.tokenizer, sources=sources,
+                                                weights=weights, group=group_size,
+                                                temperature=config.algorithm.temperature)
+    collector.setup(config.environment, max_tokens=budget)
+    return collector, ("eval/accuracy", PythonReward(environment_reward, "accuracy"))
+
+
+def _trainer(ctx: Context):
+    return rl._trainer(dataclasses.replace(ctx, hooks={**ctx.hooks, "rollout_parts": rollout_parts}))
+
+
+RECIPE = Recipe(name="agentic_grpo", data_kind=lambda config: "prompt", build=rl._builder(GRPO, "grpo_step"),
+                trainer=_trainer, progress_keys=("reward", "num_turns/mean", "tool_calls/mean", "kl", "time/generate"),
+                check=rl.check_rewards, mesh=rl._trainer_mesh)

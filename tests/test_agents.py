@@ -1,0 +1,508 @@
+"""Multi-turn, tool-using rollouts (rlhf_jax.agents, rlhf_jax.train.agentic).
+
+Pinned: tool failures become observations and counted metrics and the episode goes on; the
+sampler's log-probs of every action token of multi-turn trajectories equal the trainer's
+recomputation; observation tokens get no policy-gradient term except through attention;
+trajectories are bit-identical under the same seed; chat templates' tool roles render the
+observation between the model's turns exactly as the template renders the whole conversation.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from rlhf_jax.advantages import gae
+from rlhf_jax.agents import (
+    AgentLimits,
+    ArithmeticTools,
+    CallError,
+    ChatRenderer,
+    HermesCallFormat,
+    JsonCallFormat,
+    RawRenderer,
+    StepResult,
+    TagCallFormat,
+    Tool,
+    ToolCall,
+    ToolResult,
+    ToolRunner,
+    UnknownEnvironment,
+    calculate,
+    calculator_tool,
+    make_environment,
+    run_episodes,
+    trajectory_batch,
+    trajectory_metrics,
+    turn_token_rewards,
+)
+from rlhf_jax.config import ConfigError
+from rlhf_jax.data.offline_tokenizer import offline_tokenizer
+from rlhf_jax.models import CausalLM
+from rlhf_jax.models.presets import get_config
+from rlhf_jax.rollout import completion_logprobs
+from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig
+from rlhf_jax.steps import grpo_config, grpo_objective
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------ tools
+
+
+def test_calculator_is_exact_and_refuses_code():
+    assert calculate("347*59") == "20473"
+    assert calculate("347 * 59 + (12 - 2) ** 2") == "20573"
+    assert calculate("123456789*987654321") == "121932631112635269"
+    assert calculate("7/2") == "3.5" and calculate("8/2") == "4" and calculate("-3 % 5") == "2"
+    for bad in ("__import__('os')", "a+1", "2**1000", "1+", "[1]"):
+        with pytest.raises(ValueError):
+            calculate(bad)
+    assert calculator_tool().fn({"expression": "6*7"}) == "42"
+
+
+def test_call_formats_parse_calls_answers_and_malformed_calls():
+    tag = TagCallFormat()
+    assert tag.parse("let me see <tool>calc(12*34)</tool>") == ToolCall("calc", "12*34")
+    assert tag.parse("408") is None
+    assert isinstance(tag.parse("<tool>calc 12*34</tool>"), CallError)       # malformed arguments
+    assert isinstance(tag.parse("calc(1)</tool>"), CallError)                # close without open
+    short = ArithmeticTools().call_format
+    assert short.parse("<calc(347*59)>") == ToolCall("calc", "347*59") and short.stop_strings == (">",)
+    hermes = HermesCallFormat()
+    assert hermes.parse('<tool_call>\n{"name": "calc", "arguments": {"expression": "2+3"}}\n</tool_call>') == \
+        ToolCall("calc", {"expression": "2+3"})
+    assert isinstance(hermes.parse("<tool_call>\n{name: calc}\n</tool_call>"), CallError)   # not JSON
+    assert isinstance(hermes.parse('<tool_call>{"name": "calc", "arguments": 3}</tool_call>'), CallError)
+    assert hermes.parse("5") is None
+    llama = JsonCallFormat()
+    assert llama.parse('{"name": "calc", "parameters": {"expression": "1+1"}}') == ToolCall("calc", {"expression": "1+1"})
+    assert llama.parse("2") is None
+
+
+def _raises(args):
+    raise ZeroDivisionError("division by zero")
+
+
+def _hangs(args):
+    time.sleep(3.0)
+    return "late"
+
+
+def _huge(args):
+    return "x" * 100_000
+
+
+TOOLS = {t.name: t for t in (calculator_tool(), Tool("boom", _raises), Tool("hang", _hangs), Tool("huge", _huge))}
+
+
+def test_tool_runner_turns_every_failure_into_an_observation():
+    runner = ToolRunner(timeout_s=0.2, max_chars=256)
+    assert runner.run(TOOLS, ToolCall("calc", "2+3")) == ToolResult("calc", "5", "ok")
+    raised = runner.run(TOOLS, ToolCall("boom", ""))
+    assert raised.status == "error" and raised.text == "error: ZeroDivisionError: division by zero"
+    start = time.perf_counter()
+    hung = runner.run(TOOLS, ToolCall("hang", ""))
+    assert hung.status == "timeout" and time.perf_counter() - start < 1.0 and "timed out after 0.2 s" in hung.text
+    big = runner.run(TOOLS, ToolCall("huge", ""))
+    assert big.status == "truncated" and big.text == "x" * 256 + f"...[truncated {100_000 - 256} chars]"
+    unknown = runner.run(TOOLS, ToolCall("search", "cats"))
+    assert unknown.status == "unknown_tool" and "'search'" in unknown.text and "boom, calc, hang, huge" in unknown.text
+    bad_args = runner.run(TOOLS, ToolCall("calc", "2+"))
+    assert bad_args.status == "error" and bad_args.text.startswith("error: ValueError")
+    assert runner.run(TOOLS, CallError("tool call is not valid JSON")).status == "malformed"
+
+
+def test_environments_by_name_and_one_line_errors():
+    env = make_environment("calculator", call_format=ArithmeticTools().call_format)
+    assert env.reset({"prompt": "347*59=", "answer": "20473"}) == "347*59="
+    step = env.step("<calc(347*59)>")
+    assert step.observation == ToolResult("calc", "20473", "ok") and step.reward == 0.0 and not step.done
+    assert env.step("20473") == StepResult(None, 1.0, True, {})
+    assert make_environment("arithmetic", call_format=ArithmeticTools().call_format).step is not None
+    with pytest.raises(UnknownEnvironment, match=r"^environment.name: unknown environment 'web'; available: "
+                                                 r"\['arithmetic', 'calculator'\]$"):
+        make_environment("web")
+    from rlhf_jax.train.agentic import EnvironmentConfig
+
+    with pytest.raises(ConfigError, match=r"environment.name: unknown environment 'calculater'; available: .*"
+                                          r"'calculator'"):
+        EnvironmentConfig(name="calculater")
+
+
+def test_arithmetic_demonstrations_train_the_call_and_the_answer_only():
+    rows = ArithmeticTools().demonstration_rows(2, seed=0)
+    p = ArithmeticTools().problems(2, seed=0)[0]
+    x, y = p["expression"].split("*")
+    assert int(x) * int(y) == int(p["answer"]) and 100 <= int(x) < 1000 and 10 <= int(y) < 100
+    assert rows[0] == {"prompt": p["prompt"], "completion": f"<calc({p['expression']})>"}
+    assert rows[1] == {"prompt": f"{p['prompt']}<calc({p['expression']})>[{p['answer']}]", "completion": p["answer"]}
+
+
+# ----------------------------------------------------------------------------------- rollouts
+
+
+class ScriptedCalls:
+    """An environment that answers each of the first `len(calls)` turns by running `calls[k]`."""
+
+    def __init__(self, calls, runner):
+        self.calls, self.runner, self.turn = list(calls), runner, 0
+
+    def reset(self, task):
+        self.turn = 0
+        return task["prompt"]
+
+    def step(self, action):
+        if self.turn == len(self.calls):
+            return StepResult(None, 1.0, True)
+        call = self.calls[self.turn]
+        self.turn += 1
+        return StepResult(self.runner.run(TOOLS, call), 0.25, False)
+
+
+WIDTH = 96  # a trajectory's tokens after its prompt
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model = CausalLM(get_config("tiny"))
+    params = model.init(jax.random.key(3))
+    sampler = Sampler(model, max_len=112, prompt_buckets=(104,), cache_phases=1)  # one shape: one compile
+    return model, params, sampler, sampler.load_params(params)
+
+
+def _episodes(policy, calls_per_row, *, rng=0, runner=ToolRunner(timeout_s=0.3, max_chars=16)):
+    model, params, sampler, sampler_params = policy
+    tok = offline_tokenizer()
+    prompts = [[1] + tok(f"{i}*7=", add_special_tokens=False)["input_ids"] for i in range(len(calls_per_row))]
+    envs = [ScriptedCalls(calls, runner) for calls in calls_per_row]
+    for env, p in zip(envs, prompts):
+        env.reset({"prompt": tok.decode(p)})
+    # Most ids stop a turn, so the random policy's turns are short and episodes reach several turns.
+    sampling = SamplingConfig(max_new_tokens=8, eos_id=2, stop_ids=tuple(range(40, 256)),
+                              method=Categorical(temperature=0.9))
+    limits = AgentLimits(max_turns=4, max_tokens=WIDTH, turn_tokens=8, concurrency=8)
+    return run_episodes(sampler, sampler_params, prompts, envs, renderer=RawRenderer(tok, TagCallFormat()),
+                        sampling=sampling, limits=limits, tokenizer=tok, rng=rng)
+
+
+CALLS = [
+    [ToolCall("calc", "12*7"), ToolCall("calc", "84+1")],
+    [ToolCall("boom", ""), ToolCall("calc", "1+1")],
+    [ToolCall("hang", ""), ToolCall("calc", "2+2")],
+    [ToolCall("huge", "")],
+    [ToolCall("search", "x"), CallError("tool call is not valid JSON")],
+    [ToolCall("calc", "3*3")],
+]
+
+
+@pytest.fixture(scope="module")
+def episodes(policy):
+    return _episodes(policy, CALLS)
+
+
+def test_failing_tools_give_observations_and_metrics_and_episodes_go_on(episodes):
+    trajectories = episodes
+    finished = [t for t in trajectories if not t.truncated]
+    assert finished, "no episode finished its scripted calls"
+    for t, calls in zip(trajectories, CALLS):
+        assert t.action_mask[: t.turns[0][1]] == [True] * t.turns[0][1]
+        if not t.truncated:  # every scripted call ran, then the final turn: rewards 0.25 per call, 1 at the end
+            assert t.done and t.num_turns == len(calls) + 1 and t.turn_rewards == [0.25] * len(calls) + [1.0]
+    statuses = [t.tool_statuses for t in trajectories]
+    reached = lambda row, k: len(statuses[row]) > k  # noqa: E731 (a call ran when its turn stopped in budget)
+    metrics = trajectory_metrics(trajectories)
+    expected = {"tool_calls/errors": reached(1, 0), "tool_calls/timeouts": reached(2, 0),
+                "tool_calls/truncated": reached(3, 0), "tool_calls/unknown_tool": reached(4, 0),
+                "tool_calls/malformed": reached(4, 1)}
+    for name, count in expected.items():
+        assert metrics[name] == float(count), name
+    assert sum(expected.values()) >= 3  # most failure kinds are exercised (the seed is fixed)
+    assert metrics["tool_calls/total"] == sum(len(s) for s in statuses)
+    assert metrics["num_turns/max"] >= 3 and metrics["trajectory/observed_tokens/mean"] > 0
+    for t in trajectories:  # observation text of a failing call is in the trajectory, as non-action tokens
+        obs = offline_tokenizer().decode([x for x, a in zip(t.tokens, t.action_mask) if not a])
+        if "timeout" in t.tool_statuses:
+            assert "<result>error: tool 'hang' timed out after 0.3 s</result>" in obs
+        if "truncated" in t.tool_statuses:
+            assert "<result>" + "x" * 16 + "...[truncated 99984 chars]</result>" in obs
+
+
+def test_sampler_logprobs_equal_the_trainers_over_multi_turn_trajectories(policy, episodes):
+    model, params, _, _ = policy
+    trajectories = episodes
+    assert max(t.num_turns for t in trajectories) >= 3
+    batch = trajectory_batch(trajectories, width=WIDTH)
+    assert batch["completion_mask"].sum() < batch["lengths"].sum()  # observations are in the rows, unmasked
+    recompute = jax.jit(lambda p, pt, pl, ct: completion_logprobs(model, p, pt, pl, ct, temperature=0.9)[0])
+    logps = recompute(params, batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"])
+    mask = batch["completion_mask"]
+    diff = np.abs(np.asarray(logps) - batch["sampler_logps"])[mask]
+    assert diff.max() < 1e-5, diff.max()
+    assert np.all(batch["sampler_logps"][~mask] == 0.0)
+
+
+def test_observation_tokens_get_no_policy_gradient_except_through_attention(policy, episodes):
+    model, params, _, _ = policy
+    trajectories = episodes
+    batch = {k: jnp.asarray(v) for k, v in trajectory_batch(trajectories, width=WIDTH).items()}
+    mask = batch["completion_mask"]
+    config = grpo_config("grpo", group_size=2, kl_coef=0.1)
+    scores = jnp.asarray(np.random.default_rng(0).normal(size=mask.shape[0]), jnp.float32)
+    adv = scores - scores.mean()
+
+    def loss_of_logps(logps, old, ref):
+        return grpo_objective(logps, old, adv, mask, config=config, ref_logps=ref)[0]
+
+    logps = batch["sampler_logps"] - 0.01
+    grad = jax.grad(loss_of_logps)(logps, batch["sampler_logps"], batch["sampler_logps"] + 0.02)
+    assert np.all(np.asarray(grad)[~np.asarray(mask)] == 0.0) and np.any(np.asarray(grad)[np.asarray(mask)] != 0)
+    # Any values at observation positions (log-probs, old and reference log-probs) change nothing.
+    noise = jnp.where(mask, 0.0, 5.0)
+    assert loss_of_logps(logps + noise, batch["sampler_logps"] - noise, batch["sampler_logps"] + 0.02 + noise) == \
+        loss_of_logps(logps, batch["sampler_logps"], batch["sampler_logps"] + 0.02)
+
+    # Through the model: observation tokens after a row's last action token (nothing attends to them)
+    # change no gradient; an earlier one changes it, through attention only.
+    @jax.jit
+    def grad_of(p, completion):
+        def model_loss(p):
+            lp, _ = completion_logprobs(model, p, batch["prompt_tokens"], batch["prompt_lengths"], completion,
+                                        temperature=0.9)
+            return grpo_objective(lp, batch["sampler_logps"], adv, mask, config=config)[0]
+        return jax.value_and_grad(model_loss)(p)
+
+    tokens = np.asarray(batch["completion_tokens"])
+    last_action = np.array([np.flatnonzero(m).max() for m in np.asarray(mask)])
+    after = np.arange(tokens.shape[1])[None, :] > last_action[:, None]
+    changed = np.where(after, (tokens + 17) % 100 + 3, tokens)
+    base_loss, base_grad = grad_of(params, batch["completion_tokens"])
+    loss2, grad2 = grad_of(params, jnp.asarray(changed))
+    assert float(loss2) == float(base_loss)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_grad), jax.tree.leaves(grad2)))
+    row = next(i for i, m in enumerate(np.asarray(mask)) if not m[: last_action[i]].all())
+    position = int(np.flatnonzero(~np.asarray(mask)[row, : last_action[row]])[0])
+    earlier = tokens.copy()
+    earlier[row, position] = (earlier[row, position] + 17) % 100 + 3
+    loss3, grad3 = grad_of(params, jnp.asarray(earlier))
+    assert float(loss3) != float(base_loss)  # attention reads it
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_grad), jax.tree.leaves(grad3)))
+
+
+def test_gae_treats_observation_tokens_as_non_actions():
+    # Two turns of actions around an observation: GAE over the row equals GAE over the actions alone.
+    mask = np.array([[1, 1, 0, 0, 0, 1, 1, 0]], bool)
+    turn_ends = np.array([[0, 1, 0, 0, 0, 0, 1, 0]], bool)
+    rewards = turn_token_rewards([[0.5, 1.0]], turn_ends)
+    assert rewards.tolist() == [[0, 0.5, 0, 0, 0, 0, 1.0, 0]]
+    values = np.array([[0.1, 0.2, 9.0, 9.0, 9.0, 0.3, 0.4, 9.0]], np.float32)
+    adv, ret = gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma=0.9, lam=0.8)
+    adv_c, ret_c = gae(jnp.asarray(rewards[:, mask[0]]), jnp.asarray(values[:, mask[0]]),
+                       jnp.ones((1, 4), bool), gamma=0.9, lam=0.8)
+    np.testing.assert_allclose(np.asarray(adv)[:, mask[0]], np.asarray(adv_c), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ret)[:, mask[0]], np.asarray(ret_c), rtol=1e-6)
+    assert np.all(np.asarray(adv)[:, ~mask[0]] == 0)
+
+
+# ------------------------------------------------------------------------------ chat templates
+# Reproductions of the tool-use parts of the published templates (Qwen2.5-Instruct, Qwen3,
+# Llama-3.1-Instruct), on a character-level tokenizer built here (no hub fetch).
+
+QWEN25 = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{%- endif %}"
+    "{{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}"
+    "{%- for tool in tools %}{{- \"\\n\" }}{{- tool | tojson }}{%- endfor %}"
+    "{{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}"
+    "{%- else %}{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+QWEN3 = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n<tools>\" }}"
+    "{%- for tool in tools %}{{- \"\\n\" }}{{- tool | tojson }}{%- endfor %}"
+    "{{- \"\\n</tools><|im_end|>\\n\" }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(last_query_index=0) %}"
+    "{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_query_index = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- set content = message.content %}{%- set reasoning_content = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}"
+    "{{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' "
+    "+ content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{%- if message.tool_calls %}{%- for tool_call in message.tool_calls %}"
+    "{%- if (loop.first and content) or (not loop.first) %}{{- '\\n' }}{%- endif %}"
+    "{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+LLAMA31 = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{%- if tools is not none %}{{- 'Environment: ipython\\n' }}{%- endif %}"
+    "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' }}"
+    "{%- if tools is not none %}{{- 'You have access to the following functions:\\n\\n' }}"
+    "{%- for t in tools %}{{- t | tojson }}{{- '\\n\\n' }}{%- endfor %}{%- endif %}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- elif 'tool_calls' in message %}{%- set tool_call = message.tool_calls[0].function %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+    "{{- '{\"name\": \"' + tool_call.name + '\", ' }}{{- '\"parameters\": ' }}{{- tool_call.arguments | tojson }}"
+    "{{- '}' }}{{- '<|eot_id|>' }}"
+    "{%- elif message.role == 'tool' or message.role == 'ipython' %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' }}"
+    "{%- if message.content is mapping or message.content is iterable %}{{- message.content | tojson }}"
+    "{%- else %}{{- message.content }}{%- endif %}{{- '<|eot_id|>' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+_CHARS = ["\n", "\t"] + [chr(c) for c in range(32, 127)]
+TEMPLATES = {
+    "qwen2.5": (QWEN25, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"],
+                dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")),
+    "qwen3": (QWEN3, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<think>",
+                      "</think>"], dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")),
+    "llama3.1": (LLAMA31, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                           "<|finetune_right_pad_id|>"],
+                 dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")),
+}
+
+
+def _tokenizer(tmp_path, name):
+    """A character-level tokenizer with the family's special tokens and template, saved and loaded back."""
+    template, specials, roles = TEMPLATES[name]
+    vocab = {tok: i for i, tok in enumerate(specials + _CHARS)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    backend.add_special_tokens(specials)
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=template, **roles)
+    path = tmp_path / name
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+CALL = {"name": "calc", "arguments": {"expression": "2+3"}}
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "llama3.1"])
+def test_chat_renderer_appends_exactly_what_the_template_renders(tmp_path, name):
+    tok = _tokenizer(tmp_path, name)
+    calc = calculator_tool()
+    renderer = ChatRenderer(tok, tools=[calc])
+    if name == "llama3.1":
+        assert isinstance(renderer.call_format, JsonCallFormat)
+        action = '{"name": "calc", "parameters": {"expression": "2+3"}}'
+        observation = '<|start_header_id|>ipython<|end_header_id|>\n\n"5"<|eot_id|>' \
+                      '<|start_header_id|>assistant<|end_header_id|>\n\n'
+    else:
+        assert isinstance(renderer.call_format, HermesCallFormat)
+        action = '<tool_call>\n{"name": "calc", "arguments": {"expression": "2+3"}}\n</tool_call>'
+        observation = "\n<|im_start|>user\n<tool_response>\n5\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    env = make_environment("calculator", call_format=renderer.call_format)
+    env.reset({"prompt": "2+3=", "answer": "5"})
+    step = env.step(action)
+    assert step.observation == ToolResult("calc", "5", "ok")
+    rendered = renderer.observation(step.observation)
+    assert rendered.status == "ok" and tok.decode(rendered.ids) == observation
+    # prompt + the model's turn (ended by its end-of-turn token) + observation = the template's render.
+    messages = [{"role": "user", "content": "2+3="},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": CALL}]},
+                {"role": "tool", "name": "calc", "content": "5"}]
+    whole = tok.apply_chat_template(messages, tools=[calc.schema()], tokenize=False, add_generation_prompt=True)
+    prompt = tok.decode(renderer.prompt_tokens("2+3="))
+    assert prompt + action + tok.eos_token + observation == whole
+    ids = renderer.prompt_tokens("2+3=") + tok(action + tok.eos_token, add_special_tokens=False)["input_ids"] + \
+        rendered.ids
+    assert tok.decode(ids) == whole
+
+
+def test_qwen3_tool_response_and_thinking_generation_prompt(tmp_path):
+    tok = _tokenizer(tmp_path, "qwen3")
+    renderer = ChatRenderer(tok, tools=[calculator_tool()], template_kwargs={"enable_thinking": False})
+    rendered = renderer.observation(ToolResult("calc", "20473", "ok"))
+    assert tok.decode(rendered.ids) == ("\n<|im_start|>user\n<tool_response>\n20473\n</tool_response><|im_end|>\n"
+                                        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(renderer.prompt_tokens("hi")).endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+                                                              "<think>\n\n</think>\n\n")
+    assert renderer.call_format.parse('<tool_call>\n{"name": "calc", "arguments": {"expression": "1+2"}}\n'
+                                      '</tool_call>') == ToolCall("calc", {"expression": "1+2"})
+
+
+def test_template_without_tool_role_gives_an_error_observation():
+    tok = offline_tokenizer()  # roles system / user / assistant only
+    renderer = ChatRenderer(tok, call_format=TagCallFormat())
+    rendered = renderer.observation(ToolResult("calc", "5", "ok"))
+    assert rendered.status == "no_tool_role"
+    # The model's turn stopped at the call's close tag: the observation closes it (EOS) first.
+    assert tok.decode(rendered.ids) == ("<eos><|user|>error: this chat template has no tool role; the tool's "
+                                        "result cannot be shown<|assistant|>")
+    assert json.dumps(trajectory_metrics([]) or {}) == "{}"
+
+
+# ----------------------------------------------------------------------------------- experiment
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RLHF_JAX_FULL_EXPERIMENTS") != "1",
+                    reason="full-length experiments are opt-in: set RLHF_JAX_FULL_EXPERIMENTS=1")
+def test_agentic_tiny_tool_use_rises_and_beats_the_no_tool_run(tmp_path):
+    from rlhf_jax.cli import main
+
+    assert main(["run", os.path.join(ROOT, "experiments", "agentic_tiny.py"), "--set", f"workdir={tmp_path}"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    gain = results["final_accuracy_with_tool"] - results["sft_accuracy_with_tool"]
+    assert gain >= results["config"]["min_gain"]
+    assert results["final_accuracy_with_tool"] >= results["best_accuracy_without_tool"] + results["config"]["min_gain"]
+    assert (tmp_path / "results.png").exists()
