@@ -331,14 +331,50 @@ def plan_run(config: RunConfig, *, target: Target | None = None, device_memory_b
     program = recipe_for(config).build(config, mesh)
     reports, resident, uses = _programs(config, program, mesh, compiler_options)
     memory = device_memory_bytes if device_memory_bytes is not None else target.memory_bytes
+    if any(not p.ok for p in reports):
+        reports = _figures_from_proxy(config, target, reports, compiler_options)
     peak, where = 0, ""
     for p in reports:
-        own = p.peak_bytes if p.ok else max(p.required_bytes, p.argument_bytes)
+        own = p.peak_bytes if p.ok else max(p.required_bytes, p.peak_bytes, p.argument_bytes)
         total = own + sum(v for k, v in resident.items() if k not in uses.get(p.name, set()) and k not in p.arguments)
         if total > peak:
             peak, where = total, p.name
     fits = all(p.ok for p in reports) and (memory is None or peak <= memory)
     return RunPlan(config.name, target.label, memory, tuple(reports), resident, peak, where, fits, note=target.note)
+
+
+def _figures_from_proxy(config: RunConfig, target: Target, reports: list, options) -> list:
+    """Memory figures of programs a TPU ran out of memory for, from the same programs on v5p chips.
+
+    XLA:TPU stops at the first allocation that does not fit and says only how much it needed. The
+    same mesh on as many v5p chips (95 GiB each) compiles, so its memory analysis and HLO give the
+    split, the peak and the largest buffers (TPU generations lay buffers out alike; the verdict
+    stays the target's).
+    """
+    from rlhf_jax.targets import _grid  # noqa: PLC0415
+
+    n = len(target.devices)
+    grid = _grid(n, 3) if target.platform == "tpu" and not target.label.startswith("v5p") else None
+    if grid is None:
+        return reports
+    proxy_name = f"v5p:{'x'.join(map(str, grid))}"
+    try:
+        proxy = resolve_target(proxy_name)
+        mesh = sh.make_mesh(config.mesh.shape, devices=list(proxy.devices))
+        proxied, _, _ = _programs(config, recipe_for(config).build(config, mesh), mesh, options)
+    except Exception:
+        return reports
+    by_name = {p.name: p for p in proxied}
+    out = []
+    for p in reports:
+        q = by_name.get(p.name)
+        if p.ok or q is None or not q.ok:
+            out.append(p)
+            continue
+        need = f"; on {target.label} the compiler needed {p.required_bytes / 2**30:.2f} GiB" if p.required_bytes else ""
+        out.append(dataclasses.replace(q, ok=False, error=p.error, required_bytes=p.required_bytes,
+                                       note=f"figures from the same program compiled for {proxy_name}{need}"))
+    return out
 
 
 def format_plan(plan: RunPlan) -> str:
@@ -371,12 +407,13 @@ def _knobs(config: RunConfig, ways: int) -> list[str]:
     knobs = []
     if getattr(config.model, "remat", "full") != "full":
         knobs.append("model.remat=full")
-    mesh, m, b = config.mesh, config.train.micro_batches, config.data.batch_size
+    rollout = getattr(config, "rollout", None)
+    section = "algorithm" if rollout is not None else "train"  # RL updates split into the algorithm's micro-batches
+    mesh, m, b = config.mesh, getattr(config, section).micro_batches, config.data.batch_size
     if b % (2 * m * ways) == 0:
-        knobs.append(f"train.micro_batches={2 * m}")
+        knobs.append(f"{section}.micro_batches={2 * m}")
     if mesh.strategy != "fsdp" or mesh.data != 1 or mesh.tensor != 1:
         knobs.append("mesh.strategy=fsdp mesh.data=1 mesh.fsdp=-1 mesh.tensor=1")
-    rollout = getattr(config, "rollout", None)
     if rollout is not None and b % (2 * ways) == 0:
         knobs.append(f"data.batch_size={b // 2}")
     if rollout is not None and rollout.max_new_tokens >= 64:

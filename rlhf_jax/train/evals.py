@@ -67,6 +67,7 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
         return {f"eval/{k}": sum(float(t[k]) for t, _ in results) / n for k in results[0][0]}
 
     evaluate.program = totals  # the jitted `(params, device batch)` program (`rlhf-jax compile` lowers it)
+    evaluate.batches = device_batches
     return evaluate
 
 
