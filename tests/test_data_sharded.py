@@ -110,10 +110,11 @@ def test_shards_form_the_global_batches_of_one_process(kind, pack, tmp_path):
     del one
 
 
-def test_one_pass_over_shards_and_the_reference_table_rows(tmp_path):
-    rows = _rows("sft", 21)
-    whole = load_dataset(rows, kind="sft", tokenizer=offline_tokenizer(), config=TOKENIZE)
-    shards = _sharded(rows, "sft", 2)
+@pytest.mark.parametrize("kind", ["sft", "preference", "unpaired", "prompt"])
+def test_one_pass_over_shards_ending_in_padding_rows(kind):
+    rows = _rows(kind, 21)  # the last batch holds one example: process 1's rows are all padding
+    whole = load_dataset(rows, kind=kind, tokenizer=offline_tokenizer(), config=TOKENIZE)
+    shards = _sharded(rows, kind, 2)
     config = BatchConfig(batch_size=4, seq_len=24, shuffle=False, num_epochs=1)
     ref = list(BatchIterator(whole, config, process_index=0, process_count=1))
     its = [BatchIterator(s, config, process_index=i, process_count=2) for i, s in enumerate(shards)]

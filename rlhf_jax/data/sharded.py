@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax.data.dataset import TokenizedDataset, _Builder, _gc_paused, tokenized_rows
+from rlhf_jax.data.dataset import Ragged, TokenizedDataset, _Builder, _gc_paused, tokenized_rows
 from rlhf_jax.data.formats import KINDS, DataError, Kind, RowRef
 from rlhf_jax.data.sources import NOT_READ, Source, describe_source, read_rows
 from rlhf_jax.data.tokenize import TokenizeConfig
@@ -63,6 +63,7 @@ class ShardedDataset:
         self._rows = rows  # int64 [N]: the source row of each example
         self._lengths = lengths  # int64 [N, tracks]
         self._held = held  # example -> (parsed example, tokenized sequences)
+        self._column_names = sorted({c for example, _ in held.values() for c in getattr(example, "columns", {})})
         self.rows_validated = 0  # rows this process parsed and tokenized in the validation pass
         self.rows_tokenized = 0  # rows it tokenized after that, to collate them
 
@@ -123,9 +124,28 @@ class ShardedDataset:
         builder = _Builder(self.kind)
         for i in order:
             builder.add(*self._held[i])
-        local = TokenizedDataset(kind=self.kind, arrays=builder.arrays(), columns=builder.columns, pad_id=self.pad_id,
+        arrays = builder.arrays() if order else _empty_arrays(self.kind)  # a block of padding rows only
+        columns = builder.columns if order else {name: [] for name in self._column_names}
+        local = TokenizedDataset(kind=self.kind, arrays=arrays, columns=columns, pad_id=self.pad_id,
                                  source=self.source, num_rows=len(order))
         return local, {i: k for k, i in enumerate(order)}
+
+
+def _empty_arrays(kind: Kind) -> dict[str, Any]:
+    """The arrays of a dataset of `kind` with no example."""
+    def ragged(dtype):
+        return Ragged(np.zeros((0,), dtype), np.zeros((1,), np.int64))
+
+    if kind == "preference":
+        return {"chosen_tokens": ragged(np.int32), "chosen_loss_mask": ragged(np.bool_),
+                "rejected_tokens": ragged(np.int32), "rejected_loss_mask": ragged(np.bool_),
+                "margin": np.zeros((0,), np.float32)}
+    if kind == "prompt":
+        return {"prompt_tokens": ragged(np.int32)}
+    arrays = {"tokens": ragged(np.int32), "loss_mask": ragged(np.bool_)}
+    if kind == "unpaired":
+        arrays.update(label=np.zeros((0,), np.bool_), prompt_length=np.zeros((0,), np.int32))
+    return arrays
 
 
 def load_sharded(source: Source, *, kind: Kind, tokenizer, config: TokenizeConfig, index: int, count: int,
