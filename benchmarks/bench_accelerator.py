@@ -117,17 +117,17 @@ def _peak_bf16_tflops(jax, jnp, n: int, repeats: int = 5) -> float:
     return 8 * 2 * n**3 / statistics.median(times) / 1e12
 
 
-def _copy_gbps(jax, jnp, mib: int, repeats: int = 5) -> float:
-    """Memory bandwidth: bytes read + written by a jitted `x + 1` over a `mib` MiB bf16 array, median."""
+def _copy_gbps(jax, jnp, mib: int, repeats: int = 5, passes: int = 10) -> float:
+    """Memory bandwidth: bytes read + written by `passes` jitted `x + 1` over a `mib` MiB bf16 array, median."""
     x = jnp.zeros((mib * 2**20 // 2,), jnp.bfloat16)
-    add = jax.jit(lambda x: x + 1)
+    add = jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda _, y: y + 1, x))
     jax.block_until_ready(add(x))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(add(x))
         times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / statistics.median(times) / 1e9
+    return passes * 2 * x.nbytes / statistics.median(times) / 1e9
 
 
 def _decode_floor_bytes(config, num_params: int, rows: int, prompt_len: int, new_tokens: int) -> float:
@@ -167,9 +167,7 @@ def _jax_worker(args) -> dict:
         pass
     out["peak_bf16_tflops"] = _peak_bf16_tflops(jax, jnp, S["matmul_n"])
     out["copy_gbps"] = _copy_gbps(jax, jnp, S["copy_mib"])
-    # Initial weights: random, rounded to bf16 values (exactly representable in both frameworks).
-    params = jax.jit(lambda k: jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype), lm.init(k)))(
-        jax.random.key(0))
+    params = jax.jit(_init_fn(lm))(jax.random.key(0))
     if "torch" in parts:
         from rlhf_jax.models.hf import save_hf
 
@@ -192,17 +190,28 @@ def _jax_worker(args) -> dict:
     return out
 
 
+def _init_fn(lm):
+    """key -> initial weights: `lm.init`, rounded to bf16 values (exactly representable in both frameworks)."""
+    import jax
+    import jax.numpy as jnp
+
+    return lambda key: jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype), lm.init(key))
+
+
 def _train_setup(lm, opt_config, params):
+    """A train state with the worker's initial weights (drawn again from the same key: a jitted
+    function never closes over gigabytes of arrays)."""
     import jax
 
     from rlhf_jax import sharding as sh
     from rlhf_jax.optim import make_optimizer
     from rlhf_jax.state import create_train_state
 
+    del params
     mesh = sh.make_mesh({"data": 1}, devices=jax.devices()[:1])
     tx = make_optimizer(opt_config)
-    state = create_train_state(lambda _: jax.tree.map(lambda x: x.copy(), params), tx, rng=0,
-                               logical_axes=lm.logical_axes, mesh=mesh, strategy="dp")
+    state = create_train_state(_init_fn(lm), tx, rng=jax.random.key(0), logical_axes=lm.logical_axes, mesh=mesh,
+                               strategy="dp")
     return mesh, state
 
 
@@ -386,6 +395,9 @@ def _torch_worker(args) -> dict:
 
     S = sizes(args.smoke)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and not args.smoke:
+        raise SystemExit("bench_accelerator: torch sees no CUDA device; run without the torch part (--parts "
+                         "sft,dpo,decode,grpo) on a TPU VM or a machine without CUDA")
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     out = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "rows": {}}
     import transformers
