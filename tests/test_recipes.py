@@ -113,7 +113,10 @@ def test_compile_accepts_every_experiment_module(capsys):
     # The command itself, on a multi-stage experiment with an RL stage.
     assert cli_main(["compile", os.path.join(ROOT, "experiments", "grpo_tiny.py") + ":dr_grpo"]) == 0
     out = capsys.readouterr().out
-    assert "== sft ==" in out and "== grpo ==" in out and out.count("fits: yes") == 2
+    assert "== sft ==" in out and "== grpo ==" in out and out.count("verdict: FITS") == 2
+    # Every program of the RL run is planned (issue 18).
+    for program in ("update step", "weight hand-off", "sampler prefill", "sampler decode loop", "reference log-probs"):
+        assert f"-- {program}" in out, program
 
 
 def test_stages_resolve_references_and_reject_unknown_ones(tmp_path):

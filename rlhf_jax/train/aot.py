@@ -381,7 +381,7 @@ def format_plan(plan: RunPlan) -> str:
     """The plan as text: each program, the resident buffers, the run's peak and the verdict."""
     from rlhf_jax.compile import _size, format_program  # noqa: PLC0415
 
-    lines = [f"== {plan.name} on {plan.target}" + (f"  ({plan.note})" if plan.note else "")]
+    lines = [f"run {plan.name} on {plan.target}" + (f"  ({plan.note})" if plan.note else "")]
     lines += [format_program(p, plan.memory_bytes) for p in plan.programs]
     lines.append("resident between programs: " + ", ".join(f"{k} {_size(v)}" for k, v in plan.resident.items() if v))
     share = f" = {plan.peak_bytes / plan.memory_bytes:.0%} of {_size(plan.memory_bytes)}" if plan.memory_bytes else ""
@@ -479,7 +479,7 @@ def compile_command(experiment: str, *, sets=(), topology: str | None = None, de
         if not plan.fits and suggestions:
             plan = dataclasses.replace(plan, suggestions=suggest(run, plan, target=target,
                                                                  compiler_options=compiler_options, limit=suggestions))
-        print(format_plan(plan), flush=True)
+        print(f"== {name} ==\n{format_plan(plan)}", flush=True)
         plans[name] = plan
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:

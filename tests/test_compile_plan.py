@@ -1,0 +1,173 @@
+"""`rlhf-jax compile` plans: target names, bad input in one line, FLOPs of scanned layers, the plan against the run."""
+
+import dataclasses
+import os
+
+import jax
+import pytest
+
+from rlhf_jax import sharding as sh
+from rlhf_jax.cli import main as cli_main
+from rlhf_jax.compile import compile_program
+from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
+from rlhf_jax.hlo_analysis import analyze_hlo
+from rlhf_jax.models import CausalLM
+from rlhf_jax.optim import OptimizerConfig, make_optimizer
+from rlhf_jax.state import abstract_train_state
+from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_step
+from rlhf_jax.targets import TargetError, parse_target_name
+from rlhf_jax.testing import tiny_config
+from rlhf_jax.train import dpo as dpo_mod, recipe_for, tiny_stages
+from rlhf_jax.train.aot import format_plan, plan_run
+from rlhf_jax.train.recipe import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def test_target_names():
+    cases = {"v5litepod-16": ("v5e:4x4", 16), "v5e-8": ("v5e:2x4", 8), "v6e-8": ("v6e:2x4", 8),
+             "v5p-64": ("v5p:2x4x4", 32), "v5p-8": ("v5p:2x2x1", 4), "v4-8": ("v4:2x2x1", 4),
+             "v5p-128": ("v5p:4x4x4", 64), "v5e:2x4": ("v5e:2x4", 8), "v5p:4x4x2": ("v5p:4x4x2", 32)}
+    for name, (topology, chips) in cases.items():
+        parsed = parse_target_name(name)
+        assert (parsed.kind, parsed.topology, parsed.chips) == ("tpu", topology, chips), name
+    assert (parse_target_name("H200-8").gpu, parse_target_name("h200-8").count) == ("h200", 8)
+    for bad, why in {"v9-8": "v9-8", "v5p-6": "not a v5p slice size", "v5e:2x4x2": "has 2 sides",
+                     "tpu": "accepted:", "v4:2x2": "has 3 sides"}.items():
+        with pytest.raises(TargetError, match=why) as e:
+            parse_target_name(bad)
+        assert "\n" not in str(e.value) and "v5litepod-16" in str(e.value)
+
+
+def test_bad_input_exits_2_with_one_line(capsys):
+    dpo_tiny = os.path.join(ROOT, "experiments", "dpo_tiny.py")
+    for args, words in [(["--topology", "v5p-6"], ["v5p-6", "accepted:"]),
+                        (["--topology", "h100-16"], ["needs 16 devices", "8"]),
+                        (["--set", "dpo.data.batch_size=12"], ["data.batch_size 12", "not divisible", "multiple of 8"]),
+                        (["--set", "dpo.nonsense=1"], ["nonsense"])]:
+        assert cli_main(["compile", dpo_tiny, *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert all(w in err for w in words), (args, err)
+        if "nonsense" not in args[-1]:
+            assert len(err.splitlines()) == 1, err
+
+
+def _sft_flops(scan: bool):
+    config = tiny_config().replace(scan_layers=scan, num_layers=4)
+    model, optim = CausalLM(config), OptimizerConfig(learning_rate=1e-3)
+    mesh = sh.make_mesh({"fsdp": 2}, devices=jax.devices()[:2])
+    step = jit_model_step(make_sft_step(model, optim), model, optim, mesh=mesh, strategy="fsdp", batch_keys=SFT_KEYS)
+    state = abstract_train_state(model.init, make_optimizer(optim))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, step.state_shardings)
+    tok = jax.ShapeDtypeStruct((4, 32), jax.numpy.int32, sharding=sh.batch_sharding(mesh, "fsdp"))
+    batch = {"tokens": tok, "loss_mask": tok}
+    return compile_program("sft", lambda: step.lower(state, batch), {"state": state, "batch": batch},
+                           compiler_options=FAST)
+
+
+def test_flops_of_scanned_layers_match_the_unrolled_compile():
+    scanned, unrolled = _sft_flops(True), _sft_flops(False)
+    # XLA's own count visits the layer loop's body once; the HLO count runs it num_layers times.
+    assert scanned.xla_flops < 0.7 * unrolled.xla_flops
+    assert scanned.flops == pytest.approx(unrolled.xla_flops, rel=0.02)
+    assert unrolled.flops == pytest.approx(unrolled.xla_flops, rel=1e-6)  # no loop: XLA's figure
+    # FSDP over 2 devices: parameters gathered (all-gather) and gradients reduced, in both programs alike.
+    assert scanned.collectives["all-gather"] == unrolled.collectives["all-gather"] > 0
+    assert scanned.collectives["total"] == pytest.approx(unrolled.collectives["total"], rel=0.02)
+    assert scanned.arguments["state"] > 0 and scanned.peak_bytes >= scanned.argument_bytes
+
+
+def test_hlo_analysis_counts_loops_by_their_condition_and_tpu_windowed_collectives():
+    text = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%windowed_dot_general_body_rs.1 (q: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %q = (s32[], f32[8]) parameter(0)
+  %x = f32[8] get-tuple-element(%q), index=1
+  %cp = (f32[8], f32[8], u32[], u32[]) collective-permute-start(%x), source_target_pairs={{0,1}}
+  %y = f32[8] collective-permute-done(%cp)
+  %z = f32[8] add(%y, %x)
+  %j = s32[] get-tuple-element(%q), index=0
+  ROOT %t = (s32[], f32[8]) tuple(%j, %z)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8] parameter(0)
+  %c = s32[] constant(0)
+  %t0 = (s32[], f32[8]) tuple(%c, %a)
+  %w = (s32[], f32[8]) while(%t0), condition=%cond, body=%windowed_dot_general_body_rs.1
+  %ag = f32[16] all-gather(%a), dimensions={0}
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+    stats = analyze_hlo(text)
+    assert stats.loop_trips == {"windowed_dot_general_body_rs.1": 6}
+    assert stats.flops == 6 * 8 + 1  # the add once per trip, the condition's compare once (as XLA counts it)
+    assert stats.collectives == {"reduce-scatter": 6 * 32, "all-gather": 64, "total": 6 * 32 + 64}
+
+
+def test_plan_peak_matches_the_programs_the_run_compiles(tmp_path, monkeypatch):
+    """The plan of a tiny DPO run (update, reference pass, held-out eval) against the run's own executables."""
+    config = tiny_stages.vowel_dpo("plan_vs_run", steps=1)
+    config = dataclasses.replace(
+        config, workdir=str(tmp_path / "dpo"), data=dataclasses.replace(config.data, batch_size=8, num_train=32,
+                                                                        num_eval=8),
+        train=TrainConfig(steps=1, eval_every=1, eval_batches=1),
+        checkpoint=CheckpointConfig(every=0, async_save=False), logging=LoggingConfig(console=False, tensorboard=False),
+        sampling=dpo_mod.SampleEvalConfig(num_prompts=0))
+    plan = plan_run(config, compiler_options=FAST)
+    names = [p.name for p in plan.programs]
+    assert names == ["update step", "reference log-probs", "eval (held-out loss)"], names
+    assert all(p.ok for p in plan.programs) and plan.fits
+    text = format_plan(plan)
+    assert "verdict: FITS" in text and "optimizer state" in text and "reference" in text
+
+    # The run: capture its update step's arguments and its eval program with the batches it evaluates.
+    seen = {}
+    recipe = recipe_for(config)
+
+    def build(cfg, mesh):
+        program = recipe.build(cfg, mesh)
+        step = program.step
+
+        class Capture(type(step)):
+            def __call__(self, state, batch, *frozen):
+                seen.setdefault("update", jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (state, batch, *frozen)))
+                return super().__call__(state, batch, *frozen)
+
+        fields = {f.name: getattr(step, f.name) for f in dataclasses.fields(step)}
+        return dataclasses.replace(program, step=Capture(**fields))
+
+    real_eval = dpo_mod.make_weighted_eval
+
+    def capture_eval(*args, **kwargs):
+        seen["eval"] = evaluate = real_eval(*args, **kwargs)
+        return evaluate
+
+    monkeypatch.setattr(dpo_mod, "make_weighted_eval", capture_eval)
+    run(dataclasses.replace(recipe, build=build), config)
+    state, batch, reference = seen["update"]
+    update = plan.programs[0]
+    compiled = recipe.build(config, sh.make_mesh(config.mesh.shape)).step.jitted.lower(state, batch, reference)
+    run_update = _peak(compiled.compile(compiler_options=FAST))
+    evaluate = seen["eval"]
+    run_eval = _peak(evaluate.program.lower(state.params, evaluate.batches[0]).compile(compiler_options=FAST))
+    assert update.peak_bytes == pytest.approx(run_update, rel=0.05)
+    assert plan.programs[2].peak_bytes == pytest.approx(run_eval, rel=0.05)
+    resident = sum(plan.resident.values())
+    run_peak = max(run_update, run_eval + resident - plan.resident.get("parameters", 0))
+    assert plan.peak_bytes == pytest.approx(run_peak, rel=0.05)
+
+
+def _peak(compiled) -> int:
+    m = compiled.memory_analysis()
+    live = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return max(int(getattr(m, "peak_memory_in_bytes", 0) or 0), int(live))
