@@ -20,9 +20,16 @@ trajectory (`rlhf_jax.rollout.completion_logprobs` with the observations as cont
 A turn's randomness is `fold_in(rng, turn)` and the sampler keys rows by their index, so equal
 inputs and seed give bit-identical trajectories.
 
-Batching: this drives the static-batch `Sampler.generate` (one call per turn over the trajectories
-still running), so a trajectory that finished early leaves its row empty until the turn's call
-ends; with a per-request sampler API the freed slots would be refilled.
+Batching, two engines for the turn's generation over the trajectories still running:
+
+- `num_slots=None`: the static-batch `Sampler.generate` (one prefill + decode loop per turn; a row
+  whose turn ended early idles until the call's longest turn ends).
+- `num_slots=S`: continuous batching (`Sampler.generate_requests`, one `Request` per trajectory with
+  its own budget `min(turn_tokens, tokens left)` and the stop strings as stop sequences): `S` decode
+  slots, a slot freed by a finished turn is refilled at once by the next trajectory's request, and
+  each trajectory's turn `k` is keyed by `fold_in(fold_in(rng, k), trajectory index)`, so its
+  tokens do not depend on the slot count or on the other trajectories. The sampler must have no
+  mesh (one device) for this engine.
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ from rlhf_jax.agents.environment import Environment, StepResult
 from rlhf_jax.agents.tools import ToolResult
 from rlhf_jax.agents.trajectory import Trajectory
 from rlhf_jax.sampling import Sampler, SamplingConfig
+from rlhf_jax.sampling.continuous import Request
 
-__all__ = ["AgentLimits", "run_episodes", "trajectory_stats", "stats_metrics", "trajectory_metrics", "environment_reward",
-           "TOOL_STATUS_METRICS"]
+__all__ = ["AgentLimits", "run_episodes", "trajectory_stats", "stats_metrics", "trajectory_metrics",
+           "environment_reward", "TOOL_STATUS_METRICS"]
 
 # Tool-call outcome -> metric (counted over a batch).
 TOOL_STATUS_METRICS = {
@@ -118,6 +126,7 @@ def run_episodes(
     tokenizer,
     rng: int | jax.Array = 0,
     stop_strings: Sequence[str] | None = None,
+    num_slots: int | None = None,
 ) -> list[Trajectory]:
     """Run one episode per prompt (environments already `reset`) and return the trajectories.
 
@@ -134,6 +143,7 @@ def run_episodes(
       tokenizer: decodes actions for the environments.
       rng: int seed or PRNG key.
       stop_strings: texts that end a turn (default: the renderer's call format's).
+      num_slots: decode slots of the continuous-batching engine, or None for the static batch.
 
     Returns:
       One `Trajectory` per prompt.
@@ -143,6 +153,7 @@ def run_episodes(
     if stop_strings is None:
         stop_strings = getattr(getattr(renderer, "call_format", None), "stop_strings", ())
     stop_ids, stop_texts = _stop_tokens(tokenizer, stop_strings)
+    stop_sequences = tuple(tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in stop_texts)
     longest = max(len(p) for p in prompts) + limits.max_tokens + limits.turn_tokens - 1
     if longest > sampler.max_len:
         raise ValueError(f"run_episodes: the longest prompt ({max(len(p) for p in prompts)} tokens) + max_tokens "
@@ -160,15 +171,27 @@ def run_episodes(
             if not active:
                 break
             contexts = [trajectories[i].prompt + trajectories[i].tokens for i in active]
-            out = sampler.generate(params, contexts, config, rng=jax.random.fold_in(key, turn))
-            tokens, logps = np.asarray(out.completion_tokens), np.asarray(out.logprobs)
-            lengths, cut_short = np.asarray(out.lengths), np.asarray(out.truncated)
+            turn_key = jax.random.fold_in(key, turn)
+            if num_slots is None:
+                out = sampler.generate(params, contexts, config, rng=turn_key)
+                lengths = np.asarray(out.lengths)
+                tokens, logps, cut_short = np.asarray(out.completion_tokens), np.asarray(out.logprobs), \
+                    np.asarray(out.truncated)
+                turns = [(tokens[r, : lengths[r]].tolist(), logps[r, : lengths[r]].tolist(), not cut_short[r])
+                         for r in range(len(active))]
+            else:
+                budgets = [min(limits.turn_tokens, limits.max_tokens - len(trajectories[i].tokens)) for i in active]
+                requests = [Request(prompt=ctx, max_new_tokens=n, method=config.method, stop_ids=config.stop_ids,
+                                    stop_sequences=stop_sequences, seed=jax.random.fold_in(turn_key, i))
+                            for i, ctx, n in zip(active, contexts, budgets)]
+                outs = sampler.generate_requests(params, requests, num_slots=num_slots, rng=turn_key,
+                                                 max_stop_ids=max(len(config.stop_ids), 1),
+                                                 max_stop_sequences=max(len(stop_sequences), 1),
+                                                 max_stop_len=max((len(q) for q in stop_sequences), default=1))
+                turns = [(o.tokens[0].tolist(), o.logprobs[0].tolist(), o.finish_reasons[0] == "stop") for o in outs]
             stepping, actions = [], []
-            for row, i in enumerate(active):
+            for (ids, lps, stopped), i in zip(turns, active):
                 traj = trajectories[i]
-                n = int(lengths[row])
-                ids, lps = tokens[row, :n].tolist(), logps[row, :n].tolist()
-                stopped = not bool(cut_short[row])
                 k = _cut_at_stop_string(tokenizer, ids, stop_texts)
                 if k is not None:
                     ids, lps, stopped = ids[:k], lps[:k], True
