@@ -16,6 +16,15 @@ Collective bytes count each collective instruction once, as it appears in the pr
 collective inside a scanned layer loop runs once per layer, so those are multiplied by the
 loop's trip count when XLA states it (`known_trip_count`), else counted once. The measurement
 itself is `rlhf_jax.sharding_report` (shared with notebooks/03_sharding_strategies.ipynb).
+
+For a TPU slice (needs libtpu, no TPU): `--topology v5p:4x4x4` (or `v5litepod-16`, `v5p-128`, ...)
+compiles every strategy x mesh for the slice's compile-only devices and prints per-device memory and
+collective bytes of the compiled TPU programs (no timing: those devices cannot run). There the
+collectives are read by `rlhf_jax.hlo_analysis` (loop trip counts from the loop condition, which
+TPU programs state instead of `known_trip_count`; TPU's windowed-einsum loops that fuse a
+reduce-scatter or all-gather with its matmul count under that kind):
+
+    python benchmarks/bench_sharding.py --topology v5p:4x4x4 --model w1 --step sft --batch 64 --seq 512
 """
 
 from __future__ import annotations
@@ -25,8 +34,18 @@ import json
 import os
 import sys
 
+DEFAULT_RUNS = ["dp:data=8", "fsdp:fsdp=8", "tp:data=4,tensor=2", "fsdp_tp:fsdp=4,tensor=2"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+
+
+def _topology_runs(n: int) -> list[str]:
+    """Strategies x meshes over a slice of `n` devices: pure data parallel, FSDP, and tensor parallel 4 / 8."""
+    runs = [f"dp:data={n}", f"fsdp:fsdp={n}"]
+    for t in (4, 8):
+        if n % t == 0 and n > t:
+            runs += [f"tp:data={n // t},tensor={t}", f"fsdp_tp:fsdp={n // t},tensor={t}"]
+    return runs
 
 
 def _run(args) -> list[dict]:
@@ -37,17 +56,30 @@ def _run(args) -> list[dict]:
     from rlhf_jax import host_memory  # noqa: PLC0415
 
     host_memory.configure_from_env()   # before JAX runs anything (importing rlhf_jax does not)
+    from rlhf_jax.compile import resolve_target
+    from rlhf_jax.hlo_analysis import analyze_hlo
     from rlhf_jax.models.presets import get_config
-    from rlhf_jax.sharding_report import measure_strategy
+    from rlhf_jax.sharding_report import compile_strategy, measure_strategy
 
     config = get_config(args.model)
+    devices = None
+    if args.topology:
+        target = resolve_target(args.topology)
+        devices = list(target.devices)
+        print(f"target {target.label}: {len(devices)} devices, {target.memory_bytes / 2**30:.1f} GiB each "
+              "(compile only, no timing)", flush=True)
     rows = []
-    for spec in args.runs:
+    for spec in args.runs or (_topology_runs(len(devices)) if devices else DEFAULT_RUNS):
         strategy, _, mesh_text = spec.partition(":")
         shape = {k: int(v) for k, v in (p.split("=") for p in mesh_text.split(",") if p)} if mesh_text else None
         try:
-            row = measure_strategy(config, step=args.step, strategy=strategy, mesh_shape=shape,
-                                   batch_size=args.batch, seq_len=args.seq, timed_steps=args.steps)
+            if devices is not None:
+                compiled = compile_strategy(config, step=args.step, strategy=strategy, mesh_shape=shape,
+                                            batch_size=args.batch, seq_len=args.seq, devices=devices)
+                row = {**compiled.row, "collective_bytes": analyze_hlo(compiled.compiled.as_text()).collectives}
+            else:
+                row = measure_strategy(config, step=args.step, strategy=strategy, mesh_shape=shape,
+                                       batch_size=args.batch, seq_len=args.seq, timed_steps=args.steps)
         except Exception as e:  # a strategy that does not apply to this model/mesh: report it, go on
             row = {"strategy": strategy, "mesh": shape, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
         rows.append(row)
@@ -75,17 +107,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=4, help="timed steps per run (the first is dropped)")
-    p.add_argument("--runs", nargs="+", default=["dp:data=8", "fsdp:fsdp=8", "tp:data=4,tensor=2",
-                                                  "fsdp_tp:fsdp=4,tensor=2"], metavar="STRATEGY:MESH")
+    p.add_argument("--runs", nargs="+", default=None, metavar="STRATEGY:MESH",
+                   help=f"default {' '.join(DEFAULT_RUNS)} (or, with --topology, dp/fsdp/tp/fsdp_tp over the slice)")
+    p.add_argument("--topology", default=None,
+                   help="compile for a TPU slice instead (v5p:4x4x4, v5litepod-16, ...; needs libtpu)")
     p.add_argument("--json", default=os.path.join(REPO, "results", "bench_sharding.json"))
     args = p.parse_args(argv)
-    print(f"model {args.model}, step {args.step}, batch {args.batch} x {args.seq}, {args.devices} CPU devices, "
+    where = args.topology or f"{args.devices} CPU devices"
+    print(f"model {args.model}, step {args.step}, batch {args.batch} x {args.seq}, {where}, "
           f"load {open('/proc/loadavg').read().split()[0]}")
     rows = _run(args)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump({"model": args.model, "step": args.step, "batch": args.batch, "seq": args.seq,
-                   "devices": args.devices, "rows": rows}, f, indent=2)
+                   "devices": args.devices, "topology": args.topology, "rows": rows}, f, indent=2)
     print(f"wrote {args.json}")
     return 0
 

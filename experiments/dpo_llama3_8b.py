@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> dpo.DPOConfig:
             optim=OptimizerConfig(name="adamw", learning_rate=5e-7, warmup_steps=48, schedule="linear",
                                   decay_steps=432, weight_decay=0.0, max_grad_norm=1.0),
             algorithm=DPO(loss_type="sigmoid", beta=0.1),
+            logits_chunk_size=512,
             sampling=dpo.SampleEvalConfig(num_prompts=0),
             train=TrainConfig(steps=480, eval_every=50, eval_batches=8, micro_batches=4),
             checkpoint=CheckpointConfig(every=100, keep=2, keep_best=1, best_metric="eval/rewards/accuracies",

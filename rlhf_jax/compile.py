@@ -389,7 +389,7 @@ def format_program(p: ProgramReport, memory: int | None = None) -> str:
     split = ", ".join(f"{k} {_size(v)}" for k, v in p.arguments.items() if v)
     lines = [f"-- {p.name}{'  (' + p.note + ')' if p.note else ''}",
              f"   arguments {_size(p.argument_bytes)}" + (f" = {split}" if split else "")]
-    if p.ok:
+    if p.ok or p.peak_bytes:  # an out-of-memory program may carry figures from a larger chip's compile
         share = f" ({p.peak_bytes / memory:.0%} of {_size(memory)})" if memory else ""
         lines.append(f"   outputs {_size(p.output_bytes)} (aliased {_size(p.alias_bytes)}), temporaries "
                      f"{_size(p.temp_bytes)}, peak {_size(p.peak_bytes)}{share}")
@@ -399,7 +399,7 @@ def format_program(p: ProgramReport, memory: int | None = None) -> str:
         lines.append(f"   FLOPs per device {flops}{xla}; compiled in {p.compile_seconds:.1f} s")
         coll = {k: v for k, v in p.collectives.items() if k != "total" and v}
         lines.append("   collectives per device: " + (", ".join(f"{k} {_size(v)}" for k, v in coll.items()) or "none"))
-    else:
+    if not p.ok:
         need = f"; the compiler needed {_size(p.required_bytes)}" if p.required_bytes else ""
         lines.append(f"   did not compile: {p.error}{need}")
     if p.largest:
@@ -464,7 +464,10 @@ def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
         raise
     except Exception as e:  # the compiler refusing (out of memory, unsupported): a report, not a crash
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return CompileReport(ok=False, fits=False, reason=f"compilation failed: {message}",
+        need = _oom_required(message)
+        hint = (f"; the compiler needed {_gib(need)} per device (train state {_gib(state_bytes)}): use remat, "
+                "micro-batches, more FSDP devices or shorter sequences" if need else "")
+        return CompileReport(ok=False, fits=False, reason=f"compilation failed: {message}{hint}", peak_bytes=need,
                              compile_seconds=time.perf_counter() - t0, **base)
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
