@@ -98,7 +98,10 @@ def check_stages(stages: Sequence[Stage]) -> None:
                               (getattr(getattr(config, "rewards", None), "reward_model", None), "rewards.reward_model")):
                 if path and path not in produced and not os.path.exists(path):
                     raise FileNotFoundError(f"{key}: {path} does not exist")
-            load_run_data(config, recipe.data_kind(config))
+            if recipe.load_data is None:
+                load_run_data(config, recipe.data_kind(config))
+            else:
+                recipe.load_data(config)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"stage {stage.name!r}: {e}") from None
         produced.add(os.path.join(config.run_dir, "checkpoints"))

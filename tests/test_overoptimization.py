@@ -1,0 +1,64 @@
+"""Over-optimization math (Gao et al. 2022): KL of best-of-n, the unbiased best-of-n estimator against
+brute-force enumeration of subsets, the two functional forms' fits recovering known coefficients."""
+
+import itertools
+import math
+import os
+
+import numpy as np
+import pytest
+
+from rlhf_jax.train.overoptimization import best_of_n_curve, best_of_n_weights, fit_best_of_n, fit_rl, kl_best_of_n
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kl_of_best_of_n():
+    np.testing.assert_allclose(kl_best_of_n([1, 2, 4, 64]),
+                               [0.0, math.log(2) - 0.5, math.log(4) - 0.75, math.log(64) - 63 / 64])
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        kl_best_of_n(0)
+
+
+def test_estimator_equals_the_mean_over_every_subset():
+    rng = np.random.default_rng(0)
+    proxy, gold = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    for n in (1, 2, 3, 7):
+        w = best_of_n_weights(7, n)
+        assert w.sum() == pytest.approx(1.0)
+        brute_gold, brute_proxy = [], []
+        for p, g in zip(proxy, gold):
+            picks = [max(subset, key=lambda i: p[i]) for subset in itertools.combinations(range(7), n)]
+            brute_gold.append(np.mean([g[i] for i in picks]))
+            brute_proxy.append(np.mean([p[i] for i in picks]))
+        curve = best_of_n_curve(proxy, gold, [n])
+        assert curve["gold"][0] == pytest.approx(np.mean(brute_gold), abs=1e-12)
+        assert curve["proxy"][0] == pytest.approx(np.mean(brute_proxy), abs=1e-12)
+    # n = 1 is the plain mean; n = N the argmax.
+    curve = best_of_n_curve(proxy, gold, [1, 7])
+    assert curve["gold"][0] == pytest.approx(gold.mean())
+    assert curve["gold"][1] == pytest.approx(gold[np.arange(3), proxy.argmax(1)].mean())
+    np.testing.assert_allclose(curve["sqrt_kl"], np.sqrt(kl_best_of_n([1, 7])))
+    with pytest.raises(ValueError, match="need 1 <= n <= N"):
+        best_of_n_curve(proxy, gold, [8])
+
+
+def test_fits_recover_the_coefficients_and_peaks():
+    d = np.sqrt(kl_best_of_n(np.array([2, 4, 8, 16, 32, 64])))
+    fit = fit_best_of_n(d, d * (0.3 - 0.1 * d))
+    assert fit["alpha"] == pytest.approx(0.3) and fit["beta"] == pytest.approx(0.1) and fit["r2"] == pytest.approx(1)
+    assert fit["peak_sqrt_kl"] == pytest.approx(1.5) and fit["peak_gain"] == pytest.approx(0.225)
+    d = np.array([0.0, 0.5, 1.0, 2.0, 3.0, 4.0])
+    fit = fit_rl(d, np.where(d > 0, d * (0.5 - 0.2 * np.log(np.maximum(d, 1e-9))), 0.0))
+    assert fit["alpha"] == pytest.approx(0.5) and fit["beta"] == pytest.approx(0.2)
+    assert fit["peak_sqrt_kl"] == pytest.approx(math.exp(0.5 / 0.2 - 1))
+
+
+def test_best_of_n_shape_classification():
+    from rlhf_jax.cli import load_experiment
+
+    module, _ = load_experiment(os.path.join(ROOT, "experiments", "overoptimization.py"))
+    assert module.bon_shape(np.array([0.1, 0.3, 0.4, 0.35]), 0.1) == "rises then falls"
+    assert module.bon_shape(np.array([0.1, 0.3, 0.4, 0.405]), 0.1) == "rises then saturates"
+    assert module.bon_shape(np.array([0.1, 0.2, 0.3, 0.4]), 0.1) == "keeps rising"
+    assert module.bon_shape(np.array([0.1, 0.0, -0.1, -0.2]), 0.1) == "does not rise"
