@@ -130,6 +130,13 @@ def _copy_gbps(jax, jnp, mib: int, repeats: int = 5, passes: int = 10) -> float:
     return passes * 2 * x.nbytes / statistics.median(times) / 1e9
 
 
+def _decode_seconds(call_s: float, prefill_s: float) -> float | None:
+    """The decode loop's time: a full call less a 1-token call (prefill + one step); None when that
+    difference is under a tenth of the call (too small to resolve, as at `--smoke` size)."""
+    decode_s = call_s - prefill_s
+    return decode_s if decode_s > 0.1 * call_s else None
+
+
 def _decode_floor_bytes(config, num_params: int, rows: int, prompt_len: int, new_tokens: int) -> float:
     """Bytes the decode loop must read: bf16 weights once per step, plus each row's filled KV slots.
 
@@ -283,7 +290,8 @@ def _jax_dpo(args, S, lm, params, info) -> dict:
     times, losses = _run_train_steps(step, state, batch, frozen, S)
     step_s = statistics.median(times[S["warmup"]:])
     rows = 2 * n
-    forward = matmul_flops(lm.config, tokens=rows * t, head_positions=rows * (t - p), attended_pairs=rows * causal_pairs(t))
+    forward = matmul_flops(lm.config, tokens=rows * t, head_positions=rows * (t - p),
+                           attended_pairs=rows * causal_pairs(t))
     flops = 4 * forward   # policy forward + backward (3) and the reference forward (1)
     tflops = flops / step_s / 1e12
     return {"step_s": step_s, "pairs_per_s": n / step_s, "achieved_tflops": tflops,
@@ -314,13 +322,14 @@ def _jax_decode(args, S, lm, params, info) -> dict:
     call_times, outs = _timed_steps(call(new), 1, 2)
     prefill_s = statistics.median(prefill_times[1:])
     call_s = statistics.median(call_times[1:])
-    decode_s = max(call_s - prefill_s, 1e-9)
+    decode_s = _decode_seconds(call_s, prefill_s)
     tokens, logps = outs[-1]
     floor_bytes = _decode_floor_bytes(lm.config, lm.num_params(), rows, p, new)
     floor_s = floor_bytes / (info["copy_gbps"] * 1e9)
     return {"call_s": call_s, "prefill_s": prefill_s, "decode_s": decode_s,
-            "decode_tokens_per_s": rows * (new - 1) / decode_s, "call_tokens_per_s": rows * new / call_s,
-            "hbm_floor_s": floor_s, "floor_fraction": floor_s / decode_s, "floor_gb_read": floor_bytes / 1e9,
+            "decode_tokens_per_s": None if decode_s is None else rows * (new - 1) / decode_s,
+            "call_tokens_per_s": rows * new / call_s, "hbm_floor_s": floor_s,
+            "floor_fraction": None if decode_s is None else floor_s / decode_s, "floor_gb_read": floor_bytes / 1e9,
             "tokens_shape": list(tokens.shape), "logprobs_finite": bool(np.isfinite(logps).all()),
             "first_call_s": call_times[0]}
 
@@ -456,9 +465,9 @@ def _torch_worker(args) -> dict:
             prefill_times, _ = _timed_steps(gen(1), 1, 1)
             call_times, shapes = _timed_steps(gen(new), 1, S["torch_decode_calls"])
             call_s = statistics.median(call_times[1:])
-            decode_s = max(call_s - prefill_times[-1], 1e-9)
+            decode_s = _decode_seconds(call_s, prefill_times[-1])
             out["rows"]["decode"] = {"call_s": call_s, "prefill_s": prefill_times[-1], "decode_s": decode_s,
-                                     "decode_tokens_per_s": rows * (new - 1) / decode_s,
+                                     "decode_tokens_per_s": None if decode_s is None else rows * (new - 1) / decode_s,
                                      "call_tokens_per_s": rows * new / call_s, "shape": list(shapes[-1]),
                                      "first_call_s": call_times[0], "part_wall_s": time.perf_counter() - start}
         except Exception as e:  # noqa: BLE001
@@ -486,8 +495,9 @@ def summarize(jax_out: dict, torch_out: dict | None) -> dict:
         s["sft_loss_rel_diff"] = abs(sft["loss_step1"] - tsft["loss_step1"]) / abs(tsft["loss_step1"])
         s["sft_losses_equal"] = s["sft_loss_rel_diff"] <= LOSS_RTOL
     dec, tdec = rows.get("decode", {}), trows.get("decode", {})
-    if "decode_tokens_per_s" in dec and "decode_tokens_per_s" in tdec:
+    if dec.get("decode_tokens_per_s") and tdec.get("decode_tokens_per_s"):
         s["decode_speedup_vs_hf"] = dec["decode_tokens_per_s"] / tdec["decode_tokens_per_s"]
+    if "call_tokens_per_s" in dec and "call_tokens_per_s" in tdec:
         s["call_speedup_vs_hf"] = dec["call_tokens_per_s"] / tdec["call_tokens_per_s"]
     s["all_finite"] = all(r.get("losses_finite", r.get("logprobs_finite", True)) for r in rows.values()
                           if "error" not in r)
@@ -508,7 +518,8 @@ def table(jax_out: dict, torch_out: dict | None, summary: dict) -> str:
 
     def line(name, j, t, unit, detail, higher_better=False):
         ratio = None if j is None or t is None else (j / t if higher_better else t / j)
-        lines.append(f"{name:<10} {_fmt(j):>12} {_fmt(t):>12} {_fmt(ratio, '.2f') if ratio else '-':>7}  {unit}; {detail}")
+        ratio_text = _fmt(ratio, ".2f") if ratio else "-"
+        lines.append(f"{name:<10} {_fmt(j):>12} {_fmt(t):>12} {ratio_text:>7}  {unit}; {detail}")
 
     sft, tsft = rows.get("sft", {}), trows.get("sft", {})
     line("sft", sft.get("step_s"), tsft.get("step_s"), "s/step",
@@ -518,7 +529,7 @@ def table(jax_out: dict, torch_out: dict | None, summary: dict) -> str:
     line("dpo", dpo.get("step_s"), None, "s/step", f"MFU {_fmt(dpo.get('mfu'), '.1%') if 'mfu' in dpo else '-'}")
     dec, tdec = rows.get("decode", {}), trows.get("decode", {})
     line("decode", dec.get("decode_tokens_per_s"), tdec.get("decode_tokens_per_s"), "new tok/s",
-         f"{_fmt(dec.get('floor_fraction'), '.1%') if 'floor_fraction' in dec else '-'} of HBM floor, prefill "
+         f"{_fmt(dec.get('floor_fraction'), '.1%') if dec.get('floor_fraction') else '-'} of HBM floor, prefill "
          f"{_fmt(dec.get('prefill_s'))} s", higher_better=True)
     grpo = rows.get("grpo", {})
     phases = ", ".join(f"{k} {v:.3g}" for k, v in grpo.get("phases_s", {}).items())

@@ -51,7 +51,8 @@ def test_fused_attention_matches_reference(impl, dtype, window):
     q, k, v, cot = _qkv(dtype)
     seg, pos = jnp.asarray(SEGMENTS), jnp.asarray(POSITIONS)
     mask = attention_mask(pos, seg, sliding_window=window)
-    expect = jax.jit(lambda q, k, v: _value_and_grads(lambda *a: A.reference_attention(*a, mask), q, k, v, cot))(q, k, v)
+    reference = lambda q, k, v: A.reference_attention(q, k, v, mask)  # noqa: E731
+    expect = jax.jit(lambda q, k, v: _value_and_grads(reference, q, k, v, cot))(q, k, v)
     fused = lambda q, k, v: A.fused_attention(q, k, v, seg, impl=impl, sliding_window=window)  # noqa: E731
     got = jax.jit(lambda q, k, v: _value_and_grads(fused, q, k, v, cot))(q, k, v)
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, expect):
@@ -126,3 +127,13 @@ def test_model_and_sampler_with_fused_attention():
     (tok_ref, lp_ref), (tok_got, lp_got) = (jax.jit(lambda: generate(m))() for m in (ref_lm, lm))
     np.testing.assert_array_equal(tok_got, tok_ref)
     np.testing.assert_allclose(lp_got, lp_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_without_cudnn_falls_back_to_xla():
+    """Where cuDNN's kernel cannot run (no GPU here; on a GPU, a shape or dtype it refuses), the XLA
+    attention computes the same result, with a warning naming why."""
+    q, k, v, _ = _qkv(jnp.bfloat16)
+    seg = jnp.asarray(SEGMENTS)
+    with pytest.warns(UserWarning, match="cuDNN attention unavailable .* using the XLA attention"):
+        got = A.fused_attention(q, k, v, seg, impl="cudnn")
+    np.testing.assert_array_equal(got, A.fused_attention(q, k, v, seg, impl="xla"))

@@ -19,7 +19,9 @@ over a KV cache) uses `chunked_cache_attention` for every impl but "reference".
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Literal
 
 import jax
@@ -76,8 +78,20 @@ def fused_attention(q, k, v, segment_ids=None, *, impl: str, sliding_window: int
     if segment_ids is not None:  # cuDNN takes it as a bias (the causal part stays in the kernel)
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=window,
-                                        implementation=impl)
+    call = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=True,
+                             local_window_size=window)
+    if impl == "cudnn":
+        try:
+            return call(implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError) as e:  # shapes/dtypes cuDNN's kernel refuses
+            _warn_once(f"cuDNN attention unavailable for q {q.shape} {q.dtype} ({type(e).__name__}: {e}); "
+                       "using the XLA attention")
+    return call(implementation="xla")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def splash_attention(q, k, v, segment_ids=None, *, sliding_window: int | None = None,
