@@ -65,6 +65,9 @@ class EnvironmentConfig:
       concurrency: environments stepped at once (host threads).
       renderer: "raw" (observations as text) or "chat" (through the tokenizer's chat template and its
         tool role; calls in the template's own format).
+      num_slots: decode slots of the continuous-batching engine (`Sampler.generate_requests`: a
+        slot freed by a finished turn is refilled at once; the sampler then runs on one device), or
+        None for one static batch per turn (`Sampler.generate`, on the run's mesh).
       call_open, call_close: the tags around a call in the raw format (`<tool>calc(1+2)</tool>`);
         decoding stops at `call_close`.
       result_open, result_close: the tags around a tool's result in the raw format.
@@ -77,6 +80,7 @@ class EnvironmentConfig:
     max_observation_chars: int = 1024
     concurrency: int = 16
     renderer: Literal["raw", "chat"] = "raw"
+    num_slots: int | None = None
     call_open: str = "<tool>"
     call_close: str = "</tool>"
     result_open: str = "<result>"
@@ -92,6 +96,9 @@ class EnvironmentConfig:
         if not isinstance(self.tool_timeout_s, (int, float)) or not self.tool_timeout_s > 0:
             raise ConfigError(f"environment.tool_timeout_s must be > 0, got {self.tool_timeout_s!r}")
         check_choice("environment", "renderer", self.renderer, Literal["raw", "chat"])
+        if self.num_slots is not None and (not isinstance(self.num_slots, int) or isinstance(self.num_slots, bool)
+                                           or self.num_slots < 1):
+            raise ConfigError(f"environment.num_slots must be a positive int or None, got {self.num_slots!r}")
         for name in ("call_open", "call_close"):
             if not getattr(self, name):
                 raise ConfigError(f"environment.{name} must be a non-empty string")
@@ -167,7 +174,8 @@ class TrajectoryCollector(RolloutCollector):
                 envs.append(env)
                 prompts.append(ids)
         trajectories = run_episodes(self.sampler, params, prompts, envs, renderer=self.renderer, sampling=sampling,
-                                    limits=self.limits, tokenizer=self.tokenizer, rng=rng)
+                                    limits=self.limits, tokenizer=self.tokenizer, rng=rng,
+                                    num_slots=self.environment.num_slots)
         arrays = trajectory_batch(trajectories, width=self.limits.max_tokens, prompt_width=tokens.shape[1],
                                   pad_id=self.sampler.pad_id)
         returns = arrays.pop("rewards")
@@ -189,6 +197,8 @@ def rollout_parts(config: AgenticGRPORunConfig, data, mesh, policy, group_size: 
         sources, weights = build_rewards(RewardContext(config.rewards, config.rollout.max_new_tokens))
     budget = config.rollout.max_new_tokens
     sampler_mesh, sampler_strategy = rl._sampler_mesh(config, mesh)
+    if config.environment.num_slots is not None:  # the continuous-batching engine runs on one device
+        sampler_mesh = None
     sampler = Sampler(policy, max_len=rl._prompt_len(config) + budget + config.environment.turn_tokens,
                       mesh=sampler_mesh, strategy=sampler_strategy, dtype=config.rollout.sampler_dtype)
     collector = TrajectoryCollector.from_config(config, sampler=sampler, tokenizer=data.tokenizer, sources=sources,
