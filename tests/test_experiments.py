@@ -21,7 +21,7 @@ from rlhf_jax.train.aot import compile_run, run_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
-TINY = ["sft_tiny", "reward_model_tiny", "dpo_tiny"]
+TINY = ["sft_tiny", "reward_model_tiny", "dpo_tiny", "online_dpo_tiny", "rlaif_tiny"]
 REAL = ["dpo_qwen2_5_0_5b", "dpo_llama3_8b"]
 
 
