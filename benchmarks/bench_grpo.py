@@ -35,11 +35,20 @@ host: <= 1.3 s on PEERS.md's machine is a step at least 2.932 / 1.3 = 2.26 times
 
 With `--devices 2` the mesh is data parallel over 2 host devices (`mesh.strategy=dp`), so sampling,
 the reference forward and the update each run one program per core on 16 of the 32 rows.
+
+`--off-policy` (issue 21) runs W4 three ways on 8 simulated host devices, one process each, and
+prints them side by side: `on_policy` (trainer and sampler data parallel over all 8), `split`
+(on-policy, trainer on devices 0-3 and sampler on 4-7: `off_policy.sampler_devices=4`) and
+`off_policy` (the same halves, one-step off-policy: step t+1's rollouts sampled with step t's
+weights while step t's update runs, truncated importance weights `algorithm.tis_cap=2`). Figures
+only: on this 2-core host every phase already uses both cores, so separate sampler devices cannot
+pay here; the point is accelerators where they are separate chips.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -54,12 +63,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
 PHASES = ("weight_handoff", "generate", "reward", "reference", "update")
+MODES = ("on_policy", "split", "off_policy")  # --off-policy: the three layouts reported side by side
 STEPS, WARMUP = 13, 3
 MAX_FOREIGN_CORES, RERUNS, QUIET_CORES = 0.1, 2, 0.15
 TARGET_S = 1.3   # issue 8's target on this machine
 
 
-def run_once(bench_dir: str, devices: int) -> dict:
+def run_once(bench_dir: str, devices: int, mode: str | None = None) -> dict:
     """One W4 run in this process (XLA flags must already be set); returns the measured figures."""
     sys.path.insert(0, bench_dir)
     import workloads as W  # noqa: PLC0415
@@ -74,6 +84,7 @@ def run_once(bench_dir: str, devices: int) -> dict:
     from rlhf_jax.sharding import MeshConfig  # noqa: PLC0415
     from rlhf_jax.steps import grpo_config  # noqa: PLC0415
     from rlhf_jax.train import rl  # noqa: PLC0415
+    from rlhf_jax.train.off_policy import OffPolicyConfig  # noqa: PLC0415
     from rlhf_jax.train.run_config import DataConfig  # noqa: PLC0415
 
     w4 = W.W4
@@ -102,6 +113,11 @@ def run_once(bench_dir: str, devices: int) -> dict:
             checkpoint=CheckpointConfig(every=0, async_save=True),
             logging=LoggingConfig(every=1, console=False, tensorboard=False),
         )
+        if mode in ("split", "off_policy"):  # trainer on the first half of the devices, sampler on the rest
+            config = dataclasses.replace(
+                config, mesh=MeshConfig(data=-1, strategy="dp"),
+                off_policy=OffPolicyConfig(enabled=mode == "off_policy", sampler_devices=devices // 2),
+                algorithm=config.algorithm.replace(tis_cap=2.0 if mode == "off_policy" else None))
         watch = W.CpuWatch()
         rl.train(config)
         foreign = watch.result()
@@ -109,8 +125,16 @@ def run_once(bench_dir: str, devices: int) -> dict:
     timed = [r for r in records if r["step"] > WARMUP]
     median = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
     between = median("time/between_steps")
+    extra = {}
+    if mode == "off_policy":
+        extra = {"overlapped_rollouts_s": statistics.median(  # the last step samples nothing ahead
+            r["time/overlapped_rollouts"] for r in timed if "time/overlapped_rollouts" in r),
+                 "staleness_max": max(r["off_policy/staleness"] for r in records),
+                 "tis_weight_mean": statistics.mean(r["tis/weight_mean"] for r in timed)}
     return {
         "devices": devices,
+        "mode": mode,
+        **extra,
         "step_s": between,
         "step_s_inside": median("time/step"),
         "first_step_s": records[0]["time/step"],
@@ -131,10 +155,16 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--trl-python", help="a Python with trl installed: interleave TRL runs (bench_grpo_trl.py) "
                                              "and print the same-session ratio")
+    parser.add_argument("--off-policy", action="store_true",
+                        help="W4 on 8 simulated devices: on-policy, split halves, one-step off-policy (one run each)")
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        report_result(run_once(args.bench_dir, args.devices))
+        report_result(run_once(args.bench_dir, args.devices, args.mode))
+        return
+    if args.off_policy:
+        off_policy_report(args)
         return
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}",
@@ -187,6 +217,29 @@ def main(argv=None) -> None:
               f"{PEER_TRL_S / TARGET_S:.2f}x: {'met' if ratio >= PEER_TRL_S / TARGET_S else 'not met'}")
     if args.json:
         write_json(args.json, summary)
+
+
+def off_policy_report(args) -> None:
+    """`--off-policy`: the three layouts of `MODES` on 8 simulated devices, one process each, side by side."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    results = {}
+    for mode in MODES:
+        wait_until_quiet(QUIET_CORES, max_wait_s=60)
+        r = run_worker([sys.executable, __file__, "--child", "--devices", "8", "--mode", mode, "--bench-dir",
+                        args.bench_dir], env)
+        results[mode] = r
+        phases = " ".join(f"{p}={v:.3f}" for p, v in r["phases_s"].items())
+        more = (f" | overlapped rollouts {r['overlapped_rollouts_s']:.3f} s, staleness <= {r['staleness_max']:.0f}, "
+                f"TIS weight mean {r['tis_weight_mean']:.4f}") if mode == "off_policy" else ""
+        print(f"{mode}: {r['step_s']:.3f} s/step ({r['completion_tokens_per_s']:.0f} completion tok/s), inside the "
+              f"step {r['step_s_inside']:.3f} s | {phases}{more} | foreign CPU {r['foreign_cpu_cores']} cores",
+              flush=True)
+    on = results["on_policy"]["step_s"]
+    print("W4 on 8 simulated devices: " + ", ".join(f"{m} {r['step_s']:.3f} s/step ({r['step_s'] / on:.2f}x on_policy)"
+                                                    for m, r in results.items()))
+    if args.json:
+        write_json(args.json, {"workload": "W4 GRPO 4x8x64", "devices": 8, "modes": results})
 
 
 if __name__ == "__main__":
