@@ -15,7 +15,9 @@ anything runs JAX:
 - not at all for a single process, which behaves exactly as without it.
 
 On CPU the cross-process collectives use gloo. Errors are `DistributedError`s with one line naming
-the value at fault; a coordinator that never answers fails after `timeout_s`, never hangs.
+the value at fault; a coordinator that never answers, or processes that never all join, fail after
+`timeout_s` with one line, never hang. A preemption notice (SIGTERM) on any process is agreed on
+through JAX's preemption service (`preemption_sync_point`): every process stops at the same step.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 from collections.abc import Mapping
 
 __all__ = ["DistributedConfig", "DistributedError", "from_env", "initialize", "is_main", "any_process",
-           "gather_rows", "sum_over_processes",
+           "gather_rows", "sum_over_processes", "preemption_sync_point",
            "max_over_processes", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
 
 ENV_COORDINATOR = "RLHF_JAX_COORDINATOR"
@@ -107,11 +109,16 @@ def _auto_detected(environ: Mapping[str, str]) -> bool:
     return any(check(environ[k]) for k, check in _AUTO.items() if k in environ)
 
 
-def initialize(config: DistributedConfig, *, environ: Mapping[str, str] = os.environ) -> bool:
+def initialize(config: DistributedConfig, *, environ: Mapping[str, str] = os.environ, fail=None) -> bool:
     """Join the multi-process run `config` describes (or the one JAX detects); return whether one was joined.
 
     Must run before anything runs JAX. A single process without flags or a detected cluster does
     nothing.
+
+    When not every process has joined after `timeout_s` (a wrong `--num-processes`, a process
+    that never started), `fail(message)` is called with one line and the process ends with exit
+    status 2 (default: the line on stderr): JAX's client would end it a few seconds later with a
+    fatal C++ error and a stack trace instead (its `initialization_timeout` is set past ours).
 
     Raises:
       DistributedError: the coordinator did not answer within `timeout_s`, or JAX refused the flags.
@@ -124,18 +131,50 @@ def initialize(config: DistributedConfig, *, environ: Mapping[str, str] = os.env
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if config.explicit and config.process_id != 0:
         _wait_for_coordinator(config)
-    kwargs = dict(initialization_timeout=config.timeout_s, heartbeat_timeout_seconds=config.heartbeat_s)
+    kwargs = dict(initialization_timeout=config.timeout_s + _JAX_GRACE_S, heartbeat_timeout_seconds=config.heartbeat_s)
     if config.explicit:
         kwargs.update(coordinator_address=config.coordinator, num_processes=config.num_processes,
                       process_id=config.process_id)
+    where = f"coordinator {config.coordinator}" if config.explicit else "the detected cluster"
+    who = f"process {config.process_id} of {config.num_processes}" if config.explicit else "this process"
+    joined = _watchdog(config.timeout_s, fail, f"could not join {where} as {who} within {config.timeout_s} s: not "
+                       "every process joined (check --num-processes, that every process was started, and "
+                       "--init-timeout)")
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 (JAX raises several types; all mean "could not join")
+        joined.set()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = f"coordinator {config.coordinator}" if config.explicit else "the detected cluster"
-        raise DistributedError(f"could not join {where} as process {config.process_id} of "
-                               f"{config.num_processes} within {config.timeout_s} s: {first}") from None
+        raise DistributedError(f"could not join {where} as {who} within {config.timeout_s} s: {first}") from None
+    joined.set()
     return True
+
+
+_JAX_GRACE_S = 15  # JAX's own join deadline is this much later than ours
+
+
+def _watchdog(timeout_s: int, fail, message: str):
+    """An event to set once joined; unset after `timeout_s`, `fail(message)` and exit status 2.
+
+    JAX's client releases the GIL while it waits to register, so this thread runs meanwhile.
+    """
+    import sys  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    done = threading.Event()
+
+    def watch():
+        if done.wait(timeout_s):
+            return
+        if fail is not None:
+            fail(message)
+        else:
+            sys.stderr.write(f"rlhf-jax: error: {message}\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    threading.Thread(target=watch, name="rlhf-jax-join-watchdog", daemon=True).start()
+    return done
 
 
 def _wait_for_coordinator(config: DistributedConfig) -> None:
@@ -166,6 +205,28 @@ def is_main() -> bool:
     import jax  # noqa: PLC0415
 
     return jax.process_index() == 0
+
+
+def preemption_sync_point():
+    """`step -> whether to stop and save at step` from JAX's preemption service, or None for one process.
+
+    In a multi-process run JAX's preemption notifier holds SIGTERM (what a TPU VM's maintenance
+    event or preemption and Slurm's `scancel` send). A notice on any process reaches all of them
+    through the coordination service, which picks the step after the furthest one any process has
+    reached; `multihost_utils.reached_preemption_sync_point(step)` (what orbax's
+    `CheckpointManager.reached_preemption` asks) is True on every process at that same step.
+    Called at every step, from the same first step, on every process. None when there is one
+    process or the service is off (`jax_enable_preemption_service`): then the run's own signal
+    flag decides.
+    """
+    import jax  # noqa: PLC0415
+    from jax._src import distributed as _state  # noqa: PLC0415 (whether the service runs; no public accessor)
+
+    if jax.process_count() == 1 or _state.global_state.preemption_sync_manager is None:
+        return None
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return lambda step: bool(multihost_utils.reached_preemption_sync_point(int(step)))
 
 
 def any_process(flag: bool) -> bool:

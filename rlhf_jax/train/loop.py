@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from rlhf_jax.checkpoint import Checkpointer, is_checkpoint_dir
-from rlhf_jax.distributed import any_process, is_main
+from rlhf_jax.distributed import any_process, is_main, preemption_sync_point
 from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig, to_dict
 from rlhf_jax.metrics import MetricsBuffer, MetricsLogger, read_jsonl
 from rlhf_jax.train.results import write_json
@@ -39,13 +39,16 @@ class TrainingHalted(RuntimeError):
 class StopSignal:
     """Turns SIGTERM and SIGINT into a flag the loop polls between steps (TPU preemption notice).
 
+    `forward`: a signal to raise after noting one (a multi-process run leaves SIGTERM to JAX's
+    preemption notifier and forwards SIGINT to it).
+
     Used as a context manager; the previous handlers come back on exit. A second SIGINT while a
     stop is pending raises `KeyboardInterrupt` as usual, so a stuck run can still be interrupted.
     Outside the main thread (where handlers cannot be installed) it is an inert flag.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
-        self.signals = signals
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), *, forward: int | None = None):
+        self.signals, self.forward = signals, forward
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -57,6 +60,8 @@ class StopSignal:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
+        if self.forward is not None:  # e.g. to JAX's preemption notifier, which holds SIGTERM
+            signal.raise_signal(self.forward)
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
@@ -227,17 +232,19 @@ def fit(
     if start_step > 0:
         logger.message(f"resuming from step {start_step} ({run.checkpointer.directory})")
     try:
-        with StopSignal() as stop:
+        agreed = preemption_sync_point()
+        with (StopSignal() if agreed is None else StopSignal((signal.SIGINT,), forward=signal.SIGTERM)) as stop:
             if evaluate is not None and evaluate_at_start and start_step == 0:
                 last_eval = run_eval()
             # Every process stops at the same step: a signal on any one of them counts for all.
-            stopping = any_process(stop.requested)
+            should_stop = (lambda at: any_process(stop.requested)) if agreed is None else agreed  # noqa: E731
+            stopping = should_stop(step)
             while step < train.steps and not stopping:
                 state, metrics = step_fn(state, next(batches))
                 step += 1
                 buffer.append(step, metrics)
                 logger.tick(step)  # the progress bar's rate is per step, though metrics are fetched every few
-                stopping = any_process(stop.requested)
+                stopping = should_stop(step)
                 final = step == train.steps
                 if step % logging.every == 0 or final or stopping:
                     flush()
@@ -250,7 +257,7 @@ def fit(
                     flush()
                     save(evaluated)
             flush()
-            stopped_by = stop.received or ("a signal to another process" if stopping else None)
+            stopped_by = stop.received or ("a preemption notice (SIGTERM to a process of the run)" if stopping else None)
             if stopping:
                 if saved_at != step:
                     save()
