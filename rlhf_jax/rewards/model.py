@@ -98,6 +98,7 @@ class RewardModelReward:
                                  f"data-parallel shards of mesh {dict(mesh.shape)}")
             params = place_params(params, model.logical_axes, mesh=mesh, strategy=strategy)
             self._data_sharding = sh.batch_sharding(mesh, strategy)
+        self._mesh, self._strategy = mesh, strategy
         self.params = params
         self._score = jax.jit(lambda p, *rollout: sequence_scores(model, p, *rollout))
 
@@ -109,17 +110,38 @@ class RewardModelReward:
         """
         arrays = [np.asarray(a) for a in (prompt_tokens, prompt_lengths, completion_tokens, completion_mask)]
         n = arrays[0].shape[0]
-        pad = (-n) % self.batch_size
+        processes = jax.process_count() if self._data_sharding is not None else 1
+        if processes > 1:
+            # Each process scores its own rows: a chunk is `batch_size / processes` rows of every
+            # process, placed as one global array; every process runs the same number of chunks.
+            from rlhf_jax.distributed import max_over_processes  # noqa: PLC0415
+
+            if self.batch_size % processes:
+                raise ValueError(f"RewardModelReward: batch_size {self.batch_size} does not split over "
+                                 f"{processes} processes")
+            size = self.batch_size // processes
+            chunks = int(max_over_processes([-(-n // size)])[0])
+        else:
+            size = self.batch_size
+            chunks = -(-n // size)
+        pad = chunks * size - n
         if pad:
             # Padding rows repeat row 0 (valid lengths); their scores are dropped.
-            arrays = [np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) for a in arrays]
+            arrays = [np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) if n else
+                      np.zeros((pad, *a.shape[1:]), a.dtype) + (1 if a.ndim == 1 else 0) for a in arrays]
         out = []
-        for start in range(0, n + pad, self.batch_size):
-            chunk = [jnp.asarray(a[start:start + self.batch_size]) for a in arrays]
+        for start in range(0, n + pad, size):
+            chunk = [a[start:start + size] for a in arrays]
+            if processes > 1:
+                out.append(sh.local_rows(self._score(self.params, *sh.place_rows(chunk, self._mesh, self._strategy))))
+                continue
+            chunk = [jnp.asarray(a) for a in chunk]
             if self._data_sharding is not None:
                 chunk = jax.device_put(chunk, self._data_sharding)
             out.append(self._score(self.params, *chunk))
-        return np.asarray(jnp.concatenate(out))[:n].astype(np.float32)
+        if not out:
+            return np.zeros((0,), np.float32)
+        return np.asarray(np.concatenate([np.asarray(o) for o in out]))[:n].astype(np.float32)
 
     def __call__(self, inputs: RewardInputs) -> np.ndarray:
         return self.score(inputs.prompt_tokens, inputs.prompt_lengths, inputs.completion_tokens,

@@ -19,7 +19,7 @@ import numpy as np
 from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.rewards import OnError, RewardInputs, combine_rewards, reward_metrics
 from rlhf_jax.sampling import Sampler, SamplingConfig, make_method
-from rlhf_jax.distributed import any_process, gather_rows, max_over_processes, sum_over_processes
+from rlhf_jax.distributed import gather_rows, max_over_processes, sum_over_processes
 from rlhf_jax.sharding import local_rows
 
 __all__ = ["RolloutConfig", "RolloutCollector", "DEVICE_KEYS"]
@@ -86,6 +86,32 @@ def _concat_rows(parts: Sequence[dict[str, Any]], rows: Sequence[tuple[int, np.n
         else:
             out[key] = np.concatenate([parts[k][key][idx] for k, idx in rows])
     return out
+
+
+def _exchange_chosen(parts, results, chosen, *, group: int, width: int):
+    """Multi-process dynamic sampling: this process's `chosen` groups `(round, global group)`, from any process.
+
+    Every process receives every round's rows (prompts padded to `width`), then keeps its chosen
+    ones; returns `(merged arrays, rows, results)` with `rows` indexing the gathered results
+    (columns only for the rows sampled here, None for the others).
+    """
+    mine = jax.process_index()
+    every_part, every_result = [], []
+    for part, result in zip(parts, results):
+        local = len(part["scores"])
+        gathered = {}
+        for key, value in part.items():
+            if key == "columns":
+                gathered[key] = {c: [None] * (local * mine) + list(v) + [None] * (local * (jax.process_count() - mine - 1))
+                                 for c, v in value.items()}
+            else:
+                value = _pad_width(value, width) if key == "prompt_tokens" else value
+                gathered[key] = np.asarray(gather_rows(value)).astype(np.asarray(value).dtype)
+        every_part.append(gathered)
+        every_result.append(type(result)(gathered["scores"], {k: gather_rows(v) for k, v in result.per_source.items()},
+                                         result.num_errors, result.counts))
+    rows = [(k, np.arange(i * group, (i + 1) * group)) for k, i in chosen]
+    return _concat_rows(every_part, rows, width=width), rows, every_result
 
 
 class RolloutCollector:
@@ -165,10 +191,17 @@ class RolloutCollector:
     def collect(self, params, first_batch, more_batches: Iterator, *, rng) -> tuple[dict[str, Any], Any, dict]:
         """One training batch of rollouts with rewards; DAPO dynamic sampling when configured.
 
+        Dynamic sampling chooses groups over the global batch, as one process would: the first
+        groups with a learning signal in (round, global prompt) order, then zero-signal ones; in a
+        multi-process run each process then takes its block of the chosen groups (rows sampled
+        on another process are exchanged; their `columns` are None here).
+
         Returns `(arrays with "scores", RewardResult of the batch, host metrics)`.
         """
         g, dynamic = self.group, self.dynamic_sampling
         want = int(np.sum(np.asarray(first_batch["example_mask"])))
+        wants = gather_rows(np.asarray([want], np.int32)).tolist()  # every process's want, in process order
+        first = int(sum(wants[:jax.process_index()]))  # this process's first group of the chosen ones
         parts, results, kept, spare = [], [], [], []
         timings = {"generate": 0.0, "reward": 0.0}
         generated_groups = zero_std_groups = 0
@@ -189,15 +222,23 @@ class RolloutCollector:
             generated_groups += groups
             signal = result.total.reshape(groups, g).std(axis=1) > 1e-6 if g > 1 else np.ones(groups, bool)
             zero_std_groups += int(np.sum(~signal))
-            kept += [(r, i) for i in np.flatnonzero(signal)] if dynamic else [(r, i) for i in range(groups)]
-            spare += [(r, i) for i in np.flatnonzero(~signal)] if dynamic else []
-            if not any_process(len(kept) < want):  # every process samples the same number of rounds
+            # Global group i of round r: process i // groups, its group i % groups.
+            every = gather_rows(signal.astype(np.int32)).astype(bool) if dynamic else signal
+            kept += [(r, i) for i in np.flatnonzero(every)] if dynamic else [(r, i) for i in range(groups)]
+            spare += [(r, i) for i in np.flatnonzero(~every)] if dynamic else []
+            if not dynamic or len(kept) >= sum(wants):  # the same decision on every process
                 break
-        chosen = (kept + spare)[:want]
-        rows = [(k, np.arange(i * g, (i + 1) * g)) for k, i in chosen]
-        merged = _concat_rows(parts, rows, width=int(max_over_processes([p["prompt_tokens"].shape[1] for p in parts]).max()))
+        width = int(max_over_processes([p["prompt_tokens"].shape[1] for p in parts]).max())
+        pool = results  # the results `rows` index
+        if not dynamic or jax.process_count() == 1:
+            chosen = (kept + spare)[:want]
+            rows = [(k, np.arange(i * g, (i + 1) * g)) for k, i in chosen]
+            merged = _concat_rows(parts, rows, width=width)
+        else:
+            chosen = (kept + spare)[first:first + want]
+            merged, rows, pool = _exchange_chosen(parts, results, chosen, group=g, width=width)
         total = merged["scores"]
-        per_source = {name: np.concatenate([results[k].per_source[name][idx] for k, idx in rows])
+        per_source = {name: np.concatenate([pool[k].per_source[name][idx] for k, idx in rows])
                       for name in results[0].per_source}
         errors = {name: sum(res.num_errors[name] for res in results) for name in results[0].num_errors}
         reported = {k: sum(res.counts.get(k, 0) for res in results)  # sources' own counters (ScoredRewards)
@@ -216,6 +257,6 @@ class RolloutCollector:
         metrics["completions/generated_tokens"] = float(counts[-1])
         if dynamic:
             metrics["dynamic_sampling/rounds"] = float(len(parts))
-            metrics["dynamic_sampling/filled_with_zero_std"] = float(max(0, want - len(kept)))
+            metrics["dynamic_sampling/filled_with_zero_std"] = float(max(0, sum(wants) - len(kept)))
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         return merged, result, metrics

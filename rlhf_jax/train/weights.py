@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.checkpoint import (
@@ -60,6 +61,13 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
     """
     def placed(source_model: CausalLM):
         abstract = source_model.abstract_params()
+        if mesh is None and jax.process_count() > 1:
+            # No mesh in a multi-process run: every device holds a copy (restoring onto the default
+            # device would leave the other processes without any shard of it).
+            everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+                                                    jax.sharding.PartitionSpec())
+            return (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), abstract),
+                    jax.tree.map(lambda a: everywhere, abstract))
         if mesh is None:
             return abstract, None
         shardings = sh.param_shardings(abstract, source_model.logical_axes, mesh=mesh, strategy=strategy)
