@@ -25,11 +25,12 @@ lives in `rlhf_jax.models.hf_config`; this module re-exports it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,13 +215,16 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None
         flat = {}
         for leaf_path, leaf_specs in by_path.items():
             shape = abstract[leaf_path].shape
+            place = None if flat_shardings is None else flat_shardings[leaf_path]
+            if place is not None and not place.is_fully_addressable:
+                flat[leaf_path] = _load_sliced(ckpt, leaf_specs, shape, place, jnp.dtype(target))
+                continue
             host = np.empty(shape, jnp.dtype(target))
             for spec in leaf_specs:
                 spec.read_into(ckpt.read(spec.hf_name), host if spec.layer is None else host[spec.layer])
-            place = None if flat_shardings is None else flat_shardings[leaf_path]
             flat[leaf_path] = jax.device_put(host, place)
         if config.tie_word_embeddings and head == "lm" and "lm_head.weight" in ckpt.names:
-            _check_tied_copy(ckpt, flat[("embed",)])
+            _check_tied_copy(ckpt, flat[("embed",)], specs[0])
     return config, _unflatten(flat)
 
 
@@ -247,8 +251,81 @@ def _declared_dtype(raw: dict, first: _TensorSpec, ckpt: "_Checkpoint") -> str:
     return _DTYPE_NAMES[name]
 
 
-def _check_tied_copy(ckpt: "_Checkpoint", embed) -> None:
+def _split_groups(ours: Sequence[int], hf: Sequence[int]) -> list[list[int]] | None:
+    """Our axes grouped by the HF axis (in our axis order) each group splits, or None when not a pure split."""
+    groups, at = [], 0
+    for size in hf:
+        group = [at]
+        at += 1
+        while at <= len(ours) and math.prod(ours[d] for d in group) < size:
+            if at == len(ours):
+                return None
+            group.append(at)
+            at += 1
+        if at > len(ours) or math.prod(ours[d] for d in group) != size:
+            return None
+        groups.append(group)
+    return groups if at == len(ours) else None
+
+
+def _read_block(ckpt: "_Checkpoint", spec: _TensorSpec, ranges: Sequence[range], ours: Sequence[int]) -> np.ndarray:
+    """The block `ranges` (one range per axis of our layout `ours`) of one HF tensor, reading only its
+    part of the file when the block is a run of whole sub-blocks along each HF axis (the shardings'
+    case), else the tensor's whole rows along the axes it cannot narrow."""
+    hf = tuple(spec.hf_shape[::-1]) if spec.transpose else tuple(spec.hf_shape)
+    groups = _split_groups(tuple(ours), hf)
+    if groups is None:  # not a pure split of the HF axes: read it all
+        full = np.empty(tuple(ours), ckpt.read(spec.hf_name).dtype)
+        spec.read_into(ckpt.read(spec.hf_name), full)
+        return full[tuple(slice(r.start, r.stop) for r in ranges)]
+    wanted, shape, exact = [], [], []
+    for size, dims in zip(hf, groups):
+        inner = math.prod(ours[d] for d in dims[1:])
+        whole_inner = all(len(ranges[d]) == ours[d] for d in dims[1:])
+        lo, hi = (ranges[dims[0]].start, ranges[dims[0]].stop) if whole_inner else (0, ours[dims[0]])
+        wanted.append(slice(lo * inner, hi * inner))
+        shape += [hi - lo, *[ours[d] for d in dims[1:]]]
+        exact += [slice(ranges[dims[0]].start - lo, ranges[dims[0]].stop - lo),
+                  *[slice(ranges[d].start, ranges[d].stop) for d in dims[1:]]]
+    piece = ckpt.read_slice(spec.hf_name, tuple(wanted[::-1]) if spec.transpose else tuple(wanted))
+    piece = piece.T if spec.transpose else piece
+    return piece.reshape(shape)[tuple(exact)]
+
+
+def _load_sliced(ckpt: "_Checkpoint", leaf_specs: list[_TensorSpec], shape, sharding, dtype) -> jax.Array:
+    """One parameter as a global array of which this process reads only the blocks its devices hold."""
+    blocks: dict[tuple, np.ndarray] = {}
+    by_layer = {s.layer: s for s in leaf_specs}
+
+    def block(index) -> np.ndarray:
+        ranges = [range(*sl.indices(n)) for sl, n in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)),
+                                                          shape)]
+        key = tuple((r.start, r.stop) for r in ranges)
+        if key not in blocks:
+            out = np.empty([len(r) for r in ranges], dtype)
+            if leaf_specs[0].layer is None:
+                out[...] = _read_block(ckpt, leaf_specs[0], ranges, shape)
+            else:
+                for j, layer in enumerate(ranges[0]):
+                    out[j] = _read_block(ckpt, by_layer[layer], ranges[1:], shape[1:])
+            blocks[key] = out
+        return blocks[key]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, block)
+
+
+def _check_tied_copy(ckpt: "_Checkpoint", embed, embed_spec: _TensorSpec) -> None:
     """A tied checkpoint may still store lm_head.weight; it must then equal the embedding."""
+    if not embed.is_fully_addressable:  # compare the blocks this process holds
+        spec = dataclasses.replace(embed_spec, hf_name="lm_head.weight")
+        for shard in embed.addressable_shards:
+            ranges = [range(*sl.indices(n)) for sl, n in zip(shard.index, embed.shape)]
+            if not np.array_equal(_read_block(ckpt, spec, ranges, embed.shape).astype(np.float32),
+                                  np.asarray(shard.data).astype(np.float32)):
+                raise HFCheckpointError(
+                    f"{ckpt.file_of('lm_head.weight')}: tensor 'lm_head.weight' differs from "
+                    "'model.embed_tokens.weight' although tie_word_embeddings is true")
+        return
     lm_head = ckpt.read("lm_head.weight")
     if not np.array_equal(lm_head.astype(np.float32), np.asarray(embed).astype(np.float32)):
         raise HFCheckpointError(
@@ -370,6 +447,10 @@ class _Checkpoint:
 
     def read(self, name: str) -> np.ndarray:
         return self._handles[self._file_of[name]].get_tensor(name)
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Only `index` of a tensor (safetensors reads just those bytes)."""
+        return self._handles[self._file_of[name]].get_slice(name)[index]
 
 
 # ------------------------------------------------------------------------------------------ save
