@@ -38,15 +38,21 @@ class Launch:
     """`num_processes` processes of `rlhf-jax ARGS` (process i gets `--process-id i`), or one without flags."""
 
     def __init__(self, args: list[str], *, num_processes: int, devices: int, heartbeat_s: int = 15,
-                 init_timeout_s: int = 60, extra: dict[int, list[str]] | None = None):
+                 init_timeout_s: int = 60, extra: dict[int, list[str]] | None = None,
+                 hooks: dict[int, list[str]] | None = None, declared: int | None = None,
+                 env: dict[str, str] | None = None):
+        """`hooks`: per process, options of `tests/multihost_run.py` (kill points, slow steps, a
+        safetensors spy); `declared`: the `--num-processes` given (default: the number launched)."""
         self.procs: list[subprocess.Popen] = []
-        env = environment(devices)
+        env = {**environment(devices), **(env or {})}
         port = free_port()
         for i in range(num_processes):
-            multi = [] if num_processes == 1 else [
-                "--coordinator", f"{LOOPBACK}:{port}", "--num-processes", str(num_processes), "--process-id", str(i),
-                "--heartbeat-timeout", str(heartbeat_s), "--init-timeout", str(init_timeout_s)]
-            command = [sys.executable, "-m", "rlhf_jax", *args, *multi, *(extra or {}).get(i, [])]
+            multi = [] if num_processes == 1 and declared is None else [
+                "--coordinator", f"{LOOPBACK}:{port}", "--num-processes", str(declared or num_processes),
+                "--process-id", str(i), "--heartbeat-timeout", str(heartbeat_s), "--init-timeout", str(init_timeout_s)]
+            runner = ["-m", "rlhf_jax"] if hooks is None else [
+                os.path.join(ROOT, "tests", "multihost_run.py"), *hooks.get(i, []), "--"]
+            command = [sys.executable, *runner, *args, *multi, *(extra or {}).get(i, [])]
             self.procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                                stderr=subprocess.PIPE, text=True, start_new_session=True))
 
