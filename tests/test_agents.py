@@ -7,6 +7,7 @@ trajectories are bit-identical under the same seed; chat templates' tool roles r
 observation between the model's turns exactly as the template renders the whole conversation.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -267,6 +268,52 @@ def test_continuous_batching_trajectories_do_not_depend_on_the_other_trajectorie
         params, batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"])
     mask = batch["completion_mask"]
     assert np.abs(np.asarray(logps) - batch["sampler_logps"])[mask].max() < 1e-5
+
+
+def test_a_template_without_tool_role_is_counted_in_episodes(policy):
+    model, params, sampler, sampler_params = policy
+    tok = offline_tokenizer()
+    prompts = [[1] + tok(f"{i}+1=", add_special_tokens=False)["input_ids"] for i in range(4)]
+    envs = [ScriptedCalls([ToolCall("calc", "2+3")], ToolRunner()) for _ in prompts]
+    for env in envs:
+        env.reset({"prompt": ""})
+    sampling = SamplingConfig(max_new_tokens=8, eos_id=2, stop_ids=tuple(range(40, 104)),
+                              method=Categorical(temperature=0.9))
+    trajectories = run_episodes(sampler, sampler_params, prompts, envs,
+                                renderer=ChatRenderer(tok, call_format=TagCallFormat()), sampling=sampling,
+                                limits=AgentLimits(max_turns=3, max_tokens=WIDTH, turn_tokens=8), tokenizer=tok, rng=0)
+    called = sum(t.tool_statuses == ["no_tool_role"] for t in trajectories)
+    assert called >= 1 and trajectory_metrics(trajectories)["tool_calls/no_tool_role"] == called
+
+
+def test_trajectory_collector_batches_groups_of_episodes_for_the_grpo_step(policy):
+    from rlhf_jax.agents import environment_reward
+    from rlhf_jax.rewards import PythonReward
+    from rlhf_jax.train.agentic import EnvironmentConfig, TrajectoryCollector
+
+    model, params, sampler, sampler_params = policy
+    tok = offline_tokenizer()
+    problems = ArithmeticTools().problems(3, seed=0)
+    prompts = [[1] + tok(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems]
+    width = max(len(p) for p in prompts) + 1
+    batch = {"prompt_tokens": np.array([p + [0] * (width - len(p)) for p in prompts] + [[0] * width], np.int32),
+             "prompt_lengths": np.array([len(p) for p in prompts] + [1], np.int32),
+             "example_mask": np.array([1, 1, 1, 0], bool),          # the last row is padding
+             "columns": {"answer": [p["answer"] for p in problems] + [None]}}
+    sampling = SamplingConfig(max_new_tokens=8, eos_id=2, num_samples=2, stop_ids=tuple(range(40, 104)),
+                              method=Categorical(temperature=0.9))
+    collector = TrajectoryCollector(sampler=sampler, tokenizer=tok, sources=[PythonReward(environment_reward)],
+                                    weights=None, train_sampling=sampling,
+                                    eval_sampling=dataclasses.replace(sampling, num_samples=1))
+    collector.setup(EnvironmentConfig(name="calculator", max_turns=3, turn_tokens=8, call_open="<", call_close=">"),
+                    max_tokens=WIDTH)
+    merged, result, metrics = collector.collect(sampler_params, batch, iter(()), rng=jax.random.key(0))
+    assert merged["completion_tokens"].shape == merged["completion_mask"].shape == (6, WIDTH)
+    assert np.all(merged["prompt_tokens"][0::2] == merged["prompt_tokens"][1::2])       # groups contiguous
+    assert merged["columns"]["answer"] == [p["answer"] for p in problems for _ in range(2)]
+    np.testing.assert_array_equal(merged["scores"], merged["columns"]["env_reward"])
+    assert metrics["num_turns/mean"] >= 1 and "tool_calls/timeouts" in metrics and "reward/per_turn/mean" in metrics
+    assert metrics["completions/mean_length"] == float(np.mean(merged["lengths"]))
 
 
 def test_observation_tokens_get_no_policy_gradient_except_through_attention(policy, episodes):
