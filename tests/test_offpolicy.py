@@ -214,3 +214,41 @@ def test_quickstart_grpo_stage_one_step_off_policy_meets_its_margin(tmp_path):
     print(f"off-policy GRPO: accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}, staleness {sorted(set(staleness))}")
     assert staleness[0] == 0 and set(staleness[1:]) == {1.0}
     assert accuracy[-1] - accuracy[0] >= quickstart.MARGINS["grpo_accuracy"]
+
+
+def test_ppo_objective_weights_the_policy_term_too():
+    from rlhf_jax.steps import PPOConfig, ppo_objective
+
+    config = PPOConfig(tis_cap=1.5, kl_mode="none", kl_coef=0.0)   # token_mean, ratio 1 (old = current)
+    logps, mask = jnp.asarray(OLD), jnp.asarray(MASK)
+    advantages = jnp.array([[1.0, -1.0, 2.0, 3.0], [0.5, 0.5, -0.5, 1.0]])
+    loss, metrics = ppo_objective(logps, logps, advantages, mask, config=config, sampler_logps=jnp.asarray(SAMPLER))
+    w = np.array([[1.5, 1.0, 0.5, 0.0], [1.5, 1.5, 2 / 3, 1.0]], np.float32)
+    np.testing.assert_allclose(float(loss), float(-(w * np.asarray(advantages) * MASK).sum() / 7), rtol=1e-6)
+    assert metrics["tis/clip_frac"] > 0
+
+
+def test_lookahead_keeps_the_checkpoint_position_of_the_first_batch_not_returned():
+    from rlhf_jax.train.off_policy import Lookahead
+
+    class Counter:
+        def __init__(self):
+            self.i = 0
+
+        def __next__(self):
+            if self.i == 5:
+                raise StopIteration
+            self.i += 1
+            return self.i
+
+        def get_state(self):
+            return {"i": self.i}
+
+        def set_state(self, state):
+            self.i = state["i"]
+
+    it = Lookahead(Counter())
+    assert next(it) == 1 and it.peek() == 2 and it.peek(1) == 3 and it.get_state() == {"i": 1}
+    assert next(it) == 2 and it.get_state() == {"i": 2}   # 3 was read ahead: a resume reads it again
+    it.set_state(it.get_state())
+    assert [next(it), it.peek(), it.peek(1), it.peek(2)] == [3, 4, 5, None]
