@@ -154,12 +154,15 @@ def _programs(config: RunConfig, program: Program, mesh, options) -> tuple[list[
     groups = {**_split_state(state_abs), "batch": args[1]}
     if program.frozen:
         groups["reference"] = list(program.frozen)
-    reports = [compile_program("update step", lambda: program.step.lower(*args), groups, compiler_options=options)]
+    family = recipe_for(config).name
+    note = {"ppo": "with the old-policy log-prob and critic value passes before its epochs",
+            "grpo": "with the old-policy log-prob pass before its epochs"}.get(family, "")
+    reports = [compile_program("update step", lambda: program.step.lower(*args), groups, compiler_options=options,
+                               note=note)]
     resident = {k: bytes_per_device(v) for k, v in _split_state(state_abs).items()}
     if program.frozen:
         resident["reference"] = bytes_per_device(list(program.frozen))
     uses = {"update step": set(resident)}
-    family = recipe_for(config).name
     if family in ("sft", "reward_model", "dpo"):
         reports_more, uses_more = _supervised_programs(config, program, mesh, state_abs, options)
     elif family in ("grpo", "ppo"):
