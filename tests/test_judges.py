@@ -118,3 +118,22 @@ def test_pointwise_judge_expected_rating_and_reward_source(judge_model):
                           truncated=np.zeros(2, bool), prompts=["ab:", "cd:"], completions=["mako", "zz"])
     result = combine_rewards([judge], inputs)
     np.testing.assert_allclose(result.per_source["judge"], scores, atol=1e-6)
+
+
+def test_judge_is_a_builtin_reward_by_name(judge_model, tmp_path):
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.config import CheckpointConfig
+    from rlhf_jax.rewards.registry import RewardConfig, RewardContext, build_rewards
+
+    with Checkpointer(tmp_path / "judge", config=CheckpointConfig(async_save=False),
+                      model_config=judge_model.model.config) as ck:
+        ck.save(0, {"params": judge_model.params})
+    template = PointwiseTemplate(text="{prompt}{response}#", ratings=("1", "2", "3"))
+    config = RewardConfig(functions=("judge",), judge=str(tmp_path / "judge"), judge_tokenizer="offline",
+                          judge_template=template, reward_model_batch_size=4)
+    (source,), _ = build_rewards(RewardContext(config, 8))
+    assert isinstance(source, PointwiseJudge) and source.name == "judge"
+    expected = PointwiseJudge(judge_model, template).score(["ab:", "cd:"], ["mako", "zz"])
+    np.testing.assert_allclose(source.score(["ab:", "cd:"], ["mako", "zz"]), expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="rewards.functions includes 'judge' but rewards.judge is not set"):
+        build_rewards(RewardContext(RewardConfig(functions=("judge",)), 8))

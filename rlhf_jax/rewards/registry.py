@@ -16,6 +16,7 @@ from typing import Any
 
 from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.rewards.base import OnError, PythonReward, RewardSource
+from rlhf_jax.rewards.judges import PointwiseTemplate
 from rlhf_jax.rewards.math_answers import MathReward, answer_format, think_answer_format
 from rlhf_jax.rewards.verifiable import even_fraction_reward, missing_eos_penalty, overlong_penalty
 
@@ -35,7 +36,9 @@ class RewardConfig:
         "even_fraction" (the W4 benchmark reward), "math" (final-answer equivalence with math-verify
         against the prompts' `answer` or `solution` column: bare, GSM8K "#### x" or MATH `\\boxed{}`;
         see `rlhf_jax.rewards.math_answers`), "think_format" (`<think>...</think><answer>...</answer>`),
-        "answer_format" (states a final answer) — or an import path `package.module:function`.
+        "answer_format" (states a final answer), "judge" (an LLM judge's expected rating of each
+        completion, `rlhf_jax.rewards.judges.PointwiseJudge`, model at `judge`) — or an import path
+        `package.module:function`.
         Ignored when the driver is given `reward_sources`.
       weights: one weight per function (empty: all 1).
       reward_model: a reward-model checkpoint (`runs/<rm>/checkpoints`) or Hugging Face directory.
@@ -46,6 +49,9 @@ class RewardConfig:
       error_penalty: the reward of a failing sample in penalty mode.
       math_timeout_s: the "math" checker's seconds per parse / comparison; a sample past it scores 0
         and is counted (`rewards/math/timeouts`).
+      judge: the "judge" reward's model: a checkpoint or Hugging Face directory with an LM head.
+      judge_tokenizer: its tokenizer directory or "offline" (None: the model's own).
+      judge_template: its rating prompt and rating tokens (`PointwiseTemplate`).
     """
 
     functions: tuple[str, ...] = ("task",)
@@ -56,6 +62,9 @@ class RewardConfig:
     overlong_buffer: int = 4
     on_error: OnError = "raise"
     error_penalty: float = 0.0
+    judge: str | None = None
+    judge_tokenizer: str | None = None
+    judge_template: PointwiseTemplate = PointwiseTemplate()
     math_timeout_s: int = 5
 
     def __post_init__(self):
@@ -106,6 +115,15 @@ def _reward_model(ctx: RewardContext) -> RewardSource:
     return ctx.load_reward_model()
 
 
+def _judge(ctx: RewardContext) -> RewardSource:
+    if not ctx.rewards.judge:
+        raise ConfigError("rewards.functions includes 'judge' but rewards.judge is not set")
+    from rlhf_jax.train.rlaif import load_pointwise_judge  # noqa: PLC0415 -- loads a checkpoint
+
+    return load_pointwise_judge(ctx.rewards.judge, ctx.rewards.judge_template, tokenizer=ctx.rewards.judge_tokenizer,
+                                batch_size=ctx.rewards.reward_model_batch_size)
+
+
 REWARD_FUNCTIONS: dict[str, Callable[[RewardContext], RewardSource]] = {
     "task": _task,
     "reward_model": _reward_model,
@@ -115,6 +133,7 @@ REWARD_FUNCTIONS: dict[str, Callable[[RewardContext], RewardSource]] = {
     "math": lambda ctx: MathReward(timeout_s=ctx.rewards.math_timeout_s),
     "think_format": lambda ctx: PythonReward(think_answer_format, "think_format"),
     "answer_format": lambda ctx: PythonReward(answer_format, "answer_format"),
+    "judge": _judge,
 }
 
 

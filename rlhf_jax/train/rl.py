@@ -146,6 +146,8 @@ def check_rewards(config, hooks: Mapping[str, Any]) -> None:
             resolve_import(path)  # a path that does not resolve stops the run before any model is built
     if builtin and "reward_model" in config.rewards.functions and not config.rewards.reward_model:
         raise ConfigError("rewards.functions includes 'reward_model' but rewards.reward_model is not set")
+    if builtin and "judge" in config.rewards.functions and not config.rewards.judge:
+        raise ConfigError("rewards.functions includes 'judge' but rewards.judge is not set")
     value = getattr(config, "value", None)
     if value is not None and value.init == "reward_model" and not value.shared_backbone \
             and not config.rewards.reward_model:

@@ -33,13 +33,20 @@ from rlhf_jax.config import ConfigError, from_dict
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.models.hf import config_from_hf
 from rlhf_jax.rewards import RewardSource
-from rlhf_jax.rewards.judges import JudgeModel, PairwiseJudge, PairwiseTemplate, check_template
+from rlhf_jax.rewards.judges import (
+    JudgeModel,
+    PairwiseJudge,
+    PairwiseTemplate,
+    PointwiseJudge,
+    PointwiseTemplate,
+    check_template,
+)
 from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig, default_prompt_buckets
 from rlhf_jax.train.data import load_split, make_tokenizer, one_pass
 from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.weights import initial_params
 
-__all__ = ["JudgeConfig", "load_judge", "load_policy", "sample_completions", "label_pairs", "write_preferences",
+__all__ = ["JudgeConfig", "load_judge", "load_pointwise_judge", "load_policy", "sample_completions", "label_pairs", "write_preferences",
            "write_jsonl", "CritiqueTemplates", "TextGenerator", "critique_and_revise", "write_sft_rows"]
 
 
@@ -105,6 +112,14 @@ def load_judge(config: JudgeConfig, model_config: ModelConfig | None = None) -> 
     judge = JudgeModel(model, params, _tokenizer_of(config.model, config.tokenizer), batch_size=config.batch_size,
                        max_len=config.max_len)
     return PairwiseJudge(judge, config.template)
+
+
+def load_pointwise_judge(path: str, template: PointwiseTemplate = PointwiseTemplate(), *, tokenizer: str | None = None,
+                         batch_size: int = 32, max_len: int | None = None, name: str = "judge") -> PointwiseJudge:
+    """A `PointwiseJudge` (a reward source: expected rating) with its model read from `path`."""
+    model, params = load_policy(path, key="rewards.judge")
+    return PointwiseJudge(JudgeModel(model, params, _tokenizer_of(path, tokenizer), batch_size=batch_size,
+                                     max_len=max_len), template, name=name)
 
 
 # ------------------------------------------------------------------------------ sampling
