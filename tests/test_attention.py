@@ -137,3 +137,19 @@ def test_cudnn_without_cudnn_falls_back_to_xla():
     with pytest.warns(UserWarning, match="cuDNN attention unavailable .* using the XLA attention"):
         got = A.fused_attention(q, k, v, seg, impl="cudnn")
     np.testing.assert_array_equal(got, A.fused_attention(q, k, v, seg, impl="xla"))
+
+
+def test_splash_under_activation_sharding_runs_per_batch_shard():
+    """Inside a step's `activation_sharding` context (data parallel over 2 devices) the Pallas kernel,
+    which XLA cannot partition, runs on each device's rows (`jax.shard_map`): same values."""
+    from rlhf_jax import sharding as sh
+
+    q, k, v, _ = _qkv(jnp.float32)
+    seg, pos = jnp.asarray(SEGMENTS), jnp.asarray(POSITIONS)
+    mesh = sh.make_mesh({"data": 2}, devices=jax.devices()[:2])
+    assert sh.active_batch_split(B) is None
+    with sh.activation_sharding(mesh, "dp"):
+        assert sh.active_batch_split(B)[1] == ("data",) and sh.active_batch_split(3) is None
+        got = jax.jit(lambda q, k, v: A.fused_attention(q, k, v, seg, impl="splash"))(q, k, v)
+    expect = A.reference_attention(q, k, v, attention_mask(pos, seg))
+    assert _rel(got, expect) <= 1e-5
