@@ -16,6 +16,7 @@ pytrees and the data iterator's position) goes into each checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import signal
 import threading
@@ -181,10 +182,13 @@ def fit(
     Raises:
       TrainingHalted: a non-finite loss or gradient under `train.nonfinite="halt"`.
     """
-    if not is_main():  # process 0 alone logs, writes metrics files and shows progress
+    quiet = None
+    if not is_main():  # process 0 alone logs, writes metrics files, shows progress and prints messages
         logging = dataclasses.replace(logging, console=False, jsonl=False, tensorboard=False, wandb=False)
+        quiet = io.StringIO()  # the other processes' messages (evaluations, resuming, saving) are not shown
     logger = MetricsLogger(run.path, config=logging, total_steps=train.steps, start_step=start_step,
-                           keys=progress_keys, run_config=run_config, run_name=os.path.basename(run.path))
+                           keys=progress_keys, run_config=run_config, run_name=os.path.basename(run.path),
+                           stream=quiet)
     buffer = MetricsBuffer()
     last_eval: dict[str, float] = {}
     last_metrics: dict[str, float] = {}
