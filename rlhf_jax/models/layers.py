@@ -261,10 +261,13 @@ class Attention(nnx.Module):
             # Paged cache (rlhf_jax.models.paged): write through the block tables, read each row's view.
             pool_k = paged.paged_write(kv_cache.k, kv_cache.block_tables, cache_positions, k)
             pool_v = paged.paged_write(kv_cache.v, kv_cache.block_tables, cache_positions, v)
-            kv_cache = paged.PagedLayerKV(pool_k, pool_v, kv_cache.block_tables)
-            k = paged.paged_view(pool_k, kv_cache.block_tables).astype(dt)
-            v = paged.paged_view(pool_v, kv_cache.block_tables).astype(dt)
-            out = attention.reference_attention(q, k, v, mask, kv_axes="bksd")
+            kv_cache = kv_cache._replace(k=pool_k, v=pool_v)
+            if kv_cache.pool_mask is not None:
+                out = paged.pool_attention(q, pool_k.astype(dt), pool_v.astype(dt), kv_cache.pool_mask)
+            else:
+                k = paged.paged_view(pool_k, kv_cache.block_tables).astype(dt)
+                v = paged.paged_view(pool_v, kv_cache.block_tables).astype(dt)
+                out = attention.reference_attention(q, k, v, mask, kv_axes="bksd")
         elif kv_cache is not None:
             cache_k, cache_v = kv_cache
             # Row b's token t goes to slot cache_positions[b, t] (an in-place scatter in a loop).

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PagedKVCache", "PagedLayerKV", "paged_write", "paged_view"]
+__all__ = ["PagedKVCache", "PagedLayerKV", "paged_write", "paged_view", "pool_visibility", "pool_attention"]
 
 
 class PagedKVCache(NamedTuple):
@@ -37,11 +39,17 @@ class PagedKVCache(NamedTuple):
     Attributes:
       k, v: `[layers, kv_heads, num_blocks, block_size, head_dim]` (the last block is the trash block).
       block_tables: int32 `[B, W]` physical block of each row's logical block `0..W-1`.
+      pool_mask: optional bool `[B, num_blocks * block_size]` (single-token decode): which pool
+        positions each row's query sees (`pool_visibility`); attention then reads the whole pool as
+        one matmul operand (`pool_attention`) instead of gathering each row's view. On XLA:CPU the
+        gather (an indexed copy of `B x W x bs` positions per layer, k and v) costs several times a
+        dense cache read; the pool read is one dense matmul whose cost follows the pool size.
     """
 
     k: jax.Array
     v: jax.Array
     block_tables: jax.Array
+    pool_mask: jax.Array | None = None
 
     @property
     def block_size(self) -> int:
@@ -54,11 +62,12 @@ class PagedKVCache(NamedTuple):
 
 
 class PagedLayerKV(NamedTuple):
-    """One layer's pools `[kv_heads, num_blocks, bs, head_dim]` with the rows' block tables."""
+    """One layer's pools `[kv_heads, num_blocks, bs, head_dim]` with the rows' block tables (and pool mask)."""
 
     k: jax.Array
     v: jax.Array
     block_tables: jax.Array
+    pool_mask: jax.Array | None = None
 
 
 def paged_write(pool: jax.Array, tables: jax.Array, positions: jax.Array, new: jax.Array) -> jax.Array:
@@ -83,3 +92,34 @@ def paged_view(pool: jax.Array, tables: jax.Array) -> jax.Array:
     b, w = tables.shape
     view = pool[:, tables]                                  # [kv_heads, B, W, bs, D]
     return jnp.swapaxes(view, 0, 1).reshape(b, h, w * bs, d)
+
+
+def pool_visibility(tables: jax.Array, positions: jax.Array, num_blocks: int, block_size: int) -> jax.Array:
+    """bool `[B, num_blocks * bs]`: pool position `(n, o)` is row b's logical slot `w * bs + o` for the
+    `w` with `tables[b, w] = n`, and that slot is `<= positions[b]` (the query's position).
+
+    Blocks shared by several rows (a group's prompt) are visible to each; the trash block to none.
+    """
+    b, w = tables.shape
+    logical = jnp.full((b, num_blocks), -1, jnp.int32)
+    logical = logical.at[jnp.arange(b)[:, None], tables].set(jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w)))
+    logical = logical.at[:, num_blocks - 1].set(-1)                      # the trash block
+    slot = logical[:, :, None] * block_size + jnp.arange(block_size, dtype=jnp.int32)
+    return ((logical[:, :, None] >= 0) & (slot <= positions[:, None, None])).reshape(b, num_blocks * block_size)
+
+
+def pool_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, pool_mask: jax.Array) -> jax.Array:
+    """Attention of `q [B, 1, H, D]` over the whole pool `[kv_heads, N, bs, D]` under `pool_mask [B, N*bs]`.
+
+    The reference einsum's math (scores / sqrt(D), masked to the dtype's minimum, softmax in f32)
+    with the pool as the key/value operand shared by all rows; returns `[B, 1, H, D]`.
+    """
+    b, t, h, d = q.shape
+    hkv = pool_k.shape[0]
+    k = pool_k.reshape(hkv, -1, d)
+    v = pool_v.reshape(hkv, -1, d)
+    q = q.reshape(b, t, hkv, h // hkv, d)
+    scores = jnp.einsum("btkgd,kpd->kgbtp", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(pool_mask[None, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("kgbtp,kpd->btkgd", probs, v).reshape(b, t, h, d)

@@ -141,7 +141,7 @@ class Transformer(nnx.Module):
             if layer_weights is not None:
                 params = layer_weights(params)
             if tables is not None:  # a paged cache: this layer's pools read through the block tables
-                kv = PagedLayerKV(*kv, tables)
+                kv = PagedLayerKV(*kv, tables, cache.pool_mask)
             x = constrain_activations(x)  # batch-split residual stream under a step's sharding context
             x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions, ad,
                                                    None if key is None else (rate, key), segment_ids, prefill)
@@ -161,7 +161,10 @@ class Transformer(nnx.Module):
                 new_kv.append(kv)
             if cache is not None:
                 kv_stack = tuple(jnp.stack(parts) for parts in zip(*new_kv))
-        new_cache = None if cache is None else (KVCache(*kv_stack) if tables is None else PagedKVCache(*kv_stack, tables))
+        if cache is None:
+            new_cache = None
+        else:
+            new_cache = KVCache(*kv_stack) if tables is None else cache._replace(k=kv_stack[0], v=kv_stack[1])
 
         hidden = self.final_norm(x)
         logits = values = None

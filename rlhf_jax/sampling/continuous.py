@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.logprobs import token_logprobs
-from rlhf_jax.models.paged import PagedKVCache
+from rlhf_jax.models.paged import PagedKVCache, pool_visibility
 from rlhf_jax.sampling.decode import stack_layers
 from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP, sample_from_logits
 
@@ -244,11 +244,7 @@ class ContinuousBatcher:
         self.reserve_blocks = reserve_blocks
         self.max_completion = sampler.max_len
         self.shapes = dict(K=max_stop_ids, NS=max_stop_sequences, LS=max_stop_len)
-        widths, w = [], 4
-        while w < self.max_blocks:
-            widths.append(w)
-            w *= 2
-        self.view_widths = tuple(widths) + (self.max_blocks,)
+        self.view_widths = (self.max_blocks,)    # decode reads the whole pool (`pool_attention`)
         self.stats = ContinuousStats(num_blocks=self.num_blocks, block_size=block_size)
         self._key_shape = jax.random.key_data(jax.random.key(0)).shape
         self._names = tuple(f"{n}_cb{id(self)}_{part}" for n in sampler._names[:1] for part in ("segment", "admit"))
@@ -283,7 +279,8 @@ class ContinuousBatcher:
                 fresh = free_stack[jnp.clip(num_free - 1 - rank, 0, free_stack.shape[0] - 1)]
                 tables = tables.at[rows, logical].set(jnp.where(need, fresh, tables[rows, logical]))
                 num_free = num_free - jnp.sum(need)
-                cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables[:, :width])
+                visible = pool_visibility(tables, s.position, self.num_blocks + 1, bs)
+                cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables, visible)
                 out = model.forward(stack_layers(params), s.last_token[:, None], s.position[:, None], cache=cache)
                 logits = out.logits[:, 0]
                 keys = jax.random.wrap_key_data(s.keys)
