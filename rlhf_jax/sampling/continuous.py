@@ -16,6 +16,8 @@ Contract (stable; multi-turn rollouts build on it):
   (any of them ends a sample), `stop_sequences` (token-id sequences; a sample ends when its
   completion ends with one), `seed` (int or PRNG key; None: derived from the call's `rng` and the
   request's index). A completion holds its stop token/sequence, as `Sampler.generate` does.
+- `to_sample_output(requests, outputs)` packs them as the static call's `SampleOutput` (numpy rows,
+  a request's samples contiguous), what the RL trainer consumes.
 - `RequestOutput`: per sample `tokens` int32 `[L_j]`, `logprobs` float32 `[L_j]` (log softmax of the
   tempered, untruncated distribution, the trainer's `token_logprobs`), `finish_reasons` "stop" or
   "length"; outputs come back in request order whatever order they finished in.
@@ -67,7 +69,7 @@ from rlhf_jax.models.paged import PagedKVCache, pool_visibility
 from rlhf_jax.sampling.decode import stack_layers
 from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP, sample_from_logits
 
-__all__ = ["Request", "RequestOutput", "ContinuousStats", "ContinuousBatcher", "select_per_row"]
+__all__ = ["Request", "RequestOutput", "ContinuousStats", "ContinuousBatcher", "select_per_row", "to_sample_output"]
 
 GREEDY, CATEGORICAL, TOP_K, TOP_P, MIN_P = range(5)
 _KIND = {Greedy: GREEDY, Categorical: CATEGORICAL, TopK: TOP_K, TopP: TOP_P, MinP: MIN_P}
@@ -121,6 +123,38 @@ class RequestOutput:
     tokens: list[np.ndarray]
     logprobs: list[np.ndarray]
     finish_reasons: list[str]
+
+
+def to_sample_output(requests: Sequence[Request], outputs: Sequence[RequestOutput], *, pad_id: int = 0,
+                     max_new_tokens: int | None = None):
+    """Pack per-request outputs as the static call's `SampleOutput` (numpy), rows request-major.
+
+    Row `r` is sample `j` of request `i` in order (a request's samples contiguous, as GRPO groups);
+    prompts right-padded to the longest, completions to `max_new_tokens` (default: the longest
+    request's); `truncated` = finished by length. What the RL trainer consumes from `Sampler.generate`.
+    """
+    from rlhf_jax.sampling.state import SampleOutput
+
+    rows = [(req, out.tokens[j], out.logprobs[j], out.finish_reasons[j])
+            for req, out in zip(requests, outputs) for j in range(req.num_samples)]
+    width = max(len(r[0].prompt) for r in rows)
+    cols = max(r.max_new_tokens for r in requests) if max_new_tokens is None else max_new_tokens
+    n = len(rows)
+    prompts = np.full((n, width), pad_id, np.int32)
+    tokens = np.full((n, cols), pad_id, np.int32)
+    logps = np.zeros((n, cols), np.float32)
+    for r, (req, toks, lps, _) in enumerate(rows):
+        if len(toks) > cols:
+            raise ValueError(f"to_sample_output: row {r} has {len(toks)} tokens > max_new_tokens={cols}")
+        prompts[r, : len(req.prompt)] = req.prompt
+        tokens[r, : len(toks)] = toks
+        logps[r, : len(lps)] = lps
+    lengths = np.asarray([len(r[1]) for r in rows], np.int32)
+    return SampleOutput(
+        prompt_tokens=prompts, prompt_lengths=np.asarray([len(r[0].prompt) for r in rows], np.int32),
+        completion_tokens=tokens, completion_mask=np.arange(cols)[None, :] < lengths[:, None], logprobs=logps,
+        lengths=lengths, truncated=np.asarray([r[3] == "length" for r in rows]),
+    )
 
 
 @dataclasses.dataclass
@@ -219,16 +253,21 @@ class ContinuousBatcher:
       num_blocks: blocks in the pool (default: enough for every slot at `max_len`, i.e. no waiting).
       reserve_blocks: free blocks kept per running slot when admitting (fewer preemptions).
       max_stop_ids, max_stop_sequences, max_stop_len: capacity of the per-slot stop tables.
+      methods: "auto" compiles the segment for the sampling-method kinds present in a call (the sort of
+        top-k / top-p only when used); "all" compiles one segment program that serves every mix.
     """
 
     def __init__(self, sampler, *, num_slots: int = 16, block_size: int = 16, num_blocks: int | None = None,
                  reserve_blocks: int = 1, max_stop_ids: int = 8, max_stop_sequences: int = 4,
-                 max_stop_len: int = 8):
+                 max_stop_len: int = 8, methods: str = "auto"):
         for name, value, low in (("num_slots", num_slots, 1), ("block_size", block_size, 1),
                                  ("reserve_blocks", reserve_blocks, 0), ("max_stop_ids", max_stop_ids, 1),
                                  ("max_stop_sequences", max_stop_sequences, 1), ("max_stop_len", max_stop_len, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"ContinuousBatcher: {name} must be an int >= {low}, got {value!r}")
+        if methods not in ("auto", "all"):
+            raise ValueError(f"ContinuousBatcher: methods must be 'auto' or 'all', got {methods!r}")
+        self.methods = methods
         if sampler.mesh is not None:
             raise NotImplementedError("ContinuousBatcher: a Sampler with a mesh is not supported yet (one device)")
         self.sampler = sampler
@@ -399,7 +438,7 @@ class ContinuousBatcher:
             params = self.sampler.load_params(params)
         call_key = _as_key(rng)
         bs, trash, s_count = self.block_size, self.trash, self.num_slots
-        kinds = tuple(sorted({_KIND[type(r.method)] for r in requests}))
+        kinds = tuple(sorted({_KIND[type(r.method)] for r in requests})) if self.methods == "auto" else tuple(range(5))
         arrays = []
         for i, req in enumerate(requests):
             key = call_key if req.seed is None else _as_key(req.seed)

@@ -25,13 +25,10 @@ What the class adds to `rlhf_jax.sampling.decode`:
   sampler's mesh there, then one device-to-device copy of every shard (`jax.device_put`).
 - A deterministic key per call: an int seed or a PRNG key.
 
-Ready for continuous batching and a paged KV cache (not done here): the decode step already reads
-each row's own position and length, so a row could be refilled by prefilling a new prompt into its
-cache slot and resetting its `done`/`lengths`/`positions` between `decode_step` calls; the tokens
-column index would become per-row (`lengths`) instead of the shared `step`. A paged cache replaces
-the per-row `[kv_heads, S, head_dim]` buffers by a page pool plus a per-row page table, behind the
-same `positions` contract (slot = absolute position), and would let the `n` samples of a group
-share the prompt's pages instead of copying them.
+Continuous batching over a paged KV cache: `generate_requests(params, [Request(...), ...],
+num_slots=16)` (`rlhf_jax.sampling.continuous`): fixed decode slots refilled as requests end, one
+`Request` each with its own length, method and stops, a block pool with per-slot block tables and
+prefix sharing within a group.
 """
 
 from __future__ import annotations
