@@ -19,7 +19,17 @@ The synthetic vowel task (`rlhf_jax.data.synthetic.VowelTask`). Stages:
    pairs with gold labels (`tiny_stages.vowel_dpo`: sigmoid, beta 0.1, chosen NLL weight 1, 100 steps).
 
 Acceptance: judge agreement with gold >= `MIN_AGREEMENT` (0.85) on held-out pairs; RLAIF DPO's
-held-out gold gain over the SFT policy >= `MIN_GAIN_RATIO` (0.8) x the gold-labelled DPO's.
+held-out gold gain over the SFT policy >= `MIN_GAIN_RATIO` (0.8) x the gold-labelled DPO's (gold of
+samples on 128 held-out prompts, one fixed key).
+
+Our run (`results.json`; about 12 min on the shared 2-core CPU with the policy SFT skipped): the
+judge (300 SFT steps, held-out answer-token loss 0.017) agrees with gold on 99.4% of 512 held-out
+pairs, with position-swap consistency 0.990 and position bias +0.001 (mean P(slot A wins) - 1/2);
+on the 8192 DPO pairs it agrees on 99.2% (consistency 0.980; the 8030 consistent pairs kept agree
+on 99.6%). From the SFT policy's 0.478, gold-labelled DPO gains +0.298 and RLAIF DPO +0.276:
+ratio 0.93. (Another run with the judge's eval and DPO's on 64 prompts: ratio 0.89; with an 800-step
+judge, 0.98.) A judge trained for only 60 steps answers the same letter whatever the order (every
+pair inconsistent, nothing kept): `main` stops with that message.
 Results: `runs/rlaif_tiny/results.json` and `results.png` (judge SFT loss; both DPO runs' gold reward).
 """
 
@@ -84,8 +94,9 @@ def get_config(arg: str | None = None) -> RLAIFTinyConfig:
                               decay_steps=steps - 20, end_learning_rate_ratio=0.1, weight_decay=0.0),
         train=TrainConfig(steps=steps, eval_every=50, eval_batches=4),
         checkpoint=CheckpointConfig(every=0, keep=1), logging=tiny.LOG)
-    return RLAIFTinyConfig(sft=tiny.sft_tiny("rlaif_tiny_sft"), judge_sft=judge,
-                           dpo=tiny.vowel_dpo("rlaif_tiny_dpo", DPO(loss_type="sigmoid", beta=0.1, nll_weight=1.0)))
+    policy_dpo = tiny.vowel_dpo("rlaif_tiny_dpo", DPO(loss_type="sigmoid", beta=0.1, nll_weight=1.0))
+    policy_dpo = dataclasses.replace(policy_dpo, sampling=dataclasses.replace(policy_dpo.sampling, num_prompts=128))
+    return RLAIFTinyConfig(sft=tiny.sft_tiny("rlaif_tiny_sft"), judge_sft=judge, dpo=policy_dpo)
 
 
 def judge_rows(pairs: list[dict]) -> list[dict]:
@@ -128,6 +139,9 @@ def main(config: RLAIFTinyConfig) -> dict:
     dpo_pairs = task.preference_rows(config.dpo.data.num_train, seed=config.dpo.data.seed)
     labelled, label_metrics = label_pairs(judge, dpo_pairs, gold=gold)
     kept = [r for r in labelled if r["judge_consistent"]] if CONSISTENT_ONLY else labelled
+    if not kept:  # a judge with a pure position bias answers the same letter in both orders
+        raise RuntimeError(f"rlaif_tiny: the judge's two orders disagree on every pair (position consistency "
+                           f"{label_metrics['judge/position_consistency']:.3f}); train it longer (judge_sft.train.steps)")
     rlaif_file = write_preferences(os.path.join(work, "rlaif_pairs.jsonl"), kept)
 
     policy = config.sft_checkpoint or checkpoints(work, "sft")
