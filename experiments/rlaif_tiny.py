@@ -27,8 +27,8 @@ judge (300 SFT steps, held-out answer-token loss 0.017) agrees with gold on 99.4
 pairs, with position-swap consistency 0.990 and position bias +0.001 (mean P(slot A wins) - 1/2);
 on the 8192 DPO pairs it agrees on 99.2% (consistency 0.980; the 8030 consistent pairs kept agree
 on 99.6%). From the SFT policy's 0.478, gold-labelled DPO gains +0.298 and RLAIF DPO +0.276:
-ratio 0.93. (Another run with the judge's eval and DPO's on 64 prompts: ratio 0.89; with an 800-step
-judge, 0.98.) A judge trained for only 60 steps answers the same letter whatever the order (every
+ratio 0.93. (Earlier runs scoring the DPO policies on 64 prompts: ratio 0.89 with this judge, 0.98
+with an 800-step judge.) A judge trained for only 60 steps answers the same letter whatever the order (every
 pair inconsistent, nothing kept): `main` stops with that message.
 Results: `runs/rlaif_tiny/results.json` and `results.png` (judge SFT loss; both DPO runs' gold reward).
 """
