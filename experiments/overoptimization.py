@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> OverOptimizationConfig:
 def _curve(run_dir: str) -> dict[str, list[float]]:
     records = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "eval/gold_reward" in r]
     return {"step": [r["step"] for r in records], "gold": [r["eval/gold_reward"] for r in records],
-            "proxy": [r["eval/reward"] for r in records], "kl": [r["eval/kl"] for r in records]}
+            "proxy": [r["eval/reward"] for r in records], "kl": [r.get("eval/kl", float("nan")) for r in records]}
 
 
 def bon_shape(gold: np.ndarray, saturation: float) -> str:

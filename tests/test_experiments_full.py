@@ -47,3 +47,27 @@ def test_dpo_tiny_raises_gold_reward_over_the_sft_policy(tmp_path):
     assert results["gold_reward_gain"] >= results["gold_margin_required"] == 0.1
     assert results["final_gold_win_rate_vs_sft"] > 0.5
     assert results["passed"]
+
+
+def test_grpo_gsm8k_tiny_math_reward_raises_heldout_accuracy(tmp_path):
+    _run("grpo_gsm8k_tiny", tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["accuracy_after"] >= results["accuracy_before"] + results["margin"] and results["passed"]
+    first = json.loads((tmp_path / "data" / "train.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"question", "answer"} and "\n#### " in first["answer"]
+
+
+def test_prm_tiny_step_accuracy_and_best_of_16_beats_the_outcome_rm(tmp_path):
+    _run("prm_tiny", tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["prm_step_accuracy"] >= 0.9
+    acc = results["final_answer_accuracy"]
+    assert acc["prm_min"] > acc["orm"] and all(results["passed"].values())
+
+
+def test_overoptimization_best_of_n_gold_rises_then_falls_or_saturates(tmp_path):
+    _run("overoptimization", tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["best_of_n_gold_shape"] in ("rises then falls", "rises then saturates")
+    assert set(results["best_of_n_fit"]["gold"]) >= {"alpha", "beta", "r2"}
+    assert (tmp_path / "results.png").exists()

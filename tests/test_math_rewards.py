@@ -209,3 +209,38 @@ def test_gsm8k_and_math_rows_are_prompt_rows():
     assert math_row.prompt.prompt == "Compute $1+1$." and set(math_row.columns) == {"solution", "level"}
     with pytest.raises(formats.DataError, match="data.jsonl.*line 3.*missing column 'prompt'"):
         formats.parse_row({"answer": "3"}, "prompt", ref)
+
+
+def test_grpo_reads_a_gsm8k_file_and_logs_the_math_checker_counts(tmp_path):
+    """The driver path: a GSM8K-format JSONL as RL prompts, reward "math" by name, two GRPO steps;
+    the checker's counters are logged every step and held-out accuracy is `eval/reward`.
+    (Learning on such a file: experiments/grpo_gsm8k_tiny.py, tests/test_experiments_full.py.)"""
+    import json
+
+    from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
+    from rlhf_jax.steps import grpo_config
+    from rlhf_jax.testing import tiny_config
+    from rlhf_jax.train import rl
+    from rlhf_jax.train.rollouts import RolloutConfig
+    from rlhf_jax.train.run_config import DataConfig as RunData
+
+    rows = [{"question": f"Ann has {a} pens and gets {b} more. How many pens?",
+             "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b} pens.\n#### {a + b}"} for a in range(4) for b in range(4)]
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = rl.GRPORunConfig(
+        name="gsm", workdir=str(tmp_path / "run"),
+        model=tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, head_dim=16),
+        data=RunData(train=str(path), eval=str(path), max_len=56, max_prompt_len=48, batch_size=8),
+        algorithm=grpo_config("grpo", group_size=2), rollout=RolloutConfig(max_new_tokens=4),
+        rewards=RewardConfig(functions=("math", "answer_format")),
+        train=TrainConfig(steps=2, eval_every=2, eval_batches=1), checkpoint=CheckpointConfig(every=0, keep=1),
+        logging=LoggingConfig(every=1, tensorboard=False))
+    summary = rl.train(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "rewards/math/mean" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["rewards/math/failures"] == 0 and r["rewards/math/timeouts"] == 0
+        assert 0 <= r["rewards/math/mean"] <= 1 and "rewards/answer_format/mean" in r
+    assert 0 <= summary["eval"]["eval/reward"] <= 2
