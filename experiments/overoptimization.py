@@ -23,6 +23,13 @@ Writes `results.json` (curves, fitted coefficients with R^2 and the fitted peaks
 best-of-n gold curve: "rises then falls" or "rises then saturates") and `results.png` (gold and
 proxy vs sqrt(KL) for best-of-n and RL with the fitted curves; gold vs n). Asserts that the gold
 reward of best-of-n rises then falls or saturates, as the paper reports.
+
+Measured on a CPU (one device, 128 held-out prompts x 64 samples): best-of-n gold 0.467 (n=1) ->
+peak 0.858 (n=32) -> 0.835 (n=64), "rises then falls", while the proxy keeps rising (0.95 -> 3.00);
+fit R_bon: alpha 0.400, beta 0.102 (R^2 0.987, peak at sqrt(KL) 1.96). PPO at beta 0.001: gold
+0.455 -> peak 0.718 (sqrt(KL) 1.6) -> 0.209 (sqrt(KL) 4.5); fit R_RL: alpha 0.229, beta 0.189 (R^2
+0.967). Rejection-sampling fine-tuning with n=16 (30 steps): gold 0.455 -> 0.695, below best-of-16
+at inference (0.841) at a fraction of its sampling cost at test time.
 """
 
 from __future__ import annotations
