@@ -2,6 +2,7 @@
 and short runs (a judge ranking two samples per prompt; two rounds of iterative DPO)."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -107,6 +108,10 @@ def test_online_dpo_with_a_pairwise_judge_runs_and_logs_trl_metrics(start, tmp_p
     assert first["beta"] == 0.1 and first["objective/entropy"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RLHF_JAX_FULL_EXPERIMENTS") != "1",
+                    reason="two rounds compile two samplers and two DPO steps (~20 s CPU): opt-in with "
+                           "RLHF_JAX_FULL_EXPERIMENTS=1")
 def test_iterative_dpo_two_rounds(start, tmp_path):
     task_gold = DataConfig().vowel.gold_reward
     base = dpo.DPOConfig(
