@@ -114,9 +114,10 @@ def test_compile_accepts_every_experiment_module(capsys):
     assert cli_main(["compile", os.path.join(ROOT, "experiments", "grpo_tiny.py") + ":dr_grpo"]) == 0
     out = capsys.readouterr().out
     assert "== sft ==" in out and "== grpo ==" in out and out.count("verdict: FITS") == 2
-    # Every program of the RL run is planned (issue 18).
-    for program in ("update step", "weight hand-off", "sampler prefill", "sampler decode loop", "reference log-probs"):
+    # Every program of the RL run is planned (issue 18; Dr. GRPO has no KL term, so no reference pass).
+    for program in ("update step", "weight hand-off", "sampler prefill", "sampler decode loop"):
         assert f"-- {program}" in out, program
+    assert "-- reference log-probs" not in out
 
 
 def test_stages_resolve_references_and_reject_unknown_ones(tmp_path):
