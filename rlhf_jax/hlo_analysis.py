@@ -174,17 +174,48 @@ def _windowed_kind(comp: str) -> str | None:
     return None if m is None else m.group(1)
 
 
-def _trip_from_condition(instrs) -> int | None:
-    """The trip count of a loop `for (i = 0; i < N; ++i)` from its condition: `compare(i, constant N), LT`."""
-    constants = {}
+def _constants(instrs) -> dict[str, int]:
+    out = {}
     for i in instrs:
         if i.opcode == "constant":
             m = re.match(r"\s*(-?\d+)\)", i.attrs_raw)
             if m:
-                constants[i.name] = int(m.group(1))
-    for i in reversed(list(instrs)):
+                out[i.name] = int(m.group(1))
+    return out
+
+
+def _tuple_index(instr) -> int | None:
+    m = re.search(r"\bindex=(\d+)", instr.attrs)
+    return None if m is None else int(m.group(1))
+
+
+def _trip_from_condition(cond, body=()) -> int | None:
+    """The trip count of `for (i = 0; i < N; i += s)` from its condition (`compare(i, N), LT`) and body.
+
+    The step `s` is the constant the body adds to the same tuple element (1 when none is found).
+    """
+    constants = _constants(cond)
+    by_name = {i.name: i for i in cond}
+    for i in reversed(list(cond)):
         if i.opcode == "compare" and "direction=LT" in i.attrs and len(i.operands) == 2 and i.operands[1] in constants:
-            return constants[i.operands[1]] if constants[i.operands[1]] > 0 else None
+            n = constants[i.operands[1]]
+            if n <= 0:
+                return None
+            counter = by_name.get(i.operands[0])
+            k = _tuple_index(counter) if counter is not None and counter.opcode == "get-tuple-element" else None
+            step = 1
+            if k is not None and body:
+                body_constants = _constants(body)
+                body_by_name = {b.name: b for b in body}
+                for b in body:
+                    if b.opcode != "add" or len(b.operands) != 2:
+                        continue
+                    x, y = (body_by_name.get(o) for o in b.operands)
+                    for g, c in ((x, b.operands[1]), (y, b.operands[0])):
+                        if g is not None and g.opcode == "get-tuple-element" and _tuple_index(g) == k \
+                                and c in body_constants and body_constants[c] > 0:
+                            step = body_constants[c]
+            return -(-n // step)
     return None
 
 
@@ -246,7 +277,8 @@ def analyze_hlo(text: str, *, xla_flops: float | None = None, loop_trips: Mappin
                     m = _TRIP.search(instr.attrs)
                     cond = next((n for k, n in _callees(instr) if k == "condition"), None)
                     n = (int(m.group(1)) if m else loop_trips.get(callee)
-                         or _trip_from_condition(computations.get(cond, ())) or unknown_trip_count)
+                         or _trip_from_condition(computations.get(cond, ()), computations.get(callee, ()))
+                         or unknown_trip_count)
                     trips[callee] = n
                     edges[c].append((callee, n or 1, "body"))
                 elif kind == "condition":
