@@ -23,12 +23,12 @@ sequences to 1024), and malformed rows are skipped and reported (`data.on_error=
 
 Recipe (TRL's DPO defaults for this model size): sigmoid loss, beta 0.1, learning rate 5e-7 with 10%
 linear warm-up and linear decay, 64 pairs per step, one epoch of the 61k training pairs (about 950
-steps), float32 parameters with bfloat16 compute, every layer rematerialized, log-probs from the
-LM head 256 tokens at a time (151,936-entry vocabulary), FSDP over every device. On v5e:2x4 each
-chip holds 0.92 GiB of weights, Adam moments and reference; without remat the update needs 19.9 GiB
-and without the chunked LM head the held-out and reference passes need 18.9 GiB of the 15.75 GiB a
-v5e chip offers; with them the run peaks at 2.59 GiB per chip (`rlhf-jax compile` prints all three). It shows the DPO family
-at real size: held-out `eval/rewards/accuracies` rising above chance (0.5) and
+steps), float32 parameters with bfloat16 compute, every layer rematerialized, log-probs from the LM
+head 256 tokens at a time (151,936-entry vocabulary), FSDP over every device. On v5e:2x4 each chip
+holds 0.92 GiB of weights, Adam moments and reference; without remat the update needs 19.9 GiB and
+without the chunked LM head the held-out and reference passes need 18.9 GiB of the 15.75 GiB a v5e
+chip offers; with them the run peaks at 2.59 GiB per chip (`rlhf-jax compile` prints all three). It
+shows the DPO family at real size: held-out `eval/rewards/accuracies` rising above chance (0.5) and
 `eval/rewards/margins` growing. CI checks this config with `jax.eval_shape` at full size and an
 ahead-of-time compile at reduced size on a CPU mesh (tests/test_experiments.py).
 """
