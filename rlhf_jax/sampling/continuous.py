@@ -259,7 +259,7 @@ class ContinuousBatcher:
 
     def __init__(self, sampler, *, num_slots: int = 16, block_size: int = 16, num_blocks: int | None = None,
                  reserve_blocks: int = 1, max_stop_ids: int = 8, max_stop_sequences: int = 4,
-                 max_stop_len: int = 8, methods: str = "auto"):
+                 max_stop_len: int = 8, methods: str = "auto", attention: str = "pool"):
         for name, value, low in (("num_slots", num_slots, 1), ("block_size", block_size, 1),
                                  ("reserve_blocks", reserve_blocks, 0), ("max_stop_ids", max_stop_ids, 1),
                                  ("max_stop_sequences", max_stop_sequences, 1), ("max_stop_len", max_stop_len, 1)):
@@ -268,6 +268,9 @@ class ContinuousBatcher:
         if methods not in ("auto", "all"):
             raise ValueError(f"ContinuousBatcher: methods must be 'auto' or 'all', got {methods!r}")
         self.methods = methods
+        if attention not in ("pool", "gather"):
+            raise ValueError(f"ContinuousBatcher: attention must be 'pool' or 'gather', got {attention!r}")
+        self.attention = attention
         if sampler.mesh is not None:
             raise NotImplementedError("ContinuousBatcher: a Sampler with a mesh is not supported yet (one device)")
         self.sampler = sampler
@@ -283,7 +286,11 @@ class ContinuousBatcher:
         self.reserve_blocks = reserve_blocks
         self.max_completion = sampler.max_len
         self.shapes = dict(K=max_stop_ids, NS=max_stop_sequences, LS=max_stop_len)
-        self.view_widths = (self.max_blocks,)    # decode reads the whole pool (`pool_attention`)
+        widths, w = [], 4
+        while w < self.max_blocks and attention == "gather":
+            widths.append(w)
+            w *= 2
+        self.view_widths = tuple(widths) + (self.max_blocks,)   # "pool": decode reads the whole pool
         self.stats = ContinuousStats(num_blocks=self.num_blocks, block_size=block_size)
         self._key_shape = jax.random.key_data(jax.random.key(0)).shape
         self._names = tuple(f"{n}_cb{id(self)}_{part}" for n in sampler._names[:1] for part in ("segment", "admit"))
@@ -318,8 +325,11 @@ class ContinuousBatcher:
                 fresh = free_stack[jnp.clip(num_free - 1 - rank, 0, free_stack.shape[0] - 1)]
                 tables = tables.at[rows, logical].set(jnp.where(need, fresh, tables[rows, logical]))
                 num_free = num_free - jnp.sum(need)
-                visible = pool_visibility(tables, s.position, self.num_blocks + 1, bs)
-                cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables, visible)
+                if self.attention == "pool":
+                    visible = pool_visibility(tables, s.position, self.num_blocks + 1, bs)
+                    cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables, visible)
+                else:
+                    cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables[:, :width])
                 out = model.forward(stack_layers(params), s.last_token[:, None], s.position[:, None], cache=cache)
                 logits = out.logits[:, 0]
                 keys = jax.random.wrap_key_data(s.keys)
@@ -458,6 +468,7 @@ class ContinuousBatcher:
         free = list(range(self.num_blocks - 1, -1, -1))     # a stack: free[-1] is taken first
         position = np.zeros((s_count,), np.int64)
         order = 0
+        hold_admission = False     # after a preemption, admit again only once a sample has finished
         state = self._empty_state()
         p = params.tree
 
@@ -482,9 +493,12 @@ class ContinuousBatcher:
             own = -(-length // bs) - shared
             needed = shared + n * own
             running = s_count - len(open_slots)
-            if len(open_slots) < n:
+            if len(open_slots) < n or (running and hold_admission):
                 return False
-            if len(free) < needed + (self.reserve_blocks * (running + n) if running else 0):
+            # Blocks the running slots take at their next step stay free (else the newcomer stalls them).
+            upcoming = sum(1 for i in range(s_count) if slots[i] is not None
+                           and tables[i, min(position[i] // bs, self.max_blocks - 1)] == trash)
+            if len(free) < needed + (upcoming + self.reserve_blocks * (running + n) if running else 0):
                 if not running:
                     raise RuntimeError(f"generate_requests: request {entry.req} needs {needed} KV blocks; the "
                                        f"pool has {self.num_blocks}")
@@ -565,6 +579,7 @@ class ContinuousBatcher:
             position[:] = pos
             stats.peak_blocks_in_use = max(stats.peak_blocks_in_use, self.num_blocks - len(free))
             if finished.any():
+                hold_admission = False
                 out_tokens, out_logps = jax.device_get((state.out_tokens, state.out_logps))
                 for slot in np.flatnonzero(finished):
                     req_i, j, prefix, prefix_lp, _ = slots[slot]
@@ -591,6 +606,7 @@ class ContinuousBatcher:
                 state = state.replace(active=state.active.at[victim].set(False))
                 waiting.appendleft(Entry(req_i, (j,), toks, lps))
                 stats.preemptions += 1
+                hold_admission = True
 
         outputs = []
         for row in results:

@@ -1,0 +1,184 @@
+"""Continuous batching over a paged KV cache against the static sampler, request by request."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models import CausalLM
+from rlhf_jax.models.paged import PagedKVCache, pool_visibility
+from rlhf_jax.sampling import Categorical, Greedy, MinP, Request, Sampler, TopK, TopP
+from rlhf_jax.testing import tiny_config
+
+MAX_NEW = 14
+BLOCK = 4
+rng = np.random.default_rng(3)
+PROMPTS = [rng.integers(4, 250, size=int(n)).tolist() for n in (7, 2, 5, 11, 3, 8, 6, 4)]
+LENGTHS = [14, 3, 9, 1, 12, 6, 14, 2]
+# One batcher for every test (one segment program for all method mixes): 8 slots, 12 blocks of 4
+# positions, so requests wait for blocks and some are preempted.
+POOL = dict(num_slots=8, block_size=BLOCK, num_blocks=12, reserve_blocks=0, methods="all")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return CausalLM(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def params(lm):
+    return lm.init(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def sampler(lm):
+    return Sampler(lm, max_len=32, prompt_buckets=(8, 16), pad_id=0)
+
+
+@pytest.fixture(scope="module")
+def sp(sampler, params):
+    return sampler.load_params(params)
+
+
+@pytest.fixture(scope="module")
+def static_greedy(sampler, sp):
+    """Each prompt alone through the static call: greedy tokens and log-probs of MAX_NEW steps."""
+    out = []
+    for prompt in PROMPTS:
+        o = sampler.generate(sp, [prompt], max_new_tokens=MAX_NEW, method=Greedy())
+        out.append((np.asarray(o.completion_tokens[0]), np.asarray(o.logprobs[0])))
+    return out
+
+
+def test_paged_forward_equals_dense_cache(lm, params):
+    """Prefill + one decode step through scrambled block tables (gathered views, or the whole pool
+    under a visibility mask) give the dense cache's logits and hold its keys."""
+    c = lm.config
+
+    @jax.jit
+    def both(params):
+        tokens = jnp.asarray([[5, 9, 33, 2, 70, 1], [8, 8, 40, 0, 0, 0]], jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+        pool = jnp.zeros((c.num_layers, c.num_kv_heads, 9, BLOCK, c.head_dim))
+        tables = jnp.asarray([[6, 1, 3], [0, 7, 2]], jnp.int32)        # 3 blocks x 4 = 12 slots per row
+        step, at = jnp.asarray([[11], [4]], jnp.int32), jnp.asarray([[6], [3]], jnp.int32)
+        d1 = lm.forward(params, tokens, pos, cache=lm.init_cache(2, 12))
+        p1 = lm.forward(params, tokens, pos, cache=PagedKVCache(pool, pool, tables))
+        d2 = lm.forward(params, step, at, cache=d1.cache)
+        p2 = lm.forward(params, step, at, cache=p1.cache)
+        # The decode path: the whole pool under each row's visibility mask.
+        p3 = lm.forward(params, step, at, cache=p1.cache._replace(pool_mask=pool_visibility(tables, at[:, 0], 9, BLOCK)))
+        # Row 0's logical slots 0..6 as the dense cache holds them, read back through its table.
+        view = p2.cache.k[:, :, tables[0]].reshape(c.num_layers, c.num_kv_heads, 12, c.head_dim)
+        return d1.logits, p1.logits, d2.logits, p2.logits, p3.logits, d2.cache.k[:, 0, :, :7], view[:, :, :7]
+
+    d1, p1, d2, p2, p3, dense_k, paged_k = both(params)
+    np.testing.assert_allclose(p1, d1, atol=1e-6)
+    np.testing.assert_allclose(p2, d2, atol=1e-6)
+    np.testing.assert_allclose(p3, d2, atol=1e-6)
+    np.testing.assert_allclose(paged_k, dense_k, atol=1e-6)
+
+
+def test_greedy_equals_static_alone_with_waits_and_preemption(sampler, sp, static_greedy):
+    requests = [Request(prompt=p, max_new_tokens=n, method=Greedy()) for p, n in zip(PROMPTS, LENGTHS)]
+    before = None
+    for call in range(2):
+        outs = sampler.generate_requests(sp, requests, **POOL)
+        stats = sampler.continuous_stats()
+        for i, (out, (tokens, logps)) in enumerate(zip(outs, static_greedy)):
+            n = LENGTHS[i]
+            np.testing.assert_array_equal(out.tokens[0], tokens[:n], err_msg=f"request {i}")
+            np.testing.assert_allclose(out.logprobs[0], logps[:n], atol=1e-5, err_msg=f"request {i}")
+            assert out.finish_reasons == ["length"]
+        assert stats.preemptions >= 1 and stats.peak_blocks_in_use <= 12
+        assert stats.useful_tokens == sum(LENGTHS)
+        assert stats.host_round_trips <= len(PROMPTS) + stats.preemptions + 4
+        if call == 0:
+            before = sampler.num_compiled()
+    assert sampler.num_compiled() == before          # no recompilation on a second call
+
+
+def test_stop_ids_and_sequences(sampler, sp, static_greedy):
+    tokens = static_greedy[0][0]
+    requests = [
+        Request(prompt=PROMPTS[0], max_new_tokens=MAX_NEW, method=Greedy(), stop_ids=(int(tokens[4]),)),
+        Request(prompt=PROMPTS[0], max_new_tokens=MAX_NEW, method=Greedy(),
+                stop_sequences=((999,), tuple(int(t) for t in tokens[5:8]))),
+    ]
+    first_stop = int(np.flatnonzero(tokens == tokens[4])[0])
+    first_seq = next(i for i in range(2, MAX_NEW) if tokens[i - 2: i + 1].tolist() == tokens[5:8].tolist())
+    outs = sampler.generate_requests(sp, requests, **POOL)
+    np.testing.assert_array_equal(outs[0].tokens[0], tokens[: first_stop + 1])
+    np.testing.assert_array_equal(outs[1].tokens[0], tokens[: first_seq + 1])
+    assert outs[0].finish_reasons == outs[1].finish_reasons == ["stop"]
+
+
+METHODS = [Categorical(temperature=0.8), TopK(k=5), TopP(p=0.9, temperature=1.2), MinP(p=0.1), Greedy(),
+           Categorical(), TopK(k=3, temperature=0.5), TopP(p=0.5)]
+
+
+def _sampled_requests():
+    return [Request(prompt=p, max_new_tokens=n, method=m, seed=100 + i)
+            for i, (p, n, m) in enumerate(zip(PROMPTS, LENGTHS, METHODS))]
+
+
+def test_sampling_keyed_by_request(sampler, sp):
+    """Same seeds -> same completions for any slot count, arrival order or split into calls; and the
+    static call with that seed draws the same tokens."""
+    requests = _sampled_requests()
+    base = sampler.generate_requests(sp, requests, **POOL)
+    order = [5, 2, 7, 0, 3, 6, 1, 4]
+    shuffled = sampler.generate_requests(sp, [requests[i] for i in order], **POOL)
+    halves = (sampler.generate_requests(sp, requests[4:], **POOL)
+              + sampler.generate_requests(sp, requests[:4], **POOL))
+    narrow = sampler.generate_requests(sp, requests, **{**POOL, "num_slots": 3})
+    for i in range(len(requests)):
+        for other in (shuffled[order.index(i)], halves[(i + 4) % 8], narrow[i]):
+            np.testing.assert_array_equal(other.tokens[0], base[i].tokens[0], err_msg=f"request {i}")
+            np.testing.assert_allclose(other.logprobs[0], base[i].logprobs[0], atol=1e-5)
+    for i in (2,):   # TopP at T=1.2: the static call's draws
+        ref = sampler.generate(sp, [PROMPTS[i]], max_new_tokens=LENGTHS[i], method=METHODS[i], rng=100 + i)
+        np.testing.assert_array_equal(base[i].tokens[0], np.asarray(ref.completion_tokens[0]))
+        np.testing.assert_allclose(base[i].logprobs[0], np.asarray(ref.logprobs[0]), atol=1e-5)
+
+
+def test_group_shares_prompt_blocks(sampler, sp):
+    """8 samples of a 9-token prompt: its 2 full blocks held once, plus per sample the block where
+    decoding starts: 2 + 8 = 10 blocks (24 unshared, more than the pool's 12). Completions = the static
+    call's group."""
+    prompt = PROMPTS[5] + [17]                                          # 9 tokens
+    req = Request(prompt=prompt, max_new_tokens=3, method=Categorical(), num_samples=8, seed=5)
+    out = sampler.generate_requests(sp, [req], **POOL)
+    stats = sampler.continuous_stats()
+    assert stats.peak_blocks_in_use == 2 + 8 and stats.preemptions == 0
+    ref = sampler.generate(sp, [prompt], max_new_tokens=3, method=Categorical(), num_samples=8, rng=5)
+    for j in range(8):
+        np.testing.assert_array_equal(out[0].tokens[j], np.asarray(ref.completion_tokens[j]))
+        np.testing.assert_allclose(out[0].logprobs[j], np.asarray(ref.logprobs[j]), atol=1e-5)
+    assert len({tuple(t) for t in out[0].tokens}) > 1
+
+
+def test_request_errors(sampler, sp):
+    with pytest.raises(ValueError, match="request 1: prompt of 30 tokens"):
+        sampler.generate_requests(sp, [Request(prompt=[5], max_new_tokens=2),
+                                       Request(prompt=[5] * 30, max_new_tokens=8)], **POOL)
+    with pytest.raises(ValueError, match="num_samples=9 exceeds num_slots=8"):
+        sampler.generate_requests(sp, [Request(prompt=[5], max_new_tokens=2, num_samples=9)], **POOL)
+    with pytest.raises(ValueError, match="Request.max_new_tokens"):
+        Request(prompt=[5], max_new_tokens=0)
+
+
+def test_to_sample_output_packs_rows_like_the_static_call():
+    from rlhf_jax.sampling.continuous import RequestOutput, to_sample_output
+
+    reqs = [Request(prompt=[7, 8, 9], max_new_tokens=4, num_samples=2), Request(prompt=[5], max_new_tokens=3)]
+    outs = [RequestOutput(tokens=[np.asarray([4, 2]), np.asarray([6, 6, 6, 6])],
+                          logprobs=[np.asarray([-1.0, -2.0]), np.asarray([-0.5] * 4)], finish_reasons=["stop", "length"]),
+            RequestOutput(tokens=[np.asarray([9])], logprobs=[np.asarray([-3.0])], finish_reasons=["stop"])]
+    so = to_sample_output(reqs, outs, pad_id=0)
+    np.testing.assert_array_equal(so.prompt_tokens, [[7, 8, 9], [7, 8, 9], [5, 0, 0]])
+    np.testing.assert_array_equal(so.completion_tokens, [[4, 2, 0, 0], [6, 6, 6, 6], [9, 0, 0, 0]])
+    np.testing.assert_array_equal(so.completion_mask.sum(1), [2, 4, 1])
+    np.testing.assert_array_equal(so.logprobs[0], [-1.0, -2.0, 0, 0])
+    np.testing.assert_array_equal(so.truncated, [False, True, False])
+    np.testing.assert_array_equal(so.prompt_lengths, [3, 3, 1])
