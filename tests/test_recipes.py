@@ -141,6 +141,19 @@ def test_a_later_stage_data_error_is_reported_before_the_first_stage_trains(tmp_
     assert not (tmp_path / "sft").exists()  # nothing trained
 
 
+def test_a_later_stage_bad_row_keeps_its_error_class_and_line(tmp_path):
+    from rlhf_jax.data.formats import DataError
+    from rlhf_jax.train.stages import run_stages
+
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"}\n')
+    bad = dataclasses.replace(tiny_stages.vowel_dpo(), data=dataclasses.replace(
+        tiny_stages.vowel_dpo().data, train=str(path), eval=None, on_error="raise"))
+    with pytest.raises(DataError, match=r"stage 'dpo': .*prefs.jsonl.*2"):
+        run_stages(str(tmp_path), [Stage("sft", tiny_stages.vowel_sft()), Stage("dpo", bad, init_from="sft")])
+    assert not (tmp_path / "sft").exists()
+
+
 def _dpo_losses(tmp_path, name, *, data=None, **changes):
     config = tiny_stages.vowel_dpo(name, steps=3)
     data = data or dataclasses.replace(config.data, batch_size=8, num_train=64, eval=None)

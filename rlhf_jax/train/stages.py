@@ -103,7 +103,9 @@ def check_stages(stages: Sequence[Stage]) -> None:
             else:
                 recipe.load_data(config)
         except (ValueError, FileNotFoundError) as e:
-            raise type(e)(f"stage {stage.name!r}: {e}") from None
+            # Prefix the message in place: error classes such as DataError take other constructor args.
+            e.args = (f"stage {stage.name!r}: {e}",)
+            raise e from None
         produced.add(os.path.join(config.run_dir, "checkpoints"))
 
 
