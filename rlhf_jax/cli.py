@@ -181,8 +181,9 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
                        help=f"process 0's coordination address (or ${{{_dist.ENV_COORDINATOR}}})")
     multi.add_argument("--num-processes", type=int, default=None, help=f"processes (or ${{{_dist.ENV_NUM_PROCESSES}}})")
     multi.add_argument("--process-id", type=int, default=None, help=f"this process (or ${{{_dist.ENV_PROCESS_ID}}})")
-    multi.add_argument("--init-timeout", type=int, default=300, metavar="S",
-                       help="seconds to wait for every process to join (default 300)")
+    multi.add_argument("--init-timeout", type=int, default=None, metavar="S",
+                       help=f"seconds to wait for every process to join (default {_dist.INIT_TIMEOUT_S}; "
+                            f"{_dist.LOCAL_INIT_TIMEOUT_S} with a loopback --coordinator)")
     multi.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
                        help="seconds without a heartbeat after which a process is declared dead (default 100)")
 

@@ -38,6 +38,10 @@ _AUTO = {"RLHF_JAX_DISTRIBUTED": lambda v: v == "auto", "TPU_WORKER_HOSTNAMES": 
          "SLURM_NTASKS": lambda v: v.isdigit() and int(v) > 1, "OMPI_COMM_WORLD_SIZE": lambda v: v.isdigit() and int(v) > 1}
 
 
+INIT_TIMEOUT_S = 300  # seconds to wait for every process to join (pods, clusters)
+LOCAL_INIT_TIMEOUT_S = 20  # the same when the coordinator is on this machine
+
+
 class DistributedError(RuntimeError):
     """A multi-process start-up problem (bad flags, unreachable coordinator), in one line."""
 
@@ -50,7 +54,10 @@ class DistributedConfig:
       coordinator: `HOST:PORT` of process 0's coordination service (None: detected by JAX).
       num_processes: the number of processes.
       process_id: this process's index in `[0, num_processes)`.
-      timeout_s: how long to wait for every process to join.
+      timeout_s: how long to wait for every process to join. None: `LOCAL_INIT_TIMEOUT_S` when the
+        coordinator is on this machine (a loopback address: the processes start together, so a wrong
+        `--num-processes` is reported within half a minute), `INIT_TIMEOUT_S` otherwise (pod hosts
+        and cluster nodes may start minutes apart).
       heartbeat_s: after this long without a heartbeat a process is declared dead, and the others
         fail instead of waiting.
     """
@@ -58,10 +65,14 @@ class DistributedConfig:
     coordinator: str | None
     num_processes: int | None
     process_id: int | None
-    timeout_s: int = 300
+    timeout_s: int | None = None
     heartbeat_s: int = 100
 
     def __post_init__(self):
+        if self.timeout_s is None:
+            host = (self.coordinator or "").rpartition(":")[0].strip("[]")
+            local = host in ("localhost", "::1") or host.startswith("127.")
+            object.__setattr__(self, "timeout_s", LOCAL_INIT_TIMEOUT_S if local else INIT_TIMEOUT_S)
         explicit = (self.coordinator, self.num_processes, self.process_id)
         if any(v is not None for v in explicit) and any(v is None for v in explicit):
             raise DistributedError("give --coordinator, --num-processes and --process-id together (or "
@@ -95,7 +106,7 @@ def _int_or_none(text: str | None, name: str) -> int | None:
 
 
 def from_env(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, *,
-             timeout_s: int = 300, heartbeat_s: int = 100,
+             timeout_s: int | None = None, heartbeat_s: int = 100,
              environ: Mapping[str, str] = os.environ) -> DistributedConfig:
     """The `DistributedConfig` of flags, falling back to the `RLHF_JAX_*` environment variables."""
     return DistributedConfig(

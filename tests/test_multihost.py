@@ -308,5 +308,10 @@ def test_auto_start_is_chosen_by_the_environment():
     config = distributed.from_env(environ={"RLHF_JAX_COORDINATOR": "127.0.0.1:5", "RLHF_JAX_NUM_PROCESSES": "2",
                                            "RLHF_JAX_PROCESS_ID": "1"})
     assert (config.coordinator, config.num_processes, config.process_id) == ("127.0.0.1:5", 2, 1)
+    # processes on one machine start together: a missing one is reported within half a minute
+    assert config.timeout_s == distributed.LOCAL_INIT_TIMEOUT_S == 20
+    assert distributed.from_env("localhost:5", 2, 0, environ={}).timeout_s == 20
+    assert distributed.from_env("10.0.0.2:5", 2, 0, environ={}).timeout_s == distributed.INIT_TIMEOUT_S == 300
+    assert distributed.from_env("127.0.0.1:5", 2, 0, timeout_s=90, environ={}).timeout_s == 90
     with pytest.raises(distributed.DistributedError, match="give --coordinator, --num-processes and --process-id together"):
         distributed.from_env(coordinator="127.0.0.1:5", environ={})
