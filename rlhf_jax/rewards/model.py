@@ -100,7 +100,14 @@ class RewardModelReward:
             self._data_sharding = sh.batch_sharding(mesh, strategy)
         self._mesh, self._strategy = mesh, strategy
         self.params = params
-        self._score = jax.jit(lambda p, *rollout: sequence_scores(model, p, *rollout))
+
+        def score(p, *rollout):
+            if mesh is None:
+                return sequence_scores(model, p, *rollout)
+            with sh.activation_sharding(mesh, strategy):  # activations split like the rows, as in training
+                return sequence_scores(model, p, *rollout)
+
+        self._score = jax.jit(score)
 
     def score(self, prompt_tokens, prompt_lengths, completion_tokens, completion_mask) -> np.ndarray:
         """float32 `[N]` scores of the rollout arrays (host or device), chunk by chunk.

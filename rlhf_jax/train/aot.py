@@ -293,7 +293,7 @@ def _rl_programs(config, program: Program, mesh, state_abs, options):
     uses["sampler decode loop"] = {"sampler weights"}
     batch = program.batch
     if config.algorithm.uses_reference:
-        ref_fn = rl_mod._reference_logps(algorithm.reference_model, config.algorithm)
+        ref_fn = rl_mod._reference_logps(algorithm.reference_model, config.algorithm, mesh, strategy)
         reference = state_abs.reference if state_abs.reference is not None else policy_params
         args = (reference, batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"])
         reports.append(compile_program(
@@ -310,7 +310,11 @@ def _rl_programs(config, program: Program, mesh, state_abs, options):
                    jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data),
                    jax.ShapeDtypeStruct((b, new), jnp.int32, sharding=data),
                    jax.ShapeDtypeStruct((b, new), jnp.float32, sharding=data))
-        score = jax.jit(lambda p, *r: sequence_scores(rm, p, *r))
+        def scoring(p, *r):  # RewardModelReward's program
+            with sh.activation_sharding(mesh, strategy):
+                return sequence_scores(rm, p, *r)
+
+        score = jax.jit(scoring)
         reports.append(compile_program(
             "reward-model scoring", lambda: score.lower(rm_params, *rollout), {"reward model": rm_params,
                                                                                  "batch": rollout},

@@ -30,6 +30,7 @@ prompt iterator, so a restarted run resumes where it stopped.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
@@ -187,14 +188,19 @@ def _builder(algorithm_type: type[RLAlgorithm], name: str):
 
 # ------------------------------------------------------------------------------------------ trainer
 
-def _reference_logps(policy, config):
+def _reference_logps(policy, config, mesh=None, strategy=None):
     """The jitted reference pass `(params, prompts, lengths, completions, group_size=1) -> [N, C]`.
 
-    `config` is the algorithm section (its sampling `temperature` and LM-head `chunk_size`).
+    `config` is the algorithm section (its sampling `temperature` and LM-head `chunk_size`). With a
+    mesh it is traced in the activation-sharding context, as the update step is (`rlhf-jax compile`
+    plans this same function).
     """
-    return jax.jit(lambda params, pt, pl, ct, group_size=1: completion_logprobs(
-        policy, params, pt, pl, ct, temperature=config.temperature, chunk_size=config.chunk_size,
-        group_size=group_size)[0], static_argnames="group_size")
+    def reference(params, pt, pl, ct, group_size=1):
+        with contextlib.nullcontext() if mesh is None else sh.activation_sharding(mesh, strategy):
+            return completion_logprobs(policy, params, pt, pl, ct, temperature=config.temperature,
+                                       chunk_size=config.chunk_size, group_size=group_size)[0]
+
+    return jax.jit(reference, static_argnames="group_size")
 
 
 def _trainer_mesh(config):
@@ -260,7 +266,7 @@ def _trainer(ctx: Context) -> Trainer:
     parts = ctx.hooks.get("rollout_parts", rollout_parts)  # a recipe may bring its own collector (agentic)
     collector, gold = parts(config, ctx.data, mesh, algorithm.sampling_model, algorithm.group_size, ctx.hooks)
     sampler, step = collector.sampler, ctx.program.step
-    ref_logps = _reference_logps(algorithm.reference_model, config.algorithm)
+    ref_logps = _reference_logps(algorithm.reference_model, config.algorithm, mesh, strategy)
     batches = batches_from(train_batches(ctx.data.train, config.data), ctx.extras)
     ptx_batches = _ptx_batches(config, ctx.data, ctx.extras)
     key = jax.random.key(config.seed)
@@ -406,7 +412,8 @@ def evaluate(config: GRPORunConfig | PPORunConfig, *, policies: Sequence[str | M
     mesh = config.mesh.make_mesh()
     policy = CausalLM(config.model)
     collector, gold = rollout_parts(config, data, mesh, policy, 1, hooks)
-    evaluate_params = policy_eval(config, data, collector, gold, _reference_logps(policy, config.algorithm))
+    evaluate_params = policy_eval(config, data, collector, gold,
+                                  _reference_logps(policy, config.algorithm, mesh, config.mesh.strategy))
     key = jax.random.key(config.seed)
     ref = None if reference is None else initial_params(policy, reference, rng=key)
     out = []
