@@ -62,3 +62,16 @@ def test_best_of_n_shape_classification():
     assert module.bon_shape(np.array([0.1, 0.3, 0.4, 0.405]), 0.1) == "rises then saturates"
     assert module.bon_shape(np.array([0.1, 0.2, 0.3, 0.4]), 0.1) == "keeps rising"
     assert module.bon_shape(np.array([0.1, 0.0, -0.1, -0.2]), 0.1) == "does not rise"
+
+
+@pytest.mark.parametrize("name", ["overoptimization", "prm_tiny", "grpo_gsm8k_tiny"])
+def test_issue20_experiments_state_their_command_and_build(name):
+    from rlhf_jax.cli import load_experiment
+    from rlhf_jax.train.aot import run_configs
+
+    module, _ = load_experiment(os.path.join(ROOT, "experiments", f"{name}.py"))
+    assert f"rlhf-jax run experiments/{name}.py" in module.__doc__ and "Measured" in module.__doc__
+    for mode in (None, "tiny"):
+        assert run_configs(module.get_config(mode))
+    with pytest.raises(ValueError, match="mode"):
+        module.get_config("nonsense")
