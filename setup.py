@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",  # the console progress bar (rlhf_jax.metrics)
     "matplotlib>=3.8",
     "qwix>=0.1.8",  # QLoRA's NF4 / int8 quantization of the frozen base (rlhf_jax.models.qlora)
+    "math-verify>=0.8",  # the built-in "math" reward's answer equivalence (imported on first use)
 ]
 
 EXTRAS = {
@@ -30,10 +31,7 @@ EXTRAS = {
     # interop); never imported at runtime.
     # chex: the tests' pytree assertions (trees equal, shapes and dtypes); the library does not import it.
     "test": ["pytest>=8", "pytest-xdist>=3", "chex>=0.1.90", "hypothesis>=6", "peft>=0.17",
-             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",  # tests/test_notebooks.py runs notebooks/
-             "math-verify>=0.8"],
-    # The "math" reward (rlhf_jax.rewards.math_answers): final-answer equivalence, imported on first use.
-    "math": ["math-verify>=0.8"],
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],  # tests/test_notebooks.py runs notebooks/
     # jax's own extra pins the libtpu release that matches the installed jax.
     "tpu": ["jax[tpu]>=0.6"],
     "wandb": ["wandb"],

@@ -21,7 +21,8 @@ main thread only) scores 0 and is counted: `MathReward` returns `ScoredRewards` 
 sample never stops the run. `math_reward` is the same checker as a plain TRL-style function (for an
 import path `rlhf_jax.rewards.math_answers:math_reward`).
 
-`math-verify` is an optional dependency (`pip install 'rlhf_jax[math]'`), imported on first use.
+`math-verify` is a dependency of the package, imported on first use (an environment without it, such as
+a bare accelerator image, runs everything else).
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ def _math_verify():
     try:
         import math_verify
     except ImportError as e:
-        raise ImportError("the 'math' reward needs the math-verify package: pip install 'rlhf_jax[math]' "
-                          "(or pip install math-verify)") from e
+        raise ImportError("the 'math' reward needs the math-verify package: pip install math-verify") from e
     return math_verify
 
 
