@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-hf", action="store_true", help="skip HF generate")
     parser.add_argument("--pool", type=float, default=0.5, help="block pool / static cache positions")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--attention", default="pool", choices=("pool", "gather", "dense"),
+                        help="ContinuousBatcher attention: paged pool / paged gather / dense slot rows (1.0x memory)")
     parser.add_argument("--timed", type=int, default=3)
     parser.add_argument("--requests", type=int, default=None, help="only the first N requests (a quick look)")
     parser.add_argument("--bench-dir", default=DEFAULT_BENCH_DIR, help="folder holding workloads.py")
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
 
     def continuous():
         outs = sampler.generate_requests(sp, requests(next(seeds)), num_slots=slots, block_size=block,
-                                         num_blocks=num_blocks)
+                                         num_blocks=num_blocks, attention=args.attention)
         got = sum(len(o.tokens[0]) for o in outs)
         assert got == useful, (got, useful)
 
@@ -125,7 +127,9 @@ def main(argv=None) -> int:
         heapq.heapreplace(free_at, free_at[0] + n)
     print(f"W5: {len(lengths)} requests, {useful} useful new tokens, {slots} slots; ideal decode steps: "
           f"{sum(max(lengths[i] for i in rows) for rows in batches)} static vs {max(free_at)} continuous; pool {num_blocks} blocks x {block} = {num_blocks * block} "
-          f"positions ({num_blocks * block / static_positions:.2f}x the static {slots} x {max_len})", flush=True)
+          f"positions ({num_blocks * block / static_positions:.2f}x the static {slots} x {max_len}); decode attention "
+          f"{args.attention!r}" + (" (dense slot rows: 1.0x the static cache, the pool is not used)"
+                                   if args.attention == "dense" else ""), flush=True)
     rows, cpu_per_call = {}, {}
     for name, fn in (("continuous", continuous), ("static", static)):
         before = sampler.num_compiled()

@@ -98,6 +98,16 @@ def test_greedy_equals_static_alone_with_waits_and_preemption(sampler, sp, stati
     assert sampler.num_compiled() == before          # no recompilation on a second call
 
 
+def test_dense_slot_rows_equal_static_alone(sampler, sp, static_greedy):
+    """attention='dense' (one max_len cache row per slot, no paging) decodes the same tokens."""
+    requests = [Request(prompt=p, max_new_tokens=n, method=Greedy()) for p, n in zip(PROMPTS, LENGTHS)]
+    outs = sampler.generate_requests(sp, requests, num_slots=3, methods="all", attention="dense")
+    for i, (out, (tokens, logps)) in enumerate(zip(outs, static_greedy)):
+        np.testing.assert_array_equal(out.tokens[0], tokens[: LENGTHS[i]], err_msg=f"request {i}")
+        np.testing.assert_allclose(out.logprobs[0], logps[: LENGTHS[i]], atol=1e-5, err_msg=f"request {i}")
+    assert sampler.continuous_stats().preemptions == 0
+
+
 def test_stop_ids_and_sequences(sampler, sp, static_greedy):
     tokens = static_greedy[0][0]
     requests = [

@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.logprobs import token_logprobs
+from rlhf_jax.models import KVCache
 from rlhf_jax.models.paged import PagedKVCache, pool_visibility
 from rlhf_jax.sampling.decode import stack_layers
 from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP, sample_from_logits
@@ -253,6 +254,11 @@ class ContinuousBatcher:
       num_blocks: blocks in the pool (default: enough for every slot at `max_len`, i.e. no waiting).
       reserve_blocks: free blocks kept per running slot when admitting (fewer preemptions).
       max_stop_ids, max_stop_sequences, max_stop_len: capacity of the per-slot stop tables.
+      attention: how decode reads the cache. "pool" (default): the whole block pool under a per-row
+        visibility mask (one dense matmul, cost ~ slots x pool size); "gather": each row's blocks
+        gathered into a view of a few widths; "dense": no paging, one `max_len` cache row per slot
+        (the static sampler's layout and attention cost; memory = slots x max_len, `num_blocks`
+        ignored). On XLA:CPU both paged reads cost ~3x a static decode step at W5's sizes.
       methods: "auto" compiles the segment for the sampling-method kinds present in a call (the sort of
         top-k / top-p only when used); "all" compiles one segment program that serves every mix.
     """
@@ -268,8 +274,8 @@ class ContinuousBatcher:
         if methods not in ("auto", "all"):
             raise ValueError(f"ContinuousBatcher: methods must be 'auto' or 'all', got {methods!r}")
         self.methods = methods
-        if attention not in ("pool", "gather"):
-            raise ValueError(f"ContinuousBatcher: attention must be 'pool' or 'gather', got {attention!r}")
+        if attention not in ("pool", "gather", "dense"):
+            raise ValueError(f"ContinuousBatcher: attention must be 'pool', 'gather' or 'dense', got {attention!r}")
         self.attention = attention
         if sampler.mesh is not None:
             raise NotImplementedError("ContinuousBatcher: a Sampler with a mesh is not supported yet (one device)")
@@ -278,6 +284,8 @@ class ContinuousBatcher:
         self.num_slots, self.block_size = num_slots, block_size
         self.max_blocks = -(-sampler.max_len // block_size)          # table width: a slot at max_len
         self.num_blocks = num_slots * self.max_blocks if num_blocks is None else num_blocks
+        if attention == "dense":      # a dense max_len cache row per slot: blocks only count tokens
+            self.num_blocks, reserve_blocks = num_slots * self.max_blocks, 0
         if not isinstance(self.num_blocks, int) or self.num_blocks < self.max_blocks:
             raise ValueError(
                 f"ContinuousBatcher: num_blocks must be an int >= {self.max_blocks} (one slot at max_len="
@@ -325,7 +333,9 @@ class ContinuousBatcher:
                 fresh = free_stack[jnp.clip(num_free - 1 - rank, 0, free_stack.shape[0] - 1)]
                 tables = tables.at[rows, logical].set(jnp.where(need, fresh, tables[rows, logical]))
                 num_free = num_free - jnp.sum(need)
-                if self.attention == "pool":
+                if self.attention == "dense":
+                    cache = KVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v))
+                elif self.attention == "pool":
                     visible = pool_visibility(tables, s.position, self.num_blocks + 1, bs)
                     cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables, visible)
                 else:
@@ -363,12 +373,21 @@ class ContinuousBatcher:
             return jax.lax.while_loop(cond, body, (state, tables, num_free))
 
         def admit(params, state: SlotState, prompt, prefill_table, copy_src, copy_dst, reset, init):
-            cache = PagedKVCache(jnp.stack(state.pool_k), jnp.stack(state.pool_v), prefill_table[None])
             positions = jnp.arange(prompt.shape[1], dtype=jnp.int32)[None]
-            kv = model.forward(stack_layers(params), prompt, positions, cache=cache).cache
-            # The group's other samples get copies of the block where decoding starts.
-            pool_k = tuple(kv.k[i].at[:, copy_dst].set(kv.k[i][:, copy_src]) for i in range(kv.k.shape[0]))
-            pool_v = tuple(kv.v[i].at[:, copy_dst].set(kv.v[i][:, copy_src]) for i in range(kv.v.shape[0]))
+            if self.attention == "dense":
+                # The prompt's keys/values into the first slots of every row of the group.
+                p = prompt.shape[1]
+                kv = model.forward(stack_layers(params), prompt, positions, cache=model.init_cache(1, p)).cache
+                put = lambda rows, new: rows.at[:, :, :p].set(  # noqa: E731
+                    jnp.where(reset[:, None, None, None], new[0][None], rows[:, :, :p]))
+                pool_k = tuple(put(state.pool_k[i], kv.k[i]) for i in range(kv.k.shape[0]))
+                pool_v = tuple(put(state.pool_v[i], kv.v[i]) for i in range(kv.v.shape[0]))
+            else:
+                cache = PagedKVCache(jnp.stack(state.pool_k), jnp.stack(state.pool_v), prefill_table[None])
+                kv = model.forward(stack_layers(params), prompt, positions, cache=cache).cache
+                # The group's other samples get copies of the block where decoding starts.
+                pool_k = tuple(kv.k[i].at[:, copy_dst].set(kv.k[i][:, copy_src]) for i in range(kv.k.shape[0]))
+                pool_v = tuple(kv.v[i].at[:, copy_dst].set(kv.v[i][:, copy_src]) for i in range(kv.v.shape[0]))
             pick = lambda new, old: jnp.where(reset.reshape(reset.shape + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
             fields = {f: pick(init[f], getattr(state, f)) for f in _SLOT_FIELDS}
             return state.replace(pool_k=pool_k, pool_v=pool_v, active=state.active | reset,
@@ -382,6 +401,8 @@ class ContinuousBatcher:
         cfg = self.model.config
         s, k = self.num_slots, self.shapes
         pool_shape = (cfg.num_kv_heads, self.num_blocks + 1, self.block_size, cfg.head_dim)
+        if self.attention == "dense":
+            pool_shape = (s, cfg.num_kv_heads, self.sampler.max_len, cfg.head_dim)
         dtype = cfg.jnp_dtype
         zi = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
         return SlotState(
