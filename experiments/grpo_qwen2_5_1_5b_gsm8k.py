@@ -23,12 +23,12 @@ prompts per step x 8 samples at temperature 1, completions up to 1,024 tokens, g
 advantages, clipped ratio (0.2), learning rate 1e-6, one update epoch per rollout batch in 8
 micro-batches, float32 parameters with bfloat16 compute and sampling, every layer rematerialized,
 FSDP over the 8 chips. `rlhf-jax compile` on v5p:2x2x2 plans, per chip: parameters 0.72 GiB and Adam
-moments 1.44 GiB; the update (with its old-policy log-prob pass) peaks at 14.3 GiB; the weight
-hand-off 1.2 GiB; prefill 2.4 GiB; the decode loop 5.3 GiB with a 1.31 GiB KV cache of 512 rows x
-1,280 positions: the run fits a v5p chip's 95 GiB. With a KL term (`--set algorithm.kl_coef=0.04`)
-the reference log-prob pass over the whole rollout batch, not micro-batched, needs 335 GiB per chip
-and does not fit. Expect held-out accuracy (`eval/reward`) to rise from the instruct model's level
-within a few hundred steps.
+moments 1.44 GiB; the update (with its old-policy log-prob pass) peaks at 13.6 GiB (the run at 14.0
+GiB, 15%); the weight hand-off 1.2 GiB; prefill 2.4 GiB; the decode loop 5.3 GiB with a 1.31 GiB KV
+cache of 512 rows x 1,280 positions: the run fits a v5p chip's 95 GiB. With a KL term (`--set
+algorithm.kl_coef=0.04`) the reference log-prob pass over the whole rollout batch, not
+micro-batched, needs 335 GiB per chip and does not fit. Expect held-out accuracy (`eval/reward`) to
+rise from the instruct model's level within a few hundred steps.
 """
 
 from __future__ import annotations

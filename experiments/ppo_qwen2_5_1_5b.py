@@ -24,9 +24,10 @@ Recipe: 64 prompts per step, one completion each up to 512 tokens at temperature
 started from the reward model (its own AdamW, 1e-6); policy learning rate 1e-6. Four 1.5B models
 live on the slice: policy + Adam (24 GB), critic + Adam (24 GB), reference (6 GB) and reward model
 (6 GB), float32 weights with bfloat16 compute, every layer rematerialized, FSDP over the 8 chips
-(7.6 GiB of weights and moments per chip). `rlhf-jax compile` prints every program (update with
-the critic, weight hand-off, prefill, decode loop, reference pass, reward-model scoring) and the
-run's peak against a v5p chip's 95 GiB.
+(7.6 GiB of weights and moments per chip). `rlhf-jax compile` on v5p:2x2x2 plans every program
+(update with the old-policy and critic passes, weight hand-off, prefill, decode loop, reference
+pass 8.35 GiB, reward-model scoring 1.90 GiB): the run peaks at 14.31 GiB per chip in the update,
+15% of a v5p chip's 95 GiB.
 """
 
 from __future__ import annotations
