@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     for n in lengths:
         heapq.heapreplace(free_at, free_at[0] + n)
     print(f"W5: {len(lengths)} requests, {useful} useful new tokens, {slots} slots; ideal decode steps: "
-          f"{sum(max(lengths[i] for i in rows) for rows in batches)} static vs {max(free_at)} continuous; pool {num_blocks} blocks x {block} = {num_blocks * block} "
+          f"{sum(max(lengths[i] for i in rows) for rows in batches)} static vs {max(free_at)} continuous; "
+          f"pool {num_blocks} blocks x {block} = {num_blocks * block} "
           f"positions ({num_blocks * block / static_positions:.2f}x the static {slots} x {max_len}); decode attention "
           f"{args.attention!r}" + (" (dense slot rows: 1.0x the static cache, the pool is not used)"
                                    if args.attention == "dense" else ""), flush=True)

@@ -67,7 +67,8 @@ def test_paged_forward_equals_dense_cache(lm, params):
         d2 = lm.forward(params, step, at, cache=d1.cache)
         p2 = lm.forward(params, step, at, cache=p1.cache)
         # The decode path: the whole pool under each row's visibility mask.
-        p3 = lm.forward(params, step, at, cache=p1.cache._replace(pool_mask=pool_visibility(tables, at[:, 0], 9, BLOCK)))
+        visible = pool_visibility(tables, at[:, 0], 9, BLOCK)
+        p3 = lm.forward(params, step, at, cache=p1.cache._replace(pool_mask=visible))
         # Row 0's logical slots 0..6 as the dense cache holds them, read back through its table.
         view = p2.cache.k[:, :, tables[0]].reshape(c.num_layers, c.num_kv_heads, 12, c.head_dim)
         return d1.logits, p1.logits, d2.logits, p2.logits, p3.logits, d2.cache.k[:, 0, :, :7], view[:, :, :7]
@@ -183,7 +184,8 @@ def test_to_sample_output_packs_rows_like_the_static_call():
 
     reqs = [Request(prompt=[7, 8, 9], max_new_tokens=4, num_samples=2), Request(prompt=[5], max_new_tokens=3)]
     outs = [RequestOutput(tokens=[np.asarray([4, 2]), np.asarray([6, 6, 6, 6])],
-                          logprobs=[np.asarray([-1.0, -2.0]), np.asarray([-0.5] * 4)], finish_reasons=["stop", "length"]),
+                          logprobs=[np.asarray([-1.0, -2.0]), np.asarray([-0.5] * 4)],
+                          finish_reasons=["stop", "length"]),
             RequestOutput(tokens=[np.asarray([9])], logprobs=[np.asarray([-3.0])], finish_reasons=["stop"])]
     so = to_sample_output(reqs, outs, pad_id=0)
     np.testing.assert_array_equal(so.prompt_tokens, [[7, 8, 9], [7, 8, 9], [5, 0, 0]])
