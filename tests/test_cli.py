@@ -143,9 +143,11 @@ def test_compile_an_experiment_and_dispatch_the_preset_form(capsys, tmp_path):
     report_file = tmp_path / "report.json"
     code, out, _ = _run(capsys, "compile", SFT, "--set", "data.batch_size=16", "--json", str(report_file))
     assert code == 0
-    assert "== sft_tiny ==" in out and "fits: yes" in out and "strategy: dp" in out
+    assert "== sft_tiny ==" in out and "verdict: FITS" in out
+    assert "-- update step" in out and "-- eval (held-out loss)" in out  # every program of the run
     report = json.loads(report_file.read_text())["sft_tiny"]
-    assert report["ok"] and report["num_devices"] == len(jax.devices()) and report["peak_bytes"] > 0
+    assert report["fits"] and report["target"] == f"cpu x{len(jax.devices())}" and report["peak_bytes"] > 0
+    assert [p["name"] for p in report["programs"]][:2] == ["update step", "eval (held-out loss)"]
     # Without an experiment, the arguments go to rlhf_jax.compile's model-preset command line.
     code, _, err = _run(capsys, "compile", "--model", "no-such-model")
     assert code == 2 and "unknown --model 'no-such-model'" in err
