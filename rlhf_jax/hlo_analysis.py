@@ -80,8 +80,12 @@ class _Instr:
     attrs_raw: str = ""
 
 
-def _split_rhs(rhs: str) -> tuple[str, str, str] | None:
-    """`(result shape, opcode, rest)` of an instruction's right-hand side."""
+def split_instruction(rhs: str) -> tuple[str, str, str] | None:
+    """`(result shape, opcode, rest)` of an instruction's right-hand side, e.g. `f32[8]{0} all-reduce(...)`.
+
+    A tuple result is matched to its closing parenthesis: TPU layouts hold parentheses themselves
+    (`{1,0:T(8,128)}`).
+    """
     rhs = rhs.lstrip()
     if rhs.startswith("("):
         depth = 0
@@ -127,7 +131,7 @@ def _parse(text: str) -> tuple[dict[str, list[_Instr]], str | None]:
         m = _INSTR.match(line)
         if not m:
             continue
-        parts = _split_rhs(m.group(2))
+        parts = split_instruction(m.group(2))
         if parts is None:
             continue
         shape, opcode, rest = parts

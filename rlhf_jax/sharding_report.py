@@ -31,6 +31,7 @@ import numpy as np
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.compile import abstract_batch, step_flops
+from rlhf_jax.hlo_analysis import shape_bytes, split_instruction
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.sharding_lint import lint
@@ -51,19 +52,6 @@ __all__ = [
 StepKind = Literal["sft", "reward_model", "dpo"]
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
-
-
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _DTYPE_BYTES.get(dtype, 4)
-    return total
 
 
 class Collective(NamedTuple):
@@ -102,34 +90,14 @@ def collective_instructions(hlo_text: str) -> list[Collective]:
             continue
         if "=" not in line:
             continue
-        parsed = _result_and_opcode(line.split("=", 1)[1])
+        parsed = split_instruction(line.split("=", 1)[1])
         if parsed is None:
             continue
-        shape, opcode = parsed
+        shape, opcode, _ = parsed
         kind = opcode.removesuffix("-start")
         if kind in COLLECTIVES and not opcode.endswith("-done"):
-            out.append(Collective(kind, shape, _shape_bytes(shape), factor))
+            out.append(Collective(kind, shape, shape_bytes(shape), factor))
     return out
-
-
-def _result_and_opcode(rhs: str) -> tuple[str, str] | None:
-    """`(result shape text, opcode)` of an instruction's right-hand side, e.g. `f32[8]{0} all-reduce(...)`.
-
-    A tuple result is matched to its closing parenthesis: TPU layouts hold parentheses themselves
-    (`{1,0:T(8,128)}`).
-    """
-    rhs = rhs.lstrip()
-    if rhs.startswith("("):
-        depth = 0
-        for end, ch in enumerate(rhs):
-            depth += (ch == "(") - (ch == ")")
-            if depth == 0:
-                break
-        shape, rest = rhs[: end + 1], rhs[end + 1:]
-    else:
-        shape, _, rest = rhs.partition(" ")
-    op = re.match(r"\s*([\w\-]+)\(", rest)
-    return None if op is None else (shape, op.group(1))
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
