@@ -279,7 +279,11 @@ def test_ssh_copy_stop_teardown(env):
 
 @pytest.fixture
 def slurm(tmp_path):
-    """Fake srun (runs each task here with its SLURM_PROCID), scontrol, and a Python that records each task."""
+    """Fake srun (runs each task here with its SLURM_PROCID), scontrol, and a Python that records each task.
+
+    No process listens: the fake Python only records its arguments. The nodes scontrol names are
+    loopback addresses all the same, so the coordinator the script derives is 127.0.0.1.
+    """
     fake, logs = tmp_path / "slurm_bin", tmp_path / "logs"
     logs.mkdir()
     _write(fake / "srun", """#!/usr/bin/env bash
@@ -290,7 +294,7 @@ exit $status
 """, executable=True)
     _write(fake / "scontrol", f"""#!/bin/sh
 case $1 in
-  show) printf 'node07\\nnode08\\n' ;;
+  show) printf '127.0.0.1\\n127.0.0.2\\n' ;;
   requeue) echo "requeue $2" >> {logs}/scontrol ;;
 esac
 """, executable=True)
@@ -313,7 +317,7 @@ def test_slurm_runs_one_process_per_node_and_requeues_on_75(slurm, rc, restarts,
     assert proc.returncode == rc, proc.stderr
     for i in range(2):
         argv = (logs / f"task{i}").read_text().splitlines()
-        assert argv == ["-m", "rlhf_jax", "run", *args, "--coordinator", "node07:21234", "--num-processes", "2",
+        assert argv == ["-m", "rlhf_jax", "run", *args, "--coordinator", "127.0.0.1:21234", "--num-processes", "2",
                         "--process-id", str(i)]
     assert ((logs / "scontrol").read_text() == "requeue 1234\n") if requeued else not (logs / "scontrol").exists()
     assert f"rlhf-jax exit status {rc}" in proc.stdout
