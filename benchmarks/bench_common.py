@@ -142,6 +142,16 @@ def wordlevel_tokenizer(W, *, bos_token: str | None = None):
                                    eos_token="<eos>", unk_token="<unk>")
 
 
+def timed_calls(fn, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of `fn` (which blocks until its result is ready)."""
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
 def peak_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     """This machine's f32 matmul throughput right now: a `n^3` NumPy (BLAS, all cores) matmul, median.
 

@@ -51,22 +51,13 @@ import sys
 import time
 
 from bench_common import (causal_pairs, floor_figures, floor_text, hf_llama, matmul_flops, report_result,
-                          run_worker, wait_until_quiet, wordlevel_tokenizer, workload_flops, write_json)
+                          run_worker, timed_calls, wait_until_quiet, wordlevel_tokenizer, workload_flops, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
 TARGET_TOKENS_PER_S = 6400   # issue 6's target on this machine
 PEER_HF_TOKENS_PER_S = 1582  # TRL's generate (HF transformers) on PEERS.md's machine
-
-
-def _timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def _matmul_gflops(jax, jnp, mesh) -> float:
@@ -82,7 +73,7 @@ def _matmul_gflops(jax, jnp, mesh) -> float:
         b = jax.device_put(b, NamedSharding(mesh, PartitionSpec()))
     mm = jax.jit(lambda x, y: x @ y)
     jax.block_until_ready(mm(a, b))
-    seconds = statistics.median(_timed(lambda: jax.block_until_ready(mm(a, b)), 5))
+    seconds = statistics.median(timed_calls(lambda: jax.block_until_ready(mm(a, b)), 5))
     return 2 * n**3 / seconds / 1e9
 
 
@@ -121,7 +112,7 @@ def _weight_matmuls_step_s(jax, jnp, config, rows: int, devices, steps: int) -> 
     trees = [jax.device_put(host, device) for device in devices]
     run = lambda: jax.block_until_ready([loop(t) for t in trees])  # noqa: E731  (the devices run at once)
     run()
-    return statistics.median(_timed(run, 5)) / steps
+    return statistics.median(timed_calls(run, 5)) / steps
 
 
 def _call_floor(W, call_s: float) -> dict:
@@ -151,9 +142,9 @@ def _hf_worker(args) -> dict:
         with torch.no_grad():
             return model.generate(prompts, **kwargs).numpy()
 
-    first_s = _timed(call, 1)[0]
+    first_s = timed_calls(call, 1)[0]
     watch = W.CpuWatch()
-    times = _timed(call, spec["timed_calls"])
+    times = timed_calls(call, spec["timed_calls"])
     median = statistics.median(times)
     rows, new = spec["num_prompts"], spec["new_tokens"]
     return {"workload": "w3", "impl": "hf_generate", "dtype": "float32", "devices": 1, "median_s": median,
@@ -207,10 +198,10 @@ def _worker(args) -> dict:
         out = sampler.generate(sp, prompts, config, rng=next(seeds))
         return np.asarray(out.completion_tokens), np.asarray(out.logprobs)
 
-    first_s = _timed(call, 1)[0]
+    first_s = timed_calls(call, 1)[0]
     compiled_after_warmup = sampler.num_compiled()
     watch = W.CpuWatch()
-    times = _timed(call, spec["timed_calls"])
+    times = timed_calls(call, spec["timed_calls"])
     cpu = watch.result()
     tokens, logps = call()
     assert tokens.shape == (rows, new) and np.isfinite(logps).all() and (logps < 0).all()
@@ -221,8 +212,8 @@ def _worker(args) -> dict:
     def text_call():
         return sampler.generate_text(sp, texts, config, tokenizer=tok, rng=next(seeds), eos_id=None)[0]
 
-    text_first_s = _timed(text_call, 1)[0]
-    text_times = _timed(text_call, spec["timed_calls"])
+    text_first_s = timed_calls(text_call, 1)[0]
+    text_times = timed_calls(text_call, spec["timed_calls"])
     compiled_after_all = sampler.num_compiled()
 
     # The two programs of a call, timed separately (warm).

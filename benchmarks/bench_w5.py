@@ -39,15 +39,6 @@ REPO = os.path.dirname(HERE)
 DEFAULT_BENCH_DIR = os.path.join(os.path.dirname(REPO), "shared", "bench")
 
 
-def _timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--w5", action="store_true", help="run W5 alone (the default workload)")
@@ -65,6 +56,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, args.bench_dir)
     sys.path.insert(0, REPO)
     sys.path.insert(0, HERE)
+    from bench_common import timed_calls
     import jax
     import numpy as np
     import workloads as W
@@ -134,11 +126,11 @@ def main(argv=None) -> int:
     rows, cpu_per_call = {}, {}
     for name, fn in (("continuous", continuous), ("static", static)):
         before = sampler.num_compiled()
-        first = _timed(fn, 1)[0]
+        first = timed_calls(fn, 1)[0]
         warm = sampler.num_compiled()
         watch = W.CpuWatch()
         own_cpu = time.process_time()
-        times = _timed(fn, args.timed)
+        times = timed_calls(fn, args.timed)
         cpu = watch.result()
         cpu_per_call[name] = (time.process_time() - own_cpu) / args.timed
         after = sampler.num_compiled()
@@ -171,10 +163,10 @@ def main(argv=None) -> int:
                                    top_k=0, top_p=1.0, attention_mask=torch.ones_like(p), pad_token_id=W.PAD_ID)
 
         torch.manual_seed(0)
-        _timed(lambda: model.generate(torch.tensor(prompts[:slots]), max_new_tokens=4, do_sample=True, top_k=0,
+        timed_calls(lambda: model.generate(torch.tensor(prompts[:slots]), max_new_tokens=4, do_sample=True, top_k=0,
                                       pad_token_id=W.PAD_ID), 1)
         watch = W.CpuWatch()
-        times = _timed(hf, args.timed)
+        times = timed_calls(hf, args.timed)
         cpu = watch.result()
         median = statistics.median(times)
         rows["hf"] = useful / median
@@ -185,7 +177,8 @@ def main(argv=None) -> int:
     print(f"own CPU seconds per call (less sensitive to a contended host than wall time): continuous "
           f"{cpu_per_call['continuous']:.1f}, static {cpu_per_call['static']:.1f} -> "
           f"{cpu_per_call['static'] / cpu_per_call['continuous']:.2f}x", flush=True)
-    print(f"W5: continuous {rows['continuous'] / rows['static']:.2f}x static, {hf_ratio:.2f}x HF generate")
+    hf_text = "HF generate not run" if hf_ratio != hf_ratio else f"{hf_ratio:.2f}x HF generate"  # nan: skipped
+    print(f"W5: continuous {rows['continuous'] / rows['static']:.2f}x static, {hf_text}")
     return 0
 
 
