@@ -228,7 +228,10 @@ def test_killed_preempted_and_resumed_runs_end_exactly_like_an_uninterrupted_one
     run_dir, ckpts = tmp_path / "sft", tmp_path / "sft" / "checkpoints"
     killed = _run(experiment, tmp_path, processes=2, sets=sets, env=compile_cache,
                   hooks={i: ["--kill", "between:3"] for i in range(2)})
-    assert [code for code, _, _ in killed] == [-9, -9], [err[-2000:] for _, _, err in killed]
+    # Each process SIGKILLs itself at step 3. Process 1 may be aborted by JAX (SIGABRT, -6) first: the
+    # coordination service it depends on died with process 0. Either way nothing is saved after step 2.
+    codes = [code for code, _, _ in killed]
+    assert codes[0] == -9 and codes[1] in (-9, -6), [err[-2000:] for _, _, err in killed]
     assert sorted(os.listdir(ckpts)) == ["2"]
     _one_writer(run_dir)
 
