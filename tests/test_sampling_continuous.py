@@ -153,6 +153,28 @@ def test_sampling_keyed_by_request(sampler, sp):
         np.testing.assert_allclose(base[i].logprobs[0], np.asarray(ref.logprobs[0]), atol=1e-5)
 
 
+def test_session_takes_requests_while_others_decode(sampler, sp):
+    """The incremental API (multi-turn rollouts): requests submitted one at a time as earlier ones
+    come back, while the rest decode, equal the one-call result (draws keyed by request)."""
+    requests = _sampled_requests()
+    base = sampler.generate_requests(sp, requests, **POOL)
+    session = sampler.continuous_batcher(**POOL).session(sp, max_segment_steps=4)
+    later = list(range(3, len(requests)))
+    handles = {session.submit(requests[i]): i for i in range(3)}
+    outputs, busy_submits = {}, 0
+    while not session.idle:
+        for handle, out in session.advance().items():
+            outputs[handles[handle]] = out
+            if later:
+                busy_submits += session.running > 0
+                i = later.pop(0)
+                handles[session.submit(requests[i])] = i
+    assert busy_submits >= 1 and sorted(outputs) == list(range(len(requests)))
+    for i in range(len(requests)):
+        np.testing.assert_array_equal(outputs[i].tokens[0], base[i].tokens[0], err_msg=f"request {i}")
+        np.testing.assert_allclose(outputs[i].logprobs[0], base[i].logprobs[0], atol=1e-5)
+
+
 def test_group_shares_prompt_blocks(sampler, sp):
     """8 samples of a 9-token prompt: its 2 full blocks held once, plus per sample the block where
     decoding starts: 2 + 8 = 10 blocks (24 unshared, more than the pool's 12). Completions = the static

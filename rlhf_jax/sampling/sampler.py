@@ -450,6 +450,17 @@ class Sampler:
         `(num_slots, block_size, num_blocks, reserve_blocks, limits)` are built once per sampler;
         `continuous_stats()` describes the last call (host round trips, preemptions, blocks).
         """
+        batcher = self.continuous_batcher(num_slots=num_slots, block_size=block_size, num_blocks=num_blocks,
+                                          reserve_blocks=reserve_blocks, **limits)
+        return batcher.run(params, requests, rng=rng)
+
+    def continuous_batcher(self, *, num_slots: int = 16, block_size: int = 16, num_blocks: int | None = None,
+                           reserve_blocks: int = 1, **limits: int):
+        """The `ContinuousBatcher` of these options, built once per sampler (what `generate_requests` runs).
+
+        Its `session(params, rng=...)` is the incremental form: submit requests at any time, `advance`
+        decodes and returns the finished ones (multi-turn rollouts submit a turn once its tool answered).
+        """
         from rlhf_jax.sampling.continuous import ContinuousBatcher
 
         batchers = self.__dict__.setdefault("_batchers", {})
@@ -458,7 +469,7 @@ class Sampler:
             batchers[key] = ContinuousBatcher(self, num_slots=num_slots, block_size=block_size,
                                               num_blocks=num_blocks, reserve_blocks=reserve_blocks, **limits)
         self._last_batcher = batchers[key]
-        return batchers[key].run(params, requests, rng=rng)
+        return batchers[key]
 
     def continuous_stats(self):
         """`ContinuousStats` of the last `generate_requests` call (None before one)."""
