@@ -298,9 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"rlhf-jax: error: {e}", file=sys.stderr)
         return 2
-    from rlhf_jax.checkpoint import CheckpointMismatchError  # noqa: PLC0415
-    from rlhf_jax.config import ConfigError  # noqa: PLC0415
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compile"] and len(argv) > 1 and argv[1].startswith("-") and argv[1:] != ["--help"] \
             and argv[1:] != ["-h"]:
@@ -308,19 +305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return compile_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from rlhf_jax.data.formats import DataError  # noqa: PLC0415
-    from rlhf_jax.models.hf import HFCheckpointError  # noqa: PLC0415
-    from rlhf_jax.sharding import ShardingError  # noqa: PLC0415
-    from rlhf_jax.train.loop import TrainingHalted  # noqa: PLC0415
-
-    user_errors = (CLIError, ConfigError, CheckpointMismatchError, DataError, ShardingError, HFCheckpointError,
-                   FileNotFoundError, FileExistsError, _dist.DistributedError)
     try:
         return args.func(args)
-    except user_errors as e:
+    except (CLIError, FileNotFoundError, FileExistsError, _dist.DistributedError) as e:  # nothing more to import
         print(f"rlhf-jax {args.command}{_process_label()}: error: {e}", file=sys.stderr)
         return _leave(2)
-    except TrainingHalted as e:
+    except _user_errors() as e:  # evaluated only when something else was raised
+        print(f"rlhf-jax {args.command}{_process_label()}: error: {e}", file=sys.stderr)
+        return _leave(2)
+    except _training_halted() as e:
         print(f"rlhf-jax {args.command}{_process_label()}: {e}", file=sys.stderr)
         return _leave(1)
     except Exception:
@@ -335,6 +328,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rlhf-jax {args.command}{label}: failed:", file=sys.stderr)
         traceback.print_exc()
         return _leave(1)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes a command reports as one `error:` line with exit status 2."""
+    from rlhf_jax.checkpoint import CheckpointMismatchError  # noqa: PLC0415
+    from rlhf_jax.config import ConfigError  # noqa: PLC0415
+    from rlhf_jax.data.formats import DataError  # noqa: PLC0415
+    from rlhf_jax.models.hf import HFCheckpointError  # noqa: PLC0415
+    from rlhf_jax.sharding import ShardingError  # noqa: PLC0415
+
+    return (CLIError, ConfigError, CheckpointMismatchError, DataError, ShardingError, HFCheckpointError,
+            FileNotFoundError, FileExistsError, _dist.DistributedError)
+
+
+def _training_halted() -> type[BaseException]:
+    from rlhf_jax.train.loop import TrainingHalted  # noqa: PLC0415
+
+    return TrainingHalted
 
 
 def _leave(code: int) -> int:
@@ -352,9 +363,16 @@ def _leave(code: int) -> int:
 
 
 def _process_label() -> str:
-    """` (process i of n)` in a multi-process run, else empty."""
-    import jax  # noqa: PLC0415
+    """` (process i of n)` in a multi-process run, else empty.
 
+    Starts no backend: a bad argument caught before anything ran JAX (a malformed `--topology`)
+    leaves in one line, without loading libtpu and its start-up notices.
+    """
+    import jax  # noqa: PLC0415
+    from jax._src import distributed, xla_bridge  # noqa: PLC0415
+
+    if distributed.global_state.client is None and not xla_bridge.backends_are_initialized():
+        return ""  # no jax.distributed and no backend yet: a single process
     try:
         n = jax.process_count()
     except RuntimeError:

@@ -42,6 +42,7 @@ def test_target_names():
 
 def test_bad_input_exits_2_with_one_line(capsys):
     dpo_tiny = os.path.join(ROOT, "experiments", "dpo_tiny.py")
+    assert len(jax.devices()) == 8  # a running backend: a GPU plan cannot add devices to it (h100-16 below)
     for args, words in [(["--topology", "v5p-6"], ["v5p-6", "accepted:"]),
                         (["--topology", "h100-16"], ["needs 16 devices", "8"]),
                         (["--set", "dpo.data.batch_size=12"], ["data.batch_size 12", "not divisible", "multiple of 8"]),
@@ -171,3 +172,18 @@ def _peak(compiled) -> int:
     m = compiled.memory_analysis()
     live = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     return max(int(getattr(m, "peak_memory_in_bytes", 0) or 0), int(live))
+
+
+def test_a_bad_target_name_fails_in_one_line_before_jax_starts_a_backend():
+    """`python -m rlhf_jax compile ... --topology v9z:2x2`: exit 2, one stderr line, no libtpu start-up, < 10 s."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "rlhf_jax", "compile", "experiments/dpo_qwen2_5_0_5b.py",
+                           "--topology", "v9z:2x2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    seconds = time.monotonic() - start
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "'v9z:2x2'" in done.stderr, done.stderr
+    assert "v5litepod-16" in done.stderr and seconds < 10, (seconds, done.stderr)
