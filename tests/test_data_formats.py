@@ -241,6 +241,37 @@ def test_rename_maps_columns():
     assert dataset.columns == {"solution": ["2"]}
 
 
+def test_prompt_template_puts_each_prompt_in_its_field():
+    """GSM8K's question gets verl's "####" instruction; a chat prompt's last user turn gets the boxed one;
+    other kinds are untouched; a template without exactly one {prompt} is refused naming the key."""
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.train.run_config import DataConfig
+
+    row = {"question": "What is 6*7?", "answer": "#### 42"}
+    example = parse_row(row, "prompt", REF, prompt_template="gsm8k")
+    assert example.prompt == Plain('What is 6*7? Let\'s think step by step and output the final answer after "####".',
+                                   None)
+    assert example.columns == {"answer": "#### 42"}
+    chat = {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1/2+1/4?"}]}
+    example = parse_row(chat, "prompt", REF, prompt_template="math_boxed")
+    assert example.prompt.messages[0]["content"] == "be brief"
+    assert example.prompt.messages[1]["content"] == ("1/2+1/4?\nPlease reason step by step, and put your final "
+                                                     "answer within \\boxed{}.")
+    custom = parse_row({"prompt": "x"}, "prompt", REF, prompt_template="Q: {prompt} {braces} A:", string_format="chat")
+    assert custom.prompt == Chat(({"role": "user", "content": "Q: x {braces} A:"},), 1)
+    sft = parse_row({"prompt": "p", "completion": "c"}, "sft", REF, prompt_template="gsm8k")
+    assert sft.sequence == Plain("p", "c")
+    dataset = load_dataset([row], kind="prompt", tokenizer=offline_tokenizer(),
+                           config=TokenizeConfig(max_len=128, prompt_template="Q: {prompt}"))
+    ids = dataset.arrays["prompt_tokens"].values
+    assert offline_tokenizer().decode(ids, skip_special_tokens=True) == "Q: What is 6*7?"
+    with pytest.raises(ConfigError, match=r"data.prompt_template must be one of \['gsm8k', 'math_boxed'\] or a "
+                                          r"string with exactly one '\{prompt\}' field, got 'Answer:'"):
+        DataConfig(prompt_template="Answer:")
+    with pytest.raises(ValueError, match="TokenizeConfig.prompt_template"):
+        TokenizeConfig(max_len=8, prompt_template="{prompt}{prompt}")
+
+
 # Messages say what was found (issue 22): a null column is "null", not "missing" while listed as found.
 @pytest.mark.parametrize(
     "kind, row, problem",

@@ -149,3 +149,16 @@ def test_prm_recipe_learns_and_scores(tmp_path):
     result = combine_rewards([scorer.reward(mode="min")], inputs)
     np.testing.assert_allclose(result.per_source["prm"], aggregate_step_scores(direct, data.step_mask[:10], mode="min"),
                                atol=1e-5)
+    # By name from a config: rewards.functions=["prm"] loads the checkpoint (architecture saved with it).
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.rewards.registry import RewardConfig, RewardContext, build_rewards
+
+    by_name = RewardConfig(functions=("prm",), process_reward_model=str(tmp_path / "run" / "checkpoints"),
+                           prm_aggregation="prod", prm_max_len=32, reward_model_batch_size=8)
+    sources, _ = build_rewards(RewardContext(by_name, max_new_tokens=8))
+    np.testing.assert_allclose(combine_rewards(sources, inputs).per_source["prm"],
+                               aggregate_step_scores(direct, data.step_mask[:10], mode="prod"), atol=1e-5)
+    with pytest.raises(ConfigError, match="'prm' but rewards.process_reward_model is not set"):
+        build_rewards(RewardContext(RewardConfig(functions=("prm",)), max_new_tokens=8))
+    with pytest.raises(ConfigError, match="rewards.prm_aggregation"):
+        RewardConfig(functions=("prm",), prm_aggregation="max")

@@ -224,7 +224,8 @@ def tokenized_rows(rows, *, kind: Kind, tokenizer, config: TokenizeConfig, rejec
         if rename and isinstance(row, Mapping):
             row = {rename.get(k, k): v for k, v in row.items()}
         try:
-            example = parse_row(row, kind, ref, roles=config.roles, string_format=config.string_format)
+            example = parse_row(row, kind, ref, roles=config.roles, string_format=config.string_format,
+                                prompt_template=config.prompt_template)
         except DataError as error:
             reject(error, index)
             continue

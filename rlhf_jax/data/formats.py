@@ -44,6 +44,8 @@ __all__ = [
     "PromptExample",
     "Example",
     "parse_row",
+    "PROMPT_TEMPLATES",
+    "resolve_prompt_template",
     "describe_value",
     "require_columns",
 ]
@@ -366,6 +368,7 @@ def parse_row(
     *,
     roles: Sequence[str] = DEFAULT_ROLES,
     string_format: Literal["plain", "chat"] = "plain",
+    prompt_template: str | None = None,
 ) -> Example:
     """Validate one row of a dataset of `kind` and return its typed example.
 
@@ -376,6 +379,9 @@ def parse_row(
       roles: the message roles the chat template accepts.
       string_format: "plain" keeps string prompts/completions as raw text (TRL's standard format);
         "chat" turns them into a user message and an assistant message rendered with the template.
+      prompt_template: for "prompt" rows, a name in `PROMPT_TEMPLATES` or a text with one `{prompt}`
+        field that the prompt text (or its last user message's content) is put into, e.g. GSM8K's
+        question followed by an instruction on where the answer goes; None leaves prompts as they are.
 
     Returns:
       An `SFTExample`, `PreferenceExample`, `UnpairedExample` or `PromptExample`.
@@ -391,7 +397,51 @@ def parse_row(
     if not isinstance(row, Mapping):
         raise DataError(ref, f"a row must be an object mapping column names to values, got {_describe(row)}")
     example = _PARSERS[kind](row, ref, roles)
+    template = resolve_prompt_template(prompt_template)
+    if template is not None and isinstance(example, PromptExample):
+        example = dataclasses.replace(example, prompt=_templated(example.prompt, template))
     return _as_chat(example) if string_format == "chat" else example
+
+
+PROMPT_FIELD = "{prompt}"
+
+# Named prompt templates (`data.prompt_template=gsm8k`): the instructions math RL recipes put after the
+# problem so that the final answer lands where the "math" reward looks for it.
+PROMPT_TEMPLATES: dict[str, str] = {
+    # verl's GSM8K preprocessing: the answer after "####", as GSM8K's own solutions end.
+    "gsm8k": '{prompt} Let\'s think step by step and output the final answer after "####".',
+    # Qwen2.5-Math's chain-of-thought instruction (also DeepSeek-R1-style math RL): a boxed answer.
+    "math_boxed": "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}.",
+}
+
+
+def resolve_prompt_template(template: str | None, key: str = "prompt_template") -> str | None:
+    """The template text of a name in `PROMPT_TEMPLATES`, or `template` itself; None stays None.
+
+    Raises ValueError naming `key` unless the text holds exactly one `{prompt}` field. Other braces
+    are kept as text (LaTeX's `\\boxed{}` needs no escaping): the prompt is put in with
+    `str.replace`, not `str.format`.
+    """
+    if template is None:
+        return None
+    text = PROMPT_TEMPLATES.get(template, template) if isinstance(template, str) else template
+    if not isinstance(text, str) or text.count(PROMPT_FIELD) != 1:
+        raise ValueError(f"{key} must be one of {sorted(PROMPT_TEMPLATES)} or a string with exactly one "
+                         f"{PROMPT_FIELD!r} field, got {template!r}")
+    return text
+
+
+def _templated(sequence: SequenceSpec, template: str) -> SequenceSpec:
+    """The prompt put into `template`: a plain prompt's text, or a chat prompt's last user message."""
+    if isinstance(sequence, Plain):
+        return dataclasses.replace(sequence, prompt=template.replace(PROMPT_FIELD, sequence.prompt))
+    messages = list(sequence.messages)
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is None or not isinstance(messages[last_user]["content"], str):
+        return sequence
+    messages[last_user] = {**messages[last_user],
+                           "content": template.replace(PROMPT_FIELD, messages[last_user]["content"])}
+    return dataclasses.replace(sequence, messages=tuple(messages))
 
 
 def _plain_to_chat(sequence: SequenceSpec) -> SequenceSpec:

@@ -39,7 +39,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 
-from rlhf_jax.data.formats import DEFAULT_ROLES, Chat, Plain, SequenceSpec
+from rlhf_jax.data.formats import DEFAULT_ROLES, Chat, Plain, SequenceSpec, resolve_prompt_template
 
 if TYPE_CHECKING:  # transformers is imported on first use: it is slow to import
     from transformers import PreTrainedTokenizerFast
@@ -68,6 +68,8 @@ class TokenizeConfig:
         the template. Message lists always use the template.
       roles: the message roles accepted (an unknown role is a bad row).
       chunk_size: rows per batched tokenizer call.
+      prompt_template: prompt rows only: a name in `PROMPT_TEMPLATES` or a text with one `{prompt}`
+        field the prompt is put into (`rlhf_jax.data.formats.parse_row`); None: prompts as they are.
     """
 
     max_len: int
@@ -76,6 +78,7 @@ class TokenizeConfig:
     string_format: Literal["plain", "chat"] = "plain"
     roles: tuple[str, ...] = DEFAULT_ROLES
     chunk_size: int = 4096
+    prompt_template: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_len, int) or self.max_len < 2:
@@ -99,6 +102,7 @@ class TokenizeConfig:
             raise ValueError(f"TokenizeConfig.roles must be a non-empty tuple of strings, got {self.roles!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"TokenizeConfig.chunk_size must be a positive int, got {self.chunk_size!r}")
+        resolve_prompt_template(self.prompt_template, "TokenizeConfig.prompt_template")
 
 
 @dataclasses.dataclass(frozen=True)

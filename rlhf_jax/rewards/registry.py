@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rlhf_jax.config import ConfigError, check_choice
+from rlhf_jax.losses.process_reward import StepAggregation
 from rlhf_jax.rewards.base import OnError, PythonReward, RewardSource
 from rlhf_jax.rewards.judges import PointwiseTemplate
 from rlhf_jax.rewards.math_answers import MathReward, answer_format, think_answer_format
@@ -37,7 +38,9 @@ class RewardConfig:
         against the prompts' `answer` or `solution` column: bare, GSM8K "#### x" or MATH `\\boxed{}`;
         see `rlhf_jax.rewards.math_answers`), "think_format" (`<think>...</think><answer>...</answer>`),
         "answer_format" (states a final answer), "judge" (an LLM judge's expected rating of each
-        completion, `rlhf_jax.rewards.judges.PointwiseJudge`, model at `judge`) — or an import path
+        completion, `rlhf_jax.rewards.judges.PointwiseJudge`, model at `judge`), "prm" (a process
+        reward model's aggregated step scores, `rlhf_jax.train.prm.PRMScorer`, model at
+        `process_reward_model`; completions split into steps at `prm_step_separator`) — or an import path
         `package.module:function`.
         Ignored when the driver is given `reward_sources`.
       weights: one weight per function (empty: all 1).
@@ -52,6 +55,11 @@ class RewardConfig:
       judge: the "judge" reward's model: a checkpoint or Hugging Face directory with an LM head.
       judge_tokenizer: its tokenizer directory or "offline" (None: the model's own).
       judge_template: its rating prompt and rating tokens (`PointwiseTemplate`).
+      process_reward_model: the "prm" reward's model: a checkpoint of `rlhf_jax.train.prm` (its
+        tokenizer is read from beside it, as the judge's is).
+      prm_aggregation: how step probabilities become one score: "min", "prod", "last" or "mean".
+      prm_step_separator: the text between steps (the PRM's `algorithm.step_separator`).
+      prm_max_len: tokens of prompt + completion the PRM reads (longer ones truncated).
     """
 
     functions: tuple[str, ...] = ("task",)
@@ -66,6 +74,10 @@ class RewardConfig:
     judge_tokenizer: str | None = None
     judge_template: PointwiseTemplate = PointwiseTemplate()
     math_timeout_s: int = 5
+    process_reward_model: str | None = None
+    prm_aggregation: StepAggregation = "min"
+    prm_step_separator: str = "\n"
+    prm_max_len: int = 512
 
     def __post_init__(self):
         unknown = [f for f in self.functions if f not in REWARD_FUNCTIONS and ":" not in f]
@@ -82,6 +94,11 @@ class RewardConfig:
         if not isinstance(self.math_timeout_s, int) or isinstance(self.math_timeout_s, bool) \
                 or self.math_timeout_s < 1:
             raise ConfigError(f"rewards.math_timeout_s must be a positive int (seconds), got {self.math_timeout_s!r}")
+        check_choice("rewards", "prm_aggregation", self.prm_aggregation, StepAggregation)
+        if not isinstance(self.prm_step_separator, str) or not self.prm_step_separator:
+            raise ConfigError(f"rewards.prm_step_separator must be a non-empty string, got {self.prm_step_separator!r}")
+        if not isinstance(self.prm_max_len, int) or isinstance(self.prm_max_len, bool) or self.prm_max_len < 2:
+            raise ConfigError(f"rewards.prm_max_len must be an int >= 2, got {self.prm_max_len!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +141,17 @@ def _judge(ctx: RewardContext) -> RewardSource:
                                 batch_size=ctx.rewards.reward_model_batch_size)
 
 
+def _process_reward_model(ctx: RewardContext) -> RewardSource:
+    r = ctx.rewards
+    if not r.process_reward_model:
+        raise ConfigError("rewards.functions includes 'prm' but rewards.process_reward_model is not set")
+    from rlhf_jax.train.prm import load_prm_scorer  # noqa: PLC0415 -- loads a checkpoint
+
+    scorer = load_prm_scorer(r.process_reward_model, max_len=r.prm_max_len, step_separator=r.prm_step_separator,
+                             batch_size=r.reward_model_batch_size, key="rewards.process_reward_model")
+    return scorer.reward(mode=r.prm_aggregation)
+
+
 REWARD_FUNCTIONS: dict[str, Callable[[RewardContext], RewardSource]] = {
     "task": _task,
     "reward_model": _reward_model,
@@ -134,6 +162,7 @@ REWARD_FUNCTIONS: dict[str, Callable[[RewardContext], RewardSource]] = {
     "think_format": lambda ctx: PythonReward(think_answer_format, "think_format"),
     "answer_format": lambda ctx: PythonReward(answer_format, "answer_format"),
     "judge": _judge,
+    "prm": _process_reward_model,
 }
 
 

@@ -43,7 +43,7 @@ from rlhf_jax.train.recipe import Context, Program, Recipe, Trainer, run
 from rlhf_jax.train.run_config import RunConfig
 from rlhf_jax.train.supervised import ModelState
 
-__all__ = ["PRMAlgorithm", "PRMConfig", "PRM_KEYS", "make_prm_loss", "make_prm_step", "PRMScorer", "best_of_n",
+__all__ = ["PRMAlgorithm", "PRMConfig", "PRM_KEYS", "make_prm_loss", "make_prm_step", "PRMScorer", "load_prm_scorer", "best_of_n",
            "RECIPE", "train"]
 
 PRM_KEYS = ("tokens", "step_mask", "step_labels")
@@ -273,6 +273,21 @@ class PRMScorer:
                 return scorer.score(list(inputs.prompts), steps, mode=mode)
 
         return _PRMReward(name)
+
+
+def load_prm_scorer(path: str, *, max_len: int, step_separator: str = "\n", batch_size: int = 64,
+                    tokenizer: str | None = None, key: str = "process_reward_model") -> PRMScorer:
+    """A `PRMScorer` over the scalar-head model saved at `path` (a checkpoint directory of this recipe).
+
+    The architecture is read from the checkpoint and the tokenizer from beside it (or `tokenizer`:
+    a directory or "offline"); a missing path raises FileNotFoundError naming `key`.
+    """
+    from rlhf_jax.train.rlaif import tokenizer_of  # noqa: PLC0415 -- rlaif imports the sampler stack
+    from rlhf_jax.train.weights import load_reward_model  # noqa: PLC0415
+
+    model, params = load_reward_model(path, None, key=key)
+    return PRMScorer(model, params, tokenizer_of(path, tokenizer), max_len=max_len, step_separator=step_separator,
+                     batch_size=batch_size)
 
 
 def best_of_n(scores: np.ndarray, n: int) -> np.ndarray:

@@ -46,8 +46,9 @@ from rlhf_jax.train.data import load_split, make_tokenizer, one_pass
 from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.weights import initial_params
 
-__all__ = ["JudgeConfig", "load_judge", "load_pointwise_judge", "load_policy", "sample_completions", "label_pairs", "write_preferences",
-           "write_jsonl", "CritiqueTemplates", "TextGenerator", "critique_and_revise", "write_sft_rows"]
+__all__ = ["JudgeConfig", "load_judge", "load_pointwise_judge", "load_policy", "tokenizer_of", "sample_completions",
+           "label_pairs", "write_preferences", "write_jsonl", "CritiqueTemplates", "TextGenerator",
+           "critique_and_revise", "write_sft_rows"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,7 +87,8 @@ def _model_config(path: str, fallback: ModelConfig | None) -> ModelConfig:
     return fallback
 
 
-def _tokenizer_of(path: str, spec: str | None):
+def tokenizer_of(path: str, spec: str | None = None):
+    """`spec`'s tokenizer when given; else the one saved in `path` or in a `tokenizer/` beside it; else "offline"."""
     if spec is not None:
         return make_tokenizer(spec)
     for candidate in (path, os.path.join(os.path.dirname(os.path.normpath(path)), "tokenizer")):
@@ -109,7 +111,7 @@ def load_judge(config: JudgeConfig, model_config: ModelConfig | None = None) -> 
     if not config.model:
         raise ConfigError("judge.model must name a checkpoint or Hugging Face directory (--set judge.model=PATH)")
     model, params = load_policy(config.model, model_config, key="judge.model")
-    judge = JudgeModel(model, params, _tokenizer_of(config.model, config.tokenizer), batch_size=config.batch_size,
+    judge = JudgeModel(model, params, tokenizer_of(config.model, config.tokenizer), batch_size=config.batch_size,
                        max_len=config.max_len)
     return PairwiseJudge(judge, config.template)
 
@@ -118,7 +120,7 @@ def load_pointwise_judge(path: str, template: PointwiseTemplate = PointwiseTempl
                          batch_size: int = 32, max_len: int | None = None, name: str = "judge") -> PointwiseJudge:
     """A `PointwiseJudge` (a reward source: expected rating) with its model read from `path`."""
     model, params = load_policy(path, key="rewards.judge")
-    return PointwiseJudge(JudgeModel(model, params, _tokenizer_of(path, tokenizer), batch_size=batch_size,
+    return PointwiseJudge(JudgeModel(model, params, tokenizer_of(path, tokenizer), batch_size=batch_size,
                                      max_len=max_len), template, name=name)
 
 

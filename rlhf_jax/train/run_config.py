@@ -17,6 +17,7 @@ from typing import Literal
 
 from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig, check_choice
 from rlhf_jax.data import TokenizeConfig
+from rlhf_jax.data.formats import resolve_prompt_template
 from rlhf_jax.data.synthetic import ArithmeticTask, VowelTask
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.lora import LoraConfig
@@ -43,6 +44,8 @@ class DataConfig:
       max_prompt_len: prompt tokens kept (None: only `max_len` applies).
       truncation: "keep_end" or "keep_start" (TRL's meaning).
       string_format: "plain" text or "chat" (string prompts/completions rendered with the template).
+      prompt_template: RL prompt rows only: a text with one `{prompt}` field that each prompt (or its
+        last user message) is put into, a name of `rlhf_jax.data.formats.PROMPT_TEMPLATES` ("gsm8k", "math_boxed"); None: prompts as written.
       batch_size: rows per step on this host (global batch = this x hosts).
       seq_len: tokens per row (default `max_len`; larger rows hold more packed examples).
       pack: pack several examples per row (segment ids; attention never crosses them).
@@ -66,6 +69,7 @@ class DataConfig:
     max_prompt_len: int | None = None
     truncation: Literal["keep_start", "keep_end"] = "keep_end"
     string_format: Literal["plain", "chat"] = "plain"
+    prompt_template: str | None = None
     batch_size: int = 32
     seq_len: int | None = None
     pack: bool = False
@@ -88,6 +92,10 @@ class DataConfig:
         check_choice("data", "truncation", self.truncation, Literal["keep_start", "keep_end"])
         check_choice("data", "string_format", self.string_format, Literal["plain", "chat"])
         check_choice("data", "on_error", self.on_error, Literal["raise", "skip"])
+        try:
+            resolve_prompt_template(self.prompt_template, "data.prompt_template")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for name in ("train", "eval"):
             value = getattr(self, name)
             if isinstance(value, str) and value.startswith("synthetic:") and value[10:] not in SYNTHETIC_TASKS:
@@ -107,7 +115,8 @@ class DataConfig:
     @property
     def tokenize(self) -> TokenizeConfig:
         return TokenizeConfig(max_len=self.max_len, max_prompt_len=self.max_prompt_len,
-                              truncation=self.truncation, string_format=self.string_format)
+                              truncation=self.truncation, string_format=self.string_format,
+                              prompt_template=self.prompt_template)
 
     @property
     def row_len(self) -> int:

@@ -20,7 +20,7 @@ from rlhf_jax.checkpoint import (
     load_params,
     read_model_config,
 )
-from rlhf_jax.config import from_dict
+from rlhf_jax.config import ConfigError, from_dict
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.models.heads import init_scalar_head
 from rlhf_jax.models.hf import config_from_hf, load_hf
@@ -175,7 +175,9 @@ def load_reward_model(path: str, policy_config, *, key: str = "rewards.reward_mo
         rm_config = from_dict(ModelConfig, saved)
     elif os.path.isfile(os.path.join(path, "config.json")):
         rm_config = config_from_hf(path)
-    else:
+    elif policy_config is not None:
         rm_config = policy_config
+    else:
+        raise ConfigError(f"{key}: {path} holds no model config (a checkpoint's saved config or a config.json)")
     model = CausalLM(rm_config, head="scalar")
     return model, initial_params(model, path, rng=jax.random.key(0))
