@@ -10,6 +10,7 @@ observation between the model's turns exactly as the template renders the whole 
 import dataclasses
 import json
 import os
+import threading
 import time
 
 import jax
@@ -180,11 +181,12 @@ def policy():
     return model, params, sampler, sampler.load_params(params)
 
 
-def _episodes(policy, calls_per_row, *, rng=0, runner=ToolRunner(timeout_s=0.3, max_chars=16), num_slots=None):
+def _episodes(policy, calls_per_row, *, rng=0, runner=ToolRunner(timeout_s=0.3, max_chars=16), num_slots=None,
+              make_env=ScriptedCalls):
     model, params, sampler, sampler_params = policy
     tok = offline_tokenizer()
     prompts = [[1] + tok(f"{i}*7=", add_special_tokens=False)["input_ids"] for i in range(len(calls_per_row))]
-    envs = [ScriptedCalls(calls, runner) for calls in calls_per_row]
+    envs = [make_env(calls, runner) for calls in calls_per_row]
     for env, p in zip(envs, prompts):
         env.reset({"prompt": tok.decode(p)})
     # Most ids stop a turn, so the random policy's turns are short and episodes reach several turns.
@@ -268,6 +270,47 @@ def test_continuous_batching_trajectories_do_not_depend_on_the_other_trajectorie
         params, batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"])
     mask = batch["completion_mask"]
     assert np.abs(np.asarray(logps) - batch["sampler_logps"])[mask].max() < 1e-5
+
+
+class WatchedCalls(ScriptedCalls):
+    """`ScriptedCalls` noting, at each of its steps after the first, whether a `hang` call is running."""
+
+    def __init__(self, calls, runner, slow: threading.Event, seen: list):
+        super().__init__(calls, runner)
+        self.slow, self.seen = slow, seen
+
+    def step(self, action):
+        hangs = self.turn < len(self.calls) and getattr(self.calls[self.turn], "name", None) == "hang"
+        if hangs:
+            self.slow.set()
+        elif self.turn >= 1:
+            self.seen.append(self.slow.is_set())
+        try:
+            return super().step(action)
+        finally:
+            if hangs:
+                self.slow.clear()
+
+
+def test_continuous_rollouts_decode_while_a_tool_runs_and_repeat_bit_for_bit(policy):
+    """With the session engine, other trajectories decode their next turns (and step again) while one
+    trajectory's tool hangs up to its limit; the turn-by-turn static engine cannot (every step of a
+    turn ends before the next turn decodes). The same seed gives bit-identical trajectories though
+    the tool's timing decides when its trajectory's next turn joins the slots."""
+    runner = ToolRunner(timeout_s=1.0, max_chars=16)
+    slow, seen, seen_static = threading.Event(), [], []
+    first = _episodes(policy, CALLS, num_slots=2, runner=runner,
+                      make_env=lambda calls, r: WatchedCalls(calls, r, slow, seen))
+    assert "timeout" in first[2].tool_statuses and any(seen), seen
+    _episodes(policy, CALLS, runner=runner, make_env=lambda calls, r: WatchedCalls(calls, r, slow, seen_static))
+    assert seen_static and not any(seen_static)
+    again = _episodes(policy, CALLS, num_slots=2, runner=runner)
+    fields = lambda t: (t.tokens, t.action_mask, t.logprobs, t.turns, t.turn_rewards, t.tool_statuses,  # noqa: E731
+                        t.done, t.truncated)
+    diffs = [(i, k) for i, (a, b) in enumerate(zip(first, again)) for k, (x, y) in enumerate(zip(fields(a), fields(b)))
+             if x != y]
+    assert not diffs, (diffs, [(first[i].tool_statuses, again[i].tool_statuses, first[i].turn_rewards,
+                                again[i].turn_rewards) for i, _ in diffs])
 
 
 def test_a_template_without_tool_role_is_counted_in_episodes(policy):

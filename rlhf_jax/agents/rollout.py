@@ -6,30 +6,34 @@
                                 limits=limits, tokenizer=tok, rng=0)
     metrics = trajectory_metrics(trajectories)
 
-Each turn, every unfinished trajectory's context (prompt + all tokens so far) is decoded with the
-`Sampler` until a stop: the EOS / stop ids, or the call format's stop strings (`</tool>`; a stop
-string of one token is a sampler stop id, a longer one is found on the host and the tokens after it
-are dropped). The turn's text goes to its environment's `step`; all environments of a turn step
-concurrently in a thread pool, and a tool call inside a step runs under its `ToolRunner` time
-limit, so a turn never waits longer than the slowest limit. The observation is rendered to tokens
-(`RawRenderer` / `ChatRenderer`) and appended as non-action tokens; the episode ends when the
-environment says so, after `max_turns` action turns, or at the `max_tokens` budget (truncated).
+A turn is decoded until a stop: the EOS / stop ids, or the call format's stop strings (`</tool>`;
+a stop string of one token is a sampler stop id, a longer one a stop sequence, also matched on the
+host, where the tokens after it are dropped). The turn's text goes to its environment's `step`,
+which runs in a thread pool (a tool call inside it under its `ToolRunner` time limit). The
+observation is rendered to tokens (`RawRenderer` / `ChatRenderer`) and appended as non-action
+tokens; the episode ends when the environment says so, after `max_turns` action turns, or at the
+`max_tokens` budget (truncated).
 
 The sampler's log-probs of every action token are kept: the trainer's recomputation over the whole
 trajectory (`rlhf_jax.rollout.completion_logprobs` with the observations as context) equals them.
-A turn's randomness is `fold_in(rng, turn)` and the sampler keys rows by their index, so equal
-inputs and seed give bit-identical trajectories.
 
-Batching, two engines for the turn's generation over the trajectories still running:
+Two engines:
 
-- `num_slots=None`: the static-batch `Sampler.generate` (one prefill + decode loop per turn; a row
-  whose turn ended early idles until the call's longest turn ends).
-- `num_slots=S`: continuous batching (`Sampler.generate_requests`, one `Request` per trajectory with
-  its own budget `min(turn_tokens, tokens left)` and the stop strings as stop sequences): `S` decode
-  slots, a slot freed by a finished turn is refilled at once by the next trajectory's request, and
-  each trajectory's turn `k` is keyed by `fold_in(fold_in(rng, k), trajectory index)`, so its
-  tokens do not depend on the slot count or on the other trajectories. The sampler must have no
-  mesh (one device) for this engine.
+- `num_slots=None`, turn by turn: one static-batch `Sampler.generate` over the running trajectories
+  (rows keyed by `fold_in(rng, turn)` and the row), then all their environment steps at once in the
+  pool; a row whose turn ended early idles until the call's longest turn ends, and the next turn
+  waits for the slowest step (at most its tool's time limit).
+- `num_slots=S`, every trajectory on its own: one open continuous-batching session
+  (`Sampler.continuous_batcher(...).session`, `S` decode slots). A trajectory's turn is a request
+  with its own budget `min(turn_tokens, tokens left)`; when it finishes, its environment steps in
+  the pool while the other slots keep decoding (a freed slot is refilled at once by another
+  trajectory's request), and its next turn is submitted as soon as the step is back. So no
+  trajectory waits for another's tool, and a slow tool holds up only its own trajectory, for at
+  most its time limit. Turn `k` of trajectory `i` draws with `fold_in(fold_in(rng, k), i)` and each
+  slot has its own cache row (`attention="dense"`: a slot's arithmetic does not depend on where
+  other requests sit), so with the same seed a trajectory's tokens and log-probs are bit-identical
+  across runs whatever the timing of its and other tools, and its tokens do not depend on the slot
+  count or the other trajectories. The sampler must have no mesh (one device).
 """
 
 from __future__ import annotations
@@ -161,73 +165,124 @@ def run_episodes(
                          f"sampler's max_len {sampler.max_len}")
     config = dataclasses.replace(sampling, max_new_tokens=limits.turn_tokens, num_samples=1,
                                  stop_ids=tuple(sorted(set(sampling.stop_ids) | set(stop_ids))))
-    eos = sampling.eos_id
     key = rng if isinstance(rng, jax.Array) else jax.random.key(int(rng))
     trajectories = [Trajectory(prompt=[int(t) for t in p]) for p in prompts]
-    active = list(range(len(prompts)))
+    turn = _Turns(tokenizer, renderer, limits, stop_texts, sampling.eos_id)
     with concurrent.futures.ThreadPoolExecutor(max_workers=limits.concurrency,
                                                thread_name_prefix="agent-env") as pool:
-        for turn in range(limits.max_turns):
-            if not active:
-                break
-            contexts = [trajectories[i].prompt + trajectories[i].tokens for i in active]
-            turn_key = jax.random.fold_in(key, turn)
-            if num_slots is None:
-                out = sampler.generate(params, contexts, config, rng=turn_key)
-                lengths = np.asarray(out.lengths)
-                tokens, logps, cut_short = np.asarray(out.completion_tokens), np.asarray(out.logprobs), \
-                    np.asarray(out.truncated)
-                turns = [(tokens[r, : lengths[r]].tolist(), logps[r, : lengths[r]].tolist(), not cut_short[r])
-                         for r in range(len(active))]
-            else:
-                budgets = [min(limits.turn_tokens, limits.max_tokens - len(trajectories[i].tokens)) for i in active]
-                requests = [Request(prompt=ctx, max_new_tokens=n, method=config.method, stop_ids=config.stop_ids,
-                                    stop_sequences=stop_sequences, seed=jax.random.fold_in(turn_key, i))
-                            for i, ctx, n in zip(active, contexts, budgets)]
-                outs = sampler.generate_requests(params, requests, num_slots=num_slots, rng=turn_key,
-                                                 max_stop_ids=max(len(config.stop_ids), 1),
-                                                 max_stop_sequences=max(len(stop_sequences), 1),
-                                                 max_stop_len=max((len(q) for q in stop_sequences), default=1))
-                turns = [(o.tokens[0].tolist(), o.logprobs[0].tolist(), o.finish_reasons[0] == "stop") for o in outs]
-            stepping, actions = [], []
-            for (ids, lps, stopped), i in zip(turns, active):
-                traj = trajectories[i]
-                k = _cut_at_stop_string(tokenizer, ids, stop_texts)
-                if k is not None:
-                    ids, lps, stopped = ids[:k], lps[:k], True
-                room = limits.max_tokens - len(traj.tokens)
-                if len(ids) > room:
-                    ids, lps, stopped = ids[:room], lps[:room], False
-                traj.add_action(ids, lps)
-                if not stopped:  # no stop within the turn's or the episode's budget
-                    traj.turn_rewards.append(0.0)
-                    traj.truncated = True
-                    continue
-                text_ids = ids[:-1] if ids and eos is not None and ids[-1] == eos else ids
-                stepping.append(i)
-                actions.append(tokenizer.decode(text_ids, skip_special_tokens=False))
-            results = list(pool.map(_safe_step, [envs[i] for i in stepping], actions))
-            still = []
-            for i, result in zip(stepping, results):
-                traj = trajectories[i]
-                traj.turn_rewards.append(float(result.reward))
-                info = result.info or {}
-                if "env_error" in info:
-                    traj.tool_statuses.append("env_error")
-                if result.done:
-                    traj.done = True
-                    continue
-                observation = result.observation if result.observation is not None else ""
-                rendered = renderer.observation(observation)
-                if isinstance(observation, ToolResult):
-                    traj.tool_statuses.append(rendered.status if rendered.status != "ok" else observation.status)
-                if turn + 1 >= limits.max_turns or len(rendered.ids) >= limits.max_tokens - len(traj.tokens):
-                    traj.truncated = True  # no room for another action turn
-                    continue
-                traj.add_observation(rendered.ids)
-                still.append(i)
-            active = still
+        if num_slots is None:
+            _static_turns(sampler, params, trajectories, envs, config, key, turn, pool)
+        else:
+            _continuous_turns(sampler, params, trajectories, envs, config, stop_sequences, key, turn, pool, num_slots)
     return trajectories
+
+
+class _Turns:
+    """What happens to a trajectory after an action turn and after its environment's step."""
+
+    def __init__(self, tokenizer, renderer, limits: AgentLimits, stop_texts, eos):
+        self.tokenizer, self.renderer, self.limits, self.stop_texts, self.eos = \
+            tokenizer, renderer, limits, stop_texts, eos
+
+    def action(self, traj: Trajectory, ids: list, lps: list, stopped: bool) -> str | None:
+        """Append the turn's tokens; the action text for the environment, or None (truncated)."""
+        k = _cut_at_stop_string(self.tokenizer, ids, self.stop_texts)
+        if k is not None:
+            ids, lps, stopped = ids[:k], lps[:k], True
+        room = self.limits.max_tokens - len(traj.tokens)
+        if len(ids) > room:
+            ids, lps, stopped = ids[:room], lps[:room], False
+        traj.add_action(ids, lps)
+        if not stopped:  # no stop within the turn's or the episode's budget
+            traj.turn_rewards.append(0.0)
+            traj.truncated = True
+            return None
+        text_ids = ids[:-1] if ids and self.eos is not None and ids[-1] == self.eos else ids
+        return self.tokenizer.decode(text_ids, skip_special_tokens=False)
+
+    def observation(self, traj: Trajectory, result: StepResult) -> bool:
+        """Record the step's reward and append its observation; True if the episode goes on."""
+        traj.turn_rewards.append(float(result.reward))
+        info = result.info or {}
+        if "env_error" in info:
+            traj.tool_statuses.append("env_error")
+        if result.done:
+            traj.done = True
+            return False
+        observation = result.observation if result.observation is not None else ""
+        rendered = self.renderer.observation(observation)
+        if isinstance(observation, ToolResult):
+            traj.tool_statuses.append(rendered.status if rendered.status != "ok" else observation.status)
+        if traj.num_turns >= self.limits.max_turns or len(rendered.ids) >= self.limits.max_tokens - len(traj.tokens):
+            traj.truncated = True  # no room for another action turn
+            return False
+        traj.add_observation(rendered.ids)
+        return True
+
+
+def _static_turns(sampler, params, trajectories, envs, config, key, turn: _Turns, pool) -> None:
+    """Turn by turn: one `Sampler.generate` over the running trajectories, then all their steps."""
+    active = list(range(len(trajectories)))
+    for k in range(turn.limits.max_turns):
+        if not active:
+            break
+        contexts = [trajectories[i].prompt + trajectories[i].tokens for i in active]
+        out = sampler.generate(params, contexts, config, rng=jax.random.fold_in(key, k))
+        lengths = np.asarray(out.lengths)
+        tokens, logps, cut_short = np.asarray(out.completion_tokens), np.asarray(out.logprobs), np.asarray(out.truncated)
+        stepping, actions = [], []
+        for r, i in enumerate(active):
+            action = turn.action(trajectories[i], tokens[r, : lengths[r]].tolist(), logps[r, : lengths[r]].tolist(),
+                                 not cut_short[r])
+            if action is not None:
+                stepping.append(i)
+                actions.append(action)
+        results = list(pool.map(_safe_step, [envs[i] for i in stepping], actions))
+        active = [i for i, result in zip(stepping, results) if turn.observation(trajectories[i], result)]
+
+
+def _continuous_turns(sampler, params, trajectories, envs, config, stop_sequences, key, turn: _Turns, pool,
+                      num_slots: int) -> None:
+    """Every trajectory on its own: a turn's request is submitted to one open continuous-batching
+    session as soon as the trajectory's previous step is in, while the others keep decoding; steps
+    run in the thread pool meanwhile. Turn `k` of trajectory `i` draws with
+    `fold_in(fold_in(key, k), i)`, so timing never changes a trajectory's tokens."""
+    limits = turn.limits
+    batcher = sampler.continuous_batcher(num_slots=num_slots, attention="dense",
+                                         max_stop_ids=max(len(config.stop_ids), 1),
+                                         max_stop_sequences=max(len(stop_sequences), 1),
+                                         max_stop_len=max((len(q) for q in stop_sequences), default=1))
+    # Segments of at most a turn's tokens: a step that finished meanwhile gets its next turn admitted soon.
+    session = batcher.session(params, rng=key, max_segment_steps=limits.turn_tokens)
+    asked: dict[int, int] = {}              # session handle -> trajectory
+    stepping: dict[concurrent.futures.Future, int] = {}
+
+    def ask(i: int) -> None:
+        traj = trajectories[i]
+        request = Request(prompt=traj.prompt + traj.tokens, method=config.method, stop_ids=config.stop_ids,
+                          max_new_tokens=min(limits.turn_tokens, limits.max_tokens - len(traj.tokens)),
+                          stop_sequences=stop_sequences,
+                          seed=jax.random.fold_in(jax.random.fold_in(key, traj.num_turns), i))
+        asked[session.submit(request)] = i
+
+    for i in range(len(trajectories)):
+        ask(i)
+    while asked or stepping:
+        ready = [f for f in stepping if f.done()]
+        if not ready and not asked:      # nothing to decode: wait for the first step to come back
+            done, _ = concurrent.futures.wait(stepping, return_when=concurrent.futures.FIRST_COMPLETED)
+            ready = list(done)
+        for future in sorted(ready, key=stepping.get):
+            i = stepping.pop(future)
+            if turn.observation(trajectories[i], future.result()):
+                ask(i)
+        if asked:
+            for handle, out in session.advance().items():
+                i = asked.pop(handle)
+                action = turn.action(trajectories[i], out.tokens[0].tolist(), out.logprobs[0].tolist(),
+                                     out.finish_reasons[0] == "stop")
+                if action is not None:
+                    stepping[pool.submit(_safe_step, envs[i], action)] = i
 
 
 def trajectory_stats(trajectories: Sequence[Trajectory]) -> dict[str, np.ndarray]:
