@@ -316,6 +316,8 @@ def _trainer(ctx: Context) -> Trainer:
 
     def update(state, merged, metrics, began, while_updating=None):
         arrays, keys = dict(merged), DEVICE_KEYS + ("scores",)
+        if "token_rewards" in arrays:  # rewards the rollout placed on tokens (agentic PPO: per turn)
+            keys += ("token_rewards",)
         if ptx_batches is not None:
             ptx = next(ptx_batches)
             arrays.update(ptx_tokens=ptx["tokens"], ptx_mask=ptx["loss_mask"])
