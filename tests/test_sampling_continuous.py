@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import CausalLM
-from rlhf_jax.models.paged import PagedKVCache, pool_visibility
+from rlhf_jax.models.paged import PagedKVCache, num_extra_reads, pool_route, pool_visibility, routed_attention
 from rlhf_jax.sampling import Categorical, Greedy, MinP, Request, Sampler, TopK, TopP
 from rlhf_jax.testing import tiny_config
 
@@ -69,14 +69,17 @@ def test_paged_forward_equals_dense_cache(lm, params):
         # The decode path: the whole pool under each row's visibility mask.
         visible = pool_visibility(tables, at[:, 0], 9, BLOCK)
         p3 = lm.forward(params, step, at, cache=p1.cache._replace(pool_mask=visible))
+        # The batcher's decode read: each pool block against its owner row's query (pool_route).
+        p4 = lm.forward(params, step, at, cache=p1.cache._replace(pool_mask=pool_route(tables, at[:, 0], 9, BLOCK)))
         # Row 0's logical slots 0..6 as the dense cache holds them, read back through its table.
         view = p2.cache.k[:, :, tables[0]].reshape(c.num_layers, c.num_kv_heads, 12, c.head_dim)
-        return d1.logits, p1.logits, d2.logits, p2.logits, p3.logits, d2.cache.k[:, 0, :, :7], view[:, :, :7]
+        return d1.logits, p1.logits, d2.logits, p2.logits, p3.logits, p4.logits, d2.cache.k[:, 0, :, :7], view[:, :, :7]
 
-    d1, p1, d2, p2, p3, dense_k, paged_k = both(params)
+    d1, p1, d2, p2, p3, p4, dense_k, paged_k = both(params)
     np.testing.assert_allclose(p1, d1, atol=1e-6)
     np.testing.assert_allclose(p2, d2, atol=1e-6)
     np.testing.assert_allclose(p3, d2, atol=1e-6)
+    np.testing.assert_allclose(p4, d2, atol=1e-6)
     np.testing.assert_allclose(paged_k, dense_k, atol=1e-6)
 
 
@@ -216,3 +219,52 @@ def test_to_sample_output_packs_rows_like_the_static_call():
     np.testing.assert_array_equal(so.logprobs[0], [-1.0, -2.0, 0, 0])
     np.testing.assert_array_equal(so.truncated, [False, True, False])
     np.testing.assert_array_equal(so.prompt_lengths, [3, 3, 1])
+
+
+def test_routed_attention_shared_blocks_equal_reference():
+    """Blocks shared by rows (a group's prompt) are read once more per further row (the extra reads):
+    every row's output = the reference einsum over its gathered view, for any extra capacity."""
+    from rlhf_jax.models.attention import reference_attention
+    from rlhf_jax.models.paged import paged_view
+
+    r = np.random.default_rng(0)
+    n1, w = 21, 6
+    tables = np.full((5, w), n1 - 1, np.int32)
+    tables[0, :3], tables[1, :2], tables[2, :4], tables[4, :1] = [3, 7, 1], [3, 9], [3, 7, 12, 2], [15]
+    pos = jnp.asarray([9, 6, 13, 0, 2], jnp.int32)
+    pk, pv = (jnp.asarray(r.standard_normal((2, n1, BLOCK, 8)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(r.standard_normal((5, 1, 4, 8)), jnp.float32)       # 2 query heads per kv head
+    assert num_extra_reads(tables, n1 - 1) == 3                           # block 3 twice more, block 7 once
+    view = jnp.arange(w * BLOCK)[None, None, :] <= pos[:, None, None]
+    ref = jax.jit(lambda t: reference_attention(q, paged_view(pk, t), paged_view(pv, t), view, kv_axes="bksd"))(
+        jnp.asarray(tables))
+    routed = jax.jit(lambda tables, extra: routed_attention(q, pk, pv, pool_route(tables, pos, n1, BLOCK, extra)),
+                     static_argnums=1)
+    for extra in (3, 8):
+        out = routed(jnp.asarray(tables), extra)
+        np.testing.assert_allclose(np.asarray(out)[[0, 1, 2, 4]], np.asarray(ref)[[0, 1, 2, 4]], atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(out)[3], 0.0)          # row 3 holds no block
+
+
+def test_rollout_collector_continuous_greedy_equals_static(sampler, sp):
+    """RolloutCollector with rollout.continuous_slots samples through continuous batching: greedy
+    groups of 2 with an EOS stop equal the static call's rows (tokens, masks, lengths, log-probs 1e-5)."""
+    from rlhf_jax.sampling import SamplingConfig
+    from rlhf_jax.train.rollouts import RolloutCollector
+
+    eos = int(sampler.generate(sp, [PROMPTS[0]], max_new_tokens=MAX_NEW, method=Greedy()).completion_tokens[0, 3])
+    sampling = SamplingConfig(max_new_tokens=10, method=Greedy(), num_samples=2, eos_id=eos)
+    prompts = np.zeros((4, 11), np.int32)
+    for i, p in enumerate(PROMPTS[:4]):
+        prompts[i, : len(p)] = p
+    batch = {"prompt_tokens": prompts, "prompt_lengths": np.asarray([len(p) for p in PROMPTS[:4]], np.int32),
+             "example_mask": np.asarray([1, 1, 0, 1], bool), "columns": {"id": ["a", "b", "c", "d"]}}
+    make = lambda slots: RolloutCollector(sampler=sampler, tokenizer=None, sources=[], weights=None,  # noqa: E731
+                                          train_sampling=sampling, eval_sampling=sampling, continuous_slots=slots)
+    static = make(0).sample(sp, batch, sampling, jax.random.key(1))
+    cont = make(4).sample(sp, batch, sampling, jax.random.key(1))
+    assert sorted(cont) == sorted(static) and cont["columns"] == static["columns"]
+    assert np.asarray(static["truncated"]).tolist().count(False) >= 2     # some rows stopped at EOS
+    for key in static:
+        if key != "columns":
+            np.testing.assert_allclose(np.asarray(cont[key]), np.asarray(static[key]), atol=1e-5, err_msg=key)

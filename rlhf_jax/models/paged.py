@@ -30,7 +30,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PagedKVCache", "PagedLayerKV", "paged_write", "paged_view", "pool_visibility", "pool_attention"]
+__all__ = ["PagedKVCache", "PagedLayerKV", "PoolRoute", "paged_write", "paged_view", "pool_visibility", "pool_route",
+           "pool_attention", "routed_attention"]
 
 
 class PagedKVCache(NamedTuple):
@@ -39,11 +40,13 @@ class PagedKVCache(NamedTuple):
     Attributes:
       k, v: `[layers, kv_heads, num_blocks, block_size, head_dim]` (the last block is the trash block).
       block_tables: int32 `[B, W]` physical block of each row's logical block `0..W-1`.
-      pool_mask: optional bool `[B, num_blocks * block_size]` (single-token decode): which pool
-        positions each row's query sees (`pool_visibility`); attention then reads the whole pool as
-        one matmul operand (`pool_attention`) instead of gathering each row's view. On XLA:CPU the
-        gather (an indexed copy of `B x W x bs` positions per layer, k and v) costs several times a
-        dense cache read; the pool read is one dense matmul whose cost follows the pool size.
+      pool_mask: optional, single-token decode only: a `PoolRoute` (`pool_route`): each pool block
+        is scored against its owner row's query only (`routed_attention`; the decode read of the
+        continuous batcher), or a bool `[B, num_blocks * block_size]` mask (`pool_visibility`): every
+        row's query against the whole pool as one matmul operand (`pool_attention`, B x the work).
+        Either way attention reads the pool where it lies instead of gathering each row's view: on
+        XLA:CPU a gather (an indexed copy of `B x W x bs` positions per layer, k and v) costs more
+        than the attention over the gathered view itself.
     """
 
     k: jax.Array
@@ -108,12 +111,15 @@ def pool_visibility(tables: jax.Array, positions: jax.Array, num_blocks: int, bl
     return ((logical[:, :, None] >= 0) & (slot <= positions[:, None, None])).reshape(b, num_blocks * block_size)
 
 
-def pool_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, pool_mask: jax.Array) -> jax.Array:
+def pool_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, pool_mask) -> jax.Array:
     """Attention of `q [B, 1, H, D]` over the whole pool `[kv_heads, N, bs, D]` under `pool_mask [B, N*bs]`.
 
     The reference einsum's math (scores / sqrt(D), masked to the dtype's minimum, softmax in f32)
-    with the pool as the key/value operand shared by all rows; returns `[B, 1, H, D]`.
+    with the pool as the key/value operand shared by all rows; returns `[B, 1, H, D]`. A `PoolRoute`
+    as `pool_mask` runs `routed_attention` instead.
     """
+    if isinstance(pool_mask, PoolRoute):
+        return routed_attention(q, pool_k, pool_v, pool_mask)
     b, t, h, d = q.shape
     hkv = pool_k.shape[0]
     k = pool_k.reshape(hkv, -1, d)
@@ -123,3 +129,128 @@ def pool_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, pool_mask
     scores = jnp.where(pool_mask[None, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("kgbtp,kpd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+class PoolRoute(NamedTuple):
+    """Which row reads each pool block in a single-token decode step (`pool_route`; `routed_attention`).
+
+    Attributes:
+      owner: int32 `[N]` the row whose table holds block `n` (the lowest such row; -1: none, and the
+        trash block); `owner_onehot`: f32 `[B, N]` its one-hot (zeros for unowned blocks).
+      valid: bool `[N, bs]` pool position `(n, o)` is a logical slot `<= ` its owner's query position.
+      extra_rows, extra_blocks: int32 `[E]` the other (row, block) reads: blocks shared by several
+        rows (a group's prompt) are read once more for each further row, gathered; unused entries
+        point at the trash block with `extra_valid` False. `E` (static) is 0 without sharing.
+      extra_valid: bool `[E, bs]`.
+    """
+
+    owner: jax.Array
+    owner_onehot: jax.Array
+    valid: jax.Array
+    extra_rows: jax.Array
+    extra_blocks: jax.Array
+    extra_valid: jax.Array
+
+
+def pool_route(tables: jax.Array, positions: jax.Array, num_blocks: int, block_size: int,
+               num_extra: int = 0) -> PoolRoute:
+    """The `PoolRoute` of rows with block tables `tables [B, W]` and query positions `positions [B]`.
+
+    `num_blocks` counts the pool's blocks, its last (the trash block) included. Entry `(b, w)` of the
+    tables is logical slot range `[w * bs, (w + 1) * bs)` of row `b`; block `n`'s owner is the row of
+    its lowest entry `(b, w)` (row-major), the other entries holding `n` are the extra reads, of which
+    there must be at most `num_extra` (the caller counts them: `num_extra_reads`).
+    """
+    b, w = tables.shape
+    trash = num_blocks - 1
+    entry = jnp.arange(b * w, dtype=jnp.int32).reshape(b, w)                 # row-major key r * W + c
+    none = jnp.int32(b * w)
+    first = jnp.full((num_blocks,), none, jnp.int32).at[tables].min(entry).at[trash].set(none)
+    owner = jnp.where(first < none, first // w, -1)
+    column = first % w
+    owner_pos = jnp.where(owner >= 0, positions[jnp.maximum(owner, 0)], -1)
+    offsets = jnp.arange(block_size, dtype=jnp.int32)
+    valid = column[:, None] * block_size + offsets[None, :] <= owner_pos[:, None]
+    onehot = (owner[None, :] == jnp.arange(b, dtype=jnp.int32)[:, None]).astype(jnp.float32)
+    if num_extra:
+        extra = (tables != trash) & (first[tables] != entry)
+        count = jnp.sum(extra)
+        idx = jnp.nonzero(extra.reshape(-1), size=num_extra, fill_value=0)[0].astype(jnp.int32)
+        used = jnp.arange(num_extra) < count
+        rows = idx // w
+        blocks = jnp.where(used, tables.reshape(-1)[idx], trash)
+        extra_valid = used[:, None] & ((idx % w)[:, None] * block_size + offsets[None, :] <= positions[rows][:, None])
+    else:
+        rows = blocks = jnp.zeros((0,), jnp.int32)
+        extra_valid = jnp.zeros((0, block_size), bool)
+    return PoolRoute(owner, onehot, valid, rows, blocks, extra_valid)
+
+
+def num_extra_reads(tables, trash: int) -> int:
+    """Host side (numpy): the extra reads `pool_route` makes for `tables` (table entries holding a
+    block that a lower entry already holds)."""
+    import numpy as np
+
+    held = np.asarray(tables).reshape(-1)
+    held = held[held != trash]
+    return int(held.size - np.unique(held).size)
+
+
+def routed_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, route: PoolRoute) -> jax.Array:
+    """Single-token decode attention of `q [B, 1, H, D]` over the pool `[kv_heads, N, bs, D]`, each
+    block scored against its owner row's query only (`route`, from `pool_route`).
+
+    The reference einsum's math per row b (`s = q_b . k / sqrt(D)` over the row's visible slots,
+    `softmax(s) . v`, statistics in f32) regrouped by block: every block n gives partial scores
+    `s_n = q_owner(n) . k_n` (one batched matrix-vector product over the pool as it lies: no gather,
+    and 1/B of `pool_attention`'s work), the row maximum `m_b = max over its blocks`, and
+    `out_b = sum_n [owner(n) = b] exp(s_n - m_b) . v_n / sum_n [owner(n) = b] sum exp(s_n - m_b)`
+    (the per-row sums as one-hot matmuls over blocks). Blocks shared by several rows are read once
+    more per further row through a small gather (`route.extra_*`). Returns `[B, 1, H, D]`; a row that
+    owns no visible slot gets zeros.
+    """
+    b, t, h, d = q.shape
+    if t != 1:
+        raise ValueError(f"routed_attention: single-token decode only, got {t} query tokens")
+    hkv = pool_k.shape[0]
+    g = h // hkv
+    qg = jnp.transpose(q.reshape(b, hkv, g * d), (1, 0, 2))                     # [kv, B, g*d]
+    scale = 1.0 / math.sqrt(d)
+    f32 = jnp.float32
+
+    # Operand orders below keep every dot in the form XLA:CPU runs without transposing an operand:
+    # batch axes first, the left operand contracted on its last axis, the right one on its first.
+    def partial(onehot, k, valid):
+        """Scores of the blocks `k [kv_heads, M, bs, D]` against the rows of `onehot [B, M]`."""
+        oh = jnp.broadcast_to(jnp.swapaxes(onehot, 0, 1)[None], (hkv,) + onehot.shape[::-1])   # [kv, M, B]
+        qi = jnp.einsum("kmb,kbx->kmx", oh, qg).reshape(hkv, -1, g, d)            # each block's row query
+        s = jnp.einsum("kmpd,kmgd->kmpg", k, qi, preferred_element_type=f32)
+        s = jnp.swapaxes(jnp.where(valid[None, :, :, None], s * scale, -jnp.inf), 2, 3)
+        return s, jnp.max(s, axis=-1)                                           # [kv, M, g, bs], [kv, M, g]
+
+    owner = jnp.maximum(route.owner, 0)
+    onehot = route.owner_onehot                                                 # [B, N]
+    s, block_max = partial(onehot, pool_k, route.valid)
+    row_max = jnp.max(jnp.where(onehot[None, :, :, None] > 0, block_max[:, None], -jnp.inf), axis=2)  # [kv, B, g]
+    extra = route.extra_rows.shape[0] > 0
+    if extra:
+        ek = pool_k[:, route.extra_blocks]
+        ev = pool_v[:, route.extra_blocks]
+        e_onehot = (route.extra_rows[None, :] == jnp.arange(b)[:, None]) & jnp.any(route.extra_valid, -1)[None]
+        es, e_max = partial(e_onehot.astype(f32), ek, route.extra_valid)
+        row_max = jnp.maximum(row_max, jnp.max(jnp.where(e_onehot[None, :, :, None], e_max[:, None], -jnp.inf), 2))
+
+    def reduce(s, v, valid, rows, onehot):
+        m = row_max[:, rows]                                                     # [kv, M, g]
+        p = jnp.where(valid[None, :, None, :], jnp.exp(s - m[..., None]), 0.0)
+        o = jnp.einsum("kmgp,kmpd->kmgd", p.astype(v.dtype), v, preferred_element_type=f32)
+        oh = jnp.broadcast_to(onehot[None], (hkv,) + onehot.shape)                # [kv, B, M]
+        return (jnp.einsum("kbm,kmg->kbg", oh, jnp.sum(p, -1)),
+                jnp.einsum("kbm,kmx->kbx", oh, o.reshape(hkv, -1, g * d)).reshape(hkv, b, g, d))
+
+    denom, out = reduce(s, pool_v, route.valid, owner, onehot)
+    if extra:
+        e_den, e_out = reduce(es, ev, route.extra_valid, route.extra_rows, e_onehot.astype(f32))
+        denom, out = denom + e_den, out + e_out
+    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return jnp.transpose(out, (1, 0, 2, 3)).reshape(b, 1, h, d).astype(q.dtype)

@@ -80,7 +80,7 @@ import numpy as np
 
 from rlhf_jax.logprobs import token_logprobs
 from rlhf_jax.models import KVCache
-from rlhf_jax.models.paged import PagedKVCache, pool_visibility
+from rlhf_jax.models.paged import PagedKVCache, num_extra_reads, pool_route
 from rlhf_jax.sampling.decode import stack_layers
 from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP, sample_from_logits
 
@@ -326,7 +326,7 @@ class ContinuousBatcher:
         model, bs, trash = self.model, self.block_size, self.trash
         c = self.max_completion
 
-        def segment(params, state: SlotState, tables, free_stack, num_free, max_steps, *, kinds, width):
+        def segment(params, state: SlotState, tables, free_stack, num_free, max_steps, *, kinds, width, extra):
             state = state.replace(finished=jnp.zeros_like(state.finished), steps=jnp.zeros((), jnp.int32))
             rows = jnp.arange(self.num_slots)
 
@@ -351,8 +351,8 @@ class ContinuousBatcher:
                 if self.attention == "dense":
                     cache = KVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v))
                 elif self.attention == "pool":
-                    visible = pool_visibility(tables, s.position, self.num_blocks + 1, bs)
-                    cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables, visible)
+                    route = pool_route(tables, s.position, self.num_blocks + 1, bs, extra)
+                    cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables, route)
                 else:
                     cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables[:, :width])
                 out = model.forward(stack_layers(params), s.last_token[:, None], s.position[:, None], cache=cache)
@@ -411,7 +411,7 @@ class ContinuousBatcher:
                                  finished=state.finished & ~reset, stopped=state.stopped & ~reset, **fields)
 
         segment.__name__, admit.__name__ = self._names
-        self._segment = jax.jit(segment, static_argnames=("kinds", "width"), donate_argnums=(1,))
+        self._segment = jax.jit(segment, static_argnames=("kinds", "width", "extra"), donate_argnums=(1,))
         self._admit = jax.jit(admit, donate_argnums=(1,))
 
     def _empty_state(self) -> SlotState:
@@ -592,8 +592,13 @@ class ContinuousSession:
         width = next(w for w in b.view_widths if w * bs > top)
         free_arr = np.zeros((b.num_blocks,), np.int32)
         free_arr[: len(free)] = free
+        extra = 0
+        if b.attention == "pool":    # reads of shared blocks past the first (a segment adds none), bucketed
+            extra = num_extra_reads(tables, trash)
+            extra = 0 if extra == 0 else max(8, 1 << (extra - 1).bit_length())
         state, tables_dev, num_free = b._segment(self._p, self._state, tables, free_arr, np.int32(len(free)),
-                                                 self._max_steps, kinds=tuple(sorted(self._kinds)), width=width)
+                                                 self._max_steps, kinds=tuple(sorted(self._kinds)), width=width,
+                                                 extra=extra)
         self._state = state
         fetched = jax.device_get((tables_dev, num_free, state.active, state.finished, state.stopped, state.t,
                                   state.position, state.steps))

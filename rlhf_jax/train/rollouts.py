@@ -45,6 +45,10 @@ class RolloutConfig:
       eval_greedy: evaluate with greedy decoding (else with the training sampler and a fixed seed).
       ignore_eos: do not stop at the tokenizer's EOS: every completion has `max_new_tokens` tokens
         (benchmarks; vLLM's `ignore_eos`).
+      continuous_slots: 0 = the static batched call (`Sampler.generate`); N > 0 = continuous batching
+        over a paged KV cache with N decode slots (`Sampler.generate_requests`: a slot takes the next
+        prompt's sample as soon as one ends, for ragged completion lengths; one-device samplers only).
+        Greedy rollouts are the static call's; sampled ones are keyed per prompt instead of per row.
     """
 
     max_new_tokens: int = 16
@@ -56,8 +60,12 @@ class RolloutConfig:
     max_sampling_rounds: int = 4
     eval_greedy: bool = False
     ignore_eos: bool = False
+    continuous_slots: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.continuous_slots, int) or isinstance(self.continuous_slots, bool) or \
+                self.continuous_slots < 0:
+            raise ConfigError(f"rollout.continuous_slots must be an int >= 0, got {self.continuous_slots!r}")
         for name in ("max_new_tokens", "max_sampling_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -125,11 +133,12 @@ class RolloutCollector:
       eval_sampling: how evaluation completions are drawn (one per prompt).
       on_error, error_penalty: what a failing reward function does (`combine_rewards`).
       dynamic_sampling, max_sampling_rounds: DAPO's dynamic sampling (`collect`).
+      continuous_slots: > 0: sample through continuous batching with this many slots (`RolloutConfig`).
     """
 
     def __init__(self, *, sampler: Sampler, tokenizer, sources, weights, train_sampling: SamplingConfig,
                  eval_sampling: SamplingConfig, on_error: OnError = "raise", error_penalty: float = 0.0,
-                 dynamic_sampling: bool = False, max_sampling_rounds: int = 1):
+                 dynamic_sampling: bool = False, max_sampling_rounds: int = 1, continuous_slots: int = 0):
         self.sampler = sampler
         self.tokenizer = tokenizer
         self.sources = list(sources)
@@ -139,6 +148,7 @@ class RolloutCollector:
         self.eval_sampling = eval_sampling
         self.on_error, self.error_penalty = on_error, error_penalty
         self.dynamic_sampling, self.max_sampling_rounds = dynamic_sampling, max_sampling_rounds
+        self.continuous_slots = continuous_slots
 
     @classmethod
     def from_config(cls, config, *, sampler: Sampler, tokenizer, sources, weights, group: int,
@@ -155,19 +165,39 @@ class RolloutCollector:
         return cls(sampler=sampler, tokenizer=tokenizer, sources=sources, weights=weights, train_sampling=train,
                    eval_sampling=dataclasses.replace(train, num_samples=1, method=method),
                    on_error=config.rewards.on_error, error_penalty=config.rewards.error_penalty,
-                   dynamic_sampling=rollout.dynamic_sampling, max_sampling_rounds=rollout.max_sampling_rounds)
+                   dynamic_sampling=rollout.dynamic_sampling, max_sampling_rounds=rollout.max_sampling_rounds,
+                   continuous_slots=rollout.continuous_slots)
 
     def sample(self, params, batch: Mapping[str, Any], sampling: SamplingConfig, rng) -> dict[str, Any]:
         """Completions of the batch's real prompts, as host arrays, with columns repeated per sample."""
         valid = np.flatnonzero(np.asarray(batch["example_mask"]))
-        out = self.sampler.generate(params, np.asarray(batch["prompt_tokens"])[valid], sampling,
-                                    prompt_lengths=np.asarray(batch["prompt_lengths"])[valid], rng=rng)
+        if self.continuous_slots:
+            out = self._sample_continuous(params, np.asarray(batch["prompt_tokens"])[valid],
+                                          np.asarray(batch["prompt_lengths"])[valid], sampling, rng)
+        else:
+            out = self.sampler.generate(params, np.asarray(batch["prompt_tokens"])[valid], sampling,
+                                        prompt_lengths=np.asarray(batch["prompt_lengths"])[valid], rng=rng)
         rows = len(valid) * sampling.num_samples  # this process's samples (padding rows dropped)
         arrays = {k: local_rows(v)[:rows] for k, v in out._asdict().items()}
         arrays["sampler_logps"] = arrays.pop("logprobs")
         n = sampling.num_samples
         arrays["columns"] = {k: [v[i] for i in valid for _ in range(n)] for k, v in batch.get("columns", {}).items()}
         return arrays
+
+    def _sample_continuous(self, params, prompts: np.ndarray, lengths: np.ndarray, sampling: SamplingConfig, rng):
+        """`Sampler.generate`'s `SampleOutput` (numpy, same widths) from continuous batching: a request
+        per prompt (its group of `num_samples`, prompt blocks shared), request `i` keyed `fold_in(rng, i)`."""
+        from rlhf_jax.sampling.continuous import Request, to_sample_output
+
+        requests = [Request(prompt=row[:k], max_new_tokens=sampling.max_new_tokens, method=sampling.method,
+                            num_samples=sampling.num_samples, stop_ids=sampling.all_stop_ids)
+                    for row, k in zip(prompts, lengths)]
+        outs = self.sampler.generate_requests(params, requests, num_slots=self.continuous_slots, rng=rng)
+        out = to_sample_output(requests, outs, pad_id=self.sampler.pad_id, max_new_tokens=sampling.max_new_tokens)
+        width = self.sampler.bucket_for(int(np.max(lengths)), sampling.max_new_tokens)   # the static call's
+        padded = np.full((len(out.prompt_tokens), width), self.sampler.pad_id, np.int32)
+        padded[:, : out.prompt_tokens.shape[1]] = out.prompt_tokens
+        return out._replace(prompt_tokens=padded)
 
     def reward_inputs(self, arrays: Mapping[str, Any]) -> RewardInputs:
         decode = lambda tokens, lengths: self.tokenizer.batch_decode(  # noqa: E731
