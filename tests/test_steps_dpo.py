@@ -74,3 +74,16 @@ def test_precomputed_reference_equals_reference_model(single_device):
                                 reference="precomputed")
     assert max_rel_diff(params, single_device[0]) <= 1e-5
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in single_device[1]], rel=1e-5)
+
+
+def test_shared_prefix_step_equals_plain_step(single_device):
+    """Chosen and rejected sharing their 5 prompt tokens' forward pass (issue 23): same steps."""
+    params, history = run_steps(make_dpo_step, head="lm", shape=None, strategy="dp", batches=BATCHES,
+                                with_reference=True, shared_prefix_len=5)
+    assert history[0]["loss"] == pytest.approx(np.log(2.0), rel=1e-6)
+    assert max_rel_diff(params, single_device[0]) <= 1e-5
+    for got, want in zip(history, single_device[1]):
+        assert got["nonfinite"] == 0
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["logps/chosen"] == pytest.approx(want["logps/chosen"], rel=1e-5)
+        assert got["rewards/margins"] == pytest.approx(want["rewards/margins"], rel=1e-4, abs=2e-6)

@@ -35,6 +35,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as sh
+from rlhf_jax.logprobs import target_token_logprobs, token_logprobs
 from rlhf_jax.losses import kto_loss, kto_reference_point, preference_metrics
 from rlhf_jax.models.lora import LoraLM, base_params
 from rlhf_jax.optim import OptimizerConfig
@@ -67,23 +68,87 @@ UNPAIRED_KEYS = ("tokens", "loss_mask", "label")
 # ------------------------------------------------------------------------------- sequence log-probs
 
 
+TARGET_HEAD_CHUNK = 64   # positions per row per LM-head chunk of the targets-only head (W2: 3 of 4 chunks run)
+
+
+def _head_needs_logits(model, rng) -> bool:
+    """A LoRA-adapted LM head with dropout in a training pass: its log-probs need the forward's own head."""
+    return (rng is not None and isinstance(model, LoraLM) and "lm_head" in model.lora.targets
+            and model.lora.dropout > 0)
+
+
 def _side_logps(model, params, tokens, loss_mask, positions, segment_ids, *, max_segments: int,
                 chunk_size: int | None, rng=None):
-    """(SequenceLogps [B, S], token logps [B, T-1], target mask [B, T-1]) of one forward batch."""
+    """(SequenceLogps [B, S], token logps [B, T-1], target mask [B, T-1]) of one forward batch.
+
+    With `chunk_size=None` the LM head runs on the target positions only (`target_token_logprobs`:
+    the prompt's positions cost no head FLOPs and no pass over `[·, V]` logits); with a chunk size,
+    on every position chunk by chunk (`chunked_token_logprobs`, bounded memory).
+    """
     targets = causal_targets(tokens, loss_mask, segment_ids)
-    logps, _ = forward_token_logps(model, params, tokens, targets.labels, positions=positions,
-                                   segment_ids=segment_ids, chunk_size=chunk_size, rng=rng)
-    masked = jnp.where(targets.mask > 0, logps, 0.0)
+    if chunk_size is None and not _head_needs_logits(model, rng):
+        out = model.forward(params, tokens, positions, segment_ids, rng=rng)   # its full logits are unused
+        masked = target_token_logprobs(out.hidden[:, :-1], model.lm_head_weight(params), targets.labels,
+                                       targets.mask, chunk_size=TARGET_HEAD_CHUNK)
+    else:
+        logps, _ = forward_token_logps(model, params, tokens, targets.labels, positions=positions,
+                                       segment_ids=segment_ids, chunk_size=chunk_size, rng=rng)
+        masked = jnp.where(targets.mask > 0, logps, 0.0)
     seq = SequenceLogps(segment_sums(masked, targets.segments, max_segments),
                         segment_sums(targets.mask, targets.segments, max_segments))
     return seq, masked, targets.mask
 
 
-def _pair_logps(model, params, batch, *, max_segments, chunk_size, rng=None):
+def _shared_prefix_logps(model, params, tokens, loss_mask, prefix_len: int, *, rng=None):
+    """`_side_logps` of interleaved pair rows `[2B, T]` whose first `prefix_len` tokens the pair shares.
+
+    The pair's common prefix (its first `prefix_len` tokens, none of them a target) runs once into a
+    KV cache, repeated for the pair's two rows, and each row's tokens from `prefix_len` on run on top
+    of it (as `rollout.completion_hidden` does for GRPO groups): `B p + 2B (T - p)` token positions
+    instead of `2B T`, forward and backward, with the same log-probs up to float rounding. The last
+    prefix token is re-run on each row, so its hidden state predicts the first suffix token.
+
+    A batch that breaks the contract (a target among the first `prefix_len` tokens, or chosen and
+    rejected rows that differ there) gets NaN log-probs: the step's non-finite guard then skips it
+    (`nonfinite="skip"`) or halts, instead of training on a wrong loss.
+    """
+    targets = causal_targets(tokens, loss_mask)
+    n, t = tokens.shape
+    p = prefix_len - 1   # tokens prefilled: the last prefix token is re-run with the suffix
+    pairs = n // 2
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (pairs, p))
+    prefill = model.forward(params, tokens[::2, :p], positions, cache=model.init_cache(pairs, t - 1), rng=rng,
+                            prefill=True)
+    cache = jax.tree.map(lambda a: jnp.repeat(a, 2, axis=1), prefill.cache)   # rows c0, r0, c1, r1, ...
+    suffix_positions = jnp.broadcast_to(jnp.arange(p, t - 1, dtype=jnp.int32), (n, t - 1 - p))
+    out = model.forward(params, tokens[:, p:t - 1], suffix_positions, cache=cache,
+                        rng=None if rng is None else jax.random.fold_in(rng, 1))
+    mask, labels = targets.mask[:, p:], targets.labels[:, p:]
+    if _head_needs_logits(model, rng):
+        logps = jnp.where(mask > 0, token_logprobs(out.logits, labels), 0.0)
+    else:
+        logps = target_token_logprobs(out.hidden, model.lm_head_weight(params), labels, mask,
+                                      chunk_size=TARGET_HEAD_CHUNK)
+    broken = jnp.any(targets.mask[:, :p] > 0) | jnp.any(tokens[0::2, :prefix_len] != tokens[1::2, :prefix_len])
+    logps = jnp.where(broken, jnp.nan, logps)
+    masked = jnp.concatenate([jnp.zeros((n, p), jnp.float32), logps], axis=1)
+    seq = SequenceLogps(jnp.sum(masked, axis=1, keepdims=True), jnp.sum(targets.mask, axis=1, keepdims=True))
+    return seq, masked, targets.mask
+
+
+def _pair_logps(model, params, batch, *, max_segments, chunk_size, rng=None, shared_prefix: int | None = None):
     """Chosen and rejected `SequenceLogps` `[B, S]` (one interleaved forward), and the chosen NLL sum."""
     inputs = pair_inputs(batch)
-    seq, masked, _ = _side_logps(model, params, inputs["tokens"], inputs["loss_mask"], inputs["positions"],
-                                 inputs["segment_ids"], max_segments=max_segments, chunk_size=chunk_size, rng=rng)
+    if shared_prefix:
+        if inputs["segment_ids"] is not None or inputs["positions"] is not None:
+            raise ValueError("make_dpo_step(shared_prefix_len=...): the batch has positions/segment_ids (packed "
+                             "rows); prefix sharing needs one unpacked pair per row")
+        seq, masked, _ = _shared_prefix_logps(model, params, inputs["tokens"], inputs["loss_mask"], shared_prefix,
+                                              rng=rng)
+    else:
+        seq, masked, _ = _side_logps(model, params, inputs["tokens"], inputs["loss_mask"], inputs["positions"],
+                                     inputs["segment_ids"], max_segments=max_segments, chunk_size=chunk_size,
+                                     rng=rng)
     (cs, rs), (cc, rc) = deinterleave(seq.sum), deinterleave(seq.count)
     chosen_nll = -jnp.sum(deinterleave(masked)[0])
     return SequenceLogps(cs, cc), SequenceLogps(rs, rc), chosen_nll
@@ -105,13 +170,15 @@ def _map_micro(fn, batch, micro_batches: int):
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), out)
 
 
-def _reference_fn(model, objective: Objective, *, max_segments: int, chunk_size: int | None):
+def _reference_fn(model, objective: Objective, *, max_segments: int, chunk_size: int | None,
+                  shared_prefix: int | None = None):
     """`(ref_params, batch) -> dict of [B, S] reference summed log-probs` (no gradient)."""
 
     def fn(params, batch):
         params = jax.lax.stop_gradient(params)
         if objective.paired:
-            chosen, rejected, _ = _pair_logps(model, params, batch, max_segments=max_segments, chunk_size=chunk_size)
+            chosen, rejected, _ = _pair_logps(model, params, batch, max_segments=max_segments, chunk_size=chunk_size,
+                                              shared_prefix=shared_prefix)
             return {"ref_chosen_logps": chosen.sum, "ref_rejected_logps": rejected.sum}
         out = {"ref_logps": _unpaired_logps(model, params, batch, "", max_segments=max_segments,
                                             chunk_size=chunk_size).sum}
@@ -157,7 +224,7 @@ def _counts(batch, objective: Objective, max_segments: int) -> dict[str, jax.Arr
 
 
 def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_segments: int = 1,
-                  logits_chunk_size: int | None = None) -> common.LossFn:
+                  logits_chunk_size: int | None = None, shared_prefix_len: int | None = None) -> common.LossFn:
     """The micro-batch loss of a preference objective (reference log-probs already in the batch).
 
     Paired: `L_k = sum_{pairs in k} l_i / P + w_nll sum_{chosen targets in k} (-log pi) / N_c`, with
@@ -173,6 +240,7 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
       micro_batches: the step's micro-batch count (for the metrics' shares).
       max_segments: examples per row of packed batches (1 = unpacked).
       logits_chunk_size: chunked log-probs from hidden states (see `make_sft_loss`).
+      shared_prefix_len: see `make_dpo_step`.
 
     Returns:
       `loss_fn(params, batch, context, rng) -> (loss, metrics)`.
@@ -185,7 +253,8 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
 
     def paired_loss(params, batch, context, rng):
         chosen, rejected, chosen_nll = _pair_logps(model, params, batch, max_segments=max_segments,
-                                                   chunk_size=logits_chunk_size, rng=rng)
+                                                   chunk_size=logits_chunk_size, rng=rng,
+                                                   shared_prefix=shared_prefix_len)
         b = chosen.sum.shape[0]
         ref_c = ref_r = None
         if objective.needs_reference:
@@ -230,9 +299,10 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
 
 
 def _dpo_prepare(model, objective: Objective, reference: ReferenceMode, *, micro_batches: int, max_segments: int,
-                 chunk_size: int | None):
+                 chunk_size: int | None, shared_prefix: int | None = None):
     ref_model = model.base if reference == "base" else model  # QLoRA: the base dequantizes in its forward
-    ref_fn = _reference_fn(ref_model, objective, max_segments=max_segments, chunk_size=chunk_size)
+    ref_fn = _reference_fn(ref_model, objective, max_segments=max_segments, chunk_size=chunk_size,
+                           shared_prefix=shared_prefix)
 
     def prepare(params, batch, frozen, rng):
         del rng
@@ -283,7 +353,7 @@ def dpo_takes_reference(objective: Objective | None = None, reference: Reference
 
 def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformation, *,
                   objective: Objective | None = None, reference: ReferenceMode = "model", micro_batches: int = 1,
-                  max_segments: int = 1, logits_chunk_size: int | None = None,
+                  max_segments: int = 1, logits_chunk_size: int | None = None, shared_prefix_len: int | None = None,
                   nonfinite: common.NonFinitePolicy = "skip") -> common.Update:
     """A preference-optimisation update for any objective of this module (pure; jit it).
 
@@ -301,7 +371,13 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
         adapters off; ignored by reference-free objectives).
       micro_batches: gradient-accumulation micro-batches per step.
       max_segments: examples per row of packed batches (1 = unpacked).
-      logits_chunk_size: chunked log-probs from hidden states instead of full logits.
+      logits_chunk_size: chunked log-probs from hidden states over every position (bounded memory);
+        None (default): the LM head runs only on target positions (`target_token_logprobs`).
+      shared_prefix_len: `p` when the first `p` tokens of every pair's chosen and rejected rows are
+        the same and none of them is a target (a prompt of at least `p` tokens): those tokens run
+        once per pair (prefix sharing, as GRPO's groups do), the rest of each row on top of their
+        KV cache; same losses. A batch breaking this gets a non-finite loss (skipped or halted by
+        `nonfinite`). Paired objectives, unpacked rows only.
       nonfinite: NaN/Inf policy.
 
     Returns:
@@ -318,11 +394,17 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
     if reference == "base" and not isinstance(model, LoraLM):
         raise ValueError("make_dpo_step: reference='base' needs a LoraLM policy (the reference is its base with "
                          f"the adapters off), got {type(model).__name__}")
+    if shared_prefix_len is not None:
+        if not objective.paired or max_segments != 1 or not isinstance(shared_prefix_len, int) \
+                or isinstance(shared_prefix_len, bool) or shared_prefix_len < 2:
+            raise ValueError("make_dpo_step: shared_prefix_len must be an int >= 2 with a paired objective and "
+                             f"unpacked rows (max_segments=1), got {shared_prefix_len!r} with "
+                             f"{type(objective).__name__}, max_segments={max_segments}")
     tx, schedule = common.resolve_optimizer(optimizer)
     loss_fn = make_dpo_loss(model, objective, micro_batches=micro_batches, max_segments=max_segments,
-                            logits_chunk_size=logits_chunk_size)
+                            logits_chunk_size=logits_chunk_size, shared_prefix_len=shared_prefix_len)
     prepare = _dpo_prepare(model, objective, reference, micro_batches=micro_batches, max_segments=max_segments,
-                           chunk_size=logits_chunk_size)
+                           chunk_size=logits_chunk_size, shared_prefix=shared_prefix_len)
     return common.make_update(loss_fn, tx, prepare=prepare, micro_batches=micro_batches, nonfinite=nonfinite,
                               learning_rate=schedule)
 
