@@ -49,7 +49,7 @@ from rlhf_jax.data.offline_tokenizer import offline_tokenizer
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.presets import get_config
 from rlhf_jax.rollout import completion_logprobs
-from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig
+from rlhf_jax.sampling import Categorical, Greedy, Sampler, SamplingConfig
 from rlhf_jax.steps import grpo_config, grpo_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,6 +313,30 @@ def test_continuous_rollouts_decode_while_a_tool_runs_and_repeat_bit_for_bit(pol
                                 again[i].turn_rewards) for i, _ in diffs])
 
 
+def test_greedy_turns_are_the_same_on_both_engines_and_end_at_eos(policy):
+    """Greedy decoding makes the engines' different keys irrelevant: the same trajectories, with EOS
+    (the first token trajectory 0 would write) ending a turn on the session engine as on the static."""
+    model, params, sampler, sampler_params = policy
+    tok = offline_tokenizer()
+    prompts = [[1] + tok(f"{i}*3=", add_special_tokens=False)["input_ids"] for i in range(3)]
+
+    def episodes(eos, num_slots):
+        envs = [ScriptedCalls([ToolCall("calc", "1+2")], ToolRunner()) for _ in prompts]
+        for env in envs:
+            env.reset({"prompt": ""})
+        sampling = SamplingConfig(max_new_tokens=8, eos_id=eos, method=Greedy())
+        return run_episodes(sampler, sampler_params, prompts, envs, renderer=RawRenderer(tok, TagCallFormat()),
+                            sampling=sampling, limits=AgentLimits(max_turns=2, max_tokens=24, turn_tokens=6),
+                            tokenizer=tok, rng=0, num_slots=num_slots)
+
+    eos = episodes(2, None)[0].tokens[0]
+    static, session = episodes(eos, None), episodes(eos, 2)
+    assert static[0].turns[0] == (0, 1) and static[0].tokens[0] == eos
+    for a, b in zip(static, session):
+        assert (a.tokens, a.turns, a.turn_rewards) == (b.tokens, b.turns, b.turn_rewards)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
 def test_a_template_without_tool_role_is_counted_in_episodes(policy):
     model, params, sampler, sampler_params = policy
     tok = offline_tokenizer()
@@ -349,8 +373,11 @@ def test_trajectory_collector_batches_groups_of_episodes_for_the_grpo_step(polic
                                     weights=None, train_sampling=sampling,
                                     eval_sampling=dataclasses.replace(sampling, num_samples=1))
     collector.setup(EnvironmentConfig(name="calculator", max_turns=3, turn_tokens=8, call_open="<", call_close=">"),
-                    max_tokens=WIDTH)
+                    max_tokens=WIDTH, per_turn_rewards=True)
     merged, result, metrics = collector.collect(sampler_params, batch, iter(()), rng=jax.random.key(0))
+    # PPO's per-token rewards: only at turn ends, summing to each row's score.
+    assert np.all(merged["token_rewards"][~merged["turn_ends"]] == 0)
+    np.testing.assert_allclose(merged["token_rewards"].sum(axis=1), merged["scores"], atol=1e-6)
     assert merged["completion_tokens"].shape == merged["completion_mask"].shape == (6, WIDTH)
     assert np.all(merged["prompt_tokens"][0::2] == merged["prompt_tokens"][1::2])       # groups contiguous
     assert merged["columns"]["answer"] == [p["answer"] for p in problems for _ in range(2)]
@@ -419,6 +446,32 @@ def test_gae_treats_observation_tokens_as_non_actions():
     np.testing.assert_allclose(np.asarray(adv)[:, mask[0]], np.asarray(adv_c), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(ret)[:, mask[0]], np.asarray(ret_c), rtol=1e-6)
     assert np.all(np.asarray(adv)[:, ~mask[0]] == 0)
+
+
+def test_ppo_per_turn_rewards_and_gae_over_actions_equal_a_hand_computation():
+    """Agentic PPO: each turn's reward at its last action token (the rest of the score at the last),
+    KL on actions only, GAE's recursion over action tokens only (observations skipped)."""
+    from rlhf_jax.steps.ppo import ppo_token_rewards
+    from rlhf_jax.train.agentic import place_scores
+
+    # action, action | observation x2 | action, action | padding; two turns with rewards 0.5 and 1.0
+    mask = np.array([[1, 1, 0, 0, 1, 1, 0]] * 2, bool)
+    turn_ends = np.array([[0, 1, 0, 0, 0, 1, 0]] * 2, bool)
+    token = place_scores(turn_token_rewards([[0.5, 1.0], [0.5, 1.0]], turn_ends), np.array([1.5, 2.0]), mask)
+    assert token.tolist() == [[0, 0.5, 0, 0, 0, 1.0, 0], [0, 0.5, 0, 0, 0, 1.5, 0]]  # row 1's score adds 0.5
+    kl = np.where(mask, 0.1, 5.0).astype(np.float32)             # observation "KL" must not count
+    r = ppo_token_rewards(jnp.array([1.5, 2.0]), jnp.asarray(mask), token_rewards=jnp.asarray(token),
+                          kl=jnp.asarray(kl), kl_coef=0.1)
+    np.testing.assert_allclose(np.asarray(r)[0], [-0.01, 0.49, 0, 0, -0.01, 0.99, 0], atol=1e-7)
+    values = np.array([[0.1, 0.2, 9.0, 9.0, 0.3, 0.4, 9.0]] * 2, np.float32)
+    adv, ret = gae(r, jnp.asarray(values), jnp.asarray(mask), gamma=0.9, lam=0.8)
+    # By hand over the actions t = 0, 1, 4, 5 (gamma lam = 0.72):
+    #   d5 = 0.99 - 0.4 = 0.59                      A5 = 0.59
+    #   d4 = -0.01 + 0.9 * 0.4 - 0.3 = 0.05          A4 = 0.05 + 0.72 * 0.59 = 0.4748
+    #   d1 = 0.49 + 0.9 * 0.3 - 0.2 = 0.56           A1 = 0.56 + 0.72 * 0.4748 = 0.901856
+    #   d0 = -0.01 + 0.9 * 0.2 - 0.1 = 0.07          A0 = 0.07 + 0.72 * 0.901856 = 0.71933632
+    np.testing.assert_allclose(np.asarray(adv)[0], [0.71933632, 0.901856, 0, 0, 0.4748, 0.59, 0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ret)[0], [0.81933632, 1.101856, 0, 0, 0.7748, 0.99, 0], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ chat templates

@@ -248,8 +248,9 @@ def _continuous_turns(sampler, params, trajectories, envs, config, stop_sequence
     run in the thread pool meanwhile. Turn `k` of trajectory `i` draws with
     `fold_in(fold_in(key, k), i)`, so timing never changes a trajectory's tokens."""
     limits = turn.limits
-    batcher = sampler.continuous_batcher(num_slots=num_slots, attention="dense",
-                                         max_stop_ids=max(len(config.stop_ids), 1),
+    # A request stops at its stop ids only: EOS is one of them here (the static call stops at `eos_id` itself).
+    stop_ids = tuple(sorted(set(config.stop_ids) | ({config.eos_id} if config.eos_id is not None else set())))
+    batcher = sampler.continuous_batcher(num_slots=num_slots, attention="dense", max_stop_ids=max(len(stop_ids), 1),
                                          max_stop_sequences=max(len(stop_sequences), 1),
                                          max_stop_len=max((len(q) for q in stop_sequences), default=1))
     # Segments of at most a turn's tokens: a step that finished meanwhile gets its next turn admitted soon.
@@ -259,7 +260,7 @@ def _continuous_turns(sampler, params, trajectories, envs, config, stop_sequence
 
     def ask(i: int) -> None:
         traj = trajectories[i]
-        request = Request(prompt=traj.prompt + traj.tokens, method=config.method, stop_ids=config.stop_ids,
+        request = Request(prompt=traj.prompt + traj.tokens, method=config.method, stop_ids=stop_ids,
                           max_new_tokens=min(limits.turn_tokens, limits.max_tokens - len(traj.tokens)),
                           stop_sequences=stop_sequences,
                           seed=jax.random.fold_in(jax.random.fold_in(key, traj.num_turns), i))

@@ -80,8 +80,11 @@ Metrics = dict[str, jax.Array]
 #   ptx_mask           [N, L]        their loss mask: 1 on the tokens that are language-modelling
 #                                    targets (an SFT batch's `loss_mask`; all real tokens but the first
 #                                    for plain text)
+#   token_rewards      f32   [N, C]  rewards placed on tokens by the rollout (multi-turn: each turn's
+#                                    reward at its last action token); PPO uses them in place of the
+#                                    score at the last token (`ppo_token_rewards`)
 RL_BATCH_KEYS = ("prompt_tokens", "prompt_lengths", "completion_tokens", "completion_mask", "scores")
-OPTIONAL_RL_BATCH_KEYS = ("sampler_logps", "ref_logps", "ptx_tokens", "ptx_mask")
+OPTIONAL_RL_BATCH_KEYS = ("sampler_logps", "ref_logps", "ptx_tokens", "ptx_mask", "token_rewards")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -223,7 +226,7 @@ def check_rl_batch(batch, config: PolicyGradientConfig, *, group_size: int, name
     if n is None:
         raise ValueError(f"{name}: batch['completion_tokens'] must be [N, C], got {shape['completion_tokens']}")
     want = {"prompt_lengths": (n,), "completion_mask": (n, c), "scores": (n,),
-            "sampler_logps": (n, c), "ref_logps": (n, c)}
+            "sampler_logps": (n, c), "ref_logps": (n, c), "token_rewards": (n, c)}
     for key, expected in want.items():
         if key in shape and shape[key] != expected:
             raise ValueError(f"{name}: batch[{key!r}] must have shape {list(expected)}, got {list(shape[key])}")

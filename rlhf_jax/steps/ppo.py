@@ -48,7 +48,7 @@ from rlhf_jax.steps.policy_gradient import (
     sampler_diff,
 )
 
-__all__ = ["PPOConfig", "ppo_objective", "ppo_value_objective", "make_ppo_step"]
+__all__ = ["PPOConfig", "ppo_objective", "ppo_value_objective", "ppo_token_rewards", "make_ppo_step"]
 
 Metrics = dict[str, jax.Array]
 
@@ -216,6 +216,38 @@ def _explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) 
     return jnp.where(var_r > 0, 1.0 - var_e / jnp.where(var_r > 0, var_r, 1.0), 0.0)
 
 
+def ppo_token_rewards(scores: jax.Array, mask: jax.Array, *, token_rewards: jax.Array | None = None,
+                      kl: jax.Array | None = None, kl_coef: float | jax.Array = 0.0) -> jax.Array:
+    """PPO's per-token reward `r_t`: the score at the last action token, or rewards the rollout placed.
+
+    `r_t = R_t m_t - beta KL_t m_t`, with `R_t = [t = last valid token] score` (single turn:
+    `advantages.per_token_rewards`) or `R = token_rewards` (multi-turn: each turn's reward at that
+    turn's last action token, `rlhf_jax.agents.turn_token_rewards`). Observation tokens between turns
+    have `m_t = 0`: no reward, no KL, and `advantages.gae` skips them (the recursion runs over action
+    tokens only, the value of the next action bootstrapping across an observation).
+
+    Args:
+      scores: `[B]` sequence rewards (used when `token_rewards` is None).
+      mask: `[B, T]` action mask.
+      token_rewards: `[B, T]` per-token rewards, or None.
+      kl: `[B, T]` per-token KL estimates, or None.
+      kl_coef: `beta >= 0`.
+
+    Returns:
+      float32 `[B, T]`. Reference: Ziegler et al. 2019; Ouyang et al. 2022 (InstructGPT).
+
+    Example:
+      >>> mask = jnp.array([[1, 1, 0, 1]])                   # action, action, observation, action
+      >>> ppo_token_rewards(jnp.array([1.5]), mask, token_rewards=jnp.array([[0.0, 0.5, 0.0, 1.0]])).tolist()
+      [[0.0, 0.5, 0.0, 1.0]]
+    """
+    if token_rewards is None:
+        return per_token_rewards(scores, mask, kl=kl, kl_coef=kl_coef)
+    _checks.check_same_shape("ppo_token_rewards", token_rewards=token_rewards, mask=mask)
+    placed = _checks.apply_mask(_checks.f32(token_rewards), _checks.mask_f32(mask))
+    return placed + per_token_rewards(jnp.zeros_like(_checks.f32(scores)), mask, kl=kl, kl_coef=kl_coef)
+
+
 def make_ppo_step(
     policy_model,
     policy_optimizer: optax.GradientTransformation,
@@ -230,7 +262,8 @@ def make_ppo_step(
     `ppo_objective` updates of the policy (and of the critic), then the KL controller.
 
     1. `V_old` (critic) and, when needed, `logp_old` by a forward pass before any update;
-    2. `r_t = per_token_rewards(scores, m, kl=logp_old - logp_ref, kl_coef=beta)` (KL in reward);
+    2. `r_t = per_token_rewards(scores, m, kl=logp_old - logp_ref, kl_coef=beta)` (KL in reward), or
+       with the batch's `token_rewards` (multi-turn) those in place of the score (`ppo_token_rewards`);
     3. `A, R = gae(r, V_old, m, gamma, lam)`, `A` whitened over the batch;
     4. per minibatch: `ppo_objective` (with the value term for a value head on the policy's
        backbone) and, for a separate critic, `ppo_value_objective` with its own optimizer;
@@ -343,7 +376,7 @@ def make_ppo_step(
                              f"{'None' if state.value is None else 'a TrainState'}")
         policy, value = state.policy, state.value
         mask = batch["completion_mask"]
-        data = {k: batch[k] for k in batch if k != "scores"}
+        data = {k: batch[k] for k in batch if k not in ("scores", "token_rewards")}
         if shared:
             logps, _, old_values = policy_forward(policy.params, batch, with_entropy=False)
             old_logps = jax.lax.stop_gradient(logps)
@@ -364,8 +397,8 @@ def make_ppo_step(
         if "ref_logps" in batch and old_logps is not None:
             kl_tokens = _checks.apply_mask(_checks.f32(old_logps) - _checks.f32(batch["ref_logps"]), mask)
             kl_metrics["kl/rollout_sequence"] = jnp.mean(jnp.sum(kl_tokens, axis=1))
-        rewards = per_token_rewards(batch["scores"], mask, kl=kl_tokens if config.kl_in_reward else None,
-                                    kl_coef=kl_coef)
+        rewards = ppo_token_rewards(batch["scores"], mask, token_rewards=batch.get("token_rewards"),
+                                    kl=kl_tokens if config.kl_in_reward else None, kl_coef=kl_coef)
         advantages, returns = gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)
         if config.whiten_advantages:
             advantages = whiten(advantages, mask)

@@ -7,6 +7,7 @@
 | DPO, SimPO, ORPO, KTO | `dpo.DPOConfig` | `dpo.RECIPE` | `losses.dpo_loss`, `simpo_loss`, `orpo_loss`, `kto_loss` |
 | GRPO family | `rl.GRPORunConfig` | `rl.GRPO_RECIPE` | `steps.grpo_objective`, `steps.grpo_advantages` |
 | agentic GRPO (multi-turn, tools) | `agentic.AgenticGRPORunConfig` | `agentic.RECIPE` | the GRPO family on trajectories with action masks |
+| agentic PPO (multi-turn, tools) | `agentic.AgenticPPORunConfig` | `agentic.PPO_RECIPE` | PPO with per-turn rewards, GAE over action tokens |
 | PPO | `rl.PPORunConfig` | `rl.PPO_RECIPE` | `steps.ppo_objective`, `advantages.gae` |
 | best-of-n | `rejection_sampling.RejectionSamplingConfig` | `rejection_sampling.RECIPE` | `rejection_sampling.select_best` |
 | process reward model | `prm.PRMConfig` | `prm.RECIPE` | `losses.process_reward.process_reward_loss` at step ends |
@@ -29,6 +30,7 @@ RECIPE_MODULES = {
     "DPOConfig": ("rlhf_jax.train.dpo", "RECIPE"),
     "GRPORunConfig": ("rlhf_jax.train.rl", "GRPO_RECIPE"),
     "AgenticGRPORunConfig": ("rlhf_jax.train.agentic", "RECIPE"),
+    "AgenticPPORunConfig": ("rlhf_jax.train.agentic", "PPO_RECIPE"),
     "PPORunConfig": ("rlhf_jax.train.rl", "PPO_RECIPE"),
     "RejectionSamplingConfig": ("rlhf_jax.train.rejection_sampling", "RECIPE"),
     "PRMConfig": ("rlhf_jax.train.prm", "RECIPE"),

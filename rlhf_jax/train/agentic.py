@@ -1,4 +1,4 @@
-"""Agentic GRPO: the GRPO family over multi-turn, tool-using trajectories.
+"""Agentic RL: the GRPO family and PPO over multi-turn, tool-using trajectories.
 
     config = AgenticGRPORunConfig(name="agentic", algorithm=grpo_config("grpo", group_size=8),
                                   environment=EnvironmentConfig(name="calculator", max_turns=3),
@@ -12,6 +12,12 @@ prompt of the batch, `group_size` environments (`environment.name` of
 trajectory becomes one row of the usual RL batch with the *action mask* as its completion mask
 (`rlhf_jax.agents.trajectory`): loss, KL and entropy only on the policy's own tokens, observation
 tokens as context, whole trajectories grouped per prompt.
+
+PPO (`AgenticPPORunConfig`, `PPO_RECIPE`: the PPO recipe's step and critic) gets per-turn rewards:
+the collector adds `token_rewards`, each turn's reward at that turn's last action token (and
+whatever the score adds beyond the turns' rewards at the trajectory's last action token, so a row
+sums to its score); the PPO step uses them in place of the score at the last token
+(`rlhf_jax.steps.ppo.ppo_token_rewards`), and GAE runs over the action tokens only.
 
 Sizes: `rollout.max_new_tokens` is the token budget of a trajectory after its prompt (actions and
 observations; the batch's completion width) and `environment.turn_tokens` the budget of one turn.
@@ -28,26 +34,30 @@ unknown tools, malformed calls, templates without a tool role), `env/errors`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.agents.environment import ENVIRONMENTS, make_environment
 from rlhf_jax.agents.render import ChatRenderer, RawRenderer
 from rlhf_jax.agents.rollout import AgentLimits, environment_reward, run_episodes, stats_metrics, trajectory_stats
 from rlhf_jax.agents.tools import TagCallFormat, ToolRunner
-from rlhf_jax.agents.trajectory import trajectory_batch
+from rlhf_jax.agents.trajectory import trajectory_batch, turn_token_rewards
 from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.rewards import PythonReward
 from rlhf_jax.rewards.registry import RewardConfig, RewardContext, build_rewards
 from rlhf_jax.sampling import Sampler, SamplingConfig
 from rlhf_jax.train import rl
 from rlhf_jax.train.recipe import Context, Recipe
-from rlhf_jax.train.rl_algorithms import GRPO
+from rlhf_jax.train.rl_algorithms import GRPO, PPO
 from rlhf_jax.train.rollouts import RolloutCollector
 
-__all__ = ["EnvironmentConfig", "AgenticGRPORunConfig", "TrajectoryCollector", "RECIPE", "rollout_parts"]
+__all__ = ["EnvironmentConfig", "AgenticGRPORunConfig", "AgenticPPORunConfig", "TrajectoryCollector", "RECIPE",
+           "PPO_RECIPE", "rollout_parts", "place_scores"]
 
 ENVIRONMENT_REWARD = "rlhf_jax.agents.rollout:environment_reward"
 
@@ -130,9 +140,45 @@ class AgenticGRPORunConfig(rl.GRPORunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.environment.turn_tokens > self.rollout.max_new_tokens:
-            raise ConfigError(f"environment.turn_tokens ({self.environment.turn_tokens}) must be <= "
-                              f"rollout.max_new_tokens ({self.rollout.max_new_tokens}), the trajectory's budget")
+        _check_budget(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AgenticPPORunConfig(rl.PPORunConfig):
+    """A PPO run over multi-turn trajectories: `PPORunConfig` plus the `environment` section.
+
+    Each turn's reward is placed at that turn's last action token (the batch's `token_rewards`),
+    and GAE runs over the action tokens only (observations are not actions), so a turn's
+    advantage sees its own and later turns' rewards. `rollout.max_new_tokens` is the trajectory's
+    token budget after the prompt; the default reward is the environment's return.
+    """
+
+    environment: EnvironmentConfig = EnvironmentConfig()
+    rewards: RewardConfig = RewardConfig(functions=(ENVIRONMENT_REWARD,))
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_budget(self)
+
+
+def _check_budget(config) -> None:
+    if config.environment.turn_tokens > config.rollout.max_new_tokens:
+        raise ConfigError(f"environment.turn_tokens ({config.environment.turn_tokens}) must be <= "
+                          f"rollout.max_new_tokens ({config.rollout.max_new_tokens}), the trajectory's budget")
+
+
+def place_scores(token_rewards: np.ndarray, scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-token rewards whose row sums are the scores: what the scores add beyond the per-turn
+    rewards (other reward functions, weights) goes at the row's last action token.
+
+    `r[b, t] = token_rewards[b, t] + [t = last action token of b] (scores[b] - sum_t token_rewards[b, t])`.
+    """
+    out = np.array(token_rewards, np.float32, copy=True)
+    mask = np.asarray(mask, bool)
+    rows = np.flatnonzero(mask.any(axis=1))
+    last = mask.shape[1] - 1 - np.argmax(mask[rows, ::-1], axis=1)
+    out[rows, last] += np.asarray(scores, np.float32)[rows] - out[rows].sum(axis=1)
+    return out
 
 
 class TrajectoryCollector(RolloutCollector):
@@ -143,8 +189,12 @@ class TrajectoryCollector(RolloutCollector):
     `env_reward` column; per-row counters (`stats/...`) give the agent metrics of `collect`.
     """
 
-    def setup(self, environment: EnvironmentConfig, *, max_tokens: int) -> "TrajectoryCollector":
+    def setup(self, environment: EnvironmentConfig, *, max_tokens: int,
+              per_turn_rewards: bool = False) -> "TrajectoryCollector":
+        """`per_turn_rewards`: also give each row's `token_rewards` (each turn's reward at its last
+        action token, the rest of the score at the last; PPO's per-token rewards)."""
         self.environment = environment
+        self.per_turn_rewards = per_turn_rewards
         self.limits = environment.limits(max_tokens)
         options = dict(call_format=environment.call_format, runner=environment.runner)
         probe = make_environment(environment.name, **options)
@@ -179,6 +229,8 @@ class TrajectoryCollector(RolloutCollector):
         arrays = trajectory_batch(trajectories, width=self.limits.max_tokens, prompt_width=tokens.shape[1],
                                   pad_id=self.sampler.pad_id)
         returns = arrays.pop("rewards")
+        if getattr(self, "per_turn_rewards", False):
+            arrays["token_rewards"] = turn_token_rewards([t.turn_rewards for t in trajectories], arrays["turn_ends"])
         arrays.update(trajectory_stats(trajectories))
         arrays["columns"] = {k: [v[i] for i in valid for _ in range(n)] for k, v in columns.items()}
         arrays["columns"]["env_reward"] = returns.tolist()
@@ -186,12 +238,17 @@ class TrajectoryCollector(RolloutCollector):
 
     def collect(self, params, first_batch, more_batches, *, rng):
         merged, result, metrics = super().collect(params, first_batch, more_batches, rng=rng)
+        if "token_rewards" in merged:
+            merged["token_rewards"] = place_scores(merged["token_rewards"], merged["scores"],
+                                                   merged["completion_mask"])
         metrics.update(stats_metrics({k: v for k, v in merged.items() if k.startswith("stats/")}))
         return merged, result, metrics
 
 
-def rollout_parts(config: AgenticGRPORunConfig, data, mesh, policy, group_size: int, hooks: Mapping[str, Any]):
-    """The sampler and trajectory collector of an agentic run, and its gold metric (`eval/accuracy`)."""
+def rollout_parts(config: AgenticGRPORunConfig | AgenticPPORunConfig, data, mesh, policy, group_size: int,
+                  hooks: Mapping[str, Any], *, per_turn_rewards: bool = False):
+    """The sampler and trajectory collector of an agentic run, and its gold metric (`eval/accuracy`);
+    `per_turn_rewards`: the collector gives `token_rewards` (PPO)."""
     sources, weights = hooks.get("reward_sources"), hooks.get("reward_weights")
     if sources is None:
         sources, weights = build_rewards(RewardContext(config.rewards, config.rollout.max_new_tokens))
@@ -204,7 +261,7 @@ def rollout_parts(config: AgenticGRPORunConfig, data, mesh, policy, group_size: 
     collector = TrajectoryCollector.from_config(config, sampler=sampler, tokenizer=data.tokenizer, sources=sources,
                                                 weights=weights, group=group_size,
                                                 temperature=config.algorithm.temperature)
-    collector.setup(config.environment, max_tokens=budget)
+    collector.setup(config.environment, max_tokens=budget, per_turn_rewards=per_turn_rewards)
     return collector, ("eval/accuracy", PythonReward(environment_reward, "accuracy"))
 
 
@@ -212,6 +269,21 @@ def _trainer(ctx: Context):
     return rl._trainer(dataclasses.replace(ctx, hooks={**ctx.hooks, "rollout_parts": rollout_parts}))
 
 
+def _ppo_trainer(ctx: Context):
+    parts = functools.partial(rollout_parts, per_turn_rewards=True)
+    return rl._trainer(dataclasses.replace(ctx, hooks={**ctx.hooks, "rollout_parts": parts}))
+
+
+def _ppo_builder(config, mesh):
+    """PPO's program, its abstract batch with the per-token rewards the trajectories bring."""
+    program = rl._builder(PPO, "ppo_step")(config, mesh)
+    mask = program.batch["completion_mask"]
+    batch = {**program.batch, "token_rewards": jax.ShapeDtypeStruct(mask.shape, jnp.float32, sharding=mask.sharding)}
+    return dataclasses.replace(program, batch=batch)
+
+
+_PROGRESS = ("reward", "num_turns/mean", "tool_calls/mean", "kl", "time/generate")
 RECIPE = Recipe(name="agentic_grpo", data_kind=lambda config: "prompt", build=rl._builder(GRPO, "grpo_step"),
-                trainer=_trainer, progress_keys=("reward", "num_turns/mean", "tool_calls/mean", "kl", "time/generate"),
-                check=rl.check_rewards, mesh=rl._trainer_mesh)
+                trainer=_trainer, progress_keys=_PROGRESS, check=rl.check_rewards, mesh=rl._trainer_mesh)
+PPO_RECIPE = Recipe(name="agentic_ppo", data_kind=lambda config: "prompt", build=_ppo_builder,
+                    trainer=_ppo_trainer, progress_keys=_PROGRESS, check=rl.check_rewards, mesh=rl._trainer_mesh)
