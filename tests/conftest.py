@@ -14,16 +14,6 @@ if "xla_force_host_platform_device_count" not in _flags:
 # Benchmarks and real runs keep the default level; an XLA_FLAGS that sets the level itself wins.
 if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
-# XLA:CPU aborts the process when one simulated device's thread reaches an in-process collective 40 s
-# after another (rendezvous "termination timeout"). On a loaded 2-core host the 8 device threads can be
-# starved that long: the PRM experiment aborted at its first step with 5 of 8 threads arrived, then ran
-# through with this limit raised. jaxlib 0.10 has the flag (an unknown XLA flag is fatal, so older ones
-# are left alone).
-if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
-    from importlib.metadata import version as _version
-
-    if tuple(int(p) for p in _version("jaxlib").split(".")[:2]) >= (0, 10):
-        _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=300"
 os.environ["XLA_FLAGS"] = _flags.strip()
 # The suite compiles hundreds of short programs; there, keeping freed host memory (rlhf_jax.host_memory,
 # made for long training loops) cost ~8% wall time and 2.7x the kernel time (test_sampling + test_steps_sft,
