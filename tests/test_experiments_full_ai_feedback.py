@@ -9,9 +9,7 @@ import os
 
 import pytest
 
-from rlhf_jax.cli import main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiment_runs import run_experiment
 
 pytestmark = [
     pytest.mark.slow,
@@ -21,8 +19,7 @@ pytestmark = [
 
 
 def _run(name, workdir, *extra):
-    assert main(["run", os.path.join(ROOT, "experiments", f"{name}.py"), "--set", f"workdir={workdir}",
-                 *extra]) == 0
+    run_experiment(name, workdir, *extra)
     return json.loads((workdir / "results.json").read_text())
 
 
