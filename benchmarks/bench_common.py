@@ -152,37 +152,52 @@ def timed_calls(fn, repeats: int) -> list[float]:
     return out
 
 
-def peak_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_probe(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
     """This machine's f32 matmul throughput right now: a `n^3` NumPy (BLAS, all cores) matmul, median.
 
-    Run after a worker's timed window (BLAS threads are not XLA's), it says how fast the host was
-    at that time: shared hosts drift over minutes (37 to 186 GFLOP/s on the 2-core machine).
+    Returns `(GFLOP per wall second, GFLOP per CPU second of this process)`. Run after a worker's
+    timed window (BLAS threads are not XLA's), the first says how fast the host was at that time:
+    shared hosts drift over minutes (37 to 186 GFLOP/s on the 2-core machine). The second is what a
+    CPU second of this process buys at the large-matmul rate; other processes on the host change it
+    much less than the wall rate (they take cores away, not speed per CPU second).
     """
     import numpy as np
 
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     b = np.random.default_rng(1).random((n, n), dtype=np.float32)
     a @ b
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         a @ b
         times.append(time.perf_counter() - start)
-    return 2 * n**3 / sorted(times)[repeats // 2] / 1e9
+        cpu.append(time.process_time() - start_cpu)
+    return 2 * n**3 / sorted(times)[repeats // 2] / 1e9, 2 * n**3 / sorted(cpu)[repeats // 2] / 1e9
 
 
-def floor_figures(flops: float, step_s: float, target_s: float | None = None) -> dict:
+def peak_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP per wall second of `matmul_probe`."""
+    return matmul_probe(n, repeats)[0]
+
+
+def floor_figures(flops: float, step_s: float, target_s: float | None = None, cpu_s: float | None = None) -> dict:
     """A step's matmul floor: `flops / peak` with the peak measured now, and where the step and target sit.
 
     `floor_s` is what the step would take if every FLOP ran at the large-matmul rate and nothing else
     (norms, softmax, optimizer, data) took any time; a target below it cannot be met on this machine.
+    With the step's CPU seconds `cpu_s`, also `cpu_over_floor`: `cpu_s` over the CPU seconds the
+    probe needs for `flops` (`cpu_floor_s`), the same ratio in CPU time, which a shared host's load
+    moves much less (on a quiet host it is close to `step_over_floor`).
     """
-    gflops = peak_matmul_gflops()
+    gflops, cpu_gflops = matmul_probe()
     floor_s = flops / (gflops * 1e9)
     out = {"step_gflop": round(flops / 1e9, 2), "peak_matmul_gflops": round(gflops, 1), "floor_s": floor_s,
            "step_over_floor": step_s / floor_s}
     if target_s is not None:
         out["target_over_floor"] = target_s / floor_s
+    if cpu_s is not None:
+        out.update(cpu_matmul_gflops=round(cpu_gflops, 1), cpu_floor_s=flops / (cpu_gflops * 1e9),
+                   cpu_over_floor=cpu_s * cpu_gflops * 1e9 / flops)
     return out
 
 
@@ -192,6 +207,8 @@ def floor_text(row: dict, what: str = "step") -> str:
             f"GFLOP/s measured), {what} = {row['step_over_floor']:.2f}x floor")
     if "target_over_floor" in row:
         text += f", target = {row['target_over_floor']:.2f}x floor"
+    if "cpu_over_floor" in row:
+        text += f"; in CPU time {what} = {row['cpu_over_floor']:.2f}x floor ({row['cpu_matmul_gflops']:.0f} GFLOP/CPU-s)"
     return text
 
 

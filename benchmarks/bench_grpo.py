@@ -119,7 +119,9 @@ def run_once(bench_dir: str, devices: int, mode: str | None = None) -> dict:
                 off_policy=OffPolicyConfig(enabled=mode == "off_policy", sampler_devices=devices // 2),
                 algorithm=config.algorithm.replace(tis_cap=2.0 if mode == "off_policy" else None))
         watch = W.CpuWatch()
+        marks = _StepCpuMarks(os.path.join(tmp, "run", "metrics.jsonl"), (WARMUP, STEPS))
         rl.train(config)
+        marks.stop()
         foreign = watch.result()
         records = [r for r in read_jsonl(os.path.join(tmp, "run", "metrics.jsonl")) if "time/step" in r]
     timed = [r for r in records if r["step"] > WARMUP]
@@ -143,8 +145,47 @@ def run_once(bench_dir: str, devices: int, mode: str | None = None) -> dict:
         "sampler_logprob_diff_max": max(r["sampler_logprob_diff/max"] for r in timed),
         "peak_rss_mib": round(W.peak_rss_mib(), 1),
         **foreign,
-        **floor_figures(workload_flops(W, "w4"), between, TARGET_S),
+        **floor_figures(workload_flops(W, "w4"), between, TARGET_S, cpu_s=marks.cpu_per_step(WARMUP, STEPS)),
     }
+
+
+class _StepCpuMarks:
+    """This process's CPU seconds when the metrics file first holds `k` step records, for each `k` given.
+
+    A thread polls the JSONL file every 10 ms (the loop writes one record per step), so the CPU
+    time of the timed steps (`cpu_per_step`) leaves out compilation and the warm-up steps.
+    """
+
+    def __init__(self, path: str, counts: tuple[int, ...]):
+        import threading
+        import time
+
+        self.marks: dict[int, float] = {}
+        self._halt = threading.Event()
+
+        def poll():
+            while not self._halt.is_set():
+                try:
+                    with open(path) as f:
+                        n = sum('"time/step"' in line for line in f)
+                except FileNotFoundError:
+                    n = 0
+                for k in counts:
+                    if n >= k and k not in self.marks:
+                        self.marks[k] = time.process_time()
+                time.sleep(0.01)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self._thread.join()
+
+    def cpu_per_step(self, first: int, last: int) -> float | None:
+        if first not in self.marks or last not in self.marks:
+            return None
+        return (self.marks[last] - self.marks[first]) / (last - first)
 
 
 def main(argv=None) -> None:

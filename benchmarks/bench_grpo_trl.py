@@ -57,13 +57,14 @@ def run_once(bench_dir: str) -> dict:
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.ends = []
+            self.ends, self.cpu = [], []
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.ends = [time.perf_counter()]
+            self.ends, self.cpu = [time.perf_counter()], [time.process_time()]
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,9 +94,10 @@ def run_once(bench_dir: str) -> dict:
     if any(abs(n - w4["new_tokens"]) > 1e-6 for n in lengths):
         raise RuntimeError(f"TRL's completions were not all {w4['new_tokens']} tokens long: {lengths}")
     step_s = statistics.median(steps[WARMUP:])
+    cpu_s = (clock.cpu[-1] - clock.cpu[WARMUP]) / (STEPS - WARMUP)   # CPU per timed step (all threads)
     return {"impl": "trl", "step_s": step_s, "first_step_s": steps[0], "steps_s": [round(s, 4) for s in steps],
             "completion_tokens_per_s": completions * w4["new_tokens"] / step_s, "threads": torch.get_num_threads(),
-            "peak_rss_mib": round(W.peak_rss_mib(), 1), **foreign, **floor_figures(workload_flops(W, "w4"), step_s)}
+            "peak_rss_mib": round(W.peak_rss_mib(), 1), **foreign, **floor_figures(workload_flops(W, "w4"), step_s, cpu_s=cpu_s)}
 
 
 def main(argv=None) -> None:

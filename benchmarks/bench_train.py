@@ -162,7 +162,10 @@ def _worker(args) -> dict:
             frozen = ()
         else:
             objective = DPO(beta=spec["beta"])
-            step = jit_model_step(make_dpo_step(lm, opt_config, objective=objective, logits_chunk_size=args.chunk),
+            # The W2 pairs share their 64-token prompt: it runs once per pair (prefix sharing).
+            shared = None if args.no_shared_prefix else spec["prompt_len"]
+            step = jit_model_step(make_dpo_step(lm, opt_config, objective=objective, logits_chunk_size=args.chunk,
+                                                shared_prefix_len=shared),
                                   lm, opt_config, batch_keys=dpo_batch_keys(objective), frozen_params=1, **jit)
             frozen = (jax.tree.map(jnp.copy, state.params),)
         holder = [state]
@@ -199,15 +202,16 @@ def _measure(args, W, spec, run_step, batch_at, build_seconds: float, *, devices
     med = statistics.median(timed)
     foreign = watch.result()   # the timed steps only, not the floor's matmuls below
     units = spec["batch"] * spec["seq_len"] if args.workload == "w1" else spec["batch_pairs"]
+    cpu_s = statistics.median(cpu_times[spec["warmup_steps"]:])
     return {
         "workload": args.workload, "impl": args.impl, "dtype": args.dtype, "devices": devices,
         "median_s": med, "throughput": units / med,
-        "cpu_s": statistics.median(cpu_times[spec["warmup_steps"]:]),
+        "cpu_s": cpu_s,
         "throughput_unit": "tokens/s" if args.workload == "w1" else "pairs/s",
         "first_step_s": times[0], "build_s": build_seconds, "loss_first": losses[0], "loss_last": losses[-1],
         "peak_rss_mib": round(W.peak_rss_mib(), 1), **foreign,
         "loadavg": open("/proc/loadavg").read().split()[:3],
-        **floor_figures(workload_flops(W, args.workload), med, TARGET_S[args.workload]),
+        **floor_figures(workload_flops(W, args.workload), med, TARGET_S[args.workload], cpu_s=cpu_s),
     }
 
 
@@ -276,6 +280,8 @@ def _summary_row(runs: list[dict]) -> dict:
     row["floor_s"] = statistics.median(r["floor_s"] for r in runs)
     row["step_over_floor"] = statistics.median(r["step_over_floor"] for r in runs)
     row["target_over_floor"] = statistics.median(r["target_over_floor"] for r in runs)
+    row["cpu_over_floor"] = statistics.median(r["cpu_over_floor"] for r in runs)
+    row["cpu_matmul_gflops"] = statistics.median(r["cpu_matmul_gflops"] for r in runs)
     print(f"{row['workload']} {row['dtype']:8s} {row['impl']:14s} median {row['median_s']:.3f} s/step "
           f"(runs {row['runs_s']}), cpu {row['cpu_s']:.3f} s/step, {row['throughput']:.0f} "
           f"{row['throughput_unit']}, first step "
@@ -291,6 +297,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--chunk", type=int, default=None, help="logits_chunk_size of the rlhf_jax steps (default: full logits)")
+    p.add_argument("--no-shared-prefix", action="store_true",
+                   help="W2: run each pair's prompt twice (make_dpo_step without shared_prefix_len)")
     p.add_argument("--bench-dir", default=os.environ.get("RLHF_JAX_BENCH_DIR", DEFAULT_BENCH_DIR),
                    help="folder holding workloads.py")
     p.add_argument("--json", default=os.path.join(REPO, "results", "bench_train.json"))
@@ -318,6 +326,8 @@ def main(argv=None) -> int:
                            "--dtype", dtype, "--bench-dir", args.bench_dir]
                     if args.chunk:
                         cmd += ["--chunk", str(args.chunk)]
+                    if args.no_shared_prefix:
+                        cmd += ["--no-shared-prefix"]
                     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
                     runs[impl].append(run_worker(cmd, env))
             for impl in impls:
