@@ -191,16 +191,48 @@ def _builder(algorithm_type: type[RLAlgorithm], name: str):
 def _reference_logps(policy, config, mesh=None, strategy=None):
     """The jitted reference pass `(params, prompts, lengths, completions, group_size=1) -> [N, C]`.
 
-    `config` is the algorithm section (its sampling `temperature` and LM-head `chunk_size`). With a
+    `config` is the algorithm section (its sampling `temperature`, LM-head `chunk_size`, and
+    `num_minibatches * micro_batches`, the pieces the update splits the rollout batch into). The
+    pass runs as many pieces, one after another under `lax.map` inside the one program, so it holds
+    the activations of one update micro-batch at a time, not of the whole rollout batch. A piece
+    takes whole groups of `group_size` rows (rows sharing a prompt), interleaved as the update's
+    micro-batches are (`split_micro_batches`: every piece takes rows from every data-parallel
+    device); when groups cannot split evenly the rows go one by one (`group_size` 1, same values).
+    Each row's log-probs depend on that row alone, so the result equals the one-piece pass. With a
     mesh it is traced in the activation-sharding context, as the update step is (`rlhf-jax compile`
     plans this same function).
     """
+    pieces = config.num_minibatches * config.micro_batches
+
+    def logps(params, pt, pl, ct, group_size):
+        return completion_logprobs(policy, params, pt, pl, ct, temperature=config.temperature,
+                                   chunk_size=config.chunk_size, group_size=group_size)[0]
+
     def reference(params, pt, pl, ct, group_size=1):
         with contextlib.nullcontext() if mesh is None else sh.activation_sharding(mesh, strategy):
-            return completion_logprobs(policy, params, pt, pl, ct, temperature=config.temperature,
-                                       chunk_size=config.chunk_size, group_size=group_size)[0]
+            n = ct.shape[0]
+            if pieces == 1 or n % pieces:
+                return logps(params, pt, pl, ct, group_size)
+            g = group_size if n % (pieces * group_size) == 0 else 1
+            split = [_split_groups(x, pieces, g) for x in (pt, pl, ct)]
+            out = jax.lax.map(lambda xs: logps(params, *xs, g), split)  # [pieces, n / pieces, C]
+            return _merge_groups(out, g)
 
     return jax.jit(reference, static_argnames="group_size")
+
+
+def _split_groups(x, pieces: int, group: int):
+    """`[N, ...]` -> `[pieces, N / pieces, ...]`: piece k holds groups k, k + pieces, ... of `group` rows."""
+    n = x.shape[0]
+    y = x.reshape((n // (group * pieces), pieces, group) + x.shape[1:])
+    return jnp.swapaxes(y, 0, 1).reshape((pieces, n // pieces) + x.shape[1:])
+
+
+def _merge_groups(y, group: int):
+    """The inverse of `_split_groups`."""
+    pieces, rows = y.shape[:2]
+    x = y.reshape((pieces, rows // group, group) + y.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((pieces * rows,) + y.shape[2:])
 
 
 def _trainer_mesh(config):
