@@ -163,9 +163,9 @@ def _worker(args) -> dict:
         else:
             objective = DPO(beta=spec["beta"])
             # The W2 pairs share their 64-token prompt: it runs once per pair (prefix sharing).
-            shared = None if args.no_shared_prefix else spec["prompt_len"]
+            shared = {} if args.no_shared_prefix else {"shared_prefix_len": spec["prompt_len"]}
             step = jit_model_step(make_dpo_step(lm, opt_config, objective=objective, logits_chunk_size=args.chunk,
-                                                shared_prefix_len=shared),
+                                                **shared),
                                   lm, opt_config, batch_keys=dpo_batch_keys(objective), frozen_params=1, **jit)
             frozen = (jax.tree.map(jnp.copy, state.params),)
         holder = [state]

@@ -98,3 +98,15 @@ def test_shared_prefix_contract_broken_is_a_skipped_step():
         make_dpo_step(lm, optax.sgd(1e-3), shared_prefix_len=1)
 
 
+
+
+def test_dpo_config_shared_prefix_len_is_checked():
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.steps import KTO
+    from rlhf_jax.train.dpo import DPOConfig
+
+    assert DPOConfig(name="d", shared_prefix_len=64).shared_prefix_len == 64
+    with pytest.raises(ConfigError, match="shared_prefix_len must be None or an int >= 2 with a paired objective"):
+        DPOConfig(name="d", shared_prefix_len=1)
+    with pytest.raises(ConfigError, match="got 8 with KTO"):
+        DPOConfig(name="d", algorithm=KTO(), shared_prefix_len=8)

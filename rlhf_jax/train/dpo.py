@@ -97,12 +97,17 @@ class DPOConfig(RunConfig):
       algorithm: the objective, `DPO(...)`, `SimPO(...)`, `ORPO(...)` or `KTO(...)`.
       reference: "model" (a reference forward per step) or "precomputed" (once, before training).
       logits_chunk_size: log-probs from hidden states this many tokens at a time (large vocabularies).
+      shared_prefix_len: `p` when every pair's chosen and rejected rows begin with the same `p`
+        tokens, none of them trained on (a prompt of at least `p` tokens, e.g. the shortest prompt's
+        length): those run once per pair (`make_dpo_step(shared_prefix_len=...)`); same losses, fewer
+        FLOPs. A batch that breaks it is a non-finite step (`train.nonfinite`). Unpacked rows only.
       sampling: the gold-reward evaluation's sampling.
     """
 
     algorithm: DPO | SimPO | ORPO | KTO = DPO()
     reference: ReferenceMode = "model"
     logits_chunk_size: int | None = None
+    shared_prefix_len: int | None = None
     sampling: SampleEvalConfig = SampleEvalConfig()
 
     def __post_init__(self):
@@ -112,6 +117,11 @@ class DPOConfig(RunConfig):
         check_choice("", "reference", self.reference, ReferenceMode)
         if self.logits_chunk_size is not None and self.logits_chunk_size < 1:
             raise ConfigError(f"logits_chunk_size must be a positive int or None, got {self.logits_chunk_size!r}")
+        if self.shared_prefix_len is not None and (not isinstance(self.shared_prefix_len, int)
+                                                   or isinstance(self.shared_prefix_len, bool)
+                                                   or self.shared_prefix_len < 2 or not self.algorithm.paired):
+            raise ConfigError("shared_prefix_len must be None or an int >= 2 with a paired objective, got "
+                              f"{self.shared_prefix_len!r} with {type(self.algorithm).__name__}")
 
     @property
     def uses_reference_model(self) -> bool:
@@ -168,9 +178,13 @@ def _build(config: DPOConfig, mesh):
     model = make_model(config)
     objective = config.algorithm
     segments = num_segments(config)
+    if config.shared_prefix_len is not None and segments != 1:
+        raise ConfigError(f"shared_prefix_len={config.shared_prefix_len} needs unpacked rows; this run packs "
+                          f"{segments} pairs per row")
     update = make_dpo_step(model, config.optim, objective=objective, reference=config.step_reference,
                            micro_batches=config.train.micro_batches, max_segments=segments,
-                           logits_chunk_size=config.logits_chunk_size, nonfinite=config.train.nonfinite)
+                           logits_chunk_size=config.logits_chunk_size, shared_prefix_len=config.shared_prefix_len,
+                           nonfinite=config.train.nonfinite)
     precomputed = objective.needs_reference and config.reference == "precomputed"
     return model_program(config, mesh, model=model, update=update,
                          kind="preference" if objective.paired else "unpaired",
