@@ -21,7 +21,7 @@ from rlhf_jax.train.aot import compile_run, run_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
-TINY = ["sft_tiny", "reward_model_tiny", "dpo_tiny", "online_dpo_tiny", "rlaif_tiny"]
+TINY = ["sft_tiny", "reward_model_tiny", "dpo_tiny", "online_dpo_tiny", "rlaif_tiny", "agentic_tiny"]
 REAL = ["dpo_qwen2_5_0_5b", "dpo_llama3_8b"]
 
 
@@ -100,6 +100,27 @@ def test_dpo_tiny_runs_briefly_from_an_sft_checkpoint(tmp_path):
     assert evals[0]["eval/gold_win_rate"] == 0.5  # step 0 is the starting policy against itself
     assert {"eval/rewards/accuracies", "eval/rewards/margins", "eval/loss"} <= set(evals[-1])
     assert (workdir / "dpo" / "results.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RLHF_JAX_FULL_EXPERIMENTS") != "1",
+                    reason="~25 s of CPU (three stages, two GRPO programs on the 8-device mesh): opt-in with "
+                           "RLHF_JAX_FULL_EXPERIMENTS=1")
+def test_agentic_tiny_runs_briefly_and_writes_results(tmp_path):
+    # One step of each stage on a one-layer model (its modes and docstring are checked above, always);
+    # the learning run is tests/test_agents.py::test_agentic_tiny_tool_use_rises_and_beats_the_no_tool_run.
+    stages = ("sft.", "tool.", "no_tool.")
+    sizes = [f"{s}model.num_layers=1" for s in stages] + [f"{s}train.steps=1" for s in stages] + [
+        "sft.train.eval_every=0", "sft.data.batch_size=8", "num_demos=8", "num_eval_prompts=2"] + [
+        f"{s}{k}" for s in stages[1:] for k in ("train.eval_every=1", "data.batch_size=1", "environment.max_turns=2",
+                                                 "logging.console=false")]
+    args = ["run", _path("agentic_tiny") + ":smoke", "--set", f"workdir={tmp_path}"]
+    assert main(args + [a for kv in sizes for a in ("--set", kv)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["steps"] == 1 and [s for s, _ in results["accuracy_with_tool"]] == [0, 1]
+    assert [s for s, _ in results["accuracy_without_tool"]] == [0, 1] and (tmp_path / "results.png").exists()
+    records = read_jsonl(tmp_path / "tool" / "metrics.jsonl")
+    assert {"num_turns/mean", "tool_calls/mean", "trajectory/observed_tokens/mean"} <= set(records[1])
 
 
 @pytest.mark.parametrize("name", REAL)
