@@ -75,9 +75,10 @@ class EnvironmentConfig:
       concurrency: environments stepped at once (host threads).
       renderer: "raw" (observations as text) or "chat" (through the tokenizer's chat template and its
         tool role; calls in the template's own format).
-      num_slots: decode slots of the continuous-batching engine (`Sampler.generate_requests`: a
-        slot freed by a finished turn is refilled at once; the sampler then runs on one device), or
-        None for one static batch per turn (`Sampler.generate`, on the run's mesh).
+      num_slots: decode slots of the continuous-batching engine (one open session: each
+        trajectory's next turn is submitted as soon as its environment step is back while the other
+        slots keep decoding; the sampler then runs on one device), or None for one static batch per
+        turn (`Sampler.generate`, on the run's mesh).
       call_open, call_close: the tags around a call in the raw format (`<tool>calc(1+2)</tool>`);
         decoding stops at `call_close`.
       result_open, result_close: the tags around a tool's result in the raw format.
