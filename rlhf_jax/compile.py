@@ -332,7 +332,7 @@ def _oom_required(message: str) -> int:
 
 def compile_program(name: str, lower: Any, groups: Mapping[str, Any], *,
                     compiler_options: Mapping[str, Any] | None = None, unknown_trip_count: int | None = None,
-                    note: str = "") -> ProgramReport:
+                    note: str = "", outputs: dict | None = None) -> ProgramReport:
     """Lower and compile one program; report its per-device memory split, FLOPs and collectives.
 
     Args:
@@ -343,29 +343,62 @@ def compile_program(name: str, lower: Any, groups: Mapping[str, Any], *,
       compiler_options: XLA options for this compilation.
       unknown_trip_count: trips of loops XLA cannot count (a decode loop: max_new_tokens).
       note: carried into the report.
+      outputs: when given with a "mesh", receives the compiled program's "shardings" (its outputs').
+
+    Within `rlhf_jax.plan_cache.use_plan_cache`, a program whose lowered module, options, compiler
+    and target are in the cache is not compiled: its figures come from the cache.
 
     Returns:
       A `ProgramReport`; a compilation failure (out of memory) is `ok=False` with the message and,
       when the compiler states it, the bytes it needed.
     """
-    from rlhf_jax.hlo_analysis import analyze_hlo  # noqa: PLC0415
+    from rlhf_jax import plan_cache  # noqa: PLC0415
 
     arguments = {k: bytes_per_device(v) for k, v in groups.items()}
     largest = tuple((n, f"argument {path}", shape) for n, path, shape in largest_leaves(groups))
     t0 = time.perf_counter()
+    cache, key, entry = plan_cache.active_cache(), None, None
     try:
         lowered = lower()
-        # `lower` may hand back a program it compiled itself (to read its output shardings).
-        compiled = lowered.compile(compiler_options=dict(compiler_options or {})) if hasattr(lowered, "compile") \
-            else lowered
+        if cache is not None:
+            key = plan_cache.program_key(lowered.as_text(), target=cache.target,
+                                         compiler_options=dict(compiler_options or {}))
+            entry = cache.get(key)
+        if entry is None:
+            compiled = lowered.compile(compiler_options=dict(compiler_options or {}))
     except sh.ShardingError:
         raise
     except Exception as e:  # the compiler refusing (out of memory): a report, not a crash
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return ProgramReport(name, ok=False, error=message, arguments=arguments, argument_bytes=sum(arguments.values()),
-                             required_bytes=_oom_required(message), largest=largest,
-                             compile_seconds=time.perf_counter() - t0, note=note)
-    seconds = time.perf_counter() - t0
+        entry = {"ok": False, "error": message, "required_bytes": _oom_required(message),
+                 "compile_seconds": time.perf_counter() - t0}
+        if key is not None:
+            cache.put(key, entry)
+    if entry is None:
+        entry = _compiled_figures(compiled, unknown_trip_count, time.perf_counter() - t0)
+        if key is not None:
+            cache.put(key, entry)
+        if outputs is not None:
+            outputs["shardings"] = compiled.output_shardings
+    elif outputs is not None and entry["ok"]:
+        outputs["shardings"] = _shardings_from_specs(entry["output_specs"], outputs["mesh"])
+    if not entry["ok"]:
+        return ProgramReport(name, ok=False, error=entry["error"], arguments=arguments,
+                             argument_bytes=sum(arguments.values()), required_bytes=entry["required_bytes"],
+                             largest=largest, compile_seconds=entry["compile_seconds"], note=note)
+    buffers = tuple((n, f"temporary {shape}", where) for n, shape, where in entry["buffers"])
+    merged = tuple(sorted(largest + buffers, key=lambda b: -b[0])[:5])
+    return ProgramReport(name, ok=True, arguments=arguments, argument_bytes=entry["argument_bytes"],
+                         output_bytes=entry["output_bytes"], alias_bytes=entry["alias_bytes"],
+                         temp_bytes=entry["temp_bytes"], peak_bytes=entry["peak_bytes"], flops=entry["flops"],
+                         xla_flops=entry["xla_flops"], collectives=entry["collectives"], largest=merged,
+                         compile_seconds=entry["compile_seconds"], note=note)
+
+
+def _compiled_figures(compiled, unknown_trip_count: int | None, seconds: float) -> dict[str, Any]:
+    """What a plan reads from a compiled program, as JSON-able data (what `plan_cache` stores)."""
+    from rlhf_jax.hlo_analysis import analyze_hlo  # noqa: PLC0415
+
     mem = compiled.memory_analysis()
     arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
     alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
@@ -377,11 +410,24 @@ def compile_program(name: str, lower: Any, groups: Mapping[str, Any], *,
     except Exception:
         xla_flops = None
     stats = analyze_hlo(compiled.as_text(), xla_flops=xla_flops, unknown_trip_count=unknown_trip_count)
-    buffers = tuple((n, f"temporary {shape}", where) for n, shape, where in stats.largest)
-    merged = tuple(sorted(largest + buffers, key=lambda b: -b[0])[:5])
-    return ProgramReport(name, ok=True, arguments=arguments, argument_bytes=arg, output_bytes=out, alias_bytes=alias,
-                         temp_bytes=temp, peak_bytes=peak, flops=stats.flops, xla_flops=xla_flops,
-                         collectives=stats.collectives, largest=merged, compile_seconds=seconds, note=note)
+    specs = [_spec_of(s) for s in jax.tree.leaves(compiled.output_shardings)]
+    return {"ok": True, "argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+            "peak_bytes": peak, "flops": stats.flops, "xla_flops": xla_flops, "collectives": dict(stats.collectives),
+            "buffers": [list(b) for b in stats.largest], "compile_seconds": seconds, "output_specs": specs}
+
+
+def _spec_of(sharding) -> list | None:
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return None
+    return [list(d) if isinstance(d, tuple) else d for d in spec]
+
+
+def _shardings_from_specs(specs: list, mesh: Mesh) -> list:
+    from jax.sharding import PartitionSpec  # noqa: PLC0415
+
+    return [NamedSharding(mesh, PartitionSpec(*[tuple(d) if isinstance(d, list) else d for d in spec]))
+            for spec in specs]
 
 
 def format_program(p: ProgramReport, memory: int | None = None) -> str:

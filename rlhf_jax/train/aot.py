@@ -106,6 +106,7 @@ class RunPlan:
         parameters and optimizer state, the reference, sampler weights, reward model).
       peak_bytes: the run's peak per device: the largest over programs of the program's peak plus
         the resident buffers it does not take as arguments; peak_program names it.
+      program_peaks: that sum for each program (the run's memory while the program runs).
       fits: the run's peak fits (and every program compiled).
       suggestions: `(knob, verdict)` pairs, each from compiling the changed config.
     """
@@ -120,6 +121,7 @@ class RunPlan:
     fits: bool
     note: str = ""
     suggestions: tuple[tuple[str, str], ...] = ()
+    program_peaks: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -266,21 +268,17 @@ def _rl_programs(config, program: Program, mesh, state_abs, options):
     group = algorithm.group_size
     prefill = sampler._prefill.lower(decode_params, tokens, lengths, key, max_new_tokens=new, num_samples=group)
     shape_note = f"{prompts} prompts x {group} samples, prompt {width} + {new} new tokens"
-    compiled = {}
-
-    def compile_prefill():
-        compiled["prefill"] = prefill.compile(compiler_options=dict(options or {}))
-        return compiled["prefill"]
-
-    reports.append(compile_program("sampler prefill", compile_prefill, {"sampler weights": decode_params,
+    compiled = {"mesh": mesh}
+    reports.append(compile_program("sampler prefill", lambda: prefill, {"sampler weights": decode_params,
                                                                         "batch": (tokens, lengths)},
-                                   compiler_options=options, note=shape_note))
+                                   compiler_options=options, note=shape_note, outputs=compiled))
     uses["sampler prefill"] = {"sampler weights"}
-    if "prefill" not in compiled:  # it did not compile: the decode loop cannot be laid out either
+    if "shardings" not in compiled:  # it did not compile: the decode loop cannot be laid out either
         return reports, uses, resident
     # The loop state as the compiled prefill lays it out (rows over the batch axes, cache heads split).
+    out_shardings = jax.tree.unflatten(jax.tree.structure(prefill.out_info), jax.tree.leaves(compiled["shardings"]))
     state_abs_s = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), prefill.out_info,
-                               compiled["prefill"].output_shardings)
+                               out_shardings)
     kv = [state_abs_s.cache_k, state_abs_s.cache_v]
     method = Categorical(temperature=config.algorithm.temperature)
     stop = (config.model.vocab_size - 1,)
@@ -333,21 +331,26 @@ def plan_run(config: RunConfig, *, target: Target | None = None, device_memory_b
     stay allocated while it runs and are not among its arguments (the train state during an
     evaluation or the sampler's loop, the sampler's weights and a reward model during the update).
     """
+    from rlhf_jax.plan_cache import cache_target  # noqa: PLC0415
+
     target = target or resolve_target(None)
     mesh = sh.make_mesh(config.mesh.shape, devices=list(target.devices))
     program = recipe_for(config).build(config, mesh)
-    reports, resident, uses = _programs(config, program, mesh, compiler_options)
+    with cache_target(target.label):
+        reports, resident, uses = _programs(config, program, mesh, compiler_options)
     memory = device_memory_bytes if device_memory_bytes is not None else target.memory_bytes
     if any(not p.ok for p in reports):
         reports = _figures_from_proxy(config, target, reports, compiler_options)
-    peak, where = 0, ""
+    peak, where, totals = 0, "", {}
     for p in reports:
         own = p.peak_bytes if p.ok else max(p.required_bytes, p.peak_bytes, p.argument_bytes)
         total = own + sum(v for k, v in resident.items() if k not in uses.get(p.name, set()) and k not in p.arguments)
+        totals[p.name] = total
         if total > peak:
             peak, where = total, p.name
     fits = all(p.ok for p in reports) and (memory is None or peak <= memory)
-    return RunPlan(config.name, target.label, memory, tuple(reports), resident, peak, where, fits, note=target.note)
+    return RunPlan(config.name, target.label, memory, tuple(reports), resident, peak, where, fits, note=target.note,
+                   program_peaks=totals)
 
 
 def _figures_from_proxy(config: RunConfig, target: Target, reports: list, options) -> list:
@@ -358,6 +361,7 @@ def _figures_from_proxy(config: RunConfig, target: Target, reports: list, option
     split, the peak and the largest buffers (TPU generations lay buffers out alike; the verdict
     stays the target's).
     """
+    from rlhf_jax.plan_cache import cache_target  # noqa: PLC0415
     from rlhf_jax.targets import _grid  # noqa: PLC0415
 
     n = len(target.devices)
@@ -368,7 +372,8 @@ def _figures_from_proxy(config: RunConfig, target: Target, reports: list, option
     try:
         proxy = resolve_target(proxy_name)
         mesh = sh.make_mesh(config.mesh.shape, devices=list(proxy.devices))
-        proxied, _, _ = _programs(config, recipe_for(config).build(config, mesh), mesh, options)
+        with cache_target(proxy_name):
+            proxied, _, _ = _programs(config, recipe_for(config).build(config, mesh), mesh, options)
     except Exception:
         return reports
     by_name = {p.name: p for p in proxied}
