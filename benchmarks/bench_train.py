@@ -16,7 +16,10 @@ Implementations:
 - `plain`: a hand-written `jax.jit` step (same model forward, optax AdamW + clipping, full logits,
   `optax.softmax_cross_entropy_with_integer_labels` / a direct DPO loss) on one device.
 - `rlhf_jax`: `make_sft_step` / `make_dpo_step` data parallel over 2 host devices
-  (`--xla_force_host_platform_device_count=2`, so XLA:CPU runs one program per core).
+  (`--xla_force_host_platform_device_count=2`, so XLA:CPU runs one program per core). W2's pairs
+  share their 64-token prompt, so the step runs it once per pair (`shared_prefix_len=64`;
+  `--no-shared-prefix` runs each row whole, as before issue 23); the LM head runs on the 192
+  completion positions only (the DPO step's default).
 - `rlhf_jax_1dev`: the same steps on one device (the framework's overhead against `plain`).
 - `torch` (opt-in: `--impls ...,torch`): transformers' LlamaForCausalLM with torch AdamW, what TRL
   runs; PEERS.md was measured on another CPU, so `rlhf_jax / torch` here against `0.45 / TRL` there
@@ -33,6 +36,9 @@ fewest matmul FLOPs the step needs (W1 67.8, W2 163.8 GFLOP) over the f32 matmul
 BLAS matmul reaches in the same process right after the timed steps, and where the step and the
 target (W1 0.45 s, W2 1.0 s) sit as multiples of it. A target near 1x floor asks every FLOP of the
 step, the small matmuls included, to run at the large-matmul rate with nothing else costing time.
+`cpu_over_floor` is the same ratio in CPU time (the step's CPU seconds over the BLAS probe's for
+the same FLOPs): on a host shared with other processes it moves much less than the wall-time ratio.
+Figures taken: `benchmarks/CPU.md`.
 """
 
 from __future__ import annotations
