@@ -8,17 +8,34 @@ unallocated table entries point at it, so writes of padding or of idle rows land
 read unmasked (a query at position `p` only sees logical slots `<= p`, which a row has allocated).
 
 `CausalLM.forward(..., cache=PagedKVCache(...))` runs the same layers as with a `KVCache`:
-attention writes the new keys/values through the table (one scatter) and reads each row's logical
-view `[B, kv_heads, table_width * bs, head_dim]` through it (a gather), then the reference einsum
-(`rlhf_jax.models.attention.reference_attention`), so the numerics are the dense cache's. The view
-covers `table_width` blocks: pass a table cut to the blocks the batch needs (the continuous batcher
-picks the width per decode segment).
+attention writes the new keys/values through the table (one scatter, in place inside a loop) and
+reads them in one of three ways:
+
+- a prefill (or any step without `pool_mask`): each row's logical view
+  `[B, kv_heads, table_width * bs, head_dim]` gathered through its table, then the reference einsum
+  (`rlhf_jax.models.attention.reference_attention`), so the numerics are the dense cache's; the view
+  covers `table_width` blocks (pass a table cut to the blocks the batch needs);
+- single-token decode with a `PoolRoute` (`pool_route`, the continuous batcher's decode read): every
+  pool block is scored against the query of the one row that holds it (`routed_attention`): a
+  batched matrix-vector product over the pool where it lies, the per-row softmax sums as one-hot
+  matmuls over blocks; blocks shared by several rows (a group's prompt) are read once more per
+  further row through a small gather. Work ~ pool size (not rows x pool, not rows x max_len);
+- single-token decode with a bool pool mask (`pool_visibility`): every row against the whole pool
+  (`pool_attention`, B x the routed read's work; kept as a reference).
+
+Why not the gather on the decode path: XLA:CPU's gather is an indexed element copy; at W5 sizes (16
+rows x 36 blocks of 16 x 4 heads x 64) gathering the views costs more than the attention over them
+(measured in one process: view gather + einsum 23 ms per step for 4 layers, whole-pool matmul 9.6 ms,
+dense 576-slot cache read 2.3 ms, routed read 1.1-1.5 ms; own CPU time on a contended 2-core host).
+The routed read's dots keep XLA:CPU's operand order (batch axes first, the left operand contracted
+on its last axis, the right one on its first): written the other way round XLA transposes the whole
+pool (or the per-block outputs) at every step.
 
 Kernels: JAX ships a Pallas paged-attention kernel for TPU only
 (`jax.experimental.pallas.ops.tpu.paged_attention`, decode, pool layout
 `[kv_heads, pages, page_size, head_dim]` as here); none for GPU (cuDNN's paged attention is not
-exposed by `jax.nn.dot_product_attention`). This module uses the gather + einsum path on every
-platform; the pool layout is the TPU kernel's so that it can be selected there later.
+exposed by `jax.nn.dot_product_attention`). This module uses the paths above on every platform; the
+pool layout is the TPU kernel's so that it can be selected there later.
 """
 
 from __future__ import annotations
@@ -223,7 +240,7 @@ def routed_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, route: 
     def partial(onehot, k, valid):
         """Scores of the blocks `k [kv_heads, M, bs, D]` against the rows of `onehot [B, M]`."""
         oh = jnp.broadcast_to(jnp.swapaxes(onehot, 0, 1)[None], (hkv,) + onehot.shape[::-1])   # [kv, M, B]
-        qi = jnp.einsum("kmb,kbx->kmx", oh, qg).reshape(hkv, -1, g, d)            # each block's row query
+        qi = jnp.einsum("kmb,kbx->kmx", oh.astype(qg.dtype), qg).reshape(hkv, -1, g, d)   # each block's row query
         s = jnp.einsum("kmpd,kmgd->kmpg", k, qi, preferred_element_type=f32)
         s = jnp.swapaxes(jnp.where(valid[None, :, :, None], s * scale, -jnp.inf), 2, 3)
         return s, jnp.max(s, axis=-1)                                           # [kv, M, g, bs], [kv, M, g]

@@ -49,20 +49,29 @@ How it runs (`ContinuousBatcher`):
   the front of the queue, to be resumed by a prefill of prompt + its tokens so far (vLLM's recompute
   preemption); its output continues with the same keys. Admission keeps `reserve_blocks` blocks per
   running slot free so that preemption stays rare.
-- Attention reads through the block tables (gather + the reference einsum) over a view of
-  `W` blocks per slot, `W` the smallest of a few widths that covers the running slots; one segment
-  program per (width, set of sampling-method kinds), one admit program per prompt bucket, compiled
-  once per process (`Sampler.num_compiled()`).
+- Decode attention reads the pool where it lies (`attention="pool"`, `rlhf_jax.models.paged.
+  routed_attention`): each block is scored against the query of the slot that holds it (a batched
+  matrix-vector product over the pool; per-slot softmax sums as one-hot matmuls), so a step's read
+  follows the pool size, not slots x `max_len`; blocks a group shares are read once more per further
+  sample through a small gather whose size (bucketed) the host counts per segment. The prefill reads
+  through the block tables (gather + the reference einsum). One segment program per (set of
+  sampling-method kinds, shared-read bucket), one admit program per prompt bucket, compiled once per
+  process (`Sampler.num_compiled()`).
 
-W5 (`benchmarks/bench_w5.py`, 128 ragged requests, 16 slots, a contended 2-core host, same-process
-ratios): 1,280 decode steps against the static call's 3,393, 122 host round trips per call, 3 programs
-compiled once. With the paged pool at 0.5x the static cache (288 blocks of 16, peak 248, no
-preemption) the call ran 0.93x the static call and 3.78x HF `generate`: XLA:CPU's paged reads (the
-whole-pool matmul, or a gather of each row's blocks) cost ~3x a static decode step (own CPU per step
-8.7 ms static, 26 ms pool, 27 ms gather). With `attention="dense"` (no paging) the same scheduler ran
-1.97x the static call (2.19x in own CPU time). A fused paged-attention kernel (JAX ships a Pallas one
-for TPU: `jax.experimental.pallas.ops.tpu.paged_attention`, not wired here) is what the paged path
-needs to keep the dense path's step cost.
+W5 (`benchmarks/bench_w5.py --w5`, 128 ragged requests, 16 slots, paged pool at 0.5x the static cache:
+288 blocks of 16, peak 248 in use, no preemption; same-process ratios on a 2-core host shared with
+other sessions, 1.4-1.6 foreign cores busy): 1,280 decode steps against the static call's 3,393, 122
+host round trips per call, 3 programs compiled once (none per call). Two runs: continuous 3.58x and
+2.85x the static call in wall time, 2.54x in own CPU time (continuous 12.1 s, static 30.8 s per call);
+HF `generate`: below. Per decode step the routed pool read costs less than the static call's dense cache
+read (it follows the pool's 4,608 positions, while the static call reads 16 rows x its cache, ~430
+slots per row on average over W5's batches, 576 at the end of the long ones): in one process, 4 layers,
+own CPU, the routed read 1.1-1.5 ms against 2.3-3.6 ms for 16 x 576 dense slots; the rest of a step
+(weights, LM head, sampling) is the static step's (per-row sampling, stop checks and key folding:
+0.18 ms against 0.16 ms). Before the routed read the paged decode cost ~3x a static step (whole-pool
+matmul under a visibility mask: 16x the work; gathered views: XLA:CPU's gather) and W5 ran 0.93x the
+static call; `attention="dense"` (no paging) ran 1.97x, its rows reading all 576 slots at every step.
+HF `generate` in batches of 16 (same process as the 2.85x run): still running when this was written.
 """
 
 from __future__ import annotations
@@ -269,11 +278,11 @@ class ContinuousBatcher:
       num_blocks: blocks in the pool (default: enough for every slot at `max_len`, i.e. no waiting).
       reserve_blocks: free blocks kept per running slot when admitting (fewer preemptions).
       max_stop_ids, max_stop_sequences, max_stop_len: capacity of the per-slot stop tables.
-      attention: how decode reads the cache. "pool" (default): the whole block pool under a per-row
-        visibility mask (one dense matmul, cost ~ slots x pool size); "gather": each row's blocks
-        gathered into a view of a few widths; "dense": no paging, one `max_len` cache row per slot
-        (the static sampler's layout and attention cost; memory = slots x max_len, `num_blocks`
-        ignored). On XLA:CPU both paged reads cost ~3x a static decode step at W5's sizes.
+      attention: how decode reads the cache. "pool" (default): each pool block against the query of
+        the slot that holds it (`rlhf_jax.models.paged.routed_attention`: no gather, cost ~ pool
+        size); "gather": each row's blocks gathered into a view of a few widths (XLA:CPU's gather
+        costs more than the attention over the view); "dense": no paging, one `max_len` cache row
+        per slot (the static sampler's layout; memory = slots x max_len, `num_blocks` ignored).
       methods: "auto" compiles the segment for the sampling-method kinds present in a call (the sort of
         top-k / top-p only when used); "all" compiles one segment program that serves every mix.
     """
