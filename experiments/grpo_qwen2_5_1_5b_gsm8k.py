@@ -18,17 +18,20 @@ prompt, the `answer` column reaches the reward. Reward: the built-in "math" veri
 (`rlhf_jax.rewards.math_answers`): the completion's final answer (`\\boxed{}`, "#### x", "the
 answer is x") against the solution's "#### x", equivalence by math-verify; 1 or 0.
 
-Recipe (DeepSeekMath's GRPO at this size, without its KL term as DAPO and Dr. GRPO drop it): 64
-prompts per step x 8 samples at temperature 1, completions up to 1,024 tokens, group-normalised
-advantages, clipped ratio (0.2), learning rate 1e-6, one update epoch per rollout batch in 8
-micro-batches, float32 parameters with bfloat16 compute and sampling, every layer rematerialized,
-FSDP over the 8 chips. `rlhf-jax compile` on v5p:2x2x2 plans, per chip: parameters 0.72 GiB and Adam
-moments 1.44 GiB; the update (with its old-policy log-prob pass) peaks at 13.6 GiB (the run at 14.0
-GiB, 15%); the weight hand-off 1.2 GiB; prefill 2.4 GiB; the decode loop 5.3 GiB with a 1.31 GiB KV
-cache of 512 rows x 1,280 positions: the run fits a v5p chip's 95 GiB. With a KL term (`--set
-algorithm.kl_coef=0.04`) the reference log-prob pass over the whole rollout batch, not
-micro-batched, needs 335 GiB per chip and does not fit. Expect held-out accuracy (`eval/reward`) to
-rise from the instruct model's level within a few hundred steps.
+Recipe (DeepSeekMath's GRPO at this size, with its KL term: k3 estimator in the loss, coefficient
+0.04): 64 prompts per step x 8 samples at temperature 1, completions up to 1,024 tokens,
+group-normalised advantages, clipped ratio (0.2), learning rate 1e-6, one update epoch per rollout
+batch in 8 micro-batches, float32 parameters with bfloat16 compute and sampling, every layer
+rematerialized, FSDP over the 8 chips. The reference log-prob pass runs the 512 rollouts in the
+update's 8 micro-batches (64 rows, 8 per chip, at a time); over the whole batch at once it needed
+335 GiB per chip. `rlhf-jax compile` on v5p:2x2x2, every program planned at 1 and 2 layers and
+extrapolated along that line to 28 (an upper bound; tests/test_compile_tpu.py), gives per chip at
+most: update (with its old-policy log-prob pass) 16.6 GiB, reference pass 17.3 GiB (a 4.6 GiB
+f32[8,1024,151936] logits block per micro-batch), sampler prefill 20.3 GiB, decode loop 8.5 GiB,
+weight hand-off 3.4 GiB: the run fits a v5p chip's 95 GiB (at most 21%). A full-depth compile
+without the KL term measured: parameters 0.72 GiB and Adam moments 1.44 GiB per chip, update 13.6
+GiB, prefill 2.4 GiB, decode 5.3 GiB with a 1.31 GiB KV cache of 512 rows x 1,280 positions. Expect
+held-out accuracy (`eval/reward`) to rise from the instruct model's level within a few hundred steps.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def get_config(arg: str | None = None) -> rl.GRPORunConfig:
                             tokenizer="models/Qwen2.5-1.5B-Instruct", string_format="chat",
                             max_len=1280, max_prompt_len=256, batch_size=64, on_error="skip"),
             mesh=MeshConfig(data=1, fsdp=-1, tensor=1, strategy="fsdp"),
-            algorithm=grpo_config("grpo", group_size=8, kl_coef=0.0, num_epochs=1, micro_batches=8,
+            algorithm=grpo_config("grpo", group_size=8, kl_coef=0.04, num_epochs=1, micro_batches=8,
                                   temperature=1.0),
             rollout=RolloutConfig(max_new_tokens=1024, sampler_dtype="bfloat16"),
             rewards=RewardConfig(functions=("math",)),
