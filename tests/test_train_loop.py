@@ -181,3 +181,53 @@ def test_skip_policy_reports_and_continues(tmp_path):
             metrics_module.ProgressBar.__init__ = original
     assert result.step == 4
     assert "step 2: non-finite loss or gradient; update skipped" in stream.getvalue()
+
+
+def test_fit_bounds_the_steps_in_flight_on_an_8_device_collective_step(tmp_path):
+    """Steps dispatched without a host sync (logging.every > steps) stay at most `MAX_IN_FLIGHT`
+    ahead. Unbounded, XLA:CPU with 8 host devices on a host with < 16 cores aborts once ~32
+    all-reduce steps are in flight (its 8 client threads, a per-device limit of 32 unfinished
+    programs: launches blocked on the limit hold the threads an earlier all-reduce needs); this
+    run did so on the 2-core CI host without the window."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from rlhf_jax.train.loop import MAX_IN_FLIGHT, InFlight
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    assert mesh.size == 8 and MAX_IN_FLIGHT < 32
+    rows = jax.device_put(np.random.default_rng(0).normal(size=(512, 256)).astype(np.float32),
+                          NamedSharding(mesh, P("data")))
+
+    class Rows:
+        def __next__(self):
+            return {"x": rows}
+
+        def get_state(self):
+            return {}
+
+    @jax.jit
+    def step_fn(state, batch):
+        h = batch["x"]
+        for _ in range(5):  # enough work per step that dispatch runs ahead of execution
+            h = jnp.tanh(h @ state["w"])
+        g = jnp.mean(h)  # an all-reduce over the 8 devices
+        return {"w": state["w"] - 1e-3 * g}, {"loss": g}
+
+    state = {"w": jax.device_put(jnp.eye(256) * 0.5, NamedSharding(mesh, P()))}
+    window, outs = InFlight(limit=2), []  # the window itself: adding output n + limit waits for output n
+    for _ in range(3):
+        outs.append(step_fn(state, {"x": rows})[1]["loss"])
+        window.add(outs[-1])
+    assert outs[0].is_ready()
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        result = _fit(run, steps=64, state=state, step_fn=step_fn, batches=Rows(),
+                      checkpoint=CheckpointConfig(every=0, async_save=False),
+                      logging=LoggingConfig(every=1000, console=False, tensorboard=False), train=TrainConfig(steps=64))
+    assert result.step == 64
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    expected = []  # the same steps run one at a time
+    for _ in range(64):
+        state, metrics = step_fn(state, {"x": rows})
+        expected.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, expected, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(result.state["w"], state["w"], rtol=1e-6)

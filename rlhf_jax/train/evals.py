@@ -22,6 +22,7 @@ from rlhf_jax import sharding as sh
 from rlhf_jax.sampling import Greedy
 from rlhf_jax.distributed import sum_over_processes
 from rlhf_jax.train.data import device_batch
+from rlhf_jax.train.loop import InFlight
 from rlhf_jax.train.rollouts import RolloutCollector
 
 __all__ = ["make_weighted_eval", "make_policy_eval"]
@@ -62,7 +63,11 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
         return {"loss": loss * w, **{k: v * w for k, v in chosen.items()}}, w
 
     def evaluate(params) -> dict[str, float]:
-        results = jax.device_get([totals(params, b) for b in device_batches])
+        results, in_flight = [], InFlight()
+        for b in device_batches:
+            results.append(totals(params, b))
+            in_flight.add(results[-1])  # a bounded dispatch window, as in training (see `InFlight`)
+        results = jax.device_get(results)
         n = max(sum(float(w) for _, w in results), 1.0)
         return {f"eval/{k}": sum(float(t[k]) for t, _ in results) / n for k in results[0][0]}
 

@@ -3,6 +3,7 @@
     for s in start+1 .. total:
         state, metrics = step(state, next_batch())      # jitted, asynchronous
         buffer metrics                                  # no host sync
+        wait for step s - 8 to finish                   # at most 8 steps in flight (`InFlight`)
         every logging.every steps: fetch, write, check the NaN/Inf guard's flags
         every train.eval_every steps: evaluate(state) -> "eval/..." metrics
         every checkpoint.every steps: save (asynchronously)
@@ -21,8 +22,11 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+import jax
 
 from rlhf_jax.checkpoint import Checkpointer, is_checkpoint_dir
 from rlhf_jax.distributed import any_process, is_main, preemption_sync_point
@@ -30,7 +34,31 @@ from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainC
 from rlhf_jax.metrics import MetricsBuffer, MetricsLogger, read_jsonl
 from rlhf_jax.train.results import write_json
 
-__all__ = ["TrainingHalted", "StopSignal", "RunDir", "FitResult", "fit", "open_run"]
+__all__ = ["TrainingHalted", "StopSignal", "RunDir", "FitResult", "fit", "open_run", "InFlight"]
+
+MAX_IN_FLIGHT = 8  # dispatched programs allowed to run ahead of the host (see `InFlight`)
+
+
+class InFlight:
+    """Bounds how far the host dispatches ahead: `add(outputs)` of a program's n-th dispatch waits
+    for the outputs of dispatch n - `limit`, so at most `limit` programs are unfinished.
+
+    Asynchronous dispatch needs a small window only; an unbounded one deadlocks XLA:CPU with N
+    host devices (`--xla_force_host_platform_device_count`) on a host with fewer than 2N cores:
+    its client has max(cores, N) threads, a program's launch blocks a thread while the device has
+    32 unfinished programs, and an N-device collective needs N threads at once. Past 32 steps
+    dispatched without a host sync (e.g. `logging.every` > 32), some launches hold threads that
+    the all-reduce of an earlier step needs, and XLA aborts ("Expected 8 threads to join the
+    rendezvous, but only 6 of them arrived").
+    """
+
+    def __init__(self, limit: int = MAX_IN_FLIGHT):
+        self.limit, self._pending = limit, deque()
+
+    def add(self, outputs: Any) -> None:
+        self._pending.append(outputs)
+        while len(self._pending) > self.limit:
+            jax.block_until_ready(self._pending.popleft())
 
 
 class TrainingHalted(RuntimeError):
@@ -190,6 +218,7 @@ def fit(
                            keys=progress_keys, run_config=run_config, run_name=os.path.basename(run.path),
                            stream=quiet)
     buffer = MetricsBuffer()
+    in_flight = InFlight()
     last_eval: dict[str, float] = {}
     last_metrics: dict[str, float] = {}
     step = start_step
@@ -247,6 +276,7 @@ def fit(
                 state, metrics = step_fn(state, next(batches))
                 step += 1
                 buffer.append(step, metrics)
+                in_flight.add(metrics)  # the metrics come from the step's program: done with it
                 logger.tick(step)  # the progress bar's rate is per step, though metrics are fetched every few
                 stopping = should_stop(step)
                 final = step == train.steps
