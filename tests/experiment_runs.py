@@ -2,10 +2,7 @@
 
 The suite's interpreter simulates 8 CPU devices at LLVM optimisation level 0 (conftest.py). A full
 experiment runs thousands of steps, so it gets what a user's CPU run gets instead: one CPU device and
-XLA's default optimisation. (With 8 simulated devices, XLA:CPU's in-process collectives deadlocked in
-the PRM experiment: two devices' launches blocked on their in-flight semaphore while the other six
-waited in an all-reduce, in several attempts on a loaded host; a real accelerator's collectives
-are not that code.)
+XLA's default optimisation, in a process of its own.
 """
 
 import os
