@@ -49,7 +49,11 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
     """
     device_batches = [device_batch(b, mesh, strategy) for b in batches]
     if prepare is not None:
-        device_batches = [prepare(b, *frozen) for b in device_batches]
+        prepared, in_flight = [], InFlight()
+        for b in device_batches:
+            prepared.append(prepare(b, *frozen))
+            in_flight.add(prepared[-1])
+        device_batches = prepared
     key = jax.random.key(0)
 
     @jax.jit
