@@ -16,9 +16,9 @@ Compiling these for TPU takes minutes per config on 2 cores (XLA:TPU's code gene
 figures come from `tests/data/tpu_plans.json`, a `rlhf_jax.plan_cache` of real TPU compiles keyed
 by each program's lowered module, compile options, jax / jaxlib / libtpu versions and target: the
 test lowers every program (seconds) and reads the figures of exactly that module. A changed model,
-config, recipe, sharding or compiler changes the key; with the same compiler versions a miss fails
-(refresh the file: `RLHF_JAX_FULL_EXPERIMENTS=1 python -m pytest tests/test_compile_tpu.py -n 0`,
-which compiles everything for real), with other versions the program compiles for real here.
+config, recipe, sharding or compiler changes the key: that program compiles for real here (minutes)
+with a warning naming the command that re-records the file
+(`RLHF_JAX_FULL_EXPERIMENTS=1 python -m pytest tests/test_compile_tpu.py -n 0`).
 `test_tpu_plan_reports_every_program_with_figures` compiles a tiny run for a v5e slice on every run.
 """
 
@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 
 import pytest
 
@@ -90,10 +91,11 @@ def _plans(config, target, depths):
         plans = [plan_run(override(config, [f"model.num_layers={d}"]), target=target) for d in depths]
         if FULL:
             cache.entries["_runs"] = sorted(set(cache.entries.get("_runs", [])) | {config.name})
-    if not FULL and cache.same_compiler:
-        assert cache.misses == 0, (f"{config.name}: {cache.misses} programs are not in {PLANS} (the config, model, "
-                                   "recipe or sharding changed): refresh it with RLHF_JAX_FULL_EXPERIMENTS=1 "
-                                   "python -m pytest tests/test_compile_tpu.py -n 0")
+    if not FULL and cache.misses:
+        # Those programs were compiled for real here (the verdict holds), at minutes each: say how to re-record.
+        warnings.warn(f"{config.name}: {cache.misses} programs are not in {PLANS} (the config, model, recipe, "
+                      "sharding or compiler changed) and were compiled for real; record them with "
+                      "RLHF_JAX_FULL_EXPERIMENTS=1 python -m pytest tests/test_compile_tpu.py -n 0", stacklevel=2)
     return plans
 
 
