@@ -1,0 +1,105 @@
+"""Where the static sampler's decode step spends its CPU time at W4 shapes (issue 23).
+
+    python benchmarks/decode_breakdown.py [--rounds 12]
+
+One device's share of W4's generation (`bench_grpo.py --devices 2`): 2 prompts x 8 samples = 16
+rows, 64-token prompts, 64 new tokens, the W1 model (`presets.get_config("w1")`), categorical
+sampling at T = 1, the decode loop as `Sampler` runs it (`cache_chunk` 32 = 2 cache phases).
+Each variant is the same `decode` program compiled with one piece stubbed out, all variants
+interleaved in one process (rounds x variants), each figure the median CPU ms per decode step:
+
+  full              the real program
+  no_attention      attention over the cache replaced by the query (cache writes kept)
+  qk_only           only the q.k scores dot (no softmax, no p.v dot)
+  argmax_sampling   `Categorical.select` replaced by argmax (the inverse CDF's cost, sign only)
+  no_logprob        the per-step `token_logprobs` replaced by a gather of one logit
+  matmuls_only      the same weights' projections, MLP and LM head for 16 rows, 64 steps in a
+                    `fori_loop`: the decode step's matmuls alone
+
+Stubbed variants change the tokens drawn; they are for timing only. CPU time, not wall time: the
+host is shared (see CPU.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import rlhf_jax.models.attention as attention  # noqa: E402
+import rlhf_jax.sampling.methods as methods  # noqa: E402
+from rlhf_jax.models import CausalLM, presets  # noqa: E402
+
+D = importlib.import_module("rlhf_jax.sampling.decode")   # the module (the package re-exports a function `decode`)
+ROWS_PER_PROMPT, PROMPTS, PROMPT_LEN, NEW = 8, 2, 64, 64
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args()
+    lm = CausalLM(presets.get_config("w1").replace(scan_layers=False, remat="none"))
+    params = D.unstack_layers(lm.init(jax.random.key(0)))
+    prompts = jnp.asarray(np.random.default_rng(0).integers(3, 8192, size=(PROMPTS, PROMPT_LEN)), jnp.int32)
+    prefill = jax.jit(lambda p, t, r: D.prefill(lm, p, t, jnp.full((PROMPTS,), PROMPT_LEN), max_new_tokens=NEW,
+                                                num_samples=ROWS_PER_PROMPT, rng=r, cache_chunk=NEW // 2))
+    state0 = prefill(params, prompts, jax.random.key(0))
+    real = (attention.reference_attention, methods.Categorical.select, D.token_logprobs)
+
+    def qk_only(q, k, v, mask, kv_axes="bskd"):
+        b, t, h, d = q.shape
+        scores = jnp.einsum("bkgd,bksd->bkgs", q.reshape(b, k.shape[1], h // k.shape[1], d), k)
+        return q + 0 * jnp.sum(scores, -1).reshape(b, 1, h, 1) + 0 * jnp.sum(v[:, :, :1, :1])
+
+    def build(attn=None, select=None, logprobs=None):
+        attention.reference_attention = attn or real[0]
+        methods.Categorical.select = select or real[1]
+        D.token_logprobs = logprobs or real[2]
+        try:
+            fn = jax.jit(lambda p, s: D.decode(lm, p, s, method=methods.Categorical()))
+            return fn.lower(params, state0).compile()
+        finally:
+            attention.reference_attention, methods.Categorical.select, D.token_logprobs = real
+
+    def matmuls(p, x):
+        def body(i, x):
+            for layer in p["layers"]:
+                a, m, e = layer["attn"], layer["mlp"], x.shape[-1]
+                qkv = x @ a["q_proj"].reshape(e, -1) + x @ a["k_proj"].reshape(e, -1) + x @ a["v_proj"].reshape(e, -1)
+                x = x + (qkv * 1e-3) @ a["o_proj"].reshape(-1, e)
+                x = x + ((x @ m["gate_proj"]) * (x @ m["up_proj"]) * 1e-3) @ m["down_proj"]
+            return x + (x @ p["lm_head"])[:, :e] * 1e-6
+        return jax.lax.fori_loop(0, NEW, body, x)
+
+    rows = jnp.ones((PROMPTS * ROWS_PER_PROMPT, lm.config.hidden_size), jnp.float32)
+    variants = {
+        "full": build(),
+        "no_attention": build(attn=lambda q, k, v, mask, kv_axes="bskd": q + 0 * jnp.sum(k[:, :, :1, :1])),
+        "qk_only": build(attn=qk_only),
+        "argmax_sampling": build(select=lambda self, logits, u: jnp.argmax(logits, -1).astype(jnp.int32)),
+        "no_logprob": build(logprobs=lambda logits, tokens, temperature=1.0: logits[:, 0]),
+        "matmuls_only": jax.jit(matmuls).lower(params, rows).compile(),
+    }
+    times = {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name, program in variants.items():
+            state = prefill(params, prompts, jax.random.key(r))
+            jax.block_until_ready(state)
+            start = time.process_time()
+            jax.block_until_ready(program(params, rows) if name == "matmuls_only" else program(params, state))
+            times[name].append((time.process_time() - start) / NEW * 1e3)
+    for name, t in times.items():
+        print(f"{name:>16}: {np.median(t):.3f} CPU ms per step  (q25 {np.percentile(t, 25):.3f}, q75 "
+              f"{np.percentile(t, 75):.3f})")
+
+
+if __name__ == "__main__":
+    main()
