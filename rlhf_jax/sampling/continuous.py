@@ -63,7 +63,7 @@ W5 (`benchmarks/bench_w5.py --w5`, 128 ragged requests, 16 slots, paged pool at 
 other sessions, 1.4-1.6 foreign cores busy): 1,280 decode steps against the static call's 3,393, 122
 host round trips per call, 3 programs compiled once (none per call). Two runs: continuous 3.58x and
 2.85x the static call in wall time, 2.54x in own CPU time (continuous 12.1 s, static 30.8 s per call);
-HF `generate`: below. Per decode step the routed pool read costs less than the static call's dense cache
+HF `generate`: last lines. Per decode step the routed pool read costs less than the static call's dense cache
 read (it follows the pool's 4,608 positions, while the static call reads 16 rows x its cache, ~430
 slots per row on average over W5's batches, 576 at the end of the long ones): in one process, 4 layers,
 own CPU, the routed read 1.1-1.5 ms against 2.3-3.6 ms for 16 x 576 dense slots; the rest of a step
@@ -71,7 +71,9 @@ own CPU, the routed read 1.1-1.5 ms against 2.3-3.6 ms for 16 x 576 dense slots;
 0.18 ms against 0.16 ms). Before the routed read the paged decode cost ~3x a static step (whole-pool
 matmul under a visibility mask: 16x the work; gathered views: XLA:CPU's gather) and W5 ran 0.93x the
 static call; `attention="dense"` (no paging) ran 1.97x, its rows reading all 576 slots at every step.
-HF `generate` in batches of 16 (same process as the 2.85x run): still running when this was written.
+HF `generate` in batches of 16 (same process as the 2.85x run, own CPU 2.44x there): continuous 41x by
+the median, 13x against HF's fastest call (its calls took 1,550 / 1,053 / 331 s: torch suffers most
+from the shared host; an earlier run put HF at ~1/4 of the static call's speed, i.e. ~11x).
 """
 
 from __future__ import annotations
