@@ -26,8 +26,9 @@ live on the slice: policy + Adam (24 GB), critic + Adam (24 GB), reference (6 GB
 (6 GB), float32 weights with bfloat16 compute, every layer rematerialized, FSDP over the 8 chips
 (7.6 GiB of weights and moments per chip). `rlhf-jax compile` on v5p:2x2x2 plans every program
 (update with the old-policy and critic passes, weight hand-off, prefill, decode loop, reference
-pass 8.35 GiB, reward-model scoring 1.90 GiB): the run peaks at 14.31 GiB per chip in the update,
-15% of a v5p chip's 95 GiB.
+pass, reward-model scoring 1.90 GiB): the run peaks at 14.31 GiB per chip in the update, 15% of a
+v5p chip's 95 GiB. The reference pass runs in the update's 8 micro-batches (at most 6.5 GiB per
+chip by the 1- and 2-layer plans that tests/test_compile_tpu.py extrapolates to 28 layers).
 """
 
 from __future__ import annotations
