@@ -71,6 +71,9 @@ own CPU, the routed read 1.1-1.5 ms against 2.3-3.6 ms for 16 x 576 dense slots;
 0.18 ms against 0.16 ms). Before the routed read the paged decode cost ~3x a static step (whole-pool
 matmul under a visibility mask: 16x the work; gathered views: XLA:CPU's gather) and W5 ran 0.93x the
 static call; `attention="dense"` (no paging) ran 1.97x, its rows reading all 576 slots at every step.
+On a quiet host (no foreign CPU, one sitting, no HF run): 2.15x the static call in wall time and 2.49x
+in own CPU time with blocks of 16 (8.83 vs 19.02 s per call), and with blocks of 64 (72 blocks, peak 65,
+115 round trips, `bench_w5.py`'s default) 2.25x wall and 2.54x own CPU (8.56 vs 19.26 s).
 HF `generate` in batches of 16 (same process as the 2.85x run, own CPU 2.44x there): continuous 41x by
 the median, 13x against HF's fastest call (its calls took 1,550 / 1,053 / 331 s: torch suffers most
 from the shared host; an earlier run put HF at ~1/4 of the static call's speed, i.e. ~11x).
