@@ -11,7 +11,7 @@ All in one process, one after the other, each: 1 warm-up call, then 3 timed call
 
 - continuous: `Sampler.generate_requests(params, requests, num_slots=16, num_blocks=...)`, requests
   in the given order, a KV block pool of `--pool` x the static cache's 16 x 576 positions (default
-  0.5, blocks of 16);
+  0.5, blocks of `--block-size` 64);
 - static: the framework's batched call `Sampler.generate` on the same requests in batches of 16 in
   request order, each batch run to its longest request (its `max_new_tokens`);
 - HF: transformers' `LlamaForCausalLM.generate` in the same batches of 16 (`max_new_tokens` = the
