@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import CausalLM
-from rlhf_jax.models.paged import PagedKVCache, num_extra_reads, pool_route, pool_visibility, routed_attention
+from rlhf_jax.models.paged import PagedKVCache, num_extra_reads, pool_route, routed_attention
 from rlhf_jax.sampling import Categorical, Greedy, MinP, Request, Sampler, TopK, TopP
 from rlhf_jax.testing import tiny_config
 
@@ -66,19 +66,15 @@ def test_paged_forward_equals_dense_cache(lm, params):
         p1 = lm.forward(params, tokens, pos, cache=PagedKVCache(pool, pool, tables))
         d2 = lm.forward(params, step, at, cache=d1.cache)
         p2 = lm.forward(params, step, at, cache=p1.cache)
-        # The decode path: the whole pool under each row's visibility mask.
-        visible = pool_visibility(tables, at[:, 0], 9, BLOCK)
-        p3 = lm.forward(params, step, at, cache=p1.cache._replace(pool_mask=visible))
         # The batcher's decode read: each pool block against its owner row's query (pool_route).
-        p4 = lm.forward(params, step, at, cache=p1.cache._replace(pool_mask=pool_route(tables, at[:, 0], 9, BLOCK)))
+        p4 = lm.forward(params, step, at, cache=p1.cache._replace(route=pool_route(tables, at[:, 0], 9, BLOCK)))
         # Row 0's logical slots 0..6 as the dense cache holds them, read back through its table.
         view = p2.cache.k[:, :, tables[0]].reshape(c.num_layers, c.num_kv_heads, 12, c.head_dim)
-        return d1.logits, p1.logits, d2.logits, p2.logits, p3.logits, p4.logits, d2.cache.k[:, 0, :, :7], view[:, :, :7]
+        return d1.logits, p1.logits, d2.logits, p2.logits, p4.logits, d2.cache.k[:, 0, :, :7], view[:, :, :7]
 
-    d1, p1, d2, p2, p3, p4, dense_k, paged_k = both(params)
+    d1, p1, d2, p2, p4, dense_k, paged_k = both(params)
     np.testing.assert_allclose(p1, d1, atol=1e-6)
     np.testing.assert_allclose(p2, d2, atol=1e-6)
-    np.testing.assert_allclose(p3, d2, atol=1e-6)
     np.testing.assert_allclose(p4, d2, atol=1e-6)
     np.testing.assert_allclose(paged_k, dense_k, atol=1e-6)
 

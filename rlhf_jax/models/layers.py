@@ -262,8 +262,8 @@ class Attention(nnx.Module):
             pool_k = paged.paged_write(kv_cache.k, kv_cache.block_tables, cache_positions, k)
             pool_v = paged.paged_write(kv_cache.v, kv_cache.block_tables, cache_positions, v)
             kv_cache = kv_cache._replace(k=pool_k, v=pool_v)
-            if kv_cache.pool_mask is not None:
-                out = paged.pool_attention(q, pool_k.astype(dt), pool_v.astype(dt), kv_cache.pool_mask)
+            if kv_cache.route is not None:
+                out = paged.routed_attention(q, pool_k.astype(dt), pool_v.astype(dt), kv_cache.route)
             else:
                 k = paged.paged_view(pool_k, kv_cache.block_tables).astype(dt)
                 v = paged.paged_view(pool_v, kv_cache.block_tables).astype(dt)

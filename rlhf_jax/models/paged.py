@@ -9,9 +9,9 @@ read unmasked (a query at position `p` only sees logical slots `<= p`, which a r
 
 `CausalLM.forward(..., cache=PagedKVCache(...))` runs the same layers as with a `KVCache`:
 attention writes the new keys/values through the table (one scatter, in place inside a loop) and
-reads them in one of three ways:
+reads them in one of two ways:
 
-- a prefill (or any step without `pool_mask`): each row's logical view
+- a prefill (or any step without a `route`): each row's logical view
   `[B, kv_heads, table_width * bs, head_dim]` gathered through its table, then the reference einsum
   (`rlhf_jax.models.attention.reference_attention`), so the numerics are the dense cache's; the view
   covers `table_width` blocks (pass a table cut to the blocks the batch needs);
@@ -19,9 +19,7 @@ reads them in one of three ways:
   pool block is scored against the query of the one row that holds it (`routed_attention`): a
   batched matrix-vector product over the pool where it lies, the per-row softmax sums as one-hot
   matmuls over blocks; blocks shared by several rows (a group's prompt) are read once more per
-  further row through a small gather. Work ~ pool size (not rows x pool, not rows x max_len);
-- single-token decode with a bool pool mask (`pool_visibility`): every row against the whole pool
-  (`pool_attention`, B x the routed read's work; kept as a reference).
+  further row through a small gather. Work ~ pool size (not rows x pool, not rows x max_len).
 
 Why not the gather on the decode path: XLA:CPU's gather is an indexed element copy; at W5 sizes (16
 rows x 36 blocks of 16 x 4 heads x 64) gathering the views costs more than the attention over them
@@ -47,8 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PagedKVCache", "PagedLayerKV", "PoolRoute", "paged_write", "paged_view", "pool_visibility", "pool_route",
-           "pool_attention", "routed_attention"]
+__all__ = ["PagedKVCache", "PagedLayerKV", "PoolRoute", "paged_write", "paged_view", "pool_route", "routed_attention"]
 
 
 class PagedKVCache(NamedTuple):
@@ -57,19 +54,17 @@ class PagedKVCache(NamedTuple):
     Attributes:
       k, v: `[layers, kv_heads, num_blocks, block_size, head_dim]` (the last block is the trash block).
       block_tables: int32 `[B, W]` physical block of each row's logical block `0..W-1`.
-      pool_mask: optional, single-token decode only: a `PoolRoute` (`pool_route`): each pool block
-        is scored against its owner row's query only (`routed_attention`; the decode read of the
-        continuous batcher), or a bool `[B, num_blocks * block_size]` mask (`pool_visibility`): every
-        row's query against the whole pool as one matmul operand (`pool_attention`, B x the work).
-        Either way attention reads the pool where it lies instead of gathering each row's view: on
-        XLA:CPU a gather (an indexed copy of `B x W x bs` positions per layer, k and v) costs more
-        than the attention over the gathered view itself.
+      route: optional, single-token decode only: a `PoolRoute` (`pool_route`): each pool block is
+        scored against its owner row's query only (`routed_attention`; the decode read of the
+        continuous batcher), reading the pool where it lies instead of gathering each row's view (on
+        XLA:CPU a gather, an indexed copy of `B x W x bs` positions per layer, k and v, costs more
+        than the attention over the gathered view itself).
     """
 
     k: jax.Array
     v: jax.Array
     block_tables: jax.Array
-    pool_mask: jax.Array | None = None
+    route: PoolRoute | None = None
 
     @property
     def block_size(self) -> int:
@@ -82,12 +77,12 @@ class PagedKVCache(NamedTuple):
 
 
 class PagedLayerKV(NamedTuple):
-    """One layer's pools `[kv_heads, num_blocks, bs, head_dim]` with the rows' block tables (and pool mask)."""
+    """One layer's pools `[kv_heads, num_blocks, bs, head_dim]` with the rows' block tables (and decode route)."""
 
     k: jax.Array
     v: jax.Array
     block_tables: jax.Array
-    pool_mask: jax.Array | None = None
+    route: PoolRoute | None = None
 
 
 def paged_write(pool: jax.Array, tables: jax.Array, positions: jax.Array, new: jax.Array) -> jax.Array:
@@ -112,40 +107,6 @@ def paged_view(pool: jax.Array, tables: jax.Array) -> jax.Array:
     b, w = tables.shape
     view = pool[:, tables]                                  # [kv_heads, B, W, bs, D]
     return jnp.swapaxes(view, 0, 1).reshape(b, h, w * bs, d)
-
-
-def pool_visibility(tables: jax.Array, positions: jax.Array, num_blocks: int, block_size: int) -> jax.Array:
-    """bool `[B, num_blocks * bs]`: pool position `(n, o)` is row b's logical slot `w * bs + o` for the
-    `w` with `tables[b, w] = n`, and that slot is `<= positions[b]` (the query's position).
-
-    Blocks shared by several rows (a group's prompt) are visible to each; the trash block to none.
-    """
-    b, w = tables.shape
-    logical = jnp.full((b, num_blocks), -1, jnp.int32)
-    logical = logical.at[jnp.arange(b)[:, None], tables].set(jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w)))
-    logical = logical.at[:, num_blocks - 1].set(-1)                      # the trash block
-    slot = logical[:, :, None] * block_size + jnp.arange(block_size, dtype=jnp.int32)
-    return ((logical[:, :, None] >= 0) & (slot <= positions[:, None, None])).reshape(b, num_blocks * block_size)
-
-
-def pool_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, pool_mask) -> jax.Array:
-    """Attention of `q [B, 1, H, D]` over the whole pool `[kv_heads, N, bs, D]` under `pool_mask [B, N*bs]`.
-
-    The reference einsum's math (scores / sqrt(D), masked to the dtype's minimum, softmax in f32)
-    with the pool as the key/value operand shared by all rows; returns `[B, 1, H, D]`. A `PoolRoute`
-    as `pool_mask` runs `routed_attention` instead.
-    """
-    if isinstance(pool_mask, PoolRoute):
-        return routed_attention(q, pool_k, pool_v, pool_mask)
-    b, t, h, d = q.shape
-    hkv = pool_k.shape[0]
-    k = pool_k.reshape(hkv, -1, d)
-    v = pool_v.reshape(hkv, -1, d)
-    q = q.reshape(b, t, hkv, h // hkv, d)
-    scores = jnp.einsum("btkgd,kpd->kgbtp", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = jnp.where(pool_mask[None, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("kgbtp,kpd->btkgd", probs, v).reshape(b, t, h, d)
 
 
 class PoolRoute(NamedTuple):
@@ -220,7 +181,7 @@ def routed_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, route: 
     The reference einsum's math per row b (`s = q_b . k / sqrt(D)` over the row's visible slots,
     `softmax(s) . v`, statistics in f32) regrouped by block: every block n gives partial scores
     `s_n = q_owner(n) . k_n` (one batched matrix-vector product over the pool as it lies: no gather,
-    and 1/B of `pool_attention`'s work), the row maximum `m_b = max over its blocks`, and
+    and 1/B of the work of every row's query against the whole pool), the row maximum `m_b = max over its blocks`, and
     `out_b = sum_n [owner(n) = b] exp(s_n - m_b) . v_n / sum_n [owner(n) = b] sum exp(s_n - m_b)`
     (the per-row sums as one-hot matmuls over blocks). Blocks shared by several rows are read once
     more per further row through a small gather (`route.extra_*`). Returns `[B, 1, H, D]`; a row that

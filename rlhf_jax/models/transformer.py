@@ -141,7 +141,7 @@ class Transformer(nnx.Module):
             if layer_weights is not None:
                 params = layer_weights(params)
             if tables is not None:  # a paged cache: this layer's pools read through the block tables
-                kv = PagedLayerKV(*kv, tables, cache.pool_mask)
+                kv = PagedLayerKV(*kv, tables, cache.route)
             x = constrain_activations(x)  # batch-split residual stream under a step's sharding context
             x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions, ad,
                                                    None if key is None else (rate, key), segment_ids, prefill)
