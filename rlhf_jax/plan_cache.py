@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 from typing import Any
 
 __all__ = ["PlanCache", "use_plan_cache", "active_cache", "program_key"]
@@ -40,8 +41,16 @@ def _versions() -> str:
     return ",".join(out)
 
 
+_MODULE_NAME = re.compile(r"^module @[\w.$-]+", re.MULTILINE)
+
+
 def program_key(module_text: str, *, target: str, compiler_options: dict[str, Any] | None = None) -> str:
-    """SHA-256 of what a compilation depends on: the lowered module, options, compiler versions, target."""
+    """SHA-256 of what a compilation depends on: the lowered module, options, compiler versions, target.
+
+    The module's own name (`module @jit_<function name>`) is left out: it names the program, it does
+    not change what compiles, and a sampler's programs carry a per-process instance number in it.
+    """
+    module_text = _MODULE_NAME.sub("module @program", module_text, count=1)
     h = hashlib.sha256()
     for part in (module_text, json.dumps(compiler_options or {}, sort_keys=True, default=str), _versions(), target):
         h.update(part.encode())

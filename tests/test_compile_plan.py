@@ -196,3 +196,26 @@ def test_a_bad_target_name_fails_in_one_line_before_jax_starts_a_backend():
     assert done.returncode == 2 and done.stdout == "", done
     assert done.stderr.splitlines() == [done.stderr.strip()] and "'v9z:2x2'" in done.stderr, done.stderr
     assert "v5litepod-16" in done.stderr and seconds < 10, (seconds, wall, done.stderr)
+
+
+def test_plan_cache_key_ignores_the_program_name_only():
+    """A program's key is its module without its name (a sampler's programs carry a per-process instance number)."""
+    from rlhf_jax.plan_cache import program_key  # noqa: PLC0415
+
+    def body(x):
+        return jax.numpy.sin(x) @ x
+
+    def other(x):
+        return jax.numpy.cos(x) @ x
+
+    def lowered(fn, name):
+        fn.__name__ = name
+        return jax.jit(fn).lower(jax.numpy.ones((3, 3))).as_text()
+
+    texts = {name: lowered(fn, name) for name, fn in (("rlhf_jax_sampler3_prefill", body),
+                                                       ("rlhf_jax_sampler7_prefill", body), ("other", other))}
+    assert "module @jit_rlhf_jax_sampler3_prefill" in texts["rlhf_jax_sampler3_prefill"]
+    keys = {name: program_key(t, target="v5e:2x4") for name, t in texts.items()}
+    assert keys["rlhf_jax_sampler3_prefill"] == keys["rlhf_jax_sampler7_prefill"] != keys["other"]
+    assert program_key(texts["other"], target="v5e:2x4") != program_key(texts["other"], target="v5p:2x2x1")
+    assert program_key(texts["other"], target="v5e:2x4", compiler_options={"xla_tpu_x": "1"}) != keys["other"]
