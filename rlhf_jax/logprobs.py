@@ -27,6 +27,7 @@ __all__ = [
     "chunked_token_entropy",
     "chunked_logprobs_and_entropy",
     "target_token_logprobs",
+    "logprobs_and_entropy",
 ]
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -107,6 +108,79 @@ def token_entropy(logits: jax.Array, *, temperature: float | jax.Array = 1.0) ->
     """
     z = _scaled_logits("token_entropy", logits, temperature)
     return _entropy_from_scaled(z, jax.nn.logsumexp(z, axis=-1))
+
+
+def logprobs_and_entropy(logits: jax.Array, labels: jax.Array, *,
+                         temperature: float | jax.Array = 1.0) -> tuple[jax.Array, jax.Array]:
+    """`(token_logprobs(logits, labels), token_entropy(logits))` in one pass, with a fused gradient.
+
+    With `z = float32(logits) / T`, `m = max z`, `e = exp(z - m)`, `s = sum e`:
+
+        lse = m + log s,    log p(y) = z_y - lse,    H = lse - sum(e z) / s
+
+    (`H = -sum p log p = lse - E_p[z]`), so the log-probs and the entropy share one `exp` pass over
+    the `[..., V]` logits instead of two log-sum-exps and a third pass for the entropy. The
+    gradient is written out, one pass over the logits that reads `z` and writes `dz`:
+
+        d/dz_v = g_logp (1[v = y] - p_v) - g_H p_v (z_v - lse + H)
+
+    (no scatter of the label one-hot into a zero `[..., V]` array, as autodiff's gather gradient
+    does). The log-probs equal `token_logprobs` to float32 rounding; the entropy equals
+    `token_entropy` to float32 rounding (another summation order). Vocab entries with probability
+    exactly 0 contribute 0 to the entropy.
+
+    Args:
+      logits: `[..., V]` floating logits (upcast to float32 first), aligned with `labels`.
+      labels: `[...]` integer token ids.
+      temperature: sampling temperature (> 0).
+
+    Returns:
+      `(logps, entropy)`, float32 `[...]` each.
+
+    Example:
+      >>> logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]))
+      >>> logps, entropy = logprobs_and_entropy(logits, jnp.array([0, 1]))
+      >>> [round(v, 4) for v in logps.tolist()], [round(v, 4) for v in entropy.tolist()]
+      ([-0.6931, -0.2231], [1.0397, 0.639])
+    """
+    fn = "logprobs_and_entropy"
+    z = _scaled_logits(fn, logits, temperature)
+    _check_labels(fn, jnp.shape(logits), labels)
+    return _fused_logprobs_entropy(z, labels.astype(jnp.int32))
+
+
+def _lse_and_entropy(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    m = jnp.max(z, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)   # all -inf rows: as jax.nn.logsumexp
+    e = jnp.exp(z - m)
+    s = jnp.sum(e, axis=-1)
+    ez = jnp.sum(jnp.where(e > 0, e * z, 0.0), axis=-1)
+    lse = m[..., 0] + jnp.log(s)
+    return lse, lse - ez / s
+
+
+@jax.custom_vjp
+def _fused_logprobs_entropy(z: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    lse, entropy = _lse_and_entropy(z)
+    return _gather(z, labels) - lse, entropy
+
+
+def _fused_fwd(z, labels):
+    lse, entropy = _lse_and_entropy(z)
+    return (_gather(z, labels) - lse, entropy), (z, labels, lse, entropy)
+
+
+def _fused_bwd(res, g):
+    z, labels, lse, entropy = res
+    g_logp, g_ent = g
+    p = jnp.exp(z - lse[..., None])
+    onehot = jnp.arange(z.shape[-1], dtype=jnp.int32) == labels[..., None]
+    dz = g_logp[..., None] * (jnp.where(onehot, 1.0, 0.0) - p) \
+        - g_ent[..., None] * jnp.where(p > 0, p * (z - lse[..., None] + entropy[..., None]), 0.0)
+    return dz, None
+
+
+_fused_logprobs_entropy.defvjp(_fused_fwd, _fused_bwd)
 
 
 def next_token_targets(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:

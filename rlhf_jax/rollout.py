@@ -29,7 +29,7 @@ from rlhf_jax.logprobs import (
     _check_chunked,
     chunked_logprobs_and_entropy,
     chunked_token_logprobs,
-    token_entropy,
+    logprobs_and_entropy,
     token_logprobs,
 )
 from rlhf_jax.models.heads import scalar_head
@@ -215,8 +215,9 @@ def head_logprobs(
         # rematerialisation, which would run the head's forward a second time in the backward pass.
         _check_chunked("head_logprobs", hidden, lm_head_weight, chunk_size)
         z = dense(hidden, lm_head_weight.astype(hidden.dtype), jnp.float32)
-        logps = token_logprobs(z, labels, temperature=temperature)
-        return logps, (token_entropy(z, temperature=temperature) if with_entropy else None)
+        if with_entropy:  # one exp pass and a fused gradient for both (W4's update: -30 CPU ms of ~215)
+            return logprobs_and_entropy(z, labels, temperature=temperature)
+        return token_logprobs(z, labels, temperature=temperature), None
     kw = dict(temperature=temperature, chunk_size=chunk_size)
     if with_entropy:
         return jax.vmap(lambda h, y: chunked_logprobs_and_entropy(h, lm_head_weight, y, **kw))(hidden, labels)
