@@ -87,31 +87,45 @@ def test_compile_lowers_the_hlo_the_run_executes(tmp_path, make):
     assert "tf.aliasing_output" in plan_text or "jax.buffer_donor" in plan_text  # the state is donated
 
 
-def test_compile_accepts_every_experiment_module(capsys):
-    """`rlhf-jax compile` builds and compiles every run of every experiment (tiny modes, CPU mesh).
+def _distinct_experiment_runs() -> list[tuple[str, str, str]]:
+    """(experiment, stage, recipe) of every run of every experiment's tiny mode, one per distinct config.
 
-    Stages that several experiments share (the same config apart from name and directory) compile once.
+    Stages that several experiments share (the same config apart from name and directory) appear once.
     """
-    from rlhf_jax.cli import main as cli_main
-    from rlhf_jax.config import to_dict
-    from rlhf_jax.train.aot import compile_run
+    from rlhf_jax.config import to_dict  # noqa: PLC0415
 
-    seen, compiled = set(), []
-    names = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "experiments")) if n.endswith(".py"))
-    for name in names:
+    seen, out = set(), []
+    for name in sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "experiments")) if n.endswith(".py")):
         module, _ = load_experiment(os.path.join(ROOT, "experiments", f"{name}.py"))
         for stage, config in run_configs(module.get_config("tiny")).items():
             key = json.dumps({k: v for k, v in to_dict(config).items() if k not in ("name", "workdir")},
                              sort_keys=True, default=str)
-            if key in seen:
-                continue
-            seen.add(key)
-            report = compile_run(config, compiler_options={"xla_backend_optimization_level": 0})
-            assert report.ok and report.fits, (name, stage, report.reason)
-            compiled.append(recipe_for(config).name)
-    assert {"sft", "reward_model", "dpo", "grpo", "ppo"} <= set(compiled)
-    # The command itself, on a multi-stage experiment with an RL stage.
-    assert cli_main(["compile", os.path.join(ROOT, "experiments", "grpo_tiny.py") + ":dr_grpo"]) == 0
+            if key not in seen:
+                seen.add(key)
+                out.append((name, stage, recipe_for(config).name))
+    return out
+
+
+EXPERIMENT_RUNS = _distinct_experiment_runs()
+
+
+def test_every_recipe_is_among_the_experiment_runs():
+    assert {"sft", "reward_model", "dpo", "grpo", "ppo"} <= {recipe for _, _, recipe in EXPERIMENT_RUNS}
+
+
+@pytest.mark.parametrize("name,stage", [r[:2] for r in EXPERIMENT_RUNS], ids=[f"{n}:{s}" for n, s, _ in EXPERIMENT_RUNS])
+def test_compile_accepts_every_experiment_run(name, stage):
+    """`rlhf-jax compile`'s path builds and compiles every run of every experiment (tiny modes, CPU mesh)."""
+    from rlhf_jax.train.aot import compile_run  # noqa: PLC0415
+
+    module, _ = load_experiment(os.path.join(ROOT, "experiments", f"{name}.py"))
+    config = run_configs(module.get_config("tiny"))[stage]
+    report = compile_run(config, compiler_options={"xla_backend_optimization_level": 0})
+    assert report.ok and report.fits, (name, stage, report.reason)
+
+
+def test_compile_command_plans_every_program_of_a_multi_stage_experiment(capsys):
+    assert main(["compile", os.path.join(ROOT, "experiments", "grpo_tiny.py") + ":dr_grpo"]) == 0
     out = capsys.readouterr().out
     assert "== sft ==" in out and "== grpo ==" in out and out.count("verdict: FITS") == 2
     # Every program of the RL run is planned (issue 18; Dr. GRPO has no KL term, so no reference pass).
