@@ -15,6 +15,11 @@ one along a row within a segment (arange, or restarting at 0 per packed segment)
 bf16/f16 ("xla" for f32, which cuDNN's flash kernel does not take), "splash" on TPU, "reference"
 elsewhere (CPU: the einsum stays the reference and the tested path). Decode (one new token per row
 over a KV cache) uses `chunked_cache_attention` for every impl but "reference".
+
+Decode over a *paged* cache (`rlhf_jax.models.paged`) has its own knob, `ModelConfig.
+paged_attention_impl` (`resolve_paged_impl`): "auto" = JAX's Pallas paged-attention kernel of the
+platform ("pallas_tpu" on TPU, "pallas_gpu", Triton, on GPU) when the compute dtype is bf16/f16,
+else the reference (the owner-routed einsum over the pool; CPU, f32, or `attention_impl="reference"`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import jax.numpy as jnp
 _F32 = jnp.float32
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "splash"]
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "splash")
+PagedAttentionImpl = Literal["auto", "reference", "pallas_tpu", "pallas_gpu"]
+PAGED_ATTENTION_IMPLS = ("auto", "reference", "pallas_tpu", "pallas_gpu")
 DECODE_CHUNK = 256  # KV-cache slots per step of the online-softmax decode loop
 
 
@@ -44,6 +51,31 @@ def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
     if platform == "tpu":
         return "splash"
+    return "reference"
+
+
+def resolve_paged_impl(impl: str, dtype, attention_impl: str = "auto", platform: str | None = None) -> str:
+    """The paged-cache decode read for `ModelConfig.paged_attention_impl = impl` on `platform`
+    (default: JAX's default backend): "reference" (`rlhf_jax.models.paged.routed_attention` or the
+    gathered view + einsum), "pallas_tpu" or "pallas_gpu" (`rlhf_jax.models.paged.kernel_attention`).
+
+    "auto" picks the platform's kernel when `dtype` (the compute dtype) is bf16/f16, as "auto" picks
+    cuDNN for `attention_impl`: in f32 the kernels round (the TPU kernel casts k and v to bf16, the
+    Triton kernel's dots run in TF32), so f32 keeps the reference; so does an explicit
+    `attention_impl="reference"` (the einsum everywhere). Whether a kernel takes the shapes is
+    `rlhf_jax.models.paged.kernel_params`'s question.
+    """
+    if impl not in PAGED_ATTENTION_IMPLS:
+        raise ValueError(f"paged_attention_impl must be one of {PAGED_ATTENTION_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if attention_impl == "reference" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "reference"
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+        return "pallas_gpu"
+    if platform == "tpu":
+        return "pallas_tpu"
     return "reference"
 
 

@@ -11,6 +11,7 @@ ModelType = Literal["llama", "mistral", "qwen2", "qwen3"]
 DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots"]
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "splash"]
+PagedAttentionImpl = Literal["auto", "reference", "pallas_tpu", "pallas_gpu"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,7 +48,9 @@ class ModelConfig:
     `remat` rematerializes each layer in the backward pass ("dots" saves matmul outputs only).
     `attention_impl` picks the attention kernel (`rlhf_jax.models.attention`): "auto" = cuDNN flash
     attention on GPU, Splash (Pallas) on TPU, the einsum "reference" on CPU; or name one of them
-    ("xla" = `jax.nn.dot_product_attention`'s XLA path).
+    ("xla" = `jax.nn.dot_product_attention`'s XLA path). `paged_attention_impl` picks the decode read
+    over a paged KV cache (`attention.resolve_paged_impl`): "auto" = JAX's Pallas paged-attention kernel
+    on TPU / GPU (bf16/f16 compute), the routed einsum "reference" on CPU and in f32.
     """
 
     model_type: ModelType = "llama"
@@ -71,6 +74,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat: Remat = "none"
     attention_impl: AttentionImpl = "auto"
+    paged_attention_impl: PagedAttentionImpl = "auto"
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None  # several ids stop generation (e.g. Llama 3.1 Instruct)
@@ -82,6 +86,7 @@ class ModelConfig:
         _check_literal("dtype", self.dtype, DType)
         _check_literal("remat", self.remat, Remat)
         _check_literal("attention_impl", self.attention_impl, AttentionImpl)
+        _check_literal("paged_attention_impl", self.paged_attention_impl, PagedAttentionImpl)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)

@@ -262,8 +262,12 @@ class Attention(nnx.Module):
             pool_k = paged.paged_write(kv_cache.k, kv_cache.block_tables, cache_positions, k)
             pool_v = paged.paged_write(kv_cache.v, kv_cache.block_tables, cache_positions, v)
             kv_cache = kv_cache._replace(k=pool_k, v=pool_v)
+            tables = kv_cache.block_tables
             if kv_cache.route is not None:
                 out = paged.routed_attention(q, pool_k.astype(dt), pool_v.astype(dt), kv_cache.route)
+            elif t == 1 and (kernel := paged.decode_kernel(c, pool_k.shape[2], tables.shape[1])) != "reference":
+                # Decode by JAX's Pallas paged-attention kernel (TPU / GPU; `paged_attention_impl`).
+                out = paged.kernel_attention(q, pool_k, pool_v, tables, cache_positions, impl=kernel)
             else:
                 k = paged.paged_view(pool_k, kv_cache.block_tables).astype(dt)
                 v = paged.paged_view(pool_v, kv_cache.block_tables).astype(dt)

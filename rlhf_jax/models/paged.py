@@ -29,23 +29,30 @@ The routed read's dots keep XLA:CPU's operand order (batch axes first, the left 
 on its last axis, the right one on its first): written the other way round XLA transposes the whole
 pool (or the per-block outputs) at every step.
 
-Kernels: JAX ships a Pallas paged-attention kernel for TPU only
-(`jax.experimental.pallas.ops.tpu.paged_attention`, decode, pool layout
-`[kv_heads, pages, page_size, head_dim]` as here); none for GPU (cuDNN's paged attention is not
-exposed by `jax.nn.dot_product_attention`). This module uses the paths above on every platform; the
-pool layout is the TPU kernel's so that it can be selected there later.
+Kernels (`ModelConfig.paged_attention_impl`, `attention.resolve_paged_impl`): single-token decode
+without a route reads through the block tables with JAX's Pallas paged-attention kernel of the
+platform (`kernel_attention`; "auto": TPU `jax.experimental.pallas.ops.tpu.paged_attention`, GPU the
+Triton `jax.experimental.pallas.ops.gpu.paged_attention`, for bf16/f16 compute). The pool layout is
+theirs (`k_pages [kv_heads, pages, page_size, head_dim]`); block tables are their page indices and a
+row's length is its query position + 1. `decode_kernel` says which read a config gets and why not a
+kernel (`kernel_params`: TPU needs head_dim % 128 == 0; Triton power-of-two head_dim >= 16 and
+page_size; neither takes a sliding window): "auto" then keeps the reference with a warning, an
+explicit kernel name raises. On CPU (and in f32) the routed einsum above stays the reference; the
+continuous batcher passes no route when a kernel is selected.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+import functools
 import math
+import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PagedKVCache", "PagedLayerKV", "PoolRoute", "paged_write", "paged_view", "pool_route", "routed_attention"]
+__all__ = ["PagedKVCache", "PagedLayerKV", "PoolRoute", "paged_write", "paged_view", "pool_route", "routed_attention",
+           "decode_kernel", "kernel_params", "kernel_attention"]
 
 
 class PagedKVCache(NamedTuple):
@@ -232,3 +239,127 @@ def routed_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, route: 
         denom, out = denom + e_den, out + e_out
     out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
     return jnp.transpose(out, (1, 0, 2, 3)).reshape(b, 1, h, d).astype(q.dtype)
+
+
+# ------------------------------------------------------------------------ Pallas paged-attention kernels
+
+TPU_COMPUTE_TOKENS = 512   # keys per step of the TPU kernel's loop (pages_per_compute_block x page_size) at most
+GPU_COMPUTE_TOKENS = 128   # keys per step of the Triton kernel's loop at most
+GPU_MAX_SPLITS = 16        # partitions of a row's pages the Triton kernel runs in parallel (its default)
+
+
+def kernel_params(impl: str, *, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                  pages_per_sequence: int, sliding_window: int | None = None) -> dict | str:
+    """Keyword arguments of JAX's paged-attention kernel `impl` ("pallas_tpu" / "pallas_gpu") for these
+    shapes, or a one-line reason why it does not take them.
+
+    TPU (`ops/tpu/paged_attention`): `pages_per_compute_block` must divide `pages_per_sequence` (the
+    largest divisor with at most `TPU_COMPUTE_TOKENS` keys); Mosaic needs `head_dim % 128 == 0` (the
+    q/output blocks' last dimension; 64 fails to lower). GPU (`ops/gpu/paged_attention`, Triton):
+    block shapes are powers of two, so head_dim (>= 16) and page_size are; `k_splits` divides
+    `pages_per_sequence`, `pages_per_compute_block` (a power of two, >= 16 keys with the page)
+    divides each split; `block_h` = 16 query heads per KV head (padded). Neither kernel has a
+    sliding window.
+    """
+    if sliding_window is not None:
+        return f"{impl} has no sliding window (sliding_window={sliding_window})"
+    if num_heads % num_kv_heads:
+        return f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+    divisors = [n for n in range(1, pages_per_sequence + 1) if pages_per_sequence % n == 0]
+    if impl == "pallas_tpu":
+        if head_dim % 128:
+            return f"pallas_tpu needs head_dim % 128 == 0 (Mosaic block layout), got head_dim={head_dim}"
+        fit = [n for n in divisors if n * page_size <= TPU_COMPUTE_TOKENS]
+        return dict(pages_per_compute_block=fit[-1] if fit else 1)
+    if impl == "pallas_gpu":
+        pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+        if not (pow2(head_dim) and head_dim >= 16):
+            return f"pallas_gpu (Triton) needs a power-of-two head_dim >= 16, got {head_dim}"
+        if not pow2(page_size):
+            return f"pallas_gpu (Triton) needs a power-of-two page size (block_size), got {page_size}"
+        best = None
+        for splits in (n for n in divisors if n <= GPU_MAX_SPLITS):
+            part = pages_per_sequence // splits
+            block = part & -part                           # the largest power of two dividing a split
+            while block > 1 and block * page_size > GPU_COMPUTE_TOKENS:
+                block //= 2
+            if block * page_size < 16:
+                continue
+            key = (block * page_size, splits)              # longest loop step, then most splits
+            if best is None or key > best[0]:
+                best = (key, dict(k_splits=splits, pages_per_compute_block=block, block_h=16))
+        if best is None:
+            return (f"pallas_gpu (Triton) needs >= 16 keys per step: no split of {pages_per_sequence} pages of "
+                    f"{page_size} gives a power-of-two run of >= 16 positions")
+        return best[1]
+    raise ValueError(f"kernel_params: impl must be 'pallas_tpu' or 'pallas_gpu', got {impl!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def decode_kernel(config, page_size: int, pages_per_sequence: int, platform: str | None = None) -> str:
+    """The single-token paged decode read `config` (a `ModelConfig`) gets: "reference", "pallas_tpu" or
+    "pallas_gpu" (`attention.resolve_paged_impl`, then `kernel_params`).
+
+    Raises:
+      ValueError: `config.paged_attention_impl` names a kernel that does not take these shapes ("auto"
+        falls back to "reference" with a warning saying why).
+    """
+    from rlhf_jax.models.attention import resolve_paged_impl
+
+    impl = resolve_paged_impl(config.paged_attention_impl, config.jnp_dtype, config.attention_impl, platform)
+    if impl == "reference":
+        return impl
+    params = kernel_params(impl, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                           head_dim=config.head_dim, page_size=page_size, pages_per_sequence=pages_per_sequence,
+                           sliding_window=config.sliding_window)
+    if isinstance(params, dict):
+        return impl
+    if config.paged_attention_impl == "auto":
+        _warn_once(f"paged decode attention: {params}; using the reference (routed einsum) read")
+        return "reference"
+    raise ValueError(f"ModelConfig.paged_attention_impl={impl!r}: {params}")
+
+
+def kernel_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, tables: jax.Array, positions: jax.Array,
+                     *, impl: str, sliding_window: int | None = None, interpret: bool = False) -> jax.Array:
+    """Single-token decode attention of `q [B, 1, H, D]` over the pool `[kv_heads, N, bs, D]` through
+    `tables [B, W]` by JAX's Pallas paged-attention kernel `impl` ("pallas_tpu" / "pallas_gpu").
+
+    The layouts map one to one: the pool is the kernels' `k_pages`/`v_pages`, `tables` their
+    `page_indices`/`block_tables` (unallocated entries hold the trash block, a valid page), and a query
+    at position `p` sees logical slots `0..p`, i.e. `lengths = p + 1` (clipped to `W * bs`: a row
+    past its table, an idle slot, reads no page outside it). The kernels do not scale the logits:
+    `q / sqrt(D)` goes in (f32 for the TPU kernel, which computes in f32 on bf16 k and v; the compute
+    dtype for Triton, whose dots take one dtype). GQA: query head `h` reads KV head `h // (H / kv_heads)`,
+    as in the reference. `interpret`: the Triton kernel in Pallas interpret mode (CPU tests); the TPU
+    kernel is interpreted under `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`.
+
+    Raises:
+      ValueError: the kernel does not take these shapes (`kernel_params`'s reason).
+    """
+    b, t, h, d = q.shape
+    if t != 1:
+        raise ValueError(f"kernel_attention: single-token decode only, got {t} query tokens")
+    hkv, _, bs, _ = pool_k.shape
+    w = tables.shape[1]
+    params = kernel_params(impl, num_heads=h, num_kv_heads=hkv, head_dim=d, page_size=bs, pages_per_sequence=w,
+                           sliding_window=sliding_window)
+    if isinstance(params, str):
+        raise ValueError(f"kernel_attention: {params}")
+    lengths = jnp.clip(positions.reshape(b).astype(jnp.int32) + 1, 0, w * bs)
+    tables = tables.astype(jnp.int32)
+    q32 = q.reshape(b, h, d).astype(jnp.float32) * (1.0 / math.sqrt(d))
+    if impl == "pallas_tpu":
+        from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+        out = paged_attention(q32, pool_k, pool_v, lengths, tables, **params)
+    else:
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+        out = paged_attention(q32.astype(pool_k.dtype), pool_k, pool_v, tables, lengths, interpret=interpret,
+                              **params)
+    return out.reshape(b, 1, h, d).astype(q.dtype)

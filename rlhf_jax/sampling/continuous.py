@@ -54,7 +54,13 @@ How it runs (`ContinuousBatcher`):
   matrix-vector product over the pool; per-slot softmax sums as one-hot matmuls), so a step's read
   follows the pool size, not slots x `max_len`; blocks a group shares are read once more per further
   sample through a small gather whose size (bucketed) the host counts per segment. The prefill reads
-  through the block tables (gather + the reference einsum). One segment program per (set of
+  through the block tables (gather + the reference einsum). That routed einsum is the reference
+  decode read (CPU, f32); on TPU / GPU `ModelConfig.paged_attention_impl` ("auto", bf16/f16 compute)
+  selects JAX's Pallas paged-attention kernel instead (`rlhf_jax.models.paged.kernel_attention`: TPU
+  `ops/tpu/paged_attention`, GPU the Triton `ops/gpu/paged_attention`), which reads each slot's pages
+  through its block table up to its length: no route, no shared-read count, one table width
+  (`ContinuousBatcher.decode_read` says which read runs; `paged.decode_kernel` why not a kernel).
+  One segment program per (set of
   sampling-method kinds, shared-read bucket), one admit program per prompt bucket, compiled once per
   process (`Sampler.num_compiled()`).
 
@@ -94,7 +100,7 @@ import numpy as np
 
 from rlhf_jax.logprobs import token_logprobs
 from rlhf_jax.models import KVCache
-from rlhf_jax.models.paged import PagedKVCache, num_extra_reads, pool_route
+from rlhf_jax.models.paged import PagedKVCache, decode_kernel, num_extra_reads, pool_route
 from rlhf_jax.sampling.decode import stack_layers
 from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP, sample_from_logits
 
@@ -288,6 +294,8 @@ class ContinuousBatcher:
         size); "gather": each row's blocks gathered into a view of a few widths (XLA:CPU's gather
         costs more than the attention over the view); "dense": no paging, one `max_len` cache row
         per slot (the static sampler's layout; memory = slots x max_len, `num_blocks` ignored).
+        With "pool" or "gather", a Pallas paged-attention kernel replaces both decode reads where
+        `ModelConfig.paged_attention_impl` selects one (TPU / GPU; `decode_read`).
       methods: "auto" compiles the segment for the sampling-method kinds present in a call (the sort of
         top-k / top-p only when used); "all" compiles one segment program that serves every mix.
     """
@@ -320,11 +328,14 @@ class ContinuousBatcher:
                 f"ContinuousBatcher: num_blocks must be an int >= {self.max_blocks} (one slot at max_len="
                 f"{sampler.max_len}), got {num_blocks!r}")
         self.trash = self.num_blocks                                  # the pool's extra last block
+        # The single-token decode read: "reference" (routed einsum / gathered views) or a Pallas kernel.
+        self.decode_read = "reference" if attention == "dense" else decode_kernel(
+            self.model.config, block_size, self.max_blocks)
         self.reserve_blocks = reserve_blocks
         self.max_completion = sampler.max_len
         self.shapes = dict(K=max_stop_ids, NS=max_stop_sequences, LS=max_stop_len)
         widths, w = [], 4
-        while w < self.max_blocks and attention == "gather":
+        while w < self.max_blocks and attention == "gather" and self.decode_read == "reference":
             widths.append(w)
             w *= 2
         self.view_widths = tuple(widths) + (self.max_blocks,)   # "pool": decode reads the whole pool
@@ -364,6 +375,8 @@ class ContinuousBatcher:
                 num_free = num_free - jnp.sum(need)
                 if self.attention == "dense":
                     cache = KVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v))
+                elif self.decode_read != "reference":  # the kernel reads through the tables
+                    cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables)
                 elif self.attention == "pool":
                     route = pool_route(tables, s.position, self.num_blocks + 1, bs, extra)
                     cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables, route)
@@ -607,7 +620,8 @@ class ContinuousSession:
         free_arr = np.zeros((b.num_blocks,), np.int32)
         free_arr[: len(free)] = free
         extra = 0
-        if b.attention == "pool":    # reads of shared blocks past the first (a segment adds none), bucketed
+        # Reads of shared blocks past the first (a segment adds none), bucketed; a kernel needs no count.
+        if b.attention == "pool" and b.decode_read == "reference":
             extra = num_extra_reads(tables, trash)
             extra = 0 if extra == 0 else max(8, 1 << (extra - 1).bit_length())
         state, tables_dev, num_free = b._segment(self._p, self._state, tables, free_arr, np.int32(len(free)),
