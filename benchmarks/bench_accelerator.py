@@ -30,6 +30,14 @@ cuDNN flash attention on GPU, Splash on TPU). Parts (`--parts`, all by default):
    `generate` (bf16 weights, static cache, `min_new_tokens` = 512): the baseline for the ratios. The
    step-1 SFT losses of both must agree within bf16 tolerance (2e-2 relative).
 
+Opt-in (`--parts paged`, not in the default run): 6. `paged`: continuous batching over the paged KV
+cache (`Sampler.generate_requests`), the decode workload's prompts with ragged budgets (new tokens
+drawn in [new/8, new]) through 16 slots, once with the decode read `ModelConfig.paged_attention_impl`
+"auto" selects (JAX's Pallas paged-attention kernel on GPU / TPU: the Triton kernel here on a GPU) and
+once with the routed einsum "reference", same process: useful new tokens/s of each (median of the
+timed calls), the ratio, the selected read, and how far the two agree (requests with identical tokens;
+log-probs over each request's common prefix).
+
 Each framework runs in its own process (the JAX worker first), so neither holds the other's memory;
 the parent prints one table last and writes `--out` (JSON). A part that fails is reported as a row
 with its error and the other parts still run. Figures taken are recorded in benchmarks/ACCELERATORS.md.
@@ -52,17 +60,18 @@ from bench_common import causal_pairs, matmul_flops, report_result, run_worker, 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PARTS = ("sft", "dpo", "decode", "grpo", "torch")
+OPT_IN_PARTS = ("paged",)
 LOSS_RTOL = 2e-2   # JAX vs torch SFT loss at step 1, both bf16 compute
 
 FULL = dict(
     sft=dict(batch=8, seq_len=2048), dpo=dict(pairs=8, seq_len=1024, prompt_len=256),
-    decode=dict(rows=64, prompt_len=512, new_tokens=512),
+    decode=dict(rows=64, prompt_len=512, new_tokens=512), paged=dict(slots=16, block_size=16),
     grpo=dict(prompts=16, group=8, prompt_len=128, new_tokens=512, steps=3, warmup=1),
     warmup=1, timed=4, matmul_n=8192, copy_mib=2048, torch_decode_calls=1,
 )
 SMOKE = dict(
     sft=dict(batch=2, seq_len=32), dpo=dict(pairs=2, seq_len=32, prompt_len=8),
-    decode=dict(rows=4, prompt_len=8, new_tokens=8),
+    decode=dict(rows=4, prompt_len=8, new_tokens=8), paged=dict(slots=2, block_size=4),
     grpo=dict(prompts=2, group=2, prompt_len=8, new_tokens=8, steps=2, warmup=1),
     warmup=1, timed=1, matmul_n=256, copy_mib=8, torch_decode_calls=1,
 )
@@ -187,12 +196,12 @@ def _jax_worker(args) -> dict:
                 jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), overwrite=True)
         out["save_weights_s"] = time.perf_counter() - start
 
-    for part in ("sft", "dpo", "decode", "grpo"):
+    for part in ("sft", "dpo", "decode", "grpo", "paged"):
         if part not in parts:
             continue
         start = time.perf_counter()
         try:
-            row = {"sft": _jax_sft, "dpo": _jax_dpo, "decode": _jax_decode, "grpo": _jax_grpo}[part](
+            row = {"sft": _jax_sft, "dpo": _jax_dpo, "decode": _jax_decode, "grpo": _jax_grpo, "paged": _jax_paged}[part](
                 args, S, lm, params, out)
         except Exception as e:  # noqa: BLE001 - one failed part is a row, the others still run
             row = {"error": f"{type(e).__name__}: {e}"[:600], "traceback": traceback.format_exc()[-3000:]}
@@ -336,6 +345,48 @@ def _jax_decode(args, S, lm, params, info) -> dict:
             "floor_fraction": None if decode_s is None else floor_s / decode_s, "floor_gb_read": floor_bytes / 1e9,
             "tokens_shape": list(tokens.shape), "logprobs_finite": bool(np.isfinite(logps).all()),
             "first_call_s": call_times[0]}
+
+
+def _jax_paged(args, S, lm, params, info) -> dict:
+    """Continuous batching through the paged cache: the kernel read "auto" selects against the reference."""
+    import numpy as np
+
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.paged import decode_kernel
+    from rlhf_jax.sampling import Categorical, Request, Sampler
+
+    rows, p, new = S["decode"]["rows"], S["decode"]["prompt_len"], S["decode"]["new_tokens"]
+    slots, bs = S["paged"]["slots"], S["paged"]["block_size"]
+    prompts = tokens_rng((rows, p), lm.config.vocab_size, seed=5)
+    budgets = np.random.default_rng(6).integers(max(1, new // 8), new + 1, rows)
+    requests = [Request(prompt=prompts[i].tolist(), max_new_tokens=int(budgets[i]),
+                        method=Categorical(temperature=1.0), seed=i) for i in range(rows)]
+    out, results = {}, {}
+    for name, impl in (("auto", "auto"), ("reference", "reference")):
+        model = CausalLM(lm.config.replace(paged_attention_impl=impl))
+        sampler = Sampler(model, max_len=p + new, prompt_buckets=(p,), dtype="bfloat16")
+        sp = sampler.load_params(params)
+        read = decode_kernel(model.config, bs, -(-(p + new) // bs))
+        times, outs = _timed_steps(lambda _: sampler.generate_requests(sp, requests, num_slots=slots, block_size=bs),
+                                   1, 2)
+        call_s = statistics.median(times[1:])
+        made = sum(len(o.tokens[0]) for o in outs[-1])
+        out[name] = {"read": read, "call_s": call_s, "new_tokens_per_s": made / call_s, "first_call_s": times[0],
+                     "host_round_trips": sampler.continuous_stats().host_round_trips}
+        results[name] = outs[-1]
+    same, diff = 0, 0.0
+    for a, b in zip(results["auto"], results["reference"]):
+        ta, tb = a.tokens[0], b.tokens[0]
+        n = min(len(ta), len(tb))
+        k = n if np.array_equal(ta[:n], tb[:n]) else int(np.argmax(ta[:n] != tb[:n]))
+        same += int(len(ta) == len(tb) and k == n)
+        if k:
+            diff = max(diff, float(np.max(np.abs(a.logprobs[0][:k] - b.logprobs[0][:k]))))
+    return {"read": out["auto"]["read"], "new_tokens_per_s": out["auto"]["new_tokens_per_s"],
+            "reference_new_tokens_per_s": out["reference"]["new_tokens_per_s"],
+            "speedup_vs_reference": out["reference"]["call_s"] / out["auto"]["call_s"], "runs": out,
+            "requests_identical": f"{same}/{rows}", "logprob_max_diff_common_prefix": diff,
+            "logprobs_finite": all(bool(np.isfinite(o.logprobs[0]).all()) for o in results["auto"])}
 
 
 def _jax_grpo(args, S, lm, params, info) -> dict:
@@ -538,6 +589,12 @@ def table(jax_out: dict, torch_out: dict | None, summary: dict) -> str:
     grpo = rows.get("grpo", {})
     phases = ", ".join(f"{k} {v:.3g}" for k, v in grpo.get("phases_s", {}).items())
     line("grpo", grpo.get("step_s"), None, "s/step", phases or "-")
+    if "paged" in rows:
+        pg = rows["paged"]
+        line("paged", pg.get("new_tokens_per_s"), None, "new tok/s",
+             f"read {pg.get('read')}: {_fmt(pg.get('speedup_vs_reference'), '.2f')}x the reference read "
+             f"({_fmt(pg.get('reference_new_tokens_per_s'))} tok/s), identical {pg.get('requests_identical')}, "
+             f"log-prob diff {_fmt(pg.get('logprob_max_diff_common_prefix'))}")
     for name, err in summary.get("errors", {}).items():
         lines.append(f"ERROR {name}: {err.splitlines()[0][:200]}")
     lines.append(f"checks: SFT loss@1 rel diff {_fmt(summary.get('sft_loss_rel_diff'))} (<= {LOSS_RTOL}: "
@@ -548,16 +605,17 @@ def table(jax_out: dict, torch_out: dict | None, summary: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, seconds)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of {','.join(PARTS)} (opt-in: {','.join(OPT_IN_PARTS)})")
     p.add_argument("--attention", default="auto", help="ModelConfig.attention_impl of the JAX model")
     p.add_argument("--logits-chunk", type=int, default=None, help="logits_chunk_size of the SFT and DPO steps")
     p.add_argument("--out", default=None, help="write all figures as JSON here")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    unknown = set(args.parts.split(",")) - set(PARTS)
+    unknown = set(args.parts.split(",")) - set(PARTS) - set(OPT_IN_PARTS)
     if unknown:
-        p.error(f"--parts: unknown {sorted(unknown)}; choose from {PARTS}")
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from {PARTS + OPT_IN_PARTS}")
     if args.worker == "jax":
         report_result(_jax_worker(args))
         return 0
