@@ -109,3 +109,16 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis: int | tuple[int, ...] | Non
 def safe_denominator(denom: jax.Array) -> jax.Array:
     """`denom` where positive, 1 elsewhere: an empty sum (or an all-zero numerator) then gives 0, not NaN."""
     return jnp.where(denom > 0, denom, 1.0)
+
+
+def check_micro_split(batch: Any, micro_batches: Any, where: str) -> None:
+    """One-line `ValueError`s for a pass run in `micro_batches` pieces (evals, reference log-probs):
+    `micro_batches` must be a positive int dividing every array's rows in the mapping `batch` (None:
+    the count alone). The message names the run's config key, `train.micro_batches`."""
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+        raise ValueError(f"{where}: micro_batches must be a positive int, got {micro_batches!r}")
+    for key, x in (batch or {}).items():
+        if x.shape[0] % micro_batches:
+            raise ValueError(f"{where}: batch[{key!r}] has {x.shape[0]} rows, not divisible by "
+                             f"micro_batches={micro_batches} (train.micro_batches); use a batch size that is a "
+                             f"multiple of it")

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from rlhf_jax import sharding as sh
+from rlhf_jax import _checks, sharding as sh
 from rlhf_jax.logprobs import target_token_logprobs, token_logprobs
 from rlhf_jax.losses import kto_loss, kto_reference_point, preference_metrics
 from rlhf_jax.models.lora import LoraLM, base_params
@@ -411,15 +411,22 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
 
 def make_reference_logps_fn(model, *, mesh: Mesh, objective: Objective | None = None,
                             strategy: str | sh.Strategy = "fsdp", max_segments: int = 1,
-                            logits_chunk_size: int | None = None):
+                            logits_chunk_size: int | None = None, micro_batches: int = 1):
     """A jitted `(reference_params, batch) -> dict of summed reference log-probs` for precomputing.
 
     Paired objectives get `ref_chosen_logps`, `ref_rejected_logps`; KTO gets `ref_logps` (and
     `ref_kl_logps` for its mismatched completions); each `[B]` (or `[B, S]` when packed). Add them
     to the batches (`precompute_reference_logps`) and build the step with `reference="precomputed"`.
+
+    With `micro_batches` n > 1 the batch runs in n pieces, one after another under `lax.map` inside
+    the one program (the update step's interleaved micro-batches, `common.split_micro_batches`), so
+    the pass holds one micro-batch's activations, as the step does; each row's log-probs depend on
+    that row alone, so the values equal the one-piece pass. A batch whose rows n does not divide is
+    a `ValueError` naming the batch key and `micro_batches`.
     """
     objective = DPO() if objective is None else objective
     strategy = sh.check_strategy(strategy, mesh)
+    _checks.check_micro_split(None, micro_batches, "make_reference_logps_fn")
     fn = _reference_fn(model, objective, max_segments=max_segments, chunk_size=logits_chunk_size)
 
     def squeeze(out):
@@ -427,14 +434,17 @@ def make_reference_logps_fn(model, *, mesh: Mesh, objective: Objective | None = 
 
     param_shardings = sh.param_shardings(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
     def traced(p, b):
+        if micro_batches > 1:
+            _checks.check_micro_split(b, micro_batches, "make_reference_logps_fn")
         with sh.activation_sharding(mesh, strategy):  # activations split like the batch, as in the step
-            return squeeze(fn(p, b))
+            return squeeze(_map_micro(lambda mb: fn(p, mb), b, micro_batches))
 
     jitted = jax.jit(traced, in_shardings=(param_shardings, sh.batch_sharding(mesh, strategy)),
                      out_shardings=sh.batch_sharding(mesh, strategy))
 
     def reference_logps(params, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         sh.check_batch(batch, mesh=mesh, strategy=strategy)
+        _checks.check_micro_split(batch, micro_batches, "make_reference_logps_fn")
         return jitted(params, dict(batch))
 
     reference_logps.program = jitted  # what `rlhf-jax compile` lowers

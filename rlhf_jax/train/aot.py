@@ -190,6 +190,7 @@ def _supervised_programs(config, program: Program, mesh, state_abs, options):
     model, strategy = program.parts["model"], config.mesh.strategy
     params = state_abs.params
     batch = {k: v for k, v in program.batch.items() if not k.startswith("ref_")}
+    micro = config.train.micro_batches  # the run's eval and reference passes go in the update's pieces
     reports, uses = [], {}
     if family == "dpo":
         objective, segments = config.algorithm, dpo_mod.num_segments(config)
@@ -199,7 +200,7 @@ def _supervised_programs(config, program: Program, mesh, state_abs, options):
         if objective.needs_reference:
             ref_fn = dpo_mod.make_reference_logps_fn(dpo_mod.reference_model(model), mesh=mesh, objective=objective,
                                                      strategy=strategy, max_segments=segments,
-                                                     logits_chunk_size=config.logits_chunk_size)
+                                                     logits_chunk_size=config.logits_chunk_size, micro_batches=micro)
             when = "precomputed once before training" if config.reference == "precomputed" else "eval batches, once"
             reports.append(compile_program("reference log-probs", lambda: ref_fn.program.lower(reference, batch),
                                            {"reference": reference, "batch": batch}, compiler_options=options,
@@ -207,17 +208,19 @@ def _supervised_programs(config, program: Program, mesh, state_abs, options):
             uses["reference log-probs"] = {"reference"} if program.frozen else {"parameters"}
         if config.data.eval is not None and objective.paired:
             evaluate = dpo_mod.make_preference_eval(model, objective, [], reference, mesh=mesh, strategy=strategy,
-                                                    max_segments=segments, logits_chunk_size=config.logits_chunk_size)
+                                                    max_segments=segments, logits_chunk_size=config.logits_chunk_size,
+                                                    micro_batches=micro)
             eval_batch = {**batch, **(dpo_mod._precomputed_shapes(config, mesh) if objective.needs_reference else {})}
             reports.append(compile_program("eval (held-out loss)", lambda: evaluate.program.lower(params, eval_batch),
                                            {"parameters": params, "batch": eval_batch}, compiler_options=options))
             uses["eval (held-out loss)"] = {"parameters"}
     elif config.data.eval is not None:
         if family == "sft":
-            evaluate = sft_mod.make_sft_eval(model, [], mesh=mesh, strategy=strategy)
+            evaluate = sft_mod.make_sft_eval(model, [], mesh=mesh, strategy=strategy, micro_batches=micro)
         else:
             evaluate = rm_mod.make_reward_model_eval(model, [], mesh=mesh, strategy=strategy,
-                                                     max_segments=supervised.num_segments(config))
+                                                     max_segments=supervised.num_segments(config),
+                                                     micro_batches=micro)
         reports.append(compile_program("eval (held-out loss)", lambda: evaluate.program.lower(params, batch),
                                        {"parameters": params, "batch": batch}, compiler_options=options))
         uses["eval (held-out loss)"] = {"parameters"}

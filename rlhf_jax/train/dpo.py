@@ -150,20 +150,24 @@ def _chosen_weight(batch):
 
 
 def make_preference_eval(model: CausalLM, objective, batches: list[dict], reference, *, mesh, strategy: str,
-                         max_segments: int = 1, logits_chunk_size: int | None = None):
+                         max_segments: int = 1, logits_chunk_size: int | None = None, micro_batches: int = 1):
     """`params -> {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", ...}` on held-out pairs.
 
     The reference's log-probs of the fixed batches are computed once; each evaluation runs the
-    policy through the objective's own loss function (`make_dpo_loss`), pair-weighted.
+    policy through the objective's own loss function (`make_dpo_loss`), pair-weighted. Both passes
+    run each batch in the run's `micro_batches` pieces inside their one program (as the update step
+    does), so they fit wherever the step's forward does.
     """
     prepare = None
     if objective.needs_reference:
         ref_fn = make_reference_logps_fn(reference_model(model), mesh=mesh, objective=objective, strategy=strategy,
-                                         max_segments=max_segments, logits_chunk_size=logits_chunk_size)
+                                         max_segments=max_segments, logits_chunk_size=logits_chunk_size,
+                                         micro_batches=micro_batches)
         prepare = lambda batch, ref: {**batch, **ref_fn(ref, batch)}  # noqa: E731
-    loss_fn = make_dpo_loss(model, objective, max_segments=max_segments, logits_chunk_size=logits_chunk_size)
+    loss_fn = make_dpo_loss(model, objective, micro_batches=micro_batches, max_segments=max_segments,
+                            logits_chunk_size=logits_chunk_size)
     return make_weighted_eval(loss_fn, batches, weight=_chosen_weight, mesh=mesh, strategy=strategy,
-                              prepare=prepare, frozen=(reference,) if prepare else ())
+                              prepare=prepare, frozen=(reference,) if prepare else (), micro_batches=micro_batches)
 
 
 def _precomputed_shapes(config: DPOConfig, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -257,7 +261,8 @@ def _trainer(ctx: Context):
     if ctx.data.eval is not None and objective.paired:
         held_out = eval_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
         evaluators.append(make_preference_eval(model, objective, held_out, reference, mesh=mesh, strategy=strategy,
-                                               max_segments=segments, logits_chunk_size=config.logits_chunk_size))
+                                               max_segments=segments, logits_chunk_size=config.logits_chunk_size,
+                                               micro_batches=config.train.micro_batches))
     gold = _gold_eval(ctx, reference)
     if gold is not None:
         evaluators.append(gold)
@@ -265,7 +270,8 @@ def _trainer(ctx: Context):
     prepare = None
     if objective.needs_reference and config.reference == "precomputed":
         ref_fn = make_reference_logps_fn(reference_model(model), mesh=mesh, objective=objective, strategy=strategy,
-                                         max_segments=segments, logits_chunk_size=config.logits_chunk_size)
+                                         max_segments=segments, logits_chunk_size=config.logits_chunk_size,
+                                         micro_batches=config.train.micro_batches)
         tables = precompute_reference(ref_fn, reference, ctx.data.train, config, mesh=mesh)
         prepare = lambda batch, it: {**batch, **gather_precomputed(tables, it.last_rows, segments)}  # noqa: E731
     frozen = (reference,) if config.uses_reference_model else ()

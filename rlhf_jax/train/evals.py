@@ -16,10 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import sharding as sh
+from rlhf_jax import _checks, sharding as sh
 from rlhf_jax.sampling import Greedy
+from rlhf_jax.steps import common
 from rlhf_jax.distributed import sum_over_processes
 from rlhf_jax.train.data import device_batch
 from rlhf_jax.train.loop import InFlight
@@ -30,15 +32,23 @@ __all__ = ["make_weighted_eval", "make_policy_eval"]
 
 def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight: Callable[[Mapping], tuple],
                        mesh, strategy: str, keys: Sequence[str] | None = None, frozen: tuple = (),
-                       prepare: Callable[[dict], dict] | None = None) -> Callable[[Any], dict[str, float]]:
+                       prepare: Callable[[dict], dict] | None = None,
+                       micro_batches: int = 1) -> Callable[[Any], dict[str, float]]:
     """`params -> {"eval/loss", "eval/<metric>", ...}`: weighted means of a loss function's outputs.
 
     `eval/m = sum_b w_b m_b / sum_b w_b` over the held-out batches, where `m_b` is the loss (or a
     metric) the training loss function reports for batch `b` when its global normalisers are that
     batch's own counts, and `w_b` that count.
 
+    With `micro_batches` n > 1 a batch runs in the update step's n interleaved micro-batches, one
+    after another under `lax.map` inside the one program (one micro-batch's activations live at a
+    time, as in the step), combined as `common.accumulate_gradients` combines them: the losses
+    (normalised by the whole batch's counts in `context`) summed, the metrics (micro-batch shares)
+    averaged; the same values as one piece.
+
     Args:
-      loss_fn: `loss_fn(params, batch, context, rng) -> (loss, metrics)` (`steps.make_*_loss`).
+      loss_fn: `loss_fn(params, batch, context, rng) -> (loss, metrics)` (`steps.make_*_loss`), built
+        with the same `micro_batches` (its metrics are micro-batch shares).
       batches: fixed host batches.
       weight: `device batch -> (context, w)`: the loss function's normalisers and the batch's weight.
       mesh, strategy: where the batches go.
@@ -46,7 +56,12 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
       frozen: extra arguments `prepare` needs (e.g. reference parameters), passed through jit.
       prepare: `(device batch, *frozen) -> device batch` run once per batch before any evaluation
         (e.g. adding reference log-probs).
+      micro_batches: pieces per batch (the run's `train.micro_batches`); rows must divide evenly.
     """
+    _checks.check_micro_split(None, micro_batches, "make_weighted_eval")
+    for b in batches:
+        _checks.check_micro_split({k: v for k, v in b.items() if hasattr(v, "shape")}, micro_batches,
+                                 "make_weighted_eval")
     device_batches = [device_batch(b, mesh, strategy) for b in batches]
     if prepare is not None:
         prepared, in_flight = [], InFlight()
@@ -62,7 +77,14 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
         # like the batch): without it GSPMD may replicate a layer's activations on every device.
         with sh.activation_sharding(mesh, strategy):
             context, w = weight(batch)
-            loss, metrics = loss_fn(params, batch, context, key)
+            if micro_batches == 1:
+                loss, metrics = loss_fn(params, batch, context, key)
+            else:
+                _checks.check_micro_split(batch, micro_batches, "make_weighted_eval")
+                pieces = common.split_micro_batches(batch, micro_batches)
+                losses, metrics = jax.lax.map(lambda mb: loss_fn(params, mb, context, key), pieces)
+                loss = jnp.sum(losses.astype(jnp.float32))
+                metrics = {k: jnp.mean(v.astype(jnp.float32), axis=0) for k, v in metrics.items()}
         chosen = {k: v for k, v in metrics.items() if keys is None or k in keys}
         return {"loss": loss * w, **{k: v * w for k, v in chosen.items()}}, w
 

@@ -206,8 +206,10 @@ def _trainer(ctx: Context) -> Trainer:
     evaluate = None
     if ctx.data.eval is not None:
         held_out = _eval_batches(ctx.data.eval, config.data.batch_size, config.train.eval_batches)
-        evaluate_params = make_weighted_eval(make_prm_loss(ctx.program.parts["model"]), held_out, weight=_num_steps,
-                                             mesh=ctx.mesh, strategy=config.mesh.strategy)
+        m = config.train.micro_batches
+        evaluate_params = make_weighted_eval(make_prm_loss(ctx.program.parts["model"], micro_batches=m), held_out,
+                                             weight=_num_steps, mesh=ctx.mesh, strategy=config.mesh.strategy,
+                                             micro_batches=m)
         evaluate = lambda state: evaluate_params(state.params)  # noqa: E731
     step = ctx.program.step
 

@@ -62,14 +62,15 @@ def pair_weight(batch):
     return {"num_pairs": n}, n
 
 
-def make_reward_model_eval(model: CausalLM, batches: list[dict], *, mesh, strategy: str, max_segments: int = 1):
+def make_reward_model_eval(model: CausalLM, batches: list[dict], *, mesh, strategy: str, max_segments: int = 1,
+                           micro_batches: int = 1):
     """`params -> {"eval/accuracy", "eval/loss", "eval/margin", "eval/rewards/chosen", ...}`, pair-weighted.
 
     By the training loss function (`make_reward_model_loss`): accuracy is the share of held-out
-    pairs with `r(chosen) > r(rejected)`.
+    pairs with `r(chosen) > r(rejected)`. Each batch runs in the run's `micro_batches` pieces.
     """
-    return make_weighted_eval(make_reward_model_loss(model, max_segments=max_segments), batches, weight=pair_weight,
-                              mesh=mesh, strategy=strategy)
+    return make_weighted_eval(make_reward_model_loss(model, micro_batches=micro_batches, max_segments=max_segments),
+                              batches, weight=pair_weight, mesh=mesh, strategy=strategy, micro_batches=micro_batches)
 
 
 def _build(config: RewardModelConfig, mesh):
@@ -86,7 +87,8 @@ def _trainer(ctx: Context):
     if ctx.data.eval is not None:
         held_out = eval_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
         evaluate = make_reward_model_eval(ctx.program.parts["model"], held_out, mesh=ctx.mesh,
-                                          strategy=config.mesh.strategy, max_segments=num_segments(config))
+                                          strategy=config.mesh.strategy, max_segments=num_segments(config),
+                                          micro_batches=config.train.micro_batches)
     return supervised_trainer(ctx, evaluate=evaluate)
 
 

@@ -49,18 +49,19 @@ class SFTConfig(RunConfig):
     algorithm: SFTAlgorithm = SFTAlgorithm()
 
 
-def make_sft_eval(model: CausalLM, batches: list[dict], *, mesh, strategy: str):
+def make_sft_eval(model: CausalLM, batches: list[dict], *, mesh, strategy: str, micro_batches: int = 1):
     """`params -> {"eval/loss", "eval/mean_token_accuracy"}`, token-weighted over held-out batches.
 
-    `eval/loss = sum_b sum_t m_bt nll_bt / sum m`, by the training loss function (`make_sft_loss`).
+    `eval/loss = sum_b sum_t m_bt nll_bt / sum m`, by the training loss function (`make_sft_loss`),
+    each batch in the run's `micro_batches` pieces (`make_weighted_eval`).
     """
 
     def weight(batch):
         n = jnp.sum(causal_targets(batch["tokens"], batch["loss_mask"], batch.get("segment_ids")).mask)
         return {"num_tokens": n}, n
 
-    return make_weighted_eval(make_sft_loss(model), batches, weight=weight, mesh=mesh, strategy=strategy,
-                              keys=("mean_token_accuracy",))
+    return make_weighted_eval(make_sft_loss(model, micro_batches=micro_batches), batches, weight=weight, mesh=mesh,
+                              strategy=strategy, keys=("mean_token_accuracy",), micro_batches=micro_batches)
 
 
 def _build(config: SFTConfig, mesh):
@@ -74,7 +75,8 @@ def _trainer(ctx: Context):
     config, evaluate = ctx.config, None
     if ctx.data.eval is not None:
         held_out = eval_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
-        evaluate = make_sft_eval(ctx.program.parts["model"], held_out, mesh=ctx.mesh, strategy=config.mesh.strategy)
+        evaluate = make_sft_eval(ctx.program.parts["model"], held_out, mesh=ctx.mesh, strategy=config.mesh.strategy,
+                                 micro_batches=config.train.micro_batches)
     return supervised_trainer(ctx, evaluate=evaluate)
 
 
