@@ -117,6 +117,15 @@ def test_nonfinite_update_from_finite_gradients_is_skipped(policy):
     assert np.isneginf(np.asarray(off.params["w"])).all()
 
 
+def test_nonfinite_guard_selects_without_a_conditional():
+    """The guard is an elementwise select, not `lax.cond`: XLA:CPU copied every parameter and
+    optimizer-state leaf into and out of the conditional (3x the optimizer's time at W4's size)."""
+    state = _state({"w": jnp.ones((4, 2)), "b": jnp.ones((2,))})
+    text = jax.jit(lambda s, g: apply_gradients(s, g, jnp.float32(1.0), TX)).lower(
+        state, {"w": jnp.ones((4, 2)), "b": jnp.ones((2,))}).compile().as_text()
+    assert "conditional(" not in text
+
+
 def test_nonfinite_off_applies_the_update_and_bad_policy_is_rejected():
     state = _state({"w": jnp.ones((4, 2))})
     new, metrics = apply_gradients(state, {"w": jnp.full((4, 2), jnp.inf)}, jnp.float32(1.0), TX, nonfinite="off")
