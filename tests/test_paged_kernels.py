@@ -4,7 +4,8 @@ On CPU the kernels run in Pallas interpret mode (the Triton kernel with `interpr
 kernel under `pltpu.force_tpu_interpret_mode()`), against the reference decode read (the owner-routed
 einsum, `routed_attention`) on the same pool, block tables and positions: GQA, rows of different
 lengths, a block shared by two rows, a row at position 0. And the model's decode step with the TPU
-kernel compiles for a TPU (libtpu's compile-only devices; skipped without libtpu).
+kernel compiles for a TPU (libtpu's compile-only devices; skipped without libtpu); the Triton kernel
+lowers for CUDA (no GPU needed for the lowering).
 """
 
 import importlib.util
@@ -136,8 +137,8 @@ def _count_pallas_calls(jaxpr) -> int:
 
 
 def _kernel_model():
-    """The tiny model with head_dim 128 (the TPU kernel's multiple), bf16, the TPU kernel named."""
-    return CausalLM(tiny_config(head_dim=128, dtype="bfloat16", paged_attention_impl="pallas_tpu"))
+    """The tiny model, one layer, head_dim 128 (the TPU kernel's multiple), bf16, the TPU kernel named."""
+    return CausalLM(tiny_config(num_layers=1, head_dim=128, dtype="bfloat16", paged_attention_impl="pallas_tpu"))
 
 
 def _decode_inputs(c, num_blocks=9, bs=8):
@@ -170,6 +171,20 @@ def test_model_decode_step_with_tpu_kernel_equals_routed_read():
     with pltpu.force_tpu_interpret_mode():
         kernel, routed = run(params)
     _close(kernel, routed, jnp.bfloat16)
+
+
+def test_gpu_kernel_lowers_to_triton_for_cuda():
+    """The Triton kernel at bench_accelerator's shapes (12 query / 2 KV heads of 128, 1,024 positions in
+    blocks of 16: 8 splits of 8 pages) lowers for CUDA from this host (Pallas -> Triton IR; the PTX
+    compile needs a GPU). Pallas' Triton lowering wants power-of-two loads: what `kernel_params` checks."""
+    spec = jax.ShapeDtypeStruct
+    pool = spec((2, 1025, 16, 128), jnp.bfloat16)
+    args = (spec((64, 1, 12, 128), jnp.bfloat16), pool, pool, spec((64, 64), jnp.int32), spec((64,), jnp.int32))
+    assert kernel_params("pallas_gpu", num_heads=12, num_kv_heads=2, head_dim=128, page_size=16,
+                         pages_per_sequence=64) == dict(k_splits=8, pages_per_compute_block=8, block_h=16)
+    text = jax.jit(lambda *a: kernel_attention(*a, impl="pallas_gpu")).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
