@@ -64,42 +64,6 @@ EXIT_DOES_NOT_FIT = 3  # `rlhf-jax compile`: 0 fits, 3 does not fit, 2 bad input
 TPU_MEMORY_GIB = {"tpu v4": 32.0, "tpu v5 lite": 16.0, "tpu v5e": 16.0, "tpu v5": 95.0, "tpu v5p": 95.0,
                   "tpu v6 lite": 32.0, "tpu v6e": 32.0}
 
-@dataclasses.dataclass(frozen=True)
-class CompileReport:
-    """What compiling a step for a target tells: memory per device, FLOPs, fits or not and why.
-
-    Byte counts are per device, from XLA's memory analysis of the compiled program. `peak_bytes`
-    is XLA's peak when it reports one, else `arguments + outputs - aliased + temporaries`.
-    `state_bytes` is the per-device size of the train state (parameters + optimizer state).
-    `flops` is XLA's cost analysis of the per-device program (it counts a `lax.scan` body once,
-    so scanned layers are under-counted); `model_flops` is the analytic count of the whole step,
-    `6 N D` for the trained forward + backward (`N` non-embedding parameters incl. the LM head,
-    `D` tokens) plus attention, plus `2 N D` per frozen forward (DPO's reference).
-    """
-
-    target: str
-    num_devices: int
-    mesh: dict[str, int]
-    strategy: str
-    ok: bool
-    fits: bool
-    reason: str
-    argument_bytes: int = 0
-    output_bytes: int = 0
-    alias_bytes: int = 0
-    temp_bytes: int = 0
-    peak_bytes: int = 0
-    state_bytes: int = 0
-    device_memory_bytes: int | None = None
-    flops: float | None = None
-    model_flops: float | None = None
-    compile_seconds: float = 0.0
-    lint: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def _size(n: float | None) -> str:
     """Bytes in the unit that shows them: GiB from 0.1 GiB, else MiB (tiny runs), else KiB."""
     if n is None:
@@ -117,6 +81,7 @@ def _gib(n: float | None) -> str:
 
 def format_report(report: CompileReport) -> str:
     """A human-readable multi-line summary."""
+    xla = "" if report.xla_flops is None else f", XLA's count {report.xla_flops:.3e} (loop bodies once)"
     lines = [
         f"target: {report.target}  devices: {report.num_devices}  mesh: {report.mesh}  strategy: {report.strategy}",
         f"compiled: {'yes' if report.ok else 'no'} ({report.compile_seconds:.1f} s)",
@@ -125,7 +90,7 @@ def format_report(report: CompileReport) -> str:
         f"train state per device: {_gib(report.state_bytes)}",
         f"device memory: {_gib(report.device_memory_bytes)}",
         f"FLOPs per step: model {'?' if report.model_flops is None else f'{report.model_flops:.3e}'} (all devices), "
-        f"XLA {'?' if report.flops is None else f'{report.flops:.3e}'} (per device program, scan bodies once)",
+        f"program {'?' if report.flops is None else f'{report.flops:.3e}'} (per device{xla})",
         f"fits: {'yes' if report.fits else 'NO'} - {report.reason}",
     ]
     lines += [f"lint: {x}" for x in report.lint]
@@ -320,6 +285,32 @@ class ProgramReport:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompileReport(ProgramReport):
+    """One step compiled for a target (`aot_compile`): its `ProgramReport` (the figures `rlhf-jax
+    compile` plans every program of a run with) and the verdict for that step alone.
+
+    Byte counts are per device. `state_bytes` is the per-device size of the train state (parameters
+    + optimizer state). `flops` counts loop bodies as often as they run (a scanned model's every
+    layer), `xla_flops` is XLA's cost analysis (loop bodies once); `model_flops` is the analytic
+    count of the whole step on all devices (`step_flops`: `6 N D` for the trained forward + backward
+    plus attention, plus `2 N D` per frozen forward, DPO's reference). A step that did not compile
+    has `ok=False`, `fits=False`, the compiler's message in `reason` and the bytes it said it
+    needed as `peak_bytes` (and `required_bytes`).
+    """
+
+    target: str = ""
+    num_devices: int = 0
+    mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+    strategy: str = ""
+    fits: bool = False
+    reason: str = ""
+    state_bytes: int = 0
+    device_memory_bytes: int | None = None
+    model_flops: float | None = None
+    lint: tuple[str, ...] = ()
+
+
 def _oom_required(message: str) -> int:
     """The bytes a TPU compiler said it needed ("... HLO temporaries (19.85G) exceeds ...")."""
     import re  # noqa: PLC0415
@@ -470,14 +461,6 @@ def abstract_batch(kind: Literal["sft", "pairs"], *, batch_size: int, seq_len: i
     return {f"{p}_{k}": tok() for p in ("chosen", "rejected") for k in ("tokens", "loss_mask")}
 
 
-def _state_bytes_per_device(abstract_state, shardings) -> int:
-    total = 0
-    for leaf, s in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)):
-        shard = s.shard_shape(leaf.shape) if isinstance(s, NamedSharding) else leaf.shape
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-    return total
-
-
 def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
                 device_memory_bytes: int | None = None, lint_lines: Sequence[str] = (),
                 model_flops: float | None = None, compiler_options: Mapping[str, Any] | None = None
@@ -495,38 +478,29 @@ def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
       compiler_options: XLA options for this compilation (e.g. `{"xla_backend_optimization_level": 0}`).
 
     Returns:
-      A `CompileReport`; a compilation failure (e.g. RESOURCE_EXHAUSTED on TPU) has `ok=False`,
-      `fits=False` and the compiler's message as the reason.
+      A `CompileReport`: `compile_program`'s figures of the step (the same path, plan cache
+      included, as every program of `rlhf-jax compile`'s run plans) with the fit verdict; a
+      compilation failure (e.g. RESOURCE_EXHAUSTED on TPU) has `ok=False`, `fits=False` and the
+      compiler's message as the reason.
     """
     mesh = step.mesh
     devices = list(mesh.devices.flat)
     memory = device_memory_bytes if device_memory_bytes is not None else _device_memory(devices)
-    base = dict(target=target, num_devices=len(devices), mesh=dict(mesh.shape), strategy=step.strategy.name,
+    groups = {"train state": args[0], "batch": args[1:2]}
+    if len(args) > 2:
+        groups["frozen"] = list(args[2:])
+    lowered = step.lower(*args)  # a batch the mesh cannot split: the step's ShardingError, before any sizes
+    program = compile_program("update step", lambda: lowered, groups, compiler_options=compiler_options)
+    base = {f.name: getattr(program, f.name) for f in dataclasses.fields(ProgramReport)}
+    base.update(target=target, num_devices=len(devices), mesh=dict(mesh.shape), strategy=step.strategy.name,
                 state_bytes=state_bytes, device_memory_bytes=memory, lint=tuple(lint_lines), model_flops=model_flops)
-    t0 = time.perf_counter()
-    try:
-        compiled = step.lower(*args).compile(compiler_options=dict(compiler_options or {}))
-    except sh.ShardingError:
-        raise
-    except Exception as e:  # the compiler refusing (out of memory, unsupported): a report, not a crash
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        need = _oom_required(message)
+    if not program.ok:  # the compiler refusing (out of memory, unsupported): a report, not a crash
+        need = program.required_bytes
         hint = (f"; the compiler needed {_gib(need)} per device (train state {_gib(state_bytes)}): use remat, "
                 "micro-batches, more FSDP devices or shorter sequences" if need else "")
-        return CompileReport(ok=False, fits=False, reason=f"compilation failed: {message}{hint}", peak_bytes=need,
-                             compile_seconds=time.perf_counter() - t0, **base)
-    seconds = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
-    alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
-    # XLA:CPU's peak can be below its own temporaries: take the larger of it and the live sum.
-    peak = max(int(getattr(mem, "peak_memory_in_bytes", 0) or 0), arg + out - alias + temp)
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops")) if cost and cost.get("flops") is not None else None
-    except Exception:
-        flops = None
+        base["peak_bytes"] = need
+        return CompileReport(fits=False, reason=f"compilation failed: {program.error}{hint}", **base)
+    peak, arg, temp = program.peak_bytes, program.argument_bytes, program.temp_bytes
     if memory is None:
         fits, reason = True, "device memory unknown; pass device_memory_bytes to check the fit"
     elif peak <= memory:
@@ -537,9 +511,7 @@ def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
             f"{_gib(state_bytes)}) + temporaries {_gib(temp)}; shard more (fsdp), use more devices, "
             "a smaller batch or micro-batches, or remat"
         )
-    return CompileReport(ok=True, fits=fits, reason=reason, argument_bytes=arg, output_bytes=out,
-                         alias_bytes=alias, temp_bytes=temp, peak_bytes=peak, flops=flops,
-                         compile_seconds=seconds, **base)
+    return CompileReport(fits=fits, reason=reason, **base)
 
 
 def compile_training_step(config: ModelConfig, *, step: StepKind = "sft", mesh: Mesh,
@@ -605,7 +577,7 @@ def compile_training_step(config: ModelConfig, *, step: StepKind = "sft", mesh: 
     devices = list(mesh.devices.flat)
     label = target or f"{devices[0].platform} x{len(devices)}"
     return aot_compile(built, args, target=label,
-                       state_bytes=_state_bytes_per_device(abstract, built.state_shardings),
+                       state_bytes=bytes_per_device(state),
                        device_memory_bytes=device_memory_bytes, lint_lines=[str(i) for i in issues],
                        model_flops=step_flops(config, step=step, batch_size=batch_size, seq_len=seq_len),
                        compiler_options=compiler_options)

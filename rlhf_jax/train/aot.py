@@ -10,11 +10,9 @@ memory, FLOPs and whether it fits. A multi-stage experiment compiles each stage.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
-import numpy as np
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.compile import (
@@ -78,16 +76,8 @@ def compile_run(config: RunConfig, *, devices: list | None = None, topology: str
     state = program.abstract_args()[0]
     devices_used = list(program.step.mesh.devices.flat)
     label = topology or f"{devices_used[0].platform} x{len(devices_used)}"
-    return aot_compile(program.step, program.abstract_args(), target=label, state_bytes=_bytes_per_device(state),
+    return aot_compile(program.step, program.abstract_args(), target=label, state_bytes=bytes_per_device(state),
                        device_memory_bytes=device_memory_bytes, compiler_options=compiler_options)
-
-
-def _bytes_per_device(tree) -> int:
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
-    return total
 
 
 # ------------------------------------------------------------------------------------- run plans
