@@ -27,6 +27,7 @@ from rlhf_jax.sharding_lint import lint
 from rlhf_jax.state import Frozen, train_state_from_params, trainable_view
 from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_loss, make_sft_step
 from rlhf_jax.testing import tiny_config
+from rlhf_jax.train.sft import make_sft_eval
 
 ALL = LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
 BATCHES = sft_batches(3)
@@ -168,6 +169,10 @@ def test_dropout_only_in_training_passes_with_their_key():
     assert float(loss(params, key_a)) == float(loss(params, key_a))
     assert abs(float(loss(params, key_a)) - float(plain(params))) > 1e-4
     assert float(loss(params, key_a)) != float(loss(params, key_b))
+    # The held-out evaluation (`make_weighted_eval`) passes no key: the adapters' dropout is off.
+    evals = [make_sft_eval(model, [BATCHES[0]], mesh=mesh_for({"data": 1}), strategy="dp")(params)
+             for model in (lm, _lora_lm(LoraConfig(rank=4, targets=("q", "up"))))]
+    assert evals[0] == evals[1] and 0 < evals[0]["eval/loss"] < 10
 
 
 # ------------------------------------------------------------------------------------- sharding

@@ -69,7 +69,7 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
             prepared.append(prepare(b, *frozen))
             in_flight.add(prepared[-1])
         device_batches = prepared
-    key = jax.random.key(0)
+    key = None   # no key: a held-out loss runs without dropout (LoRA's `lora.dropout` is for training)
 
     @jax.jit
     def totals(params, batch):
