@@ -91,12 +91,14 @@ import collections
 import dataclasses
 import functools
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax.logprobs import token_logprobs
 from rlhf_jax.models import KVCache
@@ -104,8 +106,8 @@ from rlhf_jax.models.paged import PagedKVCache, decode_kernel, num_extra_reads, 
 from rlhf_jax.sampling.decode import stack_layers
 from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP, sample_from_logits
 
-__all__ = ["Request", "RequestOutput", "ContinuousStats", "ContinuousBatcher", "ContinuousSession", "select_per_row",
-           "to_sample_output"]
+__all__ = ["Request", "RequestOutput", "ContinuousStats", "ContinuousBatcher", "ContinuousSession",
+           "DataParallelBatcher", "select_per_row", "to_sample_output"]
 
 GREEDY, CATEGORICAL, TOP_K, TOP_P, MIN_P = range(5)
 _KIND = {Greedy: GREEDY, Categorical: CATEGORICAL, TopK: TOP_K, TopP: TOP_P, MinP: MIN_P}
@@ -298,11 +300,14 @@ class ContinuousBatcher:
         `ModelConfig.paged_attention_impl` selects one (TPU / GPU; `decode_read`).
       methods: "auto" compiles the segment for the sampling-method kinds present in a call (the sort of
         top-k / top-p only when used); "all" compiles one segment program that serves every mix.
+      mesh: the engine's own devices when the sampler has a mesh (`DataParallelBatcher` builds one
+        engine per data-parallel group): weights keep the sampler's layout there, the slot state and
+        pool are replicated over it. None: the sampler's one (default) device.
     """
 
     def __init__(self, sampler, *, num_slots: int = 16, block_size: int = 16, num_blocks: int | None = None,
                  reserve_blocks: int = 1, max_stop_ids: int = 8, max_stop_sequences: int = 4,
-                 max_stop_len: int = 8, methods: str = "auto", attention: str = "pool"):
+                 max_stop_len: int = 8, methods: str = "auto", attention: str = "pool", mesh=None):
         for name, value, low in (("num_slots", num_slots, 1), ("block_size", block_size, 1),
                                  ("reserve_blocks", reserve_blocks, 0), ("max_stop_ids", max_stop_ids, 1),
                                  ("max_stop_sequences", max_stop_sequences, 1), ("max_stop_len", max_stop_len, 1)):
@@ -314,8 +319,10 @@ class ContinuousBatcher:
         if attention not in ("pool", "gather", "dense"):
             raise ValueError(f"ContinuousBatcher: attention must be 'pool', 'gather' or 'dense', got {attention!r}")
         self.attention = attention
-        if sampler.mesh is not None:
-            raise NotImplementedError("ContinuousBatcher: a Sampler with a mesh is not supported yet (one device)")
+        if sampler.mesh is not None and mesh is None:
+            raise ValueError("ContinuousBatcher: the Sampler has a mesh; build its engines with "
+                             "Sampler.continuous_batcher (one engine per data-parallel group) or pass mesh=")
+        self.mesh = mesh          # this engine's devices (a data-parallel group of the sampler's mesh)
         self.sampler = sampler
         self.model = sampler.model
         self.num_slots, self.block_size = num_slots, block_size
@@ -438,8 +445,10 @@ class ContinuousBatcher:
                                  finished=state.finished & ~reset, stopped=state.stopped & ~reset, **fields)
 
         segment.__name__, admit.__name__ = self._names
-        self._segment = jax.jit(segment, static_argnames=("kinds", "width", "extra"), donate_argnums=(1,))
-        self._admit = jax.jit(admit, donate_argnums=(1,))
+        # On an engine's mesh the state stays replicated there (stable input shardings: no recompile).
+        out = {} if self.mesh is None else dict(out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        self._segment = jax.jit(segment, static_argnames=("kinds", "width", "extra"), donate_argnums=(1,), **out)
+        self._admit = jax.jit(admit, donate_argnums=(1,), **out)
 
     def _empty_state(self) -> SlotState:
         cfg = self.model.config
@@ -449,7 +458,7 @@ class ContinuousBatcher:
             pool_shape = (s, cfg.num_kv_heads, self.sampler.max_len, cfg.head_dim)
         dtype = cfg.jnp_dtype
         zi = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
-        return SlotState(
+        state = SlotState(
             pool_k=tuple(jnp.zeros(pool_shape, dtype) for _ in range(cfg.num_layers)),
             pool_v=tuple(jnp.zeros(pool_shape, dtype) for _ in range(cfg.num_layers)),
             last_token=zi(s), position=zi(s), t=zi(s), max_new=zi(s),
@@ -462,6 +471,7 @@ class ContinuousBatcher:
             out_tokens=jnp.full((s, self.max_completion), self.sampler.pad_id, jnp.int32),
             out_logps=jnp.zeros((s, self.max_completion), jnp.float32), steps=jnp.zeros((), jnp.int32),
         )
+        return state if self.mesh is None else jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
 
     # ----------------------------------------------------------------------------- host side
 
@@ -783,3 +793,142 @@ class _HostFields:
         self.stop_seqs = np.full((s, k["NS"], k["LS"]), -1, np.int32)
         self.stop_lens = np.zeros((s, k["NS"]), np.int32)
         self.recent = np.full((s, k["LS"]), -1, np.int32)
+
+
+class DataParallelBatcher:
+    """Data-parallel continuous batching: one `ContinuousBatcher` engine per data-parallel group of a
+    sampler's mesh, fed from one shared arrival-order queue (vLLM's data-parallel engines).
+
+    The groups are the devices of one index of the sampler's batch axes (its strategy's `batch_axes`
+    present in the mesh, e.g. `data`); each keeps the mesh's other axes (e.g. `tensor`), so an
+    engine's weights keep the sampler's within-group layout (one device each on a pure dp mesh).
+    `run` drives every engine from its own host thread (JAX dispatch is asynchronous and device
+    waits release the GIL, so the engines decode at once): an engine takes the next waiting request
+    whenever its slots have room for it, so requests are admitted in arrival order, and the outputs
+    come back in request order. Draws are keyed by request (a request without a seed gets
+    `fold_in(key(rng), its index in the call)`), so the outputs do not depend on which engine served
+    a request and equal the one-device batcher's.
+
+    Weights: `Sampler.load_params` (one hand-off program on the whole mesh) already places a copy of
+    the weights on every data-parallel group (parameters replicated over the batch axes); each
+    engine's tree is assembled from the shards on its own devices, no copy. A strategy that shards
+    parameters over a batch axis (e.g. fsdp) gets its per-engine copies by `jax.device_put`.
+
+    Multi-process: the engines are the groups whose devices this process holds; each process serves
+    the requests it is given (its own local rows, as `RolloutCollector` passes them) on its engines.
+
+    Args:
+      sampler: a `Sampler` with a mesh.
+      **options: `ContinuousBatcher` options, per engine (`num_slots` slots each).
+    """
+
+    def __init__(self, sampler, **options):
+        mesh = sampler.mesh
+        if mesh is None:
+            raise ValueError("DataParallelBatcher: the Sampler has no mesh; use ContinuousBatcher")
+        names = mesh.axis_names
+        self.row_axes = tuple(a for a in sampler.strategy.batch_axes if a in names and mesh.shape[a] > 1)
+        keep = tuple(a for a in names if a not in self.row_axes)
+        devices = np.moveaxis(mesh.devices, [names.index(a) for a in self.row_axes],
+                              list(range(len(self.row_axes))))
+        local = jax.process_index()
+        groups = devices.reshape((-1,) + devices.shape[len(self.row_axes):])
+        self.meshes = [Mesh(g, keep) for g in groups if all(d.process_index == local for d in g.flat)]
+        if not self.meshes:
+            raise ValueError("DataParallelBatcher: no data-parallel group of the sampler's mesh is on this process")
+        self.sampler = sampler
+        self.engines = [ContinuousBatcher(sampler, mesh=m, **options) for m in self.meshes]
+        self.num_slots = self.engines[0].num_slots
+
+    @property
+    def stats(self) -> ContinuousStats:
+        """The engines' `ContinuousStats` of the last call, summed (peak blocks: summed peaks)."""
+        total = ContinuousStats(block_size=self.engines[0].block_size)
+        for e in self.engines:
+            for f in dataclasses.fields(ContinuousStats):
+                if f.name != "block_size":
+                    setattr(total, f.name, getattr(total, f.name) + getattr(e.stats, f.name))
+        return total
+
+    def engine_params(self, params) -> list:
+        """Each engine's `SamplerParams` on its own devices, from the sampler's (or raw) parameters."""
+        from rlhf_jax.sampling.sampler import SamplerParams
+
+        if not isinstance(params, SamplerParams):
+            params = self.sampler.load_params(params)
+        drop = set(self.row_axes)
+
+        def sub_spec(spec):
+            def strip(entry):
+                if entry is None:
+                    return None
+                axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a not in drop)
+                return None if not axes else (axes[0] if len(axes) == 1 else axes)
+            return PartitionSpec(*(strip(e) for e in spec))
+
+        def place(leaf, mesh):
+            sharding = getattr(leaf, "sharding", None)
+            if not isinstance(sharding, NamedSharding):
+                return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
+            target = NamedSharding(mesh, sub_spec(sharding.spec))
+            used = {a for e in sharding.spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+            if used & drop:          # split over a batch axis: gather this group's copy
+                return jax.device_put(leaf, target)
+            shards = {s.device: s.data for s in leaf.addressable_shards}
+            return jax.make_array_from_single_device_arrays(
+                leaf.shape, target, [shards[d] for d in mesh.devices.flat])
+
+        return [SamplerParams(jax.tree.map(lambda a: place(a, m), params.tree)) for m in self.meshes]
+
+    def run(self, params, requests: Sequence[Request], *, rng: int | jax.Array = 0,
+            max_segment_steps: int | None = None) -> list[RequestOutput]:
+        """Every request's completions, in request order (see the class docstring); `stats` sums the engines'."""
+        from rlhf_jax.sampling.sampler import _as_key
+
+        if isinstance(requests, Request) or not all(isinstance(r, Request) for r in requests):
+            raise TypeError("generate_requests: requests must be a sequence of Request")
+        if not requests:
+            raise ValueError("generate_requests: no requests")
+        dummy = np.zeros(self.engines[0]._key_shape, np.uint32)
+        for i, req in enumerate(requests):          # errors name the request's index in the call
+            self.engines[0]._request_arrays(i, req, dummy)
+        call_key = _as_key(rng)
+        queue = collections.deque(
+            (i, req if req.seed is not None else dataclasses.replace(req, seed=jax.random.fold_in(call_key, i)))
+            for i, req in enumerate(requests))
+        lock = threading.Lock()
+        results: list = [None] * len(requests)
+        errors: list = []
+        trees = self.engine_params(params)
+
+        def serve(engine: ContinuousBatcher, tree) -> None:
+            try:
+                session = engine.session(tree, rng=0, max_segment_steps=max_segment_steps)
+                handles: dict[int, int] = {}
+                while not errors:
+                    with lock:   # the next waiting requests, while this engine's slots have room for them
+                        room = engine.num_slots - session.running - sum(len(e.samples) for e in session._waiting)
+                        while queue and queue[0][1].num_samples <= room:
+                            i, req = queue.popleft()
+                            handles[session.submit(req)] = i
+                            room -= req.num_samples
+                        if session.idle and not queue:
+                            return
+                    for handle, out in session.advance().items():
+                        results[handles[handle]] = out
+            except BaseException as exc:   # noqa: BLE001 - re-raised by the calling thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=serve, args=(e, t), name=f"rlhf_jax_engine{k}", daemon=True)
+                   for k, (e, t) in enumerate(zip(self.engines, trees))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+    def session(self, params, **kwargs):
+        raise NotImplementedError("DataParallelBatcher.session: the incremental form runs on one engine; "
+                                  "use a one-device Sampler (mesh=None) for open sessions")

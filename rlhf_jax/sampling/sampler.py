@@ -461,13 +461,15 @@ class Sampler:
         Its `session(params, rng=...)` is the incremental form: submit requests at any time, `advance`
         decodes and returns the finished ones (multi-turn rollouts submit a turn once its tool answered).
         """
-        from rlhf_jax.sampling.continuous import ContinuousBatcher
+        from rlhf_jax.sampling.continuous import ContinuousBatcher, DataParallelBatcher
 
         batchers = self.__dict__.setdefault("_batchers", {})
         key = (num_slots, block_size, num_blocks, reserve_blocks, tuple(sorted(limits.items())))
         if key not in batchers:
-            batchers[key] = ContinuousBatcher(self, num_slots=num_slots, block_size=block_size,
-                                              num_blocks=num_blocks, reserve_blocks=reserve_blocks, **limits)
+            # On a mesh: one engine per data-parallel group, `num_slots` slots each, one shared queue.
+            kind = ContinuousBatcher if self.mesh is None else DataParallelBatcher
+            batchers[key] = kind(self, num_slots=num_slots, block_size=block_size,
+                                 num_blocks=num_blocks, reserve_blocks=reserve_blocks, **limits)
         self._last_batcher = batchers[key]
         return batchers[key]
 

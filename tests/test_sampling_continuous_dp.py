@@ -1,0 +1,75 @@
+"""Data-parallel continuous batching (`DataParallelBatcher`): one engine per data-parallel group of
+the sampler's mesh, one shared arrival-order queue; outputs equal the one-device batcher's."""
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import sharding as shd
+from rlhf_jax.models import CausalLM
+from rlhf_jax.sampling import Greedy, Request, Sampler, SamplingConfig, TopK, TopP
+from rlhf_jax.sampling.continuous import DataParallelBatcher
+from rlhf_jax.testing import tiny_config
+
+rng = np.random.default_rng(5)
+PROMPTS = [rng.integers(4, 250, size=int(n)).tolist() for n in (7, 2, 5, 11, 3, 8, 6, 4, 9, 1)]
+LENGTHS = [14, 3, 9, 1, 12, 6, 14, 2, 5, 10]
+METHODS = [Greedy(), TopP(p=0.9, temperature=0.8), TopK(k=20)]
+OPTS = dict(num_slots=3, block_size=4, num_blocks=24, methods="all")
+BUCKETS = (8, 16)
+
+
+def _requests():
+    # Ragged lengths, mixed methods, a group of 2, seeds given or derived from the call's rng.
+    return [Request(prompt=p, max_new_tokens=n, method=METHODS[i % 3], num_samples=1 + (i % 4 == 1),
+                    seed=None if i % 2 else 100 + i) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return CausalLM(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def params(lm):
+    return lm.init(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def single(lm, params):
+    """The one-device sampler and its batcher's outputs (the reference)."""
+    sampler = Sampler(lm, max_len=32, prompt_buckets=BUCKETS)
+    sp = sampler.load_params(params)
+    return sampler, sp, sampler.generate_requests(sp, _requests(), rng=7, **OPTS)
+
+
+def _assert_equal(outs, ref):
+    assert len(outs) == len(ref)
+    for i, (o, r) in enumerate(zip(outs, ref)):
+        assert o.finish_reasons == r.finish_reasons, i
+        for a, b, la, lb in zip(o.tokens, r.tokens, o.logprobs, r.logprobs):
+            np.testing.assert_array_equal(a, b, err_msg=f"request {i}")
+            np.testing.assert_allclose(la, lb, atol=1e-5, err_msg=f"request {i}")
+
+
+@pytest.mark.parametrize("shape,strategy,engines", [({"data": 4}, "dp", 4), ({"data": 2, "tensor": 2}, "tp", 2)])
+def test_engines_equal_one_device_batcher(lm, params, single, shape, strategy, engines):
+    """Ragged per-request lengths, greedy and seeded sampling: each request's tokens equal the
+    one-device batcher's (log-probs within 1e-5) whichever engine served it; every engine served some."""
+    mesh = shd.make_mesh(shape, devices=jax.devices()[:4])
+    sampler = Sampler(lm, max_len=32, prompt_buckets=BUCKETS, mesh=mesh, strategy=strategy)
+    outs = sampler.generate_requests(params, _requests(), rng=7, **OPTS)
+    _assert_equal(outs, single[2])
+    batcher = sampler.continuous_batcher(**OPTS)
+    assert isinstance(batcher, DataParallelBatcher) and len(batcher.engines) == engines
+    assert [m.devices.size for m in batcher.meshes] == [4 // engines] * engines
+    assert {d for m in batcher.meshes for d in m.devices.flat} == set(mesh.devices.flat)
+    assert all(e.stats.admissions > 0 for e in batcher.engines)
+    assert sampler.continuous_stats().admissions == sum(e.stats.admissions for e in batcher.engines)
+    # Each engine's weights lie on its own devices, with the sampler's within-group layout.
+    trees = batcher.engine_params(sampler.load_params(params))
+    for m, tree in zip(batcher.meshes, trees):
+        assert all(set(a.sharding.device_set) == set(m.devices.flat) for a in jax.tree.leaves(tree.tree))
+        q = tree.tree["layers"][0]["attn"]["q_proj"]
+        assert q.sharding.spec == sampler.load_params(params).tree["layers"][0]["attn"]["q_proj"].sharding.spec
+        assert (q.sharding.spec != jax.sharding.PartitionSpec()) == (strategy == "tp")
