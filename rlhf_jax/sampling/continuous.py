@@ -107,7 +107,7 @@ from rlhf_jax.sampling.decode import stack_layers
 from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP, sample_from_logits
 
 __all__ = ["Request", "RequestOutput", "ContinuousStats", "ContinuousBatcher", "ContinuousSession",
-           "DataParallelBatcher", "select_per_row", "to_sample_output"]
+           "DataParallelBatcher", "DataParallelSession", "select_per_row", "to_sample_output"]
 
 GREEDY, CATEGORICAL, TOP_K, TOP_P, MIN_P = range(5)
 _KIND = {Greedy: GREEDY, Categorical: CATEGORICAL, TopK: TOP_K, TopP: TOP_P, MinP: MIN_P}
@@ -807,7 +807,8 @@ class DataParallelBatcher:
     whenever its slots have room for it, so requests are admitted in arrival order, and the outputs
     come back in request order. Draws are keyed by request (a request without a seed gets
     `fold_in(key(rng), its index in the call)`), so the outputs do not depend on which engine served
-    a request and equal the one-device batcher's.
+    a request and equal the one-device batcher's. `session` is the incremental form
+    (`DataParallelSession`: each `advance` runs one segment on every busy engine at once).
 
     Weights: `Sampler.load_params` (one hand-off program on the whole mesh) already places a copy of
     the weights on every data-parallel group (parameters replicated over the batch axes); each
@@ -883,19 +884,8 @@ class DataParallelBatcher:
     def run(self, params, requests: Sequence[Request], *, rng: int | jax.Array = 0,
             max_segment_steps: int | None = None) -> list[RequestOutput]:
         """Every request's completions, in request order (see the class docstring); `stats` sums the engines'."""
-        from rlhf_jax.sampling.sampler import _as_key
-
-        if isinstance(requests, Request) or not all(isinstance(r, Request) for r in requests):
-            raise TypeError("generate_requests: requests must be a sequence of Request")
-        if not requests:
-            raise ValueError("generate_requests: no requests")
-        dummy = np.zeros(self.engines[0]._key_shape, np.uint32)
-        for i, req in enumerate(requests):          # errors name the request's index in the call
-            self.engines[0]._request_arrays(i, req, dummy)
-        call_key = _as_key(rng)
-        queue = collections.deque(
-            (i, req if req.seed is not None else dataclasses.replace(req, seed=jax.random.fold_in(call_key, i)))
-            for i, req in enumerate(requests))
+        call_key = self._check(requests, rng)
+        queue = collections.deque((i, _keyed(req, call_key, i)) for i, req in enumerate(requests))
         lock = threading.Lock()
         results: list = [None] * len(requests)
         errors: list = []
@@ -906,12 +896,8 @@ class DataParallelBatcher:
                 session = engine.session(tree, rng=0, max_segment_steps=max_segment_steps)
                 handles: dict[int, int] = {}
                 while not errors:
-                    with lock:   # the next waiting requests, while this engine's slots have room for them
-                        room = engine.num_slots - session.running - sum(len(e.samples) for e in session._waiting)
-                        while queue and queue[0][1].num_samples <= room:
-                            i, req = queue.popleft()
-                            handles[session.submit(req)] = i
-                            room -= req.num_samples
+                    with lock:
+                        _feed(session, queue, handles)
                         if session.idle and not queue:
                             return
                     for handle, out in session.advance().items():
@@ -929,6 +915,104 @@ class DataParallelBatcher:
             raise errors[0]
         return results
 
-    def session(self, params, **kwargs):
-        raise NotImplementedError("DataParallelBatcher.session: the incremental form runs on one engine; "
-                                  "use a one-device Sampler (mesh=None) for open sessions")
+    def _check(self, requests, rng) -> jax.Array:
+        """Validate the requests up front (errors name the request's index in the call); the call's key."""
+        from rlhf_jax.sampling.sampler import _as_key
+
+        if isinstance(requests, Request) or not all(isinstance(r, Request) for r in requests):
+            raise TypeError("generate_requests: requests must be a sequence of Request")
+        if not requests:
+            raise ValueError("generate_requests: no requests")
+        dummy = np.zeros(self.engines[0]._key_shape, np.uint32)
+        for i, req in enumerate(requests):
+            self.engines[0]._request_arrays(i, req, dummy)
+        return _as_key(rng)
+
+    def session(self, params, *, rng: int | jax.Array = 0,
+                max_segment_steps: int | None = None) -> "DataParallelSession":
+        """The incremental form over the engines (`ContinuousSession`'s interface): `advance` feeds
+        the engines from the shared queue and runs one segment on each busy engine, concurrently."""
+        return DataParallelSession(self, params, rng=rng, max_segment_steps=max_segment_steps)
+
+
+def _keyed(req: Request, call_key, i: int) -> Request:
+    """`req` with its draw key fixed: its own seed, else `fold_in(call key, its index in the call)`."""
+    return req if req.seed is not None else dataclasses.replace(req, seed=jax.random.fold_in(call_key, i))
+
+
+def _feed(session: ContinuousSession, queue: collections.deque, handles: dict) -> None:
+    """Move the next waiting requests of the shared `queue` into `session` while its slots have room
+    for them (arrival order: an engine takes the queue's head or nothing); `handles`: local -> global."""
+    room = session.batcher.num_slots - session.running - sum(len(e.samples) for e in session._waiting)
+    while queue and queue[0][1].num_samples <= room:
+        i, req = queue.popleft()
+        handles[session.submit(req)] = i
+        room -= req.num_samples
+
+
+class DataParallelSession:
+    """An open call over a `DataParallelBatcher`'s engines (`submit` / `advance` / `idle`, as
+    `ContinuousSession`): `advance` feeds each engine from the shared arrival-order queue, runs one
+    segment on every busy engine (one host thread each) and returns `{handle: RequestOutput}`."""
+
+    def __init__(self, batcher: DataParallelBatcher, params, *, rng: int | jax.Array = 0,
+                 max_segment_steps: int | None = None):
+        from rlhf_jax.sampling.sampler import _as_key
+
+        self.batcher, self._call_key = batcher, _as_key(rng)
+        self.sessions = [e.session(t, rng=0, max_segment_steps=max_segment_steps)
+                         for e, t in zip(batcher.engines, batcher.engine_params(params))]
+        self._handles: list[dict[int, int]] = [{} for _ in self.sessions]
+        self._queue: collections.deque = collections.deque()
+        self.requests: list[Request] = []
+
+    def submit(self, request: Request) -> int:
+        """Queue `request` (taken by an engine at the next `advance`); returns its handle (submission index)."""
+        if not isinstance(request, Request):
+            raise TypeError(f"DataParallelSession.submit: expected a Request, got {type(request).__name__}")
+        i = len(self.requests)
+        engine = self.batcher.engines[0]
+        engine._request_arrays(i, request, np.zeros(engine._key_shape, np.uint32))   # errors name handle i
+        self.requests.append(request)
+        self._queue.append((i, _keyed(request, self._call_key, i)))
+        return i
+
+    @property
+    def running(self) -> int:
+        """Samples decoding in the engines' slots now."""
+        return sum(s.running for s in self.sessions)
+
+    @property
+    def waiting(self) -> int:
+        """Requests in the shared queue plus entries waiting inside an engine."""
+        return len(self._queue) + sum(s.waiting for s in self.sessions)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing waiting: every submitted request has come back."""
+        return not self._queue and all(s.idle for s in self.sessions)
+
+    def advance(self) -> dict[int, RequestOutput]:
+        """Feed the engines, run one segment on each busy engine at once, collect the finished requests."""
+        for session, handles in zip(self.sessions, self._handles):
+            _feed(session, self._queue, handles)
+        busy = [k for k, s in enumerate(self.sessions) if not s.idle]
+        outs: list = [None] * len(self.sessions)
+        errors: list = []
+
+        def step(k: int) -> None:
+            try:
+                outs[k] = self.sessions[k].advance()
+            except BaseException as exc:   # noqa: BLE001 - re-raised below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=step, args=(k,), daemon=True) for k in busy[1:]]
+        for t in threads:
+            t.start()
+        if busy:
+            step(busy[0])
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return {self._handles[k][h]: out for k in busy for h, out in outs[k].items()}
