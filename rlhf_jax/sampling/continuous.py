@@ -64,6 +64,24 @@ How it runs (`ContinuousBatcher`):
   sampling-method kinds, shared-read bucket), one admit program per prompt bucket, compiled once per
   process (`Sampler.num_compiled()`).
 
+On a device mesh (`DataParallelBatcher`, what `Sampler.continuous_batcher` / `generate_requests`
+build when the sampler has a mesh), vLLM's data-parallel engines:
+- One engine (a `ContinuousBatcher` with `num_slots` slots and its own pool) per data-parallel group:
+  the devices of one index of the sampler's batch axes (e.g. `data`), keeping the other axes, so an
+  engine's programs run on its own sub-mesh with the sampler's within-group layout (tensor-parallel
+  weights on a data x tensor mesh; one device each on a pure dp mesh; slot state and pool
+  replicated over the group). Engines compile their own programs (once per process each).
+- One shared arrival-order queue: an engine takes the queue's next request whenever its slots have
+  room for it, so requests are admitted in arrival order; outputs come back in request order, and
+  (draws keyed by request) equal the one-device batcher's whichever engine served a request.
+- `run` drives each engine from its own host thread (dispatch is asynchronous, device waits release
+  the GIL); `session()` (`DataParallelSession`) runs one segment on every busy engine per `advance`.
+- Weights: `Sampler.load_params` is the one hand-off program (it places a copy on every group);
+  each engine's tree is assembled from the shards on its devices (no copy; a strategy that splits
+  parameters over a batch axis, e.g. fsdp, gets its copies by `jax.device_put`).
+- Multi-process: a process runs the engines of the groups on its own devices and serves the
+  requests it is given (the RL collector passes its own local rows).
+
 W5 (`benchmarks/bench_w5.py --w5`, 128 ragged requests, 16 slots, paged pool at 0.5x the static cache:
 288 blocks of 16, peak 248 in use, no preemption; same-process ratios on a 2-core host shared with
 other sessions, 1.4-1.6 foreign cores busy): 1,280 decode steps against the static call's 3,393, 122

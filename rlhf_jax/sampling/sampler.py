@@ -28,7 +28,8 @@ What the class adds to `rlhf_jax.sampling.decode`:
 Continuous batching over a paged KV cache: `generate_requests(params, [Request(...), ...],
 num_slots=16)` (`rlhf_jax.sampling.continuous`): fixed decode slots refilled as requests end, one
 `Request` each with its own length, method and stops, a block pool with per-slot block tables and
-prefix sharing within a group.
+prefix sharing within a group. On a mesh, one engine per data-parallel group (`num_slots` each) fed
+from one arrival-order queue (`DataParallelBatcher`).
 """
 
 from __future__ import annotations
@@ -446,7 +447,8 @@ class Sampler:
                           rng: int | jax.Array = 0, **limits: int) -> list:
         """Continuous batching over a paged KV cache, one `Request` each (`rlhf_jax.sampling.continuous`).
 
-        Returns a `RequestOutput` per request, in request order. The programs of each
+        Returns a `RequestOutput` per request, in request order. On a mesh, each data-parallel group
+        runs its own engine of `num_slots` slots, one shared queue (`DataParallelBatcher`). The programs of each
         `(num_slots, block_size, num_blocks, reserve_blocks, limits)` are built once per sampler;
         `continuous_stats()` describes the last call (host round trips, preemptions, blocks).
         """
