@@ -47,7 +47,8 @@ class RolloutConfig:
         (benchmarks; vLLM's `ignore_eos`).
       continuous_slots: 0 = the static batched call (`Sampler.generate`); N > 0 = continuous batching
         over a paged KV cache with N decode slots (`Sampler.generate_requests`: a slot takes the next
-        prompt's sample as soon as one ends, for ragged completion lengths; one-device samplers only).
+        prompt's sample as soon as one ends, for ragged completion lengths; on a multi-device sampler
+        mesh, N slots per data-parallel group, one engine each, fed from one arrival-order queue).
         Greedy rollouts are the static call's; sampled ones are keyed per prompt instead of per row.
     """
 
