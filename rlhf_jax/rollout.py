@@ -34,6 +34,7 @@ from rlhf_jax.logprobs import (
 )
 from rlhf_jax.models.heads import scalar_head
 from rlhf_jax.models.layers import dense
+from rlhf_jax.models.transformer import PrefixKV
 
 __all__ = [
     "join_sequences",
@@ -108,8 +109,10 @@ def completion_hidden(
 
     With `group_size = G > 1` the rows come in groups of `G` contiguous rows that share one prompt
     (GRPO's samples of a prompt; only each group's first row's prompt is read): every prompt is run
-    once, its keys and values are written to a KV cache, the cache is repeated for the group's `G`
-    rows, and only the completions are run on top of it. Same result (up to float rounding), with
+    once into a KV cache of `P` slots, and only the completions are run on top of it, each row
+    attending to its group's prompt keys and values followed by its own (`models.transformer.PrefixKV`:
+    one softmax over the prompt block and the row's causal block; no scatter of the completions'
+    keys into a per-row `P + C`-slot cache, and no unfilled slots). Same result (up to float rounding), with
     `N / G * P + N * C` instead of `N * (P + C)` token positions through the model, forward and
     backward (gradients from all `G` completions meet in the shared prompt computation).
 
@@ -134,13 +137,15 @@ def completion_hidden(
         raise ValueError(f"completion_hidden: {n} rows do not split into groups of group_size={group_size}")
     groups = n // group_size
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (groups, p))
-    prefill = model.forward(params, prompt_tokens[::group_size], positions, cache=model.init_cache(groups, p + c),
+    prefill = model.forward(params, prompt_tokens[::group_size], positions, cache=model.init_cache(groups, p),
                             rng=rng, prefill=True)
-    cache = jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=1), prefill.cache)  # [layers, N, ...]
     lengths = prompt_lengths.astype(jnp.int32)[:, None]
     last_prompt_token = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), lengths - 1, axis=1)
     inputs = jnp.concatenate([last_prompt_token, completion_tokens[:, :-1].astype(jnp.int32)], axis=1)
-    return model.forward(params, inputs, completion_index(prompt_lengths, c), cache=cache,
+    # The rows read their group's prompt keys and values (slots < len - 1; the last prompt token is
+    # re-run as the row's first input) next to their own, with no per-row cache to scatter into.
+    prefix = PrefixKV(prefill.cache.k, prefill.cache.v, lengths[:, 0] - 1)
+    return model.forward(params, inputs, completion_index(prompt_lengths, c), cache=prefix,
                          rng=None if rng is None else jax.random.fold_in(rng, 1)).hidden
 
 

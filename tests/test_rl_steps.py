@@ -4,6 +4,7 @@ The reference log-probs here come from full-logit forward passes of each joined 
 (`token_logprobs` on `model.forward(...).logits`), independent of `rlhf_jax.rollout`.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -220,6 +221,29 @@ def test_shared_prompt_forward_equals_the_joined_forward():
     np.testing.assert_allclose(shared[0], expected, atol=1e-5)
     with pytest.raises(ValueError, match="do not split into groups of group_size=3"):
         completion_logprobs(model, params, *args, group_size=3)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_shared_prompt_gradients_equal_the_joined_forward(window):
+    """The rows read their group's prompt keys and values in place (`PrefixKV`, one softmax over the
+    prompt block and their own): log-probs, entropies and parameter gradients as the joined forward's
+    (ragged prompts of 1..P tokens, GQA; a sliding window shorter than the prompts)."""
+    model = CausalLM(dataclasses.replace(_model()[0].config, sliding_window=window))
+    params = jax.jit(model.init)(jax.random.key(0))
+    batch = _batch()
+    args = (batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"])
+    weights = np.random.default_rng(5).normal(size=(N, C)).astype(np.float32)
+
+    def loss(p, group):
+        logps, ent = completion_logprobs(model, p, *args, with_entropy=True, group_size=group)
+        return jnp.sum(logps * weights) + jnp.sum(ent), (logps, ent)
+
+    (_, (lj, ej)), gj = jax.jit(jax.value_and_grad(lambda p: loss(p, 1), has_aux=True))(params)
+    (_, (ls, es)), gs = jax.jit(jax.value_and_grad(lambda p: loss(p, G), has_aux=True))(params)
+    np.testing.assert_allclose(ls, lj, atol=1e-6)
+    np.testing.assert_allclose(es, ej, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gj), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_head_logprobs_one_matmul_equals_the_chunked_rows():

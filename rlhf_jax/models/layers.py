@@ -257,7 +257,11 @@ class Attention(nnx.Module):
         if impl != "reference" and (kv_cache is None or prefill):
             out = attention.fused_attention(q, k, v, segment_ids, impl=impl, sliding_window=c.sliding_window)
         kv_axes = "bskd"
-        if isinstance(kv_cache, paged.PagedLayerKV):
+        if isinstance(kv_cache, attention.PrefixLayerKV):
+            # Rows continuing shared prompts (`transformer.PrefixKV`): attention over the group's prompt
+            # keys and values followed by the rows' own (concatenated; no cache is written).
+            out = attention.prefix_attention(q, k, v, kv_cache.k.astype(dt), kv_cache.v.astype(dt), mask)
+        elif isinstance(kv_cache, paged.PagedLayerKV):
             # Paged cache (rlhf_jax.models.paged): write through the block tables, read each row's view.
             pool_k = paged.paged_write(kv_cache.k, kv_cache.block_tables, cache_positions, k)
             pool_v = paged.paged_write(kv_cache.v, kv_cache.block_tables, cache_positions, v)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import SCALAR_HEAD_AXES, scalar_head
+from rlhf_jax.models.attention import PrefixLayerKV
 from rlhf_jax.models.paged import PagedKVCache, PagedLayerKV
 from rlhf_jax.models.layers import Block, RMSNorm, dense, init_params_from_metadata, low_rank, param, rope_angles
 from rlhf_jax.sharding import constrain_activations
@@ -41,6 +42,35 @@ class KVCache(NamedTuple):
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+
+class PrefixKV(NamedTuple):
+    """Keys and values of shared prompts, read (never updated) by the rows that continue them.
+
+    k, v [layers, groups, kv_heads, P, head_dim]: `groups` prompts (e.g. a prefilled `KVCache` of P
+    slots), prompt `i` continued by the `N / groups` contiguous rows `i * N / groups, ...` of the
+    forward pass it is given to; lengths int [N]: row b sees the prompt's slots `< lengths[b]`. The
+    rows' tokens attend to those slots and causally to each other (`attention.prefix_attention`);
+    their positions go on from the prompt's (`rlhf_jax.rollout.completion_hidden`).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+
+def prefix_attention_mask(positions, prefix_lengths, prefix_len: int, *, sliding_window=None):
+    """Boolean [N, T, P + T] mask of rows continuing shared prompts (`PrefixKV`): the prompt's slots
+    `s < prefix_lengths[b]` (slot s holding position s), then the row's own tokens causally."""
+    n, t = positions.shape
+    slots = jnp.arange(prefix_len)
+    prefix = jnp.broadcast_to(slots[None, None, :] < prefix_lengths[:, None, None], (n, t, prefix_len))
+    own = jnp.broadcast_to(jnp.arange(t)[None, :] <= jnp.arange(t)[:, None], (n, t, t))
+    mask = jnp.concatenate([prefix, own], axis=-1)
+    if sliding_window is not None:
+        key_positions = jnp.concatenate([jnp.broadcast_to(slots, (n, prefix_len)), positions], axis=1)
+        mask = mask & (positions[:, :, None] - key_positions[:, None, :] < sliding_window)
+    return mask
 
 
 class ModelOutput(NamedTuple):
@@ -125,11 +155,16 @@ class Transformer(nnx.Module):
             a, b = adapters["embed"]["a"], adapters["embed"]["b"]
             x = x + dense(jnp.take(a, tokens, axis=0).astype(x.dtype), b.astype(x.dtype))
         cos, sin = rope_angles(positions, c)
-        mask = attention_mask(
-            positions, segment_ids,
-            cache_len=None if cache is None else cache.max_len,
-            sliding_window=c.sliding_window,
-        )
+        prefix = cache if isinstance(cache, PrefixKV) else None
+        if prefix is not None:
+            mask = prefix_attention_mask(positions, prefix.lengths, prefix.k.shape[3],
+                                         sliding_window=c.sliding_window)
+        else:
+            mask = attention_mask(
+                positions, segment_ids,
+                cache_len=None if cache is None else cache.max_len,
+                sliding_window=c.sliding_window,
+            )
         layer_graph, layer_params = nnx.split(self.layers)
         layer_adapters = adapters.get("layers")
         rate, layer_keys = (None, None) if dropout is None else (dropout[0], jax.random.split(dropout[1], c.num_layers))
@@ -142,9 +177,13 @@ class Transformer(nnx.Module):
                 params = layer_weights(params)
             if tables is not None:  # a paged cache: this layer's pools read through the block tables
                 kv = PagedLayerKV(*kv, tables, cache.route)
+            elif prefix is not None:  # shared prompts' keys and values, read only
+                kv = PrefixLayerKV(*kv)
             x = constrain_activations(x)  # batch-split residual stream under a step's sharding context
             x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions, ad,
                                                    None if key is None else (rate, key), segment_ids, prefill)
+            if prefix is not None:
+                return x, None
             return x, kv if tables is None else (kv.k, kv.v)
 
         if c.remat != "none":
@@ -159,9 +198,9 @@ class Transformer(nnx.Module):
             for i in range(c.num_layers):
                 x, kv = layer(x, jax.tree.map(lambda a: a[i], (layer_params, kv_stack, layer_adapters, layer_keys)))
                 new_kv.append(kv)
-            if cache is not None:
+            if cache is not None and prefix is None:
                 kv_stack = tuple(jnp.stack(parts) for parts in zip(*new_kv))
-        if cache is None:
+        if cache is None or prefix is not None:
             new_cache = None
         else:
             new_cache = KVCache(*kv_stack) if tables is None else cache._replace(k=kv_stack[0], v=kv_stack[1])
@@ -225,7 +264,8 @@ class CausalLM:
           positions: int [B, T]; defaults to arange(T). With packing, restart at 0 per segment;
             with a cache, the absolute position (= cache slot) of each token.
           segment_ids: int [B, T] for packed rows (0 = padding); attention stays within a segment.
-          cache: a `KVCache` from `init_cache` to read and update (prefill or decode).
+          cache: a `KVCache` from `init_cache` to read and update (prefill or decode), or a
+            `PrefixKV` of shared prompts that the rows continue (read only; the output's cache is None).
           adapters: LoRA adapters applied unmerged (`rlhf_jax.models.lora.LoraLM` passes them).
           dropout: `(rate, key)` of the adapters' input dropout, or None.
           rng: the training steps' key for stochastic layers; unused (this model has none; the
