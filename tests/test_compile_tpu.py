@@ -10,9 +10,10 @@ inputs grow by the same amount per layer and a layer's own temporaries are reuse
 1 and 2 layers, evaluated at the real depth, bounds each program's per-device memory during the run
 (`test_memory_is_affine_in_depth` checks that on compiled TPU programs at 4 layers: a small DPO run
 with the 0.5B recipe, the update step on the line within 1%, the forward-only eval and reference
-passes below it). When that bound fits T's HBM the claim holds. When it does not (it over-estimates
-forward-only passes, which dominate a LoRA run), the run is planned at its real depth (every program
-but an RL sampler's scans its layers, so compile time hardly grows with depth) and must fit.
+passes below it). When that bound fits T's HBM the claim holds. When it does not, or a program shrinks
+from 1 to 2 layers (XLA:TPU lays out LoRA's forward-only passes so), the run is planned at its real
+depth (every program but an RL sampler's scans its layers, so compile time hardly grows with depth)
+and must fit.
 
 Compiling these for TPU takes minutes per config on 2 cores (XLA:TPU's code generation), so the
 figures come from `tests/data/tpu_plans.json`, a `rlhf_jax.plan_cache` of real TPU compiles keyed
@@ -120,13 +121,16 @@ def test_shipped_config_fits_its_docstring_topology(name, mode, topology):
     assert one.fits and plan.fits, format_plan(plan)
     assert list(one.program_peaks) == list(plan.program_peaks) and plan.programs[0].name == "update step"
     assert len(plan.programs) >= 2  # update, and reference / eval or the sampler's programs
-    assert all(plan.program_peaks[k] >= one.program_peaks[k] for k in one.program_peaks), (one.program_peaks,
-                                                                                           plan.program_peaks)
+    grows = all(plan.program_peaks[k] >= one.program_peaks[k] for k in one.program_peaks)
     full = _at_depth(one.program_peaks, plan.program_peaks, depth)
-    if max(full.values()) > target.memory_bytes and not hasattr(config, "rollout"):
-        (plan,) = _plans(config, target, (depth,))   # the bound is inconclusive: the run itself
+    if not hasattr(config, "rollout") and (not grows or max(full.values()) > target.memory_bytes):
+        # The line bounds nothing here (a forward-only pass shrank from 1 to 2 layers, as XLA:TPU lays
+        # out LoRA's eval) or its bound exceeds HBM: the run itself, at its depth.
+        (plan,) = _plans(config, target, (depth,))
         assert plan.fits, format_plan(plan)
         full = plan.program_peaks
+    else:
+        assert grows, (one.program_peaks, plan.program_peaks)
     peak = max(full.values())
     assert peak <= target.memory_bytes, (name, topology, {k: v / 2**30 for k, v in full.items()}, format_plan(plan))
     if name == "dpo_qwen2_5_0_5b":
