@@ -20,8 +20,10 @@ figures come from `tests/data/tpu_plans.json`, a `rlhf_jax.plan_cache` of real T
 by each program's lowered module, compile options, jax / jaxlib / libtpu versions and target: the
 test lowers every program (seconds) and reads the figures of exactly that module. A changed model,
 config, recipe, sharding or compiler changes the key: that program compiles for real here (minutes)
-with a warning naming the command that re-records the file
-(`RLHF_JAX_FULL_EXPERIMENTS=1 python -m pytest tests/test_compile_tpu.py -n 0`).
+with a warning naming the command that records what the file lacks
+(`RLHF_JAX_RECORD_PLANS=1 python -m pytest tests/test_compile_tpu.py -n 0`;
+`RLHF_JAX_FULL_EXPERIMENTS=1` re-records every program). Programs no longer lowered stay in the file
+until a re-record from an empty file.
 `test_tpu_plan_reports_every_program_with_figures` compiles a tiny run for a v5e slice on every run.
 """
 
@@ -46,7 +48,9 @@ from rlhf_jax.train.aot import format_plan, plan_run, run_configs
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu not installed (pip install -e '.[test,tpu]')")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FULL = os.environ.get("RLHF_JAX_FULL_EXPERIMENTS") == "1"
+FULL = os.environ.get("RLHF_JAX_FULL_EXPERIMENTS") == "1"      # re-record every plan (compiles everything)
+RECORD = FULL or os.environ.get("RLHF_JAX_RECORD_PLANS") == "1"  # record the programs the file lacks
+RECORD_COMMAND = "RLHF_JAX_RECORD_PLANS=1 python -m pytest tests/test_compile_tpu.py -n 0"
 PLANS = os.path.join(ROOT, "tests", "data", "tpu_plans.json")
 _CLAIM = re.compile(r"rlhf-jax compile experiments/(\w+)\.py(?::(\w+))? --topology (\S+)(.*)")
 
@@ -86,19 +90,19 @@ def _recorded_runs() -> set[str]:
 
 
 def _plans(config, target, depths):
-    """Plans at each depth, from the plan cache (or compiled for real: FULL, or another compiler)."""
-    if not FULL and config.name not in _recorded_runs():
+    """Plans at each depth, from the plan cache (or compiled for real: RECORD, or another compiler)."""
+    if not RECORD and config.name not in _recorded_runs():
         pytest.skip(f"{config.name}: no TPU compile of it in {PLANS} yet (minutes per config on 2 cores); "
-                    "RLHF_JAX_FULL_EXPERIMENTS=1 python -m pytest tests/test_compile_tpu.py -n 0 compiles and adds it")
-    with use_plan_cache(PLANS, refresh=FULL) as cache:
+                    f"{RECORD_COMMAND} compiles and adds it")
+    with use_plan_cache(PLANS, write=RECORD, refresh=FULL) as cache:
         plans = [plan_run(override(config, [f"model.num_layers={d}"]), target=target) for d in depths]
-        if FULL:
+        if RECORD:
             cache.entries["_runs"] = sorted(set(cache.entries.get("_runs", [])) | {config.name})
-    if not FULL and cache.misses:
+    if not RECORD and cache.misses:
         # Those programs were compiled for real here (the verdict holds), at minutes each: say how to re-record.
         warnings.warn(f"{config.name}: {cache.misses} programs are not in {PLANS} (the config, model, recipe, "
-                      "sharding or compiler changed) and were compiled for real; record them with "
-                      "RLHF_JAX_FULL_EXPERIMENTS=1 python -m pytest tests/test_compile_tpu.py -n 0", stacklevel=2)
+                      f"sharding or compiler changed) and were compiled for real; record them with {RECORD_COMMAND}",
+                      stacklevel=2)
     return plans
 
 
