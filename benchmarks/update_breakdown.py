@@ -31,6 +31,8 @@ optimizer 31, the rest unchanged. What is left over the matmuls (~175 ms of the 
 layers' elementwise work (RMSNorm, RoPE, SwiGLU, residuals and their gradients, layout copies:
 ~140 ms forward + backward, ~35 ms of it the KV-cache route of the prefix sharing), spread over
 ~660 small fusions with no single large one.
+Since 9f90d7e the completions attend over their group's prompt keys and values concatenated
+with their own (no per-row cache): step 601 -> 562, layers_grad 386 -> 376 (one process).
 """
 
 from __future__ import annotations
