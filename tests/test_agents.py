@@ -272,6 +272,24 @@ def test_continuous_batching_trajectories_do_not_depend_on_the_other_trajectorie
     assert np.abs(np.asarray(logps) - batch["sampler_logps"])[mask].max() < 1e-5
 
 
+def test_continuous_agent_rollouts_on_a_data_parallel_sampler_equal_one_device(policy):
+    """On a sampler mesh of 2 data-parallel devices the open session runs one engine per device
+    (`DataParallelSession`); trajectories are keyed per (turn, index), so they equal one device's."""
+    from step_fixtures import mesh_for  # noqa: PLC0415
+
+    model, params, _, _ = policy
+    sampler = Sampler(model, max_len=112, prompt_buckets=(104,), cache_phases=1, mesh=mesh_for({"data": 2}),
+                      strategy="dp")
+    assert len(sampler.continuous_batcher(num_slots=2, attention="dense").engines) == 2
+    sharded = _episodes((model, params, sampler, sampler.load_params(params)), CALLS[:4], num_slots=2)
+    alone = _episodes(policy, CALLS[:4], num_slots=2)
+    assert max(t.num_turns for t in alone) >= 2
+    for a, b in zip(sharded, alone):
+        assert (a.tokens, a.action_mask, a.turn_rewards, a.tool_statuses) == \
+            (b.tokens, b.action_mask, b.turn_rewards, b.tool_statuses)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
 class WatchedCalls(ScriptedCalls):
     """`ScriptedCalls` noting, at each of its steps after the first, whether a `hang` call is running."""
 

@@ -77,8 +77,9 @@ class EnvironmentConfig:
         tool role; calls in the template's own format).
       num_slots: decode slots of the continuous-batching engine (one open session: each
         trajectory's next turn is submitted as soon as its environment step is back while the other
-        slots keep decoding; the sampler then runs on one device), or None for one static batch per
-        turn (`Sampler.generate`, on the run's mesh).
+        slots keep decoding; on a sampler mesh with a data axis, that many slots per data-parallel
+        group, one engine each), or None for one static batch per turn (`Sampler.generate`, on the
+        run's mesh).
       call_open, call_close: the tags around a call in the raw format (`<tool>calc(1+2)</tool>`);
         decoding stops at `call_close`.
       result_open, result_close: the tags around a tool's result in the raw format.
@@ -254,9 +255,7 @@ def rollout_parts(config: AgenticGRPORunConfig | AgenticPPORunConfig, data, mesh
     if sources is None:
         sources, weights = build_rewards(RewardContext(config.rewards, config.rollout.max_new_tokens))
     budget = config.rollout.max_new_tokens
-    sampler_mesh, sampler_strategy = rl._sampler_mesh(config, mesh)
-    if config.environment.num_slots is not None:  # the continuous-batching engine runs on one device
-        sampler_mesh = None
+    sampler_mesh, sampler_strategy = rl._sampler_mesh(config, mesh)   # num_slots: one engine per data group
     sampler = Sampler(policy, max_len=rl._prompt_len(config) + budget + config.environment.turn_tokens,
                       mesh=sampler_mesh, strategy=sampler_strategy, dtype=config.rollout.sampler_dtype)
     collector = TrajectoryCollector.from_config(config, sampler=sampler, tokenizer=data.tokenizer, sources=sources,
