@@ -20,6 +20,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from step_fixtures import mesh_for
 from rlhf_jax.advantages import gae
 from rlhf_jax.agents import (
     AgentLimits,
@@ -275,8 +276,6 @@ def test_continuous_batching_trajectories_do_not_depend_on_the_other_trajectorie
 def test_continuous_agent_rollouts_on_a_data_parallel_sampler_equal_one_device(policy):
     """On a sampler mesh of 2 data-parallel devices the open session runs one engine per device
     (`DataParallelSession`); trajectories are keyed per (turn, index), so they equal one device's."""
-    from step_fixtures import mesh_for  # noqa: PLC0415
-
     model, params, _, _ = policy
     sampler = Sampler(model, max_len=112, prompt_buckets=(104,), cache_phases=1, mesh=mesh_for({"data": 2}),
                       strategy="dp")
