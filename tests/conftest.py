@@ -22,3 +22,14 @@ os.environ.setdefault("RLHF_JAX_HOST_MEMORY", "system")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with a `slow` (end-to-end) test first, each module's tests kept together and in order.
+
+    pytest-xdist's load scheduling hands tests out in this order, so the long runs start early and
+    the short tests fill both workers' tails instead of one worker finishing a long run alone.
+    """
+    slow_modules = {item.module.__name__ for item in items
+                    if item.get_closest_marker("slow") is not None and getattr(item, "module", None) is not None}
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", None) not in slow_modules)
