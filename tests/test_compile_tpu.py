@@ -4,16 +4,16 @@ Runs when libtpu is installed (the `[tpu]` extra, as the README's test command i
 
 Every experiment module whose docstring says `rlhf-jax compile experiments/NAME.py[:MODE] --topology T`
 (and not that it does not fit) is planned for T at its full width, batch and sequence lengths: every
-program of the run, with the run's shardings on T's devices, first with 1 and 2 layers. The layers
-run under `lax.scan` in training programs, so weights, optimizer moments, gradients and saved layer
+program of the run, with the run's shardings on T's devices, with 1 and 2 layers. The layers run
+under `lax.scan` in training programs, so weights, optimizer moments, gradients and saved layer
 inputs grow by the same amount per layer and a layer's own temporaries are reused: the line through
 1 and 2 layers, evaluated at the real depth, bounds each program's per-device memory during the run
 (`test_memory_is_affine_in_depth` checks that on compiled TPU programs at 4 layers: a small DPO run
 with the 0.5B recipe, the update step on the line within 1%, the forward-only eval and reference
-passes below it). When that bound fits T's HBM the claim holds. When it does not, or a program shrinks
-from 1 to 2 layers (XLA:TPU lays out LoRA's forward-only passes so), the run is planned at its real
-depth (every program but an RL sampler's scans its layers, so compile time hardly grows with depth)
-and must fit.
+passes below it), and the largest must fit T's HBM. A LoRA run (frozen base) is dominated by its
+forward passes, which the line does not bound (XLA:TPU's eval of the Llama-3-8B LoRA run shrinks from
+1 to 2 layers), so it is planned at its real depth: every program but an RL sampler's scans its
+layers, so that compile costs about what one depth does.
 
 Compiling these for TPU takes minutes per config on 2 cores (XLA:TPU's code generation), so the
 figures come from `tests/data/tpu_plans.json`, a `rlhf_jax.plan_cache` of real TPU compiles keyed
@@ -121,20 +121,21 @@ def test_every_docstring_claim_is_found():
 def test_shipped_config_fits_its_docstring_topology(name, mode, topology):
     config, target = _run_config(name, mode), _target(topology)
     depth = config.model.num_layers
-    one, plan = _plans(config, target, (1, 2))
-    assert one.fits and plan.fits, format_plan(plan)
-    assert list(one.program_peaks) == list(plan.program_peaks) and plan.programs[0].name == "update step"
-    assert len(plan.programs) >= 2  # update, and reference / eval or the sampler's programs
-    grows = all(plan.program_peaks[k] >= one.program_peaks[k] for k in one.program_peaks)
-    full = _at_depth(one.program_peaks, plan.program_peaks, depth)
-    if not hasattr(config, "rollout") and (not grows or max(full.values()) > target.memory_bytes):
-        # The line bounds nothing here (a forward-only pass shrank from 1 to 2 layers, as XLA:TPU lays
-        # out LoRA's eval) or its bound exceeds HBM: the run itself, at its depth.
+    if getattr(config, "lora", None) is not None:
+        # A frozen base: forward passes dominate, which the line does not bound (on v5e LoRA's eval
+        # shrinks from 1 to 2 layers, 6.60 -> 6.08 GB); every program scans its layers, so the run
+        # itself, at its depth, compiles in about the time of one depth.
         (plan,) = _plans(config, target, (depth,))
         assert plan.fits, format_plan(plan)
         full = plan.program_peaks
     else:
-        assert grows, (one.program_peaks, plan.program_peaks)
+        one, plan = _plans(config, target, (1, 2))
+        assert one.fits and plan.fits, format_plan(plan)
+        assert list(one.program_peaks) == list(plan.program_peaks)
+        assert all(plan.program_peaks[k] >= one.program_peaks[k] for k in one.program_peaks), (one.program_peaks,
+                                                                                               plan.program_peaks)
+        full = _at_depth(one.program_peaks, plan.program_peaks, depth)
+    assert plan.programs[0].name == "update step" and len(plan.programs) >= 2  # and reference / eval / sampler
     peak = max(full.values())
     assert peak <= target.memory_bytes, (name, topology, {k: v / 2**30 for k, v in full.items()}, format_plan(plan))
     if name == "dpo_qwen2_5_0_5b":
