@@ -43,9 +43,7 @@ continuous batcher passes no route when a kernel is selected.
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -295,11 +293,6 @@ def kernel_params(impl: str, *, num_heads: int, num_kv_heads: int, head_dim: int
     raise ValueError(f"kernel_params: impl must be 'pallas_tpu' or 'pallas_gpu', got {impl!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
-
-
 def decode_kernel(config, page_size: int, pages_per_sequence: int, platform: str | None = None) -> str:
     """The single-token paged decode read `config` (a `ModelConfig`) gets: "reference", "pallas_tpu" or
     "pallas_gpu" (`attention.resolve_paged_impl`, then `kernel_params`).
@@ -308,7 +301,7 @@ def decode_kernel(config, page_size: int, pages_per_sequence: int, platform: str
       ValueError: `config.paged_attention_impl` names a kernel that does not take these shapes ("auto"
         falls back to "reference" with a warning saying why).
     """
-    from rlhf_jax.models.attention import resolve_paged_impl
+    from rlhf_jax.models.attention import _warn_once, resolve_paged_impl
 
     impl = resolve_paged_impl(config.paged_attention_impl, config.jnp_dtype, config.attention_impl, platform)
     if impl == "reference":
