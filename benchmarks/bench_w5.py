@@ -7,7 +7,8 @@
 W5: the 7.36 M-parameter Llama (`presets.get_config("w1")`, seed 0), 128 requests of 64 prompt
 tokens (`workloads.ragged_prompts()`), each with its own `max_new_tokens` (`ragged_lengths()`: 15,039
 new tokens in all), temperature 1 over the full vocabulary, no EOS; at most 16 requests decoding.
-All in one process, one after the other, each: 1 warm-up call, then 3 timed calls, median:
+All in one process: 1 warm-up call each, then 3 timed calls each, interleaved (continuous,
+static, continuous, ...), median:
 
 - continuous: `Sampler.generate_requests(params, requests, num_slots=16, num_blocks=...)`, requests
   in the given order, a KV block pool of `--pool` x the static cache's 16 x 576 positions (default
@@ -23,6 +24,35 @@ preemptions, peak blocks in use, compiled programs before and after the timed ca
 by other processes during the timed windows (a contended host makes the absolute figures
 meaningless; the ratios are measured side by side in one process). The last line reads
 `W5: continuous <r1>x static, <r2>x HF generate`.
+
+Figures (same-process ratios; a shared 2-core host, see each line's foreign CPU):
+
+Earlier sittings (128 ragged requests, 16 slots, paged pool at 0.5x the static cache:
+288 blocks of 16, peak 248 in use, no preemption; same-process ratios on a 2-core host shared with
+other sessions, 1.4-1.6 foreign cores busy): 1,280 decode steps against the static call's 3,393, 122
+host round trips per call, 3 programs compiled once (none per call). Two runs: continuous 3.58x and
+2.85x the static call in wall time, 2.54x in own CPU time (continuous 12.1 s, static 30.8 s per call);
+Per decode step the routed pool read costs less than the static call's dense cache
+read (it follows the pool's 4,608 positions, while the static call reads 16 rows x its cache, ~430
+slots per row on average over W5's batches, 576 at the end of the long ones): in one process, 4 layers,
+own CPU, the routed read 1.1-1.5 ms against 2.3-3.6 ms for 16 x 576 dense slots; the rest of a step
+(weights, LM head, sampling) is the static step's (per-row sampling, stop checks and key folding:
+0.18 ms against 0.16 ms). Before the routed read the paged decode cost ~3x a static step (whole-pool
+matmul under a visibility mask: 16x the work; gathered views: XLA:CPU's gather) and W5 ran 0.93x the
+static call; `attention="dense"` (no paging) ran 1.97x, its rows reading all 576 slots at every step.
+On a quiet host (no foreign CPU, one sitting, no HF run): 2.15x the static call in wall time and 2.49x
+in own CPU time with blocks of 16 (8.83 vs 19.02 s per call), and with blocks of 64 (72 blocks, peak 65,
+115 round trips, `bench_w5.py`'s default) 2.25x wall and 2.54x own CPU (8.56 vs 19.26 s).
+HF `generate` in batches of 16 (same process as the 2.85x run, own CPU 2.44x there): continuous 41x by
+the median, 13x against HF's fastest call (its calls took 1,550 / 1,053 / 331 s: torch suffers most
+from the shared host; an earlier run put HF at ~1/4 of the static call's speed, i.e. ~11x).
+
+2026-12-05, AVX2 EPYC, timed calls interleaved, 0.26-0.30 foreign cores: admission prefills into a
+dense cache of the prompt's width and writes the blocks with one in-place scatter per layer (before,
+the prefill read the pool back through the tables and XLA copied every layer's pool twice per
+admission: 8.6 -> ~5 ms per admission, 128 per call): continuous 2.34x the static call in wall time
+(9.06 vs 21.20 s per call), 2.70x in own CPU (11.1 vs 29.9 s); 1,291 decode steps, 115 round trips,
+128 admissions, no preemption, peak 65/72 blocks, 3 programs compiled once.
 """
 
 from __future__ import annotations
@@ -125,29 +155,42 @@ def main(argv=None) -> int:
           f"positions ({num_blocks * block / static_positions:.2f}x the static {slots} x {max_len}); decode attention "
           f"{args.attention!r}" + (" (dense slot rows: 1.0x the static cache, the pool is not used)"
                                    if args.attention == "dense" else ""), flush=True)
+    # One warm-up call each, then the timed calls interleaved (continuous, static, continuous, ...), so
+    # that a shared host's drift over minutes falls on both alike.
+    fns = {"continuous": continuous, "static": static}
+    before, first, warm = {}, {}, {}
+    for name, fn in fns.items():
+        before[name] = sampler.num_compiled()
+        first[name] = timed_calls(fn, 1)[0]
+        warm[name] = sampler.num_compiled()
+    times = {name: [] for name in fns}
+    own = {name: 0.0 for name in fns}
+    foreign = {name: [] for name in fns}
+    stats = None
+    for _ in range(args.timed):
+        for name, fn in fns.items():
+            watch, cpu0 = W.CpuWatch(), time.process_time()
+            times[name] += timed_calls(fn, 1)
+            own[name] += time.process_time() - cpu0
+            foreign[name].append(watch.result().get("foreign_cpu_cores", float("nan")))
+            if name == "continuous":
+                stats = sampler.continuous_stats()
+    after = sampler.num_compiled()
     rows, cpu_per_call = {}, {}
-    for name, fn in (("continuous", continuous), ("static", static)):
-        before = sampler.num_compiled()
-        first = timed_calls(fn, 1)[0]
-        warm = sampler.num_compiled()
-        watch = W.CpuWatch()
-        own_cpu = time.process_time()
-        times = timed_calls(fn, args.timed)
-        cpu = watch.result()
-        cpu_per_call[name] = (time.process_time() - own_cpu) / args.timed
-        after = sampler.num_compiled()
-        median = statistics.median(times)
+    for name in fns:
+        median = statistics.median(times[name])
         rows[name] = useful / median
+        cpu_per_call[name] = own[name] / args.timed
         extra = ""
         if name == "continuous":
-            st = sampler.continuous_stats()
-            extra = (f"; round trips/call {st.host_round_trips}, decode steps {st.decode_steps}, admissions "
-                     f"{st.admissions}, preemptions {st.preemptions}, peak blocks {st.peak_blocks_in_use}/"
-                     f"{st.num_blocks}")
-        print(f"{name:>10}: {rows[name]:8.1f} useful tok/s (median {median:.2f} s of {[round(t, 2) for t in times]}; "
-              f"first call {first:.1f} s); compiled programs {before} -> {warm} after warm-up -> {after} after "
-              f"the timed calls; foreign CPU {cpu.get('foreign_cpu_cores', float('nan')):.2f} cores{extra}",
-              flush=True)
+            extra = (f"; round trips/call {stats.host_round_trips}, decode steps {stats.decode_steps}, admissions "
+                     f"{stats.admissions}, preemptions {stats.preemptions}, peak blocks {stats.peak_blocks_in_use}/"
+                     f"{stats.num_blocks}")
+        print(f"{name:>10}: {rows[name]:8.1f} useful tok/s (median {median:.2f} s of "
+              f"{[round(t, 2) for t in times[name]]}; first call {first[name]:.1f} s); compiled programs "
+              f"{before[name]} -> {warm[name]} after warm-up; foreign CPU {statistics.mean(foreign[name]):.2f} "
+              f"cores{extra}", flush=True)
+    print(f"compiled programs after all timed calls: {after} (no recompile: {after == warm['static']})", flush=True)
 
     hf_ratio = float("nan")
     if not args.no_hf and not args.smoke:

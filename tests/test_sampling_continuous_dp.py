@@ -7,8 +7,8 @@ import pytest
 
 from rlhf_jax import sharding as shd
 from rlhf_jax.models import CausalLM
-from rlhf_jax.sampling import Greedy, Request, Sampler, SamplingConfig, TopK, TopP
-from rlhf_jax.sampling.continuous import DataParallelBatcher
+from rlhf_jax.sampling import Greedy, Request, Sampler, TopK, TopP
+from rlhf_jax.sampling.data_parallel import DataParallelBatcher
 from rlhf_jax.testing import tiny_config
 
 rng = np.random.default_rng(5)
@@ -97,7 +97,6 @@ def test_grpo_collector_uses_the_engines_and_equals_the_one_device_path(tmp_path
     sampler mesh samples through the data-parallel engines; the step's rollouts (groups of 4 with
     the task's EOS, rewards scored) equal those of the one-device continuous path."""
     import copy
-    import dataclasses
 
     from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
     from rlhf_jax.data.synthetic import ArithmeticTask

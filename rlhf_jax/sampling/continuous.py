@@ -37,9 +37,10 @@ How it runs (`ContinuousBatcher`):
   give, or a slot outgrows the attention view; then the host (one round trip: a few small arrays)
   collects finished samples, frees their blocks, preempts if the pool is exhausted, and admits
   waiting requests in arrival order (a request waits while slots or blocks are short; no
-  reordering). Admission is one jitted *admit* program per request: the prompt's prefill written
-  straight into its blocks (one prefill per group), the group's per-sample copies of the block where
-  decoding starts, and the slots' state. Host round trips per call <= segments <= ends +
+  reordering). Admission is one jitted *admit* program per request: the prompt's prefill (one per group,
+  into a dense cache of the prompt's width, as the static call prefills) written into its blocks
+  together with the group's per-sample copies of the block where decoding starts (one in-place
+  scatter per layer), and the slots' state. Host round trips per call <= segments <= ends +
   pool-exhaustion events + view growths (`stats`).
 - Paged cache (`rlhf_jax.models.paged`): a pool of `num_blocks` blocks of `block_size` positions per
   layer, per-slot block tables; decode allocates a block when a slot crosses into a new one, inside
@@ -53,54 +54,17 @@ How it runs (`ContinuousBatcher`):
   routed_attention`): each block is scored against the query of the slot that holds it (a batched
   matrix-vector product over the pool; per-slot softmax sums as one-hot matmuls), so a step's read
   follows the pool size, not slots x `max_len`; blocks a group shares are read once more per further
-  sample through a small gather whose size (bucketed) the host counts per segment. The prefill reads
-  through the block tables (gather + the reference einsum). That routed einsum is the reference
-  decode read (CPU, f32); on TPU / GPU `ModelConfig.paged_attention_impl` ("auto", bf16/f16 compute)
-  selects JAX's Pallas paged-attention kernel instead (`rlhf_jax.models.paged.kernel_attention`: TPU
+  sample through a small gather whose size (bucketed) the host counts per segment. That routed
+  einsum is the reference decode read (CPU, f32); on TPU / GPU `ModelConfig.paged_attention_impl`
+  ("auto", bf16/f16 compute) selects JAX's Pallas paged-attention kernel instead (`rlhf_jax.models.paged.kernel_attention`: TPU
   `ops/tpu/paged_attention`, GPU the Triton `ops/gpu/paged_attention`), which reads each slot's pages
   through its block table up to its length: no route, no shared-read count, one table width
   (`ContinuousBatcher.decode_read` says which read runs; `paged.decode_kernel` why not a kernel).
-  One segment program per (set of
-  sampling-method kinds, shared-read bucket), one admit program per prompt bucket, compiled once per
-  process (`Sampler.num_compiled()`).
+  One segment program per (set of sampling-method kinds, shared-read bucket), one admit program
+  per prompt bucket, compiled once per process (`Sampler.num_compiled()`).
 
-On a device mesh (`DataParallelBatcher`, what `Sampler.continuous_batcher` / `generate_requests`
-build when the sampler has a mesh), vLLM's data-parallel engines:
-- One engine (a `ContinuousBatcher` with `num_slots` slots and its own pool) per data-parallel group:
-  the devices of one index of the sampler's batch axes (e.g. `data`), keeping the other axes, so an
-  engine's programs run on its own sub-mesh with the sampler's within-group layout (tensor-parallel
-  weights on a data x tensor mesh; one device each on a pure dp mesh; slot state and pool
-  replicated over the group). Engines compile their own programs (once per process each).
-- One shared arrival-order queue: an engine takes the queue's next request whenever its slots have
-  room for it, so requests are admitted in arrival order; outputs come back in request order, and
-  (draws keyed by request) equal the one-device batcher's whichever engine served a request.
-- `run` drives each engine from its own host thread (dispatch is asynchronous, device waits release
-  the GIL); `session()` (`DataParallelSession`) runs one segment on every busy engine per `advance`.
-- Weights: `Sampler.load_params` is the one hand-off program (it places a copy on every group);
-  each engine's tree is assembled from the shards on its devices (no copy; a strategy that splits
-  parameters over a batch axis, e.g. fsdp, gets its copies by `jax.device_put`).
-- Multi-process: a process runs the engines of the groups on its own devices and serves the
-  requests it is given (the RL collector passes its own local rows).
-
-W5 (`benchmarks/bench_w5.py --w5`, 128 ragged requests, 16 slots, paged pool at 0.5x the static cache:
-288 blocks of 16, peak 248 in use, no preemption; same-process ratios on a 2-core host shared with
-other sessions, 1.4-1.6 foreign cores busy): 1,280 decode steps against the static call's 3,393, 122
-host round trips per call, 3 programs compiled once (none per call). Two runs: continuous 3.58x and
-2.85x the static call in wall time, 2.54x in own CPU time (continuous 12.1 s, static 30.8 s per call);
-HF `generate`: last lines. Per decode step the routed pool read costs less than the static call's dense cache
-read (it follows the pool's 4,608 positions, while the static call reads 16 rows x its cache, ~430
-slots per row on average over W5's batches, 576 at the end of the long ones): in one process, 4 layers,
-own CPU, the routed read 1.1-1.5 ms against 2.3-3.6 ms for 16 x 576 dense slots; the rest of a step
-(weights, LM head, sampling) is the static step's (per-row sampling, stop checks and key folding:
-0.18 ms against 0.16 ms). Before the routed read the paged decode cost ~3x a static step (whole-pool
-matmul under a visibility mask: 16x the work; gathered views: XLA:CPU's gather) and W5 ran 0.93x the
-static call; `attention="dense"` (no paging) ran 1.97x, its rows reading all 576 slots at every step.
-On a quiet host (no foreign CPU, one sitting, no HF run): 2.15x the static call in wall time and 2.49x
-in own CPU time with blocks of 16 (8.83 vs 19.02 s per call), and with blocks of 64 (72 blocks, peak 65,
-115 round trips, `bench_w5.py`'s default) 2.25x wall and 2.54x own CPU (8.56 vs 19.26 s).
-HF `generate` in batches of 16 (same process as the 2.85x run, own CPU 2.44x there): continuous 41x by
-the median, 13x against HF's fastest call (its calls took 1,550 / 1,053 / 331 s: torch suffers most
-from the shared host; an earlier run put HF at ~1/4 of the static call's speed, i.e. ~11x).
+On a device mesh `Sampler.continuous_batcher` builds one engine per data-parallel group, fed from
+one shared queue (`rlhf_jax.sampling.data_parallel`). W5's figures: `benchmarks/bench_w5.py`.
 """
 
 from __future__ import annotations
@@ -109,14 +73,13 @@ import collections
 import dataclasses
 import functools
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax.logprobs import token_logprobs
 from rlhf_jax.models import KVCache
@@ -124,8 +87,8 @@ from rlhf_jax.models.paged import PagedKVCache, decode_kernel, num_extra_reads, 
 from rlhf_jax.sampling.decode import stack_layers
 from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP, sample_from_logits
 
-__all__ = ["Request", "RequestOutput", "ContinuousStats", "ContinuousBatcher", "ContinuousSession",
-           "DataParallelBatcher", "DataParallelSession", "select_per_row", "to_sample_output"]
+__all__ = ["Request", "RequestOutput", "ContinuousStats", "ContinuousBatcher", "ContinuousSession", "select_per_row",
+           "to_sample_output"]
 
 GREEDY, CATEGORICAL, TOP_K, TOP_P, MIN_P = range(5)
 _KIND = {Greedy: GREEDY, Categorical: CATEGORICAL, TopK: TOP_K, TopP: TOP_P, MinP: MIN_P}
@@ -440,21 +403,31 @@ class ContinuousBatcher:
             return jax.lax.while_loop(cond, body, (state, tables, num_free))
 
         def admit(params, state: SlotState, prompt, prefill_table, copy_src, copy_dst, reset, init):
-            positions = jnp.arange(prompt.shape[1], dtype=jnp.int32)[None]
+            # The prompt's prefill into a dense cache of its own width (the static call's prefill), then
+            # one write per layer into the pool: no read of the pool, so the donated pool is updated in
+            # place (reading it back through the tables made XLA copy every layer's pool twice).
+            p = prompt.shape[1]
+            positions = jnp.arange(p, dtype=jnp.int32)[None]
+            kv = model.forward(stack_layers(params), prompt, positions, cache=model.init_cache(1, p),
+                               prefill=True).cache
             if self.attention == "dense":
                 # The prompt's keys/values into the first slots of every row of the group.
-                p = prompt.shape[1]
-                kv = model.forward(stack_layers(params), prompt, positions, cache=model.init_cache(1, p)).cache
                 put = lambda rows, new: rows.at[:, :, :p].set(  # noqa: E731
                     jnp.where(reset[:, None, None, None], new[0][None], rows[:, :, :p]))
-                pool_k = tuple(put(state.pool_k[i], kv.k[i]) for i in range(kv.k.shape[0]))
-                pool_v = tuple(put(state.pool_v[i], kv.v[i]) for i in range(kv.v.shape[0]))
             else:
-                cache = PagedKVCache(jnp.stack(state.pool_k), jnp.stack(state.pool_v), prefill_table[None])
-                kv = model.forward(stack_layers(params), prompt, positions, cache=cache).cache
-                # The group's other samples get copies of the block where decoding starts.
-                pool_k = tuple(kv.k[i].at[:, copy_dst].set(kv.k[i][:, copy_src]) for i in range(kv.k.shape[0]))
-                pool_v = tuple(kv.v[i].at[:, copy_dst].set(kv.v[i][:, copy_src]) for i in range(kv.v.shape[0]))
+                # Blocks of the prompt to its table's blocks, and the block where decoding starts
+                # (logical index `copy_src`) again to each further sample's own block `copy_dst`.
+                nb = prefill_table.shape[0]
+                dst = jnp.concatenate([prefill_table, copy_dst])
+                src = jnp.concatenate([jnp.arange(nb, dtype=jnp.int32), copy_src])
+
+                def put(pool, new):                 # new [1, H, p, D] -> blocks [H, nb, bs, D]
+                    new = jnp.pad(new[0], ((0, 0), (0, nb * bs - p), (0, 0)))
+                    blocks = new.reshape(new.shape[0], nb, bs, new.shape[-1]).astype(pool.dtype)
+                    return pool.at[:, dst].set(blocks[:, src])
+            pool_k = tuple(put(state.pool_k[i], kv.k[i]) for i in range(kv.k.shape[0]))
+            pool_v = tuple(put(state.pool_v[i], kv.v[i]) for i in range(kv.v.shape[0]))
+
             def pick(new, old):
                 return jnp.where(reset.reshape(reset.shape + (1,) * (old.ndim - 1)), new, old)
 
@@ -744,11 +717,10 @@ class ContinuousSession:
         shared_blocks = [free.pop() for _ in range(shared)]
         for blk in shared_blocks:
             refcount[blk] = n
-        copy_src = np.full((s_count,), trash, np.int32)
-        copy_dst = np.full((s_count,), trash, np.int32)
+        copy_src = np.zeros((s_count,), np.int32)            # logical block of the prompt (its last)
+        copy_dst = np.full((s_count,), trash, np.int32)      # trash: no copy
         reset = np.zeros((s_count,), bool)
         init = {f: np.array(getattr(self._state_host, f)) for f in _SLOT_FIELDS}
-        first_private = None
         for j, slot in enumerate(chosen):
             own_blocks = [free.pop() for _ in range(own)]
             for blk in own_blocks:
@@ -756,10 +728,8 @@ class ContinuousSession:
             row = shared_blocks + own_blocks
             tables[slot] = trash
             tables[slot, : len(row)] = row
-            if j == 0:
-                first_private = own_blocks[-1]
-            else:
-                copy_src[j], copy_dst[j] = first_private, own_blocks[-1]
+            if j > 0:      # (a group: the prompt's full blocks are shared, its last one is each sample's own)
+                copy_src[j], copy_dst[j] = len(row) - 1, own_blocks[-1]
             t0 = len(prefix)
             for f, v in self._arrays[entry.req].items():
                 init[f][slot] = v
@@ -811,226 +781,3 @@ class _HostFields:
         self.stop_seqs = np.full((s, k["NS"], k["LS"]), -1, np.int32)
         self.stop_lens = np.zeros((s, k["NS"]), np.int32)
         self.recent = np.full((s, k["LS"]), -1, np.int32)
-
-
-class DataParallelBatcher:
-    """Data-parallel continuous batching: one `ContinuousBatcher` engine per data-parallel group of a
-    sampler's mesh, fed from one shared arrival-order queue (vLLM's data-parallel engines).
-
-    The groups are the devices of one index of the sampler's batch axes (its strategy's `batch_axes`
-    present in the mesh, e.g. `data`); each keeps the mesh's other axes (e.g. `tensor`), so an
-    engine's weights keep the sampler's within-group layout (one device each on a pure dp mesh).
-    `run` drives every engine from its own host thread (JAX dispatch is asynchronous and device
-    waits release the GIL, so the engines decode at once): an engine takes the next waiting request
-    whenever its slots have room for it, so requests are admitted in arrival order, and the outputs
-    come back in request order. Draws are keyed by request (a request without a seed gets
-    `fold_in(key(rng), its index in the call)`), so the outputs do not depend on which engine served
-    a request and equal the one-device batcher's. `session` is the incremental form
-    (`DataParallelSession`: each `advance` runs one segment on every busy engine at once).
-
-    Weights: `Sampler.load_params` (one hand-off program on the whole mesh) already places a copy of
-    the weights on every data-parallel group (parameters replicated over the batch axes); each
-    engine's tree is assembled from the shards on its own devices, no copy. A strategy that shards
-    parameters over a batch axis (e.g. fsdp) gets its per-engine copies by `jax.device_put`.
-
-    Multi-process: the engines are the groups whose devices this process holds; each process serves
-    the requests it is given (its own local rows, as `RolloutCollector` passes them) on its engines.
-
-    Args:
-      sampler: a `Sampler` with a mesh.
-      **options: `ContinuousBatcher` options, per engine (`num_slots` slots each).
-    """
-
-    def __init__(self, sampler, **options):
-        mesh = sampler.mesh
-        if mesh is None:
-            raise ValueError("DataParallelBatcher: the Sampler has no mesh; use ContinuousBatcher")
-        names = mesh.axis_names
-        self.row_axes = tuple(a for a in sampler.strategy.batch_axes if a in names and mesh.shape[a] > 1)
-        keep = tuple(a for a in names if a not in self.row_axes)
-        devices = np.moveaxis(mesh.devices, [names.index(a) for a in self.row_axes],
-                              list(range(len(self.row_axes))))
-        local = jax.process_index()
-        groups = devices.reshape((-1,) + devices.shape[len(self.row_axes):])
-        self.meshes = [Mesh(g, keep) for g in groups if all(d.process_index == local for d in g.flat)]
-        if not self.meshes:
-            raise ValueError("DataParallelBatcher: no data-parallel group of the sampler's mesh is on this process")
-        self.sampler = sampler
-        self.engines = [ContinuousBatcher(sampler, mesh=m, **options) for m in self.meshes]
-        self.num_slots = self.engines[0].num_slots
-
-    @property
-    def stats(self) -> ContinuousStats:
-        """The engines' `ContinuousStats` of the last call, summed (peak blocks: summed peaks)."""
-        total = ContinuousStats(block_size=self.engines[0].block_size)
-        for e in self.engines:
-            for f in dataclasses.fields(ContinuousStats):
-                if f.name != "block_size":
-                    setattr(total, f.name, getattr(total, f.name) + getattr(e.stats, f.name))
-        return total
-
-    def engine_params(self, params) -> list:
-        """Each engine's `SamplerParams` on its own devices, from the sampler's (or raw) parameters."""
-        from rlhf_jax.sampling.sampler import SamplerParams
-
-        if not isinstance(params, SamplerParams):
-            params = self.sampler.load_params(params)
-        drop = set(self.row_axes)
-
-        def sub_spec(spec):
-            def strip(entry):
-                if entry is None:
-                    return None
-                axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a not in drop)
-                return None if not axes else (axes[0] if len(axes) == 1 else axes)
-            return PartitionSpec(*(strip(e) for e in spec))
-
-        def place(leaf, mesh):
-            sharding = getattr(leaf, "sharding", None)
-            if not isinstance(sharding, NamedSharding):
-                return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
-            target = NamedSharding(mesh, sub_spec(sharding.spec))
-            used = {a for e in sharding.spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
-            if used & drop:          # split over a batch axis: gather this group's copy
-                return jax.device_put(leaf, target)
-            shards = {s.device: s.data for s in leaf.addressable_shards}
-            return jax.make_array_from_single_device_arrays(
-                leaf.shape, target, [shards[d] for d in mesh.devices.flat])
-
-        return [SamplerParams(jax.tree.map(lambda a: place(a, m), params.tree)) for m in self.meshes]
-
-    def run(self, params, requests: Sequence[Request], *, rng: int | jax.Array = 0,
-            max_segment_steps: int | None = None) -> list[RequestOutput]:
-        """Every request's completions, in request order (see the class docstring); `stats` sums the engines'."""
-        call_key = self._check(requests, rng)
-        queue = collections.deque((i, _keyed(req, call_key, i)) for i, req in enumerate(requests))
-        lock = threading.Lock()
-        results: list = [None] * len(requests)
-        errors: list = []
-        trees = self.engine_params(params)
-
-        def serve(engine: ContinuousBatcher, tree) -> None:
-            try:
-                session = engine.session(tree, rng=0, max_segment_steps=max_segment_steps)
-                handles: dict[int, int] = {}
-                while not errors:
-                    with lock:
-                        _feed(session, queue, handles)
-                        if session.idle and not queue:
-                            return
-                    for handle, out in session.advance().items():
-                        results[handles[handle]] = out
-            except BaseException as exc:   # noqa: BLE001 - re-raised by the calling thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=serve, args=(e, t), name=f"rlhf_jax_engine{k}", daemon=True)
-                   for k, (e, t) in enumerate(zip(self.engines, trees))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return results
-
-    def _check(self, requests, rng) -> jax.Array:
-        """Validate the requests up front (errors name the request's index in the call); the call's key."""
-        from rlhf_jax.sampling.sampler import _as_key
-
-        if isinstance(requests, Request) or not all(isinstance(r, Request) for r in requests):
-            raise TypeError("generate_requests: requests must be a sequence of Request")
-        if not requests:
-            raise ValueError("generate_requests: no requests")
-        dummy = np.zeros(self.engines[0]._key_shape, np.uint32)
-        for i, req in enumerate(requests):
-            self.engines[0]._request_arrays(i, req, dummy)
-        return _as_key(rng)
-
-    def session(self, params, *, rng: int | jax.Array = 0,
-                max_segment_steps: int | None = None) -> "DataParallelSession":
-        """The incremental form over the engines (`ContinuousSession`'s interface): `advance` feeds
-        the engines from the shared queue and runs one segment on each busy engine, concurrently."""
-        return DataParallelSession(self, params, rng=rng, max_segment_steps=max_segment_steps)
-
-
-def _keyed(req: Request, call_key, i: int) -> Request:
-    """`req` with its draw key fixed: its own seed, else `fold_in(call key, its index in the call)`."""
-    return req if req.seed is not None else dataclasses.replace(req, seed=jax.random.fold_in(call_key, i))
-
-
-def _feed(session: ContinuousSession, queue: collections.deque, handles: dict) -> None:
-    """Move the next waiting requests of the shared `queue` into `session` while its slots have room
-    for them (arrival order: an engine takes the queue's head or nothing); `handles`: local -> global."""
-    room = session.batcher.num_slots - session.running - sum(len(e.samples) for e in session._waiting)
-    while queue and queue[0][1].num_samples <= room:
-        i, req = queue.popleft()
-        handles[session.submit(req)] = i
-        room -= req.num_samples
-
-
-class DataParallelSession:
-    """An open call over a `DataParallelBatcher`'s engines (`submit` / `advance` / `idle`, as
-    `ContinuousSession`): `advance` feeds each engine from the shared arrival-order queue, runs one
-    segment on every busy engine (one host thread each) and returns `{handle: RequestOutput}`."""
-
-    def __init__(self, batcher: DataParallelBatcher, params, *, rng: int | jax.Array = 0,
-                 max_segment_steps: int | None = None):
-        from rlhf_jax.sampling.sampler import _as_key
-
-        self.batcher, self._call_key = batcher, _as_key(rng)
-        self.sessions = [e.session(t, rng=0, max_segment_steps=max_segment_steps)
-                         for e, t in zip(batcher.engines, batcher.engine_params(params))]
-        self._handles: list[dict[int, int]] = [{} for _ in self.sessions]
-        self._queue: collections.deque = collections.deque()
-        self.requests: list[Request] = []
-
-    def submit(self, request: Request) -> int:
-        """Queue `request` (taken by an engine at the next `advance`); returns its handle (submission index)."""
-        if not isinstance(request, Request):
-            raise TypeError(f"DataParallelSession.submit: expected a Request, got {type(request).__name__}")
-        i = len(self.requests)
-        engine = self.batcher.engines[0]
-        engine._request_arrays(i, request, np.zeros(engine._key_shape, np.uint32))   # errors name handle i
-        self.requests.append(request)
-        self._queue.append((i, _keyed(request, self._call_key, i)))
-        return i
-
-    @property
-    def running(self) -> int:
-        """Samples decoding in the engines' slots now."""
-        return sum(s.running for s in self.sessions)
-
-    @property
-    def waiting(self) -> int:
-        """Requests in the shared queue plus entries waiting inside an engine."""
-        return len(self._queue) + sum(s.waiting for s in self.sessions)
-
-    @property
-    def idle(self) -> bool:
-        """Nothing running and nothing waiting: every submitted request has come back."""
-        return not self._queue and all(s.idle for s in self.sessions)
-
-    def advance(self) -> dict[int, RequestOutput]:
-        """Feed the engines, run one segment on each busy engine at once, collect the finished requests."""
-        for session, handles in zip(self.sessions, self._handles):
-            _feed(session, self._queue, handles)
-        busy = [k for k, s in enumerate(self.sessions) if not s.idle]
-        outs: list = [None] * len(self.sessions)
-        errors: list = []
-
-        def step(k: int) -> None:
-            try:
-                outs[k] = self.sessions[k].advance()
-            except BaseException as exc:   # noqa: BLE001 - re-raised below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=step, args=(k,), daemon=True) for k in busy[1:]]
-        for t in threads:
-            t.start()
-        if busy:
-            step(busy[0])
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return {self._handles[k][h]: out for k in busy for h, out in outs[k].items()}

@@ -463,7 +463,8 @@ class Sampler:
         Its `session(params, rng=...)` is the incremental form: submit requests at any time, `advance`
         decodes and returns the finished ones (multi-turn rollouts submit a turn once its tool answered).
         """
-        from rlhf_jax.sampling.continuous import ContinuousBatcher, DataParallelBatcher
+        from rlhf_jax.sampling.continuous import ContinuousBatcher
+        from rlhf_jax.sampling.data_parallel import DataParallelBatcher
 
         batchers = self.__dict__.setdefault("_batchers", {})
         key = (num_slots, block_size, num_blocks, reserve_blocks, tuple(sorted(limits.items())))
