@@ -472,13 +472,14 @@ def place_rows(arrays, mesh: Mesh, strategy: str | Strategy):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), arrays)
 
 
-def local_rows(x: jax.Array) -> np.ndarray:
+def local_rows(x: jax.Array | np.ndarray) -> np.ndarray:
     """This process's rows of an array split over the batch axes by its first dimension, as numpy.
 
     The inverse of `place_rows` / `shard_batch`: one process gets the whole array, process p of a
     multi-process run the block its devices hold (shards repeated over other mesh axes counted once).
+    A host (numpy) array is already this process's rows (e.g. continuous batching's outputs).
     """
-    if jax.process_count() == 1 or x.is_fully_addressable:
+    if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
     blocks = {}
     for shard in x.addressable_shards:

@@ -5,7 +5,9 @@
   processes the gradient all-reduce runs in gloo, whose summation order differs from XLA:CPU's
   in-process all-reduce (the rollouts, rewards and evaluations are identical).
   RM and PPO (scored by the reward model, each process its own rows) too; GRPO samples dynamically
-  (DAPO), choosing the same groups as one process. Each process tokenized only its share of the data.
+  (DAPO), choosing the same groups as one process; PPO samples by continuous batching, each process
+  on the engines of its own devices, its prompts keyed by their global index. Each process
+  tokenized only its share of the data.
 - Hugging Face weights: with FSDP over both processes each reads only its half of each tensor.
 - SIGKILL of both processes after a checkpoint, then a relaunch; SIGTERM to process 1 alone: both
   processes save the same step and exit 75; the resumed run is exact. One writer of config.json
@@ -67,9 +69,10 @@ def get_config(arg=None):
                                  rollout=dataclasses.replace(g.rollout, dynamic_sampling=True, max_sampling_rounds=3),
                                  rewards=dataclasses.replace(g.rewards, functions=("task", "missing_eos"))),
         rm=dataclasses.replace(small(m, num_train=64, num_eval=16, batch_size=16), **STEPS),
-        # PPO scored by the reward model (each process scores its rows), critic from it.
+        # PPO scored by the reward model (each process scores its rows), critic from it; sampled by
+        # continuous batching (an engine per data-parallel device, each process serving its rows).
         ppo=dataclasses.replace(small(p, num_train=64, num_eval=16, batch_size=8, max_len=16), **STEPS,
-                                rollout=dataclasses.replace(p.rollout, max_new_tokens=4),
+                                rollout=dataclasses.replace(p.rollout, max_new_tokens=4, continuous_slots=2),
                                 algorithm=dataclasses.replace(p.algorithm, num_epochs=1)))
 
 

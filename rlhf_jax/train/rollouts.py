@@ -173,8 +173,10 @@ class RolloutCollector:
         """Completions of the batch's real prompts, as host arrays, with columns repeated per sample."""
         valid = np.flatnonzero(np.asarray(batch["example_mask"]))
         if self.continuous_slots:
+            # Global prompt index of each local row: process p holds rows [p * B, (p + 1) * B).
+            index = jax.process_index() * len(batch["example_mask"]) + valid
             out = self._sample_continuous(params, np.asarray(batch["prompt_tokens"])[valid],
-                                          np.asarray(batch["prompt_lengths"])[valid], sampling, rng)
+                                          np.asarray(batch["prompt_lengths"])[valid], sampling, rng, index)
         else:
             out = self.sampler.generate(params, np.asarray(batch["prompt_tokens"])[valid], sampling,
                                         prompt_lengths=np.asarray(batch["prompt_lengths"])[valid], rng=rng)
@@ -185,14 +187,20 @@ class RolloutCollector:
         arrays["columns"] = {k: [v[i] for i in valid for _ in range(n)] for k, v in batch.get("columns", {}).items()}
         return arrays
 
-    def _sample_continuous(self, params, prompts: np.ndarray, lengths: np.ndarray, sampling: SamplingConfig, rng):
+    def _sample_continuous(self, params, prompts: np.ndarray, lengths: np.ndarray, sampling: SamplingConfig, rng,
+                           index: np.ndarray):
         """`Sampler.generate`'s `SampleOutput` (numpy, same widths) from continuous batching: a request
-        per prompt (its group of `num_samples`, prompt blocks shared), request `i` keyed `fold_in(rng, i)`."""
+        per prompt (its group of `num_samples`, prompt blocks shared), keyed `fold_in(rng, index[i])` by
+        its global prompt index, so that N processes draw what one process draws for the same batch
+        (and no two processes' prompts share a key)."""
         from rlhf_jax.sampling.continuous import Request, to_sample_output
+        from rlhf_jax.sampling.sampler import _as_key
 
+        key = _as_key(rng)
         requests = [Request(prompt=row[:k], max_new_tokens=sampling.max_new_tokens, method=sampling.method,
-                            num_samples=sampling.num_samples, stop_ids=sampling.all_stop_ids)
-                    for row, k in zip(prompts, lengths)]
+                            num_samples=sampling.num_samples, stop_ids=sampling.all_stop_ids,
+                            seed=jax.random.fold_in(key, int(i)))
+                    for row, k, i in zip(prompts, lengths, index)]
         outs = self.sampler.generate_requests(params, requests, num_slots=self.continuous_slots, rng=rng)
         out = to_sample_output(requests, outs, pad_id=self.sampler.pad_id, max_new_tokens=sampling.max_new_tokens)
         width = self.sampler.bucket_for(int(np.max(lengths)), sampling.max_new_tokens)   # the static call's
