@@ -183,10 +183,12 @@ def policy():
 
 
 def _episodes(policy, calls_per_row, *, rng=0, runner=ToolRunner(timeout_s=0.3, max_chars=16), num_slots=None,
-              make_env=ScriptedCalls):
+              make_env=ScriptedCalls, ids=None):
+    """Episode `i` (or `ids[i]`: its global index, as on one of N processes) asks about `i * 7`."""
     model, params, sampler, sampler_params = policy
     tok = offline_tokenizer()
-    prompts = [[1] + tok(f"{i}*7=", add_special_tokens=False)["input_ids"] for i in range(len(calls_per_row))]
+    index = range(len(calls_per_row)) if ids is None else ids
+    prompts = [[1] + tok(f"{i}*7=", add_special_tokens=False)["input_ids"] for i in index]
     envs = [make_env(calls, runner) for calls in calls_per_row]
     for env, p in zip(envs, prompts):
         env.reset({"prompt": tok.decode(p)})
@@ -195,7 +197,8 @@ def _episodes(policy, calls_per_row, *, rng=0, runner=ToolRunner(timeout_s=0.3, 
                               method=Categorical(temperature=0.9))
     limits = AgentLimits(max_turns=4, max_tokens=WIDTH, turn_tokens=8, concurrency=8)
     return run_episodes(sampler, sampler_params, prompts, envs, renderer=RawRenderer(tok, TagCallFormat()),
-                        sampling=sampling, limits=limits, tokenizer=tok, rng=rng, num_slots=num_slots)
+                        sampling=sampling, limits=limits, tokenizer=tok, rng=rng, num_slots=num_slots,
+                        trajectory_ids=ids)
 
 
 CALLS = [
@@ -256,13 +259,15 @@ def test_sampler_logprobs_equal_the_trainers_over_multi_turn_trajectories(policy
 
 def test_continuous_batching_trajectories_do_not_depend_on_the_other_trajectories(policy):
     """With the per-request engine (2 slots for 6 trajectories), slots freed by finished turns are
-    refilled by waiting trajectories; each trajectory's draws are keyed by (turn, its index), so its
-    episode is the same whether 5 others or 2 others share the slots, and the sampler's log-probs
-    still equal the trainer's."""
+    refilled by waiting trajectories; each trajectory's draws are keyed by (turn, its global index), so
+    its episode is the same whether 5 others or 2 others share the slots or another process runs
+    the other half of the batch, and the sampler's log-probs still equal the trainer's."""
     model, params, _, _ = policy
     two = _episodes(policy, CALLS, num_slots=2)
     alone = _episodes(policy, CALLS[:3], num_slots=2)
-    for a, b in zip(two, alone):
+    # The second half on its own, as process 1 of 2 runs it: its episodes keyed by their global index.
+    second = _episodes(policy, CALLS[3:], num_slots=2, ids=range(3, len(CALLS)))
+    for a, b in zip(two, alone + second, strict=True):
         assert (a.tokens, a.action_mask, a.turn_rewards, a.tool_statuses) == \
             (b.tokens, b.action_mask, b.turn_rewards, b.tool_statuses)
     assert max(t.num_turns for t in two) >= 3

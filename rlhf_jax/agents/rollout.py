@@ -29,11 +29,12 @@ Two engines:
   the pool while the other slots keep decoding (a freed slot is refilled at once by another
   trajectory's request), and its next turn is submitted as soon as the step is back. So no
   trajectory waits for another's tool, and a slow tool holds up only its own trajectory, for at
-  most its time limit. Turn `k` of trajectory `i` draws with `fold_in(fold_in(rng, k), i)` and each
-  slot has its own cache row (`attention="dense"`: a slot's arithmetic does not depend on where
+  most its time limit. Turn `k` of trajectory `i` draws with `fold_in(fold_in(rng, k), i)` (`i`: its
+  index in the global batch, `trajectory_ids`) and each slot has its own cache row (`attention="dense"`: a slot's arithmetic does not depend on where
   other requests sit), so with the same seed a trajectory's tokens and log-probs are bit-identical
   across runs whatever the timing of its and other tools, and its tokens do not depend on the slot
-  count or the other trajectories. The sampler must have no mesh (one device).
+  count or the other trajectories. On a sampler with a mesh, one engine per data-parallel group
+  (`rlhf_jax.sampling.data_parallel`), each process serving its own episodes.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def run_episodes(
     rng: int | jax.Array = 0,
     stop_strings: Sequence[str] | None = None,
     num_slots: int | None = None,
+    trajectory_ids: Sequence[int] | None = None,
 ) -> list[Trajectory]:
     """Run one episode per prompt (environments already `reset`) and return the trajectories.
 
@@ -148,6 +150,9 @@ def run_episodes(
       rng: int seed or PRNG key.
       stop_strings: texts that end a turn (default: the renderer's call format's).
       num_slots: decode slots of the continuous-batching engine, or None for the static batch.
+      trajectory_ids: each episode's global index `i` in its draws' keys under continuous batching
+        (default 0, 1, ...); a multi-process run passes its episodes' indices in the global batch,
+        so that N processes draw what one process draws.
 
     Returns:
       One `Trajectory` per prompt.
@@ -166,6 +171,9 @@ def run_episodes(
     config = dataclasses.replace(sampling, max_new_tokens=limits.turn_tokens, num_samples=1,
                                  stop_ids=tuple(sorted(set(sampling.stop_ids) | set(stop_ids))))
     key = rng if isinstance(rng, jax.Array) else jax.random.key(int(rng))
+    ids = list(range(len(prompts))) if trajectory_ids is None else [int(i) for i in trajectory_ids]
+    if len(ids) != len(prompts):
+        raise ValueError(f"run_episodes: {len(prompts)} prompts but {len(ids)} trajectory_ids")
     trajectories = [Trajectory(prompt=[int(t) for t in p]) for p in prompts]
     turn = _Turns(tokenizer, renderer, limits, stop_texts, sampling.eos_id)
     with concurrent.futures.ThreadPoolExecutor(max_workers=limits.concurrency,
@@ -173,7 +181,8 @@ def run_episodes(
         if num_slots is None:
             _static_turns(sampler, params, trajectories, envs, config, key, turn, pool)
         else:
-            _continuous_turns(sampler, params, trajectories, envs, config, stop_sequences, key, turn, pool, num_slots)
+            _continuous_turns(sampler, params, trajectories, envs, config, stop_sequences, key, turn, pool, num_slots,
+                              ids)
     return trajectories
 
 
@@ -242,11 +251,11 @@ def _static_turns(sampler, params, trajectories, envs, config, key, turn: _Turns
 
 
 def _continuous_turns(sampler, params, trajectories, envs, config, stop_sequences, key, turn: _Turns, pool,
-                      num_slots: int) -> None:
+                      num_slots: int, ids: Sequence[int]) -> None:
     """Every trajectory on its own: a turn's request is submitted to one open continuous-batching
     session as soon as the trajectory's previous step is in, while the others keep decoding; steps
     run in the thread pool meanwhile. Turn `k` of trajectory `i` draws with
-    `fold_in(fold_in(key, k), i)`, so timing never changes a trajectory's tokens."""
+    `fold_in(fold_in(key, k), ids[i])`, so timing never changes a trajectory's tokens."""
     limits = turn.limits
     # A request stops at its stop ids only: EOS is one of them here (the static call stops at `eos_id` itself).
     stop_ids = tuple(sorted(set(config.stop_ids) | ({config.eos_id} if config.eos_id is not None else set())))
@@ -263,7 +272,7 @@ def _continuous_turns(sampler, params, trajectories, envs, config, stop_sequence
         request = Request(prompt=traj.prompt + traj.tokens, method=config.method, stop_ids=stop_ids,
                           max_new_tokens=min(limits.turn_tokens, limits.max_tokens - len(traj.tokens)),
                           stop_sequences=stop_sequences,
-                          seed=jax.random.fold_in(jax.random.fold_in(key, traj.num_turns), i))
+                          seed=jax.random.fold_in(jax.random.fold_in(key, traj.num_turns), ids[i]))
         asked[session.submit(request)] = i
 
     for i in range(len(trajectories)):

@@ -225,9 +225,12 @@ class TrajectoryCollector(RolloutCollector):
                 env.reset(task)
                 envs.append(env)
                 prompts.append(ids)
+        # Global index of each episode (process p holds prompt rows [p * B, (p + 1) * B), n episodes each).
+        first = jax.process_index() * len(batch["example_mask"])
+        ids = [(first + i) * n + j for i in valid for j in range(n)]
         trajectories = run_episodes(self.sampler, params, prompts, envs, renderer=self.renderer, sampling=sampling,
                                     limits=self.limits, tokenizer=self.tokenizer, rng=rng,
-                                    num_slots=self.environment.num_slots)
+                                    num_slots=self.environment.num_slots, trajectory_ids=ids)
         arrays = trajectory_batch(trajectories, width=self.limits.max_tokens, prompt_width=tokens.shape[1],
                                   pad_id=self.sampler.pad_id)
         returns = arrays.pop("rewards")
