@@ -71,6 +71,15 @@ def test_engines_equal_one_device_batcher(lm, params, single, shape, strategy, e
     assert all(e.stats.admissions > 0 for e in batcher.engines)
     assert sampler.continuous_stats().admissions == sum(e.stats.admissions for e in batcher.engines)
     if strategy == "tp":
+        # The engine's pool keeps its kv heads split over the tensor axis (as the static call's cache)
+        # through admission and decoding; the rest of the slot state is replicated.
+        session = batcher.engines[0].session(batcher.engine_params(params)[0], rng=7)
+        session.submit(_requests()[0])
+        session.advance()
+        pool, tokens = session._state.pool_k[0], session._state.out_tokens
+        assert pool.sharding.spec == jax.sharding.PartitionSpec("tensor")
+        assert [sh.data.shape[0] for sh in pool.addressable_shards] == [MODEL.num_kv_heads // 2] * 2
+        assert tokens.sharding.is_fully_replicated
         return
     # The incremental form: requests submitted while the engines decode come back the same.
     session, requests, got = batcher.session(params, rng=7), _requests(), {}

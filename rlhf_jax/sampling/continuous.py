@@ -282,8 +282,10 @@ class ContinuousBatcher:
       methods: "auto" compiles the segment for the sampling-method kinds present in a call (the sort of
         top-k / top-p only when used); "all" compiles one segment program that serves every mix.
       mesh: the engine's own devices when the sampler has a mesh (`DataParallelBatcher` builds one
-        engine per data-parallel group): weights keep the sampler's layout there, the slot state and
-        pool are replicated over it. None: the sampler's one (default) device.
+        engine per data-parallel group): weights keep the sampler's layout there, the pool's kv heads
+        are split by the strategy's `kv_heads` rule (tensor parallelism: each device holds its heads'
+        keys and values, as the static call's cache), the rest of the slot state is replicated.
+        None: the sampler's one (default) device.
     """
 
     def __init__(self, sampler, *, num_slots: int = 16, block_size: int = 16, num_blocks: int | None = None,
@@ -436,17 +438,39 @@ class ContinuousBatcher:
                                  finished=state.finished & ~reset, stopped=state.stopped & ~reset, **fields)
 
         segment.__name__, admit.__name__ = self._names
-        # On an engine's mesh the state stays replicated there (stable input shardings: no recompile).
-        out = {} if self.mesh is None else dict(out_shardings=NamedSharding(self.mesh, PartitionSpec()))
-        self._segment = jax.jit(segment, static_argnames=("kinds", "width", "extra"), donate_argnums=(1,), **out)
-        self._admit = jax.jit(admit, donate_argnums=(1,), **out)
+        # On an engine's mesh the state keeps its placement (stable input shardings: no recompile).
+        seg_out, admit_out = {}, {}
+        if self.mesh is not None:
+            whole = NamedSharding(self.mesh, PartitionSpec())
+            seg_out = dict(out_shardings=(self._state_shardings(), whole, whole))
+            admit_out = dict(out_shardings=self._state_shardings())
+        self._segment = jax.jit(segment, static_argnames=("kinds", "width", "extra"), donate_argnums=(1,), **seg_out)
+        self._admit = jax.jit(admit, donate_argnums=(1,), **admit_out)
+
+    def _pool_shape(self) -> tuple[int, ...]:
+        cfg = self.model.config
+        if self.attention == "dense":
+            return (self.num_slots, cfg.num_kv_heads, self.sampler.max_len, cfg.head_dim)
+        return (cfg.num_kv_heads, self.num_blocks + 1, self.block_size, cfg.head_dim)
+
+    def _state_shardings(self) -> "SlotState":
+        """On an engine's mesh: the pool's kv heads by the strategy's `kv_heads` rule (replicated where
+        the heads do not divide), everything else replicated."""
+        from rlhf_jax import sharding as shd
+
+        logical = ("kv_heads", None, None, None) if self.attention != "dense" else (None, "kv_heads", None, None)
+        spec, problems = shd.partition_spec(logical, self._pool_shape(), mesh=self.mesh,
+                                            strategy=self.sampler.strategy)
+        pool = NamedSharding(self.mesh, PartitionSpec() if problems else spec)
+        whole = NamedSharding(self.mesh, PartitionSpec())
+        layers = self.model.config.num_layers
+        fields = {f.name: whole for f in dataclasses.fields(SlotState)}
+        return SlotState(**{**fields, "pool_k": (pool,) * layers, "pool_v": (pool,) * layers})
 
     def _empty_state(self) -> SlotState:
         cfg = self.model.config
         s, k = self.num_slots, self.shapes
-        pool_shape = (cfg.num_kv_heads, self.num_blocks + 1, self.block_size, cfg.head_dim)
-        if self.attention == "dense":
-            pool_shape = (s, cfg.num_kv_heads, self.sampler.max_len, cfg.head_dim)
+        pool_shape = self._pool_shape()
         dtype = cfg.jnp_dtype
         zi = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
         state = SlotState(
@@ -462,7 +486,7 @@ class ContinuousBatcher:
             out_tokens=jnp.full((s, self.max_completion), self.sampler.pad_id, jnp.int32),
             out_logps=jnp.zeros((s, self.max_completion), jnp.float32), steps=jnp.zeros((), jnp.int32),
         )
-        return state if self.mesh is None else jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+        return state if self.mesh is None else jax.device_put(state, self._state_shardings())
 
     # ----------------------------------------------------------------------------- host side
 
