@@ -190,6 +190,25 @@ def test_group_shares_prompt_blocks(sampler, sp):
     assert len({tuple(t) for t in out[0].tokens}) > 1
 
 
+def test_admission_writes_the_pool_in_place(sampler, sp):
+    """The admit program (prefill + the group's block copies + slot state) updates the donated pool
+    in place: its optimized HLO copies no pool-shaped buffer (reading the pool back through the
+    tables once made XLA copy every layer's pool twice per admission)."""
+    from rlhf_jax.sampling.continuous import _SLOT_FIELDS, _HostFields
+
+    b = sampler.continuous_batcher(**POOL)
+    cfg = sampler.model.config
+    state = b._empty_state()
+    trash = np.full((b.num_slots,), b.trash, np.int32)
+    init = {f: getattr(_HostFields(b, b.num_slots), f) for f in _SLOT_FIELDS}
+    hlo = b._admit.lower(sp.tree, state, np.zeros((1, 8), np.int32), np.full((2,), b.trash, np.int32),
+                         np.zeros((b.num_slots,), np.int32), trash, np.zeros((b.num_slots,), bool),
+                         init).compile().as_text()
+    pool = f"f32[{cfg.num_kv_heads},{b.num_blocks + 1},{BLOCK},{cfg.head_dim}]"
+    assert pool in hlo
+    assert [line for line in hlo.splitlines() if pool in line and " copy(" in line] == []
+
+
 def test_request_errors(sampler, sp):
     with pytest.raises(ValueError, match="request 1: prompt of 30 tokens"):
         sampler.generate_requests(sp, [Request(prompt=[5], max_new_tokens=2),
