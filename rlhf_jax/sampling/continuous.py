@@ -56,10 +56,11 @@ How it runs (`ContinuousBatcher`):
   follows the pool size, not slots x `max_len`; blocks a group shares are read once more per further
   sample through a small gather whose size (bucketed) the host counts per segment. That routed
   einsum is the reference decode read (CPU, f32); on TPU / GPU `ModelConfig.paged_attention_impl`
-  ("auto", bf16/f16 compute) selects JAX's Pallas paged-attention kernel instead (`rlhf_jax.models.paged.kernel_attention`: TPU
-  `ops/tpu/paged_attention`, GPU the Triton `ops/gpu/paged_attention`), which reads each slot's pages
-  through its block table up to its length: no route, no shared-read count, one table width
-  (`ContinuousBatcher.decode_read` says which read runs; `paged.decode_kernel` why not a kernel).
+  ("auto", bf16/f16 compute) selects JAX's Pallas paged-attention kernel instead
+  (`rlhf_jax.models.paged.kernel_attention`: TPU `ops/tpu/paged_attention`, GPU the Triton
+  `ops/gpu/paged_attention`), which reads each slot's pages through its block table up to its
+  length: no route, no shared-read count, one table width (`ContinuousBatcher.decode_read` says
+  which read runs; `paged.decode_kernel` why not a kernel).
   One segment program per (set of sampling-method kinds, shared-read bucket), one admit program
   per prompt bucket, compiled once per process (`Sampler.num_compiled()`).
 
@@ -81,6 +82,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rlhf_jax import sharding as shd
 from rlhf_jax.logprobs import token_logprobs
 from rlhf_jax.models import KVCache
 from rlhf_jax.models.paged import PagedKVCache, decode_kernel, num_extra_reads, pool_route
@@ -456,8 +458,6 @@ class ContinuousBatcher:
     def _state_shardings(self) -> "SlotState":
         """On an engine's mesh: the pool's kv heads by the strategy's `kv_heads` rule (replicated where
         the heads do not divide), everything else replicated."""
-        from rlhf_jax import sharding as shd
-
         logical = ("kv_heads", None, None, None) if self.attention != "dense" else (None, "kv_heads", None, None)
         spec, problems = shd.partition_spec(logical, self._pool_shape(), mesh=self.mesh,
                                             strategy=self.sampler.strategy)

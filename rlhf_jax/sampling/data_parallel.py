@@ -1,12 +1,14 @@
 """Data-parallel continuous batching: one `ContinuousBatcher` engine per data-parallel group of a
-sampler's mesh, fed from one shared arrival-order queue (vLLM's data-parallel engines). `Sampler.continuous_batcher`
-and `Sampler.generate_requests` build a `DataParallelBatcher` when the sampler has a mesh:
+sampler's mesh, fed from one shared arrival-order queue (vLLM's data-parallel engines).
+`Sampler.continuous_batcher` and `Sampler.generate_requests` build a `DataParallelBatcher` when the
+sampler has a mesh:
 
 - One engine (a `ContinuousBatcher` with `num_slots` slots and its own pool) per data-parallel group:
   the devices of one index of the sampler's batch axes (e.g. `data`), keeping the other axes, so an
   engine's programs run on its own sub-mesh with the sampler's within-group layout (tensor-parallel
   weights and the pool's kv heads split over `tensor` on a data x tensor mesh; one device each on
-  a pure dp mesh; the rest of the slot state replicated over the group). Engines compile their own programs (once per process each).
+  a pure dp mesh; the rest of the slot state replicated over the group). Engines compile their own
+  programs (once per process each).
 - One shared arrival-order queue: an engine takes the queue's next request whenever its slots have
   room for it, so requests are admitted in arrival order; outputs come back in request order, and
   (draws keyed by request) equal the one-device batcher's whichever engine served a request.
