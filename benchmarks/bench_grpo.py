@@ -119,9 +119,11 @@ def run_once(bench_dir: str, devices: int, mode: str | None = None) -> dict:
                 off_policy=OffPolicyConfig(enabled=mode == "off_policy", sampler_devices=devices // 2),
                 algorithm=config.algorithm.replace(tis_cap=2.0 if mode == "off_policy" else None))
         watch = W.CpuWatch()
-        marks = _StepCpuMarks(os.path.join(tmp, "run", "metrics.jsonl"), (WARMUP, STEPS))
-        rl.train(config)
-        marks.stop()
+        marks = _StepCpuMarks((WARMUP, STEPS))
+        try:
+            rl.train(config)
+        finally:
+            marks.stop()
         foreign = watch.result()
         records = [r for r in read_jsonl(os.path.join(tmp, "run", "metrics.jsonl")) if "time/step" in r]
     timed = [r for r in records if r["step"] > WARMUP]
@@ -150,49 +152,37 @@ def run_once(bench_dir: str, devices: int, mode: str | None = None) -> dict:
 
 
 class _StepCpuMarks:
-    """This process's CPU seconds when the metrics file first holds `k` step records, for each `k` given.
+    """This process's CPU seconds when the run has logged `k` step records, for each `k` given.
 
-    A thread polls the JSONL file every 10 ms (the loop writes one record per step), so the CPU
-    time of the timed steps (`cpu_per_step`) leaves out compilation and the warm-up steps. A poll
-    is one `os.stat`; only bytes appended since the last poll are read. (Re-reading and scanning
-    the whole file at every poll cost ~30 CPU ms per W4 step, ~1.5% of the step's CPU time, that
-    this process's clock charged to the step: issue 23.)
+    While it is installed, `MetricsLogger.log` (the loop writes one record per step, with its
+    `time/step`) also reads the process's CPU clock after the `k`-th step record, so the CPU time
+    of the timed steps (`cpu_per_step`) leaves out compilation and the warm-up steps. (Until issue
+    23 a thread re-read and scanned `metrics.jsonl` every 10 ms for the count: ~10 CPU ms per
+    0.5 s on its own thread, ~2% of a W4 step's CPU time that the process clock charged to the
+    step, and marks as late as the logger's flush.)
     """
 
-    def __init__(self, path: str, counts: tuple[int, ...]):
-        import threading
+    def __init__(self, counts: tuple[int, ...]):
         import time
 
+        from rlhf_jax.metrics import MetricsLogger  # noqa: PLC0415
+
         self.marks: dict[int, float] = {}
-        self._halt = threading.Event()
+        self._cls, self._log = MetricsLogger, MetricsLogger.log
+        logged, original, marks = [0], MetricsLogger.log, self.marks
 
-        def poll():
-            n, offset, tail = 0, 0, b""
-            while not self._halt.is_set():
-                try:
-                    size = os.stat(path).st_size
-                except FileNotFoundError:
-                    size = 0
-                if size < offset:   # a new file at the same path: start over
-                    n, offset, tail = 0, 0, b""
-                if size > offset:
-                    with open(path, "rb") as f:
-                        f.seek(offset)
-                        chunk = f.read(size - offset)
-                    offset += len(chunk)
-                    *lines, tail = (tail + chunk).split(b"\n")   # complete lines only
-                    n += sum(b'"time/step"' in line for line in lines)
-                    for k in counts:
-                        if n >= k and k not in self.marks:
-                            self.marks[k] = time.process_time()
-                time.sleep(0.01)
+        def log(logger, step, metrics, *args, **kwargs):
+            out = original(logger, step, metrics, *args, **kwargs)
+            if "time/step" in metrics:
+                logged[0] += 1
+                if logged[0] in counts and logged[0] not in marks:
+                    marks[logged[0]] = time.process_time()
+            return out
 
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
+        MetricsLogger.log = log
 
     def stop(self) -> None:
-        self._halt.set()
-        self._thread.join()
+        self._cls.log = self._log
 
     def cpu_per_step(self, first: int, last: int) -> float | None:
         if first not in self.marks or last not in self.marks:

@@ -1,14 +1,16 @@
-"""bench_grpo's CPU-time marks (`_StepCpuMarks`): the step counts read from a growing metrics file.
+"""bench_grpo's CPU-time marks (`_StepCpuMarks`): the process CPU clock at the k-th logged step.
 
-The poller reads only what was appended since its last poll (issue 23: re-reading the whole file
-every 10 ms cost ~30 CPU ms per W4 step, charged to the step). It must count each step record
-once, never a record whose line is not complete yet, and start over when the file is replaced.
+The marks hook `MetricsLogger.log` (issue 23: a thread that re-read `metrics.jsonl` every 10 ms
+cost ~2% of a W4 step's CPU time, charged to the step). They must count only step records (those
+with `time/step`), each once, leave the records written as before, and restore the logger.
 """
 
 import importlib.util
 import os
 import sys
-import time
+
+from rlhf_jax.config import LoggingConfig
+from rlhf_jax.metrics import MetricsLogger, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,49 +26,25 @@ def _bench_grpo():
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
 
 
-def _wait(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while not cond() and time.monotonic() < end:
-        time.sleep(0.005)
-    return cond()
-
-
-def test_step_cpu_marks_count_complete_records_once(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    marks = _bench_grpo()._StepCpuMarks(str(path), (1, 2, 3))
+def test_step_cpu_marks_count_step_records(tmp_path):
+    original = MetricsLogger.log
+    logger = MetricsLogger(tmp_path, config=LoggingConfig(console=False, tensorboard=False), total_steps=4)
+    marks = _bench_grpo()._StepCpuMarks((1, 3))
     try:
-        with open(path, "a") as f:
-            f.write('{"step": 1, "time/step": 0.5, "loss": 1.0}\n{"step": 2, "eval/loss": 1.0}\n')
-            f.flush()
-            assert _wait(lambda: 1 in marks.marks)
-            f.write('{"step": 2, "time/st')          # half a record: not counted yet
-            f.flush()
-            time.sleep(0.05)
-            assert 2 not in marks.marks
-            f.write('ep": 0.5}\n')
-            f.flush()
-            assert _wait(lambda: 2 in marks.marks)
-            assert 3 not in marks.marks
-            f.write('{"step": 3, "time/step": 0.5}\n{"step": 4, "time/step": 0.5}\n')
-            f.flush()
-            assert _wait(lambda: 3 in marks.marks)
+        logger.log(1, {"time/step": 0.5, "loss": 1.0})
+        assert list(marks.marks) == [1]
+        logger.log(1, {"eval/loss": 2.0})              # not a step record
+        logger.log(2, {"time/step": 0.5})
+        assert list(marks.marks) == [1]
+        sum(range(200_000))                             # some CPU between the marks
+        logger.log(3, {"time/step": 0.5})
+        logger.log(4, {"time/step": 0.5})
     finally:
         marks.stop()
-    assert marks.marks[1] <= marks.marks[2] <= marks.marks[3]
+    logger.close()
+    assert MetricsLogger.log is original
+    assert sorted(marks.marks) == [1, 3] and marks.marks[1] < marks.marks[3]
     assert marks.cpu_per_step(1, 3) == (marks.marks[3] - marks.marks[1]) / 2
-    assert marks.cpu_per_step(1, 5) is None
-
-
-def test_step_cpu_marks_start_over_on_a_new_file(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"time/step": 1}\n' * 3 + '{"note": "' + "x" * 200 + '"}\n')
-    marks = _bench_grpo()._StepCpuMarks(str(path), (2, 4))
-    try:
-        assert _wait(lambda: 2 in marks.marks)
-        path.write_text('{"time/step": 1}\n')            # replaced by a shorter file: 1 record
-        time.sleep(0.05)
-        with open(path, "a") as f:
-            f.write('{"time/step": 1}\n' * 3)
-        assert _wait(lambda: 4 in marks.marks)
-    finally:
-        marks.stop()
+    assert marks.cpu_per_step(1, 4) is None
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 1, 2, 3, 4] and records[1] == {"step": 1, "eval/loss": 2.0}
