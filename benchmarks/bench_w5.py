@@ -52,7 +52,10 @@ dense cache of the prompt's width and writes the blocks with one in-place scatte
 the prefill read the pool back through the tables and XLA copied every layer's pool twice per
 admission: 8.6 -> ~5 ms per admission, 128 per call): continuous 2.34x the static call in wall time
 (9.06 vs 21.20 s per call), 2.70x in own CPU (11.1 vs 29.9 s); 1,291 decode steps, 115 round trips,
-128 admissions, no preemption, peak 65/72 blocks, 3 programs compiled once.
+128 admissions, no preemption, peak 65/72 blocks, 3 programs compiled once. A second sitting with HF
+(0.5-0.9 foreign cores, another session's benchmarks running): continuous 2.52x static (8.68 vs
+21.89 s), 2.62x in own CPU; HF `generate` 104.68 s by the median of 60.34 / 104.68 / 591.99 s:
+continuous 12.06x HF by the median, 6.95x against HF's fastest call.
 """
 
 from __future__ import annotations
