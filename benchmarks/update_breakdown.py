@@ -21,9 +21,16 @@ median CPU ms per call:
   matmuls_reference the reference's matmuls alone
 
 CPU time, not wall time: the host is shared (see CPU.md). `--hlo DIR` writes each program's
-optimized HLO there. `--only a,b` runs only those variants (no matmul chains).
+optimized HLO there. `--only a,b` runs only those variants (no matmul chains). The process keeps
+freed host memory (`rlhf_jax.host_memory`, as `bench_grpo.py` runs W4); before 2026-12-05's last
+sitting it did not, and every large temporary was faulted in afresh per call, which inflated the
+elementwise figures below (e.g. the head's [1024, 8192] passes) against the matmuls.
 
-Figures (2026-12-05, loaded AVX2 host, median CPU ms over 8-10 rounds; CPU.md has the table):
+Figures with freed memory kept (2026-12-05, issue 23, 6 rounds): step 489, grad 467, layers_grad
+318, head_grad 146 (140 without the entropy metric), optimizer 21, reference 147 (ref_layers 99),
+matmuls_update 432, matmuls_reference 142: the update is 1.13x its matmuls, the reference 1.04x.
+
+Earlier figures, without it (loaded AVX2 host, median CPU ms over 8-10 rounds; CPU.md has the table):
 before issue 23's update fixes step 663, grad 607, layers_grad 405, head_grad 217 (216 -> 179
 without the entropy metric), optimizer 86, reference 166 (ref_layers 111), matmuls_update 453,
 matmuls_reference 141; after (`logprobs_and_entropy`, the guard's select) step 631, head_grad 192,
@@ -43,6 +50,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from rlhf_jax import host_memory  # noqa: E402
+
+host_memory.configure_from_env()   # as the W4 benchmark runs (before JAX starts): freed memory is kept
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
