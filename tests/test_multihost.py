@@ -5,9 +5,9 @@
   processes the gradient all-reduce runs in gloo, whose summation order differs from XLA:CPU's
   in-process all-reduce (the rollouts, rewards and evaluations are identical).
   RM and PPO (scored by the reward model, each process its own rows) too; GRPO samples dynamically
-  (DAPO), choosing the same groups as one process; PPO samples by continuous batching, each process
-  on the engines of its own devices, its prompts keyed by their global index. Each process
-  tokenized only its share of the data.
+  (DAPO), choosing the same groups as one process; PPO samples by continuous batching on its own
+  tensor-parallel sampler mesh, each process on the engines of its own devices, its prompts keyed
+  by their global index. Each process tokenized only its share of the data.
 - Hugging Face weights: with FSDP over both processes each reads only its half of each tensor.
 - SIGKILL of both processes after a checkpoint, then a relaunch; SIGTERM to process 1 alone: both
   processes save the same step and exit 75; the resumed run is exact. One writer of config.json
@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 EXPERIMENT = '''
 import dataclasses
 from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
+from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.steps import DPO
 from rlhf_jax.train import dpo, reward_model, rl, sft
 from rlhf_jax.train import tiny_stages as tiny
@@ -70,9 +71,12 @@ def get_config(arg=None):
                                  rewards=dataclasses.replace(g.rewards, functions=("task", "missing_eos"))),
         rm=dataclasses.replace(small(m, num_train=64, num_eval=16, batch_size=16), **STEPS),
         # PPO scored by the reward model (each process scores its rows), critic from it; sampled by
-        # continuous batching (an engine per data-parallel device, each process serving its rows).
+        # continuous batching on a data 4 x tensor 2 sampler mesh (the hand-off reshards the trainer's
+        # layout to it): an engine per tensor-parallel pair, each process serving its rows on its own.
         ppo=dataclasses.replace(small(p, num_train=64, num_eval=16, batch_size=8, max_len=16), **STEPS,
                                 rollout=dataclasses.replace(p.rollout, max_new_tokens=4, continuous_slots=2),
+                                off_policy=dataclasses.replace(p.off_policy, sampler_mesh=MeshConfig(
+                                    data=-1, tensor=2, strategy="tp")),
                                 algorithm=dataclasses.replace(p.algorithm, num_epochs=1)))
 
 
