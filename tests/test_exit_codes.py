@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from killed_runs import ROOT, flip_byte
+from killed_runs import ROOT, cli_env, flip_byte  # noqa: F401 (cli_env is a fixture)
 
 from rlhf_jax.checkpoint import Checkpointer, load_params
 from rlhf_jax.cli import EXIT_PREEMPTED
@@ -30,11 +30,11 @@ def _train_steps(workdir):
 
 
 @pytest.mark.slow
-def test_sigterm_exits_75_and_reruns_resume_from_the_newest_intact_checkpoint(tmp_path):
+def test_sigterm_exits_75_and_reruns_resume_from_the_newest_intact_checkpoint(tmp_path, cli_env):  # noqa: F811
     assert EXIT_PREEMPTED == 75
     workdir = tmp_path / "run"
     proc = subprocess.Popen(_command(workdir, 5000), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            text=True, env=cli_env)   # the reruns below reuse its compiled programs
     try:
         deadline = time.monotonic() + 300
         while not (workdir / "metrics.jsonl").exists() or not _train_steps(workdir):  # the first metrics line
@@ -54,7 +54,8 @@ def test_sigterm_exits_75_and_reruns_resume_from_the_newest_intact_checkpoint(tm
     assert _train_steps(workdir) == list(range(1, stopped + 1))
 
     # The same command (here asking for 2 more steps) resumes from that checkpoint and finishes with 0.
-    rerun = subprocess.run(_command(workdir, stopped + 2), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(_command(workdir, stopped + 2), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=cli_env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout[rerun.stdout.index("{"):])["steps"] == stopped + 2
     assert _train_steps(workdir) == list(range(1, stopped + 3))  # steps 1..stopped were not trained again
@@ -67,7 +68,8 @@ def test_sigterm_exits_75_and_reruns_resume_from_the_newest_intact_checkpoint(tm
     # warning naming both), trains again from there and ends with bit-identical parameters.
     step_dir = workdir / "checkpoints" / str(stopped + 2)
     weights = flip_byte(step_dir)
-    rerun = subprocess.run(_command(workdir, stopped + 2), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(_command(workdir, stopped + 2), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=cli_env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     bad = weights.relative_to(step_dir)
     assert (f"checkpoint {step_dir} is corrupt: {bad}: checksum differs from the manifest (the file's bytes "
