@@ -30,10 +30,11 @@ Two engines:
   trajectory's request), and its next turn is submitted as soon as the step is back. So no
   trajectory waits for another's tool, and a slow tool holds up only its own trajectory, for at
   most its time limit. Turn `k` of trajectory `i` draws with `fold_in(fold_in(rng, k), i)` (`i`: its
-  index in the global batch, `trajectory_ids`) and each slot has its own cache row (`attention="dense"`: a slot's arithmetic does not depend on where
-  other requests sit), so with the same seed a trajectory's tokens and log-probs are bit-identical
-  across runs whatever the timing of its and other tools, and its tokens do not depend on the slot
-  count or the other trajectories. On a sampler with a mesh, one engine per data-parallel group
+  index in the global batch, `trajectory_ids`) and each slot has its own cache row
+  (`attention="dense"`: a slot's arithmetic does not depend on where other requests sit), so with
+  the same seed a trajectory's tokens and log-probs are bit-identical across runs whatever the
+  timing of its and other tools, and its tokens do not depend on the slot count or the other
+  trajectories. On a sampler with a mesh, one engine per data-parallel group
   (`rlhf_jax.sampling.data_parallel`), each process serving its own episodes.
 """
 
