@@ -220,7 +220,7 @@ def test_request_errors(sampler, sp):
 
 
 def test_to_sample_output_packs_rows_like_the_static_call():
-    from rlhf_jax.sampling.continuous import RequestOutput, to_sample_output
+    from rlhf_jax.sampling.requests import RequestOutput, to_sample_output
 
     reqs = [Request(prompt=[7, 8, 9], max_new_tokens=4, num_samples=2), Request(prompt=[5], max_new_tokens=3)]
     outs = [RequestOutput(tokens=[np.asarray([4, 2]), np.asarray([6, 6, 6, 6])],

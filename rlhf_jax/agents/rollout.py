@@ -51,7 +51,7 @@ from rlhf_jax.agents.environment import Environment, StepResult
 from rlhf_jax.agents.tools import ToolResult
 from rlhf_jax.agents.trajectory import Trajectory
 from rlhf_jax.sampling import Sampler, SamplingConfig
-from rlhf_jax.sampling.continuous import Request
+from rlhf_jax.sampling.requests import Request
 
 __all__ = ["AgentLimits", "run_episodes", "trajectory_stats", "stats_metrics", "trajectory_metrics",
            "environment_reward", "TOOL_STATUS_METRICS"]

@@ -5,7 +5,7 @@ pure program it jits; the sampling methods are small frozen dataclasses. See `sa
 design and `methods.py` for what the returned log-probs are with top-k / top-p / min-p.
 """
 
-from rlhf_jax.sampling.continuous import ContinuousBatcher, ContinuousStats, Request, RequestOutput
+from rlhf_jax.sampling.continuous import ContinuousBatcher, ContinuousStats
 from rlhf_jax.sampling.decode import (
     decode,
     decode_step,
@@ -26,6 +26,7 @@ from rlhf_jax.sampling.methods import (
     sample_from_logits,
 )
 from rlhf_jax.sampling.metrics import logprob_mismatch
+from rlhf_jax.sampling.requests import Request, RequestOutput
 from rlhf_jax.sampling.sampler import (
     Sampler,
     SamplerParams,

@@ -10,7 +10,7 @@
     outs[i].tokens[j], outs[i].logprobs[j], outs[i].finish_reasons[j]   # request i, sample j (numpy)
     sampler.continuous_stats()                                          # round trips, blocks, ...
 
-Contract (stable; multi-turn rollouts build on it):
+Contract (stable; multi-turn rollouts build on it; the types live in `rlhf_jax.sampling.requests`):
 - `Request` (frozen): `prompt` token ids, `max_new_tokens`, `method` (`Greedy`, `Categorical`, `TopK`,
   `TopP`, `MinP`: per request), `num_samples` (a group sharing the prompt's KV blocks), `stop_ids`
   (any of them ends a sample), `stop_sequences` (token-id sequences; a sample ends when its
@@ -75,7 +75,6 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,96 +86,10 @@ from rlhf_jax.logprobs import token_logprobs
 from rlhf_jax.models import KVCache
 from rlhf_jax.models.paged import PagedKVCache, decode_kernel, num_extra_reads, pool_route
 from rlhf_jax.sampling.decode import stack_layers
-from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP, sample_from_logits
+from rlhf_jax.sampling.methods import METHOD_KINDS, MinP, TopP, select_per_row
+from rlhf_jax.sampling.requests import Request, RequestOutput
 
-__all__ = ["Request", "RequestOutput", "ContinuousStats", "ContinuousBatcher", "ContinuousSession", "select_per_row",
-           "to_sample_output"]
-
-GREEDY, CATEGORICAL, TOP_K, TOP_P, MIN_P = range(5)
-_KIND = {Greedy: GREEDY, Categorical: CATEGORICAL, TopK: TOP_K, TopP: TOP_P, MinP: MIN_P}
-_NEG_INF = -jnp.inf
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Request:
-    """One generation request (see the module docstring).
-
-    Attributes:
-      prompt: token ids (non-empty).
-      max_new_tokens: completion tokens at most (>= 1); the sample ends there with reason "length".
-      method: sampling method of this request (`rlhf_jax.sampling.methods`).
-      num_samples: completions of this prompt (a group; its prompt blocks are held once).
-      stop_ids: ids that end a sample (EOS included here if wanted).
-      stop_sequences: id sequences that end a sample when its completion ends with one.
-      seed: int seed or PRNG key of this request; None: `fold_in(key(rng), request index)`.
-    """
-
-    prompt: Sequence[int]
-    max_new_tokens: int
-    method: SamplingMethod = Categorical()
-    num_samples: int = 1
-    stop_ids: Sequence[int] = ()
-    stop_sequences: Sequence[Sequence[int]] = ()
-    seed: Any = None
-
-    def __post_init__(self):
-        prompt = np.asarray(self.prompt).reshape(-1)
-        if prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
-            raise ValueError(f"Request.prompt must be a non-empty sequence of token ids, got {self.prompt!r}")
-        object.__setattr__(self, "prompt", tuple(int(i) for i in prompt))
-        for name in ("max_new_tokens", "num_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Request.{name} must be an int >= 1, got {value!r}")
-        if type(self.method) not in _KIND:
-            raise TypeError(f"Request.method must be one of {[m.__name__ for m in _KIND]}, got {self.method!r}")
-        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
-        seqs = tuple(tuple(int(i) for i in s) for s in self.stop_sequences)
-        if any(len(s) == 0 for s in seqs):
-            raise ValueError("Request.stop_sequences: a stop sequence is empty")
-        object.__setattr__(self, "stop_sequences", seqs)
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    """Completions of one request: lists over its `num_samples` samples (numpy arrays)."""
-
-    tokens: list[np.ndarray]
-    logprobs: list[np.ndarray]
-    finish_reasons: list[str]
-
-
-def to_sample_output(requests: Sequence[Request], outputs: Sequence[RequestOutput], *, pad_id: int = 0,
-                     max_new_tokens: int | None = None):
-    """Pack per-request outputs as the static call's `SampleOutput` (numpy), rows request-major.
-
-    Row `r` is sample `j` of request `i` in order (a request's samples contiguous, as GRPO groups);
-    prompts right-padded to the longest, completions to `max_new_tokens` (default: the longest
-    request's); `truncated` = finished by length. What the RL trainer consumes from `Sampler.generate`.
-    """
-    from rlhf_jax.sampling.state import SampleOutput
-
-    rows = [(req, out.tokens[j], out.logprobs[j], out.finish_reasons[j])
-            for req, out in zip(requests, outputs) for j in range(req.num_samples)]
-    width = max(len(r[0].prompt) for r in rows)
-    cols = max(r.max_new_tokens for r in requests) if max_new_tokens is None else max_new_tokens
-    n = len(rows)
-    prompts = np.full((n, width), pad_id, np.int32)
-    tokens = np.full((n, cols), pad_id, np.int32)
-    logps = np.zeros((n, cols), np.float32)
-    for r, (req, toks, lps, _) in enumerate(rows):
-        if len(toks) > cols:
-            raise ValueError(f"to_sample_output: row {r} has {len(toks)} tokens > max_new_tokens={cols}")
-        prompts[r, : len(req.prompt)] = req.prompt
-        tokens[r, : len(toks)] = toks
-        logps[r, : len(lps)] = lps
-    lengths = np.asarray([len(r[1]) for r in rows], np.int32)
-    return SampleOutput(
-        prompt_tokens=prompts, prompt_lengths=np.asarray([len(r[0].prompt) for r in rows], np.int32),
-        completion_tokens=tokens, completion_mask=np.arange(cols)[None, :] < lengths[:, None], logprobs=logps,
-        lengths=lengths, truncated=np.asarray([r[3] == "length" for r in rows]),
-    )
-
+__all__ = ["ContinuousStats", "ContinuousBatcher", "ContinuousSession"]
 
 @dataclasses.dataclass
 class ContinuousStats:
@@ -190,36 +103,6 @@ class ContinuousStats:
     num_blocks: int = 0            # pool size (blocks, the trash block excluded)
     block_size: int = 0
     useful_tokens: int = 0
-
-
-def select_per_row(logits, u, kind, temperature, top_k, top_p, log_min_p, *, kinds: tuple[int, ...]):
-    """Next tokens with a sampling method per row; bit-equal to each method's own `select`.
-
-    `kind[b]` in GREEDY..MIN_P picks row b's method; `kinds` (static) lists the kinds present, so
-    the sort of top-k / top-p is compiled only when a row uses one.
-    """
-    z = logits.astype(jnp.float32) / temperature[:, None]
-    trunc = z
-    vocab = z.shape[-1]
-    if TOP_K in kinds or TOP_P in kinds:
-        sorted_z = -jnp.sort(-z, axis=-1)
-    if TOP_K in kinds:
-        kth = jnp.take_along_axis(sorted_z, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
-        cut = jnp.where((top_k[:, None] >= vocab) | (z >= kth), z, _NEG_INF)
-        trunc = jnp.where((kind == TOP_K)[:, None], cut, trunc)
-    if TOP_P in kinds:
-        probs = jax.nn.softmax(sorted_z, axis=-1)
-        kept = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
-        threshold = jnp.min(jnp.where(kept, sorted_z, jnp.inf), axis=-1, keepdims=True)
-        cut = jnp.where((top_p[:, None] == 1) | (z >= threshold), z, _NEG_INF)
-        trunc = jnp.where((kind == TOP_P)[:, None], cut, trunc)
-    if MIN_P in kinds:
-        threshold = jnp.max(z, axis=-1, keepdims=True) + log_min_p[:, None]
-        trunc = jnp.where((kind == MIN_P)[:, None], jnp.where(z >= threshold, z, _NEG_INF), trunc)
-    token = sample_from_logits(trunc, u) if kinds != (GREEDY,) else jnp.zeros(z.shape[:1], jnp.int32)
-    if GREEDY in kinds:
-        token = jnp.where(kind == GREEDY, jnp.argmax(logits, axis=-1).astype(jnp.int32), token)
-    return token
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -518,7 +401,7 @@ class ContinuousBatcher:
             seqs[j, k["LS"] - len(seq):] = seq
             lens[j] = len(seq)
         return dict(
-            keys=key_data, kind=np.int32(_KIND[type(m)]), max_new=np.int32(req.max_new_tokens),
+            keys=key_data, kind=np.int32(METHOD_KINDS[type(m)]), max_new=np.int32(req.max_new_tokens),
             temperature=np.float32(m.temperature), top_k=np.int32(getattr(m, "k", 0)),
             top_p=np.float32(m.p if isinstance(m, TopP) else 1.0),
             log_min_p=np.float32(math.log(m.p)) if isinstance(m, MinP) else np.float32(0.0),
@@ -607,7 +490,7 @@ class ContinuousSession:
         self._arrays.append(self.batcher._request_arrays(i, request, np.asarray(jax.random.key_data(key))))
         self.requests.append(request)
         if self.batcher.methods == "auto":
-            self._kinds.add(_KIND[type(request.method)])
+            self._kinds.add(METHOD_KINDS[type(request.method)])
         self._results[i] = [None] * request.num_samples
         self._waiting.append(_Entry(i, tuple(range(request.num_samples)), None, None))
         return i

@@ -32,7 +32,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax.sampling.continuous import ContinuousBatcher, ContinuousSession, ContinuousStats, Request, RequestOutput
+from rlhf_jax.sampling.continuous import ContinuousBatcher, ContinuousSession, ContinuousStats
+from rlhf_jax.sampling.requests import Request, RequestOutput
 
 __all__ = ["DataParallelBatcher", "DataParallelSession"]
 

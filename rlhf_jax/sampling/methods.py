@@ -45,6 +45,8 @@ __all__ = [
     "SamplingMethod",
     "make_method",
     "sample_from_logits",
+    "select_per_row",
+    "METHOD_KINDS",
 ]
 
 _BLOCK = 128  # vocabulary block of the two-level inverse CDF
@@ -171,11 +173,7 @@ class TopP(_Tempered):
     def truncate(self, z: jax.Array) -> jax.Array:
         if self.p == 1:
             return z
-        sorted_z = -jnp.sort(-z, axis=-1)
-        probs = jax.nn.softmax(sorted_z, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = mass_before < jnp.float32(self.p)
-        threshold = jnp.min(jnp.where(kept, sorted_z, jnp.inf), axis=-1, keepdims=True)
+        threshold = _nucleus_threshold(-jnp.sort(-z, axis=-1), jnp.float32(self.p))
         return jnp.where(z >= threshold, z, _NEG_INF)
 
 
@@ -199,11 +197,26 @@ class MinP(_Tempered):
         _check_unit_interval("MinP", "p", self.p)
 
     def truncate(self, z: jax.Array) -> jax.Array:
-        threshold = jnp.max(z, axis=-1, keepdims=True) + jnp.float32(math.log(self.p))
-        return jnp.where(z >= threshold, z, _NEG_INF)
+        return jnp.where(z >= _min_p_threshold(z, jnp.float32(math.log(self.p))), z, _NEG_INF)
+
+
+def _nucleus_threshold(sorted_z: jax.Array, p) -> jax.Array:
+    """`[B, 1]` lowest kept logit of top-p: tokens (sorted descending) whose mass before them is `< p`."""
+    probs = jax.nn.softmax(sorted_z, axis=-1)
+    kept = jnp.cumsum(probs, axis=-1) - probs < p
+    return jnp.min(jnp.where(kept, sorted_z, jnp.inf), axis=-1, keepdims=True)
+
+
+def _min_p_threshold(z: jax.Array, log_p) -> jax.Array:
+    """`[B, 1]` lowest kept logit of min-p: `max z + log p`."""
+    return jnp.max(z, axis=-1, keepdims=True) + log_p
 
 
 SamplingMethod = Union[Greedy, Categorical, TopK, TopP, MinP]
+
+# Per-row method codes (`select_per_row`, continuous batching's slot state).
+GREEDY, CATEGORICAL, TOP_K, TOP_P, MIN_P = range(5)
+METHOD_KINDS = {Greedy: GREEDY, Categorical: CATEGORICAL, TopK: TOP_K, TopP: TOP_P, MinP: MIN_P}
 
 
 def make_method(
@@ -297,3 +310,32 @@ def _first_exceeding(cdf: jax.Array, target: jax.Array, mass: jax.Array) -> jax.
     positions = jnp.arange(cdf.shape[-1], dtype=jnp.int32)
     last_positive = jnp.max(jnp.where(mass > 0, positions, 0), axis=-1)
     return jnp.where(jnp.any(ok, axis=-1), jnp.argmax(ok, axis=-1), last_positive).astype(jnp.int32)
+
+
+def select_per_row(logits, u, kind, temperature, top_k, top_p, log_min_p, *, kinds: tuple[int, ...]):
+    """Next tokens with a sampling method per row (continuous batching's slots); bit-equal to each
+    method's own `select`, from the same thresholds.
+
+    `kind[b]` (`METHOD_KINDS` of the row's method) picks row b's method; `kinds` (static) lists the kinds present, so
+    the sort of top-k / top-p is compiled only when a row uses one.
+    """
+    z = logits.astype(jnp.float32) / temperature[:, None]
+    trunc = z
+    vocab = z.shape[-1]
+    if TOP_K in kinds or TOP_P in kinds:
+        sorted_z = -jnp.sort(-z, axis=-1)
+    if TOP_K in kinds:
+        kth = jnp.take_along_axis(sorted_z, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+        cut = jnp.where((top_k[:, None] >= vocab) | (z >= kth), z, _NEG_INF)
+        trunc = jnp.where((kind == TOP_K)[:, None], cut, trunc)
+    if TOP_P in kinds:
+        threshold = _nucleus_threshold(sorted_z, top_p[:, None])
+        cut = jnp.where((top_p[:, None] == 1) | (z >= threshold), z, _NEG_INF)
+        trunc = jnp.where((kind == TOP_P)[:, None], cut, trunc)
+    if MIN_P in kinds:
+        threshold = _min_p_threshold(z, log_min_p[:, None])
+        trunc = jnp.where((kind == MIN_P)[:, None], jnp.where(z >= threshold, z, _NEG_INF), trunc)
+    token = sample_from_logits(trunc, u) if kinds != (GREEDY,) else jnp.zeros(z.shape[:1], jnp.int32)
+    if GREEDY in kinds:
+        token = jnp.where(kind == GREEDY, jnp.argmax(logits, axis=-1).astype(jnp.int32), token)
+    return token

@@ -193,7 +193,7 @@ class RolloutCollector:
         per prompt (its group of `num_samples`, prompt blocks shared), keyed `fold_in(rng, index[i])` by
         its global prompt index, so that N processes draw what one process draws for the same batch
         (and no two processes' prompts share a key)."""
-        from rlhf_jax.sampling.continuous import Request, to_sample_output
+        from rlhf_jax.sampling.requests import Request, to_sample_output
         from rlhf_jax.sampling.sampler import _as_key
 
         key = _as_key(rng)

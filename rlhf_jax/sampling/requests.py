@@ -1,0 +1,99 @@
+"""The per-request generation API: `Request` in, `RequestOutput` out (continuous batching's contract).
+
+`Sampler.generate_requests` (`rlhf_jax.sampling.continuous`) takes a sequence of `Request`s and
+returns a `RequestOutput` per request, in request order; `to_sample_output` packs them as the
+static call's `SampleOutput`, what the RL trainer consumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from rlhf_jax.sampling.methods import METHOD_KINDS, Categorical, SamplingMethod
+
+__all__ = ["Request", "RequestOutput", "to_sample_output"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+    """One generation request (`rlhf_jax.sampling.continuous` says how it is served).
+
+    Attributes:
+      prompt: token ids (non-empty).
+      max_new_tokens: completion tokens at most (>= 1); the sample ends there with reason "length".
+      method: sampling method of this request (`rlhf_jax.sampling.methods`).
+      num_samples: completions of this prompt (a group; its prompt blocks are held once).
+      stop_ids: ids that end a sample (EOS included here if wanted).
+      stop_sequences: id sequences that end a sample when its completion ends with one.
+      seed: int seed or PRNG key of this request; None: `fold_in(key(rng), request index)`.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    method: SamplingMethod = Categorical()
+    num_samples: int = 1
+    stop_ids: Sequence[int] = ()
+    stop_sequences: Sequence[Sequence[int]] = ()
+    seed: Any = None
+
+    def __post_init__(self):
+        prompt = np.asarray(self.prompt).reshape(-1)
+        if prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
+            raise ValueError(f"Request.prompt must be a non-empty sequence of token ids, got {self.prompt!r}")
+        object.__setattr__(self, "prompt", tuple(int(i) for i in prompt))
+        for name in ("max_new_tokens", "num_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Request.{name} must be an int >= 1, got {value!r}")
+        if type(self.method) not in METHOD_KINDS:
+            raise TypeError(f"Request.method must be one of {[m.__name__ for m in METHOD_KINDS]}, got {self.method!r}")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        seqs = tuple(tuple(int(i) for i in s) for s in self.stop_sequences)
+        if any(len(s) == 0 for s in seqs):
+            raise ValueError("Request.stop_sequences: a stop sequence is empty")
+        object.__setattr__(self, "stop_sequences", seqs)
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """Completions of one request: lists over its `num_samples` samples (numpy arrays)."""
+
+    tokens: list[np.ndarray]
+    logprobs: list[np.ndarray]
+    finish_reasons: list[str]
+
+
+def to_sample_output(requests: Sequence[Request], outputs: Sequence[RequestOutput], *, pad_id: int = 0,
+                     max_new_tokens: int | None = None):
+    """Pack per-request outputs as the static call's `SampleOutput` (numpy), rows request-major.
+
+    Row `r` is sample `j` of request `i` in order (a request's samples contiguous, as GRPO groups);
+    prompts right-padded to the longest, completions to `max_new_tokens` (default: the longest
+    request's); `truncated` = finished by length. What the RL trainer consumes from `Sampler.generate`.
+    """
+    from rlhf_jax.sampling.state import SampleOutput
+
+    rows = [(req, out.tokens[j], out.logprobs[j], out.finish_reasons[j])
+            for req, out in zip(requests, outputs) for j in range(req.num_samples)]
+    width = max(len(r[0].prompt) for r in rows)
+    cols = max(r.max_new_tokens for r in requests) if max_new_tokens is None else max_new_tokens
+    n = len(rows)
+    prompts = np.full((n, width), pad_id, np.int32)
+    tokens = np.full((n, cols), pad_id, np.int32)
+    logps = np.zeros((n, cols), np.float32)
+    for r, (req, toks, lps, _) in enumerate(rows):
+        if len(toks) > cols:
+            raise ValueError(f"to_sample_output: row {r} has {len(toks)} tokens > max_new_tokens={cols}")
+        prompts[r, : len(req.prompt)] = req.prompt
+        tokens[r, : len(toks)] = toks
+        logps[r, : len(lps)] = lps
+    lengths = np.asarray([len(r[1]) for r in rows], np.int32)
+    return SampleOutput(
+        prompt_tokens=prompts, prompt_lengths=np.asarray([len(r[0].prompt) for r in rows], np.int32),
+        completion_tokens=tokens, completion_mask=np.arange(cols)[None, :] < lengths[:, None], logprobs=logps,
+        lengths=lengths, truncated=np.asarray([r[3] == "length" for r in rows]),
+    )
