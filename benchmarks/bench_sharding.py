@@ -56,7 +56,7 @@ def _run(args) -> list[dict]:
     from rlhf_jax import host_memory  # noqa: PLC0415
 
     host_memory.configure_from_env()   # before JAX runs anything (importing rlhf_jax does not)
-    from rlhf_jax.compile import resolve_target
+    from rlhf_jax.targets import resolve_target
     from rlhf_jax.hlo_analysis import analyze_hlo
     from rlhf_jax.models.presets import get_config
     from rlhf_jax.sharding_report import compile_strategy, measure_strategy

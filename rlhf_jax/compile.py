@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -29,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax import sharding as sh
-from rlhf_jax.targets import GPU_MEMORY_BYTES, TARGET_FORMS, TargetError, gpu_device_count, parse_target_name
+from rlhf_jax.targets import TARGET_FORMS, device_memory, resolve_target
 from rlhf_jax.sharding_lint import format_lint, lint
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.models.presets import PRESETS, get_config
@@ -39,15 +37,9 @@ from rlhf_jax.state import abstract_train_state
 __all__ = [
     "CompileReport",
     "ProgramReport",
-    "Target",
-    "TargetError",
-    "gpu_device_count",
-    "resolve_target",
     "compile_program",
     "format_program",
     "bytes_per_device",
-    "TPU_MEMORY_GIB",
-    "tpu_topology_devices",
     "abstract_batch",
     "aot_compile",
     "compile_training_step",
@@ -59,10 +51,6 @@ __all__ = [
 StepKind = Literal["sft", "reward_model", "dpo"]
 
 EXIT_DOES_NOT_FIT = 3  # `rlhf-jax compile`: 0 fits, 3 does not fit, 2 bad input
-
-# High-bandwidth memory per TPU chip by `device_kind` (longest matching name wins), GiB.
-TPU_MEMORY_GIB = {"tpu v4": 32.0, "tpu v5 lite": 16.0, "tpu v5e": 16.0, "tpu v5": 95.0, "tpu v5p": 95.0,
-                  "tpu v6 lite": 32.0, "tpu v6e": 32.0}
 
 def _size(n: float | None) -> str:
     """Bytes in the unit that shows them: GiB from 0.1 GiB, else MiB (tiny runs), else KiB."""
@@ -95,126 +83,6 @@ def format_report(report: CompileReport) -> str:
     ]
     lines += [f"lint: {x}" for x in report.lint]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------ targets
-
-
-def tpu_topology_devices(topology: str, **kwargs) -> list:
-    """Compile-only devices of a TPU topology (e.g. "v5e:4x4", "v4:2x2x2", "v5p:4x4x4") via libtpu.
-
-    The name is `<generation>:<chip grid>`, the form libtpu's topology description takes; extra
-    keyword arguments (e.g. `num_slices=2`) go to `jax.experimental.topologies.get_topology_desc`.
-
-    Raises:
-      RuntimeError: libtpu is not installed (install the `[tpu]` extra) or the name is unknown.
-    """
-    from jax.experimental import topologies
-
-    _quiet_libtpu()
-    try:
-        return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
-    except Exception as e:  # libtpu missing or the topology unknown: explain both
-        raise RuntimeError(
-            f"cannot describe TPU topology {topology!r}: {e}. It needs libtpu (pip install 'rlhf_jax[tpu]') "
-            "and a name such as 'v5e:4x4', 'v4:2x2x2' or 'v5p:4x4x4'."
-        ) from e
-
-
-def _quiet_libtpu() -> None:
-    """Settings for describing a TPU topology on a machine without TPUs (set before libtpu loads).
-
-    libtpu otherwise looks for the TPU VM's metadata and worker addresses and prints warnings, and
-    takes a lock file that lets one process at a time use it (compile-only devices need neither).
-    """
-    from jax._src import hardware_utils  # noqa: PLC0415
-
-    try:
-        on_tpu = hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except Exception:
-        on_tpu = False
-    if on_tpu:
-        return
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """Where a plan is compiled for.
-
-    Attributes:
-      name: as given (e.g. "v5litepod-16").
-      label: what reports show (e.g. "v5e:4x4 (v5litepod-16)").
-      platform: "tpu", "gpu" or the local platform ("cpu").
-      devices: the devices the mesh is laid over (a TPU topology's compile-only devices, or local).
-      memory_bytes: memory per device for the fit check (None: unknown).
-      note: how the figures relate to the target (e.g. a GPU compiled for local shapes).
-    """
-
-    name: str
-    label: str
-    platform: str
-    devices: tuple
-    memory_bytes: int | None
-    note: str = ""
-
-
-def resolve_target(name: str | None, *, devices: Sequence[Any] | None = None) -> Target:
-    """The devices and per-device memory of a target name (`rlhf_jax.targets`), or of this machine.
-
-    Raises:
-      TargetError: an unknown or malformed name, no libtpu for a TPU name, or a GPU target needing
-        more local devices than there are (one line naming the value and the accepted forms).
-    """
-    if name is None:
-        local = list(devices) if devices is not None else jax.devices()
-        return Target("local", f"{local[0].platform} x{len(local)}", local[0].platform, tuple(local),
-                      _device_memory(local))
-    parsed = parse_target_name(name)
-    if parsed.kind == "gpu":
-        local = list(devices) if devices is not None else jax.devices()
-        if parsed.count > len(local):
-            raise TargetError(f"--topology {name!r} needs {parsed.count} devices but this process has {len(local)}; "
-                              f"pass --cpu-devices {parsed.count} (a GPU plan is compiled for this machine's platform)")
-        memory = GPU_MEMORY_BYTES[parsed.gpu]
-        return Target(name, parsed.label, "gpu", tuple(local[:parsed.count]), memory,
-                      note=f"compiled for {local[0].platform} devices (no GPU topology to compile for); memory "
-                           f"checked against {memory / 2**30:.1f} GiB per {parsed.gpu.upper()}")
-    if importlib.util.find_spec("libtpu") is None:
-        raise TargetError(f"--topology {name!r} needs libtpu to describe TPU chips: pip install 'rlhf_jax[tpu]'")
-    try:
-        tpu = tpu_topology_devices(parsed.topology)
-    except RuntimeError as e:
-        why = str(e.__cause__ or e).strip().splitlines()[0]
-        raise TargetError(f"unknown --topology {name!r}: {why}; accepted: {TARGET_FORMS}") from e
-    memory = _device_memory(tpu)
-    if memory is not None and len(tpu) > parsed.chips:  # v2-v4 list each TensorCore: they share the chip's HBM
-        memory = memory * parsed.chips // len(tpu)
-    return Target(name, parsed.label, "tpu", tuple(tpu), memory)
-
-
-def _device_memory(devices: Sequence[Any]) -> int | None:
-    """Memory per device: TPU HBM from the device kind, CPU host RAM split over the devices."""
-    d = devices[0]
-    if d.platform == "tpu":
-        kind = d.device_kind.lower().strip()
-        for name, gib in sorted(TPU_MEMORY_GIB.items(), key=lambda kv: -len(kv[0])):
-            if kind.startswith(name):
-                return int(gib * 2**30)
-        return None
-    try:
-        stats = d.memory_stats()
-    except Exception:
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    if d.platform == "cpu":
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return total // max(1, len([x for x in devices if x.process_index == d.process_index]))
-    return None
 
 
 # ------------------------------------------------------------------------------------------ programs
@@ -485,7 +353,7 @@ def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
     """
     mesh = step.mesh
     devices = list(mesh.devices.flat)
-    memory = device_memory_bytes if device_memory_bytes is not None else _device_memory(devices)
+    memory = device_memory_bytes if device_memory_bytes is not None else device_memory(devices)
     groups = {"train state": args[0], "batch": args[1:2]}
     if len(args) > 2:
         groups["frozen"] = list(args[2:])

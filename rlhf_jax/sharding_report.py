@@ -164,7 +164,7 @@ def compile_strategy(config: ModelConfig, *, step: StepKind = "dpo", strategy: s
       mesh_shape: mesh axis sizes, e.g. `{"fsdp": 4, "tensor": 2}` (None: all devices on `data`).
       batch_size, seq_len: sequences (pairs for reward_model / dpo) per step and their length.
       devices: the devices to lay the mesh over (default all of this process's; a TPU topology's
-        compile-only devices from `rlhf_jax.compile.tpu_topology_devices` work too).
+        compile-only devices from `rlhf_jax.targets.tpu_topology_devices` work too).
       learning_rate: AdamW's learning rate (its state is part of the per-device memory).
 
     Returns:

@@ -1,4 +1,6 @@
-"""Names of the machines `rlhf-jax compile` plans for, parsed without importing JAX (bad input fails fast).
+"""The machines `rlhf-jax compile` plans for: their names, parsed without importing JAX (bad input fails
+fast), and `resolve_target`, a name's devices (a TPU topology's compile-only devices via libtpu, or
+this machine's) and memory per device.
 
     v5e:2x4, v6e:4x4, v5p:4x4x2, v4:2x2x1   a TPU generation and its chip grid (libtpu's topology names)
     v5litepod-16, v5e-8, v6e-8, v5p-64, v4-8  Cloud TPU accelerator types: chips for v5e / v6e,
@@ -10,11 +12,19 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 import re
+from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["TargetError", "TargetName", "TARGET_FORMS", "GPU_MEMORY_BYTES", "parse_target_name", "gpu_device_count"]
+__all__ = ["TargetError", "TargetName", "TARGET_FORMS", "GPU_MEMORY_BYTES", "TPU_MEMORY_GIB", "parse_target_name",
+           "gpu_device_count", "Target", "resolve_target", "tpu_topology_devices", "device_memory"]
 
+# High-bandwidth memory per TPU chip by `device_kind` (longest matching name wins), GiB.
+TPU_MEMORY_GIB = {"tpu v4": 32.0, "tpu v5 lite": 16.0, "tpu v5e": 16.0, "tpu v5": 95.0, "tpu v5p": 95.0,
+                  "tpu v6 lite": 32.0, "tpu v6e": 32.0}
 # GPU memory as `nvidia-smi` reports it.
 GPU_MEMORY_BYTES = {"h100": 81_559 * 2**20, "h200": 143_771 * 2**20, "a100": 81_920 * 2**20}
 _TPU_GRID_SIDES = {"v2": 2, "v3": 2, "v4": 3, "v5p": 3, "v5e": 2, "v5litepod": 2, "v6e": 2}
@@ -103,3 +113,122 @@ def parse_target_name(name: str) -> TargetName:
         topology = f"{gen}:{'x'.join(map(str, grid))}"
         return TargetName(name, "tpu", f"{topology} ({name})", topology=topology, chips=math.prod(grid))
     raise _bad(name)
+
+
+def tpu_topology_devices(topology: str, **kwargs) -> list:
+    """Compile-only devices of a TPU topology (e.g. "v5e:4x4", "v4:2x2x2", "v5p:4x4x4") via libtpu.
+
+    The name is `<generation>:<chip grid>`, the form libtpu's topology description takes; extra
+    keyword arguments (e.g. `num_slices=2`) go to `jax.experimental.topologies.get_topology_desc`.
+
+    Raises:
+      RuntimeError: libtpu is not installed (install the `[tpu]` extra) or the name is unknown.
+    """
+    from jax.experimental import topologies
+
+    _quiet_libtpu()
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
+    except Exception as e:  # libtpu missing or the topology unknown: explain both
+        raise RuntimeError(
+            f"cannot describe TPU topology {topology!r}: {e}. It needs libtpu (pip install 'rlhf_jax[tpu]') "
+            "and a name such as 'v5e:4x4', 'v4:2x2x2' or 'v5p:4x4x4'."
+        ) from e
+
+
+def _quiet_libtpu() -> None:
+    """Settings for describing a TPU topology on a machine without TPUs (set before libtpu loads).
+
+    libtpu otherwise looks for the TPU VM's metadata and worker addresses and prints warnings, and
+    takes a lock file that lets one process at a time use it (compile-only devices need neither).
+    """
+    from jax._src import hardware_utils  # noqa: PLC0415
+
+    try:
+        on_tpu = hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:
+        on_tpu = False
+    if on_tpu:
+        return
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a plan is compiled for.
+
+    Attributes:
+      name: as given (e.g. "v5litepod-16").
+      label: what reports show (e.g. "v5e:4x4 (v5litepod-16)").
+      platform: "tpu", "gpu" or the local platform ("cpu").
+      devices: the devices the mesh is laid over (a TPU topology's compile-only devices, or local).
+      memory_bytes: memory per device for the fit check (None: unknown).
+      note: how the figures relate to the target (e.g. a GPU compiled for local shapes).
+    """
+
+    name: str
+    label: str
+    platform: str
+    devices: tuple
+    memory_bytes: int | None
+    note: str = ""
+
+
+def resolve_target(name: str | None, *, devices: Sequence[Any] | None = None) -> Target:
+    """The devices and per-device memory of a target name (`parse_target_name`), or of this machine.
+
+    Raises:
+      TargetError: an unknown or malformed name, no libtpu for a TPU name, or a GPU target needing
+        more local devices than there are (one line naming the value and the accepted forms).
+    """
+    import jax  # noqa: PLC0415 (names parse without JAX)
+
+    if name is None:
+        local = list(devices) if devices is not None else jax.devices()
+        return Target("local", f"{local[0].platform} x{len(local)}", local[0].platform, tuple(local),
+                      device_memory(local))
+    parsed = parse_target_name(name)
+    if parsed.kind == "gpu":
+        local = list(devices) if devices is not None else jax.devices()
+        if parsed.count > len(local):
+            raise TargetError(f"--topology {name!r} needs {parsed.count} devices but this process has {len(local)}; "
+                              f"pass --cpu-devices {parsed.count} (a GPU plan is compiled for this machine's platform)")
+        memory = GPU_MEMORY_BYTES[parsed.gpu]
+        return Target(name, parsed.label, "gpu", tuple(local[:parsed.count]), memory,
+                      note=f"compiled for {local[0].platform} devices (no GPU topology to compile for); memory "
+                           f"checked against {memory / 2**30:.1f} GiB per {parsed.gpu.upper()}")
+    if importlib.util.find_spec("libtpu") is None:
+        raise TargetError(f"--topology {name!r} needs libtpu to describe TPU chips: pip install 'rlhf_jax[tpu]'")
+    try:
+        tpu = tpu_topology_devices(parsed.topology)
+    except RuntimeError as e:
+        why = str(e.__cause__ or e).strip().splitlines()[0]
+        raise TargetError(f"unknown --topology {name!r}: {why}; accepted: {TARGET_FORMS}") from e
+    memory = device_memory(tpu)
+    if memory is not None and len(tpu) > parsed.chips:  # v2-v4 list each TensorCore: they share the chip's HBM
+        memory = memory * parsed.chips // len(tpu)
+    return Target(name, parsed.label, "tpu", tuple(tpu), memory)
+
+
+def device_memory(devices: Sequence[Any]) -> int | None:
+    """Memory per device: TPU HBM from the device kind, CPU host RAM split over the devices."""
+    d = devices[0]
+    if d.platform == "tpu":
+        kind = d.device_kind.lower().strip()
+        for name, gib in sorted(TPU_MEMORY_GIB.items(), key=lambda kv: -len(kv[0])):
+            if kind.startswith(name):
+                return int(gib * 2**30)
+        return None
+    try:
+        stats = d.memory_stats()
+    except Exception:
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if d.platform == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total // max(1, len([x for x in devices if x.process_index == d.process_index]))
+    return None

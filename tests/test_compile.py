@@ -9,6 +9,7 @@ import pytest
 from rlhf_jax import compile as aot
 from rlhf_jax import sharding as sh
 from rlhf_jax.models.presets import get_config
+from rlhf_jax.targets import tpu_topology_devices
 from rlhf_jax.testing import tiny_config
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -85,7 +86,7 @@ def test_cli_main_writes_json_report(tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the [tpu] extra)")
 def test_tpu_topology_compile():
-    devices = aot.tpu_topology_devices("v5e:2x4")
+    devices = tpu_topology_devices("v5e:2x4")
     assert len(devices) == 8 and devices[0].platform == "tpu"
     mesh = sh.make_mesh({"fsdp": 4, "tensor": 2}, devices=devices)
     report = aot.compile_training_step(tiny_config(), step="dpo", mesh=mesh, strategy="fsdp_tp", batch_size=8,

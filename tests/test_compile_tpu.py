@@ -42,7 +42,7 @@ import warnings
 import pytest
 
 from rlhf_jax.cli import experiment_config, load_experiment
-from rlhf_jax.compile import resolve_target
+from rlhf_jax.targets import resolve_target
 from rlhf_jax.config import override
 from rlhf_jax.plan_cache import use_plan_cache
 from rlhf_jax.train.aot import format_plan, plan_run, run_configs

@@ -9,7 +9,6 @@ lowers for CUDA (no GPU needed for the lowering).
 """
 
 import importlib.util
-import math
 import warnings
 
 import jax
@@ -191,7 +190,7 @@ def test_gpu_kernel_lowers_to_triton_for_cuda():
 def test_decode_step_with_tpu_kernel_compiles_for_tpu():
     """The model's paged decode step with the TPU kernel lowers (Mosaic) and compiles for a v5e chip
     (libtpu's compile-only devices, as `rlhf-jax compile --topology` uses)."""
-    from rlhf_jax.compile import tpu_topology_devices
+    from rlhf_jax.targets import tpu_topology_devices
 
     device = tpu_topology_devices("v5e:2x2")[0]
     lm = _kernel_model()

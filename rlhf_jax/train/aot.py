@@ -15,16 +15,9 @@ from typing import Any
 import jax
 
 from rlhf_jax import sharding as sh
-from rlhf_jax.compile import (
-    CompileReport,
-    ProgramReport,
-    Target,
-    aot_compile,
-    bytes_per_device,
-    resolve_target,
-    tpu_topology_devices,
-)
+from rlhf_jax.compile import CompileReport, ProgramReport, aot_compile, bytes_per_device
 from rlhf_jax.config import ConfigError
+from rlhf_jax.targets import Target, resolve_target, tpu_topology_devices
 from rlhf_jax.train import recipe_for
 from rlhf_jax.train.recipe import Program, with_shardings
 from rlhf_jax.train.run_config import RunConfig
