@@ -141,7 +141,7 @@ def test_mismatched_model_is_reported_before_reading_arrays(tmp_path):
 
 
 _CRASH = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     import jax.numpy as jnp
     from rlhf_jax.checkpoint import Checkpointer
     from rlhf_jax.config import CheckpointConfig
@@ -151,6 +151,11 @@ _CRASH = textwrap.dedent("""
     ckpt.wait()
     big = {"w": jnp.ones((4, 4)) * 2, "big": jnp.ones((4096, 4096))}
     ckpt.save(2, {"params": big}, extras={"position": 2})
+    # The async save creates step 2's temporary directory in the background: kill once it is there.
+    for _ in range(2000):
+        if any("tmp" in name for name in os.listdir(root)):
+            break
+        time.sleep(0.002)
     print("DIR", sorted(os.listdir(root)), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
