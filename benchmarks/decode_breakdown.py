@@ -1,6 +1,7 @@
 """Where the static sampler's decode step spends its CPU time at W4 shapes (issue 23).
 
     python benchmarks/decode_breakdown.py [--rounds 12]
+    python benchmarks/decode_breakdown.py --ops      # the real step's time per kind of HLO op
 
 One device's share of W4's generation (`bench_grpo.py --devices 2`): 2 prompts x 8 samples = 16
 rows, 64-token prompts, 64 new tokens, the W1 model (`presets.get_config("w1")`), categorical
@@ -16,22 +17,35 @@ interleaved in one process (rounds x variants), each figure the median CPU ms pe
   matmuls_only      the same weights' projections, MLP and LM head for 16 rows, 64 steps in a
                     `fori_loop`: the decode step's matmuls alone
 
+`--ops` instead traces the real program (`jax.profiler`, XLA:CPU's per-thunk events, which it
+turns on itself) and sums the time per kind of op: the weight matmuls (XLA:CPU runs them as YNNPACK
+fusions), the attention dots over the cache (Eigen batched mat-vecs), reductions, the other
+fusions, copies and loops.
+
 Stubbed variants change the tokens drawn; they are for timing only. CPU time, not wall time: the
 host is shared (see CPU.md). The process keeps freed host memory (`rlhf_jax.host_memory`), as
 `bench_grpo.py` runs W4. Figures (2026-12-05, issue 23, 6 rounds, CPU ms per step): full 4.65,
 no_attention 3.84, qk_only 4.22, argmax_sampling 5.18, no_logprob 4.61, matmuls_only 3.18.
+`--ops` (2026-12-05, 3 traces, loaded host): weight matmuls 3.22-3.35 ms per step (70%, 29 ops),
+attention dots 0.60-0.65 (13%, 8), other fusions 0.37-0.40 (8%, 118), reductions 0.26-0.30 (6%, 27),
+copies and the loop the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import os
+import re
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--ops" in sys.argv:   # XLA:CPU records one trace event per op only with this flag
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
 
 from rlhf_jax import host_memory  # noqa: E402
 
@@ -52,6 +66,7 @@ ROWS_PER_PROMPT, PROMPTS, PROMPT_LEN, NEW = 8, 2, 64, 64
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--ops", action="store_true", help="trace the real step: time per kind of HLO op")
     args = parser.parse_args()
     lm = CausalLM(presets.get_config("w1").replace(scan_layers=False, remat="none"))
     params = D.unstack_layers(lm.init(jax.random.key(0)))
@@ -87,6 +102,9 @@ def main() -> None:
         return jax.lax.fori_loop(0, NEW, body, x)
 
     rows = jnp.ones((PROMPTS * ROWS_PER_PROMPT, lm.config.hidden_size), jnp.float32)
+    if args.ops:
+        op_profile(build(), params, lambda r: prefill(params, prompts, jax.random.key(r)))
+        return
     variants = {
         "full": build(),
         "no_attention": build(attn=lambda q, k, v, mask, kv_axes="bskd": q + 0 * jnp.sum(k[:, :, :1, :1])),
@@ -106,6 +124,45 @@ def main() -> None:
     for name, t in times.items():
         print(f"{name:>16}: {np.median(t):.3f} CPU ms per step  (q25 {np.percentile(t, 25):.3f}, q75 "
               f"{np.percentile(t, 75):.3f})")
+
+
+def op_kinds(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> its kind, from a compiled program's text (`compiled.as_text()`)."""
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S)}
+    kinds = {}
+    for name, op, rest in re.findall(r"%([\w.\-]+) = [^\n]*? (fusion|dot|while|copy)\(([^\n]*)", hlo):
+        if op == "fusion":
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            body = bodies.get(called.group(1), "") if called else ""
+            op = "matmul fusion" if " dot(" in body else "reduction fusion" if " reduce(" in body else "other fusion"
+        kinds[name] = "attention dot (batched, over the cache)" if op == "dot" else op
+    return kinds
+
+
+def op_profile(program, params, make_state) -> None:
+    """`--ops`: one traced call of the decode program; CPU-thread time per kind of op, per decode step."""
+    for r in range(3):   # warm
+        jax.block_until_ready(program(params, make_state(r)))
+    state = make_state(9)
+    jax.block_until_ready(state)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            jax.block_until_ready(program(params, state))
+        profile = jax.profiler.ProfileData.from_file(
+            next(os.path.join(d, f) for d, _, fs in os.walk(trace_dir) for f in fs if f.endswith(".xplane.pb")))
+    kinds, per_kind = op_kinds(program.as_text()), collections.defaultdict(lambda: [0, 0.0])
+    for plane in profile.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):   # XLA:CPU's worker threads
+                continue
+            for event in line.events:
+                kind = kinds.get(event.name)
+                if kind is not None:
+                    per_kind[kind][0] += 1
+                    per_kind[kind][1] += event.duration_ns
+    total = sum(ns for _, ns in per_kind.values())
+    for kind, (count, ns) in sorted(per_kind.items(), key=lambda kv: -kv[1][1]):
+        print(f"{kind:>40}: {ns / 1e6 / NEW:.3f} ms per step ({100 * ns / total:4.1f}%), {count / NEW:.1f} ops per step")
 
 
 if __name__ == "__main__":
