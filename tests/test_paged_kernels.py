@@ -175,14 +175,18 @@ def test_model_decode_step_with_tpu_kernel_equals_routed_read():
 def test_gpu_kernel_lowers_to_triton_for_cuda():
     """The Triton kernel at bench_accelerator's shapes (12 query / 2 KV heads of 128, 1,024 positions in
     blocks of 16: 8 splits of 8 pages) lowers for CUDA from this host (Pallas -> Triton IR; the PTX
-    compile needs a GPU). Pallas' Triton lowering wants power-of-two loads: what `kernel_params` checks."""
+    compile needs a GPU). Pallas' Triton lowering wants power-of-two loads: what `kernel_params` checks.
+    With no GPU attached, JAX >= 0.11 takes the target GPU from the abstract mesh's device (0.10 fell
+    back to compute capability 9.0 by itself): an H200, the chip bench_accelerator is sized for."""
+    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
     spec = jax.ShapeDtypeStruct
     pool = spec((2, 1025, 16, 128), jnp.bfloat16)
     args = (spec((64, 1, 12, 128), jnp.bfloat16), pool, pool, spec((64, 64), jnp.int32), spec((64,), jnp.int32))
     assert kernel_params("pallas_gpu", num_heads=12, num_kv_heads=2, head_dim=128, page_size=16,
                          pages_per_sequence=64) == dict(k_splits=8, pages_per_compute_block=8, block_h=16)
-    text = jax.jit(lambda *a: kernel_attention(*a, impl="pallas_gpu")).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=h200)):
+        text = jax.jit(lambda *a: kernel_attention(*a, impl="pallas_gpu")).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
 
 
