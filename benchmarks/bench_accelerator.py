@@ -11,9 +11,12 @@ cuDNN flash attention on GPU, Splash on TPU). Parts (`--parts`, all by default):
 
 1. `sft`: `make_sft_step`, AdamW (clip 1.0), 8 x 2,048 tokens: s/step, tokens/s and MFU = model
    FLOPs (`bench_common.matmul_flops`, exact causal attention, forward + backward = 3 forwards) per
-   second over the bf16 matmul peak measured here (an 8192^3 bf16 matmul chain, median).
+   second over the bf16 matmul peak measured here (an 8192^3 bf16 matmul chain, median). The step is
+   compiled first and run without remat if XLA's memory analysis of it fits the chip (`fit_step`:
+   ~102 GiB at this size, by a TPU v5p compile with Splash attention: an H200, not an H100), else with
+   `remat="dots"` (~37 GiB), which the row reports (`remat`, `program_gib`); `--remat` forces one.
 2. `dpo`: `make_dpo_step` (sigmoid DPO, reference model pass every step), 8 pairs of 2 x 1,024 tokens
-   (256 prompt + 768 completion): s/step.
+   (256 prompt + 768 completion): s/step; its remat chosen as the SFT step's.
 3. `decode`: `Sampler.generate`, 64 prompts x 512 tokens prefilled, 512 new tokens each (categorical,
    T = 1, no stop): new tokens/s of the decode loop (the call less a 1-token call's prefill) and the
    fraction of the HBM floor: every step must read the bf16 weights once and each row's filled KV
@@ -257,6 +260,53 @@ def _run_train_steps(step, state, batch, frozen, S):
     return times, losses
 
 
+def program_bytes(compiled) -> int:
+    """Device memory a compiled program needs while it runs, by XLA's analysis: its arguments, outputs
+    and temporaries, less the outputs written into donated arguments."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def fit_step(make_step, lm, step_args, limit: int | None, remat: str = "auto"):
+    """The train step compiled for `step_args`, with the least rematerialisation that fits `limit` bytes.
+
+    `make_step(model) -> jitted step`. With `remat="auto"` the layers are first compiled with no remat,
+    then, while the program XLA compiled needs more than `limit` (`program_bytes`, known before anything
+    runs), with "dots" (matmul outputs kept, the rest recomputed) and "full"; the last is kept even if
+    it does not fit (its run then fails with the device's out-of-memory error). A named remat is
+    compiled as given; `limit` None (a CPU: no device memory figure) keeps the first. Returns
+    `(compiled step, remat, bytes needed)`.
+    """
+    from rlhf_jax.models import CausalLM
+
+    choices = ("none", "dots", "full") if remat == "auto" else (remat,)
+    for choice in choices:
+        model = lm if choice == lm.config.remat else CausalLM(lm.config.replace(remat=choice))
+        compiled = make_step(model).lower(*step_args).compile()
+        need = program_bytes(compiled)
+        if limit is None or need <= limit:
+            break
+    return compiled, choice, need
+
+
+def _memory_limit(jax, gib: float | None) -> int | None:
+    """Bytes the benchmark's device may hold: `--memory-limit-gib`, else XLA's `bytes_limit` (None on a CPU)."""
+    if gib:
+        return int(gib * 2**30)
+    return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def _fitted(args, lm, make_step, step_args) -> tuple:
+    """`fit_step` under the worker's `--remat` and memory limit; the compiled step and the row's fields."""
+    import jax
+
+    start = time.perf_counter()
+    limit = _memory_limit(jax, args.memory_limit_gib)
+    compiled, remat, need = fit_step(make_step, lm, step_args, limit, args.remat)
+    return compiled, {"remat": remat, "program_gib": need / 2**30, "compile_s": time.perf_counter() - start,
+                      **({"memory_limit_gib": limit / 2**30} if limit else {})}
+
+
 def _jax_sft(args, S, lm, params, info) -> dict:
     import numpy as np
 
@@ -267,16 +317,17 @@ def _jax_sft(args, S, lm, params, info) -> dict:
     np.save(os.path.join(args.dir, "sft_tokens.npy"), tokens)
     opt_config = _opt_config()
     mesh, state = _train_setup(lm, opt_config, params)
-    step = jit_model_step(make_sft_step(lm, opt_config, logits_chunk_size=args.logits_chunk), lm, opt_config,
-                          batch_keys=SFT_KEYS, mesh=mesh, strategy="dp")
     batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
+    step, fit = _fitted(args, lm, lambda m: jit_model_step(
+        make_sft_step(m, opt_config, logits_chunk_size=args.logits_chunk), m, opt_config, batch_keys=SFT_KEYS,
+        mesh=mesh, strategy="dp"), (state, batch))
     times, losses = _run_train_steps(step, state, batch, (), S)
     step_s = statistics.median(times[S["warmup"]:])
     flops = 3 * matmul_flops(lm.config, tokens=b * t, head_positions=b * (t - 1), attended_pairs=b * causal_pairs(t))
     tflops = flops / step_s / 1e12
     return {"step_s": step_s, "tokens_per_s": b * t / step_s, "model_tflop_per_step": flops / 1e12,
             "achieved_tflops": tflops, "mfu": tflops / info["peak_bf16_tflops"], "first_step_s": times[0],
-            "loss_step1": losses[0], "loss_last": losses[-1], "losses_finite": bool(np.isfinite(losses).all())}
+            "loss_step1": losses[0], "loss_last": losses[-1], "losses_finite": bool(np.isfinite(losses).all()), **fit}
 
 
 def _jax_dpo(args, S, lm, params, info) -> dict:
@@ -296,10 +347,10 @@ def _jax_dpo(args, S, lm, params, info) -> dict:
     opt_config = _opt_config()
     mesh, state = _train_setup(lm, opt_config, params)
     objective = DPO(beta=0.1)
-    step = jit_model_step(make_dpo_step(lm, opt_config, objective=objective, logits_chunk_size=args.logits_chunk),
-                          lm, opt_config, batch_keys=dpo_batch_keys(objective), frozen_params=1, mesh=mesh,
-                          strategy="dp")
     frozen = (jax.tree.map(lambda x: x.copy(), params),)
+    step, fit = _fitted(args, lm, lambda m: jit_model_step(
+        make_dpo_step(m, opt_config, objective=objective, logits_chunk_size=args.logits_chunk), m, opt_config,
+        batch_keys=dpo_batch_keys(objective), frozen_params=1, mesh=mesh, strategy="dp"), (state, batch, *frozen))
     times, losses = _run_train_steps(step, state, batch, frozen, S)
     step_s = statistics.median(times[S["warmup"]:])
     rows = 2 * n
@@ -309,7 +360,7 @@ def _jax_dpo(args, S, lm, params, info) -> dict:
     tflops = flops / step_s / 1e12
     return {"step_s": step_s, "pairs_per_s": n / step_s, "achieved_tflops": tflops,
             "mfu": tflops / info["peak_bf16_tflops"], "first_step_s": times[0], "loss_step1": losses[0],
-            "losses_finite": bool(np.isfinite(losses).all())}
+            "losses_finite": bool(np.isfinite(losses).all()), **fit}
 
 
 def _jax_decode(args, S, lm, params, info) -> dict:
@@ -579,9 +630,11 @@ def table(jax_out: dict, torch_out: dict | None, summary: dict) -> str:
     sft, tsft = rows.get("sft", {}), trows.get("sft", {})
     line("sft", sft.get("step_s"), tsft.get("step_s"), "s/step",
          f"{_fmt(sft.get('tokens_per_s'))} tok/s, MFU {_fmt(sft.get('mfu'), '.1%') if 'mfu' in sft else '-'}, "
-         f"loss@1 {_fmt(sft.get('loss_step1'), '.5g')} vs {_fmt(tsft.get('loss_step1'), '.5g')}")
+         f"loss@1 {_fmt(sft.get('loss_step1'), '.5g')} vs {_fmt(tsft.get('loss_step1'), '.5g')}, "
+         f"remat {sft.get('remat', '-')}, {_fmt(sft.get('program_gib'))} GiB")
     dpo = rows.get("dpo", {})
-    line("dpo", dpo.get("step_s"), None, "s/step", f"MFU {_fmt(dpo.get('mfu'), '.1%') if 'mfu' in dpo else '-'}")
+    line("dpo", dpo.get("step_s"), None, "s/step", f"MFU {_fmt(dpo.get('mfu'), '.1%') if 'mfu' in dpo else '-'}, "
+         f"remat {dpo.get('remat', '-')}, {_fmt(dpo.get('program_gib'))} GiB")
     dec, tdec = rows.get("decode", {}), trows.get("decode", {})
     line("decode", dec.get("decode_tokens_per_s"), tdec.get("decode_tokens_per_s"), "new tok/s",
          f"{_fmt(dec.get('floor_fraction'), '.1%') if dec.get('floor_fraction') else '-'} of HBM floor, prefill "
@@ -609,6 +662,11 @@ def main(argv=None) -> int:
                    help=f"comma-separated subset of {','.join(PARTS)} (opt-in: {','.join(OPT_IN_PARTS)})")
     p.add_argument("--attention", default="auto", help="ModelConfig.attention_impl of the JAX model")
     p.add_argument("--logits-chunk", type=int, default=None, help="logits_chunk_size of the SFT and DPO steps")
+    p.add_argument("--remat", default="auto", choices=("auto", "none", "dots", "full"),
+                   help="the SFT and DPO steps' layer remat; auto: none unless the compiled step needs more "
+                        "memory than the chip has (then dots, then full)")
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="device memory the SFT and DPO steps may use (default: what XLA reports for the chip)")
     p.add_argument("--out", default=None, help="write all figures as JSON here")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
@@ -629,6 +687,8 @@ def main(argv=None) -> int:
                 "--attention", args.attention] + (["--smoke"] if args.smoke else [])
         if args.logits_chunk:
             base += ["--logits-chunk", str(args.logits_chunk)]
+        base += ["--remat", args.remat] + (["--memory-limit-gib", str(args.memory_limit_gib)]
+                                           if args.memory_limit_gib else [])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         try:
             jax_out = run_worker(base + ["--worker", "jax"], env=env)

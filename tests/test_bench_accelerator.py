@@ -49,6 +49,32 @@ def test_decode_floor_bytes_by_hand():
     assert round(got / 1e9) == 2_298   # 1,578 GB of weights + 720 GB of KV over the 511 steps
 
 
+def test_fit_step_takes_the_least_remat_that_fits():
+    """No remat while the compiled step fits the limit; under it, "dots" (smaller by XLA's own analysis)
+    computing the same loss."""
+    import jax
+    import numpy as np
+
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_step
+
+    bench = _load()
+    lm, opt = CausalLM(bench.model_config(smoke=True)), bench._opt_config()
+    mesh, state = bench._train_setup(lm, opt, None)
+    tokens = bench.tokens_rng((2, 32), lm.config.vocab_size, seed=1)
+    batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
+
+    def make_step(model):
+        return jit_model_step(make_sft_step(model, opt), model, opt, batch_keys=SFT_KEYS, mesh=mesh, strategy="dp")
+
+    plain, remat, need = bench.fit_step(make_step, lm, (state, batch), limit=None)
+    assert remat == "none"
+    fitted, remat_tight, need_tight = bench.fit_step(make_step, lm, (state, batch), limit=need - 1)
+    assert remat_tight == "dots" and need_tight < need
+    losses = [float(step(jax.tree.map(lambda x: x.copy(), state), batch)[1]["loss"]) for step in (plain, fitted)]
+    assert losses[0] == losses[1]
+
+
 def test_smoke_run(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
