@@ -54,7 +54,7 @@ from rlhf_jax.sampling import Sampler, SamplingConfig
 from rlhf_jax.train import rl
 from rlhf_jax.train.recipe import Context, Recipe
 from rlhf_jax.train.rl_algorithms import GRPO, PPO
-from rlhf_jax.train.rollouts import RolloutCollector
+from rlhf_jax.train.rollouts import RolloutCollector, global_prompt_index
 
 __all__ = ["EnvironmentConfig", "AgenticGRPORunConfig", "AgenticPPORunConfig", "TrajectoryCollector", "RECIPE",
            "PPO_RECIPE", "rollout_parts", "place_scores"]
@@ -225,9 +225,7 @@ class TrajectoryCollector(RolloutCollector):
                 env.reset(task)
                 envs.append(env)
                 prompts.append(ids)
-        # Global index of each episode (process p holds prompt rows [p * B, (p + 1) * B), n episodes each).
-        first = jax.process_index() * len(batch["example_mask"])
-        ids = [(first + i) * n + j for i in valid for j in range(n)]
+        ids = [int(i) * n + j for i in global_prompt_index(batch, valid) for j in range(n)]   # episodes' global ids
         trajectories = run_episodes(self.sampler, params, prompts, envs, renderer=self.renderer, sampling=sampling,
                                     limits=self.limits, tokenizer=self.tokenizer, rng=rng,
                                     num_slots=self.environment.num_slots, trajectory_ids=ids)

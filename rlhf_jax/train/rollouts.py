@@ -22,7 +22,7 @@ from rlhf_jax.sampling import Sampler, SamplingConfig, make_method
 from rlhf_jax.distributed import gather_rows, max_over_processes, sum_over_processes
 from rlhf_jax.sharding import local_rows
 
-__all__ = ["RolloutConfig", "RolloutCollector", "DEVICE_KEYS"]
+__all__ = ["RolloutConfig", "RolloutCollector", "DEVICE_KEYS", "global_prompt_index"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,6 +95,13 @@ def _concat_rows(parts: Sequence[dict[str, Any]], rows: Sequence[tuple[int, np.n
         else:
             out[key] = np.concatenate([parts[k][key][idx] for k, idx in rows])
     return out
+
+
+def global_prompt_index(batch: Mapping[str, Any], rows: np.ndarray) -> np.ndarray:
+    """Index in the whole (all processes') prompt batch of this process's local `rows`: process p
+    holds rows `[p * B, (p + 1) * B)` (the data iterator's layout). Keys draws by prompt, so that N
+    processes sample what one process samples for the same batch."""
+    return jax.process_index() * len(batch["example_mask"]) + np.asarray(rows)
 
 
 def _exchange_chosen(parts, results, chosen, *, group: int, width: int):
@@ -173,10 +180,9 @@ class RolloutCollector:
         """Completions of the batch's real prompts, as host arrays, with columns repeated per sample."""
         valid = np.flatnonzero(np.asarray(batch["example_mask"]))
         if self.continuous_slots:
-            # Global prompt index of each local row: process p holds rows [p * B, (p + 1) * B).
-            index = jax.process_index() * len(batch["example_mask"]) + valid
             out = self._sample_continuous(params, np.asarray(batch["prompt_tokens"])[valid],
-                                          np.asarray(batch["prompt_lengths"])[valid], sampling, rng, index)
+                                          np.asarray(batch["prompt_lengths"])[valid], sampling, rng,
+                                          global_prompt_index(batch, valid))
         else:
             out = self.sampler.generate(params, np.asarray(batch["prompt_tokens"])[valid], sampling,
                                         prompt_lengths=np.asarray(batch["prompt_lengths"])[valid], rng=rng)
