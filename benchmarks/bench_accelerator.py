@@ -274,7 +274,7 @@ def fit_step(make_step, lm, step_args, limit: int | None, remat: str = "auto"):
     then, while the program XLA compiled needs more than `limit` (`program_bytes`, known before anything
     runs), with "dots" (matmul outputs kept, the rest recomputed) and "full"; the last is kept even if
     it does not fit (its run then fails with the device's out-of-memory error). A named remat is
-    compiled as given; `limit` None (a CPU: no device memory figure) keeps the first. Returns
+    compiled as given; `limit` None (no memory figure for the device) keeps the first. Returns
     `(compiled step, remat, bytes needed)`.
     """
     from rlhf_jax.models import CausalLM
@@ -289,19 +289,16 @@ def fit_step(make_step, lm, step_args, limit: int | None, remat: str = "auto"):
     return compiled, choice, need
 
 
-def _memory_limit(jax, gib: float | None) -> int | None:
-    """Bytes the benchmark's device may hold: `--memory-limit-gib`, else XLA's `bytes_limit` (None on a CPU)."""
-    if gib:
-        return int(gib * 2**30)
-    return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-
-
 def _fitted(args, lm, make_step, step_args) -> tuple:
-    """`fit_step` under the worker's `--remat` and memory limit; the compiled step and the row's fields."""
+    """`fit_step` under the worker's `--remat` and memory limit (`--memory-limit-gib`, else the chip's
+    memory as `rlhf-jax compile` reads it: XLA's `bytes_limit` on a GPU); the compiled step and the
+    row's fields."""
     import jax
 
+    from rlhf_jax.targets import device_memory
+
     start = time.perf_counter()
-    limit = _memory_limit(jax, args.memory_limit_gib)
+    limit = int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else device_memory(jax.devices()[:1])
     compiled, remat, need = fit_step(make_step, lm, step_args, limit, args.remat)
     return compiled, {"remat": remat, "program_gib": need / 2**30, "compile_s": time.perf_counter() - start,
                       **({"memory_limit_gib": limit / 2**30} if limit else {})}
