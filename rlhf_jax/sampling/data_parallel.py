@@ -1,24 +1,9 @@
 """Data-parallel continuous batching: one `ContinuousBatcher` engine per data-parallel group of a
 sampler's mesh, fed from one shared arrival-order queue (vLLM's data-parallel engines).
 `Sampler.continuous_batcher` and `Sampler.generate_requests` build a `DataParallelBatcher` when the
-sampler has a mesh:
-
-- One engine (a `ContinuousBatcher` with `num_slots` slots and its own pool) per data-parallel group:
-  the devices of one index of the sampler's batch axes (e.g. `data`), keeping the other axes, so an
-  engine's programs run on its own sub-mesh with the sampler's within-group layout (tensor-parallel
-  weights and the pool's kv heads split over `tensor` on a data x tensor mesh; one device each on
-  a pure dp mesh; the rest of the slot state replicated over the group). Engines compile their own
-  programs (once per process each).
-- One shared arrival-order queue: an engine takes the queue's next request whenever its slots have
-  room for it, so requests are admitted in arrival order; outputs come back in request order, and
-  (draws keyed by request) equal the one-device batcher's whichever engine served a request.
-- `run` drives each engine from its own host thread (dispatch is asynchronous, device waits release
-  the GIL); `session()` (`DataParallelSession`) runs one segment on every busy engine per `advance`.
-- Weights: `Sampler.load_params` is the one hand-off program (it places a copy on every group);
-  each engine's tree is assembled from the shards on its devices (no copy; a strategy that splits
-  parameters over a batch axis, e.g. fsdp, gets its copies by `jax.device_put`).
-- Multi-process: a process runs the engines of the groups on its own devices and serves the
-  requests it is given (the RL collector passes its own local rows).
+sampler has a mesh; its docstring says how groups, queue, weights and processes work. Within a
+group an engine keeps the sampler's layout: tensor-parallel weights and the pool's kv heads split
+over `tensor` on a data x tensor mesh, the rest of the slot state replicated.
 """
 
 from __future__ import annotations
