@@ -244,17 +244,19 @@ def train_state_from_params(params: Any, optimizer: optax.GradientTransformation
 def rl_state_shardings(abstract_state: RLState, *, policy_axes: Any, value_axes: Any | None,
                        policy_optimizer: optax.GradientTransformation,
                        value_optimizer: optax.GradientTransformation | None,
-                       mesh: Mesh, strategy: str | sh.Strategy) -> RLState:
+                       mesh: Mesh, strategy: str | sh.Strategy, reference_axes: Any | None = None) -> RLState:
     """The `NamedSharding`s of an `RLState` (reference like the policy, value like `value_axes`).
 
     Args:
       abstract_state: an `RLState` of arrays or ShapeDtypeStructs.
-      policy_axes: logical axes of the policy (and reference) parameters.
+      policy_axes: logical axes of the policy parameters.
       value_axes: logical axes of the value model's parameters (None without a value TrainState).
       policy_optimizer: the policy's optax transform.
       value_optimizer: the value model's optax transform (None without a value TrainState).
       mesh: the device mesh.
       strategy: a `Strategy` or registered name.
+      reference_axes: logical axes of the reference parameters; default `policy_axes` (they differ
+        when the policy's parameters hold more than the language model, e.g. PPO's shared value head).
 
     Returns:
       An `RLState` of `NamedSharding`s (None fields stay None; the KL state is replicated).
@@ -262,7 +264,8 @@ def rl_state_shardings(abstract_state: RLState, *, policy_axes: Any, value_axes:
     policy = train_state_shardings(abstract_state.policy, policy_axes, policy_optimizer, mesh=mesh, strategy=strategy)
     reference = None
     if abstract_state.reference is not None:
-        reference = sh.param_shardings(abstract_state.reference, policy_axes, mesh=mesh, strategy=strategy)
+        axes = policy_axes if reference_axes is None else reference_axes
+        reference = sh.param_shardings(abstract_state.reference, axes, mesh=mesh, strategy=strategy)
     value = None
     if abstract_state.value is not None:
         if value_axes is None or value_optimizer is None:

@@ -87,6 +87,34 @@ def test_compile_lowers_the_hlo_the_run_executes(tmp_path, make):
     assert "tf.aliasing_output" in plan_text or "jax.buffer_donor" in plan_text  # the state is donated
 
 
+def _ppo(**value):
+    from rlhf_jax.train import rl  # noqa: PLC0415
+
+    config = tiny_stages.vowel_ppo("fresh_ppo")
+    return dataclasses.replace(config, value=rl.ValueConfig(init="policy", **value),
+                               algorithm=dataclasses.replace(config.algorithm, kl_target=1.0))
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_stages.sft_tiny(), lambda: tiny_stages.vowel_reward_model(),
+                                  lambda: tiny_stages.arithmetic_grpo(), _ppo, lambda: _ppo(shared_backbone=True)],
+                         ids=["sft", "reward_model", "grpo", "ppo", "ppo_shared_value_head"])
+def test_a_fresh_state_is_laid_out_as_the_step_returns_it(make):
+    """`StateSpec.fresh()` creates every array in its `shardings()` entry, the layout the step returns.
+
+    Else the step's second call, its first on a state it returned, traces and compiles it again: PPO's
+    KL-controller state was an uncommitted scalar, so every PPO run compiled its update twice.
+    """
+    from rlhf_jax import sharding as sh  # noqa: PLC0415
+
+    config = make()
+    state = recipe_for(config).build(config, sh.make_mesh(config.mesh.shape)).state
+    fresh, shardings = state.fresh(), state.shardings()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+    assert treedef == jax.tree.structure(shardings)
+    for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings)):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (jax.tree_util.keystr(path), leaf.sharding)
+
+
 def _distinct_experiment_runs() -> list[tuple[str, str, str]]:
     """(experiment, stage, recipe) of every run of every experiment's tiny mode, one per distinct config.
 

@@ -134,6 +134,7 @@ class RLAlgorithm(abc.ABC):
 
     def shardings(self) -> RLState:
         return rl_state_shardings(self.abstract(), policy_axes=self.policy_axes,
+                                  reference_axes=self.policy.logical_axes,
                                   value_axes=None if self.value is None else self.value.logical_axes,
                                   policy_optimizer=self.policy_tx, value_optimizer=self.value_tx,
                                   mesh=self.mesh, strategy=self.strategy)
@@ -227,7 +228,9 @@ class PPO(RLAlgorithm):
         return jax.eval_shape(self.config.algorithm.kl_controller().init)
 
     def _fresh_kl(self):
-        return self.config.algorithm.kl_controller().init()
+        # Replicated on the mesh, as the step's state shardings have it: an uncommitted scalar
+        # here made the update's second call (its first with a returned state) compile it again.
+        return jax.device_put(self.config.algorithm.kl_controller().init(), sh.replicated(self.mesh))
 
     def _fresh_value(self, lm, rng) -> TrainState | None:
         if self.value is None:
