@@ -155,14 +155,17 @@ def test_compile_accepts_every_experiment_run(name, stage):
     assert report.ok and report.fits, (name, stage, report.reason)
 
 
-def test_compile_command_plans_every_program_of_a_multi_stage_experiment(capsys):
-    assert main(["compile", os.path.join(ROOT, "experiments", "grpo_tiny.py") + ":dr_grpo"]) == 0
+@pytest.mark.parametrize("mode,reference", [("dr_grpo", False), ("lora", True)])
+def test_compile_command_plans_every_program_of_a_multi_stage_experiment(capsys, mode, reference):
+    """Dr. GRPO has no KL term, so no reference pass; with LoRA the reference is the policy's base
+    (the plan once passed the whole adapter tree to that pass, which did not compile)."""
+    assert main(["compile", os.path.join(ROOT, "experiments", "grpo_tiny.py") + f":{mode}"]) == 0
     out = capsys.readouterr().out
-    assert "== sft ==" in out and "== grpo ==" in out and out.count("verdict: FITS") == 2
-    # Every program of the RL run is planned (issue 18; Dr. GRPO has no KL term, so no reference pass).
+    assert "== sft ==" in out and "== grpo ==" in out and out.count("verdict: FITS") == 2, out[-2000:]
+    # Every program of the RL run is planned (issue 18).
     for program in ("update step", "weight hand-off", "sampler prefill", "sampler decode loop"):
         assert f"-- {program}" in out, program
-    assert "-- reference log-probs" not in out
+    assert ("-- reference log-probs" in out) == reference
 
 
 def test_stages_resolve_references_and_reject_unknown_ones(tmp_path):

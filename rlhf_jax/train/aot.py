@@ -278,7 +278,7 @@ def _rl_programs(config, program: Program, mesh, state_abs, options):
     batch = program.batch
     if config.algorithm.uses_reference:
         ref_fn = rl_mod._reference_logps(algorithm.reference_model, config.algorithm, mesh, strategy)
-        reference = state_abs.reference if state_abs.reference is not None else policy_params
+        reference = algorithm.reference_params(state_abs)  # what the run passes (a LoRA policy's base)
         args = (reference, batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"])
         reports.append(compile_program(
             "reference log-probs", lambda: ref_fn.lower(*args, group_size=algorithm.reference_group),
