@@ -51,6 +51,7 @@ __all__ = [
     "shard_batch",
     "place_rows",
     "local_rows",
+    "apply_to_local_rows",
     "check_strategy",
     "activation_sharding",
     "constrain_activations",
@@ -486,6 +487,30 @@ def local_rows(x: jax.Array | np.ndarray) -> np.ndarray:
         start = (shard.index[0].start or 0) if shard.index else 0
         blocks.setdefault(start, shard.data)
     return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
+
+
+def apply_to_local_rows(fn, arrays: Sequence[Any], *, mesh: Mesh, strategy: str | Strategy) -> np.ndarray:
+    """`fn(*arrays)` over this process's host rows (first dimension), its own rows of the result back.
+
+    One process: `fn` on the arrays as they are. N processes (every process calls this, with its own
+    rows): each pads its rows, repeating its first row (a row of ones when it has none), to the most
+    any process holds, rounded up to a multiple of its devices on the batch axes, so that they form
+    one global batch (`place_rows`); the result's padding rows are dropped (`local_rows`). Passing
+    host rows to a jitted `fn` directly would instead treat each process's rows as the whole batch.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    n = arrays[0].shape[0]
+    if jax.process_count() == 1:
+        return np.asarray(fn(*arrays))
+    from rlhf_jax.distributed import max_over_processes  # noqa: PLC0415
+
+    per_process = max(1, batch_axis_size(mesh, strategy) // jax.process_count())
+    rows = -(-max(int(max_over_processes([n])[0]), 1) // per_process) * per_process
+    if rows > n:
+        pad = rows - n
+        arrays = [np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) if n else np.ones((pad, *a.shape[1:]), a.dtype)
+                  for a in arrays]
+    return local_rows(fn(*place_rows(arrays, mesh, strategy)))[:n]
 
 
 # ------------------------------------------------------------------------------------- activations

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import sharding as sh
 from rlhf_jax.config import ConfigError
 from rlhf_jax.distributed import gather_rows
 from rlhf_jax.rewards.registry import RewardConfig
@@ -209,8 +210,9 @@ def _trainer(ctx: Context) -> Trainer:
     key, counter = jax.random.key(config.seed), [ctx.run.restore_step or 0]
     beta = getattr(objective, "beta", 0.0)
 
-    def summed(fn_params, arrays):
-        lp = np.asarray(logps(fn_params, arrays["prompt_tokens"], arrays["prompt_lengths"], arrays["completion_tokens"]))
+    def summed(fn_params, arrays):  # this process's sampled rows, as one global batch with the other processes'
+        rows = (arrays["prompt_tokens"], arrays["prompt_lengths"], arrays["completion_tokens"])
+        lp = sh.apply_to_local_rows(lambda *a: logps(fn_params, *a), rows, mesh=mesh, strategy=strategy)
         return np.sum(np.where(arrays["completion_mask"], lp, 0.0), axis=1)
 
     def step_fn(state, prompt_batch):

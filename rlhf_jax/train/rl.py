@@ -276,12 +276,21 @@ def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[st
     return collector, gold
 
 
-def policy_eval(config, data, collector: RolloutCollector, gold, ref_logps=None):
-    """`(policy LM params, reference or None) -> metrics` on `data.eval`'s first `train.eval_batches` batches."""
+def policy_eval(config, data, collector: RolloutCollector, gold, ref_logps=None, mesh=None):
+    """`(policy LM params, reference or None) -> metrics` on `data.eval`'s first `train.eval_batches` batches.
+
+    `ref_logps` (`_reference_logps` on `mesh`) gives `eval/kl`; the samples are each process's own
+    rows, so it runs on them as one global batch (`sharding.apply_to_local_rows`).
+    """
     if data.eval is None:
         return None
     held_out = eval_batches(data.eval, config.data, max_batches=config.train.eval_batches)
-    return make_policy_eval(collector, held_out, key=jax.random.key(config.seed), gold=gold, ref_logps=ref_logps)
+    on_rows = None
+    if ref_logps is not None:
+        def on_rows(reference, *rows):
+            return sh.apply_to_local_rows(lambda *a: ref_logps(reference, *a), rows, mesh=mesh,
+                                          strategy=config.mesh.strategy)
+    return make_policy_eval(collector, held_out, key=jax.random.key(config.seed), gold=gold, ref_logps=on_rows)
 
 
 def _ptx_batches(config, data, extras):
@@ -378,7 +387,7 @@ def _trainer(ctx: Context) -> Trainer:
         metrics["tokens_per_second"] = metrics.pop("completions/generated_tokens") / metrics["time/step"]
         return state, {**step_metrics, **metrics}
 
-    evaluate_params = policy_eval(config, ctx.data, collector, gold, ref_logps)
+    evaluate_params = policy_eval(config, ctx.data, collector, gold, ref_logps, mesh)
     evaluate = None if evaluate_params is None else (
         lambda state: evaluate_params(algorithm.sampling_params(state.policy.params), algorithm.reference_params(state)))
     extras = lambda: {"data": batches.get_state(),  # noqa: E731
@@ -447,7 +456,7 @@ def evaluate(config: GRPORunConfig | PPORunConfig, *, policies: Sequence[str | M
     policy = CausalLM(config.model)
     collector, gold = rollout_parts(config, data, mesh, policy, 1, hooks)
     evaluate_params = policy_eval(config, data, collector, gold,
-                                  _reference_logps(policy, config.algorithm, mesh, config.mesh.strategy))
+                                  _reference_logps(policy, config.algorithm, mesh, config.mesh.strategy), mesh)
     key = jax.random.key(config.seed)
     ref = None if reference is None else initial_params(policy, reference, rng=key)
     out = []
