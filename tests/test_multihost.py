@@ -4,8 +4,9 @@
   final parameters of 1 process x 8 devices. They agree within 1e-6, not bit for bit: across
   processes the gradient all-reduce runs in gloo, whose summation order differs from XLA:CPU's
   in-process all-reduce (the rollouts, rewards and evaluations are identical).
-  RM and PPO (scored by the reward model, each process its own rows) too; GRPO samples dynamically
-  (DAPO), choosing the same groups as one process; PPO samples by continuous batching on its own
+  RM and PPO (scored by the reward model, each process its own rows) too; GRPO trains LoRA adapters
+  (the scale checkpointed from every process, `eval/kl` against the base over each process's own
+  samples) and samples dynamically (DAPO), choosing the same groups as one process; PPO samples by continuous batching on its own
   tensor-parallel sampler mesh, each process on the engines of its own devices, its prompts keyed
   by their global index. Each process tokenized only its share of the data.
 - Hugging Face weights: with FSDP over both processes each reads only its half of each tensor.
@@ -32,9 +33,11 @@ pytestmark = pytest.mark.slow
 EXPERIMENT = '''
 import dataclasses
 from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
+from rlhf_jax.models.lora import LoraConfig
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.steps import DPO
 from rlhf_jax.train import dpo, reward_model, rl, sft
+from rlhf_jax.train.adapters import with_lora
 from rlhf_jax.train import tiny_stages as tiny
 from rlhf_jax.train.stages import Stage, run_stages
 
@@ -64,8 +67,11 @@ def get_config(arg=None):
         sft=dataclasses.replace(small(s, num_train=96, num_eval=16, batch_size=16), **STEPS),
         dpo=dataclasses.replace(small(d, num_train=96, num_eval=16, batch_size=16), **STEPS,
                                 sampling=dpo.SampleEvalConfig(num_prompts=16, max_new_tokens=4)),
-        # GRPO with DAPO's dynamic sampling: the missing-EOS penalty gives some groups a signal.
-        grpo=dataclasses.replace(small(g, num_train=64, num_eval=16, batch_size=8), **STEPS,
+        # GRPO training LoRA adapters (its KL reference the base), with DAPO's dynamic sampling: the
+        # missing-EOS penalty gives some groups a signal. 8 prompts per process: each process's
+        # evaluation samples fill its 4 devices.
+        grpo=dataclasses.replace(small(with_lora(g, LoraConfig(rank=4, alpha=8.0), learning_rate=5e-4),
+                                       num_train=64, num_eval=16, batch_size=16), **STEPS,
                                  algorithm=dataclasses.replace(g.algorithm, group_size=4),
                                  rollout=dataclasses.replace(g.rollout, dynamic_sampling=True, max_sampling_rounds=3),
                                  rewards=dataclasses.replace(g.rewards, functions=("task", "missing_eos"))),
@@ -139,14 +145,19 @@ def _records(path):
 
 
 def _params(checkpoints, step=6):
-    """The parameters saved at `step` (policy, reward model), as numpy."""
+    """The parameters saved at `step` (policy, reward model; a LoRA run's adapters and scale too), as numpy."""
     import jax
 
     from rlhf_jax.checkpoint import Checkpointer, load_params
 
-    with Checkpointer(str(checkpoints), read_only=True) as ckpt:
-        abstract = {k: jax.ShapeDtypeStruct(*v) for k, v in ckpt.item_shapes("params", step).items()}
-    return jax.tree.map(np.asarray, load_params(str(checkpoints), abstract, step=step))
+    out = {}
+    for item in ("params", "lora"):
+        if not os.path.isdir(os.path.join(checkpoints, str(step), item)):
+            continue
+        with Checkpointer(str(checkpoints), read_only=True) as ckpt:
+            abstract = {k: jax.ShapeDtypeStruct(*v) for k, v in ckpt.item_shapes(item, step).items()}
+        out[item] = jax.tree.map(np.asarray, load_params(str(checkpoints), abstract, step=step, item=item))
+    return out
 
 
 def _ok(results):
@@ -177,7 +188,7 @@ _COMPARED = {
     # Dynamic sampling chooses the same groups (rounds, refills); the embedding rows of tokens hardly
     # seen get gradients near Adam's epsilon, where its normalisation turns gloo's 1e-9 differences
     # into 1e-6 of the update: 1e-5 there (the learning rate is 5e-4).
-    "grpo": (("loss", "reward", "kl", "eval/accuracy", "dynamic_sampling/rounds",
+    "grpo": (("loss", "reward", "kl", "eval/accuracy", "eval/kl", "dynamic_sampling/rounds",
               "dynamic_sampling/filled_with_zero_std", "frac_reward_zero_std", "reward_std"), 1e-5),
     "rm": (("loss", "eval/loss"), 1e-6),
     "ppo": (("loss", "reward", "kl/sequence", "rewards/reward_model/mean", "value_loss", "advantages/mean"), 1e-5),
@@ -196,6 +207,7 @@ def test_two_processes_equal_one_process(runs):
                 if key in a:
                     assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (stage, a["step"], key, a[key], b[key])
         p1, p2 = _params(runs / "one" / stage / "checkpoints"), _params(runs / "two" / stage / "checkpoints")
+        assert ("lora" in p2) == (stage == "grpo"), (stage, sorted(p2))  # GRPO trained adapters
         diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), p1, p2))
         assert max(diffs) <= tolerance, (stage, max(diffs))
         _one_writer(runs / "two" / stage)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models import CausalLM
@@ -114,7 +115,19 @@ def params_items(model, params) -> dict[str, Any]:
     if lora is None:
         return {"params": params}
     return {"params": base_params(params),
-            LORA_ITEM: {"adapters": params["lora"], "scale": jnp.asarray(lora.lora.scale, jnp.float32)}}
+            LORA_ITEM: {"adapters": params["lora"], "scale": _scale_like(lora.lora.scale, params["lora"])}}
+
+
+def _scale_like(scale: float, adapters) -> Any:
+    """The adapters' scale as a float32 scalar on their mesh, replicated (as a restore target when they
+    are abstract): a scalar on one device cannot be checkpointed by a multi-process run."""
+    sharding = getattr(jax.tree.leaves(adapters)[0], "sharding", None)
+    if not isinstance(sharding, NamedSharding):  # plain arrays (one device, a notebook)
+        return jnp.asarray(scale, jnp.float32)
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    if isinstance(jax.tree.leaves(adapters)[0], jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+    return jax.device_put(jnp.asarray(scale, jnp.float32), replicated)
 
 
 def params_from_items(model, items: Mapping[str, Any]) -> Any:
