@@ -50,8 +50,10 @@ import numpy as np
 from rlhf_jax.agents.environment import Environment, StepResult
 from rlhf_jax.agents.tools import ToolResult
 from rlhf_jax.agents.trajectory import Trajectory
+from rlhf_jax.distributed import any_process
 from rlhf_jax.sampling import Sampler, SamplingConfig
 from rlhf_jax.sampling.requests import Request
+from rlhf_jax.sharding import local_rows
 
 __all__ = ["AgentLimits", "run_episodes", "trajectory_stats", "stats_metrics", "trajectory_metrics",
            "environment_reward", "TOOL_STATUS_METRICS"]
@@ -231,15 +233,20 @@ class _Turns:
 
 
 def _static_turns(sampler, params, trajectories, envs, config, key, turn: _Turns, pool) -> None:
-    """Turn by turn: one `Sampler.generate` over the running trajectories, then all their steps."""
+    """Turn by turn: one `Sampler.generate` over the running trajectories, then all their steps.
+
+    On N processes `generate` is collective: every process takes each turn while any process has a
+    running trajectory (one with none left samples a placeholder row and discards it), and reads
+    its own rows of the outputs (`local_rows`).
+    """
     active = list(range(len(trajectories)))
     for k in range(turn.limits.max_turns):
-        if not active:
+        if not any_process(bool(active)):
             break
-        contexts = [trajectories[i].prompt + trajectories[i].tokens for i in active]
+        contexts = [trajectories[i].prompt + trajectories[i].tokens for i in active] or [[sampler.pad_id]]
         out = sampler.generate(params, contexts, config, rng=jax.random.fold_in(key, k))
-        lengths = np.asarray(out.lengths)
-        tokens, logps, cut_short = np.asarray(out.completion_tokens), np.asarray(out.logprobs), np.asarray(out.truncated)
+        lengths, tokens, logps, cut_short = (local_rows(a) for a in (out.lengths, out.completion_tokens,
+                                                                       out.logprobs, out.truncated))
         stepping, actions = [], []
         for r, i in enumerate(active):
             action = turn.action(trajectories[i], tokens[r, : lengths[r]].tolist(), logps[r, : lengths[r]].tolist(),
