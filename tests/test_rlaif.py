@@ -58,6 +58,28 @@ def test_label_pairs_follows_the_judge_and_writes_a_trl_file(tiny, tmp_path):
         write_preferences(str(tmp_path / "bad.jsonl"), [{"prompt": "p", "chosen": "c"}])
 
 
+def test_many_writers_of_one_jsonl_file_at_once_all_succeed(tmp_path):
+    """Every process of a multi-process run writes the data file it reads next (rlaif_tiny's judge
+    rows): concurrent writers each go through a temporary file of their own, and one whole file is
+    left. With one shared temporary name a writer's rename found it gone (2-process rlaif_tiny)."""
+    import concurrent.futures
+    import json
+    import threading
+
+    path, rows = str(tmp_path / "rows.jsonl"), [{"prompt": f"p{i}", "completion": "c" * 200} for i in range(200)]
+    start = threading.Barrier(8)
+
+    def writer(_):
+        start.wait()
+        for _ in range(25):
+            write_sft_rows(path, rows)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(writer, range(8)))
+    assert [json.loads(line) for line in open(path)] == rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
 def test_sample_completions_scores_with_the_sources(tiny):
     model, params, _ = tiny
     config = DPOConfig(name="s", model=tiny_config(), data=DataConfig(train="synthetic:vowel", max_len=16, batch_size=8),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -260,13 +261,23 @@ def write_sft_rows(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
-    """Write rows as JSONL, atomically (a temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    """Write rows as JSONL, atomically (a temporary file of its own, then rename).
+
+    Every process of a multi-process run writes the file it then reads (the same rows on each, so a
+    shared file system ends with one copy): each through a temporary file no other process names.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path
 
 
