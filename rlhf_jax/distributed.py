@@ -253,7 +253,10 @@ def any_process(flag: bool) -> bool:
 
 
 def gather_rows(x):
-    """Every process's rows of a host array, concatenated in process order (one process: `x`)."""
+    """Every process's rows of a host array, concatenated in process order (one process: `x`).
+
+    The processes' row counts may differ (each is padded to the largest for the exchange).
+    """
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
@@ -262,7 +265,11 @@ def gather_rows(x):
         return x
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    counts = np.asarray(multihost_utils.process_allgather(np.asarray([x.shape[0]], np.int64), tiled=True))
+    most = int(counts.max())
+    padded = np.concatenate([x, np.zeros((most - x.shape[0], *x.shape[1:]), x.dtype)])
+    blocks = np.asarray(multihost_utils.process_allgather(padded))  # [processes, most, ...]
+    return np.concatenate([block[:int(n)] for block, n in zip(blocks, counts)])
 
 
 def sum_over_processes(values):

@@ -132,6 +132,7 @@ def score_samples(config, params, n: int, *, max_batches: int, seed: int = 0) ->
     (`algorithm.temperature`, `rollout`)."""
     import jax  # noqa: PLC0415 -- the pure functions above need no JAX
 
+    from rlhf_jax.distributed import gather_rows  # noqa: PLC0415
     from rlhf_jax.models import CausalLM  # noqa: PLC0415
     from rlhf_jax.train.data import eval_batches, load_run_data  # noqa: PLC0415
     from rlhf_jax.train.rl import rollout_parts  # noqa: PLC0415
@@ -148,4 +149,5 @@ def score_samples(config, params, n: int, *, max_batches: int, seed: int = 0) ->
         arrays = collector.sample(sampler_params, batch, collector.train_sampling, jax.random.fold_in(key, k))
         proxies.append(np.asarray(collector.score(arrays).total).reshape(-1, n))
         golds.append(np.asarray(collector.score(arrays, sources=[gold[1]]).total).reshape(-1, n))
-    return np.concatenate(proxies), np.concatenate(golds)
+    # Each process sampled its own prompts: the curves are over all of them.
+    return gather_rows(np.concatenate(proxies)), gather_rows(np.concatenate(golds))
