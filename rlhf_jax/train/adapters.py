@@ -121,11 +121,12 @@ def params_items(model, params) -> dict[str, Any]:
 def _scale_like(scale: float, adapters) -> Any:
     """The adapters' scale as a float32 scalar on their mesh, replicated (as a restore target when they
     are abstract): a scalar on one device cannot be checkpointed by a multi-process run."""
-    sharding = getattr(jax.tree.leaves(adapters)[0], "sharding", None)
+    leaf = jax.tree.leaves(adapters)[0]
+    sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, NamedSharding):  # plain arrays (one device, a notebook)
         return jnp.asarray(scale, jnp.float32)
     replicated = NamedSharding(sharding.mesh, PartitionSpec())
-    if isinstance(jax.tree.leaves(adapters)[0], jax.ShapeDtypeStruct):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     return jax.device_put(jnp.asarray(scale, jnp.float32), replicated)
 
