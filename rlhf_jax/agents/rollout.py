@@ -236,8 +236,8 @@ def _static_turns(sampler, params, trajectories, envs, config, key, turn: _Turns
     """Turn by turn: one `Sampler.generate` over the running trajectories, then all their steps.
 
     On N processes `generate` is collective: every process takes each turn while any process has a
-    running trajectory (one with none left samples a placeholder row and discards it), and reads
-    its own rows of the outputs (`local_rows`).
+    running trajectory (one with none left samples a one-token row of `pad_id` and ignores it: its
+    share of the collective), and reads its own rows of the outputs (`local_rows`).
     """
     active = list(range(len(trajectories)))
     for k in range(turn.limits.max_turns):

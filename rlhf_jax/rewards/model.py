@@ -140,7 +140,8 @@ class RewardModelReward:
         for start in range(0, n + pad, size):
             chunk = [a[start:start + size] for a in arrays]
             if processes > 1:
-                out.append(sh.local_rows(self._score(self.params, *sh.place_rows(chunk, self._mesh, self._strategy))))
+                out.append(sh.apply_to_local_rows(lambda *a: self._score(self.params, *a), chunk, mesh=self._mesh,
+                                                  strategy=self._strategy))
                 continue
             chunk = [jnp.asarray(a) for a in chunk]
             if self._data_sharding is not None:

@@ -20,8 +20,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
+from rlhf_jax import sharding as sh
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.lora import LoraConfig, LoraLM, adapters_of, base_params
@@ -125,7 +126,7 @@ def _scale_like(scale: float, adapters) -> Any:
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, NamedSharding):  # plain arrays (one device, a notebook)
         return jnp.asarray(scale, jnp.float32)
-    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    replicated = sh.replicated(sharding.mesh)
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     return jax.device_put(jnp.asarray(scale, jnp.float32), replicated)
