@@ -1,5 +1,5 @@
 """`rlhf-jax` in a subprocess, optionally SIGKILLed at a chosen point of its checkpointing: the
-machinery of the resume tests (test_train_resume, test_fault_resume, test_exit_codes).
+machinery of the resume tests (test_fault_resume, test_exit_codes).
 
     python tests/killed_runs.py POINT:STEP run experiments/sft_tiny.py --set ...
 

@@ -1,21 +1,19 @@
 """`rlhf-jax run` exit status: 75 (EX_TEMPFAIL, `EXIT_PREEMPTED`) when a signal stopped the run after it
 saved a checkpoint, so that a scheduler can tell "preempted, rerun me" from "finished" (0); the rerun
-resumes, from the newest intact checkpoint when the newest one is corrupt."""
+resumes from it. (Resuming past a corrupt or half-written checkpoint: `test_fault_resume.py`.)"""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
 import pytest
-from killed_runs import ROOT, cli_env, flip_byte  # noqa: F401 (cli_env is a fixture)
+from killed_runs import ROOT, cli_env  # noqa: F401 (cli_env is a fixture)
 
-from rlhf_jax.checkpoint import Checkpointer, load_params
+from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.cli import EXIT_PREEMPTED
+
 
 def _command(workdir, steps):
     sets = [f"workdir={workdir}", f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1",
@@ -52,6 +50,8 @@ def test_sigterm_exits_75_and_reruns_resume_from_the_newest_intact_checkpoint(tm
         assert ckpt.all_steps() == [stopped] and ckpt.latest_step() == stopped
         assert ckpt.verify(stopped).status == "intact"
     assert _train_steps(workdir) == list(range(1, stopped + 1))
+    assert f"SIGTERM: saved checkpoint at step {stopped}; exiting" in err
+    assert not (workdir / "results.json").exists()  # an interrupted run reports no results
 
     # The same command (here asking for 2 more steps) resumes from that checkpoint and finishes with 0.
     rerun = subprocess.run(_command(workdir, stopped + 2), cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -61,23 +61,5 @@ def test_sigterm_exits_75_and_reruns_resume_from_the_newest_intact_checkpoint(tm
     assert _train_steps(workdir) == list(range(1, stopped + 3))  # steps 1..stopped were not trained again
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         assert ckpt.latest_step() == stopped + 2
-        abstract = {k: jax.ShapeDtypeStruct(*v) for k, v in ckpt.item_shapes("params").items()}
-    final = load_params(workdir / "checkpoints", abstract)
+    assert (workdir / "results.json").exists()
 
-    # A flipped byte in the newest step: the same command falls back to the step before it (with a
-    # warning naming both), trains again from there and ends with bit-identical parameters.
-    step_dir = workdir / "checkpoints" / str(stopped + 2)
-    weights = flip_byte(step_dir)
-    rerun = subprocess.run(_command(workdir, stopped + 2), cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env=cli_env)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    bad = weights.relative_to(step_dir)
-    assert (f"checkpoint {step_dir} is corrupt: {bad}: checksum differs from the manifest (the file's bytes "
-            f"changed); moved it to {step_dir}.corrupt; using step {stopped}, the newest intact checkpoint"
-            ) in rerun.stderr
-    assert sorted(os.listdir(workdir / "checkpoints")) == sorted([str(stopped), str(stopped + 2),
-                                                                  f"{stopped + 2}.corrupt"])
-    again = load_params(workdir / "checkpoints", abstract)
-    assert sorted(again) == sorted(final) and len(final) > 5
-    for name in final:
-        np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(final[name]), err_msg=name)

@@ -65,7 +65,7 @@ def _small(workdir, *, steps, stage=""):
 
 
 def test_reward_model_tiny_runs_briefly_and_writes_results(tmp_path, capsys):
-    # sft_tiny's short runs are in tests/test_train_resume.py (uninterrupted, killed and resumed).
+    # sft_tiny's short runs are in tests/test_fault_resume.py (uninterrupted, killed and resumed).
     workdir = tmp_path / "rm"
     assert main(["run", _path("reward_model_tiny"), *_small(workdir, steps=3)]) == 0
     results = json.loads((workdir / "results.json").read_text())

@@ -3,7 +3,7 @@
 Several CPU minutes in all, so opt-in: `RLHF_JAX_FULL_EXPERIMENTS=1 python -m pytest
 tests/test_experiments_full.py`. Each runs as a user runs it (`experiment_runs.run_experiment`: its
 own interpreter, one CPU device). The default suite runs the same experiments for a few steps
-(tests/test_experiments.py, tests/test_train_resume.py).
+(tests/test_experiments.py, tests/test_fault_resume.py).
 """
 
 import json

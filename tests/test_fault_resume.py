@@ -4,7 +4,7 @@ the rerun falls back to the newest intact step and ends with the parameters, bit
 that was never interrupted.
 
 Every run is the real CLI in a subprocess (`killed_runs.run_cli`); 8 steps, a checkpoint every 2,
-saves asynchronous (the default). The lives of the interrupted run:
+saves asynchronous (the default); the SFT run evaluates every 4 steps and writes its results. The lives of the interrupted run:
 1. killed when step 3 is dispatched, step 2 committed and no save in flight -> on disk: 2;
 2. resumed from 2, killed while the async save of step 4 sits in orbax's temporary directory
    -> on disk: 2 and the uncommitted `4.orbax-checkpoint-tmp`;
@@ -26,7 +26,7 @@ from rlhf_jax.checkpoint_manifest import MANIFEST_NAME
 from rlhf_jax.metrics import read_jsonl
 
 _SFT_SETS = {"data.num_train": 256, "data.num_eval": 32, "data.batch_size": 8, "train.steps": 8,
-             "train.eval_every": 0, "train.eval_batches": 1, "checkpoint.every": 2, "checkpoint.keep": 5,
+             "train.eval_every": 4, "train.eval_batches": 1, "checkpoint.every": 2, "checkpoint.keep": 5,
              "logging.tensorboard": "false", "logging.console": "false"}
 RUNS = {
     "sft": ["run", "experiments/sft_tiny.py", *[a for k, v in _SFT_SETS.items() for a in ("--set", f"{k}={v}")]],
@@ -43,12 +43,14 @@ def _params(run_dir, step):
 
 
 def _last_per_step(run_dir, steps):
-    """The last metrics line of each of `steps` (a resumed run logs its retrained steps again), timings left out."""
+    """The last metrics line of each kind (training, evaluation) for each of `steps` (a resumed run logs its
+    retrained steps again), timings left out."""
     out = {}
     for record in read_jsonl(run_dir / "metrics.jsonl"):
-        if record["step"] in steps and "loss" in record:
-            out[record["step"]] = {k: v for k, v in record.items() if not k.startswith("time/")
-                                   and k != "tokens_per_second"}
+        if record["step"] in steps:
+            kind = "eval" if any(k.startswith("eval/") for k in record) else "train"
+            out[record["step"], kind] = {k: v for k, v in record.items() if not k.startswith("time/")
+                                         and k != "tokens_per_second"}
     return out
 
 
@@ -98,4 +100,7 @@ def test_killed_at_three_points_then_corrupted_resumes_bit_identical(family, tmp
     final = _params(faulty, 8)
     chex.assert_trees_all_equal(final, _params(straight, 8), strict=True)  # tree, shapes, dtypes and bits
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(_params(faulty, 4))))
-    assert _last_per_step(faulty, range(5, 9)) == _last_per_step(straight, range(5, 9))
+    resumed = _last_per_step(faulty, range(5, 9))
+    assert resumed == _last_per_step(straight, range(5, 9))
+    if family == "sft":  # evaluated at step 8 and reported, like the uninterrupted run
+        assert (8, "eval") in resumed and (faulty / "results.json").exists()
