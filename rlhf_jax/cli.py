@@ -66,7 +66,13 @@ def experiment_config(module: ModuleType, arg: str | None, assignments: Sequence
     """`module.get_config(arg)` (or `get_config()` without ARG) with `--set` overrides applied."""
     from rlhf_jax.config import override  # noqa: PLC0415
 
-    config = module.get_config() if arg is None else module.get_config(arg)
+    if arg is None:
+        config = module.get_config()
+    else:
+        try:
+            config = module.get_config(arg)
+        except ValueError as e:  # the experiments' "unknown mode" error
+            raise CLIError(f"experiment {module.__file__}:{arg}: {e}") from e
     return override(config, list(assignments))
 
 

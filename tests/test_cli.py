@@ -68,6 +68,10 @@ def test_unknown_key_and_wrong_type_fail_before_compute(capsys, tmp_path):
 def test_missing_files_are_clear_errors(capsys, tmp_path):
     code, _, err = _run(capsys, "run", str(tmp_path / "nope.py"))
     assert code == 2 and "experiment file not found" in err
+    code, _, err = _run(capsys, "run", f"{SFT}:wat")  # a mode the experiment does not have: one line
+    assert code == 2 and err.strip().splitlines() == [
+        f"rlhf-jax run: error: experiment {SFT}:wat: sft_tiny: unknown mode 'wat'; the modes are tiny (default) "
+        "and lora"]
     missing = tmp_path / "missing.jsonl"
     code, _, err = _run(capsys, "run", SFT, "--set", f"data.train={missing}", "--set", f"workdir={tmp_path / 'w'}")
     assert code == 2 and f"data.train: {missing} does not exist" in err
