@@ -357,6 +357,14 @@ def test_config_float16_checkpoint_upcasts():
     ({"attention_bias": True}, "attention_bias=true is not supported for llama"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
     ({"vocab_size": None}, "missing required key 'vocab_size'"),
+    ({"hidden_size": "big"}, "hidden_size must be a positive integer, got 'big'"),
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers must be a positive integer, got 2.5"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+    ({"head_dim": True}, "head_dim must be a positive integer, got True"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a number, got '1e-6'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "ten thousand"}},
+     "rope_theta must be a positive number, got 'ten thousand'"),
+    ({"num_attention_heads": 3}, "num_heads"),  # ModelConfig's own check, still naming the file
 ])
 def test_config_errors_name_file_and_key(tmp_path, change, message):
     d = {**config_to_hf(tiny_config()), **change}

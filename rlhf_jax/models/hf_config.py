@@ -78,7 +78,19 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
     def required(key):
         if d.get(key) is None:
             fail(f"missing required key {key!r}")
-        return d[key]
+        return positive_int(key)
+
+    def positive_int(key):
+        value = d.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            fail(f"{key} must be a positive integer, got {value!r}")
+        return value
+
+    def number(key, default):
+        value = d.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"{key} must be a number, got {value!r}")
+        return float(value)
 
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -93,40 +105,45 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
 
     num_heads = required("num_attention_heads")
     hidden = required("hidden_size")
-    head_dim = d.get("head_dim")
+    head_dim = positive_int("head_dim")
     if head_dim is None:
         if hidden % num_heads:
             fail(f"head_dim is absent and hidden_size {hidden} is not a multiple of num_attention_heads {num_heads}")
         head_dim = hidden // num_heads
     num_layers = required("num_hidden_layers")
-    max_positions = d.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[model_type]
+    max_positions = positive_int("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[model_type]
     rope_theta, rope_scaling = _rope_from_hf(d, max_positions, fail)
     dtype = _param_dtype_from_hf(d, fail)
 
-    return ModelConfig(
+    fields = dict(
         model_type=model_type,
         vocab_size=required("vocab_size"),
         hidden_size=hidden,
         intermediate_size=required("intermediate_size"),
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=d.get("num_key_value_heads") or num_heads,
+        num_kv_heads=positive_int("num_key_value_heads") or num_heads,
         head_dim=head_dim,
         max_position_embeddings=max_positions,
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=number("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
         sliding_window=_sliding_window_from_hf(d, model_type, num_layers, fail),
         param_dtype=dtype,
         dtype=dtype,
-        initializer_range=float(d.get("initializer_range", 0.02)),
+        initializer_range=number("initializer_range", 0.02),
         bos_token_id=_token_id(d.get("bos_token_id")),
         eos_token_id=_token_id(d.get("eos_token_id")),
         pad_token_id=_token_id(d.get("pad_token_id")),
     )
+
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:  # ModelConfig's own checks, e.g. a token id
+        fail(f"{e}")
 
 
 def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling | None]:
@@ -135,6 +152,8 @@ def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling
     if any(isinstance(v, Mapping) for v in params.values()):
         fail(f"per-layer-type rope parameters are not supported: {params}")
     theta = params.get("rope_theta", d.get("rope_theta", _DEFAULT_ROPE_THETA))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        fail(f"rope_theta must be a positive number, got {theta!r}")
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
     if partial is not None and partial != 1.0:
         fail(f"partial_rotary_factor {partial} is not supported (RoPE covers the whole head)")
