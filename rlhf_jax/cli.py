@@ -341,11 +341,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rlhf_jax.checkpoint import CheckpointMismatchError  # noqa: PLC0415
     from rlhf_jax.config import ConfigError  # noqa: PLC0415
     from rlhf_jax.data.formats import DataError  # noqa: PLC0415
+    from rlhf_jax.data.tokenize import TokenizerError  # noqa: PLC0415
     from rlhf_jax.models.hf import HFCheckpointError  # noqa: PLC0415
     from rlhf_jax.sharding import ShardingError  # noqa: PLC0415
 
     return (CLIError, ConfigError, CheckpointMismatchError, DataError, ShardingError, HFCheckpointError,
-            FileNotFoundError, FileExistsError, _dist.DistributedError)
+            TokenizerError, FileNotFoundError, FileExistsError, _dist.DistributedError)
 
 
 def _training_halted() -> type[BaseException]:

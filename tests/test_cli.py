@@ -78,6 +78,12 @@ def test_missing_files_are_clear_errors(capsys, tmp_path):
     code, _, err = _run(capsys, "run", SFT, "--set", f"checkpoint.init_from={tmp_path / 'nothing'}",
                         "--set", f"workdir={tmp_path / 'w2'}")
     assert code == 2 and "checkpoint.init_from" in err and "does not exist" in err
+    broken = tmp_path / "tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
+    code, _, err = _run(capsys, "run", SFT, "--set", f"data.tokenizer={broken}", "--set", f"workdir={tmp_path / 'w3'}")
+    assert code == 2 and err.startswith(f"rlhf-jax run: error: load_tokenizer: no usable tokenizer in '{broken}'")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_checkpoint_of_another_model_shape_fails_before_compute(capsys, tmp_path):

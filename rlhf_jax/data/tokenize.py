@@ -48,6 +48,7 @@ __all__ = [
     "Truncation",
     "TokenizeConfig",
     "TokenizedSequence",
+    "TokenizerError",
     "load_tokenizer",
     "tokenize_sequences",
 ]
@@ -122,6 +123,10 @@ class TokenizedSequence:
     truncated: bool
 
 
+class TokenizerError(OSError):
+    """A tokenizer directory this package cannot use; the message names the directory."""
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """Load a fast Hugging Face tokenizer from a local directory (never from the network).
 
@@ -133,7 +138,8 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
 
     Raises:
       FileNotFoundError: naming `path` when it is not a local directory.
-      TypeError: when the directory holds only a slow (Python) tokenizer.
+      TokenizerError: naming `path` when the directory holds no readable tokenizer (missing or corrupt
+        files) or only a slow (Python) one.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -146,9 +152,9 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise OSError(f"load_tokenizer: no usable tokenizer in {path!r}: {err}") from err
+        raise TokenizerError(f"load_tokenizer: no usable tokenizer in {path!r}: {err}") from err
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise TypeError(
+        raise TokenizerError(
             f"load_tokenizer: {path!r} holds a slow {type(tokenizer).__name__}; "
             "a fast tokenizer (tokenizer.json) is needed"
         )
