@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from rlhf_jax.config import ConfigError, LoggingConfig
 
-__all__ = ["MetricsBuffer", "MetricsLogger", "ProgressBar", "read_jsonl", "format_duration", "purge_events_after"]
+__all__ = ["MetricsBuffer", "MetricsLogger", "ProgressBar", "read_jsonl", "write_jsonl", "format_duration", "purge_events_after"]
 
 
 def _scalar(value: Any) -> float | int | None:
@@ -212,11 +213,51 @@ class ProgressBar:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All records of a metrics JSONL file (an empty list when the file does not exist)."""
+    """All records of a JSONL file such as `metrics.jsonl` (an empty list when the file does not exist).
+
+    A last line cut short (no newline and not valid JSON: what a process killed while writing leaves)
+    is left out.
+
+    Raises:
+      ValueError: naming the file and line, for any other line that is not JSON.
+    """
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")  # a whole file ends with "\n": its last item is ""
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break
+            raise ValueError(f"{os.fspath(path)} line {number}: not a JSON record ({e})") from None
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Write rows as JSONL, atomically (a temporary file of its own, then rename); returns the path.
+
+    Every process of a multi-process run may write the file it then reads (the same rows on each, so
+    a shared file system ends with one copy): each through a temporary file no other process names.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
 
 
 class MetricsLogger:
@@ -278,12 +319,12 @@ class MetricsLogger:
                                      clock=clock) if config.console else None)
 
     def _truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step`, and a last line cut short (so appends start on a
+        line of their own); rewritten atomically, so a kill meanwhile leaves the old file whole."""
         records = read_jsonl(self.jsonl_path)
         kept = [r for r in records if r.get("step", 0) <= step]
-        if len(kept) != len(records):
-            with open(self.jsonl_path, "w", encoding="utf-8") as f:
-                for r in kept:
-                    f.write(json.dumps(r) + "\n")
+        if len(kept) != len(records) or not _ends_whole(self.jsonl_path):
+            write_jsonl(self.jsonl_path, kept)
 
     def tick(self, step: int) -> None:
         """Step `step` was dispatched: moves the progress bar (no device sync, no file I/O)."""
@@ -398,6 +439,15 @@ def purge_events_after(tb_dir: str | os.PathLike, step: int) -> int:
         os.replace(tmp, path)
         removed += len(records) - len(kept)
     return removed
+
+
+def _ends_whole(path: str) -> bool:
+    """Whether the file is absent, empty, or ends with a newline."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return True
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _stable_run_id(workdir: str) -> str:

@@ -19,6 +19,7 @@ from rlhf_jax.metrics import (
     format_duration,
     purge_events_after,
     read_jsonl,
+    write_jsonl,
 )
 
 
@@ -219,6 +220,33 @@ def test_logger_writes_jsonl_and_tensorboard_and_truncates_on_resume(tmp_path):
     with MetricsLogger(tmp_path, config=cfg, total_steps=5, start_step=3) as log:
         log.log(4, {"loss": 0.2})
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    """A process killed while writing `metrics.jsonl` leaves its last line cut short: readers leave that
+    line out, and the resumed run's logger removes it before appending (atomically), so the file
+    stays one record per line. Any other bad line is an error naming the file and line."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    with MetricsLogger(tmp_path, config=LoggingConfig(console=False, tensorboard=False), total_steps=4,
+                       start_step=2) as log:
+        log.log(3, {"loss": 1.0})
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n'
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]  # no temporary file left
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=f"{path} line 2: not a JSON record"):
+        read_jsonl(path)
+
+
+def test_write_jsonl_replaces_the_file_whole(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("old\n")
+    assert write_jsonl(path, [{"a": 1}, {"b": [2, 3]}]) == str(path)
+    assert read_jsonl(path) == [{"a": 1}, {"b": [2, 3]}]
+    with pytest.raises(TypeError):
+        write_jsonl(path, [{"a": 1}, {"b": object()}])  # a row JSON cannot write: the old file stays
+    assert read_jsonl(path) == [{"a": 1}, {"b": [2, 3]}] and sorted(os.listdir(tmp_path)) == ["rows.jsonl"]
 
 
 def _tb_events(tb_dir):

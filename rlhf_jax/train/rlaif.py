@@ -20,9 +20,7 @@ critique; the final revisions are SFT rows (`write_sft_rows`, then `train.sft`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +29,7 @@ import numpy as np
 
 from rlhf_jax.checkpoint import is_checkpoint_dir, read_model_config
 from rlhf_jax.config import ConfigError, from_dict
+from rlhf_jax.metrics import write_jsonl
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.models.hf import config_from_hf
 from rlhf_jax.rewards import RewardSource
@@ -48,7 +47,7 @@ from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.weights import initial_params
 
 __all__ = ["JudgeConfig", "load_judge", "load_pointwise_judge", "load_policy", "tokenizer_of", "sample_completions",
-           "label_pairs", "write_preferences", "write_jsonl", "CritiqueTemplates", "TextGenerator",
+           "label_pairs", "write_preferences", "CritiqueTemplates", "TextGenerator",
            "critique_and_revise", "write_sft_rows"]
 
 
@@ -258,27 +257,6 @@ def write_sft_rows(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
         if "prompt" not in row or "completion" not in row:
             raise ValueError(f"write_sft_rows: row {i} lacks 'prompt' or 'completion'")
     return write_jsonl(path, rows)
-
-
-def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
-    """Write rows as JSONL, atomically (a temporary file of its own, then rename).
-
-    Every process of a multi-process run writes the file it then reads (the same rows on each, so a
-    shared file system ends with one copy): each through a temporary file no other process names.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 # ------------------------------------------------------------------------------ Constitutional AI
