@@ -246,3 +246,47 @@ def write_json(path: str, value) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2)
     print(f"wrote {path}")
+
+
+def op_kinds(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> its kind, from a compiled program's text (`compiled.as_text()`): "matmul
+    fusion", "reduction fusion", "other fusion", "dot" (a dot outside any fusion), "while" or "copy"."""
+    import re  # noqa: PLC0415
+
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S)}
+    kinds = {}
+    for name, op, rest in re.findall(r"%([\w.\-]+) = [^\n]*? (fusion|dot|while|copy)\(([^\n]*)", hlo):
+        if op == "fusion":
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            body = bodies.get(called.group(1), "") if called else ""
+            op = "matmul fusion" if " dot(" in body else "reduction fusion" if " reduce(" in body else "other fusion"
+        kinds[name] = op
+    return kinds
+
+
+def traced_op_times(call) -> dict[str, tuple[int, float]]:
+    """Run `call()` (which blocks until its result is ready) under `jax.profiler.trace`; return, per HLO
+    instruction name, (events, CPU-thread nanoseconds) from XLA:CPU's worker threads.
+
+    XLA:CPU records one event per op only when the process started with
+    `--xla_cpu_enable_xprof_traceme=true` in `XLA_FLAGS` (set it before JAX starts).
+    """
+    import collections  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            call()
+        profile = jax.profiler.ProfileData.from_file(
+            next(os.path.join(d, f) for d, _, fs in os.walk(trace_dir) for f in fs if f.endswith(".xplane.pb")))
+    out = collections.defaultdict(lambda: [0, 0.0])
+    for plane in profile.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):   # XLA:CPU's worker threads
+                continue
+            for event in line.events:
+                out[event.name][0] += 1
+                out[event.name][1] += event.duration_ns
+    return {name: (count, ns) for name, (count, ns) in out.items()}

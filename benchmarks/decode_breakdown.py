@@ -37,9 +37,7 @@ import argparse
 import collections
 import importlib
 import os
-import re
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,6 +55,7 @@ import numpy as np  # noqa: E402
 
 import rlhf_jax.models.attention as attention  # noqa: E402
 import rlhf_jax.sampling.methods as methods  # noqa: E402
+from bench_common import op_kinds, traced_op_times  # noqa: E402
 from rlhf_jax.models import CausalLM, presets  # noqa: E402
 
 D = importlib.import_module("rlhf_jax.sampling.decode")   # the module (the package re-exports a function `decode`)
@@ -126,40 +125,20 @@ def main() -> None:
               f"{np.percentile(t, 75):.3f})")
 
 
-def op_kinds(hlo: str) -> dict[str, str]:
-    """HLO instruction name -> its kind, from a compiled program's text (`compiled.as_text()`)."""
-    bodies = {m.group(1): m.group(2) for m in re.finditer(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S)}
-    kinds = {}
-    for name, op, rest in re.findall(r"%([\w.\-]+) = [^\n]*? (fusion|dot|while|copy)\(([^\n]*)", hlo):
-        if op == "fusion":
-            called = re.search(r"calls=%?([\w.\-]+)", rest)
-            body = bodies.get(called.group(1), "") if called else ""
-            op = "matmul fusion" if " dot(" in body else "reduction fusion" if " reduce(" in body else "other fusion"
-        kinds[name] = "attention dot (batched, over the cache)" if op == "dot" else op
-    return kinds
-
-
 def op_profile(program, params, make_state) -> None:
     """`--ops`: one traced call of the decode program; CPU-thread time per kind of op, per decode step."""
     for r in range(3):   # warm
         jax.block_until_ready(program(params, make_state(r)))
     state = make_state(9)
     jax.block_until_ready(state)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            jax.block_until_ready(program(params, state))
-        profile = jax.profiler.ProfileData.from_file(
-            next(os.path.join(d, f) for d, _, fs in os.walk(trace_dir) for f in fs if f.endswith(".xplane.pb")))
+    times = traced_op_times(lambda: jax.block_until_ready(program(params, state)))
     kinds, per_kind = op_kinds(program.as_text()), collections.defaultdict(lambda: [0, 0.0])
-    for plane in profile.planes:
-        for line in plane.lines:
-            if not line.name.startswith("tf_XLAEigen"):   # XLA:CPU's worker threads
-                continue
-            for event in line.events:
-                kind = kinds.get(event.name)
-                if kind is not None:
-                    per_kind[kind][0] += 1
-                    per_kind[kind][1] += event.duration_ns
+    for name, (count, ns) in times.items():
+        kind = kinds.get(name)
+        if kind is not None:
+            kind = "attention dot (batched, over the cache)" if kind == "dot" else kind
+            per_kind[kind][0] += count
+            per_kind[kind][1] += ns
     total = sum(ns for _, ns in per_kind.values())
     for kind, (count, ns) in sorted(per_kind.items(), key=lambda kv: -kv[1][1]):
         print(f"{kind:>40}: {ns / 1e6 / NEW:.3f} ms per step ({100 * ns / total:4.1f}%), {count / NEW:.1f} ops per step")

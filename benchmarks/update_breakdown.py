@@ -1,6 +1,7 @@
 """Where W4's GRPO update and reference pass spend their CPU time (issue 23).
 
     python benchmarks/update_breakdown.py [--rounds 12] [--hlo DIR]
+    python benchmarks/update_breakdown.py --ops [--only step]   # CPU time per HLO op of one traced call
 
 One device's share of W4 (`bench_grpo.py --devices 2`): 16 rows = 2 prompts x 8 samples,
 64-token prompts, 64-token completions, the W1 model (`presets.get_config("w1")`), the GRPO step
@@ -26,9 +27,16 @@ freed host memory (`rlhf_jax.host_memory`, as `bench_grpo.py` runs W4); before 2
 sitting it did not, and every large temporary was faulted in afresh per call, which inflated the
 elementwise figures below (e.g. the head's [1024, 8192] passes) against the matmuls.
 
-Figures with freed memory kept (2026-12-05, issue 23, 6 rounds): step 489, grad 467, layers_grad
-318, head_grad 146 (140 without the entropy metric), optimizer 21, reference 147 (ref_layers 99),
-matmuls_update 432, matmuls_reference 142: the update is 1.13x its matmuls, the reference 1.04x.
+Figures with freed memory kept, matmul chains with the model's real shapes (2026-12-05, quiet
+host, 8 rounds): step 484, grad 452, layers_grad 309, head_grad 144 (136 without the entropy
+metric), optimizer 27, reference 141 (ref_layers 96), matmuls_update 345 (34.7 GFLOP),
+matmuls_reference 111: the update is 1.40x its matmuls, the reference 1.27x. (Until that sitting
+the chains counted q, k, v, o as an [e, 4e] *and* a [4e, e] matmul, 21% too many FLOPs: they read
+432 and 142, and the update looked 1.13x its matmuls, the reference 1.04x.)
+
+`--ops` traces one call per variant (`jax.profiler`; XLA:CPU's per-op events, which need
+`--xla_cpu_enable_xprof_traceme=true`, set by the script) and prints CPU ms per kind of op and
+the costliest ops.
 
 Earlier figures, without it (loaded AVX2 host, median CPU ms over 8-10 rounds; CPU.md has the table):
 before issue 23's update fixes step 663, grad 607, layers_grad 405, head_grad 217 (216 -> 179
@@ -46,11 +54,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--ops" in sys.argv:   # XLA:CPU records one trace event per op only with this flag
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
 
 from rlhf_jax import host_memory  # noqa: E402
 
@@ -60,6 +71,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench_common import op_kinds, traced_op_times  # noqa: E402
 from rlhf_jax.models import CausalLM, presets  # noqa: E402
 from rlhf_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
 from rlhf_jax.rollout import completion_hidden, head_logprobs  # noqa: E402
@@ -100,6 +112,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--hlo", help="write each program's optimized HLO to this directory")
     parser.add_argument("--only", help="comma-separated variants")
+    parser.add_argument("--ops", action="store_true",
+                        help="trace one call of each compiled variant: CPU time per kind of op and the costliest ops")
     args = parser.parse_args()
     lm, params, tx, config, state = build()
     batch = batch_of(0)
@@ -129,8 +143,11 @@ def main() -> None:
         return out
 
     t = ROWS * NEW + PROMPTS * PROMPT_LEN   # token positions through the layers
-    layer = [(t, e, 4 * e), (t, 4 * e, e), (t, e, 2 * 688), (t, 688, e)]
-    # forward: q,k,v,o (as [t,e]x[e,4e]-sized), gate+up, down; head [ROWS*NEW, e] x [e, V]
+    c = lm.config
+    qkv, heads = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.num_heads * c.head_dim
+    layer = [(t, e, qkv), (t, heads, e), (t, e, 2 * c.intermediate_size), (t, c.intermediate_size, e)]
+    # forward: q,k,v (one [t,e]x[e,qkv]), o, gate+up, down; head [ROWS*NEW, e] x [e, V]. (Before
+    # 2026-12-05's 13:00 sitting q,k,v,o were counted as [e,4e] *and* [4e,e]: 21% too many FLOPs.)
     fwd = layer * lm.config.num_layers + [(ROWS * NEW, e, v)]
     # backward: per forward matmul [M,K]x[K,N], dX [M,N]x[N,K] and dW [K,M]x[M,N]
     bwd = [(m, n, k) for m, k, n in fwd] + [(k, m, n) for m, k, n in fwd]
@@ -191,6 +208,11 @@ def main() -> None:
         if args.hlo:
             _write(args.hlo, name, compiled.as_text())
         programs[name] = (compiled, a)
+    if args.ops:
+        for name, (program, a) in programs.items():
+            if name != "reference":
+                op_profile(name, program, a)
+        return
     if not args.only:
         programs["matmuls_update"] = matmul_variant(fwd + bwd)
         ref_shapes = [(ROWS * NEW + PROMPTS * PROMPT_LEN, k, n) for _, k, n in layer] * lm.config.num_layers \
@@ -208,6 +230,28 @@ def main() -> None:
     for name, ts in times.items():
         print(f"{name:>18}: {np.median(ts):8.2f} CPU ms  (q25 {np.percentile(ts, 25):.2f}, q75 "
               f"{np.percentile(ts, 75):.2f})")
+
+
+def op_profile(name: str, program, args, top: int = 25) -> None:
+    """`--ops`: one traced call of `program` (after 3 warm calls): CPU ms per kind of op, then the
+    `top` costliest ops with their HLO lines."""
+    for _ in range(3):
+        jax.block_until_ready(program(*args))
+    times = traced_op_times(lambda: jax.block_until_ready(program(*args)))
+    hlo = program.as_text()
+    kinds = op_kinds(hlo)
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"%([\w.\-]+) = [^\n]*", hlo)}
+    per_kind = {}
+    for op, (count, ns) in times.items():
+        kind = kinds.get(op, "other")
+        n, t = per_kind.get(kind, (0, 0.0))
+        per_kind[kind] = (n + count, t + ns)
+    total = sum(t for _, t in per_kind.values())
+    print(f"{name}: {total / 1e6:.1f} CPU ms in {sum(n for n, _ in per_kind.values())} op events")
+    for kind, (count, ns) in sorted(per_kind.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {kind:>18}: {ns / 1e6:8.2f} ms ({100 * ns / total:4.1f}%), {count} ops")
+    for op, (count, ns) in sorted(times.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {ns / 1e6:7.2f} ms  {kinds.get(op, 'other'):>16}  {lines.get(op, op)[:150]}")
 
 
 def _write(directory: str, name: str, text: str) -> None:
