@@ -333,7 +333,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"rlhf-jax {args.command}{label}: failed:", file=sys.stderr)
         traceback.print_exc()
+        if _lost_a_peer(sys.exc_info()[1]):
+            print(f"rlhf-jax {args.command}{label}: another process of this run ended first (a collective lost "
+                  "its peer): that process's own output names the cause", file=sys.stderr)
         return _leave(1)
+
+
+# What JAX's multi-process runtime says when a peer process is gone (gloo's TCP pairs, the
+# coordination service's heartbeats).
+_LOST_PEER = ("connection closed by peer", "connection reset by peer", "gloo", "heartbeat",
+              "coordination service")
+
+
+def _lost_a_peer(error: BaseException) -> bool:
+    """Whether `error` (or an exception it came from) is a collective that lost another process."""
+    while error is not None:
+        if any(phrase in str(error).lower() for phrase in _LOST_PEER):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

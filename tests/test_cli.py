@@ -163,3 +163,21 @@ def test_compile_an_experiment_and_dispatch_the_preset_form(capsys, tmp_path):
     assert code == 2 and "unknown --model 'no-such-model'" in err
     code, _, err = _run(capsys, "compile", "not_an_experiment")
     assert code == 2 and "give an experiment" in err
+
+
+def test_a_collective_that_lost_its_peer_is_named_as_such():
+    """On N processes, the process whose collective found a peer gone says so after its traceback (its
+    own error is only gloo's), so that a user looks in the other process's output for the cause."""
+    from rlhf_jax.cli import _lost_a_peer
+
+    gloo = RuntimeError("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+                        "Connection closed by peer [127.0.0.1]:53940")
+    assert _lost_a_peer(gloo)
+    try:
+        try:
+            raise gloo
+        except RuntimeError as inner:
+            raise ValueError("while gathering the rewards") from inner
+    except ValueError as outer:
+        assert _lost_a_peer(outer)  # found through the cause
+    assert not _lost_a_peer(RuntimeError("reward source 'len' raised RuntimeError: user reward failed"))
