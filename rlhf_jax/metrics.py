@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from rlhf_jax.config import ConfigError, LoggingConfig
 
-__all__ = ["MetricsBuffer", "MetricsLogger", "ProgressBar", "read_jsonl", "write_jsonl", "format_duration", "purge_events_after"]
+__all__ = ["MetricsBuffer", "MetricsLogger", "ProgressBar", "read_jsonl", "write_jsonl", "format_duration",
+           "purge_events_after"]
 
 
 def _scalar(value: Any) -> float | int | None:

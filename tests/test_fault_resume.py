@@ -4,7 +4,8 @@ the rerun falls back to the newest intact step and ends with the parameters, bit
 that was never interrupted.
 
 Every run is the real CLI in a subprocess (`killed_runs.run_cli`); 8 steps, a checkpoint every 2,
-saves asynchronous (the default); the SFT run evaluates every 4 steps and writes its results. The lives of the interrupted run:
+saves asynchronous (the default); the SFT run evaluates every 4 steps and writes its results. The
+lives of the interrupted run:
 1. killed when step 3 is dispatched, step 2 committed and no save in flight -> on disk: 2;
 2. resumed from 2, killed while the async save of step 4 sits in orbax's temporary directory
    -> on disk: 2 and the uncommitted `4.orbax-checkpoint-tmp`;
