@@ -114,8 +114,14 @@ def get_config(arg: str | None = None) -> GSM8KTinyConfig:
 
 
 def _with_files(config: GSM8KTinyConfig, paths: dict[str, str]) -> GSM8KTinyConfig:
-    sft_data = dataclasses.replace(config.sft.data, train=paths["sft"], eval=None)
-    rl_data = dataclasses.replace(config.grpo.data, train=paths["train"], eval=paths["eval"])
+    """The files `write_data` wrote where the config still names `<workdir>/data/...`; a path given
+    with `--set` (e.g. `grpo.data.train=my_gsm8k.jsonl`) is kept."""
+    def pick(given, key):
+        return paths[key] if given is not None and given.startswith("<workdir>/") else given
+
+    sft_data = dataclasses.replace(config.sft.data, train=pick(config.sft.data.train, "sft"))
+    rl_data = dataclasses.replace(config.grpo.data, train=pick(config.grpo.data.train, "train"),
+                                  eval=pick(config.grpo.data.eval, "eval"))
     return dataclasses.replace(config, sft=dataclasses.replace(config.sft, data=sft_data),
                                grpo=dataclasses.replace(config.grpo, data=rl_data))
 

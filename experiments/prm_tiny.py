@@ -159,7 +159,9 @@ def main(config: PRMTinyConfig) -> dict:
                         chain_rows(config.num_train, seed=0, error_rate=config.error_rate))
     eval_path = _write(os.path.join(config.workdir, "data", "eval.jsonl"),
                        chain_rows(config.num_eval, seed=1, error_rate=config.error_rate))
-    data = dataclasses.replace(config.prm.data, train=train_path, eval=eval_path)
+    given = config.prm.data   # the written files where the config still names `<workdir>/data/...`
+    data = dataclasses.replace(given, train=train_path if given.train.startswith("<workdir>/") else given.train,
+                               eval=eval_path if (given.eval or "").startswith("<workdir>/") else given.eval)
     prm_config = dataclasses.replace(config.prm, data=data)
     orm_config = dataclasses.replace(prm_config, name=prm_config.name + "_orm",
                                      algorithm=dataclasses.replace(prm_config.algorithm, outcome_only=True))

@@ -153,3 +153,17 @@ def test_real_size_config_compiles_at_reduced_size_on_cpu_mesh(name):
     full = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_train_state(
         model.init, make_optimizer(config.optim))))
     assert report.state_bytes < 0.2 * full
+
+
+def test_an_experiment_that_writes_its_data_keeps_a_data_path_given_with_set(tmp_path):
+    """grpo_gsm8k_tiny writes GSM8K-format files and trains on them where its config names
+    `<workdir>/data/...`; a path a user sets is what the stage reads (it used to be replaced)."""
+    module, _ = load_experiment(_path("grpo_gsm8k_tiny"))
+    mine = str(tmp_path / "my_gsm8k.jsonl")
+    written = {"sft": "w/data/sft.jsonl", "train": "w/data/train.jsonl", "eval": "w/data/eval.jsonl"}
+    default = module._with_files(experiment_config(module, None, []), written)
+    assert (default.sft.data.train, default.grpo.data.train, default.grpo.data.eval) == (
+        written["sft"], written["train"], written["eval"])
+    given = module._with_files(experiment_config(module, None, [f"grpo.data.train={mine}"]), written)
+    assert (given.sft.data.train, given.grpo.data.train, given.grpo.data.eval) == (
+        written["sft"], mine, written["eval"])
