@@ -1,6 +1,7 @@
 """The shared training loop on a toy problem: logging, eval, checkpoints, signals, NaN/Inf policy."""
 
 import io
+import json
 import os
 import signal
 
@@ -12,6 +13,7 @@ import pytest
 from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.train.loop import StopSignal, TrainingHalted, fit, open_run
+from rlhf_jax.train.results import json_ready
 
 QUIET = LoggingConfig(console=False, tensorboard=False)
 CKPT = CheckpointConfig(every=2, keep=10, async_save=False)
@@ -100,6 +102,26 @@ def test_a_finished_run_reports_its_last_logged_metrics(tmp_path):
     assert calls == [] and again.step == 4 and again.stopped_by is None
     assert again.last_eval == first.last_eval and again.last_metrics == first.last_metrics
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2, 2, 3, 4, 4]
+
+
+def test_a_resume_with_another_config_says_what_changed_and_keeps_the_old_one(tmp_path, capsys):
+    before = {"name": "x", "optim": {"learning_rate": 0.003, "betas": (0.9, 0.95)}, "train": {"steps": 2}}
+    with open_run(str(tmp_path), run_config=before, checkpoint=CKPT, model_config=None) as run:
+        assert run.config_changes == ()
+        first = _fit(run, steps=2)
+    after = {"name": "x", "optim": {"learning_rate": 0.01, "betas": (0.9, 0.95)}, "train": {"steps": 4}, "new": None}
+    with open_run(str(tmp_path), run_config=after, checkpoint=CKPT, model_config=None) as run:
+        # tuples compare as the lists config.json holds; a key only one side has is "(absent)" there
+        assert run.config_changes == ("new: (absent) -> null", "optim.learning_rate: 0.003 -> 0.01",
+                                      "train.steps: 2 -> 4")
+        _fit(run, steps=4, start=2, state=first.state)
+    assert ("the config differs from the one steps 1-2 ran with: new: (absent) -> null; optim.learning_rate: "
+            "0.003 -> 0.01; train.steps: 2 -> 4 (that one is kept as config.until_step_2.json)"
+            ) in capsys.readouterr().err
+    assert json.loads((tmp_path / "config.until_step_2.json").read_text()) == json_ready(before)
+    assert json.loads((tmp_path / "config.json").read_text()) == json_ready(after)
+    with open_run(str(tmp_path), run_config=after, checkpoint=CKPT, model_config=None) as run:
+        assert run.config_changes == ()  # resumed again with the same config: nothing to report
 
 
 def test_existing_checkpoints_without_resume_is_an_error(tmp_path):

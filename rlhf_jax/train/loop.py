@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import signal
 import threading
@@ -30,9 +31,9 @@ import jax
 
 from rlhf_jax.checkpoint import Checkpointer, is_checkpoint_dir
 from rlhf_jax.distributed import any_process, is_main, preemption_sync_point
-from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig, to_dict
+from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig
 from rlhf_jax.metrics import MetricsBuffer, MetricsLogger, read_jsonl
-from rlhf_jax.train.results import write_json
+from rlhf_jax.train.results import json_ready, write_json
 
 __all__ = ["TrainingHalted", "StopSignal", "RunDir", "FitResult", "fit", "open_run", "InFlight"]
 
@@ -112,11 +113,14 @@ class RunDir:
       path: the run directory (`config.json`, `metrics.jsonl`, `tb/`, `checkpoints/`, results).
       checkpointer: the run's `Checkpointer` on `path/checkpoints`.
       restore_step: the checkpoint to resume from, or None for a fresh start.
+      config_changes: on a resume, the config keys that differ from the run's previous `config.json`
+        ("key: old -> new"); that file is kept as `config.until_step_<restore_step>.json`.
     """
 
     path: str
     checkpointer: Checkpointer
     restore_step: int | None
+    config_changes: tuple[str, ...] = ()
 
     def file(self, name: str) -> str:
         """A path inside the run directory."""
@@ -142,10 +146,36 @@ def open_run(workdir: str, *, run_config: Any, checkpoint: CheckpointConfig, mod
         raise ConfigError(f"{ckpt_dir} already holds checkpoints and checkpoint.resume=false: choose another "
                           "workdir (--set workdir=...) or delete the old run")
     checkpointer = Checkpointer(ckpt_dir, config=checkpoint, model_config=model_config)
-    if is_main():  # one process writes files (every process saves its shards of the checkpoints)
-        write_json(os.path.join(workdir, "config.json"), to_dict(run_config))
     restore_step = checkpointer.latest_step() if checkpoint.resume else None
-    return RunDir(os.path.abspath(workdir), checkpointer, restore_step)
+    config_file, config = os.path.join(workdir, "config.json"), json_ready(run_config)
+    changes = ()
+    if restore_step is not None and os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            before = json.load(f)
+        changes = config_differences(before, config)
+        if changes and is_main():  # the config the earlier steps ran with is kept
+            write_json(os.path.join(workdir, f"config.until_step_{restore_step}.json"), before)
+    if is_main():  # one process writes files (every process saves its shards of the checkpoints)
+        write_json(config_file, config)
+    return RunDir(os.path.abspath(workdir), checkpointer, restore_step, changes)
+
+
+def config_differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[str, ...]:
+    """The dotted keys whose values differ between two config dicts, as "key: old -> new" (a key only
+    one of them has shows "(absent)" on the other side)."""
+    def flat(d, prefix=""):
+        out = {}
+        for key, value in d.items():
+            if isinstance(value, Mapping) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    a, b = flat(before), flat(after)
+    absent = "(absent)"
+    return tuple(f"{key}: {json.dumps(a[key]) if key in a else absent} -> {json.dumps(b[key]) if key in b else absent}"
+                 for key in sorted(set(a) | set(b)) if a.get(key, absent) != b.get(key, absent))
 
 
 @dataclasses.dataclass
@@ -264,6 +294,11 @@ def fit(
 
     if start_step > 0:
         logger.message(f"resuming from step {start_step} ({run.checkpointer.directory})")
+        if run.config_changes:
+            shown = "; ".join(run.config_changes[:6]) + (f"; and {len(run.config_changes) - 6} more"
+                                                         if len(run.config_changes) > 6 else "")
+            logger.message(f"the config differs from the one steps 1-{start_step} ran with: {shown} (that one is "
+                           f"kept as config.until_step_{start_step}.json)")
     try:
         agreed = preemption_sync_point()
         with (StopSignal() if agreed is None else StopSignal((signal.SIGINT,), forward=signal.SIGTERM)) as stop:

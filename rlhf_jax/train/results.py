@@ -17,7 +17,7 @@ from typing import Any
 from rlhf_jax.config import to_dict
 from rlhf_jax.distributed import is_main
 
-__all__ = ["Panel", "write_json", "plot_metrics", "series"]
+__all__ = ["Panel", "json_ready", "write_json", "plot_metrics", "series"]
 
 
 def _finite(x: Any) -> Any:
@@ -29,6 +29,12 @@ def _finite(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
+
+
+def json_ready(data: Any) -> Any:
+    """`data` (a config dataclass, dict, ...) as the plain JSON value `write_json` writes and a reader
+    loads back: dicts, lists (tuples too), strings, numbers, with non-finite floats as strings."""
+    return json.loads(json.dumps(_finite(to_dict(data))))
 
 
 def write_json(path: str | os.PathLike, data: Any) -> str:
