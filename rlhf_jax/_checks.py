@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.config import ConfigError
+
 
 def is_number(value: Any) -> bool:
     """True for a concrete Python/NumPy real number (not a bool, not a traced array)."""
@@ -114,11 +116,12 @@ def safe_denominator(denom: jax.Array) -> jax.Array:
 def check_micro_split(batch: Any, micro_batches: Any, where: str) -> None:
     """One-line `ValueError`s for a pass run in `micro_batches` pieces (evals, reference log-probs):
     `micro_batches` must be a positive int dividing every array's rows in the mapping `batch` (None:
-    the count alone). The message names the run's config key, `train.micro_batches`."""
+    the count alone). The rows' message names the run's config key, `train.micro_batches`, and is a
+    `ConfigError` (a `ValueError`), which the CLI reports in one line."""
     if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
         raise ValueError(f"{where}: micro_batches must be a positive int, got {micro_batches!r}")
     for key, x in (batch or {}).items():
         if x.shape[0] % micro_batches:
-            raise ValueError(f"{where}: batch[{key!r}] has {x.shape[0]} rows, not divisible by "
+            raise ConfigError(f"{where}: batch[{key!r}] has {x.shape[0]} rows, not divisible by "
                              f"micro_batches={micro_batches} (train.micro_batches); use a batch size that is a "
                              f"multiple of it")

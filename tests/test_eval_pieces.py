@@ -17,6 +17,7 @@ import pytest
 
 from step_fixtures import host_params, mesh_for, pair_batches, sft_batches, tiny_lm
 from rlhf_jax import sharding as sh
+from rlhf_jax.config import ConfigError
 from rlhf_jax.steps import DPO, make_reference_logps_fn
 from rlhf_jax.train import dpo as dpo_mod, tiny_stages
 from rlhf_jax.train.aot import plan_run
@@ -96,6 +97,7 @@ def test_a_batch_the_pieces_do_not_divide_is_one_line_naming_the_key():
                                          r"\(train.micro_batches\)") as e:
         fn(reference, BATCHES[0])
     assert "\n" not in str(e.value)
+    assert isinstance(e.value, ConfigError)  # a config mistake: the CLI reports it in one line, exit 2
     with pytest.raises(ValueError, match=r"make_weighted_eval: batch\['tokens'\] has 8 rows, not divisible by "
                                          r"micro_batches=3 \(train.micro_batches\)") as e:
         make_sft_eval(tiny_lm(), sft_batches(1), mesh=mesh, strategy="dp", micro_batches=3)

@@ -153,6 +153,10 @@ def test_data_config_checks_and_vocab():
         DataConfig(max_len=32, seq_len=16)
     with pytest.raises(ConfigError, match="data.label_noise must be in"):
         DataConfig(label_noise=0.7)
+    with pytest.raises(ConfigError, match="data.max_len must be an int >= 2, got 0"):  # at config time, not mid-run
+        DataConfig(max_len=0)
+    with pytest.raises(ConfigError, match=r"data.max_prompt_len must be None or an int in \[1, max_len=32\), got 60"):
+        DataConfig(max_len=32, max_prompt_len=60)
     with pytest.raises(ConfigError, match="has no 'preference' data"):
         train_data.load_split(DataConfig(train="synthetic:arithmetic"), kind="preference", which="train",
                           tokenizer=offline_tokenizer())

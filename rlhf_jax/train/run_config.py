@@ -87,6 +87,10 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be a positive int, got {value!r}")
         if not 0 <= self.label_noise <= 0.5:
             raise ConfigError(f"data.label_noise must be in [0, 0.5], got {self.label_noise!r}")
+        try:
+            TokenizeConfig(max_len=self.max_len, max_prompt_len=self.max_prompt_len)  # its own checks
+        except ValueError as e:
+            raise ConfigError(str(e).replace("TokenizeConfig.", "data.")) from None
         if self.seq_len is not None and self.seq_len < self.max_len:
             raise ConfigError(f"data.seq_len ({self.seq_len}) must be >= data.max_len ({self.max_len}) or None")
         check_choice("data", "truncation", self.truncation, Literal["keep_start", "keep_end"])
@@ -110,7 +114,6 @@ class DataConfig:
         name = source[len("synthetic:"):]
         spec = SYNTHETIC_TASKS[name]
         return BoundTask(name, spec, getattr(self, spec.field))
-        TokenizeConfig(max_len=self.max_len, max_prompt_len=self.max_prompt_len)  # its own checks
 
     @property
     def tokenize(self) -> TokenizeConfig:
