@@ -123,5 +123,5 @@ def check_micro_split(batch: Any, micro_batches: Any, where: str) -> None:
     for key, x in (batch or {}).items():
         if x.shape[0] % micro_batches:
             raise ConfigError(f"{where}: batch[{key!r}] has {x.shape[0]} rows, not divisible by "
-                             f"micro_batches={micro_batches} (train.micro_batches); use a batch size that is a "
-                             f"multiple of it")
+                              f"micro_batches={micro_batches} (train.micro_batches); use a batch size that is a "
+                              f"multiple of it")

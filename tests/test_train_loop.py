@@ -122,6 +122,11 @@ def test_a_resume_with_another_config_says_what_changed_and_keeps_the_old_one(tm
     assert json.loads((tmp_path / "config.json").read_text()) == json_ready(after)
     with open_run(str(tmp_path), run_config=after, checkpoint=CKPT, model_config=None) as run:
         assert run.config_changes == ()  # resumed again with the same config: nothing to report
+    (tmp_path / "config.json").write_text('{"name": "x", "optim": ')  # edited by hand, badly
+    with open_run(str(tmp_path), run_config=after, checkpoint=CKPT, model_config=None) as run:
+        assert len(run.config_changes) == 1 and run.config_changes[0].startswith("config.json: not readable as JSON")
+    assert (tmp_path / "config.until_step_4.json").read_text() == '{"name": "x", "optim": '  # kept byte for byte
+    assert json.loads((tmp_path / "config.json").read_text()) == json_ready(after)
 
 
 def test_existing_checkpoints_without_resume_is_an_error(tmp_path):

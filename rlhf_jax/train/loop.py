@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -150,11 +151,14 @@ def open_run(workdir: str, *, run_config: Any, checkpoint: CheckpointConfig, mod
     config_file, config = os.path.join(workdir, "config.json"), json_ready(run_config)
     changes = ()
     if restore_step is not None and os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            before = json.load(f)
-        changes = config_differences(before, config)
-        if changes and is_main():  # the config the earlier steps ran with is kept
-            write_json(os.path.join(workdir, f"config.until_step_{restore_step}.json"), before)
+        kept = os.path.join(workdir, f"config.until_step_{restore_step}.json")
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                changes = config_differences(json.load(f), config)
+        except ValueError as e:   # edited by hand into something that is not JSON
+            changes = (f"config.json: not readable as JSON ({e})",)
+        if changes and is_main():  # the config the earlier steps ran with is kept, byte for byte
+            shutil.copyfile(config_file, kept)
     if is_main():  # one process writes files (every process saves its shards of the checkpoints)
         write_json(config_file, config)
     return RunDir(os.path.abspath(workdir), checkpointer, restore_step, changes)
