@@ -47,7 +47,7 @@ def write_json(path: str | os.PathLike, data: Any) -> str:
         return path
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_finite(to_dict(data)), f, indent=2, sort_keys=True)
+        json.dump(json_ready(data), f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
     return path
