@@ -40,6 +40,7 @@ __all__ = [
     "join_sequences",
     "completion_index",
     "completion_hidden",
+    "shared_prompt_forward",
     "completion_logprobs",
     "head_logprobs",
     "completion_values",
@@ -131,10 +132,25 @@ def completion_hidden(
         hidden = model.forward(params, joined[:, :-1], rng=rng).hidden
         index = completion_index(prompt_lengths, completion_tokens.shape[1])
         return jnp.take_along_axis(hidden, index[:, :, None], axis=1)
-    _check_rollout("completion_hidden", prompt_tokens, prompt_lengths, completion_tokens)
+    return shared_prompt_forward(model, params, prompt_tokens, prompt_lengths, completion_tokens,
+                                 group_size=group_size, rng=rng).hidden
+
+
+def shared_prompt_forward(model, params, prompt_tokens, prompt_lengths, completion_tokens, *, group_size: int,
+                          rng=None):
+    """The model's output `[N, C, ...]` at the positions that predict each completion token, each
+    group's prompt run once (`completion_hidden` with `group_size = G`; DPO's pairs with `G = 2`).
+
+    Every group's prompt (its first row's) is prefilled into a KV cache of `P` slots, and only the
+    rows' inputs (the last prompt token, then `completion[:, :-1]`) run on top of it, each row
+    attending to its group's prompt slots `< len_b - 1` followed causally by its own tokens
+    (`models.transformer.PrefixKV`). Returns the `ModelOutput` of that second pass: `hidden` and,
+    with an LM head, `logits` (unused ones cost nothing under `jit`); its `cache` is None.
+    """
+    _check_rollout("shared_prompt_forward", prompt_tokens, prompt_lengths, completion_tokens)
     (n, p), c = prompt_tokens.shape, completion_tokens.shape[1]
     if not isinstance(group_size, int) or group_size < 1 or n % group_size:
-        raise ValueError(f"completion_hidden: {n} rows do not split into groups of group_size={group_size}")
+        raise ValueError(f"shared_prompt_forward: {n} rows do not split into groups of group_size={group_size}")
     groups = n // group_size
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (groups, p))
     prefill = model.forward(params, prompt_tokens[::group_size], positions, cache=model.init_cache(groups, p),
@@ -146,7 +162,7 @@ def completion_hidden(
     # re-run as the row's first input) next to their own, with no per-row cache to scatter into.
     prefix = PrefixKV(prefill.cache.k, prefill.cache.v, lengths[:, 0] - 1)
     return model.forward(params, inputs, completion_index(prompt_lengths, c), cache=prefix,
-                         rng=None if rng is None else jax.random.fold_in(rng, 1)).hidden
+                         rng=None if rng is None else jax.random.fold_in(rng, 1))
 
 
 def completion_logprobs(

@@ -39,6 +39,7 @@ from rlhf_jax.logprobs import target_token_logprobs, token_logprobs
 from rlhf_jax.losses import kto_loss, kto_reference_point, preference_metrics
 from rlhf_jax.models.lora import LoraLM, base_params
 from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.rollout import shared_prompt_forward
 from rlhf_jax.steps import common
 from rlhf_jax.steps.preference_objectives import DPO, KTO, ORPO, Objective, PreferenceTerms, SequenceLogps, SimPO
 from rlhf_jax.steps.sequences import causal_targets, deinterleave, forward_token_logps, segment_sums, side
@@ -102,27 +103,22 @@ def _side_logps(model, params, tokens, loss_mask, positions, segment_ids, *, max
 def _shared_prefix_logps(model, params, tokens, loss_mask, prefix_len: int, *, rng=None):
     """`_side_logps` of interleaved pair rows `[2B, T]` whose first `prefix_len` tokens the pair shares.
 
-    The pair's common prefix (its first `prefix_len` tokens, none of them a target) runs once into a
-    KV cache, repeated for the pair's two rows, and each row's tokens from `prefix_len` on run on top
-    of it (as `rollout.completion_hidden` does for GRPO groups): `B p + 2B (T - p)` token positions
-    instead of `2B T`, forward and backward, with the same log-probs up to float rounding. The last
-    prefix token is re-run on each row, so its hidden state predicts the first suffix token.
+    The pair is a group of two rows sharing one prompt (`rollout.shared_prompt_forward` with
+    `group_size=2`, as GRPO's groups): the chosen row's first `prefix_len` tokens (none of them a
+    target) are prefilled once, and each row's tokens from the last prefix token on run on top of
+    that cache: `B p + 2B (T - p)` token positions instead of `2B T`, forward and backward, with the
+    same log-probs up to float rounding.
 
     A batch that breaks the contract (a target among the first `prefix_len` tokens, or chosen and
     rejected rows that differ there) gets NaN log-probs: the step's non-finite guard then skips it
     (`nonfinite="skip"`) or halts, instead of training on a wrong loss.
     """
     targets = causal_targets(tokens, loss_mask)
-    n, t = tokens.shape
-    p = prefix_len - 1   # tokens prefilled: the last prefix token is re-run with the suffix
-    pairs = n // 2
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (pairs, p))
-    prefill = model.forward(params, tokens[::2, :p], positions, cache=model.init_cache(pairs, t - 1), rng=rng,
-                            prefill=True)
-    cache = jax.tree.map(lambda a: jnp.repeat(a, 2, axis=1), prefill.cache)   # rows c0, r0, c1, r1, ...
-    suffix_positions = jnp.broadcast_to(jnp.arange(p, t - 1, dtype=jnp.int32), (n, t - 1 - p))
-    out = model.forward(params, tokens[:, p:t - 1], suffix_positions, cache=cache,
-                        rng=None if rng is None else jax.random.fold_in(rng, 1))
+    n, _ = tokens.shape
+    p = prefix_len - 1   # hidden states before position p predict prefix tokens only
+    prompt_lengths = jnp.full((n,), prefix_len, jnp.int32)
+    out = shared_prompt_forward(model, params, tokens[:, :prefix_len], prompt_lengths, tokens[:, prefix_len:],
+                                group_size=2, rng=rng)
     mask, labels = targets.mask[:, p:], targets.labels[:, p:]
     if _head_needs_logits(model, rng):
         logps = jnp.where(mask > 0, token_logprobs(out.logits, labels), 0.0)
