@@ -96,6 +96,8 @@ def test_shared_prefix_contract_broken_is_a_skipped_step():
     assert np.isnan(np.asarray(sums(tokens.at[1, 2].set(tokens[1, 2] + 1), 5))).all()
     with pytest.raises(ValueError, match="shared_prefix_len must be an int >= 2"):
         make_dpo_step(lm, optax.sgd(1e-3), shared_prefix_len=1)
+    with pytest.raises(ValueError, match=f"rows of {tokens.shape[1]} tokens leave nothing after the shared prefix"):
+        sums(tokens, tokens.shape[1])
 
 
 
@@ -105,7 +107,9 @@ def test_dpo_config_shared_prefix_len_is_checked():
     from rlhf_jax.steps import KTO
     from rlhf_jax.train.dpo import DPOConfig
 
-    assert DPOConfig(name="d", shared_prefix_len=64).shared_prefix_len == 64
+    assert DPOConfig(name="d", shared_prefix_len=40).shared_prefix_len == 40
+    with pytest.raises(ConfigError, match=r"shared_prefix_len \(48\) must be smaller than the rows' 48 tokens"):
+        DPOConfig(name="d", shared_prefix_len=48)   # data.max_len 48: no target could follow it
     with pytest.raises(ConfigError, match="shared_prefix_len must be None or an int >= 2 with a paired objective"):
         DPOConfig(name="d", shared_prefix_len=1)
     with pytest.raises(ConfigError, match="got 8 with KTO"):

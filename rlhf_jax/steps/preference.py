@@ -113,8 +113,11 @@ def _shared_prefix_logps(model, params, tokens, loss_mask, prefix_len: int, *, r
     rejected rows that differ there) gets NaN log-probs: the step's non-finite guard then skips it
     (`nonfinite="skip"`) or halts, instead of training on a wrong loss.
     """
+    n, t = tokens.shape
+    if prefix_len >= t:
+        raise ValueError(f"make_dpo_step(shared_prefix_len={prefix_len}): rows of {t} tokens leave nothing after "
+                         "the shared prefix; it must be shorter than the rows")
     targets = causal_targets(tokens, loss_mask)
-    n, _ = tokens.shape
     p = prefix_len - 1   # hidden states before position p predict prefix tokens only
     prompt_lengths = jnp.full((n,), prefix_len, jnp.int32)
     out = shared_prompt_forward(model, params, tokens[:, :prefix_len], prompt_lengths, tokens[:, prefix_len:],

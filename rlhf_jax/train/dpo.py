@@ -122,6 +122,10 @@ class DPOConfig(RunConfig):
                                                    or self.shared_prefix_len < 2 or not self.algorithm.paired):
             raise ConfigError("shared_prefix_len must be None or an int >= 2 with a paired objective, got "
                               f"{self.shared_prefix_len!r} with {type(self.algorithm).__name__}")
+        if self.shared_prefix_len is not None and self.shared_prefix_len >= self.data.row_len:
+            raise ConfigError(f"shared_prefix_len ({self.shared_prefix_len}) must be smaller than the rows' "
+                              f"{self.data.row_len} tokens (data.max_len / data.seq_len): every target would lie "
+                              "inside the shared prefix")
 
     @property
     def uses_reference_model(self) -> bool:
