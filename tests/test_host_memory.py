@@ -93,12 +93,21 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 
 @pytest.mark.skipif(not GLIBC, reason="the settings are glibc malloc options")
 def test_kept_memory_is_reused_instead_of_faulted_in_again():
-    """Minor page faults per call of a program with a large temporary (here ~4,200 against ~2)."""
-    faults = {}
-    for mode in ("keep", "system"):
+    """Minor page faults per call of a program with a large temporary (here ~4,200 against ~2).
+
+    Faults only add up under interference: the kernel reclaiming kept pages while the suite's other
+    worker presses on memory once made a `keep` run read ~1,300 per call. So `keep` is the fewest of
+    up to three runs; one run that stays well under the system allocator's count settles it.
+    """
+    def faults(mode: str) -> float:
         out = _run(_FAULTS, JAX_PLATFORMS="cpu", RLHF_JAX_HOST_MEMORY=mode)
         assert out.returncode == 0, out.stderr
-        faults[mode] = float(out.stdout.strip().splitlines()[-1])
-    if faults["system"] < 500:
-        pytest.skip(f"this kernel barely faults freed pages back in ({faults}): nothing to compare")
-    assert faults["keep"] < faults["system"] / 5, faults
+        return float(out.stdout.strip().splitlines()[-1])
+
+    system = faults("system")
+    if system < 500:
+        pytest.skip(f"this kernel barely faults freed pages back in (system allocator: {system} per call)")
+    keep = []
+    while len(keep) < 3 and (not keep or min(keep) >= system / 5):
+        keep.append(faults("keep"))
+    assert min(keep) < system / 5, {"keep": keep, "system": system}
