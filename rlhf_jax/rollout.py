@@ -138,15 +138,9 @@ def completion_hidden(
 
 def shared_prompt_forward(model, params, prompt_tokens, prompt_lengths, completion_tokens, *, group_size: int,
                           rng=None):
-    """The model's output `[N, C, ...]` at the positions that predict each completion token, each
-    group's prompt run once (`completion_hidden` with `group_size = G`; DPO's pairs with `G = 2`).
-
-    Every group's prompt (its first row's) is prefilled into a KV cache of `P` slots, and only the
-    rows' inputs (the last prompt token, then `completion[:, :-1]`) run on top of it, each row
-    attending to its group's prompt slots `< len_b - 1` followed causally by its own tokens
-    (`models.transformer.PrefixKV`). Returns the `ModelOutput` of that second pass: `hidden` and,
-    with an LM head, `logits` (unused ones cost nothing under `jit`); its `cache` is None.
-    """
+    """`completion_hidden` with `group_size = G > 1` (its docstring has the layout), returned whole:
+    the `ModelOutput` `[N, C, ...]` of the rows' pass over their group's prompt, i.e. `hidden` and,
+    with an LM head, `logits` (unused ones cost nothing under `jit`). DPO's pairs are groups of 2."""
     _check_rollout("shared_prompt_forward", prompt_tokens, prompt_lengths, completion_tokens)
     (n, p), c = prompt_tokens.shape, completion_tokens.shape[1]
     if not isinstance(group_size, int) or group_size < 1 or n % group_size:
