@@ -1,5 +1,6 @@
 """Test setup: JAX on CPU with 8 simulated devices, configured before jax is imported."""
 
+import gc
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -22,6 +23,21 @@ os.environ.setdefault("RLHF_JAX_HOST_MEMORY", "system")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_finish(session):
+    """Python's cyclic garbage collector, made to scan less in the long-lived test workers.
+
+    A worker accumulates ~2.5 million objects (modules, collected tests, JAX's trace and compile
+    caches); at CPython's default thresholds each full collection walked all of them, 29 and 41 full
+    collections per worker taking 14 and 38 s of a 14-minute suite (gc.callbacks, measured). The
+    objects that exist once collection is done are frozen out of every later collection, and a
+    collection runs after 20,000 net allocations instead of 700. Cycles are still collected; reference
+    counting frees everything else as before.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
 
 
 def pytest_collection_modifyitems(config, items):
