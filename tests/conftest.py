@@ -2,6 +2,8 @@
 
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -20,6 +22,15 @@ os.environ["XLA_FLAGS"] = _flags.strip()
 # made for long training loops) cost ~8% wall time and 2.7x the kernel time (test_sampling + test_steps_sft,
 # twice each). test_host_memory.py checks that mode in its own interpreters.
 os.environ.setdefault("RLHF_JAX_HOST_MEMORY", "system")
+# One on-disk compilation cache (JAX's persistent cache) for the session, inherited by both xdist
+# workers and every process a test starts (CLI runs, multi-process launches, notebook kernels): a
+# program that several tests build, or a relaunch rebuilds, is compiled once. The controller makes
+# it before the workers start and removes it at the end; an environment that names one keeps it.
+_CACHE_MADE_HERE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_MADE_HERE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlhf_jax_tests_xla_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,3 +60,9 @@ def pytest_collection_modifyitems(config, items):
     slow_modules = {item.module.__name__ for item in items
                     if item.get_closest_marker("slow") is not None and getattr(item, "module", None) is not None}
     items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", None) not in slow_modules)
+
+
+def pytest_unconfigure(config):
+    """The session's compilation cache goes with the process that made it."""
+    if _CACHE_MADE_HERE is not None:
+        shutil.rmtree(_CACHE_MADE_HERE, ignore_errors=True)

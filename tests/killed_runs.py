@@ -29,13 +29,11 @@ KILL_POINTS = ("between", "saving", "saved")
 
 
 @pytest.fixture(scope="session")
-def cli_env(tmp_path_factory) -> dict[str, str]:
-    """Subprocess environment sharing one persistent compilation cache: the CLI runs of a test session
-    compile the same few programs, so only the first run of each pays for compiling them."""
-    cache = tmp_path_factory.mktemp("jax_cache")
+def cli_env() -> dict[str, str]:
+    """Subprocess environment: this repository importable, output unbuffered, and the session's
+    compilation cache (tests/conftest.py), so only the first run of a program pays for compiling it."""
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
+                PYTHONUNBUFFERED="1")
 
 
 def run_cli(args: list[str], *, env: dict[str, str], kill: str | None = None,

@@ -39,12 +39,11 @@ class Launch:
 
     def __init__(self, args: list[str], *, num_processes: int, devices: int, heartbeat_s: int = 15,
                  init_timeout_s: int = 60, extra: dict[int, list[str]] | None = None,
-                 hooks: dict[int, list[str]] | None = None, declared: int | None = None,
-                 env: dict[str, str] | None = None):
+                 hooks: dict[int, list[str]] | None = None, declared: int | None = None):
         """`hooks`: per process, options of `tests/multihost_run.py` (kill points, slow steps, a
         safetensors spy); `declared`: the `--num-processes` given (default: the number launched)."""
         self.procs: list[subprocess.Popen] = []
-        env = {**environment(devices), **(env or {})}
+        env = environment(devices)
         port = free_port()
         for i in range(num_processes):
             multi = [] if num_processes == 1 and declared is None else [

@@ -117,13 +117,6 @@ def hf_init(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for the module's launches (a relaunch compiles nothing new)."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 def _sft_sets(hf_init):
     """The SFT stage starts from `hf_init`, its parameters sharded over all 8 devices (FSDP): each
     process holds half of every matrix, and reads only that half of the safetensors file."""
@@ -134,8 +127,8 @@ def _args(experiment, workdir, sets=()):
     return ["run", experiment, "--set", f"workdir={workdir}", *[a for s in sets for a in ("--set", s)]]
 
 
-def _run(experiment, workdir, *, processes, sets=(), timeout=600, env=None, hooks=None):
-    with Launch(_args(experiment, workdir, sets), num_processes=processes, devices=8 // processes, env=env,
+def _run(experiment, workdir, *, processes, sets=(), timeout=600, hooks=None):
+    with Launch(_args(experiment, workdir, sets), num_processes=processes, devices=8 // processes,
                 hooks=hooks) as launch:
         return launch.wait(timeout)
 
@@ -172,12 +165,12 @@ def _one_writer(run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(experiment, hf_init, compile_cache, tmp_path_factory):
+def runs(experiment, hf_init, tmp_path_factory):
     """The five stages on 2 processes x 4 devices and on 1 process x 8 devices."""
     root = tmp_path_factory.mktemp("runs")
     spy = {i: ["--spy-safetensors", str(root / f"read_{i}.jsonl")] for i in range(2)}
-    _ok(_run(experiment, root / "two", processes=2, sets=_sft_sets(hf_init), env=compile_cache, hooks=spy, timeout=1200))
-    _ok(_run(experiment, root / "one", processes=1, sets=_sft_sets(hf_init), env=compile_cache, timeout=1200))
+    _ok(_run(experiment, root / "two", processes=2, sets=_sft_sets(hf_init), hooks=spy, timeout=1200))
+    _ok(_run(experiment, root / "one", processes=1, sets=_sft_sets(hf_init), timeout=1200))
     return root
 
 
@@ -235,8 +228,7 @@ def test_hugging_face_weights_are_read_where_they_are_held(runs, hf_init):
         assert read[0][name] + read[1][name] == sizes[name], name
 
 
-def test_killed_preempted_and_resumed_runs_end_exactly_like_an_uninterrupted_one(experiment, hf_init, compile_cache,
-                                                                              runs, tmp_path):
+def test_killed_preempted_and_resumed_runs_end_exactly_like_an_uninterrupted_one(experiment, hf_init, runs, tmp_path):
     """Both processes SIGKILLed after the checkpoint of step 2; relaunched, SIGTERM to process 1 alone
     once step 3 is logged: both save one same step and exit 75 within 60 s; relaunched again, the run
     ends with the uninterrupted run's parameters (bit for bit) and metrics. Five launches write the
@@ -245,7 +237,7 @@ def test_killed_preempted_and_resumed_runs_end_exactly_like_an_uninterrupted_one
 
     sets = ["stages=sft", *_sft_sets(hf_init)]
     run_dir, ckpts = tmp_path / "sft", tmp_path / "sft" / "checkpoints"
-    killed = _run(experiment, tmp_path, processes=2, sets=sets, env=compile_cache,
+    killed = _run(experiment, tmp_path, processes=2, sets=sets,
                   hooks={i: ["--kill", "between:3"] for i in range(2)})
     # Each process SIGKILLs itself at step 3. Process 1 may be aborted by JAX (SIGABRT, -6) first: the
     # coordination service it depends on died with process 0. Either way nothing is saved after step 2.
@@ -255,7 +247,7 @@ def test_killed_preempted_and_resumed_runs_end_exactly_like_an_uninterrupted_one
     _one_writer(run_dir)
 
     # Steps take a second more from step 3 on, so the notice reaches both processes mid-run.
-    with Launch(_args(experiment, tmp_path, sets), num_processes=2, devices=4, env=compile_cache,
+    with Launch(_args(experiment, tmp_path, sets), num_processes=2, devices=4,
                 hooks={i: ["--slow-from", "3"] for i in range(2)}) as launch:
         deadline = time.monotonic() + 240
         while not any(r["step"] >= 3 for r in (_records(run_dir / "metrics.jsonl")
@@ -273,7 +265,7 @@ def test_killed_preempted_and_resumed_runs_end_exactly_like_an_uninterrupted_one
     _one_writer(run_dir)
 
     for _ in range(2):  # resume to the end, then once more with nothing left to do
-        _ok(_run(experiment, tmp_path, processes=2, sets=sets, env=compile_cache))
+        _ok(_run(experiment, tmp_path, processes=2, sets=sets))
         _one_writer(run_dir)
     chex.assert_trees_all_equal(_params(runs / "two" / "sft" / "checkpoints"), _params(ckpts))
     last = lambda path: {r["step"]: {k: v for k, v in r.items() if not k.startswith("time/")  # noqa: E731
