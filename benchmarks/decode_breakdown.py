@@ -16,6 +16,11 @@ interleaved in one process (rounds x variants), each figure the median CPU ms pe
   no_logprob        the per-step `token_logprobs` replaced by a gather of one logit
   matmuls_only      the same weights' projections, MLP and LM head for 16 rows, 64 steps in a
                     `fori_loop`: the decode step's matmuls alone
+  matmuls_one_layer the same chain with layer 0's weights in all four layers: the same FLOPs, but
+                    11.6 MB of weights read per step instead of 21.0 (what streaming them costs)
+  matmuls_2x16_rows the chain for W4's 32 rows as W4 runs them: 16 rows on each of two devices at
+                    once, each device reading its own copy of the weights (CPU ms for both devices)
+  matmuls_1x32_rows the chain for the 32 rows on one device (one copy of the weights read)
 
 `--ops` instead traces the real program (`jax.profiler`, XLA:CPU's per-thunk events, which it
 turns on itself) and sums the time per kind of op: the weight matmuls (XLA:CPU runs them as YNNPACK
@@ -26,6 +31,8 @@ Stubbed variants change the tokens drawn; they are for timing only. CPU time, no
 host is shared (see CPU.md). The process keeps freed host memory (`rlhf_jax.host_memory`), as
 `bench_grpo.py` runs W4. Figures (2026-12-05, issue 23, 6 rounds, CPU ms per step): full 4.65,
 no_attention 3.84, qk_only 4.22, argmax_sampling 5.18, no_logprob 4.61, matmuls_only 3.18.
+2026-12-06 (quiet AVX-512 host, 10 rounds): full 4.51, no_attention 3.57, matmuls_only 2.96,
+matmuls_one_layer 2.29, matmuls_2x16_rows 5.72, matmuls_1x32_rows 4.91 (CPU.md: the bytes read).
 `--ops` (2026-12-05, 3 traces, loaded host): weight matmuls 3.22-3.35 ms per step (70%, 29 ops),
 attention dots 0.60-0.65 (13%, 8), other fusions 0.37-0.40 (8%, 118), reductions 0.26-0.30 (6%, 27),
 copies and the loop the rest.
@@ -42,6 +49,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):   # matmuls_2x16_rows
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 if "--ops" in sys.argv:   # XLA:CPU records one trace event per op only with this flag
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
 
@@ -90,9 +99,9 @@ def main() -> None:
         finally:
             attention.reference_attention, methods.Categorical.select, D.token_logprobs = real
 
-    def matmuls(p, x):
+    def matmuls(p, x, layers=None):
         def body(i, x):
-            for layer in p["layers"]:
+            for layer in layers or p["layers"]:
                 a, m, e = layer["attn"], layer["mlp"], x.shape[-1]
                 qkv = x @ a["q_proj"].reshape(e, -1) + x @ a["k_proj"].reshape(e, -1) + x @ a["v_proj"].reshape(e, -1)
                 x = x + (qkv * 1e-3) @ a["o_proj"].reshape(-1, e)
@@ -101,6 +110,11 @@ def main() -> None:
         return jax.lax.fori_loop(0, NEW, body, x)
 
     rows = jnp.ones((PROMPTS * ROWS_PER_PROMPT, lm.config.hidden_size), jnp.float32)
+    rows32 = jnp.ones((2 * PROMPTS * ROWS_PER_PROMPT, lm.config.hidden_size), jnp.float32)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+    on_both = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    two_devices = (jax.device_put(params, on_both), jax.device_put(rows32, split))
     if args.ops:
         op_profile(build(), params, lambda r: prefill(params, prompts, jax.random.key(r)))
         return
@@ -111,14 +125,20 @@ def main() -> None:
         "argmax_sampling": build(select=lambda self, logits, u: jnp.argmax(logits, -1).astype(jnp.int32)),
         "no_logprob": build(logprobs=lambda logits, tokens, temperature=1.0: logits[:, 0]),
         "matmuls_only": jax.jit(matmuls).lower(params, rows).compile(),
+        "matmuls_one_layer": jax.jit(lambda p, x: matmuls(p, x, (p["layers"][0],) * len(p["layers"])))
+                             .lower(params, rows).compile(),
+        "matmuls_2x16_rows": jax.jit(matmuls, out_shardings=split).lower(*two_devices).compile(),
+        "matmuls_1x32_rows": jax.jit(matmuls).lower(params, rows32).compile(),
     }
+    inputs = {"matmuls_only": (params, rows), "matmuls_one_layer": (params, rows),
+              "matmuls_2x16_rows": two_devices, "matmuls_1x32_rows": (params, rows32)}
     times = {k: [] for k in variants}
     for r in range(args.rounds):
         for name, program in variants.items():
             state = prefill(params, prompts, jax.random.key(r))
             jax.block_until_ready(state)
             start = time.process_time()
-            jax.block_until_ready(program(params, rows) if name == "matmuls_only" else program(params, state))
+            jax.block_until_ready(program(*inputs[name]) if name in inputs else program(params, state))
             times[name].append((time.process_time() - start) / NEW * 1e3)
     for name, t in times.items():
         print(f"{name:>16}: {np.median(t):.3f} CPU ms per step  (q25 {np.percentile(t, 25):.3f}, q75 "
