@@ -109,15 +109,15 @@ def main() -> None:
             return x + (x @ p["lm_head"])[:, :e] * 1e-6
         return jax.lax.fori_loop(0, NEW, body, x)
 
+    if args.ops:
+        op_profile(build(), params, lambda r: prefill(params, prompts, jax.random.key(r)))
+        return
     rows = jnp.ones((PROMPTS * ROWS_PER_PROMPT, lm.config.hidden_size), jnp.float32)
     rows32 = jnp.ones((2 * PROMPTS * ROWS_PER_PROMPT, lm.config.hidden_size), jnp.float32)
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
     on_both = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     two_devices = (jax.device_put(params, on_both), jax.device_put(rows32, split))
-    if args.ops:
-        op_profile(build(), params, lambda r: prefill(params, prompts, jax.random.key(r)))
-        return
     variants = {
         "full": build(),
         "no_attention": build(attn=lambda q, k, v, mask, kv_axes="bskd": q + 0 * jnp.sum(k[:, :, :1, :1])),
