@@ -82,22 +82,25 @@ def main() -> None:
     prefill = jax.jit(lambda p, t, r: D.prefill(lm, p, t, jnp.full((PROMPTS,), PROMPT_LEN), max_new_tokens=NEW,
                                                 num_samples=ROWS_PER_PROMPT, rng=r, cache_chunk=NEW // 2))
     state0 = prefill(params, prompts, jax.random.key(0))
-    real = (attention.reference_attention, methods.Categorical.select, D.token_logprobs)
+    real = (attention.prefix_cache_attention, methods.Categorical.select, D.token_logprobs)
 
-    def qk_only(q, k, v, mask, kv_axes="bskd"):
-        b, t, h, d = q.shape
-        scores = jnp.einsum("bkgd,bksd->bkgs", q.reshape(b, k.shape[1], h // k.shape[1], d), k)
-        return q + 0 * jnp.sum(scores, -1).reshape(b, 1, h, 1) + 0 * jnp.sum(v[:, :, :1, :1])
+    def qk_only(q, prefix_k, prefix_v, k, v, mask):
+        n, t, h, d = q.shape
+        groups, hkv, p, _ = prefix_k.shape
+        qg = q.reshape(groups, n // groups, hkv, h // hkv, d)
+        scores = (jnp.sum(jnp.einsum("brkgd,bkpd->brkgp", qg, prefix_k), -1).reshape(n, 1, h, 1)
+                  + jnp.sum(jnp.einsum("nkgd,nksd->nkgs", qg.reshape(n, hkv, h // hkv, d), k), -1).reshape(n, 1, h, 1))
+        return q + 0 * scores + 0 * jnp.sum(v[:, :, :1, :1]) + 0 * jnp.sum(prefix_v[:, :, :1, :1])
 
     def build(attn=None, select=None, logprobs=None):
-        attention.reference_attention = attn or real[0]
+        attention.prefix_cache_attention = attn or real[0]
         methods.Categorical.select = select or real[1]
         D.token_logprobs = logprobs or real[2]
         try:
             fn = jax.jit(lambda p, s: D.decode(lm, p, s, method=methods.Categorical()))
             return fn.lower(params, state0).compile()
         finally:
-            attention.reference_attention, methods.Categorical.select, D.token_logprobs = real
+            attention.prefix_cache_attention, methods.Categorical.select, D.token_logprobs = real
 
     def matmuls(p, x, layers=None):
         def body(i, x):
@@ -120,7 +123,7 @@ def main() -> None:
     two_devices = (jax.device_put(params, on_both), jax.device_put(rows32, split))
     variants = {
         "full": build(),
-        "no_attention": build(attn=lambda q, k, v, mask, kv_axes="bskd": q + 0 * jnp.sum(k[:, :, :1, :1])),
+        "no_attention": build(attn=lambda q, pk, pv, k, v, mask: q + 0 * jnp.sum(k[:, :, :1, :1])),
         "qk_only": build(attn=qk_only),
         "argmax_sampling": build(select=lambda self, logits, u: jnp.argmax(logits, -1).astype(jnp.int32)),
         "no_logprob": build(logprobs=lambda logits, tokens, temperature=1.0: logits[:, 0]),

@@ -86,6 +86,53 @@ def test_chunked_cache_attention_matches_reference(dtype):
             assert _rel(got, expect) <= TOL[dtype], (positions.tolist(), window, _rel(got, expect))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_prefix_cache_attention_matches_a_per_row_cache(dtype):
+    """The sampler's decode cache (`PrefixKVCache`): 2 prompts of 20 slots shared by 3 rows each, 12
+    own slots per row. Both the einsum path and the chunked one (chunks of 8, the last overlapping)
+    equal the reference over each row's own copy of `[visible prompt slots ; own slots]`, with one
+    prompt seen from 0 slots (a one-token prompt) and one from 17, new tokens at own slots `start +
+    t`, with and without a sliding window; own slots past the new tokens hold garbage, never read."""
+    from rlhf_jax.models.transformer import prefix_attention_mask
+
+    groups, r, p, s = 2, 3, 20, 12
+    n = groups * r
+    ks = jax.random.split(jax.random.key(2), 5)
+    prefix_k = jax.random.normal(ks[0], (groups, K, p, D), jnp.float32).astype(dtype)
+    prefix_v = jax.random.normal(ks[1], (groups, K, p, D), jnp.float32).astype(dtype)
+    own_k = jax.random.normal(ks[2], (n, K, s, D), jnp.float32).astype(dtype)
+    own_v = jax.random.normal(ks[3], (n, K, s, D), jnp.float32).astype(dtype)
+    prefix_lengths = np.repeat([0, 17], r).astype(np.int32)
+
+    def per_row_cache(cache, own):
+        full = np.zeros((n, K, p + s, D), np.float32)
+        for b, length in enumerate(prefix_lengths):
+            full[b, :, :length] = np.asarray(cache[b // r], np.float32)[:, :length]
+            full[b, :, length:length + s] = np.asarray(own[b], np.float32)
+        return jnp.asarray(full, dtype)
+
+    full_k, full_v = per_row_cache(prefix_k, own_k), per_row_cache(prefix_v, own_v)
+    for start, t in ((0, 1), (5, 1), (11, 1), (4, 3)):
+        q = jax.random.normal(jax.random.fold_in(ks[4], start), (n, t, H, D), jnp.float32).astype(dtype)
+        positions = jnp.asarray(prefix_lengths[:, None] + start + np.arange(t)[None, :], jnp.int32)
+        lengths = jnp.asarray(prefix_lengths)
+        for window in (None, 6):
+            @jax.jit
+            def three(q, positions, start):
+                expect = A.reference_attention(q, full_k, full_v, attention_mask(
+                    positions, cache_len=p + s, sliding_window=window), kv_axes="bksd")
+                mask = prefix_attention_mask(positions, lengths, p, own_len=s, start=start, sliding_window=window)
+                einsum = A.prefix_cache_attention(q, prefix_k, prefix_v, own_k, own_v, mask)
+                chunked = A.chunked_prefix_cache_attention(q, prefix_k, prefix_v, lengths, own_k, own_v, positions,
+                                                           start, sliding_window=window, chunk=8)
+                return expect, einsum, chunked
+
+            expect, einsum, chunked = three(q, positions, jnp.int32(start))
+            for name, got in (("einsum", einsum), ("chunked", chunked)):
+                assert got.dtype == dtype and got.shape == expect.shape
+                assert _rel(got, expect) <= TOL[dtype], (name, start, t, window, _rel(got, expect))
+
+
 def test_resolve_impl_by_platform():
     assert A.resolve_impl("auto", jnp.bfloat16, "cpu") == "reference"
     assert A.resolve_impl("auto", jnp.bfloat16, "gpu") == "cudnn"

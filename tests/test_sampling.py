@@ -136,8 +136,8 @@ def test_growing_cache_in_phases_equals_the_full_cache(lm, params):
         model, params, prefill(model, params, prompts, lengths, max_new_tokens=8, rng=jax.random.key(0),
                                cache_chunk=chunk), method=Greedy(), stop_ids=stops), static_argnums=(0, 1))
     full = run(None, ())
-    assert full.cache_len == 4 + 8 - 1
-    for chunk in (3, 5):   # phases of 3 (cache 6 -> 9 -> 11 slots) and of 5 (8 -> 11)
+    assert full.cache_len == 8    # the rows' own slots; the prompts' 4 are shared by their rows
+    for chunk in (3, 5):   # phases of 3 (own slots 3 -> 6 -> 8) and of 5 (5 -> 8)
         grown = run(chunk, ())
         assert grown.cache_len == full.cache_len
         np.testing.assert_array_equal(grown.tokens, full.tokens)

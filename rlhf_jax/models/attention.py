@@ -213,44 +213,150 @@ def chunked_cache_attention(q, cache_k, cache_v, positions, *, sliding_window: i
     q [B, T, H, D]; cache_k, cache_v [B, Hkv, S, D] (slot s holds position s, the new tokens already
     written); positions int [B, T]. A query at position p sees slots s <= p (and p - s < window).
     Only the chunks up to the largest position in the batch are read: the filled prefix of the cache,
-    not all S slots, and no [.., S] score matrix is formed. Running max m, normaliser l and
-    accumulator o are rescaled per chunk (Milakov & Gimelshein, 2018; FlashAttention, Dao et al., 2022):
-
-        m' = max(m, max_s x_s),  l' = l e^{m - m'} + Σ_s e^{x_s - m'},  o' = o e^{m - m'} + Σ_s e^{x_s - m'} v_s.
-
+    not all S slots, and no [.., S] score matrix is formed (`_online_softmax`).
     The trip count is data dependent (a `while` loop): for sampling, not for differentiation.
     """
     b, t, h, d = q.shape
-    hkv, s = cache_k.shape[1], cache_k.shape[2]
-    g = h // hkv
+    hkv = cache_k.shape[1]
+    qg = q.reshape(b, t, hkv, h // hkv, d)
+    stats = _online_softmax(qg, cache_k, cache_v, positions, positions, jnp.zeros((b,), jnp.int32),
+                            sliding_window=sliding_window, chunk=chunk)
+    return _normalise(stats, q.dtype)
+
+
+def _online_softmax(qg, cache_k, cache_v, last_slot, query_positions, slot_offset, *,
+                    sliding_window: int | None, chunk: int):
+    """Unnormalised attention of grouped queries qg [B, T, Hkv, G, D] over slots s <= last_slot[b, t]
+    of cache_k, cache_v [B, Hkv, S, D], one chunk of slots at a time; slot s of row b holds position
+    `s + slot_offset[b]`, and a sliding window keeps `query_positions[b, t] - (s + slot_offset[b]) < window`.
+
+    Returns the running statistics (m, l, o) of the online softmax (Milakov & Gimelshein, 2018;
+    FlashAttention, Dao et al., 2022), [B, Hkv, G, T] (and [.., D] for o), per chunk of scores x_s:
+
+        m' = max(m, max_s x_s),  l' = l e^{m - m'} + Σ_s e^{x_s - m'},  o' = o e^{m - m'} + Σ_s e^{x_s - m'} v_s,
+
+    so that `o / l` is the attention and two blocks of keys merge by `_merge`. Only the chunks up to
+    the largest `last_slot` are read.
+    """
+    b, t, hkv, g, d = qg.shape
+    s = cache_k.shape[2]
     c = min(chunk, s)
-    qg = (q.astype(_F32) / math.sqrt(d)).astype(q.dtype).reshape(b, t, hkv, g, d)
-    needed = (jnp.max(positions) // c + 1).astype(jnp.int32)
-    needed = jnp.minimum(needed, -(-s // c))
-    qpos = positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    qg = (qg.astype(_F32) / math.sqrt(d)).astype(qg.dtype)
+    needed = (jnp.max(last_slot) // c + 1).astype(jnp.int32)
+    needed = jnp.clip(needed, 0, -(-s // c))
+    limit = last_slot[:, None, None, :, None]  # [B, 1, 1, T, 1]
     neg = jnp.finfo(_F32).min
 
     def body(i, carry):
         m, l, o = carry
         start = jnp.minimum(i * c, s - c)  # the last chunk may overlap the previous one
-        kc = jax.lax.dynamic_slice_in_dim(cache_k, start, c, axis=2).astype(q.dtype)
-        vc = jax.lax.dynamic_slice_in_dim(cache_v, start, c, axis=2).astype(q.dtype)
+        kc = jax.lax.dynamic_slice_in_dim(cache_k, start, c, axis=2).astype(qg.dtype)
+        vc = jax.lax.dynamic_slice_in_dim(cache_v, start, c, axis=2).astype(qg.dtype)
         x = jnp.einsum("btkgd,bkcd->bkgtc", qg, kc, preferred_element_type=_F32)
         slot = start + jnp.arange(c)
-        valid = (slot >= i * c) & (slot <= qpos)  # slots below i*c were counted by earlier chunks
+        valid = (slot >= i * c) & (slot <= limit)  # slots below i*c were counted by earlier chunks
         if sliding_window is not None:
-            valid = valid & (qpos - slot < sliding_window)
+            key_positions = slot + slot_offset[:, None, None, None, None]
+            valid = valid & (query_positions[:, None, None, :, None] - key_positions < sliding_window)
         x = jnp.where(valid, x, neg)
         m_new = jnp.maximum(m, jnp.max(x, axis=-1))
         scale = jnp.exp(m - m_new)
         p = jnp.where(valid, jnp.exp(x - m_new[..., None]), 0.0)
         l = l * scale + jnp.sum(p, axis=-1)
-        o = o * scale[..., None] + jnp.einsum("bkgtc,bkcd->bkgtd", p.astype(q.dtype), vc,
+        o = o * scale[..., None] + jnp.einsum("bkgtc,bkcd->bkgtd", p.astype(qg.dtype), vc,
                                               preferred_element_type=_F32)
         return m_new, l, o
 
     init = (jnp.full((b, hkv, g, t), neg, _F32), jnp.zeros((b, hkv, g, t), _F32),
             jnp.zeros((b, hkv, g, t, d), _F32))
-    _, l, o = jax.lax.fori_loop(0, needed, body, init)
-    out = o / l[..., None]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+    return jax.lax.fori_loop(0, needed, body, init)
+
+
+def _merge(a, b):
+    """Online-softmax statistics (m, l, o) of two blocks of keys merged into those of their union."""
+    (m1, l1, o1), (m2, l2, o2) = a, b
+    m = jnp.maximum(m1, m2)
+    s1, s2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
+    return m, l1 * s1 + l2 * s2, o1 * s1[..., None] + o2 * s2[..., None]
+
+
+def _normalise(stats, dtype):
+    """`o / l` of online-softmax statistics [B, Hkv, G, T, D] as attention output [B, T, H, D]."""
+    _, l, o = stats
+    b, hkv, g, t, d = o.shape
+    return (o / l[..., None]).transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d).astype(dtype)
+
+
+class PrefixLayerCache(NamedTuple):
+    """One layer's decode cache of rows continuing shared prompts (`rlhf_jax.models.transformer.PrefixKVCache`):
+    the prompts' keys and values `prefix_k, prefix_v [groups, Hkv, P, D]` (read only; row b sees slots
+    `< prefix_lengths[b]`) and the rows' own `k, v [N, Hkv, S, D]`, the new tokens written at own
+    slots `start .. start + T - 1`."""
+
+    prefix_k: jax.Array
+    prefix_v: jax.Array
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array
+    prefix_lengths: jax.Array
+
+
+def prefix_cache_attention(q, prefix_k, prefix_v, k, v, mask):
+    """Decode attention of rows continuing shared prompts: one softmax over the group's prompt block,
+    read once for the group's rows, and the row's own block of cached slots.
+
+    q [N, T, H, D]; prefix_k, prefix_v [groups, Hkv, P, D], row b continuing prompt `b // (N / groups)`;
+    k, v [N, Hkv, S, D] the rows' own slots; mask bool [N, T, P + S] (prompt slots first). As
+    `prefix_attention`,
+
+        out[b, t] = Σ_s softmax_s([q·K_prefix(b) ; q·K_b] / √d + mask) [V_prefix(b) ; V_b],
+
+    but the prompt block is one batched matmul per group over its rows' queries (no per-row copy of
+    the prompt's keys: the sampler's decode reads each prompt's keys and values once per step, not
+    once per sample).
+    """
+    n, t, h, d = q.shape
+    groups, hkv, p, _ = prefix_k.shape
+    r, g = n // groups, h // hkv
+    batched = (((3,), (2,)), ((0, 1), (0, 1)))   # [groups, Hkv, M, K] x [groups, Hkv, K, N]
+    # Per group and kv head, the group's r * g * T queries are the rows of one matmul with the prompt's
+    # keys (written as a plain [M, D] x [D, P] product, the form XLA:CPU's kernels run fastest).
+    q_prefix = q.reshape(groups, r, t, hkv, g, d).transpose(0, 3, 1, 4, 2, 5).reshape(groups, hkv, r * g * t, d)
+    x_prefix = jax.lax.dot_general(q_prefix, jnp.swapaxes(prefix_k, 2, 3), batched, preferred_element_type=_F32)
+    x_prefix = x_prefix.reshape(groups, hkv, r, g, t, p).transpose(0, 2, 1, 3, 4, 5).reshape(n, hkv, g, t, p)
+    x_own = jnp.einsum("ntkgd,nksd->nkgts", q.reshape(n, t, hkv, g, d), k, preferred_element_type=_F32)
+    scores = jnp.concatenate([x_prefix, x_own], axis=-1) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(_F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    p_prefix = probs[..., :p].reshape(groups, r, hkv, g, t, p).transpose(0, 2, 1, 3, 4, 5).reshape(
+        groups, hkv, r * g * t, p)
+    out_prefix = jax.lax.dot_general(p_prefix, prefix_v, batched, preferred_element_type=_F32)
+    out_prefix = out_prefix.reshape(groups, hkv, r, g, t, d).transpose(0, 2, 4, 1, 3, 5).reshape(n, t, hkv, g, d)
+    out = out_prefix + jnp.einsum("nkgts,nksd->ntkgd", probs[..., p:], v, preferred_element_type=_F32)
+    return out.reshape(n, t, h, d).astype(q.dtype)
+
+
+def chunked_prefix_cache_attention(q, prefix_k, prefix_v, prefix_lengths, k, v, positions, start, *,
+                                   sliding_window: int | None = None, chunk: int = DECODE_CHUNK):
+    """`prefix_cache_attention` without any [.., P + S] score matrix: the group's prompt block and the
+    row's own block each by the chunked online softmax (`_online_softmax`), merged by their statistics.
+
+    prefix_lengths int [N]: row b sees prompt slots `< prefix_lengths[b]` (equal within a group);
+    positions int [N, T] the new tokens' positions, written at own slots `start + t`; own slot s of row
+    b holds position `positions[b, 0] - start + s` (for the sliding window).
+    """
+    n, t, h, d = q.shape
+    groups, hkv, p, _ = prefix_k.shape
+    r, g = n // groups, h // hkv
+    # The prompt block: a group's r rows x T tokens are one batch of queries over its prompt's slots.
+    q_prefix = q.reshape(groups, r * t, hkv, g, d)
+    last_prompt_slot = jnp.broadcast_to((prefix_lengths[::r] - 1)[:, None], (groups, r * t))
+    m, l, o = _online_softmax(q_prefix, prefix_k, prefix_v, last_prompt_slot, positions.reshape(groups, r * t),
+                              jnp.zeros((groups,), jnp.int32), sliding_window=sliding_window, chunk=chunk)
+    regroup = lambda a: jnp.moveaxis(a.reshape(groups, hkv, g, r, t, *a.shape[4:]), 3, 1).reshape(  # noqa: E731
+        n, hkv, g, t, *a.shape[4:])
+    prefix_stats = (regroup(m), regroup(l), regroup(o))
+    own_last = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (n, t))
+    own_stats = _online_softmax(q.reshape(n, t, hkv, g, d), k, v, own_last, positions, positions[:, 0] - start,
+                                sliding_window=sliding_window, chunk=chunk)
+    return _normalise(_merge(prefix_stats, own_stats), q.dtype)

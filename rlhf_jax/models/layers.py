@@ -261,6 +261,23 @@ class Attention(nnx.Module):
             # Rows continuing shared prompts (`transformer.PrefixKV`): attention over the group's prompt
             # keys and values followed by the rows' own (concatenated; no cache is written).
             out = attention.prefix_attention(q, k, v, kv_cache.k.astype(dt), kv_cache.v.astype(dt), mask)
+        elif isinstance(kv_cache, attention.PrefixLayerCache):
+            # The sampler's decode (`transformer.PrefixKVCache`): the new tokens go to the same own slots
+            # of every row; attention reads the group's prompt block once and each row's own block.
+            start = kv_cache.start
+            own_k = jax.lax.dynamic_update_slice_in_dim(kv_cache.k, jnp.swapaxes(k, 1, 2).astype(kv_cache.k.dtype),
+                                                        start, axis=2)
+            own_v = jax.lax.dynamic_update_slice_in_dim(kv_cache.v, jnp.swapaxes(v, 1, 2).astype(kv_cache.v.dtype),
+                                                        start, axis=2)
+            kv_cache = kv_cache._replace(k=own_k, v=own_v)
+            prefix_k, prefix_v = kv_cache.prefix_k.astype(dt), kv_cache.prefix_v.astype(dt)
+            if impl == "reference":
+                out = attention.prefix_cache_attention(q, prefix_k, prefix_v, own_k.astype(dt), own_v.astype(dt),
+                                                       mask)
+            else:
+                out = attention.chunked_prefix_cache_attention(
+                    q, prefix_k, prefix_v, kv_cache.prefix_lengths, own_k, own_v, cache_positions, start,
+                    sliding_window=c.sliding_window)
         elif isinstance(kv_cache, paged.PagedLayerKV):
             # Paged cache (rlhf_jax.models.paged): write through the block tables, read each row's view.
             pool_k = paged.paged_write(kv_cache.k, kv_cache.block_tables, cache_positions, k)

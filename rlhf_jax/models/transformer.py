@@ -21,7 +21,7 @@ from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import SCALAR_HEAD_AXES, scalar_head
-from rlhf_jax.models.attention import PrefixLayerKV
+from rlhf_jax.models.attention import PrefixLayerCache, PrefixLayerKV
 from rlhf_jax.models.paged import PagedKVCache, PagedLayerKV
 from rlhf_jax.models.layers import Block, RMSNorm, dense, init_params_from_metadata, low_rank, param, rope_angles
 from rlhf_jax.sharding import constrain_activations
@@ -59,16 +59,42 @@ class PrefixKV(NamedTuple):
     lengths: jax.Array
 
 
-def prefix_attention_mask(positions, prefix_lengths, prefix_len: int, *, sliding_window=None):
-    """Boolean [N, T, P + T] mask of rows continuing shared prompts (`PrefixKV`): the prompt's slots
-    `s < prefix_lengths[b]` (slot s holding position s), then the row's own tokens causally."""
+class PrefixKVCache(NamedTuple):
+    """The decode cache of rows continuing shared prompts (the sampler's layout): each group's prompt
+    once (`prefix`, a `PrefixKV`, read only) and each row's own slots k, v [layers, N, kv_heads, S,
+    head_dim]. A forward pass writes its T new tokens at own slots `start .. start + T - 1` of every
+    row (the same slots for all rows) and lets them attend to the prompt's slots `< prefix.lengths[b]`
+    and to own slots `<= start + t`; own slot s of row b holds position `positions[b, 0] - start + s`.
+    A group's `N / groups` rows read its prompt's keys and values once (`attention.prefix_cache_attention`),
+    and the cache holds `groups * P + N * S` slots instead of `N * (P + S)`.
+    """
+
+    prefix: PrefixKV
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def prefix_attention_mask(positions, prefix_lengths, prefix_len: int, *, own_len: int | None = None, start=0,
+                          sliding_window=None):
+    """Boolean [N, T, P + S] mask of rows continuing shared prompts (`PrefixKV`, `PrefixKVCache`): the
+    prompt's slots `s < prefix_lengths[b]` (slot s holding position s), then the row's own S slots,
+    the T new tokens at own slots `start + t` attending to own slots `<= start + t` (S = T, start = 0:
+    causally to each other)."""
     n, t = positions.shape
+    own_len = t if own_len is None else own_len
     slots = jnp.arange(prefix_len)
     prefix = jnp.broadcast_to(slots[None, None, :] < prefix_lengths[:, None, None], (n, t, prefix_len))
-    own = jnp.broadcast_to(jnp.arange(t)[None, :] <= jnp.arange(t)[:, None], (n, t, t))
+    own_slots = jnp.arange(own_len)
+    own = jnp.broadcast_to(own_slots[None, :] <= start + jnp.arange(t)[:, None], (n, t, own_len))
     mask = jnp.concatenate([prefix, own], axis=-1)
     if sliding_window is not None:
-        key_positions = jnp.concatenate([jnp.broadcast_to(slots, (n, prefix_len)), positions], axis=1)
+        own_positions = positions[:, :1] - start + own_slots[None, :]
+        key_positions = jnp.concatenate([jnp.broadcast_to(slots, (n, prefix_len)), own_positions], axis=1)
         mask = mask & (positions[:, :, None] - key_positions[:, None, :] < sliding_window)
     return mask
 
@@ -156,8 +182,13 @@ class Transformer(nnx.Module):
             x = x + dense(jnp.take(a, tokens, axis=0).astype(x.dtype), b.astype(x.dtype))
         cos, sin = rope_angles(positions, c)
         prefix = cache if isinstance(cache, PrefixKV) else None
+        prefix_cache = cache if isinstance(cache, PrefixKVCache) else None
         if prefix is not None:
             mask = prefix_attention_mask(positions, prefix.lengths, prefix.k.shape[3],
+                                         sliding_window=c.sliding_window)
+        elif prefix_cache is not None:
+            mask = prefix_attention_mask(positions, prefix_cache.prefix.lengths, prefix_cache.prefix.k.shape[3],
+                                         own_len=prefix_cache.max_len, start=prefix_cache.start,
                                          sliding_window=c.sliding_window)
         else:
             mask = attention_mask(
@@ -179,18 +210,23 @@ class Transformer(nnx.Module):
                 kv = PagedLayerKV(*kv, tables, cache.route)
             elif prefix is not None:  # shared prompts' keys and values, read only
                 kv = PrefixLayerKV(*kv)
+            elif prefix_cache is not None:  # shared prompts' keys and values, and the rows' own slots
+                kv = PrefixLayerCache(*kv, prefix_cache.start, prefix_cache.prefix.lengths)
             x = constrain_activations(x)  # batch-split residual stream under a step's sharding context
             x, kv = nnx.merge(layer_graph, params)(x, cos, sin, mask, kv, positions, ad,
                                                    None if key is None else (rate, key), segment_ids, prefill)
             if prefix is not None:
                 return x, None
-            return x, kv if tables is None else (kv.k, kv.v)
+            return x, kv if tables is None and prefix_cache is None else (kv.k, kv.v)
 
         if c.remat != "none":
             policy = None if c.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             layer = jax.checkpoint(layer, policy=policy)
 
-        kv_stack = None if cache is None else (cache.k, cache.v)
+        if prefix_cache is not None:
+            kv_stack = (prefix_cache.prefix.k, prefix_cache.prefix.v, prefix_cache.k, prefix_cache.v)
+        else:
+            kv_stack = None if cache is None else (cache.k, cache.v)
         if c.scan_layers:
             x, kv_stack = jax.lax.scan(layer, x, (layer_params, kv_stack, layer_adapters, layer_keys))
         else:
@@ -202,8 +238,10 @@ class Transformer(nnx.Module):
                 kv_stack = tuple(jnp.stack(parts) for parts in zip(*new_kv))
         if cache is None or prefix is not None:
             new_cache = None
+        elif tables is None and prefix_cache is None:
+            new_cache = KVCache(*kv_stack)
         else:
-            new_cache = KVCache(*kv_stack) if tables is None else cache._replace(k=kv_stack[0], v=kv_stack[1])
+            new_cache = cache._replace(k=kv_stack[0], v=kv_stack[1])
 
         hidden = self.final_norm(x)
         logits = values = None
@@ -264,8 +302,9 @@ class CausalLM:
           positions: int [B, T]; defaults to arange(T). With packing, restart at 0 per segment;
             with a cache, the absolute position (= cache slot) of each token.
           segment_ids: int [B, T] for packed rows (0 = padding); attention stays within a segment.
-          cache: a `KVCache` from `init_cache` to read and update (prefill or decode), or a
-            `PrefixKV` of shared prompts that the rows continue (read only; the output's cache is None).
+          cache: a `KVCache` from `init_cache` to read and update (prefill or decode), a `PrefixKV`
+            of shared prompts that the rows continue (read only; the output's cache is None), or a
+            `PrefixKVCache` (shared prompts and the rows' own slots, updated: the sampler's decode).
           adapters: LoRA adapters applied unmerged (`rlhf_jax.models.lora.LoraLM` passes them).
           dropout: `(rate, key)` of the adapters' input dropout, or None.
           rng: the training steps' key for stochastic layers; unused (this model has none; the

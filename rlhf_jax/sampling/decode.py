@@ -4,12 +4,16 @@
     state = decode(model, params, state, method=TopP(p=0.9), stop_ids=(eos,))
     out = finalize(state, prompts, lengths, num_samples=n)
 
-Prefill runs the model once over the `B` right-padded prompts, filling a KV cache of
-`P + C - 1` slots (or fewer that `decode` grows in phases, see `decode`), and then repeats that
-cache `n` times for the `N = B * n` rows: a group of `n` samples shares one prefill. Its logits are never used (XLA drops the LM head and the last layer's
-MLP): every completion token, the first included, is sampled by the decode step, which feeds a
-row's last token at its own slot (`positions[b]`), so right-padded prompts of different lengths
-decode together and each row continues from its own length.
+Prefill runs the model once over the `B` right-padded prompts into a KV cache of `P` slots per
+prompt; the `N = B * n` rows (a group of `n` samples per prompt) then share it: decoding keeps the
+prompts' keys and values once (`SamplingState.prompt_k/prompt_v`, the model's `PrefixKVCache`) and
+gives each row its own `C` slots for the tokens it feeds, so a group's rows read their prompt's
+keys and values once per step (`attention.prefix_cache_attention`) and the cache holds
+`B * P + N * C` slots, not `N * (P + C)`. The prefill's logits are never used (XLA drops the LM head
+and the last layer's MLP): every completion token, the first included, is sampled by the decode
+step, which feeds a row's last token at its own position (`positions[b]`; the prompt's last token
+at step 0, the prompt slots a row reads stopping before it), so right-padded prompts of different
+lengths decode together and each row continues from its own length.
 
 Decode layout: the loop carries one cache buffer per layer (`SamplingState.cache_k/cache_v`) and the
 parameters may come with `params["layers"]` as a tuple of per-layer trees (`unstack_layers`). The
@@ -77,10 +81,11 @@ def prefill(
 ) -> SamplingState:
     """Run the prompts through the model once and return the decode loop's initial state.
 
-    The call needs `P + max_new_tokens - 1` cache slots (the last sampled token is never fed back);
-    with `cache_chunk` the cache starts with the slots of the first `cache_chunk` steps only and
-    `decode` grows it by `cache_chunk` slots at a time, so early steps attend over fewer slots. Row
-    `b * n + j` is sample `j` of prompt `b`; all `n` rows of a prompt start from one copy of its cache.
+    The prompts' `P` cache slots are shared by their rows; each row gets its own slots for the
+    `max_new_tokens` tokens it feeds (the prompt's last token, then all sampled tokens but the last).
+    With `cache_chunk` the rows' cache starts with the slots of the first `cache_chunk` steps only
+    and `decode` grows it by `cache_chunk` slots at a time, so early steps attend over fewer slots.
+    Row `b * n + j` is sample `j` of prompt `b`.
 
     Args:
       model: a `CausalLM` with an LM head (use `scan_layers=False` for the fast decode layout).
@@ -91,7 +96,7 @@ def prefill(
       num_samples: samples per prompt (`n >= 1`).
       rng: PRNG key of the whole call.
       pad_id: token written after a row stops.
-      cache_chunk: grow the cache in steps of this many slots (None: allocate all slots now).
+      cache_chunk: grow the rows' cache in steps of this many slots (None: allocate all `C` now).
       row_offset: global index of this batch's first row (when each device prefills its own rows).
 
     Returns:
@@ -99,28 +104,30 @@ def prefill(
     """
     b, p = prompt_tokens.shape
     n = num_samples
-    total = p + max_new_tokens - 1
-    cache = model.init_cache(b, total if cache_chunk is None else min(total, p + cache_chunk - 1))
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    filled = model.forward(stack_layers(params), prompt_tokens, positions, cache=cache, prefill=True).cache
+    filled = model.forward(stack_layers(params), prompt_tokens, positions, cache=model.init_cache(b, p),
+                           prefill=True).cache
     lengths = prompt_lengths.astype(jnp.int32)
     last = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), (lengths - 1)[:, None], axis=1)[:, 0]
-    group = lambda a, axis: a if n == 1 else jnp.repeat(a, n, axis=axis)  # noqa: E731
+    group = lambda a: a if n == 1 else jnp.repeat(a, n, axis=0)  # noqa: E731
     num_layers = filled.k.shape[0]
     rows = b * n
+    own = model.init_cache(rows, max_new_tokens if cache_chunk is None else min(max_new_tokens, cache_chunk))
     return SamplingState(
         step=jnp.zeros((), jnp.int32),
-        last_tokens=group(last, 0),
-        positions=group(lengths - 1, 0),
+        last_tokens=group(last),
+        positions=group(lengths - 1),
         tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
         logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
         done=jnp.zeros((rows,), bool),
         lengths=jnp.zeros((rows,), jnp.int32),
-        cache_k=tuple(group(filled.k[i], 0) for i in range(num_layers)),
-        cache_v=tuple(group(filled.v[i], 0) for i in range(num_layers)),
+        prompt_k=tuple(filled.k[i] for i in range(num_layers)),
+        prompt_v=tuple(filled.v[i] for i in range(num_layers)),
+        prompt_slots=group(lengths - 1),
+        cache_k=tuple(own.k[i] for i in range(num_layers)),
+        cache_v=tuple(own.v[i] for i in range(num_layers)),
         rng=rng,
         row_ids=row_offset + jnp.arange(rows, dtype=jnp.int32),
-        max_cache_len=total,
     )
 
 
@@ -194,16 +201,16 @@ def decode(
 ) -> SamplingState:
     """Run `decode_step` in `lax.while_loop` until every row is done or has `max_new_tokens` tokens.
 
-    When the state's cache is shorter than `max_cache_len` (`prefill(cache_chunk=k)`), the loop
-    runs in phases of `k` steps: a phase's loop also stops when the next slot of a row is past the
-    cache, the cache then grows by `k` slots (a copy), and the next phase continues; a finished state
+    When the rows' cache has fewer than `max_new_tokens` slots (`prefill(cache_chunk=k)`), the loop
+    runs in phases of `k` steps: a phase's loop also stops when the next own slot is past the cache,
+    the cache then grows by `k` slots (a copy), and the next phase continues; a finished state
     passes through the remaining phases without a step. Attention reads the slots the cache holds, so
     with `m` phases step `t` attends over about `P + t + k/2` slots on average instead of `P + C`.
     Each phase is its own loop in the compiled program.
 
     Args and returns as `decode_step`.
     """
-    chunk = state.cache_len - (state.max_cache_len - state.max_new_tokens)   # steps of the first phase
+    chunk = state.cache_len   # steps of the first phase
 
     def body(s: SamplingState):
         return decode_step(model, params, s, method=method, stop_ids=stop_ids, pad_id=pad_id,
@@ -212,14 +219,14 @@ def decode(
     while True:
         def cond(s: SamplingState):
             running = (s.step < s.max_new_tokens) & ~jnp.all(s.done)
-            if s.cache_len == s.max_cache_len:
+            if s.cache_len == s.max_new_tokens:
                 return running
-            return running & (jnp.max(s.positions) < s.cache_len)
+            return running & (s.step < s.cache_len)
 
         state = jax.lax.while_loop(cond, body, state)
-        if state.cache_len == state.max_cache_len:
+        if state.cache_len == state.max_new_tokens:
             return state
-        state = state.grow_cache(min(state.cache_len + chunk, state.max_cache_len))
+        state = state.grow_cache(min(state.cache_len + chunk, state.max_new_tokens))
 
 
 def finalize(

@@ -14,8 +14,10 @@ What the class adds to `rlhf_jax.sampling.decode`:
   sampling configuration, however many calls it makes (`num_compiled()`).
 - Two jitted programs per call: prefill over the `B` distinct prompts (one call per `generate`,
   counted in `stats.prefill_calls`, whatever `num_samples` is) and the decode loop over the
-  `N = B * n` rows, whose cache grows in `cache_phases` phases so early steps attend over fewer
-  slots (with one phase the prefill's state is donated and the cache updated in place).
+  `N = B * n` rows. A prompt's keys and values are kept once and read once per step for all its
+  rows (`rlhf_jax.sampling.decode`); each row's own cache grows in `cache_phases` phases so early
+  steps attend over fewer slots (with one phase the prefill's state is donated and the cache
+  updated in place).
 - Parameter hand-off: `load_params` casts the trainer's parameters to the sampler's dtype, places
   them with the sampler's own mesh and strategy (e.g. tensor-parallel weights, data-parallel rows)
   and splits the layers for the decode layout in ONE jitted program (input shardings taken from
@@ -256,10 +258,11 @@ class Sampler:
         phases = self.cache_phases
 
         def state_specs(state: SamplingState) -> SamplingState:
+            per_layer = (rows,) * len(state.cache_k)
             return state.replace(**{f: rows for f in ("last_tokens", "positions", "tokens", "logprobs", "done",
-                                                        "lengths", "row_ids")},
-                                 step=PartitionSpec(), rng=PartitionSpec(),
-                                 cache_k=(rows,) * len(state.cache_k), cache_v=(rows,) * len(state.cache_v))
+                                                        "lengths", "prompt_slots", "row_ids")},
+                                 step=PartitionSpec(), rng=PartitionSpec(), prompt_k=per_layer, prompt_v=per_layer,
+                                 cache_k=per_layer, cache_v=per_layer)
 
         def prefill_fn(params, prompt_tokens, prompt_lengths, rng, *, max_new_tokens, num_samples):
             def run(params, prompt_tokens, prompt_lengths, rng, row_offset=0):
@@ -332,6 +335,10 @@ class Sampler:
             done=c(state.done, rows),
             lengths=c(state.lengths, rows),
             row_ids=c(state.row_ids, rows),
+            prompt_slots=c(state.prompt_slots, rows),
+            # The prompts' cache is split as the rows are (a prompt's rows are contiguous, `B * n` of them).
+            prompt_k=tuple(c(a, cache) for a in state.prompt_k),
+            prompt_v=tuple(c(a, cache) for a in state.prompt_v),
             cache_k=tuple(c(a, cache) for a in state.cache_k),
             cache_v=tuple(c(a, cache) for a in state.cache_v),
         )

@@ -265,7 +265,7 @@ def _rl_programs(config, program: Program, mesh, state_abs, options):
     out_shardings = jax.tree.unflatten(jax.tree.structure(prefill.out_info), jax.tree.leaves(compiled["shardings"]))
     state_abs_s = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), prefill.out_info,
                                out_shardings)
-    kv = [state_abs_s.cache_k, state_abs_s.cache_v]
+    kv = [state_abs_s.prompt_k, state_abs_s.prompt_v, state_abs_s.cache_k, state_abs_s.cache_v]
     method = Categorical(temperature=config.algorithm.temperature)
     stop = (config.model.vocab_size - 1,)
     decode_groups = {"sampler weights": decode_params, "KV cache": kv, "batch": (tokens, lengths)}
