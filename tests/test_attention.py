@@ -117,8 +117,8 @@ def test_prefix_cache_attention_matches_a_per_row_cache(dtype):
         positions = jnp.asarray(prefix_lengths[:, None] + start + np.arange(t)[None, :], jnp.int32)
         lengths = jnp.asarray(prefix_lengths)
         for window in (None, 6):
-            @jax.jit
-            def three(q, positions, start):
+            @jax.jit   # every array an argument, as in the sampler's program (no constant folding)
+            def three(q, positions, start, lengths, prefix_k, prefix_v, own_k, own_v, full_k, full_v):
                 expect = A.reference_attention(q, full_k, full_v, attention_mask(
                     positions, cache_len=p + s, sliding_window=window), kv_axes="bksd")
                 mask = prefix_attention_mask(positions, lengths, p, own_len=s, start=start, sliding_window=window)
@@ -127,7 +127,8 @@ def test_prefix_cache_attention_matches_a_per_row_cache(dtype):
                                                            start, sliding_window=window, chunk=8)
                 return expect, einsum, chunked
 
-            expect, einsum, chunked = three(q, positions, jnp.int32(start))
+            expect, einsum, chunked = three(q, positions, jnp.int32(start), lengths, prefix_k, prefix_v, own_k,
+                                            own_v, full_k, full_v)
             for name, got in (("einsum", einsum), ("chunked", chunked)):
                 assert got.dtype == dtype and got.shape == expect.shape
                 assert _rel(got, expect) <= TOL[dtype], (name, start, t, window, _rel(got, expect))

@@ -330,10 +330,12 @@ def prefix_cache_attention(q, prefix_k, prefix_v, k, v, mask):
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     p_prefix = probs[..., :p].reshape(groups, r, hkv, g, t, p).transpose(0, 2, 1, 3, 4, 5).reshape(
         groups, hkv, r * g * t, p)
-    out_prefix = jax.lax.dot_general(p_prefix, prefix_v, batched, preferred_element_type=_F32)
+    # The weighted sums in the compute dtype, as `reference_attention` (XLA:CPU has no bf16 x bf16 -> f32
+    # batched dot), added in float32.
+    out_prefix = jax.lax.dot_general(p_prefix, prefix_v, batched)
     out_prefix = out_prefix.reshape(groups, hkv, r, g, t, d).transpose(0, 2, 4, 1, 3, 5).reshape(n, t, hkv, g, d)
-    out = out_prefix + jnp.einsum("nkgts,nksd->ntkgd", probs[..., p:], v, preferred_element_type=_F32)
-    return out.reshape(n, t, h, d).astype(q.dtype)
+    out_own = jnp.einsum("nkgts,nksd->ntkgd", probs[..., p:], v)
+    return (out_prefix.astype(_F32) + out_own.astype(_F32)).reshape(n, t, h, d).astype(q.dtype)
 
 
 def chunked_prefix_cache_attention(q, prefix_k, prefix_v, prefix_lengths, k, v, positions, start, *,
