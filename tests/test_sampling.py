@@ -171,6 +171,13 @@ def test_group_of_n_shares_one_prefill(params, sampler):
     one, grouped, twelve = flops(3, 1), flops(3, 4), flops(12, 1)
     assert one <= grouped < 1.001 * one      # only the O(rows) bookkeeping differs
     assert twelve > 3.9 * one                # a prefill per sample would cost 4x
+    # The decode loop keeps one copy of each prompt's 8 cache slots for its 4 rows, and per row only
+    # the slots of the tokens it feeds (8 new tokens in the sampler's 2 phases: 4 slots, then 8).
+    state = sampler._prefill(sp.tree, jnp.zeros((3, 8), jnp.int32), jnp.ones((3,), jnp.int32), jax.random.key(0),
+                             max_new_tokens=8, num_samples=4)
+    c = sampler.model.config
+    assert all(a.shape == (3, c.num_kv_heads, 8, c.head_dim) for a in state.prompt_k + state.prompt_v)
+    assert all(a.shape == (12, c.num_kv_heads, 4, c.head_dim) for a in state.cache_k + state.cache_v)
 
 
 def test_deterministic_for_a_seed(params, sampler):
