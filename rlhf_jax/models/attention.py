@@ -14,7 +14,9 @@ one along a row within a segment (arange, or restarting at 0 per packed segment)
 `ModelConfig.attention_impl` chooses: "auto" (default) = "cudnn" on GPU when the compute dtype is
 bf16/f16 ("xla" for f32, which cuDNN's flash kernel does not take), "splash" on TPU, "reference"
 elsewhere (CPU: the einsum stays the reference and the tested path). Decode (one new token per row
-over a KV cache) uses `chunked_cache_attention` for every impl but "reference".
+over a KV cache) uses `chunked_cache_attention` for every impl but "reference"; the sampler's cache
+of rows sharing a prompt (`transformer.PrefixKVCache`) `prefix_cache_attention` (einsum) or
+`chunked_prefix_cache_attention` (online softmax over the prompt block and the row's block, merged).
 
 Decode over a *paged* cache (`rlhf_jax.models.paged`) has its own knob, `ModelConfig.
 paged_attention_impl` (`resolve_paged_impl`): "auto" = JAX's Pallas paged-attention kernel of the
