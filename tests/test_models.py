@@ -402,6 +402,18 @@ def test_bad_inputs_raise_naming_the_argument():
         lm.forward(params, tokens, None, np.ones((1, 4), np.int32))
     with pytest.raises(ValueError, match="segment_ids .* cannot be combined with a KV cache"):
         lm.forward(params, tokens, None, np.ones((2, 4), np.int32), cache=lm.init_cache(2, 4))
+    # Rows continuing shared prompts: 2 groups of one row each.
+    from rlhf_jax.models import PrefixKV, PrefixKVCache
+    prompts = lm.init_cache(2, 3)
+    prefix = PrefixKV(prompts.k, prompts.v, np.full((2,), 3, np.int32))
+    own = lm.init_cache(2, 4)
+    assert lm.forward(params, tokens, cache=PrefixKVCache(prefix, own.k, own.v, np.int32(0))).logits.shape[:2] == (2, 4)
+    with pytest.raises(ValueError, match="3 rows of tokens do not split into the prefix's 2 groups"):
+        lm.forward(params, _tokens((3, 4)), cache=prefix)
+    with pytest.raises(ValueError, match=r"prefix lengths must be \[rows\] = \(2,\), got \(3,\)"):
+        lm.forward(params, tokens, cache=prefix._replace(lengths=np.ones((3,), np.int32)))
+    with pytest.raises(ValueError, match="PrefixKVCache: the rows' own k and v must both be"):
+        lm.forward(params, tokens, cache=PrefixKVCache(prefix, own.k[:, :1], own.v[:, :1], np.int32(0)))
     with pytest.raises(ValueError, match="head must be"):
         CausalLM(c, head="value")
     with pytest.raises(ValueError, match="num_heads .* multiple of num_kv_heads"):

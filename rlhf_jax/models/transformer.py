@@ -329,6 +329,9 @@ class CausalLM:
         del rng
         if prefill and cache is None:
             raise ValueError("prefill=True needs a cache to fill")
+        prompts = cache.prefix if isinstance(cache, PrefixKVCache) else cache
+        if isinstance(prompts, PrefixKV):
+            _check_prefix(type(cache).__name__, prompts, cache, tokens.shape[0])
         return self.module(params)(tokens, positions, segment_ids, cache, adapters, dropout, layer_weights, prefill)
 
     def lm_head_weight(self, params):
@@ -349,6 +352,22 @@ class CausalLM:
         """Logical axis names of a KVCache (for placing it on a mesh)."""
         axes = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
         return KVCache(axes, axes)
+
+
+def _check_prefix(kind: str, prefix: PrefixKV, cache, rows: int) -> None:
+    """Shapes of a `PrefixKV` (or a `PrefixKVCache`'s) against the `rows` continuing its prompts."""
+    if prefix.k.ndim != 5 or prefix.v.shape != prefix.k.shape:
+        raise ValueError(f"{kind}: prefix k and v must both be [layers, groups, kv_heads, P, head_dim], got "
+                         f"{prefix.k.shape} and {prefix.v.shape}")
+    groups = prefix.k.shape[1]
+    if rows % groups:
+        raise ValueError(f"{kind}: {rows} rows of tokens do not split into the prefix's {groups} groups")
+    if jnp.shape(prefix.lengths) != (rows,):
+        raise ValueError(f"{kind}: prefix lengths must be [rows] = ({rows},), got {jnp.shape(prefix.lengths)}")
+    if isinstance(cache, PrefixKVCache) and (cache.k.shape[:3] != (prefix.k.shape[0], rows, prefix.k.shape[2])
+                                             or cache.v.shape != cache.k.shape):
+        raise ValueError(f"{kind}: the rows' own k and v must both be [layers, {rows}, kv_heads, S, head_dim] as "
+                         f"the prefix's layers and kv heads, got {cache.k.shape} and {cache.v.shape}")
 
 
 def _logical_axes(abstract_state) -> dict:
