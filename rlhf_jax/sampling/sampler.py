@@ -158,8 +158,8 @@ class Sampler:
     Args:
       model: the policy's `CausalLM` (LM head). The sampler runs the same code and numerics with
         `scan_layers=False` (its decode layout) and no rematerialization.
-      max_len: cache slots per row = longest prompt + `max_new_tokens` a call may use (default: the
-        model's `max_position_embeddings`).
+      max_len: positions a row may use = its prompt + `max_new_tokens` - 1 (the last sampled token is
+        never fed back), for every call (default: the model's `max_position_embeddings`).
       prompt_buckets: increasing prompt lengths to pad to (default `default_prompt_buckets(max_len)`).
       pad_id: token used to pad prompts and completions.
       cache_phases: the decode loop runs in this many phases with a growing cache (`prefill`'s
@@ -580,7 +580,7 @@ class Sampler:
             if row.size + max_new_tokens - 1 > self.max_len:
                 raise ValueError(
                     f"generate: prompt {i} has {row.size} tokens; with max_new_tokens={max_new_tokens} it "
-                    f"needs {row.size + max_new_tokens - 1} cache slots but the sampler's max_len is "
+                    f"needs {row.size + max_new_tokens - 1} positions but the sampler's max_len is "
                     f"{self.max_len}"
                 )
             if row.min() < 0 or row.max() >= vocab:
