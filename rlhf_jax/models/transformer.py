@@ -66,7 +66,7 @@ class PrefixKVCache(NamedTuple):
     row (the same slots for all rows) and lets them attend to the prompt's slots `< prefix.lengths[b]`
     and to own slots `<= start + t`; own slot s of row b holds position `positions[b, 0] - start + s`.
     A group's `N / groups` rows read its prompt's keys and values once (`attention.prefix_cache_attention`),
-    and the cache holds `groups * P + N * S` slots instead of `N * (P + S)`.
+    and the cache holds `groups * P + N * S` slots, not a copy of the prompt's `P` per row.
     """
 
     prefix: PrefixKV

@@ -9,7 +9,7 @@ prompt; the `N = B * n` rows (a group of `n` samples per prompt) then share it: 
 prompts' keys and values once (`SamplingState.prompt_k/prompt_v`, the model's `PrefixKVCache`) and
 gives each row its own `C` slots for the tokens it feeds, so a group's rows read their prompt's
 keys and values once per step (`attention.prefix_cache_attention`) and the cache holds
-`B * P + N * C` slots, not `N * (P + C)`. The prefill's logits are never used (XLA drops the LM head
+`B * P + N * C` slots, not `N * (P + C - 1)`. The prefill's logits are never used (XLA drops the LM head
 and the last layer's MLP): every completion token, the first included, is sampled by the decode
 step, which feeds a row's last token at its own position (`positions[b]`; the prompt's last token
 at step 0, the prompt slots a row reads stopping before it), so right-padded prompts of different
