@@ -123,7 +123,6 @@ def prefill(
         lengths=jnp.zeros((rows,), jnp.int32),
         prompt_k=tuple(filled.k[i] for i in range(num_layers)),
         prompt_v=tuple(filled.v[i] for i in range(num_layers)),
-        prompt_slots=group(lengths - 1),
         cache_k=tuple(own.k[i] for i in range(num_layers)),
         cache_v=tuple(own.v[i] for i in range(num_layers)),
         rng=rng,

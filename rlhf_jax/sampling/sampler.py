@@ -260,7 +260,7 @@ class Sampler:
         def state_specs(state: SamplingState) -> SamplingState:
             per_layer = (rows,) * len(state.cache_k)
             return state.replace(**{f: rows for f in ("last_tokens", "positions", "tokens", "logprobs", "done",
-                                                        "lengths", "prompt_slots", "row_ids")},
+                                                        "lengths", "row_ids")},
                                  step=PartitionSpec(), rng=PartitionSpec(), prompt_k=per_layer, prompt_v=per_layer,
                                  cache_k=per_layer, cache_v=per_layer)
 
@@ -335,7 +335,6 @@ class Sampler:
             done=c(state.done, rows),
             lengths=c(state.lengths, rows),
             row_ids=c(state.row_ids, rows),
-            prompt_slots=c(state.prompt_slots, rows),
             # The prompts' cache is split as the rows are (a prompt's rows are contiguous, `B * n` of them).
             prompt_k=tuple(c(a, cache) for a in state.prompt_k),
             prompt_v=tuple(c(a, cache) for a in state.prompt_v),

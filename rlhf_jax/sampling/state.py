@@ -20,7 +20,7 @@ __all__ = ["SamplingState", "SampleOutput"]
 
 _DATA_FIELDS = (
     "step", "last_tokens", "positions", "tokens", "logprobs", "done", "lengths", "prompt_k", "prompt_v",
-    "prompt_slots", "cache_k", "cache_v", "rng", "row_ids",
+    "cache_k", "cache_v", "rng", "row_ids",
 )
 
 
@@ -48,7 +48,6 @@ class SamplingState:
       lengths: int32 `[N]` completion tokens so far, the stop token included.
       prompt_k, prompt_v: one `[B, kv_heads, P, head_dim]` array per layer, the `B = N / n`
         prompts' prefilled keys and values; prompt `b` is continued by rows `b*n .. b*n + n - 1`.
-      prompt_slots: int32 `[N]`, the prompt slots a row attends to (its prompt's length - 1).
       cache_k, cache_v: one `[N, kv_heads, S, head_dim]` array per layer, the rows' own slots (the
         unstacked form, so the loop updates each layer's buffer in place and never slices a stack).
         `S <= C`: the cache may start shorter and grow to `C` slots (`grow_cache`), so that early
@@ -67,7 +66,6 @@ class SamplingState:
     lengths: jax.Array
     prompt_k: tuple[jax.Array, ...]
     prompt_v: tuple[jax.Array, ...]
-    prompt_slots: jax.Array
     cache_k: tuple[jax.Array, ...]
     cache_v: tuple[jax.Array, ...]
     rng: jax.Array
@@ -89,8 +87,9 @@ class SamplingState:
                             cache_v=tuple(jnp.pad(a, pad) for a in self.cache_v))
 
     def kv_cache(self) -> PrefixKVCache:
-        """The cache as the model's stacked `PrefixKVCache`, the next token going to own slot `step`."""
-        prompts = PrefixKV(jnp.stack(self.prompt_k), jnp.stack(self.prompt_v), self.prompt_slots)
+        """The cache as the model's stacked `PrefixKVCache`, the next token going to own slot `step`; a
+        row reads its prompt's slots before `positions - step` (its prompt's length - 1)."""
+        prompts = PrefixKV(jnp.stack(self.prompt_k), jnp.stack(self.prompt_v), self.positions - self.step)
         return PrefixKVCache(prompts, jnp.stack(self.cache_k), jnp.stack(self.cache_v), self.step)
 
     def replace(self, **changes) -> "SamplingState":
