@@ -21,6 +21,10 @@ median CPU ms per call:
   matmuls_update    the update's matmuls alone (forward + backward shapes, no other op)
   matmuls_reference the reference's matmuls alone
 
+`step` and `optimizer` donate their state, as `jit_step` does in W4 (each call takes the state the
+last one returned). Until 2026-12-06 they did not, and XLA fuses those programs differently: the
+figures below are undonated (the optimizer with the NaN guard's old select read 27 CPU ms undonated
+and 33-34 donated, as W4 ran it; with the guard's `lax.cond`, 26-27 donated).
 CPU time, not wall time: the host is shared (see CPU.md). `--hlo DIR` writes each program's
 optimized HLO there. `--only a,b` runs only those variants (no matmul chains). The process keeps
 freed host memory (`rlhf_jax.host_memory`, as `bench_grpo.py` runs W4); before 2026-12-05's last
@@ -81,6 +85,7 @@ from rlhf_jax.steps import grpo_config, make_grpo_step  # noqa: E402
 from rlhf_jax.steps.common import apply_gradients  # noqa: E402
 
 GROUP, PROMPTS, PROMPT_LEN, NEW = 8, 2, 64, 64
+DONATED = ("step", "optimizer")   # the state is donated, as `jit_step` does in W4
 ROWS = GROUP * PROMPTS
 
 
@@ -177,15 +182,19 @@ def main() -> None:
         return jax.value_and_grad(loss, has_aux=True)(p)
 
     gbatch = dict(batch, advantages=batch["scores"] - 0.5)
+    own = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (a donated state's own buffers)
     pieces = {
-        "step": (jax.jit(step), (state, batch)),
+        # donated as W4 runs them (each call takes the state the last one returned): a donated
+        # update writes in place, which changes what XLA fuses (the NaN guard's passes, issue 23)
+        "step": (jax.jit(step, donate_argnums=(0,)), (own(state), batch)),
         "grad": (jax.jit(grad_fn), (params, gbatch)),
         "layers_grad": (jax.jit(jax.grad(layers_loss)), (params, dict(batch, probe=probe))),
         "head_grad": (jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1), has_aux=True)),
                       (hidden, params["lm_head"], batch)),
         "head_grad_noent": (jax.jit(jax.value_and_grad(lambda h, w, b: head_loss(h, w, b, False)[0], argnums=(0, 1))),
                             (hidden, params["lm_head"], batch)),
-        "optimizer": (jax.jit(lambda s, g: apply_gradients(s, g, jnp.float32(1.0), tx)), (state.policy, grads)),
+        "optimizer": (jax.jit(lambda s, g: apply_gradients(s, g, jnp.float32(1.0), tx), donate_argnums=(0,)),
+                      (own(state.policy), grads)),
         "reference": (lambda p, b: reference(p, b["prompt_tokens"], b["prompt_lengths"], b["completion_tokens"],
                                              group_size=GROUP), (params, batch)),
         "ref_layers": (jax.jit(lambda p, b: completion_hidden(lm, p, b["prompt_tokens"], b["prompt_lengths"],
@@ -212,7 +221,7 @@ def main() -> None:
     if args.ops:
         for name, (program, a) in programs.items():
             if name != "reference":
-                op_profile(name, program, a)
+                op_profile(name, program, a, donated=name in DONATED)
         return
     if not args.only:
         programs["matmuls_update"] = matmul_variant(fwd + bwd)
@@ -224,8 +233,10 @@ def main() -> None:
         for name, (program, a) in programs.items():
             jax.block_until_ready(a)
             start = time.process_time()
-            jax.block_until_ready(program(*a))
+            out = jax.block_until_ready(program(*a))
             times[name].append((time.process_time() - start) * 1e3)
+            if name in DONATED:
+                programs[name] = (program, (out[0],) + a[1:])
     flops = lambda shapes: sum(2 * m * k * n for m, k, n in shapes)  # noqa: E731
     print(f"update matmul GFLOP {flops(fwd + bwd) / 1e9:.2f}")
     for name, ts in times.items():
@@ -233,19 +244,26 @@ def main() -> None:
               f"{np.percentile(ts, 75):.2f})")
 
 
-def op_profile(name: str, program, args, top: int = 25) -> None:
+def op_profile(name: str, program, args, top: int = 25, donated: bool = False) -> None:
     """`--ops`: one traced call of `program` (after 3 warm calls): its CPU ms (untraced), the ops'
     summed thread time per kind of op, then the `top` costliest ops with their HLO lines. Events that
     are not HLO ops (the runtime's `ThunkExecutor::Execute`, which wraps the ops, and its waits) are
-    left out of the sums."""
+    left out of the sums. A `donated` program's next call takes the state its last call returned."""
+
+    def call():
+        nonlocal args
+        out = jax.block_until_ready(program(*args))
+        if donated:
+            args = (out[0],) + args[1:]
+
     for _ in range(3):
-        jax.block_until_ready(program(*args))
+        call()
     start = time.process_time()
-    jax.block_until_ready(program(*args))
+    call()
     cpu_ms = (time.process_time() - start) * 1e3
     hlo = program.as_text()
     kinds = op_kinds(hlo)
-    times = {op: t for op, t in traced_op_times(lambda: jax.block_until_ready(program(*args))).items() if op in kinds}
+    times = {op: t for op, t in traced_op_times(call).items() if op in kinds}
     lines = {m.group(1): m.group(0) for m in re.finditer(r"%([\w.\-]+) = [^\n]*", hlo)}
     per_kind = {}
     for op, (count, ns) in times.items():
