@@ -126,13 +126,13 @@ def test_nonfinite_guard_decides_before_updating():
     grads = {"w": jax.random.normal(jax.random.key(1), (4, 2)), "b": jnp.full((2,), 3.0)}
     start = np.asarray(params["w"])
     state = _state(params)._replace(opt_state=tx.init(params))
-    run = lambda policy: jax.jit(  # noqa: E731
-        lambda s, g: apply_gradients(s, g, jnp.float32(1.0), tx, nonfinite=policy), donate_argnums=(0,))
-    assert run("skip").lower(state, grads).compile().as_text().count("conditional(") == 1
+    skip, off = (jax.jit(lambda s, g, p=p: apply_gradients(s, g, jnp.float32(1.0), tx, nonfinite=p),
+                         donate_argnums=(0,)) for p in ("skip", "off"))
+    assert skip.lower(state, grads).compile().as_text().count("conditional(") == 1
     guarded, unguarded = state, jax.tree.map(jnp.copy, state)
     for _ in range(3):
-        guarded, metrics = run("skip")(guarded, grads)
-        unguarded, _ = run("off")(unguarded, grads)
+        guarded, metrics = skip(guarded, grads)
+        unguarded, _ = off(unguarded, grads)
         assert float(metrics["nonfinite"]) == 0.0
     jax.tree.map(np.testing.assert_array_equal, guarded, unguarded)
     assert not np.array_equal(np.asarray(guarded.params["w"]), start)
