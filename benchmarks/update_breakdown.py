@@ -182,10 +182,8 @@ def main() -> None:
         return jax.value_and_grad(loss, has_aux=True)(p)
 
     gbatch = dict(batch, advantages=batch["scores"] - 0.5)
-    own = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (a donated state's own buffers)
-    pieces = {
-        # donated as W4 runs them (each call takes the state the last one returned): a donated
-        # update writes in place, which changes what XLA fuses (the NaN guard's passes, issue 23)
+    own = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+    pieces = {   # DONATED ones take a copy of the state: donation deletes the buffers they are given
         "step": (jax.jit(step, donate_argnums=(0,)), (own(state), batch)),
         "grad": (jax.jit(grad_fn), (params, gbatch)),
         "layers_grad": (jax.jit(jax.grad(layers_loss)), (params, dict(batch, probe=probe))),
