@@ -78,6 +78,7 @@ class _Instr:
     operands: list[str]
     attrs: str
     attrs_raw: str = ""
+    root: bool = False
 
 
 def split_instruction(rhs: str) -> tuple[str, str, str] | None:
@@ -136,7 +137,8 @@ def _parse(text: str) -> tuple[dict[str, list[_Instr]], str | None]:
             continue
         shape, opcode, rest = parts
         ops, attrs = _operands(rest)
-        computations[current].append(_Instr(m.group(1), shape, opcode, ops, attrs, rest))
+        computations[current].append(_Instr(m.group(1), shape, opcode, ops, attrs, rest,
+                                            root=line.lstrip().startswith("ROOT ")))
     return computations, entry
 
 
@@ -196,7 +198,10 @@ def _tuple_index(instr) -> int | None:
 def _trip_from_condition(cond, body=()) -> int | None:
     """The trip count of `for (i = 0; i < N; i += s)` from its condition (`compare(i, N), LT`) and body.
 
-    The step `s` is the constant the body adds to the same tuple element (1 when none is found).
+    The step `s` is the constant the body adds to the counter it carries to the next trip (1 when none
+    is found): the body's root tuple holds `add(i, s)` at the counter's index, through copies. (TPU's
+    windowed-einsum loops also add other constants to the counter, e.g. `i + 1` for the next shard's
+    index, and step by 2.)
     """
     constants = _constants(cond)
     by_name = {i.name: i for i in cond}
@@ -207,20 +212,33 @@ def _trip_from_condition(cond, body=()) -> int | None:
                 return None
             counter = by_name.get(i.operands[0])
             k = _tuple_index(counter) if counter is not None and counter.opcode == "get-tuple-element" else None
-            step = 1
-            if k is not None and body:
-                body_constants = _constants(body)
-                body_by_name = {b.name: b for b in body}
-                for b in body:
-                    if b.opcode != "add" or len(b.operands) != 2:
-                        continue
-                    x, y = (body_by_name.get(o) for o in b.operands)
-                    for g, c in ((x, b.operands[1]), (y, b.operands[0])):
-                        if g is not None and g.opcode == "get-tuple-element" and _tuple_index(g) == k \
-                                and c in body_constants and body_constants[c] > 0:
-                            step = body_constants[c]
-            return -(-n // step)
+            return -(-n // (_loop_step(body, k) if k is not None else 1))
     return None
+
+
+def _loop_step(body, k: int) -> int:
+    """What a loop body adds to tuple element `k` per trip: the constant `s` of the root tuple's element
+    `k = add(element k, s)`, looking through copies and bitcasts; 1 when the body has no such add."""
+    by_name = {b.name: b for b in body}
+    constants = _constants(body)
+
+    def source(name):
+        instr = by_name.get(name)
+        while instr is not None and instr.opcode in ("copy", "bitcast", "convert") and instr.operands:
+            instr = by_name.get(instr.operands[0])
+        return instr
+
+    root = next((b for b in body if b.root), None)
+    if root is None or root.opcode != "tuple" or k >= len(root.operands):
+        return 1
+    nxt = source(root.operands[k])
+    if nxt is None or nxt.opcode != "add" or len(nxt.operands) != 2:
+        return 1
+    for x, c in (nxt.operands, nxt.operands[::-1]):
+        g = source(x)
+        if g is not None and g.opcode == "get-tuple-element" and _tuple_index(g) == k and constants.get(c, 0) > 0:
+            return constants[c]
+    return 1
 
 
 def _callees(instr: _Instr) -> list[tuple[str, str]]:

@@ -114,6 +114,44 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     assert stats.collectives == {"reduce-scatter": 6 * 32, "all-gather": 64, "total": 6 * 32 + 64}
 
 
+def test_hlo_analysis_loop_step_is_the_increment_carried_to_the_next_trip():
+    """XLA:TPU's windowed-einsum loops step their counter by 2 and also add 1 to it for the next shard's
+    index; the counter reaches the add through a copy. `i < 8` stepping by 2 runs 4 trips, not 8."""
+    text = """HloModule m
+
+%cond (p: (u32[], f32[8])) -> pred[] {
+  %p = (u32[], f32[8]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %n = u32[] constant(8)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%windowed_dot_general_body_ag.1 (q: (u32[], f32[8])) -> (u32[], f32[8]) {
+  %q = (u32[], f32[8]) parameter(0)
+  %j = u32[] get-tuple-element(%q), index=0
+  %jc = u32[] copy(%j)
+  %one = u32[] constant(1)
+  %two = u32[] constant(2)
+  ROOT %t = (u32[], f32[8]) tuple(%next, %z)
+  %shard = u32[] add(%jc, %one)
+  %x = f32[8] get-tuple-element(%q), index=1
+  %z = f32[8] multiply(%x, %x)
+  %next = u32[] add(%jc, %two)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8] parameter(0)
+  %c = u32[] constant(0)
+  %t0 = (u32[], f32[8]) tuple(%c, %a)
+  %w = (u32[], f32[8]) while(%t0), condition=%cond, body=%windowed_dot_general_body_ag.1
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+    stats = analyze_hlo(text)
+    assert stats.loop_trips == {"windowed_dot_general_body_ag.1": 4}
+    assert stats.flops == 4 * (8 + 2) + 1  # the multiply and both adds per trip, the condition once
+
+
 def test_plan_peak_matches_the_programs_the_run_compiles(tmp_path, monkeypatch):
     """The plan of a tiny DPO run (update, reference pass, held-out eval) against the run's own executables."""
     config = tiny_stages.vowel_dpo("plan_vs_run", steps=1)
