@@ -83,54 +83,15 @@ def resolve_paged_impl(impl: str, dtype, attention_impl: str = "auto", platform:
 
 def reference_attention(q, k, v, mask, *, kv_axes: str = "bskd"):
     """The einsum path: q [B, T, H, D]; k, v [B, S, Hkv, D] ("bskd") or [B, Hkv, S, D] ("bksd");
-    mask bool [B, T, S]. Materialises the [B, Hkv, G, T, S] scores; returns [B, T, H, D].
-
-    Its gradient is written out as FlashAttention's backward (Dao et al., 2022) computes it, from the
-    saved probabilities `P` and output `O`: with `dP = dO V^T` and `Δ_t = Σ_d dO[t, d] O[t, d]`
-    (= `Σ_s P[t, s] dP[t, s]`),
-
-        dV = P^T dO,   dS = P ∘ (dP - Δ) / √d (0 where masked),   dQ = dS K,   dK = dS^T Q,
-
-    the same four matmuls as autodiff's, but the softmax gradient's row sums come from `dO ∘ O`
-    ([T, D]) instead of `dP ∘ P` ([T, S]): XLA:CPU then runs `dP` as a plain batched matmul, where
-    it fused the `[T, S]` reduction into a slow matmul fusion (W4's GRPO update: attention's forward
-    and backward -21%, the update -2.3%; issue 23).
-    """
-    return _einsum_attention(q, k, v, mask, kv_axes)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _einsum_attention(q, k, v, mask, kv_axes):
-    return _einsum_attention_fwd(q, k, v, mask, kv_axes)[0]
-
-
-def _einsum_attention_fwd(q, k, v, mask, kv_axes):
+    mask bool [B, T, S]. Materialises the [B, Hkv, G, T, S] scores; returns [B, T, H, D]."""
     b, t, h, d = q.shape
     hkv = k.shape[2] if kv_axes == "bskd" else k.shape[1]
-    qg = q.reshape(b, t, hkv, h // hkv, d)
-    scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", qg, k, preferred_element_type=_F32)
+    q = q.reshape(b, t, hkv, h // hkv, d)
+    scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", q, k, preferred_element_type=_F32)
     scores = scores / math.sqrt(d)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(_F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum(f"bkgts,{kv_axes}->btkgd", probs, v)
-    return out.reshape(b, t, h, d), (qg, k, v, mask, probs, out)
-
-
-def _einsum_attention_bwd(kv_axes, residuals, d_out):
-    qg, k, v, mask, probs, out = residuals
-    b, t, hkv, g, d = qg.shape
-    d_out = d_out.reshape(b, t, hkv, g, d)
-    dv = jnp.einsum(f"bkgts,btkgd->{kv_axes}", probs, d_out)
-    dp = jnp.einsum(f"btkgd,{kv_axes}->bkgts", d_out, v, preferred_element_type=_F32)
-    delta = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(_F32), out.astype(_F32))
-    ds = jnp.where(mask[:, None, None, :, :], probs.astype(_F32) * (dp - delta[..., None]), 0.0)
-    ds = (ds / math.sqrt(d)).astype(qg.dtype)
-    dq = jnp.einsum(f"bkgts,{kv_axes}->btkgd", ds, k).reshape(b, t, hkv * g, d)
-    dk = jnp.einsum(f"bkgts,btkgd->{kv_axes}", ds, qg)
-    return dq, dk, dv, None
-
-
-_einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
+    return jnp.einsum(f"bkgts,{kv_axes}->btkgd", probs, v).reshape(b, t, h, d)
 
 
 class PrefixLayerKV(NamedTuple):
