@@ -116,7 +116,8 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 def test_hlo_analysis_loop_step_is_the_increment_carried_to_the_next_trip():
     """XLA:TPU's windowed-einsum loops step their counter by 2 and also add 1 to it for the next shard's
-    index; the counter reaches the add through a copy. `i < 8` stepping by 2 runs 4 trips, not 8."""
+    index; the counter reaches the add through a copy, and the body's root is not its last line.
+    `i < 8` stepping by 2 runs 4 trips, not 8."""
     text = """HloModule m
 
 %cond (p: (u32[], f32[8])) -> pred[] {
