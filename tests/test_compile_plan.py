@@ -79,35 +79,42 @@ def test_flops_of_scanned_layers_match_the_unrolled_compile():
     assert scanned.arguments["state"] > 0 and scanned.peak_bytes >= scanned.argument_bytes
 
 
-def test_hlo_analysis_counts_loops_by_their_condition_and_tpu_windowed_collectives():
-    text = """HloModule m
+def _counting_loop(n: int, body_name: str, body: str, entry: str = "") -> str:
+    """An HLO module running `body` (over `(s32[] i, f32[8] x)`, given as its instruction lines) while
+    `i < n`, from `i = 0`; `entry`: more lines of the entry computation."""
+    return f"""HloModule m
 
-%cond (p: (s32[], f32[8])) -> pred[] {
+%cond (p: (s32[], f32[8])) -> pred[] {{
   %p = (s32[], f32[8]) parameter(0)
   %i = s32[] get-tuple-element(%p), index=0
-  %n = s32[] constant(6)
+  %n = s32[] constant({n})
   ROOT %lt = pred[] compare(%i, %n), direction=LT
-}
+}}
 
-%windowed_dot_general_body_rs.1 (q: (s32[], f32[8])) -> (s32[], f32[8]) {
+%{body_name} (q: (s32[], f32[8])) -> (s32[], f32[8]) {{
   %q = (s32[], f32[8]) parameter(0)
+{body}
+}}
+
+ENTRY %main (a: f32[8]) -> f32[8] {{
+  %a = f32[8] parameter(0)
+  %c = s32[] constant(0)
+  %t0 = (s32[], f32[8]) tuple(%c, %a)
+  %w = (s32[], f32[8]) while(%t0), condition=%cond, body=%{body_name}
+{entry}
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}}
+"""
+
+
+def test_hlo_analysis_counts_loops_by_their_condition_and_tpu_windowed_collectives():
+    text = _counting_loop(6, "windowed_dot_general_body_rs.1", """\
   %x = f32[8] get-tuple-element(%q), index=1
   %cp = (f32[8], f32[8], u32[], u32[]) collective-permute-start(%x), source_target_pairs={{0,1}}
   %y = f32[8] collective-permute-done(%cp)
   %z = f32[8] add(%y, %x)
   %j = s32[] get-tuple-element(%q), index=0
-  ROOT %t = (s32[], f32[8]) tuple(%j, %z)
-}
-
-ENTRY %main (a: f32[8]) -> f32[8] {
-  %a = f32[8] parameter(0)
-  %c = s32[] constant(0)
-  %t0 = (s32[], f32[8]) tuple(%c, %a)
-  %w = (s32[], f32[8]) while(%t0), condition=%cond, body=%windowed_dot_general_body_rs.1
-  %ag = f32[16] all-gather(%a), dimensions={0}
-  ROOT %r = f32[8] get-tuple-element(%w), index=1
-}
-"""
+  ROOT %t = (s32[], f32[8]) tuple(%j, %z)""", entry="  %ag = f32[16] all-gather(%a), dimensions={0}")
     stats = analyze_hlo(text)
     assert stats.loop_trips == {"windowed_dot_general_body_rs.1": 6}
     assert stats.flops == 6 * 8 + 1  # the add once per trip, the condition's compare once (as XLA counts it)
@@ -118,36 +125,16 @@ def test_hlo_analysis_loop_step_is_the_increment_carried_to_the_next_trip():
     """XLA:TPU's windowed-einsum loops step their counter by 2 and also add 1 to it for the next shard's
     index; the counter reaches the add through a copy, and the body's root is not its last line.
     `i < 8` stepping by 2 runs 4 trips, not 8."""
-    text = """HloModule m
-
-%cond (p: (u32[], f32[8])) -> pred[] {
-  %p = (u32[], f32[8]) parameter(0)
-  %i = u32[] get-tuple-element(%p), index=0
-  %n = u32[] constant(8)
-  ROOT %lt = pred[] compare(%i, %n), direction=LT
-}
-
-%windowed_dot_general_body_ag.1 (q: (u32[], f32[8])) -> (u32[], f32[8]) {
-  %q = (u32[], f32[8]) parameter(0)
-  %j = u32[] get-tuple-element(%q), index=0
-  %jc = u32[] copy(%j)
-  %one = u32[] constant(1)
-  %two = u32[] constant(2)
-  ROOT %t = (u32[], f32[8]) tuple(%next, %z)
-  %shard = u32[] add(%jc, %one)
+    text = _counting_loop(8, "windowed_dot_general_body_ag.1", """\
+  %j = s32[] get-tuple-element(%q), index=0
+  %jc = s32[] copy(%j)
+  %one = s32[] constant(1)
+  %two = s32[] constant(2)
+  ROOT %t = (s32[], f32[8]) tuple(%next, %z)
+  %shard = s32[] add(%jc, %one)
   %x = f32[8] get-tuple-element(%q), index=1
   %z = f32[8] multiply(%x, %x)
-  %next = u32[] add(%jc, %two)
-}
-
-ENTRY %main (a: f32[8]) -> f32[8] {
-  %a = f32[8] parameter(0)
-  %c = u32[] constant(0)
-  %t0 = (u32[], f32[8]) tuple(%c, %a)
-  %w = (u32[], f32[8]) while(%t0), condition=%cond, body=%windowed_dot_general_body_ag.1
-  ROOT %r = f32[8] get-tuple-element(%w), index=1
-}
-"""
+  %next = s32[] add(%jc, %two)""")
     stats = analyze_hlo(text)
     assert stats.loop_trips == {"windowed_dot_general_body_ag.1": 4}
     assert stats.flops == 4 * (8 + 2) + 1  # the multiply and both adds per trip, the condition once
