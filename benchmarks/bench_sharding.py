@@ -12,17 +12,17 @@ HLO, per collective kind. It prints a table and writes JSON. On CPU the devices 
 (`--devices`, set before JAX starts), so step times show the strategies' overheads on one
 machine, not a pod's speed; collective bytes and memory are what a pod would see per device.
 
-Collective bytes count each collective instruction once, as it appears in the program text; a
-collective inside a scanned layer loop runs once per layer, so those are multiplied by the
-loop's trip count when XLA states it (`known_trip_count`), else counted once. The measurement
-itself is `rlhf_jax.sharding_report` (shared with notebooks/03_sharding_strategies.ipynb).
+Collective bytes are each collective's per-device result times the runs of the loop that holds
+it (a collective inside the scanned layer loop counts once per layer), read by
+`rlhf_jax.hlo_analysis` as `rlhf-jax compile` reads them. The measurement itself is
+`rlhf_jax.sharding_report` (shared with notebooks/03_sharding_strategies.ipynb).
 
 For a TPU slice (needs libtpu, no TPU): `--topology v5p:4x4x4` (or `v5litepod-16`, `v5p-128`, ...)
 compiles every strategy x mesh for the slice's compile-only devices and prints per-device memory and
-collective bytes of the compiled TPU programs (no timing: those devices cannot run). There the
-collectives are read by `rlhf_jax.hlo_analysis` (loop trip counts from the loop condition, which
-TPU programs state instead of `known_trip_count`; TPU's windowed-einsum loops that fuse a
-reduce-scatter or all-gather with its matmul count under that kind):
+collective bytes of the compiled TPU programs (no timing: those devices cannot run; loop trip
+counts come from the loop condition, which TPU programs state instead of `known_trip_count`, and
+TPU's windowed-einsum loops that fuse a reduce-scatter or all-gather with its matmul count under
+that kind):
 
     python benchmarks/bench_sharding.py --topology v5p:4x4x4 --model w1 --step sft --batch 64 --seq 512
 """
@@ -57,7 +57,6 @@ def _run(args) -> list[dict]:
 
     host_memory.configure_from_env()   # before JAX runs anything (importing rlhf_jax does not)
     from rlhf_jax.targets import resolve_target
-    from rlhf_jax.hlo_analysis import analyze_hlo
     from rlhf_jax.models.presets import get_config
     from rlhf_jax.sharding_report import compile_strategy, measure_strategy
 
@@ -74,9 +73,8 @@ def _run(args) -> list[dict]:
         shape = {k: int(v) for k, v in (p.split("=") for p in mesh_text.split(",") if p)} if mesh_text else None
         try:
             if devices is not None:
-                compiled = compile_strategy(config, step=args.step, strategy=strategy, mesh_shape=shape,
-                                            batch_size=args.batch, seq_len=args.seq, devices=devices)
-                row = {**compiled.row, "collective_bytes": analyze_hlo(compiled.compiled.as_text()).collectives}
+                row = compile_strategy(config, step=args.step, strategy=strategy, mesh_shape=shape,
+                                       batch_size=args.batch, seq_len=args.seq, devices=devices).row
             else:
                 row = measure_strategy(config, step=args.step, strategy=strategy, mesh_shape=shape,
                                        batch_size=args.batch, seq_len=args.seq, timed_steps=args.steps)

@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,8 @@ __all__ = [
     "abstract_batch",
     "aot_compile",
     "compile_training_step",
+    "TrainingStepProgram",
+    "training_step_program",
     "format_report",
     "step_flops",
     "main",
@@ -329,6 +331,67 @@ def abstract_batch(kind: Literal["sft", "pairs"], *, batch_size: int, seq_len: i
     return {f"{p}_{k}": tok() for p in ("chosen", "rejected") for k in ("tokens", "loss_mask")}
 
 
+class TrainingStepProgram(NamedTuple):
+    """A model's SFT, reward-model or DPO step jitted for a mesh, and the abstract arguments to lower it on.
+
+    Attributes:
+      model: the `CausalLM` (a scalar head for the reward model).
+      optimizer: its optax transform.
+      step: the jitted step (`rlhf_jax.steps.jit_model_step`).
+      args: `[state, batch]` (and the reference parameters for DPO) as ShapeDtypeStructs carrying the
+        step's shardings; nothing of model size is allocated.
+      lint: the sharding lint's issues for the model's parameters on this mesh and strategy.
+    """
+
+    model: CausalLM
+    optimizer: Any
+    step: Any
+    args: list
+    lint: list
+
+
+def training_step_program(config: ModelConfig, *, step: StepKind, mesh: Mesh, strategy: str | sh.Strategy,
+                          batch_size: int, seq_len: int, optimizer: OptimizerConfig | None = None,
+                          micro_batches: int = 1, caller: str = "training_step_program") -> TrainingStepProgram:
+    """Build the `step` a recipe builds for `config` on `mesh` (`compile_training_step`,
+    `rlhf_jax.sharding_report.compile_strategy`): AdamW by default, the batch placed over the
+    strategy's batch axes, DPO's reference parameters laid out as the policy's.
+
+    Raises:
+      ValueError: `step` is not "sft", "reward_model" or "dpo" (the message names `caller`).
+      ShardingError: the strategy does not fit the mesh.
+    """
+    from rlhf_jax.steps import (  # noqa: PLC0415 - steps import this package's model code
+        PAIR_KEYS,
+        SFT_KEYS,
+        dpo_batch_keys,
+        jit_model_step,
+        make_dpo_step,
+        make_reward_model_step,
+        make_sft_step,
+    )
+
+    makers = {"sft": make_sft_step, "reward_model": make_reward_model_step, "dpo": make_dpo_step}
+    if step not in makers:
+        raise ValueError(f"{caller}: step must be one of {sorted(makers)}, got {step!r}")
+    optimizer = OptimizerConfig(name="adamw", learning_rate=1e-5) if optimizer is None else optimizer
+    strategy = sh.check_strategy(strategy, mesh)
+    model = CausalLM(config, head="scalar" if step == "reward_model" else "lm")
+    issues = lint(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
+    keys = {"sft": SFT_KEYS, "reward_model": PAIR_KEYS, "dpo": dpo_batch_keys()}[step]
+    built = jit_model_step(makers[step](model, optimizer, micro_batches=micro_batches), model, optimizer, mesh=mesh,
+                           strategy=strategy, micro_batches=micro_batches, batch_keys=keys,
+                           frozen_params=int(step == "dpo"), name=f"{step}_step")
+    tx = make_optimizer(optimizer)
+    abstract = abstract_train_state(model.init, tx)
+    args = [_abstract(abstract, built.state_shardings),
+            abstract_batch("sft" if step == "sft" else "pairs", batch_size=batch_size, seq_len=seq_len,
+                           mesh=mesh, strategy=strategy)]
+    if step == "dpo":
+        args.append(_abstract(abstract.params, built.state_shardings.params))
+    return TrainingStepProgram(model, tx, built, args, issues)
+
+
 def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
                 device_memory_bytes: int | None = None, lint_lines: Sequence[str] = (),
                 model_flops: float | None = None, compiler_options: Mapping[str, Any] | None = None
@@ -409,44 +472,17 @@ def compile_training_step(config: ModelConfig, *, step: StepKind = "sft", mesh: 
     Raises:
       ShardingError: an invalid mesh / strategy / batch combination, before compiling.
     """
-    from rlhf_jax.steps import (
-        PAIR_KEYS,
-        SFT_KEYS,
-        dpo_batch_keys,
-        jit_model_step,
-        make_dpo_step,
-        make_reward_model_step,
-        make_sft_step,
-    )
-
-    optimizer = OptimizerConfig(name="adamw", learning_rate=1e-5) if optimizer is None else optimizer
-    strategy = sh.check_strategy(strategy, mesh)
-    head = "scalar" if step == "reward_model" else "lm"
-    model = CausalLM(config, head=head)
-    issues = lint(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
-    errors = [i for i in issues if i.severity == "error"]
+    program = training_step_program(config, step=step, mesh=mesh, strategy=strategy, batch_size=batch_size,
+                                    seq_len=seq_len, optimizer=optimizer, micro_batches=micro_batches,
+                                    caller="compile_training_step")
+    errors = [i for i in program.lint if i.severity == "error"]
     if errors:
         raise sh.ShardingError("sharding lint found errors:\n" + format_lint(errors))
-    makers = {"sft": make_sft_step, "reward_model": make_reward_model_step, "dpo": make_dpo_step}
-    if step not in makers:
-        raise ValueError(f"compile_training_step: step must be one of {sorted(makers)}, got {step!r}")
-    update = makers[step](model, optimizer, micro_batches=micro_batches)
-    keys = {"sft": SFT_KEYS, "reward_model": PAIR_KEYS, "dpo": dpo_batch_keys()}[step]
-    built = jit_model_step(update, model, optimizer, mesh=mesh, strategy=strategy, micro_batches=micro_batches,
-                           batch_keys=keys, frozen_params=int(step == "dpo"), name=f"{step}_step")
-    tx = make_optimizer(optimizer)
-    abstract = abstract_train_state(model.init, tx)
-    state = _abstract(abstract, built.state_shardings)
-    batch = abstract_batch("sft" if step == "sft" else "pairs", batch_size=batch_size, seq_len=seq_len,
-                           mesh=mesh, strategy=strategy)
-    args = [state, batch]
-    if step == "dpo":
-        args.append(_abstract(abstract.params, built.state_shardings.params))
     devices = list(mesh.devices.flat)
     label = target or f"{devices[0].platform} x{len(devices)}"
-    return aot_compile(built, args, target=label,
-                       state_bytes=bytes_per_device(state),
-                       device_memory_bytes=device_memory_bytes, lint_lines=[str(i) for i in issues],
+    return aot_compile(program.step, program.args, target=label,
+                       state_bytes=bytes_per_device(program.args[0]),
+                       device_memory_bytes=device_memory_bytes, lint_lines=[str(i) for i in program.lint],
                        model_flops=step_flops(config, step=step, batch_size=batch_size, seq_len=seq_len),
                        compiler_options=compiler_options)
 

@@ -27,8 +27,9 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
+from typing import NamedTuple
 
-__all__ = ["HloStats", "analyze_hlo", "shape_bytes"]
+__all__ = ["Collective", "HloStats", "analyze_hlo", "shape_bytes"]
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
@@ -250,6 +251,15 @@ def _callees(instr: _Instr) -> list[tuple[str, str]]:
     return out
 
 
+class Collective(NamedTuple):
+    """One collective instruction: its kind, result shape text, bytes per run and runs per execution."""
+
+    kind: str
+    shape: str
+    bytes: int
+    times: int
+
+
 @dataclasses.dataclass(frozen=True)
 class HloStats:
     """Per-device figures of one compiled program.
@@ -260,7 +270,8 @@ class HloStats:
       xla_flops: XLA's own figure (loop bodies once).
       loop_trips: the trip count of each while loop found (`{body computation: trips}`; None =
         unknown, counted once).
-      collectives: bytes per collective kind, plus "total".
+      collectives: bytes per collective kind (`bytes x times` summed over `collective_ops`), plus "total".
+      collective_ops: every collective instruction, in program order of the computations reached.
       largest: the largest buffers the program creates, `(bytes, shape, op name)` largest first.
     """
 
@@ -269,6 +280,7 @@ class HloStats:
     loop_trips: dict[str, int | None]
     collectives: dict[str, int]
     largest: tuple[tuple[int, str, str], ...]
+    collective_ops: tuple[Collective, ...] = ()
 
 
 def analyze_hlo(text: str, *, xla_flops: float | None = None, loop_trips: Mapping[str, int] | None = None,
@@ -368,7 +380,7 @@ def analyze_hlo(text: str, *, xla_flops: float | None = None, loop_trips: Mappin
         flops = float(xla_flops) * (counted / once if once else 1.0)
 
     # Collectives: in any computation reached from a control-flow one (fused forms included).
-    coll: dict[str, int] = {}
+    ops: list[Collective] = []
 
     def visit_collectives(comp: str, m: int, seen: set) -> None:
         if comp in seen:
@@ -386,13 +398,16 @@ def analyze_hlo(text: str, *, xla_flops: float | None = None, loop_trips: Mappin
                     # async start: `(operand, result, context...)`: count the result
                     inner = re.findall(r"(?:pred|[suf]\d+|bf16|c64|c128)\[[\d,]*\]", shape)
                     shape = inner[1] if len(inner) > 1 else shape
-                coll[kind] = coll.get(kind, 0) + shape_bytes(shape) * m
+                ops.append(Collective(kind, shape, shape_bytes(shape), m))
             for k, callee in _callees(i):
                 if k in ("calls", "async_execution_thread") and callee in computations:
                     visit_collectives(callee, m, seen)
 
     for c in control:
         visit_collectives(c, mult[c], set())
+    coll: dict[str, int] = {}
+    for op in ops:
+        coll[op.kind] = coll.get(op.kind, 0) + op.bytes * op.times
     coll["total"] = sum(coll.values())
 
     # Largest buffers: results of instructions in control-flow computations (fused internals are
@@ -416,5 +431,6 @@ def analyze_hlo(text: str, *, xla_flops: float | None = None, loop_trips: Mappin
         unique.append(b)
         if len(unique) == top:
             break
-    return HloStats(flops=flops, xla_flops=xla_flops, loop_trips=trips, collectives=coll, largest=tuple(unique))
+    return HloStats(flops=flops, xla_flops=xla_flops, loop_trips=trips, collectives=coll, largest=tuple(unique),
+                    collective_ops=tuple(ops))
 

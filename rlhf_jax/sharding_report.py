@@ -7,11 +7,9 @@ arguments (nothing of model size is allocated, so the devices may be a TPU topol
 devices) and reads
 
 - per-device argument / temporary / peak memory from XLA's memory analysis of the compiled program;
-- the bytes each collective kind produces, from the compiled (partitioned) HLO text.
-
-Collective bytes count each collective instruction once as it appears in the program text; a
-collective inside a scanned layer loop runs once per layer, so those are multiplied by the loop's
-trip count when XLA states it (`known_trip_count`), else counted once.
+- the bytes each collective kind produces per step, from the compiled (partitioned) HLO text, as
+  `rlhf-jax compile` counts them (`rlhf_jax.hlo_analysis`: a collective inside the scanned layer
+  loop counts once per layer; `analyze_hlo(text).collective_ops` lists the instructions).
 
     row = measure_strategy(get_config("tiny"), step="dpo", strategy="fsdp", mesh_shape={"fsdp": 8},
                            batch_size=8, seq_len=64)          # a dict: memory MiB, collective bytes, ...
@@ -20,100 +18,28 @@ trip count when XLA states it (`known_trip_count`), else counted once.
 from __future__ import annotations
 
 import dataclasses
-import re
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
 
 from rlhf_jax import sharding as sh
-from rlhf_jax.compile import abstract_batch, step_flops
-from rlhf_jax.hlo_analysis import shape_bytes, split_instruction
+from rlhf_jax.compile import StepKind, step_flops, training_step_program
+from rlhf_jax.hlo_analysis import analyze_hlo
 from rlhf_jax.models import CausalLM, ModelConfig
-from rlhf_jax.optim import OptimizerConfig, make_optimizer
-from rlhf_jax.sharding_lint import lint
-from rlhf_jax.state import abstract_train_state, create_train_state
+from rlhf_jax.optim import OptimizerConfig
+from rlhf_jax.state import create_train_state
 
 __all__ = [
-    "COLLECTIVES",
-    "Collective",
     "CompiledStrategy",
-    "collective_instructions",
-    "collective_bytes",
     "memory_mib",
     "compile_strategy",
     "time_steps",
     "measure_strategy",
 ]
-
-StepKind = Literal["sft", "reward_model", "dpo"]
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-class Collective(NamedTuple):
-    """One collective instruction of an HLO module: its kind, result shape text, bytes and runs per step."""
-
-    kind: str
-    shape: str
-    bytes: int
-    times: int
-
-
-def collective_instructions(hlo_text: str) -> list[Collective]:
-    r"""The collective instructions of an HLO module's text, in program order.
-
-    An asynchronous pair (`all-gather-start` / `-done`) counts once, under its base kind. `times`
-    is the trip count of the while loop whose body holds the instruction (1 outside loops).
-
-    Args:
-      hlo_text: `compiled.as_text()`.
-
-    Example (a TPU layout holds parentheses inside a tuple result):
-      >>> collective_instructions("ENTRY %main (p: f32[8]) -> f32[8] {\n"
-      ...     "  %ar = (f32[2,64]{1,0:T(8,128)}, f32[64]{0}) all-reduce(%a, %b), to_apply=%add\n}")
-      [Collective(kind='all-reduce', shape='(f32[2,64]{1,0:T(8,128)}, f32[64]{0})', bytes=768, times=1)]
-    """
-    # Map computation name -> trip count of the while loops that call it as their body.
-    trips = {}
-    for m in re.finditer(r"while\(.*?body=%?([\w.\-]+).*?known_trip_count[^0-9]*(\d+)", hlo_text):
-        trips[m.group(1)] = int(m.group(2))
-    out = []
-    factor = 1
-    for line in hlo_text.splitlines():
-        header = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?.*\{\s*$", line)
-        if header and "=" not in line.split("{")[0]:
-            factor = trips.get(header.group(1), 1)
-            continue
-        if "=" not in line:
-            continue
-        parsed = split_instruction(line.split("=", 1)[1])
-        if parsed is None:
-            continue
-        shape, opcode, _ = parsed
-        kind = opcode.removesuffix("-start")
-        if kind in COLLECTIVES and not opcode.endswith("-done"):
-            out.append(Collective(kind, shape, shape_bytes(shape), factor))
-    return out
-
-
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Bytes produced per collective kind in an HLO module's text (loop bodies x trip count).
-
-    Args:
-      hlo_text: `compiled.as_text()`.
-
-    Returns:
-      `{kind: bytes}` for the kinds present (in order of first appearance), plus `"total"`.
-    """
-    out: dict[str, int] = {}
-    for c in collective_instructions(hlo_text):
-        out[c.kind] = out.get(c.kind, 0) + c.bytes * c.times
-    out["total"] = sum(out.values())
-    return out
 
 
 def memory_mib(compiled) -> dict[str, float]:
@@ -134,7 +60,7 @@ class CompiledStrategy:
 
     Attributes:
       row: `strategy`, `mesh`, `lint`, `compile_s`, `argument_mib`, `temp_mib`, `peak_mib`,
-        `collective_bytes` (`collective_bytes` of the compiled HLO) and `model_flops`.
+        `collective_bytes` (`analyze_hlo(...).collectives` of the compiled HLO) and `model_flops`.
       compiled: the `jax.stages.Compiled` program (`as_text()` is its partitioned HLO).
       step: the jitted `Step`, to build concrete arguments for.
       model: the model; optimizer: its optax transform; kind: the step kind.
@@ -170,42 +96,18 @@ def compile_strategy(config: ModelConfig, *, step: StepKind = "dpo", strategy: s
     Returns:
       A `CompiledStrategy`.
     """
-    from rlhf_jax.steps import (  # noqa: PLC0415 - steps import this package's model code
-        PAIR_KEYS,
-        SFT_KEYS,
-        dpo_batch_keys,
-        jit_model_step,
-        make_dpo_step,
-        make_reward_model_step,
-        make_sft_step,
-    )
-
-    makers = {"sft": make_sft_step, "reward_model": make_reward_model_step, "dpo": make_dpo_step}
-    if step not in makers:
-        raise ValueError(f"compile_strategy: step must be one of {sorted(makers)}, got {step!r}")
-    model = CausalLM(config, head="scalar" if step == "reward_model" else "lm")
-    opt = OptimizerConfig(learning_rate=learning_rate)
-    tx = make_optimizer(opt)
     mesh = sh.make_mesh(mesh_shape, devices=devices)
-    issues = lint(model.abstract_params(), model.logical_axes, mesh=mesh, strategy=strategy)
-    keys = {"sft": SFT_KEYS, "reward_model": PAIR_KEYS, "dpo": dpo_batch_keys()}[step]
-    built = jit_model_step(makers[step](model, opt), model, opt, mesh=mesh, strategy=strategy, batch_keys=keys,
-                           frozen_params=int(step == "dpo"), name=f"{step}_step")
-    abstract = abstract_train_state(model.init, tx)
-    as_struct = lambda tree, shardings: jax.tree.map(  # noqa: E731
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-    args = [as_struct(abstract, built.state_shardings),
-            abstract_batch("sft" if step == "sft" else "pairs", batch_size=batch_size, seq_len=seq_len, mesh=mesh,
-                           strategy=strategy)]
-    if step == "dpo":
-        args.append(as_struct(abstract.params, built.state_shardings.params))
+    program = training_step_program(config, step=step, mesh=mesh, strategy=strategy, batch_size=batch_size,
+                                    seq_len=seq_len, optimizer=OptimizerConfig(learning_rate=learning_rate),
+                                    caller="compile_strategy")
     start = time.perf_counter()
-    compiled = built.lower(*args).compile()
-    row = {"strategy": strategy, "mesh": dict(mesh.shape), "lint": [str(i) for i in issues],
+    compiled = program.step.lower(*program.args).compile()
+    row = {"strategy": strategy, "mesh": dict(mesh.shape), "lint": [str(i) for i in program.lint],
            "compile_s": time.perf_counter() - start, **memory_mib(compiled),
-           "collective_bytes": collective_bytes(compiled.as_text()),
+           "collective_bytes": analyze_hlo(compiled.as_text()).collectives,
            "model_flops": step_flops(config, step=step, batch_size=batch_size, seq_len=seq_len)}
-    return CompiledStrategy(row, compiled, built, model, tx, step, batch_size, seq_len)
+    return CompiledStrategy(row, compiled, program.step, program.model, program.optimizer, step, batch_size,
+                            seq_len)
 
 
 def time_steps(compiled: CompiledStrategy, *, steps: int, seed: int = 0) -> dict[str, float]:

@@ -70,6 +70,33 @@ def test_bad_input_fails_before_compiling():
                                   batch_size=8, seq_len=16)
 
 
+def test_sharding_report_counts_what_compile_counts():
+    """`sharding_report.compile_strategy` (bench_sharding, notebook 03) builds the program
+    `compile_training_step` plans, and counts its collectives the same way: a collective in the
+    scanned layer loop once per layer, so data parallelism's all-reduce is every parameter's
+    gradient (4 bytes each) plus the step's few metric scalars."""
+    import math
+
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.sharding_report import compile_strategy
+
+    for step, head in (("sft", "lm"), ("reward_model", "scalar")):
+        n = sum(math.prod(x.shape) for x in jax.tree.leaves(CausalLM(tiny_config(), head=head).abstract_params()))
+        row = compile_strategy(tiny_config(), step=step, strategy="dp", mesh_shape=None, batch_size=8, seq_len=16).row
+        assert set(row["collective_bytes"]) == {"all-reduce", "total"}
+        assert 4 * n <= row["collective_bytes"]["all-reduce"] < 4 * n + 64, (step, n, row["collective_bytes"])
+    shape = {"fsdp": 4, "tensor": 2}
+    report = aot.compile_training_step(tiny_config(), step="dpo", mesh=_mesh(shape), strategy="fsdp_tp",
+                                       batch_size=8, seq_len=16)
+    row = compile_strategy(tiny_config(), step="dpo", strategy="fsdp_tp", mesh_shape=shape, batch_size=8,
+                           seq_len=16).row
+    assert row["peak_mib"] * 2**20 == report.peak_bytes and row["argument_mib"] * 2**20 == report.argument_bytes
+    assert row["collective_bytes"] == report.collectives and report.collectives["all-gather"] > 0
+    assert row["model_flops"] == report.model_flops
+    with pytest.raises(ValueError, match="compile_strategy: step must be one of"):
+        compile_strategy(tiny_config(), step="ppo", strategy="dp", mesh_shape=None, batch_size=8, seq_len=16)
+
+
 def test_cli_main_writes_json_report(tmp_path, capsys):
     path = tmp_path / "report.json"
     code = aot.main(["--model", "tiny", "--step", "reward_model", "--strategy", "fsdp_tp",

@@ -10,7 +10,7 @@ from rlhf_jax import sharding as sh
 from rlhf_jax.cli import main as cli_main
 from rlhf_jax.compile import compile_program
 from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
-from rlhf_jax.hlo_analysis import analyze_hlo
+from rlhf_jax.hlo_analysis import Collective, analyze_hlo
 from rlhf_jax.models import CausalLM
 from rlhf_jax.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.state import abstract_train_state
@@ -114,11 +114,17 @@ def test_hlo_analysis_counts_loops_by_their_condition_and_tpu_windowed_collectiv
   %y = f32[8] collective-permute-done(%cp)
   %z = f32[8] add(%y, %x)
   %j = s32[] get-tuple-element(%q), index=0
-  ROOT %t = (s32[], f32[8]) tuple(%j, %z)""", entry="  %ag = f32[16] all-gather(%a), dimensions={0}")
+  ROOT %t = (s32[], f32[8]) tuple(%j, %z)""", entry="""  %ag = f32[16] all-gather(%a), dimensions={0}
+  %ar = (f32[2,64]{1,0:T(8,128)}, f32[64]{0}) all-reduce(%a, %ag), to_apply=%add""")
     stats = analyze_hlo(text)
     assert stats.loop_trips == {"windowed_dot_general_body_rs.1": 6}
     assert stats.flops == 6 * 8 + 1  # the add once per trip, the condition's compare once (as XLA counts it)
-    assert stats.collectives == {"reduce-scatter": 6 * 32, "all-gather": 64, "total": 6 * 32 + 64}
+    # The async permute pair counts once, by its result; a TPU layout's parentheses stay inside the tuple.
+    assert stats.collective_ops == (
+        Collective("all-gather", "f32[16]", 64, 1),
+        Collective("all-reduce", "(f32[2,64]{1,0:T(8,128)}, f32[64]{0})", 768, 1),
+        Collective("reduce-scatter", "f32[8]", 32, 6))
+    assert stats.collectives == {"all-gather": 64, "all-reduce": 768, "reduce-scatter": 6 * 32, "total": 6 * 32 + 832}
 
 
 def test_hlo_analysis_loop_step_is_the_increment_carried_to_the_next_trip():
