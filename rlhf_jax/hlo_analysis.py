@@ -82,7 +82,7 @@ class _Instr:
     root: bool = False
 
 
-def split_instruction(rhs: str) -> tuple[str, str, str] | None:
+def _split_instruction(rhs: str) -> tuple[str, str, str] | None:
     """`(result shape, opcode, rest)` of an instruction's right-hand side, e.g. `f32[8]{0} all-reduce(...)`.
 
     A tuple result is matched to its closing parenthesis: TPU layouts hold parentheses themselves
@@ -133,7 +133,7 @@ def _parse(text: str) -> tuple[dict[str, list[_Instr]], str | None]:
         m = _INSTR.match(line)
         if not m:
             continue
-        parts = split_instruction(m.group(2))
+        parts = _split_instruction(m.group(2))
         if parts is None:
             continue
         shape, opcode, rest = parts
@@ -280,7 +280,7 @@ class HloStats:
     loop_trips: dict[str, int | None]
     collectives: dict[str, int]
     largest: tuple[tuple[int, str, str], ...]
-    collective_ops: tuple[Collective, ...] = ()
+    collective_ops: tuple[Collective, ...]
 
 
 def analyze_hlo(text: str, *, xla_flops: float | None = None, loop_trips: Mapping[str, int] | None = None,

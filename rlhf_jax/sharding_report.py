@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import sharding as sh
-from rlhf_jax.compile import StepKind, step_flops, training_step_program
+from rlhf_jax.training_program import StepKind, step_flops, training_step_program
 from rlhf_jax.hlo_analysis import analyze_hlo
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.optim import OptimizerConfig

@@ -11,6 +11,7 @@ from rlhf_jax import sharding as sh
 from rlhf_jax.models.presets import get_config
 from rlhf_jax.targets import tpu_topology_devices
 from rlhf_jax.testing import tiny_config
+from rlhf_jax.training_program import step_flops
 
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -44,7 +45,7 @@ def test_fsdp_shards_w1_state_and_arguments(w1_reports):
     assert one.argument_bytes >= one.state_bytes
     assert one.peak_bytes >= one.argument_bytes
     assert one.flops and one.flops > 0
-    assert one.model_flops == pytest.approx(aot.step_flops(get_config("w1"), step="sft", batch_size=8, seq_len=32))
+    assert one.model_flops == pytest.approx(step_flops(get_config("w1"), step="sft", batch_size=8, seq_len=32))
 
 
 def test_too_large_is_reported_with_figures(w1_reports):
