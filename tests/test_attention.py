@@ -60,6 +60,26 @@ def test_fused_attention_matches_reference(impl, dtype, window):
         assert _rel(g, e) <= TOL[dtype], (name, _rel(g, e))
 
 
+def test_softmax_gradient_is_the_closed_form_rule_and_leaves_jax_config_alone():
+    """`attention.softmax` and its VJP against float64 NumPy (`dS = P (dP - sum_s P dP)`), masked
+    entries (the reference's `finfo.min` scores) included; JAX's global softmax flag is unchanged."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(3, 5, 7)).astype(np.float32) * 3
+    scores[0, :, 4:] = np.finfo(np.float32).min        # masked slots, as `reference_attention` writes them
+    dp = rng.normal(size=scores.shape).astype(np.float32)
+    flag = jax.config.jax_softmax_custom_jvp
+    probs, vjp = jax.vjp(jax.jit(A.softmax), jnp.asarray(scores))
+    (ds,) = vjp(jnp.asarray(dp))
+    x = scores.astype(np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    expect = p * (dp - (p * dp).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(probs), p, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(ds), expect, atol=2e-6)
+    assert np.all(np.asarray(ds)[0, :, 4:] == 0)       # no gradient reaches a masked score
+    assert jax.config.jax_softmax_custom_jvp == flag
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_chunked_cache_attention_matches_reference(dtype):
     """Queries at different fills of a 300-slot cache, chunks of 128 (the last one overlapping),

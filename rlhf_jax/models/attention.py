@@ -90,8 +90,22 @@ def reference_attention(q, k, v, mask, *, kv_axes: str = "bskd"):
     scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", q, k, preferred_element_type=_F32)
     scores = scores / math.sqrt(d)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(_F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    probs = softmax(scores).astype(q.dtype)
     return jnp.einsum(f"bkgts,{kv_axes}->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def softmax(scores: jax.Array) -> jax.Array:
+    """`softmax` over the last axis, differentiated by its closed-form rule `dS = P (dP - Σ_s P dP)`.
+
+    `jax.nn.softmax` uses that rule only under `jax.softmax_custom_jvp(True)` (off by default in
+    JAX 0.10); otherwise autodiff goes through the exponential, the row sum and the division, which
+    keeps the unnormalised scores and their sums for the backward pass and spends more elementwise
+    passes over `[.., T, S]` in it. Same forward values. The flag is set for this call only, so
+    nothing changes process-wide. (XLA:CPU, in one process: W2's DPO step 5-6% less CPU time, W1's
+    SFT step 3%, W4's GRPO update 2%; the 8B DPO update on TPU 0.1 GiB less per chip; CPU.md.)
+    """
+    with jax.softmax_custom_jvp(True):
+        return jax.nn.softmax(scores, axis=-1)
 
 
 class PrefixLayerKV(NamedTuple):
@@ -329,7 +343,7 @@ def prefix_cache_attention(q, prefix_k, prefix_v, k, v, mask):
     x_own = jnp.einsum("ntkgd,nksd->nkgts", q.reshape(n, t, hkv, g, d), k, preferred_element_type=_F32)
     scores = jnp.concatenate([x_prefix, x_own], axis=-1) / math.sqrt(d)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(_F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    probs = softmax(scores).astype(q.dtype)
     p_prefix = probs[..., :p].reshape(groups, r, hkv, g, t, p).transpose(0, 2, 1, 3, 4, 5).reshape(
         groups, hkv, r * g * t, p)
     # The weighted sums in the compute dtype, as `reference_attention` (XLA:CPU has no bf16 x bf16 -> f32
