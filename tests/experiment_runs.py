@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TEST_ONLY_FLAGS = ("xla_force_host_platform_device_count", "xla_backend_optimization_level")
+_TEST_ONLY_FLAGS = ("xla_force_host_platform_device_count", "xla_backend_optimization_level",
+                   "xla_cpu_use_fusion_emitters")
 
 
 def user_environment() -> dict[str, str]:

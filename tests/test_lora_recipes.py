@@ -1,5 +1,6 @@
 """LoRA in the recipes: exact resume, checkpoint items a later stage reads merged, DPO's reference as
-the base with adapters off (== a reference model holding the base, bit for bit), and RL states
+the base with adapters off (== a reference model holding the base: its values bit for bit, the
+update to float rounding), and RL states
 without a reference copy."""
 
 import dataclasses
@@ -125,8 +126,12 @@ def test_dpo_reference_is_the_base_with_adapters_off():
         state, metrics = compiled(state, batch, *frozen)
         results.append((jax.tree.map(np.asarray, state.params["lora"]), jax.tree.map(float, metrics)))
     (lora_a, metrics_a), (lora_b, metrics_b) = results
-    assert metrics_a == metrics_b  # reference log-probs, losses, rewards: bit for bit
-    chex.assert_trees_all_equal(lora_a, lora_b)
+    # Reference log-probs, losses and rewards: bit for bit. The gradients come out of two different
+    # programs (one has the reference as an input), which XLA may fuse and reduce in different orders:
+    # their norm and the updated adapters agree to float rounding.
+    np.testing.assert_allclose(metrics_a.pop("grad_norm"), metrics_b.pop("grad_norm"), rtol=1e-6)
+    assert metrics_a == metrics_b
+    chex.assert_trees_all_close(lora_a, lora_b, rtol=1e-6, atol=1e-8)
     assert metrics_a["rewards/chosen"] != 0.0  # the implicit rewards saw a reference != policy
 
 
