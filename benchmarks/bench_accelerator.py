@@ -170,7 +170,6 @@ def _jax_worker(args) -> dict:
     sys.path.insert(0, REPO)
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from rlhf_jax.models import CausalLM
     from rlhf_jax.models.attention import resolve_impl
@@ -462,7 +461,7 @@ def _jax_grpo(args, S, lm, params, info) -> dict:
         model=lm.config.replace(remat="full"),   # 16 x 128 + 128 x 512 tokens through the update
         data=DataConfig(train=prompts_file, eval=None, tokenizer=tok_dir, max_prompt_len=g["prompt_len"],
                         max_len=g["prompt_len"] + g["new_tokens"], batch_size=g["prompts"], shuffle=False),
-        mesh=MeshConfig(data=1, strategy="dp"),
+        mesh=MeshConfig(data=-1, strategy="dp"),   # every device of the process (the benchmark's: one chip)
         optim=OptimizerConfig(name="adamw", learning_rate=1e-6, max_grad_norm=1.0),
         algorithm=grpo_config("grpo", group_size=g["group"], kl_coef=0.04, clip_eps=0.2, num_epochs=1,
                               temperature=1.0),

@@ -103,9 +103,6 @@ def test_dpo_tiny_runs_briefly_from_an_sft_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RLHF_JAX_FULL_EXPERIMENTS") != "1",
-                    reason="~25 s of CPU (three stages, two GRPO programs on the 8-device mesh): opt-in with "
-                           "RLHF_JAX_FULL_EXPERIMENTS=1")
 def test_agentic_tiny_runs_briefly_and_writes_results(tmp_path):
     # One step of each stage on a one-layer model (its modes and docstring are checked above, always);
     # the learning run is tests/test_agents.py::test_agentic_tiny_tool_use_rises_and_beats_the_no_tool_run.
