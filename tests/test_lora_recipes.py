@@ -1,7 +1,6 @@
 """LoRA in the recipes: exact resume, checkpoint items a later stage reads merged, DPO's reference as
 the base with adapters off (== a reference model holding the base: its values bit for bit, the
-update to float rounding), and RL states
-without a reference copy."""
+update to float rounding), and RL states without a reference copy."""
 
 import dataclasses
 import shutil
