@@ -437,6 +437,7 @@ def _jax_paged(args, S, lm, params, info) -> dict:
 
 
 def _jax_grpo(args, S, lm, params, info) -> dict:
+    import jax
     import numpy as np
 
     from rlhf_jax.config import CheckpointConfig, LoggingConfig, TrainConfig
@@ -461,7 +462,7 @@ def _jax_grpo(args, S, lm, params, info) -> dict:
         model=lm.config.replace(remat="full"),   # 16 x 128 + 128 x 512 tokens through the update
         data=DataConfig(train=prompts_file, eval=None, tokenizer=tok_dir, max_prompt_len=g["prompt_len"],
                         max_len=g["prompt_len"] + g["new_tokens"], batch_size=g["prompts"], shuffle=False),
-        mesh=MeshConfig(data=-1, strategy="dp"),   # every device of the process (the benchmark's: one chip)
+        mesh=MeshConfig(data=-1, strategy="dp"),   # data parallel over every device of the process
         optim=OptimizerConfig(name="adamw", learning_rate=1e-6, max_grad_norm=1.0),
         algorithm=grpo_config("grpo", group_size=g["group"], kl_coef=0.04, clip_eps=0.2, num_epochs=1,
                               temperature=1.0),
@@ -479,7 +480,8 @@ def _jax_grpo(args, S, lm, params, info) -> dict:
               if any(f"time/{p}" in r for r in timed)}
     step_s = med("time/between_steps") if any("time/between_steps" in r for r in timed) else med("time/step")
     completions = g["prompts"] * g["group"]
-    return {"step_s": step_s, "step_s_inside": med("time/step"), "first_step_s": records[0]["time/step"],
+    return {"step_s": step_s, "devices": jax.device_count(), "step_s_inside": med("time/step"),
+            "first_step_s": records[0]["time/step"],
             "completion_tokens_per_s": completions * g["new_tokens"] / step_s, "phases_s": phases,
             "sampler_logprob_diff_max": max(r.get("sampler_logprob_diff/max", float("nan")) for r in timed),
             "losses_finite": bool(np.isfinite([r.get("loss", 0.0) for r in records]).all())}
@@ -637,7 +639,8 @@ def table(jax_out: dict, torch_out: dict | None, summary: dict) -> str:
          f"{_fmt(dec.get('prefill_s'))} s", higher_better=True)
     grpo = rows.get("grpo", {})
     phases = ", ".join(f"{k} {v:.3g}" for k, v in grpo.get("phases_s", {}).items())
-    line("grpo", grpo.get("step_s"), None, "s/step", phases or "-")
+    line("grpo", grpo.get("step_s"), None, "s/step",
+         (phases or "-") + (f"; {grpo['devices']} devices" if grpo.get("devices", 1) > 1 else ""))
     if "paged" in rows:
         pg = rows["paged"]
         line("paged", pg.get("new_tokens_per_s"), None, "new tok/s",
