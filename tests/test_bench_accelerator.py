@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from multihost import environment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks", "bench_accelerator.py")
 # install_requires / extras that the H200 image (Python 3.12, JAX 0.11 CUDA, flax, optax, orbax, torch,
@@ -80,9 +82,7 @@ def test_smoke_run(tmp_path):
     (site / "sitecustomize.py").write_text(BLOCKER)
     parts = "sft,dpo,decode,grpo,torch"
     # One CPU device, as the one chip the benchmark is written for (the GRPO run uses every device it sees).
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), ROOT]), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": " ".join(flags)}
+    env = {**environment(devices=1), "PYTHONPATH": os.pathsep.join([str(site), ROOT])}
     out_file = tmp_path / "accel.json"
     proc = subprocess.run([sys.executable, BENCH, "--smoke", "--parts", parts, "--out", str(out_file)],
                           capture_output=True, text=True, env=env, timeout=900)
