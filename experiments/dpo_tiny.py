@@ -47,7 +47,6 @@ and margins against the step), beside the DPO run's metrics.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.models.lora import TARGETS, LoraConfig

@@ -35,7 +35,6 @@ at inference (0.841) at a fraction of its sampling cost at test time.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import jax

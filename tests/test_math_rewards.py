@@ -5,7 +5,6 @@ The equivalence table pins what `math_equal` accepts and rejects: GSM8K "#### x"
 symbolic equality, and wrong answers (off by one, swapped fraction, wrong sign, no answer).
 """
 
-import re
 import sys
 
 import numpy as np

@@ -10,10 +10,8 @@ from rlhf_jax.rollout import completion_logprobs
 from rlhf_jax.sampling import (
     Categorical,
     Greedy,
-    MinP,
     Sampler,
     SamplingConfig,
-    TopK,
     TopP,
     decode,
     finalize,

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data.dataset import Ragged, TokenizedDataset
+from rlhf_jax.data.dataset import TokenizedDataset
 from rlhf_jax.data.formats import KINDS
 
 __all__ = ["TOKEN_FIELDS", "batch_spec", "collate", "segment_sums", "segment_last_index"]

@@ -36,8 +36,6 @@ from rlhf_jax.data.formats import (
     PreferenceExample,
     PromptExample,
     RowRef,
-    SFTExample,
-    UnpairedExample,
     parse_row,
 )
 from rlhf_jax.data.sources import Source, describe_source, read_rows

@@ -113,7 +113,7 @@ class ShardedDataset:
         lost = [i for i in missing if i not in self._held]
         if lost:
             raise DataError(RowRef(self.source, int(self._rows[lost[0]])),
-                            f"the row is gone from the source (it was there when the run started)")
+                            "the row is gone from the source (it was there when the run started)")
 
     def take(self, examples: Sequence[int]) -> tuple[TokenizedDataset, dict[int, int]]:
         """`(a TokenizedDataset of just `examples`, example -> its index there)`; all must be held."""

@@ -285,12 +285,12 @@ def policy_eval(config, data, collector: RolloutCollector, gold, ref_logps=None,
     if data.eval is None:
         return None
     held_out = eval_batches(data.eval, config.data, max_batches=config.train.eval_batches)
-    on_rows = None
-    if ref_logps is not None:
-        def on_rows(reference, *rows):
-            return sh.apply_to_local_rows(lambda *a: ref_logps(reference, *a), rows, mesh=mesh,
-                                          strategy=config.mesh.strategy)
-    return make_policy_eval(collector, held_out, key=jax.random.key(config.seed), gold=gold, ref_logps=on_rows)
+
+    def on_rows(reference, *rows):
+        return sh.apply_to_local_rows(lambda *a: ref_logps(reference, *a), rows, mesh=mesh,
+                                      strategy=config.mesh.strategy)
+    return make_policy_eval(collector, held_out, key=jax.random.key(config.seed), gold=gold,
+                            ref_logps=None if ref_logps is None else on_rows)
 
 
 def _ptx_batches(config, data, extras):
