@@ -28,7 +28,9 @@ trajectories, lr 5e-4; 512 held-out problems sampled at temperature 1, so an acc
 std is ~0.02): with the tool 0.693 after SFT -> 0.717 (step 20), 0.752 (40), 0.764 (60), 0.764
 (80), 0.773 (100): +0.080, about 1.0 tool call and 2.0 turns per trajectory, training reward 0.74
 (first 10 steps) -> 0.78 (last 10); without the tool 0.0 throughout (20 steps). About 13 minutes
-on a loaded 2-core host (SFT, both RL runs and the evaluations).
+on a loaded 2-core host (SFT, both RL runs and the evaluations). Again on 2026-12-07 with
+`--set tool.seed=1` (other draws in the RL run), on a quiet host: 0.717 -> 0.742, 0.762, 0.783,
+0.779, 0.783 (+0.066), without the tool 0.0; 2.6 minutes in all.
 
 Writes `runs/agentic_tiny/{data,sft,tool,no_tool}` and `results.json` + `results.png` (held-out
 accuracy of both RL runs, tool calls per trajectory, training reward).
