@@ -19,11 +19,11 @@ solution ending in "#### 7") to `<workdir>/data/` and trains on it the way a rea
 Asserts held-out accuracy after GRPO >= before + `margin` (0.05) on 512 held-out rows; writes
 `results.json` and `results.png` (held-out accuracy, training reward) in the workdir. GRPO's
 optimizer warms up over 10 steps at a peak of 5e-4: Adam's first step moves every weight by the full
-learning rate, and at 1e-3 without warm-up that first update dropped the training reward from 0.35
-to 0.11-0.23 and the run's outcome hung on float rounding (held-out 0.418 -> 0.422 from one SFT
-state, 0.348 -> 0.527 from a neighbouring one). Measured on a CPU (one device, 2026-12-07), held-out
-accuracy after SFT -> after 100 GRPO steps, `grpo.seed` 0 / 1 / 2: 0.381 -> 0.543, 0.363 -> 0.518,
-0.361 -> 0.434 (+0.162, +0.155, +0.073); the checker failed and timed out on no sample.
+learning rate, and at 1e-3 without warm-up that first update dropped the training reward from
+0.34-0.39 to 0.11-0.25 and the run's outcome hung on float rounding (held-out 0.418 -> 0.422 from
+one SFT state, 0.348 -> 0.527 from a neighbouring one). Measured on a CPU (one device, 2026-12-07),
+held-out accuracy after SFT -> after 100 GRPO steps, `grpo.seed` 0 / 1 / 2: 0.381 -> 0.543, 0.363 ->
+0.518, 0.361 -> 0.434 (+0.162, +0.155, +0.073); the checker failed and timed out on no sample.
 """
 
 from __future__ import annotations
