@@ -125,7 +125,7 @@ class Checkpointer:
 
     Example:
       >>> ckpt = Checkpointer("runs/x/checkpoints", config=CheckpointConfig(keep=2))
-      >>> ckpt.save(10, {"params": params, "train": (opt_state, step, rng)}, extras={"data": it.state})
+      >>> ckpt.save(10, {"params": params, "train": (opt_state, step, rng)}, extras={"data": it.get_state()})
       >>> state, extras = ckpt.restore({"params": abstract_params, "train": abstract_train})
     """
 

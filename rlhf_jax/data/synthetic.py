@@ -79,7 +79,7 @@ class ArithmeticTask:
     Example:
       >>> task = ArithmeticTask(max_operand=20)
       >>> task.sft_rows(1, seed=0)
-      [{'prompt': '13+7=', 'completion': '20'}]        # (values depend on the seed)
+      [{'prompt': '10+18=', 'completion': '28'}]
     """
 
     max_operand: int = 99
