@@ -56,18 +56,22 @@ def export_hf(directory: str | os.PathLike, out_dir: str | os.PathLike, *, step:
       item: the state item holding the parameters.
       tokenizer: a transformers tokenizer written beside the weights (optional); its BOS/EOS/pad
         ids fill those the model config leaves unset.
-      overwrite: replace an existing `out_dir`.
+      overwrite: replace an existing `out_dir` that holds an earlier export (a Hugging Face model or
+        PEFT directory; `models.hf_config.check_replaceable`). `out_dir` may not be, contain or lie inside
+        `directory`.
       merge: for a LoRA run, write the merged model (W + s·A·B); otherwise its adapters in PEFT's
         format. Ignored for a full fine-tuning run (its weights are written as they are).
     Returns:
       `HFExport(out_dir, step)`: the directory (a string) and the step exported. A reward model
       (scalar head) is written as `*ForSequenceClassification`.
     Raises:
-      FileExistsError: `out_dir` exists and `overwrite` is false.
+      FileExistsError: `out_dir` exists and `overwrite` is false, holds something other than an
+        export, or overlaps `directory`.
       CheckpointCorruptError: the step's files differ from its integrity manifest.
     """
-    from rlhf_jax.models.hf import save_hf  # noqa: PLC0415
+    from rlhf_jax.models.hf import check_replaceable, save_hf  # noqa: PLC0415
 
+    check_replaceable(out_dir, overwrite=overwrite, caller="export", sources=(directory,))
     with Checkpointer(directory, read_only=True) as ckpt:
         resolved = _resolve_step(ckpt, step)
         config, head, abstract = _model_from_checkpoint(ckpt, resolved, item)
@@ -123,6 +127,10 @@ def import_hf(hf_dir: str | os.PathLike, directory: str | os.PathLike, *, dtype:
     """
     from rlhf_jax.models.hf import load_hf  # noqa: PLC0415
 
+    here, there = os.path.realpath(directory), os.path.realpath(hf_dir)
+    if os.path.commonpath([here, there]) in (here, there):
+        raise FileExistsError(f"import: the checkpoint directory {os.fspath(directory)} and the Hugging Face "
+                              f"directory {os.fspath(hf_dir)} overlap; write the checkpoint outside it")
     config, params = load_hf(hf_dir, dtype=dtype)
     with Checkpointer(directory, config=CheckpointConfig(async_save=False), model_config=config) as ckpt:
         if ckpt.all_steps():

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from rlhf_jax.models import CausalLM, ModelConfig, RopeScaling
 from rlhf_jax.models.heads import gather_last
-from rlhf_jax.models.hf import HFCheckpointError, config_from_hf, config_to_hf, load_hf, save_hf
+from rlhf_jax.models.hf import HFCheckpointError, check_replaceable, config_from_hf, config_to_hf, load_hf, save_hf
 from rlhf_jax.testing import tiny_config
 
 B, T = 3, 12
@@ -661,3 +661,51 @@ def test_generation_config_stops_at_every_eos_of_model_and_tokenizer(tmp_path):
                                                 r"outside the model's vocabulary of 2 ids"):
         save_hf(tmp_path / "small", small, _random_params(small), offline_tokenizer())
     assert sorted(os.listdir(tmp_path)) == ["bare", "out"]
+
+
+def test_export_and_convert_never_replace_what_they_read_or_what_is_not_an_export(tmp_path, capsys):
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.cli import main
+    from rlhf_jax.config import CheckpointConfig
+    from rlhf_jax.data.offline_tokenizer import save_offline_tokenizer
+
+    config = tiny_config()
+    run = tmp_path / "runs" / "sft"
+    with Checkpointer(run / "checkpoints", config=CheckpointConfig(async_save=False), model_config=config) as ck:
+        ck.save(7, {"params": _random_params(config)})
+    save_offline_tokenizer(run / "tokenizer")
+    (run / "config.json").write_text("{}\n")
+    (run / "metrics.jsonl").write_text('{"step": 7}\n')
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+
+    def tree(root):
+        return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else b"") for p in root.rglob("*"))
+
+    before = tree(tmp_path)
+    refused = {
+        ("export", run, run): "contains",
+        ("export", run, tmp_path / "runs"): "contains",
+        ("export", run, run / "checkpoints" / "7"): "lies inside",
+        ("convert", run / "checkpoints", run / "checkpoints"): "is",
+        ("export", run, run / "tokenizer"): "holds files that are not a Hugging Face model or PEFT adapter",
+        ("export", run, data): "holds files that are not a Hugging Face model or PEFT adapter",
+    }
+    for (command, src, dst), words in refused.items():
+        assert main([command, str(src), str(dst), "--overwrite"]) == 2, (command, dst)
+        assert words in capsys.readouterr().err, (command, dst)
+    assert tree(tmp_path) == before  # nothing deleted, nothing written
+
+    hf = tmp_path / "hf"
+    hf.mkdir()  # an empty directory may be replaced, and so may an earlier export
+    assert main(["export", str(run), str(hf), "--overwrite"]) == 0
+    assert main(["export", str(run), str(hf), "--overwrite"]) == 0
+    exported = tree(hf)
+    assert main(["convert", str(hf), str(hf / "ckpt")]) == 2  # a checkpoint written into the model it reads
+    assert "overlap" in capsys.readouterr().err
+    assert tree(hf) == exported
+    (hf / "adapter_config.json").write_text("{}")  # a PEFT directory counts as an export
+    check_replaceable(hf, overwrite=True, caller="t")
+    with pytest.raises(FileExistsError, match="is not a directory"):
+        check_replaceable(data / "train.jsonl", overwrite=True, caller="t")

@@ -46,6 +46,7 @@ from rlhf_jax.models.hf_config import (  # noqa: F401 -- re-exported: the public
     GENERATION_CONFIG_FILE,
     SUPPORTED_MODEL_TYPES,
     HFCheckpointError,
+    check_replaceable,
     config_from_dict,
     config_from_hf,
     config_to_hf,
@@ -485,18 +486,17 @@ def save_hf(
         as `*ForSequenceClassification` with one label.
       tokenizer: optional transformers tokenizer (`save_pretrained(directory)`, `*_token_id`).
       max_shard_size: bytes per shard, an int or a string like "2GB" (10^9) or "500MiB" (2^20).
-      overwrite: replace an existing `path`; otherwise an existing `path` is an error.
+      overwrite: replace an existing `path` that holds an earlier export (`check_replaceable`); otherwise an
+        existing `path` is an error.
     Returns:
       The directory written.
     Raises:
-      FileExistsError: `path` exists and `overwrite` is false.
+      FileExistsError: `path` exists and `overwrite` is false, or it holds something other than an export.
       HFCheckpointError: params that do not match the config, naming the parameter.
     """
     target = Path(path)
     limit = _parse_size(max_shard_size)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"save_hf: {target} exists (pass overwrite=True, or --overwrite on the command "
-                              "line, to replace it)")
+    check_replaceable(target, overwrite=overwrite, caller="save_hf")
     head: Head = "scalar" if "score" in params else "lm"
     specs, abstract = _checked_specs(config, head)
     flat = _check_params(params, abstract)

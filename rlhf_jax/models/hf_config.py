@@ -2,7 +2,8 @@
 
 `config_from_hf` reads a transformers config (the transformers 5 and 4 layouts), `config_to_hf`
 writes one; `export_token_ids` picks the BOS/EOS/pad ids of an exported `config.json` and its
-`generation_config.json`. `rlhf_jax.models.hf` (weights) re-exports the public names.
+`generation_config.json`; `check_replaceable` guards the directory an export writes.
+`rlhf_jax.models.hf` (weights) re-exports the public names.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "export_token_ids",
+    "check_replaceable",
 ]
 
 CONFIG_FILE = "config.json"
@@ -93,6 +95,11 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
         return float(value)
 
     model_type = d.get("model_type")
+    run_dir = (os.path.dirname(source) or ".") if os.path.basename(source) == CONFIG_FILE else None
+    if model_type is None and run_dir is not None and os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        raise HFCheckpointError(f"{run_dir} is an rlhf-jax run directory, not a Hugging Face model directory: "
+                                f"pass its checkpoints, {os.path.join(run_dir, 'checkpoints')}, or write a Hugging "
+                                f"Face directory with `rlhf-jax export {run_dir} OUT_DIR`")
     if model_type not in SUPPORTED_MODEL_TYPES:
         fail(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     act = d.get("hidden_act", "silu")
@@ -323,6 +330,44 @@ def export_token_ids(config: ModelConfig, tokenizer) -> tuple[dict, dict]:
     if stops:
         generation["eos_token_id"] = stops[0] if len(stops) == 1 else stops
     return ids, generation
+
+
+# ---------------------------------------------------------------------------------- directories
+
+
+def check_replaceable(target: Path, *, overwrite: bool, caller: str, sources: tuple = ()) -> None:
+    """Refuse to write a Hugging Face or PEFT directory at `target` where that could destroy data.
+
+    An existing `target` is replaced only with `overwrite`, and only when it is empty or holds an
+    earlier export: `config.json` beside safetensors weights, or a PEFT `adapter_config.json`. And
+    `target` may not be, contain or lie inside any of `sources` (what the export reads from), which
+    replacing or filling it would destroy or mix into.
+
+    Raises:
+      FileExistsError: naming `target` and what it holds.
+    """
+    here = os.path.realpath(target)
+    for source in sources:
+        there = os.path.realpath(source)
+        if here == there or os.path.commonpath([here, there]) in (here, there):
+            relation = "is" if here == there else "contains" if there.startswith(here + os.sep) else "lies inside"
+            raise FileExistsError(f"{caller}: the output directory {target} {relation} {source}, which it reads "
+                                  "from; choose a directory outside it")
+    if not os.path.lexists(target):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{caller}: {target} exists (pass overwrite=True, or --overwrite on the command "
+                              "line, to replace it)")
+    if not os.path.isdir(target) or os.path.islink(target):
+        raise FileExistsError(f"{caller}: {target} exists and is not a directory; not replacing it")
+    names = set(os.listdir(target))
+    exported = "adapter_config.json" in names or (
+        CONFIG_FILE in names and any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
+                                     for n in names))
+    if names and not exported:
+        raise FileExistsError(f"{caller}: {target} holds files that are not a Hugging Face model or PEFT adapter "
+                              f"directory (e.g. {sorted(names)[0]!r}); --overwrite replaces only an earlier "
+                              "export, so nothing was written")
 
 
 # ------------------------------------------------------------------------------------------ json

@@ -37,7 +37,7 @@ from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.lora import LAYER_TARGETS, LoraConfig, adapter_specs, adapters_of, nest_adapters
-from rlhf_jax.models.hf_config import HFCheckpointError
+from rlhf_jax.models.hf_config import HFCheckpointError, check_replaceable
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_MODULES", "save_peft", "load_peft", "read_peft_config"]
 
@@ -96,14 +96,13 @@ def save_peft(path: str | os.PathLike, config: ModelConfig, lora: LoraConfig, ad
       head_params: for a scalar-head model, `{"score": [E]}`: the trained head PEFT saves as a
         module to save (task `SEQ_CLS`); None for a language model (task `CAUSAL_LM`).
       base_model_name_or_path: recorded in the config (the base model's Hugging Face directory or hub id).
-      overwrite: replace an existing `path`.
+      overwrite: replace an existing `path` that holds an earlier export (`check_replaceable`).
 
     Returns:
       The directory's path.
     """
     target = Path(path)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"save_peft: {target} exists (pass overwrite=True to replace it)")
+    check_replaceable(target, overwrite=overwrite, caller="save_peft")
     tensors = _peft_tensors(config, lora, adapters_of(adapters))
     seq_cls = head_params is not None
     if seq_cls:
