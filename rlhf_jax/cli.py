@@ -12,13 +12,15 @@ An experiment is a Python file with `get_config(arg=None)` returning a frozen co
 reported (with the closest key and the keys of its section) before anything is computed.
 
 Exit status: 0 when the command finished; `EXIT_PREEMPTED` = 75 (EX_TEMPFAIL) when `run` was stopped
-by SIGTERM/SIGINT after saving a checkpoint, so a scheduler reruns the same command to resume; 2 for
+by SIGTERM/SIGINT (during training after saving a checkpoint; during setup, compilation or between
+stages at once, with nothing new to save), so a scheduler reruns the same command to resume; 2 for
 a user error (one `error:` line); 1 when the NaN/Inf guard halted the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -82,13 +84,21 @@ def experiment_config(module: ModuleType, arg: str | None, assignments: Sequence
 def _cmd_run(args: argparse.Namespace) -> int:
     from rlhf_jax.config import to_dict  # noqa: PLC0415
 
-    _join(args)
+    several = _join(args)
+    from rlhf_jax.train.loop import Interrupted, interrupt_outside_training  # noqa: PLC0415 (after _join)
+
     module, arg = load_experiment(args.experiment)
     config = experiment_config(module, arg, args.set)
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2))
         return 0
-    result = module.main(config)
+    try:
+        with contextlib.nullcontext() if several else interrupt_outside_training():
+            result = module.main(config)
+    except Interrupted as e:
+        print(f"rlhf-jax run: {e.signal_name} outside a training loop (setup, compilation or between stages): "
+              "nothing new to save; exiting (rerun the command to continue)", file=sys.stderr)
+        return EXIT_PREEMPTED
     if isinstance(result, dict) and result:
         print(json.dumps(result, indent=2, default=str))
     if isinstance(result, dict) and result.get("stopped_by"):  # the drivers' (and stages') summary
@@ -100,16 +110,17 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     rest = list(args.rest)
     if not rest or not rest[0].partition(":")[0].endswith(".py"):
         raise CLIError("compile: give an experiment (experiments/NAME.py) or model-preset options (--model ...)")
+    from rlhf_jax.targets import TargetError, gpu_device_count, memory_gib, parse_target_name  # noqa: PLC0415 (no JAX)
+
     parser = argparse.ArgumentParser(prog="rlhf-jax compile EXPERIMENT")
     _add_experiment_args(parser)
     parser.add_argument("--topology", default=None,
                         help="TPU topology (v5e:2x4), accelerator type (v5litepod-16, v5p-64) or GPUs (h100-8)")
-    parser.add_argument("--device-memory-gib", type=float, default=None)
+    parser.add_argument("--device-memory-gib", type=memory_gib, default=None,
+                        help="memory per device for the fit check (GiB)")
     parser.add_argument("--suggest", type=int, default=3, help="knobs to try by compiling when a run does not fit")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(rest)
-    from rlhf_jax.targets import TargetError, gpu_device_count, parse_target_name  # noqa: PLC0415 (no JAX)
-
     try:
         if opts.topology is not None:
             parse_target_name(opts.topology)  # a bad name fails before anything heavy is imported
@@ -194,9 +205,20 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
                        help="seconds without a heartbeat after which a process is declared dead (default 100)")
 
 
-def _join(args: argparse.Namespace) -> None:
-    """Start `jax.distributed` when the flags, the environment or the cluster say so (before any JAX work)."""
-    _dist.initialize(_dist.from_env(args.coordinator, args.num_processes, args.process_id,
+def _checkpoint_step(text: str) -> int | str:
+    """`--step`: a step number, "latest" or "best" (argparse reports anything else, exit status 2)."""
+    if text in ("latest", "best"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, 'latest' or 'best', got {text!r}") from None
+
+
+def _join(args: argparse.Namespace) -> bool:
+    """Start `jax.distributed` when the flags, the environment or the cluster say so (before any JAX
+    work); whether it started."""
+    return _dist.initialize(_dist.from_env(args.coordinator, args.num_processes, args.process_id,
                                     timeout_s=args.init_timeout, heartbeat_s=args.heartbeat_timeout))
 
 
@@ -216,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compile", help="ahead-of-time compile a training step and report memory, FLOPs and fit",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Lower and compile a training step without running it, for this machine's devices or a TPU "
-                    "topology, and report per-device memory, FLOPs and whether it fits (exit 1 if not).\n\n"
+                    "topology, and report per-device memory, FLOPs and whether it fits (exit 3 if not, 2 on "
+                    "bad input).\n\n"
                     "  rlhf-jax compile experiments/NAME.py[:ARG] [--set KEY=VALUE ...] [--topology v5e:4x4]\n"
                     "      [--device-memory-gib G] [--json FILE]      the experiment's own step(s)\n"
                     "  rlhf-jax compile --model PRESET --step sft|reward_model|dpo --strategy S --mesh fsdp=8 ...\n"
@@ -231,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst")
     conv.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                       help="parameter dtype when importing from Hugging Face (default: the checkpoint's)")
-    conv.add_argument("--step", default="latest", help="checkpoint step to export: N, latest or best")
+    conv.add_argument("--step", type=_checkpoint_step, default="latest",
+                      help="checkpoint step to export: N, latest or best")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing Hugging Face DST")
     conv.set_defaults(func=_cmd_convert)
 
@@ -240,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "as a Hugging Face model directory.")
     exp.add_argument("run_dir")
     exp.add_argument("out_dir")
-    exp.add_argument("--step", default="latest", help="N, latest or best (by the run's best metric)")
+    exp.add_argument("--step", type=_checkpoint_step, default="latest",
+                     help="N, latest or best (by the run's best metric)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     exp.add_argument("--merge", action="store_true",
                      help="a LoRA run: write the merged model (W + s·A·B) instead of its PEFT adapters")

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax import sharding as sh
-from rlhf_jax.targets import TARGET_FORMS, device_memory, resolve_target
+from rlhf_jax.targets import TARGET_FORMS, device_memory, memory_gib, resolve_target
 from rlhf_jax.sharding_lint import format_lint
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.presets import PRESETS, get_config
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", default=None, help=f"target to compile for: {TARGET_FORMS}")
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="simulate this many CPU devices (must come before JAX starts its backend)")
-    p.add_argument("--device-memory-gib", type=float, default=None, help="memory per device for the fit check")
+    p.add_argument("--device-memory-gib", type=memory_gib, default=None, help="memory per device for the fit check")
     p.add_argument("--compiler-option", dest="compiler_options", action="append", default=[], metavar="KEY=VALUE",
                    help="an XLA compiler option, e.g. xla_backend_optimization_level=0 (faster CPU compiles)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this path")

@@ -11,6 +11,7 @@ this machine's) and memory per device.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import math
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["TargetError", "TargetName", "TARGET_FORMS", "GPU_MEMORY_BYTES", "TPU_MEMORY_GIB", "parse_target_name",
-           "gpu_device_count", "Target", "resolve_target", "tpu_topology_devices", "device_memory"]
+           "gpu_device_count", "Target", "resolve_target", "tpu_topology_devices", "device_memory", "memory_gib"]
 
 # High-bandwidth memory per TPU chip by `device_kind` (longest matching name wins), GiB.
 TPU_MEMORY_GIB = {"tpu v4": 32.0, "tpu v5 lite": 16.0, "tpu v5e": 16.0, "tpu v5": 95.0, "tpu v5p": 95.0,
@@ -211,6 +212,17 @@ def resolve_target(name: str | None, *, devices: Sequence[Any] | None = None) ->
     if memory is not None and len(tpu) > parsed.chips:  # v2-v4 list each TensorCore: they share the chip's HBM
         memory = memory * parsed.chips // len(tpu)
     return Target(name, parsed.label, "tpu", tuple(tpu), memory)
+
+
+def memory_gib(text: str) -> float:
+    """`--device-memory-gib`: a finite number of GiB > 0 (argparse reports anything else, exit status 2)."""
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = math.nan
+    if not math.isfinite(gib) or gib <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (GiB per device), got {text!r}")
+    return gib
 
 
 def device_memory(devices: Sequence[Any]) -> int | None:

@@ -181,3 +181,92 @@ def test_a_collective_that_lost_its_peer_is_named_as_such():
     except ValueError as outer:
         assert _lost_a_peer(outer)  # found through the cause
     assert not _lost_a_peer(RuntimeError("reward source 'len' raised RuntimeError: user reward failed"))
+
+
+def _argparse_error(capsys, *argv):
+    """A bad option value: argparse's one `error:` line after the usage, exit status 2."""
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    return e.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bad_data_sources_name_their_key(capsys, tmp_path):
+    text = tmp_path / "x.txt"
+    text.write_text("hi\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for source, problem in ((text, "unknown file type '.txt'"), (empty, "neither a saved Hugging Face dataset")):
+        code, _, err = _run(capsys, "run", SFT, "--set", f"data.train={source}", "--set", f"workdir={tmp_path / 'w'}")
+        assert code == 2 and err.startswith("rlhf-jax run: error: data.train: ") and problem in err
+        assert str(source) in err and len(err.strip().splitlines()) == 1
+    rows = tmp_path / "rows.jsonl"  # fewer training examples than one batch: refused before compiling
+    rows.write_text("".join(json.dumps({"prompt": f"a{i}", "completion": "b"}) + "\n" for i in range(20)))
+    code, _, err = _run(capsys, "run", SFT, "--set", f"data.train={rows}", "--set", "data.batch_size=32",
+                        "--set", f"workdir={tmp_path / 'w2'}")
+    assert code == 2 and f"data.batch_size 32 is larger than the 20 training examples of data.train {rows}" in err
+    code, _, err = _run(capsys, "run", SFT, "--set", "data.num_train=16", "--set", "data.batch_size=32",
+                        "--set", f"workdir={tmp_path / 'w3'}")
+    assert code == 2 and "data.batch_size 32 is larger than the 16 training examples" in err
+    assert "raise data.num_train" in err
+    assert not (tmp_path / "w2").exists() and not (tmp_path / "w3").exists()
+
+
+def test_a_workdir_that_is_a_file_is_named(capsys, tmp_path):
+    plain = tmp_path / "afile"
+    plain.write_text("x")
+    code, _, err = _run(capsys, "run", SFT, "--set", f"workdir={plain}")
+    assert code == 2 and err.strip() == (f"rlhf-jax run: error: workdir: the run directory {plain} is a file; "
+                                         "choose another workdir (--set workdir=...)")
+    code, _, err = _run(capsys, "run", SFT, "--set", f"workdir={plain / 'run'}")
+    assert code == 2 and f"workdir: the run directory {plain / 'run'} cannot be created: {plain} is a file" in err
+
+
+def test_bad_step_and_device_memory_options_exit_2(capsys, tmp_path):
+    for command in ("export", "convert"):
+        code, line = _argparse_error(capsys, command, str(tmp_path), str(tmp_path / "out"), "--step", "foo")
+        assert code == 2 and line == (f"rlhf-jax {command}: error: argument --step: must be an integer, 'latest' "
+                                      "or 'best', got 'foo'")
+    for value in ("nan", "inf", "-5", "0"):
+        code, line = _argparse_error(capsys, "compile", SFT, "--device-memory-gib", value)
+        assert code == 2 and line.endswith(f"argument --device-memory-gib: must be a finite number > 0 (GiB per "
+                                           f"device), got '{value}'")
+        code, line = _argparse_error(capsys, "compile", "--model", "w1", "--device-memory-gib", value)
+        assert code == 2 and "must be a finite number > 0" in line
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compile", "--help"])
+    assert "(exit 3 if not, 2 on bad input)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_run_directory_given_as_a_model_says_so(capsys, tmp_path):
+    run = tmp_path / "run"
+    with Checkpointer(run / "checkpoints", config=CheckpointConfig(async_save=False), model_config=tiny_config()) as ck:
+        ck.save(1, {"params": jax.jit(CausalLM(tiny_config()).init)(jax.random.key(0))})
+    (run / "config.json").write_text(json.dumps({"name": "sft_tiny", "model": {}}))  # the run's config record
+    code, _, err = _run(capsys, "convert", str(run), str(tmp_path / "hf"))
+    assert code == 2 and f"{run} is an rlhf-jax run directory" in err
+    assert f"pass its checkpoints, {run / 'checkpoints'}" in err and f"rlhf-jax export {run} OUT_DIR" in err
+    code, _, err = _run(capsys, "run", SFT, "--set", f"checkpoint.init_from={run}", "--set",
+                        f"workdir={tmp_path / 'w'}")
+    assert code == 2 and f"{run} is an rlhf-jax run directory" in err
+
+
+def test_a_broken_tokenizer_file_is_named(capsys, tmp_path):
+    from rlhf_jax.testing.tokenizer import save_offline_tokenizer
+
+    tok = tmp_path / "tokenizer"
+    save_offline_tokenizer(tok)
+    (tok / "tokenizer_config.json").write_text("{bad")
+    code, _, err = _run(capsys, "run", SFT, "--set", f"data.tokenizer={tok}", "--set", f"workdir={tmp_path / 'w'}")
+    assert code == 2 and err.startswith(f"rlhf-jax run: error: load_tokenizer: no usable tokenizer in '{tok}': "
+                                        f"{tok / 'tokenizer_config.json'} is not valid JSON (")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_rl_reward_and_minibatch_errors_are_refused_with_the_config(capsys):
+    grpo = os.path.join(ROOT, "experiments", "grpo_tiny.py")
+    code, _, err = _run(capsys, "run", grpo, "--set", "grpo.rewards.functions=[]", "--print-config")
+    assert code == 2 and "--set grpo.rewards.functions=[]: rewards.functions is empty" in err
+    code, _, err = _run(capsys, "run", grpo, "--set", "grpo.data.batch_size=8", "--set",
+                        "grpo.algorithm.num_minibatches=3", "--print-config")
+    assert code == 2 and ("data.batch_size 8 x algorithm.group_size 8 = 64 completions per step do not split into "
+                          "algorithm.num_minibatches 3") in err

@@ -199,6 +199,35 @@ def test_bad_import_path_stops_an_rl_run_before_any_model():
         rl.check_rewards(config, {})
 
 
+def test_math_without_an_answer_column_stops_an_rl_run_naming_the_file(tmp_path):
+    import json
+
+    from rlhf_jax.config import CheckpointConfig, TrainConfig
+    from rlhf_jax.steps import grpo_config
+    from rlhf_jax.testing import tiny_config
+    from rlhf_jax.train import rl
+    from rlhf_jax.train.rollouts import RolloutConfig
+    from rlhf_jax.train.run_config import DataConfig as RunData
+
+    with pytest.raises(ConfigError, match=r"^rewards.functions 'math' needs a reference answer column, one of "
+                                          r"\['answer', 'solution'\], in the prompts: data.eval e.jsonl has none"):
+        build_rewards(RewardContext(RewardConfig(functions=("math",)), 8,
+                                    prompt_columns={"data.train t.jsonl": ("answer",), "data.eval e.jsonl": ("id",)}))
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a}+2="}) + "\n" for a in range(8)))
+    config = rl.GRPORunConfig(
+        name="nomath", workdir=str(tmp_path / "run"),
+        model=tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, head_dim=16),
+        data=RunData(train=str(path), eval=str(path), max_len=16, batch_size=4),
+        algorithm=grpo_config("grpo", group_size=2), rollout=RolloutConfig(max_new_tokens=4),
+        rewards=RewardConfig(functions=("math",)), train=TrainConfig(steps=1, eval_every=1, eval_batches=1),
+        checkpoint=CheckpointConfig(every=0))
+    with pytest.raises(ConfigError, match=f"in the prompts: data.train {path} has none \\(columns besides the "
+                                          "prompt: \\[\\]\\)"):
+        rl.train(config)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step ran
+
+
 def test_gsm8k_and_math_rows_are_prompt_rows():
     ref = formats.RowRef("data.jsonl", 3, "line")
     gsm = formats.parse_row({"question": "Tom has 2 apples...", "answer": "2+1=3\n#### 3"}, "prompt", ref)

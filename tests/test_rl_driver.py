@@ -134,6 +134,19 @@ def test_bad_configurations_fail_before_compiling(tmp_path):
                                   rewards=rl.RewardConfig(functions=("reward_model",), reward_model="/nonexistent")))
 
 
+def test_no_reward_function_and_an_uneven_minibatch_split_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="^rewards.functions is empty: give at least one reward function"):
+        rl.RewardConfig(functions=())
+    with pytest.raises(ConfigError, match=r"^data.batch_size 4 x algorithm.group_size 4 = 16 completions per step do "
+                                          r"not split into algorithm.num_minibatches 3 x algorithm.micro_batches 1"):
+        _grpo(tmp_path, algorithm=grpo_config("grpo", group_size=4, num_minibatches=3))
+    with pytest.raises(ConfigError, match=r"^data.batch_size 6 completions per step do not split into "
+                                          r"algorithm.num_minibatches 2 x algorithm.micro_batches 2"):
+        rl.PPORunConfig(name="p", model=MODEL, data=DataConfig(batch_size=6),
+                        algorithm=PPOConfig(num_minibatches=2, micro_batches=2))
+    _grpo(tmp_path, algorithm=grpo_config("grpo", group_size=4, num_minibatches=8, micro_batches=2))  # 16 = 8 x 2
+
+
 def test_evaluate_scores_any_policy_on_held_out_prompts(tmp_path):
     metrics = rl.evaluate(_grpo(tmp_path), policies=[None, None])
     assert metrics[0] == metrics[1]  # same policy, same prompts, same key

@@ -12,7 +12,7 @@ import pytest
 
 from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig
 from rlhf_jax.metrics import read_jsonl
-from rlhf_jax.train.loop import StopSignal, TrainingHalted, fit, open_run
+from rlhf_jax.train.loop import Interrupted, StopSignal, TrainingHalted, fit, interrupt_outside_training, open_run
 from rlhf_jax.train.results import json_ready
 
 QUIET = LoggingConfig(console=False, tensorboard=False)
@@ -125,8 +125,44 @@ def test_a_resume_with_another_config_says_what_changed_and_keeps_the_old_one(tm
     (tmp_path / "config.json").write_text('{"name": "x", "optim": ')  # edited by hand, badly
     with open_run(str(tmp_path), run_config=after, checkpoint=CKPT, model_config=None) as run:
         assert len(run.config_changes) == 1 and run.config_changes[0].startswith("config.json: not readable as JSON")
+        run.record_config()
     assert (tmp_path / "config.until_step_4.json").read_text() == '{"name": "x", "optim": '  # kept byte for byte
     assert json.loads((tmp_path / "config.json").read_text()) == json_ready(after)
+
+
+def test_a_refused_or_repeated_resume_keeps_the_config_record_true(tmp_path):
+    first = {"optim": {"name": "adamw"}, "train": {"steps": 2}}
+    with open_run(str(tmp_path), run_config=first, checkpoint=CKPT, model_config=None) as run:
+        state = _fit(run, steps=2).state
+    record = (tmp_path / "config.json").read_bytes()
+    # A rerun refused before training (its checkpoint does not restore, a bad setting) writes nothing.
+    with open_run(str(tmp_path), run_config={**first, "optim": {"name": "sgd"}}, checkpoint=CKPT,
+                  model_config=None) as run:
+        assert run.config_changes == ('optim.name: "adamw" -> "sgd"',)
+    assert (tmp_path / "config.json").read_bytes() == record and not (tmp_path / "config.until_step_2.json").exists()
+    # Two accepted resumes from step 2 with other configs (the first crashed before its next
+    # checkpoint): both compare with, and keep, what steps 1-2 ran with.
+    for steps in (3, 4):
+        again = {**first, "train": {"steps": steps}}
+        with open_run(str(tmp_path), run_config=again, checkpoint=CheckpointConfig(every=0, async_save=False),
+                      model_config=None) as run:
+            assert run.config_changes == (f"train.steps: 2 -> {steps}",)
+            run.record_config()
+        assert (tmp_path / "config.until_step_2.json").read_bytes() == record
+        assert json.loads((tmp_path / "config.json").read_text()) == json_ready(again)
+    with open_run(str(tmp_path), run_config=again, checkpoint=CKPT, model_config=None) as run:
+        _fit(run, steps=4, start=2, state=state)
+    with open_run(str(tmp_path), run_config=again, checkpoint=CKPT, model_config=None) as run:
+        assert run.restore_step == 4 and run.config_changes == ()
+
+
+def test_a_best_metric_the_evaluation_does_not_report_is_an_error_at_the_first_evaluation(tmp_path):
+    keep_best = CheckpointConfig(every=2, keep_best=1, best_metric="eval/nope", async_save=False)
+    with open_run(str(tmp_path), run_config={}, checkpoint=keep_best, model_config=None) as run:
+        with pytest.raises(ConfigError, match=r"checkpoint.best_metric='eval/nope' is not a metric this run's "
+                                              r"evaluation reports; it reports: eval/loss, eval/w"):
+            _fit(run, steps=4, checkpoint=keep_best, evaluate=lambda s: {"eval/w": 1.0, "eval/loss": 0.5})
+        assert run.checkpointer.all_steps() == []  # the baseline evaluation, before any step
 
 
 def test_existing_checkpoints_without_resume_is_an_error(tmp_path):
@@ -161,6 +197,43 @@ def test_sigterm_before_the_first_step_saves_nothing(tmp_path):
         result = _fit(run, steps=10, evaluate=evaluate)
         assert run.checkpointer.all_steps() == []
     assert result.stopped_by == "SIGTERM" and result.step == 0
+
+
+def test_a_second_sigterm_while_the_last_checkpoint_is_written_is_only_noted(tmp_path):
+    def step_fn(state, batch):
+        state, metrics = _toy_step(state, batch)
+        if int(batch["x"][0]) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return state, metrics
+
+    with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        wait = run.checkpointer.wait
+
+        def wait_and_be_signalled():
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's second notice, during the final save
+            wait()
+
+        run.checkpointer.wait = wait_and_be_signalled
+        result = _fit(run, steps=10, step_fn=step_fn, checkpoint=CheckpointConfig(every=0, async_save=True))
+        assert run.checkpointer.all_steps() == [2]
+    assert result.stopped_by == "SIGTERM" and result.step == 2
+
+
+def test_signals_outside_training_raise_and_a_swallowed_one_stops_the_next_fit(tmp_path):
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as caught, interrupt_outside_training():
+        os.kill(os.getpid(), signal.SIGTERM)  # setup or compilation: the command ends at once
+    assert caught.value.signal_name == "SIGTERM" and signal.getsignal(signal.SIGTERM) is previous
+    with interrupt_outside_training() as outside:
+        with open_run(str(tmp_path), run_config={}, checkpoint=CKPT, model_config=None) as run:
+            trained = _fit(run, steps=2)  # inside fit a signal stops at a step instead (above)
+            assert signal.getsignal(signal.SIGINT) == outside._handle  # put back after fit
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            except Interrupted:
+                pass  # as Python does with an exception raised in a garbage-collector callback
+            result = _fit(run, steps=10, start=2, state=trained.state)
+    assert result.stopped_by == "SIGINT" and result.step == 2
 
 
 def test_second_sigint_interrupts():

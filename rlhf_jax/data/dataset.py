@@ -102,6 +102,11 @@ class TokenizedDataset:
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
 
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """The extra columns (of a "prompt" dataset), sorted: what reward functions can read."""
+        return tuple(sorted(self.columns))
+
     def lengths(self) -> np.ndarray:
         """int64 [N, tracks] sequence lengths per example (2 tracks, chosen and rejected, for preference)."""
         if self.kind == "preference":

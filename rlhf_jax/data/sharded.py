@@ -70,6 +70,11 @@ class ShardedDataset:
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """The extra columns (of a "prompt" dataset) of the examples this process held when loaded, sorted."""
+        return tuple(self._column_names)
+
     def lengths(self) -> np.ndarray:
         """int64 [N, tracks] sequence lengths of every example (all processes' examples)."""
         return self._lengths

@@ -41,7 +41,7 @@ import numpy as np
 from rlhf_jax.data.formats import DataError, RowRef
 from rlhf_jax.data.preference_records import PREFERENCE_BUILDER_NAME, decode_preference_row
 
-__all__ = ["TFDSSource", "Source", "read_rows", "describe_source", "NOT_READ"]
+__all__ = ["TFDSSource", "Source", "SourceError", "read_rows", "describe_source", "NOT_READ"]
 
 # What `read_rows(..., keep=...)` yields in place of a row it was told not to read.
 NOT_READ = type("NotRead", (), {"__repr__": lambda self: "NOT_READ"})()
@@ -57,6 +57,11 @@ class TFDSSource:
 
 
 Source = Any  # str | os.PathLike | TFDSSource | datasets.Dataset | Sequence[Mapping[str, Any]]
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all: an unknown file type or directory layout, or a split it
+    does not have; the message names the path (callers add the config key that gave it)."""
 
 
 def describe_source(source: Source) -> str:
@@ -272,12 +277,12 @@ def _load_hf_dir(path: str, split: str | None):
     loaded = datasets.load_from_disk(path)
     if isinstance(loaded, datasets.DatasetDict):
         if split is None or split not in loaded:
-            raise ValueError(
+            raise SourceError(
                 f"{path} is a DatasetDict with splits {sorted(loaded)}: pass split= one of them, got {split!r}"
             )
         return loaded[split], f"{path}[{split}]"
     if split is not None:
-        raise ValueError(f"{path} is a single saved Dataset without splits; pass split=None, got {split!r}")
+        raise SourceError(f"{path} is a single saved Dataset without splits; pass split=None, got {split!r}")
     return loaded, path
 
 
@@ -323,7 +328,7 @@ def read_rows(source: Source, *, split: str | None = None, keep=None) -> Iterato
 
     Raises:
       FileNotFoundError: naming a path that does not exist.
-      ValueError: naming the path for an unknown file type or directory layout, or a bad `split`.
+      SourceError: naming the path for an unknown file type or directory layout, or a bad `split`.
     """
     rows = _read_any(source, split, keep)
     if keep is None:
@@ -352,14 +357,14 @@ def _read_any(source: Source, split: str | None, keep) -> Iterator[tuple[RowRef,
             yield from _read_dir(path, split, keep)
             return
         if split is not None:
-            raise ValueError(
+            raise SourceError(
                 f"read_rows: split= applies to directories (saved datasets, TFDS), not to the file {path!r}"
             )
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
         stem = path[:-3] if path.endswith(".gz") else path
         suffix = os.path.splitext(stem)[1].lower()
         if suffix not in readers or (suffix == ".parquet" and path.endswith(".gz")):
-            raise ValueError(
+            raise SourceError(
                 f"read_rows: unknown file type {suffix or '(none)'!r} of {path!r}; "
                 "expected .jsonl, .json, .csv (optionally .gz) or .parquet"
             )
@@ -404,10 +409,10 @@ def _read_dir(path: str, split: str | None, keep=None) -> Iterator[tuple[RowRef,
         builder = tfds.builder_from_directory(path)
         split = split or "train"
         if split not in builder.info.splits:
-            raise ValueError(f"{path}: TFDS dataset has splits {sorted(builder.info.splits)}, not {split!r}")
+            raise SourceError(f"{path}: TFDS dataset has splits {sorted(builder.info.splits)}, not {split!r}")
         yield from _read_tfds(builder.as_data_source(split=split), f"{path}[{split}]", builder.info.name, keep)
         return
-    raise ValueError(
+    raise SourceError(
         f"read_rows: {path!r} is neither a saved Hugging Face dataset (state.json / dataset_dict.json) "
         "nor a prepared TFDS version directory (features.json + dataset_info.json)"
     )

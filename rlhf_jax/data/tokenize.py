@@ -34,6 +34,7 @@ Truncation (`TokenizeConfig.truncation`), as TRL defines it:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -127,6 +128,23 @@ class TokenizerError(OSError):
     """A tokenizer directory this package cannot use; the message names the directory."""
 
 
+_TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _unreadable_json(path: str) -> str | None:
+    """Which JSON file of a tokenizer directory does not parse, as "FILE is not valid JSON (...)"; None: all do."""
+    for name in _TOKENIZER_JSON_FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            with open(file, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError) as err:
+            return f"{file} is not valid JSON ({err})"
+    return None
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """Load a fast Hugging Face tokenizer from a local directory (never from the network).
 
@@ -152,7 +170,8 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise TokenizerError(f"load_tokenizer: no usable tokenizer in {path!r}: {err}") from err
+        reason = _unreadable_json(path) or err
+        raise TokenizerError(f"load_tokenizer: no usable tokenizer in {path!r}: {reason}") from err
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise TokenizerError(
             f"load_tokenizer: {path!r} holds a slow {type(tokenizer).__name__}; "

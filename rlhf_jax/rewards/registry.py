@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.losses.process_reward import StepAggregation
 from rlhf_jax.rewards.base import OnError, PythonReward, RewardSource
 from rlhf_jax.rewards.judges import PointwiseTemplate
-from rlhf_jax.rewards.math_answers import MathReward, answer_format, think_answer_format
+from rlhf_jax.rewards.math_answers import ANSWER_COLUMNS, MathReward, answer_format, think_answer_format
 from rlhf_jax.rewards.verifiable import even_fraction_reward, missing_eos_penalty, overlong_penalty
 
 __all__ = ["RewardConfig", "RewardContext", "REWARD_FUNCTIONS", "register_reward", "resolve_import",
@@ -80,6 +80,9 @@ class RewardConfig:
     prm_max_len: int = 512
 
     def __post_init__(self):
+        if not self.functions:
+            raise ConfigError(f"rewards.functions is empty: give at least one reward function (built-in: "
+                              f"{sorted(REWARD_FUNCTIONS)}, or an import path 'package.module:function')")
         unknown = [f for f in self.functions if f not in REWARD_FUNCTIONS and ":" not in f]
         if unknown:
             raise ConfigError(f"rewards.functions: unknown {unknown}; built-in: {sorted(REWARD_FUNCTIONS)}, "
@@ -110,18 +113,30 @@ class RewardContext:
       max_new_tokens: the completion budget (`rollout.max_new_tokens`).
       task_reward: the synthetic task's grader, or None for file prompts.
       load_reward_model: `() -> RewardSource` scoring with `rewards.reward_model`.
+      prompt_columns: the extra columns of each prompt source, by the source's description (e.g.
+        "data.train prompts.jsonl"), for the builders to check before any step; None: not checked.
     """
 
     rewards: RewardConfig
     max_new_tokens: int
     task_reward: Callable[..., list[float]] | None = None
     load_reward_model: Callable[[], RewardSource] | None = None
+    prompt_columns: Mapping[str, Sequence[str]] | None = None
 
 
 def _task(ctx: RewardContext) -> RewardSource:
     if ctx.task_reward is None:
         raise ConfigError("rewards.functions 'task' needs a synthetic prompt source (data.train=synthetic:...)")
     return PythonReward(ctx.task_reward, "task")
+
+
+def _math(ctx: RewardContext) -> RewardSource:
+    for source, columns in (ctx.prompt_columns or {}).items():
+        if not set(ANSWER_COLUMNS) & set(columns):
+            raise ConfigError(f"rewards.functions 'math' needs a reference answer column, one of "
+                              f"{list(ANSWER_COLUMNS)}, in the prompts: {source} has none (columns besides "
+                              f"the prompt: {list(columns)})")
+    return MathReward(timeout_s=ctx.rewards.math_timeout_s)
 
 
 def _reward_model(ctx: RewardContext) -> RewardSource:
@@ -158,7 +173,7 @@ REWARD_FUNCTIONS: dict[str, Callable[[RewardContext], RewardSource]] = {
     "missing_eos": lambda ctx: missing_eos_penalty(ctx.rewards.missing_eos_penalty),
     "overlong": lambda ctx: overlong_penalty(max_length=ctx.max_new_tokens, buffer_length=ctx.rewards.overlong_buffer),
     "even_fraction": lambda ctx: PythonReward(even_fraction_reward),
-    "math": lambda ctx: MathReward(timeout_s=ctx.rewards.math_timeout_s),
+    "math": _math,
     "think_format": lambda ctx: PythonReward(think_answer_format, "think_format"),
     "answer_format": lambda ctx: PythonReward(answer_format, "answer_format"),
     "judge": _judge,

@@ -15,11 +15,12 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.data import BatchConfig, BatchIterator, TokenizedDataset, load_dataset, load_tokenizer
 from rlhf_jax.data.formats import Kind
 from rlhf_jax.data.sharded import ShardedDataset, load_sharded
+from rlhf_jax.data.sources import SourceError
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.train.run_config import DataConfig
 
 __all__ = ["RunData", "load_run_data", "make_tokenizer", "load_split", "train_batches", "eval_batches",
-           "batches_from", "device_batch", "check_vocab",
+           "batches_from", "device_batch", "check_vocab", "check_batch_size",
            "one_pass"]
 
 _EVAL_SEED_OFFSET = 1_000_003
@@ -53,6 +54,8 @@ def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"],
     Raises:
       FileNotFoundError: the source path does not exist (named with its config key), raised before
         any model is built.
+      ConfigError: a source of an unknown file type or directory layout, or without the split asked
+        for (named with its config key).
       DataError: a bad row (file, line and problem), unless `data.on_error="skip"`.
     """
     source = data.train if which == "train" else data.eval
@@ -68,7 +71,11 @@ def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"],
     if not os.path.exists(source):
         raise FileNotFoundError(f"data.{which}: {source} does not exist")
     split = data.split if which == "train" else data.eval_split
-    return _load(source, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error, split=split)
+    try:
+        return _load(source, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error,
+                     split=split)
+    except SourceError as e:  # an unknown file type or directory layout, a missing split
+        raise ConfigError(f"data.{which}: {e}") from None
 
 
 def _load(source, **kwargs) -> TokenizedDataset | ShardedDataset:
@@ -132,10 +139,27 @@ class RunData:
     eval: TokenizedDataset | None
 
 
+def check_batch_size(dataset: TokenizedDataset | ShardedDataset | None, data: DataConfig) -> None:
+    """Raise ConfigError when the training set has fewer examples than one global batch (`data.batch_size`).
+
+    Epochs run into each other, so a smaller set would fill every batch with copies of its examples.
+    """
+    if dataset is None or len(dataset) >= data.batch_size:
+        return
+    hint = " or raise data.num_train" if data.task("train") is not None else ""
+    read = f" ({dataset.num_rows} rows read)" if dataset.num_rows != len(dataset) else ""
+    raise ConfigError(f"data.batch_size {data.batch_size} is larger than the {len(dataset)} training examples of "
+                      f"data.train {data.train}{read}: every batch would repeat examples; use data.batch_size <= "
+                      f"{len(dataset)}{hint}")
+
+
 def load_run_data(config, kind: Kind) -> RunData:
-    """The tokenizer (checked against `config.model`) and both splits of `config.data`, as `kind`."""
+    """The tokenizer (checked against `config.model`) and both splits of `config.data`, as `kind`.
+
+    Raises ConfigError when the training split has fewer examples than `data.batch_size`.
+    """
     tokenizer = make_tokenizer(config.data.tokenizer)
     check_vocab(tokenizer, config.model)
-    return RunData(tokenizer,
-                   load_split(config.data, kind=kind, which="train", tokenizer=tokenizer),
-                   load_split(config.data, kind=kind, which="eval", tokenizer=tokenizer))
+    train = load_split(config.data, kind=kind, which="train", tokenizer=tokenizer)
+    check_batch_size(train, config.data)
+    return RunData(tokenizer, train, load_split(config.data, kind=kind, which="eval", tokenizer=tokenizer))

@@ -16,6 +16,7 @@ pytrees and the data iterator's position) goes into each checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -36,7 +37,7 @@ from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainC
 from rlhf_jax.metrics import MetricsBuffer, MetricsLogger, read_jsonl
 from rlhf_jax.train.results import json_ready, write_json
 
-__all__ = ["TrainingHalted", "StopSignal", "RunDir", "FitResult", "fit", "open_run", "InFlight"]
+__all__ = ["TrainingHalted", "StopSignal", "Interrupted", "interrupt_outside_training", "RunDir", "FitResult", "fit", "open_run", "InFlight"]
 
 MAX_IN_FLIGHT = 8  # dispatched programs allowed to run ahead of the host (see `InFlight`)
 
@@ -65,6 +66,49 @@ class InFlight:
 
 class TrainingHalted(RuntimeError):
     """The NaN/Inf guard stopped the run (`train.nonfinite="halt"`); the message names the step."""
+
+
+class Interrupted(BaseException):
+    """A SIGTERM or SIGINT that came while no training loop was running (`interrupt_outside_training`).
+
+    A `BaseException`, as `KeyboardInterrupt`, so that no `except Exception` on the way swallows it.
+    """
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class interrupt_outside_training:  # noqa: N801 -- used as a function: `with interrupt_outside_training():`
+    """While set, SIGTERM and SIGINT raise `Interrupted` at once, except inside `fit`'s loop.
+
+    `fit` installs its own handlers (`StopSignal`: finish the step, save, return) and puts these
+    back when it returns; so a signal during setup, compilation or between the stages of an
+    experiment ends the command at once (nothing new to save), and one during training stops it at
+    a checkpoint. A signal whose `Interrupted` was swallowed (Python ignores exceptions raised in a
+    garbage-collector callback) is remembered, and the next `fit` stops before its first step.
+    Single-process runs only: on several processes SIGTERM is JAX's preemption notice. Inert
+    outside the main thread.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        raise Interrupted(self.received)
+
+    def __enter__(self) -> "interrupt_outside_training":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
 
 
 class StopSignal:
@@ -98,6 +142,9 @@ class StopSignal:
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
+                outside = getattr(self._previous[s], "__self__", None)
+                if isinstance(outside, interrupt_outside_training) and outside.received:
+                    self.received = outside.received  # its Interrupted was swallowed: stop now
         return self
 
     def __exit__(self, *exc) -> None:
@@ -114,18 +161,37 @@ class RunDir:
       path: the run directory (`config.json`, `metrics.jsonl`, `tb/`, `checkpoints/`, results).
       checkpointer: the run's `Checkpointer` on `path/checkpoints`.
       restore_step: the checkpoint to resume from, or None for a fresh start.
-      config_changes: on a resume, the config keys that differ from the run's previous `config.json`
-        ("key: old -> new"); that file is kept as `config.until_step_<restore_step>.json`.
+      config_changes: on a resume, the config keys that differ from the config the steps up to
+        `restore_step` ran with ("key: old -> new"); `record_config` keeps that one as
+        `config.until_step_<restore_step>.json`.
+      config: the run's config (JSON-ready) that `record_config` writes as `config.json`.
     """
 
     path: str
     checkpointer: Checkpointer
     restore_step: int | None
     config_changes: tuple[str, ...] = ()
+    config: Any = None
 
     def file(self, name: str) -> str:
         """A path inside the run directory."""
         return os.path.join(self.path, name)
+
+    def record_config(self) -> None:
+        """Write `config.json`, first keeping the one the earlier steps ran with when it differs.
+
+        Called once the run is accepted (its checkpoint restored, about to train), so a rerun that
+        is refused leaves the record as it was. An existing `config.until_step_<N>.json` is never
+        replaced: it is what steps 1-N ran with.
+        """
+        if not is_main():  # one process writes files (every process saves its shards of the checkpoints)
+            return
+        config_file = self.file("config.json")
+        if self.config_changes and os.path.isfile(config_file):
+            kept = self.file(f"config.until_step_{self.restore_step}.json")
+            if not os.path.exists(kept):  # byte for byte
+                shutil.copyfile(config_file, kept)
+        write_json(config_file, self.config)
 
     def __enter__(self) -> "RunDir":
         return self
@@ -135,7 +201,11 @@ class RunDir:
 
 
 def open_run(workdir: str, *, run_config: Any, checkpoint: CheckpointConfig, model_config: Any) -> RunDir:
-    """Create (or reopen) a run directory, write its `config.json`, find the checkpoint to resume.
+    """Create (or reopen) a run directory and find the checkpoint to resume; writes no record yet.
+
+    On a resume, the config is compared with the one the steps up to the checkpoint ran with (its
+    `config.until_step_<N>.json` if a changed config was kept for that step before, else
+    `config.json`). `fit` writes the new record (`RunDir.record_config`) when it starts training.
 
     Raises:
       ConfigError: the directory already holds checkpoints but `checkpoint.resume` is false (a
@@ -148,20 +218,17 @@ def open_run(workdir: str, *, run_config: Any, checkpoint: CheckpointConfig, mod
                           "workdir (--set workdir=...) or delete the old run")
     checkpointer = Checkpointer(ckpt_dir, config=checkpoint, model_config=model_config)
     restore_step = checkpointer.latest_step() if checkpoint.resume else None
-    config_file, config = os.path.join(workdir, "config.json"), json_ready(run_config)
+    config = json_ready(run_config)
     changes = ()
-    if restore_step is not None and os.path.isfile(config_file):
-        kept = os.path.join(workdir, f"config.until_step_{restore_step}.json")
+    kept = os.path.join(workdir, f"config.until_step_{restore_step}.json")
+    ran_with = kept if os.path.isfile(kept) else os.path.join(workdir, "config.json")
+    if restore_step is not None and os.path.isfile(ran_with):
         try:
-            with open(config_file, encoding="utf-8") as f:
+            with open(ran_with, encoding="utf-8") as f:
                 changes = config_differences(json.load(f), config)
         except ValueError as e:   # edited by hand into something that is not JSON
-            changes = (f"config.json: not readable as JSON ({e})",)
-        if changes and is_main():  # the config the earlier steps ran with is kept, byte for byte
-            shutil.copyfile(config_file, kept)
-    if is_main():  # one process writes files (every process saves its shards of the checkpoints)
-        write_json(config_file, config)
-    return RunDir(os.path.abspath(workdir), checkpointer, restore_step, changes)
+            changes = (f"{os.path.basename(ran_with)}: not readable as JSON ({e})",)
+    return RunDir(os.path.abspath(workdir), checkpointer, restore_step, changes, config)
 
 
 def config_differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[str, ...]:
@@ -243,6 +310,7 @@ def fit(
       A `FitResult`.
     Raises:
       TrainingHalted: a non-finite loss or gradient under `train.nonfinite="halt"`.
+      ConfigError: `checkpoint.keep_best` ranks by a metric the first evaluation does not report.
     """
     quiet = None
     if not is_main():  # process 0 alone logs, writes metrics files, shows progress and prints messages
@@ -277,6 +345,9 @@ def fit(
     def run_eval() -> dict[str, float]:
         start = time.perf_counter()
         metrics = {k: float(v) for k, v in evaluate(state).items()}
+        if checkpoint.keep_best and checkpoint.best_metric not in metrics:
+            raise ConfigError(f"checkpoint.best_metric={checkpoint.best_metric!r} is not a metric this run's "
+                              f"evaluation reports; it reports: {', '.join(sorted(metrics))}")
         logger.log(step, metrics, progress=False)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         logger.message(f"eval @ step {step} ({time.perf_counter() - start:.1f}s): {shown}")
@@ -296,6 +367,7 @@ def fit(
         last_eval, last_metrics = _last_logged(run.file("metrics.jsonl"), start_step)
         return FitResult(state, start_step, None, last_eval, last_metrics)
 
+    run.record_config()
     if start_step > 0:
         logger.message(f"resuming from step {start_step} ({run.checkpointer.directory})")
         if run.config_changes:
@@ -331,12 +403,13 @@ def fit(
                     save(evaluated)
             flush()
             stopped_by = stop.received or ("a preemption notice (SIGTERM to a process of the run)" if stopping else None)
+            if stopping and saved_at != step:
+                save()
+            # Still under the handlers: another SIGTERM while the last save completes is only noted.
+            run.checkpointer.wait()
             if stopping:
-                if saved_at != step:
-                    save()
                 logger.message(f"{stopped_by}: saved checkpoint at step {step}; exiting" if step > start_step
                                else f"{stopped_by}: stopped before the first step; nothing new to save")
-        run.checkpointer.wait()
     finally:
         logger.close()
     return FitResult(state, step, stopped_by, last_eval, last_metrics)

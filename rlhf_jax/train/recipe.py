@@ -20,13 +20,14 @@ the rest for every family alike:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import jax
 from jax.sharding import Mesh
 
-from rlhf_jax.config import to_dict
+from rlhf_jax.config import ConfigError, to_dict
 from rlhf_jax.distributed import is_main
 from rlhf_jax.steps.common import Step
 from rlhf_jax.train.data import RunData, load_run_data
@@ -155,6 +156,17 @@ class Recipe:
     load_data: Callable[[Any], RunData] | None = None
 
 
+def _check_run_dir(path: str) -> None:
+    """Raise ConfigError naming `workdir` when the run directory `path` cannot be created: it, or the
+    nearest of its parents that exists, is not a directory."""
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"workdir: the run directory {path} {where}; choose another workdir (--set workdir=...)")
+
+
 def run(recipe: Recipe, config, **hooks) -> dict[str, Any]:
     """Run (or resume) `config` with `recipe`; return a summary.
 
@@ -170,18 +182,19 @@ def run(recipe: Recipe, config, **hooks) -> dict[str, Any]:
       `{"run_dir", "step", "stopped_by", "eval": last eval metrics, "train": last train metrics}`.
     """
     recipe.check(config, hooks)
+    _check_run_dir(config.run_dir)
     data = load_run_data(config, recipe.data_kind(config)) if recipe.load_data is None else recipe.load_data(config)
     mesh = config.mesh.make_mesh() if recipe.mesh is None else recipe.mesh(config)
     program = recipe.build(config, mesh)
     with open_run(config.run_dir, run_config=config, checkpoint=config.checkpoint, model_config=config.model) as run_dir:
-        if is_main():
-            data.tokenizer.save_pretrained(run_dir.file("tokenizer"))
         if run_dir.restore_step is not None:
             target = with_shardings(program.state.abstract(), program.state.shardings())
             items, extras = run_dir.checkpointer.restore(program.state.save_items(target), step=run_dir.restore_step)
             state, start = program.state.from_items(items), int(run_dir.restore_step)
         else:
             state, start, extras = program.state.fresh(), 0, {}
+        if is_main():  # after the restore: a refused rerun leaves the run's tokenizer as it was
+            data.tokenizer.save_pretrained(run_dir.file("tokenizer"))
         trainer = recipe.trainer(Context(config, program, data, mesh, run_dir, extras, hooks))
         result = fit(state=state, step_fn=trainer.step, batches=trainer.batches, start_step=start, train=config.train,
                      checkpoint=config.checkpoint, logging=config.logging, run=run_dir,

@@ -99,7 +99,7 @@ class GRPORunConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_rl(self)
+        _check_rl(self, group_size=self.algorithm.group_size)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -122,16 +122,24 @@ class PPORunConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_rl(self)
+        _check_rl(self, group_size=1)
         if (self.ptx_data is None) != (self.algorithm.ptx_coef == 0):
             raise ConfigError("PPO-ptx needs both ptx_data and algorithm.ptx_coef > 0 (or neither), got "
                               f"ptx_data={self.ptx_data!r}, algorithm.ptx_coef={self.algorithm.ptx_coef}")
 
 
-def _check_rl(config) -> None:
+def _check_rl(config, *, group_size: int) -> None:
+    """Checks of every RL run config; `group_size` completions are sampled per prompt (1 for PPO)."""
     if config.train.micro_batches != 1:
         raise ConfigError("train.micro_batches applies to the SFT/RM/DPO steps; for RL set "
                           "algorithm.micro_batches (micro-batches per minibatch)")
+    algorithm, n = config.algorithm, config.data.batch_size * group_size
+    if n % (algorithm.num_minibatches * algorithm.micro_batches):
+        completions = f"data.batch_size {config.data.batch_size}" + (
+            f" x algorithm.group_size {group_size} = {n} completions" if group_size > 1 else " completions")
+        raise ConfigError(f"{completions} per step do not split into algorithm.num_minibatches "
+                          f"{algorithm.num_minibatches} x algorithm.micro_batches {algorithm.micro_batches}; use "
+                          f"values whose product divides {n}")
     if config.data.pack:
         raise ConfigError("data.pack must be false for RL prompt batches")
     check_off_policy(config)
@@ -260,9 +268,12 @@ def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[st
                                      batch_size=config.rewards.reward_model_batch_size, mesh=mesh,
                                      strategy=config.mesh.strategy)
 
+        columns = {f"data.{which} {source}": split.column_names for which, source, split in
+                   (("train", config.data.train, data.train), ("eval", config.data.eval, data.eval))
+                   if split is not None}
         sources, weights = build_rewards(RewardContext(
             config.rewards, config.rollout.max_new_tokens, task_reward=None if task is None else task.reward,
-            load_reward_model=reward_model))
+            load_reward_model=reward_model, prompt_columns=columns))
     prompt_len = _prompt_len(config)
     sampler_mesh, sampler_strategy = _sampler_mesh(config, mesh)
     sampler = Sampler(policy, max_len=prompt_len + config.rollout.max_new_tokens,
