@@ -16,7 +16,6 @@ pytrees and the data iterator's position) goes into each checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -37,7 +36,8 @@ from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainC
 from rlhf_jax.metrics import MetricsBuffer, MetricsLogger, read_jsonl
 from rlhf_jax.train.results import json_ready, write_json
 
-__all__ = ["TrainingHalted", "StopSignal", "Interrupted", "interrupt_outside_training", "RunDir", "FitResult", "fit", "open_run", "InFlight"]
+__all__ = ["TrainingHalted", "StopSignal", "Interrupted", "interrupt_outside_training", "RunDir", "FitResult", "fit",
+           "open_run", "InFlight"]
 
 MAX_IN_FLIGHT = 8  # dispatched programs allowed to run ahead of the host (see `InFlight`)
 
@@ -220,12 +220,14 @@ def open_run(workdir: str, *, run_config: Any, checkpoint: CheckpointConfig, mod
     restore_step = checkpointer.latest_step() if checkpoint.resume else None
     config = json_ready(run_config)
     changes = ()
-    kept = os.path.join(workdir, f"config.until_step_{restore_step}.json")
-    ran_with = kept if os.path.isfile(kept) else os.path.join(workdir, "config.json")
-    if restore_step is not None and os.path.isfile(ran_with):
+    if restore_step is not None:
+        kept = os.path.join(workdir, f"config.until_step_{restore_step}.json")
+        ran_with = kept if os.path.isfile(kept) else os.path.join(workdir, "config.json")
         try:
             with open(ran_with, encoding="utf-8") as f:
                 changes = config_differences(json.load(f), config)
+        except FileNotFoundError:  # no record to compare with (deleted by hand)
+            pass
         except ValueError as e:   # edited by hand into something that is not JSON
             changes = (f"{os.path.basename(ran_with)}: not readable as JSON ({e})",)
     return RunDir(os.path.abspath(workdir), checkpointer, restore_step, changes, config)
