@@ -1,18 +1,22 @@
 """Trace-time argument checks and masked reductions shared by logprobs, losses and advantages.
 
 Every check runs on static information only (shapes, dtypes, Python numbers), so it fires while
-tracing under `jax.jit` and never adds work to the compiled program. Hyperparameters that arrive as
-traced arrays (e.g. an adaptive KL coefficient) are not inspected.
+tracing under `jax.jit` and never adds work to the compiled program. A scalar hyperparameter may be
+a Python number or an array: an array must have ndim 0 (checked for traced arrays too, shapes being
+static), and a concrete (non-traced) array's value is range-checked like a Python number. The values
+of traced hyperparameters (e.g. an adaptive KL coefficient inside `jit`) are not inspected.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.config import ConfigError
 
@@ -29,26 +33,110 @@ def check_choice(fn: str, name: str, value: Any, choices: Iterable[str]) -> None
         raise ValueError(f"{fn}: {name} must be one of {choices}, got {value!r}")
 
 
-def check_positive(fn: str, name: str, value: Any) -> None:
-    """Raise ValueError naming `name` when a concrete `value` is not > 0."""
-    if is_number(value) and not value > 0:
-        raise ValueError(f"{fn}: {name} must be > 0, got {value!r}")
+def is_tracer(value: Any) -> bool:
+    """True for an array traced by `jit`/`grad`/`vmap` (its value is unknown at trace time)."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def scalar_value(fn: str, name: str, value: Any) -> Any:
+    """The concrete value of scalar hyperparameter `value` as a Python number, or None when traced.
+
+    Python/NumPy numbers pass through; a (NumPy or JAX) array must have ndim 0, else ValueError
+    naming `name` with its shape (checked for traced arrays too); a concrete array is read back as
+    a Python number (outside `jit` only: a traced one gives None); non-numeric values raise TypeError.
+    """
+    if is_number(value):
+        return value
+    if is_tracer(value):
+        if value.ndim != 0:
+            raise ValueError(f"{fn}: {name} must be a scalar (ndim 0), got shape {tuple(value.shape)}")
+        return None
+    try:
+        arr = np.asarray(value)
+    except Exception as err:
+        raise TypeError(f"{fn}: {name} must be a real scalar, got {type(value).__name__}") from err
+    if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == bool) or jnp.issubdtype(arr.dtype, jnp.complexfloating):
+        raise TypeError(f"{fn}: {name} must be a real scalar, got {value!r} (dtype {arr.dtype})")
+    if arr.ndim != 0:
+        raise ValueError(f"{fn}: {name} must be a scalar (ndim 0), got shape {arr.shape}")
+    return arr.item()
+
+
+def check_scalar(fn: str, name: str, value: Any) -> None:
+    """Raise naming `name` when `value` is not a real scalar (a number or an ndim-0 array)."""
+    scalar_value(fn, name, value)
+
+
+def check_positive(fn: str, name: str, value: Any, *, finite: bool = False) -> None:
+    """Raise ValueError naming `name` when `value` is not a scalar, or when its concrete value is not
+    > 0 (or, with `finite`, not a finite number > 0)."""
+    v = scalar_value(fn, name, value)
+    if v is not None and not (v > 0 and (not finite or math.isfinite(v))):
+        want = "a finite number > 0" if finite else "> 0"
+        raise ValueError(f"{fn}: {name} must be {want}, got {value!r}")
 
 
 def check_nonnegative(fn: str, name: str, value: Any) -> None:
-    """Raise ValueError naming `name` when a concrete `value` is < 0."""
-    if is_number(value) and not value >= 0:
+    """Raise ValueError naming `name` when `value` is not a scalar, or its concrete value is < 0."""
+    v = scalar_value(fn, name, value)
+    if v is not None and not v >= 0:
         raise ValueError(f"{fn}: {name} must be >= 0, got {value!r}")
 
 
 def check_range(fn: str, name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
-    """Raise ValueError naming `name` when a concrete `value` is outside [low, high] (or [low, high))."""
-    if not is_number(value):
+    """Raise ValueError naming `name` when `value` is not a scalar, or its concrete value is outside
+    [low, high] (or [low, high))."""
+    v = scalar_value(fn, name, value)
+    if v is None:
         return
-    ok = low <= value < high if high_open else low <= value <= high
+    ok = low <= v < high if high_open else low <= v <= high
     if not ok:
         bracket = ")" if high_open else "]"
         raise ValueError(f"{fn}: {name} must be in [{low}, {high}{bracket}, got {value!r}")
+
+
+def check_positive_values(fn: str, name: str, x: Any, shape: tuple[int, ...], *, finite: bool = False) -> None:
+    """A hyperparameter that may be a scalar or an array broadcasting to `shape` (e.g. a per-row
+    temperature `[B, 1]` against logits `[B, V]`): raise ValueError naming `name` when it does not
+    broadcast to `shape`, or when a concrete value is not > 0 (finite with `finite`)."""
+    if is_number(x):
+        check_positive(fn, name, x, finite=finite)
+        return
+    xshape = tuple(jnp.shape(x))
+    try:
+        ok = tuple(np.broadcast_shapes(xshape, tuple(shape))) == tuple(shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{fn}: {name} must be a scalar or broadcast to shape {tuple(shape)}, got shape {xshape}")
+    if is_tracer(x):
+        return
+    v = np.asarray(x)
+    if not (jnp.issubdtype(v.dtype, jnp.integer) or jnp.issubdtype(v.dtype, jnp.floating)):
+        raise TypeError(f"{fn}: {name} must be real, got dtype {v.dtype}")
+    v = v.astype(np.float64)
+    bad = ~(v > 0) | (~np.isfinite(v) if finite else False)
+    if np.any(bad):
+        want = "finite and > 0" if finite else "> 0"
+        raise ValueError(f"{fn}: {name} must be {want}, got {x!r}")
+
+
+def as_array(fn: str, name: str, x: Any) -> jax.Array:
+    """`x` as an array: arrays (and tracers) pass through, nested lists / NumPy arrays are converted
+    with `jnp.asarray`; anything else raises TypeError naming `name`."""
+    if isinstance(x, (jax.Array, np.ndarray)) or is_tracer(x):
+        return x
+    try:
+        return jnp.asarray(x)
+    except Exception as err:
+        raise TypeError(f"{fn}: {name} must be an array, got {type(x).__name__}: {err}") from err
+
+
+def check_nonempty(fn: str, name: str, x: Any, axis: int = 0) -> None:
+    """Raise ValueError naming `name` when its `axis` (the batch axis) has length 0."""
+    shape = jnp.shape(x)
+    if len(shape) > axis and shape[axis] == 0:
+        raise ValueError(f"{fn}: {name} is an empty batch (shape {tuple(shape)}); it needs at least one example")
 
 
 def check_rank(fn: str, name: str, x: jax.Array, ranks: int | tuple[int, ...]) -> None:

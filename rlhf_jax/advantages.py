@@ -260,6 +260,7 @@ def per_token_rewards(
       [-0.05, -0.1, 2.0, 0.0]
     """
     fn = "per_token_rewards"
+    scores, mask = _checks.as_array(fn, "scores", scores), _checks.as_array(fn, "mask", mask)
     _checks.check_rank(fn, "mask", mask, 2)
     _checks.check_rank(fn, "scores", scores, 1)
     if scores.shape[0] != mask.shape[0]:

@@ -36,6 +36,24 @@ class KLController(NamedTuple):
     update: Callable[[KLControllerState, jax.Array, jax.Array | int], KLControllerState]
 
 
+def _check_update_args(fn: str, observed_kl: object, n_steps: object, horizon: float | None) -> None:
+    """Trace-time checks of `update`'s arguments: a scalar KL, an integer `0 <= n_steps (<= horizon)`."""
+    _checks.check_scalar(fn, "observed_kl", observed_kl)
+    n = _checks.scalar_value(fn, "n_steps", n_steps)
+    if _checks.is_number(n_steps):
+        if not float(n_steps).is_integer():
+            raise TypeError(f"{fn}: n_steps must be an integer, got {n_steps!r}")
+    elif not jnp.issubdtype(jnp.result_type(n_steps), jnp.integer):
+        raise TypeError(f"{fn}: n_steps must be an integer, got {n_steps!r} (dtype {jnp.result_type(n_steps)})")
+    if n is None:
+        return
+    if n < 0:
+        raise ValueError(f"{fn}: n_steps must be >= 0, got {n_steps!r}")
+    if horizon is not None and _checks.is_number(horizon) and n > horizon:
+        raise ValueError(f"{fn}: n_steps must be <= horizon ({horizon!r}) so that one update changes kl_coef by at "
+                         f"most 20% and keeps it >= 0, got {n_steps!r}; raise the horizon or update more often")
+
+
 def fixed_kl_controller(*, kl_coef: float) -> KLController:
     """A constant KL coefficient: `beta_{t+1} = beta_t`.
 
@@ -56,7 +74,7 @@ def fixed_kl_controller(*, kl_coef: float) -> KLController:
         return KLControllerState(kl_coef=jnp.asarray(kl_coef, jnp.float32))
 
     def update(state: KLControllerState, observed_kl: jax.Array, n_steps: jax.Array | int) -> KLControllerState:
-        del observed_kl, n_steps
+        _check_update_args("fixed_kl_controller.update", observed_kl, n_steps, None)
         return state
 
     return KLController(init=init, update=update)
@@ -67,7 +85,13 @@ def adaptive_kl_controller(*, init_kl_coef: float = 0.2, target: float = 6.0, ho
 
     `e = clip(KL_obs / KL_target - 1, -0.2, 0.2)`, `beta_{t+1} = beta_t (1 + e n / H)` where `n` is
     the number of samples (or steps) the observation covers and `H` the horizon, i.e. the paper's
-    `K_beta = n / H`.
+    `K_beta = n / H` (the same update as TRL's `AdaptiveKLController`).
+
+    `update(state, observed_kl, n_steps)` requires a scalar `observed_kl` and an integer
+    `0 <= n_steps <= H`: one update then moves `beta` by at most 20% (`|e n / H| <= 0.2`), so it
+    stays positive. (Neither the paper nor TRL bounds `n`; with `n > 5 H` the factor would turn
+    negative and so would `beta`.) A concrete `n_steps` outside that range raises ValueError; a
+    traced one is not inspected.
 
     Args:
       init_kl_coef: initial `beta > 0`.
@@ -92,6 +116,7 @@ def adaptive_kl_controller(*, init_kl_coef: float = 0.2, target: float = 6.0, ho
         return KLControllerState(kl_coef=jnp.asarray(init_kl_coef, jnp.float32))
 
     def update(state: KLControllerState, observed_kl: jax.Array, n_steps: jax.Array | int) -> KLControllerState:
+        _check_update_args("adaptive_kl_controller.update", observed_kl, n_steps, horizon)
         error = jnp.clip(_checks.f32(observed_kl) / target - 1.0, -0.2, 0.2)
         mult = 1.0 + error * _checks.f32(n_steps) / horizon
         return KLControllerState(kl_coef=state.kl_coef * mult)

@@ -35,7 +35,8 @@ DEFAULT_CHUNK_SIZE = 1024
 
 def _scaled_logits(fn: str, logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
     _checks.check_floating(fn, "logits", logits)
-    _checks.check_positive(fn, "temperature", temperature)
+    # A scalar, or per-row values broadcasting against the logits (e.g. `[B, 1]` for `[B, V]`).
+    _checks.check_positive_values(fn, "temperature", temperature, tuple(jnp.shape(logits)), finite=True)
     z = _checks.f32(logits)
     if _checks.is_number(temperature) and temperature == 1:
         return z
@@ -71,7 +72,8 @@ def token_logprobs(logits: jax.Array, labels: jax.Array, *, temperature: float |
       logits: `[..., V]` floating logits (any dtype; upcast to float32 first). `logits[b, t]` must
         already be aligned with `labels[b, t]` (see `next_token_targets`).
       labels: `[...]` integer token ids, the logits' shape without the vocab axis.
-      temperature: sampling temperature (> 0); use the sampler's so ratios are consistent.
+      temperature: sampling temperature (finite, > 0): a scalar or per-row values broadcasting against
+        `logits` (e.g. `[B, 1]` for `[B, V]`); use the sampler's so ratios are consistent.
 
     Returns:
       float32 `[...]` log-probabilities (<= 0).
@@ -84,6 +86,7 @@ def token_logprobs(logits: jax.Array, labels: jax.Array, *, temperature: float |
       -0.3133
     """
     fn = "token_logprobs"
+    logits, labels = _checks.as_array(fn, "logits", logits), _checks.as_array(fn, "labels", labels)
     z = _scaled_logits(fn, logits, temperature)
     _check_labels(fn, jnp.shape(logits), labels)
     return _gather(z, labels) - jax.nn.logsumexp(z, axis=-1)
@@ -106,6 +109,7 @@ def token_entropy(logits: jax.Array, *, temperature: float | jax.Array = 1.0) ->
       >>> [round(v, 4) for v in token_entropy(jnp.log(probs)).tolist()]  # log 4, log 2
       [1.3863, 0.6931]
     """
+    logits = _checks.as_array("token_entropy", "logits", logits)
     z = _scaled_logits("token_entropy", logits, temperature)
     return _entropy_from_scaled(z, jax.nn.logsumexp(z, axis=-1))
 
@@ -144,6 +148,7 @@ def logprobs_and_entropy(logits: jax.Array, labels: jax.Array, *,
       ([-0.6931, -0.2231], [1.0397, 0.639])
     """
     fn = "logprobs_and_entropy"
+    logits, labels = _checks.as_array(fn, "logits", logits), _checks.as_array(fn, "labels", labels)
     z = _scaled_logits(fn, logits, temperature)
     _check_labels(fn, jnp.shape(logits), labels)
     return _fused_logprobs_entropy(z, labels.astype(jnp.int32))
@@ -201,6 +206,7 @@ def next_token_targets(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
       ([[5, 6, 7]], [[6, 7, 8]])
     """
     fn = "next_token_targets"
+    tokens = _checks.as_array(fn, "tokens", tokens)
     _checks.check_integer(fn, "tokens", tokens)
     _checks.check_rank(fn, "tokens", tokens, 2)
     if tokens.shape[1] < 2:
@@ -228,6 +234,12 @@ def sequence_logprobs(token_logps: jax.Array, mask: jax.Array, *, average: bool 
       ([-3.0, -1.5], [-1.5, -0.5])
     """
     fn = "sequence_logprobs"
+    token_logps = _checks.as_array(fn, "token_logps", token_logps)
+    if mask is None:
+        raise ValueError(f"{fn}: mask is required, a [B, T] completion mask like token_logps "
+                         f"{tuple(jnp.shape(token_logps))} (pass jnp.ones_like(token_logps) to count every token)")
+    mask = _checks.as_array(fn, "mask", mask)
+    _checks.check_floating(fn, "token_logps", token_logps)
     _checks.check_rank(fn, "token_logps", token_logps, 2)
     _checks.check_same_shape(fn, token_logps=token_logps, mask=mask)
     x = _checks.f32(token_logps)
@@ -260,7 +272,7 @@ def _chunked(
     with_entropy: bool,
 ) -> tuple[jax.Array, jax.Array]:
     _check_chunked(fn, hidden, lm_head_weight, chunk_size)
-    _checks.check_positive(fn, "temperature", temperature)
+    _checks.check_positive(fn, "temperature", temperature, finite=True)
     lead = hidden.shape[:-1]
     if labels is not None:
         _checks.check_integer(fn, "labels", labels)
@@ -499,7 +511,7 @@ def target_token_logprobs(
     _check_chunked(fn, hidden, lm_head_weight, chunk_size)
     _checks.check_rank(fn, "hidden", hidden, 3)
     _checks.check_integer(fn, "labels", labels)
-    _checks.check_positive(fn, "temperature", temperature)
+    _checks.check_positive(fn, "temperature", temperature, finite=True)
     b, t, e = hidden.shape
     if tuple(labels.shape) != (b, t) or tuple(jnp.shape(mask)) != (b, t):
         raise ValueError(f"{fn}: labels {tuple(labels.shape)} and mask {tuple(jnp.shape(mask))} must both be "

@@ -214,3 +214,38 @@ def test_bad_input_names_the_argument():
         gae(bt, jnp.zeros((2, 4)), mask)
     with pytest.raises(ValueError, match="mask"):
         whiten(bt, jnp.ones((3, 2)))
+
+
+# --- input validation (API audit) ---
+
+def test_array_hyperparameters_are_checked():
+    m = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="gae: gamma must be in"):
+        gae(m, m, m, gamma=jnp.array(2.0))
+    with pytest.raises(ValueError, match=r"per_token_rewards: kl_coef must be a scalar .*\(3,\)"):
+        per_token_rewards(jnp.ones(2), m, kl=m, kl_coef=jnp.ones(3))
+    # traced coefficients (e.g. the KL controller's) are unchanged
+    got = jax.jit(lambda c: per_token_rewards(jnp.ones(2), m, kl=m, kl_coef=c))(0.1)
+    np.testing.assert_allclose(got, per_token_rewards(jnp.ones(2), m, kl=m, kl_coef=0.1))
+
+
+def test_per_token_rewards_accepts_lists():
+    np.testing.assert_allclose(per_token_rewards([1.0, 2.0], [[1, 1, 0], [1, 1, 1]]), [[0, 1, 0], [0, 0, 2]])
+
+
+def test_adaptive_kl_controller_update_checks_its_arguments():
+    ctl = adaptive_kl_controller(init_kl_coef=0.2, target=6.0, horizon=10)
+    s0 = ctl.init()
+    with pytest.raises(ValueError, match=r"n_steps must be <= horizon \(10\)"):
+        ctl.update(s0, 0.0, 100)  # would make the factor 1 - 0.2 * 10 < 0
+    with pytest.raises(ValueError, match="n_steps must be >= 0"):
+        ctl.update(s0, 12.0, -1)
+    with pytest.raises(TypeError, match="n_steps must be an integer"):
+        ctl.update(s0, 12.0, 2.5)
+    with pytest.raises(ValueError, match=r"observed_kl must be a scalar .*\(2,\)"):
+        ctl.update(s0, jnp.array([1.0, 12.0]), 1)
+    with pytest.raises(ValueError, match="observed_kl must be a scalar"):
+        fixed_kl_controller(kl_coef=0.1).update(s0, jnp.ones(2), 1)
+    # the bound n = H: the largest step, still >= 0; and unchanged under jit
+    np.testing.assert_allclose(ctl.update(s0, 0.0, 10).kl_coef, 0.2 * 0.8, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(ctl.update)(s0, 12.0, 10).kl_coef, 0.2 * 1.2, rtol=1e-6)

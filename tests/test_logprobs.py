@@ -267,3 +267,38 @@ def test_fused_logprobs_and_entropy_equal_separate_values_and_gradients():
         gw, gf = jax.jit(jax.grad(lambda z: loss(separate, z)))(logits), jax.jit(jax.grad(lambda z: loss(fused, z)))(logits)
         assert np.all(np.isfinite(gf)) and float(gf[0, 0, 5]) == 0.0
         np.testing.assert_allclose(gf, gw, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(gw))))
+
+
+# --- input validation (API audit) ---
+
+def _lt():
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    return logits, jnp.array([[0, 1, 2], [3, 4, 0]])
+
+
+@pytest.mark.parametrize("temperature, match", [
+    (jnp.array(0.0), "temperature must be finite and > 0"),
+    (float("inf"), "temperature must be a finite number > 0"),
+    (jnp.array([1.0, 2.0]), r"temperature must be a scalar or broadcast to shape \(2, 3, 5\)"),
+])
+def test_token_logprobs_checks_temperature(temperature, match):
+    logits, labels = _lt()
+    with pytest.raises(ValueError, match=match):
+        token_logprobs(logits, labels, temperature=temperature)
+
+
+def test_token_logprobs_per_row_and_traced_temperature_still_work():
+    logits, labels = _lt()
+    ref = token_logprobs(logits, labels, temperature=2.0)
+    np.testing.assert_allclose(token_logprobs(logits, labels, temperature=jnp.full((2, 3, 1), 2.0)), ref, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda t: token_logprobs(logits, labels, temperature=t))(2.0), ref, rtol=1e-6)
+
+
+def test_lists_are_accepted_and_mask_is_required_and_logps_floating():
+    np.testing.assert_allclose(token_logprobs([[0.0, 1.0]], [1]), [-np.log1p(np.exp(-1.0))], rtol=1e-6)
+    inputs, labels = next_token_targets([[1, 2, 3]])
+    assert inputs.tolist() == [[1, 2]] and labels.tolist() == [[2, 3]]
+    with pytest.raises(ValueError, match="sequence_logprobs: mask is required"):
+        sequence_logprobs(-jnp.ones((2, 3)), None)
+    with pytest.raises(TypeError, match="sequence_logprobs: token_logps must be floating point"):
+        sequence_logprobs(jnp.ones((2, 3), int), jnp.ones((2, 3)))

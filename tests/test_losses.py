@@ -507,3 +507,72 @@ def test_bad_input_names_the_argument():
     _raises("max_len", L.aggregate, bt, mask, mode="token_mean", max_len=3)
     _raises("mask", L.sft_loss, jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4)))
     _raises("mask", L.entropy_bonus, jnp.zeros((2, 3, 5)), jnp.ones((2, 4)))
+
+
+# --- input validation (API audit): concrete-array hyperparameters, shapes, dtypes, empty batches ---
+
+_A, _B = jnp.array([-10.0, -12.0]), jnp.array([-12.0, -11.0])
+_LP, _M, _ADV = -jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.array([1.0, -1.0])
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: L.dpo_loss(_A, _B, _A + 1, _B + 1, beta=jnp.array(-0.1)), "beta must be > 0"),
+    (lambda: L.dpo_loss(_A, _B, _A + 1, _B + 1, loss_type="robust", label_smoothing=jnp.array(0.5)),
+     "label_smoothing must be in"),
+    (lambda: L.ppo_policy_loss(_LP, _LP, _ADV, _M, clip_eps=jnp.array(-0.2)), "clip_eps must be in"),
+    (lambda: L.aggregate(_LP, _M, num_tokens=jnp.array(0.0)), "num_tokens must be > 0"),
+    (lambda: L.aggregate(_LP, _M, num_tokens=jnp.array([1.0, 2.0])), r"num_tokens must be a scalar .*\(2,\)"),
+    (lambda: L.dpo_loss(_A, _B, None, None, beta=jnp.array([0.1, 0.2, 0.3])), r"beta must be a scalar .*\(3,\)"),
+    (lambda: L.simpo_loss(_A, _B, gamma=jnp.ones(2)), "gamma must be a scalar"),
+])
+def test_array_hyperparameters_are_checked_like_numbers(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_traced_hyperparameters_still_work_under_jit():
+    got = jax.jit(lambda beta: L.dpo_loss(_A, _B, None, None, beta=beta)[0])(0.1)
+    np.testing.assert_allclose(got, L.dpo_loss(_A, _B, None, None, beta=0.1)[0], rtol=1e-6)
+    assert float(jax.jit(lambda n: L.aggregate(_LP, _M, num_tokens=n))(6.0)) == -1.0
+    with pytest.raises(ValueError, match="beta must be a scalar"):  # shapes are checked even when traced
+        jax.jit(lambda beta: L.dpo_loss(_A, _B, None, None, beta=beta)[0])(jnp.ones(2))
+    # a concrete ndim-0 array that is in range is accepted
+    np.testing.assert_allclose(L.dpo_loss(_A, _B, None, None, beta=jnp.array(0.1))[0],
+                               L.dpo_loss(_A, _B, None, None, beta=0.1)[0])
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(chosen_rewards=_A, rejected_rewards=_B[:, None], chosen_logps=_A, rejected_logps=_B),
+    dict(chosen_rewards=_A, rejected_rewards=_B, chosen_logps=_A, rejected_logps=_B, weights=jnp.ones((2, 1))),
+    dict(chosen_rewards=_A, rejected_rewards=_B, chosen_logps=_A, rejected_logps=_B, weights=jnp.ones(3)),
+    dict(chosen_rewards=_A, rejected_rewards=_B, chosen_logps=_A, rejected_logps=_B, extra={"x": jnp.ones((2, 2))}),
+])
+def test_preference_metrics_checks_shapes(kwargs):
+    with pytest.raises(ValueError, match="preference_metrics: shapes must match"):
+        L.preference_metrics(**kwargs)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: L.ppo_policy_loss(jnp.ones((2, 3), int), jnp.ones((2, 3), int), _ADV, _M), "logps"),
+    (lambda: L.kl_divergence(jnp.array([1, 2]), jnp.array([0, 0])), "logps"),
+    (lambda: L.dpo_loss(jnp.array([1, 2]), jnp.array([3, 4]), None, None), "chosen_logps"),
+    (lambda: L.value_loss(jnp.ones((2, 3), int), _LP, _LP, _M), "values"),
+])
+def test_integer_logprobs_and_values_are_rejected(call, name):
+    with pytest.raises(TypeError, match=f"{name} must be floating point"):
+        call()
+
+
+def test_empty_batches_raise_except_aggregate():
+    with pytest.raises(ValueError, match="dpo_loss: chosen_logps is an empty batch"):
+        L.dpo_loss(jnp.zeros(0), jnp.zeros(0), None, None)
+    with pytest.raises(ValueError, match="kto_reference_point: .* empty batch"):
+        L.kto_reference_point(jnp.zeros(0), jnp.zeros(0))
+    assert float(L.aggregate(jnp.zeros((0, 3)), jnp.zeros((0, 3)))) == 0.0  # documented: 0
+
+
+def test_count_sequences_needs_rank_2_and_entropy_bonus_takes_lists():
+    with pytest.raises(ValueError, match="count_sequences: mask must have rank 2"):
+        L.count_sequences(jnp.ones(3))
+    out = L.entropy_bonus(jnp.zeros((2, 3, 4)), [[1, 1, 1], [1, 1, 0]])
+    np.testing.assert_allclose(out, [[-np.log(4)] * 3, [-np.log(4)] * 2 + [0.0]], rtol=1e-6)

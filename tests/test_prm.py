@@ -162,3 +162,20 @@ def test_prm_recipe_learns_and_scores(tmp_path):
         build_rewards(RewardContext(RewardConfig(functions=("prm",)), max_new_tokens=8))
     with pytest.raises(ConfigError, match="rewards.prm_aggregation"):
         RewardConfig(functions=("prm",), prm_aggregation="max")
+
+
+# --- input validation (API audit) ---
+
+def test_aggregate_step_scores_checks_the_mask_shape():
+    with pytest.raises(ValueError, match="aggregate_step_scores: shapes must match"):
+        aggregate_step_scores(jnp.zeros((2, 3)), jnp.ones((2, 1)))
+    with pytest.raises(ValueError, match="step_mask must have rank 2"):
+        aggregate_step_scores(jnp.zeros((2, 3)), jnp.ones(2))
+
+
+def test_process_reward_loss_checks_concrete_labels_at_step_ends():
+    with pytest.raises(ValueError, match="labels must be 0 or 1 where step_mask is set"):
+        process_reward_loss(jnp.zeros((1, 2)), jnp.array([[2, -1]]), jnp.ones((1, 2)))
+    # labels off step ends (TRL's -100) are not read
+    loss = process_reward_loss(jnp.zeros((1, 2)), jnp.array([[1, -100]]), jnp.array([[1, 0]]))
+    np.testing.assert_allclose(loss, [[np.log(2.0), 0.0]], rtol=1e-6)

@@ -145,3 +145,16 @@ def test_logprob_mismatch_golden():
     np.testing.assert_allclose(stats["sampler_logprob_diff/max"], 0.5)
     with pytest.raises(ValueError, match="logprob_mismatch: shapes must match"):
         logprob_mismatch(sampler, trainer[:, :2], mask)
+
+
+# --- input validation (API audit) ---
+
+def test_methods_require_2d_logits_and_1d_u():
+    with pytest.raises(ValueError, match=r"TopK.select: logits must be \[N, V\]"):
+        TopK(k=2).select(jnp.zeros(5), jnp.zeros(()))
+    with pytest.raises(ValueError, match=r"Categorical.sample: logits must be \[N, V\]"):
+        Categorical().sample(jax.random.key(0), jnp.zeros(5))
+    with pytest.raises(ValueError, match=r"sample_from_logits: u must be \[N\] = \[2\]"):
+        sample_from_logits(jnp.zeros((2, 5)), jnp.zeros((2, 1)))
+    with pytest.raises(ValueError, match=r"Greedy.select: logits must be \[N, V\]"):
+        Greedy().select(jnp.zeros(5), None)

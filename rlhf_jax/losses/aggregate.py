@@ -100,10 +100,12 @@ def count_tokens(mask: jax.Array) -> jax.Array:
 
 
 def count_sequences(mask: jax.Array) -> jax.Array:
-    """The global normaliser of the seq modes: the number of rows with at least one masked-in token.
+    """The global normaliser of the seq modes: the number of rows of a `[B, T]` mask with at least
+    one masked-in token.
 
     Example:
       >>> float(count_sequences(jnp.array([[1, 1, 0], [0, 0, 0]])))
       1.0
     """
+    _checks.check_rank("count_sequences", "mask", mask, 2)
     return jnp.sum((jnp.sum(_checks.mask_f32(mask), axis=-1) > 0).astype(jnp.float32))

@@ -30,6 +30,7 @@ def entropy_bonus(logits: jax.Array, mask: jax.Array, *, temperature: float | ja
       [-1.3863, -0.0037]
     """
     fn = "entropy_bonus"
+    logits, mask = _checks.as_array(fn, "logits", logits), _checks.as_array(fn, "mask", mask)
     _checks.check_rank(fn, "logits", logits, 3)
     if logits.shape[:-1] != mask.shape:
         raise ValueError(f"{fn}: mask shape {mask.shape} must equal logits shape without vocab, {logits.shape[:-1]}")

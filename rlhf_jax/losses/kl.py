@@ -48,6 +48,8 @@ def kl_divergence(
     fn = "kl_divergence"
     _checks.check_choice(fn, "estimator", estimator, get_args(KLEstimator))
     _checks.check_same_shape(fn, logps=logps, ref_logps=ref_logps)
+    _checks.check_floating(fn, "logps", logps)
+    _checks.check_floating(fn, "ref_logps", ref_logps)
     if clamp is not None:
         _checks.check_positive(fn, "clamp", clamp)
     d = _checks.f32(logps) - _checks.f32(ref_logps)

@@ -29,6 +29,8 @@ def _check_policy_inputs(
     """Validate shapes and return the advantages as float32 `[B, T]`."""
     _checks.check_rank(fn, "logps", logps, 2)
     _checks.check_same_shape(fn, logps=logps, old_logps=old_logps, mask=mask)
+    _checks.check_floating(fn, "logps", logps)
+    _checks.check_floating(fn, "old_logps", old_logps)
     adv = _checks.f32(advantages)
     if adv.ndim == 1 and adv.shape[0] == logps.shape[0]:
         return jnp.broadcast_to(adv[:, None], logps.shape)
@@ -104,7 +106,8 @@ def ppo_policy_loss(
     _checks.check_positive(fn, "clip_eps", clip_eps)
     if clip_eps_high is not None:
         _checks.check_positive(fn, "clip_eps_high", clip_eps_high)
-    if dual_clip is not None and _checks.is_number(dual_clip) and not dual_clip > 1:
+    if dual_clip is not None and (dual_value := _checks.scalar_value(fn, "dual_clip", dual_clip)) is not None \
+            and not dual_value > 1:
         raise ValueError(f"{fn}: dual_clip must be > 1 (or None), got {dual_clip!r}")
     adv = _check_policy_inputs(fn, logps, old_logps, advantages, mask)
     lp, old = _checks.f32(logps), jax.lax.stop_gradient(_checks.f32(old_logps))

@@ -23,10 +23,15 @@ Metrics = dict[str, jax.Array]
 _MAX_AVG_LOGP = -1e-6
 
 
-def _check_pairs(fn: str, **arrays: jax.Array | None) -> None:
+def _check_pairs(fn: str, *, floating: tuple[str, ...] = (), **arrays: jax.Array | None) -> None:
+    """All `[B]` with one shape and B >= 1; the arrays named in `floating` (log-probs) floating point."""
     first = next(iter(arrays))
     _checks.check_rank(fn, first, arrays[first], 1)
     _checks.check_same_shape(fn, **arrays)
+    _checks.check_nonempty(fn, first, arrays[first])
+    for name in floating:
+        if arrays[name] is not None:
+            _checks.check_floating(fn, name, arrays[name])
 
 
 def _weighted_mean(x: jax.Array, weights: jax.Array | None, count: jax.Array | None) -> jax.Array:
@@ -85,9 +90,18 @@ def preference_metrics(
       {'rewards/chosen': 0.15, 'rewards/rejected': 0.2, 'rewards/accuracies': 0.5, 'rewards/margins': -0.05,
        'logps/chosen': -5.0, 'logps/rejected': -5.0}
     """
+    fn = "preference_metrics"
+    paired = rejected_weights is None
+    _checks.check_rank(fn, "chosen_rewards", chosen_rewards, 1)
+    named = {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards, "chosen_logps": chosen_logps,
+             "rejected_logps": rejected_logps, "weights": weights, "rejected_weights": rejected_weights}
+    named.update({f"extra[{k!r}]": v for k, v in (extra or {}).items()})
+    _checks.check_same_shape(fn, **named)
+    for name, value in (("count", count), ("rejected_count", rejected_count)):
+        if value is not None:
+            _checks.check_scalar(fn, name, value)
     sg = jax.lax.stop_gradient
     c, r = sg(_checks.f32(chosen_rewards)), sg(_checks.f32(rejected_rewards))
-    paired = rejected_weights is None
     r_weights, r_count = (weights, count) if paired else (rejected_weights, rejected_count)
     metrics = {
         "rewards/chosen": _weighted_mean(c, weights, count),
@@ -154,7 +168,7 @@ def dpo_loss(
     _checks.check_choice(fn, "loss_type", loss_type, get_args(DPOLossType))
     _checks.check_positive(fn, "beta", beta)
     _checks.check_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5, high_open=True)
-    if loss_type not in ("sigmoid", "robust") and not (_checks.is_number(label_smoothing) and label_smoothing == 0):
+    if loss_type not in ("sigmoid", "robust") and _checks.scalar_value(fn, "label_smoothing", label_smoothing) != 0:
         raise ValueError(f"{fn}: label_smoothing applies to loss_type 'sigmoid' and 'robust' only, got {loss_type!r}")
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError(
@@ -163,6 +177,7 @@ def dpo_loss(
         )
     _check_pairs(
         fn,
+        floating=("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"),
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
         ref_chosen_logps=ref_chosen_logps,
@@ -215,7 +230,9 @@ def simpo_loss(
     """
     fn = "simpo_loss"
     _checks.check_positive(fn, "beta", beta)
-    _check_pairs(fn, chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
+    _checks.check_scalar(fn, "gamma", gamma)
+    _check_pairs(fn, floating=("chosen_avg_logps", "rejected_avg_logps"),
+                 chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
     diff = _checks.f32(chosen_avg_logps) - _checks.f32(rejected_avg_logps)
     return jax.nn.softplus(-(beta * diff - gamma))
 
@@ -257,7 +274,8 @@ def orpo_loss(
     """
     fn = "orpo_loss"
     _checks.check_positive(fn, "beta", beta)
-    _check_pairs(fn, chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
+    _check_pairs(fn, floating=("chosen_avg_logps", "rejected_avg_logps"),
+                 chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
     a_w = jnp.minimum(_checks.f32(chosen_avg_logps), _MAX_AVG_LOGP)
     a_l = jnp.minimum(_checks.f32(rejected_avg_logps), _MAX_AVG_LOGP)
     log_odds = (a_w - a_l) - (_log1m_exp(a_w) - _log1m_exp(a_l))
@@ -288,7 +306,8 @@ def kto_reference_point(mismatched_logps: jax.Array, ref_mismatched_logps: jax.A
       0.0
     """
     fn = "kto_reference_point"
-    _check_pairs(fn, mismatched_logps=mismatched_logps, ref_mismatched_logps=ref_mismatched_logps)
+    _check_pairs(fn, floating=("mismatched_logps", "ref_mismatched_logps"),
+                 mismatched_logps=mismatched_logps, ref_mismatched_logps=ref_mismatched_logps)
     kl = jnp.mean(_checks.f32(mismatched_logps) - _checks.f32(ref_mismatched_logps))
     return jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
 
@@ -336,7 +355,7 @@ def kto_loss(
     _checks.check_positive(fn, "beta", beta)
     _checks.check_nonnegative(fn, "desirable_weight", desirable_weight)
     _checks.check_nonnegative(fn, "undesirable_weight", undesirable_weight)
-    _check_pairs(fn, logps=logps, ref_logps=ref_logps, desirable=desirable)
+    _check_pairs(fn, floating=("logps", "ref_logps"), logps=logps, ref_logps=ref_logps, desirable=desirable)
     if jnp.ndim(kl_ref_point) != 0:
         raise ValueError(f"{fn}: kl_ref_point must be a scalar, got shape {jnp.shape(kl_ref_point)}")
     z0 = jax.lax.stop_gradient(jnp.maximum(_checks.f32(kl_ref_point), 0.0))

@@ -14,6 +14,9 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import _checks
 
 __all__ = ["process_reward_loss", "aggregate_step_scores", "StepAggregation"]
 
@@ -51,6 +54,12 @@ def process_reward_loss(step_logits: jax.Array, labels: jax.Array, step_mask: ja
     if not s.shape == y.shape == m.shape:
         raise ValueError(f"process_reward_loss: step_logits {s.shape}, labels {y.shape} and step_mask {m.shape} "
                          "must have one shape [B, T]")
+    if not (_checks.is_tracer(labels) or _checks.is_tracer(step_mask)):
+        y_np, m_np = np.asarray(labels), np.asarray(step_mask) != 0
+        bad = m_np & (y_np != 0) & (y_np != 1)
+        if np.any(bad):
+            raise ValueError(f"process_reward_loss: labels must be 0 or 1 where step_mask is set, got "
+                             f"{sorted(set(np.asarray(y_np[bad]).tolist()))[:5]}")
     return m * (jax.nn.softplus(s) - y * s)
 
 
@@ -79,6 +88,10 @@ def aggregate_step_scores(step_logits: jax.Array, step_mask: jax.Array, *, mode:
       >>> [round(float(aggregate_step_scores(s, m, mode=k)[0]), 4) for k in ("min", "prod", "last", "mean")]
       [0.1192, 0.105, 0.1192, 0.5]
     """
+    fn = "aggregate_step_scores"
+    _checks.check_rank(fn, "step_logits", step_logits, 2)
+    _checks.check_rank(fn, "step_mask", step_mask, 2)
+    _checks.check_same_shape(fn, step_logits=step_logits, step_mask=step_mask)
     p = jax.nn.sigmoid(jnp.asarray(step_logits, jnp.float32))
     m = jnp.asarray(step_mask) != 0
     any_step = jnp.any(m, axis=1)

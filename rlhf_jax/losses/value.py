@@ -41,6 +41,8 @@ def value_loss(
     fn = "value_loss"
     _checks.check_rank(fn, "values", values, 2)
     _checks.check_same_shape(fn, values=values, old_values=old_values, returns=returns, mask=mask)
+    for name, x in (("values", values), ("old_values", old_values), ("returns", returns)):
+        _checks.check_floating(fn, name, x)
     if clip_range is not None:
         _checks.check_positive(fn, "clip_range", clip_range)
     v = _checks.f32(values)

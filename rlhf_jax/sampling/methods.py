@@ -58,6 +58,16 @@ def _check_temperature(owner: str, temperature) -> None:
         raise ValueError(f"{owner}.temperature must be a finite number > 0, got {temperature!r}")
 
 
+def _check_logits_u(fn: str, logits, u) -> None:
+    """Trace-time shape checks: `logits [N, V]` (one row per sequence) and `u [N]` (or None)."""
+    if jnp.ndim(logits) != 2:
+        raise ValueError(f"{fn}: logits must be [N, V] (one row of vocabulary logits per sequence), got shape "
+                         f"{tuple(jnp.shape(logits))}; add a leading axis for a single row")
+    if u is not None and tuple(jnp.shape(u)) != tuple(jnp.shape(logits))[:1]:
+        raise ValueError(f"{fn}: u must be [N] = {list(jnp.shape(logits))[:1]} (one uniform number per row of "
+                         f"logits {tuple(jnp.shape(logits))}), got shape {tuple(jnp.shape(u))}")
+
+
 def _check_unit_interval(owner: str, name: str, value) -> None:
     if not _checks.is_number(value) or not 0 < value <= 1:
         raise ValueError(f"{owner}.{name} must be in (0, 1], got {value!r}")
@@ -78,6 +88,7 @@ class Greedy:
 
     def select(self, logits: jax.Array, u: jax.Array) -> jax.Array:
         """int32 `[B]` argmax tokens of `logits [B, V]` (`u` is unused)."""
+        _check_logits_u("Greedy.select", logits, None)
         del u
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -102,6 +113,7 @@ class _Tempered:
 
     def select(self, logits: jax.Array, u: jax.Array) -> jax.Array:
         """int32 `[B]` tokens of `softmax(truncate(logits / T))` at uniform numbers `u [B]` (inverse CDF)."""
+        _check_logits_u(f"{type(self).__name__}.select", logits, u)
         z = _checks.f32(logits)
         if self.temperature != 1:
             z = z / jnp.float32(self.temperature)
@@ -109,6 +121,7 @@ class _Tempered:
 
     def sample(self, rng: jax.Array, logits: jax.Array) -> jax.Array:
         """int32 `[B]` tokens drawn from `softmax(truncate(logits / T))` with a fresh key."""
+        _check_logits_u(f"{type(self).__name__}.sample", logits, None)
         return self.select(logits, jax.random.uniform(rng, logits.shape[:1], jnp.float32))
 
 
@@ -281,6 +294,7 @@ def sample_from_logits(z: jax.Array, u: jax.Array) -> jax.Array:
       >>> sample_from_logits(z, jnp.array([0.1, 0.25, 0.9])).tolist()
       [0, 2, 2]
     """
+    _check_logits_u("sample_from_logits", z, u)
     b, v = z.shape
     nblocks = -(-v // _BLOCK)
     pad = nblocks * _BLOCK - v
