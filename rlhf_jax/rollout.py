@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import _checks
 from rlhf_jax.logprobs import (
@@ -54,12 +55,58 @@ def _check_rollout(fn: str, prompt_tokens, prompt_lengths, completion_tokens) ->
     _checks.check_rank(fn, "prompt_lengths", prompt_lengths, 1)
     _checks.check_integer(fn, "prompt_tokens", prompt_tokens)
     _checks.check_integer(fn, "completion_tokens", completion_tokens)
+    _checks.check_integer(fn, "prompt_lengths", prompt_lengths)
     n = prompt_tokens.shape[0]
     if completion_tokens.shape[0] != n or prompt_lengths.shape[0] != n:
         raise ValueError(
             f"{fn}: prompt_tokens {list(prompt_tokens.shape)}, prompt_lengths {list(prompt_lengths.shape)} "
             f"and completion_tokens {list(completion_tokens.shape)} must have the same number of rows"
         )
+    check_prompt_lengths(fn, prompt_tokens, prompt_lengths)
+
+
+def check_prompt_lengths(fn: str, prompt_tokens, prompt_lengths) -> None:
+    """Integer `prompt_lengths` in `[1, P]` (P = `prompt_tokens`' width), the values checked when
+    concrete (host arrays, or jax arrays outside a trace); raise naming the first bad row."""
+    _checks.check_integer(fn, "prompt_lengths", prompt_lengths)
+    lengths = _concrete(prompt_lengths)
+    if lengths is not None and lengths.size:
+        p = jnp.shape(prompt_tokens)[1]
+        bad = (lengths < 1) | (lengths > p)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{fn}: prompt_lengths[{i}] = {int(lengths[i])} is outside [1, P={p}] (each row's real "
+                             "prompt length, at least one token)")
+
+
+def _concrete(x) -> np.ndarray | None:
+    """`x` as a host array when its values are known outside a trace (numpy, or a concrete single-host
+    jax array), else None: the value checks below then run at the caller's host-side boundary instead."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_fully_addressable:
+        return np.asarray(x)
+    return None
+
+
+def check_group_prompts(fn: str, prompt_tokens, prompt_lengths, group_size: int) -> None:
+    """Rows of each group of `group_size` contiguous rows must share one prompt (the shared-prompt
+    forward prefills the group's first row only). Checked on concrete values; traced ones pass."""
+    tokens, lengths = _concrete(prompt_tokens), _concrete(prompt_lengths)
+    if tokens is None or lengths is None or group_size <= 1 or tokens.shape[0] % group_size:
+        return
+    g = group_size
+    lengths = lengths.reshape(-1, g)
+    same_len = lengths == lengths[:, :1]
+    width = np.arange(tokens.shape[1])
+    grouped = tokens.reshape(-1, g, tokens.shape[1])
+    same_tokens = np.all((grouped == grouped[:, :1]) | (width >= lengths[:, :1, None]), axis=2)
+    bad = ~(same_len & same_tokens)
+    if bad.any():
+        group, row = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(f"{fn}: rows of a group must share one prompt (group_size={g}), but row {group * g + row} "
+                         f"of group {group} differs from the group's first row {group * g} in its prompt "
+                         f"(prompt_lengths {int(lengths[group, row])} vs {int(lengths[group, 0])})")
 
 
 def join_sequences(
@@ -145,6 +192,7 @@ def shared_prompt_forward(model, params, prompt_tokens, prompt_lengths, completi
     (n, p), c = prompt_tokens.shape, completion_tokens.shape[1]
     if not isinstance(group_size, int) or group_size < 1 or n % group_size:
         raise ValueError(f"shared_prompt_forward: {n} rows do not split into groups of group_size={group_size}")
+    check_group_prompts("shared_prompt_forward", prompt_tokens, prompt_lengths, group_size)
     groups = n // group_size
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (groups, p))
     prefill = model.forward(params, prompt_tokens[::group_size], positions, cache=model.init_cache(groups, p),

@@ -192,6 +192,16 @@ def train_state_shardings(abstract_state: TrainState, logical_axes: Any, optimiz
     return TrainState(rep, params, opt, rep)
 
 
+def _check_state_args(fn: str, optimizer, *, init_params=None) -> None:
+    """A clear error for an optimizer that is not an optax transform, or an `init_params` that is not callable."""
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"{fn}: optimizer must be an optax.GradientTransformation (e.g. optax.adamw(1e-5) or "
+                        f"rlhf_jax.optim.make_optimizer(config)), got {type(optimizer).__name__}")
+    if init_params is not None and not callable(init_params):
+        raise TypeError(f"{fn}: init_params must be a function key -> params (e.g. CausalLM.init), got "
+                        f"{type(init_params).__name__}; for existing parameters use train_state_from_params")
+
+
 def create_train_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, *,
                        rng: jax.Array | int, logical_axes: Any, mesh: Mesh,
                        strategy: str | sh.Strategy) -> TrainState:
@@ -208,6 +218,7 @@ def create_train_state(init_params: Callable[[jax.Array], Any], optimizer: optax
     Returns:
       The materialised, sharded `TrainState`.
     """
+    _check_state_args("create_train_state", optimizer, init_params=init_params)
     abstract = abstract_train_state(init_params, optimizer)
     shardings = train_state_shardings(abstract, logical_axes, optimizer, mesh=mesh, strategy=strategy)
     init = jax.jit(lambda k: init_train_state(init_params, optimizer, k), out_shardings=shardings)
@@ -230,6 +241,7 @@ def train_state_from_params(params: Any, optimizer: optax.GradientTransformation
 
     The optimizer state is created under `jit` directly in the parameters' shardings.
     """
+    _check_state_args("train_state_from_params", optimizer)
     params = place_params(params, logical_axes, mesh=mesh, strategy=strategy)
     init = lambda p: optimizer.init(trainable_view(p))  # noqa: E731
     abstract_opt = jax.eval_shape(init, params)

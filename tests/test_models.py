@@ -444,3 +444,24 @@ def test_dense_gradient_equals_matmul_autodiff():
     assert gx.dtype == gw.dtype == jnp.bfloat16
     np.testing.assert_allclose(gw.astype(jnp.float32), jnp.broadcast_to(jnp.sum(x, (0, 1))[:, None], (7, 3)),
                                rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------ input validation (audit)
+
+
+def test_forward_refuses_non_integer_empty_and_foreign_inputs():
+    lm = CausalLM(tiny_config())
+    params = lm.init(jax.random.key(0))
+    tokens = jnp.array([[1, 2, 3, 4]])
+    with pytest.raises(TypeError, match="tokens must be integer token ids, got dtype float32"):
+        lm.forward(params, tokens.astype(jnp.float32))
+    with pytest.raises(TypeError, match="dtype bool"):
+        lm.forward(params, tokens > 1)
+    for shape in ((0, 4), (2, 0)):
+        with pytest.raises(ValueError, match="at least one row and one position"):
+            lm.forward(params, jnp.zeros(shape, jnp.int32))
+    wider = CausalLM(tiny_config(vocab_size=2 * lm.config.vocab_size)).init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"params\['embed'\] has shape \(512, 64\).*\[256, 64\]"):
+        jax.jit(lm.forward)(wider, tokens)
+    with pytest.raises(KeyError, match="params lack 'embed'"):
+        lm.forward({k: v for k, v in params.items() if k != "embed"}, tokens)

@@ -497,3 +497,47 @@ def test_ppo_state_mismatch_is_named():
         step(RLState(policy, params, None, None), _batch())
     with pytest.raises(ValueError, match="needs a value_optimizer"):
         make_ppo_step(model, tx, config=PPOConfig(), value_model=_model("scalar")[0])
+
+
+# ------------------------------------------------------------------ input validation (audit)
+
+
+def test_rollout_functions_check_prompt_lengths_and_shared_groups():
+    model, params = _model()
+    pt = jnp.array([[5, 6, 7, 0], [5, 6, 7, 0]])
+    comp = jnp.array([[9, 10, 11], [9, 10, 11]])
+    for bad in (0, -2, 9):
+        with pytest.raises(ValueError, match=rf"prompt_lengths\[0\] = {bad} is outside \[1, P=4\]"):
+            completion_logprobs(model, params, pt, jnp.array([bad, 3]), comp)
+        with pytest.raises(ValueError, match=rf"prompt_lengths\[0\] = {bad}"):
+            completion_logprobs(model, params, pt, jnp.array([bad, bad]), comp, group_size=2)
+    with pytest.raises(ValueError, match=r"prompt_lengths\[1\] = 0"):
+        join_sequences(pt, jnp.array([3, 0]), comp)
+    with pytest.raises(TypeError, match="prompt_lengths must be an integer array"):
+        completion_logprobs(model, params, pt, jnp.array([3.0, 3.0]), comp)
+    differ = jnp.array([[5, 6, 7, 0], [1, 2, 3, 0]])
+    with pytest.raises(ValueError, match="row 1 of group 0 differs"):
+        completion_logprobs(model, params, differ, jnp.array([3, 3]), comp, group_size=2)
+    # padding after the real prompt may differ within a group
+    same = jnp.array([[5, 6, 7, 0], [5, 6, 7, 4]])
+    completion_logprobs(model, params, same, jnp.array([3, 3]), comp, group_size=2)
+
+
+def test_grpo_step_host_check_refuses_bad_rollouts():
+    model, _ = _model()
+    step = make_grpo_step(model, optax.sgd(LR), config=grpo_config("grpo", group_size=G))
+    batch = {k: v for k, v in _batch().items() if k != "ref_logps"}
+    step.host_check(batch, "grpo_step")  # the well-formed rollout passes
+    for bad in (0, P + 1):
+        with pytest.raises(ValueError, match=rf"grpo_step: prompt_lengths\[0\] = {bad}"):
+            step.host_check({**batch, "prompt_lengths": np.full(N, bad, np.int32)}, "grpo_step")
+    with pytest.raises(TypeError, match="prompt_lengths must be an integer array"):
+        step.host_check({**batch, "prompt_lengths": batch["prompt_lengths"].astype(np.float32)}, "grpo_step")
+    tokens = batch["completion_tokens"].copy()
+    tokens[2, 1] = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"batch\['completion_tokens'\] holds token id {tokens[2, 1]} at position \(2, 1\)"):
+        step.host_check({**batch, "completion_tokens": tokens}, "grpo_step")
+    prompts = batch["prompt_tokens"].copy()
+    prompts[1, 0] += 1
+    with pytest.raises(ValueError, match="row 1 of group 0 differs"):
+        step.host_check({**batch, "prompt_tokens": prompts}, "grpo_step")

@@ -246,3 +246,53 @@ def test_bucket_choice(sampler):
     assert [sampler.bucket_for(n, 4) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
     # Beyond the largest bucket the prompt is padded to what the cache can hold: 32 - 4 + 1.
     assert sampler.bucket_for(17, 4) == 29
+
+
+# ------------------------------------------------------------------ input validation (audit)
+
+
+@pytest.mark.parametrize("change", [{"vocab_size": 512}, {"num_layers": 3}, {"hidden_size": 128},
+                                    {"intermediate_size": 256}])
+def test_load_params_refuses_params_of_another_config(lm, sampler, change):
+    other = CausalLM(lm.config.replace(**change)).abstract_params()
+    foreign = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), other)
+    with pytest.raises(ValueError, match=r"params\[.*\] has shape .* but the model's config wants"):
+        sampler.load_params(foreign)
+    with pytest.raises(ValueError, match="built for another config"):
+        sampler.generate(foreign, [[1, 2]], max_new_tokens=2, method=Greedy())
+
+
+def test_load_params_accepts_the_decode_layout_and_names_bad_trees(lm, params, sampler):
+    from rlhf_jax.sampling.decode import unstack_layers
+
+    out = sampler.generate(sampler.load_params(unstack_layers(params)), [[1, 2]], max_new_tokens=2, method=Greedy())
+    ref = sampler.generate(params, [[1, 2]], max_new_tokens=2, method=Greedy())
+    np.testing.assert_array_equal(out.completion_tokens, ref.completion_tokens)
+    short = {**unstack_layers(params)}
+    short["layers"] = short["layers"][:1]
+    with pytest.raises(ValueError, match="has 1 layers, the model has 2"):
+        sampler.load_params(short)
+    with pytest.raises(ValueError, match=r"params lack the leaf params\['embed'\]"):
+        sampler.generate({"foo": np.ones(1)}, [[1]], max_new_tokens=2)
+    with pytest.raises(TypeError, match="LoRA params"):
+        sampler.load_params({"base": params, "lora": {}})
+
+
+def test_sampler_refuses_pad_id_outside_the_vocabulary(lm):
+    with pytest.raises(ValueError, match=r"pad_id must be a token id in \[0, vocab_size=256\), got 256"):
+        Sampler(lm, max_len=32, pad_id=lm.config.vocab_size)
+
+
+def test_generate_checks_prompt_lengths_and_list_prompts(params, sampler):
+    g = lambda prompts, **kw: sampler.generate(params, prompts, max_new_tokens=2, method=Greedy(), **kw)  # noqa: E731
+    padded = np.array([[1, 2, 3, 0]])
+    for bad in ([-1], [0], [5]):
+        with pytest.raises(ValueError, match=rf"prompt_lengths\[0\] = {bad[0]} is outside \[1, 4\]"):
+            g(padded, prompt_lengths=bad)
+    with pytest.raises(TypeError, match="prompt_lengths must be integers"):
+        g(padded, prompt_lengths=[2.9])
+    with pytest.raises(TypeError, match="prompt 0 must hold integer token ids"):
+        g([[1.7, 2.2, 3.9]])
+    with pytest.raises(ValueError, match="prompt 0 must be a flat list of token ids"):
+        g([[[1, 2], [3, 4]]])
+    assert np.asarray(g(padded, prompt_lengths=[3]).lengths).shape == (1,)

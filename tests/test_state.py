@@ -120,3 +120,11 @@ def test_adafactor_factored_statistics_stay_replicated():
     assert factored.v_row["w"].spec == P() and factored.v_col["w"].spec == P()
     assert shardings.params["w"].spec == P("fsdp")
     assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_create_train_state_names_a_bad_optimizer_or_init():
+    mesh = sh.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    with pytest.raises(TypeError, match="create_train_state: optimizer must be an optax.GradientTransformation"):
+        create_train_state(_toy_init, None, rng=0, logical_axes=TOY_AXES, mesh=mesh, strategy="dp")
+    with pytest.raises(TypeError, match="init_params must be a function"):
+        create_train_state({"w": np.ones(2)}, TX, rng=0, logical_axes=TOY_AXES, mesh=mesh, strategy="dp")

@@ -87,3 +87,21 @@ def test_shared_prefix_step_equals_plain_step(single_device):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["logps/chosen"] == pytest.approx(want["logps/chosen"], rel=1e-5)
         assert got["rewards/margins"] == pytest.approx(want["rewards/margins"], rel=1e-4, abs=2e-6)
+
+
+# ------------------------------------------------------------------ input validation (audit)
+
+
+def test_dpo_step_names_missing_reference_params_and_unknown_keys():
+    from step_fixtures import jit_for, pair_batches, single_device_mesh, tiny_lm
+
+    step = jit_for(make_dpo_step, tiny_lm(), single_device_mesh(), "dp")
+    batch = dict(pair_batches(1)[0])
+    with pytest.raises(TypeError, match=r"expected 1 frozen parameter tree\(s\) after the batch .*got 0"):
+        step(None, batch)
+    with pytest.raises(KeyError, match=r"unknown batch keys \['chosen_segment_id'\]"):
+        step(None, {**batch, "chosen_segment_id": batch["chosen_tokens"]}, None)
+    # the data pipeline's optional keys are accepted (no error before the state is used)
+    accepted = {**batch, "margin": np.zeros(len(batch["chosen_tokens"]), np.float32),
+                "example_mask": np.ones(len(batch["chosen_tokens"]), bool)}
+    step.check_batch(accepted)

@@ -90,3 +90,40 @@ def test_shifted_logprobs_and_accuracy_equal_the_sliced_forms():
     want = (jnp.argmax(logits[:, :-1], axis=-1) == labels).astype(jnp.float32)
     np.testing.assert_array_equal(shifted_label_is_argmax(logits, labels), want)
     assert float(want.sum()) >= 1.0
+
+
+# ------------------------------------------------------------------ input validation (audit)
+
+
+def test_sft_step_checks_its_batch_before_compiling():
+    from step_fixtures import jit_for, single_device_mesh
+
+    lm = tiny_lm()
+    step = jit_for(make_sft_step, lm, single_device_mesh(), "dp")
+    batch = dict(BATCHES[0])
+    v = lm.config.vocab_size
+    state = None  # every check below fires before the state is looked at
+    with pytest.raises(KeyError, match=r"unknown batch keys \['segment_id'\].*'segment_ids'"):
+        step(state, {**batch, "segment_id": batch["tokens"]})
+    with pytest.raises(TypeError, match=r"batch\['tokens'\] must hold integer token ids, got dtype float32"):
+        step(state, {**batch, "tokens": batch["tokens"].astype(np.float32)})
+    for bad in (v, -1):
+        tokens = batch["tokens"].copy()
+        tokens[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"token id {bad} at position \(1, 3\), outside .*\[0, {v}\)"):
+            step(state, {**batch, "tokens": tokens})
+    with pytest.raises(ValueError, match="has no rows"):
+        step(state, {k: x[:0] for k, x in batch.items()})
+    with pytest.raises(TypeError, match="expected 0 frozen parameter tree"):
+        step(state, batch, host_params())
+
+
+def test_sft_step_refuses_a_scalar_head_model():
+    with pytest.raises(ValueError, match="make_sft_step needs an LM-head model"):
+        make_sft_step(tiny_lm("scalar"), optax_sgd())
+
+
+def optax_sgd():
+    import optax
+
+    return optax.sgd(0.1)

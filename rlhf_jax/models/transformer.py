@@ -13,6 +13,7 @@ row's padding lands in slots its own later tokens overwrite before any query can
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
 import jax
@@ -320,6 +321,13 @@ class CausalLM:
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        # Trace-time checks on static shapes and dtypes only (nothing is added to the program).
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):  # bool is not an integer dtype here
+            raise TypeError(f"CausalLM.forward: tokens must be integer token ids, got dtype {tokens.dtype}")
+        if 0 in tokens.shape:
+            raise ValueError(f"CausalLM.forward: tokens must have at least one row and one position, got shape "
+                             f"{tokens.shape}")
+        _check_embed(params, self.config)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         elif jnp.shape(positions) != tokens.shape:
@@ -352,6 +360,21 @@ class CausalLM:
         """Logical axis names of a KVCache (for placing it on a mesh)."""
         axes = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
         return KVCache(axes, axes)
+
+
+def _check_embed(params, config: ModelConfig) -> None:
+    """The embedding of `params` against `config` (vocab, hidden): params built for another model
+    would otherwise run (a wider vocabulary samples ids the tokenizer lacks). Static shapes only."""
+    if not isinstance(params, Mapping):
+        return
+    if "embed" not in params:
+        raise KeyError(f"CausalLM.forward: params lack 'embed'; they have {sorted(map(str, params))} (pass the "
+                       "parameter dict of CausalLM.init for this config)")
+    shape = getattr(params["embed"], "shape", None)
+    want = (config.vocab_size, config.hidden_size)
+    if shape is not None and tuple(shape) != want:
+        raise ValueError(f"CausalLM.forward: params['embed'] has shape {tuple(shape)}, but the model's config wants "
+                         f"[vocab_size, hidden_size] = {list(want)}: these params were built for another config")
 
 
 def _check_prefix(kind: str, prefix: PrefixKV, cache, rows: int) -> None:

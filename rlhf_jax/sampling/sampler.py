@@ -41,7 +41,7 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -207,6 +207,8 @@ class Sampler:
             raise ValueError(f"Sampler: prompt_buckets must be increasing positive ints, got {prompt_buckets!r}")
         self.prompt_buckets = buckets
         _check_int("Sampler pad_id", pad_id, low=0)
+        if pad_id >= config.vocab_size:
+            raise ValueError(f"Sampler pad_id must be a token id in [0, vocab_size={config.vocab_size}), got {pad_id}")
         self.pad_id = pad_id
         _check_int("Sampler cache_phases", cache_phases, low=1)
         self.cache_phases = cache_phases
@@ -367,6 +369,7 @@ class Sampler:
         Returns:
           `SamplerParams` to pass to `generate` (raw params work too, handed off on every call).
         """
+        _check_params(params, self.model)  # host side, shapes only: once per hand-off
         start = time.perf_counter()
         path, source = "program", _device_set(params)
         if self.mesh is None or source is None or source == set(self.mesh.devices.flat):
@@ -553,15 +556,21 @@ class Sampler:
             if prompt_lengths is None:
                 lengths = np.full((array.shape[0],), array.shape[1], np.int64)
             else:
-                lengths = np.asarray(prompt_lengths).astype(np.int64).reshape(-1)
+                lengths = np.asarray(prompt_lengths)
+                if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
+                    raise TypeError(f"generate: prompt_lengths must be integers, got dtype {lengths.dtype} "
+                                    f"({np.ravel(lengths)[:4].tolist()}...)")
+                lengths = lengths.astype(np.int64).reshape(-1)
                 if lengths.shape != (array.shape[0],):
                     raise ValueError(
                         f"generate: prompt_lengths has shape {lengths.shape}, expected ({array.shape[0]},)"
                     )
-                if np.any(lengths > array.shape[1]):
-                    bad = int(np.argmax(lengths > array.shape[1]))
+                bad_rows = (lengths < 1) | (lengths > array.shape[1])
+                if np.any(bad_rows):
+                    bad = int(np.argmax(bad_rows))
                     raise ValueError(
-                        f"generate: prompt_lengths[{bad}] = {lengths[bad]} exceeds the prompts' width {array.shape[1]}"
+                        f"generate: prompt_lengths[{bad}] = {lengths[bad]} is outside [1, {array.shape[1]}] (the "
+                        f"prompts' width)"
                     )
             rows = [array[i, : lengths[i]] for i in range(array.shape[0])]
         else:
@@ -569,7 +578,15 @@ class Sampler:
                 raise ValueError("generate: prompt_lengths is only for a padded prompts array, not for lists")
             if isinstance(prompts, (str, bytes)):
                 raise TypeError("generate: prompts must be token ids; use generate_text for strings")
-            rows = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+            rows = []
+            for i, p in enumerate(prompts):
+                row = np.asarray(p)
+                if row.ndim != 1:
+                    raise ValueError(f"generate: prompt {i} must be a flat list of token ids, got shape {row.shape} "
+                                     "(prompts is a list of token-id lists)")
+                if row.size and not np.issubdtype(row.dtype, np.integer):
+                    raise TypeError(f"generate: prompt {i} must hold integer token ids, got dtype {row.dtype}")
+                rows.append(row.astype(np.int64))
         if not rows:
             raise ValueError("generate: the batch has no prompts")
         vocab = self.model.config.vocab_size
@@ -601,6 +618,44 @@ class Sampler:
             tokens[i, : row.size] = row
             lengths[i] = row.size
         return tokens, lengths, len(rows)
+
+
+def _check_params(params, model: CausalLM) -> None:
+    """`params` against `model.abstract_params()`, leaf by leaf (shapes only; dtypes are cast on hand-off).
+
+    Accepts the stacked layout of `CausalLM.init` and the decode layout (`unstack_layers`: `layers`
+    a tuple of per-layer trees). Raises naming the first mismatching leaf path and both shapes.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"Sampler: params must be the model's parameter dict (or SamplerParams), got "
+                        f"{type(params).__name__}")
+    if "layers" not in params and {"base", "lora"} <= set(params):
+        raise TypeError("Sampler: got LoRA params {'base', 'lora'}; the sampler takes plain model parameters: "
+                        "merge the adapters first (e.g. the LoRA model's merged/plain params)")
+    abstract = model.abstract_params()
+    num_layers = model.config.num_layers
+    expected, given = dict(abstract), dict(params)
+    if isinstance(params.get("layers"), tuple):  # the decode layout: one tree per layer
+        layers = params["layers"]
+        if len(layers) != num_layers:
+            raise ValueError(f"Sampler: params['layers'] has {len(layers)} layers, the model has {num_layers}")
+        per_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), abstract["layers"])
+        expected["layers"] = (per_layer,) * num_layers
+    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(given)[0]}
+    missing = [k for k in want if k not in got]
+    if missing:
+        raise ValueError(f"Sampler: params lack the leaf params{missing[0]} (shape {tuple(want[missing[0]].shape)}) "
+                         f"of the model's config ({len(missing)} missing); pass parameters built for this model")
+    extra = [k for k in got if k not in want]
+    if extra:
+        raise ValueError(f"Sampler: params have the leaf params{extra[0]}, which the model's config lacks "
+                         f"({len(extra)} unknown); pass parameters built for this model")
+    for key, spec in want.items():
+        shape = tuple(np.shape(got[key])) if not hasattr(got[key], "shape") else tuple(got[key].shape)
+        if shape != tuple(spec.shape):
+            raise ValueError(f"Sampler: params{key} has shape {shape}, but the model's config wants "
+                             f"{tuple(spec.shape)}: these params were built for another config")
 
 
 def _device_set(params) -> set | None:

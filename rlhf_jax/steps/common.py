@@ -29,6 +29,7 @@ from typing import Any, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -56,6 +57,8 @@ __all__ = [
     "resolve_optimizer",
     "model_state_shardings",
     "micro_share",
+    "check_token_ids",
+    "token_id_check",
 ]
 
 Metrics = dict[str, jax.Array]
@@ -271,6 +274,65 @@ def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return update
 
 
+def _host_values(x) -> np.ndarray | None:
+    """`x`'s values when they are already on (or cheaply reach) the host: a NumPy array, or a concrete,
+    fully addressable jax array on CPU devices. Abstract, traced or accelerator arrays: None (unchecked)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_fully_addressable
+            and all(d.platform == "cpu" for d in x.sharding.device_set)):
+        return np.asarray(x)
+    return None
+
+
+def check_token_ids(batch: Mapping[str, Any], keys: Sequence[str], vocab_size: int | None, *, name: str) -> None:
+    """Token-id arrays `batch[key]` (present `keys`) must be integer (not bool) and, on host values, in
+    `[0, vocab_size)`; raise naming the key (and the first bad value and its position). Cheap: a dtype
+    test, and a min/max over host arrays (the position is only searched for once something is wrong)."""
+    for key in keys:
+        if key not in batch:
+            continue
+        x = batch[key]
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and not np.issubdtype(np.dtype(dtype), np.integer):
+            raise TypeError(f"{name}: batch[{key!r}] must hold integer token ids, got dtype {dtype}")
+        if vocab_size is None:
+            continue
+        values = _host_values(x)
+        if values is None or values.size == 0:
+            continue
+        if values.min() < 0 or values.max() >= vocab_size:
+            position = tuple(int(i) for i in np.argwhere((values < 0) | (values >= vocab_size))[0])
+            raise ValueError(f"{name}: batch[{key!r}] holds token id {int(values[position])} at position {position}, "
+                             f"outside the model's vocabulary [0, {vocab_size})")
+
+
+def token_id_check(vocab_size: int | None, keys: Sequence[str] | None = None) -> Callable[[Mapping, str], None]:
+    """A `Step` host check of the token ids: `keys`, or every batch key ending in `tokens`."""
+
+    def check(batch: Mapping[str, Any], name: str) -> None:
+        token_keys = keys if keys is not None else [k for k in batch if str(k).endswith("tokens")]
+        check_token_ids(batch, token_keys, vocab_size, name=name)
+
+    return check
+
+
+_TOKEN_ROW_FIELDS = ("loss_mask", "positions", "segment_ids")
+
+
+def _accepted_keys(batch_keys: Sequence[str], optional_keys: Sequence[str]) -> set[str]:
+    """Keys a step with required `batch_keys` takes: those, the optional token-row fields of each
+    token track (`positions`, `segment_ids`, `loss_mask` with the track's prefix), the data
+    pipeline's `example_mask` (and `margin` for pairs: `rlhf_jax.data.batches`), and `optional_keys`."""
+    accepted = set(batch_keys) | set(optional_keys) | {"example_mask"}
+    for key in batch_keys:
+        if key.endswith("tokens"):
+            accepted |= {key[: -len("tokens")] + f for f in _TOKEN_ROW_FIELDS}
+    if "chosen_tokens" in batch_keys:
+        accepted.add("margin")
+    return accepted
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """A jitted step that checks its batch against the mesh first: `step(state, batch, *frozen)`.
@@ -282,7 +344,12 @@ class Step:
       micro_batches: gradient-accumulation micro-batches (the batch must split into them evenly
         on every data-parallel shard).
       state_shardings: the `NamedSharding`s of the state.
-      batch_keys: the keys a batch must have (None = not checked).
+      batch_keys: the keys a batch must have (None = not checked); other keys are refused unless
+        optional for them (see `_accepted_keys`) or in `optional_keys`.
+      optional_keys: further keys a batch may have.
+      num_frozen: frozen arguments (e.g. reference parameters) the step takes after the batch.
+      host_check: `(batch, name) -> None`, run on every batch before the call (host-side value checks:
+        token ids in the vocabulary, rollout prompt lengths); None = none.
     """
 
     jitted: Any
@@ -292,28 +359,57 @@ class Step:
     state_shardings: Any
     batch_keys: tuple[str, ...] | None = None
     name: str = "step"
+    optional_keys: tuple[str, ...] = ()
+    num_frozen: int | None = None
+    host_check: Callable[[Mapping[str, Any], str], None] | None = None
 
     def check_batch(self, batch: Mapping[str, Any]) -> int:
         """Raise a clear error for a batch this step cannot take; return its batch size."""
-        if self.batch_keys is not None and isinstance(batch, Mapping):
-            missing = [k for k in self.batch_keys if k not in batch]
-            if missing:
-                raise KeyError(f"{self.name}: batch lacks keys {missing}; it has {sorted(batch)}")
+        if isinstance(batch, Mapping):
+            if self.batch_keys is not None:
+                missing = [k for k in self.batch_keys if k not in batch]
+                if missing:
+                    raise KeyError(f"{self.name}: batch lacks keys {missing}; it has {sorted(batch)}")
+                accepted = _accepted_keys(self.batch_keys, self.optional_keys)
+                unknown = sorted(str(k) for k in batch if k not in accepted)
+                if unknown:
+                    raise KeyError(f"{self.name}: unknown batch keys {unknown} (a typo?); this step takes "
+                                   f"{sorted(accepted)}")
+            for key, x in batch.items():
+                shape = getattr(x, "shape", None)
+                if shape is not None and len(shape) >= 1 and shape[0] == 0:
+                    raise ValueError(f"{self.name}: batch[{key!r}] has no rows (shape {tuple(shape)}); a batch needs "
+                                     "at least one example")
+                if shape is not None and len(shape) == 2 and shape[1] == 0 and str(key).endswith("tokens"):
+                    raise ValueError(f"{self.name}: batch[{key!r}] has no positions (shape {tuple(shape)})")
+            if self.host_check is not None:
+                self.host_check(batch, self.name)
         return sh.check_batch(batch, mesh=self.mesh, strategy=self.strategy, micro_batches=self.micro_batches)
 
+    def _check_frozen(self, frozen: tuple) -> None:
+        if self.num_frozen is not None and len(frozen) != self.num_frozen:
+            takes = "step(state, batch" + "".join(f", frozen{i}" for i in range(self.num_frozen)) + ")"
+            raise TypeError(f"{self.name}: expected {self.num_frozen} frozen parameter tree(s) after the batch "
+                            f"({takes}; e.g. the reference parameters of a DPO step with reference='model'), "
+                            f"got {len(frozen)}")
+
     def __call__(self, state, batch, *frozen):
+        self._check_frozen(frozen)
         self.check_batch(batch)
         return self.jitted(state, batch, *frozen)
 
     def lower(self, state, batch, *frozen):
         """`jax.jit(...).lower` on concrete or abstract (`ShapeDtypeStruct`) arguments."""
+        self._check_frozen(frozen)
         self.check_batch(batch)
         return self.jitted.lower(state, batch, *frozen)
 
 
 def jit_step(update: Callable[..., tuple[Any, Metrics]], *, mesh: Mesh, strategy: str | sh.Strategy,
              state_shardings: Any, frozen_shardings: Sequence[Any] = (), micro_batches: int = 1,
-             donate: bool = True, batch_keys: Sequence[str] | None = None, name: str = "step") -> Step:
+             donate: bool = True, batch_keys: Sequence[str] | None = None, name: str = "step",
+             optional_keys: Sequence[str] = (), host_check: Callable[[Mapping[str, Any], str], None] | None = None
+             ) -> Step:
     """Jit `update(state, batch, *frozen)` with shardings and state donation.
 
     The state keeps `state_shardings` in and out (so it can be donated and updated in place), every
@@ -330,8 +426,12 @@ def jit_step(update: Callable[..., tuple[Any, Metrics]], *, mesh: Mesh, strategy
       frozen_shardings: one sharding tree per frozen argument.
       micro_batches: checked against each batch's size.
       donate: donate the state's buffers (`donate_argnums=(0,)`).
-      batch_keys: keys every batch must have (checked before compiling).
+      batch_keys: keys every batch must have (checked before compiling); other keys are refused
+        unless optional (`Step`).
       name: used in error messages.
+      optional_keys: further keys a batch may have.
+      host_check: `(batch, name) -> None` value checks run on every batch (default: the update's
+        `host_check` attribute, which the `make_*_step` builders set, e.g. token ids in the vocabulary).
 
     Returns:
       A `Step`.
@@ -352,8 +452,11 @@ def jit_step(update: Callable[..., tuple[Any, Metrics]], *, mesh: Mesh, strategy
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,) if donate else (),
     )
+    if host_check is None:
+        host_check = getattr(update, "host_check", None)
     return Step(jitted, mesh, strategy, micro_batches, state_shardings,
-                None if batch_keys is None else tuple(batch_keys), name)
+                None if batch_keys is None else tuple(batch_keys), name, tuple(optional_keys),
+                len(frozen_shardings), host_check)
 
 
 def jit_model_step(update: Callable[..., tuple[Any, Metrics]], model,

@@ -404,8 +404,10 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
                             logits_chunk_size=logits_chunk_size, shared_prefix_len=shared_prefix_len)
     prepare = _dpo_prepare(model, objective, reference, micro_batches=micro_batches, max_segments=max_segments,
                            chunk_size=logits_chunk_size, shared_prefix=shared_prefix_len)
-    return common.make_update(loss_fn, tx, prepare=prepare, micro_batches=micro_batches, nonfinite=nonfinite,
-                              learning_rate=schedule)
+    update = common.make_update(loss_fn, tx, prepare=prepare, micro_batches=micro_batches, nonfinite=nonfinite,
+                                learning_rate=schedule)
+    update.host_check = common.token_id_check(model.config.vocab_size)  # jit_step runs it on every batch
+    return update
 
 
 def make_reference_logps_fn(model, *, mesh: Mesh, objective: Objective | None = None,

@@ -105,10 +105,14 @@ def make_sft_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
       `create_train_state(model.init, make_optimizer(config), ...)` on the same mesh and strategy.
       Metrics: `loss`, `grad_norm`, `learning_rate`, `mean_token_accuracy`, `num_tokens`, `nonfinite`.
     """
+    if model.head != "lm":
+        raise ValueError(f"make_sft_step needs an LM-head model: CausalLM(config) (head='lm'), got head={model.head!r}")
     tx, schedule = common.resolve_optimizer(optimizer)
     loss_fn = make_sft_loss(model, micro_batches=micro_batches, logits_chunk_size=logits_chunk_size)
-    return common.make_update(loss_fn, tx, prepare=_sft_prepare, micro_batches=micro_batches,
-                              nonfinite=nonfinite, learning_rate=schedule)
+    update = common.make_update(loss_fn, tx, prepare=_sft_prepare, micro_batches=micro_batches,
+                                nonfinite=nonfinite, learning_rate=schedule)
+    update.host_check = common.token_id_check(model.config.vocab_size)  # jit_step runs it on every batch
+    return update
 
 
 # ------------------------------------------------------------------------------------- reward model
@@ -238,5 +242,7 @@ def make_reward_model_step(model, optimizer: OptimizerConfig | optax.GradientTra
     tx, schedule = common.resolve_optimizer(optimizer)
     loss_fn = make_reward_model_loss(model, micro_batches=micro_batches, max_segments=max_segments,
                                      center_rewards_coefficient=center_rewards_coefficient)
-    return common.make_update(loss_fn, tx, prepare=_rm_prepare(max_segments), micro_batches=micro_batches,
-                              nonfinite=nonfinite, learning_rate=schedule)
+    update = common.make_update(loss_fn, tx, prepare=_rm_prepare(max_segments), micro_batches=micro_batches,
+                                nonfinite=nonfinite, learning_rate=schedule)
+    update.host_check = common.token_id_check(model.config.vocab_size)  # jit_step runs it on every batch
+    return update
