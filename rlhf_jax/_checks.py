@@ -38,6 +38,18 @@ def is_tracer(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+def host_values(x: Any) -> np.ndarray | None:
+    """`x`'s values when they are already on the host or reach it without a device round trip: a
+    NumPy array, or a concrete, fully addressable jax array on CPU devices. None for traced,
+    multi-process or accelerator arrays (value checks then skip them: no host sync in a step)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if (isinstance(x, jax.Array) and not is_tracer(x) and x.is_fully_addressable
+            and all(d.platform == "cpu" for d in x.sharding.device_set)):
+        return np.asarray(x)
+    return None
+
+
 def scalar_value(fn: str, name: str, value: Any) -> Any:
     """The concrete value of scalar hyperparameter `value` as a Python number, or None when traced.
 

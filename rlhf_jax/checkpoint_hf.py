@@ -125,12 +125,9 @@ def import_hf(hf_dir: str | os.PathLike, directory: str | os.PathLike, *, dtype:
     The result can be given to `checkpoint.init_from` or exported back with `export_hf`.
     Returns the step written (0).
     """
-    from rlhf_jax.models.hf import load_hf  # noqa: PLC0415
+    from rlhf_jax.models.hf import check_apart, load_hf  # noqa: PLC0415
 
-    here, there = os.path.realpath(directory), os.path.realpath(hf_dir)
-    if os.path.commonpath([here, there]) in (here, there):
-        raise FileExistsError(f"import: the checkpoint directory {os.fspath(directory)} and the Hugging Face "
-                              f"directory {os.fspath(hf_dir)} overlap; write the checkpoint outside it")
+    check_apart(directory, (hf_dir,), caller="import")
     config, params = load_hf(hf_dir, dtype=dtype)
     with Checkpointer(directory, config=CheckpointConfig(async_save=False), model_config=config) as ckpt:
         if ckpt.all_steps():

@@ -67,9 +67,9 @@ def _check_rollout(fn: str, prompt_tokens, prompt_lengths, completion_tokens) ->
 
 def check_prompt_lengths(fn: str, prompt_tokens, prompt_lengths) -> None:
     """Integer `prompt_lengths` in `[1, P]` (P = `prompt_tokens`' width), the values checked when
-    concrete (host arrays, or jax arrays outside a trace); raise naming the first bad row."""
+    on the host (`_checks.host_values`: not traced, not on an accelerator); raise naming the first bad row."""
     _checks.check_integer(fn, "prompt_lengths", prompt_lengths)
-    lengths = _concrete(prompt_lengths)
+    lengths = _checks.host_values(prompt_lengths)
     if lengths is not None and lengths.size:
         p = jnp.shape(prompt_tokens)[1]
         bad = (lengths < 1) | (lengths > p)
@@ -79,20 +79,10 @@ def check_prompt_lengths(fn: str, prompt_tokens, prompt_lengths) -> None:
                              "prompt length, at least one token)")
 
 
-def _concrete(x) -> np.ndarray | None:
-    """`x` as a host array when its values are known outside a trace (numpy, or a concrete single-host
-    jax array), else None: the value checks below then run at the caller's host-side boundary instead."""
-    if isinstance(x, np.ndarray):
-        return x
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_fully_addressable:
-        return np.asarray(x)
-    return None
-
-
 def check_group_prompts(fn: str, prompt_tokens, prompt_lengths, group_size: int) -> None:
     """Rows of each group of `group_size` contiguous rows must share one prompt (the shared-prompt
-    forward prefills the group's first row only). Checked on concrete values; traced ones pass."""
-    tokens, lengths = _concrete(prompt_tokens), _concrete(prompt_lengths)
+    forward prefills the group's first row only). Checked on host values (`_checks.host_values`); others pass."""
+    tokens, lengths = _checks.host_values(prompt_tokens), _checks.host_values(prompt_lengths)
     if tokens is None or lengths is None or group_size <= 1 or tokens.shape[0] % group_size:
         return
     g = group_size

@@ -703,7 +703,7 @@ def test_export_and_convert_never_replace_what_they_read_or_what_is_not_an_expor
     assert main(["export", str(run), str(hf), "--overwrite"]) == 0
     exported = tree(hf)
     assert main(["convert", str(hf), str(hf / "ckpt")]) == 2  # a checkpoint written into the model it reads
-    assert "overlap" in capsys.readouterr().err
+    assert "lies inside" in capsys.readouterr().err
     assert tree(hf) == exported
     (hf / "adapter_config.json").write_text("{}")  # a PEFT directory counts as an export
     check_replaceable(hf, overwrite=True, caller="t")

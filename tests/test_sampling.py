@@ -256,7 +256,7 @@ def test_bucket_choice(sampler):
 def test_load_params_refuses_params_of_another_config(lm, sampler, change):
     other = CausalLM(lm.config.replace(**change)).abstract_params()
     foreign = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), other)
-    with pytest.raises(ValueError, match=r"params\[.*\] has shape .* but the model's config wants"):
+    with pytest.raises(ValueError, match=r"Sampler: param \S+ has shape .* but the model's config wants"):
         sampler.load_params(foreign)
     with pytest.raises(ValueError, match="built for another config"):
         sampler.generate(foreign, [[1, 2]], max_new_tokens=2, method=Greedy())
@@ -272,7 +272,7 @@ def test_load_params_accepts_the_decode_layout_and_names_bad_trees(lm, params, s
     short["layers"] = short["layers"][:1]
     with pytest.raises(ValueError, match="has 1 layers, the model has 2"):
         sampler.load_params(short)
-    with pytest.raises(ValueError, match=r"params lack the leaf params\['embed'\]"):
+    with pytest.raises(ValueError, match=r"Sampler: params lack embed required by the model's config"):
         sampler.generate({"foo": np.ones(1)}, [[1]], max_new_tokens=2)
     with pytest.raises(TypeError, match="LoRA params"):
         sampler.load_params({"base": params, "lora": {}})

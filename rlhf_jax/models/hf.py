@@ -46,6 +46,7 @@ from rlhf_jax.models.hf_config import (  # noqa: F401 -- re-exported: the public
     GENERATION_CONFIG_FILE,
     SUPPORTED_MODEL_TYPES,
     HFCheckpointError,
+    check_apart,
     check_replaceable,
     config_from_dict,
     config_from_hf,
@@ -54,7 +55,7 @@ from rlhf_jax.models.hf_config import (  # noqa: F401 -- re-exported: the public
     read_json,
     write_json,
 )
-from rlhf_jax.models.transformer import CausalLM, Head
+from rlhf_jax.models.transformer import CausalLM, Head, check_param_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -534,18 +535,8 @@ def save_hf(
 
 
 def _check_params(params: Mapping, abstract: dict) -> dict:
-    flat = _flatten(params)
-    for leaf_path in sorted(set(abstract) - set(flat)):
-        raise HFCheckpointError(f"save_hf: params lack {'/'.join(leaf_path)} required by the config")
-    for leaf_path in sorted(set(flat) - set(abstract)):
-        raise HFCheckpointError(f"save_hf: params have {'/'.join(leaf_path)}, which the config does not define")
-    for leaf_path, want in abstract.items():
-        got = np.shape(flat[leaf_path])
-        if got != want.shape:
-            raise HFCheckpointError(
-                f"save_hf: param {'/'.join(leaf_path)} has shape {got}, the config needs {want.shape}"
-            )
-    return flat
+    check_param_shapes(params, _unflatten(abstract), caller="save_hf", error=HFCheckpointError)
+    return _flatten(params)
 
 
 def _common_dtype(flat: dict) -> str:

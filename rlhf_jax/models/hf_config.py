@@ -27,6 +27,7 @@ __all__ = [
     "config_to_hf",
     "export_token_ids",
     "check_replaceable",
+    "check_apart",
 ]
 
 CONFIG_FILE = "config.json"
@@ -335,6 +336,18 @@ def export_token_ids(config: ModelConfig, tokenizer) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------------- directories
 
 
+def check_apart(target, sources, *, caller: str) -> None:
+    """Raise FileExistsError when the output directory `target` is, contains or lies inside any of
+    `sources` (what is being read): writing it would destroy or mix into them."""
+    here = os.path.realpath(target)
+    for source in sources:
+        there = os.path.realpath(source)
+        if os.path.commonpath([here, there]) in (here, there):
+            relation = "is" if here == there else "contains" if there.startswith(here + os.sep) else "lies inside"
+            raise FileExistsError(f"{caller}: the output directory {target} {relation} {source}, which it reads "
+                                  "from; choose a directory outside it")
+
+
 def check_replaceable(target: Path, *, overwrite: bool, caller: str, sources: tuple = ()) -> None:
     """Refuse to write a Hugging Face or PEFT directory at `target` where that could destroy data.
 
@@ -346,13 +359,7 @@ def check_replaceable(target: Path, *, overwrite: bool, caller: str, sources: tu
     Raises:
       FileExistsError: naming `target` and what it holds.
     """
-    here = os.path.realpath(target)
-    for source in sources:
-        there = os.path.realpath(source)
-        if here == there or os.path.commonpath([here, there]) in (here, there):
-            relation = "is" if here == there else "contains" if there.startswith(here + os.sep) else "lies inside"
-            raise FileExistsError(f"{caller}: the output directory {target} {relation} {source}, which it reads "
-                                  "from; choose a directory outside it")
+    check_apart(target, sources, caller=caller)
     if not os.path.lexists(target):
         return
     if not overwrite:

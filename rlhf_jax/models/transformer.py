@@ -362,6 +362,29 @@ class CausalLM:
         return KVCache(axes, axes)
 
 
+def check_param_shapes(params, abstract, *, caller: str, error: type[Exception] = ValueError) -> None:
+    """`params` against `abstract` (e.g. `CausalLM.abstract_params()`) leaf by leaf, by path and shape.
+
+    Raises `error` naming the first leaf (as "a/b/c") that `params` lacks, that the model does not
+    define, or whose shape differs, with both shapes. Dtypes are not compared (callers cast them).
+    """
+    def shapes(tree) -> dict[str, tuple[int, ...]]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(jnp.shape(v)) for k, v in leaves}
+
+    want, got = shapes(abstract), shapes(params)
+    for path in want:
+        if path not in got:
+            raise error(f"{caller}: params lack {path} required by the model's config")
+    for path in got:
+        if path not in want:
+            raise error(f"{caller}: params have {path}, which the model's config does not define")
+    for path, shape in want.items():
+        if got[path] != shape:
+            raise error(f"{caller}: param {path} has shape {got[path]}, but the model's config wants {shape}: "
+                        "these params were built for another config")
+
+
 def _check_embed(params, config: ModelConfig) -> None:
     """The embedding of `params` against `config` (vocab, hidden): params built for another model
     would otherwise run (a wider vocabulary samples ids the tokenizer lacks). Static shapes only."""

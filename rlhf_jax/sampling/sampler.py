@@ -52,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rlhf_jax.distributed import max_over_processes
 from rlhf_jax import sharding as shd
 from rlhf_jax.models import CausalLM
+from rlhf_jax.models.transformer import check_param_shapes
 from rlhf_jax.sampling.decode import decode, finalize, prefill, unstack_layers
 from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP
 from rlhf_jax.sampling.state import SampleOutput, SamplingState
@@ -632,30 +633,15 @@ def _check_params(params, model: CausalLM) -> None:
     if "layers" not in params and {"base", "lora"} <= set(params):
         raise TypeError("Sampler: got LoRA params {'base', 'lora'}; the sampler takes plain model parameters: "
                         "merge the adapters first (e.g. the LoRA model's merged/plain params)")
-    abstract = model.abstract_params()
+    expected = model.abstract_params()
     num_layers = model.config.num_layers
-    expected, given = dict(abstract), dict(params)
     if isinstance(params.get("layers"), tuple):  # the decode layout: one tree per layer
-        layers = params["layers"]
-        if len(layers) != num_layers:
-            raise ValueError(f"Sampler: params['layers'] has {len(layers)} layers, the model has {num_layers}")
-        per_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), abstract["layers"])
-        expected["layers"] = (per_layer,) * num_layers
-    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(given)[0]}
-    missing = [k for k in want if k not in got]
-    if missing:
-        raise ValueError(f"Sampler: params lack the leaf params{missing[0]} (shape {tuple(want[missing[0]].shape)}) "
-                         f"of the model's config ({len(missing)} missing); pass parameters built for this model")
-    extra = [k for k in got if k not in want]
-    if extra:
-        raise ValueError(f"Sampler: params have the leaf params{extra[0]}, which the model's config lacks "
-                         f"({len(extra)} unknown); pass parameters built for this model")
-    for key, spec in want.items():
-        shape = tuple(np.shape(got[key])) if not hasattr(got[key], "shape") else tuple(got[key].shape)
-        if shape != tuple(spec.shape):
-            raise ValueError(f"Sampler: params{key} has shape {shape}, but the model's config wants "
-                             f"{tuple(spec.shape)}: these params were built for another config")
+        if len(params["layers"]) != num_layers:
+            raise ValueError(f"Sampler: params['layers'] has {len(params['layers'])} layers, the model has "
+                             f"{num_layers}")
+        per_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), expected["layers"])
+        expected = {**expected, "layers": (per_layer,) * num_layers}
+    check_param_shapes(params, expected, caller="Sampler")
 
 
 def _device_set(params) -> set | None:

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from rlhf_jax import _checks
 from rlhf_jax import sharding as sh
 from rlhf_jax.sharding_lint import lint, warn_lint
 from rlhf_jax.config import NonFinitePolicy
@@ -274,17 +275,6 @@ def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return update
 
 
-def _host_values(x) -> np.ndarray | None:
-    """`x`'s values when they are already on (or cheaply reach) the host: a NumPy array, or a concrete,
-    fully addressable jax array on CPU devices. Abstract, traced or accelerator arrays: None (unchecked)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_fully_addressable
-            and all(d.platform == "cpu" for d in x.sharding.device_set)):
-        return np.asarray(x)
-    return None
-
-
 def check_token_ids(batch: Mapping[str, Any], keys: Sequence[str], vocab_size: int | None, *, name: str) -> None:
     """Token-id arrays `batch[key]` (present `keys`) must be integer (not bool) and, on host values, in
     `[0, vocab_size)`; raise naming the key (and the first bad value and its position). Cheap: a dtype
@@ -298,7 +288,7 @@ def check_token_ids(batch: Mapping[str, Any], keys: Sequence[str], vocab_size: i
             raise TypeError(f"{name}: batch[{key!r}] must hold integer token ids, got dtype {dtype}")
         if vocab_size is None:
             continue
-        values = _host_values(x)
+        values = _checks.host_values(x)
         if values is None or values.size == 0:
             continue
         if values.min() < 0 or values.max() >= vocab_size:

@@ -223,13 +223,12 @@ def open_run(workdir: str, *, run_config: Any, checkpoint: CheckpointConfig, mod
     if restore_step is not None:
         kept = os.path.join(workdir, f"config.until_step_{restore_step}.json")
         ran_with = kept if os.path.isfile(kept) else os.path.join(workdir, "config.json")
-        try:
-            with open(ran_with, encoding="utf-8") as f:
-                changes = config_differences(json.load(f), config)
-        except FileNotFoundError:  # no record to compare with (deleted by hand)
-            pass
-        except ValueError as e:   # edited by hand into something that is not JSON
-            changes = (f"{os.path.basename(ran_with)}: not readable as JSON ({e})",)
+        if os.path.isfile(ran_with):  # else no record to compare with (deleted by hand)
+            try:
+                with open(ran_with, encoding="utf-8") as f:
+                    changes = config_differences(json.load(f), config)
+            except ValueError as e:   # edited by hand into something that is not JSON
+                changes = (f"{os.path.basename(ran_with)}: not readable as JSON ({e})",)
     return RunDir(os.path.abspath(workdir), checkpointer, restore_step, changes, config)
 
 
