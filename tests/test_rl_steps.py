@@ -523,6 +523,22 @@ def test_rollout_functions_check_prompt_lengths_and_shared_groups():
     completion_logprobs(model, params, same, jnp.array([3, 3]), comp, group_size=2)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_ppo_step_host_check_refuses_bad_rollouts(shared):
+    model, _ = _model()
+    kwargs = {} if shared else {"value_model": _model("scalar")[0], "value_optimizer": optax.sgd(LR)}
+    step = make_ppo_step(model, optax.sgd(LR), config=PPOConfig(), **kwargs)
+    batch = dict(_batch())
+    step.host_check(batch, "ppo_step")  # the well-formed rollout passes
+    with pytest.raises(ValueError, match=rf"ppo_step: prompt_lengths\[0\] = {P + 1}"):
+        step.host_check({**batch, "prompt_lengths": np.full(N, P + 1, np.int32)}, "ppo_step")
+    for key in ("prompt_tokens", "completion_tokens"):
+        tokens = np.array(batch[key])
+        tokens[1, 2] = -1
+        with pytest.raises(ValueError, match=rf"batch\['{key}'\] holds token id -1 at position \(1, 2\)"):
+            step.host_check({**batch, key: tokens}, "ppo_step")
+
+
 def test_grpo_step_host_check_refuses_bad_rollouts():
     model, _ = _model()
     step = make_grpo_step(model, optax.sgd(LR), config=grpo_config("grpo", group_size=G))
