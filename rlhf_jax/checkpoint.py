@@ -272,6 +272,9 @@ class Checkpointer:
         item_dir = os.path.join(self.directory, str(step), name)
         if step is None or not os.path.isdir(item_dir):
             raise FileNotFoundError(f"no item {name!r} in checkpoint {step} of {self.directory}")
+        verdict = self.verify(step)  # the metadata of a corrupt step is not read (orbax would fail unnamed)
+        if verdict.status == "corrupt":
+            raise CheckpointCorruptError(f"checkpoint {self.directory}/{step} is corrupt: {verdict.problem}")
         tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)).tree
         return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in dict(tree).items()}
 

@@ -175,7 +175,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     tok_dir = os.path.join(run_dir, "tokenizer")
     if os.path.isdir(tok_dir):
         from rlhf_jax.data.tokenize import load_tokenizer  # noqa: PLC0415
+        from rlhf_jax.models.hf_config import check_apart  # noqa: PLC0415
 
+        check_apart(args.out_dir, (tok_dir,), caller="export")  # the run's tokenizer is read too
         tokenizer = load_tokenizer(tok_dir)
     exported = export_hf(ckpt_dir, args.out_dir, step=args.step, tokenizer=tokenizer, overwrite=args.overwrite,
                          merge=args.merge)

@@ -257,6 +257,34 @@ def test_a_truncated_file_in_the_latest_step_falls_back_to_the_previous_one(tmp_
         _equal_trees(_restore(ckpt)[0]["params"], _weights(30))
 
 
+def test_exporting_a_corrupt_step_by_number_names_the_file_and_writes_nothing(tmp_path, caplog):
+    """`export_hf(step=N)` of a corrupt step (and `item_shapes` of it) raises CheckpointCorruptError
+    naming the step and the file before orbax reads its metadata; "latest" exports the intact step."""
+    from rlhf_jax.checkpoint_hf import export_hf
+    from rlhf_jax.models import CausalLM
+
+    config = tiny_config()
+    root = tmp_path / "ck"
+    with Checkpointer(root, config=CheckpointConfig(async_save=False), model_config=config) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"params": CausalLM(config).init(jax.random.key(step))})
+    bad = _largest_weight_file(root / "2")
+    size = os.path.getsize(bad)
+    with open(bad, "r+b") as f:
+        f.truncate(10)
+    problem = f"{root}/2 is corrupt: {os.path.relpath(bad, root / '2')}: 10 bytes, the manifest says {size}"
+    with pytest.raises(CheckpointCorruptError) as err:
+        export_hf(root, tmp_path / "out", step=2)
+    assert problem in str(err.value)
+    with Checkpointer(root, read_only=True) as ckpt, pytest.raises(CheckpointCorruptError) as err:
+        ckpt.item_shapes("params", 2)
+    assert problem in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["ck"] and sorted(os.listdir(root)) == ["1", "2"]  # read-only: untouched
+    with caplog.at_level("WARNING", logger="rlhf_jax.checkpoint"):
+        assert export_hf(root, tmp_path / "out").step == 1
+    assert any(problem in r.getMessage() for r in caplog.records)
+
+
 def test_a_flipped_byte_in_a_weight_file_is_detected(tmp_path, caplog):
     _three_steps(tmp_path)
     bad = _largest_weight_file(tmp_path / "3")

@@ -365,6 +365,21 @@ def test_config_float16_checkpoint_upcasts():
     ({"rope_parameters": {"rope_type": "default", "rope_theta": "ten thousand"}},
      "rope_theta must be a positive number, got 'ten thousand'"),
     ({"num_attention_heads": 3}, "num_heads"),  # ModelConfig's own check, still naming the file
+    # Wrong-typed values are refused by name, never coerced ("false" is not true) or crashing unnamed.
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps must be positive, got -1.0"),
+    ({"rope_parameters": [1, 2]}, "rope_parameters must be an object, got [1, 2]"),
+    ({"rope_scaling": "llama3"}, "rope_scaling must be an object, got 'llama3'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": "8", "low_freq_factor": 1, "high_freq_factor": 4}},
+     "llama3 rope scaling's factor must be a positive number, got '8'"),
+    ({"eos_token_id": "2"}, "eos_token_id must be an integer token id or a list of them, got '2'"),
+    ({"pad_token_id": 1.5}, "pad_token_id must be an integer token id or a list of them, got 1.5"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures must be a list of class names"),
+    ({"model_type": "mistral", "sliding_window": "8"}, "sliding_window must be a positive integer or null, got '8'"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "layer_types": None,
+      "max_window_layers": "x"}, "max_window_layers must be an integer >= 0, got 'x'"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "layer_types": "full"},
+     "layer_types must list 'full_attention' or 'sliding_attention' for each of the 2 layers, got 'full'"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, change, message):
     d = {**config_to_hf(tiny_config()), **change}
@@ -478,6 +493,13 @@ def test_sharded_index_errors(ckpt, tmp_path):
     with pytest.raises(HFCheckpointError, match="(missing|unexpected) tensor 'model.norm.weight'"):
         load_hf(directory)
 
+    # An index entry that is not a .safetensors file of this directory (a number, a path out of it).
+    for bad in (5, "../ckpt/model.safetensors", "."):
+        index_file.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], "model.norm.weight": bad}}))
+        with pytest.raises(HFCheckpointError) as err:
+            load_hf(directory)
+        assert str(index_file) in str(err.value) and f"tensor 'model.norm.weight' the file {bad!r}" in str(err.value)
+
     # A shard that does not exist.
     index["weight_map"]["model.norm.weight"] = "model-00099-of-00099.safetensors"
     index_file.write_text(json.dumps(index))
@@ -542,6 +564,34 @@ def test_save_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         save_hf(tmp_path / "out", config, _random_params(config), BrokenTokenizer())
     assert os.listdir(tmp_path) == []
+
+
+def test_save_over_a_file_size_limit_names_the_file_and_keeps_the_old_export(tmp_path):
+    """A write that fails midway (here RLIMIT_FSIZE, as a full disk would) raises OSError naming the
+    weights file and the directory; an earlier export there is unchanged and nothing else is left."""
+    import subprocess
+    import sys
+
+    config = tiny_config()
+    out = save_hf(tmp_path / "out", config, _random_params(config))
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    script = (
+        "import resource, jax\n"
+        "from rlhf_jax.models import CausalLM\n"
+        "from rlhf_jax.models.hf import save_hf\n"
+        "from rlhf_jax.testing import tiny_config\n"
+        "params = CausalLM(tiny_config()).init(jax.random.key(1))\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        f"    save_hf({str(out)!r}, tiny_config(), params, overwrite=True)\n"
+        "except OSError as err:\n"
+        "    print('ERROR', err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert f"ERROR save_hf: writing model.safetensors of {out} failed" in result.stdout, result.stdout + result.stderr
+    assert os.listdir(tmp_path) == ["out"]
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
 def test_save_writes_tokenizer_and_readable_permissions(tmp_path):
@@ -688,8 +738,9 @@ def test_export_and_convert_never_replace_what_they_read_or_what_is_not_an_expor
         ("export", run, run): "contains",
         ("export", run, tmp_path / "runs"): "contains",
         ("export", run, run / "checkpoints" / "7"): "lies inside",
+        ("export", run, run / "tokenizer" / "hf"): "lies inside",  # the run's tokenizer is read too
         ("convert", run / "checkpoints", run / "checkpoints"): "is",
-        ("export", run, run / "tokenizer"): "holds files that are not a Hugging Face model or PEFT adapter",
+        ("export", run, run / "tokenizer"): "is " + str(run / "tokenizer") + ", which it reads from",
         ("export", run, data): "holds files that are not a Hugging Face model or PEFT adapter",
     }
     for (command, src, dst), words in refused.items():

@@ -152,3 +152,70 @@ def test_reward_model_adapters_and_score_head_load_into_peft_seq_cls(tmp_path):
     ours = np.asarray(lm.forward(params, tokens).values)[:, -1]
     base = np.asarray(CausalLM(config, head="scalar").forward(base_params_of(params), tokens).values)[:, -1]
     assert abs(float(ref[0]) - float(ours[0])) <= 1e-4 and abs(float(ours[0]) - float(base[0])) > 1e-2
+
+
+def test_damaged_adapter_directories_name_the_file_and_key(tmp_path):
+    """A PEFT directory whose config is unreadable, mistyped or disagrees with its weights, or whose
+    weights are truncated or not floating, raises HFCheckpointError naming the file (and the key or
+    tensor); nothing is coerced (`"false"` is not true) or loaded in part."""
+    import os
+    import shutil
+
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file as save_tensors
+
+    from rlhf_jax.models.lora_peft import ADAPTER_WEIGHTS
+    from rlhf_jax.testing import tiny_config
+
+    config = tiny_config()
+    lora = LoraConfig(rank=4, targets=("q", "down"))
+    good = save_peft(tmp_path / "good", config, lora, LoraLM(CausalLM(config), lora).init_adapters(jax.random.key(0)))
+    raw = json.loads((good / ADAPTER_CONFIG).read_text())
+    q_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+    def edit_config(d, change=(), drop=()):
+        (d / ADAPTER_CONFIG).write_text(json.dumps({**{k: v for k, v in raw.items() if k not in drop}, **dict(change)}))
+
+    def edit_weights(d, fn):
+        tensors = load_file(d / ADAPTER_WEIGHTS)
+        fn(tensors)
+        save_tensors(tensors, str(d / ADAPTER_WEIGHTS))
+
+    cases = [
+        (lambda d: (d / ADAPTER_CONFIG).write_text("{x"), ADAPTER_CONFIG, "not readable JSON"),
+        (lambda d: (d / ADAPTER_CONFIG).write_text("[]"), ADAPTER_CONFIG, "expected a JSON object, got list"),
+        (lambda d: edit_config(d, drop=["r"]), ADAPTER_CONFIG, "r must be a positive integer, got None"),
+        (lambda d: edit_config(d, {"r": "four"}), ADAPTER_CONFIG, "r must be a positive integer, got 'four'"),
+        (lambda d: edit_config(d, drop=["lora_alpha"]), ADAPTER_CONFIG, "lora_alpha must be a number, got None"),
+        (lambda d: edit_config(d, {"lora_dropout": "x"}), ADAPTER_CONFIG, "lora_dropout must be a number"),
+        (lambda d: edit_config(d, {"use_rslora": "false"}), ADAPTER_CONFIG, "use_rslora must be true or false"),
+        (lambda d: edit_config(d, {"target_modules": ["v_proj"]}), ADAPTER_CONFIG,
+         "listed without weights: ['v_proj']; weights not listed: ['down_proj', 'q_proj']"),
+        (lambda d: edit_weights(d, lambda t: [t.pop(n) for n in list(t) if "q_proj" in n]), ADAPTER_CONFIG,
+         "listed without weights: ['q_proj']"),
+        (lambda d: (d / ADAPTER_WEIGHTS).write_bytes((d / ADAPTER_WEIGHTS).read_bytes()[:-10]), ADAPTER_WEIGHTS,
+         "not a readable safetensors file"),
+        (lambda d: edit_weights(d, lambda t: t.update({q_a: t[q_a].astype(np.int32)})), ADAPTER_WEIGHTS,
+         f"{q_a}: the file has dtype I32, the model expects a floating dtype"),
+    ]
+    for i, (damage, file, message) in enumerate(cases):
+        d = tmp_path / f"case{i}"
+        shutil.copytree(good, d)
+        damage(d)
+        with pytest.raises(HFCheckpointError) as err:
+            load_peft(d, config)
+        assert str(d / file) in str(err.value) and message in str(err.value), (i, str(err.value))
+
+    # A regex target_modules (as PEFT may save it) is not compared with the weights.
+    shutil.copytree(good, tmp_path / "regex")
+    edit_config(tmp_path / "regex", {"target_modules": ".*(q|down)_proj"})
+    assert set(load_peft(tmp_path / "regex", config)[0].targets) == {"q", "down"}
+
+    # Overwriting an export publishes the new one whole, with the umask's permissions (not mkdtemp's 0700).
+    umask = os.umask(0o022)
+    try:
+        save_peft(good, config, lora, LoraLM(CausalLM(config), lora).init_adapters(jax.random.key(1)), overwrite=True)
+    finally:
+        os.umask(umask)
+    assert os.stat(good).st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

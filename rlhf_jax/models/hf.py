@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import ModelConfig
@@ -240,7 +240,7 @@ def _head_of(raw: dict, names, config_file: Path) -> Head:
         num_labels = raw.get("num_labels", len(labels))
         if num_labels != 1:
             raise HFCheckpointError(
-                f"{config_file}: a scalar head needs num_labels == 1 (score.weight [1, E]), got {num_labels}"
+                f"{config_file}: a scalar head needs num_labels == 1 (score.weight [1, E]), got {num_labels!r}"
             )
     return "scalar" if scalar else "lm"
 
@@ -366,6 +366,12 @@ class _Checkpoint:
             if not isinstance(weight_map, Mapping):
                 raise HFCheckpointError(f"{index_file}: no 'weight_map' mapping tensor names to files")
             self._file_of = dict(weight_map)
+            for name, file in sorted(self._file_of.items()):
+                inside = isinstance(file, str) and file.endswith(".safetensors") and not os.path.isabs(file) and (
+                    ".." not in Path(file).parts)
+                if not inside:
+                    raise HFCheckpointError(f"{index_file}: weight_map gives tensor {name!r} the file {file!r}, not "
+                                            "the name of a .safetensors file in this directory")
             for file in sorted(set(self._file_of.values())):
                 if not (root / file).exists():
                     raise FileNotFoundError(f"load_hf: shard {root / file} (listed in {index_file}) is missing")
@@ -521,7 +527,7 @@ def save_hf(
                 leaf = flat[spec.path]
                 tensors[spec.hf_name] = spec.to_hf(np.asarray(leaf if spec.layer is None else leaf[spec.layer]))
                 weight_map[spec.hf_name] = file
-            save_file(tensors, str(staging / file), metadata={"format": "pt"})
+            write_tensors(tensors, staging / file, target, caller="save_hf")
         if len(shards) > 1:
             total = sum(int(np.prod(s.hf_shape)) for s in specs) * itemsize
             write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -532,6 +538,16 @@ def save_hf(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def write_tensors(tensors: dict, file: Path, target: Path, *, caller: str) -> None:
+    """`safetensors.numpy.save_file` into a staging directory; a failed write (disk full, a file size
+    limit) raises OSError naming the file and the directory being written, which is left as it was."""
+    try:
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    except SafetensorError as err:
+        raise OSError(f"{caller}: writing {file.name} of {target} failed ({err}); {target} was left as it was"
+                      ) from err
 
 
 def _check_params(params: Mapping, abstract: dict) -> dict:

@@ -89,12 +89,30 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
             fail(f"{key} must be a positive integer, got {value!r}")
         return value
 
-    def number(key, default):
+    def number(key, default, *, positive=False):
         value = d.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(f"{key} must be a number, got {value!r}")
+        if positive and not value > 0:
+            fail(f"{key} must be positive, got {value!r}")
         return float(value)
 
+    def flag(key):
+        value = d.get(key)
+        if value is not None and not isinstance(value, bool):
+            fail(f"{key} must be true or false, got {value!r}")
+        return bool(value)
+
+    def token_id(key):
+        value = d.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and any(isinstance(v, bool) or not isinstance(v, int) for v in ids):
+            fail(f"{key} must be an integer token id or a list of them, got {value!r}")
+        return _token_id(value)
+
+    archs = d.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        fail(f"architectures must be a list of class names, got {archs!r}")
     model_type = d.get("model_type")
     run_dir = (os.path.dirname(source) or ".") if os.path.basename(source) == CONFIG_FILE else None
     if model_type is None and run_dir is not None and os.path.isdir(os.path.join(run_dir, "checkpoints")):
@@ -103,6 +121,8 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
                                 f"Face directory with `rlhf-jax export {run_dir} OUT_DIR`")
     if model_type not in SUPPORTED_MODEL_TYPES:
         fail(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    for key in ("tie_word_embeddings", "use_sliding_window", "attention_bias", "mlp_bias"):
+        flag(key)
     act = d.get("hidden_act", "silu")
     if act != "silu":
         fail(f"hidden_act {act!r} is not supported (only 'silu', i.e. SwiGLU)")
@@ -135,17 +155,17 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
         max_position_embeddings=max_positions,
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
-        rms_norm_eps=number("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        rms_norm_eps=number("rms_norm_eps", 1e-6, positive=True),
+        tie_word_embeddings=flag("tie_word_embeddings"),
         attention_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
         sliding_window=_sliding_window_from_hf(d, model_type, num_layers, fail),
         param_dtype=dtype,
         dtype=dtype,
         initializer_range=number("initializer_range", 0.02),
-        bos_token_id=_token_id(d.get("bos_token_id")),
-        eos_token_id=_token_id(d.get("eos_token_id")),
-        pad_token_id=_token_id(d.get("pad_token_id")),
+        bos_token_id=token_id("bos_token_id"),
+        eos_token_id=token_id("eos_token_id"),
+        pad_token_id=token_id("pad_token_id"),
     )
 
     try:
@@ -157,6 +177,9 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
 def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling | None]:
     """(rope_theta, RopeScaling or None); `rope_scaling` takes precedence, as in transformers."""
     params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(params, Mapping):
+        key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+        fail(f"{key} must be an object, got {params!r}")
     if any(isinstance(v, Mapping) for v in params.values()):
         fail(f"per-layer-type rope parameters are not supported: {params}")
     theta = params.get("rope_theta", d.get("rope_theta", _DEFAULT_ROPE_THETA))
@@ -173,6 +196,12 @@ def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         if key not in params:
             fail(f"llama3 rope scaling lacks {key!r}")
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            fail(f"llama3 rope scaling's {key} must be a positive number, got {value!r}")
+    original = params.get("original_max_position_embeddings")
+    if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original <= 0):
+        fail(f"llama3 rope scaling's original_max_position_embeddings must be a positive integer, got {original!r}")
     return theta, RopeScaling(
         factor=float(params["factor"]),
         low_freq_factor=float(params["low_freq_factor"]),
@@ -190,11 +219,19 @@ def _sliding_window_from_hf(d: dict, model_type: str, num_layers: int, fail) -> 
         window = None
     if window is None:
         return None
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        fail(f"sliding_window must be a positive integer or null, got {window!r}")
     layer_types = d.get("layer_types")
+    if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != num_layers or any(
+            t not in ("full_attention", "sliding_attention") for t in layer_types)):
+        fail(f"layer_types must list 'full_attention' or 'sliding_attention' for each of the {num_layers} layers, "
+             f"got {layer_types!r}")
     if layer_types is None:
         if model_type == "mistral":
             return window
         start = d.get("max_window_layers", _DEFAULT_MAX_WINDOW_LAYERS)
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            fail(f"max_window_layers must be an integer >= 0, got {start!r}")
         layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
     kinds = set(layer_types)
     if kinds == {"full_attention"}:

@@ -33,7 +33,6 @@ from typing import Any
 import jax
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.lora import LAYER_TARGETS, LoraConfig, adapter_specs, adapters_of, nest_adapters
@@ -101,6 +100,8 @@ def save_peft(path: str | os.PathLike, config: ModelConfig, lora: LoraConfig, ad
     Returns:
       The directory's path.
     """
+    from rlhf_jax.models.hf import _publish, write_tensors  # noqa: PLC0415 -- hf imports much more than this needs
+
     target = Path(path)
     check_replaceable(target, overwrite=overwrite, caller="save_peft")
     tensors = _peft_tensors(config, lora, adapters_of(adapters))
@@ -120,10 +121,8 @@ def save_peft(path: str | os.PathLike, config: ModelConfig, lora: LoraConfig, ad
     try:
         with open(staging / ADAPTER_CONFIG, "w", encoding="utf-8") as f:
             json.dump(peft_config, f, indent=2, sort_keys=True)
-        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        write_tensors(tensors, staging / ADAPTER_WEIGHTS, target, caller="save_peft")
+        _publish(staging, target)  # the old directory is replaced only once the new one is complete
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -134,14 +133,20 @@ def read_peft_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
     """`(LoraConfig, raw adapter_config.json)` of a PEFT LoRA directory; unsupported options raise.
 
     Targets come from the tensors actually stored (PEFT may save `target_modules` as a regex or
-    `all-linear`); `load_peft` checks them against the file.
+    `all-linear`); a list of module names must name exactly the modules the weights adapt.
+    `load_peft` checks them against the file.
     """
     root = Path(path)
     config_file = root / ADAPTER_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"load_peft: {config_file} does not exist")
-    with open(config_file, encoding="utf-8") as f:
-        raw = json.load(f)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as err:
+        raise HFCheckpointError(f"{config_file}: not readable JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise HFCheckpointError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("peft_type") != "LORA":
         raise HFCheckpointError(f"{config_file}: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
     for key, default in _UNSUPPORTED.items():
@@ -151,7 +156,7 @@ def read_peft_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
     weights = root / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"load_peft: {weights} does not exist")
-    with safe_open(str(weights), framework="np") as f:
+    with _open_weights(weights) as f:
         names = list(f.keys())
     targets = set()
     for name in names:
@@ -162,9 +167,38 @@ def read_peft_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
             raise HFCheckpointError(f"{weights}: tensor {name!r} adapts module {module!r}, which is none of "
                                     f"{sorted(_TARGET_OF)}")
         targets.add(_TARGET_OF[module])
-    lora = LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), use_rslora=bool(raw.get("use_rslora")),
-                      dropout=float(raw.get("lora_dropout") or 0.0), targets=tuple(sorted(targets)))
+    listed = raw.get("target_modules")
+    if isinstance(listed, list) and all(isinstance(m, str) for m in listed):  # not a regex / "all-linear"
+        modules = {m.rsplit(".", 1)[-1] for m in listed}
+        stored = {PEFT_MODULES[t] for t in targets}
+        if modules != stored:
+            raise HFCheckpointError(
+                f"{config_file}: target_modules {sorted(modules)} disagree with the modules {weights} holds "
+                f"adapters for, {sorted(stored)} (listed without weights: {sorted(modules - stored)}; weights not "
+                f"listed: {sorted(stored - modules)})")
+    rank, alpha, dropout, rslora = raw.get("r"), raw.get("lora_alpha"), raw.get("lora_dropout"), raw.get("use_rslora")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise HFCheckpointError(f"{config_file}: r must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise HFCheckpointError(f"{config_file}: lora_alpha must be a number, got {alpha!r}")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))):
+        raise HFCheckpointError(f"{config_file}: lora_dropout must be a number, got {dropout!r}")
+    if rslora is not None and not isinstance(rslora, bool):
+        raise HFCheckpointError(f"{config_file}: use_rslora must be true or false, got {rslora!r}")
+    try:
+        lora = LoraConfig(rank=rank, alpha=float(alpha), use_rslora=bool(rslora), dropout=float(dropout or 0.0),
+                          targets=tuple(sorted(targets)))
+    except ValueError as err:  # LoraConfig's own checks (ConfigError)
+        raise HFCheckpointError(f"{config_file}: {err}") from err
     return lora, raw
+
+
+def _open_weights(weights: Path):
+    """`safe_open` of the adapters' file; a damaged file raises naming it."""
+    try:
+        return safe_open(str(weights), framework="np")
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise HFCheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
 
 
 def load_peft(path: str | os.PathLike, config: ModelConfig, *, lora: LoraConfig | None = None
@@ -205,7 +239,7 @@ def load_peft(path: str | os.PathLike, config: ModelConfig, *, lora: LoraConfig 
         plan.append((name, spec, layers))
     head_name = _PREFIX + "score.weight"
     copies = {name: (config.vocab_size, config.hidden_size) for name in _BASE_COPIES}
-    with safe_open(str(weights), framework="np") as f:
+    with _open_weights(weights) as f:
         stored = set(f.keys())
         problems = [f"{name}: missing (the model expects shape {shape})" for name, shape in expected.items()
                     if name not in stored]
@@ -213,9 +247,11 @@ def load_peft(path: str | os.PathLike, config: ModelConfig, *, lora: LoraConfig 
                      for name in sorted(stored - set(expected) - set(copies) - {head_name})]
         for name, shape in {**expected, **{k: v for k, v in copies.items() if k in stored}}.items():
             if name in stored:
-                got = tuple(f.get_slice(name).get_shape())
+                got, kind = tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()
                 if got != shape:
                     problems.append(f"{name}: the file has shape {got}, the model expects {shape}")
+                if kind not in ("F64", "F32", "F16", "BF16"):
+                    problems.append(f"{name}: the file has dtype {kind}, the model expects a floating dtype")
         if head_name in stored:
             got = tuple(f.get_slice(head_name).get_shape())
             if got != (1, config.hidden_size):
