@@ -89,6 +89,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     module, arg = load_experiment(args.experiment)
     config = experiment_config(module, arg, args.set)
+    if several:  # every process runs the same config, experiment and code, or none runs
+        _dist.agree({**_dist.run_record(to_dict(config), module.__file__), "print-config": args.print_config,
+                     "experiment arg": arg})
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2))
         return 0

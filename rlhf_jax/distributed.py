@@ -18,6 +18,10 @@ On CPU the cross-process collectives use gloo. Errors are `DistributedError`s wi
 the value at fault; a coordinator that never answers, or processes that never all join, fail after
 `timeout_s` with one line, never hang. A preemption notice (SIGTERM) on any process is agreed on
 through JAX's preemption service (`preemption_sync_point`): every process stops at the same step.
+Before a run starts, its processes `agree` on what they run (`run_record`: the resolved config, the
+experiment file, the installed packages): a `--set` given to one process only, or a host with other
+code, is refused on every process by one line naming the key and the processes, instead of a run
+whose processes diverge (and wait for each other in a collective until one is killed).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import os
 from collections.abc import Mapping
 
 __all__ = ["DistributedConfig", "DistributedError", "from_env", "initialize", "is_main", "any_process",
-           "gather_rows", "sum_over_processes", "preemption_sync_point",
+           "gather_rows", "sum_over_processes", "preemption_sync_point", "agree", "run_record",
            "max_over_processes", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
 
 ENV_COORDINATOR = "RLHF_JAX_COORDINATOR"
@@ -70,8 +74,7 @@ class DistributedConfig:
 
     def __post_init__(self):
         if self.timeout_s is None:
-            host = (self.coordinator or "").rpartition(":")[0].strip("[]")
-            local = host in ("localhost", "::1") or host.startswith("127.")
+            local = _loopback(self.coordinator or "")
             object.__setattr__(self, "timeout_s", LOCAL_INIT_TIMEOUT_S if local else INIT_TIMEOUT_S)
         explicit = (self.coordinator, self.num_processes, self.process_id)
         if any(v is not None for v in explicit) and any(v is None for v in explicit):
@@ -146,11 +149,15 @@ def initialize(config: DistributedConfig, *, environ: Mapping[str, str] = os.env
     if config.explicit:
         kwargs.update(coordinator_address=config.coordinator, num_processes=config.num_processes,
                       process_id=config.process_id)
+        if _loopback(config.coordinator):  # JAX's service listens on every interface ([::]) unless told
+            kwargs.update(coordinator_bind_address=config.coordinator)
+        if config.process_id == 0:
+            _check_port_free(config, kwargs.get("coordinator_bind_address"))
     where = f"coordinator {config.coordinator}" if config.explicit else "the detected cluster"
     who = f"process {config.process_id} of {config.num_processes}" if config.explicit else "this process"
     joined = _watchdog(config.timeout_s, fail, f"could not join {where} as {who} within {config.timeout_s} s: not "
-                       "every process joined (check --num-processes, that every process was started, and "
-                       "--init-timeout)")
+                       "every process joined (check --num-processes, that every process was started, that process 0's "
+                       "coordinator started (its own output says why not), and --init-timeout)")
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 (JAX raises several types; all mean "could not join")
@@ -186,6 +193,36 @@ def _watchdog(timeout_s: int, fail, message: str):
 
     threading.Thread(target=watch, name="rlhf-jax-join-watchdog", daemon=True).start()
     return done
+
+
+def _loopback(coordinator: str) -> bool:
+    """Whether `HOST:PORT` names this machine's loopback interface."""
+    host = coordinator.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _check_port_free(config: DistributedConfig, bind: str | None) -> None:
+    """Process 0: raise one line when the coordinator's port is taken (JAX's service would crash the
+    process with a segmentation fault, and the other processes would wait for it until `timeout_s`)."""
+    import errno  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    host, _, port = (bind or config.coordinator).rpartition(":")
+    host = host.strip("[]")
+    if bind is None:  # JAX binds [::]:PORT (every interface)
+        family, address = socket.AF_INET6, ("::", int(port))
+    else:
+        family, address = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to gRPC too
+            s.bind(address)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            return  # e.g. no IPv6 on this machine: leave it to JAX
+        raise DistributedError(f"cannot start the coordinator on {config.coordinator} as process 0 of "
+                               f"{config.num_processes}: port {port} is already in use (another run or program "
+                               "holds it; choose a free port for --coordinator on every process)") from None
 
 
 def _wait_for_coordinator(config: DistributedConfig) -> None:
@@ -296,3 +333,94 @@ def max_over_processes(values):
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     return np.max(multihost_utils.process_allgather(values[None]), axis=0).reshape(values.shape)
+
+
+def _flat(record, prefix: str = "") -> dict:
+    if isinstance(record, Mapping):
+        out = {}
+        for k, v in record.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: record}
+
+
+def agree(record: Mapping, *, what: str = "run") -> None:
+    """Check that every process passes an equal JSON-able `record` (every process calls this; one process: nothing).
+
+    Raises (on every process alike):
+      DistributedError: the processes hold different numbers of devices; or one line naming the
+        first keys (dotted paths) whose values differ, with the value on process 0 and on the first
+        process that differs.
+    """
+    import hashlib  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    if jax.process_count() == 1:
+        return
+    held = [0] * jax.process_count()  # every process knows every device's process: no collective needed
+    for device in jax.devices():
+        held[device.process_index] += 1
+    if len(set(held)) > 1:
+        raise DistributedError(f"the processes of this {what} hold different numbers of devices "
+                               f"({', '.join(f'process {i}: {n}' for i, n in enumerate(held))}); every process "
+                               "needs the same number (check each host's XLA_FLAGS, CUDA_VISIBLE_DEVICES or chips)")
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    text = json.dumps(record, sort_keys=True, default=str).encode()
+    digest = np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest))  # [processes, 32]
+    if (digests == digests[0]).all():
+        return
+    rows = gather_rows(np.frombuffer(text, np.uint8)[:, None])  # every process's text, in process order
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(text)], np.int64), tiled=True))
+    ends = np.cumsum(sizes)
+    texts = [bytes(rows[e - n:e, 0]).decode() for e, n in zip(ends, sizes)]
+    flats = [_flat(json.loads(t)) for t in texts]
+    keys = sorted(set().union(*flats))
+    missing = object()
+    differ = []
+    for key in keys:
+        values = [f.get(key, missing) for f in flats]
+        first = next((i for i, v in enumerate(values) if v != values[0]), None)
+        if first is not None:
+            show = lambda v: "absent" if v is missing else repr(v)  # noqa: E731
+            differ.append(f"{key} is {show(values[0])} on process 0 but {show(values[first])} on process {first}")
+    more = f" (and {len(differ) - 2} more keys)" if len(differ) > 2 else ""
+    raise DistributedError(f"the processes of this {what} differ (give every process the same command, code "
+                           f"and packages): {'; '.join(differ[:2])}{more}")
+
+
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def run_record(config: Mapping, experiment_file: str | None = None) -> dict:
+    """What every process of a run must have alike: `config` (a `to_dict`), the experiment file's
+    contents, the versions of the packages the steps run on and a digest of `rlhf_jax`'s source."""
+    import hashlib  # noqa: PLC0415
+    import importlib.metadata  # noqa: PLC0415
+    import pathlib  # noqa: PLC0415
+
+    import rlhf_jax  # noqa: PLC0415
+
+    def digest(paths, root):
+        h = hashlib.sha256()
+        for p in paths:
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+        return h.hexdigest()[:16]
+
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    root = pathlib.Path(rlhf_jax.__file__).parent
+    versions["rlhf_jax"] = f"{rlhf_jax.__version__} (source {digest(sorted(root.rglob('*.py')), root)})"
+    record = {"config": dict(config), "packages": versions}
+    if experiment_file is not None:
+        path = pathlib.Path(experiment_file)
+        record["experiment file"] = f"{path.name} ({digest([path], path.parent)})"
+    return record

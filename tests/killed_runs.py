@@ -8,7 +8,8 @@ runs the CLI with a hook that SIGKILLs the process at one of `KILL_POINTS`:
   flight: the kill falls between two checkpoints);
 - "saving": during the asynchronous save of step STEP: from orbax's finalization thread, when the
   step's files are all in orbax's temporary directory and neither its manifest nor the commit (the
-  rename to `<root>/STEP`) has happened, while the training loop runs on;
+  rename to `<root>/STEP`) has happened, while the training loop runs on; on a process other than
+  process 0 of a multi-process run (which never finalizes), as soon as its save of STEP is under way;
 - "saved": right after the save of step STEP is committed (manifest and rename done).
 The hook changes nothing else, so a run that never reaches its kill point ends as usual (the test
 then sees its exit status instead of -SIGKILL).
@@ -53,6 +54,12 @@ def flip_byte(step_dir: os.PathLike) -> pathlib.Path:
     return weights
 
 
+def _process_index() -> int:
+    import jax  # noqa: PLC0415
+
+    return jax.process_index()
+
+
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -67,6 +74,8 @@ def _install(point: str, step: int) -> None:
     def save_and_maybe_die(self, at, *args, **kwargs):
         opened.append(self)
         written = save(self, at, *args, **kwargs)
+        if point == "saving" and at == step and _process_index() != 0:
+            _die()  # this process's files of the step are being written; process 0 commits (finalizes)
         if point == "saved" and at == step:
             self.wait()  # manifest written, step committed
             _die()

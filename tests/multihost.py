@@ -39,11 +39,12 @@ class Launch:
 
     def __init__(self, args: list[str], *, num_processes: int, devices: int, heartbeat_s: int = 15,
                  init_timeout_s: int = 60, extra: dict[int, list[str]] | None = None,
-                 hooks: dict[int, list[str]] | None = None, declared: int | None = None):
+                 hooks: dict[int, list[str]] | None = None, declared: int | None = None,
+                 devices_of: dict[int, int] | None = None):
         """`hooks`: per process, options of `tests/multihost_run.py` (kill points, slow steps, a
-        safetensors spy); `declared`: the `--num-processes` given (default: the number launched)."""
+        safetensors spy); `declared`: the `--num-processes` given (default: the number launched);
+        `devices_of`: per process, a device count other than `devices`."""
         self.procs: list[subprocess.Popen] = []
-        env = environment(devices)
         port = free_port()
         for i in range(num_processes):
             multi = [] if num_processes == 1 and declared is None else [
@@ -52,6 +53,7 @@ class Launch:
             runner = ["-m", "rlhf_jax"] if hooks is None else [
                 os.path.join(ROOT, "tests", "multihost_run.py"), *hooks.get(i, []), "--"]
             command = [sys.executable, *runner, *args, *multi, *(extra or {}).get(i, [])]
+            env = environment((devices_of or {}).get(i, devices))
             self.procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                                stderr=subprocess.PIPE, text=True, start_new_session=True))
 

@@ -14,7 +14,9 @@
   processes save the same step and exit 75; the resumed run is exact. One writer of config.json
   and metrics.jsonl across five launches.
 - Bad input ends in one line, quickly: a process id out of range, a coordinator nobody serves,
-  fewer processes than declared, a global batch the data-parallel devices do not divide.
+  fewer processes than declared, a global batch the data-parallel devices do not divide, a `--set`
+  given to one process only, processes with different device counts, a coordinator port in use.
+- Process 1 alone SIGKILLed while saving: process 0 ends non-zero, the last committed step resumes.
 """
 
 import json
@@ -300,7 +302,8 @@ def test_fewer_processes_than_declared_fail_in_one_line(experiment, tmp_path):
         assert code == 2, err[-2000:]
         assert err.strip().splitlines() == [f"rlhf-jax: error: could not join coordinator {err.split()[6]} as process "
                                              f"{i} of 3 within 8 s: not every process joined (check --num-processes, "
-                                             "that every process was started, and --init-timeout)"], err[-2000:]
+                                             "that every process was started, that process 0's coordinator started (its own "
+                                             "output says why not), and --init-timeout)"], err[-2000:]
 
 
 def test_a_global_batch_the_devices_do_not_divide_is_refused(experiment, tmp_path):
@@ -329,3 +332,86 @@ def test_auto_start_is_chosen_by_the_environment():
     assert distributed.from_env("127.0.0.1:5", 2, 0, timeout_s=90, environ={}).timeout_s == 90
     with pytest.raises(distributed.DistributedError, match="give --coordinator, --num-processes and --process-id together"):
         distributed.from_env(coordinator="127.0.0.1:5", environ={})
+
+
+def test_a_setting_given_to_one_process_only_is_refused_by_every_process(experiment, tmp_path):
+    """`--set` on process 1 alone: both processes refuse before anything runs, in one line naming
+    the keys and the values on each process (before: process 0 finished its 6 steps and waited in
+    JAX's shutdown barrier while process 1 waited in a collective for it, both until killed)."""
+    args = _args(experiment, tmp_path, ["stages=sft"])
+    with Launch(args, num_processes=2, devices=4, extra={1: ["--set", "sft.train.steps=8"]}) as launch:
+        results = launch.wait(120)
+    for code, _, err in results:
+        assert code == 2, err[-2000:]
+        [line] = [line for line in err.splitlines() if "error" in line]
+        assert "the processes of this run differ" in line and \
+            "config.sft.train.steps is 6 on process 0 but 8 on process 1" in line, line
+    assert not (tmp_path / "sft").exists()  # nothing was written
+
+
+def test_processes_with_different_device_counts_are_refused_in_one_line(experiment, tmp_path):
+    """Process 1 with 2 CPU devices, process 0 with 4: both name the counts (before: a ValueError
+    traceback from JAX's `process_allgather`)."""
+    with Launch(_args(experiment, tmp_path, ["stages=sft"]), num_processes=2, devices=4, devices_of={1: 2}) as launch:
+        results = launch.wait(120)
+    for code, _, err in results:
+        assert code == 2, err[-2000:]
+        assert "hold different numbers of devices (process 0: 4, process 1: 2)" in err, err[-2000:]
+
+
+def test_a_coordinator_port_in_use_fails_in_one_line(experiment, tmp_path):
+    """Another program holds the coordinator's port: process 0 says so in one line (before: JAX's
+    service crashed it with a segmentation fault), process 1 ends when --init-timeout is up."""
+    import socket
+
+    from multihost import LOOPBACK
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind((LOOPBACK, 0))
+        squatter.listen(8)
+        port = squatter.getsockname()[1]
+        flags = ["--coordinator", f"{LOOPBACK}:{port}", "--num-processes", "2", "--init-timeout", "8"]
+        args = ["run", experiment, "--set", f"workdir={tmp_path}", "--set", "stages=sft", *flags]
+        with Launch(args, num_processes=1, devices=4, extra={0: ["--process-id", "0"]}) as first, \
+                Launch(args, num_processes=1, devices=4, extra={0: ["--process-id", "1"]}) as second:
+            [(code0, _, err0)], [(code1, _, err1)] = first.wait(60), second.wait(60)
+    assert code0 == 2 and [line for line in err0.splitlines() if "error" in line] == [
+        f"rlhf-jax run: error: cannot start the coordinator on {LOOPBACK}:{port} as process 0 of 2: port {port} is "
+        "already in use (another run or program holds it; choose a free port for --coordinator on every process)"], err0
+    assert code1 == 2 and "could not join coordinator" in err1 and "process 0's coordinator started" in err1, err1
+
+
+def test_one_process_killed_while_saving_leaves_the_last_checkpoint_restorable(experiment, tmp_path):
+    """Process 1 alone SIGKILLed while its shards of step 4 are being written: process 0 ends too,
+    non-zero (its collective or orbax's commit barrier lose process 1; JAX's heartbeat ends it), step
+    4 is never committed, and a relaunch resumes from step 2 and finishes."""
+    sets = ["stages=sft"]
+    ckpts = tmp_path / "sft" / "checkpoints"
+    killed = _run(experiment, tmp_path, processes=2, sets=sets, timeout=300, hooks={1: ["--kill", "saving:4"]})
+    codes = [code for code, _, _ in killed]
+    assert codes[1] == -9 and codes[0] in (1, -6), [err[-2000:] for _, _, err in killed]
+    assert sorted(d for d in os.listdir(ckpts) if d.isdigit()) == ["2"], os.listdir(ckpts)
+    resumed = _run(experiment, tmp_path, processes=2, sets=sets, timeout=300)
+    _ok(resumed)
+    assert "resuming from step 2" in resumed[0][2]
+    assert sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) == [2, 4, 6]
+    assert set(_params(ckpts)["params"]) and not [d for d in os.listdir(ckpts) if "tmp" in d]
+
+
+def test_the_run_record_names_what_processes_must_share(tmp_path):
+    """What `agree` compares: the config, the experiment file's contents (not its path), the package
+    versions and rlhf_jax's source; one process agrees with itself."""
+    from rlhf_jax import distributed
+
+    a, b = tmp_path / "a" / "exp.py", tmp_path / "b" / "exp.py"
+    for path, text in ((a, "X = 1\n"), (b, "X = 1\n")):
+        path.parent.mkdir()
+        path.write_text(text)
+    record = distributed.run_record({"train": {"steps": 6}}, str(a))
+    assert record == distributed.run_record({"train": {"steps": 6}}, str(b))  # same contents elsewhere
+    assert {"config", "packages", "experiment file"} <= set(record) and record["packages"]["jax"]
+    assert record["packages"]["rlhf_jax"].startswith(distributed.run_record({})["packages"]["rlhf_jax"])
+    b.write_text("X = 2\n")
+    assert record["experiment file"] != distributed.run_record({}, str(b))["experiment file"]
+    assert distributed._flat({"a": {"b": 1, "c": {}}, "d": [1]}) == {"a.b": 1, "a.c": {}, "d": [1]}
+    distributed.agree(record)  # one process: nothing to compare
