@@ -16,8 +16,9 @@
     rlhf-jax run experiments/dpo_llama3_8b_lora.py:tiny   # the same pipeline on a CPU in about a minute
 
 The recipe of `experiments/dpo_llama3_8b.py` (UltraFeedback pairs in Llama 3's chat template,
-sequences of 2048 tokens, sigmoid DPO with beta 0.1, 128 pairs per step in 8 micro-batches, one
-epoch, every layer rematerialized, FSDP over all chips), training LoRA adapters (Hu et al. 2021;
+sequences of 2048 tokens, sigmoid DPO with beta 0.1, 128 pairs per step, one epoch, every layer
+rematerialized, FSDP over all chips; here in 8 micro-batches of 16 pairs, where the 32-chip full run
+uses 4), training LoRA adapters (Hu et al. 2021;
 rank 16, alpha 32, 42M parameters) on the frozen bfloat16 base at ten times the full run's learning
 rate. The reference policy is the base with the adapters off, so no second copy of the weights.
 
