@@ -1,5 +1,8 @@
 """The offline character-level chat tokenizer and `load_tokenizer`."""
 
+import os
+import re
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -79,3 +82,14 @@ def test_load_tokenizer_only_reads_local_directories(tmp_path):
         load_tokenizer("Qwen/Qwen2.5-0.5B")
     with pytest.raises(OSError, match=str(tmp_path)):
         load_tokenizer(tmp_path)  # a directory without a tokenizer
+
+
+def test_a_tokenizer_directory_without_its_config_is_refused_by_name(tmp_path):
+    """Without tokenizer_config.json, transformers loads tokenizer.json with no special-token roles:
+    no EOS (sampling would never stop), no pad, no chat template. load_tokenizer names the file."""
+    path = save_offline_tokenizer(tmp_path / "tok")
+    os.remove(os.path.join(path, "tokenizer_config.json"))
+    assert AutoTokenizer.from_pretrained(path).eos_token is None  # what a silent load would give
+    with pytest.raises(OSError, match=f"load_tokenizer: {re.escape(os.path.join(path, 'tokenizer_config.json'))} "
+                                      "is missing, so the tokenizer .* has no EOS, pad or BOS token"):
+        load_tokenizer(path)

@@ -177,6 +177,12 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
             f"load_tokenizer: {path!r} holds a slow {type(tokenizer).__name__}; "
             "a fast tokenizer (tokenizer.json) is needed"
         )
+    config_file = os.path.join(path, "tokenizer_config.json")
+    if tokenizer.eos_token is None and not os.path.isfile(config_file):
+        raise TokenizerError(
+            f"load_tokenizer: {config_file} is missing, so the tokenizer in {path!r} has no EOS, pad or BOS "
+            "token and no chat template (rollouts would never stop); write the directory with save_pretrained"
+        )
     return tokenizer
 
 
