@@ -327,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     User errors (bad config keys or values, missing files, mismatched checkpoints, bad data) print
     one `error:` line and return 2; a run halted by the NaN/Inf guard prints the step and returns
-    1; anything else raises with its traceback. `setup_process()` runs first.
+    1, and so does an `OSError` (the disk is full, a write failed) with one `error:` line; anything
+    else raises with its traceback. `setup_process()` runs first.
     """
     try:
         setup_process()
@@ -351,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _leave(2)
     except _training_halted() as e:
         print(f"rlhf-jax {args.command}{_process_label()}: {e}", file=sys.stderr)
+        return _leave(1)
+    except OSError as e:  # the machine's side (a full disk, a file size limit, a lost mount); names the file
+        print(f"rlhf-jax {args.command}{_process_label()}: error: {e}", file=sys.stderr)
         return _leave(1)
     except Exception:
         label = _process_label()

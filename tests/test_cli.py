@@ -123,6 +123,29 @@ def test_convert_round_trip(capsys, tmp_path):
     assert code == 2 and "neither a Hugging Face model directory" in err
 
 
+def test_a_write_the_machine_refuses_is_one_line_and_leaves_nothing(tmp_path):
+    """`convert` under a file size limit (as a full disk): exit 1, one `error:` line naming the file
+    and the directory, and no output directory or staging files left behind."""
+    config = tiny_config()
+    ckpt = tmp_path / "ckpt"
+    with Checkpointer(ckpt, config=CheckpointConfig(async_save=False), model_config=config) as ck:
+        ck.save(1, {"params": jax.jit(CausalLM(config).init)(jax.random.key(0)), "train": {"step": np.int32(1)}})
+
+    limited = ("import resource, runpy, sys\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+               "sys.argv = ['rlhf-jax', *sys.argv[1:]]\n"
+               "runpy.run_module('rlhf_jax', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", limited, "convert", str(ckpt), str(tmp_path / "hf")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert lines == [f"rlhf-jax convert: error: save_hf: writing model.safetensors of {tmp_path / 'hf'} failed "
+                     f"{lines[0].split(' failed ', 1)[1]}"] and lines[0].endswith("was left as it was"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
 def test_export_latest_and_best_with_tokenizer(capsys, tmp_path):
     from rlhf_jax.testing.tokenizer import save_offline_tokenizer
 

@@ -302,8 +302,8 @@ def test_fewer_processes_than_declared_fail_in_one_line(experiment, tmp_path):
         assert code == 2, err[-2000:]
         assert err.strip().splitlines() == [f"rlhf-jax: error: could not join coordinator {err.split()[6]} as process "
                                              f"{i} of 3 within 8 s: not every process joined (check --num-processes, "
-                                             "that every process was started, that process 0's coordinator started (its own "
-                                             "output says why not), and --init-timeout)"], err[-2000:]
+                                             "that every process was started, that process 0's coordinator started "
+                                             "(its own output says why not), and --init-timeout)"], err[-2000:]
 
 
 def test_a_global_batch_the_devices_do_not_divide_is_refused(experiment, tmp_path):
