@@ -231,3 +231,88 @@ def test_reward_model_with_another_vocabulary_is_refused():
 
     with pytest.raises(ValueError, match="needs head='scalar'"):
         RewardModelReward(CausalLM(lm_model.config), lm_params, policy_vocab_size=256)
+
+
+def test_reward_values_are_numbers_not_strings_and_fit_float32():
+    """Strings are refused (not parsed), None is named, float64 values that overflow float32 are caught,
+    and jax / numpy arrays are read as the list they hold."""
+    import jax.numpy as jnp
+
+    inputs = _inputs()
+    with pytest.raises(RewardFunctionError, match=r"'text' returned a non-numeric reward '1.5' for sample 0"):
+        combine_rewards([PythonReward(lambda **kw: ["1.5", 1.0, 1.0, 1.0], name="text")], inputs)
+    with pytest.raises(RewardFunctionError, match=r"'maybe' returned nan for sample 2 \(completion '<a>x</a>'\).*None is read as nan"):
+        combine_rewards([PythonReward(lambda **kw: [1.0, 0.0, None, 1.0], name="maybe")], inputs)
+    with pytest.raises(RewardFunctionError, match=r"'huge' returned 1e\+300 for sample 1 .* not finite float32"):
+        combine_rewards([PythonReward(lambda **kw: [1.0, 1e300, 0.0, 0.0], name="huge")], inputs)
+    result = combine_rewards([PythonReward(lambda **kw: [1.0, 1e300, 0.0, 0.0], name="huge")], inputs,
+                             on_error="penalty", error_penalty=-2.0)
+    np.testing.assert_array_equal(result.total, [1.0, -2.0, 0.0, 0.0])
+    assert result.num_errors == {"huge": 1}
+    result = combine_rewards([PythonReward(lambda **kw: jnp.array([0.5, 1.0, 2.0, 3.0]), name="jax"),
+                              PythonReward(lambda **kw: [np.float32(1), np.int64(2), True, 0], name="numpy")],
+                             inputs, weights=[2.0, -1.0])
+    np.testing.assert_array_equal(result.total, [0.0, 0.0, 3.0, 6.0])
+
+
+def test_weights_must_be_finite_numbers_and_the_sum_must_fit_float32():
+    inputs, one = _inputs(), PythonReward(lambda **kw: [1.0, 2.0, 3.0, 1e30], name="one")
+    for bad in (float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match=r"the weight of reward source 'one' must be a finite number"):
+            combine_rewards([one], inputs, weights=[bad])
+    with pytest.raises(RewardFunctionError, match=r"weighted reward of sample 3 overflows float32"):
+        combine_rewards([one], inputs, weights=[1e10])
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.rewards.registry import RewardConfig
+
+    with pytest.raises(ConfigError, match=r"rewards.weights\[1\] \(of 'missing_eos'\) must be a finite number, got nan"):
+        RewardConfig(functions=("task", "missing_eos"), weights=(1.0, float("nan")))
+    with pytest.raises(ConfigError, match=r"rewards.error_penalty must be a finite number"):
+        RewardConfig(error_penalty=float("-inf"))
+    assert RewardConfig(functions=("task", "missing_eos"), weights=(1.0, -0.5)).weights == (1.0, -0.5)
+
+
+def test_penalty_mode_penalizes_a_failing_one_sample_batch():
+    """A batch of one sample (e.g. the last eval batch) that raises gets the penalty, as larger ones do."""
+    def crash(completions, **kwargs):
+        raise ValueError("cannot parse")
+
+    inputs = _inputs(completions=("oops",), answers=("3",))
+    result = combine_rewards([PythonReward(crash), PythonReward(lambda **kw: [0.5], name="half")], inputs,
+                             on_error="penalty", error_penalty=-1.0)
+    np.testing.assert_array_equal(result.total, [-0.5])
+    assert result.num_errors == {"crash": 1, "half": 0}
+    with pytest.raises(RewardFunctionError, match=r"'crash' raised ValueError: cannot parse"):
+        combine_rewards([PythonReward(crash)], inputs)
+
+
+def test_rollouts_refuse_an_eos_the_sampler_cannot_draw():
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.train.rollouts import _checked_eos
+
+    class Tok:
+        def __init__(self, eos):
+            self.eos_token_id = eos
+
+    assert _checked_eos(Tok(2), 64) == 2
+    with pytest.raises(ConfigError, match=r"eos_token_id 64 is outside the model's vocabulary \[0, model.vocab_size=64\)"):
+        _checked_eos(Tok(64), 64)
+    with pytest.raises(ConfigError, match=r"no eos_token_id.*rollout.ignore_eos=true"):
+        _checked_eos(Tok(None), 64)
+
+
+def test_a_reward_function_without_kwargs_is_refused_when_wrapped():
+    """TRL's convention: every function takes **kwargs; one that cannot would fail (or, in penalty mode, give
+    every sample the penalty) on every call."""
+    def strict(completions, answer):
+        return [1.0] * len(completions)
+
+    with pytest.raises(TypeError, match=r"reward function 'strict' must accept \*\*kwargs.*takes no \['prompts', "
+                                        r"'completion_ids', 'prompt_ids', 'truncated'\]"):
+        PythonReward(strict)
+
+    def explicit(prompts, completions, completion_ids, prompt_ids, truncated, answer):
+        return [float(c.endswith(a)) for c, a in zip(completions, answer)]
+
+    result = combine_rewards([PythonReward(explicit)], _inputs())  # every keyword named: accepted
+    np.testing.assert_array_equal(result.per_source["explicit"], [1.0, 0.0, 0.0, 0.0])

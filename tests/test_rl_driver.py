@@ -152,3 +152,25 @@ def test_evaluate_scores_any_policy_on_held_out_prompts(tmp_path):
     assert metrics[0] == metrics[1]  # same policy, same prompts, same key
     assert set(metrics[0]) == {"eval/reward", "eval/accuracy", "eval/completions/mean_length"}
     assert np.isclose(metrics[0]["eval/reward"], metrics[0]["eval/accuracy"])
+
+
+def test_a_policy_lm_or_an_empty_directory_is_not_a_reward_model(grpo_run, tmp_path):
+    """A policy checkpoint would get a random scalar head (rewards that are noise): refused, naming the key."""
+    from rlhf_jax.train.weights import load_reward_model
+
+    policy_checkpoints = os.path.join(grpo_run[1]["run_dir"], "checkpoints")
+    with pytest.raises(ConfigError, match=r"^rewards.reward_model: .*checkpoints is a language model \(LM head, no "
+                                          r"scalar 'score' head\), not a reward model"):
+        load_reward_model(policy_checkpoints, MODEL)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^rewards.reward_model: .*empty is neither a Hugging Face model "
+                                                r"directory \(config.json\) nor an rlhf-jax checkpoint directory"):
+        load_reward_model(str(tmp_path / "empty"), MODEL)
+
+
+def test_reward_weights_must_match_the_given_reward_sources(tmp_path):
+    one = PythonReward(lambda completions, **kwargs: [1.0] * len(completions), "one")
+    with pytest.raises(ConfigError, match=r"^reward_weights has 2 entries for 1 reward_sources \['one'\]"):
+        rl.train(_grpo(tmp_path, name="w2"), reward_sources=[one], reward_weights=[1.0, 2.0])
+    with pytest.raises(ConfigError, match=r"^reward_weights weighs the given reward_sources, and none are given"):
+        rl.train(_grpo(tmp_path, name="w0"), reward_weights=[2.0])

@@ -27,6 +27,7 @@ checker can raise or time out on one completion) scores those samples as failure
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, get_args
 
@@ -142,6 +143,9 @@ class RewardSource(Protocol):
     def __call__(self, inputs: RewardInputs) -> Sequence[float] | np.ndarray: ...
 
 
+_KEYWORDS = ("prompts", "completions", "completion_ids", "prompt_ids", "truncated")
+
+
 @dataclasses.dataclass(frozen=True)
 class PythonReward:
     """A host-side reward function with TRL's calling convention.
@@ -164,6 +168,16 @@ class PythonReward:
             raise TypeError(f"PythonReward.fn must be callable, got {type(self.fn).__name__}")
         if not self.name:
             object.__setattr__(self, "name", getattr(self.fn, "__name__", type(self.fn).__name__))
+        try:
+            params = inspect.signature(self.fn).parameters.values()
+        except (TypeError, ValueError):  # a builtin without a signature: checked when called
+            return
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            missing = [k for k in _KEYWORDS if k not in named]
+            if missing:  # every call would raise TypeError (in penalty mode: every sample penalized)
+                raise TypeError(f"reward function {self.name!r} must accept **kwargs: it is called with the keywords "
+                                f"{list(_KEYWORDS)} and the prompts' extra columns, and takes no {missing}")
 
     def __call__(self, inputs: RewardInputs) -> Sequence[float]:
         return self.fn(
@@ -217,8 +231,14 @@ def _counted(name: str, raw: Any, counts: dict[str, int]) -> Any:
     return raw
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _as_rewards(name: str, raw: Any, n: int) -> np.ndarray:
-    """Check a source's output: `n` numbers in a list, tuple or 1-D array (None becomes NaN)."""
+    """Check a source's output: `n` numbers in a list, tuple or 1-D array (jax/torch arrays included;
+    None becomes NaN). Strings are refused, not parsed."""
+    if not isinstance(raw, (list, tuple, np.ndarray, str, bytes)) and hasattr(raw, "__array__"):
+        raw = np.asarray(raw)  # a jax (or CPU torch) array
     values = np.asarray(raw, dtype=object) if isinstance(raw, (list, tuple, np.ndarray)) else None
     if values is None or values.ndim != 1:
         shape = "" if values is None else f" of shape {values.shape}"
@@ -231,6 +251,8 @@ def _as_rewards(name: str, raw: Any, n: int) -> np.ndarray:
     out = np.empty(n, np.float64)
     for i, value in enumerate(values):
         try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError("a string is not a reward")
             out[i] = np.nan if value is None else float(value)
         except (TypeError, ValueError) as e:
             raise RewardFunctionError(
@@ -248,20 +270,21 @@ def _call_source(source: RewardSource, inputs: RewardInputs, on_error: OnError,
     except RewardFunctionError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of user code is reported with its name.
-        if on_error == "raise" or n == 1:
+        if on_error == "raise":
             raise RewardFunctionError(
                 f"reward source {source.name!r} raised {type(e).__name__}: {e}"
             ) from e
-        rewards = np.empty(n, np.float64)
-        for i in range(n):
-            rewards[i] = _call_one(source, inputs, i, counts)
-    bad = ~np.isfinite(rewards)
+        # Penalty mode: a one-sample batch is that sample's fault; a larger one is re-run per sample.
+        rewards = np.full(n, np.nan) if n == 1 else np.array([_call_one(source, inputs, i, counts) for i in range(n)])
+    # Non-finite, or finite in float64 but not in float32 (the dtype rewards are trained in).
+    bad = ~(np.abs(rewards) <= _F32_MAX)
     if bad.any() and on_error == "raise":
         i = int(np.flatnonzero(bad)[0])
         snippet = "" if inputs.completions is None else f" (completion {inputs.completions[i][:80]!r})"
         raise RewardFunctionError(
             f"reward source {source.name!r} returned {rewards[i]} for sample {i}{snippet}; "
-            f"{int(bad.sum())} of {n} rewards are not finite"
+            f"{int(bad.sum())} of {n} rewards are not finite float32 numbers (None is read as nan: every "
+            "completion needs a score; rewards.on_error='penalty' gives such samples rewards.error_penalty instead)"
         )
     return rewards, bad
 
@@ -311,6 +334,11 @@ def combine_rewards(
     weights = [1.0] * len(sources) if weights is None else list(weights)
     if len(weights) != len(sources):
         raise ValueError(f"combine_rewards: {len(weights)} weights for {len(sources)} sources {names}")
+    for name, weight in zip(names, weights):
+        if isinstance(weight, (str, bytes, bool)) or not isinstance(weight, (int, float, np.number)) \
+                or not abs(weight) <= _F32_MAX:
+            raise ValueError(f"combine_rewards: the weight of reward source {name!r} must be a finite number, "
+                             f"got {weight!r}")
     if not np.isfinite(error_penalty):
         raise ValueError(f"combine_rewards: error_penalty must be finite, got {error_penalty}")
     total = np.zeros(len(inputs), np.float64)
@@ -321,6 +349,11 @@ def combine_rewards(
         per_source[source.name] = rewards.astype(np.float32)
         num_errors[source.name] = int(bad.sum())
         total += float(weight) * rewards
+    if not (np.abs(total) <= _F32_MAX).all():
+        i = int(np.flatnonzero(~(np.abs(total) <= _F32_MAX))[0])
+        raise RewardFunctionError(
+            f"combine_rewards: the weighted reward of sample {i} overflows float32 "
+            f"({', '.join(f'{w!r} x {per_source[n][i]!r}' for n, w in zip(names, weights))})")
     return RewardResult(total.astype(np.float32), per_source, num_errors, counts)
 
 

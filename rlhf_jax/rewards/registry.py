@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,6 +91,12 @@ class RewardConfig:
         if self.weights and len(self.weights) != len(self.functions):
             raise ConfigError(f"rewards.weights has {len(self.weights)} entries for {len(self.functions)} "
                               f"functions {list(self.functions)}")
+        for i, weight in enumerate(self.weights):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ConfigError(f"rewards.weights[{i}] (of {self.functions[i]!r}) must be a finite number, "
+                                  f"got {weight!r}")
+        if not isinstance(self.error_penalty, (int, float)) or not math.isfinite(self.error_penalty):
+            raise ConfigError(f"rewards.error_penalty must be a finite number, got {self.error_penalty!r}")
         check_choice("rewards", "on_error", self.on_error, OnError)
         if not isinstance(self.reward_model_batch_size, int) or self.reward_model_batch_size < 1:
             raise ConfigError(f"rewards.reward_model_batch_size must be a positive int, got "

@@ -148,6 +148,13 @@ def _check_rl(config, *, group_size: int) -> None:
 def check_rewards(config, hooks: Mapping[str, Any]) -> None:
     """Checks that need the run's hooks (given reward sources replace the configured ones)."""
     builtin = hooks.get("reward_sources") is None
+    given, weights = hooks.get("reward_sources"), hooks.get("reward_weights")
+    if builtin and weights is not None:
+        raise ConfigError("reward_weights weighs the given reward_sources, and none are given; weigh "
+                          "rewards.functions with rewards.weights")
+    if not builtin and weights is not None and len(weights) != len(given):
+        raise ConfigError(f"reward_weights has {len(weights)} entries for {len(given)} reward_sources "
+                          f"{[getattr(s, 'name', s) for s in given]}")
     if getattr(config, "off_policy", None) is not None:
         check_devices(config)
     for path in config.rewards.functions if builtin else ():

@@ -130,6 +130,19 @@ def _exchange_chosen(parts, results, chosen, *, group: int, width: int):
     return _concat_rows(every_part, rows, width=width), rows, every_result
 
 
+def _checked_eos(tokenizer, vocab_size: int) -> int:
+    """The tokenizer's EOS id, refused when the sampler could never draw it (no completion would stop)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ConfigError("the tokenizer has no eos_token_id, so no completion would ever end: use a tokenizer "
+                          "with an EOS token, or set rollout.ignore_eos=true to sample max_new_tokens every time")
+    if isinstance(eos, bool) or not isinstance(eos, (int, np.integer)) or not 0 <= eos < vocab_size:
+        raise ConfigError(f"the tokenizer's eos_token_id {eos!r} is outside the model's vocabulary "
+                          f"[0, model.vocab_size={vocab_size}): no completion would ever end; use a model whose "
+                          "vocabulary covers the tokenizer, or set rollout.ignore_eos=true")
+    return int(eos)
+
+
 class RolloutCollector:
     """Sampling and scoring of prompt batches on the host side of a run (RL, best-of-n, evaluations).
 
@@ -163,9 +176,10 @@ class RolloutCollector:
                     temperature: float) -> "RolloutCollector":
         """The collector of a run config with `rollout` (`RolloutConfig`) and `rewards` sections."""
         rollout = config.rollout
+        eos_id = None if rollout.ignore_eos else _checked_eos(tokenizer, sampler.model.config.vocab_size)
         train = SamplingConfig(
             max_new_tokens=rollout.max_new_tokens, num_samples=group,
-            eos_id=None if rollout.ignore_eos else tokenizer.eos_token_id,
+            eos_id=eos_id,
             method=make_method(temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p,
                                min_p=rollout.min_p),
         )

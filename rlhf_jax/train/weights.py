@@ -155,6 +155,18 @@ def _quantized_base(root: str, source: CausalLM, mesh, step: int | None = None) 
     return dequantize_params(tree, source.config.jnp_param_dtype)
 
 
+def _has_scalar_head(path: str, is_hf: bool) -> bool:
+    """Whether a checkpoint's latest parameters (or a Hugging Face directory's model) have a scalar head."""
+    if is_hf:
+        return _hf_is_sequence_classifier(path)
+    with Checkpointer(path, read_only=True) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            return True  # no saved step: `initial_params` reports it
+        keys = ckpt.item_shapes("params", step)
+    return any(k == "score" or k.startswith("score.") for k in keys)
+
+
 def _hf_is_sequence_classifier(path: str) -> bool:
     """Whether a Hugging Face directory's config.json declares a `*ForSequenceClassification` model."""
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
@@ -170,10 +182,18 @@ def load_reward_model(path: str, policy_config, *, key: str = "rewards.reward_mo
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{key}: {path} does not exist")
-    saved = read_model_config(path) if is_checkpoint_dir(path) else None
+    is_hf = not is_checkpoint_dir(path) and os.path.isfile(os.path.join(path, "config.json"))
+    if not is_hf and not is_checkpoint_dir(path):
+        raise FileNotFoundError(f"{key}: {path} is neither a Hugging Face model directory (config.json) nor an "
+                                "rlhf-jax checkpoint directory")
+    if not _has_scalar_head(path, is_hf):  # a policy LM would get a random head: rewards that are noise
+        raise ConfigError(f"{key}: {path} is a language model (LM head, no scalar 'score' head), not a reward "
+                          "model; train one first (the reward_model recipe) or give a *ForSequenceClassification "
+                          "Hugging Face directory")
+    saved = read_model_config(path) if not is_hf else None
     if saved is not None:
         rm_config = from_dict(ModelConfig, saved)
-    elif os.path.isfile(os.path.join(path, "config.json")):
+    elif is_hf:
         rm_config = config_from_hf(path)
     elif policy_config is not None:
         rm_config = policy_config
