@@ -301,3 +301,18 @@ def test_the_data_modules_import_no_circle():
 
     assert graph["sources"] and graph["tfds_preferences"]  # the graph was read
     assert [m for m in sorted(graph) if reaches(m, m)] == []
+
+
+def test_rename_onto_an_existing_column_is_a_bad_row_not_a_silent_overwrite():
+    tok = offline_tokenizer()
+    config = TokenizeConfig(max_len=32)
+    rows = [{"question": "q", "response": "r"}, {"prompt": "p", "question": "q", "completion": "c"}]
+    rename = {"question": "prompt", "response": "completion"}
+    with pytest.raises(DataError, match=r"<rows> row 1: rename maps column 'question' to 'prompt', which the row"):
+        load_dataset(rows, kind="sft", tokenizer=tok, config=config, rename=rename)
+    dataset = load_dataset(rows, kind="sft", tokenizer=tok, config=config, rename=rename, on_error="skip")
+    assert (len(dataset), dataset.num_rows, len(dataset.skipped)) == (1, 2, 1)
+    # a swap of two columns is no clash
+    swapped = load_dataset([{"prompt": "c", "completion": "p"}], kind="sft", tokenizer=tok, config=config,
+                           rename={"prompt": "completion", "completion": "prompt"})
+    assert tok.decode(swapped.arrays["tokens"][0]) == "<bos>pc<eos>"

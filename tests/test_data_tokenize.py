@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import BatchConfig, BatchIterator, TokenizeConfig, load_dataset, tokenize_sequences
-from rlhf_jax.data.formats import Chat, Plain
+from rlhf_jax.data.formats import Chat, DataError, Plain
 from rlhf_jax.testing.tokenizer import offline_tokenizer
 
 BOS, EOS, SYS, USER, ASSIST = 1, 2, 4, 5, 6
@@ -249,3 +249,43 @@ def test_a_tokenizer_left_padding_by_a_batch_call_does_not_pad_pieces():
     assert tok.pad_token_id not in list(after)
     assert tok.backend_tokenizer.padding is not None
     tok.backend_tokenizer.no_padding()
+
+
+def test_a_plain_text_that_starts_with_bos_gets_one_bos():
+    # TRL keeps a BOS the text already has rather than adding a second one.
+    assert one(Plain("<bos>hi", "yo")).ids == [BOS, *ids("hi"), *ids("yo"), EOS]
+    out = one(Plain("", "<bos>ab"))  # the `text` layout, pre-rendered with its BOS
+    assert out.ids == [BOS, *ids("ab"), EOS]
+    assert out.mask == [False, True, True, True]
+    assert one(Plain("hi", "yo")).ids == [BOS, *ids("hi"), *ids("yo"), EOS]  # unchanged without one
+
+
+def test_message_content_already_rendered_with_the_template_is_rejected():
+    rendered = {"role": "user", "content": "<bos><|user|>hi<|assistant|>"}
+    problem = one(Chat((rendered, assistant("yo")), 1))
+    assert isinstance(problem, str)
+    assert "message 0 (user)" in problem and "'<bos>'" in problem and "templated twice" in problem
+    # string_format="chat" wraps pre-rendered strings in the template: rejected, with the row named
+    rows = [{"prompt": "<|user|>hi<|assistant|>", "completion": "yo"}]
+    with pytest.raises(DataError, match=r"<rows> row 0: message 0 \(user\) .*'<\|user\|>'"):
+        load_dataset(rows, kind="sft", tokenizer=offline_tokenizer(),
+                     config=TokenizeConfig(max_len=32, string_format="chat"))
+    # plain text keeps its markers as written (TRL's standard format)
+    rows = [{"prompt": "<|user|>hi<|assistant|>", "completion": "yo"}]
+    dataset = load_dataset(rows, kind="sft", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=32))
+    assert list(dataset.arrays["tokens"][0]) == [BOS, USER, *ids("hi"), ASSIST, *ids("yo"), EOS]
+
+
+def test_truncated_sequences_are_reported_in_a_warning(caplog):
+    rows = [{"prompt": "x" * 20, "completion": "abc"}, {"prompt": "q", "completion": "abc"}]
+    with caplog.at_level("WARNING", logger="rlhf_jax.data"):
+        dataset = load_dataset(rows, kind="sft", tokenizer=offline_tokenizer(),
+                               config=TokenizeConfig(max_len=16, max_prompt_len=8))
+    assert dataset.num_truncated == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "rlhf_jax.data: <rows>: 2 rows read, 2 sft examples, 1 sequences truncated"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlhf_jax.data"):
+        load_dataset(rows[1:], kind="sft", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=16))
+    assert caplog.records == []

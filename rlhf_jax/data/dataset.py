@@ -6,7 +6,8 @@ Everything is tokenized up front, in chunks of `TokenizeConfig.chunk_size` rows 
 tokenizer call each, so every bad row is found (and named) before training starts, and iterators can
 shuffle, shard and resume by index. A row that cannot be used raises `DataError` naming the file, the
 line (row) and the problem; with `on_error="skip"` it is counted, kept in `dataset.skipped`, and
-reported in a warning instead. Nothing is dropped silently.
+reported in a warning instead; sequences cut by truncation are counted and reported in that
+warning too. Nothing is dropped or cut silently.
 
 Arrays per kind (`TokenizedDataset.arrays`; `Ragged` = variable-length rows):
 
@@ -225,6 +226,11 @@ def tokenized_rows(rows, *, kind: Kind, tokenizer, config: TokenizeConfig, rejec
             reject(row, index)
             continue
         if rename and isinstance(row, Mapping):
+            clash = [(k, rename[k]) for k in row if k in rename and rename[k] in row and rename[k] not in rename]
+            if clash:  # the renamed column would silently replace a column of the same name
+                reject(DataError(ref, f"rename maps column {clash[0][0]!r} to {clash[0][1]!r}, which the row "
+                                      f"already has; found columns {sorted(row)}"), index)
+                continue
             row = {rename.get(k, k): v for k, v in row.items()}
         try:
             example = parse_row(row, kind, ref, roles=config.roles, string_format=config.string_format,
@@ -323,6 +329,6 @@ def load_dataset(
         skipped=tuple(skipped),
         num_truncated=builder.truncated,
     )
-    if skipped:
+    if skipped or builder.truncated:  # nothing dropped or cut without a word
         logger.warning("rlhf_jax.data: %s", dataset.report())
     return dataset

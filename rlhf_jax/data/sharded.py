@@ -236,7 +236,7 @@ def load_sharded(source: Source, *, kind: Kind, tokenizer, config: TokenizeConfi
                              skipped=tuple(sorted(skipped, key=lambda e: (e.ref.source, e.ref.index))),
                              held={example_of[r]: v for r, v in usable.items()})
     dataset.rows_validated = len(usable) + len(skipped)
-    if num_skipped:
+    if num_skipped or num_truncated:
         logger.warning("rlhf_jax.data: %s", dataset.report())
     return dataset
 

@@ -20,6 +20,10 @@ newline) is dropped, a missing EOS is appended, and a completion whose text alre
 token is rejected. The first token of a sequence is never trained on (nothing precedes it), which
 also keeps packed segments from predicting across their boundary.
 
+BOS at most once: a plain text that starts with the BOS token itself gets no second one. A message
+whose content holds a special token (e.g. text already rendered with a chat template, which the
+template would wrap again) is rejected.
+
 Truncation (`TokenizeConfig.truncation`), as TRL defines it:
 
 1. A prompt (the tokens before the first trained token) longer than `max_prompt_len` keeps its
@@ -36,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -253,6 +258,35 @@ def _chat_pieces(spec: Chat, rendered, keys) -> list[_Piece] | str:
     return pieces
 
 
+def _special_pattern(tokenizer):
+    """A regex matching the text of every special token of `tokenizer` (None when it has none)."""
+    tokens = set(tokenizer.all_special_tokens)
+    tokens.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    tokens.discard("")
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def _special_in_content(spec: Chat, pattern, eos_text: str) -> str | None:
+    """The problem of a message whose text holds a special token (text already rendered with a chat
+    template, which the template would wrap a second time), or None."""
+    if pattern is None:
+        return None
+    for i, message in enumerate(spec.messages):
+        content = message.get("content")
+        found = pattern.search(content) if isinstance(content, str) else None
+        if found and found.group() == eos_text:
+            return f"message {i} ({message['role']}) content contains the EOS token {eos_text!r}"
+        if found:
+            return (
+                f"message {i} ({message['role']}) content holds the special token {found.group()!r}: "
+                "text already rendered with a chat template would be templated twice; pass such text "
+                "with string_format='plain', or raw message contents"
+            )
+    return None
+
+
 def _truncate(ids: list[int], mask: list[bool], prompt_len: int, bos: int | None, config: TokenizeConfig):
     """Apply max_prompt_len and max_len (module docstring); returns (ids, mask, prompt_len, cut) or a problem."""
     cut = False
@@ -329,6 +363,7 @@ def tokenize_sequences(
     rendered = _render_all(requests, tokenizer)
 
     # 2. Cut each spec into pieces; collect the distinct texts.
+    specials = _special_pattern(tokenizer) if chat_keys else None
     all_pieces: list[list[_Piece] | str] = []
     texts: dict[str, int] = {}
     for n, spec in enumerate(specs):
@@ -337,7 +372,8 @@ def tokenize_sequences(
             if spec.completion is not None:
                 pieces.append((spec.completion, True))
         else:
-            pieces = _chat_pieces(spec, rendered, chat_keys[n])
+            pieces = (_special_in_content(spec, specials, tokenizer.eos_token)
+                      or _chat_pieces(spec, rendered, chat_keys[n]))
         if not isinstance(pieces, str):
             for piece, _ in pieces:
                 if isinstance(piece, str) and piece not in texts:
@@ -372,6 +408,8 @@ def tokenize_sequences(
         if problem is not None:
             out.append(problem)
             continue
+        if isinstance(spec, Plain) and bos is not None and ids[:2] == [bos, bos]:
+            del ids[0], mask[0]  # the text starts with BOS itself: one BOS, as TRL keeps it
         if mask:
             mask[0] = False
         prompt_len = mask.index(True) if True in mask else len(mask)
