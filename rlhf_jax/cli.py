@@ -124,6 +124,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     parser.add_argument("--suggest", type=int, default=3, help="knobs to try by compiling when a run does not fit")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(rest)
+    if opts.suggest < 0:  # a negative count would slice the knob list from its end
+        raise CLIError(f"compile: --suggest is a number of knobs to try (>= 0), got {opts.suggest}")
     try:
         if opts.topology is not None:
             parse_target_name(opts.topology)  # a bad name fails before anything heavy is imported

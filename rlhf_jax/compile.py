@@ -421,12 +421,27 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected a ModelConfig field=value; fields: {sorted(fields)}")
+            import difflib  # noqa: PLC0415
+
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if sep and close else ""
+            raise ValueError(f"--set {item!r}: expected a ModelConfig field=value{hint}; fields: {sorted(fields)}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _positive_int(text: str) -> int:
+    """An int >= 1 (argparse names the flag and exits with status 2 on anything else)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -441,11 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default="sft", choices=["sft", "reward_model", "dpo"])
     p.add_argument("--strategy", default="fsdp", help=f"sharding strategy: {sh.strategy_names()}")
     p.add_argument("--mesh", type=_parse_mesh, default=None, help="mesh shape, e.g. data=2,fsdp=4 (default: data=all)")
-    p.add_argument("--batch", type=int, default=8, help="sequences (or pairs) per step")
-    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--batch", type=_positive_int, default=8, help="sequences (or pairs) per step")
+    p.add_argument("--seq", type=_positive_int, default=256, help="tokens per sequence")
+    p.add_argument("--micro-batches", type=_positive_int, default=1)
     p.add_argument("--topology", default=None, help=f"target to compile for: {TARGET_FORMS}")
-    p.add_argument("--cpu-devices", type=int, default=None,
+    p.add_argument("--cpu-devices", type=_positive_int, default=None,
                    help="simulate this many CPU devices (must come before JAX starts its backend)")
     p.add_argument("--device-memory-gib", type=memory_gib, default=None, help="memory per device for the fit check")
     p.add_argument("--compiler-option", dest="compiler_options", action="append", default=[], metavar="KEY=VALUE",
@@ -459,11 +474,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    overrides = _parse_overrides(args.overrides)
-    if args.model in PRESETS:
-        config = get_config(args.model, **overrides)
-    else:
+    else:  # a GPU plan compiles for as many local devices (as `rlhf-jax compile EXPERIMENT` does)
+        from jax._src import xla_bridge  # noqa: PLC0415
+
+        from rlhf_jax.targets import gpu_device_count  # noqa: PLC0415
+
+        gpus = gpu_device_count(args.topology)
+        if gpus and not xla_bridge.backends_are_initialized() and jax.config.jax_num_cpu_devices < gpus:
+            jax.config.update("jax_num_cpu_devices", gpus)
+    if args.model not in PRESETS:
         print(f"unknown --model {args.model!r}; presets: {', '.join(sorted(PRESETS))}", file=sys.stderr)
+        return 2
+    try:  # a bad --set (unknown field, or a value the ModelConfig refuses): one line, exit status 2
+        config = get_config(args.model, **_parse_overrides(args.overrides))
+    except (TypeError, ValueError) as e:
+        print(f"rlhf-jax compile: {e}", file=sys.stderr)
         return 2
     try:
         resolved = resolve_target(args.topology)

@@ -80,7 +80,14 @@ class PlanCache:
         entries = {}
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
-                entries = json.load(f)
+                try:
+                    entries = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"plan cache {path!r} is not valid JSON ({e}); restore it or delete it to "
+                                     "record the plans again") from e
+            if not isinstance(entries, dict):
+                raise ValueError(f"plan cache {path!r} must hold a JSON object of program figures by key, got "
+                                 f"{type(entries).__name__}")
         return cls(path, write=write or refresh, entries=entries, refresh=refresh)
 
     def get(self, key: str) -> dict[str, Any] | None:

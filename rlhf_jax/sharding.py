@@ -92,8 +92,11 @@ class MeshConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
                 raise ShardingError(f"MeshConfig.{name} must be a positive int or -1, got {value!r}")
-        if sum(getattr(self, n) == -1 for n in STANDARD_AXES) > 1:
-            raise ShardingError("MeshConfig: at most one of data, fsdp, tensor may be -1")
+        free = [n for n in STANDARD_AXES if getattr(self, n) == -1]
+        if len(free) > 1:  # data defaults to -1: giving another axis -1 needs data set too
+            raise ShardingError(
+                f"MeshConfig: at most one of data, fsdp, tensor may be -1, got {', '.join(f'{n}=-1' for n in free)}; "
+                f"set {free[0]} to a size (e.g. {free[0]}=1) to give {free[-1]} the remaining devices")
         get_strategy(self.strategy)
 
     @property
@@ -125,6 +128,8 @@ def make_mesh(shape: Mapping[str, int] | None = None, *, devices: Sequence[Any] 
         device count.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ShardingError("make_mesh: devices is empty; pass at least one device (default: jax.devices())")
     shape = dict({"data": -1} if shape is None else shape)
     for name, size in shape.items():
         if not isinstance(name, str) or not name:
@@ -168,7 +173,11 @@ def _as_axes(where: str, value: str | Sequence[str] | None) -> MeshAxes:
     if value is None:
         return ()
     if isinstance(value, str):
+        if not value:
+            raise ShardingError(f"{where}: a mesh axis name is empty; use None (or omit the rule) for unsplit")
         return (value,)
+    if not isinstance(value, Sequence):
+        raise ShardingError(f"{where}: expected a mesh axis name, a sequence of them or None, got {value!r}")
     axes = tuple(value)
     if not all(isinstance(a, str) and a for a in axes):
         raise ShardingError(f"{where}: mesh axes must be strings, got {value!r}")
@@ -203,8 +212,12 @@ class Strategy:
             raise ShardingError(f"Strategy.name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.rules, Mapping):
             raise ShardingError(f"Strategy {self.name!r}: rules must be a mapping, got {type(self.rules).__name__}")
+        for k in self.rules:
+            if not isinstance(k, str) or not k:
+                raise ShardingError(f"Strategy {self.name!r}: rule keys must be logical axis names (non-empty "
+                                    f"strings such as 'embed'), got {k!r}")
         rules = tuple(
-            (str(k), _as_axes(f"Strategy {self.name!r} rule {k!r}", v)) for k, v in self.rules.items()
+            (k, _as_axes(f"Strategy {self.name!r} rule {k!r}", v)) for k, v in self.rules.items()
         )
         object.__setattr__(self, "rules", rules)
         object.__setattr__(self, "batch_axes", _as_axes(f"Strategy {self.name!r} batch_axes", self.batch_axes))
@@ -423,6 +436,8 @@ def check_batch(batch: Mapping[str, Any], *, mesh: Mesh, strategy: str | Strateg
     """
     if not isinstance(batch, Mapping) or not batch:
         raise ShardingError(f"batch must be a non-empty mapping of arrays, got {type(batch).__name__}")
+    if not isinstance(micro_batches, (int, np.integer)) or isinstance(micro_batches, bool) or micro_batches < 1:
+        raise ShardingError(f"check_batch: micro_batches must be an int >= 1, got {micro_batches!r}")
     ways = batch_axis_size(mesh, strategy)
     need = ways * micro_batches
     size = None

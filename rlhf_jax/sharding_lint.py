@@ -9,6 +9,7 @@ name without a rule).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import warnings
 from collections.abc import Sequence
@@ -54,7 +55,9 @@ def lint(
     - warning `unused_axis`: a mesh axis of size > 1 splits neither parameters nor the batch, so
       its devices repeat each other's work;
     - warning `unknown_logical_axis`: a parameter's logical axis name has no rule and is not one
-      of the model's standard names (likely a typo in a user rule table's counterpart).
+      of the model's standard names (likely a typo in a user rule table's counterpart), or a rule of
+      the strategy names a non-standard logical axis that no parameter has (a typo in the rule
+      table: it splits nothing).
 
     Args:
       abstract_params: parameter tree of arrays or ShapeDtypeStructs.
@@ -94,6 +97,16 @@ def lint(
                     "warning", "unknown_logical_axis", _path_str(path),
                     f"logical axis {n!r} has no rule in strategy {strategy.name!r} and is not a standard name",
                 ))
+    present = {n for names in axes_leaves for n in names if n is not None}
+    for rule, axes in strategy.rules:
+        if axes and rule not in present and rule not in LOGICAL_AXES:  # standard names: model-generic rules
+            close = difflib.get_close_matches(rule, sorted(present), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            issues.append(LintIssue(
+                "warning", "unknown_logical_axis", f"strategy {strategy.name} rule {rule!r}",
+                f"no parameter has logical axis {rule!r}{hint}, so this rule splits nothing; the "
+                f"parameters' logical axes: {sorted(present)}",
+            ))
     used = set(strategy.batch_axes) | strategy.param_axes
     for axis, size in mesh.shape.items():
         if size > 1 and axis not in used:

@@ -24,8 +24,8 @@ __all__ = ["TargetError", "TargetName", "TARGET_FORMS", "GPU_MEMORY_BYTES", "TPU
            "gpu_device_count", "Target", "resolve_target", "tpu_topology_devices", "device_memory", "memory_gib"]
 
 # High-bandwidth memory per TPU chip by `device_kind` (longest matching name wins), GiB.
-TPU_MEMORY_GIB = {"tpu v4": 32.0, "tpu v5 lite": 16.0, "tpu v5e": 16.0, "tpu v5": 95.0, "tpu v5p": 95.0,
-                  "tpu v6 lite": 32.0, "tpu v6e": 32.0}
+TPU_MEMORY_GIB = {"tpu v2": 16.0, "tpu v3": 32.0, "tpu v4": 32.0, "tpu v5 lite": 16.0, "tpu v5e": 16.0,
+                  "tpu v5": 95.0, "tpu v5p": 95.0, "tpu v6 lite": 32.0, "tpu v6e": 32.0}
 # GPU memory as `nvidia-smi` reports it.
 GPU_MEMORY_BYTES = {"h100": 81_559 * 2**20, "h200": 143_771 * 2**20, "a100": 81_920 * 2**20}
 _TPU_GRID_SIDES = {"v2": 2, "v3": 2, "v4": 3, "v5p": 3, "v5e": 2, "v5litepod": 2, "v6e": 2}

@@ -186,6 +186,8 @@ def test_compile_an_experiment_and_dispatch_the_preset_form(capsys, tmp_path):
     assert code == 2 and "unknown --model 'no-such-model'" in err
     code, _, err = _run(capsys, "compile", "not_an_experiment")
     assert code == 2 and "give an experiment" in err
+    code, _, err = _run(capsys, "compile", SFT, "--suggest", "-1")  # would have sliced the knobs from the end
+    assert code == 2 and "--suggest is a number of knobs to try (>= 0), got -1" in err
 
 
 def test_a_collective_that_lost_its_peer_is_named_as_such():

@@ -110,6 +110,18 @@ def test_cli_main_writes_json_report(tmp_path, capsys):
     assert "fits: yes" in capsys.readouterr().out
     assert aot.main(["--model", "tiny", "--mesh", "data=3"]) == 2
     assert "has 3 devices" in capsys.readouterr().err
+    # A bad --set is bad input (exit 2, one line naming it), not a traceback or SystemExit(1).
+    assert aot.main(["--model", "tiny", "--set", "num_layer=2"]) == 2
+    assert "--set 'num_layer=2'" in capsys.readouterr().err
+    assert aot.main(["--model", "tiny", "--set", "num_layers=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "ModelConfig.num_layers must be a positive int, got 'abc'" in err and "Traceback" not in err
+    # Sizes are checked where they are parsed (--batch -8 was a traceback, --cpu-devices -2 ignored).
+    for flag, value in [("--batch", "-8"), ("--seq", "x"), ("--micro-batches", "0"), ("--cpu-devices", "-2")]:
+        with pytest.raises(SystemExit) as e:
+            aot.main(["--model", "tiny", flag, value])
+        assert e.value.code == 2
+        assert f"argument {flag}: must be an int >= 1, got '{value}'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the [tpu] extra)")

@@ -1,6 +1,7 @@
 """`rlhf-jax compile` plans: target names, bad input in one line, FLOPs of scanned layers, the plan against the run."""
 
 import dataclasses
+import importlib.util
 import os
 
 import jax
@@ -38,6 +39,16 @@ def test_target_names():
         with pytest.raises(TargetError, match=why) as e:
             parse_target_name(bad)
         assert "\n" not in str(e.value) and "v5litepod-16" in str(e.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu's compile-only devices")
+def test_every_accepted_tpu_generation_has_its_memory():
+    """A target without a memory figure would plan as fitting whatever it needs (v2 and v3 had none)."""
+    from rlhf_jax.targets import resolve_target
+
+    per_core = {"v2:2x2": 8, "v3-8": 16, "v4-8": 16, "v5e:2x4": 16, "v5p-8": 95, "v6e-8": 32}
+    for name, gib in per_core.items():
+        assert resolve_target(name).memory_bytes == gib * 2**30, name
 
 
 def test_bad_input_exits_2_with_one_line(capsys):
@@ -251,3 +262,17 @@ def test_plan_cache_key_ignores_the_program_name_only():
     assert keys["rlhf_jax_sampler3_prefill"] == keys["rlhf_jax_sampler7_prefill"] != keys["other"]
     assert program_key(texts["other"], target="v5e:2x4") != program_key(texts["other"], target="v5p:2x2x1")
     assert program_key(texts["other"], target="v5e:2x4", compiler_options={"xla_tpu_x": "1"}) != keys["other"]
+
+
+def test_a_corrupt_plan_cache_file_is_named(tmp_path):
+    from rlhf_jax.plan_cache import PlanCache, use_plan_cache  # noqa: PLC0415
+
+    bad = tmp_path / "plans.json"
+    bad.write_text('{"abc": {"ok": tru')
+    with pytest.raises(ValueError, match=r"plan cache '.*plans.json' is not valid JSON"):
+        PlanCache.load(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"must hold a JSON object .* got list"):
+        with use_plan_cache(str(bad)):
+            pass
+    assert PlanCache.load(str(tmp_path / "missing.json")).entries == {}  # no file yet: an empty cache

@@ -230,6 +230,10 @@ def test_one_new_token(params, sampler):
         ([[1, 2]], dict(max_new_tokens=4, method="greedy"), TypeError, r"SamplingConfig.method must be one of"),
         ([[1, 2]], dict(), TypeError, r"at least max_new_tokens"),
         ("hello", dict(max_new_tokens=4), TypeError, r"use generate_text for strings"),
+        # A stop id the model cannot sample would never end a row: refused, naming the ids.
+        ([[1, 2]], dict(max_new_tokens=4, eos_id=256), ValueError, r"eos_id / stop_ids \[256\] are outside the vocab"),
+        ([[1, 2]], dict(max_new_tokens=4, stop_ids=(3, 300)), ValueError, r"stop_ids \[300\] are outside the vocabulary \[0, 256\)"),
+        ([[1, 2]], dict(max_new_tokens=4, temperature=0.5), TypeError, r"unknown option\(s\) \['temperature'\]"),
     ],
 )
 def test_bad_input_raises_clear_errors(params, sampler, prompts, kwargs, error, message):

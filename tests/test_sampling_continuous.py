@@ -110,10 +110,11 @@ def test_dense_slot_rows_equal_static_alone(sampler, sp, static_greedy):
 
 def test_stop_ids_and_sequences(sampler, sp, static_greedy):
     tokens = static_greedy[0][0]
+    never = next(t for t in range(256) if t not in tokens)  # a stop sequence that never occurs (ids in the vocab)
     requests = [
         Request(prompt=PROMPTS[0], max_new_tokens=MAX_NEW, method=Greedy(), stop_ids=(int(tokens[4]),)),
         Request(prompt=PROMPTS[0], max_new_tokens=MAX_NEW, method=Greedy(),
-                stop_sequences=((999,), tuple(int(t) for t in tokens[5:8]))),
+                stop_sequences=((never,), tuple(int(t) for t in tokens[5:8]))),
     ]
     first_stop = int(np.flatnonzero(tokens == tokens[4])[0])
     first_seq = next(i for i in range(2, MAX_NEW) if tokens[i - 2: i + 1].tolist() == tokens[5:8].tolist())
@@ -217,6 +218,32 @@ def test_request_errors(sampler, sp):
         sampler.generate_requests(sp, [Request(prompt=[5], max_new_tokens=2, num_samples=9)], **POOL)
     with pytest.raises(ValueError, match="Request.max_new_tokens"):
         Request(prompt=[5], max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"request 0: stop_ids / stop_sequences hold ids \[256, 999\] outside"):
+        sampler.generate_requests(sp, [Request(prompt=[5], max_new_tokens=2, stop_ids=(256,),
+                                               stop_sequences=((3, 999),))], **POOL)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    # A batch of prompts is not one prompt (it used to be flattened into (5, 17, 3, 4)).
+    (dict(prompt=[[5, 17], [3, 4]]), ValueError, r"flat sequence of token ids .* shape \(2, 2\)"),
+    # -1 is the stop table's "none" sentinel: as a stop id it never matched, in a stop sequence it
+    # matched the empty history (a sequence (-1, t) ended the sample at its first token t).
+    (dict(stop_ids=(-1,)), ValueError, r"Request.stop_ids must hold token ids \(ints >= 0\), got -1"),
+    (dict(stop_sequences=((-1, 147),)), ValueError, r"Request.stop_sequences\[0\] must hold token ids"),
+    (dict(stop_ids="12"), TypeError, r"Request.stop_ids must be a sequence of token ids, got '12'"),
+    (dict(stop_ids=3), TypeError, r"Request.stop_ids must be a sequence of token ids, got 3"),
+])
+def test_request_refuses_ambiguous_prompts_and_stop_ids(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Request(**{"prompt": [5, 17], "max_new_tokens": 2, **kwargs})
+    ok = Request(prompt=np.array([5, 17]), max_new_tokens=2, stop_ids=np.array([3, 4]), stop_sequences=[[7, 8]])
+    assert (ok.prompt, ok.stop_ids, ok.stop_sequences) == ((5, 17), (3, 4), ((7, 8),))
+
+
+def test_numpy_int_batcher_options_are_accepted(sampler, sp, static_greedy):
+    out = sampler.generate_requests(sp, [Request(prompt=PROMPTS[0], max_new_tokens=MAX_NEW, method=Greedy())],
+                                    num_slots=np.int64(2), block_size=np.int64(BLOCK), num_blocks=np.int64(16))
+    np.testing.assert_array_equal(out[0].tokens[0], static_greedy[0][0])
 
 
 def test_to_sample_output_packs_rows_like_the_static_call():

@@ -41,6 +41,14 @@ def test_mesh_config_validates_and_builds():
         sh.MeshConfig(tensor=0)
     with pytest.raises(sh.ShardingError, match="unknown sharding strategy 'zero3'"):
         sh.MeshConfig(strategy="zero3")
+    for bad in (-2, True, 2.0):
+        with pytest.raises(sh.ShardingError, match=rf"MeshConfig.fsdp must be a positive int or -1, got {bad!r}"):
+            sh.MeshConfig(fsdp=bad)
+    # data defaults to -1: fsdp=-1 alone names both and says how to give fsdp the remaining devices.
+    with pytest.raises(sh.ShardingError, match=r"got data=-1, fsdp=-1; set data to a size \(e.g. data=1\)"):
+        sh.MeshConfig(fsdp=-1)
+    assert dict(sh.MeshConfig(data=1, fsdp=-1).make_mesh().shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(sh.MeshConfig(data=2, tensor=-1).make_mesh().shape) == {"data": 2, "fsdp": 1, "tensor": 4}
 
 
 def test_registry_refuses_duplicates_and_unknown_names():
@@ -154,3 +162,41 @@ def test_step_makers_warn_about_lint_findings():
     with pytest.warns(UserWarning, match="unused_axis|splits neither"):
         jit_model_step(update, LM, OptimizerConfig(), mesh=sh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
                        strategy=strategy, batch_keys=SFT_KEYS)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rules={"embed": 3}), r"rule 'embed': expected a mesh axis name, a sequence of them or None, got 3"),
+    (dict(rules={None: "fsdp"}), r"rule keys must be logical axis names .* got None"),
+    (dict(rules={"embed": ""}), r"rule 'embed': a mesh axis name is empty"),
+    (dict(batch_axes=""), r"batch_axes: a mesh axis name is empty"),
+])
+def test_strategy_refuses_malformed_rules(kwargs, message):
+    with pytest.raises(sh.ShardingError, match=message):
+        sh.Strategy(name="bad", **kwargs)
+
+
+def test_lint_names_a_rule_for_a_logical_axis_no_parameter_has():
+    mesh = sh.make_mesh({"fsdp": 8, "data": 1})
+    typo = sh.Strategy(name="typo", rules={"embd": "fsdp"})
+    # The rule splits nothing: every parameter is replicated (the placement itself is valid) ...
+    shardings = sh.param_shardings(LM.abstract_params(), LM.logical_axes, mesh=mesh, strategy=typo)
+    assert all(s.spec == P() for s in jax.tree.leaves(shardings))
+    # ... and the lint says so, naming the rule and the close match.
+    issues = [i for i in lint(LM.abstract_params(), LM.logical_axes, mesh=mesh, strategy=typo)
+              if i.kind == "unknown_logical_axis"]
+    assert [i.where for i in issues] == ["strategy typo rule 'embd'"]
+    assert "did you mean 'embed'?" in issues[0].message
+    # Built-in rules for standard names are model-generic: no such finding.
+    for name in sh.strategy_names():
+        assert not [i for i in lint(LM.abstract_params(), LM.logical_axes, mesh=mesh, strategy=name)
+                    if i.kind == "unknown_logical_axis"]
+
+
+def test_empty_devices_and_bad_micro_batches_are_named():
+    with pytest.raises(sh.ShardingError, match="make_mesh: devices is empty"):
+        sh.make_mesh({"data": -1}, devices=[])
+    mesh = sh.make_mesh()
+    for bad in (0, -1, 2.0):
+        with pytest.raises(sh.ShardingError, match=r"micro_batches must be an int >= 1"):
+            sh.check_batch({"tokens": np.zeros((8, 4))}, mesh=mesh, strategy="fsdp", micro_batches=bad)
+    assert sh.check_batch({"tokens": np.zeros((16, 4))}, mesh=mesh, strategy="fsdp", micro_batches=np.int64(2)) == 16

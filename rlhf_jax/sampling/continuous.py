@@ -179,8 +179,12 @@ class ContinuousBatcher:
         for name, value, low in (("num_slots", num_slots, 1), ("block_size", block_size, 1),
                                  ("reserve_blocks", reserve_blocks, 0), ("max_stop_ids", max_stop_ids, 1),
                                  ("max_stop_sequences", max_stop_sequences, 1), ("max_stop_len", max_stop_len, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"ContinuousBatcher: {name} must be an int >= {low}, got {value!r}")
+        num_slots, block_size, reserve_blocks = int(num_slots), int(block_size), int(reserve_blocks)
+        max_stop_ids, max_stop_sequences, max_stop_len = int(max_stop_ids), int(max_stop_sequences), int(max_stop_len)
+        if isinstance(num_blocks, np.integer):
+            num_blocks = int(num_blocks)
         if methods not in ("auto", "all"):
             raise ValueError(f"ContinuousBatcher: methods must be 'auto' or 'all', got {methods!r}")
         self.methods = methods
@@ -387,6 +391,9 @@ class ContinuousBatcher:
                              f"{self.sampler.max_len}")
         if req.num_samples > self.num_slots:
             raise ValueError(f"{where}: num_samples={req.num_samples} exceeds num_slots={self.num_slots}")
+        outside = sorted({i for i in req.stop_ids + sum(req.stop_sequences, ()) if i >= vocab})
+        if outside:  # an id the model never samples would silently never stop the request
+            raise ValueError(f"{where}: stop_ids / stop_sequences hold ids {outside} outside the vocabulary [0, {vocab})")
         if len(req.stop_ids) > k["K"]:
             raise ValueError(f"{where}: {len(req.stop_ids)} stop_ids; at most {k['K']} (max_stop_ids)")
         if len(req.stop_sequences) > k["NS"] or any(len(s) > k["LS"] for s in req.stop_sequences):
@@ -618,7 +625,7 @@ class ContinuousSession:
         if len(free) < needed + (upcoming + b.reserve_blocks * (running + n) if running else 0):
             if not running:
                 raise RuntimeError(f"generate_requests: request {entry.req} needs {needed} KV blocks; the "
-                                   f"pool has {b.num_blocks}")
+                                   f"pool has {b.num_blocks} (num_blocks): raise num_blocks or lower its num_samples")
             return False
         chosen = open_slots[:n]
         shared_blocks = [free.pop() for _ in range(shared)]

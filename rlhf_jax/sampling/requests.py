@@ -41,7 +41,10 @@ class Request:
     seed: Any = None
 
     def __post_init__(self):
-        prompt = np.asarray(self.prompt).reshape(-1)
+        prompt = np.asarray(self.prompt)
+        if prompt.ndim != 1:  # a batch of prompts is one Request each; never flattened into one prompt
+            raise ValueError(f"Request.prompt must be a flat sequence of token ids (one prompt per Request), got "
+                             f"shape {prompt.shape}")
         if prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
             raise ValueError(f"Request.prompt must be a non-empty sequence of token ids, got {self.prompt!r}")
         object.__setattr__(self, "prompt", tuple(int(i) for i in prompt))
@@ -51,11 +54,26 @@ class Request:
                 raise ValueError(f"Request.{name} must be an int >= 1, got {value!r}")
         if type(self.method) not in METHOD_KINDS:
             raise TypeError(f"Request.method must be one of {[m.__name__ for m in METHOD_KINDS]}, got {self.method!r}")
-        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
-        seqs = tuple(tuple(int(i) for i in s) for s in self.stop_sequences)
+        object.__setattr__(self, "stop_ids", _token_ids("Request.stop_ids", self.stop_ids))
+        if isinstance(self.stop_sequences, (str, bytes)) or not isinstance(self.stop_sequences, Sequence):
+            raise TypeError(f"Request.stop_sequences must be a sequence of token-id sequences, got "
+                            f"{self.stop_sequences!r}")
+        seqs = tuple(_token_ids(f"Request.stop_sequences[{j}]", s) for j, s in enumerate(self.stop_sequences))
         if any(len(s) == 0 for s in seqs):
             raise ValueError("Request.stop_sequences: a stop sequence is empty")
         object.__setattr__(self, "stop_sequences", seqs)
+
+
+def _token_ids(name: str, ids) -> tuple[int, ...]:
+    """`ids` as a tuple of ints >= 0 (token ids); a string, a scalar or a negative id is an error."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a sequence of token ids, got {ids!r}")
+    out = []
+    for i in ids:
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0:
+            raise ValueError(f"{name} must hold token ids (ints >= 0), got {i!r} in {ids!r}")
+        out.append(int(i))
+    return tuple(out)
 
 
 @dataclasses.dataclass

@@ -433,6 +433,10 @@ class Sampler:
             `max_len`, ids outside the vocabulary, a bad `SamplingConfig` field.
         """
         cfg = self._config(config, overrides)
+        vocab = self.model.config.vocab_size
+        outside = [i for i in cfg.all_stop_ids if i >= vocab]
+        if outside:  # a stop id the model can never sample would silently never end a row
+            raise ValueError(f"generate: eos_id / stop_ids {outside} are outside the vocabulary [0, {vocab})")
         tokens, lengths, num_prompts = self._prepare_prompts(prompts, prompt_lengths, cfg.max_new_tokens)
         if not isinstance(params, SamplerParams):
             params = self.load_params(params)
@@ -532,6 +536,11 @@ class Sampler:
     # ------------------------------------------------------------------------- host helpers
 
     def _config(self, config: SamplingConfig | None, overrides: dict) -> SamplingConfig:
+        fields = [f.name for f in dataclasses.fields(SamplingConfig)]
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise TypeError(f"generate: unknown option(s) {unknown}; SamplingConfig fields: {fields} (temperature, "
+                            "k and p belong to the method, e.g. method=TopP(p=0.9, temperature=0.7))")
         if config is None:
             if "max_new_tokens" not in overrides:
                 raise TypeError("generate: give a SamplingConfig or at least max_new_tokens=...")
