@@ -40,10 +40,13 @@ def is_tracer(value: Any) -> bool:
 
 def host_values(x: Any) -> np.ndarray | None:
     """`x`'s values when they are already on the host or reach it without a device round trip: a
-    NumPy array, or a concrete, fully addressable jax array on CPU devices. None for traced,
-    multi-process or accelerator arrays (value checks then skip them: no host sync in a step)."""
+    NumPy array, nested lists or numbers, or a concrete, fully addressable jax array on CPU devices.
+    None for traced, multi-process or accelerator arrays (value checks then skip them: no host sync
+    in a step)."""
     if isinstance(x, np.ndarray):
         return x
+    if isinstance(x, (list, tuple, numbers.Number)):
+        return np.asarray(x)
     if (isinstance(x, jax.Array) and not is_tracer(x) and x.is_fully_addressable
             and all(d.platform == "cpu" for d in x.sharding.device_set)):
         return np.asarray(x)

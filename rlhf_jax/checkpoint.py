@@ -266,15 +266,19 @@ class Checkpointer:
         """The JSON saved with checkpoint `step`: `model_config`, `metrics`, `key_impls`, `best_metric`, ..."""
         return self._read_json_item(int(step), _META)
 
+    def require_intact(self, step: int) -> None:
+        """Raise `CheckpointCorruptError` naming the bad file when `step` differs from its manifest."""
+        verdict = self.verify(step)
+        if verdict.status == "corrupt":
+            raise CheckpointCorruptError(f"checkpoint {self.directory}/{step} is corrupt: {verdict.problem}")
+
     def item_shapes(self, name: str, step: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
         """`{dotted path: (shape, dtype name)}` of item `name` in checkpoint `step` (metadata only)."""
         step = self.latest_step() if step is None else int(step)
         item_dir = os.path.join(self.directory, str(step), name)
         if step is None or not os.path.isdir(item_dir):
             raise FileNotFoundError(f"no item {name!r} in checkpoint {step} of {self.directory}")
-        verdict = self.verify(step)  # the metadata of a corrupt step is not read (orbax would fail unnamed)
-        if verdict.status == "corrupt":
-            raise CheckpointCorruptError(f"checkpoint {self.directory}/{step} is corrupt: {verdict.problem}")
+        self.require_intact(step)  # the metadata of a corrupt step is not read (orbax would fail unnamed)
         tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)).tree
         return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in dict(tree).items()}
 

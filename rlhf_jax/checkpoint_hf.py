@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
-from rlhf_jax.checkpoint import Checkpointer, CheckpointCorruptError, CheckpointMismatchError
+from rlhf_jax.checkpoint import Checkpointer, CheckpointMismatchError
 from rlhf_jax.config import CheckpointConfig
 
 __all__ = ["HFExport", "export_hf", "import_hf"]
@@ -148,7 +148,5 @@ def _resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:
     if resolved is None or resolved not in ckpt.all_steps():
         raise FileNotFoundError(f"no checkpoint {step if step is not None else ''} in {ckpt.directory}; "
                                 f"available steps: {ckpt.all_steps()}")
-    verdict = ckpt.verify(resolved)  # a step asked for by number: checked before its metadata is read
-    if verdict.status == "corrupt":
-        raise CheckpointCorruptError(f"checkpoint {ckpt.directory}/{resolved} is corrupt: {verdict.problem}")
+    ckpt.require_intact(resolved)  # a step asked for by number: checked before its metadata is read
     return resolved

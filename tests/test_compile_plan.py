@@ -274,5 +274,5 @@ def test_a_corrupt_plan_cache_file_is_named(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"must hold a JSON object .* got list"):
         with use_plan_cache(str(bad)):
-            pass
+            raise AssertionError("entering the cache's context must already have failed")
     assert PlanCache.load(str(tmp_path / "missing.json")).entries == {}  # no file yet: an empty cache

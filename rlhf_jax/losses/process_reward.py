@@ -54,12 +54,12 @@ def process_reward_loss(step_logits: jax.Array, labels: jax.Array, step_mask: ja
     if not s.shape == y.shape == m.shape:
         raise ValueError(f"process_reward_loss: step_logits {s.shape}, labels {y.shape} and step_mask {m.shape} "
                          "must have one shape [B, T]")
-    if not (_checks.is_tracer(labels) or _checks.is_tracer(step_mask)):
-        y_np, m_np = np.asarray(labels), np.asarray(step_mask) != 0
-        bad = m_np & (y_np != 0) & (y_np != 1)
+    y_np, m_np = _checks.host_values(labels), _checks.host_values(step_mask)
+    if y_np is not None and m_np is not None:  # values on the host: checked without a device round trip
+        bad = (m_np != 0) & (y_np != 0) & (y_np != 1)
         if np.any(bad):
             raise ValueError(f"process_reward_loss: labels must be 0 or 1 where step_mask is set, got "
-                             f"{sorted(set(np.asarray(y_np[bad]).tolist()))[:5]}")
+                             f"{sorted(set(y_np[bad].tolist()))[:5]}")
     return m * (jax.nn.softplus(s) - y * s)
 
 

@@ -72,6 +72,16 @@ def config_from_hf(hf_config: Mapping[str, Any] | str | os.PathLike) -> ModelCon
     return config_from_dict(read_json(file), str(file))
 
 
+def json_int(value) -> bool:
+    """Whether a JSON value is an integer (not a bool, which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_number(value) -> bool:
+    """Whether a JSON value is a number (int or float, not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def config_from_dict(d: dict, source: str) -> ModelConfig:
     """`config_from_hf` of a config dict; errors name `source` (the file it came from)."""
 
@@ -85,13 +95,13 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
 
     def positive_int(key):
         value = d.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        if value is not None and not (json_int(value) and value > 0):
             fail(f"{key} must be a positive integer, got {value!r}")
         return value
 
     def number(key, default, *, positive=False):
         value = d.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not json_number(value):
             fail(f"{key} must be a number, got {value!r}")
         if positive and not value > 0:
             fail(f"{key} must be positive, got {value!r}")
@@ -106,7 +116,7 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
     def token_id(key):
         value = d.get(key)
         ids = value if isinstance(value, list) else [value]
-        if value is not None and any(isinstance(v, bool) or not isinstance(v, int) for v in ids):
+        if value is not None and not all(json_int(v) for v in ids):
             fail(f"{key} must be an integer token id or a list of them, got {value!r}")
         return _token_id(value)
 
@@ -183,7 +193,7 @@ def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling
     if any(isinstance(v, Mapping) for v in params.values()):
         fail(f"per-layer-type rope parameters are not supported: {params}")
     theta = params.get("rope_theta", d.get("rope_theta", _DEFAULT_ROPE_THETA))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+    if not (json_number(theta) and theta > 0):
         fail(f"rope_theta must be a positive number, got {theta!r}")
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
     if partial is not None and partial != 1.0:
@@ -197,10 +207,10 @@ def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling
         if key not in params:
             fail(f"llama3 rope scaling lacks {key!r}")
         value = params[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if not (json_number(value) and value > 0):
             fail(f"llama3 rope scaling's {key} must be a positive number, got {value!r}")
     original = params.get("original_max_position_embeddings")
-    if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original <= 0):
+    if original is not None and not (json_int(original) and original > 0):
         fail(f"llama3 rope scaling's original_max_position_embeddings must be a positive integer, got {original!r}")
     return theta, RopeScaling(
         factor=float(params["factor"]),
@@ -219,7 +229,7 @@ def _sliding_window_from_hf(d: dict, model_type: str, num_layers: int, fail) -> 
         window = None
     if window is None:
         return None
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+    if not (json_int(window) and window > 0):
         fail(f"sliding_window must be a positive integer or null, got {window!r}")
     layer_types = d.get("layer_types")
     if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != num_layers or any(
@@ -230,7 +240,7 @@ def _sliding_window_from_hf(d: dict, model_type: str, num_layers: int, fail) -> 
         if model_type == "mistral":
             return window
         start = d.get("max_window_layers", _DEFAULT_MAX_WINDOW_LAYERS)
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        if not (json_int(start) and start >= 0):
             fail(f"max_window_layers must be an integer >= 0, got {start!r}")
         layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
     kinds = set(layer_types)

@@ -36,7 +36,7 @@ from safetensors import safe_open
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.lora import LAYER_TARGETS, LoraConfig, adapter_specs, adapters_of, nest_adapters
-from rlhf_jax.models.hf_config import HFCheckpointError, check_replaceable
+from rlhf_jax.models.hf_config import HFCheckpointError, check_replaceable, json_int, json_number
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_MODULES", "save_peft", "load_peft", "read_peft_config"]
 
@@ -177,11 +177,11 @@ def read_peft_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
                 f"adapters for, {sorted(stored)} (listed without weights: {sorted(modules - stored)}; weights not "
                 f"listed: {sorted(stored - modules)})")
     rank, alpha, dropout, rslora = raw.get("r"), raw.get("lora_alpha"), raw.get("lora_dropout"), raw.get("use_rslora")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    if not (json_int(rank) and rank > 0):
         raise HFCheckpointError(f"{config_file}: r must be a positive integer, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if not json_number(alpha):
         raise HFCheckpointError(f"{config_file}: lora_alpha must be a number, got {alpha!r}")
-    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))):
+    if dropout is not None and not json_number(dropout):
         raise HFCheckpointError(f"{config_file}: lora_dropout must be a number, got {dropout!r}")
     if rslora is not None and not isinstance(rslora, bool):
         raise HFCheckpointError(f"{config_file}: use_rslora must be true or false, got {rslora!r}")

@@ -143,7 +143,7 @@ class RewardSource(Protocol):
     def __call__(self, inputs: RewardInputs) -> Sequence[float] | np.ndarray: ...
 
 
-_KEYWORDS = ("prompts", "completions", "completion_ids", "prompt_ids", "truncated")
+_KEYWORDS = ("prompts", "completions", "completion_ids", "prompt_ids", "truncated")  # what `__call__` passes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,9 +25,7 @@ import optax
 from rlhf_jax import _checks
 from rlhf_jax.advantages import group_normalized, leave_one_out, reinforce_plus_plus
 from rlhf_jax.losses import AggregateMode, kl_divergence
-from rlhf_jax.rollout import check_group_prompts, check_prompt_lengths
 from rlhf_jax.state import RLState, TrainState
-from rlhf_jax.steps import common
 from rlhf_jax.steps.common import NonFinitePolicy, accumulate_gradients, apply_gradients, step_key
 from rlhf_jax.steps.policy_gradient import (
     KLMode,
@@ -42,6 +40,7 @@ from rlhf_jax.steps.policy_gradient import (
     policy_loss_terms,
     reduce_update_metrics,
     reference_and_entropy_terms,
+    rollout_host_check,
     rollout_logprobs,
     rollout_stats,
     run_updates,
@@ -310,7 +309,6 @@ def make_grpo_step(
     if not isinstance(config, GRPOConfig):
         raise TypeError(f"make_grpo_step: config must be a GRPOConfig, got {type(config).__name__}")
     old_source = old_logprobs_source(config)
-    vocab_size = model.config.vocab_size
 
     def make_update(group: int):
         """One minibatch update; `group` rows share each prompt's forward (static, from the batch shape)."""
@@ -367,16 +365,5 @@ def make_grpo_step(
         })
         return state._replace(policy=policy), metrics
 
-    def host_check(batch, name: str) -> None:
-        """Host-side value checks of a rollout batch (`jit_step` runs them before every call)."""
-        common.check_token_ids(batch, ("prompt_tokens", "completion_tokens", "ptx_tokens"), vocab_size, name=name)
-        if not all(k in batch for k in ("prompt_tokens", "prompt_lengths", "completion_tokens")):
-            return  # the traced `check_rl_batch` names what is missing
-        if len(jnp.shape(batch["prompt_tokens"])) != 2 or len(jnp.shape(batch["prompt_lengths"])) != 1:
-            return
-        check_prompt_lengths(name, batch["prompt_tokens"], batch["prompt_lengths"])
-        group = config.prompt_group(jnp.shape(batch["prompt_tokens"])[0])
-        check_group_prompts(name, batch["prompt_tokens"], batch["prompt_lengths"], group)
-
-    step.host_check = host_check
+    step.host_check = rollout_host_check(model.config.vocab_size, config.prompt_group)
     return step

@@ -36,8 +36,9 @@ from rlhf_jax.losses import (
     kl_divergence,
     ppo_policy_loss,
 )
-from rlhf_jax.rollout import completion_logprobs
+from rlhf_jax.rollout import check_group_prompts, check_prompt_lengths, completion_logprobs
 from rlhf_jax.sampling.metrics import logprob_mismatch
+from rlhf_jax.steps.common import check_token_ids
 
 __all__ = [
     "KLMode",
@@ -46,6 +47,7 @@ __all__ = [
     "RL_BATCH_KEYS",
     "OPTIONAL_RL_BATCH_KEYS",
     "check_rl_batch",
+    "rollout_host_check",
     "old_logprobs_source",
     "run_updates",
     "reduce_update_metrics",
@@ -200,6 +202,28 @@ class PolicyGradientConfig:
 
 
 # ------------------------------------------------------------------------------------------- batch
+
+
+def rollout_host_check(vocab_size: int, prompt_group=None):
+    """The `Step` host check of an RL step's rollout batches (`jit_step` runs it before every call).
+
+    Token ids (`prompt_tokens`, `completion_tokens`, `ptx_tokens`) within `[0, vocab_size)`,
+    `prompt_lengths` within `[1, P]`, and with `prompt_group` (`rows -> group size`) the rows of each
+    group sharing one prompt; on host values only (`_checks.host_values`). Missing keys and bad ranks
+    are left to the traced `check_rl_batch`, which names them.
+    """
+    def check(batch, name: str) -> None:
+        check_token_ids(batch, ("prompt_tokens", "completion_tokens", "ptx_tokens"), vocab_size, name=name)
+        if not all(k in batch for k in ("prompt_tokens", "prompt_lengths")):
+            return
+        tokens, lengths = batch["prompt_tokens"], batch["prompt_lengths"]
+        if len(jnp.shape(tokens)) != 2 or len(jnp.shape(lengths)) != 1:
+            return
+        check_prompt_lengths(name, tokens, lengths)
+        if prompt_group is not None:
+            check_group_prompts(name, tokens, lengths, prompt_group(jnp.shape(tokens)[0]))
+
+    return check
 
 
 def check_rl_batch(batch, config: PolicyGradientConfig, *, group_size: int, name: str) -> int:

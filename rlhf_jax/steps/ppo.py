@@ -28,9 +28,8 @@ from rlhf_jax.advantages import gae, per_token_rewards, whiten
 from rlhf_jax.kl_control import KLController, adaptive_kl_controller, fixed_kl_controller
 from rlhf_jax.losses import aggregate, value_loss
 from rlhf_jax.models.heads import scalar_head
-from rlhf_jax.rollout import check_prompt_lengths, completion_hidden, completion_values, head_logprobs
+from rlhf_jax.rollout import completion_hidden, completion_values, head_logprobs
 from rlhf_jax.state import RLState
-from rlhf_jax.steps import common
 from rlhf_jax.steps.common import NonFinitePolicy, accumulate_gradients, apply_gradients, step_key
 from rlhf_jax.steps.policy_gradient import (
     PolicyGradientConfig,
@@ -43,6 +42,7 @@ from rlhf_jax.steps.policy_gradient import (
     policy_loss_terms,
     reduce_update_metrics,
     reference_and_entropy_terms,
+    rollout_host_check,
     rollout_logprobs,
     rollout_stats,
     run_updates,
@@ -426,12 +426,5 @@ def make_ppo_step(
     vocab_size = policy_model.config.vocab_size
     if not shared:
         vocab_size = min(vocab_size, value_model.config.vocab_size)  # the critic reads the same tokens
-
-    def host_check(batch, name: str) -> None:
-        """Host-side value checks of a rollout batch (`jit_step` runs them before every call)."""
-        common.check_token_ids(batch, ("prompt_tokens", "completion_tokens", "ptx_tokens"), vocab_size, name=name)
-        if all(k in batch for k in ("prompt_tokens", "prompt_lengths")) and len(jnp.shape(batch["prompt_tokens"])) == 2:
-            check_prompt_lengths(name, batch["prompt_tokens"], batch["prompt_lengths"])
-
-    step.host_check = host_check
+    step.host_check = rollout_host_check(vocab_size)
     return step

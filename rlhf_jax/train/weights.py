@@ -83,7 +83,7 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
         with Checkpointer(init_from, read_only=True) as ckpt:
             step = ckpt.latest_step() if step is None else int(step)
             keys = ckpt.item_shapes("params", step)
-        source_head = "scalar" if "score" in keys else "lm"
+        source_head = _head_of(keys)
         source = CausalLM(model.config.replace(param_dtype=source_config.param_dtype), head=source_head)
         if any(k.endswith(".codes") for k in keys):  # a QLoRA run: its base is stored quantized
             params = _quantized_base(init_from, source, mesh, step)
@@ -95,7 +95,7 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
     elif os.path.isfile(os.path.join(init_from, "config.json")):
         source_config = config_from_hf(init_from)
         _check_same_shape(model.config, source_config, init_from)
-        source_head = "scalar" if _hf_is_sequence_classifier(init_from) else "lm"
+        source_head = _stored_head(init_from, is_hf=True)
         source = CausalLM(model.config, head=source_head)
         _, params = load_hf(init_from, dtype=model.config.param_dtype, shardings=placed(source)[1])
     else:
@@ -155,16 +155,19 @@ def _quantized_base(root: str, source: CausalLM, mesh, step: int | None = None) 
     return dequantize_params(tree, source.config.jnp_param_dtype)
 
 
-def _has_scalar_head(path: str, is_hf: bool) -> bool:
-    """Whether a checkpoint's latest parameters (or a Hugging Face directory's model) have a scalar head."""
+def _head_of(keys) -> str:
+    """The head of a checkpoint's parameters from their (dotted) paths: "scalar" with a `score` head."""
+    return "scalar" if any(k == "score" or k.startswith("score.") for k in keys) else "lm"
+
+
+def _stored_head(path: str, is_hf: bool) -> str | None:
+    """The head of the model at `path`: its latest checkpoint's, or a Hugging Face directory's
+    (`*ForSequenceClassification` is "scalar"); None for a checkpoint directory without steps."""
     if is_hf:
-        return _hf_is_sequence_classifier(path)
+        return "scalar" if _hf_is_sequence_classifier(path) else "lm"
     with Checkpointer(path, read_only=True) as ckpt:
         step = ckpt.latest_step()
-        if step is None:
-            return True  # no saved step: `initial_params` reports it
-        keys = ckpt.item_shapes("params", step)
-    return any(k == "score" or k.startswith("score.") for k in keys)
+        return None if step is None else _head_of(ckpt.item_shapes("params", step))
 
 
 def _hf_is_sequence_classifier(path: str) -> bool:
@@ -186,7 +189,7 @@ def load_reward_model(path: str, policy_config, *, key: str = "rewards.reward_mo
     if not is_hf and not is_checkpoint_dir(path):
         raise FileNotFoundError(f"{key}: {path} is neither a Hugging Face model directory (config.json) nor an "
                                 "rlhf-jax checkpoint directory")
-    if not _has_scalar_head(path, is_hf):  # a policy LM would get a random head: rewards that are noise
+    if _stored_head(path, is_hf) == "lm":  # a policy LM would get a random head: rewards that are noise
         raise ConfigError(f"{key}: {path} is a language model (LM head, no scalar 'score' head), not a reward "
                           "model; train one first (the reward_model recipe) or give a *ForSequenceClassification "
                           "Hugging Face directory")
