@@ -123,6 +123,25 @@ def test_tool_runner_turns_every_failure_into_an_observation():
     assert runner.run(TOOLS, CallError("tool call is not valid JSON")).status == "malformed"
 
 
+def test_tool_results_that_are_not_strings_become_json_text_or_error_observations():
+    class NoStr:
+        def __str__(self):
+            raise RuntimeError("no text")
+
+    tools = {t.name: t for t in (Tool("dict", lambda a: {"value": 5, "exact": True, "note": None}),
+                                 Tool("list", lambda a: [1, "x"]), Tool("int", lambda a: 7),
+                                 Tool("nostr", lambda a: NoStr()), Tool("bigint", lambda a: 10 ** 5000))}
+    runner = ToolRunner(timeout_s=1.0, max_chars=64)
+    assert runner.run(tools, ToolCall("dict", "")) == ToolResult("dict", '{"value": 5, "exact": true, "note": null}',
+                                                                 "ok")
+    assert runner.run(tools, ToolCall("list", "")) == ToolResult("list", '[1, "x"]', "ok")
+    assert runner.run(tools, ToolCall("int", "")) == ToolResult("int", "7", "ok")
+    # A value whose text cannot be made is the tool's error (it used to raise out of the environment's step).
+    assert runner.run(tools, ToolCall("nostr", "")) == ToolResult("nostr", "error: RuntimeError: no text", "error")
+    big = runner.run(tools, ToolCall("bigint", ""))
+    assert big.status == "error" and big.text.startswith("error: ValueError: Exceeds the limit") and len(big.text) == 64
+
+
 def test_environments_by_name_and_one_line_errors():
     env = make_environment("calculator", call_format=ArithmeticTools().call_format)
     assert env.reset({"prompt": "347*59=", "answer": "20473"}) == "347*59="
@@ -241,6 +260,58 @@ def test_failing_tools_give_observations_and_metrics_and_episodes_go_on(episodes
             assert "<result>error: tool 'hang' timed out after 0.3 s</result>" in obs
         if "truncated" in t.tool_statuses:
             assert "<result>" + "x" * 16 + "...[truncated 99984 chars]</result>" in obs
+
+
+class Returns:
+    """An environment whose first step returns `result` (or raises it, when it is an exception)."""
+
+    def __init__(self, result, runner=None):
+        self.result = result
+
+    def reset(self, task):
+        return task["prompt"]
+
+    def step(self, action):
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def test_invalid_step_results_end_the_episode_as_counted_env_errors_with_their_message(policy, caplog):
+    """A step that raises or returns a reward that is not a finite number, a done that is not a bool,
+    an observation of another type, info that is not a mapping, or a tuple of another length ends its
+    episode with reward 0 (no NaN reaches the scores, no string `done` is read as True, no opaque
+    TypeError stops the run); the message names the environment and the field, and is logged."""
+    bad = [
+        (StepResult("obs", "1.0", False), "Returns.step returned reward '1.0'; it must be a finite real number"),
+        (StepResult("obs", float("nan"), False), "Returns.step returned reward nan; it must be a finite real number"),
+        (StepResult(None, None, True), "Returns.step returned reward None; it must be a finite real number"),
+        (StepResult("obs", 1.0, "False"), "Returns.step returned done 'False' (str); it must be a bool"),
+        (StepResult(["obs"], 0.0, False),
+         "Returns.step returned an observation of type list; it must be str, ToolResult or None"),
+        (StepResult("obs", 0.0, False, 5), "Returns.step returned info 5 (int); it must be a mapping"),
+        (("obs", 0.0, False, {}, "extra"),
+         "Returns.step returned a 5-tuple, not a StepResult(observation, reward, done, info)"),
+        (KeyError("answer"), "Returns.step raised KeyError: 'answer'"),
+    ]
+    # Valid: a JAX scalar reward and a NumPy bool.
+    good = [("done", jnp.float32(0.5), np.bool_(True))]
+    with caplog.at_level("WARNING", logger="rlhf_jax.agents"):
+        trajectories = _episodes(policy, [r for r, _ in bad] + good, make_env=Returns)
+    for t, (_, message) in zip(trajectories, bad):
+        assert (t.turn_rewards, t.done, t.tool_statuses, t.errors) == ([0.0], True, ["env_error"], [message])
+    assert (trajectories[-1].turn_rewards, trajectories[-1].done, trajectories[-1].errors) == ([0.5], True, [])
+    assert trajectory_metrics(trajectories)["env/errors"] == len(bad)
+    assert trajectory_metrics(trajectories)["tool_calls/total"] == 0
+    assert f"{len(bad)} of {len(bad) + 1} episodes ended by a failed environment step" in caplog.text
+    assert bad[0][1] in caplog.text
+
+
+def test_no_episodes_give_no_trajectories_and_an_empty_batch(policy):
+    """A process whose batch rows are all padding runs no episode (it used to fail on max() of nothing)."""
+    assert _episodes(policy, []) == [] and _episodes(policy, [], num_slots=2) == []
+    batch = trajectory_batch([], width=8)
+    assert batch["completion_tokens"].shape == (0, 8) and batch["prompt_tokens"].shape == (0, 0)
 
 
 def test_sampler_logprobs_equal_the_trainers_over_multi_turn_trajectories(policy, episodes):
@@ -406,6 +477,34 @@ def test_trajectory_collector_batches_groups_of_episodes_for_the_grpo_step(polic
     np.testing.assert_array_equal(merged["scores"], merged["columns"]["env_reward"])
     assert metrics["num_turns/mean"] >= 1 and "tool_calls/timeouts" in metrics and "reward/per_turn/mean" in metrics
     assert metrics["completions/mean_length"] == float(np.mean(merged["lengths"]))
+
+
+def test_agentic_configs_refuse_the_single_turn_continuous_batching_knob():
+    from rlhf_jax.train.agentic import AgenticGRPORunConfig, AgenticPPORunConfig
+    from rlhf_jax.train.rollouts import RolloutConfig
+
+    for cls in (AgenticGRPORunConfig, AgenticPPORunConfig):   # it used to be accepted and ignored
+        with pytest.raises(ConfigError, match=r"^rollout.continuous_slots=4 has no effect on agentic rollouts: set "
+                                              r"environment.num_slots for continuous batching of trajectories$"):
+            cls(name="x", rollout=RolloutConfig(max_new_tokens=32, continuous_slots=4))
+
+
+def test_chat_renderer_of_a_template_without_call_format_uses_the_configured_tags(policy):
+    """`renderer="chat"` on a template that teaches no call format: calls in `call_open` / `call_close`
+    (they used to be replaced by the default `<tool>` tags, so decoding never stopped at `>`)."""
+    from rlhf_jax.agents import environment_reward
+    from rlhf_jax.rewards import PythonReward
+    from rlhf_jax.train.agentic import EnvironmentConfig, TrajectoryCollector
+
+    _, _, sampler, _ = policy
+    sampling = SamplingConfig(max_new_tokens=8, eos_id=2)
+    collector = TrajectoryCollector(sampler=sampler, tokenizer=offline_tokenizer(),
+                                    sources=[PythonReward(environment_reward)],
+                                    weights=None, train_sampling=sampling, eval_sampling=sampling)
+    environment = EnvironmentConfig(renderer="chat", call_open="<", call_close=">", result_open="[", result_close="]")
+    collector.setup(environment, max_tokens=WIDTH)
+    assert collector.renderer.call_format == environment.call_format == collector.env_options["call_format"]
+    assert collector.renderer.call_format.stop_strings == (">",)
 
 
 def test_observation_tokens_get_no_policy_gradient_except_through_attention(policy, episodes):

@@ -53,6 +53,11 @@ class StepResult(NamedTuple):
       reward: the reward of this turn.
       done: the episode ended (no further turn).
       info: host-side details (e.g. `{"tool_status": "timeout"}`), counted by the rollout.
+
+    The rollout checks each step's result: a reward that is not a finite real number, a `done` that
+    is not a bool, an observation that is not text, a `ToolResult` or None, or `info` that is not a
+    mapping ends the episode like a step that raises (reward 0, `env/errors`, the message in
+    `Trajectory.errors` and the log).
     """
 
     observation: str | ToolResult | None

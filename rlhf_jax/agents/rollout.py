@@ -42,11 +42,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 
+from rlhf_jax._checks import scalar_value
 from rlhf_jax.agents.environment import Environment, StepResult
 from rlhf_jax.agents.tools import ToolResult
 from rlhf_jax.agents.trajectory import Trajectory
@@ -54,6 +57,8 @@ from rlhf_jax.distributed import any_process
 from rlhf_jax.sampling import Sampler, SamplingConfig
 from rlhf_jax.sampling.requests import Request
 from rlhf_jax.sharding import local_rows
+
+logger = logging.getLogger("rlhf_jax.agents")
 
 __all__ = ["AgentLimits", "run_episodes", "trajectory_stats", "stats_metrics", "trajectory_metrics",
            "environment_reward", "TOOL_STATUS_METRICS"]
@@ -112,14 +117,41 @@ def _cut_at_stop_string(tokenizer, ids: list[int], texts: Sequence[str]) -> int 
     return None
 
 
+def _step_problem(result) -> str | None:
+    """What is wrong with a step's return value (one line), or None for a valid `StepResult`."""
+    if not isinstance(result, tuple) or len(result) not in (3, 4):
+        what = f"a {len(result)}-tuple" if isinstance(result, tuple) else type(result).__name__
+        return f"step returned {what}, not a StepResult(observation, reward, done, info)"
+    observation, reward, done = result[:3]
+    info = result[3] if len(result) == 4 else {}
+    try:
+        value = scalar_value("step", "reward", reward)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value):
+        return f"step returned reward {reward!r}; it must be a finite real number"
+    if not isinstance(done, (bool, np.bool_)):
+        return f"step returned done {done!r} ({type(done).__name__}); it must be a bool"
+    if not done and not isinstance(observation, (str, ToolResult, type(None))):
+        return f"step returned an observation of type {type(observation).__name__}; it must be str, ToolResult or None"
+    if info is not None and not isinstance(info, Mapping):
+        return f"step returned info {info!r} ({type(info).__name__}); it must be a mapping"
+    return None
+
+
 def _safe_step(env: Environment, action: str) -> StepResult:
+    """`env.step(action)`, or an `env_error` result (episode over, reward 0, the message in `info`)
+    when the step raises or returns something that is not a valid `StepResult`."""
     try:
         result = env.step(action)
     except Exception as e:  # noqa: BLE001 - an environment's failure ends its episode, not the run
-        return StepResult(None, 0.0, True, {"env_error": f"{type(e).__name__}: {e}"})
-    if not isinstance(result, tuple) or len(result) < 3:
-        return StepResult(None, 0.0, True, {"env_error": f"step returned {type(result).__name__}, not a StepResult"})
-    return StepResult(*result) if not isinstance(result, StepResult) else result
+        return StepResult(None, 0.0, True, {"env_error": f"{type(env).__name__}.step raised {type(e).__name__}: {e}"})
+    problem = _step_problem(result)
+    if problem is not None:
+        return StepResult(None, 0.0, True, {"env_error": f"{type(env).__name__}.{problem}"})
+    observation, reward, done = result[:3]
+    info = (result[3] if len(result) == 4 else None) or {}
+    return StepResult(observation, float(scalar_value("step", "reward", reward)), bool(done), info)
 
 
 def run_episodes(
@@ -166,9 +198,10 @@ def run_episodes(
         stop_strings = getattr(getattr(renderer, "call_format", None), "stop_strings", ())
     stop_ids, stop_texts = _stop_tokens(tokenizer, stop_strings)
     stop_sequences = tuple(tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in stop_texts)
-    longest = max(len(p) for p in prompts) + limits.max_tokens + limits.turn_tokens - 1
+    longest_prompt = max((len(p) for p in prompts), default=0)   # none: this process only joins the collectives
+    longest = longest_prompt + limits.max_tokens + limits.turn_tokens - 1
     if longest > sampler.max_len:
-        raise ValueError(f"run_episodes: the longest prompt ({max(len(p) for p in prompts)} tokens) + max_tokens "
+        raise ValueError(f"run_episodes: the longest prompt ({longest_prompt} tokens) + max_tokens "
                          f"({limits.max_tokens}) + turn_tokens ({limits.turn_tokens}) - 1 = {longest} exceeds the "
                          f"sampler's max_len {sampler.max_len}")
     config = dataclasses.replace(sampling, max_new_tokens=limits.turn_tokens, num_samples=1,
@@ -186,6 +219,10 @@ def run_episodes(
         else:
             _continuous_turns(sampler, params, trajectories, envs, config, stop_sequences, key, turn, pool, num_slots,
                               ids)
+    errors = [e for t in trajectories for e in t.errors]
+    if errors:
+        logger.warning("run_episodes: %d of %d episodes ended by a failed environment step (reward 0, counted in "
+                       "env/errors); the first: %s", len(errors), len(trajectories), errors[0])
     return trajectories
 
 
@@ -218,6 +255,7 @@ class _Turns:
         info = result.info or {}
         if "env_error" in info:
             traj.tool_statuses.append("env_error")
+            traj.errors.append(str(info["env_error"]))
         if result.done:
             traj.done = True
             return False

@@ -58,7 +58,9 @@ class Tool:
     Attributes:
       name: the name the model writes in a call.
       fn: `fn(arguments) -> str`; `arguments` is the raw text between the parentheses of a tag call
-        (`TagCallFormat`) or the decoded JSON arguments (`HermesCallFormat`, `JsonCallFormat`).
+        (`TagCallFormat`) or the decoded JSON arguments (`HermesCallFormat`, `JsonCallFormat`). A dict
+        or list it returns is shown as JSON, any other value by `str` (a value whose `str` raises is
+        an `error` observation).
       description: one line for the tool list of a chat template.
       parameters: its JSON-schema parameters (chat templates' `tools=`).
     """
@@ -245,7 +247,7 @@ class ToolRunner:
 
         def target():
             try:
-                box["value"] = tool.fn(call.arguments)
+                box["value"] = _result_text(tool.fn(call.arguments))
             except Exception as e:  # noqa: BLE001 - a tool's failure becomes the model's observation
                 box["error"] = f"{type(e).__name__}: {e}"
 
@@ -256,11 +258,24 @@ class ToolRunner:
             return ToolResult(call.name, f"error: tool {call.name!r} timed out after {self.timeout_s:g} s", "timeout")
         if "error" in box:
             return ToolResult(call.name, f"error: {box['error']}"[: self.max_chars], "error")
-        text = str(box.get("value"))
+        text = box["value"]
         if len(text) > self.max_chars:
             note = f"...[truncated {len(text) - self.max_chars} chars]"
             return ToolResult(call.name, text[: self.max_chars] + note, "truncated")
         return ToolResult(call.name, text, "ok")
+
+
+def _result_text(value: Any) -> str:
+    """A tool's return value as observation text: a string as is, a dict or list as JSON (what chat
+    templates' tool messages carry), anything else by `str`."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        try:
+            return json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            pass
+    return str(value)
 
 
 # --------------------------------------------------------------------------------------- calculator

@@ -38,6 +38,8 @@ class Trajectory:
       done: the environment ended the episode (else it stopped at a limit: `truncated`).
       truncated: the episode hit the token budget, the turn limit or a turn's token limit.
       tool_statuses: the status of each tool call (`ToolResult.status`, or `no_tool_role`).
+      errors: the message of each failed environment step (status `env_error`: the step raised or
+        returned an invalid `StepResult`; the episode ended there with reward 0).
     """
 
     prompt: list[int]
@@ -49,6 +51,7 @@ class Trajectory:
     done: bool = False
     truncated: bool = False
     tool_statuses: list[str] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
 
     def add_action(self, ids, logprobs) -> None:
         start = len(self.tokens)
@@ -96,7 +99,7 @@ def trajectory_batch(trajectories: list[Trajectory], *, width: int, prompt_width
       [N], `turn_ends` [N, C] (True at the last token of each action turn), `rewards` [N].
     """
     n = len(trajectories)
-    p = prompt_width or max(len(t.prompt) for t in trajectories)
+    p = prompt_width if prompt_width is not None else max((len(t.prompt) for t in trajectories), default=0)
     out = {
         "prompt_tokens": np.full((n, p), pad_id, np.int32), "prompt_lengths": np.zeros((n,), np.int32),
         "completion_tokens": np.full((n, width), pad_id, np.int32), "completion_mask": np.zeros((n, width), bool),

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.agents.environment import ENVIRONMENTS, make_environment
-from rlhf_jax.agents.render import ChatRenderer, RawRenderer
+from rlhf_jax.agents.render import ChatRenderer, RawRenderer, detect_call_format
 from rlhf_jax.agents.rollout import AgentLimits, environment_reward, run_episodes, stats_metrics, trajectory_stats
 from rlhf_jax.agents.tools import TagCallFormat, ToolRunner
 from rlhf_jax.agents.trajectory import trajectory_batch, turn_token_rewards
@@ -74,14 +74,15 @@ class EnvironmentConfig:
       max_observation_chars: characters of a tool's result kept (the rest cut, with a note).
       concurrency: environments stepped at once (host threads).
       renderer: "raw" (observations as text) or "chat" (through the tokenizer's chat template and its
-        tool role; calls in the template's own format).
+        tool role; calls in the template's own format, `detect_call_format`, or in the
+        `call_open` / `call_close` tags when the template teaches none).
       num_slots: decode slots of the continuous-batching engine (one open session: each
         trajectory's next turn is submitted as soon as its environment step is back while the other
         slots keep decoding; on a sampler mesh with a data axis, that many slots per data-parallel
         group, one engine each), or None for one static batch per turn (`Sampler.generate`, on the
         run's mesh).
-      call_open, call_close: the tags around a call in the raw format (`<tool>calc(1+2)</tool>`);
-        decoding stops at `call_close`.
+      call_open, call_close: the tags around a call (`<tool>calc(1+2)</tool>`) in the raw format, and in
+        the chat format of a template without a call format of its own; decoding stops at `call_close`.
       result_open, result_close: the tags around a tool's result in the raw format.
     """
 
@@ -164,6 +165,9 @@ class AgenticPPORunConfig(rl.PPORunConfig):
 
 
 def _check_budget(config) -> None:
+    if config.rollout.continuous_slots:
+        raise ConfigError(f"rollout.continuous_slots={config.rollout.continuous_slots} has no effect on agentic "
+                          "rollouts: set environment.num_slots for continuous batching of trajectories")
     if config.environment.turn_tokens > config.rollout.max_new_tokens:
         raise ConfigError(f"environment.turn_tokens ({config.environment.turn_tokens}) must be <= "
                           f"rollout.max_new_tokens ({config.rollout.max_new_tokens}), the trajectory's budget")
@@ -201,7 +205,10 @@ class TrajectoryCollector(RolloutCollector):
         options = dict(call_format=environment.call_format, runner=environment.runner)
         probe = make_environment(environment.name, **options)
         if environment.renderer == "chat":
-            self.renderer = ChatRenderer(self.tokenizer, tools=list(getattr(probe, "tools", {}).values()))
+            # The template's own call format, else the configured tags (call_open / call_close).
+            fmt = detect_call_format(getattr(self.tokenizer, "chat_template", None)) or environment.call_format
+            self.renderer = ChatRenderer(self.tokenizer, tools=list(getattr(probe, "tools", {}).values()),
+                                         call_format=fmt)
             if hasattr(probe, "call_format"):
                 options["call_format"] = self.renderer.call_format
         else:
