@@ -10,6 +10,7 @@
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -206,3 +207,39 @@ def test_every_strategy_places_the_adapters():
     assert tuple(shardings["lora"]["layers"]["q"]["b"].spec) == (None, None, "tensor")
     assert jnp.dtype(lm.abstract_params()["lora"]["layers"]["q"]["a"].dtype) == jnp.float32
 
+
+
+def test_a_scalar_heads_score_gets_the_full_models_gradient():
+    """A LoRA reward model or critic trains its (new, random) score head beside the adapters: with
+    zero B the adapted model is the base, so d(values)/d(score) equals the plain model's exactly
+    (the frozen base's stop-gradient once covered the score too, leaving it untrained)."""
+    plain = CausalLM(tiny_config(), head="scalar")
+    lm = LoraLM(plain, LoraConfig(rank=4, targets=("q", "v")))
+    base = host_params("scalar")
+    params = lm.init_from_base(base, jax.random.key(1))
+    tokens = jnp.asarray(BATCHES[0]["tokens"])
+    ours = jax.grad(lambda s: lm.forward({**params, "score": s}, tokens).values.sum())(params["score"])
+    want = jax.grad(lambda s: plain.forward({**base, "score": s}, tokens).values.sum())(base["score"])
+    assert float(jnp.abs(want).max()) > 0
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(want), rtol=1e-6, atol=1e-6)
+    # The frozen base still gets none.
+    frozen = jax.grad(lambda p: lm.forward(p, tokens).values.sum())(params)["base"]
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(frozen))
+
+
+def test_adapters_that_do_not_fit_the_config_are_refused():
+    """Adapters of another rank would run at this config's scale alpha / r, a missing target would be
+    skipped and an extra one applied unmerged only: each is a ValueError naming the target."""
+    lm = _lora_lm(LoraConfig(rank=4, targets=("q", "v")))
+    def adapters(rank, targets):
+        return _lora_lm(LoraConfig(rank=rank, targets=targets)).init_adapters(jax.random.key(0))
+    with pytest.raises(ValueError, match=re.escape(
+            "LoraLM: the adapters do not fit the lora config (rank 4, targets ['q', 'v']) on this model: "
+            "q.a: shape (2, 64, 8), expected (2, 64, 4); q.b: shape (2, 8, 4, 16), expected (2, 4, 4, 16)")):
+        lm.init_from_base(host_params(), None, adapters(8, ("q", "v")))
+    with pytest.raises(ValueError, match=r"on this model: v: missing$"):
+        lm.init_from_base(host_params(), None, adapters(4, ("q",)))
+    with pytest.raises(ValueError, match=r"on this model: k: not a target of this config$"):
+        lm.init_from_base(host_params(), None, adapters(4, ("q", "k", "v")))
+    fitting = adapters(4, ("q", "v"))
+    assert lm.init_from_base(host_params(), None, fitting)["lora"] is fitting

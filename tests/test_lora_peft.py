@@ -219,3 +219,42 @@ def test_damaged_adapter_directories_name_the_file_and_key(tmp_path):
         os.umask(umask)
     assert os.stat(good).st_mode & 0o777 == 0o755
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_save_refuses_adapters_that_do_not_fit_and_load_takes_peft_spellings(tmp_path):
+    """save_peft of adapters that do not match `lora` (another rank: reshaped into garbage; a target
+    missing from `lora`: silently dropped) is a ValueError and writes nothing. load_peft accepts what
+    PEFT accepts: a target_modules list with a name no module has (PEFT skips it when another name
+    matches), and names a modules_to_save full copy as such."""
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file as save_tensors
+
+    from rlhf_jax.models.lora_peft import ADAPTER_WEIGHTS
+    from rlhf_jax.testing import tiny_config
+
+    config = tiny_config()
+    rank8 = LoraLM(CausalLM(config), LoraConfig(rank=8, targets=("q", "v"))).init_adapters(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"save_peft: the adapters do not fit the lora config \(rank 4, targets "
+                                         r"\['q', 'v'\]\) on this model: q\.a: shape \(2, 64, 8\), expected "
+                                         r"\(2, 64, 4\)"):
+        save_peft(tmp_path / "rank", config, LoraConfig(rank=4, targets=("q", "v")), rank8)
+    with pytest.raises(ValueError, match=r"on this model: v: not a target of this config$"):
+        save_peft(tmp_path / "dropped", config, LoraConfig(rank=8, targets=("q",)), rank8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    lora = LoraConfig(rank=8, targets=("q", "v"))
+    out = save_peft(tmp_path / "ok", config, lora, rank8)
+    raw = json.loads((out / ADAPTER_CONFIG).read_text())
+    (out / ADAPTER_CONFIG).write_text(json.dumps({**raw, "target_modules": ["q_proj", "v_proj", "c_attn"]}))
+    found, adapters, _ = load_peft(out, config)
+    assert found == lora
+    for got, want in zip(jax.tree.leaves(adapters), jax.tree.leaves(rank8)):
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+    (out / ADAPTER_CONFIG).write_text(json.dumps({**raw, "modules_to_save": ["lm_head"]}))
+    tensors = load_file(out / ADAPTER_WEIGHTS)
+    save_tensors({**tensors, "base_model.model.lm_head.weight": np.zeros((256, 64), np.float32)},
+                 str(out / ADAPTER_WEIGHTS))
+    with pytest.raises(HFCheckpointError, match=r"tensor 'base_model\.model\.lm_head\.weight' is a full copy of a "
+                                                r"module \(modules_to_save \['lm_head'\]\), not a LoRA adapter"):
+        load_peft(out, config)

@@ -203,3 +203,17 @@ def test_setting_a_lora_key_turns_lora_on_from_the_command_line():
         override(config, ["lora.rank=0"])
     with pytest.raises(ConfigError, match=r"unknown key 'lora.rnk'"):
         override(config, ["lora.rnk=3"])
+
+
+def test_a_scalar_head_model_with_only_an_lm_head_target_is_named():
+    """The run's lm_head target does not apply to a reward model or critic (no LM head); when it is the
+    only target, the error says so instead of 'lora.targets must name at least one projection'."""
+    from rlhf_jax.config import ConfigError
+
+    config = dataclasses.replace(tiny.sft_tiny(), lora=LoraConfig(rank=4, targets=("lm_head",)))
+    assert isinstance(make_model(config), LoraLM)
+    with pytest.raises(ConfigError, match=r"lora.targets \['lm_head'\] leave nothing to adapt on a scalar-head "
+                                          r"model \(a reward model or PPO's critic has no LM head\)"):
+        make_model(config, head="scalar")
+    critic = make_model(dataclasses.replace(config, lora=SMALL_LORA), head="scalar")
+    assert critic.lora.targets == ("q", "v") and critic.head == "scalar"

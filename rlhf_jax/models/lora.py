@@ -57,7 +57,7 @@ from rlhf_jax.models.transformer import CausalLM, KVCache, ModelOutput
 from rlhf_jax.state import Frozen
 
 __all__ = ["LAYER_TARGETS", "TARGETS", "LoraConfig", "AdapterSpec", "adapter_specs", "init_adapters",
-           "adapter_axes", "LoraLM", "base_params", "adapters_of", "nest_adapters"]
+           "adapter_axes", "check_adapters", "LoraLM", "base_params", "adapters_of", "nest_adapters"]
 
 LAYER_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 # The rank axis has no logical name: no rule table splits it (r is 4-64; splitting it would add a
@@ -194,6 +194,27 @@ def adapter_axes(config: ModelConfig, lora: LoraConfig) -> dict:
     return nest_adapters({name: {"a": s.a_axes, "b": s.b_axes} for name, s in adapter_specs(config, lora).items()})
 
 
+def check_adapters(config: ModelConfig, lora: LoraConfig, adapters: Mapping[str, Any], *, caller: str) -> None:
+    """Raise ValueError unless `adapters` (a `lora` params tree, arrays or abstract shapes) holds exactly
+    `lora.targets`, with `a` and `b` of the shapes `adapter_specs` gives for a model of `config`."""
+    specs = adapter_specs(config, lora)
+    flat = adapters_of(adapters)
+    problems = [f"{t}: missing" for t in specs if t not in flat]
+    problems += [f"{t}: not a target of this config" for t in flat if t not in specs]
+    for name, spec in specs.items():
+        ab = flat.get(name)
+        if ab is None:
+            continue
+        for part, want in (("a", spec.a_shape), ("b", spec.b_shape)):
+            x = ab.get(part) if isinstance(ab, Mapping) else None
+            got = None if x is None else tuple(x.shape)
+            if got != want:
+                problems.append(f"{name}.{part}: {'missing' if got is None else f'shape {got}'}, expected {want}")
+    if problems:
+        raise ValueError(f"{caller}: the adapters do not fit the lora config (rank {lora.rank}, targets "
+                         f"{list(lora.targets)}) on this model: " + "; ".join(problems))
+
+
 def init_adapters(config: ModelConfig, lora: LoraConfig, rng) -> dict:
     """Fresh float32 adapters as PEFT initialises them: the adapted model equals the base.
 
@@ -257,7 +278,14 @@ class LoraLM:
 
     def init_from_base(self, base, rng, adapters=None) -> dict:
         """`{"base": Frozen(base), "lora": adapters}` around existing base parameters (fresh adapters
-        from `rng` unless given); a scalar head's `score` sits beside them, trained."""
+        from `rng` unless given); a scalar head's `score` sits beside them, trained.
+
+        Raises:
+          ValueError: given `adapters` whose targets or shapes differ from this model's `lora` config
+            (another rank would run at this config's scale alpha / r; a missing target would be skipped).
+        """
+        if adapters is not None:
+            check_adapters(self.config, self.lora, adapters, caller="LoraLM")
         frozen, trained = self._split(base)
         return {"base": Frozen(frozen), **trained, "lora": self.init_adapters(rng) if adapters is None else adapters}
 
@@ -283,6 +311,12 @@ class LoraLM:
                             is_leaf=lambda x: isinstance(x, Mapping) and "a" in x)
 
     # ------------------------------------------------------------------------------------ forward
+    @staticmethod
+    def _base_for_forward(params) -> dict:
+        """`base_params(params)` with the gradient stopped at the frozen weights only: a scalar head's
+        `score` beside them trains."""
+        return base_params({**params, "base": jax.lax.stop_gradient(params["base"])})
+
     def forward(self, params, tokens, positions=None, segment_ids=None, *, cache: KVCache | None = None,
                 rng=None, prefill=False) -> ModelOutput:
         """The base forward with every adapter applied unmerged: `x·W + s·(drop(x)·A)·B`.
@@ -292,14 +326,14 @@ class LoraLM:
           tokens, positions, segment_ids, cache, prefill: as `CausalLM.forward`.
           rng: key of the adapters' dropout (training); None (or `dropout=0`) = deterministic.
         """
-        base = jax.lax.stop_gradient(base_params(params))
+        base = self._base_for_forward(params)
         dropout = (self.lora.dropout, rng) if rng is not None and self.lora.dropout > 0 else None
         return self.base.forward(base, tokens, positions, segment_ids, cache=cache,
                                  adapters=self.scaled_adapters(params["lora"]), dropout=dropout, prefill=prefill)
 
     def lm_head_weight(self, params):
         """The [E, V] output projection, `W + s·A·B` when the LM head is adapted."""
-        w = self.base.lm_head_weight(jax.lax.stop_gradient(base_params(params)))
+        w = self.base.lm_head_weight(self._base_for_forward(params))
         head = params["lora"].get("lm_head")
         if head is None:
             return w

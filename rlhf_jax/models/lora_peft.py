@@ -35,7 +35,7 @@ import numpy as np
 from safetensors import safe_open
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.lora import LAYER_TARGETS, LoraConfig, adapter_specs, adapters_of, nest_adapters
+from rlhf_jax.models.lora import LAYER_TARGETS, LoraConfig, adapter_specs, adapters_of, check_adapters, nest_adapters
 from rlhf_jax.models.hf_config import HFCheckpointError, check_replaceable, json_int, json_number
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_MODULES", "save_peft", "load_peft", "read_peft_config"]
@@ -99,11 +99,15 @@ def save_peft(path: str | os.PathLike, config: ModelConfig, lora: LoraConfig, ad
 
     Returns:
       The directory's path.
+
+    Raises:
+      ValueError: `adapters` do not have `lora`'s targets and rank on a model of `config`.
     """
     from rlhf_jax.models.hf import _publish, write_tensors  # noqa: PLC0415 -- hf imports much more than this needs
 
     target = Path(path)
     check_replaceable(target, overwrite=overwrite, caller="save_peft")
+    check_adapters(config, lora, adapters, caller="save_peft")  # else reshaped by the wrong rank, or dropped
     tensors = _peft_tensors(config, lora, adapters_of(adapters))
     seq_cls = head_params is not None
     if seq_cls:
@@ -162,6 +166,10 @@ def read_peft_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
     for name in names:
         if name == _PREFIX + "score.weight" or name in _BASE_COPIES:
             continue
+        if ".lora_" not in name:  # a trained full copy of a module (PEFT's modules_to_save)
+            raise HFCheckpointError(f"{weights}: tensor {name!r} is a full copy of a module (modules_to_save "
+                                    f"{raw.get('modules_to_save')!r}), not a LoRA adapter; load_peft reads LoRA "
+                                    "adapters and a sequence classifier's score head only")
         module = name.split(".lora_")[0].rsplit(".", 1)[-1]
         if module not in _TARGET_OF:
             raise HFCheckpointError(f"{weights}: tensor {name!r} adapts module {module!r}, which is none of "
@@ -169,7 +177,9 @@ def read_peft_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
         targets.add(_TARGET_OF[module])
     listed = raw.get("target_modules")
     if isinstance(listed, list) and all(isinstance(m, str) for m in listed):  # not a regex / "all-linear"
-        modules = {m.rsplit(".", 1)[-1] for m in listed}
+        # A name no module of these models has (e.g. another architecture's `c_attn`) matched nothing
+        # in PEFT either, which allows that as long as some name matched.
+        modules = {m.rsplit(".", 1)[-1] for m in listed} & set(_TARGET_OF)
         stored = {PEFT_MODULES[t] for t in targets}
         if modules != stored:
             raise HFCheckpointError(

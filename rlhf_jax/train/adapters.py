@@ -46,6 +46,9 @@ def make_model(config, *, head: str = "lm") -> CausalLM | LoraLM:
     if lora is None:
         return model
     if head == "scalar" and "lm_head" in lora.targets:
+        if lora.targets == ("lm_head",):
+            raise ConfigError("lora.targets ['lm_head'] leave nothing to adapt on a scalar-head model (a reward "
+                              "model or PPO's critic has no LM head); add a layer projection, e.g. q and v")
         lora = dataclasses.replace(lora, targets=tuple(t for t in lora.targets if t != "lm_head"))
     if lora.quantize != "none":
         from rlhf_jax.models.qlora import QLoraLM  # noqa: PLC0415 -- qwix loads only for QLoRA runs
