@@ -206,7 +206,9 @@ def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float
     """Normalise to zero mean and unit variance over the masked entries of the whole batch.
 
     `(x - mu) / sqrt(sigma^2 + eps)` with the masked mean `mu` and (population) variance `sigma^2`;
-    with `shift_mean=False` the mean is added back (only the scale changes).
+    with `shift_mean=False` the mean is added back (only the scale changes). Values equal over the
+    mask give exactly 0 (the mean is taken of `x` minus its first masked-in value, so it has no
+    rounding residue to amplify by `1 / sqrt(eps)`), and a zero `sigma^2 + eps` divides by 1, not 0.
 
     Args:
       x: `[...]` values, e.g. advantages `[B, T]`.
@@ -225,11 +227,16 @@ def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float
     _checks.check_same_shape(fn, x=x, mask=mask)
     _checks.check_nonnegative(fn, "eps", eps)
     v = _checks.f32(x)
-    mean = _checks.masked_mean(v, mask)
-    var = _checks.masked_mean(jnp.square(v - mean), mask)
-    out = (v - mean) * jax.lax.rsqrt(var + eps)
+    if v.size == 0:
+        return v
+    first = jnp.argmax(jnp.reshape(_checks.mask_f32(mask) != 0, -1))
+    shift = jnp.reshape(v, -1)[first]
+    d = v - shift
+    mean = _checks.masked_mean(d, mask)
+    var = _checks.masked_mean(jnp.square(d - mean), mask)
+    out = (d - mean) / _checks.safe_denominator(jnp.sqrt(var + eps))
     if not shift_mean:
-        out = out + mean
+        out = out + (mean + shift)
     return _checks.apply_mask(out, mask)
 
 

@@ -12,6 +12,7 @@ Both controllers share `KLControllerState`, so a training state can hold either 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,8 +38,11 @@ class KLController(NamedTuple):
 
 
 def _check_update_args(fn: str, observed_kl: object, n_steps: object, horizon: float | None) -> None:
-    """Trace-time checks of `update`'s arguments: a scalar KL, an integer `0 <= n_steps (<= horizon)`."""
-    _checks.check_scalar(fn, "observed_kl", observed_kl)
+    """Trace-time checks of `update`'s arguments: a scalar KL (finite, when concrete: a NaN would stay in
+    `kl_coef` for good), an integer `0 <= n_steps (<= horizon)`."""
+    kl = _checks.scalar_value(fn, "observed_kl", observed_kl)
+    if kl is not None and not math.isfinite(kl):
+        raise ValueError(f"{fn}: observed_kl must be finite, got {observed_kl!r}")
     n = _checks.scalar_value(fn, "n_steps", n_steps)
     if _checks.is_number(n_steps):
         if not float(n_steps).is_integer():

@@ -143,6 +143,19 @@ def test_whiten():
     np.testing.assert_allclose(np.asarray(kept)[mask > 0].std(), 1.0, rtol=1e-5)
 
 
+def test_whiten_constant_values_give_exact_zeros_and_eps_zero_is_finite():
+    # A mean with a rounding residue (37 x 100.3 in float32) used to come back amplified by
+    # 1 / sqrt(eps): 0.29 per token instead of 0; and eps=0 gave NaN for one token or equal values.
+    const = jnp.full((3, 37), 100.3)
+    np.testing.assert_array_equal(whiten(const, jnp.ones((3, 37))), 0.0)
+    np.testing.assert_array_equal(whiten(const, jnp.ones((3, 37)), shift_mean=False), const)
+    np.testing.assert_array_equal(reinforce_plus_plus(_f32([1.1, 1.1, 1.1]), jnp.ones((3, 37))), 0.0)
+    np.testing.assert_array_equal(whiten(_f32([[3.0, 0.0, 0.0]]), _f32([[1, 0, 0]]), eps=0.0), [[0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(whiten(_f32([[3.0, 3.0, 7.0]]), _f32([[1, 1, 0]]), eps=0.0), [[0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(whiten(_f32([[1.0, 3.0, 9.0]]), _f32([[1, 1, 0]]), eps=0.0), [[-1.0, 1.0, 0.0]])
+    assert whiten(jnp.zeros((0, 3)), jnp.zeros((0, 3))).shape == (0, 3)
+
+
 def test_per_token_rewards_hand_computed():
     scores = _f32([2.0, -1.0, 5.0])
     mask = _f32([[1, 1, 1, 0], [1, 0, 1, 1], [0, 0, 0, 0]])
@@ -246,6 +259,11 @@ def test_adaptive_kl_controller_update_checks_its_arguments():
         ctl.update(s0, jnp.array([1.0, 12.0]), 1)
     with pytest.raises(ValueError, match="observed_kl must be a scalar"):
         fixed_kl_controller(kl_coef=0.1).update(s0, jnp.ones(2), 1)
+    # a NaN observation would make kl_coef NaN for the rest of the run
+    with pytest.raises(ValueError, match=r"adaptive_kl_controller.update: observed_kl must be finite, got nan"):
+        ctl.update(s0, float("nan"), 1)
+    with pytest.raises(ValueError, match="observed_kl must be finite"):
+        ctl.update(s0, jnp.array(jnp.inf), 1)
     # the bound n = H: the largest step, still >= 0; and unchanged under jit
     np.testing.assert_allclose(ctl.update(s0, 0.0, 10).kl_coef, 0.2 * 0.8, rtol=1e-6)
     np.testing.assert_allclose(jax.jit(ctl.update)(s0, 12.0, 10).kl_coef, 0.2 * 1.2, rtol=1e-6)

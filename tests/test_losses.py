@@ -93,6 +93,20 @@ def test_sft_loss_matches_numpy_and_ignores_masked_labels():
     _grad_check(lambda z: sft_loss(z, jnp.asarray(labels), jnp.asarray(mask)), _f32(logits))
 
 
+def test_sft_loss_rejects_out_of_vocab_labels_inside_the_mask():
+    # HF-style labels (-100 on the prompt) with the attention mask as `mask` would gather -100: NaN.
+    logits, labels = jnp.zeros((1, 3, 4)), jnp.array([[-100, 2, 1]])
+    with pytest.raises(ValueError, match=r"sft_loss: labels must be in \[0, 4\) where mask is set, got -100 at "
+                                         r"\(0, 0\) \(1 such positions\).*mask = labels != -100"):
+        L.sft_loss(logits, labels, jnp.ones((1, 3)))
+    with pytest.raises(ValueError, match=r"got 4 at \(0, 2\)"):
+        L.sft_loss(logits, jnp.array([[0, 1, 4]]), jnp.ones((1, 3)))
+    with pytest.raises(TypeError, match="sft_loss: labels must be an integer array"):
+        L.sft_loss(logits, jnp.array([[0.0, 1.0, 2.0]]), jnp.ones((1, 3)))
+    # The same labels with the ignored position masked out are fine (and list inputs are checked too).
+    np.testing.assert_allclose(L.sft_loss(logits, labels, [[0, 1, 1]]), [[0.0, np.log(4), np.log(4)]], rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- Bradley-Terry
 def test_bradley_terry_hand_computed():
     c, r = _f32([2.0, 0.0]), _f32([1.0, 0.0])
@@ -394,6 +408,35 @@ def test_kl_estimators_match_numpy_and_are_exactly_zero_on_equal_inputs():
     assert np.isfinite(np.asarray(kl_divergence(_f32([[-200.0]]), _f32([[0.0]]), estimator="k3"))).all()
 
 
+def test_kl_estimators_expectations_and_gradients_against_exact_kl():
+    # Oracle independent of the code: two small categoricals pi = softmax(theta), pi_ref, and
+    # y ~ pi. Unbiasedness: E[k1] = E[k3] = KL(pi || pi_ref), exactly and by Monte Carlo. As losses
+    # on fixed samples: E[grad k1] = 0, E[grad k2] = grad KL(pi || pi_ref) (Schulman's note),
+    # E[grad k3] = grad KL(pi_ref || pi).
+    theta = _f32([0.3, -1.2, 0.8, 0.0, -0.4])
+    ref = jax.nn.log_softmax(_f32([-0.5, 0.4, 0.2, -1.0, 0.9]))
+    lp = jax.nn.log_softmax(theta)
+    p, q = np.exp(np.asarray(lp, np.float64)), np.exp(np.asarray(ref, np.float64))
+    kl = float(np.sum(p * np.log(p / q)))
+    for name in ("k1", "k3"):
+        np.testing.assert_allclose(float(jnp.sum(jnp.exp(lp) * kl_divergence(lp, ref, estimator=name))), kl, rtol=1e-5)
+        y = jax.random.categorical(jax.random.PRNGKey(0), lp, shape=(200_000,))
+        samples = np.asarray(kl_divergence(lp[y], ref[y], estimator=name))
+        assert abs(samples.mean() - kl) < 4 * samples.std() / np.sqrt(samples.size), name
+
+    def expected_grad(name):
+        def f(t):
+            logp = jax.nn.log_softmax(t)
+            return jnp.sum(jax.lax.stop_gradient(jnp.exp(logp)) * L.kl_divergence(logp, ref, estimator=name))
+        return np.asarray(jax.grad(f)(theta))
+
+    forward = jax.grad(lambda t: jnp.sum(jnp.exp(jax.nn.log_softmax(t)) * (jax.nn.log_softmax(t) - ref)))(theta)
+    reverse = jax.grad(lambda t: jnp.sum(jnp.exp(ref) * (ref - jax.nn.log_softmax(t))))(theta)
+    np.testing.assert_allclose(expected_grad("k1"), 0.0, atol=1e-6)
+    np.testing.assert_allclose(expected_grad("k2"), forward, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(expected_grad("k3"), reverse, rtol=1e-5, atol=1e-6)
+
+
 def test_entropy_bonus_is_negative_masked_entropy():
     logits = RNG.standard_normal((B, T, V))
     mask = np.ones((B, T))
@@ -561,6 +604,29 @@ def test_preference_metrics_checks_shapes(kwargs):
 def test_integer_logprobs_and_values_are_rejected(call, name):
     with pytest.raises(TypeError, match=f"{name} must be floating point"):
         call()
+
+
+def test_non_binary_masks_are_refused_by_losses_that_mask_and_weight_once_in_aggregate():
+    # A loss zeroes masked tokens by multiplying by its mask and aggregate weights by it again: a
+    # 0.5 weight used to count as 0.25 (ppo + aggregate gave -0.833 for a weighted mean of -1).
+    lp, z = _f32([[-1.0, -2.0]]), jnp.zeros((1, 2))
+    weights = _f32([[0.5, 1.0]])
+    calls = {
+        "ppo_policy_loss": lambda m: L.ppo_policy_loss(lp, lp, _f32([1.0]), m),
+        "cispo_loss": lambda m: L.cispo_loss(lp, lp, _f32([1.0]), m),
+        "value_loss": lambda m: L.value_loss(lp, lp, z, m),
+        "sft_loss": lambda m: L.sft_loss(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2), jnp.int32), m),
+        "entropy_bonus": lambda m: L.entropy_bonus(jnp.zeros((1, 2, 3)), m),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{name}: mask must be bool or 0/1, got values \[0.5\]; per-token "
+                                             r"weights would count twice"):
+            call(weights)
+        call(jnp.array([[True, False]]))  # bool, int and float 0/1 masks are fine
+        call(jnp.array([[1, 0]]))
+    loss, _ = L.ppo_policy_loss(lp, lp, _f32([1.0]), jnp.ones((1, 2)))  # ratio 1: loss -A = -1 per token
+    np.testing.assert_allclose(L.aggregate(loss, weights), -1.0, rtol=1e-6)
+    np.testing.assert_allclose(L.aggregate(_f32([[1.0, 4.0]]), weights), (0.5 + 4.0) / 1.5, rtol=1e-6)
 
 
 def test_empty_batches_raise_except_aggregate():

@@ -61,6 +61,9 @@ def test_simpo_and_orpo_golden():
     (lambda: DPO(loss_type="kto"), r"algorithm.loss_type \(DPO\) must be one of"),
     (lambda: DPO(beta=0.0), r"algorithm.beta \(DPO\) must be > 0, got 0.0"),
     (lambda: DPO(label_smoothing=0.5), r"algorithm.label_smoothing \(DPO\) must be in \[0, 0.5\)"),
+    # Used to pass here and fail only when the first training step was traced (a dpo_loss ValueError).
+    (lambda: DPO(loss_type="ipo", label_smoothing=0.1),
+     r"algorithm.label_smoothing \(DPO\) applies to loss_type 'sigmoid' and 'robust' only, got 0.1 with loss_type 'ipo'"),
     (lambda: SimPO(nll_weight=-1.0), r"algorithm.nll_weight \(SimPO\) must be >= 0"),
     (lambda: KTO(reference_point="batch"), r"algorithm.reference_point \(KTO\)"),
 ])

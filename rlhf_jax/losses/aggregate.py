@@ -6,6 +6,7 @@ from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import _checks
 
@@ -37,7 +38,7 @@ def aggregate(
 
     Args:
       per_token: `[B, T]` per-token losses (any float dtype).
-      mask: `[B, T]` bool or 0/1 mask.
+      mask: `[B, T]` bool or 0/1 mask, or non-negative per-token weights (applied once, here).
       mode: one of `AggregateMode`.
       num_tokens: global token count (`token_mean` only).
       max_len: Dr.GRPO's constant `L` (`seq_mean_token_sum_norm` only), e.g. the maximum completion
@@ -109,3 +110,20 @@ def count_sequences(mask: jax.Array) -> jax.Array:
     """
     _checks.check_rank("count_sequences", "mask", mask, 2)
     return jnp.sum((jnp.sum(_checks.mask_f32(mask), axis=-1) > 0).astype(jnp.float32))
+
+
+def check_loss_mask(fn: str, mask: jax.Array) -> None:
+    """Raise ValueError when a concrete (non-traced) mask holds values other than 0 and 1.
+
+    A per-token loss that is zero where masked multiplies by its mask, and `aggregate` weights by
+    the mask again: a weight `w` there would count as `w^2`. Weights belong in `aggregate`'s mask only.
+    """
+    m = _checks.host_values(mask)
+    if m is None:
+        return
+    bad = (m != 0) & (m != 1)
+    if np.any(bad):
+        values = sorted({float(v) for v in np.asarray(m)[bad].ravel()})[:5]
+        raise ValueError(f"{fn}: mask must be bool or 0/1, got values {values}; per-token weights would count "
+                         f"twice (in this loss and in aggregate): pass a 0/1 mask here and the weights as "
+                         f"aggregate's mask")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from rlhf_jax import _checks
+from rlhf_jax.losses.aggregate import check_loss_mask
 from rlhf_jax.logprobs import token_entropy
 
 
@@ -16,7 +17,7 @@ def entropy_bonus(logits: jax.Array, mask: jax.Array, *, temperature: float | ja
 
     Args:
       logits: `[B, T, V]` logits.
-      mask: `[B, T]` completion mask.
+      mask: `[B, T]` bool or 0/1 completion mask (weights go in `aggregate`'s mask only).
       temperature: sampling temperature (> 0).
 
     Returns:
@@ -34,4 +35,5 @@ def entropy_bonus(logits: jax.Array, mask: jax.Array, *, temperature: float | ja
     _checks.check_rank(fn, "logits", logits, 3)
     if logits.shape[:-1] != mask.shape:
         raise ValueError(f"{fn}: mask shape {mask.shape} must equal logits shape without vocab, {logits.shape[:-1]}")
+    check_loss_mask(fn, mask)
     return -_checks.apply_mask(token_entropy(logits, temperature=temperature), mask)

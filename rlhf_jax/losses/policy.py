@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import _checks
+from rlhf_jax.losses.aggregate import check_loss_mask
 
 RatioLevel = Literal["token", "sequence"]
 Metrics = dict[str, jax.Array]
@@ -31,6 +32,7 @@ def _check_policy_inputs(
     _checks.check_same_shape(fn, logps=logps, old_logps=old_logps, mask=mask)
     _checks.check_floating(fn, "logps", logps)
     _checks.check_floating(fn, "old_logps", old_logps)
+    check_loss_mask(fn, mask)
     adv = _checks.f32(advantages)
     if adv.ndim == 1 and adv.shape[0] == logps.shape[0]:
         return jnp.broadcast_to(adv[:, None], logps.shape)
@@ -78,7 +80,7 @@ def ppo_policy_loss(
       logps: `[B, T]` float32 log-probs of the sampled tokens under the current policy.
       old_logps: `[B, T]` log-probs under the sampling policy (treated as constants).
       advantages: `[B]` per-sequence or `[B, T]` per-token advantages.
-      mask: `[B, T]` completion mask.
+      mask: `[B, T]` bool or 0/1 completion mask (weights go in `aggregate`'s mask only).
       clip_eps: lower clip `eps_low` (and upper, unless `clip_eps_high` is set), in (0, 1].
       clip_eps_high: upper clip `eps_high` > 0; DAPO's clip-higher uses 0.28 with `clip_eps=0.2`.
       dual_clip: the dual-clip constant `c > 1` (3.0 in the paper), or None.
@@ -159,7 +161,7 @@ def cispo_loss(
       logps: `[B, T]` log-probs under the current policy.
       old_logps: `[B, T]` log-probs under the sampling policy.
       advantages: `[B]` or `[B, T]`.
-      mask: `[B, T]` completion mask.
+      mask: `[B, T]` bool or 0/1 completion mask (weights go in `aggregate`'s mask only).
       clip_eps_high: upper bound `eps_high > 0` of the importance weight.
       clip_eps_low: lower bound `eps_low` in (0, 1], or None for none.
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import _checks
+from rlhf_jax.losses.aggregate import check_loss_mask
 
 
 def value_loss(
@@ -25,7 +26,7 @@ def value_loss(
       values: `[B, T]` current value predictions.
       old_values: `[B, T]` value predictions at rollout time (constants).
       returns: `[B, T]` regression targets, e.g. the `returns` of `advantages.gae`.
-      mask: `[B, T]` completion mask.
+      mask: `[B, T]` bool or 0/1 completion mask (weights go in `aggregate`'s mask only).
       clip_range: `c > 0`, or None for the unclipped loss.
 
     Returns:
@@ -43,6 +44,7 @@ def value_loss(
     _checks.check_same_shape(fn, values=values, old_values=old_values, returns=returns, mask=mask)
     for name, x in (("values", values), ("old_values", old_values), ("returns", returns)):
         _checks.check_floating(fn, name, x)
+    check_loss_mask(fn, mask)
     if clip_range is not None:
         _checks.check_positive(fn, "clip_range", clip_range)
     v = _checks.f32(values)

@@ -90,6 +90,9 @@ class DPO:
         _nonnegative("DPO", "nll_weight", self.nll_weight)
         if not 0 <= self.label_smoothing < 0.5:
             _fail("DPO", "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            _fail("DPO", "label_smoothing", f"applies to loss_type 'sigmoid' and 'robust' only, got "
+                  f"{self.label_smoothing!r} with loss_type {self.loss_type!r}")
 
     @property
     def needs_reference(self) -> bool:
