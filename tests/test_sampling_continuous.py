@@ -232,12 +232,54 @@ def test_request_errors(sampler, sp):
     (dict(stop_sequences=((-1, 147),)), ValueError, r"Request.stop_sequences\[0\] must hold token ids"),
     (dict(stop_ids="12"), TypeError, r"Request.stop_ids must be a sequence of token ids, got '12'"),
     (dict(stop_ids=3), TypeError, r"Request.stop_ids must be a sequence of token ids, got 3"),
+    # A bad seed used to fail at submit as "generate: rng must be ..." (naming neither Request nor seed).
+    (dict(seed="7"), TypeError, r"Request.seed must be None, an int or a single PRNG key, got '7'"),
+    (dict(seed=True), TypeError, r"Request.seed must be None, an int or a single PRNG key, got True"),
+    (dict(seed=2.0), TypeError, r"Request.seed must be None, an int or a single PRNG key, got 2.0"),
 ])
 def test_request_refuses_ambiguous_prompts_and_stop_ids(kwargs, error, message):
     with pytest.raises(error, match=message):
         Request(**{"prompt": [5, 17], "max_new_tokens": 2, **kwargs})
     ok = Request(prompt=np.array([5, 17]), max_new_tokens=2, stop_ids=np.array([3, 4]), stop_sequences=[[7, 8]])
     assert (ok.prompt, ok.stop_ids, ok.stop_sequences) == ((5, 17), (3, 4), ((7, 8),))
+
+
+def test_sliding_window_model_decodes_as_the_static_call():
+    """A sliding-window model through the default pool read: the route used to let each query see
+    every earlier key (greedy tokens diverged from the 3rd, log-probs off by 0.17). Greedy alone and a
+    sampled group of 3 sharing the prompt's blocks (extra reads) equal the static call."""
+    lm = CausalLM(tiny_config(sliding_window=5))
+    sampler = Sampler(lm, max_len=32, prompt_buckets=(16,), pad_id=0)
+    sp = sampler.load_params(lm.init(jax.random.key(0)))
+    prompt = list(range(20, 30))
+    reqs = [Request(prompt=prompt, max_new_tokens=12, method=Greedy()),
+            Request(prompt=prompt, max_new_tokens=12, method=Categorical(), num_samples=3, seed=4)]
+    outs = sampler.generate_requests(sp, reqs, num_slots=4, block_size=BLOCK, methods="all")
+    for out, req in zip(outs, reqs):
+        ref = sampler.generate(sp, [prompt], max_new_tokens=12, method=req.method, num_samples=req.num_samples,
+                               rng=0 if req.seed is None else req.seed)
+        for j in range(req.num_samples):
+            np.testing.assert_array_equal(out.tokens[j], np.asarray(ref.completion_tokens[j]), err_msg=f"{j}")
+            np.testing.assert_allclose(out.logprobs[j], np.asarray(ref.logprobs[j]), atol=1e-5)
+
+
+def test_call_arguments_fail_before_any_work(sampler, sp, static_greedy):
+    """max_segment_steps=0 decoded nothing and `run` looped forever; an iterator of requests was
+    consumed by the type check (TypeError: generator has no len()); a group whose prompt blocks
+    exceed the pool raised only once the requests before it had run (their outputs lost)."""
+    req = Request(prompt=PROMPTS[0], max_new_tokens=MAX_NEW, method=Greedy())
+    batcher = sampler.continuous_batcher(**POOL)
+    for steps in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"max_segment_steps must be an int >= 1, got {steps}"):
+            batcher.run(sp, [req], max_segment_steps=steps)
+    with pytest.raises(ValueError, match="max_segment_steps must be an int >= 1, got 0"):
+        batcher.session(sp, max_segment_steps=0)
+    outs = sampler.generate_requests(sp, iter([req, req]), **POOL)
+    assert len(outs) == 2 and all(np.array_equal(o.tokens[0], static_greedy[0][0]) for o in outs)
+    big = Request(prompt=[5] * 21, max_new_tokens=2, num_samples=8)     # 5 shared + 8 own blocks > 12
+    with pytest.raises(ValueError, match=r"request 1: its prompt needs 13 KV blocks for num_samples=8; the pool "
+                                         r"has 12 \(num_blocks\)"):
+        sampler.generate_requests(sp, [req, big], **POOL)
 
 
 def test_numpy_int_batcher_options_are_accepted(sampler, sp, static_greedy):
@@ -261,11 +303,25 @@ def test_to_sample_output_packs_rows_like_the_static_call():
     np.testing.assert_array_equal(so.logprobs[0], [-1.0, -2.0, 0, 0])
     np.testing.assert_array_equal(so.truncated, [False, True, False])
     np.testing.assert_array_equal(so.prompt_lengths, [3, 3, 1])
+    # Outputs that do not match the requests: an error, not a dropped request (zip stopped at the
+    # shorter list), an IndexError, or a token with a 0.0 log-prob under the completion mask.
+    with pytest.raises(ValueError, match="to_sample_output: 1 outputs for 2 requests"):
+        to_sample_output(reqs, outs[:1])
+    with pytest.raises(ValueError, match="to_sample_output: 0 outputs for 0 requests"):
+        to_sample_output([], [])
+    with pytest.raises(ValueError, match=r"output 0 has \(1, 1, 1\) .* num_samples=2"):
+        to_sample_output(reqs[:1], [RequestOutput(tokens=[np.asarray([4])], logprobs=[np.asarray([-1.0])],
+                                                  finish_reasons=["stop"])])
+    with pytest.raises(ValueError, match=r"output 1 sample 0: tokens \(2,\) and logprobs \(1,\)"):
+        to_sample_output(reqs, [outs[0], RequestOutput(tokens=[np.asarray([9, 9])], logprobs=[np.asarray([-3.0])],
+                                                       finish_reasons=["stop"])])
 
 
-def test_routed_attention_shared_blocks_equal_reference():
+@pytest.mark.parametrize("window", [None, 5])
+def test_routed_attention_shared_blocks_equal_reference(window):
     """Blocks shared by rows (a group's prompt) are read once more per further row (the extra reads):
-    every row's output = the reference einsum over its gathered view, for any extra capacity."""
+    every row's output = the reference einsum over its gathered view, for any extra capacity; with a
+    sliding window only the keys less than `window` positions back (the route ignored it once)."""
     from rlhf_jax.models.attention import reference_attention
     from rlhf_jax.models.paged import paged_view
 
@@ -278,10 +334,12 @@ def test_routed_attention_shared_blocks_equal_reference():
     q = jnp.asarray(r.standard_normal((5, 1, 4, 8)), jnp.float32)       # 2 query heads per kv head
     assert num_extra_reads(tables, n1 - 1) == 3                           # block 3 twice more, block 7 once
     view = jnp.arange(w * BLOCK)[None, None, :] <= pos[:, None, None]
+    if window is not None:
+        view = view & (pos[:, None, None] - jnp.arange(w * BLOCK)[None, None, :] < window)
     ref = jax.jit(lambda t: reference_attention(q, paged_view(pk, t), paged_view(pv, t), view, kv_axes="bksd"))(
         jnp.asarray(tables))
-    routed = jax.jit(lambda tables, extra: routed_attention(q, pk, pv, pool_route(tables, pos, n1, BLOCK, extra)),
-                     static_argnums=1)
+    routed = jax.jit(lambda tables, extra: routed_attention(
+        q, pk, pv, pool_route(tables, pos, n1, BLOCK, extra, sliding_window=window)), static_argnums=1)
     for extra in (3, 8):
         out = routed(jnp.asarray(tables), extra)
         np.testing.assert_allclose(np.asarray(out)[[0, 1, 2, 4]], np.asarray(ref)[[0, 1, 2, 4]], atol=1e-6)

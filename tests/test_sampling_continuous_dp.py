@@ -62,7 +62,8 @@ def test_engines_equal_one_device_batcher(lm, params, single, shape, strategy, e
     one-device batcher's (log-probs within 1e-5) whichever engine served it; every engine served some."""
     mesh = shd.make_mesh(shape, devices=jax.devices()[:4])
     sampler = Sampler(lm, max_len=32, prompt_buckets=BUCKETS, mesh=mesh, strategy=strategy)
-    outs = sampler.generate_requests(params, _requests(), rng=7, **OPTS)
+    # (an iterator of requests: `_check` used to consume it, leaving the engines an empty queue)
+    outs = sampler.generate_requests(params, iter(_requests()), rng=7, **OPTS)
     _assert_equal(outs, single[2])
     batcher = sampler.continuous_batcher(**OPTS)
     assert isinstance(batcher, DataParallelBatcher) and len(batcher.engines) == engines

@@ -136,13 +136,15 @@ class PoolRoute(NamedTuple):
 
 
 def pool_route(tables: jax.Array, positions: jax.Array, num_blocks: int, block_size: int,
-               num_extra: int = 0) -> PoolRoute:
+               num_extra: int = 0, sliding_window: int | None = None) -> PoolRoute:
     """The `PoolRoute` of rows with block tables `tables [B, W]` and query positions `positions [B]`.
 
     `num_blocks` counts the pool's blocks, its last (the trash block) included. Entry `(b, w)` of the
     tables is logical slot range `[w * bs, (w + 1) * bs)` of row `b`; block `n`'s owner is the row of
     its lowest entry `(b, w)` (row-major), the other entries holding `n` are the extra reads, of which
-    there must be at most `num_extra` (the caller counts them: `num_extra_reads`).
+    there must be at most `num_extra` (the caller counts them: `num_extra_reads`). `sliding_window`
+    (the model's `ModelConfig.sliding_window`): a query at `p` sees only slots `s` with `p - s < window`,
+    as `attention_mask` keeps them.
     """
     b, w = tables.shape
     trash = num_blocks - 1
@@ -153,7 +155,12 @@ def pool_route(tables: jax.Array, positions: jax.Array, num_blocks: int, block_s
     column = first % w
     owner_pos = jnp.where(owner >= 0, positions[jnp.maximum(owner, 0)], -1)
     offsets = jnp.arange(block_size, dtype=jnp.int32)
-    valid = column[:, None] * block_size + offsets[None, :] <= owner_pos[:, None]
+
+    def visible(slots, query):             # logical slots [M, bs] a query at position query [M] sees
+        seen = slots <= query[:, None]
+        return seen if sliding_window is None else seen & (query[:, None] - slots < sliding_window)
+
+    valid = visible(column[:, None] * block_size + offsets[None, :], owner_pos)
     onehot = (owner[None, :] == jnp.arange(b, dtype=jnp.int32)[:, None]).astype(jnp.float32)
     if num_extra:
         extra = (tables != trash) & (first[tables] != entry)
@@ -162,7 +169,7 @@ def pool_route(tables: jax.Array, positions: jax.Array, num_blocks: int, block_s
         used = jnp.arange(num_extra) < count
         rows = idx // w
         blocks = jnp.where(used, tables.reshape(-1)[idx], trash)
-        extra_valid = used[:, None] & ((idx % w)[:, None] * block_size + offsets[None, :] <= positions[rows][:, None])
+        extra_valid = used[:, None] & visible((idx % w)[:, None] * block_size + offsets[None, :], positions[rows])
     else:
         rows = blocks = jnp.zeros((0,), jnp.int32)
         extra_valid = jnp.zeros((0, block_size), bool)

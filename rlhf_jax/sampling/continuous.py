@@ -257,7 +257,8 @@ class ContinuousBatcher:
                 elif self.decode_read != "reference":  # the kernel reads through the tables
                     cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables)
                 elif self.attention == "pool":
-                    route = pool_route(tables, s.position, self.num_blocks + 1, bs, extra)
+                    route = pool_route(tables, s.position, self.num_blocks + 1, bs, extra,
+                                       model.config.sliding_window)
                     cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables, route)
                 else:
                     cache = PagedKVCache(jnp.stack(s.pool_k), jnp.stack(s.pool_v), tables[:, :width])
@@ -391,6 +392,11 @@ class ContinuousBatcher:
                              f"{self.sampler.max_len}")
         if req.num_samples > self.num_slots:
             raise ValueError(f"{where}: num_samples={req.num_samples} exceeds num_slots={self.num_slots}")
+        blocks = sum(self._admit_blocks(len(prompt), req.num_samples))
+        if blocks > self.num_blocks:     # said up front: admission would fail only once the pool is empty
+            raise ValueError(f"{where}: its prompt needs {blocks} KV blocks for num_samples={req.num_samples}; "
+                             f"the pool has {self.num_blocks} "
+                             "(num_blocks): raise num_blocks or lower its num_samples")
         outside = sorted({i for i in req.stop_ids + sum(req.stop_sequences, ()) if i >= vocab})
         if outside:  # an id the model never samples would silently never stop the request
             raise ValueError(f"{where}: stop_ids / stop_sequences hold ids {outside} outside the vocabulary [0, {vocab})")
@@ -415,9 +421,17 @@ class ContinuousBatcher:
             stop_ids=stop_ids, stop_seqs=seqs, stop_lens=lens,
         )
 
+    def _admit_blocks(self, length: int, n: int) -> tuple[int, int]:
+        """Blocks a group of `n` samples takes at admission with `length` tokens: (shared, n x own).
+        A group holds the full blocks before the one where decoding starts once; each sample owns the rest."""
+        shared = (length - 1) // self.block_size if n > 1 else 0
+        return shared, n * (-(-length // self.block_size) - shared)
+
     def run(self, params, requests: Sequence[Request], *, rng: int | jax.Array = 0,
             max_segment_steps: int | None = None) -> list[RequestOutput]:
         """Generate every request's completions (see the module docstring); `stats` describes the call."""
+        if not isinstance(requests, Request):
+            requests = list(requests)         # an iterator: read once (the type check below consumed it)
         if isinstance(requests, Request) or not all(isinstance(r, Request) for r in requests):
             raise TypeError("generate_requests: requests must be a sequence of Request")
         if not requests:
@@ -459,8 +473,10 @@ class ContinuousSession:
 
     def __init__(self, batcher: ContinuousBatcher, params, *, rng: int | jax.Array = 0,
                  max_segment_steps: int | None = None):
-        from rlhf_jax.sampling.sampler import SamplerParams, _as_key
+        from rlhf_jax.sampling.sampler import SamplerParams, _as_key, _check_int
 
+        if max_segment_steps is not None:   # 0 steps would never end a sample: `run` would loop forever
+            _check_int("generate_requests: max_segment_steps", max_segment_steps, low=1)
         if not isinstance(params, SamplerParams):
             params = batcher.sampler.load_params(params)
         self.batcher, self._p, self._as_key = batcher, params.tree, _as_key
@@ -613,9 +629,8 @@ class ContinuousSession:
         tokens = np.asarray(list(req.prompt) + prefix, np.int32)
         length = len(tokens)
         open_slots = [i for i in range(s_count) if slots[i] is None]
-        shared = (length - 1) // bs if n > 1 else 0
-        own = -(-length // bs) - shared
-        needed = shared + n * own
+        shared, owned = b._admit_blocks(length, n)
+        own, needed = owned // n, shared + owned
         running = s_count - len(open_slots)
         if len(open_slots) < n or (running and self._hold_admission):
             return False

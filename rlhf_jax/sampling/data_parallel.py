@@ -112,6 +112,8 @@ class DataParallelBatcher:
     def run(self, params, requests: Sequence[Request], *, rng: int | jax.Array = 0,
             max_segment_steps: int | None = None) -> list[RequestOutput]:
         """Every request's completions, in request order (see the class docstring); `stats` sums the engines'."""
+        if not isinstance(requests, Request):
+            requests = list(requests)         # an iterator: read once (`_check` would consume it)
         call_key = self._check(requests, rng)
         queue = collections.deque((i, _keyed(req, call_key, i)) for i, req in enumerate(requests))
         lock = threading.Lock()

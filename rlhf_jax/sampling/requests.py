@@ -62,6 +62,13 @@ class Request:
         if any(len(s) == 0 for s in seqs):
             raise ValueError("Request.stop_sequences: a stop sequence is empty")
         object.__setattr__(self, "stop_sequences", seqs)
+        if isinstance(self.seed, bool) or (self.seed is not None and not isinstance(self.seed, (int, np.integer))):
+            from rlhf_jax.sampling.sampler import _as_key
+
+            try:                    # a key (typed, or raw uint32 key data) as the sampler reads it
+                _as_key(self.seed)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"Request.seed must be None, an int or a single PRNG key, got {self.seed!r}") from exc
 
 
 def _token_ids(name: str, ids) -> tuple[int, ...]:
@@ -95,6 +102,18 @@ def to_sample_output(requests: Sequence[Request], outputs: Sequence[RequestOutpu
     """
     from rlhf_jax.sampling.state import SampleOutput
 
+    if len(requests) != len(outputs) or not requests:
+        raise ValueError(f"to_sample_output: {len(outputs)} outputs for {len(requests)} requests (one per request, "
+                         "at least one)")
+    for i, (req, out) in enumerate(zip(requests, outputs)):
+        counts = (len(out.tokens), len(out.logprobs), len(out.finish_reasons))
+        if counts != (req.num_samples,) * 3:
+            raise ValueError(f"to_sample_output: output {i} has {counts} (tokens, logprobs, finish_reasons) "
+                             f"entries; its request has num_samples={req.num_samples}")
+        for j, (toks, lps) in enumerate(zip(out.tokens, out.logprobs)):
+            if np.shape(toks) != np.shape(lps) or np.ndim(toks) != 1:
+                raise ValueError(f"to_sample_output: output {i} sample {j}: tokens {np.shape(toks)} and logprobs "
+                                 f"{np.shape(lps)} must be 1-d of one length")
     rows = [(req, out.tokens[j], out.logprobs[j], out.finish_reasons[j])
             for req, out in zip(requests, outputs) for j in range(req.num_samples)]
     width = max(len(r[0].prompt) for r in rows)
