@@ -755,6 +755,149 @@ def test_chat_renderer_appends_exactly_what_the_template_renders(tmp_path, name)
     assert tok.decode(ids) == whole
 
 
+class _ScriptedCalc:
+    """The calculator's tools; whatever the model writes, two `calc` results ("5"), then the episode ends."""
+
+    def __init__(self, *, call_format=TagCallFormat(), runner=ToolRunner()):
+        self.tools = {"calc": calculator_tool()}
+        self.steps = 0
+
+    def reset(self, task):
+        return ""
+
+    def step(self, action):
+        self.steps += 1
+        return StepResult(ToolResult("calc", "5", "ok"), 0.0, False, {}) if self.steps < 3 \
+            else StepResult(None, 1.0, True, {})
+
+
+def _fixed_policy(logits):
+    """A one-layer model whose next-token logits are `logits` in every context: every embedding is the
+    same vector and attention and MLP write nothing, so the final hidden state is that vector."""
+    config = get_config("tiny", num_layers=1, vocab_size=len(logits), max_position_embeddings=1024)
+    model = CausalLM(config)
+    params = model.init(jax.random.key(0))
+    d = config.hidden_size
+    layers = jax.tree_util.tree_map(lambda x: x, params["layers"])
+    layers["attn"]["o_proj"] = jnp.zeros_like(layers["attn"]["o_proj"])
+    layers["mlp"]["down_proj"] = jnp.zeros_like(layers["mlp"]["down_proj"])
+    params = {**params, "layers": layers, "embed": jnp.ones((len(logits), d)), "final_norm": {"scale": jnp.ones(d)},
+              "lm_head": jnp.outer(jnp.ones(d) / d, jnp.asarray(logits, jnp.float32))}
+    return model, params
+
+
+def _agentic_chat_config(tmp_path, rows, **data):
+    from rlhf_jax.train.agentic import AgenticGRPORunConfig, EnvironmentConfig
+    from rlhf_jax.train.rollouts import RolloutConfig
+    from rlhf_jax.train.run_config import DataConfig
+
+    tok = _tokenizer(tmp_path, "qwen2.5")
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"max_len": 720, "max_prompt_len": 680, "batch_size": 2, **data}
+    return tok, AgenticGRPORunConfig(
+        name="chat", model=get_config("tiny", num_layers=1, vocab_size=104, max_position_embeddings=1024),
+        data=DataConfig(train=str(source), eval=None, tokenizer=str(tmp_path / "qwen2.5"), shuffle=False, **data),
+        environment=EnvironmentConfig(name="scripted_calc", renderer="chat", max_turns=3, turn_tokens=6),
+        rollout=RolloutConfig(max_new_tokens=160))
+
+
+CHAT_ROWS = [{"prompt": "2+3=", "answer": "5", "row": 0},
+             {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "4*5="}],
+              "answer": "20", "row": 1}]
+ROW_MESSAGES = [[{"role": "user", "content": "2+3="}], CHAT_ROWS[1]["prompt"]]
+
+
+def test_agentic_chat_prompts_hold_the_tools_and_trajectories_extend_the_templates_render(tmp_path, monkeypatch):
+    """`renderer="chat"`: each prompt is the template's render of the row with the environment's tools
+    (they used to be tokenized without tools, so the model was never told which tools exist), the
+    text `ChatRenderer.prompt_tokens` gives, and prompt + turns + observations is a prefix of the
+    template's render of the whole conversation."""
+    from rlhf_jax.agents.environment import ENVIRONMENTS
+    from rlhf_jax.train.agentic import load_data, rollout_parts
+    from rlhf_jax.train.data import train_batches
+
+    monkeypatch.setitem(ENVIRONMENTS, "scripted_calc", _ScriptedCalc)
+    tok, config = _agentic_chat_config(tmp_path, CHAT_ROWS)
+    schemas = [calculator_tool().schema()]
+    data = load_data(config)
+    renderer = ChatRenderer(tok, tools=[calculator_tool()])
+    for i, messages in enumerate(ROW_MESSAGES):
+        text = tok.apply_chat_template(messages, tools=schemas, tokenize=False, add_generation_prompt=True)
+        assert "<tools>\n" + json.dumps(schemas[0]) + "\n</tools>" in text
+        want = tok.apply_chat_template(messages, tools=schemas, add_generation_prompt=True)
+        want = list(getattr(want, "input_ids", want))
+        got = data.train.arrays["prompt_tokens"][i].tolist()
+        assert got == want == renderer.prompt_tokens(messages if i else "2+3=")
+        assert tok.decode(got) == text
+
+    # The policy writes letters or ends its turn (EOS) at random.
+    logits = np.full(104, -30.0)
+    logits[tok.convert_tokens_to_ids(list("abcdefgh"))] = np.log(0.7 / 8)
+    logits[tok.eos_token_id] = np.log(0.3)
+    model, params = _fixed_policy(logits)
+    collector, _ = rollout_parts(config, data, None, model, 2, {})
+    assert collector.sampler.max_len == 680 + 160 + 6
+    batch = next(iter(train_batches(data.train, config.data)))
+    merged, _, _ = collector.collect(collector.sampler.load_params(params), batch, iter(()), rng=jax.random.key(0))
+    observations = 0
+    for r in range(len(merged["scores"])):
+        prompt = merged["prompt_tokens"][r, : merged["prompt_lengths"][r]].tolist()
+        tokens = merged["completion_tokens"][r, : merged["lengths"][r]].tolist()
+        mask = merged["completion_mask"][r, : merged["lengths"][r]].tolist()
+        conversation = list(ROW_MESSAGES[merged["columns"]["row"][r]])
+        assert prompt == data.train.arrays["prompt_tokens"][merged["columns"]["row"][r]].tolist()
+        start = 0
+        for k in range(1, len(tokens) + 1):   # runs of action tokens (a turn) and observation tokens
+            if k == len(tokens) or mask[k] != mask[start]:
+                run = tokens[start:k]
+                if mask[start]:
+                    text = tok.decode(run[:-1] if run[-1] == tok.eos_token_id else run)
+                    conversation.append({"role": "assistant", "content": text})
+                else:
+                    conversation.append({"role": "tool", "name": "calc", "content": "5"})
+                    observations += 1
+                start = k
+        whole = tok.apply_chat_template(conversation, tools=schemas, tokenize=False, add_generation_prompt=True)
+        assert whole.startswith(tok.decode(prompt + tokens)) and len(tokens) > 0
+    assert observations >= 2
+
+
+def test_agentic_chat_prompts_over_the_prompt_budget_are_bad_rows_never_cut(tmp_path, monkeypatch):
+    from rlhf_jax.agents.environment import ENVIRONMENTS
+    from rlhf_jax.data.formats import DataError
+    from rlhf_jax.train.agentic import PPO_RECIPE, RECIPE, load_data
+    from rlhf_jax.train.data import load_run_data
+
+    monkeypatch.setitem(ENVIRONMENTS, "scripted_calc", _ScriptedCalc)
+    rows = CHAT_ROWS + [{"prompt": "2+3=" * 40, "answer": "5", "row": 2}]   # 656 + 156 tokens with the tools
+    tok, config = _agentic_chat_config(tmp_path, rows)
+    with pytest.raises(DataError, match=r"prompts.jsonl line 3: the prompt rendered with the chat template and the "
+                                        r"agent's tools has 812 tokens, more than max_prompt_len=680; it is not cut "
+                                        r"\(that would drop the tool list or the generation prompt\): raise "
+                                        r"max_prompt_len or shorten the prompt$"):
+        load_data(config)
+    skip = dataclasses.replace(config, data=dataclasses.replace(config.data, on_error="skip"))
+    data = load_data(skip)
+    assert len(data.train) == 2 and data.train.num_rows == 3
+    # The raw renderer keeps the configured tokenization: plain text, no tools.
+    raw = dataclasses.replace(skip, environment=dataclasses.replace(skip.environment, renderer="raw"))
+    plain = load_data(raw)
+    assert plain.train.arrays["prompt_tokens"][0].tolist() == tok("2+3=", add_special_tokens=False)["input_ids"]
+    assert len(plain.train.arrays["prompt_tokens"][2]) == 160
+    assert [a.tolist() for a in plain.train.arrays["prompt_tokens"]] == \
+        [a.tolist() for a in load_run_data(raw, "prompt").train.arrays["prompt_tokens"]]
+    # A tokenizer without a chat template cannot render them: one line naming the setting.
+    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()),
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    bare.save_pretrained(tmp_path / "bare")
+    no_template = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str(tmp_path / "bare")))
+    with pytest.raises(ConfigError, match=r"^environment.renderer='chat' needs a tokenizer with a chat template; "
+                                          r"data.tokenizer '.*bare' has none \(use renderer='raw'\)$"):
+        load_data(no_template)
+    assert RECIPE.load_data is PPO_RECIPE.load_data is load_data   # how the recipes load their data
+
+
 def test_qwen3_tool_response_and_thinking_generation_prompt(tmp_path):
     tok = _tokenizer(tmp_path, "qwen3")
     renderer = ChatRenderer(tok, tools=[calculator_tool()], template_kwargs={"enable_thinking": False})

@@ -289,3 +289,69 @@ def test_truncated_sequences_are_reported_in_a_warning(caplog):
     with caplog.at_level("WARNING", logger="rlhf_jax.data"):
         load_dataset(rows[1:], kind="sft", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=16))
     assert caplog.records == []
+
+
+# A template that lists the tools first (as Qwen's system turn does), in the offline template's format.
+TOOLS_TEMPLATE = (
+    "{{- bos_token -}}{%- if tools -%}{{- '<|system|>tools:' -}}"
+    "{%- for t in tools -%}{{- t['function']['name'] ~ ';' -}}{%- endfor -%}{%- endif -%}"
+    "{%- for m in messages -%}{{- '<|' ~ m['role'] ~ '|>' ~ m['content'] -}}"
+    "{%- if m['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+SCHEMAS = ({"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}},
+           {"type": "function", "function": {"name": "ab", "parameters": {"type": "object"}}})
+
+
+def test_tools_are_rendered_into_every_chat_render_and_nothing_else_changes():
+    tok = _with_template(TOOLS_TEMPLATE)
+    messages = [user("12+7=")]
+    out = one(Chat(tuple(messages), 1), tok, tools=SCHEMAS)
+    text = tok.apply_chat_template(messages, tools=list(SCHEMAS), tokenize=False, add_generation_prompt=True)
+    assert text == "<bos><|system|>tools:calc;ab;<|user|>12+7=<|assistant|>"
+    assert out.ids == tok(text, add_special_tokens=False)["input_ids"] == \
+        [BOS, SYS, *ids("tools:calc;ab;"), USER, *ids("12+7="), ASSIST]
+    assert not any(out.mask) and not out.truncated
+    # Trained turns of a conversation are located in the renders with tools too.
+    sft = one(Chat((user("q"), assistant("a")), 1), tok, tools=SCHEMAS)
+    assert sft.ids == [BOS, SYS, *ids("tools:calc;ab;"), USER, *ids("q"), ASSIST, *ids("a"), EOS]
+    assert sft.prompt_len == 19 and sft.mask == [False] * 19 + [True] * 2
+    # No tools (None, or none offered: the template gets tools=None): the plain render; plain text untemplated.
+    for tools in (None, ()):
+        assert one(Chat(tuple(messages), 1), tok, tools=tools).ids == [BOS, USER, *ids("12+7="), ASSIST]
+    assert one(Plain("12+7=", "19"), tok, tools=SCHEMAS).ids == [BOS, *ids("12+7="), *ids("19"), EOS]
+
+
+@pytest.mark.parametrize("truncation", ["keep_end", "keep_start"])
+def test_a_prompt_rendered_with_tools_is_never_cut(truncation):
+    tok = _with_template(TOOLS_TEMPLATE)
+    prompt = Chat((user("12+7="),), 1)  # 23 tokens with the tools
+    assert one(prompt, tok, tools=SCHEMAS, max_prompt_len=22, truncation=truncation) == (
+        "the prompt rendered with the chat template and the agent's tools has 23 tokens, more than "
+        "max_prompt_len=22; it is not cut (that would drop the tool list or the generation prompt): raise "
+        "max_prompt_len or shorten the prompt")
+    assert one(prompt, tok, tools=(), max_prompt_len=5, truncation=truncation).startswith(
+        "the prompt rendered with the chat template and the agent's tools has 8 tokens, more than max_prompt_len=5;")
+    assert one(prompt, tok, tools=SCHEMAS, max_len=23) == (
+        "the prompt has 23 tokens, leaving no room for a completion within max_len=23")
+    fits = one(prompt, tok, tools=SCHEMAS, max_prompt_len=23, truncation=truncation)
+    assert fits.prompt_len == 23 and not fits.truncated
+    # Without tools the documented truncation applies.
+    cut = one(prompt, tok, max_prompt_len=5, truncation=truncation)
+    assert cut.truncated and cut.prompt_len == 5
+    # A conversation over max_len: keep_end would cut the prompt's start (refused), keep_start cuts the completion.
+    sft = Chat((user("q"), assistant("abcd")), 1)  # 19 prompt tokens + 5 trained
+    out = one(sft, tok, tools=SCHEMAS, max_len=20, truncation=truncation)
+    if truncation == "keep_end":
+        assert out == ("the conversation rendered with the chat template and the agent's tools has 24 tokens, "
+                       "more than max_len=20; keep_end would cut its prompt (the tool list) at the start")
+    else:
+        assert out.ids[:19] == [BOS, SYS, *ids("tools:calc;ab;"), USER, *ids("q"), ASSIST]
+        assert len(out.ids) == 20 and out.truncated
+
+
+def test_tools_must_be_schema_mappings():
+    with pytest.raises(ValueError, match=r"^TokenizeConfig.tools must be None or a sequence of JSON schema "
+                                         r"mappings, got 'calc'$"):
+        TokenizeConfig(max_len=8, tools="calc")
+    assert TokenizeConfig(max_len=8, tools=list(SCHEMAS)).tools == SCHEMAS

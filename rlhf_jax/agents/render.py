@@ -12,6 +12,11 @@ Two renderers produce them:
   text between the end of an assistant turn and the next generation prompt, found by rendering a
   placeholder conversation, so the model's own tokens are kept exactly as sampled.
 
+The prompt an agentic run starts from is the template's render of the row with the tools
+(`ChatRenderer.prompt_tokens`); in training the data pipeline renders it so
+(`rlhf_jax.train.agentic.load_data`: `TokenizeConfig.tools`), where it is measured against the
+prompt budget, so the model is told which tools exist and the observations extend it.
+
 A template without a tool role (it raises on `role="tool"`) cannot show a tool's result: the model
 then gets an error message in a user turn (`status="no_tool_role"`, counted by the rollout), never
 a crash.
@@ -120,7 +125,11 @@ class ChatRenderer:
                                                   add_generation_prompt=add_generation_prompt, **self.template_kwargs)
 
     def prompt_tokens(self, prompt: str | Sequence[Mapping[str, Any]]) -> list[int]:
-        """A user prompt (or a list of messages) with the tools and the generation prompt, as ids."""
+        """A user prompt (or a list of messages) with the tools and the generation prompt, as ids.
+
+        The same ids as an agentic run's data (`rlhf_jax.train.agentic.load_data` renders its prompts
+        with `TokenizeConfig.tools` = these tools' schemas; pinned by tests/test_agents.py).
+        """
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return _encode(self.tokenizer, self._render(messages, add_generation_prompt=True))
 

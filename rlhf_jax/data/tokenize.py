@@ -33,6 +33,14 @@ Truncation (`TokenizeConfig.truncation`), as TRL defines it:
    are cut) or last (`keep_end`: the prompt's start is cut) `max_len` tokens.
 
 `keep_end` never cuts a leading BOS: the kept tokens follow it.
+
+Tools (`TokenizeConfig.tools`, agentic runs with `environment.renderer="chat"`): every render of a
+message list gets the tools' JSON schemas (`apply_chat_template(..., tools=...)`), so a prompt holds
+the template's tool list (e.g. Qwen's `# Tools ... <tools>...</tools>` system turn) and the
+generation prompt: the text `rlhf_jax.agents.ChatRenderer.prompt_tokens` gives, which the agent's
+turns and observations extend. Such a prompt is never cut: one longer than `max_prompt_len`, or one
+that `keep_end` would shorten at the start to fit `max_len`, is a problem of the row (a cut would drop
+the tool list or the generation prompt).
 """
 
 from __future__ import annotations
@@ -77,6 +85,10 @@ class TokenizeConfig:
       chunk_size: rows per batched tokenizer call.
       prompt_template: prompt rows only: a name in `PROMPT_TEMPLATES` or a text with one `{prompt}`
         field the prompt is put into (`rlhf_jax.data.formats.parse_row`); None: prompts as they are.
+      tools: None (renders without tools), or the JSON schemas (`Tool.schema()`) of the tools an
+        agent is offered, possibly none: every render of a message list passes them as
+        `apply_chat_template(tools=...)` (None when empty, as `ChatRenderer` does), and a message
+        list's prompt is never cut (module docstring). Plain-text sequences are not templated.
     """
 
     max_len: int
@@ -86,6 +98,7 @@ class TokenizeConfig:
     roles: tuple[str, ...] = DEFAULT_ROLES
     chunk_size: int = 4096
     prompt_template: str | None = None
+    tools: tuple[Mapping[str, Any], ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_len, int) or self.max_len < 2:
@@ -110,6 +123,11 @@ class TokenizeConfig:
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"TokenizeConfig.chunk_size must be a positive int, got {self.chunk_size!r}")
         resolve_prompt_template(self.prompt_template, "TokenizeConfig.prompt_template")
+        if self.tools is not None:
+            if not isinstance(self.tools, (tuple, list)) or not all(isinstance(t, Mapping) for t in self.tools):
+                raise ValueError(f"TokenizeConfig.tools must be None or a sequence of JSON schema mappings, "
+                                 f"got {self.tools!r}")
+            object.__setattr__(self, "tools", tuple(self.tools))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,23 +223,28 @@ def _key(messages: Sequence[Mapping[str, Any]]) -> Hashable:
 
 
 def _render_all(
-    requests: dict[tuple[Hashable, bool], tuple[Sequence[Mapping[str, Any]], bool]], tokenizer
+    requests: dict[tuple[Hashable, bool], tuple[Sequence[Mapping[str, Any]], bool]], tokenizer,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[tuple[Hashable, bool], str | Exception]:
-    """Render each distinct (conversation, add_generation_prompt) once, batched per flag."""
+    """Render each distinct (conversation, add_generation_prompt) once, batched per flag (with
+    `tools=`, when there are tools)."""
     out: dict[tuple[Hashable, bool], str | Exception] = {}
+    options = {"tools": [dict(t) for t in tools]} if tools else {}
     for generation in (False, True):
         keys = [k for k, (_, g) in requests.items() if g == generation]
         if not keys:
             continue
         convs = [list(requests[k][0]) for k in keys]
         try:
-            texts = tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=generation)
+            texts = tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=generation,
+                                                  **options)
         except Exception:  # noqa: BLE001 -- find the conversations at fault one by one
             texts = []
             for conv in convs:
                 try:
                     texts.append(
-                        tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=generation)
+                        tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=generation,
+                                                      **options)
                     )
                 except Exception as err:  # noqa: BLE001 -- reported as the row's problem
                     texts.append(err)
@@ -287,11 +310,19 @@ def _special_in_content(spec: Chat, pattern, eos_text: str) -> str | None:
     return None
 
 
-def _truncate(ids: list[int], mask: list[bool], prompt_len: int, bos: int | None, config: TokenizeConfig):
-    """Apply max_prompt_len and max_len (module docstring); returns (ids, mask, prompt_len, cut) or a problem."""
+def _truncate(ids: list[int], mask: list[bool], prompt_len: int, bos: int | None, config: TokenizeConfig,
+              *, whole_prompt: bool = False):
+    """Apply max_prompt_len and max_len (module docstring); returns (ids, mask, prompt_len, cut) or a problem.
+
+    `whole_prompt`: the prompt may not be cut (a render with tools): a cut it would need is the problem.
+    """
     cut = False
     keep_bos = bos is not None and bool(ids) and ids[0] == bos
     limit = config.max_prompt_len
+    if whole_prompt and limit is not None and prompt_len > limit:
+        return (f"the prompt rendered with the chat template and the agent's tools has {prompt_len} tokens, more "
+                f"than max_prompt_len={limit}; it is not cut (that would drop the tool list or the generation "
+                "prompt): raise max_prompt_len or shorten the prompt")
     if limit is not None and prompt_len > limit:
         cut = True
         if config.truncation == "keep_start":
@@ -303,6 +334,9 @@ def _truncate(ids: list[int], mask: list[bool], prompt_len: int, bos: int | None
         prompt_len = limit
     if prompt_len >= config.max_len:
         return f"the prompt has {prompt_len} tokens, leaving no room for a completion within max_len={config.max_len}"
+    if whole_prompt and len(ids) > config.max_len and config.truncation == "keep_end" and prompt_len:
+        return (f"the conversation rendered with the chat template and the agent's tools has {len(ids)} tokens, "
+                f"more than max_len={config.max_len}; keep_end would cut its prompt (the tool list) at the start")
     if len(ids) > config.max_len:
         cut = True
         if config.truncation == "keep_start":
@@ -360,7 +394,7 @@ def tokenize_sequences(
         for i in turns:
             requests[(keys[i], True)] = (messages[:i], True)
             requests[(keys[i + 1], False)] = (messages[: i + 1], False)
-    rendered = _render_all(requests, tokenizer)
+    rendered = _render_all(requests, tokenizer, config.tools)
 
     # 2. Cut each spec into pieces; collect the distinct texts.
     specials = _special_pattern(tokenizer) if chat_keys else None
@@ -413,7 +447,8 @@ def tokenize_sequences(
         if mask:
             mask[0] = False
         prompt_len = mask.index(True) if True in mask else len(mask)
-        result = _truncate(ids, mask, prompt_len, bos, config)
+        result = _truncate(ids, mask, prompt_len, bos, config,
+                           whole_prompt=config.tools is not None and isinstance(spec, Chat))
         if isinstance(result, str):
             out.append(result)
             continue

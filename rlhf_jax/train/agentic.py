@@ -19,6 +19,16 @@ whatever the score adds beyond the turns' rewards at the trajectory's last actio
 sums to its score); the PPO step uses them in place of the score at the last token
 (`rlhf_jax.steps.ppo.ppo_token_rewards`), and GAE runs over the action tokens only.
 
+Prompts (`load_data`, the recipes' data): with `environment.renderer="chat"` a prompt is the chat
+template's render of the row's messages (a string prompt: one user message, whatever
+`data.string_format`) with the environment's tools (`tools=` their JSON schemas: the template's tool
+list, e.g. Qwen's `# Tools` system turn) and the generation prompt, the text
+`ChatRenderer.prompt_tokens` gives, so the model is told which tools exist and how to call them, and
+the trajectory (prompt, turns, observations) is the template's render of the whole conversation.
+Such a prompt is never cut: one longer than `data.max_prompt_len` (or leaving no room within
+`data.max_len`) is a bad row (`data.on_error`: raised naming the row, or skipped and reported).
+With `renderer="raw"` prompts are tokenized as `data` says (`data.string_format`, truncation).
+
 Sizes: `rollout.max_new_tokens` is the token budget of a trajectory after its prompt (actions and
 observations; the batch's completion width) and `environment.turn_tokens` the budget of one turn.
 The reward is the environment's return (the `env_reward` column, read by the default reward
@@ -45,19 +55,20 @@ import numpy as np
 from rlhf_jax.agents.environment import ENVIRONMENTS, make_environment
 from rlhf_jax.agents.render import ChatRenderer, RawRenderer, detect_call_format
 from rlhf_jax.agents.rollout import AgentLimits, environment_reward, run_episodes, stats_metrics, trajectory_stats
-from rlhf_jax.agents.tools import TagCallFormat, ToolRunner
+from rlhf_jax.agents.tools import TagCallFormat, Tool, ToolRunner
 from rlhf_jax.agents.trajectory import trajectory_batch, turn_token_rewards
 from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.rewards import PythonReward
 from rlhf_jax.rewards.registry import RewardConfig, RewardContext, build_rewards
 from rlhf_jax.sampling import Sampler, SamplingConfig
 from rlhf_jax.train import rl
+from rlhf_jax.train.data import RunData, load_run_data, make_tokenizer
 from rlhf_jax.train.recipe import Context, Recipe
 from rlhf_jax.train.rl_algorithms import GRPO, PPO
 from rlhf_jax.train.rollouts import RolloutCollector, global_prompt_index
 
 __all__ = ["EnvironmentConfig", "AgenticGRPORunConfig", "AgenticPPORunConfig", "TrajectoryCollector", "RECIPE",
-           "PPO_RECIPE", "rollout_parts", "place_scores"]
+           "PPO_RECIPE", "rollout_parts", "place_scores", "load_data"]
 
 ENVIRONMENT_REWARD = "rlhf_jax.agents.rollout:environment_reward"
 
@@ -73,9 +84,10 @@ class EnvironmentConfig:
       tool_timeout_s: seconds a tool call may run (then a timeout observation).
       max_observation_chars: characters of a tool's result kept (the rest cut, with a note).
       concurrency: environments stepped at once (host threads).
-      renderer: "raw" (observations as text) or "chat" (through the tokenizer's chat template and its
-        tool role; calls in the template's own format, `detect_call_format`, or in the
-        `call_open` / `call_close` tags when the template teaches none).
+      renderer: "raw" (observations as text) or "chat" (prompts rendered by the tokenizer's chat
+        template with the environment's tools, `load_data`; observations through its tool role;
+        calls in the template's own format, `detect_call_format`, or in the `call_open` /
+        `call_close` tags when the template teaches none).
       num_slots: decode slots of the continuous-batching engine (one open session: each
         trajectory's next turn is submitted as soon as its environment step is back while the other
         slots keep decoding; on a sampler mesh with a data axis, that many slots per data-parallel
@@ -128,6 +140,15 @@ class EnvironmentConfig:
     def limits(self, max_tokens: int) -> AgentLimits:
         return AgentLimits(max_turns=self.max_turns, max_tokens=max_tokens, turn_tokens=self.turn_tokens,
                            concurrency=self.concurrency)
+
+    def probe(self):
+        """One environment of this config (its tools and call format)."""
+        return make_environment(self.name, call_format=self.call_format, runner=self.runner)
+
+
+def offered_tools(environment) -> list[Tool]:
+    """The tools an environment offers the model (its `tools` mapping; none when it has none)."""
+    return list(getattr(environment, "tools", {}).values())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -203,12 +224,11 @@ class TrajectoryCollector(RolloutCollector):
         self.per_turn_rewards = per_turn_rewards
         self.limits = environment.limits(max_tokens)
         options = dict(call_format=environment.call_format, runner=environment.runner)
-        probe = make_environment(environment.name, **options)
+        probe = environment.probe()
         if environment.renderer == "chat":
             # The template's own call format, else the configured tags (call_open / call_close).
             fmt = detect_call_format(getattr(self.tokenizer, "chat_template", None)) or environment.call_format
-            self.renderer = ChatRenderer(self.tokenizer, tools=list(getattr(probe, "tools", {}).values()),
-                                         call_format=fmt)
+            self.renderer = ChatRenderer(self.tokenizer, tools=offered_tools(probe), call_format=fmt)
             if hasattr(probe, "call_format"):
                 options["call_format"] = self.renderer.call_format
         else:
@@ -217,7 +237,13 @@ class TrajectoryCollector(RolloutCollector):
         return self
 
     def sample(self, params, batch: Mapping[str, Any], sampling: SamplingConfig, rng) -> dict[str, Any]:
-        """Episodes for the batch's real prompts (`num_samples` each, contiguous), as host arrays."""
+        """Episodes for the batch's real prompts (`num_samples` each, contiguous), as host arrays.
+
+        The prompts are the batch's tokens as they are: with the chat renderer, `load_data` rendered
+        them with the environment's tools (`ChatRenderer.prompt_tokens`' text). An environment's
+        task is the row's columns, with `prompt` the decoded prompt tokens (special tokens skipped;
+        with the chat renderer, the rendered conversation's text) unless the row has one.
+        """
         valid = np.flatnonzero(np.asarray(batch["example_mask"]))
         tokens, lengths = np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_lengths"])
         columns = batch.get("columns", {})
@@ -273,6 +299,19 @@ def rollout_parts(config: AgenticGRPORunConfig | AgenticPPORunConfig, data, mesh
     return collector, ("eval/accuracy", PythonReward(environment_reward, "accuracy"))
 
 
+def load_data(config: AgenticGRPORunConfig | AgenticPPORunConfig) -> RunData:
+    """The run's tokenizer and prompts (module docstring): with `environment.renderer="chat"` each
+    prompt rendered by the chat template with the environment's tools and never cut, else as `data` says."""
+    if config.environment.renderer != "chat":
+        return load_run_data(config, "prompt")
+    if not getattr(make_tokenizer(config.data.tokenizer), "chat_template", None):
+        raise ConfigError(f"environment.renderer='chat' needs a tokenizer with a chat template; data.tokenizer "
+                          f"{config.data.tokenizer!r} has none (use renderer='raw')")
+    schemas = tuple(t.schema() for t in offered_tools(config.environment.probe()))
+    return load_run_data(config, "prompt",
+                         tokenize=dataclasses.replace(config.data.tokenize, string_format="chat", tools=schemas))
+
+
 def _trainer(ctx: Context):
     return rl._trainer(dataclasses.replace(ctx, hooks={**ctx.hooks, "rollout_parts": rollout_parts}))
 
@@ -292,6 +331,8 @@ def _ppo_builder(config, mesh):
 
 _PROGRESS = ("reward", "num_turns/mean", "tool_calls/mean", "kl", "time/generate")
 RECIPE = Recipe(name="agentic_grpo", data_kind=lambda config: "prompt", build=rl._builder(GRPO, "grpo_step"),
-                trainer=_trainer, progress_keys=_PROGRESS, check=rl.check_rewards, mesh=rl._trainer_mesh)
+                trainer=_trainer, progress_keys=_PROGRESS, check=rl.check_rewards, mesh=rl._trainer_mesh,
+                load_data=load_data)
 PPO_RECIPE = Recipe(name="agentic_ppo", data_kind=lambda config: "prompt", build=_ppo_builder,
-                    trainer=_ppo_trainer, progress_keys=_PROGRESS, check=rl.check_rewards, mesh=rl._trainer_mesh)
+                    trainer=_ppo_trainer, progress_keys=_PROGRESS, check=rl.check_rewards, mesh=rl._trainer_mesh,
+                    load_data=load_data)

@@ -12,7 +12,7 @@ import numpy as np
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.config import ConfigError
-from rlhf_jax.data import BatchConfig, BatchIterator, TokenizedDataset, load_dataset, load_tokenizer
+from rlhf_jax.data import BatchConfig, BatchIterator, TokenizeConfig, TokenizedDataset, load_dataset, load_tokenizer
 from rlhf_jax.data.formats import Kind
 from rlhf_jax.data.sharded import ShardedDataset, load_sharded
 from rlhf_jax.data.sources import SourceError
@@ -43,9 +43,12 @@ def check_vocab(tokenizer, model_config: ModelConfig) -> None:
                           "use a model whose vocabulary covers the tokenizer")
 
 
-def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"],
-               tokenizer) -> TokenizedDataset | ShardedDataset | None:
+def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"], tokenizer,
+               tokenize: TokenizeConfig | None = None) -> TokenizedDataset | ShardedDataset | None:
     """Read, validate and tokenize the train or eval source (None when `data.eval` is None).
+
+    `tokenize`: how rows become ids, in place of `data.tokenize` (an agentic chat run's prompts are
+    rendered with its tools: `rlhf_jax.train.agentic.load_data`).
 
     In a multi-process run every process tokenizes only its share (`rlhf_jax.data.sharded`: its
     rows to validate them, then the examples its devices receive); the batches are those of one
@@ -61,19 +64,19 @@ def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"],
     source = data.train if which == "train" else data.eval
     if source is None:
         return None
+    tokenize = data.tokenize if tokenize is None else tokenize
     task = data.task(which)
     if task is not None:
         n, seed = (data.num_train, data.seed) if which == "train" else (data.num_eval, data.seed + _EVAL_SEED_OFFSET)
         rows = task.rows(kind, n, seed=seed, label_noise=data.label_noise if which == "train" else 0.0)
         if rows is None:
             raise ConfigError(f"data.{which}: {source} has no {kind!r} data; it has {sorted(task.spec.rows)}")
-        return _load(rows, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error)
+        return _load(rows, kind=kind, tokenizer=tokenizer, config=tokenize, on_error=data.on_error)
     if not os.path.exists(source):
         raise FileNotFoundError(f"data.{which}: {source} does not exist")
     split = data.split if which == "train" else data.eval_split
     try:
-        return _load(source, kind=kind, tokenizer=tokenizer, config=data.tokenize, on_error=data.on_error,
-                     split=split)
+        return _load(source, kind=kind, tokenizer=tokenizer, config=tokenize, on_error=data.on_error, split=split)
     except SourceError as e:  # an unknown file type or directory layout, a missing split
         raise ConfigError(f"data.{which}: {e}") from None
 
@@ -153,13 +156,15 @@ def check_batch_size(dataset: TokenizedDataset | ShardedDataset | None, data: Da
                       f"{len(dataset)}{hint}")
 
 
-def load_run_data(config, kind: Kind) -> RunData:
-    """The tokenizer (checked against `config.model`) and both splits of `config.data`, as `kind`.
+def load_run_data(config, kind: Kind, *, tokenize: TokenizeConfig | None = None) -> RunData:
+    """The tokenizer (checked against `config.model`) and both splits of `config.data`, as `kind`
+    (tokenized by `tokenize`, default `config.data.tokenize`).
 
     Raises ConfigError when the training split has fewer examples than `data.batch_size`.
     """
     tokenizer = make_tokenizer(config.data.tokenizer)
     check_vocab(tokenizer, config.model)
-    train = load_split(config.data, kind=kind, which="train", tokenizer=tokenizer)
+    train = load_split(config.data, kind=kind, which="train", tokenizer=tokenizer, tokenize=tokenize)
     check_batch_size(train, config.data)
-    return RunData(tokenizer, train, load_split(config.data, kind=kind, which="eval", tokenizer=tokenizer))
+    return RunData(tokenizer, train, load_split(config.data, kind=kind, which="eval", tokenizer=tokenizer,
+                                                tokenize=tokenize))

@@ -143,7 +143,8 @@ class Recipe:
       mesh: `config -> Mesh` of the trainer (None: `config.mesh` over all devices); online RL
         leaves the sampler's own devices out (`off_policy.sampler_devices`).
       load_data: `config -> RunData` for a family whose data is none of the four kinds (e.g. the
-        step-labelled rows of process reward models); None: `load_run_data(config, data_kind)`.
+        step-labelled rows of process reward models) or is tokenized its own way (agentic chat runs'
+        prompts carry the tools); None: `load_run_data(config, data_kind)`.
     """
 
     name: str
