@@ -35,12 +35,14 @@ from rlhf_jax.logprobs import (
 )
 from rlhf_jax.models.heads import scalar_head
 from rlhf_jax.models.layers import dense
+from rlhf_jax.models.lora import head_needs_logits
 from rlhf_jax.models.transformer import PrefixKV
 
 __all__ = [
     "join_sequences",
     "completion_index",
     "completion_hidden",
+    "completion_outputs",
     "shared_prompt_forward",
     "completion_logprobs",
     "head_logprobs",
@@ -164,13 +166,23 @@ def completion_hidden(
     Returns:
       `[N, C, E]` hidden states in the model's compute dtype.
     """
+    (hidden,) = completion_outputs(model, params, prompt_tokens, prompt_lengths, completion_tokens, ("hidden",),
+                                   group_size=group_size, rng=rng)
+    return hidden
+
+
+def completion_outputs(model, params, prompt_tokens, prompt_lengths, completion_tokens, fields: tuple[str, ...], *,
+                       group_size: int = 1, rng=None) -> tuple[jax.Array, ...]:
+    """`completion_hidden`'s forward pass, returning the `ModelOutput` fields named in `fields`
+    (`"hidden"`, `"logits"`) at the completion positions, each `[N, C, ...]` (one forward for all)."""
     if group_size == 1:
         joined = join_sequences(prompt_tokens, prompt_lengths, completion_tokens)
-        hidden = model.forward(params, joined[:, :-1], rng=rng).hidden
-        index = completion_index(prompt_lengths, completion_tokens.shape[1])
-        return jnp.take_along_axis(hidden, index[:, :, None], axis=1)
-    return shared_prompt_forward(model, params, prompt_tokens, prompt_lengths, completion_tokens,
-                                 group_size=group_size, rng=rng).hidden
+        out = model.forward(params, joined[:, :-1], rng=rng)
+        index = completion_index(prompt_lengths, completion_tokens.shape[1])[:, :, None]
+        return tuple(jnp.take_along_axis(getattr(out, f), index, axis=1) for f in fields)
+    out = shared_prompt_forward(model, params, prompt_tokens, prompt_lengths, completion_tokens,
+                                group_size=group_size, rng=rng)
+    return tuple(getattr(out, f) for f in fields)
 
 
 def shared_prompt_forward(model, params, prompt_tokens, prompt_lengths, completion_tokens, *, group_size: int,
@@ -228,7 +240,18 @@ def completion_logprobs(
     Returns:
       `(logps, entropy)`: float32 `[N, C]` each; `entropy` is None unless asked for. Positions past
       a completion's end hold the log-prob of whatever token is there; mask them.
+
+    The LM head runs on the completions' hidden states with `model.lm_head_weight`, except in a
+    training pass with dropout on a LoRA `lm_head` adapter (`models.lora.head_needs_logits`: the
+    merged weight has no dropout), which reads the forward's own logits at those positions.
     """
+    if head_needs_logits(model, rng):
+        (logits,) = completion_outputs(model, params, prompt_tokens, prompt_lengths, completion_tokens, ("logits",),
+                                       group_size=group_size, rng=rng)
+        labels = completion_tokens.astype(jnp.int32)
+        if with_entropy:
+            return logprobs_and_entropy(logits, labels, temperature=temperature)
+        return token_logprobs(logits, labels, temperature=temperature), None
     hidden = completion_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens, group_size=group_size,
                                rng=rng)
     return head_logprobs(hidden, model.lm_head_weight(params), completion_tokens, temperature=temperature,

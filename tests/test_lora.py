@@ -16,17 +16,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from step_fixtures import FAST_COMPILE, OPTIMIZER, STRATEGY_MESHES, host_params, mesh_for, sft_batches, \
-    single_device_mesh
+from step_fixtures import FAST_COMPILE, OPTIMIZER, STRATEGY_MESHES, host_params, mesh_for, pair_batches, \
+    sft_batches, single_device_mesh
 
 from rlhf_jax.config import ConfigError
-from rlhf_jax.logprobs import token_logprobs
+from rlhf_jax.logprobs import logprobs_and_entropy, token_logprobs
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.lora import TARGETS, LoraConfig, LoraLM, base_params, init_adapters
 from rlhf_jax.optim import make_optimizer
+from rlhf_jax.rollout import completion_index, completion_logprobs, join_sequences, shared_prompt_forward
 from rlhf_jax.sharding_lint import lint
 from rlhf_jax.state import Frozen, train_state_from_params, trainable_view
 from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_loss, make_sft_step
+from rlhf_jax.steps.preference import DPO, make_dpo_loss
+from rlhf_jax.steps.sequences import forward_token_logps
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.train.sft import make_sft_eval
 
@@ -174,6 +177,62 @@ def test_dropout_only_in_training_passes_with_their_key():
     evals = [make_sft_eval(model, [BATCHES[0]], mesh=mesh_for({"data": 1}), strategy="dp")(params)
              for model in (lm, _lora_lm(LoraConfig(rank=4, targets=("q", "up"))))]
     assert evals[0] == evals[1] and 0 < evals[0]["eval/loss"] < 10
+
+
+def test_lm_head_dropout_is_applied_on_every_head_path():
+    """The merged head weight (`lm_head_weight`) cannot drop the head adapter's input, so the chunked
+    SFT/DPO log-probs and the RL completion log-probs of a training pass read the forward's logits:
+    with a key they equal the full-logits pass of that key, without one the deterministic values."""
+    lm = _lora_lm(LoraConfig(rank=4, targets=("q", "lm_head"), dropout=0.5))
+    params = lm.init_from_base(host_params(), jax.random.key(1))
+    noise = lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape)  # noqa: E731
+    params["lora"] = jax.tree.map(noise, params["lora"])  # B != 0 and not constant over the vocabulary
+    key = jax.random.key(3)
+    tokens = jnp.asarray(BATCHES[0]["tokens"])
+    labels = tokens[:, 1:]
+
+    def logps(chunk_size, rng):
+        return np.asarray(forward_token_logps(lm, params, tokens, labels, chunk_size=chunk_size, rng=rng)[0])
+
+    full, deterministic = logps(None, key), logps(None, None)
+    assert np.abs(full - deterministic).max() > 1.0  # the head adapter's dropout shows
+    np.testing.assert_array_equal(logps(4, key), full)
+    np.testing.assert_allclose(logps(4, None), deterministic, rtol=0, atol=1e-5)
+    sft = {chunk: make_sft_loss(lm, logits_chunk_size=chunk)(params, {k: jnp.asarray(v) for k, v in
+                                                                       BATCHES[0].items()},
+                                                             {"num_tokens": jnp.float32(100)}, key)[0]
+           for chunk in (None, 4)}
+    np.testing.assert_allclose(float(sft[4]), float(sft[None]), rtol=1e-6)
+    pair = {k: jnp.asarray(v) for k, v in pair_batches(1)[0].items()}
+    pair["ref_chosen_logps"] = pair["ref_rejected_logps"] = jnp.zeros(pair["chosen_tokens"].shape[0])
+    context = {"num_pairs": jnp.float32(pair["chosen_tokens"].shape[0])}
+    dpo = {chunk: make_dpo_loss(lm, DPO(), logits_chunk_size=chunk)(params, pair, context, key)[0]
+           for chunk in (None, 4)}
+    np.testing.assert_allclose(float(dpo[4]), float(dpo[None]), rtol=1e-5)
+
+    # Rollouts: rows 0-1 share a prompt of 5 tokens, rows 2-3 one of 3.
+    prompts = jnp.stack([tokens[0, :5]] * 2 + [tokens[1, :5]] * 2)
+    lengths = jnp.array([5, 5, 3, 3])
+    completions = tokens[:4, 6:13]
+    index = completion_index(lengths, completions.shape[1])[:, :, None]
+    for group_size in (1, 2):
+        def reference(rng):
+            """The full-logits pass of `completion_logprobs`' forward, log-probs and entropies at T = 0.7."""
+            if group_size == 1:
+                joined = join_sequences(prompts, lengths, completions)
+                logits = jnp.take_along_axis(lm.forward(params, joined[:, :-1], rng=rng).logits, index, axis=1)
+            else:
+                logits = shared_prompt_forward(lm, params, prompts, lengths, completions, group_size=2,
+                                               rng=rng).logits
+            return logprobs_and_entropy(logits, completions, temperature=0.7)
+
+        for rng, tol in ((key, 0.0), (None, 1e-5)):
+            got = completion_logprobs(lm, params, prompts, lengths, completions, temperature=0.7, with_entropy=True,
+                                      chunk_size=3, group_size=group_size, rng=rng)
+            want = reference(rng)
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=tol)
+        assert np.abs(np.asarray(reference(key)[0] - reference(None)[0])).max() > 1.0
 
 
 # ------------------------------------------------------------------------------------- sharding

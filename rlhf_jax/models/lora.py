@@ -57,7 +57,8 @@ from rlhf_jax.models.transformer import CausalLM, KVCache, ModelOutput
 from rlhf_jax.state import Frozen
 
 __all__ = ["LAYER_TARGETS", "TARGETS", "LoraConfig", "AdapterSpec", "adapter_specs", "init_adapters",
-           "adapter_axes", "check_adapters", "LoraLM", "base_params", "adapters_of", "nest_adapters"]
+           "adapter_axes", "check_adapters", "LoraLM", "base_params", "adapters_of", "nest_adapters",
+           "head_needs_logits"]
 
 LAYER_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 # The rank axis has no logical name: no rule table splits it (r is 4-64; splitting it would add a
@@ -243,6 +244,19 @@ def base_params(params: Mapping[str, Any]) -> dict:
     return {**base, **extra} if extra else base
 
 
+def head_needs_logits(model, rng) -> bool:
+    """Whether a pass of `model` with key `rng` must take its LM head's output from the forward's own
+    logits: a training pass (`rng` given) of a `LoraLM` whose `lm_head` adapter has dropout.
+
+    `LoraLM.lm_head_weight` is the merged `W + s·A·B`, so the paths that run the head themselves
+    from hidden states (chunked or target-position log-probs) cannot drop the adapter's input; the
+    forward applies it unmerged, `h·W + s·(drop(h)·A)·B`. Those paths check this and read
+    `forward(...).logits` instead (every other run keeps its head-from-hidden program).
+    """
+    return (rng is not None and isinstance(model, LoraLM) and "lm_head" in model.lora.targets
+            and model.lora.dropout > 0)
+
+
 class LoraLM:
     """A `CausalLM` with LoRA adapters: the same pure surface, parameters `{"base", "lora"}`.
 
@@ -332,7 +346,11 @@ class LoraLM:
                                  adapters=self.scaled_adapters(params["lora"]), dropout=dropout, prefill=prefill)
 
     def lm_head_weight(self, params):
-        """The [E, V] output projection, `W + s·A·B` when the LM head is adapted."""
+        """The [E, V] output projection, `W + s·A·B` when the LM head is adapted.
+
+        Merged, it has no adapter dropout: a training pass with dropout on the head adapter reads the
+        forward's logits instead (`head_needs_logits`).
+        """
         w = self.base.lm_head_weight(self._base_for_forward(params))
         head = params["lora"].get("lm_head")
         if head is None:

@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from rlhf_jax import _checks, sharding as sh
 from rlhf_jax.logprobs import target_token_logprobs, token_logprobs
 from rlhf_jax.losses import kto_loss, kto_reference_point, preference_metrics
-from rlhf_jax.models.lora import LoraLM, base_params
+from rlhf_jax.models.lora import LoraLM, base_params, head_needs_logits
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rollout import shared_prompt_forward
 from rlhf_jax.steps import common
@@ -72,22 +72,17 @@ UNPAIRED_KEYS = ("tokens", "loss_mask", "label")
 TARGET_HEAD_CHUNK = 64   # positions per row per LM-head chunk of the targets-only head (W2: 3 of 4 chunks run)
 
 
-def _head_needs_logits(model, rng) -> bool:
-    """A LoRA-adapted LM head with dropout in a training pass: its log-probs need the forward's own head."""
-    return (rng is not None and isinstance(model, LoraLM) and "lm_head" in model.lora.targets
-            and model.lora.dropout > 0)
-
-
 def _side_logps(model, params, tokens, loss_mask, positions, segment_ids, *, max_segments: int,
                 chunk_size: int | None, rng=None):
     """(SequenceLogps [B, S], token logps [B, T-1], target mask [B, T-1]) of one forward batch.
 
     With `chunk_size=None` the LM head runs on the target positions only (`target_token_logprobs`:
     the prompt's positions cost no head FLOPs and no pass over `[·, V]` logits); with a chunk size,
-    on every position chunk by chunk (`chunked_token_logprobs`, bounded memory).
+    on every position chunk by chunk (`chunked_token_logprobs`, bounded memory). A training pass with
+    dropout on a LoRA `lm_head` adapter reads the forward's full logits either way (`head_needs_logits`).
     """
     targets = causal_targets(tokens, loss_mask, segment_ids)
-    if chunk_size is None and not _head_needs_logits(model, rng):
+    if chunk_size is None and not head_needs_logits(model, rng):
         out = model.forward(params, tokens, positions, segment_ids, rng=rng)   # its full logits are unused
         masked = target_token_logprobs(out.hidden[:, :-1], model.lm_head_weight(params), targets.labels,
                                        targets.mask, chunk_size=TARGET_HEAD_CHUNK)
@@ -123,7 +118,7 @@ def _shared_prefix_logps(model, params, tokens, loss_mask, prefix_len: int, *, r
     out = shared_prompt_forward(model, params, tokens[:, :prefix_len], prompt_lengths, tokens[:, prefix_len:],
                                 group_size=2, rng=rng)
     mask, labels = targets.mask[:, p:], targets.labels[:, p:]
-    if _head_needs_logits(model, rng):
+    if head_needs_logits(model, rng):
         logps = jnp.where(mask > 0, token_logprobs(out.logits, labels), 0.0)
     else:
         logps = target_token_logprobs(out.hidden, model.lm_head_weight(params), labels, mask,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.logprobs import chunked_token_logprobs, token_logprobs
 from rlhf_jax.models.heads import last_token_index
+from rlhf_jax.models.lora import head_needs_logits
 
 __all__ = [
     "Targets",
@@ -99,10 +100,12 @@ def forward_token_logps(model, params, tokens: jax.Array, labels: jax.Array, *, 
     With `chunk_size`, log-probs come from the final hidden states and the LM head weight chunk by
     chunk (`chunked_token_logprobs`: no `[B, T, V]` logits; XLA drops the unused full logits);
     otherwise from the full logits (`token_logprobs`). Both are float32. `rng`: the training key of
-    the model's stochastic layers (LoRA dropout), None for a deterministic pass.
+    the model's stochastic layers (LoRA dropout), None for a deterministic pass. A training pass
+    with dropout on a LoRA `lm_head` adapter reads the full logits whatever `chunk_size`
+    (`models.lora.head_needs_logits`: the merged head weight has no dropout).
     """
     out = model.forward(params, tokens, positions, segment_ids, rng=rng)
-    if chunk_size is None:
+    if chunk_size is None or head_needs_logits(model, rng):
         logps = shifted_token_logprobs(out.logits, labels, temperature=temperature)
     else:
         logps = chunked_token_logprobs(out.hidden[:, :-1], model.lm_head_weight(params), labels,
