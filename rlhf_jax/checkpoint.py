@@ -138,8 +138,9 @@ class Checkpointer:
         policies = [ocp_managers.LatestN(n=config.keep)]
         if config.keep_best:
             name = config.best_metric
-            policies.append(ocp_managers.BestN(
-                get_metric_fn=lambda metrics: float(metrics[name]),
+            worst = -np.inf if config.best_mode == "max" else np.inf
+            policies.append(ocp_managers.BestN(  # a NaN ranks last (it made orbax's sort drop the best one)
+                get_metric_fn=lambda metrics: worst if np.isnan(float(metrics[name])) else float(metrics[name]),
                 reverse=config.best_mode == "min",
                 n=config.keep_best,
                 keep_checkpoints_without_metrics=False,
@@ -246,7 +247,7 @@ class Checkpointer:
         scored = []
         for step in self.all_steps():
             metrics = self.metrics(step)
-            if metrics and metric in metrics:
+            if metrics and metric in metrics and not np.isnan(float(metrics[metric])):  # a NaN is never best
                 scored.append((float(metrics[metric]), step))
         for _, step in sorted(scored, reverse=mode == "max"):  # best first; a corrupt one is passed over
             verdict = self.verify(step)

@@ -34,12 +34,19 @@ __all__ = ["MetricsBuffer", "MetricsLogger", "ProgressBar", "read_jsonl", "write
 
 
 def _scalar(value: Any) -> float | int | None:
-    """A Python number for a scalar metric, None for anything that is not one."""
+    """A Python number for a scalar metric, None for anything that is not one.
+
+    Floats of every width count, JAX's `bfloat16` and float8 types too (NumPy files them as kind
+    "V", not "f").
+    """
     arr = np.asarray(value)
-    if arr.ndim != 0 or arr.dtype.kind not in "biuf":
+    if arr.ndim != 0:
         return None
-    item = arr.item()
-    return int(item) if arr.dtype.kind in "biu" else float(item)
+    if arr.dtype.kind in "biu":
+        return int(arr.item())
+    if arr.dtype.kind == "f" or jax.numpy.issubdtype(arr.dtype, jax.numpy.floating):
+        return float(arr)
+    return None
 
 
 class MetricsBuffer:
@@ -314,7 +321,12 @@ class MetricsLogger:
 
             tb_dir = os.path.join(self.workdir, "tb")
             purge_events_after(tb_dir, start_step)
-            self._tb = SummaryWriter(logdir=tb_dir, purge_step=start_step + 1)
+            # tensorboardX names an event file by the second it is opened and the host, and truncates
+            # a file of that name: a logger opened in the same second as the previous one (a quick
+            # resume) erased the earlier steps' events. The count of earlier files makes the name new.
+            earlier = len([n for n in os.listdir(tb_dir) if n.startswith("events.out.tfevents")]
+                          if os.path.isdir(tb_dir) else [])
+            self._tb = SummaryWriter(logdir=tb_dir, purge_step=start_step + 1, filename_suffix=f".{earlier}")
         self._stream = stream if stream is not None else sys.stderr
         self.progress = (ProgressBar(total_steps, start=start_step, keys=keys, stream=stream, every=config.every,
                                      clock=clock) if config.console else None)

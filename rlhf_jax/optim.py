@@ -42,6 +42,13 @@ _FLOAT_FIELDS = ("learning_rate", "end_learning_rate_ratio", "b1", "b2", "eps", 
                  "max_grad_norm")
 
 
+# The optimizer settings each optimizer reads (`make_optimizer`); any other one left away from its
+# default would be silently ignored, so it is refused (weight decay has its own check).
+_TUNED_FIELDS = ("b1", "b2", "eps", "momentum", "nesterov")
+_READS = {"adamw": {"b1", "b2", "eps"}, "adam": {"b1", "b2", "eps"}, "sgd": {"momentum", "nesterov"},
+          "lion": {"b1", "b2"}, "adafactor": set()}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
     """Optimizer, learning-rate schedule and clipping of a training run.
@@ -63,11 +70,15 @@ class OptimizerConfig:
       weight_decay: decoupled weight decay (adamw, lion, adafactor).
       weight_decay_mask: `all` parameters, or `no_norms_or_biases` (skip leaves named `scale` or
         ending in `bias`, as the Hugging Face Trainer does).
-      momentum, nesterov: SGD's momentum (0 = plain SGD).
+      momentum, nesterov: SGD's momentum (0 = plain SGD); `nesterov` needs momentum > 0.
       max_grad_norm: clip the global gradient norm to this value; None = no clipping.
 
     Every float is checked finite (and in its range) here; a bad value raises `ConfigError`
-    naming the field.
+    naming the field. So does a setting the run would silently ignore: `decay_steps` or a
+    nonzero `end_learning_rate_ratio` with the constant schedule, and `b1`, `b2`, `eps`,
+    `momentum`, `nesterov` or `weight_decay` set away from their defaults for an optimizer that
+    does not read them (`b1`/`b2` are read by adamw, adam and lion, `eps` by adamw and adam,
+    `momentum`/`nesterov` by sgd; adafactor reads none of them).
     """
 
     name: OptimizerName = "adamw"
@@ -104,6 +115,14 @@ class OptimizerConfig:
         if self.schedule != "constant":
             if not isinstance(self.decay_steps, int) or self.decay_steps <= 0:
                 _fail("decay_steps", f"must be a positive int for schedule {self.schedule!r}, got {self.decay_steps!r}")
+        else:  # a decay the constant schedule would silently not apply
+            if self.decay_steps is not None:
+                _fail("decay_steps", f"is not used by schedule 'constant' (got {self.decay_steps!r}); choose 'linear' "
+                                     "or 'cosine', or set it to None")
+            if self.end_learning_rate_ratio != 0.0:
+                _fail("end_learning_rate_ratio", f"is not used by schedule 'constant' (got "
+                                                 f"{self.end_learning_rate_ratio!r}); choose 'linear' or 'cosine', or "
+                                                 "set it to 0")
         if not 0.0 <= self.end_learning_rate_ratio <= 1.0:
             _fail("end_learning_rate_ratio", f"must be in [0, 1], got {self.end_learning_rate_ratio!r}")
         for field in ("b1", "b2"):
@@ -115,6 +134,12 @@ class OptimizerConfig:
             _fail("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
         if self.weight_decay and self.name in ("adam", "sgd"):
             _fail("weight_decay", f"is not applied by {self.name!r}; use 'adamw' (or set it to 0)")
+        for field in _TUNED_FIELDS:  # a setting the chosen optimizer does not read must keep its default
+            default = next(f.default for f in dataclasses.fields(self) if f.name == field)
+            if field not in _READS[self.name] and getattr(self, field) != default:
+                _fail(field, f"is not used by {self.name!r} (got {getattr(self, field)!r}); leave it at {default!r}")
+        if self.nesterov and not self.momentum:
+            _fail("nesterov", "needs momentum > 0 (with momentum=0 SGD has no momentum to look ahead with)")
         if not 0.0 <= self.momentum < 1.0:
             _fail("momentum", f"must be in [0, 1), got {self.momentum!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

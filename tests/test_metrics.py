@@ -326,3 +326,42 @@ def test_logger_console_shows_key_metrics(tmp_path):
 def test_wandb_requested_but_missing_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="logging.wandb=true but wandb is not installed"):
         MetricsLogger(tmp_path, config=LoggingConfig(wandb=True), total_steps=1)
+
+
+def test_a_resume_in_the_same_second_keeps_the_earlier_events(tmp_path, monkeypatch):
+    """tensorboardX names an event file by the second and host it was opened on and truncates a file of
+    that name: a logger reopened within the same second (a quick resume) erased steps 1-3's events."""
+    import types
+
+    import tensorboardX.event_file_writer as event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1_700_000_000.5))
+    cfg = LoggingConfig(console=False)
+    with MetricsLogger(tmp_path, config=cfg, total_steps=6) as log:
+        for step in range(1, 6):
+            log.log(step, {"loss": float(step)})
+    with MetricsLogger(tmp_path, config=cfg, total_steps=6, start_step=3) as log:
+        for step in range(4, 7):
+            log.log(step, {"loss": 10.0 * step})
+    files = _tb_events(tmp_path / "tb")
+    assert len(files) == 2
+    expected = [("loss", 1, 1.0), ("loss", 2, 2.0), ("loss", 3, 3.0), ("loss", 4, 40.0), ("loss", 5, 50.0),
+                ("loss", 6, 60.0)]
+    assert _scalars(files) == expected
+    # TensorBoard and metrics.jsonl hold the same values for the same steps.
+    assert sorted(("loss", r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")) == expected
+
+
+def test_bfloat16_and_nonfinite_metrics_are_logged_not_dropped(tmp_path):
+    """NumPy files bfloat16 (and float8) as kind "V": such scalar metrics were left out silently."""
+    buffer = MetricsBuffer()
+    buffer.append(1, {"a": jnp.bfloat16(1.5), "b": jnp.float16(2.0), "c": jnp.float32(math.nan), "d": jnp.array(True),
+                      "e": jnp.ones(2), "f": jnp.float32(-math.inf), "g": jnp.asarray(0.25, jnp.float8_e4m3fn)})
+    [(step, fetched)] = buffer.flush()
+    assert step == 1 and sorted(fetched) == ["a", "b", "c", "d", "f", "g"]
+    assert (fetched["a"], fetched["b"], fetched["d"], fetched["f"], fetched["g"]) == (1.5, 2.0, 1, -math.inf, 0.25)
+    assert math.isnan(fetched["c"])
+    with MetricsLogger(tmp_path, config=LoggingConfig(console=False, tensorboard=False), total_steps=1) as log:
+        log.log(1, {"loss": jnp.bfloat16(3.0), "nan": math.nan})
+    [record] = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["loss"] == 3.0 and math.isnan(record["nan"])

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from rlhf_jax.optim import OptimizerConfig, decay_mask, global_norm, make_optimizer, make_schedule
@@ -83,3 +84,90 @@ def test_config_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OptimizerConfig(**kwargs)
     assert math.isfinite(OptimizerConfig().learning_rate)
+
+
+@pytest.mark.parametrize("hf_name, schedule, warmup, total, kwargs, ratio", [
+    ("linear", "linear", 3, 10, {}, 0.0),
+    ("cosine", "cosine", 3, 10, {}, 0.0),
+    ("cosine_with_min_lr", "cosine", 4, 20, {"min_lr_rate": 0.1}, 0.1),
+    ("constant_with_warmup", "constant", 5, 10, {}, 0.0),
+    ("cosine", "cosine", 0, 7, {}, 0.0),
+])
+def test_schedules_match_transformers_step_by_step(hf_name, schedule, warmup, total, kwargs, ratio):
+    """Our decay_steps count after warm-up (HF's num_training_steps includes it); the first update's rate is
+    the schedule at 0 (0 with warm-up, as the HF Trainer's first step). Past num_training_steps HF's cosine
+    rises again; ours stays at the end rate, so the comparison stops there."""
+    torch = pytest.importorskip("torch")
+    from transformers import get_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2e-3)
+    hf = get_scheduler(hf_name, opt, num_warmup_steps=warmup, num_training_steps=total,
+                       scheduler_specific_kwargs=kwargs or None)
+    expected = []
+    for _ in range(total + 1):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        hf.step()
+    ours = make_schedule(OptimizerConfig(learning_rate=2e-3, warmup_steps=warmup, schedule=schedule,
+                                         decay_steps=None if schedule == "constant" else total - warmup,
+                                         end_learning_rate_ratio=ratio))
+    np.testing.assert_allclose([float(ours(s)) for s in range(total + 1)], expected, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("mask", ["all", "no_norms_or_biases"])
+def test_adamw_with_clipping_and_schedule_matches_torch(mask):
+    """5 updates of clip_by_global_norm + AdamW (warm-up, linear decay, decoupled decay on the masked
+    leaves) against torch's clip_grad_norm_ + AdamW + transformers' linear schedule on the same gradients."""
+    torch = pytest.importorskip("torch")
+    from transformers import get_scheduler
+
+    rng = np.random.default_rng(0)
+    start = {"w": rng.normal(size=(3, 4)), "scale": rng.normal(size=4), "q_bias": rng.normal(size=4)}
+    start = {k: v.astype(np.float32) for k, v in start.items()}
+    grads = [{k: (rng.normal(size=v.shape) * s).astype(np.float32) for k, v in start.items()}
+             for s in (5, 0.1, 3, 0.5, 2)]
+    config = OptimizerConfig(learning_rate=0.1, warmup_steps=2, schedule="linear", decay_steps=5, weight_decay=0.3,
+                             weight_decay_mask=mask, max_grad_norm=1.0, b1=0.8, b2=0.95, eps=1e-6)
+    tx = make_optimizer(config)
+    params = jax.tree.map(jnp.asarray, start)
+    opt_state = tx.init(params)
+    theirs = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in start.items()}
+    decayed = ["w", "scale", "q_bias"] if mask == "all" else ["w"]  # HF's rule: no decay on norms and biases
+    groups = [{"params": [theirs[k] for k in decayed], "weight_decay": 0.3},
+              {"params": [theirs[k] for k in theirs if k not in decayed], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=0.1, betas=(0.8, 0.95), eps=1e-6)
+    sched = get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=7)
+    for g in grads:
+        updates, opt_state = tx.update(jax.tree.map(jnp.asarray, g), opt_state, params)
+        params = optax.apply_updates(params, updates)
+        for k, p in theirs.items():
+            p.grad = torch.tensor(g[k])
+        norm = torch.nn.utils.clip_grad_norm_(list(theirs.values()), 1.0)
+        assert float(global_norm(g)) == pytest.approx(float(norm), rel=1e-6)
+        opt.step()
+        sched.step()
+    for k in start:
+        np.testing.assert_allclose(np.asarray(params[k]), theirs[k].detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(params["w"]), start["w"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(decay_steps=100), r"OptimizerConfig.decay_steps is not used by schedule 'constant' \(got 100\)"),
+    (dict(end_learning_rate_ratio=0.1), r"OptimizerConfig.end_learning_rate_ratio is not used by schedule 'constant'"),
+    (dict(momentum=0.9), r"OptimizerConfig.momentum is not used by 'adamw' \(got 0.9\); leave it at 0.0"),
+    (dict(name="adam", nesterov=True), r"OptimizerConfig.nesterov is not used by 'adam'"),
+    (dict(name="sgd", nesterov=True), r"OptimizerConfig.nesterov needs momentum > 0"),
+    (dict(name="sgd", b1=0.5), r"OptimizerConfig.b1 is not used by 'sgd'"),
+    (dict(name="lion", eps=1e-6), r"OptimizerConfig.eps is not used by 'lion' \(got 1e-06\); leave it at 1e-08"),
+    (dict(name="adafactor", b2=0.99), r"OptimizerConfig.b2 is not used by 'adafactor'"),
+])
+def test_a_setting_the_run_would_ignore_is_refused(kwargs, match):
+    """Before, each of these built an optimizer that silently did not apply the setting (e.g. a constant
+    rate where a decay to 10% was asked for, SGD without the Nesterov step, Lion without any epsilon)."""
+    with pytest.raises(ValueError, match=match):
+        OptimizerConfig(**kwargs)
+    # The settings each optimizer does read are accepted.
+    OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True)
+    OptimizerConfig(name="lion", b1=0.95, b2=0.98, weight_decay=0.1)
+    OptimizerConfig(schedule="linear", decay_steps=10, end_learning_rate_ratio=0.1)

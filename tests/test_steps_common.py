@@ -204,3 +204,43 @@ def test_step_rng_is_folded_from_the_step_counter():
     assert seen[0] != seen[1]
     again, m = update(_state({"w": jnp.ones(2)}), {"x": jnp.zeros((2, 1))})
     assert float(m["r"]) == seen[0]
+
+
+def test_a_skipped_update_does_not_advance_the_schedule_and_the_metric_reads_the_step():
+    """A skipped (non-finite) update keeps the optimizer's count, so the schedule does not advance; the
+    `learning_rate` metric is the schedule at `state.step` (documented: one step ahead per skip)."""
+    from rlhf_jax.optim import OptimizerConfig, make_optimizer, make_schedule
+
+    config = OptimizerConfig(name="sgd", learning_rate=1.0, warmup_steps=4, max_grad_norm=None)
+    tx, schedule = make_optimizer(config), make_schedule(config)
+    state = TrainState(jnp.zeros((), jnp.int32), {"w": jnp.zeros(1)}, tx.init({"w": jnp.zeros(1)}),
+                       jax.random.key_data(jax.random.key(0)))
+    step = jax.jit(lambda s, loss: apply_gradients(s, {"w": jnp.ones(1)}, loss, tx, learning_rate=schedule))
+    reported, applied, skipped = [], [], []
+    for loss in (1.0, np.nan, 1.0, 1.0, 1.0):
+        before = float(state.params["w"][0])
+        state, metrics = step(state, jnp.float32(loss))
+        reported.append(float(metrics["learning_rate"]))
+        applied.append(before - float(state.params["w"][0]))  # SGD on a unit gradient moves w by -lr
+        skipped.append(float(metrics["nonfinite"]))
+    assert skipped == [0, 1, 0, 0, 0] and int(state.step) == 5
+    assert applied == [0.0, 0.0, 0.25, 0.5, 0.75]
+    assert reported == [0.0, 0.25, 0.5, 0.75, 1.0]  # the schedule at state.step
+
+
+def test_maxima_and_minima_over_micro_batches_are_not_averaged():
+    """`.../max` (e.g. `sampler_logprob_diff/max`) was averaged over micro-batches: the mean of their maxima."""
+    def loss(params, batch, context, rng):
+        err = jnp.sum((batch["x"] @ params["w"] - batch["y"]) ** 2, axis=-1)
+        share = micro_share(jnp.sum(err), context["rows"], 4)
+        return jnp.sum(err) / context["rows"], {"err/max": jnp.max(err), "err_min": jnp.min(err), "err/mean": share}
+
+    params = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(4, 2)), jnp.float32)}
+    b = _batch()
+    batch = {k: jnp.asarray(v) for k, v in b.items()}
+    _, _, metrics = accumulate_gradients(loss, params, batch, {"rows": jnp.float32(8)}, jax.random.key(0),
+                                         micro_batches=4)
+    err = ((b["x"] @ np.asarray(params["w"]) - b["y"]) ** 2).sum(-1)
+    assert float(metrics["err/max"]) == pytest.approx(err.max(), rel=1e-6)
+    assert float(metrics["err_min"]) == pytest.approx(err.min(), rel=1e-6)
+    assert float(metrics["err/mean"]) == pytest.approx(err.mean(), rel=1e-6)

@@ -181,7 +181,8 @@ def test_nonfinite_update_halts_the_run_naming_the_step(tmp_path, capsys):
     # A learning rate of 1e30 without clipping blows the weights up in step 1; step 2's loss is not finite.
     code = main(["run", sft, "--set", f"workdir={tmp_path}", "--set", "train.nonfinite=halt",
                  "--set", "train.steps=5", "--set", "train.eval_every=0", "--set", "optim.learning_rate=1e30",
-                 "--set", "optim.schedule=constant", "--set", "optim.warmup_steps=0",
+                 "--set", "optim.schedule=constant", "--set", "optim.decay_steps=none",
+                 "--set", "optim.end_learning_rate_ratio=0", "--set", "optim.warmup_steps=0",
                  "--set", "optim.max_grad_norm=none", "--set", "data.num_train=64", "--set", "data.batch_size=8",
                  "--set", "data.eval=none", "--set", "logging.console=false", "--set", "logging.tensorboard=false"])
     assert code == 1

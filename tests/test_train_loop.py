@@ -1,6 +1,7 @@
 """The shared training loop on a toy problem: logging, eval, checkpoints, signals, NaN/Inf policy."""
 
 import io
+import math
 import json
 import os
 import signal
@@ -331,3 +332,19 @@ def test_fit_bounds_the_steps_in_flight_on_an_8_device_collective_step(tmp_path)
         expected.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, expected, rtol=1e-6, atol=0)
     np.testing.assert_allclose(result.state["w"], state["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode, values, best", [("max", [0.5, 0.9, math.nan, 0.7, 0.6, 0.1], 1),
+                                                ("min", [0.5, 0.8, math.nan, 0.2, 0.3, 0.9], 3)])
+def test_a_nan_evaluation_does_not_cost_the_best_checkpoint(tmp_path, mode, values, best):
+    """Evaluations at steps 0 (baseline) to 5; step 2's metric is NaN. Orbax's BestN sorted the NaN
+    among the numbers and deleted the best checkpoint (step 1 kept [3, 5] under "max")."""
+    evals = iter(values)
+    ckpt = CheckpointConfig(every=0, keep=1, keep_best=1, best_metric="eval/m", best_mode=mode, async_save=False)
+    with open_run(str(tmp_path), run_config={}, checkpoint=ckpt, model_config=None) as run:
+        _fit(run, steps=5, evaluate=lambda s: {"eval/m": next(evals)}, train=TrainConfig(steps=5, eval_every=1),
+             checkpoint=ckpt)
+        assert run.checkpointer.all_steps() == [best, 5] and run.checkpointer.best_step() == best
+    # The NaN is reported, not dropped.
+    [at_2] = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["step"] == 2 and "eval/m" in r]
+    assert math.isnan(at_2["eval/m"])

@@ -58,6 +58,7 @@ __all__ = [
     "resolve_optimizer",
     "model_state_shardings",
     "micro_share",
+    "reduce_micro_metrics",
     "check_token_ids",
     "token_id_check",
 ]
@@ -135,7 +136,8 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: Batch, context: Ma
     micro-batch loss must already be normalised by the global count in `context`, so these sums
     equal the full-batch loss and gradient. Gradients accumulate in float32 inside a `lax.scan`
     and are cast back to the parameters' dtypes. Metrics are averaged over micro-batches (equal
-    sized, so per-example means are exact). Micro-batch `k` gets the key `fold_in(rng, k)`.
+    sized, so per-example means are exact), but maxima and minima are the max / min over them
+    (`reduce_micro_metrics`). Micro-batch `k` gets the key `fold_in(rng, k)`.
     Gradients are taken with respect to `trainable_view(params)` only: `Frozen` subtrees (LoRA's
     base weights) get no gradient buffers and their weight gradients are never computed.
 
@@ -160,20 +162,45 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: Batch, context: Ma
     micro = split_micro_batches(batch, micro_batches)
     first = jax.tree.map(lambda x: x[0], micro)
     metric_shapes = jax.eval_shape(lambda: grad_fn(params, first, context, rng)[0][1])
+    # Maxima and minima combine by max / min from -inf / +inf, every other metric by its sum (then / n).
+    combine = {"max": jnp.maximum, "min": jnp.minimum, None: jnp.add}
+    start = {"max": -jnp.inf, "min": jnp.inf, None: 0.0}
 
     def body(carry, xs):
-        loss_sum, grad_sum, metric_sum = carry
+        loss_sum, grad_sum, metric_acc = carry
         k, mb = xs
         (loss, metrics), grads = grad_fn(params, mb, context, jax.random.fold_in(rng, k))
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-        metric_sum = jax.tree.map(lambda a, m: a + m.astype(jnp.float32), metric_sum, metrics)
-        return (loss_sum + loss.astype(jnp.float32), grad_sum, metric_sum), None
+        metric_acc = {name: combine[_extreme(str(name))](a, metrics[name].astype(jnp.float32))
+                      for name, a in metric_acc.items()}
+        return (loss_sum + loss.astype(jnp.float32), grad_sum, metric_acc), None
 
-    init = (jnp.zeros((), jnp.float32), _zeros_f32(params), _zeros_f32(metric_shapes))
-    (loss, grads, metric_sum), _ = jax.lax.scan(body, init, (jnp.arange(micro_batches), micro))
+    init_metrics = {name: jnp.full(m.shape, start[_extreme(str(name))], jnp.float32)
+                    for name, m in metric_shapes.items()}
+    init = (jnp.zeros((), jnp.float32), _zeros_f32(params), init_metrics)
+    (loss, grads, metric_acc), _ = jax.lax.scan(body, init, (jnp.arange(micro_batches), micro))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    metrics = jax.tree.map(lambda m: m / micro_batches, metric_sum)
+    metrics = {name: a if _extreme(str(name)) else a / micro_batches for name, a in metric_acc.items()}
     return loss, grads, metrics
+
+
+def _extreme(name: str) -> str | None:
+    """"max" / "min" for a metric named as a maximum / minimum (`max`, `.../max`, `..._max`), else None."""
+    for kind in ("max", "min"):
+        if name == kind or name.endswith(("/" + kind, "_" + kind)):
+            return kind
+    return None
+
+
+def reduce_micro_metrics(stacked: Mapping[str, jax.Array]) -> Metrics:
+    """One float32 value per metric from its per-micro-batch values stacked on a leading `[n]` axis.
+
+    A maximum (a metric named `max` or ending in `/max` or `_max`, e.g. `sampler_logprob_diff/max`)
+    is the largest of the micro-batches' maxima, a minimum likewise the smallest; every other metric
+    is averaged (micro-batch shares of a full-batch mean, `micro_share`, average back to it).
+    """
+    reduce = {"max": jnp.max, "min": jnp.min, None: jnp.mean}
+    return {k: reduce[_extreme(str(k))](v.astype(jnp.float32), axis=0) for k, v in stacked.items()}
 
 
 def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: optax.GradientTransformation, *,
@@ -202,7 +229,9 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
       loss: the scalar loss the gradients came from.
       optimizer: the optax transform.
       nonfinite: "skip", "halt" or "off".
-      learning_rate: the schedule, for the `learning_rate` metric (evaluated at `state.step`).
+      learning_rate: the schedule, for the `learning_rate` metric (evaluated at `state.step`; a
+        skipped update does not advance the optimizer's own count, so after k skips the metric reads
+        k steps ahead of the rate applied).
 
     Returns:
       `(new_state, metrics)` with `grad_norm` (before clipping), `learning_rate` (when given),

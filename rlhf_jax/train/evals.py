@@ -44,7 +44,7 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
     after another under `lax.map` inside the one program (one micro-batch's activations live at a
     time, as in the step), combined as `common.accumulate_gradients` combines them: the losses
     (normalised by the whole batch's counts in `context`) summed, the metrics (micro-batch shares)
-    averaged; the same values as one piece.
+    averaged (`common.reduce_micro_metrics`); the same values as one piece.
 
     Args:
       loss_fn: `loss_fn(params, batch, context, rng) -> (loss, metrics)` (`steps.make_*_loss`), built
@@ -84,7 +84,7 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
                 pieces = common.split_micro_batches(batch, micro_batches)
                 losses, metrics = jax.lax.map(lambda mb: loss_fn(params, mb, context, key), pieces)
                 loss = jnp.sum(losses.astype(jnp.float32))
-                metrics = {k: jnp.mean(v.astype(jnp.float32), axis=0) for k, v in metrics.items()}
+                metrics = common.reduce_micro_metrics(metrics)
         chosen = {k: v for k, v in metrics.items() if keys is None or k in keys}
         return {"loss": loss * w, **{k: v * w for k, v in chosen.items()}}, w
 
