@@ -27,6 +27,7 @@ from rlhf_jax.train.online_dpo import (
     rank_pairs,
     train,
 )
+from rlhf_jax.train.rollouts import RolloutConfig
 from rlhf_jax.train.run_config import DataConfig
 
 
@@ -43,6 +44,14 @@ def test_online_dpo_metrics_golden():
     # kl = [1, -2]: mean -0.5; entropy = mean(2, 5); rlhf = mean(1 - 0.5 * 1, 0 + 0.5 * 2) = 0.75.
     assert m == pytest.approx({"objective/kl": -0.5, "objective/entropy": 3.5, "objective/non_score_reward": 0.25,
                                "beta": 0.5, "objective/scores": 0.5, "objective/rlhf_reward": 0.75,
+                               "objective/scores_margin": 1.0})
+
+
+def test_online_dpo_metrics_of_a_reference_free_objective_have_no_kl():
+    """SimPO / ORPO have no reference: the KL metrics were computed against zeros (objective/kl = mean log pi)."""
+    m = online_dpo_metrics(np.array([-2.0, -5.0]), None, beta=2.0, scores=np.array([1.0, 0.0]),
+                           chosen=np.array([0]), rejected=np.array([1]))
+    assert m == pytest.approx({"objective/entropy": 3.5, "beta": 2.0, "objective/scores": 0.5,
                                "objective/scores_margin": 1.0})
 
 
@@ -65,6 +74,8 @@ def test_config_errors():
         OnlineDPO(objective=KTO())
     with pytest.raises(ConfigError, match="algorithm.temperature"):
         OnlineDPO(temperature=0.0)
+    with pytest.raises(ConfigError, match=r"^rollout.dynamic_sampling does not apply to online DPO"):
+        OnlineDPOConfig(name="odpo", rollout=RolloutConfig(dynamic_sampling=True))
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,10 +13,13 @@ from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainC
 from rlhf_jax.data.synthetic import ArithmeticTask, VowelTask
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rewards import PythonReward, RewardFunctionError
+from rlhf_jax.sampling import SamplingConfig
+from rlhf_jax.sampling.state import SampleOutput
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.steps import PPOConfig, grpo_config
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import rl
+from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.run_config import DataConfig
 
 MODEL = tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, head_dim=16)
@@ -105,6 +109,49 @@ def test_dynamic_sampling_refills_the_batch_with_informative_groups(tmp_path):
         assert r["dynamic_sampling/filled_with_zero_std"] > 0 or r["reward_std"] > 0
 
 
+class _StubSampler:
+    """Sample j of a prompt whose first token is p is the completion [p, j, EOS]."""
+
+    def generate(self, params, prompts, sampling, *, prompt_lengths, rng):
+        n = sampling.num_samples
+        ids = np.repeat(prompts[:, 0], n)
+        comp = np.stack([ids, np.tile(np.arange(n), len(prompts)), np.full(len(ids), 2)], 1).astype(np.int32)
+        return SampleOutput(np.repeat(prompts, n, 0), np.repeat(prompt_lengths, n), comp, np.ones_like(comp, bool),
+                            np.zeros(comp.shape, np.float32), np.full(len(ids), 3, np.int32), np.zeros(len(ids), bool))
+
+
+class _IdTokenizer:
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(map(str, r)) for r in rows]
+
+
+@pytest.mark.parametrize("rounds", [4, 1])
+def test_dynamic_sampling_keeps_the_first_informative_groups_exactly(rounds):
+    """Groups of 2; odd prompts score their sample index (signal), even ones a constant 1. Prompts 0-3,
+    then 4-7: the batch is prompts 1, 3, 5, 7 after two rounds; with one round allowed, the zero-signal
+    groups 0 and 2 fill it (in order)."""
+    def reward(completion_ids, **kwargs):
+        return [float(c[1]) if c[0] % 2 else 1.0 for c in completion_ids]
+
+    def prompts(first):
+        ids = np.arange(first, first + 4, dtype=np.int32)
+        return {"prompt_tokens": np.stack([ids, ids], 1), "prompt_lengths": np.full(4, 2, np.int32),
+                "example_mask": np.ones(4, bool)}
+
+    sampling = SamplingConfig(max_new_tokens=3, num_samples=2, eos_id=2)
+    collector = RolloutCollector(sampler=_StubSampler(), tokenizer=_IdTokenizer(), sources=[PythonReward(reward)],
+                                 weights=None, train_sampling=sampling, eval_sampling=sampling, dynamic_sampling=True,
+                                 max_sampling_rounds=rounds)
+    merged, _, m = collector.collect(None, prompts(0), iter([prompts(4), prompts(8)]), rng=jax.random.key(0))
+    ids = {4: [1, 3, 5, 7], 1: [1, 3, 0, 2]}[rounds]
+    assert merged["prompt_tokens"][:, 0].tolist() == np.repeat(ids, 2).tolist()
+    assert merged["scores"].tolist() == [0.0, 1.0, 0.0, 1.0] + ([0.0, 1.0, 0.0, 1.0] if rounds == 4 else [1.0] * 4)
+    assert m["dynamic_sampling/rounds"] == {4: 2.0, 1: 1.0}[rounds]
+    assert m["dynamic_sampling/filled_with_zero_std"] == {4: 0.0, 1: 2.0}[rounds]
+    assert m["frac_reward_zero_std"] == 0.5  # of every generated group
+    assert m["completions/generated_tokens"] == {4: 48.0, 1: 24.0}[rounds]
+
+
 def test_a_failing_reward_function_is_named(tmp_path):
     """The driver surfaces the error naming the function (penalty mode: `tests/test_rewards.py`)."""
 
@@ -145,6 +192,18 @@ def test_no_reward_function_and_an_uneven_minibatch_split_are_config_errors(tmp_
         rl.PPORunConfig(name="p", model=MODEL, data=DataConfig(batch_size=6),
                         algorithm=PPOConfig(num_minibatches=2, micro_batches=2))
     _grpo(tmp_path, algorithm=grpo_config("grpo", group_size=4, num_minibatches=8, micro_batches=2))  # 16 = 8 x 2
+
+
+def test_dynamic_sampling_without_groups_is_a_config_error(tmp_path):
+    """One completion per prompt: every 'group' has a single reward, so dynamic sampling would never drop
+    one (it was accepted and did nothing)."""
+    dynamic = rl.RolloutConfig(max_new_tokens=4, dynamic_sampling=True)
+    with pytest.raises(ConfigError, match=r"^rollout.dynamic_sampling drops groups whose rewards are all equal, "
+                                          r"and this run samples 1 completion per prompt"):
+        rl.PPORunConfig(name="p", model=MODEL, rollout=dynamic)
+    with pytest.raises(ConfigError, match=r"^rollout.dynamic_sampling drops groups"):
+        _grpo(tmp_path, algorithm=grpo_config("reinforce_pp", group_size=1), rollout=dynamic)
+    _grpo(tmp_path, rollout=dynamic)  # groups of 4: fine
 
 
 def test_evaluate_scores_any_policy_on_held_out_prompts(tmp_path):

@@ -557,3 +557,121 @@ def test_grpo_step_host_check_refuses_bad_rollouts():
     prompts[1, 0] += 1
     with pytest.raises(ValueError, match="row 1 of group 0 differs"):
         step.host_check({**batch, "prompt_tokens": prompts}, "grpo_step")
+
+
+# ------------------------------------------------------------ knobs against a NumPy oracle
+
+
+def _np_kl(a, b, estimator):
+    k1 = np.float64(a) - b
+    return {"k1": k1, "k2": 0.5 * k1 ** 2, "k3": np.exp(-k1) + k1 - 1}[estimator]
+
+
+def _np_advantages(c, a):
+    """The family's advantages from the papers' formulas (float64 NumPy, no rlhf_jax code)."""
+    m, s = a["mask"].astype(np.float64), a["scores"].astype(np.float64)
+    in_reward = c.kl_mode == "reward" and c.kl_coef > 0
+    k = _np_kl(a["old"], a["ref"], c.kl_estimator) * m if in_reward else np.zeros_like(m)
+    if c.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
+        if c.advantage == "reinforce_pp_baseline":
+            s = (s.reshape(-1, G) - s.reshape(-1, G).mean(1, keepdims=True)).reshape(-1)
+        r = -c.kl_coef * k
+        r[np.arange(N), a["mask"].sum(1) - 1] += s          # score at the last completion token
+        ret = np.cumsum(r[:, ::-1], 1)[:, ::-1] * m         # reward-to-go (gamma 1)
+        mu = ret[a["mask"]].mean()
+        return (ret - mu) / np.sqrt(ret[a["mask"]].var() + 1e-8) * m
+    g = (s - c.kl_coef * k.sum(1)).reshape(-1, G)
+    centered = g - g.mean(1, keepdims=True)
+    out = {"grpo": lambda: centered / (g.std(1, ddof=1, keepdims=True) + c.adv_eps),
+           "dr_grpo": lambda: centered,
+           "batch_std": lambda: centered / (g.std(ddof=1) + c.adv_eps),
+           "rloo": lambda: g - (g.sum(1, keepdims=True) - g) / (G - 1)}[c.advantage]()
+    return out.reshape(-1)
+
+
+def _np_loss(c, a, adv):
+    """The family's scalar loss from the papers' formulas (float64 NumPy)."""
+    m, lp, old = a["mask"].astype(np.float64), np.float64(a["logps"]), np.float64(a["old"])
+    adv = adv if adv.ndim == 2 else np.repeat(adv[:, None], C, 1)
+    log_ratio = lp - old
+    if c.policy_loss == "gspo":  # one length-normalised ratio per sequence
+        log_ratio = np.repeat(((log_ratio * m).sum(1) / m.sum(1))[:, None], C, 1)
+    rho = np.exp(log_ratio)
+    high = 1 + (c.clip_eps if c.clip_eps_high is None else c.clip_eps_high)
+    if c.policy_loss == "cispo":
+        per_token = -np.minimum(rho, high) * adv * lp
+    else:
+        per_token = np.maximum(-adv * rho, -adv * np.clip(rho, 1 - c.clip_eps, high))
+        if c.dual_clip is not None:
+            per_token = np.where(adv < 0, np.minimum(per_token, -adv * c.dual_clip), per_token)
+    if c.tis_cap is not None:
+        per_token = per_token * np.minimum(np.exp(old - a["sampler"]), c.tis_cap)
+    if c.kl_mode == "loss" and c.kl_coef > 0:
+        per_token = per_token + c.kl_coef * _np_kl(lp, a["ref"], c.kl_estimator)
+    per_token = (per_token - c.entropy_coef * a["entropy"]) * m
+    return {"token_mean": lambda: per_token.sum() / m.sum(),
+            "seq_mean_token_mean": lambda: np.mean(per_token.sum(1) / m.sum(1)),
+            "seq_mean_token_sum": lambda: np.mean(per_token.sum(1)),
+            "seq_mean_token_sum_norm": lambda: np.mean(per_token.sum(1) / (c.max_completion_length or C)),
+            }[c.loss_aggregation]()
+
+
+_KNOBS = (dict(), dict(entropy_coef=0.1), dict(clip_eps=0.05, clip_eps_high=0.3), dict(dual_clip=1.5),
+          dict(kl_mode="loss", kl_coef=0.1, kl_estimator="k1"), dict(kl_mode="reward", kl_coef=0.2, kl_estimator="k2"),
+          dict(kl_mode="reward", kl_coef=0.1, kl_estimator="k3"), dict(loss_aggregation="token_mean"),
+          dict(loss_aggregation="seq_mean_token_sum"), dict(loss_aggregation="seq_mean_token_sum_norm"),
+          dict(loss_aggregation="seq_mean_token_sum_norm", max_completion_length=10), dict(tis_cap=1.5),
+          dict(adv_eps=0.5), dict(advantage="batch_std"))
+
+
+@pytest.mark.parametrize("preset", sorted(GRPO_PRESETS))
+def test_every_grpo_knob_changes_the_loss_as_its_formula_says(preset):
+    """Advantages and loss of each preset with each knob turned, against float64 NumPy written from
+    the papers' formulas (an oracle that shares no code with `rlhf_jax`)."""
+    a = _random_rollout_arrays(3)
+    a["sampler"] = (a["old"] + 0.3 * np.random.default_rng(4).normal(size=(N, C))).astype(np.float32)
+    seen = set()
+    for knob in _KNOBS:
+        if preset == "cispo" and "dual_clip" in knob:
+            continue  # refused (test_knobs_that_would_be_ignored_are_config_errors)
+        config = grpo_config(preset, group_size=G, **knob)
+        advantages = grpo_advantages(a["scores"], a["mask"], config=config, old_logps=a["old"], ref_logps=a["ref"])
+        np.testing.assert_allclose(advantages, _np_advantages(config, a), rtol=1e-5, atol=1e-5, err_msg=str(knob))
+        loss, _ = grpo_objective(a["logps"], a["old"], advantages, a["mask"], config=config, ref_logps=a["ref"],
+                                 entropy=a["entropy"], sampler_logps=a["sampler"])
+        np.testing.assert_allclose(loss, _np_loss(config, a, _np_advantages(config, a)), rtol=1e-5, atol=1e-6,
+                                   err_msg=str(knob))
+        seen.add(round(float(loss), 6))
+    assert len(seen) > len(_KNOBS) // 2  # the knobs move the loss
+
+
+def test_knobs_that_would_be_ignored_are_config_errors():
+    with pytest.raises(ConfigError, match=r"^algorithm.dual_clip bounds the PPO clip's loss .* policy_loss 'cispo'"):
+        grpo_config("cispo", dual_clip=3.0)
+    with pytest.raises(ConfigError, match=r"^algorithm.max_completion_length is Dr.GRPO's normaliser .* "
+                                          r"loss_aggregation 'token_mean' does not use it"):
+        grpo_config("dapo", max_completion_length=16)
+    grpo_config("dr_grpo", max_completion_length=16)
+    grpo_config("gspo", dual_clip=3.0)
+    with pytest.raises(ConfigError, match=r"^algorithm.kl_target is 0.1, which adapts a KL penalty, but "
+                                          r"kl_mode='none' has none"):
+        PPOConfig(kl_mode="none", kl_target=0.1)
+
+
+def test_ppo_adaptive_kl_controller_moves_with_one_update_and_the_kl_in_the_loss():
+    """One update (old log-probs = the training forward's) and a separate critic: the controller still
+    reads the rollout's summed k1 (it stayed at its initial beta before)."""
+    model, params = _model()
+    vmodel, _ = _model("scalar")
+    batch = _batch()
+    config = PPOConfig(num_epochs=1, kl_mode="loss", kl_coef=0.1, kl_target=0.01, kl_horizon=100.0)
+    policy, value, tx = _ppo_states(params, shared=False)
+    kl_state = config.kl_controller().init()
+    step = make_ppo_step(model, tx, config=config, value_model=vmodel, value_optimizer=tx)
+    new, metrics = jax.jit(step)(RLState(policy, params, value, kl_state), batch)
+    logps, _ = _reference_logps(model, params, batch)
+    seq_kl = np.mean(np.sum(np.where(batch["completion_mask"], logps - batch["ref_logps"], 0.0), axis=1))
+    np.testing.assert_allclose(metrics["kl/rollout_sequence"], seq_kl, rtol=1e-4, atol=1e-5)
+    expected = config.kl_controller().update(kl_state, seq_kl, N)
+    np.testing.assert_allclose(new.kl.kl_coef, expected.kl_coef, rtol=1e-5)
+    assert abs(float(new.kl.kl_coef) - 0.1) > 1e-4

@@ -119,6 +119,12 @@ class GRPOConfig(PolicyGradientConfig):
             fail("adv_eps", f"must be >= 0, got {self.adv_eps!r}")
         if self.max_completion_length is not None:
             check_int("max_completion_length", self.max_completion_length, 1)
+            if self.loss_aggregation != "seq_mean_token_sum_norm":
+                fail("max_completion_length", f"is Dr.GRPO's normaliser of loss_aggregation "
+                     f"'seq_mean_token_sum_norm'; loss_aggregation {self.loss_aggregation!r} does not use it")
+        if self.policy_loss == "cispo" and self.dual_clip is not None:
+            fail("dual_clip", f"bounds the PPO clip's loss (policy_loss 'ppo' or 'gspo'); policy_loss 'cispo' has "
+                 f"no such term, got dual_clip={self.dual_clip}")
         if not isinstance(self.share_prompt, bool):
             fail("share_prompt", f"must be a bool, got {self.share_prompt!r}")
 

@@ -97,6 +97,9 @@ class PPOConfig(PolicyGradientConfig):
                 fail("kl_target", f"must be > 0 or None, got {self.kl_target!r}")
             if not self.kl_coef > 0:
                 fail("kl_coef", "must be > 0 for an adaptive controller (kl_target is set)")
+            if self.kl_mode == "none":
+                fail("kl_target", f"is {self.kl_target}, which adapts a KL penalty, but kl_mode='none' has none: "
+                     "set kl_mode 'reward' or 'loss', or kl_target None")
         if not self.kl_horizon > 0:
             fail("kl_horizon", f"must be > 0, got {self.kl_horizon!r}")
 
@@ -408,6 +411,9 @@ def make_ppo_step(
                                                   num_epochs=config.num_epochs,
                                                   num_minibatches=config.num_minibatches)
         metrics = reduce_update_metrics(stacked)
+        if old_source == "current" and "kl/sequence" in stacked:
+            # One update, from the rollout policy itself: its forward's summed k1 is the rollout's.
+            kl_metrics["kl/rollout_sequence"] = stacked["kl/sequence"][0]
         metrics.update(kl_metrics)
         metrics.update({
             "kl_coef": kl_coef,

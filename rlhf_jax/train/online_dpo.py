@@ -21,6 +21,8 @@ reward sources `objective/scores`, `objective/scores_margin` (chosen - rejected)
 `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected` (the DPO step's, before
 its update), `val/contain_eos_token`, `beta`; with a judge `judge/position_consistency`,
 `judge/prob_first_mean`, `judge/position_bias`. Log-probs of these metrics are at temperature 1.
+A reference-free objective (SimPO, ORPO) has no reference: the KL metrics (`objective/kl`,
+`objective/non_score_reward`, `objective/rlhf_reward`) are left out.
 Evaluation as the offline DPO run's (`dpo.SampleEvalConfig`): on a synthetic task with a gold
 reward, `eval/gold_reward` and `eval/gold_win_rate` against the starting policy.
 
@@ -105,6 +107,9 @@ class OnlineDPOConfig(RunConfig):
             raise ConfigError("train.micro_batches must be 1 for online DPO")
         if self.data.pack:
             raise ConfigError("data.pack must be false for online DPO prompt batches")
+        if self.rollout.dynamic_sampling:
+            raise ConfigError("rollout.dynamic_sampling does not apply to online DPO (each prompt's two completions "
+                              "are ranked, ties to the first); set it false")
 
     @property
     def row_len(self) -> int:
@@ -129,7 +134,7 @@ def rank_pairs(first_better: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return base + 1 - f, base + f
 
 
-def online_dpo_metrics(policy_logps: np.ndarray, ref_logps: np.ndarray, *, beta: float,
+def online_dpo_metrics(policy_logps: np.ndarray, ref_logps: np.ndarray | None, *, beta: float,
                        scores: np.ndarray | None = None, chosen: np.ndarray | None = None,
                        rejected: np.ndarray | None = None) -> dict[str, float]:
     """TRL's online-DPO objective metrics from summed completion log-probs `[N]` (and scores `[N]`).
@@ -137,15 +142,19 @@ def online_dpo_metrics(policy_logps: np.ndarray, ref_logps: np.ndarray, *, beta:
     `kl_i = log pi(y_i) - log pi_ref(y_i)` (summed over tokens); `objective/kl = mean kl`,
     `objective/entropy = mean(-log pi(y_i))`, `objective/non_score_reward = -beta mean kl`; with
     scores `objective/scores = mean s`, `objective/rlhf_reward = mean(s - beta kl)` and
-    `objective/scores_margin = mean(s_chosen - s_rejected)`.
+    `objective/scores_margin = mean(s_chosen - s_rejected)`. With `ref_logps` None (a
+    reference-free objective: SimPO, ORPO) the three KL metrics are left out.
     """
-    kl = np.asarray(policy_logps, np.float64) - np.asarray(ref_logps, np.float64)
-    out = {"objective/kl": float(kl.mean()), "objective/entropy": float(-np.mean(policy_logps)),
-           "objective/non_score_reward": float(-beta * kl.mean()), "beta": float(beta)}
+    out = {"objective/entropy": float(-np.mean(policy_logps)), "beta": float(beta)}
+    kl = None
+    if ref_logps is not None:
+        kl = np.asarray(policy_logps, np.float64) - np.asarray(ref_logps, np.float64)
+        out.update({"objective/kl": float(kl.mean()), "objective/non_score_reward": float(-beta * kl.mean())})
     if scores is not None:
         s = np.asarray(scores, np.float64)
         out["objective/scores"] = float(s.mean())
-        out["objective/rlhf_reward"] = float(np.mean(s - beta * kl))
+        if kl is not None:
+            out["objective/rlhf_reward"] = float(np.mean(s - beta * kl))
         if chosen is not None and rejected is not None:
             out["objective/scores_margin"] = float(np.mean(s[chosen] - s[rejected]))
     return out
@@ -249,7 +258,8 @@ def _trainer(ctx: Context) -> Trainer:
         step_metrics = jax.block_until_ready(step_metrics)
         metrics["time/update"] = time.perf_counter() - start
         g = lambda x: gather_rows(np.asarray(x))  # noqa: E731 - the global batch's values
-        metrics.update(online_dpo_metrics(g(own), g(ref), beta=beta, scores=None if scores is None else g(scores),
+        metrics.update(online_dpo_metrics(g(own), g(ref) if objective.needs_reference else None, beta=beta,
+                                          scores=None if scores is None else g(scores),
                                           chosen=None if scores is None else g(chosen),
                                           rejected=None if scores is None else g(rejected)))
         metrics["val/contain_eos_token"] = float(np.mean(~g(arrays["truncated"])))

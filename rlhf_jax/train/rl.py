@@ -142,6 +142,10 @@ def _check_rl(config, *, group_size: int) -> None:
                           f"values whose product divides {n}")
     if config.data.pack:
         raise ConfigError("data.pack must be false for RL prompt batches")
+    if config.rollout.dynamic_sampling and group_size < 2:
+        raise ConfigError(f"rollout.dynamic_sampling drops groups whose rewards are all equal, and this run samples "
+                          f"{group_size} completion per prompt (PPO, or algorithm.group_size 1), so it would never "
+                          "drop one: set it false, or sample groups (algorithm.group_size >= 2)")
     check_off_policy(config)
 
 
