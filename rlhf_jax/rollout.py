@@ -45,6 +45,8 @@ __all__ = [
     "completion_outputs",
     "shared_prompt_forward",
     "completion_logprobs",
+    "completion_logprobs_and_hidden",
+    "logits_logprobs",
     "head_logprobs",
     "completion_values",
     "sequence_scores",
@@ -245,17 +247,35 @@ def completion_logprobs(
     training pass with dropout on a LoRA `lm_head` adapter (`models.lora.head_needs_logits`: the
     merged weight has no dropout), which reads the forward's own logits at those positions.
     """
+    logps, entropy, _ = completion_logprobs_and_hidden(
+        model, params, prompt_tokens, prompt_lengths, completion_tokens, temperature=temperature,
+        with_entropy=with_entropy, chunk_size=chunk_size, group_size=group_size, rng=rng)
+    return logps, entropy
+
+
+def completion_logprobs_and_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens, *,
+                                   temperature: float | jax.Array = 1.0, with_entropy: bool = False,
+                                   chunk_size: int = DEFAULT_CHUNK_SIZE, group_size: int = 1, rng=None):
+    """`completion_logprobs` with the `[N, C, E]` hidden states of the same forward pass (for a value
+    head on the policy's backbone): `(logps, entropy or None, hidden)`."""
     if head_needs_logits(model, rng):
-        (logits,) = completion_outputs(model, params, prompt_tokens, prompt_lengths, completion_tokens, ("logits",),
-                                       group_size=group_size, rng=rng)
-        labels = completion_tokens.astype(jnp.int32)
-        if with_entropy:
-            return logprobs_and_entropy(logits, labels, temperature=temperature)
-        return token_logprobs(logits, labels, temperature=temperature), None
+        hidden, logits = completion_outputs(model, params, prompt_tokens, prompt_lengths, completion_tokens,
+                                            ("hidden", "logits"), group_size=group_size, rng=rng)
+        return (*logits_logprobs(logits, completion_tokens, temperature=temperature, with_entropy=with_entropy),
+                hidden)
     hidden = completion_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens, group_size=group_size,
                                rng=rng)
-    return head_logprobs(hidden, model.lm_head_weight(params), completion_tokens, temperature=temperature,
-                         with_entropy=with_entropy, chunk_size=chunk_size)
+    return (*head_logprobs(hidden, model.lm_head_weight(params), completion_tokens, temperature=temperature,
+                           with_entropy=with_entropy, chunk_size=chunk_size), hidden)
+
+
+def logits_logprobs(logits: jax.Array, labels: jax.Array, *, temperature: float | jax.Array = 1.0,
+                    with_entropy: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """`(log softmax(z / T)[y], entropy or None)` of `[N, C, V]` logits, float32 `[N, C]` each."""
+    labels = labels.astype(jnp.int32)
+    if with_entropy:  # one exp pass and a fused gradient for both (W4's update: -30 CPU ms of ~215)
+        return logprobs_and_entropy(logits, labels, temperature=temperature)
+    return token_logprobs(logits, labels, temperature=temperature), None
 
 
 def head_logprobs(
@@ -291,9 +311,7 @@ def head_logprobs(
         # rematerialisation, which would run the head's forward a second time in the backward pass.
         _check_chunked("head_logprobs", hidden, lm_head_weight, chunk_size)
         z = dense(hidden, lm_head_weight.astype(hidden.dtype), jnp.float32)
-        if with_entropy:  # one exp pass and a fused gradient for both (W4's update: -30 CPU ms of ~215)
-            return logprobs_and_entropy(z, labels, temperature=temperature)
-        return token_logprobs(z, labels, temperature=temperature), None
+        return logits_logprobs(z, labels, temperature=temperature, with_entropy=with_entropy)
     kw = dict(temperature=temperature, chunk_size=chunk_size)
     if with_entropy:
         return jax.vmap(lambda h, y: chunked_logprobs_and_entropy(h, lm_head_weight, y, **kw))(hidden, labels)

@@ -24,7 +24,8 @@ from rlhf_jax.logprobs import logprobs_and_entropy, token_logprobs
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.lora import TARGETS, LoraConfig, LoraLM, base_params, init_adapters
 from rlhf_jax.optim import make_optimizer
-from rlhf_jax.rollout import completion_index, completion_logprobs, join_sequences, shared_prompt_forward
+from rlhf_jax.rollout import (completion_hidden, completion_index, completion_logprobs, completion_logprobs_and_hidden,
+                             join_sequences, shared_prompt_forward)
 from rlhf_jax.sharding_lint import lint
 from rlhf_jax.state import Frozen, train_state_from_params, trainable_view
 from rlhf_jax.steps import SFT_KEYS, jit_model_step, make_sft_loss, make_sft_step
@@ -232,6 +233,14 @@ def test_lm_head_dropout_is_applied_on_every_head_path():
             want = reference(rng)
             for g, w in zip(got, want):
                 np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=tol)
+            # PPO's policy pass: the same log-probs, and the hidden states of that forward for its value head.
+            *both, hidden = completion_logprobs_and_hidden(lm, params, prompts, lengths, completions, temperature=0.7,
+                                                           with_entropy=True, chunk_size=3, group_size=group_size,
+                                                           rng=rng)
+            for g, w in zip(both, got):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+            np.testing.assert_array_equal(np.asarray(hidden), np.asarray(
+                completion_hidden(lm, params, prompts, lengths, completions, group_size=group_size, rng=rng)))
         assert np.abs(np.asarray(reference(key)[0] - reference(None)[0])).max() > 1.0
 
 

@@ -28,7 +28,8 @@ from rlhf_jax.advantages import gae, per_token_rewards, whiten
 from rlhf_jax.kl_control import KLController, adaptive_kl_controller, fixed_kl_controller
 from rlhf_jax.losses import aggregate, value_loss
 from rlhf_jax.models.heads import scalar_head
-from rlhf_jax.rollout import completion_hidden, completion_values, head_logprobs
+from rlhf_jax.models.lora import head_needs_logits
+from rlhf_jax.rollout import completion_logprobs_and_hidden, completion_values, head_logprobs, logits_logprobs
 from rlhf_jax.state import RLState
 from rlhf_jax.steps.common import NonFinitePolicy, accumulate_gradients, apply_gradients, step_key
 from rlhf_jax.steps.policy_gradient import (
@@ -307,11 +308,9 @@ def make_ppo_step(
 
     def policy_forward(params, mb, *, with_entropy: bool, rng=None):
         """Log-probs, entropies and (shared backbone) values of a minibatch from one forward pass."""
-        hidden = completion_hidden(policy_model, lm_params(params), mb["prompt_tokens"], mb["prompt_lengths"],
-                                   mb["completion_tokens"], rng=rng)
-        logps, entropy = head_logprobs(hidden, policy_model.lm_head_weight(lm_params(params)), mb["completion_tokens"],
-                                       temperature=config.temperature, with_entropy=with_entropy,
-                                       chunk_size=config.chunk_size)
+        logps, entropy, hidden = completion_logprobs_and_hidden(
+            policy_model, lm_params(params), mb["prompt_tokens"], mb["prompt_lengths"], mb["completion_tokens"],
+            temperature=config.temperature, with_entropy=with_entropy, chunk_size=config.chunk_size, rng=rng)
         values = scalar_head(params["value_head"], hidden) if shared else None
         return logps, entropy, values
 
@@ -320,8 +319,10 @@ def make_ppo_step(
                                  mb["completion_tokens"], rng=rng)
 
     def ptx_logps(params, tokens, rng):
-        hidden = policy_model.forward(lm_params(params), tokens[:, :-1], rng=rng).hidden
-        logps, _ = head_logprobs(hidden, policy_model.lm_head_weight(lm_params(params)), tokens[:, 1:],
+        out = policy_model.forward(lm_params(params), tokens[:, :-1], rng=rng)
+        if head_needs_logits(policy_model, rng):
+            return logits_logprobs(out.logits, tokens[:, 1:])[0]
+        logps, _ = head_logprobs(out.hidden, policy_model.lm_head_weight(lm_params(params)), tokens[:, 1:],
                                  chunk_size=config.chunk_size)
         return logps
 
