@@ -69,7 +69,7 @@ def test_weighted_combination_and_metrics():
     np.testing.assert_allclose(result.total, expected, rtol=1e-6)
     metrics = reward_metrics(result, group_size=2)
     assert metrics["reward"] == pytest.approx(expected.mean(), rel=1e-6)
-    group_std = np.array([np.std(expected[:2]), np.std(expected[2:])])
+    group_std = np.array([np.std(expected[:2], ddof=1), np.std(expected[2:], ddof=1)])  # TRL's (torch) std
     assert metrics["reward_std"] == pytest.approx(group_std.mean(), rel=1e-6)
     assert metrics["frac_reward_zero_std"] == 0.0
     assert metrics["rewards/exact_match/mean"] == 0.25
@@ -81,7 +81,7 @@ def test_frac_reward_zero_std_counts_constant_groups():
     result = combine_rewards([PythonReward(lambda **kw: [1.0, 1.0, 0.0, 1.0], name="r")], inputs)
     metrics = reward_metrics(result, group_size=2)
     assert metrics["frac_reward_zero_std"] == 0.5
-    assert metrics["reward_std"] == pytest.approx(0.25)
+    assert metrics["reward_std"] == pytest.approx(np.sqrt(0.5) / 2)  # groups' unbiased stds 0 and 1/sqrt(2)
     with pytest.raises(ValueError, match="groups of 3"):
         reward_metrics(result, group_size=3)
 

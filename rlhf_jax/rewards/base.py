@@ -361,9 +361,10 @@ def reward_metrics(result: RewardResult, *, group_size: int = 1) -> dict[str, fl
     """Reward metrics of one batch with TRL's names.
 
     `reward` is the mean total reward; with groups (`group_size > 1`, groups contiguous)
-    `reward_std` is the mean within-group standard deviation and `frac_reward_zero_std` the fraction
-    of groups whose rewards are all equal (no learning signal for group estimators); with
-    `group_size == 1`, `reward_std` is the batch standard deviation. Per source:
+    `reward_std` is the mean within-group standard deviation (the unbiased one, as TRL logs it and
+    as GRPO's advantages divide by) and `frac_reward_zero_std` the fraction of groups whose rewards
+    are all equal (no learning signal for group estimators); with `group_size == 1`, `reward_std`
+    is the batch's (unbiased; 0 for one reward). Per source:
     `rewards/{name}/mean`, `rewards/{name}/std`, `rewards/{name}/num_errors`, and the counts of
     sources returning `ScoredRewards` (`rewards/{name}/{counter}`).
     """
@@ -372,11 +373,11 @@ def reward_metrics(result: RewardResult, *, group_size: int = 1) -> dict[str, fl
     if group_size > 1:
         if len(total) % group_size:
             raise ValueError(f"reward_metrics: {len(total)} rewards do not split into groups of {group_size}")
-        std = total.reshape(-1, group_size).std(axis=1)
+        std = total.reshape(-1, group_size).std(axis=1, ddof=1)
         metrics["reward_std"] = float(std.mean())
         metrics["frac_reward_zero_std"] = float(np.mean(std < 1e-6))
     else:
-        metrics["reward_std"] = float(total.std())
+        metrics["reward_std"] = float(total.std(ddof=1)) if len(total) > 1 else 0.0
     for name, r in result.per_source.items():
         metrics[f"rewards/{name}/mean"] = float(r.mean())
         metrics[f"rewards/{name}/std"] = float(r.std())
