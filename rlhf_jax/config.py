@@ -78,7 +78,9 @@ class TrainConfig:
 
     Attributes:
       steps: optimizer updates in the whole run (a resumed run continues up to this number).
-      eval_every: run the evaluation every this many steps (and after the last step); 0 = never.
+      eval_every: run the evaluation every this many steps; it also runs after the last step and,
+        on a fresh run of a driver that measures a baseline, before the first (step 0); 0 = only
+        those.
       eval_batches: held-out batches per evaluation.
       micro_batches: gradient-accumulation micro-batches per step (the batch is split evenly).
       nonfinite: the step's NaN/Inf guard: "skip" drops the update and continues, "halt" stops the
