@@ -66,7 +66,8 @@ class OptimizerConfig:
       warmup_steps: linear warm-up length (0 = none).
       decay_steps: length of the linear / cosine decay; required by those schedules.
       end_learning_rate_ratio: final learning rate as a fraction of the peak.
-      b1, b2, eps: Adam / Lion moment coefficients and Adam's epsilon.
+      b1, b2, eps: Adam / Lion moment coefficients and Adam's epsilon; `b2` None is each
+        optimizer's published default (`beta2`: 0.999 for Adam, 0.99 for Lion).
       weight_decay: decoupled weight decay (adamw, lion, adafactor).
       weight_decay_mask: `all` parameters, or `no_norms_or_biases` (skip leaves named `scale` or
         ending in `bias`, as the Hugging Face Trainer does).
@@ -88,7 +89,7 @@ class OptimizerConfig:
     decay_steps: int | None = None
     end_learning_rate_ratio: float = 0.0
     b1: float = 0.9
-    b2: float = 0.999
+    b2: float | None = None
     eps: float = 1e-8
     weight_decay: float = 0.0
     weight_decay_mask: DecayMask = "all"
@@ -96,13 +97,20 @@ class OptimizerConfig:
     nesterov: bool = False
     max_grad_norm: float | None = 1.0
 
+    @property
+    def beta2(self) -> float:
+        """The `b2` the optimizer runs with: as set, else 0.999 (Adam, Kingma & Ba) or 0.99 (Lion, Chen et al.)."""
+        if self.b2 is not None:
+            return self.b2
+        return 0.99 if self.name == "lion" else 0.999
+
     def __post_init__(self):
         for field, literal in (("name", OptimizerName), ("schedule", ScheduleName), ("weight_decay_mask", DecayMask)):
             if getattr(self, field) not in get_args(literal):
                 _fail(field, f"must be one of {get_args(literal)}, got {getattr(self, field)!r}")
         for field in _FLOAT_FIELDS:
             value = getattr(self, field)
-            if value is None and field == "max_grad_norm":
+            if value is None and field in ("max_grad_norm", "b2"):
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 _fail(field, f"must be a number, got {value!r}")
@@ -126,7 +134,7 @@ class OptimizerConfig:
         if not 0.0 <= self.end_learning_rate_ratio <= 1.0:
             _fail("end_learning_rate_ratio", f"must be in [0, 1], got {self.end_learning_rate_ratio!r}")
         for field in ("b1", "b2"):
-            if not 0.0 <= getattr(self, field) < 1.0:
+            if getattr(self, field) is not None and not 0.0 <= getattr(self, field) < 1.0:
                 _fail(field, f"must be in [0, 1), got {getattr(self, field)!r}")
         if not self.eps >= 0:
             _fail("eps", f"must be >= 0, got {self.eps!r}")
@@ -197,14 +205,14 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     lr = make_schedule(config)
     mask: Callable[[Any], Any] | None = decay_mask if config.weight_decay_mask == "no_norms_or_biases" else None
     if config.name == "adamw":
-        opt = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
+        opt = optax.adamw(lr, b1=config.b1, b2=config.beta2, eps=config.eps,
                           weight_decay=config.weight_decay, mask=mask)
     elif config.name == "adam":
-        opt = optax.adam(lr, b1=config.b1, b2=config.b2, eps=config.eps)
+        opt = optax.adam(lr, b1=config.b1, b2=config.beta2, eps=config.eps)
     elif config.name == "sgd":
         opt = optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov)
     elif config.name == "lion":
-        opt = optax.lion(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=mask)
+        opt = optax.lion(lr, b1=config.b1, b2=config.beta2, weight_decay=config.weight_decay, mask=mask)
     else:
         opt = optax.adafactor(lr, weight_decay_rate=config.weight_decay or None,
                               weight_decay_mask=mask, clipping_threshold=None)

@@ -171,3 +171,22 @@ def test_a_setting_the_run_would_ignore_is_refused(kwargs, match):
     OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True)
     OptimizerConfig(name="lion", b1=0.95, b2=0.98, weight_decay=0.1)
     OptimizerConfig(schedule="linear", decay_steps=10, end_learning_rate_ratio=0.1)
+
+
+@pytest.mark.parametrize("name, b2", [("adamw", 0.999), ("adam", 0.999), ("lion", 0.99)])
+def test_b2_defaults_to_each_optimizers_published_value(name, b2):
+    """`b2` unset is Adam's 0.999 and Lion's 0.99 (Chen et al. 2023; optax's default): Lion ran with
+    Adam's 0.999 before. Three updates equal optax's own optimizer with that b2."""
+    config = OptimizerConfig(name=name, learning_rate=0.1)
+    assert config.beta2 == b2 and OptimizerConfig(name=name, b2=0.9).beta2 == 0.9
+    ours = make_optimizer(config)
+    reference = {"adamw": lambda: optax.adamw(0.1, b2=b2, weight_decay=0.0), "adam": lambda: optax.adam(0.1, b2=b2),
+                 "lion": lambda: optax.lion(0.1, b2=b2, weight_decay=0.0)}[name]()
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+    states = [ours.init(params), reference.init(params)]
+    for _ in range(3):
+        grads = {"w": jnp.asarray(rng.normal(size=(3, 4)) * 0.1, jnp.float32)}  # under max_grad_norm: no clipping
+        (u1, states[0]), (u2, states[1]) = ours.update(grads, states[0], params), reference.update(grads, states[1],
+                                                                                                   params)
+        np.testing.assert_allclose(np.asarray(u1["w"]), np.asarray(u2["w"]), rtol=1e-6, atol=1e-8)
