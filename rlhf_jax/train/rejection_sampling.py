@@ -11,7 +11,9 @@ the first), and take `algorithm.updates_per_batch` supervised steps (`steps.make
 mean cross-entropy on the completion tokens) on the kept prompt + completion pairs. This is the
 online form of best-of-n distillation (Touvron et al. 2023, "Llama 2", rejection-sampling
 fine-tuning; Dong et al. 2023, "RAFT"). With `algorithm.min_reward`, a winner below the threshold
-is not trained on (its loss mask is cleared).
+is not trained on (its loss mask is cleared); a batch none of whose winners reaches it still takes
+its optimizer steps, with zero gradients (`frac_kept` 0): the optimizer's moments and weight decay
+still move the parameters, as an empty batch does in any step of this package.
 
 Metrics: `reward` (mean over all samples), `reward/best` (mean of the kept winners),
 `rewards/<name>/mean`, `completions/mean_length`, `frac_kept`, the SFT step's `loss`,
