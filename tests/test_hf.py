@@ -7,6 +7,7 @@ the config, round-trip and bad-input tests need numpy and safetensors only.
 import json
 import os
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,9 @@ HF_CASES = {
                      dict(use_sliding_window=False)),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=32), None),
     "qwen3-tied": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=32), None),
+    "qwen3-window": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=8, use_sliding_window=True,
+                                         sliding_window=4, max_window_layers=0),
+                     dict(use_sliding_window=False)),
 }
 
 
@@ -176,6 +180,40 @@ def test_save_hf_round_trip_through_transformers(hf_case, tmp_path):
     )
 
 
+def test_left_padding_and_greedy_decode_match_transformers(tmp_path):
+    """Left padding as segment ids (0 = pad) and positions from the first real token equals transformers
+    with an attention mask; greedy decoding through our KV cache past a sliding window equals `generate`."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=3, max_window_layers=0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+    _randomize(model, torch, seed=9)
+    model.save_pretrained(tmp_path / "hf")
+    config, params = load_hf(tmp_path / "hf")
+    lm = CausalLM(config)
+    assert config.sliding_window == 3
+
+    tokens, right_mask, _ = _batch(seed=4)
+    mask = np.ascontiguousarray(right_mask[:, ::-1])  # left padding
+    tokens = np.where(mask, tokens[:, ::-1], 0).astype(np.int32)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    ref = _hf_logits(model, torch, tokens, mask, positions)
+    ours = np.asarray(jax.jit(lm.forward)(params, tokens, positions, mask.astype(np.int32)).logits)
+    assert np.abs(ours - ref)[mask].max() <= 1e-4
+
+    prompt, new = tokens[:1], 10  # row 0 has no padding
+    with torch.no_grad():
+        expected = model.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=new, do_sample=False,
+                                  pad_token_id=0).numpy()[0, T:]
+    step = jax.jit(lm.forward)
+    out = step(params, prompt, np.arange(T, dtype=np.int32)[None], cache=lm.init_cache(1, T + new))
+    generated = [int(np.argmax(out.logits[0, -1]))]
+    for t in range(T, T + new - 1):
+        out = step(params, np.array([[generated[-1]]], np.int32), np.array([[t]], np.int32), cache=out.cache)
+        generated.append(int(np.argmax(out.logits[0, -1])))
+    assert generated == expected.tolist(), (generated, expected)
+
+
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory):
     """One tiny untied GQA Llama in float32 and bfloat16 for the dtype and sharding tests."""
@@ -274,6 +312,35 @@ def test_sequence_classification_scalar_head(tmp_path):
     _assert_state_dicts_equal(model, reloaded, torch)
 
 
+def test_scalar_head_with_pad_equal_to_eos_warns_on_load_and_save(tmp_path):
+    """transformers scores at the last token that is not pad_token_id; with pad == EOS that is the token
+    before a trailing EOS, not the mask's last real token that rlhf_jax reads: a warning, both ways."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(**COMMON, num_labels=1, pad_token_id=2, eos_token_id=2)
+    model = transformers.AutoModelForSequenceClassification.from_config(
+        hf_config, attn_implementation="eager").eval()
+    _randomize(model, torch, seed=7)
+    model.save_pretrained(tmp_path / "rm")
+    tokens = np.array([[5, 6, 7, 2, 2, 2], [8, 9, 10, 11, 12, 2]], np.int32)  # EOS-terminated, pad = EOS
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    ref = _hf_logits(model, torch, tokens, mask)[:, 0]
+
+    with pytest.warns(UserWarning, match="pad_token_id 2 is also an EOS id") as record:
+        config, params = load_hf(tmp_path / "rm")
+    assert str(tmp_path / "rm" / "config.json") in str(record[0].message)
+    values = np.asarray(jax.jit(CausalLM(config, head="scalar").forward)(params, tokens).values)
+    np.testing.assert_allclose(values[[0, 1], [2, 4]], ref, atol=1e-5, rtol=0)  # the tokens before the EOS
+    assert np.abs(np.asarray(gather_last(values, mask)) - ref).min() > 1e-3     # not the EOS the mask ends at
+
+    with pytest.warns(UserWarning, match="give the model config a pad_token_id that is not an EOS id"):
+        save_hf(tmp_path / "ours", config, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_hf(tmp_path / "distinct", config.replace(pad_token_id=0), params)  # pad 0 != EOS: no warning
+
+
 # ------------------------------------------------------------------------------------ configs
 
 
@@ -349,6 +416,30 @@ def test_config_float16_checkpoint_upcasts():
     assert config.param_dtype == "float32" and config.num_kv_heads == 2 and config.head_dim == 4
 
 
+@pytest.mark.parametrize("model_type, keys, expected", [
+    ("mistral", dict(num_key_value_heads=2), dict(sliding_window=4096, num_kv_heads=2)),
+    ("mistral", dict(num_attention_heads=8), dict(sliding_window=4096, num_kv_heads=8)),
+    ("mistral", dict(num_key_value_heads=2, sliding_window=None), dict(sliding_window=None)),
+    ("qwen2", dict(num_attention_heads=32, use_sliding_window=True, max_window_layers=0),
+     dict(sliding_window=4096, num_kv_heads=32, head_dim=2)),
+    ("qwen3", dict(num_key_value_heads=2, use_sliding_window=True, max_window_layers=0),
+     dict(sliding_window=4096, head_dim=128)),
+    ("qwen3", dict(num_key_value_heads=2, sliding_window=8), dict(sliding_window=None, head_dim=128)),
+    ("llama", dict(sliding_window=8), dict(sliding_window=None, num_kv_heads=4, head_dim=16)),
+])
+def test_config_omitted_keys_take_transformers_defaults(model_type, keys, expected):
+    """A key a config.json omits means the transformers class default (Mistral's 4096-token window, Qwen3's
+    head_dim 128, the kv heads), as transformers' own config class reads the same dict."""
+    d = {"model_type": model_type, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 4, **keys}
+    config = config_from_hf(d)
+    assert {k: getattr(config, k) for k in expected} == expected
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k != "model_type"})
+    ids = dict(bos_token_id=None, eos_token_id=None)  # Llama's and Mistral's default ids 1, 2 are not read
+    assert config_from_hf(theirs.to_dict()).replace(**ids) == config.replace(**ids)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
@@ -378,6 +469,10 @@ def test_config_float16_checkpoint_upcasts():
     ({"model_type": "mistral", "sliding_window": "8"}, "sliding_window must be a positive integer or null, got '8'"),
     ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "layer_types": None,
       "max_window_layers": "x"}, "max_window_layers must be an integer >= 0, got 'x'"),
+    ({"model_type": "mistral", "sliding_window": 8, "layer_types": ["full_attention"] * 2},
+     "transformers' Mistral ignores layer_types and windows every layer to sliding_window 8"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1}},
+     "llama3 rope scaling: RopeScaling needs 0 < low_freq_factor < high_freq_factor"),
     ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "layer_types": "full"},
      "layer_types must list 'full_attention' or 'sliding_attention' for each of the 2 layers, got 'full'"),
 ])

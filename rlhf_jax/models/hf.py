@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from rlhf_jax.models.hf_config import (  # noqa: F401 -- re-exported: the public
     GENERATION_CONFIG_FILE,
     SUPPORTED_MODEL_TYPES,
     HFCheckpointError,
+    as_ids,
     check_apart,
     check_replaceable,
     config_from_dict,
@@ -188,7 +190,8 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None
     Returns:
       (config, params): `config.param_dtype` and `config.dtype` equal the loaded dtype; `params` is
       the nested dict of `CausalLM(config, head=...).init`, with `score` instead of `lm_head` for a
-      `*ForSequenceClassification` checkpoint (load it with `head="scalar"`).
+      `*ForSequenceClassification` checkpoint (load it with `head="scalar"`). Such a checkpoint whose
+      pad_token_id is an EOS id gets a warning (`warn_pad_pooling`): transformers scores it elsewhere.
     Raises:
       FileNotFoundError: the directory, config.json or a shard is missing.
       HFCheckpointError: an unsupported config, or missing, extra, mis-shaped or wrongly typed
@@ -227,7 +230,20 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None
             flat[leaf_path] = jax.device_put(host, place)
         if config.tie_word_embeddings and head == "lm" and "lm_head.weight" in ckpt.names:
             _check_tied_copy(ckpt, flat[("embed",)], specs[0])
+    if head == "scalar":
+        warn_pad_pooling(config.pad_token_id, config.eos_token_id, f"load_hf: {config_file}",
+                         "drop a trailing EOS from the mask to score as transformers does")
     return config, _unflatten(flat)
+
+
+def warn_pad_pooling(pad, eos, where: str, advice: str) -> None:
+    """Warn when a scalar head's pad id is an EOS id: transformers' `*ForSequenceClassification` scores a
+    row at its last token that is not `pad_token_id` (before a trailing EOS), while `heads.gather_last`
+    reads the last real token of the mask (the EOS), so the two score EOS-terminated rows differently."""
+    if pad is not None and pad in as_ids(eos):
+        warnings.warn(f"{where}: pad_token_id {pad} is also an EOS id; transformers' *ForSequenceClassification "
+                      "scores a row at its last token that is not the pad id, i.e. before a trailing EOS, while "
+                      f"rlhf_jax scores at the last real token of the mask (the EOS): {advice}", stacklevel=3)
 
 
 def _head_of(raw: dict, names, config_file: Path) -> Head:
@@ -509,6 +525,9 @@ def save_hf(
     flat = _check_params(params, abstract)
     param_dtype = _common_dtype(flat)
     ids, generation = export_token_ids(config, tokenizer)
+    if head == "scalar":
+        warn_pad_pooling(ids["pad_token_id"], generation.get("eos_token_id"), f"save_hf: {target}",
+                         "give the model config a pad_token_id that is not an EOS id")
     hf_config = config_to_hf(config.replace(param_dtype=param_dtype, **ids), head=head)
     itemsize = jnp.dtype(param_dtype).itemsize
     shards = _plan_shards(specs, itemsize, limit)

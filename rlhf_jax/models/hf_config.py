@@ -38,6 +38,10 @@ _ARCH_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3
 _DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
 _DEFAULT_ROPE_THETA = 10000.0
 _DEFAULT_MAX_WINDOW_LAYERS = 28
+# Absent keys only: an explicit null means kv heads = heads, head_dim = hidden / heads, no window.
+_DEFAULT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
+_DEFAULT_HEAD_DIM = {"qwen3": 128}
+_DEFAULT_SLIDING_WINDOW = 4096  # mistral, qwen2 and qwen3 (the latter two with use_sliding_window)
 
 
 class HFCheckpointError(ValueError):
@@ -53,7 +57,8 @@ def config_from_hf(hf_config: Mapping[str, Any] | str | os.PathLike) -> ModelCon
     Reads both the transformers 5 layout (`rope_parameters`) and the older one (`rope_theta` +
     `rope_scaling`). The parameter dtype is the config's `dtype`/`torch_dtype` (float16 becomes
     float32, a lossless upcast); the compute dtype equals it. Runtime fields Hugging Face does not
-    describe (`scan_layers`, `remat`) keep their defaults.
+    describe (`scan_layers`, `remat`) keep their defaults. A key the config omits takes the default of
+    its transformers config class (e.g. Mistral's 4096-token window, Qwen3's head_dim 128).
 
     Args:
       hf_config: a config dict (e.g. `PretrainedConfig.to_dict()`), a path to `config.json`, or a
@@ -143,7 +148,7 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
 
     num_heads = required("num_attention_heads")
     hidden = required("hidden_size")
-    head_dim = positive_int("head_dim")
+    head_dim = positive_int("head_dim") if "head_dim" in d else _DEFAULT_HEAD_DIM.get(model_type)
     if head_dim is None:
         if hidden % num_heads:
             fail(f"head_dim is absent and hidden_size {hidden} is not a multiple of num_attention_heads {num_heads}")
@@ -160,7 +165,8 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
         intermediate_size=required("intermediate_size"),
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=positive_int("num_key_value_heads") or num_heads,
+        num_kv_heads=(positive_int("num_key_value_heads") if "num_key_value_heads" in d
+                      else _DEFAULT_KV_HEADS.get(model_type)) or num_heads,
         head_dim=head_dim,
         max_position_embeddings=max_positions,
         rope_theta=float(rope_theta),
@@ -212,19 +218,22 @@ def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling
     original = params.get("original_max_position_embeddings")
     if original is not None and not (json_int(original) and original > 0):
         fail(f"llama3 rope scaling's original_max_position_embeddings must be a positive integer, got {original!r}")
-    return theta, RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings") or max_positions),
-    )
+    try:
+        return theta, RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings") or max_positions),
+        )
+    except ValueError as err:  # RopeScaling's own checks, e.g. low_freq_factor >= high_freq_factor
+        fail(f"llama3 rope scaling: {err}")
 
 
 def _sliding_window_from_hf(d: dict, model_type: str, num_layers: int, fail) -> int | None:
     """The one window every layer uses, or None; a mix of full and windowed layers is an error."""
     if model_type == "llama":
         return None
-    window = d.get("sliding_window")
+    window = d.get("sliding_window", _DEFAULT_SLIDING_WINDOW)
     if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
         window = None
     if window is None:
@@ -244,6 +253,9 @@ def _sliding_window_from_hf(d: dict, model_type: str, num_layers: int, fail) -> 
             fail(f"max_window_layers must be an integer >= 0, got {start!r}")
         layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
     kinds = set(layer_types)
+    if model_type == "mistral" and kinds != {"sliding_attention"}:
+        fail(f"layer_types {layer_types} gives full-attention layers, but transformers' Mistral ignores layer_types "
+             f"and windows every layer to sliding_window {window}; set sliding_window to null for full attention")
     if kinds == {"full_attention"}:
         return None
     if kinds == {"sliding_attention"}:
@@ -351,7 +363,7 @@ def _json_token_id(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _as_ids(value) -> list[int]:
+def as_ids(value) -> list[int]:
     return [] if value is None else [int(v) for v in (value if isinstance(value, (tuple, list)) else (value,))]
 
 
@@ -369,8 +381,8 @@ def export_token_ids(config: ModelConfig, tokenizer) -> tuple[dict, dict]:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         ours = getattr(config, name)
         ids[name] = ours if ours is not None else getattr(tokenizer, name, None)
-    stops = list(dict.fromkeys(_as_ids(config.eos_token_id) + _as_ids(getattr(tokenizer, "eos_token_id", None))))
-    for name, values in [*((n, _as_ids(v)) for n, v in ids.items()), ("eos_token_id", stops)]:
+    stops = list(dict.fromkeys(as_ids(config.eos_token_id) + as_ids(getattr(tokenizer, "eos_token_id", None))))
+    for name, values in [*((n, as_ids(v)) for n, v in ids.items()), ("eos_token_id", stops)]:
         if any(not 0 <= v < config.vocab_size for v in values):
             raise HFCheckpointError(f"save_hf: {name} {values} (model config or tokenizer) is outside the model's "
                                     f"vocabulary of {config.vocab_size} ids")
