@@ -286,15 +286,24 @@ def test_load_checkpoint_sharded_by_transformers(hf_llama, tmp_path):
     _assert_trees_bit_equal(sharded, load_hf(hf_llama.root / "f32")[1])
 
 
+def _saved_reward_model(hf_config, path, *, seed: int):
+    """A randomised transformers `*ForSequenceClassification` of `hf_config`, saved to `path`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(
+        hf_config, attn_implementation="eager").eval()
+    _randomize(model, torch, seed=seed)
+    model.save_pretrained(path)
+    return model
+
+
 def test_sequence_classification_scalar_head(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf_config = transformers.Qwen3Config(**COMMON, head_dim=32, num_labels=1, pad_token_id=0)
-    model = transformers.AutoModelForSequenceClassification.from_config(
-        hf_config, attn_implementation="eager").eval()
-    _randomize(model, torch, seed=5)
-    model.save_pretrained(tmp_path / "rm")
+    model = _saved_reward_model(transformers.Qwen3Config(**COMMON, head_dim=32, num_labels=1, pad_token_id=0),
+                                tmp_path / "rm", seed=5)
     tokens, mask, _ = _batch(seed=3, pad_id=0)  # HF pools at the last token that is not pad_token_id
     ref = _hf_logits(model, torch, tokens, mask)[:, 0]
 
@@ -317,12 +326,8 @@ def test_scalar_head_with_pad_equal_to_eos_warns_on_load_and_save(tmp_path):
     before a trailing EOS, not the mask's last real token that rlhf_jax reads: a warning, both ways."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(**COMMON, num_labels=1, pad_token_id=2, eos_token_id=2)
-    model = transformers.AutoModelForSequenceClassification.from_config(
-        hf_config, attn_implementation="eager").eval()
-    _randomize(model, torch, seed=7)
-    model.save_pretrained(tmp_path / "rm")
+    model = _saved_reward_model(transformers.LlamaConfig(**COMMON, num_labels=1, pad_token_id=2, eos_token_id=2),
+                                tmp_path / "rm", seed=7)
     tokens = np.array([[5, 6, 7, 2, 2, 2], [8, 9, 10, 11, 12, 2]], np.int32)  # EOS-terminated, pad = EOS
     mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     ref = _hf_logits(model, torch, tokens, mask)[:, 0]
