@@ -273,8 +273,8 @@ def _result_text(value: Any) -> str:
     if isinstance(value, (dict, list)):
         try:
             return json.dumps(value, ensure_ascii=False)
-        except (TypeError, ValueError):
-            pass
+        except (TypeError, ValueError):  # not JSON-serialisable (e.g. holds a set): its repr, by `str`
+            return str(value)
     return str(value)
 
 

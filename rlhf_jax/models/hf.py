@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import ModelConfig
@@ -54,6 +54,7 @@ from rlhf_jax.models.hf_config import (  # noqa: F401 -- re-exported: the public
     config_from_hf,
     config_to_hf,
     export_token_ids,
+    open_safetensors,
     read_json,
     write_json,
 )
@@ -421,11 +422,7 @@ class _Checkpoint:
 
     def _open(self, file: str):
         if file not in self._handles:
-            full = self.root / file
-            try:
-                self._handles[file] = safe_open(str(full), framework="np")
-            except Exception as err:  # safetensors raises its own error types for corrupt headers
-                raise HFCheckpointError(f"{full}: not a readable safetensors file ({err})") from err
+            self._handles[file] = open_safetensors(self.root / file)
         return self._handles[file]
 
     def __enter__(self):

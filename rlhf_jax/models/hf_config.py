@@ -27,6 +27,7 @@ __all__ = [
     "config_to_hf",
     "export_token_ids",
     "check_replaceable",
+    "open_safetensors",
     "check_apart",
 ]
 
@@ -405,6 +406,16 @@ def check_apart(target, sources, *, caller: str) -> None:
             relation = "is" if here == there else "contains" if there.startswith(here + os.sep) else "lies inside"
             raise FileExistsError(f"{caller}: the output directory {target} {relation} {source}, which it reads "
                                   "from; choose a directory outside it")
+
+
+def open_safetensors(path: str | os.PathLike):
+    """`safetensors.safe_open(path, framework="np")`; a damaged file raises `HFCheckpointError` naming it."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        return safe_open(str(path), framework="np")
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise HFCheckpointError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 def check_replaceable(target: Path, *, overwrite: bool, caller: str, sources: tuple = ()) -> None:

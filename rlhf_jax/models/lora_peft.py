@@ -32,11 +32,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from safetensors import safe_open
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.lora import LAYER_TARGETS, LoraConfig, adapter_specs, adapters_of, check_adapters, nest_adapters
-from rlhf_jax.models.hf_config import HFCheckpointError, check_replaceable, json_int, json_number
+from rlhf_jax.models.hf_config import HFCheckpointError, check_replaceable, json_int, json_number, open_safetensors
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_MODULES", "save_peft", "load_peft", "read_peft_config"]
 
@@ -160,7 +159,7 @@ def read_peft_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
     weights = root / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"load_peft: {weights} does not exist")
-    with _open_weights(weights) as f:
+    with open_safetensors(weights) as f:
         names = list(f.keys())
     targets = set()
     for name in names:
@@ -203,14 +202,6 @@ def read_peft_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
     return lora, raw
 
 
-def _open_weights(weights: Path):
-    """`safe_open` of the adapters' file; a damaged file raises naming it."""
-    try:
-        return safe_open(str(weights), framework="np")
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise HFCheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
-
-
 def load_peft(path: str | os.PathLike, config: ModelConfig, *, lora: LoraConfig | None = None
               ) -> tuple[LoraConfig, dict, dict | None]:
     """Read a PEFT LoRA directory into `(LoraConfig, adapters, head_params)` for a base of `config`.
@@ -249,7 +240,7 @@ def load_peft(path: str | os.PathLike, config: ModelConfig, *, lora: LoraConfig 
         plan.append((name, spec, layers))
     head_name = _PREFIX + "score.weight"
     copies = {name: (config.vocab_size, config.hidden_size) for name in _BASE_COPIES}
-    with _open_weights(weights) as f:
+    with open_safetensors(weights) as f:
         stored = set(f.keys())
         problems = [f"{name}: missing (the model expects shape {shape})" for name, shape in expected.items()
                     if name not in stored]

@@ -304,11 +304,12 @@ def load_data(config: AgenticGRPORunConfig | AgenticPPORunConfig) -> RunData:
     prompt rendered by the chat template with the environment's tools and never cut, else as `data` says."""
     if config.environment.renderer != "chat":
         return load_run_data(config, "prompt")
-    if not getattr(make_tokenizer(config.data.tokenizer), "chat_template", None):
+    tokenizer = make_tokenizer(config.data.tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"environment.renderer='chat' needs a tokenizer with a chat template; data.tokenizer "
                           f"{config.data.tokenizer!r} has none (use renderer='raw')")
     schemas = tuple(t.schema() for t in offered_tools(config.environment.probe()))
-    return load_run_data(config, "prompt",
+    return load_run_data(config, "prompt", tokenizer=tokenizer,
                          tokenize=dataclasses.replace(config.data.tokenize, string_format="chat", tools=schemas))
 
 

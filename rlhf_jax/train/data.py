@@ -156,13 +156,14 @@ def check_batch_size(dataset: TokenizedDataset | ShardedDataset | None, data: Da
                       f"{len(dataset)}{hint}")
 
 
-def load_run_data(config, kind: Kind, *, tokenize: TokenizeConfig | None = None) -> RunData:
+def load_run_data(config, kind: Kind, *, tokenize: TokenizeConfig | None = None, tokenizer=None) -> RunData:
     """The tokenizer (checked against `config.model`) and both splits of `config.data`, as `kind`
-    (tokenized by `tokenize`, default `config.data.tokenize`).
+    (tokenized by `tokenize`, default `config.data.tokenize`; `tokenizer`: `data.tokenizer` already
+    loaded).
 
     Raises ConfigError when the training split has fewer examples than `data.batch_size`.
     """
-    tokenizer = make_tokenizer(config.data.tokenizer)
+    tokenizer = make_tokenizer(config.data.tokenizer) if tokenizer is None else tokenizer
     check_vocab(tokenizer, config.model)
     train = load_split(config.data, kind=kind, which="train", tokenizer=tokenizer, tokenize=tokenize)
     check_batch_size(train, config.data)
