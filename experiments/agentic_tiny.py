@@ -20,8 +20,9 @@ and copy the result (the tool's result is an observation, never trained on):
    no sample of it is ever right, so every group's rewards are all 0 (`frac_reward_zero_std` 1) and
    GRPO's advantages are 0: there is no reward signal to learn from, however long it runs.
 
-Asserted: held-out accuracy with the tool rises by at least `MIN_GAIN` over the SFT policy's, and
-ends at least `MIN_GAIN` above the best accuracy the no-tool run ever reaches.
+Checked (a miss raises `ChecksMissed`: `rlhf-jax run` exits 1): held-out accuracy with the tool
+rises by at least `MIN_GAIN` over the SFT policy's, and ends at least `MIN_GAIN` above the best
+accuracy the no-tool run ever reaches.
 
 In our run (from scratch, `rlhf-jax run experiments/agentic_tiny.py`; 100 steps, 32 prompts x 8
 trajectories, lr 5e-4; 512 held-out problems sampled at temperature 1, so an accuracy's sampling
@@ -50,7 +51,7 @@ from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.steps import grpo_config
 from rlhf_jax.train import sft
 from rlhf_jax.train.agentic import AgenticGRPORunConfig, EnvironmentConfig
-from rlhf_jax.train.results import Panel, plot_metrics, write_json
+from rlhf_jax.train.results import Panel, check_passed, plot_metrics, write_json
 from rlhf_jax.train.rollouts import RolloutConfig
 from rlhf_jax.train.run_config import DataConfig
 from rlhf_jax.train.stages import Stage, run_stages
@@ -101,7 +102,7 @@ def _rl(name: str, workdir: str, environment: str, *, steps: int, batch_size: in
 
 
 def get_config(arg: str | None = None) -> AgenticTinyConfig:
-    """The tiny CPU configuration; `smoke`: a few steps of each stage, no assertion (the test)."""
+    """The tiny CPU configuration; `smoke`: a few steps of each stage, no checks (the test)."""
     if arg not in (None, "tiny", "smoke"):
         raise ValueError(f"agentic_tiny: unknown mode {arg!r}; the modes are tiny (default) and smoke")
     smoke = arg == "smoke"
@@ -181,7 +182,7 @@ def main(config: AgenticTinyConfig) -> dict:
                                       if "tool_calls/mean" in r],
         "config": config,
     }
-    write_json(os.path.join(config.workdir, "results.json"), results)
+    path = write_json(os.path.join(config.workdir, "results.json"), results)
     no_tool_records = read_jsonl(os.path.join(summaries["no_tool"]["run_dir"], "metrics.jsonl"))
     merged = [dict(r) for r in tool_records] + [
         {"step": r["step"], **{f"{k} (no tool)": v for k, v in r.items() if k != "step"}} for r in no_tool_records]
@@ -193,9 +194,10 @@ def main(config: AgenticTinyConfig) -> dict:
     if config.min_gain is not None:
         gain = results["accuracy_gain_with_tool"]
         margin = results["final_accuracy_with_tool"] - results["best_accuracy_without_tool"]
-        assert gain >= config.min_gain, f"accuracy with the tool rose by {gain:.3f} < {config.min_gain}"
-        assert margin >= config.min_gain, (f"accuracy with the tool ends only {margin:.3f} above the best "
-                                           f"accuracy without it (< {config.min_gain})")
+        check_passed("agentic_tiny", {f"accuracy with the tool rose by {gain:.3f} >= {config.min_gain}":
+                                      gain >= config.min_gain,
+                                      f"it ends {margin:.3f} >= {config.min_gain} above the best without the tool":
+                                      margin >= config.min_gain}, path)
     return {k: v for k, v in results.items() if k not in ("config", "accuracy_with_tool", "accuracy_without_tool",
                                                           "tool_calls_per_trajectory")}
 

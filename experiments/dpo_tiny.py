@@ -31,8 +31,8 @@ data: in our run its gold reward rose to 0.71 at step 25, then fell to 0.20 at s
 0.25), the over-optimization DPO is known for. Every DPO loss type is selectable with
 `--set dpo.algorithm.loss_type=sigmoid|robust|hinge|ipo|apo_zero|apo_down`, and SimPO, ORPO and
 KTO with the modes `:simpo`, `:orpo`, `:kto`; `--set dpo.reference=precomputed` computes the
-reference's log-probs once before training (TRL's `precompute_ref_log_probs`). Every mode asserts
-the same held-out margin on the gold reward.
+reference's log-probs once before training (TRL's `precompute_ref_log_probs`). Every mode records
+the same held-out margin on the gold reward (`passed` in `results.json`).
 
 The `lora` mode trains rank-16 adapters in both stages (`LORA`): SFT adapters on the random base
 (held-out loss 2.97), then DPO adapters on the SFT stage's merged weights, whose base with the

@@ -14,7 +14,7 @@ and more prompts are sampled). The policy is evaluated every 20 steps on 512 hel
 
 What it shows: RL with a verifiable reward sharpens the SFT policy (sampled accuracy about 0.62)
 toward its mode (greedy accuracy 1.0): the GRPO preset reaches about 0.84 after its 120 steps
-(`experiments/quickstart.py`, the same stages, asserts a gain of at least 0.06 for it).
+(`experiments/quickstart.py`, the same stages, checks a gain of at least 0.06 for it).
 
 The `lora` mode runs the GRPO preset with rank-16 adapters on the same SFT policy, the KL term's
 reference being the base with adapters off. In one sitting: full GRPO 0.619 -> 0.838 (+0.219),

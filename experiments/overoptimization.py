@@ -21,7 +21,7 @@ the quickstart's stages from `rlhf_jax.train.tiny_stages`), measured the way Gao
 
 Writes `results.json` (curves, fitted coefficients with R^2 and the fitted peaks, the shape of the
 best-of-n gold curve: "rises then falls" or "rises then saturates") and `results.png` (gold and
-proxy vs sqrt(KL) for best-of-n and RL with the fitted curves; gold vs n). Asserts that the gold
+proxy vs sqrt(KL) for best-of-n and RL with the fitted curves; gold vs n). Checks that the gold
 reward of best-of-n rises then falls or saturates, as the paper reports.
 
 Measured on a CPU (one device, 128 held-out prompts x 64 samples): best-of-n gold 0.467 (n=1) ->
@@ -48,7 +48,7 @@ from rlhf_jax.rewards.registry import RewardConfig
 from rlhf_jax.train import rejection_sampling, reward_model, rl, sft
 from rlhf_jax.train import tiny_stages as tiny
 from rlhf_jax.train.overoptimization import best_of_n_curve, fit_best_of_n, fit_rl, score_samples
-from rlhf_jax.train.results import write_json
+from rlhf_jax.train.results import check_passed, write_json
 from rlhf_jax.train.rollouts import RolloutConfig
 from rlhf_jax.train.stages import Stage, run_stages
 from rlhf_jax.train.weights import initial_params
@@ -118,7 +118,7 @@ def bon_shape(gold: np.ndarray, saturation: float) -> str:
 
 
 def main(config: OverOptimizationConfig) -> dict:
-    """The stages, the best-of-n evaluation, the fits; `results.json` and `results.png`; asserts the shape."""
+    """The stages, the best-of-n evaluation, the fits; `results.json` and `results.png`; checks the shape."""
     stages = [Stage("sft", config.sft), Stage("reward_model", config.reward_model)]
     for beta in config.betas:
         ppo = dataclasses.replace(config.ppo, algorithm=dataclasses.replace(config.ppo.algorithm, kl_coef=beta))
@@ -164,10 +164,11 @@ def main(config: OverOptimizationConfig) -> dict:
                       f"{bon['proxy'][-1]:.3f}"),
         "config": config,
     }
-    write_json(os.path.join(config.workdir, "results.json"), results)
+    path = write_json(os.path.join(config.workdir, "results.json"), results)
     plot(os.path.join(config.workdir, "results.png"), results)
     print(results["statement"], flush=True)
-    assert shape in ("rises then falls", "rises then saturates"), results["statement"]
+    check_passed("overoptimization", {f"best-of-n gold reward rises, then falls or saturates ({shape})":
+                                      shape in ("rises then falls", "rises then saturates")}, path)
     return {k: v for k, v in results.items() if k not in ("config", "rl")}
 
 

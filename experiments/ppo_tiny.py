@@ -13,7 +13,7 @@ reward model (`eval/reward`), the hidden gold reward (`eval/gold_reward`) and th
 SFT policy (`eval/kl`).
 
 What it shows: the gold reward rises with the reward model's score (about 0.46 -> 0.73 in 15 steps,
-`experiments/quickstart.py` asserts +0.10); run longer or with a smaller beta and the gold reward
+`experiments/quickstart.py` checks +0.10); run longer or with a smaller beta and the gold reward
 turns down while the proxy keeps rising (`experiments/kl_ablation.py`).
 
 Writes `runs/ppo_tiny/{sft,reward_model,ppo}` and `results.json` + `results.png`.

@@ -23,7 +23,7 @@ probability); then for 256 held-out problems, `best_of` (16) candidate solutions
 solver at a higher error rate, one picked by the PRM (min over steps; also product and last) and
 one by the ORM; the final-answer accuracy of each pick, against a random pick and the oracle.
 
-Asserts: PRM held-out step accuracy >= `min_step_accuracy` (0.9) and best-of-16 final-answer
+Checks: PRM held-out step accuracy >= `min_step_accuracy` (0.9) and best-of-16 final-answer
 accuracy by the PRM (min) > by the ORM. Writes `results.json` and `results.png` in the workdir.
 
 Measured on a CPU (one device): PRM held-out step accuracy 0.709 (the label prior) until step ~900,
@@ -47,7 +47,7 @@ from rlhf_jax.models.presets import get_config as model_preset
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.train import prm
 from rlhf_jax.train.data import make_tokenizer
-from rlhf_jax.train.results import write_json
+from rlhf_jax.train.results import check_passed, write_json
 from rlhf_jax.train.run_config import DataConfig
 from rlhf_jax.train.stages import Stage, run_stages
 from rlhf_jax.train.weights import initial_params
@@ -153,7 +153,7 @@ def best_of_n_eval(config: PRMTinyConfig, scorers: dict[str, tuple[prm.PRMScorer
 
 
 def main(config: PRMTinyConfig) -> dict:
-    """Write the data, train the PRM and the ORM, evaluate, write `results.json` + `results.png`, assert."""
+    """Write the data, train the PRM and the ORM, evaluate, write `results.json` + `results.png`, check."""
     os.makedirs(os.path.join(config.workdir, "data"), exist_ok=True)
     train_path = _write(os.path.join(config.workdir, "data", "train.jsonl"),
                         chain_rows(config.num_train, seed=0, error_rate=config.error_rate))
@@ -188,9 +188,9 @@ def main(config: PRMTinyConfig) -> dict:
                    "prm_beats_orm": best["prm_min"] > best["orm"]},
         "config": config,
     }
-    write_json(os.path.join(config.workdir, "results.json"), results)
+    path = write_json(os.path.join(config.workdir, "results.json"), results)
     _plot(os.path.join(config.workdir, "results.png"), results)
-    assert all(results["passed"].values()), {k: v for k, v in results.items() if k != "config"}
+    check_passed("prm_tiny", results["passed"], path)
     return {k: v for k, v in results.items() if k != "config"}
 
 

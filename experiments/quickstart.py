@@ -18,7 +18,8 @@ The whole RLHF pipeline on a 2-layer character-level model (the "tiny" preset), 
 Printed before and after each stage, on held-out prompts sampled at temperature 1 with a fixed key:
 the gold reward of the policy's samples (vowel task), the reward model's held-out accuracy against
 the gold labels, and the exact-match accuracy (arithmetic). Acceptance margins (`MARGINS`), checked
-and reported in `runs/quickstart/results.json`:
+and reported in `runs/quickstart/results.json` (a missed margin raises `ChecksMissed` after that file is
+written, so `rlhf-jax run` exits 1 naming it):
 - PPO raises the gold reward over the SFT policy by >= 0.10 (observed: 0.455 -> 0.718);
 - GRPO raises the sampled accuracy over the SFT policy by >= 0.06 (observed: 0.619 -> 0.832);
 - the reward model reaches >= 0.90 held-out accuracy (observed: 0.992).
@@ -39,7 +40,7 @@ import time
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.train import reward_model, rl, sft
 from rlhf_jax.train import tiny_stages as tiny
-from rlhf_jax.train.results import write_json
+from rlhf_jax.train.results import check_passed, write_json
 from rlhf_jax.train.stages import Stage, checkpoints, run_stages
 
 MARGINS = {"ppo_gold_reward": 0.10, "grpo_accuracy": 0.06, "reward_model_accuracy": 0.90}
@@ -119,9 +120,10 @@ def main(config: QuickstartConfig) -> dict:
         "reward_model_accuracy": results["reward_model"]["accuracy_after"] >= MARGINS["reward_model_accuracy"],
     }
     results.update(passed=passed, all_passed=all(passed.values()), seconds=time.perf_counter() - began)
-    write_json(os.path.join(config.workdir, "results.json"), results)
+    path = write_json(os.path.join(config.workdir, "results.json"), results)
     print(f"quickstart: {'all margins met' if results['all_passed'] else 'MARGINS MISSED: ' + str(passed)} "
-          f"in {results['seconds']:.0f} s; results in {os.path.join(config.workdir, 'results.json')}", flush=True)
+          f"in {results['seconds']:.0f} s; results in {path}", flush=True)
+    check_passed("quickstart", passed, path)
     return {"passed": passed, "seconds": round(results["seconds"], 1)}
 
 

@@ -14,7 +14,8 @@ reported (with the closest key and the keys of its section) before anything is c
 Exit status: 0 when the command finished; `EXIT_PREEMPTED` = 75 (EX_TEMPFAIL) when `run` was stopped
 by SIGTERM/SIGINT (during training after saving a checkpoint; during setup, compilation or between
 stages at once, with nothing new to save), so a scheduler reruns the same command to resume; 2 for
-a user error (one `error:` line); 1 when the NaN/Inf guard halted the run.
+a user error (one `error:` line); 1 when the NaN/Inf guard halted the run, or when an experiment that
+makes acceptance checks (the quickstart's margins) finished without meeting them.
 """
 
 from __future__ import annotations
@@ -329,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     User errors (bad config keys or values, missing files, mismatched checkpoints, bad data) print
     one `error:` line and return 2; a run halted by the NaN/Inf guard prints the step and returns
-    1, and so does an `OSError` (the disk is full, a write failed) with one `error:` line; anything
+    1, and so do an experiment's missed acceptance checks (`train.results.ChecksMissed`, naming them)
+    and an `OSError` (the disk is full, a write failed) with one `error:` line; anything
     else raises with its traceback. `setup_process()` runs first.
     """
     try:
@@ -403,10 +405,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             TokenizerError, FileNotFoundError, FileExistsError, _dist.DistributedError)
 
 
-def _training_halted() -> type[BaseException]:
+def _training_halted() -> tuple[type[BaseException], ...]:
     from rlhf_jax.train.loop import TrainingHalted  # noqa: PLC0415
+    from rlhf_jax.train.results import ChecksMissed  # noqa: PLC0415
 
-    return TrainingHalted
+    return TrainingHalted, ChecksMissed
 
 
 def _leave(code: int) -> int:

@@ -15,6 +15,7 @@ from rlhf_jax.config import CheckpointConfig
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.hf import load_hf, save_hf
 from rlhf_jax.testing import tiny_config
+from rlhf_jax.train.results import ChecksMissed, check_passed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "experiments", "sft_tiny.py")
@@ -295,3 +296,33 @@ def test_rl_reward_and_minibatch_errors_are_refused_with_the_config(capsys):
                         "grpo.algorithm.num_minibatches=3", "--print-config")
     assert code == 2 and ("data.batch_size 8 x algorithm.group_size 8 = 64 completions per step do not split into "
                           "algorithm.num_minibatches 3") in err
+
+
+def test_missed_acceptance_checks_exit_1_naming_them_after_the_results_are_written(capsys, tmp_path):
+    """An experiment that checks its figures (the quickstart's margins) raises `ChecksMissed` after
+    writing them; `rlhf-jax run` reports the missed checks in one line and exits 1, not 0."""
+    experiment = tmp_path / "checked.py"
+    experiment.write_text(
+        "import dataclasses, os\n"
+        "from rlhf_jax.train.results import check_passed, write_json\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class Config:\n"
+        "    gain: float = 0.05\n"
+        f"    workdir: str = {str(tmp_path)!r}\n"
+        "def get_config():\n"
+        "    return Config()\n"
+        "def main(config):\n"
+        "    passed = {'gain >= 0.1': config.gain >= 0.1, 'finite': True}\n"
+        "    path = write_json(os.path.join(config.workdir, 'results.json'), {'gain': config.gain, 'passed': passed})\n"
+        "    check_passed('checked', passed, path)\n"
+        "    return {'passed': passed}\n")
+    code, _, err = _run(capsys, "run", str(experiment))
+    assert code == 1
+    assert err.strip() == (f"rlhf-jax run: checked missed its checks: gain >= 0.1 (figures in "
+                           f"{tmp_path / 'results.json'})")
+    assert json.loads((tmp_path / "results.json").read_text())["passed"] == {"gain >= 0.1": False, "finite": True}
+    code, out, err = _run(capsys, "run", str(experiment), "--set", "gain=0.2")
+    assert code == 0 and json.loads(out)["passed"]["gain >= 0.1"] is True and not err
+    check_passed("one", True, "r.json")
+    with pytest.raises(ChecksMissed, match=r"^one missed its checks: one \(figures in r.json\)$"):
+        check_passed("one", False, "r.json")

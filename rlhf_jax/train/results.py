@@ -17,7 +17,21 @@ from typing import Any
 from rlhf_jax.config import to_dict
 from rlhf_jax.distributed import is_main
 
-__all__ = ["Panel", "json_ready", "write_json", "plot_metrics", "series"]
+__all__ = ["ChecksMissed", "Panel", "check_passed", "json_ready", "write_json", "plot_metrics", "series"]
+
+
+class ChecksMissed(RuntimeError):
+    """An experiment ran to the end but missed acceptance checks it makes (`rlhf-jax run` exits 1)."""
+
+
+def check_passed(experiment: str, passed: bool | Mapping[str, bool], results_path: str | os.PathLike) -> None:
+    """Raise `ChecksMissed` naming the checks in `passed` (one bool, or check name -> bool) that failed.
+
+    Call it after writing the results file, so that a missed check still leaves every figure on disk.
+    """
+    missed = ([] if passed else [experiment]) if isinstance(passed, bool) else [k for k, ok in passed.items() if not ok]
+    if missed:
+        raise ChecksMissed(f"{experiment} missed its checks: {', '.join(missed)} (figures in {os.fspath(results_path)})")
 
 
 def _finite(x: Any) -> Any:
