@@ -202,7 +202,7 @@ def policy():
 
 
 def _episodes(policy, calls_per_row, *, rng=0, runner=ToolRunner(timeout_s=0.3, max_chars=16), num_slots=None,
-              make_env=ScriptedCalls, ids=None):
+              make_env=ScriptedCalls, ids=None, step_timeout_s=None):
     """Episode `i` (or `ids[i]`: its global index, as on one of N processes) asks about `i * 7`."""
     model, params, sampler, sampler_params = policy
     tok = offline_tokenizer()
@@ -214,7 +214,7 @@ def _episodes(policy, calls_per_row, *, rng=0, runner=ToolRunner(timeout_s=0.3, 
     # Most ids stop a turn, so the random policy's turns are short and episodes reach several turns.
     sampling = SamplingConfig(max_new_tokens=8, eos_id=2, stop_ids=tuple(range(40, 104)),
                               method=Categorical(temperature=0.9))
-    limits = AgentLimits(max_turns=4, max_tokens=WIDTH, turn_tokens=8, concurrency=8)
+    limits = AgentLimits(max_turns=4, max_tokens=WIDTH, turn_tokens=8, concurrency=8, step_timeout_s=step_timeout_s)
     return run_episodes(sampler, sampler_params, prompts, envs, renderer=RawRenderer(tok, TagCallFormat()),
                         sampling=sampling, limits=limits, tokenizer=tok, rng=rng, num_slots=num_slots,
                         trajectory_ids=ids)
@@ -305,6 +305,47 @@ def test_invalid_step_results_end_the_episode_as_counted_env_errors_with_their_m
     assert trajectory_metrics(trajectories)["tool_calls/total"] == 0
     assert f"{len(bad)} of {len(bad) + 1} episodes ended by a failed environment step" in caplog.text
     assert bad[0][1] in caplog.text
+
+
+class Hangs:
+    """An environment whose step waits on `release` (a hanging simulator or remote call)."""
+
+    def __init__(self, release, runner=None):
+        self.release = release
+
+    def reset(self, task):
+        return task["prompt"]
+
+    def step(self, action):
+        self.release.wait()
+        return StepResult(None, 1.0, True)
+
+
+@pytest.mark.parametrize("num_slots", [None, 2])
+def test_a_step_past_step_timeout_s_ends_its_episode_as_an_env_error_and_the_others_go_on(policy, num_slots):
+    """A hanging `env.step` no longer hangs the rollout: after `step_timeout_s` its episode ends with
+    reward 0, counted in env/errors with a message naming the environment; the other episodes finish."""
+    release = threading.Event()
+    envs = iter([Hangs(release), Returns(StepResult(None, 1.0, True)), Hangs(release)])
+    try:
+        trajectories = _episodes(policy, [None, None, None], make_env=lambda *_: next(envs), num_slots=num_slots,
+                                 step_timeout_s=0.2)
+    finally:
+        release.set()
+    message = "Hangs.step did not return within 0.2 s (step_timeout_s)"
+    assert [t.errors for t in trajectories if not t.truncated].count([message]) >= 1  # a hanging step was reached
+    for i, t in enumerate(trajectories):
+        if t.truncated:
+            continue
+        expected = ([1.0], []) if i == 1 else ([0.0], [message])
+        assert (t.turn_rewards, t.errors, t.done) == (*expected, True)
+    from rlhf_jax.train.agentic import EnvironmentConfig
+
+    with pytest.raises(ValueError, match=r"AgentLimits.step_timeout_s must be > 0 or None, got 0"):
+        AgentLimits(step_timeout_s=0)
+    with pytest.raises(ConfigError, match=r"environment.step_timeout_s must be > 0 or None, got -1"):
+        EnvironmentConfig(step_timeout_s=-1)
+    assert EnvironmentConfig().limits(32).step_timeout_s == 60.0
 
 
 def test_no_episodes_give_no_trajectories_and_an_empty_batch(policy):

@@ -44,6 +44,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import threading
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -84,18 +85,26 @@ class AgentLimits:
       max_tokens: tokens after the prompt at most (actions and observations; the RL batch's width).
       turn_tokens: tokens of one action turn at most (the sampler's `max_new_tokens` per call).
       concurrency: environments stepped at once (threads).
+      step_timeout_s: seconds one `env.step` may run, or None for no limit. A step still running
+        then ends its episode as an `env_error` (reward 0, counted in `env/errors`); its thread is
+        abandoned, as a hanging tool's is (`ToolRunner`).
     """
 
     max_turns: int = 4
     max_tokens: int = 64
     turn_tokens: int = 16
     concurrency: int = 16
+    step_timeout_s: float | None = None
 
     def __post_init__(self):
         for name in ("max_turns", "max_tokens", "turn_tokens", "concurrency"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"AgentLimits.{name} must be a positive int, got {value!r}")
+        timeout = self.step_timeout_s
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                    or not timeout > 0):
+            raise ValueError(f"AgentLimits.step_timeout_s must be > 0 or None, got {timeout!r}")
 
 
 def _stop_tokens(tokenizer, stop_strings: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -139,9 +148,26 @@ def _step_problem(result) -> str | None:
     return None
 
 
-def _safe_step(env: Environment, action: str) -> StepResult:
+def _safe_step(env: Environment, action: str, timeout_s: float | None = None) -> StepResult:
     """`env.step(action)`, or an `env_error` result (episode over, reward 0, the message in `info`)
-    when the step raises or returns something that is not a valid `StepResult`."""
+    when the step raises, returns something that is not a valid `StepResult`, or is still running
+    after `timeout_s` seconds (then in a daemon thread, left behind)."""
+    if timeout_s is None:
+        return _checked_step(env, action)
+    box: dict[str, StepResult] = {}
+    thread = threading.Thread(target=lambda: box.update(result=_checked_step(env, action)),
+                              name=f"env-step-{type(env).__name__}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "result" in box:
+        return box["result"]
+    what = "did not return within" if thread.is_alive() else "ended without a result (it raised a BaseException) in"
+    return StepResult(None, 0.0, True, {"env_error": f"{type(env).__name__}.step {what} {timeout_s:g} s "
+                                                     "(step_timeout_s)"})
+
+
+def _checked_step(env: Environment, action: str) -> StepResult:
+    """`_safe_step` without the time limit."""
     try:
         result = env.step(action)
     except Exception as e:  # noqa: BLE001 - an environment's failure ends its episode, not the run
@@ -292,7 +318,8 @@ def _static_turns(sampler, params, trajectories, envs, config, key, turn: _Turns
             if action is not None:
                 stepping.append(i)
                 actions.append(action)
-        results = list(pool.map(_safe_step, [envs[i] for i in stepping], actions))
+        results = list(pool.map(_safe_step, [envs[i] for i in stepping], actions,
+                                 [turn.limits.step_timeout_s] * len(stepping)))
         active = [i for i, result in zip(stepping, results) if turn.observation(trajectories[i], result)]
 
 
@@ -338,7 +365,7 @@ def _continuous_turns(sampler, params, trajectories, envs, config, stop_sequence
                 action = turn.action(trajectories[i], out.tokens[0].tolist(), out.logprobs[0].tolist(),
                                      out.finish_reasons[0] == "stop")
                 if action is not None:
-                    stepping[pool.submit(_safe_step, envs[i], action)] = i
+                    stepping[pool.submit(_safe_step, envs[i], action, limits.step_timeout_s)] = i
 
 
 def trajectory_stats(trajectories: Sequence[Trajectory]) -> dict[str, np.ndarray]:

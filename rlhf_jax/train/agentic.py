@@ -82,6 +82,8 @@ class EnvironmentConfig:
       max_turns: action turns per trajectory at most.
       turn_tokens: tokens of one action turn at most.
       tool_timeout_s: seconds a tool call may run (then a timeout observation).
+      step_timeout_s: seconds one environment step may run, its tool calls included (then the
+        episode ends as a counted `env/errors`, reward 0), or None for no limit.
       max_observation_chars: characters of a tool's result kept (the rest cut, with a note).
       concurrency: environments stepped at once (host threads).
       renderer: "raw" (observations as text) or "chat" (prompts rendered by the tokenizer's chat
@@ -102,6 +104,7 @@ class EnvironmentConfig:
     max_turns: int = 4
     turn_tokens: int = 16
     tool_timeout_s: float = 5.0
+    step_timeout_s: float | None = 60.0
     max_observation_chars: int = 1024
     concurrency: int = 16
     renderer: Literal["raw", "chat"] = "raw"
@@ -120,6 +123,9 @@ class EnvironmentConfig:
                 raise ConfigError(f"environment.{name} must be a positive int, got {value!r}")
         if not isinstance(self.tool_timeout_s, (int, float)) or not self.tool_timeout_s > 0:
             raise ConfigError(f"environment.tool_timeout_s must be > 0, got {self.tool_timeout_s!r}")
+        if self.step_timeout_s is not None and (not isinstance(self.step_timeout_s, (int, float))
+                                                or not self.step_timeout_s > 0):
+            raise ConfigError(f"environment.step_timeout_s must be > 0 or None, got {self.step_timeout_s!r}")
         check_choice("environment", "renderer", self.renderer, Literal["raw", "chat"])
         if self.num_slots is not None and (not isinstance(self.num_slots, int) or isinstance(self.num_slots, bool)
                                            or self.num_slots < 1):
@@ -139,7 +145,7 @@ class EnvironmentConfig:
 
     def limits(self, max_tokens: int) -> AgentLimits:
         return AgentLimits(max_turns=self.max_turns, max_tokens=max_tokens, turn_tokens=self.turn_tokens,
-                           concurrency=self.concurrency)
+                           concurrency=self.concurrency, step_timeout_s=self.step_timeout_s)
 
     def probe(self):
         """One environment of this config (its tools and call format)."""
