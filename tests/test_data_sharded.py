@@ -11,6 +11,7 @@ import pytest
 
 from rlhf_jax.data import BatchConfig, BatchIterator, DataError, TokenizeConfig, load_dataset
 from rlhf_jax.data.sharded import ShardedDataset, load_sharded
+from rlhf_jax.data.sources import source_fingerprint
 from rlhf_jax.testing.tokenizer import offline_tokenizer
 
 TOKENIZE = TokenizeConfig(max_len=24, chunk_size=4)
@@ -32,7 +33,9 @@ def _rows(kind, n):
 
 
 def _sharded(source, kind, count, *, tokenizer=None, on_error="raise"):
-    """`load_sharded` on `count` threads joined by an in-memory all-gather: per process, the dataset or the error."""
+    """`load_sharded` on `count` threads joined by an in-memory all-gather: per process, the dataset or the error.
+
+    `source` may be a list of one source per process (each host's own copy of a path)."""
     tokenizer = tokenizer or offline_tokenizer()
     barrier, slots = threading.Barrier(count), [None] * count
     out = [None] * count
@@ -48,7 +51,9 @@ def _sharded(source, kind, count, *, tokenizer=None, on_error="raise"):
 
     def work(index):
         try:
-            out[index] = load_sharded(source, kind=kind, tokenizer=tokenizer, config=TOKENIZE, index=index,
+            mine = source[index] if isinstance(source, list) and len(source) == count and \
+                not isinstance(source[0], dict) else source
+            out[index] = load_sharded(mine, kind=kind, tokenizer=tokenizer, config=TOKENIZE, index=index,
                                       count=count, allgather=allgather(index), on_error=on_error)
         except Exception as e:  # noqa: BLE001 (compared by the test)
             out[index] = e
@@ -144,3 +149,43 @@ def test_bad_rows_are_agreed_on(tmp_path):
     its = [BatchIterator(s, config, process_index=i, process_count=2) for i, s in enumerate(shards)]
     for _ in range(5):
         _same(_global(its), next(ref))
+
+
+def test_hosts_with_different_copies_of_a_file_are_told_so(tmp_path):
+    """Each host reads its own copy of the data path; copies that differ (an edited row, the same row
+    count) used to give a silently mixed dataset. Every process now raises the same DataError naming
+    the source and which processes hold which copy; equal copies load as before."""
+    rows = _rows("sft", 12)
+    copies = [tmp_path / f"host{i}" / "train.jsonl" for i in range(3)]
+    for i, path in enumerate(copies):
+        path.parent.mkdir()
+        edited = [dict(r, completion="changed") if (i == 2 and k == 5) else r for k, r in enumerate(rows)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    errors = _sharded([str(p) for p in copies], "sft", 3)
+    assert all(isinstance(e, DataError) for e in errors), errors
+    # (a real run names the same path on every host; here each host's copy has its own path)
+    problems = {str(e).removeprefix(f"{path}: ") for e, path in zip(errors, copies)}
+    assert len(problems) == 1
+    problem = problems.pop()
+    assert problem.startswith("the processes' copies of the source differ (sha256 ")
+    assert "on processes [0, 1]; sha256 " in problem and problem.endswith(
+        "on processes [2]): every process must read the same data")
+    same = _sharded([str(p) for p in copies[:2]], "sft", 2)
+    assert [len(d) for d in same] == [12, 12]
+
+
+def test_source_fingerprint_of_a_directory_reads_metadata_and_sizes_only(tmp_path):
+    """A directory's fingerprint: relative paths, sizes and the bytes of files up to 1 MiB; so two
+    copies are equal, an edited metadata file or a shard of another size tells them apart."""
+    def make(root, state='{"_fingerprint": "a"}', shard=b"x" * (2 << 20)):
+        (root / "train").mkdir(parents=True)
+        (root / "train" / "state.json").write_text(state)
+        (root / "train" / "data-00000.arrow").write_bytes(shard)
+        return source_fingerprint(str(root))
+
+    one, two = make(tmp_path / "a"), make(tmp_path / "b")
+    assert one == two and len(one) == 32
+    assert make(tmp_path / "c", state='{"_fingerprint": "b"}') != one
+    assert make(tmp_path / "d", shard=b"x" * ((2 << 20) + 1)) != one
+    assert make(tmp_path / "e", shard=b"y" * (2 << 20)) == one  # a shard's bytes are not read
+    assert source_fingerprint([{"prompt": "a"}]) is None

@@ -5,7 +5,9 @@ tokenizes only a share, yet all of them form the same global batches as one proc
 
 1. **Validation pass.** Process p parses and tokenizes the rows `r` with `r % P == p` (the other
    rows are read past: a JSONL line's JSON is not parsed, a TFDS record not read, nothing of them
-   is tokenized). It notes, per row, whether the row is usable and its sequence lengths.
+   is tokenized). It notes, per row, whether the row is usable and its sequence lengths, and
+   fingerprints the source as its host sees it (a path's SHA-256: hosts with different copies of a
+   file would otherwise mix their rows silently).
 2. **Exchange.** The processes swap these small integer tables (`allgather`, e.g.
    `rlhf_jax.distributed.gather_rows`). Now every process knows the usable rows, numbers the
    examples exactly as `load_dataset` does (usable rows in source order), and knows every
@@ -33,7 +35,7 @@ import numpy as np
 
 from rlhf_jax.data.dataset import Ragged, TokenizedDataset, _Builder, _gc_paused, tokenized_rows
 from rlhf_jax.data.formats import KINDS, DataError, Kind, RowRef
-from rlhf_jax.data.sources import NOT_READ, Source, describe_source, read_rows
+from rlhf_jax.data.sources import NOT_READ, Source, describe_source, read_rows, source_fingerprint
 from rlhf_jax.data.tokenize import TokenizeConfig
 
 __all__ = ["ShardedDataset", "load_sharded"]
@@ -162,8 +164,8 @@ def load_sharded(source: Source, *, kind: Kind, tokenizer, config: TokenizeConfi
     a collective: `x [n, k] -> every process's x, concatenated in process order`).
 
     Raises:
-      DataError: on every process alike: the source's first bad row (`on_error="raise"`), or no
-        usable row.
+      DataError: on every process alike: the processes' copies of a path source differ
+        (`source_fingerprint`), the source's first bad row (`on_error="raise"`), or no usable row.
     """
     if kind not in KINDS:
         raise ValueError(f"load_sharded: kind must be one of {KINDS}, got {kind!r}")
@@ -199,9 +201,16 @@ def load_sharded(source: Source, *, kind: Kind, tokenizer, config: TokenizeConfi
                 usable[i] = (example, seqs)
         except _Stop:
             pass
-    # 1. Counts and the first bad row of every process.
-    meta = np.array([[num_rows, -1 if first_error is None else first_error[0], truncated, len(skipped)]], np.int32)
-    metas = np.asarray(allgather(meta)).reshape(count, 4)
+    # 1. Counts, the first bad row and the source's fingerprint of every process.
+    fingerprint = source_fingerprint(source) or bytes(32)
+    meta = np.array([[num_rows, -1 if first_error is None else first_error[0], truncated, len(skipped),
+                      *np.frombuffer(fingerprint, np.int32)]], np.int32)
+    metas = np.asarray(allgather(meta)).reshape(count, 12)
+    copies = {bytes(m[4:]): [p for p in range(count) if (metas[p, 4:] == m[4:]).all()] for m in metas}
+    if len(copies) > 1:
+        seen = "; ".join(f"sha256 {digest.hex()[:16]} on processes {procs}" for digest, procs in copies.items())
+        raise DataError(RowRef(name, None), f"the processes' copies of the source differ ({seen}): every process "
+                                            "must read the same data")
     if (metas[:, 1] >= 0).any():  # on_error="raise" and some process read a bad row: all raise the first
         text = b"" if first_error is None else f"{first_error[1].ref}\0{first_error[1].problem}".encode()[:_MESSAGE_BYTES]
         message = np.zeros((1, _MESSAGE_BYTES), np.uint8)

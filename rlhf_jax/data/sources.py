@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -41,7 +42,7 @@ import numpy as np
 from rlhf_jax.data.formats import DataError, RowRef
 from rlhf_jax.data.preference_records import PREFERENCE_BUILDER_NAME, decode_preference_row
 
-__all__ = ["TFDSSource", "Source", "SourceError", "read_rows", "describe_source", "NOT_READ"]
+__all__ = ["TFDSSource", "Source", "SourceError", "read_rows", "describe_source", "source_fingerprint", "NOT_READ"]
 
 # What `read_rows(..., keep=...)` yields in place of a row it was told not to read.
 NOT_READ = type("NotRead", (), {"__repr__": lambda self: "NOT_READ"})()
@@ -71,6 +72,32 @@ def describe_source(source: Source) -> str:
     if isinstance(source, TFDSSource):
         return f"tfds:{source.name}[{source.split}]"
     return "<rows>"
+
+
+def source_fingerprint(source: Source) -> bytes | None:
+    """The SHA-256 of a path source as this host sees it, or None for other sources.
+
+    A file: its bytes. A directory (a saved dataset, a TFDS version): every file's relative path and
+    size, and the bytes of those up to 1 MiB (the metadata: `state.json`, `dataset_info.json`, ...),
+    so that telling two hosts' copies apart never reads the data shards twice.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = os.fspath(source)
+    digest = hashlib.sha256()
+    if not os.path.isdir(path):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").digest()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            size = os.path.getsize(full)
+            digest.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
+            if size <= 1 << 20:
+                with open(full, "rb") as f:
+                    digest.update(f.read())
+    return digest.digest()
 
 
 _BOM = b"\xef\xbb\xbf"
