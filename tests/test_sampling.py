@@ -12,6 +12,7 @@ from rlhf_jax.sampling import (
     Greedy,
     Sampler,
     SamplingConfig,
+    TopK,
     TopP,
     decode,
     finalize,
@@ -91,6 +92,56 @@ def test_sampler_logprobs_equal_the_trainers_recomputation(params, sampler, meth
     diff = np.abs(np.asarray(trainer) - np.asarray(out.logprobs))[mask]
     assert diff.max() <= 1e-5, diff.max()
     assert np.all(np.asarray(out.logprobs)[~mask] == 0)
+
+
+def _np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+
+def test_sampler_logprobs_are_the_untruncated_tempered_ones(params, sampler):
+    # NumPy oracle on a full forward pass per row: token t of row r was drawn among the top 3 of
+    # logits / T, and its reported log-prob is log softmax(logits / T) over the whole vocabulary (what
+    # the trainer recomputes at T), not the renormalised top-3 one.
+    method = TopK(k=3, temperature=0.5)
+    out = sampler.generate(params, PROMPTS, max_new_tokens=6, method=method, num_samples=2, rng=5)
+    tokens, logps, lengths = (np.asarray(a) for a in (out.completion_tokens, out.logprobs, out.lengths))
+    for r in range(len(tokens)):
+        prompt = PROMPTS[r // 2]
+        seq = np.zeros((1, 24), np.int32)
+        seq[0, : len(prompt) + 6] = list(prompt) + tokens[r].tolist()
+        logits = np.asarray(_full_forward_logits(params, seq)[0], np.float64)
+        for t in range(lengths[r]):
+            z = logits[len(prompt) - 1 + t]
+            tok = tokens[r, t]
+            assert z[tok] >= np.sort(z)[-3], (r, t)                          # inside the top 3
+            full = _np_log_softmax(z / 0.5)[tok]
+            top3 = _np_log_softmax(np.sort(z / 0.5)[-3:])[np.searchsorted(np.sort(z)[-3:], z[tok])]
+            np.testing.assert_allclose(logps[r, t], full, atol=2e-5, err_msg=f"row {r} step {t}")
+            assert top3 - full > 1.0                                          # distinguishable here
+
+
+def test_first_tokens_follow_the_truncated_distribution(lm, params, sampler):
+    # 4096 samples of one prompt (one uniform number per row and step): the first tokens' frequencies
+    # against the top-p distribution of the trainer's logits (NumPy), Pearson chi-square within 6 sigma.
+    prompt, rows = [5, 17, 33, 8], 4096
+    out = sampler.generate(params, [prompt], max_new_tokens=2, method=TopP(p=0.9, temperature=0.05),
+                           num_samples=rows, rng=3)
+    z = np.asarray(lm.forward(params, jnp.asarray([prompt])).logits[0, -1], np.float64) / 0.05
+    p = np.exp(_np_log_softmax(z))
+    order = np.argsort(-p)
+    keep = np.zeros_like(p, bool)
+    keep[order[(np.cumsum(p[order]) - p[order]) < 0.9]] = True
+    q = np.where(keep, p, 0) / p[keep].sum()
+    counts = np.bincount(np.asarray(out.completion_tokens)[:, 0], minlength=len(q))
+    assert counts[~keep].sum() == 0 and 5 < keep.sum() < 200
+    expected = rows * q
+    big = expected >= 5
+    obs, exp = np.append(counts[big], counts[keep & ~big].sum()), np.append(expected[big], expected[~big].sum())
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    dof = len(exp) - 1
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    assert chi2 < dof + 6 * np.sqrt(2 * dof), (chi2, dof)
 
 
 def test_stop_ids_cut_rows_and_masks_token_by_token(params, sampler):

@@ -121,6 +121,17 @@ def test_truncated_sampling_frequencies_are_renormalised():
         (lambda: make_method(top_k=5, top_p=0.9), r"at most one of top_k, top_p, min_p"),
         (lambda: make_method(top_p=1.2), r"top_p must be in \(0, 1\]"),
         (lambda: make_method(greedy=True, temperature=0.5), r"greedy=True takes no temperature"),
+        # 1e-50 is 0 and 1e40 is inf in the float32 the logits are divided by: every draw was token 0.
+        (lambda: make_method(temperature=1e-50), r"Categorical.temperature must be a finite number > 0 \(a normal "
+                                                 r"float32, in \[1.18e-38, 3.4e\+38\]\), got 1e-50"),
+        (lambda: TopP(p=0.9, temperature=1e40), r"TopP.temperature must be a finite number > 0 .* got 1e\+40"),
+        (lambda: make_method(temperature=math.inf), r"Categorical.temperature must be a finite number > 0"),
+        (lambda: make_method(top_k=-1), r"make_method: top_k must be an int >= 0 \(0 = off\), got -1"),
+        (lambda: make_method(top_p=math.nan), r"make_method.top_p must be in \(0, 1\], got nan"),
+        (lambda: make_method(min_p=math.nan), r"make_method: min_p must be in \[0, 1\] \(0 = off\), got nan"),
+        (lambda: make_method(min_p=-0.1), r"make_method: min_p must be in \[0, 1\] \(0 = off\), got -0.1"),
+        # A truthy string used to give Greedy() ("false" included).
+        (lambda: make_method(greedy="false"), r"make_method: greedy must be a bool, got 'false'"),
     ],
 )
 def test_bad_method_arguments_raise(build, message):
@@ -130,6 +141,8 @@ def test_bad_method_arguments_raise(build, message):
 
 def test_make_method_maps_the_usual_knobs():
     assert make_method() == Categorical(temperature=1.0)
+    # NumPy ints (a sweep over np.arange) are taken and stored as Python ints (a static, hashable method).
+    assert make_method(top_k=np.int64(40)) == TopK(k=40) and type(TopK(k=np.int32(3)).k) is int
     assert make_method(temperature=0.7, top_k=40) == TopK(k=40, temperature=0.7)
     assert make_method(top_p=0.9) == TopP(p=0.9)
     assert make_method(min_p=0.1, temperature=1.5) == MinP(p=0.1, temperature=1.5)
@@ -158,3 +171,98 @@ def test_methods_require_2d_logits_and_1d_u():
         sample_from_logits(jnp.zeros((2, 5)), jnp.zeros((2, 1)))
     with pytest.raises(ValueError, match=r"Greedy.select: logits must be \[N, V\]"):
         Greedy().select(jnp.zeros(5), None)
+
+
+# --- the distribution drawn from, against transformers' logits warpers ---
+
+def _hf_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """softmax of transformers' warpers (Temperature, TopK, TopP, MinP: its order) on float32 logits."""
+    torch = pytest.importorskip("torch")
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    scores, ids = torch.tensor(np.asarray(logits, np.float32)), torch.zeros((len(logits), 1), dtype=torch.long)
+    warpers = [lp.TemperatureLogitsWarper(temperature)] if temperature != 1 else []
+    warpers += [lp.TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [lp.TopPLogitsWarper(top_p)] if top_p < 1 else []
+    warpers += [lp.MinPLogitsWarper(min_p)] if min_p > 0 else []
+    for w in warpers:
+        scores = w(ids, scores)
+    return torch.softmax(scores, dim=-1).numpy()
+
+
+def _probs(method, logits):
+    """The distribution `method` draws from: softmax(truncate(logits / T)), float32."""
+    z = jnp.asarray(logits, jnp.float32) / jnp.float32(method.temperature)
+    return np.asarray(jax.nn.softmax(method.truncate(z), axis=-1))
+
+
+_RAND = np.random.default_rng(0).normal(size=(3, 300)).astype(np.float32) * 3
+_CASES = {
+    "random": _RAND,
+    "bf16": np.asarray(jnp.asarray(_RAND, jnp.bfloat16).astype(jnp.float32)),
+    "dyadic": np.log(np.array([[0.5, 0.0625, 0.25, 0.125, 0.0625]], np.float32)),   # masses 0.5 .75 .875 exact
+    "neg_inf": np.array([[-np.inf, 1.0, 0.0, -np.inf, 2.0, -0.5]], np.float32),
+    "top_k_ties": np.array([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0]], np.float32),
+    "all_equal": np.zeros((1, 7), np.float32),
+}
+_SETTINGS = [
+    dict(temperature=0.7), dict(temperature=1e-3), dict(top_k=1), dict(top_k=3), dict(top_k=3, temperature=0.5),
+    dict(top_k=1000), dict(top_p=0.5), dict(top_p=0.75), dict(top_p=0.875), dict(top_p=0.9, temperature=0.6),
+    dict(top_p=1.0), dict(min_p=0.1), dict(min_p=0.5, temperature=0.5), dict(min_p=1.0), dict(min_p=0.0),
+]
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_truncated_distribution_equals_transformers_warpers(case):
+    logits = _CASES[case]
+    for kw in _SETTINGS:
+        if case in ("top_k_ties", "all_equal") and kw.get("top_p", 1) < 1:
+            continue   # a tie at the nucleus boundary: test_top_p_keeps_every_token_tied_at_the_boundary
+        want = _hf_probs(logits, **kw)
+        got = _probs(make_method(**kw), logits)
+        # The kept set exactly (tiny tempered probabilities may underflow differently: compare masses > 1e-30).
+        np.testing.assert_array_equal(got > 1e-30, want > 1e-30, err_msg=f"{case} {kw}")
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0, err_msg=f"{case} {kw}")
+
+
+def test_top_p_keeps_every_token_tied_at_the_boundary():
+    # Equal logits: the nucleus boundary falls inside a tie. TopP keeps all tied tokens (no sort-order
+    # dependence); transformers keeps the part of the tie its sort puts first.
+    logits = np.zeros((1, 7), np.float32)
+    for p in (0.3, 0.5, 0.8):
+        np.testing.assert_array_equal(_probs(TopP(p=p), logits), np.full((1, 7), 1 / 7, np.float32))
+        hf = _hf_probs(logits, top_p=p)
+        assert 0 < (hf > 0).sum() < 7    # a strict subset of the tie
+    # Mass 0.5, then a tie 0.25 / 0.25 at p = 0.75: both kept (mass before each strictly more likely: 0.5 < p).
+    z = jnp.log(jnp.array([[0.25, 0.5, 0.25]]))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(TopP(p=0.75).truncate(z))), [[True, True, True]])
+
+
+@pytest.mark.parametrize(
+    "method",
+    [Categorical(temperature=0.8), TopK(k=5, temperature=1.3), TopP(p=0.6, temperature=0.9), MinP(p=0.2)],
+    ids=lambda m: type(m).__name__,
+)
+def test_draws_follow_the_truncated_distribution(method):
+    # 300 tokens (3 inverse-CDF blocks), a tie of three tokens in different blocks near the top, two -inf.
+    v, rows = 300, 60_000
+    logits = (np.random.default_rng(0).normal(size=v) * 2).astype(np.float32)
+    logits[[3, 140, 299]] = logits.max() - 0.5
+    logits[[10, 11]] = -np.inf
+    kw = dict(temperature=method.temperature, top_k=getattr(method, "k", 0),
+              top_p=method.p if isinstance(method, TopP) else 1.0, min_p=method.p if isinstance(method, MinP) else 0.0)
+    probs = _hf_probs(logits[None], **kw)[0].astype(np.float64)
+    tokens = np.asarray(jax.jit(method.sample)(jax.random.key(7), jnp.tile(logits, (rows, 1))))
+    counts = np.bincount(tokens, minlength=v)
+    assert counts[probs == 0].sum() == 0, np.nonzero(counts * (probs == 0))
+    # Pearson chi-square over tokens expected >= 5 times (the rest pooled); 6 sigma of its normal
+    # approximation, a bound from the counts alone (p ~ 1e-9 of a false failure at this fixed key).
+    expected = rows * probs
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    dof = len(exp) - 1
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    assert chi2 < dof + 6 * math.sqrt(2 * dof), (chi2, dof)
+    if isinstance(method, (TopK, TopP)):
+        assert counts[[3, 140, 299]].min() > 0     # every member of the tie is drawn

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import _checks
 
@@ -51,11 +53,22 @@ __all__ = [
 
 _BLOCK = 128  # vocabulary block of the two-level inverse CDF
 _NEG_INF = -jnp.inf
+_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
 def _check_temperature(owner: str, temperature) -> None:
-    if not _checks.is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{owner}.temperature must be a finite number > 0, got {temperature!r}")
+    # The range of the float32 the logits are divided by: 1e-50 rounds to 0 and 1e40 to inf there (a
+    # subnormal one may be flushed to 0), and every logit would become +-inf or NaN.
+    if not _checks.is_number(temperature) or not _F32_TINY <= temperature <= _F32_MAX:
+        raise ValueError(f"{owner}.temperature must be a finite number > 0 (a normal float32, in "
+                         f"[{_F32_TINY:.3g}, {_F32_MAX:.3g}]), got {temperature!r}")
+
+
+def _as_int(what: str, value, *, low: int, note: str = "") -> int:
+    """`value` as a Python int (NumPy integers too, not bools), or ValueError naming `what`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{what} must be an int >= {low}{note}, got {value!r}")
+    return int(value)
 
 
 def _check_logits_u(fn: str, logits, u) -> None:
@@ -154,8 +167,7 @@ class TopK(_Tempered):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"TopK.k must be an int >= 1, got {self.k!r}")
+        object.__setattr__(self, "k", _as_int("TopK.k", self.k, low=1))  # a Python int: hashable, static
 
     def truncate(self, z: jax.Array) -> jax.Array:
         if self.k >= z.shape[-1]:
@@ -169,7 +181,9 @@ class TopP(_Tempered):
     """Nucleus sampling: keep the most likely tokens until their mass reaches `p` (Holtzman et al., 2020).
 
     A token is kept when the mass of the tokens strictly more likely than it is `< p`, so the most
-    likely token is always kept; `p = 1` keeps the whole vocabulary.
+    likely token is always kept; `p = 1` keeps the whole vocabulary. Without ties this is the set
+    transformers' `TopPLogitsWarper` keeps; tokens tied with the last kept one are all kept here,
+    where transformers (and vLLM) keep the part of the tie their sort happens to put first.
 
     Example (masses before each token, most likely first: 0, 0.6, 0.9):
       >>> logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]]))
@@ -237,7 +251,8 @@ def make_method(
 ) -> SamplingMethod:
     """The method for the usual Hugging Face-style knobs (0 / 1.0 / 0.0 switch a filter off).
 
-    At most one of `top_k`, `top_p`, `min_p` may be active.
+    At most one of `top_k`, `top_p`, `min_p` may be active (a combination is refused). The filter
+    applies to the tempered logits `logits / temperature`, as in transformers' and vLLM's samplers.
 
     Args:
       temperature: > 0.
@@ -253,8 +268,9 @@ def make_method(
       >>> make_method(temperature=0.7, top_p=0.9)
       TopP(temperature=0.7, p=0.9)
     """
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"make_method: top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    top_k = _as_int("make_method: top_k", top_k, low=0, note=" (0 = off)")
+    if not isinstance(greedy, (bool, np.bool_)):
+        raise ValueError(f"make_method: greedy must be a bool, got {greedy!r}")
     if not _checks.is_number(min_p) or not 0 <= min_p <= 1:
         raise ValueError(f"make_method: min_p must be in [0, 1] (0 = off), got {min_p!r}")
     _check_unit_interval("make_method", "top_p", top_p)
