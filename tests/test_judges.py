@@ -137,3 +137,20 @@ def test_judge_is_a_builtin_reward_by_name(judge_model, tmp_path):
     np.testing.assert_allclose(source.score(["ab:", "cd:"], ["mako", "zz"]), expected, atol=1e-5)
     with pytest.raises(ConfigError, match="rewards.functions includes 'judge' but rewards.judge is not set"):
         build_rewards(RewardContext(RewardConfig(functions=("judge",)), 8))
+
+
+# --- audit: a broken judge, prompts longer than max_len ---
+
+def test_pairwise_judge_refuses_non_finite_logits_and_warns_on_cut_prompts(judge_model):
+    broken = jax.tree.map(lambda x: x * np.nan, judge_model.params)
+    judge = PairwiseJudge(JudgeModel(judge_model.model, broken, judge_model.tokenizer, batch_size=4, pad_to=16),
+                          PairwiseTemplate(text="{prompt}{response_a}|{response_b}>"))
+    # NaN logits gave prob_first NaN, which every caller read as "the second response is better".
+    with pytest.raises(ValueError, match=r"PairwiseJudge.prefer: the judge's answer logits are not finite for 2 of 2 "
+                                         r"pairs \(the first is pair 0\)"):
+        judge.prefer(["ab:", "cd:"], ["x", "y"], ["z", "w"])
+    short = JudgeModel(judge_model.model, judge_model.params, judge_model.tokenizer, batch_size=4, pad_to=16, max_len=8)
+    with pytest.warns(UserWarning, match=r"1 of 2 judge prompts are longer than max_len=8 tokens and lose their "
+                                         r"beginning \(the first is prompt 1\)"):
+        rows = short.encode(["ab:", "a much longer judge prompt:"])
+    assert [len(r) for r in rows] == [4, 8]

@@ -75,3 +75,28 @@ def test_issue20_experiments_state_their_command_and_build(name):
         assert run_configs(module.get_config(mode))
     with pytest.raises(ValueError, match="mode"):
         module.get_config("nonsense")
+
+
+def test_tied_proxy_scores_pick_the_first_sample_as_best_of_n_training_does():
+    """A discrete proxy (a verifier, a rounded RM) ties often: the first tied sample wins, as
+    `select_best` picks it, against the brute-force mean over subsets with Python's first max."""
+    from rlhf_jax.train.rejection_sampling import select_best
+
+    rng = np.random.default_rng(1)
+    proxy, gold = rng.integers(0, 3, size=(4, 6)).astype(float), rng.normal(size=(4, 6))
+    for n in (2, 3, 6):
+        brute = [np.mean([g[max(s, key=lambda i: p[i])] for s in itertools.combinations(range(6), n)])
+                 for p, g in zip(proxy, gold)]
+        assert best_of_n_curve(proxy, gold, [n])["gold"][0] == pytest.approx(np.mean(brute), abs=1e-12)
+    # n = N is exactly the sample `select_best` trains on; all-equal scores: the first sample.
+    picks = select_best(proxy.reshape(-1), 6)
+    assert best_of_n_curve(proxy, gold, [6])["gold"][0] == pytest.approx(gold.reshape(-1)[picks].mean())
+    assert best_of_n_curve(np.ones((1, 3)), np.array([[3.0, 2.0, 1.0]]), [3])["gold"][0] == 3.0
+
+
+def test_non_finite_scores_are_refused():
+    # argsort put a NaN proxy last, so the NaN sample was every subset's "best".
+    with pytest.raises(ValueError, match=r"best_of_n_curve: proxy\[0, 0\] is nan; scores must be finite"):
+        best_of_n_curve(np.array([[np.nan, 0.0, 1.0]]), np.array([[5.0, 0.0, 1.0]]), [3])
+    with pytest.raises(ValueError, match=r"gold\[1, 2\] is inf"):
+        best_of_n_curve(np.zeros((2, 3)), np.array([[0.0, 0, 0], [0, 0, np.inf]]), [2])

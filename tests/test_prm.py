@@ -162,6 +162,20 @@ def test_prm_recipe_learns_and_scores(tmp_path):
         build_rewards(RewardContext(RewardConfig(functions=("prm",)), max_new_tokens=8))
     with pytest.raises(ConfigError, match="rewards.prm_aggregation"):
         RewardConfig(functions=("prm",), prm_aggregation="max")
+    # The run's config.json beside the checkpoints: its separator is enforced, its aggregation the default.
+    ckpt = str(tmp_path / "run" / "checkpoints")
+    with pytest.raises(ConfigError, match=r"trained with algorithm.step_separator='\\n', but it would score with "
+                                          r"step_separator='\\n\\n'"):
+        prm.load_prm_scorer(ckpt, max_len=32, step_separator="\n\n", tokenizer="offline")
+    assert prm.load_prm_scorer(ckpt, max_len=32, tokenizer="offline").mode == "min"
+    config_file = tmp_path / "run" / "config.json"
+    recorded = json.loads(config_file.read_text())
+    recorded["algorithm"]["aggregation"] = "prod"
+    config_file.write_text(json.dumps(recorded))
+    loaded = prm.load_prm_scorer(ckpt, max_len=32, tokenizer="offline", batch_size=8)
+    assert loaded.mode == "prod"
+    np.testing.assert_allclose(loaded.score([r["prompt"] for r in rows], [r["completions"] for r in rows]),
+                               aggregate_step_scores(direct, data.step_mask[:10], mode="prod"), atol=1e-5)
 
 
 # --- input validation (API audit) ---
@@ -179,3 +193,47 @@ def test_process_reward_loss_checks_concrete_labels_at_step_ends():
     # labels off step ends (TRL's -100) are not read
     loss = process_reward_loss(jnp.zeros((1, 2)), jnp.array([[1, -100]]), jnp.array([[1, 0]]))
     np.testing.assert_allclose(loss, [[np.log(2.0), 0.0]], rtol=1e-6)
+
+
+# --- audit: truncation, empty steps and solutions, bad n ---
+
+def test_outcome_label_counts_a_wrong_step_cut_by_max_len():
+    from rlhf_jax.train.prm import outcome_labels
+
+    tok = offline_tokenizer()
+    data = tokenize_steps([StepExample("p", ("aaaa", "bbbb"), (1, 0)), StepExample("p", ("aaaa", "bbbb"), (1, 1))],
+                          tok, max_len=9)
+    assert data.num_truncated == 2 and data.solution_labels.tolist() == [0, 1]
+    orm = outcome_labels(data)
+    # One label per row at its last kept step end: the first solution is wrong (its cut step was).
+    assert orm.step_mask.sum(axis=1).tolist() == [1, 1]
+    assert orm.step_labels[orm.step_mask].tolist() == [0, 1]
+
+
+def test_empty_steps_are_data_errors_naming_the_row(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "completions": ["a", " ", "b"], "labels": [1, 0, 1]}) + "\n")
+    with pytest.raises(DataError) as err:
+        read_step_rows(str(path))
+    assert str(err.value) == (f"{path} line 1: completions[1] is an empty step ' '; every step needs text before "
+                              "its separator")
+
+
+def test_scorer_scores_every_step_or_refuses_and_scores_no_steps_as_zero():
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.testing import tiny_config
+    from rlhf_jax.train import prm
+
+    model = CausalLM(tiny_config(), head="scalar")
+    scorer = prm.PRMScorer(model, model.init(jax.random.key(0)), offline_tokenizer(), max_len=12, batch_size=4)
+    # A solution with no steps (an empty completion as an RL reward) scores 0, not its separator's score.
+    scores = scorer.score(["p", "p"], [[], ["ab"]])
+    assert scores[0] == 0.0 and 0.0 < scores[1] < 1.0
+    logits, mask = scorer.step_logits(["p"], [["ab"]])
+    assert scores[1] == pytest.approx(1 / (1 + np.exp(-logits[0][mask[0]][0])), abs=1e-6)
+    # A solution whose last steps do not fit would be scored on its first steps only: refused.
+    with pytest.raises(ValueError, match=r"PRMScorer: solution 1 has 3 steps but only its first 2 fit in "
+                                         r"max_len=12 tokens"):
+        scorer.score(["p", "p"], [["ab"], ["aaaa", "bbbb", "cccc"]])
+    with pytest.raises(ValueError, match="best_of_n: n must be a positive int, got 0"):
+        prm.best_of_n(np.zeros(4), 0)

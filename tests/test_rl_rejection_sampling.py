@@ -20,6 +20,12 @@ def test_select_best_takes_each_groups_first_maximum():
     np.testing.assert_array_equal(rs.select_best(rewards, 2), [1, 2, 4, 6])
     with pytest.raises(ValueError, match="groups of 3"):
         rs.select_best(rewards, 3)
+    np.testing.assert_array_equal(rs.select_best(np.full(6, 0.5), 3), [0, 3])  # all equal: each group's first
+    # argmax took a NaN reward as the winner (and `best >= min_reward` then dropped it silently).
+    with pytest.raises(ValueError, match="select_best: reward 5 is nan; rewards must be finite"):
+        rs.select_best(np.array([0.0, 1.0, 2.0, 0.0, 1.0, np.nan]), 3)
+    with pytest.raises(ValueError, match="select_best: group_size must be a positive int, got 0"):
+        rs.select_best(rewards, 0)
 
 
 def test_best_of_n_batch_joins_prompt_and_completion_with_a_completion_mask():

@@ -120,3 +120,42 @@ def test_critique_and_revise_with_our_sampler(tiny):
     rows = critique_and_revise(generate, ["ab:", "cd:"], ["be kind"], rounds=1)
     assert [len(r["revisions"]) for r in rows] == [1, 1]
     assert all(isinstance(r["completion"], str) and len(r["completion"]) <= 4 for r in rows)
+
+
+# --- audit: ties, garbage verdicts, rows without a prompt ---
+
+def test_label_pairs_leaves_ties_out_and_counts_them(tiny):
+    model, params, tokenizer = tiny
+    judge = PairwiseJudge(JudgeModel(model, params, tokenizer, batch_size=8), PairwiseTemplate(text="{prompt}{response_a}|{response_b}>"))
+    rows = [{"prompt": "ab:", "completions": ["same", "same"]}, {"prompt": "cd:", "completions": ["mako", "zzzz"]},
+            {"prompt": "ef:", "chosen": "xo", "rejected": "xo"}]
+    p = judge.prefer(["cd:"], ["mako"], ["zzzz"]).prob_first[0]
+    labelled, metrics = label_pairs(judge, rows, gold=lambda row, completion: float(len(set(completion))))
+    # Identical texts have no winner: not a preference pair (it was written as chosen == rejected).
+    assert [r["prompt"] for r in labelled] == ["cd:"] and metrics["judge/ties"] == 2.0
+    assert (labelled[0]["chosen"], labelled[0]["rejected"]) == (("mako", "zzzz") if p > 0.5 else ("zzzz", "mako"))
+    assert metrics["judge/gold_agreement"] == float(p > 0.5)  # only the judged pair counts
+
+
+def test_label_pairs_refuses_a_judge_that_returns_garbage():
+    from rlhf_jax.rewards.judges import PairwiseVerdict
+
+    class Fixed:
+        def __init__(self, prob):
+            self.prob = np.asarray(prob, np.float32)
+
+        def prefer(self, prompts, first, second):
+            return PairwiseVerdict(self.prob, self.prob > 0.5, self.prob, self.prob)
+
+    rows = [{"prompt": "q", "completions": ["good", "bad"]}, {"prompt": "r", "completions": ["c", "d"]}]
+    # A NaN probability read as "p >= 1/2 is false" made the second response the winner.
+    with pytest.raises(ValueError, match=r"label_pairs: row 1: the judge's probability is nan, not a number in \[0, 1\]"):
+        label_pairs(Fixed([0.9, np.nan]), rows)
+    with pytest.raises(ValueError, match=r"row 0: the judge's probability is 1.5"):
+        label_pairs(Fixed([1.5, 0.2]), rows)
+    # A verdict with fewer probabilities than pairs silently dropped the rest (zip).
+    with pytest.raises(ValueError, match=r"the judge returned prob_first of shape \(1,\) for rows 0..1; need one "
+                                         r"probability per pair \(2\)"):
+        label_pairs(Fixed([0.9]), rows)
+    with pytest.raises(ValueError, match=r"label_pairs: row 1 has no 'prompt' \(keys \['completions'\]\)"):
+        label_pairs(Fixed([0.9, 0.1]), [rows[0], {"completions": ["a", "b"]}])

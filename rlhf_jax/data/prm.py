@@ -3,13 +3,16 @@
 A row is `{"prompt": str, "completions": [step, ...], "labels": [bool, ...]}` (TRL's stepwise
 supervision columns; `steps` is accepted for `completions`), one label per step (True / 1 = the step
 is correct; also "+"/"-" as Math-Shepherd writes them). A row whose labels do not match its steps, a
-non-string step or an unknown label raises a `DataError` naming the file and line (JSONL) or row.
+non-string or empty (whitespace-only) step or an unknown label raises a `DataError` naming the file and
+line (JSONL) or row: an empty step would put a label on a bare separator, and `PRMScorer.reward` drops
+empty steps when it splits a completion, so scoring would not see it.
 
 Tokenization (as TRL's `PRMTrainer`): `[BOS] prompt step_1 sep step_2 sep ... step_K sep`, the
 separator (`step_separator`, "\\n" by default) after every step; the label of step k sits on the last
 token of its separator, every other position is unlabelled (`step_mask` 0). A solution longer than
-`max_len` keeps its first steps that fit (counted in `num_truncated`); a row whose prompt and first
-step do not fit is an error.
+`max_len` keeps its first steps that fit (counted in `num_truncated`; no label sits in a cut step); a
+row whose prompt and first step do not fit is an error. `solution_labels` keeps each solution's
+outcome over all its steps, the cut ones included (the outcome reward model's label).
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ def parse_step_row(row: Any, ref: RowRef) -> StepExample:
     for k, step in enumerate(steps):
         if not isinstance(step, str):
             raise DataError(ref, f"{steps_key}[{k}] must be a string, got {type(step).__name__}")
+        if not step.strip():
+            raise DataError(ref, f"{steps_key}[{k}] is an empty step {step!r}; every step needs text before its "
+                                 "separator")
     return StepExample(prompt, tuple(steps), tuple(_label(v, ref, k) for k, v in enumerate(labels)))
 
 
@@ -93,6 +99,8 @@ class StepDataset:
       step_labels: int32 `[N, max_len]`, the step's label there (0 elsewhere).
       pad_id: the padding id.
       num_truncated: rows that lost steps to `max_len`.
+      solution_labels: int32 `[N]`, 1 when every step of the solution is correct (all its steps,
+        also those cut by `max_len`); None for datasets built without it.
     """
 
     tokens: np.ndarray
@@ -101,6 +109,7 @@ class StepDataset:
     step_labels: np.ndarray
     pad_id: int
     num_truncated: int = 0
+    solution_labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -128,6 +137,7 @@ def tokenize_steps(examples: Sequence[StepExample], tokenizer, *, max_len: int, 
     mask = np.zeros((n, max_len), bool)
     labels = np.zeros((n, max_len), np.int32)
     lengths = np.zeros(n, np.int32)
+    outcomes = np.array([int(all(label == 1 for label in ex.labels)) for ex in examples], np.int32)
     truncated = 0
     for i, ex in enumerate(examples):
         ids = bos + _encode(tokenizer, ex.prompt)
@@ -145,7 +155,7 @@ def tokenize_steps(examples: Sequence[StepExample], tokenizer, *, max_len: int, 
         lengths[i] = len(ids)
         for t, label in ends:
             mask[i, t], labels[i, t] = True, label
-    return StepDataset(tokens, lengths, mask, labels, int(pad_id), truncated)
+    return StepDataset(tokens, lengths, mask, labels, int(pad_id), truncated, outcomes)
 
 
 def load_step_dataset(source: Source, tokenizer, *, max_len: int, step_separator: str = "\n") -> StepDataset:

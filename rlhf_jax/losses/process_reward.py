@@ -67,12 +67,14 @@ def aggregate_step_scores(step_logits: jax.Array, step_mask: jax.Array, *, mode:
                           ) -> jax.Array:
     """One score per solution from its steps' probabilities `p_k = sigmoid(s_k)` (k over step ends).
 
-    - `min`:  `min_k p_k` (Lightman et al. 2023; the weakest step decides),
-    - `prod`: `prod_k p_k` (the probability that every step is correct, Lightman et al.'s choice),
+    - `min`:  `min_k p_k` (the weakest step decides; Wang et al. 2024, "Math-Shepherd"),
+    - `prod`: `prod_k p_k` (the probability that every step is correct; Lightman et al. 2023's
+      solution score),
     - `last`: `p_K` (the final step's score),
     - `mean`: `(1/K) sum_k p_k`.
 
-    A solution without steps scores 0.
+    The default is `min` (as `PRMAlgorithm.aggregation` and `rewards.prm_aggregation`). A solution
+    without steps scores 0.
 
     Args:
       step_logits: f32 `[B, T]` the PRM's logits.

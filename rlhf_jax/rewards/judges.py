@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -249,11 +250,17 @@ class JudgeModel:
         """Token ids of judge prompts, as the data pipeline encodes a prompt (left-truncated to `max_len`)."""
         specs = [Chat(({"role": "user", "content": t},), 1) if chat else Plain(t, None) for t in texts]
         out = tokenize_sequences(specs, self.tokenizer, TokenizeConfig(max_len=1 << 30))
-        rows = []
-        for text, seq in zip(texts, out):
+        rows, cut = [], []
+        for i, (text, seq) in enumerate(zip(texts, out)):
             if isinstance(seq, str):
                 raise ValueError(f"JudgeModel: cannot tokenize the judge prompt {text[:60]!r}: {seq}")
+            if len(seq.ids) > self.max_len:
+                cut.append(i)
             rows.append(seq.ids[-self.max_len:])
+        if cut:  # the judge then sees the end of the prompt only (its instructions and first response cut)
+            warnings.warn(f"JudgeModel: {len(cut)} of {len(texts)} judge prompts are longer than max_len={self.max_len} "
+                          f"tokens and lose their beginning (the first is prompt {cut[0]}); raise max_len or shorten "
+                          "the template / responses", stacklevel=2)
         return rows
 
     def choice_logits(self, texts: Sequence[str], ids: Sequence[int], *, chat: bool = False) -> np.ndarray:
@@ -319,6 +326,10 @@ class PairwiseJudge:
                  for principle in principles for order in (0, 1)
                  for p, x, y in zip(prompts, first, second) for a, b in [(x, y) if order == 0 else (y, x)]]
         logits = self.judge.choice_logits(texts, self.ids, chat=self.template.chat).reshape(len(principles), 2, n, 2)
+        bad = np.flatnonzero(~np.all(np.isfinite(logits), axis=(0, 1, 3)))
+        if bad.size:  # a NaN probability would read as "the second is better"
+            raise ValueError(f"PairwiseJudge.prefer: the judge's answer logits are not finite for {bad.size} of {n} "
+                             f"pairs (the first is pair {int(bad[0])}); check the judge's parameters")
         p1 = np.asarray(choice_probability(logits[:, 0, :, 0], logits[:, 0, :, 1])).mean(axis=0)
         p2 = np.asarray(choice_probability(logits[:, 1, :, 1], logits[:, 1, :, 0])).mean(axis=0)
         return PairwiseVerdict((p1 + p2) / 2, (p1 > 0.5) == (p2 > 0.5), p1, p2)

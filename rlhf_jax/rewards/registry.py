@@ -60,7 +60,8 @@ class RewardConfig:
         tokenizer is read from beside it, as the judge's is).
       prm_aggregation: how step probabilities become one score: "min", "prod", "last" or "mean".
       prm_step_separator: the text between steps (the PRM's `algorithm.step_separator`).
-      prm_max_len: tokens of prompt + completion the PRM reads (longer ones truncated).
+      prm_max_len: tokens of prompt + completion the PRM reads; a completion whose steps do not all
+        fit raises ValueError naming it (a score of its first steps would hide a wrong later one).
     """
 
     functions: tuple[str, ...] = ("task",)

@@ -49,7 +49,9 @@ def best_of_n_curve(proxy: np.ndarray, gold: np.ndarray, ns: Sequence[int]) -> d
     """Expected gold and proxy reward of best-of-n (argmax of the proxy) for each n in `ns`.
 
     For each prompt, its N samples sorted by proxy ascending; `E[R | n] = sum_i w_i R_(i)`
-    (`best_of_n_weights`), averaged over prompts. Ties in the proxy are broken by sample order.
+    (`best_of_n_weights`), averaged over prompts. Among samples with equal proxy scores the first
+    one wins, as in `rejection_sampling.select_best` and `prm.best_of_n` (so the point n = N is
+    what those pick). Non-finite scores raise ValueError.
 
     Args:
       proxy, gold: float `[P, N]` scores of N samples for each of P prompts.
@@ -61,7 +63,14 @@ def best_of_n_curve(proxy: np.ndarray, gold: np.ndarray, ns: Sequence[int]) -> d
     proxy, gold = np.asarray(proxy, np.float64), np.asarray(gold, np.float64)
     if proxy.shape != gold.shape or proxy.ndim != 2:
         raise ValueError(f"best_of_n_curve: proxy {proxy.shape} and gold {gold.shape} must both be [P, N]")
-    order = np.argsort(proxy, axis=1, kind="stable")
+    if not (np.all(np.isfinite(proxy)) and np.all(np.isfinite(gold))):
+        which, arr = ("proxy", proxy) if not np.all(np.isfinite(proxy)) else ("gold", gold)
+        row, col = map(int, np.argwhere(~np.isfinite(arr))[0])
+        raise ValueError(f"best_of_n_curve: {which}[{row}, {col}] is {arr[row, col]}; scores must be finite")
+    # Ascending, and among equal scores the earlier sample ranks higher (a stable sort of the reversed
+    # rows, mapped back), so the first of the tied samples is the best.
+    n_samples = proxy.shape[1]
+    order = n_samples - 1 - np.argsort(proxy[:, ::-1], axis=1, kind="stable")
     proxy_sorted = np.take_along_axis(proxy, order, axis=1)
     gold_sorted = np.take_along_axis(gold, order, axis=1)
     g, p = [], []

@@ -21,6 +21,8 @@ reward source for the RL drivers (`PRMScorer.reward(...)`) and the ranker of `be
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,7 +59,9 @@ class PRMAlgorithm:
       step_separator: the text after every step; its last token carries the step's label.
       outcome_only: train an outcome RM instead: one label per solution (all steps correct), at
         its last step.
-      aggregation: how `PRMScorer` turns step scores into a solution score ("min", "prod", "last", "mean").
+      aggregation: how a scorer of this run turns step scores into a solution score ("min", "prod",
+        "last", "mean"): the default `mode` of `load_prm_scorer` (read from the run's `config.json`);
+        training never aggregates. `rewards.prm_aggregation` chooses it for an RL run's `prm` reward.
     """
 
     step_separator: str = "\n"
@@ -87,10 +91,16 @@ class PRMConfig(RunConfig):
 
 
 def outcome_labels(dataset: StepDataset) -> StepDataset:
-    """The ORM's view of step data: one label (all steps correct) at each row's last step end."""
+    """The ORM's view of step data: one label (all steps correct) at each row's last step end.
+
+    The label is the whole solution's (`dataset.solution_labels`): a wrong step cut by `max_len`
+    still makes the solution wrong.
+    """
     t = np.arange(dataset.tokens.shape[1])
     last = np.max(np.where(dataset.step_mask, t, -1), axis=1)
     all_good = np.all(np.where(dataset.step_mask, dataset.step_labels, 1) == 1, axis=1)
+    if dataset.solution_labels is not None:
+        all_good = dataset.solution_labels == 1
     mask = np.zeros_like(dataset.step_mask)
     labels = np.zeros_like(dataset.step_labels)
     rows = np.arange(len(dataset))
@@ -234,20 +244,35 @@ def train(config: PRMConfig) -> dict[str, Any]:
 class PRMScorer:
     """Scores solutions with a trained PRM: step logits at separator ends, aggregated per solution.
 
+    Every step of a solution is scored: a solution whose steps do not all fit in `max_len` raises
+    ValueError naming it (a score of its first steps only would hide a wrong later step). A
+    solution without steps scores 0 (`aggregate_step_scores`). `mode` is the default aggregation.
+
     Example:
       >>> scorer = PRMScorer(model, params, tokenizer, max_len=64)
       >>> scorer.score(["2+3"], [["2+3=5", "5"]], mode="min")     # one score in [0, 1] per solution
     """
 
-    def __init__(self, model, params, tokenizer, *, max_len: int, step_separator: str = "\n", batch_size: int = 64):
+    def __init__(self, model, params, tokenizer, *, max_len: int, step_separator: str = "\n", batch_size: int = 64,
+                 mode: StepAggregation = "min"):
+        check_choice("PRMScorer", "mode", mode, StepAggregation)
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.max_len, self.step_separator, self.batch_size = max_len, step_separator, batch_size
+        self.max_len, self.step_separator, self.batch_size, self.mode = max_len, step_separator, batch_size, mode
         self._values = jax.jit(lambda p, tokens: model.forward(p, tokens).values)
 
     def step_logits(self, prompts: Sequence[str], solutions: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
         """`(logits [N, max_len], step_mask [N, max_len])` of the solutions (lists of steps)."""
+        if len(prompts) != len(solutions):
+            raise ValueError(f"PRMScorer: {len(prompts)} prompts but {len(solutions)} solutions")
         examples = [StepExample(p, tuple(s) or ("",), (0,) * max(len(s), 1)) for p, s in zip(prompts, solutions)]
         data = tokenize_steps(examples, self.tokenizer, max_len=self.max_len, step_separator=self.step_separator)
+        kept = data.step_mask.sum(axis=1)
+        for i, s in enumerate(solutions):
+            if len(s) > kept[i]:
+                raise ValueError(f"PRMScorer: solution {i} has {len(s)} steps but only its first {int(kept[i])} fit "
+                                 f"in max_len={self.max_len} tokens; raise max_len (rewards.prm_max_len)")
+        empty = np.array([len(s) == 0 for s in solutions], bool)
+        data = dataclasses.replace(data, step_mask=data.step_mask & ~empty[:, None])  # no steps: scores 0
         n, pad = len(data), (-len(data)) % self.batch_size
         tokens = np.concatenate([data.tokens, np.repeat(data.tokens[:1], pad, axis=0)])
         values = np.concatenate([np.asarray(self._values(self.params, jnp.asarray(tokens[i:i + self.batch_size])))
@@ -255,13 +280,14 @@ class PRMScorer:
         return values, data.step_mask
 
     def score(self, prompts: Sequence[str], solutions: Sequence[Sequence[str]], *,
-              mode: StepAggregation = "min") -> np.ndarray:
-        """float32 `[N]`: `aggregate_step_scores` of each solution's step logits."""
+              mode: StepAggregation | None = None) -> np.ndarray:
+        """float32 `[N]`: `aggregate_step_scores` of each solution's step logits (`mode` default: the scorer's)."""
         logits, mask = self.step_logits(prompts, solutions)
-        return np.asarray(aggregate_step_scores(logits, mask, mode=mode), np.float32)
+        return np.asarray(aggregate_step_scores(logits, mask, mode=mode or self.mode), np.float32)
 
-    def reward(self, *, mode: StepAggregation = "min", name: str = "prm"):
-        """A reward source for the RL drivers: each completion split at the separator into steps, scored."""
+    def reward(self, *, mode: StepAggregation | None = None, name: str = "prm"):
+        """A reward source for the RL drivers: each completion split at the separator into its non-empty
+        steps, scored (a completion without any scores 0)."""
         scorer = self
 
         @dataclasses.dataclass(frozen=True)
@@ -277,24 +303,47 @@ class PRMScorer:
         return _PRMReward(name)
 
 
+def _trained_with(path: str) -> dict:
+    """The `algorithm` section of the run whose checkpoints are `path` (its `config.json`), or {}."""
+    config_file = os.path.join(os.path.dirname(os.path.normpath(path)), "config.json")
+    try:
+        with open(config_file) as f:
+            algorithm = json.load(f).get("algorithm")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return algorithm if isinstance(algorithm, dict) else {}
+
+
 def load_prm_scorer(path: str, *, max_len: int, step_separator: str = "\n", batch_size: int = 64,
-                    tokenizer: str | None = None, key: str = "process_reward_model") -> PRMScorer:
+                    tokenizer: str | None = None, key: str = "process_reward_model",
+                    mode: StepAggregation | None = None) -> PRMScorer:
     """A `PRMScorer` over the scalar-head model saved at `path` (a checkpoint directory of this recipe).
 
     The architecture is read from the checkpoint and the tokenizer from beside it (or `tokenizer`:
-    a directory or "offline"); a missing path raises FileNotFoundError naming `key`.
+    a directory or "offline"); a missing path raises FileNotFoundError naming `key`. When the run's
+    `config.json` lies beside `path`, a `step_separator` other than the one the PRM was trained with
+    raises ConfigError (its labels sat at that separator's last token), and `mode=None` takes the
+    run's `algorithm.aggregation` ("min" without a record).
     """
     from rlhf_jax.train.rlaif import tokenizer_of  # noqa: PLC0415 -- rlaif imports the sampler stack
     from rlhf_jax.train.weights import load_reward_model  # noqa: PLC0415
 
     model, params = load_reward_model(path, None, key=key)
+    trained = _trained_with(path)
+    if "step_separator" in trained and trained["step_separator"] != step_separator:
+        raise ConfigError(f"{key}: the PRM at {path} was trained with algorithm.step_separator="
+                          f"{trained['step_separator']!r}, but it would score with step_separator={step_separator!r} "
+                          "(rewards.prm_step_separator); use the training one")
+    mode = mode or trained.get("aggregation") or "min"
     return PRMScorer(model, params, tokenizer_of(path, tokenizer), max_len=max_len, step_separator=step_separator,
-                     batch_size=batch_size)
+                     batch_size=batch_size, mode=mode)
 
 
 def best_of_n(scores: np.ndarray, n: int) -> np.ndarray:
     """Index (within each group of `n` contiguous candidates) of the highest score; ties: the first."""
     scores = np.asarray(scores)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"best_of_n: n must be a positive int, got {n!r}")
     if scores.ndim != 1 or len(scores) % n:
         raise ValueError(f"best_of_n: {scores.shape} scores do not split into groups of {n}")
     return np.argmax(scores.reshape(-1, n), axis=1)

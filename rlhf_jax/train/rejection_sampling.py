@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.distributed import gather_rows
 from rlhf_jax.rewards.registry import RewardConfig
 from rlhf_jax.steps import make_sft_step
 from rlhf_jax.steps.supervised import SFT_KEYS
@@ -90,8 +91,13 @@ def select_best(rewards: np.ndarray, group_size: int) -> np.ndarray:
     `best_g = g * n + argmax_i r[g * n + i]`.
     """
     rewards = np.asarray(rewards)
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"select_best: group_size must be a positive int, got {group_size!r}")
     if rewards.ndim != 1 or rewards.size % group_size:
         raise ValueError(f"select_best: {rewards.shape} rewards do not split into groups of {group_size}")
+    bad = np.flatnonzero(~np.isfinite(rewards))
+    if bad.size:  # argmax would pick a NaN as the winner
+        raise ValueError(f"select_best: reward {int(bad[0])} is {rewards[bad[0]]}; rewards must be finite")
     groups = rewards.reshape(-1, group_size)
     return np.arange(groups.shape[0]) * group_size + np.argmax(groups, axis=1)
 
@@ -151,7 +157,8 @@ def _trainer(ctx: Context) -> Trainer:
             state, step_metrics = sft_step(state, sft_batch)
         step_metrics = jax.block_until_ready(step_metrics)
         metrics["time/update"] = time.perf_counter() - start_update
-        metrics.update({"reward/best": float(best.mean()), "frac_kept": float(keep.mean())})
+        # The global batch's winners (each process selected its own prompts'), as `reward` is.
+        metrics.update({"reward/best": float(gather_rows(best).mean()), "frac_kept": float(gather_rows(keep).mean())})
         return state, {**step_metrics, **metrics}
 
     evaluate_params = policy_eval(config, ctx.data, collector, gold)

@@ -199,10 +199,18 @@ def label_pairs(judge: PairwiseJudge, rows: Sequence[Mapping[str, Any]], *, batc
     Returns:
       `(rows, metrics)`: each row gains `judge_prob` (the winner's probability) and
       `judge_consistent`; metrics `judge/position_consistency`, `judge/prob_first_mean`,
-      `judge/position_bias`, and with `gold` `judge/gold_agreement` (ties in gold left out).
+      `judge/position_bias`, `judge/ties`, and with `gold` `judge/gold_agreement` (ties in gold or
+      in the judge left out).
+
+    Ties have no winner and are left out of the returned rows, counted in `judge/ties`: a pair of
+    identical texts, or a judge probability of exactly 1/2. A judge whose verdict is not one
+    probability in [0, 1] per pair raises ValueError naming the row.
     """
     pairs = []
     for i, row in enumerate(rows):
+        if not isinstance(row, Mapping) or "prompt" not in row:
+            raise ValueError(f"label_pairs: row {i} has no 'prompt' "
+                             f"({'keys ' + str(sorted(row)) if isinstance(row, Mapping) else type(row).__name__})")
         if "completions" in row:
             if len(row["completions"]) < 2:
                 raise ValueError(f"label_pairs: row {i} has {len(row['completions'])} completions; need 2")
@@ -216,6 +224,14 @@ def label_pairs(judge: PairwiseJudge, rows: Sequence[Mapping[str, Any]], *, batc
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         verdict = judge.prefer([p for _, p, _, _ in chunk], [a for _, _, a, _ in chunk], [b for _, _, _, b in chunk])
+        prob = np.asarray(verdict.prob_first, np.float64)
+        if prob.shape != (len(chunk),):
+            raise ValueError(f"label_pairs: the judge returned prob_first of shape {prob.shape} for rows "
+                             f"{start}..{start + len(chunk) - 1}; need one probability per pair ({len(chunk)})")
+        bad = np.flatnonzero(~((prob >= 0) & (prob <= 1)))  # NaN included
+        if bad.size:
+            raise ValueError(f"label_pairs: row {start + int(bad[0])}: the judge's probability is {float(prob[bad[0]])}, "
+                             "not a number in [0, 1]")
         probs.append(verdict.prob_first)
         consistent.append(verdict.consistent)
         ab.append(verdict.prob_first_ab)
@@ -225,10 +241,13 @@ def label_pairs(judge: PairwiseJudge, rows: Sequence[Mapping[str, Any]], *, batc
     from rlhf_jax.rewards.judges import PairwiseVerdict  # noqa: PLC0415
 
     metrics = PairwiseVerdict(probs, consistent, cat(ab), cat(ba)).metrics()
-    out, agree = [], []
+    out, agree, ties = [], [], 0
     skip = {"completions", "chosen", "rejected", "scores", "gold_chosen", "gold_rejected"}
     for (row, prompt, a, b), p, c in zip(pairs, probs, consistent):
-        first = bool(p >= 0.5)
+        if a == b or p == 0.5:  # no winner: not a preference pair
+            ties += 1
+            continue
+        first = bool(p > 0.5)
         chosen, rejected = (a, b) if first else (b, a)
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                     **{k: v for k, v in row.items() if k not in skip and k != "prompt"},
@@ -237,6 +256,7 @@ def label_pairs(judge: PairwiseJudge, rows: Sequence[Mapping[str, Any]], *, batc
             ga, gb = gold(row, a), gold(row, b)
             if ga != gb:
                 agree.append(first == (ga > gb))
+    metrics["judge/ties"] = float(ties)
     if gold is not None:
         metrics["judge/gold_agreement"] = float(np.mean(agree)) if agree else float("nan")
     return out, metrics
