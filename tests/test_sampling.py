@@ -1,5 +1,7 @@
 """The sampler against full forward passes and the trainer's log-probs; stops, masks, groups, errors."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -351,3 +353,15 @@ def test_generate_checks_prompt_lengths_and_list_prompts(params, sampler):
     with pytest.raises(ValueError, match="prompt 0 must be a flat list of token ids"):
         g([[[1, 2], [3, 4]]])
     assert np.asarray(g(padded, prompt_lengths=[3]).lengths).shape == (1,)
+
+
+def test_a_max_len_past_the_models_positions_warns(lm):
+    """As transformers' generate warns past the model's length: a Sampler whose max_len exceeds
+    max_position_embeddings says so (positions never trained); within it, no warning."""
+    limit = lm.config.max_position_embeddings
+    with pytest.warns(UserWarning, match=rf"^Sampler: max_len={limit + 1} is above the model's "
+                                         rf"max_position_embeddings={limit}: positions past it were not trained"):
+        Sampler(lm, max_len=limit + 1, prompt_buckets=(8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Sampler(lm, prompt_buckets=(8,)).max_len == limit

@@ -41,6 +41,7 @@ import dataclasses
 import itertools
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -202,6 +203,10 @@ class Sampler:
         self.model = CausalLM(config)
         self.max_len = config.max_position_embeddings if max_len is None else max_len
         _check_int("Sampler max_len", self.max_len, low=2)
+        if self.max_len > config.max_position_embeddings:  # as transformers' generate warns past max_length
+            warnings.warn(f"Sampler: max_len={self.max_len} is above the model's max_position_embeddings="
+                          f"{config.max_position_embeddings}: positions past it were not trained (RoPE "
+                          "extrapolates; samples there may degrade)", stacklevel=2)
         buckets = default_prompt_buckets(self.max_len) if prompt_buckets is None else tuple(prompt_buckets)
         valid = all(isinstance(b, int) and b >= 1 for b in buckets) and list(buckets) == sorted(set(buckets))
         if not buckets or not valid:
