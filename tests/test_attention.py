@@ -221,3 +221,167 @@ def test_splash_under_activation_sharding_runs_per_batch_shard():
         got = jax.jit(lambda q, k, v: A.fused_attention(q, k, v, seg, impl="splash"))(q, k, v)
     expect = A.reference_attention(q, k, v, attention_mask(pos, seg))
     assert _rel(got, expect) <= 1e-5
+
+
+# ---------------------------------------------------------------- every path against float64 NumPy
+
+def _np_attention(q, k, v, mask, cotangent):
+    """softmax(q k^T / sqrt(d) + mask) v in float64, and its VJP (dq, dk, dv) for `cotangent`; q
+    [B, T, H, D], k, v [B, S, Hkv, D] (query head h reads KV head h // (H / Hkv)), mask bool [B, T, S];
+    a query row with no visible key gets zeros."""
+    q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, cotangent))
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    out, dq, dk, dv = np.zeros_like(q), np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for head in range(h):
+        kh, vh, qh = k[:, :, head // g], v[:, :, head // g], q[:, :, head]
+        s = np.where(mask, np.einsum("btd,bsd->bts", qh, kh) / np.sqrt(d), -np.inf)
+        top = np.max(s, axis=-1, keepdims=True)
+        e = np.where(mask, np.exp(s - np.where(np.isfinite(top), top, 0)), 0)
+        p = e / np.maximum(e.sum(-1, keepdims=True), 1e-300)
+        out[:, :, head] = np.einsum("bts,bsd->btd", p, vh)
+        dp = np.einsum("btd,bsd->bts", dout[:, :, head], vh)
+        ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True)) / np.sqrt(d)
+        dq[:, :, head] = np.einsum("bts,bsd->btd", ds, kh)
+        dk[:, :, head // g] += np.einsum("bts,btd->bsd", ds, qh)
+        dv[:, :, head // g] += np.einsum("bts,btd->bsd", p, dout[:, :, head])
+    return out, dq, dk, dv
+
+
+def _np_self_mask(segments, window):
+    """Causal by index, within a segment (packing; 0 = padding, attending among itself), and a query
+    at position p sees keys at p' with p - p' < window (transformers' Mistral/Qwen2 rule), positions
+    restarting per segment: written out with loops, sharing nothing with `attention_mask`."""
+    b, t = segments.shape
+    mask = np.zeros((b, t, t), bool)
+    for r in range(b):
+        for i in range(t):
+            for j in range(i + 1):
+                mask[r, i, j] = segments[r, i] == segments[r, j] and (window is None or i - j < window)
+    return mask
+
+
+# Packed (three segments), left-padded (segment 0 first) and right-padded rows; positions restart per segment.
+NP_SEGMENTS = np.array([[1] * 9 + [2] * 12 + [3] * 9, [0] * 7 + [1] * 23, [1] * 19 + [0] * 11], np.int32)
+NP_POSITIONS = np.array([[i - np.flatnonzero(row == row[i])[0] for i in range(len(row))] for row in NP_SEGMENTS],
+                        np.int32)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "splash"])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (4, 1)], ids=["mha", "gqa3", "mqa"])
+@pytest.mark.parametrize("window", [None, 1, 3], ids=["causal", "window1", "window3"])
+def test_every_path_matches_float64_numpy(impl, heads, window):
+    """Values and q/k/v gradients of each path against the float64 formula on packed, left- and
+    right-padded rows, GQA ratios 1, 3 and 4, windows of 1 (only itself) and 3 (p - p' <= 2), and
+    head_dim 12 (not a power of two), within 1e-5 of the largest magnitude in float32."""
+    h, hkv = heads
+    b, t = NP_SEGMENTS.shape
+    r = np.random.default_rng(7)
+    q, cot = (r.standard_normal((b, t, h, 12)).astype(np.float32) for _ in range(2))
+    k, v = (r.standard_normal((b, t, hkv, 12)).astype(np.float32) for _ in range(2))
+    mask = _np_self_mask(NP_SEGMENTS, window)
+    seg, pos = jnp.asarray(NP_SEGMENTS), jnp.asarray(NP_POSITIONS)
+    np.testing.assert_array_equal(attention_mask(pos, seg, sliding_window=window), mask)
+    if impl == "reference":
+        ref_mask = attention_mask(pos, seg, sliding_window=window)
+        fn = lambda q, k, v: A.reference_attention(q, k, v, ref_mask)  # noqa: E731
+    else:
+        fn = lambda q, k, v: A.fused_attention(q, k, v, seg, impl=impl, sliding_window=window)  # noqa: E731
+    got = jax.jit(lambda *a: _value_and_grads(fn, *a))(*map(jnp.asarray, (q, k, v, cot)))
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, _np_attention(q, k, v, mask, cot)):
+        assert g.shape == e.shape, name
+        err = float(np.max(np.abs(np.asarray(g, np.float64) - e)) / max(np.max(np.abs(e)), 1.0))  # window 1: dq = 0
+        assert err <= 1e-5, (name, err)
+
+
+def test_query_rows_that_see_no_key_stay_finite():
+    """A query row whose mask is all False (a padding row under a caller's mask): the einsum path
+    gives the mean of v, as transformers' eager attention, with finite gradients that reach no score;
+    the chunked decode gives zeros for a query at position -1 (an idle row), as the routed paged read,
+    not 0 / 0 = NaN; the other rows are unchanged."""
+    r = np.random.default_rng(8)
+    q = jnp.asarray(r.standard_normal((2, 5, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(r.standard_normal((2, 5, 2, 8)), jnp.float32) for _ in range(2))
+    mask = np.tril(np.ones((5, 5), bool))[None].repeat(2, 0)
+    mask[0, 2] = False
+    out, vjp = jax.vjp(lambda q, k, v: A.reference_attention(q, k, v, jnp.asarray(mask)), q, k, v)
+    grads = vjp(jnp.ones_like(out))
+    np.testing.assert_allclose(out[0, 2], jnp.repeat(jnp.mean(v[0], axis=0), 2, axis=0), rtol=1e-6, atol=1e-6)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    assert float(jnp.max(jnp.abs(grads[0][0, 2]))) == 0.0          # no gradient to the row's query
+
+    cache_k, cache_v = (jnp.asarray(r.standard_normal((3, 2, 20, 8)), jnp.float32) for _ in range(2))
+    q1 = q[:, :1].repeat(2, axis=0)[:3]
+    positions = jnp.asarray([[-1], [4], [19]], jnp.int32)
+    got = A.chunked_cache_attention(q1, cache_k, cache_v, positions, chunk=8)
+    np.testing.assert_array_equal(got[0], 0.0)
+    expect = A.reference_attention(q1, cache_k, cache_v, attention_mask(positions, cache_len=20), kv_axes="bksd")
+    assert _rel(got[1:], expect[1:]) <= 1e-6
+
+
+@pytest.mark.parametrize("window", [None, 1, 7])
+def test_chunked_decode_equals_float64_attention_over_the_prefix(window):
+    """The chunked decode (one or three new tokens per row) over a 50-slot cache in chunks of 16 (50
+    is not a multiple; the last chunk overlaps) equals softmax attention over each row's filled prefix,
+    rows at different fills (first slot, mid-chunk, a chunk boundary, the last slots)."""
+    r = np.random.default_rng(9)
+    s, h, hkv, d = 50, 6, 2, 8
+    cache_k, cache_v = (r.standard_normal((4, hkv, s, d)).astype(np.float32) for _ in range(2))
+    for t in (1, 3):
+        q = r.standard_normal((4, t, h, d)).astype(np.float32)
+        positions = (np.array([0, 6, 16, s - t])[:, None] + np.arange(t)[None]).astype(np.int32)
+        visible = np.arange(s)[None, None, :] <= positions[:, :, None]
+        if window is not None:
+            visible &= positions[:, :, None] - np.arange(s)[None, None, :] < window
+        expect = _np_attention(q, cache_k.transpose(0, 2, 1, 3), cache_v.transpose(0, 2, 1, 3), visible,
+                               np.zeros_like(q))[0]
+        got = A.chunked_cache_attention(*map(jnp.asarray, (q, cache_k, cache_v, positions)), sliding_window=window,
+                                        chunk=16)
+        assert _rel(got, expect) <= 1e-6, (t, _rel(got, expect))
+
+
+def _bad_inputs():
+    r = np.random.default_rng(0)
+    x = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)  # noqa: E731
+    q, k, v = x(2, 6, 4, 8), x(2, 6, 2, 8), x(2, 6, 2, 8)
+    mask, seg = jnp.ones((2, 6, 6), bool), jnp.ones((2, 6), jnp.int32)
+    cache, pos = x(2, 2, 20, 8), jnp.zeros((2, 1), jnp.int32)
+    return {
+        "heads": (lambda: A.reference_attention(x(2, 6, 3, 8), k, v, mask),
+                  r"reference_attention: q's num_heads \(3\) must be a multiple of k's num_kv_heads \(2\)"),
+        "head_dim": (lambda: A.reference_attention(x(2, 6, 4, 4), k, v, mask),
+                     r"reference_attention: q \(2, 6, 4, 4\) has head_dim 4 but k \(2, 6, 2, 8\)"),
+        "k_v": (lambda: A.reference_attention(q, k, x(2, 7, 2, 8), mask), r"k and v must have the same shape"),
+        "batch": (lambda: A.reference_attention(q, x(1, 6, 2, 8), x(1, 6, 2, 8), mask), r"has batch 2 but k"),
+        "mask_2d": (lambda: A.reference_attention(q, k, v, jnp.ones((2, 6), bool)),
+                    r"mask must be \[B, T, S\] = \(2, 6, 6\) .* got shape \(2, 6\)"),
+        "mask_float": (lambda: A.reference_attention(q, k, v, jnp.zeros((2, 6, 6))),
+                       r"mask must be boolean \(True = attend\), got dtype float32"),
+        "fused_heads": (lambda: A.fused_attention(x(2, 6, 3, 8), k, v, seg, impl="splash"),
+                        r"fused_attention: q's num_heads \(3\) must be a multiple"),
+        "segment_ids": (lambda: A.fused_attention(q, k, v, jnp.ones((1, 6), jnp.int32), impl="xla"),
+                        r"fused_attention: segment_ids must be \[B, T\] = \(2, 6\) .* got shape \(1, 6\)"),
+        "segment_ids_splash": (lambda: A.fused_attention(q, k, v, jnp.ones((2, 7), jnp.int32), impl="splash"),
+                               r"fused_attention: segment_ids must be \[B, T\] = \(2, 6\) .* got shape \(2, 7\)"),
+        "segment_ids_float": (lambda: A.fused_attention(q, k, v, seg.astype(jnp.float32), impl="xla"),
+                              r"segment_ids must be an integer array"),
+        "self_attention": (lambda: A.fused_attention(q, x(2, 8, 2, 8), x(2, 8, 2, 8), seg, impl="xla"),
+                           r"causal self-attention needs k, v with as many positions as q \(6\)"),
+        "window": (lambda: A.fused_attention(q, k, v, seg, impl="splash", sliding_window=0),
+                   r"fused_attention: sliding_window must be > 0, got 0"),
+        "impl": (lambda: A.fused_attention(q, k, v, seg, impl="flash"),
+                 r"fused_attention: impl must be 'xla', 'cudnn' or 'splash', got 'flash'"),
+        "decode_positions": (lambda: A.chunked_cache_attention(x(2, 1, 4, 8), cache, cache, jnp.zeros((2,), jnp.int32)),
+                             r"chunked_cache_attention: positions must be \[B, T\] = \(2, 1\)"),
+        "decode_layout": (lambda: A.chunked_cache_attention(x(2, 1, 4, 8), x(2, 20, 2, 8), x(2, 20, 2, 8), pos),
+                          r"cache_k's num_kv_heads \(20\) .* cache_k \(2, 20, 2, 8\) \[B, Hkv, S, D\]"),
+        "decode_window": (lambda: A.chunked_cache_attention(x(2, 1, 4, 8), cache, cache, pos, sliding_window=0),
+                          r"chunked_cache_attention: sliding_window must be > 0"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_inputs_raise_naming_the_argument(case):
+    fn, message = _bad_inputs()[case]
+    with pytest.raises((ValueError, TypeError), match=message):
+        fn()

@@ -230,3 +230,113 @@ def test_continuous_batcher_decodes_through_the_kernel():
         traced = b._segment.trace(s._p, s._state, s._tables, np.zeros((b.num_blocks,), np.int32), np.int32(4),
                                   s._max_steps, kinds=(0,), width=b.max_blocks, extra=0)
         assert _count_pallas_calls(traced.jaxpr.jaxpr) == calls * lm.config.num_layers  # the sampler unrolls layers
+
+
+# ------------------------------------------------ boundaries against float64 NumPy, and bad inputs
+
+def _edge_case(head_dim, page_size, width, seed=3):
+    """6 rows over a pool with unused blocks: row 0 fills its whole table (last slot), row 1 holds one
+    block at position 0 (length 1), row 2 at position `page_size` (the first slot of its second
+    block), row 3 at `page_size - 1` (a block's last slot, length exactly one block), row 4 shares
+    row 0's first block, row 5 has no block and position -1 (length 0); unallocated entries hold the
+    trash block (the pool's last)."""
+    r = np.random.default_rng(seed)
+    n = 4 * width + 1
+    tables = np.full((6, width), n - 1, np.int32)
+    blocks = r.permutation(n - 1)
+    tables[0] = blocks[:width]
+    tables[1, :1] = blocks[width:width + 1]
+    tables[2, :2] = blocks[width + 1:width + 3]
+    tables[3, :1] = blocks[width + 3:width + 4]
+    tables[4, :3] = blocks[width + 4:width + 7]
+    tables[4, 0] = tables[0, 0]
+    pos = np.array([width * page_size - 1, 0, page_size, page_size - 1, 2 * page_size, -1], np.int32)
+    pk, pv = (r.standard_normal((2, n, page_size, head_dim)).astype(np.float32) for _ in range(2))
+    q = r.standard_normal((6, 1, 4, head_dim)).astype(np.float32)
+    return q, pk, pv, tables, pos
+
+
+def _np_paged(q, pk, pv, tables, pos, window=None):
+    """float64 softmax attention of each row's query over its logical slots `0..pos` (gathered through
+    its table; `pos - s < window`); zeros for a row that sees no slot."""
+    q, pk, pv = (np.asarray(x, np.float64) for x in (q, pk, pv))
+    out = np.zeros(q.shape)
+    for b, (row, p) in enumerate(zip(tables, pos)):
+        keys = np.concatenate([pk[:, blk] for blk in row], axis=1)      # [kv_heads, W * bs, D]
+        values = np.concatenate([pv[:, blk] for blk in row], axis=1)
+        slots = np.arange(keys.shape[1])
+        seen = (slots <= p) & (True if window is None else p - slots < window)
+        if not seen.any():
+            continue
+        for h in range(q.shape[2]):
+            kv = h // (q.shape[2] // keys.shape[0])
+            s = keys[kv, seen] @ q[b, 0, h] / np.sqrt(q.shape[-1])
+            e = np.exp(s - s.max())
+            out[b, 0, h] = e @ values[kv, seen] / e.sum()
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 1, 5])
+def test_routed_read_at_block_boundaries_equals_float64(window):
+    """The routed reference read: rows of length 1, exactly one block, one block + 1, the full table,
+    length 0 (zeros), a shared block and unused (trash) entries, with and without a sliding window."""
+    q, pk, pv, tables, pos = _edge_case(head_dim=8, page_size=4, width=5)
+    route = pool_route(jnp.asarray(tables), jnp.asarray(pos), pk.shape[1], 4, num_extra_reads(tables, pk.shape[1] - 1),
+                       sliding_window=window)
+    got = routed_attention(*map(jnp.asarray, (q, pk, pv)), route)
+    want = _np_paged(q, pk, pv, tables, pos, window)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got)[5], 0.0)
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_kernels_at_block_boundaries_equal_float64(impl):
+    """Both Pallas kernels (interpret mode, f32) on the same edge rows: lengths 0 (zeros), 1, one
+    block, one block + 1, the full table; the TPU kernel rounds k and v to bf16, so its reference does."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    head_dim, page_size = (16, 16) if impl == "pallas_gpu" else (128, 8)
+    q, pk, pv, tables, pos = _edge_case(head_dim=head_dim, page_size=page_size, width=4)
+    args = tuple(map(jnp.asarray, (q, pk, pv, tables, pos[:, None])))
+    if impl == "pallas_gpu":
+        got = jax.jit(lambda *a: kernel_attention(*a, impl=impl, interpret=True))(*args)
+    else:
+        with pltpu.force_tpu_interpret_mode():
+            got = jax.jit(lambda *a: kernel_attention(*a, impl=impl))(*args)
+        pk, pv = (np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32)) for x in (pk, pv))
+    np.testing.assert_allclose(np.asarray(got), _np_paged(q, pk, pv, tables, pos), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got)[5], 0.0)
+
+
+def test_paged_bad_inputs_raise_naming_the_argument():
+    """Shapes that used to fail deep inside an einsum or a reshape, or (positions of one row for two)
+    write silently, raise a ValueError naming the argument."""
+    from rlhf_jax.models.paged import paged_view, paged_write
+
+    r = np.random.default_rng(0)
+    x = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)  # noqa: E731
+    pk = x(2, 9, 16, 16)
+    tables = jnp.asarray([[0, 1, 2, 3], [4, 5, 6, 7]], jnp.int32)
+    pos = jnp.asarray([5, 20], jnp.int32)
+    route = pool_route(tables, pos, 9, 16)
+    cases = [
+        (lambda: routed_attention(x(2, 1, 3, 16), pk, pk, route),
+         r"routed_attention: q's num_heads \(3\) must be a multiple of the pool's kv_heads \(2\)"),
+        (lambda: routed_attention(x(2, 1, 4, 8), pk, pk, route), r"routed_attention: q \(2, 1, 4, 8\) has head_dim 8"),
+        (lambda: routed_attention(x(3, 1, 4, 16), pk, pk, route), r"route is for 2 rows and 9 pool blocks"),
+        (lambda: kernel_attention(x(2, 1, 4, 8), pk, pk, tables, pos, impl="pallas_gpu", interpret=True),
+         r"kernel_attention: q \(2, 1, 4, 8\) has head_dim 8 but the pool"),
+        (lambda: kernel_attention(x(2, 1, 4, 16), pk, pk, tables[:1], pos, impl="pallas_gpu", interpret=True),
+         r"kernel_attention: tables \(1, 4\) \[B, W\] must have a row per query row \(2\)"),
+        (lambda: kernel_attention(x(2, 1, 4, 16), pk, pk, tables, pos[:1], impl="pallas_gpu", interpret=True),
+         r"kernel_attention: positions must be \[B, 1\] or \[B\] with B = 2"),
+        (lambda: paged_write(pk, tables, pos[:1, None], x(2, 1, 2, 16)),
+         r"paged_write: positions must be \[B, T\] = \(2, 1\) as new, got shape \(1, 1\)"),
+        (lambda: paged_write(pk, tables, pos[:, None], x(2, 1, 2, 8)), r"paged_write: new \(2, 1, 2, 8\)"),
+        (lambda: paged_view(pk, tables[0]), r"paged_view: tables \[B, W\] must have rank 2"),
+        (lambda: pool_route(tables, pos[:, None], 9, 16), r"pool_route: positions must be \[B\] = \(2,\)"),
+        (lambda: pool_route(tables, pos, 9, 16, sliding_window=0), r"pool_route: sliding_window must be > 0"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fn()

@@ -34,6 +34,8 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax._checks import check_integer, check_positive, check_rank
+
 _F32 = jnp.float32
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "splash"]
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "splash")
@@ -81,11 +83,59 @@ def resolve_paged_impl(impl: str, dtype, attention_impl: str = "auto", platform:
     return "reference"
 
 
+def _check_qkv(fn: str, q, k, v, *, kv_axes: str = "bskd", k_name: str = "k", v_name: str = "v") -> tuple[int, int]:
+    """Trace-time checks of q [B, T, H, D] against k, v [B, S, Hkv, D] ("bskd") or [B, Hkv, S, D]
+    ("bksd"): ranks, equal k/v shapes, batch, head_dim, and H a multiple of Hkv (grouped-query
+    attention). Raises ValueError naming the argument; returns (S, Hkv)."""
+    if kv_axes not in ("bskd", "bksd"):
+        raise ValueError(f"{fn}: kv_axes must be 'bskd' or 'bksd', got {kv_axes!r}")
+    layout = "[B, S, Hkv, D]" if kv_axes == "bskd" else "[B, Hkv, S, D]"
+    check_rank(fn, "q [B, T, H, D]", q, 4)
+    check_rank(fn, f"{k_name} {layout}", k, 4)
+    if jnp.shape(k) != jnp.shape(v):
+        raise ValueError(f"{fn}: {k_name} and {v_name} must have the same shape {layout}, "
+                         f"got {tuple(jnp.shape(k))} and {tuple(jnp.shape(v))}")
+    b, _, h, d = q.shape
+    kb, s, hkv, kd = (k.shape[0], k.shape[1], k.shape[2], k.shape[3]) if kv_axes == "bskd" else (
+        k.shape[0], k.shape[2], k.shape[1], k.shape[3])
+    if kb != b:
+        raise ValueError(f"{fn}: q {tuple(q.shape)} has batch {b} but {k_name} {tuple(k.shape)} {layout} has {kb}")
+    if kd != d:
+        raise ValueError(f"{fn}: q {tuple(q.shape)} has head_dim {d} but {k_name} {tuple(k.shape)} {layout} has {kd}")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"{fn}: q's num_heads ({h}) must be a multiple of {k_name}'s num_kv_heads ({hkv}) for "
+                         f"grouped-query attention; q {tuple(q.shape)} [B, T, H, D], "
+                         f"{k_name} {tuple(k.shape)} {layout}")
+    return s, hkv
+
+
+def _check_window(fn: str, sliding_window) -> None:
+    if sliding_window is not None:
+        check_positive(fn, "sliding_window", sliding_window)
+
+
+def _check_segment_ids(fn: str, segment_ids, q) -> None:
+    if segment_ids is None:
+        return
+    check_integer(fn, "segment_ids", segment_ids)
+    if tuple(jnp.shape(segment_ids)) != tuple(q.shape[:2]):
+        raise ValueError(f"{fn}: segment_ids must be [B, T] = {tuple(q.shape[:2])} as q {tuple(q.shape)}, "
+                         f"got shape {tuple(jnp.shape(segment_ids))}")
+
+
 def reference_attention(q, k, v, mask, *, kv_axes: str = "bskd"):
     """The einsum path: q [B, T, H, D]; k, v [B, S, Hkv, D] ("bskd") or [B, Hkv, S, D] ("bksd");
-    mask bool [B, T, S]. Materialises the [B, Hkv, G, T, S] scores; returns [B, T, H, D]."""
+    mask bool [B, T, S] (True = attend; B and T may be 1, broadcast). Materialises the
+    [B, Hkv, G, T, S] scores; returns [B, T, H, D]. A query row with no True key gets the mean of v
+    (finite, no NaN in the gradient), as Hugging Face's eager attention."""
+    s, hkv = _check_qkv("reference_attention", q, k, v, kv_axes=kv_axes)
     b, t, h, d = q.shape
-    hkv = k.shape[2] if kv_axes == "bskd" else k.shape[1]
+    if jnp.result_type(mask) != jnp.bool_:
+        raise TypeError(f"reference_attention: mask must be boolean (True = attend), got dtype "
+                        f"{jnp.result_type(mask)}; an additive float mask (0 / -inf) would be read the other way round")
+    if jnp.ndim(mask) != 3 or mask.shape[0] not in (1, b) or mask.shape[1] not in (1, t) or mask.shape[2] != s:
+        raise ValueError(f"reference_attention: mask must be [B, T, S] = {(b, t, s)} (B, T may be 1), "
+                         f"got shape {tuple(jnp.shape(mask))}")
     q = q.reshape(b, t, hkv, h // hkv, d)
     scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", q, k, preferred_element_type=_F32)
     scores = scores / math.sqrt(d)
@@ -149,10 +199,11 @@ def fused_attention(q, k, v, segment_ids=None, *, impl: str, sliding_window: int
       sliding_window: keys at most `window - 1` positions back, or None.
       interpret: run a Pallas kernel in interpret mode (default: when not on a TPU), for CPU tests.
     """
+    if impl not in ("xla", "cudnn", "splash"):
+        raise ValueError(f"fused_attention: impl must be 'xla', 'cudnn' or 'splash', got {impl!r}")
+    _check_self_attention("fused_attention", q, k, v, segment_ids, sliding_window)
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids, sliding_window=sliding_window, interpret=interpret)
-    if impl not in ("xla", "cudnn"):
-        raise ValueError(f"fused_attention: impl must be 'xla', 'cudnn' or 'splash', got {impl!r}")
     mask = None
     if segment_ids is not None:  # cuDNN takes it as a bias (the causal part stays in the kernel)
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
@@ -166,6 +217,16 @@ def fused_attention(q, k, v, segment_ids=None, *, impl: str, sliding_window: int
             _warn_once(f"cuDNN attention unavailable for q {q.shape} {q.dtype} ({type(e).__name__}: {e}); "
                        "using the XLA attention")
     return call(implementation="xla")
+
+
+def _check_self_attention(fn: str, q, k, v, segment_ids, sliding_window) -> None:
+    """The fused kernels' inputs: q [B, T, H, D]; k, v [B, T, Hkv, D] (the same T: causal self-attention)."""
+    s, _ = _check_qkv(fn, q, k, v)
+    if s != q.shape[1]:
+        raise ValueError(f"{fn}: causal self-attention needs k, v with as many positions as q ({q.shape[1]}), "
+                         f"got k {tuple(k.shape)} [B, T, Hkv, D]")
+    _check_segment_ids(fn, segment_ids, q)
+    _check_window(fn, sliding_window)
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,6 +246,7 @@ def splash_attention(q, k, v, segment_ids=None, *, sliding_window: int | None = 
 
     from rlhf_jax.sharding import active_batch_split
 
+    _check_self_attention("splash_attention", q, k, v, segment_ids, sliding_window)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     b, t, h, d = q.shape
@@ -232,12 +294,20 @@ def chunked_cache_attention(q, cache_k, cache_v, positions, *, sliding_window: i
     not all S slots, and no [.., S] score matrix is formed (`_online_softmax`).
     The trip count is data dependent (a `while` loop): for sampling, not for differentiation.
     """
+    fn = "chunked_cache_attention"
+    _, hkv = _check_qkv(fn, q, cache_k, cache_v, kv_axes="bksd", k_name="cache_k", v_name="cache_v")
     b, t, h, d = q.shape
-    hkv = cache_k.shape[1]
+    check_integer(fn, "positions", positions)
+    if tuple(jnp.shape(positions)) != (b, t):
+        raise ValueError(f"{fn}: positions must be [B, T] = {(b, t)} as q {tuple(q.shape)}, "
+                         f"got shape {tuple(jnp.shape(positions))}")
+    _check_window(fn, sliding_window)
+    check_positive(fn, "chunk", chunk)
     qg = q.reshape(b, t, hkv, h // hkv, d)
-    stats = _online_softmax(qg, cache_k, cache_v, positions, positions, jnp.zeros((b,), jnp.int32),
-                            sliding_window=sliding_window, chunk=chunk)
-    return _normalise(stats, q.dtype)
+    m, l, o = _online_softmax(qg, cache_k, cache_v, positions, positions, jnp.zeros((b,), jnp.int32),
+                              sliding_window=sliding_window, chunk=chunk)
+    # A query that sees no slot (a position < 0: an idle row) gets zeros, as `paged.routed_attention`, not 0 / 0.
+    return _normalise((m, jnp.where(l > 0, l, 1.0), o), q.dtype)
 
 
 def _online_softmax(qg, cache_k, cache_v, last_slot, query_positions, slot_offset, *,

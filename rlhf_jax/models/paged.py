@@ -49,6 +49,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax._checks import check_integer, check_rank
+
 __all__ = ["PagedKVCache", "PagedLayerKV", "PoolRoute", "paged_write", "paged_view", "pool_route", "routed_attention",
            "decode_kernel", "kernel_params", "kernel_attention"]
 
@@ -90,12 +92,46 @@ class PagedLayerKV(NamedTuple):
     route: PoolRoute | None = None
 
 
+def _check_tables(fn: str, tables, batch: int) -> None:
+    check_rank(fn, "tables [B, W]", tables, 2)
+    check_integer(fn, "tables", tables)
+    if tables.shape[0] != batch:
+        raise ValueError(f"{fn}: tables {tuple(tables.shape)} [B, W] must have a row per query row ({batch})")
+
+
+def _check_pool(fn: str, q, pool_k, pool_v) -> None:
+    """q [B, T, H, D] against pools `[kv_heads, num_blocks, bs, D]`: ranks, shapes, head_dim, H % kv_heads."""
+    check_rank(fn, "q [B, T, H, D]", q, 4)
+    check_rank(fn, "pool_k [kv_heads, num_blocks, block_size, head_dim]", pool_k, 4)
+    if jnp.shape(pool_k) != jnp.shape(pool_v):
+        raise ValueError(f"{fn}: pool_k and pool_v must have the same shape, got {tuple(pool_k.shape)} and "
+                         f"{tuple(pool_v.shape)}")
+    h, d = q.shape[2], q.shape[3]
+    hkv, kd = pool_k.shape[0], pool_k.shape[3]
+    if kd != d:
+        raise ValueError(f"{fn}: q {tuple(q.shape)} has head_dim {d} but the pool {tuple(pool_k.shape)} "
+                         f"[kv_heads, num_blocks, block_size, head_dim] has {kd}")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"{fn}: q's num_heads ({h}) must be a multiple of the pool's kv_heads ({hkv}); q "
+                         f"{tuple(q.shape)} [B, T, H, D], pool {tuple(pool_k.shape)}")
+
+
 def paged_write(pool: jax.Array, tables: jax.Array, positions: jax.Array, new: jax.Array) -> jax.Array:
     """Write `new [B, T, kv_heads, D]` at logical slots `positions [B, T]` through `tables [B, W]`.
 
     Slot `s` of row `b` goes to `pool[:, tables[b, s // bs], s % bs]`; positions past the table's
     width go to the trash block (the pool's last).
     """
+    fn = "paged_write"
+    check_rank(fn, "new [B, T, kv_heads, D]", new, 4)
+    if (new.shape[2], new.shape[3]) != (pool.shape[0], pool.shape[3]):
+        raise ValueError(f"{fn}: new {tuple(new.shape)} [B, T, kv_heads, D] does not match the pool "
+                         f"{tuple(pool.shape)} [kv_heads, num_blocks, block_size, D]")
+    _check_tables(fn, tables, new.shape[0])
+    check_integer(fn, "positions", positions)
+    if tuple(jnp.shape(positions)) != tuple(new.shape[:2]):
+        raise ValueError(f"{fn}: positions must be [B, T] = {tuple(new.shape[:2])} as new, got shape "
+                         f"{tuple(jnp.shape(positions))}")
     bs = pool.shape[2]
     trash = pool.shape[1] - 1
     logical = positions // bs
@@ -108,6 +144,7 @@ def paged_write(pool: jax.Array, tables: jax.Array, positions: jax.Array, new: j
 
 def paged_view(pool: jax.Array, tables: jax.Array) -> jax.Array:
     """Each row's logical cache `[B, kv_heads, W * bs, D]` gathered through `tables [B, W]`."""
+    check_rank("paged_view", "tables [B, W]", tables, 2)
     h, _, bs, d = pool.shape
     b, w = tables.shape
     view = pool[:, tables]                                  # [kv_heads, B, W, bs, D]
@@ -146,7 +183,14 @@ def pool_route(tables: jax.Array, positions: jax.Array, num_blocks: int, block_s
     (the model's `ModelConfig.sliding_window`): a query at `p` sees only slots `s` with `p - s < window`,
     as `attention_mask` keeps them.
     """
+    fn = "pool_route"
+    check_rank(fn, "tables [B, W]", tables, 2)
     b, w = tables.shape
+    if tuple(jnp.shape(positions)) != (b,):
+        raise ValueError(f"{fn}: positions must be [B] = ({b},) (one query position per row of tables), got shape "
+                         f"{tuple(jnp.shape(positions))}")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"{fn}: sliding_window must be > 0 or None, got {sliding_window!r}")
     trash = num_blocks - 1
     entry = jnp.arange(b * w, dtype=jnp.int32).reshape(b, w)                 # row-major key r * W + c
     none = jnp.int32(b * w)
@@ -199,9 +243,14 @@ def routed_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, route: 
     more per further row through a small gather (`route.extra_*`). Returns `[B, 1, H, D]`; a row that
     owns no visible slot gets zeros.
     """
+    _check_pool("routed_attention", q, pool_k, pool_v)
     b, t, h, d = q.shape
     if t != 1:
         raise ValueError(f"routed_attention: single-token decode only, got {t} query tokens")
+    if route.owner_onehot.shape != (b, pool_k.shape[1]):
+        raise ValueError(f"routed_attention: route is for {route.owner_onehot.shape[0]} rows and "
+                         f"{route.owner_onehot.shape[1]} pool blocks (`pool_route`), got q of {b} rows and a pool "
+                         f"of {pool_k.shape[1]} blocks")
     hkv = pool_k.shape[0]
     g = h // hkv
     qg = jnp.transpose(q.reshape(b, hkv, g * d), (1, 0, 2))                     # [kv, B, g*d]
@@ -341,9 +390,15 @@ def kernel_attention(q: jax.Array, pool_k: jax.Array, pool_v: jax.Array, tables:
     Raises:
       ValueError: the kernel does not take these shapes (`kernel_params`'s reason).
     """
+    _check_pool("kernel_attention", q, pool_k, pool_v)
     b, t, h, d = q.shape
     if t != 1:
         raise ValueError(f"kernel_attention: single-token decode only, got {t} query tokens")
+    _check_tables("kernel_attention", tables, b)
+    check_integer("kernel_attention", "positions", positions)
+    if jnp.size(positions) != b:
+        raise ValueError(f"kernel_attention: positions must be [B, 1] or [B] with B = {b}, got shape "
+                         f"{tuple(jnp.shape(positions))}")
     hkv, _, bs, _ = pool_k.shape
     w = tables.shape[1]
     params = kernel_params(impl, num_heads=h, num_kv_heads=hkv, head_dim=d, page_size=bs, pages_per_sequence=w,
