@@ -10,8 +10,10 @@ float32 master weights, bfloat16 compute, attention by `ModelConfig.attention_im
 cuDNN flash attention on GPU, Splash on TPU). Parts (`--parts`, all by default):
 
 1. `sft`: `make_sft_step`, AdamW (clip 1.0), 8 x 2,048 tokens: s/step, tokens/s and MFU = model
-   FLOPs (`bench_common.matmul_flops`, exact causal attention, forward + backward = 3 forwards) per
-   second over the bf16 matmul peak measured here (an 8192^3 bf16 matmul chain, median). The step is
+   FLOPs (`bench_common.matmul_flops`: 6 x the layers' and LM head's weights per token, the embedding
+   lookup not counted, plus exact causal attention, 6 x layers x heads x head_dim x (T + 1) per token,
+   half of PaLM's non-causal 12 L H Q T as in MaxText) per second over the bf16 matmul peak measured
+   here (an 8192^3 bf16 matmul chain, median). The step is
    compiled first and run without remat if XLA's memory analysis of it fits the chip (`fit_step`:
    ~102 GiB at this size, by a TPU v5p compile with Splash attention: an H200, not an H100), else with
    `remat="dots"` (~37 GiB), which the row reports (`remat`, `program_gib`); `--remat` forces one.
@@ -21,7 +23,8 @@ cuDNN flash attention on GPU, Splash on TPU). Parts (`--parts`, all by default):
    T = 1, no stop): new tokens/s of the decode loop (the call less a 1-token call's prefill) and the
    fraction of the HBM floor: every step must read the bf16 weights once and each row's filled KV
    slots, `Σ_steps (weights + rows · layers · 2 · kv_heads · head_dim · 2 B · filled) / copy bandwidth`,
-   the bandwidth measured here (a jitted copy of a 2 GiB array, read + write).
+   the bandwidth measured here (10 in-place `x + 1` passes over a 2 GiB random bf16 array, each its own
+   program, counting bytes read + written).
 4. `grpo`: `rlhf_jax.train.rl.train` (the real loop) for GRPO, 16 prompts x 8 samples, 128-token
    prompts, 512 new tokens, reward `even_fraction`, k3 KL to a frozen reference, each group's prompt
    run once (`share_prompt`), layers rematerialised (`remat="full"`: 67k tokens through the update),
@@ -30,8 +33,13 @@ cuDNN flash attention on GPU, Splash on TPU). Parts (`--parts`, all by default):
 5. `torch`: the same SFT step (same weights and batch: the JAX worker writes its initial weights as a
    Hugging Face checkpoint) through transformers' `AutoModelForCausalLM` (SDPA attention, bf16 autocast,
    float32 master weights, `torch.optim.AdamW` fused, clip 1.0) and the same decode through HF
-   `generate` (bf16 weights, static cache, `min_new_tokens` = 512): the baseline for the ratios. The
-   step-1 SFT losses of both must agree within bf16 tolerance (2e-2 relative).
+   `generate` (bf16 weights, static cache, `min_new_tokens` = 512; on CUDA HF compiles its decode step,
+   and a full-length call is run first so that compiling is not timed; if compiling fails, the eager
+   decode is timed and the row says so): the baseline for the ratios. The step-1 SFT losses of both
+   must agree within bf16 tolerance (2e-2 relative); since a random model's loss is near ln(vocab)
+   whatever its weights, torch also scores 4 of the JAX decode's sampled rows, and its log-probs must
+   agree with the JAX sampler's (mean |difference| <= 0.25 x their standard deviation): the check that
+   both hold the same weights.
 
 Opt-in (`--parts paged`, not in the default run): 6. `paged`: continuous batching over the paged KV
 cache (`Sampler.generate_requests`), the decode workload's prompts with ragged budgets (new tokens
@@ -41,9 +49,13 @@ once with the routed einsum "reference", same process: useful new tokens/s of ea
 timed calls), the ratio, the selected read, and how far the two agree (requests with identical tokens;
 log-probs over each request's common prefix).
 
-Each framework runs in its own process (the JAX worker first), so neither holds the other's memory;
-the parent prints one table last and writes `--out` (JSON). A part that fails is reported as a row
-with its error and the other parts still run. Figures taken are recorded in benchmarks/ACCELERATORS.md.
+Each framework runs in its own process, so neither holds the other's memory: a JAX worker for SFT,
+DPO and decode, then the torch worker, then a JAX worker for GRPO (the longest part and the hardest to
+predict runs last, so a run cut short keeps the others). The parent prints each worker's result as it
+ends and keeps `--out` (JSON) up to date (marked "partial" until the end); each worker writes the rows
+it has finished to `--out`.<worker>.partial as it goes, so a worker that dies (or a run that is killed)
+still leaves them. The parent prints one table last. A part that fails is reported as a row with its
+error and the other parts still run. Figures taken are recorded in benchmarks/ACCELERATORS.md.
 """
 
 from __future__ import annotations
@@ -57,14 +69,20 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 from bench_common import causal_pairs, matmul_flops, report_result, run_worker, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PARTS = ("sft", "dpo", "decode", "grpo", "torch")
+JAX_PARTS = ("sft", "dpo", "decode", "paged", "grpo")   # the order the JAX parts run in
+TORCH_ROWS = ("sft", "decode")
 OPT_IN_PARTS = ("paged",)
 LOSS_RTOL = 2e-2   # JAX vs torch SFT loss at step 1, both bf16 compute
+# torch's log-probs of the JAX decode's samples against the JAX sampler's: mean |difference| at most this
+# fraction of the log-probs' standard deviation (bf16 rounding: a few %; other weights: over 100%).
+LOGPROB_REL = 0.25
 
 FULL = dict(
     sft=dict(batch=8, seq_len=2048), dpo=dict(pairs=8, seq_len=1024, prompt_len=256),
@@ -115,33 +133,39 @@ def _timed_steps(run, warmup: int, timed: int) -> tuple[list[float], list]:
 
 
 def _peak_bf16_tflops(jax, jnp, n: int, repeats: int = 5) -> float:
-    """bf16 matmul throughput of this chip: a chain of 8 n^3 matmuls in one program, median of `repeats`."""
+    """bf16 matmul throughput of this chip: a chain of 8 n^3 matmuls in one program (random operands,
+    the matrix an argument, not a constant baked into the program), median of `repeats` after a warm-up."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16) / math.sqrt(n)
 
     @jax.jit
-    def chain(x):
-        return jax.lax.fori_loop(0, 8, lambda _, y: y @ a, x)
+    def chain(x, m):
+        return jax.lax.fori_loop(0, 8, lambda _, y: y @ m, x)
 
-    jax.block_until_ready(chain(a))
+    jax.block_until_ready(chain(a, a))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(chain(a))
+        jax.block_until_ready(chain(a, a))
         times.append(time.perf_counter() - start)
     return 8 * 2 * n**3 / statistics.median(times) / 1e12
 
 
 def _copy_gbps(jax, jnp, mib: int, repeats: int = 5, passes: int = 10) -> float:
-    """Memory bandwidth: bytes read + written by `passes` jitted `x + 1` over a `mib` MiB bf16 array, median."""
-    x = jnp.zeros((mib * 2**20 // 2,), jnp.bfloat16)
-    add = jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda _, y: y + 1, x))
-    jax.block_until_ready(add(x))
+    """Memory bandwidth: bytes read + written by `passes` calls of a jitted, in-place `x + 1` over a
+    `mib` MiB bf16 array of random values, median of `repeats`. Each pass is its own program, so no
+    compiler can fuse the passes into one read and one write."""
+    add = jax.jit(lambda y: y + 1, donate_argnums=0)
+    x = jax.random.normal(jax.random.key(1), (mib * 2**20 // 2,), jnp.bfloat16)
+    nbytes = x.nbytes
+    x = jax.block_until_ready(add(x))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(add(x))
+        for _ in range(passes):
+            x = add(x)
+        jax.block_until_ready(x)
         times.append(time.perf_counter() - start)
-    return passes * 2 * x.nbytes / statistics.median(times) / 1e9
+    return passes * 2 * nbytes / statistics.median(times) / 1e9
 
 
 def _decode_seconds(call_s: float, prefill_s: float) -> float | None:
@@ -187,9 +211,11 @@ def _jax_worker(args) -> dict:
         out["flax"] = flax.__version__
     except ImportError:
         pass
-    out["peak_bf16_tflops"] = _peak_bf16_tflops(jax, jnp, S["matmul_n"])
-    out["copy_gbps"] = _copy_gbps(jax, jnp, S["copy_mib"])
-    params = jax.jit(_init_fn(lm))(jax.random.key(0))
+    params = None
+    if parts & {"sft", "dpo", "decode", "paged", "torch"}:   # a GRPO-only worker needs neither
+        out["peak_bf16_tflops"] = _peak_bf16_tflops(jax, jnp, S["matmul_n"])
+        out["copy_gbps"] = _copy_gbps(jax, jnp, S["copy_mib"])
+        params = jax.jit(_init_fn(lm))(jax.random.key(0))
     if "torch" in parts:
         from rlhf_jax.models.hf import save_hf
 
@@ -198,18 +224,32 @@ def _jax_worker(args) -> dict:
                 jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), overwrite=True)
         out["save_weights_s"] = time.perf_counter() - start
 
-    for part in ("sft", "dpo", "decode", "grpo", "paged"):
+    for part in JAX_PARTS:
         if part not in parts:
             continue
         start = time.perf_counter()
-        try:
-            row = {"sft": _jax_sft, "dpo": _jax_dpo, "decode": _jax_decode, "grpo": _jax_grpo, "paged": _jax_paged}[part](
-                args, S, lm, params, out)
-        except Exception as e:  # noqa: BLE001 - one failed part is a row, the others still run
-            row = {"error": f"{type(e).__name__}: {e}"[:600], "traceback": traceback.format_exc()[-3000:]}
+        with warnings.catch_warnings(record=True) as caught:   # e.g. cuDNN attention refused: XLA's used
+            warnings.simplefilter("default")
+            try:
+                row = {"sft": _jax_sft, "dpo": _jax_dpo, "decode": _jax_decode, "grpo": _jax_grpo,
+                       "paged": _jax_paged}[part](args, S, lm, params, out)
+            except Exception as e:  # noqa: BLE001 - one failed part is a row, the others still run
+                row = {"error": f"{type(e).__name__}: {e}"[:600], "traceback": traceback.format_exc()[-3000:]}
         row["part_wall_s"] = time.perf_counter() - start
+        if caught:
+            row["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:400] for w in caught})[:20]
         out["rows"][part] = row
+        if args.partial:   # what the parent keeps if this process dies or the run is cut short later
+            _write_json_atomic(args.partial, out)
     return out
+
+
+def _write_json_atomic(path: str, value) -> None:
+    """`value` as JSON at `path`, replaced in one step: a process killed meanwhile leaves the old file whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 def _init_fn(lm):
@@ -221,19 +261,19 @@ def _init_fn(lm):
 
 
 def _train_setup(lm, opt_config, params):
-    """A train state with the worker's initial weights (drawn again from the same key: a jitted
-    function never closes over gigabytes of arrays)."""
+    """A train state around a copy of `params`, the worker's initial weights (those saved for torch and
+    the DPO reference): the step donates its state, so `params` itself stays valid for the later parts."""
     import jax
+    import jax.numpy as jnp
 
     from rlhf_jax import sharding as sh
     from rlhf_jax.optim import make_optimizer
-    from rlhf_jax.state import create_train_state
+    from rlhf_jax.state import train_state_from_params
 
-    del params
     mesh = sh.make_mesh({"data": 1}, devices=jax.devices()[:1])
     tx = make_optimizer(opt_config)
-    state = create_train_state(_init_fn(lm), tx, rng=jax.random.key(0), logical_axes=lm.logical_axes, mesh=mesh,
-                               strategy="dp")
+    state = train_state_from_params(jax.tree.map(jnp.copy, params), tx, rng=0, logical_axes=lm.logical_axes,
+                                    mesh=mesh, strategy="dp")
     return mesh, state
 
 
@@ -298,9 +338,21 @@ def _fitted(args, lm, make_step, step_args) -> tuple:
 
     start = time.perf_counter()
     limit = int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else device_memory(jax.devices()[:1])
+    resident = _resident_bytes(step_args)
+    if limit:
+        limit -= resident   # arrays the worker keeps on the device beside the step (the initial weights)
     compiled, remat, need = fit_step(make_step, lm, step_args, limit, args.remat)
     return compiled, {"remat": remat, "program_gib": need / 2**30, "compile_s": time.perf_counter() - start,
-                      **({"memory_limit_gib": limit / 2**30} if limit else {})}
+                      "resident_gib": resident / 2**30, **({"memory_limit_gib": limit / 2**30} if limit else {})}
+
+
+def _resident_bytes(step_args) -> int:
+    """Bytes of the device arrays alive now that are not among `step_args` (whose bytes XLA's analysis of
+    the step already counts as arguments)."""
+    import jax
+
+    args = {id(x) for x in jax.tree.leaves(step_args) if isinstance(x, jax.Array)}
+    return sum(x.nbytes for x in jax.live_arrays() if id(x) not in args)
 
 
 def _jax_sft(args, S, lm, params, info) -> dict:
@@ -310,7 +362,6 @@ def _jax_sft(args, S, lm, params, info) -> dict:
 
     b, t = S["sft"]["batch"], S["sft"]["seq_len"]
     tokens = tokens_rng((b, t), lm.config.vocab_size, seed=1)
-    np.save(os.path.join(args.dir, "sft_tokens.npy"), tokens)
     opt_config = _opt_config()
     mesh, state = _train_setup(lm, opt_config, params)
     batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
@@ -366,7 +417,6 @@ def _jax_decode(args, S, lm, params, info) -> dict:
 
     rows, p, new = S["decode"]["rows"], S["decode"]["prompt_len"], S["decode"]["new_tokens"]
     prompts = tokens_rng((rows, p), lm.config.vocab_size, seed=5)
-    np.save(os.path.join(args.dir, "decode_prompts.npy"), prompts)
     sampler = Sampler(lm, max_len=p + new, prompt_buckets=(p,), dtype="bfloat16")
     sp = sampler.load_params(params)
     config = SamplingConfig(max_new_tokens=new, method=Categorical(temperature=1.0))
@@ -384,6 +434,8 @@ def _jax_decode(args, S, lm, params, info) -> dict:
     call_s = statistics.median(call_times[1:])
     decode_s = _decode_seconds(call_s, prefill_s)
     tokens, logps = outs[-1]
+    np.save(os.path.join(args.dir, "decode_tokens.npy"), tokens)     # for the torch worker to score
+    np.save(os.path.join(args.dir, "decode_logprobs.npy"), logps)
     floor_bytes = _decode_floor_bytes(lm.config, lm.num_params(), rows, p, new)
     floor_s = floor_bytes / (info["copy_gbps"] * 1e9)
     return {"call_s": call_s, "prefill_s": prefill_s, "decode_s": decode_s,
@@ -519,7 +571,8 @@ def _torch_worker(args) -> dict:
                                                  attn_implementation="sdpa").to(dev)
     try:
         start = time.perf_counter()
-        tokens = torch.from_numpy(np.load(os.path.join(args.dir, "sft_tokens.npy"))).long().to(dev)
+        b, t = S["sft"]["batch"], S["sft"]["seq_len"]   # the JAX SFT batch: same shape, seed and values
+        tokens = torch.from_numpy(tokens_rng((b, t), model.config.vocab_size, seed=1)).long().to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                 fused=dev == "cuda")
         model.train()
@@ -536,7 +589,6 @@ def _torch_worker(args) -> dict:
             return value
 
         times, losses = _timed_steps(run, S["warmup"], S["timed"])
-        b, t = tokens.shape
         step_s = statistics.median(times[S["warmup"]:])
         out["rows"]["sft"] = {"step_s": step_s, "tokens_per_s": b * t / step_s, "loss_step1": losses[0],
                               "first_step_s": times[0], "losses_finite": bool(np.isfinite(losses).all()),
@@ -544,16 +596,19 @@ def _torch_worker(args) -> dict:
         del opt
     except Exception as e:  # noqa: BLE001
         out["rows"]["sft"] = {"error": f"{type(e).__name__}: {e}"[:600], "traceback": traceback.format_exc()[-3000:]}
-    prompts_file = os.path.join(args.dir, "decode_prompts.npy")
-    if os.path.exists(prompts_file):
+    if args.partial:
+        _write_json_atomic(args.partial, out)
+    if "decode" in args.parts.split(","):
         try:
             start = time.perf_counter()
             model = model.to(torch.bfloat16).eval()
             if dev == "cuda":
                 torch.cuda.empty_cache()
-            prompts = torch.from_numpy(np.load(prompts_file)).long().to(dev)
-            rows, p = prompts.shape
-            new = S["decode"]["new_tokens"]
+            rows, p, new = S["decode"]["rows"], S["decode"]["prompt_len"], S["decode"]["new_tokens"]
+            # The JAX decode's prompts: same shape, seed and values.
+            prompts = torch.from_numpy(tokens_rng((rows, p), model.config.vocab_size, seed=5)).long().to(dev)
+
+            compile_error = None
 
             def gen(new_tokens):
                 def run(_):
@@ -561,26 +616,66 @@ def _torch_worker(args) -> dict:
                         o = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
                                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
                                            top_k=0, top_p=1.0, temperature=1.0, cache_implementation="static",
-                                           pad_token_id=0)
+                                           pad_token_id=0, **({"disable_compile": True} if compile_error else {}))
                     sync()
                     return tuple(o.shape)
                 return run
 
-            prefill_times, _ = _timed_steps(gen(1), 1, 1)   # the first call warms torch and HF up
+            # On CUDA, HF compiles the decode step of a static-cache `generate` at its first decode step
+            # (a 1-token call has none) for the cache's length (prompt + new): the full-length call is
+            # warmed up too, so neither the compilation nor the CUDA-graph capture is timed. If
+            # compiling fails, HF's eager decode is timed instead, and the row says why.
+            try:
+                first_s = _timed_steps(gen(new), 0, 1)[0][0]
+            except Exception as e:  # noqa: BLE001 - e.g. no C compiler for inductor on the machine
+                compile_error = f"{type(e).__name__}: {e}"[:600]
+                first_s = _timed_steps(gen(new), 0, 1)[0][0]
+            prefill_times, _ = _timed_steps(gen(1), 1, 1)
             call_times, shapes = _timed_steps(gen(new), 0, S["torch_decode_calls"])
             call_s = statistics.median(call_times)
             decode_s = _decode_seconds(call_s, prefill_times[-1])
             out["rows"]["decode"] = {"call_s": call_s, "prefill_s": prefill_times[-1], "decode_s": decode_s,
                                      "decode_tokens_per_s": None if decode_s is None else rows * (new - 1) / decode_s,
                                      "call_tokens_per_s": rows * new / call_s, "shape": list(shapes[-1]),
-                                     "first_call_s": call_times[0], "part_wall_s": time.perf_counter() - start}
+                                     "first_call_s": first_s, "part_wall_s": time.perf_counter() - start,
+                                     **({"compile_error": compile_error} if compile_error else {}),
+                                     **_score_jax_samples(torch, model, prompts, args.dir)}
         except Exception as e:  # noqa: BLE001
             out["rows"]["decode"] = {"error": f"{type(e).__name__}: {e}"[:600],
                                      "traceback": traceback.format_exc()[-3000:]}
     return out
 
 
+def _score_jax_samples(torch, model, prompts, folder: str, rows: int = 4) -> dict:
+    """The torch model's log-probs of the JAX decode's sampled tokens (its first `rows` rows), against the
+    JAX sampler's own: far below the log-probs' spread only when both hold the same weights (the SFT
+    loss of a random model, near ln(vocab), is nearly the same for any weights of the same init)."""
+    import numpy as np
+
+    files = [os.path.join(folder, f"decode_{name}.npy") for name in ("tokens", "logprobs")]
+    if not all(os.path.exists(f) for f in files):
+        return {}
+    tokens, jax_logps = (np.load(f)[:rows] for f in files)
+    p = prompts.shape[1]
+    ids = torch.cat([prompts[:len(tokens)], torch.from_numpy(tokens).long().to(prompts.device)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, p - 1:-1].float()
+        logps = torch.log_softmax(logits, -1).gather(-1, ids[:, p:, None])[..., 0].cpu().numpy()
+    diff = np.abs(logps - jax_logps)
+    return {"logprob_vs_jax_mean_abs_diff": float(diff.mean()), "logprob_vs_jax_max_abs_diff": float(diff.max()),
+            "jax_logprob_std": float(jax_logps.std()), "logprobs_finite": bool(np.isfinite(logps).all())}
+
+
 # -------------------------------------------------------------------------------------------- parent
+
+
+def _read_partial(path: str) -> dict:
+    """A dead worker's `--partial` file (the rows it finished), or no rows."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"rows": {}}
 
 
 def _fmt(x, spec=".3g"):
@@ -603,8 +698,11 @@ def summarize(jax_out: dict, torch_out: dict | None) -> dict:
         s["decode_speedup_vs_hf"] = dec["decode_tokens_per_s"] / tdec["decode_tokens_per_s"]
     if "call_tokens_per_s" in dec and "call_tokens_per_s" in tdec:
         s["call_speedup_vs_hf"] = dec["call_tokens_per_s"] / tdec["call_tokens_per_s"]
-    s["all_finite"] = all(r.get("losses_finite", r.get("logprobs_finite", True)) for r in rows.values()
-                          if "error" not in r)
+    if "logprob_vs_jax_mean_abs_diff" in tdec:
+        s["decode_logprob_mean_abs_diff"] = tdec["logprob_vs_jax_mean_abs_diff"]
+        s["decode_logprobs_agree"] = tdec["logprob_vs_jax_mean_abs_diff"] <= LOGPROB_REL * tdec["jax_logprob_std"]
+    s["all_finite"] = all(r.get("losses_finite", True) and r.get("logprobs_finite", True)
+                          for r in (*rows.values(), *trows.values()) if "error" not in r)
     s["errors"] = {f"{who}/{k}": r["error"] for who, rs in (("jax", rows), ("torch", trows))
                    for k, r in rs.items() if "error" in r}
     return s
@@ -613,8 +711,9 @@ def summarize(jax_out: dict, torch_out: dict | None) -> dict:
 def table(jax_out: dict, torch_out: dict | None, summary: dict) -> str:
     rows = jax_out.get("rows", {})
     trows = (torch_out or {}).get("rows", {})
+    fell_back = any("cuDNN attention unavailable" in w for r in rows.values() for w in r.get("warnings", ()))
     head = (f"{jax_out.get('device_kind')} ({jax_out.get('platform')}), jax {jax_out.get('jax')}, attention "
-            f"{jax_out.get('attention_impl')}, torch {(torch_out or {}).get('torch', '-')}, transformers "
+            f"{jax_out.get('attention_impl')}{' (XLA where cuDNN refused: see warnings)' if fell_back else ''}, torch {(torch_out or {}).get('torch', '-')}, transformers "
             f"{(torch_out or {}).get('transformers', '-')}; {jax_out.get('num_params', 0) / 1e9:.3f} B params; "
             f"measured bf16 matmul {_fmt(jax_out.get('peak_bf16_tflops'))} TFLOP/s, copy "
             f"{_fmt(jax_out.get('copy_gbps'))} GB/s")
@@ -636,7 +735,8 @@ def table(jax_out: dict, torch_out: dict | None, summary: dict) -> str:
     dec, tdec = rows.get("decode", {}), trows.get("decode", {})
     line("decode", dec.get("decode_tokens_per_s"), tdec.get("decode_tokens_per_s"), "new tok/s",
          f"{_fmt(dec.get('floor_fraction'), '.1%') if dec.get('floor_fraction') else '-'} of HBM floor, prefill "
-         f"{_fmt(dec.get('prefill_s'))} s", higher_better=True)
+         f"{_fmt(dec.get('prefill_s'))} s" + ("; HF decode eager: its compile failed" if tdec.get("compile_error")
+                                               else ""), higher_better=True)
     grpo = rows.get("grpo", {})
     phases = ", ".join(f"{k} {v:.3g}" for k, v in grpo.get("phases_s", {}).items())
     line("grpo", grpo.get("step_s"), None, "s/step",
@@ -650,7 +750,9 @@ def table(jax_out: dict, torch_out: dict | None, summary: dict) -> str:
     for name, err in summary.get("errors", {}).items():
         lines.append(f"ERROR {name}: {err.splitlines()[0][:200]}")
     lines.append(f"checks: SFT loss@1 rel diff {_fmt(summary.get('sft_loss_rel_diff'))} (<= {LOSS_RTOL}: "
-                 f"{summary.get('sft_losses_equal', '-')}), all finite {summary.get('all_finite')}")
+                 f"{summary.get('sft_losses_equal', '-')}), decode log-probs torch vs JAX mean |diff| "
+                 f"{_fmt(summary.get('decode_logprob_mean_abs_diff'))} (<= {LOGPROB_REL} std: "
+                 f"{summary.get('decode_logprobs_agree', '-')}), all finite {summary.get('all_finite')}")
     return "\n".join(lines)
 
 
@@ -669,6 +771,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write all figures as JSON here")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
+    p.add_argument("--partial", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(args.parts.split(",")) - set(PARTS) - set(OPT_IN_PARTS)
     if unknown:
@@ -681,27 +784,48 @@ def main(argv=None) -> int:
         return 0
 
     started = time.perf_counter()
+    parts = args.parts.split(",")
     with tempfile.TemporaryDirectory(prefix="bench_accel_") as tmp:
-        base = [sys.executable, os.path.abspath(__file__), "--dir", tmp, "--parts", args.parts,
-                "--attention", args.attention] + (["--smoke"] if args.smoke else [])
+        base = [sys.executable, os.path.abspath(__file__), "--dir", tmp, "--attention", args.attention] + (
+            ["--smoke"] if args.smoke else [])
         if args.logits_chunk:
             base += ["--logits-chunk", str(args.logits_chunk)]
         base += ["--remat", args.remat] + (["--memory-limit-gib", str(args.memory_limit_gib)]
                                            if args.memory_limit_gib else [])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        try:
-            jax_out = run_worker(base + ["--worker", "jax"], env=env)
-        except RuntimeError as e:
-            jax_out = {"rows": {"worker": {"error": str(e)[-3000:]}}}
-        print("jax worker: " + json.dumps(jax_out, default=str), flush=True)   # kept if the run is cut short
-        if args.out:
-            write_json(args.out, {"partial": True, "jax": jax_out})
-        torch_out = None
-        if "torch" in args.parts.split(","):
+
+        def worker(name, worker_parts, rows):
+            """One worker's result; if it dies, the rows it finished (its `--partial` file, kept beside
+            `--out` while it runs) and an error row for each of `rows` it did not finish."""
+            partial = f"{args.out}.{name}.partial" if args.out else os.path.join(tmp, f"{name}.partial")
+            cmd = base + ["--worker", name.split("_")[0], "--parts", ",".join(worker_parts), "--partial", partial]
             try:
-                torch_out = run_worker(base + ["--worker", "torch"], env=env)
+                result = run_worker(cmd, env=env)
             except RuntimeError as e:
-                torch_out = {"rows": {"worker": {"error": str(e)[-3000:]}}}
+                result = _read_partial(partial)
+                for row in rows:
+                    result["rows"].setdefault(row, {"error": f"{name} worker died: " + str(e)[-3000:]})
+            if os.path.exists(partial):
+                os.remove(partial)
+            print(f"{name} worker: " + json.dumps(result, default=str), flush=True)   # kept if the run is cut short
+            return result
+
+        def keep(partial_result):
+            if args.out:
+                write_json(args.out, {"partial": True, **partial_result})
+
+        # JAX first (SFT, DPO, decode), then torch (the baseline for the ratios), then GRPO in a JAX worker
+        # of its own: the longest and least predictable part runs last, so a run cut short keeps the others.
+        first = [p for p in parts if p not in ("grpo",)]
+        jax_out = worker("jax", first, [p for p in first if p in JAX_PARTS]) if first else {"rows": {}}
+        keep({"jax": jax_out})
+        torch_out = None
+        if "torch" in parts:
+            torch_out = worker("torch", parts, TORCH_ROWS if "decode" in parts else ("sft",))
+            keep({"jax": jax_out, "torch": torch_out})
+        if "grpo" in parts:
+            grpo_out = worker("jax_grpo", ["grpo"], ["grpo"])
+            jax_out = {**grpo_out, **jax_out, "rows": {**jax_out["rows"], **grpo_out["rows"]}}
     summary = summarize(jax_out, torch_out)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke,
               "wall_s": time.perf_counter() - started, "jax": jax_out, "torch": torch_out, "summary": summary}
