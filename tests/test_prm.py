@@ -237,3 +237,12 @@ def test_scorer_scores_every_step_or_refuses_and_scores_no_steps_as_zero():
         scorer.score(["p", "p"], [["ab"], ["aaaa", "bbbb", "cccc"]])
     with pytest.raises(ValueError, match="best_of_n: n must be a positive int, got 0"):
         prm.best_of_n(np.zeros(4), 0)
+
+
+def test_a_step_holding_the_separator_warns():
+    """Training labels such a step once; scoring splits completions at every separator: say so."""
+    rows = [StepExample("p", ("a", "b"), (1, 1)), StepExample("p", ("a\nb", "c"), (1, 0))]
+    with pytest.warns(UserWarning, match=r"^tokenize_steps: 1 rows of <rows> have a step containing the step "
+                                         r"separator '\\n' \(the first: row 1\)"):
+        data = tokenize_steps(rows, offline_tokenizer(), max_len=32)
+    assert data.step_mask.sum(axis=1).tolist() == [2, 2]

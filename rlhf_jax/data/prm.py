@@ -18,6 +18,7 @@ outcome over all its steps, the cut ones included (the outcome reward model's la
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -130,6 +131,11 @@ def tokenize_steps(examples: Sequence[StepExample], tokenizer, *, max_len: int, 
     sep = _encode(tokenizer, step_separator)
     if not sep:
         raise ValueError(f"tokenize_steps: step_separator {step_separator!r} encodes to no token")
+    holding = [i for i, ex in enumerate(examples) if any(step_separator in step for step in ex.steps)]
+    if holding:  # trained as one step, scored as several
+        warnings.warn(f"tokenize_steps: {len(holding)} rows of {source} have a step containing the step separator "
+                      f"{step_separator!r} (the first: row {holding[0]}); each is labelled as one step here, but "
+                      "PRMScorer.reward splits a completion at every separator", stacklevel=2)
     bos = [] if getattr(tokenizer, "bos_token_id", None) is None else [tokenizer.bos_token_id]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     n = len(examples)
