@@ -128,3 +128,118 @@ def test_plan_compiles_the_eval_and_reference_passes_in_the_runs_pieces(monkeypa
     # Every program loops over the same pieces: 2 micro-batches of 8 of the 16 rows (32 tokens each).
     for name, text in texts.items():
         assert "tensor<2x8x32xi32>" in text and "stablehlo.while" in text, name
+
+
+def _policy_eval_parts(temperature: float):
+    """A GRPO config's held-out evaluation on the tiny model: 6 arithmetic prompts in batches of 4
+    (the last with 2 padding rows), `train.eval_batches` 5 (more than there are), sampled at `temperature`."""
+    import tempfile
+
+    from rlhf_jax.config import TrainConfig
+    from rlhf_jax.data.synthetic import ArithmeticTask
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.sharding import MeshConfig
+    from rlhf_jax.steps import grpo_config
+    from rlhf_jax.testing import tiny_config
+    from rlhf_jax.train import rl
+    from rlhf_jax.train.data import load_run_data
+    from rlhf_jax.train.run_config import DataConfig
+
+    model = tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, head_dim=16)
+    config = rl.GRPORunConfig(
+        name="eval", workdir=tempfile.mkdtemp(), model=model, mesh=MeshConfig(data=-1, strategy="dp"),
+        data=DataConfig(train="synthetic:arithmetic", eval="synthetic:arithmetic", num_train=8, num_eval=6,
+                        max_len=16, batch_size=4, arithmetic=ArithmeticTask(max_operand=9)),
+        algorithm=dataclasses.replace(grpo_config("grpo", group_size=4), temperature=temperature),
+        rollout=rl.RolloutConfig(max_new_tokens=4), train=TrainConfig(steps=1, eval_batches=5))
+    data, mesh, policy = load_run_data(config, "prompt"), config.mesh.make_mesh(), CausalLM(config.model)
+    collector, gold = rl.rollout_parts(config, data, mesh, policy, 1, {})
+    return config, data, mesh, policy, collector, gold
+
+
+def _hand_logps(policy, params, arrays, temperature: float) -> np.ndarray:
+    """Summed `log softmax(logits / T)` of each row's completion tokens, one unpadded row at a time (NumPy)."""
+    out = []
+    for i, n in enumerate(arrays["prompt_lengths"]):
+        completion = arrays["completion_tokens"][i][arrays["completion_mask"][i]]
+        tokens = np.concatenate([arrays["prompt_tokens"][i, :n], completion])[None].astype(np.int32)
+        z = np.asarray(policy.forward(params, tokens).logits, np.float64)[0] / temperature
+        z = z - z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        out.append(sum(logp[n - 1 + j, t] for j, t in enumerate(completion)))
+    return np.array(out)
+
+
+def test_rl_eval_kl_is_k1_at_the_sampling_temperature_over_real_prompts_only():
+    """`eval/kl` = mean over the 6 real prompts of sum_t (log pi - log ref), both at T = 0.7 (a
+    reference at T = 1 would give another number); padding rows are not sampled or counted; the
+    same prompts and key every evaluation; with a baseline, ties of the gold reward count half."""
+    from rlhf_jax.rewards import PythonReward
+    from rlhf_jax.train import rl
+    from rlhf_jax.train.data import eval_batches
+    from rlhf_jax.train.evals import make_policy_eval
+
+    t = 0.7
+    config, data, mesh, policy, collector, gold = _policy_eval_parts(t)
+    seen, sample = [], collector.sample
+    collector.sample = lambda *a, **k: seen.append(sample(*a, **k)) or seen[-1]
+    evaluate = rl.policy_eval(config, data, collector, gold, rl._reference_logps(policy, config.algorithm, mesh, "dp"),
+                              mesh)
+    pi, ref = jax.jit(policy.init)(jax.random.key(1)), jax.jit(policy.init)(jax.random.key(2))
+    got = evaluate(pi, ref)
+    assert [len(a["lengths"]) for a in seen] == [4, 2]   # 2 batches (not 5), the 2 padding rows dropped
+    kl = np.concatenate([_hand_logps(policy, pi, a, t) - _hand_logps(policy, ref, a, t) for a in seen])
+    at_t1 = np.concatenate([_hand_logps(policy, pi, a, t) - _hand_logps(policy, ref, a, 1.0) for a in seen])
+    assert got["eval/kl"] == pytest.approx(kl.mean(), rel=1e-4, abs=1e-6)
+    assert abs(at_t1.mean() - kl.mean()) > 1e-2   # the check tells the two temperatures apart
+    lengths = np.concatenate([a["lengths"] for a in seen])
+    assert got["eval/completions/mean_length"] == pytest.approx(lengths.mean())
+    assert evaluate(pi, ref) == got   # same prompts, same key: a curve's points are comparable
+    assert abs(evaluate(pi, pi)["eval/kl"]) < 1e-5   # the policy against itself: float rounding only
+
+    tie = PythonReward(lambda completions, **kwargs: [1.0] * len(completions), "tie")
+    held_out = eval_batches(data.eval, config.data, max_batches=config.train.eval_batches)
+    win = make_policy_eval(collector, held_out, key=jax.random.key(0), gold=("eval/g", tie), baseline=ref)
+    assert win(pi, None)["eval/gold_win_rate"] == 0.5   # every gold reward ties with the baseline's
+
+
+def test_an_evaluation_without_batches_is_one_clear_error():
+    from rlhf_jax.train.evals import make_policy_eval
+
+    mesh = mesh_for(MESH)
+    with pytest.raises(ValueError, match=r"^make_weighted_eval: batches is empty; an evaluation needs at least one "
+                                         r"held-out batch$"):
+        make_sft_eval(tiny_lm(), [], mesh=mesh, strategy="dp")(_params(mesh))
+    with pytest.raises(ValueError, match=r"^make_policy_eval: batches is empty"):
+        make_policy_eval(None, [], key=jax.random.key(0))
+
+
+def test_preference_eval_metrics_are_trl_s_per_pair_means_over_real_pairs():
+    """`eval/rewards/*` = beta (policy - reference) summed completion log-probs (NumPy), accuracy
+    strict `chosen > rejected`, each a mean over the real pairs of batches of 8, 5 and 1 real pairs
+    (not a mean of batch means)."""
+    mesh, beta, lm = mesh_for(MESH), 0.1, tiny_lm()
+    reference, policy = _params(mesh), _params(mesh, scale=0.02)
+    extra = pair_batches(1, seed=9)[0]
+    extra["example_mask"] = np.arange(8) == 0
+    for k in ("chosen_loss_mask", "rejected_loss_mask"):
+        extra[k] = np.where(extra["example_mask"][:, None], extra[k], 0)
+    batches = _eval_batches() + [extra]
+    got = dpo_mod.make_preference_eval(lm, DPO(beta=beta), batches, reference, mesh=mesh, strategy="dp")(policy)
+
+    def logps(params, tokens, mask):
+        z = np.asarray(lm.forward(jax.device_get(params), tokens).logits, np.float64)
+        z = z - z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return (np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0] * mask[:, 1:]).sum(1)
+
+    rewards = {side: np.concatenate([
+        beta * (logps(policy, b[f"{side}_tokens"], b[f"{side}_loss_mask"])
+                - logps(reference, b[f"{side}_tokens"], b[f"{side}_loss_mask"]))[b["example_mask"]] for b in batches])
+        for side in ("chosen", "rejected")}
+    c, r = rewards["chosen"], rewards["rejected"]
+    assert len(c) == 14
+    want = {"eval/rewards/chosen": c.mean(), "eval/rewards/rejected": r.mean(), "eval/rewards/margins": (c - r).mean(),
+            "eval/rewards/accuracies": (c > r).mean(), "eval/loss": np.log1p(np.exp(-(c - r))).mean()}
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k

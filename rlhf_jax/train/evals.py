@@ -30,6 +30,11 @@ from rlhf_jax.train.rollouts import RolloutCollector
 __all__ = ["make_weighted_eval", "make_policy_eval"]
 
 
+def _check_some(batches, fn: str) -> None:
+    if not len(batches):  # else an IndexError at the first evaluation, or silently no metrics
+        raise ValueError(f"{fn}: batches is empty; an evaluation needs at least one held-out batch")
+
+
 def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight: Callable[[Mapping], tuple],
                        mesh, strategy: str, keys: Sequence[str] | None = None, frozen: tuple = (),
                        prepare: Callable[[dict], dict] | None = None,
@@ -89,6 +94,7 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
         return {"loss": loss * w, **{k: v * w for k, v in chosen.items()}}, w
 
     def evaluate(params) -> dict[str, float]:
+        _check_some(device_batches, "make_weighted_eval")  # `batches=[]` builds `program` alone (`rlhf-jax compile`)
         results, in_flight = [], InFlight()
         for b in device_batches:
             results.append(totals(params, b))
@@ -120,10 +126,14 @@ def make_policy_eval(collector: RolloutCollector, batches: Sequence[Mapping[str,
       batches: fixed held-out prompt batches.
       key: the evaluation key.
       gold: `(metric name, reward source)` of the task's grader, or None.
-      ref_logps: the reference's completion log-probs, for `eval/kl`.
+      ref_logps: the reference's completion log-probs, for `eval/kl`, at the temperature of
+        `collector.eval_sampling` (the sampler's log-probs are `log softmax(logits / T)`; a
+        reference at another temperature gives a wrong KL). `eval/kl` is k1, `sum_t (log pi -
+        log ref)` over each completion's tokens, averaged over completions.
       baseline: parameters of a baseline policy (e.g. the reference) for the win rate; its samples
         are drawn once.
     """
+    _check_some(batches, "make_policy_eval")
     greedy = isinstance(collector.eval_sampling.method, Greedy)  # greedy samples have no KL estimate
 
     def samples(policy_params) -> list[dict[str, Any]]:
