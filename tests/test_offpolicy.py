@@ -126,6 +126,10 @@ def test_tis_and_off_policy_configs_are_checked():
         grpo_config("grpo", tis_cap=2.0, old_logprobs="sampler")
     with pytest.raises(ConfigError, match="max_staleness"):
         OffPolicyConfig(max_staleness=0)
+    # A plain dict (a notebook's) was accepted and failed at the run's start with
+    # "AttributeError: 'dict' object has no attribute 'make_mesh'".
+    with pytest.raises(ConfigError, match=r"^off_policy.sampler_mesh must be a MeshConfig .* got dict \{'tensor': 2\}"):
+        OffPolicyConfig(sampler_mesh={"tensor": 2})
 
 
 def test_policy_staleness_bound_by_hand():

@@ -13,7 +13,8 @@ from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainC
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.models import CausalLM
 from rlhf_jax.rewards import PythonReward
-from rlhf_jax.rewards.judges import JudgeModel, PairwiseJudge, PairwiseTemplate
+from rlhf_jax.rewards.registry import RewardConfig
+from rlhf_jax.rewards.judges import JudgeModel, PairwiseJudge, PairwiseTemplate, PairwiseVerdict
 from rlhf_jax.steps import DPO, KTO
 from rlhf_jax.testing import offline_tokenizer, tiny_config
 from rlhf_jax.train import dpo, recipe_for
@@ -21,12 +22,14 @@ from rlhf_jax.train.online_dpo import (
     OnlineDPO,
     OnlineDPOConfig,
     best_and_worst,
+    identical_pairs,
     iterative_dpo,
     online_dpo_metrics,
     pair_batch,
     rank_pairs,
     train,
 )
+from rlhf_jax.train.rlaif import JudgeConfig
 from rlhf_jax.train.rollouts import RolloutConfig
 from rlhf_jax.train.run_config import DataConfig
 
@@ -36,6 +39,8 @@ def test_rank_pairs_and_best_and_worst():
     assert chosen.tolist() == [0, 3, 4] and rejected.tolist() == [1, 2, 5]
     assert best_and_worst([0.1, 0.5, 0.5, -1.0]) == (1, 3)
     assert best_and_worst([0.2, 0.2]) is None
+    with pytest.raises(ValueError, match=r"best_and_worst: scores must be finite numbers, got \[0.1, nan, 0.3\]"):
+        best_and_worst([0.1, float("nan"), 0.3])  # was (1, 1): the NaN completion as both chosen and rejected
 
 
 def test_online_dpo_metrics_golden():
@@ -76,6 +81,18 @@ def test_config_errors():
         OnlineDPO(temperature=0.0)
     with pytest.raises(ConfigError, match=r"^rollout.dynamic_sampling does not apply to online DPO"):
         OnlineDPOConfig(name="odpo", rollout=RolloutConfig(dynamic_sampling=True))
+    # A judge and a reward model both set: the judge silently replaced the reward model (and any
+    # missing_eos penalty in rewards.functions).
+    with pytest.raises(ConfigError, match=r"^online DPO ranks with either judge or rewards, not both"):
+        OnlineDPOConfig(name="odpo", judge=JudgeConfig(model="runs/judge"),
+                        rewards=RewardConfig(functions=("reward_model",), reward_model="runs/rm"))
+    OnlineDPOConfig(name="odpo", judge=JudgeConfig(model="runs/judge"))  # the default rewards: fine
+
+
+def test_identical_pairs_compare_the_masked_completion_tokens():
+    arrays = {"completion_tokens": np.array([[5, 2, 9], [5, 2, 7], [5, 6, 0], [5, 2, 0]], np.int32),
+              "completion_mask": np.array([[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 1, 0]], bool)}
+    assert identical_pairs(arrays).tolist() == [True, False]  # pair 0 differs only past EOS (masked)
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +106,13 @@ def start(tmp_path_factory):
 
 
 def _config(start, workdir, **changes):
-    return OnlineDPOConfig(
-        name="odpo", workdir=str(workdir), model=tiny_config(),
-        data=DataConfig(train="synthetic:vowel", eval=None, num_train=32, max_len=16, batch_size=8),
-        algorithm=OnlineDPO(objective=DPO(beta=0.1)), train=TrainConfig(steps=2, eval_every=0),
-        sampling=dpo.SampleEvalConfig(num_prompts=0),
-        checkpoint=CheckpointConfig(init_from=start, every=0, keep=1),
-        logging=LoggingConfig(every=1, tensorboard=False, console=False), **changes)
+    return OnlineDPOConfig(**{
+        "name": "odpo", "workdir": str(workdir), "model": tiny_config(),
+        "data": DataConfig(train="synthetic:vowel", eval=None, num_train=32, max_len=16, batch_size=8),
+        "algorithm": OnlineDPO(objective=DPO(beta=0.1)), "train": TrainConfig(steps=2, eval_every=0),
+        "sampling": dpo.SampleEvalConfig(num_prompts=0),
+        "checkpoint": CheckpointConfig(init_from=start, every=0, keep=1),
+        "logging": LoggingConfig(every=1, tensorboard=False, console=False), **changes})
 
 
 def test_online_dpo_with_a_pairwise_judge_runs_and_logs_trl_metrics(start, tmp_path):
@@ -117,6 +134,54 @@ def test_online_dpo_with_a_pairwise_judge_runs_and_logs_trl_metrics(start, tmp_p
     assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
     assert abs(first["objective/kl"]) < 1e-3 and first["loss"] == pytest.approx(np.log(2), abs=1e-4)
     assert first["beta"] == 0.1 and first["objective/entropy"] > 0
+
+
+def test_judge_and_reward_sources_both_given_is_a_config_error(start, tmp_path):
+    with pytest.raises(ConfigError, match=r"pass judge or reward_sources \(and reward_weights\), not both"):
+        train(_config(start, tmp_path / "run"), judge=object(), reward_sources=[PythonReward(lambda **k: [], "r")])
+    with pytest.raises(ConfigError, match=r"pass judge or reward_sources \(and reward_weights\), not both"):
+        train(_config(start, tmp_path / "run"), judge=object(), reward_weights=[2.0])  # the weights were ignored
+
+
+def test_online_dpo_leaves_tied_pairs_out_and_skips_an_all_tied_step(start, tmp_path):
+    """A tie (equal scores or identical completions) was ranked chosen = first and trained on as a
+    preference (a chosen == rejected pair for identical completions); now it is left out and counted."""
+    seen = []
+
+    def parity(completions, completion_ids, **kwargs):  # many exact ties, some untied pairs
+        scores = [float(int(ids[0]) % 2) for ids in completion_ids]
+        seen.append((scores, [tuple(ids) for ids in completion_ids]))
+        return scores
+
+    config = _config(start, tmp_path / "run", train=TrainConfig(steps=1, eval_every=0))
+    train(config, reward_sources=[PythonReward(parity, "parity")])
+    (scores, ids), = seen
+    s, pairs = np.array(scores), list(zip(ids[0::2], ids[1::2]))
+    tie = np.array([s[2 * i] == s[2 * i + 1] or a == b for i, (a, b) in enumerate(pairs)])
+    assert 0 < tie.sum() < len(tie), "the seed should give both tied and untied pairs"
+    record, = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "objective/ties" in r]
+    assert record["objective/ties"] == tie.sum()
+    assert record["objective/scores"] == pytest.approx(s.mean())
+    assert record["objective/scores_margin"] == pytest.approx(np.abs(s[0::2] - s[1::2])[~tie].mean())  # was 0-diluted
+    assert record["loss"] == pytest.approx(np.log(2), abs=1e-4)
+
+    # Every pair tied (a constant reward): no update, no loss, all pairs counted.
+    config = _config(start, tmp_path / "flat", train=TrainConfig(steps=1, eval_every=0))
+    summary = train(config, reward_sources=[PythonReward(lambda completions, **k: [0.0] * len(completions), "flat")])
+    assert summary["step"] == 1
+    record, = [r for r in read_jsonl(tmp_path / "flat" / "metrics.jsonl") if "objective/ties" in r]
+    assert record["objective/ties"] == 8 and "loss" not in record and "rewards/accuracies" not in record
+    assert "objective/scores_margin" not in record and record["objective/scores"] == 0.0
+
+
+def test_a_judge_verdict_of_the_wrong_shape_or_nan_is_a_clear_error(start, tmp_path):
+    class Broken:
+        def prefer(self, prompts, first, second):
+            return PairwiseVerdict(np.full(len(prompts), np.nan), np.ones(len(prompts), bool),
+                                   np.zeros(len(prompts)), np.zeros(len(prompts)))
+
+    with pytest.raises(ValueError, match=r"the judge's prob_first must be 8 probabilities in \[0, 1\]"):
+        train(_config(start, tmp_path / "run", train=TrainConfig(steps=1, eval_every=0)), judge=Broken())
 
 
 @pytest.mark.slow

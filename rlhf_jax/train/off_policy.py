@@ -61,6 +61,9 @@ class OffPolicyConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"off_policy.{name} must be an int >= {low}, got {value!r}")
+        if self.sampler_mesh is not None and not isinstance(self.sampler_mesh, MeshConfig):
+            raise ConfigError(f"off_policy.sampler_mesh must be a MeshConfig (e.g. MeshConfig(data=1, tensor=-1, "
+                              f"strategy='tp')) or None, got {type(self.sampler_mesh).__name__} {self.sampler_mesh!r}")
 
 
 def check_devices(config) -> None:

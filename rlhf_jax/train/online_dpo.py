@@ -9,15 +9,21 @@ CRINGE than others").
 Each step: two completions per prompt for `data.batch_size` prompts from the current policy
 (`algorithm.temperature`); a ranker picks the preferred one, either the reward sources
 (`rewards.functions`: a reward model, the synthetic task's grader, any function; the higher total
-wins, ties go to the first) or a pairwise LLM judge (`judge`, `rlhf_jax.rewards.judges`: both orders
-averaged); then one update of a DPO-family objective (`algorithm.objective`: `DPO` with any loss
-type, `SimPO`, `ORPO`) on the ranked pairs. The reference is the starting policy; its log-probs of
-the sampled completions are computed once per step and enter the step as precomputed values.
+wins) or a pairwise LLM judge (`judge`, `rlhf_jax.rewards.judges`: both orders averaged; the first
+wins when `P(first better) > 1/2`); then one update of a DPO-family objective
+(`algorithm.objective`: `DPO` with any loss type, `SimPO`, `ORPO`) on the ranked pairs. A tie (two
+identical completions, equal totals, a judge probability of exactly 1/2) has no winner: the pair
+is left out of the update and its metrics (its rows are empty, as `rlaif.label_pairs` leaves ties
+out), and counted in `objective/ties` (reward sources) or `judge/ties` (judge). A step whose pairs
+are all ties applies no update (the optimizer state is unchanged; no `loss` or `rewards/*` logged).
+(TRL ranks a tie as first-preferred.) The reference is the starting policy; its log-probs of the
+sampled completions are computed once per step and enter the step as precomputed values.
 
 Metrics (TRL's names): `objective/kl` (mean over completions of `sum_t log pi - log pi_ref`),
 `objective/entropy` (mean of `-sum_t log pi`), `objective/non_score_reward` (`-beta * kl`), with
-reward sources `objective/scores`, `objective/scores_margin` (chosen - rejected) and
-`objective/rlhf_reward` (`scores - beta * kl`), `rewards/chosen`, `rewards/rejected`,
+reward sources `objective/scores` and `objective/rlhf_reward` (`scores - beta * kl`) over every
+sampled completion and `objective/scores_margin` (chosen - rejected) over the untied pairs,
+`objective/ties` / `judge/ties`, `rewards/chosen`, `rewards/rejected`,
 `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected` (the DPO step's, before
 its update), `val/contain_eos_token`, `beta`; with a judge `judge/position_consistency`,
 `judge/prob_first_mean`, `judge/position_bias`. Log-probs of these metrics are at temperature 1.
@@ -62,8 +68,8 @@ from rlhf_jax.train.run_config import RunConfig
 from rlhf_jax.train.stages import Stage, run_stages
 from rlhf_jax.train.supervised import model_program
 
-__all__ = ["OnlineDPO", "OnlineDPOConfig", "RECIPE", "rank_pairs", "pair_batch", "online_dpo_metrics", "train",
-           "best_and_worst", "iterative_dpo"]
+__all__ = ["OnlineDPO", "OnlineDPOConfig", "RECIPE", "rank_pairs", "identical_pairs", "pair_batch",
+           "online_dpo_metrics", "train", "best_and_worst", "iterative_dpo"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,6 +92,9 @@ class OnlineDPO:
             raise ConfigError(f"algorithm.temperature must be > 0, got {self.temperature!r}")
 
 
+_RANK_BY_REWARD_MODEL = RewardConfig(functions=("reward_model",))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OnlineDPOConfig(RunConfig):
     """An online DPO run: `RunConfig` plus the algorithm, sampling, ranker and gold-evaluation sections.
@@ -96,7 +105,7 @@ class OnlineDPOConfig(RunConfig):
 
     algorithm: OnlineDPO = OnlineDPO()
     rollout: RolloutConfig = RolloutConfig(max_new_tokens=24)
-    rewards: RewardConfig = RewardConfig(functions=("reward_model",))
+    rewards: RewardConfig = _RANK_BY_REWARD_MODEL
     judge: JudgeConfig | None = None
     sampling: dpo.SampleEvalConfig = dpo.SampleEvalConfig()
     logits_chunk_size: int | None = None
@@ -109,7 +118,11 @@ class OnlineDPOConfig(RunConfig):
             raise ConfigError("data.pack must be false for online DPO prompt batches")
         if self.rollout.dynamic_sampling:
             raise ConfigError("rollout.dynamic_sampling does not apply to online DPO (each prompt's two completions "
-                              "are ranked, ties to the first); set it false")
+                              "are ranked, ties left out); set it false")
+        if self.judge is not None and self.rewards != _RANK_BY_REWARD_MODEL:
+            raise ConfigError("online DPO ranks with either judge or rewards, not both: judge is set and rewards is "
+                              f"{self.rewards!r}, which the judge would silently replace; leave rewards at its default "
+                              "or set judge=None")
 
     @property
     def row_len(self) -> int:
@@ -118,6 +131,10 @@ class OnlineDPOConfig(RunConfig):
 
 
 def _check(config: OnlineDPOConfig, hooks: Mapping[str, Any]) -> None:
+    if hooks.get("judge") is not None and (hooks.get("reward_sources") is not None
+                                           or hooks.get("reward_weights") is not None):
+        raise ConfigError("online DPO train(): pass judge or reward_sources (and reward_weights), not both: one "
+                          "ranker ranks the pairs")
     if config.judge is None and hooks.get("judge") is None:
         check_rewards(config, hooks)
 
@@ -132,6 +149,12 @@ def rank_pairs(first_better: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     f = np.asarray(first_better, bool).astype(np.int64)
     base = 2 * np.arange(len(f))
     return base + 1 - f, base + f
+
+
+def identical_pairs(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """`[P]` bool: the two completions of pair `i` (rows `2i`, `2i + 1`) are the same tokens (a tie)."""
+    t = np.where(np.asarray(arrays["completion_mask"], bool), arrays["completion_tokens"], -1)
+    return np.all(t[0::2] == t[1::2], axis=1)
 
 
 def online_dpo_metrics(policy_logps: np.ndarray, ref_logps: np.ndarray | None, *, beta: float,
@@ -233,15 +256,23 @@ def _trainer(ctx: Context) -> Trainer:
         metrics: dict[str, float] = {"time/generate": time.perf_counter() - began}
         start = time.perf_counter()
         scores = None
+        same = identical_pairs(arrays)
         if judge is not None:
             inputs = collector.reward_inputs(arrays)
             verdict = judge.prefer(inputs.prompts[0::2], inputs.completions[0::2], inputs.completions[1::2])
-            first = verdict.prob_first >= 0.5
+            prob = np.asarray(verdict.prob_first, np.float64)
+            if prob.shape != same.shape or not np.all((prob >= 0) & (prob <= 1)):  # NaN included
+                raise ValueError(f"online DPO: the judge's prob_first must be {len(same)} probabilities in [0, 1] "
+                                 f"(one per prompt's pair); got shape {prob.shape}, values {prob[:8].tolist()}")
+            first, tie, ties_key = prob > 0.5, same | (prob == 0.5), "judge/ties"
             metrics.update(verdict.metrics())
         else:
             scores = np.asarray(collector.score(arrays).total, np.float64)
-            first = scores[0::2] >= scores[1::2]
-        chosen, rejected = rank_pairs(first)
+            first, tie, ties_key = scores[0::2] > scores[1::2], same | (scores[0::2] == scores[1::2]), "objective/ties"
+        chosen, rejected = (idx[~tie] for idx in rank_pairs(first))
+        g = lambda x: gather_rows(np.asarray(x))  # noqa: E731 - the global batch's values
+        untied = int(np.sum(g(~tie)))  # over every process: all run the step, or none
+        metrics[ties_key] = float(np.sum(g(tie)))
         metrics["time/rank"] = time.perf_counter() - start
         start = time.perf_counter()
         ref = summed(reference, arrays) if objective.needs_reference else np.zeros(len(first) * 2)
@@ -250,21 +281,21 @@ def _trainer(ctx: Context) -> Trainer:
         else:
             own = summed(params, arrays)
         metrics["time/reference"] = time.perf_counter() - start
-        host = pair_batch(arrays, chosen, rejected, ref_logps=ref, pad_id=pad_id, width=config.row_len,
-                          rows=config.data.batch_size)
-        keys = dpo_batch_keys(objective, "precomputed")
-        start = time.perf_counter()
-        state, step_metrics = ctx.program.step(state, device_batch({k: host[k] for k in keys}, mesh, strategy))
-        step_metrics = jax.block_until_ready(step_metrics)
-        metrics["time/update"] = time.perf_counter() - start
-        g = lambda x: gather_rows(np.asarray(x))  # noqa: E731 - the global batch's values
+        if untied:  # all pairs tied: no update
+            host = pair_batch(arrays, chosen, rejected, ref_logps=ref, pad_id=pad_id, width=config.row_len,
+                              rows=config.data.batch_size)
+            keys = dpo_batch_keys(objective, "precomputed")
+            start = time.perf_counter()
+            state, step_metrics = ctx.program.step(state, device_batch({k: host[k] for k in keys}, mesh, strategy))
+            metrics.update(jax.block_until_ready(step_metrics))
+            metrics["time/update"] = time.perf_counter() - start
         metrics.update(online_dpo_metrics(g(own), g(ref) if objective.needs_reference else None, beta=beta,
-                                          scores=None if scores is None else g(scores),
-                                          chosen=None if scores is None else g(chosen),
-                                          rejected=None if scores is None else g(rejected)))
+                                          scores=None if scores is None else g(scores)))
+        if scores is not None and untied:  # local indices: gather the margins, not the indices
+            metrics["objective/scores_margin"] = float(np.mean(g(scores[chosen] - scores[rejected])))
         metrics["val/contain_eos_token"] = float(np.mean(~g(arrays["truncated"])))
         metrics["completions/mean_length"] = float(np.mean(g(arrays["lengths"])))
-        return state, {**step_metrics, **metrics}
+        return state, metrics
 
     gold = dpo._gold_eval(ctx, reference)  # noqa: SLF001 - the offline DPO run's own evaluation
     evaluate = None if gold is None else (lambda state: gold(state.params))
@@ -289,8 +320,14 @@ def train(config: OnlineDPOConfig, *, reward_sources=None, reward_weights=None, 
 # ------------------------------------------------------------------------------ iterative DPO
 
 def best_and_worst(scores: Sequence[float]) -> tuple[int, int] | None:
-    """Indices of the highest and lowest score (first on ties), or None when all scores are equal."""
+    """Indices of the highest and lowest score (first on ties), or None when all scores are equal.
+
+    Raises:
+      ValueError: a score that is not a finite number.
+    """
     s = np.asarray(scores, np.float64)
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"best_and_worst: scores must be finite numbers, got {s.tolist()}")
     best, worst = int(np.argmax(s)), int(np.argmin(s))
     return None if s[best] == s[worst] else (best, worst)
 
