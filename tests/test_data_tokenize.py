@@ -355,3 +355,118 @@ def test_tools_must_be_schema_mappings():
                                          r"mappings, got 'calc'$"):
         TokenizeConfig(max_len=8, tools="calc")
     assert TokenizeConfig(max_len=8, tools=list(SCHEMAS)).tools == SCHEMAS
+
+
+# --- real-format templates, compared token by token with transformers' assistant masks -----------
+# Small tokenizers trained here (no download): byte-level BPE with the Qwen2 / Llama-3 split regex, and a
+# SentencePiece-style BPE (Metaspace, "▁" prefixed to the first word of a text) as Llama-2 / Mistral use.
+# The templates are the public Qwen2.5 / Llama-3 / Mistral formats with `{% generation %}` marks added
+# around what TRL's assistant_only_loss trains (content + end-of-turn token).
+
+_CORPUS = ["You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+           "system user assistant Hello world! What is 12+7? The answer is 19. be brief",
+           "[INST] hi [/INST] answer", "  \n\n think   about it"] * 20
+_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+")
+QWEN25 = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+    "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+    "helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if message.role == 'user' "
+    "or (message.role == 'system' and not loop.first) %}{{- '<|im_start|>' + message.role + '\\n' + "
+    "message.content + '<|im_end|>\\n' }}{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3 = (
+    "{% for message in messages %}{% set header = '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' %}{% if loop.index0 == 0 %}{% set header = bos_token + header %}{% endif %}"
+    "{{ header }}{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + "
+    "'<|eot_id|>' }}{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}"
+    "{% endgeneration %}{% endif %}{% endfor %}"
+)
+
+
+def _trained_tokenizer(kind):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "mistral":
+        specials = ["<unk>", "<s>", "</s>"]
+        backend = Tokenizer(models.BPE(unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = []
+    else:
+        specials = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if kind == "qwen" else
+                    ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend.train_from_iterator(_CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                             initial_alphabet=alphabet, show_progress=False))
+    options = {
+        "qwen": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN25),
+        "llama3": dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3),
+        "mistral": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=MISTRAL),
+    }[kind]
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **options)
+
+
+@pytest.mark.parametrize("kind", ["qwen", "llama3", "mistral"])
+def test_multi_turn_masks_equal_transformers_assistant_masks(kind):
+    """Every assistant turn trained (content + end-of-turn token), nothing of system/user turns or the
+    assistant header, the same ids as the whole render: as `return_assistant_tokens_mask` gives. Before,
+    Qwen's "\\n" after an inner turn's <|im_end|> was trained, and Mistral's "[/INST]" + "The ..." became
+    "▁The" (the piece encoded as the start of a text)."""
+    tok = _trained_tokenizer(kind)
+    messages = [{"role": "system", "content": "be brief"}, user("What is 12+7?"), assistant("The answer is 19."),
+                user("Hello"), assistant("Hello world!")]
+    if kind == "mistral":
+        messages = messages[1:]
+    ref = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    out = one(Chat(tuple(messages), 0), tok, max_len=128)
+    expected_ids, expected_mask = ref["input_ids"], ref["assistant_masks"]
+    if kind == "qwen":  # the template's "\n" after the last <|im_end|> (the EOS) is dropped: EOS ends the row
+        assert tok.convert_ids_to_tokens(expected_ids[-2:]) == ["<|im_end|>", "Ċ"]
+        expected_ids, expected_mask = expected_ids[:-1], expected_mask[:-1]
+    assert out.ids == expected_ids
+    assert [int(m) for m in out.mask] == expected_mask
+    assert out.ids[-1] == tok.eos_token_id and out.prompt_len == expected_mask.index(1)
+
+
+def test_a_completion_after_a_prompt_is_encoded_as_a_continuation():
+    """A SentencePiece-style tokenizer marks the first word of a text with "▁": a completion piece gets
+    none (as in the whole text, and as sampled after the prompt); the prompt's first word keeps its own."""
+    tok = _trained_tokenizer("mistral")
+    out = one(Plain("12+7=", "19"), tok)
+    assert tok.convert_ids_to_tokens(out.ids) == ["<s>", *tok.tokenize("12+7=19"), "</s>"]
+    assert tok.convert_ids_to_tokens(out.ids)[1].startswith("▁")
+    assert tok.convert_ids_to_tokens(one(Plain("", "Hello world!"), tok).ids) == ["<s>", "▁Hello", "▁world!", "</s>"]
+    # prompt/completion rows as TRL builds them: the prompt rendered with the generation prompt
+    (prompt,) = tokenize_sequences([Chat((user("hi"),), 1)], tok, TokenizeConfig(max_len=64))
+    pair = tokenize_sequences([Chat((user("hi"), assistant("The answer")), 1),
+                               Chat((user("hi"), assistant("answer")), 1)], tok, TokenizeConfig(max_len=64))
+    for seq, completion in zip(pair, ("The answer", "answer")):
+        assert seq.ids[: seq.prompt_len] == prompt.ids  # chosen and rejected share the prompt's tokens
+        assert tok.decode(seq.ids[seq.prompt_len :]) == completion + "</s>"
+        assert not tok.convert_ids_to_tokens(seq.ids[seq.prompt_len]).startswith("▁")
+
+
+def test_a_leading_assistant_message_the_template_cannot_follow_is_named():
+    problem = one(Chat((assistant("Hi!"), user("q"), assistant("a")), 0), _trained_tokenizer("qwen"))
+    assert problem.startswith("the chat template cannot render the empty conversation before the leading "
+                              "assistant message 0 (the text its trained tokens follow): ")
+    # a template that can render it (the offline one: "<bos>") trains the leading turn as usual
+    out = one(Chat((assistant("hi"), user("q"), assistant("a")), 0))
+    assert out.ids == [BOS, ASSIST, *ids("hi"), EOS, USER, *ids("q"), ASSIST, *ids("a"), EOS]
+    assert [int(m) for m in out.mask] == [0, 0, 1, 1, 1, 0, 0, 0, 1, 1]

@@ -8,16 +8,27 @@ tokens that are trained on:
 - `Chat(messages, num_context)`: for each trained assistant turn `i`, the template renders the
   conversation up to turn `i` with the generation prompt (`A_i`) and up to and including turn `i`
   (`B_i`); `B_i[len(A_i):]` is trained, the text between turns is not. Every render must extend the
-  previous one (a "prefix-stable" template); otherwise the row is rejected with that reason.
-  A prompt-only conversation renders once, with the generation prompt.
+  previous one (a "prefix-stable" template); otherwise the row is rejected with that reason (e.g. a
+  template that drops earlier turns' reasoning, as Qwen3's does, in a multi-turn row). Any template
+  works: `{% generation %}` marks are not needed and not read. A prompt-only conversation renders
+  once, with the generation prompt. A prompt/completion row is TRL's: the prompt rendered with the
+  generation prompt, the completion the rest of the whole render.
 
 Pieces are tokenized separately, all pieces of a chunk of rows in one batched call of the fast
 (Rust) tokenizer, and concatenated; chunks also share identical renders and texts (a preference
-pair's prompt is rendered and tokenized once).
+pair's prompt is rendered and tokenized once, so chosen and rejected share its tokens). A piece after
+another is encoded as a continuation: no start-of-text marker (SentencePiece's "▁" on the first word,
+Llama-2 / Mistral). Where a template joins two pieces without a special token or a split of the
+tokenizer's pre-tokenizer between them, a merge across the boundary is not made (the prompt keeps the
+tokens it has alone, as sampling after it sees them).
 
-EOS exactly once: the last trained turn ends with exactly one EOS; template text after it (e.g. a
-newline) is dropped, a missing EOS is appended, and a completion whose text already contains the EOS
-token is rejected. The first token of a sequence is never trained on (nothing precedes it), which
+EOS exactly once: a trained turn is trained up to and including its EOS; template text after it (e.g.
+Qwen's newline after `<|im_end|>`) is untrained, or dropped after the last turn; a last turn without
+EOS gets one appended, and a completion whose text already contains the EOS token is rejected. The
+template's end-of-turn token is recognized as the tokenizer's EOS only: a tokenizer whose EOS differs
+from it (a base model's `<|endoftext|>` with a ChatML template) trains the text after `<|im_end|>`
+and gets its EOS appended at the end; set `tokenizer.eos_token` to the end-of-turn token for chat
+training. The first token of a sequence is never trained on (nothing precedes it), which
 also keeps packed segments from predicting across their boundary.
 
 BOS at most once: a plain text that starts with the BOS token itself gets no second one. A message
@@ -242,9 +253,11 @@ def _render_all(
             texts = []
             for conv in convs:
                 try:
+                    # as a batch of one: transformers refuses an empty conversation alone, while the
+                    # template may render one (the text before a leading assistant message)
                     texts.append(
-                        tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=generation,
-                                                      **options)
+                        tokenizer.apply_chat_template([conv], tokenize=False, add_generation_prompt=generation,
+                                                      **options)[0]
                     )
                 except Exception as err:  # noqa: BLE001 -- reported as the row's problem
                     texts.append(err)
@@ -269,6 +282,10 @@ def _chat_pieces(spec: Chat, rendered, keys) -> list[_Piece] | str:
         before, after = rendered[(keys[turn], True)], rendered[(keys[turn + 1], False)]
         for text in (before, after):
             if isinstance(text, Exception):
+                if turn == 0 and text is before:
+                    return ("the chat template cannot render the empty conversation before the leading assistant "
+                            f"message 0 (the text its trained tokens follow): {text}; start the row with a "
+                            "system or user message")
                 return f"the chat template failed: {text}"
         if not before.startswith(done) or not after.startswith(before):
             return (
@@ -398,8 +415,9 @@ def tokenize_sequences(
 
     # 2. Cut each spec into pieces; collect the distinct texts.
     specials = _special_pattern(tokenizer) if chat_keys else None
+    # A text after another text of its sequence is encoded as a continuation (`_encode_pieces`).
     all_pieces: list[list[_Piece] | str] = []
-    texts: dict[str, int] = {}
+    texts: dict[tuple[str, bool], int] = {}
     for n, spec in enumerate(specs):
         if isinstance(spec, Plain):
             pieces: list[_Piece] | str = [([bos] if bos is not None else [], False), (spec.prompt, False)]
@@ -409,12 +427,15 @@ def tokenize_sequences(
             pieces = (_special_in_content(spec, specials, tokenizer.eos_token)
                       or _chat_pieces(spec, rendered, chat_keys[n]))
         if not isinstance(pieces, str):
-            for piece, _ in pieces:
-                if isinstance(piece, str) and piece not in texts:
-                    texts[piece] = len(texts)
+            started = False
+            for k, (piece, trained) in enumerate(pieces):
+                if isinstance(piece, str):
+                    key = (piece, started)
+                    texts.setdefault(key, len(texts))
+                    pieces[k] = (key, trained)
+                    started = started or bool(piece)
         all_pieces.append(pieces)
-    text_list = list(texts)
-    text_ids = [e.ids for e in _encode_plain(tokenizer.backend_tokenizer, text_list)] if text_list else []
+    text_ids = _encode_pieces(tokenizer, list(texts)) if texts else []
 
     # 3. Assemble ids and masks; EOS exactly once; truncate.
     eos_problem = f"the completion text contains the EOS token {tokenizer.eos_token!r}"
@@ -430,15 +451,19 @@ def tokenize_sequences(
         problem = None
         for k, (piece, trained) in enumerate(pieces):
             part = piece if isinstance(piece, list) else text_ids[texts[piece]]
+            tail: list[int] = []
             if trained:
                 count = part.count(eos)
                 if count > allowed:
                     problem = eos_problem
                     break
-                if k == last:
-                    part = part[: part.index(eos) + 1] if count else part + [eos]
-            ids += part
-            mask += [trained] * len(part)
+                if count:  # a turn is trained up to its EOS; template text after it is not
+                    end = part.index(eos) + 1
+                    part, tail = part[:end], ([] if k == last else part[end:])
+                elif k == last:
+                    part = part + [eos]
+            ids += part + tail
+            mask += [trained] * len(part) + [False] * len(tail)
         if problem is not None:
             out.append(problem)
             continue
@@ -453,6 +478,26 @@ def tokenize_sequences(
             out.append(result)
             continue
         out.append(TokenizedSequence(*result))
+    return out
+
+
+def _encode_pieces(tokenizer, keys: list[tuple[str, bool]]) -> list[list[int]]:
+    """Token ids of each `(text, continuation)`: a continuation is encoded as it is within a longer text.
+
+    A tokenizer that marks the start of a text (SentencePiece's "▁" word-start prefix, added to the
+    first word of each `encode` call, as Llama-2 / Mistral tokenizers do) would put that marker at
+    the start of every piece encoded alone, e.g. a completion "The" after "[/INST]" becoming "▁The":
+    tokens that neither the whole render nor sampling after the prompt gives. A continuation is
+    encoded after the EOS token (a special token, which splits the text there) and that id removed.
+    """
+    eos, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
+    encoded = _encode_plain(tokenizer.backend_tokenizer, [eos_text + t if c else t for t, c in keys])
+    out = []
+    for (text, continuation), e in zip(keys, encoded):
+        ids = e.ids
+        if continuation:
+            ids = ids[1:] if ids[:1] == [eos] else _encode_plain(tokenizer.backend_tokenizer, [text])[0].ids
+        out.append(ids)
     return out
 
 
