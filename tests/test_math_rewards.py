@@ -23,6 +23,8 @@ EQUIVALENCE = [
     ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "She sold 72 clips in all. #### 72", True),
     ("#### 1,000", "1000", True),
     ("#### 1,000", "So the total is\n#### 1000", True),
+    ("#### 72 clips", "72", True),  # a unit word after GSM8K's number (was: parsed as 72*c*l*i*p*s)
+    ("#### 72 clips", "73", False),
     ("18", "#### 18\nCheck: 19", True),
     ("3", "the final answer is $3$", True),
     ("7", "2+5=7", True),
@@ -64,7 +66,22 @@ EQUIVALENCE = [
     ("12", "", False),
     ("\\sqrt{2}", "\\boxed{2}", False),
     ("7", "\\boxed{7} but wait, \\boxed{8}", False),
+    ("8", "\\boxed{7} but wait, \\boxed{8}", True),  # the last box counts (was: the set {7, 8})
     ("100", "10", False),
+    # R1 answer tags: the tag's content is the answer, not a number in the reasoning
+    ("10", "<answer>10</answer>", True),
+    ("10", "<think>it is 9 or 10</think><answer>9</answer>", False),
+    ("9", "<think>it is 9 or 10</think>\n<answer>\n9\n</answer>", True),
+    ("4", "<answer></answer> 4", False),
+    # scientific notation is the number it writes, not its mantissa
+    ("1500", "The answer is 1.5e3", True),
+    ("1.5", "The answer is 1.5e3", False),
+    ("1", "1e3", False),
+    ("0.025", "x = 2.5E-2", True),
+    # \fbox is a box like \boxed; the unbraced "\boxed 5" reads one token
+    ("2", "\\boxed{1} \\fbox{2}", True),
+    ("2", "so \\fbox{2} then 3", True),
+    ("so $\\boxed 5$. In the set {x}", "5", True),
 ]
 
 
@@ -84,6 +101,10 @@ def test_gold_and_final_answer_extraction():
     assert ma.gold_answer("  7 ") == "7"
     assert ma.last_boxed("\\boxed{1} and \\fbox{{2}}") == "{2}"
     assert ma.last_boxed("\\boxed{unclosed") is None
+    assert ma.gold_answer("so $\\boxed 5$. In the set {x}") == "5"  # was "x"
+    assert ma.last_boxed("\\boxed 18.") == "18" and ma.last_boxed("\\boxedx") is None
+    assert ma.final_answer("<think>7</think><answer>#### 8\nok</answer> 9") == "8"
+    assert ma.extract_answer("<answer> 5 </answer>") == "5" and ma.extract_answer("<answer> </answer>") is None
     assert ma.final_answer("work #### 5\nmore") == "5"
     assert ma.extract_answer("so the answer is 12.") == "12"
     assert ma.extract_answer("Answer: $3/4$") == "3/4"
@@ -95,7 +116,14 @@ def test_format_rewards():
     texts = ["<think>2+2</think> <answer>4</answer>", "<answer>4</answer>", "<think>a</think><answer>4</answer> extra",
              "\\boxed{4}", "#### 4", "the answer is 4", "four"]
     assert ma.think_answer_format(texts) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    assert ma.answer_format(texts) == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    assert ma.answer_format(texts) == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    # Multiline contents match; a repeated or nested block does not (nothing else but one of each).
+    assert ma.think_answer_format([
+        "<think>\na\nb\n</think>\n\n<answer>\n3\n</answer>\n",
+        "<think>a</think><answer>1</answer><think>b</think><answer>2</answer>",
+        "<think>a</think><answer>1</answer> junk <answer>2</answer>",
+        "<think><think>x</think></think><answer>1</answer>",
+    ]) == [1.0, 0.0, 0.0, 0.0]
 
 
 def _inputs(completions, **columns):
@@ -121,7 +149,7 @@ def test_failing_and_timed_out_samples_score_zero_and_are_counted(monkeypatch):
     inputs = _inputs(["#### 4", "slow 4", "boom 4", "#### 5"], answer=["4", "4", "4", "4"])
     out = ma.MathReward()(inputs)
     assert isinstance(out, ScoredRewards)
-    assert out.rewards == [1.0, 0.0, 0.0, 0.0] and out.counts == {"failures": 1, "timeouts": 1}
+    assert out.rewards == [1.0, 0.0, 0.0, 0.0] and out.counts == {"failures": 1, "timeouts": 1, "bad_references": 0}
     # Through the combination, in the default on_error="raise" mode: the run goes on, counts logged.
     result = combine_rewards([ma.MathReward()], inputs)
     np.testing.assert_array_equal(result.total, [1, 0, 0, 0])
@@ -144,7 +172,26 @@ def test_math_verify_timeout_is_a_counted_timeout(monkeypatch):
 
     monkeypatch.setattr(math_verify.parser, "extract_target_from_pred", hang)
     out = ma.MathReward(timeout_s=1)(_inputs(["hang"], answer=["4"]))
-    assert out.rewards == [0.0] and out.counts == {"failures": 0, "timeouts": 1}
+    assert out.rewards == [0.0] and out.counts == {"failures": 0, "timeouts": 1, "bad_references": 0}
+
+
+def test_bad_references_are_counted_apart_and_bad_completions_raise():
+    # A None or unparsable reference is a data problem: 0, counted as bad_references (was: None
+    # scored 0 uncounted, an unparsable one counted among the model's failures).
+    out = ma.MathReward()(_inputs(["4", "4", "4", "1e1001"], answer=[None, "", "4", "1"]))
+    assert out.rewards == [0.0, 0.0, 1.0, 0.0]
+    assert out.counts == {"failures": 1, "timeouts": 0, "bad_references": 2}
+    with pytest.raises(ma.BadReference, match="cannot parse the reference answer ''"):
+        ma.math_equal("", "4")
+    # A completion that is not a string is the caller's error, named (was: 0, counted as a failure).
+    with pytest.raises(TypeError, match=r"^math: completion 1 is a NoneType, not a string"):
+        ma.MathReward()(_inputs(["4", None], answer=["4", "4"]))
+    with pytest.raises(TypeError, match=r"^math_reward: completion 0 is a list, not a string"):
+        ma.math_reward([[{"role": "assistant", "content": "4"}]], answer=["4"])
+    with pytest.raises(TypeError, match=r"^think_format: completion 0 is a NoneType"):
+        ma.think_answer_format([None])
+    with pytest.raises(ValueError, match="^math_reward: 2 completions but 1 reference answers"):
+        ma.math_reward(["4", "5"], answer=["4"])
 
 
 def test_reference_columns_and_missing_column():

@@ -160,6 +160,16 @@ def test_format_reward_and_overlong_penalty():
         overlong_penalty(max_length=4, buffer_length=5)
 
 
+def test_text_rewards_name_a_completion_that_is_not_a_string():
+    # A chat message list or None used to fail deep inside with "'list' object has no attribute 'strip'".
+    with pytest.raises(TypeError, match=r"^format: completion 1 is a list, not a string"):
+        format_reward(r"\d+").fn(completions=["1", [{"role": "assistant", "content": "2"}]])
+    with pytest.raises(TypeError, match=r"^exact_match: completion 0 is a NoneType, not a string"):
+        exact_match().fn(completions=[None], answer=["2"])
+    with pytest.raises(ValueError, match="needs decoded completions"):
+        format_reward(r"\d+").fn(completions=None)
+
+
 def test_select_keeps_rows_aligned():
     inputs = _inputs()
     sub = inputs.select([3, 0])

@@ -8,18 +8,27 @@ answer is mathematically equal to the reference answer, else 0:
 - `gold_answer(ref)`: the reference column may be a bare answer ("42", "\\frac{1}{2}"), a GSM8K
   solution (the text after its last "#### ", thousands separators removed) or a MATH solution (the
   content of its last `\\boxed{...}`).
-- `final_answer(completion)`: the text after a GSM8K "####" if there is one, else the whole
-  completion; `math-verify` then takes the last `\\boxed{}` first, then "the (final) answer is ...",
-  then the last number or LaTeX expression (its `LatexExtractionConfig` / `ExprExtractionConfig`).
+- `final_answer(completion)`: the content of the last `<answer>...</answer>` if there is one (the
+  R1 format; a number right before `</answer>` is otherwise invisible to `math-verify`), then the
+  text after a GSM8K "####" if there is one, else the whole completion; then the last `\\boxed{}`
+  (or `\\fbox{}`) alone if there is one (math-verify would read all boxes as one set); `math-verify`
+  then takes that box, else "the (final) answer is ...", else the last number or LaTeX expression
+  (its `LatexExtractionConfig` / `ExprExtractionConfig`). Unlike TRL's `reasoning_accuracy_reward`,
+  text inside `<think>` is not dropped.
+- Scientific notation ("1.5e3", "2E-4") is expanded to a decimal on both sides before parsing
+  (`math-verify` would read "1.5e3" as 1.5); an exponent beyond +-1000 counts as a failure.
 - `verify`: string, numeric (6 decimal places) and symbolic (`sympy`) equality, units and `\\text{}`
   stripped, `\\frac`, `\\dfrac`, percentages, sets and intervals (Hugging Face's `math-verify`,
   the checker of open-r1 and TRL's examples).
 
 A completion whose checking raises or exceeds `timeout_s` (math-verify's own signal-based timeout,
-main thread only) scores 0 and is counted: `MathReward` returns `ScoredRewards` with counts
-`failures` and `timeouts` (logged as `rewards/math/failures`, `rewards/math/timeouts`); a bad
-sample never stops the run. `math_reward` is the same checker as a plain TRL-style function (for an
-import path `rlhf_jax.rewards.math_answers:math_reward`).
+main thread only: elsewhere there is no limit) scores 0 and is counted: `MathReward` returns
+`ScoredRewards` with counts `failures` and `timeouts` (logged as `rewards/math/failures`,
+`rewards/math/timeouts`); a bad sample never stops the run. A reference that is None or has no
+parsable answer (a data problem, not the model's) also scores 0, counted as `bad_references`
+(TRL's `accuracy_reward` gives such rows None instead). A completion that is not a string (None,
+a chat message list) is a caller error: TypeError naming the sample. `math_reward` is the same
+checker as a plain TRL-style function (for an import path `rlhf_jax.rewards.math_answers:math_reward`).
 
 `math-verify` is a dependency of the package, imported on first use (an environment without it, such as
 a bare accelerator image, runs everything else).
@@ -28,12 +37,14 @@ a bare accelerator image, runs everything else).
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import re
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from rlhf_jax.rewards.base import RewardInputs, ScoredRewards
+from rlhf_jax.rewards.verifiable import checked_texts
 
 __all__ = [
     "MathReward",
@@ -46,6 +57,7 @@ __all__ = [
     "think_answer_format",
     "answer_format",
     "ANSWER_COLUMNS",
+    "BadReference",
 ]
 
 # Columns a reference answer is read from, in order: our/TRL's "answer" (also GSM8K's solution
@@ -63,13 +75,22 @@ def _math_verify():
 
 
 def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; None if none."""
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; None if none.
+
+    The unbraced form `\\boxed 5` gives the one token after it (up to a space or "$", trailing "." and ","
+    dropped).
+    """
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
+    i = start + len("\\boxed" if text.startswith("\\boxed", start) else "\\fbox")
+    rest = text[i:].lstrip()
+    if not rest.startswith("{"):
+        if i == len(text) or not text[i].isspace():
+            return None
+        token = re.match(r"[^\s$]*", rest).group(0).rstrip(".,")
+        return token or None
+    i = len(text) - len(rest)
     depth = 0
     for j in range(i, len(text)):
         if text[j] == "{":
@@ -86,19 +107,45 @@ def _after_gsm8k_mark(text: str) -> str:
     return tail.splitlines()[0].strip() if tail else ""
 
 
+# A GSM8K answer that is a number followed by a unit word ("72 clips", "$18 dollars").
+_NUMBER_THEN_WORDS = re.compile(r"(\$?\s*-?\$?[\d,]*\.?\d+)\s+[A-Za-z][A-Za-z .]*")
+
+
 def gold_answer(reference: Any) -> str:
-    """The answer in a reference: after GSM8K's last "####" (commas dropped), a MATH solution's last
-    `\\boxed{}`, or the reference itself (stripped)."""
+    """The answer in a reference: after GSM8K's last "####" (commas and a trailing unit word dropped,
+    "#### 1,000 clips" -> "1000"), a MATH solution's last `\\boxed{}`, or the reference itself (stripped)."""
     text = str(reference).strip()
     if _GSM8K_MARK in text:
-        return _after_gsm8k_mark(text).replace(",", "")
+        answer = _after_gsm8k_mark(text).replace(",", "")
+        unit = _NUMBER_THEN_WORDS.fullmatch(answer)
+        return unit.group(1) if unit else answer
     boxed = last_boxed(text)
     return text if boxed is None else boxed
 
 
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
 def final_answer(completion: str) -> str:
-    """The part of a completion that holds its final answer: after a GSM8K "####" if present, else all of it."""
-    return _after_gsm8k_mark(completion) if _GSM8K_MARK in completion else completion
+    """The part of a completion that holds its final answer: the content of its last `<answer>...</answer>`
+    if any, then after a GSM8K "####" if present, else all of it."""
+    tagged = _ANSWER_TAG.findall(completion)
+    text = tagged[-1] if tagged else completion
+    return _after_gsm8k_mark(text) if _GSM8K_MARK in text else text
+
+
+# A decimal in scientific notation, not part of a word or a longer number ("0x1e3", "v1e3" stay).
+_SCIENTIFIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)[eE]([+-]?\d+)(?!\w)(?!\.\d)")
+_MAX_EXPONENT = 1000
+
+
+def _expand_scientific(text: str) -> str:
+    def expand(m: re.Match) -> str:
+        if abs(int(m.group(2))) > _MAX_EXPONENT:
+            raise ValueError(f"math reward: exponent of {m.group(0)[:40]!r} beyond +-{_MAX_EXPONENT}")
+        return format(decimal.Decimal(m.group(0)), "f")
+
+    return _SCIENTIFIC.sub(expand, text)
 
 
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*\$?([^\n$]+?)\$?\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)
@@ -106,12 +153,16 @@ _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*\$?([^\n$]+?)\$?\s*\.?\s*$", 
 
 def extract_answer(completion: str) -> str | None:
     """A cheap final-answer string without parsing (format checks): the last `\\boxed{}`, the text after
-    "####", or after "the answer is"; None when the completion states no final answer."""
+    "####", the content of the last `<answer>...</answer>`, or the text after "the answer is"; None when
+    the completion states no final answer."""
     boxed = last_boxed(completion)
     if boxed:
         return boxed
     if _GSM8K_MARK in completion:
         return _after_gsm8k_mark(completion) or None
+    tagged = _ANSWER_TAG.findall(completion)
+    if tagged:
+        return tagged[-1].strip() or None
     found = _ANSWER_IS.findall(completion)
     return found[-1].strip() if found else None
 
@@ -121,6 +172,10 @@ def _gold_forms(answer: str) -> tuple[str, ...]:
     # only inside a box.
     return (answer,) if "$" in answer.replace("\\$", "") or "\\boxed" in answer else \
         (f"${answer}$", f"\\boxed{{{answer}}}", answer)
+
+
+class BadReference(ValueError):
+    """The reference answer has no parsable answer (a data problem; `MathReward` counts it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +190,19 @@ class _Checker:
     def equal(self, gold: str, prediction: str) -> bool:
         mv = _math_verify()
         gold_parsed = []
-        for form in _gold_forms(gold):
+        for form in _gold_forms(_expand_scientific(gold)):
             gold_parsed = self.parse(form, mv)
             if gold_parsed:
                 break
         if not gold_parsed:
-            raise ValueError(f"math reward: cannot parse the reference answer {gold!r}")
-        pred_parsed = self.parse(final_answer(prediction), mv)
+            raise BadReference(f"math reward: cannot parse the reference answer {gold!r}")
+        answer = _expand_scientific(final_answer(prediction))
+        # The last box alone, as for the reference (math-verify would read every `\\boxed` of the text
+        # as one set, so "\\boxed{7} ... no, \\boxed{8}" matched neither 7 nor 8; it ignores `\\fbox`).
+        boxed = last_boxed(answer)
+        if boxed is not None:
+            answer = f"\\boxed{{{boxed}}}"
+        pred_parsed = self.parse(answer, mv)
         if not pred_parsed:
             return False
         return bool(mv.verify(gold_parsed, pred_parsed, float_rounding=self.float_rounding,
@@ -174,13 +235,22 @@ def _reference_column(columns: dict[str, Sequence[Any]], column: str | None, nam
                    f"columns: {sorted(columns)}")
 
 
-def _score(completions, references, *, timeout_s, float_rounding) -> tuple[list[float], dict[str, int]]:
+def _score(completions, references, *, timeout_s, float_rounding,
+           name: str = "math") -> tuple[list[float], dict[str, int]]:
     mv = _math_verify()
+    completions = checked_texts(completions, name)
+    if len(completions) != len(references):
+        raise ValueError(f"{name}: {len(completions)} completions but {len(references)} reference answers")
     checker = _Checker(_timeout(timeout_s), float_rounding)
-    out, counts = [], {"failures": 0, "timeouts": 0}
+    out, counts = [], {"failures": 0, "timeouts": 0, "bad_references": 0}
     for text, ref in zip(completions, references):
         try:
-            out.append(float(ref is not None and checker.equal(gold_answer(ref), text)))
+            if ref is None:
+                raise BadReference("math reward: the reference answer is None")
+            out.append(float(checker.equal(gold_answer(ref), text)))
+        except BadReference:
+            counts["bad_references"] += 1
+            out.append(0.0)
         except mv.errors.TimeoutException:
             counts["timeouts"] += 1
             out.append(0.0)
@@ -198,7 +268,7 @@ class MathReward:
       column: the reference column (None: the first of `ANSWER_COLUMNS` present).
       timeout_s: seconds per parse / comparison (math-verify's timeout), None for no limit.
       float_rounding: decimal places of numeric comparison.
-      name: the metric name (`rewards/{name}/mean`, `/failures`, `/timeouts`).
+      name: the metric name (`rewards/{name}/mean`, `/failures`, `/timeouts`, `/bad_references`).
     """
 
     column: str | None = None
@@ -216,33 +286,39 @@ class MathReward:
             raise ValueError(f"{self.name}: needs decoded completions (give the driver a tokenizer)")
         refs = _reference_column(dict(inputs.columns), self.column, self.name)
         rewards, counts = _score(inputs.completions, refs, timeout_s=self.timeout_s,
-                                 float_rounding=self.float_rounding)
+                                 float_rounding=self.float_rounding, name=self.name)
         return ScoredRewards(rewards, counts)
 
 
 def math_reward(completions, answer=None, solution=None, **kwargs) -> list[float]:
     """TRL-style math reward: `1[final answer of completion == answer in answer/solution]` per row.
 
-    A sample the checker cannot handle scores 0 (use `MathReward` to also count such samples).
+    A sample the checker cannot handle, or whose reference has no parsable answer, scores 0 (use
+    `MathReward` to also count such samples).
     """
     refs = answer if answer is not None else solution
     if refs is None:
         raise KeyError(f"math_reward: the prompts have none of the answer columns {list(ANSWER_COLUMNS)}")
-    return _score(completions, refs, timeout_s=5, float_rounding=6)[0]
+    return _score(completions, refs, timeout_s=5, float_rounding=6, name="math_reward")[0]
 
 
-_THINK_ANSWER = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+# Tag contents may not hold the tags again: "<think>a</think><answer>1</answer><answer>2</answer>" is no match.
+_THINK_ANSWER = re.compile(r"<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>).)*</answer>", re.DOTALL)
 
 
 def think_answer_format(completions, **kwargs) -> list[float]:
     """1 when a completion is `<think>...</think>` then `<answer>...</answer>` (nothing else), else 0.
 
-    `r = 1[re.fullmatch("<think>.*?</think>\\s*<answer>.*?</answer>", completion.strip())]` (the
-    reasoning-format reward of DeepSeek-R1 / open-r1).
+    `r = 1[completion.strip() is "<think>" T "</think>" whitespace "<answer>" A "</answer>"]`, T and A
+    any text (newlines included) without the tags themselves, so a repeated or nested block scores 0
+    (the reasoning-format reward of DeepSeek-R1 / open-r1; TRL's `think_format_reward` likewise
+    refuses a second `<think>`).
     """
-    return [float(_THINK_ANSWER.fullmatch(text.strip()) is not None) for text in completions]
+    return [float(_THINK_ANSWER.fullmatch(text.strip()) is not None)
+            for text in checked_texts(completions, "think_format")]
 
 
 def answer_format(completions, **kwargs) -> list[float]:
-    """1 when a completion states a final answer (`\\boxed{}`, "#### x" or "the answer is x"), else 0."""
-    return [float(extract_answer(text) is not None) for text in completions]
+    """1 when a completion states a final answer (`\\boxed{}`, "#### x", `<answer>x</answer>` or "the
+    answer is x"), else 0."""
+    return [float(extract_answer(text) is not None) for text in checked_texts(completions, "answer_format")]

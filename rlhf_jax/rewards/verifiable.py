@@ -24,6 +24,17 @@ __all__ = [
 ]
 
 
+def checked_texts(completions: Sequence, name: str) -> Sequence[str]:
+    """`completions`, after checking each is a string (TypeError naming the reward and the sample)."""
+    if completions is None:
+        raise ValueError(f"{name}: needs decoded completions (give the driver a tokenizer)")
+    for i, text in enumerate(completions):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}: completion {i} is a {type(text).__name__}, not a string (the decoded "
+                            f"completion text; a chat message list must be reduced to its content first)")
+    return completions
+
+
 def even_fraction_reward(completion_ids: Sequence[Sequence[int]], **kwargs) -> list[float]:
     """Fraction of completion token ids that are even (the W4 benchmark reward).
 
@@ -57,10 +68,8 @@ def exact_match(
         if column not in kwargs:
             columns = sorted(set(kwargs) - _STANDARD_KEYWORDS)
             raise KeyError(f"{name}: the prompts have no column {column!r}; columns: {columns}")
-        if completions is None:
-            raise ValueError(f"{name}: needs decoded completions (give the driver a tokenizer)")
         out = []
-        for text, ref in zip(completions, kwargs[column]):
+        for text, ref in zip(checked_texts(completions, name), kwargs[column]):
             got = extract(text)
             out.append(float(got is not None and got == str(ref).strip()))
         return out
@@ -91,9 +100,7 @@ def format_reward(pattern: str, *, name: str = "format", flags: int = re.DOTALL)
         raise ValueError(f"format_reward: invalid pattern {pattern!r}: {e}") from e
 
     def score(completions, **kwargs):
-        if completions is None:
-            raise ValueError(f"{name}: needs decoded completions (give the driver a tokenizer)")
-        return [float(compiled.fullmatch(text.strip()) is not None) for text in completions]
+        return [float(compiled.fullmatch(text.strip()) is not None) for text in checked_texts(completions, name)]
 
     return PythonReward(score, name)
 
