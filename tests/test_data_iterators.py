@@ -146,8 +146,11 @@ def test_state_mismatches_are_named():
 
 def test_config_errors_are_named():
     ds = _dataset(4)
-    with pytest.raises(ValueError, match="has a sequence of 8 tokens but BatchConfig.seq_len=6"):
+    # Examples 0..3 have 5, 6, 7 and 8 tokens.
+    with pytest.raises(ValueError, match="has a sequence of 8 tokens but BatchConfig.seq_len=6 \\(example 2 is the"):
         _iter(ds, seq_len=6)
+    with pytest.raises(ValueError, match="seq_len=5 \\(example 1 is the first that does not fit\\)"):
+        _iter(ds, seq_len=5)
     prompts = load_dataset(
         [{"prompt": "a"}], kind="prompt", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=8)
     )
@@ -157,3 +160,34 @@ def test_config_errors_are_named():
         BatchConfig(batch_size=0, seq_len=8)
     with pytest.raises(ValueError, match="process_index < process_count"):
         _iter(ds, process_index=2, process_count=2)
+
+
+def test_kto_kl_rows_never_pair_an_example_with_its_own_completion():
+    """A batch crossing an epoch boundary can hold an example twice; its KL rows used to take that
+    example's own completion (a matched pair), as partners were looked up by example index."""
+    rows = [{"prompt": p, "completion": c, "label": i % 2 == 0} for i, (p, c) in enumerate(["ax", "by", "cz"])]
+    ds = load_dataset(rows, kind="unpaired", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=8))
+
+    def kl_pairs(batch):  # (prompt char, completion char) of every KL row
+        return [(chr(t[1] - 9 + 32), chr(t[2] - 9 + 32)) for t in batch["kl_tokens"]]
+
+    kw = dict(batch_size=4, seq_len=8, shuffle=False)
+    batch = next(_iter(ds, **kw))  # examples 0, 1, 2, 0
+    assert kl_pairs(batch) == [("a", "y"), ("b", "z"), ("c", "x"), ("a", "y")]
+    # Two processes collate their halves of the same KL rows.
+    halves = [next(_iter(ds, process_index=h, process_count=2, **kw)) for h in range(2)]
+    assert kl_pairs(halves[0]) + kl_pairs(halves[1]) == kl_pairs(batch)
+    # One distinct example: nothing to mismatch it with, it is its own partner.
+    one = load_dataset(rows[:1], kind="unpaired", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=8))
+    assert kl_pairs(next(_iter(one, **kw))) == [("a", "x")] * 4
+
+
+def test_bad_state_and_epoch_values_are_named():
+    ds = _dataset(4)
+    with pytest.raises(ValueError, match="BatchConfig.num_epochs must be None or a positive int, got True"):
+        _iter(ds, num_epochs=True)
+    state = _iter(ds).get_state()
+    with pytest.raises(ValueError, match="state\\['position'\\] must be an int, got '2'"):
+        _iter(ds).set_state({**state, "position": "2"})
+    with pytest.raises(TypeError, match="state must be a mapping from get_state\\(\\), got NoneType"):
+        _iter(ds).set_state(None)

@@ -223,3 +223,101 @@ def test_packed_and_unpacked_logprobs_agree_with_the_model():
     np.testing.assert_allclose(
         np.sum(lp * single["loss_mask"][:, 1:], axis=1), u_logps[:, 0], atol=1e-5, rtol=0
     )
+
+
+def test_row_packer_and_collate_errors_name_the_example():
+    packer = RowPacker(batch_size=2, seq_len=8, max_segments=2, num_tracks=2)
+    with pytest.raises(ValueError, match=r"example 0 has 1 lengths \[5\], but num_tracks=2"):
+        packer.add(0, [5])  # used to be packed on the chosen track only
+    with pytest.raises(ValueError, match="example 1 has a negative length -3"):
+        packer.add(1, [-3, 4])
+    assert packer.rows == [[], []]
+    with pytest.raises(ValueError, match="example 1 of length 9 exceeds seq_len=8"):
+        pack_rows([3, 9], batch_size=2, seq_len=8, max_segments=2)
+    assert pack_rows([], batch_size=2, seq_len=8, max_segments=2) == []
+    ds = _load([{"prompt": "a", "completion": "bc"}, {"prompt": "d", "completion": "e"}], "sft")
+    # 5 + 4 tokens: used to be a bare numpy broadcast error.
+    with pytest.raises(ValueError, match=r"rows\[1\] \(examples \[0, 1\]\) needs 9 tokens, more than seq_len=8"):
+        collate(ds, [[1], [0, 1]], seq_len=8, num_segments=2)
+    with pytest.raises(ValueError, match=r"rows\[0\] holds example index -1, but <rows> has 2 examples"):
+        collate(ds, [[-1]], seq_len=8)  # used to give an empty segment with example_mask True
+    with pytest.raises(ValueError, match=r"rows\[0\] holds 2 examples, more than num_segments=1"):
+        collate(ds, [[0, 1]], seq_len=16)
+    with pytest.raises(ValueError, match="num_segments must be a positive int, got 0"):
+        collate(ds, [[]], seq_len=8, num_segments=0)
+    pairs = _load([{"prompt": "p", "chosen": "long answer", "rejected": "x"}], "preference")
+    with pytest.raises(ValueError, match=r"rows\[0\] \(examples \[0\]\) needs 14 tokens, more than seq_len=10"):
+        collate(pairs, [[0]], seq_len=10)  # the chosen track is the long one
+
+
+def test_packed_batches_train_like_unpacked_ones_in_the_sft_and_dpo_steps():
+    """The real SFT and DPO updates on a packed batch give the loss and gradients of the same examples
+    one per row, and a single packed example's loss and gradient (its segment's loss mask only) do not
+    depend on its neighbours in the row."""
+    import optax
+
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.state import TrainState
+    from rlhf_jax.steps import make_dpo_step, make_sft_step
+    from rlhf_jax.testing.models import tiny_config
+
+    model = CausalLM(tiny_config())
+    params = jax.jit(model.init)(jax.random.key(0))
+    reference = jax.jit(model.init)(jax.random.key(1))
+    sgd = optax.sgd(1.0)  # new params = params - grads
+
+    def loss_and_grads(update, batch, *frozen):
+        state = TrainState(jnp.zeros((), jnp.int32), params, sgd.init(params), jax.random.PRNGKey(5))
+        new, metrics = update(state, batch, *frozen)
+        grads = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), params, new.params)
+        return float(metrics["loss"]), grads
+
+    def assert_same(a, b):
+        np.testing.assert_allclose(a[0], b[0], atol=1e-5, rtol=0)
+        for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+        assert max(np.abs(x).max() for x in jax.tree.leaves(a[1])) > 1e-3  # a real gradient
+
+    def packed_and_single(ds, batch_size, prefixes):
+        it = BatchIterator(ds, BatchConfig(batch_size=batch_size, seq_len=32, pack=True, max_segments=4, seed=3),
+                           process_index=0, process_count=1)
+        packed, rows = next(it), it.last_rows
+        assert max(map(len, rows)) >= 3
+        items = [i for row in rows for i in row]
+        single = collate(ds, [[i] for i in items], seq_len=32)
+        keys = [p + k for p in prefixes for k in ("tokens", "loss_mask", "positions", "segment_ids")]
+        return {k: packed[k] for k in keys}, {k: single[k] for k in keys}, rows, items
+
+    sft = _load([{"prompt": f"q{i}?", "completion": "abcdefg"[: 1 + i % 6]} for i in range(9)], "sft")
+    packed, single, rows, items = packed_and_single(sft, 3, [""])
+    sft_step = jax.jit(make_sft_step(model, sgd, nonfinite="off"))
+    assert_same(loss_and_grads(sft_step, packed), loss_and_grads(sft_step, single))
+    # One example in the middle of a full row, alone in the loss: its neighbours change nothing.
+    b = max(range(len(rows)), key=lambda r: len(rows[r]))
+    s, item = 2, rows[b][1]
+    only_packed = {**packed, "loss_mask": packed["loss_mask"] * (packed["segment_ids"] == s)
+                   * (np.arange(len(rows)) == b)[:, None]}
+    only_single = {**single, "loss_mask": single["loss_mask"] * (np.arange(len(items)) == items.index(item))[:, None]}
+    assert_same(loss_and_grads(sft_step, only_packed), loss_and_grads(sft_step, only_single))
+
+    pairs = _load([{"prompt": f"p{i}", "chosen": "xyz"[: 1 + i % 3] * 2, "rejected": "uvw"[: 1 + (i + 1) % 3]}
+                   for i in range(8)], "preference")
+    packed, single, _, _ = packed_and_single(pairs, 2, ["chosen_", "rejected_"])
+    dpo_packed = jax.jit(make_dpo_step(model, sgd, max_segments=4, nonfinite="off"))
+    dpo_single = jax.jit(make_dpo_step(model, sgd, nonfinite="off"))
+    assert_same(loss_and_grads(dpo_packed, packed, reference), loss_and_grads(dpo_single, single, reference))
+
+
+def test_collate_never_marks_a_segment_start_as_a_target():
+    """A hand-built dataset whose mask marks token 0 would let `loss_mask[:, 1:]` train the first token
+    of segment k as predicted from the last token of segment k-1 (the recipe of the batches module)."""
+    import dataclasses
+
+    from rlhf_jax.data import Ragged
+
+    ds = _load([{"prompt": "a", "completion": "bc"}, {"prompt": "d", "completion": "e"}], "sft")
+    masks = [np.ones(len(ds.arrays["tokens"][i]), bool) for i in range(2)]
+    ds = dataclasses.replace(ds, arrays={**ds.arrays, "loss_mask": Ragged.from_rows(masks, bool)})
+    batch = collate(ds, [[0, 1]], seq_len=10, num_segments=2)
+    np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 5 + [2] * 4 + [0])
+    np.testing.assert_array_equal(batch["loss_mask"][0], [0, 1, 1, 1, 1, 0, 1, 1, 1, 0])

@@ -22,9 +22,10 @@ Kinds:
   s+1 of `chosen_*[b]` together with segment s+1 of `rejected_*[b]`: packing places both sequences of
   a pair in the same row and slot of their two arrays. Unpacked batches are the case S = 1.
 - "unpaired" (KTO; never packed): the token row, `label` bool [B] (True = desirable),
-  `example_mask` bool [B], and `kl_*` token rows: row b is the prompt of example b followed by the
-  completion of example (b+1) mod n (n = real examples in the batch), cut to T, as KTO's reference
-  point needs mismatched pairs (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic
+  `example_mask` bool [B], and `kl_*` token rows: row b is the prompt of its example followed by the
+  completion of the next filled row's example (cyclically; `kl_partners` skips rows holding the
+  same example, as a batch crossing an epoch boundary can), cut to T, as KTO's reference point
+  needs mismatched pairs (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic
   Optimization").
 - "prompt" (online RL): `prompt_tokens` int32 [B, T] right-padded, `prompt_lengths` int32 [B],
   `example_mask` bool [B], and `columns`: a dict of Python lists of length B holding the dataset's
@@ -51,7 +52,7 @@ segment; for S = 1 that is the last non-pad token).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,9 +61,11 @@ import numpy as np
 from rlhf_jax.data.dataset import TokenizedDataset
 from rlhf_jax.data.formats import KINDS
 
-__all__ = ["TOKEN_FIELDS", "batch_spec", "collate", "segment_sums", "segment_last_index"]
+__all__ = ["TOKEN_FIELDS", "batch_spec", "collate", "kl_partners", "segment_sums", "segment_last_index"]
 
 TOKEN_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
+_TRACKS = {"sft": ("tokens",), "preference": ("chosen_tokens", "rejected_tokens"), "unpaired": ("tokens",),
+           "prompt": ("prompt_tokens",)}  # the sequences of an example that `seq_len` bounds
 _TOKEN_DTYPES = {"tokens": np.int32, "positions": np.int32, "segment_ids": np.int32, "loss_mask": np.float32}
 
 
@@ -130,7 +133,7 @@ def _token_rows(
             positions[b, at : at + n] = np.arange(n)
             segment_ids[b, at : at + n] = k + 1
             if mask is not None:
-                loss_mask[b, at : at + n] = mask
+                loss_mask[b, at + 1 : at + n] = mask[1:]  # a segment's first token is never a target
             at += n
     return {
         prefix + "tokens": tokens,
@@ -147,23 +150,41 @@ def _example_mask(rows: Sequence[Sequence[int]], num_segments: int) -> np.ndarra
     return mask
 
 
+def kl_partners(rows: Sequence[Sequence[int]]) -> list[int | None]:
+    """KTO's mismatched pairs: for each row, the example whose completion its KL row takes.
+
+    That is the example of the next filled row (cyclically) that holds another example, so an
+    example that appears twice in a batch (a batch that crosses an epoch boundary) is not paired
+    with its own completion; only a batch of one distinct example pairs it with itself. None for
+    empty rows.
+    """
+    filled = [b for b, row in enumerate(rows) if row]
+    items = [rows[b][0] for b in filled]
+    out: list[int | None] = [None] * len(rows)
+    for k, b in enumerate(filled):
+        following = (items[(k + j) % len(items)] for j in range(1, len(items)))
+        out[b] = next((i for i in following if i != items[k]), items[k])
+    return out
+
+
 def _kl_rows(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], seq_len: int,
-             partners: Mapping[int, int] | None = None) -> list[list[tuple]]:
-    """KTO mismatched pairs: row b = prompt of its example + completion of the next filled row's example
-    (cyclically; or of `partners[example]`), cut to seq_len; empty rows stay empty."""
+             partners: Sequence[int | None] | None = None) -> list[list[tuple]]:
+    """KTO mismatched pairs: row b = prompt of its example + completion of `partners[b]` (default
+    `kl_partners(rows)`), cut to seq_len; empty rows stay empty."""
     tokens, mask, plen = (
         dataset.arrays["tokens"],
         dataset.arrays["loss_mask"],
         dataset.arrays["prompt_length"],
     )
-    items = [row[0] for row in rows if row]
-    partner = dict(zip(items, items[1:] + items[:1])) if partners is None else partners
+    partners = kl_partners(rows) if partners is None else partners
+    if len(partners) != len(rows):
+        raise ValueError(f"collate: partners has {len(partners)} entries for {len(rows)} rows")
     out = []
-    for row in rows:
+    for row, other in zip(rows, partners):
         if not row:
             out.append([])
             continue
-        item, other = row[0], partner[row[0]]
+        item = row[0]
         p, q = int(plen[item]), int(plen[other])
         ids = np.concatenate([tokens[item][:p], tokens[other][q:]])[:seq_len]
         m = np.concatenate([np.zeros(p, bool), mask[other][q:]])[:seq_len]
@@ -171,9 +192,28 @@ def _kl_rows(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], seq_len: 
     return out
 
 
+def _check_rows(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], seq_len: int, num_segments: int) -> None:
+    """Every index names an example, and every row's examples fit `seq_len` on every track."""
+    if not isinstance(num_segments, int) or num_segments < 1:
+        raise ValueError(f"collate: num_segments must be a positive int, got {num_segments!r}")
+    n = len(dataset)
+    tracks = [dataset.arrays[name] for name in _TRACKS[dataset.kind]]
+    for b, row in enumerate(rows):
+        bad = [i for i in row if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"collate: rows[{b}] holds example index {bad[0]}, but {dataset.source} has {n} examples")
+        if len(row) > num_segments:
+            raise ValueError(f"collate: rows[{b}] holds {len(row)} examples, more than num_segments={num_segments}")
+        used = max(sum(len(track[i]) for i in row) for track in tracks)
+        if used > seq_len:
+            raise ValueError(
+                f"collate: rows[{b}] (examples {list(row)}) needs {used} tokens, more than seq_len={seq_len}"
+            )
+
+
 def collate(
     dataset: TokenizedDataset, rows: Sequence[Sequence[int]], *, seq_len: int, num_segments: int = 1,
-    partners: Mapping[int, int] | None = None,
+    partners: Sequence[int | None] | None = None,
 ) -> dict:
     """Build one batch: row b holds the examples `rows[b]` (indices into `dataset`) as segments 1, 2, ...
 
@@ -182,17 +222,16 @@ def collate(
       rows: B lists of example indices (empty lists are padding rows).
       seq_len: T; every row's examples must fit (the packer guarantees it).
       num_segments: S, the segment slots of per-example arrays (>= the longest row).
-      partners: unpaired kind: each row's example -> the example whose completion its KL row takes
-        (default: the next filled row's, cyclically; a process collating its block of a global
-        batch passes the global batch's pairs).
+      partners: unpaired kind: for each row, the example whose completion its KL row takes
+        (default `kl_partners(rows)`; a process collating its block of a global batch passes its
+        block of the global batch's `kl_partners`).
 
     Returns:
       The batch dict of `batch_spec(dataset.kind, batch_size=len(rows), seq_len=seq_len,
       num_segments=num_segments)` (plus `columns` for prompt batches).
     """
     kind, arrays, pad = dataset.kind, dataset.arrays, dataset.pad_id
-    if max((len(r) for r in rows), default=0) > num_segments:
-        raise ValueError(f"collate: a row holds more than num_segments={num_segments} examples")
+    _check_rows(dataset, rows, seq_len, num_segments)
     if kind == "sft":
         segs = [[(arrays["tokens"][i], arrays["loss_mask"][i]) for i in row] for row in rows]
         return {**_token_rows(segs, seq_len, pad), "example_mask": _example_mask(rows, num_segments)}

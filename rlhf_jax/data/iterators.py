@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from rlhf_jax.data.batches import collate
+from rlhf_jax.data.batches import collate, kl_partners
 from rlhf_jax.data.dataset import TokenizedDataset
 from rlhf_jax.data.packing import RowPacker
 from rlhf_jax.data.sharded import ShardedDataset
@@ -65,7 +65,9 @@ class BatchConfig:
                 raise ValueError(f"BatchConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"BatchConfig.seed must be an int >= 0, got {self.seed!r}")
-        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
+        if self.num_epochs is not None and (
+            not isinstance(self.num_epochs, int) or isinstance(self.num_epochs, bool) or self.num_epochs < 1
+        ):
             raise ValueError(
                 f"BatchConfig.num_epochs must be None or a positive int, got {self.num_epochs!r}"
             )
@@ -130,9 +132,11 @@ class BatchIterator:
         self._num_tracks, self._min_length = lengths.shape[1], int(lengths.min())
         longest = int(lengths.max())
         if longest > config.seq_len:
+            first = int(np.argmax(lengths.max(axis=1) > config.seq_len))
             raise ValueError(
                 f"BatchIterator: {dataset.source} has a sequence of {longest} tokens but BatchConfig.seq_len="
-                f"{config.seq_len}; raise seq_len or lower TokenizeConfig.max_len"
+                f"{config.seq_len} (example {first} is the first that does not fit); raise seq_len or lower "
+                "TokenizeConfig.max_len"
             )
         self._n = len(dataset)
         self._consumed = 0  # examples of the global stream taken so far (the same on every process)
@@ -192,13 +196,11 @@ class BatchIterator:
         local = self.config.batch_size // self.process_count
         return rows[self.process_index * local:(self.process_index + 1) * local]
 
-    def _partners(self, global_rows: list[list[int]], rows: list[list[int]]) -> dict[int, int] | None:
-        """KTO's mismatched pairs over the global batch: each row's example -> the next filled row's."""
+    def _partners(self, global_rows: list[list[int]]) -> list[int | None] | None:
+        """KTO's mismatched pairs over the global batch (`kl_partners`), this process's block of them."""
         if self.dataset.kind != "unpaired":
             return None
-        items = [row[0] for row in global_rows if row]
-        partner = dict(zip(items, items[1:] + items[:1]))
-        return {row[0]: partner[row[0]] for row in rows if row}
+        return self._block(kl_partners(global_rows))
 
     def _needed(self, start: int) -> set[int]:
         """The examples this process collates from the batch at stream position `start` to the end of
@@ -209,7 +211,7 @@ class BatchIterator:
             rows, after, ended = self._pack(start)
             block = self._block(rows)
             needed.update(i for row in block for i in row)
-            needed.update((self._partners(rows, block) or {}).values())
+            needed.update(p for p in self._partners(rows) or () if p is not None)
             if ended or after == start:
                 break
             start = after
@@ -223,18 +225,18 @@ class BatchIterator:
             raise StopIteration
         self.last_global_rows = rows
         self.last_rows = self._block(rows)
-        partners = self._partners(rows, self.last_rows)
+        partners = self._partners(rows)
         if isinstance(self.dataset, TokenizedDataset):
             return collate(self.dataset, self.last_rows, seq_len=cfg.seq_len, num_segments=cfg.num_segments,
                            partners=partners)
         # A sharded dataset holds the tokens of this process's examples for the rest of the epoch.
-        wanted = {i for row in self.last_rows for i in row} | set((partners or {}).values())
+        wanted = {i for row in self.last_rows for i in row} | {p for p in partners or () if p is not None}
         if not wanted <= self.dataset.held:
             self.dataset.ensure(self._needed(start))
         local, index = self.dataset.take(sorted(wanted))
         return collate(local, [[index[i] for i in row] for row in self.last_rows], seq_len=cfg.seq_len,
                        num_segments=cfg.num_segments,
-                       partners=None if partners is None else {index[a]: index[b] for a, b in partners.items()})
+                       partners=None if partners is None else [None if p is None else index[p] for p in partners])
 
     # ----------------------------------------------------------------------------- state
     def get_state(self) -> dict[str, int]:
@@ -254,9 +256,16 @@ class BatchIterator:
           ValueError: naming the key when the state is incomplete or belongs to another seed or
             dataset size.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"BatchIterator.set_state: state must be a mapping from get_state(), got {type(state).__name__}"
+            )
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"BatchIterator.set_state: state lacks {missing}; got keys {sorted(state)}")
+        for key in _STATE_KEYS:
+            if not isinstance(state[key], (int, np.integer)) or isinstance(state[key], bool):
+                raise ValueError(f"BatchIterator.set_state: state[{key!r}] must be an int, got {state[key]!r}")
         expected = {"seed": self.config.seed, "num_examples": self._n}
         for key, value in expected.items():
             if int(state[key]) != value:

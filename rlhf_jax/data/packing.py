@@ -39,6 +39,7 @@ class RowPacker:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RowPacker: {name} must be a positive int, got {value!r}")
         self.batch_size, self.seq_len, self.max_segments = batch_size, seq_len, max_segments
+        self.num_tracks = num_tracks
         self.rows: list[list[int]] = [[] for _ in range(batch_size)]
         self._fill = [[0] * num_tracks for _ in range(batch_size)]  # tokens used per row and track
         self._closed_below = min(max(seq_len - min_length + 1, 0), seq_len)  # a fuller row takes nothing
@@ -48,11 +49,20 @@ class RowPacker:
         """Place `item` with per-track `lengths` in the first row with room; False when none has.
 
         Raises:
-          ValueError: when one of `lengths` exceeds `seq_len` (it would never fit).
+          ValueError: naming `item`, when `lengths` does not hold one length per track, or one of
+            them is negative or exceeds `seq_len` (it would never fit).
         """
-        lengths = [int(n) for n in lengths]
+        lengths = [int(n) for n in np.atleast_1d(lengths)]
+        if len(lengths) != self.num_tracks:
+            raise ValueError(
+                f"RowPacker: example {item} has {len(lengths)} lengths {lengths}, but num_tracks={self.num_tracks}"
+            )
+        if min(lengths) < 0:
+            raise ValueError(f"RowPacker: example {item} has a negative length {min(lengths)}")
         if max(lengths) > self.seq_len:
-            raise ValueError(f"RowPacker: an example of length {max(lengths)} exceeds seq_len={self.seq_len}")
+            raise ValueError(
+                f"RowPacker: example {item} of length {max(lengths)} exceeds seq_len={self.seq_len}"
+            )
         for b in range(self._open, self.batch_size):
             fill = self._fill[b]
             if len(self.rows[b]) < self.max_segments and all(
@@ -89,6 +99,8 @@ def pack_rows(lengths, *, batch_size: int, seq_len: int, max_segments: int) -> l
     Returns:
       Batches, each a list of `batch_size` rows, each row a list of example indices.
     """
+    if len(lengths) == 0:
+        return []
     lengths = np.asarray(lengths).reshape(len(lengths), -1)
     batches, i = [], 0
     while i < len(lengths):
