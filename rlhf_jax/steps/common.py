@@ -326,12 +326,27 @@ def check_token_ids(batch: Mapping[str, Any], keys: Sequence[str], vocab_size: i
                              f"outside the model's vocabulary [0, {vocab_size})")
 
 
-def token_id_check(vocab_size: int | None, keys: Sequence[str] | None = None) -> Callable[[Mapping, str], None]:
-    """A `Step` host check of the token ids: `keys`, or every batch key ending in `tokens`."""
+def check_segment_ids(batch: Mapping[str, Any], max_segments: int, *, name: str) -> None:
+    """Packed rows' `*segment_ids` (host values) must not number more segments than the step sums:
+    a step built for `max_segments` reads segments 1..max_segments of a row and drops the rest."""
+    for key in [k for k in batch if str(k).endswith("segment_ids")]:
+        values = _checks.host_values(batch[key])
+        if values is not None and values.size and values.max() > max_segments:
+            raise ValueError(f"{name}: batch[{key!r}] numbers up to {int(values.max())} segments in a row, but the "
+                             f"step was built for max_segments={max_segments}: the rows' other segments would be "
+                             "dropped; build the step with the data's max_segments")
+
+
+def token_id_check(vocab_size: int | None, keys: Sequence[str] | None = None, *,
+                   max_segments: int | None = None) -> Callable[[Mapping, str], None]:
+    """A `Step` host check of the token ids (`keys`, or every batch key ending in `tokens`) and, with
+    `max_segments`, of the packed rows' segment count (`check_segment_ids`)."""
 
     def check(batch: Mapping[str, Any], name: str) -> None:
         token_keys = keys if keys is not None else [k for k in batch if str(k).endswith("tokens")]
         check_token_ids(batch, token_keys, vocab_size, name=name)
+        if max_segments is not None:
+            check_segment_ids(batch, max_segments, name=name)
 
     return check
 

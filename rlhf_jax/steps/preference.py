@@ -401,7 +401,8 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
                            chunk_size=logits_chunk_size, shared_prefix=shared_prefix_len)
     update = common.make_update(loss_fn, tx, prepare=prepare, micro_batches=micro_batches, nonfinite=nonfinite,
                                 learning_rate=schedule)
-    update.host_check = common.token_id_check(model.config.vocab_size)  # jit_step runs it on every batch
+    # jit_step runs it on every batch
+    update.host_check = common.token_id_check(model.config.vocab_size, max_segments=max_segments)
     return update
 
 
@@ -441,6 +442,7 @@ def make_reference_logps_fn(model, *, mesh: Mesh, objective: Objective | None = 
     def reference_logps(params, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         sh.check_batch(batch, mesh=mesh, strategy=strategy)
         _checks.check_micro_split(batch, micro_batches, "make_reference_logps_fn")
+        common.check_segment_ids(batch, max_segments, name="make_reference_logps_fn")
         return jitted(params, dict(batch))
 
     reference_logps.program = jitted  # what `rlhf-jax compile` lowers

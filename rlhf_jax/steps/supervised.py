@@ -244,5 +244,6 @@ def make_reward_model_step(model, optimizer: OptimizerConfig | optax.GradientTra
                                      center_rewards_coefficient=center_rewards_coefficient)
     update = common.make_update(loss_fn, tx, prepare=_rm_prepare(max_segments), micro_batches=micro_batches,
                                 nonfinite=nonfinite, learning_rate=schedule)
-    update.host_check = common.token_id_check(model.config.vocab_size)  # jit_step runs it on every batch
+    # jit_step runs it on every batch
+    update.host_check = common.token_id_check(model.config.vocab_size, max_segments=max_segments)
     return update
