@@ -236,3 +236,61 @@ def test_kto_runs_from_the_cli_with_trl_metric_names(tmp_path):
             "kl"} <= set(train[-1])
     assert [r["step"] for r in records if "eval/gold_reward" in r] == [0, 2]
     assert load_experiment(os.path.join(ROOT, "experiments", "dpo_tiny.py"))[0].get_config("kto").dpo.algorithm == KTO()
+
+
+def _chain(tmp_path, sft_steps):
+    sft = tiny_stages.vowel_sft()
+    sft = dataclasses.replace(sft, **{**SHORT, "train": TrainConfig(steps=sft_steps, eval_every=0)},
+                              data=dataclasses.replace(sft.data, batch_size=8, num_train=32, eval=None))
+    dpo = tiny_stages.vowel_dpo(steps=1)
+    dpo = dataclasses.replace(dpo, **{**SHORT, "train": TrainConfig(steps=1, eval_every=0)},
+                              data=dataclasses.replace(dpo.data, batch_size=8, num_train=32, eval=None))
+    return [Stage("sft", sft), Stage("dpo", dpo, init_from="sft")]
+
+
+def test_a_finished_stage_whose_earlier_stage_changed_is_reported_stale(tmp_path, capsys):
+    import warnings
+
+    from rlhf_jax.train import dpo as dpo_mod
+    from rlhf_jax.train.adapters import make_model
+    from rlhf_jax.train.stages import StaleStageWarning, run_stages
+    from rlhf_jax.train.weights import restore_item
+
+    stages = _chain(tmp_path, 2)
+    assert {k: v["step"] for k, v in run_stages(str(tmp_path), stages).items()} == {"sft": 2, "dpo": 1}
+    recorded = json.loads((tmp_path / "dpo" / "stage_inputs.json").read_text())
+    assert recorded["init_from"]["stage"] == "sft" and recorded["init_from"]["step"] == 2
+    # DPO's reference (and its policy's start) is the SFT checkpoint, bit for bit.
+    config = resolve_stages(str(tmp_path), stages)[1].config
+    mesh = config.mesh.make_mesh()
+    reference = dpo_mod.reference_params(make_model(config), config, mesh)
+    sft_params = restore_item(str(tmp_path / "sft" / "checkpoints"), "params", None)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(sft_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with warnings.catch_warnings():  # a rerun of the same chain: both no-ops, nothing stale
+        warnings.simplefilter("error", StaleStageWarning)
+        run_stages(str(tmp_path), stages)
+        # A finished stage's edited config is not applied, and it says so (it said "nothing to do").
+        capsys.readouterr()
+        edited = dataclasses.replace(stages[0].config, optim=dataclasses.replace(stages[0].config.optim,
+                                                                                 learning_rate=1e-2))
+        run_stages(str(tmp_path), [Stage("sft", edited), stages[1]])
+    assert ("sft: already trained to step 2 (train.steps=2); nothing to do\nthe config differs from the one it was "
+            "trained with, and is not applied: optim.learning_rate: 0.003 -> 0.01 (delete ") in capsys.readouterr().err
+    # SFT trained further: DPO's checkpoints came from its step 2; it is kept, and said to be stale.
+    with pytest.warns(StaleStageWarning, match=r"stage 'dpo': its checkpoints started from stage 'sft' at step 2 "
+                                               r"\(init_from\), which is now re-written at step 3.*Delete .*dpo"):
+        summaries = run_stages(str(tmp_path), _chain(tmp_path, 3))
+    assert {k: v["step"] for k, v in summaries.items()} == {"sft": 3, "dpo": 1}
+
+
+def test_stage_reward_model_must_name_a_reward_model_stage(tmp_path):
+    with pytest.raises(ValueError, match=r"stages: ppo.reward_model='sft' names a sft stage, not a reward_model"):
+        resolve_stages(str(tmp_path), [Stage("sft", tiny_stages.vowel_sft()),
+                                       Stage("ppo", tiny_stages.vowel_ppo(), init_from="sft", reward_model="sft")])
+
+    ppo = tiny_stages.vowel_ppo()
+    ppo = dataclasses.replace(ppo, checkpoint=dataclasses.replace(ppo.checkpoint, init_from="runs/other/checkpoints"))
+    with pytest.raises(ValueError, match=r"stages: ppo sets both init_from='sft' and "
+                                         r"checkpoint.init_from=runs/other/checkpoints; give one"):
+        resolve_stages(str(tmp_path), [Stage("sft", tiny_stages.vowel_sft()), Stage("ppo", ppo, init_from="sft")])

@@ -191,3 +191,32 @@ def test_nonfinite_update_halts_the_run_naming_the_step(tmp_path, capsys):
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2] and records[1]["nonfinite"] == 1.0
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_critic_from_the_reward_model_refuses_a_language_model(tmp_path):
+    """PPO's critic (`value.init="reward_model"`) reads `rewards.reward_model` with `reward_model=True`:
+    a policy checkpoint there got a random score head silently; errors name the setting."""
+    from rlhf_jax.models.hf import save_hf
+    from rlhf_jax.train.weights import starting_params
+
+    key = "rewards.reward_model (value.init='reward_model')"
+    lm, rm = CausalLM(CONFIG), CausalLM(CONFIG, head="scalar")
+    params = jax.jit(lm.init)(jax.random.key(4))
+    with Checkpointer(tmp_path / "policy", config=CheckpointConfig(async_save=False), model_config=CONFIG) as ckpt:
+        ckpt.save(3, {"params": params})
+    save_hf(tmp_path / "hf", CONFIG, params)
+    for source in ("policy", "hf"):
+        with pytest.raises(ConfigError, match=rf"^rewards.reward_model \(value.init='reward_model'\): .*{source} is "
+                                              r"a language model \(LM head, no scalar 'score' head\)"):
+            starting_params(rm, str(tmp_path / source), rng=jax.random.key(0), key=key, reward_model=True)
+    # A reward model is read as it is, score head included.
+    rm_params = jax.jit(rm.init)(jax.random.key(6))
+    with Checkpointer(tmp_path / "rm", config=CheckpointConfig(async_save=False), model_config=CONFIG) as ckpt:
+        ckpt.save(2, {"params": rm_params})
+    got = starting_params(rm, str(tmp_path / "rm"), rng=jax.random.key(0), key=key, reward_model=True)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(rm_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(CheckpointMismatchError, match=r"^rewards.reward_model \(value.init='reward_model'\)=.*rm "
+                                                      r"does not match the run's model:\n  model.num_layers: .* has 2"):
+        starting_params(CausalLM(CONFIG.replace(num_layers=3), head="scalar"), str(tmp_path / "rm"),
+                        rng=jax.random.key(0), key=key, reward_model=True)

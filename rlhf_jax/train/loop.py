@@ -364,6 +364,9 @@ def fit(
     if start_step >= train.steps:
         logger.message(f"{run.path}: already trained to step {start_step} (train.steps={train.steps}); "
                        "nothing to do")
+        if run.config_changes:  # not applied: nothing trains (e.g. an earlier stage of a chain edited)
+            logger.message(f"the config differs from the one it was trained with, and is not applied: "
+                           f"{'; '.join(run.config_changes)} (delete {run.path} to train it with this config)")
         logger.close()
         last_eval, last_metrics = _last_logged(run.file("metrics.jsonl"), start_step)
         return FitResult(state, start_step, None, last_eval, last_metrics)

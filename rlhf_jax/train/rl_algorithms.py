@@ -238,7 +238,8 @@ class PPO(RLAlgorithm):
         config = self.config
         if config.value.init == "reward_model":
             vparams = starting_params(self.value, config.rewards.reward_model, rng=rng, mesh=self.mesh,
-                                      strategy=self.strategy)
+                                      strategy=self.strategy, key="rewards.reward_model (value.init='reward_model')",
+                                      reward_model=True)
         elif config.checkpoint.init_from:
             vparams = starting_params(self.value, config.checkpoint.init_from, rng=rng, mesh=self.mesh,
                                       strategy=self.strategy)

@@ -32,16 +32,21 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                  "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
 
 
-def _check_same_shape(ours: ModelConfig, theirs: ModelConfig, source: str) -> None:
+def _check_same_shape(ours: ModelConfig, theirs: ModelConfig, source: str, key: str = "checkpoint.init_from") -> None:
     diffs = [f"model.{f}: {source} has {getattr(theirs, f)!r}, this run {getattr(ours, f)!r}"
              for f in _SHAPE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
     if diffs:
-        raise CheckpointMismatchError(f"checkpoint.init_from={source} does not match the run's model:\n  "
-                                      + "\n  ".join(diffs))
+        raise CheckpointMismatchError(f"{key}={source} does not match the run's model:\n  " + "\n  ".join(diffs))
+
+
+def _not_a_reward_model(key: str, path: str) -> ConfigError:
+    return ConfigError(f"{key}: {path} is a language model (LM head, no scalar 'score' head), not a reward "
+                       "model; train one first (the reward_model recipe) or give a *ForSequenceClassification "
+                       "Hugging Face directory")
 
 
 def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None, strategy: str | None = None,
-                   step: int | None = None) -> Any:
+                   step: int | None = None, key: str = "checkpoint.init_from", reward_model: bool = False) -> Any:
     """Parameters of `model` read from `init_from` (a Hugging Face directory or an rlhf-jax checkpoint).
 
     A reward model (`head="scalar"`) started from a language model keeps the backbone, drops the
@@ -55,9 +60,13 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
       mesh, strategy: when given, every parameter is read straight into its sharding on `mesh`
         (no device ever holds a whole parameter it should hold a slice of).
       step: the checkpoint step of an rlhf-jax checkpoint (default: the latest).
+      key: the setting `init_from` came from, for error messages (e.g. "rewards.reward_model").
+      reward_model: `init_from` must be a reward model (a scalar head, e.g. PPO's critic started
+        from it): a language model is refused instead of getting a fresh head.
     Raises:
       FileNotFoundError: `init_from` does not exist.
       CheckpointMismatchError: the source's architecture differs from `model.config`.
+      ConfigError: `reward_model` and `init_from` holds a language model.
     """
     def placed(source_model: CausalLM):
         abstract = source_model.abstract_params()
@@ -75,15 +84,17 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
                             shardings), shardings
 
     if not os.path.exists(init_from):
-        raise FileNotFoundError(f"checkpoint.init_from: {init_from} does not exist")
+        raise FileNotFoundError(f"{key}: {init_from} does not exist")
     if is_checkpoint_dir(init_from):
         saved = read_model_config(init_from)
         source_config = model.config if saved is None else from_dict(ModelConfig, saved)
-        _check_same_shape(model.config, source_config, init_from)
+        _check_same_shape(model.config, source_config, init_from, key)
         with Checkpointer(init_from, read_only=True) as ckpt:
             step = ckpt.latest_step() if step is None else int(step)
             keys = ckpt.item_shapes("params", step)
         source_head = _head_of(keys)
+        if reward_model and source_head != "scalar":
+            raise _not_a_reward_model(key, init_from)
         source = CausalLM(model.config.replace(param_dtype=source_config.param_dtype), head=source_head)
         if any(k.endswith(".codes") for k in keys):  # a QLoRA run: its base is stored quantized
             params = _quantized_base(init_from, source, mesh, step)
@@ -94,12 +105,14 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
             params = merge_items(source, params, lora_item)
     elif os.path.isfile(os.path.join(init_from, "config.json")):
         source_config = config_from_hf(init_from)
-        _check_same_shape(model.config, source_config, init_from)
+        _check_same_shape(model.config, source_config, init_from, key)
         source_head = _stored_head(init_from, is_hf=True)
+        if reward_model and source_head != "scalar":
+            raise _not_a_reward_model(key, init_from)
         source = CausalLM(model.config, head=source_head)
         _, params = load_hf(init_from, dtype=model.config.param_dtype, shardings=placed(source)[1])
     else:
-        raise FileNotFoundError(f"checkpoint.init_from: {init_from} is neither a Hugging Face model directory "
+        raise FileNotFoundError(f"{key}: {init_from} is neither a Hugging Face model directory "
                                 "(config.json) nor an rlhf-jax checkpoint directory")
     params = dict(params)
     if model.head == "scalar" and "score" not in params:
@@ -108,19 +121,22 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
     elif model.head == "lm" and "score" in params:
         params.pop("score")
         if not model.config.tie_word_embeddings:
-            raise CheckpointMismatchError(f"checkpoint.init_from={init_from} is a reward model (no LM head); a "
+            raise CheckpointMismatchError(f"{key}={init_from} is a reward model (no LM head); a "
                                           "policy can start from it only with tie_word_embeddings")
     dtype = model.config.jnp_param_dtype
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-def starting_params(model, init_from: str, *, rng, mesh=None, strategy: str | None = None) -> Any:
-    """`model`'s parameters started from `init_from`: `initial_params`, and for a `LoraLM` its base
-    read there (placed in its shardings) with fresh adapters drawn from `fold_in(rng, 1)`."""
+def starting_params(model, init_from: str, *, rng, mesh=None, strategy: str | None = None,
+                    key: str = "checkpoint.init_from", reward_model: bool = False) -> Any:
+    """`model`'s parameters started from `init_from`: `initial_params` (`key`, `reward_model` as
+    there), and for a `LoraLM` its base read there (placed in its shardings) with fresh adapters
+    drawn from `fold_in(rng, 1)`."""
     lora = lora_of(model)
+    place = dict(rng=rng, mesh=mesh, strategy=strategy, key=key, reward_model=reward_model)
     if lora is None:
-        return initial_params(model, init_from, rng=rng, mesh=mesh, strategy=strategy)
-    base = initial_params(lora.plain_model, init_from, rng=rng, mesh=mesh, strategy=strategy)
+        return initial_params(model, init_from, **place)
+    base = initial_params(lora.plain_model, init_from, **place)
     return lora.init_from_base(base, jax.random.fold_in(rng, 1))
 
 
@@ -190,9 +206,7 @@ def load_reward_model(path: str, policy_config, *, key: str = "rewards.reward_mo
         raise FileNotFoundError(f"{key}: {path} is neither a Hugging Face model directory (config.json) nor an "
                                 "rlhf-jax checkpoint directory")
     if _stored_head(path, is_hf) == "lm":  # a policy LM would get a random head: rewards that are noise
-        raise ConfigError(f"{key}: {path} is a language model (LM head, no scalar 'score' head), not a reward "
-                          "model; train one first (the reward_model recipe) or give a *ForSequenceClassification "
-                          "Hugging Face directory")
+        raise _not_a_reward_model(key, path)
     saved = read_model_config(path) if not is_hf else None
     if saved is not None:
         rm_config = from_dict(ModelConfig, saved)
@@ -203,4 +217,4 @@ def load_reward_model(path: str, policy_config, *, key: str = "rewards.reward_mo
     else:
         raise ConfigError(f"{key}: {path} holds no model config (a checkpoint's saved config or a config.json)")
     model = CausalLM(rm_config, head="scalar")
-    return model, initial_params(model, path, rng=jax.random.key(0))
+    return model, initial_params(model, path, rng=jax.random.key(0), key=key)
