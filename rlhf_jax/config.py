@@ -140,6 +140,9 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.keep_best must be an int >= 0, got {self.keep_best!r}")
         if self.keep_best and not self.best_metric:
             raise ConfigError("checkpoint.keep_best > 0 needs checkpoint.best_metric (an eval metric name)")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            # e.g. `--set checkpoint.init_from=$SFT_DIR` with the variable unset: not a random init
+            raise ConfigError(f"checkpoint.init_from must be a path or None (random init), got {self.init_from!r}")
         check_choice("checkpoint", "best_mode", self.best_mode, Literal["max", "min"])
         check_choice("checkpoint", "on_corrupt", self.on_corrupt, Literal["fallback", "raise"])
 
@@ -236,7 +239,13 @@ def _parse(text: str, tp: Any, *, allow_nonfinite: bool = False) -> Any:
     if origin is tuple:
         args = get_args(tp)
         body = text.strip().strip("()[]").strip()
-        parts = [p.strip() for p in body.split(",") if p.strip()] if body else []
+        parts = [p.strip() for p in body.split(",")] if body else []
+        if parts and not parts[-1]:  # one trailing comma, as in "(8,)"
+            parts.pop()
+        if "" in parts:
+            raise ValueError("an empty entry between commas")
+        # a quoted entry, as in the list `--print-config` shows (["a", "b"]), is the text inside the quotes
+        parts = [p[1:-1] if len(p) >= 2 and p[0] == p[-1] and p[0] in "'\"" else p for p in parts]
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_parse(p, args[0], allow_nonfinite=allow_nonfinite) for p in parts)
         if len(parts) != len(args):
@@ -315,7 +324,8 @@ def flat_keys(config: Any, prefix: str = "", *, nested: bool = True) -> dict[str
 
 def _valid_keys_message(config: Any, key: str, section: Any, prefix: str) -> str:
     """The closest keys of the whole config, then the keys of the section where `key` went wrong."""
-    every = list(flat_keys(config))
+    # With the keys of `section` too: an optional section left None (`lora`) has none in `config`'s.
+    every = list({**flat_keys(config), **flat_keys(section, prefix)})
     last = key.rsplit(".", 1)[-1]
     close = [k for k in every if k.rsplit(".", 1)[-1] == last]   # the right name in another section
     close = close or difflib.get_close_matches(key, every, n=1, cutoff=0.75)
@@ -400,7 +410,8 @@ def override(config: Any, assignments: list[str] | tuple[str, ...]) -> Any:
     """Apply `KEY=VALUE` overrides (dotted keys) to a frozen dataclass config tree, all at once.
 
     Each value is parsed by the annotated type of its field (bool, int, float, str, `Literal`,
-    `X | None` with "none", `tuple[int, ...]` as "1,2,3"). All values are applied before any
+    `X | None` with "none", `tuple[int, ...]` as "1,2,3", "(1, 2)" or "[1, 2]", an entry in quotes being
+    the text inside them, "" or "()" the empty tuple). All values are applied before any
     section is validated, so fields checked together (e.g. `data.max_len` and
     `data.max_prompt_len`) can change together: each changed section is rebuilt once with
     `dataclasses.replace` and its `__post_init__` checks the final values. A key set twice takes its
@@ -469,13 +480,17 @@ def _from_value(value: Any, tp: Any, key: str, allow_nonfinite: bool = False) ->
         if value is None and len(args) < len(get_args(tp)):
             return None
         if isinstance(value, dict):
+            # `to_dict` writes every init field, so the member whose fields are exactly the dict's keys
+            # is the one written (`ORPO(beta=...)` is not read back as `DPO`, whose other fields have
+            # defaults); a partial dict goes to the first member that accepts it.
+            sections = [a for a in args if dataclasses.is_dataclass(a)]
+            sections.sort(key=lambda a: set(_fields(a)) != set(value))
             errors = []
-            for arg in args:
-                if dataclasses.is_dataclass(arg):
-                    try:
-                        return from_dict(arg, value, prefix=key + ".")
-                    except ConfigError as e:
-                        errors.append(str(e))
+            for arg in sections:
+                try:
+                    return from_dict(arg, value, prefix=key + ".")
+                except ConfigError as e:
+                    errors.append(str(e))
             raise ConfigError(f"{key}: no section type of {_type_name(tp)} accepts {value!r}: {errors}")
         for arg in args:
             if _check_value(value, arg) or (get_origin(arg) is tuple and isinstance(value, list)):
@@ -491,6 +506,8 @@ def _from_value(value: Any, tp: Any, key: str, allow_nonfinite: bool = False) ->
         args = get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_from_value(v, args[0], key, allow_nonfinite) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values for {_type_name(tp)}, got {value!r}")
         return tuple(_from_value(v, a, key, allow_nonfinite) for v, a in zip(value, args))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

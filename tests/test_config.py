@@ -273,3 +273,104 @@ def test_dict_round_trip_through_json():
     data["train"]["steps"] = "ten"
     with pytest.raises(ConfigError, match="train.steps: expected int, got 'ten'"):
         from_dict(Root, data)
+
+
+def test_a_union_of_sections_is_read_back_as_the_member_that_was_written():
+    from rlhf_jax.steps.preference_objectives import DPO, KTO, ORPO, SimPO
+    from rlhf_jax.train.dpo import DPOConfig
+
+    for algorithm in (ORPO(beta=0.3), SimPO(beta=2.0, gamma=0.5), KTO(beta=0.2), DPO(beta=0.2, loss_type="ipo")):
+        cfg = DPOConfig(name="d", algorithm=algorithm)
+        back = from_dict(DPOConfig, json.loads(json.dumps(to_dict(cfg))))
+        assert type(back.algorithm) is type(algorithm) and back == cfg
+    # A partial dict still goes to the first member that accepts it.
+    assert from_dict(DPOConfig, {"name": "d", "algorithm": {"beta": 0.2, "gamma": 1.0}}).algorithm == SimPO(beta=0.2, gamma=1.0)
+
+
+def test_from_dict_refuses_a_fixed_length_tuple_of_another_length():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Lens:
+        pair: tuple[int, int] = (1, 2)
+
+    assert from_dict(Lens, {"pair": [3, 4]}).pair == (3, 4)
+    with pytest.raises(ConfigError, match=r"^pair: expected 2 values for tuple\[int, int\], got \[1, 2, 3\]$"):
+        from_dict(Lens, {"pair": [1, 2, 3]})
+    with pytest.raises(ConfigError, match=r"^pair: expected 2 values for tuple\[int, int\], got \[1\]$"):
+        from_dict(Lens, {"pair": [1]})
+
+
+def test_tuple_values_keep_every_entry():
+    assert override(Root(), ["algorithm.mesh_shape=(8,)"]).algorithm.mesh_shape == (8,)
+    assert override(Root(), ["algorithm.mesh_shape=[2, 4]"]).algorithm.mesh_shape == (2, 4)
+    assert override(Root(), ["algorithm.mesh_shape="]).algorithm.mesh_shape == ()
+    assert override(Root(), ["algorithm.mesh_shape=()"]).algorithm.mesh_shape == ()
+    with pytest.raises(ConfigError) as e:
+        override(Root(), ["algorithm.mesh_shape=2,,4"])
+    assert str(e.value) == ("--set algorithm.mesh_shape=2,,4: wrong type for 'algorithm.mesh_shape': an empty entry "
+                            "between commas; the key has type tuple[int, ...], got '2,,4'")
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Judge:
+        principles: tuple[str, ...] = ()
+
+    # Quoted entries (the JSON list `--print-config` shows, or a Python tuple) are the text in the quotes.
+    assert override(Judge(), ['principles=["be kind", "be brief"]']).principles == ("be kind", "be brief")
+    assert override(Judge(), ["principles=('be kind', 'be brief')"]).principles == ("be kind", "be brief")
+    assert override(Judge(), ["principles=be kind,be brief"]).principles == ("be kind", "be brief")
+
+
+def test_an_empty_init_from_is_refused_not_a_random_init():
+    with pytest.raises(ConfigError) as e:
+        override(Root(), ["checkpoint.init_from="])
+    assert str(e.value) == ("--set checkpoint.init_from=: checkpoint.init_from must be a path or None (random init), "
+                            "got ''")
+    assert override(Root(), ["checkpoint.init_from=none"]).checkpoint.init_from is None
+    with pytest.raises(ConfigError, match="checkpoint.init_from must be a path or None"):
+        CheckpointConfig(init_from=" ")
+
+
+def test_a_typo_inside_an_optional_section_left_none_suggests_its_key():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Lora:
+        rank: int = 8
+        alpha: float = 16.0
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class WithLora:
+        lora: Lora | None = None
+
+    assert override(WithLora(), ["lora.rank=4"]).lora == Lora(rank=4)
+    with pytest.raises(ConfigError) as e:
+        override(WithLora(), ["lora.rnak=4"])
+    assert str(e.value).splitlines() == [
+        "--set lora.rnak=4: unknown key 'lora.rnak'. Did you mean lora.rank?",
+        "Keys of section 'lora':", "  lora.rank: int", "  lora.alpha: float",
+    ]
+
+
+def _same(a, b):
+    """Equal with the same types all the way down (1 == 1.0 == True and DPO == ORPO's fields are not enough)."""
+    if type(a) is not type(b):
+        return False
+    if dataclasses.is_dataclass(a):
+        return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_every_experiment_config_round_trips_through_json_with_its_types():
+    import glob
+    import os
+
+    from rlhf_jax.cli import experiment_config, load_experiment
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    paths = sorted(glob.glob(os.path.join(root, "*.py")))
+    assert len(paths) >= 19
+    for path in paths:
+        module, _ = load_experiment(path)
+        for arg in (None, "orpo") if os.path.basename(path) == "dpo_tiny.py" else (None,):
+            cfg = experiment_config(module, arg, [])
+            back = from_dict(type(cfg), json.loads(json.dumps(to_dict(cfg))))
+            assert _same(back, cfg), (path, arg)
