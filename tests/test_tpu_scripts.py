@@ -7,13 +7,14 @@ HOME standing in for a worker: `tpu/worker_setup.sh` with a fake python3/uv, and
 command lines with a fake `rlhf_jax` package, so that the quoting, the background start, the
 "already running" guard and stopping with SIGTERM (exit 75 in the log) are exercised, not just read.
 The Slurm script runs with fake `srun`/`scontrol` and a fake Python per task. Only launch's local
-pre-check starts the real package (twice, ~4 s each).
+pre-check starts the real package (four times, ~4 s each).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -65,8 +66,20 @@ def _run(script: str, *args: str, env: dict, ok: bool = True) -> subprocess.Comp
 
 
 def _gcloud(stdout: str) -> list[list[str]]:
-    """The printed gcloud commands as argument lists."""
-    return [shlex.split(line) for line in stdout.splitlines() if line.startswith("gcloud ")]
+    """The printed gcloud commands as argument lists (a command spans lines where a quoted argument has newlines)."""
+    commands, pending = [], ""
+    for line in stdout.splitlines():
+        pending += line
+        try:
+            argv = shlex.split(pending)
+        except ValueError:  # an open quote: the command goes on
+            pending += "\n"
+            continue
+        if argv[:1] == ["gcloud"]:
+            commands.append(argv)
+        pending = ""
+    assert not pending, pending
+    return commands
 
 
 def _flags(argv: list[str]) -> dict[str, str | bool]:
@@ -119,8 +132,18 @@ def test_setup_copies_the_checkout_and_installs_on_all_workers(env):
     assert flags["--worker"] == "all" and scp[5].endswith("/rlhf_jax.tar.gz") and scp[6] == "test-pod:~/rlhf_jax.tar.gz"
     flags = _check_common(ssh, "ssh")
     assert flags["--worker"] == "all"
-    assert flags["--command"] == ("mkdir -p ~/rlhf_jax && tar -xzf ~/rlhf_jax.tar.gz -C ~/rlhf_jax && "
-                                  "rm ~/rlhf_jax.tar.gz && PYTHON_VERSION=3.12 bash ~/rlhf_jax/tpu/worker_setup.sh")
+    command, code_id = flags["--command"].rsplit(" && echo ", 1)
+    assert command == ("mkdir -p ~/rlhf_jax && tar -xzf ~/rlhf_jax.tar.gz -C ~/rlhf_jax && "
+                       "rm ~/rlhf_jax.tar.gz && PYTHON_VERSION=3.12 bash ~/rlhf_jax/tpu/worker_setup.sh")
+    # Once installed, the worker records the checkout's code id, the one launch.sh requires.
+    code_id, dest = code_id.split(" > ")
+    assert dest == "~/rlhf_jax/.code_id" and code_id == _checkout_code_id()
+
+
+def _checkout_code_id() -> str:
+    """tpu/common.sh's code_id of this checkout (what setup.sh records and launch.sh requires)."""
+    return subprocess.run(["bash", "-c", "source tpu/common.sh && code_id"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def test_setup_ships_the_tracked_files(env, tmp_path):
@@ -180,17 +203,24 @@ def _launch_command(env, *args: str) -> str:
     return flags["--command"]
 
 
-def _fake_worker(tmp_path) -> Path:
+def _code_id(launch_command: str) -> str:
+    """The code id launch's command requires of the worker's ~/rlhf_jax/.code_id."""
+    (code_id,) = re.findall(r'"\$\(cat \.code_id 2> /dev/null\)" != ([0-9a-f]{40}) \]; then ', launch_command)
+    return code_id
+
+
+def _fake_worker(tmp_path, code_id: str = "") -> Path:
     """A HOME like a set-up worker's: ~/rlhf_jax/.venv/bin/python3 runs a fake rlhf_jax that records its argv,
-    then exits with $FAKE_RC, or on SIGTERM with 75 (as the real one does after saving)."""
+    then exits with $FAKE_RC, or on SIGTERM with 75 (as the real one does after saving; $FAKE_HUNG: ignores it)."""
     home = tmp_path / "worker"
     repo = home / "rlhf_jax"
     (repo / ".venv" / "bin").mkdir(parents=True)
     os.symlink(sys.executable, repo / ".venv" / "bin" / "python3")
+    _write(repo / ".code_id", code_id + "\n")  # as setup.sh leaves it
     _write(repo / "rlhf_jax" / "__init__.py", "")
     _write(repo / "rlhf_jax" / "__main__.py", """\
 import json, os, signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+signal.signal(signal.SIGTERM, signal.SIG_IGN if os.environ.get("FAKE_HUNG") else lambda *_: sys.exit(75))
 home = os.path.expanduser("~")
 with open(os.path.join(home, "argv.tmp"), "w") as f:
     json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.getpid()}, f)
@@ -219,7 +249,7 @@ def test_launch_runs_the_command_on_every_worker_and_stop_ends_it_with_75(env, t
     assert "RLHF_JAX_DISTRIBUTED=auto ~/rlhf_jax/.venv/bin/python3 -m rlhf_jax run experiments/sft_tiny.py --set train.steps=3 --set " in command
     assert ">> ~/run.log 2>&1 < /dev/null &" in command
 
-    home = _fake_worker(tmp_path)
+    home = _fake_worker(tmp_path, _code_id(command))
     worker_env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
     record = home / "argv.json"
     pid = None
@@ -240,6 +270,100 @@ def test_launch_runs_the_command_on_every_worker_and_stop_ends_it_with_75(env, t
         subprocess.run(["bash", "-c", _flags(stop)["--command"]], env=worker_env, check=True, timeout=30)
         log = _wait_for(home / "run.log", lambda text: "exit status" in text)
         assert "== rlhf-jax exit status 75 " in log
+        pid = None
+    finally:
+        if pid is not None:  # only the fake this test started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _start_on_fake_worker(command: str, home: Path, **worker_env: str) -> dict:
+    """Run launch's remote command in the fake worker `home`; the started process's record."""
+    subprocess.run(["bash", "-c", command], env={"HOME": str(home), "PATH": "/usr/bin:/bin", **worker_env},
+                   check=True, timeout=20)
+    return json.loads(_wait_for(home / "argv.json"))
+
+
+def test_launch_passes_any_argument_through_exactly(env, tmp_path):
+    """Spaces, quotes, $, ;, backquotes, globs, a newline, an empty value and a --flag=value reach the workers'
+    python as given, and none is run by a shell on the way."""
+    values = ["workdir=/mnt/a b/$HOME;touch PWNED `touch PWNED2` $(touch PWNED3)", "x='y\"z", "k=* ? [a] {a,b} ~ \\",
+              "nl=a\nb", "", "é=ü"]
+    args = ["experiments/sft_tiny.py"] + [a for v in values for a in ("--set", v)] + ["--set=eq='$x'"]
+    command = _launch_command(env, "--no-check", *args)
+    assert "RLHF_JAX_DISTRIBUTED=auto " in command
+    home = _fake_worker(tmp_path)
+    started = _start_on_fake_worker(command, home, FAKE_RC="0")
+    assert started["argv"] == ["run", *args]
+    assert not list(home.rglob("PWNED*")) and not list(Path(started["cwd"]).glob("PWNED*"))
+    assert "== rlhf-jax exit status 0 " in _wait_for(home / "run.log", lambda text: "exit status" in text)
+
+
+def test_dry_run_after_the_arguments_still_runs_nothing(env):
+    """`tpu/copy.sh PATH --dry-run` had copied PATH (and then failed on '--dry-run'): --dry-run counts anywhere."""
+    mkdir, scp = _gcloud(_run("copy.sh", "experiments", "--dry-run", env=env).stdout)
+    assert _flags(mkdir)["--command"] == "mkdir -p ~/rlhf_jax" and scp[5:7] == ["--recurse", str(ROOT / "experiments")]
+    (ssh,) = _gcloud(_run("launch.sh", "--no-check", "experiments/sft_tiny.py", "--set", "train.steps=3", "--dry-run",
+                          env=env).stdout)
+    assert _flags(ssh)["--command"].count("rlhf_jax run experiments/sft_tiny.py --set train.steps=3; ") == 1
+
+
+def test_copy_checks_every_path_before_copying_any(env):
+    proc = _run("copy.sh", "experiments", "no/such/dir", env=env, ok=False)  # no --dry-run: gcloud must not run
+    assert proc.returncode == 2 and "no/such/dir does not exist" in proc.stderr and not proc.stdout
+
+
+def test_launch_refuses_a_worker_with_other_code(env, tmp_path):
+    """A worker whose checkout is not this one's (edited since setup.sh, or setup.sh failed there) starts nothing."""
+    command = _launch_command(env, "experiments/sft_tiny.py")
+    assert _code_id(command) == _checkout_code_id()
+    for recorded in ("0" * 40, None):
+        home = _fake_worker(tmp_path / str(recorded), "0" * 40)
+        if recorded is None:
+            (home / "rlhf_jax" / ".code_id").unlink()
+        proc = subprocess.run(["bash", "-c", command], env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=20)
+        assert proc.returncode == 1 and "is not this checkout's: rerun tpu/setup.sh" in proc.stderr
+        assert not (home / "argv.json").exists() and not (home / "run.log").exists()
+    assert ".code_id" not in _launch_command(env, "--no-check", "experiments/sft_tiny.py")
+
+
+def test_local_check_ignores_this_shells_cluster_variables(env):
+    """Launching from a shell inside a Slurm allocation (or with RLHF_JAX_DISTRIBUTED=auto exported) had the local
+    check try to join a cluster and fail with 'coordinator_address should be defined'."""
+    env.update(RLHF_JAX_DISTRIBUTED="auto", SLURM_NTASKS="4", OMPI_COMM_WORLD_SIZE="2", TPU_WORKER_HOSTNAMES="a,b")
+    proc = _run("launch.sh", "--dry-run", "experiments/sft_tiny.py", "--set", "train.steps=3", env=env)
+    assert len(_gcloud(proc.stdout)) == 1
+
+
+def test_launch_failing_on_a_worker_is_reported(env, tmp_path):
+    fake = _write(tmp_path / "failing" / "gcloud", "#!/bin/sh\necho '##### Command execution on worker 3 failed' >&2\n"
+                                                    "exit 1\n", executable=True)
+    env = dict(env, PATH=f"{fake.parent}{os.pathsep}{env['PATH']}")
+    proc = _run("launch.sh", "--no-check", "experiments/sft_tiny.py", env=env, ok=False)
+    assert proc.returncode == 2 and "worker 3 failed" in proc.stderr
+    assert "launch.sh: the launch failed on a worker" in proc.stderr and "tpu/stop.sh stops them now" in proc.stderr
+
+
+def test_stop_kill_ends_a_run_that_ignores_sigterm(env, tmp_path):
+    """A hung run (SIGTERM does nothing): stop.sh says so (exit 1, naming --kill); stop.sh --kill ends it (137)."""
+    home = _fake_worker(tmp_path)
+    pid = _start_on_fake_worker(_launch_command(env, "--no-check", "experiments/sft_tiny.py"), home,
+                                FAKE_HUNG="1")["pid"]
+    worker_env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
+    try:
+        env["STOP_TIMEOUT"] = "1"
+        (stop,) = _gcloud(_run("stop.sh", "--dry-run", env=env).stdout)
+        proc = subprocess.run(["bash", "-c", _flags(stop)["--command"]], env=worker_env, capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 1 and "still running" in proc.stderr and "tpu/stop.sh --kill" in proc.stderr
+        env["STOP_TIMEOUT"] = "20"
+        (kill,) = _gcloud(_run("stop.sh", "--dry-run", "--kill", env=env).stdout)
+        assert _flags(kill)["--worker"] == "all" and "pkill -KILL -f" in _flags(kill)["--command"]
+        subprocess.run(["bash", "-c", _flags(kill)["--command"]], env=worker_env, check=True, timeout=30)
+        assert "== rlhf-jax exit status 137 " in _wait_for(home / "run.log", lambda text: "exit status" in text)
         pid = None
     finally:
         if pid is not None:  # only the fake this test started

@@ -44,8 +44,8 @@ note() {
   echo "$*" >&2
 }
 
-# parse_args "$@": takes the leading options: --dry-run, -h/--help, and the script's own flags
-# (collected in OPTS); ARGS holds the rest. Then checks the settings.
+# parse_args "$@": takes the leading options: --dry-run (anywhere), -h/--help, and the script's own
+# flags (collected in OPTS); ARGS holds the rest. Then checks the settings.
 parse_args() {
   OPTS=()
   while [ $# -gt 0 ]; do
@@ -58,7 +58,12 @@ parse_args() {
     esac
     shift
   done
-  ARGS=("$@")
+  # --dry-run after the arguments too (`tpu/copy.sh data --dry-run`): asked for, nothing may run.
+  local arg
+  ARGS=()
+  for arg in "$@"; do
+    if [ "$arg" = --dry-run ]; then DRY_RUN=1; else ARGS+=("$arg"); fi
+  done
   [ -n "${TPU_NAME:-}" ] || die "set TPU_NAME, e.g. export TPU_NAME=rlhf-v5e-16"
   [ -n "${ZONE:-}" ] || die "set ZONE, e.g. export ZONE=us-west4-a"
   [[ $REPO_DIR =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$ ]] \
@@ -68,6 +73,22 @@ parse_args() {
 expect_no_args() {
   [ ${#OPTS[@]} -eq 0 ] || die "unknown option ${OPTS[0]}"
   [ ${#ARGS[@]} -eq 0 ] || die "unexpected argument ${ARGS[0]}"
+}
+
+# tracked_files: the checkout's tracked files that exist in the working tree, NUL-separated (what
+# setup.sh ships).
+tracked_files() {
+  git -C "$REPO_ROOT" ls-files -z | while IFS= read -r -d '' f; do
+    if [ -e "$REPO_ROOT/$f" ]; then printf '%s\0' "$f"; fi
+  done
+}
+
+# code_id: one hash of those files' names and contents. setup.sh leaves it in ~/$REPO_DIR/.code_id on
+# every worker once installed there; launch.sh launches only where it matches the checkout's.
+code_id() {
+  git -C "$REPO_ROOT" rev-parse 2> /dev/null || die "$REPO_ROOT is not a git checkout: setup.sh ships its tracked files"
+  (cd "$REPO_ROOT" && { tracked_files | tr '\0' '\n'; tracked_files | tr '\0' '\n' | git hash-object --stdin-paths; } \
+     | git hash-object --stdin)
 }
 
 # shell_quote ARG...: the arguments as one shell command line (single quotes where needed).

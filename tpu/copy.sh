@@ -9,11 +9,15 @@ source "$(dirname "$0")/common.sh"
 parse_args "$@"
 [ ${#OPTS[@]} -eq 0 ] || die "unknown option ${OPTS[0]}"
 [ ${#ARGS[@]} -ge 1 ] || die "give the paths to copy (relative to $REPO_ROOT)"
-for path in "${ARGS[@]}"; do
+paths=()
+for path in "${ARGS[@]}"; do  # every path checked before anything is copied
   path=${path%/}
   [[ $path =~ ^[A-Za-z0-9_.@+,-]+(/[A-Za-z0-9_.@+,-]+)*$ ]] || die "$path: letters, digits and _.@+,- only"
   case $path in /* | .. | ../* | */../* | */..) die "$path: give a path inside the checkout, relative to it" ;; esac
   [ -e "$REPO_ROOT/$path" ] || die "$REPO_ROOT/$path does not exist"
+  paths+=("$path")
+done
+for path in "${paths[@]}"; do
   # shellcheck disable=SC2088  # a path on the workers: their shell expands the ~
   dest="~/$REPO_DIR/$(dirname "$path")"; dest=${dest%/.}
   on_workers all "mkdir -p $dest"
