@@ -286,7 +286,10 @@ class _Turns:
             traj.done = True
             return False
         observation = result.observation if result.observation is not None else ""
-        rendered = self.renderer.observation(observation)
+        # The model's turn ended at its end-of-turn token (EOS) or not (a tag format's close tag): the
+        # observation then starts after it, or closes the turn first.
+        closed = bool(traj.tokens) and self.eos is not None and traj.tokens[-1] == self.eos
+        rendered = self.renderer.observation(observation, turn_closed=closed)
         if isinstance(observation, ToolResult):
             traj.tool_statuses.append(rendered.status if rendered.status != "ok" else observation.status)
         if traj.num_turns >= self.limits.max_turns or len(rendered.ids) >= self.limits.max_tokens - len(traj.tokens):

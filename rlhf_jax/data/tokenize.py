@@ -76,6 +76,8 @@ __all__ = [
     "TokenizerError",
     "load_tokenizer",
     "tokenize_sequences",
+    "encode_pieces",
+    "special_pattern",
 ]
 
 Truncation = Literal["keep_start", "keep_end"]
@@ -298,7 +300,7 @@ def _chat_pieces(spec: Chat, rendered, keys) -> list[_Piece] | str:
     return pieces
 
 
-def _special_pattern(tokenizer):
+def special_pattern(tokenizer):
     """A regex matching the text of every special token of `tokenizer` (None when it has none)."""
     tokens = set(tokenizer.all_special_tokens)
     tokens.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
@@ -414,8 +416,8 @@ def tokenize_sequences(
     rendered = _render_all(requests, tokenizer, config.tools)
 
     # 2. Cut each spec into pieces; collect the distinct texts.
-    specials = _special_pattern(tokenizer) if chat_keys else None
-    # A text after another text of its sequence is encoded as a continuation (`_encode_pieces`).
+    specials = special_pattern(tokenizer) if chat_keys else None
+    # A text after another text of its sequence is encoded as a continuation (`encode_pieces`).
     all_pieces: list[list[_Piece] | str] = []
     texts: dict[tuple[str, bool], int] = {}
     for n, spec in enumerate(specs):
@@ -435,7 +437,7 @@ def tokenize_sequences(
                     pieces[k] = (key, trained)
                     started = started or bool(piece)
         all_pieces.append(pieces)
-    text_ids = _encode_pieces(tokenizer, list(texts)) if texts else []
+    text_ids = encode_pieces(tokenizer, list(texts)) if texts else []
 
     # 3. Assemble ids and masks; EOS exactly once; truncate.
     eos_problem = f"the completion text contains the EOS token {tokenizer.eos_token!r}"
@@ -481,7 +483,7 @@ def tokenize_sequences(
     return out
 
 
-def _encode_pieces(tokenizer, keys: list[tuple[str, bool]]) -> list[list[int]]:
+def encode_pieces(tokenizer, keys: list[tuple[str, bool]]) -> list[list[int]]:
     """Token ids of each `(text, continuation)`: a continuation is encoded as it is within a longer text.
 
     A tokenizer that marks the start of a text (SentencePiece's "▁" word-start prefix, added to the
