@@ -236,7 +236,11 @@ class Checkpointer:
         write_manifest(tmp if os.path.isdir(tmp) else os.path.join(self.directory, str(step)))
 
     def best_step(self, metric: str | None = None, mode: str | None = None) -> int | None:
-        """The step whose saved metrics are best by `metric` (default: the config's best_metric)."""
+        """The step whose saved metrics are best by `metric` (default: the config's best_metric).
+
+        A NaN metric is never best; among steps tied for best, the latest wins (as `keep_best` retention
+        keeps the latest of them).
+        """
         metric = metric or self.config.best_metric
         mode = mode or self.config.best_mode
         if metric is None and self.latest_step() is not None:
@@ -249,7 +253,8 @@ class Checkpointer:
             metrics = self.metrics(step)
             if metrics and metric in metrics and not np.isnan(float(metrics[metric])):  # a NaN is never best
                 scored.append((float(metrics[metric]), step))
-        for _, step in sorted(scored, reverse=mode == "max"):  # best first; a corrupt one is passed over
+        # Best first, a tie going to the latest step (the one retention keeps); a corrupt one is passed over.
+        for _, step in sorted(scored, key=lambda ms: (-ms[0] if mode == "max" else ms[0], -ms[1])):
             verdict = self.verify(step)
             if verdict.status != "corrupt":
                 return step

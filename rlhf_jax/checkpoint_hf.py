@@ -144,7 +144,10 @@ def _resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:
         if resolved is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt.directory} was saved with the best metric")
     else:
-        resolved = int(step)
+        try:
+            resolved = int(step)
+        except (TypeError, ValueError):
+            raise ValueError(f"export_hf: step must be a step number, 'latest' or 'best', got {step!r}") from None
     if resolved is None or resolved not in ckpt.all_steps():
         raise FileNotFoundError(f"no checkpoint {step if step is not None else ''} in {ckpt.directory}; "
                                 f"available steps: {ckpt.all_steps()}")

@@ -118,6 +118,20 @@ def test_keeps_latest_n_and_best_by_metric(tmp_path):
         assert ckpt.all_steps() == [2, 4]
 
 
+
+@pytest.mark.parametrize("mode,tied,other", [("min", 0.1, 0.5), ("max", 0.9, 0.2)])
+def test_a_tie_for_best_is_the_latest_tied_step_before_and_after_retention(tmp_path, mode, tied, other):
+    """`best_step` among tied steps named the earliest under "min" (the latest under "max") while
+    retention keeps the latest: "best" moved from step 1 to step 2 once step 1 left the window."""
+    seq = [(1, tied), (2, tied), (3, other), (4, other)]
+    for keep, kept in [(5, [1, 2, 3, 4]), (2, [2, 3, 4])]:
+        cfg = CheckpointConfig(keep=keep, keep_best=1, best_metric="eval/x", best_mode=mode, async_save=False)
+        with Checkpointer(tmp_path / f"{mode}{keep}", config=cfg) as ckpt:
+            for step, value in seq:
+                ckpt.save(step, {"params": _params(step)}, metrics={"eval/x": value})
+            assert ckpt.all_steps() == kept
+            assert ckpt.best_step() == 2
+
 def test_mismatched_model_is_reported_before_reading_arrays(tmp_path):
     params = _params()
     with Checkpointer(tmp_path, model_config=tiny_config()) as ckpt:
@@ -396,3 +410,66 @@ def test_an_async_step_is_committed_with_its_manifest(tmp_path):
         restored, extras = ckpt.restore({"params": {"w": jax.ShapeDtypeStruct((512, 512), jnp.float32)}})
     np.testing.assert_array_equal(restored["params"]["w"], np.ones((512, 512)))
     assert extras == {"position": 1}
+
+
+# ------------------------------------------------------------------- across layouts and exports (s23)
+
+
+def test_a_state_saved_fsdp_on_8_restores_bitwise_onto_tp_dp_and_one_device(tmp_path):
+    """A bf16 TrainState (Adam moments, key) saved sharded fsdp over 8 devices comes back bit for bit
+    on a tp mesh of 2, dp of 4 and one device, each leaf in the new layout's sharding."""
+    from rlhf_jax import sharding as sh
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.optim import OptimizerConfig, make_optimizer
+    from rlhf_jax.state import abstract_train_state, create_train_state, train_state_shardings
+
+    cfg = tiny_config(param_dtype="bfloat16")
+    lm, tx = CausalLM(cfg), make_optimizer(OptimizerConfig(learning_rate=1e-3))
+    state = create_train_state(lm.init, tx, rng=0, logical_axes=lm.logical_axes,
+                               mesh=sh.make_mesh({"fsdp": 8}), strategy="fsdp")
+    state = state._replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state))  # non-trivial moments
+    with Checkpointer(tmp_path, model_config=cfg, config=CheckpointConfig(async_save=False)) as ckpt:
+        ckpt.save(1, {"train": state}, extras={"data": {"position": 3}})
+    host, abstract = jax.tree.map(np.asarray, state), abstract_train_state(lm.init, tx)
+    for shape, strategy in [({"tensor": 2}, "tp"), ({"data": 4}, "dp"), ({"data": 1}, "fsdp")]:
+        mesh = sh.make_mesh(shape, devices=jax.devices()[:max(shape.values())])
+        shardings = train_state_shardings(abstract, lm.logical_axes, tx, mesh=mesh, strategy=strategy)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        with Checkpointer(tmp_path, model_config=cfg) as ckpt:
+            restored, extras = ckpt.restore({"train": target})
+        assert extras == {"data": {"position": 3}}
+        for got, want, sharding in zip(jax.tree.leaves(restored["train"]), jax.tree.leaves(host),
+                                       jax.tree.leaves(shardings)):
+            assert got.sharding == sharding and got.dtype == want.dtype
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_a_sharded_lora_reward_model_exports_merged_as_a_sequence_classifier(tmp_path):
+    """A LoRA reward model's checkpoint saved fsdp over 8 devices exports (merge=True) as
+    `LlamaForSequenceClassification`; transformers' scores equal ours within 1e-5."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from rlhf_jax import sharding as sh
+    from rlhf_jax.checkpoint_hf import export_hf
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.lora import LoraConfig, LoraLM
+    from rlhf_jax.state import place_params
+    from rlhf_jax.train.adapters import params_items
+
+    cfg = tiny_config()
+    model = LoraLM(CausalLM(cfg, head="scalar"), LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down")))
+    params = model.init(jax.random.key(2))
+    params["lora"] = jax.tree.map(lambda x: 0.1 * jax.random.normal(jax.random.key(5), x.shape, x.dtype),
+                                  params["lora"])  # B != 0: the merge matters
+    params = place_params(params, model.logical_axes, mesh=sh.make_mesh({"fsdp": 8}), strategy="fsdp")
+    with Checkpointer(tmp_path / "ckpt", model_config=cfg, config=CheckpointConfig(async_save=False)) as ckpt:
+        ckpt.save(3, params_items(model, params))
+    assert export_hf(tmp_path / "ckpt", tmp_path / "hf", merge=True).step == 3
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForSequenceClassification"
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        theirs = hf.score(hf.model(torch.tensor(tokens)).last_hidden_state)[..., 0].numpy()
+    np.testing.assert_allclose(theirs, np.asarray(model.forward(params, jnp.asarray(tokens)).values), atol=1e-5)
+    with pytest.raises(ValueError, match="step must be a step number, 'latest' or 'best', got 'bset'"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf2", step="bset")
