@@ -246,13 +246,13 @@ def test_maxima_and_minima_over_micro_batches_are_not_averaged():
     assert float(metrics["err/mean"]) == pytest.approx(err.mean(), rel=1e-6)
 
 
-def test_packed_rows_with_more_segments_than_the_step_sums_are_refused():
+def test_packed_rows_with_more_segments_than_the_step_sums_and_weighted_masks_are_refused():
     """A DPO or reward-model step built for `max_segments=S` sums segments 1..S of each row: packed
     data with more pairs per row lost the rest silently (loss log 2 from one pair of four). Every
     batch is now checked on the host, and the reference precompute too."""
     from rlhf_jax.models import CausalLM
     from rlhf_jax.steps import make_dpo_step, make_reward_model_step
-    from rlhf_jax.steps.common import token_id_check
+    from rlhf_jax.steps.common import host_batch_check
     from rlhf_jax.steps.preference import make_reference_logps_fn
     from rlhf_jax.testing import tiny_config
 
@@ -260,15 +260,19 @@ def test_packed_rows_with_more_segments_than_the_step_sums_are_refused():
     message = (r"^step: batch\['chosen_segment_ids'\] numbers up to 3 segments in a row, but the step was built "
                r"for max_segments=2: the rows' other segments would be dropped")
     with pytest.raises(ValueError, match=message):
-        token_id_check(16, max_segments=2)(packed, "step")
-    token_id_check(16, max_segments=3)(packed, "step")
-    token_id_check(16)(packed, "step")  # an SFT step sums no segments
+        host_batch_check(16, max_segments=2)(packed, "step")
+    host_batch_check(16, max_segments=3)(packed, "step")
+    host_batch_check(16)(packed, "step")  # an SFT step sums no segments
     lm, scalar = CausalLM(tiny_config()), CausalLM(tiny_config(), head="scalar")
     with pytest.raises(ValueError, match=r"max_segments=1"):
         make_dpo_step(lm, optax.sgd(1.0)).host_check(packed, "step")
     with pytest.raises(ValueError, match=r"max_segments=2"):
         make_reward_model_step(scalar, optax.sgd(1.0), max_segments=2).host_check(packed, "step")
     make_dpo_step(lm, optax.sgd(1.0), max_segments=4).host_check(packed, "step")
+    # A weighted loss mask is read as 0/1 by every step (causal_targets): refused, not trained as 1.
+    weighted = {**packed, "chosen_loss_mask": np.array([[0, 0.5, 1, 1, 1, 0]])}
+    with pytest.raises(ValueError, match=r"^step: batch\['chosen_loss_mask'\] must be bool or 0/1, got values \[0.5\]"):
+        make_dpo_step(lm, optax.sgd(1.0), max_segments=4).host_check(weighted, "step")
     mesh = sh.make_mesh({"data": 1}, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match=r"^make_reference_logps_fn: .* max_segments=1"):
         make_reference_logps_fn(lm, mesh=mesh, strategy="dp")(None, packed)

@@ -60,7 +60,7 @@ __all__ = [
     "micro_share",
     "reduce_micro_metrics",
     "check_token_ids",
-    "token_id_check",
+    "host_batch_check",
 ]
 
 Metrics = dict[str, jax.Array]
@@ -337,14 +337,30 @@ def check_segment_ids(batch: Mapping[str, Any], max_segments: int, *, name: str)
                              "dropped; build the step with the data's max_segments")
 
 
-def token_id_check(vocab_size: int | None, keys: Sequence[str] | None = None, *,
-                   max_segments: int | None = None) -> Callable[[Mapping, str], None]:
-    """A `Step` host check of the token ids (`keys`, or every batch key ending in `tokens`) and, with
-    `max_segments`, of the packed rows' segment count (`check_segment_ids`)."""
+def check_loss_masks(batch: Mapping[str, Any], *, name: str) -> None:
+    """`*loss_mask` host values must be 0/1: the steps mark target tokens (`causal_targets`) and weigh
+    each by 1, so a weight such as 0.5, 2 or NaN would be read as 1."""
+    for key in [k for k in batch if str(k).endswith("loss_mask")]:
+        mask = _checks.host_values(batch[key])
+        if mask is None:
+            continue
+        bad = (mask != 0) & (mask != 1)
+        if np.any(bad):
+            values = np.unique(np.asarray(mask)[bad]).tolist()[:5]
+            raise ValueError(f"{name}: batch[{key!r}] must be bool or 0/1, got values {values}; the step weighs "
+                             "every marked target token by 1 (per-token weights are not supported)")
+
+
+def host_batch_check(vocab_size: int | None, keys: Sequence[str] | None = None, *,
+                     max_segments: int | None = None) -> Callable[[Mapping, str], None]:
+    """A `Step` host check: token ids in the vocabulary (`keys`, or every batch key ending in
+    `tokens`), 0/1 loss masks (`check_loss_masks`) and, with `max_segments`, the packed rows'
+    segment count (`check_segment_ids`)."""
 
     def check(batch: Mapping[str, Any], name: str) -> None:
         token_keys = keys if keys is not None else [k for k in batch if str(k).endswith("tokens")]
         check_token_ids(batch, token_keys, vocab_size, name=name)
+        check_loss_masks(batch, name=name)
         if max_segments is not None:
             check_segment_ids(batch, max_segments, name=name)
 

@@ -402,7 +402,7 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
     update = common.make_update(loss_fn, tx, prepare=prepare, micro_batches=micro_batches, nonfinite=nonfinite,
                                 learning_rate=schedule)
     # jit_step runs it on every batch
-    update.host_check = common.token_id_check(model.config.vocab_size, max_segments=max_segments)
+    update.host_check = common.host_batch_check(model.config.vocab_size, max_segments=max_segments)
     return update
 
 

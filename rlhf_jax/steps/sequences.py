@@ -67,6 +67,8 @@ def causal_targets(tokens: jax.Array, loss_mask: jax.Array, segment_ids: jax.Arr
         segments = jnp.ones(mask.shape, jnp.int32)
     else:
         seg = jnp.asarray(segment_ids)
+        if seg.shape != tokens.shape:
+            raise ValueError(f"causal_targets: segment_ids shape {seg.shape} != tokens shape {tokens.shape}")
         segments = seg[:, 1:].astype(jnp.int32)
         mask = mask & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
     return Targets(tokens[:, 1:], mask.astype(jnp.float32), jnp.where(mask, segments, 0))

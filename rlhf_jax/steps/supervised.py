@@ -50,8 +50,10 @@ def make_sft_loss(model, *, micro_batches: int = 1, logits_chunk_size: int | Non
     `L_k = sum_{(b,t) in micro-batch k} m_bt (-log pi(x_{b,t+1} | x_{b,<=t})) / N`, `N` = target
     tokens of the full batch (`context["num_tokens"]`), so `sum_k L_k` is the batch's token mean.
 
-    Metrics (TRL's names): `mean_token_accuracy` (argmax = label; only with full logits, i.e.
-    `logits_chunk_size=None`) and `num_tokens` (target tokens in the batch).
+    Metrics (TRL's names): `mean_token_accuracy` (argmax = label, ties counted correct, over the
+    whole batch's targets: TRL averages per-micro-batch ratios instead; only with full logits, i.e.
+    `logits_chunk_size=None`) and `num_tokens` (target tokens in this batch; TRL's `num_tokens` is
+    the running total of input tokens, prompts included).
 
     Args:
       model: a `CausalLM` with an LM head.
@@ -91,6 +93,10 @@ def make_sft_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
 
     Loss: token-mean cross-entropy over `loss_mask` targets (Ouyang et al. 2022 for chat SFT),
     normalised by the whole batch's target count however it is split into micro-batches.
+    The jitted step refuses (ValueError, before compiling) host batches with token ids outside the
+    vocabulary or a `loss_mask` other than 0/1. A batch without any target token (`num_tokens` 0)
+    has loss 0 and zero gradients, and the optimizer still steps (moments, weight decay), as an
+    empty batch does in every step of this package (best-of-n relies on it); TRL's loss is NaN there.
 
     Args:
       model: a `CausalLM` with an LM head.
@@ -111,7 +117,7 @@ def make_sft_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
     loss_fn = make_sft_loss(model, micro_batches=micro_batches, logits_chunk_size=logits_chunk_size)
     update = common.make_update(loss_fn, tx, prepare=_sft_prepare, micro_batches=micro_batches,
                                 nonfinite=nonfinite, learning_rate=schedule)
-    update.host_check = common.token_id_check(model.config.vocab_size)  # jit_step runs it on every batch
+    update.host_check = common.host_batch_check(model.config.vocab_size)  # jit_step runs it on every batch
     return update
 
 
@@ -245,5 +251,5 @@ def make_reward_model_step(model, optimizer: OptimizerConfig | optax.GradientTra
     update = common.make_update(loss_fn, tx, prepare=_rm_prepare(max_segments), micro_batches=micro_batches,
                                 nonfinite=nonfinite, learning_rate=schedule)
     # jit_step runs it on every batch
-    update.host_check = common.token_id_check(model.config.vocab_size, max_segments=max_segments)
+    update.host_check = common.host_batch_check(model.config.vocab_size, max_segments=max_segments)
     return update
