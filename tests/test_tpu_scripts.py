@@ -272,11 +272,16 @@ def test_launch_runs_the_command_on_every_worker_and_stop_ends_it_with_75(env, t
         assert "== rlhf-jax exit status 75 " in log
         pid = None
     finally:
-        if pid is not None:  # only the fake this test started
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_fake(pid)
+
+
+def _kill_fake(pid: int | None) -> None:
+    """SIGKILL the fake run a test started (None: it ended, or none started)."""
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _start_on_fake_worker(command: str, home: Path, **worker_env: str) -> dict:
@@ -366,11 +371,7 @@ def test_stop_kill_ends_a_run_that_ignores_sigterm(env, tmp_path):
         assert "== rlhf-jax exit status 137 " in _wait_for(home / "run.log", lambda text: "exit status" in text)
         pid = None
     finally:
-        if pid is not None:  # only the fake this test started
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_fake(pid)
 
 
 def test_launch_rejects_a_bad_key_before_anything_is_sent(env):
