@@ -1,5 +1,7 @@
 """Best-of-n (rejection sampling) fine-tuning: winner selection, the SFT batch, a short run."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -60,5 +62,11 @@ def test_best_of_n_run_trains_on_winners(tmp_path):
     assert train["reward/best"] >= train["reward"]
     assert train["frac_kept"] == 1.0 and np.isfinite(train["loss"]) and train["num_tokens"] > 0
     assert "eval/accuracy" in summary["eval"]
+    # No winner reaches min_reward (even fractions are <= 1): no update, no loss logged.
+    strict = dataclasses.replace(config, workdir=str(tmp_path / "strict"),
+                                 algorithm=rs.BestOfNConfig(samples_per_prompt=4, updates_per_batch=2, min_reward=2.0),
+                                 train=TrainConfig(steps=1, eval_every=0))
+    train = rs.train(strict, reward_sources=[PythonReward(even_fraction_reward)])["train"]
+    assert train["frac_kept"] == 0.0 and "loss" not in train and "time/update" not in train
     with pytest.raises(ConfigError, match="samples_per_prompt must be an int >= 2"):
         rs.BestOfNConfig(samples_per_prompt=1)

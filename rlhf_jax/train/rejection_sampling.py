@@ -11,9 +11,10 @@ the first), and take `algorithm.updates_per_batch` supervised steps (`steps.make
 mean cross-entropy on the completion tokens) on the kept prompt + completion pairs. This is the
 online form of best-of-n distillation (Touvron et al. 2023, "Llama 2", rejection-sampling
 fine-tuning; Dong et al. 2023, "RAFT"). With `algorithm.min_reward`, a winner below the threshold
-is not trained on (its loss mask is cleared); a batch none of whose winners reaches it still takes
-its optimizer steps, with zero gradients (`frac_kept` 0): the optimizer's moments and weight decay
-still move the parameters, as an empty batch does in any step of this package.
+is not trained on (its loss mask is cleared); a batch none of whose winners reaches it (on any
+process) takes no optimizer step (`frac_kept` 0, no `loss` logged), as online DPO skips a batch of
+ties: an SFT step on an empty batch would still move the parameters through the optimizer's moments
+and weight decay.
 
 Metrics: `reward` (mean over all samples), `reward/best` (mean of the kept winners),
 `rewards/<name>/mean`, `completions/mean_length`, `frac_kept`, the SFT step's `loss`,
@@ -151,14 +152,17 @@ def _trainer(ctx: Context) -> Trainer:
         rows = select_best(result.total, n)
         best = result.total[rows]
         keep = np.ones(len(rows), bool) if config.algorithm.min_reward is None else best >= config.algorithm.min_reward
+        # The global batch's winners (each process selected its own prompts'), as `reward` is.
+        kept = gather_rows(keep)
+        metrics.update({"reward/best": float(gather_rows(best).mean()), "frac_kept": float(kept.mean())})
+        if not kept.any():  # nothing to learn: no optimizer step (its moments and weight decay would move)
+            return state, metrics
         sft_batch = device_batch(best_of_n_batch(merged, rows, keep, pad_id), mesh, strategy)
         start_update = time.perf_counter()
         for _ in range(config.algorithm.updates_per_batch):
             state, step_metrics = sft_step(state, sft_batch)
         step_metrics = jax.block_until_ready(step_metrics)
         metrics["time/update"] = time.perf_counter() - start_update
-        # The global batch's winners (each process selected its own prompts'), as `reward` is.
-        metrics.update({"reward/best": float(gather_rows(best).mean()), "frac_kept": float(gather_rows(keep).mean())})
         return state, {**step_metrics, **metrics}
 
     evaluate_params = policy_eval(config, ctx.data, collector, gold)
