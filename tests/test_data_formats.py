@@ -132,7 +132,7 @@ def test_string_format_chat():
         (
             "preference",
             {"chosen": [U, A], "rejected": [{"role": "user", "content": "z"}, B]},
-            "differ before their final assistant message",
+            "conversations 'chosen' and 'rejected' differ from their first message: no shared prompt",
         ),
         (
             "preference",
@@ -347,3 +347,141 @@ def test_no_usable_rows_names_the_file_not_a_row(tmp_path):
     with pytest.raises(DataError) as info:
         load_dataset(empty, kind="sft", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=32))
     assert str(info.value) == f"{empty}: no usable sft rows (0 read, 0 skipped)"
+
+
+# Public datasets as they ship (HF hub layouts), through `parse_row` and the tokenizer.
+S = {"role": "system", "content": "be brief"}
+U2 = {"role": "user", "content": "more?"}
+A2 = {"role": "assistant", "content": "a2"}
+B2 = {"role": "assistant", "content": "b2"}
+
+
+def test_ultrafeedback_binarized_row_renders_the_user_turn_once():
+    """HuggingFaceH4/ultrafeedback_binarized repeats the prompt as the first message of `chosen` and
+    `rejected`: the chosen sequence is the template's render of [user, assistant], once, with only the
+    answer (and EOS) trained, the same arrays as TRL's explicit layout of the same pair."""
+    tok = offline_tokenizer()
+    user = {"role": "user", "content": "What is 2+2?"}
+    good, bad = {"role": "assistant", "content": "4."}, {"role": "assistant", "content": "5."}
+    row = {"prompt": "What is 2+2?", "prompt_id": "9f2c", "chosen": [user, good], "rejected": [user, bad],
+           "messages": [user, good], "score_chosen": 9.0, "score_rejected": 3.0}
+    explicit = {"prompt": [user], "chosen": [good], "rejected": [bad]}
+    config = TokenizeConfig(max_len=128)
+    dataset = load_dataset([row], kind="preference", tokenizer=tok, config=config)
+    ids = dataset.arrays["chosen_tokens"].values.tolist()
+    assert ids == tok.apply_chat_template([user, good])["input_ids"]
+    prompt_len = len(tok.apply_chat_template([user], add_generation_prompt=True)["input_ids"])
+    assert dataset.arrays["chosen_loss_mask"].values.tolist() == [False] * prompt_len + [True] * (len(ids) - prompt_len)
+    assert tok.decode(ids[prompt_len:]) == "4.<eos>"
+    same = load_dataset([explicit], kind="preference", tokenizer=tok, config=config)
+    for name in ("chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask"):
+        assert np.array_equal(dataset.arrays[name].values, same.arrays[name].values), name
+
+
+def test_an_explicit_prompt_with_multi_turn_completions_keeps_the_prompt():
+    """TRL's explicit layout allows completions of several turns. Before, a `chosen` holding a user turn
+    was read as a whole conversation: the prompt column (here with its system turn) was dropped without a
+    word and only the last answer trained, or the row was refused as differing before its last answer."""
+    same_first = {"prompt": [S, U], "chosen": [A, U2, A2], "rejected": [A, U2, B2]}
+    assert parse_row(same_first, "preference", REF) == PreferenceExample(
+        Chat((S, U, A, U2, A2), 2), Chat((S, U, A, U2, B2), 2), 0.0
+    )
+    differ_first = {"prompt": [S, U], "chosen": [A, U2, A2], "rejected": [B, U2, B2]}
+    assert parse_row(differ_first, "preference", REF) == PreferenceExample(
+        Chat((S, U, A, U2, A2), 2), Chat((S, U, B, U2, B2), 2), 0.0
+    )
+
+
+def test_an_implicit_prompt_is_the_longest_shared_start_as_trl_extracts_it():
+    """HH-RLHF-style conversations that part before their last answer: the shared messages are the prompt
+    and every later assistant turn is trained (TRL's `extract_prompt`); before, such rows were refused."""
+    row = {"chosen": [S, U, A, U2, A2], "rejected": [S, U, B]}
+    assert parse_row(row, "preference", REF) == PreferenceExample(
+        Chat((S, U, A, U2, A2), 2), Chat((S, U, B), 2), 0.0
+    )
+    with pytest.raises(DataError, match="d.jsonl line 3: conversation 'rejected' is the start of the other one"):
+        parse_row({"chosen": [U, A, U2, A2], "rejected": [U, A]}, "preference", REF)
+    with pytest.raises(DataError, match="d.jsonl line 3: 'chosen' and 'rejected' are identical"):
+        parse_row({"chosen": [U, A], "rejected": [U, A]}, "preference", REF)
+
+
+def test_a_prompt_column_that_the_conversations_do_not_start_with_is_a_bad_row():
+    """A message-list prompt with a system turn that the whole conversations lack would be dropped."""
+    row = {"prompt": [S, U], "chosen": [U, A], "rejected": [U, B]}
+    with pytest.raises(DataError) as info:
+        parse_row(row, "preference", REF)
+    assert str(info.value) == (
+        "d.jsonl line 3: column 'prompt' is not how conversations 'chosen' and 'rejected' start (they are whole "
+        "conversations; their shared start has 1 messages): give the completions alone after the prompt, or "
+        "drop the 'prompt' column"
+    )
+    ok = {"prompt": [U], "chosen": [U, A], "rejected": [U, B]}  # the prompt is how they start: not repeated
+    assert parse_row(ok, "preference", REF) == PreferenceExample(Chat((U, A), 1), Chat((U, B), 1), 0.0)
+
+
+@pytest.mark.parametrize("kind, extra", [("unpaired", {"label": True}), ("sft", {})])
+def test_a_completion_repeating_the_prompt_is_a_bad_row(kind, extra):
+    """UltraFeedback-style whole conversations in a KTO / SFT `completion` column: before, the user turn
+    was rendered twice (prompt, then again at the start of the completion)."""
+    row = {"prompt": "q", "completion": [U, A], **extra}
+    with pytest.raises(DataError) as info:
+        parse_row(row, kind, REF)
+    assert str(info.value) == (
+        "d.jsonl line 3: column 'completion' starts with the prompt's messages again (a whole conversation?): "
+        "give the completion's messages alone after the prompt"
+    )
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference", "unpaired"])
+def test_a_per_row_tools_column_is_refused_not_dropped(kind):
+    """TRL's tool-calling layout has a `tools` column the template renders; rows cannot pass it on, so a
+    row with tools is refused rather than trained without them. Prompt rows keep it as a column."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    row = {"sft": {"messages": [U, A]}, "preference": {"prompt": [U], "chosen": [A], "rejected": [B]},
+           "unpaired": {"prompt": [U], "completion": [A], "label": False}}[kind]
+    with pytest.raises(DataError, match="d.jsonl line 3: column 'tools' holds per-row tool schemas"):
+        parse_row({**row, "tools": tools}, kind, REF)
+    parse_row({**row, "tools": None}, kind, REF)  # a null / empty column (a table's) is no tools
+    parse_row({**row, "tools": []}, kind, REF)
+    assert parse_row({"prompt": [U], "tools": tools}, "prompt", REF).columns == {"tools": tools}
+
+
+def test_sft_messages_with_a_system_turn_and_an_ultrachat_prompt_column():
+    """UltraChat / No Robots ship `prompt` beside `messages`: the messages are read, the system turn is
+    context, every assistant turn is trained."""
+    row = {"prompt": "q", "prompt_id": "x1", "messages": [S, U, A, U2, A2]}
+    assert parse_row(row, "sft", REF) == SFTExample(Chat((S, U, A, U2, A2), 0))
+
+
+def test_numpy_labels_and_text_rows_without_a_prompt():
+    """Rows from a pandas table hold NumPy scalars; string chosen/rejected need a prompt column (TRL would
+    guess one character by character; here the error says so)."""
+    assert parse_row({"prompt": "q", "completion": "a", "label": np.bool_(False)}, "unpaired", REF).label is False
+    assert parse_row({"prompt": "q", "completion": "a", "label": np.int64(1)}, "unpaired", REF).label is True
+    with pytest.raises(DataError, match=r"column 'label' must be a bool \(or 0/1, 'true'/'false'\), got int 2"):
+        parse_row({"prompt": "q", "completion": "a", "label": np.int64(2)}, "unpaired", REF)
+    with pytest.raises(DataError) as info:
+        parse_row({"chosen": "Human: q Assistant: a", "rejected": "Human: q Assistant: b"}, "preference", REF)
+    assert str(info.value) == (
+        "d.jsonl line 3: missing column 'prompt'; found columns ['chosen', 'rejected'] (string 'chosen' / "
+        "'rejected' need an explicit prompt; an implicit prompt is read from message lists only)"
+    )
+
+
+def test_stored_preference_rows_check_margin_and_tools_as_reading_does():
+    """The TFDS writer's encoding: before, a bool margin was stored as 1.0 (reading refuses bools), a
+    margin past float32 became inf, and a `tools` column was dropped without a word."""
+    from rlhf_jax.data.preference_records import decode_preference_row, encode_preference_row
+
+    row = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    assert decode_preference_row(encode_preference_row(REF, {**row, "margin": "0.5"})) == {**row, "margin": 0.5}
+    for margin, problem in [
+        (True, "column 'margin' must be a finite number, got bool True"),
+        (float("nan"), "column 'margin' must be a finite number, got float nan"),
+        (1e300, "column 'margin' 1e+300 does not fit the stored float32"),
+    ]:
+        with pytest.raises(DataError) as info:
+            encode_preference_row(REF, {**row, "margin": margin})
+        assert str(info.value) == f"d.jsonl line 3: {problem}"
+    with pytest.raises(DataError, match="d.jsonl line 3: column 'tools' holds per-row tool schemas"):
+        encode_preference_row(REF, {**row, "tools": [{"type": "function"}]})

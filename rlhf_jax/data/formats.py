@@ -5,11 +5,17 @@ and returns a typed example; a bad row raises `DataError` naming the file, the l
 problem. Four kinds exist, each accepting the layouts TRL documents:
 
 - `"sft"`: `{"prompt", "completion"}` (both strings, or both message lists), `{"messages": [...]}`
-  (every assistant turn is trained on), or `{"text"}` (language modelling: every token trained on).
-- `"preference"`: `{"prompt", "chosen", "rejected"}` with strings or message lists, an optional
-  `margin` (number; absent means 0). Also the implicit-prompt layout of UltraFeedback-style data:
-  `chosen` / `rejected` are whole conversations that agree up to their final assistant message,
-  which is the completion (a `prompt` column is then not read).
+  (every assistant turn is trained on; a `prompt` or `text` column beside it, as UltraChat and No
+  Robots ship, is not read), or `{"text"}` (language modelling: every token trained on).
+- `"preference"`: `{"prompt", "chosen", "rejected"}` with strings or message lists (a completion may
+  span several turns, starting with an assistant message), an optional `margin` (number; absent
+  means 0). Also the implicit-prompt layout of HH-RLHF / UltraFeedback-style data, as TRL's
+  `extract_prompt` reads it: `chosen` / `rejected` are whole conversations (starting with a
+  non-assistant message); their longest common run of messages is the prompt, the rest the
+  completions (every assistant message in it is trained on). A `prompt` column beside them is not
+  read (UltraFeedback's repeats the first user message), but a message-list prompt must be where
+  the conversations start: one holding other messages (e.g. a system turn they lack) is a bad row.
+  String `chosen` / `rejected` need a `prompt` column (no prompt is guessed from text).
 - `"unpaired"` (KTO): `{"prompt", "completion", "label"}`; `label` is a bool (also 0/1 or the strings
   "true"/"false", as CSV files store it).
 - `"prompt"` (online RL): `{"prompt", ...}`; every other column (e.g. `answer`) is kept as is and
@@ -17,8 +23,12 @@ problem. Four kinds exist, each accepting the layouts TRL documents:
   a solution ending in "#### 42") and MATH's `{"problem", "solution"}` (a `\\boxed{}` answer) are
   read with `question` / `problem` as the prompt: the reward "math" checks against either column.
 
-A string prompt with message-list completions is read as one user message. Messages are
-`{"role", "content"}` objects with a role from `roles` and string content; other keys are kept.
+A string prompt with message-list completions is read as one user message; a message-list
+completion that repeats the prompt's messages (a whole conversation in a completion column) is a bad
+row, not a conversation with its prompt twice. Messages are `{"role", "content"}` objects with a role
+from `roles` and string content; other keys are kept. A per-row `tools` column (TRL's tool-calling
+layout) is refused in "sft", "preference" and "unpaired" rows: tools reach the chat template only
+through `TokenizeConfig.tools`, the same for every row, so the row would be trained without them.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import math
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
+
+import numpy as np
 
 __all__ = [
     "Kind",
@@ -48,6 +60,8 @@ __all__ = [
     "resolve_prompt_template",
     "describe_value",
     "require_columns",
+    "parse_margin",
+    "refuse_row_tools",
 ]
 
 Kind = Literal["sft", "preference", "unpaired", "prompt"]
@@ -254,11 +268,18 @@ def _prompt_completion(
         )
     prompt = _prompt_messages(row["prompt"], ref, roles)
     completion = _messages(completion, ref, column, roles)
+    if completion[: len(prompt)] == prompt:  # a whole conversation in a completion column
+        raise DataError(
+            ref, f"column {column!r} starts with the prompt's messages again (a whole conversation?): "
+            "give the completion's messages alone after the prompt"
+        )
     _check_trained(completion, 0, ref, column)
     return Chat(prompt + completion, len(prompt))
 
 
 def _label(value: Any, ref: RowRef) -> bool:
+    if isinstance(value, np.generic):  # rows built from a pandas / NumPy table
+        value = value.item()
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -268,7 +289,8 @@ def _label(value: Any, ref: RowRef) -> bool:
     raise DataError(ref, f"column 'label' must be a bool (or 0/1, 'true'/'false'), got {_describe(value)}")
 
 
-def _margin(value: Any, ref: RowRef) -> float:
+def parse_margin(value: Any, ref: RowRef) -> float:
+    """A preference row's `margin` as a float: None is 0; a bool or a non-finite number is a `DataError`."""
     if value is None:
         return 0.0
     try:
@@ -281,6 +303,16 @@ def _margin(value: Any, ref: RowRef) -> float:
 
 
 # ---------------------------------------------------------------------------------------- parsers
+
+
+def refuse_row_tools(row: Mapping[str, Any], ref: RowRef) -> None:
+    """`DataError` for a row with a non-empty `tools` column, which would be trained without its tools."""
+    if row.get("tools") not in (None, [], ()):
+        raise DataError(
+            ref, "column 'tools' holds per-row tool schemas, which rows cannot pass to the chat template (the "
+            "row would be trained without them): set TokenizeConfig.tools (the same tools for every row) and "
+            "drop or rename the column"
+        )
 
 
 def _parse_sft(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> SFTExample:
@@ -310,26 +342,55 @@ def _parse_preference(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str])
             "columns 'chosen' and 'rejected' must both be strings or both message lists, "
             f"got {_describe(chosen)} and {_describe(rejected)}",
         )
-    implicit = isinstance(chosen, (list, tuple)) and any(
-        isinstance(m, Mapping) and m.get("role") != "assistant" for m in chosen
+    # Whole conversations (implicit prompt) start with a non-assistant message; completions (after an
+    # explicit prompt, possibly several turns) start with the assistant's answer.
+    implicit = (
+        isinstance(chosen, (list, tuple))
+        and bool(chosen)
+        and isinstance(chosen[0], Mapping)
+        and chosen[0].get("role") != "assistant"
     )
     if implicit:
-        chosen_m = _messages(chosen, ref, "chosen", roles)
-        rejected_m = _messages(rejected, ref, "rejected", roles)
-        _check_trained(chosen_m, len(chosen_m) - 1, ref, "chosen")
-        _check_trained(rejected_m, len(rejected_m) - 1, ref, "rejected")
-        if list(chosen_m[:-1]) != list(rejected_m[:-1]):
-            raise DataError(
-                ref, "conversations 'chosen' and 'rejected' differ before their final assistant message"
-            )
-        context = len(chosen_m) - 1
-        chosen_seq, rejected_seq = Chat(chosen_m, context), Chat(rejected_m, context)
+        chosen_seq, rejected_seq = _implicit_prompt(row, ref, roles)
     else:
+        if isinstance(chosen, str) and "prompt" not in row:
+            raise DataError(
+                ref, f"missing column 'prompt'; found columns {sorted(row)} (string 'chosen' / 'rejected' "
+                "need an explicit prompt; an implicit prompt is read from message lists only)"
+            )
         chosen_seq = _prompt_completion(row, ref, roles, "chosen")
         rejected_seq = _prompt_completion(row, ref, roles, "rejected")
     if chosen_seq == rejected_seq:
         raise DataError(ref, "'chosen' and 'rejected' are identical")
-    return PreferenceExample(chosen_seq, rejected_seq, _margin(row.get("margin"), ref))
+    return PreferenceExample(chosen_seq, rejected_seq, parse_margin(row.get("margin"), ref))
+
+
+def _implicit_prompt(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> tuple[Chat, Chat]:
+    """Whole conversations `chosen` / `rejected`: their longest common run of messages is the prompt."""
+    chosen = _messages(row["chosen"], ref, "chosen", roles)
+    rejected = _messages(row["rejected"], ref, "rejected", roles)
+    context = 0
+    while context < min(len(chosen), len(rejected)) and chosen[context] == rejected[context]:
+        context += 1
+    if context == 0:
+        raise DataError(ref, "conversations 'chosen' and 'rejected' differ from their first message: no shared "
+                             "prompt (give a 'prompt' column and the completions alone)")
+    if chosen == rejected:
+        raise DataError(ref, "'chosen' and 'rejected' are identical")
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if context == len(messages):
+            raise DataError(ref, f"conversation {name!r} is the start of the other one: it has no completion")
+        _check_trained(messages, context, ref, name)
+    prompt = row.get("prompt")
+    if isinstance(prompt, (list, tuple)):  # a string prompt column is not read (UltraFeedback repeats it)
+        prompt = _messages(prompt, ref, "prompt", roles)
+        if len(prompt) > context or chosen[: len(prompt)] != prompt:
+            raise DataError(
+                ref, "column 'prompt' is not how conversations 'chosen' and 'rejected' start (they are whole "
+                f"conversations; their shared start has {context} messages): give the completions alone after "
+                "the prompt, or drop the 'prompt' column"
+            )
+    return Chat(chosen, context), Chat(rejected, context)
 
 
 def _parse_unpaired(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> UnpairedExample:
@@ -396,6 +457,8 @@ def parse_row(
         raise ValueError(f"parse_row: string_format must be 'plain' or 'chat', got {string_format!r}")
     if not isinstance(row, Mapping):
         raise DataError(ref, f"a row must be an object mapping column names to values, got {_describe(row)}")
+    if kind != "prompt":
+        refuse_row_tools(row, ref)
     example = _PARSERS[kind](row, ref, roles)
     template = resolve_prompt_template(prompt_template)
     if template is not None and isinstance(example, PromptExample):

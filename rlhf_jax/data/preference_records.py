@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax.data.formats import DataError, RowRef, describe_value, require_columns
+from rlhf_jax.data.formats import (
+    DataError,
+    RowRef,
+    describe_value,
+    parse_margin,
+    refuse_row_tools,
+    require_columns,
+)
 
 __all__ = ["PREFERENCE_BUILDER_NAME", "TEXT_FIELDS", "encode_preference_row", "decode_preference_row"]
 
@@ -30,12 +37,11 @@ def encode_preference_row(ref: RowRef, row: Any) -> dict[str, Any]:
     if not isinstance(row, Mapping):
         raise DataError(ref, f"a row must be an object, got {describe_value(row)}")
     require_columns(row, ref, "chosen", "rejected")
-    margin = row.get("margin")
-    try:
-        margin = 0.0 if margin is None else float(margin)
-    except (TypeError, ValueError, OverflowError):
-        raise DataError(ref, f"column 'margin' must be a number, got {describe_value(margin)}") from None
+    refuse_row_tools(row, ref)  # not a stored feature: refused, as reading the row would, not dropped
     out = {name: json.dumps(row.get(name), ensure_ascii=False) for name in TEXT_FIELDS}
+    margin = parse_margin(row.get("margin"), ref)
+    if abs(margin) > float(np.finfo(np.float32).max):
+        raise DataError(ref, f"column 'margin' {margin!r} does not fit the stored float32")
     out["margin"] = np.float32(margin)
     return out
 
