@@ -326,3 +326,103 @@ def test_a_reward_function_without_kwargs_is_refused_when_wrapped():
 
     result = combine_rewards([PythonReward(explicit)], _inputs())  # every keyword named: accepted
     np.testing.assert_array_equal(result.per_source["explicit"], [1.0, 0.0, 0.0, 0.0])
+
+
+def _random_reward_model(**overrides):
+    """A tiny scalar-head model with random weights everywhere (its scores differ row to row)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.testing import tiny_config
+
+    model = CausalLM(tiny_config(eos_token_id=2, pad_token_id=0, **overrides), head="scalar")
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape).astype(s.dtype)), model.abstract_params())
+    return model, params
+
+
+# Prompts of different lengths (right-padded); completions ending with EOS (2), cut by max_new_tokens,
+# EOS alone, and EOS after one token.
+_RM_PROMPTS = np.array([[1, 10, 11, 12, 13, 14], [1, 20, 0, 0, 0, 0], [1, 30, 31, 0, 0, 0], [1, 40, 41, 42, 0, 0]],
+                       np.int32)
+_RM_PROMPT_LENGTHS = np.array([6, 2, 3, 4], np.int32)
+_RM_COMPLETIONS = np.array([[50, 51, 2, 0, 0], [60, 61, 62, 63, 64], [2, 0, 0, 0, 0], [70, 2, 0, 0, 0]], np.int32)
+_RM_MASK = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], bool)
+
+
+def test_reward_model_scores_match_transformers_sequence_classification(tmp_path):
+    """The score of prompt + completion (its EOS included, as TRL's PPO shows the RM the EOS) equals
+    transformers' AutoModelForSequenceClassification score of the same token ids, for any batch size."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.hf import load_hf, save_hf
+    from rlhf_jax.rewards import RewardModelReward
+
+    model, params = _random_reward_model()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        save_hf(tmp_path / "rm", model.config, params)).eval()
+    expected = []
+    for b in range(len(_RM_PROMPTS)):
+        ids = np.concatenate([_RM_PROMPTS[b, :_RM_PROMPT_LENGTHS[b]], _RM_COMPLETIONS[b, :_RM_MASK[b].sum()]])
+        with torch.no_grad():
+            expected.append(float(hf(input_ids=torch.tensor(ids[None], dtype=torch.long)).logits[0, 0]))
+    assert np.ptp(expected) > 0.1
+    config, loaded = load_hf(tmp_path / "rm")
+    for batch_size in (1, 3, 8):
+        rm = RewardModelReward(CausalLM(config, head="scalar"), loaded, policy_vocab_size=256, batch_size=batch_size)
+        scores = rm.score(_RM_PROMPTS, _RM_PROMPT_LENGTHS, _RM_COMPLETIONS, _RM_MASK)
+        assert scores.dtype == np.float32
+        np.testing.assert_allclose(scores, expected, atol=2e-5, rtol=0)
+
+
+def test_reward_model_names_token_ids_outside_its_vocabulary_and_ignores_padding_ids():
+    """An id the reward model cannot read was scored NaN (>= vocab) or as another token (negative);
+    an out-of-vocabulary padding id after the completion turned the row's score into NaN."""
+    from rlhf_jax.rewards import RewardModelReward
+
+    model, params = _random_reward_model()
+    rm = RewardModelReward(model, params, policy_vocab_size=256, batch_size=2)
+    args = (_RM_PROMPTS, _RM_PROMPT_LENGTHS, _RM_COMPLETIONS, _RM_MASK)
+    clean = rm.score(*args)
+    assert np.isfinite(clean).all()
+    for bad, message in ((256, r"completion_tokens\[3, 0\] = 256 is not a token id of the reward model's vocabulary "
+                               r"\[0, 256\) \(1 such tokens\)"),
+                         (-1, r"completion_tokens\[3, 0\] = -1 is not a token id")):
+        completions = _RM_COMPLETIONS.copy()
+        completions[3, 0] = bad
+        with pytest.raises(ValueError, match=message):
+            rm.score(_RM_PROMPTS, _RM_PROMPT_LENGTHS, completions, _RM_MASK)
+    prompts = _RM_PROMPTS.copy()
+    prompts[2, 1] = 300
+    with pytest.raises(ValueError, match=r"prompt_tokens\[2, 1\] = 300 is not a token id"):
+        rm.score(prompts, _RM_PROMPT_LENGTHS, _RM_COMPLETIONS, _RM_MASK)
+    with pytest.raises(ValueError, match=r"RewardModelReward: prompt_lengths\[1\] = 7 is outside \[1, P=6\]"):
+        rm.score(_RM_PROMPTS, np.array([6, 7, 3, 4], np.int32), _RM_COMPLETIONS, _RM_MASK)
+    # Padding (after each row's scored token, prompt or completion) is not read: any id there is fine.
+    prompts, completions = _RM_PROMPTS.copy(), _RM_COMPLETIONS.copy()
+    prompts[prompts == 0] = 999
+    completions[~_RM_MASK] = 256
+    np.testing.assert_array_equal(rm.score(prompts, _RM_PROMPT_LENGTHS, completions, _RM_MASK), clean)
+
+
+def test_reward_model_warns_once_when_a_sequence_exceeds_its_context():
+    """Nothing is truncated: a prompt + completion longer than max_position_embeddings is scored whole,
+    with one warning naming the length and the limit."""
+    import warnings
+
+    from rlhf_jax.rewards import RewardModelReward
+
+    model, params = _random_reward_model(max_position_embeddings=8)
+    rm = RewardModelReward(model, params, policy_vocab_size=256, batch_size=4)
+    short = np.ones(4, np.int32)  # 1 prompt token + at most 5 completion tokens: 6 <= 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rm.score(_RM_PROMPTS, short, _RM_COMPLETIONS, _RM_MASK)
+    with pytest.warns(UserWarning, match=r"prompt \+ completion of 9 tokens is longer than the reward model's "
+                                         r"max_position_embeddings=8; it is scored whole"):
+        rm.score(*(_RM_PROMPTS, _RM_PROMPT_LENGTHS, _RM_COMPLETIONS, _RM_MASK))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rm.score(_RM_PROMPTS, _RM_PROMPT_LENGTHS, _RM_COMPLETIONS, _RM_MASK)  # once per reward source

@@ -3,12 +3,15 @@
 A reward model is a `CausalLM(config, head="scalar")` trained with a Bradley-Terry loss; it reads
 the prompt + completion joined as the policy sees it (`rlhf_jax.rollout.join_sequences`) and scores
 it at the last real token (the EOS when there is one). It must share the policy's vocabulary: the
-token ids are passed as they are, so a different vocabulary would silently score other text, and
-`RewardModelReward` refuses it.
+token ids are passed as they are (no decoding, re-tokenizing or chat template of the reward model's
+own), so a different vocabulary would silently score other text, and `RewardModelReward` refuses it.
+Nothing is truncated: a prompt + completion longer than the reward model's `max_position_embeddings`
+is scored whole (as transformers would), with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -18,7 +21,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.rewards.base import RewardInputs
-from rlhf_jax.rollout import sequence_scores
+from rlhf_jax.rollout import check_prompt_lengths, sequence_scores
 from rlhf_jax.state import place_params
 
 __all__ = ["RewardModelReward", "check_same_vocabulary"]
@@ -100,6 +103,7 @@ class RewardModelReward:
             self._data_sharding = sh.batch_sharding(mesh, strategy)
         self._mesh, self._strategy = mesh, strategy
         self.params = params
+        self._warned_long = False
 
         def score(p, *rollout):
             if mesh is None:
@@ -115,7 +119,8 @@ class RewardModelReward:
         `r_b = w . hidden(prompt_b ++ completion_b)[last real token]` (see
         `rlhf_jax.rollout.sequence_scores`).
         """
-        arrays = [np.asarray(a) for a in (prompt_tokens, prompt_lengths, completion_tokens, completion_mask)]
+        arrays = self._checked(*(np.asarray(a) for a in (prompt_tokens, prompt_lengths, completion_tokens,
+                                                         completion_mask)))
         n = arrays[0].shape[0]
         processes = jax.process_count() if self._data_sharding is not None else 1
         if processes > 1:
@@ -150,6 +155,37 @@ class RewardModelReward:
         if not out:
             return np.zeros((0,), np.float32)
         return np.asarray(np.concatenate([np.asarray(o) for o in out]))[:n].astype(np.float32)
+
+    def _checked(self, prompts, lengths, completions, mask) -> list[np.ndarray]:
+        """The host arrays, checked: prompt lengths in `[1, P]`, and every token the reward model reads
+        (each prompt's first `len_b`, each completion's first `n_b`) a token id of its vocabulary (an
+        id outside it would be read as NaN, or wrap around when negative). The completion tokens after
+        the scored one, which a causal model ignores, are set to 0, so a padding id outside the
+        vocabulary cannot turn the score into NaN."""
+        if (prompts.ndim, lengths.ndim, completions.ndim) != (2, 1, 2) or mask.shape != completions.shape or \
+                len({len(prompts), len(lengths), len(completions)}) != 1:
+            return [prompts, lengths, completions, mask]  # sequence_scores names the shapes
+        check_prompt_lengths("RewardModelReward", prompts, lengths)
+        vocab = self.model.config.vocab_size
+        scored = np.sum(mask != 0, axis=1)
+        real_completion = np.arange(completions.shape[1])[None, :] < scored[:, None]
+        real_prompt = np.arange(prompts.shape[1])[None, :] < lengths[:, None]
+        for name, tokens, real in (("prompt_tokens", prompts, real_prompt),
+                                   ("completion_tokens", completions, real_completion)):
+            bad = real & ((tokens < 0) | (tokens >= vocab))
+            if bad.any():
+                row, col = (int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(f"RewardModelReward: {name}[{row}, {col}] = {int(tokens[row, col])} is not a token id "
+                                 f"of the reward model's vocabulary [0, {vocab}) ({int(bad.sum())} such tokens); "
+                                 "the reward model must read the policy's token ids")
+        longest = int(np.max(lengths + scored, initial=0))
+        limit = self.model.config.max_position_embeddings
+        if longest > limit and not self._warned_long:
+            self._warned_long = True
+            warnings.warn(f"RewardModelReward: a prompt + completion of {longest} tokens is longer than the reward "
+                          f"model's max_position_embeddings={limit}; it is scored whole, at positions the reward "
+                          "model was not trained on (shorten prompts or max_new_tokens)", stacklevel=3)
+        return [prompts, lengths, np.where(real_completion, completions, 0).astype(completions.dtype), mask]
 
     def __call__(self, inputs: RewardInputs) -> np.ndarray:
         return self.score(inputs.prompt_tokens, inputs.prompt_lengths, inputs.completion_tokens,
