@@ -233,3 +233,31 @@ def test_reward_weights_must_match_the_given_reward_sources(tmp_path):
         rl.train(_grpo(tmp_path, name="w2"), reward_sources=[one], reward_weights=[1.0, 2.0])
     with pytest.raises(ConfigError, match=r"^reward_weights weighs the given reward_sources, and none are given"):
         rl.train(_grpo(tmp_path, name="w0"), reward_weights=[2.0])
+
+
+def test_a_reward_model_whose_tokenizer_maps_tokens_to_other_ids_is_refused(tmp_path):
+    """Same vocabulary size, other token -> id map: the reward model would score other text than the
+    policy wrote. A tokenizer saved with the reward model is compared with the policy's."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf_jax.data.offline_tokenizer import offline_tokenizer
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.hf import save_hf
+
+    policy_tok = offline_tokenizer()
+    spec = json.loads(policy_tok.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    a, b = "1", "2"
+    vocab[a], vocab[b] = vocab[b], vocab[a]                      # two ids swapped, the same size
+    swapped = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                      **{k: getattr(policy_tok, k) for k in ("bos_token", "eos_token", "pad_token")})
+    rm_dir = tmp_path / "rm"
+    rm = CausalLM(MODEL, head="scalar")
+    save_hf(rm_dir, MODEL, jax.device_get(rm.init(jax.random.key(0))))   # a scalar head: a classifier
+    swapped.save_pretrained(rm_dir)
+    config = _grpo(tmp_path, rewards=rl.RewardConfig(functions=("reward_model",), reward_model=str(rm_dir)))
+    with pytest.raises(ValueError, match=r"reward model tokenizer differs from the policy's \(104 vs 104 entries"):
+        rl.evaluate(config, policies=[None])
+    policy_tok.save_pretrained(rm_dir)                         # the policy's own tokenizer: scored
+    assert "eval/reward" in rl.evaluate(config, policies=[None])[0]

@@ -35,6 +35,16 @@ def make_tokenizer(spec: str):
     return load_tokenizer(spec)
 
 
+def saved_tokenizer(path: str):
+    """The tokenizer saved with a model: in `path` (a Hugging Face directory) or in a `tokenizer/`
+    directory beside it (an rlhf-jax run's checkpoints); None when there is none."""
+    for candidate in (path, os.path.join(os.path.dirname(os.path.normpath(path)), "tokenizer")):
+        if os.path.isfile(os.path.join(candidate, "tokenizer.json")) or \
+                os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
+            return make_tokenizer(candidate)
+    return None
+
+
 def check_vocab(tokenizer, model_config: ModelConfig) -> None:
     """Raise ConfigError when the tokenizer has ids the model's embedding cannot hold."""
     n = len(tokenizer)

@@ -50,7 +50,8 @@ from rlhf_jax.rollout import completion_logprobs
 from rlhf_jax.sampling import Sampler, default_prompt_buckets
 from rlhf_jax.steps import GRPOConfig, PPOConfig
 from rlhf_jax.steps.common import jit_step
-from rlhf_jax.train.data import batches_from, eval_batches, load_run_data, load_split, train_batches
+from rlhf_jax.train.data import (batches_from, eval_batches, load_run_data, load_split, saved_tokenizer,
+                                 train_batches)
 from rlhf_jax.train.evals import make_policy_eval
 from rlhf_jax.train.off_policy import (Lookahead, OffPolicyConfig, check_devices, check_off_policy, policy_staleness,
                                        split_devices)
@@ -275,9 +276,12 @@ def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[st
     if sources is None:
         def reward_model() -> RewardSource:
             model, params = load_reward_model(config.rewards.reward_model, config.model)
+            # Same-size vocabularies may still map tokens to other ids: compare the tokenizers when the
+            # reward model has one saved with it.
             return RewardModelReward(model, params, policy_vocab_size=config.model.vocab_size,
                                      batch_size=config.rewards.reward_model_batch_size, mesh=mesh,
-                                     strategy=config.mesh.strategy)
+                                     strategy=config.mesh.strategy, policy_tokenizer=data.tokenizer,
+                                     reward_tokenizer=saved_tokenizer(config.rewards.reward_model))
 
         columns = {f"data.{which} {source}": split.column_names for which, source, split in
                    (("train", config.data.train, data.train), ("eval", config.data.eval, data.eval))

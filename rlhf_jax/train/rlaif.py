@@ -42,7 +42,7 @@ from rlhf_jax.rewards.judges import (
     check_template,
 )
 from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig, default_prompt_buckets
-from rlhf_jax.train.data import load_split, make_tokenizer, one_pass
+from rlhf_jax.train.data import load_split, make_tokenizer, one_pass, saved_tokenizer
 from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.weights import initial_params
 
@@ -91,11 +91,8 @@ def tokenizer_of(path: str, spec: str | None = None):
     """`spec`'s tokenizer when given; else the one saved in `path` or in a `tokenizer/` beside it; else "offline"."""
     if spec is not None:
         return make_tokenizer(spec)
-    for candidate in (path, os.path.join(os.path.dirname(os.path.normpath(path)), "tokenizer")):
-        if os.path.isfile(os.path.join(candidate, "tokenizer.json")) or \
-                os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
-            return make_tokenizer(candidate)
-    return make_tokenizer("offline")
+    saved = saved_tokenizer(path)
+    return make_tokenizer("offline") if saved is None else saved
 
 
 def load_policy(path: str, model_config: ModelConfig | None = None, *, key: str = "policy") -> tuple[CausalLM, Any]:
