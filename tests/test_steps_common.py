@@ -252,7 +252,7 @@ def test_packed_rows_with_more_segments_than_the_step_sums_and_weighted_masks_ar
     batch is now checked on the host, and the reference precompute too."""
     from rlhf_jax.models import CausalLM
     from rlhf_jax.steps import make_dpo_step, make_reward_model_step
-    from rlhf_jax.steps.common import host_batch_check
+    from rlhf_jax.steps.batch_checks import host_batch_check
     from rlhf_jax.steps.preference import make_reference_logps_fn
     from rlhf_jax.testing import tiny_config
 

@@ -38,7 +38,7 @@ from rlhf_jax.losses import (
 )
 from rlhf_jax.rollout import check_group_prompts, check_prompt_lengths, completion_logprobs
 from rlhf_jax.sampling.metrics import logprob_mismatch
-from rlhf_jax.steps.common import check_token_ids
+from rlhf_jax.steps.batch_checks import check_token_ids
 
 __all__ = [
     "KLMode",

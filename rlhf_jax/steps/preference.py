@@ -40,7 +40,7 @@ from rlhf_jax.losses import kto_loss, kto_reference_point, preference_metrics
 from rlhf_jax.models.lora import LoraLM, base_params, head_needs_logits
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rollout import shared_prompt_forward
-from rlhf_jax.steps import common
+from rlhf_jax.steps import batch_checks, common
 from rlhf_jax.steps.preference_objectives import DPO, KTO, ORPO, Objective, PreferenceTerms, SequenceLogps, SimPO
 from rlhf_jax.steps.sequences import causal_targets, deinterleave, forward_token_logps, segment_sums, side
 from rlhf_jax.steps.supervised import PAIR_KEYS, pair_inputs
@@ -402,7 +402,7 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
     update = common.make_update(loss_fn, tx, prepare=prepare, micro_batches=micro_batches, nonfinite=nonfinite,
                                 learning_rate=schedule)
     # jit_step runs it on every batch
-    update.host_check = common.host_batch_check(model.config.vocab_size, max_segments=max_segments)
+    update.host_check = batch_checks.host_batch_check(model.config.vocab_size, max_segments=max_segments)
     return update
 
 
@@ -442,7 +442,7 @@ def make_reference_logps_fn(model, *, mesh: Mesh, objective: Objective | None = 
     def reference_logps(params, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         sh.check_batch(batch, mesh=mesh, strategy=strategy)
         _checks.check_micro_split(batch, micro_batches, "make_reference_logps_fn")
-        common.check_segment_ids(batch, max_segments, name="make_reference_logps_fn")
+        batch_checks.check_segment_ids(batch, max_segments, name="make_reference_logps_fn")
         return jitted(params, dict(batch))
 
     reference_logps.program = jitted  # what `rlhf-jax compile` lowers

@@ -19,7 +19,7 @@ import optax
 from rlhf_jax.losses import bradley_terry_loss, sft_loss
 from rlhf_jax.models.heads import gather_last
 from rlhf_jax.optim import OptimizerConfig
-from rlhf_jax.steps import common
+from rlhf_jax.steps import batch_checks, common
 from rlhf_jax.steps.sequences import (
     causal_targets,
     deinterleave,
@@ -117,7 +117,7 @@ def make_sft_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
     loss_fn = make_sft_loss(model, micro_batches=micro_batches, logits_chunk_size=logits_chunk_size)
     update = common.make_update(loss_fn, tx, prepare=_sft_prepare, micro_batches=micro_batches,
                                 nonfinite=nonfinite, learning_rate=schedule)
-    update.host_check = common.host_batch_check(model.config.vocab_size)  # jit_step runs it on every batch
+    update.host_check = batch_checks.host_batch_check(model.config.vocab_size)  # jit_step runs it on every batch
     return update
 
 
@@ -251,5 +251,5 @@ def make_reward_model_step(model, optimizer: OptimizerConfig | optax.GradientTra
     update = common.make_update(loss_fn, tx, prepare=_rm_prepare(max_segments), micro_batches=micro_batches,
                                 nonfinite=nonfinite, learning_rate=schedule)
     # jit_step runs it on every batch
-    update.host_check = common.host_batch_check(model.config.vocab_size, max_segments=max_segments)
+    update.host_check = batch_checks.host_batch_check(model.config.vocab_size, max_segments=max_segments)
     return update
