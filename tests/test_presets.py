@@ -1,5 +1,7 @@
 """Model presets: real-size parameter counts from shapes alone, and the registry's contract."""
 
+import dataclasses
+
 import chex
 import jax
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.hf import config_to_hf
+from rlhf_jax.models.hf_config import config_from_hf
 from rlhf_jax.models.presets import PRESETS, get_config, register
 
 # Parameter counts as published (model cards / safetensors index totals); W1 from WORKLOADS.md.
@@ -21,6 +24,73 @@ PUBLISHED = {
     "qwen3-0.6b": 596_049_920,
     "qwen3-8b": 8_190_735_360,
     "w1": 7_358_720,
+}
+
+
+# The architecture fields of each model's Hugging Face `config.json` (the file at
+# huggingface.co/<repo>/blob/main/config.json, named per entry), as published; what `get_config`
+# must reproduce. Values cross-checked against public copies of those files (transformers-based
+# projects that quote them, litgpt's configs citing the same URLs). Only the fields rlhf-jax reads.
+_LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+OFFICIAL = {
+    # meta-llama/Llama-2-7b-hf (rms_norm_eps 1e-05 since the July 2023 config fix; 1e-06 before).
+    "llama-2-7b": dict(
+        model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0,
+        rope_scaling=None, rms_norm_eps=1e-05, tie_word_embeddings=False, attention_bias=False,
+        bos_token_id=1, eos_token_id=2, initializer_range=0.02),
+    # meta-llama/Llama-3.1-8B (the base model: eos 128001; the Instruct model lists 128001, 128008, 128009).
+    "llama-3.1-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE, rms_norm_eps=1e-05, tie_word_embeddings=False, attention_bias=False,
+        bos_token_id=128000, eos_token_id=128001, initializer_range=0.02),
+    # meta-llama/Llama-3.2-1B: head_dim 64 (= 2048 / 32), RoPE factor 32, tied head.
+    "llama-3.2-1b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0), rms_norm_eps=1e-05,
+        tie_word_embeddings=True, attention_bias=False, bos_token_id=128000, eos_token_id=128001,
+        initializer_range=0.02),
+    # mistralai/Mistral-7B-v0.1: vocab 32000 and a 4096-token sliding window (v0.3: 32768, no window).
+    "mistral-7b": dict(
+        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0,
+        rms_norm_eps=1e-05, sliding_window=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        initializer_range=0.02),
+    # Qwen/Qwen2.5-0.5B: q/k/v bias (implied by model_type qwen2), tied head, no sliding window in use.
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-06, sliding_window=32768, use_sliding_window=False, max_window_layers=24,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643, initializer_range=0.02),
+    # Qwen/Qwen2.5-1.5B (the base model: max_position_embeddings 131072; Qwen2.5-1.5B-Instruct: 32768).
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072, rope_theta=1000000.0,
+        rms_norm_eps=1e-06, sliding_window=131072, use_sliding_window=False, max_window_layers=28,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643, initializer_range=0.02),
+    # Qwen/Qwen2.5-7B: untied head and vocab 152064 (the smaller Qwen2.5 models: 151936, tied).
+    "qwen2.5-7b": dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072, rope_theta=1000000.0,
+        rms_norm_eps=1e-06, sliding_window=131072, use_sliding_window=False, max_window_layers=28,
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643, initializer_range=0.02),
+    # Qwen/Qwen3-0.6B: head_dim 128 (not 1024 / 16), q/k RMSNorm (implied by qwen3), tied head.
+    "qwen3-0.6b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1000000, rope_scaling=None, rms_norm_eps=1e-06, sliding_window=None,
+        use_sliding_window=False, attention_bias=False, tie_word_embeddings=True, bos_token_id=151643,
+        eos_token_id=151645, initializer_range=0.02),
+    # Qwen/Qwen3-8B: untied head.
+    "qwen3-8b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1000000, rope_scaling=None, rms_norm_eps=1e-06, sliding_window=None,
+        use_sliding_window=False, attention_bias=False, tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_id=151645, initializer_range=0.02),
 }
 
 
@@ -69,6 +139,39 @@ def test_parameter_count_from_eval_shape(name):
     assert count == PUBLISHED[name]  # in fact exact
 
 
+
+def test_every_published_model_has_its_official_config():
+    assert set(OFFICIAL) == set(PUBLISHED) - {"w1"}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_preset_fields_are_the_official_config(name):
+    """Each field against config.json read by hand (not through rlhf-jax's loader), then the whole config."""
+    hf, c = OFFICIAL[name], get_config(name)
+    rope = hf.get("rope_scaling")
+    window = hf.get("sliding_window") if hf["model_type"] == "mistral" or hf.get("use_sliding_window") else None
+    assert {
+        "model_type": c.model_type, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings, "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.rms_norm_eps, "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "initializer_range": c.initializer_range,
+        "rope_scaling": None if c.rope_scaling is None else dataclasses.asdict(c.rope_scaling),
+        "sliding_window": c.sliding_window, "qkv_bias": c.attention_bias, "qk_norm": c.qk_norm,
+    } == {
+        **{k: hf[k] for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                              "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "rope_theta",
+                              "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+                              "initializer_range")},
+        "head_dim": hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
+        "rope_scaling": None if rope is None else {k: v for k, v in rope.items() if k != "rope_type"},
+        "sliding_window": window, "qkv_bias": hf["model_type"] == "qwen2", "qk_norm": hf["model_type"] == "qwen3",
+    }
+    # and what loading that config.json gives, in the preset's mixed precision (float32 weights, bf16 compute)
+    assert c == config_from_hf(hf).replace(param_dtype="float32", dtype="bfloat16")
+
+
 def test_transformers_counts_the_same_parameters():
     """transformers builds each preset (on torch's meta device, no memory) with our counts."""
     torch = pytest.importorskip("torch")
@@ -95,6 +198,8 @@ def test_family_features():
     assert get_config("mistral-7b").sliding_window == 4096
     assert get_config("llama-3.1-8b").rope_scaling.factor == 8.0
     assert get_config("llama-3.2-1b").rope_scaling.factor == 32.0
+    # Qwen/Qwen2.5-1.5B's config.json: 131072 (it was 32768, the -Instruct model's value)
+    assert get_config("qwen2.5-1.5b").max_position_embeddings == get_config("qwen2.5-7b").max_position_embeddings == 131072
     assert all(get_config(n).attention_bias for n in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"))
     assert all(get_config(n).qk_norm for n in ("qwen3-0.6b", "qwen3-8b"))
     assert [n for n in sorted(PRESETS) if get_config(n).tie_word_embeddings] == [

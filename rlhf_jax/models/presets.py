@@ -98,9 +98,10 @@ register("qwen2.5-0.5b", ModelConfig(
     rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True,
     bos_token_id=151643, eos_token_id=151643, **_MIXED,
 ))
+# Qwen/Qwen2.5-1.5B's config.json says 131072 positions (its -Instruct model: 32768); 0.5B says 32768.
 register("qwen2.5-1.5b", ModelConfig(
     model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-    num_heads=12, num_kv_heads=2, head_dim=128, max_position_embeddings=32768, rope_theta=1000000.0,
+    num_heads=12, num_kv_heads=2, head_dim=128, max_position_embeddings=131072, rope_theta=1000000.0,
     rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True,
     bos_token_id=151643, eos_token_id=151643, **_MIXED,
 ))
