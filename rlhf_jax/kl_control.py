@@ -95,7 +95,8 @@ def adaptive_kl_controller(*, init_kl_coef: float = 0.2, target: float = 6.0, ho
     `0 <= n_steps <= H`: one update then moves `beta` by at most 20% (`|e n / H| <= 0.2`), so it
     stays positive. (Neither the paper nor TRL bounds `n`; with `n > 5 H` the factor would turn
     negative and so would `beta`.) A concrete `n_steps` outside that range raises ValueError; a
-    traced one is not inspected.
+    traced one is not inspected. A concrete non-finite `observed_kl` raises ValueError; a traced NaN
+    leaves `beta` unchanged (a NaN `beta` would never recover).
 
     Args:
       init_kl_coef: initial `beta > 0`.
@@ -121,8 +122,11 @@ def adaptive_kl_controller(*, init_kl_coef: float = 0.2, target: float = 6.0, ho
 
     def update(state: KLControllerState, observed_kl: jax.Array, n_steps: jax.Array | int) -> KLControllerState:
         _check_update_args("adaptive_kl_controller.update", observed_kl, n_steps, horizon)
-        error = jnp.clip(_checks.f32(observed_kl) / target - 1.0, -0.2, 0.2)
+        kl = _checks.f32(observed_kl)
+        error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
         mult = 1.0 + error * _checks.f32(n_steps) / horizon
-        return KLControllerState(kl_coef=state.kl_coef * mult)
+        # A traced NaN KL (a NaN log-prob in a batch the step's guard skips) keeps beta: a NaN beta would
+        # make every later reward NaN and so skip every later update. (+-inf clips to +-0.2 as any KL.)
+        return KLControllerState(kl_coef=jnp.where(jnp.isnan(kl), state.kl_coef, state.kl_coef * mult))
 
     return KLController(init=init, update=update)

@@ -675,3 +675,62 @@ def test_ppo_adaptive_kl_controller_moves_with_one_update_and_the_kl_in_the_loss
     expected = config.kl_controller().update(kl_state, seq_kl, N)
     np.testing.assert_allclose(new.kl.kl_coef, expected.kl_coef, rtol=1e-5)
     assert abs(float(new.kl.kl_coef) - 0.1) > 1e-4
+
+
+def test_ppo_nan_kl_of_a_skipped_batch_keeps_the_adaptive_kl_coef():
+    """A NaN reference log-prob makes the step skip its updates; the adaptive beta must not turn NaN
+    (it did: every later reward was NaN and every later update skipped, silently)."""
+    model, params = _model()
+    vmodel, _ = _model("scalar")
+    config = PPOConfig(num_epochs=1, kl_coef=0.1, kl_target=1.0, kl_horizon=100.0)
+    policy, value, tx = _ppo_states(params, shared=False)
+    step = jax.jit(make_ppo_step(model, tx, config=config, value_model=vmodel, value_optimizer=tx))
+    bad = _batch()
+    bad["ref_logps"] = bad["ref_logps"].copy()
+    bad["ref_logps"][0, 0] = np.nan
+    state, metrics = step(RLState(policy, params, value, config.kl_controller().init()), bad)
+    assert float(metrics["nonfinite"]) == 2.0  # policy and critic updates skipped
+    assert float(state.kl.kl_coef) == np.float32(0.1)
+    good = _batch(1)
+    state, metrics = step(state, good)
+    assert float(metrics["nonfinite"]) == 0.0
+    seq_kl = float(metrics["kl/rollout_sequence"])
+    np.testing.assert_allclose(state.kl.kl_coef, 0.1 * (1 + np.clip(seq_kl / 1.0 - 1, -0.2, 0.2) * N / 100.0),
+                               rtol=1e-6)
+    ctl = adv_core.adaptive_kl_controller(init_kl_coef=0.2, target=6.0, horizon=100.0)
+    for kl, beta in ((np.nan, 0.2), (np.inf, 0.2 * 1.02), (-np.inf, 0.2 * 0.98)):  # traced NaN: beta kept
+        np.testing.assert_allclose(jax.jit(ctl.update)(ctl.init(), jnp.float32(kl), 10).kl_coef, beta, rtol=1e-6)
+    with pytest.raises(ValueError, match="observed_kl must be finite"):
+        ctl.update(ctl.init(), float("nan"), 10)
+
+
+def _ppo_run_config(**algorithm):
+    from rlhf_jax.sharding import MeshConfig  # noqa: PLC0415
+    from rlhf_jax.train import rl  # noqa: PLC0415
+    from rlhf_jax.train.run_config import DataConfig  # noqa: PLC0415
+
+    return rl.PPORunConfig(name="ppo", model=_model()[0].config, value=rl.ValueConfig(init="policy"),
+                           mesh=MeshConfig(data=-1, strategy="dp"),
+                           data=DataConfig(train="synthetic:vowel", batch_size=8), algorithm=PPOConfig(**algorithm))
+
+
+def test_ppo_kl_horizon_below_the_batch_is_a_config_error():
+    from rlhf_jax.train.rl_algorithms import PPO  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match=r"^algorithm.kl_horizon 4.0 is smaller than data.batch_size 8"):
+        PPO(_ppo_run_config(kl_target=1.0, kl_horizon=4.0), mesh=None)  # refused before the mesh is used
+
+
+def test_ppo_resume_keeps_an_adaptive_kl_coef_and_takes_a_fixed_one_from_the_config():
+    """A checkpoint's beta (0.7) resumes an adaptive controller; a fixed one is the config's (it was
+    the checkpoint's, silently, after a resume with a new algorithm.kl_coef)."""
+    from rlhf_jax.train.rl_algorithms import PPO  # noqa: PLC0415
+
+    config = _ppo_run_config(kl_coef=0.1, kl_target=1.0)
+    mesh = config.mesh.make_mesh()
+    saved = PPO(config, mesh)
+    state = saved.fresh()
+    items = saved.save_items(state._replace(kl=state.kl._replace(kl_coef=jnp.float32(0.7))))
+    assert float(PPO(config, mesh).from_items(items).kl.kl_coef) == np.float32(0.7)
+    fixed = PPO(dataclasses.replace(config, algorithm=PPOConfig(kl_coef=0.3)), mesh).from_items(items)
+    assert float(fixed.kl.kl_coef) == np.float32(0.3)

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as sh
+from rlhf_jax.config import ConfigError
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.heads import SCALAR_HEAD_AXES, init_scalar_head
 from rlhf_jax.optim import make_optimizer, make_schedule
@@ -218,6 +219,13 @@ class PPO(RLAlgorithm):
     """
 
     def __init__(self, config, mesh: Mesh):
+        algorithm = config.algorithm
+        if algorithm.kl_target is not None and config.data.batch_size > algorithm.kl_horizon:
+            # Each step updates beta with n = data.batch_size (one completion per prompt); the controller
+            # refuses n > horizon, and would only say so inside the first update's trace.
+            raise ConfigError(f"algorithm.kl_horizon {algorithm.kl_horizon} is smaller than data.batch_size "
+                              f"{config.data.batch_size}, the samples each step's adaptive KL update counts "
+                              "(beta would move by more than 20% per step): raise algorithm.kl_horizon")
         self.shared_value_head = config.value.shared_backbone
         super().__init__(config, mesh)
         if not self.shared_value_head:
@@ -226,6 +234,14 @@ class PPO(RLAlgorithm):
 
     def _abstract_kl(self):
         return jax.eval_shape(self.config.algorithm.kl_controller().init)
+
+    def from_items(self, items: Mapping[str, Any]) -> RLState:
+        state = super().from_items(items)
+        if self.config.algorithm.kl_target is None:
+            # A fixed beta is the config's, not the run's state: a resume with a new algorithm.kl_coef
+            # trains with it (the checkpoint's would be used silently). An adaptive beta resumes.
+            state = state._replace(kl=self._fresh_kl())
+        return state
 
     def _fresh_kl(self):
         # Replicated on the mesh, as the step's state shardings have it: an uncommitted scalar
