@@ -220,3 +220,22 @@ def test_a_critic_from_the_reward_model_refuses_a_language_model(tmp_path):
                                                       r"does not match the run's model:\n  model.num_layers: .* has 2"):
         starting_params(CausalLM(CONFIG.replace(num_layers=3), head="scalar"), str(tmp_path / "rm"),
                         rng=jax.random.key(0), key=key, reward_model=True)
+
+
+def test_a_checkpoint_trained_with_other_rope_norm_or_window_settings_is_refused(tmp_path):
+    """Fields that change the math but no shape (RoPE theta and scaling, RMSNorm eps, the sliding
+    window) loaded silently into a run configured otherwise: a Mistral-v0.2 checkpoint in a v0.1
+    config computed logits 0.34 away from its own. They are compared like the shapes now."""
+    from rlhf_jax.models.hf import save_hf
+    from rlhf_jax.train.weights import starting_params
+
+    params = jax.jit(CausalLM(CONFIG).init)(jax.random.key(1))
+    save_hf(tmp_path / "hf", CONFIG.replace(rope_theta=1e6, rms_norm_eps=1e-5), params)
+    with pytest.raises(CheckpointMismatchError, match=r"does not match the run's model:\n  model.rope_theta: .*hf has "
+                                                      r"1000000.0, this run 10000.0\n  model.rms_norm_eps: .* has 1e-05, "
+                                                      r"this run 1e-06$"):
+        starting_params(CausalLM(CONFIG), str(tmp_path / "hf"), rng=jax.random.key(0))
+    got = starting_params(CausalLM(CONFIG.replace(rope_theta=1e6, rms_norm_eps=1e-5)), str(tmp_path / "hf"),
+                          rng=jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -30,11 +30,14 @@ __all__ = ["initial_params", "starting_params", "restore_item", "lora_item_of", 
 
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
+# Fields that change the math but no shape: weights trained with other values load without error and
+# compute something else (a Mistral-v0.2 checkpoint in a v0.1 config: logits 0.34 off).
+_MATH_FIELDS = ("rope_theta", "rope_scaling", "rms_norm_eps", "sliding_window")
 
 
 def _check_same_shape(ours: ModelConfig, theirs: ModelConfig, source: str, key: str = "checkpoint.init_from") -> None:
     diffs = [f"model.{f}: {source} has {getattr(theirs, f)!r}, this run {getattr(ours, f)!r}"
-             for f in _SHAPE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
+             for f in _SHAPE_FIELDS + _MATH_FIELDS if getattr(ours, f) != getattr(theirs, f)]
     if diffs:
         raise CheckpointMismatchError(f"{key}={source} does not match the run's model:\n  " + "\n  ".join(diffs))
 
