@@ -16,7 +16,9 @@
 
 Data: JSONL prompts (`{"prompt": str}` or chat messages), rendered with the model's chat template,
 kept to 512 tokens. The reward model scores prompt + completion at its last token; a completion
-that does not end in EOS gets the "missing_eos" penalty.
+that does not end in EOS gets the "missing_eos" penalty. It reads the policy's token ids, so it must
+use the policy's tokenizer: a tokenizer saved with it (in its directory, or `tokenizer/` beside a
+run's checkpoints) is compared with the policy's, and one that differs is refused.
 
 Recipe: 64 prompts per step, one completion each up to 512 tokens at temperature 1; PPO with GAE
 (gamma 1, lambda 0.95), clip 0.2, value clip 0.2, KL to the initial policy in the reward (0.05),

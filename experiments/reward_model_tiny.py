@@ -6,7 +6,8 @@ What it shows: Bradley-Terry training on preference pairs recovers the hidden go
 training pairs come from the built-in vowel task (`rlhf_jax.data.synthetic.VowelTask`), labelled by
 its gold reward with 10% of the labels flipped (`data.label_noise`); the held-out pairs carry the
 gold labels. The acceptance criterion is held-out accuracy against the gold labels >= 0.90
-(`ACCURACY_THRESHOLD`). In our run: 0.76 at initialization, 0.99 from step 50 on, 0.992 after the
+(`ACCURACY_THRESHOLD`; recorded as `passed` in `results.json`, the exit status does not depend on
+it). In our run: 0.76 at initialization, 0.99 from step 50 on, 0.992 after the
 250 steps (about 90 s on this 2-core CPU).
 
 The task here sets `relevance_bonus=0` (`--set data.vowel.relevance_bonus=...` restores it): its
