@@ -53,6 +53,16 @@ def host_values(x: Any) -> np.ndarray | None:
     return None
 
 
+def non_binary_values(mask: Any) -> list[float] | None:
+    """The first (sorted) values other than 0 and 1 of a mask's host values (`host_values`), or None
+    when there are none or the values are not on the host."""
+    m = host_values(mask)
+    if m is None:
+        return None
+    bad = (m != 0) & (m != 1)
+    return [float(v) for v in np.unique(np.asarray(m)[bad])[:5]] if np.any(bad) else None  # NaNs as one
+
+
 def scalar_value(fn: str, name: str, value: Any) -> Any:
     """The concrete value of scalar hyperparameter `value` as a Python number, or None when traced.
 

@@ -12,6 +12,7 @@ pre-check starts the real package (four times, ~4 s each).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -278,10 +279,8 @@ def test_launch_runs_the_command_on_every_worker_and_stop_ends_it_with_75(env, t
 def _kill_fake(pid: int | None) -> None:
     """SIGKILL the fake run a test started (None: it ended, or none started)."""
     if pid is not None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _start_on_fake_worker(command: str, home: Path, **worker_env: str) -> dict:

@@ -25,6 +25,7 @@ Formats (what the model writes; `parse(action_text)` -> `ToolCall`, `CallError`,
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import json
 import operator
@@ -271,10 +272,8 @@ def _result_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, (dict, list)):
-        try:
+        with contextlib.suppress(TypeError, ValueError):  # not JSON-serialisable (e.g. holds a set): `str`
             return json.dumps(value, ensure_ascii=False)
-        except (TypeError, ValueError):  # not JSON-serialisable (e.g. holds a set): its repr, by `str`
-            return str(value)
     return str(value)
 
 

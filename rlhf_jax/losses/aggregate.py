@@ -6,7 +6,6 @@ from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rlhf_jax import _checks
 
@@ -118,12 +117,8 @@ def check_loss_mask(fn: str, mask: jax.Array) -> None:
     A per-token loss that is zero where masked multiplies by its mask, and `aggregate` weights by
     the mask again: a weight `w` there would count as `w^2`. Weights belong in `aggregate`'s mask only.
     """
-    m = _checks.host_values(mask)
-    if m is None:
-        return
-    bad = (m != 0) & (m != 1)
-    if np.any(bad):
-        values = sorted({float(v) for v in np.asarray(m)[bad].ravel()})[:5]
+    values = _checks.non_binary_values(mask)
+    if values is not None:
         raise ValueError(f"{fn}: mask must be bool or 0/1, got values {values}; per-token weights would count "
                          f"twice (in this loss and in aggregate): pass a 0/1 mask here and the weights as "
                          f"aggregate's mask")

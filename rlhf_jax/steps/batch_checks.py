@@ -53,12 +53,8 @@ def check_loss_masks(batch: Mapping[str, Any], *, name: str) -> None:
     """`*loss_mask` host values must be 0/1: the steps mark target tokens (`causal_targets`) and weigh
     each by 1, so a weight such as 0.5, 2 or NaN would be read as 1."""
     for key in [k for k in batch if str(k).endswith("loss_mask")]:
-        mask = _checks.host_values(batch[key])
-        if mask is None:
-            continue
-        bad = (mask != 0) & (mask != 1)
-        if np.any(bad):
-            values = np.unique(np.asarray(mask)[bad]).tolist()[:5]
+        values = _checks.non_binary_values(batch[key])
+        if values is not None:
             raise ValueError(f"{name}: batch[{key!r}] must be bool or 0/1, got values {values}; the step weighs "
                              "every marked target token by 1 (per-token weights are not supported)")
 
