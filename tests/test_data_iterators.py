@@ -69,7 +69,8 @@ def test_resume_yields_exactly_the_remaining_stream(pack):
         states.append(json.loads(json.dumps(reference.get_state())))  # what a checkpoint stores
         batches.append(next(reference))
     if not pack:  # 12 examples, 4 per batch: after 3 batches the next example starts epoch 1
-        assert states[1] == {"seed": 1, "epoch": 0, "position": 4, "num_examples": 12}
+        assert states[1] == {"seed": 1, "epoch": 0, "position": 4, "num_examples": 12, "shuffle": True,
+                             "lengths_digest": states[0]["lengths_digest"]}
         assert states[3]["epoch"] == 1 and states[3]["position"] == 0
     assert any(s["epoch"] == 1 for s in states)
     for k, state in enumerate(states):
@@ -191,3 +192,57 @@ def test_bad_state_and_epoch_values_are_named():
         _iter(ds).set_state({**state, "position": "2"})
     with pytest.raises(TypeError, match="state must be a mapping from get_state\\(\\), got NoneType"):
         _iter(ds).set_state(None)
+
+
+def test_a_state_of_other_data_or_another_shuffle_is_refused():
+    """Such a state used to be accepted whenever seed and size matched: its position then indexed
+    another order, repeating and skipping examples silently."""
+    ds = _dataset(10)
+    state = _iter(ds, seed=1).get_state()
+    other = load_dataset(
+        [{"prompt": f"{i}:", "completion": "z" * (1 + i % 3)} for i in range(10)],
+        kind="sft", tokenizer=offline_tokenizer(), config=TokenizeConfig(max_len=16),
+    )
+    with pytest.raises(ValueError, match="state\\['lengths_digest'\\] = .* \\(another dataset: its examples'"):
+        _iter(other, seed=1).set_state(state)
+    with pytest.raises(ValueError, match="state\\['shuffle'\\] = True but this iterator has shuffle = False"):
+        _iter(ds, seed=1, shuffle=False).set_state(state)
+    # A state saved before these keys existed still resumes.
+    legacy = _iter(ds, seed=1)
+    legacy.set_state({k: state[k] for k in ("seed", "epoch", "position", "num_examples")} | {"position": 3})
+    assert _ids(ds, next(legacy)) == legacy.epoch_order(0)[3:7].tolist()
+
+
+def test_processes_cover_each_epoch_once_with_the_last_batch_padded_or_dropped():
+    """7 examples, global batches of 4 over 2 processes, 2 epochs: the processes' rows, in order, are
+    the stream of the epochs' permutations, each example once per epoch (a batch that crosses the
+    epoch boundary may hold one twice); the stream's last partial batch is padded (3 rows
+    and a masked one) or, with drop_remainder, dropped whole."""
+    ds = _dataset(7)
+    for drop in (False, True):
+        its = [_iter(ds, seed=9, num_epochs=2, drop_remainder=drop, process_index=h, process_count=2)
+               for h in range(2)]
+        seen, masks = [], []
+        while True:
+            try:
+                parts = [next(it) for it in its]
+            except StopIteration:
+                break
+            rows = [r for it in its for r in it.last_rows]
+            seen += [i for r in rows for i in r]
+            masks.append(np.concatenate([p["example_mask"][:, 0] for p in parts]).tolist())
+        stream = its[0].epoch_order(0).tolist() + its[0].epoch_order(1).tolist()
+        assert sorted(stream[:7]) == sorted(stream[7:]) == list(range(7))
+        assert seen == (stream[:12] if drop else stream)
+        assert masks[-1] == ([True] * 4 if drop else [True, True, False, False])
+        assert len(masks) == (3 if drop else 4)
+
+
+def test_resume_under_another_batch_size_continues_the_example_stream():
+    ds = _dataset(10)
+    it = _iter(ds, seed=4, batch_size=4)
+    next(it)
+    resumed = _iter(ds, seed=4, batch_size=2)
+    resumed.set_state(it.get_state())
+    order = np.concatenate([it.epoch_order(0), it.epoch_order(1)]).tolist()
+    assert [i for _ in range(5) for i in _ids(ds, next(resumed))] == order[4:14]

@@ -1,8 +1,12 @@
 """Sources: JSONL, JSON, Parquet, CSV, HF datasets on disk, TFDS (no TensorFlow), Python lists."""
 
 import csv
+import glob
 import gzip
 import json
+import os
+import re
+import shutil
 import sys
 
 import datasets
@@ -19,6 +23,7 @@ from rlhf_jax.data import (
     read_rows,
     write_tfds_preferences,
 )
+from rlhf_jax.data.sources import SourceError
 from rlhf_jax.data.tfds_preferences import PREFERENCE_BUILDER_NAME
 from rlhf_jax.testing.tokenizer import offline_tokenizer
 
@@ -157,6 +162,63 @@ def test_tfds_writer_names_bad_rows(tmp_path):
     jsonl.write_text(json.dumps(STRING_ROWS[0]) + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     with pytest.raises(DataError, match="bad.jsonl line 2: missing column 'rejected'"):
         write_tfds_preferences({"train": jsonl}, tmp_path / "tfds")
+    # A lone surrogate (JSON escape) failed inside TFDS with an error naming no row.
+    jsonl.write_text(json.dumps(STRING_ROWS[0]) + "\n" + '{"prompt": "q", "chosen": "a\\ud800", "rejected": "b"}\n')
+    with pytest.raises(DataError, match="bad.jsonl line 2: column 'chosen' \\(as JSON\\) holds the lone surrogate"):
+        write_tfds_preferences({"train": jsonl}, tmp_path / "tfds")
+
+
+def test_tfds_round_trip_of_edge_rows_and_splits(tmp_path):
+    """Unicode, empty strings, control characters, a 100,000-character row and message lists come back
+    exactly; splits stay apart; an empty split or a split name TFDS would read as a slice is refused."""
+    edge = [
+        {"prompt": "héllo 你好 🎉", "chosen": "", "rejected": "x\x00y\n\t", "margin": 1.5},
+        {"prompt": "", "chosen": "a" * 100_000, "rejected": "", "margin": -2.0},
+        {"prompt": [{"role": "user", "content": "ü"}], "chosen": [{"role": "assistant", "content": ""}],
+         "rejected": [{"role": "assistant", "content": "z"}], "margin": 0.25},
+    ]
+    version_dir = write_tfds_preferences({"train": edge, "validation": STRING_ROWS}, tmp_path / "tfds")
+    assert [row for _, row in read_rows(version_dir)] == edge
+    assert [row for _, row in read_rows(version_dir, split="validation")] == STRING_ROWS
+    with pytest.raises(ValueError, match="splits \\['train', 'validation'\\], not 'test'"):
+        list(read_rows(version_dir, split="test"))
+    with pytest.raises(ValueError, match="split 'test' \\(<rows>\\) has no rows"):
+        write_tfds_preferences({"test": []}, tmp_path / "empty")
+    with pytest.raises(ValueError, match="split names must be letters, digits and '_', got 'train\\[:5\\]'"):
+        write_tfds_preferences({"train[:5]": STRING_ROWS}, tmp_path / "sliced")
+
+
+def test_a_rebuilt_tfds_dataset_reads_its_new_rows(tmp_path):
+    data_dir = tmp_path / "tfds"
+    version_dir = write_tfds_preferences({"train": STRING_ROWS}, data_dir)
+    assert len(list(read_rows(version_dir))) == 3
+    shutil.rmtree(version_dir)
+    write_tfds_preferences({"train": STRING_ROWS[:1]}, data_dir)
+    assert [row for _, row in read_rows(version_dir)] == STRING_ROWS[:1]
+    by_name = TFDSSource(PREFERENCE_BUILDER_NAME, data_dir=str(data_dir), split="train")
+    assert [row for _, row in read_rows(by_name)] == STRING_ROWS[:1]
+
+
+@pytest.mark.parametrize("damage", ["half", "tail", "missing", "bit"])
+def test_a_damaged_array_record_file_is_an_error_naming_it(tmp_path, damage):
+    """A half-written array_record file read back as rows of None features (then a TypeError in JSON
+    decoding), a damaged one as a Riegeli RuntimeError naming no file."""
+    version_dir = write_tfds_preferences({"train": STRING_ROWS}, tmp_path / "tfds")
+    (path,) = glob.glob(os.path.join(version_dir, "*-train.array_record-*"))
+    data = open(path, "rb").read()
+    if damage == "missing":
+        os.remove(path)
+    else:
+        at = {"half": len(data) // 2, "tail": len(data) - 10}.get(damage, len(data))
+        damaged = bytearray(data[:at])
+        if damage == "bit":  # a flipped bit in the records' chunk data (bytes 64...) fails its checksum
+            damaged[100] ^= 1
+        open(path, "wb").write(bytes(damaged))
+    where = "row 0 of the array_record file " if damage == "bit" else "the array_record file "
+    with pytest.raises(SourceError, match=re.escape(where + path)):
+        list(read_rows(version_dir))
+    with pytest.raises(SourceError, match=re.escape(path)):
+        _load(TFDSSource(PREFERENCE_BUILDER_NAME, data_dir=str(tmp_path / "tfds"), split="train"))
 
 
 def test_source_errors_name_the_path(tmp_path):

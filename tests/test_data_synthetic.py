@@ -139,3 +139,26 @@ def test_task_config_validation_names_the_field():
         VowelTask(pair_vowel_share=(0.6, 0.2))
     with pytest.raises(ValueError, match="VowelTask.target_vowel_share"):
         VowelTask(target_vowel_share=1.0)
+
+
+def test_an_unreachable_min_gap_is_an_error_not_a_hang(monkeypatch):
+    """Gold differences of generated pairs stay below ~1.1: min_gap=1.5 used to loop forever."""
+    import rlhf_jax.data.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic, "_MAX_MISSES", 50)
+    with pytest.raises(ValueError, match="51 draws in a row missed min_gap=1.5; lower min_gap"):
+        VowelTask(min_gap=1.5).preference_rows(1, seed=0)
+    rows = VowelTask().preference_rows(50, seed=0)  # the default gap is reached between misses
+    assert min(abs(r["gold_chosen"] - r["gold_rejected"]) for r in rows) >= 0.2
+
+
+def test_arithmetic_prefix_is_stable_and_operands_are_uniform():
+    task = ArithmeticTask(max_operand=3, ops=("+", "-", "*"))
+    problems = task.problems(3000, seed=5)
+    assert problems[:7] == task.problems(7, seed=5)
+    parsed = [re.fullmatch(r"(\d+)([-+*])(\d+)=", p).groups() for p, _ in problems]
+    assert all(str(eval(f"{x}{op}{y}")) == a and int(a) >= 0 for (x, op, y), (_, a) in zip(parsed, problems))
+    ops = np.array([op for _, op, _ in parsed])
+    np.testing.assert_allclose([np.mean(ops == op) for op in "+-*"], 1 / 3, atol=0.03)
+    plus = np.array([[int(x), int(y)] for x, op, y in parsed if op == "+"])
+    np.testing.assert_allclose(np.bincount(plus.ravel(), minlength=4) / plus.size, 0.25, atol=0.03)

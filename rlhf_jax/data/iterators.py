@@ -10,14 +10,19 @@ the same global batch and collates only its block of `batch_size / P` consecutiv
 holds rows `p * B/P ...`, the rows its devices hold when the batch is split over the data-parallel
 axes), so for a fixed global batch the sequence of global batches is the same for any process
 count. The iterator's whole state is the number of stream examples consumed, the same on every
-process, exposed as `{"seed", "epoch", "position", "num_examples"}`: `set_state(get_state())` on a
-fresh iterator over the same dataset and config continues with exactly the batches the saved one
-would have produced next, mid-epoch or at an epoch boundary, with this or another process count.
+process, exposed as `{"seed", "epoch", "position", "num_examples", "shuffle", "lengths_digest"}`:
+`set_state(get_state())` on a fresh iterator over the same dataset and config continues with exactly
+the batches the saved one would have produced next, mid-epoch or at an epoch boundary, with this or
+another process count. A state from other data (another size, or other sequence lengths), another
+seed or another `shuffle` is refused: the position would index another order, repeating or skipping
+examples. The position counts examples, so a state continues the same example stream under another
+`batch_size` too (with its own batches).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -130,6 +135,8 @@ class BatchIterator:
         lengths = dataset.lengths()
         self._lengths = lengths.tolist()
         self._num_tracks, self._min_length = lengths.shape[1], int(lengths.min())
+        # Identifies the data in a saved state: the same on every process (lengths are global).
+        self._lengths_digest = zlib.crc32(np.ascontiguousarray(lengths, np.int64).tobytes())
         longest = int(lengths.max())
         if longest > config.seq_len:
             first = int(np.argmax(lengths.max(axis=1) > config.seq_len))
@@ -240,21 +247,24 @@ class BatchIterator:
 
     # ----------------------------------------------------------------------------- state
     def get_state(self) -> dict[str, int]:
-        """The position of the next example in the global stream: `{"seed", "epoch", "position",
-        "num_examples"}` (plain ints, JSON-serializable, the same on every process).
+        """The position of the next example in the global stream, and what it indexes: `{"seed",
+        "epoch", "position", "num_examples", "shuffle", "lengths_digest"}` (plain ints and a bool,
+        JSON-serializable, the same on every process; `lengths_digest` is a CRC-32 of every
+        example's sequence lengths).
 
         A state saved by a run with one process count continues exactly under another: every
         process forms the same global batches and collates its share of their rows.
         """
         epoch, position = divmod(self._consumed, self._n)
-        return {"seed": self.config.seed, "epoch": epoch, "position": position, "num_examples": self._n}
+        return {"seed": self.config.seed, "epoch": epoch, "position": position, "num_examples": self._n,
+                "shuffle": self.config.shuffle, "lengths_digest": self._lengths_digest}
 
     def set_state(self, state: Mapping[str, int]) -> None:
         """Continue from a state of `get_state()` saved by an iterator over the same data and config.
 
         Raises:
-          ValueError: naming the key when the state is incomplete or belongs to another seed or
-            dataset size.
+          ValueError: naming the key when the state is incomplete or belongs to another seed,
+            `shuffle` setting or dataset (size or sequence lengths).
         """
         if not isinstance(state, Mapping):
             raise TypeError(
@@ -263,14 +273,21 @@ class BatchIterator:
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"BatchIterator.set_state: state lacks {missing}; got keys {sorted(state)}")
-        for key in _STATE_KEYS:
+        # "shuffle" and "lengths_digest" are checked when present: states saved before them lack them.
+        for key in (*_STATE_KEYS, *(["lengths_digest"] if "lengths_digest" in state else [])):
             if not isinstance(state[key], (int, np.integer)) or isinstance(state[key], bool):
                 raise ValueError(f"BatchIterator.set_state: state[{key!r}] must be an int, got {state[key]!r}")
-        expected = {"seed": self.config.seed, "num_examples": self._n}
+        if "shuffle" in state and state["shuffle"] is not self.config.shuffle:
+            raise ValueError(
+                f"BatchIterator.set_state: state['shuffle'] = {state['shuffle']!r} but this iterator has "
+                f"shuffle = {self.config.shuffle}"
+            )
+        expected = {"seed": self.config.seed, "num_examples": self._n, "lengths_digest": self._lengths_digest}
         for key, value in expected.items():
-            if int(state[key]) != value:
+            if key in state and int(state[key]) != value:
                 raise ValueError(
                     f"BatchIterator.set_state: state[{key!r}] = {state[key]} but this iterator has {key} = {value}"
+                    + (" (another dataset: its examples' sequence lengths differ)" if key == "lengths_digest" else "")
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self._n:

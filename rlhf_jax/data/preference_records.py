@@ -18,6 +18,7 @@ import numpy as np
 from rlhf_jax.data.formats import (
     DataError,
     RowRef,
+    _check_unicode,
     describe_value,
     parse_margin,
     refuse_row_tools,
@@ -38,7 +39,12 @@ def encode_preference_row(ref: RowRef, row: Any) -> dict[str, Any]:
         raise DataError(ref, f"a row must be an object, got {describe_value(row)}")
     require_columns(row, ref, "chosen", "rejected")
     refuse_row_tools(row, ref)  # not a stored feature: refused, as reading the row would, not dropped
-    out = {name: json.dumps(row.get(name), ensure_ascii=False) for name in TEXT_FIELDS}
+    # A lone surrogate (a JSON escape such as \ud800) cannot be stored as UTF-8: TFDS failed on it
+    # with an error naming no row.
+    out = {
+        name: _check_unicode(json.dumps(row.get(name), ensure_ascii=False), ref, f"column {name!r} (as JSON)")
+        for name in TEXT_FIELDS
+    }
     margin = parse_margin(row.get("margin"), ref)
     if abs(margin) > float(np.finfo(np.float32).max):
         raise DataError(ref, f"column 'margin' {margin!r} does not fit the stored float32")

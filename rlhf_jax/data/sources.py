@@ -328,13 +328,49 @@ def _plain_value(value: Any) -> Any:
     return value
 
 
+def _array_record_files(data_source, name: str) -> list[tuple[int, str]]:
+    """`(first row, path)` of every array_record file of a TFDS split, each checked to hold the records
+    its `dataset_info.json` promises: a damaged or half-written file (a crash while writing, a bad
+    copy) is a `SourceError` naming it, where TFDS would read each of its rows as all-None features or
+    fail with a Riegeli message that names no file. Empty for other file formats."""
+    info = getattr(data_source, "dataset_info", None)
+    if info is None or "array_record" not in str(info.file_format).lower():
+        return []
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    files, first = [], 0
+    for fi in info.splits[data_source.split].file_instructions:
+        path = os.fspath(fi.filename)
+        try:
+            reader = ArrayRecordReader(path)
+            count = reader.num_records()
+            reader.close()
+        except RuntimeError as err:
+            reason = str(err) or "truncated or corrupt"
+            raise SourceError(f"{name}: cannot read the array_record file {path}: {reason}") from err
+        if count != fi.examples_in_shard:
+            raise SourceError(
+                f"{name}: the array_record file {path} holds {count} records but dataset_info.json says "
+                f"{fi.examples_in_shard}; the file is damaged or half-written: prepare the dataset again"
+            )
+        files.append((first, path))
+        first += fi.take
+    return files
+
+
 def _read_tfds(data_source, name: str, builder_name: str, keep=None) -> Iterator[tuple[RowRef, Any]]:
     ours = builder_name == PREFERENCE_BUILDER_NAME
+    files = _array_record_files(data_source, name)
     for i in range(len(data_source)):
         if keep is not None and not keep(i):  # random access: a row not kept is never read
             yield RowRef(name, i), NOT_READ
             continue
-        row = {k: _plain_value(v) for k, v in data_source[i].items()}
+        try:
+            record = data_source[i]
+        except RuntimeError as err:  # a chunk of the file fails its checksum
+            path = next((p for first, p in reversed(files) if first <= i), "?")
+            raise SourceError(f"{name}: row {i} of the array_record file {path} cannot be read: {err}") from err
+        row = {k: _plain_value(v) for k, v in record.items()}
         yield RowRef(name, i), decode_preference_row(row) if ours else row
 
 

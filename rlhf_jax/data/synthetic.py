@@ -20,13 +20,13 @@ lowercase words. The gold reward of completion y for prompt word w is
 
 where v(y) is the share of vowels among y's non-space characters. Natural-looking text has a vowel
 share near v*; all-vowel gibberish scores low. The generated data never leaves the "safe" region:
-demonstrations have vowel shares in `sft_vowel_share` (moderate gold, room to improve), preference
-pairs have shares in `pair_vowel_share` (below v*), lengths within the good range, and no runs of three
-equal characters. Pairs are labelled by gold (with `label_noise` of them flipped) and differ in gold
-by at least `min_gap`. A reward model trained on them learns "more vowels is better", which is true
-where it has data, and extrapolates past v* where gold falls: a policy optimized hard against that
-proxy drifts to vowel-heavy, repetitive or long outputs, raising the proxy while the gold reward
-first rises and then falls.
+demonstrations draw each letter a vowel with a probability in `sft_vowel_share` (moderate gold, room
+to improve), preference pairs with one in `pair_vowel_share` (below v*), lengths within the good
+range, and no runs of three equal characters. Pairs are labelled by gold (with `label_noise` of them
+flipped) and differ in gold by at least `min_gap`. A reward model trained on them learns "more
+vowels is better", which is true where it has data, and extrapolates past v* where gold falls: a
+policy optimized hard against that proxy drifts to vowel-heavy, repetitive or long outputs, raising
+the proxy while the gold reward first rises and then falls.
 
 The relevance bonus makes gold depend on the prompt. Copying a letter from the prompt is hard for a
 2-layer reward model, so by default the bonus (0.1) is at most `min_gap / 2`: then the tent term
@@ -56,6 +56,7 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _VOWELS = "aeiou"
 _CONSONANTS = "".join(c for c in _LETTERS if c not in _VOWELS)
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+_MAX_MISSES = 10_000  # VowelTask.preference_rows: draws in a row that miss min_gap before it gives up
 
 
 def _check_range(owner: str, name: str, value, low: float, high: float) -> None:
@@ -267,7 +268,8 @@ class VowelTask:
         Rows: `{"prompt", "chosen", "rejected", "word", "gold_chosen", "gold_rejected"}`; the gold
         columns let an evaluation score a reward model against the true preference (a flipped row
         has `gold_chosen < gold_rejected`). Completions are redrawn until their gold rewards differ
-        by at least `min_gap`.
+        by at least `min_gap` (a ValueError when 10,000 draws in a row miss it: settings under
+        which it is out of reach).
 
         Args:
           n: number of pairs.
@@ -279,14 +281,21 @@ class VowelTask:
                 f"VowelTask.preference_rows: label_noise must be in [0, 0.5], got {label_noise!r}"
             )
         rng = np.random.default_rng([seed, 4])
-        rows = []
+        rows, misses = [], 0
         while len(rows) < n:
             word = self._word(rng)
             a = self._completion(rng, word, self.pair_vowel_share, 0.5)
             b = self._completion(rng, word, self.pair_vowel_share, 0.5)
             ga, gb = self.gold(word, a), self.gold(word, b)
             if abs(ga - gb) < self.min_gap:
+                misses += 1
+                if misses > _MAX_MISSES:  # a min_gap the settings cannot reach would loop forever
+                    raise ValueError(
+                        f"VowelTask.preference_rows: {misses} draws in a row missed min_gap={self.min_gap}; "
+                        f"lower min_gap or widen pair_vowel_share={self.pair_vowel_share}"
+                    )
                 continue
+            misses = 0
             (chosen, gc), (rejected, gr) = sorted([(a, ga), (b, gb)], key=lambda t: -t[1])
             if rng.random() < label_noise:
                 (chosen, gc), (rejected, gr) = (rejected, gr), (chosen, gc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -24,7 +25,7 @@ from rlhf_jax.data.preference_records import (
     decode_preference_row,
     encode_preference_row,
 )
-from rlhf_jax.data.sources import Source, read_rows
+from rlhf_jax.data.sources import Source, describe_source, read_rows
 
 __all__ = [
     "PREFERENCE_BUILDER_NAME",
@@ -70,11 +71,17 @@ def preference_builder_class():
                 raise ValueError(
                     f"{PREFERENCE_BUILDER_NAME}: nothing to prepare; pass split_sources={{'train': source}}"
                 )
-            return {name: self._generate_examples(source) for name, source in self._split_sources.items()}
+            return {name: self._generate_examples(name, source) for name, source in self._split_sources.items()}
 
-        def _generate_examples(self, source):
+        def _generate_examples(self, split, source):
+            index = -1
             for index, (ref, row) in enumerate(read_rows(source)):
                 yield index, encode_preference_row(ref, row)
+            if index < 0:  # TFDS would fail with a bare AssertionError ("No examples were yielded")
+                raise ValueError(
+                    f"write_tfds_preferences: split {split!r} ({describe_source(source)}) has no rows; "
+                    "TFDS cannot store an empty split"
+                )
 
     return RlhfJaxPreferences
 
@@ -93,8 +100,14 @@ def write_tfds_preferences(split_sources: Mapping[str, Source], data_dir: str | 
 
     Raises:
       DataError: naming the file and line (row) of a row without `chosen` / `rejected`.
+      ValueError: for a split name other than letters, digits and '_', or a split without rows.
       FileExistsError: when that version directory was already prepared (delete it to rewrite).
     """
+    bad = [name for name in split_sources if not isinstance(name, str) or not re.fullmatch(r"\w+", name, re.ASCII)]
+    if bad:  # a name like "train[:5]" was stored, then read back as a slice of a split named "train"
+        raise ValueError(
+            f"write_tfds_preferences: split names must be letters, digits and '_', got {bad[0]!r}"
+        )
     builder_cls = preference_builder_class()
     data_dir = os.fspath(data_dir)
     builder = builder_cls(split_sources=split_sources, data_dir=data_dir, file_format="array_record")
