@@ -130,7 +130,7 @@ def test_plan_compiles_the_eval_and_reference_passes_in_the_runs_pieces(monkeypa
         assert "tensor<2x8x32xi32>" in text and "stablehlo.while" in text, name
 
 
-def _policy_eval_parts(temperature: float):
+def _policy_eval_parts(temperature: float, sampler_dtype=None):
     """A GRPO config's held-out evaluation on the tiny model: 6 arithmetic prompts in batches of 4
     (the last with 2 padding rows), `train.eval_batches` 5 (more than there are), sampled at `temperature`."""
     import tempfile
@@ -151,7 +151,7 @@ def _policy_eval_parts(temperature: float):
         data=DataConfig(train="synthetic:arithmetic", eval="synthetic:arithmetic", num_train=8, num_eval=6,
                         max_len=16, batch_size=4, arithmetic=ArithmeticTask(max_operand=9)),
         algorithm=dataclasses.replace(grpo_config("grpo", group_size=4), temperature=temperature),
-        rollout=rl.RolloutConfig(max_new_tokens=4), train=TrainConfig(steps=1, eval_batches=5))
+        rollout=rl.RolloutConfig(max_new_tokens=4, sampler_dtype=sampler_dtype), train=TrainConfig(steps=1, eval_batches=5))
     data, mesh, policy = load_run_data(config, "prompt"), config.mesh.make_mesh(), CausalLM(config.model)
     collector, gold = rl.rollout_parts(config, data, mesh, policy, 1, {})
     return config, data, mesh, policy, collector, gold
@@ -201,6 +201,24 @@ def test_rl_eval_kl_is_k1_at_the_sampling_temperature_over_real_prompts_only():
     held_out = eval_batches(data.eval, config.data, max_batches=config.train.eval_batches)
     win = make_policy_eval(collector, held_out, key=jax.random.key(0), gold=("eval/g", tie), baseline=ref)
     assert win(pi, None)["eval/gold_win_rate"] == 0.5   # every gold reward ties with the baseline's
+
+
+def test_eval_kl_of_a_bfloat16_sampler_takes_the_policy_side_from_the_trainer_pass():
+    """With `rollout.sampler_dtype="bfloat16"` on a float32 model, the sampler's log-probs are not
+    the reference pass's numerics: the policy against itself read |eval/kl| > 1e-4. The policy's side
+    now comes from the same float32 pass as the reference's (as TRL computes it)."""
+    from rlhf_jax.train import rl
+
+    config, data, mesh, policy, collector, gold = _policy_eval_parts(1.0, sampler_dtype="bfloat16")
+    assert rl.sampler_numerics_differ(config, policy)
+    assert not rl.sampler_numerics_differ(dataclasses.replace(config, rollout=rl.RolloutConfig(sampler_dtype="float32")), policy)
+    logps = rl._reference_logps(policy, config.algorithm, mesh, "dp")
+    pi = jax.jit(policy.init)(jax.random.key(1))
+    sampler_side = rl.policy_eval(config, data, collector, gold, logps, mesh)(pi, pi)["eval/kl"]
+    trainer_side = rl.policy_eval(config, data, collector, gold, logps, mesh, logps)(pi, pi)["eval/kl"]
+    assert abs(sampler_side) > 1e-4
+    assert abs(trainer_side) < 1e-6
+
 
 
 def test_an_evaluation_without_batches_is_one_clear_error():

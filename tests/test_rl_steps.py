@@ -90,7 +90,7 @@ def _core_grpo_loss(config, logps, old, batch, entropy):
     mask = batch["completion_mask"]
     s = jnp.asarray(batch["scores"])
     kl_in_reward = config.kl_mode == "reward"
-    k_old = losses.kl_divergence(batch["sampler_logps"], batch["ref_logps"], estimator=config.kl_estimator)
+    k_old = losses.kl_divergence(batch["sampler_logps"], batch["ref_logps"], estimator=config.kl_estimator_used)
     if config.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
         group = G if config.advantage == "reinforce_pp_baseline" else None
         a = adv_core.reinforce_plus_plus(s, mask, kl=k_old if kl_in_reward else None,
@@ -111,7 +111,7 @@ def _core_grpo_loss(config, logps, old, batch, entropy):
             ratio_level="sequence" if config.policy_loss == "gspo" else "token")
     if config.kl_mode == "loss":
         per_token = per_token + config.kl_coef * jnp.where(
-            mask, losses.kl_divergence(logps, batch["ref_logps"], estimator=config.kl_estimator), 0.0)
+            mask, losses.kl_divergence(logps, batch["ref_logps"], estimator=config.kl_estimator_used), 0.0)
     per_token = per_token - config.entropy_coef * jnp.where(mask, entropy, 0.0)
     max_len = {"max_len": C} if config.loss_aggregation == "seq_mean_token_sum_norm" else {}
     return losses.aggregate(per_token, mask, mode=config.loss_aggregation, **max_len), m
@@ -487,6 +487,33 @@ def test_ppo_loss_and_update_equal_the_core(shared):
     np.testing.assert_allclose(metrics["explained_variance"], ev, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("estimator", [None, "k3"])
+def test_ppo_reward_kl_takes_the_configured_estimator_and_the_controller_the_k1(estimator):
+    """`kl_estimator` shapes PPO's per-token reward (k1 when unset, as TRL's PPO); the adaptive
+    controller and `kl/rollout_sequence` read the summed k1 whatever the estimator."""
+    model, params = _model()
+    batch = _batch(noisy_old=0.3)
+    config = PPOConfig(num_epochs=1, num_minibatches=1, old_logprobs="sampler", kl_coef=0.5, kl_target=2.0,
+                       kl_estimator=estimator)
+    assert config.kl_estimator_used == (estimator or "k1")
+    assert PPOConfig(kl_mode="loss").kl_estimator_used == "k3"
+    policy, value, tx = _ppo_states(params, shared=True)
+    kl_state = config.kl_controller().init()
+    step = make_ppo_step(model, tx, config=config)
+    new, metrics = jax.jit(step)(RLState(policy, params, value, kl_state), batch)
+
+    mask = np.asarray(batch["completion_mask"], bool)
+    d = np.float64(batch["sampler_logps"]) - np.float64(batch["ref_logps"])
+    k = _np_kl(batch["sampler_logps"], np.float64(batch["ref_logps"]), config.kl_estimator_used)
+    rewards = np.where(mask, -0.5 * k, 0.0)
+    rewards[np.arange(N), mask.sum(1) - 1] += np.asarray(batch["scores"])
+    np.testing.assert_allclose(metrics["rewards/token_mean"], rewards[mask].mean(), rtol=1e-5)
+    seq_k1 = np.where(mask, d, 0.0).sum(1).mean()
+    np.testing.assert_allclose(metrics["kl/rollout_sequence"], seq_k1, rtol=1e-5)
+    expected = config.kl_controller().update(kl_state, jnp.float32(seq_k1), N)
+    np.testing.assert_allclose(new.kl.kl_coef, expected.kl_coef, rtol=1e-6)
+
+
 def test_ppo_state_mismatch_is_named():
     model, params = _model()
     policy, value, tx = _ppo_states(params, shared=False)
@@ -571,7 +598,7 @@ def _np_advantages(c, a):
     """The family's advantages from the papers' formulas (float64 NumPy, no rlhf_jax code)."""
     m, s = a["mask"].astype(np.float64), a["scores"].astype(np.float64)
     in_reward = c.kl_mode == "reward" and c.kl_coef > 0
-    k = _np_kl(a["old"], a["ref"], c.kl_estimator) * m if in_reward else np.zeros_like(m)
+    k = _np_kl(a["old"], a["ref"], c.kl_estimator_used) * m if in_reward else np.zeros_like(m)
     if c.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
         if c.advantage == "reinforce_pp_baseline":
             s = (s.reshape(-1, G) - s.reshape(-1, G).mean(1, keepdims=True)).reshape(-1)
@@ -607,7 +634,7 @@ def _np_loss(c, a, adv):
     if c.tis_cap is not None:
         per_token = per_token * np.minimum(np.exp(old - a["sampler"]), c.tis_cap)
     if c.kl_mode == "loss" and c.kl_coef > 0:
-        per_token = per_token + c.kl_coef * _np_kl(lp, a["ref"], c.kl_estimator)
+        per_token = per_token + c.kl_coef * _np_kl(lp, a["ref"], c.kl_estimator_used)
     per_token = (per_token - c.entropy_coef * a["entropy"]) * m
     return {"token_mean": lambda: per_token.sum() / m.sum(),
             "seq_mean_token_mean": lambda: np.mean(per_token.sum(1) / m.sum(1)),

@@ -206,9 +206,9 @@ def test_step_rng_is_folded_from_the_step_counter():
     assert float(m["r"]) == seen[0]
 
 
-def test_a_skipped_update_does_not_advance_the_schedule_and_the_metric_reads_the_step():
+def test_a_skipped_update_does_not_advance_the_schedule_and_the_metric_reads_the_rate_applied():
     """A skipped (non-finite) update keeps the optimizer's count, so the schedule does not advance; the
-    `learning_rate` metric is the schedule at `state.step` (documented: one step ahead per skip)."""
+    `learning_rate` metric is the rate the update applies (it read `state.step`, one step ahead per skip)."""
     from rlhf_jax.optim import OptimizerConfig, make_optimizer, make_schedule
 
     config = OptimizerConfig(name="sgd", learning_rate=1.0, warmup_steps=4, max_grad_norm=None)
@@ -225,7 +225,7 @@ def test_a_skipped_update_does_not_advance_the_schedule_and_the_metric_reads_the
         skipped.append(float(metrics["nonfinite"]))
     assert skipped == [0, 1, 0, 0, 0] and int(state.step) == 5
     assert applied == [0.0, 0.0, 0.25, 0.5, 0.75]
-    assert reported == [0.0, 0.25, 0.5, 0.75, 1.0]  # the schedule at state.step
+    assert reported == [0.0, 0.25, 0.25, 0.5, 0.75]  # the skipped step's would-be rate, then the applied ones
 
 
 def test_maxima_and_minima_over_micro_batches_are_not_averaged():

@@ -199,6 +199,14 @@ def reduce_micro_metrics(stacked: Mapping[str, jax.Array]) -> Metrics:
     return {k: reduce[_extreme(str(k))](v.astype(jnp.float32), axis=0) for k, v in stacked.items()}
 
 
+def _schedule_count(state: TrainState) -> jax.Array:
+    """The step count the optimizer's learning-rate schedule reads (it skips non-finite updates), or
+    `state.step` when the optimizer state has no `optax.ScaleByScheduleState`."""
+    found = [x for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+             if isinstance(x, optax.ScaleByScheduleState)]
+    return found[0].count if found else state.step
+
+
 def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: optax.GradientTransformation, *,
                     nonfinite: NonFinitePolicy = "skip",
                     learning_rate: optax.Schedule | None = None) -> tuple[TrainState, Metrics]:
@@ -225,9 +233,9 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
       loss: the scalar loss the gradients came from.
       optimizer: the optax transform.
       nonfinite: "skip", "halt" or "off".
-      learning_rate: the schedule, for the `learning_rate` metric (evaluated at `state.step`; a
-        skipped update does not advance the optimizer's own count, so after k skips the metric reads
-        k steps ahead of the rate applied).
+      learning_rate: the schedule, for the `learning_rate` metric: the rate this update applies,
+        the schedule at the optimizer's own count (`optax.ScaleByScheduleState`), which a skipped
+        update does not advance; at `state.step` for an optimizer without one.
 
     Returns:
       `(new_state, metrics)` with `grad_norm` (before clipping), `learning_rate` (when given),
@@ -244,7 +252,7 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
 
     metrics: Metrics = {"grad_norm": grad_norm}
     if learning_rate is not None:
-        metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
+        metrics["learning_rate"] = jnp.asarray(learning_rate(_schedule_count(state)), jnp.float32)
     if nonfinite == "off":
         params, opt_state = updated(grads, state.opt_state, trained)
     else:

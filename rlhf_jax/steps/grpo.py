@@ -216,7 +216,7 @@ def grpo_advantages(
     if in_reward:
         if old_logps is None or ref_logps is None:
             raise ValueError(f"{fn}: kl_mode='reward' needs old_logps and ref_logps")
-        kl_tokens = kl_divergence(old_logps, ref_logps, estimator=config.kl_estimator)
+        kl_tokens = kl_divergence(old_logps, ref_logps, estimator=config.kl_estimator_used)
     if config.advantage in _TOKEN_KL_ADVANTAGES:
         group = config.group_size if config.advantage == "reinforce_pp_baseline" else None
         return reinforce_plus_plus(scores, mask, kl=kl_tokens, kl_coef=config.kl_coef if in_reward else 0.0,

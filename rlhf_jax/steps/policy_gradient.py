@@ -123,7 +123,9 @@ class PolicyGradientConfig:
         clip-higher; `dual_clip` bounds the loss of negative advantages, Ye et al. 2020).
       kl_mode: the KL to the reference in the `loss`, in the `reward`, or `none`.
       kl_coef: `beta`.
-      kl_estimator: `k1`, `k2` or `k3` (Schulman's estimators).
+      kl_estimator: `k1`, `k2` or `k3` (Schulman's estimators), in the reward and in the loss. None
+        (default) takes the usual one for `kl_mode` (`kl_estimator_used`): `k1` in the reward
+        (Ziegler et al. 2019; TRL's PPO and verl's `kl_penalty` default), `k3` in the loss (GRPO's).
       entropy_coef: weight of an entropy bonus (0 = none).
       loss_aggregation: how per-token losses become a scalar (`rlhf_jax.losses.aggregate`).
       num_epochs: passes over each rollout batch (TRL's `num_iterations`).
@@ -144,7 +146,7 @@ class PolicyGradientConfig:
     dual_clip: float | None = None
     kl_mode: KLMode = "reward"
     kl_coef: float = 0.05
-    kl_estimator: KLEstimator = "k3"
+    kl_estimator: KLEstimator | None = None
     entropy_coef: float = 0.0
     loss_aggregation: AggregateMode = "token_mean"
     num_epochs: int = 4
@@ -164,7 +166,8 @@ class PolicyGradientConfig:
             fail("dual_clip", f"must be > 1 or None, got {self.dual_clip!r}")
         check_literal("kl_mode", self.kl_mode, KLMode)
         check_nonnegative("kl_coef", self.kl_coef)
-        check_literal("kl_estimator", self.kl_estimator, KLEstimator)
+        if self.kl_estimator is not None:
+            check_literal("kl_estimator", self.kl_estimator, KLEstimator)
         check_nonnegative("entropy_coef", self.entropy_coef)
         check_literal("loss_aggregation", self.loss_aggregation, AggregateMode)
         check_int("num_epochs", self.num_epochs, 1)
@@ -190,6 +193,14 @@ class PolicyGradientConfig:
     def uses_reference(self) -> bool:
         """Whether the step needs the reference's log-probs."""
         return self.kl_mode != "none" and self.kl_coef > 0
+
+    @property
+    def kl_estimator_used(self) -> KLEstimator:
+        """The KL estimator of the penalty and the `kl` metric: `kl_estimator`, or for None `k1` in the
+        reward and `k3` in the loss (and for `kl_mode="none"`, where only the metric uses it)."""
+        if self.kl_estimator is not None:
+            return self.kl_estimator
+        return "k1" if self.kl_mode == "reward" else "k3"
 
     @property
     def kl_in_reward(self) -> bool:
@@ -464,7 +475,7 @@ def reference_and_entropy_terms(config: PolicyGradientConfig, logps, ref_logps, 
     """
     extra = jnp.zeros(jnp.shape(logps), jnp.float32)
     if ref_logps is not None:
-        kl_tokens = kl_divergence(logps, ref_logps, estimator=config.kl_estimator)
+        kl_tokens = kl_divergence(logps, ref_logps, estimator=config.kl_estimator_used)
         metrics["kl"] = jax.lax.stop_gradient(_checks.masked_mean(kl_tokens, mask))
         k1 = jax.lax.stop_gradient(_checks.f32(logps) - _checks.f32(ref_logps))
         metrics["kl/sequence"] = jnp.mean(sequence_kl(k1, mask))

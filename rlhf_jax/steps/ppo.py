@@ -26,7 +26,7 @@ import optax
 from rlhf_jax import _checks
 from rlhf_jax.advantages import gae, per_token_rewards, whiten
 from rlhf_jax.kl_control import KLController, adaptive_kl_controller, fixed_kl_controller
-from rlhf_jax.losses import aggregate, value_loss
+from rlhf_jax.losses import aggregate, kl_divergence, value_loss
 from rlhf_jax.models.heads import scalar_head
 from rlhf_jax.models.lora import head_needs_logits
 from rlhf_jax.rollout import completion_logprobs_and_hidden, completion_values, head_logprobs, logits_logprobs
@@ -61,8 +61,9 @@ class PPOConfig(PolicyGradientConfig):
 
     The shared fields (trust region, KL, entropy, epochs, minibatches, ...) are those of
     `PolicyGradientConfig`, whose defaults are PPO's: k1 KL in the per-token reward
-    (`kl_mode="reward"`, `kl_coef=0.05`; `kl_estimator` is then only the in-loss KL's),
-    `token_mean` aggregation, 4 epochs.
+    (`kl_mode="reward"`, `kl_coef=0.05`; another `kl_estimator` replaces k1 there, as TRL's does),
+    `token_mean` aggregation, 4 epochs. The adaptive controller and `kl/rollout_sequence` always
+    read the summed k1, the sequence KL of Ziegler et al.
 
     Attributes:
       gamma, lam: GAE's discount and lambda.
@@ -267,7 +268,8 @@ def make_ppo_step(
     `ppo_objective` updates of the policy (and of the critic), then the KL controller.
 
     1. `V_old` (critic) and, when needed, `logp_old` by a forward pass before any update;
-    2. `r_t = per_token_rewards(scores, m, kl=logp_old - logp_ref, kl_coef=beta)` (KL in reward), or
+    2. `r_t = per_token_rewards(scores, m, kl=k(logp_old, logp_ref), kl_coef=beta)` (KL in reward; `k` the
+       configured estimator, k1 `logp_old - logp_ref` by default), or
        with the batch's `token_rewards` (multi-turn) those in place of the score (`ppo_token_rewards`);
     3. `A, R = gae(r, V_old, m, gamma, lam)`, `A` whitened over the batch;
     4. per minibatch: `ppo_objective` (with the value term for a value head on the policy's
@@ -398,12 +400,16 @@ def make_ppo_step(
             data["old_logps"] = old_logps
         kl_coef = state.kl.kl_coef
         kl_metrics: Metrics = {}
-        kl_tokens = None
+        reward_kl = None
         if "ref_logps" in batch and old_logps is not None:
-            kl_tokens = _checks.apply_mask(_checks.f32(old_logps) - _checks.f32(batch["ref_logps"]), mask)
-            kl_metrics["kl/rollout_sequence"] = jnp.mean(jnp.sum(kl_tokens, axis=1))
+            k1 = _checks.apply_mask(_checks.f32(old_logps) - _checks.f32(batch["ref_logps"]), mask)
+            kl_metrics["kl/rollout_sequence"] = jnp.mean(jnp.sum(k1, axis=1))
+            if config.kl_in_reward:
+                estimator = config.kl_estimator_used
+                reward_kl = k1 if estimator == "k1" else _checks.apply_mask(
+                    kl_divergence(old_logps, batch["ref_logps"], estimator=estimator), mask)
         rewards = ppo_token_rewards(batch["scores"], mask, token_rewards=batch.get("token_rewards"),
-                                    kl=kl_tokens if config.kl_in_reward else None, kl_coef=kl_coef)
+                                    kl=reward_kl, kl_coef=kl_coef)
         advantages, returns = gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)
         if config.whiten_advantages:
             advantages = whiten(advantages, mask)

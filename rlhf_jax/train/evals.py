@@ -110,6 +110,7 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
 
 def make_policy_eval(collector: RolloutCollector, batches: Sequence[Mapping[str, Any]], *, key: jax.Array,
                      gold: tuple[str, Any] | None = None, ref_logps: Callable | None = None,
+                     policy_logps: Callable | None = None,
                      baseline: Any | None = None) -> Callable[[Any, Any], dict[str, float]]:
     """`(policy params, reference params or None) -> eval metrics` from samples on held-out prompts.
 
@@ -130,6 +131,10 @@ def make_policy_eval(collector: RolloutCollector, batches: Sequence[Mapping[str,
         `collector.eval_sampling` (the sampler's log-probs are `log softmax(logits / T)`; a
         reference at another temperature gives a wrong KL). `eval/kl` is k1, `sum_t (log pi -
         log ref)` over each completion's tokens, averaged over completions.
+      policy_logps: the policy's own completion log-probs, called as `ref_logps` with the policy's
+        parameters, for `eval/kl`'s `log pi` where the sampler's would not match the reference pass's
+        numerics (a bfloat16 sampler of a float32 model: a policy against itself is not 0 then);
+        None takes the sampler's log-probs.
       baseline: parameters of a baseline policy (e.g. the reference) for the win rate; its samples
         are drawn once.
     """
@@ -163,7 +168,9 @@ def make_policy_eval(collector: RolloutCollector, batches: Sequence[Mapping[str,
             if reference is not None and ref_logps is not None and not greedy:
                 ref = np.asarray(ref_logps(reference, arrays["prompt_tokens"], arrays["prompt_lengths"],
                                            arrays["completion_tokens"]))
-                parts["eval/kl"] = np.where(arrays["completion_mask"], arrays["sampler_logps"] - ref, 0.0).sum(axis=1)
+                mine = arrays["sampler_logps"] if policy_logps is None else np.asarray(policy_logps(
+                    policy_params, arrays["prompt_tokens"], arrays["prompt_lengths"], arrays["completion_tokens"]))
+                parts["eval/kl"] = np.where(arrays["completion_mask"], mine - ref, 0.0).sum(axis=1)
             for name, values in parts.items():
                 sums[name] = sums.get(name, 0.0) + float(np.sum(values))
             count += len(arrays["lengths"])

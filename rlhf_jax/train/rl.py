@@ -302,21 +302,30 @@ def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[st
     return collector, gold
 
 
-def policy_eval(config, data, collector: RolloutCollector, gold, ref_logps=None, mesh=None):
+def policy_eval(config, data, collector: RolloutCollector, gold, ref_logps=None, mesh=None, policy_logps=None):
     """`(policy LM params, reference or None) -> metrics` on `data.eval`'s first `train.eval_batches` batches.
 
-    `ref_logps` (`_reference_logps` on `mesh`) gives `eval/kl`; the samples are each process's own
-    rows, so it runs on them as one global batch (`sharding.apply_to_local_rows`).
+    `ref_logps` (`_reference_logps` on `mesh`) gives `eval/kl`, with `policy_logps` (the same pass
+    over the plain policy) for its policy side where the sampler's numerics differ; the samples are
+    each process's own rows, so they run on them as one global batch (`sharding.apply_to_local_rows`).
     """
     if data.eval is None:
         return None
     held_out = eval_batches(data.eval, config.data, max_batches=config.train.eval_batches)
 
-    def on_rows(reference, *rows):
-        return sh.apply_to_local_rows(lambda *a: ref_logps(reference, *a), rows, mesh=mesh,
-                                      strategy=config.mesh.strategy)
+    def on_rows(logps):
+        if logps is None:
+            return None
+        return lambda params, *rows: sh.apply_to_local_rows(lambda *a: logps(params, *a), rows, mesh=mesh,
+                                                            strategy=config.mesh.strategy)
     return make_policy_eval(collector, held_out, key=jax.random.key(config.seed), gold=gold,
-                            ref_logps=None if ref_logps is None else on_rows)
+                            ref_logps=on_rows(ref_logps), policy_logps=on_rows(policy_logps))
+
+
+def sampler_numerics_differ(config, model) -> bool:
+    """Whether `rollout.sampler_dtype` runs the sampler in other dtypes than the trainer's `model`."""
+    dtype = config.rollout.sampler_dtype
+    return dtype is not None and (dtype != model.config.dtype or dtype != model.config.param_dtype)
 
 
 def _ptx_batches(config, data, extras):
@@ -413,7 +422,10 @@ def _trainer(ctx: Context) -> Trainer:
         metrics["tokens_per_second"] = metrics.pop("completions/generated_tokens") / metrics["time/step"]
         return state, {**step_metrics, **metrics}
 
-    evaluate_params = policy_eval(config, ctx.data, collector, gold, ref_logps, mesh)
+    policy_logps = None
+    if sampler_numerics_differ(config, algorithm.sampling_model):
+        policy_logps = _reference_logps(algorithm.sampling_model, config.algorithm, mesh, strategy)
+    evaluate_params = policy_eval(config, ctx.data, collector, gold, ref_logps, mesh, policy_logps)
     evaluate = None if evaluate_params is None else (
         lambda state: evaluate_params(algorithm.sampling_params(state.policy.params), algorithm.reference_params(state)))
     extras = lambda: {"data": batches.get_state(),  # noqa: E731
@@ -481,8 +493,9 @@ def evaluate(config: GRPORunConfig | PPORunConfig, *, policies: Sequence[str | M
     mesh = config.mesh.make_mesh()
     policy = CausalLM(config.model)
     collector, gold = rollout_parts(config, data, mesh, policy, 1, hooks)
-    evaluate_params = policy_eval(config, data, collector, gold,
-                                  _reference_logps(policy, config.algorithm, mesh, config.mesh.strategy), mesh)
+    logps = _reference_logps(policy, config.algorithm, mesh, config.mesh.strategy)
+    evaluate_params = policy_eval(config, data, collector, gold, logps, mesh,
+                                  logps if sampler_numerics_differ(config, policy) else None)
     key = jax.random.key(config.seed)
     ref = None if reference is None else initial_params(policy, reference, rng=key)
     out = []
