@@ -6,19 +6,21 @@ loop as one token). Here every computation of the module gets a *multiplier*: ho
 execution of the program runs it, the product of the known trip counts (`known_trip_count` in the
 compiled while loop's backend config) on the call path from the entry computation. Then
 
-    flops = XLA's flops + sum over computations c of (multiplier(c) - 1) * own_flops(c)
+    flops = XLA's flops * sum_c multiplier(c) * own_flops(c) / sum_c own_flops(c)
 
-where `own_flops(c)` counts c's instructions as XLA's `HloCostAnalysis` does: a dot is
-`2 * output elements * contracted size`, an elementwise op one flop per output element, a reduce
+(XLA's figure scaled by how much the repeats add to a count of the same ops; the count alone without
+`xla_flops`), where `own_flops(c)` counts c's instructions as XLA's `HloCostAnalysis` does: a dot
+is `2 * output elements * contracted size`, an elementwise op one flop per output element, a reduce
 one per input element; fusions count the instructions they fuse; transcendentals are not flops.
 A loop whose trip count XLA does not know (a decode loop that stops at EOS) can be given one
 (`loop_trips`); otherwise it counts once.
 
 Collective bytes are the bytes each collective instruction produces per device (its result shape),
-times its computation's multiplier, by kind: `all-reduce`, `all-gather`, `reduce-scatter`,
-`all-to-all`, `collective-permute`. Asynchronous pairs (`-start` / `-done`) count once; TPU's fused
-forms (a fusion or async computation whose body holds the collective, e.g. `reduce-scatter` fused
-with its producer) count under the collective's kind.
+times its computation's multiplier (every branch of a `conditional` counts, as if taken), by kind:
+`all-reduce`, `all-gather`, `reduce-scatter`, `all-to-all`, `collective-permute`. Asynchronous pairs
+(`-start` / `-done`) count once; TPU's fused forms (a fusion or async computation whose body holds
+the collective, e.g. `reduce-scatter` fused with its producer) count under the collective's kind;
+a `call`'s computation (XLA:CPU wraps its scatter loops in them) counts as where it is called.
 """
 
 from __future__ import annotations
@@ -318,7 +320,9 @@ def analyze_hlo(text: str, *, xla_flops: float | None = None, loop_trips: Mappin
                 elif kind == "condition":
                     edges[c].append((callee, 1, "condition"))
                 elif kind == "to_apply":
-                    edges[c].append((callee, 1, "reducer"))
+                    # `call` runs its computation once per call (XLA:CPU wraps loops in them); every
+                    # other `to_apply` (reduce, all-reduce, scatter, sort, map) is an elementwise reducer.
+                    edges[c].append((callee, 1, "call" if instr.opcode == "call" else "reducer"))
                 else:
                     edges[c].append((callee, 1, kind))
     fused = {callee for es in edges.values() for callee, _, kind in es if kind in ("calls", "async_execution_thread")}

@@ -311,6 +311,9 @@ def partition_spec(
       axes' total size, a sentence naming the dimension and the axes.
     """
     strategy = get_strategy(strategy)
+    if isinstance(logical, str):
+        raise ShardingError(f"logical axes must be a sequence with one name per dimension, got the string "
+                            f"{logical!r}; write ({logical!r},)")
     if len(logical) != len(shape):
         raise ShardingError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
     table = strategy.rule_table
@@ -340,6 +343,9 @@ def _specs(abstract_params, logical_axes, mesh: Mesh, strategy: Strategy):
     axes_leaves = treedef.flatten_up_to(logical_axes) if leaves else []
     specs, problems = [], []
     for (path, leaf), names in zip(leaves, axes_leaves):
+        if isinstance(names, str):
+            raise ShardingError(f"parameter {_path_str(path)}: logical axes must be a tuple with one name per "
+                                f"dimension, got the string {names!r}; write ({names!r},)")
         names = tuple(names)
         unknown_names = [n for n in names if n is not None and not isinstance(n, str)]
         if unknown_names:

@@ -110,10 +110,12 @@ def lint(
     used = set(strategy.batch_axes) | strategy.param_axes
     for axis, size in mesh.shape.items():
         if size > 1 and axis not in used:
+            close = difflib.get_close_matches(axis, sorted(used - {axis}), n=1)
+            hint = f" (a typo for {close[0]!r}?)" if close else ""
             issues.append(LintIssue(
                 "warning", "unused_axis", f"mesh axis {axis}",
                 f"size {size} splits neither parameters nor the batch under strategy "
-                f"{strategy.name!r}: its devices repeat the same work",
+                f"{strategy.name!r}: its devices repeat the same work{hint}",
             ))
     return sorted(issues, key=lambda i: i.severity != "error")
 

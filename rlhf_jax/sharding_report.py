@@ -77,16 +77,17 @@ class CompiledStrategy:
     seq_len: int
 
 
-def compile_strategy(config: ModelConfig, *, step: StepKind = "dpo", strategy: str, mesh_shape: Mapping[str, int] | None,
-                     batch_size: int, seq_len: int, devices: Sequence[Any] | None = None,
-                     learning_rate: float = 1e-5) -> CompiledStrategy:
+def compile_strategy(config: ModelConfig, *, step: StepKind = "dpo", strategy: str | sh.Strategy,
+                     mesh_shape: Mapping[str, int] | None, batch_size: int, seq_len: int,
+                     devices: Sequence[Any] | None = None, learning_rate: float = 1e-5) -> CompiledStrategy:
     """Build the `step` of `config` for `strategy` on a mesh and compile it on abstract arguments.
 
     Args:
       config: the model's shapes.
       step: "sft", "reward_model" or "dpo" (sigmoid DPO with a reference model, `update(state,
         batch, reference_params)`).
-      strategy: a registered strategy name (`dp`, `fsdp`, `tp`, `fsdp_tp`, ...).
+      strategy: a registered strategy name (`dp`, `fsdp`, `tp`, `fsdp_tp`, ...) or a `Strategy` (the row
+        names it).
       mesh_shape: mesh axis sizes, e.g. `{"fsdp": 4, "tensor": 2}` (None: all devices on `data`).
       batch_size, seq_len: sequences (pairs for reward_model / dpo) per step and their length.
       devices: the devices to lay the mesh over (default all of this process's; a TPU topology's
@@ -102,8 +103,8 @@ def compile_strategy(config: ModelConfig, *, step: StepKind = "dpo", strategy: s
                                     caller="compile_strategy")
     start = time.perf_counter()
     compiled = program.step.lower(*program.args).compile()
-    row = {"strategy": strategy, "mesh": dict(mesh.shape), "lint": [str(i) for i in program.lint],
-           "compile_s": time.perf_counter() - start, **memory_mib(compiled),
+    row = {"strategy": program.step.strategy.name, "mesh": dict(mesh.shape),
+           "lint": [str(i) for i in program.lint], "compile_s": time.perf_counter() - start, **memory_mib(compiled),
            "collective_bytes": analyze_hlo(compiled.as_text()).collectives,
            "model_flops": step_flops(config, step=step, batch_size=batch_size, seq_len=seq_len)}
     return CompiledStrategy(row, compiled, program.step, program.model, program.optimizer, step, batch_size,
@@ -143,7 +144,7 @@ def time_steps(compiled: CompiledStrategy, *, steps: int, seed: int = 0) -> dict
     return {"step_s": statistics.median(times[1:] if len(times) > 1 else times), "loss": float(metrics["loss"])}
 
 
-def measure_strategy(config: ModelConfig, *, step: StepKind = "dpo", strategy: str,
+def measure_strategy(config: ModelConfig, *, step: StepKind = "dpo", strategy: str | sh.Strategy,
                      mesh_shape: Mapping[str, int] | None, batch_size: int, seq_len: int,
                      devices: Sequence[Any] | None = None, timed_steps: int = 0) -> dict[str, Any]:
     """`compile_strategy(...).row`, plus `step_s` and `loss` from `timed_steps` runs when > 0."""

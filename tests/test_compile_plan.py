@@ -83,7 +83,8 @@ def test_flops_of_scanned_layers_match_the_unrolled_compile():
     # XLA's own count visits the layer loop's body once; the HLO count runs it num_layers times.
     assert scanned.xla_flops < 0.7 * unrolled.xla_flops
     assert scanned.flops == pytest.approx(unrolled.xla_flops, rel=0.02)
-    assert unrolled.flops == pytest.approx(unrolled.xla_flops, rel=1e-6)  # no loop: XLA's figure
+    # No layer loop: XLA's figure, plus the trips of XLA:CPU's scatter loops (inside `call`s) past the first.
+    assert unrolled.xla_flops <= unrolled.flops == pytest.approx(unrolled.xla_flops, rel=1e-3)
     # FSDP over 2 devices: parameters gathered (all-gather) and gradients reduced, in both programs alike.
     assert scanned.collectives["all-gather"] == unrolled.collectives["all-gather"] > 0
     assert scanned.collectives["total"] == pytest.approx(unrolled.collectives["total"], rel=0.02)
