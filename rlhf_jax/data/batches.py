@@ -60,6 +60,7 @@ import numpy as np
 
 from rlhf_jax.data.dataset import TokenizedDataset
 from rlhf_jax.data.formats import KINDS
+from rlhf_jax.models.heads import last_token_index
 
 __all__ = ["TOKEN_FIELDS", "batch_spec", "collate", "kl_partners", "segment_sums", "segment_last_index"]
 
@@ -276,10 +277,12 @@ def collate(
 def segment_sums(values: jax.Array, segment_ids: jax.Array, *, num_segments: int) -> jax.Array:
     """Per-segment sums of a packed row: `out[b, s] = sum_t values[b, t] * [segment_ids[b, t] == s + 1]`.
 
+    The one implementation: the DPO-family and reward-model steps sum their packed sequences with it.
+
     Args:
       values: [B, T] (e.g. masked token log-probs).
       segment_ids: int [B, T], 0 = padding (never summed).
-      num_segments: S.
+      num_segments: S, the most segments a row holds (1 when unpacked).
 
     Returns:
       float32 [B, S].
@@ -288,8 +291,8 @@ def segment_sums(values: jax.Array, segment_ids: jax.Array, *, num_segments: int
       >>> segment_sums(jnp.array([[1., 2., 4., 8.]]), jnp.array([[1, 1, 2, 0]]), num_segments=2)
       Array([[3., 4.]], dtype=float32)
     """
-    onehot = segment_ids[..., None] == jnp.arange(1, num_segments + 1, dtype=jnp.int32)
-    return jnp.einsum("bt,bts->bs", jnp.asarray(values, jnp.float32), onehot.astype(jnp.float32))
+    one_hot = jax.nn.one_hot(jnp.asarray(segment_ids) - 1, num_segments, dtype=jnp.float32)
+    return jnp.einsum("bt,bts->bs", jnp.asarray(values).astype(jnp.float32), one_hot)
 
 
 def segment_last_index(segment_ids: jax.Array, *, num_segments: int) -> jax.Array:
@@ -302,7 +305,7 @@ def segment_last_index(segment_ids: jax.Array, *, num_segments: int) -> jax.Arra
     Returns:
       int32 [B, S]; for unpacked right-padded rows (S = 1), the last non-pad token.
     """
-    T = segment_ids.shape[-1]
-    onehot = segment_ids[..., None] == jnp.arange(1, num_segments + 1, dtype=jnp.int32)
-    index = jnp.where(onehot, jnp.arange(T, dtype=jnp.int32)[None, :, None], -1)
-    return jnp.maximum(index.max(axis=1), 0)
+    segment_ids = jnp.asarray(segment_ids)
+    b, t = segment_ids.shape
+    member = segment_ids[:, None, :] == jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)[None, :, None]
+    return last_token_index(member.reshape(b * num_segments, t)).reshape(b, num_segments)

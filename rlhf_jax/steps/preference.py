@@ -42,7 +42,8 @@ from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rollout import shared_prompt_forward
 from rlhf_jax.steps import batch_checks, common
 from rlhf_jax.steps.preference_objectives import DPO, KTO, ORPO, Objective, PreferenceTerms, SequenceLogps, SimPO
-from rlhf_jax.steps.sequences import causal_targets, deinterleave, forward_token_logps, segment_sums, side
+from rlhf_jax.data.batches import segment_sums
+from rlhf_jax.steps.sequences import causal_targets, deinterleave, forward_token_logps, side
 from rlhf_jax.steps.supervised import PAIR_KEYS, pair_inputs
 
 __all__ = [
@@ -90,8 +91,8 @@ def _side_logps(model, params, tokens, loss_mask, positions, segment_ids, *, max
         logps, _ = forward_token_logps(model, params, tokens, targets.labels, positions=positions,
                                        segment_ids=segment_ids, chunk_size=chunk_size, rng=rng)
         masked = jnp.where(targets.mask > 0, logps, 0.0)
-    seq = SequenceLogps(segment_sums(masked, targets.segments, max_segments),
-                        segment_sums(targets.mask, targets.segments, max_segments))
+    seq = SequenceLogps(segment_sums(masked, targets.segments, num_segments=max_segments),
+                        segment_sums(targets.mask, targets.segments, num_segments=max_segments))
     return seq, masked, targets.mask
 
 
@@ -199,7 +200,7 @@ def _seq_counts(batch, prefix: str, max_segments: int) -> jax.Array:
     """Target tokens of each sequence slot `[B, S]` on one side of a batch."""
     s = side(batch, prefix)
     t = causal_targets(s["tokens"], s["loss_mask"], s["segment_ids"])
-    return segment_sums(t.mask, t.segments, max_segments)
+    return segment_sums(t.mask, t.segments, num_segments=max_segments)
 
 
 def _counts(batch, objective: Objective, max_segments: int) -> dict[str, jax.Array]:

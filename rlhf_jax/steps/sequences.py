@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.logprobs import chunked_token_logprobs, token_logprobs
-from rlhf_jax.models.heads import last_token_index
 from rlhf_jax.models.lora import head_needs_logits
 
 __all__ = [
@@ -24,8 +23,6 @@ __all__ = [
     "forward_token_logps",
     "shifted_label_is_argmax",
     "shifted_token_logprobs",
-    "segment_sums",
-    "segment_last_index",
     "interleave",
     "deinterleave",
     "pad_time",
@@ -113,37 +110,6 @@ def forward_token_logps(model, params, tokens: jax.Array, labels: jax.Array, *, 
         logps = chunked_token_logprobs(out.hidden[:, :-1], model.lm_head_weight(params), labels,
                                        temperature=temperature, chunk_size=chunk_size)
     return logps, out
-
-
-def segment_sums(x: jax.Array, segments: jax.Array, num_segments: int) -> jax.Array:
-    """`out[b, k] = sum_t x[b, t] [segments[b, t] = k + 1]`: per-sequence sums of packed rows.
-
-    Args:
-      x: `[B, T]` values (e.g. masked token log-probs).
-      segments: int `[B, T]`, 0 where nothing is summed.
-      num_segments: `S`, the most segments a row holds (1 when unpacked).
-
-    Returns:
-      float32 `[B, S]`.
-    """
-    one_hot = jax.nn.one_hot(segments - 1, num_segments, dtype=jnp.float32)
-    return jnp.einsum("bt,bts->bs", x.astype(jnp.float32), one_hot)
-
-
-def segment_last_index(segment_ids: jax.Array, num_segments: int) -> tuple[jax.Array, jax.Array]:
-    """Index of the last token of each segment, and whether the segment exists.
-
-    Args:
-      segment_ids: int `[B, T]` (0 = padding).
-      num_segments: `S`.
-
-    Returns:
-      `(index int32 [B, S], present bool [B, S])`.
-    """
-    b, t = segment_ids.shape
-    member = segment_ids[:, None, :] == jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)[None, :, None]
-    index = last_token_index(member.reshape(b * num_segments, t)).reshape(b, num_segments)
-    return index, jnp.any(member, axis=-1)
 
 
 def interleave(a: jax.Array, b: jax.Array) -> jax.Array:

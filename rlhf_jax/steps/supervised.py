@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax.data.batches import segment_last_index
 from rlhf_jax.losses import bradley_terry_loss, sft_loss
 from rlhf_jax.models.heads import gather_last
 from rlhf_jax.optim import OptimizerConfig
@@ -26,7 +27,6 @@ from rlhf_jax.steps.sequences import (
     forward_token_logps,
     interleave,
     pad_time,
-    segment_last_index,
     shifted_label_is_argmax,
     side,
 )
@@ -201,7 +201,7 @@ def make_reward_model_loss(model, *, micro_batches: int = 1, max_segments: int =
                 raise ValueError(f"max_segments={max_segments} needs chosen_/rejected_segment_ids in the batch")
             rewards = gather_last(out.values, inputs["loss_mask"])[:, None]
         else:
-            index, _ = segment_last_index(inputs["segment_ids"], max_segments)
+            index = segment_last_index(inputs["segment_ids"], num_segments=max_segments)
             rewards = jnp.take_along_axis(out.values, index, axis=1)
         chosen, rejected = deinterleave(rewards)
         present = _pair_presence(batch, max_segments)
