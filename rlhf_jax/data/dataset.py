@@ -218,6 +218,12 @@ def tokenized_rows(rows, *, kind: Kind, tokenizer, config: TokenizeConfig, rejec
                 else:
                     reject(DataError(ref, problems[0]), index)
                 continue
+            if kind == "preference" and seqs[0].ids == seqs[1].ids:
+                # A pair of equal token rows has no preference: a reward model or DPO would train on a tie.
+                cut = f" after truncation to max_len={config.max_len} (truncation={config.truncation!r})" \
+                    if seqs[0].truncated or seqs[1].truncated else " as tokens"
+                reject(DataError(ref, f"'chosen' and 'rejected' are identical{cut}"), index)
+                continue
             yield index, ref, example, seqs
 
     chunk: list = []

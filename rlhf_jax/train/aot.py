@@ -201,9 +201,9 @@ def _supervised_programs(config, program: Program, mesh, state_abs, options):
         if family == "sft":
             evaluate = sft_mod.make_sft_eval(model, [], mesh=mesh, strategy=strategy, micro_batches=micro)
         else:
-            evaluate = rm_mod.make_reward_model_eval(model, [], mesh=mesh, strategy=strategy,
-                                                     max_segments=supervised.num_segments(config),
-                                                     micro_batches=micro)
+            evaluate = rm_mod.make_reward_model_eval(
+                model, [], mesh=mesh, strategy=strategy, max_segments=supervised.num_segments(config),
+                micro_batches=micro, center_rewards_coefficient=config.algorithm.center_rewards_coefficient)
         reports.append(compile_program("eval (held-out loss)", lambda: evaluate.program.lower(params, batch),
                                        {"parameters": params, "batch": batch}, compiler_options=options))
         uses["eval (held-out loss)"] = {"parameters"}

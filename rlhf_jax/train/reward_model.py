@@ -5,10 +5,17 @@
 
 The model is a `CausalLM(head="scalar")`: the reward of a sequence is the scalar head's value at
 its last token, trained with `rlhf_jax.losses.bradley_terry_loss` (Ouyang et al. 2022) inside
-`rlhf_jax.steps.make_reward_model_loss`. Training metrics (TRL's names): `loss`, `accuracy`,
-`margin`, `rewards/chosen`, `rewards/rejected`, `grad_norm`, `learning_rate`. Evaluation:
-`eval/accuracy` (share of held-out pairs ranked as labelled; with gold labels, agreement with the
-gold preference), `eval/loss`, `eval/margin`.
+`rlhf_jax.steps.make_reward_model_loss`: TRL's `RewardTrainer` loss, per-pair `margin` column and
+`center_rewards_coefficient` included. Training metrics: `loss`, `accuracy` (`r_c > r_r`, a tie is a
+miss), `margin`, `grad_norm`, `learning_rate` (TRL's names), and `rewards/chosen`, `rewards/rejected`
+(the mean reward of each side; TRL logs `mean_reward`, `min_reward`, `max_reward` instead).
+Evaluation: `eval/accuracy` (share of held-out pairs ranked as labelled; with gold labels, agreement
+with the gold preference), `eval/loss` (the training objective), `eval/margin`, `eval/rewards/*`.
+
+Sequences longer than `data.max_len` are truncated, not dropped as TRL's `RewardTrainer` drops them,
+and counted in the data loading warning: the default `data.truncation="keep_end"` cuts the prompt's
+start and keeps the completion's end, where the reward is read (`keep_start` cuts the completion's
+end and EOS); a pair that truncation makes identical is a bad row (`data.on_error`).
 """
 
 from __future__ import annotations
@@ -63,14 +70,18 @@ def pair_weight(batch):
 
 
 def make_reward_model_eval(model: CausalLM, batches: list[dict], *, mesh, strategy: str, max_segments: int = 1,
-                           micro_batches: int = 1):
+                           micro_batches: int = 1, center_rewards_coefficient: float = 0.0):
     """`params -> {"eval/accuracy", "eval/loss", "eval/margin", "eval/rewards/chosen", ...}`, pair-weighted.
 
     By the training loss function (`make_reward_model_loss`): accuracy is the share of held-out
-    pairs with `r(chosen) > r(rejected)`. Each batch runs in the run's `micro_batches` pieces.
+    pairs with `r(chosen) > r(rejected)` (a tie counts as wrong, as in TRL); `eval/loss` is the
+    training objective, the pairs' margins and the centering term (`center_rewards_coefficient`, pass
+    the run's) included, as TRL's `eval_loss` is. Each batch runs in the run's `micro_batches` pieces.
     """
-    return make_weighted_eval(make_reward_model_loss(model, micro_batches=micro_batches, max_segments=max_segments),
-                              batches, weight=pair_weight, mesh=mesh, strategy=strategy, micro_batches=micro_batches)
+    loss_fn = make_reward_model_loss(model, micro_batches=micro_batches, max_segments=max_segments,
+                                     center_rewards_coefficient=center_rewards_coefficient)
+    return make_weighted_eval(loss_fn, batches, weight=pair_weight, mesh=mesh, strategy=strategy,
+                              micro_batches=micro_batches)
 
 
 def _build(config: RewardModelConfig, mesh):
@@ -88,7 +99,8 @@ def _trainer(ctx: Context):
         held_out = eval_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
         evaluate = make_reward_model_eval(ctx.program.parts["model"], held_out, mesh=ctx.mesh,
                                           strategy=config.mesh.strategy, max_segments=num_segments(config),
-                                          micro_batches=config.train.micro_batches)
+                                          micro_batches=config.train.micro_batches,
+                                          center_rewards_coefficient=config.algorithm.center_rewards_coefficient)
     return supervised_trainer(ctx, evaluate=evaluate)
 
 
