@@ -43,6 +43,9 @@ from rlhf_jax.train.results import write_json
 
 PRESET = "llama-3.1-8b"
 EXPECTED_PARAMS = 8_030_261_248
+# Llama-3.1-8B-Instruct's config.json ids (the base preset stops at <|end_of_text|> only): what the run
+# checks against the checkpoint's vocabulary and what `rlhf-jax export` writes back into config.json.
+INSTRUCT_TOKEN_IDS = dict(bos_token_id=128000, eos_token_id=(128001, 128008, 128009))  # + <|eom_id|>, <|eot_id|>
 
 
 def get_config(arg: str | None = None) -> dpo.DPOConfig:
@@ -50,7 +53,7 @@ def get_config(arg: str | None = None) -> dpo.DPOConfig:
     if arg in (None, "full"):
         return dpo.DPOConfig(
             name="dpo_llama3_8b",
-            model=model_preset(PRESET, remat="full"),
+            model=model_preset(PRESET, remat="full", **INSTRUCT_TOKEN_IDS),
             data=DataConfig(train="data/ultrafeedback_binarized/train_prefs.jsonl",
                             eval="data/ultrafeedback_binarized/test_prefs.jsonl",
                             tokenizer="models/Llama-3.1-8B-Instruct", string_format="chat",

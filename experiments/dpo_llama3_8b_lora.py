@@ -51,12 +51,15 @@ from rlhf_jax.train.run_config import DataConfig
 PRESET = "llama-3.1-8b"
 LORA = LoraConfig(rank=16, alpha=32.0, targets=LAYER_TARGETS)
 TOPOLOGY = "v5e:2x4"
+# Llama-3.1-8B-Instruct's config.json ids (the base preset stops at <|end_of_text|> only): what the run
+# checks against the checkpoint's vocabulary and what `rlhf-jax export` writes back into config.json.
+INSTRUCT_TOKEN_IDS = dict(bos_token_id=128000, eos_token_id=(128001, 128008, 128009))  # + <|eom_id|>, <|eot_id|>
 
 
 def _pod(name: str, lora: LoraConfig | None, param_dtype: str, learning_rate: float) -> dpo.DPOConfig:
     return dpo.DPOConfig(
         name=name,
-        model=model_preset(PRESET, remat="full", param_dtype=param_dtype, dtype="bfloat16"),
+        model=model_preset(PRESET, remat="full", param_dtype=param_dtype, dtype="bfloat16", **INSTRUCT_TOKEN_IDS),
         data=DataConfig(train="data/ultrafeedback_binarized/train_prefs.jsonl",
                         eval="data/ultrafeedback_binarized/test_prefs.jsonl",
                         tokenizer="models/Llama-3.1-8B-Instruct", string_format="chat",

@@ -46,6 +46,9 @@ from rlhf_jax.train.results import write_json
 
 PRESET = "qwen2.5-0.5b"
 EXPECTED_PARAMS = 494_032_768  # Qwen2.5-0.5B: tied embeddings, q/k/v biases
+# Qwen2.5-*-Instruct's config.json ids (the base preset stops at <|endoftext|>): what the run checks
+# against the checkpoint's vocabulary and what `rlhf-jax export` writes back into config.json.
+INSTRUCT_TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645)  # <|endoftext|>, <|im_end|>
 
 
 def get_config(arg: str | None = None) -> dpo.DPOConfig:
@@ -53,7 +56,7 @@ def get_config(arg: str | None = None) -> dpo.DPOConfig:
     if arg in (None, "full"):
         return dpo.DPOConfig(
             name="dpo_qwen2_5_0_5b",
-            model=model_preset(PRESET, remat="full"),
+            model=model_preset(PRESET, remat="full", **INSTRUCT_TOKEN_IDS),
             data=DataConfig(train="data/ultrafeedback_binarized/train_prefs.jsonl",
                             eval="data/ultrafeedback_binarized/test_prefs.jsonl",
                             tokenizer="models/Qwen2.5-0.5B-Instruct", string_format="chat",

@@ -54,6 +54,9 @@ from rlhf_jax.train.run_config import DataConfig
 
 PRESET = "qwen2.5-1.5b"
 TOPOLOGY = "v5p:2x2x2"  # the slice this config is planned for (tests/test_compile_tpu.py compiles it)
+# Qwen2.5-*-Instruct's config.json ids (the base preset stops at <|endoftext|>): what the run checks
+# against the checkpoint's vocabulary and what `rlhf-jax export` writes back into config.json.
+INSTRUCT_TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645)  # <|endoftext|>, <|im_end|>
 
 
 def get_config(arg: str | None = None) -> rl.GRPORunConfig:
@@ -61,7 +64,7 @@ def get_config(arg: str | None = None) -> rl.GRPORunConfig:
     if arg in (None, "full"):
         return rl.GRPORunConfig(
             name="grpo_qwen2_5_1_5b_gsm8k",
-            model=model_preset(PRESET, remat="full"),
+            model=model_preset(PRESET, remat="full", **INSTRUCT_TOKEN_IDS),
             data=DataConfig(train="data/gsm8k/train.jsonl", eval="data/gsm8k/test.jsonl",
                             tokenizer="models/Qwen2.5-1.5B-Instruct", string_format="chat",
                             max_len=1280, max_prompt_len=256, batch_size=64, on_error="skip"),
@@ -106,12 +109,15 @@ def write_gsm8k_rows(path: str, n: int, *, seed: int) -> str:
 
 
 def main(config: rl.GRPORunConfig) -> dict:
-    """Train; a tiny run first writes its GSM8K-format files under its run directory."""
-    if config.data.train.startswith("<run_dir>"):
-        data = os.path.join(config.run_dir, "data")
-        config = dataclasses.replace(config, data=dataclasses.replace(
-            config.data, train=write_gsm8k_rows(os.path.join(data, "train.jsonl"), 256, seed=0),
-            eval=write_gsm8k_rows(os.path.join(data, "test.jsonl"), 16, seed=1)))
+    """Train; a tiny run first writes its GSM8K-format files under its run directory (each split
+    whose path is still the `<run_dir>/...` placeholder: a path given with --set is read as given)."""
+    data = os.path.join(config.run_dir, "data")
+    written = {}
+    for split, name, n, seed in (("train", "train.jsonl", 256, 0), ("eval", "test.jsonl", 16, 1)):
+        if str(getattr(config.data, split)).startswith("<run_dir>"):
+            written[split] = write_gsm8k_rows(os.path.join(data, name), n, seed=seed)
+    if written:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, **written))
     return rl.train(config)
 
 

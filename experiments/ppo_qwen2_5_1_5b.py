@@ -51,6 +51,9 @@ from rlhf_jax.train.stages import Stage, run_stages
 
 PRESET = "qwen2.5-1.5b"
 TOPOLOGY = "v5p:2x2x2"  # the slice this config is planned for (tests/test_compile_tpu.py compiles it)
+# Qwen2.5-*-Instruct's config.json ids (the base preset stops at <|endoftext|>): what the run checks
+# against the checkpoint's vocabulary and what `rlhf-jax export` writes back into config.json.
+INSTRUCT_TOKEN_IDS = dict(bos_token_id=151643, eos_token_id=151645)  # <|endoftext|>, <|im_end|>
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,7 +71,7 @@ def get_config(arg: str | None = None) -> rl.PPORunConfig | PPOTinyStages:
     if arg in (None, "full"):
         return rl.PPORunConfig(
             name="ppo_qwen2_5_1_5b",
-            model=model_preset(PRESET, remat="full"),
+            model=model_preset(PRESET, remat="full", **INSTRUCT_TOKEN_IDS),
             data=DataConfig(train="data/ultrafeedback_prompts/train.jsonl",
                             eval="data/ultrafeedback_prompts/test.jsonl", tokenizer="models/Qwen2.5-1.5B-Instruct",
                             string_format="chat", max_len=1024, max_prompt_len=512, batch_size=64,

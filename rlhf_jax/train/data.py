@@ -17,6 +17,7 @@ from rlhf_jax.data.formats import Kind
 from rlhf_jax.data.sharded import ShardedDataset, load_sharded
 from rlhf_jax.data.sources import SourceError
 from rlhf_jax.models import ModelConfig
+from rlhf_jax.models.hf_config import as_ids
 from rlhf_jax.train.run_config import DataConfig
 
 __all__ = ["RunData", "load_run_data", "make_tokenizer", "load_split", "train_batches", "eval_batches",
@@ -46,11 +47,19 @@ def saved_tokenizer(path: str):
 
 
 def check_vocab(tokenizer, model_config: ModelConfig) -> None:
-    """Raise ConfigError when the tokenizer has ids the model's embedding cannot hold."""
+    """Raise ConfigError when the tokenizer has ids the model's embedding cannot hold, or a special
+    token id of `model_config` (what an export writes into config.json) lies outside the vocabulary
+    (a preset's ids left on a smaller checkpoint: found here, not by the export after training)."""
     n = len(tokenizer)
     if n > model_config.vocab_size:
         raise ConfigError(f"the tokenizer has {n} ids but model.vocab_size is {model_config.vocab_size}; "
                           "use a model whose vocabulary covers the tokenizer")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(model_config, name)
+        if any(not 0 <= i < model_config.vocab_size for i in as_ids(value)):
+            raise ConfigError(f"model.{name}={value!r} is outside the model's vocabulary "
+                              f"[0, model.vocab_size={model_config.vocab_size}): set model.{name} to the "
+                              "checkpoint's (its config.json), or none to take the tokenizer's")
 
 
 def load_split(data: DataConfig, *, kind: Kind, which: Literal["train", "eval"], tokenizer,
