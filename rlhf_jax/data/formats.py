@@ -394,6 +394,10 @@ def _implicit_prompt(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) 
 
 
 def _parse_unpaired(row: Mapping[str, Any], ref: RowRef, roles: Sequence[str]) -> UnpairedExample:
+    if "completion" not in row and "chosen" in row and "rejected" in row:
+        raise DataError(ref, "this is a preference pair ('chosen', 'rejected'), not an unpaired row: KTO reads "
+                        "{'prompt', 'completion', 'label'}; split each pair into a desirable and an undesirable "
+                        "row, as TRL's unpair_preference_dataset does")
     sequence = _prompt_completion(row, ref, roles)
     _require(row, ref, "label")
     return UnpairedExample(sequence, _label(row["label"], ref))

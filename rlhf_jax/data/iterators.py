@@ -151,6 +151,10 @@ class BatchIterator:
         self._order = np.arange(self._n)
         self.last_rows: list[list[int]] = []  # the dataset indices of this process's rows of the last batch
         self.last_global_rows: list[list[int]] = []  # ... and of every row of the last global batch
+        # Unpaired (KTO) data: None pairs each row with the next row's example in its global batch
+        # (`kl_partners`); an array fixes example i's mismatched completion to example
+        # `kl_partner_of[i]`'s, as precomputed reference log-probs of the KL rows need (`train.dpo`).
+        self.kl_partner_of: np.ndarray | None = None
 
     # ------------------------------------------------------------------------------ stream
     def _example(self, k: int) -> int | None:
@@ -207,6 +211,8 @@ class BatchIterator:
         """KTO's mismatched pairs over the global batch (`kl_partners`), this process's block of them."""
         if self.dataset.kind != "unpaired":
             return None
+        if self.kl_partner_of is not None:
+            return self._block([int(self.kl_partner_of[row[0]]) if row else None for row in global_rows])
         return self._block(kl_partners(global_rows))
 
     def _needed(self, start: int) -> set[int]:

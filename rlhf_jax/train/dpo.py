@@ -35,6 +35,7 @@ import numpy as np
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.config import ConfigError, check_choice
+from rlhf_jax.data.batches import kl_partners
 from rlhf_jax.models import CausalLM
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.rewards import PythonReward
@@ -122,6 +123,12 @@ class DPOConfig(RunConfig):
                                                    or self.shared_prefix_len < 2 or not self.algorithm.paired):
             raise ConfigError("shared_prefix_len must be None or an int >= 2 with a paired objective, got "
                               f"{self.shared_prefix_len!r} with {type(self.algorithm).__name__}")
+        if isinstance(self.algorithm, KTO) and self.algorithm.reference_point == "mismatched" \
+                and self.data.batch_size < 2:
+            raise ConfigError("data.batch_size must be >= 2 with KTO(reference_point='mismatched'), got "
+                              f"{self.data.batch_size}: a batch of one example is its own mismatched pair, so z0 "
+                              "equals its implied reward (TRL refuses this too); use reference_point='zero' for "
+                              "batches of one")
         if self.shared_prefix_len is not None and self.shared_prefix_len >= self.data.row_len:
             raise ConfigError(f"shared_prefix_len ({self.shared_prefix_len}) must be smaller than the rows' "
                               f"{self.data.row_len} tokens (data.max_len / data.seq_len): every target would lie "
@@ -201,24 +208,37 @@ def _build(config: DPOConfig, mesh):
                          batch_extra=_precomputed_shapes(config, mesh) if precomputed else None)
 
 
-def precompute_reference(ref_fn, reference, dataset, config: DPOConfig, *, mesh) -> dict[str, np.ndarray]:
-    """The reference's summed log-probs of every example of `dataset`: `{key: f32[num_examples]}`.
+def precompute_reference(ref_fn, reference, dataset, config: DPOConfig, *, mesh
+                         ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The reference's summed log-probs of every example of `dataset`: `({key: f32[num_examples]}, partners)`.
 
     One unshuffled pass in training-sized batches; each slot's value goes to the dataset index
     the batch iterator put there (`BatchIterator.last_global_rows`), so any later batch can gather
     them. In a multi-process run every process gets the whole table (its training batches hold
     other examples than the ones it collated in this pass).
+
+    Unpaired (KTO) data: `ref_kl_logps[i]` is the reference log-prob of example i's prompt with the
+    completion of `partners[i]`, the example this pass paired it with (`kl_partners`; TRL's KTO
+    fixes these pairs once, too). Training must build its KL rows from the same pairs
+    (`BatchIterator.kl_partner_of = partners`): a shuffled batch's own pairs would put a policy
+    log-prob of one completion against a reference log-prob of another into KTO's `z0`.
+    `partners` is None for paired data.
     """
     it = one_pass(dataset, config.data)
     out: dict[str, np.ndarray] = {}
+    partners = np.arange(len(dataset)) if dataset.kind == "unpaired" else None
     for batch in it:
+        if partners is not None:
+            for row, partner in zip(it.last_global_rows, kl_partners(it.last_global_rows)):
+                if row:
+                    partners[row[0]] = partner
         values = ref_fn(reference, device_batch(batch, mesh, config.mesh.strategy))
         for key, v in values.items():
             table = out.setdefault(key, np.zeros(len(dataset), np.float32))
             v = gather_rows(local_rows(v)).reshape(len(it.last_global_rows), -1)
             for b, row in enumerate(it.last_global_rows):
                 table[row] = v[b, :len(row)]
-    return out
+    return out, partners
 
 
 def gather_precomputed(tables: dict[str, np.ndarray], rows: list[list[int]], num_segments: int) -> dict[str, np.ndarray]:
@@ -271,16 +291,18 @@ def _trainer(ctx: Context):
     if gold is not None:
         evaluators.append(gold)
     evaluate = (lambda params: {k: v for e in evaluators for k, v in e(params).items()}) if evaluators else None
-    prepare = None
+    prepare, partners = None, None
     if objective.needs_reference and config.reference == "precomputed":
         ref_fn = make_reference_logps_fn(reference_model(model), mesh=mesh, objective=objective, strategy=strategy,
                                          max_segments=segments, logits_chunk_size=config.logits_chunk_size,
                                          micro_batches=config.train.micro_batches)
-        tables = precompute_reference(ref_fn, reference, ctx.data.train, config, mesh=mesh)
+        tables, partners = precompute_reference(ref_fn, reference, ctx.data.train, config, mesh=mesh)
         prepare = lambda batch, it: {**batch, **gather_precomputed(tables, it.last_rows, segments)}  # noqa: E731
     frozen = (reference,) if config.uses_reference_model else ()
     del reference  # precomputed or reference-free runs keep no second copy of the weights
-    return supervised_trainer(ctx, evaluate=evaluate, frozen=frozen, prepare=prepare)
+    trainer = supervised_trainer(ctx, evaluate=evaluate, frozen=frozen, prepare=prepare)
+    trainer.batches.kl_partner_of = partners  # KTO: the KL rows whose reference log-probs were precomputed
+    return trainer
 
 
 RECIPE = Recipe(name="dpo", data_kind=lambda config: "preference" if config.algorithm.paired else "unpaired",

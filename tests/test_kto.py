@@ -1,0 +1,162 @@
+"""KTO end to end against a torch re-implementation of TRL's KTOTrainer loss (`trl` is not installed):
+the loss and its gradient, the step on a tiny model (z0 over the global batch, micro-batches), a
+batch of one class, the unpaired rows, and the driver's precomputed reference."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from step_fixtures import host_params, pair_batches, run_steps, tiny_lm
+from rlhf_jax.config import CheckpointConfig, TrainConfig
+from rlhf_jax.data.formats import DataError, RowRef, parse_row
+from rlhf_jax.losses import kto_loss, kto_reference_point
+from rlhf_jax.steps import KTO, make_dpo_step
+from rlhf_jax.train import recipe_for, tiny_stages
+from rlhf_jax.train.recipe import run
+
+
+def _trl_kto(policy, ref, label, policy_kl, ref_kl, *, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    """TRL's `KTOTrainer.kto_loss` + `get_batch_loss_metrics` (loss_type "kto"), float64 torch.
+
+    z0 = mean over the batch (all processes) of the mismatched log-ratio, detached, clamped at 0;
+    the loss is the mean over every example; a metric of an absent class is not logged (None).
+    """
+    t = lambda x: torch.tensor(np.asarray(x, np.float64))  # noqa: E731
+    policy, ref, policy_kl, ref_kl = t(policy).requires_grad_(), t(ref), t(policy_kl), t(ref_kl)
+    label = torch.tensor(np.asarray(label, bool))
+    kl = (policy_kl - ref_kl).mean().detach().clamp(min=0)
+    chosen_ratio = policy[label] - ref[label]
+    rejected_ratio = policy[~label] - ref[~label]
+    chosen_losses = 1 - torch.sigmoid(beta * (chosen_ratio - kl))
+    rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_ratio))
+    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses), 0)
+    loss = losses.nanmean()
+    loss.backward()
+    metrics = {"kl": kl.item()}
+    for name, ratio, logps in (("chosen", chosen_ratio, policy[label]), ("rejected", rejected_ratio, policy[~label])):
+        present = len(ratio) > 0
+        metrics[f"rewards/{name}"] = (beta * ratio).mean().item() if present else None
+        metrics[f"logps/{name}"] = logps.mean().item() if present else None
+    if metrics["rewards/chosen"] is not None and metrics["rewards/rejected"] is not None:
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return loss.item(), policy.grad.numpy(), metrics
+
+
+def test_kto_loss_and_gradient_match_trl():
+    rng = np.random.default_rng(0)
+    policy, ref = rng.normal(-20, 3, 12), rng.normal(-20, 3, 12)
+    ref_kl = rng.normal(-30, 2, 12)
+    policy_kl = ref_kl + rng.normal(1.5, 1.0, 12)  # z0 > 0
+    label = rng.random(12) < 0.4
+    kw = dict(beta=0.3, desirable_weight=1.33, undesirable_weight=0.7)
+    want, want_grad, want_m = _trl_kto(policy, ref, label, policy_kl, ref_kl, **kw)
+    assert want_m["kl"] > 0
+
+    def loss(p):
+        z0 = kto_reference_point(jnp.asarray(policy_kl, jnp.float32), jnp.asarray(ref_kl, jnp.float32))
+        losses, metrics = kto_loss(p, jnp.asarray(ref, jnp.float32), jnp.asarray(label), z0, **kw)
+        return jnp.mean(losses), metrics
+
+    (got, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(policy, jnp.float32))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4, atol=1e-7)
+    for key, value in want_m.items():
+        assert float(metrics[key]) == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert (float(metrics["count/chosen"]), float(metrics["count/rejected"])) == (label.sum(), (~label).sum())
+    # A negative batch estimate is clamped: z0 = 0, the same loss as kto_reference_point says.
+    want0, _, m0 = _trl_kto(policy, ref, label, ref_kl, policy_kl, **kw)
+    got0 = jnp.mean(kto_loss(jnp.asarray(policy), jnp.asarray(ref), jnp.asarray(label),
+                             kto_reference_point(jnp.asarray(ref_kl), jnp.asarray(policy_kl)), **kw)[0])
+    assert m0["kl"] == 0.0 and float(got0) == pytest.approx(want0, rel=1e-5)
+
+
+def _token_logps(tokens, mask):
+    """Summed target log-probs of the tiny LM at its initial params, in NumPy float64."""
+    logits = np.asarray(tiny_lm().forward(host_params(), tokens).logits, np.float64)[:, :-1]
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    tok = np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    return (tok * mask[:, 1:]).sum(-1)
+
+
+def _kto_batch(label):
+    pairs = pair_batches(1, seed=3)[0]
+    batch = {"tokens": pairs["chosen_tokens"], "loss_mask": pairs["chosen_loss_mask"], "label": np.asarray(label),
+             "kl_tokens": pairs["rejected_tokens"], "kl_loss_mask": pairs["rejected_loss_mask"]}
+    policy = _token_logps(batch["tokens"], batch["loss_mask"])
+    policy_kl = _token_logps(batch["kl_tokens"], batch["kl_loss_mask"])
+    # A reference that differs from the policy: log-ratios of both signs, a positive z0.
+    offsets = np.linspace(-3.0, 2.0, len(policy))
+    batch["ref_logps"] = (policy - offsets).astype(np.float32)
+    batch["ref_kl_logps"] = (policy_kl - 1.5 - offsets[::-1]).astype(np.float32)
+    return batch, policy, policy_kl
+
+
+@pytest.mark.parametrize("label", [np.arange(8) % 3 == 0, np.ones(8, bool)], ids=["mixed", "all_desirable"])
+def test_kto_step_matches_trl_on_the_global_batch(label):
+    """Loss, z0 and metrics of the first step (4 devices, 2 micro-batches) equal TRL's on the whole batch.
+
+    z0 is the global batch's mean (TRL gathers the per-process means); with micro-batches it is still
+    the whole batch's (TRL, with gradient accumulation, estimates it per micro-batch). A batch with
+    no undesirable example: TRL does not log the rejected metrics; the step logs 0 for them.
+    """
+    batch, policy, policy_kl = _kto_batch(label)
+    obj = KTO(beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
+    want, _, want_m = _trl_kto(policy, batch["ref_logps"], label, policy_kl, batch["ref_kl_logps"],
+                               beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
+    assert want_m["kl"] > 0.1
+    for micro in (1, 2):
+        _, (got,) = run_steps(make_dpo_step, head="lm", shape={"data": 2, "fsdp": 2}, strategy="fsdp",
+                              batches=[batch], objective=obj, reference="precomputed", micro_batches=micro)
+        assert got["loss"] == pytest.approx(want, rel=1e-4)
+        for key, value in want_m.items():
+            assert got[key] == pytest.approx(0.0 if value is None else value, rel=1e-4, abs=1e-4), (micro, key)
+        if want_m["rewards/rejected"] is None:
+            assert got["rewards/margins"] == pytest.approx(got["rewards/chosen"], rel=1e-6)
+
+
+def test_a_preference_pair_given_to_kto_names_the_conversion():
+    ref = RowRef("prefs.jsonl", 2, "line")
+    with pytest.raises(DataError, match=r"prefs.jsonl line 2: this is a preference pair \('chosen', 'rejected'\), "
+                                        r"not an unpaired row: .*unpair_preference_dataset"):
+        parse_row({"prompt": "q", "chosen": "a", "rejected": "b"}, "unpaired", ref)
+    with pytest.raises(DataError, match=r"line 2: column 'label' must be a bool .*got float 1.0"):
+        parse_row({"prompt": "q", "completion": "a", "label": 1.0}, "unpaired", ref)
+
+
+def _kto_run(tmp_path, name, **changes):
+    config = tiny_stages.vowel_dpo(name, KTO(beta=0.1), steps=3)
+    data = dataclasses.replace(config.data, batch_size=8, num_train=64, eval=None)
+    config = dataclasses.replace(config, workdir=str(tmp_path / name), train=TrainConfig(steps=3, eval_every=0),
+                                 checkpoint=CheckpointConfig(every=0, async_save=False), data=data, **changes)
+    run(recipe_for(config), config)
+    with open(tmp_path / name / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_precomputed_kto_reference_takes_the_kl_rows_it_was_computed_on(tmp_path):
+    """The reference log-probs of the KL rows were computed in one unshuffled pass, the policy's on
+    the shuffled training batches, each row paired with another completion: at the first step
+    (policy = reference) z0 was 1.88 and the loss 0.5117 instead of 0 and 0.5. The training batches
+    now take the pairs of the pass (fixed per example, as TRL's KTO fixes them)."""
+    first = _kto_run(tmp_path, "pre", reference="precomputed")[0]
+    assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kto_with_a_batch_of_one_is_refused():
+    """One example per batch is its own KL pair: z0 = max(0, r), so a desirable example with r > 0 had
+    a constant loss of 0.5 and no gradient. TRL refuses it as well."""
+    from rlhf_jax.config import ConfigError
+
+    config = tiny_stages.vowel_dpo("one", KTO())
+    with pytest.raises(ConfigError, match=r"data.batch_size must be >= 2 with KTO\(reference_point='mismatched'\), "
+                                          r"got 1: a batch of one example is its own mismatched pair"):
+        dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=1))
+    zero = dataclasses.replace(config, algorithm=KTO(reference_point="zero"))
+    assert dataclasses.replace(zero, data=dataclasses.replace(config.data, batch_size=1)).data.batch_size == 1
