@@ -4,7 +4,7 @@
     rlhf-jax compile experiments/NAME.py[:ARG] [--set KEY=VALUE ...] [--topology v5e:4x4] [--json FILE]
     rlhf-jax compile --model PRESET --step dpo --strategy fsdp --mesh fsdp=8 ...   (rlhf_jax.compile)
     rlhf-jax convert SRC DST [--dtype float32|bfloat16] [--step N|latest|best]
-    rlhf-jax export RUN_DIR OUT_DIR [--step N|latest|best] [--overwrite] [--merge]
+    rlhf-jax export RUN_DIR OUT_DIR [--step N|latest|best] [--overwrite] [--merge] [--max-shard-size 2GB]
 
 An experiment is a Python file with `get_config(arg=None)` returning a frozen config and
 `main(config)` running it (big_vision style; `:ARG` is passed to `get_config`, e.g. `:tiny`).
@@ -177,20 +177,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise CLIError(f"export: no checkpoints in {ckpt_dir} (is {run_dir} a run directory?)")
     if os.path.exists(args.out_dir) and not args.overwrite:
         raise CLIError(f"export: {args.out_dir} exists; pass --overwrite to replace it")
-    tokenizer = None
-    tok_dir = os.path.join(run_dir, "tokenizer")
-    if os.path.isdir(tok_dir):
-        from rlhf_jax.data.tokenize import load_tokenizer  # noqa: PLC0415
-        from rlhf_jax.models.hf_config import check_apart  # noqa: PLC0415
-
-        check_apart(args.out_dir, (tok_dir,), caller="export")  # the run's tokenizer is read too
-        tokenizer = load_tokenizer(tok_dir)
-    exported = export_hf(ckpt_dir, args.out_dir, step=args.step, tokenizer=tokenizer, overwrite=args.overwrite,
-                         merge=args.merge)
+    # export_hf's default tokenizer is the run's (RUN_DIR/tokenizer): the same export as from Python.
+    exported = export_hf(ckpt_dir, args.out_dir, step=args.step, overwrite=args.overwrite, merge=args.merge,
+                         max_shard_size=args.max_shard_size)
     lora = os.path.isdir(os.path.join(ckpt_dir, str(exported.step), "lora"))
     what = "" if not lora else " (LoRA adapters merged)" if args.merge else " as PEFT adapters (--merge: one model)"
+    with_tokenizer = os.path.isfile(os.path.join(args.out_dir, "tokenizer_config.json"))
     print(f"exported {ckpt_dir} (step {exported.step}) to {args.out_dir}{what}"
-          + (" with its tokenizer" if tokenizer is not None else ""))
+          + (" with its tokenizer" if with_tokenizer else ""))
     return 0
 
 
@@ -221,6 +215,17 @@ def _checkpoint_step(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, 'latest' or 'best', got {text!r}") from None
+
+
+def _shard_size(text: str) -> str:
+    """`--max-shard-size`: bytes or a size like 2GB / 500MiB (argparse reports anything else, exit status 2)."""
+    from rlhf_jax.models.hf import parse_size  # noqa: PLC0415
+
+    try:
+        parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("save_hf: ")) from None
+    return text
 
 
 def _join(args: argparse.Namespace) -> bool:
@@ -277,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     exp.add_argument("--merge", action="store_true",
                      help="a LoRA run: write the merged model (W + s·A·B) instead of its PEFT adapters")
+    exp.add_argument("--max-shard-size", type=_shard_size, default="2GB",
+                     help="largest safetensors file, e.g. 2GB or 500MiB; bigger models are written as shards "
+                          "with model.safetensors.index.json (default: 2GB)")
     exp.set_defaults(func=_cmd_export)
     return parser
 

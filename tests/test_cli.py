@@ -326,3 +326,32 @@ def test_missed_acceptance_checks_exit_1_naming_them_after_the_results_are_writt
     check_passed("one", True, "r.json")
     with pytest.raises(ChecksMissed, match=r"^one missed its checks: one \(figures in r.json\)$"):
         check_passed("one", False, "r.json")
+
+
+def test_export_from_the_cli_and_from_python_write_the_same_directory(capsys, tmp_path):
+    """`rlhf-jax export RUN OUT` is `export_hf(RUN/checkpoints, OUT)`: the same files, byte for byte (the
+    run's tokenizer included; a reward model's pad id with it); `--max-shard-size` writes shards with an
+    index, and a size that is not one is refused by argparse."""
+    from rlhf_jax.checkpoint_hf import export_hf
+    from rlhf_jax.testing.tokenizer import save_offline_tokenizer
+
+    config = tiny_config()
+    run = tmp_path / "run"
+    with Checkpointer(run / "checkpoints", config=CheckpointConfig(async_save=False), model_config=config) as ck:
+        ck.save(2, {"params": CausalLM(config, head="scalar").init(jax.random.key(0))})
+    save_offline_tokenizer(run / "tokenizer")
+    code, out, _ = _run(capsys, "export", str(run), str(tmp_path / "cli"), "--max-shard-size", "40000")
+    assert code == 0 and out.strip() == f"exported {run}/checkpoints (step 2) to {tmp_path / 'cli'} with its tokenizer"
+    export_hf(run / "checkpoints", tmp_path / "py", max_shard_size=40_000)
+
+    def files(root):
+        return {p.name: p.read_bytes() for p in root.iterdir()}
+
+    assert files(tmp_path / "cli") == files(tmp_path / "py")
+    assert "model.safetensors.index.json" in files(tmp_path / "py") and "tokenizer.json" in files(tmp_path / "py")
+    assert json.loads((tmp_path / "py" / "config.json").read_text())["pad_token_id"] == 0
+    _, params = load_hf(tmp_path / "cli")
+    assert params["score"].shape == (config.hidden_size,)
+    code, line = _argparse_error(capsys, "export", str(run), str(tmp_path / "x"), "--max-shard-size", "2 gigs")
+    assert code == 2 and line == ("rlhf-jax export: error: argument --max-shard-size: max_shard_size must be bytes "
+                                  "or like '2GB'/'500MiB', got '2 gigs'")

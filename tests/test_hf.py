@@ -860,3 +860,195 @@ def test_export_and_convert_never_replace_what_they_read_or_what_is_not_an_expor
     check_replaceable(hf, overwrite=True, caller="t")
     with pytest.raises(FileExistsError, match="is not a directory"):
         check_replaceable(data / "train.jsonl", overwrite=True, caller="t")
+
+
+# ------------------------------------------------------- export_hf from Python: the run's checkpoint
+
+
+def _run_dir(root, config, *, head="lm", seed=0, tokenizer=True):
+    """A run directory as training leaves it: `checkpoints/` (step 4) and, optionally, `tokenizer/`."""
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.config import CheckpointConfig
+    from rlhf_jax.data.offline_tokenizer import save_offline_tokenizer
+
+    params = _random_params(config, seed=seed, head=head)
+    params = jax.tree.map(lambda x: (0.6 * x).astype(x.dtype), params)  # keep bf16 activations moderate
+    if head == "scalar":  # rewards of order 1
+        params["score"] = (5 * params["score"]).astype(params["score"].dtype)
+    with Checkpointer(root / "checkpoints", config=CheckpointConfig(async_save=False), model_config=config) as ck:
+        ck.save(4, {"params": params})
+    if tokenizer:
+        save_offline_tokenizer(root / "tokenizer")
+    return params
+
+
+EXPORT_CASES = {  # name: (model config overrides, head)
+    "llama-untied": (dict(), "lm"),
+    "qwen2-bias-tied": (dict(model_type="qwen2", attention_bias=True, tie_word_embeddings=True), "lm"),
+    "llama-bf16": (dict(param_dtype="bfloat16", dtype="bfloat16"), "lm"),
+    "reward-model": (dict(), "scalar"),
+    "reward-model-bf16": (dict(param_dtype="bfloat16", dtype="bfloat16"), "scalar"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORT_CASES))
+def test_export_hf_from_python_writes_the_runs_tokenizer_and_transformers_matches(name, tmp_path):
+    """`export_hf(run/checkpoints, out)` from a notebook, no tokenizer given, exports what `rlhf-jax export`
+    does: the run's tokenizer and its pad/EOS ids, so transformers scores a right-padded batch of 3 rows
+    (it refuses batches > 1 without a pad id). Log-probs and rewards equal ours (float32: 1e-5; bfloat16:
+    the weights bit for bit, outputs within bf16 rounding), and config.json's dtype is the tensors'."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    from rlhf_jax.checkpoint_hf import export_hf
+    from rlhf_jax.logprobs import token_logprobs
+
+    overrides, head = EXPORT_CASES[name]
+    config = tiny_config(**overrides)
+    params = _run_dir(tmp_path / "run", config, head=head, seed=len(name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the run's tokenizer gives the ids
+        assert export_hf(tmp_path / "run" / "checkpoints", tmp_path / "hf") == (str(tmp_path / "hf"), 4)
+    out = tmp_path / "hf"
+    hf_config = json.loads((out / "config.json").read_text())
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"], hf_config["pad_token_id"]) == (1, 2, 0)
+    assert hf_config["dtype"] == hf_config["torch_dtype"] == config.param_dtype
+    with safe_open(out / "model.safetensors", "np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16" if "bf16" in name else "F32"}
+    assert (out / "tokenizer.json").exists()
+    assert transformers.AutoTokenizer.from_pretrained(out).pad_token_id == 0
+
+    bf16 = config.param_dtype == "bfloat16"
+    tokens, mask, _ = _batch(seed=2, pad_id=0)
+    auto = transformers.AutoModelForCausalLM if head == "lm" else transformers.AutoModelForSequenceClassification
+    model = auto.from_pretrained(out, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                 attn_implementation="eager").eval()
+    assert model.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    if bf16:  # the weights transformers holds are ours, bit for bit
+        np.testing.assert_array_equal(
+            model.model.embed_tokens.weight.detach().view(torch.int16).numpy(),
+            np.asarray(params["embed"]).view(np.int16))
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                       attention_mask=torch.tensor(mask, dtype=torch.long)).logits.float().numpy()
+    ours = jax.jit(CausalLM(config, head=head).forward)(params, tokens)
+    if head == "lm":
+        assert json.loads((out / "generation_config.json").read_text()) == {
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+        ours = np.asarray(token_logprobs(ours.logits[:, :-1].astype(jnp.float32), tokens[:, 1:]))
+        theirs = np.asarray(token_logprobs(jnp.asarray(theirs[:, :-1]), tokens[:, 1:]))
+        valid = mask[:, 1:]
+    else:
+        assert not (out / "generation_config.json").exists()
+        ours = np.asarray(gather_last(ours.values, mask)).astype(np.float32)
+        theirs, valid = theirs[:, 0], np.ones(B, bool)
+    assert np.abs(ours).max() > 1.0  # not a comparison of near-zero numbers
+    tolerance = 2**-6 * np.abs(ours).max() if bf16 else 1e-5  # bf16: 4 units of its 8-bit mantissa
+    assert np.abs(ours - theirs)[valid].max() <= tolerance
+
+
+def test_export_hf_without_a_tokenizer_warns_what_transformers_will_refuse(tmp_path):
+    """No tokenizer beside the checkpoints (or `tokenizer=None`) and no ids in the model config: a reward
+    model's export has no pad id, a policy's no EOS; each export says so and what to pass."""
+    from rlhf_jax.checkpoint_hf import export_hf
+
+    _run_dir(tmp_path / "rm", tiny_config(), head="scalar", tokenizer=False)
+    with pytest.warns(UserWarning) as record:
+        export_hf(tmp_path / "rm" / "checkpoints", tmp_path / "rm_hf")
+    assert [str(w.message) for w in record] == [
+        f"save_hf: {tmp_path / 'rm_hf'}: no pad_token_id in the model config or a tokenizer, so "
+        "transformers' *ForSequenceClassification refuses to score batches of more than one row; pass the run's "
+        "tokenizer (tokenizer=) or set the model config's pad_token_id"]
+    assert json.loads((tmp_path / "rm_hf" / "config.json").read_text())["pad_token_id"] is None
+
+    _run_dir(tmp_path / "lm", tiny_config())
+    with pytest.warns(UserWarning, match="no eos_token_id in the model config or a tokenizer, so transformers' "
+                                         "generate will not stop at an end-of-sequence token"):
+        export_hf(tmp_path / "lm" / "checkpoints", tmp_path / "lm_hf", tokenizer=None)  # the run's is not wanted
+    assert sorted(os.listdir(tmp_path / "lm_hf")) == ["config.json", "model.safetensors"]
+    export_hf(tmp_path / "lm" / "checkpoints", tmp_path / "lm_offline", tokenizer="offline")
+    assert json.loads((tmp_path / "lm_offline" / "generation_config.json").read_text())["eos_token_id"] == 2
+    with pytest.raises(FileNotFoundError, match="load_tokenizer reads local directories only"):
+        export_hf(tmp_path / "lm" / "checkpoints", tmp_path / "lm_x", tokenizer=tmp_path / "no_such_tokenizer")
+    assert not (tmp_path / "lm_x").exists()
+
+
+def test_export_hf_sharded_round_trips_through_transformers_and_import_hf(tmp_path):
+    """`export_hf(max_shard_size=)` writes shards and an index that transformers loads; `import_hf` of that
+    directory (bf16 into float32) restores the run's weights exactly; an export interrupted while writing
+    a shard leaves an earlier export there unchanged and no staging directory."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import rlhf_jax.models.hf as hf
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.checkpoint_hf import export_hf, import_hf
+
+    config = tiny_config(param_dtype="bfloat16", dtype="bfloat16")
+    params = _run_dir(tmp_path / "run", config)
+    out = tmp_path / "hf"
+    export_hf(tmp_path / "run" / "checkpoints", out, max_shard_size="60KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and not (out / "model.safetensors").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    np.testing.assert_array_equal(model.lm_head.weight.detach().view(torch.int16).numpy().T,
+                                  np.asarray(params["lm_head"]).view(np.int16))
+
+    assert import_hf(out, tmp_path / "imported", dtype="float32") == 0
+    with Checkpointer(tmp_path / "imported", read_only=True) as ckpt:
+        assert ckpt.all_steps() == [0]
+        assert ckpt.meta(0)["model_config"]["param_dtype"] == "float32"
+    from rlhf_jax.train.weights import restore_item
+    _assert_trees_bit_equal(restore_item(str(tmp_path / "imported"), "params", None),
+                            jax.tree.map(lambda x: np.asarray(x).astype(np.float32), params))
+
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    written = []
+
+    def interrupted(tensors, file, target, *, caller):
+        if written:
+            raise KeyboardInterrupt("stopped while writing the second shard")
+        written.append(file)
+        hf.write_tensors.__wrapped__(tensors, file, target, caller=caller)
+
+    interrupted.__wrapped__ = hf.write_tensors
+    original, hf.write_tensors = hf.write_tensors, interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_hf(tmp_path / "run" / "checkpoints", out, overwrite=True, max_shard_size="60KB")
+    finally:
+        hf.write_tensors = original
+    assert len(written) == 1
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["hf", "imported", "run"]
+    with pytest.raises(ValueError, match=r"max_shard_size must be bytes or like '2GB'/'500MiB', got '2 gigs'"):
+        export_hf(tmp_path / "run" / "checkpoints", tmp_path / "bad", max_shard_size="2 gigs")
+    assert export_hf(tmp_path / "run" / "checkpoints", tmp_path / "bytes", max_shard_size="60000").step == 4
+    assert (tmp_path / "bytes" / "model.safetensors.index.json").exists()
+
+
+def test_import_hf_keeps_generation_config_ids_for_the_export(tmp_path):
+    """An instruct model stops at several EOS ids listed only in generation_config.json (Qwen2.5's
+    [151645, 151643], its pad id there too): import_hf records them, so export_hf writes them back
+    and transformers' generate still stops at each; a generation_config.json id outside the vocabulary
+    is refused naming the file."""
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.checkpoint_hf import export_hf, import_hf
+
+    config = tiny_config(model_type="qwen2", attention_bias=True, eos_token_id=5)
+    save_hf(tmp_path / "hf", config, _random_params(config))
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7], "pad_token_id": 7}))
+    import_hf(tmp_path / "hf", tmp_path / "run" / "checkpoints")
+    with Checkpointer(tmp_path / "run" / "checkpoints", read_only=True) as ckpt:
+        recorded = ckpt.meta(0)["model_config"]
+    assert (recorded["eos_token_id"], recorded["pad_token_id"]) == ([5, 7], 7)
+    export_hf(tmp_path / "run" / "checkpoints", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == {
+        "eos_token_id": [5, 7], "pad_token_id": 7}
+
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 256]}))
+    with pytest.raises(HFCheckpointError, match=r"generation_config.json: eos_token_id must be a token id or a "
+                                                r"list of them in the model's vocabulary of 256 ids, got \[5, 256\]"):
+        import_hf(tmp_path / "hf", tmp_path / "run2" / "checkpoints")
+    assert not (tmp_path / "run2").exists()

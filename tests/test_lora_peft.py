@@ -4,7 +4,9 @@ models, every target (q, k, v, o, gate, up, down, embed, lm_head) adapted. PEFT 
 test-time references only (`pip install -e '.[test]'`)."""
 
 import json
+import os
 import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -258,3 +260,53 @@ def test_save_refuses_adapters_that_do_not_fit_and_load_takes_peft_spellings(tmp
     with pytest.raises(HFCheckpointError, match=r"tensor 'base_model\.model\.lm_head\.weight' is a full copy of a "
                                                 r"module \(modules_to_save \['lm_head'\]\), not a LoRA adapter"):
         load_peft(out, config)
+
+
+def test_export_hf_of_a_lora_run_loads_into_peft_and_merged_with_the_runs_tokenizer(case, tmp_path):
+    """`export_hf` of a LoRA run's checkpoint from Python: its adapters (PEFT format, the run's tokenizer
+    saved with them) on the base in `peft.PeftModel`, and the merged model in transformers, give our
+    log-probs within 1e-5 (Llama untied; Qwen2 tied with q/k/v bias). A tokenizer that fails to save
+    while an earlier export is being replaced leaves that export as it was and nothing else."""
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.checkpoint_hf import export_hf
+    from rlhf_jax.config import CheckpointConfig
+    from rlhf_jax.logprobs import token_logprobs
+    from rlhf_jax.testing import save_offline_tokenizer
+    from rlhf_jax.train.adapters import params_items
+
+    torch, transformers, peft = case.torch, case.transformers, case.peft
+    lm = LoraLM(CausalLM(case.config), LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "up", "down")))
+    params = lm.init_from_base(case.params, jax.random.key(0))
+    params["lora"] = jax.tree.map(lambda x: 0.1 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype),
+                                  params["lora"])  # B != 0: the adapters matter
+    run = tmp_path / "run"
+    with Checkpointer(run / "checkpoints", config=CheckpointConfig(async_save=False), model_config=case.config) as ck:
+        ck.save(5, params_items(lm, params))
+    save_offline_tokenizer(run / "tokenizer")
+    assert export_hf(run / "checkpoints", tmp_path / "adapters").step == 5
+    assert export_hf(run / "checkpoints", tmp_path / "merged", merge=True).step == 5
+    assert sorted(os.listdir(tmp_path / "adapters")) == [
+        ADAPTER_CONFIG, "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "adapters").pad_token_id == 0
+
+    labels = TOKENS[:, 1:]
+    ours = np.asarray(token_logprobs(jax.jit(lm.forward)(params, TOKENS).logits[:, :-1], labels))
+    base = np.asarray(token_logprobs(CausalLM(case.config).forward(case.params, TOKENS).logits[:, :-1], labels))
+    assert np.abs(ours - base).max() > 1e-2
+    for model in (peft.PeftModel.from_pretrained(_fresh_hf(case), tmp_path / "adapters").eval(),
+                  transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()):
+        theirs = np.asarray(token_logprobs(_peft_logits(case, model)[:, :-1], labels))
+        assert np.abs(ours - theirs).max() <= 1e-5
+
+    class FailingTokenizer:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def save_pretrained(self, directory):
+            (Path(directory) / "tokenizer.json").write_text("{")
+            raise OSError("disk full")
+
+    before = {f: (tmp_path / "adapters" / f).read_bytes() for f in os.listdir(tmp_path / "adapters")}
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(run / "checkpoints", tmp_path / "adapters", tokenizer=FailingTokenizer(), overwrite=True)
+    assert {f: (tmp_path / "adapters" / f).read_bytes() for f in os.listdir(tmp_path / "adapters")} == before
+    assert sorted(os.listdir(tmp_path)) == ["adapters", "merged", "run"]

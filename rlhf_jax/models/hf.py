@@ -497,7 +497,8 @@ def save_hf(
     Token ids: config.json's BOS/EOS/pad ids are the model config's, each unset one taken from
     `tokenizer`; a causal LM also gets `generation_config.json` with those ids, its EOS being every
     id the model config or the tokenizer stops at (as instruct models ship it), so that
-    `generate` stops at EOS.
+    `generate` stops at EOS. A reward model without a pad id, or a language model without an EOS
+    id, gets a warning: transformers cannot batch the one, nor stop the other's generation.
 
     Args:
       path: the directory to create.
@@ -515,7 +516,7 @@ def save_hf(
       HFCheckpointError: params that do not match the config, naming the parameter.
     """
     target = Path(path)
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     check_replaceable(target, overwrite=overwrite, caller="save_hf")
     head: Head = "scalar" if "score" in params else "lm"
     specs, abstract = _checked_specs(config, head)
@@ -525,6 +526,7 @@ def save_hf(
     if head == "scalar":
         warn_pad_pooling(ids["pad_token_id"], generation.get("eos_token_id"), f"save_hf: {target}",
                          "give the model config a pad_token_id that is not an EOS id")
+    _warn_missing_id(ids, head, target)
     hf_config = config_to_hf(config.replace(param_dtype=param_dtype, **ids), head=head)
     itemsize = jnp.dtype(param_dtype).itemsize
     shards = _plan_shards(specs, itemsize, limit)
@@ -554,6 +556,17 @@ def save_hf(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _warn_missing_id(ids: dict, head: Head, target: Path) -> None:
+    """Warn when an export lacks the id transformers needs: a reward model's pad id (batches of more
+    than one row are refused without it), a language model's EOS (`generate` never stops early)."""
+    name = "pad_token_id" if head == "scalar" else "eos_token_id"
+    if ids[name] is None:
+        effect = ("transformers' *ForSequenceClassification refuses to score batches of more than one row"
+                  if head == "scalar" else "transformers' generate will not stop at an end-of-sequence token")
+        warnings.warn(f"save_hf: {target}: no {name} in the model config or a tokenizer, so {effect}; "
+                      f"pass the run's tokenizer (tokenizer=) or set the model config's {name}", stacklevel=3)
 
 
 def write_tensors(tensors: dict, file: Path, target: Path, *, caller: str) -> None:
@@ -628,14 +641,17 @@ _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
+    """Bytes of `max_shard_size`: an int, or a string of bytes or like "2GB" (10^9) or "500MiB" (2^20);
+    ValueError otherwise."""
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
     else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", str(size))
-        if not match or match.group(2).lower() not in _SIZE_UNITS:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+        unit = (match.group(2) or "b").lower() if match else None
+        if unit not in _SIZE_UNITS:
             raise ValueError(f"save_hf: max_shard_size must be bytes or like '2GB'/'500MiB', got {size!r}")
-        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if value <= 0:
         raise ValueError(f"save_hf: max_shard_size must be positive, got {size!r}")
     return value

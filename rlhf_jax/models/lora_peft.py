@@ -82,7 +82,7 @@ def _peft_tensors(config: ModelConfig, lora: LoraConfig, adapters: dict) -> dict
 
 
 def save_peft(path: str | os.PathLike, config: ModelConfig, lora: LoraConfig, adapters: dict, *,
-              head_params: dict | None = None, base_model_name_or_path: str | None = None,
+              head_params: dict | None = None, base_model_name_or_path: str | None = None, tokenizer=None,
               overwrite: bool = False) -> Path:
     """Write adapters as a PEFT LoRA directory, atomically (assembled beside `path`, then renamed).
 
@@ -94,6 +94,7 @@ def save_peft(path: str | os.PathLike, config: ModelConfig, lora: LoraConfig, ad
       head_params: for a scalar-head model, `{"score": [E]}`: the trained head PEFT saves as a
         module to save (task `SEQ_CLS`); None for a language model (task `CAUSAL_LM`).
       base_model_name_or_path: recorded in the config (the base model's Hugging Face directory or hub id).
+      tokenizer: optional transformers tokenizer saved in the directory (`save_pretrained`), with it.
       overwrite: replace an existing `path` that holds an earlier export (`check_replaceable`).
 
     Returns:
@@ -125,6 +126,8 @@ def save_peft(path: str | os.PathLike, config: ModelConfig, lora: LoraConfig, ad
         with open(staging / ADAPTER_CONFIG, "w", encoding="utf-8") as f:
             json.dump(peft_config, f, indent=2, sort_keys=True)
         write_tensors(tensors, staging / ADAPTER_WEIGHTS, target, caller="save_peft")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
         _publish(staging, target)  # the old directory is replaced only once the new one is complete
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
