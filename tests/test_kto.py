@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from step_fixtures import host_params, pair_batches, run_steps, tiny_lm
+from step_fixtures import host_params, mesh_for, pair_batches, run_steps, tiny_lm
 from rlhf_jax.config import CheckpointConfig, TrainConfig
 from rlhf_jax.data.formats import DataError, RowRef, parse_row
 from rlhf_jax.losses import kto_loss, kto_reference_point
 from rlhf_jax.steps import KTO, make_dpo_step
-from rlhf_jax.train import recipe_for, tiny_stages
+from rlhf_jax.train import dpo, recipe_for, tiny_stages
 from rlhf_jax.train.recipe import run
 
 
@@ -75,9 +75,10 @@ def test_kto_loss_and_gradient_match_trl():
     assert m0["kl"] == 0.0 and float(got0) == pytest.approx(want0, rel=1e-5)
 
 
-def _token_logps(tokens, mask):
-    """Summed target log-probs of the tiny LM at its initial params, in NumPy float64."""
-    logits = np.asarray(tiny_lm().forward(host_params(), tokens).logits, np.float64)[:, :-1]
+def _token_logps(tokens, mask, params=None):
+    """Summed target log-probs of the tiny LM (at its initial params by default), in NumPy float64."""
+    params = host_params() if params is None else params
+    logits = np.asarray(tiny_lm().forward(params, tokens).logits, np.float64)[:, :-1]
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     tok = np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
@@ -129,14 +130,75 @@ def test_a_preference_pair_given_to_kto_names_the_conversion():
         parse_row({"prompt": "q", "completion": "a", "label": 1.0}, "unpaired", ref)
 
 
-def _kto_run(tmp_path, name, **changes):
-    config = tiny_stages.vowel_dpo(name, KTO(beta=0.1), steps=3)
-    data = dataclasses.replace(config.data, batch_size=8, num_train=64, eval=None)
+def _kto_run(tmp_path, name, *, eval_set=None, algorithm=KTO(beta=0.1), **changes):
+    config = tiny_stages.vowel_dpo(name, algorithm, steps=3)
+    data = dataclasses.replace(config.data, batch_size=8, num_train=64, eval=eval_set, num_eval=20)
     config = dataclasses.replace(config, workdir=str(tmp_path / name), train=TrainConfig(steps=3, eval_every=0),
-                                 checkpoint=CheckpointConfig(every=0, async_save=False), data=data, **changes)
+                                 checkpoint=CheckpointConfig(every=0, async_save=False), data=data,
+                                 sampling=dpo.SampleEvalConfig(num_prompts=0), **changes)
     run(recipe_for(config), config)
     with open(tmp_path / name / "metrics.jsonl") as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
+        return [r for r in map(json.loads, f) if "loss" in r or "eval/loss" in r]
+
+
+def test_kto_run_evaluates_its_held_out_set(tmp_path):
+    """`data.eval` of a KTO run was tokenized and never evaluated (the held-out loss ran for paired
+    objectives only). At step 0 the policy is the reference: z0 = 0, every implied reward 0, each
+    loss 1 - sigmoid(0) = 0.5 times its class weight (TRL's KTOTrainer eval); after training, not."""
+    algorithm = KTO(beta=0.1, desirable_weight=1.0, undesirable_weight=2.0)
+    records = _kto_run(tmp_path, "eval", eval_set="synthetic:vowel", algorithm=algorithm)
+    first, final = [r for r in records if "eval/loss" in r]
+    assert (first["step"], final["step"]) == (0, 3)
+    assert first["eval/kl"] == 0.0
+    for key in ("eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins"):
+        assert first[key] == pytest.approx(0.0, abs=1e-6), key
+    # 20 held-out examples, the vowel pairs split in two: 10 desirable (weight 1), 10 undesirable (2).
+    assert first["eval/loss"] == pytest.approx(0.5 * (10 * 1.0 + 10 * 2.0) / 20, rel=1e-6)
+    assert first["eval/logps/chosen"] < 0 and first["eval/logps/rejected"] < 0
+    assert final["eval/rewards/chosen"] != 0.0 and final["eval/loss"] != first["eval/loss"]
+
+
+def test_kto_held_out_eval_matches_trl_batch_by_batch():
+    """Each held-out batch is TRL's KTO eval batch: z0 from that batch's own mismatched rows (the whole
+    batch's, not each micro-batch's), clamped at 0; the set's loss and `kl` are means over examples,
+    `*/chosen` over desirable examples only, `*/rejected` over undesirable ones (an empty row counts
+    nowhere)."""
+    from rlhf_jax.train.dpo import make_preference_eval
+
+    policy, reference = host_params(seed=0), host_params(seed=1)
+    batches, labels = [], [np.arange(8) % 3 == 0, np.arange(8) != 2]
+    for pairs, label in zip(pair_batches(2, seed=5), labels):
+        batch = {"tokens": pairs["chosen_tokens"], "loss_mask": pairs["chosen_loss_mask"], "label": label,
+                 "kl_tokens": np.roll(pairs["rejected_tokens"], 1, 0),
+                 "kl_loss_mask": np.roll(pairs["rejected_loss_mask"], 1, 0)}
+        batches.append(batch)
+    batches[1]["loss_mask"][7] = 0  # an empty (padding) row: in no mean, and its KL row is empty too
+    batches[1]["kl_loss_mask"][0] = 0
+    obj = KTO(beta=0.3, desirable_weight=1.2, undesirable_weight=0.7)
+    evaluate = make_preference_eval(tiny_lm(), obj, batches, reference, mesh=mesh_for({"data": 2, "fsdp": 2}),
+                                    strategy="fsdp", micro_batches=2)
+    got = evaluate(policy)
+
+    sums, counts, kls = {}, {}, []
+    for b in batches:
+        rows, kl_rows = b["loss_mask"].sum(1) > 0, b["kl_loss_mask"].sum(1) > 0
+        lp = lambda params, key: _token_logps(b[key + "tokens"], b[key + "loss_mask"], params)  # noqa: E731
+        pk, rk = lp(policy, "kl_")[kl_rows], lp(reference, "kl_")[kl_rows]
+        loss, _, m = _trl_kto(lp(policy, "")[rows], lp(reference, "")[rows], b["label"][rows], pk, rk, beta=0.3,
+                              desirable_weight=1.2, undesirable_weight=0.7)
+        kls.append(m["kl"])
+        n, d = rows.sum(), (rows & b["label"]).sum()
+        for key, value, w in (("loss", loss, n), ("kl", m["kl"], n), ("rewards/chosen", m["rewards/chosen"], d),
+                              ("rewards/rejected", m["rewards/rejected"], n - d),
+                              ("logps/chosen", m["logps/chosen"], d), ("logps/rejected", m["logps/rejected"], n - d)):
+            sums[key] = sums.get(key, 0.0) + w * value
+            counts[key] = counts.get(key, 0) + w
+    assert max(kls) > 0.05  # a z0 that matters (a clamped one would not test the estimate)
+    want = {f"eval/{k}": sums[k] / counts[k] for k in sums}
+    want["eval/rewards/margins"] = want["eval/rewards/chosen"] - want["eval/rewards/rejected"]
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
 def test_precomputed_kto_reference_takes_the_kl_rows_it_was_computed_on(tmp_path):
@@ -149,14 +211,42 @@ def test_precomputed_kto_reference_takes_the_kl_rows_it_was_computed_on(tmp_path
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_kto_with_a_batch_of_one_is_refused():
+def test_kto_with_a_batch_of_one_or_packed_rows_is_refused():
     """One example per batch is its own KL pair: z0 = max(0, r), so a desirable example with r > 0 had
-    a constant loss of 0.5 and no gradient. TRL refuses it as well."""
+    a constant loss of 0.5 and no gradient. TRL refuses it as well. Packed KTO rows failed at startup in
+    `batch_spec`, naming no config key."""
     from rlhf_jax.config import ConfigError
 
     config = tiny_stages.vowel_dpo("one", KTO())
     with pytest.raises(ConfigError, match=r"data.batch_size must be >= 2 with KTO\(reference_point='mismatched'\), "
                                           r"got 1: a batch of one example is its own mismatched pair"):
         dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=1))
+    with pytest.raises(ConfigError, match=r"data.pack must be false with KTO: its unpaired examples are never packed"):
+        dataclasses.replace(config, data=dataclasses.replace(config.data, pack=True))
     zero = dataclasses.replace(config, algorithm=KTO(reference_point="zero"))
     assert dataclasses.replace(zero, data=dataclasses.replace(config.data, batch_size=1)).data.batch_size == 1
+
+
+def test_compile_plans_the_kto_held_out_eval():
+    """`rlhf-jax compile` of a KTO run with `data.eval` plans its held-out eval program (it planned
+    none, as the run ran none), and in the run's micro-batches."""
+    import rlhf_jax.compile as compile_mod
+    from rlhf_jax.train.aot import plan_run
+
+    config = tiny_stages.vowel_dpo("plan_kto", KTO(beta=0.1), steps=1)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=16, num_train=32,
+                                                                  num_eval=16),
+                                 train=dataclasses.replace(config.train, micro_batches=2, eval_batches=1),
+                                 sampling=dpo.SampleEvalConfig(num_prompts=0))
+    texts, real = {}, compile_mod.compile_program
+
+    def spy(name, lower, *args, **kwargs):
+        texts[name] = lower().as_text()
+        return real(name, lower, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compile_mod, "compile_program", spy)
+        plan = plan_run(config, compiler_options={"xla_backend_optimization_level": 0})
+    assert [p.name for p in plan.programs] == ["update step", "reference log-probs", "eval (held-out loss)"]
+    assert all(p.ok for p in plan.programs)
+    assert "tensor<2x8x32xi32>" in texts["eval (held-out loss)"]  # the run's 2 pieces of 8 rows

@@ -293,8 +293,11 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
     return paired_loss if objective.paired else kto_loss_fn
 
 
-def _dpo_prepare(model, objective: Objective, reference: ReferenceMode, *, micro_batches: int, max_segments: int,
-                 chunk_size: int | None, shared_prefix: int | None = None):
+def dpo_step_context(model, objective: Objective, reference: ReferenceMode, *, micro_batches: int,
+                     max_segments: int, chunk_size: int | None, shared_prefix: int | None = None):
+    """The step's `prepare(params, batch, frozen, rng) -> (batch, context)`: the batch's counts, the
+    reference's log-probs (reference "model" / "base") and KTO's z0 over the whole batch (policy log-probs
+    of the mismatched KL rows, no gradient); held-out KTO evaluation uses it too (`train.dpo`)."""
     ref_model = model.base if reference == "base" else model  # QLoRA: the base dequantizes in its forward
     ref_fn = _reference_fn(ref_model, objective, max_segments=max_segments, chunk_size=chunk_size,
                            shared_prefix=shared_prefix)
@@ -398,8 +401,8 @@ def make_dpo_step(model, optimizer: OptimizerConfig | optax.GradientTransformati
     tx, schedule = common.resolve_optimizer(optimizer)
     loss_fn = make_dpo_loss(model, objective, micro_batches=micro_batches, max_segments=max_segments,
                             logits_chunk_size=logits_chunk_size, shared_prefix_len=shared_prefix_len)
-    prepare = _dpo_prepare(model, objective, reference, micro_batches=micro_batches, max_segments=max_segments,
-                           chunk_size=logits_chunk_size, shared_prefix=shared_prefix_len)
+    prepare = dpo_step_context(model, objective, reference, micro_batches=micro_batches, max_segments=max_segments,
+                               chunk_size=logits_chunk_size, shared_prefix=shared_prefix_len)
     update = common.make_update(loss_fn, tx, prepare=prepare, micro_batches=micro_batches, nonfinite=nonfinite,
                                 learning_rate=schedule)
     # jit_step runs it on every batch

@@ -189,7 +189,7 @@ def _supervised_programs(config, program: Program, mesh, state_abs, options):
                                            {"reference": reference, "batch": batch}, compiler_options=options,
                                            note=when))
             uses["reference log-probs"] = {"reference"} if program.frozen else {"parameters"}
-        if config.data.eval is not None and objective.paired:
+        if config.data.eval is not None:  # the held-out loss of pairs, or of KTO's unpaired examples
             evaluate = dpo_mod.make_preference_eval(model, objective, [], reference, mesh=mesh, strategy=strategy,
                                                     max_segments=segments, logits_chunk_size=config.logits_chunk_size,
                                                     micro_batches=micro)

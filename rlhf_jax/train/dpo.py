@@ -19,9 +19,11 @@ forward runs that base with the adapters off (`make_dpo_step(reference="base")`)
 Training metrics (TRL's names): `loss`, `rewards/chosen`, `rewards/rejected`,
 `rewards/accuracies` (paired), `rewards/margins`, `logps/chosen`, `logps/rejected`, `kl` (KTO),
 `grad_norm`, `learning_rate`. Evaluation: on held-out pairs `eval/rewards/accuracies`,
-`eval/rewards/margins`, `eval/loss`, ...; when the data is a synthetic task with a gold reward,
-samples from the policy on held-out prompts: `eval/gold_reward` and `eval/gold_win_rate` (share
-of prompts where the policy's sample beats the reference policy's, ties counting half).
+`eval/rewards/margins`, `eval/loss`, ... (KTO, on held-out unpaired examples: `eval/loss`,
+`eval/rewards/chosen`, `eval/rewards/rejected`, `eval/kl`, ...); when the data is a synthetic task
+with a gold reward, samples from the policy on held-out prompts: `eval/gold_reward` and
+`eval/gold_win_rate` (share of prompts where the policy's sample beats the reference policy's, ties
+counting half).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from rlhf_jax.optim import make_optimizer
 from rlhf_jax.rewards import PythonReward
 from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig, default_prompt_buckets
 from rlhf_jax.steps import DPO, KTO, ORPO, SimPO, make_dpo_loss, make_dpo_step, make_reference_logps_fn
-from rlhf_jax.steps.preference import dpo_batch_keys
+from rlhf_jax.steps.preference import dpo_batch_keys, dpo_step_context
 from rlhf_jax.steps.sequences import causal_targets
 from rlhf_jax.distributed import gather_rows
 from rlhf_jax.sharding import local_rows
@@ -123,6 +125,9 @@ class DPOConfig(RunConfig):
                                                    or self.shared_prefix_len < 2 or not self.algorithm.paired):
             raise ConfigError("shared_prefix_len must be None or an int >= 2 with a paired objective, got "
                               f"{self.shared_prefix_len!r} with {type(self.algorithm).__name__}")
+        if isinstance(self.algorithm, KTO) and self.data.pack:
+            raise ConfigError("data.pack must be false with KTO: its unpaired examples are never packed (each "
+                              "row holds one example, beside its own mismatched KL row)")
         if isinstance(self.algorithm, KTO) and self.algorithm.reference_point == "mismatched" \
                 and self.data.batch_size < 2:
             raise ConfigError("data.batch_size must be >= 2 with KTO(reference_point='mismatched'), got "
@@ -160,14 +165,37 @@ def _chosen_weight(batch):
     return {"num_pairs": n, "num_chosen_tokens": jnp.sum(chosen.mask)}, n
 
 
+def _unpaired_weights(model, objective, *, max_segments: int, logits_chunk_size: int | None, micro_batches: int):
+    """KTO's eval normalisers: the step's own (its counts and z0 over the whole batch, from the
+    policy's log-probs of the batch's mismatched KL rows, in the step's micro-batches), and each
+    metric's weight: the examples, the desirable ones for `*/chosen`, the undesirable for `*/rejected`."""
+    step_context = dpo_step_context(model, objective, "precomputed", micro_batches=micro_batches,
+                                    max_segments=max_segments, chunk_size=logits_chunk_size)
+
+    def weights(params, batch):
+        _, context = step_context(params, batch, (), None)
+        n, d, u = context["num_examples"], context["num_desirable"], context["num_undesirable"]
+        return context, {"loss": n, "kl": n, "rewards/chosen": d, "logps/chosen": d, "rewards/rejected": u,
+                         "logps/rejected": u}
+
+    return weights
+
+
 def make_preference_eval(model: CausalLM, objective, batches: list[dict], reference, *, mesh, strategy: str,
                          max_segments: int = 1, logits_chunk_size: int | None = None, micro_batches: int = 1):
-    """`params -> {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", ...}` on held-out pairs.
+    """`params -> {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", ...}` on held-out pairs
+    (KTO: held-out unpaired examples, `eval/loss`, `eval/rewards/chosen`, `eval/rewards/rejected`,
+    `eval/rewards/margins`, `eval/logps/*`, `eval/kl`).
 
     The reference's log-probs of the fixed batches are computed once; each evaluation runs the
     policy through the objective's own loss function (`make_dpo_loss`), pair-weighted. Both passes
     run each batch in the run's `micro_batches` pieces inside their one program (as the update step
     does), so they fit wherever the step's forward does.
+
+    KTO (TRL's KTOTrainer evaluation): each batch's z0 is that batch's own estimate from its
+    mismatched KL rows (`max(0, mean log-ratio)`, over the whole batch, as the step computes it);
+    `eval/loss` and `eval/kl` are means over examples, `*/chosen` over the desirable examples,
+    `*/rejected` over the undesirable ones, `eval/rewards/margins` their difference.
     """
     prepare = None
     if objective.needs_reference:
@@ -177,8 +205,22 @@ def make_preference_eval(model: CausalLM, objective, batches: list[dict], refere
         prepare = lambda batch, ref: {**batch, **ref_fn(ref, batch)}  # noqa: E731
     loss_fn = make_dpo_loss(model, objective, micro_batches=micro_batches, max_segments=max_segments,
                             logits_chunk_size=logits_chunk_size)
-    return make_weighted_eval(loss_fn, batches, weight=_chosen_weight, mesh=mesh, strategy=strategy,
-                              prepare=prepare, frozen=(reference,) if prepare else (), micro_batches=micro_batches)
+    frozen = (reference,) if prepare else ()
+    if objective.paired:
+        return make_weighted_eval(loss_fn, batches, weight=_chosen_weight, mesh=mesh, strategy=strategy,
+                                  prepare=prepare, frozen=frozen, micro_batches=micro_batches)
+    weights = _unpaired_weights(model, objective, max_segments=max_segments, logits_chunk_size=logits_chunk_size,
+                                micro_batches=micro_batches)
+    evaluate = make_weighted_eval(loss_fn, batches, weights=weights, mesh=mesh, strategy=strategy, prepare=prepare,
+                                  frozen=frozen, micro_batches=micro_batches,
+                                  keys=("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"))
+
+    def unpaired(params) -> dict[str, float]:
+        out = evaluate(params)  # the margin of the set's means (TRL's), not a mean of the batches' margins
+        return {**out, "eval/rewards/margins": out["eval/rewards/chosen"] - out["eval/rewards/rejected"]}
+
+    unpaired.program, unpaired.batches = evaluate.program, evaluate.batches
+    return unpaired
 
 
 def _precomputed_shapes(config: DPOConfig, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -282,7 +324,7 @@ def _trainer(ctx: Context):
     model = ctx.program.parts["model"]
     reference = reference_params(model, config, mesh)
     evaluators = []
-    if ctx.data.eval is not None and objective.paired:
+    if ctx.data.eval is not None:
         held_out = eval_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
         evaluators.append(make_preference_eval(model, objective, held_out, reference, mesh=mesh, strategy=strategy,
                                                max_segments=segments, logits_chunk_size=config.logits_chunk_size,

@@ -35,10 +35,11 @@ def _check_some(batches, fn: str) -> None:
         raise ValueError(f"{fn}: batches is empty; an evaluation needs at least one held-out batch")
 
 
-def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight: Callable[[Mapping], tuple],
-                       mesh, strategy: str, keys: Sequence[str] | None = None, frozen: tuple = (),
-                       prepare: Callable[[dict], dict] | None = None,
-                       micro_batches: int = 1) -> Callable[[Any], dict[str, float]]:
+def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *,
+                       weight: Callable[[Mapping], tuple] | None = None, mesh, strategy: str,
+                       keys: Sequence[str] | None = None, frozen: tuple = (),
+                       prepare: Callable[[dict], dict] | None = None, micro_batches: int = 1,
+                       weights: Callable[[Any, Mapping], tuple] | None = None) -> Callable[[Any], dict[str, float]]:
     """`params -> {"eval/loss", "eval/<metric>", ...}`: weighted means of a loss function's outputs.
 
     `eval/m = sum_b w_b m_b / sum_b w_b` over the held-out batches, where `m_b` is the loss (or a
@@ -62,7 +63,14 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
       prepare: `(device batch, *frozen) -> device batch` run once per batch before any evaluation
         (e.g. adding reference log-probs).
       micro_batches: pieces per batch (the run's `train.micro_batches`); rows must divide evenly.
+      weights: instead of `weight`, `(params, device batch) -> (context, {name: w})`, run on the
+        whole batch before its micro-batch split (a normaliser that depends on the parameters, e.g.
+        KTO's z0, is the whole batch's, as in the step), each reported name averaged with its own
+        weight (`w["loss"]` for a name it lacks), e.g. KTO's `rewards/chosen` over desirable
+        examples only: `eval/m = sum_b w_b(m) m_b / sum_b w_b(m)`.
     """
+    if (weight is None) == (weights is None):
+        raise TypeError("make_weighted_eval: pass exactly one of weight and weights")
     _checks.check_micro_split(None, micro_batches, "make_weighted_eval")
     for b in batches:
         _checks.check_micro_split({k: v for k, v in b.items() if hasattr(v, "shape")}, micro_batches,
@@ -81,7 +89,11 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
         # Traced in the activation-sharding context, as the training step is (activations split
         # like the batch): without it GSPMD may replicate a layer's activations on every device.
         with sh.activation_sharding(mesh, strategy):
-            context, w = weight(batch)
+            if weights is None:
+                context, w = weight(batch)
+            else:
+                context, named = weights(params, batch)
+                w = named["loss"]
             if micro_batches == 1:
                 loss, metrics = loss_fn(params, batch, context, key)
             else:
@@ -91,6 +103,9 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
                 loss = jnp.sum(losses.astype(jnp.float32))
                 metrics = common.reduce_micro_metrics(metrics)
         chosen = {k: v for k, v in metrics.items() if keys is None or k in keys}
+        if weights is not None:  # each name with its own weight: `({name: w m}, {name: w})`
+            out = {"loss": loss, **chosen}
+            return {k: v * named.get(k, w) for k, v in out.items()}, {k: named.get(k, w) for k in out}
         return {"loss": loss * w, **{k: v * w for k, v in chosen.items()}}, w
 
     def evaluate(params) -> dict[str, float]:
@@ -100,6 +115,9 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *, weight:
             results.append(totals(params, b))
             in_flight.add(results[-1])  # a bounded dispatch window, as in training (see `InFlight`)
         results = jax.device_get(results)
+        if weights is not None:
+            return {f"eval/{k}": sum(float(t[k]) for t, _ in results) / max(sum(float(w[k]) for _, w in results), 1.0)
+                    for k in results[0][0]}
         n = max(sum(float(w) for _, w in results), 1.0)
         return {f"eval/{k}": sum(float(t[k]) for t, _ in results) / n for k in results[0][0]}
 
