@@ -261,22 +261,3 @@ def test_preference_eval_metrics_are_trl_s_per_pair_means_over_real_pairs():
             "eval/rewards/accuracies": (c > r).mean(), "eval/loss": np.log1p(np.exp(-(c - r))).mean()}
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
-
-
-def test_a_held_out_set_larger_than_eval_batches_says_it_is_read_in_part(caplog):
-    """6 held-out prompts in batches of 4 and `train.eval_batches` 1: the evaluation reads 4 of them,
-    and says so once (it was silent); with room for every batch it says nothing."""
-    import logging
-
-    from rlhf_jax.train.data import eval_batches
-
-    config, data, *_ = _policy_eval_parts(1.0)
-    with caplog.at_level(logging.WARNING, logger="rlhf_jax.data"):
-        assert len(eval_batches(data.eval, config.data, max_batches=1)) == 1
-    assert [r.getMessage() for r in caplog.records] == [
-        f"rlhf_jax.data: {data.eval.source}: each evaluation reads its first 1 batches, not all of its 6 examples "
-        "(train.eval_batches)"]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rlhf_jax.data"):
-        assert len(eval_batches(data.eval, config.data, max_batches=2)) == 2
-    assert caplog.records == []

@@ -4,7 +4,6 @@ anything is compiled."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
@@ -24,7 +23,6 @@ from rlhf_jax.train.run_config import DataConfig
 __all__ = ["RunData", "load_run_data", "make_tokenizer", "load_split", "train_batches", "eval_batches",
            "batches_from", "device_batch", "check_vocab", "check_batch_size",
            "one_pass"]
-logger = logging.getLogger("rlhf_jax.data")
 
 _EVAL_SEED_OFFSET = 1_000_003
 
@@ -129,18 +127,12 @@ def one_pass(dataset: TokenizedDataset, data: DataConfig) -> BatchIterator:
 
 
 def eval_batches(dataset: TokenizedDataset, data: DataConfig, *, max_batches: int) -> list[dict]:
-    """The first `max_batches` held-out batches in dataset order (one pass; padding rows masked).
-
-    A held-out set with more batches is evaluated on its first `max_batches` only, and says so once
-    (a warning on the `rlhf_jax.data` logger, naming `train.eval_batches`).
-    """
+    """The first `max_batches` held-out batches in dataset order (one pass; padding rows masked)."""
     out = []
     for batch in one_pass(dataset, data):
-        if len(out) == max_batches:
-            logger.warning("rlhf_jax.data: %s: each evaluation reads its first %d batches, not all of its %d "
-                           "examples (train.eval_batches)", dataset.source, max_batches, len(dataset))
-            break
         out.append(batch)
+        if len(out) == max_batches:
+            break
     return out
 
 
