@@ -125,6 +125,16 @@ def run_steps(make_step, *, head: str, shape, strategy: str, batches, with_refer
     return jax.tree.map(np.asarray, state.params), history
 
 
+def numpy_seq_logps(params, tokens, mask):
+    """Summed target log-probs `sum_t mask[t+1] log p(tokens[t+1] | tokens[:t+1])` of `tiny_lm()` per row
+    (float64 NumPy softmax: the reference the steps' log-probs are checked against)."""
+    logits = np.asarray(tiny_lm().forward(params, tokens).logits, np.float64)[:, :-1]
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    tok = np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    return (tok * mask[:, 1:]).sum(-1)
+
+
 def max_rel_diff(a, b) -> float:
     """max over leaves of ||a - b|| / ||b||."""
     diffs = jax.tree.map(lambda x, y: np.linalg.norm((x - y).ravel()) / max(np.linalg.norm(y.ravel()), 1e-30), a, b)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from step_fixtures import host_params, mesh_for, pair_batches, run_steps, tiny_lm
+from step_fixtures import host_params, mesh_for, numpy_seq_logps, pair_batches, run_steps, tiny_lm
 from rlhf_jax.config import CheckpointConfig, TrainConfig
 from rlhf_jax.data.formats import DataError, RowRef, parse_row
 from rlhf_jax.losses import kto_loss, kto_reference_point
@@ -75,22 +75,12 @@ def test_kto_loss_and_gradient_match_trl():
     assert m0["kl"] == 0.0 and float(got0) == pytest.approx(want0, rel=1e-5)
 
 
-def _token_logps(tokens, mask, params=None):
-    """Summed target log-probs of the tiny LM (at its initial params by default), in NumPy float64."""
-    params = host_params() if params is None else params
-    logits = np.asarray(tiny_lm().forward(params, tokens).logits, np.float64)[:, :-1]
-    z = logits - logits.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    tok = np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
-    return (tok * mask[:, 1:]).sum(-1)
-
-
 def _kto_batch(label):
     pairs = pair_batches(1, seed=3)[0]
     batch = {"tokens": pairs["chosen_tokens"], "loss_mask": pairs["chosen_loss_mask"], "label": np.asarray(label),
              "kl_tokens": pairs["rejected_tokens"], "kl_loss_mask": pairs["rejected_loss_mask"]}
-    policy = _token_logps(batch["tokens"], batch["loss_mask"])
-    policy_kl = _token_logps(batch["kl_tokens"], batch["kl_loss_mask"])
+    policy = numpy_seq_logps(host_params(), batch["tokens"], batch["loss_mask"])
+    policy_kl = numpy_seq_logps(host_params(), batch["kl_tokens"], batch["kl_loss_mask"])
     # A reference that differs from the policy: log-ratios of both signs, a positive z0.
     offsets = np.linspace(-3.0, 2.0, len(policy))
     batch["ref_logps"] = (policy - offsets).astype(np.float32)
@@ -182,7 +172,7 @@ def test_kto_held_out_eval_matches_trl_batch_by_batch():
     sums, counts, kls = {}, {}, []
     for b in batches:
         rows, kl_rows = b["loss_mask"].sum(1) > 0, b["kl_loss_mask"].sum(1) > 0
-        lp = lambda params, key: _token_logps(b[key + "tokens"], b[key + "loss_mask"], params)  # noqa: E731
+        lp = lambda params, key: numpy_seq_logps(params, b[key + "tokens"], b[key + "loss_mask"])  # noqa: E731
         pk, rk = lp(policy, "kl_")[kl_rows], lp(reference, "kl_")[kl_rows]
         loss, _, m = _trl_kto(lp(policy, "")[rows], lp(reference, "")[rows], b["label"][rows], pk, rk, beta=0.3,
                               desirable_weight=1.2, undesirable_weight=0.7)

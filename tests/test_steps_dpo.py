@@ -7,6 +7,7 @@ from step_fixtures import (
     STRATEGY_MESHES,
     host_params,
     max_rel_diff,
+    numpy_seq_logps,
     pair_batches,
     run_steps,
     single_device_mesh,
@@ -22,14 +23,6 @@ def single_device():
     return run_steps(make_dpo_step, head="lm", shape=None, strategy="dp", batches=BATCHES, with_reference=True)
 
 
-def _numpy_seq_logps(params, tokens, mask):
-    logits = np.asarray(tiny_lm().forward(params, tokens).logits, np.float64)[:, :-1]
-    z = logits - logits.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    tok = np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
-    return (tok * mask[:, 1:]).sum(-1)
-
-
 def test_first_step_is_log2_with_policy_equal_reference(single_device):
     _, history = single_device
     first = history[0]
@@ -37,7 +30,7 @@ def test_first_step_is_log2_with_policy_equal_reference(single_device):
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     b = BATCHES[0]
-    want = _numpy_seq_logps(host_params(), b["chosen_tokens"], b["chosen_loss_mask"]).mean()
+    want = numpy_seq_logps(host_params(), b["chosen_tokens"], b["chosen_loss_mask"]).mean()
     assert first["logps/chosen"] == pytest.approx(want, rel=1e-5)
     # After an update the policy prefers the chosen responses of the first batch.
     assert history[1]["loss"] != pytest.approx(np.log(2.0), rel=1e-6)
@@ -68,7 +61,7 @@ def test_precomputed_reference_equals_reference_model(single_device):
     fn = make_reference_logps_fn(tiny_lm(), mesh=mesh, strategy="dp")
     batches = list(precompute_reference_logps(fn, host_params(), BATCHES))
     b = BATCHES[0]
-    want = _numpy_seq_logps(host_params(), b["rejected_tokens"], b["rejected_loss_mask"])
+    want = numpy_seq_logps(host_params(), b["rejected_tokens"], b["rejected_loss_mask"])
     np.testing.assert_allclose(batches[0]["ref_rejected_logps"], want, rtol=1e-5)
     params, history = run_steps(make_dpo_step, head="lm", shape=None, strategy="dp", batches=batches,
                                 reference="precomputed")
