@@ -423,8 +423,9 @@ def _trainer(ctx: Context) -> Trainer:
         return state, {**step_metrics, **metrics}
 
     policy_logps = None
-    if sampler_numerics_differ(config, algorithm.sampling_model):
-        policy_logps = _reference_logps(algorithm.sampling_model, config.algorithm, mesh, strategy)
+    if sampler_numerics_differ(config, algorithm.sampling_model):  # the reference's pass when the model is the same
+        policy_logps = ref_logps if algorithm.sampling_model is algorithm.reference_model else _reference_logps(
+            algorithm.sampling_model, config.algorithm, mesh, strategy)
     evaluate_params = policy_eval(config, ctx.data, collector, gold, ref_logps, mesh, policy_logps)
     evaluate = None if evaluate_params is None else (
         lambda state: evaluate_params(algorithm.sampling_params(state.policy.params), algorithm.reference_params(state)))
