@@ -152,6 +152,19 @@ def test_an_unreachable_min_gap_is_an_error_not_a_hang(monkeypatch):
     assert min(abs(r["gold_chosen"] - r["gold_rejected"]) for r in rows) >= 0.2
 
 
+@pytest.mark.parametrize("n", [-1, 2.5, True, "3"])
+def test_a_bad_row_count_is_refused_naming_n(n):
+    """`problems(-1)` used to raise NumPy's "negative dimensions are not allowed"; VowelTask returned []."""
+    for call, where in [(lambda: ArithmeticTask().problems(n, seed=0), "ArithmeticTask.problems"),
+                        (lambda: ArithmeticTask().sft_rows(n, seed=0), "ArithmeticTask.problems"),
+                        (lambda: VowelTask().sft_rows(n, seed=0), "VowelTask.sft_rows"),
+                        (lambda: VowelTask().prompt_rows(n, seed=0), "VowelTask.prompt_rows"),
+                        (lambda: VowelTask().preference_rows(n, seed=0), "VowelTask.preference_rows")]:
+        with pytest.raises(ValueError, match=rf"{where}: n must be an int >= 0 \(the number of rows to draw\), got"):
+            call()
+    assert ArithmeticTask().problems(0, seed=0) == [] and VowelTask().preference_rows(0, seed=0) == []
+
+
 def test_arithmetic_prefix_is_stable_and_operands_are_uniform():
     task = ArithmeticTask(max_operand=3, ops=("+", "-", "*"))
     problems = task.problems(3000, seed=5)

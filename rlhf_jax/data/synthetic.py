@@ -65,6 +65,12 @@ def _check_range(owner: str, name: str, value, low: float, high: float) -> None:
         raise ValueError(f"{owner}.{name} must be (lo, hi) with {low} <= lo <= hi <= {high}, got {value!r}")
 
 
+def _check_count(where: str, n) -> None:
+    """A number of rows to draw: an int >= 0 (a bool, float or negative count is refused, naming `n`)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"{where}: n must be an int >= 0 (the number of rows to draw), got {n!r}")
+
+
 # ------------------------------------------------------------------------------------ arithmetic
 
 
@@ -96,6 +102,7 @@ class ArithmeticTask:
 
     def problems(self, n: int, *, seed: int) -> list[tuple[str, str]]:
         """`n` (prompt, answer) pairs, e.g. ("12+7=", "19"); a seed's first k pairs are the same for any n >= k."""
+        _check_count("ArithmeticTask.problems", n)
         rng = np.random.default_rng([seed, 1])
         # One draw, row by row: the first n problems of a seed do not depend on how many are drawn.
         draws = rng.integers(0, [self.max_operand + 1, self.max_operand + 1, len(self.ops)], size=(n, 3))
@@ -249,6 +256,7 @@ class VowelTask:
 
     def sft_rows(self, n: int, *, seed: int) -> list[dict]:
         """`n` demonstrations `{"prompt": "mop:", "completion": ..., "word": "mop"}` of moderate gold."""
+        _check_count("VowelTask.sft_rows", n)
         rng = np.random.default_rng([seed, 2])
         rows = []
         for _ in range(n):
@@ -259,6 +267,7 @@ class VowelTask:
 
     def prompt_rows(self, n: int, *, seed: int) -> list[dict]:
         """`n` RL prompts `{"prompt": "mop:", "word": "mop"}` (`word` feeds `gold_reward`)."""
+        _check_count("VowelTask.prompt_rows", n)
         rng = np.random.default_rng([seed, 3])
         return [{"prompt": self.prompt(w), "word": w} for w in (self._word(rng) for _ in range(n))]
 
@@ -280,6 +289,7 @@ class VowelTask:
             raise ValueError(
                 f"VowelTask.preference_rows: label_noise must be in [0, 0.5], got {label_noise!r}"
             )
+        _check_count("VowelTask.preference_rows", n)
         rng = np.random.default_rng([seed, 4])
         rows, misses = [], 0
         while len(rows) < n:
