@@ -12,15 +12,18 @@ tokenizer (the `tokenizer/` directory a run saves beside `checkpoints/`, or the 
 A LoRA run's checkpoint (items `params` = the base, `lora` = the adapters) exports either merged
 (`merge=True`: W + s·A·B, a QLoRA base dequantized first, as one plain Hugging Face model) or as
 its adapters alone in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`, for
-`peft.PeftModel.from_pretrained` on the base the run started from).
+`peft.PeftModel.from_pretrained` on the base the run started from; its `base_model_name_or_path` is
+that Hugging Face directory when the run's `config.json` names one in `checkpoint.init_from`, so
+`peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)` finds the base by itself).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, NamedTuple
 
-from rlhf_jax.checkpoint import Checkpointer, CheckpointMismatchError
+from rlhf_jax.checkpoint import Checkpointer, CheckpointMismatchError, is_checkpoint_dir
 from rlhf_jax.config import CheckpointConfig
 
 __all__ = ["HFExport", "export_hf", "import_hf"]
@@ -149,7 +152,23 @@ def _export_adapters(directory, out_dir, config, head, step: int, tokenizer, ove
     if head == "scalar":  # the trained score head: PEFT's modules_to_save
         head_params = {"score": restore_item(os.fspath(directory), "params", None, step)["score"]}
     save_peft(out_dir, config, lora, item["adapters"], head_params=head_params, tokenizer=tokenizer,
-              overwrite=overwrite)
+              overwrite=overwrite, base_model_name_or_path=_hf_base_of(directory))
+
+
+def _hf_base_of(directory) -> str | None:
+    """The Hugging Face directory the run whose checkpoints are `directory` started from (as an absolute
+    path): its `config.json`'s `checkpoint.init_from`. None when the run records none, or started from a
+    random init, an rlhf-jax checkpoint or a directory that is no longer a Hugging Face model."""
+    run_config = os.path.join(os.path.dirname(os.path.normpath(os.fspath(directory))), "config.json")
+    try:
+        with open(run_config, encoding="utf-8") as f:
+            init_from = json.load(f)["checkpoint"]["init_from"]
+    except (OSError, ValueError, KeyError, TypeError):  # no record, or one edited into something else
+        return None
+    if (not isinstance(init_from, str) or is_checkpoint_dir(init_from)
+            or not os.path.isfile(os.path.join(init_from, "config.json"))):
+        return None
+    return os.path.abspath(init_from)
 
 
 def import_hf(hf_dir: str | os.PathLike, directory: str | os.PathLike, *, dtype: str | None = None,

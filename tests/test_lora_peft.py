@@ -297,6 +297,16 @@ def test_export_hf_of_a_lora_run_loads_into_peft_and_merged_with_the_runs_tokeni
                   transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()):
         theirs = np.asarray(token_logprobs(_peft_logits(case, model)[:, :-1], labels))
         assert np.abs(ours - theirs).max() <= 1e-5
+    assert json.loads((tmp_path / "adapters" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] is None
+
+    # A run that started from a Hugging Face directory (its config.json's checkpoint.init_from) names it as
+    # the adapters' base, so PEFT's Auto class finds the base by itself.
+    (run / "config.json").write_text(json.dumps({"checkpoint": {"init_from": str(case.root / "base")}}))
+    export_hf(run / "checkpoints", tmp_path / "adapters", overwrite=True)
+    assert (json.loads((tmp_path / "adapters" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+            == os.path.abspath(case.root / "base"))
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapters", attn_implementation="eager").eval()
+    assert np.abs(ours - np.asarray(token_logprobs(_peft_logits(case, auto)[:, :-1], labels))).max() <= 1e-5
 
     class FailingTokenizer:
         bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
