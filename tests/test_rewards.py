@@ -405,6 +405,18 @@ def test_reward_model_names_token_ids_outside_its_vocabulary_and_ignores_padding
     prompts[prompts == 0] = 999
     completions[~_RM_MASK] = 256
     np.testing.assert_array_equal(rm.score(prompts, _RM_PROMPT_LENGTHS, completions, _RM_MASK), clean)
+    # A mask with holes (an agentic trajectory's action mask: observation tokens masked out before later
+    # actions) is read up to its last 1, holes included; it was read at prompt + sum(mask) - 1, mid-row.
+    full = np.ones_like(_RM_MASK)
+    holed = full.copy()
+    holed[1, 1] = holed[1, -1] = False
+    holed[0, :2] = False
+    cut = full.copy()
+    cut[1, -1] = False
+    np.testing.assert_array_equal(rm.score(_RM_PROMPTS, _RM_PROMPT_LENGTHS, _RM_COMPLETIONS, holed),
+                                  rm.score(_RM_PROMPTS, _RM_PROMPT_LENGTHS, _RM_COMPLETIONS, cut))
+    assert rm.score(_RM_PROMPTS, _RM_PROMPT_LENGTHS, _RM_COMPLETIONS, holed)[1] != \
+        rm.score(_RM_PROMPTS, _RM_PROMPT_LENGTHS, _RM_COMPLETIONS, full)[1]
 
 
 def test_reward_model_warns_once_when_a_sequence_exceeds_its_context():

@@ -117,7 +117,9 @@ class RewardModelReward:
         """float32 `[N]` scores of the rollout arrays (host or device), chunk by chunk.
 
         `r_b = w . hidden(prompt_b ++ completion_b)[last real token]` (see
-        `rlhf_jax.rollout.sequence_scores`).
+        `rlhf_jax.rollout.sequence_scores`): the completion's last token whose mask is 1. Tokens
+        masked out before it (an agentic trajectory's observations, whose mask is the action mask)
+        are read as context, as the policy reads them.
         """
         arrays = self._checked(*(np.asarray(a) for a in (prompt_tokens, prompt_lengths, completion_tokens,
                                                          completion_mask)))
@@ -167,7 +169,10 @@ class RewardModelReward:
             return [prompts, lengths, completions, mask]  # sequence_scores names the shapes
         check_prompt_lengths("RewardModelReward", prompts, lengths)
         vocab = self.model.config.vocab_size
-        scored = np.sum(mask != 0, axis=1)
+        real = mask != 0
+        # Read up to each row's last 1: a mask with 0s before it (an agentic trajectory's observation
+        # tokens) would otherwise be scored at prompt length + sum(mask) - 1, mid-row.
+        scored = np.where(real.any(axis=1), real.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
         real_completion = np.arange(completions.shape[1])[None, :] < scored[:, None]
         real_prompt = np.arange(prompts.shape[1])[None, :] < lengths[:, None]
         for name, tokens, real in (("prompt_tokens", prompts, real_prompt),
@@ -185,7 +190,8 @@ class RewardModelReward:
             warnings.warn(f"RewardModelReward: a prompt + completion of {longest} tokens is longer than the reward "
                           f"model's max_position_embeddings={limit}; it is scored whole, at positions the reward "
                           "model was not trained on (shorten prompts or max_new_tokens)", stacklevel=3)
-        return [prompts, lengths, np.where(real_completion, completions, 0).astype(completions.dtype), mask]
+        return [prompts, lengths, np.where(real_completion, completions, 0).astype(completions.dtype),
+                real_completion.astype(mask.dtype)]
 
     def __call__(self, inputs: RewardInputs) -> np.ndarray:
         return self.score(inputs.prompt_tokens, inputs.prompt_lengths, inputs.completion_tokens,
