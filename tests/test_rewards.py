@@ -236,6 +236,15 @@ def test_reward_model_with_another_vocabulary_is_refused():
 
     with pytest.raises(ValueError, match=r"tokenizer differs from the policy's .*\('a', "):
         check_same_vocabulary(256, 256, policy_tokenizer=tok, reward_tokenizer=Shuffled())
+    # The same tokenizer with a table padded to another size (Qwen2.5-7B's 152064 against 1.5B's 151936):
+    # a larger reward-model table reads every id the policy samples; a smaller one does not.
+    check_same_vocabulary(256, 384, policy_tokenizer=tok, reward_tokenizer=tok)
+    with pytest.raises(ValueError, match=r"vocab_size 384 vs 256 \(a larger, padded table is accepted only when both"):
+        check_same_vocabulary(256, 384)
+    with pytest.raises(ValueError, match=r"vocab_size 128 vs 256 \(the policy could sample ids it has no embedding"):
+        check_same_vocabulary(256, 128, policy_tokenizer=tok, reward_tokenizer=tok)
+    with pytest.raises(ValueError, match=r"tokenizer differs from the policy's"):
+        check_same_vocabulary(256, 384, policy_tokenizer=tok, reward_tokenizer=Shuffled())
     lm_model, lm_params = _reward_model()
     from rlhf_jax.models import CausalLM
 

@@ -38,18 +38,25 @@ def check_same_vocabulary(
 
     The sizes of the embedding tables must match; when both tokenizers are given, their
     token -> id maps (`get_vocab()`) must be identical too (same size but shuffled ids is caught).
+    A larger reward-model table is accepted when both tokenizers are given and identical: one family's
+    checkpoints pad the same tokenizer's table to different sizes (Qwen2.5-7B 152064, Qwen2.5-1.5B
+    151936), and every id the policy can sample is then a row of the reward model's. A smaller one
+    never is: the policy could sample an id the reward model has no embedding for.
 
     Args:
       policy_vocab_size: the policy's `ModelConfig.vocab_size`.
       reward_vocab_size: the reward model's `ModelConfig.vocab_size`.
       policy_tokenizer, reward_tokenizer: optional Hugging Face tokenizers.
     """
-    if policy_vocab_size != reward_vocab_size:
+    both = policy_tokenizer is not None and reward_tokenizer is not None
+    if policy_vocab_size != reward_vocab_size and not (both and reward_vocab_size > policy_vocab_size):
+        advice = ("the policy could sample ids it has no embedding for" if reward_vocab_size < policy_vocab_size
+                  else "a larger, padded table is accepted only when both tokenizers are given and identical")
         raise ValueError(
             f"reward model vocabulary differs from the policy's: vocab_size {reward_vocab_size} vs "
-            f"{policy_vocab_size}; train the reward model with the policy's tokenizer"
+            f"{policy_vocab_size} ({advice}); train the reward model with the policy's tokenizer"
         )
-    if policy_tokenizer is not None and reward_tokenizer is not None:
+    if both:
         pv, rv = policy_tokenizer.get_vocab(), reward_tokenizer.get_vocab()
         if pv != rv:
             diff = sorted(set(pv.items()) ^ set(rv.items()))[:5]
