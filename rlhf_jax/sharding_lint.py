@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from rlhf_jax.sharding import LOGICAL_AXES, Strategy, _check_trees, _path_str, _specs, get_strategy
+from rlhf_jax.sharding import Strategy, _check_trees, _path_str, _specs, get_strategy
+from rlhf_jax.sharding_strategies import LOGICAL_AXES
 
 __all__ = ["LintIssue", "lint", "format_lint", "warn_lint"]
 

@@ -16,7 +16,7 @@ from jax._src import array as jax_array
 from rlhf_jax import sharding as shd
 from rlhf_jax.models import CausalLM
 from rlhf_jax.sampling import Sampler
-from rlhf_jax.sampling import sampler as sampler_module
+from rlhf_jax.sampling import compile_counter
 from rlhf_jax.testing import tiny_config
 
 
@@ -44,11 +44,11 @@ def test_handoff_fsdp_to_tp_is_one_program_bit_exact(lm, monkeypatch, trainer, s
     value = jax_array.ArrayImpl._value
     monkeypatch.setattr(jax_array.ArrayImpl, "_value",
                         property(lambda self: (gathers.update(["host"]), value.fget(self))[1]))
-    before = collections.Counter(sampler_module._COMPILES)
+    before = collections.Counter(compile_counter._COMPILES)
     with jax.transfer_guard_host_to_device("disallow"), jax.transfer_guard_device_to_host("disallow"):
         for _ in range(2):
             out = sampler.load_params(params).tree
-    compiled = {k: v - before[k] for k, v in sampler_module._COMPILES.items() if v != before[k]}
+    compiled = {k: v - before[k] for k, v in compile_counter._COMPILES.items() if v != before[k]}
     assert compiled == {f"jit({sampler._names[0]})": 1}   # one program, compiled once for this layout
     assert gathers["host"] == 0 and sampler.stats.handoff_path == path
     monkeypatch.undo()

@@ -195,7 +195,7 @@ def test_admission_writes_the_pool_in_place(sampler, sp):
     """The admit program (prefill + the group's block copies + slot state) updates the donated pool
     in place: its optimized HLO copies no pool-shaped buffer (reading the pool back through the
     tables once made XLA copy every layer's pool twice per admission)."""
-    from rlhf_jax.sampling.continuous import _SLOT_FIELDS, _HostFields
+    from rlhf_jax.sampling.continuous_slots import _SLOT_FIELDS, _HostFields
 
     b = sampler.continuous_batcher(**POOL)
     cfg = sampler.model.config

@@ -103,7 +103,7 @@ def save_peft(path: str | os.PathLike, config: ModelConfig, lora: LoraConfig, ad
     Raises:
       ValueError: `adapters` do not have `lora`'s targets and rank on a model of `config`.
     """
-    from rlhf_jax.models.hf import _publish, write_tensors  # noqa: PLC0415 -- hf imports much more than this needs
+    from rlhf_jax.models.hf_writer import _publish, write_tensors  # noqa: PLC0415
 
     target = Path(path)
     check_replaceable(target, overwrite=overwrite, caller="save_peft")

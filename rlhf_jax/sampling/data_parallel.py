@@ -147,7 +147,7 @@ class DataParallelBatcher:
 
     def _check(self, requests, rng) -> jax.Array:
         """Validate the requests up front (errors name the request's index in the call); the call's key."""
-        from rlhf_jax.sampling.sampler import _as_key
+        from rlhf_jax.sampling.arguments import _as_key
 
         if isinstance(requests, Request) or not all(isinstance(r, Request) for r in requests):
             raise TypeError("generate_requests: requests must be a sequence of Request")
@@ -187,7 +187,7 @@ class DataParallelSession:
 
     def __init__(self, batcher: DataParallelBatcher, params, *, rng: int | jax.Array = 0,
                  max_segment_steps: int | None = None):
-        from rlhf_jax.sampling.sampler import _as_key
+        from rlhf_jax.sampling.arguments import _as_key
 
         self.batcher, self._call_key = batcher, _as_key(rng)
         self.sessions = [e.session(t, rng=0, max_segment_steps=max_segment_steps)

@@ -63,7 +63,7 @@ class Request:
             raise ValueError("Request.stop_sequences: a stop sequence is empty")
         object.__setattr__(self, "stop_sequences", seqs)
         if isinstance(self.seed, bool) or (self.seed is not None and not isinstance(self.seed, (int, np.integer))):
-            from rlhf_jax.sampling.sampler import _as_key
+            from rlhf_jax.sampling.arguments import _as_key
 
             try:                    # a key (typed, or raw uint32 key data) as the sampler reads it
                 _as_key(self.seed)

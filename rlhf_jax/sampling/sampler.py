@@ -36,122 +36,26 @@ from one arrival-order queue (`DataParallelBatcher`).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import itertools
-import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax.distributed import max_over_processes
 from rlhf_jax import sharding as shd
 from rlhf_jax.models import CausalLM
-from rlhf_jax.models.transformer import check_param_shapes
+from rlhf_jax.sampling.arguments import _as_key, _check_int, _check_params, _device_set
+from rlhf_jax.sampling.compile_counter import _COMPILES, _INSTANCES, _count_compiles
 from rlhf_jax.sampling.decode import decode, finalize, prefill, unstack_layers
-from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP
+from rlhf_jax.sampling.sampler_config import SamplerParams, SamplerStats, SamplingConfig, default_prompt_buckets
 from rlhf_jax.sampling.state import SampleOutput, SamplingState
 
 __all__ = ["SamplingConfig", "SamplerStats", "SamplerParams", "Sampler", "default_prompt_buckets"]
-
-_METHODS = (Greedy, Categorical, TopK, TopP, MinP)
-
-# XLA compilations per jitted function name, counted from JAX's compile events (a program served
-# again from the dispatch cache is not counted; a recompilation is). The listener is registered
-# when the first `Sampler` is built, never at import.
-_COMPILES: collections.Counter = collections.Counter()
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_INSTANCES = itertools.count()
-_LISTENING = threading.Lock()
-_listener_registered = False
-
-
-def _count_compile(event: str, duration: float, **kwargs) -> None:
-    del duration
-    if event == _COMPILE_EVENT and kwargs.get("fun_name"):
-        _COMPILES[kwargs["fun_name"]] += 1
-
-
-def _count_compiles() -> None:
-    """Register the compile counter with `jax.monitoring` once per process (first `Sampler`)."""
-    global _listener_registered
-    with _LISTENING:
-        if not _listener_registered:
-            jax.monitoring.register_event_duration_secs_listener(_count_compile)
-            _listener_registered = True
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    """What to sample in one call (the RL driver's `sampling` config section).
-
-    Attributes:
-      max_new_tokens: completion tokens per sample (`>= 1`); rows stop earlier at a stop id.
-      method: `Greedy()`, `Categorical(temperature=...)`, `TopK`, `TopP` or `MinP`.
-      num_samples: samples per prompt (`n`, a GRPO group); the prompt is prefilled once.
-      eos_id: end-of-sequence id (a stop id), or None.
-      stop_ids: further ids that end a sample (any sequence; stored as a tuple).
-    """
-
-    max_new_tokens: int
-    method: SamplingMethod = Categorical()
-    num_samples: int = 1
-    eos_id: int | None = None
-    stop_ids: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        _check_int("SamplingConfig.max_new_tokens", self.max_new_tokens, low=1)
-        _check_int("SamplingConfig.num_samples", self.num_samples, low=1)
-        if not isinstance(self.method, _METHODS):
-            raise TypeError(
-                f"SamplingConfig.method must be one of {[m.__name__ for m in _METHODS]}, got {self.method!r}"
-            )
-        if self.eos_id is not None:
-            _check_int("SamplingConfig.eos_id", self.eos_id, low=0)
-        if isinstance(self.stop_ids, (str, bytes)) or not isinstance(self.stop_ids, Sequence):
-            raise TypeError(f"SamplingConfig.stop_ids must be a sequence of ints, got {self.stop_ids!r}")
-        object.__setattr__(self, "stop_ids", tuple(self.stop_ids))   # hashable: a jit static argument
-        for i in self.stop_ids:
-            _check_int("SamplingConfig.stop_ids[...]", i, low=0)
-
-    @property
-    def all_stop_ids(self) -> tuple[int, ...]:
-        """EOS and the other stop ids, sorted and without repeats."""
-        ids = set(self.stop_ids) | ({self.eos_id} if self.eos_id is not None else set())
-        return tuple(sorted(ids))
-
-
-@dataclasses.dataclass
-class SamplerStats:
-    """Counters of a `Sampler` (host side): calls of each program and the last hand-off time."""
-
-    prefill_calls: int = 0
-    decode_calls: int = 0
-    handoffs: int = 0
-    handoff_seconds: float | None = None
-    handoff_path: str | None = None  # "program", "program+copy" (other devices) or "host" (see load_params)
-
-
-class SamplerParams(NamedTuple):
-    """Parameters already in the sampler's layout (dtype, shardings, per-layer split): `load_params`."""
-
-    tree: dict
-
-
-def default_prompt_buckets(max_len: int, *, smallest: int = 16) -> tuple[int, ...]:
-    """Powers of two from `smallest` below `max_len`, then `max_len`: at most ~log2(max_len) shapes."""
-    _check_int("default_prompt_buckets max_len", max_len, low=2)
-    buckets, size = [], smallest
-    while size < max_len:
-        buckets.append(size)
-        size *= 2
-    return tuple(buckets) + (max_len,)
 
 
 class Sampler:
@@ -633,51 +537,3 @@ class Sampler:
             tokens[i, : row.size] = row
             lengths[i] = row.size
         return tokens, lengths, len(rows)
-
-
-def _check_params(params, model: CausalLM) -> None:
-    """`params` against `model.abstract_params()`, leaf by leaf (shapes only; dtypes are cast on hand-off).
-
-    Accepts the stacked layout of `CausalLM.init` and the decode layout (`unstack_layers`: `layers`
-    a tuple of per-layer trees). Raises naming the first mismatching leaf path and both shapes.
-    """
-    if not isinstance(params, Mapping):
-        raise TypeError(f"Sampler: params must be the model's parameter dict (or SamplerParams), got "
-                        f"{type(params).__name__}")
-    if "layers" not in params and {"base", "lora"} <= set(params):
-        raise TypeError("Sampler: got LoRA params {'base', 'lora'}; the sampler takes plain model parameters: "
-                        "merge the adapters first (e.g. the LoRA model's merged/plain params)")
-    expected = model.abstract_params()
-    num_layers = model.config.num_layers
-    if isinstance(params.get("layers"), tuple):  # the decode layout: one tree per layer
-        if len(params["layers"]) != num_layers:
-            raise ValueError(f"Sampler: params['layers'] has {len(params['layers'])} layers, the model has "
-                             f"{num_layers}")
-        per_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), expected["layers"])
-        expected = {**expected, "layers": (per_layer,) * num_layers}
-    check_param_shapes(params, expected, caller="Sampler")
-
-
-def _device_set(params) -> set | None:
-    """The devices holding `params`' committed arrays (one set for all), or None (host or uncommitted data)."""
-    sets = {frozenset(a.sharding.device_set) for a in jax.tree.leaves(params)
-            if isinstance(a, jax.Array) and getattr(a, "committed", True)}
-    return set(next(iter(sets))) if len(sets) == 1 else (None if not sets else set().union(*sets))
-
-
-def _as_key(rng: int | jax.Array) -> jax.Array:
-    """A typed PRNG key from an int seed, a typed key, or raw uint32 key data."""
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
-        return jax.random.key(int(rng))
-    if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        if rng.shape != ():
-            raise ValueError(f"generate: rng must be a single key, got key array of shape {rng.shape}")
-        return rng
-    if isinstance(rng, (jax.Array, np.ndarray)) and rng.dtype == np.uint32:
-        return jax.random.wrap_key_data(jnp.asarray(rng))
-    raise TypeError(f"generate: rng must be an int seed or a PRNG key, got {type(rng).__name__}")
-
-
-def _check_int(name: str, value, *, low: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

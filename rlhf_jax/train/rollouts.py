@@ -214,7 +214,7 @@ class RolloutCollector:
         its global prompt index, so that N processes draw what one process draws for the same batch
         (and no two processes' prompts share a key)."""
         from rlhf_jax.sampling.requests import Request, to_sample_output
-        from rlhf_jax.sampling.sampler import _as_key
+        from rlhf_jax.sampling.arguments import _as_key
 
         key = _as_key(rng)
         requests = [Request(prompt=row[:k], max_new_tokens=sampling.max_new_tokens, method=sampling.method,

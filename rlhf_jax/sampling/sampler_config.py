@@ -1,0 +1,86 @@
+"""What a `Sampler` call samples and what the sampler reports: its config, stats and params types.
+
+`SamplingConfig` (one call's options: the RL driver's `sampling` section), `SamplerStats` (host-side
+counters), `SamplerParams` (parameters in the sampler's layout) and `default_prompt_buckets`; all are
+re-exported by `rlhf_jax.sampling.sampler` and `rlhf_jax.sampling`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from rlhf_jax.sampling.arguments import _check_int
+from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP
+
+__all__ = ["SamplingConfig", "SamplerStats", "SamplerParams", "default_prompt_buckets"]
+
+_METHODS = (Greedy, Categorical, TopK, TopP, MinP)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """What to sample in one call (the RL driver's `sampling` config section).
+
+    Attributes:
+      max_new_tokens: completion tokens per sample (`>= 1`); rows stop earlier at a stop id.
+      method: `Greedy()`, `Categorical(temperature=...)`, `TopK`, `TopP` or `MinP`.
+      num_samples: samples per prompt (`n`, a GRPO group); the prompt is prefilled once.
+      eos_id: end-of-sequence id (a stop id), or None.
+      stop_ids: further ids that end a sample (any sequence; stored as a tuple).
+    """
+
+    max_new_tokens: int
+    method: SamplingMethod = Categorical()
+    num_samples: int = 1
+    eos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        _check_int("SamplingConfig.max_new_tokens", self.max_new_tokens, low=1)
+        _check_int("SamplingConfig.num_samples", self.num_samples, low=1)
+        if not isinstance(self.method, _METHODS):
+            raise TypeError(
+                f"SamplingConfig.method must be one of {[m.__name__ for m in _METHODS]}, got {self.method!r}"
+            )
+        if self.eos_id is not None:
+            _check_int("SamplingConfig.eos_id", self.eos_id, low=0)
+        if isinstance(self.stop_ids, (str, bytes)) or not isinstance(self.stop_ids, Sequence):
+            raise TypeError(f"SamplingConfig.stop_ids must be a sequence of ints, got {self.stop_ids!r}")
+        object.__setattr__(self, "stop_ids", tuple(self.stop_ids))   # hashable: a jit static argument
+        for i in self.stop_ids:
+            _check_int("SamplingConfig.stop_ids[...]", i, low=0)
+
+    @property
+    def all_stop_ids(self) -> tuple[int, ...]:
+        """EOS and the other stop ids, sorted and without repeats."""
+        ids = set(self.stop_ids) | ({self.eos_id} if self.eos_id is not None else set())
+        return tuple(sorted(ids))
+
+
+@dataclasses.dataclass
+class SamplerStats:
+    """Counters of a `Sampler` (host side): calls of each program and the last hand-off time."""
+
+    prefill_calls: int = 0
+    decode_calls: int = 0
+    handoffs: int = 0
+    handoff_seconds: float | None = None
+    handoff_path: str | None = None  # "program", "program+copy" (other devices) or "host" (see load_params)
+
+
+class SamplerParams(NamedTuple):
+    """Parameters already in the sampler's layout (dtype, shardings, per-layer split): `load_params`."""
+
+    tree: dict
+
+
+def default_prompt_buckets(max_len: int, *, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` below `max_len`, then `max_len`: at most ~log2(max_len) shapes."""
+    _check_int("default_prompt_buckets max_len", max_len, low=2)
+    buckets, size = [], smallest
+    while size < max_len:
+        buckets.append(size)
+        size *= 2
+    return tuple(buckets) + (max_len,)
