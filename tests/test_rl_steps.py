@@ -313,6 +313,37 @@ def test_epochs_minibatches_and_micro_batches():
     jax.tree.map(np.testing.assert_array_equal, again.policy.params, s1.policy.params)
 
 
+def test_grpo_metrics_do_not_depend_on_micro_batches():
+    """Each micro-batch's metrics were averaged as they came: `loss/policy` (normalised by the minibatch's
+    counts) came out divided by micro_batches, and token means (clip fractions, KL, entropy, TIS) as
+    unweighted means of the micro-batches' means. They now equal the one-micro-batch values."""
+    model, params = _model()
+    batch = _batch(noisy_old=0.2)
+    config = grpo_config("grpo", group_size=G, entropy_coef=0.01, num_epochs=2, clip_eps=0.02, tis_cap=1.2)
+    metrics = {}
+    for micro in (1, 4):
+        state, _ = _grpo_state(params)
+        metrics[micro] = _grpo_step(config.replace(micro_batches=micro))(state, batch)[1]
+    assert float(metrics[1]["loss/policy"]) != 0 and float(metrics[1]["clip_ratio/region_mean"]) > 0
+    assert 0 < float(metrics[1]["tis/clip_frac"]) < 1
+    assert sorted(metrics[1]) == sorted(metrics[4])
+    for key in metrics[1]:
+        np.testing.assert_allclose(metrics[4][key], metrics[1][key], rtol=2e-5, atol=1e-7, err_msg=key)
+
+
+def test_tis_ratio_max_is_the_max_over_minibatches():
+    """`tis/ratio_max` was the mean over updates of each minibatch's max (1.70 here, for a batch max of
+    1.94): metrics named as maxima now take the max over updates, as over micro-batches."""
+    model, params = _model()
+    batch = _batch(noisy_old=0.3)
+    config = grpo_config("dapo", group_size=G, num_minibatches=2, tis_cap=1.5)
+    _, metrics = _grpo_step(config)(_grpo_state(params)[0], batch)
+    old = _reference_logps(model, params, batch)[0]  # recomputed before the updates: the weights' numerator
+    ratio = np.where(batch["completion_mask"], np.exp(old - batch["sampler_logps"]), 0.0)
+    np.testing.assert_allclose(metrics["tis/ratio_max"], ratio.max(), rtol=1e-5)
+    assert float(metrics["tis/clip_frac"]) > 0
+
+
 def test_nonfinite_scores_skip_the_update():
     model, params = _model()
     batch = _batch()
@@ -407,6 +438,25 @@ def test_ppo_objective_equals_a_hand_computation():
     assert not {"value_loss", "value_clipfrac", "loss/ptx"} & set(m)
 
 
+def test_ppo_value_clipfrac_counts_the_tokens_the_clip_sets_and_bad_arguments_are_named():
+    """`value_clipfrac` is TRL's `val/clipfrac` (verl's `vf_clipfrac`): tokens whose clipped squared
+    error is the larger, so the clip sets the loss. V_old = 0, R = 1, clip 0.2: V = 0.5 is clipped to
+    0.2 (error 0.64 > 0.25: counts); V = 2 (0.64 < 1) and V = -0.5 (1.44 < 2.25) left the range but
+    keep their unclipped, larger error; V = 0.1 is inside. 1 of 4 (it was 3 of 4: |V - V_old| > clip)."""
+    from rlhf_jax.steps.ppo import ppo_value_objective  # noqa: PLC0415
+
+    config = PPOConfig(value_clip=0.2, vf_coef=1.0)
+    values, zeros, ones = jnp.array([[0.5, 2.0, -0.5, 0.1]]), jnp.zeros((1, 4)), jnp.ones((1, 4))
+    loss, metrics = ppo_value_objective(values, zeros, ones, ones > 0, config=config)
+    np.testing.assert_allclose(metrics["value_clipfrac"], 0.25)
+    np.testing.assert_allclose(loss, 0.5 * (0.64 + 1.0 + 2.25 + 0.81) / 4, rtol=1e-6)
+    lp, m = jnp.zeros((1, 4)), jnp.ones((1, 4), bool)
+    with pytest.raises(ValueError, match="ppo_value_objective: returns is None"):
+        ppo_objective(lp, lp, lp, m, config=config, values=values, old_values=zeros)
+    with pytest.raises(ValueError, match="ppo_objective: ptx_logps needs its ptx_mask"):
+        ppo_objective(lp, lp, lp, m, config=config, ptx_logps=lp)
+
+
 def _ppo_states(params, *, shared):
     tx = optax.sgd(LR)
     if shared:
@@ -415,6 +465,31 @@ def _ppo_states(params, *, shared):
         return init_train_state(lambda k: full, tx, 0), None, tx
     vmodel, vparams = _model("scalar")
     return init_train_state(lambda k: params, tx, 0), init_train_state(lambda k: vparams, tx, 1), tx
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ppo_metrics_do_not_depend_on_micro_batches(shared):
+    """As GRPO's: `loss/policy`, `value_loss` and `loss/ptx` came out divided by micro_batches, and the
+    token means (clip fractions, `approx_kl`, `kl`, `entropy`, `value_clipfrac`) as unweighted means of
+    the micro-batches' means. Both critics now log the one-micro-batch values."""
+    model, params = _model()
+    vmodel, _ = _model("scalar")
+    batch = _batch(noisy_old=0.2)
+    batch["ptx_tokens"] = batch["completion_tokens"]
+    batch["ptx_mask"] = batch["completion_mask"]
+    config = PPOConfig(num_epochs=2, old_logprobs="sampler", kl_coef=0.1, entropy_coef=0.01, ptx_coef=0.5,
+                       value_clip=0.01, clip_eps=0.02)
+    metrics = {}
+    for micro in (1, 4):
+        policy, value, tx = _ppo_states(params, shared=shared)
+        step = make_ppo_step(model, tx, config=config.replace(micro_batches=micro),
+                             value_model=None if shared else vmodel, value_optimizer=None if shared else tx)
+        metrics[micro] = jax.jit(step)(RLState(policy, params, value, config.kl_controller().init()), batch)[1]
+    assert float(metrics[1]["value_loss"]) > 0 and float(metrics[1]["loss/ptx"]) > 0
+    assert 0 < float(metrics[1]["value_clipfrac"]) < 1 and float(metrics[1]["clip_ratio/region_mean"]) > 0
+    assert sorted(metrics[1]) == sorted(metrics[4])
+    for key in metrics[1]:
+        np.testing.assert_allclose(metrics[4][key], metrics[1][key], rtol=2e-5, atol=1e-7, err_msg=key)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -524,6 +599,16 @@ def test_ppo_state_mismatch_is_named():
         step(RLState(policy, params, None, None), _batch())
     with pytest.raises(ValueError, match="needs a value_optimizer"):
         make_ppo_step(model, tx, config=PPOConfig(), value_model=_model("scalar")[0])
+    # A language model as the critic, LM parameters in the critic's state, and a shared-head policy state
+    # without its value head were a KeyError 'score' / a rank error in scalar_head / a KeyError 'lm'.
+    with pytest.raises(ValueError, match=r"value_model must be a scalar-head model .* got head='lm'"):
+        make_ppo_step(model, tx, config=PPOConfig(), value_model=model, value_optimizer=tx)
+    kl = PPOConfig().kl_controller().init()
+    separate = make_ppo_step(model, tx, config=PPOConfig(), value_model=_model("scalar")[0], value_optimizer=tx)
+    with pytest.raises(ValueError, match=r"state.value.params has no scalar 'score' head"):
+        separate(RLState(policy, params, init_train_state(lambda k: params, tx, 1), kl), _batch())
+    with pytest.raises(ValueError, match=r"state.policy.params must be \{'lm': .* got \['embed', 'final_norm', "):
+        step(RLState(policy, params, None, kl), _batch())
 
 
 # ------------------------------------------------------------------ input validation (audit)
@@ -685,6 +770,24 @@ def test_knobs_that_would_be_ignored_are_config_errors():
         PPOConfig(kl_mode="none", kl_target=0.1)
 
 
+def test_grpo_knobs_without_their_inputs_are_errors_not_dropped_terms():
+    """A KL coefficient under kl_mode 'none', and an in-loss KL or entropy bonus without its input, were
+    silently no term at all (grpo_config("dapo", kl_coef=0.1) trained without a KL)."""
+    with pytest.raises(ConfigError, match=r"^algorithm.kl_coef is 0.1, but kl_mode='none' applies no KL penalty"):
+        grpo_config("dapo", kl_coef=0.1)
+    with pytest.raises(ConfigError, match=r"^algorithm.kl_coef is 0.04, but kl_mode='none'"):
+        grpo_config("grpo", kl_mode="none")
+    grpo_config("grpo", kl_mode="none", kl_coef=0.0)
+    a = _random_rollout_arrays()
+    adv = np.ones(N, np.float32)
+    with pytest.raises(ValueError, match=r"kl_mode='loss' with kl_coef=0.04 needs ref_logps .*; got None"):
+        grpo_objective(a["logps"], a["old"], adv, a["mask"], config=grpo_config("grpo", group_size=G))
+    with pytest.raises(ValueError, match=r"entropy_coef=0.1 needs the per-token entropy; got None"):
+        grpo_objective(a["logps"], a["old"], adv, a["mask"], config=grpo_config("dapo", group_size=G, entropy_coef=0.1))
+    loss, _ = grpo_objective(a["logps"], a["logps"], adv, a["mask"], config=grpo_config("dapo", group_size=G))
+    np.testing.assert_allclose(loss, -1.0, rtol=1e-6)  # no KL, no entropy: ratio 1 times advantage 1, token mean
+
+
 def test_ppo_adaptive_kl_controller_moves_with_one_update_and_the_kl_in_the_loss():
     """One update (old log-probs = the training forward's) and a separate critic: the controller still
     reads the rollout's summed k1 (it stayed at its initial beta before)."""
@@ -761,3 +864,72 @@ def test_ppo_resume_keeps_an_adaptive_kl_coef_and_takes_a_fixed_one_from_the_con
     assert float(PPO(config, mesh).from_items(items).kl.kl_coef) == np.float32(0.7)
     fixed = PPO(dataclasses.replace(config, algorithm=PPOConfig(kl_coef=0.3)), mesh).from_items(items)
     assert float(fixed.kl.kl_coef) == np.float32(0.3)
+
+
+def _np_gae(rewards, values, mask, gamma, lam):
+    """GAE in float64 NumPy, right-padded rows: terminal after the last valid token (TRL, verl)."""
+    adv = np.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        n, last = int(mask[b].sum()), 0.0
+        for t in reversed(range(n)):
+            next_v = values[b, t + 1] if t + 1 < n else 0.0
+            last = rewards[b, t] + gamma * next_v - values[b, t] + gamma * lam * last
+            adv[b, t] = last
+    return adv, np.where(mask, adv + values, 0.0)
+
+
+def test_ppo_epochs_and_minibatches_equal_a_plain_loop():
+    """2 epochs x 2 minibatches of a separate critic and policy against a loop written from TRL's
+    `PPOTrainer.train`: rewards, GAE (NumPy, float64) and whitening once over the rollout, then per
+    shuffled minibatch a token-mean clipped policy loss and `vf_coef * 1/2 max(...)` value loss over
+    that minibatch's tokens, each an SGD step; the old log-probs and values stay the rollout's."""
+    from rlhf_jax.steps.common import step_key  # noqa: PLC0415
+
+    model, params = _model()
+    vmodel, vparams = _model("scalar")
+    batch = _batch(2, noisy_old=0.05)
+    gamma, lam, beta, eps, vclip, vf = 0.95, 0.9, 0.2, 0.1, 0.05, 0.5
+    config = PPOConfig(num_epochs=2, num_minibatches=2, kl_coef=beta, clip_eps=eps, value_clip=vclip, vf_coef=vf,
+                       gamma=gamma, lam=lam)
+    tx = optax.sgd(LR)
+    policy, value = init_train_state(lambda k: params, tx, 0), init_train_state(lambda k: vparams, tx, 1)
+    step = make_ppo_step(model, tx, config=config, value_model=vmodel, value_optimizer=tx)
+    new, metrics = jax.jit(step)(RLState(policy, params, value, config.kl_controller().init()), batch)
+    assert int(new.policy.step) == int(new.value.step) == 4
+
+    mask = np.asarray(batch["completion_mask"])
+    joined = np.asarray(join_sequences(batch["prompt_tokens"], batch["prompt_lengths"], batch["completion_tokens"]))
+    idx = batch["prompt_lengths"][:, None] - 1 + np.arange(C)[None]
+    values_of = jax.jit(lambda vp: jnp.take_along_axis(vmodel.forward(vp, joined).values, idx, 1))
+    old = np.float64(_reference_logps(model, params, batch)[0])  # recomputed: more than one update
+    v_old = np.where(mask, np.float64(values_of(vparams)), 0.0)
+    rewards = np.where(mask, -beta * (old - batch["ref_logps"]), 0.0)
+    rewards[np.arange(N), mask.sum(1) - 1] += batch["scores"]
+    adv, ret = _np_gae(rewards, v_old, mask, gamma, lam)
+    mu = adv[mask].mean()
+    adv = np.where(mask, (adv - mu) / np.sqrt(((adv[mask] - mu) ** 2).mean() + 1e-8), 0.0)
+
+    def policy_loss(p, rows):
+        logps = _logps_entropy_traced(model, p, batch)[0][rows]
+        m, a = mask[rows], adv[rows]
+        ratio = jnp.exp(logps - old[rows])
+        per_token = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - eps, 1 + eps) * a)
+        return jnp.sum(jnp.where(m, per_token, 0.0)) / m.sum()
+
+    def value_loss(vp, rows):
+        v, vo, r, m = values_of(vp)[rows], v_old[rows], ret[rows], mask[rows]
+        worst = jnp.maximum((v - r) ** 2, (vo + jnp.clip(v - vo, -vclip, vclip) - r) ** 2)
+        return vf * 0.5 * jnp.sum(jnp.where(m, worst, 0.0)) / m.sum()
+
+    p, vp = params, vparams
+    for key in jax.random.split(step_key(policy), 2):  # each epoch's shuffle, as `run_updates` draws it
+        perm = np.asarray(jax.random.permutation(key, N))
+        for rows in (perm[: N // 2], perm[N // 2:]):
+            p = jax.tree.map(lambda x, g: x - LR * g, p, jax.grad(policy_loss)(p, rows))
+            vp = jax.tree.map(lambda x, g: x - LR * g, vp, jax.grad(value_loss)(vp, rows))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6), new.policy.params, p)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6), new.value.params, vp)
+    np.testing.assert_allclose(metrics["returns/mean"], ret[mask].mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["values/mean"], v_old[mask].mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["kl/rollout_sequence"], np.where(mask, old - batch["ref_logps"], 0).sum(1).mean(),
+                               rtol=1e-4, atol=1e-5)

@@ -35,6 +35,7 @@ from rlhf_jax.steps.policy_gradient import (
     check_literal,
     check_rl_batch,
     fail,
+    micro_batch_metrics,
     normalisers,
     old_logprobs_source,
     policy_loss_terms,
@@ -117,6 +118,9 @@ class GRPOConfig(PolicyGradientConfig):
                  f"compares the samples of one prompt), got {self.group_size}")
         if not self.adv_eps >= 0:
             fail("adv_eps", f"must be >= 0, got {self.adv_eps!r}")
+        if self.kl_mode == "none" and self.kl_coef > 0:
+            fail("kl_coef", f"is {self.kl_coef}, but kl_mode='none' applies no KL penalty: set kl_mode 'loss' "
+                 "(GRPO) or 'reward' (RLOO, REINFORCE++) for the penalty, or kl_coef 0")
         if self.max_completion_length is not None:
             check_int("max_completion_length", self.max_completion_length, 1)
             if self.loss_aggregation != "seq_mean_token_sum_norm":
@@ -260,8 +264,10 @@ def grpo_objective(
       advantages: `[N]` or `[N, C]`.
       mask: `[N, C]` completion mask.
       config: the family configuration.
-      ref_logps: `[N, C]` reference log-probs (for the in-loss KL and the `kl` metric), or None.
-      entropy: `[N, C]` per-token entropies (for the bonus and the `entropy` metric), or None.
+      ref_logps: `[N, C]` reference log-probs (for the in-loss KL and the `kl` metric), or None
+        (ValueError with `kl_mode="loss"` and `kl_coef > 0`).
+      entropy: `[N, C]` per-token entropies (for the bonus and the `entropy` metric), or None
+        (ValueError with `entropy_coef > 0`).
       num_tokens, num_sequences: global normalisers for micro-batches (see `aggregate`).
       sampler_logps: `[N, C]` the sampler's log-probs (needed with `config.tis_cap`).
 
@@ -328,7 +334,7 @@ def make_grpo_step(
             )
             if "sampler_logps" in mb:
                 metrics.update(sampler_diff(logps, mb["sampler_logps"], mb["completion_mask"]))
-            return loss, metrics
+            return loss, micro_batch_metrics(metrics, mb["completion_mask"], context, config.micro_batches)
 
         def update(policy: TrainState, mb):
             context = normalisers(mb["completion_mask"])

@@ -39,6 +39,7 @@ from rlhf_jax.losses import (
 from rlhf_jax.rollout import check_group_prompts, check_prompt_lengths, completion_logprobs
 from rlhf_jax.sampling.metrics import logprob_mismatch
 from rlhf_jax.steps.batch_checks import check_token_ids
+from rlhf_jax.steps.common import micro_share, reduce_micro_metrics
 
 __all__ = [
     "KLMode",
@@ -52,6 +53,7 @@ __all__ = [
     "run_updates",
     "reduce_update_metrics",
     "normalisers",
+    "micro_batch_metrics",
     "rollout_logprobs",
     "rollout_stats",
     "sampler_diff",
@@ -310,6 +312,36 @@ def normalisers(mask: jax.Array) -> dict[str, jax.Array]:
     return {"num_tokens": count_tokens(mask), "num_sequences": count_sequences(mask)}
 
 
+# Metrics that are masked means over a (micro-)batch's completion tokens, and loss terms already
+# normalised by the minibatch's counts (`normalisers`): `micro_batch_metrics` rescales both.
+TOKEN_MEAN_METRICS = frozenset({
+    "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean", "approx_kl",
+    "kl", "entropy", "tis/weight_mean", "tis/clip_frac", "sampler_logprob_diff/mean", "value_clipfrac"})
+MINIBATCH_NORMALISED_METRICS = frozenset({"loss/policy", "value_loss", "loss/ptx"})
+
+
+def micro_batch_metrics(metrics: Metrics, mask: jax.Array, context: dict[str, jax.Array],
+                        micro_batches: int) -> Metrics:
+    """One micro-batch's metrics as shares that `accumulate_gradients`' mean over micro-batches turns
+    into the minibatch's values (the same numbers as with `micro_batches=1`).
+
+    Token means (`TOKEN_MEAN_METRICS`) are re-weighted by the micro-batch's share of the minibatch's
+    tokens (`context["num_tokens"]`); loss terms normalised by the minibatch's counts
+    (`MINIBATCH_NORMALISED_METRICS`, e.g. `loss/policy`) add up over micro-batches, so they are
+    scaled by `micro_batches`; the rest (maxima, per-row means) pass through. A no-op for 1.
+    """
+    if micro_batches == 1:
+        return metrics
+    out = dict(metrics)
+    tokens = count_tokens(mask)
+    for key, value in metrics.items():
+        if key in TOKEN_MEAN_METRICS:
+            out[key] = micro_share(value * tokens, context["num_tokens"], micro_batches)
+        elif key in MINIBATCH_NORMALISED_METRICS:
+            out[key] = value * micro_batches
+    return out
+
+
 def rollout_stats(batch) -> Metrics:
     """`completions/mean_length`: mean completion tokens per row."""
     mask = _checks.mask_f32(batch["completion_mask"])
@@ -351,13 +383,15 @@ def run_updates(update, carry, data: dict, *, rng: jax.Array, num_epochs: int, n
 
 
 # Reductions of per-update metrics: first update only (while the policy still is the sampler's),
-# sum, max; everything else is averaged over updates.
+# sum, max; everything else as micro-batches' metrics combine (`reduce_micro_metrics`).
 _FIRST = ("sampler_logprob_diff/mean", "sampler_logprob_diff/max")
 
 
 def reduce_update_metrics(stacked: Metrics) -> Metrics:
-    """One value per metric from `[U]` per-update values: mean, but the first update's sampler
-    difference, the sum of `nonfinite` (updates skipped) and the max of `halt`."""
+    """One value per metric from `[U]` per-update values: the first update's sampler difference, the
+    sum of `nonfinite` (updates skipped), the max of `halt`, and otherwise `reduce_micro_metrics`'s:
+    the largest (smallest) of maxima (minima) such as `tis/ratio_max` (minibatches hold different
+    rows), the mean of the rest."""
     out = {}
     for key, value in stacked.items():
         if key in _FIRST:
@@ -366,9 +400,8 @@ def reduce_update_metrics(stacked: Metrics) -> Metrics:
             out[key] = jnp.sum(value)
         elif key == "halt":
             out[key] = jnp.max(value)
-        else:
-            out[key] = jnp.mean(value)
-    return out
+    reduced = reduce_micro_metrics({key: value for key, value in stacked.items() if key not in out})
+    return {key: out[key] if key in out else reduced[key] for key in stacked}
 
 
 # ------------------------------------------------------------------------------------ loss terms
@@ -471,8 +504,14 @@ def reference_and_entropy_terms(config: PolicyGradientConfig, logps, ref_logps, 
     `+ beta k(logps, ref_logps)` when `kl_mode == "loss"` (`beta` = `kl_coef`, default
     `config.kl_coef`), `- c_H H` when `entropy_coef > 0`. Metrics: `kl` (token mean of the
     configured estimator) and `kl/sequence` (mean over sequences of the summed k1) when `ref_logps`
-    is given, `entropy` when `entropy` is.
+    is given, `entropy` when `entropy` is. A configured term whose input is None is a ValueError
+    (the loss would silently lack it).
     """
+    if ref_logps is None and config.kl_mode == "loss" and config.kl_coef > 0:
+        raise ValueError(f"policy loss: kl_mode='loss' with kl_coef={config.kl_coef} needs ref_logps (the "
+                         "reference policy's log-probs); got None")
+    if entropy is None and config.entropy_coef > 0:
+        raise ValueError(f"policy loss: entropy_coef={config.entropy_coef} needs the per-token entropy; got None")
     extra = jnp.zeros(jnp.shape(logps), jnp.float32)
     if ref_logps is not None:
         kl_tokens = kl_divergence(logps, ref_logps, estimator=config.kl_estimator_used)

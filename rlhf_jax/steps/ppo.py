@@ -17,7 +17,7 @@ The critic is a separate scalar-head model with its own `TrainState` in `state.v
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from rlhf_jax.steps.policy_gradient import (
     check_nonnegative,
     check_rl_batch,
     fail,
+    micro_batch_metrics,
     normalisers,
     old_logprobs_source,
     policy_loss_terms,
@@ -121,14 +122,23 @@ def ppo_value_objective(values, old_values, returns, mask, *, config: PPOConfig,
 
     Returns:
       `(loss, metrics)`: metrics `value_loss` (before `vf_coef`) and, with `value_clip`,
-      `value_clipfrac` (fraction of tokens with `|V - V_old| > value_clip`).
+      `value_clipfrac`: the fraction of tokens whose clipped squared error is the larger one, so
+      the clipped branch sets the loss (and the gradient is 0), as TRL's `val/clipfrac` and verl's
+      `critic/vf_clipfrac` (`(V_clip - R)^2 > (V - R)^2`); a `V` outside the clip range on the side
+      of `R` that improves the fit keeps its gradient and does not count.
     """
+    for name, x in (("old_values", old_values), ("returns", returns)):
+        if x is None:
+            raise ValueError(f"ppo_value_objective: {name} is None; the value loss needs values, old_values and "
+                             "returns")
     per_token = value_loss(values, old_values, returns, mask, clip_range=config.value_clip)
     vl = aggregate_loss(per_token, mask, mode=config.loss_aggregation, num_tokens=num_tokens,
                         num_sequences=num_sequences)
     metrics = {"value_loss": vl}
     if config.value_clip is not None:
-        clipped = jnp.abs(values - old_values) > config.value_clip
+        v, old, ret = (jax.lax.stop_gradient(_checks.f32(x)) for x in (values, old_values, returns))
+        clipped_v = old + jnp.clip(v - old, -config.value_clip, config.value_clip)
+        clipped = jnp.square(clipped_v - ret) > jnp.square(v - ret)
         metrics["value_clipfrac"] = _checks.masked_mean(clipped.astype(jnp.float32), mask)
     return config.vf_coef * vl, metrics
 
@@ -192,6 +202,8 @@ def ppo_objective(
     al. 2019; Ouyang et al. 2022 (InstructGPT, PPO-ptx); Huang et al. 2024, "The N+ Implementation
     Details of RLHF with PPO".
     """
+    if ptx_logps is not None and ptx_mask is None:
+        raise ValueError("ppo_objective: ptx_logps needs its ptx_mask (the language-modelling targets)")
     norm = dict(num_tokens=num_tokens, num_sequences=num_sequences)
     per_token, metrics = policy_loss_terms("ppo", config, logps, old_logps, advantages, mask,
                                            sampler_logps=sampler_logps)
@@ -300,6 +312,9 @@ def make_ppo_step(
     shared = value_model is None
     if not shared and value_optimizer is None:
         raise ValueError("make_ppo_step: a separate value_model needs a value_optimizer")
+    if not shared and getattr(value_model, "head", None) != "scalar":
+        raise ValueError("make_ppo_step: value_model must be a scalar-head model (CausalLM(config, head='scalar'), "
+                         f"e.g. the reward model's), got head={getattr(value_model, 'head', None)!r}")
     controller = config.kl_controller()
     old_source = old_logprobs_source(config)
     if shared and old_source == "current":
@@ -345,12 +360,14 @@ def make_ppo_step(
         )
         if "sampler_logps" in mb:
             metrics.update(sampler_diff(logps, mb["sampler_logps"], mask))
-        return loss, metrics
+        return loss, micro_batch_metrics(metrics, mask, context, config.micro_batches)
 
     def value_loss_fn(vparams, mb, context, rng):
-        return ppo_value_objective(critic(vparams, mb, jax.random.fold_in(rng, 3)), mb["old_values"], mb["returns"], mb["completion_mask"],
-                                   config=config, num_tokens=context["num_tokens"],
-                                   num_sequences=context["num_sequences"])
+        mask = mb["completion_mask"]
+        loss, metrics = ppo_value_objective(critic(vparams, mb, jax.random.fold_in(rng, 3)), mb["old_values"],
+                                            mb["returns"], mask, config=config, num_tokens=context["num_tokens"],
+                                            num_sequences=context["num_sequences"])
+        return loss, micro_batch_metrics(metrics, mask, context, config.micro_batches)
 
     def update(carry, mb):
         policy, value, kl_coef = carry
@@ -382,6 +399,15 @@ def make_ppo_step(
                              f"{'None' if shared else 'a model'} and state.value="
                              f"{'None' if state.value is None else 'a TrainState'}")
         policy, value = state.policy, state.value
+        if shared and not (isinstance(policy.params, Mapping) and {"lm", "value_head"} <= set(policy.params)):
+            keys = sorted(policy.params) if isinstance(policy.params, Mapping) else type(policy.params).__name__
+            raise ValueError("ppo_step: with the value head on the policy's backbone (value_model None), "
+                             "state.policy.params must be {'lm': <CausalLM params>, 'value_head': f32[E]}, got "
+                             f"{keys}")
+        if not shared and not (isinstance(value.params, Mapping) and "score" in value.params):
+            raise ValueError("ppo_step: state.value.params has no scalar 'score' head (a language model's "
+                             "parameters?); the critic's state holds value_model's parameters, e.g. the reward "
+                             "model's")
         mask = batch["completion_mask"]
         data = {k: batch[k] for k in batch if k not in ("scores", "token_rewards")}
         if shared:
