@@ -109,6 +109,23 @@ def test_kto_step_matches_trl_on_the_global_batch(label):
             assert got[key] == pytest.approx(0.0 if value is None else value, rel=1e-4, abs=1e-4), (micro, key)
         if want_m["rewards/rejected"] is None:
             assert got["rewards/margins"] == pytest.approx(got["rewards/chosen"], rel=1e-6)
+        # TRL's `count/chosen` / `count/rejected`: the examples of each class in the (gathered) batch
+        assert (got["count/chosen"], got["count/rejected"]) == (label.sum(), (~label).sum()), micro
+
+
+def test_kto_step_counts_skip_empty_rows_and_sum_over_micro_batches_and_devices():
+    """`count/chosen` / `count/rejected` are the whole batch's desirable / undesirable examples with 2
+    micro-batches on 4 devices (not a micro-batch's, nor their mean times anything); a padding row (no
+    target token) is in neither."""
+    label = np.arange(8) % 3 == 0
+    batch, _, _ = _kto_batch(label)
+    batch["loss_mask"] = batch["loss_mask"].copy()
+    batch["loss_mask"][[0, 4]] = 0   # one desirable, one undesirable padding row
+    _, (got,) = run_steps(make_dpo_step, head="lm", shape={"data": 2, "fsdp": 2}, strategy="fsdp", batches=[batch],
+                          objective=KTO(beta=0.2), reference="precomputed", micro_batches=2)
+    keep = np.ones(8, bool)
+    keep[[0, 4]] = False
+    assert (got["count/chosen"], got["count/rejected"]) == ((label & keep).sum(), (~label & keep).sum()) == (2, 4)
 
 
 def test_a_preference_pair_given_to_kto_names_the_conversion():

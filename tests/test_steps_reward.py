@@ -22,6 +22,17 @@ def _numpy_rewards(params, tokens, mask):
     return values[np.arange(len(last)), last]
 
 
+def _numpy_reward_stats(batch, present=None):
+    """TRL's `min_reward`, `mean_reward`, `max_reward` over both sides' rewards of the present pairs, and
+    `num_tokens` (`attention_mask.sum()`: the non-pad tokens of both sides, pad id 0 in `pair_batches`)."""
+    keep = np.ones(len(batch["chosen_tokens"]), bool) if present is None else present
+    c, r = (_numpy_rewards(host_params("scalar"), batch[k + "_tokens"][keep], batch[k + "_loss_mask"][keep])
+            for k in ("chosen", "rejected"))
+    both = np.concatenate([c, r])
+    tokens = sum(int((batch[k + "_tokens"][keep] != 0).sum()) for k in ("chosen", "rejected"))
+    return {"min_reward": both.min(), "mean_reward": both.mean(), "max_reward": both.max(), "num_tokens": tokens}
+
+
 def test_first_step_matches_numpy_bradley_terry(single_device):
     _, history = single_device
     b = BATCHES[0]
@@ -31,6 +42,8 @@ def test_first_step_matches_numpy_bradley_terry(single_device):
     assert history[0]["accuracy"] == pytest.approx(np.mean(c > r))
     assert history[0]["margin"] == pytest.approx(np.mean(c - r), rel=1e-4, abs=1e-7)
     assert history[0]["rewards/chosen"] == pytest.approx(np.mean(c), rel=1e-4, abs=1e-7)
+    for key, value in _numpy_reward_stats(b).items():
+        assert history[0][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGY_MESHES))
@@ -42,6 +55,8 @@ def test_sharded_equals_single_device(single_device, strategy):
     for got, want in zip(history, ref_history):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["accuracy"] == want["accuracy"]
+        for key in ("min_reward", "mean_reward", "max_reward", "num_tokens"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
 
 
 def test_gradient_accumulation_4x2_equals_batch_of_8(single_device):
@@ -49,8 +64,25 @@ def test_gradient_accumulation_4x2_equals_batch_of_8(single_device):
                                 batches=BATCHES, micro_batches=4)
     assert max_rel_diff(params, single_device[0]) <= 1e-5
     for got, want in zip(history, single_device[1]):
-        for key in ("loss", "accuracy", "margin"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7)
+        for key in ("loss", "accuracy", "margin", "min_reward", "mean_reward", "max_reward", "num_tokens"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+
+
+def test_reward_extremes_are_the_whole_batch_s_over_micro_batches_and_devices():
+    """TRL's `min_reward` / `max_reward` (`RewardTrainer.compute_loss`: over the gathered chosen and rejected
+    rewards) are the batch's extremes with 2 micro-batches on 4 devices, not the mean of the micro-batches'
+    (as every other step metric is combined); a padding pair (no target on either side) is in no statistic
+    and reads no token; `num_tokens` sums the micro-batches."""
+    b = {k: v.copy() for k, v in BATCHES[0].items()}
+    b["chosen_loss_mask"][5] = b["rejected_loss_mask"][5] = 0
+    present = np.arange(8) != 5
+    want = _numpy_reward_stats(b, present)
+    _, (got,) = run_steps(make_reward_model_step, head="scalar", shape={"data": 2, "fsdp": 2}, strategy="fsdp",
+                          batches=[b], micro_batches=2)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    pieces = [_numpy_reward_stats(b, present & (np.arange(8) % 2 == k)) for k in range(2)]  # the interleaved split
+    assert np.mean([p["min_reward"] for p in pieces]) > want["min_reward"] + 1e-3  # what averaging them gave
 
 
 def test_margin_shifts_the_loss():
@@ -111,6 +143,10 @@ def test_eval_loss_is_the_training_objective_with_margins_and_centering():
                                  center_rewards_coefficient=0.5)(host_params("scalar"))
     assert got["eval/loss"] == pytest.approx(loss, rel=1e-5)
     assert got["eval/accuracy"] == pytest.approx(accuracy) and got["eval/margin"] == pytest.approx(margin, rel=1e-4)
+    assert got["eval/mean_reward"] == pytest.approx(np.mean(np.concatenate([c, r])), rel=1e-4, abs=1e-6)
+    # a pair-weighted mean of per-batch extremes or token counts is no held-out statistic: not reported
+    assert set(got) == {"eval/loss", "eval/accuracy", "eval/margin", "eval/mean_reward", "eval/rewards/chosen",
+                        "eval/rewards/rejected"}
     plain = make_reward_model_eval(tiny_lm("scalar"), [batch], mesh=single_device_mesh(), strategy="dp")
     assert plain(host_params("scalar"))["eval/loss"] == pytest.approx(_trl_reward_loss(c, r, batch["margin"][:, 0])[0],
                                                                       rel=1e-5)
@@ -152,8 +188,10 @@ def test_packed_pairs_train_like_unpacked_pairs_with_margins_and_centering():
 
     got, got_grads = loss_and_grads(packed, 4)
     want, want_grads = loss_and_grads(single, 1)
-    for key in ("loss", "accuracy", "margin", "rewards/chosen"):
+    for key in ("loss", "accuracy", "margin", "rewards/chosen", "min_reward", "mean_reward", "max_reward",
+                "num_tokens"):
         assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), key
+    assert float(got["num_tokens"]) == sum(int(np.sum(single[k + "_segment_ids"] > 0)) for k in ("chosen", "rejected"))
     for x, y in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
     assert max(np.abs(x).max() for x in jax.tree.leaves(want_grads)) > 1e-3

@@ -181,9 +181,11 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: Batch, context: Ma
 
 
 def _extreme(name: str) -> str | None:
-    """"max" / "min" for a metric named as a maximum / minimum (`max`, `.../max`, `..._max`), else None."""
+    """"max" / "min" for a metric named as a maximum / minimum (`max`, `.../max`, `..._max`, or a last
+    `/` part `max_...` as TRL's `max_reward`), else None."""
+    last = name.rsplit("/", 1)[-1]
     for kind in ("max", "min"):
-        if name == kind or name.endswith(("/" + kind, "_" + kind)):
+        if name == kind or name.endswith(("/" + kind, "_" + kind)) or last.startswith(kind + "_"):
             return kind
     return None
 
@@ -191,8 +193,9 @@ def _extreme(name: str) -> str | None:
 def reduce_micro_metrics(stacked: Mapping[str, jax.Array]) -> Metrics:
     """One float32 value per metric from its per-micro-batch values stacked on a leading `[n]` axis.
 
-    A maximum (a metric named `max` or ending in `/max` or `_max`, e.g. `sampler_logprob_diff/max`)
-    is the largest of the micro-batches' maxima, a minimum likewise the smallest; every other metric
+    A maximum (a metric named `max`, ending in `/max` or `_max`, e.g. `sampler_logprob_diff/max`, or
+    whose last `/` part starts with `max_`, e.g. TRL's `max_reward`) is the largest of the
+    micro-batches' maxima, a minimum likewise the smallest; every other metric
     is averaged (micro-batch shares of a full-batch mean, `micro_share`, average back to it).
     """
     reduce = {"max": jnp.max, "min": jnp.min, None: jnp.mean}

@@ -227,7 +227,8 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
     `L_k = sum_{examples in k} l_i / E`. Metrics (TRL's names, means over the batch):
     `rewards/chosen`, `rewards/rejected`, `rewards/accuracies` (paired), `rewards/margins`,
     `logps/chosen`, `logps/rejected`, `nll_loss` (with an NLL term), ORPO's `log_odds_ratio`,
-    KTO's `kl`.
+    KTO's `kl` and `count/chosen`, `count/rejected` (the batch's desirable and undesirable examples;
+    TRL computes them as the weights of its means and leaves them out of its logs).
 
     Args:
       model: a `CausalLM` with an LM head (the policy).
@@ -288,6 +289,8 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
                                             count=context["num_desirable"], rejected_weights=w * ~label,
                                             rejected_count=context["num_undesirable"]))
         metrics["kl"] = context["kl"]
+        # whole-batch counts (the same in every micro-batch, so their mean is the batch's)
+        metrics["count/chosen"], metrics["count/rejected"] = context["num_desirable"], context["num_undesirable"]
         return loss, metrics
 
     return paired_loss if objective.paired else kto_loss_fn

@@ -18,7 +18,7 @@ import optax
 
 from rlhf_jax.data.batches import segment_last_index
 from rlhf_jax.losses import bradley_terry_loss, sft_loss
-from rlhf_jax.models.heads import gather_last
+from rlhf_jax.models.heads import gather_last, last_token_index
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.steps import batch_checks, common
 from rlhf_jax.steps.sequences import (
@@ -159,6 +159,21 @@ def _rm_prepare(max_segments: int):
     return prepare
 
 
+def _input_tokens(batch) -> jax.Array:
+    """Tokens the model reads to score a pair batch's chosen and rejected sequences (TRL's
+    `attention_mask.sum()`): rows with segment ids count their non-padding tokens; rows without count
+    the tokens up to their last target, where the reward is read (none for a row without a target)."""
+    total = jnp.zeros((), jnp.float32)
+    for prefix in ("chosen_", "rejected_"):
+        s = side(batch, prefix)
+        if s["segment_ids"] is not None:
+            total += jnp.sum(s["segment_ids"] > 0, dtype=jnp.float32)
+        else:
+            real = jnp.any(s["loss_mask"] > 0, axis=1)
+            total += jnp.sum(jnp.where(real, last_token_index(s["loss_mask"]) + 1, 0), dtype=jnp.float32)
+    return total
+
+
 def _check_margin(margin, b: int, max_segments: int):
     if margin is None:
         return None
@@ -179,7 +194,11 @@ def make_reward_model_loss(model, *, micro_batches: int = 1, max_segments: int =
     `l = -log sigmoid(r_c - r_r - margin) + eta (r_c + r_r)^2`, summed and divided by the pair count
     of the full batch (`context["num_pairs"]`).
 
-    Metrics: `accuracy` (r_c > r_r), `margin` (mean r_c - r_r), `rewards/chosen`, `rewards/rejected`.
+    Metrics: `accuracy` (r_c > r_r), `margin` (mean r_c - r_r), `rewards/chosen`, `rewards/rejected`,
+    and TRL's `mean_reward`, `min_reward`, `max_reward` over the batch's chosen and rejected rewards
+    (the whole batch's minimum / maximum over micro-batches and devices: +inf / -inf for a batch
+    without a pair; TRL's logged value is the mean of its micro-batches' extremes) and `num_tokens`,
+    the tokens read in this batch (`_input_tokens`; TRL's is the running total of its training).
 
     Args:
       model: a `CausalLM(config, head="scalar")`.
@@ -213,11 +232,16 @@ def make_reward_model_loss(model, *, micro_batches: int = 1, max_segments: int =
         n = context["num_pairs"]
         share = lambda x: common.micro_share(jnp.sum(x * w), n, micro_batches)  # noqa: E731
         c, r = jax.lax.stop_gradient(flat(chosen)), jax.lax.stop_gradient(flat(rejected))
+        # min / max: the identity where no pair is present (micro-batches combine them by min / max)
         metrics = {
             "accuracy": share((c > r).astype(jnp.float32)),
             "margin": share(c - r),
             "rewards/chosen": share(c),
             "rewards/rejected": share(r),
+            "mean_reward": share(c + r) / 2,
+            "min_reward": jnp.min(jnp.where(w > 0, jnp.minimum(c, r), jnp.inf)),
+            "max_reward": jnp.max(jnp.where(w > 0, jnp.maximum(c, r), -jnp.inf)),
+            "num_tokens": _input_tokens(batch) * micro_batches,   # a micro-batch's share of the sum
         }
         return jnp.sum(losses * w) / jnp.maximum(n, 1.0), metrics
 
@@ -243,7 +267,8 @@ def make_reward_model_step(model, optimizer: OptimizerConfig | optax.GradientTra
     Returns:
       The pure `update(state, batch) -> (state, metrics)`; jit it with `common.jit_model_step(...,
       batch_keys=PAIR_KEYS)`. Metrics `loss`, `accuracy`, `margin`, `rewards/chosen`,
-      `rewards/rejected`, `grad_norm`, `learning_rate`, `nonfinite`.
+      `rewards/rejected`, `mean_reward`, `min_reward`, `max_reward`, `num_tokens`
+      (`make_reward_model_loss`), `grad_norm`, `learning_rate`, `nonfinite`.
     """
     tx, schedule = common.resolve_optimizer(optimizer)
     loss_fn = make_reward_model_loss(model, micro_batches=micro_batches, max_segments=max_segments,
