@@ -206,6 +206,18 @@ def test_dynamic_sampling_without_groups_is_a_config_error(tmp_path):
     _grpo(tmp_path, rollout=dynamic)  # groups of 4: fine
 
 
+def test_overlong_buffer_longer_than_the_completions_is_a_config_error(tmp_path):
+    """DAPO's overlong reward with a buffer beyond rollout.max_new_tokens was accepted by the config and
+    failed only when the trainer built its rewards, with overlong_penalty's ValueError naming no key."""
+    from rlhf_jax.rewards.registry import RewardConfig  # noqa: PLC0415
+
+    overlong = RewardConfig(functions=("task", "overlong"), overlong_buffer=8)
+    with pytest.raises(ConfigError, match=r"^rewards.overlong_buffer 8 must be in \[1, rollout.max_new_tokens=4\]"):
+        _grpo(tmp_path, rewards=overlong)
+    _grpo(tmp_path, rewards=dataclasses.replace(overlong, overlong_buffer=4))
+    _grpo(tmp_path, rewards=RewardConfig(functions=("task",), overlong_buffer=8))  # no overlong reward: unused
+
+
 def test_evaluate_scores_any_policy_on_held_out_prompts(tmp_path):
     metrics = rl.evaluate(_grpo(tmp_path), policies=[None, None])
     assert metrics[0] == metrics[1]  # same policy, same prompts, same key

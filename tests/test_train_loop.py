@@ -4,6 +4,7 @@ import io
 import math
 import json
 import os
+import re
 import signal
 
 import jax
@@ -92,6 +93,26 @@ def test_resume_continues_and_rewrites_later_metrics(tmp_path):
     assert float(resumed.state["w"]) == float(full.state["w"])
     steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
+
+
+def test_each_eval_line_says_what_share_of_the_held_out_set_it_read(tmp_path, capsys):
+    """`held_out` (what the recipe's eval batches hold) goes into every `eval @ step N` line, as a plain
+    line (no WARNING); without it the line is as before."""
+    from rlhf_jax.train.data import HeldOut
+
+    evaluate = lambda s: {"eval/w": 0.25}  # noqa: E731
+    with open_run(str(tmp_path / "a"), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        fit(state={"w": jnp.zeros(()), "step": jnp.int32(0)}, step_fn=_toy_step, batches=Counter(), start_step=0,
+            train=TrainConfig(steps=2, eval_every=0), checkpoint=CKPT, logging=QUIET, run=run,
+            save_items=lambda s: {"params": s}, extras=lambda: {}, evaluate=evaluate,
+            held_out=HeldOut(batches=[], examples=32, total=120))
+    lines = [re.sub(r"\(\d+\.\ds", "(Ts", line) for line in capsys.readouterr().err.splitlines()]
+    assert lines == ["eval @ step 0 (Ts, 32 of 120 held-out examples): eval/w=0.25",
+                     "eval @ step 2 (Ts, 32 of 120 held-out examples): eval/w=0.25"]
+    with open_run(str(tmp_path / "b"), run_config={}, checkpoint=CKPT, model_config=None) as run:
+        _fit(run, steps=1, evaluate=evaluate)
+    assert [re.sub(r"\(\d+\.\ds", "(Ts", line) for line in capsys.readouterr().err.splitlines()] == [
+        "eval @ step 0 (Ts): eval/w=0.25", "eval @ step 1 (Ts): eval/w=0.25"]
 
 
 def test_a_finished_run_reports_its_last_logged_metrics(tmp_path):

@@ -20,8 +20,8 @@ from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.hf_config import as_ids
 from rlhf_jax.train.run_config import DataConfig
 
-__all__ = ["RunData", "load_run_data", "make_tokenizer", "load_split", "train_batches", "eval_batches",
-           "batches_from", "device_batch", "check_vocab", "check_batch_size",
+__all__ = ["RunData", "load_run_data", "make_tokenizer", "load_split", "train_batches", "eval_batches", "HeldOut",
+           "held_out_batches", "batches_from", "device_batch", "check_vocab", "check_batch_size",
            "one_pass"]
 
 _EVAL_SEED_OFFSET = 1_000_003
@@ -126,14 +126,37 @@ def one_pass(dataset: TokenizedDataset, data: DataConfig) -> BatchIterator:
     return BatchIterator(dataset, _batch_config(data, shuffle=False, num_epochs=1))
 
 
-def eval_batches(dataset: TokenizedDataset, data: DataConfig, *, max_batches: int) -> list[dict]:
-    """The first `max_batches` held-out batches in dataset order (one pass; padding rows masked)."""
-    out = []
-    for batch in one_pass(dataset, data):
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """What each evaluation reads of a held-out set: `batches`, which hold `examples` of the set's
+    `total` examples (fewer when the set has more than `train.eval_batches` batches)."""
+
+    batches: list[dict]
+    examples: int
+    total: int
+
+    def describe(self) -> str:
+        """E.g. "32 of 120 held-out examples" (the console's `eval @ step N` line)."""
+        return f"{self.examples} of {self.total} held-out examples"
+
+
+def held_out_batches(dataset: TokenizedDataset, data: DataConfig, *, max_batches: int) -> HeldOut:
+    """The first `max_batches` held-out batches in dataset order (one pass; padding rows masked),
+    with how many of the set's examples they hold (all processes' rows, packed rows counted by
+    their examples)."""
+    out, examples = [], 0
+    it = one_pass(dataset, data)
+    for batch in it:
         out.append(batch)
+        examples += sum(len(row) for row in it.last_global_rows)
         if len(out) == max_batches:
             break
-    return out
+    return HeldOut(out, examples, len(dataset))
+
+
+def eval_batches(dataset: TokenizedDataset, data: DataConfig, *, max_batches: int) -> list[dict]:
+    """The first `max_batches` held-out batches in dataset order (`held_out_batches(...).batches`)."""
+    return held_out_batches(dataset, data, max_batches=max_batches).batches
 
 
 def batches_from(iterator: BatchIterator, extras: Mapping[str, Any], key: str = "data") -> Iterator[dict]:

@@ -17,10 +17,10 @@ With a `lora` section the policy trains adapters on the frozen starting weights,
 forward runs that base with the adapters off (`make_dpo_step(reference="base")`): no second copy.
 
 Training metrics (TRL's names): `loss`, `rewards/chosen`, `rewards/rejected`,
-`rewards/accuracies` (paired), `rewards/margins`, `logps/chosen`, `logps/rejected`, `kl` (KTO),
-`grad_norm`, `learning_rate`. Evaluation: on held-out pairs `eval/rewards/accuracies`,
-`eval/rewards/margins`, `eval/loss`, ... (KTO, on held-out unpaired examples: `eval/loss`,
-`eval/rewards/chosen`, `eval/rewards/rejected`, `eval/kl`, ...); when the data is a synthetic task
+`rewards/accuracies` (paired), `rewards/margins`, `logps/chosen`, `logps/rejected`, `kl`,
+`count/chosen`, `count/rejected` (KTO), `grad_norm`, `learning_rate`. Evaluation: on held-out
+pairs `eval/rewards/accuracies`, `eval/rewards/margins`, `eval/loss`, ... (KTO, on held-out unpaired
+examples: `eval/loss`, `eval/rewards/chosen`, `eval/rewards/rejected`, `eval/kl`, ...); when the data is a synthetic task
 with a gold reward, samples from the policy on held-out prompts: `eval/gold_reward` and
 `eval/gold_win_rate` (share of prompts where the policy's sample beats the reference policy's, ties
 counting half).
@@ -47,7 +47,7 @@ from rlhf_jax.steps.preference import dpo_batch_keys, dpo_step_context
 from rlhf_jax.steps.sequences import causal_targets
 from rlhf_jax.distributed import gather_rows
 from rlhf_jax.sharding import local_rows
-from rlhf_jax.train.data import device_batch, eval_batches, load_split, one_pass
+from rlhf_jax.train.data import device_batch, eval_batches, held_out_batches, load_split, one_pass
 from rlhf_jax.train.evals import make_policy_eval, make_weighted_eval
 from rlhf_jax.models.lora import base_params
 from rlhf_jax.train.adapters import (
@@ -323,11 +323,12 @@ def _trainer(ctx: Context):
     objective, segments = config.algorithm, num_segments(config)
     model = ctx.program.parts["model"]
     reference = reference_params(model, config, mesh)
-    evaluators = []
+    evaluators, held_out = [], None
     if ctx.data.eval is not None:
-        held_out = eval_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
-        evaluators.append(make_preference_eval(model, objective, held_out, reference, mesh=mesh, strategy=strategy,
-                                               max_segments=segments, logits_chunk_size=config.logits_chunk_size,
+        held_out = held_out_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
+        evaluators.append(make_preference_eval(model, objective, held_out.batches, reference, mesh=mesh,
+                                               strategy=strategy, max_segments=segments,
+                                               logits_chunk_size=config.logits_chunk_size,
                                                micro_batches=config.train.micro_batches))
     gold = _gold_eval(ctx, reference)
     if gold is not None:
@@ -342,7 +343,7 @@ def _trainer(ctx: Context):
         prepare = lambda batch, it: {**batch, **gather_precomputed(tables, it.last_rows, segments)}  # noqa: E731
     frozen = (reference,) if config.uses_reference_model else ()
     del reference  # precomputed or reference-free runs keep no second copy of the weights
-    trainer = supervised_trainer(ctx, evaluate=evaluate, frozen=frozen, prepare=prepare)
+    trainer = supervised_trainer(ctx, evaluate=evaluate, frozen=frozen, prepare=prepare, held_out=held_out)
     trainer.batches.kl_partner_of = partners  # KTO: the KL rows whose reference log-probs were precomputed
     return trainer
 

@@ -285,6 +285,7 @@ def fit(
     progress_keys: tuple[str, ...] = ("loss",),
     run_config: Mapping[str, Any] | None = None,
     evaluate_at_start: bool = True,
+    held_out: Any = None,
 ) -> FitResult:
     """Train from `start_step` to `train.steps`, logging, evaluating and checkpointing.
 
@@ -307,6 +308,9 @@ def fit(
       run_config: the config dict for wandb.
       evaluate_at_start: on a fresh run, evaluate the initial state and log it as step 0 (the
         baseline every later evaluation is compared with).
+      held_out: what `evaluate` reads of the held-out set (`rlhf_jax.train.data.HeldOut`: its
+        `describe()`, e.g. "32 of 120 held-out examples", goes into each `eval @ step N` line), or
+        None.
     Returns:
       A `FitResult`.
     Raises:
@@ -351,7 +355,8 @@ def fit(
                               f"evaluation reports; it reports: {', '.join(sorted(metrics))}")
         logger.log(step, metrics, progress=False)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        logger.message(f"eval @ step {step} ({time.perf_counter() - start:.1f}s): {shown}")
+        read = "" if held_out is None else f", {held_out.describe()}"
+        logger.message(f"eval @ step {step} ({time.perf_counter() - start:.1f}s{read}): {shown}")
         return metrics
 
     saved_at = start_step

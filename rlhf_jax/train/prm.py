@@ -39,7 +39,7 @@ from rlhf_jax.rewards.base import RewardInputs
 from rlhf_jax.steps import common
 from rlhf_jax.steps.common import jit_step
 from rlhf_jax.train.adapters import make_model
-from rlhf_jax.train.data import RunData, check_vocab, make_tokenizer
+from rlhf_jax.train.data import HeldOut, RunData, check_vocab, make_tokenizer
 from rlhf_jax.train.evals import make_weighted_eval
 from rlhf_jax.train.recipe import Context, Program, Recipe, Trainer, run
 from rlhf_jax.train.run_config import RunConfig
@@ -198,28 +198,29 @@ class _Batches:
         return {"position": self.position}
 
 
-def _eval_batches(dataset: StepDataset, batch_size: int, max_batches: int) -> list[dict]:
-    out = []
+def _eval_batches(dataset: StepDataset, batch_size: int, max_batches: int) -> HeldOut:
+    out, examples = [], 0
     for start in range(0, len(dataset), batch_size):
         rows = np.arange(start, start + batch_size) % len(dataset)
         real = np.arange(start, start + batch_size) < len(dataset)
         out.append({"tokens": dataset.tokens[rows], "step_labels": dataset.step_labels[rows],
                     "step_mask": dataset.step_mask[rows] & real[:, None]})
+        examples += int(real.sum())
         if len(out) == max_batches:
             break
-    return out
+    return HeldOut(out, examples, len(dataset))
 
 
 def _trainer(ctx: Context) -> Trainer:
     config = ctx.config
     batches = _Batches(ctx.data.train, config, start=int(ctx.extras.get("data", {}).get("position", 0)))
-    evaluate = None
+    evaluate, held_out = None, None
     if ctx.data.eval is not None:
         held_out = _eval_batches(ctx.data.eval, config.data.batch_size, config.train.eval_batches)
         m = config.train.micro_batches
-        evaluate_params = make_weighted_eval(make_prm_loss(ctx.program.parts["model"], micro_batches=m), held_out,
-                                             weight=_num_steps, mesh=ctx.mesh, strategy=config.mesh.strategy,
-                                             micro_batches=m)
+        loss_fn = make_prm_loss(ctx.program.parts["model"], micro_batches=m)
+        evaluate_params = make_weighted_eval(loss_fn, held_out.batches, weight=_num_steps, mesh=ctx.mesh,
+                                             strategy=config.mesh.strategy, micro_batches=m)
         evaluate = lambda state: evaluate_params(state.params)  # noqa: E731
     step = ctx.program.step
 
@@ -227,7 +228,8 @@ def _trainer(ctx: Context) -> Trainer:
         arrays = {k: batch[k] for k in PRM_KEYS}
         return step(state, sh.shard_batch(arrays, mesh=ctx.mesh, strategy=config.mesh.strategy))
 
-    return Trainer(step=step_fn, batches=batches, extras=lambda: {"data": batches.get_state()}, evaluate=evaluate)
+    return Trainer(step=step_fn, batches=batches, extras=lambda: {"data": batches.get_state()}, evaluate=evaluate,
+                   held_out=held_out)
 
 
 RECIPE = Recipe(name="prm", data_kind=lambda config: "steps", build=_build, trainer=_trainer,

@@ -115,12 +115,15 @@ class Trainer:
       batches: host batches, positioned after the restored step.
       extras: `() -> JSON host state` saved with each checkpoint (iterator positions).
       evaluate: `state -> "eval/..." metrics`, or None.
+      held_out: what `evaluate` reads of the held-out set (`rlhf_jax.train.data.HeldOut`, shown in
+        the console's eval lines), or None.
     """
 
     step: Callable[[Any, Any], tuple[Any, Mapping[str, Any]]]
     batches: Iterator
     extras: Callable[[], Mapping[str, Any]]
     evaluate: Callable[[Any], Mapping[str, float]] | None = None
+    held_out: Any = None
 
 
 def _no_check(config, hooks) -> None:
@@ -200,6 +203,6 @@ def run(recipe: Recipe, config, **hooks) -> dict[str, Any]:
         result = fit(state=state, step_fn=trainer.step, batches=trainer.batches, start_step=start, train=config.train,
                      checkpoint=config.checkpoint, logging=config.logging, run=run_dir,
                      save_items=program.state.save_items, extras=trainer.extras, evaluate=trainer.evaluate,
-                     progress_keys=recipe.progress_keys, run_config=to_dict(config))
+                     progress_keys=recipe.progress_keys, run_config=to_dict(config), held_out=trainer.held_out)
     return {"run_dir": run_dir.path, "step": result.step, "stopped_by": result.stopped_by, "eval": result.last_eval,
             "train": result.last_metrics}

@@ -36,7 +36,7 @@ from rlhf_jax.distributed import gather_rows
 from rlhf_jax.rewards.registry import RewardConfig
 from rlhf_jax.steps import make_sft_step
 from rlhf_jax.steps.supervised import SFT_KEYS
-from rlhf_jax.train.data import device_batch
+from rlhf_jax.train.data import device_batch, held_out_batches
 from rlhf_jax.train.adapters import check_mergeable, make_model, plain_model, plain_params
 from rlhf_jax.train.recipe import Context, Recipe, Trainer, run
 from rlhf_jax.train.rl import check_rewards, policy_eval, rollout_parts
@@ -165,9 +165,11 @@ def _trainer(ctx: Context) -> Trainer:
         metrics["time/update"] = time.perf_counter() - start_update
         return state, {**step_metrics, **metrics}
 
-    evaluate_params = policy_eval(config, ctx.data, collector, gold)
+    held_out = None if ctx.data.eval is None else held_out_batches(ctx.data.eval, config.data,
+                                                                   max_batches=config.train.eval_batches)
+    evaluate_params = policy_eval(config, ctx.data, collector, gold, held_out=held_out)
     evaluate = None if evaluate_params is None else (lambda s: evaluate_params(plain_params(model, s.params), None))
-    return Trainer(step=step_fn, batches=batches, extras=base.extras, evaluate=evaluate)
+    return Trainer(step=step_fn, batches=batches, extras=base.extras, evaluate=evaluate, held_out=held_out)
 
 
 RECIPE = Recipe(name="rejection_sampling", data_kind=lambda config: "prompt", build=_build, trainer=_trainer,

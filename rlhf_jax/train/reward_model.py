@@ -7,10 +7,13 @@ The model is a `CausalLM(head="scalar")`: the reward of a sequence is the scalar
 its last token, trained with `rlhf_jax.losses.bradley_terry_loss` (Ouyang et al. 2022) inside
 `rlhf_jax.steps.make_reward_model_loss`: TRL's `RewardTrainer` loss, per-pair `margin` column and
 `center_rewards_coefficient` included. Training metrics: `loss`, `accuracy` (`r_c > r_r`, a tie is a
-miss), `margin`, `grad_norm`, `learning_rate` (TRL's names), and `rewards/chosen`, `rewards/rejected`
-(the mean reward of each side; TRL logs `mean_reward`, `min_reward`, `max_reward` instead).
+miss), `margin`, `mean_reward`, `min_reward`, `max_reward` (over the step's chosen and rejected
+rewards: the whole batch's extremes; TRL logs the mean of its micro-batches' extremes), `num_tokens`
+(the tokens read this step, prompts included; TRL's is the running total), `grad_norm`,
+`learning_rate` (TRL's names), and `rewards/chosen`, `rewards/rejected` (the mean reward of each side).
 Evaluation: `eval/accuracy` (share of held-out pairs ranked as labelled; with gold labels, agreement
-with the gold preference), `eval/loss` (the training objective), `eval/margin`, `eval/rewards/*`.
+with the gold preference), `eval/loss` (the training objective), `eval/margin`, `eval/mean_reward`,
+`eval/rewards/*`.
 
 Sequences longer than `data.max_len` are truncated, not dropped as TRL's `RewardTrainer` drops them,
 and counted in the data loading warning: the default `data.truncation="keep_end"` cuts the prompt's
@@ -29,7 +32,7 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.models import CausalLM
 from rlhf_jax.steps import make_reward_model_loss, make_reward_model_step
 from rlhf_jax.steps.supervised import PAIR_KEYS
-from rlhf_jax.train.data import eval_batches
+from rlhf_jax.train.data import held_out_batches
 from rlhf_jax.train.evals import make_weighted_eval
 from rlhf_jax.train.recipe import Context, Recipe, run
 from rlhf_jax.train.adapters import make_model
@@ -69,6 +72,10 @@ def pair_weight(batch):
     return {"num_pairs": n}, n
 
 
+# Pair-weighted means over held-out batches; a per-batch extreme or token count has no such mean.
+_EVAL_KEYS = ("accuracy", "margin", "mean_reward", "rewards/chosen", "rewards/rejected")
+
+
 def make_reward_model_eval(model: CausalLM, batches: list[dict], *, mesh, strategy: str, max_segments: int = 1,
                            micro_batches: int = 1, center_rewards_coefficient: float = 0.0):
     """`params -> {"eval/accuracy", "eval/loss", "eval/margin", "eval/rewards/chosen", ...}`, pair-weighted.
@@ -76,12 +83,14 @@ def make_reward_model_eval(model: CausalLM, batches: list[dict], *, mesh, strate
     By the training loss function (`make_reward_model_loss`): accuracy is the share of held-out
     pairs with `r(chosen) > r(rejected)` (a tie counts as wrong, as in TRL); `eval/loss` is the
     training objective, the pairs' margins and the centering term (`center_rewards_coefficient`, pass
-    the run's) included, as TRL's `eval_loss` is. Each batch runs in the run's `micro_batches` pieces.
+    the run's) included, as TRL's `eval_loss` is; `eval/mean_reward` the mean over both sides (no
+    `min_reward`, `max_reward`, `num_tokens`: a weighted mean of batch extremes or counts means
+    nothing). Each batch runs in the run's `micro_batches` pieces.
     """
     loss_fn = make_reward_model_loss(model, micro_batches=micro_batches, max_segments=max_segments,
                                      center_rewards_coefficient=center_rewards_coefficient)
     return make_weighted_eval(loss_fn, batches, weight=pair_weight, mesh=mesh, strategy=strategy,
-                              micro_batches=micro_batches)
+                              keys=_EVAL_KEYS, micro_batches=micro_batches)
 
 
 def _build(config: RewardModelConfig, mesh):
@@ -94,14 +103,14 @@ def _build(config: RewardModelConfig, mesh):
 
 
 def _trainer(ctx: Context):
-    config, evaluate = ctx.config, None
+    config, evaluate, held_out = ctx.config, None, None
     if ctx.data.eval is not None:
-        held_out = eval_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
-        evaluate = make_reward_model_eval(ctx.program.parts["model"], held_out, mesh=ctx.mesh,
+        held_out = held_out_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
+        evaluate = make_reward_model_eval(ctx.program.parts["model"], held_out.batches, mesh=ctx.mesh,
                                           strategy=config.mesh.strategy, max_segments=num_segments(config),
                                           micro_batches=config.train.micro_batches,
                                           center_rewards_coefficient=config.algorithm.center_rewards_coefficient)
-    return supervised_trainer(ctx, evaluate=evaluate)
+    return supervised_trainer(ctx, evaluate=evaluate, held_out=held_out)
 
 
 RECIPE = Recipe(name="reward_model", data_kind=lambda config: "preference", build=_build, trainer=_trainer,

@@ -50,7 +50,7 @@ from rlhf_jax.rollout import completion_logprobs
 from rlhf_jax.sampling import Sampler, default_prompt_buckets
 from rlhf_jax.steps import GRPOConfig, PPOConfig
 from rlhf_jax.steps.common import jit_step
-from rlhf_jax.train.data import (batches_from, eval_batches, load_run_data, load_split, saved_tokenizer,
+from rlhf_jax.train.data import (HeldOut, batches_from, held_out_batches, load_run_data, load_split, saved_tokenizer,
                                  train_batches)
 from rlhf_jax.train.evals import make_policy_eval
 from rlhf_jax.train.off_policy import (Lookahead, OffPolicyConfig, check_devices, check_off_policy, policy_staleness,
@@ -143,6 +143,10 @@ def _check_rl(config, *, group_size: int) -> None:
                           f"values whose product divides {n}")
     if config.data.pack:
         raise ConfigError("data.pack must be false for RL prompt batches")
+    buffer, longest = config.rewards.overlong_buffer, config.rollout.max_new_tokens
+    if "overlong" in config.rewards.functions and not 0 < buffer <= longest:
+        raise ConfigError(f"rewards.overlong_buffer {buffer} must be in [1, rollout.max_new_tokens={longest}] (the "
+                          "'overlong' reward's linear zone ends at the longest completion)")
     if config.rollout.dynamic_sampling and group_size < 2:
         raise ConfigError(f"rollout.dynamic_sampling drops groups whose rewards are all equal, and this run samples "
                           f"{group_size} completion per prompt (PPO, or algorithm.group_size 1), so it would never "
@@ -302,8 +306,10 @@ def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[st
     return collector, gold
 
 
-def policy_eval(config, data, collector: RolloutCollector, gold, ref_logps=None, mesh=None, policy_logps=None):
-    """`(policy LM params, reference or None) -> metrics` on `data.eval`'s first `train.eval_batches` batches.
+def policy_eval(config, data, collector: RolloutCollector, gold, ref_logps=None, mesh=None, policy_logps=None, *,
+                held_out: HeldOut | None = None):
+    """`(policy LM params, reference or None) -> metrics` on `data.eval`'s first `train.eval_batches` batches
+    (`held_out`: those batches already built by `held_out_batches`, whose counts the trainer shows).
 
     `ref_logps` (`_reference_logps` on `mesh`) gives `eval/kl`, with `policy_logps` (the same pass
     over the plain policy) for its policy side where the sampler's numerics differ; the samples are
@@ -311,14 +317,15 @@ def policy_eval(config, data, collector: RolloutCollector, gold, ref_logps=None,
     """
     if data.eval is None:
         return None
-    held_out = eval_batches(data.eval, config.data, max_batches=config.train.eval_batches)
+    if held_out is None:
+        held_out = held_out_batches(data.eval, config.data, max_batches=config.train.eval_batches)
 
     def on_rows(logps):
         if logps is None:
             return None
         return lambda params, *rows: sh.apply_to_local_rows(lambda *a: logps(params, *a), rows, mesh=mesh,
                                                             strategy=config.mesh.strategy)
-    return make_policy_eval(collector, held_out, key=jax.random.key(config.seed), gold=gold,
+    return make_policy_eval(collector, held_out.batches, key=jax.random.key(config.seed), gold=gold,
                             ref_logps=on_rows(ref_logps), policy_logps=on_rows(policy_logps))
 
 
@@ -426,13 +433,15 @@ def _trainer(ctx: Context) -> Trainer:
     if sampler_numerics_differ(config, algorithm.sampling_model):  # the reference's pass when the model is the same
         policy_logps = ref_logps if algorithm.sampling_model is algorithm.reference_model else _reference_logps(
             algorithm.sampling_model, config.algorithm, mesh, strategy)
-    evaluate_params = policy_eval(config, ctx.data, collector, gold, ref_logps, mesh, policy_logps)
+    held_out = None if ctx.data.eval is None else held_out_batches(ctx.data.eval, config.data,
+                                                                   max_batches=config.train.eval_batches)
+    evaluate_params = policy_eval(config, ctx.data, collector, gold, ref_logps, mesh, policy_logps, held_out=held_out)
     evaluate = None if evaluate_params is None else (
         lambda state: evaluate_params(algorithm.sampling_params(state.policy.params), algorithm.reference_params(state)))
     extras = lambda: {"data": batches.get_state(),  # noqa: E731
                       **({} if ptx_batches is None else {"ptx": ptx_batches.get_state()})}
     return Trainer(step=off_policy_step if off_policy.enabled else rl_step, batches=batches, extras=extras,
-                   evaluate=evaluate)
+                   evaluate=evaluate, held_out=held_out)
 
 
 _PROGRESS = ("reward", "kl", "time/generate", "time/reward", "time/reference", "time/update")

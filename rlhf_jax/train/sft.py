@@ -26,7 +26,7 @@ from rlhf_jax.models import CausalLM
 from rlhf_jax.steps import make_sft_loss, make_sft_step
 from rlhf_jax.steps.sequences import causal_targets
 from rlhf_jax.steps.supervised import SFT_KEYS
-from rlhf_jax.train.data import eval_batches
+from rlhf_jax.train.data import held_out_batches
 from rlhf_jax.train.evals import make_weighted_eval
 from rlhf_jax.train.recipe import Context, Recipe, run
 from rlhf_jax.train.adapters import make_model
@@ -88,13 +88,13 @@ def _build(config: SFTConfig, mesh):
 
 
 def _trainer(ctx: Context):
-    config, evaluate = ctx.config, None
+    config, evaluate, held_out = ctx.config, None, None
     if ctx.data.eval is not None:
-        held_out = eval_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
-        evaluate = make_sft_eval(ctx.program.parts["model"], held_out, mesh=ctx.mesh, strategy=config.mesh.strategy,
-                                 micro_batches=config.train.micro_batches,
+        held_out = held_out_batches(ctx.data.eval, config.data, max_batches=config.train.eval_batches)
+        evaluate = make_sft_eval(ctx.program.parts["model"], held_out.batches, mesh=ctx.mesh,
+                                 strategy=config.mesh.strategy, micro_batches=config.train.micro_batches,
                                  logits_chunk_size=config.algorithm.logits_chunk_size)
-    return supervised_trainer(ctx, evaluate=evaluate)
+    return supervised_trainer(ctx, evaluate=evaluate, held_out=held_out)
 
 
 RECIPE = Recipe(name="sft", data_kind=lambda config: "sft", build=_build, trainer=_trainer,

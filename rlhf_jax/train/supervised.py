@@ -17,7 +17,7 @@ from rlhf_jax.models import CausalLM, LoraLM
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.state import TrainState, abstract_train_state, create_train_state, train_state_from_params
 from rlhf_jax.steps.common import jit_step, model_state_shardings
-from rlhf_jax.train.data import batches_from, device_batch, train_batches
+from rlhf_jax.train.data import HeldOut, batches_from, device_batch, train_batches
 from rlhf_jax.train.recipe import Context, Program, Trainer
 from rlhf_jax.train.adapters import params_from_items, params_items
 from rlhf_jax.train.weights import starting_params
@@ -111,7 +111,8 @@ def model_program(config, mesh: Mesh, *, model: CausalLM | LoraLM, update: Calla
 
 
 def supervised_trainer(ctx: Context, *, evaluate: Callable[[Any], Mapping[str, float]] | None = None,
-                       frozen: tuple = (), prepare: Callable[[dict, Any], dict] | None = None) -> Trainer:
+                       frozen: tuple = (), prepare: Callable[[dict, Any], dict] | None = None,
+                       held_out: HeldOut | None = None) -> Trainer:
     """The trainer of a one-model family: host batch -> device -> `program.step(state, batch, *frozen)`.
 
     Args:
@@ -120,6 +121,7 @@ def supervised_trainer(ctx: Context, *, evaluate: Callable[[Any], Mapping[str, f
       frozen: concrete frozen arguments of the step (e.g. reference parameters).
       prepare: `(host batch, iterator) -> host batch`, run before the transfer (e.g. adding
         precomputed per-example arrays; the iterator's `last_rows` name the batch's examples).
+      held_out: what `evaluate` reads of the held-out set (shown in the console's eval lines).
     """
     config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
     batches = batches_from(train_batches(ctx.data.train, config.data), ctx.extras)
@@ -131,4 +133,4 @@ def supervised_trainer(ctx: Context, *, evaluate: Callable[[Any], Mapping[str, f
         return step(state, device_batch(batch, mesh, strategy), *frozen)
 
     return Trainer(step=step_fn, batches=batches, extras=lambda: {"data": batches.get_state()},
-                   evaluate=None if evaluate is None else (lambda state: evaluate(state.params)))
+                   evaluate=None if evaluate is None else (lambda state: evaluate(state.params)), held_out=held_out)
