@@ -1,5 +1,5 @@
-"""What a run's console, metrics.jsonl and TensorBoard files say: the held-out share each `eval @ step N`
-line reports, step numbering."""
+"""What a run's console says about its evaluations: the held-out share each `eval @ step N` line reports,
+for an SFT run and a reward-model run, and the counts `held_out_batches` takes them from."""
 
 import dataclasses
 import re
