@@ -5,7 +5,8 @@
         buffer metrics                                  # no host sync
         wait for step s - 8 to finish                   # at most 8 steps in flight (`InFlight`)
         every logging.every steps: fetch, write, check the NaN/Inf guard's flags
-        every train.eval_every steps: evaluate(state) -> "eval/..." metrics
+        every train.eval_every steps (and at the end): evaluate(state) -> "eval/..." metrics,
+            and a console line `eval @ step N (Xs, K of M held-out examples): ...`
         every checkpoint.every steps: save (asynchronously)
         on SIGTERM / SIGINT: finish this step, save, return
 

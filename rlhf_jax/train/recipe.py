@@ -137,7 +137,7 @@ class Recipe:
     Attributes:
       name: the family's name (reports, errors).
       data_kind: `config -> "sft" | "preference" | "unpaired" | "prompt"`, the kind of `data.train`
-        and `data.eval`.
+        and `data.eval` (the PRM's "steps", read by its own `load_data`).
       build: `(config, mesh) -> Program`: models, state spec and jitted step; reads no data.
       trainer: `Context -> Trainer`: the host side (data to device, sampling, evaluation).
       progress_keys: metrics shown on the progress bar.

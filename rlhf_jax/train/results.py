@@ -1,5 +1,6 @@
 """Results of an experiment: a JSON summary and a PNG plot beside the run's metrics.
 
+    from rlhf_jax.metrics import read_jsonl
     write_json(run.file("results.json"), {...})
     plot_metrics(run.file("results.png"), read_jsonl(run.file("metrics.jsonl")),
                  [Panel("held-out accuracy", ("eval/accuracy",), target=0.9)], title="Reward Model Validation")
