@@ -69,6 +69,15 @@ def _check_positive_int(owner: str, name: str, value: Any, *, allow_none: bool =
         raise ConfigError(f"{owner}.{name} must be a positive int, got {value!r}")
 
 
+def _check_bools(owner: str, config: Any) -> None:
+    """Raise ConfigError naming `owner.name` for a `bool` field of `config` that holds anything but
+    True or False: a Python value such as "false" or 2 would read as true."""
+    for name, tp in _hints(type(config)).items():
+        value = getattr(config, name)
+        if tp is bool and not isinstance(value, (bool, np.bool_)):
+            raise ConfigError(f"{owner}.{name} must be true or false, got {value!r}")
+
+
 # --------------------------------------------------------------------------------------- sections
 
 
@@ -97,7 +106,7 @@ class TrainConfig:
         _check_positive_int("train", "steps", self.steps)
         _check_positive_int("train", "eval_batches", self.eval_batches)
         _check_positive_int("train", "micro_batches", self.micro_batches)
-        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+        if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 0:
             raise ConfigError(f"train.eval_every must be an int >= 0, got {self.eval_every!r}")
         check_choice("train", "nonfinite", self.nonfinite, NonFinitePolicy)
 
@@ -133,10 +142,10 @@ class CheckpointConfig:
     on_corrupt: Literal["fallback", "raise"] = "fallback"
 
     def __post_init__(self):
-        if not isinstance(self.every, int) or self.every < 0:
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 0:
             raise ConfigError(f"checkpoint.every must be an int >= 0, got {self.every!r}")
         _check_positive_int("checkpoint", "keep", self.keep)
-        if not isinstance(self.keep_best, int) or self.keep_best < 0:
+        if not isinstance(self.keep_best, int) or isinstance(self.keep_best, bool) or self.keep_best < 0:
             raise ConfigError(f"checkpoint.keep_best must be an int >= 0, got {self.keep_best!r}")
         if self.keep_best and not self.best_metric:
             raise ConfigError("checkpoint.keep_best > 0 needs checkpoint.best_metric (an eval metric name)")
@@ -145,6 +154,7 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.init_from must be a path or None (random init), got {self.init_from!r}")
         check_choice("checkpoint", "best_mode", self.best_mode, Literal["max", "min"])
         check_choice("checkpoint", "on_corrupt", self.on_corrupt, Literal["fallback", "raise"])
+        _check_bools("checkpoint", self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -170,6 +180,7 @@ class LoggingConfig:
 
     def __post_init__(self):
         _check_positive_int("logging", "every", self.every)
+        _check_bools("logging", self)
 
 
 # ------------------------------------------------------------------------------ type-driven parsing

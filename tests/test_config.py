@@ -374,3 +374,131 @@ def test_every_experiment_config_round_trips_through_json_with_its_types():
             cfg = experiment_config(module, arg, [])
             back = from_dict(type(cfg), json.loads(json.dumps(to_dict(cfg))))
             assert _same(back, cfg), (path, arg)
+
+
+_SPLIT = ("data.batch_size: batch size {b} is not divisible by {need} = 8 data-parallel shards (mesh {{'data': 8, "
+          "'fsdp': 1, 'tensor': 1}}, strategy 'dp') x train.micro_batches {m}; use a multiple of {need}, or change "
+          "train.micro_batches or the mesh")
+
+
+@pytest.mark.parametrize("batch_size,micro_batches,need", [(12, 1, 8), (16, 4, 32)])
+def test_a_batch_size_the_mesh_and_micro_batches_do_not_split_is_refused_with_the_data(batch_size, micro_batches,
+                                                                                          need):
+    """It failed at the first train step (or when the evaluations were placed), after the step-0
+    evaluation had compiled and run, with a ShardingError naming neither key; the data load refuses it."""
+    from rlhf_jax.train import tiny_stages
+    from rlhf_jax.train.data import load_run_data
+
+    config = override(tiny_stages.sft_tiny("split"), ["data.num_train=64", "data.num_eval=16",
+                                                      f"data.batch_size={batch_size}",
+                                                      f"train.micro_batches={micro_batches}"])
+    with pytest.raises(ConfigError) as e:
+        load_run_data(config, "sft")
+    assert str(e.value) == _SPLIT.format(b=batch_size, need=need, m=micro_batches)
+    load_run_data(override(config, [f"data.batch_size={need}"]), "sft")  # a multiple loads
+    load_run_data(config, "prompt")  # prompt runs batch their samples their own way
+
+
+@pytest.mark.parametrize("section,assignment,message", [
+    ("data", {"seq_len": math.nan}, "data.seq_len must be a positive int, got nan"),
+    ("data", {"seed": -1}, "data.seed must be an int >= 0, got -1"),
+    ("run", {"seed": None}, "seed must be an int, got None"),
+    ("run", {"seed": 1.5}, "seed must be an int, got 1.5"),
+    ("rewards", {"missing_eos_penalty": math.inf}, "rewards.missing_eos_penalty must be a finite number >= 0, got inf"),
+    ("rewards", {"missing_eos_penalty": None}, "rewards.missing_eos_penalty must be a finite number >= 0, got None"),
+    ("rewards", {"overlong_buffer": -1}, "rewards.overlong_buffer must be a positive int, got -1"),
+    ("rewards", {"overlong_buffer": 2.5}, "rewards.overlong_buffer must be a positive int, got 2.5"),
+    ("dpo", {"logits_chunk_size": 1.5}, "logits_chunk_size must be a positive int or None, got 1.5"),
+])
+def test_values_of_the_wrong_type_or_range_set_in_an_experiment_module_are_refused(section, assignment, message):
+    """Python values an experiment module writes (the command line parses by type first): each was
+    accepted and failed later in numpy/JAX without the key (data.seed, seed), ran with a wrong value
+    (seq_len nan, an infinite penalty), or was used only by an unused reward (overlong_buffer)."""
+    from rlhf_jax.rewards.registry import RewardConfig
+    from rlhf_jax.train.dpo import DPOConfig
+    from rlhf_jax.train.run_config import DataConfig, RunConfig
+
+    make = {"data": DataConfig, "run": lambda **kw: RunConfig(name="x", **kw), "rewards": RewardConfig,
+            "dpo": lambda **kw: DPOConfig(name="x", **kw)}[section]
+    with pytest.raises(ConfigError) as e:
+        make(**assignment)
+    assert str(e.value) == message
+
+
+def _data_config(**kwargs):
+    from rlhf_jax.train.run_config import DataConfig
+
+    return DataConfig(**kwargs)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: CheckpointConfig(resume="false"), "checkpoint.resume must be true or false, got 'false'"),
+    (lambda: LoggingConfig(jsonl=0.0), "logging.jsonl must be true or false, got 0.0"),
+    (lambda: _data_config(shuffle="no"), "data.shuffle must be true or false, got 'no'"),
+    (lambda: TrainConfig(eval_every=True), "train.eval_every must be an int >= 0, got True"),
+    (lambda: CheckpointConfig(every=True), "checkpoint.every must be an int >= 0, got True"),
+])
+def test_a_bool_field_given_another_value_in_python_is_refused(make, message):
+    """`resume="false"` (or any non-empty string, or 2) read as true: the setting was silently reversed;
+    and a bool where a count belongs (`eval_every=True`) ran as 1."""
+    with pytest.raises(ConfigError) as e:
+        make()
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("kl_coef", math.inf, "algorithm.kl_coef must be a finite number >= 0, got inf"),
+    ("entropy_coef", "0.01", "algorithm.entropy_coef must be a finite number >= 0, got '0.01'"),
+    ("temperature", math.inf, "algorithm.temperature must be a finite number > 0, got inf"),
+    ("vf_coef", math.inf, "algorithm.vf_coef must be a finite number >= 0, got inf"),
+])
+def test_policy_gradient_coefficients_must_be_finite(field, value, message):
+    """A Python inf (the command line refuses it) made every loss non-finite: the NaN/Inf guard then
+    skipped every update and the run trained nothing; a string failed on a comparison, unnamed."""
+    from rlhf_jax.steps import GRPOConfig, PPOConfig
+
+    cls = PPOConfig if field == "vf_coef" else GRPOConfig
+    with pytest.raises(ConfigError) as e:
+        cls(**{field: value})
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: _objective("DPO", beta=math.inf), "algorithm.beta (DPO) must be a finite number, got inf"),
+    (lambda: _objective("SimPO", nll_weight=math.inf), "algorithm.nll_weight (SimPO) must be a finite number, got inf"),
+    (lambda: _objective("KTO", desirable_weight="1"),
+     "algorithm.desirable_weight (KTO) must be a finite number, got '1'"),
+    (lambda: _sample_eval(temperature=math.inf), "sampling.temperature must be a finite number > 0, got inf"),
+])
+def test_preference_objective_coefficients_must_be_finite_numbers(make, message):
+    with pytest.raises(ConfigError) as e:
+        make()
+    assert str(e.value) == message
+
+
+def _objective(name, **kwargs):
+    from rlhf_jax import steps
+
+    return getattr(steps, name)(**kwargs)
+
+
+def _sample_eval(**kwargs):
+    from rlhf_jax.train.dpo import SampleEvalConfig
+
+    return SampleEvalConfig(**kwargs)
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("data.train=", "data.train must be a path or synthetic:NAME, got ''"),
+    ("data.eval= ", "data.eval must be a path or synthetic:NAME or None, got ' '"),
+    ("data.tokenizer=", "data.tokenizer must be \"offline\" or a tokenizer directory, got ''"),
+])
+def test_an_empty_data_source_or_tokenizer_is_refused_with_the_config(assignment, message):
+    """`--set data.train=$TRAIN` with the variable unset: it failed when the data was read, the
+    tokenizer's without the key."""
+    from rlhf_jax.train.run_config import RunConfig
+
+    with pytest.raises(ConfigError) as e:
+        override(RunConfig(name="x"), [assignment])
+    assert str(e.value) == f"--set {assignment}: {message}"
+    assert override(RunConfig(name="x"), ["data.eval=none"]).data.eval is None

@@ -10,11 +10,13 @@ metrics by `rlhf_jax.losses.preference_metrics`). The math itself is in `rlhf_ja
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax._checks import is_number
 from rlhf_jax.config import ConfigError
 from rlhf_jax.losses import dpo_loss, orpo_loss, simpo_loss
 from rlhf_jax.losses.preference import DPOLossType
@@ -54,13 +56,22 @@ def _fail(owner: str, name: str, message: str):
 
 
 def _positive(owner: str, name: str, value: float) -> None:
+    _finite(owner, name, value)
     if not value > 0:
         _fail(owner, name, f"must be > 0, got {value!r}")
 
 
 def _nonnegative(owner: str, name: str, value: float) -> None:
+    _finite(owner, name, value)
     if not value >= 0:
         _fail(owner, name, f"must be >= 0, got {value!r}")
+
+
+def _finite(owner: str, name: str, value: float) -> None:
+    """A number (a string failed on the comparison without the key) other than +-inf (every loss would
+    be non-finite, and the NaN/Inf guard would skip every update); nan is left to the range checks."""
+    if not is_number(value) or value in (math.inf, -math.inf):
+        _fail(owner, name, f"must be a finite number, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

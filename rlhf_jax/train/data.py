@@ -184,11 +184,23 @@ class RunData:
     eval: TokenizedDataset | None
 
 
-def check_batch_size(dataset: TokenizedDataset | ShardedDataset | None, data: DataConfig) -> None:
-    """Raise ConfigError when the training set has fewer examples than one global batch (`data.batch_size`).
+def check_batch_size(dataset: TokenizedDataset | ShardedDataset | None, data: DataConfig, *, mesh=None,
+                     strategy: str | None = None, micro_batches: int = 1) -> None:
+    """Raise ConfigError when the training set has fewer examples than one global batch (`data.batch_size`),
+    or, given the run's `mesh` and `strategy`, when that batch does not split into the mesh's data-parallel
+    shards x `micro_batches` (`train.micro_batches`): the step and the evaluations would refuse it only
+    once they are built (after the step-0 evaluation has run).
 
     Epochs run into each other, so a smaller set would fill every batch with copies of its examples.
     """
+    if mesh is not None:
+        ways = sh.batch_axis_size(mesh, strategy)
+        need = ways * micro_batches
+        if data.batch_size % need:
+            raise ConfigError(f"data.batch_size: batch size {data.batch_size} is not divisible by {need} = {ways} "
+                              f"data-parallel shards (mesh {dict(mesh.shape)}, strategy {strategy!r}) x "
+                              f"train.micro_batches {micro_batches}; use a multiple of {need}, or change "
+                              "train.micro_batches or the mesh")
     if dataset is None or len(dataset) >= data.batch_size:
         return
     hint = " or raise data.num_train" if data.task("train") is not None else ""
@@ -203,11 +215,16 @@ def load_run_data(config, kind: Kind, *, tokenize: TokenizeConfig | None = None,
     (tokenized by `tokenize`, default `config.data.tokenize`; `tokenizer`: `data.tokenizer` already
     loaded).
 
-    Raises ConfigError when the training split has fewer examples than `data.batch_size`.
+    Raises ConfigError when the training split has fewer examples than `data.batch_size`, or (but for
+    prompt runs) when `data.batch_size` does not split into `config.mesh`'s data-parallel shards x
+    `train.micro_batches`.
     """
     tokenizer = make_tokenizer(config.data.tokenizer) if tokenizer is None else tokenizer
     check_vocab(tokenizer, config.model)
     train = load_split(config.data, kind=kind, which="train", tokenizer=tokenizer, tokenize=tokenize)
-    check_batch_size(train, config.data)
+    # Runs that read prompts (RL, online DPO, best-of-n) batch their samples their own way.
+    mesh = None if kind == "prompt" else config.mesh.make_mesh()
+    check_batch_size(train, config.data, mesh=mesh, strategy=config.mesh.strategy,
+                     micro_batches=config.train.micro_batches)
     return RunData(tokenizer, train, load_split(config.data, kind=kind, which="eval", tokenizer=tokenizer,
                                                 tokenize=tokenize))

@@ -17,11 +17,11 @@ With a `lora` section the policy trains adapters on the frozen starting weights,
 forward runs that base with the adapters off (`make_dpo_step(reference="base")`): no second copy.
 
 Training metrics (TRL's names): `loss`, `rewards/chosen`, `rewards/rejected`,
-`rewards/accuracies` (paired), `rewards/margins`, `logps/chosen`, `logps/rejected`, `kl`,
-`count/chosen`, `count/rejected` (KTO), `grad_norm`, `learning_rate`. Evaluation: on held-out
-pairs `eval/rewards/accuracies`, `eval/rewards/margins`, `eval/loss`, ... (KTO, on held-out unpaired
-examples: `eval/loss`, `eval/rewards/chosen`, `eval/rewards/rejected`, `eval/kl`, ...); when the data is a synthetic task
-with a gold reward, samples from the policy on held-out prompts: `eval/gold_reward` and
+`rewards/accuracies` (paired), `rewards/margins`, `logps/chosen`, `logps/rejected`, `nll_loss` (with
+an NLL term), ORPO's `log_odds_ratio`, KTO's `kl`, `count/chosen`, `count/rejected`, `grad_norm`,
+`learning_rate`. Evaluation: on held-out pairs `eval/rewards/accuracies`, `eval/rewards/margins`,
+`eval/loss`, ... (KTO, on held-out unpaired examples: `eval/loss`, `eval/rewards/chosen`,
+`eval/rewards/rejected`, `eval/kl`, ...); when the data is a synthetic task with a gold reward, samples from the policy on held-out prompts: `eval/gold_reward` and
 `eval/gold_win_rate` (share of prompts where the policy's sample beats the reference policy's, ties
 counting half).
 """
@@ -29,6 +29,7 @@ counting half).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import jax
@@ -88,8 +89,9 @@ class SampleEvalConfig:
             raise ConfigError(f"sampling.num_prompts must be an int >= 0, got {self.num_prompts!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"sampling.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not self.temperature > 0:
-            raise ConfigError(f"sampling.temperature must be > 0, got {self.temperature!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0 < self.temperature < math.inf:
+            raise ConfigError(f"sampling.temperature must be a finite number > 0, got {self.temperature!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,7 +120,9 @@ class DPOConfig(RunConfig):
         if not isinstance(self.algorithm, (DPO, SimPO, ORPO, KTO)):
             raise ConfigError(f"algorithm must be DPO, SimPO, ORPO or KTO, got {type(self.algorithm).__name__}")
         check_choice("", "reference", self.reference, ReferenceMode)
-        if self.logits_chunk_size is not None and self.logits_chunk_size < 1:
+        if self.logits_chunk_size is not None and (not isinstance(self.logits_chunk_size, int)
+                                                   or isinstance(self.logits_chunk_size, bool)
+                                                   or self.logits_chunk_size < 1):
             raise ConfigError(f"logits_chunk_size must be a positive int or None, got {self.logits_chunk_size!r}")
         if self.shared_prefix_len is not None and (not isinstance(self.shared_prefix_len, int)
                                                    or isinstance(self.shared_prefix_len, bool)

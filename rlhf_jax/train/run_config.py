@@ -15,7 +15,8 @@ import dataclasses
 import os
 from typing import Literal
 
-from rlhf_jax.config import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig, check_choice
+from rlhf_jax.config import (CheckpointConfig, ConfigError, LoggingConfig, TrainConfig, _check_bools,
+                             _check_positive_int, check_choice)
 from rlhf_jax.data import TokenizeConfig
 from rlhf_jax.data.formats import resolve_prompt_template
 from rlhf_jax.data.synthetic import ArithmeticTask, VowelTask
@@ -46,7 +47,9 @@ class DataConfig:
       string_format: "plain" text or "chat" (string prompts/completions rendered with the template).
       prompt_template: RL prompt rows only: a text with one `{prompt}` field that each prompt (or its
         last user message) is put into, a name of `rlhf_jax.data.formats.PROMPT_TEMPLATES` ("gsm8k", "math_boxed"); None: prompts as written.
-      batch_size: rows per step on this host (global batch = this x hosts).
+      batch_size: rows (RL: prompts) per step, all hosts together (each host reads batch_size / hosts
+        of them). Except in runs that read prompts, it must split into the mesh's data-parallel
+        shards x `train.micro_batches`.
       seq_len: tokens per row (default `max_len`; larger rows hold more packed examples).
       pack: pack several examples per row (segment ids; attention never crosses them).
       max_segments: the most examples per packed row.
@@ -91,18 +94,27 @@ class DataConfig:
             TokenizeConfig(max_len=self.max_len, max_prompt_len=self.max_prompt_len)  # its own checks
         except ValueError as e:
             raise ConfigError(str(e).replace("TokenizeConfig.", "data.")) from None
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"data.seed must be an int >= 0, got {self.seed!r}")
+        _check_positive_int("data", "seq_len", self.seq_len, allow_none=True)
         if self.seq_len is not None and self.seq_len < self.max_len:
             raise ConfigError(f"data.seq_len ({self.seq_len}) must be >= data.max_len ({self.max_len}) or None")
         check_choice("data", "truncation", self.truncation, Literal["keep_start", "keep_end"])
         check_choice("data", "string_format", self.string_format, Literal["plain", "chat"])
         check_choice("data", "on_error", self.on_error, Literal["raise", "skip"])
+        _check_bools("data", self)
         try:
             resolve_prompt_template(self.prompt_template, "data.prompt_template")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for name in ("train", "eval"):
+        for name, what in (("train", "a path or synthetic:NAME"), ("eval", "a path or synthetic:NAME or None"),
+                           ("tokenizer", '"offline" or a tokenizer directory')):
             value = getattr(self, name)
-            if isinstance(value, str) and value.startswith("synthetic:") and value[10:] not in SYNTHETIC_TASKS:
+            if value is None and name == "eval":
+                continue
+            if not isinstance(value, str) or not value.strip():  # e.g. `--set data.train=$TRAIN`, the variable unset
+                raise ConfigError(f"data.{name} must be {what}, got {value!r}")
+            if name != "tokenizer" and value.startswith("synthetic:") and value[10:] not in SYNTHETIC_TASKS:
                 raise ConfigError(f"data.{name}: unknown synthetic task {value!r}; known: "
                                   f"{['synthetic:' + k for k in SYNTHETIC_TASKS]}")
 
@@ -162,6 +174,8 @@ class RunConfig:
     def __post_init__(self):
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a non-empty string without '/', got {self.name!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an int, got {self.seed!r}")
 
     @property
     def run_dir(self) -> str:
