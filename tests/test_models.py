@@ -424,6 +424,25 @@ def test_bad_inputs_raise_naming_the_argument():
         ModelConfig(vocab_size=8)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"rope_theta": -1.0}, "rope_theta must be a finite number > 0, got -1.0"),
+    ({"rope_theta": float("nan")}, "rope_theta must be a finite number > 0, got nan"),
+    ({"rms_norm_eps": float("inf")}, "rms_norm_eps must be a finite number >= 0, got inf"),
+    ({"initializer_range": -0.1}, "initializer_range must be a finite number >= 0, got -0.1"),
+    ({"bos_token_id": -1}, r"bos_token_id must be a token id \(an int >= 0\) or None, got -1"),
+    ({"pad_token_id": 1.5}, r"pad_token_id must be a token id \(an int >= 0\) or None, got 1.5"),
+    ({"eos_token_id": (2, -3)}, r"eos_token_id must be a token id \(an int >= 0\), a tuple of them or None"),
+    ({"sliding_window": 1.5}, "sliding_window must be a positive int or None, got 1.5"),
+    ({"qk_norm": "false"}, "qk_norm must be true or false, got 'false'"),
+])
+def test_model_config_refuses_values_that_would_build_a_wrong_model(change, message):
+    """These were accepted: a negative RoPE base or a NaN epsilon gives NaN logits, a negative or float
+    token id a wrong stop or pad, "false" a true flag."""
+    with pytest.raises(ValueError, match="ModelConfig." + message):
+        tiny_config(**change)
+    assert tiny_config(rope_theta=1_000_000, eos_token_id=(1, 2)).eos_token_id == (1, 2)
+
+
 def test_dense_gradient_equals_matmul_autodiff():
     """`dense` (custom VJP with a materialised transpose) has x @ w's value and both gradients."""
     from rlhf_jax.models.layers import dense

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, get_args
 
 import jax.numpy as jnp
+import numpy as np
 
 ModelType = Literal["llama", "mistral", "qwen2", "qwen3"]
 DType = Literal["float32", "bfloat16"]
@@ -99,8 +101,23 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
+        if self.sliding_window is not None and not _is_int(self.sliding_window, low=1):
+            raise ValueError(f"ModelConfig.sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        for name, low in (("rope_theta", 0.0), ("rms_norm_eps", 0.0), ("initializer_range", 0.0)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or value < low or (name == "rope_theta" and value == 0):
+                want = "> 0" if name == "rope_theta" else ">= 0"
+                raise ValueError(f"ModelConfig.{name} must be a finite number {want}, got {value!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "qk_norm", "scan_layers"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if name == "eos_token_id" and isinstance(value, (tuple, list)) else (value,)
+            if value is not None and not all(_is_int(i, low=0) for i in ids):
+                what = "a token id (an int >= 0)" + (", a tuple of them" if name == "eos_token_id" else "")
+                raise ValueError(f"ModelConfig.{name} must be {what} or None, got {value!r}")
 
     @property
     def jnp_param_dtype(self):
@@ -117,6 +134,10 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _is_int(value, *, low: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
 
 
 def _check_literal(name, value, literal):
