@@ -270,6 +270,12 @@ def test_prompt_template_puts_each_prompt_in_its_field():
         DataConfig(prompt_template="Answer:")
     with pytest.raises(ValueError, match="TokenizeConfig.prompt_template"):
         TokenizeConfig(max_len=8, prompt_template="{prompt}{prompt}")
+    # True passed as an int (a prompt of 1 token); now named
+    with pytest.raises(ValueError, match=r"TokenizeConfig.max_prompt_len must be None or an int in \[1, "
+                                         r"max_len=8\), got True"):
+        TokenizeConfig(max_len=8, max_prompt_len=True)
+    with pytest.raises(ConfigError, match=r"data.max_prompt_len must be None or an int in \[1, max_len=8\), got True"):
+        DataConfig(max_len=8, max_prompt_len=True)
 
 
 # Messages say what was found (issue 22): a null column is "null", not "missing" while listed as found.

@@ -139,6 +139,10 @@ def test_task_config_validation_names_the_field():
         VowelTask(pair_vowel_share=(0.6, 0.2))
     with pytest.raises(ValueError, match="VowelTask.target_vowel_share"):
         VowelTask(target_vowel_share=1.0)
+    for field in ("relevance_bonus", "length_penalty", "run_penalty", "min_gap"):  # nan and inf were accepted
+        for bad in (float("nan"), float("inf"), -1.0):
+            with pytest.raises(ValueError, match=rf"VowelTask.{field} must be a finite number >= 0, got"):
+                VowelTask(**{field: bad})
 
 
 def test_an_unreachable_min_gap_is_an_error_not_a_hang(monkeypatch):

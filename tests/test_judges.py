@@ -64,6 +64,9 @@ def test_templates_name_the_missing_placeholder():
         PointwiseTemplate(text="{prompt}{response}{answer}")
     with pytest.raises(ConfigError, match=r"principles are set but the template has no \{principle\}"):
         PairwiseTemplate(text="{prompt}{response_a}{response_b}", principles=("be brief",))
+    for bad in ("be brief", ("be brief", ""), ("be brief", 3)):   # a string was read letter by letter
+        with pytest.raises(ConfigError, match=r"principles must be a list of non-empty principle texts, got"):
+            PairwiseTemplate(text="{prompt}{response_a}{response_b}{principle}", principles=bad)
     with pytest.raises(ConfigError, match="judge.template.values"):
         PointwiseTemplate(ratings=("good", "bad"))
     assert PairwiseTemplate(text="{prompt}|{response_a}|{response_b}|{principle}").render("p", "x", "y", "kind") == \

@@ -180,8 +180,8 @@ class VowelTask:
         if not 0 < self.target_vowel_share < 1:
             raise ValueError(f"{name}.target_vowel_share must be in (0, 1), got {self.target_vowel_share!r}")
         for field in ("relevance_bonus", "length_penalty", "run_penalty", "min_gap"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)!r}")
+            if not 0 <= getattr(self, field) < np.inf:  # a NaN or infinite gold reward ranks nothing
+                raise ValueError(f"{name}.{field} must be a finite number >= 0, got {getattr(self, field)!r}")
         if not 1 <= self.min_good_len <= self.max_good_len:
             raise ValueError(
                 f"{name}: need 1 <= min_good_len <= max_good_len, got {self.min_good_len}, {self.max_good_len}"

@@ -114,10 +114,11 @@ class TokenizeConfig:
     tools: tuple[Mapping[str, Any], ...] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_len, int) or self.max_len < 2:
+        if not isinstance(self.max_len, int) or isinstance(self.max_len, bool) or self.max_len < 2:
             raise ValueError(f"TokenizeConfig.max_len must be an int >= 2, got {self.max_len!r}")
         if self.max_prompt_len is not None and (
-            not isinstance(self.max_prompt_len, int) or not 1 <= self.max_prompt_len < self.max_len
+            not isinstance(self.max_prompt_len, int) or isinstance(self.max_prompt_len, bool)
+            or not 1 <= self.max_prompt_len < self.max_len
         ):
             raise ValueError(
                 f"TokenizeConfig.max_prompt_len must be None or an int in [1, max_len={self.max_len}), "

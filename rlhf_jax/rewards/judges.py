@@ -71,6 +71,9 @@ def check_template(key: str, text: str, *, required: Sequence[str], optional: Se
         raise ConfigError(f"{key}: the template lacks the placeholder {{{missing[0]}}} (it needs "
                           f"{', '.join('{' + f + '}' for f in required)}): {text[:60]!r}")
     unknown = sorted(fields - set(required) - set(optional))
+    if isinstance(principles, str) or not all(isinstance(p, str) and p.strip() for p in principles):
+        # a plain string would be judged character by character, one "principle" per letter
+        raise ConfigError(f"{key}: principles must be a list of non-empty principle texts, got {principles!r}")
     if principles and not fields & {"principle", "principle_clause"}:
         raise ConfigError(f"{key}: principles are set but the template has no {{principle}} or {{principle_clause}}")
     if unknown:
