@@ -399,6 +399,20 @@ def test_a_batch_size_the_mesh_and_micro_batches_do_not_split_is_refused_with_th
     load_run_data(config, "prompt")  # prompt runs batch their samples their own way
 
 
+def test_a_prm_batch_size_the_mesh_does_not_split_is_refused_before_its_data_loads():
+    """The PRM recipe reads its step data its own way (`prm._load`) and did not check the split."""
+    from rlhf_jax.train import prm
+
+    from rlhf_jax.sharding import MeshConfig
+    from rlhf_jax.train.run_config import DataConfig
+
+    config = prm.PRMConfig(name="split", mesh=MeshConfig(strategy="dp"),  # the file is missing: refused first
+                           data=DataConfig(train="missing/steps.jsonl", eval=None, batch_size=12))
+    with pytest.raises(ConfigError) as e:
+        prm._load(config)
+    assert str(e.value) == _SPLIT.format(b=12, need=8, m=1)
+
+
 @pytest.mark.parametrize("section,assignment,message", [
     ("data", {"seq_len": math.nan}, "data.seq_len must be a positive int, got nan"),
     ("data", {"seed": -1}, "data.seed must be an int >= 0, got -1"),

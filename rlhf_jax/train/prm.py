@@ -39,7 +39,7 @@ from rlhf_jax.rewards.base import RewardInputs
 from rlhf_jax.steps import common
 from rlhf_jax.steps.common import jit_step
 from rlhf_jax.train.adapters import make_model
-from rlhf_jax.train.data import HeldOut, RunData, check_vocab, make_tokenizer
+from rlhf_jax.train.data import HeldOut, RunData, check_batch_size, check_vocab, make_tokenizer
 from rlhf_jax.train.evals import make_weighted_eval
 from rlhf_jax.train.recipe import Context, Program, Recipe, Trainer, run
 from rlhf_jax.train.run_config import RunConfig
@@ -159,6 +159,9 @@ def _load(config: PRMConfig) -> RunData:
                                  step_separator=config.algorithm.step_separator)
         return outcome_labels(data) if config.algorithm.outcome_only else data
 
+    # the batch splits over the data shards x micro-batches, refused before anything is built
+    check_batch_size(None, config.data, mesh=config.mesh.make_mesh(), strategy=config.mesh.strategy,
+                     micro_batches=config.train.micro_batches)
     return RunData(tokenizer, split(config.data.train), split(config.data.eval))
 
 
