@@ -77,10 +77,16 @@ def test_pair_batch_layout():
 def test_config_errors():
     with pytest.raises(ConfigError, match="algorithm.objective must be DPO, SimPO or ORPO"):
         OnlineDPO(objective=KTO())
-    with pytest.raises(ConfigError, match="algorithm.temperature"):
-        OnlineDPO(temperature=0.0)
+    for bad in (0.0, float("inf"), True):  # inf sampled uniformly; True read as 1
+        with pytest.raises(ConfigError, match=r"^algorithm.temperature must be a finite number > 0"):
+            OnlineDPO(temperature=bad)
     with pytest.raises(ConfigError, match=r"^rollout.dynamic_sampling does not apply to online DPO"):
         OnlineDPOConfig(name="odpo", rollout=RolloutConfig(dynamic_sampling=True))
+    with pytest.raises(ConfigError, match=r"^rollout.eval_greedy does not apply to online DPO"):  # was ignored
+        OnlineDPOConfig(name="odpo", rollout=RolloutConfig(eval_greedy=True))
+    for held_out in ("held_out.jsonl", "synthetic:arithmetic"):  # no gold reward: no evaluation ran, silently
+        with pytest.raises(ConfigError, match=f"^data.eval '{held_out}': online DPO evaluates only by sampling"):
+            OnlineDPOConfig(name="odpo", data=DataConfig(eval=held_out))
     # A judge and a reward model both set: the judge silently replaced the reward model (and any
     # missing_eos penalty in rewards.functions).
     with pytest.raises(ConfigError, match=r"^online DPO ranks with either judge or rewards, not both"):
@@ -206,3 +212,37 @@ def test_iterative_dpo_two_rounds(start, tmp_path):
         assert task_gold([r["chosen"], r["rejected"]], [r["word"]] * 2) == pytest.approx(
             [r["score_chosen"], r["score_rejected"]])
     assert out["rounds"][1]["summary"]["step"] == 1
+
+
+def test_a_batch_size_the_mesh_cannot_split_is_a_config_error_before_any_model_is_built(start, tmp_path):
+    """6 pairs on 8 data shards: the run built the models, sampled and ranked, then failed in the update's
+    device_batch with a ShardingError about batch['chosen_tokens']."""
+    config = _config(start, tmp_path / "run", data=DataConfig(train="synthetic:vowel", eval=None, num_train=32,
+                                                              max_len=16, batch_size=6))
+    with pytest.raises(ConfigError, match=r"^data.batch_size: batch size 6 is not divisible by 8 = 8 data-parallel "
+                                          r"shards .* x train.micro_batches 1"):
+        train(config, reward_sources=[PythonReward(lambda completions, **k: [0.0] * len(completions), "flat")])
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_kl_metrics_of_a_bfloat16_sampler_use_the_policys_own_log_probs(start, tmp_path):
+    """With rollout.sampler_dtype bfloat16 (a float32 policy) the sampler's log-probs stood for the policy's:
+    at step 1 (policy = reference) objective/kl was -6e-4 (the dtype gap), not 0."""
+    config = _config(start, tmp_path / "run", train=TrainConfig(steps=1, eval_every=0),
+                     rollout=RolloutConfig(max_new_tokens=24, sampler_dtype="bfloat16"))
+    summary = train(config, reward_sources=[PythonReward(lambda completions, **k: [float(len(c)) for c in completions],
+                                                         "length")])
+    m = summary["train"]
+    assert m["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m["objective/rlhf_reward"] == pytest.approx(m["objective/scores"], abs=1e-6)
+
+
+def test_a_judge_model_that_does_not_exist_is_a_config_error_before_any_model_is_built(start, tmp_path):
+    """judge.model naming no directory failed with FileNotFoundError once the policy was built and the run
+    directory made (an empty judge.model likewise, with its ConfigError)."""
+    missing = str(tmp_path / "no_judge")
+    with pytest.raises(ConfigError, match=f"^judge.model: {missing} does not exist$"):
+        train(_config(start, tmp_path / "run", judge=JudgeConfig(model=missing)))
+    with pytest.raises(ConfigError, match=r"^judge.model must name a checkpoint"):
+        train(_config(start, tmp_path / "run", judge=JudgeConfig(model="")))
+    assert not (tmp_path / "run").exists()

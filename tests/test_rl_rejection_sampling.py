@@ -70,3 +70,23 @@ def test_best_of_n_run_trains_on_winners(tmp_path):
     assert train["frac_kept"] == 0.0 and "loss" not in train and "time/update" not in train
     with pytest.raises(ConfigError, match="samples_per_prompt must be an int >= 2"):
         rs.BestOfNConfig(samples_per_prompt=1)
+    for bad in (float("nan"), float("inf"), True, "0.5"):  # NaN: no winner ever kept, every step skipped
+        with pytest.raises(ConfigError, match=r"^algorithm.min_reward must be a finite number or None"):
+            rs.BestOfNConfig(min_reward=bad)
+    with pytest.raises(ConfigError, match=r"^algorithm.temperature must be a finite number > 0, got inf"):
+        rs.BestOfNConfig(temperature=float("inf"))  # was accepted; the sampler refused it once the model was built
+
+
+def test_a_batch_size_the_mesh_cannot_split_is_a_config_error_before_any_model_is_built(tmp_path):
+    """6 winners on 8 data shards: the run built the model and sampled, then failed in the SFT step's
+    device_batch with a ShardingError about batch['tokens']."""
+    config = rs.RejectionSamplingConfig(
+        name="bon", workdir=str(tmp_path / "bon"), model=tiny_config(), mesh=MeshConfig(data=-1, strategy="dp"),
+        data=DataConfig(train="synthetic:arithmetic", eval=None, num_train=16, max_len=16, batch_size=6),
+        algorithm=rs.BestOfNConfig(samples_per_prompt=2), rollout=RolloutConfig(max_new_tokens=4),
+        train=TrainConfig(steps=1, eval_every=0), checkpoint=CheckpointConfig(every=0, async_save=False),
+        logging=LoggingConfig(every=1, console=False, tensorboard=False))
+    with pytest.raises(ConfigError, match=r"^data.batch_size: batch size 6 is not divisible by 8 = 8 data-parallel "
+                                          r"shards .* x train.micro_batches 1"):
+        rs.train(config, reward_sources=[PythonReward(even_fraction_reward)])
+    assert not (tmp_path / "bon").exists()

@@ -159,3 +159,13 @@ def test_label_pairs_refuses_a_judge_that_returns_garbage():
         label_pairs(Fixed([0.9]), rows)
     with pytest.raises(ValueError, match=r"label_pairs: row 1 has no 'prompt' \(keys \['completions'\]\)"):
         label_pairs(Fixed([0.9, 0.1]), [rows[0], {"completions": ["a", "b"]}])
+    with pytest.raises(ValueError, match=r"^label_pairs: batch_size must be a positive int, got 0$"):
+        label_pairs(Fixed([0.9, 0.1]), rows, batch_size=0)  # was "range() arg 3 must not be zero"
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 2.0, True])
+def test_sample_completions_refuses_a_max_prompts_that_is_not_a_positive_int(bad):
+    """max_prompts=-1 returned all but the last row of the first batch (rows[:-1]), silently."""
+    config = DPOConfig(name="x", model=tiny_config(), data=DataConfig(train="synthetic:vowel", num_train=8))
+    with pytest.raises(ConfigError, match=r"^sample_completions: max_prompts must be a positive int or None"):
+        sample_completions(config, {}, num_samples=2, max_prompts=bad)

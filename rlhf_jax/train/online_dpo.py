@@ -30,7 +30,8 @@ its update), `val/contain_eos_token`, `beta`; with a judge `judge/position_consi
 A reference-free objective (SimPO, ORPO) has no reference: the KL metrics (`objective/kl`,
 `objective/non_score_reward`, `objective/rlhf_reward`) are left out.
 Evaluation as the offline DPO run's (`dpo.SampleEvalConfig`): on a synthetic task with a gold
-reward, `eval/gold_reward` and `eval/gold_win_rate` against the starting policy.
+reward, `eval/gold_reward` and `eval/gold_win_rate` against the starting policy (another `data.eval`
+is refused: it would be read and never evaluated).
 
 `iterative_dpo(...)` runs rounds of (sample `n` completions per prompt from the current policy,
 label best and worst with the reward sources, write a TRL preference file, run offline DPO from
@@ -40,6 +41,7 @@ the previous round's policy, which is also that round's reference), each round a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -50,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding as sh
+from rlhf_jax._checks import is_number
 from rlhf_jax.config import ConfigError
 from rlhf_jax.distributed import gather_rows
 from rlhf_jax.rewards.registry import RewardConfig
@@ -58,11 +61,11 @@ from rlhf_jax.steps import DPO, ORPO, SimPO, make_dpo_step
 from rlhf_jax.steps.preference import dpo_batch_keys
 from rlhf_jax.train import dpo
 from rlhf_jax.train.adapters import check_mergeable, make_model, plain_model, plain_params
-from rlhf_jax.train.data import batches_from, device_batch, train_batches
+from rlhf_jax.train.data import batches_from, check_batch_size, device_batch, train_batches
 from rlhf_jax.train.recipe import Context, Recipe, Trainer, run
 from rlhf_jax.train.rejection_sampling import best_of_n_batch
-from rlhf_jax.train.rl import check_rewards, rollout_parts
-from rlhf_jax.train.rlaif import JudgeConfig, load_judge, sample_completions, write_preferences
+from rlhf_jax.train.rl import check_rewards, rollout_parts, sampler_numerics_differ
+from rlhf_jax.train.rlaif import JudgeConfig, check_judge, load_judge, sample_completions, write_preferences
 from rlhf_jax.train.rollouts import RolloutConfig
 from rlhf_jax.train.run_config import RunConfig
 from rlhf_jax.train.stages import Stage, run_stages
@@ -88,8 +91,8 @@ class OnlineDPO:
         if not isinstance(self.objective, (DPO, SimPO, ORPO)):
             raise ConfigError(f"algorithm.objective must be DPO, SimPO or ORPO (paired), got "
                               f"{type(self.objective).__name__}")
-        if not self.temperature > 0:
-            raise ConfigError(f"algorithm.temperature must be > 0, got {self.temperature!r}")
+        if not is_number(self.temperature) or not 0 < self.temperature < math.inf:  # inf: a uniform sampler
+            raise ConfigError(f"algorithm.temperature must be a finite number > 0, got {self.temperature!r}")
 
 
 _RANK_BY_REWARD_MODEL = RewardConfig(functions=("reward_model",))
@@ -119,6 +122,14 @@ class OnlineDPOConfig(RunConfig):
         if self.rollout.dynamic_sampling:
             raise ConfigError("rollout.dynamic_sampling does not apply to online DPO (each prompt's two completions "
                               "are ranked, ties left out); set it false")
+        task = self.data.task("eval")
+        if self.data.eval is not None and (task is None or task.gold_metric != "eval/gold_reward"):
+            raise ConfigError(f"data.eval {self.data.eval!r}: online DPO evaluates only by sampling a synthetic task "
+                              "with a gold reward (synthetic:vowel; see `sampling`), so these prompts would be read "
+                              "and never evaluated; set data.eval to such a task or None")
+        if self.rollout.eval_greedy:
+            raise ConfigError("rollout.eval_greedy does not apply to online DPO: its evaluation samples at "
+                              "sampling.temperature (the gold evaluation, dpo.SampleEvalConfig); set it false")
         if self.judge is not None and self.rewards != _RANK_BY_REWARD_MODEL:
             raise ConfigError("online DPO ranks with either judge or rewards, not both: judge is set and rewards is "
                               f"{self.rewards!r}, which the judge would silently replace; leave rewards at its default "
@@ -137,6 +148,11 @@ def _check(config: OnlineDPOConfig, hooks: Mapping[str, Any]) -> None:
                           "ranker ranks the pairs")
     if config.judge is None and hooks.get("judge") is None:
         check_rewards(config, hooks)
+    if config.judge is not None and hooks.get("judge") is None:
+        check_judge(config.judge)
+    # The update takes `data.batch_size` ranked pairs (load_run_data skips this check for prompt runs).
+    check_batch_size(None, config.data, mesh=config.mesh.make_mesh(), strategy=config.mesh.strategy,
+                     micro_batches=config.train.micro_batches)
 
 
 # ------------------------------------------------------------------------------ the math
@@ -241,6 +257,9 @@ def _trainer(ctx: Context) -> Trainer:
     pad_id = ctx.data.tokenizer.pad_token_id or 0
     key, counter = jax.random.key(config.seed), [ctx.run.restore_step or 0]
     beta = getattr(objective, "beta", 0.0)
+    # The sampler's log-probs are the policy's at temperature 1 unless it runs in other dtypes
+    # (`rollout.sampler_dtype`): then `objective/kl` would hold the dtype gap, so recompute them.
+    own_from_sampler = config.algorithm.temperature == 1.0 and not sampler_numerics_differ(config, policy)
 
     def summed(fn_params, arrays):  # this process's sampled rows, as one global batch with the other processes'
         rows = (arrays["prompt_tokens"], arrays["prompt_lengths"], arrays["completion_tokens"])
@@ -276,7 +295,7 @@ def _trainer(ctx: Context) -> Trainer:
         metrics["time/rank"] = time.perf_counter() - start
         start = time.perf_counter()
         ref = summed(reference, arrays) if objective.needs_reference else np.zeros(len(first) * 2)
-        if config.algorithm.temperature == 1.0:
+        if own_from_sampler:
             own = np.sum(np.where(arrays["completion_mask"], arrays["sampler_logps"], 0.0), axis=1)
         else:
             own = summed(params, arrays)

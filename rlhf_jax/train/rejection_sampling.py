@@ -25,18 +25,20 @@ driver (`eval/reward`, `eval/gold_reward` or `eval/accuracy`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from rlhf_jax._checks import is_number
 from rlhf_jax.config import ConfigError
 from rlhf_jax.distributed import gather_rows
 from rlhf_jax.rewards.registry import RewardConfig
 from rlhf_jax.steps import make_sft_step
 from rlhf_jax.steps.supervised import SFT_KEYS
-from rlhf_jax.train.data import device_batch, held_out_batches
+from rlhf_jax.train.data import check_batch_size, device_batch, held_out_batches
 from rlhf_jax.train.adapters import check_mergeable, make_model, plain_model, plain_params
 from rlhf_jax.train.recipe import Context, Recipe, Trainer, run
 from rlhf_jax.train.rl import check_rewards, policy_eval, rollout_parts
@@ -68,8 +70,11 @@ class BestOfNConfig:
             raise ConfigError(f"algorithm.samples_per_prompt must be an int >= 2, got {self.samples_per_prompt!r}")
         if not isinstance(self.updates_per_batch, int) or self.updates_per_batch < 1:
             raise ConfigError(f"algorithm.updates_per_batch must be a positive int, got {self.updates_per_batch!r}")
-        if not self.temperature > 0:
-            raise ConfigError(f"algorithm.temperature must be > 0, got {self.temperature!r}")
+        if not is_number(self.temperature) or not 0 < self.temperature < math.inf:  # inf: a uniform sampler
+            raise ConfigError(f"algorithm.temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.min_reward is not None and not (is_number(self.min_reward) and math.isfinite(self.min_reward)):
+            # NaN kept no winner at all (`best >= nan` is false): every step trained on nothing
+            raise ConfigError(f"algorithm.min_reward must be a finite number or None, got {self.min_reward!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,6 +89,13 @@ class RejectionSamplingConfig(RunConfig):
         super().__post_init__()
         if self.train.micro_batches != 1:
             raise ConfigError("train.micro_batches must be 1 for rejection sampling")
+
+
+def _check(config: RejectionSamplingConfig, hooks) -> None:
+    check_rewards(config, hooks)
+    # The SFT step takes `data.batch_size` winners (load_run_data skips this check for prompt runs).
+    check_batch_size(None, config.data, mesh=config.mesh.make_mesh(), strategy=config.mesh.strategy,
+                     micro_batches=config.train.micro_batches)
 
 
 def select_best(rewards: np.ndarray, group_size: int) -> np.ndarray:
@@ -173,7 +185,7 @@ def _trainer(ctx: Context) -> Trainer:
 
 
 RECIPE = Recipe(name="rejection_sampling", data_kind=lambda config: "prompt", build=_build, trainer=_trainer,
-                progress_keys=("reward", "reward/best", "loss"), check=check_rewards)
+                progress_keys=("reward", "reward/best", "loss"), check=_check)
 
 
 def train(config: RejectionSamplingConfig, *, reward_sources=None, reward_weights=None) -> dict[str, Any]:

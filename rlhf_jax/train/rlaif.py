@@ -46,8 +46,8 @@ from rlhf_jax.train.data import load_split, make_tokenizer, one_pass, saved_toke
 from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.weights import initial_params
 
-__all__ = ["JudgeConfig", "load_judge", "load_pointwise_judge", "load_policy", "tokenizer_of", "sample_completions",
-           "label_pairs", "write_preferences", "CritiqueTemplates", "TextGenerator",
+__all__ = ["JudgeConfig", "check_judge", "load_judge", "load_pointwise_judge", "load_policy", "tokenizer_of",
+           "sample_completions", "label_pairs", "write_preferences", "CritiqueTemplates", "TextGenerator",
            "critique_and_revise", "write_sft_rows"]
 
 
@@ -103,10 +103,17 @@ def load_policy(path: str, model_config: ModelConfig | None = None, *, key: str 
     return model, initial_params(model, path, rng=jax.random.key(0))
 
 
-def load_judge(config: JudgeConfig, model_config: ModelConfig | None = None) -> PairwiseJudge:
-    """The `PairwiseJudge` of `config` (its model read from `config.model`, architecture from there)."""
+def check_judge(config: JudgeConfig) -> None:
+    """Raise ConfigError when `judge.model` is empty or names no file (before a run builds anything)."""
     if not config.model:
         raise ConfigError("judge.model must name a checkpoint or Hugging Face directory (--set judge.model=PATH)")
+    if not os.path.exists(config.model):
+        raise ConfigError(f"judge.model: {config.model} does not exist")
+
+
+def load_judge(config: JudgeConfig, model_config: ModelConfig | None = None) -> PairwiseJudge:
+    """The `PairwiseJudge` of `config` (its model read from `config.model`, architecture from there)."""
+    check_judge(config)
     model, params = load_policy(config.model, model_config, key="judge.model")
     judge = JudgeModel(model, params, tokenizer_of(config.model, config.tokenizer), batch_size=config.batch_size,
                        max_len=config.max_len)
@@ -142,6 +149,11 @@ def sample_completions(config, policy: str | Mapping | None, *, num_samples: int
       One row per prompt: `{"prompt": text, "completions": [...], "scores": [...] (with sources),
       **the prompt's extra columns}`.
     """
+    if max_prompts is not None and (isinstance(max_prompts, bool) or not isinstance(max_prompts, int)
+                                    or max_prompts < 1):
+        # rows[:max_prompts] kept all but the last |max_prompts| rows of the first batch for a negative value
+        raise ConfigError(f"sample_completions: max_prompts must be a positive int or None (all prompts), got "
+                          f"{max_prompts!r}")
     data = dataclasses.replace(config.data, train=source or config.data.train)
     if max_prompts is not None and data.task("train") is not None:
         data = dataclasses.replace(data, num_train=max_prompts)
@@ -203,6 +215,8 @@ def label_pairs(judge: PairwiseJudge, rows: Sequence[Mapping[str, Any]], *, batc
     identical texts, or a judge probability of exactly 1/2. A judge whose verdict is not one
     probability in [0, 1] per pair raises ValueError naming the row.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"label_pairs: batch_size must be a positive int, got {batch_size!r}")
     pairs = []
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping) or "prompt" not in row:
