@@ -575,7 +575,8 @@ def test_observation_tokens_get_no_policy_gradient_except_through_attention(poli
         def model_loss(p):
             lp, _ = completion_logprobs(model, p, batch["prompt_tokens"], batch["prompt_lengths"], completion,
                                         temperature=0.9)
-            return grpo_objective(lp, batch["sampler_logps"], adv, mask, config=config)[0]
+            return grpo_objective(lp, batch["sampler_logps"], adv, mask, config=config,
+                                  ref_logps=batch["sampler_logps"] + 0.02)[0]
         return jax.value_and_grad(model_loss)(p)
 
     tokens = np.asarray(batch["completion_tokens"])

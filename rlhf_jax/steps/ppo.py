@@ -138,7 +138,10 @@ def ppo_value_objective(values, old_values, returns, mask, *, config: PPOConfig,
     if config.value_clip is not None:
         v, old, ret = (jax.lax.stop_gradient(_checks.f32(x)) for x in (values, old_values, returns))
         clipped_v = old + jnp.clip(v - old, -config.value_clip, config.value_clip)
-        clipped = jnp.square(clipped_v - ret) > jnp.square(v - ret)
+        # Inside the range the clipped value is V itself: comparing the two errors there would count
+        # the rounding of `old + (V - old)` (about half the tokens of a first update, V == V_old).
+        outside = jnp.abs(v - old) > config.value_clip
+        clipped = outside & (jnp.square(clipped_v - ret) > jnp.square(v - ret))
         metrics["value_clipfrac"] = _checks.masked_mean(clipped.astype(jnp.float32), mask)
     return config.vf_coef * vl, metrics
 
