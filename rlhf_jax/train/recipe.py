@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from rlhf_jax.config import ConfigError, to_dict
 from rlhf_jax.distributed import is_main
 from rlhf_jax.steps.common import Step
-from rlhf_jax.train.data import RunData, load_run_data
+from rlhf_jax.train.data import HeldOut, RunData, load_run_data
 from rlhf_jax.train.loop import RunDir, fit, open_run
 
 __all__ = ["StateSpec", "Program", "Context", "Trainer", "Recipe", "run", "with_shardings"]
@@ -123,7 +123,7 @@ class Trainer:
     batches: Iterator
     extras: Callable[[], Mapping[str, Any]]
     evaluate: Callable[[Any], Mapping[str, float]] | None = None
-    held_out: Any = None
+    held_out: HeldOut | None = None
 
 
 def _no_check(config, hooks) -> None:
