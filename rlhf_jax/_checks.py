@@ -26,6 +26,12 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_finite_number(value: Any) -> bool:
+    """True for a concrete real number (not a bool, not a traced array) other than nan and +-inf: the
+    one test behind every config field that must be a finite number (temperatures, coefficients)."""
+    return is_number(value) and math.isfinite(value)
+
+
 def check_choice(fn: str, name: str, value: Any, choices: Iterable[str]) -> None:
     """Raise ValueError naming `name` when `value` is not one of `choices`."""
     choices = tuple(choices)

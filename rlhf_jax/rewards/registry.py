@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from rlhf_jax._checks import is_finite_number
 from rlhf_jax.config import ConfigError, _check_positive_int, check_choice
 from rlhf_jax.losses.process_reward import StepAggregation
 from rlhf_jax.rewards.base import OnError, PythonReward, RewardSource
@@ -93,15 +93,14 @@ class RewardConfig:
             raise ConfigError(f"rewards.weights has {len(self.weights)} entries for {len(self.functions)} "
                               f"functions {list(self.functions)}")
         for i, weight in enumerate(self.weights):
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            if not is_finite_number(weight):
                 raise ConfigError(f"rewards.weights[{i}] (of {self.functions[i]!r}) must be a finite number, "
                                   f"got {weight!r}")
-        if isinstance(self.missing_eos_penalty, bool) or not isinstance(self.missing_eos_penalty, (int, float)) \
-                or not 0 <= self.missing_eos_penalty < math.inf:
+        if not (is_finite_number(self.missing_eos_penalty) and self.missing_eos_penalty >= 0):
             raise ConfigError(f"rewards.missing_eos_penalty must be a finite number >= 0, got "
                               f"{self.missing_eos_penalty!r}")
         _check_positive_int("rewards", "overlong_buffer", self.overlong_buffer)
-        if not isinstance(self.error_penalty, (int, float)) or not math.isfinite(self.error_penalty):
+        if not is_finite_number(self.error_penalty):
             raise ConfigError(f"rewards.error_penalty must be a finite number, got {self.error_penalty!r}")
         check_choice("rewards", "on_error", self.on_error, OnError)
         if not isinstance(self.reward_model_batch_size, int) or self.reward_model_batch_size < 1:

@@ -112,7 +112,7 @@ def check_int(field: str, value: Any, low: int) -> None:
 def check_nonnegative(field: str, value: Any) -> None:
     """A coefficient: a finite number >= 0 (an infinite one turns every loss non-finite, and the
     NaN/Inf guard would then skip every update)."""
-    if not _checks.is_number(value) or not 0 <= value < float("inf"):
+    if not (_checks.is_finite_number(value) and value >= 0):
         fail(field, f"must be a finite number >= 0, got {value!r}")
 
 
@@ -177,7 +177,7 @@ class PolicyGradientConfig:
         check_int("num_epochs", self.num_epochs, 1)
         check_int("num_minibatches", self.num_minibatches, 1)
         check_int("micro_batches", self.micro_batches, 1)
-        if not _checks.is_number(self.temperature) or not 0 < self.temperature < float("inf"):
+        if not (_checks.is_finite_number(self.temperature) and self.temperature > 0):
             fail("temperature", f"must be a finite number > 0, got {self.temperature!r}")
         check_literal("old_logprobs", self.old_logprobs, OldLogprobs)
         check_int("chunk_size", self.chunk_size, 1)

@@ -29,7 +29,6 @@ counting half).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import jax
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding as sh
+from rlhf_jax._checks import is_finite_number
 from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.data.batches import kl_partners
 from rlhf_jax.models import CausalLM
@@ -89,8 +89,7 @@ class SampleEvalConfig:
             raise ConfigError(f"sampling.num_prompts must be an int >= 0, got {self.num_prompts!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"sampling.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not 0 < self.temperature < math.inf:
+        if not (is_finite_number(self.temperature) and self.temperature > 0):
             raise ConfigError(f"sampling.temperature must be a finite number > 0, got {self.temperature!r}")
 
 

@@ -41,7 +41,6 @@ the previous round's policy, which is also that round's reference), each round a
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -52,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding as sh
-from rlhf_jax._checks import is_number
+from rlhf_jax._checks import is_finite_number
 from rlhf_jax.config import ConfigError
 from rlhf_jax.distributed import gather_rows
 from rlhf_jax.rewards.registry import RewardConfig
@@ -91,7 +90,7 @@ class OnlineDPO:
         if not isinstance(self.objective, (DPO, SimPO, ORPO)):
             raise ConfigError(f"algorithm.objective must be DPO, SimPO or ORPO (paired), got "
                               f"{type(self.objective).__name__}")
-        if not is_number(self.temperature) or not 0 < self.temperature < math.inf:  # inf: a uniform sampler
+        if not (is_finite_number(self.temperature) and self.temperature > 0):  # inf: a uniform sampler
             raise ConfigError(f"algorithm.temperature must be a finite number > 0, got {self.temperature!r}")
 
 

@@ -25,14 +25,13 @@ driver (`eval/reward`, `eval/gold_reward` or `eval/accuracy`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from rlhf_jax._checks import is_number
+from rlhf_jax._checks import is_finite_number
 from rlhf_jax.config import ConfigError
 from rlhf_jax.distributed import gather_rows
 from rlhf_jax.rewards.registry import RewardConfig
@@ -70,9 +69,9 @@ class BestOfNConfig:
             raise ConfigError(f"algorithm.samples_per_prompt must be an int >= 2, got {self.samples_per_prompt!r}")
         if not isinstance(self.updates_per_batch, int) or self.updates_per_batch < 1:
             raise ConfigError(f"algorithm.updates_per_batch must be a positive int, got {self.updates_per_batch!r}")
-        if not is_number(self.temperature) or not 0 < self.temperature < math.inf:  # inf: a uniform sampler
+        if not (is_finite_number(self.temperature) and self.temperature > 0):  # inf: a uniform sampler
             raise ConfigError(f"algorithm.temperature must be a finite number > 0, got {self.temperature!r}")
-        if self.min_reward is not None and not (is_number(self.min_reward) and math.isfinite(self.min_reward)):
+        if self.min_reward is not None and not is_finite_number(self.min_reward):
             # NaN kept no winner at all (`best >= nan` is false): every step trained on nothing
             raise ConfigError(f"algorithm.min_reward must be a finite number or None, got {self.min_reward!r}")
 
