@@ -69,6 +69,16 @@ def _check_positive_int(owner: str, name: str, value: Any, *, allow_none: bool =
         raise ConfigError(f"{owner}.{name} must be a positive int, got {value!r}")
 
 
+def check_unused(owner: str, config: Any, name: str, *, used: bool, needs: str) -> None:
+    """Raise ConfigError naming `owner.name` when the field holds a value other than its default while
+    `used` is false: a setting of another mode, which the run would silently ignore. `needs` says
+    what makes it count (a value equal to the default changes nothing, so it passes)."""
+    value, default = getattr(config, name), _fields(config)[name].default
+    if not used and value != default:
+        raise ConfigError(f"{owner}.{name}={value!r} has no effect unless {needs}: set that, or leave "
+                          f"{owner}.{name} at its default ({default!r})")
+
+
 def _check_bools(owner: str, config: Any) -> None:
     """Raise ConfigError naming `owner.name` for a `bool` field of `config` that holds anything but
     True or False: a Python value such as "false" or 2 would read as true."""

@@ -439,6 +439,50 @@ def test_values_of_the_wrong_type_or_range_set_in_an_experiment_module_are_refus
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("make,message", [
+    (lambda: _ppo_config(kl_horizon=500.0),
+     "algorithm.kl_horizon=500.0 has no effect unless algorithm.kl_target is set (the adaptive KL controller): "
+     "set that, or leave algorithm.kl_horizon at its default (10000.0)"),
+    (lambda: _rollout_config(max_sampling_rounds=8),
+     "rollout.max_sampling_rounds=8 has no effect unless rollout.dynamic_sampling is true: set that, or leave "
+     "rollout.max_sampling_rounds at its default (4)"),
+    (lambda: _reward_config(functions=("even_fraction",), missing_eos_penalty=2.0),
+     "rewards.missing_eos_penalty=2.0 has no effect unless rewards.functions holds \"missing_eos\": set that, or "
+     "leave rewards.missing_eos_penalty at its default (1.0)"),
+])
+def test_a_setting_of_a_mode_that_is_off_is_refused(make, message):
+    """Each was silently ignored: a horizon without the adaptive controller it tunes, a rounds bound
+    without dynamic sampling, a penalty without the reward that pays it."""
+    with pytest.raises(ConfigError) as e:
+        make()
+    assert str(e.value) == message
+
+
+def test_a_setting_of_a_mode_that_is_on_or_left_at_its_default_passes():
+    assert _ppo_config(kl_target=0.1, kl_horizon=500.0).kl_horizon == 500.0
+    assert _ppo_config(kl_horizon=10_000.0).kl_horizon == 10_000.0  # the default, written out: no effect either way
+    assert _rollout_config(dynamic_sampling=True, max_sampling_rounds=8).max_sampling_rounds == 8
+    assert _reward_config(functions=("missing_eos",), missing_eos_penalty=2.0).missing_eos_penalty == 2.0
+
+
+def _ppo_config(**kwargs):
+    from rlhf_jax.steps import PPOConfig
+
+    return PPOConfig(**kwargs)
+
+
+def _rollout_config(**kwargs):
+    from rlhf_jax.train.rollouts import RolloutConfig
+
+    return RolloutConfig(**kwargs)
+
+
+def _reward_config(**kwargs):
+    from rlhf_jax.rewards.registry import RewardConfig
+
+    return RewardConfig(**kwargs)
+
+
 def _data_config(**kwargs):
     from rlhf_jax.train.run_config import DataConfig
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rlhf_jax._checks import is_finite_number
-from rlhf_jax.config import ConfigError, _check_positive_int, check_choice
+from rlhf_jax.config import ConfigError, _check_positive_int, check_choice, check_unused
 from rlhf_jax.losses.process_reward import StepAggregation
 from rlhf_jax.rewards.base import OnError, PythonReward, RewardSource
 from rlhf_jax.rewards.judges import PointwiseTemplate
@@ -47,7 +47,7 @@ class RewardConfig:
       weights: one weight per function (empty: all 1).
       reward_model: a reward-model checkpoint (`runs/<rm>/checkpoints`) or Hugging Face directory.
       reward_model_batch_size: rows scored per reward-model call.
-      missing_eos_penalty: the "missing_eos" amount.
+      missing_eos_penalty: the "missing_eos" amount (another value without that function is refused).
       overlong_buffer: the "overlong" linear zone `L_buf` (`L_max` = `rollout.max_new_tokens`).
       on_error: "raise" on a failing reward function, or "penalty" (give `error_penalty`, count).
       error_penalty: the reward of a failing sample in penalty mode.
@@ -99,6 +99,8 @@ class RewardConfig:
         if not (is_finite_number(self.missing_eos_penalty) and self.missing_eos_penalty >= 0):
             raise ConfigError(f"rewards.missing_eos_penalty must be a finite number >= 0, got "
                               f"{self.missing_eos_penalty!r}")
+        check_unused("rewards", self, "missing_eos_penalty", used="missing_eos" in self.functions,
+                     needs='rewards.functions holds "missing_eos"')
         _check_positive_int("rewards", "overlong_buffer", self.overlong_buffer)
         if not is_finite_number(self.error_penalty):
             raise ConfigError(f"rewards.error_penalty must be a finite number, got {self.error_penalty!r}")

@@ -25,6 +25,7 @@ import optax
 
 from rlhf_jax import _checks
 from rlhf_jax.advantages import gae, per_token_rewards, whiten
+from rlhf_jax.config import check_unused
 from rlhf_jax.kl_control import KLController, adaptive_kl_controller, fixed_kl_controller
 from rlhf_jax.losses import aggregate, kl_divergence, value_loss
 from rlhf_jax.models.heads import scalar_head
@@ -72,7 +73,7 @@ class PPOConfig(PolicyGradientConfig):
       vf_coef: weight of the value loss (in the shared objective of a value head on the policy's
         backbone; it scales the separate critic's loss otherwise).
       kl_target: set, it makes `kl_coef` (the initial `beta`) adaptive (Ziegler et al. 2019) with
-        `kl_horizon`.
+        `kl_horizon` (which, set to another value without `kl_target`, is refused).
       whiten_advantages: normalise the advantages over the batch.
       ptx_coef: weight of the pretraining-data language-modelling loss (PPO-ptx; 0 = off).
     """
@@ -105,6 +106,8 @@ class PPOConfig(PolicyGradientConfig):
                      "set kl_mode 'reward' or 'loss', or kl_target None")
         if not self.kl_horizon > 0:
             fail("kl_horizon", f"must be > 0, got {self.kl_horizon!r}")
+        check_unused("algorithm", self, "kl_horizon", used=self.kl_target is not None,
+                     needs="algorithm.kl_target is set (the adaptive KL controller)")
 
     def kl_controller(self) -> KLController:
         """The KL-coefficient controller: adaptive when `kl_target` is set, else fixed."""

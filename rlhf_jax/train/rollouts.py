@@ -16,7 +16,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from rlhf_jax.config import ConfigError, check_choice
+from rlhf_jax.config import ConfigError, check_choice, check_unused
 from rlhf_jax.rewards import OnError, RewardInputs, combine_rewards, reward_metrics
 from rlhf_jax.sampling import Sampler, SamplingConfig, make_method
 from rlhf_jax.distributed import gather_rows, max_over_processes, sum_over_processes
@@ -41,7 +41,7 @@ class RolloutConfig:
       dynamic_sampling: DAPO's dynamic sampling: drop groups whose rewards are all equal and sample
         more prompts until `data.batch_size` groups with a learning signal are collected.
       max_sampling_rounds: generation rounds per step at most with dynamic sampling (then the batch
-        is completed with zero-signal groups).
+        is completed with zero-signal groups); another value without `dynamic_sampling` is refused.
       eval_greedy: evaluate with greedy decoding (else with the training sampler and a fixed seed).
       ignore_eos: do not stop at the tokenizer's EOS: every completion has `max_new_tokens` tokens
         (benchmarks; vLLM's `ignore_eos`).
@@ -71,6 +71,8 @@ class RolloutConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"rollout.{name} must be a positive int, got {value!r}")
+        check_unused("rollout", self, "max_sampling_rounds", used=self.dynamic_sampling,
+                     needs="rollout.dynamic_sampling is true")
         if self.sampler_dtype is not None:
             check_choice("rollout", "sampler_dtype", self.sampler_dtype, Literal["float32", "bfloat16"])
         make_method(top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)  # its own checks
