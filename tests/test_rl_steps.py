@@ -500,7 +500,8 @@ def test_ppo_loss_and_update_equal_the_core(shared):
     batch["ptx_tokens"] = batch["completion_tokens"]
     batch["ptx_mask"] = batch["completion_mask"]
     config = PPOConfig(num_epochs=1, num_minibatches=1, old_logprobs="sampler", kl_coef=0.1, kl_target=2.0,
-                       entropy_coef=0.01, ptx_coef=0.5, vf_coef=0.3, value_clip=0.05, lam=0.9, gamma=0.99)
+                       entropy_coef=0.01, ptx_coef=0.5, vf_coef=0.3, value_clip=0.05, lam=0.9, gamma=0.99,
+                       whiten_rewards=not shared)
     policy, value, tx = _ppo_states(params, shared=shared)
     kl_state = config.kl_controller().init()
     step = make_ppo_step(model, tx, config=config, value_model=None if shared else vmodel,
@@ -524,6 +525,9 @@ def test_ppo_loss_and_update_equal_the_core(shared):
     v_old = jnp.where(mask, v_old, 0.0)
     kl_tok = jnp.where(mask, old - ref, 0.0)
     rewards = adv_core.per_token_rewards(batch["scores"], mask, kl=kl_tok, kl_coef=0.1)
+    if not shared:  # TRL's whiten_rewards: unit variance over the batch's tokens, the mean kept
+        r = np.asarray(rewards, np.float64)[np.asarray(mask, bool)]
+        rewards = jnp.where(mask, (rewards - r.mean()) / np.sqrt(r.var() + 1e-8) + r.mean(), 0.0)
     a, ret = adv_core.gae(rewards, v_old, mask, gamma=0.99, lam=0.9)
     a = adv_core.whiten(a, mask)
 

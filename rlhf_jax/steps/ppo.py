@@ -74,6 +74,9 @@ class PPOConfig(PolicyGradientConfig):
         backbone; it scales the separate critic's loss otherwise).
       kl_target: set, it makes `kl_coef` (the initial `beta`) adaptive (Ziegler et al. 2019) with
         `kl_horizon` (which, set to another value without `kl_target`, is refused).
+      whiten_rewards: rescale the per-token rewards (KL included) to unit variance over the batch
+        before GAE, keeping their mean (`whiten(r, m, shift_mean=False)`; TRL's `whiten_rewards`, with
+        the population variance).
       whiten_advantages: normalise the advantages over the batch.
       ptx_coef: weight of the pretraining-data language-modelling loss (PPO-ptx; 0 = off).
     """
@@ -84,6 +87,7 @@ class PPOConfig(PolicyGradientConfig):
     vf_coef: float = 0.1
     kl_target: float | None = None
     kl_horizon: float = 10_000.0
+    whiten_rewards: bool = False
     whiten_advantages: bool = True
     ptx_coef: float = 0.0
 
@@ -289,6 +293,7 @@ def make_ppo_step(
     2. `r_t = per_token_rewards(scores, m, kl=k(logp_old, logp_ref), kl_coef=beta)` (KL in reward; `k` the
        configured estimator, k1 `logp_old - logp_ref` by default), or
        with the batch's `token_rewards` (multi-turn) those in place of the score (`ppo_token_rewards`);
+       with `whiten_rewards`, `r <- whiten(r, m, shift_mean=False)`;
     3. `A, R = gae(r, V_old, m, gamma, lam)`, `A` whitened over the batch;
     4. per minibatch: `ppo_objective` (with the value term for a value head on the policy's
        backbone) and, for a separate critic, `ppo_value_objective` with its own optimizer;
@@ -442,6 +447,8 @@ def make_ppo_step(
                     kl_divergence(old_logps, batch["ref_logps"], estimator=estimator), mask)
         rewards = ppo_token_rewards(batch["scores"], mask, token_rewards=batch.get("token_rewards"),
                                     kl=reward_kl, kl_coef=kl_coef)
+        if config.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)
         if config.whiten_advantages:
             advantages = whiten(advantages, mask)
