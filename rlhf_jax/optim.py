@@ -24,7 +24,8 @@ import optax
 
 from rlhf_jax.config import ConfigError
 
-__all__ = ["OptimizerName", "ScheduleName", "OptimizerConfig", "make_schedule", "make_optimizer", "decay_mask"]
+__all__ = ["OptimizerName", "ScheduleName", "OptimizerConfig", "make_schedule", "make_optimizer", "adafactor",
+           "decay_mask"]
 
 OptimizerName = Literal["adamw", "adam", "sgd", "lion", "adafactor"]
 ScheduleName = Literal["constant", "linear", "cosine"]
@@ -57,10 +58,19 @@ class OptimizerConfig:
     `schedule` for `decay_steps` steps (counted after warm-up) down to
     `learning_rate * end_learning_rate_ratio`, and stays there.
 
+    From transformers' `get_scheduler(name, num_warmup_steps=W, num_training_steps=N)`: the same
+    rates step for step with `warmup_steps=W, decay_steps=N - W` (`linear`, `cosine`,
+    `constant_with_warmup`; `cosine_with_min_lr`'s `min_lr_rate` is `end_learning_rate_ratio`),
+    the first update using the rate at 0 (0 with warm-up) as the Trainer's does. Past
+    `N` transformers' cosine rises again; this one stays at its end rate. Steps count optimizer
+    updates: one per training step for SFT, reward models and DPO, but `num_epochs x
+    num_minibatches` per step for PPO and the GRPO family (TRL's PPO trainer advances its
+    schedule once per rollout batch instead).
+
     Attributes:
       name: `adamw` (Loshchilov & Hutter 2019), `adam` (Kingma & Ba 2015), `sgd` (with
         `momentum`, optionally `nesterov`), `lion` (Chen et al. 2023), `adafactor` (Shazeer &
-        Stern 2018).
+        Stern 2018, with `learning_rate` as an absolute step as in transformers' Trainer: `adafactor`).
       learning_rate: peak learning rate, finite and > 0.
       schedule: shape after warm-up: `constant`, `linear` decay or `cosine` decay.
       warmup_steps: linear warm-up length (0 = none).
@@ -69,8 +79,9 @@ class OptimizerConfig:
       b1, b2, eps: Adam / Lion moment coefficients and Adam's epsilon; `b2` None is each
         optimizer's published default (`beta2`: 0.999 for Adam, 0.99 for Lion).
       weight_decay: decoupled weight decay (adamw, lion, adafactor).
-      weight_decay_mask: `all` parameters, or `no_norms_or_biases` (skip leaves named `scale` or
-        ending in `bias`, as the Hugging Face Trainer does).
+      weight_decay_mask: `all` parameters (the default, optax's), or `no_norms_or_biases` (skip
+        leaves named `scale` or ending in `bias`: the Hugging Face Trainer's rule, which it always
+        applies; set it when porting a Trainer run with `weight_decay > 0`).
       momentum, nesterov: SGD's momentum (0 = plain SGD); `nesterov` needs momentum > 0.
       max_grad_norm: clip the global gradient norm to this value; None = no clipping.
 
@@ -118,10 +129,11 @@ class OptimizerConfig:
                 _fail(field, f"must be a finite number, got {value!r}")
         if not self.learning_rate > 0:
             _fail("learning_rate", f"must be > 0, got {self.learning_rate!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
             _fail("warmup_steps", f"must be an int >= 0, got {self.warmup_steps!r}")
         if self.schedule != "constant":
-            if not isinstance(self.decay_steps, int) or self.decay_steps <= 0:
+            if (not isinstance(self.decay_steps, int) or isinstance(self.decay_steps, bool)
+                    or self.decay_steps <= 0):
                 _fail("decay_steps", f"must be a positive int for schedule {self.schedule!r}, got {self.decay_steps!r}")
         else:  # a decay the constant schedule would silently not apply
             if self.decay_steps is not None:
@@ -191,6 +203,40 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def adafactor(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.0,
+              mask: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
+    """Adafactor with an absolute step size, as transformers' Trainer runs it (`optim="adafactor"`).
+
+    Shazeer & Stern 2018, Algorithm 4 with update clipping `d = 1` and `beta2_t = 1 - t^-0.8`, but
+    with `learning_rate` as the step itself (the Trainer's `Adafactor(lr, scale_parameter=False,
+    relative_step=False)`; no relative step, no scaling by the parameter's RMS):
+
+        v_t = beta2_t v_{t-1} + (1 - beta2_t) (g^2 + 1e-30)     (factored: row and column means)
+        u_t = g / sqrt(v_t);   u_t <- u_t / max(1, RMS(u_t))
+        p  <- p - lr_t * (u_t + weight_decay * p)
+
+    so weight decay is decoupled and scaled by the learning rate, as in AdamW and Lion.
+    `optax.adafactor(lr, weight_decay_rate=wd)` instead scales the step by `max(1e-3, RMS(p))`
+    (about 50x smaller for weights of RMS 0.02) and subtracts `wd * p` every step unscaled by the
+    learning rate (10% of every weight per step for 0.1). Kept from optax: a leaf's second moment
+    is factored only when its two largest dimensions are both >= 128 (so a stacked layer axis of
+    fewer than 128 layers is never factored), and the clipping RMS is over a whole leaf (all layers
+    of a stacked one), where transformers factors every matrix and works per tensor.
+
+    Args:
+      learning_rate: the step size or schedule.
+      weight_decay: the decoupled decay rate (0 = none).
+      mask: the leaves that get weight decay (`decay_mask`), or None for all.
+
+    Returns:
+      The optax transform.
+    """
+    parts = [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0)]
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay, mask))
+    return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+
+
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     """The optax transform of `config`: optional global-norm clipping, then the optimizer.
 
@@ -214,8 +260,7 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     elif config.name == "lion":
         opt = optax.lion(lr, b1=config.b1, b2=config.beta2, weight_decay=config.weight_decay, mask=mask)
     else:
-        opt = optax.adafactor(lr, weight_decay_rate=config.weight_decay or None,
-                              weight_decay_mask=mask, clipping_threshold=None)
+        opt = adafactor(lr, weight_decay=config.weight_decay, mask=mask)
     if config.max_grad_norm is None:
         return opt
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), opt)

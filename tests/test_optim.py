@@ -79,6 +79,15 @@ def test_every_optimizer_reduces_a_quadratic(name):
     (dict(max_grad_norm=-1.0), "OptimizerConfig.max_grad_norm"),
     (dict(name="adam", weight_decay=0.1), "is not applied by 'adam'"),
     (dict(warmup_steps=-1), "OptimizerConfig.warmup_steps"),
+    (dict(schedule="cosine_with_restarts"),
+     r"OptimizerConfig.schedule must be one of \('constant', 'linear', 'cosine'\), got 'cosine_with_restarts'"),
+    (dict(learning_rate=math.nan), "OptimizerConfig.learning_rate must be a finite number, got nan"),
+    (dict(learning_rate=-1e-5), "OptimizerConfig.learning_rate must be > 0, got -1e-05"),
+    (dict(schedule="linear", decay_steps=0),
+     "OptimizerConfig.decay_steps must be a positive int for schedule 'linear', got 0"),
+    # a bool is not a step count (True was taken as 1 before)
+    (dict(warmup_steps=True), "OptimizerConfig.warmup_steps must be an int >= 0, got True"),
+    (dict(schedule="cosine", decay_steps=True), "OptimizerConfig.decay_steps must be a positive int for schedule"),
 ])
 def test_config_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
