@@ -23,7 +23,8 @@ run's checkpoints) is compared with the policy's, and one that differs is refuse
 Recipe: 64 prompts per step, one completion each up to 512 tokens at temperature 1; PPO with GAE
 (gamma 1, lambda 0.95), clip 0.2, value clip 0.2, KL to the initial policy in the reward (0.05),
 4 epochs of 4 minibatches per rollout batch in 2 micro-batches each; a separate 1.5B critic
-started from the reward model (its own AdamW, 1e-6); policy learning rate 1e-6. Four 1.5B models
+started from the reward model (its own AdamW, 1e-6); policy learning rate 1e-6, warmed up over the
+first 10 rollout steps (160 optimizer updates). Four 1.5B models
 live on the slice: policy + Adam (24 GB), critic + Adam (24 GB), reference (6 GB) and reward model
 (6 GB), float32 weights with bfloat16 compute, every layer rematerialized, FSDP over the 8 chips
 (7.6 GiB of weights and moments per chip). `rlhf-jax compile` on v5p:2x2x2 plans every program
@@ -82,7 +83,8 @@ def get_config(arg: str | None = None) -> rl.PPORunConfig | PPOTinyStages:
             rewards=RewardConfig(functions=("reward_model", "missing_eos"),
                                  reward_model="runs/rm_qwen2_5_1_5b/checkpoints", reward_model_batch_size=64),
             value=rl.ValueConfig(init="reward_model", optim=OptimizerConfig(learning_rate=1e-6)),
-            optim=OptimizerConfig(name="adamw", learning_rate=1e-6, warmup_steps=10, weight_decay=0.0,
+            # warm-up over the first 10 rollout steps: the schedule counts optimizer updates, 4 x 4 per step
+            optim=OptimizerConfig(name="adamw", learning_rate=1e-6, warmup_steps=160, weight_decay=0.0,
                                   max_grad_norm=1.0),
             train=TrainConfig(steps=400, eval_every=50, eval_batches=4),
             checkpoint=CheckpointConfig(every=50, keep=2, init_from="models/Qwen2.5-1.5B-Instruct"),
