@@ -36,6 +36,9 @@ HF_CASES = {
                     dict(rope_parameters=dict(rope_type="default", rope_theta=500000.0))),
     "mistral-window": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=4),
                        dict(sliding_window=None)),
+    # MQA (one kv head) with an explicit head_dim != hidden_size / num_attention_heads, as Mistral Nemo has.
+    "mistral-mqa-hd24-window": ("MistralConfig", dict(tie_word_embeddings=False, num_key_value_heads=1, head_dim=24,
+                                                     sliding_window=4), dict(sliding_window=None)),
     "qwen2-tied": ("Qwen2Config", dict(tie_word_embeddings=True), None),
     "qwen2-window": ("Qwen2Config", dict(tie_word_embeddings=False, use_sliding_window=True,
                                          sliding_window=4, max_window_layers=0),
@@ -448,7 +451,11 @@ def test_config_omitted_keys_take_transformers_defaults(model_type, keys, expect
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type 'linear' is not supported"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.type 'linear' is not supported"),
+    # Qwen2.5's long-context recipe (legacy key) and dynamic NTK: refused naming the key they came in.
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+     "rope_scaling.type 'yarn' is not supported (supported: 'default', 'llama3')"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type 'dynamic' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias=true is not supported for llama"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
@@ -1052,3 +1059,52 @@ def test_import_hf_keeps_generation_config_ids_for_the_export(tmp_path):
                                                 r"list of them in the model's vocabulary of 256 ids, got \[5, 256\]"):
         import_hf(tmp_path / "hf", tmp_path / "run2" / "checkpoints")
     assert not (tmp_path / "run2").exists()
+
+
+def test_single_file_wins_over_stray_safetensors_and_a_stale_index_as_in_transformers(ckpt, tmp_path):
+    """transformers reads model.safetensors when it exists (else the index) and ignores other *.safetensors
+    files beside it, e.g. the consolidated.safetensors of Mistral's own format that Mistral's repos ship."""
+    save_file({"tok_embeddings.weight": np.zeros((256, 64), np.float32)}, ckpt.dir / "consolidated.safetensors")
+    save_file({"base_model.model.lm_head.lora_A.weight": np.zeros((2, 64), np.float32)},
+              ckpt.dir / "adapter_model.safetensors")
+    sharded = save_hf(tmp_path / "sharded", ckpt.config.replace(eos_token_id=1), _random_params(ckpt.config, seed=1),
+                      max_shard_size="60kB")
+    for file in sharded.glob("model*.json"):  # a stale index and its shards, other weights
+        os.replace(file, ckpt.dir / file.name)
+    for file in sharded.glob("*.safetensors"):
+        os.replace(file, ckpt.dir / file.name)
+    config, params = load_hf(ckpt.dir)
+    assert config == ckpt.config
+    _assert_trees_bit_equal(params, ckpt.params)
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.dir)
+    np.testing.assert_array_equal(model.model.layers[1].mlp.down_proj.weight.detach().numpy(),
+                                  np.asarray(params["layers"]["mlp"]["down_proj"][1]).T)
+    assert torch.equal(model.lm_head.weight, torch.from_numpy(np.asarray(params["lm_head"]).T.copy()))
+
+
+@pytest.mark.parametrize("model_type, keys", [("qwen2", dict(mlp_bias=True)), ("mistral", dict(mlp_bias=True)),
+                                              ("qwen3", dict(mlp_bias=True, head_dim=16)),
+                                              ("mistral", dict(attention_bias=True))])
+def test_bias_keys_the_family_ignores_load_as_transformers_builds_them(model_type, keys):
+    """mlp_bias / attention_bias only exist in the transformers classes that read them (llama; qwen3's
+    attention_bias): elsewhere the key is ignored, so the checkpoint loads with the family's layout."""
+    d = {"model_type": model_type, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, **keys}
+    config = config_from_hf(d)
+    assert config == config_from_hf({k: v for k, v in d.items() if k not in keys or k == "head_dim"})
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k != "model_type"})
+    theirs = {name for name, _ in transformers.AutoModelForCausalLM.from_config(hf_config).named_parameters()}
+    assert ({"model.layers.0.mlp.up_proj.bias", "model.layers.0.self_attn.o_proj.bias"} & theirs) == set()
+    assert ("model.layers.0.self_attn.q_proj.bias" in theirs) == config.attention_bias
+
+
+def test_llama_mlp_bias_is_refused_by_name():
+    d = {**config_to_hf(tiny_config()), "mlp_bias": True}
+    with pytest.raises(HFCheckpointError, match="mlp_bias=true is not supported for llama"):
+        config_from_hf(d)

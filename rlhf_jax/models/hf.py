@@ -89,7 +89,8 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None
 
     Args:
       path: a directory with config.json and model.safetensors, or shards listed by
-        model.safetensors.index.json (any *.safetensors files when there is no index).
+        model.safetensors.index.json (transformers' order: the single file first; any *.safetensors
+        files when there is neither).
       dtype: parameter dtype, "float32" or "bfloat16" (any floating checkpoint converts). None keeps
         the checkpoint's dtype: every tensor must then have the dtype config.json declares (float16
         is upcast to float32 exactly).

@@ -142,8 +142,8 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
     act = d.get("hidden_act", "silu")
     if act != "silu":
         fail(f"hidden_act {act!r} is not supported (only 'silu', i.e. SwiGLU)")
-    if d.get("mlp_bias"):
-        fail("mlp_bias=true is not supported (the MLP has no biases)")
+    if d.get("mlp_bias") and model_type == "llama":  # transformers' mistral and qwen models ignore the key
+        fail("mlp_bias=true is not supported for llama (the MLP has no biases)")
     if d.get("attention_bias") and model_type in ("llama", "qwen3"):
         fail(f"attention_bias=true is not supported for {model_type} (it adds an o_proj bias)")
 
@@ -193,10 +193,10 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
 
 def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling | None]:
     """(rope_theta, RopeScaling or None); `rope_scaling` takes precedence, as in transformers."""
-    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    where = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    params = d.get(where) or {}
     if not isinstance(params, Mapping):
-        key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
-        fail(f"{key} must be an object, got {params!r}")
+        fail(f"{where} must be an object, got {params!r}")
     if any(isinstance(v, Mapping) for v in params.values()):
         fail(f"per-layer-type rope parameters are not supported: {params}")
     theta = params.get("rope_theta", d.get("rope_theta", _DEFAULT_ROPE_THETA))
@@ -205,11 +205,13 @@ def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
     if partial is not None and partial != 1.0:
         fail(f"partial_rotary_factor {partial} is not supported (RoPE covers the whole head)")
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    type_key = "rope_type" if "rope_type" in params else "type"
+    rope_type = params.get(type_key, "default")
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        fail(f"rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')")
+        fail(f"{where}.{type_key} {rope_type!r} is not supported (supported: 'default', 'llama3'); "
+             "loading it without that RoPE scaling would change the model's logits")
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         if key not in params:
             fail(f"llama3 rope scaling lacks {key!r}")

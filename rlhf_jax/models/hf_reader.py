@@ -160,9 +160,18 @@ class _Checkpoint:
             raise
 
     def _index(self, root: Path) -> None:
-        """Map every tensor name to its file; the index and the files' headers must agree."""
+        """Map every tensor name to its file; the index and the files' headers must agree.
+
+        The files are chosen as transformers' `from_pretrained` chooses them: `model.safetensors`, else
+        the shards `model.safetensors.index.json` lists, other `*.safetensors` files beside them (e.g.
+        Mistral's `consolidated.safetensors`, a PEFT `adapter_model.safetensors`) being ignored; with
+        neither, every `*.safetensors` file of the directory (shards written without an index).
+        """
         index_file = root / INDEX_FILE
-        if index_file.exists():
+        if (root / SINGLE_FILE).exists():
+            self.source = str(root / SINGLE_FILE)
+            self._file_of = dict.fromkeys(self._open(SINGLE_FILE).keys(), SINGLE_FILE)
+        elif index_file.exists():
             self.source = str(index_file)
             weight_map = read_json(index_file).get("weight_map")
             if not isinstance(weight_map, Mapping):
