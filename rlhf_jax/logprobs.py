@@ -35,8 +35,16 @@ DEFAULT_CHUNK_SIZE = 1024
 
 def _scaled_logits(fn: str, logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
     _checks.check_floating(fn, "logits", logits)
-    # A scalar, or per-row values broadcasting against the logits (e.g. `[B, 1]` for `[B, V]`).
+    if jnp.ndim(logits) < 1:
+        raise ValueError(f"{fn}: logits must have a vocab axis, shape [..., V], got shape {jnp.shape(logits)}")
+    # A scalar, or per-row values broadcasting against the logits with a vocab axis of 1 (e.g. `[B, 1]` for
+    # `[B, V]`): a `[B]` temperature would otherwise scale the vocab axis when B == V.
     _checks.check_positive_values(fn, "temperature", temperature, tuple(jnp.shape(logits)), finite=True)
+    t_shape = tuple(jnp.shape(temperature))
+    if t_shape and t_shape[-1] != 1:
+        raise ValueError(f"{fn}: a per-row temperature needs a last (vocab) axis of size 1 (e.g. [B, 1] for [B, V] "
+                         f"logits), got shape {t_shape} for logits of shape {tuple(jnp.shape(logits))}; pass "
+                         f"temperature[..., None]")
     z = _checks.f32(logits)
     if _checks.is_number(temperature) and temperature == 1:
         return z
@@ -71,9 +79,12 @@ def token_logprobs(logits: jax.Array, labels: jax.Array, *, temperature: float |
     Args:
       logits: `[..., V]` floating logits (any dtype; upcast to float32 first). `logits[b, t]` must
         already be aligned with `labels[b, t]` (see `next_token_targets`).
-      labels: `[...]` integer token ids, the logits' shape without the vocab axis.
-      temperature: sampling temperature (finite, > 0): a scalar or per-row values broadcasting against
-        `logits` (e.g. `[B, 1]` for `[B, V]`); use the sampler's so ratios are consistent.
+      labels: `[...]` integer token ids in `[0, V)`, the logits' shape without the vocab axis. Others
+        are not checked (this runs inside `jit`): a label >= V gives NaN and a negative one wraps
+        around (-100 reads token V - 100), so replace ignored labels (e.g. -100) by 0 and mask them.
+      temperature: sampling temperature (finite, > 0): a scalar or per-row values with a vocab axis
+        of 1 broadcasting against `logits` (e.g. `[B, 1]` for `[B, V]`); use the sampler's so ratios
+        are consistent.
 
     Returns:
       float32 `[...]` log-probabilities (<= 0).
@@ -271,6 +282,9 @@ def _chunked(
     with_logps: bool,
     with_entropy: bool,
 ) -> tuple[jax.Array, jax.Array]:
+    hidden = _checks.as_array(fn, "hidden", hidden)
+    lm_head_weight = _checks.as_array(fn, "lm_head_weight", lm_head_weight)
+    labels = None if labels is None else _checks.as_array(fn, "labels", labels)
     _check_chunked(fn, hidden, lm_head_weight, chunk_size)
     _checks.check_positive(fn, "temperature", temperature, finite=True)
     lead = hidden.shape[:-1]

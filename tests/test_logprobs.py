@@ -302,3 +302,32 @@ def test_lists_are_accepted_and_mask_is_required_and_logps_floating():
         sequence_logprobs(-jnp.ones((2, 3)), None)
     with pytest.raises(TypeError, match="sequence_logprobs: token_logps must be floating point"):
         sequence_logprobs(jnp.ones((2, 3), int), jnp.ones((2, 3)))
+
+
+def test_per_row_temperature_needs_a_vocab_axis_of_one():
+    # With B == V a [B] temperature broadcast along the vocab axis: each *token* got its own temperature and
+    # token_logprobs returned [-2.5789, -0.9741] here instead of the per-row [-2.1269, -0.9741].
+    logits, labels = jnp.array([[3.0, 1.0], [0.0, 1.0]]), jnp.array([1, 0])
+    for call in (lambda t: token_logprobs(logits, labels, temperature=t), lambda t: token_entropy(logits, temperature=t),
+                 lambda t: logprobs_and_entropy(logits, labels, temperature=t)):
+        with pytest.raises(ValueError, match=r"per-row temperature needs a last \(vocab\) axis of size 1 .*got "
+                                             r"shape \(2,\) for logits of shape \(2, 2\); pass temperature\[\.\.\., None\]"):
+            call(jnp.array([1.0, 2.0]))
+    per_row = _lp(logits, labels, temperature=jnp.array([[1.0], [2.0]]))
+    want = _gathered(_np_log_softmax(np.array([[3.0, 1.0], [0.0, 0.5]])), labels)  # row 1 divided by 2
+    np.testing.assert_allclose(per_row, want, rtol=1e-6)
+    np.testing.assert_allclose(want, [-2.126928, -0.974077], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"token_logprobs: logits must have a vocab axis, shape \[\.\.\., V\], got "
+                                         r"shape \(\)"):
+        token_logprobs(jnp.array(3.0), jnp.array(0))
+
+
+def test_chunked_heads_take_nested_lists():
+    hidden, w, labels = [[[1.0, 0.0], [0.0, 1.0]]], [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0, 1]]
+    logps, entropy, entropy_only = jax.jit(lambda: (*chunked_logprobs_and_entropy(hidden, w, labels, chunk_size=1),
+                                                    chunked_token_entropy(hidden, w)))()
+    z = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    np.testing.assert_allclose(logps, [_gathered(_np_log_softmax(z), np.array([0, 1]))], rtol=1e-6)
+    p = np.exp(_np_log_softmax(z))
+    np.testing.assert_allclose(entropy, [-(p * np.log(p)).sum(-1)], rtol=1e-6)
+    np.testing.assert_allclose(entropy_only, entropy, rtol=1e-6)

@@ -559,7 +559,7 @@ _LP, _M, _ADV = -jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.array([1.0, -1.0])
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: L.dpo_loss(_A, _B, _A + 1, _B + 1, beta=jnp.array(-0.1)), "beta must be > 0"),
+    (lambda: L.dpo_loss(_A, _B, _A + 1, _B + 1, beta=jnp.array(-0.1)), "beta must be a finite number > 0"),
     (lambda: L.dpo_loss(_A, _B, _A + 1, _B + 1, loss_type="robust", label_smoothing=jnp.array(0.5)),
      "label_smoothing must be in"),
     (lambda: L.ppo_policy_loss(_LP, _LP, _ADV, _M, clip_eps=jnp.array(-0.2)), "clip_eps must be in"),
@@ -642,3 +642,99 @@ def test_count_sequences_needs_rank_2_and_entropy_bonus_takes_lists():
         L.count_sequences(jnp.ones(3))
     out = L.entropy_bonus(jnp.zeros((2, 3, 4)), [[1, 1, 1], [1, 1, 0]])
     np.testing.assert_allclose(out, [[-np.log(4)] * 3, [-np.log(4)] * 2 + [0.0]], rtol=1e-6)
+
+
+# --- notebook-user audit: k3 beyond its overflow guard, nested lists, finite beta, binary KTO labels ---
+
+def _np_verl_low_var_kl(logp, ref):
+    """verl's `low_var_kl` penalty, from its formula: `kl = clip(ref - logp, -20, 20)`, `clip(e^kl - kl - 1, -10, 10)`."""
+    kl = np.clip(np.asarray(ref, np.float64) - np.asarray(logp, np.float64), -20.0, 20.0)
+    return np.clip(np.exp(kl) - kl - 1.0, -10.0, 10.0)
+
+
+def test_k3_is_exact_above_its_overflow_guard_and_clamped_k3_is_verls_low_var_kl():
+    # d = log pi - log pi_ref. k3 = e^-d - 1 + d and its gradient in log pi is 1 - e^-d (TRL's unclamped GRPO
+    # penalty). d was clipped to [-20, 20]: at d = 39 k3 read 19.0 with gradient 0, so the penalty let go of the
+    # tokens where the policy had drifted furthest from the reference. Only d < -20 (where e^-d overflows) is guarded.
+    lp, ref = _f32([-1.0, -40.0, -2.0, -1.0]), _f32([-40.0, -1.0, -3.0, -26.0])  # d = 39, -39, 1, 25
+    k3 = lambda x: L.kl_divergence(x, ref, estimator="k3")  # noqa: E731
+    value, grad = jax.jit(lambda x: (k3(x), jax.grad(lambda y: jnp.sum(k3(y)))(x)))(lp)
+    np.testing.assert_allclose(value, [38.0, np.exp(20.0) - 21.0, np.exp(-1.0), 24.0], rtol=1e-6)
+    np.testing.assert_allclose(grad, [1.0, 0.0, 1.0 - np.exp(-1.0), 1.0], rtol=1e-6)
+    # With clamp=10 it is verl's low_var_kl, values and (zero where clamped) gradients, on both sides of +-20.
+    d = np.array([-45.0, -21.0, -20.0, -3.0, -0.5, 0.0, 0.7, 4.0, 11.5, 19.0, 25.0, 45.0])
+    ref = np.full_like(d, -30.0)
+    low_var = jax.jit(lambda x, r: L.kl_divergence(x, r, estimator="k3", clamp=10.0))
+    np.testing.assert_allclose(low_var(_f32(ref + d), _f32(ref)), _np_verl_low_var_kl(ref + d, ref), rtol=1e-6, atol=1e-6)
+    g = jax.grad(lambda x: jnp.sum(low_var(x, _f32(ref))))(_f32(ref + d))
+    inside = np.abs(np.exp(-d) - 1 + d) < 10
+    np.testing.assert_allclose(g, np.where(inside, 1 - np.exp(-d), 0.0), rtol=1e-5, atol=1e-6)
+
+
+def test_losses_take_nested_lists_like_arrays():
+    # A notebook passes Python lists: the preference losses, kl_divergence and value_loss used to fail in their
+    # dtype check with "Cannot determine dtype of [-10.0, -12.0]". (Each call is traced with the lists as
+    # constants: one compile instead of one per primitive.)
+    pc, pr, rc, rr = [-10.0, -12.0], [-12.0, -11.0], [-11.0, -11.5], [-11.0, -10.0]
+
+    @jax.jit
+    def outputs():
+        dpo, dpo_metrics = L.dpo_loss(pc, pr, rc, rr, beta=0.5)
+        kto, kto_metrics = L.kto_loss([-5.0, -8.0], [-6.0, -7.0], [1, 0], 0.0, beta=1.0)
+        return dict(dpo=dpo, margins=dpo_metrics["rewards/margins"], ipo=L.dpo_loss(pc, pr, rc, rr, loss_type="ipo")[0],
+                    simpo=L.simpo_loss([-1.0], [-1.5], beta=2.0, gamma=0.5), orpo=L.orpo_loss([-0.5], [-1.0])[0],
+                    kto=kto, kto_margins=kto_metrics["rewards/margins"],
+                    z0=L.kto_reference_point([-5.0, -7.0], [-6.0, -7.0]),
+                    k3=L.kl_divergence([0.0, -1.0], [-1.0, -1.0], estimator="k3"),
+                    value=L.value_loss([[0.5, 2.0]], [[0.0, 2.0]], [[1.0, 1.0]], [[1, 1]]))
+
+    got = outputs()
+    # h = (1, -0.5) - (-1, -1) = (2, 0.5)
+    np.testing.assert_allclose(got["dpo"], -_np_log_sigmoid([1.0, 0.25]), rtol=1e-6)  # -log sigmoid(0.5 h)
+    np.testing.assert_allclose(got["margins"], 0.5 * 1.25, rtol=1e-6)
+    np.testing.assert_allclose(got["ipo"], (np.array([2.0, 0.5]) - 1 / 0.2) ** 2, rtol=1e-6)  # (h - 1/(2 beta))^2
+    np.testing.assert_allclose(got["simpo"], [0.47407698], rtol=1e-6)
+    np.testing.assert_allclose(got["orpo"], [0.03203], atol=1e-5)
+    np.testing.assert_allclose(got["kto"], [1 - _np_sigmoid(1.0)] * 2, rtol=1e-6)
+    assert float(got["kto_margins"]) == 2.0 and float(got["z0"]) == 0.5
+    np.testing.assert_allclose(got["k3"], [np.exp(-1.0), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(got["value"], [[0.32, 0.5]], rtol=1e-6)
+    with pytest.raises(TypeError, match="dpo_loss: chosen_logps must be floating point, got dtype int32"):
+        L.dpo_loss([-10, -12], [-12, -11], None, None)
+
+
+@pytest.mark.parametrize("call", [
+    lambda beta: L.dpo_loss(_A, _B, _A + 1, _B + 1, beta=beta),
+    lambda beta: L.dpo_loss(_A, _B, None, None, loss_type="ipo", beta=beta),
+    lambda beta: L.simpo_loss(_A / 10, _B / 10, beta=beta),
+    lambda beta: L.orpo_loss(_A / 10, _B / 10, beta=beta),
+    lambda beta: L.kto_loss(_A, _B, jnp.array([True, False]), 0.0, beta=beta),
+])
+def test_preference_beta_must_be_finite(call):
+    # beta = inf passed the `> 0` check and gave NaN losses (inf * 0 at a zero margin, inf - inf).
+    for beta in (float("inf"), jnp.array(float("inf"))):
+        with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+            call(beta)
+
+
+def test_kto_desirable_must_be_binary_and_bradley_terry_needs_a_batch():
+    # `desirable` was cast to bool: a 0.5 (a soft label, or a weight passed in the wrong place) counted as desirable.
+    with pytest.raises(ValueError, match=r"kto_loss: desirable must be bool or 0/1 .*got values \[0.5\]"):
+        L.kto_loss(_A, _B, jnp.array([0.5, 0.0]), 0.0)
+    with pytest.raises(ValueError, match=r"kto_loss: desirable must be bool or 0/1 .*got values \[2.0\]"):
+        L.kto_loss(_A, _B, [2, 0], 0.0)
+    # An empty batch returned an empty array (its mean NaN) where every other per-example loss raises.
+    with pytest.raises(ValueError, match="bradley_terry_loss: chosen_rewards is an empty batch"):
+        L.bradley_terry_loss(jnp.zeros(0), jnp.zeros(0))
+
+
+def test_process_reward_loss_is_exactly_zero_off_step_ends_even_for_non_finite_logits():
+    # `m * (softplus(s) - y s)` gave NaN off step ends for an inf / NaN logit there (0 * inf), or an ignored
+    # label such as -100 with an inf logit; the docstring promises zero.
+    from rlhf_jax.losses.process_reward import process_reward_loss
+
+    s = _f32([[jnp.inf, jnp.nan, 2.0, -jnp.inf]])
+    y, m = jnp.array([[-100, 1, 1, 0]]), jnp.array([[0, 0, 1, 0]])
+    loss = np.asarray(jax.jit(process_reward_loss)(s, y, m))
+    np.testing.assert_array_equal(loss[0, [0, 1, 3]], 0.0)
+    np.testing.assert_allclose(loss[0, 2], np.log1p(np.exp(-2.0)), rtol=1e-6)

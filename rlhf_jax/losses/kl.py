@@ -26,10 +26,13 @@ def kl_divergence(
     - `k2 = d^2 / 2` (biased, low variance; its gradient is the KL gradient on-policy),
     - `k3 = exp(-d) - 1 + d` (unbiased, non-negative, low variance; GRPO's penalty).
     Each is exactly 0 where `logps == ref_logps`. With `clamp = c`, the result is clipped to
-    `[-c, c]` (k3 is evaluated with `d` clipped to +-20 first so that `exp` cannot overflow).
+    `[-c, c]`. k3 is evaluated with `d` clipped below at -20 so that `exp(-d)` cannot overflow
+    (there its value is `e^20 - 21` and its gradient 0); above, it is exact: where the policy has
+    drifted far from the reference (`d > 20`), k3 ~ `d - 1` keeps its gradient ~1. With
+    `estimator="k3", clamp=10.0` this is verl's `low_var_kl`.
 
     Args:
-      logps: `[...]` log-probs of the sampled tokens under the policy.
+      logps: `[...]` float log-probs of the sampled tokens under the policy (arrays or nested lists).
       ref_logps: `[...]` same under the reference policy.
       estimator: `"k1"`, `"k2"` or `"k3"`.
       clamp: optional bound `c > 0` on the estimate.
@@ -46,6 +49,7 @@ def kl_divergence(
       [[0.6931, -0.6931], [0.2402, 0.2402], [0.1931, 0.3069]]
     """
     fn = "kl_divergence"
+    logps, ref_logps = _checks.as_array(fn, "logps", logps), _checks.as_array(fn, "ref_logps", ref_logps)
     _checks.check_choice(fn, "estimator", estimator, get_args(KLEstimator))
     _checks.check_same_shape(fn, logps=logps, ref_logps=ref_logps)
     _checks.check_floating(fn, "logps", logps)
@@ -58,7 +62,7 @@ def kl_divergence(
     elif estimator == "k2":
         kl = 0.5 * jnp.square(d)
     else:
-        d = jnp.clip(d, -20.0, 20.0)
+        d = jnp.maximum(d, -20.0)
         kl = jnp.expm1(-d) + d
     if clamp is not None:
         kl = jnp.clip(kl, -clamp, clamp)

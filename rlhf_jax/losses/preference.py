@@ -23,8 +23,11 @@ Metrics = dict[str, jax.Array]
 _MAX_AVG_LOGP = -1e-6
 
 
-def _check_pairs(fn: str, *, floating: tuple[str, ...] = (), **arrays: jax.Array | None) -> None:
-    """All `[B]` with one shape and B >= 1; the arrays named in `floating` (log-probs) floating point."""
+def _check_pairs(fn: str, *, floating: tuple[str, ...] = (), **arrays: jax.Array | None
+                 ) -> tuple[jax.Array | None, ...]:
+    """The arrays (nested lists converted), all `[B]` with one shape and B >= 1; those named in
+    `floating` (log-probs) floating point."""
+    arrays = {k: None if v is None else _checks.as_array(fn, k, v) for k, v in arrays.items()}
     first = next(iter(arrays))
     _checks.check_rank(fn, first, arrays[first], 1)
     _checks.check_same_shape(fn, **arrays)
@@ -32,6 +35,7 @@ def _check_pairs(fn: str, *, floating: tuple[str, ...] = (), **arrays: jax.Array
     for name in floating:
         if arrays[name] is not None:
             _checks.check_floating(fn, name, arrays[name])
+    return tuple(arrays.values())
 
 
 def _weighted_mean(x: jax.Array, weights: jax.Array | None, count: jax.Array | None) -> jax.Array:
@@ -149,7 +153,7 @@ def dpo_loss(
       rejected_logps: `[B]` same for the rejected responses.
       ref_chosen_logps: `[B]` under the frozen reference policy, or None (reference-free).
       ref_rejected_logps: `[B]` or None; must be None exactly when `ref_chosen_logps` is.
-      beta: inverse temperature of the implicit reward, > 0.
+      beta: inverse temperature of the implicit reward, finite and > 0.
       loss_type: one of `DPOLossType`.
       label_smoothing: assumed label-flip probability in `[0, 0.5)`; `sigmoid` and `robust` only.
 
@@ -166,7 +170,7 @@ def dpo_loss(
     """
     fn = "dpo_loss"
     _checks.check_choice(fn, "loss_type", loss_type, get_args(DPOLossType))
-    _checks.check_positive(fn, "beta", beta)
+    _checks.check_positive(fn, "beta", beta, finite=True)
     _checks.check_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5, high_open=True)
     if loss_type not in ("sigmoid", "robust") and _checks.scalar_value(fn, "label_smoothing", label_smoothing) != 0:
         raise ValueError(f"{fn}: label_smoothing applies to loss_type 'sigmoid' and 'robust' only, got {loss_type!r}")
@@ -175,7 +179,7 @@ def dpo_loss(
             f"{fn}: ref_chosen_logps and ref_rejected_logps must both be arrays or both be None "
             "(reference-free), got one of each"
         )
-    _check_pairs(
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps = _check_pairs(
         fn,
         floating=("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"),
         chosen_logps=chosen_logps,
@@ -229,10 +233,11 @@ def simpo_loss(
       0.4741
     """
     fn = "simpo_loss"
-    _checks.check_positive(fn, "beta", beta)
+    _checks.check_positive(fn, "beta", beta, finite=True)
     _checks.check_scalar(fn, "gamma", gamma)
-    _check_pairs(fn, floating=("chosen_avg_logps", "rejected_avg_logps"),
-                 chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
+    chosen_avg_logps, rejected_avg_logps = _check_pairs(
+        fn, floating=("chosen_avg_logps", "rejected_avg_logps"),
+        chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
     diff = _checks.f32(chosen_avg_logps) - _checks.f32(rejected_avg_logps)
     return jax.nn.softplus(-(beta * diff - gamma))
 
@@ -273,9 +278,10 @@ def orpo_loss(
       0.032
     """
     fn = "orpo_loss"
-    _checks.check_positive(fn, "beta", beta)
-    _check_pairs(fn, floating=("chosen_avg_logps", "rejected_avg_logps"),
-                 chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
+    _checks.check_positive(fn, "beta", beta, finite=True)
+    chosen_avg_logps, rejected_avg_logps = _check_pairs(
+        fn, floating=("chosen_avg_logps", "rejected_avg_logps"),
+        chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
     a_w = jnp.minimum(_checks.f32(chosen_avg_logps), _MAX_AVG_LOGP)
     a_l = jnp.minimum(_checks.f32(rejected_avg_logps), _MAX_AVG_LOGP)
     log_odds = (a_w - a_l) - (_log1m_exp(a_w) - _log1m_exp(a_l))
@@ -306,8 +312,9 @@ def kto_reference_point(mismatched_logps: jax.Array, ref_mismatched_logps: jax.A
       0.0
     """
     fn = "kto_reference_point"
-    _check_pairs(fn, floating=("mismatched_logps", "ref_mismatched_logps"),
-                 mismatched_logps=mismatched_logps, ref_mismatched_logps=ref_mismatched_logps)
+    mismatched_logps, ref_mismatched_logps = _check_pairs(
+        fn, floating=("mismatched_logps", "ref_mismatched_logps"),
+        mismatched_logps=mismatched_logps, ref_mismatched_logps=ref_mismatched_logps)
     kl = jnp.mean(_checks.f32(mismatched_logps) - _checks.f32(ref_mismatched_logps))
     return jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
 
@@ -352,10 +359,14 @@ def kto_loss(
       ([0.2689, 0.2689], 2.0)
     """
     fn = "kto_loss"
-    _checks.check_positive(fn, "beta", beta)
+    _checks.check_positive(fn, "beta", beta, finite=True)
     _checks.check_nonnegative(fn, "desirable_weight", desirable_weight)
     _checks.check_nonnegative(fn, "undesirable_weight", undesirable_weight)
-    _check_pairs(fn, floating=("logps", "ref_logps"), logps=logps, ref_logps=ref_logps, desirable=desirable)
+    logps, ref_logps, desirable = _check_pairs(fn, floating=("logps", "ref_logps"), logps=logps, ref_logps=ref_logps,
+                                               desirable=desirable)
+    values = _checks.non_binary_values(desirable)
+    if values is not None:
+        raise ValueError(f"{fn}: desirable must be bool or 0/1 (True for desirable examples), got values {values}")
     if jnp.ndim(kl_ref_point) != 0:
         raise ValueError(f"{fn}: kl_ref_point must be a scalar, got shape {jnp.shape(kl_ref_point)}")
     z0 = jax.lax.stop_gradient(jnp.maximum(_checks.f32(kl_ref_point), 0.0))

@@ -60,7 +60,7 @@ def process_reward_loss(step_logits: jax.Array, labels: jax.Array, step_mask: ja
         if np.any(bad):
             raise ValueError(f"process_reward_loss: labels must be 0 or 1 where step_mask is set, got "
                              f"{sorted(set(y_np[bad].tolist()))[:5]}")
-    return m * (jax.nn.softplus(s) - y * s)
+    return _checks.apply_mask(jax.nn.softplus(s) - y * s, m)
 
 
 def aggregate_step_scores(step_logits: jax.Array, step_mask: jax.Array, *, mode: StepAggregation = "min"

@@ -42,6 +42,7 @@ def bradley_terry_loss(
     fn = "bradley_terry_loss"
     _checks.check_rank(fn, "chosen_rewards", chosen_rewards, 1)
     _checks.check_same_shape(fn, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    _checks.check_nonempty(fn, "chosen_rewards", chosen_rewards)
     _checks.check_nonnegative(fn, "center_rewards_coefficient", center_rewards_coefficient)
     c, r = _checks.f32(chosen_rewards), _checks.f32(rejected_rewards)
     diff = c - r

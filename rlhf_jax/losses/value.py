@@ -40,6 +40,8 @@ def value_loss(
       [0.32, 0.5]
     """
     fn = "value_loss"
+    values, old_values, returns, mask = (_checks.as_array(fn, name, x) for name, x in (
+        ("values", values), ("old_values", old_values), ("returns", returns), ("mask", mask)))
     _checks.check_rank(fn, "values", values, 2)
     _checks.check_same_shape(fn, values=values, old_values=old_values, returns=returns, mask=mask)
     for name, x in (("values", values), ("old_values", old_values), ("returns", returns)):
