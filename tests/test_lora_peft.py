@@ -5,6 +5,7 @@ test-time references only (`pip install -e '.[test]'`)."""
 
 import json
 import os
+import re
 import types
 from pathlib import Path
 
@@ -274,7 +275,7 @@ def test_export_hf_of_a_lora_run_loads_into_peft_and_merged_with_the_runs_tokeni
     from rlhf_jax.testing import save_offline_tokenizer
     from rlhf_jax.train.adapters import params_items
 
-    torch, transformers, peft = case.torch, case.transformers, case.peft
+    transformers, peft = case.transformers, case.peft
     lm = LoraLM(CausalLM(case.config), LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "up", "down")))
     params = lm.init_from_base(case.params, jax.random.key(0))
     params["lora"] = jax.tree.map(lambda x: 0.1 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype),
@@ -320,3 +321,36 @@ def test_export_hf_of_a_lora_run_loads_into_peft_and_merged_with_the_runs_tokeni
         export_hf(run / "checkpoints", tmp_path / "adapters", tokenizer=FailingTokenizer(), overwrite=True)
     assert {f: (tmp_path / "adapters" / f).read_bytes() for f in os.listdir(tmp_path / "adapters")} == before
     assert sorted(os.listdir(tmp_path)) == ["adapters", "merged", "run"]
+
+
+def test_adapters_over_a_changed_base_or_with_other_math_are_refused_by_key(tmp_path):
+    """PEFT options that make the saved A, B mean something else than y = x·W + s·(x·A)·B on the base
+    model's W are refused naming the key: PiSSA / OLoRA / LoftQ ... initialisations (PEFT subtracts the
+    initial adapters from W and recomputes that residual when it loads them; read as plain LoRA they
+    were off by 0.24 in the logits of a tiny Llama), activated LoRA, trained token rows, replicated
+    layers, parameter targets. Plain initialisations still load."""
+    import shutil
+
+    from rlhf_jax.testing import tiny_config
+
+    config = tiny_config()
+    lora = LoraConfig(rank=4, targets=("q", "down"))
+    good = save_peft(tmp_path / "good", config, lora, LoraLM(CausalLM(config), lora).init_adapters(jax.random.key(0)))
+    raw = json.loads((good / ADAPTER_CONFIG).read_text())
+    cases = {"init_lora_weights": ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"],
+             "alora_invocation_tokens": [[5, 6]], "trainable_token_indices": [[3, 4]],
+             "layer_replication": [[[0, 2], [0, 2]]], "target_parameters": [["mlp.experts.down_proj"]],
+             "kasa_config": [{"x": 1}], "use_dora": [True], "rank_pattern": [{"q_proj": 8}]}
+    for key, values in cases.items():
+        for value in values:
+            (good / ADAPTER_CONFIG).write_text(json.dumps({**raw, key: value}))
+            with pytest.raises(HFCheckpointError, match=rf"adapter_config\.json: {key}={re.escape(repr(value))} is "
+                                                        r"not supported"):
+                load_peft(good, config)
+    for key, value in (("init_lora_weights", "gaussian"), ("init_lora_weights", False), ("init_lora_weights", "eva"),
+                       ("target_parameters", []), ("trainable_token_indices", None), ("velora_config", {"x": 1})):
+        d = tmp_path / f"ok_{key}_{value}"
+        shutil.copytree(good, d)
+        (d / ADAPTER_CONFIG).write_text(json.dumps({**raw, key: value}))
+        assert load_peft(d, config)[0] == lora
+

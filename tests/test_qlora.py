@@ -83,8 +83,10 @@ def test_bad_block_sizes_are_clear_errors():
     with pytest.raises(ValueError, match=r"layers/attn/q_proj: the NF4 block size 64 does not divide its input "
                                          r"dimension 96"):
         quantize_kernel(w, in_dims=1, block_size=64, name="layers/attn/q_proj")
-    with pytest.raises(ValueError, match=r"does not divide its output dimension 64"):
-        quantize_kernel(w, in_dims=1, block_size=32, double_quant=True)
+    with pytest.raises(ValueError, match=r"layers/mlp/up_proj: double quantization groups .* none divides its "
+                                         r"output dimension 48"):
+        quantize_kernel(jnp.zeros((2, 64, 48)), in_dims=1, block_size=32, double_quant=True,
+                        name="layers/mlp/up_proj")
     with pytest.raises(ValueError, match=r"block size 48 does not divide its input dimension 64"):
         QLoraLM(CausalLM(tiny_config()), LoraConfig(quantize="nf4", quant_block_size=48)).init(jax.random.key(0))
     with pytest.raises(ValueError, match=r"double_quant applies to the NF4 base only"):
@@ -183,3 +185,24 @@ def test_a_qlora_checkpoint_reads_back_as_plain_merged_weights(tmp_path):
     want = lm.merge_params(params)
     for got, ref in zip(jax.tree.leaves(merged), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6)
+
+
+def test_double_quant_of_output_dimensions_that_256_does_not_divide():
+    """Qwen2.5-0.5B's k_proj [896, 2, 64] (N = 128) and o_proj [14, 64, 896] (N = 896 = 7 * 128) were
+    refused with double quantization (256 absmaxes per group); they now group 128 absmaxes, each within
+    half an int8 step of its group's maximum of the single-quantized absmax, the codes unchanged."""
+    from rlhf_jax.models.qlora import double_quant_group
+
+    assert [double_quant_group(n) for n in (4096, 1024, 896, 128, 48)] == [256, 256, 128, 128, 16]
+    w = jax.random.normal(jax.random.key(0), (1, 2, 64, 896))  # o_proj [L, H, D, E]: K = 128, N = 896
+    single = quantize_kernel(w, in_dims=2, kind="nf4", block_size=64)
+    double = quantize_kernel(w, in_dims=2, kind="nf4", block_size=64, double_quant=True, name="layers/attn/o_proj")
+    assert double.scale.dtype == jnp.int8 and double.scale_scale.shape == (1, 2, 7)
+    np.testing.assert_array_equal(np.asarray(double.codes), np.asarray(single.codes))
+    c = np.asarray(single.scale)  # [1, K / 64, N] absmaxes
+    group_max = np.repeat(c.reshape(1, 2, 7, 128).max(axis=3), 128, axis=2)
+    got = np.asarray(double.scale, np.float32) * np.repeat(np.asarray(double.scale_scale), 128, axis=2)
+    assert np.all(np.abs(got - c) <= group_max / 127.5 / 2 + 1e-6) and np.abs(got - c).max() > 0
+    want = np.repeat(got, 64, axis=1).reshape(w.shape) * (np.asarray(dequantize_kernel(single)) /
+                                                         np.repeat(c, 64, axis=1).reshape(w.shape))  # code · c'
+    np.testing.assert_allclose(np.asarray(dequantize_kernel(double)), want, rtol=1e-5, atol=1e-6)

@@ -51,9 +51,30 @@ _MODULE_PATH = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_att
 # Copies of adapted embedding layers' base weights that PEFT saves (`save_embedding_layers`); the
 # base weights come from the base model, so these are checked for shape only.
 _BASE_COPIES = (_PREFIX + "model.embed_tokens.base_layer.weight", _PREFIX + "lm_head.base_layer.weight")
-# adapter_config.json keys whose non-default values change the math we would have to reproduce.
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "layers_to_transform": None, "rank_pattern": {},
-                "alpha_pattern": {}, "bias": "none", "use_qalora": False, "lora_bias": False}
+# adapter_config.json keys whose non-default values change the math we would have to reproduce:
+# {key: (default, what it changes)}. An absent, null or empty value is the default.
+_UNSUPPORTED = {
+    "use_dora": (False, "DoRA rescales each adapted weight by a learned magnitude"),
+    "fan_in_fan_out": (False, "the weights are stored transposed (GPT-2's Conv1D)"),
+    "layers_to_transform": (None, "only some layers are adapted"),
+    "rank_pattern": ({}, "modules have their own rank"),
+    "alpha_pattern": ({}, "modules have their own alpha"),
+    "bias": ("none", "biases are trained"),
+    "use_qalora": (False, "QA-LoRA pools the adapter's input"),
+    "lora_bias": (False, "lora_B has a bias"),
+    "alora_invocation_tokens": (None, "activated LoRA applies the adapters only from the invocation tokens on"),
+    "layer_replication": (None, "layers are replicated (another layer count)"),
+    "trainable_token_indices": (None, "embedding rows are trained beside the adapters"),
+    "target_parameters": (None, "the adapters act on parameters, not modules"),
+    "use_bdlora": (None, "block-diagonal adapters"),
+    "kasa_config": (None, "KaSA truncates the base weights and scales by learned singular values"),
+    "arrow_config": (None, "Arrow routes between several adapters"),
+    "monteclora_config": (None, "MonteCLoRA samples the adapters"),
+}
+# init_lora_weights values that leave the base weights as they are; the others (PiSSA, OLoRA, CorDA,
+# Astra, LoftQ, LoRA-GA) subtract the initial adapters from the base (W_res = W - s·A0·B0), so the
+# saved adapters belong on that residual, which PEFT recomputes from the base when it loads them.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica", "nora")
 
 
 def _tensor_names(name: str, layer: int | None) -> tuple[str, str]:
@@ -155,10 +176,16 @@ def read_peft_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:
         raise HFCheckpointError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("peft_type") != "LORA":
         raise HFCheckpointError(f"{config_file}: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
-    for key, default in _UNSUPPORTED.items():
-        value = raw.get(key, default)
-        if value is not None and value != default:
-            raise HFCheckpointError(f"{config_file}: {key}={raw[key]!r} is not supported (only {default!r})")
+    for key, (default, why) in _UNSUPPORTED.items():
+        value = raw.get(key)
+        if value is not None and value != default and value not in ([], {}):
+            raise HFCheckpointError(f"{config_file}: {key}={value!r} is not supported (only {default!r}): {why}")
+    init = raw.get("init_lora_weights", True)
+    if init is not None and not any(init == plain and type(init) is type(plain) for plain in _PLAIN_INITS):
+        raise HFCheckpointError(
+            f"{config_file}: init_lora_weights={init!r} is not supported: PEFT subtracts such initial adapters from "
+            "the base weights, so these adapters apply to that residual and not to the base model; save them from "
+            "PEFT as plain LoRA (`save_pretrained(..., path_initial_model_for_weight_conversion=...)`) and load that")
     weights = root / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"load_peft: {weights} does not exist")

@@ -4,8 +4,9 @@ QLoRA (Dettmers et al. 2023, arXiv:2305.14314) stores the frozen base in 4-bit N
 each block of `B` = 64 consecutive input weights of one output channel keeps its absmax
 `c = max |w|` and the index of the NF4 code nearest to `w / c`, the 16 codes being the quantiles of
 N(0, 1) scaled to [-1, 1] (Appendix E); `w ≈ code · c`. Double quantization stores the absmaxes
-themselves in 8 bits (here: symmetric int8 per group of 256 absmaxes of an output row, with a
-float32 scale per group), 4.127 instead of 4.5 bits per weight. `int8` is per-channel absmax
+themselves in 8 bits (here: symmetric int8 per group of 256 absmaxes of one input block across
+consecutive output channels, with a float32 scale per group; `double_quant_group`), 4.127 instead of
+4.5 bits per weight. `int8` is per-channel absmax
 quantization (one scale per output channel; Dettmers et al. 2022's vector-wise scheme without
 outliers). The seven layer projections are quantized; embeddings and the LM head keep the model's
 dtype, as bitsandbytes does, unless `quantize_embeddings` (then blocks run along the hidden
@@ -38,12 +39,13 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.models.lora import LoraConfig, LoraLM, base_params
 from rlhf_jax.models.transformer import CausalLM, KVCache, ModelOutput
 
-__all__ = ["QuantizedKernel", "KERNELS", "quantize_kernel", "dequantize_kernel", "dequantize_layer", "pack_nf4",
-           "unpack_nf4",
-           "quantize_params", "dequantize_params", "quantized_from_stored", "QuantizedLM", "QLoraLM", "NF4_CODES"]
+__all__ = ["QuantizedKernel", "KERNELS", "quantize_kernel", "double_quant_group", "dequantize_kernel",
+           "dequantize_layer", "pack_nf4", "unpack_nf4", "quantize_params", "dequantize_params",
+           "quantized_from_stored", "QuantizedLM", "QLoraLM", "NF4_CODES"]
 
 QuantKind = Literal["int8", "nf4"]
-DOUBLE_QUANT_GROUP = 256
+DOUBLE_QUANT_GROUP = 256  # absmaxes per int8 scale (QLoRA's; fewer where the output dimension needs it)
+MIN_DOUBLE_QUANT_GROUP = 32  # below this, the float32 group scales cost more than the int8 absmaxes save
 # Per-layer kernels: (path under `layers`, input axes after the layer axis, logical input name, output name).
 KERNELS = {
     ("attn", "q_proj"): (1, "embed", "q_heads"),
@@ -75,7 +77,7 @@ class QuantizedKernel:
       codes: uint8 packed NF4 code indices [(L,) K / 2, N], or int8 values [(L,) K, N].
       scale: float32 [(L,) K / B, N] absmaxes (nf4), [(L,) 1, N] (int8); with double quantization
         int8 [(L,) K / B, N].
-      scale_scale: None, or float32 [(L,) K / B, N / 256] (double quantization).
+      scale_scale: None, or float32 [(L,) K / B, N / G] (double quantization, G = `double_quant_group(N)`).
       kind: "nf4" or "int8" (static).
       kernel_shape: the kernel's per-layer shape (static), e.g. (E, H, D) for `q_proj`.
     """
@@ -106,7 +108,7 @@ def quantize_kernel(w, *, in_dims: int, kind: QuantKind = "nf4", block_size: int
 
     Raises:
       ValueError: `block_size` does not divide K (naming the kernel), or with `double_quant` the
-        output dimension N is not a multiple of 256.
+        output dimension N has no group of at least 32 (`double_quant_group`).
     """
     _check_quant(kind, block_size, double_quant)
     layers, kernel_shape = w.shape[0], tuple(w.shape[1:])
@@ -123,11 +125,20 @@ def quantize_kernel(w, *, in_dims: int, kind: QuantKind = "nf4", block_size: int
     codes = pack_nf4(q.qvalue)
     if not double_quant:
         return QuantizedKernel(codes, q.scale, None, kind, kernel_shape)
-    if n % DOUBLE_QUANT_GROUP:
-        raise ValueError(f"{name}: double quantization groups {DOUBLE_QUANT_GROUP} absmaxes of an output row, "
-                         f"which does not divide its output dimension {n}; set lora.double_quant=false")
-    s = qwix.quantize(q.scale, jnp.int8, channelwise_axes=(0, 1), tiled_axes={2: DOUBLE_QUANT_GROUP})
+    group = double_quant_group(n)
+    if group < MIN_DOUBLE_QUANT_GROUP:
+        raise ValueError(f"{name}: double quantization groups the absmaxes of an input block over consecutive "
+                         f"output channels, {DOUBLE_QUANT_GROUP} (or a power of two >= {MIN_DOUBLE_QUANT_GROUP}) "
+                         f"at a time, and none divides its output dimension {n}; set lora.double_quant=false")
+    s = qwix.quantize(q.scale, jnp.int8, channelwise_axes=(0, 1), tiled_axes={2: group})
     return QuantizedKernel(codes, s.qvalue, s.scale, kind, kernel_shape)
+
+
+def double_quant_group(n: int) -> int:
+    """How many absmaxes share one float32 scale under double quantization, for an output dimension
+    `n`: QLoRA's 256, or the largest power of two dividing `n` when 256 does not (Qwen2.5-0.5B's
+    k_proj has n = 128, its o_proj 896 = 7 * 128): 4.127 bits per weight at 256, 4.129 at 128."""
+    return math.gcd(n, DOUBLE_QUANT_GROUP)
 
 
 def pack_nf4(codes) -> jax.Array:
