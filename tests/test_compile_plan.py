@@ -277,3 +277,42 @@ def test_a_corrupt_plan_cache_file_is_named(tmp_path):
         with use_plan_cache(str(bad)):
             raise AssertionError("entering the cache's context must already have failed")
     assert PlanCache.load(str(tmp_path / "missing.json")).entries == {}  # no file yet: an empty cache
+
+
+def test_plan_argument_split_sizes_the_state_and_names_its_leaves():
+    """The update step's argument split (parameters / optimizer state) equals the state's pytree sizes, and
+    its largest arguments keep their paths: they read `parameters[7]` (a flattened list's index) before."""
+    from rlhf_jax.compile import bytes_per_device, largest_leaves  # noqa: PLC0415
+    from rlhf_jax.train.aot import _split_state, with_state  # noqa: PLC0415
+    from rlhf_jax.train.sft import SFTConfig  # noqa: PLC0415
+
+    model = tiny_config(num_layers=2, intermediate_size=256)
+    config = SFTConfig(name="split", model=model)
+    program = recipe_for(config).build(config, sh.make_mesh(config.mesh.shape, devices=jax.devices()[:1]))
+    groups = _split_state(with_state(program))
+    c = model
+    per_layer = (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                 + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+                 + 2 * c.hidden_size)  # q, k, v, o, gate / up / down, two norms
+    n = c.num_layers * per_layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
+    assert bytes_per_device(groups["parameters"]) == 4 * n
+    # AdamW's mu and nu, and its int32 step counts
+    assert bytes_per_device(groups["optimizer state"]) == pytest.approx(2 * 4 * n, abs=16)
+    top = largest_leaves(groups, top=2)
+    assert [n for n, _, _ in top] == [4 * c.num_layers * c.hidden_size * c.intermediate_size] * 2, top
+    assert all("['layers']['mlp']" in path and path.startswith(("parameters.", "optimizer state."))
+               for _, path, _ in top), top
+
+
+def test_every_family_plans_its_programs_or_says_what_it_leaves_out():
+    """A family whose sampler / evaluation programs `plan_run` does not compile says so in its plan (before,
+    `rlhf-jax compile experiments/online_dpo_tiny.py` showed the update alone and read FITS, silent about the
+    sampler, the reference pass and the resident reference copy)."""
+    import importlib  # noqa: PLC0415
+
+    from rlhf_jax.train import RECIPE_MODULES  # noqa: PLC0415
+    from rlhf_jax.train.aot import UNPLANNED  # noqa: PLC0415
+
+    names = {getattr(importlib.import_module(m), a).name for m, a in RECIPE_MODULES.values()}
+    planned = {"sft", "reward_model", "dpo", "grpo", "ppo"}  # update + eval / reference / sampler / scoring
+    assert names - planned == set(UNPLANNED), (names, sorted(UNPLANNED))

@@ -82,7 +82,8 @@ class RunPlan:
 
     Attributes:
       name: the run config's name.
-      target: the target's label; note: how figures relate to it.
+      target: the target's label; note: how figures relate to it, and what a run of the family executes
+        that the plan does not compile (`UNPLANNED`).
       memory_bytes: memory per device (None: unknown).
       programs: one `ProgramReport` per program the run executes.
       resident: per-device bytes that stay allocated between programs, by kind (the train state's
@@ -110,20 +111,26 @@ class RunPlan:
         return dataclasses.asdict(self)
 
 
+def _state_group(path) -> str:
+    """The kind of a train / RL state leaf at `path`: parameters, optimizer state, reference or other."""
+    names = [str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", "")))) for k in path]
+    if "opt_state" in names:
+        return "optimizer state"
+    if "reference" in names[:1]:
+        return "reference"
+    return "parameters" if "params" in names else "state (other)"
+
+
 def _split_state(state) -> dict[str, Any]:
-    """A train / RL state's arguments by kind: parameters, optimizer state, reference, other."""
-    groups: dict[str, list] = {"parameters": [], "optimizer state": [], "reference": [], "state (other)": []}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        names = [str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", "")))) for k in path]
-        if "opt_state" in names:
-            groups["optimizer state"].append(leaf)
-        elif "reference" in names[:1]:
-            groups["reference"].append(leaf)
-        elif "params" in names:
-            groups["parameters"].append(leaf)
-        else:
-            groups["state (other)"].append(leaf)
-    return {k: v for k, v in groups.items() if v}
+    """A train / RL state's arguments by kind (`_state_group`), each the state's own tree with the other
+    kinds' leaves left out (None), so that its leaves keep their paths (the largest buffers name them)."""
+    kinds = jax.tree_util.tree_map_with_path(lambda path, _: _state_group(path), state)
+    groups = {}
+    for kind in ("parameters", "optimizer state", "reference", "state (other)"):
+        tree = jax.tree.map(lambda leaf, k: leaf if k == kind else None, state, kinds)
+        if jax.tree.leaves(tree):
+            groups[kind] = tree
+    return groups
 
 
 def _with(tree, shardings):
@@ -153,11 +160,25 @@ def _programs(config: RunConfig, program: Program, mesh, options) -> tuple[list[
     elif family in ("grpo", "ppo"):
         reports_more, uses_more, extra_resident = _rl_programs(config, program, mesh, state_abs, options)
         resident.update(extra_resident)  # the sampler's weights and a reward model stay during the update
-    else:
+    else:  # UNPLANNED names what these families run besides the update
         reports_more, uses_more = [], {}
     reports += reports_more
     uses.update(uses_more)
     return reports, resident, uses
+
+
+# What a run of these families executes that `plan_run` does not compile (its plan says so).
+UNPLANNED = {
+    "online_dpo": "the sampler (hand-off, prefill, decode of 2 completions per prompt), the reference and policy "
+                  "log-prob passes and reward-model scoring, and the reference and sampler weights they keep resident",
+    "rejection_sampling": "the sampler (hand-off, prefill, decode of samples_per_prompt completions per prompt) and "
+                          "reward-model scoring, and the sampler weights they keep resident",
+    "prm": "the held-out loss evaluation (data.eval)",
+    "agentic_grpo": "the multi-turn sampler, the reference log-prob pass and reward-model scoring, and the sampler "
+                    "weights they keep resident",
+    "agentic_ppo": "the multi-turn sampler, the reference log-prob pass and reward-model scoring, and the sampler "
+                   "weights they keep resident",
+}
 
 
 def with_state(program: Program):
@@ -335,7 +356,9 @@ def plan_run(config: RunConfig, *, target: Target | None = None, device_memory_b
         if total > peak:
             peak, where = total, p.name
     fits = all(p.ok for p in reports) and (memory is None or peak <= memory)
-    return RunPlan(config.name, target.label, memory, tuple(reports), resident, peak, where, fits, note=target.note,
+    unplanned = UNPLANNED.get(recipe_for(config).name)
+    note = "; ".join(filter(None, (target.note, unplanned and f"update step only: not compiled: {unplanned}")))
+    return RunPlan(config.name, target.label, memory, tuple(reports), resident, peak, where, fits, note=note,
                    program_peaks=totals)
 
 
