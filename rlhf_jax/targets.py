@@ -129,12 +129,27 @@ def tpu_topology_devices(topology: str, **kwargs) -> list:
 
     _quiet_libtpu()
     try:
-        return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
+        try:
+            return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
+        except Exception as e:
+            if "chips_per_host_bounds" in kwargs or "not divisible by" not in str(e):
+                raise
+            # A slice smaller than a host's default 2x2x1 chips (v5e:1x1 is a v5litepod-1, v6e:2x1 a
+            # v6e-2): one host holds the whole grid.
+            return list(topologies.get_topology_desc(topology, "tpu", chips_per_host_bounds=_small_host_bounds(topology),
+                                                     **kwargs).devices)
     except Exception as e:  # libtpu missing or the topology unknown: explain both
         raise RuntimeError(
             f"cannot describe TPU topology {topology!r}: {e}. It needs libtpu (pip install 'rlhf_jax[tpu]') "
             "and a name such as 'v5e:4x4', 'v4:2x2x2' or 'v5p:4x4x4'."
         ) from e
+
+
+def _small_host_bounds(topology: str) -> tuple[int, int, int]:
+    """Per-host chip bounds for a slice that does not fill libtpu's default 2x2x1 host: the largest that
+    divide the grid (its gcd with 2x2x1 per side), e.g. (1, 1, 1) for "v5e:1x1", (2, 1, 1) for "v6e:2x1"."""
+    grid = [int(n) for n in topology.split(":")[-1].split("x")] + [1]
+    return tuple(math.gcd(g, h) for g, h in zip(grid[:3], (2, 2, 1)))
 
 
 def _quiet_libtpu() -> None:

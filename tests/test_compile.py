@@ -125,6 +125,14 @@ def test_cli_main_writes_json_report(tmp_path, capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the [tpu] extra)")
+def test_tpu_slices_smaller_than_a_host_are_described():
+    """libtpu's default 2x2x1 chips per host refused 'v5e:1x1' (a v5litepod-1) and 'v6e:2x1' as not
+    divisible by it, so such a slice could not be planned."""
+    assert [(len(d), d[0].device_kind) for d in map(tpu_topology_devices, ("v5e:1x1", "v6e:2x1", "v5e:2x2"))] == [
+        (1, "TPU v5 lite"), (2, "TPU v6 lite"), (4, "TPU v5 lite")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the [tpu] extra)")
 def test_tpu_topology_compile():
     devices = tpu_topology_devices("v5e:2x4")
     assert len(devices) == 8 and devices[0].platform == "tpu"
