@@ -365,3 +365,14 @@ def test_a_max_len_past_the_models_positions_warns(lm):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Sampler(lm, prompt_buckets=(8,)).max_len == limit
+
+
+def test_a_rows_draws_depend_on_its_position_not_on_the_batch(params, sampler):
+    # Draws are keyed by (seed, step, row): prompt 0's 4 samples are the same alone as ahead of two
+    # other prompts, and differ at rows 4-7 (the programs of test_deterministic_for_a_seed, but one).
+    run = lambda prompts: np.asarray(sampler.generate(  # noqa: E731
+        params, prompts, max_new_tokens=8, method=TopP(p=0.8, temperature=1.3), num_samples=4, eos_id=2,
+        rng=1).completion_tokens)
+    alone = run(PROMPTS[:1])
+    np.testing.assert_array_equal(run(PROMPTS)[:4], alone)
+    assert not np.array_equal(run([PROMPTS[1], PROMPTS[0], PROMPTS[2]])[4:8], alone)

@@ -17,6 +17,7 @@ from rlhf_jax.sampling import (
     make_method,
     sample_from_logits,
 )
+from rlhf_jax.sampling.methods import TOP_P, select_per_row
 
 NEG_INF = -np.inf
 
@@ -266,3 +267,36 @@ def test_draws_follow_the_truncated_distribution(method):
     assert chi2 < dof + 6 * math.sqrt(2 * dof), (chi2, dof)
     if isinstance(method, (TopK, TopP)):
         assert counts[[3, 140, 299]].min() > 0     # every member of the tie is drawn
+
+
+def test_top_p_near_one_keeps_the_float64_nucleus():
+    # One token of mass 1 - 3e-5, then 1024 distinct tokens of ~3e-8 each, at p = 1 - 2**-16 (exact in
+    # float32): the cut falls among tokens lighter than float32's spacing near 1 (6e-8). A running sum
+    # from the top stalled there and kept 26 tokens too many; the tail summed from the least likely
+    # token (as transformers' TopPLogitsWarper does) keeps the float64 set, 422 tokens.
+    tail = np.linspace(2.0, 1.0, 1024)
+    logits = np.log(np.concatenate([[1 - 3e-5], tail / tail.sum() * 3e-5])).astype(np.float32)[None]
+    p = 1 - 2.0**-16
+    exact = np.exp(logits[0].astype(np.float64))
+    exact /= exact.sum()
+    want = np.cumsum(exact) - exact < p                    # already sorted, most likely first
+    got = np.isfinite(np.asarray(TopP(p=p).truncate(jnp.asarray(logits))))[0]
+    assert want.sum() == 422
+    np.testing.assert_array_equal(got, want)
+    # Continuous batching's per-row selection shares the threshold: the same tokens at any u.
+    u = jnp.asarray([0.0, 0.5, 0.99999, 0.9999999], jnp.float32)
+    rows = jnp.asarray(np.repeat(logits, 4, axis=0))
+    per_row = select_per_row(rows, u, jnp.full((4,), TOP_P), jnp.ones((4,)), jnp.zeros((4,), jnp.int32),
+                             jnp.full((4,), p, jnp.float32), jnp.zeros((4,)), kinds=(TOP_P,))
+    np.testing.assert_array_equal(per_row, TopP(p=p).select(rows, u))
+    assert 0 < np.asarray(per_row).max() < 422
+
+
+def test_temperature_zero_points_to_greedy():
+    # vLLM reads temperature=0 as greedy; here it is refused, naming the argument and the greedy method.
+    for build in (lambda: make_method(temperature=0), lambda: TopP(p=0.9, temperature=0.0)):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number > 0 .* got 0(\.0)?; for greedy "
+                                             r"\(argmax\) decoding use Greedy\(\) or make_method\(greedy=True\)"):
+            build()
+    with pytest.raises(ValueError, match=r"got -1.0$"):     # the hint is for 0 only
+        make_method(temperature=-1.0)

@@ -60,8 +60,10 @@ def _check_temperature(owner: str, temperature) -> None:
     # The range of the float32 the logits are divided by: 1e-50 rounds to 0 and 1e40 to inf there (a
     # subnormal one may be flushed to 0), and every logit would become +-inf or NaN.
     if not _checks.is_number(temperature) or not _F32_TINY <= temperature <= _F32_MAX:
+        # vLLM reads temperature 0 as greedy decoding; here that is a method of its own.
+        hint = "; for greedy (argmax) decoding use Greedy() or make_method(greedy=True)" if temperature == 0 else ""
         raise ValueError(f"{owner}.temperature must be a finite number > 0 (a normal float32, in "
-                         f"[{_F32_TINY:.3g}, {_F32_MAX:.3g}]), got {temperature!r}")
+                         f"[{_F32_TINY:.3g}, {_F32_MAX:.3g}]), got {temperature!r}{hint}")
 
 
 def _as_int(what: str, value, *, low: int, note: str = "") -> int:
@@ -182,8 +184,10 @@ class TopP(_Tempered):
 
     A token is kept when the mass of the tokens strictly more likely than it is `< p`, so the most
     likely token is always kept; `p = 1` keeps the whole vocabulary. Without ties this is the set
-    transformers' `TopPLogitsWarper` keeps; tokens tied with the last kept one are all kept here,
-    where transformers (and vLLM) keep the part of the tie their sort happens to put first.
+    transformers' `TopPLogitsWarper` keeps (for `p` rounded to float32; like it, the test sums the
+    tail mass from the least likely token, which stays accurate for a p near 1 at a 150k
+    vocabulary); tokens tied with the last kept one are all kept here, where transformers (and
+    vLLM) keep the part of the tie their sort happens to put first.
 
     Example (masses before each token, most likely first: 0, 0.6, 0.9):
       >>> logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]]))
@@ -228,9 +232,18 @@ class MinP(_Tempered):
 
 
 def _nucleus_threshold(sorted_z: jax.Array, p) -> jax.Array:
-    """`[B, 1]` lowest kept logit of top-p: tokens (sorted descending) whose mass before them is `< p`."""
+    """`[B, 1]` lowest kept logit of top-p: tokens (sorted descending) whose mass before them is `< p`.
+
+    Tested as its complement, `tail(v) > 1 - p` with `tail(v)` the mass of `v` and every token after
+    it, summed from the least likely token up (as transformers' `TopPLogitsWarper` and vLLM do): the
+    tail's float32 sums keep their relative precision, where a running sum from the top stalls near
+    1 (float32 spacing 6e-8 there, above the single-token masses a p of 0.999 cuts at a 150k
+    vocabulary). `1 - p` is exact in float32 for `p >= 0.5` (Sterbenz). The first (most likely) token
+    is always kept.
+    """
     probs = jax.nn.softmax(sorted_z, axis=-1)
-    kept = jnp.cumsum(probs, axis=-1) - probs < p
+    tail = jnp.flip(jnp.cumsum(jnp.flip(probs, axis=-1), axis=-1), axis=-1)
+    kept = (tail > 1 - p) | (jnp.arange(sorted_z.shape[-1]) == 0)
     return jnp.min(jnp.where(kept, sorted_z, jnp.inf), axis=-1, keepdims=True)
 
 

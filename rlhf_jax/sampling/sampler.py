@@ -329,7 +329,10 @@ class Sampler:
           config: a `SamplingConfig`; keyword `overrides` replace its fields (or build one alone:
             `generate(params, prompts, max_new_tokens=32, method=Greedy())`).
           prompt_lengths: real lengths of a padded `prompts` array.
-          rng: int seed or PRNG key; equal inputs and seed give equal outputs.
+          rng: int seed or PRNG key; equal inputs and seed give equal outputs. Row `r`'s draw at step
+            `t` is keyed by `(rng, t, r)` (`decode.row_uniforms`): a prompt's samples depend on its
+            position in the batch, not on how many prompts follow it or how the rows are split over
+            devices (up to float rounding of the logits, e.g. a longer prompt bucket).
 
         Returns:
           `SampleOutput` with `N = B * num_samples` rows, samples of a prompt contiguous; device
