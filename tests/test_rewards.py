@@ -1,5 +1,6 @@
 """Reward sources: the TRL calling convention, weighted combination, failures, built-in functions."""
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -318,6 +319,30 @@ def test_rollouts_refuse_an_eos_the_sampler_cannot_draw():
         _checked_eos(Tok(64), 64)
     with pytest.raises(ConfigError, match=r"no eos_token_id.*rollout.ignore_eos=true"):
         _checked_eos(Tok(None), 64)
+
+
+def test_rollouts_stop_at_every_eos_id_of_the_model_config():
+    """Qwen2.5-Instruct's tokenizer ends a turn with <|im_end|> (151645), its generation config at
+    151645 and <|endoftext|> (151643), as transformers' generate and vLLM stop; rollouts stopped at the
+    tokenizer's EOS only, so a policy emitting <|endoftext|> ran on past it into the reward."""
+    from types import SimpleNamespace
+
+    from rlhf_jax.models import presets
+    from rlhf_jax.train.rollouts import RolloutCollector, RolloutConfig, model_stop_ids
+
+    qwen = dataclasses.replace(presets.get_config("qwen2.5-1.5b"), eos_token_id=(151645, 151643))
+    assert model_stop_ids(qwen) == (151645, 151643)
+    assert model_stop_ids(dataclasses.replace(qwen, eos_token_id=None)) == ()
+
+    def collector(rollout):
+        config = SimpleNamespace(rollout=rollout, rewards=SimpleNamespace(on_error="raise", error_penalty=0.0))
+        return RolloutCollector.from_config(config, sampler=SimpleNamespace(model=SimpleNamespace(config=qwen)),
+                                            tokenizer=SimpleNamespace(eos_token_id=151645), sources=[], weights=None,
+                                            group=2, temperature=1.0)
+
+    made = collector(RolloutConfig())
+    assert made.train_sampling.all_stop_ids == made.eval_sampling.all_stop_ids == (151643, 151645)
+    assert collector(RolloutConfig(ignore_eos=True)).train_sampling.all_stop_ids == ()
 
 
 def test_a_reward_function_without_kwargs_is_refused_when_wrapped():

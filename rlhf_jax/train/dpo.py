@@ -60,7 +60,7 @@ from rlhf_jax.train.adapters import (
     reference_model,
 )
 from rlhf_jax.train.recipe import Context, Recipe, run
-from rlhf_jax.train.rollouts import RolloutCollector
+from rlhf_jax.train.rollouts import RolloutCollector, model_stop_ids
 from rlhf_jax.train.run_config import RunConfig
 from rlhf_jax.train.supervised import ModelState, model_program, num_segments, supervised_trainer
 
@@ -311,7 +311,7 @@ def _gold_eval(ctx: Context, reference):
                       prompt_buckets=default_prompt_buckets(prompt_len), mesh=ctx.mesh, strategy=config.mesh.strategy)
     sampling = SamplingConfig(max_new_tokens=config.sampling.max_new_tokens,
                               method=Categorical(temperature=config.sampling.temperature),
-                              eos_id=ctx.data.tokenizer.eos_token_id)
+                              eos_id=ctx.data.tokenizer.eos_token_id, stop_ids=model_stop_ids(sampler.model.config))
     collector = RolloutCollector(sampler=sampler, tokenizer=ctx.data.tokenizer, sources=[], weights=None,
                                  train_sampling=sampling, eval_sampling=sampling)
     batches = eval_batches(prompts, data, max_batches=-(-config.sampling.num_prompts // data.batch_size))

@@ -43,7 +43,7 @@ from rlhf_jax.rewards.judges import (
 )
 from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig, default_prompt_buckets
 from rlhf_jax.train.data import load_split, make_tokenizer, one_pass, saved_tokenizer
-from rlhf_jax.train.rollouts import RolloutCollector
+from rlhf_jax.train.rollouts import RolloutCollector, model_stop_ids
 from rlhf_jax.train.weights import initial_params
 
 __all__ = ["JudgeConfig", "check_judge", "load_judge", "load_pointwise_judge", "load_policy", "tokenizer_of",
@@ -167,7 +167,8 @@ def sample_completions(config, policy: str | Mapping | None, *, num_samples: int
     sampler = Sampler(model, max_len=prompt_len + max_new_tokens, prompt_buckets=default_prompt_buckets(prompt_len),
                       mesh=mesh, strategy=config.mesh.strategy)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, num_samples=num_samples,
-                              method=Categorical(temperature=temperature), eos_id=tokenizer.eos_token_id)
+                              method=Categorical(temperature=temperature), eos_id=tokenizer.eos_token_id,
+                              stop_ids=model_stop_ids(model.config))
     collector = RolloutCollector(sampler=sampler, tokenizer=tokenizer, sources=list(sources), weights=None,
                                  train_sampling=sampling, eval_sampling=sampling)
     loaded = sampler.load_params(params)
@@ -333,6 +334,7 @@ class TextGenerator:
                                prompt_buckets=default_prompt_buckets(max_prompt_len))
         self.params = self.sampler.load_params(params)
         self.config = SamplingConfig(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+                                     stop_ids=model_stop_ids(model.config),
                                      method=make_method(greedy=True) if temperature == 0 else
                                      make_method(temperature=temperature))
         self.key, self.calls = jax.random.key(seed), 0

@@ -20,6 +20,7 @@ from rlhf_jax.config import ConfigError, check_choice, check_unused
 from rlhf_jax.rewards import OnError, RewardInputs, combine_rewards, reward_metrics
 from rlhf_jax.sampling import Sampler, SamplingConfig, make_method
 from rlhf_jax.distributed import gather_rows, max_over_processes, sum_over_processes
+from rlhf_jax.models.hf_config import as_ids
 from rlhf_jax.sharding import local_rows
 
 __all__ = ["RolloutConfig", "RolloutCollector", "DEVICE_KEYS", "global_prompt_index"]
@@ -132,6 +133,14 @@ def _exchange_chosen(parts, results, chosen, *, group: int, width: int):
     return _concat_rows(every_part, rows, width=width), rows, every_result
 
 
+def model_stop_ids(config) -> tuple[int, ...]:
+    """The EOS ids a model config carries (config.json's, with generation_config.json's folded in by
+    `import_hf` / the presets: Qwen2.5-Instruct's <|im_end|> and <|endoftext|>, Llama 3.1 Instruct's
+    three) inside its vocabulary. A sample ends at any of them besides the tokenizer's EOS, as
+    transformers' `generate` and vLLM end it."""
+    return tuple(i for i in as_ids(config.eos_token_id) if i < config.vocab_size)
+
+
 def _checked_eos(tokenizer, vocab_size: int) -> int:
     """The tokenizer's EOS id, refused when the sampler could never draw it (no completion would stop)."""
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -181,7 +190,7 @@ class RolloutCollector:
         eos_id = None if rollout.ignore_eos else _checked_eos(tokenizer, sampler.model.config.vocab_size)
         train = SamplingConfig(
             max_new_tokens=rollout.max_new_tokens, num_samples=group,
-            eos_id=eos_id,
+            eos_id=eos_id, stop_ids=() if rollout.ignore_eos else model_stop_ids(sampler.model.config),
             method=make_method(temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p,
                                min_p=rollout.min_p),
         )
