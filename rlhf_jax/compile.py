@@ -93,6 +93,16 @@ def bytes_per_device(tree) -> int:
     return total
 
 
+def device_ids(tree) -> tuple[int, ...]:
+    """The sorted ids of the devices a tree of arrays / ShapeDtypeStructs with shardings lies on."""
+    ids = set()
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None and hasattr(sharding, "device_set"):
+            ids.update(d.id for d in sharding.device_set)
+    return tuple(sorted(ids))
+
+
 def largest_leaves(groups: Mapping[str, Any], top: int = 3) -> list[tuple[int, str, str]]:
     """The `top` largest per-device argument arrays: `(bytes, "group/path", "dtype[shard shape]")`."""
     out = []
@@ -125,6 +135,8 @@ class ProgramReport:
       largest: the largest buffers: `(bytes, what, where)`.
       compile_seconds: wall time of the compilation.
       note: e.g. "x 1024 decode steps" or "figures from a v5p:2x2x2 compile (same mesh)".
+      devices: ids of the devices it runs on (its arguments'); an off-policy run's trainer and
+        sampler programs run on devices of their own.
     """
 
     name: str
@@ -143,6 +155,7 @@ class ProgramReport:
     largest: tuple = ()
     compile_seconds: float = 0.0
     note: str = ""
+    devices: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -209,6 +222,7 @@ def compile_program(name: str, lower: Any, groups: Mapping[str, Any], *,
     from rlhf_jax import plan_cache  # noqa: PLC0415
 
     arguments = {k: bytes_per_device(v) for k, v in groups.items()}
+    devices = device_ids(list(groups.values()))
     largest = tuple((n, f"argument {path}", shape) for n, path, shape in largest_leaves(groups))
     t0 = time.perf_counter()
     cache, key, entry = plan_cache.active_cache(), None, None
@@ -239,14 +253,14 @@ def compile_program(name: str, lower: Any, groups: Mapping[str, Any], *,
     if not entry["ok"]:
         return ProgramReport(name, ok=False, error=entry["error"], arguments=arguments,
                              argument_bytes=sum(arguments.values()), required_bytes=entry["required_bytes"],
-                             largest=largest, compile_seconds=entry["compile_seconds"], note=note)
+                             largest=largest, compile_seconds=entry["compile_seconds"], note=note, devices=devices)
     buffers = tuple((n, f"temporary {shape}", where) for n, shape, where in entry["buffers"])
     merged = tuple(sorted(largest + buffers, key=lambda b: -b[0])[:5])
     return ProgramReport(name, ok=True, arguments=arguments, argument_bytes=entry["argument_bytes"],
                          output_bytes=entry["output_bytes"], alias_bytes=entry["alias_bytes"],
                          temp_bytes=entry["temp_bytes"], peak_bytes=entry["peak_bytes"], flops=entry["flops"],
                          xla_flops=entry["xla_flops"], collectives=entry["collectives"], largest=merged,
-                         compile_seconds=entry["compile_seconds"], note=note)
+                         compile_seconds=entry["compile_seconds"], note=note, devices=devices)
 
 
 def _compiled_figures(compiled, unknown_trip_count: int | None, seconds: float) -> dict[str, Any]:

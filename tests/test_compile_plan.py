@@ -314,5 +314,85 @@ def test_every_family_plans_its_programs_or_says_what_it_leaves_out():
     from rlhf_jax.train.aot import UNPLANNED  # noqa: PLC0415
 
     names = {getattr(importlib.import_module(m), a).name for m, a in RECIPE_MODULES.values()}
-    planned = {"sft", "reward_model", "dpo", "grpo", "ppo"}  # update + eval / reference / sampler / scoring
+    planned = {"sft", "reward_model", "dpo", "grpo", "ppo", "rejection_sampling", "online_dpo"}  # and their other programs
     assert names - planned == set(UNPLANNED), (names, sorted(UNPLANNED))
+
+
+def _tiny_rl_model():
+    return tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=2, head_dim=16)
+
+
+def test_off_policy_run_is_planned_on_the_trainer_and_sampler_devices_it_runs_on():
+    """`off_policy.sampler_devices=2` with a tensor-parallel `sampler_mesh`: the run trains on 6 of the 8 devices
+    and samples on the other 2 (`rl._trainer_mesh` / `rl._sampler_mesh`). Before, the plan laid every program over
+    all 8 with the trainer's data-parallel layout (8 prompts padded for 8 rows, no host copy in the hand-off)."""
+    from rlhf_jax.data.synthetic import ArithmeticTask  # noqa: PLC0415
+    from rlhf_jax.sharding import MeshConfig  # noqa: PLC0415
+    from rlhf_jax.steps import grpo_config  # noqa: PLC0415
+    from rlhf_jax.train import rl  # noqa: PLC0415
+    from rlhf_jax.train.off_policy import OffPolicyConfig  # noqa: PLC0415
+    from rlhf_jax.train.run_config import DataConfig  # noqa: PLC0415
+
+    config = rl.GRPORunConfig(
+        name="off", model=_tiny_rl_model(), mesh=MeshConfig(data=-1, strategy="dp"),
+        data=DataConfig(train="synthetic:arithmetic", num_train=64, max_len=16, batch_size=6,
+                        arithmetic=ArithmeticTask(max_operand=9)),
+        algorithm=grpo_config("grpo", group_size=4, tis_cap=2.0), rollout=rl.RolloutConfig(max_new_tokens=4),
+        off_policy=OffPolicyConfig(enabled=True, sampler_devices=2,
+                                   sampler_mesh=MeshConfig(data=1, tensor=-1, strategy="tp")))
+    plan = plan_run(config, compiler_options=FAST)
+    trainer = rl._trainer_mesh(config)
+    sampler = rl._sampler_mesh(config, trainer)[0]
+    on = {p.name: p.devices for p in plan.programs}
+    assert all(p.ok for p in plan.programs) and len(on) == 5, on
+    ids = lambda mesh: tuple(sorted(d.id for d in mesh.devices.flat))  # noqa: E731
+    assert ids(trainer) == (0, 1, 2, 3, 4, 5) and ids(sampler) == (6, 7)
+    assert on["update step"] == on["reference log-probs"] == ids(trainer)
+    assert on["sampler prefill"] == on["sampler decode loop"] == ids(sampler)
+    # 6 trainer devices to 2 sampler devices: the weights go through the host, then the hand-off runs there.
+    handoff = plan.programs[1]
+    assert handoff.devices == ids(sampler) and "through the host" in handoff.note
+    assert plan.programs[2].note.startswith("6 prompts x 4 samples")  # one data row on the sampler: no padding
+    # The sampler's weights are not on the trainer's devices, nor the train state on the sampler's.
+    update, decode = plan.programs[0], plan.programs[3]
+    assert plan.resident["sampler weights"] > 0
+    assert plan.program_peaks["update step"] == update.peak_bytes
+    assert plan.program_peaks["sampler decode loop"] == decode.peak_bytes
+    assert "trainer on 6 devices" in plan.note and "sampler on its own 2" in plan.note
+    # Tensor parallel over 2: each sampler device holds about half of the (float32) weights.
+    assert plan.resident["sampler weights"] < 0.6 * plan.resident["parameters"]
+
+
+def test_best_of_n_and_online_dpo_plan_their_sampler_scoring_and_log_prob_passes():
+    """Best-of-n and online DPO plan the programs their runs jit besides the update (before: the update alone)."""
+    from rlhf_jax.rewards.registry import RewardConfig  # noqa: PLC0415
+    from rlhf_jax.train.online_dpo import OnlineDPO, OnlineDPOConfig  # noqa: PLC0415
+    from rlhf_jax.train.rejection_sampling import BestOfNConfig, RejectionSamplingConfig  # noqa: PLC0415
+    from rlhf_jax.train.rollouts import RolloutConfig  # noqa: PLC0415
+    from rlhf_jax.train.run_config import DataConfig  # noqa: PLC0415
+
+    data = DataConfig(train="synthetic:vowel", max_len=16, batch_size=8)
+    common = dict(model=_tiny_rl_model(), data=data, rollout=RolloutConfig(max_new_tokens=4))
+    sampler = ["update step", "weight hand-off (trainer -> sampler layout)", "sampler prefill", "sampler decode loop"]
+    bon = RejectionSamplingConfig(name="bon", algorithm=BestOfNConfig(samples_per_prompt=3), **common,
+                                  rewards=RewardConfig(functions=("reward_model",), reward_model="rm"))
+    plan = plan_run(bon, compiler_options=FAST)
+    assert [p.name for p in plan.programs] == sampler + ["reward-model scoring"] and plan.fits
+    assert plan.programs[2].note.startswith("8 prompts x 3 samples, prompt 16 + 4")
+    assert set(plan.resident) >= {"parameters", "optimizer state", "sampler weights", "reward model"}
+    assert "not compiled" not in plan.note
+    # The reward model stays allocated during the update: the update's run memory counts it.
+    assert plan.program_peaks["update step"] >= plan.programs[0].peak_bytes + plan.resident["reward model"]
+
+    online = OnlineDPOConfig(name="odpo", algorithm=OnlineDPO(temperature=0.7), **common,
+                             rewards=RewardConfig(functions=("task",)))
+    plan = plan_run(online, compiler_options=FAST)
+    names = [p.name for p in plan.programs]
+    assert names == sampler + ["reference log-probs", "policy log-probs"] and plan.fits, names
+    assert plan.programs[2].note.startswith("8 prompts x 2 samples")
+    ref = plan.programs[4]
+    # The reference pass reads the 16 sampled rows (int32 prompt [16, 16], lengths [16], completions [16, 4])
+    # on every device (host arrays), and the reference copy of the weights stays resident.
+    assert ref.arguments["batch"] == 4 * (16 * 16 + 16 + 16 * 4)
+    assert plan.resident["reference"] == plan.resident["parameters"] > 0
+    assert plan.program_peaks["update step"] >= plan.programs[0].peak_bytes + plan.resident["reference"]

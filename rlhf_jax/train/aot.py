@@ -22,7 +22,7 @@ from rlhf_jax.train import recipe_for
 from rlhf_jax.train.recipe import Program, with_shardings
 from rlhf_jax.train.run_config import RunConfig
 
-__all__ = ["run_configs", "build_program", "compile_run", "RunPlan", "plan_run", "format_plan"]
+__all__ = ["run_configs", "run_meshes", "build_program", "compile_run", "RunPlan", "plan_run", "format_plan"]
 
 
 def run_configs(config: Any) -> dict[str, RunConfig]:
@@ -42,12 +42,26 @@ def run_configs(config: Any) -> dict[str, RunConfig]:
     return stages
 
 
+def run_meshes(config: RunConfig, devices: list | None = None):
+    """`(trainer mesh, sampler mesh, sampler strategy)` of a run of `config` over `devices` (default
+    `jax.devices()`), as the run lays them out: with `off_policy.sampler_devices` the trainer takes
+    the first devices and the sampler the last (`off_policy.split_devices`), with
+    `off_policy.sampler_mesh` the sampler its own layout; otherwise both share one mesh.
+    """
+    if getattr(config, "off_policy", None) is None:
+        mesh = sh.make_mesh(config.mesh.shape, devices=devices)
+        return mesh, mesh, config.mesh.strategy
+    from rlhf_jax.train import rl as rl_mod  # noqa: PLC0415
+
+    mesh = rl_mod._trainer_mesh(config, devices)
+    return (mesh, *rl_mod._sampler_mesh(config, mesh, devices))
+
+
 def build_program(config: RunConfig, *, devices: list | None = None, topology: str | None = None) -> Program:
-    """The `Program` a run of `config` executes, for its mesh over `devices` or a TPU topology's."""
+    """The `Program` a run of `config` executes, for its trainer's mesh over `devices` or a TPU topology's."""
     if topology is not None:
         devices = tpu_topology_devices(topology)
-    mesh = sh.make_mesh(config.mesh.shape, devices=devices)
-    return recipe_for(config).build(config, mesh)
+    return recipe_for(config).build(config, run_meshes(config, devices)[0])
 
 
 def compile_run(config: RunConfig, *, devices: list | None = None, topology: str | None = None,
@@ -137,10 +151,16 @@ def _with(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def _programs(config: RunConfig, program: Program, mesh, options) -> tuple[list[ProgramReport], dict[str, int], dict]:
-    """Compile every program a run of `config` executes; return them, the resident bytes and who uses what."""
-    from rlhf_jax.compile import compile_program  # noqa: PLC0415
+def _programs(config: RunConfig, program: Program, meshes, options):
+    """Compile every program a run of `config` executes, on its `run_meshes`.
 
+    Returns:
+      The `ProgramReport`s, the resident bytes by kind, who uses what (program -> resident kinds) and
+      where each resident kind lies (kind -> device ids).
+    """
+    from rlhf_jax.compile import compile_program, device_ids  # noqa: PLC0415
+
+    mesh = meshes[0]
     state_abs = with_state(program)
     args = program.abstract_args()
     groups = {**_split_state(state_abs), "batch": args[1]}
@@ -151,28 +171,24 @@ def _programs(config: RunConfig, program: Program, mesh, options) -> tuple[list[
             "grpo": "with the old-policy log-prob pass before its epochs"}.get(family, "")
     reports = [compile_program("update step", lambda: program.step.lower(*args), groups, compiler_options=options,
                                note=note)]
-    resident = {k: bytes_per_device(v) for k, v in _split_state(state_abs).items()}
-    if program.frozen:
-        resident["reference"] = bytes_per_device(list(program.frozen))
+    kept = {**_split_state(state_abs), **({"reference": list(program.frozen)} if program.frozen else {})}
+    resident = {k: bytes_per_device(v) for k, v in kept.items()}
+    places = {k: device_ids(v) for k, v in kept.items()}
     uses = {"update step": set(resident)}
+    extra = {}
     if family in ("sft", "reward_model", "dpo"):
         reports_more, uses_more = _supervised_programs(config, program, mesh, state_abs, options)
-    elif family in ("grpo", "ppo"):
-        reports_more, uses_more, extra_resident = _rl_programs(config, program, mesh, state_abs, options)
-        resident.update(extra_resident)  # the sampler's weights and a reward model stay during the update
+    elif family in _ONLINE:
+        reports_more, uses_more, extra = _ONLINE[family](config, program, meshes, state_abs, options)
     else:  # UNPLANNED names what these families run besides the update
         reports_more, uses_more = [], {}
-    reports += reports_more
-    uses.update(uses_more)
-    return reports, resident, uses
+    for kind, tree in extra.items():  # the sampler's weights, a reference, a reward model: they stay during the update
+        resident[kind], places[kind] = bytes_per_device(tree), device_ids(tree)
+    return reports + reports_more, resident, {**uses, **uses_more}, places
 
 
 # What a run of these families executes that `plan_run` does not compile (its plan says so).
 UNPLANNED = {
-    "online_dpo": "the sampler (hand-off, prefill, decode of 2 completions per prompt), the reference and policy "
-                  "log-prob passes and reward-model scoring, and the reference and sampler weights they keep resident",
-    "rejection_sampling": "the sampler (hand-off, prefill, decode of samples_per_prompt completions per prompt) and "
-                          "reward-model scoring, and the sampler weights they keep resident",
     "prm": "the held-out loss evaluation (data.eval)",
     "agentic_grpo": "the multi-turn sampler, the reference log-prob pass and reward-model scoring, and the sampler "
                     "weights they keep resident",
@@ -231,48 +247,67 @@ def _supervised_programs(config, program: Program, mesh, state_abs, options):
     return reports, uses
 
 
-def _rl_programs(config, program: Program, mesh, state_abs, options):
-    """Online RL: weight hand-off, sampler prefill and decode loop, reference pass, reward-model scoring."""
+def _handoff_program(sampler, plain):
+    """The program `Sampler.load_params` runs on the trainer's `plain` weights, its arguments and a note.
+
+    As at run time: on the sampler's own devices its hand-off program; on as many other devices (an
+    off-policy trainer's) the same program there, its output then copied shard to shard; on another
+    device count the weights gathered through the host to the sampler's layout, then its program.
+    """
+    source = {d for leaf in jax.tree.leaves(plain) for d in leaf.sharding.device_set}
+    if source == set(sampler.mesh.devices.flat):
+        return sampler._handoff, plain, ""
+    if len(source) == sampler.mesh.devices.size:
+        return (sampler._mirror_handoff(tuple(sorted(source, key=lambda d: d.id))), plain,
+                "on the trainer's devices, then copied shard to shard to the sampler's")
+    return sampler._handoff, _with(plain, sampler._stacked_shardings), "after a copy through the host to the sampler's"
+
+
+def _handed_params(model, params):
+    """What the trainer hands the sampler (abstract): `params`, or for LoRA the merged weights laid out as the base."""
+    from rlhf_jax.models.lora import base_params  # noqa: PLC0415
+    from rlhf_jax.train.adapters import lora_of, plain_params  # noqa: PLC0415
+
+    if lora_of(model) is None:
+        return params
+    return _with(jax.eval_shape(lambda p: plain_params(model, p), params),
+                 jax.tree.map(lambda x: x.sharding, base_params(params)))
+
+
+def _sampler_programs(config, meshes, model, plain, *, num_samples: int, temperature: float, options):
+    """The sampler of a run: weight hand-off, prefill and decode loop of `num_samples` completions for
+    each of `data.batch_size` prompts, on the sampler's mesh (`run_meshes`), as `rl.rollout_parts` builds it.
+
+    Returns:
+      reports, uses, resident trees (`{"sampler weights": ...}`) and the prompt bucket width.
+    """
     import jax.numpy as jnp  # noqa: PLC0415
 
     from rlhf_jax.compile import compile_program  # noqa: PLC0415
-    from rlhf_jax.models import CausalLM  # noqa: PLC0415
-    from rlhf_jax.rollout import sequence_scores  # noqa: PLC0415
     from rlhf_jax.sampling import Categorical, Sampler, default_prompt_buckets  # noqa: PLC0415
-    from rlhf_jax.models.lora import base_params  # noqa: PLC0415
     from rlhf_jax.train import rl as rl_mod  # noqa: PLC0415
-    from rlhf_jax.train.adapters import lora_of  # noqa: PLC0415
 
-    algorithm = program.parts["algorithm"]
-    strategy = config.mesh.strategy
+    _, mesh, strategy = meshes
     prompt_len, new = rl_mod._prompt_len(config), config.rollout.max_new_tokens
-    sampler = Sampler(algorithm.sampling_model, max_len=prompt_len + new,
-                      prompt_buckets=default_prompt_buckets(prompt_len), mesh=mesh, strategy=strategy,
-                      dtype=config.rollout.sampler_dtype)
-    reports, uses, resident = [], {}, {}
-    policy_params = algorithm.lm_params(state_abs.policy.params)
-    if lora_of(algorithm.policy) is None:
-        plain = policy_params  # what the trainer hands over, in the trainer's layout
-    else:  # LoRA: merged weights, laid out like the base
-        base = base_params(policy_params)
-        plain = _with(jax.eval_shape(algorithm.sampling_params, policy_params),
-                      jax.tree.map(lambda x: x.sharding, base))
-    handoff = compile_program("weight hand-off (trainer -> sampler layout)", lambda: sampler._handoff.lower(plain),
-                              {"parameters": plain}, compiler_options=options)
-    reports.append(handoff)
-    uses[handoff.name] = {"parameters"}
+    sampler = Sampler(model, max_len=prompt_len + new, prompt_buckets=default_prompt_buckets(prompt_len), mesh=mesh,
+                      strategy=strategy, dtype=config.rollout.sampler_dtype)
+    reports, uses = [], {}
+    handoff, handed, where = _handoff_program(sampler, plain)
+    name = "weight hand-off (trainer -> sampler layout)"
+    reports.append(compile_program(name, lambda: handoff.lower(handed), {"parameters": handed},
+                                   compiler_options=options, note=where))
+    uses[name] = {"parameters"}
     decode_params = _with(jax.eval_shape(sampler._handoff_fn, plain), sampler._decode_shardings)
-    resident["sampler weights"] = bytes_per_device(decode_params)
-    prompts = config.data.batch_size
-    split = sh.batch_axis_size(mesh, strategy)
-    prompts = -(-prompts // split) * split
+    resident = {"sampler weights": decode_params}
+    split = sh.batch_axis_size(mesh, strategy)  # `Sampler.generate` pads the prompts to its batch axes
+    prompts = -(-config.data.batch_size // split) * split
     width = sampler.bucket_for(prompt_len, new)
     rows = sh.batch_sharding(mesh, strategy)
     tokens = jax.ShapeDtypeStruct((prompts, width), jnp.int32, sharding=rows)
     lengths = jax.ShapeDtypeStruct((prompts,), jnp.int32, sharding=rows)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sh.replicated(mesh))
-    group = algorithm.group_size
+    group = num_samples
     prefill = sampler._prefill.lower(decode_params, tokens, lengths, key, max_new_tokens=new, num_samples=group)
     shape_note = f"{prompts} prompts x {group} samples, prompt {width} + {new} new tokens"
     compiled = {"mesh": mesh}
@@ -281,13 +316,13 @@ def _rl_programs(config, program: Program, mesh, state_abs, options):
                                    compiler_options=options, note=shape_note, outputs=compiled))
     uses["sampler prefill"] = {"sampler weights"}
     if "shardings" not in compiled:  # it did not compile: the decode loop cannot be laid out either
-        return reports, uses, resident
+        return reports, uses, resident, width
     # The loop state as the compiled prefill lays it out (rows over the batch axes, cache heads split).
     out_shardings = jax.tree.unflatten(jax.tree.structure(prefill.out_info), jax.tree.leaves(compiled["shardings"]))
     state_abs_s = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), prefill.out_info,
                                out_shardings)
     kv = [state_abs_s.prompt_k, state_abs_s.prompt_v, state_abs_s.cache_k, state_abs_s.cache_v]
-    method = Categorical(temperature=config.algorithm.temperature)
+    method = Categorical(temperature=temperature)
     stop = (config.model.vocab_size - 1,)
     decode_groups = {"sampler weights": decode_params, "KV cache": kv, "batch": (tokens, lengths)}
     reports.append(compile_program(
@@ -296,6 +331,56 @@ def _rl_programs(config, program: Program, mesh, state_abs, options):
         decode_groups, compiler_options=options, unknown_trip_count=new,
         note=f"{shape_note}; FLOPs for all {new} steps, KV cache {bytes_per_device(kv) / 2**30:.3f} GiB per device"))
     uses["sampler decode loop"] = {"sampler weights"}
+    return reports, uses, resident, width
+
+
+def _reward_model_programs(config, mesh, width: int, options):
+    """Reward-model scoring (`RewardModelReward`'s program on the trainer's mesh) when the rewards use one."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from rlhf_jax.compile import compile_program  # noqa: PLC0415
+    from rlhf_jax.models import CausalLM  # noqa: PLC0415
+    from rlhf_jax.rollout import sequence_scores  # noqa: PLC0415
+
+    if "reward_model" not in config.rewards.functions:
+        return [], {}, {}
+    strategy, new = config.mesh.strategy, config.rollout.max_new_tokens
+    rm = CausalLM(config.model, head="scalar")
+    rm_params = _with(rm.abstract_params(), sh.param_shardings(rm.abstract_params(), rm.logical_axes, mesh=mesh,
+                                                             strategy=strategy))
+    b = config.rewards.reward_model_batch_size
+    data = sh.batch_sharding(mesh, strategy)
+    rollout = (jax.ShapeDtypeStruct((b, width), jnp.int32, sharding=data),
+               jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data),
+               jax.ShapeDtypeStruct((b, new), jnp.int32, sharding=data),
+               jax.ShapeDtypeStruct((b, new), jnp.float32, sharding=data))
+
+    def scoring(p, *r):  # RewardModelReward's program
+        with sh.activation_sharding(mesh, strategy):
+            return sequence_scores(rm, p, *r)
+
+    score = jax.jit(scoring)
+    report = compile_program(
+        "reward-model scoring", lambda: score.lower(rm_params, *rollout), {"reward model": rm_params,
+                                                                             "batch": rollout},
+        compiler_options=options, note=f"{b} rows per call; the policy's architecture (the checkpoint's "
+                                       "config when it exists at run time)")
+    return [report], {report.name: {"reward model"}}, {"reward model": rm_params}
+
+
+def _rl_programs(config, program: Program, meshes, state_abs, options):
+    """Online RL: weight hand-off, sampler prefill and decode loop, reference pass, reward-model scoring."""
+    from rlhf_jax.compile import compile_program  # noqa: PLC0415
+    from rlhf_jax.train import rl as rl_mod  # noqa: PLC0415
+
+    mesh, strategy = meshes[0], config.mesh.strategy
+    algorithm = program.parts["algorithm"]
+    plain = _handed_params(algorithm.policy, algorithm.lm_params(state_abs.policy.params))
+    reports, uses, resident, width = _sampler_programs(config, meshes, algorithm.sampling_model, plain,
+                                                       num_samples=algorithm.group_size,
+                                                       temperature=config.algorithm.temperature, options=options)
+    if len(reports) < 3:  # the prefill did not compile
+        return reports, uses, resident
     batch = program.batch
     if config.algorithm.uses_reference:
         ref_fn = rl_mod._reference_logps(algorithm.reference_model, config.algorithm, mesh, strategy)
@@ -305,29 +390,64 @@ def _rl_programs(config, program: Program, mesh, state_abs, options):
             "reference log-probs", lambda: ref_fn.lower(*args, group_size=algorithm.reference_group),
             {"reference": reference, "batch": args[1:]}, compiler_options=options))
         uses["reference log-probs"] = {"reference"} if state_abs.reference is not None else {"parameters"}
-    if "reward_model" in config.rewards.functions:
-        rm = CausalLM(config.model, head="scalar")
-        rm_params = _with(rm.abstract_params(), sh.param_shardings(rm.abstract_params(), rm.logical_axes, mesh=mesh,
-                                                                 strategy=strategy))
-        b = config.rewards.reward_model_batch_size
-        data = sh.batch_sharding(mesh, strategy)
-        rollout = (jax.ShapeDtypeStruct((b, width), jnp.int32, sharding=data),
-                   jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data),
-                   jax.ShapeDtypeStruct((b, new), jnp.int32, sharding=data),
-                   jax.ShapeDtypeStruct((b, new), jnp.float32, sharding=data))
-        def scoring(p, *r):  # RewardModelReward's program
-            with sh.activation_sharding(mesh, strategy):
-                return sequence_scores(rm, p, *r)
+    more = _reward_model_programs(config, mesh, width, options)
+    return reports + more[0], {**uses, **more[1]}, {**resident, **more[2]}
 
-        score = jax.jit(scoring)
-        reports.append(compile_program(
-            "reward-model scoring", lambda: score.lower(rm_params, *rollout), {"reward model": rm_params,
-                                                                                 "batch": rollout},
-            compiler_options=options, note=f"{b} rows per call; the policy's architecture (the checkpoint's "
-                                           "config when it exists at run time)"))
-        resident["reward model"] = bytes_per_device(rm_params)
-        uses["reward-model scoring"] = {"reward model"}
+
+def _best_of_n_programs(config, program: Program, meshes, state_abs, options):
+    """Best-of-n: the sampler of `samples_per_prompt` completions per prompt and reward-model scoring."""
+    from rlhf_jax.train.adapters import plain_model  # noqa: PLC0415
+
+    model = program.parts["model"]
+    reports, uses, resident, width = _sampler_programs(
+        config, meshes, plain_model(model), _handed_params(model, state_abs.params),
+        num_samples=config.algorithm.samples_per_prompt, temperature=config.algorithm.temperature, options=options)
+    more = _reward_model_programs(config, meshes[0], width, options) if len(reports) == 3 else ([], {}, {})
+    return reports + more[0], {**uses, **more[1]}, {**resident, **more[2]}
+
+
+def _online_dpo_programs(config, program: Program, meshes, state_abs, options):
+    """Online DPO: the sampler of 2 completions per prompt, reward-model scoring (no judge), and the
+    summed log-prob pass of the reference (and of the policy when the sampler's log-probs are not its own)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from rlhf_jax.compile import compile_program  # noqa: PLC0415
+    from rlhf_jax.models.lora import base_params  # noqa: PLC0415
+    from rlhf_jax.rollout import completion_logprobs  # noqa: PLC0415
+    from rlhf_jax.train import rl as rl_mod  # noqa: PLC0415
+    from rlhf_jax.train.adapters import lora_of, plain_model  # noqa: PLC0415
+
+    model, mesh = program.parts["model"], meshes[0]
+    policy, params = plain_model(model), state_abs.params
+    plain = _handed_params(model, params)
+    reports, uses, resident, width = _sampler_programs(config, meshes, policy, plain, num_samples=2,
+                                                       temperature=config.algorithm.temperature, options=options)
+    if len(reports) < 3:
+        return reports, uses, resident
+    if config.judge is None:
+        more = _reward_model_programs(config, mesh, width, options)
+        reports, uses, resident = reports + more[0], {**uses, **more[1]}, {**resident, **more[2]}
+    # online_dpo._trainer's pass, on the sampled rows as one process passes them (host arrays: laid out by XLA)
+    logps = jax.jit(lambda p, pt, pl, ct: completion_logprobs(policy, p, pt, pl, ct)[0])
+    n = 2 * config.data.batch_size
+    rows = (jax.ShapeDtypeStruct((n, width), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32),
+            jax.ShapeDtypeStruct((n, config.rollout.max_new_tokens), jnp.int32))
+    passes = []
+    if config.algorithm.objective.needs_reference:  # a fresh copy of the starting weights (LoRA: its base)
+        reference = params if lora_of(model) is None else base_params(params)
+        resident["reference"] = reference
+        passes.append(("reference log-probs", "reference", reference))
+    if config.algorithm.temperature != 1.0 or rl_mod.sampler_numerics_differ(config, policy):
+        passes.append(("policy log-probs", "parameters", plain))
+    for name, kind, tree in passes:
+        reports.append(compile_program(name, lambda tree=tree: logps.lower(tree, *rows), {kind: tree, "batch": rows},
+                                       compiler_options=options, note=f"{n} sampled completions"))
+        uses[name] = {kind}
     return reports, uses, resident
+
+
+_ONLINE = {"grpo": _rl_programs, "ppo": _rl_programs, "rejection_sampling": _best_of_n_programs,
+           "online_dpo": _online_dpo_programs}
 
 
 def plan_run(config: RunConfig, *, target: Target | None = None, device_memory_bytes: int | None = None,
@@ -341,23 +461,30 @@ def plan_run(config: RunConfig, *, target: Target | None = None, device_memory_b
     from rlhf_jax.plan_cache import cache_target  # noqa: PLC0415
 
     target = target or resolve_target(None)
-    mesh = sh.make_mesh(config.mesh.shape, devices=list(target.devices))
-    program = recipe_for(config).build(config, mesh)
+    meshes = run_meshes(config, list(target.devices))
+    program = recipe_for(config).build(config, meshes[0])
     with cache_target(target.label):
-        reports, resident, uses = _programs(config, program, mesh, compiler_options)
+        reports, resident, uses, places = _programs(config, program, meshes, compiler_options)
     memory = device_memory_bytes if device_memory_bytes is not None else target.memory_bytes
     if any(not p.ok for p in reports):
         reports = _figures_from_proxy(config, target, reports, compiler_options)
     peak, where, totals = 0, "", {}
     for p in reports:
         own = p.peak_bytes if p.ok else max(p.required_bytes, p.peak_bytes, p.argument_bytes)
-        total = own + sum(v for k, v in resident.items() if k not in uses.get(p.name, set()) and k not in p.arguments)
+        # What stays allocated on the program's devices (an off-policy sampler's weights are on others).
+        total = own + sum(v for k, v in resident.items() if k not in uses.get(p.name, set()) and k not in p.arguments
+                          and (not p.devices or set(places[k]) & set(p.devices)))
         totals[p.name] = total
         if total > peak:
             peak, where = total, p.name
     fits = all(p.ok for p in reports) and (memory is None or peak <= memory)
     unplanned = UNPLANNED.get(recipe_for(config).name)
-    note = "; ".join(filter(None, (target.note, unplanned and f"update step only: not compiled: {unplanned}")))
+    trainer, sampler, sampler_strategy = meshes
+    split = None if trainer is sampler else (
+        f"trainer on {trainer.devices.size} devices {dict(trainer.shape)}, sampler on "
+        f"{'the same' if set(trainer.devices.flat) == set(sampler.devices.flat) else 'its own'} "
+        f"{sampler.devices.size} {dict(sampler.shape)} {sampler_strategy}")
+    note = "; ".join(filter(None, (target.note, split, unplanned and f"update step only: not compiled: {unplanned}")))
     return RunPlan(config.name, target.label, memory, tuple(reports), resident, peak, where, fits, note=note,
                    program_peaks=totals)
 
@@ -380,9 +507,9 @@ def _figures_from_proxy(config: RunConfig, target: Target, reports: list, option
     proxy_name = f"v5p:{'x'.join(map(str, grid))}"
     try:
         proxy = resolve_target(proxy_name)
-        mesh = sh.make_mesh(config.mesh.shape, devices=list(proxy.devices))
+        meshes = run_meshes(config, list(proxy.devices))
         with cache_target(proxy_name):
-            proxied, _, _ = _programs(config, recipe_for(config).build(config, mesh), mesh, options)
+            proxied = _programs(config, recipe_for(config).build(config, meshes[0]), meshes, options)[0]
     except Exception:
         return reports
     by_name = {p.name: p for p in proxied}
@@ -450,7 +577,7 @@ def suggest(config: RunConfig, plan: RunPlan, *, target: Target, compiler_option
     from rlhf_jax.compile import _size  # noqa: PLC0415
     from rlhf_jax.config import override  # noqa: PLC0415
 
-    mesh = sh.make_mesh(config.mesh.shape, devices=list(target.devices))
+    mesh = run_meshes(config, list(target.devices))[0]
     out = []
     for knob in _knobs(config, sh.batch_axis_size(mesh, config.mesh.strategy))[:limit]:
         try:
@@ -485,8 +612,8 @@ def compile_command(experiment: str, *, sets=(), topology: str | None = None, de
     module, arg = load_experiment(experiment)
     config = experiment_config(module, arg, sets)
     runs = run_configs(config)
-    for run in runs.values():  # every run's mesh and batch split, before anything compiles
-        mesh = sh.make_mesh(run.mesh.shape, devices=list(target.devices))
+    for run in runs.values():  # every run's trainer mesh and batch split, before anything compiles
+        mesh = run_meshes(run, list(target.devices))[0]
         ways = sh.batch_axis_size(mesh, run.mesh.strategy) * run.train.micro_batches
         if run.data.batch_size % ways:
             raise sh.ShardingError(

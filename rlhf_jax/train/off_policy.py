@@ -68,9 +68,7 @@ class OffPolicyConfig:
 
 def check_devices(config) -> None:
     """`sampler_devices` leaves the trainer at least one device (checked when a run starts)."""
-    if config.off_policy.sampler_devices >= jax.device_count():
-        raise ConfigError(f"off_policy.sampler_devices={config.off_policy.sampler_devices} leaves no device for "
-                          f"the trainer ({jax.device_count()} devices)")
+    split_devices(config)
 
 
 def check_off_policy(config) -> None:
@@ -86,12 +84,20 @@ def check_off_policy(config) -> None:
                           "batches would be drawn from the batches read ahead)")
 
 
-def split_devices(config) -> tuple[list | None, list | None]:
-    """`(trainer devices, sampler devices)`; `(None, None)` when they share all devices."""
+def split_devices(config, devices: list | None = None) -> tuple[list | None, list | None]:
+    """`(trainer devices, sampler devices)` of `devices` (default `jax.devices()`; `rlhf-jax compile`
+    gives a target's): the sampler takes the last `off_policy.sampler_devices`. `(None, None)` when
+    they share all devices.
+
+    Raises:
+      ConfigError: `sampler_devices` leaves the trainer no device.
+    """
     k = config.off_policy.sampler_devices
     if not k:
         return None, None
-    devices = jax.devices()
+    devices = list(jax.devices() if devices is None else devices)
+    if k >= len(devices):
+        raise ConfigError(f"off_policy.sampler_devices={k} leaves no device for the trainer ({len(devices)} devices)")
     return devices[: len(devices) - k], devices[len(devices) - k:]
 
 

@@ -259,18 +259,19 @@ def _merge_groups(y, group: int):
     return jnp.swapaxes(x, 0, 1).reshape((pieces * rows,) + y.shape[2:])
 
 
-def _trainer_mesh(config):
-    """The trainer's mesh: all devices, or those `off_policy.sampler_devices` leaves it."""
-    return config.mesh.make_mesh(split_devices(config)[0])
+def _trainer_mesh(config, devices=None):
+    """The trainer's mesh: all `devices` (default `jax.devices()`), or those `off_policy.sampler_devices` leaves it."""
+    return config.mesh.make_mesh(split_devices(config, devices)[0] or devices)
 
 
-def _sampler_mesh(config, mesh):
-    """The sampler's mesh and strategy: the trainer's, or `off_policy`'s devices and `sampler_mesh` section."""
+def _sampler_mesh(config, mesh, devices=None):
+    """The sampler's mesh and strategy: the trainer's, or `off_policy`'s devices (of `devices`, default
+    `jax.devices()`) and `sampler_mesh` section."""
     off = getattr(config, "off_policy", None)
     if off is None or (not off.sampler_devices and off.sampler_mesh is None):
         return mesh, config.mesh.strategy
     section = off.sampler_mesh or config.mesh
-    return section.make_mesh(split_devices(config)[1] or list(mesh.devices.flat)), section.strategy
+    return section.make_mesh(split_devices(config, devices)[1] or list(mesh.devices.flat)), section.strategy
 
 
 def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[str, Any]):
