@@ -484,3 +484,81 @@ def test_forward_refuses_non_integer_empty_and_foreign_inputs():
         jax.jit(lm.forward)(wider, tokens)
     with pytest.raises(KeyError, match="params lack 'embed'"):
         lm.forward({k: v for k, v in params.items() if k != "embed"}, tokens)
+
+
+# ------------------------------------------------------------- RoPE scaling: linear and YaRN
+
+
+ROPE_SCALINGS = {  # with max_position_embeddings = factor · original, as transformers expects of YaRN
+    "linear": (64, RopeScaling(rope_type="linear", factor=3.0)),
+    "yarn-qwen25": (64, RopeScaling(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
+    "yarn-betas-untruncated": (64, RopeScaling(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                               beta_fast=16.0, beta_slow=2.0, truncate=False)),
+    "yarn-mscale": (48, RopeScaling(rope_type="yarn", factor=3.0, original_max_position_embeddings=16, mscale=0.8,
+                                    mscale_all_dim=0.5)),
+    "yarn-attention-factor": (64, RopeScaling(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                              attention_factor=1.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_SCALINGS))
+def test_rope_angles_match_transformers_rotary_embedding(name):
+    """cos and sin (YaRN's attention factor included) equal transformers' LlamaRotaryEmbedding at positions
+    up to 4x the original context, the config going through our config.json export."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from rlhf_jax.models.hf import config_to_hf
+    from rlhf_jax.models.layers import rope_angles
+
+    max_positions, scaling = ROPE_SCALINGS[name]
+    c = tiny_config(max_position_embeddings=max_positions, rope_theta=1e6 if "qwen" in name else 1e4,
+                    rope_scaling=scaling)
+    hf = {k: v for k, v in config_to_hf(c).items() if k != "model_type"}
+    rotary = LlamaRotaryEmbedding(transformers.LlamaConfig(**hf))
+    positions = np.arange(64, dtype=np.int32)[None]
+    with torch.no_grad():
+        ref = rotary(torch.zeros(1, 64, c.head_dim), torch.tensor(positions, dtype=torch.long))
+    cos, sin = rope_angles(jnp.asarray(positions), c)
+    np.testing.assert_allclose(cos, ref[0].numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(sin, ref[1].numpy(), rtol=0, atol=2e-6)
+    # cos² + sin² is the attention factor squared: 1 for linear, 0.1·ln(factor) + 1 for a plain YaRN
+    norm = np.sqrt(np.asarray(cos) ** 2 + np.asarray(sin) ** 2)
+    want = {"linear": 1.0, "yarn-qwen25": 1 + 0.1 * math.log(4.0), "yarn-betas-untruncated": 1 + 0.1 * math.log(4.0),
+            "yarn-mscale": (1 + 0.08 * math.log(3.0)) / (1 + 0.05 * math.log(3.0)), "yarn-attention-factor": 1.5}
+    np.testing.assert_allclose(norm, want[name], rtol=1e-6)
+
+
+def test_rope_scaling_refuses_fields_of_another_type_and_bad_values():
+    with pytest.raises(ValueError, match="RopeScaling.beta_fast applies to rope_type 'yarn' only; got 8.0 with "
+                                         "rope_type 'linear'"):
+        RopeScaling(rope_type="linear", factor=2.0, beta_fast=8.0)
+    with pytest.raises(ValueError, match="RopeScaling.low_freq_factor applies to rope_type 'llama3' only"):
+        RopeScaling(rope_type="yarn", factor=2.0, low_freq_factor=2.0)
+    with pytest.raises(ValueError, match=r"RopeScaling.rope_type must be one of \('llama3', 'linear', 'yarn'\), "
+                                         "got 'dynamic'"):
+        RopeScaling(rope_type="dynamic", factor=2.0)
+    with pytest.raises(ValueError, match="RopeScaling.attention_factor must be a finite number > 0, got -1.0"):
+        RopeScaling(rope_type="yarn", attention_factor=-1.0)
+    with pytest.raises(ValueError, match="RopeScaling.truncate must be true or false, got 'no'"):
+        RopeScaling(rope_type="yarn", truncate="no")
+
+
+def test_sampler_logprobs_equal_the_trainers_for_a_yarn_model():
+    """Prefill and cached decode past the original context rotate with the trainer's (scaled) cos / sin."""
+    from rlhf_jax.rollout import completion_logprobs
+    from rlhf_jax.sampling import Categorical, Sampler
+
+    c = tiny_config(max_position_embeddings=32, rope_scaling=RopeScaling(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=8))
+    lm = CausalLM(c)
+    params = _params(c)
+    sampler = Sampler(lm, max_len=24, prompt_buckets=(16,), pad_id=0)
+    prompts = [[5, 17, 33, 8, 90, 41, 7, 3, 9, 11], [12, 3]]
+    out = sampler.generate(params, prompts, max_new_tokens=8, method=Categorical(temperature=1.0), rng=3)
+    trainer = jax.jit(lambda p, *a: completion_logprobs(lm, p, *a, temperature=jnp.float32(1.0))[0])(
+        params, out.prompt_tokens, out.prompt_lengths, out.completion_tokens)
+    mask = np.asarray(out.completion_mask)
+    assert mask[0].sum() == 8  # row 0 decodes positions 10..17, past the original context of 8
+    np.testing.assert_allclose(np.asarray(out.logprobs)[mask], np.asarray(trainer)[mask], atol=1e-5, rtol=0)

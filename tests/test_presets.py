@@ -1,7 +1,5 @@
 """Model presets: real-size parameter counts from shapes alone, and the registry's contract."""
 
-import dataclasses
-
 import chex
 import jax
 import numpy as np
@@ -157,7 +155,7 @@ def test_preset_fields_are_the_official_config(name):
         "max_position_embeddings": c.max_position_embeddings, "rope_theta": c.rope_theta,
         "rms_norm_eps": c.rms_norm_eps, "tie_word_embeddings": c.tie_word_embeddings,
         "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "initializer_range": c.initializer_range,
-        "rope_scaling": None if c.rope_scaling is None else dataclasses.asdict(c.rope_scaling),
+        "rope_scaling": None if c.rope_scaling is None else c.rope_scaling.hf_parameters(),
         "sliding_window": c.sliding_window, "qkv_bias": c.attention_bias, "qk_norm": c.qk_norm,
     } == {
         **{k: hf[k] for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -165,7 +163,7 @@ def test_preset_fields_are_the_official_config(name):
                               "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
                               "initializer_range")},
         "head_dim": hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
-        "rope_scaling": None if rope is None else {k: v for k, v in rope.items() if k != "rope_type"},
+        "rope_scaling": rope,
         "sliding_window": window, "qkv_bias": hf["model_type"] == "qwen2", "qk_norm": hf["model_type"] == "qwen3",
     }
     # and what loading that config.json gives, in the preset's mixed precision (float32 weights, bf16 compute)

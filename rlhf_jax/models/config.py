@@ -16,28 +16,86 @@ AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "splash"]
 PagedAttentionImpl = Literal["auto", "reference", "pallas_tpu", "pallas_gpu"]
 
 
+RopeType = Literal["llama3", "linear", "yarn"]
+# The fields each RoPE scaling type reads (and writes to a Hugging Face config.json), after `rope_type`.
+ROPE_SCALING_FIELDS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "linear": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate"),
+}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """Llama 3 RoPE frequency scaling (`rope_type: "llama3"` in Hugging Face configs).
+    """RoPE frequency scaling, the `rope_scaling` / `rope_parameters` of a Hugging Face config.
 
-    Wavelengths longer than `original_max_position_embeddings / low_freq_factor` are divided by
-    `factor`; shorter than `original_max_position_embeddings / high_freq_factor` are kept; the band in
-    between is interpolated smoothly. Reference: Llama 3 (Grattafiori et al., 2024).
+    `rope_type` picks the scheme (formulas in `rlhf_jax.models.layers.rope_inverse_frequencies`):
+
+    - "llama3" (Llama 3, Grattafiori et al., 2024): wavelengths longer than
+      `original_max_position_embeddings / low_freq_factor` are divided by `factor`; shorter than
+      `original_max_position_embeddings / high_freq_factor` are kept; the band in between is interpolated.
+    - "linear" (position interpolation, Chen et al., 2023): every frequency divided by `factor`.
+    - "yarn" (Peng et al., 2023): frequencies blended between divided by `factor` and kept by a linear ramp
+      over the dimensions rotating between `beta_slow` and `beta_fast` times within
+      `original_max_position_embeddings` (`truncate` rounds the ramp's ends outward), and cos / sin scaled
+      by `attention_factor` (None: `0.1·ln(factor) + 1`, or the ratio of that with `mscale` and
+      `mscale_all_dim` when both are set).
+
+    A field another type reads must keep its default, so that a config means one thing and an export
+    writes all of it.
     """
 
+    rope_type: RopeType = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
     def __post_init__(self):
-        if self.factor <= 0:
+        if self.rope_type not in get_args(RopeType):
+            raise ValueError(f"RopeScaling.rope_type must be one of {get_args(RopeType)}, got {self.rope_type!r}")
+        if not _is_number(self.factor) or self.factor <= 0:
             raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
-        if not 0 < self.low_freq_factor < self.high_freq_factor:
+        if not _is_int(self.original_max_position_embeddings, low=1):
+            raise ValueError("RopeScaling.original_max_position_embeddings must be a positive int, got "
+                             f"{self.original_max_position_embeddings!r}")
+        own = ROPE_SCALING_FIELDS[self.rope_type]
+        for field in dataclasses.fields(self):
+            if field.name not in own and field.name != "rope_type" and getattr(self, field.name) != field.default:
+                users = [t for t, names in ROPE_SCALING_FIELDS.items() if field.name in names]
+                raise ValueError(f"RopeScaling.{field.name} applies to rope_type {' / '.join(map(repr, users))} "
+                                 f"only; got {getattr(self, field.name)!r} with rope_type {self.rope_type!r}")
+        if self.rope_type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
             raise ValueError(
                 "RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
                 f"{self.low_freq_factor} and {self.high_freq_factor}"
             )
+        for name in ("beta_fast", "beta_slow", "attention_factor"):
+            value = getattr(self, name)
+            if (value is not None or name.startswith("beta")) and not (_is_number(value) and value > 0):
+                raise ValueError(f"RopeScaling.{name} must be a finite number > 0, got {value!r}")
+        for name in ("mscale", "mscale_all_dim"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise ValueError(f"RopeScaling.{name} must be a finite number or None, got {value!r}")
+        if not isinstance(self.truncate, (bool, np.bool_)):
+            raise ValueError(f"RopeScaling.truncate must be true or false, got {self.truncate!r}")
+
+    def hf_parameters(self) -> dict:
+        """The Hugging Face `rope_scaling` dict: `rope_type` and the fields it reads (unset optionals left out)."""
+        out = {"rope_type": self.rope_type}
+        for name in ROPE_SCALING_FIELDS[self.rope_type]:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value if isinstance(value, (bool, np.bool_)) or name.startswith("original") else float(value)
+        return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -134,6 +192,11 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _is_number(value) -> bool:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    return ok and math.isfinite(value)
 
 
 def _is_int(value, *, low: int) -> bool:

@@ -8,14 +8,13 @@ writes one; `export_token_ids` picks the BOS/EOS/pad ids of an exported `config.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rlhf_jax.models.config import ModelConfig, RopeScaling
+from rlhf_jax.models.config import ROPE_SCALING_FIELDS, ModelConfig, RopeScaling
 from rlhf_jax.models.transformer import Head
 
 __all__ = [
@@ -38,6 +37,7 @@ _ARCH_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3
 # Defaults of the transformers config classes, for keys a config.json may omit.
 _DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
 _DEFAULT_ROPE_THETA = 10000.0
+_YARN_BETA_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0}  # transformers' _compute_yarn_parameters
 _DEFAULT_MAX_WINDOW_LAYERS = 28
 # Absent keys only: an explicit null means kv heads = heads, head_dim = hidden / heads, no window.
 _DEFAULT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
@@ -192,7 +192,8 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
 
 
 def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, RopeScaling or None); `rope_scaling` takes precedence, as in transformers."""
+    """(rope_theta, RopeScaling or None) for rope types default, llama3, linear and yarn (transformers'
+    `modeling_rope_utils` defaults); `rope_scaling` takes precedence, as in transformers."""
     where = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
     params = d.get(where) or {}
     if not isinstance(params, Mapping):
@@ -209,27 +210,43 @@ def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling
     rope_type = params.get(type_key, "default")
     if rope_type == "default":
         return theta, None
-    if rope_type != "llama3":
-        fail(f"{where}.{type_key} {rope_type!r} is not supported (supported: 'default', 'llama3'); "
-             "loading it without that RoPE scaling would change the model's logits")
-    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+    if rope_type not in ROPE_SCALING_FIELDS:
+        fail(f"{where}.{type_key} {rope_type!r} is not supported (supported: 'default', "
+             f"{', '.join(map(repr, sorted(ROPE_SCALING_FIELDS)))}); loading it without that RoPE scaling "
+             "would change the model's logits")
+    fields = {"rope_type": rope_type}
+    required = {"llama3": ("factor", "low_freq_factor", "high_freq_factor"), "linear": ("factor",),
+                "yarn": ("factor",)}[rope_type]
+    for key in required:
         if key not in params:
-            fail(f"llama3 rope scaling lacks {key!r}")
-        value = params[key]
-        if not (json_number(value) and value > 0):
-            fail(f"llama3 rope scaling's {key} must be a positive number, got {value!r}")
+            fail(f"{rope_type} rope scaling lacks {key!r}")
     original = params.get("original_max_position_embeddings")
     if original is not None and not (json_int(original) and original > 0):
-        fail(f"llama3 rope scaling's original_max_position_embeddings must be a positive integer, got {original!r}")
+        fail(f"{rope_type} rope scaling's original_max_position_embeddings must be a positive integer, got {original!r}")
+    if "original_max_position_embeddings" in ROPE_SCALING_FIELDS[rope_type]:
+        # transformers' standardize_rope_params: absent means the config's max_position_embeddings
+        fields["original_max_position_embeddings"] = int(original or max_positions)
+    if rope_type == "yarn" and params["factor"] is None:  # as transformers: the ratio of the two context lengths
+        fields["factor"] = max_positions / fields["original_max_position_embeddings"]
+    for key in ROPE_SCALING_FIELDS[rope_type]:
+        if key in fields or key not in params:
+            continue
+        value = params[key]
+        if key in ("beta_fast", "beta_slow"):
+            value = value or _YARN_BETA_DEFAULTS[key]  # transformers reads `get(key) or default`
+        if key == "truncate":
+            if not isinstance(value, bool):
+                fail(f"yarn rope scaling's truncate must be true or false, got {value!r}")
+        elif key in ("mscale", "mscale_all_dim", "attention_factor") and value is None:
+            continue
+        elif not (json_number(value) and (value > 0 or key.startswith("mscale"))):
+            fail(f"{rope_type} rope scaling's {key} must be a {'' if key.startswith('mscale') else 'positive '}"
+                 f"number, got {value!r}")
+        fields[key] = value if key == "truncate" else float(value)
     try:
-        return theta, RopeScaling(
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params.get("original_max_position_embeddings") or max_positions),
-        )
+        return theta, RopeScaling(**fields)
     except ValueError as err:  # RopeScaling's own checks, e.g. low_freq_factor >= high_freq_factor
-        fail(f"llama3 rope scaling: {err}")
+        fail(f"{rope_type} rope scaling: {err}")
 
 
 def _sliding_window_from_hf(d: dict, model_type: str, num_layers: int, fail) -> int | None:
@@ -316,7 +333,7 @@ def config_to_hf(config: ModelConfig, *, head: Head = "lm") -> dict:
     rope = {"rope_type": "default", "rope_theta": c.rope_theta}
     legacy_scaling = None
     if c.rope_scaling is not None:
-        legacy_scaling = {"rope_type": "llama3", **dataclasses.asdict(c.rope_scaling)}
+        legacy_scaling = c.rope_scaling.hf_parameters()
         rope = {**legacy_scaling, "rope_theta": c.rope_theta}
     suffix = "ForCausalLM" if head == "lm" else "ForSequenceClassification"
     out = {

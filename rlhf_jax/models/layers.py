@@ -115,12 +115,21 @@ class RMSNorm(nnx.Module):
 
 
 def rope_inverse_frequencies(config: ModelConfig):
-    """inv_freq_i = θ^(-2i/d), with Llama 3 frequency scaling when `config.rope_scaling` is set."""
+    """inv_freq_i = θ^(-2i/d), scaled by `config.rope_scaling` ("llama3", "linear" or "yarn").
+
+    Follows transformers' `modeling_rope_utils` (`_compute_llama3_parameters`,
+    `_compute_linear_scaling_rope_parameters`, `_compute_yarn_parameters`), so that the model's logits
+    equal theirs; yarn's cos / sin scale is `rope_attention_factor`.
+    """
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=_F32) / d))
     s = config.rope_scaling
     if s is None:
         return inv_freq
+    if s.rope_type == "linear":  # position interpolation (Chen et al., 2023): positions / factor
+        return inv_freq / s.factor
+    if s.rope_type == "yarn":
+        return _yarn_inverse_frequencies(config)
     low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -133,11 +142,64 @@ def rope_inverse_frequencies(config: ModelConfig):
     return jnp.where(is_medium, interpolated, scaled)
 
 
+def _yarn_inverse_frequencies(config: ModelConfig):
+    """YaRN's "NTK-by-parts" frequencies (Peng et al., 2023, eq. 18-19; transformers' `_compute_yarn_parameters`).
+
+    Dimension pair i keeps θ^(-2i/d) (extrapolation) where it turns more than `beta_fast` times within
+    the original context L, is divided by `factor` (interpolation) where it turns fewer than `beta_slow`
+    times, and is blended linearly in between. Pair index of r turns: d·ln(L / (2π·r)) / (2·ln θ);
+    `truncate` floors the fast end and ceils the slow end; both are clipped to [0, d - 1].
+    """
+    s, d, base = config.rope_scaling, config.head_dim, config.rope_theta
+
+    def pair_index(rotations):
+        return d * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = pair_index(s.beta_fast), pair_index(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = jnp.clip((jnp.arange(d // 2, dtype=_F32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (jnp.arange(0, d, 2, dtype=_F32) / d)
+    extrapolation = 1 - ramp
+    return 1.0 / (s.factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """The factor cos and sin are multiplied by: YaRN's √(1/t) = 0.1·ln(s) + 1 (Peng et al., 2023, eq. 22),
+    1 for the other types.
+
+    As transformers' `_compute_yarn_parameters`: an explicit `attention_factor` wins; with both `mscale`
+    and `mscale_all_dim` set (nonzero) it is mscale(s, mscale) / mscale(s, mscale_all_dim), where
+    mscale(s, m) = 0.1·m·ln(s) + 1 for s > 1 and 1 otherwise (`yarn_get_mscale`).
+    """
+    s = config.rope_scaling
+    if s is None or s.rope_type != "yarn":
+        return 1.0
+    if s.attention_factor is not None:
+        return float(s.attention_factor)
+
+    def mscale(m):
+        return 1.0 if s.factor <= 1 else 0.1 * m * math.log(s.factor) + 1.0
+
+    if s.mscale and s.mscale_all_dim:
+        return mscale(s.mscale) / mscale(s.mscale_all_dim)
+    return mscale(1.0)
+
+
 def rope_angles(positions, config: ModelConfig):
-    """(cos, sin) of shape [B, T, head_dim] for integer positions [B, T] (Su et al., 2021)."""
+    """(cos, sin) of shape [B, T, head_dim] for integer positions [B, T] (Su et al., 2021), each times
+    `rope_attention_factor` (YaRN's). The one place RoPE is computed: training, sampling and the paged
+    decode all rotate q and k with these."""
     freqs = positions.astype(_F32)[..., None] * rope_inverse_frequencies(config)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    scale = rope_attention_factor(config)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos, sin
 
 
 def apply_rope(x, cos, sin):
