@@ -368,3 +368,35 @@ def test_rollout_collector_continuous_greedy_equals_static(sampler, sp):
     for key in static:
         if key != "columns":
             np.testing.assert_allclose(np.asarray(cont[key]), np.asarray(static[key]), atol=1e-5, err_msg=key)
+
+
+def test_combined_filters_decode_as_the_static_call(lm, params, sampler, sp):
+    """top_k + top_p + min_p (`Filtered`, transformers' chain) in continuous batching's slots, mixed
+    with single-filter requests: the static call's tokens and log-probs for the same seed; every
+    token inside the chain's kept set of the full forward's logits, its log-prob the untruncated
+    `log softmax(logits / T)` (NumPy, float64)."""
+    from rlhf_jax.sampling import Filtered, make_method
+
+    method = make_method(temperature=0.2, top_k=40, top_p=0.6, min_p=0.5)
+    assert type(method) is Filtered
+    combined = (1, 5)       # prompts in one bucket: one static program
+    requests = [Request(prompt=PROMPTS[i], max_new_tokens=MAX_NEW, method=method if i in combined else METHODS[i],
+                        seed=200 + i) for i in range(6)]
+    outs = sampler.generate_requests(sp, requests, **POOL)
+    forward = jax.jit(lambda tokens: lm.forward(params, tokens).logits)
+    narrower = 0
+    for i in combined:
+        ref = sampler.generate(sp, [PROMPTS[i]], max_new_tokens=MAX_NEW, method=method, rng=200 + i)
+        tokens = outs[i].tokens[0]
+        np.testing.assert_array_equal(tokens, np.asarray(ref.completion_tokens[0]))
+        np.testing.assert_allclose(outs[i].logprobs[0], np.asarray(ref.logprobs[0]), atol=1e-5)
+        seq = np.zeros((1, 32), np.int32)
+        seq[0, : len(PROMPTS[i]) + MAX_NEW] = PROMPTS[i] + tokens.tolist()
+        z = np.asarray(forward(jnp.asarray(seq))[0, len(PROMPTS[i]) - 1:][:MAX_NEW], np.float64) / 0.2
+        kept = np.isfinite(np.asarray(method.truncate(jnp.asarray(z, jnp.float32))))
+        assert kept[np.arange(MAX_NEW), tokens].all()
+        narrower += int((kept.sum(-1) < 40).sum())          # top-p / min-p cut inside the top 40
+        full = z - z.max(-1, keepdims=True)
+        full = full - np.log(np.exp(full).sum(-1, keepdims=True))
+        np.testing.assert_allclose(outs[i].logprobs[0], full[np.arange(MAX_NEW), tokens], atol=2e-5)
+    assert narrower == 2 * MAX_NEW

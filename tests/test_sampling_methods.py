@@ -9,6 +9,7 @@ import pytest
 
 from rlhf_jax.sampling import (
     Categorical,
+    Filtered,
     Greedy,
     MinP,
     TopK,
@@ -17,7 +18,7 @@ from rlhf_jax.sampling import (
     make_method,
     sample_from_logits,
 )
-from rlhf_jax.sampling.methods import TOP_P, select_per_row
+from rlhf_jax.sampling.methods import METHOD_KINDS, TOP_P, row_fields, select_per_row
 
 NEG_INF = -np.inf
 
@@ -119,7 +120,10 @@ def test_truncated_sampling_frequencies_are_renormalised():
         (lambda: Categorical(temperature=0.0), r"Categorical.temperature must be a finite number > 0"),
         (lambda: TopK(k=3, temperature=-1.0), r"TopK.temperature must be a finite number > 0"),
         (lambda: Categorical(temperature=math.nan), r"Categorical.temperature"),
-        (lambda: make_method(top_k=5, top_p=0.9), r"at most one of top_k, top_p, min_p"),
+        (lambda: Filtered(top_k=-1, top_p=0.9), r"Filtered.top_k must be an int >= 0 \(0 = off\), got -1"),
+        (lambda: Filtered(top_k=5, top_p=0.0), r"Filtered.top_p must be in \(0, 1\], got 0.0"),
+        (lambda: Filtered(top_k=5, min_p=1.5), r"Filtered.min_p must be in \[0, 1\] \(0 = off\), got 1.5"),
+        (lambda: make_method(top_k=5, top_p=0.9, temperature=0.0), r"Filtered.temperature must be a finite"),
         (lambda: make_method(top_p=1.2), r"top_p must be in \(0, 1\]"),
         (lambda: make_method(greedy=True, temperature=0.5), r"greedy=True takes no temperature"),
         # 1e-50 is 0 and 1e40 is inf in the float32 the logits are divided by: every draw was token 0.
@@ -148,6 +152,11 @@ def test_make_method_maps_the_usual_knobs():
     assert make_method(top_p=0.9) == TopP(p=0.9)
     assert make_method(min_p=0.1, temperature=1.5) == MinP(p=0.1, temperature=1.5)
     assert make_method(greedy=True) == Greedy()
+    # Two or three filters combine (they used to be refused), in transformers' order.
+    assert make_method(temperature=0.7, top_k=50, top_p=0.95) == Filtered(temperature=0.7, top_k=50, top_p=0.95)
+    assert make_method(top_p=0.9, min_p=0.05) == Filtered(top_p=0.9, min_p=0.05)
+    assert make_method(top_k=np.int64(8), top_p=0.9, min_p=0.1).filters == (8, 0.9, 0.1)
+    assert TopK(k=4).filters == (4, 1.0, 0.0) and MinP(p=0.2).filters == (0, 1.0, 0.2)
 
 
 def test_logprob_mismatch_golden():
@@ -176,15 +185,16 @@ def test_methods_require_2d_logits_and_1d_u():
 
 # --- the distribution drawn from, against transformers' logits warpers ---
 
-def _hf_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    """softmax of transformers' warpers (Temperature, TopK, TopP, MinP: its order) on float32 logits."""
+def _hf_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, order="kpm"):
+    """softmax of transformers' warpers on float32 logits: Temperature, then TopK, TopP, MinP in its
+    `_get_logits_processor` order ("kpm"; another `order` only to show that the order matters)."""
     torch = pytest.importorskip("torch")
     lp = pytest.importorskip("transformers.generation.logits_process")
     scores, ids = torch.tensor(np.asarray(logits, np.float32)), torch.zeros((len(logits), 1), dtype=torch.long)
     warpers = [lp.TemperatureLogitsWarper(temperature)] if temperature != 1 else []
-    warpers += [lp.TopKLogitsWarper(top_k)] if top_k else []
-    warpers += [lp.TopPLogitsWarper(top_p)] if top_p < 1 else []
-    warpers += [lp.MinPLogitsWarper(min_p)] if min_p > 0 else []
+    by_name = dict(k=[lp.TopKLogitsWarper(top_k)] if top_k else [], p=[lp.TopPLogitsWarper(top_p)] if top_p < 1 else [],
+                   m=[lp.MinPLogitsWarper(min_p)] if min_p > 0 else [])
+    warpers += [w for name in order for w in by_name[name]]
     for w in warpers:
         scores = w(ids, scores)
     return torch.softmax(scores, dim=-1).numpy()
@@ -209,6 +219,10 @@ _SETTINGS = [
     dict(temperature=0.7), dict(temperature=1e-3), dict(top_k=1), dict(top_k=3), dict(top_k=3, temperature=0.5),
     dict(top_k=1000), dict(top_p=0.5), dict(top_p=0.75), dict(top_p=0.875), dict(top_p=0.9, temperature=0.6),
     dict(top_p=1.0), dict(min_p=0.1), dict(min_p=0.5, temperature=0.5), dict(min_p=1.0), dict(min_p=0.0),
+    # Combined (Filtered): each filter on what the one before kept.
+    dict(top_k=3, top_p=0.7), dict(top_k=40, top_p=0.9, temperature=0.7), dict(top_k=2, top_p=0.6),
+    dict(top_p=0.8, min_p=0.3), dict(top_k=4, min_p=0.2, temperature=1.5), dict(top_k=20, top_p=0.95, min_p=0.05),
+    dict(top_k=1000, top_p=0.875, min_p=0.1),
 ]
 
 
@@ -249,8 +263,7 @@ def test_draws_follow_the_truncated_distribution(method):
     logits = (np.random.default_rng(0).normal(size=v) * 2).astype(np.float32)
     logits[[3, 140, 299]] = logits.max() - 0.5
     logits[[10, 11]] = -np.inf
-    kw = dict(temperature=method.temperature, top_k=getattr(method, "k", 0),
-              top_p=method.p if isinstance(method, TopP) else 1.0, min_p=method.p if isinstance(method, MinP) else 0.0)
+    kw = dict(zip(("top_k", "top_p", "min_p"), method.filters), temperature=method.temperature)
     probs = _hf_probs(logits[None], **kw)[0].astype(np.float64)
     tokens = np.asarray(jax.jit(method.sample)(jax.random.key(7), jnp.tile(logits, (rows, 1))))
     counts = np.bincount(tokens, minlength=v)
@@ -300,3 +313,60 @@ def test_temperature_zero_points_to_greedy():
             build()
     with pytest.raises(ValueError, match=r"got -1.0$"):     # the hint is for 0 only
         make_method(temperature=-1.0)
+
+
+# --- combined filters (Filtered): transformers' chain, continuous batching's rows ---
+
+def test_combined_filters_equal_transformers_chain_at_qwen_vocab():
+    # V = 151936 (Qwen2): a flat row and a row with 40 boosted tokens. The kept set is transformers'
+    # Temperature -> TopK -> TopP -> MinP chain exactly, and the renormalised probabilities agree;
+    # the other orders keep other sets here (top-p before top-k: 50 tokens; min-p before top-p, as
+    # vLLM does: a smaller nucleus), so the order is pinned.
+    v = 151936
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(2, v)) * 2.5).astype(np.float32)
+    logits[1, :40] += np.linspace(9, 6, 40).astype(np.float32)
+    for kw, kept, other in [(dict(temperature=0.7, top_k=50, top_p=0.95), [40, 26], "pkm"),
+                            (dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05), [11, 11], "kmp")]:
+        method = make_method(**kw)
+        assert type(method) is Filtered
+        want = _hf_probs(logits, **kw)
+        got = _probs(method, logits)
+        np.testing.assert_array_equal((got > 0).sum(-1), kept, err_msg=str(kw))
+        np.testing.assert_array_equal(got > 0, want > 0, err_msg=str(kw))
+        np.testing.assert_allclose(got, want, atol=1e-7, rtol=0, err_msg=str(kw))
+        assert not np.array_equal(_hf_probs(logits, **kw, order=other) > 0, want > 0)
+
+
+def test_select_per_row_mixes_combined_and_single_methods_bit_for_bit():
+    # One batch with every kind, Filtered rows among them (continuous batching's slots): each row's
+    # token is its method's own `select` at the same u. A Filtered with one filter on draws that
+    # method's tokens, and the static path's log-prob temperature is the method's.
+    methods = [Greedy(), Categorical(temperature=0.8), TopK(k=5, temperature=1.3), TopP(p=0.6), MinP(p=0.2),
+               Filtered(top_k=12, top_p=0.7, min_p=0.1, temperature=1.1), Filtered(top_k=30, top_p=0.5),
+               Filtered(top_p=0.6, min_p=0.3, temperature=0.9), Filtered(top_k=5, temperature=1.3),
+               Filtered(top_p=0.6), Filtered(min_p=0.2), Filtered(temperature=0.8)]
+    logits = (np.random.default_rng(2).normal(size=(len(methods), 300)) * 2).astype(np.float32)
+    logits[:, [3, 140, 299]] = logits.max(-1, keepdims=True) - 0.5     # a tie across inverse-CDF blocks
+    logits[8:] = logits[[2, 3, 4, 1]]                                   # the single methods' rows again
+    fields = {k: jnp.asarray(np.stack([row_fields(m)[k] for m in methods]))
+              for k in ("kind", "temperature", "top_k", "top_p", "log_min_p")}
+    kinds = tuple(sorted(set(METHOD_KINDS.values())))
+    per_row = jax.jit(select_per_row, static_argnames="kinds")
+    for u in (0.0, 0.3, 0.77, 1 - 2**-24):
+        uu = jnp.full((len(methods),), u, jnp.float32)
+        got = np.asarray(per_row(jnp.asarray(logits), uu, **fields, kinds=kinds))
+        want = [int(m.select(jnp.asarray(logits[i:i + 1]), uu[:1])[0]) for i, m in enumerate(methods)]
+        np.testing.assert_array_equal(got, want, err_msg=f"u={u}")
+        np.testing.assert_array_equal(want[8:], want[2:5] + want[1:2], err_msg=f"u={u}")  # one filter = its method
+
+
+def test_rollout_config_takes_combined_filters():
+    # `--set rollout.top_k=50 rollout.top_p=0.95` (settings ported from HF / vLLM) used to be refused.
+    from rlhf_jax.train.rollouts import RolloutConfig
+
+    config = RolloutConfig(top_k=50, top_p=0.95, min_p=0.05)
+    assert make_method(temperature=0.7, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p) == \
+        Filtered(temperature=0.7, top_k=50, top_p=0.95, min_p=0.05)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        RolloutConfig(top_k=50, top_p=1.5)

@@ -2,7 +2,8 @@
 
 `Sampler` is the user-facing entry point; `prefill` / `decode_step` / `decode` / `finalize` are the
 pure program it jits; the sampling methods are small frozen dataclasses. See `sampler.py` for the
-design and `methods.py` for what the returned log-probs are with top-k / top-p / min-p.
+design and `methods.py` for what the returned log-probs are with top-k / top-p / min-p (alone
+or combined, `Filtered`).
 """
 
 from rlhf_jax.sampling.continuous import ContinuousBatcher, ContinuousStats
@@ -17,6 +18,7 @@ from rlhf_jax.sampling.decode import (
 )
 from rlhf_jax.sampling.methods import (
     Categorical,
+    Filtered,
     Greedy,
     MinP,
     SamplingMethod,
@@ -60,6 +62,7 @@ __all__ = [
     "TopK",
     "TopP",
     "MinP",
+    "Filtered",
     "SamplingMethod",
     "make_method",
     "sample_from_logits",

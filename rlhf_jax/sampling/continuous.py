@@ -12,8 +12,8 @@
 
 Contract (stable; multi-turn rollouts build on it; the types live in `rlhf_jax.sampling.requests`):
 - `Request` (frozen): `prompt` token ids, `max_new_tokens`, `method` (`Greedy`, `Categorical`, `TopK`,
-  `TopP`, `MinP`: per request), `num_samples` (a group sharing the prompt's KV blocks), `stop_ids`
-  (any of them ends a sample), `stop_sequences` (token-id sequences; a sample ends when its
+  `TopP`, `MinP`, `Filtered`: per request), `num_samples` (a group sharing the prompt's KV blocks),
+  `stop_ids` (any of them ends a sample), `stop_sequences` (token-id sequences; a sample ends when its
   completion ends with one), `seed` (int or PRNG key; None: derived from the call's `rng` and the
   request's index). A completion holds its stop token/sequence, as `Sampler.generate` does.
 - `to_sample_output(requests, outputs)` packs them as the static call's `SampleOutput` (numpy rows,
@@ -71,7 +71,6 @@ one shared queue (`rlhf_jax.sampling.data_parallel`). W5's figures: `benchmarks/
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import jax
@@ -86,7 +85,7 @@ from rlhf_jax.models.paged import PagedKVCache, decode_kernel, pool_route
 from rlhf_jax.sampling.continuous_session import ContinuousSession, ContinuousStats
 from rlhf_jax.sampling.continuous_slots import _SLOT_FIELDS, SlotState
 from rlhf_jax.sampling.decode import stack_layers
-from rlhf_jax.sampling.methods import METHOD_KINDS, MinP, TopP, select_per_row
+from rlhf_jax.sampling.methods import row_fields, select_per_row
 from rlhf_jax.sampling.requests import Request, RequestOutput
 
 __all__ = ["ContinuousStats", "ContinuousBatcher", "ContinuousSession"]
@@ -358,13 +357,8 @@ class ContinuousBatcher:
         for j, seq in enumerate(req.stop_sequences):
             seqs[j, k["LS"] - len(seq):] = seq
             lens[j] = len(seq)
-        return dict(
-            keys=key_data, kind=np.int32(METHOD_KINDS[type(m)]), max_new=np.int32(req.max_new_tokens),
-            temperature=np.float32(m.temperature), top_k=np.int32(getattr(m, "k", 0)),
-            top_p=np.float32(m.p if isinstance(m, TopP) else 1.0),
-            log_min_p=np.float32(math.log(m.p)) if isinstance(m, MinP) else np.float32(0.0),
-            stop_ids=stop_ids, stop_seqs=seqs, stop_lens=lens,
-        )
+        return dict(keys=key_data, max_new=np.int32(req.max_new_tokens), **row_fields(m),
+                    stop_ids=stop_ids, stop_seqs=seqs, stop_lens=lens)
 
     def _admit_blocks(self, length: int, n: int) -> tuple[int, int]:
         """Blocks a group of `n` samples takes at admission with `length` tokens: (shared, n x own).

@@ -66,7 +66,7 @@ class ContinuousSession:
         self.batcher, self._p, self._as_key = batcher, params.tree, _as_key
         self._call_key = _as_key(rng)
         self._max_steps = np.int32(batcher.max_completion if max_segment_steps is None else max_segment_steps)
-        self._kinds: set[int] = set(range(5)) if batcher.methods == "all" else set()
+        self._kinds: set[int] = set(METHOD_KINDS.values()) if batcher.methods == "all" else set()
         s_count = batcher.num_slots
         self.requests: list[Request] = []
         self._arrays: list[dict] = []

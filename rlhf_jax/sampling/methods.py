@@ -11,12 +11,13 @@ Every method maps `logits f32[B, V]` and one uniform number per row to `int32[B]
 | `TopP`        | ... restricted to the smallest set of most likely tokens with mass >= `p`  |
 |               | (nucleus sampling; Holtzman et al., 2020)                                   |
 | `MinP`        | ... restricted to tokens with `p(v) >= p * max_v' p(v')` (Nguyen et al., 2024) |
+| `Filtered`    | top-k, then top-p, then min-p, each on what the previous one kept (transformers' order) |
 
 Log-probabilities: the sampler reports `log softmax(logits / T)[token]` of the **untruncated**
 tempered distribution (`method.temperature`, 1 for `Greedy`), computed by
 `rlhf_jax.logprobs.token_logprobs`, because that is what the trainer recomputes from the same
 logits (`rlhf_jax.rollout.completion_logprobs(..., temperature=T)`), so on-policy importance ratios
-are exactly 1. With `TopK`/`TopP`/`MinP` the token was actually drawn from the truncated,
+are exactly 1. With `TopK`/`TopP`/`MinP`/`Filtered` the token was actually drawn from the truncated,
 renormalised distribution, whose log-prob is higher by `-log(kept mass)` for every kept token; the
 reported value is the one the policy-gradient objective differentiates (as in TRL and verl).
 
@@ -44,6 +45,7 @@ __all__ = [
     "TopK",
     "TopP",
     "MinP",
+    "Filtered",
     "SamplingMethod",
     "make_method",
     "sample_from_logits",
@@ -101,6 +103,11 @@ class Greedy:
     def temperature(self) -> float:
         return 1.0
 
+    @property
+    def filters(self) -> tuple[int, float, float]:
+        """`(top_k, top_p, min_p)` in Hugging Face's knobs: all off."""
+        return 0, 1.0, 0.0
+
     def select(self, logits: jax.Array, u: jax.Array) -> jax.Array:
         """int32 `[B]` argmax tokens of `logits [B, V]` (`u` is unused)."""
         _check_logits_u("Greedy.select", logits, None)
@@ -122,9 +129,15 @@ class _Tempered:
     def __post_init__(self):
         _check_temperature(type(self).__name__, self.temperature)
 
+    @property
+    def filters(self) -> tuple[int, float, float]:
+        """`(top_k, top_p, min_p)` in Hugging Face's knobs (0 / 1.0 / 0.0 = off) this method applies."""
+        return 0, 1.0, 0.0
+
     def truncate(self, z: jax.Array) -> jax.Array:
-        """Tempered logits `z [B, V]` with tokens outside the support set to -inf."""
-        return z
+        """Tempered logits `z [B, V]` with tokens outside the support set to -inf (`_truncate`)."""
+        top_k, top_p, min_p = self.filters
+        return _truncate(z, top_k=top_k, top_p=top_p, min_p=min_p)
 
     def select(self, logits: jax.Array, u: jax.Array) -> jax.Array:
         """int32 `[B]` tokens of `softmax(truncate(logits / T))` at uniform numbers `u [B]` (inverse CDF)."""
@@ -171,11 +184,9 @@ class TopK(_Tempered):
         super().__post_init__()
         object.__setattr__(self, "k", _as_int("TopK.k", self.k, low=1))  # a Python int: hashable, static
 
-    def truncate(self, z: jax.Array) -> jax.Array:
-        if self.k >= z.shape[-1]:
-            return z
-        kth = jax.lax.top_k(z, self.k)[0][:, -1:]
-        return jnp.where(z >= kth, z, _NEG_INF)
+    @property
+    def filters(self) -> tuple[int, float, float]:
+        return self.k, 1.0, 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -201,11 +212,9 @@ class TopP(_Tempered):
         super().__post_init__()
         _check_unit_interval("TopP", "p", self.p)
 
-    def truncate(self, z: jax.Array) -> jax.Array:
-        if self.p == 1:
-            return z
-        threshold = _nucleus_threshold(-jnp.sort(-z, axis=-1), jnp.float32(self.p))
-        return jnp.where(z >= threshold, z, _NEG_INF)
+    @property
+    def filters(self) -> tuple[int, float, float]:
+        return 0, self.p, 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -227,8 +236,71 @@ class MinP(_Tempered):
         super().__post_init__()
         _check_unit_interval("MinP", "p", self.p)
 
-    def truncate(self, z: jax.Array) -> jax.Array:
-        return jnp.where(z >= _min_p_threshold(z, jnp.float32(math.log(self.p))), z, _NEG_INF)
+    @property
+    def filters(self) -> tuple[int, float, float]:
+        return 0, 1.0, self.p
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Filtered(_Tempered):
+    """Top-k, then top-p, then min-p: the filters combined as transformers' `generate` chains them.
+
+    `generate(do_sample=True, temperature=T, top_k=k, top_p=p, min_p=m)` applies its warpers in this
+    order (`GenerationMixin._get_logits_processor`): temperature, `TopKLogitsWarper`,
+    `TopPLogitsWarper`, `MinPLogitsWarper`, each on the distribution the one before left. So the
+    nucleus is taken over the renormalised top-k distribution, and min-p keeps `p(v) >= m * max p`
+    of what is left (the same set as min-p of the full distribution, intersected: a ratio to the top
+    token is unchanged by renormalising). Each filter keeps ties as `TopK` / `TopP` / `MinP` do, and
+    one alone gives that method's tokens bit for bit. vLLM applies min-p *before* top-k / top-p;
+    with both min-p and top-p active its nucleus can be smaller than this one.
+
+    Fields use the Hugging Face knobs and their "off" values: `top_k=0`, `top_p=1.0`, `min_p=0.0`.
+    `make_method` returns this class only when two or more filters are on.
+
+    Example (top-2 of `[0.1, 0.6, 0.3]` is `[0, 2/3, 1/3]`; its nucleus at 0.6 is the top token alone,
+    where top-p 0.6 of the full distribution keeps two tokens):
+      >>> logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]]))
+      >>> jnp.isfinite(Filtered(top_k=2, top_p=0.6).truncate(logits)).tolist()
+      [[False, True, False]]
+    """
+
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "top_k", _as_int("Filtered.top_k", self.top_k, low=0, note=" (0 = off)"))
+        _check_unit_interval("Filtered", "top_p", self.top_p)
+        if not _checks.is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"Filtered.min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+
+    @property
+    def filters(self) -> tuple[int, float, float]:
+        return self.top_k, self.top_p, self.min_p
+
+
+def _truncate(z: jax.Array, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> jax.Array:
+    """Tempered logits `z [B, V]` after top-k, then top-p, then min-p (0 / 1 / 0 = off), `-inf` outside.
+
+    The order of transformers' `_get_logits_processor`; each filter sees the previous one's result:
+    top-k keeps `z >= ` the k-th largest logit, the nucleus is `_nucleus_threshold` of the sorted
+    logits left by top-k (so of the renormalised top-k distribution), min-p keeps
+    `z >= max z + log min_p` (`max z` survives both filters). `select_per_row` applies the same cuts
+    per row; the two agree bit for bit.
+    """
+    k = top_k if 0 < top_k < z.shape[-1] else 0
+    if top_p < 1:
+        sorted_z = -jnp.sort(-z, axis=-1)
+        if k:
+            kth = sorted_z[:, k - 1:k]
+            z, sorted_z = (jnp.where(x >= kth, x, _NEG_INF) for x in (z, sorted_z))
+        z = jnp.where(z >= _nucleus_threshold(sorted_z, jnp.float32(top_p)), z, _NEG_INF)
+    elif k:
+        z = jnp.where(z >= jax.lax.top_k(z, k)[0][:, -1:], z, _NEG_INF)
+    if min_p > 0:
+        z = jnp.where(z >= _min_p_threshold(z, jnp.float32(math.log(min_p))), z, _NEG_INF)
+    return z
 
 
 def _nucleus_threshold(sorted_z: jax.Array, p) -> jax.Array:
@@ -252,11 +324,20 @@ def _min_p_threshold(z: jax.Array, log_p) -> jax.Array:
     return jnp.max(z, axis=-1, keepdims=True) + log_p
 
 
-SamplingMethod = Union[Greedy, Categorical, TopK, TopP, MinP]
+SamplingMethod = Union[Greedy, Categorical, TopK, TopP, MinP, Filtered]
 
 # Per-row method codes (`select_per_row`, continuous batching's slot state).
-GREEDY, CATEGORICAL, TOP_K, TOP_P, MIN_P = range(5)
-METHOD_KINDS = {Greedy: GREEDY, Categorical: CATEGORICAL, TopK: TOP_K, TopP: TOP_P, MinP: MIN_P}
+GREEDY, CATEGORICAL, TOP_K, TOP_P, MIN_P, FILTERED = range(6)
+METHOD_KINDS = {Greedy: GREEDY, Categorical: CATEGORICAL, TopK: TOP_K, TopP: TOP_P, MinP: MIN_P, Filtered: FILTERED}
+
+
+def row_fields(method: SamplingMethod) -> dict[str, np.ndarray]:
+    """A method as `select_per_row`'s per-row inputs: kind, temperature, top_k, top_p, log_min_p
+    (numpy scalars; a filter the method does not apply reads 0 / 1 / -inf = off)."""
+    top_k, top_p, min_p = method.filters
+    return dict(kind=np.int32(METHOD_KINDS[type(method)]), temperature=np.float32(method.temperature),
+                top_k=np.int32(top_k), top_p=np.float32(top_p),
+                log_min_p=np.float32(math.log(min_p) if min_p > 0 else -np.inf))
 
 
 def make_method(
@@ -264,8 +345,10 @@ def make_method(
 ) -> SamplingMethod:
     """The method for the usual Hugging Face-style knobs (0 / 1.0 / 0.0 switch a filter off).
 
-    At most one of `top_k`, `top_p`, `min_p` may be active (a combination is refused). The filter
-    applies to the tempered logits `logits / temperature`, as in transformers' and vLLM's samplers.
+    The filters apply to the tempered logits `logits / temperature` in transformers' order: top-k,
+    then top-p, then min-p, each on what the previous one kept (`Filtered`). transformers'
+    `GenerationConfig` defaults to `top_k=50`, so `generate(do_sample=True, top_p=0.9)` is
+    `make_method(top_k=50, top_p=0.9)` here; vLLM's default `top_k` is off (-1 there, 0 here).
 
     Args:
       temperature: > 0.
@@ -275,11 +358,14 @@ def make_method(
       greedy: argmax decoding (all other knobs must be off).
 
     Returns:
-      A `Greedy`, `Categorical`, `TopK`, `TopP` or `MinP`.
+      `Greedy`, `Categorical`, `TopK`, `TopP` or `MinP` for at most one filter (their programs),
+      `Filtered` for two or three.
 
     Example:
       >>> make_method(temperature=0.7, top_p=0.9)
       TopP(temperature=0.7, p=0.9)
+      >>> make_method(temperature=0.7, top_k=50, top_p=0.95)
+      Filtered(temperature=0.7, top_k=50, top_p=0.95, min_p=0.0)
     """
     top_k = _as_int("make_method: top_k", top_k, low=0, note=" (0 = off)")
     if not isinstance(greedy, (bool, np.bool_)):
@@ -293,7 +379,7 @@ def make_method(
             raise ValueError(f"make_method: greedy=True takes no temperature or filters, got {active or 'temperature'}")
         return Greedy()
     if len(active) > 1:
-        raise ValueError(f"make_method: use at most one of top_k, top_p, min_p; got {active}")
+        return Filtered(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     if top_k > 0:
         return TopK(k=top_k, temperature=temperature)
     if top_p < 1:
@@ -357,27 +443,32 @@ def _first_exceeding(cdf: jax.Array, target: jax.Array, mass: jax.Array) -> jax.
 
 def select_per_row(logits, u, kind, temperature, top_k, top_p, log_min_p, *, kinds: tuple[int, ...]):
     """Next tokens with a sampling method per row (continuous batching's slots); bit-equal to each
-    method's own `select`, from the same thresholds.
+    method's own `select`, from the same thresholds (`row_fields` gives a method's row inputs).
 
     `kind[b]` (`METHOD_KINDS` of the row's method) picks row b's method; `kinds` (static) lists the kinds present, so
-    the sort of top-k / top-p is compiled only when a row uses one.
+    the sort of top-k / top-p is compiled only when a row uses one. The cuts are `_truncate`'s, in its
+    order: top-k (`TopK`, `Filtered` rows), top-p on the sorted logits top-k left (`TopP`, `Filtered`),
+    min-p (`MinP`, `Filtered`); a `Filtered` row's filter that is off (0 / 1 / -inf) cuts nothing.
     """
     z = logits.astype(jnp.float32) / temperature[:, None]
     trunc = z
     vocab = z.shape[-1]
-    if TOP_K in kinds or TOP_P in kinds:
+    filtered = kind == FILTERED           # rows that chain the filters (`Filtered`)
+    if {TOP_K, TOP_P, FILTERED} & set(kinds):
         sorted_z = -jnp.sort(-z, axis=-1)
-    if TOP_K in kinds:
+    if {TOP_K, FILTERED} & set(kinds):
         kth = jnp.take_along_axis(sorted_z, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
-        cut = jnp.where((top_k[:, None] >= vocab) | (z >= kth), z, _NEG_INF)
-        trunc = jnp.where((kind == TOP_K)[:, None], cut, trunc)
-    if TOP_P in kinds:
+        off = (~((kind == TOP_K) | filtered) | (top_k < 1) | (top_k >= vocab))[:, None]
+        trunc = jnp.where(off | (z >= kth), trunc, _NEG_INF)
+        if {TOP_P, FILTERED} & set(kinds):
+            sorted_z = jnp.where(off | (sorted_z >= kth), sorted_z, _NEG_INF)
+    if {TOP_P, FILTERED} & set(kinds):
         threshold = _nucleus_threshold(sorted_z, top_p[:, None])
-        cut = jnp.where((top_p[:, None] == 1) | (z >= threshold), z, _NEG_INF)
-        trunc = jnp.where((kind == TOP_P)[:, None], cut, trunc)
-    if MIN_P in kinds:
+        off = (~((kind == TOP_P) | filtered) | (top_p == 1))[:, None]
+        trunc = jnp.where(off | (z >= threshold), trunc, _NEG_INF)
+    if {MIN_P, FILTERED} & set(kinds):
         threshold = _min_p_threshold(z, log_min_p[:, None])
-        trunc = jnp.where((kind == MIN_P)[:, None], jnp.where(z >= threshold, z, _NEG_INF), trunc)
+        trunc = jnp.where(~((kind == MIN_P) | filtered)[:, None] | (z >= threshold), trunc, _NEG_INF)
     token = sample_from_logits(trunc, u) if kinds != (GREEDY,) else jnp.zeros(z.shape[:1], jnp.int32)
     if GREEDY in kinds:
         token = jnp.where(kind == GREEDY, jnp.argmax(logits, axis=-1).astype(jnp.int32), token)

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from rlhf_jax.sampling.arguments import _check_int
-from rlhf_jax.sampling.methods import Categorical, Greedy, MinP, SamplingMethod, TopK, TopP
+from rlhf_jax.sampling.methods import METHOD_KINDS, Categorical, SamplingMethod
 
 __all__ = ["SamplingConfig", "SamplerStats", "SamplerParams", "default_prompt_buckets"]
 
-_METHODS = (Greedy, Categorical, TopK, TopP, MinP)
+_METHODS = tuple(METHOD_KINDS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -25,7 +25,8 @@ class SamplingConfig:
 
     Attributes:
       max_new_tokens: completion tokens per sample (`>= 1`); rows stop earlier at a stop id.
-      method: `Greedy()`, `Categorical(temperature=...)`, `TopK`, `TopP` or `MinP`.
+      method: `Greedy()`, `Categorical(temperature=...)`, `TopK`, `TopP`, `MinP` or `Filtered`
+        (`make_method` maps Hugging Face-style knobs to one).
       num_samples: samples per prompt (`n`, a GRPO group); the prompt is prefilled once.
       eos_id: end-of-sequence id (a stop id), or None.
       stop_ids: further ids that end a sample (any sequence; stored as a tuple).

@@ -37,7 +37,8 @@ class RolloutConfig:
 
     Attributes:
       max_new_tokens: completion tokens at most (a completion stops at EOS).
-      top_k, top_p, min_p: truncation of the sampling distribution (0 / 1.0 / 0.0 = off).
+      top_k, top_p, min_p: truncation of the sampling distribution (0 / 1.0 / 0.0 = off); combined,
+        they apply in transformers' order (top-k, then top-p, then min-p: `make_method`).
       sampler_dtype: run the sampler in "float32" or "bfloat16" (None: the model's dtype).
       dynamic_sampling: DAPO's dynamic sampling: drop groups whose rewards are all equal and sample
         more prompts until `data.batch_size` groups with a learning signal are collected.
