@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal, get_args
 
 import jax.numpy as jnp
 import numpy as np
+
+from rlhf_jax._checks import is_finite_number
 
 ModelType = Literal["llama", "mistral", "qwen2", "qwen3"]
 DType = Literal["float32", "bfloat16"]
@@ -61,7 +62,7 @@ class RopeScaling:
     def __post_init__(self):
         if self.rope_type not in get_args(RopeType):
             raise ValueError(f"RopeScaling.rope_type must be one of {get_args(RopeType)}, got {self.rope_type!r}")
-        if not _is_number(self.factor) or self.factor <= 0:
+        if not is_finite_number(self.factor) or self.factor <= 0:
             raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
         if not _is_int(self.original_max_position_embeddings, low=1):
             raise ValueError("RopeScaling.original_max_position_embeddings must be a positive int, got "
@@ -79,11 +80,11 @@ class RopeScaling:
             )
         for name in ("beta_fast", "beta_slow", "attention_factor"):
             value = getattr(self, name)
-            if (value is not None or name.startswith("beta")) and not (_is_number(value) and value > 0):
+            if (value is not None or name.startswith("beta")) and not (is_finite_number(value) and value > 0):
                 raise ValueError(f"RopeScaling.{name} must be a finite number > 0, got {value!r}")
         for name in ("mscale", "mscale_all_dim"):
             value = getattr(self, name)
-            if value is not None and not _is_number(value):
+            if value is not None and not is_finite_number(value):
                 raise ValueError(f"RopeScaling.{name} must be a finite number or None, got {value!r}")
         if not isinstance(self.truncate, (bool, np.bool_)):
             raise ValueError(f"RopeScaling.truncate must be true or false, got {self.truncate!r}")
@@ -163,8 +164,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.sliding_window must be a positive int or None, got {self.sliding_window!r}")
         for name, low in (("rope_theta", 0.0), ("rms_norm_eps", 0.0), ("initializer_range", 0.0)):
             value = getattr(self, name)
-            ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-            if not ok or not math.isfinite(value) or value < low or (name == "rope_theta" and value == 0):
+            if not is_finite_number(value) or value < low or (name == "rope_theta" and value == 0):
                 want = "> 0" if name == "rope_theta" else ">= 0"
                 raise ValueError(f"ModelConfig.{name} must be a finite number {want}, got {value!r}")
         for name in ("tie_word_embeddings", "attention_bias", "qk_norm", "scan_layers"):
@@ -192,11 +192,6 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-
-def _is_number(value) -> bool:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    return ok and math.isfinite(value)
 
 
 def _is_int(value, *, low: int) -> bool:

@@ -51,6 +51,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax._checks import is_finite_number
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import CausalLM, KVCache, ModelOutput
@@ -100,8 +101,7 @@ class LoraConfig:
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ConfigError(f"lora.rank must be a positive int, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
-                or self.alpha <= 0:
+        if not (is_finite_number(self.alpha) and self.alpha > 0):
             raise ConfigError(f"lora.alpha must be a finite number > 0, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
