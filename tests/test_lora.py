@@ -198,7 +198,8 @@ def test_lm_head_dropout_is_applied_on_every_head_path():
     full, deterministic = logps(None, key), logps(None, None)
     assert np.abs(full - deterministic).max() > 1.0  # the head adapter's dropout shows
     np.testing.assert_array_equal(logps(4, key), full)
-    np.testing.assert_allclose(logps(4, None), deterministic, rtol=0, atol=1e-5)
+    # float32 rounding of sums of up to -34 differs between the chunked and full paths by CPU class (AVX2: 1.5e-5)
+    np.testing.assert_allclose(logps(4, None), deterministic, rtol=1e-6, atol=1e-5)
     sft = {chunk: make_sft_loss(lm, logits_chunk_size=chunk)(params, {k: jnp.asarray(v) for k, v in
                                                                        BATCHES[0].items()},
                                                              {"num_tokens": jnp.float32(100)}, key)[0]
@@ -232,7 +233,7 @@ def test_lm_head_dropout_is_applied_on_every_head_path():
                                       chunk_size=3, group_size=group_size, rng=rng)
             want = reference(rng)
             for g, w in zip(got, want):
-                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=tol)
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol / 10, atol=tol)
             # PPO's policy pass: the same log-probs, and the hidden states of that forward for its value head.
             *both, hidden = completion_logprobs_and_hidden(lm, params, prompts, lengths, completions, temperature=0.7,
                                                            with_entropy=True, chunk_size=3, group_size=group_size,
