@@ -69,12 +69,14 @@ def non_binary_values(mask: Any) -> list[float] | None:
     return [float(v) for v in np.unique(np.asarray(m)[bad])[:5]] if np.any(bad) else None  # NaNs as one
 
 
-def scalar_value(fn: str, name: str, value: Any) -> Any:
+def scalar_value(fn: str, name: str, value: Any, *, allow_bool: bool = False) -> Any:
     """The concrete value of scalar hyperparameter `value` as a Python number, or None when traced.
 
     Python/NumPy numbers pass through; a (NumPy or JAX) array must have ndim 0, else ValueError
     naming `name` with its shape (checked for traced arrays too); a concrete array is read back as
-    a Python number (outside `jit` only: a traced one gives None); non-numeric values raise TypeError.
+    a Python number (outside `jit` only: a traced one gives None); non-numeric values raise TypeError,
+    and so does a bool unless `allow_bool` (`beta=True` is a slip, not 1.0; an environment's reward
+    may be a bool).
     """
     if is_number(value):
         return value
@@ -86,6 +88,8 @@ def scalar_value(fn: str, name: str, value: Any) -> Any:
         arr = np.asarray(value)
     except Exception as err:
         raise TypeError(f"{fn}: {name} must be a real scalar, got {type(value).__name__}") from err
+    if arr.dtype == bool and not allow_bool:
+        raise TypeError(f"{fn}: {name} must be a real number, got {arr.item()!r} (a bool)")
     if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == bool) or jnp.issubdtype(arr.dtype, jnp.complexfloating):
         raise TypeError(f"{fn}: {name} must be a real scalar, got {value!r} (dtype {arr.dtype})")
     if arr.ndim != 0:

@@ -573,6 +573,18 @@ def test_array_hyperparameters_are_checked_like_numbers(call, match):
         call()
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda: L.dpo_loss(_A, _B, None, None, beta=True), "beta"),
+    (lambda: L.dpo_loss(_A, _B, None, None, beta=np.bool_(True)), "beta"),
+    (lambda: L.ppo_policy_loss(_LP, _LP, _ADV, _M, clip_eps=jnp.array(True)), "clip_eps"),
+    (lambda: L.kl_divergence(_LP, _LP, clamp=True), "clamp"),
+])
+def test_a_bool_hyperparameter_is_refused_not_read_as_one(call, name):
+    # beta=True once gave the loss at beta 1.0 without a word
+    with pytest.raises(TypeError, match=f"{name} must be a real number, got True \\(a bool\\)"):
+        call()
+
+
 def test_traced_hyperparameters_still_work_under_jit():
     got = jax.jit(lambda beta: L.dpo_loss(_A, _B, None, None, beta=beta)[0])(0.1)
     np.testing.assert_allclose(got, L.dpo_loss(_A, _B, None, None, beta=0.1)[0], rtol=1e-6)

@@ -134,7 +134,7 @@ def _step_problem(result) -> str | None:
     observation, reward, done = result[:3]
     info = result[3] if len(result) == 4 else {}
     try:
-        value = scalar_value("step", "reward", reward)
+        value = scalar_value("step", "reward", reward, allow_bool=True)
     except (TypeError, ValueError):
         value = None
     if value is None or not math.isfinite(value):
@@ -177,7 +177,7 @@ def _checked_step(env: Environment, action: str) -> StepResult:
         return StepResult(None, 0.0, True, {"env_error": f"{type(env).__name__}.{problem}"})
     observation, reward, done = result[:3]
     info = (result[3] if len(result) == 4 else None) or {}
-    return StepResult(observation, float(scalar_value("step", "reward", reward)), bool(done), info)
+    return StepResult(observation, float(scalar_value("step", "reward", reward, allow_bool=True)), bool(done), info)
 
 
 def run_episodes(
