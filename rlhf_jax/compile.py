@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax import sharding as sh
-from rlhf_jax.targets import TARGET_FORMS, device_memory, memory_gib, resolve_target
+from rlhf_jax.targets import TARGET_FORMS, _device_memory, memory_gib, resolve_target, with_device_memory_gib
 from rlhf_jax.sharding_lint import format_lint
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.presets import PRESETS, get_config
@@ -42,6 +42,7 @@ __all__ = [
     "aot_compile",
     "compile_training_step",
     "format_report",
+    "memory_verdict",
     "main",
 ]
 
@@ -62,6 +63,14 @@ def _gib(n: float | None) -> str:
     return "?" if n is None else f"{n / 2**30:.3f} GiB"
 
 
+def memory_verdict(peak: int, memory: int, source: str = "") -> str:
+    """A peak against the memory per device, naming whose memory that is (`Target.memory_source`):
+    "needs 15.90 GiB of the 15.75 GiB XLA:TPU can allocate on a v5e chip", or "15.20 GiB of the
+    15.75 GiB ..., 97%" when it fits."""
+    of = f"of the {_size(memory)}{' ' + source if source else ' per device'}"
+    return f"{_size(peak)} {of}, {peak / memory:.0%}" if peak <= memory else f"needs {_size(peak)} {of}"
+
+
 def format_report(report: CompileReport) -> str:
     """A human-readable multi-line summary."""
     xla = "" if report.xla_flops is None else f", XLA's count {report.xla_flops:.3e} (loop bodies once)"
@@ -71,7 +80,9 @@ def format_report(report: CompileReport) -> str:
         f"per device: arguments {_gib(report.argument_bytes)}, outputs {_gib(report.output_bytes)}, "
         f"aliased {_gib(report.alias_bytes)}, temporaries {_gib(report.temp_bytes)}, peak {_gib(report.peak_bytes)}",
         f"train state per device: {_gib(report.state_bytes)}",
-        f"device memory: {_gib(report.device_memory_bytes)}",
+        f"device memory: {_gib(report.device_memory_bytes)}"
+        + (f" {report.memory_source}" if report.memory_source else "")
+        + (f" ({report.memory_note})" if report.memory_note else ""),
         f"FLOPs per step: model {'?' if report.model_flops is None else f'{report.model_flops:.3e}'} (all devices), "
         f"program {'?' if report.flops is None else f'{report.flops:.3e}'} (per device{xla})",
         f"fits: {'yes' if report.fits else 'NO'} - {report.reason}",
@@ -172,7 +183,8 @@ class CompileReport(ProgramReport):
     count of the whole step on all devices (`step_flops`: `6 N D` for the trained forward + backward
     plus attention, plus `2 N D` per frozen forward, DPO's reference). A step that did not compile
     has `ok=False`, `fits=False`, the compiler's message in `reason` and the bytes it said it
-    needed as `peak_bytes` (and `required_bytes`).
+    needed as `peak_bytes` (and `required_bytes`). `memory_source` / `memory_note` say whose memory
+    `device_memory_bytes` is and how it was found (`rlhf_jax.targets.Target`).
     """
 
     target: str = ""
@@ -185,6 +197,8 @@ class CompileReport(ProgramReport):
     device_memory_bytes: int | None = None
     model_flops: float | None = None
     lint: tuple[str, ...] = ()
+    memory_source: str = ""
+    memory_note: str = ""
 
 
 def _oom_required(message: str) -> int:
@@ -323,8 +337,8 @@ def format_program(p: ProgramReport, memory: int | None = None) -> str:
 
 def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
                 device_memory_bytes: int | None = None, lint_lines: Sequence[str] = (),
-                model_flops: float | None = None, compiler_options: Mapping[str, Any] | None = None
-                ) -> CompileReport:
+                model_flops: float | None = None, compiler_options: Mapping[str, Any] | None = None,
+                memory_source: str = "", memory_note: str = "") -> CompileReport:
     """Lower and compile `step` on (abstract) `args`; report memory, FLOPs and fit, never raise.
 
     Args:
@@ -332,10 +346,12 @@ def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
       args: the step's arguments, concrete or `jax.ShapeDtypeStruct`s with shardings.
       target: a label for the report ("cpu x8", "v5e-16", ...).
       state_bytes: per-device train-state bytes, for the report.
-      device_memory_bytes: memory per device; default from the devices (TPU kind table, CPU RAM).
+      device_memory_bytes: memory per device; default from the devices (`rlhf_jax.targets.device_memory`:
+        the allocator's limit here, what XLA:TPU can allocate on a TPU compile-only device, CPU RAM).
       lint_lines: sharding-lint findings to carry in the report.
       model_flops: the analytic FLOPs of one step, for the report.
       compiler_options: XLA options for this compilation (e.g. `{"xla_backend_optimization_level": 0}`).
+      memory_source, memory_note: whose memory `device_memory_bytes` is, for the report (`Target`).
 
     Returns:
       A `CompileReport`: `compile_program`'s figures of the step (the same path, plan cache
@@ -345,7 +361,9 @@ def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
     """
     mesh = step.mesh
     devices = list(mesh.devices.flat)
-    memory = device_memory_bytes if device_memory_bytes is not None else device_memory(devices)
+    if device_memory_bytes is None:
+        device_memory_bytes, memory_source, memory_note = _device_memory(devices)
+    memory = device_memory_bytes
     groups = {"train state": args[0], "batch": args[1:2]}
     if len(args) > 2:
         groups["frozen"] = list(args[2:])
@@ -353,7 +371,8 @@ def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
     program = compile_program("update step", lambda: lowered, groups, compiler_options=compiler_options)
     base = {f.name: getattr(program, f.name) for f in dataclasses.fields(ProgramReport)}
     base.update(target=target, num_devices=len(devices), mesh=dict(mesh.shape), strategy=step.strategy.name,
-                state_bytes=state_bytes, device_memory_bytes=memory, lint=tuple(lint_lines), model_flops=model_flops)
+                state_bytes=state_bytes, device_memory_bytes=memory, lint=tuple(lint_lines), model_flops=model_flops,
+                memory_source=memory_source, memory_note=memory_note)
     if not program.ok:  # the compiler refusing (out of memory, unsupported): a report, not a crash
         need = program.required_bytes
         hint = (f"; the compiler needed {_gib(need)} per device (train state {_gib(state_bytes)}): use remat, "
@@ -364,10 +383,10 @@ def aot_compile(step, args: Sequence[Any], *, target: str, state_bytes: int = 0,
     if memory is None:
         fits, reason = True, "device memory unknown; pass device_memory_bytes to check the fit"
     elif peak <= memory:
-        fits, reason = True, f"peak {_gib(peak)} <= {_gib(memory)} per device ({peak / memory:.0%})"
+        fits, reason = True, f"peak {memory_verdict(peak, memory, memory_source)}"
     else:
         fits, reason = False, (
-            f"peak {_gib(peak)} > {_gib(memory)} per device: arguments {_gib(arg)} (train state "
+            f"the step {memory_verdict(peak, memory, memory_source)}: arguments {_gib(arg)} (train state "
             f"{_gib(state_bytes)}) + temporaries {_gib(temp)}; shard more (fsdp), use more devices, "
             "a smaller batch or micro-batches, or remat"
         )
@@ -378,7 +397,8 @@ def compile_training_step(config: ModelConfig, *, step: StepKind = "sft", mesh: 
                           strategy: str | sh.Strategy = "fsdp", batch_size: int, seq_len: int,
                           optimizer: OptimizerConfig | None = None, micro_batches: int = 1,
                           target: str | None = None, device_memory_bytes: int | None = None,
-                          compiler_options: Mapping[str, Any] | None = None) -> CompileReport:
+                          compiler_options: Mapping[str, Any] | None = None, memory_source: str = "",
+                          memory_note: str = "") -> CompileReport:
     """Build the model's step of `kind` for `mesh` and compile it on abstract arguments only.
 
     Nothing of model size is allocated: the state's shapes come from `jax.eval_shape`.
@@ -394,6 +414,7 @@ def compile_training_step(config: ModelConfig, *, step: StepKind = "sft", mesh: 
       target: report label (default from the devices).
       device_memory_bytes: memory per device (default from the devices).
       compiler_options: XLA options for this compilation.
+      memory_source, memory_note: whose memory `device_memory_bytes` is (`rlhf_jax.targets.Target`).
 
     Returns:
       A `CompileReport`.
@@ -413,7 +434,7 @@ def compile_training_step(config: ModelConfig, *, step: StepKind = "sft", mesh: 
                        state_bytes=bytes_per_device(program.args[0]),
                        device_memory_bytes=device_memory_bytes, lint_lines=[str(i) for i in program.lint],
                        model_flops=step_flops(config, step=step, batch_size=batch_size, seq_len=seq_len),
-                       compiler_options=compiler_options)
+                       compiler_options=compiler_options, memory_source=memory_source, memory_note=memory_note)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -476,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", default=None, help=f"target to compile for: {TARGET_FORMS}")
     p.add_argument("--cpu-devices", type=_positive_int, default=None,
                    help="simulate this many CPU devices (must come before JAX starts its backend)")
-    p.add_argument("--device-memory-gib", type=memory_gib, default=None, help="memory per device for the fit check")
+    p.add_argument("--device-memory-gib", type=memory_gib, default=None,
+                   help="memory per device for the fit check (GiB; default: what XLA can allocate on the target: "
+                        "a TPU's HBM less what XLA:TPU reserves, a GPU's XLA_CLIENT_MEM_FRACTION, 0.75 unless set)")
     p.add_argument("--compiler-option", dest="compiler_options", action="append", default=[], metavar="KEY=VALUE",
                    help="an XLA compiler option, e.g. xla_backend_optimization_level=0 (faster CPU compiles)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this path")
@@ -505,12 +528,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rlhf-jax compile: {e}", file=sys.stderr)
         return 2
     try:
-        resolved = resolve_target(args.topology)
+        resolved = with_device_memory_gib(resolve_target(args.topology), args.device_memory_gib)
         devices = list(resolved.devices)
         target = resolved.label if args.topology else None
         mesh = sh.make_mesh(args.mesh, devices=devices)
-        memory = resolved.memory_bytes if args.topology else None
-        memory = memory if args.device_memory_gib is None else int(args.device_memory_gib * 2**30)
         options = {}
         for item in args.compiler_options:
             key, sep, value = item.partition("=")
@@ -519,7 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             options[key] = value
         report = compile_training_step(config, step=args.step, mesh=mesh, strategy=args.strategy,
                                        batch_size=args.batch, seq_len=args.seq, micro_batches=args.micro_batches,
-                                       target=target, device_memory_bytes=memory, compiler_options=options)
+                                       target=target, device_memory_bytes=resolved.memory_bytes,
+                                       compiler_options=options, memory_source=resolved.memory_source,
+                                       memory_note=resolved.memory_note)
     except (sh.ShardingError, RuntimeError, ValueError) as e:
         print(f"rlhf-jax compile: {e}", file=sys.stderr)
         return 2

@@ -51,7 +51,8 @@ def test_fsdp_shards_w1_state_and_arguments(w1_reports):
 def test_too_large_is_reported_with_figures(w1_reports):
     report = w1_reports[1]
     assert not report.fits
-    assert "GiB" in report.reason and "> 0.062 GiB per device" in report.reason
+    need = f"the step needs {report.peak_bytes / 2**30:.2f} GiB of the 64.00 MiB per device: arguments 0.082 GiB"
+    assert report.reason.startswith(need), report.reason
     text = aot.format_report(report)
     assert "fits: NO" in text and "train state per device: 0.082 GiB" in text
 
@@ -140,5 +141,45 @@ def test_tpu_topology_compile():
     report = aot.compile_training_step(tiny_config(), step="dpo", mesh=mesh, strategy="fsdp_tp", batch_size=8,
                                        seq_len=64, target="v5e:2x4")
     assert report.ok and report.fits
-    assert report.device_memory_bytes == 16 * 2**30
+    assert report.device_memory_bytes == 16_909_336_064 and report.memory_source == "XLA:TPU can allocate on a v5e chip"
     assert report.target == "v5e:2x4" and report.num_devices == 8
+    assert f"peak {report.peak_bytes / 2**20:.2f} MiB of the 15.75 GiB XLA:TPU can allocate on a v5e chip, 0%" \
+        == report.reason
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the [tpu] extra)")
+def test_tpu_memory_is_what_xla_tpu_can_allocate():
+    """Every TPU generation's memory per device is the largest program XLA:TPU compiles for it: an output
+    128 KiB under it compiles (with the program's code and argument), 1 KiB over it is refused with that
+    figure. The verdict used the chip's HBM, 16 GiB on v5e, where XLA:TPU allocates at most 15.75 GiB."""
+    from jax.sharding import SingleDeviceSharding
+
+    from rlhf_jax.compile import ProgramReport
+    from rlhf_jax.targets import resolve_target
+    from rlhf_jax.train.aot import RunPlan, format_plan
+
+    def compile_output(device, n):
+        s = SingleDeviceSharding(device)
+        f = jax.jit(lambda x: jax.numpy.broadcast_to(x, (n,)), out_shardings=s)
+        return f.lower(jax.ShapeDtypeStruct((), jax.numpy.int8, sharding=s)).compile()
+
+    usable = {"v2:2x2": 8_034_181_120, "v3:2x2": 16_624_115_712, "v4:2x2x1": 16_372_985_856,
+              "v5e:1x1": 16_909_336_064, "v5p:2x2x1": 102_803_437_568, "v6e:1x1": 33_550_236_672}
+    for topology, limit in usable.items():
+        target = resolve_target(topology)
+        assert target.memory_bytes == limit, topology
+        m = compile_output(target.devices[0], limit - 2**17).memory_analysis()
+        assert m.output_size_in_bytes + m.argument_size_in_bytes + m.generated_code_size_in_bytes <= limit
+        with pytest.raises(Exception, match=f"RESOURCE_EXHAUSTED.*{limit / 2**30:.2f}G"):
+            compile_output(target.devices[0], limit + 2**10)
+    v5e = resolve_target("v5litepod-8")
+    assert (v5e.memory_source, v5e.memory_note) == (
+        "XLA:TPU can allocate on a v5e chip", "16 GiB of HBM less the 258 MiB the compiler reserves")
+    peak = int(15.9 * 2**30)  # fitted the 16 GiB the plan checked; the chip's compiler allocates 15.75
+    plan = RunPlan("run", v5e.label, v5e.memory_bytes, (ProgramReport("update step", ok=True, peak_bytes=peak),), {},
+                   peak, "update step", peak <= v5e.memory_bytes, memory_source=v5e.memory_source,
+                   memory_note=v5e.memory_note)
+    assert not plan.fits and "verdict: DOES NOT FIT (needs 15.90 GiB of the 15.75 GiB XLA:TPU can allocate on a " \
+        "v5e chip)" in format_plan(plan)
+    assert resolve_target("v4-8").memory_note == \
+        "16 GiB of HBM (half the chip's 32) less the 770 MiB the compiler reserves"

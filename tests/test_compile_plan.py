@@ -43,12 +43,86 @@ def test_target_names():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu's compile-only devices")
 def test_every_accepted_tpu_generation_has_its_memory():
-    """A target without a memory figure would plan as fitting whatever it needs (v2 and v3 had none)."""
+    """A target without a memory figure would plan as fitting whatever it needs (v2 and v3 had none).
+    Each is what XLA:TPU can allocate per device (a TensorCore on v2-v4): tests/test_compile.py checks
+    the figures against the compiler."""
     from rlhf_jax.targets import resolve_target
 
-    per_core = {"v2:2x2": 8, "v3-8": 16, "v4-8": 16, "v5e:2x4": 16, "v5p-8": 95, "v6e-8": 32}
-    for name, gib in per_core.items():
-        assert resolve_target(name).memory_bytes == gib * 2**30, name
+    per_device = {"v2:2x2": 7.48, "v3-8": 15.48, "v4-8": 15.25, "v5e:2x4": 15.75, "v5p-8": 95.74, "v6e-8": 31.25}
+    for name, gib in per_device.items():
+        assert round(resolve_target(name).memory_bytes / 2**30, 2) == gib, name
+
+
+def test_gpu_memory_is_the_share_jax_lets_xla_allocate(monkeypatch):
+    """JAX 0.10's allocator holds at most XLA_CLIENT_MEM_FRACTION (or XLA_PYTHON_CLIENT_MEM_FRACTION) of a
+    GPU, 0.75 unset, preallocated or not; the platform allocator all of it. The plan used all of it."""
+    from rlhf_jax.targets import GPU_MEMORY_BYTES, gpu_memory_fraction, resolve_target
+
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                 "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(name, raising=False)
+    h100 = GPU_MEMORY_BYTES["h100"]
+    assert h100 == 81_559 * 2**20
+    target = resolve_target("h100-1")  # the command's environment: nothing set
+    assert target.memory_bytes == int(h100 * 0.75) == 64_140_607_488
+    assert target.memory_source == "JAX lets XLA allocate on an H100"
+    assert target.memory_note.startswith("75% of its 79.65 GiB, JAX's default with XLA_CLIENT_MEM_FRACTION unset; "
+                                         "plan for another share with XLA_CLIENT_MEM_FRACTION=.XX")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")
+    assert resolve_target("h100-1").memory_bytes == int(h100 * 0.9)
+    cases = [({}, 0.75), ({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, 0.75),  # grows to the same limit
+             ({"XLA_CLIENT_MEM_FRACTION": "0.5", "XLA_PYTHON_CLIENT_PREALLOCATE": "0"}, 0.5),
+             ({"XLA_CLIENT_MEM_FRACTION": "1.5"}, 1.0), ({"XLA_PYTHON_CLIENT_ALLOCATOR": "BFC"}, 0.75),
+             ({"XLA_PYTHON_CLIENT_ALLOCATOR": "cuda_async", "XLA_CLIENT_MEM_FRACTION": ".6"}, 0.6),
+             ({"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", "XLA_CLIENT_MEM_FRACTION": ".6"}, 1.0)]
+    for env, fraction in cases:
+        assert gpu_memory_fraction(env)[0] == fraction, env
+        assert resolve_target("h200-1", environ=env).memory_bytes == int(GPU_MEMORY_BYTES["h200"] * fraction), env
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE=false keeps that limit" in gpu_memory_fraction(cases[1][0])[1]
+    for env, words in [({"XLA_CLIENT_MEM_FRACTION": ".8", "XLA_PYTHON_CLIENT_MEM_FRACTION": ".9"}, "both set"),
+                       ({"XLA_CLIENT_MEM_FRACTION": "most"}, "XLA_CLIENT_MEM_FRACTION='most'"),
+                       ({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0"}, "XLA_PYTHON_CLIENT_MEM_FRACTION='0'"),
+                       ({"XLA_PYTHON_CLIENT_ALLOCATOR": "cuda"}, "XLA_PYTHON_CLIENT_ALLOCATOR='cuda'")]:
+        with pytest.raises(TargetError, match=words):
+            gpu_memory_fraction(env)
+
+
+def test_plan_text_names_the_memory_its_verdict_uses(monkeypatch, capsys):
+    """A run needing 70 GiB of an H100 under JAX's default share: "needs 70.00 GiB of the 59.74 GiB JAX lets
+    XLA allocate", and which share that is and how to change it; --device-memory-gib wins over that share."""
+    from rlhf_jax.compile import ProgramReport
+    from rlhf_jax.targets import resolve_target, with_device_memory_gib
+    from rlhf_jax.train.aot import RunPlan
+
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                 "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(name, raising=False)
+
+    def text(target, peak_gib):
+        peak = int(peak_gib * 2**30)
+        update = ProgramReport("update step", ok=True, peak_bytes=peak)
+        return format_plan(RunPlan("run", target.label, target.memory_bytes, (update,), {}, peak, "update step",
+                                   peak <= target.memory_bytes, memory_source=target.memory_source,
+                                   memory_note=target.memory_note))
+
+    h100 = resolve_target("h100-1")
+    out = text(h100, 70)
+    assert ("device memory: the 59.74 GiB JAX lets XLA allocate on an H100 (75% of its 79.65 GiB, JAX's default with "
+            "XLA_CLIENT_MEM_FRACTION unset; plan for another share with XLA_CLIENT_MEM_FRACTION=.XX (or "
+            "XLA_PYTHON_CLIENT_ALLOCATOR=platform for all of it) in this command's environment, as the run will have "
+            "it, or pass --device-memory-gib)") in out
+    assert "verdict: DOES NOT FIT (needs 70.00 GiB of the 59.74 GiB JAX lets XLA allocate on an H100)" in out
+    given = with_device_memory_gib(h100, 80)
+    assert (given.memory_bytes, given.memory_note) == (80 * 2**30, "") and with_device_memory_gib(h100, None) is h100
+    out = text(given, 70)
+    assert "device memory: the 80.00 GiB given by --device-memory-gib\n" in out
+    assert "verdict: FITS (70.00 GiB of the 80.00 GiB given by --device-memory-gib, 88%)" in out
+    # A setting JAX would refuse is bad input: one line, exit 2, before anything is planned.
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "most")  # parsed whichever the allocator
+    assert cli_main(["compile", os.path.join(ROOT, "experiments", "sft_tiny.py"), "--topology", "h100-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "XLA_CLIENT_MEM_FRACTION='most' in the environment" in err, err
 
 
 def test_bad_input_exits_2_with_one_line(capsys):

@@ -17,7 +17,7 @@ import jax
 from rlhf_jax import sharding as sh
 from rlhf_jax.compile import CompileReport, ProgramReport, aot_compile, bytes_per_device
 from rlhf_jax.config import ConfigError
-from rlhf_jax.targets import Target, resolve_target, tpu_topology_devices
+from rlhf_jax.targets import Target, resolve_target, tpu_topology_devices, with_device_memory_gib
 from rlhf_jax.train import recipe_for
 from rlhf_jax.train.aot_online import ONLINE_FAMILIES
 from rlhf_jax.train.recipe import Program, with_shardings
@@ -99,7 +99,9 @@ class RunPlan:
       name: the run config's name.
       target: the target's label; note: how figures relate to it, and what a run of the family executes
         that the plan does not compile (`UNPLANNED`).
-      memory_bytes: memory per device (None: unknown).
+      memory_bytes: memory per device a run may use (None: unknown); memory_source: whose memory that
+        is ("XLA:TPU can allocate on a v5e chip", "JAX lets XLA allocate on an H100"), memory_note: how
+        it was found (`rlhf_jax.targets.Target`).
       programs: one `ProgramReport` per program the run executes.
       resident: per-device bytes that stay allocated between programs, by kind (the train state's
         parameters and optimizer state, the reference, sampler weights, reward model).
@@ -121,6 +123,8 @@ class RunPlan:
     note: str = ""
     suggestions: tuple[tuple[str, str], ...] = ()
     program_peaks: dict[str, int] = dataclasses.field(default_factory=dict)
+    memory_source: str = ""
+    memory_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,6 +255,8 @@ def plan_run(config: RunConfig, *, target: Target | None = None, device_memory_b
     The run's peak per device is, over its programs, the program's own peak plus the buffers that
     stay allocated while it runs and are not among its arguments (the train state during an
     evaluation or the sampler's loop, the sampler's weights and a reward model during the update).
+    The run fits when that peak is at most `target.memory_bytes` (what XLA can allocate per device
+    there), or `device_memory_bytes` when given.
     """
     from rlhf_jax.plan_cache import cache_target  # noqa: PLC0415
 
@@ -259,7 +265,9 @@ def plan_run(config: RunConfig, *, target: Target | None = None, device_memory_b
     program = recipe_for(config).build(config, meshes[0])
     with cache_target(target.label):
         reports, resident, uses, places = _programs(config, program, meshes, compiler_options)
-    memory = device_memory_bytes if device_memory_bytes is not None else target.memory_bytes
+    memory, source, memory_note = target.memory_bytes, target.memory_source, target.memory_note
+    if device_memory_bytes is not None:
+        memory, source, memory_note = device_memory_bytes, "given as device_memory_bytes", ""
     if any(not p.ok for p in reports):
         reports = _figures_from_proxy(config, target, reports, compiler_options)
     peak, where, totals = 0, "", {}
@@ -280,14 +288,14 @@ def plan_run(config: RunConfig, *, target: Target | None = None, device_memory_b
         f"{sampler.devices.size} {dict(sampler.shape)} {sampler_strategy}")
     note = "; ".join(filter(None, (target.note, split, unplanned and f"update step only: not compiled: {unplanned}")))
     return RunPlan(config.name, target.label, memory, tuple(reports), resident, peak, where, fits, note=note,
-                   program_peaks=totals)
+                   program_peaks=totals, memory_source=source, memory_note=memory_note)
 
 
 def _figures_from_proxy(config: RunConfig, target: Target, reports: list, options) -> list:
     """Memory figures of programs a TPU ran out of memory for, from the same programs on v5p chips.
 
     XLA:TPU stops at the first allocation that does not fit and says only how much it needed. The
-    same mesh on as many v5p chips (95 GiB each) compiles, so its memory analysis and HLO give the
+    same mesh on as many v5p chips (95.74 GiB each for XLA) compiles, so its memory analysis and HLO give the
     split, the peak and the largest buffers (TPU generations lay buffers out alike; the verdict
     stays the target's).
     """
@@ -321,18 +329,22 @@ def _figures_from_proxy(config: RunConfig, target: Target, reports: list, option
 
 def format_plan(plan: RunPlan) -> str:
     """The plan as text: each program, the resident buffers, the run's peak and the verdict."""
-    from rlhf_jax.compile import _size, format_program  # noqa: PLC0415
+    from rlhf_jax.compile import _size, format_program, memory_verdict  # noqa: PLC0415
 
     lines = [f"run {plan.name} on {plan.target}" + (f"  ({plan.note})" if plan.note else "")]
     lines += [format_program(p, plan.memory_bytes) for p in plan.programs]
     lines.append("resident between programs: " + ", ".join(f"{k} {_size(v)}" for k, v in plan.resident.items() if v))
+    if plan.memory_bytes:
+        note = f" ({plan.memory_note})" if plan.memory_note else ""
+        lines.append(f"device memory: the {_size(plan.memory_bytes)} {plan.memory_source or 'per device'}{note}")
     share = f" = {plan.peak_bytes / plan.memory_bytes:.0%} of {_size(plan.memory_bytes)}" if plan.memory_bytes else ""
     lines.append(f"run peak per device: {_size(plan.peak_bytes)} during {plan.peak_program!r}{share}")
     failed = [p.name for p in plan.programs if not p.ok]
+    memory = memory_verdict(plan.peak_bytes, plan.memory_bytes, plan.memory_source) if plan.memory_bytes else ""
     if plan.fits:
-        lines.append("verdict: FITS")
+        lines.append("verdict: FITS" + (f" ({memory})" if memory else ""))
     else:
-        why = f"{', '.join(failed)} did not compile" if failed else "the peak exceeds the device memory"
+        why = f"{', '.join(failed)} did not compile" if failed else memory
         lines.append(f"verdict: DOES NOT FIT ({why})")
         worst = max(plan.programs, key=lambda p: p.peak_bytes if p.ok else p.required_bytes)
         lines += [f"  largest in {worst.name!r}: {_size(n)} {what} ({where})" for n, what, where in worst.largest[:5]]
@@ -372,12 +384,13 @@ def suggest(config: RunConfig, plan: RunPlan, *, target: Target, compiler_option
     from rlhf_jax.config import override  # noqa: PLC0415
 
     mesh = run_meshes(config, list(target.devices))[0]
+    target = dataclasses.replace(target, memory_bytes=plan.memory_bytes, memory_source=plan.memory_source,
+                                 memory_note=plan.memory_note)  # the plan's memory, however it was given
     out = []
     for knob in _knobs(config, sh.batch_axis_size(mesh, config.mesh.strategy))[:limit]:
         try:
             changed = override(config, knob.split())
-            other = plan_run(changed, target=target, device_memory_bytes=plan.memory_bytes,
-                             compiler_options=compiler_options)
+            other = plan_run(changed, target=target, compiler_options=compiler_options)
         except (ConfigError, sh.ShardingError, ValueError) as e:
             out.append((knob, f"not applicable: {str(e).splitlines()[0]}"))
             continue
@@ -402,7 +415,7 @@ def compile_command(experiment: str, *, sets=(), topology: str | None = None, de
     from rlhf_jax.cli import experiment_config, load_experiment  # noqa: PLC0415
     from rlhf_jax.compile import EXIT_DOES_NOT_FIT  # noqa: PLC0415
 
-    target = resolve_target(topology)
+    target = with_device_memory_gib(resolve_target(topology), device_memory_gib)
     module, arg = load_experiment(experiment)
     config = experiment_config(module, arg, sets)
     runs = run_configs(config)
@@ -414,10 +427,9 @@ def compile_command(experiment: str, *, sets=(), topology: str | None = None, de
                 f"{run.name}: data.batch_size {run.data.batch_size} is not divisible by the {ways} rows per step "
                 f"the mesh {dict(mesh.shape)} on {target.label} splits it into (data-parallel ways x "
                 f"train.micro_batches {run.train.micro_batches}); use a multiple of {ways} or fewer data axes")
-    memory = None if device_memory_gib is None else int(device_memory_gib * 2**30)
     plans = {}
     for name, run in runs.items():
-        plan = plan_run(run, target=target, device_memory_bytes=memory, compiler_options=compiler_options)
+        plan = plan_run(run, target=target, compiler_options=compiler_options)
         if not plan.fits and suggestions:
             plan = dataclasses.replace(plan, suggestions=suggest(run, plan, target=target,
                                                                  compiler_options=compiler_options, limit=suggestions))
