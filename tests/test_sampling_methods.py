@@ -132,7 +132,7 @@ def test_truncated_sampling_frequencies_are_renormalised():
         (lambda: TopP(p=0.9, temperature=1e40), r"TopP.temperature must be a finite number > 0 .* got 1e\+40"),
         (lambda: make_method(temperature=math.inf), r"Categorical.temperature must be a finite number > 0"),
         (lambda: make_method(top_k=-1), r"make_method: top_k must be an int >= 0 \(0 = off\), got -1"),
-        (lambda: make_method(top_p=math.nan), r"make_method.top_p must be in \(0, 1\], got nan"),
+        (lambda: make_method(top_p=math.nan), r"make_method: top_p must be in \(0, 1\], got nan"),
         (lambda: make_method(min_p=math.nan), r"make_method: min_p must be in \[0, 1\] \(0 = off\), got nan"),
         (lambda: make_method(min_p=-0.1), r"make_method: min_p must be in \[0, 1\] \(0 = off\), got -0.1"),
         # A truthy string used to give Greedy() ("false" included).

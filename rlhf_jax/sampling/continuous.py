@@ -15,7 +15,8 @@ Contract (stable; multi-turn rollouts build on it; the types live in `rlhf_jax.s
   `TopP`, `MinP`, `Filtered`: per request), `num_samples` (a group sharing the prompt's KV blocks),
   `stop_ids` (any of them ends a sample), `stop_sequences` (token-id sequences; a sample ends when its
   completion ends with one), `seed` (int or PRNG key; None: derived from the call's `rng` and the
-  request's index). A completion holds its stop token/sequence, as `Sampler.generate` does.
+  request's index), `min_new_tokens` (no stop before that many tokens, per request, counted from
+  its first new token). A completion holds its stop token/sequence, as `Sampler.generate` does.
 - `to_sample_output(requests, outputs)` packs them as the static call's `SampleOutput` (numpy rows,
   a request's samples contiguous), what the RL trainer consumes.
 - Incremental form (`Sampler.continuous_batcher(...).session(params, rng=...)`, the same scheduler):
@@ -61,7 +62,8 @@ How it runs (`ContinuousBatcher`):
   `ops/gpu/paged_attention`), which reads each slot's pages through its block table up to its
   length: no route, no shared-read count, one table width (`ContinuousBatcher.decode_read` says
   which read runs; `paged.decode_kernel` why not a kernel).
-  One segment program per (set of sampling-method kinds, shared-read bucket), one admit program
+  One segment program per (set of sampling-method kinds, shared-read bucket, whether a request of
+  the session has `min_new_tokens`: the stop-id mask is compiled only then), one admit program
   per prompt bucket, compiled once per process (`Sampler.num_compiled()`).
 
 On a device mesh `Sampler.continuous_batcher` builds one engine per data-parallel group, fed from
@@ -85,7 +87,7 @@ from rlhf_jax.models.paged import PagedKVCache, decode_kernel, pool_route
 from rlhf_jax.sampling.continuous_session import ContinuousSession, ContinuousStats
 from rlhf_jax.sampling.continuous_slots import _SLOT_FIELDS, SlotState
 from rlhf_jax.sampling.decode import stack_layers
-from rlhf_jax.sampling.methods import row_fields, select_per_row
+from rlhf_jax.sampling.methods import row_fields, select_per_row, suppress_stop_ids
 from rlhf_jax.sampling.requests import Request, RequestOutput
 
 __all__ = ["ContinuousStats", "ContinuousBatcher", "ContinuousSession"]
@@ -109,7 +111,8 @@ class ContinuousBatcher:
         With "pool" or "gather", a Pallas paged-attention kernel replaces both decode reads where
         `ModelConfig.paged_attention_impl` selects one (TPU / GPU; `decode_read`).
       methods: "auto" compiles the segment for the sampling-method kinds present in a call (the sort of
-        top-k / top-p only when used); "all" compiles one segment program that serves every mix.
+        top-k / top-p only when used); "all" compiles one segment program that serves every mix
+        (a session with `Request.min_new_tokens` adds its own variant, in either mode).
       mesh: the engine's own devices when the sampler has a mesh (`DataParallelBatcher` builds one
         engine per data-parallel group): weights keep the sampler's layout there, the pool's kv heads
         are split by the strategy's `kv_heads` rule (tensor parallelism: each device holds its heads'
@@ -174,7 +177,10 @@ class ContinuousBatcher:
         model, bs, trash = self.model, self.block_size, self.trash
         c = self.max_completion
 
-        def segment(params, state: SlotState, tables, free_stack, num_free, max_steps, *, kinds, width, extra):
+        def segment(params, state: SlotState, tables, free_stack, num_free, max_steps, min_new=None, *, kinds,
+                    width, extra):
+            # `min_new` int32 [S]: each slot's request's `min_new_tokens` (None: no request of the
+            # session has one; the program is then the one without the option).
             state = state.replace(finished=jnp.zeros_like(state.finished), steps=jnp.zeros((), jnp.int32))
             rows = jnp.arange(self.num_slots)
 
@@ -211,8 +217,10 @@ class ContinuousBatcher:
                 keys = jax.random.wrap_key_data(s.keys)
                 u = jax.vmap(lambda k, t, j: jax.random.uniform(
                     jax.random.fold_in(jax.random.fold_in(k, t), j), (), jnp.float32))(keys, s.t, s.sample_idx)
-                token = select_per_row(logits, u, s.kind, s.temperature, s.top_k, s.top_p, s.log_min_p, kinds=kinds)
-                logp = token_logprobs(logits, token, temperature=s.temperature[:, None])
+                drawn_from = logits if min_new is None else suppress_stop_ids(logits, s.stop_ids, s.t < min_new)
+                token = select_per_row(drawn_from, u, s.kind, s.temperature, s.top_k, s.top_p, s.log_min_p,
+                                       kinds=kinds)
+                logp = token_logprobs(logits, token, temperature=s.temperature[:, None])   # unmasked (methods.py)
                 act = s.active
                 column = jnp.where(act, s.t, c)                        # inactive rows: dropped
                 out_tokens = s.out_tokens.at[rows, column].set(token, mode="drop")
@@ -223,6 +231,8 @@ class ContinuousBatcher:
                 in_seq = jnp.arange(ls)[None, None, :] >= ls - s.stop_lens[:, :, None]
                 match = jnp.all(~in_seq | (recent[:, None, :] == s.stop_seqs), axis=-1) & (s.stop_lens > 0)
                 stopped = act & (hit_id | jnp.any(match, axis=-1))
+                if min_new is not None:       # a stop sequence counts from token index min_new_tokens on
+                    stopped = stopped & (s.t >= min_new)
                 t = s.t + act.astype(jnp.int32)
                 finished = act & (stopped | (t >= s.max_new))
                 kv = out.cache

@@ -83,6 +83,10 @@ class ContinuousSession:
         self._hold_admission = False     # after a preemption, admit again only once a sample has finished
         self._state = batcher._empty_state()
         self._state_host = _HostFields(batcher, s_count)   # default per-slot init fields
+        # Each slot's request's `min_new_tokens` (host side, passed to every segment once a request
+        # of the session has one: a segment program of its own, the default one untouched).
+        self._min_new = np.zeros((s_count,), np.int32)
+        self._uses_min_new = False
 
     # ----------------------------------------------------------------------------- public
 
@@ -98,6 +102,7 @@ class ContinuousSession:
         self.requests.append(request)
         if self.batcher.methods == "auto":
             self._kinds.add(METHOD_KINDS[type(request.method)])
+        self._uses_min_new |= request.min_new_tokens > 0
         self._results[i] = [None] * request.num_samples
         self._waiting.append(_Entry(i, tuple(range(request.num_samples)), None, None))
         return i
@@ -139,9 +144,10 @@ class ContinuousSession:
         if b.attention == "pool" and b.decode_read == "reference":
             extra = num_extra_reads(tables, trash)
             extra = 0 if extra == 0 else max(8, 1 << (extra - 1).bit_length())
+        min_new = self._min_new.copy() if self._uses_min_new else None
         state, tables_dev, num_free = b._segment(self._p, self._state, tables, free_arr, np.int32(len(free)),
-                                                 self._max_steps, kinds=tuple(sorted(self._kinds)), width=width,
-                                                 extra=extra)
+                                                 self._max_steps, min_new, kinds=tuple(sorted(self._kinds)),
+                                                 width=width, extra=extra)
         self._state = state
         fetched = jax.device_get((tables_dev, num_free, state.active, state.finished, state.stopped, state.t,
                                   state.position, state.steps))
@@ -250,6 +256,7 @@ class ContinuousSession:
             init["position"][slot] = length - 1
             init["t"][slot] = t0
             init["sample_idx"][slot] = entry.samples[j]
+            self._min_new[slot] = req.min_new_tokens
             recent = np.full((b.shapes["LS"],), -1, np.int32)
             tail = prefix[-b.shapes["LS"]:]
             if tail:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.logprobs import token_logprobs
-from rlhf_jax.sampling.methods import SamplingMethod
+from rlhf_jax.sampling.methods import SamplingMethod, suppress_stop_ids
 from rlhf_jax.sampling.state import SampleOutput, SamplingState
 
 __all__ = ["unstack_layers", "stack_layers", "row_uniforms", "prefill", "decode_step", "decode", "finalize"]
@@ -139,6 +139,7 @@ def decode_step(
     stop_ids: tuple[int, ...] = (),
     pad_id: int = 0,
     logits_sharding: jax.sharding.Sharding | None = None,
+    min_new_tokens: int = 0,
 ) -> SamplingState:
     """Feed each row's last token, sample the next one, and record it: one step of the loop.
 
@@ -146,6 +147,8 @@ def decode_step(
     `u = row_uniforms(rng, step, row_ids)`,
     `logprob = log softmax(logits / T)[token]` (`rlhf_jax.logprobs.token_logprobs`, the trainer's
     function). Rows already done record `pad_id` and 0; a row becomes done when it samples a stop id.
+    At steps `step < min_new_tokens` the method draws from the logits with the stop ids at -inf
+    (`suppress_stop_ids`); the log-prob is still the unmasked one (`rlhf_jax.sampling.methods`).
 
     Args:
       model: the `CausalLM` of `prefill`.
@@ -157,6 +160,8 @@ def decode_step(
       logits_sharding: where the step's logits `[N, V]` live before sampling, e.g. rows split and
         the vocabulary whole, so a vocab-parallel LM head is gathered once instead of every
         reduction of the sampler communicating (None: as the compiler propagates).
+      min_new_tokens: no stop id is drawn before this many tokens (static; 0 = off: the step's
+        program is then exactly the one without the option).
 
     Returns:
       The state after one more token.
@@ -167,7 +172,10 @@ def decode_step(
     logits = out.logits[:, 0]
     if logits_sharding is not None:
         logits = jax.lax.with_sharding_constraint(logits, logits_sharding)
-    token = method.select(logits, row_uniforms(state.rng, state.step, state.row_ids))
+    drawn_from = logits
+    if min_new_tokens and stop_ids:       # a trace-time no-op at 0
+        drawn_from = suppress_stop_ids(logits, jnp.asarray(stop_ids, jnp.int32), state.step < min_new_tokens)
+    token = method.select(drawn_from, row_uniforms(state.rng, state.step, state.row_ids))
     logprob = token_logprobs(logits, token, temperature=method.temperature)
     active = ~state.done
     token = jnp.where(active, token, jnp.int32(pad_id))
@@ -197,6 +205,7 @@ def decode(
     stop_ids: tuple[int, ...] = (),
     pad_id: int = 0,
     logits_sharding: jax.sharding.Sharding | None = None,
+    min_new_tokens: int = 0,
 ) -> SamplingState:
     """Run `decode_step` in `lax.while_loop` until every row is done or has `max_new_tokens` tokens.
 
@@ -213,7 +222,7 @@ def decode(
 
     def body(s: SamplingState):
         return decode_step(model, params, s, method=method, stop_ids=stop_ids, pad_id=pad_id,
-                           logits_sharding=logits_sharding)
+                           logits_sharding=logits_sharding, min_new_tokens=min_new_tokens)
 
     while True:
         def cond(s: SamplingState):

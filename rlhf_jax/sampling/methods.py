@@ -20,6 +20,13 @@ logits (`rlhf_jax.rollout.completion_logprobs(..., temperature=T)`), so on-polic
 are exactly 1. With `TopK`/`TopP`/`MinP`/`Filtered` the token was actually drawn from the truncated,
 renormalised distribution, whose log-prob is higher by `-log(kept mass)` for every kept token; the
 reported value is the one the policy-gradient objective differentiates (as in TRL and verl).
+The same holds for `min_new_tokens` (`SamplingConfig`, `Request`): while fewer than that many tokens
+are out, the stop ids' logits are -inf before the method sees them (`suppress_stop_ids`), so a
+token is drawn from the distribution renormalised without them, and the reported log-prob is still
+the unmasked `log softmax(logits / T)[token]`: the trainer's recomputed (old) log-probs and
+`sampler_logprob_diff` compare like with like, and `old_logprobs="sampler"` or TIS weights see a
+ratio of exactly 1 on-policy (a masked-distribution log-prob would be higher by `-log(1 - p_stop)`
+at those steps and tilt every such ratio by that much, with no config saying so).
 
 Sampling is exact inverse-CDF sampling with one uniform number per row (two-level: a block of 128
 tokens, then the token inside it), which costs one pass over the vocabulary, unlike Gumbel-max
@@ -50,6 +57,7 @@ __all__ = [
     "make_method",
     "sample_from_logits",
     "select_per_row",
+    "suppress_stop_ids",
     "METHOD_KINDS",
 ]
 
@@ -85,9 +93,10 @@ def _check_logits_u(fn: str, logits, u) -> None:
                          f"logits {tuple(jnp.shape(logits))}), got shape {tuple(jnp.shape(u))}")
 
 
-def _check_unit_interval(owner: str, name: str, value) -> None:
+def _check_unit_interval(what: str, value) -> None:
+    """ValueError naming `what` (e.g. "TopP.p") unless `value` is a number in (0, 1]."""
     if not _checks.is_number(value) or not 0 < value <= 1:
-        raise ValueError(f"{owner}.{name} must be in (0, 1], got {value!r}")
+        raise ValueError(f"{what} must be in (0, 1], got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -210,7 +219,7 @@ class TopP(_Tempered):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_unit_interval("TopP", "p", self.p)
+        _check_unit_interval("TopP.p", self.p)
 
     @property
     def filters(self) -> tuple[int, float, float]:
@@ -234,7 +243,7 @@ class MinP(_Tempered):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_unit_interval("MinP", "p", self.p)
+        _check_unit_interval("MinP.p", self.p)
 
     @property
     def filters(self) -> tuple[int, float, float]:
@@ -271,7 +280,7 @@ class Filtered(_Tempered):
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "top_k", _as_int("Filtered.top_k", self.top_k, low=0, note=" (0 = off)"))
-        _check_unit_interval("Filtered", "top_p", self.top_p)
+        _check_unit_interval("Filtered.top_p", self.top_p)
         if not _checks.is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"Filtered.min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
 
@@ -341,7 +350,8 @@ def row_fields(method: SamplingMethod) -> dict[str, np.ndarray]:
 
 
 def make_method(
-    *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False
+    *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False,
+    keys: str = "make_method: ",
 ) -> SamplingMethod:
     """The method for the usual Hugging Face-style knobs (0 / 1.0 / 0.0 switch a filter off).
 
@@ -356,6 +366,9 @@ def make_method(
       top_p: nucleus mass in (0, 1]; 1.0 = off.
       min_p: relative probability floor in [0, 1]; 0.0 = off.
       greedy: argmax decoding (all other knobs must be off).
+      keys: what an error message puts before a knob's name: a config section that maps its own
+        fields to these knobs passes its prefix (`"rollout."`), so the message names the key the
+        user wrote (`rollout.top_p must be in (0, 1], got 1.5`).
 
     Returns:
       `Greedy`, `Categorical`, `TopK`, `TopP` or `MinP` for at most one filter (their programs),
@@ -367,16 +380,16 @@ def make_method(
       >>> make_method(temperature=0.7, top_k=50, top_p=0.95)
       Filtered(temperature=0.7, top_k=50, top_p=0.95, min_p=0.0)
     """
-    top_k = _as_int("make_method: top_k", top_k, low=0, note=" (0 = off)")
+    top_k = _as_int(f"{keys}top_k", top_k, low=0, note=" (0 = off)")
     if not isinstance(greedy, (bool, np.bool_)):
-        raise ValueError(f"make_method: greedy must be a bool, got {greedy!r}")
+        raise ValueError(f"{keys}greedy must be a bool, got {greedy!r}")
     if not _checks.is_number(min_p) or not 0 <= min_p <= 1:
-        raise ValueError(f"make_method: min_p must be in [0, 1] (0 = off), got {min_p!r}")
-    _check_unit_interval("make_method", "top_p", top_p)
+        raise ValueError(f"{keys}min_p must be in [0, 1] (0 = off), got {min_p!r}")
+    _check_unit_interval(f"{keys}top_p", top_p)
     active = [name for name, on in (("top_k", top_k > 0), ("top_p", top_p < 1), ("min_p", min_p > 0)) if on]
     if greedy:
         if active or temperature != 1.0:
-            raise ValueError(f"make_method: greedy=True takes no temperature or filters, got {active or 'temperature'}")
+            raise ValueError(f"{keys}greedy=True takes no temperature or filters, got {active or 'temperature'}")
         return Greedy()
     if len(active) > 1:
         return Filtered(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -473,3 +486,34 @@ def select_per_row(logits, u, kind, temperature, top_k, top_p, log_min_p, *, kin
     if GREEDY in kinds:
         token = jnp.where(kind == GREEDY, jnp.argmax(logits, axis=-1).astype(jnp.int32), token)
     return token
+
+
+def suppress_stop_ids(logits: jax.Array, stop_ids: jax.Array, suppress: jax.Array) -> jax.Array:
+    """`logits [N, V]` with the stop ids' entries set to `-inf` in the rows where `suppress` is True.
+
+    What `min_new_tokens` does before the sampling method runs: `suppress = t < min_new_tokens`
+    with `t` the index of the token about to be drawn (0 for the first new token), so no sample
+    ends before `min_new_tokens` tokens that are not stop ids (Hugging Face's
+    `MinNewTokensLengthLogitsProcessor`, vLLM's `SamplingParams.min_tokens`). Top-k / top-p / min-p
+    then act on the distribution renormalised without the stop ids, as both apply it before their
+    warpers. Log-probs reported for the drawn tokens stay the unmasked ones (module docstring).
+
+    Args:
+      logits: float `[N, V]` one step's logits.
+      stop_ids: int `[K]` (every row) or `[N, K]` (per row) token ids; entries `< 0` are unused.
+      suppress: bool `[]` or `[N]`: mask this row's stop ids now.
+
+    Returns:
+      `logits` with `logits[r, stop_ids[r, k]] = -inf` where `suppress[r]` and `stop_ids[r, k] >= 0`.
+
+    Example:
+      >>> z = jnp.zeros((2, 4))
+      >>> suppress_stop_ids(z, jnp.array([3, 1]), jnp.array([True, False])).tolist()
+      [[0.0, -inf, 0.0, -inf], [0.0, 0.0, 0.0, 0.0]]
+    """
+    n, v = logits.shape
+    ids = jnp.asarray(stop_ids, jnp.int32)
+    ids = jnp.broadcast_to(ids if ids.ndim == 2 else ids[None], (n, ids.shape[-1]))
+    on = jnp.broadcast_to(jnp.asarray(suppress, bool), (n,))[:, None] & (ids >= 0)
+    ids = jnp.where(on, ids, v)                    # out of range: dropped by the scatter
+    return logits.at[jnp.arange(n)[:, None], ids].set(_NEG_INF, mode="drop")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax.sampling.methods import METHOD_KINDS, Categorical, SamplingMethod
+from rlhf_jax.sampling.sampler_config import check_min_new_tokens
 
 __all__ = ["Request", "RequestOutput", "to_sample_output"]
 
@@ -30,6 +31,12 @@ class Request:
       stop_ids: ids that end a sample (EOS included here if wanted).
       stop_sequences: id sequences that end a sample when its completion ends with one.
       seed: int seed or PRNG key of this request; None: `fold_in(key(rng), request index)`.
+      min_new_tokens: no sample of this request ends before this many tokens (`0 <= min_new_tokens
+        <= max_new_tokens`; needs a stop id or sequence): while fewer are out its stop ids' logits
+        are -inf before the method draws and its stop sequences do not match, so a sample that
+        stops holds `min_new_tokens` tokens before its stop token or the last token of its stop
+        sequence (`SamplingConfig.min_new_tokens`; counted from the request's first new token,
+        whenever it was admitted or preempted). Log-probs stay the unmasked ones.
     """
 
     prompt: Sequence[int]
@@ -39,6 +46,7 @@ class Request:
     stop_ids: Sequence[int] = ()
     stop_sequences: Sequence[Sequence[int]] = ()
     seed: Any = None
+    min_new_tokens: int = 0
 
     def __post_init__(self):
         prompt = np.asarray(self.prompt)
@@ -62,6 +70,8 @@ class Request:
         if any(len(s) == 0 for s in seqs):
             raise ValueError("Request.stop_sequences: a stop sequence is empty")
         object.__setattr__(self, "stop_sequences", seqs)
+        check_min_new_tokens("Request", self.min_new_tokens, self.max_new_tokens,
+                             has_stops=bool(self.stop_ids or seqs), stops="stop_ids or stop_sequences")
         if isinstance(self.seed, bool) or (self.seed is not None and not isinstance(self.seed, (int, np.integer))):
             from rlhf_jax.sampling.arguments import _as_key
 

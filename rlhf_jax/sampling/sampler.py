@@ -202,10 +202,11 @@ class Sampler:
         if mesh is not None and not self.per_device_loops:
             logits_sharding = NamedSharding(mesh, PartitionSpec(rows[0] if rows else None, None))
 
-        def decode_fn(params, state, prompt_tokens, prompt_lengths, *, method, stop_ids, num_samples):
+        def decode_fn(params, state, prompt_tokens, prompt_lengths, *, method, stop_ids, num_samples,
+                      min_new_tokens=0):
             def run(params, state, prompt_tokens, prompt_lengths):
                 state = decode(model, params, state, method=method, stop_ids=stop_ids, pad_id=pad_id,
-                               logits_sharding=logits_sharding)
+                               logits_sharding=logits_sharding, min_new_tokens=min_new_tokens)
                 return finalize(state, prompt_tokens, prompt_lengths, num_samples=num_samples), state
 
             if not self.per_device_loops:
@@ -222,7 +223,8 @@ class Sampler:
         # cache, or per-device loops whose state stays inside, end in new buffers.
         donate = phases == 1 and not self.per_device_loops
         self._decode = jax.jit(
-            decode_fn, static_argnames=("method", "stop_ids", "num_samples"), donate_argnums=(1,) if donate else (),
+            decode_fn, static_argnames=("method", "stop_ids", "num_samples", "min_new_tokens"),
+            donate_argnums=(1,) if donate else (),
         )
 
     def _constrain(self, state: SamplingState) -> SamplingState:
@@ -361,7 +363,8 @@ class Sampler:
         )
         self.stats.prefill_calls += 1
         out, _ = self._decode(
-            params.tree, state, tokens, lengths, method=cfg.method, stop_ids=cfg.all_stop_ids, num_samples=n
+            params.tree, state, tokens, lengths, method=cfg.method, stop_ids=cfg.all_stop_ids, num_samples=n,
+            min_new_tokens=cfg.min_new_tokens,
         )
         self.stats.decode_calls += 1
         if num_prompts * n != out.lengths.shape[0] and jax.process_count() == 1:

@@ -30,6 +30,12 @@ class SamplingConfig:
       num_samples: samples per prompt (`n`, a GRPO group); the prompt is prefilled once.
       eos_id: end-of-sequence id (a stop id), or None.
       stop_ids: further ids that end a sample (any sequence; stored as a tuple).
+      min_new_tokens: no sample ends at a stop id before this many tokens (`0 <= min_new_tokens <=
+        max_new_tokens`; needs a stop id): while fewer are out, the stop ids' logits are -inf before
+        the method draws (Hugging Face's `min_new_tokens`, vLLM's `min_tokens`), so a completion
+        that stops holds at least `min_new_tokens` tokens before its stop token. The log-probs
+        reported stay the unmasked policy's, the ones the trainer recomputes (see
+        `rlhf_jax.sampling.methods`). 0 (default): off, the sampler's programs unchanged.
     """
 
     max_new_tokens: int
@@ -37,6 +43,7 @@ class SamplingConfig:
     num_samples: int = 1
     eos_id: int | None = None
     stop_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
 
     def __post_init__(self):
         _check_int("SamplingConfig.max_new_tokens", self.max_new_tokens, low=1)
@@ -52,12 +59,26 @@ class SamplingConfig:
         object.__setattr__(self, "stop_ids", tuple(self.stop_ids))   # hashable: a jit static argument
         for i in self.stop_ids:
             _check_int("SamplingConfig.stop_ids[...]", i, low=0)
+        check_min_new_tokens("SamplingConfig", self.min_new_tokens, self.max_new_tokens,
+                             has_stops=bool(self.all_stop_ids), stops="eos_id or stop_ids")
 
     @property
     def all_stop_ids(self) -> tuple[int, ...]:
         """EOS and the other stop ids, sorted and without repeats."""
         ids = set(self.stop_ids) | ({self.eos_id} if self.eos_id is not None else set())
         return tuple(sorted(ids))
+
+
+def check_min_new_tokens(owner: str, value, max_new_tokens: int, *, has_stops: bool, stops: str) -> None:
+    """ValueError naming `owner.min_new_tokens` unless it is an int in `[0, max_new_tokens]`, and > 0
+    only with something to suppress (`stops` names the fields that give the stop ids)."""
+    _check_int(f"{owner}.min_new_tokens", value, low=0)
+    if value > max_new_tokens:
+        raise ValueError(f"{owner}.min_new_tokens={value} exceeds {owner}.max_new_tokens={max_new_tokens} "
+                         "(no completion can hold more than max_new_tokens tokens)")
+    if value and not has_stops:
+        raise ValueError(f"{owner}.min_new_tokens={value} has no effect without {stops}: nothing would stop a "
+                         f"sample early; set {stops}, or leave min_new_tokens at 0")
 
 
 @dataclasses.dataclass

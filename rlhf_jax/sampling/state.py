@@ -43,7 +43,8 @@ class SamplingState:
       last_tokens: int32 `[N]`, the token fed at the next step.
       positions: int32 `[N]`, the absolute position of `last_tokens`.
       tokens: int32 `[N, C]` sampled completion tokens (`pad_id` after a row's stop token).
-      logprobs: float32 `[N, C]` their log-probs under the tempered, untruncated distribution.
+      logprobs: float32 `[N, C]` their log-probs under the tempered, untruncated distribution (stop ids
+        not masked by `min_new_tokens`: the trainer's log-probs).
       done: bool `[N]`, the row has emitted a stop token.
       lengths: int32 `[N]` completion tokens so far, the stop token included.
       prompt_k, prompt_v: one `[B, kv_heads, P, head_dim]` array per layer, the `B = N / n`

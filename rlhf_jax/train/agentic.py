@@ -195,6 +195,12 @@ def _check_budget(config) -> None:
     if config.rollout.continuous_slots:
         raise ConfigError(f"rollout.continuous_slots={config.rollout.continuous_slots} has no effect on agentic "
                           "rollouts: set environment.num_slots for continuous batching of trajectories")
+    if config.rollout.min_new_tokens:   # a trajectory is many turns: neither a per-turn nor a total minimum is defined
+        raise ConfigError(f"rollout.min_new_tokens={config.rollout.min_new_tokens} is not supported by agentic "
+                          "rollouts (a trajectory spans several turns); leave it at 0")
+    if config.algorithm.greedy_baseline:   # a trajectory's greedy twin would have to replay the environment
+        raise ConfigError(f"algorithm.advantage={config.algorithm.advantage!r} needs each prompt's greedy completion "
+                          "scored, which agentic rollouts do not decode: choose another algorithm.advantage")
     if config.environment.turn_tokens > config.rollout.max_new_tokens:
         raise ConfigError(f"environment.turn_tokens ({config.environment.turn_tokens}) must be <= "
                           f"rollout.max_new_tokens ({config.rollout.max_new_tokens}), the trajectory's budget")
