@@ -2,7 +2,7 @@
 
     rlhf-jax run experiments/grpo_tiny.py                 # GRPO
     rlhf-jax run experiments/grpo_tiny.py:dapo            # any preset: grpo, dr_grpo, dapo, gspo, cispo,
-                                                          # rloo, reinforce_pp, reinforce_pp_baseline
+                                                          # rloo, reinforce_pp, reinforce_pp_baseline, remax
     rlhf-jax run experiments/grpo_tiny.py:rloo --set grpo.train.steps=100 --set grpo.algorithm.kl_coef=0.1
     rlhf-jax run experiments/grpo_tiny.py:lora            # GRPO training LoRA adapters (rank 16)
 

@@ -3,7 +3,8 @@
 Per-token quantities are `[B, T]` with an explicit completion mask; masked positions are skipped by
 the recursions (they pass values through, so interleaved tool/observation tokens are handled too)
 and are 0 in every output. Group estimators take `[N]` rewards with the `group_size` samples of a
-prompt stored contiguously. Everything returns float32. The KL controllers live in
+prompt stored contiguously; ReMax takes `[N]` rewards and, row for row, the reward of the row's
+prompt's greedy completion. Everything returns float32. The KL controllers live in
 `rlhf_jax.kl_control` and are re-exported here.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "discounted_returns",
     "group_normalized",
     "leave_one_out",
+    "remax",
     "reinforce_plus_plus",
     "whiten",
     "per_token_rewards",
@@ -200,6 +202,36 @@ def leave_one_out(rewards: jax.Array, group_size: int) -> jax.Array:
     d = _grouped("leave_one_out", rewards, group_size)
     others = (jnp.sum(d, axis=1, keepdims=True) - d) / (group_size - 1)
     return (d - others).reshape(-1)
+
+
+def remax(rewards: jax.Array, baseline_rewards: jax.Array) -> jax.Array:
+    """ReMax advantages: each sampled completion's reward minus that of its prompt's greedy completion.
+
+    `A_i = r(x_i, y_i) - r(x_i, ybar_i)`, `y_i ~ pi(. | x_i)` sampled and `ybar_i` the greedy
+    (argmax) decoding of the same prompt under the same policy: REINFORCE with the greedy reward as
+    a per-prompt baseline (Algorithm 1 of the paper). The baseline needs no critic and no group, so
+    one sample per prompt suffices; with several, each row carries its prompt's baseline.
+
+    Args:
+      rewards: `[N]` rewards of the sampled completions (any KL penalty already subtracted).
+      baseline_rewards: `[N]` the reward of the greedy completion of each row's prompt.
+
+    Returns:
+      float32 `[N]` per-sequence advantages (pass to `ppo_policy_loss` as `[B]`). Reference: Li,
+      Xu, Zhang, Lin, Yu, Sun, Luo 2023, "ReMax: A Simple, Effective, and Efficient Reinforcement
+      Learning Method for Aligning Large Language Models" (arXiv 2310.10505).
+
+    Example:
+      >>> remax(jnp.array([1.0, 0.0, 0.25]), jnp.array([0.5, 0.5, 0.25])).tolist()  # sample beat greedy: > 0
+      [0.5, -0.5, 0.0]
+    """
+    fn = "remax"
+    rewards = _checks.as_array(fn, "rewards", rewards)
+    baseline_rewards = _checks.as_array(fn, "baseline_rewards", baseline_rewards)
+    _checks.check_rank(fn, "rewards", rewards, 1)
+    _checks.check_rank(fn, "baseline_rewards", baseline_rewards, 1)
+    _checks.check_same_shape(fn, rewards=rewards, baseline_rewards=baseline_rewards)
+    return _checks.f32(rewards) - _checks.f32(baseline_rewards)
 
 
 def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:

@@ -18,7 +18,7 @@ from rlhf_jax.models import CausalLM
 from rlhf_jax.models.heads import init_scalar_head
 from rlhf_jax.rewards import PythonReward, RewardInputs, combine_rewards, even_fraction_reward
 from rlhf_jax.rollout import completion_logprobs
-from rlhf_jax.sampling import Sampler, SamplingConfig
+from rlhf_jax.sampling import Greedy, Sampler, SamplingConfig
 from rlhf_jax.state import RLState, init_train_state
 from rlhf_jax.steps import GRPO_PRESETS, PPOConfig, grpo_config, make_grpo_step, make_ppo_step
 from rlhf_jax.testing import tiny_config
@@ -45,7 +45,7 @@ def _rewards(out) -> np.ndarray:
     return combine_rewards([PythonReward(even_fraction_reward)], inputs).total
 
 
-def _train(make_step, state, lm_params, prompts, group):
+def _train(make_step, state, lm_params, prompts, group, greedy_baseline=False):
     model, params, sampler, _, ref_logps = _setup()
     step = jax.jit(make_step)
     means = []
@@ -58,6 +58,10 @@ def _train(make_step, state, lm_params, prompts, group):
                  "completion_tokens": out.completion_tokens, "completion_mask": out.completion_mask,
                  "scores": scores, "sampler_logps": out.logprobs,
                  "ref_logps": ref_logps(params, out.prompt_tokens, out.prompt_lengths, out.completion_tokens)}
+        if greedy_baseline:  # ReMax: each prompt's greedy completion's reward, on its rows
+            greedy = sampler.generate(lm_params(state), prompts, SamplingConfig(
+                max_new_tokens=NEW_TOKENS, num_samples=1, eos_id=2, method=Greedy()))
+            batch["baseline_scores"] = np.repeat(_rewards(greedy), group)
         state, metrics = step(state, batch)
         assert float(metrics["nonfinite"]) == 0
         if i == 0:
@@ -72,8 +76,9 @@ def test_grpo_family_learns_a_verifiable_reward(preset):
     model, params, _, prompts, _ = _setup()
     tx = optax.adam(LR)
     state = RLState(init_train_state(lambda k: params, tx, 0), params, None, None)
-    means = _train(make_grpo_step(model, tx, config=grpo_config(preset, group_size=GROUP)), state,
-                   lambda s: s.policy.params, prompts, GROUP)
+    config = grpo_config(preset, group_size=GROUP)
+    means = _train(make_grpo_step(model, tx, config=config), state, lambda s: s.policy.params, prompts, GROUP,
+                   greedy_baseline=config.greedy_baseline)
     assert np.mean(means[-2:]) > np.mean(means[:2]) + MARGIN, means
 
 

@@ -102,6 +102,7 @@ def _core_grpo_loss(config, logps, old, batch, entropy):
             "grpo": lambda: adv_core.group_normalized(s, G, scale="group", eps=config.adv_eps),
             "dr_grpo": lambda: adv_core.group_normalized(s, G, scale="none"),
             "rloo": lambda: adv_core.leave_one_out(s, G),
+            "remax": lambda: adv_core.remax(s, batch.get("baseline_scores")),
         }[config.advantage]()
     if config.policy_loss == "cispo":
         per_token, m = losses.cispo_loss(logps, old, a, mask, clip_eps_high=config.clip_eps_high)
@@ -128,6 +129,7 @@ def _random_rollout_arrays(seed=0):
         entropy=rng.uniform(0.0, 4.0, (N, C)).astype(np.float32),
         mask=mask,
         scores=rng.normal(size=N).astype(np.float32),
+        baseline=rng.normal(size=N).astype(np.float32),  # ReMax's greedy scores (drawn last: the rest unchanged)
     )
 
 
@@ -138,10 +140,13 @@ def test_grpo_family_objective_equals_the_core(preset):
     config = grpo_config(preset, group_size=G, entropy_coef=0.01)
     if preset == "gspo":
         config = config.replace(clip_eps=0.05, clip_eps_high=0.08)  # wide enough that some rows pass
-    batch = {"completion_mask": a["mask"], "scores": a["scores"], "sampler_logps": a["old"], "ref_logps": a["ref"]}
+    batch = {"completion_mask": a["mask"], "scores": a["scores"], "sampler_logps": a["old"], "ref_logps": a["ref"],
+             "baseline_scores": a["baseline"]}
+    baseline = a["baseline"] if config.greedy_baseline else None
 
     def ours(logps):
-        advantages = grpo_advantages(a["scores"], a["mask"], config=config, old_logps=a["old"], ref_logps=a["ref"])
+        advantages = grpo_advantages(a["scores"], a["mask"], config=config, old_logps=a["old"], ref_logps=a["ref"],
+                                     baseline_scores=baseline)
         return grpo_objective(logps, a["old"], advantages, a["mask"], config=config, ref_logps=a["ref"],
                               entropy=a["entropy"])
 
@@ -696,6 +701,8 @@ def _np_advantages(c, a):
         ret = np.cumsum(r[:, ::-1], 1)[:, ::-1] * m         # reward-to-go (gamma 1)
         mu = ret[a["mask"]].mean()
         return (ret - mu) / np.sqrt(ret[a["mask"]].var() + 1e-8) * m
+    if c.advantage == "remax":  # minus the prompt's greedy score (Li et al. 2023)
+        return s - c.kl_coef * k.sum(1) - a["baseline"]
     g = (s - c.kl_coef * k.sum(1)).reshape(-1, G)
     centered = g - g.mean(1, keepdims=True)
     out = {"grpo": lambda: centered / (g.std(1, ddof=1, keepdims=True) + c.adv_eps),
@@ -751,7 +758,8 @@ def test_every_grpo_knob_changes_the_loss_as_its_formula_says(preset):
         if preset == "cispo" and "dual_clip" in knob:
             continue  # refused (test_knobs_that_would_be_ignored_are_config_errors)
         config = grpo_config(preset, group_size=G, **knob)
-        advantages = grpo_advantages(a["scores"], a["mask"], config=config, old_logps=a["old"], ref_logps=a["ref"])
+        advantages = grpo_advantages(a["scores"], a["mask"], config=config, old_logps=a["old"], ref_logps=a["ref"],
+                                     baseline_scores=a["baseline"] if config.greedy_baseline else None)
         np.testing.assert_allclose(advantages, _np_advantages(config, a), rtol=1e-5, atol=1e-5, err_msg=str(knob))
         loss, _ = grpo_objective(a["logps"], a["old"], advantages, a["mask"], config=config, ref_logps=a["ref"],
                                  entropy=a["entropy"], sampler_logps=a["sampler"])

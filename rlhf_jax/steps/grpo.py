@@ -2,7 +2,7 @@
 
 The family is *configurations* of one objective, not subclasses (see `GRPO_PRESETS`):
 
-    advantages  = estimator(scores [- beta * KL if kl_mode == "reward"])    # grpo, dr_grpo, rloo, ...
+    advantages  = estimator(scores [- beta * KL if kl_mode == "reward"])    # grpo, dr_grpo, rloo, remax, ...
     per_token   = policy_loss(logps, old_logps, advantages, mask)          # ppo clip, gspo, cispo
                   [+ beta * kl_divergence(logps, ref_logps) if kl_mode == "loss"]
                   [- entropy_coef * entropy]
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import _checks
-from rlhf_jax.advantages import group_normalized, leave_one_out, reinforce_plus_plus
+from rlhf_jax.advantages import group_normalized, leave_one_out, reinforce_plus_plus, remax
 from rlhf_jax.losses import AggregateMode, kl_divergence
 from rlhf_jax.state import RLState, TrainState
 from rlhf_jax.steps.common import NonFinitePolicy, accumulate_gradients, apply_gradients, step_key
@@ -61,7 +61,7 @@ __all__ = [
     "make_grpo_step",
 ]
 
-AdvantageName = Literal["grpo", "dr_grpo", "batch_std", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+AdvantageName = Literal["grpo", "dr_grpo", "batch_std", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"]
 PolicyLossName = Literal["ppo", "gspo", "cispo"]
 Metrics = dict[str, jax.Array]
 
@@ -82,10 +82,12 @@ class GRPOConfig(PolicyGradientConfig):
     Attributes:
       advantage: `grpo` (group mean and std), `dr_grpo` (group mean only), `batch_std` (group
         mean, batch std), `rloo` (leave-one-out mean), `reinforce_pp` (batch-whitened reward-to-go,
-        token-level KL), `reinforce_pp_baseline` (group mean first, then as `reinforce_pp`).
+        token-level KL), `reinforce_pp_baseline` (group mean first, then as `reinforce_pp`),
+        `remax` (minus the score of the prompt's greedy completion, the batch's `baseline_scores`:
+        the RL driver decodes each prompt greedily once more; any `group_size`, 1 included).
       policy_loss: `ppo` (token-ratio clip), `gspo` (sequence-ratio clip), `cispo` (clipped
         stop-gradient weights; bound `1 + (clip_eps_high or clip_eps)`, no lower bound).
-      group_size: completions per prompt `G` (>= 2 for the group estimators).
+      group_size: completions per prompt `G` (>= 2 for the group estimators; ReMax's paper samples 1).
       adv_eps: added to the std of `grpo`/`batch_std`.
       max_completion_length: Dr.GRPO's constant normaliser `L` for `seq_mean_token_sum_norm`
         (default: the batch's completion width).
@@ -132,6 +134,11 @@ class GRPOConfig(PolicyGradientConfig):
         if not isinstance(self.share_prompt, bool):
             fail("share_prompt", f"must be a bool, got {self.share_prompt!r}")
 
+    @property
+    def greedy_baseline(self) -> bool:
+        """Whether the advantages need `baseline_scores` (each prompt's greedy-completion score): ReMax."""
+        return self.advantage == "remax"
+
     def shuffle_group(self, batch_size: int) -> int:
         """Rows kept together when minibatches are shuffled: whole prompt groups when they fit."""
         minibatch = batch_size // self.num_minibatches
@@ -172,6 +179,13 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
     "reinforce_pp_baseline": dict(advantage="reinforce_pp_baseline", policy_loss="ppo",
                                   loss_aggregation="token_mean", kl_mode="loss", kl_coef=0.01,
                                   kl_estimator="k2"),
+    # Li et al. 2023: REINFORCE (one update, ratio 1) on r(x, y) - r(x, y_greedy), one sample per prompt.
+    # The authors' trainer (github.com/liziniu/ReMax, remax_trainer.py) puts -beta * k1_t of token t
+    # alone (not summed over later tokens) into token t's return and averages over tokens; at ratio 1
+    # its gradient is exactly that of beta * k2 in a token-mean loss, which is how it is written here
+    # (no extra forward for old log-probs). Their gamma = 0.99 discount and +-5 clip of r - b are not.
+    "remax": dict(advantage="remax", policy_loss="ppo", loss_aggregation="token_mean", kl_mode="loss",
+                  kl_coef=0.05, kl_estimator="k2", group_size=1, num_epochs=1),
 }
 
 
@@ -198,6 +212,7 @@ def grpo_advantages(
     config: GRPOConfig,
     old_logps: jax.Array | None = None,
     ref_logps: jax.Array | None = None,
+    baseline_scores: jax.Array | None = None,
 ) -> jax.Array:
     """The GRPO family's advantages of one rollout batch.
 
@@ -209,12 +224,18 @@ def grpo_advantages(
       mask: `[N, C]` completion mask.
       config: the family configuration.
       old_logps, ref_logps: `[N, C]`, needed only for the KL in the reward.
+      baseline_scores: `[N]` the score of each row's prompt's greedy completion; needed by (and only
+        by) `advantage="remax"`, whose KL in the reward, like RLOO's, is subtracted from `scores` only.
 
     Returns:
       float32 `[N]` (group estimators) or `[N, C]` (REINFORCE++).
     """
     fn = "grpo_advantages"
     _checks.check_rank(fn, "scores", scores, 1)
+    if config.greedy_baseline != (baseline_scores is not None):
+        raise ValueError(f"{fn}: advantage={config.advantage!r} " + (
+            "needs baseline_scores (the score of each row's prompt's greedy completion)" if config.greedy_baseline
+            else "takes no baseline_scores (only 'remax' reads them)"))
     in_reward = config.kl_in_reward
     kl_tokens = None
     if in_reward:
@@ -228,6 +249,8 @@ def grpo_advantages(
     s = _checks.f32(scores)
     if in_reward:
         s = s - config.kl_coef * sequence_kl(kl_tokens, mask)
+    if config.advantage == "remax":
+        return remax(s, baseline_scores)
     return _SEQUENCE_ADVANTAGES[config.advantage](s, config)
 
 
@@ -361,7 +384,7 @@ def make_grpo_step(
             data["old_logps"] = jax.lax.stop_gradient(rollout_logprobs(model, policy.params, batch, config,
                                                                        with_entropy=False, group_size=group)[0])
         advantages = grpo_advantages(batch["scores"], mask, config=config, old_logps=data.get("old_logps"),
-                                     ref_logps=batch.get("ref_logps"))
+                                     ref_logps=batch.get("ref_logps"), baseline_scores=batch.get("baseline_scores"))
         data["advantages"] = advantages
         policy, stacked = run_updates(make_update(group), policy, data, rng=step_key(policy),
                                       num_epochs=config.num_epochs, num_minibatches=config.num_minibatches,

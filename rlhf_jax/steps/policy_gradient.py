@@ -87,8 +87,11 @@ Metrics = dict[str, jax.Array]
 #   token_rewards      f32   [N, C]  rewards placed on tokens by the rollout (multi-turn: each turn's
 #                                    reward at its last action token); PPO uses them in place of the
 #                                    score at the last token (`ppo_token_rewards`)
+#   baseline_scores    f32   [N]     the score of the greedy completion of each row's prompt (the same
+#                                    on every row of a prompt): ReMax's baseline, read by (and only
+#                                    accepted with) a config whose `greedy_baseline` is true
 RL_BATCH_KEYS = ("prompt_tokens", "prompt_lengths", "completion_tokens", "completion_mask", "scores")
-OPTIONAL_RL_BATCH_KEYS = ("sampler_logps", "ref_logps", "ptx_tokens", "ptx_mask", "token_rewards")
+OPTIONAL_RL_BATCH_KEYS = ("sampler_logps", "ref_logps", "ptx_tokens", "ptx_mask", "token_rewards", "baseline_scores")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -207,6 +210,13 @@ class PolicyGradientConfig:
         return "k1" if self.kl_mode == "reward" else "k3"
 
     @property
+    def greedy_baseline(self) -> bool:
+        """Whether the advantages need each prompt's greedy-completion score (`baseline_scores`, ReMax):
+        the driver then also decodes every prompt greedily and scores it. False here; `GRPOConfig`
+        says True for `advantage="remax"`."""
+        return False
+
+    @property
     def kl_in_reward(self) -> bool:
         """Whether the KL penalty enters the reward (and so the advantages)."""
         return self.kl_mode == "reward" and self.kl_coef > 0
@@ -245,8 +255,8 @@ def check_rl_batch(batch, config: PolicyGradientConfig, *, group_size: int, name
     """Raise a clear error for an RL batch the step cannot take (before compiling); return N.
 
     Checks the required keys, ranks, matching rows and widths, divisibility by `group_size` and by
-    `num_minibatches x micro_batches`, and the presence of `ref_logps` / `sampler_logps` when the
-    configuration needs them.
+    `num_minibatches x micro_batches`, and the presence of `ref_logps` / `sampler_logps` /
+    `baseline_scores` when the configuration needs them (and of `baseline_scores` only then).
 
     Args:
       batch: the rollout batch (`RL_BATCH_KEYS`, optionally `OPTIONAL_RL_BATCH_KEYS`).
@@ -264,7 +274,7 @@ def check_rl_batch(batch, config: PolicyGradientConfig, *, group_size: int, name
     n, c = shape["completion_tokens"] if len(shape["completion_tokens"]) == 2 else (None, None)
     if n is None:
         raise ValueError(f"{name}: batch['completion_tokens'] must be [N, C], got {shape['completion_tokens']}")
-    want = {"prompt_lengths": (n,), "completion_mask": (n, c), "scores": (n,),
+    want = {"prompt_lengths": (n,), "completion_mask": (n, c), "scores": (n,), "baseline_scores": (n,),
             "sampler_logps": (n, c), "ref_logps": (n, c), "token_rewards": (n, c)}
     for key, expected in want.items():
         if key in shape and shape[key] != expected:
@@ -284,6 +294,12 @@ def check_rl_batch(batch, config: PolicyGradientConfig, *, group_size: int, name
                          f"{config.num_minibatches} x micro_batches={config.micro_batches}")
     if config.uses_reference and "ref_logps" not in batch:
         raise KeyError(f"{name}: kl_mode={config.kl_mode!r} with kl_coef={config.kl_coef} needs batch['ref_logps']")
+    if config.greedy_baseline and "baseline_scores" not in batch:
+        raise KeyError(f"{name}: advantage='remax' needs batch['baseline_scores'], the score of each row's prompt's "
+                       "greedy completion (the RL driver adds it; RL_BATCH_KEYS documents it)")
+    if "baseline_scores" in batch and not config.greedy_baseline:
+        raise KeyError(f"{name}: batch['baseline_scores'] (ReMax's greedy baseline) is read only with "
+                       "advantage='remax'; this configuration would ignore it")
     if config.old_logprobs == "sampler" and "sampler_logps" not in batch:
         raise KeyError(f"{name}: old_logprobs='sampler' needs batch['sampler_logps']")
     if config.tis_cap is not None and "sampler_logps" not in batch:

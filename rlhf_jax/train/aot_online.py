@@ -47,9 +47,12 @@ def _handed_params(model, params):
                  jax.tree.map(lambda x: x.sharding, base_params(params)))
 
 
-def _sampler_programs(config, meshes, model, plain, *, num_samples: int, temperature: float, options):
+def _sampler_programs(config, meshes, model, plain, *, num_samples: int, temperature: float, options,
+                      greedy_baseline: bool = False):
     """The sampler of a run: weight hand-off, prefill and decode loop of `num_samples` completions for
-    each of `data.batch_size` prompts, on the sampler's mesh (`run_meshes`), as `rl.rollout_parts` builds it.
+    each of `data.batch_size` prompts, on the sampler's mesh (`run_meshes`), as `rl.rollout_parts` builds it;
+    with `greedy_baseline` (ReMax) also the greedy call of one completion per prompt (its prefill only
+    when it differs from the sampled one's, i.e. `num_samples` > 1).
 
     Returns:
       reports, uses, resident trees (`{"sampler weights": ...}`) and the prompt bucket width.
@@ -57,7 +60,7 @@ def _sampler_programs(config, meshes, model, plain, *, num_samples: int, tempera
     import jax.numpy as jnp  # noqa: PLC0415
 
     from rlhf_jax.compile import compile_program  # noqa: PLC0415
-    from rlhf_jax.sampling import Categorical, Sampler, default_prompt_buckets  # noqa: PLC0415
+    from rlhf_jax.sampling import Categorical, Greedy, Sampler, default_prompt_buckets  # noqa: PLC0415
     from rlhf_jax.train import rl as rl_mod  # noqa: PLC0415
 
     _, mesh, strategy = meshes
@@ -80,30 +83,41 @@ def _sampler_programs(config, meshes, model, plain, *, num_samples: int, tempera
     lengths = jax.ShapeDtypeStruct((prompts,), jnp.int32, sharding=rows)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sh.replicated(mesh))
-    group = num_samples
-    prefill = sampler._prefill.lower(decode_params, tokens, lengths, key, max_new_tokens=new, num_samples=group)
-    shape_note = f"{prompts} prompts x {group} samples, prompt {width} + {new} new tokens"
-    compiled = {"mesh": mesh}
-    reports.append(compile_program("sampler prefill", lambda: prefill, {"sampler weights": decode_params,
-                                                                        "batch": (tokens, lengths)},
-                                   compiler_options=options, note=shape_note, outputs=compiled))
-    uses["sampler prefill"] = {"sampler weights"}
-    if "shardings" not in compiled:  # it did not compile: the decode loop cannot be laid out either
-        return reports, uses, resident, width
-    # The loop state as the compiled prefill lays it out (rows over the batch axes, cache heads split).
-    out_shardings = jax.tree.unflatten(jax.tree.structure(prefill.out_info), jax.tree.leaves(compiled["shardings"]))
-    state_abs_s = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), prefill.out_info,
-                               out_shardings)
-    kv = [state_abs_s.prompt_k, state_abs_s.prompt_v, state_abs_s.cache_k, state_abs_s.cache_v]
-    method = Categorical(temperature=temperature)
     stop = (config.model.vocab_size - 1,)
-    decode_groups = {"sampler weights": decode_params, "KV cache": kv, "batch": (tokens, lengths)}
-    reports.append(compile_program(
-        "sampler decode loop", lambda: sampler._decode.lower(decode_params, state_abs_s, tokens, lengths, method=method,
-                                                             stop_ids=stop, num_samples=group),
-        decode_groups, compiler_options=options, unknown_trip_count=new,
-        note=f"{shape_note}; FLOPs for all {new} steps, KV cache {bytes_per_device(kv) / 2**30:.3f} GiB per device"))
-    uses["sampler decode loop"] = {"sampler weights"}
+
+    def prefill_and_decode(group: int, method, label: str = "", *, with_prefill: bool = True) -> bool:
+        """Plan the prefill (unless `with_prefill` is False) and decode loop of `group` samples per prompt;
+        False when the prefill did not compile (the decode loop cannot be laid out then)."""
+        prefill = sampler._prefill.lower(decode_params, tokens, lengths, key, max_new_tokens=new, num_samples=group)
+        shape_note = f"{prompts} prompts x {group} samples, prompt {width} + {new} new tokens"
+        compiled = {"mesh": mesh}
+        report = compile_program("sampler prefill" + label, lambda: prefill, {"sampler weights": decode_params,
+                                                                            "batch": (tokens, lengths)},
+                                 compiler_options=options, note=shape_note, outputs=compiled)
+        if with_prefill:
+            reports.append(report)
+            uses[report.name] = {"sampler weights"}
+        if "shardings" not in compiled:
+            return False
+        # The loop state as the compiled prefill lays it out (rows over the batch axes, cache heads split).
+        out_shardings = jax.tree.unflatten(jax.tree.structure(prefill.out_info), jax.tree.leaves(compiled["shardings"]))
+        state_abs_s = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), prefill.out_info,
+                                   out_shardings)
+        kv = [state_abs_s.prompt_k, state_abs_s.prompt_v, state_abs_s.cache_k, state_abs_s.cache_v]
+        decode_groups = {"sampler weights": decode_params, "KV cache": kv, "batch": (tokens, lengths)}
+        name = "sampler decode loop" + label
+        reports.append(compile_program(
+            name, lambda: sampler._decode.lower(decode_params, state_abs_s, tokens, lengths, method=method,
+                                                stop_ids=stop, num_samples=group,
+                                                min_new_tokens=config.rollout.min_new_tokens),
+            decode_groups, compiler_options=options, unknown_trip_count=new,
+            note=f"{shape_note}; FLOPs for all {new} steps, KV cache {bytes_per_device(kv) / 2**30:.3f} GiB per device"))
+        uses[name] = {"sampler weights"}
+        return True
+
+    if prefill_and_decode(num_samples, Categorical(temperature=temperature)) and greedy_baseline:
+        # One greedy completion per prompt (ReMax's baseline): the same prefill when num_samples is 1.
+        prefill_and_decode(1, Greedy(), " (greedy baseline)", with_prefill=num_samples != 1)
     return reports, uses, resident, width
 
 
@@ -142,7 +156,8 @@ def _reward_model_programs(config, mesh, width: int, options):
 
 
 def _rl_programs(config, program: Program, meshes, state_abs, options):
-    """Online RL: weight hand-off, sampler prefill and decode loop, reference pass, reward-model scoring."""
+    """Online RL: weight hand-off, sampler prefill and decode loop (and ReMax's greedy call), reference pass,
+    reward-model scoring."""
     from rlhf_jax.compile import compile_program  # noqa: PLC0415
     from rlhf_jax.train import rl as rl_mod  # noqa: PLC0415
 
@@ -151,7 +166,8 @@ def _rl_programs(config, program: Program, meshes, state_abs, options):
     plain = _handed_params(algorithm.policy, algorithm.lm_params(state_abs.policy.params))
     reports, uses, resident, width = _sampler_programs(config, meshes, algorithm.sampling_model, plain,
                                                        num_samples=algorithm.group_size,
-                                                       temperature=config.algorithm.temperature, options=options)
+                                                       temperature=config.algorithm.temperature, options=options,
+                                                       greedy_baseline=config.algorithm.greedy_baseline)
     if len(reports) < 3:  # the prefill did not compile
         return reports, uses, resident
     batch = program.batch

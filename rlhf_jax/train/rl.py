@@ -8,7 +8,9 @@ The math lives in `rlhf_jax.steps`: `grpo_objective` / `grpo_advantages` (GRPO f
 `ppo_objective` with `advantages.gae` (PPO). One training step (phases timed as `time/<phase>`):
 
 1. `weight_handoff`: the policy's parameters to the sampler's layout (`Sampler.load_params`);
-2. `generate`: `data.batch_size` prompts x the group size completions (PPO: one each);
+2. `generate`: `data.batch_size` prompts x the group size completions (PPO: one each), and for
+   ReMax (`advantage="remax"`) one greedy completion per prompt, whose reward (`reward` phase) is
+   the prompt's baseline (`baseline_scores`, logged as `remax/baseline_reward_mean`);
 3. `reward`: the configured reward sources (`rewards.functions`, or the `reward_sources` given to
    `train`), weighted; with `rollout.dynamic_sampling` (DAPO) groups whose rewards are all equal
    are dropped and more prompts are sampled until the batch is full again;
@@ -32,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -193,6 +196,8 @@ def _abstract_batch(config, algorithm: RLAlgorithm, mesh) -> dict[str, jax.Shape
             "sampler_logps": ((n, c), jnp.float32), "scores": ((n,), jnp.float32)}
     if config.algorithm.uses_reference:
         spec["ref_logps"] = ((n, c), jnp.float32)
+    if config.algorithm.greedy_baseline:
+        spec["baseline_scores"] = ((n,), jnp.float32)
     if getattr(config, "ptx_data", None) is not None:
         spec["ptx_tokens"] = ((n, config.data.row_len), jnp.int32)
         spec["ptx_mask"] = ((n, config.data.row_len), jnp.float32)
@@ -274,8 +279,10 @@ def _sampler_mesh(config, mesh, devices=None):
     return section.make_mesh(split_devices(config, devices)[1] or list(mesh.devices.flat)), section.strategy
 
 
-def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[str, Any]):
-    """The sampler and collector (training rewards, `group_size` samples per prompt) of a run, and its gold metric."""
+def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[str, Any], *,
+                  greedy_baseline: bool = False):
+    """The sampler and collector (training rewards, `group_size` samples per prompt, with `greedy_baseline`
+    each prompt's greedy completion scored too: ReMax) of a run, and its gold metric."""
     sources, weights = hooks.get("reward_sources"), hooks.get("reward_weights")
     task = config.data.task("train")
     if sources is None:
@@ -301,7 +308,7 @@ def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[st
                       dtype=config.rollout.sampler_dtype)
     collector = RolloutCollector.from_config(config, sampler=sampler, tokenizer=data.tokenizer, sources=sources,
                                              weights=weights, group=group_size,
-                                             temperature=config.algorithm.temperature)
+                                             temperature=config.algorithm.temperature, greedy_baseline=greedy_baseline)
     eval_task = config.data.task("eval")
     gold = None if eval_task is None else (eval_task.gold_metric, PythonReward(eval_task.reward, "gold"))
     return collector, gold
@@ -347,8 +354,15 @@ def _ptx_batches(config, data, extras):
 def _trainer(ctx: Context) -> Trainer:
     config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
     algorithm: RLAlgorithm = ctx.program.parts["algorithm"]
-    parts = ctx.hooks.get("rollout_parts", rollout_parts)  # a recipe may bring its own collector (agentic)
+    greedy_baseline = config.algorithm.greedy_baseline
+    parts = ctx.hooks.get("rollout_parts")  # a recipe may bring its own collector (agentic)
+    if parts is None:
+        parts = functools.partial(rollout_parts, greedy_baseline=greedy_baseline)
     collector, gold = parts(config, ctx.data, mesh, algorithm.sampling_model, algorithm.group_size, ctx.hooks)
+    if greedy_baseline and collector.baseline_sampling is None:
+        raise ConfigError(f"algorithm.advantage 'remax' needs each prompt's greedy completion scored (the batch's "
+                          f"baseline_scores), and this recipe's rollouts ({type(collector).__name__}) do not decode "
+                          "one: choose another algorithm.advantage")
     sampler, step = collector.sampler, ctx.program.step
     ref_logps = _reference_logps(algorithm.reference_model, config.algorithm, mesh, strategy)
     batches = batches_from(train_batches(ctx.data.train, config.data), ctx.extras)
@@ -402,6 +416,8 @@ def _trainer(ctx: Context) -> Trainer:
         arrays, keys = dict(merged), DEVICE_KEYS + ("scores",)
         if "token_rewards" in arrays:  # rewards the rollout placed on tokens (agentic PPO: per turn)
             keys += ("token_rewards",)
+        if "baseline_scores" in arrays:  # each prompt's greedy-completion score (ReMax)
+            keys += ("baseline_scores",)
         if ptx_batches is not None:
             ptx = next(ptx_batches)
             arrays.update(ptx_tokens=ptx["tokens"], ptx_mask=ptx["loss_mask"])

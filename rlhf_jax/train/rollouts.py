@@ -3,7 +3,8 @@
 `RolloutConfig` is the `rollout` section of the RL and best-of-n configs; `RolloutCollector`
 samples a prompt batch with the `Sampler` (G completions per prompt), decodes and scores them
 (`rlhf_jax.rewards.combine_rewards`), and with DAPO's dynamic sampling draws more prompt batches
-until enough groups carry a learning signal.
+until enough groups carry a learning signal. With a greedy baseline (ReMax) it also decodes every
+prompt greedily once and puts that completion's score on the prompt's rows (`baseline_scores`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class RolloutConfig:
 
     Attributes:
       max_new_tokens: completion tokens at most (a completion stops at EOS).
+      min_new_tokens: no completion stops before this many tokens (<= max_new_tokens; 0 = off): the
+        EOS ids' logits are -inf until then (Hugging Face's `min_new_tokens`, vLLM's `min_tokens`;
+        keeps a policy from collapsing to empty answers). `sampler_logps` stay the unmasked
+        policy's log-probs, the ones the trainer recomputes (`SamplingConfig.min_new_tokens`).
+        Refused with `ignore_eos` (nothing stops early there).
       top_k, top_p, min_p: truncation of the sampling distribution (0 / 1.0 / 0.0 = off); combined,
         they apply in transformers' order (top-k, then top-p, then min-p: `make_method`).
       sampler_dtype: run the sampler in "float32" or "bfloat16" (None: the model's dtype).
@@ -55,6 +61,7 @@ class RolloutConfig:
     """
 
     max_new_tokens: int = 16
+    min_new_tokens: int = 0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
@@ -77,7 +84,16 @@ class RolloutConfig:
                      needs="rollout.dynamic_sampling is true")
         if self.sampler_dtype is not None:
             check_choice("rollout", "sampler_dtype", self.sampler_dtype, Literal["float32", "bfloat16"])
-        make_method(top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)  # its own checks
+        try:  # its own checks, naming the keys of this section
+            make_method(top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, keys="rollout.")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not isinstance(self.min_new_tokens, int) or isinstance(self.min_new_tokens, bool) or \
+                not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"rollout.min_new_tokens must be an int in [0, rollout.max_new_tokens="
+                              f"{self.max_new_tokens}], got {self.min_new_tokens!r}")
+        check_unused("rollout", self, "min_new_tokens", used=not self.ignore_eos,
+                     needs="rollout.ignore_eos is false (with ignore_eos no completion stops early)")
 
 
 DEVICE_KEYS = ("prompt_tokens", "prompt_lengths", "completion_tokens", "completion_mask", "sampler_logps")
@@ -167,11 +183,15 @@ class RolloutCollector:
       on_error, error_penalty: what a failing reward function does (`combine_rewards`).
       dynamic_sampling, max_sampling_rounds: DAPO's dynamic sampling (`collect`).
       continuous_slots: > 0: sample through continuous batching with this many slots (`RolloutConfig`).
+      greedy_baseline: also decode each prompt greedily in `collect` (one completion, the training
+        sampling's length and stop ids) and give its score on the prompt's rows, `baseline_scores`
+        (ReMax: `GRPOConfig.greedy_baseline`).
     """
 
     def __init__(self, *, sampler: Sampler, tokenizer, sources, weights, train_sampling: SamplingConfig,
                  eval_sampling: SamplingConfig, on_error: OnError = "raise", error_penalty: float = 0.0,
-                 dynamic_sampling: bool = False, max_sampling_rounds: int = 1, continuous_slots: int = 0):
+                 dynamic_sampling: bool = False, max_sampling_rounds: int = 1, continuous_slots: int = 0,
+                 greedy_baseline: bool = False):
         self.sampler = sampler
         self.tokenizer = tokenizer
         self.sources = list(sources)
@@ -182,16 +202,20 @@ class RolloutCollector:
         self.on_error, self.error_penalty = on_error, error_penalty
         self.dynamic_sampling, self.max_sampling_rounds = dynamic_sampling, max_sampling_rounds
         self.continuous_slots = continuous_slots
+        self.baseline_sampling = dataclasses.replace(train_sampling, num_samples=1, method=make_method(greedy=True)) \
+            if greedy_baseline else None
 
     @classmethod
     def from_config(cls, config, *, sampler: Sampler, tokenizer, sources, weights, group: int,
-                    temperature: float) -> "RolloutCollector":
-        """The collector of a run config with `rollout` (`RolloutConfig`) and `rewards` sections."""
+                    temperature: float, greedy_baseline: bool = False) -> "RolloutCollector":
+        """The collector of a run config with `rollout` (`RolloutConfig`) and `rewards` sections
+        (`greedy_baseline`: the algorithm's, see `RolloutCollector`)."""
         rollout = config.rollout
         eos_id = None if rollout.ignore_eos else _checked_eos(tokenizer, sampler.model.config.vocab_size)
         train = SamplingConfig(
             max_new_tokens=rollout.max_new_tokens, num_samples=group,
             eos_id=eos_id, stop_ids=() if rollout.ignore_eos else model_stop_ids(sampler.model.config),
+            min_new_tokens=rollout.min_new_tokens,
             method=make_method(temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p,
                                min_p=rollout.min_p),
         )
@@ -200,7 +224,7 @@ class RolloutCollector:
                    eval_sampling=dataclasses.replace(train, num_samples=1, method=method),
                    on_error=config.rewards.on_error, error_penalty=config.rewards.error_penalty,
                    dynamic_sampling=rollout.dynamic_sampling, max_sampling_rounds=rollout.max_sampling_rounds,
-                   continuous_slots=rollout.continuous_slots)
+                   continuous_slots=rollout.continuous_slots, greedy_baseline=greedy_baseline)
 
     def sample(self, params, batch: Mapping[str, Any], sampling: SamplingConfig, rng) -> dict[str, Any]:
         """Completions of the batch's real prompts, as host arrays, with columns repeated per sample."""
@@ -231,6 +255,7 @@ class RolloutCollector:
         key = _as_key(rng)
         requests = [Request(prompt=row[:k], max_new_tokens=sampling.max_new_tokens, method=sampling.method,
                             num_samples=sampling.num_samples, stop_ids=sampling.all_stop_ids,
+                            min_new_tokens=sampling.min_new_tokens,
                             seed=jax.random.fold_in(key, int(i)))
                     for row, k, i in zip(prompts, lengths, index)]
         outs = self.sampler.generate_requests(params, requests, num_slots=self.continuous_slots, rng=rng)
@@ -267,7 +292,13 @@ class RolloutCollector:
         multi-process run each process then takes its block of the chosen groups (rows sampled
         on another process are exchanged; their `columns` are None here).
 
-        Returns `(arrays with "scores", RewardResult of the batch, host metrics)`.
+        With a greedy baseline each round also decodes its real prompts greedily (one `generate`
+        call, on the process that holds them) and scores those completions with the training
+        rewards: `baseline_scores` gives each row its prompt's greedy score, travelling with the
+        row wherever dynamic sampling takes it; greedy rows are never training rows. Their tokens
+        count in `completions/generated_tokens`; `remax/baseline_reward_mean` is their mean score.
+
+        Returns `(arrays with "scores" [and "baseline_scores"], RewardResult of the batch, host metrics)`.
         """
         g, dynamic = self.group, self.dynamic_sampling
         want = int(np.sum(np.asarray(first_batch["example_mask"])))
@@ -275,7 +306,7 @@ class RolloutCollector:
         first = int(sum(wants[:jax.process_index()]))  # this process's first group of the chosen ones
         parts, results, kept, spare = [], [], [], []
         timings = {"generate": 0.0, "reward": 0.0}
-        generated_groups = zero_std_groups = 0
+        generated_groups = zero_std_groups = greedy_tokens = 0
         batch = first_batch
         for r in range(self.max_sampling_rounds if dynamic else 1):
             if r:
@@ -287,6 +318,15 @@ class RolloutCollector:
             result = self.score(arrays)
             timings["reward"] += time.perf_counter() - start
             arrays["scores"] = result.total
+            if self.baseline_sampling is not None:  # ReMax: each prompt's greedy completion, scored alike
+                start = time.perf_counter()
+                greedy = self.sample(params, batch, self.baseline_sampling, jax.random.fold_in(rng, r))
+                timings["generate"] += time.perf_counter() - start
+                start = time.perf_counter()
+                baseline = self.score(greedy).total
+                timings["reward"] += time.perf_counter() - start
+                arrays["baseline_scores"] = np.repeat(np.asarray(baseline, np.float32), g)
+                greedy_tokens += int(np.sum(greedy["lengths"]))
             parts.append(arrays)
             results.append(result)
             groups = len(result.total) // g
@@ -317,7 +357,7 @@ class RolloutCollector:
         result = type(results[0])(total.astype(np.float32), per_source, errors, reported)
         # The logged metrics are the global batch's (each process scored its own prompts' groups).
         counts = sum_over_processes([zero_std_groups, generated_groups, *errors.values(), *reported.values(),
-                                     sum(np.sum(p["lengths"]) for p in parts)])
+                                     sum(np.sum(p["lengths"]) for p in parts) + greedy_tokens])
         summed = [int(c) for c in counts[2:-1]]
         everywhere = type(result)(gather_rows(result.total), {k: gather_rows(v) for k, v in per_source.items()},
                                   dict(zip(errors, summed[:len(errors)])), dict(zip(reported, summed[len(errors):])))
@@ -326,6 +366,8 @@ class RolloutCollector:
         metrics["completions/mean_length"] = float(np.mean(gather_rows(merged["lengths"])))
         metrics["completions/clipped_ratio"] = float(np.mean(gather_rows(merged["truncated"])))
         metrics["completions/generated_tokens"] = float(counts[-1])
+        if self.baseline_sampling is not None:
+            metrics["remax/baseline_reward_mean"] = float(np.mean(gather_rows(merged["baseline_scores"])))
         if dynamic:
             metrics["dynamic_sampling/rounds"] = float(len(parts))
             metrics["dynamic_sampling/filled_with_zero_std"] = float(max(0, sum(wants) - len(kept)))
