@@ -494,11 +494,12 @@ def test_config_omitted_keys_take_transformers_defaults(model_type, keys, expect
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
-    # dynamic NTK and LongRoPE (their frequencies depend on the sequence length): refused naming the key
-    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
-     "rope_scaling.rope_type 'dynamic' is not supported (supported: 'default', 'linear', 'llama3', 'yarn')"),
+    # Gemma 4's proportional RoPE: refused naming the key; LongRoPE with a factor per frequency missing
+    ({"rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
+     "rope_scaling.rope_type 'proportional' is not supported (supported: 'default', 'dynamic', 'linear', 'llama3', "
+     "'longrope', 'yarn')"),
     ({"rope_parameters": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}},
-     "rope_parameters.type 'longrope' is not supported"),
+     "longrope's short_factor and long_factor need head_dim / 2 = 8 entries (one per frequency), got 1"),
     ({"rope_scaling": {"type": "linear"}}, "linear rope scaling lacks 'factor'"),
     ({"rope_scaling": {"type": "linear", "factor": -2.0}}, "linear rope scaling's factor must be a positive number, got -2.0"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "beta_fast": -1}},
@@ -509,7 +510,7 @@ def test_config_omitted_keys_take_transformers_defaults(model_type, keys, expect
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}},
      "yarn rope scaling's original_max_position_embeddings must be a positive integer, got 0"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"attention_bias": True}, "attention_bias=true is not supported for llama"),
+    ({"mlp_bias": "yes"}, "mlp_bias must be true or false, got 'yes'"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
     ({"vocab_size": None}, "missing required key 'vocab_size'"),
     ({"hidden_size": "big"}, "hidden_size must be a positive integer, got 'big'"),
@@ -1154,9 +1155,3 @@ def test_bias_keys_the_family_ignores_load_as_transformers_builds_them(model_typ
     theirs = {name for name, _ in transformers.AutoModelForCausalLM.from_config(hf_config).named_parameters()}
     assert ({"model.layers.0.mlp.up_proj.bias", "model.layers.0.self_attn.o_proj.bias"} & theirs) == set()
     assert ("model.layers.0.self_attn.q_proj.bias" in theirs) == config.attention_bias
-
-
-def test_llama_mlp_bias_is_refused_by_name():
-    d = {**config_to_hf(tiny_config()), "mlp_bias": True}
-    with pytest.raises(HFCheckpointError, match="mlp_bias=true is not supported for llama"):
-        config_from_hf(d)

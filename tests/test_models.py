@@ -536,9 +536,9 @@ def test_rope_scaling_refuses_fields_of_another_type_and_bad_values():
         RopeScaling(rope_type="linear", factor=2.0, beta_fast=8.0)
     with pytest.raises(ValueError, match="RopeScaling.low_freq_factor applies to rope_type 'llama3' only"):
         RopeScaling(rope_type="yarn", factor=2.0, low_freq_factor=2.0)
-    with pytest.raises(ValueError, match=r"RopeScaling.rope_type must be one of \('llama3', 'linear', 'yarn'\), "
-                                         "got 'dynamic'"):
-        RopeScaling(rope_type="dynamic", factor=2.0)
+    with pytest.raises(ValueError, match=r"RopeScaling.rope_type must be one of \('llama3', 'linear', 'yarn', "
+                                         r"'longrope', 'dynamic'\), got 'proportional'"):
+        RopeScaling(rope_type="proportional", factor=2.0)
     with pytest.raises(ValueError, match="RopeScaling.attention_factor must be a finite number > 0, got -1.0"):
         RopeScaling(rope_type="yarn", attention_factor=-1.0)
     with pytest.raises(ValueError, match="RopeScaling.truncate must be true or false, got 'no'"):

@@ -17,14 +17,18 @@ AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "splash"]
 PagedAttentionImpl = Literal["auto", "reference", "pallas_tpu", "pallas_gpu"]
 
 
-RopeType = Literal["llama3", "linear", "yarn"]
+RopeType = Literal["llama3", "linear", "yarn", "longrope", "dynamic"]
 # The fields each RoPE scaling type reads (and writes to a Hugging Face config.json), after `rope_type`.
 ROPE_SCALING_FIELDS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "linear": ("factor",),
     "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
              "mscale_all_dim", "truncate"),
+    "longrope": ("factor", "original_max_position_embeddings", "short_factor", "long_factor", "attention_factor"),
+    "dynamic": ("factor",),
 }
+# The types whose frequencies depend on the length of the sequence being run (`layers.rope_angles`).
+LENGTH_DEPENDENT_ROPE_TYPES = ("longrope", "dynamic")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,9 +46,16 @@ class RopeScaling:
       `original_max_position_embeddings` (`truncate` rounds the ramp's ends outward), and cos / sin scaled
       by `attention_factor` (None: `0.1·ln(factor) + 1`, or the ratio of that with `mscale` and
       `mscale_all_dim` when both are set).
+    - "longrope" (LongRoPE, Ding et al., 2024; Phi-3): frequency pair i divided by `short_factor[i]`, or by
+      `long_factor[i]` in a sequence longer than `original_max_position_embeddings`; cos / sin scaled by
+      `attention_factor` (None: √(1 + ln(factor) / ln(original_max_position_embeddings)) for factor > 1, where
+      `factor` is the extended context over the original one).
+    - "dynamic" (dynamic NTK, bloc97 / emozilla, 2023): unscaled up to the model's `max_position_embeddings`
+      M; a sequence of length L > M uses the base θ·(factor·L/M - (factor - 1))^(d / (d - 2)).
 
-    A field another type reads must keep its default, so that a config means one thing and an export
-    writes all of it.
+    The last two depend on the sequence's length L, taken per row as its largest position + 1 (see
+    `rlhf_jax.models.layers.rope_angles`). A field another type reads must keep its default, so that a
+    config means one thing and an export writes all of it.
     """
 
     rope_type: RopeType = "llama3"
@@ -58,8 +69,13 @@ class RopeScaling:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        for name in ("short_factor", "long_factor"):  # a JSON list (config.json, a saved run config) as a tuple
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.rope_type not in get_args(RopeType):
             raise ValueError(f"RopeScaling.rope_type must be one of {get_args(RopeType)}, got {self.rope_type!r}")
         if not is_finite_number(self.factor) or self.factor <= 0:
@@ -88,13 +104,24 @@ class RopeScaling:
                 raise ValueError(f"RopeScaling.{name} must be a finite number or None, got {value!r}")
         if not isinstance(self.truncate, (bool, np.bool_)):
             raise ValueError(f"RopeScaling.truncate must be true or false, got {self.truncate!r}")
+        if self.rope_type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                value = getattr(self, name)
+                if not (isinstance(value, tuple) and value and all(is_finite_number(v) and v > 0 for v in value)):
+                    raise ValueError(f"RopeScaling.{name} must be a non-empty list of finite numbers > 0 for "
+                                     f"rope_type 'longrope', got {value!r}")
+            if len(self.short_factor) != len(self.long_factor):
+                raise ValueError(f"RopeScaling.short_factor and long_factor must have the same length (head_dim / 2), "
+                                 f"got {len(self.short_factor)} and {len(self.long_factor)}")
 
     def hf_parameters(self) -> dict:
         """The Hugging Face `rope_scaling` dict: `rope_type` and the fields it reads (unset optionals left out)."""
         out = {"rope_type": self.rope_type}
         for name in ROPE_SCALING_FIELDS[self.rope_type]:
             value = getattr(self, name)
-            if value is not None:
+            if isinstance(value, tuple):
+                out[name] = [float(v) for v in value]
+            elif value is not None:
                 out[name] = value if isinstance(value, (bool, np.bool_)) or name.startswith("original") else float(value)
         return out
 
@@ -127,7 +154,9 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k and v projections (qwen2; llama and qwen3 with attention_bias)
+    attention_out_bias: bool = False  # the o projection (llama and qwen3 with attention_bias)
+    mlp_bias: bool = False  # gate, up and down projections (llama with mlp_bias)
     qk_norm: bool = False
     sliding_window: int | None = None
     param_dtype: DType = "float32"
@@ -160,6 +189,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        s = self.rope_scaling
+        if s is not None and s.rope_type == "longrope" and len(s.short_factor) != self.head_dim // 2:
+            raise ValueError(f"ModelConfig.rope_scaling: longrope's short_factor and long_factor need head_dim / 2 = "
+                             f"{self.head_dim // 2} entries (one per frequency), got {len(s.short_factor)}")
         if self.sliding_window is not None and not _is_int(self.sliding_window, low=1):
             raise ValueError(f"ModelConfig.sliding_window must be a positive int or None, got {self.sliding_window!r}")
         for name, low in (("rope_theta", 0.0), ("rms_norm_eps", 0.0), ("initializer_range", 0.0)):
@@ -167,7 +200,8 @@ class ModelConfig:
             if not is_finite_number(value) or value < low or (name == "rope_theta" and value == 0):
                 want = "> 0" if name == "rope_theta" else ">= 0"
                 raise ValueError(f"ModelConfig.{name} must be a finite number {want}, got {value!r}")
-        for name in ("tie_word_embeddings", "attention_bias", "qk_norm", "scan_layers"):
+        for name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias", "qk_norm",
+                     "scan_layers"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

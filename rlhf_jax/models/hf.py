@@ -11,12 +11,16 @@ Layouts. Hugging Face stores each `nn.Linear` weight as [out, in]; our kernels a
 every per-layer parameter is stacked on a leading `layers` axis. The mapping is a transpose and a
 reshape, so a round trip is exact bit for bit, in float32 and bfloat16 alike.
 
-Supported `model_type`s: llama (incl. Llama 3 `rope_type: "llama3"`), mistral (sliding window),
+Supported `model_type`s: llama (incl. `attention_bias` / `mlp_bias`), mistral (sliding window),
 qwen2 (q/k/v bias, sliding window when every layer uses it), qwen3 (q/k RMSNorm, explicit
-`head_dim`). `*ForSequenceClassification` checkpoints with one label (`score.weight` [1, E]) load
-as the scalar head (`CausalLM(config, head="scalar")`); their params carry `score` instead of
-`lm_head`. Old Llama checkpoints that still store `rotary_emb.inv_freq` buffers load (the buffers
-are recomputed from the config, never read).
+`head_dim`, `attention_bias`); RoPE scaling "llama3", "linear", "yarn", "longrope" and "dynamic"
+(`rlhf_jax.models.config.RopeScaling`). `*ForSequenceClassification` checkpoints with one label
+(`score.weight` [1, E]) load as the scalar head (`CausalLM(config, head="scalar")`); their params
+carry `score` instead of `lm_head`. A bare `*Model` checkpoint (the backbone saved on its own, its
+tensor names without the `model.` prefix) loads as the backbone: a complete language model when its
+embedding is tied, otherwise (with `allow_headless`) params without `lm_head`, for a reward model or
+critic to start from. Old Llama checkpoints that still store `rotary_emb.inv_freq` buffers load (the
+buffers are recomputed from the config, never read).
 
 The config half (`config_from_hf`, `config_to_hf`, `HFCheckpointError`, the token ids of an export)
 lives in `rlhf_jax.models.hf_config`; this module re-exports it. The tensor-name table is
@@ -64,7 +68,7 @@ from rlhf_jax.models.hf_reader import (
     _head_of,
     _load_sliced,
 )
-from rlhf_jax.models.hf_tensors import _checked_specs, _flatten, _TensorSpec, _unflatten
+from rlhf_jax.models.hf_tensors import BACKBONE_PREFIX, _checked_specs, _flatten, _TensorSpec, _unflatten
 from rlhf_jax.models.hf_writer import _plan_shards, _publish, parse_size, write_tensors
 from rlhf_jax.models.transformer import Head, check_param_shapes
 
@@ -80,7 +84,8 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ load
 
 
-def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None) -> tuple[ModelConfig, dict]:
+def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None,
+            allow_headless: bool = False) -> tuple[ModelConfig, dict]:
     """Read a local Hugging Face checkpoint directory into `(ModelConfig, params)`.
 
     Every tensor's name, shape and dtype is checked against the config from the safetensors
@@ -95,16 +100,21 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None
         the checkpoint's dtype: every tensor must then have the dtype config.json declares (float16
         is upcast to float32 exactly).
       shardings: optional tree like the params of `jax.sharding.Sharding`s to place each parameter
-        directly (e.g. from `rlhf_jax.sharding`); default: the default device.
+        directly (e.g. from `rlhf_jax.sharding`); default: the default device. Its `lm_head` entry is
+        ignored for a headless checkpoint.
+      allow_headless: accept a bare `*Model` checkpoint (backbone tensors without the `model.` prefix)
+        that holds no LM head (no `lm_head.weight`, embedding untied), returning its params without
+        `lm_head`: the backbone for a scalar head to be added to (e.g. `heads.init_scalar_head`).
     Returns:
       (config, params): `config.param_dtype` and `config.dtype` equal the loaded dtype; `params` is
       the nested dict of `CausalLM(config, head=...).init`, with `score` instead of `lm_head` for a
-      `*ForSequenceClassification` checkpoint (load it with `head="scalar"`). Such a checkpoint whose
-      pad_token_id is an EOS id gets a warning (`warn_pad_pooling`): transformers scores it elsewhere.
+      `*ForSequenceClassification` checkpoint (load it with `head="scalar"`), and without `lm_head`
+      for a headless one. A scalar-head checkpoint whose pad_token_id is an EOS id gets a warning
+      (`warn_pad_pooling`): transformers scores it elsewhere.
     Raises:
       FileNotFoundError: the directory, config.json or a shard is missing.
-      HFCheckpointError: an unsupported config, or missing, extra, mis-shaped or wrongly typed
-        tensors, naming the file and the tensor.
+      HFCheckpointError: an unsupported config, missing, extra, mis-shaped or wrongly typed tensors,
+        naming the file and the tensor, or a headless checkpoint without `allow_headless`.
     """
     root = Path(path)
     if not root.is_dir():
@@ -119,9 +129,20 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None
 
     with _Checkpoint(root) as ckpt:
         head = _head_of(raw, ckpt.names, config_file)
-        specs, abstract = _checked_specs(config, head)
+        prefix = _backbone_prefix(ckpt.names)
+        headless = (not prefix and head == "lm" and not config.tie_word_embeddings
+                    and "lm_head.weight" not in ckpt.names)
+        if headless and not allow_headless:
+            raise HFCheckpointError(
+                f"{ckpt.source}: a bare backbone checkpoint ({', '.join(raw.get('architectures') or ['*Model'])}: "
+                "tensor names without the 'model.' prefix) with no 'lm_head.weight' and tie_word_embeddings false "
+                "holds no LM head, so it cannot be loaded as a language model; start a reward model or critic "
+                "from its backbone (load_hf(..., allow_headless=True)), or use its *ForCausalLM checkpoint")
+        specs, abstract = _checked_specs(config, head, prefix=prefix, headless=headless)
         declared = None if dtype is not None else _declared_dtype(raw, specs[0], ckpt)
         ckpt.check(specs, declared, tied=config.tie_word_embeddings and head == "lm")
+        if headless and shardings is not None:
+            shardings = {k: v for k, v in shardings.items() if k != "lm_head"}
         flat_shardings = None if shardings is None else _flat_shardings(shardings, abstract)
         by_path: dict[tuple, list[_TensorSpec]] = {}
         for spec in specs:
@@ -143,6 +164,13 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, shardings=None
         warn_pad_pooling(config.pad_token_id, config.eos_token_id, f"load_hf: {config_file}",
                          "drop a trailing EOS from the mask to score as transformers does")
     return config, _unflatten(flat)
+
+
+def _backbone_prefix(names) -> str:
+    """The prefix of a checkpoint's backbone tensor names: "" in a bare `*Model` checkpoint (the embedding
+    stored as `embed_tokens.weight`), else `BACKBONE_PREFIX` ("model.")."""
+    bare = f"{BACKBONE_PREFIX}embed_tokens.weight" not in names and "embed_tokens.weight" in names
+    return "" if bare else BACKBONE_PREFIX
 
 
 def warn_pad_pooling(pad, eos, where: str, advice: str) -> None:

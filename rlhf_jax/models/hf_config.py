@@ -68,8 +68,8 @@ def config_from_hf(hf_config: Mapping[str, Any] | str | os.PathLike) -> ModelCon
       The `ModelConfig`.
     Raises:
       FileNotFoundError: no config.json at the path.
-      HFCheckpointError: an unsupported `model_type`, rope type, activation, bias or layer layout,
-        naming the file and the key.
+      HFCheckpointError: an unsupported `model_type`, rope type, activation or layer layout, naming
+        the file and the key.
     """
     if isinstance(hf_config, Mapping):
         return config_from_dict(dict(hf_config), "<config dict>")
@@ -137,15 +137,15 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
                                 f"Face directory with `rlhf-jax export {run_dir} OUT_DIR`")
     if model_type not in SUPPORTED_MODEL_TYPES:
         fail(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    for key in ("tie_word_embeddings", "use_sliding_window", "attention_bias", "mlp_bias"):
+    for key in ("tie_word_embeddings", "use_sliding_window"):
         flag(key)
     act = d.get("hidden_act", "silu")
     if act != "silu":
         fail(f"hidden_act {act!r} is not supported (only 'silu', i.e. SwiGLU)")
-    if d.get("mlp_bias") and model_type == "llama":  # transformers' mistral and qwen models ignore the key
-        fail("mlp_bias=true is not supported for llama (the MLP has no biases)")
-    if d.get("attention_bias") and model_type in ("llama", "qwen3"):
-        fail(f"attention_bias=true is not supported for {model_type} (it adds an o_proj bias)")
+    # transformers' llama and qwen3 give q/k/v/o biases with attention_bias, llama gate/up/down biases with
+    # mlp_bias; qwen2 always has q/k/v biases; mistral (and qwen2 / qwen3 the other key) ignore the keys.
+    out_bias = flag("attention_bias") and model_type in ("llama", "qwen3")
+    mlp_bias = flag("mlp_bias") and model_type == "llama"
 
     num_heads = required("num_attention_heads")
     hidden = required("hidden_size")
@@ -174,7 +174,9 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
         rope_scaling=rope_scaling,
         rms_norm_eps=number("rms_norm_eps", 1e-6, positive=True),
         tie_word_embeddings=flag("tie_word_embeddings"),
-        attention_bias=model_type == "qwen2",
+        attention_bias=model_type == "qwen2" or out_bias,
+        attention_out_bias=out_bias,
+        mlp_bias=mlp_bias,
         qk_norm=model_type == "qwen3",
         sliding_window=_sliding_window_from_hf(d, model_type, num_layers, fail),
         param_dtype=dtype,
@@ -192,8 +194,9 @@ def config_from_dict(d: dict, source: str) -> ModelConfig:
 
 
 def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, RopeScaling or None) for rope types default, llama3, linear and yarn (transformers'
-    `modeling_rope_utils` defaults); `rope_scaling` takes precedence, as in transformers."""
+    """(rope_theta, RopeScaling or None) for rope types default, llama3, linear, yarn, longrope and dynamic
+    (transformers' `modeling_rope_utils` defaults); `rope_scaling` takes precedence, as in transformers, and
+    so does a top-level `original_max_position_embeddings` (Phi-3's layout) over the rope parameters' own."""
     where = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
     params = d.get(where) or {}
     if not isinstance(params, Mapping):
@@ -216,17 +219,21 @@ def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling
              "would change the model's logits")
     fields = {"rope_type": rope_type}
     required = {"llama3": ("factor", "low_freq_factor", "high_freq_factor"), "linear": ("factor",),
-                "yarn": ("factor",)}[rope_type]
+                "yarn": ("factor",), "longrope": ("short_factor", "long_factor"), "dynamic": ("factor",)}[rope_type]
     for key in required:
         if key not in params:
             fail(f"{rope_type} rope scaling lacks {key!r}")
+    uses_original = "original_max_position_embeddings" in ROPE_SCALING_FIELDS[rope_type]
     original = params.get("original_max_position_embeddings")
+    if uses_original and d.get("original_max_position_embeddings") is not None:  # standardize_rope_params
+        original = d["original_max_position_embeddings"]
     if original is not None and not (json_int(original) and original > 0):
         fail(f"{rope_type} rope scaling's original_max_position_embeddings must be a positive integer, got {original!r}")
-    if "original_max_position_embeddings" in ROPE_SCALING_FIELDS[rope_type]:
+    if uses_original:
         # transformers' standardize_rope_params: absent means the config's max_position_embeddings
         fields["original_max_position_embeddings"] = int(original or max_positions)
-    if rope_type == "yarn" and params["factor"] is None:  # as transformers: the ratio of the two context lengths
+    if rope_type in ("yarn", "longrope") and params.get("factor") is None:
+        # as transformers: the ratio of the two context lengths
         fields["factor"] = max_positions / fields["original_max_position_embeddings"]
     for key in ROPE_SCALING_FIELDS[rope_type]:
         if key in fields or key not in params:
@@ -234,6 +241,11 @@ def _rope_from_hf(d: dict, max_positions: int, fail) -> tuple[float, RopeScaling
         value = params[key]
         if key in ("beta_fast", "beta_slow"):
             value = value or _YARN_BETA_DEFAULTS[key]  # transformers reads `get(key) or default`
+        if key in ("short_factor", "long_factor"):
+            if not (isinstance(value, list) and value and all(json_number(v) and v > 0 for v in value)):
+                fail(f"longrope rope scaling's {key} must be a non-empty list of positive numbers, got {value!r}")
+            fields[key] = tuple(float(v) for v in value)
+            continue
         if key == "truncate":
             if not isinstance(value, bool):
                 fail(f"yarn rope scaling's truncate must be true or false, got {value!r}")
@@ -312,7 +324,8 @@ def config_to_hf(config: ModelConfig, *, head: Head = "lm") -> dict:
       A JSON-serializable dict.
     Raises:
       HFCheckpointError: the config uses a feature its `model_type` cannot express in transformers
-        (e.g. q/k norm outside qwen3, q/k/v bias outside qwen2, a sliding window in llama).
+        (e.g. q/k norm outside qwen3, q/k/v bias without an o_proj bias outside qwen2, MLP biases outside
+        llama, a sliding window in llama).
     """
     c = config
     if head not in ("lm", "scalar"):
@@ -326,7 +339,16 @@ def config_to_hf(config: ModelConfig, *, head: Head = "lm") -> dict:
             )
 
     need("qk_norm", c.model_type == "qwen3", "q/k RMSNorm is qwen3's alone")
-    need("attention_bias", c.model_type == "qwen2", "q/k/v bias without o_proj bias is qwen2's alone")
+    if c.model_type == "qwen2":
+        need("attention_bias", True, "its q/k/v projections always have biases")
+        need("attention_out_bias", False, "its o_proj never has a bias")
+    elif c.model_type == "mistral":
+        need("attention_bias", False, "its attention projections have no biases")
+        need("attention_out_bias", False, "its attention projections have no biases")
+    else:
+        need("attention_out_bias", c.attention_bias, "its attention_bias gives q/k/v and o_proj biases together")
+    if c.model_type != "llama":
+        need("mlp_bias", False, "MLP biases are llama's alone")
     if c.model_type == "llama":
         need("sliding_window", None, "transformers' llama has no sliding window")
 
@@ -362,9 +384,9 @@ def config_to_hf(config: ModelConfig, *, head: Head = "lm") -> dict:
         "use_cache": True,
     }
     if c.model_type in ("llama", "qwen3"):
-        out["attention_bias"] = False
+        out["attention_bias"] = c.attention_bias
     if c.model_type == "llama":
-        out["mlp_bias"] = False
+        out["mlp_bias"] = c.mlp_bias
     if c.model_type == "mistral":
         out["sliding_window"] = c.sliding_window
     if c.model_type in ("qwen2", "qwen3"):

@@ -45,11 +45,19 @@ class _TensorSpec:
         return np.ascontiguousarray(array.reshape(self.hf_shape))
 
 
-def _tensor_specs(config: ModelConfig, head: Head) -> list[_TensorSpec]:
-    """Every tensor of a checkpoint of `config`, in Hugging Face's order."""
+BACKBONE_PREFIX = "model."  # of the backbone's tensors in a *ForCausalLM / *ForSequenceClassification checkpoint
+
+
+def _tensor_specs(config: ModelConfig, head: Head, *, prefix: str = BACKBONE_PREFIX,
+                  headless: bool = False) -> list[_TensorSpec]:
+    """Every tensor of a checkpoint of `config`, in Hugging Face's order.
+
+    `prefix`: of the backbone's tensor names ("" in a bare `*Model` checkpoint); `headless`: without the
+    untied LM head (a bare backbone's checkpoint).
+    """
     c = config
     e, h, k, d, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-    specs = [_TensorSpec("model.embed_tokens.weight", ("embed",), None, (c.vocab_size, e), False)]
+    specs = [_TensorSpec(f"{prefix}embed_tokens.weight", ("embed",), None, (c.vocab_size, e), False)]
     per_layer = [
         ("input_layernorm.weight", ("input_norm", "scale"), (e,), False),
         ("self_attn.q_proj.weight", ("attn", "q_proj"), (h * d, e), True),
@@ -63,6 +71,8 @@ def _tensor_specs(config: ModelConfig, head: Head) -> list[_TensorSpec]:
             ("self_attn.k_proj.bias", ("attn", "k_bias"), (k * d,), False),
             ("self_attn.v_proj.bias", ("attn", "v_bias"), (k * d,), False),
         ]
+    if c.attention_out_bias:
+        per_layer.append(("self_attn.o_proj.bias", ("attn", "o_bias"), (e,), False))
     if c.qk_norm:
         per_layer += [
             ("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), (d,), False),
@@ -74,21 +84,31 @@ def _tensor_specs(config: ModelConfig, head: Head) -> list[_TensorSpec]:
         ("mlp.up_proj.weight", ("mlp", "up_proj"), (f, e), True),
         ("mlp.down_proj.weight", ("mlp", "down_proj"), (e, f), True),
     ]
+    if c.mlp_bias:
+        per_layer += [
+            ("mlp.gate_proj.bias", ("mlp", "gate_bias"), (f,), False),
+            ("mlp.up_proj.bias", ("mlp", "up_bias"), (f,), False),
+            ("mlp.down_proj.bias", ("mlp", "down_bias"), (e,), False),
+        ]
     for i in range(c.num_layers):
         for name, path, shape, transpose in per_layer:
-            specs.append(_TensorSpec(f"model.layers.{i}.{name}", ("layers",) + path, i, shape, transpose))
-    specs.append(_TensorSpec("model.norm.weight", ("final_norm", "scale"), None, (e,), False))
+            specs.append(_TensorSpec(f"{prefix}layers.{i}.{name}", ("layers",) + path, i, shape, transpose))
+    specs.append(_TensorSpec(f"{prefix}norm.weight", ("final_norm", "scale"), None, (e,), False))
     if head == "scalar":
         specs.append(_TensorSpec("score.weight", ("score",), None, (1, e), False))
-    elif not c.tie_word_embeddings:
+    elif not c.tie_word_embeddings and not headless:
         specs.append(_TensorSpec("lm_head.weight", ("lm_head",), None, (c.vocab_size, e), True))
     return specs
 
 
-def _checked_specs(config: ModelConfig, head: Head) -> tuple[list[_TensorSpec], dict]:
-    """The specs and the flat abstract params {path: ShapeDtypeStruct}; they must cover each other."""
+def _checked_specs(config: ModelConfig, head: Head, *, prefix: str = BACKBONE_PREFIX,
+                   headless: bool = False) -> tuple[list[_TensorSpec], dict]:
+    """The specs and the flat abstract params {path: ShapeDtypeStruct}; they must cover each other
+    (`prefix`, `headless` as in `_tensor_specs`: a headless checkpoint's params lack `lm_head`)."""
     abstract = _flatten(CausalLM(config, head=head).abstract_params())
-    specs = _tensor_specs(config, head)
+    if headless:
+        abstract.pop(("lm_head",), None)
+    specs = _tensor_specs(config, head, prefix=prefix, headless=headless)
     covered = {s.path for s in specs}
     if covered != set(abstract):
         raise AssertionError(

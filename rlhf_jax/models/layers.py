@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models import attention, paged
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import LENGTH_DEPENDENT_ROPE_TYPES, ModelConfig
 
 _F32 = jnp.float32
 
@@ -114,12 +114,21 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.scale[...], self.eps)
 
 
-def rope_inverse_frequencies(config: ModelConfig):
-    """inv_freq_i = θ^(-2i/d), scaled by `config.rope_scaling` ("llama3", "linear" or "yarn").
+def rope_inverse_frequencies(config: ModelConfig, seq_len=None):
+    """inv_freq_i = θ^(-2i/d), scaled by `config.rope_scaling` ("llama3", "linear", "yarn", "longrope", "dynamic").
 
     Follows transformers' `modeling_rope_utils` (`_compute_llama3_parameters`,
-    `_compute_linear_scaling_rope_parameters`, `_compute_yarn_parameters`), so that the model's logits
-    equal theirs; yarn's cos / sin scale is `rope_attention_factor`.
+    `_compute_linear_scaling_rope_parameters`, `_compute_yarn_parameters`, `_compute_longrope_parameters`,
+    `_compute_dynamic_ntk_parameters`), so that the model's logits equal theirs; the cos / sin scale is
+    `rope_attention_factor`.
+
+    Args:
+      config: the model configuration.
+      seq_len: for the length-dependent types ("longrope", "dynamic"), int lengths of shape [..., 1] of the
+        sequences being rotated (a row's largest position + 1); the result then has shape [..., d/2]. None:
+        a sequence within the original context (unused by the other types).
+    Returns:
+      f32[d/2], or f32[..., d/2] for a length-dependent type given `seq_len`.
     """
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=_F32) / d))
@@ -130,6 +139,10 @@ def rope_inverse_frequencies(config: ModelConfig):
         return inv_freq / s.factor
     if s.rope_type == "yarn":
         return _yarn_inverse_frequencies(config)
+    if s.rope_type == "longrope":
+        return _longrope_inverse_frequencies(config, seq_len)
+    if s.rope_type == "dynamic":
+        return _dynamic_ntk_inverse_frequencies(config, seq_len)
     low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -140,6 +153,32 @@ def rope_inverse_frequencies(config: ModelConfig):
     interpolated = (1 - smooth) * scaled / s.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return jnp.where(is_medium, interpolated, scaled)
+
+
+def _longrope_inverse_frequencies(config: ModelConfig, seq_len):
+    """LongRoPE (Ding et al., 2024; transformers' `_compute_longrope_parameters`): 1 / (ext_i · θ^(2i/d)), the
+    rescale factors ext = `long_factor` for a sequence longer than `original_max_position_embeddings`,
+    `short_factor` otherwise (and for `seq_len` None)."""
+    s, d = config.rope_scaling, config.head_dim
+    pos_freqs = config.rope_theta ** (jnp.arange(0, d, 2, dtype=_F32) / d)
+    short = 1.0 / (jnp.asarray(s.short_factor, _F32) * pos_freqs)
+    if seq_len is None:
+        return short
+    long = 1.0 / (jnp.asarray(s.long_factor, _F32) * pos_freqs)
+    return jnp.where(seq_len > s.original_max_position_embeddings, long, short)
+
+
+def _dynamic_ntk_inverse_frequencies(config: ModelConfig, seq_len):
+    """Dynamic NTK scaling (transformers' `_compute_dynamic_ntk_parameters`): θ^(-2i/d) for a sequence of
+    length L <= M = `max_position_embeddings` (and for `seq_len` None), else the same with the base
+    θ' = θ · (factor · L / M - (factor - 1))^(d / (d - 2))."""
+    s, d, m = config.rope_scaling, config.head_dim, config.max_position_embeddings
+    exponents = jnp.arange(0, d, 2, dtype=_F32) / d
+    unscaled = 1.0 / (config.rope_theta ** exponents)
+    if seq_len is None:
+        return unscaled
+    base = config.rope_theta * ((s.factor * seq_len.astype(_F32) / m) - (s.factor - 1)) ** (d / (d - 2))
+    return jnp.where(seq_len > m, 1.0 / (base ** exponents), unscaled)
 
 
 def _yarn_inverse_frequencies(config: ModelConfig):
@@ -169,17 +208,21 @@ def _yarn_inverse_frequencies(config: ModelConfig):
 
 def rope_attention_factor(config: ModelConfig) -> float:
     """The factor cos and sin are multiplied by: YaRN's √(1/t) = 0.1·ln(s) + 1 (Peng et al., 2023, eq. 22),
-    1 for the other types.
+    LongRoPE's √(1 + ln(s) / ln(L)) (L the original context), 1 for the other types.
 
-    As transformers' `_compute_yarn_parameters`: an explicit `attention_factor` wins; with both `mscale`
-    and `mscale_all_dim` set (nonzero) it is mscale(s, mscale) / mscale(s, mscale_all_dim), where
-    mscale(s, m) = 0.1·m·ln(s) + 1 for s > 1 and 1 otherwise (`yarn_get_mscale`).
+    As transformers' `_compute_yarn_parameters` and `_compute_longrope_parameters`: an explicit
+    `attention_factor` wins; a LongRoPE factor s <= 1 gives 1; with both `mscale` and `mscale_all_dim`
+    set (nonzero) YaRN's is mscale(s, mscale) / mscale(s, mscale_all_dim), where mscale(s, m) =
+    0.1·m·ln(s) + 1 for s > 1 and 1 otherwise (`yarn_get_mscale`).
     """
     s = config.rope_scaling
-    if s is None or s.rope_type != "yarn":
+    if s is None or s.rope_type not in ("yarn", "longrope"):
         return 1.0
     if s.attention_factor is not None:
         return float(s.attention_factor)
+    if s.rope_type == "longrope":
+        original = s.original_max_position_embeddings
+        return 1.0 if s.factor <= 1 else math.sqrt(1 + math.log(s.factor) / math.log(original))
 
     def mscale(m):
         return 1.0 if s.factor <= 1 else 0.1 * m * math.log(s.factor) + 1.0
@@ -191,9 +234,21 @@ def rope_attention_factor(config: ModelConfig) -> float:
 
 def rope_angles(positions, config: ModelConfig):
     """(cos, sin) of shape [B, T, head_dim] for integer positions [B, T] (Su et al., 2021), each times
-    `rope_attention_factor` (YaRN's). The one place RoPE is computed: training, sampling and the paged
-    decode all rotate q and k with these."""
-    freqs = positions.astype(_F32)[..., None] * rope_inverse_frequencies(config)
+    `rope_attention_factor` (YaRN's, LongRoPE's). The one place RoPE is computed: training, sampling and
+    the paged decode all rotate q and k with these.
+
+    The length-dependent scalings ("longrope", "dynamic") take a row's length as its largest position + 1,
+    as transformers' `dynamic_rope_update` takes `max(position_ids) + 1`, but per row rather than per batch,
+    so that a row's logits never depend on the rows beside it (nor on how a batch is split over devices or
+    micro-batches); a batch whose rows are all on one side of the threshold gets transformers' result.
+    With a KV cache the keys keep the frequencies of the forward pass that wrote them, as in transformers'
+    `generate`: a row decoded one token at a time past the threshold switches at the step that crosses it.
+    """
+    s = config.rope_scaling
+    seq_len = None
+    if s is not None and s.rope_type in LENGTH_DEPENDENT_ROPE_TYPES:
+        seq_len = jnp.max(positions, axis=-1, keepdims=True)[..., None] + 1  # [B, 1, 1]
+    freqs = positions.astype(_F32)[..., None] * rope_inverse_frequencies(config, seq_len)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     cos, sin = jnp.cos(emb), jnp.sin(emb)
     scale = rope_attention_factor(config)
@@ -267,7 +322,8 @@ def _project_heads(x, w, adapter=None, dropout=None):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+    """Grouped-query self-attention with RoPE, optional q/k/v bias (Qwen2), o bias (with q/k/v bias: Llama's and
+    Qwen3's `attention_bias`) and q/k RMSNorm (Qwen3)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
@@ -281,6 +337,8 @@ class Attention(nnx.Module):
             self.q_bias = param(None, (h, d), ("q_heads", "head_dim"), c, init="zeros")
             self.k_bias = param(None, (k, d), ("kv_heads", "head_dim"), c, init="zeros")
             self.v_bias = param(None, (k, d), ("kv_heads", "head_dim"), c, init="zeros")
+        if c.attention_out_bias:
+            self.o_bias = param(None, (e,), ("embed",), c, init="zeros")
         if c.qk_norm:
             self.q_norm = RMSNorm(d, "head_dim", c)
             self.k_norm = RMSNorm(d, "head_dim", c)
@@ -370,12 +428,16 @@ class Attention(nnx.Module):
         if out is None:
             out = attention.reference_attention(q, k, v, mask, kv_axes=kv_axes)
         o_proj = self.o_proj[...].astype(dt)
-        return adapted_dense(out.reshape(b, t, -1), o_proj.reshape(-1, o_proj.shape[-1]),
-                             _flat_adapter(adapters.get("o")), _dropout(dropout, "o")), kv_cache
+        out = adapted_dense(out.reshape(b, t, -1), o_proj.reshape(-1, o_proj.shape[-1]),
+                            _flat_adapter(adapters.get("o")), _dropout(dropout, "o"))
+        if c.attention_out_bias:
+            out = out + self.o_bias[...].astype(dt)
+        return out, kv_cache
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(x·W_gate) ⊙ x·W_up) (Shazeer, 2020)."""
+    """SwiGLU feed-forward: down(silu(x·W_gate) ⊙ x·W_up) (Shazeer, 2020), each projection with a bias when
+    `config.mlp_bias` (Llama's `mlp_bias`)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         e, f = config.hidden_size, config.intermediate_size
@@ -383,6 +445,10 @@ class MLP(nnx.Module):
         self.gate_proj = param(rngs, (e, f), ("embed", "mlp"), config)
         self.up_proj = param(rngs, (e, f), ("embed", "mlp"), config)
         self.down_proj = param(rngs, (f, e), ("mlp", "embed"), config)
+        if config.mlp_bias:
+            self.gate_bias = param(None, (f,), ("mlp",), config, init="zeros")
+            self.up_bias = param(None, (f,), ("mlp",), config, init="zeros")
+            self.down_bias = param(None, (e,), ("embed",), config, init="zeros")
 
     def __call__(self, x, adapters=None, dropout=None):
         dt = self.config.jnp_dtype
@@ -390,7 +456,8 @@ class MLP(nnx.Module):
 
         def proj(name, h):
             w = getattr(self, f"{name}_proj")[...].astype(dt)
-            return adapted_dense(h, w, adapters.get(name), _dropout(dropout, name))
+            y = adapted_dense(h, w, adapters.get(name), _dropout(dropout, name))
+            return y + getattr(self, f"{name}_bias")[...].astype(dt) if self.config.mlp_bias else y
 
         return proj("down", jax.nn.silu(proj("gate", x)) * proj("up", x))
 

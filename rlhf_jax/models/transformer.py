@@ -328,6 +328,7 @@ class CausalLM:
             raise ValueError(f"CausalLM.forward: tokens must have at least one row and one position, got shape "
                              f"{tokens.shape}")
         _check_embed(params, self.config)
+        _check_head(params, self.config, self.head)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         elif jnp.shape(positions) != tokens.shape:
@@ -398,6 +399,16 @@ def _check_embed(params, config: ModelConfig) -> None:
     if shape is not None and tuple(shape) != want:
         raise ValueError(f"CausalLM.forward: params['embed'] has shape {tuple(shape)}, but the model's config wants "
                          f"[vocab_size, hidden_size] = {list(want)}: these params were built for another config")
+
+
+def _check_head(params, config: ModelConfig, head: Head) -> None:
+    """The output head of `params` is there: a backbone without one (a bare `*Model` checkpoint loaded with
+    `load_hf(..., allow_headless=True)`) would otherwise fail deep inside the module."""
+    name = "score" if head == "scalar" else None if config.tie_word_embeddings else "lm_head"
+    if isinstance(params, Mapping) and name is not None and name not in params:
+        raise KeyError(f"CausalLM.forward: params lack {name!r}, the {'scalar' if head == 'scalar' else 'untied LM'} "
+                       "head of this model (a backbone loaded without a head needs one first, e.g. "
+                       "heads.init_scalar_head for a reward model)")
 
 
 def _check_prefix(kind: str, prefix: PrefixKV, cache, rows: int) -> None:

@@ -29,7 +29,7 @@ from rlhf_jax.train.adapters import LORA_ITEM, lora_of, merge_items
 __all__ = ["initial_params", "starting_params", "restore_item", "lora_item_of", "load_reward_model"]
 
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
+                 "head_dim", "tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias", "qk_norm")
 # Fields that change the math but no shape: weights trained with other values load without error and
 # compute something else (a Mistral-v0.2 checkpoint in a v0.1 config: logits 0.34 off).
 _MATH_FIELDS = ("rope_theta", "rope_scaling", "rms_norm_eps", "sliding_window")
@@ -113,7 +113,9 @@ def initial_params(model: CausalLM, init_from: str, *, rng: jax.Array, mesh=None
         if reward_model and source_head != "scalar":
             raise _not_a_reward_model(key, init_from)
         source = CausalLM(model.config, head=source_head)
-        _, params = load_hf(init_from, dtype=model.config.param_dtype, shardings=placed(source)[1])
+        # A reward model may start from a bare backbone (a `*Model` checkpoint without an LM head).
+        _, params = load_hf(init_from, dtype=model.config.param_dtype, shardings=placed(source)[1],
+                            allow_headless=model.head == "scalar")
     else:
         raise FileNotFoundError(f"{key}: {init_from} is neither a Hugging Face model directory "
                                 "(config.json) nor an rlhf-jax checkpoint directory")
