@@ -13,6 +13,7 @@ from rlhf_jax.rewards.base import (
 )
 from rlhf_jax.rewards.math_answers import MathReward, math_equal, math_reward
 from rlhf_jax.rewards.model import RewardModelReward, check_same_vocabulary
+from rlhf_jax.rewards.shaping import CosineLengthReward, repetition_penalty
 from rlhf_jax.rewards.verifiable import (
     even_fraction_reward,
     exact_match,
@@ -22,6 +23,7 @@ from rlhf_jax.rewards.verifiable import (
 )
 
 __all__ = [
+    "CosineLengthReward",
     "MathReward",
     "OnError",
     "PythonReward",
@@ -40,5 +42,6 @@ __all__ = [
     "math_reward",
     "missing_eos_penalty",
     "overlong_penalty",
+    "repetition_penalty",
     "reward_metrics",
 ]

@@ -56,6 +56,9 @@ __all__ = [
     "extract_answer",
     "think_answer_format",
     "answer_format",
+    "tag_count",
+    "verdicts",
+    "reference_column",
     "ANSWER_COLUMNS",
     "BadReference",
 ]
@@ -223,7 +226,9 @@ def math_equal(gold: Any, prediction: str, *, timeout_s: int | None = 5, float_r
     return _Checker(_timeout(timeout_s), float_rounding).equal(gold_answer(gold), prediction)
 
 
-def _reference_column(columns: dict[str, Sequence[Any]], column: str | None, name: str) -> Sequence[Any]:
+def reference_column(columns: dict[str, Sequence[Any]], column: str | None, name: str) -> Sequence[Any]:
+    """The reference answers: `columns[column]`, or the first of `ANSWER_COLUMNS` present (None);
+    KeyError naming the reward `name` and the columns when absent."""
     if column is not None:
         if column not in columns:
             raise KeyError(f"{name}: the prompts have no column {column!r}; columns: {sorted(columns)}")
@@ -235,8 +240,15 @@ def _reference_column(columns: dict[str, Sequence[Any]], column: str | None, nam
                    f"columns: {sorted(columns)}")
 
 
-def _score(completions, references, *, timeout_s, float_rounding,
-           name: str = "math") -> tuple[list[float], dict[str, int]]:
+def verdicts(completions, references, *, timeout_s: int | None = 5, float_rounding: int = 6,
+             name: str = "math") -> tuple[list[bool | None], dict[str, int]]:
+    """The math checker's verdict on each completion and the counts of what went wrong.
+
+    A verdict is True (equal final answers), False (not equal, or the checker failed or timed out on
+    the completion: counted as `failures` / `timeouts`) or None (the reference has no parsable answer:
+    counted as `bad_references`). Every reward built on the checker ("math", "cosine_length") reads
+    correctness from here.
+    """
     mv = _math_verify()
     completions = checked_texts(completions, name)
     if len(completions) != len(references):
@@ -247,17 +259,23 @@ def _score(completions, references, *, timeout_s, float_rounding,
         try:
             if ref is None:
                 raise BadReference("math reward: the reference answer is None")
-            out.append(float(checker.equal(gold_answer(ref), text)))
+            out.append(checker.equal(gold_answer(ref), text))
         except BadReference:
             counts["bad_references"] += 1
-            out.append(0.0)
+            out.append(None)
         except mv.errors.TimeoutException:
             counts["timeouts"] += 1
-            out.append(0.0)
-        except Exception:  # noqa: BLE001 - one sample the checker cannot handle scores 0 and is counted.
+            out.append(False)
+        except Exception:  # noqa: BLE001 - one sample the checker cannot handle is wrong and counted.
             counts["failures"] += 1
-            out.append(0.0)
+            out.append(False)
     return out, counts
+
+
+def _score(completions, references, *, timeout_s, float_rounding,
+           name: str = "math") -> tuple[list[float], dict[str, int]]:
+    found, counts = verdicts(completions, references, timeout_s=timeout_s, float_rounding=float_rounding, name=name)
+    return [float(v is True) for v in found], counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +302,7 @@ class MathReward:
     def __call__(self, inputs: RewardInputs) -> ScoredRewards:
         if inputs.completions is None:
             raise ValueError(f"{self.name}: needs decoded completions (give the driver a tokenizer)")
-        refs = _reference_column(dict(inputs.columns), self.column, self.name)
+        refs = reference_column(dict(inputs.columns), self.column, self.name)
         rewards, counts = _score(inputs.completions, refs, timeout_s=self.timeout_s,
                                  float_rounding=self.float_rounding, name=self.name)
         return ScoredRewards(rewards, counts)
@@ -311,8 +329,14 @@ def think_answer_format(completions, **kwargs) -> list[float]:
 
     `r = 1[completion.strip() is "<think>" T "</think>" whitespace "<answer>" A "</answer>"]`, T and A
     any text (newlines included) without the tags themselves, so a repeated or nested block scores 0
-    (the reasoning-format reward of DeepSeek-R1 / open-r1; TRL's `think_format_reward` likewise
-    refuses a second `<think>`).
+    (DeepSeek-R1's template "<think> reasoning </think> <answer> answer </answer>", Guo et al. 2025;
+    TRL's `think_format_reward` likewise refuses a second `<think>`).
+
+    Against open-r1's `format_reward` (exactly "<think>\\n T \\n</think>\\n<answer>\\n A \\n</answer>",
+    matched from the start with DOTALL | MULTILINE): open-r1 demands those newlines where this accepts
+    any whitespace (as open-r1 did before its PR #418); and its MULTILINE end anchor matches at any line
+    end, so it accepts text after "</answer>\\n" and a repeated `<answer>` block, which this refuses.
+    "tag_count" (`tag_count`) gives open-r1's newline-exact tags partial credit.
     """
     return [float(_THINK_ANSWER.fullmatch(text.strip()) is not None)
             for text in checked_texts(completions, "think_format")]
@@ -322,3 +346,18 @@ def answer_format(completions, **kwargs) -> list[float]:
     """1 when a completion states a final answer (`\\boxed{}`, "#### x", `<answer>x</answer>` or "the
     answer is x"), else 0."""
     return [float(extract_answer(text) is not None) for text in checked_texts(completions, "answer_format")]
+
+
+# The four newline-exact tags of open-r1's format ("<think>\n...\n</think>\n<answer>\n...\n</answer>").
+_R1_TAGS = ("<think>\n", "\n</think>\n", "\n<answer>\n", "\n</answer>")
+
+
+def tag_count(completions, **kwargs) -> list[float]:
+    """Partial credit for the think/answer tags: 0.25 for each of `"<think>\\n"`, `"\\n</think>\\n"`,
+    `"\\n<answer>\\n"`, `"\\n</answer>"` that occurs in the completion exactly once.
+
+    `r = 0.25 * sum_tag 1[count(completion, tag) == 1]` (substring counts, no stripping), in [0, 1]: a
+    companion of "think_format" that rewards a format half learned. Reference: open-r1's
+    `tag_count_reward` (huggingface/open-r1, `src/open_r1/rewards.py`, after willccbb's GRPO demo).
+    """
+    return [0.25 * sum(text.count(tag) == 1 for tag in _R1_TAGS) for text in checked_texts(completions, "tag_count")]

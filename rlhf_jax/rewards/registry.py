@@ -19,7 +19,14 @@ from rlhf_jax.config import ConfigError, _check_positive_int, check_choice, chec
 from rlhf_jax.losses.process_reward import StepAggregation
 from rlhf_jax.rewards.base import OnError, PythonReward, RewardSource
 from rlhf_jax.rewards.judges import PointwiseTemplate
-from rlhf_jax.rewards.math_answers import ANSWER_COLUMNS, MathReward, answer_format, think_answer_format
+from rlhf_jax.rewards.math_answers import ANSWER_COLUMNS, MathReward, answer_format, tag_count, think_answer_format
+from rlhf_jax.rewards.shaping import (
+    COSINE_VALUES,
+    CosineLengthReward,
+    check_cosine_values,
+    check_repetition,
+    repetition_penalty,
+)
 from rlhf_jax.rewards.verifiable import even_fraction_reward, missing_eos_penalty, overlong_penalty
 
 __all__ = ["RewardConfig", "RewardContext", "REWARD_FUNCTIONS", "register_reward", "resolve_import",
@@ -41,7 +48,12 @@ class RewardConfig:
         "answer_format" (states a final answer), "judge" (an LLM judge's expected rating of each
         completion, `rlhf_jax.rewards.judges.PointwiseJudge`, model at `judge`), "prm" (a process
         reward model's aggregated step scores, `rlhf_jax.train.prm.PRMScorer`, model at
-        `process_reward_model`; completions split into steps at `prm_step_separator`) — or an import path
+        `process_reward_model`; completions split into steps at `prm_step_separator`), and the shaping
+        rewards of long chain-of-thought RL (Yeo et al. 2025, as open-r1 gives them;
+        `rlhf_jax.rewards.shaping`): "cosine_length" (the "math" verdict scaled by the completion's
+        token length on a half cosine, settings `cosine_*`), "repetition" (minus `repetition_max_penalty`
+        times the fraction of repeated word `repetition_n_grams`-grams), "tag_count" (0.25 for each of
+        open-r1's newline-exact think/answer tags present once) — or an import path
         `package.module:function`.
         Ignored when the driver is given `reward_sources`.
       weights: one weight per function (empty: all 1).
@@ -49,6 +61,15 @@ class RewardConfig:
       reward_model_batch_size: rows scored per reward-model call.
       missing_eos_penalty: the "missing_eos" amount (another value without that function is refused).
       overlong_buffer: the "overlong" linear zone `L_buf` (`L_max` = `rollout.max_new_tokens`).
+      cosine_max_len: the "cosine_length" length in tokens where the cosine ends (None:
+        `rollout.max_new_tokens`, the longest completion); longer completions get its end value.
+      cosine_min_value_wrong, cosine_max_value_wrong: a wrong answer's "cosine_length" reward at length
+        0 and at `cosine_max_len` (min <= max).
+      cosine_min_value_correct, cosine_max_value_correct: a correct answer's at `cosine_max_len` and at
+        length 0 (min <= max). A reference with no parsable answer scores 0.
+      repetition_n_grams: the "repetition" n-gram size in words (>= 1).
+      repetition_max_penalty: the "repetition" amount subtracted for a fully repeated completion
+        (>= 0; open-r1's negative value with the sign flipped).
       on_error: "raise" on a failing reward function, or "penalty" (give `error_penalty`, count).
       error_penalty: the reward of a failing sample in penalty mode.
       math_timeout_s: the "math" checker's seconds per parse / comparison; a sample past it scores 0
@@ -70,6 +91,13 @@ class RewardConfig:
     reward_model_batch_size: int = 64
     missing_eos_penalty: float = 1.0
     overlong_buffer: int = 4
+    cosine_max_len: int | None = None
+    cosine_min_value_wrong: float = -1.0
+    cosine_max_value_wrong: float = -0.5
+    cosine_min_value_correct: float = 0.5
+    cosine_max_value_correct: float = 1.0
+    repetition_n_grams: int = 3
+    repetition_max_penalty: float = 1.0
     on_error: OnError = "raise"
     error_penalty: float = 0.0
     judge: str | None = None
@@ -102,6 +130,15 @@ class RewardConfig:
         check_unused("rewards", self, "missing_eos_penalty", used="missing_eos" in self.functions,
                      needs='rewards.functions holds "missing_eos"')
         _check_positive_int("rewards", "overlong_buffer", self.overlong_buffer)
+        _check_positive_int("rewards", "cosine_max_len", self.cosine_max_len, allow_none=True)
+        check_cosine_values(owner="rewards.cosine_", error=ConfigError,
+                            **{k: getattr(self, f"cosine_{k}") for k in COSINE_VALUES})
+        check_repetition(owner="rewards.repetition_", error=ConfigError, n_grams=self.repetition_n_grams,
+                         max_penalty=self.repetition_max_penalty)
+        for setting in _SETTINGS_OF:
+            function = _SETTINGS_OF[setting]
+            check_unused("rewards", self, setting, used=function in self.functions,
+                         needs=f'rewards.functions holds "{function}"')
         if not is_finite_number(self.error_penalty):
             raise ConfigError(f"rewards.error_penalty must be a finite number, got {self.error_penalty!r}")
         check_choice("rewards", "on_error", self.on_error, OnError)
@@ -116,6 +153,11 @@ class RewardConfig:
             raise ConfigError(f"rewards.prm_step_separator must be a non-empty string, got {self.prm_step_separator!r}")
         if not isinstance(self.prm_max_len, int) or isinstance(self.prm_max_len, bool) or self.prm_max_len < 2:
             raise ConfigError(f"rewards.prm_max_len must be an int >= 2, got {self.prm_max_len!r}")
+
+
+# The settings of one reward function each (a value other than the default without it is refused).
+_SETTINGS_OF = {**{f"cosine_{k}": "cosine_length" for k in ("max_len", *COSINE_VALUES)},
+                "repetition_n_grams": "repetition", "repetition_max_penalty": "repetition"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +186,24 @@ def _task(ctx: RewardContext) -> RewardSource:
     return PythonReward(ctx.task_reward, "task")
 
 
-def _math(ctx: RewardContext) -> RewardSource:
+def _check_answer_column(ctx: RewardContext, name: str) -> None:
     for source, columns in (ctx.prompt_columns or {}).items():
         if not set(ANSWER_COLUMNS) & set(columns):
-            raise ConfigError(f"rewards.functions 'math' needs a reference answer column, one of "
+            raise ConfigError(f"rewards.functions {name!r} needs a reference answer column, one of "
                               f"{list(ANSWER_COLUMNS)}, in the prompts: {source} has none (columns besides "
                               f"the prompt: {list(columns)})")
+
+
+def _math(ctx: RewardContext) -> RewardSource:
+    _check_answer_column(ctx, "math")
     return MathReward(timeout_s=ctx.rewards.math_timeout_s)
+
+
+def _cosine_length(ctx: RewardContext) -> RewardSource:
+    _check_answer_column(ctx, "cosine_length")
+    r = ctx.rewards
+    return CosineLengthReward(max_len=r.cosine_max_len or ctx.max_new_tokens, timeout_s=r.math_timeout_s,
+                              **{k: getattr(r, f"cosine_{k}") for k in COSINE_VALUES})
 
 
 def _reward_model(ctx: RewardContext) -> RewardSource:
@@ -190,6 +243,10 @@ REWARD_FUNCTIONS: dict[str, Callable[[RewardContext], RewardSource]] = {
     "math": _math,
     "think_format": lambda ctx: PythonReward(think_answer_format, "think_format"),
     "answer_format": lambda ctx: PythonReward(answer_format, "answer_format"),
+    "cosine_length": _cosine_length,
+    "repetition": lambda ctx: repetition_penalty(n_grams=ctx.rewards.repetition_n_grams,
+                                                 max_penalty=ctx.rewards.repetition_max_penalty),
+    "tag_count": lambda ctx: PythonReward(tag_count, "tag_count"),
     "judge": _judge,
     "prm": _process_reward_model,
 }
