@@ -7,7 +7,9 @@ whatever the logging interval.
 
 Names follow what users know from TRL: `loss`, `learning_rate`, `grad_norm`, `mean_token_accuracy`,
 `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, ...;
-evaluation metrics carry an `eval/` prefix.
+evaluation metrics carry an `eval/` prefix. A mean over an empty part of a step's batch (a KTO batch
+without undesirable examples: `count/rejected` = 0) is left out of that step's record
+(`without_empty_means`), not logged as 0.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from rlhf_jax.config import ConfigError, LoggingConfig
 
 __all__ = ["MetricsBuffer", "MetricsLogger", "ProgressBar", "read_jsonl", "write_jsonl", "format_duration",
-           "purge_events_after"]
+           "purge_events_after", "without_empty_means"]
 
 
 def _scalar(value: Any) -> float | int | None:
@@ -69,8 +71,27 @@ class MetricsBuffer:
         out = []
         for (step, _), metrics in zip(items, fetched):
             scalars = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
-            out.append((step, scalars))
+            out.append((step, without_empty_means(scalars)))
         return out
+
+
+def without_empty_means(metrics: Mapping[str, float | int]) -> dict[str, float | int]:
+    """A step's metrics less its means over an empty subset of the batch.
+
+    A step that averages metrics over a subset of its examples also reports the subset's size as
+    `count/<subset>` (KTO: `rewards/chosen` and `logps/chosen` over the desirable examples, counted
+    by `count/chosen`; `*/rejected` over the undesirable ones). Where that count is 0 the step's
+    mean is 0 by convention (nothing to average), which would read as a value: every
+    `<name>/<subset>` is then left out of the record, and so is `rewards/margins` (the difference
+    of the chosen and rejected means) when either side is empty. The counts stay. TRL's
+    KTOTrainer logs no mean of an absent class either. Host side: the step's program is unchanged.
+    """
+    empty = {k.split("/", 1)[1] for k, v in metrics.items() if k.startswith("count/") and v == 0}
+    if not empty:
+        return dict(metrics)
+    dropped = {"rewards/margins"} if empty & {"chosen", "rejected"} else set()
+    return {k: v for k, v in metrics.items()
+            if k.startswith("count/") or "/" not in k or (k not in dropped and k.rpartition("/")[2] not in empty)}
 
 
 def format_duration(seconds: float) -> str:

@@ -32,6 +32,7 @@ MODULES = (
     "rlhf_jax.steps.ppo",
     "rlhf_jax.steps.policy_gradient",
     "rlhf_jax.train.overoptimization",
+    "rlhf_jax.train.dpo",
     "rlhf_jax.data.batches",
     "rlhf_jax.data.offline_tokenizer",
     "rlhf_jax.data.synthetic",

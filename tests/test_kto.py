@@ -4,6 +4,7 @@ batch of one class, the unpaired rows, and the driver's precomputed reference.""
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from step_fixtures import host_params, mesh_for, numpy_seq_logps, pair_batches, 
 from rlhf_jax.config import CheckpointConfig, TrainConfig
 from rlhf_jax.data.formats import DataError, RowRef, parse_row
 from rlhf_jax.losses import kto_loss, kto_reference_point
+from rlhf_jax.metrics import MetricsBuffer
 from rlhf_jax.steps import KTO, make_dpo_step
 from rlhf_jax.train import dpo, recipe_for, tiny_stages
 from rlhf_jax.train.recipe import run
@@ -94,7 +96,9 @@ def test_kto_step_matches_trl_on_the_global_batch(label):
 
     z0 is the global batch's mean (TRL gathers the per-process means); with micro-batches it is still
     the whole batch's (TRL, with gradient accumulation, estimates it per micro-batch). A batch with
-    no undesirable example: TRL does not log the rejected metrics; the step logs 0 for them.
+    no undesirable example: TRL does not log the rejected metrics (nor a margin); the step gives 0
+    for them beside `count/rejected` = 0, and the run's metrics buffer leaves them out of the record
+    (it logged rewards/rejected = logps/rejected = 0, which read as values).
     """
     batch, policy, policy_kl = _kto_batch(label)
     obj = KTO(beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
@@ -111,6 +115,14 @@ def test_kto_step_matches_trl_on_the_global_batch(label):
             assert got["rewards/margins"] == pytest.approx(got["rewards/chosen"], rel=1e-6)
         # TRL's `count/chosen` / `count/rejected`: the examples of each class in the (gathered) batch
         assert (got["count/chosen"], got["count/rejected"]) == (label.sum(), (~label).sum()), micro
+        buffer = MetricsBuffer()
+        buffer.append(1, got)
+        [(_, logged)] = buffer.flush()
+        trl_logged = {k for k, v in want_m.items() if v is not None}
+        assert {k for k in logged if "/" in k and not k.startswith("count/")} | {"kl"} == trl_logged, micro
+        for key in trl_logged:
+            assert logged[key] == pytest.approx(want_m[key], rel=1e-4, abs=1e-4), (micro, key)
+        assert (logged["count/chosen"], logged["count/rejected"]) == (label.sum(), (~label).sum())
 
 
 def test_kto_step_counts_skip_empty_rows_and_sum_over_micro_batches_and_devices():
@@ -126,6 +138,46 @@ def test_kto_step_counts_skip_empty_rows_and_sum_over_micro_batches_and_devices(
     keep = np.ones(8, bool)
     keep[[0, 4]] = False
     assert (got["count/chosen"], got["count/rejected"]) == ((label & keep).sum(), (~label & keep).sum()) == (2, 4)
+
+
+def _trl_weights_in_range(nd, nu, wd, wu):
+    """TRL's KTOTrainer check (Eq. 8 of the KTO paper): no warning for equal class counts, else one of
+    the weights inside the range its counterpart and the counts allow (TRL writes 4/3 as 1.33)."""
+    if nd == nu:
+        return True
+    return nu * wu / nd <= wd <= 4 / 3 * nu * wu / nd or nd * wd / nu / (4 / 3) <= wu <= nd * wd / nu
+
+
+@pytest.mark.parametrize("nd, nu, wd, wu", [(90, 10, 1.0, 1.0), (40, 30, 1.0, 1.0), (30, 40, 1.0, 1.0),
+                                             (30, 40, 1.2, 0.9), (30, 40, 1.4, 0.9), (10, 90, 9.5, 1.0),
+                                             (20, 20, 1.0, 2.0), (7, 3, 1.0, 0.0)])
+def test_kto_class_balance_warns_as_trl(nd, nu, wd, wu, caplog):
+    """TRL's KTOTrainer warns when lambda_D n_D / (lambda_U n_U) is outside [1, 4/3] for a training set
+    whose classes differ in size; the run did not. It warns once, naming the ratio and the weights that
+    would bring it into range (each of which does)."""
+    message = dpo.kto_class_balance(nd, nu, wd, wu)
+    assert (message is None) == _trl_weights_in_range(nd, nu, wd, wu)
+    dataset = dataclasses.make_dataclass("D", ["arrays"])({"label": np.random.default_rng(0).permutation(
+        np.arange(nd + nu) < nd)})
+    with caplog.at_level("WARNING", logger="rlhf_jax.train"):
+        dpo.warn_kto_class_balance(KTO(desirable_weight=wd, undesirable_weight=wu), dataset)
+    assert [r.getMessage() for r in caplog.records] == ([] if message is None else [message])
+    if message is None:
+        return
+    ratio = wd * nd / (wu * nu) if wu else float("inf")
+    assert f"= {ratio:.4g} is outside [1, 4/3]" in message
+    for name, low, high in re.findall(r"(\w+_weight) in \[([\d.e+-]+), ([\d.e+-]+)\]", message):
+        for value in (float(low), float(high)):
+            fixed = {"desirable_weight": (value, wu), "undesirable_weight": (wd, value)}[name]
+            assert 1 - 1e-3 <= fixed[0] * nd / (fixed[1] * nu) <= 4 / 3 + 1e-3, (name, value)
+
+
+def test_kto_class_balance_names_an_absent_class():
+    assert dpo.kto_class_balance(0, 5, 1.0, 1.0).startswith("KTO: the training set has 0 desirable and 5 undesirable "
+                                                            "examples: no weights bring")
+    assert dpo.kto_class_balance(90, 10, 1.0, 1.0).endswith(
+        "= 9 is outside [1, 4/3], the range the KTO paper recommends: set desirable_weight in [0.1111, 0.1481] or "
+        "undesirable_weight in [6.75, 9]")
 
 
 def test_a_preference_pair_given_to_kto_names_the_conversion():
@@ -208,12 +260,14 @@ def test_kto_held_out_eval_matches_trl_batch_by_batch():
         assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
-def test_precomputed_kto_reference_takes_the_kl_rows_it_was_computed_on(tmp_path):
+def test_precomputed_kto_reference_takes_the_kl_rows_it_was_computed_on(tmp_path, caplog):
     """The reference log-probs of the KL rows were computed in one unshuffled pass, the policy's on
     the shuffled training batches, each row paired with another completion: at the first step
     (policy = reference) z0 was 1.88 and the loss 0.5117 instead of 0 and 0.5. The training batches
     now take the pairs of the pass (fixed per example, as TRL's KTO fixes them)."""
-    first = _kto_run(tmp_path, "pre", reference="precomputed")[0]
+    with caplog.at_level("WARNING"):
+        first = _kto_run(tmp_path, "pre", reference="precomputed")[0]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []  # 32 + 32 examples: balanced
     assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5, abs=1e-6)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
 

@@ -18,7 +18,7 @@ from rlhf_jax.sampling.state import SampleOutput
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.steps import PPOConfig, grpo_config
 from rlhf_jax.testing import tiny_config
-from rlhf_jax.train import rl
+from rlhf_jax.train import rl, rollouts
 from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.run_config import DataConfig
 
@@ -150,6 +150,62 @@ def test_dynamic_sampling_keeps_the_first_informative_groups_exactly(rounds):
     assert m["dynamic_sampling/filled_with_zero_std"] == {4: 0.0, 1: 2.0}[rounds]
     assert m["frac_reward_zero_std"] == 0.5  # of every generated group
     assert m["completions/generated_tokens"] == {4: 48.0, 1: 24.0}[rounds]
+
+
+@pytest.mark.parametrize("metric", ["reward", "acc"])
+def test_dynamic_sampling_filters_on_the_chosen_reward_source(metric):
+    """verl's filter_groups.metric: "acc" is the accuracy (odd prompts right on sample 1 only, even
+    prompts always right), "length" a format-like reward that differs within every group. The combined
+    reward varies in every group, so the default filter keeps prompts 0-3; filtering on "acc" drops the
+    all-right groups 0 and 2 and fills the batch with prompts 1, 3, 5, 7 in a second round."""
+    def acc(completion_ids, **kwargs):
+        return [float(c[1]) if c[0] % 2 else 1.0 for c in completion_ids]
+
+    def length(completion_ids, **kwargs):
+        return [0.25 * c[1] for c in completion_ids]
+
+    def prompts(first):
+        ids = np.arange(first, first + 4, dtype=np.int32)
+        return {"prompt_tokens": np.stack([ids, ids], 1), "prompt_lengths": np.full(4, 2, np.int32),
+                "example_mask": np.ones(4, bool)}
+
+    sampling = SamplingConfig(max_new_tokens=3, num_samples=2, eos_id=2)
+    sources = [PythonReward(acc), PythonReward(length)]
+    chosen = rollouts.dynamic_sampling_source(metric, ("m:acc", "m:length"), sources)
+    assert chosen == {"reward": None, "acc": "acc"}[metric]
+    collector = RolloutCollector(sampler=_StubSampler(), tokenizer=_IdTokenizer(), sources=sources, weights=None,
+                                 train_sampling=sampling, eval_sampling=sampling, dynamic_sampling=True,
+                                 max_sampling_rounds=4, filter_source=chosen)
+    merged, result, m = collector.collect(None, prompts(0), iter([prompts(4)]), rng=jax.random.key(0))
+    ids = {"reward": [0, 1, 2, 3], "acc": [1, 3, 5, 7]}[metric]
+    assert merged["prompt_tokens"][:, 0].tolist() == np.repeat(ids, 2).tolist()
+    assert result.per_source["acc"].tolist() == {"reward": [1.0, 1.0, 0.0, 1.0] * 2, "acc": [0.0, 1.0] * 4}[metric]
+    assert merged["scores"].tolist() == {"reward": [1.0, 1.25, 0.0, 1.25, 1.0, 1.25, 0.0, 1.25],
+                                         "acc": [0.0, 1.25] * 4}[metric]
+    assert m["dynamic_sampling/rounds"] == {"reward": 1.0, "acc": 2.0}[metric]
+    assert m["dynamic_sampling/filled_with_zero_std"] == 0.0
+    assert m["frac_reward_zero_std"] == 0.0  # the combined reward's: every generated group varies in it
+
+
+def test_dynamic_sampling_metric_must_name_a_reward_source(tmp_path):
+    with pytest.raises(ConfigError, match=r"^rollout.dynamic_sampling_metric='task' has no effect unless "
+                                          r"rollout.dynamic_sampling is true"):
+        rl.RolloutConfig(dynamic_sampling_metric="task")
+    with pytest.raises(ConfigError, match=r"^rollout.dynamic_sampling_metric must be \"reward\" or the name"):
+        rl.RolloutConfig(dynamic_sampling=True, dynamic_sampling_metric="")
+    dynamic = dict(max_new_tokens=4, dynamic_sampling=True)
+    with pytest.raises(ConfigError, match=r"^rollout.dynamic_sampling_metric='acc' must be \"reward\" \(the combined "
+                                          r"reward\) or one of the run's reward functions \['task'\]$"):
+        rl.train(_grpo(tmp_path, rollout=rl.RolloutConfig(**dynamic, dynamic_sampling_metric="acc")))
+    with pytest.raises(ConfigError, match=r"reward functions \['acc'\] \(the given reward_sources"):
+        rl.train(_grpo(tmp_path, rollout=rl.RolloutConfig(**dynamic, dynamic_sampling_metric="task")),
+                 reward_sources=[PythonReward(lambda **k: [], "acc")])
+    # An entry whose source is named otherwise resolves to that source.
+    sources = [PythonReward(lambda **k: [], "even_fraction_reward"), PythonReward(lambda **k: [], "fmt")]
+    assert rollouts.dynamic_sampling_source("even_fraction", ("even_fraction", "m:fmt"), sources) == \
+        "even_fraction_reward"
+    assert rollouts.dynamic_sampling_source("fmt", ("even_fraction", "m:fmt"), sources) == "fmt"
+    assert rollouts.dynamic_sampling_source("m:fmt", ("even_fraction", "m:fmt"), sources) == "fmt"
 
 
 def test_a_failing_reward_function_is_named(tmp_path):

@@ -348,7 +348,9 @@ def kto_loss(
     Returns:
       `(losses, metrics)`: float32 `[B]`; metrics `rewards/chosen`, `rewards/rejected` (means of
       `beta r` over desirable / undesirable examples), `rewards/margins`, `logps/chosen`,
-      `logps/rejected`, `count/chosen`, `count/rejected` and `kl` (= z0).
+      `logps/rejected`, `count/chosen`, `count/rejected` and `kl` (= z0). A class absent from the
+      batch has means of 0 beside its count of 0 (a run's logs leave them out:
+      `rlhf_jax.metrics.without_empty_means`).
 
     Reference: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization".
 

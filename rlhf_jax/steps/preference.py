@@ -228,7 +228,9 @@ def make_dpo_loss(model, objective: Objective, *, micro_batches: int = 1, max_se
     `rewards/chosen`, `rewards/rejected`, `rewards/accuracies` (paired), `rewards/margins`,
     `logps/chosen`, `logps/rejected`, `nll_loss` (with an NLL term), ORPO's `log_odds_ratio`,
     KTO's `kl` and `count/chosen`, `count/rejected` (the batch's desirable and undesirable examples;
-    TRL computes them as the weights of its means and leaves them out of its logs).
+    TRL computes them as the weights of its means and leaves them out of its logs). A KTO batch
+    without one class gives 0 for that class's means (and a margin equal to the other side's mean)
+    beside its count of 0; the run's logs leave those out (`rlhf_jax.metrics.without_empty_means`).
 
     Args:
       model: a `CausalLM` with an LM head (the policy).

@@ -19,7 +19,10 @@ forward runs that base with the adapters off (`make_dpo_step(reference="base")`)
 Training metrics (TRL's names): `loss`, `rewards/chosen`, `rewards/rejected`,
 `rewards/accuracies` (paired), `rewards/margins`, `logps/chosen`, `logps/rejected`, `nll_loss` (with
 an NLL term), ORPO's `log_odds_ratio`, KTO's `kl`, `count/chosen`, `count/rejected`, `grad_norm`,
-`learning_rate`. Evaluation: on held-out pairs `eval/rewards/accuracies`, `eval/rewards/margins`,
+`learning_rate` (a KTO step without one class logs no means of that class, nor a margin). A KTO
+run warns once when its training set's classes differ in size and `desirable_weight x n_desirable /
+(undesirable_weight x n_undesirable)` is outside the paper's [1, 4/3] (`kto_class_balance`, as TRL's
+KTOTrainer). Evaluation: on held-out pairs `eval/rewards/accuracies`, `eval/rewards/margins`,
 `eval/loss`, ... (KTO, on held-out unpaired examples: `eval/loss`, `eval/rewards/chosen`,
 `eval/rewards/rejected`, `eval/kl`, ...); when the data is a synthetic task with a gold reward, samples from the policy on held-out prompts: `eval/gold_reward` and
 `eval/gold_win_rate` (share of prompts where the policy's sample beats the reference policy's, ties
@@ -29,6 +32,7 @@ counting half).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Literal
 
 import jax
@@ -46,7 +50,7 @@ from rlhf_jax.sampling import Categorical, Sampler, SamplingConfig, default_prom
 from rlhf_jax.steps import DPO, KTO, ORPO, SimPO, make_dpo_loss, make_dpo_step, make_reference_logps_fn
 from rlhf_jax.steps.preference import dpo_batch_keys, dpo_step_context
 from rlhf_jax.steps.sequences import causal_targets
-from rlhf_jax.distributed import gather_rows
+from rlhf_jax.distributed import gather_rows, is_main
 from rlhf_jax.sharding import local_rows
 from rlhf_jax.train.data import device_batch, eval_batches, held_out_batches, load_split, one_pass
 from rlhf_jax.train.evals import make_policy_eval, make_weighted_eval
@@ -64,9 +68,11 @@ from rlhf_jax.train.rollouts import RolloutCollector, model_stop_ids
 from rlhf_jax.train.run_config import RunConfig
 from rlhf_jax.train.supervised import ModelState, model_program, num_segments, supervised_trainer
 
-__all__ = ["SampleEvalConfig", "DPOConfig", "RECIPE", "reference_params", "make_preference_eval", "train"]
+__all__ = ["SampleEvalConfig", "DPOConfig", "RECIPE", "reference_params", "make_preference_eval", "kto_class_balance",
+           "train"]
 
 ReferenceMode = Literal["model", "precomputed"]
+logger = logging.getLogger("rlhf_jax.train")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,6 +166,53 @@ def reference_params(model, config: DPOConfig, mesh) -> Any:
     params = ModelState(model, make_optimizer(config.optim), mesh, config.mesh.strategy, config.seed,
                         config.checkpoint.init_from).fresh().params
     return params if lora_of(model) is None else base_params(params)
+
+
+def kto_class_balance(num_desirable: int, num_undesirable: int, desirable_weight: float,
+                      undesirable_weight: float) -> str | None:
+    """Why KTO's class weights fall outside the paper's range for a training set, or None.
+
+    Ethayarajh et al. 2024 ("KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8)
+    recommend `lambda_D n_D / (lambda_U n_U)` in `[1, 4/3]` for `n_D` desirable and `n_U`
+    undesirable examples. As TRL's KTOTrainer, only a set whose classes differ in size is judged
+    (with equal counts the weights are a deliberate loss aversion); the message gives the ratio and
+    the `desirable_weight` (or `undesirable_weight`) range that would bring it into `[1, 4/3]`.
+
+    Example:
+      >>> print(kto_class_balance(90, 10, 1.0, 1.0))  # doctest: +NORMALIZE_WHITESPACE
+      KTO: the training set has 90 desirable and 10 undesirable examples, so algorithm.desirable_weight
+      x 90 / (algorithm.undesirable_weight x 10) = 1 x 90 / (1 x 10) = 9 is outside [1, 4/3], the
+      range the KTO paper recommends: set desirable_weight in [0.1111, 0.1481] or undesirable_weight in
+      [6.75, 9]
+    """
+    d, u, wd, wu = num_desirable, num_undesirable, float(desirable_weight), float(undesirable_weight)
+    if d == u:
+        return None
+    if not d or not u:
+        return (f"KTO: the training set has {d} desirable and {u} undesirable examples: no weights bring "
+                "algorithm.desirable_weight x n_desirable / (algorithm.undesirable_weight x n_undesirable) into "
+                "[1, 4/3], the range the KTO paper recommends, with a class absent")
+    ratio = wd * d / (wu * u) if wu else (float("inf") if wd else float("nan"))
+    if 1 - 1e-9 <= ratio <= 4 / 3 + 1e-9:
+        return None
+    fixes = [f"desirable_weight in [{wu * u / d:.4g}, {4 / 3 * wu * u / d:.4g}]"] if wu else []
+    fixes += [f"undesirable_weight in [{0.75 * wd * d / u:.4g}, {wd * d / u:.4g}]"] if wd else []
+    return (f"KTO: the training set has {d} desirable and {u} undesirable examples, so algorithm.desirable_weight "
+            f"x {d} / (algorithm.undesirable_weight x {u}) = {wd:g} x {d} / ({wu:g} x {u}) = {ratio:.4g} is outside "
+            f"[1, 4/3], the range the KTO paper recommends: set {' or '.join(fixes) or 'both weights above 0'}")
+
+
+def warn_kto_class_balance(objective: KTO, dataset) -> None:
+    """Log `kto_class_balance`'s warning for the training set's labels, once per run (a sharded
+    multi-process set, which holds only its own rows' labels, is not judged)."""
+    arrays = getattr(dataset, "arrays", None)
+    if arrays is None:
+        return
+    label = np.asarray(arrays["label"], bool)
+    message = kto_class_balance(int(label.sum()), int((~label).sum()), objective.desirable_weight,
+                                objective.undesirable_weight)
+    if message is not None:
+        logger.warning("%s", message)
 
 
 def _chosen_weight(batch):
@@ -324,6 +377,8 @@ def _gold_eval(ctx: Context, reference):
 def _trainer(ctx: Context):
     config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
     objective, segments = config.algorithm, num_segments(config)
+    if isinstance(objective, KTO) and is_main():
+        warn_kto_class_balance(objective, ctx.data.train)
     model = ctx.program.parts["model"]
     reference = reference_params(model, config, mesh)
     evaluators, held_out = [], None

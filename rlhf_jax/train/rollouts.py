@@ -50,6 +50,14 @@ class RolloutConfig:
         more prompts until `data.batch_size` groups with a learning signal are collected.
       max_sampling_rounds: generation rounds per step at most with dynamic sampling (then the batch
         is completed with zero-signal groups); another value without `dynamic_sampling` is refused.
+      dynamic_sampling_metric: which score a group must vary in to carry a signal: "reward" (the
+        combined, weighted reward) or one of `rewards.functions` (that source's own, unweighted
+        score; verl's `algorithm.filter_groups.metric`, e.g. "acc"). DAPO filters on accuracy: with
+        a format or overlong reward in the mix, a group whose answers are all right (or all wrong)
+        still varies in the combined reward, and only the accuracy source's filter drops it. The
+        metrics keep their names: `dynamic_sampling/filled_with_zero_std` counts groups without a
+        signal in this metric, `frac_reward_zero_std` stays the combined reward's. Another value
+        without `dynamic_sampling` is refused; a name not among the run's reward sources too.
       eval_greedy: evaluate with greedy decoding (else with the training sampler and a fixed seed).
       ignore_eos: do not stop at the tokenizer's EOS: every completion has `max_new_tokens` tokens
         (benchmarks; vLLM's `ignore_eos`).
@@ -68,6 +76,7 @@ class RolloutConfig:
     sampler_dtype: Literal["float32", "bfloat16"] | None = None
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
+    dynamic_sampling_metric: str = "reward"
     eval_greedy: bool = False
     ignore_eos: bool = False
     continuous_slots: int = 0
@@ -81,6 +90,11 @@ class RolloutConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"rollout.{name} must be a positive int, got {value!r}")
         check_unused("rollout", self, "max_sampling_rounds", used=self.dynamic_sampling,
+                     needs="rollout.dynamic_sampling is true")
+        if not isinstance(self.dynamic_sampling_metric, str) or not self.dynamic_sampling_metric:
+            raise ConfigError(f"rollout.dynamic_sampling_metric must be \"reward\" or the name of one of "
+                              f"rewards.functions, got {self.dynamic_sampling_metric!r}")
+        check_unused("rollout", self, "dynamic_sampling_metric", used=self.dynamic_sampling,
                      needs="rollout.dynamic_sampling is true")
         if self.sampler_dtype is not None:
             check_choice("rollout", "sampler_dtype", self.sampler_dtype, Literal["float32", "bfloat16"])
@@ -171,6 +185,29 @@ def _checked_eos(tokenizer, vocab_size: int) -> int:
     return int(eos)
 
 
+def dynamic_sampling_source(metric: str, functions: Sequence[str], sources: Sequence) -> str | None:
+    """The reward source that `rollout.dynamic_sampling_metric` names: None for "reward" (the combined
+    reward), else the source of that name, else the one built from that entry of `rewards.functions`
+    (a source's name may differ from its entry: "even_fraction" is "even_fraction_reward", an import
+    path's source is named after its function)."""
+    if metric == "reward":
+        return None
+    names = [s.name for s in sources]
+    if metric in names:
+        return metric
+    if metric in functions and len(sources) == len(functions):
+        return names[list(functions).index(metric)]
+    raise ConfigError(f"rollout.dynamic_sampling_metric={metric!r} is neither \"reward\" nor one of this run's "
+                      f"reward sources (rewards.functions {list(functions)}; sources {names})")
+
+
+def _varies(scores: np.ndarray, group: int) -> np.ndarray:
+    """Per group of `group` contiguous scores: whether they are not all equal (std > 1e-6), i.e. the
+    group carries a learning signal (always, for groups of one)."""
+    groups = len(scores) // group
+    return scores.reshape(groups, group).std(axis=1) > 1e-6 if group > 1 else np.ones(groups, bool)
+
+
 class RolloutCollector:
     """Sampling and scoring of prompt batches on the host side of a run (RL, best-of-n, evaluations).
 
@@ -182,6 +219,8 @@ class RolloutCollector:
       eval_sampling: how evaluation completions are drawn (one per prompt).
       on_error, error_penalty: what a failing reward function does (`combine_rewards`).
       dynamic_sampling, max_sampling_rounds: DAPO's dynamic sampling (`collect`).
+      filter_source: with dynamic sampling, the name of the source whose own score a group must vary
+        in (`RolloutConfig.dynamic_sampling_metric`); None: the combined reward.
       continuous_slots: > 0: sample through continuous batching with this many slots (`RolloutConfig`).
       greedy_baseline: also decode each prompt greedily in `collect` (one completion, the training
         sampling's length and stop ids) and give its score on the prompt's rows, `baseline_scores`
@@ -191,7 +230,7 @@ class RolloutCollector:
     def __init__(self, *, sampler: Sampler, tokenizer, sources, weights, train_sampling: SamplingConfig,
                  eval_sampling: SamplingConfig, on_error: OnError = "raise", error_penalty: float = 0.0,
                  dynamic_sampling: bool = False, max_sampling_rounds: int = 1, continuous_slots: int = 0,
-                 greedy_baseline: bool = False):
+                 greedy_baseline: bool = False, filter_source: str | None = None):
         self.sampler = sampler
         self.tokenizer = tokenizer
         self.sources = list(sources)
@@ -201,6 +240,10 @@ class RolloutCollector:
         self.eval_sampling = eval_sampling
         self.on_error, self.error_penalty = on_error, error_penalty
         self.dynamic_sampling, self.max_sampling_rounds = dynamic_sampling, max_sampling_rounds
+        names = [s.name for s in self.sources]
+        if filter_source is not None and filter_source not in names:
+            raise ValueError(f"RolloutCollector: filter_source {filter_source!r} is none of the reward sources {names}")
+        self.filter_source = filter_source
         self.continuous_slots = continuous_slots
         self.baseline_sampling = dataclasses.replace(train_sampling, num_samples=1, method=make_method(greedy=True)) \
             if greedy_baseline else None
@@ -224,7 +267,9 @@ class RolloutCollector:
                    eval_sampling=dataclasses.replace(train, num_samples=1, method=method),
                    on_error=config.rewards.on_error, error_penalty=config.rewards.error_penalty,
                    dynamic_sampling=rollout.dynamic_sampling, max_sampling_rounds=rollout.max_sampling_rounds,
-                   continuous_slots=rollout.continuous_slots, greedy_baseline=greedy_baseline)
+                   continuous_slots=rollout.continuous_slots, greedy_baseline=greedy_baseline,
+                   filter_source=dynamic_sampling_source(rollout.dynamic_sampling_metric, config.rewards.functions,
+                                                         sources))
 
     def sample(self, params, batch: Mapping[str, Any], sampling: SamplingConfig, rng) -> dict[str, Any]:
         """Completions of the batch's real prompts, as host arrays, with columns repeated per sample."""
@@ -288,7 +333,8 @@ class RolloutCollector:
         """One training batch of rollouts with rewards; DAPO dynamic sampling when configured.
 
         Dynamic sampling chooses groups over the global batch, as one process would: the first
-        groups with a learning signal in (round, global prompt) order, then zero-signal ones; in a
+        groups with a learning signal (scores not all equal: the combined reward's, or with
+        `filter_source` that source's) in (round, global prompt) order, then zero-signal ones; in a
         multi-process run each process then takes its block of the chosen groups (rows sampled
         on another process are exchanged; their `columns` are None here).
 
@@ -331,8 +377,8 @@ class RolloutCollector:
             results.append(result)
             groups = len(result.total) // g
             generated_groups += groups
-            signal = result.total.reshape(groups, g).std(axis=1) > 1e-6 if g > 1 else np.ones(groups, bool)
-            zero_std_groups += int(np.sum(~signal))
+            zero_std_groups += int(np.sum(~_varies(result.total, g)))
+            signal = _varies(result.total if self.filter_source is None else result.per_source[self.filter_source], g)
             # Global group i of round r: process i // groups, its group i % groups.
             every = gather_rows(signal.astype(np.int32)).astype(bool) if dynamic else signal
             kept += [(r, i) for i in np.flatnonzero(every)] if dynamic else [(r, i) for i in range(groups)]
