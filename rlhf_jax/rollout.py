@@ -20,11 +20,14 @@ numbers, with the prompt's share of the FLOPs divided by `G`, forward and backwa
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import _checks
+from rlhf_jax import sharding as sh
 from rlhf_jax.logprobs import (
     DEFAULT_CHUNK_SIZE,
     _check_chunked,
@@ -46,6 +49,7 @@ __all__ = [
     "shared_prompt_forward",
     "completion_logprobs",
     "completion_logprobs_and_hidden",
+    "completion_logprob_pass",
     "logits_logprobs",
     "head_logprobs",
     "completion_values",
@@ -251,6 +255,53 @@ def completion_logprobs(
         model, params, prompt_tokens, prompt_lengths, completion_tokens, temperature=temperature,
         with_entropy=with_entropy, chunk_size=chunk_size, group_size=group_size, rng=rng)
     return logps, entropy
+
+
+def completion_logprob_pass(model, *, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                            pieces: int = 1, mesh=None, strategy=None):
+    """`completion_logprobs` as one jitted pass `(params, prompts, lengths, completions, group_size=1) -> [N, C]`:
+    the reference (and, where needed, the policy's) log-probs of sampled rows in the RL and online-DPO runs.
+
+    With `pieces > 1` the rows go through the model in that many pieces, one after another under
+    `lax.map` inside the one program, so it holds the activations of one piece at a time (the RL
+    update's micro-batches: `num_minibatches * micro_batches`). A piece takes whole groups of
+    `group_size` rows (rows sharing a prompt), interleaved as the update's micro-batches are
+    (`split_micro_batches`: every piece takes rows from every data-parallel device); when groups
+    cannot split evenly the rows go one by one (`group_size` 1, same values), and when the rows do
+    not split into `pieces` they go in one piece. Each row's log-probs depend on that row alone, so
+    the result equals the one-piece pass. With a `mesh` the pass is traced in the activation-sharding
+    context of `strategy`, as the update step is, so its rows split over the batch axes whatever
+    layout they arrive in (`rlhf-jax compile` plans this same function).
+    """
+    def logps(params, pt, pl, ct, group_size):
+        return completion_logprobs(model, params, pt, pl, ct, temperature=temperature, chunk_size=chunk_size,
+                                   group_size=group_size)[0]
+
+    def run(params, pt, pl, ct, group_size=1):
+        with contextlib.nullcontext() if mesh is None else sh.activation_sharding(mesh, strategy):
+            n = ct.shape[0]
+            if pieces == 1 or n % pieces:
+                return logps(params, pt, pl, ct, group_size)
+            g = group_size if n % (pieces * group_size) == 0 else 1
+            split = [_split_groups(x, pieces, g) for x in (pt, pl, ct)]
+            out = jax.lax.map(lambda xs: logps(params, *xs, g), split)  # [pieces, n / pieces, C]
+            return _merge_groups(out, g)
+
+    return jax.jit(run, static_argnames="group_size")
+
+
+def _split_groups(x, pieces: int, group: int):
+    """`[N, ...]` -> `[pieces, N / pieces, ...]`: piece k holds groups k, k + pieces, ... of `group` rows."""
+    n = x.shape[0]
+    y = x.reshape((n // (group * pieces), pieces, group) + x.shape[1:])
+    return jnp.swapaxes(y, 0, 1).reshape((pieces, n // pieces) + x.shape[1:])
+
+
+def _merge_groups(y, group: int):
+    """The inverse of `_split_groups`."""
+    pieces, rows = y.shape[:2]
+    x = y.reshape((pieces, rows // group, group) + y.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((pieces * rows,) + y.shape[2:])
 
 
 def completion_logprobs_and_hidden(model, params, prompt_tokens, prompt_lengths, completion_tokens, *,

@@ -12,10 +12,10 @@ import numpy as np
 
 from rlhf_jax import sharding as sh
 from rlhf_jax.models import CausalLM
-from rlhf_jax.rollout import completion_logprobs
+from rlhf_jax.rollout import _merge_groups, _split_groups, completion_logprobs
 from rlhf_jax.steps import grpo_config
 from rlhf_jax.testing import tiny_config
-from rlhf_jax.train.rl import _merge_groups, _reference_logps, _split_groups
+from rlhf_jax.train.rl import _reference_logps
 
 MODEL = CausalLM(tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1,
                              head_dim=16))

@@ -204,7 +204,7 @@ def _online_dpo_programs(config, program: Program, meshes, state_abs, options):
     from rlhf_jax.models.lora import base_params  # noqa: PLC0415
     from rlhf_jax.train import rl as rl_mod  # noqa: PLC0415
     from rlhf_jax.train.adapters import lora_of, plain_model  # noqa: PLC0415
-    from rlhf_jax.train.online_dpo import logprob_pass  # noqa: PLC0415
+    from rlhf_jax.rollout import completion_logprob_pass  # noqa: PLC0415
 
     model, mesh = program.parts["model"], meshes[0]
     policy, params = plain_model(model), state_abs.params
@@ -217,7 +217,7 @@ def _online_dpo_programs(config, program: Program, meshes, state_abs, options):
         more = _reward_model_programs(config, mesh, width, options)
         reports, uses, resident = reports + more[0], {**uses, **more[1]}, {**resident, **more[2]}
     # online_dpo._trainer's pass, on the sampled rows as one process passes them (host arrays)
-    logps = logprob_pass(policy, mesh, config.mesh.strategy)
+    logps = completion_logprob_pass(policy, mesh=mesh, strategy=config.mesh.strategy)
     n = 2 * config.data.batch_size
     rows = (jax.ShapeDtypeStruct((n, width), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32),
             jax.ShapeDtypeStruct((n, config.rollout.max_new_tokens), jnp.int32))

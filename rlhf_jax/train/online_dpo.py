@@ -40,7 +40,6 @@ the previous round's policy, which is also that round's reference), each round a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -56,7 +55,7 @@ from rlhf_jax._checks import is_finite_number
 from rlhf_jax.config import ConfigError
 from rlhf_jax.distributed import gather_rows
 from rlhf_jax.rewards.registry import RewardConfig
-from rlhf_jax.rollout import completion_logprobs
+from rlhf_jax.rollout import completion_logprob_pass
 from rlhf_jax.steps import DPO, ORPO, SimPO, make_dpo_step
 from rlhf_jax.steps.preference import dpo_batch_keys
 from rlhf_jax.train import dpo
@@ -240,18 +239,6 @@ def _build(config: OnlineDPOConfig, mesh):
     return dataclasses.replace(program, batch=batch)
 
 
-def logprob_pass(policy, mesh=None, strategy=None):
-    """The jitted per-token log-prob pass `(params, prompts, lengths, completions) -> [N, C]` over the
-    sampled rows (the reference's, and the policy's when the sampler's are not its own), traced in the
-    activation-sharding context as the update step is, so that its rows split over the batch axes
-    whatever layout they arrive in (`rlhf-jax compile` plans this same function)."""
-    def logps(params, pt, pl, ct):
-        with contextlib.nullcontext() if mesh is None else sh.activation_sharding(mesh, strategy):
-            return completion_logprobs(policy, params, pt, pl, ct)[0]
-
-    return jax.jit(logps)
-
-
 def _trainer(ctx: Context) -> Trainer:
     config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
     objective = config.algorithm.objective
@@ -264,7 +251,7 @@ def _trainer(ctx: Context) -> Trainer:
     collector, _ = rollout_parts(config, ctx.data, mesh, policy, 2, hooks)
     sampler = collector.sampler
     reference = dpo.reference_params(model, config, mesh)
-    logps = logprob_pass(policy, mesh, strategy)
+    logps = completion_logprob_pass(policy, mesh=mesh, strategy=strategy)
     batches = batches_from(train_batches(ctx.data.train, config.data), ctx.extras)
     pad_id = ctx.data.tokenizer.pad_token_id or 0
     key, counter = jax.random.key(config.seed), [ctx.run.restore_step or 0]

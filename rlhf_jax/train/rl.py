@@ -13,7 +13,8 @@ The math lives in `rlhf_jax.steps`: `grpo_objective` / `grpo_advantages` (GRPO f
    the prompt's baseline (`baseline_scores`, logged as `remax/baseline_reward_mean`);
 3. `reward`: the configured reward sources (`rewards.functions`, or the `reward_sources` given to
    `train`), weighted; with `rollout.dynamic_sampling` (DAPO) groups whose rewards are all equal
-   are dropped and more prompts are sampled until the batch is full again;
+   (or, with `rollout.dynamic_sampling_metric`, one source's scores, e.g. the accuracy's) are
+   dropped and more prompts are sampled until the batch is full again;
 4. `reference`: the frozen reference policy's log-probs of the completions (one jitted forward);
 5. `update`: the algorithm's jitted step (epochs x minibatches inside).
 
@@ -32,7 +33,6 @@ prompt iterator, so a restarted run resumes where it stopped.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import time
@@ -49,7 +49,7 @@ from rlhf_jax.models import CausalLM
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rewards import PythonReward, RewardModelReward, RewardSource
 from rlhf_jax.rewards.registry import REWARD_FUNCTIONS, RewardConfig, RewardContext, build_rewards, resolve_import
-from rlhf_jax.rollout import completion_logprobs
+from rlhf_jax.rollout import completion_logprob_pass
 from rlhf_jax.sampling import Sampler, default_prompt_buckets
 from rlhf_jax.steps import GRPOConfig, PPOConfig
 from rlhf_jax.steps.common import jit_step
@@ -169,6 +169,12 @@ def check_rewards(config, hooks: Mapping[str, Any]) -> None:
                           f"{[getattr(s, 'name', s) for s in given]}")
     if getattr(config, "off_policy", None) is not None:
         check_devices(config)
+    metric = config.rollout.dynamic_sampling_metric
+    names = list(config.rewards.functions) if builtin else [getattr(s, "name", s) for s in given]
+    if metric != "reward" and metric not in names:
+        raise ConfigError(f"rollout.dynamic_sampling_metric={metric!r} must be \"reward\" (the combined reward) or "
+                          f"one of the run's reward functions {names}" + (
+                              "" if builtin else " (the given reward_sources, which replace rewards.functions)"))
     for path in config.rewards.functions if builtin else ():
         if path not in REWARD_FUNCTIONS:
             resolve_import(path)  # a path that does not resolve stops the run before any model is built
@@ -218,50 +224,14 @@ def _builder(algorithm_type: type[RLAlgorithm], name: str):
 # ------------------------------------------------------------------------------------------ trainer
 
 def _reference_logps(policy, config, mesh=None, strategy=None):
-    """The jitted reference pass `(params, prompts, lengths, completions, group_size=1) -> [N, C]`.
-
-    `config` is the algorithm section (its sampling `temperature`, LM-head `chunk_size`, and
-    `num_minibatches * micro_batches`, the pieces the update splits the rollout batch into). The
-    pass runs as many pieces, one after another under `lax.map` inside the one program, so it holds
-    the activations of one update micro-batch at a time, not of the whole rollout batch. A piece
-    takes whole groups of `group_size` rows (rows sharing a prompt), interleaved as the update's
-    micro-batches are (`split_micro_batches`: every piece takes rows from every data-parallel
-    device); when groups cannot split evenly the rows go one by one (`group_size` 1, same values).
-    Each row's log-probs depend on that row alone, so the result equals the one-piece pass. With a
-    mesh it is traced in the activation-sharding context, as the update step is (`rlhf-jax compile`
-    plans this same function).
-    """
-    pieces = config.num_minibatches * config.micro_batches
-
-    def logps(params, pt, pl, ct, group_size):
-        return completion_logprobs(policy, params, pt, pl, ct, temperature=config.temperature,
-                                   chunk_size=config.chunk_size, group_size=group_size)[0]
-
-    def reference(params, pt, pl, ct, group_size=1):
-        with contextlib.nullcontext() if mesh is None else sh.activation_sharding(mesh, strategy):
-            n = ct.shape[0]
-            if pieces == 1 or n % pieces:
-                return logps(params, pt, pl, ct, group_size)
-            g = group_size if n % (pieces * group_size) == 0 else 1
-            split = [_split_groups(x, pieces, g) for x in (pt, pl, ct)]
-            out = jax.lax.map(lambda xs: logps(params, *xs, g), split)  # [pieces, n / pieces, C]
-            return _merge_groups(out, g)
-
-    return jax.jit(reference, static_argnames="group_size")
-
-
-def _split_groups(x, pieces: int, group: int):
-    """`[N, ...]` -> `[pieces, N / pieces, ...]`: piece k holds groups k, k + pieces, ... of `group` rows."""
-    n = x.shape[0]
-    y = x.reshape((n // (group * pieces), pieces, group) + x.shape[1:])
-    return jnp.swapaxes(y, 0, 1).reshape((pieces, n // pieces) + x.shape[1:])
-
-
-def _merge_groups(y, group: int):
-    """The inverse of `_split_groups`."""
-    pieces, rows = y.shape[:2]
-    x = y.reshape((pieces, rows // group, group) + y.shape[2:])
-    return jnp.swapaxes(x, 0, 1).reshape((pieces * rows,) + y.shape[2:])
+    """The jitted reference pass `(params, prompts, lengths, completions, group_size=1) -> [N, C]` of
+    an RL run (`rlhf_jax.rollout.completion_logprob_pass`): `config` is the algorithm section, its
+    sampling `temperature`, LM-head `chunk_size`, and `num_minibatches * micro_batches`, the pieces
+    the update splits the rollout batch into, so the pass holds one update micro-batch's activations
+    at a time. With a mesh it is traced in the activation-sharding context, as the update step is
+    (`rlhf-jax compile` plans this same function)."""
+    return completion_logprob_pass(policy, temperature=config.temperature, chunk_size=config.chunk_size,
+                                   pieces=config.num_minibatches * config.micro_batches, mesh=mesh, strategy=strategy)
 
 
 def _trainer_mesh(config, devices=None):
