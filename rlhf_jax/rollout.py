@@ -6,12 +6,13 @@ model and the reward model all read the same *joined* sequence per row,
 
     joined[b] = prompt[b, :len_b] ++ completion[b] ++ padding          (length P + C),
 
-so right padding holds and positions are `arange(P + C)`. The token `completion[b, i]` sits at
-index `len_b + i` of the joined row and is predicted by the hidden state at `len_b - 1 + i`; the
-helpers below gather those `C` hidden states, so every per-token result comes back in the sampler's
-`[N, C]` layout, aligned with its log-probs and masks. Only the completion positions go through the
-LM head (one matmul, or chunked within each row when rows are longer than the chunk size), never
-a `[N, P + C, V]` logits array.
+so right padding holds and positions are `arange(P + C)` (with a length-dependent RoPE the padding's
+are lowered to the row's last real one, `models.layers.padded_row_positions`, as the sampler's prompt
+padding). The token `completion[b, i]` sits at index `len_b + i` of the joined row and is predicted
+by the hidden state at `len_b - 1 + i`; the helpers below gather those `C` hidden states, so every
+per-token result comes back in the sampler's `[N, C]` layout, aligned with its log-probs and masks.
+Only the completion positions go through the LM head (one matmul, or chunked within each row when
+rows are longer than the chunk size), never a `[N, P + C, V]` logits array.
 
 When the `G` samples of a prompt fill `G` contiguous rows (GRPO groups), `group_size=G` runs each
 prompt once into a KV cache and the completions on top of it (`completion_hidden`): the same
@@ -37,7 +38,7 @@ from rlhf_jax.logprobs import (
     token_logprobs,
 )
 from rlhf_jax.models.heads import scalar_head
-from rlhf_jax.models.layers import dense
+from rlhf_jax.models.layers import dense, padded_row_positions, rope_length_threshold
 from rlhf_jax.models.lora import head_needs_logits
 from rlhf_jax.models.transformer import PrefixKV
 
@@ -183,7 +184,9 @@ def completion_outputs(model, params, prompt_tokens, prompt_lengths, completion_
     (`"hidden"`, `"logits"`) at the completion positions, each `[N, C, ...]` (one forward for all)."""
     if group_size == 1:
         joined = join_sequences(prompt_tokens, prompt_lengths, completion_tokens)
-        out = model.forward(params, joined[:, :-1], rng=rng)
+        last = prompt_lengths.astype(jnp.int32) + completion_tokens.shape[1] - 2  # the last token fed
+        positions = padded_row_positions(model.config, joined.shape[1] - 1, last)
+        out = model.forward(params, joined[:, :-1], positions, rng=rng)
         index = completion_index(prompt_lengths, completion_tokens.shape[1])[:, :, None]
         return tuple(jnp.take_along_axis(getattr(out, f), index, axis=1) for f in fields)
     out = shared_prompt_forward(model, params, prompt_tokens, prompt_lengths, completion_tokens,
@@ -202,7 +205,9 @@ def shared_prompt_forward(model, params, prompt_tokens, prompt_lengths, completi
         raise ValueError(f"shared_prompt_forward: {n} rows do not split into groups of group_size={group_size}")
     check_group_prompts("shared_prompt_forward", prompt_tokens, prompt_lengths, group_size)
     groups = n // group_size
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (groups, p))
+    positions = padded_row_positions(model.config, p, prompt_lengths[::group_size].astype(jnp.int32) - 1)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (groups, p))
     prefill = model.forward(params, prompt_tokens[::group_size], positions, cache=model.init_cache(groups, p),
                             rng=rng, prefill=True)
     lengths = prompt_lengths.astype(jnp.int32)[:, None]
@@ -406,6 +411,12 @@ def sequence_scores(
     _check_rollout("sequence_scores", prompt_tokens, prompt_lengths, completion_tokens)
     _checks.check_same_shape("sequence_scores", completion_tokens=completion_tokens, completion_mask=completion_mask)
     joined = join_sequences(prompt_tokens, prompt_lengths, completion_tokens)
-    values = reward_model.forward(reward_params, joined).values
-    last = prompt_lengths.astype(jnp.int32) + jnp.sum(completion_mask != 0, axis=1, dtype=jnp.int32) - 1
-    return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
+
+    def last():  # the scored token's index (traced after the forward pass unless its positions need it)
+        return prompt_lengths.astype(jnp.int32) + jnp.sum(completion_mask != 0, axis=1, dtype=jnp.int32) - 1
+
+    positions = None
+    if rope_length_threshold(reward_model.config) is not None:
+        positions = padded_row_positions(reward_model.config, joined.shape[1], last())
+    values = reward_model.forward(reward_params, joined, positions).values
+    return jnp.take_along_axis(values, last()[:, None], axis=1)[:, 0]

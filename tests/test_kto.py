@@ -311,3 +311,36 @@ def test_compile_plans_the_kto_held_out_eval():
     assert [p.name for p in plan.programs] == ["update step", "reference log-probs", "eval (held-out loss)"]
     assert all(p.ok for p in plan.programs)
     assert "tensor<2x8x32xi32>" in texts["eval (held-out loss)"]  # the run's 2 pieces of 8 rows
+
+
+def test_kto_held_out_eval_of_one_class_logs_no_means_of_the_other():
+    """A held-out set whose examples are all desirable: `eval/rewards/rejected` and `eval/logps/rejected` were
+    logged as 0 (a sum over no example divided by max(0, 1)) and `eval/rewards/margins` as the chosen mean;
+    they are now left out, as the training logs leave out an absent class (`without_empty_means`). The rest
+    is TRL's, batch by batch."""
+    from rlhf_jax.train.dpo import make_preference_eval
+
+    policy, reference = host_params(seed=0), host_params(seed=1)
+    batches = []
+    for pairs in pair_batches(2, seed=5):
+        batches.append({"tokens": pairs["chosen_tokens"], "loss_mask": pairs["chosen_loss_mask"],
+                        "label": np.ones(8, bool), "kl_tokens": np.roll(pairs["rejected_tokens"], 1, 0),
+                        "kl_loss_mask": np.roll(pairs["rejected_loss_mask"], 1, 0)})
+    obj = KTO(beta=0.3, desirable_weight=1.2, undesirable_weight=0.7)
+    got = make_preference_eval(tiny_lm(), obj, batches, reference, mesh=mesh_for({"data": 2}), strategy="dp")(policy)
+
+    sums, count = {}, 0
+    for b in batches:
+        lp = lambda params, key: numpy_seq_logps(params, b[key + "tokens"], b[key + "loss_mask"])  # noqa: E731
+        loss, _, m = _trl_kto(lp(policy, ""), lp(reference, ""), b["label"], lp(policy, "kl_"), lp(reference, "kl_"),
+                              beta=0.3, desirable_weight=1.2, undesirable_weight=0.7)
+        assert m["rewards/rejected"] is None and "rewards/margins" not in m
+        for key, value in (("loss", loss), ("kl", m["kl"]), ("rewards/chosen", m["rewards/chosen"]),
+                           ("logps/chosen", m["logps/chosen"])):
+            sums[key] = sums.get(key, 0.0) + 8 * value
+        count += 8
+    want = {f"eval/{k}": v / count for k, v in sums.items()}
+    assert set(got) == set(want)
+    assert abs(want["eval/rewards/chosen"]) > 0.05  # the margin the old code logged (chosen - 0) was not 0
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key

@@ -232,6 +232,29 @@ def rope_attention_factor(config: ModelConfig) -> float:
     return mscale(1.0)
 
 
+def rope_length_threshold(config: ModelConfig) -> int | None:
+    """The length past which a length-dependent RoPE switches its frequencies (`rope_angles`): LongRoPE's
+    `original_max_position_embeddings`, dynamic NTK's `max_position_embeddings`; None for the other types."""
+    s = config.rope_scaling
+    if s is None or s.rope_type not in LENGTH_DEPENDENT_ROPE_TYPES:
+        return None
+    return s.original_max_position_embeddings if s.rope_type == "longrope" else config.max_position_embeddings
+
+
+def padded_row_positions(config: ModelConfig, width: int, last):
+    """Positions of right-padded rows whose real tokens end at index `last` (int [B]), or None for the
+    default `arange(width)` (`CausalLM.forward`'s, so the program is unchanged).
+
+    With a length-dependent RoPE (`rope_length_threshold` not None) the padding's positions are lowered
+    to `last`, int32 [B, width] = `min(arange(width), last)`: `rope_angles` takes a row's length from its
+    largest position, so a row is then rotated as it is alone (transformers' result for the sequence
+    without its padding), whatever width the batch is padded to. The padding's outputs are unused.
+    """
+    if rope_length_threshold(config) is None:
+        return None
+    return jnp.minimum(jnp.arange(width, dtype=jnp.int32)[None, :], jnp.asarray(last, jnp.int32)[:, None])
+
+
 def rope_angles(positions, config: ModelConfig):
     """(cos, sin) of shape [B, T, head_dim] for integer positions [B, T] (Su et al., 2021), each times
     `rope_attention_factor` (YaRN's, LongRoPE's). The one place RoPE is computed: training, sampling and
@@ -241,6 +264,8 @@ def rope_angles(positions, config: ModelConfig):
     as transformers' `dynamic_rope_update` takes `max(position_ids) + 1`, but per row rather than per batch,
     so that a row's logits never depend on the rows beside it (nor on how a batch is split over devices or
     micro-batches); a batch whose rows are all on one side of the threshold gets transformers' result.
+    Padding must not raise a row's largest position: the sampler and the trainer's passes give right-padded
+    rows `padded_row_positions`.
     With a KV cache the keys keep the frequencies of the forward pass that wrote them, as in transformers'
     `generate`: a row decoded one token at a time past the threshold switches at the step that crosses it.
     """

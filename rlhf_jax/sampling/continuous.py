@@ -83,6 +83,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rlhf_jax import sharding as shd
 from rlhf_jax.logprobs import token_logprobs
 from rlhf_jax.models import KVCache
+from rlhf_jax.models.layers import padded_row_positions
 from rlhf_jax.models.paged import PagedKVCache, decode_kernel, pool_route
 from rlhf_jax.sampling.continuous_session import ContinuousSession, ContinuousStats
 from rlhf_jax.sampling.continuous_slots import _SLOT_FIELDS, SlotState
@@ -253,7 +254,11 @@ class ContinuousBatcher:
             # one write per layer into the pool: no read of the pool, so the donated pool is updated in
             # place (reading it back through the tables made XLA copy every layer's pool twice).
             p = prompt.shape[1]
-            positions = jnp.arange(p, dtype=jnp.int32)[None]
+            # A length-dependent RoPE: the bucket's padding at the prompt's last position (`decode.prefill`);
+            # the admitted slots start decoding there (`init["position"]` = the prompt's length - 1).
+            positions = padded_row_positions(model.config, p, jnp.max(jnp.where(reset, init["position"], 0))[None])
+            if positions is None:
+                positions = jnp.arange(p, dtype=jnp.int32)[None]
             kv = model.forward(stack_layers(params), prompt, positions, cache=model.init_cache(1, p),
                                prefill=True).cache
             if self.attention == "dense":

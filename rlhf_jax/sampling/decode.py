@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.logprobs import token_logprobs
+from rlhf_jax.models.layers import padded_row_positions
 from rlhf_jax.sampling.methods import SamplingMethod, suppress_stop_ids
 from rlhf_jax.sampling.state import SampleOutput, SamplingState
 
@@ -104,10 +105,14 @@ def prefill(
     """
     b, p = prompt_tokens.shape
     n = num_samples
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    lengths = prompt_lengths.astype(jnp.int32)
+    # A length-dependent RoPE: the padding at the last real position (its keys land in slot len - 1, which no
+    # row reads: the decode re-feeds the last prompt token), so a prompt is rotated as without its padding.
+    positions = padded_row_positions(model.config, p, lengths - 1)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     filled = model.forward(stack_layers(params), prompt_tokens, positions, cache=model.init_cache(b, p),
                            prefill=True).cache
-    lengths = prompt_lengths.astype(jnp.int32)
     last = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), (lengths - 1)[:, None], axis=1)[:, 0]
     group = lambda a: a if n == 1 else jnp.repeat(a, n, axis=0)  # noqa: E731
     num_layers = filled.k.shape[0]

@@ -251,7 +251,9 @@ def make_preference_eval(model: CausalLM, objective, batches: list[dict], refere
     KTO (TRL's KTOTrainer evaluation): each batch's z0 is that batch's own estimate from its
     mismatched KL rows (`max(0, mean log-ratio)`, over the whole batch, as the step computes it);
     `eval/loss` and `eval/kl` are means over examples, `*/chosen` over the desirable examples,
-    `*/rejected` over the undesirable ones, `eval/rewards/margins` their difference.
+    `*/rejected` over the undesirable ones, `eval/rewards/margins` their difference. A class the held-out
+    set lacks has no `*/<class>` means and no margin in the result, not 0 (as the training logs:
+    `rlhf_jax.metrics.without_empty_means`).
     """
     prepare = None
     if objective.needs_reference:
@@ -273,7 +275,9 @@ def make_preference_eval(model: CausalLM, objective, batches: list[dict], refere
 
     def unpaired(params) -> dict[str, float]:
         out = evaluate(params)  # the margin of the set's means (TRL's), not a mean of the batches' margins
-        return {**out, "eval/rewards/margins": out["eval/rewards/chosen"] - out["eval/rewards/rejected"]}
+        if "eval/rewards/chosen" in out and "eval/rewards/rejected" in out:  # a class the set lacks: no means
+            out["eval/rewards/margins"] = out["eval/rewards/chosen"] - out["eval/rewards/rejected"]
+        return out
 
     unpaired.program, unpaired.batches = evaluate.program, evaluate.batches
     return unpaired

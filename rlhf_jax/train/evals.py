@@ -67,7 +67,9 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *,
         whole batch before its micro-batch split (a normaliser that depends on the parameters, e.g.
         KTO's z0, is the whole batch's, as in the step), each reported name averaged with its own
         weight (`w["loss"]` for a name it lacks), e.g. KTO's `rewards/chosen` over desirable
-        examples only: `eval/m = sum_b w_b(m) m_b / sum_b w_b(m)`.
+        examples only: `eval/m = sum_b w_b(m) m_b / sum_b w_b(m)`; a name whose weights sum to 0 (a
+        held-out set without desirable examples) is left out, as the training logs leave out a mean
+        over an empty class (`rlhf_jax.metrics.without_empty_means`), not reported as 0.
     """
     if (weight is None) == (weights is None):
         raise TypeError("make_weighted_eval: pass exactly one of weight and weights")
@@ -115,9 +117,9 @@ def make_weighted_eval(loss_fn, batches: Sequence[Mapping[str, Any]], *,
             results.append(totals(params, b))
             in_flight.add(results[-1])  # a bounded dispatch window, as in training (see `InFlight`)
         results = jax.device_get(results)
-        if weights is not None:
-            return {f"eval/{k}": sum(float(t[k]) for t, _ in results) / max(sum(float(w[k]) for _, w in results), 1.0)
-                    for k in results[0][0]}
+        if weights is not None:  # a name whose examples the held-out set lacks (weight 0) has no mean: left out
+            total = {k: sum(float(w[k]) for _, w in results) for k in results[0][0]}
+            return {f"eval/{k}": sum(float(t[k]) for t, _ in results) / n for k, n in total.items() if n > 0}
         n = max(sum(float(w) for _, w in results), 1.0)
         return {f"eval/{k}": sum(float(t[k]) for t, _ in results) / n for k in results[0][0]}
 

@@ -63,7 +63,7 @@ from rlhf_jax.train.adapters import check_mergeable, make_model, plain_model, pl
 from rlhf_jax.train.data import batches_from, check_batch_size, device_batch, train_batches
 from rlhf_jax.train.recipe import Context, Recipe, Trainer, run
 from rlhf_jax.train.rejection_sampling import best_of_n_batch
-from rlhf_jax.train.rl import check_rewards, rollout_parts, sampler_numerics_differ
+from rlhf_jax.train.rl import check_rewards, check_rope_context, rollout_parts, sampler_numerics_differ
 from rlhf_jax.train.rlaif import JudgeConfig, check_judge, load_judge, sample_completions, write_preferences
 from rlhf_jax.train.rollouts import RolloutConfig
 from rlhf_jax.train.run_config import RunConfig
@@ -118,6 +118,7 @@ class OnlineDPOConfig(RunConfig):
             raise ConfigError("train.micro_batches must be 1 for online DPO")
         if self.data.pack:
             raise ConfigError("data.pack must be false for online DPO prompt batches")
+        check_rope_context(self)
         if self.rollout.dynamic_sampling:
             raise ConfigError("rollout.dynamic_sampling does not apply to online DPO (each prompt's two completions "
                               "are ranked, ties left out); set it false")

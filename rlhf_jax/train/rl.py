@@ -46,6 +46,7 @@ import numpy as np
 from rlhf_jax import sharding as sh
 from rlhf_jax.config import ConfigError, check_choice
 from rlhf_jax.models import CausalLM
+from rlhf_jax.models.layers import rope_length_threshold
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rewards import PythonReward, RewardModelReward, RewardSource
 from rlhf_jax.rewards.registry import REWARD_FUNCTIONS, RewardConfig, RewardContext, build_rewards, resolve_import
@@ -155,6 +156,29 @@ def _check_rl(config, *, group_size: int) -> None:
                           f"{group_size} completion per prompt (PPO, or algorithm.group_size 1), so it would never "
                           "drop one: set it false, or sample groups (algorithm.group_size >= 2)")
     check_off_policy(config)
+    check_rope_context(config)
+
+
+def check_rope_context(config) -> None:
+    """Refuse a run whose prompt + completion can pass the threshold of a length-dependent RoPE (LongRoPE,
+    dynamic NTK: `models.layers.rope_length_threshold`). Past it the sampler's cached keys keep the frequencies
+    of the call that wrote them (as transformers' `generate`) while the trainer's forward pass rotates the whole
+    sequence with one set, so the sampler's and the trainer's log-probs of a token would differ."""
+    threshold = rope_length_threshold(config.model)
+    prompt_key = next(k for k in ("max_prompt_len", "seq_len", "max_len") if getattr(config.data, k) is not None)
+    prompt, new = _prompt_len(config), config.rollout.max_new_tokens
+    if threshold is None or prompt + new <= threshold:
+        return
+    s = config.model.rope_scaling
+    where = ("model.rope_scaling.original_max_position_embeddings" if s.rope_type == "longrope"
+             else "model.max_position_embeddings")
+    raise ConfigError(
+        f"data.{prompt_key} ({prompt}) + rollout.max_new_tokens ({new}) = {prompt + new} tokens pass {where} = "
+        f"{threshold}, past which model.rope_scaling (rope_type {s.rope_type!r}) rotates keys with other frequencies: "
+        "the sampler's cached keys keep the ones of the call that wrote them (as transformers' generate), the "
+        "trainer's forward pass rotates the whole sequence with one set, so sampler and trainer log-probs (the "
+        "importance ratios, sampler_logprob_diff, online DPO's objective/kl) would differ. Lower them so that "
+        f"their sum is at most {threshold}")
 
 
 def check_rewards(config, hooks: Mapping[str, Any]) -> None:
