@@ -24,8 +24,8 @@ first update dropped the training reward from 0.34-0.39 to 0.11-0.25 and the run
 float rounding (held-out 0.418 -> 0.422 from one SFT state, 0.348 -> 0.527 from a neighbouring one);
 at a constant 5e-4 the late updates undid the gain on one CPU class (AVX2 EPYC, seed 0: held-out
 0.359 -> 0.471 at step 50 -> 0.516 at 75 -> 0.369 at 100, a grad norm of 7.2 at the last step) while
-another (AVX-512) kept it (+0.162, +0.155, +0.073 over seeds 0-2). With the decay, held-out accuracy
-after SFT -> after 100 GRPO steps on the AVX2 EPYC (one device, 2026-12-07), `grpo.seed` 0 / 1 / 2:
+another (AVX-512) kept it (+0.162, +0.155, +0.073 over seeds 0-2). Measured with the decay, held-out
+accuracy after SFT -> after 100 GRPO steps on the AVX2 EPYC (one device, 2026-12-07), `grpo.seed` 0 / 1 / 2:
 0.359 -> 0.521, 0.361 -> 0.461, 0.338 -> 0.504 (+0.162, +0.100, +0.166), rising at every eval but
 one (seed 1: 0.387 -> 0.338 at step 50); the checker failed and timed out on no sample.
 """
