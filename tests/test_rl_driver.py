@@ -261,6 +261,17 @@ def test_dynamic_sampling_without_groups_is_a_config_error(tmp_path):
         _grpo(tmp_path, algorithm=grpo_config("reinforce_pp", group_size=1), rollout=dynamic)
     _grpo(tmp_path, rollout=dynamic)  # groups of 4: fine
 
+def test_continuous_slots_fewer_than_the_group_is_a_config_error(tmp_path):
+    """Continuous batching admits a prompt's group at once: slots < group_size was accepted by the config
+    and failed after the model was built and compiled, in `generate_requests` ("request 0: num_samples=4
+    exceeds num_slots=2"), naming neither key."""
+    with pytest.raises(ConfigError, match=r"^rollout.continuous_slots=2 is fewer than algorithm.group_size=4: .* "
+                                          r"set rollout.continuous_slots >= 4 \(or 0\)"):
+        _grpo(tmp_path, rollout=rl.RolloutConfig(max_new_tokens=4, continuous_slots=2))
+    _grpo(tmp_path, rollout=rl.RolloutConfig(max_new_tokens=4, continuous_slots=4))  # a group fits: fine
+    _grpo(tmp_path, algorithm=grpo_config("remax"), rollout=rl.RolloutConfig(max_new_tokens=4, continuous_slots=1))
+
+
 
 def test_overlong_buffer_longer_than_the_completions_is_a_config_error(tmp_path):
     """DAPO's overlong reward with a buffer beyond rollout.max_new_tokens was accepted by the config and

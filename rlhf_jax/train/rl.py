@@ -155,6 +155,11 @@ def _check_rl(config, *, group_size: int) -> None:
         raise ConfigError(f"rollout.dynamic_sampling drops groups whose rewards are all equal, and this run samples "
                           f"{group_size} completion per prompt (PPO, or algorithm.group_size 1), so it would never "
                           "drop one: set it false, or sample groups (algorithm.group_size >= 2)")
+    slots = config.rollout.continuous_slots
+    if 0 < slots < group_size:  # a prompt's samples share its KV blocks: they are admitted together
+        raise ConfigError(f"rollout.continuous_slots={slots} is fewer than algorithm.group_size={group_size}: "
+                          "continuous batching decodes a prompt's group in slots at once; set "
+                          f"rollout.continuous_slots >= {group_size} (or 0)")
     check_off_policy(config)
     check_rope_context(config)
 
