@@ -297,8 +297,8 @@ def test_a_policy_lm_or_an_empty_directory_is_not_a_reward_model(grpo_run, tmp_p
     from rlhf_jax.train.weights import load_reward_model
 
     policy_checkpoints = os.path.join(grpo_run[1]["run_dir"], "checkpoints")
-    with pytest.raises(ConfigError, match=r"^rewards.reward_model: .*checkpoints is a language model \(LM head, no "
-                                          r"scalar 'score' head\), not a reward model"):
+    with pytest.raises(ConfigError, match=r"^rewards.reward_model: .*checkpoints has no scalar 'score' head \(a "
+                                          r"language model, or a bare backbone\), not a reward model"):
         load_reward_model(policy_checkpoints, MODEL)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"^rewards.reward_model: .*empty is neither a Hugging Face model "

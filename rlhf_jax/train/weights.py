@@ -43,8 +43,8 @@ def _check_same_shape(ours: ModelConfig, theirs: ModelConfig, source: str, key: 
 
 
 def _not_a_reward_model(key: str, path: str) -> ConfigError:
-    return ConfigError(f"{key}: {path} is a language model (LM head, no scalar 'score' head), not a reward "
-                       "model; train one first (the reward_model recipe) or give a *ForSequenceClassification "
+    return ConfigError(f"{key}: {path} has no scalar 'score' head (a language model, or a bare backbone), not a "
+                       "reward model; train one first (the reward_model recipe) or give a *ForSequenceClassification "
                        "Hugging Face directory")
 
 
