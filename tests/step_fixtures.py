@@ -139,3 +139,28 @@ def max_rel_diff(a, b) -> float:
     """max over leaves of ||a - b|| / ||b||."""
     diffs = jax.tree.map(lambda x, y: np.linalg.norm((x - y).ravel()) / max(np.linalg.norm(y.ravel()), 1e-30), a, b)
     return float(max(jax.tree.leaves(diffs)))
+
+
+class StubSampler:
+    """A `Sampler` stand-in for the rollout collector's host logic: sample j of a prompt whose first
+    token is p is the completion [p, j, EOS]; a `Greedy` call's is [p, 9, EOS] (ReMax's baseline rows)."""
+
+    pad_id = 0
+
+    def generate(self, params, prompts, sampling, *, prompt_lengths, rng):
+        from rlhf_jax.sampling import Greedy
+        from rlhf_jax.sampling.state import SampleOutput
+
+        n = sampling.num_samples
+        ids = np.repeat(prompts[:, 0], n)
+        second = np.full(len(ids), 9) if isinstance(sampling.method, Greedy) else np.tile(np.arange(n), len(prompts))
+        comp = np.stack([ids, second, np.full(len(ids), 2)], 1).astype(np.int32)
+        return SampleOutput(np.repeat(prompts, n, 0), np.repeat(prompt_lengths, n), comp, np.ones_like(comp, bool),
+                            np.zeros(comp.shape, np.float32), np.full(len(ids), 3, np.int32), np.zeros(len(ids), bool))
+
+
+class IdTokenizer:
+    """Decodes ids as their decimal numbers separated by spaces (for `StubSampler`'s completions)."""
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(map(str, r)) for r in rows]

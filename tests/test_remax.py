@@ -24,7 +24,6 @@ from rlhf_jax.models import CausalLM
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rewards import PythonReward
 from rlhf_jax.sampling import Greedy, SamplingConfig
-from rlhf_jax.sampling.state import SampleOutput
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.state import RLState, init_train_state
 from rlhf_jax.steps import GRPO_PRESETS, GRPOConfig, grpo_advantages, grpo_config, grpo_objective, make_grpo_step
@@ -32,6 +31,7 @@ from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import rl
 from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.run_config import DataConfig
+from step_fixtures import IdTokenizer, StubSampler
 
 MODEL = tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, head_dim=16)
 
@@ -153,25 +153,6 @@ def test_the_baseline_key_is_required_by_remax_and_refused_elsewhere():
 # ------------------------------------------------------------------- the collector's greedy rows
 
 
-class _StubSampler:
-    """Sample j of a prompt whose first token is p is [p, j, EOS]; its greedy completion is [p, 9, EOS]."""
-
-    pad_id = 0
-
-    def generate(self, params, prompts, sampling, *, prompt_lengths, rng):
-        n = sampling.num_samples
-        ids = np.repeat(prompts[:, 0], n)
-        second = np.full(len(ids), 9) if isinstance(sampling.method, Greedy) else np.tile(np.arange(n), len(prompts))
-        comp = np.stack([ids, second, np.full(len(ids), 2)], 1).astype(np.int32)
-        return SampleOutput(np.repeat(prompts, n, 0), np.repeat(prompt_lengths, n), comp, np.ones_like(comp, bool),
-                            np.zeros(comp.shape, np.float32), np.full(len(ids), 3, np.int32), np.zeros(len(ids), bool))
-
-
-class _IdTokenizer:
-    def batch_decode(self, rows, skip_special_tokens=True):
-        return [" ".join(map(str, r)) for r in rows]
-
-
 @pytest.mark.parametrize("rounds", [4, 1])
 def test_the_greedy_score_travels_with_its_prompts_rows_through_dynamic_sampling(rounds):
     """Groups of 2; odd prompts score their sample index (signal), even ones a constant 1, and a greedy
@@ -193,7 +174,7 @@ def test_the_greedy_score_travels_with_its_prompts_rows_through_dynamic_sampling
                 "example_mask": np.arange(4) < real}
 
     sampling = SamplingConfig(max_new_tokens=3, num_samples=2, eos_id=2)
-    collector = RolloutCollector(sampler=_StubSampler(), tokenizer=_IdTokenizer(), sources=[PythonReward(reward)],
+    collector = RolloutCollector(sampler=StubSampler(), tokenizer=IdTokenizer(), sources=[PythonReward(reward)],
                                  weights=None, train_sampling=sampling, eval_sampling=sampling, dynamic_sampling=True,
                                  max_sampling_rounds=rounds, greedy_baseline=True)
     assert collector.baseline_sampling == dataclasses.replace(sampling, num_samples=1, method=Greedy())
@@ -218,7 +199,7 @@ def test_a_recipe_whose_rollouts_have_no_greedy_baseline_is_refused():
     from rlhf_jax.train.recipe import Context  # noqa: PLC0415
 
     sampling = SamplingConfig(max_new_tokens=3, num_samples=1, eos_id=2)
-    collector = RolloutCollector(sampler=_StubSampler(), tokenizer=_IdTokenizer(), sources=[], weights=None,
+    collector = RolloutCollector(sampler=StubSampler(), tokenizer=IdTokenizer(), sources=[], weights=None,
                                  train_sampling=sampling, eval_sampling=sampling)
     algorithm = SimpleNamespace(sampling_model=None, group_size=1)
     ctx = Context(config=SimpleNamespace(algorithm=grpo_config("remax"), mesh=MeshConfig()), data=None, mesh=None,

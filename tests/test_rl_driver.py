@@ -14,13 +14,13 @@ from rlhf_jax.data.synthetic import ArithmeticTask, VowelTask
 from rlhf_jax.optim import OptimizerConfig
 from rlhf_jax.rewards import PythonReward, RewardFunctionError
 from rlhf_jax.sampling import SamplingConfig
-from rlhf_jax.sampling.state import SampleOutput
 from rlhf_jax.sharding import MeshConfig
 from rlhf_jax.steps import PPOConfig, grpo_config
 from rlhf_jax.testing import tiny_config
 from rlhf_jax.train import rl, rollouts
 from rlhf_jax.train.rollouts import RolloutCollector
 from rlhf_jax.train.run_config import DataConfig
+from step_fixtures import IdTokenizer, StubSampler
 
 MODEL = tiny_config(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, head_dim=16)
 QUIET = LoggingConfig(every=1, console=False, tensorboard=False)
@@ -109,22 +109,6 @@ def test_dynamic_sampling_refills_the_batch_with_informative_groups(tmp_path):
         assert r["dynamic_sampling/filled_with_zero_std"] > 0 or r["reward_std"] > 0
 
 
-class _StubSampler:
-    """Sample j of a prompt whose first token is p is the completion [p, j, EOS]."""
-
-    def generate(self, params, prompts, sampling, *, prompt_lengths, rng):
-        n = sampling.num_samples
-        ids = np.repeat(prompts[:, 0], n)
-        comp = np.stack([ids, np.tile(np.arange(n), len(prompts)), np.full(len(ids), 2)], 1).astype(np.int32)
-        return SampleOutput(np.repeat(prompts, n, 0), np.repeat(prompt_lengths, n), comp, np.ones_like(comp, bool),
-                            np.zeros(comp.shape, np.float32), np.full(len(ids), 3, np.int32), np.zeros(len(ids), bool))
-
-
-class _IdTokenizer:
-    def batch_decode(self, rows, skip_special_tokens=True):
-        return [" ".join(map(str, r)) for r in rows]
-
-
 @pytest.mark.parametrize("rounds", [4, 1])
 def test_dynamic_sampling_keeps_the_first_informative_groups_exactly(rounds):
     """Groups of 2; odd prompts score their sample index (signal), even ones a constant 1. Prompts 0-3,
@@ -139,7 +123,7 @@ def test_dynamic_sampling_keeps_the_first_informative_groups_exactly(rounds):
                 "example_mask": np.ones(4, bool)}
 
     sampling = SamplingConfig(max_new_tokens=3, num_samples=2, eos_id=2)
-    collector = RolloutCollector(sampler=_StubSampler(), tokenizer=_IdTokenizer(), sources=[PythonReward(reward)],
+    collector = RolloutCollector(sampler=StubSampler(), tokenizer=IdTokenizer(), sources=[PythonReward(reward)],
                                  weights=None, train_sampling=sampling, eval_sampling=sampling, dynamic_sampling=True,
                                  max_sampling_rounds=rounds)
     merged, _, m = collector.collect(None, prompts(0), iter([prompts(4), prompts(8)]), rng=jax.random.key(0))
@@ -173,7 +157,7 @@ def test_dynamic_sampling_filters_on_the_chosen_reward_source(metric):
     sources = [PythonReward(acc), PythonReward(length)]
     chosen = rollouts.dynamic_sampling_source(metric, ("m:acc", "m:length"), sources)
     assert chosen == {"reward": None, "acc": "acc"}[metric]
-    collector = RolloutCollector(sampler=_StubSampler(), tokenizer=_IdTokenizer(), sources=sources, weights=None,
+    collector = RolloutCollector(sampler=StubSampler(), tokenizer=IdTokenizer(), sources=sources, weights=None,
                                  train_sampling=sampling, eval_sampling=sampling, dynamic_sampling=True,
                                  max_sampling_rounds=4, filter_source=chosen)
     merged, result, m = collector.collect(None, prompts(0), iter([prompts(4)]), rng=jax.random.key(0))
