@@ -206,8 +206,8 @@ def test_a_critic_from_the_reward_model_refuses_a_language_model(tmp_path):
         ckpt.save(3, {"params": params})
     save_hf(tmp_path / "hf", CONFIG, params)
     for source in ("policy", "hf"):
-        with pytest.raises(ConfigError, match=rf"^rewards.reward_model \(value.init='reward_model'\): .*{source} is "
-                                              r"a language model \(LM head, no scalar 'score' head\)"):
+        with pytest.raises(ConfigError, match=rf"^rewards.reward_model \(value.init='reward_model'\): .*{source} has "
+                                              r"no scalar 'score' head \(a language model, or a bare backbone\)"):
             starting_params(rm, str(tmp_path / source), rng=jax.random.key(0), key=key, reward_model=True)
     # A reward model is read as it is, score head included.
     rm_params = jax.jit(rm.init)(jax.random.key(6))

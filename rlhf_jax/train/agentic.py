@@ -169,8 +169,8 @@ class AgenticGRPORunConfig(rl.GRPORunConfig):
     rewards: RewardConfig = RewardConfig(functions=(ENVIRONMENT_REWARD,))
 
     def __post_init__(self):
+        _check_budget(self)  # first: the agentic refusals name what these runs use instead
         super().__post_init__()
-        _check_budget(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -187,8 +187,8 @@ class AgenticPPORunConfig(rl.PPORunConfig):
     rewards: RewardConfig = RewardConfig(functions=(ENVIRONMENT_REWARD,))
 
     def __post_init__(self):
+        _check_budget(self)  # first: the agentic refusals name what these runs use instead
         super().__post_init__()
-        _check_budget(self)
 
 
 def _check_budget(config) -> None:

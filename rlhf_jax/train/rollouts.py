@@ -268,8 +268,8 @@ class RolloutCollector:
                    on_error=config.rewards.on_error, error_penalty=config.rewards.error_penalty,
                    dynamic_sampling=rollout.dynamic_sampling, max_sampling_rounds=rollout.max_sampling_rounds,
                    continuous_slots=rollout.continuous_slots, greedy_baseline=greedy_baseline,
-                   filter_source=dynamic_sampling_source(rollout.dynamic_sampling_metric, config.rewards.functions,
-                                                         sources))
+                   filter_source=None if rollout.dynamic_sampling_metric == "reward" else dynamic_sampling_source(
+                       rollout.dynamic_sampling_metric, config.rewards.functions, sources))
 
     def sample(self, params, batch: Mapping[str, Any], sampling: SamplingConfig, rng) -> dict[str, Any]:
         """Completions of the batch's real prompts, as host arrays, with columns repeated per sample."""
