@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -278,10 +277,9 @@ def _sampler_mesh(config, mesh, devices=None):
     return section.make_mesh(split_devices(config, devices)[1] or list(mesh.devices.flat)), section.strategy
 
 
-def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[str, Any], *,
-                  greedy_baseline: bool = False):
-    """The sampler and collector (training rewards, `group_size` samples per prompt, with `greedy_baseline`
-    each prompt's greedy completion scored too: ReMax) of a run, and its gold metric."""
+def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[str, Any]):
+    """The sampler and collector (training rewards, `group_size` samples per prompt, and each prompt's greedy
+    completion scored too when the algorithm has a greedy baseline: ReMax) of a run, and its gold metric."""
     sources, weights = hooks.get("reward_sources"), hooks.get("reward_weights")
     task = config.data.task("train")
     if sources is None:
@@ -307,7 +305,8 @@ def rollout_parts(config, data, mesh, policy, group_size: int, hooks: Mapping[st
                       dtype=config.rollout.sampler_dtype)
     collector = RolloutCollector.from_config(config, sampler=sampler, tokenizer=data.tokenizer, sources=sources,
                                              weights=weights, group=group_size,
-                                             temperature=config.algorithm.temperature, greedy_baseline=greedy_baseline)
+                                             temperature=config.algorithm.temperature,
+                                             greedy_baseline=getattr(config.algorithm, "greedy_baseline", False))
     eval_task = config.data.task("eval")
     gold = None if eval_task is None else (eval_task.gold_metric, PythonReward(eval_task.reward, "gold"))
     return collector, gold
@@ -353,12 +352,9 @@ def _ptx_batches(config, data, extras):
 def _trainer(ctx: Context) -> Trainer:
     config, mesh, strategy = ctx.config, ctx.mesh, ctx.config.mesh.strategy
     algorithm: RLAlgorithm = ctx.program.parts["algorithm"]
-    greedy_baseline = config.algorithm.greedy_baseline
-    parts = ctx.hooks.get("rollout_parts")  # a recipe may bring its own collector (agentic)
-    if parts is None:
-        parts = functools.partial(rollout_parts, greedy_baseline=greedy_baseline)
+    parts = ctx.hooks.get("rollout_parts", rollout_parts)  # a recipe may bring its own collector (agentic)
     collector, gold = parts(config, ctx.data, mesh, algorithm.sampling_model, algorithm.group_size, ctx.hooks)
-    if greedy_baseline and collector.baseline_sampling is None:
+    if config.algorithm.greedy_baseline and collector.baseline_sampling is None:
         raise ConfigError(f"algorithm.advantage 'remax' needs each prompt's greedy completion scored (the batch's "
                           f"baseline_scores), and this recipe's rollouts ({type(collector).__name__}) do not decode "
                           "one: choose another algorithm.advantage")
